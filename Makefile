@@ -1,0 +1,80 @@
+# train_mora build. `make` builds ./train_mora for the CPU (gcc + OpenMP); when nvcc is on the
+# PATH the CUDA objects are compiled too (CI compiles them; running them needs a GPU).
+#   make            the binary
+#   make test       build everything, then run the test suite (pytest drives the C tests too)
+#   make bench      the CPU benchmarks (dev/bench)
+#   make NATIVE=0   portable build without -march=native
+
+CC      ?= gcc
+NATIVE  ?= 1
+ARCHFLAGS := $(if $(filter 1,$(NATIVE)),-march=native,)
+CFLAGS  ?= -O3 $(ARCHFLAGS) -fno-math-errno -ffp-contract=fast
+CFLAGS  += -std=gnu11 -fopenmp -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare -Illmc -I.
+LDLIBS  += -lcjson -lm -lpthread
+PYTHON  ?= python3
+
+BUILD   := build
+LIB_SRCS := $(wildcard llmc/*.c) $(wildcard tokenizer.c rewrite.c)
+LIB_OBJS := $(patsubst %.c,$(BUILD)/%.o,$(LIB_SRCS))
+HEADERS  := $(wildcard llmc/*.h *.h)
+
+TEST_SRCS := $(filter-out %_fd.c,$(wildcard test/test_*.c))
+TEST_BINS := $(patsubst test/%.c,$(BUILD)/%,$(TEST_SRCS))
+# finite-difference tests: the CPU ops compiled with real = double
+FD_SRCS  := $(wildcard test/test_*_fd.c)
+FD_BINS  := $(patsubst test/%.c,$(BUILD)/%,$(FD_SRCS))
+DOUBLE_OBJS := $(patsubst llmc/%.c,$(BUILD)/double/%.o,$(wildcard llmc/ops_cpu.c llmc/matmul.c)) $(BUILD)/llmc/utils.o
+TOOL_SRCS := $(wildcard test/tools/*.c)
+TOOL_BINS := $(patsubst test/tools/%.c,$(BUILD)/tools/%,$(TOOL_SRCS))
+BENCH_SRCS := $(wildcard dev/bench/*.c)
+BENCH_BINS := $(patsubst dev/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRCS))
+
+NVCC := $(shell command -v nvcc 2> /dev/null)
+CU_SRCS := $(wildcard *.cu llmc/*.cu)
+NVCCFLAGS ?= -O3 -std=c++17 --generate-code arch=compute_90,code=sm_90 --generate-code arch=compute_80,code=compute_80
+CU_OBJS := $(if $(NVCC),$(patsubst %.cu,$(BUILD)/cuda/%.o,$(CU_SRCS)),)
+
+.PHONY: all test bench cuda clean
+all: train_mora $(TEST_BINS) $(FD_BINS) $(TOOL_BINS) $(BENCH_BINS) $(CU_OBJS)
+
+train_mora: train_mora.c $(LIB_OBJS) $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ train_mora.c $(LIB_OBJS) $(LDLIBS)
+
+$(BUILD)/%.o: %.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/double/%.o: llmc/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DREAL_IS_DOUBLE -c -o $@ $<
+
+$(BUILD)/test_%_fd: test/test_%_fd.c $(DOUBLE_OBJS) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DREAL_IS_DOUBLE -o $@ $< $(DOUBLE_OBJS) $(LDLIBS)
+
+$(BUILD)/test_%: test/test_%.c $(LIB_OBJS) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS)
+
+$(BUILD)/tools/%: test/tools/%.c $(LIB_OBJS) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS)
+
+$(BUILD)/bench/%: dev/bench/%.c $(LIB_OBJS) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS)
+
+$(BUILD)/cuda/%.o: %.cu $(HEADERS) $(wildcard llmc/*.cuh)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Illmc -I. -c -o $@ $<
+
+cuda: $(CU_OBJS)
+
+test: all
+	$(PYTHON) -m pytest -q test
+
+bench: all
+	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
+
+clean:
+	rm -rf $(BUILD) train_mora

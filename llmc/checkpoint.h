@@ -1,0 +1,48 @@
+/*
+ * Checkpoints: every format a user brings, and the ones we write.
+ *
+ *   native       train_mora's own: config, weights, optionally AdamW state, step, RNG state.
+ *                Written to a temporary file and renamed; loads back bit-exact.
+ *   llm.c .bin   GPT-2 checkpoints, fp32 (version 3) and bf16 (version 5).
+ *   safetensors  Hugging Face: a .safetensors file (config.json beside it), or a directory with
+ *                config.json and model.safetensors or model.safetensors.index.json (sharded).
+ *                GPT-2 and Llama/Qwen2 tensor names; F32, F16, BF16.
+ *   GGUF         llama and gpt2 architectures; F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantised on load;
+ *                hyperparameters from the metadata.
+ *
+ * Every error names the file and what is wrong, and exits non-zero.
+ */
+#ifndef LLMC_CHECKPOINT_H
+#define LLMC_CHECKPOINT_H
+#include <stdint.h>
+#include "model.h"
+
+typedef struct {
+    int step;              // optimizer steps done (0 for a model that was never trained here)
+    uint64_t rng_state;    // the run's RNG state
+    int has_optimizer;     // model->m / model->v were loaded
+} TrainState;
+
+typedef enum { CKPT_NATIVE, CKPT_LLMC_BIN, CKPT_SAFETENSORS, CKPT_GGUF } CheckpointFormat;
+
+typedef struct {
+    CheckpointFormat format;
+    char chat_template[64];   // "chatml", "llama3", "plain" when the checkpoint names or implies one, else ""
+    char tokenizer_path[4096];// file that holds the tokenizer: tokenizer.json beside a HF model, the .gguf itself, "" if none
+} CheckpointInfo;
+
+// Detects the format (magic bytes, or a directory) and loads. Calls model_init with the config
+// read from the checkpoint. state may be NULL; info may be NULL.
+void checkpoint_load(Model *model, const char *path, TrainState *state, CheckpointInfo *info);
+
+// Native format. with_optimizer: also write model->m, model->v, opt_step.
+void checkpoint_save_native(const Model *model, const TrainState *state, const char *path, int with_optimizer);
+
+// Hugging Face directory: DIR/model.safetensors + DIR/config.json (GPT2LMHeadModel or
+// LlamaForCausalLM / Qwen2ForCausalLM), written atomically. Opens in transformers.
+void checkpoint_save_hf(const Model *model, const char *dir);
+
+// Writes a buffer laid out like model->params (for example model->grads) to a safetensors file
+// under the Hugging Face tensor names of model's family, in Hugging Face's shapes.
+void checkpoint_save_hf_tensors(const Model *model, const float *buffer, const char *path);
+#endif

@@ -1,0 +1,75 @@
+/*
+ * Small helpers used everywhere: checked allocation and file I/O, and fatal errors that say
+ * what went wrong and where. Every error path in train_mora ends in `fatal`, which prints one
+ * line to stderr and exits with status 1: users see a message, never a crash.
+ */
+#ifndef LLMC_UTILS_H
+#define LLMC_UTILS_H
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+
+// printf-style message to stderr prefixed with "error: ", then exit(1).
+static inline void fatal(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+static inline void fatal(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    fflush(stderr);
+    exit(1);
+}
+
+static inline void *malloc_check_(size_t size, const char *file, int line) {
+    void *p = malloc(size ? size : 1);
+    if (p == NULL) fatal("out of memory allocating %zu bytes (%s:%d)", size, file, line);
+    return p;
+}
+static inline void *calloc_check_(size_t n, size_t size, const char *file, int line) {
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (p == NULL) fatal("out of memory allocating %zu x %zu bytes (%s:%d)", n, size, file, line);
+    return p;
+}
+static inline void *realloc_check_(void *old, size_t size, const char *file, int line) {
+    void *p = realloc(old, size ? size : 1);
+    if (p == NULL) fatal("out of memory reallocating %zu bytes (%s:%d)", size, file, line);
+    return p;
+}
+#define mallocCheck(size) malloc_check_((size), __FILE__, __LINE__)
+#define callocCheck(n, size) calloc_check_((n), (size), __FILE__, __LINE__)
+#define reallocCheck(p, size) realloc_check_((p), (size), __FILE__, __LINE__)
+
+// fopen that exits with "cannot open PATH: reason".
+static inline FILE *fopen_check(const char *path, const char *mode) {
+    FILE *f = fopen(path, mode);
+    if (f == NULL) fatal("cannot open %s: %s", path, strerror(errno));
+    return f;
+}
+// fread of exactly n items, else "PATH: truncated file (WHAT)".
+static inline void fread_check(void *dst, size_t size, size_t n, FILE *f, const char *path, const char *what) {
+    if (n == 0) return;
+    if (fread(dst, size, n, f) != n) fatal("%s: truncated file (reading %s)", path, what);
+}
+static inline void fwrite_check(const void *src, size_t size, size_t n, FILE *f, const char *path) {
+    if (n == 0) return;
+    if (fwrite(src, size, n, f) != n) fatal("%s: write failed: %s", path, strerror(errno));
+}
+
+// Atomic file writes: write to "PATH.tmp.PID", then rename over PATH, so a reader never sees a
+// half-written file. atomic_open returns the FILE* and fills tmp_path (size >= strlen(path)+32).
+FILE *atomic_open(const char *path, char *tmp_path, size_t tmp_path_size);
+void atomic_commit(FILE *f, const char *tmp_path, const char *path);
+
+// Reads a whole file into a NUL-terminated malloc'd buffer; *size_out (may be NULL) gets the size.
+char *read_file_all(const char *path, size_t *size_out);
+
+// Wall-clock seconds (monotonic).
+double wall_seconds(void);
+
+#endif
