@@ -1,0 +1,126 @@
+/*
+ * Token shards in llm.c's format, read as a sequence of (B, T) batches.
+ *
+ * A shard: a header of 256 int32 (magic 20240520 with version 1 and uint16 tokens, as llm.c
+ * writes for GPT-2; magic 20240801 with version 7 and uint32 tokens, as llm.c writes for
+ * Llama 3), header[2] = number of tokens, then the tokens. A pattern names the shards
+ * ("data/train_*.bin"); they are read in sorted order, each batch takes B*T+1 consecutive tokens
+ * (inputs and the targets one to the right) and the next batch starts B*T further on. At the
+ * end of the last shard the loader wraps to the first: an epoch. The position is a single batch
+ * counter, so a resumed run seeks to it and reads exactly what an uninterrupted run would.
+ *
+ * Data parallel ranks read interleaved batches: rank r of R takes batches r, r+R, r+2R, ...
+ */
+#ifndef DATALOADER_H
+#define DATALOADER_H
+
+#include <glob.h>
+#include <stdint.h>
+#include "llmc/utils.h"
+
+#define SHARD_MAGIC_U16 20240520
+#define SHARD_MAGIC_U32 20240801
+#define SHARD_HEADER_INTS 256
+
+typedef struct {
+    int B, T;
+    int rank, world;
+    int n_shards;
+    char **paths;
+    int64_t *shard_tokens;     // tokens in each shard
+    int *shard_bytes_per_tok;  // 2 or 4
+    int64_t *shard_batches;    // batches that fit in each shard
+    int64_t total_batches;     // over all shards (one epoch)
+    int64_t batch_index;       // next global batch (before rank interleaving)
+    int *inputs;               // (B, T)
+    int *targets;              // (B, T)
+    unsigned char *buf;        // raw tokens of one batch
+} DataLoader;
+
+// Reads one shard header; exits with "PATH: ..." on a missing file, bad magic/version, or a
+// header that disagrees with the file size.
+static inline void shard_read_header(const char *path, int64_t *n_tokens, int *bytes_per_tok) {
+    FILE *f = fopen_check(path, "rb");
+    int32_t header[SHARD_HEADER_INTS];
+    if (fread(header, sizeof(int32_t), SHARD_HEADER_INTS, f) != SHARD_HEADER_INTS)
+        fatal("%s: truncated token shard header (need %d bytes)", path, (int)(SHARD_HEADER_INTS * 4));
+    if (header[0] == SHARD_MAGIC_U16) {
+        if (header[1] != 1) fatal("%s: unsupported token shard version %d (expected 1 for magic %d)", path, header[1], SHARD_MAGIC_U16);
+        *bytes_per_tok = 2;
+    } else if (header[0] == SHARD_MAGIC_U32) {
+        if (header[1] != 7) fatal("%s: unsupported token shard version %d (expected 7 for magic %d)", path, header[1], SHARD_MAGIC_U32);
+        *bytes_per_tok = 4;
+    } else {
+        fatal("%s: not a token shard (magic %d; expected %d or %d, llm.c's format)", path, header[0], SHARD_MAGIC_U16, SHARD_MAGIC_U32);
+    }
+    if (header[2] < 0) fatal("%s: negative token count %d in header", path, header[2]);
+    *n_tokens = header[2];
+    if (fseek(f, 0, SEEK_END) != 0) fatal("%s: cannot seek", path);
+    long size = ftell(f);
+    fclose(f);
+    long expected = (long)SHARD_HEADER_INTS * 4 + (long)(*n_tokens) * (*bytes_per_tok);
+    if (size < expected) fatal("%s: truncated token shard: header says %lld tokens (%ld bytes), file has %ld bytes", path, (long long)*n_tokens, expected, size);
+}
+
+static inline void dataloader_init(DataLoader *dl, const char *pattern, int B, int T, int rank, int world) {
+    memset(dl, 0, sizeof(*dl));
+    dl->B = B; dl->T = T; dl->rank = rank; dl->world = world;
+    glob_t g;
+    int rc = glob(pattern, 0, NULL, &g);
+    if (rc != 0 || g.gl_pathc == 0) fatal("no token shards match '%s'", pattern);
+    dl->n_shards = (int)g.gl_pathc;
+    dl->paths = (char **)mallocCheck(sizeof(char *) * dl->n_shards);
+    dl->shard_tokens = (int64_t *)mallocCheck(sizeof(int64_t) * dl->n_shards);
+    dl->shard_bytes_per_tok = (int *)mallocCheck(sizeof(int) * dl->n_shards);
+    dl->shard_batches = (int64_t *)mallocCheck(sizeof(int64_t) * dl->n_shards);
+    for (int i = 0; i < dl->n_shards; i++) {
+        dl->paths[i] = strdup(g.gl_pathv[i]);
+        shard_read_header(dl->paths[i], &dl->shard_tokens[i], &dl->shard_bytes_per_tok[i]);
+        int64_t usable = dl->shard_tokens[i] - 1;
+        dl->shard_batches[i] = usable > 0 ? usable / ((int64_t)B * T) : 0;
+        dl->total_batches += dl->shard_batches[i];
+    }
+    globfree(&g);
+    if (dl->total_batches < 1)
+        fatal("token shards '%s' hold too few tokens for one batch of B=%d x T=%d (+1)", pattern, B, T);
+    dl->inputs = (int *)mallocCheck(sizeof(int) * B * T);
+    dl->targets = (int *)mallocCheck(sizeof(int) * B * T);
+    dl->buf = (unsigned char *)mallocCheck((size_t)(B * T + 1) * 4);
+}
+
+// Positions the loader so that the next batch read is this rank's batch of step `step`
+// (all ranks together read `world` batches a step).
+static inline void dataloader_seek_step(DataLoader *dl, int64_t step, int grad_accum) {
+    dl->batch_index = step * (int64_t)grad_accum * dl->world;
+}
+
+// Reads the next batch of this rank into dl->inputs / dl->targets. Returns the global batch
+// index it read.
+static inline int64_t dataloader_next(DataLoader *dl) {
+    int64_t global = dl->batch_index + dl->rank;
+    dl->batch_index += dl->world;
+    int64_t b = global % dl->total_batches;
+    int s = 0;
+    while (b >= dl->shard_batches[s]) { b -= dl->shard_batches[s]; s++; }
+    int bpt = dl->shard_bytes_per_tok[s];
+    int64_t n = (int64_t)dl->B * dl->T + 1;
+    FILE *f = fopen_check(dl->paths[s], "rb");
+    long offset = (long)SHARD_HEADER_INTS * 4 + (long)(b * dl->B * dl->T) * bpt;
+    if (fseek(f, offset, SEEK_SET) != 0) fatal("%s: cannot seek to token %lld", dl->paths[s], (long long)(b * dl->B * dl->T));
+    fread_check(dl->buf, (size_t)bpt, (size_t)n, f, dl->paths[s], "tokens");
+    fclose(f);
+    for (int64_t i = 0; i < n; i++) {
+        int tok = bpt == 2 ? (int)((uint16_t *)dl->buf)[i] : (int)((uint32_t *)dl->buf)[i];
+        if (i < n - 1) dl->inputs[i] = tok;
+        if (i > 0) dl->targets[i - 1] = tok;
+    }
+    return global;
+}
+
+static inline void dataloader_free(DataLoader *dl) {
+    for (int i = 0; i < dl->n_shards; i++) free(dl->paths[i]);
+    free(dl->paths); free(dl->shard_tokens); free(dl->shard_bytes_per_tok); free(dl->shard_batches);
+    free(dl->inputs); free(dl->targets); free(dl->buf);
+    memset(dl, 0, sizeof(*dl));
+}
+#endif

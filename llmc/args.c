@@ -1,0 +1,97 @@
+#include "args.h"
+#include "utils.h"
+#include <math.h>
+
+static void print_help(const ArgSpec *specs, int n, const char *command, const char *summary) {
+    printf("usage: train_mora %s [flags]\n\n%s\n\nflags:\n", command, summary);
+    for (int i = 0; i < n; i++) {
+        const ArgSpec *s = &specs[i];
+        char def[96];
+        switch (s->type) {
+            case ARG_INT: snprintf(def, sizeof def, "%d", *(int *)s->dest); break;
+            case ARG_FLOAT: snprintf(def, sizeof def, "%g", *(float *)s->dest); break;
+            case ARG_BOOL: snprintf(def, sizeof def, "%d", *(int *)s->dest); break;
+            case ARG_STRING: {
+                const char *v = *(const char **)s->dest;
+                snprintf(def, sizeof def, "%s", v && v[0] ? v : "(none)");
+                break;
+            }
+        }
+        const char *kind = s->type == ARG_INT ? "N" : s->type == ARG_FLOAT ? "X" : s->type == ARG_BOOL ? "0|1" : "S";
+        char left[64];
+        snprintf(left, sizeof left, "--%s %s", s->name, kind);
+        printf("  %-26s %s [default: %s]\n", left, s->help, def);
+    }
+    printf("  %-26s %s\n", "--help", "print this help and exit");
+}
+
+static void set_value(const ArgSpec *s, const char *value, const char *command) {
+    char *end = NULL;
+    switch (s->type) {
+        case ARG_INT: {
+            errno = 0;
+            long v = strtol(value, &end, 10);
+            if (errno || end == value || *end != '\0' || v < -2147483647L || v > 2147483647L)
+                fatal("flag --%s: expected an integer, got '%s' (see train_mora %s --help)", s->name, value, command);
+            *(int *)s->dest = (int)v;
+            break;
+        }
+        case ARG_FLOAT: {
+            errno = 0;
+            double v = strtod(value, &end);
+            if (errno || end == value || *end != '\0' || !isfinite(v))
+                fatal("flag --%s: expected a number, got '%s' (see train_mora %s --help)", s->name, value, command);
+            *(float *)s->dest = (float)v;
+            break;
+        }
+        case ARG_BOOL:
+            if (!strcmp(value, "1") || !strcmp(value, "true")) *(int *)s->dest = 1;
+            else if (!strcmp(value, "0") || !strcmp(value, "false")) *(int *)s->dest = 0;
+            else fatal("flag --%s: expected 0 or 1, got '%s' (see train_mora %s --help)", s->name, value, command);
+            break;
+        case ARG_STRING:
+            *(const char **)s->dest = value;
+            break;
+    }
+}
+
+void args_parse(int argc, char **argv, int first, const ArgSpec *specs, int n_specs,
+                const char *command, const char *summary) {
+    for (int i = first; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            print_help(specs, n_specs, command, summary);
+            exit(0);
+        }
+        if (strncmp(a, "--", 2) != 0)
+            fatal("unexpected argument '%s': flags are --name value (see train_mora %s --help)", a, command);
+        const char *name = a + 2;
+        const char *eq = strchr(name, '=');
+        size_t name_len = eq ? (size_t)(eq - name) : strlen(name);
+        const ArgSpec *spec = NULL;
+        for (int k = 0; k < n_specs; k++)
+            if (strlen(specs[k].name) == name_len && !strncmp(specs[k].name, name, name_len)) spec = &specs[k];
+        if (spec == NULL) fatal("unknown flag '%.*s' for train_mora %s (see --help)", (int)(name_len + 2), a, command);
+        const char *value;
+        if (eq) value = eq + 1;
+        else if (spec->type == ARG_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0)) value = "1";
+        else {
+            if (i + 1 >= argc) fatal("flag --%s needs a value (see train_mora %s --help)", spec->name, command);
+            value = argv[++i];
+        }
+        set_value(spec, value, command);
+    }
+}
+
+void args_require_positive_int(const char *name, int value) {
+    if (value <= 0) fatal("flag --%s must be positive, got %d", name, value);
+}
+void args_require_nonneg_int(const char *name, int value) {
+    if (value < 0) fatal("flag --%s must be >= 0, got %d", name, value);
+}
+void args_require_range_float(const char *name, float value, float lo, float hi) {
+    if (!(value >= lo && value <= hi)) fatal("flag --%s must be in [%g, %g], got %g", name, lo, hi, value);
+}
+void args_require_string(const char *name, const char *value, const char *command) {
+    if (value == NULL || value[0] == '\0') fatal("flag --%s is required (see train_mora %s --help)", name, command);
+}

@@ -1,0 +1,328 @@
+/*
+ * train_mora: one binary for the whole pipeline. This file is the driver: subcommands, their
+ * flags, logging and checkpoints. The model lives in llmc/model.c (CPU reference), the
+ * checkpoint formats in llmc/checkpoint.c, the token shards in dataloader.h.
+ *
+ *   ./train_mora pretrain ...    language-model training on token shards (llm.c format)
+ *
+ * Every subcommand takes long flags and --help.
+ */
+#include <math.h>
+#include <sys/stat.h>
+#include <omp.h>
+#include <cjson/cJSON.h>
+
+#include "llmc/utils.h"
+#include "llmc/args.h"
+#include "llmc/rand.h"
+#include "llmc/model.h"
+#include "llmc/checkpoint.h"
+#include "dataloader.h"
+
+// ----------------------------------------------------------------------------
+// small shared pieces
+
+static void ensure_dir(const char *path) {
+    struct stat st;
+    if (stat(path, &st) == 0) {
+        if (!S_ISDIR(st.st_mode)) fatal("--out %s exists and is not a directory", path);
+        return;
+    }
+    if (mkdir(path, 0755) != 0) fatal("cannot create directory %s: %s", path, strerror(errno));
+}
+
+static int file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+// Writes a JSON object to PATH atomically.
+static void write_json_atomic(const char *path, cJSON *obj) {
+    char *text = cJSON_Print(obj);
+    if (text == NULL) fatal("out of memory formatting %s", path);
+    char tmp[4200];
+    FILE *f = atomic_open(path, tmp, sizeof tmp);
+    fwrite_check(text, 1, strlen(text), f, path);
+    fwrite_check("\n", 1, 1, f, path);
+    atomic_commit(f, tmp, path);
+    free(text);
+}
+
+// Model from a preset name ("gpt2:d12", "llama:tiny", ...) or from a checkpoint path.
+static void model_from_init(Model *model, const char *init, uint64_t seed, TrainState *state) {
+    ModelConfig config;
+    if (model_config_preset(init, &config)) {
+        model_init(model, &config, init);
+        model_init_random(model, seed);
+        if (state) memset(state, 0, sizeof(*state));
+        return;
+    }
+    if (strchr(init, ':') != NULL && !file_exists(init))
+        fatal("--init %s: unknown preset (known: gpt2:d12 gpt2:d24 gpt2:d36 gpt2:d48 gpt2:tiny llama:smollm2-135m llama:tiny) and no such file", init);
+    checkpoint_load(model, init, state, NULL);
+}
+
+static void print_model_summary(const Model *model, const char *source) {
+    const ModelConfig *c = &model->config;
+    printf("model: %s (%s) L=%d C=%d heads=%d kv_heads=%d head_dim=%d ffn=%d V=%d maxT=%d %s, %.2fM parameters\n",
+           source, c->arch == ARCH_GPT2 ? "gpt2" : "llama", c->n_layer, c->n_embd, c->n_head, c->n_kv_head,
+           c->head_dim, c->ffn_hidden, c->vocab_size, c->max_seq_len,
+           c->tied_embeddings ? "tied" : "untied", model->num_parameters / 1e6);
+}
+
+static void format_duration(double seconds, char *buf, size_t n) {
+    if (!(seconds >= 0) || seconds > 1e8) { snprintf(buf, n, "?"); return; }
+    int s = (int)(seconds + 0.5);
+    if (s >= 3600) snprintf(buf, n, "%dh%02dm", s / 3600, (s % 3600) / 60);
+    else if (s >= 60) snprintf(buf, n, "%dm%02ds", s / 60, s % 60);
+    else snprintf(buf, n, "%ds", s);
+}
+
+// Resolves --device: this build runs on the CPU; cuda is rejected with a clear message.
+static void resolve_device(const char *device) {
+    if (!strcmp(device, "cpu") || !strcmp(device, "auto")) {
+        printf("device: cpu (%d OpenMP threads)\n", omp_get_max_threads());
+        return;
+    }
+    if (!strcmp(device, "cuda")) fatal("--device cuda: this build of train_mora has no CUDA backend; use --device cpu");
+    fatal("--device %s: expected cpu, cuda or auto", device);
+}
+
+// ----------------------------------------------------------------------------
+// pretrain
+
+typedef struct {
+    const char *init, *train_data, *val_data, *out, *device;
+    int batch_size, seq_len, grad_accum, steps, warmup, save_every, val_every, val_batches, seed, resume, log_every;
+    float lr, min_lr, weight_decay, grad_clip, beta1, beta2;
+} PretrainArgs;
+
+// The checkpoint a run directory points at (OUT/latest.txt holds its file name), or NULL.
+static char *run_latest_checkpoint(const char *out) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/latest.txt", out);
+    if (!file_exists(path)) return NULL;
+    char *name = read_file_all(path, NULL);
+    name[strcspn(name, "\r\n")] = '\0';
+    if (name[0] == '\0') fatal("%s: empty (expected a checkpoint file name)", path);
+    char *full = (char *)mallocCheck(strlen(out) + strlen(name) + 2);
+    sprintf(full, "%s/%s", out, name);
+    free(name);
+    if (!file_exists(full)) fatal("%s names %s, which does not exist", path, full);
+    return full;
+}
+
+static void save_run_checkpoint(const Model *model, const TrainState *state, const char *out) {
+    char name[64], path[4200], latest[4200], tmp[4300];
+    snprintf(name, sizeof name, "model_step%06d.ckpt", state->step);
+    snprintf(path, sizeof path, "%s/%s", out, name);
+    checkpoint_save_native(model, state, path, 1);
+    snprintf(latest, sizeof latest, "%s/latest.txt", out);
+    FILE *f = atomic_open(latest, tmp, sizeof tmp);
+    fprintf(f, "%s\n", name);
+    atomic_commit(f, tmp, latest);
+}
+
+// Keeps the lines of OUT/metrics.jsonl whose "step" is <= last_step (a resumed run rewrites the
+// steps after its checkpoint), then returns the file opened for appending.
+static FILE *open_metrics(const char *out, int last_step) {
+    char path[4200], tmp[4300];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", out);
+    if (file_exists(path)) {
+        char *text = read_file_all(path, NULL);
+        FILE *f = atomic_open(path, tmp, sizeof tmp);
+        char *save = NULL;
+        for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+            cJSON *obj = cJSON_Parse(line);
+            cJSON *step = obj ? cJSON_GetObjectItemCaseSensitive(obj, "step") : NULL;
+            if (cJSON_IsNumber(step) && step->valueint <= last_step) fprintf(f, "%s\n", line);
+            cJSON_Delete(obj);
+        }
+        atomic_commit(f, tmp, path);
+        free(text);
+    }
+    FILE *f = fopen(path, "ab");
+    if (f == NULL) fatal("cannot open %s for appending: %s", path, strerror(errno));
+    return f;
+}
+
+static float evaluate_loss(Model *model, DataLoader *dl, int batches) {
+    double sum = 0.0;
+    dl->batch_index = 0;
+    for (int i = 0; i < batches; i++) {
+        dataloader_next(dl);
+        model_forward(model, dl->inputs, dl->targets, NULL, dl->B, dl->T);
+        sum += model->mean_loss;
+    }
+    return (float)(sum / batches);
+}
+
+static int cmd_pretrain(int argc, char **argv) {
+    PretrainArgs a = {
+        .init = "gpt2:tiny", .train_data = "", .val_data = "", .out = "", .device = "cpu",
+        .batch_size = 4, .seq_len = 64, .grad_accum = 1, .steps = 100, .warmup = 10, .save_every = 0,
+        .val_every = 0, .val_batches = 4, .seed = 1337, .resume = 0, .log_every = 1,
+        .lr = 3e-4f, .min_lr = 0.0f, .weight_decay = 0.1f, .grad_clip = 1.0f, .beta1 = 0.9f, .beta2 = 0.95f,
+    };
+    ArgSpec specs[] = {
+        {"init", ARG_STRING, &a.init, "preset (gpt2:d12, gpt2:tiny, llama:smollm2-135m, llama:tiny, ...) or checkpoint (native, llm.c .bin, .safetensors / HF dir, .gguf)"},
+        {"train_data", ARG_STRING, &a.train_data, "token shards, llm.c format (glob pattern, quoted)"},
+        {"val_data", ARG_STRING, &a.val_data, "validation token shards (glob pattern)"},
+        {"out", ARG_STRING, &a.out, "run directory: config.json, metrics.jsonl, checkpoints"},
+        {"device", ARG_STRING, &a.device, "cpu, cuda or auto"},
+        {"batch_size", ARG_INT, &a.batch_size, "sequences per micro-batch (B)"},
+        {"seq_len", ARG_INT, &a.seq_len, "tokens per sequence (T)"},
+        {"grad_accum", ARG_INT, &a.grad_accum, "micro-batches per optimizer step"},
+        {"steps", ARG_INT, &a.steps, "optimizer steps"},
+        {"lr", ARG_FLOAT, &a.lr, "peak learning rate"},
+        {"min_lr", ARG_FLOAT, &a.min_lr, "learning rate at the end of the cosine decay"},
+        {"warmup", ARG_INT, &a.warmup, "linear warmup steps"},
+        {"weight_decay", ARG_FLOAT, &a.weight_decay, "AdamW decoupled weight decay (2-D tensors)"},
+        {"grad_clip", ARG_FLOAT, &a.grad_clip, "global gradient-norm clip (0: off)"},
+        {"beta1", ARG_FLOAT, &a.beta1, "AdamW beta1"},
+        {"beta2", ARG_FLOAT, &a.beta2, "AdamW beta2"},
+        {"seed", ARG_INT, &a.seed, "random seed (initialisation)"},
+        {"save_every", ARG_INT, &a.save_every, "checkpoint every N steps (0: only at the end)"},
+        {"val_every", ARG_INT, &a.val_every, "validation loss every N steps (0: off)"},
+        {"val_batches", ARG_INT, &a.val_batches, "batches per validation"},
+        {"log_every", ARG_INT, &a.log_every, "print a progress line every N steps"},
+        {"resume", ARG_BOOL, &a.resume, "continue the run in --out from its latest checkpoint"},
+    };
+    args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "pretrain",
+               "Language-model training on token shards in llm.c's format, from a preset or a checkpoint.");
+    args_require_string("train_data", a.train_data, "pretrain");
+    args_require_string("out", a.out, "pretrain");
+    args_require_positive_int("batch_size", a.batch_size);
+    args_require_positive_int("seq_len", a.seq_len);
+    args_require_positive_int("grad_accum", a.grad_accum);
+    args_require_positive_int("steps", a.steps);
+    args_require_nonneg_int("warmup", a.warmup);
+    args_require_nonneg_int("save_every", a.save_every);
+    args_require_nonneg_int("val_every", a.val_every);
+    args_require_positive_int("val_batches", a.val_batches);
+    args_require_positive_int("log_every", a.log_every);
+    args_require_range_float("lr", a.lr, 0.0f, 10.0f);
+    args_require_range_float("min_lr", a.min_lr, 0.0f, 10.0f);
+    args_require_range_float("weight_decay", a.weight_decay, 0.0f, 10.0f);
+    args_require_range_float("grad_clip", a.grad_clip, 0.0f, 1e9f);
+    args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
+    args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
+    resolve_device(a.device);
+
+    ensure_dir(a.out);
+    Model model;
+    TrainState state;
+    memset(&state, 0, sizeof state);
+    char *resume_path = a.resume ? run_latest_checkpoint(a.out) : NULL;
+    if (a.resume && resume_path == NULL) fatal("--resume: %s has no latest.txt (no checkpoint to resume from)", a.out);
+    if (resume_path) {
+        checkpoint_load(&model, resume_path, &state, NULL);
+        printf("resuming %s at step %d\n", resume_path, state.step);
+        print_model_summary(&model, resume_path);
+    } else {
+        model_from_init(&model, a.init, (uint64_t)a.seed, &state);
+        state.step = 0;  // a loaded checkpoint starts a new run
+        state.rng_state = rng_seed((uint64_t)a.seed);
+        print_model_summary(&model, a.init);
+    }
+    free(resume_path);
+    if (a.seq_len > model.config.max_seq_len)
+        fatal("flag --seq_len %d exceeds the model's context length %d", a.seq_len, model.config.max_seq_len);
+
+    DataLoader train, val;
+    dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, 0, 1);
+    if (a.val_data[0]) dataloader_init(&val, a.val_data, a.batch_size, a.seq_len, 0, 1);
+    printf("train data: %d shard(s), %lld batches of %dx%d per epoch\n", train.n_shards,
+           (long long)train.total_batches, a.batch_size, a.seq_len);
+
+    // the run's configuration, for the record (a resumed run rewrites it with its own flags)
+    char path[4200];
+    snprintf(path, sizeof path, "%s/config.json", a.out);
+    cJSON *cfg = cJSON_CreateObject();
+    cJSON_AddStringToObject(cfg, "command", "pretrain");
+    for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+        const ArgSpec *s = &specs[i];
+        if (s->type == ARG_STRING) cJSON_AddStringToObject(cfg, s->name, *(const char **)s->dest);
+        else if (s->type == ARG_FLOAT) cJSON_AddNumberToObject(cfg, s->name, *(float *)s->dest);
+        else cJSON_AddNumberToObject(cfg, s->name, *(int *)s->dest);
+    }
+    cJSON_AddNumberToObject(cfg, "parameters", (double)model.num_parameters);
+    write_json_atomic(path, cfg);
+    cJSON_Delete(cfg);
+
+    FILE *metrics = open_metrics(a.out, state.step);
+    const double tokens_per_step = (double)a.batch_size * a.seq_len * a.grad_accum;
+    const double flops_per_step = model_flops_per_step(&model.config, a.batch_size, a.seq_len) * a.grad_accum;
+    double run_start = wall_seconds(), train_seconds = 0.0;
+    int first_step = state.step;
+    dataloader_seek_step(&train, state.step, a.grad_accum);
+    for (int step = state.step + 1; step <= a.steps; step++) {
+        double t0 = wall_seconds();
+        model_zero_grad(&model);
+        double loss = 0.0;
+        for (int micro = 0; micro < a.grad_accum; micro++) {
+            dataloader_next(&train);
+            model_forward(&model, train.inputs, train.targets, NULL, a.batch_size, a.seq_len);
+            model_backward(&model, 1.0f / a.grad_accum);
+            loss += model.mean_loss / a.grad_accum;
+        }
+        if (!isfinite(loss)) fatal("step %d: loss is %f; lower --lr or check the data", step, loss);
+        float norm = model_grad_norm(&model);
+        float scale = (a.grad_clip > 0.0f && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
+        float lr = lr_schedule(step - 1, a.warmup, a.steps, a.lr, a.min_lr);
+        model_adamw_update(&model, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
+        state.step = step;
+        double dt = wall_seconds() - t0;
+        train_seconds += dt;
+
+        float val_loss = -1.0f;
+        if (a.val_data[0] && a.val_every > 0 && (step % a.val_every == 0 || step == a.steps))
+            val_loss = evaluate_loss(&model, &val, a.val_batches);
+
+        fprintf(metrics, "{\"step\": %d, \"loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.2f, \"tokens_per_s\": %.1f",
+                step, loss, lr, norm, dt * 1e3, tokens_per_step / dt);
+        if (val_loss >= 0) fprintf(metrics, ", \"val_loss\": %.6f", val_loss);
+        fprintf(metrics, "}\n");
+        fflush(metrics);
+        if (step % a.log_every == 0 || step == a.steps || step == first_step + 1) {
+            char eta[32];
+            format_duration(train_seconds / (step - first_step) * (a.steps - step), eta, sizeof eta);
+            printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f ms | %.0f tok/s | %.1f GFLOP/s | eta %s",
+                   step, a.steps, loss, lr, norm, dt * 1e3, tokens_per_step / dt, flops_per_step / dt / 1e9, eta);
+            if (val_loss >= 0) printf(" | val %.4f", val_loss);
+            printf("\n");
+            fflush(stdout);
+        }
+        if ((a.save_every > 0 && step % a.save_every == 0) || step == a.steps)
+            save_run_checkpoint(&model, &state, a.out);
+    }
+    fclose(metrics);
+    printf("done: %d steps in %.1f s; checkpoint in %s\n", a.steps - first_step, wall_seconds() - run_start, a.out);
+    dataloader_free(&train);
+    if (a.val_data[0]) dataloader_free(&val);
+    model_free(&model);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+
+static void usage(FILE *out) {
+    fprintf(out,
+        "train_mora: transformer training in C, aligned to several preferences at once (MORA).\n\n"
+        "usage: train_mora <command> [flags]     (train_mora <command> --help for its flags)\n\n"
+        "commands:\n"
+        "  pretrain   language-model training on token shards (llm.c format)\n");
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "pretrain")) return cmd_pretrain(argc, argv);
+    fprintf(stderr, "error: unknown command '%s'\n\n", cmd);
+    usage(stderr);
+    return 1;
+}
