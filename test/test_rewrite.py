@@ -71,7 +71,7 @@ def test_hypervolume_exact(seed):
     rng = np.random.default_rng(seed)
     pts = rng.normal(size=(12, 3)).astype(np.float32)
     ref = np.array([-1.5, -1.0, -2.0], dtype=np.float32)
-    text = f"{len(pts)} {ref[0]!r} {ref[1]!r} {ref[2]!r}\n" + "\n".join(" ".join(map(repr, p.tolist())) for p in pts)
+    text = f"{len(pts)} " + " ".join(repr(float(r)) for r in ref) + "\n" + "\n".join(" ".join(map(repr, p.tolist())) for p in pts)
     got = float(tool(["hypervolume"], text))
     want = exact_hypervolume(pts.astype(np.float64), ref.astype(np.float64))
     assert want > 0 and abs(got - want) < 1e-4 * want
