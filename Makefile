@@ -14,7 +14,8 @@ LDLIBS  += -lcjson -lm -lpthread
 PYTHON  ?= python3
 
 BUILD   := build
-LIB_SRCS := $(wildcard llmc/*.c) $(wildcard tokenizer.c rewrite.c)
+# the library: llmc/ and every top-level source except the driver
+LIB_SRCS := $(wildcard llmc/*.c) $(filter-out train_mora.c,$(wildcard *.c))
 LIB_OBJS := $(patsubst %.c,$(BUILD)/%.o,$(LIB_SRCS))
 HEADERS  := $(wildcard llmc/*.h *.h)
 
