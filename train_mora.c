@@ -4,6 +4,7 @@
  * checkpoint formats in llmc/checkpoint.c, the token shards in dataloader.h.
  *
  *   ./train_mora pretrain ...    language-model training on token shards (llm.c format)
+ *   ./train_mora generate ...    sample or chat from a checkpoint
  *
  * Every subcommand takes long flags and --help.
  */
@@ -17,6 +18,9 @@
 #include "llmc/rand.h"
 #include "llmc/model.h"
 #include "llmc/checkpoint.h"
+#include "llmc/generate.h"
+#include "llmc/chat_template.h"
+#include "tokenizer.h"
 #include "dataloader.h"
 
 // ----------------------------------------------------------------------------
@@ -304,6 +308,121 @@ static int cmd_pretrain(int argc, char **argv) {
     return 0;
 }
 
+
+// ----------------------------------------------------------------------------
+// generate
+
+typedef struct {
+    const Tokenizer *tok;
+    int stream;
+} StreamCtx;
+
+static const unsigned char *stream_decode_token(void *ctx, int token, size_t *len) {
+    const StreamCtx *s = (const StreamCtx *)ctx;
+    return tokenizer_token_bytes(s->tok, token, len);
+}
+
+static void stream_on_token(void *ctx, int seq, int token) {
+    const StreamCtx *s = (const StreamCtx *)ctx;
+    if (!s->stream) return;
+    size_t len;
+    const unsigned char *bytes = tokenizer_token_bytes(s->tok, token, &len);
+    fwrite(bytes, 1, len, stdout);
+    fflush(stdout);
+}
+
+static int cmd_generate(int argc, char **argv) {
+    const char *model_path = "", *prompt = "", *system = "", *template_name = "", *tokenizer_path = "";
+    int chat = 0, max_new_tokens = 128, top_k = 0, seed = 1337, show_logprobs = 0;
+    float temperature = 0.7f, top_p = 1.0f;
+    ArgSpec specs[] = {
+        {"model", ARG_STRING, &model_path, "checkpoint: native, llm.c .bin, .safetensors / HF dir, .gguf"},
+        {"prompt", ARG_STRING, &prompt, "the prompt text"},
+        {"chat", ARG_BOOL, &chat, "format the prompt as a user turn with the chat template"},
+        {"template", ARG_STRING, &template_name, "chat template (chatml, llama3, plain); default: the checkpoint's"},
+        {"system", ARG_STRING, &system, "system prompt for --chat (default: the template's)"},
+        {"tokenizer", ARG_STRING, &tokenizer_path, "tokenizer (tokenizer.json, .gguf); default: the checkpoint's"},
+        {"temperature", ARG_FLOAT, &temperature, "sampling temperature (0: greedy)"},
+        {"top_k", ARG_INT, &top_k, "sample among the k most likely tokens (0: all)"},
+        {"top_p", ARG_FLOAT, &top_p, "nucleus sampling mass (1: off)"},
+        {"max_new_tokens", ARG_INT, &max_new_tokens, "tokens to generate at most"},
+        {"seed", ARG_INT, &seed, "sampling seed"},
+        {"logprobs", ARG_BOOL, &show_logprobs, "print every generated token with its log-probability"},
+    };
+    args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "generate",
+               "Samples a continuation of --prompt (or a chat reply with --chat) and streams it to stdout.");
+    args_require_string("model", model_path, "generate");
+    if (prompt[0] == '\0') fatal("flag --prompt is empty: give the text to continue");
+    args_require_positive_int("max_new_tokens", max_new_tokens);
+    args_require_nonneg_int("top_k", top_k);
+    args_require_range_float("temperature", temperature, 0.0f, 100.0f);
+    args_require_range_float("top_p", top_p, 1e-6f, 1.0f);
+
+    Model model;
+    CheckpointInfo info;
+    checkpoint_load(&model, model_path, NULL, &info);
+    const char *tok_path = tokenizer_path[0] ? tokenizer_path : info.tokenizer_path;
+    if (tok_path[0] == '\0') fatal("%s has no tokenizer: pass --tokenizer PATH (tokenizer.json or .gguf)", model_path);
+    Tokenizer *tok = tokenizer_load(tok_path);
+    if (!tokenizer_can_encode(tok)) fatal("%s: this tokenizer can only decode (llm.c .bin); pass --tokenizer tokenizer.json", tok_path);
+
+    const ChatTemplate *tmpl = NULL;
+    char *text;
+    if (chat) {
+        const char *name = template_name[0] ? template_name : info.chat_template;
+        if (name[0] == '\0') fatal("--chat: %s names no chat template; pass --template (%s)", model_path, chat_template_names());
+        tmpl = chat_template_lookup(name);
+        text = chat_template_render(tmpl, system[0] ? system : NULL, prompt, 1);
+    } else {
+        if (template_name[0]) chat_template_lookup(template_name);  // a wrong name is still an error
+        text = strdup(prompt);
+    }
+    int n_prompt;
+    int *ids = tokenizer_encode(tok, text, strlen(text), &n_prompt);
+    if (n_prompt + max_new_tokens > model.config.max_seq_len)
+        fatal("--prompt is %d tokens; with --max_new_tokens %d it exceeds the model's context of %d tokens",
+              n_prompt, max_new_tokens, model.config.max_seq_len);
+
+    // stop at the end-of-sequence token and at the template's end-of-turn markers
+    int stop_ids[8], n_stop_ids = 0;
+    if (tokenizer_eos_id(tok) >= 0) stop_ids[n_stop_ids++] = tokenizer_eos_id(tok);
+    const char *const *stops = tmpl ? chat_template_stop_strings(tmpl) : NULL;
+    int n_stops = 0;
+    for (; stops && stops[n_stops]; n_stops++) {
+        int id = tokenizer_special_id(tok, stops[n_stops]);
+        if (id >= 0 && n_stop_ids < 8) stop_ids[n_stop_ids++] = id;
+    }
+    StreamCtx sctx = {tok, !show_logprobs};
+    GenerateParams gp = {
+        .temperature = temperature, .top_k = top_k, .top_p = top_p, .max_new_tokens = max_new_tokens,
+        .seed = (uint64_t)seed, .stop_ids = stop_ids, .n_stop_ids = n_stop_ids,
+        .stop_strings = stops, .n_stop_strings = n_stops, .decode_token = stream_decode_token,
+        .on_token = stream_on_token, .ctx = &sctx,
+    };
+    GenerateResult res;
+    const int *prompts[1] = {ids};
+    double t0 = wall_seconds();
+    generate(&model, prompts, &n_prompt, 1, &gp, &res);
+    double dt = wall_seconds() - t0;
+    if (show_logprobs) {
+        for (int i = 0; i < res.n_tokens[0]; i++) {
+            size_t len;
+            const unsigned char *b = tokenizer_token_bytes(tok, res.tokens[0][i], &len);
+            printf("%d\t%.6f\t%.*s\n", res.tokens[0][i], res.logprobs[0][i], (int)len, (const char *)b);
+        }
+    } else {
+        printf("\n");
+    }
+    fprintf(stderr, "[%d prompt tokens, %d generated (%s), %.1f tok/s]\n", n_prompt, res.n_tokens[0],
+            finish_reason_names[res.finish[0]], res.n_tokens[0] / dt);
+    generate_result_free(&res);
+    free(ids);
+    free(text);
+    tokenizer_free(tok);
+    model_free(&model);
+    return 0;
+}
+
 // ----------------------------------------------------------------------------
 
 static void usage(FILE *out) {
@@ -311,7 +430,8 @@ static void usage(FILE *out) {
         "train_mora: transformer training in C, aligned to several preferences at once (MORA).\n\n"
         "usage: train_mora <command> [flags]     (train_mora <command> --help for its flags)\n\n"
         "commands:\n"
-        "  pretrain   language-model training on token shards (llm.c format)\n");
+        "  pretrain   language-model training on token shards (llm.c format)\n"
+        "  generate   sample or chat from a checkpoint\n");
 }
 
 int main(int argc, char **argv) {
@@ -322,6 +442,7 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "pretrain")) return cmd_pretrain(argc, argv);
+    if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     fprintf(stderr, "error: unknown command '%s'\n\n", cmd);
     usage(stderr);
     return 1;
