@@ -192,11 +192,14 @@ GGUFFile *gguf_open(const char *path) {
         fatal("%s: GGUF version %u is not supported (2 and 3 are)", path, g->version);
     uint64_t n_tensors = read_u64(&c, "tensor count");
     uint64_t n_kv = read_u64(&c, "metadata count");
-    // a key/value takes at least 8 (key length) + 4 (type) + 1 bytes; a tensor entry at least 8+4+8+4+8
-    if (n_kv > size / 13) fatal("%s: absurd metadata count %llu for a %llu-byte file", path,
-                                (unsigned long long)n_kv, (unsigned long long)size);
-    if (n_tensors > size / 32) fatal("%s: absurd tensor count %llu for a %llu-byte file", path,
-                                     (unsigned long long)n_tensors, (unsigned long long)size);
+    // counts beyond 2^32 are corruption; smaller ones that cannot fit (a key/value takes at least
+    // 8 + 4 + 1 bytes, a tensor entry 8 + 4 + 8 + 4 + 8) mean the file was cut short
+    if (n_kv > UINT32_MAX) fatal("%s: absurd metadata count %llu", path, (unsigned long long)n_kv);
+    if (n_tensors > UINT32_MAX) fatal("%s: absurd tensor count %llu", path, (unsigned long long)n_tensors);
+    if (n_kv > (size - c.pos) / 13 || n_tensors > (size - c.pos) / 32)
+        fatal("%s: truncated file (the header announces %llu metadata entries and %llu tensors; only %llu "
+              "bytes follow)", path, (unsigned long long)n_kv, (unsigned long long)n_tensors,
+              (unsigned long long)(size - c.pos));
     g->n_kv = (int64_t)n_kv;
     g->n_tensors = (int64_t)n_tensors;
     g->kv = (GGUFKV *)callocCheck(n_kv, sizeof(GGUFKV));
@@ -327,7 +330,7 @@ int64_t gguf_get_int_array(const GGUFFile *g, const char *key, int64_t **out) {
     size_t es = value_type_size(kv->arr_type);
     int64_t *dst = (int64_t *)mallocCheck(kv->arr_len * sizeof(int64_t));
     for (uint64_t i = 0; i < kv->arr_len; i++) {
-        GGUFKV tmp;
+        GGUFKV tmp = {0};
         decode_scalar(kv->arr_type, (const unsigned char *)kv->arr + i * es, &tmp);
         dst[i] = is_signed_type(kv->arr_type) ? tmp.value.i : (int64_t)tmp.value.u;
     }
