@@ -893,6 +893,12 @@ static Tokenizer *tokenizer_from_json(const char *path) {
         if (!cJSON_IsNumber(id) || id->valueint < 0 || !cJSON_IsString(content))
             fatal("%s: added_tokens[%d]: needs an integer \"id\" and a string \"content\"", path, k);
         if (id->valueint > max_id) max_id = id->valueint;
+        // these flags change where `tokenizers` matches the token; matching them is not implemented,
+        // so refuse rather than tokenize differently
+        const char *flags[] = { "lstrip", "rstrip", "single_word" };
+        for (int f = 0; f < 3; f++)
+            if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(item, flags[f])))
+                fatal("%s: added_tokens[%d] (\"%s\"): %s=true is not supported", path, k, content->valuestring, flags[f]);
         k++;
     }
     if (max_id < 0) fatal("%s: model.vocab is empty", path);

@@ -412,6 +412,8 @@ def test_chatml_matches_gguf_jinja(smollm2):
             expected = template.render(messages=messages, add_generation_prompt=gen)
             assert tool(*args).stdout.decode() == expected
     assert "You are a helpful AI assistant named SmolLM, trained by Hugging Face" in tool("chat", "chatml", "hi").stdout.decode()
+    # the model's own jinja template is recognised as chatml
+    assert tool("guess-template", smollm2[0]).stdout.decode() == "chatml\n"
 
 
 def test_llama3_matches_jinja():
@@ -454,6 +456,8 @@ def test_unknown_template_lists_valid_names():
                   '"Split", "pattern": {"Regex": "[a-z]+"}, "behavior": "Isolated", "invert": false}}', b"[a-z]+"),
     ("normalizer", '{"normalizer": {"type": "NFC"}, "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, '
                    '"pre_tokenizer": {"type": "ByteLevel"}}', b"NFC"),
+    ("rstrip", '{"added_tokens": [{"id": 0, "content": "<x>", "rstrip": true}], "model": {"type": "BPE", '
+               '"vocab": {"a": 1}, "merges": []}, "pre_tokenizer": {"type": "ByteLevel"}}', b"rstrip"),
 ])
 def test_bad_tokenizer_json_is_a_clear_error(tmp_path, name, content, needle):
     path = tmp_path / f"{name}.json"
@@ -461,6 +465,19 @@ def test_bad_tokenizer_json_is_a_clear_error(tmp_path, name, content, needle):
     proc = tool("info", path, check=False)
     assert proc.returncode != 0
     assert str(path).encode() in proc.stderr and needle in proc.stderr, proc.stderr
+
+
+def test_bos_eos_from_tokenizer_config(trained, tmp_path):
+    """bos/eos of a tokenizer.json come from the tokenizer_config.json beside it (string or
+    {"content": ...} form), else from well-known names."""
+    path, tk = trained
+    info = tool("info", path).stdout.decode()
+    assert f"eos {tk.token_to_id('<|endoftext|>')}\n" in info
+    vpath, _ = variant(tmp_path, path.read_text(encoding="utf-8"), "with_config", lambda d: None)
+    (vpath.parent / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}))
+    info = tool("info", vpath).stdout.decode()
+    assert f"bos {tk.token_to_id('<|im_start|>')}\n" in info and f"eos {tk.token_to_id('<|im_end|>')}\n" in info
 
 
 def test_bad_ids_are_a_clear_error(trained):

@@ -13,6 +13,7 @@
  *   tok_tool chat TEMPLATE USER [--system TEXT] [--no-generation-prompt]
  *                                        the rendered conversation
  *   tok_tool stops TEMPLATE              the template's stop strings, one per line
+ *   tok_tool guess-template GGUF         the named template matching the GGUF's chat_template
  * VOCAB is a tokenizer.json, a GGUF file or an llm.c tokenizer .bin.
  */
 #include <stdio.h>
@@ -28,7 +29,7 @@ static void usage(void) {
             "usage: tok_tool info|encode|encode-batch|decode|decode-batch VOCAB\n"
             "       tok_tool special VOCAB TEXT | token VOCAB ID\n"
             "       tok_tool chat TEMPLATE USER [--system TEXT] [--no-generation-prompt]\n"
-            "       tok_tool stops TEMPLATE\n"
+            "       tok_tool stops TEMPLATE | guess-template GGUF\n"
             "templates: %s\n", chat_template_names());
     exit(2);
 }
@@ -109,6 +110,14 @@ int main(int argc, char **argv) {
             for (const char *c = stops[k]; *c; c++) { if (*c == '\n') fputs("\\n", stdout); else putchar(*c); }
             putchar('\n');
         }
+        return 0;
+    }
+
+    if (strcmp(cmd, "guess-template") == 0) {
+        GGUFFile *g = gguf_open(argv[2]);
+        const ChatTemplate *tmpl = chat_template_guess(gguf_get_str(g, "tokenizer.chat_template"));
+        printf("%s\n", tmpl ? chat_template_name(tmpl) : "none");
+        gguf_close(g);
         return 0;
     }
 
