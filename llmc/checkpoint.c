@@ -65,6 +65,15 @@ static void init_model_checked(Model *model, const ModelConfig *config, const ch
                   path, param_tensor_names[i], model->param_sizes[i], sizes[i]);
 }
 
+// Heads that split the channels: needed wherever the head size is derived as channels / heads
+// (GPT-2 always; Llama when the checkpoint does not give head_dim).
+static void require_heads_divide(const char *path, const char *embd_name, int n_embd, const char *head_name, int n_head) {
+    if (n_head <= 0) fatal("%s: %s %d must be positive", path, head_name, n_head);
+    if (n_embd <= 0 || n_embd % n_head != 0)
+        fatal("%s: %s %d is not divisible by %s %d: the heads must split the channels evenly", path,
+              embd_name, n_embd, head_name, n_head);
+}
+
 static int is_directory(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
@@ -382,7 +391,8 @@ static void load_llmc_bin(Model *model, const char *path) {
     c.n_embd = h[6];
     c.padded_vocab_size = h[7];
     c.n_kv_head = c.n_head;
-    c.head_dim = c.n_head > 0 ? c.n_embd / c.n_head : 0;
+    require_heads_divide(path, "header[6] (channels)", c.n_embd, "header[5] (heads)", c.n_head);
+    c.head_dim = c.n_embd / c.n_head;
     c.ffn_hidden = 4 * c.n_embd;
     c.norm_eps = 1e-5f;
     c.rope_theta = 10000.0f;
@@ -463,7 +473,8 @@ static void hf_read_config(const char *config_path, ModelConfig *c, const Safete
         c->ffn_hidden = json_int(root, "n_inner", 4 * c->n_embd, 0, config_path);
         c->norm_eps = (float)json_num(root, "layer_norm_epsilon", 1e-5, config_path);
         c->n_kv_head = c->n_head;
-        c->head_dim = c->n_head > 0 ? c->n_embd / c->n_head : 0;
+        require_heads_divide(config_path, "n_embd", c->n_embd, "n_head", c->n_head);
+        c->head_dim = c->n_embd / c->n_head;
         c->rope_theta = 10000.0f;
         c->tied_embeddings = 1;
         c->qkv_bias = 1;
@@ -484,7 +495,9 @@ static void hf_read_config(const char *config_path, ModelConfig *c, const Safete
         c->max_seq_len = json_int(root, "max_position_embeddings", 2048, 0, config_path);
         c->norm_eps = (float)json_num(root, "rms_norm_eps", 1e-6, config_path);
         c->rope_theta = (float)json_num(root, "rope_theta", 10000.0, config_path);
-        c->head_dim = json_int(root, "head_dim", c->n_head > 0 ? c->n_embd / c->n_head : 0, 0, config_path);
+        if (json_get(root, "head_dim") == NULL)
+            require_heads_divide(config_path, "hidden_size", c->n_embd, "num_attention_heads", c->n_head);
+        c->head_dim = json_int(root, "head_dim", c->n_embd / c->n_head, 0, config_path);
         c->qkv_bias = strcmp(model_type, "qwen2") == 0 || json_bool(root, "attention_bias", 0, config_path);
         if (json_get(root, "rope_scaling") != NULL)
             fatal("%s: rope_scaling is set; this model implements plain RoPE only", config_path);
@@ -702,7 +715,10 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
     c.n_head = gguf_hparam(g, arch, "attention.head_count", 0, 1);
     c.n_kv_head = gguf_hparam(g, arch, "attention.head_count_kv", c.n_head, 0);
     c.max_seq_len = gguf_hparam(g, arch, "context_length", 0, 1);
-    c.head_dim = gguf_hparam(g, arch, "attention.key_length", c.n_head > 0 ? c.n_embd / c.n_head : 0, 0);
+    snprintf(key, sizeof(key), "%s.attention.key_length", arch);
+    if (c.arch == ARCH_GPT2 || gguf_find(g, key) == NULL)
+        require_heads_divide(path, "embedding_length", c.n_embd, "attention.head_count", c.n_head);
+    c.head_dim = gguf_hparam(g, arch, "attention.key_length", c.n_embd / c.n_head, 0);
     snprintf(key, sizeof(key), "%s.rope.freq_base", arch);
     c.rope_theta = (float)gguf_get_float(g, key, 10000.0);
     snprintf(key, sizeof(key), "%s.attention.%s", arch, c.arch == ARCH_GPT2 ? "layer_norm_epsilon" : "layer_norm_rms_epsilon");

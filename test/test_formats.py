@@ -508,6 +508,52 @@ def test_hf_llama_family_loads_and_saves(tmp_path, kind):
     assert out_cfg["head_dim"] == LLAMA["HS"]
 
 
+def test_gpt2_gguf_loads(tmp_path):
+    """A GPT-2 GGUF as llama.cpp's converter writes it: Conv1D weights transposed to (out, in),
+    output.weight a copy of token_embd (tied), some tensors F16."""
+    t = gpt2_hf_tensors(np.random.default_rng(12))
+    C, L = GPT2["C"], GPT2["L"]
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gpt2")
+    w.add_block_count(L)
+    w.add_context_length(GPT2["maxT"])
+    w.add_embedding_length(C)
+    w.add_feed_forward_length(4 * C)
+    w.add_head_count(GPT2["NH"])
+    w.add_layer_norm_eps(1e-5)
+    w.add_vocab_size(GPT2["V"])
+    held = {}
+
+    def add(gname, hname, transpose=False, f16=False):
+        x = t[hname].T.copy() if transpose else t[hname]
+        w.add_tensor(gname, x.astype(np.float16) if f16 else x)
+        held[hname] = t[hname].astype(np.float16).astype(np.float32) if f16 else t[hname]
+
+    add("token_embd.weight", "wte.weight", f16=True)
+    add("position_embd.weight", "wpe.weight")
+    for l in range(L):
+        for g, h, tr in [("attn_norm.weight", "ln_1.weight", 0), ("attn_norm.bias", "ln_1.bias", 0),
+                         ("attn_qkv.weight", "attn.c_attn.weight", 1), ("attn_qkv.bias", "attn.c_attn.bias", 0),
+                         ("attn_output.weight", "attn.c_proj.weight", 1), ("attn_output.bias", "attn.c_proj.bias", 0),
+                         ("ffn_norm.weight", "ln_2.weight", 0), ("ffn_norm.bias", "ln_2.bias", 0),
+                         ("ffn_up.weight", "mlp.c_fc.weight", 1), ("ffn_up.bias", "mlp.c_fc.bias", 0),
+                         ("ffn_down.weight", "mlp.c_proj.weight", 1), ("ffn_down.bias", "mlp.c_proj.bias", 0)]:
+            add(f"blk.{l}.{g}", f"h.{l}.{h}", transpose=bool(tr), f16=(g == "ffn_up.weight"))
+    add("output_norm.weight", "ln_f.weight")
+    add("output_norm.bias", "ln_f.bias")
+    w.add_tensor("output.weight", t["wte.weight"].astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = info(tmp_path / "g.gguf")
+    assert (got["arch"], got["tied_embeddings"], got["vocab_size"], got["max_seq_len"]) == ("gpt2", "1", "50", "16")
+    run_tool("convert", tmp_path / "g.gguf", "hf", tmp_path / "hf")
+    back = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(back) == {"transformer." + k for k in held}
+    for k, v in held.items():
+        np.testing.assert_array_equal(back["transformer." + k], v, err_msg=k)
+
+
 # ------------------------------------------------------------------------------------------
 # llm.c .bin and native
 
@@ -570,15 +616,42 @@ def test_wrong_magic(tmp_path):
     p.write_bytes(b"JUNKJUNKJUNK" * 100)
     err = run_tool_fails("info", p)
     assert "junk.bin" in err and "unknown checkpoint format" in err
+    err = run_tool_fails("dequant", p, tmp_path / "out.safetensors")
+    assert "junk.bin" in err and "bad magic" in err
+    assert not (tmp_path / "out.safetensors").exists()
 
 
-@pytest.mark.parametrize("fmt", ["gguf_header", "gguf_data", "llmc", "native", "safetensors"])
+def test_corrupt_gguf_header_and_metadata(tmp_path):
+    p = tmp_path / "c.gguf"
+    write_llama_gguf(p, np.random.default_rng(13))
+    good = p.read_bytes()
+    bad = bytearray(good)
+    struct.pack_into("<Q", bad, 8, 2**40)  # tensor count
+    p.write_bytes(bytes(bad))
+    assert "absurd tensor count 1099511627776" in run_tool_fails("info", p)
+    bad = bytearray(good)
+    struct.pack_into("<I", bad, 4, 1)  # GGUF v1 used 32-bit counts
+    p.write_bytes(bytes(bad))
+    assert "GGUF version 1 is not supported" in run_tool_fails("info", p)
+    # the value type of the first key (general.architecture) set to one GGUF does not define
+    bad = bytearray(good)
+    key_len = struct.unpack_from("<Q", bad, 24)[0]
+    assert bad[32:32 + key_len] == b"general.architecture"
+    struct.pack_into("<I", bad, 32 + key_len, 42)
+    p.write_bytes(bytes(bad))
+    err = run_tool_fails("info", p)
+    assert "c.gguf" in err and "general.architecture" in err and "unknown value type 42" in err
+
+
+@pytest.mark.parametrize("fmt", ["gguf_header", "gguf_metadata", "gguf_data", "llmc", "native", "safetensors"])
 def test_truncated_file(tmp_path, fmt):
     rng = np.random.default_rng(7)
     if fmt.startswith("gguf"):
         p = tmp_path / "t.gguf"
         write_llama_gguf(p, rng)
-        cut = 200 if fmt == "gguf_header" else os.path.getsize(p) - 100
+        # inside the fixed header; inside the chat template's value; inside the last tensor's data
+        template_at = gguf.GGUFReader(str(p)).fields["tokenizer.chat_template"].offset
+        cut = {"gguf_header": 20, "gguf_metadata": template_at + 40}.get(fmt, os.path.getsize(p) - 100)
     elif fmt == "llmc":
         p = tmp_path / "t.bin"
         write_llmc_bin(p, gpt2_hf_tensors(rng), 3)
@@ -596,6 +669,8 @@ def test_truncated_file(tmp_path, fmt):
         f.truncate(cut)
     err = run_tool_fails("info", p)
     assert p.name in err and "truncated file" in err
+    if fmt == "gguf_metadata":
+        assert "reading tokenizer.chat_template" in err
 
 
 def test_unknown_gguf_tensor_type(tmp_path):
