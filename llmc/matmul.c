@@ -38,19 +38,35 @@
 
 // Micro-tile: MR rows x NR columns of C. NR is two 512-bit vectors of `real` (32 floats), the
 // width for which gcc vectorises the kernel's inner loop into whole registers.
+#ifndef MR
 #define MR 8
+#endif
 #define NR (128 / (int)sizeof(real))
 // Cache blocks (in elements): a KC-long slice of the reduction, MC rows of A, NC columns of B.
 // Packed A panel MR*KC = 8 KiB (L1); packed B block KC*NC = 512 KiB (L2).
+#ifndef KC
 #define KC 256
+#endif
+#ifndef MC
 #define MC 128
+#endif
+#ifndef NC
 #define NC 512
+#endif
 
-// Element (i, j) of a strided matrix view: base[i * stride_i + j * stride_j].
+// Element (i, j) of a strided matrix view: base[i * stride_i + j * stride_j]. One of the two
+// strides is 1 in every use (a row-major matrix or its transpose).
 typedef struct {
     const real *base;
     ptrdiff_t stride_i, stride_j;
 } StridedView;
+
+// Bytes in a cache line, for the software prefetches below. The packing routines read panels
+// of a large operand (the classifier weight, dout) that comes from DRAM in short strided
+// segments the hardware prefetcher does not pick up in time; each one prefetches what the next
+// panel will read while it copies the current one.
+#define CACHE_LINE 64
+#define LINE_ELEMS (CACHE_LINE / (int)sizeof(real))
 
 // Packs rows [m0, m0+mc) x columns [k0, k0+kc) of A (M, K) into ceil(mc/MR) panels, each
 // (kc, MR) row-major: dst[p*MR*kc + k*MR + r] = A(m0 + p*MR + r, k0 + k); rows past mc are zero.
@@ -58,19 +74,25 @@ static void pack_A(real *dst, StridedView A, int m0, int mc, int k0, int kc) {
     for (int p = 0; p < mc; p += MR) {
         int rows = mc - p < MR ? mc - p : MR;
         const real *src = A.base + (ptrdiff_t)(m0 + p) * A.stride_i + (ptrdiff_t)k0 * A.stride_j;
-        if (A.stride_j == 1) {
+        if (rows < MR) {
+            // last, partial panel: element by element, zero padded
+            for (int k = 0; k < kc; k++)
+                for (int r = 0; r < MR; r++)
+                    dst[k * MR + r] = r < rows ? src[r * A.stride_i + k * A.stride_j] : 0;
+        } else if (A.stride_j == 1) {
             // rows of A are contiguous in k (inp, dout): read MR rows side by side
-            for (int k = 0; k < kc; k++) {
-                for (int r = 0; r < rows; r++) dst[k * MR + r] = src[(ptrdiff_t)r * A.stride_i + k];
-                for (int r = rows; r < MR; r++) dst[k * MR + r] = 0;
-            }
+            for (int k = 0; k < kc; k++)
+                for (int r = 0; r < MR; r++) dst[k * MR + r] = src[r * A.stride_i + k];
+            if (p + 2 * MR <= mc)
+                for (int r = 0; r < MR; r++)
+                    for (int k = 0; k < kc; k += LINE_ELEMS)
+                        __builtin_prefetch(src + (MR + r) * A.stride_i + k);
         } else {
-            // columns of A are contiguous (dout^T): each k is a short contiguous copy
-            for (int k = 0; k < kc; k++) {
-                const real *s = src + (ptrdiff_t)k * A.stride_j;
-                for (int r = 0; r < rows; r++) dst[k * MR + r] = s[(ptrdiff_t)r * A.stride_i];
-                for (int r = rows; r < MR; r++) dst[k * MR + r] = 0;
-            }
+            // columns of A are contiguous (dout^T in dweight): each k is one MR-long copy
+            for (int k = 0; k < kc; k++)
+                for (int r = 0; r < MR; r++) dst[k * MR + r] = src[k * A.stride_j + r];
+            if (p + 2 * MR <= mc)
+                for (int k = 0; k < kc; k++) __builtin_prefetch(src + k * A.stride_j + MR);
         }
         dst += (size_t)MR * kc;
     }
@@ -79,27 +101,43 @@ static void pack_A(real *dst, StridedView A, int m0, int mc, int k0, int kc) {
 // Packs rows [k0, k0+kc) x columns [n0, n0+nc) of B (K, N) into ceil(nc/NR) panels, each
 // (kc, NR) row-major: dst[p*NR*kc + k*NR + j] = B(k0 + k, n0 + p*NR + j); columns past nc are zero.
 static void pack_B(real *dst, StridedView B, int k0, int kc, int n0, int nc) {
-    for (int p = 0; p < nc; p += NR) {
-        int cols = nc - p < NR ? nc - p : NR;
-        const real *src = B.base + (ptrdiff_t)k0 * B.stride_i + (ptrdiff_t)(n0 + p) * B.stride_j;
-        if (B.stride_j == 1) {
-            // rows of B are contiguous in n (weight in dinp, inp in dweight): plain row copies
-            for (int k = 0; k < kc; k++) {
-                const real *s = src + (ptrdiff_t)k * B.stride_i;
-                for (int j = 0; j < cols; j++) dst[k * NR + j] = s[j];
-                for (int j = cols; j < NR; j++) dst[k * NR + j] = 0;
-            }
-        } else {
-            // B = weight^T (forward): column j of B is row j of the weight, contiguous in k, so
-            // read each weight row once and scatter it down one column of the panel
-            for (int j = 0; j < cols; j++) {
-                const real *s = src + (ptrdiff_t)j * B.stride_j;
-                for (int k = 0; k < kc; k++) dst[k * NR + j] = s[(ptrdiff_t)k * B.stride_i];
-            }
-            for (int j = cols; j < NR; j++)
-                for (int k = 0; k < kc; k++) dst[k * NR + j] = 0;
+    int full = nc / NR * NR;  // columns in full panels
+    const real *src = B.base + (ptrdiff_t)k0 * B.stride_i + (ptrdiff_t)n0 * B.stride_j;
+    if (B.stride_j == 1) {
+        // rows of B are contiguous in n (weight in dinp, inp in dweight): walk each row of the
+        // block from left to right, dealing NR-long pieces to the panels, so the reads are long
+        // sequential streams
+        for (int k = 0; k < kc; k++) {
+            const real *s = src + k * B.stride_i;
+            if (k + 4 < kc)
+                for (int j = 0; j < nc; j += LINE_ELEMS) __builtin_prefetch(s + 4 * B.stride_i + j);
+            for (int p = 0; p < full; p += NR)
+                for (int j = 0; j < NR; j++) dst[(size_t)p * kc + k * NR + j] = s[p + j];
         }
-        dst += (size_t)NR * kc;
+    } else {
+        // B = weight^T (forward): column j of B is row j of the weight, contiguous in k. Transpose
+        // one cache line of each of the NR rows at a time, so the source lines and the
+        // destination rows being written both stay in L1, and prefetch the rows' next lines.
+        for (int p = 0; p < full; p += NR) {
+            const real *s = src + p * B.stride_j;
+            real *d = dst + (size_t)p * kc;
+            for (int kb = 0; kb < kc; kb += LINE_ELEMS) {
+                int kend = kb + LINE_ELEMS < kc ? kb + LINE_ELEMS : kc;
+                for (int j = 0; j < NR; j++) {
+                    const real *row = s + j * B.stride_j;
+                    if (kb + 4 * LINE_ELEMS < kc) __builtin_prefetch(row + kb + 4 * LINE_ELEMS);
+                    for (int k = kb; k < kend; k++) d[k * NR + j] = row[k];
+                }
+            }
+        }
+    }
+    if (full < nc) {
+        // last, partial panel: element by element, zero padded
+        int cols = nc - full;
+        real *d = dst + (size_t)full * kc;
+        for (int k = 0; k < kc; k++)
+            for (int j = 0; j < NR; j++)
+                d[k * NR + j] = j < cols ? src[k * B.stride_i + (full + j) * B.stride_j] : 0;
     }
 }
 
@@ -152,7 +190,9 @@ static void gemm(int M, int N, int K, StridedView A, StridedView B, real *C, ptr
         return;
     }
     int tiles_m = (M + MR - 1) / MR, tiles_n = (N + NR - 1) / NR;
-    int split_n = tiles_n >= tiles_m;  // parallelise over the larger dimension of C
+    // Parallelise over the larger dimension of C: every thread packs all of the operand along
+    // the other dimension, so the smaller of A (M x K) and B (K x N) is the one packed twice.
+    int split_n = N >= M;
     #pragma omp parallel
     {
         int nthreads = 1, tid = 0;
@@ -221,12 +261,23 @@ void matmul_backward(real *dinp, real *dweight, real *dbias, const real *dout,
         gemm(OC, IC, M, A, B, dweight, IC, 0, NULL);
     }
     if (dbias) {
-        // each thread owns a range of columns and sums over m in order: deterministic
+        // Column sums, a block of NR columns at a time so the rows of dout are read in
+        // contiguous pieces and the sums vectorise. Each column is summed over m in order by
+        // one thread, so the result does not depend on the thread count.
+        int blocks = (OC + NR - 1) / NR;
         #pragma omp parallel for schedule(static)
-        for (int o = 0; o < OC; o++) {
-            real s = 0;
-            for (int m = 0; m < M; m++) s += dout[(size_t)m * OC + o];
-            dbias[o] += s;
+        for (int blk = 0; blk < blocks; blk++) {
+            int o0 = blk * NR, cols = OC - o0 < NR ? OC - o0 : NR;
+            real sum[NR];
+            for (int j = 0; j < NR; j++) sum[j] = 0;
+            for (int m = 0; m < M; m++) {
+                const real *row = dout + (size_t)m * OC + o0;
+                if (cols == NR)
+                    for (int j = 0; j < NR; j++) sum[j] += row[j];
+                else
+                    for (int j = 0; j < cols; j++) sum[j] += row[j];
+            }
+            for (int j = 0; j < cols; j++) dbias[o0 + j] += sum[j];
         }
     }
 }
