@@ -19,6 +19,7 @@
 #include "llmc/model.h"
 #include "llmc/checkpoint.h"
 #include "llmc/generate.h"
+#include "llmc/reward_heads.h"
 #include "llmc/chat_template.h"
 #include "tokenizer.h"
 #include "dataloader.h"
@@ -431,7 +432,8 @@ static void usage(FILE *out) {
         "usage: train_mora <command> [flags]     (train_mora <command> --help for its flags)\n\n"
         "commands:\n"
         "  pretrain   language-model training on token shards (llm.c format)\n"
-        "  generate   sample or chat from a checkpoint\n");
+        "  generate   sample or chat from a checkpoint\n"
+        "  reward     train the helpful/harmless/truthful reward heads on preference JSONL\n");
 }
 
 int main(int argc, char **argv) {
@@ -443,6 +445,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (!strcmp(cmd, "pretrain")) return cmd_pretrain(argc, argv);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
+    if (!strcmp(cmd, "reward")) return cmd_reward(argc, argv);
     fprintf(stderr, "error: unknown command '%s'\n\n", cmd);
     usage(stderr);
     return 1;

@@ -1,0 +1,372 @@
+/*
+ * Preference and prompt JSONL, and text -> token ids (see prefdata.h).
+ */
+#include <ctype.h>
+#include <stdarg.h>
+#include <cjson/cJSON.h>
+
+#include "prefdata.h"
+#include "rewrite.h"
+#include "utils.h"
+
+// ---------------------------------------------------------------------------------------------
+// reading JSONL line by line
+
+// One bad line: fatal "PATH:LINE: message", or under skip_bad a warning (the first few) and a
+// count. Returns only under skip_bad.
+static void bad_line(int skip_bad, int *skipped, const char *path, int line, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static void bad_line(int skip_bad, int *skipped, const char *path, int line, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (!skip_bad) fatal("%s:%d: %s (use --skip_bad to skip bad lines)", path, line, msg);
+    if (*skipped < PREFDATA_MAX_WARNINGS) fprintf(stderr, "warning: %s:%d: %s (skipped)\n", path, line, msg);
+    (*skipped)++;
+}
+
+static int is_blank(const char *s) {
+    for (; *s; s++)
+        if (!isspace((unsigned char)*s)) return 0;
+    return 1;
+}
+
+// The string field `name` of obj, or NULL after reporting a missing/non-string/empty field.
+static const char *text_field(const cJSON *obj, const char *name, int skip_bad, int *skipped,
+                              const char *path, int line) {
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, name);
+    if (item == NULL) { bad_line(skip_bad, skipped, path, line, "missing field \"%s\"", name); return NULL; }
+    if (!cJSON_IsString(item)) { bad_line(skip_bad, skipped, path, line, "field \"%s\" is not a string", name); return NULL; }
+    if (is_blank(item->valuestring)) { bad_line(skip_bad, skipped, path, line, "field \"%s\" is empty", name); return NULL; }
+    return item->valuestring;
+}
+
+static char *xstrdup(const char *s) {
+    size_t n = strlen(s);
+    char *d = (char *)mallocCheck(n + 1);
+    memcpy(d, s, n + 1);
+    return d;
+}
+
+// Calls handle(obj, line) for every non-blank line of PATH that parses as a JSON object;
+// the other lines are reported through bad_line. Lines may end in \n or \r\n.
+typedef void (*LineHandler)(void *ctx, const cJSON *obj, const char *path, int line);
+static void for_each_json_line(const char *path, int skip_bad, int *skipped, LineHandler handle, void *ctx) {
+    size_t size;
+    char *text = read_file_all(path, &size);
+    char *p = text, *end = text + size;
+    int line = 0;
+    while (p < end) {
+        line++;
+        char *nl = memchr(p, '\n', (size_t)(end - p));
+        char *line_end = nl ? nl : end;
+        size_t len = (size_t)(line_end - p);
+        if (len > 0 && p[len - 1] == '\r') len--;
+        p[len] = '\0';
+        if (strlen(p) != len) {
+            bad_line(skip_bad, skipped, path, line, "line contains a NUL byte");
+        } else if (!is_blank(p)) {
+            cJSON *obj = cJSON_ParseWithLength(p, len);
+            if (obj == NULL) bad_line(skip_bad, skipped, path, line, "not valid JSON");
+            else if (!cJSON_IsObject(obj)) bad_line(skip_bad, skipped, path, line, "expected a JSON object");
+            else handle(ctx, obj, path, line);
+            cJSON_Delete(obj);
+        }
+        p = nl ? nl + 1 : end;
+    }
+    free(text);
+}
+
+// Keeps a copy of PATH in the list (records point at it).
+static const char *remember_path(char ***paths, int *n_paths, const char *path) {
+    *paths = (char **)reallocCheck(*paths, (size_t)(*n_paths + 1) * sizeof(char *));
+    (*paths)[*n_paths] = xstrdup(path);
+    return (*paths)[(*n_paths)++];
+}
+
+// ---------------------------------------------------------------------------------------------
+// preferences
+
+typedef struct {
+    PrefData *data;
+    int skip_bad;
+} PrefCtx;
+
+static void handle_pref(void *vctx, const cJSON *obj, const char *path, int line) {
+    PrefCtx *ctx = (PrefCtx *)vctx;
+    PrefData *d = ctx->data;
+    const char *fields[3] = {"prompt", "chosen", "rejected"};
+    const char *texts[3];
+    for (int k = 0; k < 3; k++) {
+        texts[k] = text_field(obj, fields[k], ctx->skip_bad, &d->skipped, path, line);
+        if (texts[k] == NULL) return;
+    }
+    const cJSON *dim = cJSON_GetObjectItemCaseSensitive(obj, "dim");
+    if (dim == NULL) { bad_line(ctx->skip_bad, &d->skipped, path, line, "missing field \"dim\""); return; }
+    if (!cJSON_IsString(dim)) { bad_line(ctx->skip_bad, &d->skipped, path, line, "field \"dim\" is not a string"); return; }
+    int dim_index = mora_dim_from_name(dim->valuestring);
+    if (dim_index < 0) {
+        bad_line(ctx->skip_bad, &d->skipped, path, line, "unknown dim \"%.64s\" (expected helpful, harmless or truthful)", dim->valuestring);
+        return;
+    }
+    if (d->n == d->cap) {
+        d->cap = d->cap ? 2 * d->cap : 256;
+        d->pairs = (PrefPair *)reallocCheck(d->pairs, (size_t)d->cap * sizeof(PrefPair));
+    }
+    PrefPair *pair = &d->pairs[d->n++];
+    pair->prompt = xstrdup(texts[0]);
+    pair->chosen = xstrdup(texts[1]);
+    pair->rejected = xstrdup(texts[2]);
+    pair->dim = dim_index;
+    pair->path = d->paths[d->n_paths - 1];
+    pair->line = line;
+}
+
+void prefdata_load(PrefData *data, const char *path, int skip_bad) {
+    remember_path(&data->paths, &data->n_paths, path);
+    int before = data->n;
+    PrefCtx ctx = {data, skip_bad};
+    for_each_json_line(path, skip_bad, &data->skipped, handle_pref, &ctx);
+    if (data->n == before) fatal("%s: no valid preference pairs in the file", path);
+}
+
+void prefdata_load_list(PrefData *data, const char *comma_list, int skip_bad) {
+    char *list = xstrdup(comma_list);
+    int files = 0;
+    char *save = NULL;
+    for (char *path = strtok_r(list, ",", &save); path; path = strtok_r(NULL, ",", &save)) {
+        if (path[0] == '\0') continue;
+        prefdata_load(data, path, skip_bad);
+        files++;
+    }
+    free(list);
+    if (files == 0) fatal("no preference files given (expected FILE.jsonl[,FILE2.jsonl...])");
+}
+
+void prefdata_free(PrefData *data) {
+    for (int i = 0; i < data->n; i++) {
+        free(data->pairs[i].prompt);
+        free(data->pairs[i].chosen);
+        free(data->pairs[i].rejected);
+    }
+    free(data->pairs);
+    for (int i = 0; i < data->n_paths; i++) free(data->paths[i]);
+    free(data->paths);
+    memset(data, 0, sizeof(*data));
+}
+
+// ---------------------------------------------------------------------------------------------
+// prompts
+
+typedef struct {
+    PromptData *data;
+    int skip_bad;
+} PromptCtx;
+
+static void handle_prompt(void *vctx, const cJSON *obj, const char *path, int line) {
+    PromptCtx *ctx = (PromptCtx *)vctx;
+    PromptData *d = ctx->data;
+    const char *prompt = text_field(obj, "prompt", ctx->skip_bad, &d->skipped, path, line);
+    if (prompt == NULL) return;
+    char id[64];
+    const char *id_text = NULL;
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, "id");
+    if (item == NULL) {
+        snprintf(id, sizeof id, "%d", line);
+        id_text = NULL;
+    } else if (cJSON_IsString(item)) {
+        if (item->valuestring[0] == '\0') { bad_line(ctx->skip_bad, &d->skipped, path, line, "field \"id\" is empty"); return; }
+        id_text = item->valuestring;
+    } else if (cJSON_IsNumber(item)) {
+        if (item->valuedouble == (double)(long long)item->valuedouble) snprintf(id, sizeof id, "%lld", (long long)item->valuedouble);
+        else snprintf(id, sizeof id, "%.17g", item->valuedouble);
+        id_text = id;
+    } else {
+        bad_line(ctx->skip_bad, &d->skipped, path, line, "field \"id\" is not a string or a number");
+        return;
+    }
+    if (d->n == d->cap) {
+        d->cap = d->cap ? 2 * d->cap : 256;
+        d->records = (PromptRecord *)reallocCheck(d->records, (size_t)d->cap * sizeof(PromptRecord));
+    }
+    PromptRecord *r = &d->records[d->n++];
+    r->prompt = xstrdup(prompt);
+    r->path = d->paths[d->n_paths - 1];
+    r->line = line;
+    if (id_text) {
+        r->id = xstrdup(id_text);
+    } else {
+        // no id: the record is named by where it came from
+        size_t n = strlen(path) + 32;
+        r->id = (char *)mallocCheck(n);
+        snprintf(r->id, n, "%s:%d", path, line);
+    }
+}
+
+void promptdata_load(PromptData *data, const char *path, int skip_bad) {
+    remember_path(&data->paths, &data->n_paths, path);
+    int before = data->n;
+    PromptCtx ctx = {data, skip_bad};
+    for_each_json_line(path, skip_bad, &data->skipped, handle_prompt, &ctx);
+    if (data->n == before) fatal("%s: no valid prompts in the file", path);
+}
+
+void promptdata_free(PromptData *data) {
+    for (int i = 0; i < data->n; i++) {
+        free(data->records[i].prompt);
+        free(data->records[i].id);
+    }
+    free(data->records);
+    for (int i = 0; i < data->n_paths; i++) free(data->paths[i]);
+    free(data->paths);
+    memset(data, 0, sizeof(*data));
+}
+
+// ---------------------------------------------------------------------------------------------
+// text -> tokens
+
+void text_encoder_init(TextEncoder *enc, const char *tokenizer_path, const char *template_name,
+                       const char *checkpoint_template, int model_vocab_size) {
+    memset(enc, 0, sizeof(*enc));
+    enc->vocab_size = model_vocab_size;
+    if (tokenizer_path && tokenizer_path[0]) {
+        enc->tokenizer = tokenizer_load(tokenizer_path);
+        if (!tokenizer_can_encode(enc->tokenizer))
+            fatal("%s: this tokenizer can only decode (no merges), so it cannot encode the data", tokenizer_path);
+        if (tokenizer_vocab_size(enc->tokenizer) > model_vocab_size)
+            fatal("%s: tokenizer has %d tokens but the model's vocabulary has %d", tokenizer_path,
+                  tokenizer_vocab_size(enc->tokenizer), model_vocab_size);
+    } else if (model_vocab_size < 256) {
+        fatal("the model has no tokenizer and a vocabulary of %d < 256, so bytes cannot be its tokens", model_vocab_size);
+    }
+    if (!strcmp(template_name, "auto")) {
+        if (checkpoint_template && checkpoint_template[0]) enc->chat = chat_template_lookup(checkpoint_template);
+    } else if (strcmp(template_name, "none") != 0) {
+        enc->chat = chat_template_lookup(template_name);
+    }
+}
+
+void text_encoder_free(TextEncoder *enc) {
+    if (enc->tokenizer) tokenizer_free(enc->tokenizer);
+    memset(enc, 0, sizeof(*enc));
+}
+
+static void token_list_append(TokenList *l, int id) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        l->ids = (int *)reallocCheck(l->ids, (size_t)l->cap * sizeof(int));
+    }
+    l->ids[l->n++] = id;
+}
+
+// text with the tokenizer (parse_special as given) or as bytes
+static void encode_text(const TextEncoder *enc, const char *text, int parse_special, TokenList *out) {
+    if (enc->tokenizer) {
+        tokenizer_encode_append(enc->tokenizer, text, strlen(text), parse_special, out);
+        return;
+    }
+    for (const unsigned char *s = (const unsigned char *)text; *s; s++) token_list_append(out, *s);
+}
+
+void text_encode_prompt(const TextEncoder *enc, const char *prompt, TokenList *out) {
+    if (enc->chat == NULL) { encode_text(enc, prompt, 0, out); return; }
+    // the template's markers are special tokens; a prompt that spells one out gets it parsed
+    // too, as Hugging Face's apply_chat_template + tokenize does
+    char *rendered = chat_template_render(enc->chat, NULL, prompt, 1);
+    encode_text(enc, rendered, 1, out);
+    free(rendered);
+}
+
+void text_encode_response(const TextEncoder *enc, const char *response, TokenList *out) {
+    encode_text(enc, response, 0, out);
+}
+
+int text_encode_sequence(const TextEncoder *enc, const char *prompt, const char *response, int max_len, TokenList *out) {
+    TokenList p = {0}, r = {0};
+    out->n = 0;
+    text_encode_prompt(enc, prompt, &p);
+    text_encode_response(enc, response, &r);
+    int status;
+    if (r.n > max_len) {
+        status = -1;
+    } else {
+        int keep = p.n + r.n > max_len ? max_len - r.n : p.n;  // prompt tokens kept, from the right
+        status = keep < p.n;
+        for (int i = p.n - keep; i < p.n; i++) token_list_append(out, p.ids[i]);
+        for (int i = 0; i < r.n; i++) token_list_append(out, r.ids[i]);
+    }
+    token_list_free(&p);
+    token_list_free(&r);
+    return status;
+}
+
+// ---------------------------------------------------------------------------------------------
+// token sequences
+
+void token_seqs_push(TokenSeqs *s, const int *ids, int n) {
+    if (s->n == s->cap) {
+        s->cap = s->cap ? 2 * s->cap : 256;
+        s->lengths = (int *)reallocCheck(s->lengths, (size_t)s->cap * sizeof(int));
+        s->offsets = (size_t *)reallocCheck(s->offsets, (size_t)s->cap * sizeof(size_t));
+    }
+    if (s->n_tokens + n > s->tokens_cap) {
+        s->tokens_cap = 2 * (s->n_tokens + n) + 1024;
+        s->tokens = (int *)reallocCheck(s->tokens, s->tokens_cap * sizeof(int));
+    }
+    memcpy(s->tokens + s->n_tokens, ids, (size_t)n * sizeof(int));
+    s->offsets[s->n] = s->n_tokens;
+    s->lengths[s->n] = n;
+    s->n_tokens += n;
+    s->n++;
+}
+
+const int *token_seqs_get(const TokenSeqs *s, int i) { return s->tokens + s->offsets[i]; }
+
+void token_seqs_free(TokenSeqs *s) {
+    free(s->lengths);
+    free(s->offsets);
+    free(s->tokens);
+    memset(s, 0, sizeof(*s));
+}
+
+void prefdata_encode(const PrefData *data, const TextEncoder *enc, int max_len, int skip_bad, EncodedPrefs *out) {
+    memset(out, 0, sizeof(*out));
+    out->dims = (int *)mallocCheck((size_t)(data->n ? data->n : 1) * sizeof(int));
+    out->source = (int *)mallocCheck((size_t)(data->n ? data->n : 1) * sizeof(int));
+    TokenList chosen = {0}, rejected = {0};
+    for (int i = 0; i < data->n; i++) {
+        const PrefPair *pair = &data->pairs[i];
+        int sc = text_encode_sequence(enc, pair->prompt, pair->chosen, max_len, &chosen);
+        int sr = text_encode_sequence(enc, pair->prompt, pair->rejected, max_len, &rejected);
+        if (sc < 0 || sr < 0) {
+            const char *field = sc < 0 ? "chosen" : "rejected";
+            TokenList r = {0};
+            text_encode_response(enc, sc < 0 ? pair->chosen : pair->rejected, &r);
+            bad_line(skip_bad, &out->skipped, pair->path, pair->line,
+                     "field \"%s\" is %d tokens, longer than the context of %d tokens", field, r.n, max_len);
+            token_list_free(&r);
+            continue;
+        }
+        for (int k = 0; k < chosen.n; k++)
+            if (chosen.ids[k] >= enc->vocab_size) fatal("%s:%d: token id %d is outside the model's vocabulary of %d", pair->path, pair->line, chosen.ids[k], enc->vocab_size);
+        for (int k = 0; k < rejected.n; k++)
+            if (rejected.ids[k] >= enc->vocab_size) fatal("%s:%d: token id %d is outside the model's vocabulary of %d", pair->path, pair->line, rejected.ids[k], enc->vocab_size);
+        out->truncated += sc + sr;
+        token_seqs_push(&out->seqs, chosen.ids, chosen.n);
+        token_seqs_push(&out->seqs, rejected.ids, rejected.n);
+        out->dims[out->n_pairs] = pair->dim;
+        out->source[out->n_pairs] = i;
+        out->n_pairs++;
+    }
+    token_list_free(&chosen);
+    token_list_free(&rejected);
+}
+
+void encoded_prefs_free(EncodedPrefs *e) {
+    free(e->dims);
+    free(e->source);
+    token_seqs_free(&e->seqs);
+    memset(e, 0, sizeof(*e));
+}

@@ -1,0 +1,124 @@
+/*
+ * JSONL data for reward training and the MORA loop, and how its text becomes token ids.
+ *
+ *   preferences  one object a line: {"prompt": "...", "chosen": "...", "rejected": "...",
+ *                "dim": "helpful" | "harmless" | "truthful"}
+ *   prompts      one object a line: {"prompt": "...", "id": "..."}; "id" may be a string or a
+ *                number and may be left out (the record is then called "FILE:LINE")
+ *
+ * Other fields are ignored, and so are blank lines. Every bad line (not JSON, not an object, a
+ * missing or non-string field, an unknown dim, an empty or all-whitespace text) is an error
+ * "FILE:LINE: what is wrong" with a non-zero exit; with skip_bad the line is skipped instead
+ * (the first few are named in warnings) and counted in `skipped`.
+ *
+ * Text to tokens (TextEncoder): with the checkpoint's tokenizer, the prompt is rendered through
+ * the chat template when there is one (as a user turn followed by the assistant header, special
+ * tokens parsed) and the response is encoded after it on its own, with special tokens taken as
+ * plain text: exactly the tokens a policy produces when it answers that prompt. Models without
+ * a tokenizer (the tiny presets) use raw bytes as token ids (tokenizer.h has no byte-level
+ * constructor, so the byte encoder lives here); that needs a vocabulary of at least 256.
+ * A sequence longer than the context keeps its response whole and loses prompt tokens from the
+ * left (counted); a response that alone exceeds the context is a bad line.
+ */
+#ifndef LLMC_PREFDATA_H
+#define LLMC_PREFDATA_H
+#include <stddef.h>
+#include "chat_template.h"
+#include "tokenizer.h"
+
+// how many bad lines are named in warnings under skip_bad before they are only counted
+#define PREFDATA_MAX_WARNINGS 10
+
+typedef struct {
+    char *prompt, *chosen, *rejected;
+    int dim;              // DIM_HELPFUL, DIM_HARMLESS, DIM_TRUTHFUL (rewrite.h)
+    const char *path;     // the file it came from (owned by PrefData)
+    int line;             // 1-based line number in that file
+} PrefPair;
+
+typedef struct {
+    PrefPair *pairs;
+    int n, cap;
+    int skipped;          // bad lines skipped (skip_bad)
+    char **paths;         // every file read, in order
+    int n_paths;
+} PrefData;
+
+typedef struct {
+    char *prompt;
+    char *id;
+    const char *path;
+    int line;
+} PromptRecord;
+
+typedef struct {
+    PromptRecord *records;
+    int n, cap;
+    int skipped;
+    char **paths;
+    int n_paths;
+} PromptData;
+
+// Appends the records of one file. Without skip_bad the first bad line is a fatal error.
+void prefdata_load(PrefData *data, const char *path, int skip_bad);
+// Loads a comma-separated list of files ("a.jsonl,b.jsonl"); a file with no valid record, or an
+// empty list, is an error.
+void prefdata_load_list(PrefData *data, const char *comma_list, int skip_bad);
+void prefdata_free(PrefData *data);
+
+void promptdata_load(PromptData *data, const char *path, int skip_bad);
+void promptdata_free(PromptData *data);
+
+// ---------------------------------------------------------------------------------------------
+// text -> tokens
+
+typedef struct {
+    Tokenizer *tokenizer;          // NULL: bytes are the token ids
+    const ChatTemplate *chat;      // NULL: prompt and response are concatenated as they are
+    int vocab_size;                // the model's V: every id must be below it
+} TextEncoder;
+
+// tokenizer_path "" selects the byte encoder (model_vocab_size must be >= 256). template_name:
+// "auto" takes checkpoint_template (may be ""), "none" uses no template, otherwise a template
+// name from chat_template.h (an unknown name is an error).
+void text_encoder_init(TextEncoder *enc, const char *tokenizer_path, const char *template_name,
+                       const char *checkpoint_template, int model_vocab_size);
+void text_encoder_free(TextEncoder *enc);
+// Appends the prompt's tokens (through the chat template) / the response's tokens to out.
+void text_encode_prompt(const TextEncoder *enc, const char *prompt, TokenList *out);
+void text_encode_response(const TextEncoder *enc, const char *response, TokenList *out);
+
+// Token sequences stored back to back: sequence i is tokens[offsets[i] .. offsets[i] + lengths[i]).
+typedef struct {
+    int n, cap;
+    int *lengths;
+    size_t *offsets;
+    int *tokens;
+    size_t n_tokens, tokens_cap;
+} TokenSeqs;
+
+void token_seqs_push(TokenSeqs *s, const int *ids, int n);
+const int *token_seqs_get(const TokenSeqs *s, int i);
+void token_seqs_free(TokenSeqs *s);
+
+// Encoded preference pairs: sequence 2i is pair i's prompt + chosen, 2i+1 prompt + rejected.
+typedef struct {
+    int n_pairs;
+    int *dims;            // (n_pairs)
+    int *source;          // (n_pairs) index of the pair in the PrefData it came from
+    TokenSeqs seqs;
+    int truncated;        // sequences whose prompt lost tokens on the left to fit max_len
+    int skipped;          // pairs dropped because a response alone exceeds max_len (skip_bad)
+} EncodedPrefs;
+
+// Encodes every pair to fit max_len tokens (rule above). A response longer than max_len is an
+// error "FILE:LINE: ..." or, with skip_bad, a skipped pair.
+void prefdata_encode(const PrefData *data, const TextEncoder *enc, int max_len, int skip_bad, EncodedPrefs *out);
+void encoded_prefs_free(EncodedPrefs *e);
+
+// prompt + response as one sequence of at most max_len tokens into out (cleared first);
+// returns 1 when the prompt was truncated, 0 when it fitted, -1 when the response alone has
+// more than max_len tokens (out is then left empty).
+int text_encode_sequence(const TextEncoder *enc, const char *prompt, const char *response, int max_len, TokenList *out);
+
+#endif

@@ -1,0 +1,432 @@
+/*
+ * `train_mora reward`: trains the three reward heads (llmc/reward_heads.h) with the
+ * Bradley-Terry loss on preference JSONL (llmc/prefdata.h).
+ *
+ *   ./train_mora reward --model PATH|PRESET --data FILE.jsonl[,FILE2.jsonl...] --out DIR
+ *
+ * The trunk is the frozen reference model: its weights never change here, so the final hidden
+ * state at the last token of every prompt + response is computed once, in right-padded batches
+ * of similar length, and cached (2 rows per pair: chosen, rejected). Training then touches only
+ * the heads: each pair trains the head of its own dimension, minibatches of pairs, AdamW.
+ * A held-out split (--val_frac of every dimension's pairs, chosen by --seed) measures accuracy
+ * (the share of pairs with r_chosen > r_rejected) per dimension after every epoch.
+ *
+ * Writes to DIR, each file atomically:
+ *   reward_heads.bin      the heads (format in reward_heads.h)
+ *   metrics.jsonl         one line per epoch: losses and accuracy per dimension
+ *   reward_metrics.json   the final figures, the data counts and the configuration
+ *   model.ckpt            the trunk, when it came from a preset (random init), so that later
+ *                         subcommands can load the very trunk the heads were trained on
+ */
+#include <math.h>
+#include <sys/stat.h>
+#include <omp.h>
+#include <cjson/cJSON.h>
+
+#include "llmc/utils.h"
+#include "llmc/args.h"
+#include "llmc/rand.h"
+#include "llmc/model.h"
+#include "llmc/checkpoint.h"
+#include "llmc/reward_heads.h"
+#include "llmc/prefdata.h"
+
+typedef struct {
+    const char *model, *data, *out, *head, *head_act, *chat_template, *device;
+    int head_hidden, epochs, batch_size, seq_len, fwd_batch, seed, skip_bad;
+    float val_frac, lr, weight_decay, beta1, beta2, eps;
+} RewardArgs;
+
+static void reward_ensure_dir(const char *path) {
+    struct stat st;
+    if (stat(path, &st) == 0) {
+        if (!S_ISDIR(st.st_mode)) fatal("--out %s exists and is not a directory", path);
+        return;
+    }
+    if (mkdir(path, 0755) != 0) fatal("cannot create directory %s: %s", path, strerror(errno));
+}
+
+static void write_text_atomic(const char *path, const char *text) {
+    char tmp[4300];
+    FILE *f = atomic_open(path, tmp, sizeof tmp);
+    fwrite_check(text, 1, strlen(text), f, path);
+    atomic_commit(f, tmp, path);
+}
+
+static void write_json_file(const char *path, const cJSON *obj) {
+    char *text = cJSON_Print(obj);
+    if (text == NULL) fatal("out of memory formatting %s", path);
+    size_t n = strlen(text);
+    text = (char *)reallocCheck(text, n + 2);
+    text[n] = '\n';
+    text[n + 1] = '\0';
+    write_text_atomic(path, text);
+    free(text);
+}
+
+// The trunk: a preset name ("llama:tiny", random init from seed) or a checkpoint path.
+// Returns 1 for a preset.
+static int load_trunk(Model *model, const char *name, uint64_t seed, CheckpointInfo *info) {
+    memset(info, 0, sizeof(*info));
+    ModelConfig config;
+    if (model_config_preset(name, &config)) {
+        model_init(model, &config, name);
+        model_init_random(model, seed);
+        return 1;
+    }
+    struct stat st;
+    if (stat(name, &st) != 0)
+        fatal("--model %s: no such file or directory, and not a preset (gpt2:tiny, llama:tiny, gpt2:d12, ...)", name);
+    checkpoint_load(model, name, NULL, info);
+    return 0;
+}
+
+// hidden_cache (n_seqs, C): the trunk's final hidden state at the last token of every sequence.
+// Sequences are taken in order of length so that a batch pads little; each batch is
+// right-padded with token 0 and read at every row's own last position.
+static float *compute_hidden_cache(Model *model, const TokenSeqs *seqs, int fwd_batch) {
+    int n = seqs->n, C = model->config.n_embd;
+    float *cache = (float *)mallocCheck((size_t)n * C * sizeof(float));
+    int *order = (int *)mallocCheck((size_t)n * sizeof(int));
+    for (int i = 0; i < n; i++) order[i] = i;
+    // stable counting sort by length
+    int max_len = 0;
+    for (int i = 0; i < n; i++) if (seqs->lengths[i] > max_len) max_len = seqs->lengths[i];
+    int *count = (int *)callocCheck((size_t)max_len + 2, sizeof(int));
+    for (int i = 0; i < n; i++) count[seqs->lengths[i] + 1]++;
+    for (int l = 1; l <= max_len + 1; l++) count[l] += count[l - 1];
+    for (int i = 0; i < n; i++) order[count[seqs->lengths[i]]++] = i;
+    free(count);
+
+    int *inputs = (int *)mallocCheck((size_t)fwd_batch * (max_len ? max_len : 1) * sizeof(int));
+    int *lengths = (int *)mallocCheck((size_t)fwd_batch * sizeof(int));
+    float *last = (float *)mallocCheck((size_t)fwd_batch * C * sizeof(float));
+    double start = wall_seconds(), last_report = start;
+    for (int first = 0; first < n; first += fwd_batch) {
+        int B = n - first < fwd_batch ? n - first : fwd_batch;
+        int T = seqs->lengths[order[first + B - 1]];  // the longest of the batch (sorted)
+        for (int b = 0; b < B; b++) {
+            int s = order[first + b];
+            lengths[b] = seqs->lengths[s];
+            memcpy(inputs + (size_t)b * T, token_seqs_get(seqs, s), (size_t)lengths[b] * sizeof(int));
+            for (int t = lengths[b]; t < T; t++) inputs[(size_t)b * T + t] = 0;
+        }
+        model_forward(model, inputs, NULL, NULL, B, T);
+        reward_gather_last(last, model->hidden, lengths, B, T, C);
+        for (int b = 0; b < B; b++) memcpy(cache + (size_t)order[first + b] * C, last + (size_t)b * C, (size_t)C * sizeof(float));
+        double now = wall_seconds();
+        if (now - last_report > 10.0) {
+            printf("hidden states: %d / %d sequences (%.0f seq/s)\n", first + B, n, (first + B) / (now - start));
+            last_report = now;
+        }
+    }
+    free(inputs);
+    free(lengths);
+    free(last);
+    free(order);
+    return cache;
+}
+
+typedef struct {
+    double loss;                       // mean Bradley-Terry loss over the pairs
+    int n[MORA_NUM_DIMS];              // pairs per dimension
+    int correct[MORA_NUM_DIMS];        // pairs with r_chosen > r_rejected
+    double loss_sum[MORA_NUM_DIMS];
+} SplitEval;
+
+// Loss and accuracy over the pairs idx (n_idx) given every sequence's rewards (n_seqs, D).
+static SplitEval evaluate_split(const float *rewards, const int *dims, const int *idx, int n_idx) {
+    SplitEval e;
+    memset(&e, 0, sizeof e);
+    double total = 0.0;
+    for (int k = 0; k < n_idx; k++) {
+        int i = idx[k], d = dims[i];
+        double rc = rewards[(size_t)(2 * i) * MORA_NUM_DIMS + d];
+        double rr = rewards[(size_t)(2 * i + 1) * MORA_NUM_DIMS + d];
+        double loss = bradley_terry_loss(&rc, &rr, 1, NULL, NULL);
+        total += loss;
+        e.loss_sum[d] += loss;
+        e.n[d]++;
+        e.correct[d] += rc > rr;
+    }
+    e.loss = n_idx ? total / n_idx : 0.0;
+    return e;
+}
+
+// {"helpful": acc or null, ...}
+static cJSON *accuracy_json(const SplitEval *e) {
+    cJSON *o = cJSON_CreateObject();
+    for (int d = 0; d < MORA_NUM_DIMS; d++) {
+        if (e->n[d] > 0) cJSON_AddNumberToObject(o, mora_dim_names[d], (double)e->correct[d] / e->n[d]);
+        else cJSON_AddNullToObject(o, mora_dim_names[d]);
+    }
+    return o;
+}
+
+static cJSON *counts_json(const int *n) {
+    cJSON *o = cJSON_CreateObject();
+    for (int d = 0; d < MORA_NUM_DIMS; d++) cJSON_AddNumberToObject(o, mora_dim_names[d], n[d]);
+    return o;
+}
+
+static void print_accuracy(const char *label, const SplitEval *e) {
+    printf(" | %s acc", label);
+    for (int d = 0; d < MORA_NUM_DIMS; d++) {
+        if (e->n[d] > 0) printf(" %s %.3f", mora_dim_names[d], (double)e->correct[d] / e->n[d]);
+        else printf(" %s -", mora_dim_names[d]);
+    }
+}
+
+// Fisher-Yates shuffle of a[0..n) with the run's RNG.
+static void shuffle_ints(int *a, int n, uint64_t *rng) {
+    for (int i = n - 1; i > 0; i--) {
+        int j = (int)(random_u32(rng) % (uint32_t)(i + 1));
+        int t = a[i]; a[i] = a[j]; a[j] = t;
+    }
+}
+
+int cmd_reward(int argc, char **argv) {
+    RewardArgs a = {
+        .model = "", .data = "", .out = "", .head = "linear", .head_act = "gelu", .chat_template = "auto",
+        .device = "cpu", .head_hidden = 256, .epochs = 20, .batch_size = 32, .seq_len = 0, .fwd_batch = 16,
+        .seed = 1337, .skip_bad = 0, .val_frac = 0.1f, .lr = 1e-3f, .weight_decay = 0.0f, .beta1 = 0.9f,
+        .beta2 = 0.999f, .eps = 1e-8f,
+    };
+    ArgSpec specs[] = {
+        {"model", ARG_STRING, &a.model, "trunk: checkpoint (native, llm.c .bin, HF dir/safetensors, GGUF) or preset (llama:tiny, gpt2:tiny, ...)"},
+        {"data", ARG_STRING, &a.data, "preference JSONL, comma-separated files: {prompt, chosen, rejected, dim}"},
+        {"out", ARG_STRING, &a.out, "run directory: reward_heads.bin, metrics.jsonl, reward_metrics.json"},
+        {"head", ARG_STRING, &a.head, "head kind: linear (vector + bias) or mlp (C -> H -> 1)"},
+        {"head_hidden", ARG_INT, &a.head_hidden, "H: hidden width of the mlp head"},
+        {"head_act", ARG_STRING, &a.head_act, "activation of the mlp head: gelu or relu"},
+        {"val_frac", ARG_FLOAT, &a.val_frac, "share of every dimension's pairs held out for validation"},
+        {"epochs", ARG_INT, &a.epochs, "passes over the training pairs"},
+        {"batch_size", ARG_INT, &a.batch_size, "pairs per AdamW step"},
+        {"lr", ARG_FLOAT, &a.lr, "AdamW learning rate (constant)"},
+        {"weight_decay", ARG_FLOAT, &a.weight_decay, "AdamW decoupled weight decay on head weights (not biases)"},
+        {"beta1", ARG_FLOAT, &a.beta1, "AdamW beta1"},
+        {"beta2", ARG_FLOAT, &a.beta2, "AdamW beta2"},
+        {"eps", ARG_FLOAT, &a.eps, "AdamW epsilon"},
+        {"seq_len", ARG_INT, &a.seq_len, "context in tokens (0: the model's max_seq_len); longer prompts are cut on the left"},
+        {"fwd_batch", ARG_INT, &a.fwd_batch, "sequences per trunk forward pass when caching hidden states"},
+        {"chat_template", ARG_STRING, &a.chat_template, "auto (the checkpoint's, if any), none, or a template name"},
+        {"skip_bad", ARG_BOOL, &a.skip_bad, "skip bad data lines (and count them) instead of stopping"},
+        {"seed", ARG_INT, &a.seed, "seed of the split, the shuffles, the head init and a preset trunk's init"},
+        {"device", ARG_STRING, &a.device, "cpu (this build has no CUDA backend)"},
+    };
+    args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "reward",
+               "Trains the helpful / harmless / truthful reward heads on the frozen trunk with the\n"
+               "Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) on preference JSONL.");
+    args_require_string("model", a.model, "reward");
+    args_require_string("data", a.data, "reward");
+    args_require_string("out", a.out, "reward");
+    int kind = reward_head_kind_from_name(a.head);
+    if (kind < 0) fatal("flag --head: expected linear or mlp, got '%s'", a.head);
+    int act = reward_head_activation_from_name(a.head_act);
+    if (act < 0) fatal("flag --head_act: expected gelu or relu, got '%s'", a.head_act);
+    if (kind == REWARD_HEAD_MLP) args_require_positive_int("head_hidden", a.head_hidden);
+    args_require_range_float("val_frac", a.val_frac, 0.0f, 0.9f);
+    args_require_positive_int("epochs", a.epochs);
+    args_require_positive_int("batch_size", a.batch_size);
+    args_require_positive_int("fwd_batch", a.fwd_batch);
+    args_require_nonneg_int("seq_len", a.seq_len);
+    args_require_range_float("lr", a.lr, 0.0f, 10.0f);
+    args_require_range_float("weight_decay", a.weight_decay, 0.0f, 10.0f);
+    args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
+    args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
+    if (strcmp(a.device, "cpu") && strcmp(a.device, "auto")) {
+        if (!strcmp(a.device, "cuda")) fatal("--device cuda: this build of train_mora has no CUDA backend; use --device cpu");
+        fatal("--device %s: expected cpu, cuda or auto", a.device);
+    }
+    double run_start = wall_seconds();
+
+    // the data first: a bad line should stop the run before a large model is loaded
+    PrefData data = {0};
+    prefdata_load_list(&data, a.data, a.skip_bad);
+    printf("data: %d preference pairs from %d file(s)", data.n, data.n_paths);
+    if (a.skip_bad) printf(", %d bad line(s) skipped", data.skipped);
+    printf("\n");
+
+    Model model;
+    CheckpointInfo info;
+    int from_preset = load_trunk(&model, a.model, (uint64_t)a.seed, &info);
+    const ModelConfig *mc = &model.config;
+    int max_len = a.seq_len > 0 ? a.seq_len : mc->max_seq_len;
+    if (max_len > mc->max_seq_len) fatal("flag --seq_len %d exceeds the model's context of %d", max_len, mc->max_seq_len);
+    printf("trunk: %s (%s) L=%d C=%d V=%d maxT=%d, frozen; context %d tokens; device cpu (%d OpenMP threads)\n",
+           a.model, mc->arch == ARCH_GPT2 ? "gpt2" : "llama", mc->n_layer, mc->n_embd, mc->vocab_size,
+           mc->max_seq_len, max_len, omp_get_max_threads());
+
+    TextEncoder enc;
+    text_encoder_init(&enc, info.tokenizer_path, a.chat_template, info.chat_template, mc->vocab_size);
+    printf("text: %s, chat template %s\n", enc.tokenizer ? info.tokenizer_path : "raw bytes as token ids",
+           enc.chat ? chat_template_name(enc.chat) : "none");
+
+    EncodedPrefs enc_pairs;
+    prefdata_encode(&data, &enc, max_len, a.skip_bad, &enc_pairs);
+    int n_pairs = enc_pairs.n_pairs;
+    if (n_pairs == 0) fatal("--data %s: no pair fits the context of %d tokens", a.data, max_len);
+    printf("tokens: %d pairs, %zu tokens; %d prompt(s) truncated on the left to fit %d tokens; %d pair(s) skipped (response too long)\n",
+           n_pairs, enc_pairs.seqs.n_tokens, enc_pairs.truncated, max_len, enc_pairs.skipped);
+
+    // held-out split, per dimension so every dimension is measured: the pairs of dimension d are
+    // shuffled with the seed and the first round(val_frac * n_d) held out
+    uint64_t rng = rng_seed((uint64_t)a.seed ^ 0x5245574152440000ULL);
+    int *train_idx = (int *)mallocCheck((size_t)n_pairs * sizeof(int));
+    int *val_idx = (int *)mallocCheck((size_t)n_pairs * sizeof(int));
+    int n_train = 0, n_val = 0;
+    int *by_dim = (int *)mallocCheck((size_t)n_pairs * sizeof(int));
+    for (int d = 0; d < MORA_NUM_DIMS; d++) {
+        int n_d = 0;
+        for (int i = 0; i < n_pairs; i++) if (enc_pairs.dims[i] == d) by_dim[n_d++] = i;
+        shuffle_ints(by_dim, n_d, &rng);
+        int v = (int)floor(a.val_frac * n_d + 0.5);
+        for (int k = 0; k < n_d; k++) {
+            if (k < v) val_idx[n_val++] = by_dim[k];
+            else train_idx[n_train++] = by_dim[k];
+        }
+    }
+    free(by_dim);
+    if (n_train == 0) fatal("--val_frac %g leaves no training pairs out of %d", a.val_frac, n_pairs);
+
+    // The trunk is frozen, so its hidden states do not change during training: compute them once.
+    double t0 = wall_seconds();
+    float *hidden = compute_hidden_cache(&model, &enc_pairs.seqs, a.fwd_batch);
+    int C = mc->n_embd;
+    printf("hidden states: %d sequences through the frozen trunk in %.1f s (cached)\n", enc_pairs.seqs.n, wall_seconds() - t0);
+
+    RewardHeads heads;
+    reward_heads_init(&heads, (RewardHeadKind)kind, (RewardHeadActivation)act, C, a.head_hidden);
+    reward_heads_init_random(&heads, (uint64_t)a.seed);
+    printf("heads: %s", reward_head_kind_name(heads.kind));
+    if (heads.kind == REWARD_HEAD_MLP) printf(" (C=%d -> H=%d -> 1, %s)", C, heads.H, reward_head_activation_name(heads.activation));
+    printf(", %zu parameters per head; %d train / %d val pairs\n", heads.head_size, n_train, n_val);
+
+    reward_ensure_dir(a.out);
+    char metrics_path[4200], heads_path[4200], summary_path[4200], trunk_path[4200];
+    snprintf(metrics_path, sizeof metrics_path, "%s/metrics.jsonl", a.out);
+    snprintf(heads_path, sizeof heads_path, "%s/reward_heads.bin", a.out);
+    snprintf(summary_path, sizeof summary_path, "%s/reward_metrics.json", a.out);
+    snprintf(trunk_path, sizeof trunk_path, "%s/model.ckpt", a.out);
+
+    int M = a.batch_size;
+    float *batch_hidden = (float *)mallocCheck((size_t)2 * M * C * sizeof(float));
+    int *batch_dims = (int *)mallocCheck((size_t)2 * M * sizeof(int));
+    float *batch_drewards = (float *)mallocCheck((size_t)2 * M * sizeof(float));
+    double *rc = (double *)mallocCheck((size_t)M * sizeof(double)), *rr = (double *)mallocCheck((size_t)M * sizeof(double));
+    double *dc = (double *)mallocCheck((size_t)M * sizeof(double)), *dr = (double *)mallocCheck((size_t)M * sizeof(double));
+    float *rewards = (float *)mallocCheck((size_t)enc_pairs.seqs.n * MORA_NUM_DIMS * sizeof(float));
+    char *metrics_text = (char *)mallocCheck(1);
+    metrics_text[0] = '\0';
+    size_t metrics_len = 0;
+    SplitEval train_eval, val_eval;
+    int steps = 0;
+
+    for (int epoch = 1; epoch <= a.epochs; epoch++) {
+        double epoch_start = wall_seconds();
+        shuffle_ints(train_idx, n_train, &rng);
+        for (int first = 0; first < n_train; first += M) {
+            int m = n_train - first < M ? n_train - first : M;
+            // rows 2k and 2k+1 of the minibatch: pair k's chosen and rejected hidden states
+            for (int k = 0; k < m; k++) {
+                int i = train_idx[first + k], d = enc_pairs.dims[i];
+                memcpy(batch_hidden + (size_t)(2 * k) * C, hidden + (size_t)(2 * i) * C, (size_t)C * sizeof(float));
+                memcpy(batch_hidden + (size_t)(2 * k + 1) * C, hidden + (size_t)(2 * i + 1) * C, (size_t)C * sizeof(float));
+                batch_dims[2 * k] = batch_dims[2 * k + 1] = d;
+                rc[k] = reward_head_value(&heads, d, batch_hidden + (size_t)(2 * k) * C);
+                rr[k] = reward_head_value(&heads, d, batch_hidden + (size_t)(2 * k + 1) * C);
+            }
+            bradley_terry_loss(rc, rr, m, dc, dr);
+            for (int k = 0; k < m; k++) {
+                batch_drewards[2 * k] = (float)dc[k];
+                batch_drewards[2 * k + 1] = (float)dr[k];
+            }
+            reward_heads_zero_grad(&heads);
+            reward_heads_backward(&heads, batch_hidden, batch_dims, batch_drewards, 2 * m, NULL);
+            reward_heads_adamw_update(&heads, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay);
+            steps++;
+        }
+        reward_heads_forward(&heads, hidden, enc_pairs.seqs.n, rewards);
+        train_eval = evaluate_split(rewards, enc_pairs.dims, train_idx, n_train);
+        val_eval = evaluate_split(rewards, enc_pairs.dims, val_idx, n_val);
+
+        printf("epoch %3d/%d | step %6d | train loss %.4f | val loss %.4f", epoch, a.epochs, steps, train_eval.loss,
+               n_val ? val_eval.loss : NAN);
+        print_accuracy("train", &train_eval);
+        print_accuracy("val", &val_eval);
+        printf(" | %.2f s\n", wall_seconds() - epoch_start);
+
+        cJSON *line = cJSON_CreateObject();
+        cJSON_AddNumberToObject(line, "epoch", epoch);
+        cJSON_AddNumberToObject(line, "step", steps);
+        cJSON_AddNumberToObject(line, "train_loss", train_eval.loss);
+        if (n_val) cJSON_AddNumberToObject(line, "val_loss", val_eval.loss);
+        else cJSON_AddNullToObject(line, "val_loss");
+        cJSON_AddItemToObject(line, "train_accuracy", accuracy_json(&train_eval));
+        cJSON_AddItemToObject(line, "val_accuracy", accuracy_json(&val_eval));
+        char *text = cJSON_PrintUnformatted(line);
+        if (text == NULL) fatal("out of memory formatting %s", metrics_path);
+        size_t n = strlen(text);
+        metrics_text = (char *)reallocCheck(metrics_text, metrics_len + n + 2);
+        memcpy(metrics_text + metrics_len, text, n);
+        metrics_len += n;
+        metrics_text[metrics_len++] = '\n';
+        metrics_text[metrics_len] = '\0';
+        free(text);
+        cJSON_Delete(line);
+        write_text_atomic(metrics_path, metrics_text);
+    }
+
+    reward_heads_save(&heads, heads_path);
+    if (from_preset) {
+        TrainState state = {0};
+        checkpoint_save_native(&model, &state, trunk_path, 0);
+    }
+
+    cJSON *summary = cJSON_CreateObject();
+    cJSON_AddStringToObject(summary, "model", from_preset ? trunk_path : a.model);
+    cJSON_AddStringToObject(summary, "model_source", a.model);
+    cJSON_AddStringToObject(summary, "heads", heads_path);
+    cJSON_AddStringToObject(summary, "head", reward_head_kind_name(heads.kind));
+    cJSON_AddNumberToObject(summary, "head_hidden", heads.H);
+    cJSON_AddStringToObject(summary, "head_act", reward_head_activation_name(heads.activation));
+    cJSON_AddStringToObject(summary, "data", a.data);
+    cJSON_AddStringToObject(summary, "chat_template", enc.chat ? chat_template_name(enc.chat) : "none");
+    cJSON_AddStringToObject(summary, "text_encoding", enc.tokenizer ? "tokenizer" : "bytes");
+    cJSON_AddNumberToObject(summary, "seed", a.seed);
+    cJSON_AddNumberToObject(summary, "epochs", a.epochs);
+    cJSON_AddNumberToObject(summary, "steps", steps);
+    cJSON_AddNumberToObject(summary, "val_frac", a.val_frac);
+    cJSON_AddNumberToObject(summary, "context", max_len);
+    cJSON_AddNumberToObject(summary, "train_pairs", n_train);
+    cJSON_AddNumberToObject(summary, "val_pairs", n_val);
+    cJSON_AddItemToObject(summary, "train_pairs_per_dim", counts_json(train_eval.n));
+    cJSON_AddItemToObject(summary, "val_pairs_per_dim", counts_json(val_eval.n));
+    cJSON_AddNumberToObject(summary, "train_loss", train_eval.loss);
+    if (n_val) cJSON_AddNumberToObject(summary, "val_loss", val_eval.loss);
+    else cJSON_AddNullToObject(summary, "val_loss");
+    cJSON_AddItemToObject(summary, "train_accuracy", accuracy_json(&train_eval));
+    cJSON_AddItemToObject(summary, "val_accuracy", accuracy_json(&val_eval));
+    cJSON_AddNumberToObject(summary, "truncated_prompts", enc_pairs.truncated);
+    cJSON_AddNumberToObject(summary, "skipped_lines", data.skipped);
+    cJSON_AddNumberToObject(summary, "skipped_too_long", enc_pairs.skipped);
+    cJSON_AddNumberToObject(summary, "seconds", wall_seconds() - run_start);
+    write_json_file(summary_path, summary);
+    cJSON_Delete(summary);
+
+    if (a.skip_bad) printf("skipped %d bad line(s) and %d pair(s) too long for the context\n", data.skipped, enc_pairs.skipped);
+    printf("done: %d epochs, %d steps in %.1f s; heads in %s\n", a.epochs, steps, wall_seconds() - run_start, heads_path);
+
+    free(metrics_text);
+    free(batch_hidden); free(batch_dims); free(batch_drewards);
+    free(rc); free(rr); free(dc); free(dr);
+    free(rewards);
+    free(hidden);
+    free(train_idx); free(val_idx);
+    reward_heads_free(&heads);
+    encoded_prefs_free(&enc_pairs);
+    text_encoder_free(&enc);
+    model_free(&model);
+    prefdata_free(&data);
+    return 0;
+}
