@@ -261,8 +261,9 @@ def test_smollm2_gguf_loads_in_hf_layout(smollm2_gguf, smollm2_hf):
     assert int(got["num_parameters"]) == sum(v.size for v in ours.values())
 
 
-def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=False):
-    """A tiny llama GGUF written like llama.cpp's converter (q/k rows permuted); returns the HF tensors."""
+def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=False, arch="llama"):
+    """A tiny llama GGUF written like llama.cpp's converter (q/k rows permuted for the llama
+    architecture; qwen2 keeps Hugging Face's rows); returns the HF tensors."""
     V, C, L, NH, NKV, HS, F = 40, 16, 2, 4, 2, 4, 24
     hf = {"model.embed_tokens.weight": rng.standard_normal((V, C)), "model.norm.weight": rng.standard_normal(C),
           "lm_head.weight": rng.standard_normal((V, C))}
@@ -293,7 +294,7 @@ def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=Fal
                      ("mlp.gate_proj.weight", "ffn_gate.weight"), ("mlp.up_proj.weight", "ffn_up.weight"),
                      ("mlp.down_proj.weight", "ffn_down.weight")]:
             names[f"model.layers.{l}.{a}"] = f"blk.{l}.{b}"
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(L)
     w.add_context_length(64)
     w.add_embedding_length(C)
@@ -306,9 +307,9 @@ def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=Fal
     w.add_chat_template("{{ '<|start_header_id|>' }}")
     for hn, x in hf.items():
         gn = names[hn]
-        if "q_proj" in hn:
+        if "q_proj" in hn and arch == "llama":
             x = hf_permute(x, NH)
-        elif "k_proj" in hn:
+        elif "k_proj" in hn and arch == "llama":
             x = hf_permute(x, NKV)
         if gn == drop:
             continue
@@ -326,10 +327,10 @@ def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=Fal
     return hf
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_tiny_llama_gguf_unpermuted_untied(tmp_path, bias):
+@pytest.mark.parametrize("arch,bias", [("llama", False), ("llama", True), ("qwen2", True)])
+def test_tiny_llama_gguf_unpermuted_untied(tmp_path, arch, bias):
     path = tmp_path / "tiny.gguf"
-    hf = write_llama_gguf(path, np.random.default_rng(5), bias=bias)
+    hf = write_llama_gguf(path, np.random.default_rng(5), bias=bias, arch=arch)
     got = info(path)
     assert got["tied_embeddings"] == "0" and got["n_kv_head"] == "2" and got["chat_template"] == "llama3"
     assert got["qkv_bias"] == str(int(bias))
@@ -719,7 +720,11 @@ def test_config_the_model_cannot_run(tmp_path):
     # 16 channels do not split into 3 heads
     save_hf(tmp_path / "hf", llama_hf_tensors(np.random.default_rng(11)), llama_config(num_attention_heads=3))
     err = run_tool_fails("info", tmp_path / "hf")
-    assert "config.json" in err and "head" in err.lower()
+    assert "config.json" in err and "hidden_size 16 is not divisible by num_attention_heads 3" in err
+    # 4 query heads cannot share 3 key/value heads
+    save_hf(tmp_path / "hf3", llama_hf_tensors(np.random.default_rng(11)), llama_config(num_key_value_heads=3))
+    err = run_tool_fails("info", tmp_path / "hf3")
+    assert "config.json" in err and "n_kv_head 3" in err
     # a field that changes the computation in a way the model does not implement
     save_hf(tmp_path / "hf2", llama_hf_tensors(np.random.default_rng(11)),
             llama_config(rope_scaling={"rope_type": "llama3", "factor": 8.0}))
@@ -732,4 +737,4 @@ def test_config_the_model_cannot_run(tmp_path):
     struct.pack_into("<i", raw, 5 * 4, 3)
     p.write_bytes(bytes(raw))
     err = run_tool_fails("info", p)
-    assert "bad.bin" in err and "head" in err.lower()
+    assert "bad.bin" in err and "channels" in err and "not divisible" in err
