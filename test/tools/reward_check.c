@@ -9,6 +9,9 @@
  *   reward_check save_hf PRESET SEED DIR      a randomly initialised preset as a Hugging Face dir
  *   reward_check score MODEL HEADS IN.json OUT.json
  *                                             scores sequences in one padded batch and one by one
+ *   reward_check prompts FILE.jsonl SKIP_BAD OUT.json
+ *                                             promptdata_load: {"records": [{prompt, id, line}],
+ *                                             "skipped"}
  *
  * grad: IN.json {"hidden": [[C floats] x N], "pairs": [[chosen_row, rejected_row, dim] x K]}.
  *   OUT.json {"rewards": (N, 3) every head on every row, "loss": mean Bradley-Terry loss over
@@ -28,6 +31,7 @@
 #include "model.h"
 #include "checkpoint.h"
 #include "reward_heads.h"
+#include "prefdata.h"
 
 static void usage(void) {
     fprintf(stderr,
@@ -35,7 +39,8 @@ static void usage(void) {
             "       reward_check init linear|mlp gelu|relu C H SEED OUT.bin\n"
             "       reward_check grad HEADS.bin IN.json OUT.json\n"
             "       reward_check save_hf PRESET SEED DIR\n"
-            "       reward_check score MODEL HEADS.bin IN.json OUT.json\n");
+            "       reward_check score MODEL HEADS.bin IN.json OUT.json\n"
+            "       reward_check prompts FILE.jsonl 0|1 OUT.json\n");
     exit(2);
 }
 
@@ -305,6 +310,25 @@ static int cmd_score(const char *model_path, const char *heads_path, const char 
     return 0;
 }
 
+static int cmd_prompts(const char *path, int skip_bad, const char *out_path) {
+    PromptData data = {0};
+    promptdata_load(&data, path, skip_bad);
+    cJSON *out = cJSON_CreateObject();
+    cJSON *records = cJSON_AddArrayToObject(out, "records");
+    for (int i = 0; i < data.n; i++) {
+        cJSON *r = cJSON_CreateObject();
+        cJSON_AddStringToObject(r, "prompt", data.records[i].prompt);
+        cJSON_AddStringToObject(r, "id", data.records[i].id);
+        cJSON_AddNumberToObject(r, "line", data.records[i].line);
+        cJSON_AddItemToArray(records, r);
+    }
+    cJSON_AddNumberToObject(out, "skipped", data.skipped);
+    write_json(out_path, out);
+    cJSON_Delete(out);
+    promptdata_free(&data);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) usage();
     const char *cmd = argv[1];
@@ -331,5 +355,6 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(cmd, "score") && argc == 6) return cmd_score(argv[2], argv[3], argv[4], argv[5]);
+    if (!strcmp(cmd, "prompts") && argc == 5) return cmd_prompts(argv[2], atoi(argv[3]), argv[4]);
     usage();
 }
