@@ -721,6 +721,17 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
     c.head_dim = gguf_hparam(g, arch, "attention.key_length", c.n_embd / c.n_head, 0);
     snprintf(key, sizeof(key), "%s.rope.freq_base", arch);
     c.rope_theta = (float)gguf_get_float(g, key, 10000.0);
+    // RoPE variants the model does not implement: partial rotation, scaled frequencies
+    snprintf(key, sizeof(key), "%s.rope.dimension_count", arch);
+    int64_t rope_dims = gguf_get_int(g, key, c.head_dim);
+    if (c.arch == ARCH_LLAMA && rope_dims != c.head_dim)
+        fatal("%s: %s = %lld rotates part of each head (head size %d); this model rotates whole heads",
+              path, key, (long long)rope_dims, c.head_dim);
+    snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);
+    const char *scaling = gguf_get_str(g, key);
+    if ((scaling && strcmp(scaling, "none") != 0) || gguf_find_tensor(g, "rope_freqs.weight"))
+        fatal("%s: scaled RoPE (%s); this model implements plain RoPE only", path,
+              scaling ? scaling : "rope_freqs.weight");
     snprintf(key, sizeof(key), "%s.attention.%s", arch, c.arch == ARCH_GPT2 ? "layer_norm_epsilon" : "layer_norm_rms_epsilon");
     c.norm_eps = (float)gguf_get_float(g, key, c.arch == ARCH_GPT2 ? 1e-5 : 1e-6);
     int64_t n_tokens = gguf_get_str_array(g, "tokenizer.ggml.tokens", NULL, NULL);

@@ -261,7 +261,7 @@ def test_smollm2_gguf_loads_in_hf_layout(smollm2_gguf, smollm2_hf):
     assert int(got["num_parameters"]) == sum(v.size for v in ours.values())
 
 
-def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=False, arch="llama"):
+def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=False, arch="llama", extra_tensor=None):
     """A tiny llama GGUF written like llama.cpp's converter (q/k rows permuted for the llama
     architecture; qwen2 keeps Hugging Face's rows); returns the HF tensors."""
     V, C, L, NH, NKV, HS, F = 40, 16, 2, 4, 2, 4, 24
@@ -320,6 +320,8 @@ def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=Fal
             w.add_tensor(gn, q, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
             continue
         w.add_tensor(gn, x)
+    if extra_tensor is not None:
+        w.add_tensor(*extra_tensor)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -730,6 +732,11 @@ def test_config_the_model_cannot_run(tmp_path):
             llama_config(rope_scaling={"rope_type": "llama3", "factor": 8.0}))
     err = run_tool_fails("info", tmp_path / "hf2")
     assert "config.json" in err and "rope_scaling" in err
+    # the same in a GGUF: frequencies scaled by a rope_freqs tensor (as Llama 3.1's converter writes)
+    p = tmp_path / "rope.gguf"
+    write_llama_gguf(p, np.random.default_rng(11), extra_tensor=("rope_freqs.weight", np.ones(2, np.float32)))
+    err = run_tool_fails("info", p)
+    assert "rope.gguf" in err and "rope_freqs.weight" in err and "plain RoPE" in err
     # an llm.c header whose heads do not divide the channels
     p = tmp_path / "bad.bin"
     write_llmc_bin(p, gpt2_hf_tensors(np.random.default_rng(11)), 3)
