@@ -393,3 +393,25 @@ def test_adamw_steps(name, tmp_root):
         c_norms = r["results"]["step_grad_norms"]
         norm_errs = [abs(c - o) / o for c, o in zip(c_norms, r["ref_norms"])]
         assert max(norm_errs) < TOL
+
+
+def test_model_check_rejects_bad_batch_files(tmp_path):
+    """A malformed batch file ends in a non-zero exit and a message naming the file and field."""
+    assert os.path.exists(MODEL_CHECK), f"{MODEL_CHECK} is not built: run make"
+    inputs, targets, mask = random_batch(50, seed=1)
+    good = tmp_path / "good.bin"
+    write_tokens_file(good, inputs, targets, mask)
+    data = good.read_bytes()
+    cases = {
+        "magic.bin": (b"XXXX" + data[4:], "MCTK"),
+        "short.bin": (data[:-4], "needs"),
+        "header.bin": (b"MCTK" + struct.pack("<ii", 0, T) + data[12:], "B=0"),
+        "nomask.bin": (data[:-B * T * 4] + np.zeros(B * T, "<f4").tobytes(), "mask"),
+    }
+    for fname, (content, expect) in cases.items():
+        path = tmp_path / fname
+        path.write_bytes(content)
+        proc = subprocess.run([MODEL_CHECK, str(tmp_path), str(path), str(tmp_path)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0, f"{fname} was accepted"
+        assert fname in proc.stderr and expect in proc.stderr, proc.stderr

@@ -125,9 +125,9 @@ int main(int argc, char **argv) {
     struct stat st;
     if (stat(out_dir, &st) != 0 || !S_ISDIR(st.st_mode)) fatal("OUT_DIR %s is not an existing directory", out_dir);
 
+    Batch batch = read_batch(tokens_path);
     Model model;
     checkpoint_load(&model, ckpt_path, NULL, NULL);
-    Batch batch = read_batch(tokens_path);
     check_batch_tokens(&batch, &model, tokens_path);
     int B = batch.B, T = batch.T;
     char path[4096];
