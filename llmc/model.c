@@ -381,9 +381,10 @@ void model_free(Model *model) {
 // ---------------------------------------------------------------------------------------------
 // forward
 
-// Per-layer views into the stacked parameters and activations of layer l.
+// Per-layer views into the stacked parameters (or, given grad_ptrs, their gradients) and the
+// activations of layer l.
 typedef struct {
-    const float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
+    float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
     float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *residual2, *ln2, *ln2_mean, *ln2_rstd;
     float *fch, *fch_act, *residual3;
     const float *residual;   // the layer's input: encoded for l = 0, else residual3 of l - 1
@@ -584,23 +585,23 @@ void model_backward_weighted(Model *model, const float *token_weights, const flo
         LayerView dv = layer_view(model, model->grad_ptrs, a, l);   // only its parameter views are used
         // MLP block: residual3 = residual2 + fcproj(act(fc(norm2(residual2))))
         memset(g->dfch_act, 0, (size_t)N * F * sizeof(float));
-        matmul_backward(g->dfch_act, (float *)dv.fcprojw, (float *)dv.fcprojb, g->dresidual, v.fch_act, v.fcprojw, N, F, C);
+        matmul_backward(g->dfch_act, dv.fcprojw, dv.fcprojb, g->dresidual, v.fch_act, v.fcprojw, N, F, C);
         memset(g->dfch, 0, (size_t)N * FC * sizeof(float));
         if (gpt2) gelu_backward(g->dfch, v.fch, g->dfch_act, (size_t)N * F);
         else swiglu_backward(g->dfch, g->dfch_act, v.fch, N, F);
         memset(g->dnorm, 0, NC * sizeof(float));
-        matmul_backward(g->dnorm, (float *)dv.fcw, (float *)dv.fcb, g->dfch, v.ln2, v.fcw, N, C, FC);
-        norm_backward(c, g->dresidual, (float *)dv.ln2w, (float *)dv.ln2b, g->dnorm, v.residual2, v.ln2w,
+        matmul_backward(g->dnorm, dv.fcw, dv.fcb, g->dfch, v.ln2, v.fcw, N, C, FC);
+        norm_backward(c, g->dresidual, dv.ln2w, dv.ln2b, g->dnorm, v.residual2, v.ln2w,
                       v.ln2_mean, v.ln2_rstd, N);
         // attention block: residual2 = residual + attproj(attention(qkv(norm1(residual))))
         memset(g->datty, 0, (size_t)N * NH * HS * sizeof(float));
-        matmul_backward(g->datty, (float *)dv.attprojw, (float *)dv.attprojb, g->dresidual, v.atty, v.attprojw, N, NH * HS, C);
+        matmul_backward(g->datty, dv.attprojw, dv.attprojb, g->dresidual, v.atty, v.attprojw, N, NH * HS, C);
         memset(g->dqkv, 0, (size_t)N * QKV * sizeof(float));
         attention_backward(g->dqkv, g->datt, g->datty, v.qkv, v.att, B, T, NH, NKV, HS);
         if (!gpt2) rope_backward(g->dqkv, B, T, NH, NKV, HS, c->rope_theta);
         memset(g->dnorm, 0, NC * sizeof(float));
-        matmul_backward(g->dnorm, (float *)dv.qkvw, (float *)dv.qkvb, g->dqkv, v.ln1, v.qkvw, N, C, QKV);
-        norm_backward(c, g->dresidual, (float *)dv.ln1w, (float *)dv.ln1b, g->dnorm, v.residual, v.ln1w,
+        matmul_backward(g->dnorm, dv.qkvw, dv.qkvb, g->dqkv, v.ln1, v.qkvw, N, C, QKV);
+        norm_backward(c, g->dresidual, dv.ln1w, dv.ln1b, g->dnorm, v.residual, v.ln1w,
                       v.ln1_mean, v.ln1_rstd, N);
     }
     // dresidual is now the gradient at the embedding output; for tied models this adds to the
