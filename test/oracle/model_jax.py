@@ -249,7 +249,7 @@ def adamw_losses(params, cfg, tokens, targets, mask, steps, lr, beta1=0.9, beta2
     p = to_jax(params)
     batch = _inputs(tokens, targets, mask)
     m = {k: jnp.zeros_like(v) for k, v in p.items()}
-    v2 = {k: jnp.zeros_like(v) for k, v in p.items()}
+    v = {k: jnp.zeros_like(x) for k, x in p.items()}
     losses, norms = [], []
     for t in range(1, steps + 1):
         value, g = _value_and_grad_jit(p, s, *batch)
@@ -257,12 +257,20 @@ def adamw_losses(params, cfg, tokens, targets, mask, steps, lr, beta1=0.9, beta2
         losses.append(float(value))
         norms.append(norm)
         scale = min(1.0, clip / norm) if clip > 0 and norm > 0 else 1.0
-        for k in p:
-            gk = g[k] * scale
-            m[k] = beta1 * m[k] + (1 - beta1) * gk
-            v2[k] = beta2 * v2[k] + (1 - beta2) * gk * gk
-            mhat = m[k] / (1 - beta1 ** t)
-            vhat = v2[k] / (1 - beta2 ** t)
-            wd = weight_decay if is_decayed(k, p[k]) else 0.0
-            p[k] = p[k] * (1 - lr * wd) - lr * mhat / (jnp.sqrt(vhat) + eps)
+        p, m, v = _adamw_step(p, g, m, v, t, scale, lr, beta1, beta2, eps, weight_decay)
     return losses, norms
+
+
+@jax.jit
+def _adamw_step(p, g, m, v, t, scale, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW update of every tensor (see adamw_losses); returns the new (p, m, v)."""
+    new_p, new_m, new_v = {}, {}, {}
+    for k in p:
+        gk = g[k] * scale
+        new_m[k] = beta1 * m[k] + (1 - beta1) * gk
+        new_v[k] = beta2 * v[k] + (1 - beta2) * gk * gk
+        mhat = new_m[k] / (1 - beta1 ** t)
+        vhat = new_v[k] / (1 - beta2 ** t)
+        wd = weight_decay if is_decayed(k, p[k]) else 0.0
+        new_p[k] = p[k] * (1 - lr * wd) - lr * mhat / (jnp.sqrt(vhat) + eps)
+    return new_p, new_m, new_v
