@@ -6,7 +6,9 @@ Checks:
     init, frozen), raw bytes as tokens, MLP head H=128 with GELU. A linear head on this frozen
     random trunk learns the two lexical rules (helpful: a marker word is present; harmless: a bad
     word is absent) but not the truthful rule (the right capital for the asked country), which
-    needs an interaction between prompt and response; the test checks both facts.
+    needs an interaction between prompt and response; the test checks both facts. The truthful
+    pairs draw from a table of six facts, so a held-out truthful pair is a new pair of strings
+    seen in training (the head learns the table; no model can infer an unseen fact).
   - the saved trunk + heads rank the pairs when scored independently (reward_check score on
     byte sequences built here);
   - the split is deterministic by seed and per dimension; truncation counts equal the byte
@@ -50,9 +52,8 @@ def planted(n_per_dim, seed):
                      "dim": "harmless"})
         country = rng.choice(list(FACTS))
         wrong = rng.choice([c for k, c in FACTS.items() if k != country])
-        opener = rng.choice(["it is", "that is", "answer:"])
-        rows.append({"prompt": rng.choice([f"capital of {country}?", f"{country} capital?"]),
-                     "chosen": f"{opener} {FACTS[country]}.", "rejected": f"{opener} {wrong}.", "dim": "truthful"})
+        rows.append({"prompt": f"capital of {country}?",
+                     "chosen": f"it is {FACTS[country]}.", "rejected": f"it is {wrong}.", "dim": "truthful"})
     rng.shuffle(rows)
     return rows
 
@@ -80,7 +81,7 @@ def planted_run(tmp_path_factory, train_mora_bin):
     data = write_jsonl(tmp / "pref.jsonl", rows)
     out = tmp / "mlp"
     p = reward(train_mora_bin, "--model", "llama:tiny", "--data", data, "--out", out, "--head", "mlp",
-               "--head_hidden", 128, "--epochs", 30, "--lr", 3e-3, "--seed", 3)
+               "--head_hidden", 128, "--epochs", 30, "--lr", 1e-2, "--seed", 3)
     assert p.returncode == 0, p.stderr
     return rows, data, out, p
 
