@@ -49,7 +49,7 @@ $(BUILD)/double/%.o: llmc/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DREAL_IS_DOUBLE -c -o $@ $<
 
-$(BUILD)/test_%_fd: test/test_%_fd.c $(DOUBLE_OBJS) $(HEADERS)
+$(FD_BINS): $(BUILD)/test_%_fd: test/test_%_fd.c $(DOUBLE_OBJS) $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DREAL_IS_DOUBLE -o $@ $< $(DOUBLE_OBJS) $(LDLIBS)
 
