@@ -4,6 +4,7 @@
 #   make test       build everything, then run the test suite (pytest drives the C tests too)
 #   make bench      the CPU benchmarks (dev/bench)
 #   make NATIVE=0   portable build without -march=native
+#   make USE_MPI=0  single-rank build even when mpicc is found
 
 CC      ?= gcc
 NATIVE  ?= 1
@@ -11,6 +12,17 @@ ARCHFLAGS := $(if $(filter 1,$(NATIVE)),-march=native,)
 CFLAGS  ?= -O3 $(ARCHFLAGS) -fno-math-errno -ffp-contract=fast
 CFLAGS  += -std=gnu11 -fopenmp -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare -Illmc -I.
 LDLIBS  += -lcjson -lm -lpthread
+
+# MPI: when mpicc is on the PATH, everything is compiled and linked with it and -DUSE_MPI, so
+# llmc/comm.c carries the collectives over MPI and `mpirun -np N ./train_mora ...` runs data
+# parallel. Without mpicc (or with `make USE_MPI=0`, or a CC given on the command line) the same
+# sources build a single-rank binary. A stamp file records which, so switching rebuilds comm.o.
+USE_MPI ?= 1
+MPICC := $(if $(and $(filter 1,$(USE_MPI)),$(filter-out command line,$(origin CC))),$(shell command -v mpicc 2> /dev/null),)
+ifneq ($(MPICC),)
+CC := $(MPICC)
+CFLAGS += -DUSE_MPI
+endif
 PYTHON  ?= python3
 
 BUILD   := build
@@ -40,6 +52,11 @@ all: train_mora $(TEST_BINS) $(FD_BINS) $(TOOL_BINS) $(BENCH_BINS) $(CU_OBJS)
 
 train_mora: train_mora.c $(LIB_OBJS) $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ train_mora.c $(LIB_OBJS) $(LDLIBS)
+
+MPI_STAMP := $(BUILD)/mpi-$(if $(MPICC),on,off)
+$(BUILD)/llmc/comm.o: $(MPI_STAMP)
+$(MPI_STAMP):
+	@mkdir -p $(BUILD) && rm -f $(BUILD)/mpi-on $(BUILD)/mpi-off && touch $@
 
 $(BUILD)/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)

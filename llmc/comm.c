@@ -1,0 +1,257 @@
+/*
+ * The collectives of comm.h: MPI when built with -DUSE_MPI, a single rank otherwise.
+ *
+ * MPI counts are int, so buffers are sent in chunks of at most COMM_CHUNK elements; a model of
+ * more than 2^31 parameters needs no special case anywhere else.
+ */
+#include "comm.h"
+#include "utils.h"
+
+#ifdef USE_MPI
+#include <mpi.h>
+#endif
+
+#define COMM_CHUNK ((size_t)1 << 30)
+
+static int comm_rank_ = 0, comm_world_ = 1, comm_local_rank_ = 0;
+static int comm_initialized_ = 0, comm_finalized_ = 0;
+
+int comm_rank(void) { return comm_rank_; }
+int comm_world(void) { return comm_world_; }
+int comm_local_rank(void) { return comm_local_rank_; }
+
+void comm_shard_range(size_t n, int rank, int world, size_t *lo, size_t *hi) {
+    // n * r / W in 128-bit-safe order: n < 2^40 parameters keeps n * W far below 2^64
+    *lo = (size_t)((unsigned long long)n * (unsigned long long)rank / (unsigned long long)world);
+    *hi = (size_t)((unsigned long long)n * (unsigned long long)(rank + 1) / (unsigned long long)world);
+}
+
+#ifdef USE_MPI
+
+// Checks the return code of an MPI call; on failure names the call, the rank and MPI's own
+// message, then aborts the whole job so that every rank exits non-zero.
+#define mpiCheck(call) mpi_check_((call), #call, __FILE__, __LINE__)
+static void mpi_check_(int rc, const char *call, const char *file, int line) {
+    if (rc == MPI_SUCCESS) return;
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS) snprintf(msg, sizeof msg, "error code %d", rc);
+    int name_len = (int)strcspn(call, "(");
+    fprintf(stderr, "error: %.*s failed on rank %d of %d: %s (%s:%d)\n", name_len, call, comm_rank_,
+            comm_world_, msg, file, line);
+    fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    exit(1);
+}
+
+// Runs at exit. A non-zero status before comm_finalize (fatal() on this rank) aborts the job:
+// the other ranks may be blocked in a collective waiting for this one and would never return.
+static void comm_exit_handler(int status, void *arg) {
+    (void)arg;
+    if (!comm_initialized_ || comm_finalized_) return;
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;
+    if (status != 0) {
+        MPI_Abort(MPI_COMM_WORLD, status);
+    } else {
+        comm_finalized_ = 1;
+        MPI_Finalize();
+    }
+}
+
+void comm_init(int *argc, char ***argv) {
+    if (comm_initialized_) fatal("comm_init called twice");
+    int already = 0;
+    MPI_Initialized(&already);
+    if (!already) {
+        int rc = MPI_Init(argc, argv);
+        if (rc != MPI_SUCCESS) {
+            fprintf(stderr, "error: MPI_Init failed (code %d): is this process started by mpirun or srun with a working MPI?\n", rc);
+            exit(1);
+        }
+    }
+    comm_initialized_ = 1;
+    on_exit(comm_exit_handler, NULL);
+    // errors come back as return codes, so mpiCheck can name the call before aborting
+    mpiCheck(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+    mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &comm_rank_));
+    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &comm_world_));
+    MPI_Comm node;
+    mpiCheck(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, comm_rank_, MPI_INFO_NULL, &node));
+    mpiCheck(MPI_Comm_rank(node, &comm_local_rank_));
+    mpiCheck(MPI_Comm_free(&node));
+}
+
+void comm_finalize(void) {
+    if (!comm_initialized_ || comm_finalized_) return;
+    comm_finalized_ = 1;
+    mpiCheck(MPI_Finalize());
+}
+
+const char *comm_backend_name(void) { return "mpi"; }
+
+void comm_barrier(void) {
+    if (comm_world_ == 1) return;
+    mpiCheck(MPI_Barrier(MPI_COMM_WORLD));
+}
+
+void comm_all_reduce_sum(float *buf, size_t n) {
+    if (comm_world_ == 1) return;
+    for (size_t done = 0; done < n; done += COMM_CHUNK) {
+        size_t count = n - done < COMM_CHUNK ? n - done : COMM_CHUNK;
+        mpiCheck(MPI_Allreduce(MPI_IN_PLACE, buf + done, (int)count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+    }
+}
+
+void comm_all_reduce_sum_double(double *buf, size_t n) {
+    if (comm_world_ == 1) return;
+    for (size_t done = 0; done < n; done += COMM_CHUNK) {
+        size_t count = n - done < COMM_CHUNK ? n - done : COMM_CHUNK;
+        mpiCheck(MPI_Allreduce(MPI_IN_PLACE, buf + done, (int)count, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    }
+}
+
+// A root that is not a rank is left to MPI to refuse (MPI_ERR_ROOT), through mpiCheck.
+void comm_broadcast(void *buf, size_t bytes, int root) {
+    if (comm_world_ == 1 && root == 0) return;
+    for (size_t done = 0; done < bytes; done += COMM_CHUNK) {
+        size_t count = bytes - done < COMM_CHUNK ? bytes - done : COMM_CHUNK;
+        mpiCheck(MPI_Bcast((char *)buf + done, (int)count, MPI_BYTE, root, MPI_COMM_WORLD));
+    }
+}
+
+void *comm_all_gather_bytes(const void *send, size_t send_bytes, size_t *recv_bytes, size_t *total_bytes) {
+    int W = comm_world_;
+    unsigned long long mine = send_bytes;
+    unsigned long long *sizes = (unsigned long long *)mallocCheck(W * sizeof(unsigned long long));
+    mpiCheck(MPI_Allgather(&mine, 1, MPI_UNSIGNED_LONG_LONG, sizes, 1, MPI_UNSIGNED_LONG_LONG, MPI_COMM_WORLD));
+    size_t total = 0;
+    for (int r = 0; r < W; r++) total += sizes[r];
+    char *out = (char *)mallocCheck(total);
+    if (total <= (size_t)0x7fffffff) {
+        int *counts = (int *)mallocCheck(W * sizeof(int)), *displs = (int *)mallocCheck(W * sizeof(int));
+        int offset = 0;
+        for (int r = 0; r < W; r++) { counts[r] = (int)sizes[r]; displs[r] = offset; offset += counts[r]; }
+        mpiCheck(MPI_Allgatherv(send, (int)send_bytes, MPI_BYTE, out, counts, displs, MPI_BYTE, MPI_COMM_WORLD));
+        free(counts); free(displs);
+    } else {
+        // beyond int displacements: every rank broadcasts its part in turn
+        size_t offset = 0;
+        for (int r = 0; r < W; r++) {
+            if (r == comm_rank_ && sizes[r] > 0) memcpy(out + offset, send, sizes[r]);
+            comm_broadcast(out + offset, sizes[r], r);
+            offset += sizes[r];
+        }
+    }
+    if (recv_bytes) for (int r = 0; r < W; r++) recv_bytes[r] = (size_t)sizes[r];
+    if (total_bytes) *total_bytes = total;
+    free(sizes);
+    return out;
+}
+
+void comm_all_gather_shards(float *buf, size_t n) {
+    int W = comm_world_;
+    if (W == 1) return;
+    if (n <= (size_t)0x7fffffff) {
+        int *counts = (int *)mallocCheck(W * sizeof(int)), *displs = (int *)mallocCheck(W * sizeof(int));
+        for (int r = 0; r < W; r++) {
+            size_t lo, hi;
+            comm_shard_range(n, r, W, &lo, &hi);
+            counts[r] = (int)(hi - lo);
+            displs[r] = (int)lo;
+        }
+        mpiCheck(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, counts, displs, MPI_FLOAT, MPI_COMM_WORLD));
+        free(counts); free(displs);
+        return;
+    }
+    for (int r = 0; r < W; r++) {
+        size_t lo, hi;
+        comm_shard_range(n, r, W, &lo, &hi);
+        comm_broadcast(buf + lo, (hi - lo) * sizeof(float), r);
+    }
+}
+
+void comm_gather_shards(float *full, const float *shard, size_t n, int root) {
+    int W = comm_world_, me = comm_rank_;
+    if (root < 0 || root >= W) fatal("comm_gather_shards: root %d is not a rank (world %d)", root, W);
+    size_t my_lo, my_hi;
+    comm_shard_range(n, me, W, &my_lo, &my_hi);
+    if (me == root && full + my_lo != shard) memcpy(full + my_lo, shard, (my_hi - my_lo) * sizeof(float));
+    // point to point, one shard at a time, in chunks: memory on root is only `full`
+    for (int r = 0; r < W; r++) {
+        if (r == root) continue;
+        size_t lo, hi;
+        comm_shard_range(n, r, W, &lo, &hi);
+        for (size_t done = 0; done < hi - lo; done += COMM_CHUNK) {
+            size_t count = hi - lo - done < COMM_CHUNK ? hi - lo - done : COMM_CHUNK;
+            if (me == root)
+                mpiCheck(MPI_Recv(full + lo + done, (int)count, MPI_FLOAT, r, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+            else if (me == r)
+                mpiCheck(MPI_Send(shard + done, (int)count, MPI_FLOAT, root, 0, MPI_COMM_WORLD));
+        }
+    }
+}
+
+#else  // single rank
+
+// The world size a launcher announces in the environment (Open MPI, MPICH/Hydra, Slurm), or 1.
+static int launcher_world_size(void) {
+    const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        const char *v = getenv(vars[i]);
+        if (v && atoi(v) > 1) {
+            // srun sets SLURM_NTASKS for the whole allocation even when one task runs; only trust
+            // it when srun also says this process is one of several steps' tasks
+            if (!strcmp(vars[i], "SLURM_NTASKS") && getenv("SLURM_PROCID") == NULL) continue;
+            return atoi(v);
+        }
+    }
+    return 1;
+}
+
+void comm_init(int *argc, char ***argv) {
+    (void)argc; (void)argv;
+    if (comm_initialized_) fatal("comm_init called twice");
+    int launched = launcher_world_size();
+    if (launched > 1)
+        fatal("this train_mora was built without MPI, but the launcher started %d ranks: every one would "
+              "train alone and write the same files. Rebuild with mpicc on the PATH (make clean && make), "
+              "or run a single process", launched);
+    comm_initialized_ = 1;
+}
+
+void comm_finalize(void) { comm_finalized_ = 1; }
+const char *comm_backend_name(void) { return "single"; }
+void comm_barrier(void) {}
+void comm_all_reduce_sum(float *buf, size_t n) { (void)buf; (void)n; }
+void comm_all_reduce_sum_double(double *buf, size_t n) { (void)buf; (void)n; }
+
+void comm_broadcast(void *buf, size_t bytes, int root) {
+    (void)buf; (void)bytes;
+    if (root != 0) fatal("comm_broadcast: root %d is not a rank (world 1)", root);
+}
+
+void *comm_all_gather_bytes(const void *send, size_t send_bytes, size_t *recv_bytes, size_t *total_bytes) {
+    void *out = mallocCheck(send_bytes);
+    if (send_bytes) memcpy(out, send, send_bytes);
+    if (recv_bytes) recv_bytes[0] = send_bytes;
+    if (total_bytes) *total_bytes = send_bytes;
+    return out;
+}
+
+void comm_all_gather_shards(float *buf, size_t n) { (void)buf; (void)n; }
+
+void comm_gather_shards(float *full, const float *shard, size_t n, int root) {
+    if (root != 0) fatal("comm_gather_shards: root %d is not a rank (world 1)", root);
+    if (full != shard) memcpy(full, shard, n * sizeof(float));
+}
+
+#endif
+
+void comm_all_reduce_mean(float *buf, size_t n) {
+    if (comm_world_ == 1) return;
+    comm_all_reduce_sum(buf, n);
+    const float inv_world = 1.0f / (float)comm_world_;
+    for (size_t i = 0; i < n; i++) buf[i] *= inv_world;
+}
