@@ -240,9 +240,33 @@ static void gemm(int M, int N, int K, StridedView A, StridedView B, real *C, ptr
     }
 }
 
+// Few rows (one decode step per running sequence): the packed kernel would compute a full
+// MR-row tile for each row and copy every weight block into its panel first. Reading each weight
+// row once and dotting it with the few input rows is what bounds this case (memory traffic), so
+// it runs as dot products, parallel over output columns.
+#define MATMUL_FEW_ROWS 4
+static void matmul_forward_few_rows(real *out, const real *inp, const real *weight, const real *bias,
+                                    int M, int IC, int OC) {
+    #pragma omp parallel for schedule(static)
+    for (int o = 0; o < OC; o++) {
+        const real *w = weight + (size_t)o * IC;
+        for (int m = 0; m < M; m++) {
+            const real *x = inp + (size_t)m * IC;
+            real sum = 0;
+            #pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < IC; i++) sum += x[i] * w[i];
+            out[(size_t)m * OC + o] = sum + (bias ? bias[o] : 0);
+        }
+    }
+}
+
 // out (M, OC) = inp (M, IC) @ weight (OC, IC)^T + bias (OC)
 void matmul_forward(real *out, const real *inp, const real *weight, const real *bias,
                     int M, int IC, int OC) {
+    if (M <= MATMUL_FEW_ROWS && IC > 0) {
+        matmul_forward_few_rows(out, inp, weight, bias, M, IC, OC);
+        return;
+    }
     StridedView A = {inp, IC, 1};     // A(m, i) = inp[m, i]
     StridedView B = {weight, 1, IC};  // B(i, o) = weight[o, i]
     gemm(M, OC, IC, A, B, out, OC, 1, bias);
