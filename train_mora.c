@@ -21,6 +21,7 @@
 #include "llmc/generate.h"
 #include "llmc/reward_heads.h"
 #include "llmc/chat_template.h"
+#include "llmc/comm.h"
 #include "tokenizer.h"
 #include "dataloader.h"
 
@@ -99,8 +100,62 @@ static void resolve_device(const char *device) {
 typedef struct {
     const char *init, *train_data, *val_data, *out, *device;
     int batch_size, seq_len, grad_accum, steps, warmup, save_every, val_every, val_batches, seed, resume, log_every;
+    int zero;
     float lr, min_lr, weight_decay, grad_clip, beta1, beta2;
 } PretrainArgs;
+
+// ZeRO-1: this rank keeps the AdamW moments of its contiguous shard [lo, hi) of the parameter
+// buffer only (comm_shard_range), updates those parameters, and the shards are all-gathered.
+typedef struct {
+    size_t lo, hi;
+    float *m, *v;   // (hi - lo) each; NULL until the first update or a resumed state
+} OptimizerShard;
+
+// AdamW on the parameters of the shard only. model_adamw_update runs on a view of the model
+// whose buffers start at lo and whose tensor sizes are the parts of each parameter tensor that
+// fall inside [lo, hi), in buffer order: every element gets exactly the arithmetic (and the
+// weight decay of its tensor) it gets in the unsharded update, so ZeRO-1 changes where the
+// moments live, not the numbers.
+static void adamw_update_shard(Model *model, OptimizerShard *shard, float lr, float beta1, float beta2,
+                               float eps, float weight_decay, float grad_scale) {
+    Model view = *model;
+    size_t offset = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t begin = offset, end = offset + model->param_sizes[t];
+        size_t lo = begin > shard->lo ? begin : shard->lo, hi = end < shard->hi ? end : shard->hi;
+        view.param_sizes[t] = hi > lo ? hi - lo : 0;
+        offset = end;
+    }
+    view.num_parameters = shard->hi - shard->lo;
+    view.params = model->params + shard->lo;
+    view.grads = model->grads + shard->lo;
+    view.m = shard->m;
+    view.v = shard->v;
+    model_adamw_update(&view, lr, beta1, beta2, eps, weight_decay, grad_scale);
+    shard->m = view.m;   // allocated by the first update
+    shard->v = view.v;
+    model->opt_step = view.opt_step;
+}
+
+// The number of ranks that wrote the run in OUT (its config.json's "world_size"; 1 for a run
+// without it or without config.json).
+static int run_world_size(const char *out) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/config.json", out);
+    if (!file_exists(path)) return 1;
+    char *text = read_file_all(path, NULL);
+    cJSON *cfg = cJSON_Parse(text);
+    if (cfg == NULL) fatal("%s: not valid JSON", path);
+    cJSON *w = cJSON_GetObjectItemCaseSensitive(cfg, "world_size");
+    int world = 1;
+    if (w != NULL) {
+        if (!cJSON_IsNumber(w) || w->valueint < 1) fatal("%s: field \"world_size\" must be a positive integer", path);
+        world = w->valueint;
+    }
+    cJSON_Delete(cfg);
+    free(text);
+    return world;
+}
 
 // The checkpoint a run directory points at (OUT/latest.txt holds its file name), or NULL.
 static char *run_latest_checkpoint(const char *out) {
@@ -151,14 +206,18 @@ static FILE *open_metrics(const char *out, int last_step) {
     return f;
 }
 
+// Mean loss over the first `batches` validation batches. The batches are split over the ranks
+// (rank r evaluates r, r + W, ...) and the sums added over ranks, so the value is the same
+// whatever the number of ranks (up to the order of the additions).
 static float evaluate_loss(Model *model, DataLoader *dl, int batches) {
     double sum = 0.0;
     dl->batch_index = 0;
-    for (int i = 0; i < batches; i++) {
+    for (int i = dl->rank; i < batches; i += dl->world) {
         dataloader_next(dl);
         model_forward(model, dl->inputs, dl->targets, NULL, dl->B, dl->T);
         sum += model->mean_loss;
     }
+    comm_all_reduce_sum_double(&sum, 1);
     return (float)(sum / batches);
 }
 
@@ -166,7 +225,7 @@ static int cmd_pretrain(int argc, char **argv) {
     PretrainArgs a = {
         .init = "gpt2:tiny", .train_data = "", .val_data = "", .out = "", .device = "cpu",
         .batch_size = 4, .seq_len = 64, .grad_accum = 1, .steps = 100, .warmup = 10, .save_every = 0,
-        .val_every = 0, .val_batches = 4, .seed = 1337, .resume = 0, .log_every = 1,
+        .val_every = 0, .val_batches = 4, .seed = 1337, .resume = 0, .log_every = 1, .zero = 0,
         .lr = 3e-4f, .min_lr = 0.0f, .weight_decay = 0.1f, .grad_clip = 1.0f, .beta1 = 0.9f, .beta2 = 0.95f,
     };
     ArgSpec specs[] = {
@@ -191,10 +250,13 @@ static int cmd_pretrain(int argc, char **argv) {
         {"val_every", ARG_INT, &a.val_every, "validation loss every N steps (0: off)"},
         {"val_batches", ARG_INT, &a.val_batches, "batches per validation"},
         {"log_every", ARG_INT, &a.log_every, "print a progress line every N steps"},
-        {"resume", ARG_BOOL, &a.resume, "continue the run in --out from its latest checkpoint"},
+        {"resume", ARG_BOOL, &a.resume, "continue the run in --out from its latest checkpoint (same number of ranks)"},
+        {"zero", ARG_INT, &a.zero, "ZeRO stage under mpirun: 0 every rank holds all AdamW state; 1 each rank holds and updates 1/ranks of it, then the parameters are all-gathered"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "pretrain",
-               "Language-model training on token shards in llm.c's format, from a preset or a checkpoint.");
+               "Language-model training on token shards in llm.c's format, from a preset or a checkpoint.\n"
+               "Data parallel under mpirun/srun: each rank reads its own micro-batches (the global batch is\n"
+               "ranks x batch_size x grad_accum sequences), gradients are averaged over ranks.");
     args_require_string("train_data", a.train_data, "pretrain");
     args_require_string("out", a.out, "pretrain");
     args_require_positive_int("batch_size", a.batch_size);
@@ -212,9 +274,22 @@ static int cmd_pretrain(int argc, char **argv) {
     args_require_range_float("grad_clip", a.grad_clip, 0.0f, 1e9f);
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
+    if (a.zero != 0 && a.zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a.zero);
     resolve_device(a.device);
+    const int rank = comm_rank(), world = comm_world();
 
-    ensure_dir(a.out);
+    // rank 0 owns the run directory; the others wait until it exists
+    if (rank == 0) ensure_dir(a.out);
+    comm_barrier();
+    if (a.resume) {
+        // the data order and the optimizer shards depend on the number of ranks: a resumed run
+        // reads on from where the run stopped only with the same number
+        int run_world = rank == 0 ? run_world_size(a.out) : 0;
+        comm_broadcast(&run_world, sizeof run_world, 0);
+        if (run_world != world)
+            fatal("--resume: the run in %s was trained with %d rank(s), this launch has %d; resume with the same number of ranks (mpirun -np %d)",
+                  a.out, run_world, world, run_world);
+    }
     Model model;
     TrainState state;
     memset(&state, 0, sizeof state);
@@ -233,10 +308,29 @@ static int cmd_pretrain(int argc, char **argv) {
     free(resume_path);
     if (a.seq_len > model.config.max_seq_len)
         fatal("flag --seq_len %d exceeds the model's context length %d", a.seq_len, model.config.max_seq_len);
+    // every rank built the model the same way; rank 0's parameters are made the ones everyone
+    // starts from, so the ranks cannot drift apart through a file that differs between nodes
+    comm_broadcast(model.params, model.num_parameters * sizeof(float), 0);
+    OptimizerShard shard = {0, model.num_parameters, NULL, NULL};
+    if (a.zero == 1) {
+        comm_shard_range(model.num_parameters, rank, world, &shard.lo, &shard.hi);
+        size_t n = shard.hi - shard.lo;
+        if (model.m != NULL) {   // a resumed AdamW state: keep this rank's slice of it
+            shard.m = (float *)mallocCheck(n * sizeof(float));
+            shard.v = (float *)mallocCheck(n * sizeof(float));
+            memcpy(shard.m, model.m + shard.lo, n * sizeof(float));
+            memcpy(shard.v, model.v + shard.lo, n * sizeof(float));
+            free(model.m); free(model.v);
+            model.m = model.v = NULL;
+        }
+    }
+    if (world > 1)
+        printf("ranks: %d (%s), global batch %d x %d sequences%s\n", world, comm_backend_name(), world,
+               a.batch_size * a.grad_accum, a.zero == 1 ? ", ZeRO-1: AdamW state sharded over the ranks" : "");
 
     DataLoader train, val;
-    dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, 0, 1);
-    if (a.val_data[0]) dataloader_init(&val, a.val_data, a.batch_size, a.seq_len, 0, 1);
+    dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, rank, world);
+    if (a.val_data[0]) dataloader_init(&val, a.val_data, a.batch_size, a.seq_len, rank, world);
     printf("train data: %d shard(s), %lld batches of %dx%d per epoch\n", train.n_shards,
            (long long)train.total_batches, a.batch_size, a.seq_len);
 
@@ -252,12 +346,13 @@ static int cmd_pretrain(int argc, char **argv) {
         else cJSON_AddNumberToObject(cfg, s->name, *(int *)s->dest);
     }
     cJSON_AddNumberToObject(cfg, "parameters", (double)model.num_parameters);
-    write_json_atomic(path, cfg);
+    cJSON_AddNumberToObject(cfg, "world_size", world);
+    if (rank == 0) write_json_atomic(path, cfg);
     cJSON_Delete(cfg);
 
-    FILE *metrics = open_metrics(a.out, state.step);
-    const double tokens_per_step = (double)a.batch_size * a.seq_len * a.grad_accum;
-    const double flops_per_step = model_flops_per_step(&model.config, a.batch_size, a.seq_len) * a.grad_accum;
+    FILE *metrics = rank == 0 ? open_metrics(a.out, state.step) : NULL;
+    const double tokens_per_step = (double)a.batch_size * a.seq_len * a.grad_accum * world;
+    const double flops_per_step = model_flops_per_step(&model.config, a.batch_size, a.seq_len) * a.grad_accum * world;
     double run_start = wall_seconds(), train_seconds = 0.0;
     int first_step = state.step;
     dataloader_seek_step(&train, state.step, a.grad_accum);
@@ -271,11 +366,22 @@ static int cmd_pretrain(int argc, char **argv) {
             model_backward(&model, 1.0f / a.grad_accum);
             loss += model.mean_loss / a.grad_accum;
         }
+        // data parallel: the step's gradient and loss are the means over the ranks' micro-batches,
+        // exactly what one rank computes with grad_accum x ranks micro-batches (each micro-batch's
+        // mean loss weighs 1 / micro-batches), so every rank then clips and updates the same way
+        comm_all_reduce_mean(model.grads, model.num_parameters);
+        comm_all_reduce_sum_double(&loss, 1);
+        loss /= world;
         if (!isfinite(loss)) fatal("step %d: loss is %f; lower --lr or check the data", step, loss);
         float norm = model_grad_norm(&model);
         float scale = (a.grad_clip > 0.0f && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
         float lr = lr_schedule(step - 1, a.warmup, a.steps, a.lr, a.min_lr);
-        model_adamw_update(&model, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
+        if (a.zero == 1) {
+            adamw_update_shard(&model, &shard, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
+            comm_all_gather_shards(model.params, model.num_parameters);
+        } else {
+            model_adamw_update(&model, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
+        }
         state.step = step;
         double dt = wall_seconds() - t0;
         train_seconds += dt;
@@ -284,11 +390,13 @@ static int cmd_pretrain(int argc, char **argv) {
         if (a.val_data[0] && a.val_every > 0 && (step % a.val_every == 0 || step == a.steps))
             val_loss = evaluate_loss(&model, &val, a.val_batches);
 
-        fprintf(metrics, "{\"step\": %d, \"loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.2f, \"tokens_per_s\": %.1f",
-                step, loss, lr, norm, dt * 1e3, tokens_per_step / dt);
-        if (val_loss >= 0) fprintf(metrics, ", \"val_loss\": %.6f", val_loss);
-        fprintf(metrics, "}\n");
-        fflush(metrics);
+        if (metrics) {
+            fprintf(metrics, "{\"step\": %d, \"loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.2f, \"tokens_per_s\": %.1f",
+                    step, loss, lr, norm, dt * 1e3, tokens_per_step / dt);
+            if (val_loss >= 0) fprintf(metrics, ", \"val_loss\": %.6f", val_loss);
+            fprintf(metrics, "}\n");
+            fflush(metrics);
+        }
         if (step % a.log_every == 0 || step == a.steps || step == first_step + 1) {
             char eta[32];
             format_duration(train_seconds / (step - first_step) * (a.steps - step), eta, sizeof eta);
@@ -298,10 +406,24 @@ static int cmd_pretrain(int argc, char **argv) {
             printf("\n");
             fflush(stdout);
         }
-        if ((a.save_every > 0 && step % a.save_every == 0) || step == a.steps)
-            save_run_checkpoint(&model, &state, a.out);
+        if ((a.save_every > 0 && step % a.save_every == 0) || step == a.steps) {
+            if (a.zero == 1) {
+                // the checkpoint holds the whole AdamW state, gathered on rank 0
+                float *m = rank == 0 ? (float *)mallocCheck(model.num_parameters * sizeof(float)) : NULL;
+                float *v = rank == 0 ? (float *)mallocCheck(model.num_parameters * sizeof(float)) : NULL;
+                comm_gather_shards(m, shard.m, model.num_parameters, 0);
+                comm_gather_shards(v, shard.v, model.num_parameters, 0);
+                model.m = m; model.v = v;
+                if (rank == 0) save_run_checkpoint(&model, &state, a.out);
+                free(m); free(v);
+                model.m = model.v = NULL;
+            } else if (rank == 0) {
+                save_run_checkpoint(&model, &state, a.out);
+            }
+        }
     }
-    fclose(metrics);
+    if (metrics) fclose(metrics);
+    free(shard.m); free(shard.v);
     printf("done: %d steps in %.1f s; checkpoint in %s\n", a.steps - first_step, wall_seconds() - run_start, a.out);
     dataloader_free(&train);
     if (a.val_data[0]) dataloader_free(&val);
@@ -436,13 +558,24 @@ static void usage(FILE *out) {
         "  reward     train the helpful/harmless/truthful reward heads on preference JSONL\n");
 }
 
+// Ranks: under mpirun/srun every rank runs main. comm_init registers MPI_Finalize for a normal
+// exit and MPI_Abort for a non-zero one, so every return below ends the collectives properly
+// and an error on one rank stops all of them. Only rank 0 prints to stdout; errors (stderr)
+// come from whichever rank meets them.
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
+    comm_init(&argc, &argv);
+    if (comm_rank() != 0 && freopen("/dev/null", "w", stdout) == NULL)
+        fatal("rank %d: cannot silence stdout: %s", comm_rank(), strerror(errno));
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(stdout);
         return 0;
     }
     const char *cmd = argv[1];
+    // the commands that split their work over ranks; the others would only repeat it on every
+    // rank and write the same files
+    if (comm_world() > 1 && strcmp(cmd, "pretrain") != 0)
+        fatal("train_mora %s runs on one rank; under mpirun/srun only pretrain is data parallel (launch %s with a single process)", cmd, cmd);
     if (!strcmp(cmd, "pretrain")) return cmd_pretrain(argc, argv);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "reward")) return cmd_reward(argc, argv);

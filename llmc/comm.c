@@ -15,6 +15,7 @@
 
 static int comm_rank_ = 0, comm_world_ = 1, comm_local_rank_ = 0;
 static int comm_initialized_ = 0, comm_finalized_ = 0;
+static int comm_mpi_ = 0;   // MPI was initialised (this process was started by an MPI launcher)
 
 int comm_rank(void) { return comm_rank_; }
 int comm_world(void) { return comm_world_; }
@@ -24,6 +25,28 @@ void comm_shard_range(size_t n, int rank, int world, size_t *lo, size_t *hi) {
     // n * r / W in 128-bit-safe order: n < 2^40 parameters keeps n * W far below 2^64
     *lo = (size_t)((unsigned long long)n * (unsigned long long)rank / (unsigned long long)world);
     *hi = (size_t)((unsigned long long)n * (unsigned long long)(rank + 1) / (unsigned long long)world);
+}
+
+// The world size a launcher announces in the environment (Open MPI's mpirun, MPICH's Hydra,
+// srun for the tasks of its job step), or 1.
+static int launcher_world_size(void) {
+    const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        const char *v = getenv(vars[i]);
+        if (v && atoi(v) > 1) return atoi(v);
+    }
+    return 1;
+}
+
+// Whether an MPI launcher (mpirun/mpiexec of Open MPI or MPICH, srun) started this process.
+// A process started directly runs as one rank without initialising MPI at all: no start-up
+// cost, and no dependence on MPI's singleton mode working on the machine. (Inside an sbatch
+// script but outside srun, SLURM_STEP_NUM_TASKS is unset: that is one process too.)
+static int launched_by_mpi(void) {
+    const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMIX_RANK", "SLURM_STEP_NUM_TASKS"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++)
+        if (getenv(vars[i]) != NULL) return 1;
+    return 0;
 }
 
 #ifdef USE_MPI
@@ -48,7 +71,7 @@ static void mpi_check_(int rc, const char *call, const char *file, int line) {
 // the other ranks may be blocked in a collective waiting for this one and would never return.
 static void comm_exit_handler(int status, void *arg) {
     (void)arg;
-    if (!comm_initialized_ || comm_finalized_) return;
+    if (!comm_mpi_ || comm_finalized_) return;
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (finalized) return;
@@ -62,6 +85,8 @@ static void comm_exit_handler(int status, void *arg) {
 
 void comm_init(int *argc, char ***argv) {
     if (comm_initialized_) fatal("comm_init called twice");
+    comm_initialized_ = 1;
+    if (!launched_by_mpi()) return;   // one rank, MPI untouched
     int already = 0;
     MPI_Initialized(&already);
     if (!already) {
@@ -71,12 +96,16 @@ void comm_init(int *argc, char ***argv) {
             exit(1);
         }
     }
-    comm_initialized_ = 1;
+    comm_mpi_ = 1;
     on_exit(comm_exit_handler, NULL);
     // errors come back as return codes, so mpiCheck can name the call before aborting
     mpiCheck(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
     mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &comm_rank_));
     mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &comm_world_));
+    int launched = launcher_world_size();
+    if (comm_world_ == 1 && launched > 1)
+        fatal("the launcher started %d ranks but MPI sees a world of 1: mpirun/srun and the MPI library "
+              "train_mora was built with (mpicc) are from different MPI installations", launched);
     MPI_Comm node;
     mpiCheck(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, comm_rank_, MPI_INFO_NULL, &node));
     mpiCheck(MPI_Comm_rank(node, &comm_local_rank_));
@@ -84,12 +113,12 @@ void comm_init(int *argc, char ***argv) {
 }
 
 void comm_finalize(void) {
-    if (!comm_initialized_ || comm_finalized_) return;
+    if (!comm_mpi_ || comm_finalized_) return;
     comm_finalized_ = 1;
     mpiCheck(MPI_Finalize());
 }
 
-const char *comm_backend_name(void) { return "mpi"; }
+const char *comm_backend_name(void) { return comm_mpi_ ? "mpi" : "single"; }
 
 void comm_barrier(void) {
     if (comm_world_ == 1) return;
@@ -115,6 +144,7 @@ void comm_all_reduce_sum_double(double *buf, size_t n) {
 // A root that is not a rank is left to MPI to refuse (MPI_ERR_ROOT), through mpiCheck.
 void comm_broadcast(void *buf, size_t bytes, int root) {
     if (comm_world_ == 1 && root == 0) return;
+    if (!comm_mpi_) fatal("comm_broadcast: root %d is not a rank (world 1)", root);
     for (size_t done = 0; done < bytes; done += COMM_CHUNK) {
         size_t count = bytes - done < COMM_CHUNK ? bytes - done : COMM_CHUNK;
         mpiCheck(MPI_Bcast((char *)buf + done, (int)count, MPI_BYTE, root, MPI_COMM_WORLD));
@@ -123,6 +153,13 @@ void comm_broadcast(void *buf, size_t bytes, int root) {
 
 void *comm_all_gather_bytes(const void *send, size_t send_bytes, size_t *recv_bytes, size_t *total_bytes) {
     int W = comm_world_;
+    if (W == 1) {
+        void *out = mallocCheck(send_bytes);
+        if (send_bytes) memcpy(out, send, send_bytes);
+        if (recv_bytes) recv_bytes[0] = send_bytes;
+        if (total_bytes) *total_bytes = send_bytes;
+        return out;
+    }
     unsigned long long mine = send_bytes;
     unsigned long long *sizes = (unsigned long long *)mallocCheck(W * sizeof(unsigned long long));
     mpiCheck(MPI_Allgather(&mine, 1, MPI_UNSIGNED_LONG_LONG, sizes, 1, MPI_UNSIGNED_LONG_LONG, MPI_COMM_WORLD));
@@ -194,21 +231,6 @@ void comm_gather_shards(float *full, const float *shard, size_t n, int root) {
 }
 
 #else  // single rank
-
-// The world size a launcher announces in the environment (Open MPI, MPICH/Hydra, Slurm), or 1.
-static int launcher_world_size(void) {
-    const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"};
-    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
-        const char *v = getenv(vars[i]);
-        if (v && atoi(v) > 1) {
-            // srun sets SLURM_NTASKS for the whole allocation even when one task runs; only trust
-            // it when srun also says this process is one of several steps' tasks
-            if (!strcmp(vars[i], "SLURM_NTASKS") && getenv("SLURM_PROCID") == NULL) continue;
-            return atoi(v);
-        }
-    }
-    return 1;
-}
 
 void comm_init(int *argc, char ***argv) {
     (void)argc; (void)argv;
