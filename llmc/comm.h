@@ -25,6 +25,10 @@
 
 #include <stddef.h>
 
+#ifdef __cplusplus
+extern "C" {   // comm_nccl.cu calls these from C++
+#endif
+
 // Starts the collective layer (MPI_Init under MPI) and reads rank and world size. Call once,
 // first thing in main, before any other function here; argc/argv may be NULL.
 void comm_init(int *argc, char ***argv);
@@ -64,4 +68,7 @@ void comm_all_gather_shards(float *buf, size_t n);
 // full (n) on root at its offset; full is only read on root (may be NULL elsewhere).
 void comm_gather_shards(float *full, const float *shard, size_t n, int root);
 
+#ifdef __cplusplus
+}
+#endif
 #endif
