@@ -46,12 +46,26 @@ NVCC := $(shell command -v nvcc 2> /dev/null)
 CU_SRCS := $(wildcard *.cu llmc/*.cu)
 NVCCFLAGS ?= -O3 -std=c++17 --generate-code arch=compute_90,code=sm_90 --generate-code arch=compute_80,code=compute_80
 CU_OBJS := $(if $(NVCC),$(patsubst %.cu,$(BUILD)/cuda/%.o,$(CU_SRCS)),)
+# The CUDA model (llmc/model_cuda.h) is linked into ./train_mora when nvcc is found, and the C
+# side is compiled with -DUSE_CUDA; without nvcc nothing refers to CUDA.
+CUDA_MODEL_OBJS := $(if $(NVCC),$(BUILD)/cuda/llmc/model_cuda.o,)
+CUDA_LIBDIR := $(if $(NVCC),$(abspath $(dir $(NVCC))/../lib64),)
+CUDA_LDLIBS := $(if $(NVCC),-L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublasLt -lcublas -lcudart -lstdc++,)
+ifneq ($(NVCC),)
+CFLAGS += -DUSE_CUDA
+endif
+# `make cuda`: the per-kernel harnesses dev/cuda/*.cu (each includes its .cuh and links the CPU
+# reference objects), the full-model GPU test and the GPU benchmark (these two link model_cuda.o).
+CUDA_DEV_BINS := $(if $(NVCC),$(patsubst dev/cuda/%.cu,$(BUILD)/cuda/dev/%,$(wildcard dev/cuda/*.cu)),)
+CUDA_MODEL_PROGS := $(filter $(BUILD)/cuda/dev/test_model_gpu $(BUILD)/cuda/dev/bench_train,$(CUDA_DEV_BINS))
+CPU_REF_OBJS := $(BUILD)/llmc/model.o $(BUILD)/llmc/ops_cpu.o $(BUILD)/llmc/matmul.o $(BUILD)/llmc/utils.o
+NVCC_LDLIBS := -Xcompiler -fopenmp -lcublasLt -lcublas -lm -lpthread
 
-.PHONY: all test bench cuda clean
+.PHONY: all test bench cuda gpu_check clean
 all: train_mora $(TEST_BINS) $(FD_BINS) $(TOOL_BINS) $(BENCH_BINS) $(CU_OBJS)
 
-train_mora: train_mora.c $(LIB_OBJS) $(HEADERS)
-	$(CC) $(CFLAGS) -o $@ train_mora.c $(LIB_OBJS) $(LDLIBS)
+train_mora: train_mora.c $(LIB_OBJS) $(CUDA_MODEL_OBJS) $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ train_mora.c $(LIB_OBJS) $(CUDA_MODEL_OBJS) $(LDLIBS) $(CUDA_LDLIBS)
 
 MPI_STAMP := $(BUILD)/mpi-$(if $(MPICC),on,off)
 $(BUILD)/llmc/comm.o: $(MPI_STAMP)
@@ -86,7 +100,19 @@ $(BUILD)/cuda/%.o: %.cu $(HEADERS) $(wildcard llmc/*.cuh)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -Illmc -I. -c -o $@ $<
 
-cuda: $(CU_OBJS)
+$(BUILD)/cuda/dev/%: dev/cuda/%.cu $(CPU_REF_OBJS) $(HEADERS) $(wildcard llmc/*.cuh dev/cuda/*.h)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(CPU_REF_OBJS) $(NVCC_LDLIBS)
+
+$(CUDA_MODEL_PROGS): $(BUILD)/cuda/dev/%: dev/cuda/%.cu $(CPU_REF_OBJS) $(CUDA_MODEL_OBJS) $(HEADERS) $(wildcard dev/cuda/*.h)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(CPU_REF_OBJS) $(CUDA_MODEL_OBJS) $(NVCC_LDLIBS)
+
+cuda: $(CU_OBJS) $(CUDA_DEV_BINS)
+
+# build every GPU harness and test for sm_90, run them and print the benchmark table (needs a GPU)
+gpu_check:
+	bash dev/gpu_check.sh
 
 test: all
 	$(PYTHON) -m pytest -q test

@@ -1,0 +1,166 @@
+/*
+ * Common pieces of the CUDA backend: error checking for every CUDA and cuBLAS call, the bf16
+ * storage type, warp and block reductions, and small launch helpers.
+ *
+ * Precision (see model_cuda.cu): weights and activations are stored in bf16 (floatX), every
+ * sum is accumulated in fp32, master weights, AdamW moments, parameter gradients and the
+ * residual stream are fp32.
+ */
+#ifndef LLMC_CUDA_COMMON_H
+#define LLMC_CUDA_COMMON_H
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <float.h>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+
+typedef __nv_bfloat16 floatX;   // storage type of weights and activations
+
+// ---------------------------------------------------------------------------------------------
+// error checking: every failure prints the call site and exits 1, like fatal() in utils.h
+
+static inline void cuda_check_(cudaError_t err, const char *file, int line) {
+    if (err != cudaSuccess) {
+        fprintf(stderr, "error: CUDA: %s (%s:%d)\n", cudaGetErrorString(err), file, line);
+        fflush(stderr);
+        exit(1);
+    }
+}
+#define cudaCheck(err) cuda_check_((err), __FILE__, __LINE__)
+// After a kernel launch: catches bad launch configurations (grid, block, shared memory) at once.
+#define cudaCheckLaunch() cuda_check_(cudaGetLastError(), __FILE__, __LINE__)
+
+// A failed precondition of a kernel wrapper (shape, alignment): one line and exit 1.
+static inline void cuda_require_(int ok, const char *what, const char *file, int line) {
+    if (!ok) {
+        fprintf(stderr, "error: CUDA backend: requirement failed: %s (%s:%d)\n", what, file, line);
+        fflush(stderr);
+        exit(1);
+    }
+}
+#define cudaRequire(cond, what) cuda_require_((cond) ? 1 : 0, (what), __FILE__, __LINE__)
+
+static inline void *cuda_malloc_check_(size_t bytes, const char *file, int line) {
+    void *p = NULL;
+    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 16);
+    if (err != cudaSuccess) {
+        fprintf(stderr, "error: CUDA: cannot allocate %zu bytes of device memory: %s (%s:%d)\n",
+                bytes, cudaGetErrorString(err), file, line);
+        fflush(stderr);
+        exit(1);
+    }
+    return p;
+}
+#define cudaMallocCheck(bytes) cuda_malloc_check_((bytes), __FILE__, __LINE__)
+
+static inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
+
+// ---------------------------------------------------------------------------------------------
+// conversions between the storage type and fp32
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(floatX x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ floatX from_float<floatX>(float x) { return __float2bfloat16(x); }
+
+// ---------------------------------------------------------------------------------------------
+// reductions
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. `shared` holds 32 floats. Ends with a barrier so `shared` can be reused at once.
+__device__ __forceinline__ float block_sum(float v, float *shared) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    float total = lane < warps ? shared[lane] : 0.0f;
+    total = warp_sum(total);
+    __syncthreads();
+    return total;
+}
+__device__ __forceinline__ float block_max(float v, float *shared) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_max(v);
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    float m = lane < warps ? shared[lane] : -FLT_MAX;
+    m = warp_max(m);
+    __syncthreads();
+    return m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fill kernels (poisoning outputs in the tests, zeroing typed buffers)
+
+template <typename T>
+__global__ void fill_kernel(T *out, float value, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = from_float<T>(value);
+}
+template <typename T>
+static inline void fill_device(T *out, float value, size_t n, cudaStream_t stream = 0) {
+    if (n == 0) return;
+    int blocks = (int)((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);
+    fill_kernel<<<blocks, 256, 0, stream>>>(out, value, n);
+    cudaCheckLaunch();
+}
+
+// fp32 <-> bf16 copies of whole buffers
+__global__ void convert_f32_to_bf16_kernel(floatX *out, const float *in, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16(in[i]);
+}
+__global__ void convert_bf16_to_f32_kernel(float *out, const floatX *in, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __bfloat162float(in[i]);
+}
+static inline void convert_f32_to_bf16(floatX *out, const float *in, size_t n, cudaStream_t stream = 0) {
+    if (n == 0) return;
+    int blocks = (int)((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);
+    convert_f32_to_bf16_kernel<<<blocks, 256, 0, stream>>>(out, in, n);
+    cudaCheckLaunch();
+}
+static inline void convert_bf16_to_f32(float *out, const floatX *in, size_t n, cudaStream_t stream = 0) {
+    if (n == 0) return;
+    int blocks = (int)((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);
+    convert_bf16_to_f32_kernel<<<blocks, 256, 0, stream>>>(out, in, n);
+    cudaCheckLaunch();
+}
+
+// ---------------------------------------------------------------------------------------------
+// deterministic column sums (bias and norm-weight gradients)
+//
+// A gradient shared by all N rows (a bias, a norm weight) is a sum over rows. It is computed in
+// two launches with no atomics, so the result is the same on every run: the rows are cut into
+// chunks of COLUMN_CHUNK_ROWS, one block column-slab x chunk writes its partial sums to
+// partial (chunks, cols), then column_partials_reduce adds the chunk sums in order into out.
+
+#define COLUMN_CHUNK_ROWS 256
+static inline int column_chunks(int N) { return ceil_div(N, COLUMN_CHUNK_ROWS); }
+
+// out (cols) += sum over k < chunks of partial (chunks, cols)
+__global__ void column_partials_reduce_kernel(float *out, const float *partial, int chunks, int cols) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float sum = 0.0f;
+    for (int k = 0; k < chunks; k++) sum += partial[(size_t)k * cols + c];
+    out[c] += sum;
+}
+static inline void column_partials_reduce(float *out, const float *partial, int chunks, int cols, cudaStream_t stream) {
+    column_partials_reduce_kernel<<<ceil_div(cols, 256), 256, 0, stream>>>(out, partial, chunks, cols);
+    cudaCheckLaunch();
+}
+
+#endif

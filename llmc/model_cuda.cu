@@ -1,0 +1,747 @@
+/*
+ * The model on one GPU (model_cuda.h): the same forward and backward as model.c, layer by
+ * layer, from the kernels in llmc/*.cuh and cuBLASLt products.
+ *
+ *   GPT-2   x = wte[tok] + wpe[t]
+ *           per layer: x += attproj(attention(qkv(layernorm1(x))))
+ *                      x += fcproj(gelu(fc(layernorm2(x))))
+ *           logits = layernorm_f(x) @ wte^T
+ *   Llama   x = wte[tok]
+ *           per layer: x += o(attention(rope(q, k), v) of qkv(rmsnorm1(x)))
+ *                      x += down(silu(gate) * up), (gate | up) = fc(rmsnorm2(x))
+ *           logits = rmsnorm_f(x) @ head^T
+ *
+ * Precision. The residual stream x and its gradient are fp32 (N, C) tensors: every block adds
+ * into them and a bf16 stream would round at each of the 2L adds. Everything else the forward
+ * keeps is bf16 (norm outputs, qkv, attention output, MLP activations, logits), fp32 for the
+ * per-row statistics (mean, rstd, log-sum-exp). Products take bf16 operands and accumulate in
+ * fp32; parameter gradients are fp32 and accumulated in place by the products (beta = 1).
+ *
+ * Fusions. Each residual add is fused with the norm that follows it (layernorm.cuh); GPT-2's
+ * MLP bias and GELU run in the cuBLASLt epilogue (matmul.cuh; use_gelu_fusion = 0 switches to
+ * the separate kernel); the classifier computes loss and logit gradient in one kernel when the
+ * token weights are known at forward time (cuda_model_forward_backward); attention is the tiled
+ * kernel of attention.cuh, which keeps only a log-sum-exp per query row instead of the (T, T)
+ * probabilities.
+ */
+#include <math.h>
+#include <string.h>
+extern "C" {
+#include "utils.h"
+}
+#include "model_cuda.h"
+#include "cuda_common.h"
+#include "encoder.cuh"
+#include "layernorm.cuh"
+#include "rope.cuh"
+#include "attention.cuh"
+#include "gelu.cuh"
+#include "swiglu.cuh"
+#include "fused_classifier.cuh"
+#include "adamw.cuh"
+#include "global_norm.cuh"
+#include "matmul.cuh"
+
+// Tensors that get weight decay (as model.c: embeddings and matmul weights, not norms or biases).
+static int param_is_decayed(int tensor) {
+    return tensor == P_WTE || tensor == P_WPE || tensor == P_QKVW || tensor == P_ATTPROJW ||
+           tensor == P_FCW || tensor == P_FCPROJW || tensor == P_LMHEAD;
+}
+
+// ---------------------------------------------------------------------------------------------
+// profiling: CUDA events around every kernel group, resolved after each public call
+
+enum {
+    PROF_ENCODER, PROF_NORM_FWD, PROF_MATMUL_FWD, PROF_ROPE, PROF_ATTENTION_FWD, PROF_ACT_FWD,
+    PROF_CLASSIFIER, PROF_MATMUL_BWD, PROF_ACT_BWD, PROF_ATTENTION_BWD, PROF_NORM_BWD, PROF_ENCODER_BWD,
+    PROF_GRAD_NORM, PROF_ADAMW, PROF_COUNT
+};
+static const char *const prof_names[PROF_COUNT] = {
+    "encoder fwd", "norm+residual fwd", "matmul fwd (cuBLASLt)", "rope fwd+bwd", "attention fwd",
+    "gelu/swiglu fwd", "fused classifier", "matmul bwd (cuBLASLt)", "gelu/swiglu bwd", "attention bwd",
+    "norm bwd", "encoder bwd", "grad norm", "adamw",
+};
+#define PROF_MAX_EVENTS 8192
+
+// ---------------------------------------------------------------------------------------------
+// device state
+
+typedef struct {
+    cudaStream_t stream;
+    size_t param_offsets[NUM_PARAM_TENSORS];
+    size_t param_sizes[NUM_PARAM_TENSORS];
+    float *params;          // fp32 master weights (num_parameters), model.h's layout
+    floatX *params_bf16;    // bf16 copy read by the forward
+    float *grads;           // fp32 gradients
+    float *m, *v;           // AdamW moments
+
+    // activations (capacity for max_N = max_B * max_T rows; per-layer tensors stacked (L, ...))
+    float *encoded;                        // (N, C) fp32
+    floatX *ln1; float *ln1_mean, *ln1_rstd;     // (L, N, C), (L, N)
+    floatX *qkv;                           // (L, N, QKV), q and k rotated for Llama
+    floatX *atty;                          // (L, N, NH*HS)
+    float *att_lse;                        // (L, B, NH, T)
+    float *residual2;                      // (L, N, C) fp32
+    floatX *ln2; float *ln2_mean, *ln2_rstd;
+    floatX *fch;                           // (L, N, FC) pre-activation
+    floatX *fch_act;                       // (L, N, F)
+    float *residual3;                      // (L, N, C) fp32
+    floatX *lnf; float *lnf_mean, *lnf_rstd;     // (N, C), (N)
+    floatX *logits;                        // (N, Vp); the gradient after the classifier backward
+    float *lse, *losses;                   // (N)
+    floatX *proj;                          // (N, C) a projection's output before its residual add
+    int *inputs, *targets;                 // (N)
+    float *mask, *weights;                 // (N)
+
+    // activation gradients (one layer's worth, reused)
+    float *dresidual;                      // (N, C) fp32 gradient of the residual stream
+    floatX *dresidual_bf16;                // (N, C) its bf16 copy, the products' operand
+    float *dnorm;                          // (N, C) fp32 gradient at a norm's output
+    floatX *dqkv;                          // (N, QKV)
+    floatX *datty;                         // (N, NH*HS)
+    floatX *dfch;                          // (N, FC)
+    floatX *dfch_act;                      // (N, F)
+    float *att_D;                          // (B, NH, T) attention backward scratch
+    float *dhidden;                        // (N, C)
+    float *column_scratch;                 // 2 * column_chunks(N) * max(C, QKV, FC) floats
+    float *norm_partial;                   // GLOBAL_NORM_BLOCKS
+    float *norm_result;                    // 1
+    float *rope_cos_sin;                   // (maxT, HS/2, 2), Llama only
+
+    // every activation buffer, for cuda_model_poison
+    void *act_ptrs[64];
+    size_t act_bytes[64];
+    int act_count;
+    void *memory_blocks[64];               // every cudaMalloc, for cuda_model_free
+    int memory_count;
+
+    int logits_hold_gradient;              // the classifier backward ran since the forward
+    float *host_mask, *host_weights;       // (max_N)
+
+    cudaEvent_t prof_events[PROF_MAX_EVENTS];
+    int prof_group[PROF_MAX_EVENTS / 2];
+    int prof_used;
+    double prof_ms[PROF_COUNT];
+    int prof_open;
+} Impl;
+
+static Impl *impl_of(CudaModel *model) { return (Impl *)model->impl; }
+
+static void prof_begin(CudaModel *model, int group) {
+    Impl *d = impl_of(model);
+    if (!model->profile) return;
+    if (d->prof_used + 2 > PROF_MAX_EVENTS) return;   // full: the rest of this call goes untimed
+    d->prof_group[d->prof_used / 2] = group;
+    cudaCheck(cudaEventRecord(d->prof_events[d->prof_used], d->stream));
+    d->prof_open = 1;
+}
+static void prof_end(CudaModel *model) {
+    Impl *d = impl_of(model);
+    if (!model->profile || !d->prof_open) return;
+    cudaCheck(cudaEventRecord(d->prof_events[d->prof_used + 1], d->stream));
+    d->prof_used += 2;
+    d->prof_open = 0;
+}
+// Waits for the recorded events and adds their times to the totals.
+static void prof_resolve(CudaModel *model) {
+    Impl *d = impl_of(model);
+    if (!model->profile || d->prof_used == 0) return;
+    cudaCheck(cudaStreamSynchronize(d->stream));
+    for (int i = 0; i < d->prof_used; i += 2) {
+        float ms = 0.0f;
+        cudaCheck(cudaEventElapsedTime(&ms, d->prof_events[i], d->prof_events[i + 1]));
+        d->prof_ms[d->prof_group[i / 2]] += ms;
+    }
+    d->prof_used = 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// devices
+
+extern "C" int cuda_device_count(void) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        cudaGetLastError();   // clear the sticky error so a later check does not see it
+        return 0;
+    }
+    return count;
+}
+
+extern "C" void cuda_device_describe(char *buf, size_t size) {
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    snprintf(buf, size, "%s, %d SMs, %.1f GiB, compute %d.%d", prop.name, prop.multiProcessorCount,
+             prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0), prop.major, prop.minor);
+}
+
+// Dense (not sparse) bf16 tensor-core peaks from NVIDIA's datasheets.
+extern "C" double cuda_device_bf16_peak_flops(void) {
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    const char *name = prop.name;
+    if (strstr(name, "H100") && strstr(name, "PCIe")) return 756e12;
+    if (strstr(name, "H100") && strstr(name, "NVL")) return 835e12;
+    if (strstr(name, "H100") || strstr(name, "H200") || strstr(name, "H800")) return 989.4e12;
+    if (strstr(name, "A100")) return 312e12;
+    return 0.0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// create / free
+
+static void *device_alloc(Impl *d, size_t bytes) {
+    // 256-byte granularity from cudaMalloc keeps every tensor start aligned for cuBLASLt
+    cudaRequire(d->memory_count < 64, "model_cuda: too many device allocations");
+    void *p = cudaMallocCheck(bytes);
+    d->memory_blocks[d->memory_count++] = p;
+    return p;
+}
+// An activation buffer: allocated, and listed for poisoning.
+static void *activation_alloc(Impl *d, size_t bytes) {
+    void *p = device_alloc(d, bytes);
+    cudaRequire(d->act_count < 64, "model_cuda: too many activation buffers");
+    d->act_ptrs[d->act_count] = p;
+    d->act_bytes[d->act_count] = bytes;
+    d->act_count++;
+    return p;
+}
+
+static int fc_width(const ModelConfig *c) { return c->arch == ARCH_GPT2 ? c->ffn_hidden : 2 * c->ffn_hidden; }
+static int qkv_width(const ModelConfig *c) { return (c->n_head + 2 * c->n_kv_head) * c->head_dim; }
+
+extern "C" CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T) {
+    const ModelConfig *c = &cpu->config;
+    if (cpu->params == NULL) fatal("cuda_model_create: the CPU model is not initialised");
+    if (max_B <= 0 || max_T <= 0) fatal("cuda_model_create: batch shape B=%d T=%d must be positive", max_B, max_T);
+    if (max_T > c->max_seq_len) fatal("cuda_model_create: T=%d exceeds the model's max_seq_len %d", max_T, c->max_seq_len);
+    if ((size_t)max_B * max_T > (size_t)1 << 30) fatal("cuda_model_create: batch of %d x %d tokens is too large", max_B, max_T);
+    int HS = c->head_dim;
+    if (HS != 16 && HS != 32 && HS != 64 && HS != 128)
+        fatal("cuda_model_create: head_dim %d is not supported by the CUDA attention kernels (16, 32, 64 or 128)", HS);
+    if (max_B > 65535) fatal("cuda_model_create: batch size %d exceeds 65535", max_B);
+    if (cuda_device_count() <= 0) fatal("cuda_model_create: no CUDA device found");
+
+    CudaModel *model = (CudaModel *)callocCheck(1, sizeof(CudaModel));
+    Impl *d = (Impl *)callocCheck(1, sizeof(Impl));
+    model->impl = d;
+    model->config = *c;
+    model->num_parameters = cpu->num_parameters;
+    model->max_B = max_B;
+    model->max_T = max_T;
+    model->opt_step = cpu->opt_step;
+    model->mean_loss = -1.0f;
+    model->use_gelu_fusion = 1;
+    cudaCheck(cudaSetDevice(0));
+    cudaCheck(cudaStreamCreate(&d->stream));
+    matmul_setup();
+
+    size_t offset = 0;
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        d->param_offsets[i] = offset;
+        d->param_sizes[i] = cpu->param_sizes[i];
+        offset += cpu->param_sizes[i];
+    }
+    size_t P = cpu->num_parameters;
+    d->params = (float *)device_alloc(d, P * sizeof(float));
+    d->params_bf16 = (floatX *)device_alloc(d, P * sizeof(floatX));
+    d->grads = (float *)device_alloc(d, P * sizeof(float));
+    d->m = (float *)device_alloc(d, P * sizeof(float));
+    d->v = (float *)device_alloc(d, P * sizeof(float));
+    cudaCheck(cudaMemcpy(d->params, cpu->params, P * sizeof(float), cudaMemcpyHostToDevice));
+    convert_f32_to_bf16(d->params_bf16, d->params, P, d->stream);
+    cudaCheck(cudaMemset(d->grads, 0, P * sizeof(float)));
+    if (cpu->m) cudaCheck(cudaMemcpy(d->m, cpu->m, P * sizeof(float), cudaMemcpyHostToDevice));
+    else cudaCheck(cudaMemset(d->m, 0, P * sizeof(float)));
+    if (cpu->v) cudaCheck(cudaMemcpy(d->v, cpu->v, P * sizeof(float), cudaMemcpyHostToDevice));
+    else cudaCheck(cudaMemset(d->v, 0, P * sizeof(float)));
+
+    size_t N = (size_t)max_B * max_T, L = c->n_layer, C = c->n_embd, NH = c->n_head;
+    size_t QKV = qkv_width(c), FC = fc_width(c), F = c->ffn_hidden, Vp = c->padded_vocab_size, AY = NH * HS;
+    d->encoded = (float *)activation_alloc(d, N * C * sizeof(float));
+    d->ln1 = (floatX *)activation_alloc(d, L * N * C * sizeof(floatX));
+    d->ln1_mean = (float *)activation_alloc(d, L * N * sizeof(float));
+    d->ln1_rstd = (float *)activation_alloc(d, L * N * sizeof(float));
+    d->qkv = (floatX *)activation_alloc(d, L * N * QKV * sizeof(floatX));
+    d->atty = (floatX *)activation_alloc(d, L * N * AY * sizeof(floatX));
+    d->att_lse = (float *)activation_alloc(d, L * N * NH * sizeof(float));
+    d->residual2 = (float *)activation_alloc(d, L * N * C * sizeof(float));
+    d->ln2 = (floatX *)activation_alloc(d, L * N * C * sizeof(floatX));
+    d->ln2_mean = (float *)activation_alloc(d, L * N * sizeof(float));
+    d->ln2_rstd = (float *)activation_alloc(d, L * N * sizeof(float));
+    d->fch = (floatX *)activation_alloc(d, L * N * FC * sizeof(floatX));
+    d->fch_act = (floatX *)activation_alloc(d, L * N * F * sizeof(floatX));
+    d->residual3 = (float *)activation_alloc(d, L * N * C * sizeof(float));
+    d->lnf = (floatX *)activation_alloc(d, N * C * sizeof(floatX));
+    d->lnf_mean = (float *)activation_alloc(d, N * sizeof(float));
+    d->lnf_rstd = (float *)activation_alloc(d, N * sizeof(float));
+    d->logits = (floatX *)activation_alloc(d, N * Vp * sizeof(floatX));
+    d->lse = (float *)activation_alloc(d, N * sizeof(float));
+    d->losses = (float *)activation_alloc(d, N * sizeof(float));
+    d->proj = (floatX *)activation_alloc(d, N * C * sizeof(floatX));
+    d->inputs = (int *)device_alloc(d, N * sizeof(int));
+    d->targets = (int *)device_alloc(d, N * sizeof(int));
+    d->mask = (float *)device_alloc(d, N * sizeof(float));
+    d->weights = (float *)device_alloc(d, N * sizeof(float));
+    d->dresidual = (float *)activation_alloc(d, N * C * sizeof(float));
+    d->dresidual_bf16 = (floatX *)activation_alloc(d, N * C * sizeof(floatX));
+    d->dnorm = (float *)activation_alloc(d, N * C * sizeof(float));
+    d->dqkv = (floatX *)activation_alloc(d, N * QKV * sizeof(floatX));
+    d->datty = (floatX *)activation_alloc(d, N * AY * sizeof(floatX));
+    d->dfch = (floatX *)activation_alloc(d, N * FC * sizeof(floatX));
+    d->dfch_act = (floatX *)activation_alloc(d, N * F * sizeof(floatX));
+    d->att_D = (float *)activation_alloc(d, N * NH * sizeof(float));
+    d->dhidden = (float *)activation_alloc(d, N * C * sizeof(float));
+    size_t widest = C > QKV ? C : QKV;
+    if (FC > widest) widest = FC;
+    d->column_scratch = (float *)activation_alloc(d, 2 * (size_t)column_chunks((int)N) * widest * sizeof(float));
+    d->norm_partial = (float *)device_alloc(d, GLOBAL_NORM_BLOCKS * sizeof(float));
+    d->norm_result = (float *)device_alloc(d, sizeof(float));
+    d->rope_cos_sin = NULL;
+    if (c->arch == ARCH_LLAMA) {
+        float *table = rope_table_host(max_T, HS, c->rope_theta);
+        size_t bytes = (size_t)max_T * (HS / 2) * 2 * sizeof(float);
+        d->rope_cos_sin = (float *)device_alloc(d, bytes);
+        cudaCheck(cudaMemcpy(d->rope_cos_sin, table, bytes, cudaMemcpyHostToDevice));
+        free(table);
+    }
+    d->host_mask = (float *)mallocCheck(N * sizeof(float));
+    d->host_weights = (float *)mallocCheck(N * sizeof(float));
+    model->token_losses = (float *)callocCheck(N, sizeof(float));
+    for (int i = 0; i < PROF_MAX_EVENTS; i++) cudaCheck(cudaEventCreate(&d->prof_events[i]));
+    cudaCheck(cudaStreamSynchronize(d->stream));
+    return model;
+}
+
+extern "C" void cuda_model_free(CudaModel *model) {
+    if (model == NULL) return;
+    Impl *d = impl_of(model);
+    cudaCheck(cudaStreamSynchronize(d->stream));
+    for (int i = 0; i < d->memory_count; i++) cudaCheck(cudaFree(d->memory_blocks[i]));
+    for (int i = 0; i < PROF_MAX_EVENTS; i++) cudaCheck(cudaEventDestroy(d->prof_events[i]));
+    cudaCheck(cudaStreamDestroy(d->stream));
+    free(d->host_mask);
+    free(d->host_weights);
+    free(model->token_losses);
+    free(d);
+    free(model);
+}
+
+// ---------------------------------------------------------------------------------------------
+// views
+
+// Parameter tensor `tensor` (layer l of a stacked tensor; l = 0 for the others) as bf16 / fp32 /
+// its gradient. NULL when the tensor is unused by the config.
+static floatX *weight_bf16(CudaModel *model, int tensor, int l) {
+    Impl *d = impl_of(model);
+    if (d->param_sizes[tensor] == 0) return NULL;
+    size_t per_layer = tensor <= P_FCPROJB && tensor >= P_LN1W ? d->param_sizes[tensor] / model->config.n_layer : 0;
+    return d->params_bf16 + d->param_offsets[tensor] + per_layer * l;
+}
+static float *weight_grad(CudaModel *model, int tensor, int l) {
+    Impl *d = impl_of(model);
+    if (d->param_sizes[tensor] == 0) return NULL;
+    size_t per_layer = tensor <= P_FCPROJB && tensor >= P_LN1W ? d->param_sizes[tensor] / model->config.n_layer : 0;
+    return d->grads + d->param_offsets[tensor] + per_layer * l;
+}
+static int head_tensor(const ModelConfig *c) { return c->tied_embeddings ? P_WTE : P_LMHEAD; }
+
+// ---------------------------------------------------------------------------------------------
+// forward
+
+// The batch checks of model.c's model_forward, with the same messages.
+static void check_batch(const ModelConfig *c, const int *inputs, const int *targets, const float *loss_mask, int B, int T,
+                        int max_B, int max_T) {
+    if (B <= 0 || T <= 0) fatal("cuda_model_forward: batch shape B=%d T=%d must be positive", B, T);
+    if (T > c->max_seq_len) fatal("cuda_model_forward: sequence length T=%d exceeds the model's max_seq_len %d", T, c->max_seq_len);
+    if (B > max_B || T > max_T || (size_t)B * T > (size_t)max_B * max_T)
+        fatal("cuda_model_forward: batch %d x %d exceeds the shape %d x %d the GPU model was created for", B, T, max_B, max_T);
+    for (int i = 0; i < B * T; i++) {
+        if (inputs[i] < 0 || inputs[i] >= c->padded_vocab_size)
+            fatal("cuda_model_forward: input token %d at (b=%d, t=%d) is outside the vocabulary 0..%d",
+                  inputs[i], i / T, i % T, c->padded_vocab_size - 1);
+        if (loss_mask && !(isfinite(loss_mask[i]) && loss_mask[i] >= 0.0f))
+            fatal("cuda_model_forward: loss mask %g at (b=%d, t=%d) must be a finite value >= 0", (double)loss_mask[i], i / T, i % T);
+        int counts = loss_mask == NULL || loss_mask[i] != 0.0f;
+        if (targets && counts && (targets[i] < 0 || targets[i] >= c->vocab_size))
+            fatal("cuda_model_forward: target token %d at (b=%d, t=%d) is outside the vocabulary 0..%d",
+                  targets[i], i / T, i % T, c->vocab_size - 1);
+    }
+}
+
+// The forward of model.h; when weights_host is given (B*T, already zero where the mask is 0)
+// the classifier also writes the logits' gradient for those weights (fused).
+static void forward_impl(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask, int B, int T,
+                         const float *weights_host) {
+    const ModelConfig *c = &model->config;
+    Impl *d = impl_of(model);
+    check_batch(c, inputs, targets, loss_mask, B, T, model->max_B, model->max_T);
+    cudaStream_t st = d->stream;
+    model->B = B;
+    model->T = T;
+    int N = B * T, C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, L = c->n_layer;
+    int QKV = qkv_width(c), F = c->ffn_hidden, FC = fc_width(c), V = c->vocab_size, Vp = c->padded_vocab_size;
+    int gpt2 = c->arch == ARCH_GPT2;
+    float eps = c->norm_eps;
+    size_t NC = (size_t)N * C;
+
+    for (int i = 0; i < N; i++) d->host_mask[i] = loss_mask ? loss_mask[i] : 1.0f;
+    cudaCheck(cudaMemcpyAsync(d->inputs, inputs, (size_t)N * sizeof(int), cudaMemcpyHostToDevice, st));
+    if (targets) cudaCheck(cudaMemcpyAsync(d->targets, targets, (size_t)N * sizeof(int), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(d->mask, d->host_mask, (size_t)N * sizeof(float), cudaMemcpyHostToDevice, st));
+    if (weights_host) cudaCheck(cudaMemcpyAsync(d->weights, weights_host, (size_t)N * sizeof(float), cudaMemcpyHostToDevice, st));
+
+    prof_begin(model, PROF_ENCODER);
+    encoder_forward(d->encoded, d->inputs, weight_bf16(model, P_WTE, 0), gpt2 ? weight_bf16(model, P_WPE, 0) : NULL, B, T, C, st);
+    prof_end(model);
+    prof_begin(model, PROF_NORM_FWD);
+    residual_norm_forward(NULL, d->ln1, d->ln1_mean, d->ln1_rstd, d->encoded, NULL, weight_bf16(model, P_LN1W, 0),
+                          weight_bf16(model, P_LN1B, 0), N, C, eps, gpt2, st);
+    prof_end(model);
+    for (int l = 0; l < L; l++) {
+        const float *residual = l == 0 ? d->encoded : d->residual3 + (size_t)(l - 1) * NC;
+        floatX *ln1 = d->ln1 + l * NC, *ln2 = d->ln2 + l * NC;
+        floatX *qkv = d->qkv + (size_t)l * N * QKV, *atty = d->atty + (size_t)l * N * NH * HS;
+        float *att_lse = d->att_lse + (size_t)l * N * NH;
+        float *residual2 = d->residual2 + l * NC, *residual3 = d->residual3 + l * NC;
+        floatX *fch = d->fch + (size_t)l * N * FC, *fch_act = d->fch_act + (size_t)l * N * F;
+
+        // attention block (ln1 of this layer was written by the previous layer's fused norm)
+        prof_begin(model, PROF_MATMUL_FWD);
+        matmul_forward(qkv, ln1, weight_bf16(model, P_QKVW, l), weight_bf16(model, P_QKVB, l), NULL, N, C, QKV, st);
+        prof_end(model);
+        if (!gpt2) {
+            prof_begin(model, PROF_ROPE);
+            rope_forward(qkv, d->rope_cos_sin, B, T, NH, NKV, HS, st);
+            prof_end(model);
+        }
+        prof_begin(model, PROF_ATTENTION_FWD);
+        attention_forward(atty, att_lse, qkv, B, T, NH, NKV, HS, st);
+        prof_end(model);
+        prof_begin(model, PROF_MATMUL_FWD);
+        matmul_forward(d->proj, atty, weight_bf16(model, P_ATTPROJW, l), weight_bf16(model, P_ATTPROJB, l), NULL, N, NH * HS, C, st);
+        prof_end(model);
+        prof_begin(model, PROF_NORM_FWD);
+        residual_norm_forward(residual2, ln2, d->ln2_mean + (size_t)l * N, d->ln2_rstd + (size_t)l * N, residual, d->proj,
+                              weight_bf16(model, P_LN2W, l), weight_bf16(model, P_LN2B, l), N, C, eps, gpt2, st);
+        prof_end(model);
+
+        // MLP block
+        if (gpt2 && model->use_gelu_fusion && F % 8 == 0) {
+            prof_begin(model, PROF_MATMUL_FWD);
+            matmul_forward(fch_act, ln2, weight_bf16(model, P_FCW, l), weight_bf16(model, P_FCB, l), fch, N, C, F, st);
+            prof_end(model);
+        } else {
+            prof_begin(model, PROF_MATMUL_FWD);
+            matmul_forward(fch, ln2, weight_bf16(model, P_FCW, l), weight_bf16(model, P_FCB, l), NULL, N, C, FC, st);
+            prof_end(model);
+            prof_begin(model, PROF_ACT_FWD);
+            if (gpt2) gelu_forward(fch_act, fch, (size_t)N * F, st);
+            else swiglu_forward(fch_act, fch, N, F, st);
+            prof_end(model);
+        }
+        prof_begin(model, PROF_MATMUL_FWD);
+        matmul_forward(d->proj, fch_act, weight_bf16(model, P_FCPROJW, l), weight_bf16(model, P_FCPROJB, l), NULL, N, F, C, st);
+        prof_end(model);
+        // residual3 = residual2 + proj, normed by the next layer's ln1 or by the final norm
+        prof_begin(model, PROF_NORM_FWD);
+        if (l + 1 < L)
+            residual_norm_forward(residual3, d->ln1 + (l + 1) * NC, d->ln1_mean + (size_t)(l + 1) * N, d->ln1_rstd + (size_t)(l + 1) * N,
+                                  residual2, d->proj, weight_bf16(model, P_LN1W, l + 1), weight_bf16(model, P_LN1B, l + 1),
+                                  N, C, eps, gpt2, st);
+        else
+            residual_norm_forward(residual3, d->lnf, d->lnf_mean, d->lnf_rstd, residual2, d->proj,
+                                  weight_bf16(model, P_LNFW, 0), weight_bf16(model, P_LNFB, 0), N, C, eps, gpt2, st);
+        prof_end(model);
+    }
+    prof_begin(model, PROF_MATMUL_FWD);
+    matmul_forward(d->logits, d->lnf, weight_bf16(model, head_tensor(c), 0), NULL, NULL, N, C, Vp, st);
+    prof_end(model);
+    prof_begin(model, PROF_CLASSIFIER);
+    fused_classifier(d->logits, d->lse, d->losses, targets ? d->targets : NULL, d->mask, weights_host ? d->weights : NULL,
+                     N, V, Vp, st);
+    prof_end(model);
+    d->logits_hold_gradient = weights_host != NULL;
+
+    model->has_targets = targets != NULL;
+    if (targets) {
+        cudaCheck(cudaMemcpyAsync(model->token_losses, d->losses, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost, st));
+        cudaCheck(cudaStreamSynchronize(st));
+        double weighted = 0.0, count = 0.0;
+        for (int i = 0; i < N; i++) {
+            weighted += (double)d->host_mask[i] * model->token_losses[i];
+            count += d->host_mask[i];
+        }
+        model->mean_loss = count > 0.0 ? (float)(weighted / count) : 0.0f;
+    } else {
+        memset(model->token_losses, 0, (size_t)N * sizeof(float));
+        model->mean_loss = -1.0f;
+    }
+}
+
+extern "C" void cuda_model_forward(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask, int B, int T) {
+    forward_impl(model, inputs, targets, loss_mask, B, T, NULL);
+    prof_resolve(model);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+
+extern "C" void cuda_model_zero_grad(CudaModel *model) {
+    Impl *d = impl_of(model);
+    cudaCheck(cudaMemsetAsync(d->grads, 0, model->num_parameters * sizeof(float), d->stream));
+}
+
+// dst (n) += src (n), fp32
+__global__ void add_inplace_kernel(float *dst, const float *src, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) dst[i] += src[i];
+}
+
+// Everything after the classifier's gradient: the logits' gradient (when have_dlogits) and
+// dhidden_host (when given) flow down to the parameter gradients.
+static void backward_from_logits(CudaModel *model, int have_dlogits, const float *dhidden_host) {
+    const ModelConfig *c = &model->config;
+    Impl *d = impl_of(model);
+    cudaStream_t st = d->stream;
+    int B = model->B, T = model->T;
+    int N = B * T, C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, L = c->n_layer;
+    int QKV = qkv_width(c), F = c->ffn_hidden, FC = fc_width(c), Vp = c->padded_vocab_size;
+    int gpt2 = c->arch == ARCH_GPT2;
+    size_t NC = (size_t)N * C;
+    float *scratch = d->column_scratch;
+    int head = head_tensor(c);
+
+    // classifier: dnorm = dlogits @ head (written), dhead += dlogits^T @ lnf
+    prof_begin(model, PROF_MATMUL_BWD);
+    if (have_dlogits)
+        matmul_backward(d->dnorm, 1, weight_grad(model, head, 0), NULL, d->logits, NULL, d->lnf, weight_bf16(model, head, 0),
+                        scratch, N, C, Vp, st);
+    else
+        cudaCheck(cudaMemsetAsync(d->dnorm, 0, NC * sizeof(float), st));
+    prof_end(model);
+    if (dhidden_host) {
+        cudaCheck(cudaMemcpyAsync(d->dhidden, dhidden_host, NC * sizeof(float), cudaMemcpyHostToDevice, st));
+        add_inplace_kernel<<<elementwise_blocks(NC), 256, 0, st>>>(d->dnorm, d->dhidden, NC);
+        cudaCheckLaunch();
+    }
+    cudaCheck(cudaMemsetAsync(d->dresidual, 0, NC * sizeof(float), st));
+    prof_begin(model, PROF_NORM_BWD);
+    norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LNFW, 0), weight_grad(model, P_LNFB, 0), d->dnorm,
+                  d->residual3 + (size_t)(L - 1) * NC, weight_bf16(model, P_LNFW, 0), gpt2 ? d->lnf_mean : NULL, d->lnf_rstd,
+                  scratch, N, C, gpt2, st);
+    prof_end(model);
+
+    for (int l = L - 1; l >= 0; l--) {
+        const float *residual = l == 0 ? d->encoded : d->residual3 + (size_t)(l - 1) * NC;
+        floatX *ln1 = d->ln1 + l * NC, *ln2 = d->ln2 + l * NC;
+        floatX *qkv = d->qkv + (size_t)l * N * QKV, *atty = d->atty + (size_t)l * N * NH * HS;
+        float *att_lse = d->att_lse + (size_t)l * N * NH;
+        float *residual2 = d->residual2 + l * NC;
+        floatX *fch = d->fch + (size_t)l * N * FC, *fch_act = d->fch_act + (size_t)l * N * F;
+
+        // MLP block: residual3 = residual2 + fcproj(act(fc(norm2(residual2))))
+        prof_begin(model, PROF_MATMUL_BWD);
+        matmul_backward(d->dfch_act, 0, weight_grad(model, P_FCPROJW, l), weight_grad(model, P_FCPROJB, l), d->dresidual_bf16,
+                        d->dresidual, fch_act, weight_bf16(model, P_FCPROJW, l), scratch, N, F, C, st);
+        prof_end(model);
+        prof_begin(model, PROF_ACT_BWD);
+        if (gpt2) gelu_backward(d->dfch, fch, d->dfch_act, (size_t)N * F, st);
+        else swiglu_backward(d->dfch, d->dfch_act, fch, N, F, st);
+        prof_end(model);
+        prof_begin(model, PROF_MATMUL_BWD);
+        matmul_backward(d->dnorm, 1, weight_grad(model, P_FCW, l), weight_grad(model, P_FCB, l), d->dfch, NULL, ln2,
+                        weight_bf16(model, P_FCW, l), scratch, N, C, FC, st);
+        prof_end(model);
+        prof_begin(model, PROF_NORM_BWD);
+        norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LN2W, l), weight_grad(model, P_LN2B, l), d->dnorm,
+                      residual2, weight_bf16(model, P_LN2W, l), gpt2 ? d->ln2_mean + (size_t)l * N : NULL,
+                      d->ln2_rstd + (size_t)l * N, scratch, N, C, gpt2, st);
+        prof_end(model);
+
+        // attention block: residual2 = residual + attproj(attention(qkv(norm1(residual))))
+        prof_begin(model, PROF_MATMUL_BWD);
+        matmul_backward(d->datty, 0, weight_grad(model, P_ATTPROJW, l), weight_grad(model, P_ATTPROJB, l), d->dresidual_bf16,
+                        d->dresidual, atty, weight_bf16(model, P_ATTPROJW, l), scratch, N, NH * HS, C, st);
+        prof_end(model);
+        prof_begin(model, PROF_ATTENTION_BWD);
+        attention_backward(d->dqkv, d->att_D, d->datty, qkv, atty, att_lse, B, T, NH, NKV, HS, st);
+        prof_end(model);
+        if (!gpt2) {
+            prof_begin(model, PROF_ROPE);
+            rope_backward(d->dqkv, d->rope_cos_sin, B, T, NH, NKV, HS, st);
+            prof_end(model);
+        }
+        prof_begin(model, PROF_MATMUL_BWD);
+        matmul_backward(d->dnorm, 1, weight_grad(model, P_QKVW, l), weight_grad(model, P_QKVB, l), d->dqkv, NULL, ln1,
+                        weight_bf16(model, P_QKVW, l), scratch, N, C, QKV, st);
+        prof_end(model);
+        prof_begin(model, PROF_NORM_BWD);
+        norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LN1W, l), weight_grad(model, P_LN1B, l), d->dnorm,
+                      residual, weight_bf16(model, P_LN1W, l), gpt2 ? d->ln1_mean + (size_t)l * N : NULL,
+                      d->ln1_rstd + (size_t)l * N, scratch, N, C, gpt2, st);
+        prof_end(model);
+    }
+    // the gradient at the embedding output; for tied models it adds to the classifier's dwte
+    prof_begin(model, PROF_ENCODER_BWD);
+    encoder_backward(weight_grad(model, P_WTE, 0), gpt2 ? weight_grad(model, P_WPE, 0) : NULL, d->dresidual, d->inputs, B, T, C, st);
+    prof_end(model);
+}
+
+// Backward of sum_bt token_weights[bt] * token_losses[bt] (+ <dhidden, hidden>), into the grads.
+extern "C" void cuda_model_backward_weighted(CudaModel *model, const float *token_weights, const float *dhidden) {
+    const ModelConfig *c = &model->config;
+    Impl *d = impl_of(model);
+    if (model->B <= 0) fatal("cuda_model_backward: no forward pass to differentiate (call cuda_model_forward first)");
+    if (token_weights && !model->has_targets)
+        fatal("cuda_model_backward: the last forward had no targets, so there is no loss to differentiate");
+    if (d->logits_hold_gradient)
+        fatal("cuda_model_backward: the logits of the last forward were already turned into their gradient; run a forward first");
+    if (token_weights == NULL && dhidden == NULL) return;
+    int N = model->B * model->T;
+    if (token_weights) {
+        // a position whose mask is 0 has loss 0 whatever its logits, so its weight is dropped
+        for (int i = 0; i < N; i++) d->host_weights[i] = d->host_mask[i] != 0.0f ? token_weights[i] : 0.0f;
+        cudaCheck(cudaMemcpyAsync(d->weights, d->host_weights, (size_t)N * sizeof(float), cudaMemcpyHostToDevice, d->stream));
+        prof_begin(model, PROF_CLASSIFIER);
+        classifier_backward(d->logits, d->lse, d->targets, d->weights, N, c->vocab_size, c->padded_vocab_size, d->stream);
+        prof_end(model);
+        d->logits_hold_gradient = 1;
+    }
+    backward_from_logits(model, token_weights != NULL, dhidden);
+    cudaCheck(cudaStreamSynchronize(d->stream));   // the host buffers may be reused at once
+    prof_resolve(model);
+}
+
+// weights = scale * mask / sum(mask), as model_backward
+static void mean_loss_weights(CudaModel *model, float *weights, const float *mask, int N, float scale) {
+    double count = 0.0;
+    for (int i = 0; i < N; i++) count += mask[i];
+    for (int i = 0; i < N; i++) weights[i] = count > 0.0 ? (float)(scale * mask[i] / count) : 0.0f;
+}
+
+extern "C" void cuda_model_backward(CudaModel *model, float scale) {
+    Impl *d = impl_of(model);
+    if (model->B <= 0) fatal("cuda_model_backward: no forward pass to differentiate (call cuda_model_forward first)");
+    if (!model->has_targets) fatal("cuda_model_backward: the last forward had no targets, so there is no loss to differentiate");
+    int N = model->B * model->T;
+    float *weights = (float *)mallocCheck((size_t)N * sizeof(float));
+    mean_loss_weights(model, weights, d->host_mask, N, scale);
+    cuda_model_backward_weighted(model, weights, NULL);
+    free(weights);
+}
+
+extern "C" void cuda_model_forward_backward(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask,
+                                            int B, int T, float scale) {
+    Impl *d = impl_of(model);
+    if (targets == NULL) fatal("cuda_model_forward_backward: training needs targets");
+    int N = B * T;
+    if (B <= 0 || T <= 0 || (size_t)N > (size_t)model->max_B * model->max_T)
+        fatal("cuda_model_forward_backward: batch %d x %d exceeds the shape %d x %d the GPU model was created for",
+              B, T, model->max_B, model->max_T);
+    for (int i = 0; i < N; i++) d->host_mask[i] = loss_mask ? loss_mask[i] : 1.0f;
+    mean_loss_weights(model, d->host_weights, d->host_mask, N, scale);
+    forward_impl(model, inputs, targets, loss_mask, B, T, d->host_weights);
+    backward_from_logits(model, 1, NULL);
+    prof_resolve(model);
+}
+
+// ---------------------------------------------------------------------------------------------
+// optimizer
+
+extern "C" float cuda_model_grad_norm(CudaModel *model) {
+    Impl *d = impl_of(model);
+    prof_begin(model, PROF_GRAD_NORM);
+    global_norm(d->norm_result, d->norm_partial, d->grads, model->num_parameters, d->stream);
+    prof_end(model);
+    float norm = 0.0f;
+    cudaCheck(cudaMemcpyAsync(&norm, d->norm_result, sizeof(float), cudaMemcpyDeviceToHost, d->stream));
+    cudaCheck(cudaStreamSynchronize(d->stream));
+    prof_resolve(model);
+    return norm;
+}
+
+extern "C" void cuda_model_adamw_update(CudaModel *model, float lr, float beta1, float beta2, float eps,
+                                        float weight_decay, float grad_scale) {
+    Impl *d = impl_of(model);
+    model->opt_step++;
+    int t = model->opt_step;
+    float bias_correction1 = (float)(1.0 - pow((double)beta1, t));
+    float bias_correction2 = (float)(1.0 - pow((double)beta2, t));
+    prof_begin(model, PROF_ADAMW);
+    for (int tensor = 0; tensor < NUM_PARAM_TENSORS; tensor++) {
+        size_t off = d->param_offsets[tensor];
+        float decay = param_is_decayed(tensor) ? 1.0f - lr * weight_decay : 1.0f;
+        adamw_update(d->params + off, d->params_bf16 + off, d->grads + off, d->m + off, d->v + off, d->param_sizes[tensor],
+                     lr, beta1, beta2, bias_correction1, bias_correction2, eps, decay, grad_scale, d->stream);
+    }
+    prof_end(model);
+    prof_resolve(model);
+}
+
+// ---------------------------------------------------------------------------------------------
+// copies to the host
+
+extern "C" void cuda_model_download(CudaModel *model, Model *cpu) {
+    Impl *d = impl_of(model);
+    if (cpu->num_parameters != model->num_parameters || memcmp(cpu->param_sizes, d->param_sizes, sizeof(d->param_sizes)) != 0)
+        fatal("cuda_model_download: the CPU model's layout differs from the GPU model's");
+    size_t bytes = model->num_parameters * sizeof(float);
+    cudaCheck(cudaStreamSynchronize(d->stream));
+    cudaCheck(cudaMemcpy(cpu->params, d->params, bytes, cudaMemcpyDeviceToHost));
+    if (cpu->m == NULL) cpu->m = (float *)mallocCheck(bytes);
+    if (cpu->v == NULL) cpu->v = (float *)mallocCheck(bytes);
+    cudaCheck(cudaMemcpy(cpu->m, d->m, bytes, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(cpu->v, d->v, bytes, cudaMemcpyDeviceToHost));
+    cpu->opt_step = model->opt_step;
+}
+
+extern "C" void cuda_model_copy_grads(CudaModel *model, float *dst) {
+    Impl *d = impl_of(model);
+    cudaCheck(cudaStreamSynchronize(d->stream));
+    cudaCheck(cudaMemcpy(dst, d->grads, model->num_parameters * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
+// n bf16 device values to fp32 host values, through a temporary device buffer.
+static void copy_bf16_to_host(Impl *d, float *dst, const floatX *src, size_t n) {
+    float *tmp = (float *)cudaMallocCheck(n * sizeof(float));
+    convert_bf16_to_f32(tmp, src, n, d->stream);
+    cudaCheck(cudaStreamSynchronize(d->stream));
+    cudaCheck(cudaMemcpy(dst, tmp, n * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaFree(tmp));
+}
+
+extern "C" void cuda_model_copy_logits(CudaModel *model, float *dst) {
+    Impl *d = impl_of(model);
+    if (d->logits_hold_gradient) fatal("cuda_model_copy_logits: a backward has overwritten the logits with their gradient");
+    copy_bf16_to_host(d, dst, d->logits, (size_t)model->B * model->T * model->config.padded_vocab_size);
+}
+
+extern "C" void cuda_model_copy_hidden(CudaModel *model, float *dst) {
+    copy_bf16_to_host(impl_of(model), dst, impl_of(model)->lnf, (size_t)model->B * model->T * model->config.n_embd);
+}
+
+extern "C" void cuda_model_poison(CudaModel *model) {
+    Impl *d = impl_of(model);
+    // all bits set is a NaN both as fp32 and as bf16
+    for (int i = 0; i < d->act_count; i++) cudaCheck(cudaMemsetAsync(d->act_ptrs[i], 0xff, d->act_bytes[i], d->stream));
+    cudaCheck(cudaStreamSynchronize(d->stream));
+}
+
+extern "C" void cuda_model_profile_report(CudaModel *model, FILE *out, int steps) {
+    Impl *d = impl_of(model);
+    prof_resolve(model);
+    int order[PROF_COUNT];
+    double total = 0.0;
+    for (int i = 0; i < PROF_COUNT; i++) { order[i] = i; total += d->prof_ms[i]; }
+    for (int i = 0; i < PROF_COUNT; i++)
+        for (int j = i + 1; j < PROF_COUNT; j++)
+            if (d->prof_ms[order[j]] > d->prof_ms[order[i]]) { int tmp = order[i]; order[i] = order[j]; order[j] = tmp; }
+    if (steps < 1) steps = 1;
+    fprintf(out, "  %-24s %10s %7s\n", "kernel group", "ms/step", "share");
+    for (int i = 0; i < PROF_COUNT; i++) {
+        int g = order[i];
+        if (d->prof_ms[g] <= 0.0) continue;
+        fprintf(out, "  %-24s %10.3f %6.1f%%\n", prof_names[g], d->prof_ms[g] / steps, 100.0 * d->prof_ms[g] / total);
+    }
+    fprintf(out, "  %-24s %10.3f\n", "sum of kernel groups", total / steps);
+    for (int i = 0; i < PROF_COUNT; i++) d->prof_ms[i] = 0.0;
+}

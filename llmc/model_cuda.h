@@ -1,0 +1,96 @@
+/*
+ * The model on one GPU, behind a small C API that mirrors model.h. A CudaModel is created from
+ * a CPU Model (its config and parameters, and its AdamW state when it has one), trains on the
+ * GPU, and writes its parameters back into the CPU Model on request.
+ *
+ * Precision: fp32 master weights, AdamW moments and parameter gradients; bf16 copies of the
+ * weights that the forward reads; bf16 activations except the residual stream (fp32); every
+ * sum accumulated in fp32. Results match the fp32 CPU reference within bf16 tolerance.
+ *
+ * Every function takes and returns host memory (token ids, masks, weights, losses); device
+ * memory stays inside. All functions exit with a message on a CUDA error (no return codes).
+ * Only compiled when nvcc is found (the Makefile then defines USE_CUDA for the C side):
+ *
+ *   #ifdef USE_CUDA
+ *   if (cuda_device_count() > 0) { CudaModel *g = cuda_model_create(&model, B, T); ... }
+ *   #endif
+ */
+#ifndef LLMC_MODEL_CUDA_H
+#define LLMC_MODEL_CUDA_H
+
+#include <stddef.h>
+#include <stdio.h>
+#include "model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct CudaModel {
+    ModelConfig config;
+    size_t num_parameters;
+    int max_B, max_T;       // the largest batch shape the activations were allocated for
+    int B, T;               // shape of the last forward
+    int opt_step;           // AdamW steps taken
+    int has_targets;
+    float mean_loss;        // as Model.mean_loss (-1 without targets)
+    float *token_losses;    // host (max_B * max_T): the last forward's per-token losses
+    int use_gelu_fusion;    // 1: GPT-2's MLP GELU comes from the cuBLASLt epilogue (default)
+    int profile;            // 1: time every kernel with CUDA events (cuda_model_profile_report)
+    void *impl;             // device buffers (model_cuda.cu)
+} CudaModel;
+
+// Number of usable CUDA devices (0 without a driver or a GPU; never exits).
+int cuda_device_count(void);
+// "NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB, compute 9.0" for device 0, into buf.
+void cuda_device_describe(char *buf, size_t size);
+// The card's dense bf16 tensor-core peak in FLOP/s when it is known by name (H100 SXM/PCIe,
+// H200, A100), else 0. Used for the benchmark's MFU.
+double cuda_device_bf16_peak_flops(void);
+
+// Allocates everything for batches up to max_B x max_T on device 0 and uploads the parameters
+// (fp32 master + bf16 copy) and, when the CPU model has them, its AdamW moments and step.
+CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T);
+void cuda_model_free(CudaModel *model);
+
+// As model_forward: inputs (B, T), targets (B, T) or NULL, loss_mask (B, T) or NULL.
+// Fills token_losses and mean_loss. B <= max_B, T <= max_T.
+void cuda_model_forward(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask, int B, int T);
+void cuda_model_zero_grad(CudaModel *model);
+// As model_backward_weighted: token_weights (B, T) or NULL, dhidden (B, T, C) or NULL; += grads.
+// Needs the last forward's activations (at most one backward per forward: the classifier writes
+// its gradient over the logits).
+void cuda_model_backward_weighted(CudaModel *model, const float *token_weights, const float *dhidden);
+// As model_backward: the gradient of scale * mean_loss.
+void cuda_model_backward(CudaModel *model, float scale);
+// The training step's forward + backward of scale * mean_loss with the fused classifier (the
+// loss and the logits' gradient in one kernel): what pretraining calls. Same results as
+// cuda_model_forward followed by cuda_model_backward.
+void cuda_model_forward_backward(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask,
+                                 int B, int T, float scale);
+
+float cuda_model_grad_norm(CudaModel *model);
+// As model_adamw_update (same decay set, same bias correction); refreshes the bf16 weights.
+void cuda_model_adamw_update(CudaModel *model, float lr, float beta1, float beta2, float eps,
+                             float weight_decay, float grad_scale);
+
+// Copies the fp32 master parameters, the AdamW moments (allocating cpu->m / cpu->v when needed)
+// and the step back into the CPU model (same config).
+void cuda_model_download(CudaModel *model, Model *cpu);
+// Copies out, as fp32: the parameter gradients (num_parameters), the last forward's logits
+// (B, T, Vp; only before a backward, which overwrites them) and hidden state (B, T, C).
+void cuda_model_copy_grads(CudaModel *model, float *dst);
+void cuda_model_copy_logits(CudaModel *model, float *dst);
+void cuda_model_copy_hidden(CudaModel *model, float *dst);
+// Fills every activation and activation-gradient buffer with NaN (tests: a kernel that leaves an
+// element unwritten then shows up as NaN in the outputs).
+void cuda_model_poison(CudaModel *model);
+
+// With model->profile = 1 every kernel launch is timed; this prints milliseconds per kernel
+// group summed since the last reset, largest first, and resets.
+void cuda_model_profile_report(CudaModel *model, FILE *out, int steps);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
