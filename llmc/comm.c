@@ -15,7 +15,6 @@
 
 static int comm_rank_ = 0, comm_world_ = 1, comm_local_rank_ = 0;
 static int comm_initialized_ = 0, comm_finalized_ = 0;
-static int comm_mpi_ = 0;   // MPI was initialised (this process was started by an MPI launcher)
 
 int comm_rank(void) { return comm_rank_; }
 int comm_world(void) { return comm_world_; }
@@ -38,6 +37,10 @@ static int launcher_world_size(void) {
     return 1;
 }
 
+#ifdef USE_MPI
+
+static int comm_mpi_ = 0;   // MPI was initialised (this process was started by an MPI launcher)
+
 // Whether an MPI launcher (mpirun/mpiexec of Open MPI or MPICH, srun) started this process.
 // A process started directly runs as one rank without initialising MPI at all: no start-up
 // cost, and no dependence on MPI's singleton mode working on the machine. (Inside an sbatch
@@ -48,8 +51,6 @@ static int launched_by_mpi(void) {
         if (getenv(vars[i]) != NULL) return 1;
     return 0;
 }
-
-#ifdef USE_MPI
 
 // Checks the return code of an MPI call; on failure names the call, the rank and MPI's own
 // message, then aborts the whole job so that every rank exits non-zero.
@@ -238,7 +239,7 @@ void comm_init(int *argc, char ***argv) {
     int launched = launcher_world_size();
     if (launched > 1)
         fatal("this train_mora was built without MPI, but the launcher started %d ranks: every one would "
-              "train alone and write the same files. Rebuild with mpicc on the PATH (make clean && make), "
+              "train alone and write the same files. Rebuild with mpicc on the PATH (make), "
               "or run a single process", launched);
     comm_initialized_ = 1;
 }
