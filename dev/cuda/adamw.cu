@@ -1,0 +1,55 @@
+/*
+ * Harness for adamw.cuh: three AdamW steps on fp32 master weights against the update written out
+ * in double on the host (the formula of model_adamw_update in model.c), with and without weight
+ * decay and gradient scaling; checks the fp32 parameters, both moments and the bf16 copy.
+ *   build/cuda/dev/adamw
+ */
+#include "harness.h"
+#include "adamw.cuh"
+
+static void check(size_t n, float weight_decay, float grad_scale) {
+    char name[160];
+    float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+    std::vector<float> p = random_f32_values(n, 1.0f), m(n, 0.0f), v(n, 0.0f);
+    std::vector<double> p_ref(p.begin(), p.end()), m_ref(n, 0.0), v_ref(n, 0.0);
+    float *d_p = upload(p), *d_m = upload(m), *d_v = upload(v), *d_g = device_alloc_n<float>(n);
+    floatX *d_pb = device_alloc_n<floatX>(n);
+    for (int step = 1; step <= 3; step++) {
+        std::vector<float> g = random_f32_values(n, 0.1f);
+        cudaCheck(cudaMemcpy(d_g, g.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+        double bc1 = 1.0 - pow(beta1, step), bc2 = 1.0 - pow(beta2, step);
+        for (size_t i = 0; i < n; i++) {
+            double gi = (double)g[i] * grad_scale;
+            m_ref[i] = beta1 * m_ref[i] + (1.0 - beta1) * gi;
+            v_ref[i] = beta2 * v_ref[i] + (1.0 - beta2) * gi * gi;
+            p_ref[i] = p_ref[i] * (1.0 - (double)lr * weight_decay) - lr * (m_ref[i] / bc1) / (sqrt(v_ref[i] / bc2) + eps);
+        }
+        poison(d_pb, n * sizeof(floatX));
+        adamw_update(d_p, d_pb, d_g, d_m, d_v, n, lr, beta1, beta2, (float)bc1, (float)bc2, eps, 1.0f - lr * weight_decay, grad_scale, 0);
+    }
+    std::vector<float> pr(p_ref.begin(), p_ref.end()), mr(m_ref.begin(), m_ref.end()), vr(v_ref.begin(), v_ref.end());
+    snprintf(name, sizeof(name), "adamw n=%zu wd=%g scale=%g params", n, weight_decay, grad_scale);
+    compare(name, download_f32(d_p, n), pr, 1e-6);
+    snprintf(name, sizeof(name), "adamw n=%zu wd=%g scale=%g m", n, weight_decay, grad_scale);
+    compare(name, download_f32(d_m, n), mr, 1e-5);
+    snprintf(name, sizeof(name), "adamw n=%zu wd=%g scale=%g v", n, weight_decay, grad_scale);
+    compare(name, download_f32(d_v, n), vr, 1e-5);
+    snprintf(name, sizeof(name), "adamw n=%zu wd=%g scale=%g bf16 copy", n, weight_decay, grad_scale);
+    compare(name, download_bf16(d_pb, n), pr, TOL_BF16);
+    for (void *q : {(void *)d_p, (void *)d_m, (void *)d_v, (void *)d_g, (void *)d_pb}) cudaCheck(cudaFree(q));
+}
+
+int main(void) {
+    harness_require_device("adamw");
+    harness_seed(8);
+    check(1, 0.0f, 1.0f);
+    check(1000, 0.1f, 1.0f);
+    check(3 << 20, 0.1f, 0.25f);
+    size_t n = 124475904;   // GPT-2 124M's parameters
+    float *p = upload(random_f32_values(n, 1.0f)), *g = upload(random_f32_values(n, 1.0f));
+    float *m = upload(std::vector<float>(n, 0.0f)), *v = upload(std::vector<float>(n, 0.0f));
+    floatX *pb = device_alloc_n<floatX>(n);
+    float ms = time_ms([&] { adamw_update(p, pb, g, m, v, n, 1e-4f, 0.9f, 0.95f, 0.5f, 0.5f, 1e-8f, 1.0f, 1.0f, 0); }, 2, 10);
+    printf("time adamw n=%zu: %.3f ms (%.0f GB/s)\n", n, ms, 22.0 * n / ms / 1e6);
+    return harness_finish("adamw");
+}

@@ -1,0 +1,97 @@
+/*
+ * Harness for matmul.cuh: the cuBLASLt products of the model against matmul_forward /
+ * matmul_backward of matmul.c (and gelu_forward of ops_cpu.c for the fused epilogue) on fresh
+ * random bf16 inputs: forward with and without bias, forward with the GELU epilogue (both its
+ * output and the saved pre-activation) against the reference variant (product, then the gelu.cuh
+ * kernel), and the backward (dinp in fp32 and bf16, dweight accumulated into existing values,
+ * dbias from bf16 and from fp32). Shapes include odd sizes (unaligned rows). Then timing of the
+ * model's products at GPT-2 124M's shapes, fused GELU against product + separate kernel.
+ *   build/cuda/dev/matmul
+ */
+#include "harness.h"
+#include "matmul.cuh"
+#include "gelu.cuh"
+
+static void check(int M, int IC, int OC, int with_bias) {
+    char name[160];
+    std::vector<float> inp = random_bf16_values((size_t)M * IC, 1.0f), w = random_bf16_values((size_t)OC * IC, 0.05f);
+    std::vector<float> bias = random_bf16_values(OC, 0.5f), dout = random_bf16_values((size_t)M * OC, 1.0f);
+    std::vector<float> out((size_t)M * OC), act((size_t)M * OC);
+    matmul_forward(out.data(), inp.data(), w.data(), with_bias ? bias.data() : NULL, M, IC, OC);
+    gelu_forward(act.data(), out.data(), out.size());
+    std::vector<float> dinp((size_t)M * IC, 0.0f), dw0 = random_f32_values((size_t)OC * IC, 0.1f), dw = dw0, db(OC, 0.0f);
+    matmul_backward(dinp.data(), dw.data(), db.data(), dout.data(), inp.data(), w.data(), M, IC, OC);
+
+    floatX *d_inp = upload_bf16(inp), *d_w = upload_bf16(w), *d_bias = upload_bf16(bias), *d_dout = upload_bf16(dout);
+    floatX *d_out = device_alloc_n<floatX>((size_t)M * OC), *d_pre = device_alloc_n<floatX>((size_t)M * OC);
+    poison(d_out, (size_t)M * OC * sizeof(floatX));
+    matmul_forward(d_out, d_inp, d_w, with_bias ? d_bias : NULL, NULL, M, IC, OC, 0);
+    snprintf(name, sizeof(name), "matmul_forward M=%d IC=%d OC=%d bias=%d", M, IC, OC, with_bias);
+    compare(name, download_bf16(d_out, (size_t)M * OC), out, TOL_BF16);
+    if (OC % 8 == 0) {
+        poison(d_out, (size_t)M * OC * sizeof(floatX)); poison(d_pre, (size_t)M * OC * sizeof(floatX));
+        matmul_forward(d_out, d_inp, d_w, with_bias ? d_bias : NULL, d_pre, M, IC, OC, 0);
+        snprintf(name, sizeof(name), "matmul_forward+gelu epilogue M=%d IC=%d OC=%d out", M, IC, OC);
+        compare(name, download_bf16(d_out, (size_t)M * OC), act, TOL_BF16);
+        snprintf(name, sizeof(name), "matmul_forward+gelu epilogue M=%d IC=%d OC=%d pre", M, IC, OC);
+        compare(name, download_bf16(d_pre, (size_t)M * OC), out, TOL_BF16);
+    }
+    float *d_dinp = device_alloc_n<float>((size_t)M * IC), *d_dw = upload(dw0), *d_db = upload(std::vector<float>(OC, 0.0f));
+    float *d_dout_f32 = upload(dout), *d_db2 = upload(std::vector<float>(OC, 0.0f));
+    floatX *d_dinp_bf16 = device_alloc_n<floatX>((size_t)M * IC);
+    float *scratch = device_alloc_n<float>((size_t)column_chunks(M) * OC);
+    poison(d_dinp, (size_t)M * IC * sizeof(float)); poison(d_dinp_bf16, (size_t)M * IC * sizeof(floatX));
+    matmul_backward(d_dinp, 1, d_dw, d_db, d_dout, NULL, d_inp, d_w, scratch, M, IC, OC, 0);
+    matmul_backward(d_dinp_bf16, 0, NULL, d_db2, d_dout, d_dout_f32, d_inp, d_w, scratch, M, IC, OC, 0);
+    snprintf(name, sizeof(name), "matmul_backward M=%d IC=%d OC=%d dinp fp32", M, IC, OC);
+    compare(name, download_f32(d_dinp, (size_t)M * IC), dinp, TOL_F32);
+    snprintf(name, sizeof(name), "matmul_backward M=%d IC=%d OC=%d dinp bf16", M, IC, OC);
+    compare(name, download_bf16(d_dinp_bf16, (size_t)M * IC), dinp, TOL_BF16);
+    snprintf(name, sizeof(name), "matmul_backward M=%d IC=%d OC=%d dweight (+=)", M, IC, OC);
+    compare(name, download_f32(d_dw, (size_t)OC * IC), dw, TOL_F32);
+    snprintf(name, sizeof(name), "matmul_backward M=%d IC=%d OC=%d dbias (bf16 dout)", M, IC, OC);
+    compare(name, download_f32(d_db, OC), db, TOL_F32);
+    snprintf(name, sizeof(name), "matmul_backward M=%d IC=%d OC=%d dbias (fp32 dout)", M, IC, OC);
+    compare(name, download_f32(d_db2, OC), db, TOL_F32);
+    void *ptrs[] = {d_inp, d_w, d_bias, d_dout, d_out, d_pre, d_dinp, d_dw, d_db, d_dout_f32, d_db2, d_dinp_bf16, scratch};
+    for (void *p : ptrs) cudaCheck(cudaFree(p));
+}
+
+// Times forward, dinp and dweight of one product at TFLOP/s; with gelu also the fused epilogue
+// against the product followed by the gelu.cuh kernel.
+static void timing(const char *label, int M, int IC, int OC, int gelu) {
+    floatX *inp = upload_bf16(random_bf16_values((size_t)M * IC, 1.0f)), *w = upload_bf16(random_bf16_values((size_t)OC * IC, 0.05f));
+    floatX *bias = upload_bf16(random_bf16_values(OC, 0.5f)), *out = device_alloc_n<floatX>((size_t)M * OC), *pre = device_alloc_n<floatX>((size_t)M * OC);
+    floatX *dout = upload_bf16(random_bf16_values((size_t)M * OC, 1.0f)), *dinp = device_alloc_n<floatX>((size_t)M * IC);
+    float *dw = device_alloc_n<float>((size_t)OC * IC);
+    double flops = 2.0 * M * IC * OC;
+    float fwd = time_ms([&] { matmul_forward(out, inp, w, bias, NULL, M, IC, OC, 0); });
+    float bwd_in = time_ms([&] { matmul_backward(dinp, 0, NULL, NULL, dout, NULL, inp, w, NULL, M, IC, OC, 0); });
+    float bwd_w = time_ms([&] { matmul_backward(NULL, 0, dw, NULL, dout, NULL, inp, w, NULL, M, IC, OC, 0); });
+    printf("time matmul %-10s M=%d IC=%d OC=%d: fwd %.3f ms (%.0f TFLOP/s)  dinp %.3f ms (%.0f)  dweight %.3f ms (%.0f)\n", label, M, IC, OC,
+           fwd, flops / fwd / 1e9, bwd_in, flops / bwd_in / 1e9, bwd_w, flops / bwd_w / 1e9);
+    if (gelu) {
+        float fused = time_ms([&] { matmul_forward(out, inp, w, bias, pre, M, IC, OC, 0); });
+        float separate = time_ms([&] { matmul_forward(pre, inp, w, bias, NULL, M, IC, OC, 0); gelu_forward(out, pre, (size_t)M * OC, 0); });
+        printf("time matmul %-10s GELU: fused epilogue %.3f ms, product + gelu kernel %.3f ms\n", label, fused, separate);
+    }
+    for (void *p : {(void *)inp, (void *)w, (void *)bias, (void *)out, (void *)pre, (void *)dout, (void *)dinp, (void *)dw}) cudaCheck(cudaFree(p));
+}
+
+int main(void) {
+    harness_require_device("matmul");
+    harness_seed(10);
+    check(1, 1, 1, 1);
+    check(5, 7, 3, 1);
+    check(33, 64, 40, 0);
+    check(300, 768, 2304, 1);
+    check(256, 576, 3072, 0);
+    check(128, 768, 50304, 0);
+    int M = 16 * 1024;
+    timing("qkv", M, 768, 2304, 0);
+    timing("attproj", M, 768, 768, 0);
+    timing("fc", M, 768, 3072, 1);
+    timing("fcproj", M, 3072, 768, 0);
+    timing("lm_head", M, 768, 50304, 0);
+    return harness_finish("matmul");
+}
