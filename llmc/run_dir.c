@@ -1,0 +1,105 @@
+/*
+ * Run-directory helpers (run_dir.h).
+ */
+#include <sys/stat.h>
+#include "run_dir.h"
+#include "utils.h"
+
+void run_ensure_dir(const char *path, const char *flag) {
+    struct stat st;
+    if (stat(path, &st) == 0) {
+        if (!S_ISDIR(st.st_mode)) fatal("%s %s exists and is not a directory", flag, path);
+        return;
+    }
+    if (mkdir(path, 0755) != 0) fatal("%s: cannot create directory %s: %s", flag, path, strerror(errno));
+}
+
+int run_file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+int run_is_dir(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+void run_write_text(const char *path, const char *text) {
+    char tmp[4400];
+    if (strlen(path) + 32 > sizeof tmp) fatal("path too long: %s", path);
+    FILE *f = atomic_open(path, tmp, sizeof tmp);
+    fwrite_check(text, 1, strlen(text), f, path);
+    atomic_commit(f, tmp, path);
+}
+
+void run_write_json(const char *path, const cJSON *obj) {
+    char *text = cJSON_Print(obj);
+    if (text == NULL) fatal("out of memory formatting %s", path);
+    size_t n = strlen(text);
+    text = (char *)reallocCheck(text, n + 2);
+    text[n] = '\n';
+    text[n + 1] = '\0';
+    run_write_text(path, text);
+    free(text);
+}
+
+cJSON *run_read_json(const char *path) {
+    char *text = read_file_all(path, NULL);
+    cJSON *obj = cJSON_Parse(text);
+    if (obj == NULL) fatal("%s: not valid JSON", path);
+    free(text);
+    return obj;
+}
+
+char *run_latest_checkpoint(const char *out) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/latest.txt", out);
+    if (!run_file_exists(path)) return NULL;
+    char *name = read_file_all(path, NULL);
+    name[strcspn(name, "\r\n")] = '\0';
+    if (name[0] == '\0') fatal("%s: empty (expected a checkpoint file name)", path);
+    char *full = (char *)mallocCheck(strlen(out) + strlen(name) + 2);
+    sprintf(full, "%s/%s", out, name);
+    free(name);
+    if (!run_file_exists(full)) fatal("%s names %s, which does not exist", path, full);
+    return full;
+}
+
+void run_save_checkpoint(const Model *model, const TrainState *state, const char *out) {
+    char name[64], path[4200], latest[4200];
+    snprintf(name, sizeof name, "model_step%06d.ckpt", state->step);
+    snprintf(path, sizeof path, "%s/%s", out, name);
+    checkpoint_save_native(model, state, path, 1);
+    snprintf(latest, sizeof latest, "%s/latest.txt", out);
+    char line[80];
+    snprintf(line, sizeof line, "%s\n", name);
+    run_write_text(latest, line);
+}
+
+FILE *run_open_jsonl_upto(const char *path, const char *key, int last) {
+    if (run_file_exists(path)) {
+        char tmp[4400];
+        char *text = read_file_all(path, NULL);
+        FILE *f = atomic_open(path, tmp, sizeof tmp);
+        char *save = NULL;
+        for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+            cJSON *obj = cJSON_Parse(line);
+            cJSON *v = obj ? cJSON_GetObjectItemCaseSensitive(obj, key) : NULL;
+            if (!cJSON_IsNumber(v) || v->valueint <= last) fprintf(f, "%s\n", line);
+            cJSON_Delete(obj);
+        }
+        atomic_commit(f, tmp, path);
+        free(text);
+    }
+    FILE *f = fopen(path, "ab");
+    if (f == NULL) fatal("cannot open %s for appending: %s", path, strerror(errno));
+    return f;
+}
+
+void run_format_duration(double seconds, char *buf, size_t n) {
+    if (!(seconds >= 0) || seconds > 1e8) { snprintf(buf, n, "?"); return; }
+    int s = (int)(seconds + 0.5);
+    if (s >= 3600) snprintf(buf, n, "%dh%02dm", s / 3600, (s % 3600) / 60);
+    else if (s >= 60) snprintf(buf, n, "%dm%02ds", s / 60, s % 60);
+    else snprintf(buf, n, "%ds", s);
+}

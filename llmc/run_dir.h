@@ -1,0 +1,32 @@
+/*
+ * Run directories (the conventions of train_mora pretrain, shared with the MORA loop):
+ * OUT/config.json, OUT/metrics.jsonl (one line a step, truncated back to the checkpoint's step on
+ * resume), native checkpoints OUT/model_stepNNNNNN.ckpt with OUT/latest.txt naming the newest,
+ * every file written atomically.
+ */
+#ifndef LLMC_RUN_DIR_H
+#define LLMC_RUN_DIR_H
+#include <stdio.h>
+#include <cjson/cJSON.h>
+#include "model.h"
+#include "checkpoint.h"
+
+// Creates DIR if needed; a path that exists and is not a directory is an error naming `flag`.
+void run_ensure_dir(const char *path, const char *flag);
+int run_file_exists(const char *path);
+int run_is_dir(const char *path);
+// Writes obj (pretty-printed, newline-terminated) / text to PATH atomically.
+void run_write_json(const char *path, const cJSON *obj);
+void run_write_text(const char *path, const char *text);
+// Parses a JSON file; an unreadable or malformed file is an error naming it. Caller deletes.
+cJSON *run_read_json(const char *path);
+// OUT/<latest.txt's name>, malloc'd, or NULL when OUT has no latest.txt.
+char *run_latest_checkpoint(const char *out);
+// Saves OUT/model_stepNNNNNN.ckpt (with optimizer state) and points latest.txt at it.
+void run_save_checkpoint(const Model *model, const TrainState *state, const char *out);
+// Keeps the lines of the JSONL file PATH whose integer field `key` is <= last (all lines when the
+// field is missing), then returns it opened for appending.
+FILE *run_open_jsonl_upto(const char *path, const char *key, int last);
+// "1h02m", "3m05s", "12s" ("?" for a negative or absurd value).
+void run_format_duration(double seconds, char *buf, size_t n);
+#endif
