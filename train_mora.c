@@ -24,6 +24,7 @@
 #include "llmc/comm.h"
 #include "tokenizer.h"
 #include "dataloader.h"
+#include "mora.h"
 
 // ----------------------------------------------------------------------------
 // small shared pieces
@@ -555,7 +556,10 @@ static void usage(FILE *out) {
         "commands:\n"
         "  pretrain   language-model training on token shards (llm.c format)\n"
         "  generate   sample or chat from a checkpoint\n"
-        "  reward     train the helpful/harmless/truthful reward heads on preference JSONL\n");
+        "  reward     train the helpful/harmless/truthful reward heads on preference JSONL\n"
+        "  mora       MORA: presample, isolate, rewrite, update (GRPO or DPO); --mora 0 the baseline\n"
+        "  eval       the comparison table of a MORA run against its baseline on held-out prompts\n"
+        "  demo       the built-in demo (also what `train_mora` with no arguments runs)\n");
 }
 
 // Ranks: under mpirun/srun every rank runs main. comm_init registers MPI_Finalize for a normal
@@ -567,7 +571,8 @@ int main(int argc, char **argv) {
     comm_init(&argc, &argv);
     if (comm_rank() != 0 && freopen("/dev/null", "w", stdout) == NULL)
         fatal("rank %d: cannot silence stdout: %s", comm_rank(), strerror(errno));
-    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+    if (argc < 2) return cmd_demo(argc, argv);
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(stdout);
         return 0;
     }
@@ -579,6 +584,9 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "pretrain")) return cmd_pretrain(argc, argv);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "reward")) return cmd_reward(argc, argv);
+    if (!strcmp(cmd, "mora")) return cmd_mora(argc, argv);
+    if (!strcmp(cmd, "eval")) return cmd_eval(argc, argv);
+    if (!strcmp(cmd, "demo")) return cmd_demo(argc, argv);
     fprintf(stderr, "error: unknown command '%s'\n\n", cmd);
     usage(stderr);
     return 1;
