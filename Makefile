@@ -56,7 +56,8 @@ CFLAGS += -DUSE_CUDA
 endif
 # `make cuda`: the per-kernel harnesses dev/cuda/*.cu (each includes its .cuh and links the CPU
 # reference objects), the full-model GPU test and the GPU benchmark (these two link model_cuda.o).
-CUDA_DEV_BINS := $(if $(NVCC),$(patsubst dev/cuda/%.cu,$(BUILD)/cuda/dev/%,$(wildcard dev/cuda/*.cu)),)
+CUDA_HARNESSES := encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention test_model_gpu bench_train
+CUDA_DEV_BINS := $(if $(NVCC),$(patsubst %,$(BUILD)/cuda/dev/%,$(CUDA_HARNESSES)),)
 CUDA_MODEL_PROGS := $(filter $(BUILD)/cuda/dev/test_model_gpu $(BUILD)/cuda/dev/bench_train,$(CUDA_DEV_BINS))
 CPU_REF_OBJS := $(BUILD)/llmc/model.o $(BUILD)/llmc/ops_cpu.o $(BUILD)/llmc/matmul.o $(BUILD)/llmc/utils.o
 NVCC_LDLIBS := -Xcompiler -fopenmp -lcublasLt -lcublas -lm -lpthread

@@ -20,11 +20,11 @@
 
 #include <stddef.h>
 #include <stdio.h>
-#include "model.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
+#include "model.h"
 
 typedef struct CudaModel {
     ModelConfig config;

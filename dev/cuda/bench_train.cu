@@ -1,0 +1,83 @@
+/*
+ * GPU training benchmark: full training steps (forward + backward with the fused classifier,
+ * gradient norm, AdamW) of GPT-2 124M and the SmolLM2-135M shape at B = 16, T = 1024 on random
+ * tokens. Prints tokens/s, MFU at the card's dense bf16 peak (model_flops_per_step: 6 FLOPs per
+ * matmul weight per token plus attention over the full T x T, as llm.c and PaLM count), and a
+ * per-kernel-group time table from a profiled run (CUDA events around each launch group).
+ * Figures only: not a test.
+ *   build/cuda/dev/bench_train [steps]        (BF16_PEAK_TFLOPS overrides the card's peak)
+ * Targets from the issue (H100 80GB): GPT-2 124M >= 500K tok/s, SmolLM2-135M >= 350K tok/s.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <algorithm>
+#include <vector>
+extern "C" {
+#include "utils.h"
+#include "rand.h"
+}
+#include "model_cuda.h"
+
+static void bench(const char *preset, int B, int T, int steps, double peak, double target) {
+    ModelConfig c;
+    if (!model_config_preset(preset, &c)) fatal("unknown preset %s", preset);
+    Model cpu;
+    model_init(&cpu, &c, preset);
+    model_init_random(&cpu, 42);
+    CudaModel *gpu = cuda_model_create(&cpu, B, T);
+    int N = B * T;
+    std::vector<int> inputs(N), targets(N);
+    uint64_t rng = rng_seed(7);
+    for (int i = 0; i < N; i++) {
+        inputs[i] = (int)(random_u32(&rng) % (uint32_t)c.vocab_size);
+        targets[i] = (int)(random_u32(&rng) % (uint32_t)c.vocab_size);
+    }
+    auto step = [&]() {
+        cuda_model_zero_grad(gpu);
+        cuda_model_forward_backward(gpu, inputs.data(), targets.data(), NULL, B, T, 1.0f);
+        float norm = cuda_model_grad_norm(gpu);   // synchronises: the step is complete
+        cuda_model_adamw_update(gpu, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, norm > 1.0f ? 1.0f / norm : 1.0f);
+    };
+    for (int i = 0; i < 2; i++) step();   // warm-up: cuBLASLt heuristics, module load
+    std::vector<double> times;
+    for (int i = 0; i < steps; i++) {
+        double t0 = wall_seconds();
+        step();
+        cuda_model_grad_norm(gpu);        // a sync after AdamW, so the step's time is all in
+        times.push_back(wall_seconds() - t0);
+    }
+    std::sort(times.begin(), times.end());
+    double median = times[times.size() / 2];
+    double flops = model_flops_per_step(&c, B, T);
+    double tok_s = N / median;
+    printf("%-20s %6.1fM params  B=%d T=%d  %8.2f ms/step  %9.0f tok/s  %7.1f TFLOP/s", preset, cpu.num_parameters / 1e6, B, T,
+           median * 1e3, tok_s, flops / median / 1e12);
+    if (peak > 0) printf("  MFU %5.1f%%", 100.0 * flops / median / peak);
+    printf("  loss %.4f  (target %.0fK tok/s: %s)\n", gpu->mean_loss, target / 1e3, tok_s >= target ? "met" : "NOT met");
+    gpu->profile = 1;
+    for (int i = 0; i < 2; i++) step();
+    printf("  per-kernel time (profiled run, CUDA events around each launch group):\n");
+    cuda_model_profile_report(gpu, stdout, 2);
+    cuda_model_free(gpu);
+    model_free(&cpu);
+}
+
+int main(int argc, char **argv) {
+    int steps = argc > 1 ? atoi(argv[1]) : 10;
+    if (steps < 1) steps = 1;
+    if (cuda_device_count() <= 0) {
+        printf("bench_train: no CUDA device\n");
+        return 1;
+    }
+    char device[256];
+    cuda_device_describe(device, sizeof(device));
+    double peak = cuda_device_bf16_peak_flops();
+    const char *env = getenv("BF16_PEAK_TFLOPS");
+    if (env) peak = atof(env) * 1e12;
+    printf("GPU training step (forward + backward + grad norm + AdamW), median of %d steps, on %s", steps, device);
+    if (peak > 0) printf(", bf16 peak %.0f TFLOP/s\n", peak / 1e12);
+    else printf(", bf16 peak unknown (set BF16_PEAK_TFLOPS for MFU)\n");
+    bench("gpt2:d12", 16, 1024, steps, peak, 500e3);
+    bench("llama:smollm2-135m", 16, 1024, steps, peak, 350e3);
+    return 0;
+}

@@ -1,0 +1,225 @@
+/*
+ * The full-model GPU test: the CUDA model (model_cuda.h, bf16 with fp32 master weights) against
+ * the fp32 CPU reference (model.h) on the same parameters and batch.
+ *
+ *   1. forward: logits, final hidden state, per-token losses and mean loss; backward_weighted
+ *      with random per-token weights, a masked position and a dhidden term: every parameter
+ *      tensor's gradient. For GPT-2 and Llama at tiny and real sizes (gpt2:d12, SmolLM2-135M)
+ *      and a Qwen2-style Llama (q/k/v biases, untied head). Every activation buffer is poisoned
+ *      with NaN before each run, so an element a kernel leaves unwritten shows up as a failure.
+ *   2. the fused training step (forward_backward, the classifier's gradient in the forward)
+ *      against the CPU's forward + model_backward.
+ *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families: the GPU's
+ *      losses must follow the CPU's step by step, the loss must fall, and the downloaded
+ *      parameters must match the CPU's at the end.
+ *
+ * Tolerances are relative L2 errors: bf16 activations through L layers against fp32.
+ *   build/cuda/dev/test_model_gpu        (exit 1 on any failure)
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <vector>
+extern "C" {
+#include "utils.h"
+#include "rand.h"
+}
+#include "model_cuda.h"
+
+#define TOL_LOGITS 3e-2
+#define TOL_HIDDEN 3e-2
+#define TOL_LOSSES 1e-2
+#define TOL_GRADS 8e-2
+#define TOL_PARAMS 1e-2
+
+static int failures = 0;
+
+static void compare(const char *what, const float *gpu, const float *ref, size_t n, double tol) {
+    double diff2 = 0.0, ref2 = 0.0, max_abs = 0.0;
+    size_t bad = 0, max_at = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(gpu[i])) { bad++; continue; }
+        double d = (double)gpu[i] - ref[i];
+        diff2 += d * d;
+        ref2 += (double)ref[i] * ref[i];
+        if (fabs(d) > max_abs) { max_abs = fabs(d); max_at = i; }
+    }
+    double rel = ref2 > 0.0 ? sqrt(diff2 / ref2) : sqrt(diff2);
+    int ok = bad == 0 && rel <= tol;
+    if (!ok) failures++;
+    if (bad) printf("FAIL %-52s %zu of %zu values not finite (unwritten or overflowed)\n", what, bad, n);
+    else printf("%s %-52s rel err %.2e (tol %.0e)  max abs err %.2e at %zu\n", ok ? "PASS" : "FAIL", what, rel, tol, max_abs, max_at);
+}
+
+// Random model: GPT-2 init plus noise on the norm weights and biases (which init sets to 1 and 0,
+// values that would hide a wrong index into them).
+static void make_model(Model *m, const ModelConfig *c, uint64_t seed) {
+    model_init(m, c, "test_model_gpu");
+    model_init_random(m, seed);
+    uint64_t rng = rng_seed(seed + 1);
+    int noisy[] = {P_LN1W, P_LN1B, P_QKVB, P_ATTPROJB, P_LN2W, P_LN2B, P_FCB, P_FCPROJB, P_LNFW, P_LNFB};
+    for (int t : noisy)
+        for (size_t i = 0; i < m->param_sizes[t]; i++) m->param_ptrs[t][i] += 0.1f * random_normal(&rng);
+    if (!c->tied_embeddings)
+        for (size_t i = 0; i < (size_t)c->vocab_size * c->n_embd; i++) m->param_ptrs[P_LMHEAD][i] = 0.02f * random_normal(&rng);
+}
+
+static void check_forward_backward(const char *label, ModelConfig c, int B, int T) {
+    printf("-- %s: B=%d T=%d\n", label, B, T);
+    Model cpu;
+    make_model(&cpu, &c, 11);
+    int N = B * T, C = c.n_embd, Vp = c.padded_vocab_size;
+    uint64_t rng = rng_seed(12);
+    std::vector<int> inputs(N), targets(N);
+    std::vector<float> mask(N), weights(N), dhidden((size_t)N * C);
+    for (int i = 0; i < N; i++) {
+        inputs[i] = (int)(random_u32(&rng) % (uint32_t)c.vocab_size);
+        targets[i] = (int)(random_u32(&rng) % (uint32_t)c.vocab_size);
+        mask[i] = i % 7 == 2 ? 0.0f : 1.0f;
+        weights[i] = (0.5f + random_f32(&rng)) / N;
+    }
+    for (auto &x : dhidden) x = 1e-3f * random_normal(&rng);
+    char what[160];
+
+    model_forward(&cpu, inputs.data(), targets.data(), mask.data(), B, T);
+    model_zero_grad(&cpu);
+    model_backward_weighted(&cpu, weights.data(), dhidden.data());
+
+    CudaModel *gpu = cuda_model_create(&cpu, B, T);
+    cuda_model_poison(gpu);
+    cuda_model_forward(gpu, inputs.data(), targets.data(), mask.data(), B, T);
+    std::vector<float> got((size_t)N * Vp), hidden((size_t)N * C), grads(cpu.num_parameters);
+    cuda_model_copy_logits(gpu, got.data());
+    snprintf(what, sizeof(what), "%s logits", label);
+    compare(what, got.data(), cpu.logits, (size_t)N * Vp, TOL_LOGITS);
+    cuda_model_copy_hidden(gpu, hidden.data());
+    snprintf(what, sizeof(what), "%s hidden", label);
+    compare(what, hidden.data(), cpu.hidden, (size_t)N * C, TOL_HIDDEN);
+    snprintf(what, sizeof(what), "%s token losses", label);
+    compare(what, gpu->token_losses, cpu.token_losses, N, TOL_LOSSES);
+    snprintf(what, sizeof(what), "%s mean loss (%.5f vs %.5f)", label, gpu->mean_loss, cpu.mean_loss);
+    compare(what, &gpu->mean_loss, &cpu.mean_loss, 1, TOL_LOSSES);
+
+    cuda_model_zero_grad(gpu);
+    cuda_model_backward_weighted(gpu, weights.data(), dhidden.data());
+    cuda_model_copy_grads(gpu, grads.data());
+    size_t offset = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t n = cpu.param_sizes[t];
+        if (n) {
+            snprintf(what, sizeof(what), "%s grad %s", label, param_tensor_names[t]);
+            compare(what, grads.data() + offset, cpu.grads + offset, n, TOL_GRADS);
+        }
+        offset += n;
+    }
+    float gpu_norm = cuda_model_grad_norm(gpu), cpu_norm = model_grad_norm(&cpu);
+    snprintf(what, sizeof(what), "%s grad norm (%.5g vs %.5g)", label, gpu_norm, cpu_norm);
+    compare(what, &gpu_norm, &cpu_norm, 1, TOL_GRADS);
+
+    // the fused training step against forward + model_backward(scale)
+    float scale = 0.5f;
+    model_forward(&cpu, inputs.data(), targets.data(), mask.data(), B, T);
+    model_zero_grad(&cpu);
+    model_backward(&cpu, scale);
+    cuda_model_poison(gpu);
+    cuda_model_zero_grad(gpu);
+    cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+    snprintf(what, sizeof(what), "%s fused step mean loss (%.5f vs %.5f)", label, gpu->mean_loss, cpu.mean_loss);
+    compare(what, &gpu->mean_loss, &cpu.mean_loss, 1, TOL_LOSSES);
+    cuda_model_copy_grads(gpu, grads.data());
+    snprintf(what, sizeof(what), "%s fused step all grads", label);
+    compare(what, grads.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
+    cuda_model_free(gpu);
+    model_free(&cpu);
+}
+
+// 20 AdamW steps on one fixed batch of a learnable sequence (token i+1 = (token i * 5 + row) % V).
+static void check_loss_curve(const char *label, ModelConfig c, int B, int T) {
+    printf("-- %s: 20-step loss curve, B=%d T=%d\n", label, B, T);
+    Model cpu;
+    make_model(&cpu, &c, 21);
+    int N = B * T, V = c.vocab_size;
+    std::vector<int> seq((size_t)B * (T + 1));
+    for (int b = 0; b < B; b++) {
+        seq[(size_t)b * (T + 1)] = (b * 37 + 1) % V;
+        for (int t = 1; t <= T; t++) seq[(size_t)b * (T + 1) + t] = (seq[(size_t)b * (T + 1) + t - 1] * 5 + b) % V;
+    }
+    std::vector<int> inputs(N), targets(N);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            inputs[(size_t)b * T + t] = seq[(size_t)b * (T + 1) + t];
+            targets[(size_t)b * T + t] = seq[(size_t)b * (T + 1) + t + 1];
+        }
+    CudaModel *gpu = cuda_model_create(&cpu, B, T);
+    float lr = 3e-3f, first_cpu = 0.0f, last_cpu = 0.0f;
+    double worst = 0.0;
+    printf("   step   cpu loss   gpu loss   |diff|\n");
+    for (int step = 0; step < 20; step++) {
+        model_zero_grad(&cpu);
+        model_forward(&cpu, inputs.data(), targets.data(), NULL, B, T);
+        model_backward(&cpu, 1.0f);
+        float cpu_norm = model_grad_norm(&cpu);
+        model_adamw_update(&cpu, lr, 0.9f, 0.95f, 1e-8f, 0.1f, cpu_norm > 1.0f ? 1.0f / cpu_norm : 1.0f);
+
+        cuda_model_zero_grad(gpu);
+        cuda_model_forward_backward(gpu, inputs.data(), targets.data(), NULL, B, T, 1.0f);
+        float gpu_norm = cuda_model_grad_norm(gpu);
+        cuda_model_adamw_update(gpu, lr, 0.9f, 0.95f, 1e-8f, 0.1f, gpu_norm > 1.0f ? 1.0f / gpu_norm : 1.0f);
+        double diff = fabs((double)gpu->mean_loss - cpu.mean_loss);
+        if (diff > worst) worst = diff;
+        printf("   %4d %10.5f %10.5f %8.5f\n", step, cpu.mean_loss, gpu->mean_loss, diff);
+        if (step == 0) first_cpu = cpu.mean_loss;
+        last_cpu = cpu.mean_loss;
+    }
+    char what[160];
+    // bf16 losses track the fp32 ones to about 1% of the loss
+    int follows = worst <= 0.02 + 0.01 * first_cpu;
+    if (!follows) failures++;
+    printf("%s %s GPU loss curve follows the CPU's (worst |diff| %.4f, allowed %.4f)\n", follows ? "PASS" : "FAIL", label,
+           worst, 0.02 + 0.01 * first_cpu);
+    int falls = last_cpu < first_cpu - 0.5f;
+    if (!falls) failures++;
+    printf("%s %s loss falls (%.4f -> %.4f)\n", falls ? "PASS" : "FAIL", label, first_cpu, last_cpu);
+    Model back;
+    model_init(&back, &c, "test_model_gpu");
+    cuda_model_download(gpu, &back);
+    snprintf(what, sizeof(what), "%s parameters after 20 steps", label);
+    compare(what, back.params, cpu.params, cpu.num_parameters, TOL_PARAMS);
+    int steps_ok = back.opt_step == cpu.opt_step;
+    if (!steps_ok) failures++;
+    printf("%s %s AdamW step count %d (cpu %d)\n", steps_ok ? "PASS" : "FAIL", label, back.opt_step, cpu.opt_step);
+    model_free(&back);
+    cuda_model_free(gpu);
+    model_free(&cpu);
+}
+
+int main(void) {
+    if (cuda_device_count() <= 0) {
+        printf("FAIL test_model_gpu: no CUDA device\n");
+        return 1;
+    }
+    char device[256];
+    cuda_device_describe(device, sizeof(device));
+    printf("== test_model_gpu on %s\n", device);
+    ModelConfig c;
+    model_config_preset("gpt2:tiny", &c);
+    check_forward_backward("gpt2:tiny", c, 4, 64);
+    model_config_preset("llama:tiny", &c);
+    check_forward_backward("llama:tiny", c, 4, 64);
+    model_config_preset("llama:tiny", &c);
+    c.qkv_bias = 1;
+    c.tied_embeddings = 0;
+    c.padded_vocab_size = 320;
+    check_forward_backward("qwen2-style tiny (qkv bias, untied, padded)", c, 3, 50);
+    model_config_preset("gpt2:d12", &c);
+    check_forward_backward("gpt2:d12", c, 2, 128);
+    model_config_preset("llama:smollm2-135m", &c);
+    check_forward_backward("llama:smollm2-135m", c, 2, 128);
+    model_config_preset("gpt2:tiny", &c);
+    check_loss_curve("gpt2:tiny", c, 4, 64);
+    model_config_preset("llama:tiny", &c);
+    check_loss_curve("llama:tiny", c, 4, 64);
+    printf("== test_model_gpu: %s (%d failed checks)\n", failures ? "FAIL" : "PASS", failures);
+    return failures ? 1 : 0;
+}
