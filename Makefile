@@ -49,9 +49,10 @@ CU_OBJS := $(if $(NVCC),$(patsubst %.cu,$(BUILD)/cuda/%.o,$(CU_SRCS)),)
 # The CUDA model (llmc/model_cuda.h) is linked into ./train_mora when nvcc is found, and the C
 # side is compiled with -DUSE_CUDA; without nvcc nothing refers to CUDA.
 CUDA_MODEL_OBJS := $(if $(NVCC),$(BUILD)/cuda/llmc/model_cuda.o,)
-CUDA_LIBDIR := $(if $(NVCC),$(abspath $(dir $(NVCC))/../lib64),)
-CUDA_LDLIBS := $(if $(NVCC),-L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublasLt -lcublas -lcudart -lstdc++,)
+CUDA_LDLIBS :=
 ifneq ($(NVCC),)
+CUDA_LIBDIR := $(abspath $(dir $(NVCC))/../lib64)
+CUDA_LDLIBS := -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublasLt -lcublas -lcudart -lstdc++
 CFLAGS += -DUSE_CUDA
 endif
 # `make cuda`: the per-kernel harnesses dev/cuda/*.cu (each includes its .cuh and links the CPU
