@@ -24,6 +24,9 @@
 #include "llmc/comm.h"
 #include "tokenizer.h"
 #include "dataloader.h"
+#ifdef USE_CUDA
+#include "llmc/model_cuda.h"
+#endif
 #include "mora.h"
 
 // ----------------------------------------------------------------------------
@@ -85,14 +88,32 @@ static void format_duration(double seconds, char *buf, size_t n) {
     else snprintf(buf, n, "%ds", s);
 }
 
-// Resolves --device: this build runs on the CPU; cuda is rejected with a clear message.
-static void resolve_device(const char *device) {
-    if (!strcmp(device, "cpu") || !strcmp(device, "auto")) {
-        printf("device: cpu (%d OpenMP threads)\n", omp_get_max_threads());
-        return;
+// Resolves --device to 1 (a CUDA GPU) or 0 (the CPU): cuda needs a build with nvcc and a GPU;
+// auto takes the GPU when there is one and says which.
+static int resolve_device(const char *device) {
+    if (strcmp(device, "cpu") && strcmp(device, "cuda") && strcmp(device, "auto"))
+        fatal("--device %s: expected cpu, cuda or auto", device);
+    int gpus = 0;
+#ifdef USE_CUDA
+    if (strcmp(device, "cpu")) gpus = cuda_device_count();
+#endif
+    if (!strcmp(device, "cuda") && gpus == 0) {
+#ifdef USE_CUDA
+        fatal("--device cuda: no CUDA GPU is visible (driver missing or no device); use --device cpu");
+#else
+        fatal("--device cuda: this build of train_mora has no CUDA backend (nvcc was not found at build time); use --device cpu");
+#endif
     }
-    if (!strcmp(device, "cuda")) fatal("--device cuda: this build of train_mora has no CUDA backend; use --device cpu");
-    fatal("--device %s: expected cpu, cuda or auto", device);
+    if (gpus > 0) {
+#ifdef USE_CUDA
+        char desc[256];
+        cuda_device_describe(desc, sizeof desc);
+        printf("device: cuda (%s)\n", desc);
+#endif
+        return 1;
+    }
+    printf("device: cpu (%d OpenMP threads)\n", omp_get_max_threads());
+    return 0;
 }
 
 // ----------------------------------------------------------------------------
@@ -276,8 +297,11 @@ static int cmd_pretrain(int argc, char **argv) {
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
     if (a.zero != 0 && a.zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a.zero);
-    resolve_device(a.device);
+    const int use_gpu = resolve_device(a.device);
     const int rank = comm_rank(), world = comm_world();
+    if (use_gpu && (world > 1 || a.zero))
+        fatal("--device cuda with %s: data-parallel training on GPUs needs the NCCL gradient all-reduce in the CUDA model, which this build does not have; run one rank per GPU job or use --device cpu",
+              world > 1 ? "several ranks" : "--zero 1");
 
     // rank 0 owns the run directory; the others wait until it exists
     if (rank == 0) ensure_dir(a.out);
@@ -357,10 +381,31 @@ static int cmd_pretrain(int argc, char **argv) {
     double run_start = wall_seconds(), train_seconds = 0.0;
     int first_step = state.step;
     dataloader_seek_step(&train, state.step, a.grad_accum);
+#ifdef USE_CUDA
+    // the GPU trains its own copy (fp32 master weights, bf16 compute); the CPU model receives the
+    // parameters and AdamW state back before every checkpoint
+    CudaModel *gpu = use_gpu ? cuda_model_create(&model, a.batch_size, a.seq_len) : NULL;
+#endif
     for (int step = state.step + 1; step <= a.steps; step++) {
         double t0 = wall_seconds();
-        model_zero_grad(&model);
         double loss = 0.0;
+        float norm, scale, lr = lr_schedule(step - 1, a.warmup, a.steps, a.lr, a.min_lr);
+#ifdef USE_CUDA
+        if (gpu) {
+            cuda_model_zero_grad(gpu);
+            for (int micro = 0; micro < a.grad_accum; micro++) {
+                dataloader_next(&train);
+                cuda_model_forward_backward(gpu, train.inputs, train.targets, NULL, a.batch_size, a.seq_len, 1.0f / a.grad_accum);
+                loss += gpu->mean_loss / a.grad_accum;
+            }
+            if (!isfinite(loss)) fatal("step %d: loss is %f; lower --lr or check the data", step, loss);
+            norm = cuda_model_grad_norm(gpu);
+            scale = (a.grad_clip > 0.0f && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
+            cuda_model_adamw_update(gpu, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
+            goto step_done;
+        }
+#endif
+        model_zero_grad(&model);
         for (int micro = 0; micro < a.grad_accum; micro++) {
             dataloader_next(&train);
             model_forward(&model, train.inputs, train.targets, NULL, a.batch_size, a.seq_len);
@@ -374,22 +419,29 @@ static int cmd_pretrain(int argc, char **argv) {
         comm_all_reduce_sum_double(&loss, 1);
         loss /= world;
         if (!isfinite(loss)) fatal("step %d: loss is %f; lower --lr or check the data", step, loss);
-        float norm = model_grad_norm(&model);
-        float scale = (a.grad_clip > 0.0f && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
-        float lr = lr_schedule(step - 1, a.warmup, a.steps, a.lr, a.min_lr);
+        norm = model_grad_norm(&model);
+        scale = (a.grad_clip > 0.0f && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
         if (a.zero == 1) {
             adamw_update_shard(&model, &shard, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
             comm_all_gather_shards(model.params, model.num_parameters);
         } else {
             model_adamw_update(&model, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
         }
+#ifdef USE_CUDA
+    step_done:
+#endif
         state.step = step;
         double dt = wall_seconds() - t0;
         train_seconds += dt;
 
         float val_loss = -1.0f;
         if (a.val_data[0] && a.val_every > 0 && (step % a.val_every == 0 || step == a.steps))
+        {
+#ifdef USE_CUDA
+            if (gpu) cuda_model_download(gpu, &model);  // validation reads the current weights
+#endif
             val_loss = evaluate_loss(&model, &val, a.val_batches);
+        }
 
         if (metrics) {
             fprintf(metrics, "{\"step\": %d, \"loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.2f, \"tokens_per_s\": %.1f",
@@ -419,10 +471,16 @@ static int cmd_pretrain(int argc, char **argv) {
                 free(m); free(v);
                 model.m = model.v = NULL;
             } else if (rank == 0) {
+#ifdef USE_CUDA
+                if (gpu) cuda_model_download(gpu, &model);
+#endif
                 save_run_checkpoint(&model, &state, a.out);
             }
         }
     }
+#ifdef USE_CUDA
+    if (gpu) cuda_model_free(gpu);
+#endif
     if (metrics) fclose(metrics);
     free(shard.m); free(shard.v);
     printf("done: %d steps in %.1f s; checkpoint in %s\n", a.steps - first_step, wall_seconds() - run_start, a.out);

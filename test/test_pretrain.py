@@ -126,8 +126,8 @@ def test_bad_shards(train_mora_bin, tmp_path):
 def test_help(train_mora_bin):
     p = run([train_mora_bin, "pretrain", "--help"])
     assert p.returncode == 0 and "--train_data" in p.stdout and "default" in p.stdout
-    p = run([train_mora_bin])
-    assert p.returncode == 0 and "pretrain" in p.stdout
+    p = run([train_mora_bin, "--help"])
+    assert p.returncode == 0 and "pretrain" in p.stdout and "generate" in p.stdout
     p = run([train_mora_bin, "frobnicate"])
     assert p.returncode != 0 and "unknown command" in p.stderr
 
