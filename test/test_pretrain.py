@@ -92,6 +92,7 @@ BAD_CASES = [
     (["--seq_len", "100000"], "--seq_len"),
     (["--bogus", "1"], "--bogus"),
     (["--device", "tpu"], "--device"),
+    (["--device", "cuda"], "--device cuda"),  # this machine has no GPU (CI neither)
     (["--lr", "nan"], "--lr"),
 ]
 
