@@ -1651,49 +1651,43 @@ int cmd_eval(int argc, char **argv) {
 // intent phrases plus its answer.
 static ModelConfig demo_model_config(void) {
     ModelConfig c = {
-        .arch = ARCH_LLAMA, .vocab_size = 256, .padded_vocab_size = 256, .max_seq_len = 256, .n_layer = 2,
-        .n_embd = 64, .n_head = 4, .n_kv_head = 2, .head_dim = 16, .ffn_hidden = 192, .norm_eps = 1e-5f,
+        .arch = ARCH_LLAMA, .vocab_size = 256, .padded_vocab_size = 256, .max_seq_len = 256, .n_layer = 4,
+        .n_embd = 96, .n_head = 6, .n_kv_head = 2, .head_dim = 16, .ffn_hidden = 256, .norm_eps = 1e-5f,
         .rope_theta = 10000.0f, .tied_embeddings = 1, .qkv_bias = 0,
     };
     return c;
 }
 
 // Language-model training on the world's dialogues rendered through the plain chat template
-// (the response, then a newline that ends it); one dialogue per row, right-padded, the loss on
-// every real next token. A dialogue longer than the context keeps its last tokens.
-static void demo_pretrain(Model *model, const WorldCorpus *corpus, int steps, int B, float lr, int seed) {
+// (the response, then the newline that ends it), concatenated into one byte stream; every row of
+// a batch is T bytes from a random offset of the stream (no padding, so every token trains).
+static void demo_pretrain(Model *model, const WorldCorpus *corpus, int steps, int B, int T, float lr, int seed) {
     const ChatTemplate *plain = chat_template_lookup("plain");
-    int T = model->config.max_seq_len;
+    size_t len = 0, cap = 1 << 20;
+    unsigned char *stream = (unsigned char *)mallocCheck(cap);
+    for (int k = 0; k < corpus->n; k++) {
+        char *head = chat_template_render(plain, NULL, corpus->prompts[k], 1);
+        size_t a = strlen(head), b = strlen(corpus->responses[k]);
+        if (len + a + b + 1 > cap) { cap = 2 * (len + a + b + 1); stream = (unsigned char *)reallocCheck(stream, cap); }
+        memcpy(stream + len, head, a);
+        memcpy(stream + len + a, corpus->responses[k], b);
+        stream[len + a + b] = '\n';
+        len += a + b + 1;
+        free(head);
+    }
+    if (len < (size_t)T + 2) fatal("demo: the corpus is shorter than one row of %d bytes", T);
     int *inputs = (int *)mallocCheck(sizeof(int) * B * T), *targets = (int *)mallocCheck(sizeof(int) * B * T);
-    float *mask = (float *)mallocCheck(sizeof(float) * B * T);
     uint64_t rng = rng_seed((uint64_t)seed ^ 0x505245ULL);
     double t0 = wall_seconds(), last = t0;
     for (int step = 1; step <= steps; step++) {
-        int Tb = 2;
-        char *texts[256];
-        int lens[256];
         for (int b = 0; b < B; b++) {
-            int k = (int)(random_u32(&rng) % (uint32_t)corpus->n);
-            char *head = chat_template_render(plain, NULL, corpus->prompts[k], 1);
-            size_t n = strlen(head) + strlen(corpus->responses[k]) + 2;
-            texts[b] = (char *)mallocCheck(n);
-            snprintf(texts[b], n, "%s%s\n", head, corpus->responses[k]);
-            free(head);
-            lens[b] = (int)strlen(texts[b]);
-            if (lens[b] > T + 1) lens[b] = T + 1;
-            if (lens[b] - 1 > Tb) Tb = lens[b] - 1;
-        }
-        for (int b = 0; b < B; b++) {
-            const unsigned char *s = (const unsigned char *)texts[b] + (strlen(texts[b]) - lens[b]);
-            for (int t = 0; t < Tb; t++) {
-                int ok = t + 1 < lens[b];
-                inputs[b * Tb + t] = t < lens[b] ? s[t] : 0;
-                targets[b * Tb + t] = ok ? s[t + 1] : 0;
-                mask[b * Tb + t] = ok ? 1.0f : 0.0f;
+            size_t off = (size_t)(random_u32(&rng) % (uint32_t)(len - T - 1));
+            for (int t = 0; t < T; t++) {
+                inputs[b * T + t] = stream[off + t];
+                targets[b * T + t] = stream[off + t + 1];
             }
-            free(texts[b]);
         }
-        model_forward(model, inputs, targets, mask, B, Tb);
+        model_forward(model, inputs, targets, NULL, B, T);
         model_zero_grad(model);
         model_backward(model, 1.0f);
         float norm = model_grad_norm(model);
@@ -1703,11 +1697,12 @@ static void demo_pretrain(Model *model, const WorldCorpus *corpus, int steps, in
         if (now - last > 5.0 || step == steps || step == 1) {
             char eta[32];
             run_format_duration((now - t0) / step * (steps - step), eta, sizeof eta);
-            printf("pretrain: step %d/%d | loss %.4f | %s left\n", step, steps, model->mean_loss, eta);
+            printf("pretrain: step %d/%d | loss %.4f | %.0f tok/s | %s left\n", step, steps, model->mean_loss,
+                   (double)step * B * T / (now - t0), eta);
             last = now;
         }
     }
-    free(inputs); free(targets); free(mask);
+    free(inputs); free(targets); free(stream);
 }
 
 // Runs a subcommand in-process with the given flags (argv[0] and the command name first).
@@ -1728,7 +1723,7 @@ static int run_command(int (*cmd)(int, char **), const char *name, const char **
 
 int cmd_demo(int argc, char **argv) {
     const char *out = "demo_run";
-    int seed = 1, pretrain_steps = 1500, steps = 40, corpus_size = 6000;
+    int seed = 1, pretrain_steps = 1000, steps = 30, corpus_size = 6000;
     ArgSpec specs[] = {
         {"out", ARG_STRING, &out, "demo directory: world/, base/, heads/, mora/, baseline/, report.md"},
         {"seed", ARG_INT, &seed, "seed of the world, the model and every run"},
@@ -1784,7 +1779,7 @@ int cmd_demo(int argc, char **argv) {
     model_init_random(&model, (uint64_t)seed);
     printf("model: L=%d C=%d heads=%d/%d ffn=%d V=%d maxT=%d, %.2fM parameters\n", mc.n_layer, mc.n_embd, mc.n_head,
            mc.n_kv_head, mc.ffn_hidden, mc.vocab_size, mc.max_seq_len, model.num_parameters / 1e6);
-    demo_pretrain(&model, &corpus, pretrain_steps, 16, 3e-3f, seed);
+    demo_pretrain(&model, &corpus, pretrain_steps, 16, 128, 3e-3f, seed);
     TrainState st = {0};
     checkpoint_save_native(&model, &st, base_ckpt, 0);
     model_free(&model);
