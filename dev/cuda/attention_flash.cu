@@ -1,0 +1,203 @@
+/*
+ * Harness for attention_flash.cuh, the tensor-core (mma.sync bf16) flash attention, on fresh
+ * random inputs:
+ *   - against the CPU op (attention_forward / attention_backward of ops_cpu.c, fp32 with the full
+ *     (T, T) probabilities) and a float64 log-sum-exp: out, lse, dq, dk, dv. At the benchmark
+ *     shapes (B = 16, T = 1024) the CPU reference runs on the first and the last batch element
+ *     only (the whole batch would take minutes of CPU time), the GPU on the whole batch;
+ *   - against the simple CUDA kernels of attention.cuh on the whole batch (every element);
+ *   - bitwise repeatability of forward and backward (the backward uses no atomics);
+ * for multi-head (GPT-2: 12 heads of 64) and grouped-query (SmolLM2: 9 query heads on 3 kv heads)
+ * attention, head sizes 64 and 128, T of 1, T not a multiple of the 64-row tiles, and sharp
+ * softmaxes (inputs scaled by 4, scores of standard deviation ~16) that exercise the online
+ * rescaling. Every output is poisoned with NaN before each run. Then timings of both kernels at
+ * the benchmark shapes.
+ *   build/cuda/dev/attention_flash
+ */
+#include "harness.h"
+#include "attention.cuh"
+#include "attention_flash.cuh"
+
+// float64 log-sum-exp of every query row's scaled scores, (B, NH, T), for batch elements
+// [b0, b0 + nb) of qkv (B, T, QKV)
+static std::vector<float> reference_lse(const std::vector<float> &qkv, int b0, int nb, int T, int NH, int NKV, int HS) {
+    int QKV = (NH + 2 * NKV) * HS;
+    std::vector<float> lse((size_t)nb * NH * T);
+    double scale = 1.0 / sqrt((double)HS);
+    #pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int bi = 0; bi < nb; bi++)
+        for (int h = 0; h < NH; h++) {
+            std::vector<double> scores(T);
+            int b = b0 + bi;
+            for (int t = 0; t < T; t++) {
+                const float *q = &qkv[((size_t)b * T + t) * QKV + (size_t)h * HS];
+                double m = -INFINITY, s = 0.0;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *k = &qkv[((size_t)b * T + t2) * QKV + (size_t)(NH + h / (NH / NKV)) * HS];
+                    double dot = 0.0;
+                    for (int i = 0; i < HS; i++) dot += (double)q[i] * k[i];
+                    scores[t2] = dot * scale;
+                    m = fmax(m, scores[t2]);
+                }
+                for (int t2 = 0; t2 <= t; t2++) s += exp(scores[t2] - m);
+                lse[((size_t)bi * NH + h) * T + t] = (float)(m + log(s));
+            }
+        }
+    return lse;
+}
+
+// rows [b0 * T, (b0 + nb) * T) of a (B*T, width) tensor, columns [c0, c1)
+static std::vector<float> slice(const std::vector<float> &x, int b0, int nb, int T, int width, int c0, int c1) {
+    std::vector<float> out;
+    out.reserve((size_t)nb * T * (c1 - c0));
+    for (size_t row = (size_t)b0 * T; row < (size_t)(b0 + nb) * T; row++)
+        for (int c = c0; c < c1; c++) out.push_back(x[row * width + c]);
+    return out;
+}
+
+// compares dq, dk and dv (the three column ranges of dqkv) separately so a failure says which
+static void compare_dqkv(const char *label, const std::vector<float> &got, const std::vector<float> &ref, int b0, int nb,
+                         int T, int NH, int NKV, int HS, double tol) {
+    int QKV = (NH + 2 * NKV) * HS;
+    const char *parts[3] = {"dq", "dk", "dv"};
+    int start[3] = {0, NH * HS, (NH + NKV) * HS}, end[3] = {NH * HS, (NH + NKV) * HS, QKV};
+    char name[200];
+    for (int p = 0; p < 3; p++) {
+        snprintf(name, sizeof(name), "%s %s", label, parts[p]);
+        compare(name, slice(got, b0, nb, T, QKV, start[p], end[p]), slice(ref, 0, nb, T, QKV, start[p], end[p]), tol);
+    }
+}
+
+static void expect_identical(const char *name, const std::vector<float> &a, const std::vector<float> &b) {
+    size_t differ = 0;
+    for (size_t i = 0; i < a.size(); i++) differ += memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    if (differ) harness_failures++;
+    printf("%s %-44s %zu of %zu elements differ between two runs\n", differ ? "FAIL" : "PASS", name, differ, a.size());
+}
+
+// One shape: the flash kernels against the CPU op on batch elements cpu_b (all when cpu_all),
+// against attention.cuh on every element, and against themselves on a second run.
+static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool cpu_all) {
+    char label[160], name[220];
+    snprintf(label, sizeof(label), "B=%d T=%d NH=%d NKV=%d HS=%d x%.0f", B, T, NH, NKV, HS, input_scale);
+    int QKV = (NH + 2 * NKV) * HS;
+    size_t n_qkv = (size_t)B * T * QKV, n_out = (size_t)B * T * NH * HS, n_stat = (size_t)B * NH * T;
+    std::vector<float> qkv = random_bf16_values(n_qkv, input_scale), dout = random_bf16_values(n_out, 1.0f);
+
+    floatX *d_qkv = upload_bf16(qkv), *d_dout = upload_bf16(dout);
+    floatX *d_out = device_alloc_n<floatX>(n_out), *d_dqkv = device_alloc_n<floatX>(n_qkv);
+    floatX *d_out_simple = device_alloc_n<floatX>(n_out), *d_dqkv_simple = device_alloc_n<floatX>(n_qkv);
+    float *d_lse = device_alloc_n<float>(n_stat), *d_D = device_alloc_n<float>(n_stat);
+    float *d_lse_simple = device_alloc_n<float>(n_stat), *d_D_simple = device_alloc_n<float>(n_stat);
+
+    // flash, twice (the second run must reproduce the first bit for bit)
+    std::vector<float> out[2], lse[2], dqkv[2];
+    for (int run = 0; run < 2; run++) {
+        poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
+        poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
+        attention_flash_forward(d_out, d_lse, d_qkv, B, T, NH, NKV, HS, 0);
+        out[run] = download_bf16(d_out, n_out);
+        lse[run] = download_f32(d_lse, n_stat);
+        // the backward reads the flash forward's own out and lse, as in the model
+        attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
+        dqkv[run] = download_bf16(d_dqkv, n_qkv);
+    }
+    snprintf(name, sizeof(name), "flash repeat %s out", label); expect_identical(name, out[0], out[1]);
+    snprintf(name, sizeof(name), "flash repeat %s lse", label); expect_identical(name, lse[0], lse[1]);
+    snprintf(name, sizeof(name), "flash repeat %s dqkv", label); expect_identical(name, dqkv[0], dqkv[1]);
+
+    // the simple kernels on the same inputs, every element
+    poison(d_out_simple, n_out * sizeof(floatX)); poison(d_lse_simple, n_stat * sizeof(float));
+    poison(d_dqkv_simple, n_qkv * sizeof(floatX)); poison(d_D_simple, n_stat * sizeof(float));
+    attention_forward(d_out_simple, d_lse_simple, d_qkv, B, T, NH, NKV, HS, 0);
+    attention_backward(d_dqkv_simple, d_D_simple, d_dout, d_qkv, d_out_simple, d_lse_simple, B, T, NH, NKV, HS, 0);
+    std::vector<float> out_simple = download_bf16(d_out_simple, n_out), lse_simple = download_f32(d_lse_simple, n_stat);
+    std::vector<float> dqkv_simple = download_bf16(d_dqkv_simple, n_qkv);
+    snprintf(name, sizeof(name), "flash vs simple %s out", label); compare(name, out[0], out_simple, TOL_BF16);
+    snprintf(name, sizeof(name), "flash vs simple %s lse", label); compare(name, lse[0], lse_simple, TOL_F32);
+    snprintf(name, sizeof(name), "flash vs simple %s", label);
+    compare_dqkv(name, dqkv[0], dqkv_simple, 0, B, T, NH, NKV, HS, TOL_BF16);
+
+    // the CPU op on whole batch elements
+    std::vector<int> cpu_b;
+    if (cpu_all) for (int b = 0; b < B; b++) cpu_b.push_back(b);
+    else { cpu_b.push_back(0); if (B > 1) cpu_b.push_back(B - 1); }
+    for (int b : cpu_b) {
+        std::vector<float> qkv_b = slice(qkv, b, 1, T, QKV, 0, QKV), dout_b = slice(dout, b, 1, T, NH * HS, 0, NH * HS);
+        std::vector<float> out_ref((size_t)T * NH * HS), att((size_t)NH * T * T), datt((size_t)NH * T * T);
+        std::vector<float> dqkv_ref((size_t)T * QKV, 0.0f);
+        attention_forward(out_ref.data(), att.data(), qkv_b.data(), 1, T, NH, NKV, HS);
+        attention_backward(dqkv_ref.data(), datt.data(), dout_b.data(), qkv_b.data(), att.data(), 1, T, NH, NKV, HS);
+        std::vector<float> lse_ref = reference_lse(qkv, b, 1, T, NH, NKV, HS);
+        std::vector<float> lse_b(lse[0].begin() + (size_t)b * NH * T, lse[0].begin() + (size_t)(b + 1) * NH * T);
+        snprintf(name, sizeof(name), "flash vs cpu %s b=%d out", label, b);
+        compare(name, slice(out[0], b, 1, T, NH * HS, 0, NH * HS), out_ref, TOL_BF16);
+        snprintf(name, sizeof(name), "flash vs cpu %s b=%d lse", label, b);
+        compare(name, lse_b, lse_ref, TOL_F32);
+        snprintf(name, sizeof(name), "flash vs cpu %s b=%d", label, b);
+        compare_dqkv(name, dqkv[0], dqkv_ref, b, 1, T, NH, NKV, HS, TOL_BF16);
+    }
+    for (void *p : {(void *)d_qkv, (void *)d_dout, (void *)d_out, (void *)d_dqkv, (void *)d_out_simple, (void *)d_dqkv_simple,
+                    (void *)d_lse, (void *)d_D, (void *)d_lse_simple, (void *)d_D_simple})
+        cudaCheck(cudaFree(p));
+}
+
+// Forward and backward times of both implementations. Four input sets are rotated so that the
+// timed runs do not read one set out of L2.
+static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
+    const int SETS = 4;
+    int QKV = (NH + 2 * NKV) * HS;
+    size_t n_qkv = (size_t)B * T * QKV, n_out = (size_t)B * T * NH * HS, n_stat = (size_t)B * NH * T;
+    floatX *qkv[SETS], *dout[SETS], *out[SETS], *dqkv = device_alloc_n<floatX>(n_qkv);
+    float *lse[SETS], *D = device_alloc_n<float>(n_stat);
+    for (int i = 0; i < SETS; i++) {
+        qkv[i] = upload_bf16(random_bf16_values(n_qkv, 1.0f));
+        dout[i] = upload_bf16(random_bf16_values(n_out, 1.0f));
+        out[i] = device_alloc_n<floatX>(n_out);
+        lse[i] = device_alloc_n<float>(n_stat);
+    }
+    // causal FLOPs actually needed: 2 products of T*T/2 * HS multiply-adds forward, 5 backward
+    double fwd_flops = 4.0 * B * NH * (double)T * T / 2 * HS, bwd_flops = 2.5 * fwd_flops;
+    for (int flash = 0; flash < 2; flash++) {
+        int i = 0;
+        float fwd = time_ms([&] {
+            i = (i + 1) % SETS;
+            if (flash) attention_flash_forward(out[i], lse[i], qkv[i], B, T, NH, NKV, HS, 0);
+            else attention_forward(out[i], lse[i], qkv[i], B, T, NH, NKV, HS, 0);
+        }, 3, 20);
+        float bwd = time_ms([&] {
+            i = (i + 1) % SETS;
+            if (flash) attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+            else attention_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+        }, 3, 20);
+        printf("time attention %-6s %-13s B=%d T=%d NH=%d NKV=%d HS=%d: forward %7.3f ms (%6.1f TFLOP/s), "
+               "backward %7.3f ms (%6.1f TFLOP/s)\n", flash ? "flash" : "simple", model, B, T, NH, NKV, HS, fwd,
+               fwd_flops / fwd / 1e9, bwd, bwd_flops / bwd / 1e9);
+    }
+    for (int i = 0; i < SETS; i++)
+        for (void *p : {(void *)qkv[i], (void *)dout[i], (void *)out[i], (void *)lse[i]}) cudaCheck(cudaFree(p));
+    cudaCheck(cudaFree(dqkv));
+    cudaCheck(cudaFree(D));
+}
+
+int main(void) {
+    harness_require_device("attention_flash");
+    harness_seed(61);
+    // small and awkward: T = 1, T below, at and across the 64-row tiles, grouped heads, HS 128
+    check(1, 1, 1, 1, 64, 1.0f, true);
+    check(2, 37, 4, 2, 64, 1.0f, true);
+    check(1, 64, 2, 2, 64, 1.0f, true);
+    check(2, 130, 6, 3, 64, 1.0f, true);
+    check(1, 200, 4, 1, 128, 1.0f, true);
+    check(2, 97, 2, 2, 128, 1.0f, true);
+    check(1, 300, 9, 3, 64, 4.0f, true);
+    check(1, 150, 4, 2, 128, 4.0f, true);
+    // the benchmark shapes: GPT-2 124M and SmolLM2-135M at B = 16, T = 1024
+    check(16, 1024, 12, 12, 64, 1.0f, false);
+    check(16, 1024, 9, 3, 64, 1.0f, false);
+    check(2, 1024, 8, 2, 128, 1.0f, false);
+    timing("gpt2-124M", 16, 1024, 12, 12, 64);
+    timing("smollm2-135M", 16, 1024, 9, 3, 64);
+    timing("hs128", 16, 1024, 8, 2, 128);
+    return harness_finish("attention_flash");
+}

@@ -1,0 +1,692 @@
+/*
+ * Causal self-attention with grouped-query heads on the tensor cores (FlashAttention-2 style),
+ * bf16 operands with fp32 accumulation, forward and backward. Same contract as attention.cuh:
+ *
+ *   qkv  (B, T, QKV) bf16, rows q (NH*HS) | k (NKV*HS) | v (NKV*HS); query head h reads key/value
+ *        head h / (NH / NKV). Scores s = q.k / sqrt(HS), softmax over keys t2 <= t.
+ *   out  (B, T, NH*HS) bf16; lse (B, NH, T) fp32, the natural log-sum-exp of each query row's
+ *        scores (the only softmax statistic kept: no (T, T) matrix exists in memory).
+ *   dqkv (B, T, QKV) bf16, every element written; D (B, NH, T) fp32 scratch.
+ * HS must be 64 or 128 (attention_flash_supports); attention.cuh covers the other head sizes.
+ *
+ * Algorithm (one block = 4 warps; a warp owns 16 rows of the block's 64, so the softmax row
+ * statistics never leave the warp):
+ *   forward  grid (T/64, NH, B). The block's 64 query rows against key tiles of 64 rows, from
+ *            key 0 up to the diagonal: S = Q K^T on the tensor cores, online softmax in base 2
+ *            (running row max m and sum l; the output accumulator is rescaled by 2^(m_old-m_new)
+ *            once per tile), O += P V with P rounded to bf16. out = O / l, lse = (m + log2 l) ln 2.
+ *   backward D = rowsum(dout * out) (preprocess), then two passes with no atomics, so the result
+ *            is bitwise the same on every run:
+ *            dK/dV  grid (T/64, NKV, B): the block's 64 key rows stay in shared memory while it
+ *                   walks every query head of its group and every query tile at or after the key
+ *                   tile. Per tile, with the key side as the M dimension of the products:
+ *                   S^T = K Q^T, P^T = 2^(S^T log2e - lse log2e), dP^T = V dO^T,
+ *                   dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q (scaled by 1/sqrt(HS) at the end).
+ *            dQ     grid (T/64, NH, B): the block's 64 query rows against key tiles up to the
+ *                   diagonal: S = Q K^T, P, dP = dO V^T, dS = P (dP - D), dQ += dS K.
+ *            The dQ pass recomputes S and dP (7 products instead of FlashAttention-2's 5 with
+ *            atomic dQ adds): the price of a deterministic backward.
+ *
+ * Tensor-core instruction: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (sm_80 and later,
+ * so the portable compute_80 build runs it too). Fragment layouts, with lane = 0..31,
+ * g = lane / 4 (group) and c = lane % 4 (thread in group); a 32-bit register holds two bf16, the
+ * lower column (or k) index in the low half:
+ *   A (16 x 16, row major)  a0 = A[g][2c..2c+1]    a1 = A[g+8][2c..2c+1]
+ *                           a2 = A[g][2c+8..2c+9]  a3 = A[g+8][2c+8..2c+9]
+ *   B (16 x 8, k x n)       b0 = B[2c..2c+1][g]    b1 = B[2c+8..2c+9][g]
+ *   C (16 x 8, fp32)        c0, c1 = C[g][2c..2c+1]   c2, c3 = C[g+8][2c..2c+1]
+ * An accumulator tile S (16 x 16j) becomes the A operand of the next product without leaving
+ * registers: for k-block kb, a0/a1 are the c0c1/c2c3 pairs of S's n-block 2kb and a2/a3 those
+ * of n-block 2kb+1 (flash_acc_to_a).
+ *
+ * Operands come from shared memory through ldmatrix.x4 (four 8 x 8 bf16 matrices; lanes 8i..8i+7
+ * give the row addresses of matrix i; register i of a lane receives row lane/4, columns 2(lane%4)
+ * and +1 of matrix i, or with .trans its transpose, i.e. column lane/4 of rows 2(lane%4), +1):
+ *   A from a row-major (rows, dims) tile          lane row = lane % 16, col = (lane / 16) * 8
+ *   B = X^T with X a (n rows, k dims) tile        lane row = lane % 8 + (lane / 16) * 8,
+ *     (S = Q K^T: X = K)                            col = ((lane / 8) % 2) * 8,
+ *                                                   registers: b0, b1 of n-block 0, b0, b1 of n-block 1
+ *   B = X with X a (k rows, n dims) tile, .trans  lane row = lane % 8 + ((lane / 8) % 2) * 8,
+ *     (O = P V: X = V)                              col = (lane / 16) * 8, same register order
+ * Shared-memory tiles are row-major with rows of HS + 8 bf16 (16 bytes of padding): the eight
+ * 16-byte rows an ldmatrix phase reads then start 4 banks apart and cover all 32 banks, so
+ * ldmatrix, the 16-byte cp.async writes and the epilogue's staging are free of bank conflicts.
+ *
+ * Tiles are loaded with cp.async (16-byte pieces, rows at or past T zero-filled) two stages deep:
+ * the next tile streams in while the current one is multiplied. Causal and T-edge masking is done
+ * per element on the tiles that cross the diagonal or the end of the sequence; every query row
+ * sees key 0, so its running max is finite after the first tile (a fully masked row would still
+ * give 0, not NaN: the exponent's reference is 0 while the max is -inf).
+ */
+#ifndef LLMC_ATTENTION_FLASH_CUH
+#define LLMC_ATTENTION_FLASH_CUH
+#include <math.h>
+#include <stdint.h>
+#include "cuda_common.h"
+
+#define FLASH_THREADS 128   // 4 warps
+#define FLASH_ROWS 64       // query rows (forward, dQ) or key rows (dK/dV) per block, 16 per warp
+#define FLASH_KEYS 64       // key rows per tile in the forward and dQ passes
+#define FLASH_PAD 8         // bf16 of padding per shared-memory row (see the header comment)
+#define FLASH_LOG2E 1.4426950408889634f
+#define FLASH_LN2 0.6931471805599453f
+
+static inline int attention_flash_supports(int HS) { return HS == 64 || HS == 128; }
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers (sm_80+). test/attention_flash_emu.cpp defines ATTENTION_FLASH_EMULATION and
+// provides these (and the dynamic shared memory) from the PTX ISA's definitions, so that the
+// kernels below run on the CPU, lane by lane, on a machine without a GPU.
+
+#ifndef ATTENTION_FLASH_EMULATION
+// the block's dynamic shared memory
+__device__ __forceinline__ unsigned char *flash_dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    return flash_smem;
+}
+
+__device__ __forceinline__ uint32_t flash_smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// 16 bytes global -> shared, asynchronous; when !valid nothing is read and the 16 bytes are zeroed
+__device__ __forceinline__ void flash_cp_async16(uint32_t dst, const void *src, bool valid) {
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+// 4 bytes global -> shared, zero-filled when !valid
+__device__ __forceinline__ void flash_cp_async4(uint32_t dst, const void *src, bool valid) {
+    int bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void flash_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// waits until at most N of this thread's committed groups are still in flight
+template <int N> __device__ __forceinline__ void flash_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void flash_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void flash_ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// d (16 x 8 fp32) += a (16 x 16 bf16) b (16 x 8 bf16), layouts in the header comment
+__device__ __forceinline__ void flash_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// two floats -> one register of two bf16, lo in the low half (the lower column)
+__device__ __forceinline__ uint32_t flash_pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// 2^x with the special-function unit (relative error about 2^-22; 2^-inf = 0)
+__device__ __forceinline__ float flash_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+#endif
+
+// The A fragment of k-block kb (16 columns) of a 16 x 16j accumulator tile acc[2j][4], in bf16.
+template <int NB>
+__device__ __forceinline__ void flash_acc_to_a(uint32_t (&a)[4], const float (&acc)[NB][4], int kb) {
+    a[0] = flash_pack_bf16(acc[2 * kb][0], acc[2 * kb][1]);
+    a[1] = flash_pack_bf16(acc[2 * kb][2], acc[2 * kb][3]);
+    a[2] = flash_pack_bf16(acc[2 * kb + 1][0], acc[2 * kb + 1][1]);
+    a[3] = flash_pack_bf16(acc[2 * kb + 1][2], acc[2 * kb + 1][3]);
+}
+
+// Shared-memory addresses each lane hands to ldmatrix.x4 (layouts in the header comment), for
+// tiles with rows of LDS bf16. Row r0 / column k0 select the 16 x 16 block.
+template <int LDS>
+__device__ __forceinline__ uint32_t flash_addr_a(const floatX *tile, int r0, int k0, int lane) {
+    return flash_smem_addr(tile + (r0 + (lane & 15)) * LDS + k0 + (lane >> 4) * 8);
+}
+template <int LDS>
+__device__ __forceinline__ uint32_t flash_addr_bt(const floatX *tile, int n0, int k0, int lane) {
+    return flash_smem_addr(tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * LDS + k0 + ((lane >> 3) & 1) * 8);
+}
+template <int LDS>
+__device__ __forceinline__ uint32_t flash_addr_b(const floatX *tile, int k0, int n0, int lane) {
+    return flash_smem_addr(tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + n0 + (lane >> 4) * 8);
+}
+
+// cp.async of rows [row0, row0 + ROWS) of batch element b of a (B*T, ld) bf16 matrix, columns
+// [col, col + HS), into the shared tile (ROWS, HS + FLASH_PAD). Rows at or past T are zeroed.
+template <int ROWS, int HS>
+__device__ __forceinline__ void flash_load_tile(floatX *tile, const floatX *src, int b, int row0, int T, int ld,
+                                                int col) {
+    constexpr int CHUNKS = HS / 8;   // 16-byte pieces per row
+    static_assert((ROWS * CHUNKS) % FLASH_THREADS == 0, "tile pieces must split evenly over the block");
+    #pragma unroll
+    for (int i = 0; i < ROWS * CHUNKS / FLASH_THREADS; i++) {
+        int idx = threadIdx.x + i * FLASH_THREADS;
+        int r = idx / CHUNKS, c = idx % CHUNKS, t = row0 + r;
+        bool valid = t < T;
+        const floatX *g = src + ((size_t)b * T + (valid ? t : 0)) * ld + col + c * 8;
+        flash_cp_async16(flash_smem_addr(tile + r * (HS + FLASH_PAD) + c * 8), g, valid);
+    }
+}
+// cp.async of ROWS floats row_stats[row0 ...] (one head's lse or D row) into shared; zero past T
+template <int ROWS>
+__device__ __forceinline__ void flash_load_stats(float *tile, const float *row_stats, int row0, int T) {
+    for (int i = threadIdx.x; i < ROWS; i += FLASH_THREADS) {
+        int t = row0 + i;
+        flash_cp_async4(flash_smem_addr(tile + i), row_stats + (t < T ? t : 0), t < T);
+    }
+}
+
+// Writes a shared tile (ROWS, HS + FLASH_PAD) to rows [row0, row0 + ROWS) < T of batch element b
+// of a (B*T, ld) bf16 matrix, columns [col, col + HS), in coalesced 16-byte stores.
+template <int ROWS, int HS>
+__device__ __forceinline__ void flash_store_tile(floatX *dst, const floatX *tile, int b, int row0, int T, int ld,
+                                                 int col) {
+    constexpr int CHUNKS = HS / 8;
+    #pragma unroll
+    for (int i = 0; i < ROWS * CHUNKS / FLASH_THREADS; i++) {
+        int idx = threadIdx.x + i * FLASH_THREADS;
+        int r = idx / CHUNKS, c = idx % CHUNKS, t = row0 + r;
+        if (t < T)
+            *(uint4 *)(dst + ((size_t)b * T + t) * ld + col + c * 8) = *(const uint4 *)(tile + r * (HS + FLASH_PAD) + c * 8);
+    }
+}
+
+// Stores a warp's 16 x HS fp32 accumulator (times mult) as bf16 into rows [r0, r0 + 16) of a
+// shared tile with rows of LDS (4-byte stores; rows 4 banks apart, so conflict-free).
+template <int HS, int LDS>
+__device__ __forceinline__ void flash_stage_acc(floatX *tile, const float (&acc)[HS / 8][4], int r0, float mult0,
+                                                float mult1, int lane) {
+    int g = lane >> 2, c = lane & 3;
+    #pragma unroll
+    for (int nd = 0; nd < HS / 8; nd++) {
+        *(uint32_t *)(tile + (r0 + g) * LDS + nd * 8 + 2 * c) = flash_pack_bf16(acc[nd][0] * mult0, acc[nd][1] * mult0);
+        *(uint32_t *)(tile + (r0 + g + 8) * LDS + nd * 8 + 2 * c) = flash_pack_bf16(acc[nd][2] * mult1, acc[nd][3] * mult1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+
+template <int HS>
+constexpr size_t flash_forward_smem() { return (size_t)(FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
+
+// grid (ceil(T / 64), NH, B), block 128. Shared: Q (64, LDS), K and V (64, LDS) x 2 stages.
+// Query tiles are taken last-first: the tiles near the end of the sequence see the most keys,
+// so the long blocks start first and the short ones fill the tail.
+template <int HS>
+__global__ void __launch_bounds__(FLASH_THREADS) flash_attention_forward_kernel(floatX *out, float *lse,
+                                                                               const floatX *qkv, int T, int NH,
+                                                                               int NKV) {
+    constexpr int BM = FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD;
+    floatX *sQ = (floatX *)flash_dynamic_smem();
+    floatX *sK = sQ + BM * LDS;       // stage s at sK + s * BN * LDS
+    floatX *sV = sK + 2 * BN * LDS;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
+    const float scale_log2 = rsqrtf((float)HS) * FLASH_LOG2E;
+    const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;   // key tiles up to the block's last query
+    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;  // this thread's two query rows
+
+    flash_load_tile<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
+    flash_load_tile<BN, HS>(sK, qkv, b, 0, T, QKV, (NH + kvh) * HS);
+    flash_load_tile<BN, HS>(sV, qkv, b, 0, T, QKV, (NH + NKV + kvh) * HS);
+    flash_cp_async_commit();
+
+    uint32_t q_frag[HS / 16][4];
+    float o[HS / 8][4];
+    #pragma unroll
+    for (int nd = 0; nd < HS / 8; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;   // running max (base 2) and sum per row
+
+    for (int j = 0; j < n_tiles; j++) {
+        const int stage = j & 1, k0 = j * BN;
+        if (j + 1 < n_tiles) {
+            flash_load_tile<BN, HS>(sK + (stage ^ 1) * BN * LDS, qkv, b, k0 + BN, T, QKV, (NH + kvh) * HS);
+            flash_load_tile<BN, HS>(sV + (stage ^ 1) * BN * LDS, qkv, b, k0 + BN, T, QKV, (NH + NKV + kvh) * HS);
+        }
+        flash_cp_async_commit();          // possibly empty, so the wait below always means "tile j"
+        flash_cp_async_wait<1>();
+        __syncthreads();
+        if (j == 0) {
+            #pragma unroll
+            for (int kk = 0; kk < HS / 16; kk++) flash_ldmatrix_x4(q_frag[kk], flash_addr_a<LDS>(sQ, warp * 16, kk * 16, lane));
+        }
+        const floatX *k_tile = sK + stage * BN * LDS, *v_tile = sV + stage * BN * LDS;
+
+        // S (16 rows x 64 keys per warp) = Q K^T
+        float s[BN / 8][4];
+        #pragma unroll
+        for (int nb = 0; nb < BN / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+        #pragma unroll
+        for (int kk = 0; kk < HS / 16; kk++) {
+            #pragma unroll
+            for (int np = 0; np < BN / 16; np++) {
+                uint32_t kb[4];
+                flash_ldmatrix_x4(kb, flash_addr_bt<LDS>(k_tile, np * 16, kk * 16, lane));
+                flash_mma(s[2 * np], q_frag[kk], kb[0], kb[1]);
+                flash_mma(s[2 * np + 1], q_frag[kk], kb[2], kb[3]);
+            }
+        }
+
+        // scale to base 2, mask keys after the query (only tiles reaching past this warp's first row)
+        const bool diagonal = k0 + BN - 1 > q0 + warp * 16;
+        float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+        #pragma unroll
+        for (int nb = 0; nb < BN / 8; nb++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = k0 + nb * 8 + 2 * c + (e & 1);
+                float x = s[nb][e] * scale_log2;
+                if (diagonal && key > (e < 2 ? row0 : row1)) x = -INFINITY;
+                s[nb][e] = x;
+                if (e < 2) tile_max0 = fmaxf(tile_max0, x); else tile_max1 = fmaxf(tile_max1, x);
+            }
+        }
+        // a row's 64 scores are spread over the 4 threads of its group
+        tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, 1));
+        tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, 2));
+        tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, 1));
+        tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, 2));
+        float new_m0 = fmaxf(m0, tile_max0), new_m1 = fmaxf(m1, tile_max1);
+        float ref0 = new_m0 == -INFINITY ? 0.0f : new_m0, ref1 = new_m1 == -INFINITY ? 0.0f : new_m1;
+        float corr0 = flash_exp2(m0 - ref0), corr1 = flash_exp2(m1 - ref1);   // 0 while m was -inf
+        m0 = new_m0;
+        m1 = new_m1;
+        float sum0 = 0.0f, sum1 = 0.0f;
+        #pragma unroll
+        for (int nb = 0; nb < BN / 8; nb++) {
+            s[nb][0] = flash_exp2(s[nb][0] - ref0);
+            s[nb][1] = flash_exp2(s[nb][1] - ref0);
+            s[nb][2] = flash_exp2(s[nb][2] - ref1);
+            s[nb][3] = flash_exp2(s[nb][3] - ref1);
+            sum0 += s[nb][0] + s[nb][1];
+            sum1 += s[nb][2] + s[nb][3];
+        }
+        // l stays a per-thread partial sum (its group's 4 partials share the same rescaling);
+        // the partials are added once at the end
+        l0 = l0 * corr0 + sum0;
+        l1 = l1 * corr1 + sum1;
+        #pragma unroll
+        for (int nd = 0; nd < HS / 8; nd++) {
+            o[nd][0] *= corr0; o[nd][1] *= corr0;
+            o[nd][2] *= corr1; o[nd][3] *= corr1;
+        }
+
+        // O += P V, P straight from the S registers
+        #pragma unroll
+        for (int kb = 0; kb < BN / 16; kb++) {
+            uint32_t pa[4];
+            flash_acc_to_a<BN / 8>(pa, s, kb);
+            #pragma unroll
+            for (int dp = 0; dp < HS / 16; dp++) {
+                uint32_t vb[4];
+                flash_ldmatrix_x4_trans(vb, flash_addr_b<LDS>(v_tile, kb * 16, dp * 16, lane));
+                flash_mma(o[2 * dp], pa, vb[0], vb[1]);
+                flash_mma(o[2 * dp + 1], pa, vb[2], vb[3]);
+            }
+        }
+        __syncthreads();   // this stage is refilled by the next iteration's prefetch
+    }
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    // l >= 1: the row's maximum contributes 2^0
+    // O / l staged through sQ (the Q fragments were read at j = 0, before the loop's last barrier)
+    flash_stage_acc<HS, LDS>(sQ, o, warp * 16, 1.0f / l0, 1.0f / l1, lane);
+    if (c == 0) {
+        float *lse_row = lse + ((size_t)b * NH + h) * T;
+        if (row0 < T) lse_row[row0] = (m0 + log2f(l0)) * FLASH_LN2;
+        if (row1 < T) lse_row[row1] = (m1 + log2f(l1)) * FLASH_LN2;
+    }
+    __syncthreads();
+    flash_store_tile<BM, HS>(out, sQ, b, q0, T, NH * HS, h * HS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+
+// D (B, NH, T) = sum over the head's HS columns of dout * out; HS / 8 threads per (b, t, h) row,
+// 8 elements (16 bytes) each, added with shuffles inside the row's lanes.
+template <int HS>
+__global__ void flash_attention_backward_preprocess_kernel(float *D, const floatX *dout, const floatX *out, int B,
+                                                           int T, int NH) {
+    constexpr int LANES = HS / 8;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t row = idx / LANES;   // (b * T + t) * NH + h: rows of HS are contiguous in dout and out
+    int piece = (int)(idx % LANES);
+    bool valid = row < (size_t)B * T * NH;
+    float sum = 0.0f;
+    if (valid) {
+        uint4 gv = *(const uint4 *)(dout + row * HS + piece * 8), ov = *(const uint4 *)(out + row * HS + piece * 8);
+        const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(&gv);
+        const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ov);
+        #pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 gf = __bfloat1622float2(g2[k]), of = __bfloat1622float2(o2[k]);
+            sum += gf.x * of.x + gf.y * of.y;
+        }
+    }
+    #pragma unroll
+    for (int offset = LANES / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (valid && piece == 0) {
+        int h = (int)(row % NH);
+        size_t bt = row / NH;
+        D[((size_t)(bt / T) * NH + h) * T + bt % T] = sum;
+    }
+}
+
+// query rows per iteration of the dK/dV pass: 64, or 32 for HS = 128 so that the dK and dV
+// accumulators (2 x 64 registers) and the S^T, dP^T tiles fit in a thread's registers
+template <int HS> __host__ __device__ constexpr int flash_dkv_queries() { return HS >= 128 ? 32 : 64; }
+template <int HS>
+constexpr size_t flash_dkv_smem() {
+    return (size_t)(2 * FLASH_ROWS + 4 * flash_dkv_queries<HS>()) * (HS + FLASH_PAD) * sizeof(floatX) +
+           4 * flash_dkv_queries<HS>() * sizeof(float);
+}
+
+// dK, dV: grid (ceil(T / 64), NKV, B), block 128; the block owns key rows [k0, k0 + 64) of kv head
+// kvh (16 per warp) and walks (query head of the group) x (query tile from k0 to T), two stages
+// deep. Shared: K, V (64, LDS); Q, dO (BM, LDS) x 2 stages; lse, D (BM) x 2 stages.
+template <int HS>
+__global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dkv_kernel(
+    floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV) {
+    constexpr int BN = FLASH_ROWS, BM = flash_dkv_queries<HS>(), LDS = HS + FLASH_PAD;
+    floatX *sK = (floatX *)flash_dynamic_smem();
+    floatX *sV = sK + BN * LDS;
+    floatX *sQ = sV + BN * LDS;        // stage s at sQ + s * BM * LDS
+    floatX *sG = sQ + 2 * BM * LDS;    // dout
+    float *sL = (float *)(sG + 2 * BM * LDS);   // lse, stage s at sL + s * BM
+    float *sD = sL + 2 * BM;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
+    const int kvh = blockIdx.y, b = blockIdx.z, k0 = blockIdx.x * BN, group = NH / NKV;
+    const int QKV = (NH + 2 * NKV) * HS;
+    const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
+    const int n_q = (T + BM - 1) / BM - k0 / BM;   // query tiles at or after the key tile
+    const int iterations = group * n_q;
+    const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;   // this thread's two key rows
+
+    flash_load_tile<BN, HS>(sK, qkv, b, k0, T, QKV, (NH + kvh) * HS);
+    flash_load_tile<BN, HS>(sV, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+    {
+        int h = kvh * group;
+        flash_load_tile<BM, HS>(sQ, qkv, b, k0, T, QKV, h * HS);
+        flash_load_tile<BM, HS>(sG, dout, b, k0, T, NH * HS, h * HS);
+        flash_load_stats<BM>(sL, lse + ((size_t)b * NH + h) * T, k0, T);
+        flash_load_stats<BM>(sD, D + ((size_t)b * NH + h) * T, k0, T);
+    }
+    flash_cp_async_commit();
+
+    float dk[HS / 8][4], dv[HS / 8][4];
+    #pragma unroll
+    for (int nd = 0; nd < HS / 8; nd++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) dk[nd][e] = dv[nd][e] = 0.0f;
+
+    for (int it = 0; it < iterations; it++) {
+        const int stage = it & 1;
+        const int q0 = k0 + (it % n_q) * BM;
+        if (it + 1 < iterations) {
+            int h = kvh * group + (it + 1) / n_q, next_q0 = k0 + ((it + 1) % n_q) * BM;
+            flash_load_tile<BM, HS>(sQ + (stage ^ 1) * BM * LDS, qkv, b, next_q0, T, QKV, h * HS);
+            flash_load_tile<BM, HS>(sG + (stage ^ 1) * BM * LDS, dout, b, next_q0, T, NH * HS, h * HS);
+            flash_load_stats<BM>(sL + (stage ^ 1) * BM, lse + ((size_t)b * NH + h) * T, next_q0, T);
+            flash_load_stats<BM>(sD + (stage ^ 1) * BM, D + ((size_t)b * NH + h) * T, next_q0, T);
+        }
+        flash_cp_async_commit();
+        flash_cp_async_wait<1>();
+        __syncthreads();
+        const floatX *q_tile = sQ + stage * BM * LDS, *g_tile = sG + stage * BM * LDS;
+        const float *l_tile = sL + stage * BM, *d_tile = sD + stage * BM;
+
+        // S^T = K Q^T and dP^T = V dO^T (16 keys x BM queries per warp)
+        float s[BM / 8][4], dp[BM / 8][4];
+        #pragma unroll
+        for (int nb = 0; nb < BM / 8; nb++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) s[nb][e] = dp[nb][e] = 0.0f;
+        #pragma unroll
+        for (int kk = 0; kk < HS / 16; kk++) {
+            uint32_t ka[4], va[4];
+            flash_ldmatrix_x4(ka, flash_addr_a<LDS>(sK, warp * 16, kk * 16, lane));
+            flash_ldmatrix_x4(va, flash_addr_a<LDS>(sV, warp * 16, kk * 16, lane));
+            #pragma unroll
+            for (int np = 0; np < BM / 16; np++) {
+                uint32_t qb[4], gb[4];
+                flash_ldmatrix_x4(qb, flash_addr_bt<LDS>(q_tile, np * 16, kk * 16, lane));
+                flash_mma(s[2 * np], ka, qb[0], qb[1]);
+                flash_mma(s[2 * np + 1], ka, qb[2], qb[3]);
+                flash_ldmatrix_x4(gb, flash_addr_bt<LDS>(g_tile, np * 16, kk * 16, lane));
+                flash_mma(dp[2 * np], va, gb[0], gb[1]);
+                flash_mma(dp[2 * np + 1], va, gb[2], gb[3]);
+            }
+        }
+
+        // P^T = exp(s - lse) (masked: query before the key, or past T), dS^T = P^T (dP^T - D)
+        const bool need_mask = q0 < k0 + BN || q0 + BM > T;
+        #pragma unroll
+        for (int nb = 0; nb < BM / 8; nb++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int qi = nb * 8 + 2 * c + (e & 1), query = q0 + qi;
+                float p = flash_exp2(s[nb][e] * scale_log2 - l_tile[qi] * FLASH_LOG2E);
+                if (need_mask && (query < (e < 2 ? key0 : key1) || query >= T)) p = 0.0f;
+                s[nb][e] = p;
+                dp[nb][e] = p * (dp[nb][e] - d_tile[qi]);
+            }
+        }
+
+        // dV += P^T dO, dK += dS^T Q (the queries are the k dimension)
+        #pragma unroll
+        for (int kb = 0; kb < BM / 16; kb++) {
+            uint32_t pa[4], dsa[4];
+            flash_acc_to_a<BM / 8>(pa, s, kb);
+            flash_acc_to_a<BM / 8>(dsa, dp, kb);
+            #pragma unroll
+            for (int dd = 0; dd < HS / 16; dd++) {
+                uint32_t gb[4], qb[4];
+                flash_ldmatrix_x4_trans(gb, flash_addr_b<LDS>(g_tile, kb * 16, dd * 16, lane));
+                flash_mma(dv[2 * dd], pa, gb[0], gb[1]);
+                flash_mma(dv[2 * dd + 1], pa, gb[2], gb[3]);
+                flash_ldmatrix_x4_trans(qb, flash_addr_b<LDS>(q_tile, kb * 16, dd * 16, lane));
+                flash_mma(dk[2 * dd], dsa, qb[0], qb[1]);
+                flash_mma(dk[2 * dd + 1], dsa, qb[2], qb[3]);
+            }
+        }
+        __syncthreads();   // this stage is refilled by the next iteration's prefetch
+    }
+
+    // K and V are no longer read (the loop ended on a barrier): stage dK, dV there, then store
+    flash_stage_acc<HS, LDS>(sK, dk, warp * 16, scale, scale, lane);
+    flash_stage_acc<HS, LDS>(sV, dv, warp * 16, 1.0f, 1.0f, lane);
+    __syncthreads();
+    flash_store_tile<BN, HS>(dqkv, sK, b, k0, T, QKV, (NH + kvh) * HS);
+    flash_store_tile<BN, HS>(dqkv, sV, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+}
+
+template <int HS>
+constexpr size_t flash_dq_smem() { return (size_t)(2 * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
+
+// dQ: grid (ceil(T / 64), NH, B), block 128; the block owns query rows [q0, q0 + 64) of head h
+// (16 per warp) and walks the key tiles up to its last query, two stages deep, last tiles first
+// as in the forward. Shared: Q, dO (64, LDS); K, V (64, LDS) x 2 stages.
+template <int HS>
+__global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_kernel(
+    floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV) {
+    constexpr int BM = FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD;
+    floatX *sQ = (floatX *)flash_dynamic_smem();
+    floatX *sG = sQ + BM * LDS;
+    floatX *sK = sG + BM * LDS;        // stage s at sK + s * BN * LDS
+    floatX *sV = sK + 2 * BN * LDS;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
+    const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
+    const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;
+    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+
+    flash_load_tile<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
+    flash_load_tile<BM, HS>(sG, dout, b, q0, T, NH * HS, h * HS);
+    flash_load_tile<BN, HS>(sK, qkv, b, 0, T, QKV, (NH + kvh) * HS);
+    flash_load_tile<BN, HS>(sV, qkv, b, 0, T, QKV, (NH + NKV + kvh) * HS);
+    flash_cp_async_commit();
+    // rows past T read stats of row 0: their Q and dO rows are zero, so their dS is 0 and they are not stored
+    size_t stat = ((size_t)b * NH + h) * T;
+    float lse0 = lse[stat + (row0 < T ? row0 : 0)] * FLASH_LOG2E, lse1 = lse[stat + (row1 < T ? row1 : 0)] * FLASH_LOG2E;
+    float D0 = D[stat + (row0 < T ? row0 : 0)], D1 = D[stat + (row1 < T ? row1 : 0)];
+
+    float dq[HS / 8][4];
+    #pragma unroll
+    for (int nd = 0; nd < HS / 8; nd++) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f;
+
+    for (int j = 0; j < n_tiles; j++) {
+        const int stage = j & 1, k0 = j * BN;
+        if (j + 1 < n_tiles) {
+            flash_load_tile<BN, HS>(sK + (stage ^ 1) * BN * LDS, qkv, b, k0 + BN, T, QKV, (NH + kvh) * HS);
+            flash_load_tile<BN, HS>(sV + (stage ^ 1) * BN * LDS, qkv, b, k0 + BN, T, QKV, (NH + NKV + kvh) * HS);
+        }
+        flash_cp_async_commit();
+        flash_cp_async_wait<1>();
+        __syncthreads();
+        const floatX *k_tile = sK + stage * BN * LDS, *v_tile = sV + stage * BN * LDS;
+
+        // S = Q K^T and dP = dO V^T (16 queries x 64 keys per warp)
+        float s[BN / 8][4], dp[BN / 8][4];
+        #pragma unroll
+        for (int nb = 0; nb < BN / 8; nb++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) s[nb][e] = dp[nb][e] = 0.0f;
+        #pragma unroll
+        for (int kk = 0; kk < HS / 16; kk++) {
+            uint32_t qa[4], ga[4];
+            flash_ldmatrix_x4(qa, flash_addr_a<LDS>(sQ, warp * 16, kk * 16, lane));
+            flash_ldmatrix_x4(ga, flash_addr_a<LDS>(sG, warp * 16, kk * 16, lane));
+            #pragma unroll
+            for (int np = 0; np < BN / 16; np++) {
+                uint32_t kb[4], vb[4];
+                flash_ldmatrix_x4(kb, flash_addr_bt<LDS>(k_tile, np * 16, kk * 16, lane));
+                flash_mma(s[2 * np], qa, kb[0], kb[1]);
+                flash_mma(s[2 * np + 1], qa, kb[2], kb[3]);
+                flash_ldmatrix_x4(vb, flash_addr_bt<LDS>(v_tile, np * 16, kk * 16, lane));
+                flash_mma(dp[2 * np], ga, vb[0], vb[1]);
+                flash_mma(dp[2 * np + 1], ga, vb[2], vb[3]);
+            }
+        }
+
+        // dS = P (dP - D), P = exp(s - lse), 0 for keys after the query
+        const bool diagonal = k0 + BN - 1 > q0 + warp * 16;
+        #pragma unroll
+        for (int nb = 0; nb < BN / 8; nb++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = k0 + nb * 8 + 2 * c + (e & 1);
+                float p = flash_exp2(s[nb][e] * scale_log2 - (e < 2 ? lse0 : lse1));
+                if (diagonal && key > (e < 2 ? row0 : row1)) p = 0.0f;
+                s[nb][e] = p * (dp[nb][e] - (e < 2 ? D0 : D1));
+            }
+        }
+
+        // dQ += dS K (the keys are the k dimension)
+        #pragma unroll
+        for (int kb = 0; kb < BN / 16; kb++) {
+            uint32_t dsa[4];
+            flash_acc_to_a<BN / 8>(dsa, s, kb);
+            #pragma unroll
+            for (int dd = 0; dd < HS / 16; dd++) {
+                uint32_t kt[4];
+                flash_ldmatrix_x4_trans(kt, flash_addr_b<LDS>(k_tile, kb * 16, dd * 16, lane));
+                flash_mma(dq[2 * dd], dsa, kt[0], kt[1]);
+                flash_mma(dq[2 * dd + 1], dsa, kt[2], kt[3]);
+            }
+        }
+        __syncthreads();
+    }
+
+    // Q is no longer read (the loop ended on a barrier): stage dQ there, then store
+    flash_stage_acc<HS, LDS>(sQ, dq, warp * 16, scale, scale, lane);
+    __syncthreads();
+    flash_store_tile<BM, HS>(dqkv, sQ, b, q0, T, QKV, h * HS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// launchers
+#ifndef ATTENTION_FLASH_EMULATION
+
+// Raises a kernel's dynamic shared-memory limit once (more than 48 KiB needs the opt-in).
+template <typename Kernel>
+static inline void flash_allow_smem(Kernel kernel, size_t bytes, bool *done) {
+    if (*done) return;
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    *done = true;
+}
+
+static inline void attention_flash_check(int B, int T, int NH, int NKV, int HS, const void *p0, const void *p1,
+                                         const void *p2, const void *p3) {
+    cudaRequire(B >= 1 && B <= 65535, "attention_flash: batch size must be in 1..65535 (grid z)");
+    cudaRequire(NH >= 1 && NH <= 65535 && NKV >= 1 && NH % NKV == 0, "attention_flash: n_head must be a multiple of n_kv_head");
+    cudaRequire(attention_flash_supports(HS), "attention_flash: head_dim must be 64 or 128");
+    cudaRequire(T >= 1, "attention_flash: T must be positive");
+    // 16-byte loads and stores of rows: the tensors must start on 16 bytes (rows then do too)
+    uintptr_t any_low_bits = (uintptr_t)p0 | (uintptr_t)p1 | (uintptr_t)p2 | (uintptr_t)p3;
+    cudaRequire((any_low_bits & 15) == 0, "attention_flash: tensors must be 16-byte aligned");
+}
+
+template <int HS>
+static inline void attention_flash_forward_launch(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
+                                                  int NKV, cudaStream_t stream) {
+    static bool smem_set = false;
+    flash_allow_smem(flash_attention_forward_kernel<HS>, flash_forward_smem<HS>(), &smem_set);
+    dim3 grid(ceil_div(T, FLASH_ROWS), NH, B);
+    flash_attention_forward_kernel<HS><<<grid, FLASH_THREADS, flash_forward_smem<HS>(), stream>>>(out, lse, qkv, T, NH, NKV);
+    cudaCheckLaunch();
+}
+
+// out (B, T, NH*HS) bf16 and lse (B, NH, T) fp32 from qkv (B, T, QKV) bf16; as attention_forward.
+static inline void attention_flash_forward(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH, int NKV,
+                                           int HS, cudaStream_t stream) {
+    attention_flash_check(B, T, NH, NKV, HS, out, qkv, qkv, qkv);
+    if (HS == 64) attention_flash_forward_launch<64>(out, lse, qkv, B, T, NH, NKV, stream);
+    else attention_flash_forward_launch<128>(out, lse, qkv, B, T, NH, NKV, stream);
+}
+
+template <int HS>
+static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
+                                                   const floatX *out, const float *lse, int B, int T, int NH, int NKV,
+                                                   cudaStream_t stream) {
+    static bool dkv_set = false, dq_set = false;
+    flash_allow_smem(flash_attention_backward_dkv_kernel<HS>, flash_dkv_smem<HS>(), &dkv_set);
+    flash_allow_smem(flash_attention_backward_dq_kernel<HS>, flash_dq_smem<HS>(), &dq_set);
+    long long threads = (long long)B * T * NH * (HS / 8);
+    flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
+    cudaCheckLaunch();
+    dim3 grid_kv(ceil_div(T, FLASH_ROWS), NKV, B), grid_q(ceil_div(T, FLASH_ROWS), NH, B);
+    flash_attention_backward_dkv_kernel<HS><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
+    cudaCheckLaunch();
+    flash_attention_backward_dq_kernel<HS><<<grid_q, FLASH_THREADS, flash_dq_smem<HS>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
+    cudaCheckLaunch();
+}
+
+// dqkv (B, T, QKV) bf16 written (every element) given dout (B, T, NH*HS), the forward's qkv, out
+// and lse; D (B, NH, T) fp32 is scratch. As attention_backward.
+static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
+                                            const floatX *out, const float *lse, int B, int T, int NH, int NKV, int HS,
+                                            cudaStream_t stream) {
+    attention_flash_check(B, T, NH, NKV, HS, dqkv, dout, qkv, out);
+    if (HS == 64) attention_flash_backward_launch<64>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+    else attention_flash_backward_launch<128>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+}
+#endif   // ATTENTION_FLASH_EMULATION
+#endif
