@@ -21,7 +21,7 @@ nvcc --version | tail -2
 
 echo "== build (sm_90)"
 # only the harnesses (and what they link), not every CUDA object of the tree
-harnesses="encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention"
+harnesses="encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash"
 targets=$(for n in $harnesses test_model_gpu bench_train; do echo "build/cuda/dev/$n"; done)
 mkdir -p build
 build_log=build/gpu_check_build.log
