@@ -20,9 +20,10 @@
  * Fusions. Each residual add is fused with the norm that follows it (layernorm.cuh); GPT-2's
  * MLP bias and GELU run in the cuBLASLt epilogue (matmul.cuh; use_gelu_fusion = 0 switches to
  * the separate kernel); the classifier computes loss and logit gradient in one kernel when the
- * token weights are known at forward time (cuda_model_forward_backward); attention is the tiled
- * kernel of attention.cuh, which keeps only a log-sum-exp per query row instead of the (T, T)
- * probabilities.
+ * token weights are known at forward time (cuda_model_forward_backward); attention is the
+ * tensor-core flash kernel of attention_flash.cuh (head sizes 64 and 128) or the tiled kernel of
+ * attention.cuh (other head sizes, or TRAIN_MORA_ATTENTION=simple); both keep only a log-sum-exp
+ * per query row instead of the (T, T) probabilities.
  */
 #include <math.h>
 #include <string.h>
@@ -35,12 +36,27 @@ extern "C" {
 #include "layernorm.cuh"
 #include "rope.cuh"
 #include "attention.cuh"
+#include "attention_flash.cuh"
 #include "gelu.cuh"
 #include "swiglu.cuh"
 #include "fused_classifier.cuh"
 #include "adamw.cuh"
 #include "global_norm.cuh"
 #include "matmul.cuh"
+
+// Attention kernels: the tensor-core flash kernels (attention_flash.cuh) for the head sizes they
+// support, else the simple tiled kernels (attention.cuh). TRAIN_MORA_ATTENTION=simple selects the
+// simple kernels for every head size (to compare the two in a full run); =flash is the default.
+static int attention_use_flash(int HS) {
+    static int choice = -1;   // 1 flash, 0 simple, read once
+    if (choice < 0) {
+        const char *v = getenv("TRAIN_MORA_ATTENTION");
+        if (v == NULL || strcmp(v, "flash") == 0) choice = 1;
+        else if (strcmp(v, "simple") == 0) choice = 0;
+        else fatal("TRAIN_MORA_ATTENTION=%s: expected flash or simple", v);
+    }
+    return choice && attention_flash_supports(HS);
+}
 
 // Tensors that get weight decay (as model.c: embeddings and matmul weights, not norms or biases).
 static int param_is_decayed(int tensor) {
@@ -415,7 +431,8 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
             prof_end(model);
         }
         prof_begin(model, PROF_ATTENTION_FWD);
-        attention_forward(atty, att_lse, qkv, B, T, NH, NKV, HS, st);
+        if (attention_use_flash(HS)) attention_flash_forward(atty, att_lse, qkv, B, T, NH, NKV, HS, st);
+        else attention_forward(atty, att_lse, qkv, B, T, NH, NKV, HS, st);
         prof_end(model);
         prof_begin(model, PROF_MATMUL_FWD);
         matmul_forward(d->proj, atty, weight_bf16(model, P_ATTPROJW, l), weight_bf16(model, P_ATTPROJB, l), NULL, N, NH * HS, C, st);
@@ -563,7 +580,8 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
                         d->dresidual, atty, weight_bf16(model, P_ATTPROJW, l), scratch, N, NH * HS, C, st);
         prof_end(model);
         prof_begin(model, PROF_ATTENTION_BWD);
-        attention_backward(d->dqkv, d->att_D, d->datty, qkv, atty, att_lse, B, T, NH, NKV, HS, st);
+        if (attention_use_flash(HS)) attention_flash_backward(d->dqkv, d->att_D, d->datty, qkv, atty, att_lse, B, T, NH, NKV, HS, st);
+        else attention_backward(d->dqkv, d->att_D, d->datty, qkv, atty, att_lse, B, T, NH, NKV, HS, st);
         prof_end(model);
         if (!gpt2) {
             prof_begin(model, PROF_ROPE);
