@@ -636,6 +636,13 @@ static void stage_weights(const Mora *m, int stage, float *w) {
     for (int d = 0; d < D; d++) w[d] = m->sequential ? (d == m->stage_dims[stage]) : m->weights[d];
 }
 
+// The intents a rewrite adds: the missing dimensions M(x); a single-reward prompt with no
+// missing dimension (each dimension reachable, never two by one response) gets all of them, since
+// the template rewrite would otherwise equal the original.
+static int rewrite_mask(const PromptIsolation *iso) {
+    return iso->missing_mask ? iso->missing_mask : (1 << D) - 1;
+}
+
 // Steps 1-4 for one stage: builds the training pool (and the DPO pairs), writes pool.jsonl lines
 // and pool_state.json.
 static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
@@ -696,7 +703,7 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
             // generated rewrites: the reference answers the rewrite instruction
             TokenList *inst = (TokenList *)callocCheck(ns, sizeof(TokenList));
             for (int s = 0; s < ns; s++) {
-                char *text = rewrite_instruction(m->prompts.records[single_idx[s]].prompt, iso[single_idx[s]].missing_mask);
+                char *text = rewrite_instruction(m->prompts.records[single_idx[s]].prompt, rewrite_mask(&iso[single_idx[s]]));
                 encode_prompt_fit(e, text, a->rewrite_max_new_tokens, &inst[s]);
                 free(text);
             }
@@ -718,7 +725,7 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
         RewriteLimits lim = {a->min_chars, a->max_chars, a->min_overlap};
         for (int s = 0; s < ns; s++) {
             const char *orig = m->prompts.records[single_idx[s]].prompt;
-            cand[s * C + n_gen] = rewrite_template(orig, iso[single_idx[s]].missing_mask);
+            cand[s * C + n_gen] = rewrite_template(orig, rewrite_mask(&iso[single_idx[s]]));
             for (int c = 0; c < C; c++) {
                 valid[s * C + c] = rewrite_sanitise(orig, cand[s * C + c], &lim, &reason[s * C + c]);
                 for (int c2 = 0; c2 < c && valid[s * C + c]; c2++)
