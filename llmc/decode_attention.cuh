@@ -1,0 +1,331 @@
+/*
+ * Attention for generation on the GPU: rows that each carry one query token of one sequence at
+ * one position, against that sequence's bf16 KV cache. CPU reference: the attention loop of
+ * model_forward_cached in generate.c (row i attends over its sequence's positions 0..pos[i]).
+ *
+ * KV cache, one layer: k_cache, v_cache (S, NKV, Tmax, HS) bf16, S sequence slots. A key/value
+ * head's positions are contiguous, so a block streams them with 16-byte loads.
+ * Rows: qkv (N, QKV) bf16 with q (NH*HS) | k | v per row, q already rotated (RoPE); row_slot (N),
+ * row_pos (N). Output: out (N, NH*HS) bf16, softmax(q.k / sqrt(HS)) v over positions 0..pos.
+ *
+ * rows_kv_write      RoPE on the rows' q and k heads at their own positions (Llama) and the
+ *                    write of k and v into the cache at (slot, pos): the step before attention.
+ * decode_attention   GQA-aware, split over the cache length. A block takes one row, one key/
+ *                    value head and one split of DECODE_SPLIT_LEN positions, and the (up to
+ *                    DECODE_HEADS_PER_BLOCK) query heads that share that key/value head, so each
+ *                    key and value is read once for the whole group. Phase 1: one thread per
+ *                    position computes the group's scores into shared memory; phase 2: one warp
+ *                    per head takes max and sum of exp; phase 3: threads split (position, 8
+ *                    channels) and accumulate p v, reduced across threads by shuffles and shared
+ *                    memory. With one split the block writes the normalised output; with several,
+ *                    it writes unnormalised partial outputs with their max and sum, and
+ *                    decode_attention_combine merges the splits (the log-sum-exp rescaling of
+ *                    FlashDecoding). Splits that start past a row's position exit at once, so
+ *                    the grid can be sized for the longest context and stay fixed (CUDA graphs).
+ * reference          one thread per (row, head), a serial loop with an online softmax: the
+ *                    plain version the harnesses compare against.
+ *
+ * A row whose position or slot lies outside the cache sets DECODE_ERR_POSITION in *err and is
+ * skipped (its output is left unwritten); the engine checks err after every step.
+ */
+#ifndef LLMC_DECODE_ATTENTION_CUH
+#define LLMC_DECODE_ATTENTION_CUH
+#include <math.h>
+#include "cuda_common.h"
+
+#define DECODE_SPLIT_LEN 256         // cache positions per block
+#define DECODE_HEADS_PER_BLOCK 8     // query heads of one group per block
+#define DECODE_THREADS 128
+#define DECODE_WARPS (DECODE_THREADS / 32)
+#define DECODE_ERR_POSITION 2
+
+// 8 bf16 values from a 16-byte aligned address, as floats
+__device__ __forceinline__ void decode_load8(float (&out)[8], const floatX *src) {
+    uint4 raw = *(const uint4 *)src;
+    const __nv_bfloat162 *pairs = (const __nv_bfloat162 *)&raw;
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __bfloat1622float2(pairs[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
+// One thread per (row, head hh < NH + 2*NKV, pair i < HS/2) of qkv (N, QKV). q and k heads are
+// rotated when cos_sin is not NULL (cos_sin (Tmax, HS/2, 2), as rope.cuh); k and v heads are
+// then written to the cache at (row_slot, row_pos). The q heads stay in qkv for the attention.
+__global__ void rows_kv_write_kernel(floatX *qkv, floatX *k_cache, floatX *v_cache, const float *cos_sin,
+                                     const int *row_slot, const int *row_pos, int N, int NH, int NKV, int HS,
+                                     int n_slots, int Tmax, int *err) {
+    int half = HS / 2, heads = NH + 2 * NKV;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * heads * half) return;
+    int i = (int)(idx % half);
+    int hh = (int)((idx / half) % heads);
+    int r = (int)(idx / ((size_t)half * heads));
+    int slot = row_slot[r], pos = row_pos[r];
+    if (slot < 0 || slot >= n_slots || pos < 0 || pos >= Tmax) {
+        if (hh == 0 && i == 0) atomicOr(err, DECODE_ERR_POSITION);
+        return;
+    }
+    floatX *x = qkv + (size_t)r * heads * HS + (size_t)hh * HS;
+    float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+    if (cos_sin != NULL && hh < NH + NKV) {
+        float c = cos_sin[((size_t)pos * half + i) * 2], s = cos_sin[((size_t)pos * half + i) * 2 + 1];
+        float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+        x1 = y1;
+        x2 = y2;
+    }
+    floatX b1 = __float2bfloat16(x1), b2 = __float2bfloat16(x2);
+    if (hh < NH) {
+        x[i] = b1;
+        x[i + half] = b2;
+    } else {
+        int kvh = hh < NH + NKV ? hh - NH : hh - NH - NKV;
+        floatX *cache = hh < NH + NKV ? k_cache : v_cache;
+        floatX *dst = cache + (((size_t)slot * NKV + kvh) * Tmax + pos) * HS;
+        dst[i] = b1;
+        dst[i + half] = b2;
+    }
+}
+
+static inline void rows_kv_write(floatX *qkv, floatX *k_cache, floatX *v_cache, const float *cos_sin, const int *row_slot,
+                                 const int *row_pos, int N, int NH, int NKV, int HS, int n_slots, int Tmax, int *err,
+                                 cudaStream_t stream) {
+    cudaRequire(HS % 2 == 0, "rows_kv_write: head_dim must be even");
+    size_t n = (size_t)N * (NH + 2 * NKV) * (HS / 2);
+    rows_kv_write_kernel<<<ceil_div((long long)n, 256), 256, 0, stream>>>(qkv, k_cache, v_cache, cos_sin, row_slot, row_pos,
+                                                                          N, NH, NKV, HS, n_slots, Tmax, err);
+    cudaCheckLaunch();
+}
+
+// grid (n_splits, NKV * head_batches, N), block DECODE_THREADS; see the file comment.
+// part_o (N, NH, n_splits, HS) fp32 and part_ml (N, NH, n_splits, 2) fp32 are used when
+// n_splits > 1.
+template <int HS>
+__global__ void __launch_bounds__(DECODE_THREADS)
+decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX *qkv, const floatX *k_cache,
+                        const floatX *v_cache, const int *row_slot, const int *row_pos, int NH, int NKV, int n_slots,
+                        int Tmax, int n_splits, int *err) {
+    constexpr int HB = DECODE_HEADS_PER_BLOCK;
+    constexpr int CHUNKS = HS / 8;                       // 16-byte chunks per head vector
+    constexpr int ROWS_PARALLEL = DECODE_THREADS / CHUNKS;   // positions in flight in phase 3
+    __shared__ __align__(16) float q_s[HB][HS];
+    __shared__ float p_s[HB][DECODE_SPLIT_LEN];
+    __shared__ float m_s[HB], l_s[HB];
+    __shared__ __align__(16) float partial[DECODE_WARPS][HB][HS];
+
+    int r = blockIdx.z, split = blockIdx.x;
+    int group = NH / NKV, head_batches = (group + HB - 1) / HB;
+    int kvh = blockIdx.y / head_batches, hb = blockIdx.y % head_batches;
+    int h0 = kvh * group + hb * HB;                      // first query head of this block
+    int nh = min(HB, group - hb * HB);                    // query heads in this block
+    int slot = row_slot[r], pos = row_pos[r];
+    if (slot < 0 || slot >= n_slots || pos < 0 || pos >= Tmax) {
+        if (threadIdx.x == 0 && split == 0 && blockIdx.y == 0) atomicOr(err, DECODE_ERR_POSITION);
+        return;
+    }
+    if (pos >= n_splits * DECODE_SPLIT_LEN) {   // the grid does not cover this row's context
+        if (threadIdx.x == 0 && split == 0 && blockIdx.y == 0) atomicOr(err, DECODE_ERR_POSITION);
+        return;
+    }
+    int t0 = split * DECODE_SPLIT_LEN;
+    int n_keys = min(DECODE_SPLIT_LEN, pos + 1 - t0);
+    if (n_keys <= 0) return;   // this split lies past the row's last position (block-uniform)
+    int QKV = (NH + 2 * NKV) * HS;
+    const float scale = rsqrtf((float)HS);
+    const floatX *k_base = k_cache + (((size_t)slot * NKV + kvh) * Tmax + t0) * HS;
+    const floatX *v_base = v_cache + (((size_t)slot * NKV + kvh) * Tmax + t0) * HS;
+
+    for (int idx = threadIdx.x; idx < HB * HS; idx += DECODE_THREADS) {
+        int h = idx / HS, i = idx % HS;
+        q_s[h][i] = h < nh ? to_float(qkv[(size_t)r * QKV + (size_t)(h0 + h) * HS + i]) * scale : 0.0f;
+    }
+    __syncthreads();
+
+    // phase 1: scores of every head of the block at every position of the split
+    for (int j = threadIdx.x; j < n_keys; j += DECODE_THREADS) {
+        float acc[HB];
+        #pragma unroll
+        for (int h = 0; h < HB; h++) acc[h] = 0.0f;
+        const floatX *k_row = k_base + (size_t)j * HS;
+        // not unrolled: unrolled, the compiler hoists every head's whole q into registers and spills
+        #pragma unroll 1
+        for (int c = 0; c < CHUNKS; c++) {
+            float k8[8];
+            decode_load8(k8, k_row + c * 8);
+            #pragma unroll
+            for (int h = 0; h < HB; h++) {
+                #pragma unroll
+                for (int e = 0; e < 8; e++) acc[h] += q_s[h][c * 8 + e] * k8[e];
+            }
+        }
+        #pragma unroll
+        for (int h = 0; h < HB; h++) p_s[h][j] = acc[h];
+    }
+    __syncthreads();
+
+    // phase 2: one warp per head: max, then p = exp(s - max) in place and its sum
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int h = warp; h < nh; h += DECODE_WARPS) {
+        float m = -INFINITY;
+        for (int j = lane; j < n_keys; j += 32) m = fmaxf(m, p_s[h][j]);
+        m = warp_max(m);
+        float l = 0.0f;
+        for (int j = lane; j < n_keys; j += 32) {
+            float p = expf(p_s[h][j] - m);
+            p_s[h][j] = p;
+            l += p;
+        }
+        l = warp_sum(l);
+        if (lane == 0) { m_s[h] = m; l_s[h] = l; }
+    }
+    __syncthreads();
+
+    // phase 3: o[h] = sum_j p[h][j] v[j]; thread = (position lane jr, channel chunk c)
+    int c = threadIdx.x % CHUNKS, jr = threadIdx.x / CHUNKS;
+    float acc[HB][8];
+    #pragma unroll
+    for (int h = 0; h < HB; h++)
+        #pragma unroll
+        for (int e = 0; e < 8; e++) acc[h][e] = 0.0f;
+    for (int j = jr; j < n_keys; j += ROWS_PARALLEL) {
+        float v8[8];
+        decode_load8(v8, v_base + (size_t)j * HS + c * 8);
+        #pragma unroll
+        for (int h = 0; h < HB; h++) {
+            float p = h < nh ? p_s[h][j] : 0.0f;
+            #pragma unroll
+            for (int e = 0; e < 8; e++) acc[h][e] += p * v8[e];
+        }
+    }
+    // lanes with the same chunk c in a warp differ by multiples of CHUNKS
+    #pragma unroll
+    for (int off = CHUNKS; off < 32; off <<= 1)
+        #pragma unroll
+        for (int h = 0; h < HB; h++)
+            #pragma unroll
+            for (int e = 0; e < 8; e++) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], off);
+    if (lane < CHUNKS) {
+        #pragma unroll
+        for (int h = 0; h < HB; h++)
+            #pragma unroll
+            for (int e = 0; e < 8; e++) partial[warp][h][c * 8 + e] = acc[h][e];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nh * HS; idx += DECODE_THREADS) {
+        int h = idx / HS, i = idx % HS;
+        float o = 0.0f;
+        #pragma unroll
+        for (int w = 0; w < DECODE_WARPS; w++) o += partial[w][h][i];
+        int head = h0 + h;
+        if (n_splits == 1) {
+            out[(size_t)r * NH * HS + (size_t)head * HS + i] = __float2bfloat16(o / l_s[h]);
+        } else {
+            size_t at = ((size_t)r * NH + head) * n_splits + split;
+            part_o[at * HS + i] = o;
+            if (i == 0) { part_ml[at * 2] = m_s[h]; part_ml[at * 2 + 1] = l_s[h]; }
+        }
+    }
+}
+
+// grid (NH, N), block HS: merges the splits that hold positions 0..pos of each row and head.
+__global__ void decode_attention_combine_kernel(floatX *out, const float *part_o, const float *part_ml,
+                                                const int *row_slot, const int *row_pos, int NH, int HS, int n_slots,
+                                                int Tmax, int n_splits) {
+    int h = blockIdx.x, r = blockIdx.y, i = threadIdx.x;
+    int slot = row_slot[r], pos = row_pos[r];
+    if (slot < 0 || slot >= n_slots || pos < 0 || pos >= Tmax || pos >= n_splits * DECODE_SPLIT_LEN)
+        return;   // flagged by the attention kernel
+    int used = pos / DECODE_SPLIT_LEN + 1;
+    size_t base = ((size_t)r * NH + h) * n_splits;
+    float m = -INFINITY;
+    for (int s = 0; s < used; s++) m = fmaxf(m, part_ml[(base + s) * 2]);
+    float l = 0.0f, o = 0.0f;
+    for (int s = 0; s < used; s++) {
+        float w = expf(part_ml[(base + s) * 2] - m);
+        l += w * part_ml[(base + s) * 2 + 1];
+        o += w * part_o[(base + s) * HS + i];
+    }
+    out[(size_t)r * NH * HS + (size_t)h * HS + i] = __float2bfloat16(o / l);
+}
+
+// grid ceil(N * NH / 64), block 64: thread = (row, head), serial online softmax over 0..pos.
+template <int HS>
+__global__ void decode_attention_reference_kernel(floatX *out, const floatX *qkv, const floatX *k_cache,
+                                                  const floatX *v_cache, const int *row_slot, const int *row_pos,
+                                                  int N, int NH, int NKV, int n_slots, int Tmax, int *err) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * NH) return;
+    int r = idx / NH, h = idx % NH, kvh = h / (NH / NKV);
+    int slot = row_slot[r], pos = row_pos[r];
+    if (slot < 0 || slot >= n_slots || pos < 0 || pos >= Tmax) { atomicOr(err, DECODE_ERR_POSITION); return; }
+    const floatX *q = qkv + (size_t)r * (NH + 2 * NKV) * HS + (size_t)h * HS;
+    const floatX *kb = k_cache + ((size_t)slot * NKV + kvh) * Tmax * HS;
+    const floatX *vb = v_cache + ((size_t)slot * NKV + kvh) * Tmax * HS;
+    float scale = 1.0f / sqrtf((float)HS);
+    float o[HS];
+    for (int i = 0; i < HS; i++) o[i] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    for (int t = 0; t <= pos; t++) {
+        float s = 0.0f;
+        for (int i = 0; i < HS; i++) s += to_float(q[i]) * to_float(kb[(size_t)t * HS + i]);
+        s *= scale;
+        float m_new = fmaxf(m, s);
+        float correction = expf(m - m_new), p = expf(s - m_new);
+        l = l * correction + p;
+        for (int i = 0; i < HS; i++) o[i] = o[i] * correction + p * to_float(vb[(size_t)t * HS + i]);
+        m = m_new;
+    }
+    for (int i = 0; i < HS; i++) out[(size_t)r * NH * HS + (size_t)h * HS + i] = __float2bfloat16(o[i] / l);
+}
+
+// Number of splits for contexts up to max_positions.
+static inline int decode_attention_splits(int max_positions) { return ceil_div(max_positions, DECODE_SPLIT_LEN); }
+
+template <int HS>
+static inline void decode_attention_launch(floatX *out, float *part_o, float *part_ml, const floatX *qkv,
+                                           const floatX *k_cache, const floatX *v_cache, const int *row_slot,
+                                           const int *row_pos, int N, int NH, int NKV, int n_slots, int Tmax,
+                                           int n_splits, int reference, int *err, cudaStream_t stream) {
+    if (reference) {
+        decode_attention_reference_kernel<HS><<<ceil_div((long long)N * NH, 64), 64, 0, stream>>>(
+            out, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, err);
+        cudaCheckLaunch();
+        return;
+    }
+    int head_batches = ceil_div(NH / NKV, DECODE_HEADS_PER_BLOCK);
+    dim3 grid(n_splits, NKV * head_batches, N);
+    decode_attention_kernel<HS><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot,
+                                                                     row_pos, NH, NKV, n_slots, Tmax, n_splits, err);
+    cudaCheckLaunch();
+    if (n_splits > 1) {
+        decode_attention_combine_kernel<<<dim3(NH, N), HS, 0, stream>>>(out, part_o, part_ml, row_slot, row_pos, NH, HS,
+                                                                        n_slots, Tmax, n_splits);
+        cudaCheckLaunch();
+    }
+}
+
+// out (N, NH*HS) bf16 for the rows of qkv (N, QKV) against one layer's cache (see the file
+// comment). n_splits must cover the rows: n_splits * DECODE_SPLIT_LEN >= every row's pos + 1
+// (a row beyond sets DECODE_ERR_POSITION);
+// part_o / part_ml hold N * NH * n_splits * HS and N * NH * n_splits * 2 floats when n_splits > 1.
+static inline void decode_attention(floatX *out, float *part_o, float *part_ml, const floatX *qkv, const floatX *k_cache,
+                                    const floatX *v_cache, const int *row_slot, const int *row_pos, int N, int NH, int NKV,
+                                    int HS, int n_slots, int Tmax, int n_splits, int reference, int *err,
+                                    cudaStream_t stream) {
+    cudaRequire(N >= 1 && N <= 65535, "decode_attention: rows must be in 1..65535 (grid z)");
+    cudaRequire(NKV >= 1 && NH % NKV == 0, "decode_attention: n_head must be a multiple of n_kv_head");
+    cudaRequire(n_splits >= 1 && n_splits <= 65535, "decode_attention: n_splits must be in 1..65535");
+    cudaRequire(n_splits == 1 || (part_o != NULL && part_ml != NULL), "decode_attention: several splits need partial buffers");
+    cudaRequire(((uintptr_t)k_cache % 16) == 0 && ((uintptr_t)v_cache % 16) == 0,
+                "decode_attention: the KV cache must be 16-byte aligned (16-byte loads)");
+    switch (HS) {
+    case 16: decode_attention_launch<16>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
+    case 32: decode_attention_launch<32>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
+    case 64: decode_attention_launch<64>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
+    case 128: decode_attention_launch<128>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
+    default: cudaRequire(0, "decode_attention: head_dim must be 16, 32, 64 or 128");
+    }
+}
+#endif

@@ -1,0 +1,806 @@
+/*
+ * GPU rollout engine (rollout.h): batched generation with a bf16 KV cache, sampling on the GPU,
+ * per-token log-probs, and the decode step replayed as a CUDA graph.
+ *
+ *   prefill   the prompts, right-padded to the longest of a chunk, go through the training
+ *             kernels (encoder, fused residual + norm, cuBLASLt products, RoPE, the tiled causal
+ *             attention of attention.cuh); each layer's keys and values of the real positions are
+ *             copied into the cache; the final hidden state of each prompt's last token gives the
+ *             logits of the first new token.
+ *   decode    one row per running sequence: its last token at its own position. Per layer: norm,
+ *             qkv product, RoPE + cache write at (slot, pos) (rows_kv_write), GQA-aware split
+ *             attention over the cache (decode_attention.cuh), projection, MLP; then the logits
+ *             (fp32) and the fused sampler (sampling.cuh), which also advances every row's token,
+ *             position and step on the device. One step therefore needs nothing from the host
+ *             but a launch, and its shape (the number of rows) is fixed while the set of running
+ *             sequences does not change: it is captured once as a CUDA graph and replayed.
+ *   host      after every step the host reads the sampled tokens and log-probs, calls on_token,
+ *             and applies the stop rules exactly as generate.c does (stop ids, stop strings on
+ *             the decoded text, max_new_tokens). When sequences finish, the running ones are
+ *             compacted to the front and the row count drops to the next bucket size (1, 2, 4,
+ *             8, then multiples of 8, 32, 128); the rows past the running ones are padding that
+ *             points at a spare cache slot, computes harmlessly and never advances.
+ *
+ * Precision as the CUDA training model (model_cuda.cu): bf16 weights, activations and KV cache,
+ * fp32 residual stream, fp32 accumulation, fp32 logits for sampling.
+ *
+ * Reference path (options.reference): the prompts go through the decode path as rows (as
+ * generate.c's cached forward does), the attention and the sampler are the plain kernels. The
+ * harnesses compare both paths.
+ */
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cublasLt.h>
+extern "C" {
+#include "utils.h"
+#include "rand.h"
+}
+#include "rollout.h"
+
+// The training backend's headers define kernels that are not templates, with external linkage;
+// model_cuda.o has the same definitions, and train_mora links both objects. An anonymous
+// namespace gives this file's copies internal linkage (the system headers they include are
+// already included above, so only the project's definitions land in the namespace).
+namespace {
+#include "cuda_common.h"
+#include "encoder.cuh"
+#include "layernorm.cuh"
+#include "rope.cuh"
+#include "attention.cuh"
+#include "gelu.cuh"
+#include "swiglu.cuh"
+#include "matmul.cuh"
+#include "philox.h"
+#include "decode_attention.cuh"
+#include "sampling.cuh"
+}
+
+#define ROLLOUT_PREFILL_ROWS 16384   // rows of the activation buffers (prefill chunks use them all)
+#define ROLLOUT_MAX_GRAPHS 32
+#define ROLLOUT_MAX_BLOCKS 64
+
+typedef struct {
+    int rows, n_splits;
+    int seen;                 // eager runs of this shape so far (capture on the second)
+    cudaGraphExec_t exec;     // NULL until captured
+} GraphEntry;
+
+struct RolloutEngine {
+    ModelConfig config;
+    size_t num_parameters;
+    size_t param_offsets[NUM_PARAM_TENSORS], param_sizes[NUM_PARAM_TENSORS];
+    int max_seqs, max_len;
+    int n_slots, dummy_slot;       // cache slots: one per sequence plus the padding rows' slot
+    int max_rows;                  // rows of the activation buffers
+    RolloutOptions options;
+    RolloutStats stats;
+    cudaStream_t stream;
+
+    floatX *params;                // bf16 weights, model.h's layout
+    float *staging;                // fp32 upload chunk
+    size_t staging_floats;
+    floatX *k_cache, *v_cache;     // (L, n_slots, NKV, max_len, HS)
+    size_t layer_cache_elems;
+    float *rope_cos_sin;           // (max_len, HS/2, 2), Llama only
+
+    // activations (max_rows rows)
+    float *res_a, *res_b;          // (rows, C) fp32 residual stream, ping-pong
+    floatX *ln;                    // (rows, C) norm output; the final norm after the last layer
+    float *ln_mean, *ln_rstd;      // (rows)
+    floatX *qkv;                   // (rows, QKV)
+    floatX *atty;                  // (rows, NH*HS)
+    float *att_lse;                // (rows, NH) prefill attention statistics
+    floatX *proj;                  // (rows, C)
+    floatX *fch;                   // (rows, FC)
+    floatX *fch_act;               // (rows, F)
+    float *part_o, *part_ml;       // split attention partials (max_seqs, NH, max_splits, HS | 2)
+    int max_splits;
+    floatX *last_hidden;           // (max_seqs, C) gathered final hidden rows
+    float *logits;                 // (max_seqs, Vp) fp32
+    unsigned char *ref_flags;      // (max_seqs, V) reference sampler scratch
+
+    // per-row state: the decode rows (max_seqs), prefill rows (max_rows)
+    int *row_token, *row_slot, *row_pos, *row_step;
+    uint64_t *row_key;
+    int *pf_token, *pf_slot, *pf_pos, *pf_lens, *gather_idx;
+    int *out_token;
+    float *out_logprob;
+    int *err;
+    SampleConfig *sample_cfg;
+
+    // pinned host mirrors
+    int *h_token, *h_slot, *h_pos, *h_step, *h_out_token, *h_err, *h_pf_token, *h_pf_slot, *h_pf_pos, *h_gather;
+    uint64_t *h_key;               // (max_seqs) each sequence's Philox key
+    uint64_t *h_row_key;           // (max_seqs) the keys of the decode rows
+    float *h_out_logprob;
+    int *first_token;              // (max_seqs) host: each sequence's first sampled token
+    float *first_logprob;
+    SampleConfig *h_cfg;
+
+    GraphEntry graphs[ROLLOUT_MAX_GRAPHS];
+    int n_graphs;
+
+    void *blocks[ROLLOUT_MAX_BLOCKS];
+    size_t block_bytes[ROLLOUT_MAX_BLOCKS];
+    int block_poison[ROLLOUT_MAX_BLOCKS];   // 1: an activation or cache buffer (poisoned in tests)
+    int n_blocks;
+    void *host_blocks[32];
+    int n_host_blocks;
+};
+
+// ---------------------------------------------------------------------------------------------
+// small kernels of the engine
+
+// x (N, C) fp32 = wte[token] (+ wpe[pos] for GPT-2): one thread per (row, channel).
+__global__ void embed_rows_kernel(float *x, const int *token, const int *pos, const floatX *wte, const floatX *wpe,
+                                  int N, int C) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * C) return;
+    int r = (int)(idx / C), c = (int)(idx % C);
+    float v = to_float(wte[(size_t)token[r] * C + c]);
+    if (wpe) v += to_float(wpe[(size_t)pos[r] * C + c]);
+    x[idx] = v;
+}
+
+// out (n, C) = in rows idx[0..n) (bf16 copies): one thread per (row, channel).
+__global__ void gather_rows_kernel(floatX *out, const floatX *in, const int *idx, int n, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * C) return;
+    int r = (int)(i / C), c = (int)(i % C);
+    out[i] = in[(size_t)idx[r] * C + c];
+}
+
+// The keys and values of a padded prefill chunk, qkv (nb, Tp, QKV) (k rotated already), into the
+// cache for slots slot0 + b, positions t < lens[b]: one thread per (b, t, element of k | v).
+__global__ void prefill_kv_write_kernel(floatX *k_cache, floatX *v_cache, const floatX *qkv, const int *lens, int slot0,
+                                        int nb, int Tp, int NH, int NKV, int HS, int Tmax) {
+    int KV = NKV * HS, QKV = (NH + 2 * NKV) * HS;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)nb * Tp * 2 * KV) return;
+    int j = (int)(idx % (2 * KV));
+    size_t bt = idx / (2 * KV);
+    int b = (int)(bt / Tp), t = (int)(bt % Tp);
+    if (t >= lens[b]) return;
+    int part = j / KV, kvh = (j % KV) / HS, i = j % HS;
+    floatX *cache = part == 0 ? k_cache : v_cache;
+    cache[(((size_t)(slot0 + b) * NKV + kvh) * Tmax + t) * HS + i] = qkv[bt * QKV + (size_t)NH * HS + j];
+}
+
+// ---------------------------------------------------------------------------------------------
+// memory
+
+static void *engine_alloc(RolloutEngine *e, size_t bytes, int poison) {
+    if (e->n_blocks >= ROLLOUT_MAX_BLOCKS) fatal("rollout: too many device allocations");
+    void *p = cudaMallocCheck(bytes);   // 256-byte aligned: cuBLASLt and 16-byte loads need it
+    e->blocks[e->n_blocks] = p;
+    e->block_bytes[e->n_blocks] = bytes;
+    e->block_poison[e->n_blocks] = poison;
+    e->n_blocks++;
+    return p;
+}
+static void *engine_host_alloc(RolloutEngine *e, size_t bytes) {
+    if (e->n_host_blocks >= 32) fatal("rollout: too many pinned host allocations");
+    void *p = NULL;
+    cudaCheck(cudaMallocHost(&p, bytes ? bytes : 16));
+    e->host_blocks[e->n_host_blocks++] = p;
+    return p;
+}
+
+static int fc_width(const ModelConfig *c) { return c->arch == ARCH_GPT2 ? c->ffn_hidden : 2 * c->ffn_hidden; }
+static int qkv_width(const ModelConfig *c) { return (c->n_head + 2 * c->n_kv_head) * c->head_dim; }
+
+// Parameter tensor `tensor` (layer l of a stacked one) in the bf16 copy; NULL when unused.
+static const floatX *weight(const RolloutEngine *e, int tensor, int l) {
+    if (e->param_sizes[tensor] == 0) return NULL;
+    size_t per_layer = tensor >= P_LN1W && tensor <= P_FCPROJB ? e->param_sizes[tensor] / e->config.n_layer : 0;
+    return e->params + e->param_offsets[tensor] + per_layer * l;
+}
+static floatX *layer_k(RolloutEngine *e, int l) { return e->k_cache + (size_t)l * e->layer_cache_elems; }
+static floatX *layer_v(RolloutEngine *e, int l) { return e->v_cache + (size_t)l * e->layer_cache_elems; }
+
+static void graphs_clear(RolloutEngine *e) {
+    for (int i = 0; i < e->n_graphs; i++)
+        if (e->graphs[i].exec) cudaCheck(cudaGraphExecDestroy(e->graphs[i].exec));
+    e->n_graphs = 0;
+}
+
+extern "C" RolloutOptions rollout_default_options(void) {
+    RolloutOptions o;
+    o.reference = 0;
+    o.use_graphs = 1;
+    o.poison = 0;
+    return o;
+}
+
+extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max_len) {
+    const ModelConfig *c = &cpu->config;
+    if (cpu->params == NULL) fatal("rollout_create: the CPU model is not initialised");
+    if (max_seqs < 1 || max_seqs > 65535) fatal("rollout_create: max_seqs %d must be in 1..65535", max_seqs);
+    if (max_len < 2) fatal("rollout_create: max_len %d must be at least 2 (a prompt token and a new one)", max_len);
+    if (max_len > c->max_seq_len)
+        fatal("rollout_create: max_len %d exceeds the model's context of %d tokens", max_len, c->max_seq_len);
+    int HS = c->head_dim;
+    if (HS != 16 && HS != 32 && HS != 64 && HS != 128)
+        fatal("rollout_create: head_dim %d is not supported by the GPU attention kernels (16, 32, 64 or 128)", HS);
+    if (c->n_kv_head < 1 || c->n_head % c->n_kv_head != 0)
+        fatal("rollout_create: n_head %d is not a multiple of n_kv_head %d", c->n_head, c->n_kv_head);
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count <= 0) {
+        cudaGetLastError();
+        fatal("rollout_create: no CUDA device found");
+    }
+
+    RolloutEngine *e = (RolloutEngine *)callocCheck(1, sizeof(RolloutEngine));
+    e->config = *c;
+    e->num_parameters = cpu->num_parameters;
+    e->max_seqs = max_seqs;
+    e->max_len = max_len;
+    e->n_slots = max_seqs + 1;
+    e->dummy_slot = max_seqs;
+    e->max_rows = ROLLOUT_PREFILL_ROWS;
+    if (e->max_rows < max_seqs) e->max_rows = max_seqs;
+    if (e->max_rows < max_len) e->max_rows = max_len;
+    e->options = rollout_default_options();
+    cudaCheck(cudaSetDevice(0));
+    cudaCheck(cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking));
+    matmul_setup();
+    sampling_setup();
+
+    size_t offset = 0;
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        e->param_offsets[i] = offset;
+        e->param_sizes[i] = cpu->param_sizes[i];
+        offset += cpu->param_sizes[i];
+    }
+    if (offset != cpu->num_parameters) fatal("rollout_create: the CPU model's tensor sizes do not add up to num_parameters");
+    e->params = (floatX *)engine_alloc(e, e->num_parameters * sizeof(floatX), 0);
+    e->staging_floats = (size_t)16 << 20;
+    e->staging = (float *)engine_alloc(e, e->staging_floats * sizeof(float), 0);
+
+    size_t L = c->n_layer, C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, R = e->max_rows, S = max_seqs;
+    size_t QKV = qkv_width(c), FC = fc_width(c), F = c->ffn_hidden, Vp = c->padded_vocab_size;
+    e->layer_cache_elems = (size_t)e->n_slots * NKV * max_len * HS;
+    e->k_cache = (floatX *)engine_alloc(e, L * e->layer_cache_elems * sizeof(floatX), 1);
+    e->v_cache = (floatX *)engine_alloc(e, L * e->layer_cache_elems * sizeof(floatX), 1);
+    if (c->arch == ARCH_LLAMA) {
+        float *table = rope_table_host(max_len, HS, c->rope_theta);
+        size_t bytes = (size_t)max_len * (HS / 2) * 2 * sizeof(float);
+        e->rope_cos_sin = (float *)engine_alloc(e, bytes, 0);
+        cudaCheck(cudaMemcpy(e->rope_cos_sin, table, bytes, cudaMemcpyHostToDevice));
+        free(table);
+    }
+    e->res_a = (float *)engine_alloc(e, R * C * sizeof(float), 1);
+    e->res_b = (float *)engine_alloc(e, R * C * sizeof(float), 1);
+    e->ln = (floatX *)engine_alloc(e, R * C * sizeof(floatX), 1);
+    e->ln_mean = (float *)engine_alloc(e, R * sizeof(float), 1);
+    e->ln_rstd = (float *)engine_alloc(e, R * sizeof(float), 1);
+    e->qkv = (floatX *)engine_alloc(e, R * QKV * sizeof(floatX), 1);
+    e->atty = (floatX *)engine_alloc(e, R * NH * HS * sizeof(floatX), 1);
+    e->att_lse = (float *)engine_alloc(e, R * NH * sizeof(float), 1);
+    e->proj = (floatX *)engine_alloc(e, R * C * sizeof(floatX), 1);
+    e->fch = (floatX *)engine_alloc(e, R * FC * sizeof(floatX), 1);
+    e->fch_act = (floatX *)engine_alloc(e, R * F * sizeof(floatX), 1);
+    e->max_splits = decode_attention_splits(max_len);
+    // the split partials serve decode rows and the reference path's prefill rows
+    e->part_o = (float *)engine_alloc(e, R * NH * e->max_splits * HS * sizeof(float), 1);
+    e->part_ml = (float *)engine_alloc(e, R * NH * e->max_splits * 2 * sizeof(float), 1);
+    e->last_hidden = (floatX *)engine_alloc(e, S * C * sizeof(floatX), 1);
+    e->logits = (float *)engine_alloc(e, S * Vp * sizeof(float), 1);
+    e->ref_flags = NULL;
+
+    e->row_token = (int *)engine_alloc(e, S * sizeof(int), 0);
+    e->row_slot = (int *)engine_alloc(e, S * sizeof(int), 0);
+    e->row_pos = (int *)engine_alloc(e, S * sizeof(int), 0);
+    e->row_step = (int *)engine_alloc(e, S * sizeof(int), 0);
+    e->row_key = (uint64_t *)engine_alloc(e, S * sizeof(uint64_t), 0);
+    e->pf_token = (int *)engine_alloc(e, R * sizeof(int), 0);
+    e->pf_slot = (int *)engine_alloc(e, R * sizeof(int), 0);
+    e->pf_pos = (int *)engine_alloc(e, R * sizeof(int), 0);
+    e->pf_lens = (int *)engine_alloc(e, S * sizeof(int), 0);
+    e->gather_idx = (int *)engine_alloc(e, S * sizeof(int), 0);
+    e->out_token = (int *)engine_alloc(e, S * sizeof(int), 1);
+    e->out_logprob = (float *)engine_alloc(e, S * sizeof(float), 1);
+    e->err = (int *)engine_alloc(e, sizeof(int), 0);
+    e->sample_cfg = (SampleConfig *)engine_alloc(e, sizeof(SampleConfig), 0);
+
+    e->h_token = (int *)engine_host_alloc(e, S * sizeof(int));
+    e->h_slot = (int *)engine_host_alloc(e, S * sizeof(int));
+    e->h_pos = (int *)engine_host_alloc(e, S * sizeof(int));
+    e->h_step = (int *)engine_host_alloc(e, S * sizeof(int));
+    e->h_key = (uint64_t *)engine_host_alloc(e, S * sizeof(uint64_t));
+    e->h_row_key = (uint64_t *)engine_host_alloc(e, S * sizeof(uint64_t));
+    e->h_out_token = (int *)engine_host_alloc(e, S * sizeof(int));
+    e->h_out_logprob = (float *)engine_host_alloc(e, S * sizeof(float));
+    e->h_err = (int *)engine_host_alloc(e, sizeof(int));
+    e->h_pf_token = (int *)engine_host_alloc(e, R * sizeof(int));
+    e->h_pf_slot = (int *)engine_host_alloc(e, R * sizeof(int));
+    e->h_pf_pos = (int *)engine_host_alloc(e, R * sizeof(int));
+    e->h_gather = (int *)engine_host_alloc(e, S * sizeof(int));
+    e->h_cfg = (SampleConfig *)engine_host_alloc(e, sizeof(SampleConfig));
+    e->first_token = (int *)mallocCheck(S * sizeof(int));
+    e->first_logprob = (float *)mallocCheck(S * sizeof(float));
+
+    cudaCheck(cudaMemset(e->err, 0, sizeof(int)));
+    rollout_update_weights(e, cpu);
+    return e;
+}
+
+extern "C" void rollout_free(RolloutEngine *e) {
+    if (e == NULL) return;
+    cudaCheck(cudaStreamSynchronize(e->stream));
+    graphs_clear(e);
+    for (int i = 0; i < e->n_blocks; i++) cudaCheck(cudaFree(e->blocks[i]));
+    if (e->ref_flags) cudaCheck(cudaFree(e->ref_flags));
+    for (int i = 0; i < e->n_host_blocks; i++) cudaCheck(cudaFreeHost(e->host_blocks[i]));
+    cudaCheck(cudaStreamDestroy(e->stream));
+    free(e->first_token);
+    free(e->first_logprob);
+    free(e);
+}
+
+extern "C" void rollout_set_options(RolloutEngine *e, const RolloutOptions *o) {
+    // graphs hold the kernels of the path they were captured on
+    if (o->reference != e->options.reference) graphs_clear(e);
+    e->options = *o;
+}
+
+extern "C" void rollout_update_weights(RolloutEngine *e, const Model *cpu) {
+    if (memcmp(&cpu->config, &e->config, sizeof(ModelConfig)) != 0 || cpu->num_parameters != e->num_parameters)
+        fatal("rollout_update_weights: the model's config differs from the one the engine was created for");
+    for (size_t off = 0; off < e->num_parameters; off += e->staging_floats) {
+        size_t n = e->num_parameters - off < e->staging_floats ? e->num_parameters - off : e->staging_floats;
+        // stream order keeps the next chunk's copy behind this chunk's conversion
+        cudaCheck(cudaMemcpyAsync(e->staging, cpu->params + off, n * sizeof(float), cudaMemcpyHostToDevice, e->stream));
+        convert_f32_to_bf16(e->params + off, e->staging, n, e->stream);
+    }
+    cudaCheck(cudaStreamSynchronize(e->stream));
+}
+
+extern "C" void rollout_update_weights_device(RolloutEngine *e, const float *device_params, size_t num_parameters) {
+    if (num_parameters != e->num_parameters)
+        fatal("rollout_update_weights_device: %zu parameters given, the engine's model has %zu", num_parameters, e->num_parameters);
+    convert_f32_to_bf16(e->params, device_params, num_parameters, e->stream);
+    cudaCheck(cudaStreamSynchronize(e->stream));
+}
+
+extern "C" void rollout_last_stats(const RolloutEngine *e, RolloutStats *stats) { *stats = e->stats; }
+
+// ---------------------------------------------------------------------------------------------
+// forward pieces
+
+// MLP of n rows: proj (n, C) = fcproj(act(fc(ln))).
+static void mlp_forward(RolloutEngine *e, int l, int n) {
+    const ModelConfig *c = &e->config;
+    int C = c->n_embd, F = c->ffn_hidden;
+    cudaStream_t st = e->stream;
+    if (c->arch == ARCH_GPT2) {
+        if (F % 8 == 0) {
+            matmul_forward(e->fch_act, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), e->fch, n, C, F, st);
+        } else {
+            matmul_forward(e->fch, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), NULL, n, C, F, st);
+            gelu_forward(e->fch_act, e->fch, (size_t)n * F, st);
+        }
+    } else {
+        matmul_forward(e->fch, e->ln, weight(e, P_FCW, l), NULL, NULL, n, C, 2 * F, st);
+        swiglu_forward(e->fch_act, e->fch, n, F, st);
+    }
+    matmul_forward(e->proj, e->fch_act, weight(e, P_FCPROJW, l), weight(e, P_FCPROJB, l), NULL, n, F, C, st);
+}
+
+// res_out = res_in + proj, ln = the norm that follows layer l's block (`second`: the pre-MLP
+// norm of layer l; else the next layer's pre-attention norm, or the final norm after the last).
+static void residual_and_norm(RolloutEngine *e, float *res_out, const float *res_in, int l, int second, int n) {
+    const ModelConfig *c = &e->config;
+    int gpt2 = c->arch == ARCH_GPT2;
+    const floatX *w, *b;
+    if (second) { w = weight(e, P_LN2W, l); b = weight(e, P_LN2B, l); }
+    else if (l + 1 < c->n_layer) { w = weight(e, P_LN1W, l + 1); b = weight(e, P_LN1B, l + 1); }
+    else { w = weight(e, P_LNFW, 0); b = weight(e, P_LNFB, 0); }
+    residual_norm_forward(res_out, e->ln, e->ln_mean, e->ln_rstd, res_in, e->proj, w, b, n, c->n_embd, c->norm_eps, gpt2,
+                          e->stream);
+}
+
+// The cached forward of n rows (token, slot, pos device arrays) through every layer: each layer
+// writes the rows' keys and values into the cache, then each row attends over its slot's
+// positions 0..pos. Leaves the final-normed rows in e->ln.
+static void forward_rows(RolloutEngine *e, int n, const int *token, const int *slot, const int *pos, int n_splits) {
+    const ModelConfig *c = &e->config;
+    int C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, QKV = qkv_width(c);
+    int gpt2 = c->arch == ARCH_GPT2;
+    cudaStream_t st = e->stream;
+    size_t nc = (size_t)n * C;
+    embed_rows_kernel<<<ceil_div((long long)nc, 256), 256, 0, st>>>(e->res_a, token, pos, weight(e, P_WTE, 0),
+                                                                    gpt2 ? weight(e, P_WPE, 0) : NULL, n, C);
+    cudaCheckLaunch();
+    residual_norm_forward(NULL, e->ln, e->ln_mean, e->ln_rstd, e->res_a, NULL, weight(e, P_LN1W, 0), weight(e, P_LN1B, 0), n, C,
+                          c->norm_eps, gpt2, st);
+    float *res = e->res_a, *other = e->res_b;
+    for (int l = 0; l < c->n_layer; l++) {
+        matmul_forward(e->qkv, e->ln, weight(e, P_QKVW, l), weight(e, P_QKVB, l), NULL, n, C, QKV, st);
+        rows_kv_write(e->qkv, layer_k(e, l), layer_v(e, l), gpt2 ? NULL : e->rope_cos_sin, slot, pos, n, NH, NKV, HS, e->n_slots,
+                      e->max_len, e->err, st);
+        decode_attention(e->atty, e->part_o, e->part_ml, e->qkv, layer_k(e, l), layer_v(e, l), slot, pos, n, NH, NKV, HS,
+                         e->n_slots, e->max_len, n_splits, e->options.reference, e->err, st);
+        matmul_forward(e->proj, e->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), NULL, n, NH * HS, C, st);
+        residual_and_norm(e, other, res, l, 1, n);
+        { float *t = res; res = other; other = t; }
+        mlp_forward(e, l, n);
+        residual_and_norm(e, other, res, l, 0, n);
+        { float *t = res; res = other; other = t; }
+    }
+}
+
+// logits (n, Vp) fp32 = hidden (n, C) @ head^T
+static void logits_forward(RolloutEngine *e, const floatX *hidden, int n) {
+    const ModelConfig *c = &e->config;
+    const floatX *head = weight(e, c->tied_embeddings ? P_WTE : P_LMHEAD, 0);
+    matmul_cublaslt(e->logits, 1, head, hidden, NULL, NULL, c->padded_vocab_size, n, c->n_embd, 1, 0, 0.0f, e->stream);
+}
+
+static void sample(RolloutEngine *e, int n, int advance) {
+    const ModelConfig *c = &e->config;
+    sample_rows(e->out_token, e->out_logprob, e->logits, n, c->vocab_size, c->padded_vocab_size, e->sample_cfg, e->row_key,
+                e->row_step, advance ? e->row_token : NULL, advance ? e->row_pos : NULL, advance ? e->row_slot : NULL,
+                e->dummy_slot, e->err, e->options.reference, e->ref_flags, e->stream);
+}
+
+// One decode step of `rows` rows, all on the device: forward, logits, sample, advance.
+static void decode_step_enqueue(RolloutEngine *e, int rows, int n_splits) {
+    forward_rows(e, rows, e->row_token, e->row_slot, e->row_pos, n_splits);
+    logits_forward(e, e->ln, rows);
+    sample(e, rows, 1);
+}
+
+// Runs one decode step: replays the graph of this shape, captures it on its second use, or runs
+// it eagerly (first use, or graphs off).
+static void decode_step(RolloutEngine *e, int rows, int n_splits) {
+    if (!e->options.use_graphs) { decode_step_enqueue(e, rows, n_splits); return; }
+    GraphEntry *g = NULL;
+    for (int i = 0; i < e->n_graphs; i++)
+        if (e->graphs[i].rows == rows && e->graphs[i].n_splits == n_splits) g = &e->graphs[i];
+    if (g == NULL) {
+        if (e->n_graphs == ROLLOUT_MAX_GRAPHS) graphs_clear(e);
+        g = &e->graphs[e->n_graphs++];
+        g->rows = rows;
+        g->n_splits = n_splits;
+        g->seen = 0;
+        g->exec = NULL;
+    }
+    if (g->exec == NULL && g->seen == 0) {
+        // the first run of a shape is eager: it loads the kernels' modules and lets cuBLASLt
+        // settle outside the capture, and short generations never pay for a capture
+        g->seen = 1;
+        decode_step_enqueue(e, rows, n_splits);
+        return;
+    }
+    if (g->exec == NULL) {
+        cudaGraph_t graph;
+        cudaCheck(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
+        decode_step_enqueue(e, rows, n_splits);
+        cudaCheck(cudaStreamEndCapture(e->stream, &graph));
+        cudaCheck(cudaGraphInstantiate(&g->exec, graph, 0));
+        cudaCheck(cudaGraphDestroy(graph));
+        e->stats.graph_captures++;
+    }
+    cudaCheck(cudaGraphLaunch(g->exec, e->stream));
+    e->stats.graph_launches++;
+}
+
+// Reads the device error word; exits naming what went wrong.
+static void check_device_errors(RolloutEngine *e, const char *phase) {
+    cudaCheck(cudaMemcpyAsync(e->h_err, e->err, sizeof(int), cudaMemcpyDeviceToHost, e->stream));
+    cudaCheck(cudaStreamSynchronize(e->stream));
+    int err = *e->h_err;
+    if (err == 0) return;
+    fatal("rollout_generate: %s: %s%s", phase,
+          (err & SAMPLE_ERR_NONFINITE_LOGITS) ? "non-finite logits (NaN or inf in the model's output) " : "",
+          (err & DECODE_ERR_POSITION) ? "a row's position or slot lies outside the KV cache" : "");
+}
+
+// ---------------------------------------------------------------------------------------------
+// prefill
+
+// Samples the first token of sequences seq0 .. seq0 + nb - 1 from the final hidden rows listed
+// in e->h_gather[0..nb) (indices into e->ln); results into e->first_token / first_logprob.
+static void prefill_sample(RolloutEngine *e, int seq0, int nb) {
+    const ModelConfig *c = &e->config;
+    for (int b = 0; b < nb; b++) e->h_step[b] = 0;
+    cudaStream_t st = e->stream;
+    cudaCheck(cudaMemcpyAsync(e->gather_idx, e->h_gather, nb * sizeof(int), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(e->row_key, e->h_key + seq0, nb * sizeof(uint64_t), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(e->row_step, e->h_step, nb * sizeof(int), cudaMemcpyHostToDevice, st));
+    size_t n = (size_t)nb * c->n_embd;
+    gather_rows_kernel<<<ceil_div((long long)n, 256), 256, 0, st>>>(e->last_hidden, e->ln, e->gather_idx, nb, c->n_embd);
+    cudaCheckLaunch();
+    logits_forward(e, e->last_hidden, nb);
+    sample(e, nb, 0);
+    cudaCheck(cudaMemcpyAsync(e->h_out_token, e->out_token, nb * sizeof(int), cudaMemcpyDeviceToHost, st));
+    cudaCheck(cudaMemcpyAsync(e->h_out_logprob, e->out_logprob, nb * sizeof(float), cudaMemcpyDeviceToHost, st));
+    check_device_errors(e, "prefill");   // synchronises: the host buffers are reused at once
+    for (int b = 0; b < nb; b++) {
+        e->first_token[seq0 + b] = e->h_out_token[b];
+        e->first_logprob[seq0 + b] = e->h_out_logprob[b];
+    }
+}
+
+// Prompts seq0 .. seq0 + nb - 1, right-padded to Tp, through the training kernels.
+static void prefill_padded_chunk(RolloutEngine *e, const int *const *prompts, const int *lens, int seq0, int nb, int Tp) {
+    const ModelConfig *c = &e->config;
+    int C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, QKV = qkv_width(c);
+    int gpt2 = c->arch == ARCH_GPT2, N = nb * Tp;
+    cudaStream_t st = e->stream;
+    for (int b = 0; b < nb; b++) {
+        const int *p = prompts[seq0 + b];
+        int len = lens[seq0 + b];
+        for (int t = 0; t < Tp; t++) e->h_pf_token[b * Tp + t] = p[t < len ? t : len - 1];   // padding repeats the last token
+        e->h_pf_pos[b] = len;   // staging for the lengths
+        e->h_gather[b] = b * Tp + len - 1;
+    }
+    cudaCheck(cudaMemcpyAsync(e->pf_token, e->h_pf_token, (size_t)N * sizeof(int), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(e->pf_lens, e->h_pf_pos, nb * sizeof(int), cudaMemcpyHostToDevice, st));
+    encoder_forward(e->res_a, e->pf_token, weight(e, P_WTE, 0), gpt2 ? weight(e, P_WPE, 0) : NULL, nb, Tp, C, st);
+    residual_norm_forward(NULL, e->ln, e->ln_mean, e->ln_rstd, e->res_a, NULL, weight(e, P_LN1W, 0), weight(e, P_LN1B, 0), N, C,
+                          c->norm_eps, gpt2, st);
+    float *res = e->res_a, *other = e->res_b;
+    size_t kv_elems = (size_t)N * 2 * NKV * HS;
+    for (int l = 0; l < c->n_layer; l++) {
+        matmul_forward(e->qkv, e->ln, weight(e, P_QKVW, l), weight(e, P_QKVB, l), NULL, N, C, QKV, st);
+        if (!gpt2) rope_forward(e->qkv, e->rope_cos_sin, nb, Tp, NH, NKV, HS, st);
+        attention_forward(e->atty, e->att_lse, e->qkv, nb, Tp, NH, NKV, HS, st);
+        prefill_kv_write_kernel<<<ceil_div((long long)kv_elems, 256), 256, 0, st>>>(layer_k(e, l), layer_v(e, l), e->qkv, e->pf_lens,
+                                                                                   seq0, nb, Tp, NH, NKV, HS, e->max_len);
+        cudaCheckLaunch();
+        matmul_forward(e->proj, e->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), NULL, N, NH * HS, C, st);
+        residual_and_norm(e, other, res, l, 1, N);
+        { float *t = res; res = other; other = t; }
+        mlp_forward(e, l, N);
+        residual_and_norm(e, other, res, l, 0, N);
+        { float *t = res; res = other; other = t; }
+    }
+    prefill_sample(e, seq0, nb);
+}
+
+// Prompts as rows through the decode path (reference), in order, in chunks of max_rows rows;
+// the first token of a sequence is sampled in the chunk that holds its last prompt token (the
+// sequences ending in one chunk are consecutive).
+static void prefill_rows(RolloutEngine *e, const int *const *prompts, const int *lens, int n_seq, int n_splits) {
+    int seq = 0, t = 0;
+    cudaStream_t st = e->stream;
+    while (seq < n_seq) {
+        int n = 0, nb = 0, first_ending = -1;
+        while (seq < n_seq && n < e->max_rows) {
+            e->h_pf_token[n] = prompts[seq][t];
+            e->h_pf_slot[n] = seq;
+            e->h_pf_pos[n] = t;
+            n++;
+            if (++t == lens[seq]) {
+                if (first_ending < 0) first_ending = seq;
+                e->h_gather[nb++] = n - 1;
+                seq++;
+                t = 0;
+            }
+        }
+        cudaCheck(cudaMemcpyAsync(e->pf_token, e->h_pf_token, (size_t)n * sizeof(int), cudaMemcpyHostToDevice, st));
+        cudaCheck(cudaMemcpyAsync(e->pf_slot, e->h_pf_slot, (size_t)n * sizeof(int), cudaMemcpyHostToDevice, st));
+        cudaCheck(cudaMemcpyAsync(e->pf_pos, e->h_pf_pos, (size_t)n * sizeof(int), cudaMemcpyHostToDevice, st));
+        forward_rows(e, n, e->pf_token, e->pf_slot, e->pf_pos, n_splits);
+        if (nb > 0) prefill_sample(e, first_ending, nb);
+        else check_device_errors(e, "prefill");   // synchronises: the pinned row buffers are refilled next
+    }
+}
+
+// Prompts in chunks of whole sequences with (sequences x longest prompt) <= max_rows, through
+// the training kernels.
+static void prefill_padded(RolloutEngine *e, const int *const *prompts, const int *lens, int n_seq) {
+    int seq0 = 0;
+    while (seq0 < n_seq) {
+        int nb = 0, Tp = 0;
+        while (seq0 + nb < n_seq) {
+            int len = lens[seq0 + nb], tp = len > Tp ? len : Tp;
+            if (nb > 0 && (long long)(nb + 1) * tp > e->max_rows) break;
+            Tp = tp;
+            nb++;
+        }
+        prefill_padded_chunk(e, prompts, lens, seq0, nb, Tp);
+        seq0 += nb;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// generate
+
+// Row count for n running sequences: 1, 2, 4, 8, then multiples of 8 up to 64, of 32 up to
+// 512, of 128 beyond; at most max_seqs. Few distinct shapes, so few graphs to capture.
+static int row_bucket(int n, int max_seqs) {
+    int b;
+    if (n <= 8) { b = 1; while (b < n) b <<= 1; }
+    else if (n <= 64) b = (n + 7) / 8 * 8;
+    else if (n <= 512) b = (n + 31) / 32 * 32;
+    else b = (n + 127) / 128 * 128;
+    return b < max_seqs ? b : max_seqs;
+}
+
+// The stop rules of generate.c for token `tok` of sequence i (already appended); returns 1 when
+// the sequence is done and sets its finish reason.
+typedef struct { char *text; size_t len, cap; } StopText;
+static int apply_stop_rules(const GenerateParams *p, GenerateResult *res, StopText *text, int i, int tok) {
+    for (int k = 0; k < p->n_stop_ids; k++)
+        if (tok == p->stop_ids[k]) { res->finish[i] = FINISH_EOS; return 1; }
+    if (p->n_stop_strings > 0 && p->decode_token) {
+        size_t len;
+        const unsigned char *bytes = p->decode_token(p->ctx, tok, &len);
+        StopText *s = &text[i];
+        if (s->len + len + 1 > s->cap) {
+            s->cap = (s->len + len + 1) * 2;
+            s->text = (char *)reallocCheck(s->text, s->cap);
+        }
+        memcpy(s->text + s->len, bytes, len);
+        s->len += len;
+        s->text[s->len] = '\0';
+        for (int k = 0; k < p->n_stop_strings; k++) {
+            size_t sl = strlen(p->stop_strings[k]);
+            // only the tail can hold a new match: the stop string may straddle tokens
+            size_t from = s->len > sl + len ? s->len - sl - len : 0;
+            if (sl > 0 && strstr(s->text + from, p->stop_strings[k])) { res->finish[i] = FINISH_STOP_STRING; return 1; }
+        }
+    }
+    if (res->n_tokens[i] >= p->max_new_tokens) { res->finish[i] = FINISH_LENGTH; return 1; }
+    return 0;
+}
+
+// Appends token `tok` with its log-prob to sequence i, streams it, and applies the stop rules.
+static int accept_token(const GenerateParams *p, GenerateResult *res, StopText *text, int i, int tok, float logprob) {
+    res->tokens[i][res->n_tokens[i]] = tok;
+    res->logprobs[i][res->n_tokens[i]] = logprob;
+    res->n_tokens[i]++;
+    if (p->on_token) p->on_token(p->ctx, i, tok);
+    return apply_stop_rules(p, res, text, i, tok);
+}
+
+static void poison_buffers(RolloutEngine *e) {
+    // all bits set is a NaN both as fp32 and as bf16
+    for (int i = 0; i < e->n_blocks; i++)
+        if (e->block_poison[i]) cudaCheck(cudaMemsetAsync(e->blocks[i], 0xff, e->block_bytes[i], e->stream));
+}
+
+extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, const int *prompt_lens, int n_seq,
+                                 const GenerateParams *p, GenerateResult *res) {
+    const ModelConfig *c = &e->config;
+    if (n_seq < 1) fatal("rollout_generate: no prompts");
+    if (n_seq > e->max_seqs) fatal("rollout_generate: %d prompts exceed the engine's max_seqs %d", n_seq, e->max_seqs);
+    if (p->max_new_tokens < 1) fatal("rollout_generate: max_new_tokens must be positive, got %d", p->max_new_tokens);
+    if (!(p->temperature >= 0.0f) || !isfinite(p->temperature))
+        fatal("rollout_generate: temperature must be a finite value >= 0, got %g", (double)p->temperature);
+    if (p->top_k < 0) fatal("rollout_generate: top_k must be >= 0, got %d", p->top_k);
+    if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) fatal("rollout_generate: top_p must be in (0, 1], got %g", (double)p->top_p);
+    if (p->n_stop_ids > 0 && p->stop_ids == NULL) fatal("rollout_generate: n_stop_ids is %d but stop_ids is NULL", p->n_stop_ids);
+    if (p->n_stop_strings > 0 && p->stop_strings == NULL)
+        fatal("rollout_generate: n_stop_strings is %d but stop_strings is NULL", p->n_stop_strings);
+    int max_prompt = 0;
+    for (int i = 0; i < n_seq; i++) {
+        if (prompt_lens[i] < 1) fatal("rollout_generate: prompt %d is empty (no tokens)", i);
+        if (prompt_lens[i] + p->max_new_tokens > c->max_seq_len)
+            fatal("rollout_generate: prompt %d has %d tokens; with max_new_tokens %d that exceeds the model's context of %d tokens",
+                  i, prompt_lens[i], p->max_new_tokens, c->max_seq_len);
+        if (prompt_lens[i] + p->max_new_tokens > e->max_len)
+            fatal("rollout_generate: prompt %d has %d tokens; with max_new_tokens %d that exceeds the engine's max_len of %d",
+                  i, prompt_lens[i], p->max_new_tokens, e->max_len);
+        for (int t = 0; t < prompt_lens[i]; t++)
+            if (prompts[i][t] < 0 || prompts[i][t] >= c->padded_vocab_size)
+                fatal("rollout_generate: prompt %d token %d is %d, outside the vocabulary 0..%d", i, t, prompts[i][t],
+                      c->padded_vocab_size - 1);
+        if (prompt_lens[i] > max_prompt) max_prompt = prompt_lens[i];
+    }
+    int reference = e->options.reference;
+    int sampling_sets = p->temperature > 0.0f && ((p->top_k > 0 && p->top_k < c->vocab_size) || p->top_p < 1.0f);
+    if (reference && sampling_sets && c->vocab_size > SAMPLE_REFERENCE_MAX_V)
+        fatal("rollout_generate: the reference sampler handles top-k/top-p for vocabularies up to %d tokens, not %d",
+              SAMPLE_REFERENCE_MAX_V, c->vocab_size);
+    if (reference && e->ref_flags == NULL)
+        e->ref_flags = (unsigned char *)cudaMallocCheck((size_t)e->max_seqs * c->vocab_size);
+    int n_splits = decode_attention_splits(max_prompt + p->max_new_tokens);
+    cudaStream_t st = e->stream;
+    memset(&e->stats, 0, sizeof(e->stats));
+
+    res->n_seq = n_seq;
+    res->n_tokens = (int *)callocCheck((size_t)n_seq, sizeof(int));
+    res->tokens = (int **)mallocCheck(sizeof(int *) * n_seq);
+    res->logprobs = (float **)mallocCheck(sizeof(float *) * n_seq);
+    res->finish = (int *)callocCheck((size_t)n_seq, sizeof(int));
+    for (int i = 0; i < n_seq; i++) {
+        res->tokens[i] = (int *)mallocCheck(sizeof(int) * p->max_new_tokens);
+        res->logprobs[i] = (float *)mallocCheck(sizeof(float) * p->max_new_tokens);
+    }
+    StopText *text = (StopText *)callocCheck((size_t)n_seq, sizeof(StopText));
+    int *active = (int *)mallocCheck(sizeof(int) * n_seq);
+
+    e->h_cfg->temperature = p->temperature;
+    e->h_cfg->top_k = p->top_k;
+    e->h_cfg->top_p = p->top_p;
+    e->h_cfg->unused = 0;
+    cudaCheck(cudaMemcpyAsync(e->sample_cfg, e->h_cfg, sizeof(SampleConfig), cudaMemcpyHostToDevice, st));
+    for (int i = 0; i < n_seq; i++) e->h_key[i] = rng_seed(p->seed + (uint64_t)i);
+    cudaCheck(cudaMemsetAsync(e->err, 0, sizeof(int), st));
+    if (e->options.poison) poison_buffers(e);
+
+    // prefill: the first token of every sequence
+    double t0 = wall_seconds();
+    if (reference) prefill_rows(e, prompts, prompt_lens, n_seq, n_splits);
+    else prefill_padded(e, prompts, prompt_lens, n_seq);
+    int n_active = 0;
+    for (int i = 0; i < n_seq; i++)
+        if (!accept_token(p, res, text, i, e->first_token[i], e->first_logprob[i])) active[n_active++] = i;
+    double t1 = wall_seconds();
+    e->stats.prefill_seconds = t1 - t0;
+
+    // decode
+    int rows = 0, rebuild = 1;
+    while (n_active > 0) {
+        if (rebuild) {
+            // running sequences first, in index order, then padding rows on the spare slot
+            rows = row_bucket(n_active, e->max_seqs);
+            for (int r = 0; r < rows; r++) {
+                if (r < n_active) {
+                    int i = active[r], n = res->n_tokens[i];
+                    e->h_token[r] = res->tokens[i][n - 1];
+                    e->h_slot[r] = i;
+                    e->h_pos[r] = prompt_lens[i] + n - 1;
+                    e->h_step[r] = n;
+                    e->h_row_key[r] = e->h_key[i];
+                } else {
+                    e->h_token[r] = 0;
+                    e->h_slot[r] = e->dummy_slot;
+                    e->h_pos[r] = 0;
+                    e->h_step[r] = 0;
+                    e->h_row_key[r] = 0;
+                }
+            }
+            cudaCheck(cudaMemcpyAsync(e->row_token, e->h_token, rows * sizeof(int), cudaMemcpyHostToDevice, st));
+            cudaCheck(cudaMemcpyAsync(e->row_slot, e->h_slot, rows * sizeof(int), cudaMemcpyHostToDevice, st));
+            cudaCheck(cudaMemcpyAsync(e->row_pos, e->h_pos, rows * sizeof(int), cudaMemcpyHostToDevice, st));
+            cudaCheck(cudaMemcpyAsync(e->row_step, e->h_step, rows * sizeof(int), cudaMemcpyHostToDevice, st));
+            cudaCheck(cudaMemcpyAsync(e->row_key, e->h_row_key, rows * sizeof(uint64_t), cudaMemcpyHostToDevice, st));
+            rebuild = 0;
+        }
+        decode_step(e, rows, n_splits);
+        cudaCheck(cudaMemcpyAsync(e->h_out_token, e->out_token, n_active * sizeof(int), cudaMemcpyDeviceToHost, st));
+        cudaCheck(cudaMemcpyAsync(e->h_out_logprob, e->out_logprob, n_active * sizeof(float), cudaMemcpyDeviceToHost, st));
+        check_device_errors(e, "decode");   // synchronises
+        e->stats.decode_steps++;
+        int still = 0;
+        for (int r = 0; r < n_active; r++) {
+            int i = active[r];
+            if (!accept_token(p, res, text, i, e->h_out_token[r], e->h_out_logprob[r])) active[still++] = i;
+        }
+        if (still != n_active) rebuild = 1;
+        n_active = still;
+    }
+    e->stats.decode_seconds = wall_seconds() - t1;
+    for (int i = 0; i < n_seq; i++) e->stats.generated_tokens += res->n_tokens[i];
+    for (int i = 0; i < n_seq; i++) free(text[i].text);
+    free(text);
+    free(active);
+}
+
+extern "C" void generate_cuda(Model *model, const int *const *prompts, const int *prompt_lens, int n_seq,
+                              const GenerateParams *params, GenerateResult *result) {
+    if (n_seq < 1) fatal("generate_cuda: no prompts");
+    int max_prompt = 0;
+    for (int i = 0; i < n_seq; i++)
+        if (prompt_lens[i] > max_prompt) max_prompt = prompt_lens[i];
+    long max_len = (long)max_prompt + (params->max_new_tokens > 0 ? params->max_new_tokens : 1);
+    if (max_len > model->config.max_seq_len)
+        fatal("generate_cuda: the longest prompt (%d tokens) with max_new_tokens %d exceeds the model's context of %d tokens",
+              max_prompt, params->max_new_tokens, model->config.max_seq_len);
+    if (max_len < 2) max_len = 2;
+    RolloutEngine *engine = rollout_create(model, n_seq, (int)max_len);
+    rollout_generate(engine, prompts, prompt_lens, n_seq, params, result);
+    rollout_free(engine);
+}

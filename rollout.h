@@ -1,0 +1,92 @@
+/*
+ * Generation on the GPU (rollout.cu): the interface of the CPU generator (llmc/generate.h), on a
+ * bf16 copy of the model with a bf16 KV cache, for the many rollouts MORA samples.
+ *
+ * An engine is created once from a CPU Model and reused across calls: it holds the weights, the
+ * KV cache for up to max_seqs sequences of up to max_len positions (prompt + new tokens) and the
+ * captured CUDA graphs of the decode step. After a policy update, rollout_update_weights copies
+ * the new parameters in (same config). rollout_generate takes the same arguments and fills the
+ * same GenerateResult as generate():
+ *
+ *   RolloutEngine *engine = rollout_create(&model, 64, 512);
+ *   rollout_generate(engine, prompts, prompt_lens, n, &params, &result);   // n <= 64
+ *   ...; generate_result_free(&result);
+ *   rollout_update_weights(engine, &model);                               // after an update
+ *   rollout_free(engine);
+ *
+ * or, once, generate_cuda(&model, prompts, prompt_lens, n, &params, &result).
+ *
+ * Semantics, as generate(): sequence i is prompt i; each step samples one token per running
+ * sequence (greedy when temperature is 0, else temperature, top-k, top-p); log-probs are log p
+ * at temperature 1 over the whole vocabulary; a sequence stops at a stop id (included, FINISH_EOS),
+ * when its decoded text contains a stop string (FINISH_STOP_STRING), or after max_new_tokens
+ * (FINISH_LENGTH); on_token is called for every sampled token, sequences in index order within a
+ * step. Sequence i draws its random numbers from its own Philox stream keyed by rng_seed(seed + i)
+ * and counted by its token index, so its tokens do not depend on the other sequences of the
+ * batch. The draws differ from the CPU's xorshift stream: sampled tokens are equal in
+ * distribution, greedy tokens equal up to bf16 rounding (near-ties).
+ *
+ * All functions exit with a message on a CUDA error or bad input. Compiled only when nvcc is
+ * found (the Makefile defines USE_CUDA for the C side then).
+ */
+#ifndef ROLLOUT_H
+#define ROLLOUT_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+#include "llmc/model.h"
+#include "llmc/generate.h"
+
+typedef struct RolloutEngine RolloutEngine;
+
+typedef struct {
+    // 1: the plain kernels: prefill as rows through the decode path, one thread per (row, head)
+    // attention, the O(V^2) reference sampler (V <= 16384 when top-k or top-p is on). For the
+    // harnesses; tokens equal the fast path's up to rounding.
+    int reference;
+    // 1 (default): capture each decode step shape as a CUDA graph and replay it
+    int use_graphs;
+    // 1: fill every activation buffer and the KV cache with NaN before each generate (tests: an
+    // element a kernel leaves unwritten then turns the outputs NaN)
+    int poison;
+} RolloutOptions;
+
+// Timings and counts of the last rollout_generate (host wall clock around GPU-synchronised work).
+typedef struct {
+    double prefill_seconds;    // prompts through the model up to the first sampled token
+    double decode_seconds;     // every later step
+    int decode_steps;
+    long generated_tokens;     // sum of the result's n_tokens
+    int graph_launches;        // decode steps replayed from a captured graph
+    int graph_captures;
+} RolloutStats;
+
+RolloutOptions rollout_default_options(void);
+
+// Uploads the model (bf16) and allocates the KV cache for max_seqs sequences of max_len
+// positions (prompt + generated; at most the model's max_seq_len) on device 0.
+RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max_len);
+void rollout_free(RolloutEngine *engine);
+void rollout_set_options(RolloutEngine *engine, const RolloutOptions *options);
+
+// Copies the CPU model's parameters into the engine (the config must be the engine's).
+void rollout_update_weights(RolloutEngine *engine, const Model *cpu);
+// The same from fp32 parameters already on the device, laid out as Model.params (for example a
+// CUDA training model's master weights): no trip through the host.
+void rollout_update_weights_device(RolloutEngine *engine, const float *device_params, size_t num_parameters);
+
+// As generate() (generate.h) for n_seq <= max_seqs prompts; every prompt plus max_new_tokens must
+// fit in max_len. result is allocated here; free it with generate_result_free.
+void rollout_generate(RolloutEngine *engine, const int *const *prompts, const int *prompt_lens, int n_seq,
+                      const GenerateParams *params, GenerateResult *result);
+void rollout_last_stats(const RolloutEngine *engine, RolloutStats *stats);
+
+// One call: an engine sized for this request, generate, free.
+void generate_cuda(Model *model, const int *const *prompts, const int *prompt_lens, int n_seq,
+                   const GenerateParams *params, GenerateResult *result);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
