@@ -499,9 +499,10 @@ static void check_device_errors(RolloutEngine *e, const char *phase) {
     cudaCheck(cudaStreamSynchronize(e->stream));
     int err = *e->h_err;
     if (err == 0) return;
-    fatal("rollout_generate: %s: %s%s", phase,
+    fatal("rollout_generate: %s: %s%s%s", phase,
           (err & SAMPLE_ERR_NONFINITE_LOGITS) ? "non-finite logits (NaN or inf in the model's output) " : "",
-          (err & DECODE_ERR_POSITION) ? "a row's position or slot lies outside the KV cache" : "");
+          (err & DECODE_ERR_POSITION) ? "a row's position or slot lies outside the KV cache " : "",
+          (err & SAMPLE_ERR_REFERENCE_VOCAB) ? "the reference sampler's top-p needs a vocabulary of at most 16384 tokens" : "");
 }
 
 // ---------------------------------------------------------------------------------------------

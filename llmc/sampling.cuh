@@ -50,6 +50,7 @@
 #define SAMPLE_MASS_ONE 1099511627776.0f   // 2^40: fixed-point scale of the top-p masses
 // bits of the error word the sampler sets (the engine reports them on the host)
 #define SAMPLE_ERR_NONFINITE_LOGITS 1
+#define SAMPLE_ERR_REFERENCE_VOCAB 4   // the reference kernel's top-p was given V > 64 * 256
 
 // What the sampler does; lives in device memory so that a captured CUDA graph reads the values
 // of the current call.
@@ -429,6 +430,11 @@ __global__ void sample_rows_reference_kernel(int *out_token, float *out_logprob,
     }
     const float max_logit = s_max;
     int chosen = s_argmax;
+    if (temperature > 0.0f && top_p < 1.0f && V > 64 * (int)blockDim.x) {
+        // top-p keeps 64 decisions per thread in registers
+        if (threadIdx.x == 0) { atomicOr(err, SAMPLE_ERR_REFERENCE_VOCAB); out_token[r] = 0; out_logprob[r] = NAN; }
+        return;
+    }
     if (temperature > 0.0f) {
         const float inv_t = 1.0f / temperature;
         bool use_k = top_k > 0 && top_k < V;
@@ -491,7 +497,7 @@ __global__ void sample_rows_reference_kernel(int *out_token, float *out_logprob,
     }
 }
 
-// The reference kernel keeps at most 64 tokens per thread in registers: V <= 64 * 256.
+// The reference kernel's top-p keeps at most 64 tokens per thread in registers: V <= 64 * 256.
 #define SAMPLE_REFERENCE_MAX_V (64 * 256)
 
 // Raises the fast kernel's dynamic shared memory limit; call once before launching (and before
@@ -506,7 +512,8 @@ static inline void sampling_setup(void) {
 }
 
 // Samples one token for each of n_rows rows (see the kernels). reference selects the plain
-// kernel, which needs flags (n_rows * V bytes) and V <= SAMPLE_REFERENCE_MAX_V.
+// kernel, which needs flags (n_rows * V bytes), and V <= SAMPLE_REFERENCE_MAX_V for top-p (else
+// it sets SAMPLE_ERR_REFERENCE_VOCAB).
 static inline void sample_rows(int *out_token, float *out_logprob, const float *logits, int n_rows, int V, int Vp,
                                const SampleConfig *cfg, const uint64_t *row_key, int *row_step, int *row_token,
                                int *row_pos, const int *row_slot, int dummy_slot, int *err, int reference,
@@ -514,7 +521,7 @@ static inline void sample_rows(int *out_token, float *out_logprob, const float *
     cudaRequire(n_rows >= 1 && V >= 1 && V <= Vp, "sample_rows: need n_rows >= 1 and 1 <= V <= Vp");
     cudaRequire(row_token == NULL || (row_pos != NULL && row_slot != NULL), "sample_rows: advancing rows needs row_pos and row_slot");
     if (reference) {
-        cudaRequire(flags != NULL && V <= SAMPLE_REFERENCE_MAX_V, "sample_rows: the reference sampler needs flags and V <= 16384");
+        cudaRequire(flags != NULL, "sample_rows: the reference sampler needs its flags scratch");
         sample_rows_reference_kernel<<<n_rows, 256, 0, stream>>>(out_token, out_logprob, logits, V, Vp, cfg, row_key, row_step,
                                                                  row_token, row_pos, row_slot, dummy_slot, err, flags);
     } else {
