@@ -1,0 +1,352 @@
+/*
+ * Runs the flash-attention kernels of llmc/attention_flash.cuh on the CPU, so that their
+ * fragment layouts, masking, pipelining and softmax arithmetic are checked on a machine without
+ * a GPU (test/test_attention_flash_emu.py compares the results with a JAX float64 oracle).
+ *
+ * The kernels' source is compiled unchanged as C++; what a GPU provides is emulated here from
+ * the PTX ISA's definitions, independently of the address arithmetic in the kernels:
+ *   - every thread of a block is a user-level context (ucontext) on one OS thread; a block runs
+ *     until all its threads have finished; __syncthreads and the warp-wide operations are
+ *     barriers of the block or the warp (a barrier that can never be passed is reported);
+ *   - ldmatrix.x4 (.trans): lanes 8i..8i+7 give the row addresses of matrix i; lane l receives
+ *     row l/4, columns 2(l%4), 2(l%4)+1 of each matrix (of its transpose with .trans); row
+ *     addresses must be 16-byte aligned and inside the block's shared memory;
+ *   - mma.m16n8k16 bf16 -> fp32: the warp's A (16x16), B (16x8) and C (16x8) are assembled from
+ *     all lanes' registers by the PTX fragment layout, D = A B + C in fp32;
+ *   - cp.async: the copies of a committed group land only when a cp.async.wait_group lets them
+ *     (mode "late": a read before the wait sees stale data), or at once when issued (mode
+ *     "early": a prefetch that overwrites a stage still being read corrupts it);
+ *   - shared memory starts as NaN, so a read of an element nothing wrote shows up in the output.
+ *
+ *   attention_flash_emu IN OUT early|late
+ *     IN : int32 B, T, NH, NKV, HS; then float32 qkv (B, T, QKV), dout (B, T, NH*HS), all values
+ *          representable in bf16
+ *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV)
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+#include <deque>
+#include <functional>
+#include <vector>
+
+// ---------------------------------------------------------------------------------------------
+// what cuda_common.h and the CUDA headers would provide
+
+#define ATTENTION_FLASH_EMULATION
+#define LLMC_CUDA_COMMON_H   // the real cuda_common.h needs the CUDA runtime
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+
+static void emu_fail(const char *what) {
+    fprintf(stderr, "error: attention_flash_emu: %s\n", what);
+    exit(1);
+}
+
+struct floatX { uint16_t bits; };   // bf16
+static inline float to_f32(floatX x) {
+    uint32_t u = (uint32_t)x.bits << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline floatX to_bf16(float f) {   // round to nearest even, NaN kept NaN
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return floatX{(uint16_t)((u >> 16) | 0x40)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return floatX{(uint16_t)(u >> 16)};
+}
+struct float2 { float x, y; };
+struct uint4 { uint32_t x, y, z, w; };
+struct __nv_bfloat162 { floatX x, y; };
+static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{to_f32(v.x), to_f32(v.y)}; }
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+static inline int min(int a, int b) { return a < b ? a : b; }
+struct Dim3 { unsigned x, y, z; };
+static Dim3 threadIdx, blockIdx, gridDim, blockDim;
+
+// ---------------------------------------------------------------------------------------------
+// the block scheduler: one ucontext per thread
+
+enum { RUNNABLE, AT_WARP_BARRIER, AT_BLOCK_BARRIER, DONE };
+struct AsyncCopy { uint32_t dst; int size; unsigned char data[16]; };
+struct EmuThread {
+    ucontext_t context;
+    int state;
+    std::deque<std::vector<AsyncCopy>> groups;   // committed cp.async groups
+    std::vector<AsyncCopy> pending;              // issued, not yet committed
+};
+static const size_t STACK_BYTES = 256 * 1024;
+static std::vector<EmuThread> threads;
+static std::vector<std::vector<char>> stacks;
+static ucontext_t scheduler_context;
+static int current_thread;
+static std::function<void()> kernel_body;
+static std::vector<unsigned char> smem;
+static bool copies_land_early;
+
+static void thread_entry() {
+    kernel_body();
+    threads[current_thread].state = DONE;   // uc_link returns to the scheduler
+}
+static void wait_at(int state) {
+    threads[current_thread].state = state;
+    if (swapcontext(&threads[current_thread].context, &scheduler_context) != 0) emu_fail("swapcontext");
+}
+static void __syncthreads() { wait_at(AT_BLOCK_BARRIER); }
+static void warp_barrier() { wait_at(AT_WARP_BARRIER); }
+
+// A fresh context for thread t that starts in thread_entry (apart from launch's loops: getcontext
+// returns twice in the compiler's eyes, which would pin their variables to memory)
+static __attribute__((noinline)) void init_thread(int t) {
+    EmuThread &th = threads[t];
+    th.state = RUNNABLE;
+    th.groups.clear();
+    th.pending.clear();
+    if (getcontext(&th.context) != 0) emu_fail("getcontext");
+    th.context.uc_stack.ss_sp = stacks[t].data();
+    th.context.uc_stack.ss_size = STACK_BYTES;
+    th.context.uc_link = &scheduler_context;
+    makecontext(&th.context, thread_entry, 0);
+}
+
+// Runs kernel_body as every block of grid with block threads and smem_bytes of shared memory.
+static void launch(Dim3 grid, int block, size_t smem_bytes, std::function<void()> body) {
+    if (block % 32 != 0) emu_fail("block size must be a multiple of 32");
+    kernel_body = body;
+    gridDim = grid;
+    blockDim = Dim3{(unsigned)block, 1, 1};
+    threads = std::vector<EmuThread>(block);
+    if (stacks.size() < (size_t)block) stacks.resize(block, std::vector<char>(STACK_BYTES));
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                blockIdx = Dim3{x, y, z};
+                smem.assign(smem_bytes, 0xff);   // NaN in bf16 and fp32
+                for (int t = 0; t < block; t++) init_thread(t);
+                for (;;) {
+                    for (int t = 0; t < block; t++) {
+                        if (threads[t].state != RUNNABLE) continue;
+                        current_thread = t;
+                        threadIdx = Dim3{(unsigned)t, 0, 0};
+                        if (swapcontext(&scheduler_context, &threads[t].context) != 0) emu_fail("swapcontext");
+                    }
+                    int done = 0, at_block = 0;
+                    bool released = false;
+                    for (int t = 0; t < block; t++) done += threads[t].state == DONE, at_block += threads[t].state == AT_BLOCK_BARRIER;
+                    if (done == block) break;
+                    for (int w = 0; w < block / 32; w++) {
+                        int at_warp = 0;
+                        for (int l = 0; l < 32; l++) at_warp += threads[w * 32 + l].state == AT_WARP_BARRIER;
+                        if (at_warp == 32) {
+                            for (int l = 0; l < 32; l++) threads[w * 32 + l].state = RUNNABLE;
+                            released = true;
+                        }
+                    }
+                    if (at_block == block) {
+                        for (int t = 0; t < block; t++) threads[t].state = RUNNABLE;
+                        released = true;
+                    }
+                    if (!released) emu_fail("deadlock: threads wait at barriers that cannot be passed");
+                }
+            }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the PTX operations the kernels use (see the header comment of this file)
+
+struct WarpExchange { uint32_t u[32][8]; float f[32][4]; };
+static WarpExchange exchange[32];
+static inline int lane_id() { return current_thread % 32; }
+static inline WarpExchange &my_warp() { return exchange[current_thread / 32]; }
+
+static inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
+    if (mask != 0xffffffffu) emu_fail("only full-warp shuffles are emulated");
+    WarpExchange &x = my_warp();
+    x.f[lane_id()][0] = v;
+    warp_barrier();
+    float r = x.f[lane_id() ^ offset][0];
+    warp_barrier();
+    return r;
+}
+
+static inline unsigned char *flash_dynamic_smem() { return smem.data(); }
+static inline uint32_t flash_smem_addr(const void *p) {
+    const unsigned char *c = (const unsigned char *)p;
+    if (c < smem.data() || c > smem.data() + smem.size()) emu_fail("shared address outside the block's shared memory");
+    return (uint32_t)(c - smem.data());
+}
+static void check_smem(uint32_t addr, size_t bytes, size_t align) {
+    if (addr % align != 0) emu_fail("misaligned shared-memory access");
+    if (addr + bytes > smem.size()) emu_fail("shared-memory access past the end of the allocation");
+}
+static void cp_async(uint32_t dst, const void *src, int size, bool valid) {
+    check_smem(dst, size, size);
+    if ((uintptr_t)src % size != 0) emu_fail("misaligned cp.async source");
+    AsyncCopy copy;
+    copy.dst = dst;
+    copy.size = size;
+    if (valid) memcpy(copy.data, src, size);
+    else memset(copy.data, 0, size);
+    if (copies_land_early) memcpy(smem.data() + dst, copy.data, size);
+    else threads[current_thread].pending.push_back(copy);
+}
+static inline void flash_cp_async16(uint32_t dst, const void *src, bool valid) { cp_async(dst, src, 16, valid); }
+static inline void flash_cp_async4(uint32_t dst, const void *src, bool valid) { cp_async(dst, src, 4, valid); }
+static inline void flash_cp_async_commit() {
+    EmuThread &th = threads[current_thread];
+    th.groups.push_back(std::move(th.pending));
+    th.pending.clear();
+}
+template <int N> static inline void flash_cp_async_wait() {
+    EmuThread &th = threads[current_thread];
+    while (th.groups.size() > (size_t)N) {
+        for (const AsyncCopy &copy : th.groups.front()) memcpy(smem.data() + copy.dst, copy.data, copy.size);
+        th.groups.pop_front();
+    }
+}
+
+static inline uint16_t smem_bf16(uint32_t addr) {
+    uint16_t v;
+    memcpy(&v, smem.data() + addr, 2);
+    return v;
+}
+static void ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
+    WarpExchange &x = my_warp();
+    int lane = lane_id();
+    check_smem(addr, 16, 16);
+    x.u[lane][0] = addr;
+    warp_barrier();
+    int row = lane / 4, col = 2 * (lane % 4);
+    for (int i = 0; i < 4; i++) {
+        uint16_t lo, hi;
+        if (!trans) {   // row `row` of matrix i, elements col, col + 1
+            lo = smem_bf16(x.u[8 * i + row][0] + 2 * col);
+            hi = smem_bf16(x.u[8 * i + row][0] + 2 * (col + 1));
+        } else {        // element `row` of rows col and col + 1 of matrix i
+            lo = smem_bf16(x.u[8 * i + col][0] + 2 * row);
+            hi = smem_bf16(x.u[8 * i + col + 1][0] + 2 * row);
+        }
+        r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+    warp_barrier();
+}
+static inline void flash_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, false); }
+static inline void flash_ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, true); }
+
+static inline float lo_f32(uint32_t v) { return to_f32(floatX{(uint16_t)(v & 0xffff)}); }
+static inline float hi_f32(uint32_t v) { return to_f32(floatX{(uint16_t)(v >> 16)}); }
+static void flash_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    WarpExchange &x = my_warp();
+    int lane = lane_id();
+    for (int i = 0; i < 4; i++) x.u[lane][i] = a[i];
+    x.u[lane][4] = b0;
+    x.u[lane][5] = b1;
+    warp_barrier();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; l++) {
+        int g = l / 4, t = l % 4;
+        A[g][2 * t] = lo_f32(x.u[l][0]);         A[g][2 * t + 1] = hi_f32(x.u[l][0]);
+        A[g + 8][2 * t] = lo_f32(x.u[l][1]);     A[g + 8][2 * t + 1] = hi_f32(x.u[l][1]);
+        A[g][2 * t + 8] = lo_f32(x.u[l][2]);     A[g][2 * t + 9] = hi_f32(x.u[l][2]);
+        A[g + 8][2 * t + 8] = lo_f32(x.u[l][3]); A[g + 8][2 * t + 9] = hi_f32(x.u[l][3]);
+        B[2 * t][g] = lo_f32(x.u[l][4]);         B[2 * t + 1][g] = hi_f32(x.u[l][4]);
+        B[2 * t + 8][g] = lo_f32(x.u[l][5]);     B[2 * t + 9][g] = hi_f32(x.u[l][5]);
+    }
+    int g = lane / 4, t = lane % 4;
+    int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int e = 0; e < 4; e++) {
+        float sum = d[e];
+        for (int k = 0; k < 16; k++) sum += A[rows[e]][k] * B[k][cols[e]];
+        d[e] = sum;
+    }
+    warp_barrier();
+}
+static inline uint32_t flash_pack_bf16(float lo, float hi) {
+    return (uint32_t)to_bf16(lo).bits | ((uint32_t)to_bf16(hi).bits << 16);
+}
+static inline float flash_exp2(float x) { return exp2f(x); }
+
+#include "attention_flash.cuh"
+
+// ---------------------------------------------------------------------------------------------
+
+template <int HS>
+static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv, const floatX *dout, int B, int T,
+                int NH, int NKV) {
+    Dim3 grid_q{(unsigned)((T + FLASH_ROWS - 1) / FLASH_ROWS), (unsigned)NH, (unsigned)B};
+    Dim3 grid_kv{grid_q.x, (unsigned)NKV, (unsigned)B};
+    launch(grid_q, FLASH_THREADS, flash_forward_smem<HS>(),
+           [=] { flash_attention_forward_kernel<HS>(out, lse, qkv, T, NH, NKV); });
+    size_t threads_pre = (size_t)B * T * NH * (HS / 8);
+    launch(Dim3{(unsigned)((threads_pre + 255) / 256), 1, 1}, 256, 0,
+           [=] { flash_attention_backward_preprocess_kernel<HS>(D, dout, out, B, T, NH); });
+    launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
+           [=] { flash_attention_backward_dkv_kernel<HS>(dqkv, dout, qkv, lse, D, T, NH, NKV); });
+    launch(grid_q, FLASH_THREADS, flash_dq_smem<HS>(),
+           [=] { flash_attention_backward_dq_kernel<HS>(dqkv, dout, qkv, lse, D, T, NH, NKV); });
+}
+
+static std::vector<float> read_floats(FILE *f, size_t n, const char *path) {
+    std::vector<float> x(n);
+    if (fread(x.data(), sizeof(float), n, f) != n) {
+        fprintf(stderr, "error: %s: file ends before %zu floats were read\n", path, n);
+        exit(1);
+    }
+    return x;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4 || (strcmp(argv[3], "early") != 0 && strcmp(argv[3], "late") != 0)) {
+        fprintf(stderr, "usage: %s IN OUT early|late\n", argv[0]);
+        return 1;
+    }
+    copies_land_early = strcmp(argv[3], "early") == 0;
+    FILE *f = fopen(argv[1], "rb");
+    if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
+    int32_t dims[5];
+    if (fread(dims, sizeof(int32_t), 5, f) != 5) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int B = dims[0], T = dims[1], NH = dims[2], NKV = dims[3], HS = dims[4];
+    if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS)) {
+        fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d\n", argv[1], B, T, NH, NKV, HS);
+        return 1;
+    }
+    int QKV = (NH + 2 * NKV) * HS;
+    size_t n_qkv = (size_t)B * T * QKV, n_out = (size_t)B * T * NH * HS, n_stat = (size_t)B * NH * T;
+    std::vector<float> qkv_f = read_floats(f, n_qkv, argv[1]), dout_f = read_floats(f, n_out, argv[1]);
+    fclose(f);
+    // device buffers: 16-byte aligned like cudaMalloc's, outputs poisoned with NaN
+    auto alloc = [](size_t bytes, int fill) {
+        void *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
+        if (!p) emu_fail("out of memory");
+        memset(p, fill, bytes);
+        return p;
+    };
+    floatX *qkv = (floatX *)alloc(n_qkv * 2, 0), *dout = (floatX *)alloc(n_out * 2, 0);
+    for (size_t i = 0; i < n_qkv; i++) qkv[i] = to_bf16(qkv_f[i]);
+    for (size_t i = 0; i < n_out; i++) dout[i] = to_bf16(dout_f[i]);
+    floatX *out = (floatX *)alloc(n_out * 2, 0xff), *dqkv = (floatX *)alloc(n_qkv * 2, 0xff);
+    float *lse = (float *)alloc(n_stat * 4, 0xff), *D = (float *)alloc(n_stat * 4, 0xff);
+    if (HS == 64) run<64>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
+    else run<128>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
+
+    FILE *o = fopen(argv[2], "wb");
+    if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }
+    std::vector<float> x;
+    for (size_t i = 0; i < n_out; i++) x.push_back(to_f32(out[i]));
+    x.insert(x.end(), lse, lse + n_stat);
+    for (size_t i = 0; i < n_qkv; i++) x.push_back(to_f32(dqkv[i]));
+    if (fwrite(x.data(), sizeof(float), x.size(), o) != x.size() || fclose(o) != 0) {
+        fprintf(stderr, "error: cannot write %s\n", argv[2]);
+        return 1;
+    }
+    printf("attention_flash_emu B=%d T=%d NH=%d NKV=%d HS=%d copies %s: done\n", B, T, NH, NKV, HS, argv[3]);
+    return 0;
+}
