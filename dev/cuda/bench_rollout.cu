@@ -1,0 +1,95 @@
+/*
+ * GPU rollout benchmark (the issue's setting): B prompts of 64 random tokens, 128 new tokens
+ * each, sampled (temperature 1; and top-k 50 + top-p 0.9), no stop ids, for GPT-2 124M and the
+ * SmolLM2-135M shape with random weights, at B = 64 and B = 256. Prints generated tokens per
+ * second over the whole call (prefill + decode), and prefill and decode separately; the median
+ * of the timed calls after a warm-up call (module load, cuBLASLt heuristics, graph captures).
+ * Figures only: not a test.
+ *   build/cuda/dev/bench_rollout [calls]
+ * Targets from the issue (H100 80GB, B = 64): GPT-2 124M >= 100K tok/s, SmolLM2-135M >= 60K
+ * tok/s (Hugging Face generate: 8.2K and 2.6K).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <algorithm>
+#include <vector>
+#include <cuda_runtime.h>
+extern "C" {
+#include "utils.h"
+#include "rand.h"
+}
+#include "rollout.h"
+
+static void bench(const char *preset, int B, int prompt_len, int new_tokens, int calls, double target, int sets) {
+    ModelConfig c;
+    if (!model_config_preset(preset, &c)) fatal("unknown preset %s", preset);
+    Model cpu;
+    model_init(&cpu, &c, preset);
+    model_init_random(&cpu, 42);
+    RolloutEngine *engine = rollout_create(&cpu, B, prompt_len + new_tokens);
+    std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
+    std::vector<const int *> ptrs(B);
+    std::vector<int> lens(B, prompt_len);
+    uint64_t rng = rng_seed(7);
+    for (int b = 0; b < B; b++) {
+        for (auto &t : prompts[b]) t = (int)(random_u32(&rng) % (uint32_t)c.vocab_size);
+        ptrs[b] = prompts[b].data();
+    }
+    GenerateParams p;
+    memset(&p, 0, sizeof(p));
+    p.temperature = 1.0f;
+    p.top_k = sets ? 50 : 0;
+    p.top_p = sets ? 0.9f : 1.0f;
+    p.max_new_tokens = new_tokens;
+    p.seed = 1;
+    std::vector<double> total, prefill, decode;
+    RolloutStats st;
+    long generated = 0;
+    for (int call = 0; call <= calls; call++) {
+        GenerateResult r;
+        double t0 = wall_seconds();
+        rollout_generate(engine, ptrs.data(), lens.data(), B, &p, &r);
+        double t = wall_seconds() - t0;
+        rollout_last_stats(engine, &st);
+        generated = st.generated_tokens;
+        generate_result_free(&r);
+        p.seed += B;
+        if (call == 0) continue;   // warm-up
+        total.push_back(t);
+        prefill.push_back(st.prefill_seconds);
+        decode.push_back(st.decode_seconds);
+    }
+    std::sort(total.begin(), total.end());
+    std::sort(prefill.begin(), prefill.end());
+    std::sort(decode.begin(), decode.end());
+    double t = total[total.size() / 2], tp = prefill[prefill.size() / 2], td = decode[decode.size() / 2];
+    double tok_s = generated / t;
+    printf("%-20s B=%-4d %s  %8.1f ms/call  %9.0f tok/s  (prefill %6.2f ms %9.0f prompt tok/s; decode %7.2f ms, %6.3f ms/step, %9.0f tok/s; "
+           "graphs %d launched)",
+           preset, B, sets ? "T=1 top-k 50 top-p 0.9" : "T=1                  ", t * 1e3, tok_s, tp * 1e3, (double)B * prompt_len / tp,
+           td * 1e3, td * 1e3 / (st.decode_steps > 0 ? st.decode_steps : 1), (generated - B) / td, st.graph_launches);
+    if (target > 0) printf("  target %.0fK tok/s: %s", target / 1e3, tok_s >= target ? "met" : "NOT met");
+    printf("\n");
+    rollout_free(engine);
+    model_free(&cpu);
+}
+
+int main(int argc, char **argv) {
+    int calls = argc > 1 ? atoi(argv[1]) : 5;
+    if (calls < 1) calls = 1;
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+        printf("bench_rollout: no CUDA device\n");
+        return 1;
+    }
+    cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, 0);
+    printf("GPU rollouts: B prompts of 64 tokens, 128 new tokens each, median of %d calls, on %s\n", calls, prop.name);
+    bench("gpt2:d12", 64, 64, 128, calls, 100e3, 0);
+    bench("gpt2:d12", 64, 64, 128, calls, 0, 1);
+    bench("gpt2:d12", 256, 64, 128, calls, 0, 0);
+    bench("llama:smollm2-135m", 64, 64, 128, calls, 60e3, 0);
+    bench("llama:smollm2-135m", 64, 64, 128, calls, 0, 1);
+    bench("llama:smollm2-135m", 256, 64, 128, calls, 0, 0);
+    return 0;
+}

