@@ -288,9 +288,10 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     e->fch = (floatX *)engine_alloc(e, R * FC * sizeof(floatX), 1);
     e->fch_act = (floatX *)engine_alloc(e, R * F * sizeof(floatX), 1);
     e->max_splits = decode_attention_splits(max_len);
-    // the split partials serve decode rows and the reference path's prefill rows
-    e->part_o = (float *)engine_alloc(e, R * NH * e->max_splits * HS * sizeof(float), 1);
-    e->part_ml = (float *)engine_alloc(e, R * NH * e->max_splits * 2 * sizeof(float), 1);
+    // the split partials serve the fast kernel, which only decode rows (<= max_seqs) go through
+    // (the reference path's prefill rows use the reference attention, which needs none)
+    e->part_o = (float *)engine_alloc(e, S * NH * e->max_splits * HS * sizeof(float), 1);
+    e->part_ml = (float *)engine_alloc(e, S * NH * e->max_splits * 2 * sizeof(float), 1);
     e->last_hidden = (floatX *)engine_alloc(e, S * C * sizeof(floatX), 1);
     e->logits = (float *)engine_alloc(e, S * Vp * sizeof(float), 1);
     e->ref_flags = NULL;
@@ -327,7 +328,7 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     e->first_token = (int *)mallocCheck(S * sizeof(int));
     e->first_logprob = (float *)mallocCheck(S * sizeof(float));
 
-    cudaCheck(cudaMemset(e->err, 0, sizeof(int)));
+    cudaCheck(cudaMemsetAsync(e->err, 0, sizeof(int), e->stream));
     rollout_update_weights(e, cpu);
     return e;
 }
@@ -412,6 +413,8 @@ static void residual_and_norm(RolloutEngine *e, float *res_out, const float *res
 // positions 0..pos. Leaves the final-normed rows in e->ln.
 static void forward_rows(RolloutEngine *e, int n, const int *token, const int *slot, const int *pos, int n_splits) {
     const ModelConfig *c = &e->config;
+    cudaRequire(n <= e->max_rows && (e->options.reference || n <= e->max_seqs),
+                "rollout: more rows than the activation or split-attention buffers hold");
     int C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, QKV = qkv_width(c);
     int gpt2 = c->arch == ARCH_GPT2;
     cudaStream_t st = e->stream;
