@@ -9,7 +9,6 @@
  * Every subcommand takes long flags and --help.
  */
 #include <math.h>
-#include <sys/stat.h>
 #include <omp.h>
 #include <cjson/cJSON.h>
 
@@ -18,6 +17,7 @@
 #include "llmc/rand.h"
 #include "llmc/model.h"
 #include "llmc/checkpoint.h"
+#include "llmc/run_dir.h"
 #include "llmc/generate.h"
 #include "llmc/reward_heads.h"
 #include "llmc/chat_template.h"
@@ -32,32 +32,6 @@
 // ----------------------------------------------------------------------------
 // small shared pieces
 
-static void ensure_dir(const char *path) {
-    struct stat st;
-    if (stat(path, &st) == 0) {
-        if (!S_ISDIR(st.st_mode)) fatal("--out %s exists and is not a directory", path);
-        return;
-    }
-    if (mkdir(path, 0755) != 0) fatal("cannot create directory %s: %s", path, strerror(errno));
-}
-
-static int file_exists(const char *path) {
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
-// Writes a JSON object to PATH atomically.
-static void write_json_atomic(const char *path, cJSON *obj) {
-    char *text = cJSON_Print(obj);
-    if (text == NULL) fatal("out of memory formatting %s", path);
-    char tmp[4200];
-    FILE *f = atomic_open(path, tmp, sizeof tmp);
-    fwrite_check(text, 1, strlen(text), f, path);
-    fwrite_check("\n", 1, 1, f, path);
-    atomic_commit(f, tmp, path);
-    free(text);
-}
-
 // Model from a preset name ("gpt2:d12", "llama:tiny", ...) or from a checkpoint path.
 static void model_from_init(Model *model, const char *init, uint64_t seed, TrainState *state) {
     ModelConfig config;
@@ -67,7 +41,7 @@ static void model_from_init(Model *model, const char *init, uint64_t seed, Train
         if (state) memset(state, 0, sizeof(*state));
         return;
     }
-    if (strchr(init, ':') != NULL && !file_exists(init))
+    if (strchr(init, ':') != NULL && !run_file_exists(init))
         fatal("--init %s: unknown preset (known: gpt2:d12 gpt2:d24 gpt2:d36 gpt2:d48 gpt2:tiny llama:smollm2-135m llama:tiny) and no such file", init);
     checkpoint_load(model, init, state, NULL);
 }
@@ -78,14 +52,6 @@ static void print_model_summary(const Model *model, const char *source) {
            source, c->arch == ARCH_GPT2 ? "gpt2" : "llama", c->n_layer, c->n_embd, c->n_head, c->n_kv_head,
            c->head_dim, c->ffn_hidden, c->vocab_size, c->max_seq_len,
            c->tied_embeddings ? "tied" : "untied", model->num_parameters / 1e6);
-}
-
-static void format_duration(double seconds, char *buf, size_t n) {
-    if (!(seconds >= 0) || seconds > 1e8) { snprintf(buf, n, "?"); return; }
-    int s = (int)(seconds + 0.5);
-    if (s >= 3600) snprintf(buf, n, "%dh%02dm", s / 3600, (s % 3600) / 60);
-    else if (s >= 60) snprintf(buf, n, "%dm%02ds", s / 60, s % 60);
-    else snprintf(buf, n, "%ds", s);
 }
 
 // Resolves --device to 1 (a CUDA GPU) or 0 (the CPU): cuda needs a build with nvcc and a GPU;
@@ -164,10 +130,8 @@ static void adamw_update_shard(Model *model, OptimizerShard *shard, float lr, fl
 static int run_world_size(const char *out) {
     char path[4200];
     snprintf(path, sizeof path, "%s/config.json", out);
-    if (!file_exists(path)) return 1;
-    char *text = read_file_all(path, NULL);
-    cJSON *cfg = cJSON_Parse(text);
-    if (cfg == NULL) fatal("%s: not valid JSON", path);
+    if (!run_file_exists(path)) return 1;
+    cJSON *cfg = run_read_json(path);
     cJSON *w = cJSON_GetObjectItemCaseSensitive(cfg, "world_size");
     int world = 1;
     if (w != NULL) {
@@ -175,57 +139,14 @@ static int run_world_size(const char *out) {
         world = w->valueint;
     }
     cJSON_Delete(cfg);
-    free(text);
     return world;
 }
 
-// The checkpoint a run directory points at (OUT/latest.txt holds its file name), or NULL.
-static char *run_latest_checkpoint(const char *out) {
+// OUT/metrics.jsonl with the lines after last_step dropped (a resumed run rewrites them), open for appending.
+static FILE *open_metrics_jsonl(const char *out, int last_step) {
     char path[4200];
-    snprintf(path, sizeof path, "%s/latest.txt", out);
-    if (!file_exists(path)) return NULL;
-    char *name = read_file_all(path, NULL);
-    name[strcspn(name, "\r\n")] = '\0';
-    if (name[0] == '\0') fatal("%s: empty (expected a checkpoint file name)", path);
-    char *full = (char *)mallocCheck(strlen(out) + strlen(name) + 2);
-    sprintf(full, "%s/%s", out, name);
-    free(name);
-    if (!file_exists(full)) fatal("%s names %s, which does not exist", path, full);
-    return full;
-}
-
-static void save_run_checkpoint(const Model *model, const TrainState *state, const char *out) {
-    char name[64], path[4200], latest[4200], tmp[4300];
-    snprintf(name, sizeof name, "model_step%06d.ckpt", state->step);
-    snprintf(path, sizeof path, "%s/%s", out, name);
-    checkpoint_save_native(model, state, path, 1);
-    snprintf(latest, sizeof latest, "%s/latest.txt", out);
-    FILE *f = atomic_open(latest, tmp, sizeof tmp);
-    fprintf(f, "%s\n", name);
-    atomic_commit(f, tmp, latest);
-}
-
-// Keeps the lines of OUT/metrics.jsonl whose "step" is <= last_step (a resumed run rewrites the
-// steps after its checkpoint), then returns the file opened for appending.
-static FILE *open_metrics(const char *out, int last_step) {
-    char path[4200], tmp[4300];
     snprintf(path, sizeof path, "%s/metrics.jsonl", out);
-    if (file_exists(path)) {
-        char *text = read_file_all(path, NULL);
-        FILE *f = atomic_open(path, tmp, sizeof tmp);
-        char *save = NULL;
-        for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-            cJSON *obj = cJSON_Parse(line);
-            cJSON *step = obj ? cJSON_GetObjectItemCaseSensitive(obj, "step") : NULL;
-            if (cJSON_IsNumber(step) && step->valueint <= last_step) fprintf(f, "%s\n", line);
-            cJSON_Delete(obj);
-        }
-        atomic_commit(f, tmp, path);
-        free(text);
-    }
-    FILE *f = fopen(path, "ab");
-    if (f == NULL) fatal("cannot open %s for appending: %s", path, strerror(errno));
-    return f;
+    return run_open_jsonl_upto(path, "step", last_step);
 }
 
 // Mean loss over the first `batches` validation batches. The batches are split over the ranks
@@ -304,7 +225,7 @@ static int cmd_pretrain(int argc, char **argv) {
               world > 1 ? "several ranks" : "--zero 1");
 
     // rank 0 owns the run directory; the others wait until it exists
-    if (rank == 0) ensure_dir(a.out);
+    if (rank == 0) run_ensure_dir(a.out, "--out");
     comm_barrier();
     if (a.resume) {
         // the data order and the optimizer shards depend on the number of ranks: a resumed run
@@ -372,10 +293,10 @@ static int cmd_pretrain(int argc, char **argv) {
     }
     cJSON_AddNumberToObject(cfg, "parameters", (double)model.num_parameters);
     cJSON_AddNumberToObject(cfg, "world_size", world);
-    if (rank == 0) write_json_atomic(path, cfg);
+    if (rank == 0) run_write_json(path, cfg);
     cJSON_Delete(cfg);
 
-    FILE *metrics = rank == 0 ? open_metrics(a.out, state.step) : NULL;
+    FILE *metrics = rank == 0 ? open_metrics_jsonl(a.out, state.step) : NULL;
     const double tokens_per_step = (double)a.batch_size * a.seq_len * a.grad_accum * world;
     const double flops_per_step = model_flops_per_step(&model.config, a.batch_size, a.seq_len) * a.grad_accum * world;
     double run_start = wall_seconds(), train_seconds = 0.0;
@@ -452,7 +373,7 @@ static int cmd_pretrain(int argc, char **argv) {
         }
         if (step % a.log_every == 0 || step == a.steps || step == first_step + 1) {
             char eta[32];
-            format_duration(train_seconds / (step - first_step) * (a.steps - step), eta, sizeof eta);
+            run_format_duration(train_seconds / (step - first_step) * (a.steps - step), eta, sizeof eta);
             printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f ms | %.0f tok/s | %.1f GFLOP/s | eta %s",
                    step, a.steps, loss, lr, norm, dt * 1e3, tokens_per_step / dt, flops_per_step / dt / 1e9, eta);
             if (val_loss >= 0) printf(" | val %.4f", val_loss);
@@ -467,14 +388,14 @@ static int cmd_pretrain(int argc, char **argv) {
                 comm_gather_shards(m, shard.m, model.num_parameters, 0);
                 comm_gather_shards(v, shard.v, model.num_parameters, 0);
                 model.m = m; model.v = v;
-                if (rank == 0) save_run_checkpoint(&model, &state, a.out);
+                if (rank == 0) run_save_checkpoint(&model, &state, a.out);
                 free(m); free(v);
                 model.m = model.v = NULL;
             } else if (rank == 0) {
 #ifdef USE_CUDA
                 if (gpu) cuda_model_download(gpu, &model);
 #endif
-                save_run_checkpoint(&model, &state, a.out);
+                run_save_checkpoint(&model, &state, a.out);
             }
         }
     }
