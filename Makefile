@@ -49,6 +49,8 @@ CU_OBJS := $(if $(NVCC),$(patsubst %.cu,$(BUILD)/cuda/%.o,$(CU_SRCS)),)
 # The CUDA model (llmc/model_cuda.h) is linked into ./train_mora when nvcc is found, and the C
 # side is compiled with -DUSE_CUDA; without nvcc nothing refers to CUDA.
 CUDA_MODEL_OBJS := $(if $(NVCC),$(BUILD)/cuda/llmc/model_cuda.o,)
+# what ./train_mora links besides the training model: the GPU rollout engine
+CUDA_DRIVER_OBJS := $(if $(NVCC),$(BUILD)/cuda/rollout.o,)
 CUDA_LDLIBS :=
 ifneq ($(NVCC),)
 CUDA_LIBDIR := $(abspath $(dir $(NVCC))/../lib64)
@@ -67,8 +69,8 @@ NVCC_LDLIBS := -Xcompiler -fopenmp -lcublasLt -lcublas -lm -lpthread
 .PHONY: all test bench cuda gpu_check clean
 all: train_mora $(TEST_BINS) $(FD_BINS) $(TOOL_BINS) $(BENCH_BINS) $(CU_OBJS)
 
-train_mora: train_mora.c $(LIB_OBJS) $(CUDA_MODEL_OBJS) $(HEADERS)
-	$(CC) $(CFLAGS) -o $@ train_mora.c $(LIB_OBJS) $(CUDA_MODEL_OBJS) $(LDLIBS) $(CUDA_LDLIBS)
+train_mora: train_mora.c $(LIB_OBJS) $(CUDA_MODEL_OBJS) $(CUDA_DRIVER_OBJS) $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ train_mora.c $(LIB_OBJS) $(CUDA_MODEL_OBJS) $(CUDA_DRIVER_OBJS) $(LDLIBS) $(CUDA_LDLIBS)
 
 MPI_STAMP := $(BUILD)/mpi-$(if $(MPICC),on,off)
 $(BUILD)/llmc/comm.o: $(MPI_STAMP)

@@ -26,6 +26,7 @@
 #include "dataloader.h"
 #ifdef USE_CUDA
 #include "llmc/model_cuda.h"
+#include "rollout.h"
 #endif
 #include "mora.h"
 
@@ -435,7 +436,7 @@ static void stream_on_token(void *ctx, int seq, int token) {
 }
 
 static int cmd_generate(int argc, char **argv) {
-    const char *model_path = "", *prompt = "", *system = "", *template_name = "", *tokenizer_path = "";
+    const char *model_path = "", *prompt = "", *system = "", *template_name = "", *tokenizer_path = "", *device = "cpu";
     int chat = 0, max_new_tokens = 128, top_k = 0, seed = 1337, show_logprobs = 0;
     float temperature = 0.7f, top_p = 1.0f;
     ArgSpec specs[] = {
@@ -451,6 +452,7 @@ static int cmd_generate(int argc, char **argv) {
         {"max_new_tokens", ARG_INT, &max_new_tokens, "tokens to generate at most"},
         {"seed", ARG_INT, &seed, "sampling seed"},
         {"logprobs", ARG_BOOL, &show_logprobs, "print every generated token with its log-probability"},
+        {"device", ARG_STRING, &device, "cpu, cuda or auto (cuda: the GPU rollout engine, rollout.cu)"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "generate",
                "Samples a continuation of --prompt (or a chat reply with --chat) and streams it to stdout.");
@@ -460,6 +462,8 @@ static int cmd_generate(int argc, char **argv) {
     args_require_nonneg_int("top_k", top_k);
     args_require_range_float("temperature", temperature, 0.0f, 100.0f);
     args_require_range_float("top_p", top_p, 1e-6f, 1.0f);
+    const int use_gpu = resolve_device(device);
+    (void)use_gpu;  // read only by the CUDA build
 
     Model model;
     CheckpointInfo info;
@@ -505,6 +509,10 @@ static int cmd_generate(int argc, char **argv) {
     GenerateResult res;
     const int *prompts[1] = {ids};
     double t0 = wall_seconds();
+#ifdef USE_CUDA
+    if (use_gpu) generate_cuda(&model, prompts, &n_prompt, 1, &gp, &res);
+    else
+#endif
     generate(&model, prompts, &n_prompt, 1, &gp, &res);
     double dt = wall_seconds() - t0;
     if (show_logprobs) {
