@@ -122,7 +122,18 @@ $(CUDA_ROLLOUT_PROGS): $(BUILD)/cuda/dev/%: dev/cuda/%.cu $(ROLLOUT_CPU_OBJS) $(
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(ROLLOUT_CPU_OBJS) $(CUDA_ROLLOUT_OBJS) $(NVCC_LDLIBS) -lcjson
 
-cuda: $(CU_OBJS) $(CUDA_DEV_BINS)
+# programs nvcc links with comm.o need MPI's libraries when comm.o was built with MPI
+MPI_NVCC_LDLIBS := $(if $(MPICC),$(shell $(MPICC) --showme:link 2> /dev/null),)
+# the reward heads' harness against the CPU heads, and the NCCL collectives' check (1 rank or
+# under mpirun)
+$(BUILD)/cuda/dev/reward_heads: dev/cuda/reward_heads.cu $(BUILD)/cuda/reward_heads.o $(LIB_OBJS) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(BUILD)/cuda/reward_heads.o $(LIB_OBJS) $(NVCC_LDLIBS) -lcjson $(MPI_NVCC_LDLIBS)
+$(BUILD)/cuda/dev/comm_nccl_check: dev/cuda/comm_nccl_check.cu $(BUILD)/cuda/llmc/comm_nccl.o $(BUILD)/llmc/comm.o $(BUILD)/llmc/utils.o $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(BUILD)/cuda/llmc/comm_nccl.o $(BUILD)/llmc/comm.o $(BUILD)/llmc/utils.o -lnccl $(MPI_NVCC_LDLIBS)
+
+cuda: $(CU_OBJS) $(CUDA_DEV_BINS) $(if $(NVCC),$(BUILD)/cuda/dev/reward_heads $(BUILD)/cuda/dev/comm_nccl_check,)
 
 # build every GPU harness and test for sm_90, run them and print the benchmark table (needs a GPU)
 gpu_check:

