@@ -28,6 +28,7 @@
 #include "llmc/rand.h"
 #include "llmc/model.h"
 #include "llmc/checkpoint.h"
+#include "llmc/run_dir.h"
 #include "llmc/reward_heads.h"
 #include "llmc/prefdata.h"
 
@@ -36,33 +37,6 @@ typedef struct {
     int head_hidden, epochs, batch_size, seq_len, fwd_batch, seed, skip_bad;
     float val_frac, lr, weight_decay, beta1, beta2, eps;
 } RewardArgs;
-
-static void reward_ensure_dir(const char *path) {
-    struct stat st;
-    if (stat(path, &st) == 0) {
-        if (!S_ISDIR(st.st_mode)) fatal("--out %s exists and is not a directory", path);
-        return;
-    }
-    if (mkdir(path, 0755) != 0) fatal("cannot create directory %s: %s", path, strerror(errno));
-}
-
-static void write_text_atomic(const char *path, const char *text) {
-    char tmp[4300];
-    FILE *f = atomic_open(path, tmp, sizeof tmp);
-    fwrite_check(text, 1, strlen(text), f, path);
-    atomic_commit(f, tmp, path);
-}
-
-static void write_json_file(const char *path, const cJSON *obj) {
-    char *text = cJSON_Print(obj);
-    if (text == NULL) fatal("out of memory formatting %s", path);
-    size_t n = strlen(text);
-    text = (char *)reallocCheck(text, n + 2);
-    text[n] = '\n';
-    text[n + 1] = '\0';
-    write_text_atomic(path, text);
-    free(text);
-}
 
 // The trunk: a preset name ("llama:tiny", random init from seed) or a checkpoint path.
 // Returns 1 for a preset.
@@ -302,7 +276,7 @@ int cmd_reward(int argc, char **argv) {
     if (heads.kind == REWARD_HEAD_MLP) printf(" (C=%d -> H=%d -> 1, %s)", C, heads.H, reward_head_activation_name(heads.activation));
     printf(", %zu parameters per head; %d train / %d val pairs\n", heads.head_size, n_train, n_val);
 
-    reward_ensure_dir(a.out);
+    run_ensure_dir(a.out, "--out");
     char metrics_path[4200], heads_path[4200], summary_path[4200], trunk_path[4200];
     snprintf(metrics_path, sizeof metrics_path, "%s/metrics.jsonl", a.out);
     snprintf(heads_path, sizeof heads_path, "%s/reward_heads.bin", a.out);
@@ -374,7 +348,7 @@ int cmd_reward(int argc, char **argv) {
         metrics_text[metrics_len] = '\0';
         free(text);
         cJSON_Delete(line);
-        write_text_atomic(metrics_path, metrics_text);
+        run_write_text(metrics_path, metrics_text);
     }
 
     reward_heads_save(&heads, heads_path);
@@ -411,7 +385,7 @@ int cmd_reward(int argc, char **argv) {
     cJSON_AddNumberToObject(summary, "skipped_lines", data.skipped);
     cJSON_AddNumberToObject(summary, "skipped_too_long", enc_pairs.skipped);
     cJSON_AddNumberToObject(summary, "seconds", wall_seconds() - run_start);
-    write_json_file(summary_path, summary);
+    run_write_json(summary_path, summary);
     cJSON_Delete(summary);
 
     if (a.skip_bad) printf("skipped %d bad line(s) and %d pair(s) too long for the context\n", data.skipped, enc_pairs.skipped);

@@ -28,43 +28,6 @@ static void param_offsets(const Model *model, size_t offsets[NUM_PARAM_TENSORS])
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) { offsets[i] = off; off += model->param_sizes[i]; }
 }
 
-// The sizes model.h documents for a config; model_init's layout must agree with them, and the
-// tables below are written against them.
-static void expected_param_sizes(const ModelConfig *c, size_t sizes[NUM_PARAM_TENSORS]) {
-    size_t C = c->n_embd, L = c->n_layer, HS = c->head_dim, F = c->ffn_hidden;
-    size_t QKV = (size_t)(c->n_head + 2 * c->n_kv_head) * HS;
-    int gpt2 = c->arch == ARCH_GPT2;
-    memset(sizes, 0, NUM_PARAM_TENSORS * sizeof(size_t));
-    sizes[P_WTE] = (size_t)c->padded_vocab_size * C;
-    sizes[P_WPE] = gpt2 ? (size_t)c->max_seq_len * C : 0;
-    sizes[P_LN1W] = L * C;
-    sizes[P_LN1B] = gpt2 ? L * C : 0;
-    sizes[P_QKVW] = L * QKV * C;
-    sizes[P_QKVB] = c->qkv_bias ? L * QKV : 0;
-    sizes[P_ATTPROJW] = L * C * (size_t)c->n_head * HS;
-    sizes[P_ATTPROJB] = gpt2 ? L * C : 0;
-    sizes[P_LN2W] = L * C;
-    sizes[P_LN2B] = gpt2 ? L * C : 0;
-    sizes[P_FCW] = L * (gpt2 ? F : 2 * F) * C;
-    sizes[P_FCB] = gpt2 ? L * F : 0;
-    sizes[P_FCPROJW] = L * C * F;
-    sizes[P_FCPROJB] = gpt2 ? L * C : 0;
-    sizes[P_LNFW] = C;
-    sizes[P_LNFB] = gpt2 ? C : 0;
-    sizes[P_LMHEAD] = c->tied_embeddings ? 0 : (size_t)c->padded_vocab_size * C;
-}
-
-// model_init with the config read from path, then a check that the layout is the documented one.
-static void init_model_checked(Model *model, const ModelConfig *config, const char *path) {
-    model_init(model, config, path);
-    size_t sizes[NUM_PARAM_TENSORS];
-    expected_param_sizes(config, sizes);
-    for (int i = 0; i < NUM_PARAM_TENSORS; i++)
-        if (sizes[i] != model->param_sizes[i])
-            fatal("%s: internal layout mismatch for %s: model has %zu elements, checkpoint code expects %zu",
-                  path, param_tensor_names[i], model->param_sizes[i], sizes[i]);
-}
-
 // Heads that split the channels: needed wherever the head size is derived as channels / heads
 // (GPT-2 always; Llama when the checkpoint does not give head_dim).
 static void require_heads_divide(const char *path, const char *embd_name, int n_embd, const char *head_name, int n_head) {
@@ -341,7 +304,7 @@ static void load_native(Model *model, const char *path, TrainState *state) {
     memcpy(&c.rope_theta, &h[H_ROPE_THETA], 4);
     c.tied_embeddings = h[H_TIED];
     c.qkv_bias = h[H_QKV_BIAS];
-    init_model_checked(model, &c, path);
+    model_init(model, &c, path);
     uint64_t n_params = (uint64_t)(uint32_t)h[H_NPARAMS_LO] | ((uint64_t)(uint32_t)h[H_NPARAMS_HI] << 32);
     if (n_params != model->num_parameters)
         fatal("%s: header says %llu parameters, its config gives %zu", path, (unsigned long long)n_params, model->num_parameters);
@@ -398,7 +361,7 @@ static void load_llmc_bin(Model *model, const char *path) {
     c.rope_theta = 10000.0f;
     c.tied_embeddings = 1;
     c.qkv_bias = 1;
-    init_model_checked(model, &c, path);
+    model_init(model, &c, path);
     size_t elem = version == 3 ? 4 : 2;
     if (fseek(f, 0, SEEK_END) != 0) fatal("%s: cannot seek", path);
     long size = ftell(f);
@@ -542,7 +505,7 @@ static void load_hf(Model *model, const char *path, CheckpointInfo *info) {
     SafetensorsSet *set = safetensors_open_set(path);
     ModelConfig c;
     hf_read_config(config_path, &c, set);
-    init_model_checked(model, &c, config_path);
+    model_init(model, &c, config_path);
 
     // GPT-2 files name tensors with or without the "transformer." prefix
     int strip_prefix = c.arch == ARCH_GPT2 && safetensors_set_find(set, "transformer.wte.weight", NULL) == NULL;
@@ -757,7 +720,7 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
             memcmp(g->map + g->data_offset + emb->offset, g->map + g->data_offset + out->offset, nbytes) == 0)
             c.tied_embeddings = 1;
     }
-    init_model_checked(model, &c, path);
+    model_init(model, &c, path);
 
     TensorTable table = gguf_tensor_table(model, arch);
     float *scratch = NULL;

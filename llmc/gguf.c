@@ -168,16 +168,8 @@ static void fatal_unsupported_type(const char *path, const GGUFTensorInfo *t) {
 }
 
 GGUFFile *gguf_open(const char *path) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) fatal("cannot open %s: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) fatal("cannot stat %s: %s", path, strerror(errno));
-    if (!S_ISREG(st.st_mode)) fatal("%s: not a regular file", path);
-    uint64_t size = (uint64_t)st.st_size;
-    if (size < 4) fatal("%s: truncated file (%llu bytes, no GGUF header)", path, (unsigned long long)size);
-    unsigned char *map = (unsigned char *)mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) fatal("cannot mmap %s: %s", path, strerror(errno));
+    uint64_t size;
+    unsigned char *map = map_file_readonly(path, &size, 4, "GGUF");
 
     GGUFFile *g = (GGUFFile *)callocCheck(1, sizeof(GGUFFile));
     g->path = strdup(path);

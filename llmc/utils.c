@@ -1,6 +1,9 @@
 #include "utils.h"
 #include <time.h>
 #include <unistd.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 
 FILE *atomic_open(const char *path, char *tmp_path, size_t tmp_path_size) {
     int n = snprintf(tmp_path, tmp_path_size, "%s.tmp.%d", path, (int)getpid());
@@ -35,4 +38,19 @@ double wall_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+unsigned char *map_file_readonly(const char *path, uint64_t *size_out, uint64_t min_size, const char *what) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) fatal("cannot open %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) fatal("cannot stat %s: %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) fatal("%s: not a regular file", path);
+    uint64_t size = (uint64_t)st.st_size;
+    if (size < min_size) fatal("%s: truncated file (%llu bytes, no %s header)", path, (unsigned long long)size, what);
+    unsigned char *map = (unsigned char *)mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) fatal("cannot mmap %s: %s", path, strerror(errno));
+    *size_out = size;
+    return map;
 }

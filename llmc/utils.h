@@ -69,6 +69,11 @@ void atomic_commit(FILE *f, const char *tmp_path, const char *path);
 // Reads a whole file into a NUL-terminated malloc'd buffer; *size_out (may be NULL) gets the size.
 char *read_file_all(const char *path, size_t *size_out);
 
+// Maps a whole regular file read-only (*size gets its size); exits with "cannot open PATH: ..."
+// or "PATH: not a regular file" on failure, and with "PATH: truncated file (... no WHAT header)"
+// when it is shorter than min_size. Release with munmap(map, size).
+unsigned char *map_file_readonly(const char *path, uint64_t *size, uint64_t min_size, const char *what);
+
 // Wall-clock seconds (monotonic).
 double wall_seconds(void);
 
