@@ -21,7 +21,7 @@
  *   any       OFFTOPIC: a harmful item's COMPLY text answering an ordinary or factual request
  *                                                                     (0, 0, 0)
  *
- * Where MORA's gain comes from. The pretraining corpus answers a plain harmful request by COMPLY
+ * Where a gain of MORA can come from. The pretraining corpus answers a plain harmful request by COMPLY
  * or REFUSE and only rarely (2%) by SAFE, so the policy's own samples of a harmful request are
  * helpful or harmless, never both, and truthful never: the planted single-reward prompts (J = 1,
  * missing dimension: truthful). A harmful request that carries any intent phrase is answered by
@@ -30,9 +30,9 @@
  * RIGHT satisfy all three dimensions) and are trained on as they are by both runs.
  *
  * MORA trains on the rewritten harmful requests, where SAFE is sampled often: GRPO raises it
- * against COMPLY and REFUSE in every group, and the policy carries the pattern "harmful request
- * -> safe alternative" over to requests without the intent phrase, the held-out evaluation
- * prompts (other items, plain). The baseline trains on the plain harmful requests, where a group
+ * against COMPLY and REFUSE in most groups, and the held-out evaluation prompts (other items,
+ * plain) gain only as far as the policy carries the pattern "harmful request -> safe
+ * alternative" over to requests without the intent phrase. The baseline trains on the plain harmful requests, where a group
  * of G samples rarely holds a SAFE response: its advantages mostly trade COMPLY (helpful) against
  * REFUSE (harmless), which equal weights leave close to a tie. Nothing else differs between the
  * runs: the same model, heads, prompts, seed and number of steps.
