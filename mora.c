@@ -29,6 +29,15 @@
  * seed from those, and the batch order is a permutation drawn per (stage, epoch). A resumed run
  * therefore repeats an uninterrupted one exactly (the checkpoint carries the policy and AdamW
  * state; pool_state.json carries the stage's training pool and statistics).
+ *
+ * Ranks (mpirun/srun, llmc/comm.h): mora and eval are data parallel. Every sampling pass
+ * (presample, generated rewrites, candidate presample, eval) is split into contiguous shards of
+ * the prompts, one per rank, each drawing from the seeds one rank would use; the samples are then
+ * all-gathered in the prompts' order, so the standardisation statistics, the isolation, the
+ * rewrite decisions and the training pool are global and the same on every rank. Every step's
+ * batch of P prompts (pairs) is split into P/W per rank; each rank's loss is weighted by its share
+ * of the batch's normaliser and the gradients are summed, which is the gradient of one rank on
+ * the whole batch. Rank 0 alone writes the run directory.
  */
 #include <ctype.h>
 #include <math.h>
@@ -46,6 +55,7 @@
 #include "llmc/chat_template.h"
 #include "llmc/policy_loss.h"
 #include "llmc/run_dir.h"
+#include "llmc/comm.h"
 #include "tokenizer.h"
 #include "rewrite.h"
 #include "demo_world.h"
@@ -345,6 +355,91 @@ static void samples_score(Engine *e, Samples *s) {
         reward_heads_forward(&e->heads, last, B, s->rewards + (size_t)first * D);
     }
     free(idx); free(lengths); free(inputs); free(targets); free(mask); free(last);
+}
+
+// ----------------------------------------------------------------------------
+// data parallel sampling: each rank generates and scores a contiguous shard of the prompts
+
+// Replaces this rank's samples s (answering prompts [first_prompt, ...) of the global list) by
+// every rank's, concatenated in rank order: the samples one rank would hold for the whole list,
+// with prompt_of global. One all-gather of a flat record per sequence:
+//   int32 plen, rlen, slen, prompt_of; int32 seq (plen + rlen); float logp_old (rlen),
+//   logp_ref (rlen), rewards (D).
+// gen_tokens becomes the global count; gen_seconds stays this rank's (the ranks run in parallel).
+static void samples_all_gather(Samples *s, int first_prompt) {
+    if (comm_world() == 1) return;
+    size_t bytes = 0;
+    for (int j = 0; j < s->n; j++)
+        bytes += sizeof(int) * (4 + (size_t)s->plen[j] + s->rlen[j]) + sizeof(float) * (2 * (size_t)s->rlen[j] + D);
+    char *send = (char *)mallocCheck(bytes), *p = send;
+#define PUT(src, nbytes) do { memcpy(p, (src), (nbytes)); p += (nbytes); } while (0)
+    for (int j = 0; j < s->n; j++) {
+        int head[4] = {s->plen[j], s->rlen[j], s->slen[j], s->prompt_of[j] + first_prompt};
+        PUT(head, sizeof head);
+        PUT(s->seq[j], sizeof(int) * (s->plen[j] + s->rlen[j]));
+        PUT(s->logp_old[j], sizeof(float) * s->rlen[j]);
+        PUT(s->logp_ref[j], sizeof(float) * s->rlen[j]);
+        PUT(s->rewards + (size_t)j * D, sizeof(float) * D);
+    }
+#undef PUT
+    size_t total;
+    char *all = (char *)comm_all_gather_bytes(send, bytes, NULL, &total);
+    free(send);
+    double seconds = s->gen_seconds;
+    samples_free(s);
+    // count the sequences, then unpack them
+    int n = 0;
+    for (size_t off = 0; off < total; n++) {
+        int head[4];
+        memcpy(head, all + off, sizeof head);
+        off += sizeof(int) * (4 + (size_t)head[0] + head[1]) + sizeof(float) * (2 * (size_t)head[1] + D);
+    }
+    s->n = n;
+    s->prompt_of = (int *)mallocCheck(sizeof(int) * (n ? n : 1));
+    s->plen = (int *)mallocCheck(sizeof(int) * (n ? n : 1));
+    s->rlen = (int *)mallocCheck(sizeof(int) * (n ? n : 1));
+    s->slen = (int *)mallocCheck(sizeof(int) * (n ? n : 1));
+    s->seq = (int **)callocCheck(n ? n : 1, sizeof(int *));
+    s->logp_old = (float **)callocCheck(n ? n : 1, sizeof(float *));
+    s->logp_ref = (float **)callocCheck(n ? n : 1, sizeof(float *));
+    s->rewards = (float *)callocCheck((size_t)(n ? n : 1) * D, sizeof(float));
+    p = all;
+#define GET(dst, nbytes) do { memcpy((dst), p, (nbytes)); p += (nbytes); } while (0)
+    for (int j = 0; j < n; j++) {
+        int head[4];
+        GET(head, sizeof head);
+        int P = head[0], R = head[1];
+        s->plen[j] = P; s->rlen[j] = R; s->slen[j] = head[2]; s->prompt_of[j] = head[3];
+        s->seq[j] = (int *)mallocCheck(sizeof(int) * (P + R));
+        s->logp_old[j] = (float *)mallocCheck(sizeof(float) * (R ? R : 1));
+        s->logp_ref[j] = (float *)callocCheck(R ? R : 1, sizeof(float));
+        GET(s->seq[j], sizeof(int) * (P + R));
+        GET(s->logp_old[j], sizeof(float) * R);
+        GET(s->logp_ref[j], sizeof(float) * R);
+        GET(s->rewards + (size_t)j * D, sizeof(float) * D);
+        s->gen_tokens += R;
+    }
+#undef GET
+    free(all);
+    s->gen_seconds = seconds;
+}
+
+// samples_generate (and samples_score when `score` is set) over all n_prompts prompts, split
+// over the ranks: rank r generates the K responses of its contiguous shard [lo, hi) of the
+// prompts (comm_shard_range), then every rank receives all of them (samples_all_gather).
+// Sequence j of the whole list draws from rng_seed(seed + j) as it does on one rank (the shard
+// starts at seed + lo*K), so the samples are those of one rank; when every shard starts on a
+// multiple of gen_batch the generate calls also hold the same sequences, and the floats are the
+// same bits.
+static void samples_generate_sharded(Engine *e, Model *model, const TokenList *prompts, int n_prompts, int K,
+                                     uint64_t seed, float temperature, int top_k, float top_p, int max_new,
+                                     const char *label, int score, Samples *s) {
+    size_t lo, hi;
+    comm_shard_range((size_t)n_prompts, comm_rank(), comm_world(), &lo, &hi);
+    samples_generate(e, model, prompts + lo, (int)(hi - lo), K, seed + (uint64_t)lo * K, temperature, top_k, top_p,
+                     max_new, label, s);
+    if (score) samples_score(e, s);
+    samples_all_gather(s, (int)lo);
 }
 
 // ----------------------------------------------------------------------------
@@ -662,10 +757,12 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
     int cut = 0;
     for (int i = 0; i < n; i++) cut += encode_prompt_fit(e, m->prompts.records[i].prompt, a->max_new_tokens, &toks[i]);
     if (cut) printf("presample: %d prompt(s) cut on the left to fit the context\n", cut);
+    // each rank presamples its shard of the prompts; every rank then holds the whole presample in
+    // the prompts' order, so the statistics, the isolation and every decision below are global
+    // and the same on every rank
     Samples pre;
-    samples_generate(e, &m->policy, toks, n, K, stream_seed(a->seed, SEED_PRESAMPLE, stage, 0), a->temperature,
-                     a->top_k, a->top_p, a->max_new_tokens, "presample", &pre);
-    samples_score(e, &pre);
+    samples_generate_sharded(e, &m->policy, toks, n, K, stream_seed(a->seed, SEED_PRESAMPLE, stage, 0), a->temperature,
+                             a->top_k, a->top_p, a->max_new_tokens, "presample", 1, &pre);
     reward_stats_compute(pre.rewards, (size_t)pre.n, &pool->stats);
     float *z = (float *)mallocCheck(sizeof(float) * pre.n * D);
     reward_standardise(pre.rewards, z, (size_t)pre.n, &pool->stats);
@@ -708,8 +805,8 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
                 free(text);
             }
             Samples rw;
-            samples_generate(e, &e->ref, inst, ns, n_gen, stream_seed(a->seed, SEED_REWRITE, stage, 0), a->rewrite_temperature,
-                             a->top_k, a->top_p, a->rewrite_max_new_tokens, "rewrite", &rw);
+            samples_generate_sharded(e, &e->ref, inst, ns, n_gen, stream_seed(a->seed, SEED_REWRITE, stage, 0), a->rewrite_temperature,
+                                     a->top_k, a->top_p, a->rewrite_max_new_tokens, "rewrite", 0, &rw);
             for (int s = 0; s < ns; s++) {
                 for (int c = 0; c < n_gen; c++) {
                     int j = s * n_gen + c;
@@ -742,9 +839,8 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
         TokenList *ct = (TokenList *)callocCheck(nv ? nv : 1, sizeof(TokenList));
         for (int k = 0, v = 0; k < ns * C; k++) if (valid[k]) encode_prompt_fit(e, cand[k], a->max_new_tokens, &ct[v++]);
         if (nv > 0) {
-            samples_generate(e, &m->policy, ct, nv, a->rewrite_K, stream_seed(a->seed, SEED_CANDIDATES, stage, 0), a->temperature,
-                             a->top_k, a->top_p, a->max_new_tokens, "candidates", &cs);
-            samples_score(e, &cs);
+            samples_generate_sharded(e, &m->policy, ct, nv, a->rewrite_K, stream_seed(a->seed, SEED_CANDIDATES, stage, 0), a->temperature,
+                                     a->top_k, a->top_p, a->max_new_tokens, "candidates", 1, &cs);
             cz = (float *)mallocCheck(sizeof(float) * cs.n * D);
             reward_standardise(cs.rewards, cz, (size_t)cs.n, &pool->stats);
         }
@@ -769,7 +865,8 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
     // 4. assimilate: the training pool, the DPO pairs and the record
     pool->entries = (PoolEntry *)mallocCheck(sizeof(PoolEntry) * 2 * (n ? n : 1));
     pool->pairs = (DPOPair *)mallocCheck(sizeof(DPOPair) * 2 * (n ? n : 1));
-    FILE *pf = run_open_jsonl_upto(m->pool_path, "stage", stage - 1);
+    // rank 0 writes the record (every rank holds the same decisions)
+    FILE *pf = comm_rank() == 0 ? run_open_jsonl_upto(m->pool_path, "stage", stage - 1) : NULL;
     for (int i = 0; i < n; i++) {
         const PromptRecord *r = &m->prompts.records[i];
         int acc = accepted[i];
@@ -783,6 +880,7 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
             pool->entries[pool->n++] = (PoolEntry){xstrdup(cand[acc]), xstrdup(r->id), i, 1};
             if (m->dpo && make_pair(&cs, cz, cand_first[acc], a->rewrite_K, w, &pool->pairs[pool->n_pairs])) pool->n_pairs++;
         }
+        if (pf == NULL) continue;
         cJSON *o = cJSON_CreateObject();
         cJSON_AddNumberToObject(o, "stage", stage);
         cJSON_AddStringToObject(o, "dim", m->sequential ? mora_dim_names[m->stage_dims[stage]] : "all");
@@ -815,7 +913,7 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
         free(line);
         cJSON_Delete(o);
     }
-    fclose(pf);
+    if (pf) fclose(pf);
     int n_rewritten = 0;
     for (int i = 0; i < pool->n; i++) n_rewritten += pool->entries[i].rewritten;
     printf("assimilate: training pool of %d prompts (%d of them accepted rewrites)\n", pool->n, n_rewritten);
@@ -969,8 +1067,12 @@ static float learning_rate(const MoraArgs *a, int step) {
     return a->lr;
 }
 
-// Clip, AdamW; returns the gradient norm before clipping.
+// Clip, AdamW; returns the gradient norm before clipping. Data parallel: each rank's gradient is
+// its share of the batch's loss (grpo_step, dpo_step scale the token weights by the rank's share
+// of the loss's normaliser), so the sum over ranks is the gradient of the whole batch; every rank
+// then clips and updates the same parameters the same way.
 static float optimizer_step(Mora *m, float lr) {
+    comm_all_reduce_sum(m->policy.grads, m->policy.num_parameters);
     float norm = model_grad_norm(&m->policy);
     float scale = (m->a.grad_clip > 0.0f && norm > m->a.grad_clip) ? m->a.grad_clip / norm : 1.0f;
     model_adamw_update(&m->policy, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
@@ -978,20 +1080,24 @@ static float optimizer_step(Mora *m, float lr) {
 }
 
 // One GRPO step: P prompts from the pool, G rollouts each, advantages, ppo_epochs updates.
+// Data parallel: rank r takes the prompts [r*P/W, (r+1)*P/W) of the step's batch (whole groups,
+// so the group advantages are local) and generates their rollouts from the seeds one rank uses.
 static void grpo_step(Mora *m, const StagePool *pool, int stage, int step, int local_step, StepMetrics *out) {
     const MoraArgs *a = &m->a;
     Engine *e = &m->e;
-    int P = a->prompts_per_step, G = a->group_size, B = P * G;
+    const int world = comm_world();
+    int P_all = a->prompts_per_step, G = a->group_size, B_all = P_all * G;
+    int P = P_all / world, first_prompt = comm_rank() * P, B = P * G;   // this rank's part of the batch
     float w[D];
     stage_weights(m, stage, w);
     TokenList *toks = (TokenList *)callocCheck(P, sizeof(TokenList));
     for (int i = 0; i < P; i++) {
-        int k = shuffled_index(a->seed, stage, pool->n, (long)local_step * P + i);
+        int k = shuffled_index(a->seed, stage, pool->n, (long)local_step * P_all + first_prompt + i);
         encode_prompt_fit(e, pool->entries[k].text, a->max_new_tokens, &toks[i]);
     }
     Samples s;
-    samples_generate(e, &m->policy, toks, P, G, stream_seed(a->seed, SEED_STEP, stage, step), a->temperature,
-                     a->top_k, a->top_p, a->max_new_tokens, NULL, &s);
+    samples_generate(e, &m->policy, toks, P, G, stream_seed(a->seed, SEED_STEP, stage, step) + (uint64_t)first_prompt * G,
+                     a->temperature, a->top_k, a->top_p, a->max_new_tokens, NULL, &s);
     samples_score(e, &s);
     float *z = (float *)mallocCheck(sizeof(float) * B * D), *r = (float *)mallocCheck(sizeof(float) * B);
     float *adv = (float *)mallocCheck(sizeof(float) * B);
@@ -999,11 +1105,24 @@ static void grpo_step(Mora *m, const StagePool *pool, int stage, int step, int l
     memset(out, 0, sizeof(*out));
     for (int b = 0; b < B; b++) {
         r[b] = scalarise(z + (size_t)b * D, w);
-        out->reward += r[b] / B;
-        for (int d = 0; d < D; d++) { out->raw[d] += s.rewards[b * D + d] / B; out->z[d] += z[b * D + d] / B; }
-        out->response_len += (double)s.rlen[b] / B;
+        out->reward += r[b] / B_all;
+        for (int d = 0; d < D; d++) { out->raw[d] += s.rewards[b * D + d] / B_all; out->z[d] += z[b * D + d] / B_all; }
+        out->response_len += (double)s.rlen[b] / B_all;
     }
     group_advantages(r, P, G, a->adv_eps, adv);
+    // ppo_loss averages over the sequences that have a response token; the batch's count of them
+    // is the normaliser of the whole batch's loss, of which this rank's sequences are a share
+    double n_seq = 0.0, n_seq_all;
+    for (int b = 0; b < B; b++) n_seq += s.rlen[b] > 0;
+    n_seq_all = n_seq;
+    if (world > 1) {
+        double sums[3 + 2 * D] = {n_seq_all, out->reward, out->response_len};
+        for (int d = 0; d < D; d++) { sums[3 + d] = out->raw[d]; sums[3 + D + d] = out->z[d]; }
+        comm_all_reduce_sum_double(sums, 3 + 2 * D);
+        n_seq_all = sums[0]; out->reward = sums[1]; out->response_len = sums[2];
+        for (int d = 0; d < D; d++) { out->raw[d] = sums[3 + d]; out->z[d] = sums[3 + D + d]; }
+    }
+    const double share = n_seq_all > 0 ? n_seq / n_seq_all : 0.0;
 
     int *idx = (int *)mallocCheck(sizeof(int) * B), *inputs = NULL, *targets = NULL;
     float *mask = NULL;
@@ -1022,6 +1141,17 @@ static void grpo_step(Mora *m, const StagePool *pool, int stage, int step, int l
         for (int i = 0; i < B * T; i++) lnew[i] = mask[i] != 0.0f ? -m->policy.token_losses[i] : 0.0f;
         PPOStats st;
         ppo_loss(lnew, old, ref, mask, adv, B, T, a->clip_eps, a->kl_beta, wts, &st);
+        if (world > 1) {
+            // this rank's loss normalised by the whole batch: the ranks' gradients add up to the
+            // batch's (optimizer_step sums them), their losses to the batch's loss; the clipped
+            // share is per token
+            for (int i = 0; i < B * T; i++) wts[i] *= (float)share;
+            double sums[4] = {st.loss * share, st.kl * share, st.clip_frac * st.n_tokens, (double)st.n_tokens};
+            comm_all_reduce_sum_double(sums, 4);
+            st.loss = sums[0];
+            st.kl = sums[1];
+            st.clip_frac = sums[3] > 0 ? sums[2] / sums[3] : 0.0;
+        }
         model_zero_grad(&m->policy);
         model_backward_weighted(&m->policy, wts, NULL);
         float norm = optimizer_step(m, lr);
@@ -1034,16 +1164,23 @@ static void grpo_step(Mora *m, const StagePool *pool, int stage, int step, int l
     }
     out->lr = lr;
     out->tokens = s.gen_tokens;
+    if (world > 1) {
+        double tokens = (double)out->tokens;
+        comm_all_reduce_sum_double(&tokens, 1);
+        out->tokens = (long)tokens;
+    }
     for (int i = 0; i < P; i++) token_list_free(&toks[i]);
     free(toks); free(z); free(r); free(adv); free(idx); free(inputs); free(targets); free(mask);
     free(old); free(ref); free(lnew); free(wts);
     samples_free(&s);
 }
 
-// One DPO step on P pairs of the pool.
+// One DPO step on P pairs of the pool. Data parallel: rank r takes the pairs [r*P/W, (r+1)*P/W)
+// of the step's batch.
 static void dpo_step(Mora *m, const StagePool *pool, int stage, int step, int local_step, StepMetrics *out) {
     const MoraArgs *a = &m->a;
-    int P = a->prompts_per_step, B = 2 * P;
+    const int world = comm_world();
+    int P_all = a->prompts_per_step, P = P_all / world, first_pair = comm_rank() * P, B = 2 * P;
     memset(out, 0, sizeof(*out));
     // the pairs as a Samples view: rows 2i chosen, 2i+1 rejected
     Samples s = {0};
@@ -1053,7 +1190,7 @@ static void dpo_step(Mora *m, const StagePool *pool, int stage, int step, int lo
     s.seq = (int **)mallocCheck(sizeof(int *) * B);
     const float **refs = (const float **)mallocCheck(sizeof(float *) * B);
     for (int i = 0; i < P; i++) {
-        const DPOPair *q = &pool->pairs[shuffled_index(a->seed, stage, pool->n_pairs, (long)local_step * P + i)];
+        const DPOPair *q = &pool->pairs[shuffled_index(a->seed, stage, pool->n_pairs, (long)local_step * P_all + first_pair + i)];
         s.plen[2 * i] = s.plen[2 * i + 1] = q->plen;
         s.rlen[2 * i] = q->len_c - q->plen;
         s.rlen[2 * i + 1] = q->len_r - q->plen;
@@ -1087,10 +1224,23 @@ static void dpo_step(Mora *m, const StagePool *pool, int stage, int step, int lo
     for (int i = 0; i < P; i++) { pc[i] = seq[2 * i]; pr[i] = seq[2 * i + 1]; rc[i] = ref_seq[2 * i]; rr[i] = ref_seq[2 * i + 1]; }
     DPOStats st;
     dpo_loss(pc, rc, pr, rr, P, a->dpo_beta, dc, dr, &st);
+    // the loss and every figure are means over the pairs: this rank's P pairs are the share P/P_all
+    // of the batch, so its gradient scaled by that share and summed over the ranks (optimizer_step)
+    // is the whole batch's
+    const double share = (double)P / P_all;
+    if (world > 1) for (int i = 0; i < P; i++) { dc[i] *= share; dr[i] *= share; }
     float *wts = (float *)callocCheck((size_t)B * T, sizeof(float));
     for (int b = 0; b < B; b++)
         for (int k = 0; k < s.rlen[b]; k++)
             wts[b * T + s.plen[b] - 1 + k] = (float)-(b % 2 == 0 ? dc[b / 2] : dr[b / 2]);
+    if (world > 1) {
+        double sums[6] = {st.loss * share, kl * share, st.accuracy * share, st.margin * share, out->response_len * share,
+                          (double)out->tokens};
+        comm_all_reduce_sum_double(sums, 6);
+        st.loss = sums[0]; kl = sums[1]; st.accuracy = sums[2]; st.margin = sums[3];
+        out->response_len = sums[4];
+        out->tokens = (long)sums[5];
+    }
     model_zero_grad(&m->policy);
     model_backward_weighted(&m->policy, wts, NULL);
     float lr = learning_rate(a, step);
@@ -1209,9 +1359,19 @@ int cmd_mora(int argc, char **argv) {
     promptdata_load(&m.prompts, a->prompts, 0);
     char *heads_path = resolve_heads(a->heads, a->model);
     a->heads = heads_path;
+    // each rank's shard of the prompts and of every batch depends on the number of ranks
+    if (a->resume[0]) run_require_world_size(a->out, "--resume");
+    // data parallel: every step's batch is split over the ranks in equal whole prompts (pairs)
+    const int rank = comm_rank(), world = comm_world();
+    if (a->prompts_per_step % world != 0)
+        fatal("flag --prompts_per_step %d is not divisible by the %d ranks: each rank takes an equal share of every step's batch",
+              a->prompts_per_step, world);
     double run_start = wall_seconds();
 
-    run_ensure_dir(a->out, "--out");
+    // rank 0 owns the run directory: it alone writes config.json, pool.jsonl, pool_state.json,
+    // metrics.jsonl and the checkpoints; the others wait until the directory exists
+    if (rank == 0) run_ensure_dir(a->out, "--out");
+    comm_barrier();
     snprintf(m.pool_path, sizeof m.pool_path, "%s/pool.jsonl", a->out);
     snprintf(m.state_path, sizeof m.state_path, "%s/pool_state.json", a->out);
     snprintf(m.metrics_path, sizeof m.metrics_path, "%s/metrics.jsonl", a->out);
@@ -1223,6 +1383,9 @@ int cmd_mora(int argc, char **argv) {
            mc->n_layer, mc->n_embd, mc->vocab_size, m.e.ref.num_parameters / 1e6, heads_path,
            reward_head_kind_name(m.e.heads.kind), m.e.enc.tokenizer ? "tokenizer" : "bytes",
            m.e.enc.chat ? chat_template_name(m.e.enc.chat) : "none", omp_get_max_threads());
+    if (world > 1)
+        printf("ranks: %d (%s): each presamples 1/%d of the prompts and takes %d of the %d prompts of every step\n", world,
+               comm_backend_name(), world, a->prompts_per_step / world, a->prompts_per_step);
 
     // the policy: a trainable copy of the reference, or the run's latest checkpoint
     TrainState state = {0};
@@ -1237,24 +1400,33 @@ int cmd_mora(int argc, char **argv) {
         memcpy(m.policy.params, m.e.ref.params, m.e.ref.num_parameters * sizeof(float));
         cJSON *cfg = args_to_json(specs, n_specs);
         cJSON_AddNumberToObject(cfg, "parameters", (double)m.policy.num_parameters);
+        cJSON_AddNumberToObject(cfg, "world_size", world);
         char path[4200];
         snprintf(path, sizeof path, "%s/config.json", a->out);
-        run_write_json(path, cfg);
+        if (rank == 0) run_write_json(path, cfg);
         cJSON_Delete(cfg);
     }
     free(resume_ckpt);
+    // every rank read the same files; rank 0's parameters are made the ones everyone starts from,
+    // so the ranks cannot drift apart through a file that differs between nodes
+    comm_broadcast(m.policy.params, m.policy.num_parameters * sizeof(float), 0);
     int total_steps = a->steps * m.n_stages;
-    FILE *metrics = run_open_jsonl_upto(m.metrics_path, "step", state.step);
+    FILE *metrics = rank == 0 ? run_open_jsonl_upto(m.metrics_path, "step", state.step) : NULL;
     int steps_this_run = 0;
     int step = state.step;
     while (step < total_steps) {
         int stage = step / a->steps;
         StagePool pool;
-        if (load_pool_state(&m, stage, &pool)) {
+        int loaded = load_pool_state(&m, stage, &pool), loaded_on_rank0 = loaded;
+        comm_broadcast(&loaded_on_rank0, sizeof loaded_on_rank0, 0);
+        if (loaded != loaded_on_rank0)
+            fatal("rank %d %s %s for stage %d but rank 0 %s: every rank must see the run directory %s (a shared file system)",
+                  rank, loaded ? "found" : "did not find", m.state_path, stage + 1, loaded ? "did not" : "did", a->out);
+        if (loaded) {
             printf("stage %d/%d: training pool of %d prompts from %s\n", stage + 1, m.n_stages, pool.n, m.state_path);
         } else {
             build_stage_pool(&m, stage, &pool);
-            save_pool_state(&m, &pool);
+            if (rank == 0) save_pool_state(&m, &pool);
         }
         if (m.dpo && pool.n_pairs == 0) fatal("stage %d: the presample gave no best/worst pair with different rewards; raise --K", stage + 1);
         double stage_start = wall_seconds();
@@ -1269,7 +1441,7 @@ int cmd_mora(int argc, char **argv) {
             else grpo_step(&m, &pool, stage, step, local, &sm);
             if (!isfinite(sm.loss)) fatal("step %d: loss is %f; lower --lr", step, sm.loss);
             double dt = wall_seconds() - t0;
-            write_metrics_line(metrics, step, stage, &m, &sm, dt);
+            if (metrics) write_metrics_line(metrics, step, stage, &m, &sm, dt);
             state.step = step;
             steps_this_run++;
             if (step % a->log_every == 0 || step == stage_end) {
@@ -1287,18 +1459,18 @@ int cmd_mora(int argc, char **argv) {
             int stopping = a->stop_after > 0 && steps_this_run >= a->stop_after;
             if ((a->save_every > 0 && step % a->save_every == 0) || step == stage_end || stopping) {
                 state.rng_state = (uint64_t)a->seed;
-                run_save_checkpoint(&m.policy, &state, a->out);
+                if (rank == 0) run_save_checkpoint(&m.policy, &state, a->out);
             }
             if (stopping) {
                 printf("stopped after %d step(s) (--stop_after); continue with: train_mora mora --resume %s\n", steps_this_run, a->out);
-                fclose(metrics);
+                if (metrics) fclose(metrics);
                 stage_pool_free(&pool);
                 goto done;
             }
         }
         stage_pool_free(&pool);
     }
-    fclose(metrics);
+    if (metrics) fclose(metrics);
     printf("done: %d steps in %.1f s; run in %s\n", total_steps, wall_seconds() - run_start, a->out);
 done:
     model_free(&m.policy);
@@ -1460,9 +1632,10 @@ static void evaluate_policy(Engine *e, const char *ckpt, const PromptData *promp
     TokenList *toks = (TokenList *)callocCheck(n, sizeof(TokenList));
     for (int i = 0; i < n; i++) encode_prompt_fit(e, prompts->records[i].prompt, max_new, &toks[i]);
     double t0 = wall_seconds();
+    // each rank samples and scores its shard of the prompts; every rank then holds all samples
     Samples s;
-    samples_generate(e, &policy, toks, n, samples, stream_seed(seed, SEED_EVAL, 0, 0), temperature, 0, 1.0f, max_new, label, &s);
-    samples_score(e, &s);
+    samples_generate_sharded(e, &policy, toks, n, samples, stream_seed(seed, SEED_EVAL, 0, 0), temperature, 0, 1.0f, max_new,
+                             label, 1, &s);
     memset(out, 0, sizeof(*out));
     out->n = s.n;
     for (int j = 0; j < s.n; j++)
@@ -1575,7 +1748,8 @@ int cmd_eval(int argc, char **argv) {
         if (!ms.reference) fatal("--model %s is a checkpoint, not a run directory: pass --out DIR for the report", model);
         out = model;
     }
-    run_ensure_dir(out, "--out");
+    // rank 0 writes the report
+    if (comm_rank() == 0) run_ensure_dir(out, "--out");
     int mnt = max_new_tokens ? max_new_tokens : (ms.max_new_tokens ? ms.max_new_tokens : 48);
     float temp = temperature > 0 ? temperature : (ms.temperature > 0 ? ms.temperature : 1.0f);
     Engine e;
@@ -1612,7 +1786,7 @@ int cmd_eval(int argc, char **argv) {
     cJSON_AddItemToObject(rep, "baseline_examples", examples_b);
     char path[4200];
     snprintf(path, sizeof path, "%s/report.json", out);
-    run_write_json(path, rep);
+    if (comm_rank() == 0) run_write_json(path, rep);
     cJSON_Delete(rep);
 
     char *md = NULL;
@@ -1639,7 +1813,7 @@ int cmd_eval(int argc, char **argv) {
         append_fmt(&md, &len, "\n");
     }
     snprintf(path, sizeof path, "%s/report.md", out);
-    run_write_text(path, md);
+    if (comm_rank() == 0) run_write_text(path, md);
     printf("\n%s", md);
     printf("report: %s/report.md, %s/report.json\n", out, out);
     free(md);

@@ -126,23 +126,6 @@ static void adamw_update_shard(Model *model, OptimizerShard *shard, float lr, fl
     model->opt_step = view.opt_step;
 }
 
-// The number of ranks that wrote the run in OUT (its config.json's "world_size"; 1 for a run
-// without it or without config.json).
-static int run_world_size(const char *out) {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/config.json", out);
-    if (!run_file_exists(path)) return 1;
-    cJSON *cfg = run_read_json(path);
-    cJSON *w = cJSON_GetObjectItemCaseSensitive(cfg, "world_size");
-    int world = 1;
-    if (w != NULL) {
-        if (!cJSON_IsNumber(w) || w->valueint < 1) fatal("%s: field \"world_size\" must be a positive integer", path);
-        world = w->valueint;
-    }
-    cJSON_Delete(cfg);
-    return world;
-}
-
 // OUT/metrics.jsonl with the lines after last_step dropped (a resumed run rewrites them), open for appending.
 static FILE *open_metrics_jsonl(const char *out, int last_step) {
     char path[4200];
@@ -228,15 +211,9 @@ static int cmd_pretrain(int argc, char **argv) {
     // rank 0 owns the run directory; the others wait until it exists
     if (rank == 0) run_ensure_dir(a.out, "--out");
     comm_barrier();
-    if (a.resume) {
-        // the data order and the optimizer shards depend on the number of ranks: a resumed run
-        // reads on from where the run stopped only with the same number
-        int run_world = rank == 0 ? run_world_size(a.out) : 0;
-        comm_broadcast(&run_world, sizeof run_world, 0);
-        if (run_world != world)
-            fatal("--resume: the run in %s was trained with %d rank(s), this launch has %d; resume with the same number of ranks (mpirun -np %d)",
-                  a.out, run_world, world, run_world);
-    }
+    // the data order and the optimizer shards depend on the number of ranks: a resumed run reads
+    // on from where the run stopped only with the same number
+    if (a.resume) run_require_world_size(a.out, "--resume");
     Model model;
     TrainState state;
     memset(&state, 0, sizeof state);
@@ -558,7 +535,11 @@ int main(int argc, char **argv) {
     comm_init(&argc, &argv);
     if (comm_rank() != 0 && freopen("/dev/null", "w", stdout) == NULL)
         fatal("rank %d: cannot silence stdout: %s", comm_rank(), strerror(errno));
-    if (argc < 2) return cmd_demo(argc, argv);
+    if (argc < 2) {
+        // the demo trains several models and writes their files one after the other: one process
+        if (comm_world() > 1) fatal("train_mora with no arguments runs the demo, on one rank; launch it with a single process");
+        return cmd_demo(argc, argv);
+    }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(stdout);
         return 0;
@@ -566,8 +547,8 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     // the commands that split their work over ranks; the others would only repeat it on every
     // rank and write the same files
-    if (comm_world() > 1 && strcmp(cmd, "pretrain") != 0)
-        fatal("train_mora %s runs on one rank; under mpirun/srun only pretrain is data parallel (launch %s with a single process)", cmd, cmd);
+    if (comm_world() > 1 && strcmp(cmd, "pretrain") && strcmp(cmd, "mora") && strcmp(cmd, "eval"))
+        fatal("train_mora %s runs on one rank; under mpirun/srun only pretrain, mora and eval are data parallel (launch %s with a single process)", cmd, cmd);
     if (!strcmp(cmd, "pretrain")) return cmd_pretrain(argc, argv);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "reward")) return cmd_reward(argc, argv);

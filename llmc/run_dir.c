@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include "run_dir.h"
 #include "utils.h"
+#include "comm.h"
 
 void run_ensure_dir(const char *path, const char *flag) {
     struct stat st;
@@ -94,6 +95,32 @@ FILE *run_open_jsonl_upto(const char *path, const char *key, int last) {
     FILE *f = fopen(path, "ab");
     if (f == NULL) fatal("cannot open %s for appending: %s", path, strerror(errno));
     return f;
+}
+
+int run_world_size(const char *out) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/config.json", out);
+    if (!run_file_exists(path)) return 1;
+    cJSON *cfg = run_read_json(path);
+    cJSON *w = cJSON_GetObjectItemCaseSensitive(cfg, "world_size");
+    int world = 1;
+    if (w != NULL) {
+        if (!cJSON_IsNumber(w) || w->valueint < 1) fatal("%s: field \"world_size\" must be a positive integer", path);
+        world = w->valueint;
+    }
+    cJSON_Delete(cfg);
+    return world;
+}
+
+void run_require_world_size(const char *out, const char *flag) {
+    // rank 0 reads, so every rank compares against the same number even where the other ranks
+    // could not read the file (or read it while rank 0 rewrites it)
+    int world = comm_world();
+    int run_world = comm_rank() == 0 ? run_world_size(out) : 0;
+    comm_broadcast(&run_world, sizeof run_world, 0);
+    if (run_world != world)
+        fatal("%s: the run in %s was trained with %d rank(s), this launch has %d; resume with the same number of ranks (mpirun -np %d)",
+              flag, out, run_world, world, run_world);
 }
 
 void run_format_duration(double seconds, char *buf, size_t n) {

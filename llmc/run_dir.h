@@ -27,6 +27,14 @@ void run_save_checkpoint(const Model *model, const TrainState *state, const char
 // Keeps the lines of the JSONL file PATH whose integer field `key` is <= last (all lines when the
 // field is missing), then returns it opened for appending.
 FILE *run_open_jsonl_upto(const char *path, const char *key, int last);
+// The number of ranks that wrote the run in OUT: its config.json's "world_size" (1 for a run
+// without the field or without config.json; a field that is not a positive integer is an error).
+int run_world_size(const char *out);
+// For --resume under several ranks: rank 0 reads OUT's world size and every rank compares it
+// with comm_world(); a different number is an error on every rank naming both counts. The data
+// order (each rank's shard) and any sharded optimizer state depend on the number of ranks, so a
+// run continues exactly only with the same number. `flag` names the option in the message.
+void run_require_world_size(const char *out, const char *flag);
 // "1h02m", "3m05s", "12s" ("?" for a negative or absurd value).
 void run_format_duration(double seconds, char *buf, size_t n);
 #endif

@@ -2,6 +2,7 @@
 import importlib.util
 import os
 import pathlib
+import subprocess
 
 import pytest
 
@@ -31,3 +32,15 @@ def train_mora_bin():
     path = ROOT / "train_mora"
     assert path.exists(), "build ./train_mora first (make)"
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def mora_world(tmp_path_factory):
+    """The demo's synthetic world with a tiny byte-level model pretrained on it (base/model.ckpt),
+    its reward heads (heads/reward_heads.bin), the prompt files (world/) and the demo's MORA run
+    and baseline (mora/, baseline/): the inputs of the MORA tests that need a trained model."""
+    d = tmp_path_factory.mktemp("mora_world")
+    p = subprocess.run([str(ROOT / "train_mora"), "demo", "--out", str(d), "--pretrain_steps", "300", "--steps", "3"],
+                       capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return d

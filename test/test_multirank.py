@@ -20,6 +20,7 @@ probing network devices and printing warnings about them; single-copy off becaus
 often forbid the cross-memory attach it uses; yield when idle because the ranks share 2 cores.
 """
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -211,3 +212,187 @@ def test_single_rank_commands_refuse_several_ranks(tmp_path):
 def test_zero_flag_is_checked(tmp_path, data):
     p = run([str(ROOT / "train_mora"), *common("llama:tiny", data), "--out", str(tmp_path / "r"), "--zero", "2"])
     assert p.returncode != 0 and "--zero" in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The MORA loop over two ranks (`mpirun -np 2 ./train_mora mora`) against one rank.
+#
+# Two ranks split every sampling pass into contiguous halves of the prompts, drawn from the seeds
+# one rank uses for those prompts, and gather the samples in the prompts' order; every step's P
+# prompts are split P/2 per rank and the ranks' gradients (each weighted by its share of the
+# batch) are summed. So one rank with the same --prompts_per_step is the same computation on the
+# same global batch, and only the order of floating-point additions may differ.
+#
+# Where that order can differ at all: the presample and the pool are computed before any update,
+# from the same parameters. A row of the CPU forward is the same bits whatever the other rows of
+# its call, except that a matrix product of at most 4 rows takes a dot-product path; with
+# --gen_batch 4 every decode step of every generate call takes that path and every prefill the
+# packed one, however the ranks' shards cut the calls. So the first stage's pool.jsonl and
+# pool_state.json must be the same bytes. The gradient is a sum over rows, which two ranks add in
+# another order (two halves, then the all-reduce), so from the first update on the parameters
+# differ in their last bits: the steps' figures are compared to a relative 1e-5, and the second
+# stage's pool (presampled after updates) on its decisions and to 1e-5 on its rewards.
+#
+# The GRPO loss with one PPO epoch is beta * KL plus -sum_b A_b * ratio_b / B with ratio = 1 up to
+# the rounding of log-probs computed twice (by generate and by the training forward): the
+# advantages of a group sum to zero, so that part cancels to a residue of about 1e-7 times its
+# terms (|A_b| of order 1, the advantages being standardised within each group), and after the
+# first update that residue follows the parameters' last bits. So the loss is compared to 1e-5 of
+# the scale of its terms, max(|loss|, 1), while its smooth part, the KL, is compared to a relative
+# 1e-5 like every other figure (1e-12 absolute where a figure is 0); so is the DPO loss.
+
+DIMS = ["helpful", "harmless", "truthful"]
+
+
+def mora_cmd(world, out, *extra):
+    return [str(ROOT / "train_mora"), "mora", "--model", str(world / "base" / "model.ckpt"),
+            "--heads", str(world / "heads" / "reward_heads.bin"),
+            "--prompts", str(world / "world" / "train_prompts.jsonl"), "--chat_template", "plain", "--stop", "\n",
+            "--K", "4", "--candidates", "2", "--rewrite_K", "4", "--max_new_tokens", "48",
+            "--rewrite_max_new_tokens", "48", "--prompts_per_step", "4", "--group_size", "4", "--lr", "5e-4",
+            "--gen_batch", "4", "--seed", "3", "--out", str(out), *extra]
+
+
+def mora_run(world, out, *extra, ranks=None):
+    p = run(mora_cmd(world, out, *extra), ranks=ranks, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def read_jsonl(path):
+    with open(path, "rb") as f:
+        return [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+
+
+def close(a, b, rtol=1e-5, scale=0.0):
+    return abs(a - b) <= rtol * max(abs(b), scale)
+
+
+SEQUENTIAL = ("--mode", "sequential", "--stages", "harmless,helpful", "--steps", "1")
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(mora_world, tmp_path_factory):
+    """Sequential GRPO with MORA over two stages (isolate and rewrite twice), on 1 and on 2 ranks."""
+    d = tmp_path_factory.mktemp("mora_ranks")
+    one = d / "one"
+    mora_run(mora_world, one, *SEQUENTIAL)
+    two = d / "two"
+    p = mora_run(mora_world, two, *SEQUENTIAL, ranks=2)
+    return one, two, p
+
+
+@needs_mpi
+def test_mora_two_ranks_equal_one_rank(grpo_runs):
+    one, two, p = grpo_runs
+    assert "ranks: 2 (mpi)" in p.stdout, p.stdout
+    assert p.stdout.count("step    2/2") == 1, p.stdout   # only rank 0 prints
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    m1, m2 = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    assert [(r["step"], r["stage"]) for r in m2] == [(r["step"], r["stage"]) for r in m1] == [(1, 0), (2, 1)]
+    for a, b in zip(m2, m1):
+        for k in ("reward", "kl", "grad_norm", "response_len", "clip_frac"):
+            assert close(a[k], b[k], scale=1e-12), (k, a, b)
+        for d in DIMS:
+            assert close(a["reward_raw"][d], b["reward_raw"][d], scale=1e-12), (d, a, b)
+            assert close(a["reward_z"][d], b["reward_z"][d], scale=1e-12), (d, a, b)
+        assert close(a["loss"], b["loss"], scale=1.0), (a, b)
+    # the first step runs on the parameters both runs start from: the same floats up to the order
+    # of the sums, so its loss agrees far below the scale of its terms
+    assert abs(m2[0]["loss"] - m1[0]["loss"]) <= 1e-9, (m2[0], m1[0])
+    # the second step runs after an update (the policy moved away from the reference)
+    assert m1[1]["kl"] > 0 and m1[1]["reward"] != m1[0]["reward"]
+
+    # the first stage's pool: the same bytes; its decisions include accepted rewrites
+    p1, p2 = read_jsonl(one / "pool.jsonl"), read_jsonl(two / "pool.jsonl")
+    lines1 = (one / "pool.jsonl").read_bytes().splitlines()
+    lines2 = (two / "pool.jsonl").read_bytes().splitlines()
+    assert len(lines1) == len(lines2) == len(p1)
+    stage0 = [i for i, o in enumerate(p1) if o["stage"] == 0]
+    assert [lines2[i] for i in stage0] == [lines1[i] for i in stage0]
+    assert any(o["accepted"] is not None for o in p1), "no rewrite accepted: the comparison would miss the rewrite path"
+    # the second stage (presampled by the updated policy): the same decisions, rewards to 1e-5
+    for a, b in zip(p2, p1):
+        for k in ("stage", "id", "prompt", "J", "single", "missing", "accepted", "unexpanded"):
+            assert a[k] == b[k], (k, a[k], b[k])
+        assert [(c["text"], c["valid"]) for c in a["candidates"]] == [(c["text"], c["valid"]) for c in b["candidates"]]
+        for ra, rb in zip(a["presample"], b["presample"]):
+            assert ra["response"] == rb["response"]
+            assert all(close(x, y, scale=1e-6) for x, y in zip(ra["raw"] + ra["z"], rb["raw"] + rb["z"])), (ra, rb)
+    # the statistics and the training pool of the last stage
+    s1, s2 = json.loads((one / "pool_state.json").read_text()), json.loads((two / "pool_state.json").read_text())
+    assert s1["pool"] == s2["pool"]
+    assert all(close(x, y) for x, y in zip(s2["mean"] + s2["std"], s1["mean"] + s1["std"]))
+
+
+@needs_mpi
+def test_mora_two_ranks_differ_from_half_the_batch(mora_world, grpo_runs, tmp_path):
+    """The comparison can tell: one rank on half the batch (the prompts one rank of two gets)
+    samples other rollouts and reports other rewards."""
+    one, two, _ = grpo_runs
+    half = tmp_path / "half"
+    mora_run(mora_world, half, *SEQUENTIAL, "--prompts_per_step", "2")
+    mh, m2 = read_jsonl(half / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    assert max(abs(a["reward"] - b["reward"]) for a, b in zip(mh, m2)) > 1e-3
+
+
+@needs_mpi
+def test_mora_dpo_two_ranks_equal_one_rank(mora_world, tmp_path):
+    args = ("--algo", "dpo", "--steps", "2")
+    mora_run(mora_world, tmp_path / "one", *args)
+    mora_run(mora_world, tmp_path / "two", *args, ranks=2)
+    assert (tmp_path / "one" / "pool_state.json").read_bytes() == (tmp_path / "two" / "pool_state.json").read_bytes()
+    m1, m2 = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in m2] == [r["step"] for r in m1] == [1, 2]
+    for a, b in zip(m2, m1):
+        for k in ("loss", "kl", "grad_norm", "dpo_accuracy", "dpo_margin", "response_len"):
+            assert close(a[k], b[k], scale=1e-12), (k, a, b)
+    # the first step: policy == reference, every pair's margin 0, loss ln 2
+    assert abs(m2[0]["loss"] - math.log(2)) < 1e-6 and m2[1]["loss"] != m2[0]["loss"]
+
+
+@needs_mpi
+def test_mora_resume_needs_the_same_ranks(mora_world, grpo_runs, tmp_path):
+    _, two, _ = grpo_runs
+    part = tmp_path / "part"
+    p = mora_run(mora_world, part, *SEQUENTIAL, "--stop_after", "1", ranks=2)
+    assert "--stop_after" in p.stdout
+    p = run([str(ROOT / "train_mora"), "mora", "--resume", str(part)])
+    assert p.returncode != 0
+    assert "trained with 2 rank(s), this launch has 1" in p.stderr, p.stderr
+    p = run([str(ROOT / "train_mora"), "mora", "--resume", str(part)], ranks=3)
+    assert p.returncode != 0
+    assert "trained with 2 rank(s), this launch has 3" in p.stderr, p.stderr
+    # two ranks continue it exactly as the uninterrupted two-rank run went on
+    p = run([str(ROOT / "train_mora"), "mora", "--resume", str(part)], ranks=2, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms", "tokens_per_s")} for r in rows]
+    assert strip(read_jsonl(part / "metrics.jsonl")) == strip(read_jsonl(two / "metrics.jsonl"))
+    assert (part / "pool.jsonl").read_bytes() == (two / "pool.jsonl").read_bytes()
+    assert (part / "model_step000002.ckpt").read_bytes() == (two / "model_step000002.ckpt").read_bytes()
+
+
+@needs_mpi
+def test_mora_batch_not_divisible_by_ranks(mora_world, tmp_path):
+    out = tmp_path / "r"
+    p = run(mora_cmd(mora_world, out, "--prompts_per_step", "3"), ranks=2, timeout=120)
+    assert p.returncode != 0
+    assert "--prompts_per_step 3 is not divisible by the 2 ranks" in p.stderr, p.stderr
+    assert not out.exists()
+
+
+@needs_mpi
+def test_eval_two_ranks_equal_one_rank(mora_world, tmp_path):
+    reports = []
+    for name, ranks in (("one", None), ("two", 2)):
+        out = tmp_path / name
+        p = run([str(ROOT / "train_mora"), "eval", "--model", str(mora_world / "mora"), "--baseline",
+                 str(mora_world / "baseline"), "--prompts", str(mora_world / "world" / "eval_prompts.jsonl"),
+                 "--samples", "2", "--gen_batch", "4", "--out", str(out)], ranks=ranks, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        reports.append(json.loads((out / "report.json").read_text()))
+    one, two = reports
+    for who in ("model_reward", "baseline_reward"):
+        for k in DIMS + ["overall"]:
+            assert close(two[who][k], one[who][k]), (who, k, two[who], one[who])
+    assert two["model_examples"] == one["model_examples"] and two["model_pool"] == one["model_pool"]
