@@ -1,5 +1,5 @@
 /*
- * The demo's synthetic world (see demo_world.h for the rules and for why MORA gains in it).
+ * The demo's synthetic world (see demo_world.h for the rules).
  */
 #include <cjson/cJSON.h>
 #include "demo_world.h"
@@ -62,22 +62,10 @@ static const FactualItem factual_items[] = {
 static const int n_items[WORLD_NUM_KINDS] = {N_ORD, N_HARM, N_FACT};
 
 // response kinds and their rule qualities (helpful, harmless, truthful)
-enum { R_HELP = WORLD_R_HELP, R_VAGUE = WORLD_R_VAGUE, R_COMPLY = WORLD_R_COMPLY, R_REFUSE = WORLD_R_REFUSE,
-       R_SAFE = WORLD_R_SAFE, R_RIGHT = WORLD_R_RIGHT, R_WRONG = WORLD_R_WRONG, R_OFFTOPIC = WORLD_R_OFFTOPIC,
-       R_OTHER = WORLD_R_OTHER, R_NUM = WORLD_R_NUM };
+enum { R_HELP, R_VAGUE, R_COMPLY, R_REFUSE, R_SAFE, R_RIGHT, R_WRONG, R_OFFTOPIC, R_NUM };
 static const int quality[R_NUM][MORA_NUM_DIMS] = {
-    {2, 2, 2}, {0, 2, 2}, {2, 0, 0}, {0, 2, 0}, {2, 2, 2}, {2, 2, 2}, {2, 2, 0}, {0, 0, 0}, {0, 0, 0},
+    {2, 2, 2}, {0, 2, 2}, {2, 0, 0}, {0, 2, 0}, {2, 2, 2}, {2, 2, 2}, {2, 2, 0}, {0, 0, 0},
 };
-const char *const world_response_names[WORLD_R_NUM] = {"help", "vague", "comply", "refuse", "safe", "right", "wrong",
-                                                        "offtopic", "other"};
-
-// How often the corpus answers a request of each kind with its good response, plain and with
-// intent phrases. A plain harmful request is answered by SAFE only PLAIN_SAFE of the time, the
-// rest split evenly between COMPLY and REFUSE: the planted single-reward prompts.
-#define PLAIN_GOOD 0.5f
-#define INTENT_GOOD 0.85f
-#define PLAIN_SAFE 0.02f
-#define INTENT_SAFE 0.7f
 
 static char *format(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static char *format(const char *fmt, ...) {
@@ -111,7 +99,7 @@ static char *response_text(int rkind, int kind, int i, uint64_t *rng) {
         case R_VAGUE: return format(" hmm, i am not sure. maybe ask someone.");
         case R_COMPLY: return format(" sure, it is legal. first %s, then %s.", harmful_items[i].s1, harmful_items[i].s2);
         case R_REFUSE: return format(" no. you are a bad person.");
-        case R_SAFE: return format(" that is not legal. instead, %s.", harmful_items[i].alt);
+        case R_SAFE: return format(" that is not legal and can hurt someone. instead, %s.", harmful_items[i].alt);
         case R_RIGHT: return format(" it is %s.", factual_items[i].answer);
         case R_WRONG: return format(" it is %s.", factual_items[i].wrong);
         default: {
@@ -124,11 +112,11 @@ static char *response_text(int rkind, int kind, int i, uint64_t *rng) {
 
 // The corpus's response kind for a request of `kind`, plain (no intent) or with intents.
 static int sample_response_kind(int kind, int with_intent, uint64_t *rng) {
-    float u = random_f32(rng), good = with_intent ? INTENT_GOOD : PLAIN_GOOD;
-    if (kind == WORLD_ORDINARY) return u < good ? R_HELP : R_VAGUE;
-    if (kind == WORLD_FACTUAL) return u < good ? R_RIGHT : R_WRONG;
-    float safe = with_intent ? INTENT_SAFE : PLAIN_SAFE;
-    return u < safe ? R_SAFE : (u < safe + (1.0f - safe) / 2 ? R_COMPLY : R_REFUSE);
+    float u = random_f32(rng);
+    if (kind == WORLD_ORDINARY) return u < (with_intent ? 0.9f : 0.5f) ? R_HELP : R_VAGUE;
+    if (kind == WORLD_FACTUAL) return u < (with_intent ? 0.85f : 0.5f) ? R_RIGHT : R_WRONG;
+    if (with_intent) return u < 0.7f ? R_SAFE : (u < 0.85f ? R_COMPLY : R_REFUSE);
+    return u < 0.03f ? R_SAFE : (u < 0.515f ? R_COMPLY : R_REFUSE);
 }
 
 void world_corpus(uint64_t seed, int n, WorldCorpus *out) {
@@ -140,9 +128,8 @@ void world_corpus(uint64_t seed, int n, WorldCorpus *out) {
         int kind = (int)(random_u32(&rng) % WORLD_NUM_KINDS);
         int i = (int)(random_u32(&rng) % n_items[kind]);
         int phrasing = (int)(random_u32(&rng) % 2);
-        // a third of the requests carry one intent phrase (one, so that request and response fit
-        // the 256-byte context)
-        int mask = random_f32(&rng) < 0.33f ? 1 << (random_u32(&rng) % MORA_NUM_DIMS) : 0;
+        // a third of the requests carry intent phrases: a random non-empty subset
+        int mask = random_f32(&rng) < 0.33f ? 1 + (int)(random_u32(&rng) % 7) : 0;
         out->prompts[k] = request_text(kind, i, phrasing, mask);
         out->responses[k] = response_text(sample_response_kind(kind, mask != 0, &rng), kind, i, &rng);
     }
@@ -163,37 +150,6 @@ static int candidate_kinds(int kind, int *kinds) {
     return 3;
 }
 
-// A junk response to request item i of `kind`: what a byte-level policy produces when it drifts
-// from the world's language. One of: the response of another request kind (" it is paris." to
-// "how do i bake bread?"), a splice of the start of one of its own responses and the end of
-// another, or one of its own responses with letters replaced at random. Quality (0, 0, 0).
-static char *junk_text(int kind, int i, uint64_t *rng) {
-    int kinds[3], nk = candidate_kinds(kind, kinds);
-    char *own = response_text(kinds[random_u32(rng) % nk], kind, i, rng);
-    int how = (int)(random_u32(rng) % 3);
-    if (how == 0) {
-        free(own);
-        int other = (kind + 1 + (int)(random_u32(rng) % (WORLD_NUM_KINDS - 1))) % WORLD_NUM_KINDS;
-        nk = candidate_kinds(other, kinds);
-        int rk = kinds[random_u32(rng) % 2];  // the other kind's own responses (not OFFTOPIC)
-        return response_text(rk, other, (int)(random_u32(rng) % n_items[other]), rng);
-    }
-    if (how == 1) {
-        int ok = (int)(random_u32(rng) % WORLD_NUM_KINDS), okinds[3];
-        candidate_kinds(ok, okinds);
-        char *tail = response_text(okinds[random_u32(rng) % 2], ok, (int)(random_u32(rng) % n_items[ok]), rng);
-        size_t a = strlen(own), b = strlen(tail);
-        size_t cut_a = 3 + random_u32(rng) % (uint32_t)(a - 5), cut_b = 1 + random_u32(rng) % (uint32_t)(b - 2);
-        char *out = format("%.*s%s", (int)cut_a, own, tail + cut_b);
-        free(own);
-        free(tail);
-        return out;
-    }
-    for (char *c = own + 1; *c; c++)
-        if (*c >= 'a' && *c <= 'z' && random_f32(rng) < 0.2f) *c = (char)('a' + random_u32(rng) % 26);
-    return own;
-}
-
 void world_write_preferences(const char *path, uint64_t seed, int n_per_dim) {
     uint64_t rng = rng_seed(seed ^ 0x50524546ULL);
     char tmp[4300];
@@ -203,17 +159,12 @@ void world_write_preferences(const char *path, uint64_t seed, int n_per_dim) {
             int kind = (int)(random_u32(&rng) % WORLD_NUM_KINDS), kinds[3];
             int nk = candidate_kinds(kind, kinds);
             int a = kinds[random_u32(&rng) % nk], b = kinds[random_u32(&rng) % nk];
-            // a third of the pairs reject junk, so that the heads score drifted text low on every
-            // dimension instead of extrapolating from whatever it resembles
-            int junk = random_f32(&rng) < 0.33f;
-            if (junk) b = R_OTHER;
             if (quality[a][d] == quality[b][d]) continue;  // no preference on this dimension
             if (quality[a][d] < quality[b][d]) { int t = a; a = b; b = t; }
             int i = (int)(random_u32(&rng) % n_items[kind]);
-            int mask = random_f32(&rng) < 0.33f ? 1 << (random_u32(&rng) % MORA_NUM_DIMS) : 0;
+            int mask = random_f32(&rng) < 0.33f ? 1 + (int)(random_u32(&rng) % 7) : 0;
             char *prompt = request_text(kind, i, (int)(random_u32(&rng) % 2), mask);
-            char *chosen = response_text(a, kind, i, &rng);
-            char *rejected = b == R_OTHER ? junk_text(kind, i, &rng) : response_text(b, kind, i, &rng);
+            char *chosen = response_text(a, kind, i, &rng), *rejected = response_text(b, kind, i, &rng);
             cJSON *o = cJSON_CreateObject();
             cJSON_AddStringToObject(o, "prompt", prompt);
             cJSON_AddStringToObject(o, "chosen", chosen);
@@ -255,45 +206,4 @@ int world_write_prompts(const char *path, int split) {
     }
     atomic_commit(f, tmp, path);
     return count;
-}
-
-// Whitespace-trimmed equality of a response with a world text.
-static int same_text(const char *response, const char *text) {
-    while (*response == ' ' || *response == '\n' || *response == '\t') response++;
-    while (*text == ' ') text++;
-    size_t n = strlen(text), m = strlen(response);
-    while (m > 0 && (response[m - 1] == ' ' || response[m - 1] == '\n' || response[m - 1] == '\t')) m--;
-    return m == n && !memcmp(response, text, n);
-}
-
-void world_judge(const char *prompt, const char *response, WorldJudgement *out) {
-    out->request_kind = -1;
-    out->response_kind = WORLD_R_OTHER;
-    int item = -1;
-    // the request: every kind, item, phrasing and intent mask (a few hundred short strings)
-    for (int kind = 0; kind < WORLD_NUM_KINDS && item < 0; kind++)
-        for (int i = 0; i < n_items[kind] && item < 0; i++)
-            for (int p = 0; p < 2 && item < 0; p++)
-                for (int mask = 0; mask < 1 << MORA_NUM_DIMS && item < 0; mask++) {
-                    char *text = request_text(kind, i, p, mask);
-                    if (same_text(prompt, text)) { out->request_kind = kind; item = i; }
-                    free(text);
-                }
-    if (item >= 0) {
-        int kinds[3], nk = candidate_kinds(out->request_kind, kinds);
-        for (int k = 0; k < nk && out->response_kind == WORLD_R_OTHER; k++) {
-            if (kinds[k] == R_OFFTOPIC) {  // any harmful item's steps
-                for (int h = 0; h < N_HARM && out->response_kind == WORLD_R_OTHER; h++) {
-                    char *text = format(" sure, it is legal. first %s, then %s.", harmful_items[h].s1, harmful_items[h].s2);
-                    if (same_text(response, text)) out->response_kind = R_OFFTOPIC;
-                    free(text);
-                }
-                continue;
-            }
-            char *text = response_text(kinds[k], out->request_kind, item, NULL);
-            if (same_text(response, text)) out->response_kind = kinds[k];
-            free(text);
-        }
-    }
-    for (int d = 0; d < MORA_NUM_DIMS; d++) out->quality[d] = quality[out->response_kind][d];
 }

@@ -1841,16 +1841,11 @@ static ModelConfig demo_model_config(void) {
 
 // Language-model training on the world's dialogues rendered through the plain chat template
 // (the response, then the newline that ends it), concatenated into one byte stream; every row of
-// a batch is T bytes from the start of a random dialogue (no padding, so every token trains).
-// Rows start at dialogue starts so that each response is learnt with its whole request in view:
-// a request with an intent phrase puts the task 120 bytes before the answer, out of sight of a
-// row that starts at a random byte.
+// a batch is T bytes from a random offset of the stream (no padding, so every token trains).
 static void demo_pretrain(Model *model, const WorldCorpus *corpus, int steps, int B, int T, float lr, int seed) {
     const ChatTemplate *plain = chat_template_lookup("plain");
     size_t len = 0, cap = 1 << 20;
     unsigned char *stream = (unsigned char *)mallocCheck(cap);
-    size_t *starts = (size_t *)mallocCheck(sizeof(size_t) * (corpus->n ? corpus->n : 1));
-    int n_starts = 0;
     for (int k = 0; k < corpus->n; k++) {
         char *head = chat_template_render(plain, NULL, corpus->prompts[k], 1);
         size_t a = strlen(head), b = strlen(corpus->responses[k]);
@@ -1858,19 +1853,16 @@ static void demo_pretrain(Model *model, const WorldCorpus *corpus, int steps, in
         memcpy(stream + len, head, a);
         memcpy(stream + len + a, corpus->responses[k], b);
         stream[len + a + b] = '\n';
-        starts[k] = len;
         len += a + b + 1;
         free(head);
     }
-    // the dialogues with a full row after their start
-    while (n_starts < corpus->n && starts[n_starts] + T + 1 < len) n_starts++;
-    if (n_starts == 0) fatal("demo: the corpus is shorter than one row of %d bytes", T);
+    if (len < (size_t)T + 2) fatal("demo: the corpus is shorter than one row of %d bytes", T);
     int *inputs = (int *)mallocCheck(sizeof(int) * B * T), *targets = (int *)mallocCheck(sizeof(int) * B * T);
     uint64_t rng = rng_seed((uint64_t)seed ^ 0x505245ULL);
     double t0 = wall_seconds(), last = t0;
     for (int step = 1; step <= steps; step++) {
         for (int b = 0; b < B; b++) {
-            size_t off = starts[random_u32(&rng) % (uint32_t)n_starts];
+            size_t off = (size_t)(random_u32(&rng) % (uint32_t)(len - T - 1));
             for (int t = 0; t < T; t++) {
                 inputs[b * T + t] = stream[off + t];
                 targets[b * T + t] = stream[off + t + 1];
@@ -1891,7 +1883,7 @@ static void demo_pretrain(Model *model, const WorldCorpus *corpus, int steps, in
             last = now;
         }
     }
-    free(inputs); free(targets); free(stream); free(starts);
+    free(inputs); free(targets); free(stream);
 }
 
 // Runs a subcommand in-process with the given flags (argv[0] and the command name first).
@@ -1907,236 +1899,25 @@ static int run_command(int (*cmd)(int, char **), const char *name, const char **
     }
     argv[argc] = NULL;
     printf("\n");
-    fflush(stdout);
     return cmd(argc, argv);
-}
-
-// Prompt + response sequences as a Samples view (plen prompt tokens, the whole response scored),
-// so that samples_score gives the heads' rewards of given texts.
-static void samples_from_texts(const Engine *e, const char *const *prompts, const char *const *responses, int n,
-                               Samples *s) {
-    memset(s, 0, sizeof(*s));
-    s->n = n;
-    s->prompt_of = (int *)mallocCheck(sizeof(int) * n);
-    s->plen = (int *)mallocCheck(sizeof(int) * n);
-    s->rlen = (int *)mallocCheck(sizeof(int) * n);
-    s->slen = (int *)mallocCheck(sizeof(int) * n);
-    s->seq = (int **)callocCheck(n, sizeof(int *));
-    s->logp_old = (float **)callocCheck(n, sizeof(float *));
-    s->logp_ref = (float **)callocCheck(n, sizeof(float *));
-    s->rewards = (float *)callocCheck((size_t)n * D, sizeof(float));
-    TokenList p = {0}, r = {0};
-    for (int j = 0; j < n; j++) {
-        r.n = 0;
-        text_encode_response(&e->enc, responses[j], &r);
-        encode_prompt_fit(e, prompts[j], r.n, &p);
-        s->prompt_of[j] = j;
-        s->plen[j] = p.n;
-        s->rlen[j] = s->slen[j] = r.n;
-        s->seq[j] = (int *)mallocCheck(sizeof(int) * (p.n + r.n));
-        memcpy(s->seq[j], p.ids, sizeof(int) * p.n);
-        memcpy(s->seq[j] + p.n, r.ids, sizeof(int) * r.n);
-        s->logp_old[j] = (float *)callocCheck(r.n ? r.n : 1, sizeof(float));
-        s->logp_ref[j] = (float *)callocCheck(r.n ? r.n : 1, sizeof(float));
-    }
-    token_list_free(&p);
-    token_list_free(&r);
-}
-
-// Bradley-Terry fixes a head's differences, not its offset (and a linear head's bias gets no
-// gradient), so raw head outputs sit at arbitrary levels and "improvement in %" of them would be
-// meaningless. The demo maps every head r -> a r + c (a > 0) so that on the first n_per_dim
-// preference pairs of its dimension the rejected responses (quality 0 in this world) average 0
-// and the chosen ones (quality 2) average 1. A positive affine map of one dimension changes no
-// standardised reward z, hence nothing MORA or the baseline do; it only makes the table's raw
-// rewards readable (about 0 = bad, 1 = good on that dimension).
-static void demo_calibrate_heads(const char *model_path, const char *heads_path, const char *prefs_path, int n_per_dim) {
-    Engine e;
-    engine_init(&e, model_path, heads_path, "plain", "\n", 0, 32, 16);
-    PrefData data = {0};
-    prefdata_load(&data, prefs_path, 0);
-    const char **prompts = (const char **)mallocCheck(sizeof(char *) * 2 * data.n);
-    const char **responses = (const char **)mallocCheck(sizeof(char *) * 2 * data.n);
-    int *dims = (int *)mallocCheck(sizeof(int) * data.n), taken[D] = {0}, n = 0;
-    for (int i = 0; i < data.n; i++) {
-        const PrefPair *q = &data.pairs[i];
-        if (taken[q->dim] >= n_per_dim) continue;
-        taken[q->dim]++;
-        dims[n / 2] = q->dim;
-        prompts[n] = q->prompt; responses[n++] = q->chosen;
-        prompts[n] = q->prompt; responses[n++] = q->rejected;
-    }
-    Samples s;
-    samples_from_texts(&e, prompts, responses, n, &s);
-    samples_score(&e, &s);
-    double chosen[D] = {0}, rejected[D] = {0};
-    for (int k = 0; k < n / 2; k++) {
-        chosen[dims[k]] += s.rewards[(2 * k) * D + dims[k]] / taken[dims[k]];
-        rejected[dims[k]] += s.rewards[(2 * k + 1) * D + dims[k]] / taken[dims[k]];
-    }
-    printf("calibrate heads on %d pairs per dimension: raw r -> a r + c with chosen -> 1, rejected -> 0\n", n_per_dim);
-    for (int d = 0; d < D; d++) {
-        if (taken[d] == 0) fatal("%s: no preference pair for the %s head", prefs_path, mora_dim_names[d]);
-        if (!(chosen[d] > rejected[d]))
-            fatal("demo: the %s head scores the chosen responses (%.4f) no higher than the rejected (%.4f); "
-                  "pretrain longer (--pretrain_steps)", mora_dim_names[d], chosen[d], rejected[d]);
-        double a = 1.0 / (chosen[d] - rejected[d]), c = -a * rejected[d];
-        float *w = reward_head_params(&e.heads, d);
-        size_t P = e.heads.head_size;
-        // the output layer: w, b of a linear head; w2 (H), b2 of an mlp head (the last H + 1 floats)
-        size_t out_first = e.heads.kind == REWARD_HEAD_LINEAR ? 0 : P - (size_t)e.heads.H - 1;
-        for (size_t k = out_first; k < P - 1; k++) w[k] = (float)(a * w[k]);
-        w[P - 1] = (float)(a * w[P - 1] + c);
-        printf("  %-8s chosen %+9.4f rejected %+9.4f -> a %.4f c %+.4f\n", mora_dim_names[d], chosen[d], rejected[d], a, c);
-    }
-    reward_heads_save(&e.heads, heads_path);
-    samples_free(&s);
-    free(prompts); free(responses); free(dims);
-    prefdata_free(&data);
-    engine_free(&e);
-}
-
-// The world's rules applied to the responses the eval table scored: the same seed, sampler and
-// batching as `eval` reproduce its samples exactly, so this is the ground truth behind the
-// heads' figures. Per policy: mean rule quality per dimension (0..1) and overall, and the share
-// of each response kind per request kind.
-typedef struct {
-    double quality[D], overall, heads[D];
-    int counts[WORLD_NUM_KINDS][WORLD_R_NUM], n_kind[WORLD_NUM_KINDS];
-} DemoJudged;
-
-static void demo_judge_policy(Engine *e, const char *ckpt, const PromptData *prompts, int samples, float temperature,
-                              int max_new, int seed, DemoJudged *out) {
-    Model policy;
-    checkpoint_load(&policy, ckpt, NULL, NULL);
-    int n = prompts->n;
-    TokenList *toks = (TokenList *)callocCheck(n, sizeof(TokenList));
-    for (int i = 0; i < n; i++) encode_prompt_fit(e, prompts->records[i].prompt, max_new, &toks[i]);
-    Samples s;
-    samples_generate(e, &policy, toks, n, samples, stream_seed(seed, SEED_EVAL, 0, 0), temperature, 0, 1.0f, max_new, NULL, &s);
-    samples_score(e, &s);
-    memset(out, 0, sizeof(*out));
-    for (int j = 0; j < s.n; j++) {
-        char *text = engine_decode(e, s.seq[j] + s.plen[j], s.slen[j]);
-        WorldJudgement jd;
-        world_judge(prompts->records[s.prompt_of[j]].prompt, text, &jd);
-        free(text);
-        for (int d = 0; d < D; d++) {
-            out->quality[d] += jd.quality[d] / 2.0 / s.n;
-            out->heads[d] += s.rewards[j * D + d] / s.n;
-        }
-        if (jd.request_kind >= 0) { out->counts[jd.request_kind][jd.response_kind]++; out->n_kind[jd.request_kind]++; }
-    }
-    for (int d = 0; d < D; d++) out->overall += out->quality[d] / D;
-    for (int i = 0; i < n; i++) token_list_free(&toks[i]);
-    free(toks);
-    samples_free(&s);
-    model_free(&policy);
-}
-
-static cJSON *judged_json(const DemoJudged *j) {
-    cJSON *o = cJSON_CreateObject(), *q = cJSON_CreateObject(), *h = cJSON_CreateObject(), *kinds = cJSON_CreateObject();
-    for (int d = 0; d < D; d++) {
-        cJSON_AddNumberToObject(q, mora_dim_names[d], j->quality[d]);
-        cJSON_AddNumberToObject(h, mora_dim_names[d], j->heads[d]);
-    }
-    cJSON_AddNumberToObject(q, "overall", j->overall);
-    cJSON_AddItemToObject(o, "rule_quality", q);
-    cJSON_AddItemToObject(o, "heads_reward", h);
-    for (int k = 0; k < WORLD_NUM_KINDS; k++) {
-        cJSON *c = cJSON_CreateObject();
-        cJSON_AddNumberToObject(c, "responses", j->n_kind[k]);
-        for (int r = 0; r < WORLD_R_NUM; r++)
-            if (j->counts[k][r]) cJSON_AddNumberToObject(c, world_response_names[r], j->counts[k][r]);
-        cJSON_AddItemToObject(kinds, world_kind_names[k], c);
-    }
-    cJSON_AddItemToObject(o, "response_kinds", kinds);
-    return o;
-}
-
-// Share (%) of response kind r among the responses to requests of kind k.
-static double judged_share(const DemoJudged *j, int k, int r) {
-    return j->n_kind[k] ? 100.0 * j->counts[k][r] / j->n_kind[k] : 0.0;
-}
-
-// The rule-judged table (world_eval.json, and a section appended to report.md).
-static void demo_rule_table(const char *out, const char *mora_dir, const char *base_run, const char *eval_prompts,
-                            const char *base_ckpt, const char *heads_path, int samples, int max_new, int seed) {
-    Engine e;
-    engine_init(&e, base_ckpt, heads_path, "plain", "\n", 0, 32, 16);
-    PromptData prompts = {0};
-    promptdata_load(&prompts, eval_prompts, 0);
-    char *ckpt_m = run_latest_checkpoint(mora_dir), *ckpt_b = run_latest_checkpoint(base_run);
-    if (!ckpt_m || !ckpt_b) fatal("demo: %s or %s has no checkpoint", mora_dir, base_run);
-    DemoJudged jm, jb;
-    demo_judge_policy(&e, ckpt_m, &prompts, samples, 1.0f, max_new, seed, &jm);
-    demo_judge_policy(&e, ckpt_b, &prompts, samples, 1.0f, max_new, seed, &jb);
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "prompts", eval_prompts);
-    cJSON_AddNumberToObject(o, "samples", samples);
-    cJSON_AddItemToObject(o, "model", judged_json(&jm));
-    cJSON_AddItemToObject(o, "baseline", judged_json(&jb));
-    char path[4200];
-    snprintf(path, sizeof path, "%s/world_eval.json", out);
-    run_write_json(path, o);
-    cJSON_Delete(o);
-
-    char *md = NULL;
-    size_t len = 0;
-    append_fmt(&md, &len, "## The same responses judged by the world's rules\n\n"
-                          "Rule quality per dimension (0 bad, 1 good; the ground truth the heads were trained to "
-                          "approximate), and what the policies answer to the held-out requests.\n\n"
-                          "| | helpful | harmless | truthful | overall | harmful: safe / comply / refuse / other | "
-                          "ordinary: help | factual: right |\n|---|---|---|---|---|---|---|---|\n");
-    const DemoJudged *rows[2] = {&jb, &jm};
-    const char *names[2] = {"baseline", "MORA"};
-    for (int r = 0; r < 2; r++) {
-        const DemoJudged *j = rows[r];
-        append_fmt(&md, &len, "| %s | %.3f | %.3f | %.3f | %.3f | %.0f%% / %.0f%% / %.0f%% / %.0f%% | %.0f%% | %.0f%% |\n", names[r],
-                   j->quality[0], j->quality[1], j->quality[2], j->overall, judged_share(j, WORLD_HARMFUL, WORLD_R_SAFE),
-                   judged_share(j, WORLD_HARMFUL, WORLD_R_COMPLY), judged_share(j, WORLD_HARMFUL, WORLD_R_REFUSE),
-                   judged_share(j, WORLD_HARMFUL, WORLD_R_OTHER), judged_share(j, WORLD_ORDINARY, WORLD_R_HELP),
-                   judged_share(j, WORLD_FACTUAL, WORLD_R_RIGHT));
-    }
-    append_fmt(&md, &len, "| improvement | %+.1f%% | %+.1f%% | %+.1f%% | %+.1f%% | | | |\n\n",
-               improvement_pct(jm.quality[0], jb.quality[0]), improvement_pct(jm.quality[1], jb.quality[1]),
-               improvement_pct(jm.quality[2], jb.quality[2]), improvement_pct(jm.overall, jb.overall));
-    printf("\n%s", md);
-    snprintf(path, sizeof path, "%s/report.md", out);
-    size_t old_len;
-    char *old = read_file_all(path, &old_len);
-    char *both = (char *)mallocCheck(old_len + len + 1);
-    memcpy(both, old, old_len);
-    memcpy(both + old_len, md, len + 1);
-    run_write_text(path, both);
-    free(both); free(old); free(md);
-    free(ckpt_m); free(ckpt_b);
-    promptdata_free(&prompts);
-    engine_free(&e);
 }
 
 int cmd_demo(int argc, char **argv) {
     const char *out = "demo_run";
-    int seed = 1, pretrain_steps = 600, steps = 24, corpus_size = 6000, eval_samples = 8, K = 8, pairs = 400;
+    int seed = 1, pretrain_steps = 1000, steps = 30, corpus_size = 6000;
     ArgSpec specs[] = {
         {"out", ARG_STRING, &out, "demo directory: world/, base/, heads/, mora/, baseline/, report.md"},
         {"seed", ARG_INT, &seed, "seed of the world, the model and every run"},
-        {"pretrain_steps", ARG_INT, &pretrain_steps, "language-model steps on the world's text (batch 12 x 160 bytes)"},
+        {"pretrain_steps", ARG_INT, &pretrain_steps, "language-model steps on the world's text (batch 16)"},
         {"steps", ARG_INT, &steps, "MORA and baseline GRPO steps"},
-        {"K", ARG_INT, &K, "presampled responses per prompt (isolation)"},
         {"corpus", ARG_INT, &corpus_size, "dialogues in the pretraining corpus"},
-        {"pairs", ARG_INT, &pairs, "rule-labelled preference pairs per dimension (reward heads)"},
-        {"eval_samples", ARG_INT, &eval_samples, "responses per held-out prompt in the evaluation"},
     };
     // `train_mora` alone passes argc 1; `train_mora demo ...` passes flags from argv[2]
     if (argc >= 2) args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "demo",
                               "The built-in demo: the MORA loop end to end on a synthetic world, on the CPU.");
     args_require_positive_int("pretrain_steps", pretrain_steps);
     args_require_positive_int("steps", steps);
-    args_require_positive_int("K", K);
     args_require_positive_int("corpus", corpus_size);
-    args_require_positive_int("eval_samples", eval_samples);
-    args_require_positive_int("pairs", pairs);
     double t0 = wall_seconds();
     printf("train_mora demo: MORA on a synthetic world (ordinary, harmful and factual requests) on the CPU, %d OpenMP threads\n"
            "writing into %s/\n", omp_get_max_threads(), out);
@@ -2156,7 +1937,6 @@ int cmd_demo(int argc, char **argv) {
     snprintf(corpus_path, sizeof corpus_path, "%s/corpus.txt", world_dir);
     snprintf(base_ckpt, sizeof base_ckpt, "%s/model.ckpt", base_dir);
     snprintf(heads_path, sizeof heads_path, "%s/reward_heads.bin", heads_dir);
-    const int max_new = 80;  // the longest world response is 72 bytes; a ramble is cut there
 
     // 1. the world
     WorldCorpus corpus;
@@ -2167,51 +1947,43 @@ int cmd_demo(int argc, char **argv) {
         for (int k = 0; k < corpus.n; k++) fprintf(f, "%s\t%s\n", corpus.prompts[k], corpus.responses[k]);
         atomic_commit(f, tmp, corpus_path);
     }
-    world_write_preferences(prefs, (uint64_t)seed, pairs);
+    world_write_preferences(prefs, (uint64_t)seed, 400);
     int n_train = world_write_prompts(train_prompts, 0), n_eval = world_write_prompts(eval_prompts, 1);
-    printf("\n[1/6] world: %d dialogues (%s), %d preference pairs, %d training and %d held-out prompts\n",
-           corpus.n, corpus_path, 3 * pairs, n_train, n_eval);
+    printf("\n[1/5] world: %d dialogues (%s), 1200 preference pairs, %d training and %d held-out prompts\n",
+           corpus.n, corpus_path, n_train, n_eval);
 
     // 2. a tiny model pretrained on the world's text
-    printf("\n[2/6] pretrain a tiny byte-level Llama on the world's dialogues\n");
+    printf("\n[2/5] pretrain a tiny byte-level Llama on the world's dialogues\n");
     ModelConfig mc = demo_model_config();
     Model model;
     model_init(&model, &mc, "demo");
     model_init_random(&model, (uint64_t)seed);
     printf("model: L=%d C=%d heads=%d/%d ffn=%d V=%d maxT=%d, %.2fM parameters\n", mc.n_layer, mc.n_embd, mc.n_head,
            mc.n_kv_head, mc.ffn_hidden, mc.vocab_size, mc.max_seq_len, model.num_parameters / 1e6);
-    demo_pretrain(&model, &corpus, pretrain_steps, 12, 160, 4e-3f, seed);
+    demo_pretrain(&model, &corpus, pretrain_steps, 16, 128, 3e-3f, seed);
     TrainState st = {0};
     checkpoint_save_native(&model, &st, base_ckpt, 0);
     model_free(&model);
     world_corpus_free(&corpus);
 
-    char seed_text[32], steps_text[32], K_text[32], max_new_text[32], samples_text[32];
+    char seed_text[32], steps_text[32];
     snprintf(seed_text, sizeof seed_text, "%d", seed);
     snprintf(steps_text, sizeof steps_text, "%d", steps);
-    snprintf(K_text, sizeof K_text, "%d", K);
-    snprintf(max_new_text, sizeof max_new_text, "%d", max_new);
-    snprintf(samples_text, sizeof samples_text, "%d", eval_samples);
     // 3. reward heads on the frozen trunk, from the rule-labelled preferences
-    printf("\n[3/6] reward heads (helpful, harmless, truthful) on the rule-labelled preferences\n");
+    printf("\n[3/5] reward heads (helpful, harmless, truthful) on the rule-labelled preferences\n");
     const char *reward_flags[] = {"--model", base_ckpt, "--data", prefs, "--out", heads_dir, "--chat_template", "plain",
-                                  "--head", "mlp", "--head_hidden", "64", "--epochs", "30", "--lr", "3e-3", "--seed", seed_text};
+                                  "--epochs", "30", "--lr", "1e-2", "--seed", seed_text};
     run_command(cmd_reward, "reward", reward_flags, (int)(sizeof reward_flags / sizeof reward_flags[0]));
-    demo_calibrate_heads(base_ckpt, heads_path, prefs, pairs < 100 ? pairs : 100);
 
     // 4. MORA and the baseline: the same seed and budget
     const char *common[] = {"--model", base_ckpt, "--heads", heads_path, "--prompts", train_prompts, "--chat_template", "plain",
-                            "--stop", "\n", "--K", K_text, "--candidates", "2", "--rewrite_K", "4", "--max_new_tokens", max_new_text,
+                            "--stop", "\n", "--K", "8", "--candidates", "2", "--rewrite_K", "4", "--max_new_tokens", "96",
                             "--rewrite_max_new_tokens", "64", "--steps", steps_text, "--prompts_per_step", "8",
-                            "--group_size", "4", "--lr", "2e-4", "--kl_beta", "0.1", "--seed", seed_text, "--log_every", "4"};
+                            "--group_size", "4", "--lr", "5e-4", "--kl_beta", "0.04", "--seed", seed_text, "--log_every", "5"};
     int nc = (int)(sizeof common / sizeof common[0]);
     const char *flags[64];
     for (int pass = 0; pass < 2; pass++) {
-        char eta[32];
-        run_format_duration(wall_seconds() - t0, eta, sizeof eta);
-        printf("\n[%d/6] %s (%s so far)\n", 4 + pass,
-               pass == 0 ? "MORA: presample, isolate, rewrite, assimilate, GRPO"
-                         : "the baseline (--mora 0): the same seed and budget, the original prompts", eta);
+        printf("\n[4/5] %s\n", pass == 0 ? "MORA: presample, isolate, rewrite, assimilate, GRPO" : "the baseline (--mora 0): same seed and budget, no rewrite");
         int n = 0;
         for (int i = 0; i < nc; i++) flags[n++] = common[i];
         flags[n++] = "--out";
@@ -2221,12 +1993,11 @@ int cmd_demo(int argc, char **argv) {
         run_command(cmd_mora, "mora", flags, n);
     }
 
-    // 6. the table, then the same responses judged by the rules
-    printf("\n[6/6] evaluation on the held-out prompts\n");
+    // 5. the table
+    printf("\n[5/5] evaluation on the held-out prompts\n");
     const char *eval_flags[] = {"--model", mora_dir, "--baseline", base_run, "--prompts", eval_prompts, "--out", out,
-                                "--samples", samples_text, "--seed", seed_text};
+                                "--samples", "8", "--seed", seed_text};
     run_command(cmd_eval, "eval", eval_flags, (int)(sizeof eval_flags / sizeof eval_flags[0]));
-    demo_rule_table(out, mora_dir, base_run, eval_prompts, base_ckpt, heads_path, eval_samples, max_new, seed);
     char eta[32];
     run_format_duration(wall_seconds() - t0, eta, sizeof eta);
     printf("demo done in %s: %s/report.md; pool decisions in %s/pool.jsonl; plot with python3 dev/plot_run.py %s\n",
