@@ -1,6 +1,6 @@
 /*
- * The MORA loop (DESIGN.md, "The MORA loop"): `train_mora mora`, `train_mora eval`, and the
- * built-in demo (`train_mora` with no arguments).
+ * The MORA loop (DESIGN.md, "The MORA loop"): `train_mora mora` and `train_mora eval` (the
+ * built-in demo that runs both is demo.c).
  *
  *   mora   1. presample K responses per prompt from the policy; score every response on every
  *             dimension with the reward heads (on the frozen reference trunk); standardise per
@@ -19,8 +19,6 @@
  *   eval   held-out prompts: mean raw reward per dimension for a run and its baseline, the
  *          improvement in %, the share of single-reward prompts and the hypervolume of the
  *          presampled reward vectors before and after rewriting (report.md, report.json)
- *   demo   demo_world.h's synthetic world end to end: a tiny model pretrained on its text, reward
- *          heads trained on its rule-labelled preferences, MORA against the baseline, the table
  *
  * Weights in memory: the policy (trainable, with AdamW state) and one frozen copy of the initial
  * weights, the reference, which is the KL reference, the reward heads' trunk and the rewriter.
@@ -58,7 +56,6 @@
 #include "llmc/comm.h"
 #include "tokenizer.h"
 #include "rewrite.h"
-#include "demo_world.h"
 #include "mora.h"
 
 #define D MORA_NUM_DIMS
@@ -1822,185 +1819,5 @@ int cmd_eval(int argc, char **argv) {
     subject_free(&ms);
     subject_free(&bs);
     promptdata_free(&prompts);
-    return 0;
-}
-
-// ----------------------------------------------------------------------------
-// the built-in demo
-
-// The demo's model: a small Llama over bytes (no tokenizer), with room for a prompt that carries
-// intent phrases plus its answer.
-static ModelConfig demo_model_config(void) {
-    ModelConfig c = {
-        .arch = ARCH_LLAMA, .vocab_size = 256, .padded_vocab_size = 256, .max_seq_len = 256, .n_layer = 4,
-        .n_embd = 96, .n_head = 6, .n_kv_head = 2, .head_dim = 16, .ffn_hidden = 256, .norm_eps = 1e-5f,
-        .rope_theta = 10000.0f, .tied_embeddings = 1, .qkv_bias = 0,
-    };
-    return c;
-}
-
-// Language-model training on the world's dialogues rendered through the plain chat template
-// (the response, then the newline that ends it), concatenated into one byte stream; every row of
-// a batch is T bytes from a random offset of the stream (no padding, so every token trains).
-static void demo_pretrain(Model *model, const WorldCorpus *corpus, int steps, int B, int T, float lr, int seed) {
-    const ChatTemplate *plain = chat_template_lookup("plain");
-    size_t len = 0, cap = 1 << 20;
-    unsigned char *stream = (unsigned char *)mallocCheck(cap);
-    for (int k = 0; k < corpus->n; k++) {
-        char *head = chat_template_render(plain, NULL, corpus->prompts[k], 1);
-        size_t a = strlen(head), b = strlen(corpus->responses[k]);
-        if (len + a + b + 1 > cap) { cap = 2 * (len + a + b + 1); stream = (unsigned char *)reallocCheck(stream, cap); }
-        memcpy(stream + len, head, a);
-        memcpy(stream + len + a, corpus->responses[k], b);
-        stream[len + a + b] = '\n';
-        len += a + b + 1;
-        free(head);
-    }
-    if (len < (size_t)T + 2) fatal("demo: the corpus is shorter than one row of %d bytes", T);
-    int *inputs = (int *)mallocCheck(sizeof(int) * B * T), *targets = (int *)mallocCheck(sizeof(int) * B * T);
-    uint64_t rng = rng_seed((uint64_t)seed ^ 0x505245ULL);
-    double t0 = wall_seconds(), last = t0;
-    for (int step = 1; step <= steps; step++) {
-        for (int b = 0; b < B; b++) {
-            size_t off = (size_t)(random_u32(&rng) % (uint32_t)(len - T - 1));
-            for (int t = 0; t < T; t++) {
-                inputs[b * T + t] = stream[off + t];
-                targets[b * T + t] = stream[off + t + 1];
-            }
-        }
-        model_forward(model, inputs, targets, NULL, B, T);
-        model_zero_grad(model);
-        model_backward(model, 1.0f);
-        float norm = model_grad_norm(model);
-        float lr_t = lr_schedule(step - 1, steps / 20, steps, lr, lr / 10);
-        model_adamw_update(model, lr_t, 0.9f, 0.95f, 1e-8f, 0.0f, norm > 1.0f ? 1.0f / norm : 1.0f);
-        double now = wall_seconds();
-        if (now - last > 5.0 || step == steps || step == 1) {
-            char eta[32];
-            run_format_duration((now - t0) / step * (steps - step), eta, sizeof eta);
-            printf("pretrain: step %d/%d | loss %.4f | %.0f tok/s | %s left\n", step, steps, model->mean_loss,
-                   (double)step * B * T / (now - t0), eta);
-            last = now;
-        }
-    }
-    free(inputs); free(targets); free(stream);
-}
-
-// Runs a subcommand in-process with the given flags (argv[0] and the command name first).
-static int run_command(int (*cmd)(int, char **), const char *name, const char **flags, int n_flags) {
-    char *argv[80];
-    int argc = 0;
-    argv[argc++] = (char *)"train_mora";
-    argv[argc++] = (char *)name;
-    printf("\n$ train_mora %s", name);
-    for (int i = 0; i < n_flags && argc < 79; i++) {
-        argv[argc++] = (char *)flags[i];
-        printf(" %s", strcmp(flags[i], "\n") ? flags[i] : "'\\n'");
-    }
-    argv[argc] = NULL;
-    printf("\n");
-    return cmd(argc, argv);
-}
-
-int cmd_demo(int argc, char **argv) {
-    const char *out = "demo_run";
-    int seed = 1, pretrain_steps = 1000, steps = 30, corpus_size = 6000;
-    ArgSpec specs[] = {
-        {"out", ARG_STRING, &out, "demo directory: world/, base/, heads/, mora/, baseline/, report.md"},
-        {"seed", ARG_INT, &seed, "seed of the world, the model and every run"},
-        {"pretrain_steps", ARG_INT, &pretrain_steps, "language-model steps on the world's text (batch 16)"},
-        {"steps", ARG_INT, &steps, "MORA and baseline GRPO steps"},
-        {"corpus", ARG_INT, &corpus_size, "dialogues in the pretraining corpus"},
-    };
-    // `train_mora` alone passes argc 1; `train_mora demo ...` passes flags from argv[2]
-    if (argc >= 2) args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "demo",
-                              "The built-in demo: the MORA loop end to end on a synthetic world, on the CPU.");
-    args_require_positive_int("pretrain_steps", pretrain_steps);
-    args_require_positive_int("steps", steps);
-    args_require_positive_int("corpus", corpus_size);
-    double t0 = wall_seconds();
-    printf("train_mora demo: MORA on a synthetic world (ordinary, harmful and factual requests) on the CPU, %d OpenMP threads\n"
-           "writing into %s/\n", omp_get_max_threads(), out);
-    run_ensure_dir(out, "--out");
-    char world_dir[4200], base_dir[4200], heads_dir[4200], mora_dir[4200], base_run[4200];
-    char prefs[4300], train_prompts[4300], eval_prompts[4300], corpus_path[4300], base_ckpt[4300], heads_path[4300];
-    snprintf(world_dir, sizeof world_dir, "%s/world", out);
-    snprintf(base_dir, sizeof base_dir, "%s/base", out);
-    snprintf(heads_dir, sizeof heads_dir, "%s/heads", out);
-    snprintf(mora_dir, sizeof mora_dir, "%s/mora", out);
-    snprintf(base_run, sizeof base_run, "%s/baseline", out);
-    run_ensure_dir(world_dir, "--out");
-    run_ensure_dir(base_dir, "--out");
-    snprintf(prefs, sizeof prefs, "%s/preferences.jsonl", world_dir);
-    snprintf(train_prompts, sizeof train_prompts, "%s/train_prompts.jsonl", world_dir);
-    snprintf(eval_prompts, sizeof eval_prompts, "%s/eval_prompts.jsonl", world_dir);
-    snprintf(corpus_path, sizeof corpus_path, "%s/corpus.txt", world_dir);
-    snprintf(base_ckpt, sizeof base_ckpt, "%s/model.ckpt", base_dir);
-    snprintf(heads_path, sizeof heads_path, "%s/reward_heads.bin", heads_dir);
-
-    // 1. the world
-    WorldCorpus corpus;
-    world_corpus((uint64_t)seed, corpus_size, &corpus);
-    {
-        char tmp[4400];
-        FILE *f = atomic_open(corpus_path, tmp, sizeof tmp);
-        for (int k = 0; k < corpus.n; k++) fprintf(f, "%s\t%s\n", corpus.prompts[k], corpus.responses[k]);
-        atomic_commit(f, tmp, corpus_path);
-    }
-    world_write_preferences(prefs, (uint64_t)seed, 400);
-    int n_train = world_write_prompts(train_prompts, 0), n_eval = world_write_prompts(eval_prompts, 1);
-    printf("\n[1/5] world: %d dialogues (%s), 1200 preference pairs, %d training and %d held-out prompts\n",
-           corpus.n, corpus_path, n_train, n_eval);
-
-    // 2. a tiny model pretrained on the world's text
-    printf("\n[2/5] pretrain a tiny byte-level Llama on the world's dialogues\n");
-    ModelConfig mc = demo_model_config();
-    Model model;
-    model_init(&model, &mc, "demo");
-    model_init_random(&model, (uint64_t)seed);
-    printf("model: L=%d C=%d heads=%d/%d ffn=%d V=%d maxT=%d, %.2fM parameters\n", mc.n_layer, mc.n_embd, mc.n_head,
-           mc.n_kv_head, mc.ffn_hidden, mc.vocab_size, mc.max_seq_len, model.num_parameters / 1e6);
-    demo_pretrain(&model, &corpus, pretrain_steps, 16, 128, 3e-3f, seed);
-    TrainState st = {0};
-    checkpoint_save_native(&model, &st, base_ckpt, 0);
-    model_free(&model);
-    world_corpus_free(&corpus);
-
-    char seed_text[32], steps_text[32];
-    snprintf(seed_text, sizeof seed_text, "%d", seed);
-    snprintf(steps_text, sizeof steps_text, "%d", steps);
-    // 3. reward heads on the frozen trunk, from the rule-labelled preferences
-    printf("\n[3/5] reward heads (helpful, harmless, truthful) on the rule-labelled preferences\n");
-    const char *reward_flags[] = {"--model", base_ckpt, "--data", prefs, "--out", heads_dir, "--chat_template", "plain",
-                                  "--epochs", "30", "--lr", "1e-2", "--seed", seed_text};
-    run_command(cmd_reward, "reward", reward_flags, (int)(sizeof reward_flags / sizeof reward_flags[0]));
-
-    // 4. MORA and the baseline: the same seed and budget
-    const char *common[] = {"--model", base_ckpt, "--heads", heads_path, "--prompts", train_prompts, "--chat_template", "plain",
-                            "--stop", "\n", "--K", "8", "--candidates", "2", "--rewrite_K", "4", "--max_new_tokens", "96",
-                            "--rewrite_max_new_tokens", "64", "--steps", steps_text, "--prompts_per_step", "8",
-                            "--group_size", "4", "--lr", "5e-4", "--kl_beta", "0.04", "--seed", seed_text, "--log_every", "5"};
-    int nc = (int)(sizeof common / sizeof common[0]);
-    const char *flags[64];
-    for (int pass = 0; pass < 2; pass++) {
-        printf("\n[4/5] %s\n", pass == 0 ? "MORA: presample, isolate, rewrite, assimilate, GRPO" : "the baseline (--mora 0): same seed and budget, no rewrite");
-        int n = 0;
-        for (int i = 0; i < nc; i++) flags[n++] = common[i];
-        flags[n++] = "--out";
-        flags[n++] = pass == 0 ? mora_dir : base_run;
-        flags[n++] = "--mora";
-        flags[n++] = pass == 0 ? "1" : "0";
-        run_command(cmd_mora, "mora", flags, n);
-    }
-
-    // 5. the table
-    printf("\n[5/5] evaluation on the held-out prompts\n");
-    const char *eval_flags[] = {"--model", mora_dir, "--baseline", base_run, "--prompts", eval_prompts, "--out", out,
-                                "--samples", "8", "--seed", seed_text};
-    run_command(cmd_eval, "eval", eval_flags, (int)(sizeof eval_flags / sizeof eval_flags[0]));
-    char eta[32];
-    run_format_duration(wall_seconds() - t0, eta, sizeof eta);
-    printf("demo done in %s: %s/report.md; pool decisions in %s/pool.jsonl; plot with python3 dev/plot_run.py %s\n",
-           eta, out, mora_dir, mora_dir);
     return 0;
 }

@@ -1,8 +1,8 @@
 /*
  * The MORA loop (DESIGN.md, "The MORA loop"): `train_mora mora` (presample, isolate, rewrite,
  * assimilate, update), `train_mora eval` (the comparison table) and the built-in demo that
- * `train_mora` runs with no arguments. Implemented in mora.c; the demo's synthetic world is in
- * demo_world.h.
+ * `train_mora` runs with no arguments. Implemented in mora.c; the demo in demo.c, its synthetic
+ * world in demo_world.h.
  */
 #ifndef MORA_H
 #define MORA_H
