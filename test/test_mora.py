@@ -40,11 +40,10 @@ def read_jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The demo's world, model and heads (a short pretraining), plus its MORA run and baseline."""
-    d = tmp_path_factory.mktemp("mora_world")
-    run(["demo", "--out", str(d), "--pretrain_steps", "300", "--steps", "3"], timeout=900)
-    return d
+def world(mora_world):
+    """The demo's world, model and heads (a short pretraining), plus its MORA run and baseline:
+    conftest's session fixture, built once for every module that needs it."""
+    return mora_world
 
 
 def common(world, out, *extra):
