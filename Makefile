@@ -46,15 +46,21 @@ NVCC := $(shell command -v nvcc 2> /dev/null)
 CU_SRCS := $(wildcard *.cu llmc/*.cu)
 NVCCFLAGS ?= -O3 -std=c++17 --generate-code arch=compute_90,code=sm_90 --generate-code arch=compute_80,code=compute_80
 CU_OBJS := $(if $(NVCC),$(patsubst %.cu,$(BUILD)/cuda/%.o,$(CU_SRCS)),)
-# The CUDA model (llmc/model_cuda.h) is linked into ./train_mora when nvcc is found, and the C
-# side is compiled with -DUSE_CUDA; without nvcc nothing refers to CUDA.
-CUDA_MODEL_OBJS := $(if $(NVCC),$(BUILD)/cuda/llmc/model_cuda.o,)
+# NCCL: found when nvcc can include nccl.h (the toolkit's, /usr/include, or a CPATH entry). Then
+# llmc/comm_nccl.cu carries the GPU collectives and what links it takes -lnccl; without it the
+# same object builds with functions that say NCCL is missing.
+NCCL_FOUND := $(if $(NVCC),$(shell printf '\#include <nccl.h>\n' | $(NVCC) -E -x cu - -o /dev/null > /dev/null 2>&1 && echo 1),)
+NCCL_LDLIBS := $(if $(NCCL_FOUND),-lnccl,)
+# The CUDA model (llmc/model_cuda.h) is linked into ./train_mora when nvcc is found, with the NCCL
+# collectives its data-parallel functions call, and the C side is compiled with -DUSE_CUDA;
+# without nvcc nothing refers to CUDA.
+CUDA_MODEL_OBJS := $(if $(NVCC),$(BUILD)/cuda/llmc/model_cuda.o $(BUILD)/cuda/llmc/comm_nccl.o,)
 # what ./train_mora links besides the training model: the GPU rollout engine
 CUDA_DRIVER_OBJS := $(if $(NVCC),$(BUILD)/cuda/rollout.o,)
 CUDA_LDLIBS :=
 ifneq ($(NVCC),)
 CUDA_LIBDIR := $(abspath $(dir $(NVCC))/../lib64)
-CUDA_LDLIBS := -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublasLt -lcublas -lcudart -lstdc++
+CUDA_LDLIBS := -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublasLt -lcublas -lcudart -lstdc++ $(NCCL_LDLIBS)
 CFLAGS += -DUSE_CUDA
 endif
 # `make cuda`: the per-kernel harnesses dev/cuda/*.cu (each includes its .cuh and links the CPU
@@ -109,9 +115,9 @@ $(BUILD)/cuda/dev/%: dev/cuda/%.cu $(CPU_REF_OBJS) $(HEADERS) $(wildcard llmc/*.
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(CPU_REF_OBJS) $(NVCC_LDLIBS)
 
-$(CUDA_MODEL_PROGS): $(BUILD)/cuda/dev/%: dev/cuda/%.cu $(CPU_REF_OBJS) $(CUDA_MODEL_OBJS) $(HEADERS) $(wildcard dev/cuda/*.h)
+$(CUDA_MODEL_PROGS): $(BUILD)/cuda/dev/%: dev/cuda/%.cu $(CPU_REF_OBJS) $(BUILD)/llmc/comm.o $(CUDA_MODEL_OBJS) $(HEADERS) $(wildcard dev/cuda/*.h)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(CPU_REF_OBJS) $(CUDA_MODEL_OBJS) $(NVCC_LDLIBS)
+	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(CPU_REF_OBJS) $(BUILD)/llmc/comm.o $(CUDA_MODEL_OBJS) $(NVCC_LDLIBS) $(NCCL_LDLIBS) $(MPI_NVCC_LDLIBS)
 
 # the GPU rollout engine's end-to-end check and benchmark link rollout.o and the CPU generator
 # with what loads SmolLM2 (checkpoint, GGUF, tokenizer, chat template)

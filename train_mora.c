@@ -26,6 +26,7 @@
 #include "dataloader.h"
 #ifdef USE_CUDA
 #include "llmc/model_cuda.h"
+#include "llmc/comm_nccl.h"
 #include "rollout.h"
 #endif
 #include "mora.h"
@@ -148,6 +149,17 @@ static float evaluate_loss(Model *model, DataLoader *dl, int batches) {
     return (float)(sum / batches);
 }
 
+// TRAIN_MORA_NCCL=1 sends a one-rank GPU run through the data-parallel path (NCCL communicator,
+// parameter broadcast, gradient and loss all-reduce), where every collective is the identity:
+// dev/gpu_check.sh compares it with the plain run on a one-GPU machine without MPI. CPU runs
+// ignore it (their collectives are MPI's).
+static int nccl_forced(void) {
+    const char *v = getenv("TRAIN_MORA_NCCL");
+    if (v == NULL || v[0] == '\0' || !strcmp(v, "0")) return 0;
+    if (strcmp(v, "1")) fatal("TRAIN_MORA_NCCL=%s: expected 0 or 1", v);
+    return 1;
+}
+
 static int cmd_pretrain(int argc, char **argv) {
     PretrainArgs a = {
         .init = "gpt2:tiny", .train_data = "", .val_data = "", .out = "", .device = "cpu",
@@ -204,9 +216,18 @@ static int cmd_pretrain(int argc, char **argv) {
     if (a.zero != 0 && a.zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a.zero);
     const int use_gpu = resolve_device(a.device);
     const int rank = comm_rank(), world = comm_world();
-    if (use_gpu && (world > 1 || a.zero))
-        fatal("--device cuda with %s: data-parallel training on GPUs needs the NCCL gradient all-reduce in the CUDA model, which this build does not have; run one rank per GPU job or use --device cpu",
-              world > 1 ? "several ranks" : "--zero 1");
+    // GPU data parallel: one rank per GPU, the collectives over NCCL (the CPU's go over MPI)
+    const int force_nccl = nccl_forced();   // read on every run, so a wrong value is always an error
+    const int gpu_nccl = use_gpu && (world > 1 || a.zero == 1 || force_nccl);
+#ifdef USE_CUDA
+    if (gpu_nccl) {
+        if (!comm_nccl_available())
+            fatal("--device cuda with %s: this build has no NCCL (nccl.h was not found when llmc/comm_nccl.cu was "
+                  "compiled); install NCCL and rebuild, or train on one GPU with one rank and --zero 0",
+                  world > 1 ? "several ranks" : a.zero == 1 ? "--zero 1" : "TRAIN_MORA_NCCL=1");
+        comm_nccl_init();   // selects this rank's GPU before anything is created on one
+    }
+#endif
 
     // rank 0 owns the run directory; the others wait until it exists
     if (rank == 0) run_ensure_dir(a.out, "--out");
@@ -234,9 +255,10 @@ static int cmd_pretrain(int argc, char **argv) {
         fatal("flag --seq_len %d exceeds the model's context length %d", a.seq_len, model.config.max_seq_len);
     // every rank built the model the same way; rank 0's parameters are made the ones everyone
     // starts from, so the ranks cannot drift apart through a file that differs between nodes
-    comm_broadcast(model.params, model.num_parameters * sizeof(float), 0);
+    // (on GPUs by NCCL, once the GPU model exists)
+    if (!gpu_nccl) comm_broadcast(model.params, model.num_parameters * sizeof(float), 0);
     OptimizerShard shard = {0, model.num_parameters, NULL, NULL};
-    if (a.zero == 1) {
+    if (a.zero == 1 && !use_gpu) {
         comm_shard_range(model.num_parameters, rank, world, &shard.lo, &shard.hi);
         size_t n = shard.hi - shard.lo;
         if (model.m != NULL) {   // a resumed AdamW state: keep this rank's slice of it
@@ -248,9 +270,10 @@ static int cmd_pretrain(int argc, char **argv) {
             model.m = model.v = NULL;
         }
     }
-    if (world > 1)
-        printf("ranks: %d (%s), global batch %d x %d sequences%s\n", world, comm_backend_name(), world,
-               a.batch_size * a.grad_accum, a.zero == 1 ? ", ZeRO-1: AdamW state sharded over the ranks" : "");
+    if (world > 1 || gpu_nccl)
+        printf("ranks: %d (%s%s), global batch %d x %d sequences%s\n", world, comm_backend_name(),
+               gpu_nccl ? ", GPU collectives over NCCL" : "", world, a.batch_size * a.grad_accum,
+               a.zero == 1 ? ", ZeRO-1: AdamW state sharded over the ranks" : "");
 
     DataLoader train, val;
     dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, rank, world);
@@ -283,7 +306,12 @@ static int cmd_pretrain(int argc, char **argv) {
 #ifdef USE_CUDA
     // the GPU trains its own copy (fp32 master weights, bf16 compute); the CPU model receives the
     // parameters and AdamW state back before every checkpoint
-    CudaModel *gpu = use_gpu ? cuda_model_create(&model, a.batch_size, a.seq_len) : NULL;
+    CudaModel *gpu = NULL;
+    if (use_gpu) {
+        gpu = a.zero == 1 ? cuda_model_create_sharded(&model, a.batch_size, a.seq_len)
+                          : cuda_model_create(&model, a.batch_size, a.seq_len);
+        if (gpu_nccl) cuda_model_broadcast_params(gpu, 0);
+    }
 #endif
     for (int step = state.step + 1; step <= a.steps; step++) {
         double t0 = wall_seconds();
@@ -296,6 +324,12 @@ static int cmd_pretrain(int argc, char **argv) {
                 dataloader_next(&train);
                 cuda_model_forward_backward(gpu, train.inputs, train.targets, NULL, a.batch_size, a.seq_len, 1.0f / a.grad_accum);
                 loss += gpu->mean_loss / a.grad_accum;
+            }
+            if (gpu_nccl) {
+                // data parallel, as on the CPU below: the means over the ranks before the clip
+                float mean_loss = (float)loss;
+                cuda_model_all_reduce_grads(gpu, &mean_loss);
+                loss = mean_loss;
             }
             if (!isfinite(loss)) fatal("step %d: loss is %f; lower --lr or check the data", step, loss);
             norm = cuda_model_grad_norm(gpu);
@@ -359,6 +393,20 @@ static int cmd_pretrain(int argc, char **argv) {
             fflush(stdout);
         }
         if ((a.save_every > 0 && step % a.save_every == 0) || step == a.steps) {
+#ifdef USE_CUDA
+            if (gpu) {
+                // the GPU's parameters and AdamW state back into the CPU model; under ZeRO-1 every
+                // rank holds its shard of the moments, gathered on rank 0
+                if (a.zero == 1 || rank == 0) cuda_model_download(gpu, &model);
+                if (a.zero == 1) {
+                    size_t lo, hi;
+                    comm_shard_range(model.num_parameters, rank, world, &lo, &hi);
+                    comm_gather_shards(model.m, model.m + lo, model.num_parameters, 0);
+                    comm_gather_shards(model.v, model.v + lo, model.num_parameters, 0);
+                }
+                if (rank == 0) run_save_checkpoint(&model, &state, a.out);
+            } else
+#endif
             if (a.zero == 1) {
                 // the checkpoint holds the whole AdamW state, gathered on rank 0
                 float *m = rank == 0 ? (float *)mallocCheck(model.num_parameters * sizeof(float)) : NULL;
@@ -370,9 +418,6 @@ static int cmd_pretrain(int argc, char **argv) {
                 free(m); free(v);
                 model.m = model.v = NULL;
             } else if (rank == 0) {
-#ifdef USE_CUDA
-                if (gpu) cuda_model_download(gpu, &model);
-#endif
                 run_save_checkpoint(&model, &state, a.out);
             }
         }

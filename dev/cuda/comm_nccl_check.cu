@@ -85,6 +85,20 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n; i++) ok &= host[i] == (float)(i % 4096);
     check(ok, "all_gather_shards in place");
 
+    // reduce-scatter (ZeRO-1's gradient reduction): the mean on this rank's shard, and this
+    // rank's own values everywhere else
+    for (size_t i = 0; i < n; i++) host[i] = (float)(rank + 1) * (float)(i % 1024);
+    cuda_ok(cudaMemcpy(dev, host.data(), n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
+    comm_nccl_reduce_scatter_mean_shards(dev, n, stream);
+    cuda_ok(cudaMemcpyAsync(host.data(), dev, n * sizeof(float), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+    cuda_ok(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    ok = true;
+    for (size_t i = 0; i < n; i++) {
+        float want = (i >= lo && i < hi) ? (float)((i % 1024) * (W + 1) / 2.0) : (float)(rank + 1) * (float)(i % 1024);
+        ok &= fabsf(host[i] - want) <= 1e-6f * (float)(i % 1024 + 1);
+    }
+    check(ok, "reduce_scatter_mean_shards in place");
+
     cuda_ok(cudaFree(dev), "cudaFree");
     cuda_ok(cudaStreamDestroy(stream), "cudaStreamDestroy");
     comm_nccl_finalize();
