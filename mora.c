@@ -47,6 +47,7 @@
 #include "llmc/rand.h"
 #include "llmc/model.h"
 #include "llmc/checkpoint.h"
+#include "llmc/model_load.h"
 #include "llmc/generate.h"
 #include "llmc/reward_heads.h"
 #include "llmc/prefdata.h"
@@ -134,11 +135,12 @@ static const unsigned char *engine_decode_token(void *ctx, int token, size_t *le
     return &bytes[token & 255];
 }
 
-// Loads the reference (frozen) and the heads, and sets up text encoding and stopping.
-static void engine_init(Engine *e, const char *model_path, const char *heads_path, const char *chat_template,
-                        const char *stop, int seq_len, int gen_batch, int fwd_batch) {
+// Loads the reference (frozen; a checkpoint, `model_flag` names its option in errors) and the
+// heads, and sets up text encoding and stopping.
+static void engine_init(Engine *e, const char *model_path, const char *model_flag, const char *heads_path,
+                        const char *chat_template, const char *stop, int seq_len, int gen_batch, int fwd_batch) {
     memset(e, 0, sizeof(*e));
-    checkpoint_load(&e->ref, model_path, NULL, &e->info);
+    model_load(&e->ref, model_path, model_flag, 0, 0, NULL, &e->info);
     reward_heads_load(&e->heads, heads_path, e->ref.config.n_embd);
     text_encoder_init(&e->enc, e->info.tokenizer_path, chat_template, e->info.chat_template, e->ref.config.vocab_size);
     e->context = seq_len > 0 ? seq_len : e->ref.config.max_seq_len;
@@ -1352,7 +1354,7 @@ int cmd_mora(int argc, char **argv) {
         if (!strcmp(a->device, "cuda")) fatal("--device cuda: this build of train_mora has no CUDA backend; use --device cpu");
         fatal("--device %s: expected cpu, cuda or auto", a->device);
     }
-    if (!run_file_exists(a->model)) fatal("--model %s: no such file or directory", a->model);
+    model_source_check(a->model, "--model", 0);
     promptdata_load(&m.prompts, a->prompts, 0);
     char *heads_path = resolve_heads(a->heads, a->model);
     a->heads = heads_path;
@@ -1372,7 +1374,7 @@ int cmd_mora(int argc, char **argv) {
     snprintf(m.pool_path, sizeof m.pool_path, "%s/pool.jsonl", a->out);
     snprintf(m.state_path, sizeof m.state_path, "%s/pool_state.json", a->out);
     snprintf(m.metrics_path, sizeof m.metrics_path, "%s/metrics.jsonl", a->out);
-    engine_init(&m.e, a->model, heads_path, a->chat_template, a->stop, a->seq_len, a->gen_batch, a->fwd_batch);
+    engine_init(&m.e, a->model, "--model", heads_path, a->chat_template, a->stop, a->seq_len, a->gen_batch, a->fwd_batch);
     if (a->max_new_tokens >= m.e.context) fatal("flag --max_new_tokens %d leaves no room for a prompt in the context of %d", a->max_new_tokens, m.e.context);
     const ModelConfig *mc = &m.e.ref.config;
     printf("mora: %s | %s | %s%s | %d prompts | reference %s (L=%d C=%d V=%d, %.2fM parameters) | heads %s (%s) | text %s, template %s | %d OpenMP threads\n",
@@ -1619,10 +1621,10 @@ typedef struct {
 
 // Mean raw reward per dimension of `samples` responses per prompt from the policy `ckpt`, scored
 // by the heads on the reference trunk.
-static void evaluate_policy(Engine *e, const char *ckpt, const PromptData *prompts, int samples, float temperature,
+static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const PromptData *prompts, int samples, float temperature,
                             int max_new, int seed, const char *label, EvalScores *out, cJSON *examples) {
     Model policy;
-    checkpoint_load(&policy, ckpt, NULL, NULL);
+    model_load(&policy, ckpt, flag, 0, 0, NULL, NULL);
     if (policy.num_parameters != e->ref.num_parameters || policy.config.vocab_size != e->ref.config.vocab_size)
         fatal("%s: not the same architecture as the reference the heads sit on", ckpt);
     int n = prompts->n;
@@ -1750,14 +1752,15 @@ int cmd_eval(int argc, char **argv) {
     int mnt = max_new_tokens ? max_new_tokens : (ms.max_new_tokens ? ms.max_new_tokens : 48);
     float temp = temperature > 0 ? temperature : (ms.temperature > 0 ? ms.temperature : 1.0f);
     Engine e;
-    engine_init(&e, ref_path, heads_path, chat_template[0] ? chat_template : (ms.chat_template ? ms.chat_template : "auto"),
+    const char *ref_flag = reference[0] ? "--reference" : "the run's reference (its config.json \"model\")";
+    engine_init(&e, ref_path, ref_flag, heads_path, chat_template[0] ? chat_template : (ms.chat_template ? ms.chat_template : "auto"),
                 stop[0] ? stop : (ms.stop ? ms.stop : ""), seq_len ? seq_len : ms.seq_len, gen_batch, fwd_batch);
     printf("eval: %d prompts x %d samples, temperature %g, max %d new tokens; heads %s on %s\n", prompts.n, samples, temp, mnt,
            heads_path, ref_path);
     EvalScores sm, sb;
     cJSON *examples_m = cJSON_CreateArray(), *examples_b = cJSON_CreateArray();
-    evaluate_policy(&e, ms.checkpoint, &prompts, samples, temp, mnt, seed, "eval model", &sm, examples_m);
-    evaluate_policy(&e, bs.checkpoint, &prompts, samples, temp, mnt, seed, "eval baseline", &sb, examples_b);
+    evaluate_policy(&e, ms.checkpoint, "--model", &prompts, samples, temp, mnt, seed, "eval model", &sm, examples_m);
+    evaluate_policy(&e, bs.checkpoint, "--baseline", &prompts, samples, temp, mnt, seed, "eval baseline", &sb, examples_b);
 
     PoolSummary pm[16], pb[16];
     int npm = ms.pool ? summarise_pool(ms.pool, pm, 16) : 0;

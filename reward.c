@@ -19,7 +19,6 @@
  *                         subcommands can load the very trunk the heads were trained on
  */
 #include <math.h>
-#include <sys/stat.h>
 #include <omp.h>
 #include <cjson/cJSON.h>
 
@@ -28,6 +27,7 @@
 #include "llmc/rand.h"
 #include "llmc/model.h"
 #include "llmc/checkpoint.h"
+#include "llmc/model_load.h"
 #include "llmc/run_dir.h"
 #include "llmc/reward_heads.h"
 #include "llmc/prefdata.h"
@@ -37,23 +37,6 @@ typedef struct {
     int head_hidden, epochs, batch_size, seq_len, fwd_batch, seed, skip_bad;
     float val_frac, lr, weight_decay, beta1, beta2, eps;
 } RewardArgs;
-
-// The trunk: a preset name ("llama:tiny", random init from seed) or a checkpoint path.
-// Returns 1 for a preset.
-static int load_trunk(Model *model, const char *name, uint64_t seed, CheckpointInfo *info) {
-    memset(info, 0, sizeof(*info));
-    ModelConfig config;
-    if (model_config_preset(name, &config)) {
-        model_init(model, &config, name);
-        model_init_random(model, seed);
-        return 1;
-    }
-    struct stat st;
-    if (stat(name, &st) != 0)
-        fatal("--model %s: no such file or directory, and not a preset (gpt2:tiny, llama:tiny, gpt2:d12, ...)", name);
-    checkpoint_load(model, name, NULL, info);
-    return 0;
-}
 
 // hidden_cache (n_seqs, C): the trunk's final hidden state at the last token of every sequence.
 // Sequences are taken in order of length so that a batch pads little; each batch is
@@ -223,7 +206,8 @@ int cmd_reward(int argc, char **argv) {
 
     Model model;
     CheckpointInfo info;
-    int from_preset = load_trunk(&model, a.model, (uint64_t)a.seed, &info);
+    // the trunk: a preset (random init from --seed) or a checkpoint
+    int from_preset = model_load(&model, a.model, "--model", 1, (uint64_t)a.seed, NULL, &info);
     const ModelConfig *mc = &model.config;
     int max_len = a.seq_len > 0 ? a.seq_len : mc->max_seq_len;
     if (max_len > mc->max_seq_len) fatal("flag --seq_len %d exceeds the model's context of %d", max_len, mc->max_seq_len);

@@ -631,41 +631,17 @@ static int row_bucket(int n, int max_seqs) {
     return b < max_seqs ? b : max_seqs;
 }
 
-// The stop rules of generate.c for token `tok` of sequence i (already appended); returns 1 when
-// the sequence is done and sets its finish reason.
-typedef struct { char *text; size_t len, cap; } StopText;
-static int apply_stop_rules(const GenerateParams *p, GenerateResult *res, StopText *text, int i, int tok) {
-    for (int k = 0; k < p->n_stop_ids; k++)
-        if (tok == p->stop_ids[k]) { res->finish[i] = FINISH_EOS; return 1; }
-    if (p->n_stop_strings > 0 && p->decode_token) {
-        size_t len;
-        const unsigned char *bytes = p->decode_token(p->ctx, tok, &len);
-        StopText *s = &text[i];
-        if (s->len + len + 1 > s->cap) {
-            s->cap = (s->len + len + 1) * 2;
-            s->text = (char *)reallocCheck(s->text, s->cap);
-        }
-        memcpy(s->text + s->len, bytes, len);
-        s->len += len;
-        s->text[s->len] = '\0';
-        for (int k = 0; k < p->n_stop_strings; k++) {
-            size_t sl = strlen(p->stop_strings[k]);
-            // only the tail can hold a new match: the stop string may straddle tokens
-            size_t from = s->len > sl + len ? s->len - sl - len : 0;
-            if (sl > 0 && strstr(s->text + from, p->stop_strings[k])) { res->finish[i] = FINISH_STOP_STRING; return 1; }
-        }
-    }
-    if (res->n_tokens[i] >= p->max_new_tokens) { res->finish[i] = FINISH_LENGTH; return 1; }
-    return 0;
-}
-
 // Appends token `tok` with its log-prob to sequence i, streams it, and applies the stop rules.
 static int accept_token(const GenerateParams *p, GenerateResult *res, StopText *text, int i, int tok, float logprob) {
     res->tokens[i][res->n_tokens[i]] = tok;
     res->logprobs[i][res->n_tokens[i]] = logprob;
     res->n_tokens[i]++;
     if (p->on_token) p->on_token(p->ctx, i, tok);
-    return apply_stop_rules(p, res, text, i, tok);
+    // the stop rules of generate.c (generate.h), shared
+    int finish = generate_stop_check(p, &text[i], tok, res->n_tokens[i]);
+    if (finish < 0) return 0;
+    res->finish[i] = finish;
+    return 1;
 }
 
 static void poison_buffers(RolloutEngine *e) {
@@ -788,7 +764,7 @@ extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, co
     }
     e->stats.decode_seconds = wall_seconds() - t1;
     for (int i = 0; i < n_seq; i++) e->stats.generated_tokens += res->n_tokens[i];
-    for (int i = 0; i < n_seq; i++) free(text[i].text);
+    for (int i = 0; i < n_seq; i++) stop_text_free(&text[i]);
     free(text);
     free(active);
 }

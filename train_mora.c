@@ -17,6 +17,7 @@
 #include "llmc/rand.h"
 #include "llmc/model.h"
 #include "llmc/checkpoint.h"
+#include "llmc/model_load.h"
 #include "llmc/run_dir.h"
 #include "llmc/generate.h"
 #include "llmc/reward_heads.h"
@@ -33,20 +34,6 @@
 
 // ----------------------------------------------------------------------------
 // small shared pieces
-
-// Model from a preset name ("gpt2:d12", "llama:tiny", ...) or from a checkpoint path.
-static void model_from_init(Model *model, const char *init, uint64_t seed, TrainState *state) {
-    ModelConfig config;
-    if (model_config_preset(init, &config)) {
-        model_init(model, &config, init);
-        model_init_random(model, seed);
-        if (state) memset(state, 0, sizeof(*state));
-        return;
-    }
-    if (strchr(init, ':') != NULL && !run_file_exists(init))
-        fatal("--init %s: unknown preset (known: gpt2:d12 gpt2:d24 gpt2:d36 gpt2:d48 gpt2:tiny llama:smollm2-135m llama:tiny) and no such file", init);
-    checkpoint_load(model, init, state, NULL);
-}
 
 static void print_model_summary(const Model *model, const char *source) {
     const ModelConfig *c = &model->config;
@@ -245,7 +232,7 @@ static int cmd_pretrain(int argc, char **argv) {
         printf("resuming %s at step %d\n", resume_path, state.step);
         print_model_summary(&model, resume_path);
     } else {
-        model_from_init(&model, a.init, (uint64_t)a.seed, &state);
+        model_load(&model, a.init, "--init", 1, (uint64_t)a.seed, &state, NULL);
         state.step = 0;  // a loaded checkpoint starts a new run
         state.rng_state = rng_seed((uint64_t)a.seed);
         print_model_summary(&model, a.init);

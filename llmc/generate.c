@@ -277,9 +277,7 @@ void generate(Model *model, const int *const *prompts, const int *prompt_lens, i
     uint64_t *rngs = (uint64_t *)mallocCheck(sizeof(uint64_t) * n_seq);
     for (int i = 0; i < n_seq; i++) rngs[i] = rng_seed(p->seed + (uint64_t)i);
     // decoded text of each sequence, for stop strings
-    size_t *text_len = (size_t *)callocCheck((size_t)n_seq, sizeof(size_t));
-    size_t *text_cap = (size_t *)callocCheck((size_t)n_seq, sizeof(size_t));
-    char **text = (char **)callocCheck((size_t)n_seq, sizeof(char *));
+    StopText *text = (StopText *)callocCheck((size_t)n_seq, sizeof(StopText));
 
     // prefill: every prompt token is a row; logits of each prompt's last row
     int *rows_tok = (int *)mallocCheck(sizeof(int) * (total_rows > n_seq ? total_rows : n_seq));
@@ -314,28 +312,9 @@ void generate(Model *model, const int *const *prompts, const int *prompt_lens, i
             res->logprobs[i][res->n_tokens[i]] = lp;
             res->n_tokens[i]++;
             if (p->on_token) p->on_token(p->ctx, i, tok);
-            int done = 0;
-            for (int k = 0; k < p->n_stop_ids && !done; k++)
-                if (tok == p->stop_ids[k]) { done = 1; res->finish[i] = FINISH_EOS; }
-            if (!done && p->n_stop_strings > 0 && p->decode_token) {
-                size_t len;
-                const unsigned char *bytes = p->decode_token(p->ctx, tok, &len);
-                if (text_len[i] + len + 1 > text_cap[i]) {
-                    text_cap[i] = (text_len[i] + len + 1) * 2;
-                    text[i] = (char *)reallocCheck(text[i], text_cap[i]);
-                }
-                memcpy(text[i] + text_len[i], bytes, len);
-                text_len[i] += len;
-                text[i][text_len[i]] = '\0';
-                for (int k = 0; k < p->n_stop_strings && !done; k++) {
-                    size_t sl = strlen(p->stop_strings[k]);
-                    // only the tail can hold a new match: the stop string may straddle tokens
-                    size_t from = text_len[i] > sl + len ? text_len[i] - sl - len : 0;
-                    if (sl > 0 && strstr(text[i] + from, p->stop_strings[k])) { done = 1; res->finish[i] = FINISH_STOP_STRING; }
-                }
-            }
-            if (!done && res->n_tokens[i] >= p->max_new_tokens) { done = 1; res->finish[i] = FINISH_LENGTH; }
-            if (!done) active[still++] = i;
+            int finish = generate_stop_check(p, &text[i], tok, res->n_tokens[i]);
+            if (finish >= 0) res->finish[i] = finish;
+            else active[still++] = i;
         }
         n_active = still;
         if (n_active == 0) break;
@@ -349,11 +328,41 @@ void generate(Model *model, const int *const *prompts, const int *prompt_lens, i
         }
         model_forward_cached(model, &cache, rows_tok, rows_seq, rows_pos, n_active, logit_rows, n_active, logits);
     }
-    for (int i = 0; i < n_seq; i++) free(text[i]);
-    free(text); free(text_len); free(text_cap);
+    for (int i = 0; i < n_seq; i++) stop_text_free(&text[i]);
+    free(text);
     free(rows_tok); free(rows_seq); free(rows_pos); free(logit_rows); free(active);
     free(logits); free(sample_scratch); free(rngs);
     kv_cache_free(&cache);
+}
+
+void stop_text_free(StopText *t) {
+    free(t->text);
+    memset(t, 0, sizeof(*t));
+}
+
+// The stop rules (generate.h): stop ids, then stop strings on the decoded text, then the length.
+int generate_stop_check(const GenerateParams *p, StopText *text, int tok, int n_generated) {
+    for (int k = 0; k < p->n_stop_ids; k++)
+        if (tok == p->stop_ids[k]) return FINISH_EOS;
+    if (p->n_stop_strings > 0 && p->decode_token) {
+        size_t len;
+        const unsigned char *bytes = p->decode_token(p->ctx, tok, &len);
+        if (text->len + len + 1 > text->cap) {
+            text->cap = (text->len + len + 1) * 2;
+            text->text = (char *)reallocCheck(text->text, text->cap);
+        }
+        memcpy(text->text + text->len, bytes, len);
+        text->len += len;
+        text->text[text->len] = '\0';
+        for (int k = 0; k < p->n_stop_strings; k++) {
+            size_t sl = strlen(p->stop_strings[k]);
+            // only the tail can hold a new match: the stop string may straddle tokens
+            size_t from = text->len > sl + len ? text->len - sl - len : 0;
+            if (sl > 0 && strstr(text->text + from, p->stop_strings[k])) return FINISH_STOP_STRING;
+        }
+    }
+    if (n_generated >= p->max_new_tokens) return FINISH_LENGTH;
+    return -1;
 }
 
 void generate_result_free(GenerateResult *r) {

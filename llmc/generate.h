@@ -58,6 +58,22 @@ typedef struct {
     int *finish;         // FINISH_*
 } GenerateResult;
 
+// The decoded text of one sequence's generated tokens, grown token by token: what stop strings
+// are matched on. Zero-initialise; free with stop_text_free.
+typedef struct {
+    char *text;
+    size_t len, cap;
+} StopText;
+void stop_text_free(StopText *text);
+
+// The stop rules of generate() for token `tok`, the n_generated-th token of a sequence (already
+// counted): a stop id ends it (FINISH_EOS); else, when p has stop strings and decode_token, the
+// token's bytes are appended to `text` and a stop string in the text ends it (FINISH_STOP_STRING);
+// else max_new_tokens reached ends it (FINISH_LENGTH). Returns that finish reason, or -1 while
+// the sequence goes on. Shared by the CPU generator and the GPU rollout engine (rollout.cu), so
+// both stop on the same tokens.
+int generate_stop_check(const GenerateParams *p, StopText *text, int tok, int n_generated);
+
 // Generates from n_seq prompts (prompt i: prompt_lens[i] >= 1 tokens). Every prompt plus
 // max_new_tokens must fit the model's context (checked with a clear error).
 void generate(Model *model, const int *const *prompts, const int *prompt_lens, int n_seq,
