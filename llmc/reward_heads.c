@@ -216,6 +216,19 @@ void reward_heads_backward(RewardHeads *heads, const float *hidden, const int *d
     free(drg);
 }
 
+void reward_heads_affine(RewardHeads *heads, int dim, double scale, double shift) {
+    if (dim < 0 || dim >= MORA_NUM_DIMS) fatal("reward_heads_affine: dimension %d not in 0..%d", dim, MORA_NUM_DIMS - 1);
+    if (!isfinite(scale) || !isfinite(shift)) fatal("reward_heads_affine: scale %g and shift %g must be finite", scale, shift);
+    float *p = reward_head_params(heads, dim);
+    // the last layer: a weight vector of n_last entries followed by its bias; the reward is
+    // (that vector) . (its input) + bias, so scaling both and shifting the bias maps r to
+    // scale * r + shift for every input
+    int n_last = heads->kind == REWARD_HEAD_LINEAR ? heads->C : heads->H;
+    float *w_last = heads->kind == REWARD_HEAD_LINEAR ? p : p + (size_t)heads->H * heads->C + heads->H;
+    for (int j = 0; j < n_last; j++) w_last[j] = (float)(scale * w_last[j]);
+    w_last[n_last] = (float)(scale * w_last[n_last] + shift);
+}
+
 void reward_heads_zero_grad(RewardHeads *heads) {
     memset(heads->grads, 0, heads->num_parameters * sizeof(float));
 }

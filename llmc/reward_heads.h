@@ -78,6 +78,12 @@ void reward_heads_forward(const RewardHeads *heads, const float *hidden, int N, 
 // Deterministic: every gradient element is summed over rows in row order by one thread.
 void reward_heads_backward(RewardHeads *heads, const float *hidden, const int *dims,
                            const float *drewards, int N, float *dhidden);
+// Folds the affine map r -> scale * r + shift into head `dim`'s last layer, so that the head's
+// reward on every input becomes scale times the old reward plus shift: linear w *= scale,
+// b = scale * b + shift; mlp w2 *= scale, b2 = scale * b2 + shift (W1, b1 unchanged). Computed in
+// double, stored in float. The other heads, and the AdamW moments, are left as they are. A
+// positive scale keeps every ranking of responses (the calibration of `train_mora reward`).
+void reward_heads_affine(RewardHeads *heads, int dim, double scale, double shift);
 void reward_heads_zero_grad(RewardHeads *heads);
 // AdamW (bias-corrected) on the heads; weight decay on w and W1, w2 only (not the biases).
 void reward_heads_adamw_update(RewardHeads *heads, float lr, float beta1, float beta2, float eps,

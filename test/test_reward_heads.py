@@ -166,6 +166,40 @@ def test_forward_backward_against_numpy(tmp_path, kind, act):
     np.testing.assert_allclose(np.array(out["dhidden"]).reshape(N, C), dhidden, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind,act", [("linear", "gelu"), ("mlp", "gelu"), ("mlp", "relu")])
+def test_affine_fold_against_numpy(tmp_path, kind, act):
+    """reward_heads_affine(heads, d, scale, shift) folds r -> scale * r + shift into head d: the
+    NumPy heads on the new parameters give scale times the NumPy rewards of the old ones plus
+    shift on head d, and the old rewards on the other heads; the C forward agrees; only head d's
+    last layer (w and b, or w2 and b2) changed."""
+    rng = np.random.default_rng(8)
+    C, H, N = 20, 9, 30
+    P = head_size(kind, C, H)
+    params = rng.normal(0, 0.4, 3 * P).astype(np.float32)
+    hidden = rng.normal(0, 1.0, (N, C)).astype(np.float32)
+    write_heads(tmp_path / "heads.bin", kind, act, C, H, params)
+    before = oracle_rewards(params, kind, act, C, H, hidden.astype(np.float64))
+    (tmp_path / "in.json").write_text(json.dumps({"hidden": hidden.tolist(), "pairs": [[0, 1, 0]]}))
+    for d, scale, shift in ((0, 2.5, -0.75), (1, 0.125, 3.0), (2, -1.7, 0.4)):
+        out = tmp_path / f"affine{d}.bin"
+        tool("affine", tmp_path / "heads.bin", d, repr(scale), repr(shift), out)
+        f = read_heads(out)
+        assert (f["kind"], f["act"], f["C"], f["H"]) == (kind, act, C, H if kind == "mlp" else 0)
+        after = oracle_rewards(f["params"], kind, act, C, H, hidden.astype(np.float64))
+        want = before.copy()
+        want[:, d] = scale * before[:, d] + shift
+        np.testing.assert_allclose(after, want, rtol=1e-5, atol=1e-5 * (1 + abs(shift)))
+        # the C forward on the folded heads (the grad tool reports every head on every row)
+        tool("grad", out, tmp_path / "in.json", tmp_path / "out.json")
+        c_rewards = np.array(json.loads((tmp_path / "out.json").read_text())["rewards"]).reshape(N, 3)
+        np.testing.assert_allclose(c_rewards, want, rtol=1e-5, atol=1e-5 * (1 + abs(shift)))
+        # the parameters that changed: head d's last layer (all of a linear head; w2, b2 of an
+        # mlp), nothing else
+        first_last = d * P if kind == "linear" else d * P + H * C + H
+        assert np.flatnonzero(f["params"] != params).tolist() == list(range(first_last, (d + 1) * P))
+        assert np.abs(before[:, d] - after[:, d]).max() > 0.1     # the map did something
+
+
 def test_bradley_terry_extreme_margins(tmp_path):
     """Huge margins must not overflow: loss ~ -m for m << 0 and ~ 0 for m >> 0 (softplus)."""
     C = 2

@@ -6,6 +6,8 @@
  *                                             Bradley-Terry loss; exits 1 on a mismatch
  *   reward_check init KIND ACT C H SEED OUT   reward_heads_init_random + reward_heads_save
  *   reward_check grad HEADS IN.json OUT.json  loss and gradients on given hidden states
+ *   reward_check affine HEADS DIM SCALE SHIFT OUT
+ *                                             reward_heads_affine on head DIM, saved to OUT
  *   reward_check save_hf PRESET SEED DIR      a randomly initialised preset as a Hugging Face dir
  *   reward_check score MODEL HEADS IN.json OUT.json
  *                                             scores sequences in one padded batch and one by one
@@ -38,6 +40,7 @@ static void usage(void) {
             "usage: reward_check fd\n"
             "       reward_check init linear|mlp gelu|relu C H SEED OUT.bin\n"
             "       reward_check grad HEADS.bin IN.json OUT.json\n"
+            "       reward_check affine HEADS.bin DIM SCALE SHIFT OUT.bin\n"
             "       reward_check save_hf PRESET SEED DIR\n"
             "       reward_check score MODEL HEADS.bin IN.json OUT.json\n"
             "       reward_check prompts FILE.jsonl 0|1 OUT.json\n");
@@ -344,6 +347,14 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(cmd, "grad") && argc == 5) return cmd_grad(argv[2], argv[3], argv[4]);
+    if (!strcmp(cmd, "affine") && argc == 7) {
+        RewardHeads heads;
+        reward_heads_load(&heads, argv[2], 0);
+        reward_heads_affine(&heads, atoi(argv[3]), strtod(argv[4], NULL), strtod(argv[5], NULL));
+        reward_heads_save(&heads, argv[6]);
+        reward_heads_free(&heads);
+        return 0;
+    }
     if (!strcmp(cmd, "save_hf") && argc == 5) {
         ModelConfig config;
         if (!model_config_preset(argv[2], &config)) fatal("unknown preset %s", argv[2]);
