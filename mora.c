@@ -35,7 +35,10 @@
  * rewrite decisions and the training pool are global and the same on every rank. Every step's
  * batch of P prompts (pairs) is split into P/W per rank; each rank's loss is weighted by its share
  * of the batch's normaliser and the gradients are summed, which is the gradient of one rank on
- * the whole batch. Rank 0 alone writes the run directory.
+ * the whole batch. Rank 0 alone writes the run directory. --zero 1 (ZeRO-1, llmc/zero.h) keeps
+ * 1/W of the AdamW moments on each rank: each updates its slice of the parameters, the slices
+ * are all-gathered, and a checkpoint gathers the whole moments on rank 0, so the numbers and the
+ * files are those of --zero 0.
  */
 #include <ctype.h>
 #include <math.h>
@@ -55,6 +58,7 @@
 #include "llmc/policy_loss.h"
 #include "llmc/run_dir.h"
 #include "llmc/comm.h"
+#include "llmc/zero.h"
 #include "tokenizer.h"
 #include "rewrite.h"
 #include "mora.h"
@@ -448,7 +452,7 @@ typedef struct {
     const char *model, *heads, *prompts, *out, *algo, *mode, *weights, *stages, *chat_template, *stop, *resume, *device;
     int mora, K, candidates, rewrite_K, keep_both, top_k, max_new_tokens, rewrite_max_new_tokens, steps,
         prompts_per_step, group_size, ppo_epochs, warmup, seed, save_every, seq_len, gen_batch, fwd_batch,
-        stop_after, min_chars, max_chars, log_every;
+        stop_after, min_chars, max_chars, log_every, zero;
     float delta, cap, min_overlap, temperature, top_p, rewrite_temperature, clip_eps, kl_beta, dpo_beta, lr,
         weight_decay, grad_clip, beta1, beta2, adv_eps;
 } MoraArgs;
@@ -461,7 +465,7 @@ static MoraArgs mora_defaults(void) {
         .mora = 1, .K = 8, .candidates = 4, .rewrite_K = 4, .keep_both = 0, .top_k = 0, .max_new_tokens = 48,
         .rewrite_max_new_tokens = 64, .steps = 20, .prompts_per_step = 4, .group_size = 4, .ppo_epochs = 1,
         .warmup = 0, .seed = 1337, .save_every = 0, .seq_len = 0, .gen_batch = 32, .fwd_batch = 16,
-        .stop_after = 0, .min_chars = 8, .max_chars = 400, .log_every = 1,
+        .stop_after = 0, .min_chars = 8, .max_chars = 400, .log_every = 1, .zero = 0,
         .delta = 0.0f, .cap = 1.0f, .min_overlap = 0.5f, .temperature = 1.0f, .top_p = 1.0f,
         .rewrite_temperature = 0.7f, .clip_eps = 0.2f, .kl_beta = 0.04f, .dpo_beta = 0.1f, .lr = 1e-5f,
         .weight_decay = 0.0f, .grad_clip = 1.0f, .beta1 = 0.9f, .beta2 = 0.95f, .adv_eps = 1e-6f,
@@ -469,7 +473,7 @@ static MoraArgs mora_defaults(void) {
     return a;
 }
 
-#define MORA_N_SPECS 52
+#define MORA_N_SPECS 56
 static int mora_specs(MoraArgs *a, ArgSpec *s) {
     int n = 0;
 #define SPEC(name_, type_, dest_, help_) s[n++] = (ArgSpec){name_, type_, dest_, help_}
@@ -522,6 +526,7 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("stop_after", ARG_INT, &a->stop_after, "stop (with a checkpoint) after N steps of this invocation; continue with --resume");
     SPEC("resume", ARG_STRING, &a->resume, "continue the run in this directory from its latest checkpoint (flags from its config.json)");
     SPEC("device", ARG_STRING, &a->device, "cpu (this build has no CUDA backend)");
+    SPEC("zero", ARG_INT, &a->zero, "ZeRO stage under mpirun: 0 every rank holds all AdamW state; 1 each rank holds and updates 1/ranks of it, then the parameters are all-gathered");
 #undef SPEC
     if (n > MORA_N_SPECS) fatal("internal: too many flags");
     return n;
@@ -576,6 +581,11 @@ static int parse_stages(const char *text, int *dims, int max) {
     return n;
 }
 
+// Flags newer than some run directories: a config.json without them keeps the default.
+static int flag_is_optional_in_config(const char *name) {
+    return !strcmp(name, "zero");
+}
+
 // Sets the flags from a run's config.json (for --resume): every flag but resume / stop_after.
 static void args_from_config(const char *dir, ArgSpec *specs, int n) {
     char path[4200];
@@ -586,6 +596,7 @@ static void args_from_config(const char *dir, ArgSpec *specs, int n) {
         const ArgSpec *s = &specs[i];
         if (!strcmp(s->name, "resume") || !strcmp(s->name, "stop_after")) continue;
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, s->name);
+        if (v == NULL && flag_is_optional_in_config(s->name)) continue;
         if (v == NULL) fatal("%s: missing field \"%s\"", path, s->name);
         if (s->type == ARG_STRING) {
             if (!cJSON_IsString(v)) fatal("%s: field \"%s\" is not a string", path, s->name);
@@ -717,6 +728,7 @@ typedef struct {
     MoraArgs a;
     Engine e;
     Model policy;
+    AdamWShard shard;   // --zero 1: this rank's AdamW moments
     PromptData prompts;
     float weights[D];
     int stage_dims[16], n_stages;
@@ -1074,7 +1086,8 @@ static float optimizer_step(Mora *m, float lr) {
     comm_all_reduce_sum(m->policy.grads, m->policy.num_parameters);
     float norm = model_grad_norm(&m->policy);
     float scale = (m->a.grad_clip > 0.0f && norm > m->a.grad_clip) ? m->a.grad_clip / norm : 1.0f;
-    model_adamw_update(&m->policy, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
+    if (m->a.zero == 1) adamw_shard_update(&m->policy, &m->shard, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
+    else model_adamw_update(&m->policy, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
     return norm;
 }
 
@@ -1350,6 +1363,7 @@ int cmd_mora(int argc, char **argv) {
     args_require_range_float("grad_clip", a->grad_clip, 0.0f, 1e9f);
     args_require_range_float("beta1", a->beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a->beta2, 0.0f, 0.999999f);
+    if (a->zero != 0 && a->zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a->zero);
     if (strcmp(a->device, "cpu") && strcmp(a->device, "auto")) {
         if (!strcmp(a->device, "cuda")) fatal("--device cuda: this build of train_mora has no CUDA backend; use --device cpu");
         fatal("--device %s: expected cpu, cuda or auto", a->device);
@@ -1383,8 +1397,9 @@ int cmd_mora(int argc, char **argv) {
            reward_head_kind_name(m.e.heads.kind), m.e.enc.tokenizer ? "tokenizer" : "bytes",
            m.e.enc.chat ? chat_template_name(m.e.enc.chat) : "none", omp_get_max_threads());
     if (world > 1)
-        printf("ranks: %d (%s): each presamples 1/%d of the prompts and takes %d of the %d prompts of every step\n", world,
-               comm_backend_name(), world, a->prompts_per_step / world, a->prompts_per_step);
+        printf("ranks: %d (%s): each presamples 1/%d of the prompts and takes %d of the %d prompts of every step%s\n", world,
+               comm_backend_name(), world, a->prompts_per_step / world, a->prompts_per_step,
+               a->zero == 1 ? "; ZeRO-1: AdamW state sharded over the ranks" : "");
 
     // the policy: a trainable copy of the reference, or the run's latest checkpoint
     TrainState state = {0};
@@ -1409,6 +1424,9 @@ int cmd_mora(int argc, char **argv) {
     // every rank read the same files; rank 0's parameters are made the ones everyone starts from,
     // so the ranks cannot drift apart through a file that differs between nodes
     comm_broadcast(m.policy.params, m.policy.num_parameters * sizeof(float), 0);
+    // ZeRO-1: this rank keeps (and updates) the AdamW moments of its shard only; a resumed
+    // checkpoint's whole moments are cut down to that shard
+    if (a->zero == 1) adamw_shard_init(&m.shard, &m.policy, rank, world);
     int total_steps = a->steps * m.n_stages;
     FILE *metrics = rank == 0 ? run_open_jsonl_upto(m.metrics_path, "step", state.step) : NULL;
     int steps_this_run = 0;
@@ -1458,7 +1476,10 @@ int cmd_mora(int argc, char **argv) {
             int stopping = a->stop_after > 0 && steps_this_run >= a->stop_after;
             if ((a->save_every > 0 && step % a->save_every == 0) || step == stage_end || stopping) {
                 state.rng_state = (uint64_t)a->seed;
+                // the checkpoint holds the whole AdamW state; under ZeRO-1 it is gathered on rank 0
+                if (a->zero == 1) adamw_shard_gather(&m.shard, &m.policy, 0);
                 if (rank == 0) run_save_checkpoint(&m.policy, &state, a->out);
+                if (a->zero == 1) adamw_shard_release(&m.policy);
             }
             if (stopping) {
                 printf("stopped after %d step(s) (--stop_after); continue with: train_mora mora --resume %s\n", steps_this_run, a->out);
@@ -1472,6 +1493,7 @@ int cmd_mora(int argc, char **argv) {
     if (metrics) fclose(metrics);
     printf("done: %d steps in %.1f s; run in %s\n", total_steps, wall_seconds() - run_start, a->out);
 done:
+    adamw_shard_free(&m.shard);
     model_free(&m.policy);
     engine_free(&m.e);
     promptdata_free(&m.prompts);

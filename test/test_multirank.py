@@ -372,6 +372,66 @@ def test_mora_resume_needs_the_same_ranks(mora_world, grpo_runs, tmp_path):
     assert (part / "model_step000002.ckpt").read_bytes() == (two / "model_step000002.ckpt").read_bytes()
 
 
+@pytest.fixture(scope="module")
+def zero_run(mora_world, grpo_runs):
+    """The two-rank run of grpo_runs again with --zero 1 (AdamW moments sharded over the ranks)."""
+    one, two, _ = grpo_runs
+    zero = two.parent / "zero"
+    p = mora_run(mora_world, zero, *SEQUENTIAL, "--zero", "1", ranks=2)
+    return zero, p
+
+
+@needs_mpi
+def test_mora_zero1_equals_unsharded(grpo_runs, zero_run):
+    """ZeRO-1 moves the AdamW moments, not the numbers: each rank's update of its shard is the
+    unsharded update of those elements (the same float operations on the same all-reduced
+    gradient) and the shards are all-gathered, so the two-rank run is the same bits with and
+    without it (metrics, pool and the checkpoints, whose moments are gathered on rank 0), and
+    equals one rank to the 1e-5 of the two-rank comparison above."""
+    one, two, _ = grpo_runs
+    zero, p = zero_run
+    assert "ZeRO-1" in p.stdout, p.stdout
+    assert json.loads((zero / "config.json").read_text())["zero"] == 1
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms", "tokens_per_s")} for r in rows]
+    mz, m2, m1 = read_jsonl(zero / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
+    assert strip(mz) == strip(m2)
+    assert [(r["step"], r["stage"]) for r in mz] == [(r["step"], r["stage"]) for r in m1]
+    for a, b in zip(mz, m1):
+        for k in ("reward", "kl", "grad_norm", "response_len", "clip_frac"):
+            assert close(a[k], b[k], scale=1e-12), (k, a, b)
+        assert close(a["loss"], b["loss"], scale=1.0), (a, b)
+    # the second step ran after a sharded update: the comparison covers the update
+    assert mz[1]["kl"] > 0
+    assert (zero / "pool.jsonl").read_bytes() == (two / "pool.jsonl").read_bytes()
+    for step in (1, 2):
+        name = f"model_step{step:06d}.ckpt"
+        assert (zero / name).read_bytes() == (two / name).read_bytes(), name
+
+
+@needs_mpi
+def test_mora_zero1_resume(mora_world, zero_run, tmp_path):
+    """A ZeRO-1 run stopped after its first step and resumed (each rank cuts its shard out of the
+    checkpoint's whole moments) goes on exactly as the uninterrupted ZeRO-1 run."""
+    zero, _ = zero_run
+    part = tmp_path / "part"
+    p = mora_run(mora_world, part, *SEQUENTIAL, "--zero", "1", "--stop_after", "1", ranks=2)
+    assert "--stop_after" in p.stdout
+    p = run([str(ROOT / "train_mora"), "mora", "--resume", str(part)], ranks=2, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resuming" in p.stdout and "ZeRO-1" in p.stdout, p.stdout
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms", "tokens_per_s")} for r in rows]
+    assert strip(read_jsonl(part / "metrics.jsonl")) == strip(read_jsonl(zero / "metrics.jsonl"))
+    assert (part / "pool.jsonl").read_bytes() == (zero / "pool.jsonl").read_bytes()
+    assert (part / "model_step000002.ckpt").read_bytes() == (zero / "model_step000002.ckpt").read_bytes()
+
+
+def test_mora_zero_flag_is_checked(mora_world, tmp_path):
+    out = tmp_path / "r"
+    p = run(mora_cmd(mora_world, out, "--zero", "2"), timeout=120)
+    assert p.returncode != 0 and "--zero" in p.stderr, p.stderr
+    assert not out.exists()
+
+
 @needs_mpi
 def test_mora_batch_not_divisible_by_ranks(mora_world, tmp_path):
     out = tmp_path / "r"
