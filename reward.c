@@ -11,10 +11,27 @@
  * A held-out split (--val_frac of every dimension's pairs, chosen by --seed) measures accuracy
  * (the share of pairs with r_chosen > r_rejected) per dimension after every epoch.
  *
+ * Calibration (--calibrate 1, the default). Bradley-Terry sees only differences of rewards, so it
+ * fixes a head up to a shift, and its scale is arbitrary: a raw reward of -0.7 says nothing on
+ * its own, and a ratio of two mean rewards (eval's improvement in %) means nothing when a head
+ * happens to centre near 0. After training, each head d gets the affine map r -> scale * r + shift
+ * folded into its last layer (reward_heads_affine) that sends the mean reward of the rejected
+ * responses of dimension d's held-out pairs to 0 and that of the chosen responses to 1 (the
+ * training pairs of d when none of d's pairs is held out). A calibrated reward reads on that
+ * scale: 0 is a typical rejected response, 1 a typical chosen one. scale = 1 / (chosen mean -
+ * rejected mean) is positive, and a positive affine map changes no ranking: accuracy, the order
+ * of every pair, and MORA's per-dimension standardised rewards z = (r - mean) / std are the same
+ * with or without it. A dimension whose chosen mean is not above its rejected mean (the map would
+ * reverse its order), whose means are equal at float precision, or that has no pairs, keeps its
+ * head as trained and gets a warning naming it.
+ *
  * Writes to DIR, each file atomically:
  *   reward_heads.bin      the heads (format in reward_heads.h)
  *   metrics.jsonl         one line per epoch: losses and accuracy per dimension
- *   reward_metrics.json   the final figures, the data counts and the configuration
+ *   reward_metrics.json   the final figures, the data counts, the configuration, and per
+ *                         dimension the calibration map (scale, shift) with the means before it;
+ *                         the losses are the trained heads' before calibration (the Bradley-Terry
+ *                         loss depends on the scale), the accuracies hold for both
  *   model.ckpt            the trunk, when it came from a preset (random init), so that later
  *                         subcommands can load the very trunk the heads were trained on
  */
@@ -34,7 +51,7 @@
 
 typedef struct {
     const char *model, *data, *out, *head, *head_act, *chat_template, *device;
-    int head_hidden, epochs, batch_size, seq_len, fwd_batch, seed, skip_bad;
+    int head_hidden, epochs, batch_size, seq_len, fwd_batch, seed, skip_bad, calibrate;
     float val_frac, lr, weight_decay, beta1, beta2, eps;
 } RewardArgs;
 
@@ -134,6 +151,94 @@ static void print_accuracy(const char *label, const SplitEval *e) {
     }
 }
 
+// The calibration of one head (see the top of this file).
+typedef struct {
+    const char *split;                  // "val" or "train": the pairs the means are taken over; NULL: none
+    int pairs;                          // pairs of the dimension in that split
+    double chosen_mean, rejected_mean;  // mean reward of the chosen / rejected responses, before the map
+    int applied;                        // 1 when the map was folded into the head
+    double scale, shift;                // the map r -> scale * r + shift (1, 0 when not applied)
+} HeadCalibration;
+
+// Calibrates every head: with the mean rewards m_c (chosen) and m_r (rejected) of dimension d's
+// held-out pairs (its training pairs when it has no held-out pair), folds r -> (r - m_r) / (m_c - m_r)
+// into head d, which sends m_r to 0 and m_c to 1. The means are computed in double from the cached
+// hidden states (n_pairs pairs: rows 2i chosen, 2i+1 rejected). Fills cal[d]; prints the map, or a
+// warning naming the dimension when the head is left as trained.
+static void calibrate_heads(RewardHeads *heads, const float *hidden, const int *dims, const int *val_idx, int n_val,
+                            const int *train_idx, int n_train, HeadCalibration *cal) {
+    int C = heads->C;
+    for (int d = 0; d < MORA_NUM_DIMS; d++) {
+        HeadCalibration *c = &cal[d];
+        memset(c, 0, sizeof *c);
+        c->scale = 1.0;
+        int n_d_val = 0;
+        for (int k = 0; k < n_val; k++) n_d_val += dims[val_idx[k]] == d;
+        const int *idx = n_d_val > 0 ? val_idx : train_idx;
+        int n_idx = n_d_val > 0 ? n_val : n_train;
+        double sum_chosen = 0.0, sum_rejected = 0.0;
+        for (int k = 0; k < n_idx; k++) {
+            int i = idx[k];
+            if (dims[i] != d) continue;
+            sum_chosen += reward_head_value(heads, d, hidden + (size_t)(2 * i) * C);
+            sum_rejected += reward_head_value(heads, d, hidden + (size_t)(2 * i + 1) * C);
+            c->pairs++;
+        }
+        if (c->pairs == 0) {
+            fprintf(stderr, "warning: --calibrate: dimension %s has no pairs; its head is left uncalibrated\n", mora_dim_names[d]);
+            continue;
+        }
+        c->split = n_d_val > 0 ? "val" : "train";
+        c->chosen_mean = sum_chosen / c->pairs;
+        c->rejected_mean = sum_rejected / c->pairs;
+        double gap = c->chosen_mean - c->rejected_mean;
+        if (!(gap > 0.0)) {
+            fprintf(stderr, "warning: --calibrate: dimension %s: mean reward of the chosen responses %.6g <= that of the "
+                    "rejected ones %.6g on %d %s pairs (no increasing map sends them to 1 and 0); its head is left uncalibrated\n",
+                    mora_dim_names[d], c->chosen_mean, c->rejected_mean, c->pairs, c->split);
+            continue;
+        }
+        // the heads hold float parameters: a gap below float resolution of the means is rounding, not a signal
+        if (gap <= 1e-6 * fmax(fabs(c->chosen_mean), fabs(c->rejected_mean))) {
+            fprintf(stderr, "warning: --calibrate: dimension %s: mean rewards of the chosen (%.9g) and rejected (%.9g) "
+                    "responses are equal at float precision; its head is left uncalibrated\n",
+                    mora_dim_names[d], c->chosen_mean, c->rejected_mean);
+            continue;
+        }
+        c->scale = 1.0 / gap;
+        c->shift = -c->rejected_mean / gap;
+        reward_heads_affine(heads, d, c->scale, c->shift);
+        c->applied = 1;
+        printf("calibration %-8s scale %.6g shift %.6g (r -> scale * r + shift; %d %s pairs: chosen mean %.6g -> 1, rejected mean %.6g -> 0)\n",
+               mora_dim_names[d], c->scale, c->shift, c->pairs, c->split, c->chosen_mean, c->rejected_mean);
+    }
+}
+
+// {"helpful": {"applied", "split", "pairs", "scale", "shift", "chosen_mean_before", "rejected_mean_before"}, ...};
+// split and the means are null for a dimension without pairs.
+static cJSON *calibration_json(const HeadCalibration *cal) {
+    cJSON *o = cJSON_CreateObject();
+    for (int d = 0; d < MORA_NUM_DIMS; d++) {
+        const HeadCalibration *c = &cal[d];
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddBoolToObject(e, "applied", c->applied);
+        if (c->split) cJSON_AddStringToObject(e, "split", c->split);
+        else cJSON_AddNullToObject(e, "split");
+        cJSON_AddNumberToObject(e, "pairs", c->pairs);
+        cJSON_AddNumberToObject(e, "scale", c->scale);
+        cJSON_AddNumberToObject(e, "shift", c->shift);
+        if (c->split) {
+            cJSON_AddNumberToObject(e, "chosen_mean_before", c->chosen_mean);
+            cJSON_AddNumberToObject(e, "rejected_mean_before", c->rejected_mean);
+        } else {
+            cJSON_AddNullToObject(e, "chosen_mean_before");
+            cJSON_AddNullToObject(e, "rejected_mean_before");
+        }
+        cJSON_AddItemToObject(o, mora_dim_names[d], e);
+    }
+    return o;
+}
+
 // Fisher-Yates shuffle of a[0..n) with the run's RNG.
 static void shuffle_ints(int *a, int n, uint64_t *rng) {
     for (int i = n - 1; i > 0; i--) {
@@ -146,7 +251,7 @@ int cmd_reward(int argc, char **argv) {
     RewardArgs a = {
         .model = "", .data = "", .out = "", .head = "linear", .head_act = "gelu", .chat_template = "auto",
         .device = "cpu", .head_hidden = 256, .epochs = 20, .batch_size = 32, .seq_len = 0, .fwd_batch = 16,
-        .seed = 1337, .skip_bad = 0, .val_frac = 0.1f, .lr = 1e-3f, .weight_decay = 0.0f, .beta1 = 0.9f,
+        .seed = 1337, .skip_bad = 0, .calibrate = 1, .val_frac = 0.1f, .lr = 1e-3f, .weight_decay = 0.0f, .beta1 = 0.9f,
         .beta2 = 0.999f, .eps = 1e-8f,
     };
     ArgSpec specs[] = {
@@ -167,13 +272,15 @@ int cmd_reward(int argc, char **argv) {
         {"seq_len", ARG_INT, &a.seq_len, "context in tokens (0: the model's max_seq_len); longer prompts are cut on the left"},
         {"fwd_batch", ARG_INT, &a.fwd_batch, "sequences per trunk forward pass when caching hidden states"},
         {"chat_template", ARG_STRING, &a.chat_template, "auto (the checkpoint's, if any), none, or a template name"},
+        {"calibrate", ARG_BOOL, &a.calibrate, "after training, map each head's rewards so that its dimension's held-out rejected mean is 0 and chosen mean 1"},
         {"skip_bad", ARG_BOOL, &a.skip_bad, "skip bad data lines (and count them) instead of stopping"},
         {"seed", ARG_INT, &a.seed, "seed of the split, the shuffles, the head init and a preset trunk's init"},
         {"device", ARG_STRING, &a.device, "cpu (this build has no CUDA backend)"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "reward",
                "Trains the helpful / harmless / truthful reward heads on the frozen trunk with the\n"
-               "Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) on preference JSONL.");
+               "Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) on preference JSONL, then\n"
+               "calibrates each head (--calibrate 1): held-out rejected mean 0, chosen mean 1.");
     args_require_string("model", a.model, "reward");
     args_require_string("data", a.data, "reward");
     args_require_string("out", a.out, "reward");
@@ -335,6 +442,8 @@ int cmd_reward(int argc, char **argv) {
         run_write_text(metrics_path, metrics_text);
     }
 
+    HeadCalibration calibration[MORA_NUM_DIMS];
+    if (a.calibrate) calibrate_heads(&heads, hidden, enc_pairs.dims, val_idx, n_val, train_idx, n_train, calibration);
     reward_heads_save(&heads, heads_path);
     if (from_preset) {
         TrainState state = {0};
@@ -365,6 +474,9 @@ int cmd_reward(int argc, char **argv) {
     else cJSON_AddNullToObject(summary, "val_loss");
     cJSON_AddItemToObject(summary, "train_accuracy", accuracy_json(&train_eval));
     cJSON_AddItemToObject(summary, "val_accuracy", accuracy_json(&val_eval));
+    cJSON_AddBoolToObject(summary, "calibrate", a.calibrate);
+    if (a.calibrate) cJSON_AddItemToObject(summary, "calibration", calibration_json(calibration));
+    else cJSON_AddNullToObject(summary, "calibration");
     cJSON_AddNumberToObject(summary, "truncated_prompts", enc_pairs.truncated);
     cJSON_AddNumberToObject(summary, "skipped_lines", data.skipped);
     cJSON_AddNumberToObject(summary, "skipped_too_long", enc_pairs.skipped);

@@ -11,6 +11,15 @@ Checks:
     seen in training (the head learns the table; no model can infer an unseen fact).
   - the saved trunk + heads rank the pairs when scored independently (reward_check score on
     byte sequences built here);
+  - calibration: the held-out split is rebuilt here from its documented definition (per
+    dimension, a Fisher-Yates shuffle with xorshift64* seeded by splitmix64, written in Python);
+    the held-out pairs are scored from the saved trunk and heads (reward_check score for the
+    hidden states, the NumPy heads of test_reward_heads.py for the rewards, cross-checked with
+    the tool's) and their rejected / chosen means are 0 / 1 per dimension; the calibrated heads
+    are the uncalibrated run's (--calibrate 0, same seed) with the reported affine map folded in,
+    the reported means before the map are the NumPy means of the uncalibrated heads, and the
+    held-out accuracy is the same; without held-out pairs the training pairs are used; a head
+    that cannot be calibrated is left as trained with a warning naming its dimension;
   - the split is deterministic by seed and per dimension; truncation counts equal the byte
     counts computed here; on SmolLM2 the chat template and tokenizer are used and the truncation
     count equals the one computed with jinja2 + Hugging Face tokenizers;
@@ -26,6 +35,7 @@ import numpy as np
 import pytest
 
 from conftest import BUILD
+from test_reward_heads import oracle_rewards, read_heads
 
 TOOL = str(BUILD / "tools" / "reward_check")
 DIMS = ["helpful", "harmless", "truthful"]
@@ -124,15 +134,189 @@ def test_saved_trunk_and_heads_rank_pairs(planted_run, tmp_path):
         assert np.mean(correct[d]) >= 0.95, (d, np.mean(correct[d]))
 
 
-def test_linear_head_learns_lexical_rules_only(train_mora_bin, tmp_path):
-    data = write_jsonl(tmp_path / "pref.jsonl", planted(120, seed=1))
-    out = tmp_path / "lin"
-    p = reward(train_mora_bin, "--model", "llama:tiny", "--data", data, "--out", out, "--epochs", 25,
-               "--lr", 1e-2, "--val_frac", 0.25)
-    assert p.returncode == 0, p.stderr
+@pytest.fixture(scope="module")
+def linear_runs(tmp_path_factory, train_mora_bin):
+    """Linear heads on the same data and seed, calibrated (the default) and with --calibrate 0."""
+    tmp = tmp_path_factory.mktemp("linear")
+    rows = planted(120, seed=1)
+    data = write_jsonl(tmp / "pref.jsonl", rows)
+    runs = {"rows": rows}
+    for name, calibrate in (("cal", 1), ("raw", 0)):
+        out = tmp / name
+        p = reward(train_mora_bin, "--model", "llama:tiny", "--data", data, "--out", out, "--epochs", 25,
+                   "--lr", 1e-2, "--val_frac", 0.25, "--calibrate", calibrate)
+        assert p.returncode == 0, p.stderr
+        runs[name] = (out, p)
+    return runs
+
+
+def test_linear_head_learns_lexical_rules_only(linear_runs):
+    out, _ = linear_runs["cal"]
     acc = json.loads((out / "reward_metrics.json").read_text())["val_accuracy"]
     assert acc["helpful"] >= 0.95 and acc["harmless"] >= 0.95, acc
     assert acc["truthful"] < 0.9, acc   # the documented limit of a linear head on this trunk
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration
+
+def splitmix64(seed):
+    """rng_seed of llmc/rand.h."""
+    M = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15) & M
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+    z ^= z >> 31
+    return z or 0x1234567
+
+
+def heldout_split(rows, val_frac, seed):
+    """The held-out pairs of `reward` as reward.c documents them: per dimension in order, the
+    indices of that dimension's pairs shuffled (Fisher-Yates, xorshift64*) by one generator seeded
+    from the seed, the first round(val_frac * n_d) held out. Returns (val, train) index lists."""
+    M = (1 << 64) - 1
+    state = [splitmix64((seed ^ 0x5245574152440000) & M)]
+
+    def u32():
+        x = state[0]
+        x ^= x >> 12
+        x = (x ^ (x << 25)) & M
+        x ^= x >> 27
+        state[0] = x
+        return ((x * 0x2545F4914F6CDD1D) & M) >> 32
+
+    val, train = [], []
+    for d in DIMS:
+        idx = [i for i, r in enumerate(rows) if r["dim"] == d]
+        for i in range(len(idx) - 1, 0, -1):
+            j = u32() % (i + 1)
+            idx[i], idx[j] = idx[j], idx[i]
+        # reward.c: float val_frac times the int count, in float, + 0.5, floor
+        v = int(np.floor(float(np.float32(val_frac) * np.float32(len(idx))) + 0.5))
+        val += idx[:v]
+        train += idx[v:]
+    return val, train
+
+
+def score_pairs(tmp_path, out, rows, idx):
+    """Rewards (len(idx), 2, 3) of pairs idx (chosen, rejected) from the run's saved trunk and
+    heads: the hidden states from reward_check score, the rewards from the NumPy heads, which
+    must agree with the tool's own."""
+    seqs = [list((rows[i]["prompt"] + rows[i][resp]).encode()) for i in idx for resp in ("chosen", "rejected")]
+    (tmp_path / "seqs.json").write_text(json.dumps({"seqs": seqs}))
+    p = run([TOOL, "score", str(out / "model.ckpt"), str(out / "reward_heads.bin"), str(tmp_path / "seqs.json"),
+             str(tmp_path / "scored.json")])
+    assert p.returncode == 0, p.stderr
+    scored = json.loads((tmp_path / "scored.json").read_text())
+    f = read_heads(out / "reward_heads.bin")
+    hidden = np.array(scored["batch_hidden"], dtype=np.float64).reshape(len(seqs), f["C"])
+    r = oracle_rewards(f["params"], f["kind"], f["act"], f["C"], f["H"], hidden)
+    tool_r = np.array(scored["batch_rewards"]).reshape(len(seqs), 3)
+    np.testing.assert_allclose(tool_r, r, rtol=1e-5, atol=1e-5 * (1 + np.abs(r).max()))
+    return r.reshape(len(idx), 2, 3)
+
+
+def per_dim_means(rows, idx, r):
+    """{dim: (chosen mean, rejected mean, accuracy)} of the pairs idx with rewards r (n, 2, 3)."""
+    out = {}
+    for k, d in enumerate(DIMS):
+        sel = [n for n, i in enumerate(idx) if rows[i]["dim"] == d]
+        c, rj = r[sel, 0, k], r[sel, 1, k]
+        out[d] = (c.mean(), rj.mean(), float(np.mean(c > rj)))
+    return out
+
+
+@pytest.mark.parametrize("which", ["mlp", "linear"])
+def test_calibrated_heldout_means_are_0_and_1(request, tmp_path, which):
+    if which == "mlp":
+        rows, _, out, p = request.getfixturevalue("planted_run")
+        seed, val_frac = 3, 0.1
+    else:
+        runs = request.getfixturevalue("linear_runs")
+        rows, (out, p) = runs["rows"], runs["cal"]
+        seed, val_frac = 1337, 0.25
+    summary = json.loads((out / "reward_metrics.json").read_text())
+    val, _ = heldout_split(rows, val_frac, seed)
+    assert {d: sum(rows[i]["dim"] == d for i in val) for d in DIMS} == summary["val_pairs_per_dim"]
+    means = per_dim_means(rows, val, score_pairs(tmp_path, out, rows, val))
+    assert summary["calibrate"] is True
+    for d in DIMS:
+        cal = summary["calibration"][d]
+        assert cal["applied"] and cal["split"] == "val" and cal["pairs"] == summary["val_pairs_per_dim"][d]
+        assert cal["scale"] > 0
+        chosen, rejected, acc = means[d]
+        # the spread (chosen - rejected) is 1 after calibration: the tolerance is relative to it
+        assert abs(rejected) < 1e-4 and abs(chosen - 1.0) < 1e-4, (d, chosen, rejected)
+        assert acc == summary["val_accuracy"][d]
+        assert f"calibration {d}" in p.stdout
+
+
+def test_calibrate_0_leaves_heads_and_calibration_keeps_accuracy(linear_runs, tmp_path):
+    rows = linear_runs["rows"]
+    (cal_out, _), (raw_out, raw_p) = linear_runs["cal"], linear_runs["raw"]
+    cal_sum = json.loads((cal_out / "reward_metrics.json").read_text())
+    raw_sum = json.loads((raw_out / "reward_metrics.json").read_text())
+    assert raw_sum["calibrate"] is False and raw_sum["calibration"] is None
+    assert "calibration" not in raw_p.stdout
+    val, _ = heldout_split(rows, 0.25, 1337)
+    raw_means = per_dim_means(rows, val, score_pairs(tmp_path, raw_out, rows, val))
+    cal_means = per_dim_means(rows, val, score_pairs(tmp_path, cal_out, rows, val))
+    raw, cal = read_heads(raw_out / "reward_heads.bin"), read_heads(cal_out / "reward_heads.bin")
+    C = raw["C"]
+    for k, d in enumerate(DIMS):
+        m = cal_sum["calibration"][d]
+        chosen, rejected, raw_acc = raw_means[d]
+        # the uncalibrated heads are the trained ones: their held-out means are the calibrated
+        # run's means before the map, and they are not already 0 and 1
+        assert abs(m["chosen_mean_before"] - chosen) < 1e-5 * (1 + abs(chosen))
+        assert abs(m["rejected_mean_before"] - rejected) < 1e-5 * (1 + abs(rejected))
+        assert abs(rejected) > 1e-2 or abs(chosen - 1) > 1e-2
+        assert abs(m["scale"] - 1 / (chosen - rejected)) < 1e-4 * m["scale"]
+        # the calibrated head is the uncalibrated one with r -> scale * r + shift folded in
+        w, b = raw["params"][k * (C + 1):k * (C + 1) + C].astype(np.float64), float(raw["params"][k * (C + 1) + C])
+        np.testing.assert_allclose(cal["params"][k * (C + 1):k * (C + 1) + C], m["scale"] * w, rtol=1e-6, atol=0)
+        assert abs(cal["params"][k * (C + 1) + C] - (m["scale"] * b + m["shift"])) < 1e-5 * (1 + abs(m["shift"]))
+        # accuracy: the same pairs ranked the same way
+        assert cal_means[d][2] == raw_acc == raw_sum["val_accuracy"][d] == cal_sum["val_accuracy"][d]
+    assert 0.3 < raw_sum["val_accuracy"]["truthful"] < 0.9    # a dimension where accuracy is not trivially 1
+
+
+def test_calibration_without_heldout_uses_training_pairs(train_mora_bin, tmp_path):
+    rows = planted(20, seed=6)
+    data = write_jsonl(tmp_path / "pref.jsonl", rows)
+    out = tmp_path / "o"
+    p = reward(train_mora_bin, "--model", "gpt2:tiny", "--data", data, "--out", out, "--epochs", 5,
+               "--lr", 1e-2, "--val_frac", 0)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((out / "reward_metrics.json").read_text())
+    idx = list(range(len(rows)))
+    means = per_dim_means(rows, idx, score_pairs(tmp_path, out, rows, idx))
+    for d in DIMS:
+        cal = summary["calibration"][d]
+        assert cal["applied"] and cal["split"] == "train" and cal["pairs"] == 20
+        chosen, rejected, _ = means[d]
+        assert abs(rejected) < 1e-4 and abs(chosen - 1.0) < 1e-4, (d, chosen, rejected)
+
+
+def test_calibration_skips_heads_it_cannot_map(train_mora_bin, tmp_path):
+    """With --lr 0 the zero-initialised linear heads give every response reward 0 (chosen mean
+    = rejected mean): no increasing map sends them to 1 and 0, so the heads stay as trained and
+    each dimension is named in a warning; a dimension without pairs is named too."""
+    rows = [r for r in planted(10, seed=7) if r["dim"] != "truthful"]
+    data = write_jsonl(tmp_path / "pref.jsonl", rows)
+    out = tmp_path / "o"
+    p = reward(train_mora_bin, "--model", "llama:tiny", "--data", data, "--out", out, "--epochs", 1, "--lr", 0)
+    assert p.returncode == 0, p.stderr
+    for d in ("helpful", "harmless"):
+        assert f"warning: --calibrate: dimension {d}: mean reward of the chosen responses 0 <= that of the rejected ones 0" in p.stderr
+    assert "warning: --calibrate: dimension truthful has no pairs" in p.stderr
+    assert "calibration " not in p.stdout
+    assert np.all(read_heads(out / "reward_heads.bin")["params"] == 0)
+    cal = json.loads((out / "reward_metrics.json").read_text())["calibration"]
+    for d in DIMS:
+        assert not cal[d]["applied"] and cal[d]["scale"] == 1 and cal[d]["shift"] == 0
+    assert cal["helpful"]["chosen_mean_before"] == 0 and cal["helpful"]["split"] == "val"
+    assert cal["truthful"]["split"] is None and cal["truthful"]["pairs"] == 0
 
 
 def test_split_deterministic_and_truncation_count(train_mora_bin, tmp_path):
@@ -216,7 +400,8 @@ def test_skip_bad_counts(train_mora_bin, tmp_path):
 def test_flag_errors(train_mora_bin, tmp_path):
     path = write_jsonl(tmp_path / "pref.jsonl", [GOOD] * 4)
     for args, word in ((["--head", "cnn"], "--head"), (["--head_act", "tanh"], "--head_act"),
-                       (["--val_frac", "1.5"], "--val_frac"), (["--chat_template", "nope"], "nope")):
+                       (["--val_frac", "1.5"], "--val_frac"), (["--chat_template", "nope"], "nope"),
+                       (["--calibrate", "2"], "--calibrate")):
         p = reward(train_mora_bin, "--model", "llama:tiny", "--data", path, "--out", tmp_path / "o", *args)
         assert p.returncode != 0 and word in p.stderr, (args, p.stderr)
     p = reward(train_mora_bin, "--model", "llama:tiny", "--out", tmp_path / "o")
