@@ -9,7 +9,6 @@
  * Every subcommand takes long flags and --help.
  */
 #include <math.h>
-#include <omp.h>
 #include <cjson/cJSON.h>
 
 #include "llmc/utils.h"
@@ -23,6 +22,8 @@
 #include "llmc/reward_heads.h"
 #include "llmc/chat_template.h"
 #include "llmc/comm.h"
+#include "llmc/device.h"
+#include "llmc/zero.h"
 #include "tokenizer.h"
 #include "dataloader.h"
 #ifdef USE_CUDA
@@ -43,34 +44,6 @@ static void print_model_summary(const Model *model, const char *source) {
            c->tied_embeddings ? "tied" : "untied", model->num_parameters / 1e6);
 }
 
-// Resolves --device to 1 (a CUDA GPU) or 0 (the CPU): cuda needs a build with nvcc and a GPU;
-// auto takes the GPU when there is one and says which.
-static int resolve_device(const char *device) {
-    if (strcmp(device, "cpu") && strcmp(device, "cuda") && strcmp(device, "auto"))
-        fatal("--device %s: expected cpu, cuda or auto", device);
-    int gpus = 0;
-#ifdef USE_CUDA
-    if (strcmp(device, "cpu")) gpus = cuda_device_count();
-#endif
-    if (!strcmp(device, "cuda") && gpus == 0) {
-#ifdef USE_CUDA
-        fatal("--device cuda: no CUDA GPU is visible (driver missing or no device); use --device cpu");
-#else
-        fatal("--device cuda: this build of train_mora has no CUDA backend (nvcc was not found at build time); use --device cpu");
-#endif
-    }
-    if (gpus > 0) {
-#ifdef USE_CUDA
-        char desc[256];
-        cuda_device_describe(desc, sizeof desc);
-        printf("device: cuda (%s)\n", desc);
-#endif
-        return 1;
-    }
-    printf("device: cpu (%d OpenMP threads)\n", omp_get_max_threads());
-    return 0;
-}
-
 // ----------------------------------------------------------------------------
 // pretrain
 
@@ -80,39 +53,6 @@ typedef struct {
     int zero;
     float lr, min_lr, weight_decay, grad_clip, beta1, beta2;
 } PretrainArgs;
-
-// ZeRO-1: this rank keeps the AdamW moments of its contiguous shard [lo, hi) of the parameter
-// buffer only (comm_shard_range), updates those parameters, and the shards are all-gathered.
-typedef struct {
-    size_t lo, hi;
-    float *m, *v;   // (hi - lo) each; NULL until the first update or a resumed state
-} OptimizerShard;
-
-// AdamW on the parameters of the shard only. model_adamw_update runs on a view of the model
-// whose buffers start at lo and whose tensor sizes are the parts of each parameter tensor that
-// fall inside [lo, hi), in buffer order: every element gets exactly the arithmetic (and the
-// weight decay of its tensor) it gets in the unsharded update, so ZeRO-1 changes where the
-// moments live, not the numbers.
-static void adamw_update_shard(Model *model, OptimizerShard *shard, float lr, float beta1, float beta2,
-                               float eps, float weight_decay, float grad_scale) {
-    Model view = *model;
-    size_t offset = 0;
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        size_t begin = offset, end = offset + model->param_sizes[t];
-        size_t lo = begin > shard->lo ? begin : shard->lo, hi = end < shard->hi ? end : shard->hi;
-        view.param_sizes[t] = hi > lo ? hi - lo : 0;
-        offset = end;
-    }
-    view.num_parameters = shard->hi - shard->lo;
-    view.params = model->params + shard->lo;
-    view.grads = model->grads + shard->lo;
-    view.m = shard->m;
-    view.v = shard->v;
-    model_adamw_update(&view, lr, beta1, beta2, eps, weight_decay, grad_scale);
-    shard->m = view.m;   // allocated by the first update
-    shard->v = view.v;
-    model->opt_step = view.opt_step;
-}
 
 // OUT/metrics.jsonl with the lines after last_step dropped (a resumed run rewrites them), open for appending.
 static FILE *open_metrics_jsonl(const char *out, int last_step) {
@@ -201,7 +141,8 @@ static int cmd_pretrain(int argc, char **argv) {
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
     if (a.zero != 0 && a.zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a.zero);
-    const int use_gpu = resolve_device(a.device);
+    const int use_gpu = device_resolve(a.device);
+    device_print(use_gpu);
     const int rank = comm_rank(), world = comm_world();
     // GPU data parallel: one rank per GPU, the collectives over NCCL (the CPU's go over MPI)
     const int force_nccl = nccl_forced();   // read on every run, so a wrong value is always an error
@@ -244,19 +185,11 @@ static int cmd_pretrain(int argc, char **argv) {
     // starts from, so the ranks cannot drift apart through a file that differs between nodes
     // (on GPUs by NCCL, once the GPU model exists)
     if (!gpu_nccl) comm_broadcast(model.params, model.num_parameters * sizeof(float), 0);
-    OptimizerShard shard = {0, model.num_parameters, NULL, NULL};
-    if (a.zero == 1 && !use_gpu) {
-        comm_shard_range(model.num_parameters, rank, world, &shard.lo, &shard.hi);
-        size_t n = shard.hi - shard.lo;
-        if (model.m != NULL) {   // a resumed AdamW state: keep this rank's slice of it
-            shard.m = (float *)mallocCheck(n * sizeof(float));
-            shard.v = (float *)mallocCheck(n * sizeof(float));
-            memcpy(shard.m, model.m + shard.lo, n * sizeof(float));
-            memcpy(shard.v, model.v + shard.lo, n * sizeof(float));
-            free(model.m); free(model.v);
-            model.m = model.v = NULL;
-        }
-    }
+    // ZeRO-1 on the CPU: this rank keeps the AdamW moments of its shard only (a resumed state is
+    // cut to it); the GPU model shards its own state (cuda_model_create_sharded)
+    AdamWShard shard;
+    memset(&shard, 0, sizeof shard);
+    if (a.zero == 1 && !use_gpu) adamw_shard_init(&shard, &model, rank, world);
     if (world > 1 || gpu_nccl)
         printf("ranks: %d (%s%s), global batch %d x %d sequences%s\n", world, comm_backend_name(),
                gpu_nccl ? ", GPU collectives over NCCL" : "", world, a.batch_size * a.grad_accum,
@@ -342,8 +275,7 @@ static int cmd_pretrain(int argc, char **argv) {
         norm = model_grad_norm(&model);
         scale = (a.grad_clip > 0.0f && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
         if (a.zero == 1) {
-            adamw_update_shard(&model, &shard, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
-            comm_all_gather_shards(model.params, model.num_parameters);
+            adamw_shard_update(&model, &shard, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
         } else {
             model_adamw_update(&model, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
         }
@@ -396,14 +328,9 @@ static int cmd_pretrain(int argc, char **argv) {
 #endif
             if (a.zero == 1) {
                 // the checkpoint holds the whole AdamW state, gathered on rank 0
-                float *m = rank == 0 ? (float *)mallocCheck(model.num_parameters * sizeof(float)) : NULL;
-                float *v = rank == 0 ? (float *)mallocCheck(model.num_parameters * sizeof(float)) : NULL;
-                comm_gather_shards(m, shard.m, model.num_parameters, 0);
-                comm_gather_shards(v, shard.v, model.num_parameters, 0);
-                model.m = m; model.v = v;
+                adamw_shard_gather(&shard, &model, 0);
                 if (rank == 0) run_save_checkpoint(&model, &state, a.out);
-                free(m); free(v);
-                model.m = model.v = NULL;
+                adamw_shard_release(&model);
             } else if (rank == 0) {
                 run_save_checkpoint(&model, &state, a.out);
             }
@@ -413,7 +340,7 @@ static int cmd_pretrain(int argc, char **argv) {
     if (gpu) cuda_model_free(gpu);
 #endif
     if (metrics) fclose(metrics);
-    free(shard.m); free(shard.v);
+    adamw_shard_free(&shard);
     printf("done: %d steps in %.1f s; checkpoint in %s\n", a.steps - first_step, wall_seconds() - run_start, a.out);
     dataloader_free(&train);
     if (a.val_data[0]) dataloader_free(&val);
@@ -471,7 +398,8 @@ static int cmd_generate(int argc, char **argv) {
     args_require_nonneg_int("top_k", top_k);
     args_require_range_float("temperature", temperature, 0.0f, 100.0f);
     args_require_range_float("top_p", top_p, 1e-6f, 1.0f);
-    const int use_gpu = resolve_device(device);
+    const int use_gpu = device_resolve(device);
+    device_print(use_gpu);
     (void)use_gpu;  // read only by the CUDA build
 
     Model model;

@@ -39,3 +39,9 @@ void device_describe(int use_gpu, char *buf, size_t size) {
 #endif
     snprintf(buf, size, "cpu (%d OpenMP threads)", omp_get_max_threads());
 }
+
+void device_print(int use_gpu) {
+    char desc[320];
+    device_describe(use_gpu, desc, sizeof desc);
+    printf("device: %s\n", desc);
+}

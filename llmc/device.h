@@ -13,4 +13,6 @@
 int device_resolve(const char *device);
 // "cuda (NVIDIA H100 80GB HBM3, 132 SMs, ...)" or "cpu (8 OpenMP threads)", into buf.
 void device_describe(int use_gpu, char *buf, size_t size);
+// The line "device: <device_describe>" on stdout: pretrain and generate say where they compute.
+void device_print(int use_gpu);
 #endif
