@@ -1766,7 +1766,7 @@ typedef struct {
 } EvalScores;
 
 // Mean raw reward per dimension of `samples` responses per prompt from the policy `ckpt`, scored
-// by the heads on the reference trunk.
+// by the heads on the reference trunk; every response with its rewards goes into `examples`.
 static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const PromptData *prompts, int samples, float temperature,
                             int max_new, int seed, const char *label, EvalScores *out, cJSON *examples) {
     Model policy;
@@ -1792,10 +1792,16 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
         cJSON *ex = cJSON_CreateObject();
         cJSON_AddStringToObject(ex, "id", prompts->records[i].id);
         cJSON_AddStringToObject(ex, "prompt", prompts->records[i].prompt);
-        char *text = engine_decode(e, s.seq[i * samples] + s.plen[i * samples], s.slen[i * samples]);
-        cJSON_AddStringToObject(ex, "response", text);
-        free(text);
-        cJSON_AddItemToObject(ex, "raw", vec_json(s.rewards + (size_t)i * samples * D));
+        cJSON *responses = cJSON_AddArrayToObject(ex, "responses");
+        for (int k = 0; k < samples; k++) {
+            int j = i * samples + k;
+            cJSON *r = cJSON_CreateObject();
+            char *text = engine_decode(e, s.seq[j] + s.plen[j], s.slen[j]);
+            cJSON_AddStringToObject(r, "text", text);
+            free(text);
+            cJSON_AddItemToObject(r, "raw", vec_json(s.rewards + (size_t)j * D));
+            cJSON_AddItemToArray(responses, r);
+        }
         cJSON_AddItemToArray(examples, ex);
     }
     for (int i = 0; i < n; i++) token_list_free(&toks[i]);
