@@ -14,6 +14,7 @@
 #include "llmc/rand.h"
 #include "llmc/model.h"
 #include "llmc/checkpoint.h"
+#include "llmc/model_load.h"
 #include "llmc/chat_template.h"
 #include "llmc/run_dir.h"
 #include "rewrite.h"
@@ -230,6 +231,7 @@ int cmd_demo(int argc, char **argv) {
     args_require_positive_int("pretrain_steps", pretrain_steps);
     args_require_positive_int("steps", steps);
     args_require_positive_int("corpus", corpus_size);
+    if (base[0]) model_source_check(base, "--base", 0);
     double t0 = wall_seconds();
     printf("train_mora demo: MORA on a synthetic world (ordinary, harmful and factual requests) on the CPU, %d OpenMP threads\n"
            "writing into %s/\n", omp_get_max_threads(), out);
@@ -268,7 +270,7 @@ int cmd_demo(int argc, char **argv) {
     printf("\n[2/5] pretrain a tiny byte-level Llama on the world's dialogues\n");
     Model model;
     if (base[0]) {
-        checkpoint_load(&model, base, NULL, NULL);
+        model_load(&model, base, "--base", 0, 0, NULL, NULL);
         ModelConfig want = demo_model_config();
         if (model.config.vocab_size != want.vocab_size || model.config.max_seq_len != want.max_seq_len)
             fatal("--base %s: not a demo world model (byte vocabulary of %d, context %d)", base, want.vocab_size, want.max_seq_len);

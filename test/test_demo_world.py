@@ -168,3 +168,14 @@ def test_report_judges_the_evaluated_responses(mora_world):
             shares = [float(x) for x in cells[col].split("/")]
             for share, n in zip(shares, names):
                 assert share == pytest.approx(100.0 * of_kind.count(n) / len(of_kind), abs=0.51), (name, kind, n, row)
+
+
+def test_demo_bad_base_fails_before_work(tmp_path):
+    from conftest import ROOT
+    import subprocess
+    out = tmp_path / "demo"
+    p = subprocess.run([str(ROOT / "train_mora"), "demo", "--base", str(tmp_path / "missing.ckpt"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert "--base" in p.stderr and "missing.ckpt" in p.stderr, p.stderr
+    assert not out.exists()
