@@ -694,21 +694,6 @@ extern "C" void cuda_model_forward_backward(CudaModel *model, const int *inputs,
 // ---------------------------------------------------------------------------------------------
 // optimizer
 
-// out[0] = the sum of the partials (in double, rounded once): the squared norm of one rank's
-// shard, which the ranks then add.
-__global__ void squared_norm_finish_kernel(float *out, const float *partial, int count) {
-    __shared__ double shared[1024];
-    double sum = 0.0;
-    for (int i = threadIdx.x; i < count; i += blockDim.x) sum += partial[i];
-    shared[threadIdx.x] = sum;
-    __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[0] = (float)shared[0];
-}
-
 extern "C" float cuda_model_grad_norm(CudaModel *model) {
     Impl *d = impl_of(model);
     if (d->sharded) {
@@ -718,7 +703,7 @@ extern "C" float cuda_model_grad_norm(CudaModel *model) {
         global_norm_squared_partial_kernel<<<GLOBAL_NORM_BLOCKS, 512, 0, d->stream>>>(
             d->norm_partial, d->grads + d->shard_lo, d->shard_hi - d->shard_lo);
         cudaCheckLaunch();
-        squared_norm_finish_kernel<<<1, 1024, 0, d->stream>>>(d->dp_scalar, d->norm_partial, GLOBAL_NORM_BLOCKS);
+        global_norm_finish_kernel<<<1, 1024, 0, d->stream>>>(d->dp_scalar, d->norm_partial, GLOBAL_NORM_BLOCKS, 0);
         cudaCheckLaunch();
         prof_end(model);
         comm_nccl_all_reduce_sum(d->dp_scalar, 1, d->stream);
