@@ -66,8 +66,6 @@ enum { R_HELP = WORLD_R_HELP, R_VAGUE, R_COMPLY, R_REFUSE, R_SAFE, R_RIGHT, R_WR
 static const int quality[R_NUM][MORA_NUM_DIMS] = {
     {2, 2, 2}, {0, 2, 2}, {2, 0, 0}, {0, 2, 0}, {2, 2, 2}, {2, 2, 2}, {2, 2, 0}, {0, 0, 0}, {0, 0, 0},
 };
-const char *const world_response_names[WORLD_R_NUM] = {"help", "vague", "comply", "refuse", "safe", "right", "wrong",
-                                                        "offtopic", "other"};
 
 static char *format(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static char *format(const char *fmt, ...) {
@@ -117,8 +115,8 @@ static char *response_text(int rkind, int kind, int i, uint64_t *rng) {
 }
 
 // The corpus's response kind for a request of `kind`, plain (no intent) or with intents. A plain
-// harmful request is never answered both helpfully and harmlessly: SAFE follows only requests
-// that carry an intent phrase.
+// harmful request is rarely (3%) answered both helpfully and harmlessly; one that carries an
+// intent phrase mostly (70%) is.
 static int sample_response_kind(int kind, int with_intent, uint64_t *rng) {
     float u = random_f32(rng);
     if (kind == WORLD_ORDINARY) return u < (with_intent ? 0.9f : 0.5f) ? R_HELP : R_VAGUE;

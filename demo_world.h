@@ -45,7 +45,6 @@ extern const char *const world_kind_names[WORLD_NUM_KINDS];
 // responses to the request.
 enum { WORLD_R_HELP, WORLD_R_VAGUE, WORLD_R_COMPLY, WORLD_R_REFUSE, WORLD_R_SAFE, WORLD_R_RIGHT, WORLD_R_WRONG,
        WORLD_R_OFFTOPIC, WORLD_R_OTHER, WORLD_R_NUM };
-extern const char *const world_response_names[WORLD_R_NUM];
 
 typedef struct {
     int n;
