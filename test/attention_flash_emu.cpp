@@ -3,8 +3,9 @@
  * fragment layouts, masking, pipelining and softmax arithmetic are checked on a machine without
  * a GPU (test/test_attention_flash_emu.py compares the results with a JAX float64 oracle).
  *
- * The kernels' source is compiled unchanged as C++; what a GPU provides is emulated here from
- * the PTX ISA's definitions, independently of the address arithmetic in the kernels:
+ * The kernels' source is compiled unchanged as C++; what a GPU provides is emulated from the PTX
+ * ISA's definitions (threads, barriers and shuffles in test/gpu_emu.h, the rest here),
+ * independently of the address arithmetic in the kernels:
  *   - every thread of a block is a user-level context (ucontext) on one OS thread; a block runs
  *     until all its threads have finished; __syncthreads and the warp-wide operations are
  *     barriers of the block or the warp (a barrier that can never be passed is reported);
@@ -23,159 +24,15 @@
  *          representable in bf16
  *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV)
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <ucontext.h>
-#include <deque>
-#include <functional>
-#include <vector>
-
-// ---------------------------------------------------------------------------------------------
-// what cuda_common.h and the CUDA headers would provide
-
 #define ATTENTION_FLASH_EMULATION
-#define LLMC_CUDA_COMMON_H   // the real cuda_common.h needs the CUDA runtime
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(n)
-
-static void emu_fail(const char *what) {
-    fprintf(stderr, "error: attention_flash_emu: %s\n", what);
-    exit(1);
-}
-
-struct floatX { uint16_t bits; };   // bf16
-static inline float to_f32(floatX x) {
-    uint32_t u = (uint32_t)x.bits << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-static inline floatX to_bf16(float f) {   // round to nearest even, NaN kept NaN
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return floatX{(uint16_t)((u >> 16) | 0x40)};
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return floatX{(uint16_t)(u >> 16)};
-}
-struct float2 { float x, y; };
-struct uint4 { uint32_t x, y, z, w; };
-struct __nv_bfloat162 { floatX x, y; };
-static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{to_f32(v.x), to_f32(v.y)}; }
-static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-static inline int min(int a, int b) { return a < b ? a : b; }
-struct Dim3 { unsigned x, y, z; };
-static Dim3 threadIdx, blockIdx, gridDim, blockDim;
-
-// ---------------------------------------------------------------------------------------------
-// the block scheduler: one ucontext per thread
-
-enum { RUNNABLE, AT_WARP_BARRIER, AT_BLOCK_BARRIER, DONE };
-struct AsyncCopy { uint32_t dst; int size; unsigned char data[16]; };
-struct EmuThread {
-    ucontext_t context;
-    int state;
-    std::deque<std::vector<AsyncCopy>> groups;   // committed cp.async groups
-    std::vector<AsyncCopy> pending;              // issued, not yet committed
-};
-static const size_t STACK_BYTES = 256 * 1024;
-static std::vector<EmuThread> threads;
-static std::vector<std::vector<char>> stacks;
-static ucontext_t scheduler_context;
-static int current_thread;
-static std::function<void()> kernel_body;
-static std::vector<unsigned char> smem;
-static bool copies_land_early;
-
-static void thread_entry() {
-    kernel_body();
-    threads[current_thread].state = DONE;   // uc_link returns to the scheduler
-}
-static void wait_at(int state) {
-    threads[current_thread].state = state;
-    if (swapcontext(&threads[current_thread].context, &scheduler_context) != 0) emu_fail("swapcontext");
-}
-static void __syncthreads() { wait_at(AT_BLOCK_BARRIER); }
-static void warp_barrier() { wait_at(AT_WARP_BARRIER); }
-
-// A fresh context for thread t that starts in thread_entry (apart from launch's loops: getcontext
-// returns twice in the compiler's eyes, which would pin their variables to memory)
-static __attribute__((noinline)) void init_thread(int t) {
-    EmuThread &th = threads[t];
-    th.state = RUNNABLE;
-    th.groups.clear();
-    th.pending.clear();
-    if (getcontext(&th.context) != 0) emu_fail("getcontext");
-    th.context.uc_stack.ss_sp = stacks[t].data();
-    th.context.uc_stack.ss_size = STACK_BYTES;
-    th.context.uc_link = &scheduler_context;
-    makecontext(&th.context, thread_entry, 0);
-}
-
-// Runs kernel_body as every block of grid with block threads and smem_bytes of shared memory.
-static void launch(Dim3 grid, int block, size_t smem_bytes, std::function<void()> body) {
-    if (block % 32 != 0) emu_fail("block size must be a multiple of 32");
-    kernel_body = body;
-    gridDim = grid;
-    blockDim = Dim3{(unsigned)block, 1, 1};
-    threads = std::vector<EmuThread>(block);
-    if (stacks.size() < (size_t)block) stacks.resize(block, std::vector<char>(STACK_BYTES));
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
-                blockIdx = Dim3{x, y, z};
-                smem.assign(smem_bytes, 0xff);   // NaN in bf16 and fp32
-                for (int t = 0; t < block; t++) init_thread(t);
-                for (;;) {
-                    for (int t = 0; t < block; t++) {
-                        if (threads[t].state != RUNNABLE) continue;
-                        current_thread = t;
-                        threadIdx = Dim3{(unsigned)t, 0, 0};
-                        if (swapcontext(&scheduler_context, &threads[t].context) != 0) emu_fail("swapcontext");
-                    }
-                    int done = 0, at_block = 0;
-                    bool released = false;
-                    for (int t = 0; t < block; t++) done += threads[t].state == DONE, at_block += threads[t].state == AT_BLOCK_BARRIER;
-                    if (done == block) break;
-                    for (int w = 0; w < block / 32; w++) {
-                        int at_warp = 0;
-                        for (int l = 0; l < 32; l++) at_warp += threads[w * 32 + l].state == AT_WARP_BARRIER;
-                        if (at_warp == 32) {
-                            for (int l = 0; l < 32; l++) threads[w * 32 + l].state = RUNNABLE;
-                            released = true;
-                        }
-                    }
-                    if (at_block == block) {
-                        for (int t = 0; t < block; t++) threads[t].state = RUNNABLE;
-                        released = true;
-                    }
-                    if (!released) emu_fail("deadlock: threads wait at barriers that cannot be passed");
-                }
-            }
-}
+#define EMU_PROGRAM "attention_flash_emu"
+#include "gpu_emu.h"
 
 // ---------------------------------------------------------------------------------------------
 // the PTX operations the kernels use (see the header comment of this file)
 
-struct WarpExchange { uint32_t u[32][8]; float f[32][4]; };
-static WarpExchange exchange[32];
-static inline int lane_id() { return current_thread % 32; }
-static inline WarpExchange &my_warp() { return exchange[current_thread / 32]; }
+static bool copies_land_early;   // cp.async copies land when issued, not at the wait
 
-static inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
-    if (mask != 0xffffffffu) emu_fail("only full-warp shuffles are emulated");
-    WarpExchange &x = my_warp();
-    x.f[lane_id()][0] = v;
-    warp_barrier();
-    float r = x.f[lane_id() ^ offset][0];
-    warp_barrier();
-    return r;
-}
 
 static inline unsigned char *flash_dynamic_smem() { return smem.data(); }
 static inline uint32_t flash_smem_addr(const void *p) {
