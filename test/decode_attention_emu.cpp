@@ -1,0 +1,151 @@
+/*
+ * Runs the decode-attention kernels of llmc/decode_attention.cuh on the CPU, through their host
+ * entry point decode_attention() (grid over splits of the cache, head batches of a GQA group and
+ * rows; the split combine; the reference kernel), so that their indexing, GQA head mapping,
+ * splitting and softmax are checked on a machine without a GPU
+ * (test/test_decode_attention_emu.py compares the results with a NumPy float64 oracle).
+ *
+ * The kernels' source is compiled as C++ under the GPU emulation of test/gpu_emu.h (threads as
+ * ucontexts, barriers, __shfl_xor_sync at a warp-wide barrier, so warp_sum and warp_max reduce
+ * across the warp as on the GPU). The test's build copies llmc/decode_attention.cuh with one
+ * change: each launch  k<<<grid, block, smem, stream>>>(args);  becomes
+ * emu_launch(grid, block, smem, stream, [=] { k(args); });  as nvcc lowers it to a launch call;
+ * the text of the kernels and of the host code around the launches is unchanged. __shared__ arrays are static locals, which
+ * test/decode_attention_emu.ld gathers into one range that is NaN before every block, so a read
+ * of an element nothing wrote shows up in the output. Device buffers are 256-byte aligned like
+ * cudaMalloc's, outputs and split partials start as NaN. The threads of a block run in index
+ * order (forward) or in reverse, so that a missing __syncthreads shows in one of the two.
+ *
+ *   decode_attention_emu IN OUT forward|reverse
+ *     IN : int32 N, NH, NKV, HS, S, Tmax, n_splits, reference; int32 row_slot (N), row_pos (N);
+ *          float32 qkv (N, (NH + 2*NKV)*HS), k_cache, v_cache (S, NKV, Tmax, HS), all values
+ *          representable in bf16
+ *     OUT: float32 out (N, NH*HS); int32 err
+ */
+#define EMU_PROGRAM "decode_attention_emu"
+#define EMU_STATIC_SHARED
+#include "gpu_emu.h"
+
+// ---------------------------------------------------------------------------------------------
+// what cuda_common.h and the CUDA runtime would provide
+
+#define __shared__ static   // one copy for the block's threads; blocks run one after another
+#define __align__(n) __attribute__((aligned(n)))
+typedef floatX __nv_bfloat16;
+typedef int cudaStream_t;
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+static inline float to_float(float x) { return x; }
+static inline float to_float(floatX x) { return to_f32(x); }
+static inline floatX __float2bfloat16(float x) { return to_bf16(x); }
+static inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
+// the blocks run one at a time on one OS thread, so a plain read-modify-write is atomic
+static inline int atomicOr(int *address, int value) {
+    int old = *address;
+    *address = old | value;
+    return old;
+}
+// butterfly reductions over the warp's 32 lanes, as cuda_common.h's
+static inline float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+static inline float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+#define cudaCheckLaunch() ((void)0)
+#define cudaRequire(cond, what) ((cond) ? (void)0 : emu_fail(what))
+
+// Runs body as every block of grid with block threads: what a <<<grid, block, smem, stream>>>
+// launch does (the stream is irrelevant: launches run in program order).
+static void emu_launch(dim3 grid, int block, size_t smem_bytes, cudaStream_t, std::function<void()> body) {
+    launch(Dim3{grid.x, grid.y, grid.z}, block, smem_bytes, body);
+}
+
+#include "decode_attention_launched.cuh"   // llmc/decode_attention.cuh with its launches rewritten
+
+// ---------------------------------------------------------------------------------------------
+
+static std::vector<float> read_floats(FILE *f, size_t n, const char *path) {
+    std::vector<float> x(n);
+    if (fread(x.data(), sizeof(float), n, f) != n) {
+        fprintf(stderr, "error: %s: file ends before %zu floats were read\n", path, n);
+        exit(1);
+    }
+    return x;
+}
+
+// A device buffer of bytes: 256-byte aligned like cudaMalloc's, every byte set to fill
+static void *device_alloc(size_t bytes, int fill) {
+    void *p = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+    if (!p) emu_fail("out of memory");
+    memset(p, fill, bytes);
+    return p;
+}
+
+// A bf16 device buffer holding the values x
+static floatX *device_bf16(const std::vector<float> &x) {
+    floatX *p = (floatX *)device_alloc(x.size() * 2, 0);
+    for (size_t i = 0; i < x.size(); i++) p[i] = to_bf16(x[i]);
+    return p;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4 || (strcmp(argv[3], "forward") != 0 && strcmp(argv[3], "reverse") != 0)) {
+        fprintf(stderr, "usage: %s IN OUT forward|reverse\n", argv[0]);
+        return 1;
+    }
+    threads_in_reverse = strcmp(argv[3], "reverse") == 0;
+    // the shared arrays of decode_attention_kernel<64> and <128>: q_s, p_s, m_s, l_s, partial
+    size_t shared_bytes = 0;
+    for (int hs : {64, 128})
+        shared_bytes += sizeof(float) * DECODE_HEADS_PER_BLOCK * (hs + DECODE_SPLIT_LEN + 2 + DECODE_WARPS * hs);
+    if ((size_t)(emu_shared_end - emu_shared_begin) < shared_bytes)
+        emu_fail("the kernels' __shared__ arrays are not in the poisoned range (decode_attention_emu.ld)");
+    FILE *f = fopen(argv[1], "rb");
+    if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
+    int32_t dims[8];
+    if (fread(dims, sizeof(int32_t), 8, f) != 8) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int N = dims[0], NH = dims[1], NKV = dims[2], HS = dims[3], S = dims[4], Tmax = dims[5], n_splits = dims[6];
+    int reference = dims[7];
+    if (N < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || (HS != 64 && HS != 128) || S < 1 || Tmax < 1 || n_splits < 1) {
+        fprintf(stderr, "error: %s: bad shape N=%d NH=%d NKV=%d HS=%d S=%d Tmax=%d n_splits=%d\n", argv[1], N, NH, NKV,
+                HS, S, Tmax, n_splits);
+        return 1;
+    }
+    std::vector<int32_t> slot_pos(2 * (size_t)N);
+    if (fread(slot_pos.data(), sizeof(int32_t), slot_pos.size(), f) != slot_pos.size()) {
+        fprintf(stderr, "error: %s: file ends before the rows' slots and positions\n", argv[1]);
+        return 1;
+    }
+    size_t QKV = (size_t)(NH + 2 * NKV) * HS, n_cache = (size_t)S * NKV * Tmax * HS, n_out = (size_t)N * NH * HS;
+    floatX *qkv = device_bf16(read_floats(f, (size_t)N * QKV, argv[1]));
+    floatX *k_cache = device_bf16(read_floats(f, n_cache, argv[1]));
+    floatX *v_cache = device_bf16(read_floats(f, n_cache, argv[1]));
+    fclose(f);
+    int *row_slot = (int *)device_alloc(N * sizeof(int), 0), *row_pos = (int *)device_alloc(N * sizeof(int), 0);
+    memcpy(row_slot, slot_pos.data(), N * sizeof(int));
+    memcpy(row_pos, slot_pos.data() + N, N * sizeof(int));
+    floatX *out = (floatX *)device_alloc(n_out * 2, 0xff);
+    float *part_o = (float *)device_alloc(n_out * n_splits * sizeof(float), 0xff);
+    float *part_ml = (float *)device_alloc((size_t)N * NH * n_splits * 2 * sizeof(float), 0xff);
+    int *err = (int *)device_alloc(sizeof(int), 0);
+
+    decode_attention(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, HS, S, Tmax, n_splits,
+                     reference, err, 0);
+
+    FILE *o = fopen(argv[2], "wb");
+    if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }
+    std::vector<float> x(n_out);
+    for (size_t i = 0; i < n_out; i++) x[i] = to_f32(out[i]);
+    if (fwrite(x.data(), sizeof(float), n_out, o) != n_out || fwrite(err, sizeof(int), 1, o) != 1 || fclose(o) != 0) {
+        fprintf(stderr, "error: cannot write %s\n", argv[2]);
+        return 1;
+    }
+    printf("decode_attention_emu N=%d NH=%d NKV=%d HS=%d Tmax=%d n_splits=%d %s, threads %s: done\n", N, NH, NKV, HS,
+           Tmax, n_splits, reference ? "reference" : "split", argv[3]);
+    return 0;
+}

@@ -1,0 +1,174 @@
+"""The decode-attention kernels of the GPU rollout engine (llmc/decode_attention.cuh) run on the
+CPU through test/decode_attention_emu.cpp (the GPU emulation of test/gpu_emu.h) against a NumPy
+float64 oracle written from the math: row r, query head h, attends over its own sequence's
+positions 0..pos[r] of cache slot slot[r], key/value head h // (NH / NKV):
+out = softmax(q . k / sqrt(HS)) v.
+
+Shapes cover NH = NKV and grouped-query attention (including a group larger than the kernel's
+batch of 8 heads), head sizes 64 and 128, one split and several, sequence lengths of 1, on split
+boundaries and not multiples of the split length, rows that share a slot, more splits than any
+row needs, and sharp softmaxes; each runs through the split kernel with its combine and through
+the reference kernel, with the threads of each block scheduled forward and in reverse (a
+missing barrier shows in one order or the other). A mutation check confirms that an oracle with the wrong scale or the wrong
+head mapping fails the comparison."""
+import math
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+SPLIT = 256   # DECODE_SPLIT_LEN
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found: the emulator is C++")
+    build = tmp_path_factory.mktemp("decode")
+    source = (ROOT / "llmc" / "decode_attention.cuh").read_text()
+    assert re.search(r"#define DECODE_SPLIT_LEN (\d+)", source).group(1) == str(SPLIT)
+    # k<<<grid, block, smem, stream>>>(args);  ->  emu_launch(grid, block, smem, stream, [=] { k(args); });
+    launched, n = re.subn(r"(\w+(?:<\w+>)?)<<<(.*?)>>>\((.*?)\);", r"emu_launch(\2, [=] { \1(\3); });", source,
+                          flags=re.S)
+    assert n == source.count("<<<") and n >= 4 and "<<<" not in launched, "a launch was not rewritten"
+    (build / "decode_attention_launched.cuh").write_text(launched)
+    exe = build / "decode_attention_emu"
+    subprocess.run([cxx, "-std=c++17", "-O2", "-fno-strict-aliasing", "-fdata-sections", "-Wall", "-Wno-unknown-pragmas",
+                    "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe),
+                    str(ROOT / "test" / "decode_attention_emu.cpp"),
+                    "-Wl,-T," + str(ROOT / "test" / "decode_attention_emu.ld")], check=True)
+    return exe
+
+
+def to_bf16(x):
+    """Rounds float32 values to the nearest bfloat16 (ties to even), returned as float32."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
+    return u.astype(np.uint32).view(np.float32)
+
+
+def oracle(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, scale=None, kv_head=None):
+    """float64 out (N, NH*HS): each row's query heads against its own slot's positions 0..pos.
+    scale and kv_head (h -> key/value head) default to the true 1/sqrt(HS) and h // (NH/NKV); the
+    mutation check passes wrong ones."""
+    scale = 1.0 / math.sqrt(HS) if scale is None else scale
+    kv_head = (lambda h: h // (NH // NKV)) if kv_head is None else kv_head
+    N = qkv.shape[0]
+    out = np.zeros((N, NH * HS))
+    for r in range(N):
+        s, p = slots[r], positions[r]
+        for h in range(NH):
+            q = qkv[r, h * HS:(h + 1) * HS].astype(np.float64)
+            k = k_cache[s, kv_head(h), :p + 1].astype(np.float64)
+            v = v_cache[s, kv_head(h), :p + 1].astype(np.float64)
+            scores = k @ q * scale
+            w = np.exp(scores - scores.max())
+            out[r, h * HS:(h + 1) * HS] = (w / w.sum()) @ v
+    return out
+
+
+def within_tolerance(got, ref, HS):
+    """True when every output is ref rounded to bf16 up to fp32 accumulation: |got - ref| at most
+    half a bf16 ulp of ref plus 1e-5 of the head's largest |ref|."""
+    N = ref.shape[0]
+    _, e = np.frexp(ref)
+    half_ulp = np.ldexp(1.0, e - 9)   # bf16 keeps 8 significant bits
+    head_max = np.abs(ref.reshape(N, -1, HS)).max(axis=-1, keepdims=True)
+    bound = half_ulp + 1e-5 * np.broadcast_to(head_max, (N, ref.shape[1] // HS, HS)).reshape(N, -1)
+    return bool(np.all(np.abs(got.astype(np.float64) - ref) <= bound))
+
+
+def run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, n_splits, reference,
+                 order="forward"):
+    """out (N, NH*HS) float32 and the error flags from decode_attention() under emulation."""
+    N = qkv.shape[0]
+    S, _, Tmax, _ = k_cache.shape
+    inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(inp, "wb") as f:
+        np.array([N, NH, NKV, HS, S, Tmax, n_splits, reference], np.int32).tofile(f)
+        np.array(list(slots) + list(positions), np.int32).tofile(f)
+        for x in (qkv, k_cache, v_cache):
+            x.astype(np.float32).tofile(f)
+    proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    raw = np.fromfile(outp, np.uint8)
+    assert raw.size == (N * NH * HS + 1) * 4
+    return raw[:-4].view(np.float32).reshape(N, NH * HS), int(raw[-4:].view(np.int32)[0])
+
+
+def make_inputs(shape, seed):
+    """bf16-representable qkv, k_cache and v_cache for shape (see SHAPES)."""
+    NH, NKV, HS, S, Tmax, rows, _, scale = shape
+    rng = np.random.default_rng(seed)
+    qkv = to_bf16(rng.standard_normal((len(rows), (NH + 2 * NKV) * HS)) * scale)
+    k_cache = to_bf16(rng.standard_normal((S, NKV, Tmax, HS)) * scale)
+    v_cache = to_bf16(rng.standard_normal((S, NKV, Tmax, HS)))
+    return qkv, k_cache, v_cache
+
+
+SHAPES = [  # NH, NKV, HS, slots S, Tmax, rows (slot, length), n_splits (None: as rollout.cu, for Tmax), input scale
+    (2, 2, 64, 3, 300, [(0, 1), (1, 256), (2, 300), (1, 257)], None, 1.0),
+    (8, 2, 64, 4, 600, [(3, 1), (0, 37), (2, 513), (1, 600), (0, 255)], None, 1.0),
+    (4, 1, 128, 2, 700, [(1, 700), (0, 2), (1, 256), (0, 511)], None, 2.0),
+    (1, 1, 128, 2, 100, [(0, 1), (1, 100), (0, 50)], None, 1.0),
+    (18, 1, 64, 2, 280, [(1, 280), (0, 1), (0, 129)], None, 1.0),
+    (4, 2, 128, 2, 300, [(0, 300), (1, 3)], 4, 3.0),
+]
+
+
+def shape_id(s):
+    NH, NKV, HS, S, Tmax, rows, splits, scale = s
+    return "NH%d_NKV%d_HS%d_T%d_len%s_splits%s_x%g" % (NH, NKV, HS, Tmax, "-".join(str(n) for _, n in rows),
+                                                       splits or "auto", scale)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("kernel", ["split", "reference"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_decode_attention_emulated(emulator, tmp_path, shape, kernel, order):
+    NH, NKV, HS, S, Tmax, rows, n_splits, _ = shape
+    n_splits = n_splits or -(-Tmax // SPLIT)   # decode_attention_splits
+    qkv, k_cache, v_cache = make_inputs(shape, SHAPES.index(shape))
+    slots, positions = [s for s, _ in rows], [n - 1 for _, n in rows]
+    got, err = run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, n_splits,
+                            kernel == "reference", order)
+    assert err == 0
+    assert np.isfinite(got).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    ref = oracle(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS)
+    assert within_tolerance(got, ref, HS), "max abs error %.3e" % np.abs(got - ref).max()
+
+
+def test_oracle_mutations_fail(emulator, tmp_path):
+    """The comparison catches a wrong scale and a wrong GQA head mapping."""
+    shape = SHAPES[1]
+    NH, NKV, HS, S, Tmax, rows, _, _ = shape
+    qkv, k_cache, v_cache = make_inputs(shape, 1)
+    slots, positions = [s for s, _ in rows], [n - 1 for _, n in rows]
+    got, err = run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS,
+                            -(-Tmax // SPLIT), False)
+    assert err == 0
+    args = (qkv, k_cache, v_cache, slots, positions, NH, NKV, HS)
+    assert within_tolerance(got, oracle(*args), HS)
+    assert not within_tolerance(got, oracle(*args, scale=1.0 / HS), HS)
+    assert not within_tolerance(got, oracle(*args, kv_head=lambda h: h % NKV), HS)
+
+
+def test_decode_attention_position_errors(emulator, tmp_path):
+    """A row past the cache or past the grid's splits sets DECODE_ERR_POSITION (2) and is left
+    unwritten; the other rows are still right."""
+    shape = (4, 2, 64, 2, 600, [(0, 5), (1, 301), (0, 601), (1, 256)], 2, 1.0)
+    NH, NKV, HS, S, Tmax, rows, _, _ = shape
+    qkv, k_cache, v_cache = make_inputs(shape, 7)
+    slots, positions = [s for s, _ in rows], [n - 1 for _, n in rows]
+    # one split covers positions 0..255: row 1 (pos 300) is past the grid, row 2 (pos 600) past the cache
+    got, err = run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, 1, False)
+    assert err == 2
+    assert np.isnan(got[1]).all() and np.isnan(got[2]).all()
+    ok = [0, 3]
+    ref = oracle(qkv[ok], k_cache, v_cache, [slots[i] for i in ok], [positions[i] for i in ok], NH, NKV, HS)
+    assert within_tolerance(got[ok], ref, HS)
