@@ -35,7 +35,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)   // (max threads) or (max threads, min blocks)
 
 static void emu_fail(const char *what) {
     fprintf(stderr, "error: " EMU_PROGRAM ": %s\n", what);
