@@ -335,3 +335,28 @@ def test_draws_replay_philox_gumbel_max(emulator, tmp_path):
         assert tokens[r] == keep[np.argmax(scores)], r
         compared += 1
     assert compared >= n - 2
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
+def test_nonfinite_logits_flag_the_row(emulator, tmp_path, reference):
+    """A row with a NaN or an infinite logit sets SAMPLE_ERR_NONFINITE_LOGITS (1) and gets token
+    0 and a NaN log-probability; the other rows are sampled as usual."""
+    rng = np.random.default_rng(3)
+    V = 300
+    x = rng.standard_normal((3, V)).astype(np.float32)
+    x[0, 123] = np.nan
+    x[2, 7] = np.inf
+    tokens, logprobs, err, sets = run_sampler(emulator, tmp_path, x, 1.0, 20, 1.0, [1, 2, 3], [0, 0, 0],
+                                              reference=reference)
+    assert err == 1
+    assert tokens[0] == 0 and tokens[2] == 0 and np.isnan(logprobs[0]) and np.isnan(logprobs[2])
+    assert tokens[1] in reference_set(x[1], 1.0, 20, 1.0)
+    check_logprobs(x[1:2], tokens[1:2], logprobs[1:2], V)
+
+
+def test_reference_kernel_refuses_large_top_p_vocabulary(emulator, tmp_path):
+    """The reference kernel's top-p holds 64 decisions per thread: past V = 64 * 256 it sets
+    SAMPLE_ERR_REFERENCE_VOCAB (4) instead of sampling."""
+    x = np.zeros((1, 64 * 256 + 1), np.float32)
+    tokens, logprobs, err, _ = run_sampler(emulator, tmp_path, x, 1.0, 0, 0.9, [1], [0], reference=True)
+    assert err == 4 and tokens[0] == 0 and np.isnan(logprobs[0])
