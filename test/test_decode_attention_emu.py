@@ -13,36 +13,23 @@ missing barrier shows in one order or the other). A mutation check confirms that
 head mapping fails the comparison."""
 import math
 import re
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
+from gpu_emu import build_emulator, rewrite_launches
 
 SPLIT = 256   # DECODE_SPLIT_LEN
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: the emulator is C++")
     build = tmp_path_factory.mktemp("decode")
     source = (ROOT / "llmc" / "decode_attention.cuh").read_text()
     assert re.search(r"#define DECODE_SPLIT_LEN (\d+)", source).group(1) == str(SPLIT)
-    # k<<<grid, block, smem, stream>>>(args);  ->  emu_launch(grid, block, smem, stream, [=] { k(args); });
-    launched, n = re.subn(r"(\w+(?:<\w+>)?)<<<(.*?)>>>\((.*?)\);", r"emu_launch(\2, [=] { \1(\3); });", source,
-                          flags=re.S)
-    assert n == source.count("<<<") and n >= 4 and "<<<" not in launched, "a launch was not rewritten"
-    (build / "decode_attention_launched.cuh").write_text(launched)
-    exe = build / "decode_attention_emu"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-fno-strict-aliasing", "-fdata-sections", "-Wall", "-Wno-unknown-pragmas",
-                    "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe),
-                    str(ROOT / "test" / "decode_attention_emu.cpp"),
-                    "-Wl,-T," + str(ROOT / "test" / "decode_attention_emu.ld")], check=True)
-    return exe
+    return build_emulator(build, rewrite_launches(source, 4), "decode_attention_emu")
 
 
 def to_bf16(x):

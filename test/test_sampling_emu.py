@@ -17,39 +17,26 @@ exactly: the argmax over the reference set of (x - max) / T plus Gumbel noise fr
 Philox4x32-10 (checked on Random123's known-answer vectors) of the row's key and step."""
 import math
 import re
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
+from gpu_emu import build_emulator, rewrite_launches
 
 SMOLLM2_VOCAB = 49152
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: the emulator is C++")
     build = tmp_path_factory.mktemp("sampling")
-    source = (ROOT / "llmc" / "sampling.cuh").read_text()
-    # k<<<grid, block, smem, stream>>>(args);  ->  emu_launch(grid, block, smem, stream, [=] { k(args); });
-    launched, n = re.subn(r"(\w+(?:<\w+>)?)<<<(.*?)>>>\((.*?)\);", r"emu_launch(\2, [=] { \1(\3); });", source,
-                          flags=re.S)
-    assert n == source.count("<<<") and n >= 2 and "<<<" not in launched, "a launch was not rewritten"
+    launched = rewrite_launches((ROOT / "llmc" / "sampling.cuh").read_text(), 2)
     # the dynamic shared array -> the emulated block's dynamic shared memory
     launched, n = re.subn(r"extern __shared__ __align__\(16\) unsigned char (\w+)\[\];",
                           r"unsigned char *\1 = smem.data();", launched)
     assert n == 1 and "extern __shared__" not in launched, "the dynamic shared array was not rewritten"
-    (build / "sampling_launched.cuh").write_text(launched)
-    exe = build / "sampling_emu"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-fno-strict-aliasing", "-fdata-sections", "-Wall", "-Wno-unknown-pragmas",
-                    "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe),
-                    str(ROOT / "test" / "sampling_emu.cpp"),
-                    "-Wl,-T," + str(ROOT / "test" / "sampling_emu.ld")], check=True)
-    return exe
+    return build_emulator(build, launched, "sampling_emu")
 
 
 def run_sampler(emulator, tmp_path, logits, temperature, top_k, top_p, keys, steps, V=None, reference=False,
