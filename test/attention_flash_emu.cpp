@@ -151,15 +151,6 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *q
            [=] { flash_attention_backward_dq_kernel<HS>(dqkv, dout, qkv, lse, D, T, NH, NKV); });
 }
 
-static std::vector<float> read_floats(FILE *f, size_t n, const char *path) {
-    std::vector<float> x(n);
-    if (fread(x.data(), sizeof(float), n, f) != n) {
-        fprintf(stderr, "error: %s: file ends before %zu floats were read\n", path, n);
-        exit(1);
-    }
-    return x;
-}
-
 int main(int argc, char **argv) {
     if (argc != 4 || (strcmp(argv[3], "early") != 0 && strcmp(argv[3], "late") != 0)) {
         fprintf(stderr, "usage: %s IN OUT early|late\n", argv[0]);

@@ -69,15 +69,6 @@ static void emu_launch(dim3 grid, int block, size_t smem_bytes, cudaStream_t, st
 
 // ---------------------------------------------------------------------------------------------
 
-static std::vector<float> read_floats(FILE *f, size_t n, const char *path) {
-    std::vector<float> x(n);
-    if (fread(x.data(), sizeof(float), n, f) != n) {
-        fprintf(stderr, "error: %s: file ends before %zu floats were read\n", path, n);
-        exit(1);
-    }
-    return x;
-}
-
 // A device buffer of bytes: 256-byte aligned like cudaMalloc's, every byte set to fill
 static void *device_alloc(size_t bytes, int fill) {
     void *p = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);

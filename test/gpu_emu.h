@@ -42,6 +42,16 @@ static void emu_fail(const char *what) {
     exit(1);
 }
 
+// n float32 values read from f (the emulator's input file `path`); exits when the file is short.
+static inline std::vector<float> read_floats(FILE *f, size_t n, const char *path) {
+    std::vector<float> x(n);
+    if (fread(x.data(), sizeof(float), n, f) != n) {
+        fprintf(stderr, "error: %s: file ends before %zu floats were read\n", path, n);
+        exit(1);
+    }
+    return x;
+}
+
 struct floatX { uint16_t bits; };   // bf16
 static inline float to_f32(floatX x) {
     uint32_t u = (uint32_t)x.bits << 16;
