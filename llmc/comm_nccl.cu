@@ -152,6 +152,10 @@ void comm_nccl_all_reduce_sum(float *dev, size_t n, void *stream) {
     ncclCheck(ncclAllReduce(dev, dev, n, ncclFloat, ncclSum, nccl_comm(), (cudaStream_t)stream));
 }
 
+void comm_nccl_all_reduce_sum_double(double *dev, size_t n, void *stream) {
+    ncclCheck(ncclAllReduce(dev, dev, n, ncclDouble, ncclSum, nccl_comm(), (cudaStream_t)stream));
+}
+
 void comm_nccl_all_reduce_mean(float *dev, size_t n, void *stream) {
 #if NCCL_VERSION_CODE >= NCCL_VERSION(2, 10, 0)
     ncclCheck(ncclAllReduce(dev, dev, n, ncclFloat, ncclAvg, nccl_comm(), (cudaStream_t)stream));
@@ -219,6 +223,7 @@ int comm_nccl_available(void) { return 0; }
 void comm_nccl_init(void) { comm_nccl_missing("comm_nccl_init"); }
 void comm_nccl_finalize(void) {}
 void comm_nccl_all_reduce_sum(float *dev, size_t n, void *stream) { comm_nccl_missing("comm_nccl_all_reduce_sum"); }
+void comm_nccl_all_reduce_sum_double(double *dev, size_t n, void *stream) { comm_nccl_missing("comm_nccl_all_reduce_sum_double"); }
 void comm_nccl_all_reduce_mean(float *dev, size_t n, void *stream) { comm_nccl_missing("comm_nccl_all_reduce_mean"); }
 void comm_nccl_broadcast(void *dev, size_t bytes, int root, void *stream) { comm_nccl_missing("comm_nccl_broadcast"); }
 void comm_nccl_all_gather_shards(float *dev, size_t n, void *stream) { comm_nccl_missing("comm_nccl_all_gather_shards"); }

@@ -42,6 +42,8 @@ void comm_nccl_finalize(void);
 // dev (n floats on the GPU) <- elementwise sum / mean over ranks, on every rank.
 void comm_nccl_all_reduce_sum(float *dev, size_t n, void *stream);
 void comm_nccl_all_reduce_mean(float *dev, size_t n, void *stream);
+// the same sum in double (the squared gradient norm of ZeRO-1 shards)
+void comm_nccl_all_reduce_sum_double(double *dev, size_t n, void *stream);
 // dev (bytes on the GPU) on every rank <- dev on rank root.
 void comm_nccl_broadcast(void *dev, size_t bytes, int root, void *stream);
 // In place, as comm_all_gather_shards: each rank holds its shard (comm_shard_range) of dev (n).

@@ -21,10 +21,11 @@ __global__ void global_norm_squared_partial_kernel(float *partial, const float *
     if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
 
-// out[0] = sqrt(sum of the partials), or the sum itself when take_sqrt is 0 (one rank's squared
-// norm, which data-parallel ranks add before the root); one block of 32 * 32 threads, summing in
-// double and rounding once.
-__global__ void global_norm_finish_kernel(float *out, const float *partial, int count, int take_sqrt) {
+// out[0] = sqrt(sum of the partials), rounded once to float; or, when squared is given, the sum
+// itself in double (one rank's squared norm, which data-parallel ranks add in double before the
+// root, so that one rank's norm is the same float as the plain path's); one block of 32 * 32
+// threads, summing in double.
+__global__ void global_norm_finish_kernel(float *out, double *squared, const float *partial, int count) {
     __shared__ double shared[1024];
     double sum = 0.0;
     for (int i = threadIdx.x; i < count; i += blockDim.x) sum += partial[i];
@@ -34,14 +35,17 @@ __global__ void global_norm_finish_kernel(float *out, const float *partial, int 
         if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[0] = (float)(take_sqrt ? sqrt(shared[0]) : shared[0]);
+    if (threadIdx.x == 0) {
+        if (squared) squared[0] = shared[0];
+        else out[0] = (float)sqrt(shared[0]);
+    }
 }
 
 // out (1 float on the device) = ||grads (n)||_2; partial holds GLOBAL_NORM_BLOCKS floats.
 static inline void global_norm(float *out, float *partial, const float *grads, size_t n, cudaStream_t stream) {
     global_norm_squared_partial_kernel<<<GLOBAL_NORM_BLOCKS, 512, 0, stream>>>(partial, grads, n);
     cudaCheckLaunch();
-    global_norm_finish_kernel<<<1, 1024, 0, stream>>>(out, partial, GLOBAL_NORM_BLOCKS, 1);
+    global_norm_finish_kernel<<<1, 1024, 0, stream>>>(out, NULL, partial, GLOBAL_NORM_BLOCKS);
     cudaCheckLaunch();
 }
 #endif

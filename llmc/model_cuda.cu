@@ -95,7 +95,7 @@ typedef struct {
     float *m, *v;           // AdamW moments: num_parameters, or shard_hi - shard_lo when sharded
     int sharded;            // ZeRO-1 (cuda_model_create_sharded): m, v cover [shard_lo, shard_hi)
     size_t shard_lo, shard_hi;
-    float *dp_scalar;       // 1 float: a shard's squared gradient norm, summed over the ranks
+    double *dp_scalar;      // 1 double: a shard's squared gradient norm, summed over the ranks
 
     // activations (capacity for max_N = max_B * max_T rows; per-layer tensors stacked (L, ...))
     float *encoded;                        // (N, C) fp32
@@ -332,7 +332,7 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     d->column_scratch = (float *)activation_alloc(d, 2 * (size_t)column_chunks((int)N) * widest * sizeof(float));
     d->norm_partial = (float *)device_alloc(d, GLOBAL_NORM_BLOCKS * sizeof(float));
     d->norm_result = (float *)device_alloc(d, sizeof(float));
-    d->dp_scalar = (float *)device_alloc(d, sizeof(float));
+    d->dp_scalar = (double *)device_alloc(d, sizeof(double));
     d->rope_cos_sin = NULL;
     if (c->arch == ARCH_LLAMA) {
         float *table = rope_table_host(max_T, HS, c->rope_theta);
@@ -703,15 +703,15 @@ extern "C" float cuda_model_grad_norm(CudaModel *model) {
         global_norm_squared_partial_kernel<<<GLOBAL_NORM_BLOCKS, 512, 0, d->stream>>>(
             d->norm_partial, d->grads + d->shard_lo, d->shard_hi - d->shard_lo);
         cudaCheckLaunch();
-        global_norm_finish_kernel<<<1, 1024, 0, d->stream>>>(d->dp_scalar, d->norm_partial, GLOBAL_NORM_BLOCKS, 0);
+        global_norm_finish_kernel<<<1, 1024, 0, d->stream>>>(NULL, d->dp_scalar, d->norm_partial, GLOBAL_NORM_BLOCKS);
         cudaCheckLaunch();
         prof_end(model);
-        comm_nccl_all_reduce_sum(d->dp_scalar, 1, d->stream);
-        float squared = 0.0f;
-        cudaCheck(cudaMemcpyAsync(&squared, d->dp_scalar, sizeof(float), cudaMemcpyDeviceToHost, d->stream));
+        comm_nccl_all_reduce_sum_double(d->dp_scalar, 1, d->stream);
+        double squared = 0.0;
+        cudaCheck(cudaMemcpyAsync(&squared, d->dp_scalar, sizeof(double), cudaMemcpyDeviceToHost, d->stream));
         cudaCheck(cudaStreamSynchronize(d->stream));
         prof_resolve(model);
-        return (float)sqrt((double)squared);
+        return (float)sqrt(squared);
     }
     prof_begin(model, PROF_GRAD_NORM);
     global_norm(d->norm_result, d->norm_partial, d->grads, model->num_parameters, d->stream);

@@ -56,6 +56,18 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n; i++) ok &= host[i] == (float)((i % 1024) * 0.5 * W * (W + 1) / 2.0);
     check(ok, "all_reduce_sum of (r+1)*(i%1024)/2");
 
+    // the double sum keeps what float would round away: 1 + (r + 1) 2^-40
+    {
+        double *dd = NULL, hd = 1.0 + (double)(rank + 1) * ldexp(1.0, -40);
+        cuda_ok(cudaMalloc(&dd, sizeof(double)), "cudaMalloc");
+        cuda_ok(cudaMemcpy(dd, &hd, sizeof(double), cudaMemcpyHostToDevice), "cudaMemcpy");
+        comm_nccl_all_reduce_sum_double(dd, 1, stream);
+        cuda_ok(cudaMemcpyAsync(&hd, dd, sizeof(double), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+        cuda_ok(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        check(hd == (double)W + ldexp(1.0, -40) * W * (W + 1) / 2.0, "all_reduce_sum_double of 1 + (r+1)*2^-40");
+        cudaFree(dd);
+    }
+
     for (size_t i = 0; i < n; i++) host[i] = (float)(rank + 1) * (float)(i % 1024);
     cuda_ok(cudaMemcpy(dev, host.data(), n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
     comm_nccl_all_reduce_mean(dev, n, stream);

@@ -8,7 +8,7 @@ bf16), so two comparisons:
   holds the best/worst pairs, its checkpoint the policy and AdamW state) is copied and resumed
   once on the CPU and once with --device cuda. A DPO step samples nothing, so steps 2 and 3 see
   the same pairs and start from the same weights: their loss, KL, margin and gradient norm must
-  agree within bf16 tolerance (5% relative; the KL to 5% of max(|KL|, 1e-3)), step 3 after an
+  agree within bf16 tolerance (5% relative; the KL to 10% of max(|KL|, 1e-3)), step 3 after an
   update made on the GPU;
 - the sampling, in distribution: the same GRPO run (2 steps, temperature 1) on both devices; the
   presample's mean raw reward per dimension (every prompt x K responses, scored by the same heads
@@ -17,6 +17,7 @@ bf16), so two comparisons:
   above the first's, every figure finite.
 
 usage: python3 dev/cuda/mora_device_check.py ./train_mora WORKDIR     exit 0 on PASS
+       (MORA_DEVICE_WORLD=DIR: use that `train_mora demo --pretrain_steps 300 --steps 1` output)
 """
 import json
 import math
@@ -49,7 +50,11 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     world = os.path.join(work, "world")
-    run([exe, "demo", "--out", world, "--pretrain_steps", "300", "--steps", "1"], f"{work}/demo.log")
+    given = os.environ.get("MORA_DEVICE_WORLD")
+    if given:   # a demo run made elsewhere with the same arguments (the CPU part, done ahead)
+        shutil.copytree(given, world)
+    else:
+        run([exe, "demo", "--out", world, "--pretrain_steps", "300", "--steps", "1"], f"{work}/demo.log")
     common = [exe, "mora", "--model", f"{world}/base/model.ckpt", "--heads", f"{world}/heads/reward_heads.bin",
               "--prompts", f"{world}/world/train_prompts.jsonl", "--chat_template", "plain", "--stop", "\n",
               "--K", "4", "--candidates", "2", "--rewrite_K", "2", "--max_new_tokens", "48",
@@ -67,7 +72,12 @@ def main():
     for c, g in zip(mc[1:], mg[1:]):
         diffs = {k: abs(g[k] - c[k]) / max(abs(c[k]), 1e-3 if k == "kl" else 1e-12)
                  for k in ("loss", "kl", "dpo_margin", "grad_norm")}
-        step_ok = all(d <= 5e-2 for d in diffs.values()) and all(math.isfinite(g[k]) for k in diffs)
+        # the KL is the k3 estimator, the mean of exp(r) - r - 1 over the tokens' log-ratios r =
+        # log p_ref - log p: where the policy has moved far (r of several nats), an error e in a
+        # token's log-prob moves that token's term by a relative e, and bf16 log-probs carry
+        # errors of a few hundredths of a nat per token
+        tol = {"loss": 5e-2, "kl": 1e-1, "dpo_margin": 5e-2, "grad_norm": 5e-2}
+        step_ok = all(diffs[k] <= tol[k] for k in diffs) and all(math.isfinite(g[k]) for k in diffs)
         print(f"mora_device dpo step {c['step']}: " + ", ".join(f"{k} cpu {c[k]:.5g} cuda {g[k]:.5g}" for k in diffs)
               + f"; largest relative difference {max(diffs.values()):.1e}  {verdict(step_ok)}")
         good = good and step_ok
