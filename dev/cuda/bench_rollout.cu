@@ -6,6 +6,7 @@
  * of the timed calls after a warm-up call (module load, cuBLASLt heuristics, graph captures).
  * Figures only: not a test.
  *   build/cuda/dev/bench_rollout [calls]
+ *   build/cuda/dev/bench_rollout CALLS PRESET B      one setting only (B prompts, temperature 1)
  * Targets from the issue (H100 80GB, B = 64): GPT-2 124M >= 100K tok/s, SmolLM2-135M >= 60K
  * tok/s (Hugging Face generate: 8.2K and 2.6K).
  */
@@ -85,6 +86,12 @@ int main(int argc, char **argv) {
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, 0);
     printf("GPU rollouts: B prompts of 64 tokens, 128 new tokens each, median of %d calls, on %s\n", calls, prop.name);
+    if (argc > 3) {   // one setting, temperature 1 (for a profiler run)
+        int B = atoi(argv[3]);
+        if (B < 1) fatal("bench_rollout: batch size '%s' is not a positive number", argv[3]);
+        bench(argv[2], B, 64, 128, calls, 0, 0);
+        return 0;
+    }
     bench("gpt2:d12", 64, 64, 128, calls, 100e3, 0);
     bench("gpt2:d12", 64, 64, 128, calls, 0, 1);
     bench("gpt2:d12", 256, 64, 128, calls, 0, 0);
