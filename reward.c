@@ -384,7 +384,7 @@ int cmd_reward(int argc, char **argv) {
     char *metrics_text = (char *)mallocCheck(1);
     metrics_text[0] = '\0';
     size_t metrics_len = 0;
-    SplitEval train_eval, val_eval;
+    SplitEval train_eval = {0}, val_eval = {0};
     int steps = 0;
 
     for (int epoch = 1; epoch <= a.epochs; epoch++) {

@@ -5,7 +5,8 @@
  *
  * Layout: the residual stream is fp32 (N, C); the norm output is bf16 (N, C) because it only
  * feeds a matrix product; mean and rstd are fp32 (N). One warp normalises one row, so a row is
- * read from memory once and re-read from L1 for the second and third passes.
+ * read from memory once and re-read from L1 for the second and third passes; for few rows (the
+ * decode step) one block normalises one row from registers.
  *
  * Fusion: the model computes x = residual + branch and then norm(x) at every block boundary;
  * doing both in one kernel saves writing x and reading it back (the write of x is kept: the
@@ -58,18 +59,95 @@ __global__ void residual_norm_forward_kernel(float *res_out, floatX *out, float 
     }
 }
 
+// The same with one block of NORM_ROW_THREADS threads per row, each thread holding its (at most
+// NORM_ROW_MAX_PER_THREAD) elements of the row in registers: for few rows (decoding: one row per
+// sequence), where one warp per row leaves most of the GPU idle and each warp waits on one load
+// after another through its three passes.
+#define NORM_ROW_THREADS 256
+#define NORM_ROW_MAX_PER_THREAD 8
+__global__ void __launch_bounds__(NORM_ROW_THREADS)
+residual_norm_forward_row_kernel(float *res_out, floatX *out, float *mean, float *rstd, const float *res_in,
+                                 const floatX *branch, const floatX *weight, const floatX *bias,
+                                 int N, int C, float eps, int is_layernorm) {
+    __shared__ float shared[32];
+    size_t row = (size_t)blockIdx.x * C;
+    float v[NORM_ROW_MAX_PER_THREAD];
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_ROW_MAX_PER_THREAD; k++) {
+        int c = threadIdx.x + k * NORM_ROW_THREADS;
+        v[k] = 0.0f;
+        if (c < C) {
+            float x = res_in[row + c];
+            if (branch) {
+                x += to_float(branch[row + c]);
+                res_out[row + c] = x;
+            }
+            v[k] = x;
+            sum += x;
+        }
+    }
+    float m = is_layernorm ? block_sum(sum, shared) / C : 0.0f;
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_ROW_MAX_PER_THREAD; k++) {
+        int c = threadIdx.x + k * NORM_ROW_THREADS;
+        if (c < C) sq += (v[k] - m) * (v[k] - m);
+    }
+    float s = rsqrtf(block_sum(sq, shared) / C + eps);
+#pragma unroll
+    for (int k = 0; k < NORM_ROW_MAX_PER_THREAD; k++) {
+        int c = threadIdx.x + k * NORM_ROW_THREADS;
+        if (c < C) {
+            float y = (v[k] - m) * s * to_float(weight[c]);
+            if (bias) y += to_float(bias[c]);
+            out[row + c] = __float2bfloat16(y);
+        }
+    }
+    if (threadIdx.x == 0) {
+        if (mean) mean[blockIdx.x] = m;
+        rstd[blockIdx.x] = s;
+    }
+}
+
 // res_out = res_in + branch (branch may be NULL: then res_out is not written and the norm reads
 // res_in); out = norm(res_out). res_out must not alias res_in when branch is given.
-static inline void residual_norm_forward(float *res_out, floatX *out, float *mean, float *rstd,
-                                         const float *res_in, const floatX *branch,
-                                         const floatX *weight, const floatX *bias,
-                                         int N, int C, float eps, int is_layernorm, cudaStream_t stream) {
+// residual_norm_forward picks the kernel: a block per row below NORM_ROW_KERNEL_MAX_ROWS rows
+// (when C fits the block's registers), a warp per row above, where the warps fill the GPU.
+#define NORM_ROW_KERNEL_MAX_ROWS 4096
+static inline void residual_norm_forward_check(const float *res_out, const float *mean, const float *res_in,
+                                               const floatX *branch, int is_layernorm) {
     cudaRequire(!branch || res_out != res_in, "residual_norm_forward: res_out aliases res_in");
     cudaRequire(!is_layernorm || mean != NULL, "residual_norm_forward: LayerNorm needs mean");
+}
+static inline void residual_norm_forward_warps(float *res_out, floatX *out, float *mean, float *rstd,
+                                               const float *res_in, const floatX *branch,
+                                               const floatX *weight, const floatX *bias,
+                                               int N, int C, float eps, int is_layernorm, cudaStream_t stream) {
+    residual_norm_forward_check(res_out, mean, res_in, branch, is_layernorm);
     const int block = 256, rows_per_block = block / 32;
     residual_norm_forward_kernel<<<ceil_div(N, rows_per_block), block, 0, stream>>>(
         res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
     cudaCheckLaunch();
+}
+static inline void residual_norm_forward_rows(float *res_out, floatX *out, float *mean, float *rstd,
+                                              const float *res_in, const floatX *branch,
+                                              const floatX *weight, const floatX *bias,
+                                              int N, int C, float eps, int is_layernorm, cudaStream_t stream) {
+    residual_norm_forward_check(res_out, mean, res_in, branch, is_layernorm);
+    cudaRequire(C <= NORM_ROW_THREADS * NORM_ROW_MAX_PER_THREAD, "residual_norm_forward_rows: C too large for a block");
+    residual_norm_forward_row_kernel<<<N, NORM_ROW_THREADS, 0, stream>>>(
+        res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
+    cudaCheckLaunch();
+}
+static inline void residual_norm_forward(float *res_out, floatX *out, float *mean, float *rstd,
+                                         const float *res_in, const floatX *branch,
+                                         const floatX *weight, const floatX *bias,
+                                         int N, int C, float eps, int is_layernorm, cudaStream_t stream) {
+    if (N < NORM_ROW_KERNEL_MAX_ROWS && C <= NORM_ROW_THREADS * NORM_ROW_MAX_PER_THREAD)
+        residual_norm_forward_rows(res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm, stream);
+    else
+        residual_norm_forward_warps(res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm, stream);
 }
 
 // Backward for dinp, one warp per row. With norm = (x - mean) * rstd (mean = 0 for RMSNorm) and

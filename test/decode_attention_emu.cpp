@@ -24,65 +24,11 @@
  */
 #define EMU_PROGRAM "decode_attention_emu"
 #define EMU_STATIC_SHARED
-#include "gpu_emu.h"
 
-// ---------------------------------------------------------------------------------------------
-// what cuda_common.h and the CUDA runtime would provide
-
-#define __shared__ static   // one copy for the block's threads; blocks run one after another
-#define __align__(n) __attribute__((aligned(n)))
-typedef floatX __nv_bfloat16;
-typedef int cudaStream_t;
-struct dim3 {
-    unsigned x, y, z;
-    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
-};
-static inline float to_float(float x) { return x; }
-static inline float to_float(floatX x) { return to_f32(x); }
-static inline floatX __float2bfloat16(float x) { return to_bf16(x); }
-static inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
-// the blocks run one at a time on one OS thread, so a plain read-modify-write is atomic
-static inline int atomicOr(int *address, int value) {
-    int old = *address;
-    *address = old | value;
-    return old;
-}
-// butterfly reductions over the warp's 32 lanes, as cuda_common.h's
-static inline float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-static inline float warp_max(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
-#define cudaCheckLaunch() ((void)0)
-#define cudaRequire(cond, what) ((cond) ? (void)0 : emu_fail(what))
-
-// Runs body as every block of grid with block threads: what a <<<grid, block, smem, stream>>>
-// launch does (the stream is irrelevant: launches run in program order).
-static void emu_launch(dim3 grid, int block, size_t smem_bytes, cudaStream_t, std::function<void()> body) {
-    launch(Dim3{grid.x, grid.y, grid.z}, block, smem_bytes, body);
-}
-
+#include "gpu_emu_runtime.h"
 #include "decode_attention_launched.cuh"   // llmc/decode_attention.cuh with its launches rewritten
 
 // ---------------------------------------------------------------------------------------------
-
-// A device buffer of bytes: 256-byte aligned like cudaMalloc's, every byte set to fill
-static void *device_alloc(size_t bytes, int fill) {
-    void *p = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
-    if (!p) emu_fail("out of memory");
-    memset(p, fill, bytes);
-    return p;
-}
-
-// A bf16 device buffer holding the values x
-static floatX *device_bf16(const std::vector<float> &x) {
-    floatX *p = (floatX *)device_alloc(x.size() * 2, 0);
-    for (size_t i = 0; i < x.size(); i++) p[i] = to_bf16(x[i]);
-    return p;
-}
 
 int main(int argc, char **argv) {
     if (argc != 4 || (strcmp(argv[3], "forward") != 0 && strcmp(argv[3], "reverse") != 0)) {

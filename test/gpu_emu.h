@@ -7,7 +7,7 @@
  *     barriers of the block or the warp (a barrier that can never be passed is reported);
  *     threads run in index order up to their next barrier, or in reverse order with
  *     threads_in_reverse set, so that a missing barrier shows in one order or the other;
- *   - __shfl_xor_sync exchanges values through a warp-wide barrier;
+ *   - __shfl_xor_sync exchanges values through a warp-wide barrier, and __syncwarp is one;
  *   - dynamic shared memory (smem) starts as NaN for every block; with EMU_STATIC_SHARED defined,
  *     so does the range emu_shared_begin..emu_shared_end, where the includer's linker script
  *     gathers the kernels' static __shared__ arrays, so a read of an element nothing wrote shows
@@ -179,6 +179,11 @@ struct WarpExchange { uint32_t u[32][8]; float f[32][4]; };
 static WarpExchange exchange[32];
 static inline int lane_id() { return current_thread % 32; }
 static inline WarpExchange &my_warp() { return exchange[current_thread / 32]; }
+
+static inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    if (mask != 0xffffffffu) emu_fail("only full-warp __syncwarp is emulated");
+    warp_barrier();
+}
 
 static inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
     if (mask != 0xffffffffu) emu_fail("only full-warp shuffles are emulated");

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -35,3 +36,10 @@ def build_emulator(build, launched, name):
                     "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / f"{name}.cpp"),
                     "-Wl,-T," + str(ROOT / "test" / f"{name}.ld")], check=True)
     return exe
+
+
+def to_bf16(x):
+    """Rounds float32 values to the nearest bfloat16 (ties to even), returned as float32."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
+    return u.astype(np.uint32).view(np.float32)

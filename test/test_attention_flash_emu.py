@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from gpu_emu import to_bf16
 
 sys.path.insert(0, str(ROOT / "test" / "oracle"))
 import jax  # noqa: E402
@@ -35,13 +36,6 @@ def emulator(tmp_path_factory):
                     "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / "attention_flash_emu.cpp")],
                    check=True)
     return exe
-
-
-def to_bf16(x):
-    """Rounds float32 values to the nearest bfloat16 (ties to even), returned as float32."""
-    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
-    return u.astype(np.uint32).view(np.float32)
 
 
 def oracle(qkv, dout, NH, NKV, HS):

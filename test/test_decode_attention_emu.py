@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from gpu_emu import build_emulator, rewrite_launches
+from gpu_emu import build_emulator, rewrite_launches, to_bf16
 
 SPLIT = 256   # DECODE_SPLIT_LEN
 
@@ -30,13 +30,6 @@ def emulator(tmp_path_factory):
     source = (ROOT / "llmc" / "decode_attention.cuh").read_text()
     assert re.search(r"#define DECODE_SPLIT_LEN (\d+)", source).group(1) == str(SPLIT)
     return build_emulator(build, rewrite_launches(source, 4), "decode_attention_emu")
-
-
-def to_bf16(x):
-    """Rounds float32 values to the nearest bfloat16 (ties to even), returned as float32."""
-    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
-    return u.astype(np.uint32).view(np.float32)
 
 
 def oracle(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, scale=None, kv_head=None):

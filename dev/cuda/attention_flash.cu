@@ -61,7 +61,7 @@ static void compare_dqkv(const char *label, const std::vector<float> &got, const
     int QKV = (NH + 2 * NKV) * HS;
     const char *parts[3] = {"dq", "dk", "dv"};
     int start[3] = {0, NH * HS, (NH + NKV) * HS}, end[3] = {NH * HS, (NH + NKV) * HS, QKV};
-    char name[200];
+    char name[256];
     for (int p = 0; p < 3; p++) {
         snprintf(name, sizeof(name), "%s %s", label, parts[p]);
         compare(name, slice(got, b0, nb, T, QKV, start[p], end[p]), slice(ref, 0, nb, T, QKV, start[p], end[p]), tol);

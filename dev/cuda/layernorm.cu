@@ -27,20 +27,26 @@ static void check(int N, int C, int is_layernorm, int fused) {
 
     float *d_res = upload(res), *d_x = device_alloc_n<float>(NC), *d_mean = device_alloc_n<float>(N), *d_rstd = device_alloc_n<float>(N);
     floatX *d_branch = upload_bf16(branch), *d_w = upload_bf16(weight), *d_b = upload_bf16(bias), *d_out = device_alloc_n<floatX>(NC);
-    poison(d_x, NC * sizeof(float)); poison(d_out, NC * sizeof(floatX)); poison(d_mean, N * sizeof(float)); poison(d_rstd, N * sizeof(float));
-    residual_norm_forward(fused ? d_x : NULL, d_out, d_mean, d_rstd, d_res, fused ? d_branch : NULL, d_w, is_layernorm ? d_b : NULL,
-                          N, C, 1e-5f, is_layernorm, 0);
-    snprintf(name, sizeof(name), "%s_forward%s N=%d C=%d out", kind, fused ? " +residual" : "", N, C);
-    compare(name, download_bf16(d_out, NC), out, TOL_BF16);
-    snprintf(name, sizeof(name), "%s_forward%s N=%d C=%d rstd", kind, fused ? " +residual" : "", N, C);
-    compare(name, download_f32(d_rstd, N), rstd, TOL_F32);
-    if (is_layernorm) {
-        snprintf(name, sizeof(name), "%s_forward%s N=%d C=%d mean", kind, fused ? " +residual" : "", N, C);
-        compare(name, download_f32(d_mean, N), mean, TOL_F32);
-    }
-    if (fused) {
-        snprintf(name, sizeof(name), "%s_forward +residual N=%d C=%d residual", kind, N, C);
-        compare(name, download_f32(d_x, NC), x, TOL_F32);
+    // both kernels: a warp per row, and a block per row (the one residual_norm_forward takes
+    // for fewer than NORM_ROW_KERNEL_MAX_ROWS rows)
+    for (int rows = 0; rows < 2; rows++) {
+        const char *how = rows ? " (block per row)" : " (warp per row)";
+        poison(d_x, NC * sizeof(float)); poison(d_out, NC * sizeof(floatX)); poison(d_mean, N * sizeof(float)); poison(d_rstd, N * sizeof(float));
+        (rows ? residual_norm_forward_rows : residual_norm_forward_warps)(fused ? d_x : NULL, d_out, d_mean, d_rstd, d_res,
+                                                                         fused ? d_branch : NULL, d_w, is_layernorm ? d_b : NULL,
+                                                                         N, C, 1e-5f, is_layernorm, 0);
+        snprintf(name, sizeof(name), "%s_forward%s N=%d C=%d out%s", kind, fused ? " +residual" : "", N, C, how);
+        compare(name, download_bf16(d_out, NC), out, TOL_BF16);
+        snprintf(name, sizeof(name), "%s_forward%s N=%d C=%d rstd%s", kind, fused ? " +residual" : "", N, C, how);
+        compare(name, download_f32(d_rstd, N), rstd, TOL_F32);
+        if (is_layernorm) {
+            snprintf(name, sizeof(name), "%s_forward%s N=%d C=%d mean%s", kind, fused ? " +residual" : "", N, C, how);
+            compare(name, download_f32(d_mean, N), mean, TOL_F32);
+        }
+        if (fused) {
+            snprintf(name, sizeof(name), "%s_forward +residual N=%d C=%d sum%s", kind, N, C, how);
+            compare(name, download_f32(d_x, NC), x, TOL_F32);
+        }
     }
 
     // backward from the reference's own x, mean, rstd so that only the backward is measured
@@ -88,5 +94,12 @@ int main(void) {
     double fwd_bytes = NC * (4 + 2 + 4 + 2), bwd_bytes = NC * (4 + 4 + 4 + 4 + 2) + NC * (4 + 4);
     printf("time layernorm N=%d C=%d: residual+norm forward %.3f ms (%.0f GB/s), backward %.3f ms (%.0f GB/s)\n",
            N, C, fwd, fwd_bytes / fwd / 1e6, bwd, bwd_bytes / bwd / 1e6);
+    // a decode step's norm: one row per sequence
+    for (int rows : {64, 256}) {
+        float warps = time_ms([&] { residual_norm_forward_warps(x, out, mean, rstd, res, branch, w, b, rows, C, 1e-5f, 1, 0); });
+        float blocks = time_ms([&] { residual_norm_forward_rows(x, out, mean, rstd, res, branch, w, b, rows, C, 1e-5f, 1, 0); });
+        printf("time layernorm N=%d C=%d (decode): residual+norm forward, warp per row %.4f ms, block per row %.4f ms\n", rows, C,
+               warps, blocks);
+    }
     return harness_finish("layernorm");
 }

@@ -1,0 +1,79 @@
+/*
+ * The CUDA runtime and cuda_common.h as the emulated kernels of test/gpu_emu.h see them: static
+ * __shared__ arrays, dim3 launches run in program order, bf16 conversions, the warp and block
+ * reductions as cuda_common.h writes them (over the emulated shuffles and barriers), and device
+ * buffers 256-byte aligned like cudaMalloc's. Included after gpu_emu.h, before a kernel header
+ * whose launches test/gpu_emu.py rewrote into emu_launch calls.
+ */
+#ifndef TEST_GPU_EMU_RUNTIME_H
+#define TEST_GPU_EMU_RUNTIME_H
+#include "gpu_emu.h"
+
+#define __shared__ static   // one copy for the block's threads; blocks run one after another
+#define __align__(n) __attribute__((aligned(n)))
+typedef floatX __nv_bfloat16;
+typedef int cudaStream_t;
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+static inline float to_float(float x) { return x; }
+static inline float to_float(floatX x) { return to_f32(x); }
+static inline floatX __float2bfloat16(float x) { return to_bf16(x); }
+static inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
+// the blocks run one at a time on one OS thread, so a plain read-modify-write is atomic
+static inline int atomicOr(int *address, int value) {
+    int old = *address;
+    *address = old | value;
+    return old;
+}
+// butterfly reductions over the warp's 32 lanes, as cuda_common.h's
+static inline float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+static inline float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+// Sum over the whole block, as cuda_common.h's: every thread gets the result
+static inline float block_sum(float v, float *shared) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    float total = lane < (int)warps ? shared[lane] : 0.0f;
+    total = warp_sum(total);
+    __syncthreads();
+    return total;
+}
+#define cudaCheckLaunch() ((void)0)
+#define cudaRequire(cond, what) ((cond) ? (void)0 : emu_fail(what))
+
+// Runs body as every block of grid with block threads: what a <<<grid, block, smem, stream>>>
+// launch does (the stream is irrelevant: launches run in program order).
+static void emu_launch(dim3 grid, int block, size_t smem_bytes, cudaStream_t, std::function<void()> body) {
+    launch(Dim3{grid.x, grid.y, grid.z}, block, smem_bytes, body);
+}
+// blocks of more than one dimension are not emulated (the kernels under test use none)
+static void emu_launch(dim3, dim3, size_t, cudaStream_t, std::function<void()>) {
+    emu_fail("a launch with a 2-D or 3-D block is not emulated");
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// A device buffer of bytes: 256-byte aligned like cudaMalloc's, every byte set to fill
+static void *device_alloc(size_t bytes, int fill) {
+    void *p = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+    if (!p) emu_fail("out of memory");
+    memset(p, fill, bytes);
+    return p;
+}
+
+// A bf16 device buffer holding the values x
+static floatX *device_bf16(const std::vector<float> &x) {
+    floatX *p = (floatX *)device_alloc(x.size() * 2, 0);
+    for (size_t i = 0; i < x.size(); i++) p[i] = to_bf16(x[i]);
+    return p;
+}
+#endif
