@@ -799,6 +799,7 @@ typedef struct {
     // compute); the CPU policy receives its parameters and moments after every update
     CudaModel *gpu;
 #endif
+    int gpu_nccl;       // --device cuda with several ranks (or TRAIN_MORA_NCCL=1): gradients summed over NCCL
     PromptData prompts;
     float weights[D];
     int stage_dims[16], n_stages;
@@ -1184,6 +1185,7 @@ static void policy_backward(Mora *m, const float *token_weights) {
 static float optimizer_step(Mora *m, float lr) {
 #ifdef USE_CUDA
     if (m->gpu) {
+        if (m->gpu_nccl) cuda_model_sum_grads(m->gpu);   // each rank's share was scaled: the sum is the batch's
         float norm = cuda_model_grad_norm(m->gpu);
         float scale = (m->a.grad_clip > 0.0f && norm > m->a.grad_clip) ? m->a.grad_clip / norm : 1.0f;
         cuda_model_adamw_update(m->gpu, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
@@ -1474,9 +1476,10 @@ int cmd_mora(int argc, char **argv) {
     if (a->zero != 0 && a->zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a->zero);
     // the device is settled before any work: --device cuda without a GPU stops here
     const int use_gpu = device_resolve(a->device);
-    if (use_gpu && (comm_world() > 1 || a->zero == 1))
-        fatal("--device cuda with %s: the MORA loop on GPUs runs one rank on one GPU (its gradients are not all-reduced over NCCL); launch one process with --zero 0, or use --device cpu",
-              comm_world() > 1 ? "several ranks" : "--zero 1");
+    if (use_gpu && a->zero == 1)
+        fatal("--device cuda with --zero 1: the MORA loop on GPUs keeps the whole AdamW state on every GPU; use --zero 0 (or --device cpu for ZeRO-1)");
+    // one rank per GPU: the policy's gradients are summed over NCCL, the figures over MPI
+    m.gpu_nccl = device_data_parallel_init(use_gpu, comm_world(), 0);
     model_source_check(a->model, "--model", 0);
     promptdata_load(&m.prompts, a->prompts, 0);
     char *heads_path = resolve_heads(a->heads, a->model);
@@ -1505,10 +1508,10 @@ int cmd_mora(int argc, char **argv) {
            mc->n_layer, mc->n_embd, mc->vocab_size, m.e.ref.num_parameters / 1e6, heads_path,
            reward_head_kind_name(m.e.heads.kind), m.e.enc.tokenizer ? "tokenizer" : "bytes",
            m.e.enc.chat ? chat_template_name(m.e.enc.chat) : "none", omp_get_max_threads());
-    if (world > 1)
-        printf("ranks: %d (%s): each presamples 1/%d of the prompts and takes %d of the %d prompts of every step%s\n", world,
-               comm_backend_name(), world, a->prompts_per_step / world, a->prompts_per_step,
-               a->zero == 1 ? "; ZeRO-1: AdamW state sharded over the ranks" : "");
+    if (world > 1 || m.gpu_nccl)
+        printf("ranks: %d (%s%s): each presamples 1/%d of the prompts and takes %d of the %d prompts of every step%s\n", world,
+               comm_backend_name(), m.gpu_nccl ? ", GPU gradients over NCCL" : "", world, a->prompts_per_step / world,
+               a->prompts_per_step, a->zero == 1 ? "; ZeRO-1: AdamW state sharded over the ranks" : "");
 
     // the policy: a trainable copy of the reference, or the run's latest checkpoint
     TrainState state = {0};

@@ -76,17 +76,6 @@ static float evaluate_loss(Model *model, DataLoader *dl, int batches) {
     return (float)(sum / batches);
 }
 
-// TRAIN_MORA_NCCL=1 sends a one-rank GPU run through the data-parallel path (NCCL communicator,
-// parameter broadcast, gradient and loss all-reduce), where every collective is the identity:
-// dev/gpu_check.sh compares it with the plain run on a one-GPU machine without MPI. CPU runs
-// ignore it (their collectives are MPI's).
-static int nccl_forced(void) {
-    const char *v = getenv("TRAIN_MORA_NCCL");
-    if (v == NULL || v[0] == '\0' || !strcmp(v, "0")) return 0;
-    if (strcmp(v, "1")) fatal("TRAIN_MORA_NCCL=%s: expected 0 or 1", v);
-    return 1;
-}
-
 static int cmd_pretrain(int argc, char **argv) {
     PretrainArgs a = {
         .init = "gpt2:tiny", .train_data = "", .val_data = "", .out = "", .device = "cpu",
@@ -145,17 +134,7 @@ static int cmd_pretrain(int argc, char **argv) {
     device_print(use_gpu);
     const int rank = comm_rank(), world = comm_world();
     // GPU data parallel: one rank per GPU, the collectives over NCCL (the CPU's go over MPI)
-    const int force_nccl = nccl_forced();   // read on every run, so a wrong value is always an error
-    const int gpu_nccl = use_gpu && (world > 1 || a.zero == 1 || force_nccl);
-#ifdef USE_CUDA
-    if (gpu_nccl) {
-        if (!comm_nccl_available())
-            fatal("--device cuda with %s: this build has no NCCL (nccl.h was not found when llmc/comm_nccl.cu was "
-                  "compiled); install NCCL and rebuild, or train on one GPU with one rank and --zero 0",
-                  world > 1 ? "several ranks" : a.zero == 1 ? "--zero 1" : "TRAIN_MORA_NCCL=1");
-        comm_nccl_init();   // selects this rank's GPU before anything is created on one
-    }
-#endif
+    const int gpu_nccl = device_data_parallel_init(use_gpu, world, a.zero);
 
     // rank 0 owns the run directory; the others wait until it exists
     if (rank == 0) run_ensure_dir(a.out, "--out");

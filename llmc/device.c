@@ -6,8 +6,10 @@
 #include <omp.h>
 #include "device.h"
 #include "utils.h"
+#include <stdlib.h>
 #ifdef USE_CUDA
 #include "model_cuda.h"
+#include "comm_nccl.h"
 #endif
 
 // The same words and messages as pretrain's --device.
@@ -44,4 +46,21 @@ void device_print(int use_gpu) {
     char desc[320];
     device_describe(use_gpu, desc, sizeof desc);
     printf("device: %s\n", desc);
+}
+
+int device_data_parallel_init(int use_gpu, int world, int zero) {
+    const char *v = getenv("TRAIN_MORA_NCCL");
+    int forced = !(v == NULL || v[0] == '\0' || !strcmp(v, "0"));
+    if (forced && strcmp(v, "1")) fatal("TRAIN_MORA_NCCL=%s: expected 0 or 1", v);
+    int nccl = use_gpu && (world > 1 || zero == 1 || forced);
+#ifdef USE_CUDA
+    if (nccl) {
+        if (!comm_nccl_available())
+            fatal("--device cuda with %s: this build has no NCCL (nccl.h was not found when llmc/comm_nccl.cu was "
+                  "compiled); install NCCL and rebuild, or run on one GPU with one rank and --zero 0",
+                  world > 1 ? "several ranks" : zero == 1 ? "--zero 1" : "TRAIN_MORA_NCCL=1");
+        comm_nccl_init();
+    }
+#endif
+    return nccl;
 }

@@ -15,4 +15,11 @@ int device_resolve(const char *device);
 void device_describe(int use_gpu, char *buf, size_t size);
 // The line "device: <device_describe>" on stdout: pretrain and generate say where they compute.
 void device_print(int use_gpu);
+// GPU data parallel, decided before anything is created on a GPU: 1 when this GPU run takes the
+// NCCL path (several ranks, --zero 1, or TRAIN_MORA_NCCL=1, which sends one rank through it: every
+// collective is then the identity, and dev/gpu_check.sh compares it with the plain run). Then the
+// build must have NCCL (else an error naming the reason) and the communicator is initialised, which
+// selects this rank's GPU. TRAIN_MORA_NCCL is read on every run, so a wrong value is always an
+// error; CPU runs ignore it (their collectives are MPI's).
+int device_data_parallel_init(int use_gpu, int world, int zero);
 #endif

@@ -832,6 +832,12 @@ extern "C" void cuda_model_broadcast_params(CudaModel *model, int root) {
     cudaCheck(cudaStreamSynchronize(d->stream));
 }
 
+extern "C" void cuda_model_sum_grads(CudaModel *model) {
+    Impl *d = impl_of(model);
+    if (d->sharded) fatal("cuda_model_sum_grads: the model's optimizer is sharded (use cuda_model_all_reduce_grads)");
+    comm_nccl_all_reduce_sum(d->grads, model->num_parameters, d->stream);
+}
+
 extern "C" void cuda_model_all_reduce_grads(CudaModel *model, float *loss) {
     Impl *d = impl_of(model);
     size_t P = model->num_parameters;

@@ -111,6 +111,10 @@ void cuda_model_broadcast_params(CudaModel *model, int root);
 // (cuda_model_create_sharded) a rank gets the mean of its shard of the gradient only (a
 // reduce-scatter): the rest of its gradient buffer is not the mean and is read by nothing.
 void cuda_model_all_reduce_grads(CudaModel *model, float *loss);
+// The gradient becomes its sum over the ranks, on every rank (one NCCL all-reduce; unsharded
+// models only): for callers whose ranks each scaled their gradient by their share of the batch
+// (the MORA loop), so that the sum is the whole batch's gradient.
+void cuda_model_sum_grads(CudaModel *model);
 // ZeRO-1: as cuda_model_create, but this rank keeps the AdamW moments of its shard of the
 // parameter buffer only (comm_shard_range(num_parameters, comm_rank(), comm_world())): the slice
 // of the CPU model's moments when it has them (a resumed checkpoint), else zeros. The full

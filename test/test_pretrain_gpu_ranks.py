@@ -1,7 +1,9 @@
-"""`pretrain --device cuda` under several ranks: what can be checked without a GPU.
+"""`pretrain --device cuda` and `mora --device cuda` under several ranks: what can be checked
+without a GPU.
 
 Data-parallel GPU training (NCCL gradient all-reduce, parameter broadcast, ZeRO-1 over NCCL) runs
-only on GPUs, where dev/gpu_check.sh compares it with the plain GPU run. Here: such a launch is
+only on GPUs, where dev/gpu_check.sh compares it with the plain GPU run (pretrain) and the MORA
+loop's NCCL path with its plain GPU run (dev/cuda/mora_device_check.py). Here: such a launch is
 accepted up to the device check, so on a machine without a GPU it stops with the no-GPU message
 on every rank (not with a refusal of data parallelism), and TRAIN_MORA_NCCL, the switch that sends
 a one-rank GPU run through the data-parallel path, is checked and leaves CPU runs unchanged.
@@ -90,3 +92,26 @@ def test_train_mora_nccl_leaves_cpu_runs_unchanged(tmp_path, shard):
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in outs[0]] == \
            [(r["step"], r["loss"], r["grad_norm"]) for r in outs[1]]
     assert len(outs[0]) == 3
+
+
+def mora_args(tmp_path, *extra):
+    # the device is settled before the model and prompts are read: these paths are never opened
+    return [str(ROOT / "train_mora"), "mora", "--model", str(tmp_path / "no_model.ckpt"), "--prompts",
+            str(tmp_path / "no_prompts.jsonl"), "--out", str(tmp_path / "m"), *extra]
+
+
+@needs_mpi
+@needs_no_gpu
+def test_two_gpu_ranks_of_mora_reach_the_device_check(tmp_path):
+    p = run(mora_args(tmp_path, "--device", "cuda"), ranks=2)
+    assert_stops_at_the_device_check(p)
+    assert "several ranks" not in p.stderr, p.stderr
+    assert not (tmp_path / "m" / "config.json").exists()
+
+
+def test_train_mora_nccl_value_is_checked_by_mora(tmp_path):
+    e = env()
+    e["TRAIN_MORA_NCCL"] = "2"
+    p = subprocess.run(mora_args(tmp_path, "--device", "cpu"), capture_output=True, text=True, env=e, cwd=ROOT, timeout=120)
+    assert p.returncode != 0
+    assert "TRAIN_MORA_NCCL=2" in p.stderr and "expected 0 or 1" in p.stderr, p.stderr

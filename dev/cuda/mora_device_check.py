@@ -9,7 +9,9 @@ bf16), so two comparisons:
   once on the CPU and once with --device cuda. A DPO step samples nothing, so steps 2 and 3 see
   the same pairs and start from the same weights: their loss, KL, margin and gradient norm must
   agree within bf16 tolerance (5% relative; the KL to 10% of max(|KL|, 1e-3)), step 3 after an
-  update made on the GPU;
+  update made on the GPU; a third copy resumed on the GPU through the data-parallel path
+  (TRAIN_MORA_NCCL=1: one rank, the gradient summed over NCCL) must agree with the plain GPU run
+  to float rounding (1e-3 relative);
 - the sampling, in distribution: the same GRPO run (2 steps, temperature 1) on both devices; the
   presample's mean raw reward per dimension (every prompt x K responses, scored by the same heads
   on the CPU) must agree within 4 standard errors of the difference; the GPU run's first step
@@ -27,9 +29,10 @@ import subprocess
 import sys
 
 
-def run(cmd, log):
+def run(cmd, log, env=None):
     with open(log, "w") as f:
-        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600,
+                           env=None if env is None else {**os.environ, **env})
     if p.returncode != 0:
         print(open(log).read()[-3000:])
         print(f"FAIL mora_device: {' '.join(cmd[1:4])} ... exited {p.returncode} (log {log})")
@@ -65,8 +68,11 @@ def main():
     # the update on the same pairs
     run([*common, "--algo", "dpo", "--steps", "3", "--stop_after", "1", "--out", f"{work}/dpo_cpu"], f"{work}/dpo.log")
     shutil.copytree(f"{work}/dpo_cpu", f"{work}/dpo_cuda")
+    shutil.copytree(f"{work}/dpo_cpu", f"{work}/dpo_nccl")
     run([exe, "mora", "--resume", f"{work}/dpo_cpu"], f"{work}/dpo_cpu.log")
     run([exe, "mora", "--resume", f"{work}/dpo_cuda", "--device", "cuda"], f"{work}/dpo_cuda.log")
+    # the data-parallel GPU path with one rank (gradients summed over NCCL: the identity)
+    run([exe, "mora", "--resume", f"{work}/dpo_nccl", "--device", "cuda"], f"{work}/dpo_nccl.log", {"TRAIN_MORA_NCCL": "1"})
     mc, mg = read_jsonl(f"{work}/dpo_cpu/metrics.jsonl"), read_jsonl(f"{work}/dpo_cuda/metrics.jsonl")
     good = [r["step"] for r in mc] == [r["step"] for r in mg] == [1, 2, 3]
     for c, g in zip(mc[1:], mg[1:]):
@@ -82,6 +88,14 @@ def main():
               + f"; largest relative difference {max(diffs.values()):.1e}  {verdict(step_ok)}")
         good = good and step_ok
     ok = ok and good
+    mn = read_jsonl(f"{work}/dpo_nccl/metrics.jsonl")
+    nccl_ok = "GPU gradients over NCCL" in open(f"{work}/dpo_nccl.log").read() and [r["step"] for r in mn] == [1, 2, 3]
+    worst = 0.0
+    for n, g in zip(mn[1:], mg[1:]):   # two plain GPU runs differ by float rounding (atomic adds) only
+        worst = max([worst] + [abs(n[k] - g[k]) / max(abs(g[k]), 1e-3) for k in ("loss", "kl", "dpo_margin", "grad_norm")])
+    nccl_ok = nccl_ok and worst <= 1e-3
+    print(f"mora_device dpo through NCCL (one rank) vs plain GPU: largest relative difference {worst:.1e}  {verdict(nccl_ok)}")
+    ok = ok and nccl_ok
 
     # the sampling, in distribution
     for device in ("cpu", "cuda"):
