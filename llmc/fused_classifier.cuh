@@ -18,6 +18,7 @@
 #ifndef LLMC_FUSED_CLASSIFIER_CUH
 #define LLMC_FUSED_CLASSIFIER_CUH
 #include <math.h>
+#include <stdint.h>
 #include "cuda_common.h"
 
 // Writes dlogits over row (Vp) given its lse; w = the row's weight.
@@ -73,19 +74,121 @@ __global__ void classifier_backward_kernel(floatX *logits, const float *lse, con
     classifier_row_gradient(logits + (size_t)n * Vp, lse[n], w != 0.0f ? targets[n] : -1, w, V, Vp);
 }
 
+// The same two kernels reading and writing the row 8 bf16 (16 bytes) at a time, for rows that
+// start on 16 bytes (Vp a multiple of 8, as the padded vocabularies are): one load instruction
+// where the kernels above issue eight 2-byte ones, and one rescale of the running sum per 8
+// logits. The pick is classifier_vectorized(); both are checked against the CPU reference.
+#define CLASSIFIER_VEC 8
+
+__device__ __forceinline__ void classifier_load8(const floatX *p, float (&x)[CLASSIFIER_VEC]) {
+    uint4 packed = *reinterpret_cast<const uint4 *>(p);
+    const floatX *h = reinterpret_cast<const floatX *>(&packed);
+#pragma unroll
+    for (int i = 0; i < CLASSIFIER_VEC; i++) x[i] = to_float(h[i]);
+}
+
+__device__ __forceinline__ void classifier_row_gradient8(floatX *row, float row_lse, int target, float w, int V, int Vp) {
+    for (int v0 = threadIdx.x * CLASSIFIER_VEC; v0 < Vp; v0 += blockDim.x * CLASSIFIER_VEC) {
+        float x[CLASSIFIER_VEC];
+        classifier_load8(row + v0, x);
+        uint4 packed;
+        floatX *h = reinterpret_cast<floatX *>(&packed);
+#pragma unroll
+        for (int i = 0; i < CLASSIFIER_VEC; i++) {
+            int v = v0 + i;
+            float d = 0.0f;
+            if (v < V && w != 0.0f) d = w * (expf(x[i] - row_lse) - (v == target ? 1.0f : 0.0f));
+            h[i] = __float2bfloat16(d);
+        }
+        *reinterpret_cast<uint4 *>(row + v0) = packed;
+    }
+}
+
+__global__ void fused_classifier8_kernel(floatX *logits, float *lse, float *losses, const int *targets,
+                                         const float *mask, const float *weights, int V, int Vp) {
+    __shared__ float shared[32];
+    int n = blockIdx.x;
+    floatX *row = logits + (size_t)n * Vp;
+    int active = targets != NULL && (mask == NULL || mask[n] != 0.0f);
+    float target_logit = active ? to_float(row[targets[n]]) : 0.0f;   // read before the barriers below
+
+    float m = -INFINITY, s = 0.0f;
+    for (int v0 = threadIdx.x * CLASSIFIER_VEC; v0 < V; v0 += blockDim.x * CLASSIFIER_VEC) {
+        float x[CLASSIFIER_VEC], chunk_max = -INFINITY;
+        classifier_load8(row + v0, x);
+#pragma unroll
+        for (int i = 0; i < CLASSIFIER_VEC; i++)
+            if (v0 + i < V) chunk_max = fmaxf(chunk_max, x[i]);
+        float m_new = fmaxf(m, chunk_max), add = 0.0f;
+#pragma unroll
+        for (int i = 0; i < CLASSIFIER_VEC; i++)
+            if (v0 + i < V) add += expf(x[i] - m_new);
+        s = (m == -INFINITY ? 0.0f : s * expf(m - m_new)) + add;
+        m = m_new;
+    }
+    float row_max = block_max(m, shared);
+    float scaled = m == -INFINITY ? 0.0f : s * expf(m - row_max);
+    float row_sum = block_sum(scaled, shared);
+    float row_lse = row_max + logf(row_sum);
+    if (threadIdx.x == 0) {
+        lse[n] = row_lse;
+        if (targets) losses[n] = active ? row_lse - target_logit : 0.0f;
+    }
+    if (weights) classifier_row_gradient8(row, row_lse, active ? targets[n] : -1, weights[n], V, Vp);
+}
+
+__global__ void classifier_backward8_kernel(floatX *logits, const float *lse, const int *targets,
+                                            const float *weights, int V, int Vp) {
+    int n = blockIdx.x;
+    float w = weights[n];
+    classifier_row_gradient8(logits + (size_t)n * Vp, lse[n], w != 0.0f ? targets[n] : -1, w, V, Vp);
+}
+
 #define CLASSIFIER_BLOCK 512
 
+static inline int classifier_vectorized(const floatX *logits, int Vp) {
+    return Vp % CLASSIFIER_VEC == 0 && ((uintptr_t)logits & 15) == 0;
+}
+static inline void fused_classifier_check(int V, int Vp, const float *weights, const int *targets) {
+    cudaRequire(V >= 1 && V <= Vp, "fused_classifier: need 1 <= V <= Vp");
+    cudaRequire(weights == NULL || targets != NULL, "fused_classifier: a gradient needs targets");
+}
+// the kernels by name (the harness and the emulator test run both), then the pick
+static inline void fused_classifier_scalar(floatX *logits, float *lse, float *losses, const int *targets,
+                                           const float *mask, const float *weights, int N, int V, int Vp,
+                                           cudaStream_t stream) {
+    fused_classifier_check(V, Vp, weights, targets);
+    fused_classifier_kernel<<<N, CLASSIFIER_BLOCK, 0, stream>>>(logits, lse, losses, targets, mask, weights, V, Vp);
+    cudaCheckLaunch();
+}
+static inline void fused_classifier_vec8(floatX *logits, float *lse, float *losses, const int *targets,
+                                         const float *mask, const float *weights, int N, int V, int Vp,
+                                         cudaStream_t stream) {
+    fused_classifier_check(V, Vp, weights, targets);
+    cudaRequire(classifier_vectorized(logits, Vp), "fused_classifier_vec8: rows must start on 16 bytes (Vp a multiple of 8)");
+    fused_classifier8_kernel<<<N, CLASSIFIER_BLOCK, 0, stream>>>(logits, lse, losses, targets, mask, weights, V, Vp);
+    cudaCheckLaunch();
+}
 static inline void fused_classifier(floatX *logits, float *lse, float *losses, const int *targets,
                                     const float *mask, const float *weights, int N, int V, int Vp,
                                     cudaStream_t stream) {
-    cudaRequire(V >= 1 && V <= Vp, "fused_classifier: need 1 <= V <= Vp");
-    cudaRequire(weights == NULL || targets != NULL, "fused_classifier: a gradient needs targets");
-    fused_classifier_kernel<<<N, CLASSIFIER_BLOCK, 0, stream>>>(logits, lse, losses, targets, mask, weights, V, Vp);
+    if (classifier_vectorized(logits, Vp)) fused_classifier_vec8(logits, lse, losses, targets, mask, weights, N, V, Vp, stream);
+    else fused_classifier_scalar(logits, lse, losses, targets, mask, weights, N, V, Vp, stream);
+}
+static inline void classifier_backward_scalar(floatX *logits, const float *lse, const int *targets, const float *weights,
+                                              int N, int V, int Vp, cudaStream_t stream) {
+    classifier_backward_kernel<<<N, CLASSIFIER_BLOCK, 0, stream>>>(logits, lse, targets, weights, V, Vp);
+    cudaCheckLaunch();
+}
+static inline void classifier_backward_vec8(floatX *logits, const float *lse, const int *targets, const float *weights,
+                                            int N, int V, int Vp, cudaStream_t stream) {
+    cudaRequire(classifier_vectorized(logits, Vp), "classifier_backward_vec8: rows must start on 16 bytes (Vp a multiple of 8)");
+    classifier_backward8_kernel<<<N, CLASSIFIER_BLOCK, 0, stream>>>(logits, lse, targets, weights, V, Vp);
     cudaCheckLaunch();
 }
 static inline void classifier_backward(floatX *logits, const float *lse, const int *targets, const float *weights,
                                        int N, int V, int Vp, cudaStream_t stream) {
-    classifier_backward_kernel<<<N, CLASSIFIER_BLOCK, 0, stream>>>(logits, lse, targets, weights, V, Vp);
-    cudaCheckLaunch();
+    if (classifier_vectorized(logits, Vp)) classifier_backward_vec8(logits, lse, targets, weights, N, V, Vp, stream);
+    else classifier_backward_scalar(logits, lse, targets, weights, N, V, Vp, stream);
 }
 #endif

@@ -7,6 +7,7 @@
  */
 #ifndef TEST_GPU_EMU_RUNTIME_H
 #define TEST_GPU_EMU_RUNTIME_H
+#include <float.h>
 #include "gpu_emu.h"
 
 #define __shared__ static   // one copy for the block's threads; blocks run one after another
@@ -36,7 +37,7 @@ static inline float warp_max(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
 }
-// Sum over the whole block, as cuda_common.h's: every thread gets the result
+// Sum and max over the whole block, as cuda_common.h's: every thread gets the result
 static inline float block_sum(float v, float *shared) {
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     v = warp_sum(v);
@@ -47,23 +48,33 @@ static inline float block_sum(float v, float *shared) {
     __syncthreads();
     return total;
 }
+static inline float block_max(float v, float *shared) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_max(v);
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    float m = lane < (int)warps ? shared[lane] : -FLT_MAX;
+    m = warp_max(m);
+    __syncthreads();
+    return m;
+}
 #define cudaCheckLaunch() ((void)0)
 #define cudaRequire(cond, what) ((cond) ? (void)0 : emu_fail(what))
 
 // Runs body as every block of grid with block threads: what a <<<grid, block, smem, stream>>>
 // launch does (the stream is irrelevant: launches run in program order).
-static void emu_launch(dim3 grid, int block, size_t smem_bytes, cudaStream_t, std::function<void()> body) {
+static inline void emu_launch(dim3 grid, int block, size_t smem_bytes, cudaStream_t, std::function<void()> body) {
     launch(Dim3{grid.x, grid.y, grid.z}, block, smem_bytes, body);
 }
 // blocks of more than one dimension are not emulated (the kernels under test use none)
-static void emu_launch(dim3, dim3, size_t, cudaStream_t, std::function<void()>) {
+static inline void emu_launch(dim3, dim3, size_t, cudaStream_t, std::function<void()>) {
     emu_fail("a launch with a 2-D or 3-D block is not emulated");
 }
 
 // ---------------------------------------------------------------------------------------------
 
 // A device buffer of bytes: 256-byte aligned like cudaMalloc's, every byte set to fill
-static void *device_alloc(size_t bytes, int fill) {
+static inline void *device_alloc(size_t bytes, int fill) {
     void *p = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
     if (!p) emu_fail("out of memory");
     memset(p, fill, bytes);
@@ -71,7 +82,7 @@ static void *device_alloc(size_t bytes, int fill) {
 }
 
 // A bf16 device buffer holding the values x
-static floatX *device_bf16(const std::vector<float> &x) {
+static inline floatX *device_bf16(const std::vector<float> &x) {
     floatX *p = (floatX *)device_alloc(x.size() * 2, 0);
     for (size_t i = 0; i < x.size(); i++) p[i] = to_bf16(x[i]);
     return p;
