@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Where the time goes, per kernel, on the GPU machine: Nsight Compute over the first launches of
+# a training step (bench_train, B=16 T=1024) and of generation (bench_rollout, B=64: the prefill
+# and the first decode steps), for GPT-2 124M and the SmolLM2-135M shape, each printed as a table
+# by dev/ncu_summary.py (total and mean time, DRAM and SM throughput as % of peak). Nsight Compute
+# replays each kernel and locks the clocks at base: the times are for comparing kernels, the
+# benchmarks' own figures are the speeds. At most about 7 minutes (each run stops after 100 s).
+#
+#   bash dev/gpu_profile.sh [LAUNCHES]      (default 400 launches a run)
+#
+# When $OUT is set (the device tool's output folder) the raw ncu reports are also written there.
+set -u
+cd "$(dirname "$0")/.."
+launches=${1:-400}
+. dev/gpu_env.sh || exit 1
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
+if [ -z "$ncu" ]; then echo "gpu_profile: Nsight Compute (ncu) not found"; exit 1; fi
+make -j"$(nproc)" USE_MPI=0 build/cuda/dev/bench_train build/cuda/dev/bench_rollout \
+    NVCCFLAGS="-O3 -std=c++17 --generate-code arch=compute_90,code=sm_90 -lineinfo" > build/gpu_profile_build.log 2>&1 ||
+    { tail -20 build/gpu_profile_build.log; echo "gpu_profile: build failed"; exit 1; }
+dir=${OUT:-/tmp/gpu_profile}
+mkdir -p "$dir"
+metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed
+profile() {   # NAME PROGRAM ARGS...: one ncu run, then its table
+    local name=$1
+    shift
+    echo "== $name: the first $launches kernel launches"
+    timeout 100 "$ncu" --graph-profiling node --launch-count "$launches" --print-summary per-kernel --metrics "$metrics" \
+        "$@" > "$dir/ncu_$name.txt" 2>&1
+    python3 dev/ncu_summary.py "$dir/ncu_$name.txt" | head -25
+}
+profile train_gpt2 build/cuda/dev/bench_train 1 gpt2:d12
+profile train_smollm2 build/cuda/dev/bench_train 1 llama:smollm2-135m
+profile rollout_gpt2 build/cuda/dev/bench_rollout 1 gpt2:d12 64
+profile rollout_smollm2 build/cuda/dev/bench_rollout 1 llama:smollm2-135m 64
