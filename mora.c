@@ -41,7 +41,7 @@
  * files are those of --zero 0.
  *
  * Devices (--device cpu|cuda|auto; mora and eval). cpu: everything above in fp32 on the CPU.
- * cuda (one rank, one GPU; a build with nvcc): every sampling pass (presample, generated
+ * cuda (one GPU per rank; a build with nvcc): every sampling pass (presample, generated
  * rewrites, candidate presample, the GRPO rollouts, eval's samples) goes through one GPU rollout
  * engine (rollout.h, bf16), created once; it holds the policy's weights, reloaded from the CPU
  * policy after every update (and the reference's for the generated rewrites). The GRPO / DPO
@@ -51,7 +51,8 @@
  * and the rollout engine read the CPU policy. The reference's scoring (the reward heads on its
  * trunk and the KL's log-probs) stays on the CPU in fp32. The GPU draws its own random streams,
  * so a cuda run is not the same samples as a cpu run of the same seed, only the same
- * distribution.
+ * distribution. Several ranks on GPUs split the work as CPU ranks do; their gradients are summed
+ * over NCCL (optimizer_step), the figures over MPI. --zero 1 is CPU only for mora.
  */
 #include <ctype.h>
 #include <math.h>
@@ -588,7 +589,7 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("log_every", ARG_INT, &a->log_every, "print a progress line every N steps");
     SPEC("stop_after", ARG_INT, &a->stop_after, "stop (with a checkpoint) after N steps of this invocation; continue with --resume");
     SPEC("resume", ARG_STRING, &a->resume, "continue the run in this directory from its latest checkpoint (flags from its config.json, but --device and --stop_after from this command line)");
-    SPEC("device", ARG_STRING, &a->device, "cpu, cuda or auto (cuda: sampling on the GPU rollout engine, the policy update on the CUDA model; one rank)");
+    SPEC("device", ARG_STRING, &a->device, "cpu, cuda or auto (cuda: sampling on the GPU rollout engine, the policy update on the CUDA model; one GPU per rank)");
     SPEC("zero", ARG_INT, &a->zero, "ZeRO stage under mpirun: 0 every rank holds all AdamW state; 1 each rank holds and updates 1/ranks of it, then the parameters are all-gathered");
 #undef SPEC
     if (n > MORA_N_SPECS) fatal("internal: too many flags");
@@ -1176,8 +1177,8 @@ static void policy_backward(Mora *m, const float *token_weights) {
     model_backward_weighted(&m->policy, token_weights, NULL);
 }
 
-// Clip, AdamW; returns the gradient norm before clipping. On the GPU (one rank): the same on the
-// CUDA copy, whose parameters and moments are then copied into the CPU policy, which the rollout
+// Clip, AdamW; returns the gradient norm before clipping. On the GPU: the same on the CUDA copy
+// (after the NCCL sum of the ranks' gradients when there are several), whose parameters and moments are then copied into the CPU policy, which the rollout
 // engine reloads before it samples again and checkpoints save. Data parallel: each rank's gradient is
 // its share of the batch's loss (grpo_step, dpo_step scale the token weights by the rank's share
 // of the loss's normaliser), so the sum over ranks is the gradient of the whole batch; every rank
