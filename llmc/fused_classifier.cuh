@@ -33,6 +33,20 @@ __device__ __forceinline__ void classifier_row_gradient(floatX *row, float row_l
     }
 }
 
+// The row's lse from each thread's running max m and sum s (of exp(x - m)); thread 0 writes it
+// and the row's loss. Every thread gets the lse.
+__device__ __forceinline__ float classifier_row_lse(float m, float s, float *shared, int n, float *lse, float *losses,
+                                                    const int *targets, int active, float target_logit) {
+    float row_max = block_max(m, shared);
+    float scaled = m == -INFINITY ? 0.0f : s * expf(m - row_max);
+    float row_lse = row_max + logf(block_sum(scaled, shared));
+    if (threadIdx.x == 0) {
+        lse[n] = row_lse;
+        if (targets) losses[n] = active ? row_lse - target_logit : 0.0f;
+    }
+    return row_lse;
+}
+
 // grid N blocks, one row each. targets may be NULL (then only lse is written); mask may be NULL
 // (every row counts); weights may be NULL (no gradient: the logits are kept). Where weights is
 // given, the caller has set weights[n] = 0 where mask[n] is 0.
@@ -52,14 +66,7 @@ __global__ void fused_classifier_kernel(floatX *logits, float *lse, float *losse
         if (x > m) { s = s * expf(m - x) + 1.0f; m = x; }
         else s += expf(x - m);
     }
-    float row_max = block_max(m, shared);
-    float scaled = m == -INFINITY ? 0.0f : s * expf(m - row_max);
-    float row_sum = block_sum(scaled, shared);
-    float row_lse = row_max + logf(row_sum);
-    if (threadIdx.x == 0) {
-        lse[n] = row_lse;
-        if (targets) losses[n] = active ? row_lse - target_logit : 0.0f;
-    }
+    float row_lse = classifier_row_lse(m, s, shared, n, lse, losses, targets, active, target_logit);
     if (weights) {
         int target = active ? targets[n] : -1;
         classifier_row_gradient(row, row_lse, target, weights[n], V, Vp);
@@ -126,14 +133,7 @@ __global__ void fused_classifier8_kernel(floatX *logits, float *lse, float *loss
         s = (m == -INFINITY ? 0.0f : s * expf(m - m_new)) + add;
         m = m_new;
     }
-    float row_max = block_max(m, shared);
-    float scaled = m == -INFINITY ? 0.0f : s * expf(m - row_max);
-    float row_sum = block_sum(scaled, shared);
-    float row_lse = row_max + logf(row_sum);
-    if (threadIdx.x == 0) {
-        lse[n] = row_lse;
-        if (targets) losses[n] = active ? row_lse - target_logit : 0.0f;
-    }
+    float row_lse = classifier_row_lse(m, s, shared, n, lse, losses, targets, active, target_logit);
     if (weights) classifier_row_gradient8(row, row_lse, active ? targets[n] : -1, weights[n], V, Vp);
 }
 

@@ -31,19 +31,11 @@
 // ---------------------------------------------------------------------------------------------
 
 int main(int argc, char **argv) {
-    if (argc != 4 || (strcmp(argv[3], "forward") != 0 && strcmp(argv[3], "reverse") != 0)) {
-        fprintf(stderr, "usage: %s IN OUT forward|reverse\n", argv[0]);
-        return 1;
-    }
-    threads_in_reverse = strcmp(argv[3], "reverse") == 0;
     // the shared arrays of decode_attention_kernel<64> and <128>: q_s, p_s, m_s, l_s, partial
     size_t shared_bytes = 0;
     for (int hs : {64, 128})
         shared_bytes += sizeof(float) * DECODE_HEADS_PER_BLOCK * (hs + DECODE_SPLIT_LEN + 2 + DECODE_WARPS * hs);
-    if ((size_t)(emu_shared_end - emu_shared_begin) < shared_bytes)
-        emu_fail("the kernels' __shared__ arrays are not in the poisoned range (decode_attention_emu.ld)");
-    FILE *f = fopen(argv[1], "rb");
-    if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
+    FILE *f = emu_open_input(argc, argv, shared_bytes);
     int32_t dims[8];
     if (fread(dims, sizeof(int32_t), 8, f) != 8) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int N = dims[0], NH = dims[1], NKV = dims[2], HS = dims[3], S = dims[4], Tmax = dims[5], n_splits = dims[6];

@@ -26,15 +26,7 @@
 // ---------------------------------------------------------------------------------------------
 
 int main(int argc, char **argv) {
-    if (argc != 4 || (strcmp(argv[3], "forward") != 0 && strcmp(argv[3], "reverse") != 0)) {
-        fprintf(stderr, "usage: %s IN OUT forward|reverse\n", argv[0]);
-        return 1;
-    }
-    threads_in_reverse = strcmp(argv[3], "reverse") == 0;
-    if ((size_t)(emu_shared_end - emu_shared_begin) < 32 * sizeof(float))
-        emu_fail("the kernels' __shared__ arrays are not in the poisoned range (fused_classifier_emu.ld)");
-    FILE *f = fopen(argv[1], "rb");
-    if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
+    FILE *f = emu_open_input(argc, argv, 32 * sizeof(float));   // the block reductions' partials
     int32_t dims[7];
     if (fread(dims, sizeof(int32_t), 7, f) != 7) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int N = dims[0], V = dims[1], Vp = dims[2], kernel = dims[3], mode = dims[4], has_mask = dims[5], misalign = dims[6];

@@ -87,4 +87,22 @@ static inline floatX *device_bf16(const std::vector<float> &x) {
     for (size_t i = 0; i < x.size(); i++) p[i] = to_bf16(x[i]);
     return p;
 }
+// The command line of the emulator programs, IN OUT forward|reverse: sets the threads' order,
+// checks that the kernels' static __shared__ arrays (shared_bytes) lie in the range the program's
+// linker script poisons, and returns IN opened for reading; exits with a message otherwise.
+static inline FILE *emu_open_input(int argc, char **argv, size_t shared_bytes) {
+    if (argc != 4 || (strcmp(argv[3], "forward") != 0 && strcmp(argv[3], "reverse") != 0)) {
+        fprintf(stderr, "usage: %s IN OUT forward|reverse\n", argv[0]);
+        exit(1);
+    }
+    threads_in_reverse = strcmp(argv[3], "reverse") == 0;
+    if ((size_t)(emu_shared_end - emu_shared_begin) < shared_bytes)
+        emu_fail("the kernels' __shared__ arrays are not in the poisoned range (the program's .ld script)");
+    FILE *f = fopen(argv[1], "rb");
+    if (!f) {
+        fprintf(stderr, "error: cannot open %s\n", argv[1]);
+        exit(1);
+    }
+    return f;
+}
 #endif

@@ -33,15 +33,7 @@ static void column_partials_reduce(float *, const float *, int, int, cudaStream_
 // ---------------------------------------------------------------------------------------------
 
 int main(int argc, char **argv) {
-    if (argc != 4 || (strcmp(argv[3], "forward") != 0 && strcmp(argv[3], "reverse") != 0)) {
-        fprintf(stderr, "usage: %s IN OUT forward|reverse\n", argv[0]);
-        return 1;
-    }
-    threads_in_reverse = strcmp(argv[3], "reverse") == 0;
-    if ((size_t)(emu_shared_end - emu_shared_begin) < 32 * sizeof(float))
-        emu_fail("the kernels' __shared__ arrays are not in the poisoned range (layernorm_emu.ld)");
-    FILE *f = fopen(argv[1], "rb");
-    if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
+    FILE *f = emu_open_input(argc, argv, 32 * sizeof(float));   // block_sum's partials
     int32_t dims[6];
     if (fread(dims, sizeof(int32_t), 6, f) != 6) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int N = dims[0], C = dims[1], is_layernorm = dims[2], fused = dims[3], has_bias = dims[4], kernel = dims[5];
