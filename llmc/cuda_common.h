@@ -101,6 +101,12 @@ __device__ __forceinline__ float block_max(float v, float *shared) {
     return m;
 }
 
+// The block's dynamic shared memory (the launch's third argument), 16-byte aligned.
+__device__ __forceinline__ unsigned char *dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char block_dynamic_smem[];
+    return block_dynamic_smem;
+}
+
 // ---------------------------------------------------------------------------------------------
 // fill kernels (poisoning outputs in the tests, zeroing typed buffers)
 
@@ -136,30 +142,6 @@ static inline void convert_bf16_to_f32(float *out, const floatX *in, size_t n, c
     if (n == 0) return;
     int blocks = (int)((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);
     convert_bf16_to_f32_kernel<<<blocks, 256, 0, stream>>>(out, in, n);
-    cudaCheckLaunch();
-}
-
-// ---------------------------------------------------------------------------------------------
-// deterministic column sums (bias and norm-weight gradients)
-//
-// A gradient shared by all N rows (a bias, a norm weight) is a sum over rows. It is computed in
-// two launches with no atomics, so the result is the same on every run: the rows are cut into
-// chunks of COLUMN_CHUNK_ROWS, one block column-slab x chunk writes its partial sums to
-// partial (chunks, cols), then column_partials_reduce adds the chunk sums in order into out.
-
-#define COLUMN_CHUNK_ROWS 256
-static inline int column_chunks(int N) { return ceil_div(N, COLUMN_CHUNK_ROWS); }
-
-// out (cols) += sum over k < chunks of partial (chunks, cols)
-__global__ void column_partials_reduce_kernel(float *out, const float *partial, int chunks, int cols) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
-    float sum = 0.0f;
-    for (int k = 0; k < chunks; k++) sum += partial[(size_t)k * cols + c];
-    out[c] += sum;
-}
-static inline void column_partials_reduce(float *out, const float *partial, int chunks, int cols, cudaStream_t stream) {
-    column_partials_reduce_kernel<<<ceil_div(cols, 256), 256, 0, stream>>>(out, partial, chunks, cols);
     cudaCheckLaunch();
 }
 

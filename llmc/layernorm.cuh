@@ -4,9 +4,14 @@
  * residual_forward in ops_cpu.c.
  *
  * Layout: the residual stream is fp32 (N, C); the norm output is bf16 (N, C) because it only
- * feeds a matrix product; mean and rstd are fp32 (N). One warp normalises one row, so a row is
- * read from memory once and re-read from L1 for the second and third passes; for few rows (the
- * decode step) one block normalises one row from registers.
+ * feeds a matrix product; mean and rstd are fp32 (N). One warp normalises one row, holding the
+ * row in registers (read with vector loads) for rows up to NORM_VEC_MAX_WIDTH wide; wider rows
+ * take a warp kernel that re-reads the row through L1; for few rows (the decode step) one block
+ * normalises one row from registers.
+ *
+ * The backward is one kernel for rows up to NORM_VEC_MAX_WIDTH wide: a warp per row computes
+ * the input gradient and accumulates the weight and bias gradients of its rows in shared memory,
+ * so dout and the input are read once (the wider rows' fallback reads them twice, in two kernels).
  *
  * Fusion: the model computes x = residual + branch and then norm(x) at every block boundary;
  * doing both in one kernel saves writing x and reading it back (the write of x is kept: the
@@ -15,6 +20,8 @@
 #ifndef LLMC_LAYERNORM_CUH
 #define LLMC_LAYERNORM_CUH
 #include "cuda_common.h"
+#include "vector_io.cuh"
+#include "column_reduce.cuh"
 
 // One warp per row n < N:
 //   x = res_in[n] (+ branch[n] when branch is not NULL, then also stored to res_out[n])
@@ -52,6 +59,69 @@ __global__ void residual_norm_forward_kernel(float *res_out, floatX *out, float 
         float v = (x[c] - m) * s * to_float(weight[c]);
         if (bias) v += to_float(bias[c]);
         y[c] = __float2bfloat16(v);
+    }
+    if (lane == 0) {
+        if (mean) mean[n] = m;
+        rstd[n] = s;
+    }
+}
+
+// The warp-per-row forward with the row in registers: lane l holds the VEC-wide pieces starting at
+// columns (k * 32 + l) * VEC, k < NORM_VEC_MAX_PER_LANE / VEC, read and written with one vector
+// access each, so the row is read from memory once and the mean, variance and output passes run
+// from registers. Needs C % VEC == 0, C <= NORM_VEC_MAX_WIDTH and rows aligned to the vectors.
+#define NORM_VEC_MAX_PER_LANE 32
+#define NORM_VEC_MAX_WIDTH (32 * NORM_VEC_MAX_PER_LANE)
+template <int VEC>
+__global__ void __launch_bounds__(256)
+residual_norm_forward_vec_kernel(float *res_out, floatX *out, float *mean, float *rstd, const float *res_in,
+                                 const floatX *branch, const floatX *weight, const floatX *bias,
+                                 int N, int C, float eps, int is_layernorm) {
+    constexpr int ITERS = NORM_VEC_MAX_PER_LANE / VEC;
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (n >= N) return;   // the whole warp: one row per warp
+    size_t row = (size_t)n * C;
+    float v[ITERS][VEC];
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ITERS; k++) {
+        int c = (k * 32 + lane) * VEC;
+        if (c < C) {
+            load_vec<VEC>(v[k], res_in + row + c);
+            if (branch) {
+                float b[VEC];
+                load_vec<VEC>(b, branch + row + c);
+#pragma unroll
+                for (int i = 0; i < VEC; i++) v[k][i] += b[i];
+                store_vec<VEC>(res_out + row + c, v[k]);
+            }
+#pragma unroll
+            for (int i = 0; i < VEC; i++) sum += v[k][i];
+        }
+    }
+    float m = is_layernorm ? warp_sum(sum) / C : 0.0f;
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ITERS; k++) {
+        int c = (k * 32 + lane) * VEC;
+        if (c < C) {
+#pragma unroll
+            for (int i = 0; i < VEC; i++) sq += (v[k][i] - m) * (v[k][i] - m);
+        }
+    }
+    float s = rsqrtf(warp_sum(sq) / C + eps);
+#pragma unroll
+    for (int k = 0; k < ITERS; k++) {
+        int c = (k * 32 + lane) * VEC;
+        if (c < C) {
+            float w[VEC], b[VEC], y[VEC];
+            load_vec<VEC>(w, weight + c);
+            if (bias) load_vec<VEC>(b, bias + c);
+#pragma unroll
+            for (int i = 0; i < VEC; i++) y[i] = (v[k][i] - m) * s * w[i] + (bias ? b[i] : 0.0f);
+            store_vec<VEC>(out + row + c, y);
+        }
     }
     if (lane == 0) {
         if (mean) mean[n] = m;
@@ -113,7 +183,9 @@ residual_norm_forward_row_kernel(float *res_out, floatX *out, float *mean, float
 // res_out = res_in + branch (branch may be NULL: then res_out is not written and the norm reads
 // res_in); out = norm(res_out). res_out must not alias res_in when branch is given.
 // residual_norm_forward picks the kernel: a block per row below NORM_ROW_KERNEL_MAX_ROWS rows
-// (when C fits the block's registers), a warp per row above, where the warps fill the GPU.
+// (when C fits the block's registers); above, the register warp kernel (rows up to
+// NORM_VEC_MAX_WIDTH wide, with the widest vector access C and the pointers allow), else the
+// plain warp kernel.
 #define NORM_ROW_KERNEL_MAX_ROWS 4096
 static inline void residual_norm_forward_check(const float *res_out, const float *mean, const float *res_in,
                                                const floatX *branch, int is_layernorm) {
@@ -128,6 +200,38 @@ static inline void residual_norm_forward_warps(float *res_out, floatX *out, floa
     const int block = 256, rows_per_block = block / 32;
     residual_norm_forward_kernel<<<ceil_div(N, rows_per_block), block, 0, stream>>>(
         res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
+    cudaCheckLaunch();
+}
+// The vector width (4, 2 or 1 elements) the register kernels can use for rows of C elements at
+// these pointers (NULL for none): every row start must be aligned to the fp32 and bf16 vectors.
+static inline int norm_vector_width(int C, const float *f32_a, const float *f32_b, const float *f32_c,
+                                    const floatX *bf16_a, const floatX *bf16_b, const floatX *bf16_c) {
+    for (int vec = 4; vec > 1; vec /= 2) {
+        if (C % vec == 0 && vector_aligned(f32_a, 4 * vec) && vector_aligned(f32_b, 4 * vec) &&
+            vector_aligned(f32_c, 4 * vec) && vector_aligned(bf16_a, 2 * vec) && vector_aligned(bf16_b, 2 * vec) &&
+            vector_aligned(bf16_c, 2 * vec))
+            return vec;
+    }
+    return 1;
+}
+static inline void residual_norm_forward_vec(float *res_out, floatX *out, float *mean, float *rstd,
+                                             const float *res_in, const floatX *branch,
+                                             const floatX *weight, const floatX *bias,
+                                             int N, int C, float eps, int is_layernorm, cudaStream_t stream) {
+    residual_norm_forward_check(res_out, mean, res_in, branch, is_layernorm);
+    cudaRequire(C <= NORM_VEC_MAX_WIDTH, "residual_norm_forward_vec: C too large for a warp's registers");
+    const int block = 256, rows_per_block = block / 32;
+    int vec = norm_vector_width(C, res_out, res_in, NULL, out, branch, weight);
+    if (bias && !vector_aligned(bias, 2 * vec)) vec = 1;
+    if (vec == 4)
+        residual_norm_forward_vec_kernel<4><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
+            res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
+    else if (vec == 2)
+        residual_norm_forward_vec_kernel<2><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
+            res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
+    else
+        residual_norm_forward_vec_kernel<1><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
+            res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
     cudaCheckLaunch();
 }
 static inline void residual_norm_forward_rows(float *res_out, floatX *out, float *mean, float *rstd,
@@ -146,6 +250,8 @@ static inline void residual_norm_forward(float *res_out, floatX *out, float *mea
                                          int N, int C, float eps, int is_layernorm, cudaStream_t stream) {
     if (N < NORM_ROW_KERNEL_MAX_ROWS && C <= NORM_ROW_THREADS * NORM_ROW_MAX_PER_THREAD)
         residual_norm_forward_rows(res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm, stream);
+    else if (C <= NORM_VEC_MAX_WIDTH)
+        residual_norm_forward_vec(res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm, stream);
     else
         residual_norm_forward_warps(res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm, stream);
 }
@@ -184,56 +290,188 @@ __global__ void norm_backward_dinp_kernel(float *dres, floatX *dres_bf16, const 
     }
 }
 
-// Partial sums for dweight and dbias over one chunk of rows: block (32, 8), blockIdx.x a slab of
-// 32 channels, blockIdx.y a chunk of COLUMN_CHUNK_ROWS rows.
+// Partial sums for dweight and dbias over one chunk of COLUMN_CHUNK_ROWS rows: a block of 256
+// threads takes a slab of 32 channels (thread t: channel t % 32, rows t / 32, t / 32 + 8, ...).
 //   partial_w[chunk, c] = sum over the chunk's rows of dout * norm,  partial_b[chunk, c] = sum of dout
 // partial_b may be NULL (RMSNorm has no bias).
-__global__ void norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const float *dout,
-                                                     const float *inp, const float *mean, const float *rstd,
-                                                     int N, int C, int is_layernorm) {
-    __shared__ float sw[8][33], sb[8][33];
-    int c = blockIdx.x * 32 + threadIdx.x;
-    int row0 = blockIdx.y * COLUMN_CHUNK_ROWS;
+__global__ void __launch_bounds__(256)
+norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const float *dout, const float *inp,
+                                     const float *mean, const float *rstd, int N, int C, int is_layernorm) {
+    __shared__ float norm_sw[8][33], norm_sb[8][33];
+    int lane = threadIdx.x % 32, group = threadIdx.x / 32;
+    int slabs = (C + 31) / 32;
+    int c = (blockIdx.x % slabs) * 32 + lane, chunk = blockIdx.x / slabs;
+    int row0 = chunk * COLUMN_CHUNK_ROWS;
     int row1 = min(row0 + COLUMN_CHUNK_ROWS, N);
     float acc_w = 0.0f, acc_b = 0.0f;
     if (c < C) {
-        for (int n = row0 + threadIdx.y; n < row1; n += 8) {
+        for (int n = row0 + group; n < row1; n += 8) {
             float m = is_layernorm ? mean[n] : 0.0f;
             float g = dout[(size_t)n * C + c];
             acc_w += g * (inp[(size_t)n * C + c] - m) * rstd[n];
             acc_b += g;
         }
     }
-    sw[threadIdx.y][threadIdx.x] = acc_w;
-    sb[threadIdx.y][threadIdx.x] = acc_b;
+    norm_sw[group][lane] = acc_w;
+    norm_sb[group][lane] = acc_b;
     __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
+    if (group == 0 && c < C) {
         float w = 0.0f, b = 0.0f;
-        for (int k = 0; k < 8; k++) { w += sw[k][threadIdx.x]; b += sb[k][threadIdx.x]; }
-        partial_w[(size_t)blockIdx.y * C + c] = w;
-        if (partial_b) partial_b[(size_t)blockIdx.y * C + c] = b;
+        for (int k = 0; k < 8; k++) { w += norm_sw[k][lane]; b += norm_sb[k][lane]; }
+        partial_w[(size_t)chunk * C + c] = w;
+        if (partial_b) partial_b[(size_t)chunk * C + c] = b;
     }
 }
 
-// Full norm backward: dres (N, C) += dinp (and dres_bf16 = bf16(dres)), dweight (C) += ...,
-// dbias (C) += ... (LayerNorm only; NULL for RMSNorm). dout (N, C) fp32 is the gradient at the
-// norm's output, inp (N, C) fp32 its input. scratch holds 2 * column_chunks(N) * C floats.
-static inline void norm_backward(float *dres, floatX *dres_bf16, float *dweight, float *dbias,
-                                 const float *dout, const float *inp, const floatX *weight,
-                                 const float *mean, const float *rstd, float *scratch,
-                                 int N, int C, int is_layernorm, cudaStream_t stream) {
-    cudaRequire(!is_layernorm || mean != NULL, "norm_backward: LayerNorm needs mean");
+// The whole backward in one kernel, for rows up to NORM_VEC_MAX_WIDTH wide. A block of
+// NORM_BWD_WARPS warps takes NORM_BWD_ROWS rows, one warp per row at a time; the warp holds the
+// row's input and dout in registers (VEC-wide pieces, as the register forward), computes dx as
+// norm_backward_dinp_kernel does (dres += dx, dres_bf16 = bf16(dres)), and adds the row's
+//   dout * norm  (dweight),  dout  (dbias, LayerNorm),  the updated dres  (colsum)
+// into its own slice of shared memory (warp, 3, C). At the end the block adds its warps' slices
+// in warp order and writes partial_{w,b,col}[block, C] for column_partials_reduce. colsum is the
+// bias gradient of the projection whose output this residual gradient is (partial_col NULL when
+// not wanted); partial_b NULL for RMSNorm.
+#define NORM_BWD_WARPS 4
+#define NORM_BWD_ROWS 32
+static inline int norm_backward_blocks(int N) { return ceil_div(N, NORM_BWD_ROWS); }
+static inline size_t norm_backward_smem(int C) { return (size_t)NORM_BWD_WARPS * 3 * C * sizeof(float); }
+template <int VEC>
+__global__ void __launch_bounds__(NORM_BWD_WARPS * 32)
+norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial_w, float *partial_b, float *partial_col,
+                           const float *dout, const float *inp, const floatX *weight, const float *mean,
+                           const float *rstd, int N, int C, int is_layernorm) {
+    constexpr int ITERS = NORM_VEC_MAX_PER_LANE / VEC;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float *acc = (float *)dynamic_smem();
+    float *acc_w = acc + (size_t)warp * 3 * C, *acc_b = acc_w + C, *acc_col = acc_b + C;
+    for (int c = lane; c < 3 * C; c += 32) acc_w[c] = 0.0f;   // the warp's own slice
+    __syncwarp();
+    int row1 = min((int)(blockIdx.x + 1) * NORM_BWD_ROWS, N);
+    for (int n = blockIdx.x * NORM_BWD_ROWS + warp; n < row1; n += NORM_BWD_WARPS) {
+        size_t row = (size_t)n * C;
+        float m = is_layernorm ? mean[n] : 0.0f, s = rstd[n];
+        float x[ITERS][VEC], g[ITERS][VEC];
+        float dnorm_sum = 0.0f, dnorm_norm_sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < ITERS; k++) {
+            int c = (k * 32 + lane) * VEC;
+            if (c < C) {
+                float w[VEC];
+                load_vec<VEC>(x[k], inp + row + c);
+                load_vec<VEC>(g[k], dout + row + c);
+                load_vec<VEC>(w, weight + c);
+#pragma unroll
+                for (int i = 0; i < VEC; i++) {
+                    x[k][i] = (x[k][i] - m) * s;   // from here on: norm
+                    float dnorm = w[i] * g[k][i];
+                    dnorm_sum += dnorm;
+                    dnorm_norm_sum += dnorm * x[k][i];
+                }
+            }
+        }
+        float dnorm_mean = is_layernorm ? warp_sum(dnorm_sum) / C : 0.0f;
+        float dnorm_norm_mean = warp_sum(dnorm_norm_sum) / C;
+#pragma unroll
+        for (int k = 0; k < ITERS; k++) {
+            int c = (k * 32 + lane) * VEC;
+            if (c < C) {
+                float w[VEC], d[VEC];
+                load_vec<VEC>(w, weight + c);
+                load_vec<VEC>(d, dres + row + c);
+#pragma unroll
+                for (int i = 0; i < VEC; i++) {
+                    float dnorm = w[i] * g[k][i];
+                    d[i] += s * (dnorm - dnorm_mean - x[k][i] * dnorm_norm_mean);
+                    acc_w[c + i] += g[k][i] * x[k][i];
+                    acc_b[c + i] += g[k][i];
+                    acc_col[c + i] += d[i];
+                }
+                store_vec<VEC>(dres + row + c, d);
+                if (dres_bf16) store_vec<VEC>(dres_bf16 + row + c, d);
+            }
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float w = 0.0f, b = 0.0f, col = 0.0f;
+        for (int k = 0; k < NORM_BWD_WARPS; k++) {
+            w += acc[(size_t)k * 3 * C + c];
+            b += acc[(size_t)k * 3 * C + C + c];
+            col += acc[(size_t)k * 3 * C + 2 * C + c];
+        }
+        partial_w[(size_t)blockIdx.x * C + c] = w;
+        if (partial_b) partial_b[(size_t)blockIdx.x * C + c] = b;
+        if (partial_col) partial_col[(size_t)blockIdx.x * C + c] = col;
+    }
+}
+
+// Floats of scratch norm_backward needs for N rows of C.
+static inline size_t norm_backward_scratch_floats(int N, int C) {
+    size_t fused = 3 * (size_t)norm_backward_blocks(N) * C, split = 2 * (size_t)column_chunks(N) * C;
+    return fused > split ? fused : split;
+}
+
+// The fallback for rows wider than NORM_VEC_MAX_WIDTH: norm_backward_dinp_kernel, then the
+// weight (and bias) partial sums re-reading dout and the input, then the column sums of dres.
+static inline void norm_backward_split(float *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
+                                       const float *dout, const float *inp, const floatX *weight,
+                                       const float *mean, const float *rstd, float *scratch,
+                                       int N, int C, int is_layernorm, cudaStream_t stream) {
     const int block = 256, rows_per_block = block / 32;
     norm_backward_dinp_kernel<<<ceil_div(N, rows_per_block), block, 0, stream>>>(
         dres, dres_bf16, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     cudaCheckLaunch();
     int chunks = column_chunks(N);
     float *partial_w = scratch, *partial_b = dbias ? scratch + (size_t)chunks * C : NULL;
-    dim3 grid(ceil_div(C, 32), chunks), threads(32, 8);
-    norm_backward_dweight_partial_kernel<<<grid, threads, 0, stream>>>(partial_w, partial_b, dout, inp,
-                                                                        mean, rstd, N, C, is_layernorm);
+    norm_backward_dweight_partial_kernel<<<ceil_div(C, 32) * chunks, 256, 0, stream>>>(partial_w, partial_b, dout, inp,
+                                                                                      mean, rstd, N, C, is_layernorm);
     cudaCheckLaunch();
     column_partials_reduce(dweight, partial_w, chunks, C, stream);
     if (dbias) column_partials_reduce(dbias, partial_b, chunks, C, stream);
+    if (dres_colsum) column_sums_add<float>(dres_colsum, dres, scratch, N, C, stream);
+}
+
+static inline void norm_backward_fused(float *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
+                                       const float *dout, const float *inp, const floatX *weight,
+                                       const float *mean, const float *rstd, float *scratch,
+                                       int N, int C, int is_layernorm, cudaStream_t stream) {
+    cudaRequire(C <= NORM_VEC_MAX_WIDTH, "norm_backward_fused: C too large for a warp's registers");
+    int blocks = norm_backward_blocks(N);
+    float *partial_w = scratch, *partial_b = dbias ? scratch + (size_t)blocks * C : NULL;
+    float *partial_col = dres_colsum ? scratch + 2 * (size_t)blocks * C : NULL;
+    size_t smem = norm_backward_smem(C);
+    int vec = norm_vector_width(C, dout, inp, dres, dres_bf16, weight, NULL);
+    if (vec == 4)
+        norm_backward_fused_kernel<4><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+            dres, dres_bf16, partial_w, partial_b, partial_col, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+    else if (vec == 2)
+        norm_backward_fused_kernel<2><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+            dres, dres_bf16, partial_w, partial_b, partial_col, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+    else
+        norm_backward_fused_kernel<1><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+            dres, dres_bf16, partial_w, partial_b, partial_col, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+    cudaCheckLaunch();
+    column_partials_reduce(dweight, partial_w, blocks, C, stream);
+    if (dbias) column_partials_reduce(dbias, partial_b, blocks, C, stream);
+    if (dres_colsum) column_partials_reduce(dres_colsum, partial_col, blocks, C, stream);
+}
+
+// Full norm backward: dres (N, C) += dinp (and dres_bf16 = bf16(dres), may be NULL),
+// dweight (C) += ..., dbias (C) += ... (LayerNorm only; NULL for RMSNorm), and dres_colsum (C)
+// += the column sums of the updated dres (may be NULL): the bias gradient of the projection
+// that produced the residual branch this gradient flows into. dout (N, C) fp32 is the gradient
+// at the norm's output, inp (N, C) fp32 its input. scratch holds norm_backward_scratch_floats(N, C).
+static inline void norm_backward(float *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
+                                 const float *dout, const float *inp, const floatX *weight,
+                                 const float *mean, const float *rstd, float *scratch,
+                                 int N, int C, int is_layernorm, cudaStream_t stream) {
+    cudaRequire(!is_layernorm || mean != NULL, "norm_backward: LayerNorm needs mean");
+    if (C <= NORM_VEC_MAX_WIDTH)
+        norm_backward_fused(dres, dres_bf16, dweight, dbias, dres_colsum, dout, inp, weight, mean, rstd, scratch, N, C,
+                            is_layernorm, stream);
+    else
+        norm_backward_split(dres, dres_bf16, dweight, dbias, dres_colsum, dout, inp, weight, mean, rstd, scratch, N, C,
+                            is_layernorm, stream);
 }
 #endif

@@ -15,6 +15,7 @@
 #define LLMC_MATMUL_CUH
 #include <cublasLt.h>
 #include "cuda_common.h"
+#include "column_reduce.cuh"
 
 static inline void cublas_check_(cublasStatus_t status, const char *file, int line) {
     if (status != CUBLAS_STATUS_SUCCESS) {
@@ -50,14 +51,17 @@ static inline uint32_t pointer_alignment(const void *p) {
 //   d_is_f32: D is fp32 (else bf16). beta 0 overwrites D, 1 accumulates into it.
 //   bias (m) bf16 or NULL: added to every column (bf16 D only).
 //   gelu_pre (m, n) bf16 or NULL: D = gelu(op(A) op(B) + bias) and gelu_pre gets the
-//   pre-activation (the GELU_AUX epilogue; needs m % 8 == 0 and bf16 D).
-static inline void matmul_cublaslt(void *d, int d_is_f32, const floatX *a, const floatX *b, const floatX *bias,
-                                   floatX *gelu_pre, int m, int n, int k, int trans_a, int trans_b, float beta,
-                                   cudaStream_t stream) {
+//   pre-activation (the GELU_AUX epilogue; needs m % 8 == 0 and bf16 D); with gelu_backward set,
+//   gelu_pre is read instead: D = (op(A) op(B)) * gelu'(gelu_pre) (the DGELU epilogue).
+// Returns 0 when cuBLASLt has no algorithm for the product (nothing is launched), else 1.
+static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, const floatX *b, const floatX *bias,
+                                      floatX *gelu_pre, int gelu_backward, int m, int n, int k, int trans_a, int trans_b,
+                                      float beta, cudaStream_t stream) {
     matmul_setup();
     cudaRequire(m > 0 && n > 0 && k > 0, "matmul_cublaslt: every dimension must be positive");
     cudaRequire(!(bias || gelu_pre) || !d_is_f32, "matmul_cublaslt: bias/GELU epilogues need a bf16 output");
     cudaRequire(!gelu_pre || m % 8 == 0, "matmul_cublaslt: the GELU epilogue needs m % 8 == 0");
+    cudaRequire(!gelu_backward || (gelu_pre && !bias), "matmul_cublaslt: the DGELU epilogue needs the pre-activation and no bias");
     cudaDataType_t d_type = d_is_f32 ? CUDA_R_32F : CUDA_R_16BF;
 
     cublasLtMatmulDesc_t op;
@@ -66,7 +70,8 @@ static inline void matmul_cublaslt(void *d, int d_is_f32, const floatX *a, const
     cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
     cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
     cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-    if (gelu_pre) epilogue = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+    if (gelu_backward) epilogue = CUBLASLT_EPILOGUE_DGELU;
+    else if (gelu_pre) epilogue = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
     else if (bias) epilogue = CUBLASLT_EPILOGUE_BIAS;
     cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
     if (bias) {
@@ -101,13 +106,17 @@ static inline void matmul_cublaslt(void *d, int d_is_f32, const floatX *a, const
 
     cublasLtMatmulHeuristicResult_t heuristic;
     int returned = 0;
-    cublasCheck(cublasLtMatmulAlgoGetHeuristic(matmul_lt_handle, op, layout_a, layout_b, layout_d, layout_d,
-                                               pref, 1, &heuristic, &returned));
-    if (returned == 0) {
-        fprintf(stderr, "error: cuBLASLt has no algorithm for m=%d n=%d k=%d trans_a=%d trans_b=%d d_f32=%d bias=%d gelu=%d "
-                        "(alignments A %u B %u D %u bytes)\n",
-                m, n, k, trans_a, trans_b, d_is_f32, bias != NULL, gelu_pre != NULL, align_a, align_b, align_d);
-        exit(1);
+    // no algorithm shows as a count of 0 or, for some epilogues, as NOT_SUPPORTED
+    cublasStatus_t found = cublasLtMatmulAlgoGetHeuristic(matmul_lt_handle, op, layout_a, layout_b, layout_d, layout_d,
+                                                          pref, 1, &heuristic, &returned);
+    if (found != CUBLAS_STATUS_NOT_SUPPORTED) cublasCheck(found);
+    if (found != CUBLAS_STATUS_SUCCESS || returned == 0) {
+        cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
+        cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));
+        cublasCheck(cublasLtMatrixLayoutDestroy(layout_b));
+        cublasCheck(cublasLtMatrixLayoutDestroy(layout_d));
+        cublasCheck(cublasLtMatmulDescDestroy(op));
+        return 0;
     }
     float alpha = 1.0f;
     cublasCheck(cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
@@ -117,6 +126,18 @@ static inline void matmul_cublaslt(void *d, int d_is_f32, const floatX *a, const
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_b));
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_d));
     cublasCheck(cublasLtMatmulDescDestroy(op));
+    return 1;
+}
+static inline void matmul_cublaslt(void *d, int d_is_f32, const floatX *a, const floatX *b, const floatX *bias,
+                                   floatX *gelu_pre, int m, int n, int k, int trans_a, int trans_b, float beta,
+                                   cudaStream_t stream) {
+    if (!matmul_cublaslt_try(d, d_is_f32, a, b, bias, gelu_pre, 0, m, n, k, trans_a, trans_b, beta, stream)) {
+        fprintf(stderr, "error: cuBLASLt has no algorithm for m=%d n=%d k=%d trans_a=%d trans_b=%d d_f32=%d bias=%d gelu=%d "
+                        "(alignments A %u B %u D %u bytes)\n",
+                m, n, k, trans_a, trans_b, d_is_f32, bias != NULL, gelu_pre != NULL, pointer_alignment(a),
+                pointer_alignment(b), pointer_alignment(d));
+        exit(1);
+    }
 }
 
 // out (M, OC) bf16 = inp (M, IC) @ weight (OC, IC)^T + bias (OC; may be NULL).
@@ -124,35 +145,6 @@ static inline void matmul_cublaslt(void *d, int d_is_f32, const floatX *a, const
 static inline void matmul_forward(floatX *out, const floatX *inp, const floatX *weight, const floatX *bias,
                                   floatX *gelu_pre, int M, int IC, int OC, cudaStream_t stream) {
     matmul_cublaslt(out, 0, weight, inp, bias, gelu_pre, OC, M, IC, 1, 0, 0.0f, stream);
-}
-
-// Partial column sums of dout (N, OC) over chunks of rows, as norm_backward_dweight_partial_kernel.
-template <typename T>
-__global__ void bias_backward_partial_kernel(float *partial, const T *dout, int N, int OC) {
-    __shared__ float shared[8][33];
-    int c = blockIdx.x * 32 + threadIdx.x;
-    int row0 = blockIdx.y * COLUMN_CHUNK_ROWS;
-    int row1 = min(row0 + COLUMN_CHUNK_ROWS, N);
-    float acc = 0.0f;
-    if (c < OC)
-        for (int n = row0 + threadIdx.y; n < row1; n += 8) acc += to_float(dout[(size_t)n * OC + c]);
-    shared[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < OC) {
-        float sum = 0.0f;
-        for (int k = 0; k < 8; k++) sum += shared[k][threadIdx.x];
-        partial[(size_t)blockIdx.y * OC + c] = sum;
-    }
-}
-
-// dbias (OC) += sum over rows of dout (N, OC); scratch holds column_chunks(N) * OC floats.
-template <typename T>
-static inline void bias_backward(float *dbias, const T *dout, float *scratch, int N, int OC, cudaStream_t stream) {
-    int chunks = column_chunks(N);
-    dim3 grid(ceil_div(OC, 32), chunks), threads(32, 8);
-    bias_backward_partial_kernel<T><<<grid, threads, 0, stream>>>(scratch, dout, N, OC);
-    cudaCheckLaunch();
-    column_partials_reduce(dbias, scratch, chunks, OC, stream);
 }
 
 // Backward of matmul_forward given dout (M, OC) bf16:
@@ -167,8 +159,18 @@ static inline void matmul_backward(void *dinp, int dinp_is_f32, float *dweight, 
     if (dinp) matmul_cublaslt(dinp, dinp_is_f32, weight, dout, NULL, NULL, IC, M, OC, 0, 0, 0.0f, stream);
     if (dweight) matmul_cublaslt(dweight, 1, inp, dout, NULL, NULL, IC, OC, M, 0, 1, 1.0f, stream);
     if (dbias) {
-        if (dbias_source) bias_backward<float>(dbias, dbias_source, scratch, M, OC, stream);
-        else bias_backward<floatX>(dbias, dout, scratch, M, OC, stream);
+        if (dbias_source) column_sums_add<float>(dbias, dbias_source, scratch, M, OC, stream);
+        else column_sums_add<floatX>(dbias, dout, scratch, M, OC, stream);
     }
+}
+
+// dpre (M, F) bf16 = (dout (M, OC) @ weight (OC, F)) * gelu'(pre (M, F)): the input gradient of a
+// product whose input was gelu(pre), with the GELU backward in the product's epilogue (DGELU).
+// Returns 0, launching nothing, when cuBLASLt offers no such algorithm: the caller then runs
+// matmul_backward and gelu_backward separately.
+static inline int matmul_backward_dgelu(floatX *dpre, const floatX *dout, const floatX *weight, const floatX *pre,
+                                        int M, int F, int OC, cudaStream_t stream) {
+    if (F % 8 != 0) return 0;
+    return matmul_cublaslt_try(dpre, 0, weight, dout, NULL, (floatX *)pre, 1, F, M, OC, 0, 0, 0.0f, stream);
 }
 #endif

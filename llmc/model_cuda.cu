@@ -125,7 +125,7 @@ typedef struct {
     floatX *dfch_act;                      // (N, F)
     float *att_D;                          // (B, NH, T) attention backward scratch
     float *dhidden;                        // (N, C)
-    float *column_scratch;                 // 2 * column_chunks(N) * max(C, QKV, FC) floats
+    float *column_scratch;                 // the column sums' and the norm backward's partials
     float *norm_partial;                   // GLOBAL_NORM_BLOCKS
     float *norm_result;                    // 1
     float *rope_cos_sin;                   // (maxT, HS/2, 2), Llama only
@@ -329,7 +329,8 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     d->dhidden = (float *)activation_alloc(d, N * C * sizeof(float));
     size_t widest = C > QKV ? C : QKV;
     if (FC > widest) widest = FC;
-    d->column_scratch = (float *)activation_alloc(d, 2 * (size_t)column_chunks((int)N) * widest * sizeof(float));
+    size_t scratch_floats = (size_t)column_chunks((int)N) * widest, norm_floats = norm_backward_scratch_floats((int)N, C);
+    d->column_scratch = (float *)activation_alloc(d, (scratch_floats > norm_floats ? scratch_floats : norm_floats) * sizeof(float));
     d->norm_partial = (float *)device_alloc(d, GLOBAL_NORM_BLOCKS * sizeof(float));
     d->norm_result = (float *)device_alloc(d, sizeof(float));
     d->dp_scalar = (double *)device_alloc(d, sizeof(double));
@@ -571,7 +572,9 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     }
     cudaCheck(cudaMemsetAsync(d->dresidual, 0, NC * sizeof(float), st));
     prof_begin(model, PROF_NORM_BWD);
-    norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LNFW, 0), weight_grad(model, P_LNFB, 0), d->dnorm,
+    // the residual gradient's column sums are the last fcproj's bias gradient
+    norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LNFW, 0), weight_grad(model, P_LNFB, 0),
+                  weight_grad(model, P_FCPROJB, L - 1), d->dnorm,
                   d->residual3 + (size_t)(L - 1) * NC, weight_bf16(model, P_LNFW, 0), gpt2 ? d->lnf_mean : NULL, d->lnf_rstd,
                   scratch, N, C, gpt2, st);
     prof_end(model);
@@ -584,29 +587,35 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         float *residual2 = d->residual2 + l * NC;
         floatX *fch = d->fch + (size_t)l * N * FC, *fch_act = d->fch_act + (size_t)l * N * F;
 
-        // MLP block: residual3 = residual2 + fcproj(act(fc(norm2(residual2))))
+        // MLP block: residual3 = residual2 + fcproj(act(fc(norm2(residual2)))). fcproj's bias
+        // gradient came with the norm backward above (the column sums of dresidual).
         prof_begin(model, PROF_MATMUL_BWD);
-        matmul_backward(d->dfch_act, 0, weight_grad(model, P_FCPROJW, l), weight_grad(model, P_FCPROJB, l), d->dresidual_bf16,
-                        d->dresidual, fch_act, weight_bf16(model, P_FCPROJW, l), scratch, N, F, C, st);
+        int fused_dgelu = gpt2 && model->use_gelu_fusion &&
+                          matmul_backward_dgelu(d->dfch, d->dresidual_bf16, weight_bf16(model, P_FCPROJW, l), fch, N, F, C, st);
+        matmul_backward(fused_dgelu ? NULL : d->dfch_act, 0, weight_grad(model, P_FCPROJW, l), NULL, d->dresidual_bf16, NULL,
+                        fch_act, weight_bf16(model, P_FCPROJW, l), scratch, N, F, C, st);
         prof_end(model);
-        prof_begin(model, PROF_ACT_BWD);
-        if (gpt2) gelu_backward(d->dfch, fch, d->dfch_act, (size_t)N * F, st);
-        else swiglu_backward(d->dfch, d->dfch_act, fch, N, F, st);
-        prof_end(model);
+        if (!fused_dgelu) {
+            prof_begin(model, PROF_ACT_BWD);
+            if (gpt2) gelu_backward(d->dfch, fch, d->dfch_act, (size_t)N * F, st);
+            else swiglu_backward(d->dfch, d->dfch_act, fch, N, F, st);
+            prof_end(model);
+        }
         prof_begin(model, PROF_MATMUL_BWD);
         matmul_backward(d->dnorm, 1, weight_grad(model, P_FCW, l), weight_grad(model, P_FCB, l), d->dfch, NULL, ln2,
                         weight_bf16(model, P_FCW, l), scratch, N, C, FC, st);
         prof_end(model);
         prof_begin(model, PROF_NORM_BWD);
-        norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LN2W, l), weight_grad(model, P_LN2B, l), d->dnorm,
+        norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LN2W, l), weight_grad(model, P_LN2B, l),
+                      weight_grad(model, P_ATTPROJB, l), d->dnorm,
                       residual2, weight_bf16(model, P_LN2W, l), gpt2 ? d->ln2_mean + (size_t)l * N : NULL,
                       d->ln2_rstd + (size_t)l * N, scratch, N, C, gpt2, st);
         prof_end(model);
 
         // attention block: residual2 = residual + attproj(attention(qkv(norm1(residual))))
         prof_begin(model, PROF_MATMUL_BWD);
-        matmul_backward(d->datty, 0, weight_grad(model, P_ATTPROJW, l), weight_grad(model, P_ATTPROJB, l), d->dresidual_bf16,
-                        d->dresidual, atty, weight_bf16(model, P_ATTPROJW, l), scratch, N, NH * HS, C, st);
+        // (attproj's bias gradient came with the norm backward above)
+        matmul_backward(d->datty, 0, weight_grad(model, P_ATTPROJW, l), NULL, d->dresidual_bf16, NULL, atty, weight_bf16(model, P_ATTPROJW, l), scratch, N, NH * HS, C, st);
         prof_end(model);
         prof_begin(model, PROF_ATTENTION_BWD);
         if (attention_use_flash(HS)) attention_flash_backward(d->dqkv, d->att_D, d->datty, qkv, atty, att_lse, B, T, NH, NKV, HS, st);
@@ -622,7 +631,8 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
                         weight_bf16(model, P_QKVW, l), scratch, N, C, QKV, st);
         prof_end(model);
         prof_begin(model, PROF_NORM_BWD);
-        norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LN1W, l), weight_grad(model, P_LN1B, l), d->dnorm,
+        norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LN1W, l), weight_grad(model, P_LN1B, l),
+                      l > 0 ? weight_grad(model, P_FCPROJB, l - 1) : NULL, d->dnorm,
                       residual, weight_bf16(model, P_LN1W, l), gpt2 ? d->ln1_mean + (size_t)l * N : NULL,
                       d->ln1_rstd + (size_t)l * N, scratch, N, C, gpt2, st);
         prof_end(model);

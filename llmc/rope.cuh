@@ -7,6 +7,12 @@
  *
  * The cos/sin table is computed once on the host in double (rope_table_host), as the CPU does,
  * because float angles lose digits at large t.
+ *
+ * Two kernels: the 8-wide one rotates 8 consecutive pairs of a head per thread with 16-byte
+ * loads and stores, for head_dim a multiple of 16 (64 and 128) and buffers on 16 bytes; the
+ * scalar one, one pair per thread, is the fallback. Both rotate each pair with the same fp32
+ * expressions (rope_rotate), so their outputs are the same bit for bit. rope_forward /
+ * rope_backward pick between them.
  */
 #ifndef LLMC_ROPE_CUH
 #define LLMC_ROPE_CUH
@@ -28,8 +34,19 @@ static inline float *rope_table_host(int maxT, int HS, float theta) {
     return cos_sin;
 }
 
-// One thread per (row bt, head h < NH + NKV, pair i < HS/2); sign = +1 forward, -1 backward.
-__global__ void rope_kernel(floatX *qkv, const float *cos_sin, int N, int T, int NH, int NKV, int HS, float sign) {
+#define ROPE_VEC 8
+
+// the rotation of one pair (x1, x2) = (x[i], x[i + HS/2]) by the angle with cosine c and sine s,
+// shared by the scalar and the 8-wide kernels: y1 = x1 c - x2 s, y2 = x2 c + x1 s, with the fused
+// multiply-adds spelled out so that the compiler cannot contract the two kernels differently
+__device__ __forceinline__ void rope_rotate(float x1, float x2, float c, float s, float *y1, float *y2) {
+    *y1 = fmaf(x1, c, -__fmul_rn(x2, s));
+    *y2 = fmaf(x2, c, __fmul_rn(x1, s));
+}
+
+// One thread per (row bt, head h < NH + NKV, pair i < HS/2): rotates the pair (x[i], x[i + HS/2])
+// of the head in place; sign = +1 forward, -1 backward.
+__global__ void rope_scalar_kernel(floatX *qkv, const float *cos_sin, int N, int T, int NH, int NKV, int HS, float sign) {
     int half = HS / 2, heads = NH + NKV;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * heads * half) return;
@@ -39,24 +56,80 @@ __global__ void rope_kernel(floatX *qkv, const float *cos_sin, int N, int T, int
     int t = bt % T;
     float c = cos_sin[((size_t)t * half + i) * 2], s = sign * cos_sin[((size_t)t * half + i) * 2 + 1];
     floatX *x = qkv + (size_t)bt * (NH + 2 * NKV) * HS + (size_t)h * HS;
-    float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
-    x[i] = __float2bfloat16(x1 * c - x2 * s);
-    x[i + half] = __float2bfloat16(x2 * c + x1 * s);
+    float y1, y2;
+    rope_rotate(to_float(x[i]), to_float(x[i + half]), c, s, &y1, &y2);
+    x[i] = __float2bfloat16(y1);
+    x[i + half] = __float2bfloat16(y2);
 }
 
-// cos_sin: the device copy of rope_table_host(maxT >= T, HS, theta).
+// One thread per (row bt, head h, group of 8 pairs i..i+7): the same rotation with one 16-byte
+// load and store of x[i..i+7], one of x[i+HS/2..i+HS/2+7] and four float4 loads of the pairs'
+// (cos, sin). HS % 16 == 0, qkv and cos_sin on 16 bytes, N * heads * HS/16 < 2^31.
+__global__ void rope_vec8_kernel(floatX *qkv, const float *cos_sin, int N, int T, int NH, int NKV, int HS, float sign) {
+    int half = HS / 2, heads = NH + NKV, groups = half / ROPE_VEC;
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * heads * groups) return;
+    int head = idx / groups, i = (idx - head * groups) * ROPE_VEC;
+    int bt = head / heads, h = head - bt * heads;
+    int t = bt % T;
+    const float4 *table = reinterpret_cast<const float4 *>(cos_sin + ((size_t)t * half + i) * 2);
+    float c[ROPE_VEC], s[ROPE_VEC];
+#pragma unroll
+    for (int k = 0; k < ROPE_VEC / 2; k++) {
+        float4 cs = table[k];
+        c[2 * k] = cs.x;
+        s[2 * k] = sign * cs.y;
+        c[2 * k + 1] = cs.z;
+        s[2 * k + 1] = sign * cs.w;
+    }
+    floatX *x = qkv + (size_t)bt * (NH + 2 * NKV) * HS + (size_t)h * HS;
+    uint4 lo_packed = *reinterpret_cast<const uint4 *>(x + i), hi_packed = *reinterpret_cast<const uint4 *>(x + i + half);
+    floatX *lo = reinterpret_cast<floatX *>(&lo_packed), *hi = reinterpret_cast<floatX *>(&hi_packed);
+#pragma unroll
+    for (int k = 0; k < ROPE_VEC; k++) {
+        float y1, y2;
+        rope_rotate(to_float(lo[k]), to_float(hi[k]), c[k], s[k], &y1, &y2);
+        lo[k] = __float2bfloat16(y1);
+        hi[k] = __float2bfloat16(y2);
+    }
+    *reinterpret_cast<uint4 *>(x + i) = lo_packed;
+    *reinterpret_cast<uint4 *>(x + i + half) = hi_packed;
+}
+
+// Whether the 8-wide kernel applies: HS/2 a multiple of 8 (head_dim 64 and 128), qkv and the
+// table on 16 bytes (then every head and every group's table entries are too), and a thread
+// count that fits its 32-bit index.
+static inline int rope_vectorized(const floatX *qkv, const float *cos_sin, int B, int T, int NH, int NKV, int HS) {
+    return HS % (2 * ROPE_VEC) == 0 && (((uintptr_t)qkv | (uintptr_t)cos_sin) & 15) == 0 &&
+           (size_t)B * T * (NH + NKV) * (HS / (2 * ROPE_VEC)) <= 0x7fffffff;
+}
+
+// the kernels by name with sign = +1 (forward) or -1 (backward) (the harness and the emulator
+// test run both), then the pick. cos_sin: the device copy of rope_table_host(maxT >= T, HS, theta).
+static inline void rope_scalar(floatX *qkv, const float *cos_sin, int B, int T, int NH, int NKV, int HS, float sign,
+                               cudaStream_t stream) {
+    cudaRequire(HS % 2 == 0, "rope: head_dim must be even");
+    size_t n = (size_t)B * T * (NH + NKV) * (HS / 2);
+    if (n == 0) return;
+    rope_scalar_kernel<<<ceil_div((long long)n, 256), 256, 0, stream>>>(qkv, cos_sin, B * T, T, NH, NKV, HS, sign);
+    cudaCheckLaunch();
+}
+static inline void rope_vec8(floatX *qkv, const float *cos_sin, int B, int T, int NH, int NKV, int HS, float sign,
+                             cudaStream_t stream) {
+    cudaRequire(rope_vectorized(qkv, cos_sin, B, T, NH, NKV, HS), "rope_vec8: head_dim must be a multiple of 16 and qkv and the table start on 16 bytes");
+    size_t n = (size_t)B * T * (NH + NKV) * (HS / (2 * ROPE_VEC));
+    if (n == 0) return;
+    rope_vec8_kernel<<<ceil_div((long long)n, 256), 256, 0, stream>>>(qkv, cos_sin, B * T, T, NH, NKV, HS, sign);
+    cudaCheckLaunch();
+}
 static inline void rope_forward(floatX *qkv, const float *cos_sin, int B, int T, int NH, int NKV, int HS,
                                 cudaStream_t stream) {
-    cudaRequire(HS % 2 == 0, "rope_forward: head_dim must be even");
-    size_t n = (size_t)B * T * (NH + NKV) * (HS / 2);
-    rope_kernel<<<ceil_div((long long)n, 256), 256, 0, stream>>>(qkv, cos_sin, B * T, T, NH, NKV, HS, 1.0f);
-    cudaCheckLaunch();
+    if (rope_vectorized(qkv, cos_sin, B, T, NH, NKV, HS)) rope_vec8(qkv, cos_sin, B, T, NH, NKV, HS, 1.0f, stream);
+    else rope_scalar(qkv, cos_sin, B, T, NH, NKV, HS, 1.0f, stream);
 }
 static inline void rope_backward(floatX *dqkv, const float *cos_sin, int B, int T, int NH, int NKV, int HS,
                                  cudaStream_t stream) {
-    cudaRequire(HS % 2 == 0, "rope_backward: head_dim must be even");
-    size_t n = (size_t)B * T * (NH + NKV) * (HS / 2);
-    rope_kernel<<<ceil_div((long long)n, 256), 256, 0, stream>>>(dqkv, cos_sin, B * T, T, NH, NKV, HS, -1.0f);
-    cudaCheckLaunch();
+    if (rope_vectorized(dqkv, cos_sin, B, T, NH, NKV, HS)) rope_vec8(dqkv, cos_sin, B, T, NH, NKV, HS, -1.0f, stream);
+    else rope_scalar(dqkv, cos_sin, B, T, NH, NKV, HS, -1.0f, stream);
 }
 #endif

@@ -67,7 +67,9 @@ static inline floatX to_bf16(float f) {   // round to nearest even, NaN kept NaN
     return floatX{(uint16_t)(u >> 16)};
 }
 struct float2 { float x, y; };
-struct uint4 { uint32_t x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { uint32_t x, y; };
+struct alignas(16) uint4 { uint32_t x, y, z, w; };
 struct __nv_bfloat162 { floatX x, y; };
 static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{to_f32(v.x), to_f32(v.y)}; }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }

@@ -17,7 +17,7 @@ from conftest import ROOT
 
 def rewrite_launches(source, min_launches):
     """source with every <<<...>>> launch rewritten into an emu_launch call."""
-    launched, n = re.subn(r"(\w+(?:<\w+>)?)<<<(.*?)>>>\((.*?)\);", r"emu_launch(\2, [=] { \1(\3); });", source,
+    launched, n = re.subn(r"(\w+(?:<[\w, ]+>)?)<<<(.*?)>>>\((.*?)\);", r"emu_launch(\2, [=] { \1(\3); });", source,
                           flags=re.S)
     assert n == source.count("<<<") and n >= min_launches and "<<<" not in launched, "a launch was not rewritten"
     return launched

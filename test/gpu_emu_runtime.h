@@ -58,6 +58,8 @@ static inline float block_max(float v, float *shared) {
     __syncthreads();
     return m;
 }
+// the block's dynamic shared memory (the launch's smem bytes), as cuda_common.h's dynamic_smem()
+static inline unsigned char *dynamic_smem() { return smem.data(); }
 #define cudaCheckLaunch() ((void)0)
 #define cudaRequire(cond, what) ((cond) ? (void)0 : emu_fail(what))
 

@@ -111,6 +111,23 @@ static inline void compare(const char *name, const std::vector<float> &gpu, cons
     compare(name, gpu.data(), ref.data(), gpu.size(), tol);
 }
 
+// Checks that two GPU results are the same bit for bit (two kernels that compute each element
+// with the same expressions); one PASS/FAIL line with the count of differing elements.
+static inline void compare_bits(const char *name, const std::vector<float> &a, const std::vector<float> &b) {
+    size_t differ = 0, first = 0;
+    for (size_t i = 0; i < a.size() && i < b.size(); i++)
+        if (memcmp(&a[i], &b[i], sizeof(float)) != 0 && differ++ == 0) first = i;
+    int ok = a.size() == b.size() && differ == 0;
+    if (!ok) harness_failures++;
+    if (a.size() != b.size())
+        printf("FAIL %-44s size %zu vs %zu\n", name, a.size(), b.size());
+    else if (differ)
+        printf("FAIL %-44s %zu of %zu elements differ (first at %zu: %.8g vs %.8g)\n", name, differ, a.size(), first,
+               a[first], b[first]);
+    else
+        printf("PASS %-44s bit for bit over %zu elements\n", name, a.size());
+}
+
 // Median milliseconds of `reps` runs of fn after `warmup` runs, timed with CUDA events.
 template <typename F>
 static inline float time_ms(F fn, int warmup = 3, int reps = 20) {

@@ -1,7 +1,9 @@
 /*
- * Harness for layernorm.cuh: the fused residual + LayerNorm/RMSNorm forward and the norm
- * backward against residual_forward, layernorm_* and rmsnorm_* of ops_cpu.c, on fresh random
- * inputs, then timing at GPT-2 124M's shape (N = 16 x 1024 rows, C = 768).
+ * Harness for layernorm.cuh: the fused residual + LayerNorm/RMSNorm forward (all three kernels:
+ * warp per row, warp per row from registers, block per row) and the norm backward (the fused
+ * kernel and the split fallback, with the column sums of the residual gradient) against
+ * residual_forward, layernorm_* and rmsnorm_* of ops_cpu.c, on fresh random inputs, then timing
+ * at GPT-2 124M's shape (N = 16 x 1024 rows, C = 768) and SmolLM2's width (C = 576).
  *   build/cuda/dev/layernorm
  */
 #include "harness.h"
@@ -27,14 +29,18 @@ static void check(int N, int C, int is_layernorm, int fused) {
 
     float *d_res = upload(res), *d_x = device_alloc_n<float>(NC), *d_mean = device_alloc_n<float>(N), *d_rstd = device_alloc_n<float>(N);
     floatX *d_branch = upload_bf16(branch), *d_w = upload_bf16(weight), *d_b = upload_bf16(bias), *d_out = device_alloc_n<floatX>(NC);
-    // both kernels: a warp per row, and a block per row (the one residual_norm_forward takes
-    // for fewer than NORM_ROW_KERNEL_MAX_ROWS rows)
-    for (int rows = 0; rows < 2; rows++) {
-        const char *how = rows ? " (block per row)" : " (warp per row)";
+    // the three kernels: a warp per row, a warp per row from registers (the one
+    // residual_norm_forward takes for many rows), and a block per row (the one it takes for
+    // fewer than NORM_ROW_KERNEL_MAX_ROWS rows)
+    typedef void (*Forward)(float *, floatX *, float *, float *, const float *, const floatX *, const floatX *, const floatX *,
+                            int, int, float, int, cudaStream_t);
+    const Forward kernels[3] = {residual_norm_forward_warps, residual_norm_forward_vec, residual_norm_forward_rows};
+    const char *const hows[3] = {" (warp per row)", " (warp per row, registers)", " (block per row)"};
+    for (int kernel = 0; kernel < 3; kernel++) {
+        const char *how = hows[kernel];
         poison(d_x, NC * sizeof(float)); poison(d_out, NC * sizeof(floatX)); poison(d_mean, N * sizeof(float)); poison(d_rstd, N * sizeof(float));
-        (rows ? residual_norm_forward_rows : residual_norm_forward_warps)(fused ? d_x : NULL, d_out, d_mean, d_rstd, d_res,
-                                                                         fused ? d_branch : NULL, d_w, is_layernorm ? d_b : NULL,
-                                                                         N, C, 1e-5f, is_layernorm, 0);
+        kernels[kernel](fused ? d_x : NULL, d_out, d_mean, d_rstd, d_res, fused ? d_branch : NULL, d_w, is_layernorm ? d_b : NULL,
+                        N, C, 1e-5f, is_layernorm, 0);
         snprintf(name, sizeof(name), "%s_forward%s N=%d C=%d out%s", kind, fused ? " +residual" : "", N, C, how);
         compare(name, download_bf16(d_out, NC), out, TOL_BF16);
         snprintf(name, sizeof(name), "%s_forward%s N=%d C=%d rstd%s", kind, fused ? " +residual" : "", N, C, how);
@@ -49,26 +55,39 @@ static void check(int N, int C, int is_layernorm, int fused) {
         }
     }
 
-    // backward from the reference's own x, mean, rstd so that only the backward is measured
-    float *d_xin = upload(x), *d_dout = upload(dout), *d_dres = upload(dres0);
+    // backward from the reference's own x, mean, rstd so that only the backward is measured;
+    // the column sums of the updated dres (the preceding projection's bias gradient) from the
+    // reference's dinp
+    std::vector<float> colsum(C, 0.0f);
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) colsum[c] += dinp[(size_t)n * C + c];
+    float *d_xin = upload(x), *d_dout = upload(dout), *d_dres = device_alloc_n<float>(NC);
     float *d_mean_ref = upload(mean), *d_rstd_ref = upload(rstd);
-    float *d_dw = upload(std::vector<float>(C, 0.0f)), *d_db = upload(std::vector<float>(C, 0.0f));
+    float *d_dw = device_alloc_n<float>(C), *d_db = device_alloc_n<float>(C), *d_col = device_alloc_n<float>(C);
     floatX *d_dres_bf16 = device_alloc_n<floatX>(NC);
-    float *scratch = device_alloc_n<float>(2 * (size_t)column_chunks(N) * C);
-    poison(d_dres_bf16, NC * sizeof(floatX));
-    norm_backward(d_dres, d_dres_bf16, d_dw, is_layernorm ? d_db : NULL, d_dout, d_xin, d_w, is_layernorm ? d_mean_ref : NULL,
-                  d_rstd_ref, scratch, N, C, is_layernorm, 0);
-    snprintf(name, sizeof(name), "%s_backward N=%d C=%d dinp (+=)", kind, N, C);
-    compare(name, download_f32(d_dres, NC), dinp, TOL_F32);
-    snprintf(name, sizeof(name), "%s_backward N=%d C=%d dinp bf16 copy", kind, N, C);
-    compare(name, download_bf16(d_dres_bf16, NC), dinp, TOL_BF16);
-    snprintf(name, sizeof(name), "%s_backward N=%d C=%d dweight", kind, N, C);
-    compare(name, download_f32(d_dw, C), dweight, TOL_F32);
-    if (is_layernorm) {
-        snprintf(name, sizeof(name), "%s_backward N=%d C=%d dbias", kind, N, C);
-        compare(name, download_f32(d_db, C), dbias, TOL_F32);
+    float *scratch = device_alloc_n<float>(norm_backward_scratch_floats(N, C));
+    for (int split = 0; split < 2; split++) {
+        const char *how = split ? " (split kernels)" : " (fused kernel)";
+        cudaCheck(cudaMemcpy(d_dres, dres0.data(), NC * sizeof(float), cudaMemcpyHostToDevice));
+        for (float *p : {d_dw, d_db, d_col}) cudaCheck(cudaMemset(p, 0, C * sizeof(float)));
+        poison(d_dres_bf16, NC * sizeof(floatX));
+        (split ? norm_backward_split : norm_backward_fused)(d_dres, d_dres_bf16, d_dw, is_layernorm ? d_db : NULL, d_col, d_dout,
+                                                             d_xin, d_w, is_layernorm ? d_mean_ref : NULL, d_rstd_ref, scratch,
+                                                             N, C, is_layernorm, 0);
+        snprintf(name, sizeof(name), "%s_backward N=%d C=%d dinp (+=)%s", kind, N, C, how);
+        compare(name, download_f32(d_dres, NC), dinp, TOL_F32);
+        snprintf(name, sizeof(name), "%s_backward N=%d C=%d dinp bf16 copy%s", kind, N, C, how);
+        compare(name, download_bf16(d_dres_bf16, NC), dinp, TOL_BF16);
+        snprintf(name, sizeof(name), "%s_backward N=%d C=%d dweight%s", kind, N, C, how);
+        compare(name, download_f32(d_dw, C), dweight, TOL_F32);
+        if (is_layernorm) {
+            snprintf(name, sizeof(name), "%s_backward N=%d C=%d dbias%s", kind, N, C, how);
+            compare(name, download_f32(d_db, C), dbias, TOL_F32);
+        }
+        snprintf(name, sizeof(name), "%s_backward N=%d C=%d column sums of dres%s", kind, N, C, how);
+        compare(name, download_f32(d_col, C), colsum, TOL_F32);
     }
-    void *ptrs[] = {d_res, d_x, d_mean, d_rstd, d_branch, d_w, d_b, d_out, d_xin, d_dout, d_dres, d_mean_ref, d_rstd_ref, d_dw, d_db, d_dres_bf16, scratch};
+    void *ptrs[] = {d_res, d_x, d_mean, d_rstd, d_branch, d_w, d_b, d_out, d_xin, d_dout, d_dres, d_mean_ref, d_rstd_ref, d_dw, d_db, d_col, d_dres_bf16, scratch};
     for (void *p : ptrs) cudaCheck(cudaFree(p));
 }
 
@@ -82,24 +101,40 @@ int main(void) {
             check(1000, 768, is_layernorm, fused);
         }
     }
-    int N = 16 * 1024, C = 768;
-    size_t NC = (size_t)N * C;
-    float *res = upload(random_f32_values(NC, 1.0f)), *x = device_alloc_n<float>(NC), *mean = device_alloc_n<float>(N), *rstd = device_alloc_n<float>(N);
-    floatX *branch = upload_bf16(random_bf16_values(NC, 1.0f)), *w = upload_bf16(random_bf16_values(C, 1.0f)), *b = upload_bf16(random_bf16_values(C, 1.0f));
-    floatX *out = device_alloc_n<floatX>(NC), *dres_bf16 = device_alloc_n<floatX>(NC);
-    float *dout = upload(random_f32_values(NC, 1.0f)), *dres = upload(random_f32_values(NC, 1.0f));
-    float *dw = device_alloc_n<float>(C), *db = device_alloc_n<float>(C), *scratch = device_alloc_n<float>(2 * (size_t)column_chunks(N) * C);
-    float fwd = time_ms([&] { residual_norm_forward(x, out, mean, rstd, res, branch, w, b, N, C, 1e-5f, 1, 0); });
-    float bwd = time_ms([&] { norm_backward(dres, dres_bf16, dw, db, dout, x, w, mean, rstd, scratch, N, C, 1, 0); });
-    double fwd_bytes = NC * (4 + 2 + 4 + 2), bwd_bytes = NC * (4 + 4 + 4 + 4 + 2) + NC * (4 + 4);
-    printf("time layernorm N=%d C=%d: residual+norm forward %.3f ms (%.0f GB/s), backward %.3f ms (%.0f GB/s)\n",
-           N, C, fwd, fwd_bytes / fwd / 1e6, bwd, bwd_bytes / bwd / 1e6);
-    // a decode step's norm: one row per sequence
-    for (int rows : {64, 256}) {
-        float warps = time_ms([&] { residual_norm_forward_warps(x, out, mean, rstd, res, branch, w, b, rows, C, 1e-5f, 1, 0); });
-        float blocks = time_ms([&] { residual_norm_forward_rows(x, out, mean, rstd, res, branch, w, b, rows, C, 1e-5f, 1, 0); });
-        printf("time layernorm N=%d C=%d (decode): residual+norm forward, warp per row %.4f ms, block per row %.4f ms\n", rows, C,
-               warps, blocks);
+    for (int C : {768, 576}) {
+        int N = 16 * 1024, is_layernorm = C == 768;
+        const char *kind = is_layernorm ? "layernorm" : "rmsnorm";
+        size_t NC = (size_t)N * C;
+        float *res = upload(random_f32_values(NC, 1.0f)), *x = device_alloc_n<float>(NC), *mean = device_alloc_n<float>(N), *rstd = device_alloc_n<float>(N);
+        floatX *branch = upload_bf16(random_bf16_values(NC, 1.0f)), *w = upload_bf16(random_bf16_values(C, 1.0f));
+        floatX *b = is_layernorm ? upload_bf16(random_bf16_values(C, 1.0f)) : NULL;
+        floatX *out = device_alloc_n<floatX>(NC), *dres_bf16 = device_alloc_n<floatX>(NC);
+        float *dout = upload(random_f32_values(NC, 1.0f)), *dres = upload(random_f32_values(NC, 1.0f));
+        float *dw = device_alloc_n<float>(C), *db = device_alloc_n<float>(C), *col = device_alloc_n<float>(C);
+        float *scratch = device_alloc_n<float>(norm_backward_scratch_floats(N, C));
+        residual_norm_forward(x, out, mean, rstd, res, branch, w, b, N, C, 1e-5f, is_layernorm, 0);
+        float fwd_warps = time_ms([&] { residual_norm_forward_warps(x, out, mean, rstd, res, branch, w, b, N, C, 1e-5f, is_layernorm, 0); });
+        float fwd_vec = time_ms([&] { residual_norm_forward_vec(x, out, mean, rstd, res, branch, w, b, N, C, 1e-5f, is_layernorm, 0); });
+        float *db_or_null = is_layernorm ? db : NULL, *mean_or_null = is_layernorm ? mean : NULL;
+        float bwd_split = time_ms([&] { norm_backward_split(dres, dres_bf16, dw, db_or_null, col, dout, x, w, mean_or_null, rstd, scratch, N, C, is_layernorm, 0); });
+        float bwd_fused = time_ms([&] { norm_backward_fused(dres, dres_bf16, dw, db_or_null, col, dout, x, w, mean_or_null, rstd, scratch, N, C, is_layernorm, 0); });
+        // bytes each must move: forward reads res (fp32) and branch, writes the sum and the output;
+        // backward reads dout, the input and dres, writes dres and its bf16 copy
+        double fwd_bytes = NC * (4 + 2 + 4 + 2), bwd_bytes = NC * (4 + 4 + 4 + 4 + 2);
+        printf("time %s N=%d C=%d: residual+norm forward: warp per row %.3f ms (%.0f GB/s), registers %.3f ms (%.0f GB/s)\n",
+               kind, N, C, fwd_warps, fwd_bytes / fwd_warps / 1e6, fwd_vec, fwd_bytes / fwd_vec / 1e6);
+        printf("time %s N=%d C=%d: backward with the dres column sums: split kernels %.3f ms (%.0f GB/s), fused kernel %.3f ms (%.0f GB/s)\n",
+               kind, N, C, bwd_split, bwd_bytes / bwd_split / 1e6, bwd_fused, bwd_bytes / bwd_fused / 1e6);
+        // a decode step's norm: one row per sequence
+        for (int rows : {64, 256}) {
+            float warps = time_ms([&] { residual_norm_forward_warps(x, out, mean, rstd, res, branch, w, b, rows, C, 1e-5f, is_layernorm, 0); });
+            float vec = time_ms([&] { residual_norm_forward_vec(x, out, mean, rstd, res, branch, w, b, rows, C, 1e-5f, is_layernorm, 0); });
+            float blocks = time_ms([&] { residual_norm_forward_rows(x, out, mean, rstd, res, branch, w, b, rows, C, 1e-5f, is_layernorm, 0); });
+            printf("time %s N=%d C=%d (decode): residual+norm forward, warp per row %.4f ms, registers %.4f ms, block per row %.4f ms\n",
+                   kind, rows, C, warps, vec, blocks);
+        }
+        void *ptrs[] = {res, x, mean, rstd, branch, w, b, out, dres_bf16, dout, dres, dw, db, col, scratch};
+        for (void *p : ptrs) if (p) cudaCheck(cudaFree(p));
     }
     return harness_finish("layernorm");
 }

@@ -4,8 +4,10 @@
  * random bf16 inputs: forward with and without bias, forward with the GELU epilogue (both its
  * output and the saved pre-activation) against the reference variant (product, then the gelu.cuh
  * kernel), and the backward (dinp in fp32 and bf16, dweight accumulated into existing values,
- * dbias from bf16 and from fp32). Shapes include odd sizes (unaligned rows). Then timing of the
- * model's products at GPT-2 124M's shapes, fused GELU against product + separate kernel.
+ * dbias from bf16 and from fp32), and the input gradient with the GELU backward in the epilogue
+ * (DGELU) against matmul_backward + gelu_backward of the CPU. Shapes include odd sizes (unaligned
+ * rows). Then timing of the model's products at GPT-2 124M's shapes, fused GELU (forward and
+ * backward) against product + separate kernel.
  *   build/cuda/dev/matmul
  */
 #include "harness.h"
@@ -53,13 +55,26 @@ static void check(int M, int IC, int OC, int with_bias) {
     compare(name, download_f32(d_db, OC), db, TOL_F32);
     snprintf(name, sizeof(name), "matmul_backward M=%d IC=%d OC=%d dbias (fp32 dout)", M, IC, OC);
     compare(name, download_f32(d_db2, OC), db, TOL_F32);
+    if (IC % 8 == 0) {
+        // the input is gelu(pre): dpre = (dout @ W) * gelu'(pre), pre a bf16 (M, IC)
+        std::vector<float> pre = random_bf16_values((size_t)M * IC, 1.5f), dpre((size_t)M * IC);
+        gelu_backward(dpre.data(), pre.data(), dinp.data(), dpre.size());
+        floatX *d_pre_in = upload_bf16(pre), *d_dpre = device_alloc_n<floatX>((size_t)M * IC);
+        poison(d_dpre, (size_t)M * IC * sizeof(floatX));
+        snprintf(name, sizeof(name), "matmul_backward_dgelu M=%d IC=%d OC=%d dpre", M, IC, OC);
+        if (matmul_backward_dgelu(d_dpre, d_dout, d_w, d_pre_in, M, IC, OC, 0)) compare(name, download_bf16(d_dpre, (size_t)M * IC), dpre, TOL_BF16);
+        else printf("SKIP %s: cuBLASLt offers no DGELU algorithm (the model runs the product and gelu_backward)\n", name);
+        cudaCheck(cudaFree(d_pre_in));
+        cudaCheck(cudaFree(d_dpre));
+    }
     void *ptrs[] = {d_inp, d_w, d_bias, d_dout, d_out, d_pre, d_dinp, d_dw, d_db, d_dout_f32, d_db2, d_dinp_bf16, scratch};
     for (void *p : ptrs) cudaCheck(cudaFree(p));
 }
 
 // Times forward, dinp and dweight of one product at TFLOP/s; with gelu also the fused epilogue
-// against the product followed by the gelu.cuh kernel.
-static void timing(const char *label, int M, int IC, int OC, int gelu) {
+// against the product followed by the gelu.cuh kernel; with dgelu the input gradient with the
+// GELU backward in the epilogue against the product followed by gelu_backward.
+static void timing(const char *label, int M, int IC, int OC, int gelu, int dgelu) {
     floatX *inp = upload_bf16(random_bf16_values((size_t)M * IC, 1.0f)), *w = upload_bf16(random_bf16_values((size_t)OC * IC, 0.05f));
     floatX *bias = upload_bf16(random_bf16_values(OC, 0.5f)), *out = device_alloc_n<floatX>((size_t)M * OC), *pre = device_alloc_n<floatX>((size_t)M * OC);
     floatX *dout = upload_bf16(random_bf16_values((size_t)M * OC, 1.0f)), *dinp = device_alloc_n<floatX>((size_t)M * IC);
@@ -75,6 +90,19 @@ static void timing(const char *label, int M, int IC, int OC, int gelu) {
         float separate = time_ms([&] { matmul_forward(pre, inp, w, bias, NULL, M, IC, OC, 0); gelu_forward(out, pre, (size_t)M * OC, 0); });
         printf("time matmul %-10s GELU: fused epilogue %.3f ms, product + gelu kernel %.3f ms\n", label, fused, separate);
     }
+    if (dgelu) {
+        floatX *pre_in = upload_bf16(random_bf16_values((size_t)M * IC, 1.0f)), *dact = device_alloc_n<floatX>((size_t)M * IC);
+        if (matmul_backward_dgelu(dinp, dout, w, pre_in, M, IC, OC, 0)) {
+            float fused = time_ms([&] { matmul_backward_dgelu(dinp, dout, w, pre_in, M, IC, OC, 0); });
+            float separate = time_ms([&] {
+                matmul_backward(dact, 0, NULL, NULL, dout, NULL, inp, w, NULL, M, IC, OC, 0);
+                gelu_backward(dinp, pre_in, dact, (size_t)M * IC, 0);
+            });
+            printf("time matmul %-10s GELU backward: DGELU epilogue %.3f ms, product + gelu_backward kernel %.3f ms\n", label, fused, separate);
+        }
+        cudaCheck(cudaFree(pre_in));
+        cudaCheck(cudaFree(dact));
+    }
     for (void *p : {(void *)inp, (void *)w, (void *)bias, (void *)out, (void *)pre, (void *)dout, (void *)dinp, (void *)dw}) cudaCheck(cudaFree(p));
 }
 
@@ -87,11 +115,12 @@ int main(void) {
     check(300, 768, 2304, 1);
     check(256, 576, 3072, 0);
     check(128, 768, 50304, 0);
+    check(256, 3072, 768, 1);   // GPT-2's fcproj: the DGELU epilogue at the model's width
     int M = 16 * 1024;
-    timing("qkv", M, 768, 2304, 0);
-    timing("attproj", M, 768, 768, 0);
-    timing("fc", M, 768, 3072, 1);
-    timing("fcproj", M, 3072, 768, 0);
-    timing("lm_head", M, 768, 50304, 0);
+    timing("qkv", M, 768, 2304, 0, 0);
+    timing("attproj", M, 768, 768, 0, 0);
+    timing("fc", M, 768, 3072, 1, 0);
+    timing("fcproj", M, 3072, 768, 0, 1);
+    timing("lm_head", M, 768, 50304, 0, 0);
     return harness_finish("matmul");
 }

@@ -1,10 +1,20 @@
 /*
  * Harness for swiglu.cuh: SwiGLU forward and backward against swiglu_forward / swiglu_backward
- * of ops_cpu.c on fresh random inputs, then timing at SmolLM2-135M's MLP shape (16 x 1024, F = 1536).
+ * of ops_cpu.c on fresh random inputs, for the scalar kernels, the 8-wide ones (F a multiple of
+ * 8) and the pick between them, with the 8-wide results also checked bit for bit against the
+ * scalar ones; then timing of both at SmolLM2-135M's MLP shape (16 x 1024, F = 1536).
  *   build/cuda/dev/swiglu
  */
 #include "harness.h"
 #include "swiglu.cuh"
+
+typedef void (*SwigluForward)(floatX *, const floatX *, int, int, cudaStream_t);
+typedef void (*SwigluBackward)(floatX *, const floatX *, const floatX *, int, int, cudaStream_t);
+static const struct { const char *name; SwigluForward forward; SwigluBackward backward; } KERNELS[] = {
+    {"scalar", swiglu_forward_scalar, swiglu_backward_scalar},
+    {"vec8", swiglu_forward_vec8, swiglu_backward_vec8},
+    {"picked", swiglu_forward, swiglu_backward},
+};
 
 static void check(int N, int F) {
     char name[128];
@@ -14,25 +24,45 @@ static void check(int N, int F) {
     swiglu_forward(out.data(), fc.data(), N, F);
     swiglu_backward(dfc.data(), dout.data(), fc.data(), N, F);
     floatX *d_fc = upload_bf16(fc), *d_dout = upload_bf16(dout), *d_out = device_alloc_n<floatX>(n), *d_dfc = device_alloc_n<floatX>(2 * n);
-    poison(d_out, n * sizeof(floatX)); poison(d_dfc, 2 * n * sizeof(floatX));
-    swiglu_forward(d_out, d_fc, N, F, 0);
-    swiglu_backward(d_dfc, d_dout, d_fc, N, F, 0);
-    snprintf(name, sizeof(name), "swiglu_forward N=%d F=%d", N, F);
-    compare(name, download_bf16(d_out, n), out, TOL_BF16);
-    snprintf(name, sizeof(name), "swiglu_backward N=%d F=%d", N, F);
-    compare(name, download_bf16(d_dfc, 2 * n), dfc, TOL_BF16);
+    std::vector<float> scalar_out, scalar_dfc;
+    for (const auto &k : KERNELS) {
+        if (k.forward == swiglu_forward_vec8 && !swiglu_vectorized(d_dfc, d_dout, d_fc, N, F)) continue;
+        poison(d_out, n * sizeof(floatX)); poison(d_dfc, 2 * n * sizeof(floatX));
+        k.forward(d_out, d_fc, N, F, 0);
+        k.backward(d_dfc, d_dout, d_fc, N, F, 0);
+        std::vector<float> got_out = download_bf16(d_out, n), got_dfc = download_bf16(d_dfc, 2 * n);
+        snprintf(name, sizeof(name), "swiglu_forward %s N=%d F=%d", k.name, N, F);
+        compare(name, got_out, out, TOL_BF16);
+        snprintf(name, sizeof(name), "swiglu_backward %s N=%d F=%d", k.name, N, F);
+        compare(name, got_dfc, dfc, TOL_BF16);
+        if (k.forward == swiglu_forward_scalar) {
+            scalar_out = got_out;
+            scalar_dfc = got_dfc;
+        } else {
+            snprintf(name, sizeof(name), "swiglu_forward %s = scalar N=%d F=%d", k.name, N, F);
+            compare_bits(name, got_out, scalar_out);
+            snprintf(name, sizeof(name), "swiglu_backward %s = scalar N=%d F=%d", k.name, N, F);
+            compare_bits(name, got_dfc, scalar_dfc);
+        }
+    }
     for (void *p : {(void *)d_fc, (void *)d_dout, (void *)d_out, (void *)d_dfc}) cudaCheck(cudaFree(p));
 }
 
 int main(void) {
     harness_require_device("swiglu");
     harness_seed(5);
-    check(1, 1); check(7, 13); check(512, 1536);
+    check(1, 1); check(7, 13); check(3, 24); check(512, 1536);
     int N = 16 * 1024, F = 1536;
     size_t n = (size_t)N * F;
     floatX *fc = upload_bf16(random_bf16_values(2 * n, 1.0f)), *out = device_alloc_n<floatX>(n), *dfc = device_alloc_n<floatX>(2 * n);
-    float fwd = time_ms([&] { swiglu_forward(out, fc, N, F, 0); });
-    float bwd = time_ms([&] { swiglu_backward(dfc, out, fc, N, F, 0); });
-    printf("time swiglu N=%d F=%d: forward %.3f ms (%.0f GB/s), backward %.3f ms (%.0f GB/s)\n", N, F, fwd, 6.0 * n / fwd / 1e6, bwd, 10.0 * n / bwd / 1e6);
+    // bytes moved: forward reads gate and up and writes out (6n), backward also reads dout and
+    // writes dgate and dup (10n)
+    for (int k = 0; k < 2; k++) {
+        float fwd = time_ms([&] { KERNELS[k].forward(out, fc, N, F, 0); });
+        float bwd = time_ms([&] { KERNELS[k].backward(dfc, out, fc, N, F, 0); });
+        printf("time swiglu %-6s N=%d F=%d: forward %.3f ms (%.0f GB/s), backward %.3f ms (%.0f GB/s)\n", KERNELS[k].name,
+               N, F, fwd, 6.0 * n / fwd / 1e6, bwd, 10.0 * n / bwd / 1e6);
+    }
+    for (void *p : {(void *)fc, (void *)out, (void *)dfc}) cudaCheck(cudaFree(p));
     return harness_finish("swiglu");
 }

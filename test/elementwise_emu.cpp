@@ -1,0 +1,131 @@
+/*
+ * Runs the elementwise kernels of llmc/swiglu.cuh, llmc/rope.cuh and llmc/gelu.cuh on the CPU
+ * through their host entry points: the scalar kernels, the 8-wide ones and the pick between them,
+ * so that their indexing, 16-byte packing and math are checked on a machine without a GPU
+ * (test/test_elementwise_emu.py compares the results with a NumPy float64 oracle).
+ *
+ * The kernels' source is compiled as C++ under the GPU emulation of test/gpu_emu.h with the
+ * runtime of test/gpu_emu_runtime.h; the test's build concatenates the three headers with each
+ * launch rewritten into an emu_launch call (test/gpu_emu.py). Output buffers start as NaN (all
+ * bytes 0xff); RoPE works in place on qkv.
+ *
+ *   elementwise_emu IN OUT forward|reverse
+ *     IN : int32 op, kernel (0 scalar, 1 8-wide, 2 picked), misalign (the bf16 buffers start 2
+ *          bytes past a 256-byte boundary), d0..d4, then per op:
+ *          0 swiglu forward   d0 = N, d1 = F       float32 fc (N, 2F)
+ *          1 swiglu backward  d0 = N, d1 = F       float32 fc (N, 2F), dout (N, F)
+ *          2 rope forward     d0..d4 = B, T, NH, NKV, HS; float32 theta, qkv (B, T, (NH + 2 NKV) HS)
+ *          3 rope backward    as 2
+ *          4 gelu forward     d0 = n               float32 inp (n)
+ *          5 gelu backward    d0 = n, d1 = in place (dinp aliases dout)   float32 inp (n), dout (n)
+ *          (inputs representable in bf16)
+ *     OUT: float32 out (N, F) | dfc (N, 2F) | qkv afterwards | out (n) | dinp (n)
+ *   It prints the number of threads its launches started ("threads N"), which tells the kernels
+ *   apart where their results are the same bit for bit.
+ */
+#define EMU_PROGRAM "elementwise_emu"
+#define EMU_STATIC_SHARED
+#include "gpu_emu_runtime.h"
+
+// a float product rounded once, never contracted into a fused multiply-add (the CUDA intrinsic)
+static inline float __fmul_rn(float a, float b) { return a * b; }
+
+// every launch of the headers below goes through here, counting the threads it starts
+static size_t launched_threads = 0;
+static inline void counted_launch(dim3 grid, int block, size_t smem_bytes, cudaStream_t stream, std::function<void()> body) {
+    launched_threads += (size_t)grid.x * grid.y * grid.z * block;
+    emu_launch(grid, block, smem_bytes, stream, body);
+}
+#define emu_launch counted_launch
+#include "elementwise_launched.cuh"   // llmc/swiglu.cuh, rope.cuh, gelu.cuh with their launches rewritten
+#undef emu_launch
+
+enum { SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD };
+
+// A bf16 device buffer of n elements starting `offset` elements into a 256-byte aligned block,
+// holding x (when given) or NaN
+static floatX *bf16_buffer(size_t n, int offset, const std::vector<float> *x) {
+    floatX *p = (floatX *)device_alloc((n + offset) * 2, 0xff) + offset;
+    if (x)
+        for (size_t i = 0; i < n; i++) p[i] = to_bf16((*x)[i]);
+    return p;
+}
+
+int main(int argc, char **argv) {
+    FILE *f = emu_open_input(argc, argv, 0);   // the kernels use no shared memory
+    int32_t h[8];
+    if (fread(h, sizeof(int32_t), 8, f) != 8) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int op = h[0], kernel = h[1], offset = h[2] ? 1 : 0;
+    const int *d = h + 3;
+    if (op < 0 || op > GELU_BACKWARD || kernel < 0 || kernel > 2 || d[0] < 1) {
+        fprintf(stderr, "error: %s: bad header op=%d kernel=%d\n", argv[1], op, kernel);
+        return 1;
+    }
+    std::vector<float> y;
+    if (op == SWIGLU_FORWARD || op == SWIGLU_BACKWARD) {
+        int N = d[0], F = d[1];
+        size_t n = (size_t)N * F;
+        std::vector<float> fc_host = read_floats(f, 2 * n, argv[1]);
+        floatX *fc = bf16_buffer(2 * n, offset, &fc_host), *out;
+        if (op == SWIGLU_FORWARD) {
+            out = bf16_buffer(n, offset, NULL);
+            auto run = kernel == 0 ? swiglu_forward_scalar : kernel == 1 ? swiglu_forward_vec8 : swiglu_forward;
+            run(out, fc, N, F, 0);
+            y.resize(n);
+        } else {
+            std::vector<float> dout_host = read_floats(f, n, argv[1]);
+            floatX *dout = bf16_buffer(n, offset, &dout_host);
+            out = bf16_buffer(2 * n, offset, NULL);
+            auto run = kernel == 0 ? swiglu_backward_scalar : kernel == 1 ? swiglu_backward_vec8 : swiglu_backward;
+            run(out, dout, fc, N, F, 0);
+            y.resize(2 * n);
+        }
+        for (size_t i = 0; i < y.size(); i++) y[i] = to_f32(out[i]);
+    } else if (op == ROPE_FORWARD || op == ROPE_BACKWARD) {
+        int B = d[0], T = d[1], NH = d[2], NKV = d[3], HS = d[4];
+        float theta = read_floats(f, 1, argv[1])[0];
+        size_t n = (size_t)B * T * (NH + 2 * NKV) * HS;
+        std::vector<float> qkv_host = read_floats(f, n, argv[1]);
+        floatX *qkv = bf16_buffer(n, offset, &qkv_host);
+        float *table_host = rope_table_host(T, HS, theta);
+        float *cos_sin = (float *)device_alloc((size_t)T * HS * sizeof(float), 0);
+        memcpy(cos_sin, table_host, (size_t)T * HS * sizeof(float));
+        free(table_host);
+        float sign = op == ROPE_FORWARD ? 1.0f : -1.0f;
+        if (kernel == 0) rope_scalar(qkv, cos_sin, B, T, NH, NKV, HS, sign, 0);
+        else if (kernel == 1) rope_vec8(qkv, cos_sin, B, T, NH, NKV, HS, sign, 0);
+        else if (op == ROPE_FORWARD) rope_forward(qkv, cos_sin, B, T, NH, NKV, HS, 0);
+        else rope_backward(qkv, cos_sin, B, T, NH, NKV, HS, 0);
+        y.resize(n);
+        for (size_t i = 0; i < n; i++) y[i] = to_f32(qkv[i]);
+    } else {
+        size_t n = (size_t)d[0];
+        std::vector<float> inp_host = read_floats(f, n, argv[1]);
+        floatX *inp = bf16_buffer(n, offset, &inp_host), *out;
+        if (op == GELU_FORWARD) {
+            out = bf16_buffer(n, offset, NULL);
+            auto run = kernel == 0 ? gelu_forward_scalar : kernel == 1 ? gelu_forward_vec8 : gelu_forward;
+            run(out, inp, n, 0);
+        } else {
+            std::vector<float> dout_host = read_floats(f, n, argv[1]);
+            floatX *dout = bf16_buffer(n, offset, &dout_host);
+            out = d[1] ? dout : bf16_buffer(n, offset, NULL);
+            auto run = kernel == 0 ? gelu_backward_scalar : kernel == 1 ? gelu_backward_vec8 : gelu_backward;
+            run(out, inp, dout, n, 0);
+        }
+        y.resize(n);
+        for (size_t i = 0; i < n; i++) y[i] = to_f32(out[i]);
+    }
+    fclose(f);
+
+    FILE *o = fopen(argv[2], "wb");
+    if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }
+    bool ok = fwrite(y.data(), sizeof(float), y.size(), o) == y.size();
+    if (fclose(o) != 0 || !ok) {
+        fprintf(stderr, "error: cannot write %s\n", argv[2]);
+        return 1;
+    }
+    printf("threads %zu\n", launched_threads);
+    printf("elementwise_emu op %d kernel %d misalign %d, threads %s: done\n", op, kernel, offset, argv[3]);
+    return 0;
+}
