@@ -662,6 +662,26 @@ static inline void attention_flash_forward(floatX *out, float *lse, const floatX
     else attention_flash_forward_launch<128>(out, lse, qkv, B, T, NH, NKV, stream);
 }
 
+// The backward's two passes are independent (each reads qkv, dout, lse and D and writes its own
+// columns of dqkv), so they run side by side: dK/dV on a second stream, dQ on the caller's, each
+// filling the SMs the other's uneven causal tail leaves idle. The second stream joins back before
+// the launcher returns (an event the caller's stream waits on), so to the caller it is one
+// stream-ordered operation, also inside a CUDA graph capture. flash_backward_side_by_side = 0
+// runs them one after the other on the caller's stream (the harness times both).
+static int flash_backward_side_by_side = 1;
+static inline cudaStream_t flash_side_stream(cudaEvent_t *fork, cudaEvent_t *join) {
+    static cudaStream_t side = NULL;
+    static cudaEvent_t fork_event, join_event;
+    if (side == NULL) {
+        cudaCheck(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+        cudaCheck(cudaEventCreateWithFlags(&fork_event, cudaEventDisableTiming));
+        cudaCheck(cudaEventCreateWithFlags(&join_event, cudaEventDisableTiming));
+    }
+    *fork = fork_event;
+    *join = join_event;
+    return side;
+}
+
 template <int HS>
 static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                                    const floatX *out, const float *lse, int B, int T, int NH, int NKV,
@@ -673,10 +693,21 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
     cudaCheckLaunch();
     dim3 grid_kv(ceil_div(T, FLASH_ROWS), NKV, B), grid_q(ceil_div(T, FLASH_ROWS), NH, B);
-    flash_attention_backward_dkv_kernel<HS><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
+    cudaStream_t kv_stream = stream;
+    cudaEvent_t fork, join;
+    if (flash_backward_side_by_side) {
+        kv_stream = flash_side_stream(&fork, &join);
+        cudaCheck(cudaEventRecord(fork, stream));
+        cudaCheck(cudaStreamWaitEvent(kv_stream, fork, 0));
+    }
+    flash_attention_backward_dkv_kernel<HS><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), kv_stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
     cudaCheckLaunch();
     flash_attention_backward_dq_kernel<HS><<<grid_q, FLASH_THREADS, flash_dq_smem<HS>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
     cudaCheckLaunch();
+    if (flash_backward_side_by_side) {
+        cudaCheck(cudaEventRecord(join, kv_stream));
+        cudaCheck(cudaStreamWaitEvent(stream, join, 0));
+    }
 }
 
 // dqkv (B, T, QKV) bf16 written (every element) given dout (B, T, NH*HS), the forward's qkv, out

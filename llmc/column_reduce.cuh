@@ -18,27 +18,37 @@ static inline int column_chunks(int N) { return ceil_div(N, COLUMN_CHUNK_ROWS); 
 // out (cols) += sum over k < chunks of partial (chunks, cols). A block of COLUMN_REDUCE_THREADS
 // threads takes 32 columns: thread t sums column t % 32 over the chunks k = t / 32 (mod
 // COLUMN_REDUCE_GROUPS), then warp 0 adds the groups' sums in group order.
+// Up to three sums in one launch: partial (chunks, sections * cols) holds `sections` blocks of
+// cols columns side by side in each chunk row, section s summed into out_s (NULL: skipped).
 #define COLUMN_REDUCE_THREADS 512
 #define COLUMN_REDUCE_GROUPS (COLUMN_REDUCE_THREADS / 32)
 __global__ void __launch_bounds__(COLUMN_REDUCE_THREADS)
-column_partials_reduce_kernel(float *out, const float *partial, int chunks, int cols) {
+column_partials_reduce_kernel(float *out0, float *out1, float *out2, const float *partial, int chunks, int cols,
+                              int sections) {
     __shared__ float column_group_sums[COLUMN_REDUCE_GROUPS][32];
     int lane = threadIdx.x % 32, group = threadIdx.x / 32;
-    int c = blockIdx.x * 32 + lane;
+    int width = sections * cols, j = blockIdx.x * 32 + lane;   // j: column of the (chunks, width) matrix
+    int section = j < width ? j / cols : 0;
+    float *out = section == 0 ? out0 : section == 1 ? out1 : out2;
     float sum = 0.0f;
-    if (c < cols)
-        for (int k = group; k < chunks; k += COLUMN_REDUCE_GROUPS) sum += partial[(size_t)k * cols + c];
+    if (j < width && out != NULL)
+        for (int k = group; k < chunks; k += COLUMN_REDUCE_GROUPS) sum += partial[(size_t)k * width + j];
     column_group_sums[group][lane] = sum;
     __syncthreads();
-    if (group == 0 && c < cols) {
+    if (group == 0 && j < width && out != NULL) {
         float total = 0.0f;
         for (int g = 0; g < COLUMN_REDUCE_GROUPS; g++) total += column_group_sums[g][lane];
-        out[c] += total;
+        out[j - section * cols] += total;
     }
 }
-static inline void column_partials_reduce(float *out, const float *partial, int chunks, int cols, cudaStream_t stream) {
-    column_partials_reduce_kernel<<<ceil_div(cols, 32), COLUMN_REDUCE_THREADS, 0, stream>>>(out, partial, chunks, cols);
+static inline void column_partials_reduce3(float *out0, float *out1, float *out2, const float *partial, int chunks,
+                                           int cols, int sections, cudaStream_t stream) {
+    column_partials_reduce_kernel<<<ceil_div((long long)sections * cols, 32), COLUMN_REDUCE_THREADS, 0, stream>>>(
+        out0, out1, out2, partial, chunks, cols, sections);
     cudaCheckLaunch();
+}
+static inline void column_partials_reduce(float *out, const float *partial, int chunks, int cols, cudaStream_t stream) {
+    column_partials_reduce3(out, NULL, NULL, partial, chunks, cols, 1, stream);
 }
 
 // Partial column sums of x (N, cols) over chunks of COLUMN_CHUNK_ROWS rows: a block of

@@ -329,17 +329,16 @@ norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const f
 // norm_backward_dinp_kernel does (dres += dx, dres_bf16 = bf16(dres)), and adds the row's
 //   dout * norm  (dweight),  dout  (dbias, LayerNorm),  the updated dres  (colsum)
 // into its own slice of shared memory (warp, 3, C). At the end the block adds its warps' slices
-// in warp order and writes partial_{w,b,col}[block, C] for column_partials_reduce. colsum is the
-// bias gradient of the projection whose output this residual gradient is (partial_col NULL when
-// not wanted); partial_b NULL for RMSNorm.
+// in warp order and writes them as row `block` of partial (blocks, 3 * C) (the three sums side
+// by side) for column_partials_reduce3. colsum is the bias gradient of the projection whose
+// output this residual gradient is.
 #define NORM_BWD_WARPS 4
 #define NORM_BWD_ROWS 32
 static inline int norm_backward_blocks(int N) { return ceil_div(N, NORM_BWD_ROWS); }
 static inline size_t norm_backward_smem(int C) { return (size_t)NORM_BWD_WARPS * 3 * C * sizeof(float); }
 template <int VEC>
 __global__ void __launch_bounds__(NORM_BWD_WARPS * 32)
-norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial_w, float *partial_b, float *partial_col,
-                           const float *dout, const float *inp, const floatX *weight, const float *mean,
+norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial, const float *dout, const float *inp, const floatX *weight, const float *mean,
                            const float *rstd, int N, int C, int is_layernorm) {
     constexpr int ITERS = NORM_VEC_MAX_PER_LANE / VEC;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -376,33 +375,34 @@ norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial_w, flo
         for (int k = 0; k < ITERS; k++) {
             int c = (k * 32 + lane) * VEC;
             if (c < C) {
-                float w[VEC], d[VEC];
+                float w[VEC], d[VEC], aw[VEC], ab[VEC], acol[VEC];
                 load_vec<VEC>(w, weight + c);
                 load_vec<VEC>(d, dres + row + c);
+                load_vec<VEC>(aw, acc_w + c);
+                load_vec<VEC>(ab, acc_b + c);
+                load_vec<VEC>(acol, acc_col + c);
 #pragma unroll
                 for (int i = 0; i < VEC; i++) {
                     float dnorm = w[i] * g[k][i];
                     d[i] += s * (dnorm - dnorm_mean - x[k][i] * dnorm_norm_mean);
-                    acc_w[c + i] += g[k][i] * x[k][i];
-                    acc_b[c + i] += g[k][i];
-                    acc_col[c + i] += d[i];
+                    aw[i] += g[k][i] * x[k][i];
+                    ab[i] += g[k][i];
+                    acol[i] += d[i];
                 }
+                store_vec<VEC>(acc_w + c, aw);
+                store_vec<VEC>(acc_b + c, ab);
+                store_vec<VEC>(acc_col + c, acol);
                 store_vec<VEC>(dres + row + c, d);
                 if (dres_bf16) store_vec<VEC>(dres_bf16 + row + c, d);
             }
         }
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float w = 0.0f, b = 0.0f, col = 0.0f;
-        for (int k = 0; k < NORM_BWD_WARPS; k++) {
-            w += acc[(size_t)k * 3 * C + c];
-            b += acc[(size_t)k * 3 * C + C + c];
-            col += acc[(size_t)k * 3 * C + 2 * C + c];
-        }
-        partial_w[(size_t)blockIdx.x * C + c] = w;
-        if (partial_b) partial_b[(size_t)blockIdx.x * C + c] = b;
-        if (partial_col) partial_col[(size_t)blockIdx.x * C + c] = col;
+    float *partial_row = partial + (size_t)blockIdx.x * 3 * C;
+    for (int j = threadIdx.x; j < 3 * C; j += blockDim.x) {
+        float sum = 0.0f;
+        for (int k = 0; k < NORM_BWD_WARPS; k++) sum += acc[(size_t)k * 3 * C + j];
+        partial_row[j] = sum;
     }
 }
 
@@ -438,23 +438,19 @@ static inline void norm_backward_fused(float *dres, floatX *dres_bf16, float *dw
                                        int N, int C, int is_layernorm, cudaStream_t stream) {
     cudaRequire(C <= NORM_VEC_MAX_WIDTH, "norm_backward_fused: C too large for a warp's registers");
     int blocks = norm_backward_blocks(N);
-    float *partial_w = scratch, *partial_b = dbias ? scratch + (size_t)blocks * C : NULL;
-    float *partial_col = dres_colsum ? scratch + 2 * (size_t)blocks * C : NULL;
     size_t smem = norm_backward_smem(C);
     int vec = norm_vector_width(C, dout, inp, dres, dres_bf16, weight, NULL);
     if (vec == 4)
         norm_backward_fused_kernel<4><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, partial_w, partial_b, partial_col, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else if (vec == 2)
         norm_backward_fused_kernel<2><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, partial_w, partial_b, partial_col, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else
         norm_backward_fused_kernel<1><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, partial_w, partial_b, partial_col, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     cudaCheckLaunch();
-    column_partials_reduce(dweight, partial_w, blocks, C, stream);
-    if (dbias) column_partials_reduce(dbias, partial_b, blocks, C, stream);
-    if (dres_colsum) column_partials_reduce(dres_colsum, partial_col, blocks, C, stream);
+    column_partials_reduce3(dweight, dbias, dres_colsum, scratch, blocks, C, 3, stream);
 }
 
 // Full norm backward: dres (N, C) += dinp (and dres_bf16 = bf16(dres), may be NULL),

@@ -173,6 +173,16 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
         printf("time attention %-6s %-13s B=%d T=%d NH=%d NKV=%d HS=%d: forward %7.3f ms (%6.1f TFLOP/s), "
                "backward %7.3f ms (%6.1f TFLOP/s)\n", flash ? "flash" : "simple", model, B, T, NH, NKV, HS, fwd,
                fwd_flops / fwd / 1e9, bwd, bwd_flops / bwd / 1e9);
+        if (flash) {   // the flash backward's two passes one after the other, against side by side (above)
+            flash_backward_side_by_side = 0;
+            float serial = time_ms([&] {
+                i = (i + 1) % SETS;
+                attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+            }, 3, 20);
+            flash_backward_side_by_side = 1;
+            printf("time attention flash  %-13s backward passes one after the other %7.3f ms (%6.1f TFLOP/s), side by side %7.3f ms\n",
+                   model, serial, bwd_flops / serial / 1e9, bwd);
+        }
     }
     for (int i = 0; i < SETS; i++)
         for (void *p : {(void *)qkv[i], (void *)dout[i], (void *)out[i], (void *)lse[i]}) cudaCheck(cudaFree(p));
