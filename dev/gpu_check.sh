@@ -57,7 +57,7 @@ run() {   # run NAME TIMEOUT_S: one harness, its PASS/FAIL lines, and its exit s
 }
 
 for h in $harnesses; do
-    run "$h" 60
+    run "$h" 120
 done
 run test_model_gpu 150
 run reward_heads 40
