@@ -216,17 +216,22 @@ __device__ __forceinline__ void flash_stage_acc(floatX *tile, const float (&acc)
 // ---------------------------------------------------------------------------------------------
 // forward
 
-template <int HS>
-constexpr size_t flash_forward_smem() { return (size_t)(FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
+// RW row tiles of 16 query rows per warp: the block takes 64 * RW query rows. With RW = 2 every
+// K and V fragment read from shared memory feeds two products instead of one, and a warp has two
+// independent chains of products to interleave; the price is twice the accumulator registers
+// (HS = 64 only). flash_forward_row_tiles picks the launch (the harness times both).
+template <int HS, int RW>
+constexpr size_t flash_forward_smem() { return (size_t)(RW * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
 
-// grid (ceil(T / 64), NH, B), block 128. Shared: Q (64, LDS), K and V (64, LDS) x 2 stages.
-// Query tiles are taken last-first: the tiles near the end of the sequence see the most keys,
-// so the long blocks start first and the short ones fill the tail.
-template <int HS>
+// grid (ceil(T / (64 RW)), NH, B), block 128. Shared: Q (64 RW, LDS), K and V (64, LDS) x 2 stages.
+// Row tile r of warp w holds the block's query rows r * 64 + w * 16 ... + 15, so every warp has
+// rows near the diagonal. Query tiles are taken last-first: the tiles near the end of the sequence
+// see the most keys, so the long blocks start first and the short ones fill the tail.
+template <int HS, int RW>
 __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_forward_kernel(floatX *out, float *lse,
                                                                                const floatX *qkv, int T, int NH,
                                                                                int NKV) {
-    constexpr int BM = FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD;
+    constexpr int BM = RW * FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD;
     floatX *sQ = (floatX *)flash_dynamic_smem();
     floatX *sK = sQ + BM * LDS;       // stage s at sK + s * BN * LDS
     floatX *sV = sK + 2 * BN * LDS;
@@ -236,18 +241,28 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_forward_kernel(
     const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
     const float scale_log2 = rsqrtf((float)HS) * FLASH_LOG2E;
     const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;   // key tiles up to the block's last query
-    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;  // this thread's two query rows
+    int row0[RW], row1[RW];   // this thread's two query rows of each row tile
+    #pragma unroll
+    for (int r = 0; r < RW; r++) {
+        row0[r] = q0 + r * FLASH_ROWS + warp * 16 + g;
+        row1[r] = row0[r] + 8;
+    }
 
     flash_load_tile<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
     flash_load_tile<BN, HS>(sK, qkv, b, 0, T, QKV, (NH + kvh) * HS);
     flash_load_tile<BN, HS>(sV, qkv, b, 0, T, QKV, (NH + NKV + kvh) * HS);
     flash_cp_async_commit();
 
-    uint32_t q_frag[HS / 16][4];
-    float o[HS / 8][4];
+    uint32_t q_frag[RW][HS / 16][4];
+    float o[RW][HS / 8][4];
+    float m0[RW], m1[RW], l0[RW], l1[RW];   // running max (base 2) and sum per row
     #pragma unroll
-    for (int nd = 0; nd < HS / 8; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;   // running max (base 2) and sum per row
+    for (int r = 0; r < RW; r++) {
+        #pragma unroll
+        for (int nd = 0; nd < HS / 8; nd++) o[r][nd][0] = o[r][nd][1] = o[r][nd][2] = o[r][nd][3] = 0.0f;
+        m0[r] = m1[r] = -INFINITY;
+        l0[r] = l1[r] = 0.0f;
+    }
 
     for (int j = 0; j < n_tiles; j++) {
         const int stage = j & 1, k0 = j * BN;
@@ -260,96 +275,125 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_forward_kernel(
         __syncthreads();
         if (j == 0) {
             #pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++) flash_ldmatrix_x4(q_frag[kk], flash_addr_a<LDS>(sQ, warp * 16, kk * 16, lane));
+            for (int r = 0; r < RW; r++) {
+                #pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++)
+                    flash_ldmatrix_x4(q_frag[r][kk], flash_addr_a<LDS>(sQ, r * FLASH_ROWS + warp * 16, kk * 16, lane));
+            }
         }
         const floatX *k_tile = sK + stage * BN * LDS, *v_tile = sV + stage * BN * LDS;
-
-        // S (16 rows x 64 keys per warp) = Q K^T
-        float s[BN / 8][4];
+        // a row tile whose rows all come before the tile's first key sees none of it (RW = 2
+        // only: the block's first row tile on its last key tile)
+        bool live[RW];
         #pragma unroll
-        for (int nb = 0; nb < BN / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+        for (int r = 0; r < RW; r++) live[r] = k0 <= q0 + r * FLASH_ROWS + warp * 16 + 15;
+
+        // S (16 rows x 64 keys per row tile) = Q K^T
+        float s[RW][BN / 8][4];
+        #pragma unroll
+        for (int r = 0; r < RW; r++) {
+            #pragma unroll
+            for (int nb = 0; nb < BN / 8; nb++) s[r][nb][0] = s[r][nb][1] = s[r][nb][2] = s[r][nb][3] = 0.0f;
+        }
         #pragma unroll
         for (int kk = 0; kk < HS / 16; kk++) {
             #pragma unroll
             for (int np = 0; np < BN / 16; np++) {
                 uint32_t kb[4];
                 flash_ldmatrix_x4(kb, flash_addr_bt<LDS>(k_tile, np * 16, kk * 16, lane));
-                flash_mma(s[2 * np], q_frag[kk], kb[0], kb[1]);
-                flash_mma(s[2 * np + 1], q_frag[kk], kb[2], kb[3]);
+                #pragma unroll
+                for (int r = 0; r < RW; r++) {
+                    if (!live[r]) continue;
+                    flash_mma(s[r][2 * np], q_frag[r][kk], kb[0], kb[1]);
+                    flash_mma(s[r][2 * np + 1], q_frag[r][kk], kb[2], kb[3]);
+                }
             }
         }
 
-        // scale to base 2, mask keys after the query (only tiles reaching past this warp's first row)
-        const bool diagonal = k0 + BN - 1 > q0 + warp * 16;
-        float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
         #pragma unroll
-        for (int nb = 0; nb < BN / 8; nb++) {
+        for (int r = 0; r < RW; r++) {
+            if (!live[r]) continue;
+            // scale to base 2, mask keys after the query (only tiles reaching past the row tile's first row)
+            const bool diagonal = k0 + BN - 1 > q0 + r * FLASH_ROWS + warp * 16;
+            float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
             #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int key = k0 + nb * 8 + 2 * c + (e & 1);
-                float x = s[nb][e] * scale_log2;
-                if (diagonal && key > (e < 2 ? row0 : row1)) x = -INFINITY;
-                s[nb][e] = x;
-                if (e < 2) tile_max0 = fmaxf(tile_max0, x); else tile_max1 = fmaxf(tile_max1, x);
+            for (int nb = 0; nb < BN / 8; nb++) {
+                #pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = k0 + nb * 8 + 2 * c + (e & 1);
+                    float x = s[r][nb][e] * scale_log2;
+                    if (diagonal && key > (e < 2 ? row0[r] : row1[r])) x = -INFINITY;
+                    s[r][nb][e] = x;
+                    if (e < 2) tile_max0 = fmaxf(tile_max0, x); else tile_max1 = fmaxf(tile_max1, x);
+                }
             }
-        }
-        // a row's 64 scores are spread over the 4 threads of its group
-        tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, 1));
-        tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, 2));
-        tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, 1));
-        tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, 2));
-        float new_m0 = fmaxf(m0, tile_max0), new_m1 = fmaxf(m1, tile_max1);
-        float ref0 = new_m0 == -INFINITY ? 0.0f : new_m0, ref1 = new_m1 == -INFINITY ? 0.0f : new_m1;
-        float corr0 = flash_exp2(m0 - ref0), corr1 = flash_exp2(m1 - ref1);   // 0 while m was -inf
-        m0 = new_m0;
-        m1 = new_m1;
-        float sum0 = 0.0f, sum1 = 0.0f;
-        #pragma unroll
-        for (int nb = 0; nb < BN / 8; nb++) {
-            s[nb][0] = flash_exp2(s[nb][0] - ref0);
-            s[nb][1] = flash_exp2(s[nb][1] - ref0);
-            s[nb][2] = flash_exp2(s[nb][2] - ref1);
-            s[nb][3] = flash_exp2(s[nb][3] - ref1);
-            sum0 += s[nb][0] + s[nb][1];
-            sum1 += s[nb][2] + s[nb][3];
-        }
-        // l stays a per-thread partial sum (its group's 4 partials share the same rescaling);
-        // the partials are added once at the end
-        l0 = l0 * corr0 + sum0;
-        l1 = l1 * corr1 + sum1;
-        #pragma unroll
-        for (int nd = 0; nd < HS / 8; nd++) {
-            o[nd][0] *= corr0; o[nd][1] *= corr0;
-            o[nd][2] *= corr1; o[nd][3] *= corr1;
+            // a row's 64 scores are spread over the 4 threads of its group
+            tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, 1));
+            tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, 2));
+            tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, 1));
+            tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, 2));
+            float new_m0 = fmaxf(m0[r], tile_max0), new_m1 = fmaxf(m1[r], tile_max1);
+            float ref0 = new_m0 == -INFINITY ? 0.0f : new_m0, ref1 = new_m1 == -INFINITY ? 0.0f : new_m1;
+            float corr0 = flash_exp2(m0[r] - ref0), corr1 = flash_exp2(m1[r] - ref1);   // 0 while m was -inf
+            m0[r] = new_m0;
+            m1[r] = new_m1;
+            float sum0 = 0.0f, sum1 = 0.0f;
+            #pragma unroll
+            for (int nb = 0; nb < BN / 8; nb++) {
+                s[r][nb][0] = flash_exp2(s[r][nb][0] - ref0);
+                s[r][nb][1] = flash_exp2(s[r][nb][1] - ref0);
+                s[r][nb][2] = flash_exp2(s[r][nb][2] - ref1);
+                s[r][nb][3] = flash_exp2(s[r][nb][3] - ref1);
+                sum0 += s[r][nb][0] + s[r][nb][1];
+                sum1 += s[r][nb][2] + s[r][nb][3];
+            }
+            // l stays a per-thread partial sum (its group's 4 partials share the same rescaling);
+            // the partials are added once at the end
+            l0[r] = l0[r] * corr0 + sum0;
+            l1[r] = l1[r] * corr1 + sum1;
+            #pragma unroll
+            for (int nd = 0; nd < HS / 8; nd++) {
+                o[r][nd][0] *= corr0; o[r][nd][1] *= corr0;
+                o[r][nd][2] *= corr1; o[r][nd][3] *= corr1;
+            }
         }
 
         // O += P V, P straight from the S registers
         #pragma unroll
         for (int kb = 0; kb < BN / 16; kb++) {
-            uint32_t pa[4];
-            flash_acc_to_a<BN / 8>(pa, s, kb);
+            uint32_t pa[RW][4];
+            #pragma unroll
+            for (int r = 0; r < RW; r++) flash_acc_to_a<BN / 8>(pa[r], s[r], kb);
             #pragma unroll
             for (int dp = 0; dp < HS / 16; dp++) {
                 uint32_t vb[4];
                 flash_ldmatrix_x4_trans(vb, flash_addr_b<LDS>(v_tile, kb * 16, dp * 16, lane));
-                flash_mma(o[2 * dp], pa, vb[0], vb[1]);
-                flash_mma(o[2 * dp + 1], pa, vb[2], vb[3]);
+                #pragma unroll
+                for (int r = 0; r < RW; r++) {
+                    if (!live[r]) continue;
+                    flash_mma(o[r][2 * dp], pa[r], vb[0], vb[1]);
+                    flash_mma(o[r][2 * dp + 1], pa[r], vb[2], vb[3]);
+                }
             }
         }
         __syncthreads();   // this stage is refilled by the next iteration's prefetch
     }
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    // l >= 1: the row's maximum contributes 2^0
-    // O / l staged through sQ (the Q fragments were read at j = 0, before the loop's last barrier)
-    flash_stage_acc<HS, LDS>(sQ, o, warp * 16, 1.0f / l0, 1.0f / l1, lane);
-    if (c == 0) {
-        float *lse_row = lse + ((size_t)b * NH + h) * T;
-        if (row0 < T) lse_row[row0] = (m0 + log2f(l0)) * FLASH_LN2;
-        if (row1 < T) lse_row[row1] = (m1 + log2f(l1)) * FLASH_LN2;
+    #pragma unroll
+    for (int r = 0; r < RW; r++) {
+        float sum0 = l0[r], sum1 = l1[r];
+        sum0 += __shfl_xor_sync(0xffffffffu, sum0, 1);
+        sum0 += __shfl_xor_sync(0xffffffffu, sum0, 2);
+        sum1 += __shfl_xor_sync(0xffffffffu, sum1, 1);
+        sum1 += __shfl_xor_sync(0xffffffffu, sum1, 2);
+        // l >= 1: the row's maximum contributes 2^0
+        // O / l staged through sQ (the Q fragments were read at j = 0, before the loop's last barrier)
+        flash_stage_acc<HS, LDS>(sQ, o[r], r * FLASH_ROWS + warp * 16, 1.0f / sum0, 1.0f / sum1, lane);
+        if (c == 0) {
+            float *lse_row = lse + ((size_t)b * NH + h) * T;
+            if (row0[r] < T) lse_row[row0[r]] = (m0[r] + log2f(sum0)) * FLASH_LN2;
+            if (row1[r] < T) lse_row[row1[r]] = (m1[r] + log2f(sum1)) * FLASH_LN2;
+        }
     }
     __syncthreads();
     flash_store_tile<BM, HS>(out, sQ, b, q0, T, NH * HS, h * HS);
@@ -644,13 +688,17 @@ static inline void attention_flash_check(int B, int T, int NH, int NKV, int HS, 
     cudaRequire((any_low_bits & 15) == 0, "attention_flash: tensors must be 16-byte aligned");
 }
 
-template <int HS>
+// Row tiles per warp of the forward launch: 1 (64 query rows a block) or 2 (128 rows, head size
+// 64 only; head size 128 always takes 1).
+static int flash_forward_row_tiles = 1;
+
+template <int HS, int RW>
 static inline void attention_flash_forward_launch(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
                                                   int NKV, cudaStream_t stream) {
     static bool smem_set = false;
-    flash_allow_smem(flash_attention_forward_kernel<HS>, flash_forward_smem<HS>(), &smem_set);
-    dim3 grid(ceil_div(T, FLASH_ROWS), NH, B);
-    flash_attention_forward_kernel<HS><<<grid, FLASH_THREADS, flash_forward_smem<HS>(), stream>>>(out, lse, qkv, T, NH, NKV);
+    flash_allow_smem(flash_attention_forward_kernel<HS, RW>, flash_forward_smem<HS, RW>(), &smem_set);
+    dim3 grid(ceil_div(T, RW * FLASH_ROWS), NH, B);
+    flash_attention_forward_kernel<HS, RW><<<grid, FLASH_THREADS, flash_forward_smem<HS, RW>(), stream>>>(out, lse, qkv, T, NH, NKV);
     cudaCheckLaunch();
 }
 
@@ -658,8 +706,9 @@ static inline void attention_flash_forward_launch(floatX *out, float *lse, const
 static inline void attention_flash_forward(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH, int NKV,
                                            int HS, cudaStream_t stream) {
     attention_flash_check(B, T, NH, NKV, HS, out, qkv, qkv, qkv);
-    if (HS == 64) attention_flash_forward_launch<64>(out, lse, qkv, B, T, NH, NKV, stream);
-    else attention_flash_forward_launch<128>(out, lse, qkv, B, T, NH, NKV, stream);
+    if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2>(out, lse, qkv, B, T, NH, NKV, stream);
+    else if (HS == 64) attention_flash_forward_launch<64, 1>(out, lse, qkv, B, T, NH, NKV, stream);
+    else attention_flash_forward_launch<128, 1>(out, lse, qkv, B, T, NH, NKV, stream);
 }
 
 // The backward's two passes are independent (each reads qkv, dout, lse and D and writes its own

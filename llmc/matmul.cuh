@@ -37,6 +37,14 @@ static inline void matmul_setup(void) {
     matmul_lt_workspace = cudaMallocCheck(matmul_lt_workspace_size);
 }
 
+// Which of cuBLASLt's heuristic candidates a product runs: 0, its first choice, in the engine;
+// dev/cuda/matmul.cu sets it to time the others. After each product, matmul_lt_candidates holds
+// how many candidates the query returned and matmul_lt_last_algo the algorithm that ran.
+#define MATMUL_LT_MAX_CANDIDATES 16
+static int matmul_lt_candidate = 0;
+static int matmul_lt_candidates = 0;
+static cublasLtMatmulAlgo_t matmul_lt_last_algo;
+
 // Largest power of two (<= 256) that divides the address: cuBLASLt picks only algorithms that
 // accept this alignment (it assumes 256 bytes unless told).
 static inline uint32_t pointer_alignment(const void *p) {
@@ -104,11 +112,12 @@ static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, co
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
 
-    cublasLtMatmulHeuristicResult_t heuristic;
-    int returned = 0;
+    cublasLtMatmulHeuristicResult_t heuristics[MATMUL_LT_MAX_CANDIDATES];
+    int returned = 0, wanted = matmul_lt_candidate < MATMUL_LT_MAX_CANDIDATES ? matmul_lt_candidate + 1 : MATMUL_LT_MAX_CANDIDATES;
     // no algorithm shows as a count of 0 or, for some epilogues, as NOT_SUPPORTED
     cublasStatus_t found = cublasLtMatmulAlgoGetHeuristic(matmul_lt_handle, op, layout_a, layout_b, layout_d, layout_d,
-                                                          pref, 1, &heuristic, &returned);
+                                                          pref, wanted, heuristics, &returned);
+    matmul_lt_candidates = found == CUBLAS_STATUS_SUCCESS ? returned : 0;
     if (found != CUBLAS_STATUS_NOT_SUPPORTED) cublasCheck(found);
     if (found != CUBLAS_STATUS_SUCCESS || returned == 0) {
         cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
@@ -118,6 +127,8 @@ static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, co
         cublasCheck(cublasLtMatmulDescDestroy(op));
         return 0;
     }
+    const cublasLtMatmulHeuristicResult_t &heuristic = heuristics[matmul_lt_candidate < returned ? matmul_lt_candidate : returned - 1];
+    matmul_lt_last_algo = heuristic.algo;
     float alpha = 1.0f;
     cublasCheck(cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
                                &heuristic.algo, matmul_lt_workspace, matmul_lt_workspace_size, stream));

@@ -63,27 +63,31 @@ def rel_err(got, ref):
     return float(np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref))
 
 
-SHAPES = [  # B, T, NH, NKV, HS, input scale
-    (1, 1, 1, 1, 64, 1.0),
-    (2, 37, 2, 2, 64, 1.0),
-    (1, 130, 4, 2, 64, 1.0),
-    (1, 200, 3, 1, 64, 4.0),
-    (2, 45, 2, 1, 128, 1.0),
-    (1, 150, 2, 2, 128, 4.0),
+SHAPES = [  # B, T, NH, NKV, HS, input scale, the forward's row tiles per warp
+    (1, 1, 1, 1, 64, 1.0, 1),
+    (2, 37, 2, 2, 64, 1.0, 1),
+    (1, 130, 4, 2, 64, 1.0, 1),
+    (1, 200, 3, 1, 64, 4.0, 1),
+    (2, 45, 2, 1, 128, 1.0, 1),
+    (1, 150, 2, 2, 128, 4.0, 1),
+    (1, 1, 1, 1, 64, 1.0, 2),
+    (2, 37, 2, 2, 64, 1.0, 2),     # one block of 128 rows, partly past T
+    (1, 200, 3, 1, 64, 4.0, 2),    # two blocks; the first row tile skips its last key tile
+    (1, 256, 2, 2, 64, 1.0, 2),    # whole blocks
 ]
 
 
 @pytest.mark.parametrize("copies", ["late", "early"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d" % s)
 def test_flash_attention_emulated(emulator, tmp_path, shape, copies):
-    B, T, NH, NKV, HS, scale = shape
+    B, T, NH, NKV, HS, scale, RW = shape
     QKV = (NH + 2 * NKV) * HS
     rng = np.random.default_rng(hash(shape) % 2**32)
     qkv = to_bf16(rng.standard_normal((B, T, QKV)) * scale)
     dout = to_bf16(rng.standard_normal((B, T, NH * HS)))
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([B, T, NH, NKV, HS], np.int32).tofile(f)
+        np.array([B, T, NH, NKV, HS, RW], np.int32).tofile(f)
         qkv.tofile(f)
         dout.tofile(f)
     proc = subprocess.run([str(emulator), str(inp), str(outp), copies], capture_output=True, text=True, timeout=600)

@@ -105,6 +105,16 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
     snprintf(name, sizeof(name), "flash repeat %s out", label); expect_identical(name, out[0], out[1]);
     snprintf(name, sizeof(name), "flash repeat %s lse", label); expect_identical(name, lse[0], lse[1]);
     snprintf(name, sizeof(name), "flash repeat %s dqkv", label); expect_identical(name, dqkv[0], dqkv[1]);
+    if (HS == 64) {   // the forward with two row tiles per warp against the one-tile forward
+        flash_forward_row_tiles = 2;
+        poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
+        attention_flash_forward(d_out, d_lse, d_qkv, B, T, NH, NKV, HS, 0);
+        flash_forward_row_tiles = 1;
+        snprintf(name, sizeof(name), "flash forward 2 row tiles %s out", label);
+        compare(name, download_bf16(d_out, n_out), out[0], TOL_BF16);
+        snprintf(name, sizeof(name), "flash forward 2 row tiles %s lse", label);
+        compare(name, download_f32(d_lse, n_stat), lse[0], TOL_F32);
+    }
 
     // the simple kernels on the same inputs, every element
     poison(d_out_simple, n_out * sizeof(floatX)); poison(d_lse_simple, n_stat * sizeof(float));
@@ -173,6 +183,16 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
         printf("time attention %-6s %-13s B=%d T=%d NH=%d NKV=%d HS=%d: forward %7.3f ms (%6.1f TFLOP/s), "
                "backward %7.3f ms (%6.1f TFLOP/s)\n", flash ? "flash" : "simple", model, B, T, NH, NKV, HS, fwd,
                fwd_flops / fwd / 1e9, bwd, bwd_flops / bwd / 1e9);
+        if (flash && HS == 64) {   // the forward with two row tiles per warp (128 query rows a block)
+            flash_forward_row_tiles = 2;
+            float fwd2 = time_ms([&] {
+                i = (i + 1) % SETS;
+                attention_flash_forward(out[i], lse[i], qkv[i], B, T, NH, NKV, HS, 0);
+            }, 3, 20);
+            flash_forward_row_tiles = 1;
+            printf("time attention flash  %-13s forward with 1 row tile a warp %7.3f ms (%6.1f TFLOP/s), with 2 %7.3f ms (%6.1f TFLOP/s)\n",
+                   model, fwd, fwd_flops / fwd / 1e9, fwd2, fwd_flops / fwd2 / 1e9);
+        }
         if (flash) {   // the flash backward's two passes one after the other, against side by side (above)
             flash_backward_side_by_side = 0;
             float serial = time_ms([&] {

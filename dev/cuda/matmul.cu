@@ -7,7 +7,8 @@
  * dbias from bf16 and from fp32), and the input gradient with the GELU backward in the epilogue
  * (DGELU) against matmul_backward + gelu_backward of the CPU. Shapes include odd sizes (unaligned
  * rows). Then timing of the model's products at GPT-2 124M's shapes, fused GELU (forward and
- * backward) against product + separate kernel.
+ * backward) against product + separate kernel, and of the decode step's products (64 and 256
+ * rows) under every algorithm cuBLASLt's heuristic offers.
  *   build/cuda/dev/matmul
  */
 #include "harness.h"
@@ -106,6 +107,34 @@ static void timing(const char *label, int M, int IC, int OC, int gelu, int dgelu
     for (void *p : {(void *)inp, (void *)w, (void *)bias, (void *)out, (void *)pre, (void *)dout, (void *)dinp, (void *)dw}) cudaCheck(cudaFree(p));
 }
 
+// The decode step's products (M = one row per sequence): every candidate algorithm cuBLASLt's
+// heuristic offers, timed, with its split-K factor and tile; the engine runs candidate 0.
+static void decode_candidates(const char *label, int M, int IC, int OC, int with_bias, int gelu) {
+    floatX *inp = upload_bf16(random_bf16_values((size_t)M * IC, 1.0f)), *w = upload_bf16(random_bf16_values((size_t)OC * IC, 0.05f));
+    floatX *bias = upload_bf16(random_bf16_values(OC, 0.5f)), *out = device_alloc_n<floatX>((size_t)M * OC), *pre = device_alloc_n<floatX>((size_t)M * OC);
+    double bytes = 2.0 * ((double)OC * IC + (double)M * IC + (double)M * OC);
+    float first = 0.0f, best = 1e30f;
+    int best_at = 0, count = 1;
+    for (int i = 0; i < count && i < MATMUL_LT_MAX_CANDIDATES; i++) {
+        matmul_lt_candidate = i;
+        matmul_forward(out, inp, w, with_bias ? bias : NULL, gelu ? pre : NULL, M, IC, OC, 0);
+        count = matmul_lt_candidates;
+        if (i >= count) break;
+        float ms = time_ms([&] { matmul_forward(out, inp, w, with_bias ? bias : NULL, gelu ? pre : NULL, M, IC, OC, 0); });
+        int split = 0, tile = 0;
+        size_t written = 0;
+        cublasLtMatmulAlgoConfigGetAttribute(&matmul_lt_last_algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split, sizeof(split), &written);
+        cublasLtMatmulAlgoConfigGetAttribute(&matmul_lt_last_algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile), &written);
+        printf("time matmul decode %-8s M=%d IC=%d OC=%d candidate %2d: %.4f ms (%4.0f GB/s)  split-K %d  tile id %d\n", label, M,
+               IC, OC, i, ms, bytes / ms / 1e6, split, tile);
+        if (i == 0) first = ms;
+        if (ms < best) best = ms, best_at = i;
+    }
+    matmul_lt_candidate = 0;
+    printf("time matmul decode %-8s M=%d: cuBLASLt's first choice %.4f ms, fastest candidate %d %.4f ms\n", label, M, first, best_at, best);
+    for (void *p : {(void *)inp, (void *)w, (void *)bias, (void *)out, (void *)pre}) cudaCheck(cudaFree(p));
+}
+
 int main(void) {
     harness_require_device("matmul");
     harness_seed(10);
@@ -122,5 +151,15 @@ int main(void) {
     timing("fc", M, 768, 3072, 1, 0);
     timing("fcproj", M, 3072, 768, 0, 1);
     timing("lm_head", M, 768, 50304, 0, 0);
+    for (int rows : {64, 256}) {   // GPT-2 124M and SmolLM2-135M decode products
+        decode_candidates("qkv", rows, 768, 2304, 1, 0);
+        decode_candidates("attproj", rows, 768, 768, 1, 0);
+        decode_candidates("fc+gelu", rows, 768, 3072, 1, 1);
+        decode_candidates("fcproj", rows, 3072, 768, 1, 0);
+        decode_candidates("s-qkv", rows, 576, 960, 0, 0);
+        decode_candidates("s-o", rows, 576, 576, 0, 0);
+        decode_candidates("s-fc", rows, 576, 3072, 0, 0);
+        decode_candidates("s-down", rows, 1536, 576, 0, 0);
+    }
     return harness_finish("matmul");
 }
