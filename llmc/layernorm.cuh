@@ -331,16 +331,18 @@ norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const f
 // into its own slice of shared memory (warp, 3, C). At the end the block adds its warps' slices
 // in warp order and writes them as row `block` of partial (blocks, 3 * C) (the three sums side
 // by side) for column_partials_reduce3. colsum is the bias gradient of the projection whose
-// output this residual gradient is.
+// output this residual gradient is. ITERS (at most NORM_VEC_MAX_PER_LANE / VEC) bounds the pieces
+// a lane holds: the launcher takes the smallest instantiated bound that covers C, so that
+// narrower rows hold fewer registers (more warps fit on an SM).
 #define NORM_BWD_WARPS 4
 #define NORM_BWD_ROWS 32
 static inline int norm_backward_blocks(int N) { return ceil_div(N, NORM_BWD_ROWS); }
 static inline size_t norm_backward_smem(int C) { return (size_t)NORM_BWD_WARPS * 3 * C * sizeof(float); }
-template <int VEC>
+template <int VEC, int ITERS>
 __global__ void __launch_bounds__(NORM_BWD_WARPS * 32)
-norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial, const float *dout, const float *inp, const floatX *weight, const float *mean,
-                           const float *rstd, int N, int C, int is_layernorm) {
-    constexpr int ITERS = NORM_VEC_MAX_PER_LANE / VEC;
+norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial, const float *dout, const float *inp,
+                           const floatX *weight, const float *mean, const float *rstd, int N, int C, int is_layernorm) {
+    static_assert(VEC * ITERS <= NORM_VEC_MAX_PER_LANE, "a lane holds at most NORM_VEC_MAX_PER_LANE elements");
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float *acc = (float *)dynamic_smem();
     float *acc_w = acc + (size_t)warp * 3 * C, *acc_b = acc_w + C, *acc_col = acc_b + C;
@@ -440,14 +442,24 @@ static inline void norm_backward_fused(float *dres, floatX *dres_bf16, float *dw
     int blocks = norm_backward_blocks(N);
     size_t smem = norm_backward_smem(C);
     int vec = norm_vector_width(C, dout, inp, dres, dres_bf16, weight, NULL);
-    if (vec == 4)
-        norm_backward_fused_kernel<4><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+    int pieces = ceil_div(C, 32 * vec);   // per lane
+    if (vec == 4 && pieces <= 2)
+        norm_backward_fused_kernel<4, 2><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+    else if (vec == 4 && pieces <= 4)
+        norm_backward_fused_kernel<4, 4><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+    else if (vec == 4 && pieces <= 6)
+        norm_backward_fused_kernel<4, 6><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+    else if (vec == 4)
+        norm_backward_fused_kernel<4, 8><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else if (vec == 2)
-        norm_backward_fused_kernel<2><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<2, 16><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else
-        norm_backward_fused_kernel<1><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<1, 32><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     cudaCheckLaunch();
     column_partials_reduce3(dweight, dbias, dres_colsum, scratch, blocks, C, 3, stream);

@@ -43,7 +43,7 @@ def emulator(tmp_path_factory):
     build = tmp_path_factory.mktemp("layernorm")
     # layernorm.cuh includes column_reduce.cuh: its rewritten copy sits beside the launched header
     (build / "column_reduce.cuh").write_text(rewrite_launches((ROOT / "llmc" / "column_reduce.cuh").read_text(), 3))
-    return build_emulator(build, rewrite_launches(SOURCE, 10), "layernorm_emu")
+    return build_emulator(build, rewrite_launches(SOURCE, 13), "layernorm_emu")
 
 
 def oracle(res_in, branch, weight, bias, is_layernorm, unbiased=False):
@@ -241,6 +241,7 @@ BACKWARD_CASES = [  # N, C, is_layernorm, colsum, bf16_copy
     (19 * BWD_ROWS, 64, 1, 1, 1),   # more blocks than the column reduction's groups
     (300, 40, 1, 1, 1),             # the split path's chunks: more rows than one chunk
     (9, 6, 0, 1, 1),                # 2-wide vectors
+    (5, 384, 1, 1, 1),              # 4-wide, three pieces a lane (the 4-piece instantiation)
     (3, VEC_WIDTH, 1, 1, 1),        # the fused kernel's widest row
 ]
 
