@@ -5,6 +5,10 @@
 # 8 minutes on an H100 (build about 1-2 min on 16 cores, checks about 2 min, benchmark about 1).
 #
 #   bash dev/gpu_check.sh          (or: make gpu_check)
+#   bash dev/gpu_check.sh NAME...  only these checks (and only what they need is built): harness
+#                                  names (layernorm, matmul, ...), test_model_gpu, reward_heads,
+#                                  comm_nccl_check, rollout_kernels, rollout_check, bench_train,
+#                                  bench_rollout, pretrain_nccl, mora_device
 #
 # When $OUT is set (the device tool's output folder) the full log is also written there.
 #
@@ -20,6 +24,12 @@ exec > >(tee "$log") 2>&1
 
 start=$(date +%s)
 failed=()
+only=" $* "
+wanted() { [ "$only" = "  " ] || [[ "$only" == *" $1 "* ]]; }   # NAME: run it?
+known=" encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash test_model_gpu reward_heads comm_nccl_check rollout_kernels rollout_check bench_train bench_rollout pretrain_nccl mora_device "
+for name in "$@"; do
+    [[ "$known" == *" $name "* ]] || { echo "gpu_check: unknown check '$name' (one of:$known)"; exit 2; }
+done
 
 # the libraries the GPU machine's image lacks (cJSON, NCCL)
 . dev/gpu_env.sh || exit 1
@@ -30,9 +40,11 @@ nvcc --version | tail -2
 echo "== build (sm_90)"
 # only the harnesses (and what they link), not every CUDA object of the tree
 harnesses="encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash"
-targets=$(for n in $harnesses test_model_gpu bench_train; do echo "build/cuda/dev/$n"; done)
-targets="$targets build/cuda/dev/rollout_kernels build/cuda/dev/rollout_check build/cuda/dev/bench_rollout"
-targets="$targets build/cuda/dev/reward_heads build/cuda/dev/comm_nccl_check train_mora"
+targets=""
+for n in $harnesses test_model_gpu bench_train rollout_kernels rollout_check bench_rollout reward_heads comm_nccl_check; do
+    wanted "$n" && targets="$targets build/cuda/dev/$n"
+done
+if wanted pretrain_nccl || wanted mora_device; then targets="$targets train_mora"; fi
 mkdir -p build
 build_log=build/gpu_check_build.log
 if ! make -j"$(nproc)" USE_MPI=0 $targets \
@@ -46,6 +58,7 @@ echo "build done in $(( $(date +%s) - start )) s"
 
 run() {   # run NAME TIMEOUT_S: one harness, its PASS/FAIL lines, and its exit status
     local name=$1 limit=$2 t0 rc
+    wanted "$name" || return 0
     t0=$(date +%s)
     timeout "$limit" "build/cuda/dev/$name"
     rc=$?
@@ -74,6 +87,7 @@ run comm_nccl_check 40
 # still shows.
 pretrain_nccl_check() {
     local dir=/tmp/gpu_check_pretrain t0=$(date +%s) rc=0
+    wanted pretrain_nccl || return 0
     rm -rf "$dir" && mkdir -p "$dir"
     python3 - "$dir/train_000.bin" <<'PY' || { failed+=("pretrain data"); return; }
 import random, struct, sys
@@ -139,11 +153,13 @@ run bench_rollout 90
 pretrain_nccl_check
 # the MORA loop with --device cuda against --device cpu: the DPO update on the same pairs within
 # bf16 tolerance, the GRPO presample's rewards equal in distribution (dev/cuda/mora_device_check.py)
-t0=$(date +%s)
-timeout 240 python3 dev/cuda/mora_device_check.py ./train_mora /tmp/gpu_check_mora
-rc=$?
-[ $rc -ne 0 ] && failed+=("mora_device (exit $rc)")
-echo "-- mora_device: exit $rc in $(( $(date +%s) - t0 )) s"
+if wanted mora_device; then
+    t0=$(date +%s)
+    timeout 240 python3 dev/cuda/mora_device_check.py ./train_mora /tmp/gpu_check_mora
+    rc=$?
+    [ $rc -ne 0 ] && failed+=("mora_device (exit $rc)")
+    echo "-- mora_device: exit $rc in $(( $(date +%s) - t0 )) s"
+fi
 
 echo "== gpu_check finished in $(( $(date +%s) - start )) s"
 if [ ${#failed[@]} -ne 0 ]; then

@@ -14,6 +14,7 @@
 #ifndef LLMC_GELU_CUH
 #define LLMC_GELU_CUH
 #include "cuda_common.h"
+#include "vector_io.cuh"
 
 #define GELU_SCALING_FACTOR 0.7978845608028654f   // sqrt(2 / pi)
 #define GELU_VEC 8
@@ -40,13 +41,11 @@ __global__ void gelu_forward_scalar_kernel(floatX *out, const floatX *inp, size_
 __global__ void gelu_forward_vec8_kernel(floatX *out, const floatX *inp, size_t n) {
     size_t groups = n / GELU_VEC;
     for (size_t g = (size_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += (size_t)gridDim.x * blockDim.x) {
-        uint4 in_packed = *reinterpret_cast<const uint4 *>(inp + g * GELU_VEC);
-        const floatX *x = reinterpret_cast<const floatX *>(&in_packed);
-        uint4 out_packed;
-        floatX *y = reinterpret_cast<floatX *>(&out_packed);
+        float x[GELU_VEC], y[GELU_VEC];
+        load_vec<GELU_VEC>(x, inp + g * GELU_VEC);
 #pragma unroll
-        for (int k = 0; k < GELU_VEC; k++) y[k] = __float2bfloat16(gelu_value(to_float(x[k])));
-        *reinterpret_cast<uint4 *>(out + g * GELU_VEC) = out_packed;
+        for (int k = 0; k < GELU_VEC; k++) y[k] = gelu_value(x[k]);
+        store_vec<GELU_VEC>(out + g * GELU_VEC, y);
     }
 }
 
@@ -63,15 +62,12 @@ __global__ void gelu_backward_scalar_kernel(floatX *dinp, const floatX *inp, con
 __global__ void gelu_backward_vec8_kernel(floatX *dinp, const floatX *inp, const floatX *dout, size_t n) {
     size_t groups = n / GELU_VEC;
     for (size_t g = (size_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += (size_t)gridDim.x * blockDim.x) {
-        uint4 in_packed = *reinterpret_cast<const uint4 *>(inp + g * GELU_VEC);
-        uint4 dout_packed = *reinterpret_cast<const uint4 *>(dout + g * GELU_VEC);
-        const floatX *x = reinterpret_cast<const floatX *>(&in_packed);
-        const floatX *d = reinterpret_cast<const floatX *>(&dout_packed);
-        uint4 dinp_packed;
-        floatX *y = reinterpret_cast<floatX *>(&dinp_packed);
+        float x[GELU_VEC], d[GELU_VEC], y[GELU_VEC];
+        load_vec<GELU_VEC>(x, inp + g * GELU_VEC);
+        load_vec<GELU_VEC>(d, dout + g * GELU_VEC);
 #pragma unroll
-        for (int k = 0; k < GELU_VEC; k++) y[k] = __float2bfloat16(gelu_grad(to_float(x[k])) * to_float(d[k]));
-        *reinterpret_cast<uint4 *>(dinp + g * GELU_VEC) = dinp_packed;
+        for (int k = 0; k < GELU_VEC; k++) y[k] = gelu_grad(x[k]) * d[k];
+        store_vec<GELU_VEC>(dinp + g * GELU_VEC, y);
     }
 }
 

@@ -119,25 +119,20 @@ static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, co
                                                           pref, wanted, heuristics, &returned);
     matmul_lt_candidates = found == CUBLAS_STATUS_SUCCESS ? returned : 0;
     if (found != CUBLAS_STATUS_NOT_SUPPORTED) cublasCheck(found);
-    if (found != CUBLAS_STATUS_SUCCESS || returned == 0) {
-        cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
-        cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));
-        cublasCheck(cublasLtMatrixLayoutDestroy(layout_b));
-        cublasCheck(cublasLtMatrixLayoutDestroy(layout_d));
-        cublasCheck(cublasLtMatmulDescDestroy(op));
-        return 0;
+    int ok = found == CUBLAS_STATUS_SUCCESS && returned > 0;
+    if (ok) {
+        const cublasLtMatmulHeuristicResult_t &heuristic = heuristics[matmul_lt_candidate < returned ? matmul_lt_candidate : returned - 1];
+        matmul_lt_last_algo = heuristic.algo;
+        float alpha = 1.0f;
+        cublasCheck(cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
+                                   &heuristic.algo, matmul_lt_workspace, matmul_lt_workspace_size, stream));
     }
-    const cublasLtMatmulHeuristicResult_t &heuristic = heuristics[matmul_lt_candidate < returned ? matmul_lt_candidate : returned - 1];
-    matmul_lt_last_algo = heuristic.algo;
-    float alpha = 1.0f;
-    cublasCheck(cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
-                               &heuristic.algo, matmul_lt_workspace, matmul_lt_workspace_size, stream));
     cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_b));
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_d));
     cublasCheck(cublasLtMatmulDescDestroy(op));
-    return 1;
+    return ok;
 }
 static inline void matmul_cublaslt(void *d, int d_is_f32, const floatX *a, const floatX *b, const floatX *bias,
                                    floatX *gelu_pre, int m, int n, int k, int trans_a, int trans_b, float beta,

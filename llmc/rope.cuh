@@ -18,6 +18,7 @@
 #define LLMC_ROPE_CUH
 #include <math.h>
 #include "cuda_common.h"
+#include "vector_io.cuh"
 
 // cos_sin (maxT, HS/2, 2) on the host, malloc'd; the caller uploads and frees it.
 static inline float *rope_table_host(int maxT, int HS, float theta) {
@@ -72,28 +73,18 @@ __global__ void rope_vec8_kernel(floatX *qkv, const float *cos_sin, int N, int T
     int head = idx / groups, i = (idx - head * groups) * ROPE_VEC;
     int bt = head / heads, h = head - bt * heads;
     int t = bt % T;
-    const float4 *table = reinterpret_cast<const float4 *>(cos_sin + ((size_t)t * half + i) * 2);
-    float c[ROPE_VEC], s[ROPE_VEC];
+    const float *table = cos_sin + ((size_t)t * half + i) * 2;   // (cos, sin) of pairs i..i+7
+    float cs[2 * ROPE_VEC];
 #pragma unroll
-    for (int k = 0; k < ROPE_VEC / 2; k++) {
-        float4 cs = table[k];
-        c[2 * k] = cs.x;
-        s[2 * k] = sign * cs.y;
-        c[2 * k + 1] = cs.z;
-        s[2 * k + 1] = sign * cs.w;
-    }
+    for (int k = 0; k < ROPE_VEC / 2; k++) load_vec<4>(cs + 4 * k, table + 4 * k);
     floatX *x = qkv + (size_t)bt * (NH + 2 * NKV) * HS + (size_t)h * HS;
-    uint4 lo_packed = *reinterpret_cast<const uint4 *>(x + i), hi_packed = *reinterpret_cast<const uint4 *>(x + i + half);
-    floatX *lo = reinterpret_cast<floatX *>(&lo_packed), *hi = reinterpret_cast<floatX *>(&hi_packed);
+    float lo[ROPE_VEC], hi[ROPE_VEC];
+    load_vec<ROPE_VEC>(lo, x + i);
+    load_vec<ROPE_VEC>(hi, x + i + half);
 #pragma unroll
-    for (int k = 0; k < ROPE_VEC; k++) {
-        float y1, y2;
-        rope_rotate(to_float(lo[k]), to_float(hi[k]), c[k], s[k], &y1, &y2);
-        lo[k] = __float2bfloat16(y1);
-        hi[k] = __float2bfloat16(y2);
-    }
-    *reinterpret_cast<uint4 *>(x + i) = lo_packed;
-    *reinterpret_cast<uint4 *>(x + i + half) = hi_packed;
+    for (int k = 0; k < ROPE_VEC; k++) rope_rotate(lo[k], hi[k], cs[2 * k], sign * cs[2 * k + 1], &lo[k], &hi[k]);
+    store_vec<ROPE_VEC>(x + i, lo);
+    store_vec<ROPE_VEC>(x + i + half, hi);
 }
 
 // Whether the 8-wide kernel applies: HS/2 a multiple of 8 (head_dim 64 and 128), qkv and the

@@ -13,6 +13,7 @@
 #ifndef LLMC_SWIGLU_CUH
 #define LLMC_SWIGLU_CUH
 #include "cuda_common.h"
+#include "vector_io.cuh"
 
 #define SWIGLU_VEC 8
 
@@ -45,15 +46,12 @@ __global__ void swiglu_forward_vec8_kernel(floatX *out, const floatX *fc, int N,
     if (idx >= N * groups) return;
     int n = idx / groups, j = (idx - n * groups) * SWIGLU_VEC;
     const floatX *fc_row = fc + (size_t)n * 2 * F;
-    uint4 gate_packed = *reinterpret_cast<const uint4 *>(fc_row + j);
-    uint4 up_packed = *reinterpret_cast<const uint4 *>(fc_row + F + j);
-    const floatX *gate = reinterpret_cast<const floatX *>(&gate_packed);
-    const floatX *up = reinterpret_cast<const floatX *>(&up_packed);
-    uint4 out_packed;
-    floatX *o = reinterpret_cast<floatX *>(&out_packed);
+    float gate[SWIGLU_VEC], up[SWIGLU_VEC], o[SWIGLU_VEC];
+    load_vec<SWIGLU_VEC>(gate, fc_row + j);
+    load_vec<SWIGLU_VEC>(up, fc_row + F + j);
 #pragma unroll
-    for (int k = 0; k < SWIGLU_VEC; k++) o[k] = __float2bfloat16(swiglu_out(to_float(gate[k]), to_float(up[k])));
-    *reinterpret_cast<uint4 *>(out + (size_t)n * F + j) = out_packed;
+    for (int k = 0; k < SWIGLU_VEC; k++) o[k] = swiglu_out(gate[k], up[k]);
+    store_vec<SWIGLU_VEC>(out + (size_t)n * F + j, o);
 }
 
 // One thread per element (n, j): dfc (N, 2F) written (not accumulated) from dout (N, F) and the
@@ -77,24 +75,15 @@ __global__ void swiglu_backward_vec8_kernel(floatX *dfc, const floatX *dout, con
     if (idx >= N * groups) return;
     int n = idx / groups, j = (idx - n * groups) * SWIGLU_VEC;
     const floatX *fc_row = fc + (size_t)n * 2 * F;
-    uint4 gate_packed = *reinterpret_cast<const uint4 *>(fc_row + j);
-    uint4 up_packed = *reinterpret_cast<const uint4 *>(fc_row + F + j);
-    uint4 dout_packed = *reinterpret_cast<const uint4 *>(dout + (size_t)n * F + j);
-    const floatX *gate = reinterpret_cast<const floatX *>(&gate_packed);
-    const floatX *up = reinterpret_cast<const floatX *>(&up_packed);
-    const floatX *g = reinterpret_cast<const floatX *>(&dout_packed);
-    uint4 dgate_packed, dup_packed;
-    floatX *dg = reinterpret_cast<floatX *>(&dgate_packed), *du = reinterpret_cast<floatX *>(&dup_packed);
+    float gate[SWIGLU_VEC], up[SWIGLU_VEC], g[SWIGLU_VEC], dgate[SWIGLU_VEC], dup[SWIGLU_VEC];
+    load_vec<SWIGLU_VEC>(gate, fc_row + j);
+    load_vec<SWIGLU_VEC>(up, fc_row + F + j);
+    load_vec<SWIGLU_VEC>(g, dout + (size_t)n * F + j);
 #pragma unroll
-    for (int k = 0; k < SWIGLU_VEC; k++) {
-        float dgate, dup;
-        swiglu_grad(to_float(gate[k]), to_float(up[k]), to_float(g[k]), &dgate, &dup);
-        dg[k] = __float2bfloat16(dgate);
-        du[k] = __float2bfloat16(dup);
-    }
+    for (int k = 0; k < SWIGLU_VEC; k++) swiglu_grad(gate[k], up[k], g[k], &dgate[k], &dup[k]);
     floatX *dfc_row = dfc + (size_t)n * 2 * F;
-    *reinterpret_cast<uint4 *>(dfc_row + j) = dgate_packed;
-    *reinterpret_cast<uint4 *>(dfc_row + F + j) = dup_packed;
+    store_vec<SWIGLU_VEC>(dfc_row + j, dgate);
+    store_vec<SWIGLU_VEC>(dfc_row + F + j, dup);
 }
 
 // Whether the 8-wide kernels apply: F a multiple of 8, every buffer on 16 bytes (then every row
