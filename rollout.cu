@@ -61,6 +61,7 @@ namespace {
 #include "matmul.cuh"
 #include "philox.h"
 #include "decode_attention.cuh"
+#include "decode_matmul.cuh"
 #include "sampling.cuh"
 }
 
@@ -104,6 +105,9 @@ struct RolloutEngine {
     floatX *fch_act;               // (rows, F)
     float *part_o, *part_ml;       // split attention partials (max_seqs, NH, max_splits, HS | 2)
     int max_splits;
+    float *dm_partial;             // decode_matmul's K-split partials and tile counters (zeroed once,
+    unsigned int *dm_counters;     // reset by every launch), NULL when max_seqs > DM_MAX_M
+    int sms;                       // the GPU's multiprocessor count
     floatX *last_hidden;           // (max_seqs, C) gathered final hidden rows
     float *logits;                 // (max_seqs, Vp) fp32
     unsigned char *ref_flags;      // (max_seqs, V) reference sampler scratch
@@ -218,6 +222,7 @@ extern "C" RolloutOptions rollout_default_options(void) {
     o.reference = 0;
     o.use_graphs = 1;
     o.poison = 0;
+    o.decode_matmul = 0;
     return o;
 }
 
@@ -294,6 +299,29 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     // (the reference path's prefill rows use the reference attention, which needs none)
     e->part_o = (float *)engine_alloc(e, S * NH * e->max_splits * HS * sizeof(float), 1);
     e->part_ml = (float *)engine_alloc(e, S * NH * e->max_splits * 2 * sizeof(float), 1);
+    {   // decode_matmul's buffers, sized for the largest of the decode step's products
+        int device = 0;
+        cudaCheck(cudaGetDevice(&device));
+        cudaCheck(cudaDeviceGetAttribute(&e->sms, cudaDevAttrMultiProcessorCount, device));
+        e->dm_partial = NULL;
+        e->dm_counters = NULL;
+        if (S <= DM_MAX_M) {
+            const size_t shapes[4][2] = {{C, QKV}, {NH * HS, C}, {C, FC}, {F, C}};   // (IC, OC)
+            size_t floats = 0, counters = 0;
+            for (int i = 0; i < 4; i++) {
+                size_t ic = shapes[i][0], oc = shapes[i][1];
+                if (ic % DM_CHUNK != 0 || oc % DM_ROWS != 0) continue;
+                size_t f = decode_matmul_partial_floats((int)S, (int)ic, (int)oc, e->sms);
+                if (f > floats) floats = f;
+                if ((size_t)decode_matmul_counters((int)oc) > counters) counters = decode_matmul_counters((int)oc);
+            }
+            if (counters > 0) {
+                e->dm_partial = (float *)engine_alloc(e, floats * sizeof(float), 1);
+                e->dm_counters = (unsigned int *)engine_alloc(e, counters * sizeof(unsigned int), 0);
+                cudaCheck(cudaMemset(e->dm_counters, 0, counters * sizeof(unsigned int)));
+            }
+        }
+    }
     e->last_hidden = (floatX *)engine_alloc(e, S * C * sizeof(floatX), 1);
     e->logits = (float *)engine_alloc(e, S * Vp * sizeof(float), 1);
     e->ref_flags = NULL;
@@ -350,7 +378,7 @@ extern "C" void rollout_free(RolloutEngine *e) {
 
 extern "C" void rollout_set_options(RolloutEngine *e, const RolloutOptions *o) {
     // graphs hold the kernels of the path they were captured on
-    if (o->reference != e->options.reference) graphs_clear(e);
+    if (o->reference != e->options.reference || o->decode_matmul != e->options.decode_matmul) graphs_clear(e);
     e->options = *o;
 }
 
@@ -385,23 +413,36 @@ extern "C" void rollout_last_logits(const RolloutEngine *e, int row, float *out)
 // ---------------------------------------------------------------------------------------------
 // forward pieces
 
-// MLP of n rows: proj (n, C) = fcproj(act(fc(ln))).
-static void mlp_forward(RolloutEngine *e, int l, int n) {
+// out (n, OC) = inp (n, IC) @ w^T + b, with GELU when gelu_pre is given (cuBLASLt then also
+// writes the pre-activation there; decode_matmul does not, the decode step never reads it):
+// decode_matmul for a decode step's rows (`decode`, fast path) when the options ask for it and the
+// shape allows.
+static void forward_product(RolloutEngine *e, int decode, floatX *out, const floatX *inp, const floatX *w, const floatX *b,
+                            floatX *gelu_pre, int n, int IC, int OC) {
+    if (decode && e->options.decode_matmul && !e->options.reference && e->dm_counters && n <= e->max_seqs &&
+        decode_matmul_supports(n, IC, OC, inp, w))
+        decode_matmul(out, e->dm_partial, e->dm_counters, inp, w, b, n, IC, OC, gelu_pre != NULL, e->sms, e->stream);
+    else
+        matmul_forward(out, inp, w, b, gelu_pre, n, IC, OC, e->stream);
+}
+
+// MLP of n rows: proj (n, C) = fcproj(act(fc(ln))); `decode`: the rows are a decode step's.
+static void mlp_forward(RolloutEngine *e, int l, int n, int decode) {
     const ModelConfig *c = &e->config;
     int C = c->n_embd, F = c->ffn_hidden;
     cudaStream_t st = e->stream;
     if (c->arch == ARCH_GPT2) {
         if (F % 8 == 0) {
-            matmul_forward(e->fch_act, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), e->fch, n, C, F, st);
+            forward_product(e, decode, e->fch_act, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), e->fch, n, C, F);
         } else {
-            matmul_forward(e->fch, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), NULL, n, C, F, st);
+            forward_product(e, decode, e->fch, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), NULL, n, C, F);
             gelu_forward(e->fch_act, e->fch, (size_t)n * F, st);
         }
     } else {
-        matmul_forward(e->fch, e->ln, weight(e, P_FCW, l), NULL, NULL, n, C, 2 * F, st);
+        forward_product(e, decode, e->fch, e->ln, weight(e, P_FCW, l), NULL, NULL, n, C, 2 * F);
         swiglu_forward(e->fch_act, e->fch, n, F, st);
     }
-    matmul_forward(e->proj, e->fch_act, weight(e, P_FCPROJW, l), weight(e, P_FCPROJB, l), NULL, n, F, C, st);
+    forward_product(e, decode, e->proj, e->fch_act, weight(e, P_FCPROJW, l), weight(e, P_FCPROJB, l), NULL, n, F, C);
 }
 
 // res_out = res_in + proj, ln = the norm that follows layer l's block (`second`: the pre-MLP
@@ -426,6 +467,7 @@ static void forward_rows(RolloutEngine *e, int n, const int *token, const int *s
                 "rollout: more rows than the activation or split-attention buffers hold");
     int C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, QKV = qkv_width(c);
     int gpt2 = c->arch == ARCH_GPT2;
+    const int decode = 1;   // rows of a decode step (or the reference path's prefill: forward_product tells)
     cudaStream_t st = e->stream;
     size_t nc = (size_t)n * C;
     embed_rows_kernel<<<ceil_div((long long)nc, 256), 256, 0, st>>>(e->res_a, token, pos, weight(e, P_WTE, 0),
@@ -435,15 +477,15 @@ static void forward_rows(RolloutEngine *e, int n, const int *token, const int *s
                           c->norm_eps, gpt2, st);
     float *res = e->res_a, *other = e->res_b;
     for (int l = 0; l < c->n_layer; l++) {
-        matmul_forward(e->qkv, e->ln, weight(e, P_QKVW, l), weight(e, P_QKVB, l), NULL, n, C, QKV, st);
+        forward_product(e, decode, e->qkv, e->ln, weight(e, P_QKVW, l), weight(e, P_QKVB, l), NULL, n, C, QKV);
         rows_kv_write(e->qkv, layer_k(e, l), layer_v(e, l), gpt2 ? NULL : e->rope_cos_sin, slot, pos, n, NH, NKV, HS, e->n_slots,
                       e->max_len, e->err, st);
         decode_attention(e->atty, e->part_o, e->part_ml, e->qkv, layer_k(e, l), layer_v(e, l), slot, pos, n, NH, NKV, HS,
                          e->n_slots, e->max_len, n_splits, e->options.reference, e->err, st);
-        matmul_forward(e->proj, e->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), NULL, n, NH * HS, C, st);
+        forward_product(e, decode, e->proj, e->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), NULL, n, NH * HS, C);
         residual_and_norm(e, other, res, l, 1, n);
         { float *t = res; res = other; other = t; }
-        mlp_forward(e, l, n);
+        mlp_forward(e, l, n, 1);
         residual_and_norm(e, other, res, l, 0, n);
         { float *t = res; res = other; other = t; }
     }
@@ -576,7 +618,7 @@ static void prefill_padded_chunk(RolloutEngine *e, const int *const *prompts, co
         matmul_forward(e->proj, e->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), NULL, N, NH * HS, C, st);
         residual_and_norm(e, other, res, l, 1, N);
         { float *t = res; res = other; other = t; }
-        mlp_forward(e, l, N);
+        mlp_forward(e, l, N, 0);
         residual_and_norm(e, other, res, l, 0, N);
         { float *t = res; res = other; other = t; }
     }

@@ -50,6 +50,9 @@ typedef struct {
     // 1: fill every activation buffer and the KV cache with NaN before each generate (tests: an
     // element a kernel leaves unwritten then turns the outputs NaN)
     int poison;
+    // 1: a decode step of at most 64 sequences runs its products through decode_matmul.cuh (K
+    // split over the SMs) instead of cuBLASLt; 0 (default): cuBLASLt for every product
+    int decode_matmul;
 } RolloutOptions;
 
 // Timings and counts of the last rollout_generate (host wall clock around GPU-synchronised work).

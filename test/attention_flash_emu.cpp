@@ -28,6 +28,7 @@
 #define ATTENTION_FLASH_EMULATION
 #define EMU_PROGRAM "attention_flash_emu"
 #include "gpu_emu.h"
+#include "gpu_emu_mma.h"
 
 // ---------------------------------------------------------------------------------------------
 // the PTX operations the kernels use (see the header comment of this file)
@@ -99,34 +100,7 @@ static void ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
 static inline void flash_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, false); }
 static inline void flash_ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, true); }
 
-static inline float lo_f32(uint32_t v) { return to_f32(floatX{(uint16_t)(v & 0xffff)}); }
-static inline float hi_f32(uint32_t v) { return to_f32(floatX{(uint16_t)(v >> 16)}); }
-static void flash_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    WarpExchange &x = my_warp();
-    int lane = lane_id();
-    for (int i = 0; i < 4; i++) x.u[lane][i] = a[i];
-    x.u[lane][4] = b0;
-    x.u[lane][5] = b1;
-    warp_barrier();
-    float A[16][16], B[16][8];
-    for (int l = 0; l < 32; l++) {
-        int g = l / 4, t = l % 4;
-        A[g][2 * t] = lo_f32(x.u[l][0]);         A[g][2 * t + 1] = hi_f32(x.u[l][0]);
-        A[g + 8][2 * t] = lo_f32(x.u[l][1]);     A[g + 8][2 * t + 1] = hi_f32(x.u[l][1]);
-        A[g][2 * t + 8] = lo_f32(x.u[l][2]);     A[g][2 * t + 9] = hi_f32(x.u[l][2]);
-        A[g + 8][2 * t + 8] = lo_f32(x.u[l][3]); A[g + 8][2 * t + 9] = hi_f32(x.u[l][3]);
-        B[2 * t][g] = lo_f32(x.u[l][4]);         B[2 * t + 1][g] = hi_f32(x.u[l][4]);
-        B[2 * t + 8][g] = lo_f32(x.u[l][5]);     B[2 * t + 9][g] = hi_f32(x.u[l][5]);
-    }
-    int g = lane / 4, t = lane % 4;
-    int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-    for (int e = 0; e < 4; e++) {
-        float sum = d[e];
-        for (int k = 0; k < 16; k++) sum += A[rows[e]][k] * B[k][cols[e]];
-        d[e] = sum;
-    }
-    warp_barrier();
-}
+static void flash_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { emu_mma(d, a, b0, b1); }
 static inline uint32_t flash_pack_bf16(float lo, float hi) {
     return (uint32_t)to_bf16(lo).bits | ((uint32_t)to_bf16(hi).bits << 16);
 }

@@ -21,13 +21,19 @@ extern "C" {
 }
 #include "rollout.h"
 
-static void bench(const char *preset, int B, int prompt_len, int new_tokens, int calls, double target, int sets) {
+// sets: 1 samples with top-k 50 and top-p 0.9 (else temperature 1 alone); decode_matmul: 1 runs the
+// decode step's products through decode_matmul.cuh instead of cuBLASLt.
+static void bench(const char *preset, int B, int prompt_len, int new_tokens, int calls, double target, int sets,
+                  int decode_matmul = 0) {
     ModelConfig c;
     if (!model_config_preset(preset, &c)) fatal("unknown preset %s", preset);
     Model cpu;
     model_init(&cpu, &c, preset);
     model_init_random(&cpu, 42);
     RolloutEngine *engine = rollout_create(&cpu, B, prompt_len + new_tokens);
+    RolloutOptions options = rollout_default_options();
+    options.decode_matmul = decode_matmul;
+    rollout_set_options(engine, &options);
     std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
     std::vector<const int *> ptrs(B);
     std::vector<int> lens(B, prompt_len);
@@ -67,7 +73,7 @@ static void bench(const char *preset, int B, int prompt_len, int new_tokens, int
     double tok_s = generated / t;
     printf("%-20s B=%-4d %s  %8.1f ms/call  %9.0f tok/s  (prefill %6.2f ms %9.0f prompt tok/s; decode %7.2f ms, %6.3f ms/step, %9.0f tok/s; "
            "graphs %d launched)",
-           preset, B, sets ? "T=1 top-k 50 top-p 0.9" : "T=1                  ", t * 1e3, tok_s, tp * 1e3, (double)B * prompt_len / tp,
+           preset, B, sets ? "T=1 top-k 50 top-p 0.9" : decode_matmul ? "T=1 decode_matmul    " : "T=1                  ", t * 1e3, tok_s, tp * 1e3, (double)B * prompt_len / tp,
            td * 1e3, td * 1e3 / (st.decode_steps > 0 ? st.decode_steps : 1), (generated - B) / td, st.graph_launches);
     if (target > 0) printf("  target %.0fK tok/s: %s", target / 1e3, tok_s >= target ? "met" : "NOT met");
     printf("\n");
@@ -93,9 +99,11 @@ int main(int argc, char **argv) {
         return 0;
     }
     bench("gpt2:d12", 64, 64, 128, calls, 100e3, 0);
+    bench("gpt2:d12", 64, 64, 128, calls, 0, 0, 1);
     bench("gpt2:d12", 64, 64, 128, calls, 0, 1);
     bench("gpt2:d12", 256, 64, 128, calls, 0, 0);
     bench("llama:smollm2-135m", 64, 64, 128, calls, 60e3, 0);
+    bench("llama:smollm2-135m", 64, 64, 128, calls, 0, 0, 1);
     bench("llama:smollm2-135m", 64, 64, 128, calls, 0, 1);
     bench("llama:smollm2-135m", 256, 64, 128, calls, 0, 0);
     return 0;

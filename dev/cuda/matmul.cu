@@ -8,11 +8,13 @@
  * (DGELU) against matmul_backward + gelu_backward of the CPU. Shapes include odd sizes (unaligned
  * rows). Then timing of the model's products at GPT-2 124M's shapes, fused GELU (forward and
  * backward) against product + separate kernel, and of the decode step's products (64 and 256
- * rows) under every algorithm cuBLASLt's heuristic offers.
+ * rows) under every algorithm cuBLASLt's heuristic offers and, up to 64 rows, as decode_matmul.
+ * decode_matmul (decode_matmul.cuh) is also checked against the CPU, with and without bias and GELU.
  *   build/cuda/dev/matmul
  */
 #include "harness.h"
 #include "matmul.cuh"
+#include "decode_matmul.cuh"
 #include "gelu.cuh"
 
 static void check(int M, int IC, int OC, int with_bias) {
@@ -107,6 +109,39 @@ static void timing(const char *label, int M, int IC, int OC, int gelu, int dgelu
     for (void *p : {(void *)inp, (void *)w, (void *)bias, (void *)out, (void *)pre, (void *)dout, (void *)dinp, (void *)dw}) cudaCheck(cudaFree(p));
 }
 
+static int multiprocessors(void) {
+    int device = 0, sms = 0;
+    cudaCheck(cudaGetDevice(&device));
+    cudaCheck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return sms;
+}
+
+// decode_matmul (decode_matmul.cuh) against the CPU's matmul_forward (+ gelu_forward), with and
+// without bias and GELU, run twice (the tile counters must be back at 0 for the second run).
+static void check_decode(int M, int IC, int OC) {
+    char name[160];
+    int sms = multiprocessors();
+    std::vector<float> inp = random_bf16_values((size_t)M * IC, 1.0f), w = random_bf16_values((size_t)OC * IC, 0.05f);
+    std::vector<float> bias = random_bf16_values(OC, 0.5f), out((size_t)M * OC), act((size_t)M * OC);
+    floatX *d_inp = upload_bf16(inp), *d_w = upload_bf16(w), *d_bias = upload_bf16(bias), *d_out = device_alloc_n<floatX>((size_t)M * OC);
+    float *partial = device_alloc_n<float>(decode_matmul_partial_floats(M, IC, OC, sms));
+    unsigned int *counters = device_alloc_n<unsigned int>(decode_matmul_counters(OC));
+    cudaCheck(cudaMemset(counters, 0, decode_matmul_counters(OC) * sizeof(unsigned int)));
+    for (int variant = 0; variant < 4; variant++) {
+        int with_bias = variant & 1, gelu = variant >> 1;
+        matmul_forward(out.data(), inp.data(), w.data(), with_bias ? bias.data() : NULL, M, IC, OC);
+        if (gelu) gelu_forward(act.data(), out.data(), out.size());
+        for (int run = 0; run < 2; run++) {
+            poison(d_out, (size_t)M * OC * sizeof(floatX));
+            decode_matmul(d_out, partial, counters, d_inp, d_w, with_bias ? d_bias : NULL, M, IC, OC, gelu, sms, 0);
+            snprintf(name, sizeof(name), "decode_matmul M=%d IC=%d OC=%d bias=%d gelu=%d splits=%d run %d", M, IC, OC, with_bias,
+                     gelu, decode_matmul_splits(IC, OC, sms), run + 1);
+            compare(name, download_bf16(d_out, (size_t)M * OC), gelu ? act : out, TOL_BF16);
+        }
+    }
+    for (void *p : {(void *)d_inp, (void *)d_w, (void *)d_bias, (void *)d_out, (void *)partial, (void *)counters}) cudaCheck(cudaFree(p));
+}
+
 // The decode step's products (M = one row per sequence): every candidate algorithm cuBLASLt's
 // heuristic offers, timed, with its split-K factor and tile; the engine runs candidate 0.
 static void decode_candidates(const char *label, int M, int IC, int OC, int with_bias, int gelu) {
@@ -131,7 +166,18 @@ static void decode_candidates(const char *label, int M, int IC, int OC, int with
         if (ms < best) best = ms, best_at = i;
     }
     matmul_lt_candidate = 0;
-    printf("time matmul decode %-8s M=%d: cuBLASLt's first choice %.4f ms, fastest candidate %d %.4f ms\n", label, M, first, best_at, best);
+    printf("time matmul decode %-8s M=%d: cuBLASLt's first choice %.4f ms, fastest candidate %d %.4f ms", label, M, first, best_at, best);
+    if (decode_matmul_supports(M, IC, OC, inp, w)) {   // the tensor-core decode product of decode_matmul.cuh
+        int sms = multiprocessors();
+        float *partial = device_alloc_n<float>(decode_matmul_partial_floats(M, IC, OC, sms));
+        unsigned int *counters = device_alloc_n<unsigned int>(decode_matmul_counters(OC));
+        cudaCheck(cudaMemset(counters, 0, decode_matmul_counters(OC) * sizeof(unsigned int)));
+        float ms = time_ms([&] { decode_matmul(out, partial, counters, inp, w, with_bias ? bias : NULL, M, IC, OC, gelu, sms, 0); });
+        printf(", decode_matmul (%d splits) %.4f ms (%4.0f GB/s)", decode_matmul_splits(IC, OC, sms), ms, bytes / ms / 1e6);
+        cudaCheck(cudaFree(partial));
+        cudaCheck(cudaFree(counters));
+    }
+    printf("\n");
     for (void *p : {(void *)inp, (void *)w, (void *)bias, (void *)out, (void *)pre}) cudaCheck(cudaFree(p));
 }
 
@@ -145,6 +191,9 @@ int main(void) {
     check(256, 576, 3072, 0);
     check(128, 768, 50304, 0);
     check(256, 3072, 768, 1);   // GPT-2's fcproj: the DGELU epilogue at the model's width
+    check_decode(1, 768, 2304);
+    check_decode(37, 576, 960);
+    check_decode(64, 3072, 768);
     int M = 16 * 1024;
     timing("qkv", M, 768, 2304, 0, 0);
     timing("attproj", M, 768, 768, 0, 0);

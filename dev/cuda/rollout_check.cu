@@ -261,6 +261,17 @@ static void check_tiny(const char *preset) {
     snprintf(label, sizeof(label), "%s reference path", preset);
     compare_greedy(label, &m, pr, cpu, ref);
     compare_logprobs(label, &m, pr, ref);
+    // the decode step's products through decode_matmul.cuh instead of cuBLASLt
+    GenerateResult dm;
+    opt = rollout_default_options();
+    opt.decode_matmul = 1;
+    opt.poison = 1;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &dm);
+    snprintf(label, sizeof(label), "%s decode_matmul", preset);
+    compare_greedy(label, &m, pr, cpu, dm);
+    compare_logprobs(label, &m, pr, dm);
+    generate_result_free(&dm);
 
     // sampling: batch vs each sequence alone with its own seed
     opt = rollout_default_options();
@@ -437,6 +448,14 @@ static void check_smollm2(const char *path) {
     rollout_set_options(e, &opt);
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &ref);
     compare_greedy("smollm2 greedy reference path", &m, pr, cpu, ref);
+    GenerateResult dm;
+    opt = rollout_default_options();
+    opt.decode_matmul = 1;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &dm);
+    compare_greedy("smollm2 greedy decode_matmul", &m, pr, cpu, dm);
+    compare_logprobs("smollm2 greedy decode_matmul", &m, pr, dm);
+    generate_result_free(&dm);
     opt = rollout_default_options();
     rollout_set_options(e, &opt);
     GenerateParams ps = p;

@@ -1,0 +1,158 @@
+/*
+ * Products for the decode step on the tensor cores: out (M, OC) bf16 = act(inp (M, IC) bf16 @
+ * W (OC, IC)^T + bias), act the identity or GELU (tanh form), for few rows (M <= 64: one row per
+ * sequence), fp32 accumulation. Same result as matmul_forward (matmul.cuh) up to the order of the
+ * fp32 sums; CPU reference: matmul_forward in matmul.c.
+ *
+ * A decode step's products are too small for one output tile per SM: GPT-2's attention projection
+ * has 768 x 768 weights, 1.2 MB, which the whole GPU reads in well under a microsecond, and a
+ * product that puts one tile of 128 outputs on each of 6 SMs waits on their loads instead. Here
+ * the weights are cut finely enough that every SM has loads in flight at once:
+ *   - a block owns DM_ROWS (16) output features and one of `splits` slices of the K dimension;
+ *     its DM_WARPS warps take the slice's 32-wide chunks in turn, so each warp issues one 16-byte
+ *     load of each of its two weight rows and of each input row per chunk;
+ *   - per chunk a warp does 2 x ceil(M / 8) mma.m16n8k16 products, D^T (16 features x 8 rows)
+ *     += W (16 x 16) inp^T (16 x 8);
+ *   - the warps' sums are added in warp order in shared memory; with splits > 1 each block writes
+ *     its partial (16 x M) to `partial`, and the last block of a feature tile to finish (a counter
+ *     per tile) adds the splits' partials in split order, so the result does not depend on which
+ *     block finished when. It resets the counter, so the next launch (a CUDA graph replay) finds it 0.
+ *
+ * The k order inside a product is free as long as A and B agree, so each lane's 16-byte load of 8
+ * consecutive k serves as its fragment of two k-steps: lane (g = lane / 4, c = lane % 4) loads
+ * k = 8c .. 8c+7 of its row; k-step 0 uses 8c .. 8c+3 as the fragment's logical k = 2c, 2c+1,
+ * 2c+8, 2c+9, and k-step 1 uses 8c+4 .. 8c+7 the same way. (Fragment layouts: attention_flash.cuh.)
+ *
+ * Needs IC % 32 == 0, OC % 16 == 0, M <= 64 and 16-byte aligned inp and weight
+ * (decode_matmul_supports); the engine uses matmul_forward otherwise.
+ */
+#ifndef LLMC_DECODE_MATMUL_CUH
+#define LLMC_DECODE_MATMUL_CUH
+#include <stdint.h>
+#include "cuda_common.h"
+
+#define DM_WARPS 4
+#define DM_ROWS 16       // output features per block
+#define DM_CHUNK 32      // K per warp step: two mma k-steps
+#define DM_MAX_M 64
+
+#ifndef DECODE_MATMUL_EMULATION
+// d (16 x 8 fp32) += a (16 x 16 bf16) b (16 x 8 bf16): mma.sync m16n8k16, row.col
+__device__ __forceinline__ void dm_mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// a partial another block wrote: read through L2, not this SM's L1
+__device__ __forceinline__ float dm_load_partial(const float *p) { return __ldcg(p); }
+#endif
+
+// the finished output value: bias added, then GELU (tanh form, as gelu.cuh) when asked
+__device__ __forceinline__ float dm_finish(float sum, const floatX *bias, int oc, int gelu) {
+    float x = bias ? sum + to_float(bias[oc]) : sum;
+    if (!gelu) return x;
+    float cube = 0.044715f * x * x * x;
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + cube)));
+}
+
+// grid (OC / 16) * splits: block = tile * splits + split. NT n-tiles of 8 rows cover M.
+template <int NT>
+__global__ void __launch_bounds__(DM_WARPS * 32)
+decode_matmul_kernel(floatX *out, float *partial, unsigned int *counters, const floatX *inp, const floatX *weight,
+                     const floatX *bias, int M, int IC, int OC, int splits, int gelu) {
+    __shared__ float dm_sums[DM_WARPS][DM_ROWS][8 * NT + 1];
+    __shared__ int dm_last;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
+    const int tile = blockIdx.x / splits, split = blockIdx.x % splits, oc0 = tile * DM_ROWS;
+    const int chunks = IC / DM_CHUNK;
+    const int chunk0 = split * chunks / splits, chunk1 = (split + 1) * chunks / splits;
+
+    float acc[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+    const floatX *w_row = weight + (size_t)(oc0 + g) * IC + 8 * c;   // rows g and g + 8 of the tile
+    for (int q = chunk0 + warp; q < chunk1; q += DM_WARPS) {
+        uint4 wa = *reinterpret_cast<const uint4 *>(w_row + q * DM_CHUNK);
+        uint4 wb = *reinterpret_cast<const uint4 *>(w_row + (size_t)8 * IC + q * DM_CHUNK);
+        uint4 x[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            int n = 8 * t + g;
+            x[t] = make_uint4(0u, 0u, 0u, 0u);
+            if (n < M) x[t] = *reinterpret_cast<const uint4 *>(inp + (size_t)n * IC + q * DM_CHUNK + 8 * c);
+        }
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            dm_mma(acc[t], wa.x, wb.x, wa.y, wb.y, x[t].x, x[t].y);   // k = 8c .. 8c+3
+            dm_mma(acc[t], wa.z, wb.z, wa.w, wb.w, x[t].z, x[t].w);   // k = 8c+4 .. 8c+7
+        }
+    }
+    // acc[t]: D^T[g][8t + 2c .. +1] and D^T[g + 8][8t + 2c .. +1]
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        dm_sums[warp][g][8 * t + 2 * c] = acc[t][0];
+        dm_sums[warp][g][8 * t + 2 * c + 1] = acc[t][1];
+        dm_sums[warp][g + 8][8 * t + 2 * c] = acc[t][2];
+        dm_sums[warp][g + 8][8 * t + 2 * c + 1] = acc[t][3];
+    }
+    __syncthreads();
+    // output (n, oc0 + r) for i = n * 16 + r: consecutive threads write consecutive features
+    for (int i = threadIdx.x; i < DM_ROWS * M; i += blockDim.x) {
+        int n = i / DM_ROWS, r = i % DM_ROWS;
+        float sum = 0.0f;
+        for (int w = 0; w < DM_WARPS; w++) sum += dm_sums[w][r][n];
+        if (splits == 1) out[(size_t)n * OC + oc0 + r] = __float2bfloat16(dm_finish(sum, bias, oc0 + r, gelu));
+        else partial[((size_t)split * M + n) * OC + oc0 + r] = sum;
+    }
+    if (splits == 1) return;
+    __threadfence();   // this block's partial is visible before its count
+    __syncthreads();
+    if (threadIdx.x == 0) dm_last = atomicAdd(&counters[tile], 1u) == (unsigned int)(splits - 1);
+    __syncthreads();
+    if (!dm_last) return;
+    __threadfence();   // and the other blocks' partials before their sum
+    for (int i = threadIdx.x; i < DM_ROWS * M; i += blockDim.x) {
+        int n = i / DM_ROWS, r = i % DM_ROWS;
+        float sum = 0.0f;
+        for (int k = 0; k < splits; k++) sum += dm_load_partial(partial + ((size_t)k * M + n) * OC + oc0 + r);
+        out[(size_t)n * OC + oc0 + r] = __float2bfloat16(dm_finish(sum, bias, oc0 + r, gelu));
+    }
+    if (threadIdx.x == 0) counters[tile] = 0;
+}
+
+// The K splits for a product: enough blocks for two per SM, at most one per chunk.
+static inline int decode_matmul_splits(int IC, int OC, int sms) {
+    int tiles = OC / DM_ROWS, chunks = IC / DM_CHUNK;
+    int splits = ceil_div(2 * sms, tiles);
+    return splits < 1 ? 1 : splits > chunks ? chunks : splits;
+}
+// Floats of `partial` and counters (unsigned ints, zeroed once by the caller) a product needs.
+static inline size_t decode_matmul_partial_floats(int M, int IC, int OC, int sms) {
+    return (size_t)decode_matmul_splits(IC, OC, sms) * M * OC;
+}
+static inline int decode_matmul_counters(int OC) { return OC / DM_ROWS; }
+static inline int decode_matmul_supports(int M, int IC, int OC, const void *inp, const void *weight) {
+    return M >= 1 && M <= DM_MAX_M && IC % DM_CHUNK == 0 && OC % DM_ROWS == 0 && (((uintptr_t)inp | (uintptr_t)weight) & 15) == 0;
+}
+
+// out (M, OC) = act(inp @ weight^T + bias); bias may be NULL; gelu 0 or 1. partial holds
+// decode_matmul_partial_floats, counters decode_matmul_counters zeroed unsigned ints; sms is the
+// GPU's multiprocessor count (it sets the K splits).
+static inline void decode_matmul(floatX *out, float *partial, unsigned int *counters, const floatX *inp,
+                                 const floatX *weight, const floatX *bias, int M, int IC, int OC, int gelu, int sms,
+                                 cudaStream_t stream) {
+    cudaRequire(decode_matmul_supports(M, IC, OC, inp, weight), "decode_matmul: needs M <= 64, IC % 32 == 0, OC % 16 == 0, 16-byte aligned operands");
+    int splits = decode_matmul_splits(IC, OC, sms), blocks = OC / DM_ROWS * splits, nt = ceil_div(M, 8);
+    if (nt <= 1)
+        decode_matmul_kernel<1><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
+    else if (nt <= 2)
+        decode_matmul_kernel<2><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
+    else if (nt <= 4)
+        decode_matmul_kernel<4><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
+    else
+        decode_matmul_kernel<8><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
+    cudaCheckLaunch();
+}
+#endif

@@ -1,0 +1,43 @@
+/*
+ * mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 under the GPU emulation of test/gpu_emu.h,
+ * from the PTX ISA's fragment layouts (lane = 0..31, g = lane / 4, c = lane % 4; a register holds
+ * two bf16, the lower k or column index in the low half):
+ *   A (16 x 16)  a0 = A[g][2c..2c+1]  a1 = A[g+8][2c..2c+1]  a2 = A[g][2c+8..2c+9]  a3 = A[g+8][2c+8..2c+9]
+ *   B (16 x 8)   b0 = B[2c..2c+1][g]  b1 = B[2c+8..2c+9][g]
+ *   C (16 x 8)   c0, c1 = C[g][2c..2c+1]  c2, c3 = C[g+8][2c..2c+1]
+ * The warp's lanes exchange their fragments through a warp barrier; each lane then computes its
+ * four accumulator elements in fp32, k in order.
+ */
+#ifndef TEST_GPU_EMU_MMA_H
+#define TEST_GPU_EMU_MMA_H
+#include "gpu_emu.h"
+
+static inline float lo_f32(uint32_t v) { return to_f32(floatX{(uint16_t)(v & 0xffff)}); }
+static inline float hi_f32(uint32_t v) { return to_f32(floatX{(uint16_t)(v >> 16)}); }
+static void emu_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    WarpExchange &x = my_warp();
+    int lane = lane_id();
+    for (int i = 0; i < 4; i++) x.u[lane][i] = a[i];
+    x.u[lane][4] = b0;
+    x.u[lane][5] = b1;
+    warp_barrier();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; l++) {
+        int g = l / 4, t = l % 4;
+        A[g][2 * t] = lo_f32(x.u[l][0]);         A[g][2 * t + 1] = hi_f32(x.u[l][0]);
+        A[g + 8][2 * t] = lo_f32(x.u[l][1]);     A[g + 8][2 * t + 1] = hi_f32(x.u[l][1]);
+        A[g][2 * t + 8] = lo_f32(x.u[l][2]);     A[g][2 * t + 9] = hi_f32(x.u[l][2]);
+        A[g + 8][2 * t + 8] = lo_f32(x.u[l][3]); A[g + 8][2 * t + 9] = hi_f32(x.u[l][3]);
+        B[2 * t][g] = lo_f32(x.u[l][4]);         B[2 * t + 1][g] = hi_f32(x.u[l][4]);
+        B[2 * t + 8][g] = lo_f32(x.u[l][5]);     B[2 * t + 9][g] = hi_f32(x.u[l][5]);
+    }
+    int g = lane / 4, t = lane % 4;
+    int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int e = 0; e < 4; e++) {
+        float sum = d[e];
+        for (int k = 0; k < 16; k++) sum += A[rows[e]][k] * B[k][cols[e]];
+        d[e] = sum;
+    }
+    warp_barrier();
+}
+#endif

@@ -1,0 +1,96 @@
+"""The decode step's product (llmc/decode_matmul.cuh: out = act(inp @ W^T + bias) for at most 64
+rows, on the tensor cores, the K dimension split over blocks) runs on the CPU through
+test/decode_matmul_emu.cpp (the GPU emulation of test/gpu_emu.h, mma.sync from
+test/gpu_emu_mma.h) against a NumPy float64 oracle written from the definition, with GELU in its
+tanh form. Cases cover row counts that fill and do not fill the 8-row n-tiles (every
+instantiation), one K split and several (the last block of each feature tile adding the splits'
+partials), with and without bias and GELU, and check that the tile counters are back at 0 after
+the launch, as a CUDA graph replay needs. A mutation check confirms that an oracle without the
+bias fails the comparison, and the launcher refuses shapes it cannot take."""
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from gpu_emu import build_emulator, rewrite_launches, to_bf16
+
+SOURCE = (ROOT / "llmc" / "decode_matmul.cuh").read_text()
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    return build_emulator(tmp_path_factory.mktemp("decode_matmul"), rewrite_launches(SOURCE, 4), "decode_matmul_emu")
+
+
+def oracle(inp, weight, bias, gelu, drop_bias=False):
+    y = inp.astype(np.float64) @ weight.astype(np.float64).T
+    if bias is not None and not drop_bias:
+        y = y + bias.astype(np.float64)
+    if gelu:
+        y = 0.5 * y * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (y + 0.044715 * y ** 3)))
+    return y
+
+
+def run(emulator, tmp_path, M, IC, OC, has_bias, gelu, sms, seed, order="forward"):
+    rng = np.random.default_rng(seed)
+    inp = to_bf16(rng.standard_normal((M, IC)))
+    weight = to_bf16(rng.standard_normal((OC, IC)) / np.sqrt(IC))
+    bias = to_bf16(0.5 * rng.standard_normal(OC)) if has_bias else None
+    inp_path, out_path = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(inp_path, "wb") as f:
+        np.array([M, IC, OC, has_bias, gelu, sms], np.int32).tofile(f)
+        for a in (inp, weight, bias):
+            if a is not None:
+                a.astype(np.float32).tofile(f)
+    proc = subprocess.run([str(emulator), str(inp_path), str(out_path), order], capture_output=True, text=True,
+                          timeout=600)
+    return proc, out_path, (inp, weight, bias)
+
+
+def check(got, inputs, gelu, drop_bias=False):
+    inp, weight, bias = inputs
+    want = oracle(inp, weight, bias, gelu, drop_bias)
+    # one bf16 rounding of the output (half an ulp) plus fp32 sums over IC terms
+    _, e = np.frexp(want)
+    terms = np.abs(inp.astype(np.float64)) @ np.abs(weight.astype(np.float64)).T
+    bound = np.ldexp(1.0, e - 9) + 4 * inp.shape[1] * np.finfo(np.float32).eps * (terms + 1.0)
+    assert np.all(np.abs(got - want) <= bound), np.abs(got - want).max()
+
+
+CASES = [  # M, IC, OC, has_bias, gelu, sms
+    (1, 32, 16, 1, 0, 1),         # one row, one chunk, one split
+    (5, 64, 48, 0, 0, 4),         # n-tile partly filled; splits = 2 (one chunk each)
+    (13, 96, 32, 1, 1, 8),        # two n-tiles, GELU, as many splits as chunks (3)
+    (37, 256, 64, 1, 0, 16),      # four n-tiles (5 rows past M), 8 splits of one chunk
+    (64, 768, 48, 1, 1, 132),     # GPT-2's width, 64 rows: six splits of four chunks
+    (64, 576, 32, 0, 0, 2),       # SmolLM2's width: one split, 18 chunks over four warps
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M%d_IC%d_OC%d_b%d_g%d_sms%d" % c)
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_decode_matmul_matches_oracle(emulator, tmp_path, case, order):
+    M, IC, OC, has_bias, gelu, sms = case
+    proc, out_path, inputs = run(emulator, tmp_path, M, IC, OC, has_bias, gelu, sms, seed=M * 31 + IC + OC, order=order)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    raw = np.fromfile(out_path, np.float32)
+    assert raw.size == M * OC + OC // 16
+    got, counters = raw[:M * OC].reshape(M, OC), raw[M * OC:]
+    check(got, inputs, gelu)
+    assert np.all(counters == 0), "a tile counter was not reset for the next launch"
+
+
+def test_oracle_without_bias_fails(emulator, tmp_path):
+    proc, out_path, inputs = run(emulator, tmp_path, 9, 64, 32, 1, 0, 4, seed=3)
+    assert proc.returncode == 0, proc.stderr
+    got = np.fromfile(out_path, np.float32)[:9 * 32].reshape(9, 32)
+    check(got, inputs, 0)
+    with pytest.raises(AssertionError):
+        check(got, inputs, 0, drop_bias=True)
+
+
+@pytest.mark.parametrize("M,IC,OC", [(65, 32, 16), (4, 48, 16), (4, 32, 24)])
+def test_refuses_shapes_it_cannot_take(emulator, tmp_path, M, IC, OC):
+    proc, _, _ = run(emulator, tmp_path, M, IC, OC, 0, 0, 4, seed=1)
+    assert proc.returncode != 0 and "decode_matmul: needs" in proc.stderr
