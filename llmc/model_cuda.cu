@@ -17,10 +17,13 @@
  * per-row statistics (mean, rstd, log-sum-exp). Products take bf16 operands and accumulate in
  * fp32; parameter gradients are fp32 and accumulated in place by the products (beta = 1).
  *
- * Fusions. Each residual add is fused with the norm that follows it (layernorm.cuh); GPT-2's
- * MLP bias and GELU run in the cuBLASLt epilogue (matmul.cuh; use_gelu_fusion = 0 switches to
- * the separate kernel); the classifier computes loss and logit gradient in one kernel when the
- * token weights are known at forward time (cuda_model_forward_backward); attention is the
+ * Fusions. Each residual add is fused with the norm that follows it (layernorm.cuh); the norm
+ * backward also sums the residual gradient's columns, the bias gradient of the projection whose
+ * output was added there (attproj, fcproj); GPT-2's MLP bias and GELU run in the cuBLASLt
+ * epilogue, and the GELU backward in the epilogue of fcproj's input gradient (matmul.cuh;
+ * use_gelu_fusion = 0 switches to the separate kernels); the classifier computes loss and logit
+ * gradient in one kernel when the token weights are known at forward time
+ * (cuda_model_forward_backward); attention is the
  * tensor-core flash kernel of attention_flash.cuh (head sizes 64 and 128) or the tiled kernel of
  * attention.cuh (other head sizes, or TRAIN_MORA_ATTENTION=simple); both keep only a log-sum-exp
  * per query row instead of the (T, T) probabilities.
