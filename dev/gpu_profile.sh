@@ -6,12 +6,21 @@
 # replays each kernel and locks the clocks at base: the times are for comparing kernels, the
 # benchmarks' own figures are the speeds. At most about 7 minutes (each run stops after 100 s).
 #
-#   bash dev/gpu_profile.sh [LAUNCHES]      (default 400 launches a run)
+#   bash dev/gpu_profile.sh [LAUNCHES] [NAME...]   (default 400 launches a run; NAMEs pick runs
+#                                                  among train_gpt2 train_smollm2 rollout_gpt2
+#                                                  rollout_smollm2, default all four)
 #
 # When $OUT is set (the device tool's output folder) the raw ncu reports are also written there.
 set -u
 cd "$(dirname "$0")/.."
 launches=${1:-400}
+[ $# -gt 0 ] && shift
+case "$launches" in ''|*[!0-9]*) echo "gpu_profile: LAUNCHES must be a number, not '$launches'"; exit 2;; esac
+runs=" ${*:-train_gpt2 train_smollm2 rollout_gpt2 rollout_smollm2} "
+for name in $runs; do
+    case "$name" in train_gpt2|train_smollm2|rollout_gpt2|rollout_smollm2) ;;
+        *) echo "gpu_profile: unknown run '$name' (train_gpt2 train_smollm2 rollout_gpt2 rollout_smollm2)"; exit 2;; esac
+done
 . dev/gpu_env.sh || exit 1
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 if [ -z "$ncu" ]; then echo "gpu_profile: Nsight Compute (ncu) not found"; exit 1; fi
@@ -24,6 +33,7 @@ metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapse
 profile() {   # NAME PROGRAM ARGS...: one ncu run, then its table
     local name=$1
     shift
+    [[ "$runs" == *" $name "* ]] || return 0
     echo "== $name: the first $launches kernel launches"
     timeout 100 "$ncu" --graph-profiling node --launch-count "$launches" --print-summary per-kernel --metrics "$metrics" \
         "$@" > "$dir/ncu_$name.txt" 2>&1
