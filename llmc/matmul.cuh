@@ -26,15 +26,46 @@ static inline void cublas_check_(cublasStatus_t status, const char *file, int li
 }
 #define cublasCheck(status) cublas_check_((status), __FILE__, __LINE__)
 
-// One cuBLASLt handle and workspace for the process (created on first use).
+// One cuBLASLt handle and workspace for the process (created on first use). A stream whose
+// products may run at the same time as another stream's is registered with
+// matmul_register_stream and gets a workspace of its own: two products in flight must not share
+// one.
 static cublasLtHandle_t matmul_lt_handle = NULL;
 static void *matmul_lt_workspace = NULL;
 static const size_t matmul_lt_workspace_size = (size_t)32 << 20;   // 32 MiB, as cuBLAS advises for Hopper
+#define MATMUL_LT_MAX_STREAMS 4
+static cudaStream_t matmul_lt_streams[MATMUL_LT_MAX_STREAMS];
+static void *matmul_lt_stream_workspaces[MATMUL_LT_MAX_STREAMS];
 
 static inline void matmul_setup(void) {
     if (matmul_lt_handle) return;
     cublasCheck(cublasLtCreate(&matmul_lt_handle));
     matmul_lt_workspace = cudaMallocCheck(matmul_lt_workspace_size);
+}
+static inline void matmul_register_stream(cudaStream_t stream) {
+    matmul_setup();
+    for (int i = 0; i < MATMUL_LT_MAX_STREAMS; i++) {
+        if (matmul_lt_stream_workspaces[i] == NULL) {
+            matmul_lt_streams[i] = stream;
+            matmul_lt_stream_workspaces[i] = cudaMallocCheck(matmul_lt_workspace_size);
+            return;
+        }
+    }
+    cudaRequire(0, "matmul_register_stream: more concurrent streams than MATMUL_LT_MAX_STREAMS");
+}
+// Before the stream is destroyed (its work finished): frees its workspace.
+static inline void matmul_unregister_stream(cudaStream_t stream) {
+    for (int i = 0; i < MATMUL_LT_MAX_STREAMS; i++) {
+        if (matmul_lt_stream_workspaces[i] != NULL && matmul_lt_streams[i] == stream) {
+            cudaCheck(cudaFree(matmul_lt_stream_workspaces[i]));
+            matmul_lt_stream_workspaces[i] = NULL;
+        }
+    }
+}
+static inline void *matmul_workspace_for(cudaStream_t stream) {
+    for (int i = 0; i < MATMUL_LT_MAX_STREAMS; i++)
+        if (matmul_lt_stream_workspaces[i] != NULL && matmul_lt_streams[i] == stream) return matmul_lt_stream_workspaces[i];
+    return matmul_lt_workspace;
 }
 
 // Which of cuBLASLt's heuristic candidates a product runs: 0, its first choice, in the engine;
@@ -125,7 +156,7 @@ static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, co
         matmul_lt_last_algo = heuristic.algo;
         float alpha = 1.0f;
         cublasCheck(cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
-                                   &heuristic.algo, matmul_lt_workspace, matmul_lt_workspace_size, stream));
+                                   &heuristic.algo, matmul_workspace_for(stream), matmul_lt_workspace_size, stream));
     }
     cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));

@@ -89,6 +89,11 @@ static const char *const prof_names[PROF_COUNT] = {
 
 typedef struct {
     cudaStream_t stream;
+    // overlap_weight_grads: the second stream, and events that order it against the first
+    // (side_fork: the side stream waits for the first's work so far; the others mark when the
+    // side stream has read a buffer the first will overwrite)
+    cudaStream_t side;
+    cudaEvent_t side_fork, side_read_dres, side_read_dfch, side_read_dqkv, side_done;
     size_t param_offsets[NUM_PARAM_TENSORS];
     size_t param_sizes[NUM_PARAM_TENSORS];
     float *params;          // fp32 master weights (num_parameters), model.h's layout
@@ -265,9 +270,14 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     model->opt_step = cpu->opt_step;
     model->mean_loss = -1.0f;
     model->use_gelu_fusion = 1;
+    model->overlap_weight_grads = 0;
     // the current device: 0, or the GPU comm_nccl_init selected for this rank
     cudaCheck(cudaStreamCreate(&d->stream));
+    cudaCheck(cudaStreamCreateWithFlags(&d->side, cudaStreamNonBlocking));
+    cudaEvent_t *events[] = {&d->side_fork, &d->side_read_dres, &d->side_read_dfch, &d->side_read_dqkv, &d->side_done};
+    for (cudaEvent_t *ev : events) cudaCheck(cudaEventCreateWithFlags(ev, cudaEventDisableTiming));
     matmul_setup();
+    matmul_register_stream(d->side);
 
     size_t offset = 0;
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
@@ -367,6 +377,11 @@ extern "C" void cuda_model_free(CudaModel *model) {
     cudaCheck(cudaStreamSynchronize(d->stream));
     for (int i = 0; i < d->memory_count; i++) cudaCheck(cudaFree(d->memory_blocks[i]));
     for (int i = 0; i < PROF_MAX_EVENTS; i++) cudaCheck(cudaEventDestroy(d->prof_events[i]));
+    cudaCheck(cudaStreamSynchronize(d->side));
+    matmul_unregister_stream(d->side);
+    cudaEvent_t events[] = {d->side_fork, d->side_read_dres, d->side_read_dfch, d->side_read_dqkv, d->side_done};
+    for (cudaEvent_t ev : events) cudaCheck(cudaEventDestroy(ev));
+    cudaCheck(cudaStreamDestroy(d->side));
     cudaCheck(cudaStreamDestroy(d->stream));
     free(d->host_mask);
     free(d->host_weights);
@@ -546,8 +561,46 @@ __global__ void add_inplace_kernel(float *dst, const float *src, size_t n) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) dst[i] += src[i];
 }
 
+// The weight gradients' products on the side stream (overlap_weight_grads): side_product queues
+// dweight += dout^T @ inp there after everything the main stream has queued so far, and
+// side_mark records `read` once the side stream has read its inputs, for the main stream to wait
+// on (main_wait) before it overwrites them. The products are the same calls as on the main
+// stream (same algorithms; the side stream has its own cuBLASLt workspace), so the gradients are
+// the same bit for bit.
+static void side_product(Impl *d, float *dweight, const floatX *dout, const floatX *inp, int M, int IC, int OC) {
+    cudaCheck(cudaEventRecord(d->side_fork, d->stream));
+    cudaCheck(cudaStreamWaitEvent(d->side, d->side_fork, 0));
+    matmul_backward(NULL, 0, dweight, NULL, dout, NULL, inp, NULL, NULL, M, IC, OC, d->side);
+}
+static void side_mark(Impl *d, cudaEvent_t read) { cudaCheck(cudaEventRecord(read, d->side)); }
+static void main_wait(Impl *d, cudaEvent_t read) { cudaCheck(cudaStreamWaitEvent(d->stream, read, 0)); }
+
+// One product's backward: dinp (and dbias) on the main stream, dweight there too or, with
+// overlap, on the side stream (then `read` marks when it has read dout). dinp_is_f32 etc. as
+// matmul_backward.
+static void product_backward(CudaModel *model, int overlap, cudaEvent_t read, void *dinp, int dinp_is_f32, float *dweight,
+                             float *dbias, const floatX *dout, const float *dbias_source, const floatX *inp,
+                             const floatX *weight, int M, int IC, int OC) {
+    Impl *d = impl_of(model);
+    if (!overlap) {
+        matmul_backward(dinp, dinp_is_f32, dweight, dbias, dout, dbias_source, inp, weight, d->column_scratch, M, IC, OC, d->stream);
+        return;
+    }
+    side_product(d, dweight, dout, inp, M, IC, OC);
+    side_mark(d, read);
+    matmul_backward(dinp, dinp_is_f32, NULL, dbias, dout, dbias_source, inp, weight, d->column_scratch, M, IC, OC, d->stream);
+}
+
 // Everything after the classifier's gradient: the logits' gradient (when have_dlogits) and
 // dhidden_host (when given) flow down to the parameter gradients.
+//
+// With overlap_weight_grads the weight-gradient products run on the side stream, each after the
+// main stream has produced its dout, and the main stream waits for the side stream to have read
+// a buffer before it overwrites it: dresidual_bf16 (fcproj, attproj: rewritten by the next norm
+// backward), dfch (fc: by the next layer's MLP backward), dqkv (qkv: by the next layer's attention
+// backward). The classifier's dweight reads the logits' gradient and lnf, which nothing
+// overwrites; for tied embeddings it adds into dwte, as the encoder backward does, so the main
+// stream waits for the whole side stream before that.
 static void backward_from_logits(CudaModel *model, int have_dlogits, const float *dhidden_host) {
     const ModelConfig *c = &model->config;
     Impl *d = impl_of(model);
@@ -559,12 +612,13 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     size_t NC = (size_t)N * C;
     float *scratch = d->column_scratch;
     int head = head_tensor(c);
+    int ov = model->overlap_weight_grads && !model->profile;
 
     // classifier: dnorm = dlogits @ head (written), dhead += dlogits^T @ lnf
     prof_begin(model, PROF_MATMUL_BWD);
     if (have_dlogits)
-        matmul_backward(d->dnorm, 1, weight_grad(model, head, 0), NULL, d->logits, NULL, d->lnf, weight_bf16(model, head, 0),
-                        scratch, N, C, Vp, st);
+        product_backward(model, ov, d->side_done, d->dnorm, 1, weight_grad(model, head, 0), NULL, d->logits, NULL, d->lnf,
+                         weight_bf16(model, head, 0), N, C, Vp);
     else
         cudaCheck(cudaMemsetAsync(d->dnorm, 0, NC * sizeof(float), st));
     prof_end(model);
@@ -593,10 +647,11 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         // MLP block: residual3 = residual2 + fcproj(act(fc(norm2(residual2)))). fcproj's bias
         // gradient came with the norm backward above (the column sums of dresidual).
         prof_begin(model, PROF_MATMUL_BWD);
+        if (ov) main_wait(d, d->side_read_dfch);   // the side stream has read the last layer's dfch
         int fused_dgelu = gpt2 && model->use_gelu_fusion &&
                           matmul_backward_dgelu(d->dfch, d->dresidual_bf16, weight_bf16(model, P_FCPROJW, l), fch, N, F, C, st);
-        matmul_backward(fused_dgelu ? NULL : d->dfch_act, 0, weight_grad(model, P_FCPROJW, l), NULL, d->dresidual_bf16, NULL,
-                        fch_act, weight_bf16(model, P_FCPROJW, l), scratch, N, F, C, st);
+        product_backward(model, ov, d->side_read_dres, fused_dgelu ? NULL : d->dfch_act, 0, weight_grad(model, P_FCPROJW, l),
+                         NULL, d->dresidual_bf16, NULL, fch_act, weight_bf16(model, P_FCPROJW, l), N, F, C);
         prof_end(model);
         if (!fused_dgelu) {
             prof_begin(model, PROF_ACT_BWD);
@@ -605,10 +660,11 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
             prof_end(model);
         }
         prof_begin(model, PROF_MATMUL_BWD);
-        matmul_backward(d->dnorm, 1, weight_grad(model, P_FCW, l), weight_grad(model, P_FCB, l), d->dfch, NULL, ln2,
-                        weight_bf16(model, P_FCW, l), scratch, N, C, FC, st);
+        product_backward(model, ov, d->side_read_dfch, d->dnorm, 1, weight_grad(model, P_FCW, l), weight_grad(model, P_FCB, l),
+                         d->dfch, NULL, ln2, weight_bf16(model, P_FCW, l), N, C, FC);
         prof_end(model);
         prof_begin(model, PROF_NORM_BWD);
+        if (ov) main_wait(d, d->side_read_dres);   // fcproj's dweight has read dresidual_bf16
         norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LN2W, l), weight_grad(model, P_LN2B, l),
                       weight_grad(model, P_ATTPROJB, l), d->dnorm,
                       residual2, weight_bf16(model, P_LN2W, l), gpt2 ? d->ln2_mean + (size_t)l * N : NULL,
@@ -618,9 +674,11 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         // attention block: residual2 = residual + attproj(attention(qkv(norm1(residual))))
         prof_begin(model, PROF_MATMUL_BWD);
         // (attproj's bias gradient came with the norm backward above)
-        matmul_backward(d->datty, 0, weight_grad(model, P_ATTPROJW, l), NULL, d->dresidual_bf16, NULL, atty, weight_bf16(model, P_ATTPROJW, l), scratch, N, NH * HS, C, st);
+        product_backward(model, ov, d->side_read_dres, d->datty, 0, weight_grad(model, P_ATTPROJW, l), NULL, d->dresidual_bf16,
+                         NULL, atty, weight_bf16(model, P_ATTPROJW, l), N, NH * HS, C);
         prof_end(model);
         prof_begin(model, PROF_ATTENTION_BWD);
+        if (ov) main_wait(d, d->side_read_dqkv);   // the side stream has read the last layer's dqkv
         if (attention_use_flash(HS)) attention_flash_backward(d->dqkv, d->att_D, d->datty, qkv, atty, att_lse, B, T, NH, NKV, HS, st);
         else attention_backward(d->dqkv, d->att_D, d->datty, qkv, atty, att_lse, B, T, NH, NKV, HS, st);
         prof_end(model);
@@ -630,15 +688,20 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
             prof_end(model);
         }
         prof_begin(model, PROF_MATMUL_BWD);
-        matmul_backward(d->dnorm, 1, weight_grad(model, P_QKVW, l), weight_grad(model, P_QKVB, l), d->dqkv, NULL, ln1,
-                        weight_bf16(model, P_QKVW, l), scratch, N, C, QKV, st);
+        product_backward(model, ov, d->side_read_dqkv, d->dnorm, 1, weight_grad(model, P_QKVW, l), weight_grad(model, P_QKVB, l),
+                         d->dqkv, NULL, ln1, weight_bf16(model, P_QKVW, l), N, C, QKV);
         prof_end(model);
         prof_begin(model, PROF_NORM_BWD);
+        if (ov) main_wait(d, d->side_read_dres);   // attproj's dweight has read dresidual_bf16
         norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LN1W, l), weight_grad(model, P_LN1B, l),
                       l > 0 ? weight_grad(model, P_FCPROJB, l - 1) : NULL, d->dnorm,
                       residual, weight_bf16(model, P_LN1W, l), gpt2 ? d->ln1_mean + (size_t)l * N : NULL,
                       d->ln1_rstd + (size_t)l * N, scratch, N, C, gpt2, st);
         prof_end(model);
+    }
+    if (ov) {   // every weight gradient is complete before anything reads or adds to them
+        side_mark(d, d->side_done);
+        main_wait(d, d->side_done);
     }
     // the gradient at the embedding output; for tied models it adds to the classifier's dwte
     prof_begin(model, PROF_ENCODER_BWD);
