@@ -11,7 +11,8 @@
  *
  * Algorithm (one block = 4 warps; a warp owns 16 rows of the block's 64, so the softmax row
  * statistics never leave the warp):
- *   forward  grid (T/64, NH, B). The block's 64 query rows against key tiles of 64 rows, from
+ *   forward  grid (T/64, NH, B). The block's 64 query rows (or 128, two 16-row tiles a warp:
+ *            flash_forward_row_tiles) against key tiles of 64 rows, from
  *            key 0 up to the diagonal: S = Q K^T on the tensor cores, online softmax in base 2
  *            (running row max m and sum l; the output accumulator is rescaled by 2^(m_old-m_new)
  *            once per tile), O += P V with P rounded to bf16. out = O / l, lse = (m + log2 l) ln 2.
@@ -25,7 +26,8 @@
  *            dQ     grid (T/64, NH, B): the block's 64 query rows against key tiles up to the
  *                   diagonal: S = Q K^T, P, dP = dO V^T, dS = P (dP - D), dQ += dS K.
  *            The dQ pass recomputes S and dP (7 products instead of FlashAttention-2's 5 with
- *            atomic dQ adds): the price of a deterministic backward.
+ *            atomic dQ adds): the price of a deterministic backward. The two passes run side by
+ *            side on two streams (flash_backward_side_by_side).
  *
  * Tensor-core instruction: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (sm_80 and later,
  * so the portable compute_80 build runs it too). Fragment layouts, with lane = 0..31,
