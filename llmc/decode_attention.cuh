@@ -11,13 +11,17 @@
  * rows_kv_write      RoPE on the rows' q and k heads at their own positions (Llama) and the
  *                    write of k and v into the cache at (slot, pos): the step before attention.
  * decode_attention   GQA-aware, split over the cache length. A block takes one row, one key/
- *                    value head and one split of DECODE_SPLIT_LEN positions, and the (up to
- *                    DECODE_HEADS_PER_BLOCK) query heads that share that key/value head, so each
- *                    key and value is read once for the whole group. Phase 1: one thread per
- *                    position computes the group's scores into shared memory; phase 2: one warp
- *                    per head takes max and sum of exp; phase 3: threads split (position, 8
- *                    channels) and accumulate p v, reduced across threads by shuffles and shared
- *                    memory. With one split the block writes the normalised output; with several,
+ *                    value head and one split of DECODE_SPLIT_LEN positions, and the query heads
+ *                    that share that key/value head (HB of them, 1 to 8 by the group's size:
+ *                    decode_heads_per_block), so each key and value is read once for the whole
+ *                    group. Threads split (position, 8 channels): HS / 8 adjacent lanes hold one
+ *                    position's 16 bytes, and every thread keeps 4 or 8 16-byte loads in
+ *                    flight, so a split's keys stream in a few memory latencies rather than one
+ *                    latency per position. Phase 1: q . k per lane with the query in registers,
+ *                    added across the position's lanes by shuffles, into shared memory; phase 2:
+ *                    one warp per head takes max and sum of exp; phase 3: p v with the same
+ *                    layout, reduced across positions by shuffles and shared memory. With one
+ *                    split the block writes the normalised output; with several,
  *                    it writes unnormalised partial outputs with their max and sum, and
  *                    decode_attention_combine merges the splits (the log-sum-exp rescaling of
  *                    FlashDecoding). Splits that start past a row's position exit at once, so
@@ -34,7 +38,7 @@
 #include "cuda_common.h"
 
 #define DECODE_SPLIT_LEN 256         // cache positions per block
-#define DECODE_HEADS_PER_BLOCK 8     // query heads of one group per block
+#define DECODE_MAX_HEADS_PER_BLOCK 8 // query heads of one group per block, at most
 #define DECODE_THREADS 128
 #define DECODE_WARPS (DECODE_THREADS / 32)
 #define DECODE_ERR_POSITION 2
@@ -99,18 +103,31 @@ static inline void rows_kv_write(floatX *qkv, floatX *k_cache, floatX *v_cache, 
     cudaCheckLaunch();
 }
 
-// grid (n_splits, NKV * head_batches, N), block DECODE_THREADS; see the file comment.
+// Query heads of one GQA group that a block of decode_attention_kernel takes together: the
+// smallest of 1, 2, 4, 8 covering the group (a group larger than 8 takes several blocks).
+static inline int decode_heads_per_block(int group) {
+    int hb = 1;
+    while (hb < group && hb < DECODE_MAX_HEADS_PER_BLOCK) hb *= 2;
+    return hb;
+}
+
+// grid (n_splits, NKV * head_batches, N), block DECODE_THREADS; see the file comment. HB query
+// heads per block (decode_heads_per_block), the last batch of a group possibly partly empty.
 // part_o (N, NH, n_splits, HS) fp32 and part_ml (N, NH, n_splits, 2) fp32 are used when
 // n_splits > 1.
-template <int HS>
+template <int HS, int HB>
 __global__ void __launch_bounds__(DECODE_THREADS)
 decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX *qkv, const floatX *k_cache,
                         const floatX *v_cache, const int *row_slot, const int *row_pos, int NH, int NKV, int n_slots,
                         int Tmax, int n_splits, int *err) {
-    constexpr int HB = DECODE_HEADS_PER_BLOCK;
-    constexpr int CHUNKS = HS / 8;                       // 16-byte chunks per head vector
-    constexpr int ROWS_PARALLEL = DECODE_THREADS / CHUNKS;   // positions in flight in phase 3
-    __shared__ __align__(16) float q_s[HB][HS];
+    constexpr int CHUNKS = HS / 8;                       // lanes per position: 8 channels (16 bytes) each
+    constexpr int PER_STEP = DECODE_THREADS / CHUNKS;    // positions the block covers per load
+    // 16-byte loads in flight per thread: a block of one head (no GQA) has group-times more
+    // blocks beside it, so 4 keep the memory busy with more blocks resident (fewer registers);
+    // a block of a GQA group keeps 8
+    constexpr int UNROLL = HB == 1 ? 4 : 8;
+    constexpr int STRIDE = PER_STEP * UNROLL;            // positions per loop iteration
+    static_assert(32 % CHUNKS == 0, "a position's lanes must lie in one warp");
     __shared__ float p_s[HB][DECODE_SPLIT_LEN];
     __shared__ float m_s[HB], l_s[HB];
     __shared__ __align__(16) float partial[DECODE_WARPS][HB][HS];
@@ -136,37 +153,54 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     const float scale = rsqrtf((float)HS);
     const floatX *k_base = k_cache + (((size_t)slot * NKV + kvh) * Tmax + t0) * HS;
     const floatX *v_base = v_cache + (((size_t)slot * NKV + kvh) * Tmax + t0) * HS;
+    // thread = (position lane jr, channel chunk c); the CHUNKS lanes of a position are adjacent
+    const int c = threadIdx.x % CHUNKS, jr = threadIdx.x / CHUNKS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-    for (int idx = threadIdx.x; idx < HB * HS; idx += DECODE_THREADS) {
-        int h = idx / HS, i = idx % HS;
-        q_s[h][i] = h < nh ? to_float(qkv[(size_t)r * QKV + (size_t)(h0 + h) * HS + i]) * scale : 0.0f;
-    }
-    __syncthreads();
-
-    // phase 1: scores of every head of the block at every position of the split
-    for (int j = threadIdx.x; j < n_keys; j += DECODE_THREADS) {
-        float acc[HB];
-        #pragma unroll
-        for (int h = 0; h < HB; h++) acc[h] = 0.0f;
-        const floatX *k_row = k_base + (size_t)j * HS;
-        // not unrolled: unrolled, the compiler hoists every head's whole q into registers and spills
-        #pragma unroll 1
-        for (int c = 0; c < CHUNKS; c++) {
-            float k8[8];
-            decode_load8(k8, k_row + c * 8);
+    // this thread's 8 channels of every query head, pre-scaled
+    float q[HB][8];
+    #pragma unroll
+    for (int h = 0; h < HB; h++) {
+        if (h < nh) {
+            decode_load8(q[h], qkv + (size_t)r * QKV + (size_t)(h0 + h) * HS + c * 8);
             #pragma unroll
-            for (int h = 0; h < HB; h++) {
+            for (int e = 0; e < 8; e++) q[h][e] *= scale;
+        } else {
+            #pragma unroll
+            for (int e = 0; e < 8; e++) q[h][e] = 0.0f;
+        }
+    }
+
+    // phase 1: scores. UNROLL loads of 16 bytes are issued before the first is used, and the
+    // loop bound is the same for the whole warp (the shuffles need every lane).
+    for (int base = 0; base < n_keys; base += STRIDE) {
+        float k8[UNROLL][8];
+        #pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            int j = base + u * PER_STEP + jr;
+            if (j < n_keys) decode_load8(k8[u], k_base + (size_t)j * HS + c * 8);
+            else {
                 #pragma unroll
-                for (int e = 0; e < 8; e++) acc[h] += q_s[h][c * 8 + e] * k8[e];
+                for (int e = 0; e < 8; e++) k8[u][e] = 0.0f;
             }
         }
         #pragma unroll
-        for (int h = 0; h < HB; h++) p_s[h][j] = acc[h];
+        for (int u = 0; u < UNROLL; u++) {
+            int j = base + u * PER_STEP + jr;
+            #pragma unroll
+            for (int h = 0; h < HB; h++) {
+                float d = 0.0f;
+                #pragma unroll
+                for (int e = 0; e < 8; e++) d += q[h][e] * k8[u][e];
+                #pragma unroll
+                for (int off = 1; off < CHUNKS; off <<= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+                if (c == 0 && j < n_keys) p_s[h][j] = d;
+            }
+        }
     }
     __syncthreads();
 
     // phase 2: one warp per head: max, then p = exp(s - max) in place and its sum
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int h = warp; h < nh; h += DECODE_WARPS) {
         float m = -INFINITY;
         for (int j = lane; j < n_keys; j += 32) m = fmaxf(m, p_s[h][j]);
@@ -182,21 +216,29 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     }
     __syncthreads();
 
-    // phase 3: o[h] = sum_j p[h][j] v[j]; thread = (position lane jr, channel chunk c)
-    int c = threadIdx.x % CHUNKS, jr = threadIdx.x / CHUNKS;
+    // phase 3: o[h] = sum_j p[h][j] v[j], the same thread layout and loads in flight as phase 1
     float acc[HB][8];
     #pragma unroll
     for (int h = 0; h < HB; h++)
         #pragma unroll
         for (int e = 0; e < 8; e++) acc[h][e] = 0.0f;
-    for (int j = jr; j < n_keys; j += ROWS_PARALLEL) {
-        float v8[8];
-        decode_load8(v8, v_base + (size_t)j * HS + c * 8);
+    for (int base = 0; base < n_keys; base += STRIDE) {
+        float v8[UNROLL][8];
         #pragma unroll
-        for (int h = 0; h < HB; h++) {
-            float p = h < nh ? p_s[h][j] : 0.0f;
+        for (int u = 0; u < UNROLL; u++) {
+            int j = base + u * PER_STEP + jr;
+            if (j < n_keys) decode_load8(v8[u], v_base + (size_t)j * HS + c * 8);
+        }
+        #pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            int j = base + u * PER_STEP + jr;
+            if (j >= n_keys) continue;
             #pragma unroll
-            for (int e = 0; e < 8; e++) acc[h][e] += p * v8[e];
+            for (int h = 0; h < HB; h++) {
+                float p = h < nh ? p_s[h][j] : 0.0f;
+                #pragma unroll
+                for (int e = 0; e < 8; e++) acc[h][e] += p * v8[u][e];
+            }
         }
     }
     // lanes with the same chunk c in a warp differ by multiples of CHUNKS
@@ -294,10 +336,14 @@ static inline void decode_attention_launch(floatX *out, float *part_o, float *pa
         cudaCheckLaunch();
         return;
     }
-    int head_batches = ceil_div(NH / NKV, DECODE_HEADS_PER_BLOCK);
-    dim3 grid(n_splits, NKV * head_batches, N);
-    decode_attention_kernel<HS><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot,
-                                                                     row_pos, NH, NKV, n_slots, Tmax, n_splits, err);
+    int group = NH / NKV, hb = decode_heads_per_block(group);
+    dim3 grid(n_splits, NKV * ceil_div(group, hb), N);
+    switch (hb) {
+    case 1: decode_attention_kernel<HS, 1><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    case 2: decode_attention_kernel<HS, 2><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    case 4: decode_attention_kernel<HS, 4><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    default: decode_attention_kernel<HS, 8><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    }
     cudaCheckLaunch();
     if (n_splits > 1) {
         decode_attention_combine_kernel<<<dim3(NH, N), HS, 0, stream>>>(out, part_o, part_ml, row_slot, row_pos, NH, HS,

@@ -31,10 +31,12 @@
 // ---------------------------------------------------------------------------------------------
 
 int main(int argc, char **argv) {
-    // the shared arrays of decode_attention_kernel<64> and <128>: q_s, p_s, m_s, l_s, partial
+    // the shared arrays of decode_attention_kernel<HS, HB> for HS 64, 128 and HB 1, 2, 4, 8:
+    // p_s, m_s, l_s, partial
     size_t shared_bytes = 0;
     for (int hs : {64, 128})
-        shared_bytes += sizeof(float) * DECODE_HEADS_PER_BLOCK * (hs + DECODE_SPLIT_LEN + 2 + DECODE_WARPS * hs);
+        for (int hb = 1; hb <= DECODE_MAX_HEADS_PER_BLOCK; hb *= 2)
+            shared_bytes += sizeof(float) * hb * (DECODE_SPLIT_LEN + 2 + DECODE_WARPS * hs);
     FILE *f = emu_open_input(argc, argv, shared_bytes);
     int32_t dims[8];
     if (fread(dims, sizeof(int32_t), 8, f) != 8) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
