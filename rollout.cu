@@ -9,8 +9,9 @@
  *             copied into the cache; the final hidden state of each prompt's last token gives the
  *             logits of the first new token.
  *   decode    one row per running sequence: its last token at its own position. Per layer: norm,
- *             qkv product, RoPE + cache write at (slot, pos) (rows_kv_write), GQA-aware split
- *             attention over the cache (decode_attention.cuh), projection, MLP; then the logits
+ *             qkv product, GQA-aware split attention over the cache (decode_attention.cuh), which
+ *             also rotates q and k (RoPE) and writes the row's key and value at (slot, pos),
+ *             projection, MLP; then the logits
  *             (fp32) and the fused sampler (sampling.cuh), which also advances every row's token,
  *             position and step on the device. One step therefore needs nothing from the host
  *             but a launch, and its shape (the number of rows) is fixed while the set of running
@@ -460,8 +461,14 @@ static void residual_and_norm(RolloutEngine *e, float *res_out, const float *res
 
 // The cached forward of n rows (token, slot, pos device arrays) through every layer: each layer
 // writes the rows' keys and values into the cache, then each row attends over its slot's
-// positions 0..pos. Leaves the final-normed rows in e->ln.
-static void forward_rows(RolloutEngine *e, int n, const int *token, const int *slot, const int *pos, int n_splits) {
+// positions 0..pos. Leaves the final-normed rows in e->ln. write_in_attention: the attention
+// kernel rotates and writes the rows' keys and values itself (one launch less a layer); only
+// when no row reads a position another row writes, as in a decode step (its padding rows share
+// the spare slot, all at position 0, and read nothing but their own row). Prompts run as rows
+// (the reference path) put several positions of one slot in a call: rows_kv_write fills the
+// cache before the attention reads it.
+static void forward_rows(RolloutEngine *e, int n, const int *token, const int *slot, const int *pos, int n_splits,
+                         int write_in_attention) {
     const ModelConfig *c = &e->config;
     cudaRequire(n <= e->max_rows && (e->options.reference || n <= e->max_seqs),
                 "rollout: more rows than the activation or split-attention buffers hold");
@@ -478,10 +485,16 @@ static void forward_rows(RolloutEngine *e, int n, const int *token, const int *s
     float *res = e->res_a, *other = e->res_b;
     for (int l = 0; l < c->n_layer; l++) {
         forward_product(e, decode, e->qkv, e->ln, weight(e, P_QKVW, l), weight(e, P_QKVB, l), NULL, n, C, QKV);
-        rows_kv_write(e->qkv, layer_k(e, l), layer_v(e, l), gpt2 ? NULL : e->rope_cos_sin, slot, pos, n, NH, NKV, HS, e->n_slots,
-                      e->max_len, e->err, st);
-        decode_attention(e->atty, e->part_o, e->part_ml, e->qkv, layer_k(e, l), layer_v(e, l), slot, pos, n, NH, NKV, HS,
-                         e->n_slots, e->max_len, n_splits, e->options.reference, e->err, st);
+        const float *cos_sin = gpt2 ? NULL : e->rope_cos_sin;
+        if (write_in_attention) {
+            decode_attention(e->atty, e->part_o, e->part_ml, e->qkv, layer_k(e, l), layer_v(e, l), cos_sin, 1, slot, pos, n,
+                             NH, NKV, HS, e->n_slots, e->max_len, n_splits, 0, e->err, st);
+        } else {
+            rows_kv_write(e->qkv, layer_k(e, l), layer_v(e, l), cos_sin, slot, pos, n, NH, NKV, HS, e->n_slots, e->max_len,
+                          e->err, st);
+            decode_attention(e->atty, e->part_o, e->part_ml, e->qkv, layer_k(e, l), layer_v(e, l), NULL, 0, slot, pos, n,
+                             NH, NKV, HS, e->n_slots, e->max_len, n_splits, e->options.reference, e->err, st);
+        }
         forward_product(e, decode, e->proj, e->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), NULL, n, NH * HS, C);
         residual_and_norm(e, other, res, l, 1, n);
         { float *t = res; res = other; other = t; }
@@ -507,7 +520,7 @@ static void sample(RolloutEngine *e, int n, int advance) {
 
 // One decode step of `rows` rows, all on the device: forward, logits, sample, advance.
 static void decode_step_enqueue(RolloutEngine *e, int rows, int n_splits) {
-    forward_rows(e, rows, e->row_token, e->row_slot, e->row_pos, n_splits);
+    forward_rows(e, rows, e->row_token, e->row_slot, e->row_pos, n_splits, !e->options.reference);
     logits_forward(e, e->ln, rows);
     sample(e, rows, 1);
 }
@@ -648,7 +661,7 @@ static void prefill_rows(RolloutEngine *e, const int *const *prompts, const int 
         cudaCheck(cudaMemcpyAsync(e->pf_token, e->h_pf_token, (size_t)n * sizeof(int), cudaMemcpyHostToDevice, st));
         cudaCheck(cudaMemcpyAsync(e->pf_slot, e->h_pf_slot, (size_t)n * sizeof(int), cudaMemcpyHostToDevice, st));
         cudaCheck(cudaMemcpyAsync(e->pf_pos, e->h_pf_pos, (size_t)n * sizeof(int), cudaMemcpyHostToDevice, st));
-        forward_rows(e, n, e->pf_token, e->pf_slot, e->pf_pos, n_splits);
+        forward_rows(e, n, e->pf_token, e->pf_slot, e->pf_pos, n_splits, 0);
         if (nb > 0) prefill_sample(e, first_ending, nb);
         else check_device_errors(e, "prefill");   // synchronises: the pinned row buffers are refilled next
     }

@@ -55,6 +55,40 @@ __device__ __forceinline__ void decode_load8(float (&out)[8], const floatX *src)
     }
 }
 
+// 8 floats as bf16 to a 16-byte aligned address
+__device__ __forceinline__ void decode_store8(floatX *dst, const float (&x)[8]) {
+    uint4 raw;
+    __nv_bfloat162 *pairs = (__nv_bfloat162 *)&raw;
+    #pragma unroll
+    for (int i = 0; i < 4; i++) pairs[i] = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
+    *(uint4 *)dst = raw;
+}
+
+// RoPE on 8 channels of a head vector held by the CHUNKS = HS / 8 adjacent lanes of one position
+// (lane chunk c has channels 8c .. 8c+7): channel i < HS/2 pairs with i + HS/2, which lane
+// c ^ (CHUNKS / 2) holds. The arithmetic and the bf16 rounding are rows_kv_write_kernel's. Every
+// lane of the warp must call it (shuffles).
+template <int CHUNKS>
+__device__ __forceinline__ void decode_rope8_bf16(float (&x)[8], const float *cos_sin, int pos, int c) {
+    constexpr int half = CHUNKS * 4;   // HS / 2
+    float other[8];
+    #pragma unroll
+    for (int e = 0; e < 8; e++) other[e] = __shfl_xor_sync(0xffffffffu, x[e], CHUNKS / 2);
+    const bool first = c < CHUNKS / 2;
+    const float *cs = cos_sin + ((size_t)pos * half + (c % (CHUNKS / 2)) * 8) * 2;
+    #pragma unroll
+    for (int e = 0; e < 8; e++) {
+        float co = cs[2 * e], si = cs[2 * e + 1];
+        float y = first ? x[e] * co - other[e] * si : x[e] * co + other[e] * si;
+        x[e] = to_float(__float2bfloat16(y));
+    }
+}
+// 8 floats rounded to bf16
+__device__ __forceinline__ void decode_round8_bf16(float (&x)[8]) {
+    #pragma unroll
+    for (int e = 0; e < 8; e++) x[e] = to_float(__float2bfloat16(x[e]));
+}
+
 // One thread per (row, head hh < NH + 2*NKV, pair i < HS/2) of qkv (N, QKV). q and k heads are
 // rotated when cos_sin is not NULL (cos_sin (Tmax, HS/2, 2), as rope.cuh); k and v heads are
 // then written to the cache at (row_slot, row_pos). The q heads stay in qkv for the attention.
@@ -117,9 +151,9 @@ static inline int decode_heads_per_block(int group) {
 // n_splits > 1.
 template <int HS, int HB>
 __global__ void __launch_bounds__(DECODE_THREADS)
-decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX *qkv, const floatX *k_cache,
-                        const floatX *v_cache, const int *row_slot, const int *row_pos, int NH, int NKV, int n_slots,
-                        int Tmax, int n_splits, int *err) {
+decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX *qkv, floatX *k_cache,
+                        floatX *v_cache, const float *cos_sin, int write_kv, const int *row_slot, const int *row_pos,
+                        int NH, int NKV, int n_slots, int Tmax, int n_splits, int *err) {
     constexpr int CHUNKS = HS / 8;                       // lanes per position: 8 channels (16 bytes) each
     constexpr int PER_STEP = DECODE_THREADS / CHUNKS;    // positions the block covers per load
     // 16-byte loads in flight per thread: a block of one head (no GQA) has group-times more
@@ -157,12 +191,30 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     const int c = threadIdx.x % CHUNKS, jr = threadIdx.x / CHUNKS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-    // this thread's 8 channels of every query head, pre-scaled
+    const floatX *row_qkv = qkv + (size_t)r * QKV;
+    // write_kv: the key and value at the row's own position come from qkv (rotated, rounded to
+    // bf16), and the block of the first head batch whose split holds that position writes them
+    // to the cache
+    const int own = write_kv && pos - t0 < n_keys ? pos - t0 : -1;   // the row's position in this split
+    float k_own[8], v_own[8];
+    if (own >= 0) {   // block-uniform
+        decode_load8(k_own, row_qkv + (size_t)(NH + kvh) * HS + c * 8);
+        decode_load8(v_own, row_qkv + (size_t)(NH + NKV + kvh) * HS + c * 8);
+        if (cos_sin) decode_rope8_bf16<CHUNKS>(k_own, cos_sin, pos, c);
+        if (hb == 0 && jr == 0) {
+            size_t at = (((size_t)slot * NKV + kvh) * Tmax + pos) * HS + c * 8;
+            decode_store8(k_cache + at, k_own);
+            decode_store8(v_cache + at, v_own);
+        }
+    }
+
+    // this thread's 8 channels of every query head (rotated first with write_kv), pre-scaled
     float q[HB][8];
     #pragma unroll
     for (int h = 0; h < HB; h++) {
         if (h < nh) {
-            decode_load8(q[h], qkv + (size_t)r * QKV + (size_t)(h0 + h) * HS + c * 8);
+            decode_load8(q[h], row_qkv + (size_t)(h0 + h) * HS + c * 8);
+            if (write_kv && cos_sin) decode_rope8_bf16<CHUNKS>(q[h], cos_sin, pos, c);
             #pragma unroll
             for (int e = 0; e < 8; e++) q[h][e] *= scale;
         } else {
@@ -178,10 +230,10 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = base + u * PER_STEP + jr;
-            if (j < n_keys) decode_load8(k8[u], k_base + (size_t)j * HS + c * 8);
+            if (j < n_keys && j != own) decode_load8(k8[u], k_base + (size_t)j * HS + c * 8);
             else {
                 #pragma unroll
-                for (int e = 0; e < 8; e++) k8[u][e] = 0.0f;
+                for (int e = 0; e < 8; e++) k8[u][e] = j == own ? k_own[e] : 0.0f;
             }
         }
         #pragma unroll
@@ -227,7 +279,11 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = base + u * PER_STEP + jr;
-            if (j < n_keys) decode_load8(v8[u], v_base + (size_t)j * HS + c * 8);
+            if (j < n_keys && j != own) decode_load8(v8[u], v_base + (size_t)j * HS + c * 8);
+            else if (j == own) {
+                #pragma unroll
+                for (int e = 0; e < 8; e++) v8[u][e] = v_own[e];
+            }
         }
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
@@ -327,9 +383,10 @@ static inline int decode_attention_splits(int max_positions) { return ceil_div(m
 
 template <int HS>
 static inline void decode_attention_launch(floatX *out, float *part_o, float *part_ml, const floatX *qkv,
-                                           const floatX *k_cache, const floatX *v_cache, const int *row_slot,
-                                           const int *row_pos, int N, int NH, int NKV, int n_slots, int Tmax,
-                                           int n_splits, int reference, int *err, cudaStream_t stream) {
+                                           floatX *k_cache, floatX *v_cache, const float *cos_sin, int write_kv,
+                                           const int *row_slot, const int *row_pos, int N, int NH, int NKV,
+                                           int n_slots, int Tmax, int n_splits, int reference, int *err,
+                                           cudaStream_t stream) {
     if (reference) {
         decode_attention_reference_kernel<HS><<<ceil_div((long long)N * NH, 64), 64, 0, stream>>>(
             out, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, err);
@@ -339,10 +396,10 @@ static inline void decode_attention_launch(floatX *out, float *part_o, float *pa
     int group = NH / NKV, hb = decode_heads_per_block(group);
     dim3 grid(n_splits, NKV * ceil_div(group, hb), N);
     switch (hb) {
-    case 1: decode_attention_kernel<HS, 1><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
-    case 2: decode_attention_kernel<HS, 2><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
-    case 4: decode_attention_kernel<HS, 4><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
-    default: decode_attention_kernel<HS, 8><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    case 1: decode_attention_kernel<HS, 1><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    case 2: decode_attention_kernel<HS, 2><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    case 4: decode_attention_kernel<HS, 4><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    default: decode_attention_kernel<HS, 8><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
     }
     cudaCheckLaunch();
     if (n_splits > 1) {
@@ -356,21 +413,27 @@ static inline void decode_attention_launch(floatX *out, float *part_o, float *pa
 // comment). n_splits must cover the rows: n_splits * DECODE_SPLIT_LEN >= every row's pos + 1
 // (a row beyond sets DECODE_ERR_POSITION);
 // part_o / part_ml hold N * NH * n_splits * HS and N * NH * n_splits * 2 floats when n_splits > 1.
-static inline void decode_attention(floatX *out, float *part_o, float *part_ml, const floatX *qkv, const floatX *k_cache,
-                                    const floatX *v_cache, const int *row_slot, const int *row_pos, int N, int NH, int NKV,
-                                    int HS, int n_slots, int Tmax, int n_splits, int reference, int *err,
-                                    cudaStream_t stream) {
+// write_kv = 0: the cache already holds every row's key and value (rows_kv_write ran), q is
+// rotated. write_kv = 1: rows_kv_write's work is done here: q and the row's own key are rotated
+// with cos_sin (NULL: no RoPE), and the key and value at (slot, pos) are written to the cache;
+// the rows' slots must then differ (a row must not read a position another row of the same call
+// writes), as in a decode step. The reference kernel needs write_kv = 0.
+static inline void decode_attention(floatX *out, float *part_o, float *part_ml, const floatX *qkv, floatX *k_cache,
+                                    floatX *v_cache, const float *cos_sin, int write_kv, const int *row_slot,
+                                    const int *row_pos, int N, int NH, int NKV, int HS, int n_slots, int Tmax,
+                                    int n_splits, int reference, int *err, cudaStream_t stream) {
     cudaRequire(N >= 1 && N <= 65535, "decode_attention: rows must be in 1..65535 (grid z)");
     cudaRequire(NKV >= 1 && NH % NKV == 0, "decode_attention: n_head must be a multiple of n_kv_head");
     cudaRequire(n_splits >= 1 && n_splits <= 65535, "decode_attention: n_splits must be in 1..65535");
     cudaRequire(n_splits == 1 || (part_o != NULL && part_ml != NULL), "decode_attention: several splits need partial buffers");
-    cudaRequire(((uintptr_t)k_cache % 16) == 0 && ((uintptr_t)v_cache % 16) == 0,
-                "decode_attention: the KV cache must be 16-byte aligned (16-byte loads)");
+    cudaRequire(!(reference && write_kv), "decode_attention: the reference kernel reads a written cache (write_kv = 0)");
+    cudaRequire((((uintptr_t)qkv | (uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0,
+                "decode_attention: qkv and the KV cache must be 16-byte aligned (16-byte loads)");
     switch (HS) {
-    case 16: decode_attention_launch<16>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
-    case 32: decode_attention_launch<32>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
-    case 64: decode_attention_launch<64>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
-    case 128: decode_attention_launch<128>(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
+    case 16: decode_attention_launch<16>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
+    case 32: decode_attention_launch<32>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
+    case 64: decode_attention_launch<64>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
+    case 128: decode_attention_launch<128>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
     default: cudaRequire(0, "decode_attention: head_dim must be 16, 32, 64 or 128");
     }
 }

@@ -17,10 +17,10 @@
  * order (forward) or in reverse, so that a missing __syncthreads shows in one of the two.
  *
  *   decode_attention_emu IN OUT forward|reverse
- *     IN : int32 N, NH, NKV, HS, S, Tmax, n_splits, reference; int32 row_slot (N), row_pos (N);
- *          float32 qkv (N, (NH + 2*NKV)*HS), k_cache, v_cache (S, NKV, Tmax, HS), all values
- *          representable in bf16
- *     OUT: float32 out (N, NH*HS); int32 err
+ *     IN : int32 N, NH, NKV, HS, S, Tmax, n_splits, reference, write_kv, rope; int32 row_slot (N),
+ *          row_pos (N); float32 qkv (N, (NH + 2*NKV)*HS), k_cache, v_cache (S, NKV, Tmax, HS), all
+ *          values representable in bf16; when rope, float32 cos_sin (Tmax, HS/2, 2)
+ *     OUT: float32 out (N, NH*HS); int32 err; float32 k_cache, v_cache after the call
  */
 #define EMU_PROGRAM "decode_attention_emu"
 #define EMU_STATIC_SHARED
@@ -38,10 +38,10 @@ int main(int argc, char **argv) {
         for (int hb = 1; hb <= DECODE_MAX_HEADS_PER_BLOCK; hb *= 2)
             shared_bytes += sizeof(float) * hb * (DECODE_SPLIT_LEN + 2 + DECODE_WARPS * hs);
     FILE *f = emu_open_input(argc, argv, shared_bytes);
-    int32_t dims[8];
-    if (fread(dims, sizeof(int32_t), 8, f) != 8) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int32_t dims[10];
+    if (fread(dims, sizeof(int32_t), 10, f) != 10) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int N = dims[0], NH = dims[1], NKV = dims[2], HS = dims[3], S = dims[4], Tmax = dims[5], n_splits = dims[6];
-    int reference = dims[7];
+    int reference = dims[7], write_kv = dims[8], rope = dims[9];
     if (N < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || (HS != 64 && HS != 128) || S < 1 || Tmax < 1 || n_splits < 1) {
         fprintf(stderr, "error: %s: bad shape N=%d NH=%d NKV=%d HS=%d S=%d Tmax=%d n_splits=%d\n", argv[1], N, NH, NKV,
                 HS, S, Tmax, n_splits);
@@ -56,6 +56,12 @@ int main(int argc, char **argv) {
     floatX *qkv = device_bf16(read_floats(f, (size_t)N * QKV, argv[1]));
     floatX *k_cache = device_bf16(read_floats(f, n_cache, argv[1]));
     floatX *v_cache = device_bf16(read_floats(f, n_cache, argv[1]));
+    float *cos_sin = NULL;
+    if (rope) {
+        std::vector<float> table = read_floats(f, (size_t)Tmax * HS, argv[1]);
+        cos_sin = (float *)device_alloc(table.size() * sizeof(float), 0);
+        memcpy(cos_sin, table.data(), table.size() * sizeof(float));
+    }
     fclose(f);
     int *row_slot = (int *)device_alloc(N * sizeof(int), 0), *row_pos = (int *)device_alloc(N * sizeof(int), 0);
     memcpy(row_slot, slot_pos.data(), N * sizeof(int));
@@ -65,18 +71,23 @@ int main(int argc, char **argv) {
     float *part_ml = (float *)device_alloc((size_t)N * NH * n_splits * 2 * sizeof(float), 0xff);
     int *err = (int *)device_alloc(sizeof(int), 0);
 
-    decode_attention(out, part_o, part_ml, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, HS, S, Tmax, n_splits,
-                     reference, err, 0);
+    decode_attention(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, HS, S,
+                     Tmax, n_splits, reference, err, 0);
 
     FILE *o = fopen(argv[2], "wb");
     if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }
     std::vector<float> x(n_out);
     for (size_t i = 0; i < n_out; i++) x[i] = to_f32(out[i]);
-    if (fwrite(x.data(), sizeof(float), n_out, o) != n_out || fwrite(err, sizeof(int), 1, o) != 1 || fclose(o) != 0) {
+    std::vector<float> kc(n_cache), vc(n_cache);
+    for (size_t i = 0; i < n_cache; i++) kc[i] = to_f32(k_cache[i]), vc[i] = to_f32(v_cache[i]);
+    if (fwrite(x.data(), sizeof(float), n_out, o) != n_out || fwrite(err, sizeof(int), 1, o) != 1 ||
+        fwrite(kc.data(), sizeof(float), n_cache, o) != n_cache || fwrite(vc.data(), sizeof(float), n_cache, o) != n_cache ||
+        fclose(o) != 0) {
         fprintf(stderr, "error: cannot write %s\n", argv[2]);
         return 1;
     }
-    printf("decode_attention_emu N=%d NH=%d NKV=%d HS=%d Tmax=%d n_splits=%d %s, threads %s: done\n", N, NH, NKV, HS,
-           Tmax, n_splits, reference ? "reference" : "split", argv[3]);
+    printf("decode_attention_emu N=%d NH=%d NKV=%d HS=%d Tmax=%d n_splits=%d %s%s%s, threads %s: done\n", N, NH, NKV,
+           HS, Tmax, n_splits, reference ? "reference" : "split", write_kv ? ", writing the cache" : "",
+           rope ? ", RoPE" : "", argv[3]);
     return 0;
 }

@@ -21,6 +21,7 @@ struct dim3 {
 static inline float to_float(float x) { return x; }
 static inline float to_float(floatX x) { return to_f32(x); }
 static inline floatX __float2bfloat16(float x) { return to_bf16(x); }
+static inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return __nv_bfloat162{to_bf16(lo), to_bf16(hi)}; }
 static inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
 // the blocks run one at a time on one OS thread, so a plain read-modify-write is atomic
 static inline int atomicOr(int *address, int value) {

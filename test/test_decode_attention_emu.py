@@ -66,21 +66,29 @@ def within_tolerance(got, ref, HS):
 
 
 def run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, n_splits, reference,
-                 order="forward"):
-    """out (N, NH*HS) float32 and the error flags from decode_attention() under emulation."""
+                 order="forward", write_kv=False, cos_sin=None, caches=False):
+    """out (N, NH*HS) float32 and the error flags from decode_attention() under emulation (and the
+    k and v caches after the call, when caches)."""
     N = qkv.shape[0]
     S, _, Tmax, _ = k_cache.shape
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([N, NH, NKV, HS, S, Tmax, n_splits, reference], np.int32).tofile(f)
+        np.array([N, NH, NKV, HS, S, Tmax, n_splits, reference, int(write_kv), int(cos_sin is not None)],
+                 np.int32).tofile(f)
         np.array(list(slots) + list(positions), np.int32).tofile(f)
-        for x in (qkv, k_cache, v_cache):
+        for x in (qkv, k_cache, v_cache) + (() if cos_sin is None else (cos_sin,)):
             x.astype(np.float32).tofile(f)
     proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     raw = np.fromfile(outp, np.uint8)
-    assert raw.size == (N * NH * HS + 1) * 4
-    return raw[:-4].view(np.float32).reshape(N, NH * HS), int(raw[-4:].view(np.int32)[0])
+    n_out, n_cache = N * NH * HS, k_cache.size
+    assert raw.size == (n_out + 1 + 2 * n_cache) * 4
+    out = raw[:n_out * 4].view(np.float32).reshape(N, NH * HS)
+    err = int(raw[n_out * 4:(n_out + 1) * 4].view(np.int32)[0])
+    if not caches:
+        return out, err
+    rest = raw[(n_out + 1) * 4:].view(np.float32)
+    return out, err, rest[:n_cache].reshape(k_cache.shape), rest[n_cache:].reshape(k_cache.shape)
 
 
 def make_inputs(shape, seed):
@@ -156,3 +164,90 @@ def test_decode_attention_position_errors(emulator, tmp_path):
     ok = [0, 3]
     ref = oracle(qkv[ok], k_cache, v_cache, [slots[i] for i in ok], [positions[i] for i in ok], NH, NKV, HS)
     assert within_tolerance(got[ok], ref, HS)
+
+
+# --- the cache write inside the attention (write_kv), as a decode step calls it
+
+def rope_table(Tmax, HS, theta=10000.0):
+    """cos_sin (Tmax, HS/2, 2) float32: the angles of pair i at position t, t * theta^(-2i/HS)."""
+    i = np.arange(HS // 2)
+    angle = np.arange(Tmax)[:, None] * theta ** (-2.0 * i / HS)[None, :]
+    return np.stack([np.cos(angle), np.sin(angle)], axis=-1).astype(np.float32)
+
+
+def rotate_bf16(x, cs):
+    """A head vector x (HS,) rotated by cos_sin row cs (HS/2, 2) in float32, as rows_kv_write does
+    (x1 c - x2 s, x2 c + x1 s, each product and sum rounded to float32), then rounded to bf16."""
+    half = x.shape[0] // 2
+    x1, x2 = x[:half].astype(np.float32), x[half:].astype(np.float32)
+    c, s_ = cs[:, 0], cs[:, 1]
+    return to_bf16(np.concatenate([x1 * c - x2 * s_, x2 * c + x1 * s_]).astype(np.float32))
+
+
+def written_inputs(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, cos_sin):
+    """qkv with its q heads rotated and the caches with every row's (rotated) key and value at
+    (slot, pos): what rows_kv_write leaves for the attention."""
+    qkv, k_cache, v_cache = qkv.copy(), k_cache.copy(), v_cache.copy()
+    for r, (s_, p) in enumerate(zip(slots, positions)):
+        row = qkv[r]
+        if cos_sin is not None:
+            for h in range(NH):
+                row[h * HS:(h + 1) * HS] = rotate_bf16(row[h * HS:(h + 1) * HS], cos_sin[p])
+        for g in range(NKV):
+            k = row[(NH + g) * HS:(NH + g + 1) * HS]
+            k_cache[s_, g, p] = k if cos_sin is None else rotate_bf16(k, cos_sin[p])
+            v_cache[s_, g, p] = row[(NH + NKV + g) * HS:(NH + NKV + g + 1) * HS]
+    return qkv, k_cache, v_cache
+
+
+WRITE_SHAPES = [  # NH, NKV, HS, slots S, Tmax, rows (slot, length) with distinct slots, n_splits, RoPE
+    (4, 4, 64, 4, 300, [(0, 1), (1, 64), (2, 257), (3, 300)], None, False),
+    (9, 3, 64, 3, 300, [(2, 1), (0, 200), (1, 256)], None, True),
+    (12, 1, 128, 3, 520, [(0, 33), (1, 513), (2, 260)], None, True),
+    (18, 1, 64, 2, 280, [(1, 280), (0, 129)], None, True),
+    (2, 1, 128, 2, 100, [(1, 100), (0, 2)], 3, False),
+]
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("shape", WRITE_SHAPES, ids=lambda s: "NH%d_NKV%d_HS%d_len%s%s" % (
+    s[0], s[1], s[2], "-".join(str(n) for _, n in s[5]), "_rope" if s[7] else ""))
+def test_decode_attention_writes_the_cache(emulator, tmp_path, shape, order):
+    """With write_kv the kernel rotates q and the row's key itself, takes the row's own key and
+    value from qkv and writes them to the cache: its output equals the oracle's on the rotated
+    inputs, and the cache afterwards holds exactly the rotated key and the value at (slot, pos),
+    nothing else changed."""
+    NH, NKV, HS, S, Tmax, rows, n_splits, rope = shape
+    n_splits = n_splits or -(-Tmax // SPLIT)
+    rng = np.random.default_rng(WRITE_SHAPES.index(shape) + 100)
+    qkv = to_bf16(rng.standard_normal((len(rows), (NH + 2 * NKV) * HS)))
+    k_cache = to_bf16(rng.standard_normal((S, NKV, Tmax, HS)))
+    v_cache = to_bf16(rng.standard_normal((S, NKV, Tmax, HS)))
+    cos_sin = rope_table(Tmax, HS) if rope else None
+    slots, positions = [s_ for s_, _ in rows], [n - 1 for _, n in rows]
+    got, err, k_after, v_after = run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS,
+                                              n_splits, False, order, write_kv=True, cos_sin=cos_sin, caches=True)
+    assert err == 0
+    q_rot, k_ref, v_ref = written_inputs(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, cos_sin)
+    np.testing.assert_array_equal(k_after, k_ref)
+    np.testing.assert_array_equal(v_after, v_ref)
+    assert np.isfinite(got).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    ref = oracle(q_rot, k_ref, v_ref, slots, positions, NH, NKV, HS)
+    assert within_tolerance(got, ref, HS), "max abs error %.3e" % np.abs(got - ref).max()
+    if rope:   # the rotation matters: the unrotated inputs give other outputs
+        assert not within_tolerance(got, oracle(*written_inputs(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS,
+                                                                None), slots, positions, NH, NKV, HS), HS)
+
+
+def test_reference_kernel_refuses_write_kv(emulator, tmp_path):
+    shape = WRITE_SHAPES[0]
+    NH, NKV, HS, S, Tmax, rows, _, _ = shape
+    qkv, k_cache, v_cache = make_inputs(shape[:6] + (None, 1.0), 0)
+    inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(inp, "wb") as f:
+        np.array([len(rows), NH, NKV, HS, S, Tmax, 2, 1, 1, 0], np.int32).tofile(f)
+        np.array([s_ for s_, _ in rows] + [n - 1 for _, n in rows], np.int32).tofile(f)
+        for x in (qkv, k_cache, v_cache):
+            x.astype(np.float32).tofile(f)
+    proc = subprocess.run([str(emulator), str(inp), str(outp), "forward"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "write_kv" in proc.stderr

@@ -113,7 +113,7 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
         poison(part_ml, (size_t)N * NH * n_splits * 2 * sizeof(float));
         cudaCheck(cudaMemset(d_err, 0, sizeof(int)));
         rows_kv_write(d_qkv, d_k, d_v, d_cos_sin, d_slot, d_pos, N, NH, NKV, HS, S, Tmax, d_err, 0);
-        decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, d_slot, d_pos, N, NH, NKV, HS, S, Tmax, n_splits, reference, d_err, 0);
+        decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, NULL, 0, d_slot, d_pos, N, NH, NKV, HS, S, Tmax, n_splits, reference, d_err, 0);
         std::vector<float> got = download_bf16(d_out, (size_t)N * NH * HS);
         int err = 0;
         cudaCheck(cudaMemcpy(&err, d_err, sizeof(int), cudaMemcpyDeviceToHost));
@@ -137,7 +137,7 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
         int *d_far = upload(far);
         cudaCheck(cudaMemset(d_err, 0, sizeof(int)));
         rows_kv_write(d_qkv, d_k, d_v, d_cos_sin, d_slot, d_far, N, NH, NKV, HS, S, Tmax, d_err, 0);
-        decode_attention(d_out, NULL, NULL, d_qkv, d_k, d_v, d_slot, d_far, N, NH, NKV, HS, S, Tmax, 1, 0, d_err, 0);
+        decode_attention(d_out, NULL, NULL, d_qkv, d_k, d_v, NULL, 0, d_slot, d_far, N, NH, NKV, HS, S, Tmax, 1, 0, d_err, 0);
         int err = 0;
         cudaCheck(cudaDeviceSynchronize());
         cudaCheck(cudaMemcpy(&err, d_err, sizeof(int), cudaMemcpyDeviceToHost));
