@@ -35,6 +35,7 @@
 #define DM_ROWS 16       // output features per block
 #define DM_CHUNK 32      // K per warp step: two mma k-steps
 #define DM_MAX_M 64
+#define DM_PREFETCH 4    // chunks whose weights a warp loads before multiplying
 
 #ifndef DECODE_MATMUL_EMULATION
 // d (16 x 8 fp32) += a (16 x 16 bf16) b (16 x 8 bf16): mma.sync m16n8k16, row.col
@@ -73,20 +74,35 @@ decode_matmul_kernel(floatX *out, float *partial, unsigned int *counters, const 
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
     const floatX *w_row = weight + (size_t)(oc0 + g) * IC + 8 * c;   // rows g and g + 8 of the tile
-    for (int q = chunk0 + warp; q < chunk1; q += DM_WARPS) {
-        uint4 wa = *reinterpret_cast<const uint4 *>(w_row + q * DM_CHUNK);
-        uint4 wb = *reinterpret_cast<const uint4 *>(w_row + (size_t)8 * IC + q * DM_CHUNK);
-        uint4 x[NT];
+    // The warp's weight loads for up to DM_PREFETCH chunks are issued before the first product,
+    // so they wait on memory together, not one after another (the inputs, read by every block,
+    // come from L2). The chunks are still taken in increasing order, one after another.
+    for (int q0 = chunk0 + warp; q0 < chunk1; q0 += DM_PREFETCH * DM_WARPS) {
+        uint4 wa[DM_PREFETCH], wb[DM_PREFETCH];
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            int n = 8 * t + g;
-            x[t] = make_uint4(0u, 0u, 0u, 0u);
-            if (n < M) x[t] = *reinterpret_cast<const uint4 *>(inp + (size_t)n * IC + q * DM_CHUNK + 8 * c);
+        for (int p = 0; p < DM_PREFETCH; p++) {
+            int q = q0 + p * DM_WARPS;
+            if (q < chunk1) {
+                wa[p] = *reinterpret_cast<const uint4 *>(w_row + q * DM_CHUNK);
+                wb[p] = *reinterpret_cast<const uint4 *>(w_row + (size_t)8 * IC + q * DM_CHUNK);
+            }
         }
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            dm_mma(acc[t], wa.x, wb.x, wa.y, wb.y, x[t].x, x[t].y);   // k = 8c .. 8c+3
-            dm_mma(acc[t], wa.z, wb.z, wa.w, wb.w, x[t].z, x[t].w);   // k = 8c+4 .. 8c+7
+        for (int p = 0; p < DM_PREFETCH; p++) {
+            int q = q0 + p * DM_WARPS;
+            if (q >= chunk1) break;   // warp-uniform: the mma needs the whole warp
+            uint4 x[NT];
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                int n = 8 * t + g;
+                x[t] = make_uint4(0u, 0u, 0u, 0u);
+                if (n < M) x[t] = *reinterpret_cast<const uint4 *>(inp + (size_t)n * IC + q * DM_CHUNK + 8 * c);
+            }
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                dm_mma(acc[t], wa[p].x, wb[p].x, wa[p].y, wb[p].y, x[t].x, x[t].y);   // k = 8c .. 8c+3
+                dm_mma(acc[t], wa[p].z, wb[p].z, wa[p].w, wb[p].w, x[t].z, x[t].w);   // k = 8c+4 .. 8c+7
+            }
         }
     }
     // acc[t]: D^T[g][8t + 2c .. +1] and D^T[g + 8][8t + 2c .. +1]

@@ -65,6 +65,7 @@ CASES = [  # M, IC, OC, has_bias, gelu, sms
     (37, 256, 64, 1, 0, 16),      # four n-tiles (5 rows past M), 8 splits of one chunk
     (64, 768, 48, 1, 1, 132),     # GPT-2's width, 64 rows: six splits of four chunks
     (64, 576, 32, 0, 0, 2),       # SmolLM2's width: one split, 18 chunks over four warps
+    (8, 1056, 16, 1, 0, 1),       # one split, 33 chunks: a warp takes 8 or 9, two or three prefetch groups
 ]
 
 
