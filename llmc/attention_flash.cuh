@@ -23,8 +23,10 @@
  *                   tile. Per tile, with the key side as the M dimension of the products:
  *                   S^T = K Q^T, P^T = 2^(S^T log2e - lse log2e), dP^T = V dO^T,
  *                   dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q (scaled by 1/sqrt(HS) at the end).
- *            dQ     grid (T/64, NH, B): the block's 64 query rows against key tiles up to the
- *                   diagonal: S = Q K^T, P, dP = dO V^T, dS = P (dP - D), dQ += dS K.
+ *            dQ     grid (T/64, NH, B): the block's 64 query rows (or 128, two 16-row tiles a warp
+ *                   taking each key tile in two 32-key steps, bitwise the same dQ:
+ *                   flash_dq_row_tiles) against key tiles up to the diagonal: S = Q K^T, P,
+ *                   dP = dO V^T, dS = P (dP - D), dQ += dS K.
  *            The dQ pass recomputes S and dP (7 products instead of FlashAttention-2's 5 with
  *            atomic dQ adds): the price of a deterministic backward. The two passes run side by
  *            side on two streams (flash_backward_side_by_side).
@@ -562,16 +564,28 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dkv_ke
     flash_store_tile<BN, HS>(dqkv, sV, b, k0, T, QKV, (NH + NKV + kvh) * HS);
 }
 
-template <int HS>
-constexpr size_t flash_dq_smem() { return (size_t)(2 * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
+// Row tiles of 16 query rows per warp, as in the forward: with RW = 2 (HS = 64 only) the block
+// takes 128 query rows and every K and V fragment read from shared memory feeds two products.
+// The dQ accumulators then take 2 x 32 registers; S and dP of both row tiles over the whole key
+// tile would take 2 x 2 x 32 more, which spills (255 registers and spill stores at sm_90), so
+// RW = 2 takes each key tile in steps of 32 keys (flash_dq_step_keys): the Q and dO fragments
+// are then read once per step, the K and V fragments still once per tile. flash_dq_row_tiles
+// picks the launch (the harness times both).
+template <int RW> __host__ __device__ constexpr int flash_dq_step_keys() { return RW == 2 ? FLASH_KEYS / 2 : FLASH_KEYS; }
+template <int HS, int RW>
+constexpr size_t flash_dq_smem() { return (size_t)(2 * RW * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
 
-// dQ: grid (ceil(T / 64), NH, B), block 128; the block owns query rows [q0, q0 + 64) of head h
-// (16 per warp) and walks the key tiles up to its last query, two stages deep, last tiles first
-// as in the forward. Shared: Q, dO (64, LDS); K, V (64, LDS) x 2 stages.
-template <int HS>
+// dQ: grid (ceil(T / (64 RW)), NH, B), block 128; the block owns query rows [q0, q0 + 64 RW) of
+// head h (row tile r of warp w: rows q0 + r * 64 + w * 16 ... + 15, as in the forward) and walks
+// the key tiles up to its last query, two stages deep, last tiles first as in the forward.
+// Shared: Q, dO (64 RW, LDS); K, V (64, LDS) x 2 stages.
+// Per row, dQ sums the same products in the same order for either RW (the key tiles and, inside
+// a tile, its 16-key blocks in turn; a skipped row tile has no keys to add), so both launches
+// give bitwise the same dQ.
+template <int HS, int RW>
 __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV) {
-    constexpr int BM = FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD;
+    constexpr int BM = RW * FLASH_ROWS, BN = FLASH_KEYS, KS = flash_dq_step_keys<RW>(), LDS = HS + FLASH_PAD;
     floatX *sQ = (floatX *)flash_dynamic_smem();
     floatX *sG = sQ + BM * LDS;
     floatX *sK = sG + BM * LDS;        // stage s at sK + s * BN * LDS
@@ -582,21 +596,32 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
     const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
     const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
     const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;
-    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
 
     flash_load_tile<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
     flash_load_tile<BM, HS>(sG, dout, b, q0, T, NH * HS, h * HS);
     flash_load_tile<BN, HS>(sK, qkv, b, 0, T, QKV, (NH + kvh) * HS);
     flash_load_tile<BN, HS>(sV, qkv, b, 0, T, QKV, (NH + NKV + kvh) * HS);
     flash_cp_async_commit();
-    // rows past T read stats of row 0: their Q and dO rows are zero, so their dS is 0 and they are not stored
-    size_t stat = ((size_t)b * NH + h) * T;
-    float lse0 = lse[stat + (row0 < T ? row0 : 0)] * FLASH_LOG2E, lse1 = lse[stat + (row1 < T ? row1 : 0)] * FLASH_LOG2E;
-    float D0 = D[stat + (row0 < T ? row0 : 0)], D1 = D[stat + (row1 < T ? row1 : 0)];
-
-    float dq[HS / 8][4];
+    // this thread's two query rows of each row tile and their statistics; rows past T read those
+    // of row 0: their Q and dO rows are zero, so their dS is 0 and they are not stored
+    int row0[RW], row1[RW];
+    float lse0[RW], lse1[RW], D0[RW], D1[RW];
+    const size_t stat = ((size_t)b * NH + h) * T;
     #pragma unroll
-    for (int nd = 0; nd < HS / 8; nd++) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f;
+    for (int r = 0; r < RW; r++) {
+        row0[r] = q0 + r * FLASH_ROWS + warp * 16 + g;
+        row1[r] = row0[r] + 8;
+        lse0[r] = lse[stat + (row0[r] < T ? row0[r] : 0)] * FLASH_LOG2E;
+        lse1[r] = lse[stat + (row1[r] < T ? row1[r] : 0)] * FLASH_LOG2E;
+        D0[r] = D[stat + (row0[r] < T ? row0[r] : 0)];
+        D1[r] = D[stat + (row1[r] < T ? row1[r] : 0)];
+    }
+
+    float dq[RW][HS / 8][4];
+    #pragma unroll
+    for (int r = 0; r < RW; r++)
+        #pragma unroll
+        for (int nd = 0; nd < HS / 8; nd++) dq[r][nd][0] = dq[r][nd][1] = dq[r][nd][2] = dq[r][nd][3] = 0.0f;
 
     for (int j = 0; j < n_tiles; j++) {
         const int stage = j & 1, k0 = j * BN;
@@ -608,61 +633,93 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
         flash_cp_async_wait<1>();
         __syncthreads();
         const floatX *k_tile = sK + stage * BN * LDS, *v_tile = sV + stage * BN * LDS;
+        // a row tile whose rows all come before the tile's first key sees none of it (RW = 2
+        // only: the block's first row tile on its last key tile)
+        bool live[RW];
+        #pragma unroll
+        for (int r = 0; r < RW; r++) live[r] = k0 <= q0 + r * FLASH_ROWS + warp * 16 + 15;
 
-        // S = Q K^T and dP = dO V^T (16 queries x 64 keys per warp)
-        float s[BN / 8][4], dp[BN / 8][4];
         #pragma unroll
-        for (int nb = 0; nb < BN / 8; nb++)
+        for (int ks = 0; ks < BN; ks += KS) {   // keys k0 + ks ... + KS - 1
+            // S = Q K^T and dP = dO V^T (16 queries x KS keys per row tile)
+            float s[RW][KS / 8][4], dp[RW][KS / 8][4];
             #pragma unroll
-            for (int e = 0; e < 4; e++) s[nb][e] = dp[nb][e] = 0.0f;
-        #pragma unroll
-        for (int kk = 0; kk < HS / 16; kk++) {
-            uint32_t qa[4], ga[4];
-            flash_ldmatrix_x4(qa, flash_addr_a<LDS>(sQ, warp * 16, kk * 16, lane));
-            flash_ldmatrix_x4(ga, flash_addr_a<LDS>(sG, warp * 16, kk * 16, lane));
+            for (int r = 0; r < RW; r++)
+                #pragma unroll
+                for (int nb = 0; nb < KS / 8; nb++)
+                    #pragma unroll
+                    for (int e = 0; e < 4; e++) s[r][nb][e] = dp[r][nb][e] = 0.0f;
             #pragma unroll
-            for (int np = 0; np < BN / 16; np++) {
-                uint32_t kb[4], vb[4];
-                flash_ldmatrix_x4(kb, flash_addr_bt<LDS>(k_tile, np * 16, kk * 16, lane));
-                flash_mma(s[2 * np], qa, kb[0], kb[1]);
-                flash_mma(s[2 * np + 1], qa, kb[2], kb[3]);
-                flash_ldmatrix_x4(vb, flash_addr_bt<LDS>(v_tile, np * 16, kk * 16, lane));
-                flash_mma(dp[2 * np], ga, vb[0], vb[1]);
-                flash_mma(dp[2 * np + 1], ga, vb[2], vb[3]);
+            for (int kk = 0; kk < HS / 16; kk++) {
+                uint32_t qa[RW][4], ga[RW][4];
+                #pragma unroll
+                for (int r = 0; r < RW; r++) {
+                    if (!live[r]) continue;
+                    flash_ldmatrix_x4(qa[r], flash_addr_a<LDS>(sQ, r * FLASH_ROWS + warp * 16, kk * 16, lane));
+                    flash_ldmatrix_x4(ga[r], flash_addr_a<LDS>(sG, r * FLASH_ROWS + warp * 16, kk * 16, lane));
+                }
+                #pragma unroll
+                for (int np = 0; np < KS / 16; np++) {
+                    uint32_t kb[4], vb[4];
+                    flash_ldmatrix_x4(kb, flash_addr_bt<LDS>(k_tile, ks + np * 16, kk * 16, lane));
+                    #pragma unroll
+                    for (int r = 0; r < RW; r++) {
+                        if (!live[r]) continue;
+                        flash_mma(s[r][2 * np], qa[r], kb[0], kb[1]);
+                        flash_mma(s[r][2 * np + 1], qa[r], kb[2], kb[3]);
+                    }
+                    flash_ldmatrix_x4(vb, flash_addr_bt<LDS>(v_tile, ks + np * 16, kk * 16, lane));
+                    #pragma unroll
+                    for (int r = 0; r < RW; r++) {
+                        if (!live[r]) continue;
+                        flash_mma(dp[r][2 * np], ga[r], vb[0], vb[1]);
+                        flash_mma(dp[r][2 * np + 1], ga[r], vb[2], vb[3]);
+                    }
+                }
             }
-        }
 
-        // dS = P (dP - D), P = exp(s - lse), 0 for keys after the query
-        const bool diagonal = k0 + BN - 1 > q0 + warp * 16;
-        #pragma unroll
-        for (int nb = 0; nb < BN / 8; nb++) {
+            // dS = P (dP - D), P = exp(s - lse), 0 for keys after the query
             #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int key = k0 + nb * 8 + 2 * c + (e & 1);
-                float p = flash_exp2(s[nb][e] * scale_log2 - (e < 2 ? lse0 : lse1));
-                if (diagonal && key > (e < 2 ? row0 : row1)) p = 0.0f;
-                s[nb][e] = p * (dp[nb][e] - (e < 2 ? D0 : D1));
+            for (int r = 0; r < RW; r++) {
+                if (!live[r]) continue;
+                const bool diagonal = k0 + ks + KS - 1 > q0 + r * FLASH_ROWS + warp * 16;
+                #pragma unroll
+                for (int nb = 0; nb < KS / 8; nb++) {
+                    #pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int key = k0 + ks + nb * 8 + 2 * c + (e & 1);
+                        float p = flash_exp2(s[r][nb][e] * scale_log2 - (e < 2 ? lse0[r] : lse1[r]));
+                        if (diagonal && key > (e < 2 ? row0[r] : row1[r])) p = 0.0f;
+                        s[r][nb][e] = p * (dp[r][nb][e] - (e < 2 ? D0[r] : D1[r]));
+                    }
+                }
             }
-        }
 
-        // dQ += dS K (the keys are the k dimension)
-        #pragma unroll
-        for (int kb = 0; kb < BN / 16; kb++) {
-            uint32_t dsa[4];
-            flash_acc_to_a<BN / 8>(dsa, s, kb);
+            // dQ += dS K (the keys are the k dimension)
             #pragma unroll
-            for (int dd = 0; dd < HS / 16; dd++) {
-                uint32_t kt[4];
-                flash_ldmatrix_x4_trans(kt, flash_addr_b<LDS>(k_tile, kb * 16, dd * 16, lane));
-                flash_mma(dq[2 * dd], dsa, kt[0], kt[1]);
-                flash_mma(dq[2 * dd + 1], dsa, kt[2], kt[3]);
+            for (int kb = 0; kb < KS / 16; kb++) {
+                uint32_t dsa[RW][4];
+                #pragma unroll
+                for (int r = 0; r < RW; r++) flash_acc_to_a<KS / 8>(dsa[r], s[r], kb);
+                #pragma unroll
+                for (int dd = 0; dd < HS / 16; dd++) {
+                    uint32_t kt[4];
+                    flash_ldmatrix_x4_trans(kt, flash_addr_b<LDS>(k_tile, ks + kb * 16, dd * 16, lane));
+                    #pragma unroll
+                    for (int r = 0; r < RW; r++) {
+                        if (!live[r]) continue;
+                        flash_mma(dq[r][2 * dd], dsa[r], kt[0], kt[1]);
+                        flash_mma(dq[r][2 * dd + 1], dsa[r], kt[2], kt[3]);
+                    }
+                }
             }
         }
         __syncthreads();
     }
 
     // Q is no longer read (the loop ended on a barrier): stage dQ there, then store
-    flash_stage_acc<HS, LDS>(sQ, dq, warp * 16, scale, scale, lane);
+    #pragma unroll
+    for (int r = 0; r < RW; r++) flash_stage_acc<HS, LDS>(sQ, dq[r], r * FLASH_ROWS + warp * 16, scale, scale, lane);
     __syncthreads();
     flash_store_tile<BM, HS>(dqkv, sQ, b, q0, T, QKV, h * HS);
 }
@@ -693,6 +750,8 @@ static inline void attention_flash_check(int B, int T, int NH, int NKV, int HS, 
 // Row tiles per warp of the forward launch: 1 (64 query rows a block) or 2 (128 rows, head size
 // 64 only; head size 128 always takes 1).
 static int flash_forward_row_tiles = 1;
+// Row tiles per warp of the backward's dQ launch, likewise 1 or 2 (head size 64 only).
+static int flash_dq_row_tiles = 1;
 
 template <int HS, int RW>
 static inline void attention_flash_forward_launch(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
@@ -733,17 +792,17 @@ static inline cudaStream_t flash_side_stream(cudaEvent_t *fork, cudaEvent_t *joi
     return side;
 }
 
-template <int HS>
+template <int HS, int DQ_RW>
 static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                                    const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                                    cudaStream_t stream) {
     static bool dkv_set = false, dq_set = false;
     flash_allow_smem(flash_attention_backward_dkv_kernel<HS>, flash_dkv_smem<HS>(), &dkv_set);
-    flash_allow_smem(flash_attention_backward_dq_kernel<HS>, flash_dq_smem<HS>(), &dq_set);
+    flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW>, flash_dq_smem<HS, DQ_RW>(), &dq_set);
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
     cudaCheckLaunch();
-    dim3 grid_kv(ceil_div(T, FLASH_ROWS), NKV, B), grid_q(ceil_div(T, FLASH_ROWS), NH, B);
+    dim3 grid_kv(ceil_div(T, FLASH_ROWS), NKV, B), grid_q(ceil_div(T, DQ_RW * FLASH_ROWS), NH, B);
     cudaStream_t kv_stream = stream;
     cudaEvent_t fork, join;
     if (flash_backward_side_by_side) {
@@ -753,7 +812,7 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     }
     flash_attention_backward_dkv_kernel<HS><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), kv_stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
     cudaCheckLaunch();
-    flash_attention_backward_dq_kernel<HS><<<grid_q, FLASH_THREADS, flash_dq_smem<HS>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
+    flash_attention_backward_dq_kernel<HS, DQ_RW><<<grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
     cudaCheckLaunch();
     if (flash_backward_side_by_side) {
         cudaCheck(cudaEventRecord(join, kv_stream));
@@ -767,8 +826,9 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
                                             const floatX *out, const float *lse, int B, int T, int NH, int NKV, int HS,
                                             cudaStream_t stream) {
     attention_flash_check(B, T, NH, NKV, HS, dqkv, dout, qkv, out);
-    if (HS == 64) attention_flash_backward_launch<64>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
-    else attention_flash_backward_launch<128>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+    if (HS == 64 && flash_dq_row_tiles == 2) attention_flash_backward_launch<64, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+    else if (HS == 64) attention_flash_backward_launch<64, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+    else attention_flash_backward_launch<128, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
 }
 #endif   // ATTENTION_FLASH_EMULATION
 #endif

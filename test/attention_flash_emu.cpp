@@ -20,9 +20,9 @@
  *   - shared memory starts as NaN, so a read of an element nothing wrote shows up in the output.
  *
  *   attention_flash_emu IN OUT early|late
- *     IN : int32 B, T, NH, NKV, HS, RW (the forward's row tiles per warp, 1 or 2 with HS 64); then float32
- *          qkv (B, T, QKV), dout (B, T, NH*HS), all values
- *          representable in bf16
+ *     IN : int32 B, T, NH, NKV, HS, RW, DQ_RW (the row tiles per warp of the forward and of the
+ *          backward's dQ pass, each 1 or 2 with HS 64); then float32 qkv (B, T, QKV),
+ *          dout (B, T, NH*HS), all values representable in bf16
  *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV)
  */
 #define ATTENTION_FLASH_EMULATION
@@ -110,11 +110,11 @@ static inline float flash_exp2(float x) { return exp2f(x); }
 
 // ---------------------------------------------------------------------------------------------
 
-template <int HS, int RW>
+template <int HS, int RW, int DQ_RW>
 static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv, const floatX *dout, int B, int T,
                 int NH, int NKV) {
-    Dim3 grid_q{(unsigned)((T + FLASH_ROWS - 1) / FLASH_ROWS), (unsigned)NH, (unsigned)B};
-    Dim3 grid_kv{grid_q.x, (unsigned)NKV, (unsigned)B};
+    Dim3 grid_kv{(unsigned)((T + FLASH_ROWS - 1) / FLASH_ROWS), (unsigned)NKV, (unsigned)B};
+    Dim3 grid_q{(unsigned)((T + DQ_RW * FLASH_ROWS - 1) / (DQ_RW * FLASH_ROWS)), (unsigned)NH, (unsigned)B};
     Dim3 grid_fwd{(unsigned)((T + RW * FLASH_ROWS - 1) / (RW * FLASH_ROWS)), (unsigned)NH, (unsigned)B};
     launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, RW>(),
            [=] { flash_attention_forward_kernel<HS, RW>(out, lse, qkv, T, NH, NKV); });
@@ -123,8 +123,8 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *q
            [=] { flash_attention_backward_preprocess_kernel<HS>(D, dout, out, B, T, NH); });
     launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
            [=] { flash_attention_backward_dkv_kernel<HS>(dqkv, dout, qkv, lse, D, T, NH, NKV); });
-    launch(grid_q, FLASH_THREADS, flash_dq_smem<HS>(),
-           [=] { flash_attention_backward_dq_kernel<HS>(dqkv, dout, qkv, lse, D, T, NH, NKV); });
+    launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(),
+           [=] { flash_attention_backward_dq_kernel<HS, DQ_RW>(dqkv, dout, qkv, lse, D, T, NH, NKV); });
 }
 
 int main(int argc, char **argv) {
@@ -135,12 +135,13 @@ int main(int argc, char **argv) {
     copies_land_early = strcmp(argv[3], "early") == 0;
     FILE *f = fopen(argv[1], "rb");
     if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
-    int32_t dims[6];
-    if (fread(dims, sizeof(int32_t), 6, f) != 6) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
-    int B = dims[0], T = dims[1], NH = dims[2], NKV = dims[3], HS = dims[4], RW = dims[5];
+    int32_t dims[7];
+    if (fread(dims, sizeof(int32_t), 7, f) != 7) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int B = dims[0], T = dims[1], NH = dims[2], NKV = dims[3], HS = dims[4], RW = dims[5], DQ_RW = dims[6];
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
-        (RW == 2 && HS != 64)) {
-        fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d\n", argv[1], B, T, NH, NKV, HS, RW);
+        (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64)) {
+        fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d\n", argv[1], B, T, NH,
+                NKV, HS, RW, DQ_RW);
         return 1;
     }
     int QKV = (NH + 2 * NKV) * HS;
@@ -159,9 +160,11 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n_out; i++) dout[i] = to_bf16(dout_f[i]);
     floatX *out = (floatX *)alloc(n_out * 2, 0xff), *dqkv = (floatX *)alloc(n_qkv * 2, 0xff);
     float *lse = (float *)alloc(n_stat * 4, 0xff), *D = (float *)alloc(n_stat * 4, 0xff);
-    if (HS == 64 && RW == 2) run<64, 2>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
-    else if (HS == 64) run<64, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
-    else run<128, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
+    if (HS == 64 && RW == 2 && DQ_RW == 2) run<64, 2, 2>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
+    else if (HS == 64 && RW == 2) run<64, 2, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
+    else if (HS == 64 && DQ_RW == 2) run<64, 1, 2>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
+    else if (HS == 64) run<64, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
+    else run<128, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
 
     FILE *o = fopen(argv[2], "wb");
     if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }
@@ -173,6 +176,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "error: cannot write %s\n", argv[2]);
         return 1;
     }
-    printf("attention_flash_emu B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d copies %s: done\n", B, T, NH, NKV, HS, RW, argv[3]);
+    printf("attention_flash_emu B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d, copies %s: done\n", B, T, NH, NKV, HS,
+           RW, DQ_RW, argv[3]);
     return 0;
 }

@@ -6,7 +6,9 @@ gradients of sum(out * dout) with respect to q, k and v by automatic differentia
 Shapes cover grouped-query and multi-head attention, head sizes 64 and 128, T of 1, T below,
 across and not a multiple of the 64-row tiles, and sharp softmaxes (inputs scaled by 4) that
 exercise the online rescaling; each runs with the asynchronous copies landing late (at the wait)
-and early (when issued), which exposes a missing wait or a prefetch overwriting a stage in use."""
+and early (when issued), which exposes a missing wait or a prefetch overwriting a stage in use.
+The forward and the dQ pass also run with two 16-row tiles per warp (128 query rows a block, head
+size 64), and that dQ must equal the one-tile dQ bit for bit."""
 import math
 import shutil
 import subprocess
@@ -63,31 +65,36 @@ def rel_err(got, ref):
     return float(np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref))
 
 
-SHAPES = [  # B, T, NH, NKV, HS, input scale, the forward's row tiles per warp
-    (1, 1, 1, 1, 64, 1.0, 1),
-    (2, 37, 2, 2, 64, 1.0, 1),
-    (1, 130, 4, 2, 64, 1.0, 1),
-    (1, 200, 3, 1, 64, 4.0, 1),
-    (2, 45, 2, 1, 128, 1.0, 1),
-    (1, 150, 2, 2, 128, 4.0, 1),
-    (1, 1, 1, 1, 64, 1.0, 2),
-    (2, 37, 2, 2, 64, 1.0, 2),     # one block of 128 rows, partly past T
-    (1, 200, 3, 1, 64, 4.0, 2),    # two blocks; the first row tile skips its last key tile
-    (1, 256, 2, 2, 64, 1.0, 2),    # whole blocks
+SHAPES = [  # B, T, NH, NKV, HS, input scale, row tiles per warp of the forward and of the dQ pass
+    (1, 1, 1, 1, 64, 1.0, 1, 1),
+    (2, 37, 2, 2, 64, 1.0, 1, 1),
+    (1, 130, 4, 2, 64, 1.0, 1, 1),
+    (1, 200, 3, 1, 64, 4.0, 1, 1),
+    (2, 45, 2, 1, 128, 1.0, 1, 1),
+    (1, 150, 2, 2, 128, 4.0, 1, 1),
+    (1, 1, 1, 1, 64, 1.0, 2, 1),
+    (2, 37, 2, 2, 64, 1.0, 2, 1),     # one block of 128 rows, partly past T
+    (1, 200, 3, 1, 64, 4.0, 2, 1),    # two blocks; the first row tile skips its last key tile
+    (1, 256, 2, 2, 64, 1.0, 2, 1),    # whole blocks
+    (1, 1, 1, 1, 64, 1.0, 1, 2),      # dQ with two row tiles: the second wholly past T
+    (2, 37, 2, 2, 64, 1.0, 1, 2),     # one block of 128 rows, partly past T
+    (1, 200, 3, 1, 64, 4.0, 1, 2),    # two blocks; the first row tile skips its last key tile
+    (1, 300, 4, 2, 64, 1.0, 1, 2),    # three blocks, the last one's second row tile past T
+    (2, 256, 2, 2, 64, 1.0, 2, 2),    # whole blocks, both passes with two row tiles
 ]
 
 
-@pytest.mark.parametrize("copies", ["late", "early"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d" % s)
-def test_flash_attention_emulated(emulator, tmp_path, shape, copies):
-    B, T, NH, NKV, HS, scale, RW = shape
+def run_emulator(emulator, tmp_path, shape, copies):
+    """inputs qkv, dout and the emulated out, lse, dqkv for one shape; the inputs do not depend on
+    the dQ pass's row tiles"""
+    B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     QKV = (NH + 2 * NKV) * HS
-    rng = np.random.default_rng(hash(shape) % 2**32)
+    rng = np.random.default_rng(hash(shape[:7]) % 2**32)
     qkv = to_bf16(rng.standard_normal((B, T, QKV)) * scale)
     dout = to_bf16(rng.standard_normal((B, T, NH * HS)))
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([B, T, NH, NKV, HS, RW], np.int32).tofile(f)
+        np.array([B, T, NH, NKV, HS, RW, DQ_RW], np.int32).tofile(f)
         qkv.tofile(f)
         dout.tofile(f)
     proc = subprocess.run([str(emulator), str(inp), str(outp), copies], capture_output=True, text=True, timeout=600)
@@ -95,10 +102,19 @@ def test_flash_attention_emulated(emulator, tmp_path, shape, copies):
     got = np.fromfile(outp, np.float32)
     n_out, n_stat = B * T * NH * HS, B * NH * T
     assert got.size == n_out + n_stat + B * T * QKV
+    assert np.isfinite(got).all(), "unwritten (NaN-poisoned) or non-finite outputs"
     out = got[:n_out].reshape(B, T, NH * HS)
     lse = got[n_out:n_out + n_stat].reshape(B, NH, T)
     dqkv = got[n_out + n_stat:].reshape(B, T, QKV)
-    assert np.isfinite(got).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    return qkv, dout, out, lse, dqkv
+
+
+@pytest.mark.parametrize("copies", ["late", "early"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s)
+def test_flash_attention_emulated(emulator, tmp_path, shape, copies):
+    B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
+    QKV = (NH + 2 * NKV) * HS
+    qkv, dout, out, lse, dqkv = run_emulator(emulator, tmp_path, shape, copies)
 
     ref_out, ref_lse, ref_dqkv = oracle(qkv, dout, NH, NKV, HS)
     # bf16 outputs: relative L2 error of a few 2^-9 roundings; lse is fp32 from fp32 sums
@@ -113,3 +129,14 @@ def test_flash_attention_emulated(emulator, tmp_path, shape, copies):
             continue
         err = rel_err(got_part, ref_part)
         assert err < 1.5e-2, f"{name}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 2, 2, 64, 1.0), (1, 300, 4, 2, 64, 4.0)],
+                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g" % s)
+def test_flash_dq_row_tiles_identical(emulator, tmp_path, shape):
+    """Each dQ row sums the same products in the same order whether its warp holds one row tile
+    or two, so the two launches must agree bit for bit (the GPU harness asserts the same)."""
+    NH, HS = shape[2], shape[4]
+    dq = [run_emulator(emulator, tmp_path, shape + (1, dq_rw), "late")[4][..., : NH * HS] for dq_rw in (1, 2)]
+    differ = int(np.count_nonzero(dq[0].view(np.uint32) != dq[1].view(np.uint32)))
+    assert differ == 0, f"{differ} of {dq[0].size} dq elements differ between one and two row tiles"

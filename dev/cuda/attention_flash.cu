@@ -6,7 +6,8 @@
  *     shapes (B = 16, T = 1024) the CPU reference runs on the first and the last batch element
  *     only (the whole batch would take minutes of CPU time), the GPU on the whole batch;
  *   - against the simple CUDA kernels of attention.cuh on the whole batch (every element);
- *   - bitwise repeatability of forward and backward (the backward uses no atomics);
+ *   - bitwise repeatability of forward and backward (the backward uses no atomics), and the
+ *     backward with two row tiles a warp in the dQ pass bitwise equal to the one-tile backward;
  * for multi-head (GPT-2: 12 heads of 64) and grouped-query (SmolLM2: 9 query heads on 3 kv heads)
  * attention, head sizes 64 and 128, T of 1, T not a multiple of the 64-row tiles, and sharp
  * softmaxes (inputs scaled by 4, scores of standard deviation ~16) that exercise the online
@@ -105,6 +106,15 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
     snprintf(name, sizeof(name), "flash repeat %s out", label); expect_identical(name, out[0], out[1]);
     snprintf(name, sizeof(name), "flash repeat %s lse", label); expect_identical(name, lse[0], lse[1]);
     snprintf(name, sizeof(name), "flash repeat %s dqkv", label); expect_identical(name, dqkv[0], dqkv[1]);
+    if (HS == 64) {   // the dQ pass with two row tiles per warp: each dQ row sums the same products in
+                      // the same order, so dqkv must equal the one-tile result bit for bit
+        flash_dq_row_tiles = 2;
+        poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
+        attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
+        flash_dq_row_tiles = 1;
+        snprintf(name, sizeof(name), "flash dQ 2 row tiles %s dqkv", label);
+        expect_identical(name, download_bf16(d_dqkv, n_qkv), dqkv[0]);
+    }
     if (HS == 64) {   // the forward with two row tiles per warp against the one-tile forward
         flash_forward_row_tiles = 2;
         poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
@@ -202,6 +212,25 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
             flash_backward_side_by_side = 1;
             printf("time attention flash  %-13s backward passes one after the other %7.3f ms (%6.1f TFLOP/s), side by side %7.3f ms\n",
                    model, serial, bwd_flops / serial / 1e9, bwd);
+            if (HS == 64) {   // the dQ pass with two row tiles per warp, both ways (one after the other
+                              // shows the dQ pass's own gain, side by side what the model sees)
+                flash_dq_row_tiles = 2;
+                float bwd2 = time_ms([&] {
+                    i = (i + 1) % SETS;
+                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+                }, 3, 20);
+                flash_backward_side_by_side = 0;
+                float serial2 = time_ms([&] {
+                    i = (i + 1) % SETS;
+                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+                }, 3, 20);
+                flash_backward_side_by_side = 1;
+                flash_dq_row_tiles = 1;
+                printf("time attention flash  %-13s backward with 1 dQ row tile a warp %7.3f ms (%6.1f TFLOP/s), with 2 %7.3f ms (%6.1f TFLOP/s)\n",
+                       model, bwd, bwd_flops / bwd / 1e9, bwd2, bwd_flops / bwd2 / 1e9);
+                printf("time attention flash  %-13s backward passes one after the other with 1 dQ row tile a warp %7.3f ms, with 2 %7.3f ms\n",
+                       model, serial, serial2);
+            }
         }
     }
     for (int i = 0; i < SETS; i++)
