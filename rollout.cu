@@ -112,6 +112,7 @@ struct RolloutEngine {
     floatX *last_hidden;           // (max_seqs, C) gathered final hidden rows
     float *logits;                 // (max_seqs, Vp) fp32
     unsigned char *ref_flags;      // (max_seqs, V) reference sampler scratch
+    SampleSplitScratch sample_split;   // the split sampler's partials (max_seqs rows)
 
     // per-row state: the decode rows (max_seqs), prefill rows (max_rows)
     int *row_token, *row_slot, *row_pos, *row_step;
@@ -326,6 +327,10 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     e->last_hidden = (floatX *)engine_alloc(e, S * C * sizeof(floatX), 1);
     e->logits = (float *)engine_alloc(e, S * Vp * sizeof(float), 1);
     e->ref_flags = NULL;
+    e->sample_split.stats = (SampleSplitStats *)engine_alloc(e, S * SAMPLE_SPLIT_MAX_BLOCKS * sizeof(SampleSplitStats), 1);
+    e->sample_split.best = (SampleBest *)engine_alloc(e, S * SAMPLE_SPLIT_MAX_BLOCKS * sizeof(SampleBest), 1);
+    e->sample_split.max_rows = max_seqs;
+    e->sample_split.sms = e->sms;
 
     e->row_token = (int *)engine_alloc(e, S * sizeof(int), 0);
     e->row_slot = (int *)engine_alloc(e, S * sizeof(int), 0);
@@ -515,7 +520,7 @@ static void sample(RolloutEngine *e, int n, int advance) {
     const ModelConfig *c = &e->config;
     sample_rows(e->out_token, e->out_logprob, e->logits, n, c->vocab_size, c->padded_vocab_size, e->sample_cfg, e->row_key,
                 e->row_step, advance ? e->row_token : NULL, advance ? e->row_pos : NULL, advance ? e->row_slot : NULL,
-                e->dummy_slot, e->err, e->options.reference, e->ref_flags, e->stream);
+                e->dummy_slot, e->err, e->options.reference, e->ref_flags, &e->sample_split, e->stream);
 }
 
 // One decode step of `rows` rows, all on the device: forward, logits, sample, advance.

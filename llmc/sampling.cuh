@@ -32,6 +32,36 @@
  * philox(key, counter (v / 4, step, domain, 0)) lane v % 4 (philox.h): a function of the
  * sequence, the step and the token only.
  *
+ * The split path. One block per row leaves most SMs idle when the rows are fewer than the SMs
+ * (64 rows on 132 SMs), and greedy or plain temperature sampling (no top-k, no top-p: the common
+ * case) needs no set, only the max, the log-sum-exp and one argmax, which divide over blocks. With
+ * a SampleSplitScratch the host entry point cuts each row into S contiguous ranges of token
+ * groups (sample_split_blocks: S blocks of SAMPLE_SPLIT_THREADS per row, as many as fill
+ * SAMPLE_SPLIT_BLOCKS_PER_SM blocks per SM) and launches three kernels in stream order:
+ *   1. sample_rows_split_stats_kernel: block (r, s) writes its range's (max, sum of exp(x - its
+ *      max), argmax, non-finite flag);
+ *   2. sample_rows_split_draw_kernel (temperature > 0): block (r, s) takes the row's max from the S
+ *      partials (a max is exact, so it is the one-block kernel's max bit for bit), computes the
+ *      same Gumbel score as the one-block kernel for every token of its range and writes its best
+ *      (score, token);
+ *   3. sample_rows_kernel: merges the S partials of its row (the statistics and the bests, over the
+ *      S lanes of one warp, in a fixed order), writes the token and log-probability and advances
+ *      the row, as for its own result.
+ * Every score is the one-block kernel's, and the best of a set by (larger score, then smaller id)
+ * does not depend on how the set is cut, so the token is the one-block kernel's; the
+ * log-probability differs only by the order of the fp32 sums of the log-sum-exp. Nothing depends
+ * on the order in which blocks run (no float atomics), and nothing is carried from one call to
+ * the next (no counters), so the scratch needs no initialisation and a CUDA graph replays as is.
+ *
+ * The choice of path. The config lives in device memory and a captured graph replays with the
+ * values of each call, so the path is chosen on the device, by sample_split_config, from the
+ * same values in all three kernels: the split kernels return at once when top-k or top-p is on,
+ * and sample_rows_kernel then does everything itself as without scratch. The final merge belongs
+ * in sample_rows_kernel because that launch is needed anyway for the top-k/top-p case: the split
+ * path costs three launches, as a split path that finishes in its last block (with a counter)
+ * followed by an idle one-block launch would, and the top-k/top-p path pays two launches that
+ * return at once.
+ *
  * sample_rows_reference_kernel is the plain version of the same definition for the harnesses:
  * serial loops, the set by counting for every token how many keys are larger (O(V^2) per row
  * when top-k or top-p is on: small vocabularies only). Its tokens equal the fast kernel's.
@@ -48,6 +78,12 @@
 #define SAMPLE_WARPS (SAMPLE_THREADS / 32)
 #define SAMPLE_BUCKETS 256
 #define SAMPLE_MASS_ONE 1099511627776.0f   // 2^40: fixed-point scale of the top-p masses
+// the split path: blocks of SAMPLE_SPLIT_THREADS, at most SAMPLE_SPLIT_MAX_BLOCKS per row (one warp
+// merges their partials), sized for SAMPLE_SPLIT_BLOCKS_PER_SM resident blocks per SM
+#define SAMPLE_SPLIT_THREADS 256
+#define SAMPLE_SPLIT_WARPS (SAMPLE_SPLIT_THREADS / 32)
+#define SAMPLE_SPLIT_MAX_BLOCKS 32
+#define SAMPLE_SPLIT_BLOCKS_PER_SM 4
 // bits of the error word the sampler sets (the engine reports them on the host)
 #define SAMPLE_ERR_NONFINITE_LOGITS 1
 #define SAMPLE_ERR_REFERENCE_VOCAB 4   // the reference kernel's top-p was given V > 64 * 256
@@ -60,6 +96,15 @@ typedef struct {
     float top_p;         // 1: no top-p
     int unused;
 } SampleConfig;
+
+// Whether the config asks for greedy or plain temperature sampling, the split path's cases: the
+// negation of the one-block kernel's conditions for a top-k or top-p set.
+__host__ __device__ __forceinline__ bool sample_split_config(float temperature, int top_k, float top_p, int V) {
+    bool sampling = temperature > 0.0f;
+    bool top_k_on = top_k > 0 && top_k < V;
+    bool top_p_on = top_p < 1.0f;
+    return !sampling || (!top_k_on && !top_p_on);
+}
 
 // Order-preserving bits of a float: a < b as floats iff the results compare the same way.
 __host__ __device__ __forceinline__ uint32_t sample_order_bits(float x) {
@@ -107,9 +152,9 @@ __device__ __forceinline__ SampleMaxSum sample_max_sum_combine(SampleMaxSum a, S
     r.idx = (a.m > b.m || (a.m == b.m && a.idx < b.idx)) ? a.idx : b.idx;
     return r;
 }
-// Whole block (SAMPLE_THREADS); every thread gets the result. shared holds SAMPLE_WARPS entries.
-__device__ __forceinline__ SampleMaxSum sample_block_max_sum(SampleMaxSum v, SampleMaxSum *shared) {
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+// The whole warp's combination; every lane gets it (the combination is commutative, so the
+// butterfly gives every lane the same bits).
+__device__ __forceinline__ SampleMaxSum sample_warp_max_sum(SampleMaxSum v) {
     for (int off = 16; off > 0; off >>= 1) {
         SampleMaxSum o;
         o.m = __shfl_xor_sync(0xffffffffu, v.m, off);
@@ -117,17 +162,19 @@ __device__ __forceinline__ SampleMaxSum sample_block_max_sum(SampleMaxSum v, Sam
         o.idx = __shfl_xor_sync(0xffffffffu, v.idx, off);
         v = sample_max_sum_combine(v, o);
     }
+    return v;
+}
+// Whole block of WARPS warps; every thread gets the result. shared holds WARPS entries.
+template <int WARPS>
+__device__ __forceinline__ SampleMaxSum sample_block_max_sum(SampleMaxSum v, SampleMaxSum *shared) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    v = sample_warp_max_sum(v);
     if (lane == 0) shared[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = shared[lane];   // SAMPLE_WARPS == 32: one entry per lane
-        for (int off = 16; off > 0; off >>= 1) {
-            SampleMaxSum o;
-            o.m = __shfl_xor_sync(0xffffffffu, v.m, off);
-            o.s = __shfl_xor_sync(0xffffffffu, v.s, off);
-            o.idx = __shfl_xor_sync(0xffffffffu, v.idx, off);
-            v = sample_max_sum_combine(v, o);
-        }
+        SampleMaxSum none = {-INFINITY, 0.0f, INT_MAX};
+        v = lane < WARPS ? shared[lane] : none;
+        v = sample_warp_max_sum(v);
         if (lane == 0) shared[0] = v;
     }
     __syncthreads();
@@ -141,24 +188,25 @@ struct SampleBest { float score; int idx; };
 __device__ __forceinline__ SampleBest sample_best_combine(SampleBest a, SampleBest b) {
     return (b.score > a.score || (b.score == a.score && b.idx < a.idx)) ? b : a;
 }
-__device__ __forceinline__ SampleBest sample_block_best(SampleBest v, SampleBest *shared) {
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+__device__ __forceinline__ SampleBest sample_warp_best(SampleBest v) {
     for (int off = 16; off > 0; off >>= 1) {
         SampleBest o;
         o.score = __shfl_xor_sync(0xffffffffu, v.score, off);
         o.idx = __shfl_xor_sync(0xffffffffu, v.idx, off);
         v = sample_best_combine(v, o);
     }
+    return v;
+}
+template <int WARPS>
+__device__ __forceinline__ SampleBest sample_block_best(SampleBest v, SampleBest *shared) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    v = sample_warp_best(v);
     if (lane == 0) shared[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = shared[lane];
-        for (int off = 16; off > 0; off >>= 1) {
-            SampleBest o;
-            o.score = __shfl_xor_sync(0xffffffffu, v.score, off);
-            o.idx = __shfl_xor_sync(0xffffffffu, v.idx, off);
-            v = sample_best_combine(v, o);
-        }
+        SampleBest none = {-INFINITY, INT_MAX};
+        v = lane < WARPS ? shared[lane] : none;
+        v = sample_warp_best(v);
         if (lane == 0) shared[0] = v;
     }
     __syncthreads();
@@ -166,6 +214,10 @@ __device__ __forceinline__ SampleBest sample_block_best(SampleBest v, SampleBest
     __syncthreads();
     return r;
 }
+
+// A split block's partial statistics of its range: the SampleMaxSum and whether it holds a NaN or
+// an infinity (then the other fields are meaningless).
+struct __align__(16) SampleSplitStats { float m, s; int idx, bad; };
 
 // ---------------------------------------------------------------------------------------------
 // radix descent
@@ -245,13 +297,36 @@ __device__ __forceinline__ void sample_histogram(unsigned *cnt, unsigned long lo
 // ---------------------------------------------------------------------------------------------
 // the fast kernel
 
+// Row r's result, written by one thread: the token, its log-probability, and the row's decode state
+// when row_token is not NULL and the row's slot is not dummy_slot (the padding rows').
+__device__ __forceinline__ void sample_finish_row(int r, int chosen, float logprob, int *out_token, float *out_logprob,
+                                                  int *row_step, int *row_token, int *row_pos, const int *row_slot,
+                                                  int dummy_slot) {
+    out_token[r] = chosen;
+    out_logprob[r] = logprob;
+    if (row_token != NULL && row_slot[r] != dummy_slot) {
+        row_token[r] = chosen;
+        row_pos[r] += 1;
+        row_step[r] += 1;
+    }
+}
+// A row with a NaN or an infinite logit: flagged, token 0, log-probability NaN, state unchanged.
+__device__ __forceinline__ void sample_flag_row(int r, int *out_token, float *out_logprob, int *err) {
+    atomicOr(err, SAMPLE_ERR_NONFINITE_LOGITS);
+    out_token[r] = 0;
+    out_logprob[r] = NAN;
+}
+
 // grid (n_rows), block SAMPLE_THREADS, dynamic shared SAMPLE_DYNAMIC_SMEM bytes.
 // When row_token is not NULL the decode state of every row whose slot is not dummy_slot
 // advances: row_token = the sampled token, row_pos += 1, row_step += 1.
+// With split_blocks > 0 and a config of the split path (sample_split_config), the row's result is
+// the merge of the split kernels' partials: split_stats and split_best, split_blocks per row.
 __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 sample_rows_kernel(int *out_token, float *out_logprob, const float *logits, int V, int Vp, const SampleConfig *cfg,
                    const uint64_t *row_key, int *row_step, int *row_token, int *row_pos, const int *row_slot,
-                   int dummy_slot, int *err) {
+                   int dummy_slot, int *err, const SampleSplitStats *split_stats, const SampleBest *split_best,
+                   int split_blocks) {
     extern __shared__ __align__(16) unsigned char sample_smem[];
     unsigned long long *warp_mass = (unsigned long long *)sample_smem;
     unsigned *warp_cnt = (unsigned *)(warp_mass + SAMPLE_WARPS * SAMPLE_BUCKETS);
@@ -270,6 +345,33 @@ sample_rows_kernel(int *out_token, float *out_logprob, const float *logits, int 
     const float top_p = cfg->top_p;
     const uint64_t key = row_key[r];
     const int step = row_step[r];
+
+    if (split_blocks > 0 && sample_split_config(temperature, top_k, top_p, V)) {
+        // the split path's last step: lane s of warp 0 holds partial s; the merges go over the
+        // warp in a fixed order, so the result does not depend on which block finished when
+        if (threadIdx.x >= 32) return;   // no block barrier follows
+        int lane = threadIdx.x;
+        SampleSplitStats p = {-INFINITY, 0.0f, INT_MAX, 0};
+        if (lane < split_blocks) p = split_stats[(size_t)r * split_blocks + lane];
+        bool row_bad = __ballot_sync(0xffffffffu, p.bad) != 0u;
+        SampleMaxSum ms = {p.m, p.s, p.idx};
+        ms = sample_warp_max_sum(ms);
+        if (row_bad) {
+            if (lane == 0) sample_flag_row(r, out_token, out_logprob, err);
+            return;
+        }
+        int chosen = ms.idx;
+        if (temperature > 0.0f) {
+            SampleBest b = {-INFINITY, INT_MAX};
+            if (lane < split_blocks) b = split_best[(size_t)r * split_blocks + lane];
+            chosen = sample_warp_best(b).idx;
+        }
+        if (lane == 0)
+            sample_finish_row(r, chosen, x[chosen] - (ms.m + logf(ms.s)), out_token, out_logprob, row_step, row_token,
+                              row_pos, row_slot, dummy_slot);
+        return;
+    }
+
     if (threadIdx.x == 0) s_bad = 0;
     __syncthreads();
 
@@ -283,13 +385,9 @@ sample_rows_kernel(int *out_token, float *out_logprob, const float *logits, int 
         else ms.s += expf(xv - ms.m);
     }
     if (bad) s_bad = 1;
-    ms = sample_block_max_sum(ms, red_ms);   // its barriers publish s_bad
+    ms = sample_block_max_sum<SAMPLE_WARPS>(ms, red_ms);   // its barriers publish s_bad
     if (s_bad) {
-        if (threadIdx.x == 0) {
-            atomicOr(err, SAMPLE_ERR_NONFINITE_LOGITS);
-            out_token[r] = 0;
-            out_logprob[r] = NAN;
-        }
+        if (threadIdx.x == 0) sample_flag_row(r, out_token, out_logprob, err);
         return;   // block-uniform: s_bad is read after a barrier
     }
     const float max_logit = ms.m, lse = ms.m + logf(ms.s);
@@ -377,18 +475,120 @@ sample_rows_kernel(int *out_token, float *out_logprob, const float *logits, int 
                 best = sample_best_combine(best, cand);
             }
         }
-        best = sample_block_best(best, red_best);
+        best = sample_block_best<SAMPLE_WARPS>(best, red_best);
         chosen = best.idx;
     }
-    if (threadIdx.x == 0) {
-        out_token[r] = chosen;
-        out_logprob[r] = x[chosen] - lse;
-        if (row_token != NULL && row_slot[r] != dummy_slot) {
-            row_token[r] = chosen;
-            row_pos[r] += 1;
-            row_step[r] += 1;
+    if (threadIdx.x == 0)
+        sample_finish_row(r, chosen, x[chosen] - lse, out_token, out_logprob, row_step, row_token, row_pos, row_slot,
+                          dummy_slot);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the split path (greedy and plain temperature sampling)
+
+// Row part `part` of `parts` owns the token groups [*g0, *g1) of the row's ceil(V / 4) groups
+// of 4 (the draw's Philox groups): contiguous ranges whose sizes differ by at most one.
+__device__ __forceinline__ void sample_split_range(int part, int parts, int V, int *g0, int *g1) {
+    long long groups = (V + 3) / 4;
+    *g0 = (int)(part * groups / parts);
+    *g1 = (int)((part + 1) * groups / parts);
+}
+// The logits of group g (tokens 4g .. 4g+3 below V) into xg: one 16-byte load when the row is
+// 16-byte aligned (vec) and the group is whole, else one load per token (those past V are 0 and
+// never used).
+__device__ __forceinline__ void sample_load_group(float (&xg)[4], const float *x, int g, int V, bool vec) {
+    if (vec && 4 * g + 3 < V) {
+        float4 q = reinterpret_cast<const float4 *>(x)[g];
+        xg[0] = q.x;
+        xg[1] = q.y;
+        xg[2] = q.z;
+        xg[3] = q.w;
+    } else {
+        #pragma unroll
+        for (int e = 0; e < 4; e++) xg[e] = 4 * g + e < V ? x[4 * g + e] : 0.0f;
+    }
+}
+
+// grid (n_rows * split_blocks): block r * split_blocks + s writes stats[blockIdx.x], the
+// statistics of row r's range s (pass 1 of the one-block kernel over the range). Returns at once
+// when the config is not the split path's.
+__global__ void __launch_bounds__(SAMPLE_SPLIT_THREADS, SAMPLE_SPLIT_BLOCKS_PER_SM)
+sample_rows_split_stats_kernel(SampleSplitStats *stats, const float *logits, int V, int Vp, const SampleConfig *cfg,
+                               int split_blocks) {
+    __shared__ SampleMaxSum red_ms[SAMPLE_SPLIT_WARPS];
+    __shared__ int s_bad;
+    if (!sample_split_config(cfg->temperature, cfg->top_k, cfg->top_p, V)) return;   // block-uniform
+    int r = blockIdx.x / split_blocks, g0, g1;
+    sample_split_range(blockIdx.x % split_blocks, split_blocks, V, &g0, &g1);
+    const float *x = logits + (size_t)r * Vp;
+    const bool vec = ((uintptr_t)x & 15) == 0;
+    if (threadIdx.x == 0) s_bad = 0;
+    __syncthreads();
+    // each thread's tokens in increasing order, so that its argmax is the smallest id of its max
+    SampleMaxSum ms = {-INFINITY, 0.0f, INT_MAX};
+    bool bad = false;
+    for (int g = g0 + threadIdx.x; g < g1; g += blockDim.x) {
+        float xg[4];
+        sample_load_group(xg, x, g, V, vec);
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int v = 4 * g + e;
+            if (v >= V) break;
+            float xv = xg[e];
+            if (!isfinite(xv)) { bad = true; continue; }
+            if (xv > ms.m) { ms.s = ms.s * expf(ms.m - xv) + 1.0f; ms.m = xv; ms.idx = v; }
+            else ms.s += expf(xv - ms.m);
         }
     }
+    if (bad) s_bad = 1;
+    ms = sample_block_max_sum<SAMPLE_SPLIT_WARPS>(ms, red_ms);   // its barriers publish s_bad
+    if (threadIdx.x == 0) {
+        SampleSplitStats out = {ms.m, ms.s, ms.idx, s_bad};
+        stats[blockIdx.x] = out;
+    }
+}
+
+// grid (n_rows * split_blocks): block r * split_blocks + s writes best[blockIdx.x], the best
+// (Gumbel score, token) of row r's range s, each score computed as the one-block kernel does with
+// the row's max. Returns at once for greedy, for a config that is not the split path's and for a
+// row with a non-finite logit (sample_rows_kernel flags it).
+__global__ void __launch_bounds__(SAMPLE_SPLIT_THREADS, SAMPLE_SPLIT_BLOCKS_PER_SM)
+sample_rows_split_draw_kernel(SampleBest *best_out, const SampleSplitStats *stats, const float *logits, int V, int Vp,
+                              const SampleConfig *cfg, const uint64_t *row_key, const int *row_step, int split_blocks) {
+    __shared__ SampleBest red_best[SAMPLE_SPLIT_WARPS];
+    const float temperature = cfg->temperature;
+    if (!(temperature > 0.0f) || !sample_split_config(temperature, cfg->top_k, cfg->top_p, V)) return;
+    int r = blockIdx.x / split_blocks, g0, g1;
+    sample_split_range(blockIdx.x % split_blocks, split_blocks, V, &g0, &g1);
+    // the row's max (exact: a max does not round), each warp from the S partials itself: the
+    // same values for every warp, so the return below is block-uniform
+    int lane = threadIdx.x % 32;
+    SampleSplitStats p = {-INFINITY, 0.0f, INT_MAX, 0};
+    if (lane < split_blocks) p = stats[(size_t)r * split_blocks + lane];
+    if (__ballot_sync(0xffffffffu, p.bad) != 0u) return;
+    float max_logit = p.m;
+    for (int off = 16; off > 0; off >>= 1) max_logit = fmaxf(max_logit, __shfl_xor_sync(0xffffffffu, max_logit, off));
+
+    const float *x = logits + (size_t)r * Vp;
+    const bool vec = ((uintptr_t)x & 15) == 0;
+    const float inv_t = 1.0f / temperature;
+    const uint64_t key = row_key[r];
+    const int step = row_step[r];
+    SampleBest best = {-INFINITY, INT_MAX};
+    for (int g = g0 + threadIdx.x; g < g1; g += blockDim.x) {
+        Philox4x32 bits = philox_sampling_block(key, (uint32_t)g, (uint32_t)step);
+        float xg[4];
+        sample_load_group(xg, x, g, V, vec);
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int v = 4 * g + e;
+            if (v >= V) break;
+            SampleBest cand = {sample_gumbel_score(xg[e], max_logit, inv_t, bits.v[e]), v};
+            best = sample_best_combine(best, cand);
+        }
+    }
+    best = sample_block_best<SAMPLE_SPLIT_WARPS>(best, red_best);
+    if (threadIdx.x == 0) best_out[blockIdx.x] = best;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -511,24 +711,67 @@ static inline void sampling_setup(void) {
     cudaCheck(cudaFuncSetAttribute(sample_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SAMPLE_DYNAMIC_SMEM));
 }
 
+// The split path's scratch, allocated by the caller for up to max_rows rows: stats and best
+// hold max_rows * SAMPLE_SPLIT_MAX_BLOCKS entries each (no initialisation needed: every entry a
+// call reads was written by the same call). sms, the GPU's multiprocessor count, sets the blocks
+// per row.
+typedef struct {
+    SampleSplitStats *stats;
+    SampleBest *best;
+    int max_rows;
+    int sms;
+} SampleSplitScratch;
+
+// Blocks per row of the split path: as many as fit n_rows rows in one wave of
+// SAMPLE_SPLIT_BLOCKS_PER_SM blocks per SM (a second, partial wave would leave SMs idle), at
+// most SAMPLE_SPLIT_MAX_BLOCKS, and at most one per SAMPLE_SPLIT_THREADS groups of 4 tokens, so
+// that every thread has a group (more blocks would only add partials to merge).
+static inline int sample_split_blocks(int n_rows, int V, int sms) {
+    int s = SAMPLE_SPLIT_BLOCKS_PER_SM * sms / n_rows;
+    int by_groups = (V + 3) / 4 / SAMPLE_SPLIT_THREADS;
+    if (s > by_groups) s = by_groups;
+    if (s > SAMPLE_SPLIT_MAX_BLOCKS) s = SAMPLE_SPLIT_MAX_BLOCKS;
+    return s < 1 ? 1 : s;
+}
+
 // Samples one token for each of n_rows rows (see the kernels). reference selects the plain
 // kernel, which needs flags (n_rows * V bytes), and V <= SAMPLE_REFERENCE_MAX_V for top-p (else
-// it sets SAMPLE_ERR_REFERENCE_VOCAB).
+// it sets SAMPLE_ERR_REFERENCE_VOCAB). Otherwise, with split (not NULL), the device takes the
+// split path for greedy and plain temperature sampling and the one-block kernel for top-k and
+// top-p; with split NULL, the one-block kernel does every case.
 static inline void sample_rows(int *out_token, float *out_logprob, const float *logits, int n_rows, int V, int Vp,
                                const SampleConfig *cfg, const uint64_t *row_key, int *row_step, int *row_token,
                                int *row_pos, const int *row_slot, int dummy_slot, int *err, int reference,
-                               unsigned char *flags, cudaStream_t stream) {
+                               unsigned char *flags, const SampleSplitScratch *split, cudaStream_t stream) {
     cudaRequire(n_rows >= 1 && V >= 1 && V <= Vp, "sample_rows: need n_rows >= 1 and 1 <= V <= Vp");
     cudaRequire(row_token == NULL || (row_pos != NULL && row_slot != NULL), "sample_rows: advancing rows needs row_pos and row_slot");
     if (reference) {
         cudaRequire(flags != NULL, "sample_rows: the reference sampler needs its flags scratch");
         sample_rows_reference_kernel<<<n_rows, 256, 0, stream>>>(out_token, out_logprob, logits, V, Vp, cfg, row_key, row_step,
                                                                  row_token, row_pos, row_slot, dummy_slot, err, flags);
-    } else {
-        sample_rows_kernel<<<n_rows, SAMPLE_THREADS, SAMPLE_DYNAMIC_SMEM, stream>>>(out_token, out_logprob, logits, V, Vp, cfg,
-                                                                                    row_key, row_step, row_token, row_pos,
-                                                                                    row_slot, dummy_slot, err);
+        cudaCheckLaunch();
+        return;
     }
+    SampleSplitStats *stats = NULL;
+    SampleBest *best = NULL;
+    int blocks = 0;   // per row; 0: the one-block kernel alone
+    if (split != NULL) {
+        cudaRequire(split->stats != NULL && split->best != NULL && n_rows <= split->max_rows && split->sms >= 1,
+                    "sample_rows: the split scratch needs its buffers for n_rows rows and the multiprocessor count");
+        stats = split->stats;
+        best = split->best;
+        blocks = sample_split_blocks(n_rows, V, split->sms);
+        sample_rows_split_stats_kernel<<<n_rows * blocks, SAMPLE_SPLIT_THREADS, 0, stream>>>(stats, logits, V, Vp, cfg,
+                                                                                             blocks);
+        cudaCheckLaunch();
+        sample_rows_split_draw_kernel<<<n_rows * blocks, SAMPLE_SPLIT_THREADS, 0, stream>>>(best, stats, logits, V, Vp, cfg,
+                                                                                            row_key, row_step, blocks);
+        cudaCheckLaunch();
+    }
+    sample_rows_kernel<<<n_rows, SAMPLE_THREADS, SAMPLE_DYNAMIC_SMEM, stream>>>(out_token, out_logprob, logits, V, Vp, cfg,
+                                                                                row_key, row_step, row_token, row_pos,
+                                                                                row_slot, dummy_slot, err, stats, best,
+                                                                                blocks);
     cudaCheckLaunch();
 }
 #endif

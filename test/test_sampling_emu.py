@@ -14,7 +14,14 @@ vocabulary sizes up to SmolLM2's 49152, and for tied logits at the boundary. The
 many draws (different steps) on a small vocabulary passes a chi-square test against the filtered
 softmax, and fails it against the softmax at a wrong temperature. Each draw is also replayed
 exactly: the argmax over the reference set of (x - max) / T plus Gumbel noise from a NumPy
-Philox4x32-10 (checked on Random123's known-answer vectors) of the row's key and step."""
+Philox4x32-10 (checked on Random123's known-answer vectors) of the row's key and step.
+
+The split path (greedy and plain temperature sampling with each row cut over several blocks, the
+one-block kernel merging their partials) must draw the reference kernel's and the one-block
+kernel's tokens, on vocabularies that do not divide evenly into its blocks, aligned and unaligned
+rows, up to its 32 blocks per row; flag rows with non-finite logits; advance the rows' state
+except the padding rows'; and follow the config of each call when the same launches are replayed
+with the config changed (top-k and top-p go to the one-block kernel)."""
 import math
 import re
 import subprocess
@@ -39,34 +46,65 @@ def emulator(tmp_path_factory):
     return build_emulator(build, launched, "sampling_emu")
 
 
-def run_sampler(emulator, tmp_path, logits, temperature, top_k, top_p, keys, steps, V=None, reference=False,
-                order="forward"):
-    """(tokens, logprobs, err, sets) from sample_rows() under emulation; logits (n_rows, Vp) of
-    which the first V (default all) are used; sets[r] the float32 x - max of row r's set."""
-    n, Vp = logits.shape
+MODES = {"fast": 0, "reference": 1, "split": 2}
+
+
+def run_calls(emulator, tmp_path, logits, configs, keys, steps, V=None, mode="fast", sms=132, advance=None,
+              dummy_slot=-1, order="forward"):
+    """Consecutive calls of sample_rows() under emulation on the same buffers (the split path's
+    scratch and the rows' state), as a captured decode step's replays: logits (calls, n_rows, Vp)
+    of which the first V (default all) are used, configs one (temperature, top_k, top_p) per call;
+    mode "fast" (the one-block kernel alone), "reference" or "split" (with the split path's
+    scratch, sized for `sms` multiprocessors); advance None or (row_token, row_pos, row_slot).
+    Returns (blocks per row of the split path, [(tokens, logprobs, err, sets) per call], final
+    (row_token, row_pos, row_step)), sets[r] the float32 x - max of row r's set."""
+    calls, n, Vp = logits.shape
+    assert len(configs) == calls
     V = Vp if V is None else V
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
+    tokens0, pos0, slots = advance if advance is not None else (np.zeros(n), np.zeros(n), np.zeros(n))
     with open(inp, "wb") as f:
-        np.array([n, V, Vp, int(reference)], np.int32).tofile(f)
-        np.array([temperature], np.float32).tofile(f)
-        np.array([top_k], np.int32).tofile(f)
-        np.array([top_p], np.float32).tofile(f)
+        np.array([n, V, Vp, MODES[mode], sms, calls, int(advance is not None), dummy_slot], np.int32).tofile(f)
+        for temperature, top_k, top_p in configs:
+            np.array([temperature], np.float32).tofile(f)
+            np.array([top_k], np.int32).tofile(f)
+            np.array([top_p], np.float32).tofile(f)
         np.asarray(keys, np.uint64).tofile(f)
-        np.asarray(steps, np.int32).tofile(f)
+        for a in (steps, tokens0, pos0, slots):
+            np.asarray(a, np.int32).tofile(f)
         logits.astype(np.float32).tofile(f)
     proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     raw = np.fromfile(outp, np.uint8)
-    tokens = raw[:4 * n].view(np.int32).copy()
-    logprobs = raw[4 * n:8 * n].view(np.float32).copy()
-    err = int(raw[8 * n:8 * n + 4].view(np.int32)[0])
-    sets, at = [], 8 * n + 4
-    for _ in range(n):
-        k = int(raw[at:at + 4].view(np.int32)[0])
-        sets.append(raw[at + 4:at + 4 + 4 * k].view(np.float32).copy())
-        at += 4 + 4 * k
-    assert at == raw.size
-    return tokens, logprobs, err, sets
+
+    def ints(at, k):
+        return raw[at:at + 4 * k].view(np.int32).copy()
+
+    blocks, at, results = int(ints(0, 1)[0]), 4, []
+    for _ in range(calls):
+        tokens = ints(at, n)
+        logprobs = raw[at + 4 * n:at + 8 * n].view(np.float32).copy()
+        err = int(ints(at + 8 * n, 1)[0])
+        sets, at = [], at + 8 * n + 4
+        for _ in range(n):
+            k = int(ints(at, 1)[0])
+            sets.append(raw[at + 4:at + 4 + 4 * k].view(np.float32).copy())
+            at += 4 + 4 * k
+        results.append((tokens, logprobs, err, sets))
+    state = (ints(at, n), ints(at + 4 * n, n), ints(at + 8 * n, n))
+    assert at + 12 * n == raw.size
+    return blocks, results, state
+
+
+def run_sampler(emulator, tmp_path, logits, temperature, top_k, top_p, keys, steps, V=None, reference=False,
+                order="forward", mode=None, sms=132):
+    """(tokens, logprobs, err, sets) from one sample_rows() call under emulation; logits (n_rows,
+    Vp) of which the first V (default all) are used; sets[r] the float32 x - max of row r's set.
+    mode as run_calls' (default: "reference" when reference, else "fast")."""
+    mode = mode or ("reference" if reference else "fast")
+    _, results, _ = run_calls(emulator, tmp_path, logits[None], [(temperature, top_k, top_p)], keys, steps, V=V,
+                              mode=mode, sms=sms, order=order)
+    return results[0]
 
 
 def log_softmax(x):
@@ -347,3 +385,134 @@ def test_reference_kernel_refuses_large_top_p_vocabulary(emulator, tmp_path):
     x = np.zeros((1, 64 * 256 + 1), np.float32)
     tokens, logprobs, err, _ = run_sampler(emulator, tmp_path, x, 1.0, 0, 0.9, [1], [0], reference=True)
     assert err == 4 and tokens[0] == 0 and np.isnan(logprobs[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# the split path: greedy and plain temperature sampling with each row cut over several blocks
+
+SPLIT_THREADS = 256   # SAMPLE_SPLIT_THREADS: a thread's next group is this many groups on
+
+SPLIT_CASES = [  # V, Vp, rows, sms, blocks per row (expected), temperature, order
+    (3001, 3001, 4, 2, 2, 1.0, "forward"),        # Vp % 4 != 0: rows alternately 16-byte aligned or not
+    (3001, 3001, 4, 2, 2, 0.0, "reverse"),
+    (9001, 9001, 5, 9, 7, 0.7, "forward"),        # 2251 groups over 7 blocks
+    (9001, 9088, 5, 9, 7, 0.0, "forward"),
+    (12289, 12289, 3, 4, 5, 1.3, "reverse"),
+    (49157, 49280, 2, 16, 32, 1.0, "forward"),    # the most blocks per row: the merge's whole warp
+    (49157, 49157, 2, 16, 32, 0.0, "forward"),
+]
+
+
+def split_logits(rng, rows, V, Vp, blocks):
+    """Random rows with ties for the maximum in different blocks' ranges and inside one thread's
+    tokens (two of a group, and the group a thread takes next), where greedy must take the
+    smallest id; padding past V that would win if read."""
+    x = (rng.standard_normal((rows, Vp)) * rng.uniform(0.5, 4.0, (rows, 1))).astype(np.float32)
+    x[:, V:] = 1e4
+    groups = (V + 3) // 4
+    for r in range(rows):
+        top = float(x[r, :V].max()) + 1.0
+        spots = [4 * (b * groups // blocks) + 1 for b in range(blocks)]
+        middle = spots[(r + len(spots) // 2) % len(spots)]
+        pick = [spots[-1], middle, middle + 1, middle + 4 * SPLIT_THREADS]
+        x[r, [v for v in pick if v < V]] = top
+    return x
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "V%d_Vp%d_rows%d_S%d_T%g_%s" % (c[0], c[1], c[2], c[4], c[5], c[6]))
+def test_split_path_matches_reference(emulator, tmp_path, case):
+    """The split path draws the reference and the one-block kernel's tokens on vocabularies that do
+    not divide evenly into its blocks; its log-probabilities match a float64 log-softmax; its
+    Gumbel scores are taken from every token at the row's max (the x - max they are computed
+    from equal the whole row's), greedy draws nothing."""
+    V, Vp, rows, sms, want_blocks, T, order = case
+    rng = np.random.default_rng(V + rows)
+    x = split_logits(rng, rows, V, Vp, want_blocks)
+    keys = [int(v) for v in rng.integers(0, 2 ** 64, rows, dtype=np.uint64)]
+    steps = [int(v) for v in rng.integers(0, 1000, rows)]
+    blocks, (split,), _ = run_calls(emulator, tmp_path, x[None], [(T, 0, 1.0)], keys, steps, V=V, mode="split", sms=sms,
+                                    order=order)
+    assert blocks == want_blocks
+    tokens, logprobs, err, sets = split
+    ref_tokens, _, ref_err, _ = run_sampler(emulator, tmp_path, x, T, 0, 1.0, keys, steps, V=V, reference=True)
+    one_tokens, _, one_err, _ = run_sampler(emulator, tmp_path, x, T, 0, 1.0, keys, steps, V=V, sms=sms)
+    assert err == 0 and ref_err == 0 and one_err == 0
+    assert list(tokens) == list(ref_tokens) == list(one_tokens)
+    check_logprobs(x, tokens, logprobs, V)
+    for r in range(rows):
+        row = x[r, :V]
+        if T == 0:
+            assert len(sets[r]) == 0
+            assert tokens[r] == int(np.argmax(row))   # the smallest id of the tied maxima
+            continue
+        assert np.array_equal(np.sort(sets[r]), np.sort(row - row.max()))
+        scores = gumbel_draw_scores(row, T, keys[r], steps[r])
+        best2 = np.sort(scores)[-2:]
+        if best2[1] - best2[0] >= 1e-4:
+            assert tokens[r] == int(np.argmax(scores)), r
+
+
+def test_split_path_flags_nonfinite_rows_and_advances_rows(emulator, tmp_path):
+    """Two calls on the same rows: a NaN, +inf or -inf logit in the first, a middle or the last
+    block's range flags its row in each call (error bit 1, token 0, log-probability NaN) and
+    leaves its state;
+    the other rows advance (token, position and step), except the padding row on the dummy slot;
+    the second call draws with the advanced steps. Tokens, flags and states as the reference
+    kernel's."""
+    rng = np.random.default_rng(21)
+    rows, V, Vp, sms, want_blocks, dummy = 6, 5003, 5003, 6, 4, 9
+    x = np.stack([split_logits(rng, rows, V, Vp, want_blocks) for _ in range(2)])
+    groups = (V + 3) // 4
+    x[:, 0, 4 * (3 * groups // 4) + 2] = np.nan        # the last range
+    x[:, 2, 1] = np.inf                                 # the first
+    x[:, 3, 4 * (groups // 2) + 3] = -np.inf            # a middle one
+    keys = [int(v) for v in rng.integers(0, 2 ** 64, rows, dtype=np.uint64)]
+    steps = [3, 0, 8, 1, 0, 40]
+    advance = ([7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 0, 25], [0, 1, 2, 3, dummy, 5])
+    configs = [(1.0, 0, 1.0), (0.0, 0, 1.0)]
+    runs = {mode: run_calls(emulator, tmp_path, x, configs, keys, steps, V=V, mode=mode, sms=sms, advance=advance,
+                            dummy_slot=dummy) for mode in ("split", "reference")}
+    blocks, results, (tok, pos, step) = runs["split"]
+    assert blocks == want_blocks
+    bad, good = [0, 2, 3], [1, 4, 5]
+    for c, (tokens, logprobs, err, _) in enumerate(results):
+        ref_tokens, _, ref_err, _ = runs["reference"][1][c]
+        assert err == 1 and ref_err == 1
+        assert list(tokens) == list(ref_tokens)
+        assert all(tokens[r] == 0 and np.isnan(logprobs[r]) for r in bad)
+        check_logprobs(x[c][good], tokens[good], logprobs[good], V)
+    assert [list(a) for a in (tok, pos, step)] == [list(a) for a in runs["reference"][2]]
+    last = results[1][0]
+    assert list(tok) == [7, last[1], 9, 10, 11, last[5]]
+    assert list(pos) == [20, 23, 22, 23, 0, 27]
+    assert list(step) == [3, 2, 8, 1, 0, 42]
+
+
+def test_split_scratch_follows_each_calls_config(emulator, tmp_path):
+    """Replays of one launch sequence with the config changed between them (as a CUDA graph's):
+    with the split path's scratch, the calls with top-k or top-p go to the one-block kernel (its
+    candidate set is recorded; the split kernels return at once) and the others to the split
+    path; every call's tokens and the rows' final state equal the reference kernel's and the
+    one-block kernel's alone."""
+    rng = np.random.default_rng(33)
+    rows, V, Vp, sms, want_blocks = 3, 4099, 4100, 3, 4
+    configs = [(1.0, 0, 1.0), (0.8, 20, 1.0), (1.0, 0, 0.9), (0.0, 0, 1.0), (0.5, V, 1.0), (1.2, 0, 1.0)]
+    x = np.stack([split_logits(rng, rows, V, Vp, want_blocks) for _ in configs])
+    keys = [5, 6, 7]
+    advance = ([1, 2, 3], [0, 0, 0], [0, 1, 2])
+    runs = {mode: run_calls(emulator, tmp_path, x, configs, keys, [0, 5, 9], V=V, mode=mode, sms=sms, advance=advance)
+            for mode in ("split", "fast", "reference")}
+    assert runs["split"][0] == want_blocks
+    for c, (T, k, p) in enumerate(configs):
+        tokens, logprobs, err, sets = runs["split"][1][c]
+        assert err == 0
+        assert list(tokens) == list(runs["fast"][1][c][0]) == list(runs["reference"][1][c][0]), c
+        check_logprobs(x[c], tokens, logprobs, V)
+        for r in range(rows):
+            want = reference_set(x[c][r, :V], T, k, p) if T > 0 else []
+            assert len(sets[r]) == len(want), (c, r)
+            if T > 0:
+                assert tokens[r] in want
+    assert [list(a) for a in runs["split"][2]] == [list(a) for a in runs["reference"][2]]
+    n = len(configs)
+    assert list(runs["split"][2][2]) == [0 + n, 5 + n, 9 + n]   # every row advanced once a call

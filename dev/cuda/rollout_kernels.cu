@@ -11,10 +11,15 @@
  *      tied logits, the fast kernel's tokens must equal the reference kernel's exactly, and both
  *      must equal a host implementation of the same definition (sorted candidate set, the same
  *      Philox draws) except where two perturbed scores are within rounding (counted, printed);
- *      log-probs against log-softmax in double.
+ *      log-probs against log-softmax in double. The same with the split path's scratch (the row
+ *      over several blocks for greedy and plain temperature, the one-block kernel otherwise):
+ *      its tokens must equal the one-block and the reference kernel's exactly.
  *   3. sampled frequencies: one row of logits drawn by 16384 rows with their own keys, against
  *      the softmax at the temperature restricted to the top-k/top-p set: a chi-square test at
- *      p = 0.001 (Wilson-Hilferty quantile), and no token outside the set.
+ *      p = 0.001 (Wilson-Hilferty quantile), and no token outside the set; without and with the
+ *      split path's scratch.
+ *   4. sampler timings, V = 50257, 64 and 256 rows: the one-block kernel beside the split path,
+ *      per call of sample_rows replayed from a CUDA graph, as the rollout engine's decode step.
  *
  *   build/cuda/dev/rollout_kernels
  */
@@ -197,6 +202,25 @@ static int host_draw(const float *x, int V, const SampleCase &sc, float max_logi
     return best_v;
 }
 
+// The split path's scratch for up to max_rows rows, sized for this GPU's multiprocessors.
+static SampleSplitScratch split_scratch_alloc(int max_rows) {
+    SampleSplitScratch sp;
+    int device = 0;
+    cudaCheck(cudaGetDevice(&device));
+    cudaCheck(cudaDeviceGetAttribute(&sp.sms, cudaDevAttrMultiProcessorCount, device));
+    sp.stats = device_alloc_n<SampleSplitStats>((size_t)max_rows * SAMPLE_SPLIT_MAX_BLOCKS);
+    sp.best = device_alloc_n<SampleBest>((size_t)max_rows * SAMPLE_SPLIT_MAX_BLOCKS);
+    sp.max_rows = max_rows;
+    // NaN partials: a partial read before it is written shows in the result
+    poison(sp.stats, (size_t)max_rows * SAMPLE_SPLIT_MAX_BLOCKS * sizeof(SampleSplitStats));
+    poison(sp.best, (size_t)max_rows * SAMPLE_SPLIT_MAX_BLOCKS * sizeof(SampleBest));
+    return sp;
+}
+static void split_scratch_free(SampleSplitScratch *sp) {
+    cudaCheck(cudaFree(sp->stats));
+    cudaCheck(cudaFree(sp->best));
+}
+
 static void check_sampler(int V, int rows) {
     int Vp = (V + 127) / 128 * 128;
     std::vector<float> logits((size_t)rows * Vp, 0.0f);
@@ -223,23 +247,28 @@ static void check_sampler(int V, int rows) {
     float *d_lp = device_alloc_n<float>(rows);
     SampleConfig *d_cfg = device_alloc_n<SampleConfig>(1);
     unsigned char *d_flags = device_alloc_n<unsigned char>((size_t)rows * V);
+    SampleSplitScratch split = split_scratch_alloc(rows);
+    int split_blocks = sample_split_blocks(rows, V, split.sms);
     for (const SampleCase &sc : cases) {
         SampleConfig cfg = {sc.temperature, sc.top_k, sc.top_p, 0};
         cudaCheck(cudaMemcpy(d_cfg, &cfg, sizeof(cfg), cudaMemcpyHostToDevice));
-        std::vector<int> tok[2];
-        std::vector<float> lp[2];
-        for (int reference = 0; reference < 2; reference++) {
+        // variants: 0 the one-block kernel, 1 the reference kernel, 2 with the split path's scratch
+        std::vector<int> tok[3];
+        std::vector<float> lp[3];
+        for (int variant = 0; variant < 3; variant++) {
+            int reference = variant == 1;
             // the reference kernel's O(V^2) set is for small vocabularies
             if (reference && V > SAMPLE_REFERENCE_MAX_V && sc.temperature > 0.0f && (sc.top_k > 0 || sc.top_p < 1.0f)) continue;
             int *d_steps = upload(steps);
             poison(d_tok, rows * sizeof(int));
             poison(d_lp, rows * sizeof(float));
             cudaCheck(cudaMemset(d_err, 0, sizeof(int)));
-            sample_rows(d_tok, d_lp, d_logits, rows, V, Vp, d_cfg, d_keys, d_steps, NULL, NULL, NULL, -1, d_err, reference, d_flags, 0);
+            sample_rows(d_tok, d_lp, d_logits, rows, V, Vp, d_cfg, d_keys, d_steps, NULL, NULL, NULL, -1, d_err, reference, d_flags,
+                        variant == 2 ? &split : NULL, 0);
             cudaCheck(cudaDeviceSynchronize());
-            tok[reference].resize(rows);
-            lp[reference] = download_f32(d_lp, rows);
-            cudaCheck(cudaMemcpy(tok[reference].data(), d_tok, rows * sizeof(int), cudaMemcpyDeviceToHost));
+            tok[variant].resize(rows);
+            lp[variant] = download_f32(d_lp, rows);
+            cudaCheck(cudaMemcpy(tok[variant].data(), d_tok, rows * sizeof(int), cudaMemcpyDeviceToHost));
             int err = 0;
             cudaCheck(cudaMemcpy(&err, d_err, sizeof(int), cudaMemcpyDeviceToHost));
             if (err) { printf("FAIL sampler V=%d %s: error flags %d\n", V, sc.name, err); harness_failures++; }
@@ -248,7 +277,7 @@ static void check_sampler(int V, int rows) {
         // against the host definition
         int mismatches = 0, explained = 0;
         float worst_margin = 0.0f;
-        std::vector<float> ref_lp(rows), got_lp(rows);
+        std::vector<float> ref_lp(rows), got_lp(rows), split_ref_lp(rows), split_lp(rows);
         for (int r = 0; r < rows; r++) {
             const float *x = &logits[(size_t)r * Vp];
             float m = x[0];
@@ -264,7 +293,11 @@ static void check_sampler(int V, int rows) {
                 host_candidate_set(x, V, sc, m, in_set);
                 want = host_draw(x, V, sc, m, in_set, keys[r], steps[r], &margin);
             }
-            int got = tok[0][r];
+            int got = tok[0][r], got_split = tok[2][r];
+            if (got_split >= 0 && got_split < V) {   // else it differs from the one-block kernel's (checked below)
+                split_ref_lp[r] = (float)(x[got_split] - (m + log(sum)));
+                split_lp[r] = lp[2][r];
+            }
             if (got < 0 || got >= V) { mismatches++; continue; }
             ref_lp[r] = (float)(x[got] - (m + log(sum)));
             got_lp[r] = lp[0][r];
@@ -288,9 +321,22 @@ static void check_sampler(int V, int rows) {
             printf("%s sampler V=%-6d %-26s fast vs reference kernel: %d of %d tokens differ (must be 0)\n", ok2 ? "PASS" : "FAIL",
                    V, sc.name, differ, rows);
         }
+        // the split path (split_blocks blocks per row where the config is its own)
+        for (int other = 0; other < 2; other++) {
+            if (tok[other].empty()) continue;
+            int differ = 0;
+            for (int r = 0; r < rows; r++) differ += tok[2][r] != tok[other][r];
+            int ok3 = differ == 0;
+            if (!ok3) harness_failures++;
+            printf("%s sampler V=%-6d %-26s split scratch (%d blocks per row) vs %s kernel: %d of %d tokens differ (must be 0)\n",
+                   ok3 ? "PASS" : "FAIL", V, sc.name, split_blocks, other ? "reference" : "one-block", differ, rows);
+        }
+        snprintf(what, sizeof(what), "sampler V=%d %s log-probs, split scratch", V, sc.name);
+        compare(what, split_lp, split_ref_lp, 1e-5);
     }
     cudaCheck(cudaFree(d_logits)); cudaCheck(cudaFree(d_keys)); cudaCheck(cudaFree(d_err)); cudaCheck(cudaFree(d_tok));
     cudaCheck(cudaFree(d_lp)); cudaCheck(cudaFree(d_cfg)); cudaCheck(cudaFree(d_flags));
+    split_scratch_free(&split);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,45 +366,104 @@ static void check_frequencies(void) {
     SampleCase cases[] = {{1.0f, 0, 1.0f, "T=1"}, {0.6f, 0, 1.0f, "T=0.6"}, {1.0f, 10, 1.0f, "T=1 top-k 10"},
                           {1.2f, 0, 0.7f, "T=1.2 top-p 0.7"}, {0.8f, 20, 0.9f, "T=0.8 top-k 20 top-p 0.9"}};
     float m = *std::max_element(row.begin(), row.begin() + V);
+    SampleSplitScratch split = split_scratch_alloc(rows);
+    for (int with_split = 0; with_split < 2; with_split++) {
+        for (const SampleCase &sc : cases) {
+            SampleConfig cfg = {sc.temperature, sc.top_k, sc.top_p, 0};
+            cudaCheck(cudaMemcpy(d_cfg, &cfg, sizeof(cfg), cudaMemcpyHostToDevice));
+            cudaCheck(cudaMemset(d_err, 0, sizeof(int)));
+            poison(d_tok, rows * sizeof(int));
+            sample_rows(d_tok, d_lp, d_logits, rows, V, Vp, d_cfg, d_keys, d_steps, NULL, NULL, NULL, -1, d_err, 0, NULL,
+                        with_split ? &split : NULL, 0);
+            std::vector<int> tok(rows);
+            cudaCheck(cudaDeviceSynchronize());
+            cudaCheck(cudaMemcpy(tok.data(), d_tok, rows * sizeof(int), cudaMemcpyDeviceToHost));
+            std::vector<char> in_set;
+            host_candidate_set(row.data(), V, sc, m, in_set);
+            std::vector<double> p(V, 0.0);
+            double z = 0.0;
+            for (int v = 0; v < V; v++) if (in_set[v]) { p[v] = exp(((double)row[v] - m) / sc.temperature); z += p[v]; }
+            std::vector<long> count(V, 0);
+            int outside = 0;
+            for (int r = 0; r < rows; r++) {
+                if (tok[r] < 0 || tok[r] >= V || !in_set[tok[r]]) { outside++; continue; }
+                count[tok[r]]++;
+            }
+            // bins with expected count >= 5; the rest of the set pooled into one bin
+            double chi2 = 0.0, pooled_e = 0.0, pooled_o = 0.0;
+            int bins = 0;
+            for (int v = 0; v < V; v++) {
+                if (!in_set[v]) continue;
+                double e = rows * p[v] / z;
+                if (e >= 5.0) { chi2 += (count[v] - e) * (count[v] - e) / e; bins++; }
+                else { pooled_e += e; pooled_o += count[v]; }
+            }
+            if (pooled_e >= 5.0) { chi2 += (pooled_o - pooled_e) * (pooled_o - pooled_e) / pooled_e; bins++; }
+            int dof = bins - 1;
+            double crit = dof > 0 ? chi2_quantile(dof, 3.0902) : 0.0;   // z of the upper 0.001 tail
+            int ok = outside == 0 && (dof <= 0 || chi2 <= crit);
+            if (!ok) harness_failures++;
+            printf("%s frequencies %-26s %s chi2 %.1f on %d dof (critical %.1f at p=0.001), %d draws outside the set of %d tokens\n",
+                   ok ? "PASS" : "FAIL", sc.name, with_split ? "split scratch" : "one-block    ", chi2, dof, crit, outside,
+                   (int)std::count(in_set.begin(), in_set.end(), 1));
+        }
+    }
+    cudaCheck(cudaFree(d_logits)); cudaCheck(cudaFree(d_keys)); cudaCheck(cudaFree(d_steps)); cudaCheck(cudaFree(d_err));
+    cudaCheck(cudaFree(d_tok)); cudaCheck(cudaFree(d_lp)); cudaCheck(cudaFree(d_cfg));
+    split_scratch_free(&split);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. sampler timings
+
+// Microseconds per sample_rows call of the one-block kernel alone and with the split path's
+// scratch, for rows rows of V random logits: a CUDA graph of `calls` calls (as the decode step
+// replays them: launch gaps included, host launch costs not) timed by time_ms.
+static void time_sampler(int rows, int V) {
+    const int calls = 20;
+    int Vp = (V + 127) / 128 * 128;
+    std::vector<float> logits = random_f32_values((size_t)rows * Vp, 3.0f);
+    std::vector<uint64_t> keys(rows);
+    std::vector<int> steps(rows);
+    for (int r = 0; r < rows; r++) { keys[r] = rng_seed(7000 + r); steps[r] = r; }
+    float *d_logits = upload(logits);
+    uint64_t *d_keys = upload(keys);
+    int *d_steps = upload(steps), *d_err = device_alloc_n<int>(1), *d_tok = device_alloc_n<int>(rows);
+    float *d_lp = device_alloc_n<float>(rows);
+    SampleConfig *d_cfg = device_alloc_n<SampleConfig>(1);
+    SampleSplitScratch split = split_scratch_alloc(rows);
+    cudaStream_t capture;
+    cudaCheck(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking));
+    SampleCase cases[] = {{0.0f, 0, 1.0f, "greedy"}, {1.0f, 0, 1.0f, "T=1"}, {1.0f, 50, 1.0f, "T=1 top-k 50"}};
     for (const SampleCase &sc : cases) {
         SampleConfig cfg = {sc.temperature, sc.top_k, sc.top_p, 0};
         cudaCheck(cudaMemcpy(d_cfg, &cfg, sizeof(cfg), cudaMemcpyHostToDevice));
         cudaCheck(cudaMemset(d_err, 0, sizeof(int)));
-        poison(d_tok, rows * sizeof(int));
-        sample_rows(d_tok, d_lp, d_logits, rows, V, Vp, d_cfg, d_keys, d_steps, NULL, NULL, NULL, -1, d_err, 0, NULL, 0);
-        std::vector<int> tok(rows);
-        cudaCheck(cudaDeviceSynchronize());
-        cudaCheck(cudaMemcpy(tok.data(), d_tok, rows * sizeof(int), cudaMemcpyDeviceToHost));
-        std::vector<char> in_set;
-        host_candidate_set(row.data(), V, sc, m, in_set);
-        std::vector<double> p(V, 0.0);
-        double z = 0.0;
-        for (int v = 0; v < V; v++) if (in_set[v]) { p[v] = exp(((double)row[v] - m) / sc.temperature); z += p[v]; }
-        std::vector<long> count(V, 0);
-        int outside = 0;
-        for (int r = 0; r < rows; r++) {
-            if (tok[r] < 0 || tok[r] >= V || !in_set[tok[r]]) { outside++; continue; }
-            count[tok[r]]++;
+        float us[2];
+        for (int with_split = 0; with_split < 2; with_split++) {
+            cudaGraph_t graph;
+            cudaGraphExec_t exec;
+            cudaCheck(cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal));
+            for (int i = 0; i < calls; i++)
+                sample_rows(d_tok, d_lp, d_logits, rows, V, Vp, d_cfg, d_keys, d_steps, NULL, NULL, NULL, -1, d_err, 0, NULL,
+                            with_split ? &split : NULL, capture);
+            cudaCheck(cudaStreamEndCapture(capture, &graph));
+            cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+            us[with_split] = 1000.0f * time_ms([&] { cudaCheck(cudaGraphLaunch(exec, 0)); }) / calls;
+            cudaCheck(cudaGraphExecDestroy(exec));
+            cudaCheck(cudaGraphDestroy(graph));
         }
-        // bins with expected count >= 5; the rest of the set pooled into one bin
-        double chi2 = 0.0, pooled_e = 0.0, pooled_o = 0.0;
-        int bins = 0;
-        for (int v = 0; v < V; v++) {
-            if (!in_set[v]) continue;
-            double e = rows * p[v] / z;
-            if (e >= 5.0) { chi2 += (count[v] - e) * (count[v] - e) / e; bins++; }
-            else { pooled_e += e; pooled_o += count[v]; }
-        }
-        if (pooled_e >= 5.0) { chi2 += (pooled_o - pooled_e) * (pooled_o - pooled_e) / pooled_e; bins++; }
-        int dof = bins - 1;
-        double crit = dof > 0 ? chi2_quantile(dof, 3.0902) : 0.0;   // z of the upper 0.001 tail
-        int ok = outside == 0 && (dof <= 0 || chi2 <= crit);
-        if (!ok) harness_failures++;
-        printf("%s frequencies %-26s chi2 %.1f on %d dof (critical %.1f at p=0.001), %d draws outside the set of %d tokens\n",
-               ok ? "PASS" : "FAIL", sc.name, chi2, dof, crit, outside, (int)std::count(in_set.begin(), in_set.end(), 1));
+        int err = 0;
+        cudaCheck(cudaMemcpy(&err, d_err, sizeof(int), cudaMemcpyDeviceToHost));
+        if (err) { printf("FAIL sampler timing rows=%d %s: error flags %d\n", rows, sc.name, err); harness_failures++; }
+        const char *path = sample_split_config(sc.temperature, sc.top_k, sc.top_p, V) ? "split path" : "one-block path";
+        printf("     sampler time rows=%-4d V=%d %-14s one-block %7.1f us | with split scratch (%s, %d blocks per row) %7.1f us\n",
+               rows, V, sc.name, us[0], path, sample_split_blocks(rows, V, split.sms), us[1]);
     }
+    cudaCheck(cudaStreamDestroy(capture));
     cudaCheck(cudaFree(d_logits)); cudaCheck(cudaFree(d_keys)); cudaCheck(cudaFree(d_steps)); cudaCheck(cudaFree(d_err));
     cudaCheck(cudaFree(d_tok)); cudaCheck(cudaFree(d_lp)); cudaCheck(cudaFree(d_cfg));
+    split_scratch_free(&split);
 }
 
 int main(void) {
@@ -372,8 +477,12 @@ int main(void) {
     check_attention("tiny NH=4 NKV=2 HS=16", 4, 2, 16, 5, 40, 1);
     printf("-- sampler against the host definition (same Philox draws)\n");
     check_sampler(1000, 96);
+    check_sampler(9001, 64);
     check_sampler(50257, 24);
     printf("-- sampled frequencies against the softmax\n");
     check_frequencies();
+    printf("-- sampler timings (per call, from a CUDA graph)\n");
+    time_sampler(64, 50257);
+    time_sampler(256, 50257);
     return harness_finish("rollout_kernels");
 }
