@@ -134,6 +134,10 @@ struct RolloutEngine {
 
     GraphEntry graphs[ROLLOUT_MAX_GRAPHS];
     int n_graphs;
+    // options.pdl: whether this GPU runs the kernels' griddep_wait (pdl_supported), and while a
+    // decode step is captured, the nodes of the engine's kernels that start with it (pdl_mark)
+    int pdl_supported, pdl_capturing, n_pdl_nodes, cap_pdl_nodes;
+    cudaGraphNode_t *pdl_nodes;
 
     void *blocks[ROLLOUT_MAX_BLOCKS];
     size_t block_bytes[ROLLOUT_MAX_BLOCKS];
@@ -149,6 +153,8 @@ struct RolloutEngine {
 // x (N, C) fp32 = wte[token] (+ wpe[pos] for GPT-2): one thread per (row, channel).
 __global__ void embed_rows_kernel(float *x, const int *token, const int *pos, const floatX *wte, const floatX *wpe,
                                   int N, int C) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * C) return;
     int r = (int)(idx / C), c = (int)(idx % C);
@@ -225,6 +231,7 @@ extern "C" RolloutOptions rollout_default_options(void) {
     o.use_graphs = 1;
     o.poison = 0;
     o.decode_matmul = 0;
+    o.pdl = 0;
     return o;
 }
 
@@ -305,6 +312,14 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
         int device = 0;
         cudaCheck(cudaGetDevice(&device));
         cudaCheck(cudaDeviceGetAttribute(&e->sms, cudaDevAttrMultiProcessorCount, device));
+        // programmatic edges need sm_90 and kernels built for it: from the compute_80 PTX of the
+        // portable build, griddep_wait compiles to nothing (cuda_common.h)
+        cudaFuncAttributes attr;
+        cudaCheck(cudaFuncGetAttributes(&attr, embed_rows_kernel));
+        e->pdl_supported = attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
+        e->pdl_capturing = 0;
+        e->n_pdl_nodes = e->cap_pdl_nodes = 0;
+        e->pdl_nodes = NULL;
         e->dm_partial = NULL;
         e->dm_counters = NULL;
         if (S <= DM_MAX_M) {
@@ -379,12 +394,14 @@ extern "C" void rollout_free(RolloutEngine *e) {
     cudaCheck(cudaStreamDestroy(e->stream));
     free(e->first_token);
     free(e->first_logprob);
+    free(e->pdl_nodes);
     free(e);
 }
 
 extern "C" void rollout_set_options(RolloutEngine *e, const RolloutOptions *o) {
     // graphs hold the kernels of the path they were captured on
-    if (o->reference != e->options.reference || o->decode_matmul != e->options.decode_matmul) graphs_clear(e);
+    if (o->reference != e->options.reference || o->decode_matmul != e->options.decode_matmul || o->pdl != e->options.pdl)
+        graphs_clear(e);
     e->options = *o;
 }
 
@@ -417,6 +434,59 @@ extern "C" void rollout_last_logits(const RolloutEngine *e, int row, float *out)
 }
 
 // ---------------------------------------------------------------------------------------------
+// programmatic edges (RolloutOptions.pdl)
+
+// While a decode step is being captured with options.pdl: records the node that the stream's
+// last launch added. Called right after launches of the engine's own kernels, which begin with
+// griddep_wait (cuda_common.h), so the edges into them may be made programmatic (pdl_apply).
+static void pdl_mark(RolloutEngine *e) {
+    if (!e->pdl_capturing) return;
+    cudaStreamCaptureStatus status;
+    const cudaGraphNode_t *deps = NULL;
+    size_t n = 0;
+    cudaCheck(cudaStreamGetCaptureInfo(e->stream, &status, NULL, NULL, &deps, NULL, &n));
+    if (status != cudaStreamCaptureStatusActive) return;
+    for (size_t i = 0; i < n; i++) {
+        if (e->n_pdl_nodes == e->cap_pdl_nodes) {
+            e->cap_pdl_nodes = e->cap_pdl_nodes ? 2 * e->cap_pdl_nodes : 256;
+            e->pdl_nodes = (cudaGraphNode_t *)reallocCheck(e->pdl_nodes, sizeof(cudaGraphNode_t) * e->cap_pdl_nodes);
+        }
+        e->pdl_nodes[e->n_pdl_nodes++] = deps[i];
+    }
+}
+
+// Makes the edges from kernel nodes into the marked nodes of a captured graph programmatic: the
+// marked kernel may then be scheduled once every block of the kernel before it has signalled
+// (griddep_launch_dependents) or exited, and waits in griddep_wait until that kernel has
+// finished and its writes are visible. Edges from other nodes, and into cuBLASLt's kernels
+// (never marked), stay full dependencies.
+static void pdl_apply(RolloutEngine *e, cudaGraph_t graph) {
+    for (int i = 0; i < e->n_pdl_nodes; i++) {
+        cudaGraphNode_t node = e->pdl_nodes[i];
+        size_t n = 0;
+        cudaCheck(cudaGraphNodeGetDependencies(node, NULL, NULL, &n));
+        if (n == 0) continue;
+        cudaGraphNode_t *deps = (cudaGraphNode_t *)mallocCheck(sizeof(cudaGraphNode_t) * n);
+        cudaGraphEdgeData *data = (cudaGraphEdgeData *)mallocCheck(sizeof(cudaGraphEdgeData) * n);
+        cudaCheck(cudaGraphNodeGetDependencies(node, deps, data, &n));
+        for (size_t k = 0; k < n; k++) {
+            cudaGraphNodeType type;
+            cudaCheck(cudaGraphNodeGetType(deps[k], &type));
+            if (type != cudaGraphNodeTypeKernel || data[k].type != cudaGraphDependencyTypeDefault) continue;
+            cudaGraphEdgeData programmatic;
+            memset(&programmatic, 0, sizeof(programmatic));
+            programmatic.from_port = cudaGraphKernelNodePortProgrammatic;
+            programmatic.type = cudaGraphDependencyTypeProgrammatic;
+            cudaCheck(cudaGraphRemoveDependencies(graph, &deps[k], &node, &data[k], 1));
+            cudaCheck(cudaGraphAddDependencies(graph, &deps[k], &node, &programmatic, 1));
+            e->stats.programmatic_edges++;
+        }
+        free(deps);
+        free(data);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // forward pieces
 
 // out (n, OC) = inp (n, IC) @ w^T + b, with GELU when gelu_pre is given (cuBLASLt then also
@@ -427,8 +497,10 @@ static void forward_product(RolloutEngine *e, int decode, floatX *out, const flo
                             floatX *gelu_pre, int n, int IC, int OC) {
     if (decode && e->options.decode_matmul && !e->options.reference && e->dm_counters && n <= e->max_seqs &&
         decode_matmul_supports(n, IC, OC, inp, w))
+    {
         decode_matmul(out, e->dm_partial, e->dm_counters, inp, w, b, n, IC, OC, gelu_pre != NULL, e->sms, e->stream);
-    else
+        pdl_mark(e);
+    } else
         matmul_forward(out, inp, w, b, gelu_pre, n, IC, OC, e->stream);
 }
 
@@ -443,10 +515,12 @@ static void mlp_forward(RolloutEngine *e, int l, int n, int decode) {
         } else {
             forward_product(e, decode, e->fch, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), NULL, n, C, F);
             gelu_forward(e->fch_act, e->fch, (size_t)n * F, st);
+            pdl_mark(e);
         }
     } else {
         forward_product(e, decode, e->fch, e->ln, weight(e, P_FCW, l), NULL, NULL, n, C, 2 * F);
         swiglu_forward(e->fch_act, e->fch, n, F, st);
+        pdl_mark(e);
     }
     forward_product(e, decode, e->proj, e->fch_act, weight(e, P_FCPROJW, l), weight(e, P_FCPROJB, l), NULL, n, F, C);
 }
@@ -462,6 +536,7 @@ static void residual_and_norm(RolloutEngine *e, float *res_out, const float *res
     else { w = weight(e, P_LNFW, 0); b = weight(e, P_LNFB, 0); }
     residual_norm_forward(res_out, e->ln, e->ln_mean, e->ln_rstd, res_in, e->proj, w, b, n, c->n_embd, c->norm_eps, gpt2,
                           e->stream);
+    pdl_mark(e);
 }
 
 // The cached forward of n rows (token, slot, pos device arrays) through every layer: each layer
@@ -485,8 +560,10 @@ static void forward_rows(RolloutEngine *e, int n, const int *token, const int *s
     embed_rows_kernel<<<ceil_div((long long)nc, 256), 256, 0, st>>>(e->res_a, token, pos, weight(e, P_WTE, 0),
                                                                     gpt2 ? weight(e, P_WPE, 0) : NULL, n, C);
     cudaCheckLaunch();
+    pdl_mark(e);
     residual_norm_forward(NULL, e->ln, e->ln_mean, e->ln_rstd, e->res_a, NULL, weight(e, P_LN1W, 0), weight(e, P_LN1B, 0), n, C,
                           c->norm_eps, gpt2, st);
+    pdl_mark(e);
     float *res = e->res_a, *other = e->res_b;
     for (int l = 0; l < c->n_layer; l++) {
         forward_product(e, decode, e->qkv, e->ln, weight(e, P_QKVW, l), weight(e, P_QKVB, l), NULL, n, C, QKV);
@@ -494,6 +571,7 @@ static void forward_rows(RolloutEngine *e, int n, const int *token, const int *s
         if (write_in_attention) {
             decode_attention(e->atty, e->part_o, e->part_ml, e->qkv, layer_k(e, l), layer_v(e, l), cos_sin, 1, slot, pos, n,
                              NH, NKV, HS, e->n_slots, e->max_len, n_splits, 0, e->err, st);
+            pdl_mark(e);   // the split combine, when there is one; else the attention
         } else {
             rows_kv_write(e->qkv, layer_k(e, l), layer_v(e, l), cos_sin, slot, pos, n, NH, NKV, HS, e->n_slots, e->max_len,
                           e->err, st);
@@ -521,6 +599,7 @@ static void sample(RolloutEngine *e, int n, int advance) {
     sample_rows(e->out_token, e->out_logprob, e->logits, n, c->vocab_size, c->padded_vocab_size, e->sample_cfg, e->row_key,
                 e->row_step, advance ? e->row_token : NULL, advance ? e->row_pos : NULL, advance ? e->row_slot : NULL,
                 e->dummy_slot, e->err, e->options.reference, e->ref_flags, &e->sample_split, e->stream);
+    pdl_mark(e);   // the merging one-block kernel (the split kernels before it keep full edges)
 }
 
 // One decode step of `rows` rows, all on the device: forward, logits, sample, advance.
@@ -555,8 +634,12 @@ static void decode_step(RolloutEngine *e, int rows, int n_splits) {
     if (g->exec == NULL) {
         cudaGraph_t graph;
         cudaCheck(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
+        e->pdl_capturing = e->options.pdl && e->pdl_supported && !e->options.reference;
+        e->n_pdl_nodes = 0;
         decode_step_enqueue(e, rows, n_splits);
+        e->pdl_capturing = 0;
         cudaCheck(cudaStreamEndCapture(e->stream, &graph));
+        pdl_apply(e, graph);
         cudaCheck(cudaGraphInstantiate(&g->exec, graph, 0));
         cudaCheck(cudaGraphDestroy(graph));
         e->stats.graph_captures++;

@@ -53,6 +53,11 @@ typedef struct {
     // 1: a decode step of at most 64 sequences runs its products through decode_matmul.cuh (K
     // split over the SMs) instead of cuBLASLt; 0 (default): cuBLASLt for every product
     int decode_matmul;
+    // 1: in a captured decode step, the edges into the engine's own kernels (not cuBLASLt's) are
+    // programmatic (sm_90): such a kernel may be scheduled while the one before it finishes, waits
+    // at griddep_wait (cuda_common.h) for its inputs, and decode_matmul loads its first weights
+    // before that wait. 0 (default): every kernel starts after the one before it has finished.
+    int pdl;
 } RolloutOptions;
 
 // Timings and counts of the last rollout_generate (host wall clock around GPU-synchronised work).
@@ -63,6 +68,7 @@ typedef struct {
     long generated_tokens;     // sum of the result's n_tokens
     int graph_launches;        // decode steps replayed from a captured graph
     int graph_captures;
+    int programmatic_edges;    // edges the captures made programmatic (RolloutOptions.pdl)
 } RolloutStats;
 
 RolloutOptions rollout_default_options(void);

@@ -101,6 +101,24 @@ __device__ __forceinline__ float block_max(float v, float *shared) {
     return m;
 }
 
+// Programmatic dependent launch (sm_90 and later). Where a CUDA graph's edge into a kernel is
+// programmatic (rollout.cu's decode step), the kernel may start before the kernel it depends on
+// has finished: griddep_wait() blocks until that kernel has completed and its writes are
+// visible, so a kernel on such an edge calls it before it reads what the earlier kernel wrote or
+// writes what it reads (work that touches neither, such as loading weights, may come first).
+// griddep_launch_dependents() lets the kernels that depend on this one start early. Both do
+// nothing when the launch has no programmatic dependency, and on older GPUs.
+__device__ __forceinline__ void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // The block's dynamic shared memory (the launch's third argument), 16-byte aligned.
 __device__ __forceinline__ unsigned char *dynamic_smem() {
     extern __shared__ __align__(16) unsigned char block_dynamic_smem[];

@@ -154,6 +154,8 @@ __global__ void __launch_bounds__(DECODE_THREADS)
 decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX *qkv, floatX *k_cache,
                         floatX *v_cache, const float *cos_sin, int write_kv, const int *row_slot, const int *row_pos,
                         int NH, int NKV, int n_slots, int Tmax, int n_splits, int *err) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     constexpr int CHUNKS = HS / 8;                       // lanes per position: 8 channels (16 bytes) each
     constexpr int PER_STEP = DECODE_THREADS / CHUNKS;    // positions the block covers per load
     // 16-byte loads in flight per thread: a block of one head (no GQA) has group-times more
@@ -331,6 +333,8 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
 __global__ void decode_attention_combine_kernel(floatX *out, const float *part_o, const float *part_ml,
                                                 const int *row_slot, const int *row_pos, int NH, int HS, int n_slots,
                                                 int Tmax, int n_splits) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     int h = blockIdx.x, r = blockIdx.y, i = threadIdx.x;
     int slot = row_slot[r], pos = row_pos[r];
     if (slot < 0 || slot >= n_slots || pos < 0 || pos >= Tmax || pos >= n_splits * DECODE_SPLIT_LEN)

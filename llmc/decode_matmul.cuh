@@ -76,15 +76,30 @@ decode_matmul_kernel(floatX *out, float *partial, unsigned int *counters, const 
     const floatX *w_row = weight + (size_t)(oc0 + g) * IC + 8 * c;   // rows g and g + 8 of the tile
     // The warp's weight loads for up to DM_PREFETCH chunks are issued before the first product,
     // so they wait on memory together, not one after another (the inputs, read by every block,
-    // come from L2). The chunks are still taken in increasing order, one after another.
-    for (int q0 = chunk0 + warp; q0 < chunk1; q0 += DM_PREFETCH * DM_WARPS) {
-        uint4 wa[DM_PREFETCH], wb[DM_PREFETCH];
+    // come from L2). The chunks are still taken in increasing order, one after another. The
+    // first group's weights are requested before griddep_wait: no kernel writes them, so under
+    // a programmatic launch (cuda_common.h) they stream in while the previous kernel finishes.
+    uint4 wa[DM_PREFETCH], wb[DM_PREFETCH];
+    const int first = chunk0 + warp;
 #pragma unroll
-        for (int p = 0; p < DM_PREFETCH; p++) {
-            int q = q0 + p * DM_WARPS;
-            if (q < chunk1) {
-                wa[p] = *reinterpret_cast<const uint4 *>(w_row + q * DM_CHUNK);
-                wb[p] = *reinterpret_cast<const uint4 *>(w_row + (size_t)8 * IC + q * DM_CHUNK);
+    for (int p = 0; p < DM_PREFETCH; p++) {
+        int q = first + p * DM_WARPS;
+        if (q < chunk1) {
+            wa[p] = *reinterpret_cast<const uint4 *>(w_row + q * DM_CHUNK);
+            wb[p] = *reinterpret_cast<const uint4 *>(w_row + (size_t)8 * IC + q * DM_CHUNK);
+        }
+    }
+    griddep_wait();   // the input (and, for the split sums, the counters and partials) past here
+    griddep_launch_dependents();
+    for (int q0 = first; q0 < chunk1; q0 += DM_PREFETCH * DM_WARPS) {
+        if (q0 != first) {
+#pragma unroll
+            for (int p = 0; p < DM_PREFETCH; p++) {
+                int q = q0 + p * DM_WARPS;
+                if (q < chunk1) {
+                    wa[p] = *reinterpret_cast<const uint4 *>(w_row + q * DM_CHUNK);
+                    wb[p] = *reinterpret_cast<const uint4 *>(w_row + (size_t)8 * IC + q * DM_CHUNK);
+                }
             }
         }
 #pragma unroll

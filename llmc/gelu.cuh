@@ -32,6 +32,8 @@ __device__ __forceinline__ float gelu_grad(float x) {
 
 // out (n) = gelu(inp), one element per thread and grid-stride step.
 __global__ void gelu_forward_scalar_kernel(floatX *out, const floatX *inp, size_t n) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = __float2bfloat16(gelu_value(to_float(inp[i])));
 }
@@ -39,6 +41,8 @@ __global__ void gelu_forward_scalar_kernel(floatX *out, const floatX *inp, size_
 // out (n) = gelu(inp), 8 consecutive elements (one 16-byte load and store) per thread and
 // grid-stride step. n % 8 == 0, buffers on 16 bytes.
 __global__ void gelu_forward_vec8_kernel(floatX *out, const floatX *inp, size_t n) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     size_t groups = n / GELU_VEC;
     for (size_t g = (size_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += (size_t)gridDim.x * blockDim.x) {
         float x[GELU_VEC], y[GELU_VEC];

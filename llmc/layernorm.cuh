@@ -32,6 +32,8 @@ __global__ void residual_norm_forward_kernel(float *res_out, floatX *out, float 
                                              const float *res_in, const floatX *branch,
                                              const floatX *weight, const floatX *bias,
                                              int N, int C, float eps, int is_layernorm) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     int warps_per_block = blockDim.x / 32;
     int n = blockIdx.x * warps_per_block + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
@@ -77,6 +79,8 @@ __global__ void __launch_bounds__(256)
 residual_norm_forward_vec_kernel(float *res_out, floatX *out, float *mean, float *rstd, const float *res_in,
                                  const floatX *branch, const floatX *weight, const floatX *bias,
                                  int N, int C, float eps, int is_layernorm) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     constexpr int ITERS = NORM_VEC_MAX_PER_LANE / VEC;
     int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
@@ -139,6 +143,8 @@ __global__ void __launch_bounds__(NORM_ROW_THREADS)
 residual_norm_forward_row_kernel(float *res_out, floatX *out, float *mean, float *rstd, const float *res_in,
                                  const floatX *branch, const floatX *weight, const floatX *bias,
                                  int N, int C, float eps, int is_layernorm) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     __shared__ float shared[32];
     size_t row = (size_t)blockIdx.x * C;
     float v[NORM_ROW_MAX_PER_THREAD];

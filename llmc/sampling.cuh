@@ -327,6 +327,8 @@ sample_rows_kernel(int *out_token, float *out_logprob, const float *logits, int 
                    const uint64_t *row_key, int *row_step, int *row_token, int *row_pos, const int *row_slot,
                    int dummy_slot, int *err, const SampleSplitStats *split_stats, const SampleBest *split_best,
                    int split_blocks) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     extern __shared__ __align__(16) unsigned char sample_smem[];
     unsigned long long *warp_mass = (unsigned long long *)sample_smem;
     unsigned *warp_cnt = (unsigned *)(warp_mass + SAMPLE_WARPS * SAMPLE_BUCKETS);
@@ -515,6 +517,8 @@ __device__ __forceinline__ void sample_load_group(float (&xg)[4], const float *x
 __global__ void __launch_bounds__(SAMPLE_SPLIT_THREADS, SAMPLE_SPLIT_BLOCKS_PER_SM)
 sample_rows_split_stats_kernel(SampleSplitStats *stats, const float *logits, int V, int Vp, const SampleConfig *cfg,
                                int split_blocks) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     __shared__ SampleMaxSum red_ms[SAMPLE_SPLIT_WARPS];
     __shared__ int s_bad;
     if (!sample_split_config(cfg->temperature, cfg->top_k, cfg->top_p, V)) return;   // block-uniform
@@ -555,6 +559,8 @@ sample_rows_split_stats_kernel(SampleSplitStats *stats, const float *logits, int
 __global__ void __launch_bounds__(SAMPLE_SPLIT_THREADS, SAMPLE_SPLIT_BLOCKS_PER_SM)
 sample_rows_split_draw_kernel(SampleBest *best_out, const SampleSplitStats *stats, const float *logits, int V, int Vp,
                               const SampleConfig *cfg, const uint64_t *row_key, const int *row_step, int split_blocks) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     __shared__ SampleBest red_best[SAMPLE_SPLIT_WARPS];
     const float temperature = cfg->temperature;
     if (!(temperature > 0.0f) || !sample_split_config(temperature, cfg->top_k, cfg->top_p, V)) return;

@@ -31,6 +31,8 @@ __device__ __forceinline__ void swiglu_grad(float gate, float up, float g, float
 
 // One thread per output element (n, j): out[n, j] = silu(fc[n, j]) * fc[n, F + j].
 __global__ void swiglu_forward_scalar_kernel(floatX *out, const floatX *fc, int N, int F) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * F) return;
     size_t n = idx / F, j = idx % F;
@@ -41,6 +43,8 @@ __global__ void swiglu_forward_scalar_kernel(floatX *out, const floatX *fc, int 
 // One thread per (row n, group of 8 columns j..j+7): the forward with one 16-byte load of gate,
 // one of up and one 16-byte store of out. F % 8 == 0, buffers 16-byte aligned, N * F / 8 < 2^31.
 __global__ void swiglu_forward_vec8_kernel(floatX *out, const floatX *fc, int N, int F) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
     int groups = F / SWIGLU_VEC;
     int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= N * groups) return;

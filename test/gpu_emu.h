@@ -73,6 +73,9 @@ struct alignas(16) uint4 { uint32_t x, y, z, w; };
 struct __nv_bfloat162 { floatX x, y; };
 static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{to_f32(v.x), to_f32(v.y)}; }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// programmatic dependent launch (cuda_common.h): blocks run one after another here, in launch order
+static inline void griddep_wait() {}
+static inline void griddep_launch_dependents() {}
 static inline int min(int a, int b) { return a < b ? a : b; }
 struct Dim3 { unsigned x, y, z; };
 static Dim3 threadIdx, blockIdx, gridDim, blockDim;

@@ -4,7 +4,8 @@
  * SmolLM2-135M shape with random weights, at B = 64 and B = 256. Prints generated tokens per
  * second over the whole call (prefill + decode), and prefill and decode separately; the median
  * of the timed calls after a warm-up call (module load, cuBLASLt heuristics, graph captures).
- * Figures only: not a test.
+ * B = 64 also runs with the engine's variants (decode_matmul, programmatic launches, both), and
+ * B = 256 with programmatic launches. Figures only: not a test.
  *   build/cuda/dev/bench_rollout [calls]
  *   build/cuda/dev/bench_rollout CALLS PRESET B      one setting only (B prompts, temperature 1)
  * Targets from the issue (H100 80GB, B = 64): GPT-2 124M >= 100K tok/s, SmolLM2-135M >= 60K
@@ -21,10 +22,22 @@ extern "C" {
 }
 #include "rollout.h"
 
-// sets: 1 samples with top-k 50 and top-p 0.9 (else temperature 1 alone); decode_matmul: 1 runs the
-// decode step's products through decode_matmul.cuh instead of cuBLASLt.
+// Engine variants beside the defaults (RolloutOptions): the decode step's products through
+// decode_matmul.cuh instead of cuBLASLt, and programmatic edges between its kernels.
+enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2 };
+static const char *variant_name(int sets, int variant) {
+    if (sets) return "T=1 top-k 50 top-p 0.9";
+    switch (variant) {
+    case VARIANT_DECODE_MATMUL: return "T=1 decode_matmul    ";
+    case VARIANT_PDL: return "T=1 pdl              ";
+    case VARIANT_DECODE_MATMUL | VARIANT_PDL: return "T=1 decode_matmul+pdl";
+    default: return "T=1                  ";
+    }
+}
+
+// sets: 1 samples with top-k 50 and top-p 0.9 (else temperature 1 alone); variant: VARIANT_* bits.
 static void bench(const char *preset, int B, int prompt_len, int new_tokens, int calls, double target, int sets,
-                  int decode_matmul = 0) {
+                  int variant = 0) {
     ModelConfig c;
     if (!model_config_preset(preset, &c)) fatal("unknown preset %s", preset);
     Model cpu;
@@ -32,7 +45,8 @@ static void bench(const char *preset, int B, int prompt_len, int new_tokens, int
     model_init_random(&cpu, 42);
     RolloutEngine *engine = rollout_create(&cpu, B, prompt_len + new_tokens);
     RolloutOptions options = rollout_default_options();
-    options.decode_matmul = decode_matmul;
+    options.decode_matmul = (variant & VARIANT_DECODE_MATMUL) != 0;
+    options.pdl = (variant & VARIANT_PDL) != 0;
     rollout_set_options(engine, &options);
     std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
     std::vector<const int *> ptrs(B);
@@ -52,6 +66,7 @@ static void bench(const char *preset, int B, int prompt_len, int new_tokens, int
     std::vector<double> total, prefill, decode;
     RolloutStats st;
     long generated = 0;
+    int edges = 0;
     for (int call = 0; call <= calls; call++) {
         GenerateResult r;
         double t0 = wall_seconds();
@@ -61,7 +76,10 @@ static void bench(const char *preset, int B, int prompt_len, int new_tokens, int
         generated = st.generated_tokens;
         generate_result_free(&r);
         p.seed += B;
-        if (call == 0) continue;   // warm-up
+        if (call == 0) {   // warm-up: it captures the step's graphs
+            edges = st.programmatic_edges;
+            continue;
+        }
         total.push_back(t);
         prefill.push_back(st.prefill_seconds);
         decode.push_back(st.decode_seconds);
@@ -72,9 +90,10 @@ static void bench(const char *preset, int B, int prompt_len, int new_tokens, int
     double t = total[total.size() / 2], tp = prefill[prefill.size() / 2], td = decode[decode.size() / 2];
     double tok_s = generated / t;
     printf("%-20s B=%-4d %s  %8.1f ms/call  %9.0f tok/s  (prefill %6.2f ms %9.0f prompt tok/s; decode %7.2f ms, %6.3f ms/step, %9.0f tok/s; "
-           "graphs %d launched)",
-           preset, B, sets ? "T=1 top-k 50 top-p 0.9" : decode_matmul ? "T=1 decode_matmul    " : "T=1                  ", t * 1e3, tok_s, tp * 1e3, (double)B * prompt_len / tp,
-           td * 1e3, td * 1e3 / (st.decode_steps > 0 ? st.decode_steps : 1), (generated - B) / td, st.graph_launches);
+           "graphs %d launched, %d programmatic edges captured)",
+           preset, B, variant_name(sets, variant), t * 1e3, tok_s, tp * 1e3, (double)B * prompt_len / tp,
+           td * 1e3, td * 1e3 / (st.decode_steps > 0 ? st.decode_steps : 1), (generated - B) / td, st.graph_launches,
+           edges);
     if (target > 0) printf("  target %.0fK tok/s: %s", target / 1e3, tok_s >= target ? "met" : "NOT met");
     printf("\n");
     rollout_free(engine);
@@ -98,13 +117,15 @@ int main(int argc, char **argv) {
         bench(argv[2], B, 64, 128, calls, 0, 0);
         return 0;
     }
-    bench("gpt2:d12", 64, 64, 128, calls, 100e3, 0);
-    bench("gpt2:d12", 64, 64, 128, calls, 0, 0, 1);
-    bench("gpt2:d12", 64, 64, 128, calls, 0, 1);
-    bench("gpt2:d12", 256, 64, 128, calls, 0, 0);
-    bench("llama:smollm2-135m", 64, 64, 128, calls, 60e3, 0);
-    bench("llama:smollm2-135m", 64, 64, 128, calls, 0, 0, 1);
-    bench("llama:smollm2-135m", 64, 64, 128, calls, 0, 1);
-    bench("llama:smollm2-135m", 256, 64, 128, calls, 0, 0);
+    const char *presets[2] = {"gpt2:d12", "llama:smollm2-135m"};
+    const double targets[2] = {100e3, 60e3};
+    for (int m = 0; m < 2; m++) {
+        bench(presets[m], 64, 64, 128, calls, targets[m], 0);
+        for (int variant = 1; variant <= (VARIANT_DECODE_MATMUL | VARIANT_PDL); variant++)
+            bench(presets[m], 64, 64, 128, calls, 0, 0, variant);
+        bench(presets[m], 64, 64, 128, calls, 0, 1);
+        bench(presets[m], 256, 64, 128, calls, 0, 0);
+        bench(presets[m], 256, 64, 128, calls, 0, 0, VARIANT_PDL);
+    }
     return 0;
 }

