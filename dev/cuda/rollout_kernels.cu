@@ -3,7 +3,8 @@
  * with NaN-poisoned outputs (one PASS/FAIL line per check, exit 1 on any failure):
  *
  *   1. rows_kv_write + decode_attention: RoPE at each row's own position, the KV cache write and
- *      the split attention (fast kernel, 1 and several splits, and the reference kernel) against
+ *      the split attention (fast kernel, 1 and several splits, the reference kernel, and the fast
+ *      kernel doing the rotation and the cache write itself, write_kv) against
  *      a double-precision CPU attention over the bf16 cache, for GPT-2 (NH = NKV), SmolLM2
  *      (group 3), a group of 16 (two head batches per block) and HS 16 / 128, with positions up to
  *      several splits long.
@@ -18,8 +19,10 @@
  *      the softmax at the temperature restricted to the top-k/top-p set: a chi-square test at
  *      p = 0.001 (Wilson-Hilferty quantile), and no token outside the set; without and with the
  *      split path's scratch.
- *   4. sampler timings, V = 50257, 64 and 256 rows: the one-block kernel beside the split path,
- *      per call of sample_rows replayed from a CUDA graph, as the rollout engine's decode step.
+ *   4. timings, per call replayed from a CUDA graph as the rollout engine's decode step: the
+ *      decode attention for GPT-2 and SmolLM2 at 64 and 256 rows (rows_kv_write + attention
+ *      against the attention writing the cache, with the key and value bytes read per second),
+ *      and the sampler at V = 50257, 64 and 256 rows (the one-block kernel beside the split path).
  *
  *   build/cuda/dev/rollout_kernels
  */
@@ -107,18 +110,28 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
     }
     int *d_slot = upload(slot), *d_pos = upload(pos), *d_err = device_alloc_n<int>(1);
     floatX *d_out = device_alloc_n<floatX>((size_t)N * NH * HS);
-    int variants[3][2] = {{0, splits_needed}, {0, splits_needed + 2}, {1, splits_needed}};   // (reference, n_splits)
-    const char *names[3] = {"fast", "fast, extra empty splits", "reference"};
-    for (int v = 0; v < 3; v++) {
-        int reference = variants[v][0], n_splits = variants[v][1];
+    // (reference, n_splits, write_kv): write_kv = 1 leaves out rows_kv_write, the attention
+    // rotates and writes the keys and values itself (the decode step's path; the rows' slots differ)
+    int variants[5][3] = {{0, splits_needed, 0}, {0, splits_needed + 2, 0}, {1, splits_needed, 0},
+                          {0, splits_needed, 1}, {0, splits_needed + 1, 1}};
+    const char *names[5] = {"fast", "fast, extra empty splits", "reference", "fast, writing the cache",
+                            "fast, writing the cache, extra split"};
+    for (int v = 0; v < 5; v++) {
+        int reference = variants[v][0], n_splits = variants[v][1], write_kv = variants[v][2];
         floatX *d_qkv = upload_bf16(qkv), *d_k = upload_bf16(cache_k), *d_v = upload_bf16(cache_v);
         float *part_o = device_alloc_n<float>((size_t)N * NH * n_splits * HS), *part_ml = device_alloc_n<float>((size_t)N * NH * n_splits * 2);
         poison(d_out, (size_t)N * NH * HS * sizeof(floatX));
         poison(part_o, (size_t)N * NH * n_splits * HS * sizeof(float));
         poison(part_ml, (size_t)N * NH * n_splits * 2 * sizeof(float));
         cudaCheck(cudaMemset(d_err, 0, sizeof(int)));
-        rows_kv_write(d_qkv, d_k, d_v, d_cos_sin, d_slot, d_pos, N, NH, NKV, HS, S, Tmax, d_err, 0);
-        decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, NULL, 0, d_slot, d_pos, N, NH, NKV, HS, S, Tmax, n_splits, reference, d_err, 0);
+        if (write_kv) {
+            decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, d_cos_sin, 1, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
+                             n_splits, 0, d_err, 0);
+        } else {
+            rows_kv_write(d_qkv, d_k, d_v, d_cos_sin, d_slot, d_pos, N, NH, NKV, HS, S, Tmax, d_err, 0);
+            decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, NULL, 0, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
+                             n_splits, reference, d_err, 0);
+        }
         std::vector<float> got = download_bf16(d_out, (size_t)N * NH * HS);
         int err = 0;
         cudaCheck(cudaMemcpy(&err, d_err, sizeof(int), cudaMemcpyDeviceToHost));
@@ -152,6 +165,70 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
         cudaCheck(cudaFree(d_qkv)); cudaCheck(cudaFree(d_k)); cudaCheck(cudaFree(d_v)); cudaCheck(cudaFree(d_far));
     }
     cudaCheck(cudaFree(d_slot)); cudaCheck(cudaFree(d_pos)); cudaCheck(cudaFree(d_err)); cudaCheck(cudaFree(d_out));
+    if (d_cos_sin) cudaCheck(cudaFree(d_cos_sin));
+    free(cos_sin);
+}
+
+// Milliseconds per call of fn(stream): 20 calls captured into one CUDA graph (as the decode step
+// runs them: no launch gaps from the host), the median replay over 20.
+template <typename F>
+static float graph_time_ms(F fn) {
+    const int calls = 20;
+    cudaStream_t capture;
+    cudaCheck(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    cudaCheck(cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < calls; i++) fn(capture);
+    cudaCheck(cudaStreamEndCapture(capture, &graph));
+    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+    float ms = time_ms([&] { cudaCheck(cudaGraphLaunch(exec, 0)); }) / calls;
+    cudaCheck(cudaGraphExecDestroy(exec));
+    cudaCheck(cudaGraphDestroy(graph));
+    cudaCheck(cudaStreamDestroy(capture));
+    return ms;
+}
+
+// The decode step's attention for N rows at positions near `len` (a benchmark's context), per
+// layer: rows_kv_write + the attention (the reference path's order) against the attention that
+// writes the cache itself (the decode step's), each replayed from a CUDA graph, with the key and
+// value bytes read per call over the time.
+static void time_attention(const char *label, int NH, int NKV, int HS, int N, int len, int llama) {
+    int QKV = (NH + 2 * NKV) * HS, S = N + 1, Tmax = len + 8;
+    std::vector<int> slot(N), pos(N);
+    size_t kv_bytes = 0;
+    for (int r = 0; r < N; r++) {
+        slot[r] = r;
+        pos[r] = len - 8 + r % 8;
+        kv_bytes += (size_t)(pos[r] + 1) * NKV * HS * 2 * sizeof(floatX);
+    }
+    float *cos_sin = llama ? rope_table_host(Tmax, HS, 10000.0f) : NULL, *d_cos_sin = NULL;
+    if (llama) {
+        d_cos_sin = device_alloc_n<float>((size_t)Tmax * HS);
+        cudaCheck(cudaMemcpy(d_cos_sin, cos_sin, (size_t)Tmax * HS * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    floatX *d_qkv = upload_bf16(random_bf16_values((size_t)N * QKV, 1.0f));
+    floatX *d_k = upload_bf16(random_bf16_values((size_t)S * NKV * Tmax * HS, 1.0f));
+    floatX *d_v = upload_bf16(random_bf16_values((size_t)S * NKV * Tmax * HS, 1.0f));
+    int *d_slot = upload(slot), *d_pos = upload(pos), *d_err = device_alloc_n<int>(1);
+    floatX *d_out = device_alloc_n<floatX>((size_t)N * NH * HS);
+    int n_splits = decode_attention_splits(Tmax);
+    float *part_o = device_alloc_n<float>((size_t)N * NH * n_splits * HS), *part_ml = device_alloc_n<float>((size_t)N * NH * n_splits * 2);
+    cudaCheck(cudaMemset(d_err, 0, sizeof(int)));
+    float ms_two = graph_time_ms([&](cudaStream_t st) {
+        rows_kv_write(d_qkv, d_k, d_v, d_cos_sin, d_slot, d_pos, N, NH, NKV, HS, S, Tmax, d_err, st);
+        decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, NULL, 0, d_slot, d_pos, N, NH, NKV, HS, S, Tmax, n_splits, 0,
+                         d_err, st);
+    });
+    float ms_one = graph_time_ms([&](cudaStream_t st) {
+        decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, d_cos_sin, 1, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
+                         n_splits, 0, d_err, st);
+    });
+    printf("%-28s N=%d pos ~%d: rows_kv_write + attention %7.2f us | attention writing the cache %7.2f us "
+           "(%.0f GB/s of keys and values)\n", label, N, len, ms_two * 1e3, ms_one * 1e3, kv_bytes / (ms_one * 1e-3) / 1e9);
+    cudaCheck(cudaFree(d_qkv)); cudaCheck(cudaFree(d_k)); cudaCheck(cudaFree(d_v)); cudaCheck(cudaFree(d_slot));
+    cudaCheck(cudaFree(d_pos)); cudaCheck(cudaFree(d_err)); cudaCheck(cudaFree(d_out)); cudaCheck(cudaFree(part_o));
+    cudaCheck(cudaFree(part_ml));
     if (d_cos_sin) cudaCheck(cudaFree(d_cos_sin));
     free(cos_sin);
 }
@@ -475,6 +552,11 @@ int main(void) {
     check_attention("smollm2 NH=9 NKV=3 HS=64", 9, 3, 64, 8, 700, 1);
     check_attention("group 16 NH=32 NKV=2 HS=128", 32, 2, 128, 3, 520, 1);
     check_attention("tiny NH=4 NKV=2 HS=16", 4, 2, 16, 5, 40, 1);
+    printf("-- decode attention timings (per layer and call, from a CUDA graph)\n");
+    time_attention("gpt2 NH=12 HS=64", 12, 12, 64, 64, 192, 0);
+    time_attention("smollm2 NH=9 NKV=3 HS=64", 9, 3, 64, 64, 192, 1);
+    time_attention("gpt2 NH=12 HS=64", 12, 12, 64, 256, 192, 0);
+    time_attention("gpt2 NH=12 HS=64, long", 12, 12, 64, 64, 1000, 0);
     printf("-- sampler against the host definition (same Philox draws)\n");
     check_sampler(1000, 96);
     check_sampler(9001, 64);
