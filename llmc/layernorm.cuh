@@ -331,7 +331,7 @@ norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const f
 
 // The whole backward in one kernel, for rows up to NORM_VEC_MAX_WIDTH wide. A block of
 // NORM_BWD_WARPS warps takes NORM_BWD_ROWS rows, one warp per row at a time; the warp holds the
-// row's input and dout in registers (VEC-wide pieces, as the register forward), computes dx as
+// row's input, dout and dres in registers (VEC-wide pieces, as the register forward), computes dx as
 // norm_backward_dinp_kernel does (dres += dx, dres_bf16 = bf16(dres)), and adds the row's
 //   dout * norm  (dweight),  dout  (dbias, LayerNorm),  the updated dres  (colsum)
 // into its own slice of shared memory (warp, 3, C). At the end the block adds its warps' slices
@@ -358,15 +358,23 @@ norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial, const
     for (int n = blockIdx.x * NORM_BWD_ROWS + warp; n < row1; n += NORM_BWD_WARPS) {
         size_t row = (size_t)n * C;
         float m = is_layernorm ? mean[n] : 0.0f, s = rstd[n];
-        float x[ITERS][VEC], g[ITERS][VEC];
+        // the row's input, dout and dres are requested together, so a row waits on memory once
+        float x[ITERS][VEC], g[ITERS][VEC], d[ITERS][VEC];
         float dnorm_sum = 0.0f, dnorm_norm_sum = 0.0f;
 #pragma unroll
         for (int k = 0; k < ITERS; k++) {
             int c = (k * 32 + lane) * VEC;
             if (c < C) {
-                float w[VEC];
                 load_vec<VEC>(x[k], inp + row + c);
                 load_vec<VEC>(g[k], dout + row + c);
+                load_vec<VEC>(d[k], dres + row + c);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < ITERS; k++) {
+            int c = (k * 32 + lane) * VEC;
+            if (c < C) {
+                float w[VEC];
                 load_vec<VEC>(w, weight + c);
 #pragma unroll
                 for (int i = 0; i < VEC; i++) {
@@ -383,25 +391,24 @@ norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial, const
         for (int k = 0; k < ITERS; k++) {
             int c = (k * 32 + lane) * VEC;
             if (c < C) {
-                float w[VEC], d[VEC], aw[VEC], ab[VEC], acol[VEC];
+                float w[VEC], aw[VEC], ab[VEC], acol[VEC];
                 load_vec<VEC>(w, weight + c);
-                load_vec<VEC>(d, dres + row + c);
                 load_vec<VEC>(aw, acc_w + c);
                 load_vec<VEC>(ab, acc_b + c);
                 load_vec<VEC>(acol, acc_col + c);
 #pragma unroll
                 for (int i = 0; i < VEC; i++) {
                     float dnorm = w[i] * g[k][i];
-                    d[i] += s * (dnorm - dnorm_mean - x[k][i] * dnorm_norm_mean);
+                    d[k][i] += s * (dnorm - dnorm_mean - x[k][i] * dnorm_norm_mean);
                     aw[i] += g[k][i] * x[k][i];
                     ab[i] += g[k][i];
-                    acol[i] += d[i];
+                    acol[i] += d[k][i];
                 }
                 store_vec<VEC>(acc_w + c, aw);
                 store_vec<VEC>(acc_b + c, ab);
                 store_vec<VEC>(acc_col + c, acol);
-                store_vec<VEC>(dres + row + c, d);
-                if (dres_bf16) store_vec<VEC>(dres_bf16 + row + c, d);
+                store_vec<VEC>(dres + row + c, d[k]);
+                if (dres_bf16) store_vec<VEC>(dres_bf16 + row + c, d[k]);
             }
         }
     }
