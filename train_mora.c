@@ -206,6 +206,7 @@ static int cmd_pretrain(int argc, char **argv) {
     // the GPU trains its own copy (fp32 master weights, bf16 compute); the CPU model receives the
     // parameters and AdamW state back before every checkpoint
     CudaModel *gpu = NULL;
+    int attention_reported = 0;   // the flash attention's tuning, printed after the first step
     if (use_gpu) {
         gpu = a.zero == 1 ? cuda_model_create_sharded(&model, a.batch_size, a.seq_len)
                           : cuda_model_create(&model, a.batch_size, a.seq_len);
@@ -234,6 +235,8 @@ static int cmd_pretrain(int argc, char **argv) {
             norm = cuda_model_grad_norm(gpu);
             scale = (a.grad_clip > 0.0f && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
             cuda_model_adamw_update(gpu, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
+            if (rank == 0 && !attention_reported) printf("attention: %s\n", gpu->attention_tuning);
+            attention_reported = 1;
             goto step_done;
         }
 #endif

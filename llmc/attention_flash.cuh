@@ -66,6 +66,8 @@
 #define LLMC_ATTENTION_FLASH_CUH
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <string.h>
 #include "cuda_common.h"
 
 #define FLASH_THREADS 128   // 4 warps
@@ -230,9 +232,11 @@ constexpr size_t flash_forward_smem() { return (size_t)(RW * FLASH_ROWS + 4 * FL
 // grid (ceil(T / (64 RW)), NH, B), block 128. Shared: Q (64 RW, LDS), K and V (64, LDS) x 2 stages.
 // Row tile r of warp w holds the block's query rows r * 64 + w * 16 ... + 15, so every warp has
 // rows near the diagonal. Query tiles are taken last-first: the tiles near the end of the sequence
-// see the most keys, so the long blocks start first and the short ones fill the tail.
-template <int HS, int RW>
-__global__ void __launch_bounds__(FLASH_THREADS) flash_attention_forward_kernel(floatX *out, float *lse,
+// see the most keys, so the long blocks start first and the short ones fill the tail. MINB > 1
+// asks the compiler for registers that let MINB blocks share an SM (launch bounds): the same
+// arithmetic, another register allocation (flash_forward_min_blocks).
+template <int HS, int RW, int MINB = 1>
+__global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_kernel(floatX *out, float *lse,
                                                                                const floatX *qkv, int T, int NH,
                                                                                int NKV) {
     constexpr int BM = RW * FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD;
@@ -447,9 +451,10 @@ constexpr size_t flash_dkv_smem() {
 
 // dK, dV: grid (ceil(T / 64), NKV, B), block 128; the block owns key rows [k0, k0 + 64) of kv head
 // kvh (16 per warp) and walks (query head of the group) x (query tile from k0 to T), two stages
-// deep. Shared: K, V (64, LDS); Q, dO (BM, LDS) x 2 stages; lse, D (BM) x 2 stages.
-template <int HS>
-__global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dkv_kernel(
+// deep. Shared: K, V (64, LDS); Q, dO (BM, LDS) x 2 stages; lse, D (BM) x 2 stages. MINB as in
+// the forward (flash_dkv_min_blocks).
+template <int HS, int MINB = 1>
+__global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_dkv_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV) {
     constexpr int BN = FLASH_ROWS, BM = flash_dkv_queries<HS>(), LDS = HS + FLASH_PAD;
     floatX *sK = (floatX *)flash_dynamic_smem();
@@ -752,14 +757,20 @@ static inline void attention_flash_check(int B, int T, int NH, int NKV, int HS, 
 static int flash_forward_row_tiles = 1;
 // Row tiles per warp of the backward's dQ launch, likewise 1 or 2 (head size 64 only).
 static int flash_dq_row_tiles = 1;
+// Blocks an SM the compiler is asked to fit (launch bounds; fewer registers a thread, the same
+// arithmetic): the one-tile forward at head size 64 with 1 (its own choice: 148 registers at
+// sm_90, 3 blocks) or 4 (128 registers, 4 blocks); the dK/dV pass at head size 64 with 1 (181
+// registers, 2 blocks) or 3 (168, 3 blocks).
+static int flash_forward_min_blocks = 1;
+static int flash_dkv_min_blocks = 1;
 
-template <int HS, int RW>
+template <int HS, int RW, int MINB>
 static inline void attention_flash_forward_launch(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
                                                   int NKV, cudaStream_t stream) {
     static bool smem_set = false;
-    flash_allow_smem(flash_attention_forward_kernel<HS, RW>, flash_forward_smem<HS, RW>(), &smem_set);
+    flash_allow_smem(flash_attention_forward_kernel<HS, RW, MINB>, flash_forward_smem<HS, RW>(), &smem_set);
     dim3 grid(ceil_div(T, RW * FLASH_ROWS), NH, B);
-    flash_attention_forward_kernel<HS, RW><<<grid, FLASH_THREADS, flash_forward_smem<HS, RW>(), stream>>>(out, lse, qkv, T, NH, NKV);
+    flash_attention_forward_kernel<HS, RW, MINB><<<grid, FLASH_THREADS, flash_forward_smem<HS, RW>(), stream>>>(out, lse, qkv, T, NH, NKV);
     cudaCheckLaunch();
 }
 
@@ -767,9 +778,10 @@ static inline void attention_flash_forward_launch(floatX *out, float *lse, const
 static inline void attention_flash_forward(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH, int NKV,
                                            int HS, cudaStream_t stream) {
     attention_flash_check(B, T, NH, NKV, HS, out, qkv, qkv, qkv);
-    if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2>(out, lse, qkv, B, T, NH, NKV, stream);
-    else if (HS == 64) attention_flash_forward_launch<64, 1>(out, lse, qkv, B, T, NH, NKV, stream);
-    else attention_flash_forward_launch<128, 1>(out, lse, qkv, B, T, NH, NKV, stream);
+    if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2, 1>(out, lse, qkv, B, T, NH, NKV, stream);
+    else if (HS == 64 && flash_forward_min_blocks == 4) attention_flash_forward_launch<64, 1, 4>(out, lse, qkv, B, T, NH, NKV, stream);
+    else if (HS == 64) attention_flash_forward_launch<64, 1, 1>(out, lse, qkv, B, T, NH, NKV, stream);
+    else attention_flash_forward_launch<128, 1, 1>(out, lse, qkv, B, T, NH, NKV, stream);
 }
 
 // The backward's two passes are independent (each reads qkv, dout, lse and D and writes its own
@@ -792,12 +804,12 @@ static inline cudaStream_t flash_side_stream(cudaEvent_t *fork, cudaEvent_t *joi
     return side;
 }
 
-template <int HS, int DQ_RW>
+template <int HS, int DQ_RW, int DKV_MINB>
 static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                                    const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                                    cudaStream_t stream) {
     static bool dkv_set = false, dq_set = false;
-    flash_allow_smem(flash_attention_backward_dkv_kernel<HS>, flash_dkv_smem<HS>(), &dkv_set);
+    flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB>, flash_dkv_smem<HS>(), &dkv_set);
     flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW>, flash_dq_smem<HS, DQ_RW>(), &dq_set);
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
@@ -810,7 +822,7 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
         cudaCheck(cudaEventRecord(fork, stream));
         cudaCheck(cudaStreamWaitEvent(kv_stream, fork, 0));
     }
-    flash_attention_backward_dkv_kernel<HS><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), kv_stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
+    flash_attention_backward_dkv_kernel<HS, DKV_MINB><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), kv_stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
     cudaCheckLaunch();
     flash_attention_backward_dq_kernel<HS, DQ_RW><<<grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
     cudaCheckLaunch();
@@ -826,9 +838,166 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
                                             const floatX *out, const float *lse, int B, int T, int NH, int NKV, int HS,
                                             cudaStream_t stream) {
     attention_flash_check(B, T, NH, NKV, HS, dqkv, dout, qkv, out);
-    if (HS == 64 && flash_dq_row_tiles == 2) attention_flash_backward_launch<64, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
-    else if (HS == 64) attention_flash_backward_launch<64, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
-    else attention_flash_backward_launch<128, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+    int dq2 = HS == 64 && flash_dq_row_tiles == 2, dkv3 = HS == 64 && flash_dkv_min_blocks == 3;
+    if (HS == 64 && dq2 && dkv3) attention_flash_backward_launch<64, 2, 3>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+    else if (HS == 64 && dq2) attention_flash_backward_launch<64, 2, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+    else if (HS == 64 && dkv3) attention_flash_backward_launch<64, 1, 3>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+    else if (HS == 64) attention_flash_backward_launch<64, 1, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+    else attention_flash_backward_launch<128, 1, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
+// tuning: the launch configuration (the switches above) for one shape, by timing
+
+// A configuration, what it measured, and what the defaults measured in the same run.
+typedef struct {
+    int forward_row_tiles, forward_min_blocks, dq_row_tiles, dkv_min_blocks, side_by_side;
+    float forward_ms, backward_ms;                   // the chosen configuration
+    float default_forward_ms, default_backward_ms;   // 1 row tile, the compiler's registers, side by side
+    int tried, differed;   // candidates run; of those, how many gave other bits than the defaults
+} FlashTuning;
+
+// x (n) bf16 = pseudo-random values in [-1, 1), a hash of (seed, i): the same on every run.
+__global__ void flash_fill_random_kernel(floatX *x, size_t n, uint32_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 0x9E3779B1u ^ seed * 0x85EBCA77u;
+        h ^= h >> 15; h *= 0x2C1B3C6Du; h ^= h >> 12; h *= 0x297A2D39u; h ^= h >> 15;
+        x[i] = __float2bfloat16((float)(h >> 8) * (2.0f / 16777216.0f) - 1.0f);
+    }
+}
+
+// *sum += sum over i of words[i] * (2i + 1) mod 2^64: an order-independent fingerprint in which
+// any one changed word changes the sum (odd numbers are invertible mod 2^64).
+__global__ void flash_fingerprint_kernel(unsigned long long *sum, const uint32_t *words, size_t n) {
+    unsigned long long acc = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        acc += (unsigned long long)words[i] * (2ull * i + 1ull);
+    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    if (threadIdx.x % 32 == 0) atomicAdd(sum, acc);
+}
+
+static inline unsigned long long flash_fingerprint(unsigned long long *d_sum, const void *p, size_t bytes,
+                                                   cudaStream_t stream) {
+    unsigned long long h = 0;
+    cudaCheck(cudaMemsetAsync(d_sum, 0, sizeof(h), stream));
+    flash_fingerprint_kernel<<<264, 256, 0, stream>>>(d_sum, (const uint32_t *)p, bytes / 4);
+    cudaCheckLaunch();
+    cudaCheck(cudaMemcpyAsync(&h, d_sum, sizeof(h), cudaMemcpyDeviceToHost, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+    return h;
+}
+
+// Mean milliseconds of fn() over reps runs after one warm-up run, on stream.
+template <typename F>
+static inline float flash_time_ms(F fn, cudaStream_t stream, int reps) {
+    cudaEvent_t start, stop;
+    cudaCheck(cudaEventCreate(&start));
+    cudaCheck(cudaEventCreate(&stop));
+    fn();
+    cudaCheck(cudaEventRecord(start, stream));
+    for (int i = 0; i < reps; i++) fn();
+    cudaCheck(cudaEventRecord(stop, stream));
+    cudaCheck(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    cudaCheck(cudaEventElapsedTime(&ms, start, stop));
+    cudaCheck(cudaEventDestroy(start));
+    cudaCheck(cudaEventDestroy(stop));
+    return ms / reps;
+}
+
+static inline void flash_set_config(int forward_row_tiles, int forward_min_blocks, int dq_row_tiles, int dkv_min_blocks,
+                                    int side_by_side) {
+    flash_forward_row_tiles = forward_row_tiles;
+    flash_forward_min_blocks = forward_min_blocks;
+    flash_dq_row_tiles = dq_row_tiles;
+    flash_dkv_min_blocks = dkv_min_blocks;
+    flash_backward_side_by_side = side_by_side;
+}
+
+// Picks the fastest launch configuration for the shape (B, T, NH, NKV, HS) among those whose
+// results equal the defaults' bit for bit on random inputs, so that the choice changes the speed
+// and never the numbers (and two runs give the same results whatever each picked): the forward
+// (1 row tile a warp, 1 with 4 blocks an SM, 2 row tiles), then the backward (dQ row tiles 1 or
+// 2, dK/dV with 1 or 3 blocks an SM, the two passes side by side or in turn); head size 128 has
+// only the last choice. Every candidate runs once and its output is fingerprinted against the
+// defaults'; a candidate that differs is not timed. Overwrites the buffers it is given (sized
+// for the shape: qkv, out, lse, dout, dqkv, D as attention_flash_forward/backward take them),
+// sets the switches to the choice and returns it. verbose prints every candidate.
+static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *lse, floatX *dout, floatX *dqkv,
+                                               float *D, int B, int T, int NH, int NKV, int HS, cudaStream_t stream,
+                                               int verbose) {
+    const int reps = 10;
+    FlashTuning t;
+    memset(&t, 0, sizeof(t));
+    size_t n_qkv = (size_t)B * T * (NH + 2 * NKV) * HS, n_out = (size_t)B * T * NH * HS, n_stat = (size_t)B * NH * T;
+    flash_fill_random_kernel<<<1024, 256, 0, stream>>>(qkv, n_qkv, 1u);
+    cudaCheckLaunch();
+    flash_fill_random_kernel<<<1024, 256, 0, stream>>>(dout, n_out, 2u);
+    cudaCheckLaunch();
+    unsigned long long *d_sum = (unsigned long long *)cudaMallocCheck(sizeof(unsigned long long));
+    auto forward = [&] { attention_flash_forward(out, lse, qkv, B, T, NH, NKV, HS, stream); };
+    auto backward = [&] { attention_flash_backward(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, HS, stream); };
+    auto forward_bits = [&] {
+        forward();
+        return flash_fingerprint(d_sum, out, n_out * sizeof(floatX), stream) ^
+               (flash_fingerprint(d_sum, lse, n_stat * sizeof(float), stream) * 0x9E3779B97F4A7C15ull);
+    };
+    auto backward_bits = [&] {
+        backward();
+        return flash_fingerprint(d_sum, dqkv, n_qkv * sizeof(floatX), stream);
+    };
+    if (verbose) printf("flash attention tuning B=%d T=%d NH=%d NKV=%d HS=%d (ms, mean of %d)\n", B, T, NH, NKV, HS, reps);
+
+    // forward candidates: (row tiles, min blocks); the first is the default
+    const int fwd[3][2] = {{1, 1}, {1, 4}, {2, 1}};
+    int n_fwd = HS == 64 ? 3 : 1, best_fwd = 0;
+    unsigned long long ref = 0;
+    for (int i = 0; i < n_fwd; i++) {
+        flash_set_config(fwd[i][0], fwd[i][1], 1, 1, 1);
+        unsigned long long bits = forward_bits();
+        if (i == 0) ref = bits;
+        t.tried++;
+        if (bits != ref) {
+            t.differed++;
+            if (verbose) printf("  forward  row tiles %d, min blocks %d: results differ from the defaults, not used\n", fwd[i][0], fwd[i][1]);
+            continue;
+        }
+        float ms = flash_time_ms(forward, stream, reps);
+        if (verbose) printf("  forward  row tiles %d, min blocks %d: %8.4f\n", fwd[i][0], fwd[i][1], ms);
+        if (i == 0) t.default_forward_ms = t.forward_ms = ms;
+        else if (ms < t.forward_ms) { t.forward_ms = ms; best_fwd = i; }
+    }
+    t.forward_row_tiles = fwd[best_fwd][0];
+    t.forward_min_blocks = fwd[best_fwd][1];
+
+    // backward candidates: (dQ row tiles, dK/dV min blocks, side by side); the first is the default
+    const int bwd[8][3] = {{1, 1, 1}, {1, 1, 0}, {2, 1, 1}, {2, 1, 0}, {1, 3, 1}, {1, 3, 0}, {2, 3, 1}, {2, 3, 0}};
+    int n_bwd = HS == 64 ? 8 : 2, best_bwd = 0;
+    flash_set_config(1, 1, 1, 1, 1);
+    forward();   // the defaults' out and lse, which every candidate's backward reads
+    for (int i = 0; i < n_bwd; i++) {
+        flash_set_config(1, 1, bwd[i][0], bwd[i][1], bwd[i][2]);
+        unsigned long long bits = backward_bits();
+        if (i == 0) ref = bits;
+        t.tried++;
+        if (bits != ref) {
+            t.differed++;
+            if (verbose) printf("  backward dQ row tiles %d, dK/dV min blocks %d, %s: results differ from the defaults, not used\n",
+                                bwd[i][0], bwd[i][1], bwd[i][2] ? "side by side" : "in turn");
+            continue;
+        }
+        float ms = flash_time_ms(backward, stream, reps);
+        if (verbose) printf("  backward dQ row tiles %d, dK/dV min blocks %d, %-12s: %8.4f\n", bwd[i][0], bwd[i][1],
+                            bwd[i][2] ? "side by side" : "in turn", ms);
+        if (i == 0) t.default_backward_ms = t.backward_ms = ms;
+        else if (ms < t.backward_ms) { t.backward_ms = ms; best_bwd = i; }
+    }
+    t.dq_row_tiles = bwd[best_bwd][0];
+    t.dkv_min_blocks = bwd[best_bwd][1];
+    t.side_by_side = bwd[best_bwd][2];
+    flash_set_config(t.forward_row_tiles, t.forward_min_blocks, t.dq_row_tiles, t.dkv_min_blocks, t.side_by_side);
+    cudaCheck(cudaFree(d_sum));
+    return t;
 }
 #endif   // ATTENTION_FLASH_EMULATION
 #endif

@@ -44,6 +44,12 @@ typedef struct CudaModel {
     // 1: the backward's weight-gradient products run on a second stream beside the chain of
     // input gradients (not while profiling); 0 (default): one stream. Same gradients bit for bit.
     int overlap_weight_grads;
+    // The flash attention's launch configuration is tuned on the first forward, for its shape:
+    // the fastest of those whose results equal the defaults' bit for bit (attention_flash_tune in
+    // attention_flash.cuh), so the choice never changes the numbers. TRAIN_MORA_FLASH_TUNE=0
+    // keeps the defaults. attention_tuning describes the choice and its times once it is made.
+    int attention_tuned;
+    char attention_tuning[256];
     void *impl;             // device buffers (model_cuda.cu)
 } CudaModel;
 
@@ -61,6 +67,10 @@ double cuda_device_bf16_peak_flops(void);
 // (fp32 master + bf16 copy) and, when the CPU model has them, its AdamW moments and step.
 CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T);
 void cuda_model_free(CudaModel *model);
+
+// After the first forward: 1 runs the flash attention in its tuned configuration (the default),
+// 0 in the defaults' (benchmarks compare the two; the results are the same bit for bit).
+void cuda_model_attention_config(CudaModel *model, int tuned);
 
 // As model_forward: inputs (B, T), targets (B, T) or NULL, loss_mask (B, T) or NULL.
 // Fills token_losses and mean_loss. B <= max_B, T <= max_T.

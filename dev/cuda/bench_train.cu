@@ -3,8 +3,10 @@
  * gradient norm, AdamW) of GPT-2 124M and the SmolLM2-135M shape at B = 16, T = 1024 on random
  * tokens. Prints tokens/s, MFU at the card's dense bf16 peak (model_flops_per_step: 6 FLOPs per
  * matmul weight per token plus attention over the full T x T, as llm.c and PaLM count), and a
- * per-kernel-group time table from a profiled run (CUDA events around each launch group).
- * Figures only: not a test.
+ * per-kernel-group time table from a profiled run (CUDA events around each launch group). The
+ * same run times the step with the weight gradients on a second stream and with the flash
+ * attention in its default configuration instead of the one tuned on the first forward, and
+ * prints the tuning's choice. Figures only: not a test.
  *   build/cuda/dev/bench_train [steps]        (BF16_PEAK_TFLOPS overrides the card's peak)
  *   build/cuda/dev/bench_train STEPS PRESET   one model only
  * Targets from the issue (H100 80GB): GPT-2 124M >= 500K tok/s, SmolLM2-135M >= 350K tok/s.
@@ -57,6 +59,11 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     step();
     double overlapped = median_step();
     gpu->overlap_weight_grads = 0;
+    // the flash attention in the defaults' configuration instead of the tuned one, timed beside
+    cuda_model_attention_config(gpu, 0);
+    step();
+    double untuned = median_step();
+    cuda_model_attention_config(gpu, 1);
     double flops = model_flops_per_step(&c, B, T);
     double tok_s = N / median;
     printf("%-20s %6.1fM params  B=%d T=%d  %8.2f ms/step  %9.0f tok/s  %7.1f TFLOP/s", preset, cpu.num_parameters / 1e6, B, T,
@@ -66,6 +73,8 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     if (target > 0) printf("  (target %.0fK tok/s: %s)", target / 1e3, tok_s >= target ? "met" : "NOT met");
     printf("\n");
     printf("  with the weight gradients on a second stream: %.2f ms/step, %.0f tok/s\n", overlapped * 1e3, N / overlapped);
+    printf("  attention: %s\n", gpu->attention_tuning);
+    printf("  with the attention's default configuration: %.2f ms/step, %.0f tok/s\n", untuned * 1e3, N / untuned);
     gpu->profile = 1;
     for (int i = 0; i < 2; i++) step();
     printf("  per-kernel time (profiled run, CUDA events around each launch group):\n");
