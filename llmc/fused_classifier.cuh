@@ -94,10 +94,12 @@ __device__ __forceinline__ void classifier_load8(const floatX *p, float (&x)[CLA
     for (int i = 0; i < CLASSIFIER_VEC; i++) x[i] = to_float(h[i]);
 }
 
-__device__ __forceinline__ void classifier_row_gradient8(floatX *row, float row_lse, int target, float w, int V, int Vp) {
+// dlogits into row (Vp) from the logits in src: the row itself, or its copy in shared memory
+__device__ __forceinline__ void classifier_row_gradient8(floatX *row, const floatX *src, float row_lse, int target, float w,
+                                                         int V, int Vp) {
     for (int v0 = threadIdx.x * CLASSIFIER_VEC; v0 < Vp; v0 += blockDim.x * CLASSIFIER_VEC) {
         float x[CLASSIFIER_VEC];
-        classifier_load8(row + v0, x);
+        classifier_load8(src + v0, x);
         uint4 packed;
         floatX *h = reinterpret_cast<floatX *>(&packed);
 #pragma unroll
@@ -134,14 +136,67 @@ __global__ void fused_classifier8_kernel(floatX *logits, float *lse, float *loss
         m = m_new;
     }
     float row_lse = classifier_row_lse(m, s, shared, n, lse, losses, targets, active, target_logit);
-    if (weights) classifier_row_gradient8(row, row_lse, active ? targets[n] : -1, weights[n], V, Vp);
+    if (weights) classifier_row_gradient8(row, row, row_lse, active ? targets[n] : -1, weights[n], V, Vp);
 }
 
 __global__ void classifier_backward8_kernel(floatX *logits, const float *lse, const int *targets,
                                             const float *weights, int V, int Vp) {
     int n = blockIdx.x;
     float w = weights[n];
-    classifier_row_gradient8(logits + (size_t)n * Vp, lse[n], w != 0.0f ? targets[n] : -1, w, V, Vp);
+    classifier_row_gradient8(logits + (size_t)n * Vp, logits + (size_t)n * Vp, lse[n], w != 0.0f ? targets[n] : -1, w, V, Vp);
+}
+
+// The fused forward and gradient with the row staged in shared memory: the first pass copies
+// the row there (CLASSIFIER_STAGE_LOADS 16-byte loads in flight per thread) while it takes the
+// max and the sum of exponentials, and the gradient pass reads the copy, so DRAM sees the logits
+// read exactly once and written once. The kernels above count on the row still being in L2 for
+// their second pass, which holds for part of the rows only: four blocks an SM keep about 53 MB
+// of rows in flight at GPT-2's vocabulary, more than an H100's 50 MB of L2. Same arithmetic as
+// fused_classifier8_kernel, so the same results bit for bit. Dynamic shared memory: the row,
+// Vp * 2 bytes (at most CLASSIFIER_STAGE_MAX_BYTES: two blocks an SM on an H100).
+#define CLASSIFIER_STAGE_LOADS 4
+#define CLASSIFIER_STAGE_MAX_BYTES (112 * 1024)
+__global__ void fused_classifier_staged_kernel(floatX *logits, float *lse, float *losses, const int *targets,
+                                               const float *mask, const float *weights, int V, int Vp) {
+    __shared__ float shared[32];
+    floatX *staged = (floatX *)dynamic_smem();
+    int n = blockIdx.x;
+    floatX *row = logits + (size_t)n * Vp;
+    int active = targets != NULL && (mask == NULL || mask[n] != 0.0f);
+    float target_logit = active ? to_float(row[targets[n]]) : 0.0f;
+
+    float m = -INFINITY, s = 0.0f;
+    const int stride = blockDim.x * CLASSIFIER_VEC;
+    for (int base = threadIdx.x * CLASSIFIER_VEC; base < Vp; base += CLASSIFIER_STAGE_LOADS * stride) {
+        uint4 packed[CLASSIFIER_STAGE_LOADS];
+#pragma unroll
+        for (int u = 0; u < CLASSIFIER_STAGE_LOADS; u++) {
+            int v0 = base + u * stride;
+            if (v0 < Vp) packed[u] = *reinterpret_cast<const uint4 *>(row + v0);
+        }
+#pragma unroll
+        for (int u = 0; u < CLASSIFIER_STAGE_LOADS; u++) {
+            int v0 = base + u * stride;
+            if (v0 >= Vp) break;
+            *reinterpret_cast<uint4 *>(staged + v0) = packed[u];
+            float x[CLASSIFIER_VEC], chunk_max = -INFINITY;
+            const floatX *h = reinterpret_cast<const floatX *>(&packed[u]);
+#pragma unroll
+            for (int i = 0; i < CLASSIFIER_VEC; i++) x[i] = to_float(h[i]);
+#pragma unroll
+            for (int i = 0; i < CLASSIFIER_VEC; i++)
+                if (v0 + i < V) chunk_max = fmaxf(chunk_max, x[i]);
+            float m_new = fmaxf(m, chunk_max), add = 0.0f;
+#pragma unroll
+            for (int i = 0; i < CLASSIFIER_VEC; i++)
+                if (v0 + i < V) add += expf(x[i] - m_new);
+            s = (m == -INFINITY ? 0.0f : s * expf(m - m_new)) + add;
+            m = m_new;
+        }
+    }
+    // the reductions' barriers also make the whole staged row visible to every thread
+    float row_lse = classifier_row_lse(m, s, shared, n, lse, losses, targets, active, target_logit);
+    if (weights) classifier_row_gradient8(row, staged, row_lse, active ? targets[n] : -1, weights[n], V, Vp);
 }
 
 #define CLASSIFIER_BLOCK 512
@@ -169,10 +224,41 @@ static inline void fused_classifier_vec8(floatX *logits, float *lse, float *loss
     fused_classifier8_kernel<<<N, CLASSIFIER_BLOCK, 0, stream>>>(logits, lse, losses, targets, mask, weights, V, Vp);
     cudaCheckLaunch();
 }
+// The staged kernel's shared memory for rows of Vp, or 0 when it cannot take them (rows not on
+// 16 bytes, or wider than CLASSIFIER_STAGE_MAX_BYTES or than the device allows a block).
+static inline size_t classifier_staged_bytes(const floatX *logits, int Vp) {
+    static int optin = -1;
+    if (optin < 0) {
+        int device = 0;
+        cudaCheck(cudaGetDevice(&device));
+        cudaCheck(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    }
+    size_t bytes = (size_t)Vp * sizeof(floatX);
+    if (!classifier_vectorized(logits, Vp) || bytes > CLASSIFIER_STAGE_MAX_BYTES || bytes > (size_t)optin) return 0;
+    return bytes;
+}
+static inline void fused_classifier_staged(floatX *logits, float *lse, float *losses, const int *targets,
+                                           const float *mask, const float *weights, int N, int V, int Vp,
+                                           cudaStream_t stream) {
+    fused_classifier_check(V, Vp, weights, targets);
+    size_t bytes = classifier_staged_bytes(logits, Vp);
+    cudaRequire(bytes > 0, "fused_classifier_staged: rows must start on 16 bytes and fit in a block's shared memory");
+    static size_t allowed = 0;
+    if (bytes > allowed) {
+        cudaCheck(cudaFuncSetAttribute(fused_classifier_staged_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+        allowed = bytes;
+    }
+    fused_classifier_staged_kernel<<<N, CLASSIFIER_BLOCK, bytes, stream>>>(logits, lse, losses, targets, mask, weights, V, Vp);
+    cudaCheckLaunch();
+}
+// The pick: with a gradient to write, the staged kernel where the row fits in shared memory;
+// else the 8-wide kernel where rows start on 16 bytes; else the scalar one.
 static inline void fused_classifier(floatX *logits, float *lse, float *losses, const int *targets,
                                     const float *mask, const float *weights, int N, int V, int Vp,
                                     cudaStream_t stream) {
-    if (classifier_vectorized(logits, Vp)) fused_classifier_vec8(logits, lse, losses, targets, mask, weights, N, V, Vp, stream);
+    if (weights && classifier_staged_bytes(logits, Vp) > 0)
+        fused_classifier_staged(logits, lse, losses, targets, mask, weights, N, V, Vp, stream);
+    else if (classifier_vectorized(logits, Vp)) fused_classifier_vec8(logits, lse, losses, targets, mask, weights, N, V, Vp, stream);
     else fused_classifier_scalar(logits, lse, losses, targets, mask, weights, N, V, Vp, stream);
 }
 static inline void classifier_backward_scalar(floatX *logits, const float *lse, const int *targets, const float *weights,

@@ -1,7 +1,8 @@
 /*
  * Runs the classifier kernels of llmc/fused_classifier.cuh on the CPU through their host entry
  * points: the scalar kernels (fused_classifier_scalar, classifier_backward_scalar), the 8-wide
- * ones (fused_classifier_vec8, classifier_backward_vec8) and the pick between them
+ * ones (fused_classifier_vec8, classifier_backward_vec8), the staged one (fused_classifier_staged,
+ * its row copied to shared memory; with the 8-wide backward) and the pick between them
  * (fused_classifier, classifier_backward), so that their indexing, online softmax and gradient
  * are checked on a machine without a GPU (test/test_fused_classifier_emu.py compares the results
  * with a NumPy float64 oracle).
@@ -11,7 +12,7 @@
  * launch rewritten into an emu_launch call (test/gpu_emu.py). lse and losses start as NaN.
  *
  *   fused_classifier_emu IN OUT forward|reverse
- *     IN : int32 N, V, Vp, kernel (0 scalar, 1 8-wide, 2 picked), mode (0 forward without
+ *     IN : int32 N, V, Vp, kernel (0 scalar, 1 8-wide, 2 picked, 3 staged), mode (0 forward without
  *          weights, 1 forward with the gradient, 2 forward then the separate backward), has_mask,
  *          misalign (the logits start 2 bytes past a 256-byte boundary);
  *          float32 logits (N, Vp), representable in bf16; int32 targets (N); float32 mask (N)
@@ -30,7 +31,7 @@ int main(int argc, char **argv) {
     int32_t dims[7];
     if (fread(dims, sizeof(int32_t), 7, f) != 7) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int N = dims[0], V = dims[1], Vp = dims[2], kernel = dims[3], mode = dims[4], has_mask = dims[5], misalign = dims[6];
-    if (N < 1 || V < 1 || Vp < V || kernel < 0 || kernel > 2 || mode < 0 || mode > 2) {
+    if (N < 1 || V < 1 || Vp < V || kernel < 0 || kernel > 3 || mode < 0 || mode > 2) {
         fprintf(stderr, "error: %s: bad header N=%d V=%d Vp=%d kernel=%d mode=%d\n", argv[1], N, V, Vp, kernel, mode);
         return 1;
     }
@@ -54,8 +55,9 @@ int main(int argc, char **argv) {
     memcpy(weights, weights_host.data(), N * sizeof(float));
     float *lse = (float *)device_alloc(N * sizeof(float), 0xff), *losses = (float *)device_alloc(N * sizeof(float), 0xff);
 
-    auto forward = kernel == 0 ? fused_classifier_scalar : kernel == 1 ? fused_classifier_vec8 : fused_classifier;
-    auto backward = kernel == 0 ? classifier_backward_scalar : kernel == 1 ? classifier_backward_vec8 : classifier_backward;
+    auto forward = kernel == 0 ? fused_classifier_scalar : kernel == 1 ? fused_classifier_vec8
+                 : kernel == 2 ? fused_classifier : fused_classifier_staged;
+    auto backward = kernel == 0 ? classifier_backward_scalar : kernel == 2 ? classifier_backward : classifier_backward_vec8;
     forward(logits, lse, losses, targets, mask, mode == 1 ? weights : NULL, N, V, Vp, 0);
     if (mode == 2) backward(logits, lse, targets, weights, N, V, Vp, 0);
 

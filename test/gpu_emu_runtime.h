@@ -62,6 +62,14 @@ static inline float block_max(float v, float *shared) {
 // the block's dynamic shared memory (the launch's smem bytes), as cuda_common.h's dynamic_smem()
 static inline unsigned char *dynamic_smem() { return smem.data(); }
 #define cudaCheckLaunch() ((void)0)
+#define cudaCheck(call) ((void)(call))
+// device queries and kernel attributes: one device, whose blocks may take 227 KiB of dynamic
+// shared memory (an H100's opt-in limit); setting an attribute does nothing
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+static inline int cudaGetDevice(int *device) { *device = 0; return 0; }
+static inline int cudaDeviceGetAttribute(int *value, cudaDeviceAttr, int) { *value = 227 * 1024; return 0; }
+template <typename Kernel> static inline int cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) { return 0; }
 #define cudaRequire(cond, what) ((cond) ? (void)0 : emu_fail(what))
 
 // Runs body as every block of grid with block threads: what a <<<grid, block, smem, stream>>>

@@ -5,7 +5,8 @@ lse = log sum_v exp(logit_v), loss = lse - logit_target where the mask is set (e
 gradient written over the logits, weight * (softmax - onehot(target)) for v < V and 0 for the
 padded columns.
 
-The scalar kernels, the 8-wide ones (16-byte loads and stores) and the pick between them run, in
+The scalar kernels, the 8-wide ones (16-byte loads and stores), the staged one (the row copied to
+shared memory in the first pass, the gradient computed from the copy) and the pick between them run, in
 the three ways the model calls them: the forward alone (the logits must stay as they were), the
 forward with the gradient, and the forward followed by the separate backward; with and without a
 mask, with vocabularies padded or not and rows that are and are not a multiple of 8 wide, and with
@@ -19,7 +20,7 @@ from gpu_emu import build_emulator, rewrite_launches, to_bf16
 
 import subprocess
 
-SCALAR, VEC8, PICKED = 0, 1, 2
+SCALAR, VEC8, PICKED, STAGED = 0, 1, 2, 3
 FORWARD, FUSED, SEPARATE = 0, 1, 2
 
 
@@ -95,7 +96,7 @@ SHAPES = [  # N, V, Vp, has_mask
 
 
 @pytest.mark.parametrize("mode", [FORWARD, FUSED, SEPARATE])
-@pytest.mark.parametrize("kernel", [SCALAR, VEC8])
+@pytest.mark.parametrize("kernel", [SCALAR, VEC8, STAGED])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_classifier_matches_oracle(emulator, tmp_path, shape, kernel, mode):
     N, V, Vp, has_mask = shape
@@ -105,7 +106,7 @@ def test_classifier_matches_oracle(emulator, tmp_path, shape, kernel, mode):
     assert_matches(out, oracle(logits, targets, mask, weights, V), logits, mode)
 
 
-@pytest.mark.parametrize("kernel", [SCALAR, VEC8])
+@pytest.mark.parametrize("kernel", [SCALAR, VEC8, STAGED])
 def test_gpt2_vocabulary_in_reverse_thread_order(emulator, tmp_path, kernel):
     N, V, Vp = 2, 50257, 50304
     logits, targets, mask, weights = make_inputs(N, V, Vp, False, seed=5)
@@ -116,7 +117,8 @@ def test_gpt2_vocabulary_in_reverse_thread_order(emulator, tmp_path, kernel):
 
 def test_pick_takes_the_8_wide_kernels_only_for_aligned_rows(emulator, tmp_path):
     """The picked result is bit for bit the 8-wide kernels' for rows of a multiple of 8 that start
-    on 16 bytes, else the scalar kernels'."""
+    on 16 bytes (with a gradient, through the staged kernel, which must give the same bits), else
+    the scalar kernels'."""
     def result(V, Vp, kernel, misalign=0, mode=FUSED):
         logits, targets, mask, weights = make_inputs(3, V, Vp, True, seed=11)
         proc, out = run_emulator(emulator, tmp_path, logits, targets, mask, weights, V, kernel, mode, misalign)
@@ -124,6 +126,7 @@ def test_pick_takes_the_8_wide_kernels_only_for_aligned_rows(emulator, tmp_path)
         return np.concatenate([a.ravel() for a in out])
     for mode in (FUSED, SEPARATE):
         assert np.array_equal(result(300, 304, PICKED, mode=mode), result(300, 304, VEC8, mode=mode))
+        assert np.array_equal(result(300, 304, STAGED, mode=mode), result(300, 304, VEC8, mode=mode))
         assert np.array_equal(result(300, 303, PICKED, mode=mode), result(300, 303, SCALAR, mode=mode))
         assert np.array_equal(result(300, 304, PICKED, 1, mode), result(300, 304, SCALAR, 1, mode))
     # the comparisons above can tell the kernels apart: their sums round differently, which shows
@@ -134,10 +137,21 @@ def test_pick_takes_the_8_wide_kernels_only_for_aligned_rows(emulator, tmp_path)
     assert not np.array_equal(lse[0], lse[1])
 
 
-def test_8_wide_kernel_refuses_unaligned_rows(emulator, tmp_path):
+@pytest.mark.parametrize("kernel", [VEC8, STAGED])
+def test_8_wide_kernels_refuse_unaligned_rows(emulator, tmp_path, kernel):
     logits, targets, mask, weights = make_inputs(2, 300, 303, False, seed=3)
-    proc, out = run_emulator(emulator, tmp_path, logits, targets, mask, weights, 300, VEC8, FUSED)
+    proc, out = run_emulator(emulator, tmp_path, logits, targets, mask, weights, 300, kernel, FUSED)
     assert out is None and "rows must start on 16 bytes" in proc.stderr
+
+
+def test_staged_kernel_refuses_rows_wider_than_its_shared_memory(emulator, tmp_path):
+    V = Vp = 112 * 1024 // 2 + 8   # CLASSIFIER_STAGE_MAX_BYTES / 2 bf16, and one more 8-wide chunk
+    logits, targets, mask, weights = make_inputs(1, V, Vp, False, seed=4)
+    proc, out = run_emulator(emulator, tmp_path, logits, targets, mask, weights, V, STAGED, FUSED)
+    assert out is None and "fit in a block's shared memory" in proc.stderr
+    proc, out = run_emulator(emulator, tmp_path, logits, targets, mask, weights, V, PICKED, FUSED)
+    assert out is not None, proc.stdout + proc.stderr   # the pick falls back to the 8-wide kernel
+    assert_matches(out, oracle(logits, targets, mask, weights, V), logits, FUSED)
 
 
 def test_oracle_with_padded_columns_in_the_softmax_fails(emulator, tmp_path):

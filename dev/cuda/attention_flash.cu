@@ -69,13 +69,6 @@ static void compare_dqkv(const char *label, const std::vector<float> &got, const
     }
 }
 
-static void expect_identical(const char *name, const std::vector<float> &a, const std::vector<float> &b) {
-    size_t differ = 0;
-    for (size_t i = 0; i < a.size(); i++) differ += memcmp(&a[i], &b[i], sizeof(float)) != 0;
-    if (differ) harness_failures++;
-    printf("%s %-44s %zu of %zu elements differ between two runs\n", differ ? "FAIL" : "PASS", name, differ, a.size());
-}
-
 // One shape: the flash kernels against the CPU op on batch elements cpu_b (all when cpu_all),
 // against attention.cuh on every element, and against themselves on a second run.
 static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool cpu_all) {
@@ -103,9 +96,9 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
         dqkv[run] = download_bf16(d_dqkv, n_qkv);
     }
-    snprintf(name, sizeof(name), "flash repeat %s out", label); expect_identical(name, out[0], out[1]);
-    snprintf(name, sizeof(name), "flash repeat %s lse", label); expect_identical(name, lse[0], lse[1]);
-    snprintf(name, sizeof(name), "flash repeat %s dqkv", label); expect_identical(name, dqkv[0], dqkv[1]);
+    snprintf(name, sizeof(name), "flash repeat %s out", label); compare_bits(name, out[0], out[1]);
+    snprintf(name, sizeof(name), "flash repeat %s lse", label); compare_bits(name, lse[0], lse[1]);
+    snprintf(name, sizeof(name), "flash repeat %s dqkv", label); compare_bits(name, dqkv[0], dqkv[1]);
     if (HS == 64) {   // the dQ pass with two row tiles per warp: each dQ row sums the same products in
                       // the same order, so dqkv must equal the one-tile result bit for bit
         flash_dq_row_tiles = 2;
@@ -113,7 +106,7 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
         flash_dq_row_tiles = 1;
         snprintf(name, sizeof(name), "flash dQ 2 row tiles %s dqkv", label);
-        expect_identical(name, download_bf16(d_dqkv, n_qkv), dqkv[0]);
+        compare_bits(name, download_bf16(d_dqkv, n_qkv), dqkv[0]);
     }
     if (HS == 64) {   // the forward with two row tiles per warp against the one-tile forward
         flash_forward_row_tiles = 2;
