@@ -493,11 +493,15 @@ static void pdl_apply(RolloutEngine *e, cudaGraph_t graph) {
 // writes the pre-activation there; decode_matmul does not, the decode step never reads it):
 // decode_matmul for a decode step's rows (`decode`, fast path) when the options ask for it and the
 // shape allows.
+// Whether a product of n rows goes through decode_matmul (see forward_product).
+static int use_decode_matmul(const RolloutEngine *e, int decode, const floatX *inp, const floatX *w, int n, int IC, int OC) {
+    return decode && e->options.decode_matmul && !e->options.reference && e->dm_counters && n <= e->max_seqs &&
+           decode_matmul_supports(n, IC, OC, inp, w);
+}
+
 static void forward_product(RolloutEngine *e, int decode, floatX *out, const floatX *inp, const floatX *w, const floatX *b,
                             floatX *gelu_pre, int n, int IC, int OC) {
-    if (decode && e->options.decode_matmul && !e->options.reference && e->dm_counters && n <= e->max_seqs &&
-        decode_matmul_supports(n, IC, OC, inp, w))
-    {
+    if (use_decode_matmul(e, decode, inp, w, n, IC, OC)) {
         decode_matmul(out, e->dm_partial, e->dm_counters, inp, w, b, n, IC, OC, gelu_pre != NULL, e->sms, e->stream);
         pdl_mark(e);
     } else
@@ -519,6 +523,13 @@ static void mlp_forward(RolloutEngine *e, int l, int n, int decode) {
         }
     } else {
         forward_product(e, decode, e->fch, e->ln, weight(e, P_FCW, l), NULL, NULL, n, C, 2 * F);
+        if (use_decode_matmul(e, decode, e->fch, weight(e, P_FCPROJW, l), n, F, C)) {
+            // SwiGLU formed inside the projection's input loads: one launch, the same bits
+            decode_matmul_swiglu(e->proj, e->dm_partial, e->dm_counters, e->fch, weight(e, P_FCPROJW, l),
+                                 weight(e, P_FCPROJB, l), n, F, C, e->sms, st);
+            pdl_mark(e);
+            return;
+        }
         swiglu_forward(e->fch_act, e->fch, n, F, st);
         pdl_mark(e);
     }

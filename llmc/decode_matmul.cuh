@@ -25,11 +25,17 @@
  *
  * Needs IC % 32 == 0, OC % 16 == 0, M <= 64 and 16-byte aligned inp and weight
  * (decode_matmul_supports); the engine uses matmul_forward otherwise.
+ *
+ * decode_matmul_swiglu takes the MLP's fc output (M, 2 IC), gate | up, instead of inp, and
+ * forms each input element as it loads it: bf16(silu(gate) * up), with swiglu.cuh's expressions
+ * (swiglu_math.cuh), so the product is the same bit for bit as swiglu_forward's output through
+ * decode_matmul, without that kernel's launch and its round trip through memory.
  */
 #ifndef LLMC_DECODE_MATMUL_CUH
 #define LLMC_DECODE_MATMUL_CUH
 #include <stdint.h>
 #include "cuda_common.h"
+#include "swiglu_math.cuh"
 
 #define DM_WARPS 4
 #define DM_ROWS 16       // output features per block
@@ -58,8 +64,28 @@ __device__ __forceinline__ float dm_finish(float sum, const floatX *bias, int oc
     return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + cube)));
 }
 
-// grid (OC / 16) * splits: block = tile * splits + split. NT n-tiles of 8 rows cover M.
-template <int NT>
+// 8 consecutive input elements k .. k+7 of a row as the mma's bf16 pairs: loaded, or with
+// SWIGLU_IN formed from the row's gate (columns k ..) and up (columns IC + k ..) of a (M, 2 IC) fc
+template <int SWIGLU_IN>
+__device__ __forceinline__ uint4 dm_load_input(const floatX *row, int k, int IC) {
+    if (!SWIGLU_IN) return *reinterpret_cast<const uint4 *>(row + k);
+    uint4 g = *reinterpret_cast<const uint4 *>(row + k), u = *reinterpret_cast<const uint4 *>(row + IC + k);
+    const uint32_t gw[4] = {g.x, g.y, g.z, g.w}, uw[4] = {u.x, u.y, u.z, u.w};
+    uint32_t x[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __nv_bfloat162 gp = *reinterpret_cast<const __nv_bfloat162 *>(&gw[i]);
+        __nv_bfloat162 up = *reinterpret_cast<const __nv_bfloat162 *>(&uw[i]);
+        float2 gf = __bfloat1622float2(gp), uf = __bfloat1622float2(up);
+        __nv_bfloat162 o = __floats2bfloat162_rn(swiglu_out(gf.x, uf.x), swiglu_out(gf.y, uf.y));
+        x[i] = *reinterpret_cast<const uint32_t *>(&o);
+    }
+    return make_uint4(x[0], x[1], x[2], x[3]);
+}
+
+// grid (OC / 16) * splits: block = tile * splits + split. NT n-tiles of 8 rows cover M. With
+// SWIGLU_IN, inp is (M, 2 IC) (decode_matmul_swiglu).
+template <int NT, int SWIGLU_IN>
 __global__ void __launch_bounds__(DM_WARPS * 32)
 decode_matmul_kernel(floatX *out, float *partial, unsigned int *counters, const floatX *inp, const floatX *weight,
                      const floatX *bias, int M, int IC, int OC, int splits, int gelu) {
@@ -111,7 +137,7 @@ decode_matmul_kernel(floatX *out, float *partial, unsigned int *counters, const 
             for (int t = 0; t < NT; t++) {
                 int n = 8 * t + g;
                 x[t] = make_uint4(0u, 0u, 0u, 0u);
-                if (n < M) x[t] = *reinterpret_cast<const uint4 *>(inp + (size_t)n * IC + q * DM_CHUNK + 8 * c);
+                if (n < M) x[t] = dm_load_input<SWIGLU_IN>(inp + (size_t)n * (SWIGLU_IN ? 2 * IC : IC), q * DM_CHUNK + 8 * c, IC);
             }
 #pragma unroll
             for (int t = 0; t < NT; t++) {
@@ -168,22 +194,36 @@ static inline int decode_matmul_supports(int M, int IC, int OC, const void *inp,
     return M >= 1 && M <= DM_MAX_M && IC % DM_CHUNK == 0 && OC % DM_ROWS == 0 && (((uintptr_t)inp | (uintptr_t)weight) & 15) == 0;
 }
 
+template <int SWIGLU_IN>
+static inline void decode_matmul_launch(floatX *out, float *partial, unsigned int *counters, const floatX *inp,
+                                        const floatX *weight, const floatX *bias, int M, int IC, int OC, int gelu,
+                                        int sms, cudaStream_t stream) {
+    cudaRequire(decode_matmul_supports(M, IC, OC, inp, weight), "decode_matmul: needs M <= 64, IC % 32 == 0, OC % 16 == 0, 16-byte aligned operands");
+    int splits = decode_matmul_splits(IC, OC, sms), blocks = OC / DM_ROWS * splits, nt = ceil_div(M, 8);
+    if (nt <= 1)
+        decode_matmul_kernel<1, SWIGLU_IN><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
+    else if (nt <= 2)
+        decode_matmul_kernel<2, SWIGLU_IN><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
+    else if (nt <= 4)
+        decode_matmul_kernel<4, SWIGLU_IN><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
+    else
+        decode_matmul_kernel<8, SWIGLU_IN><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
+    cudaCheckLaunch();
+}
+
 // out (M, OC) = act(inp @ weight^T + bias); bias may be NULL; gelu 0 or 1. partial holds
 // decode_matmul_partial_floats, counters decode_matmul_counters zeroed unsigned ints; sms is the
 // GPU's multiprocessor count (it sets the K splits).
 static inline void decode_matmul(floatX *out, float *partial, unsigned int *counters, const floatX *inp,
                                  const floatX *weight, const floatX *bias, int M, int IC, int OC, int gelu, int sms,
                                  cudaStream_t stream) {
-    cudaRequire(decode_matmul_supports(M, IC, OC, inp, weight), "decode_matmul: needs M <= 64, IC % 32 == 0, OC % 16 == 0, 16-byte aligned operands");
-    int splits = decode_matmul_splits(IC, OC, sms), blocks = OC / DM_ROWS * splits, nt = ceil_div(M, 8);
-    if (nt <= 1)
-        decode_matmul_kernel<1><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
-    else if (nt <= 2)
-        decode_matmul_kernel<2><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
-    else if (nt <= 4)
-        decode_matmul_kernel<4><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
-    else
-        decode_matmul_kernel<8><<<blocks, DM_WARPS * 32, 0, stream>>>(out, partial, counters, inp, weight, bias, M, IC, OC, splits, gelu);
-    cudaCheckLaunch();
+    decode_matmul_launch<0>(out, partial, counters, inp, weight, bias, M, IC, OC, gelu, sms, stream);
+}
+// out (M, OC) = swiglu(fc) @ weight^T + bias for fc (M, 2 IC), gate | up: as swiglu_forward into
+// an (M, IC) buffer and then decode_matmul, bit for bit, in one launch.
+static inline void decode_matmul_swiglu(floatX *out, float *partial, unsigned int *counters, const floatX *fc,
+                                        const floatX *weight, const floatX *bias, int M, int IC, int OC, int sms,
+                                        cudaStream_t stream) {
+    decode_matmul_launch<1>(out, partial, counters, fc, weight, bias, M, IC, OC, 0, sms, stream);
 }
 #endif

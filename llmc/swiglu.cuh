@@ -14,20 +14,9 @@
 #define LLMC_SWIGLU_CUH
 #include "cuda_common.h"
 #include "vector_io.cuh"
+#include "swiglu_math.cuh"   // the per-element math, shared by the scalar and the 8-wide kernels
 
 #define SWIGLU_VEC 8
-
-// the per-element math, shared by the scalar and the 8-wide kernels
-__device__ __forceinline__ float swiglu_sigmoid(float gate) { return 1.0f / (1.0f + expf(-gate)); }
-__device__ __forceinline__ float swiglu_out(float gate, float up) {
-    float sig = swiglu_sigmoid(gate);
-    return gate * sig * up;
-}
-__device__ __forceinline__ void swiglu_grad(float gate, float up, float g, float *dgate, float *dup) {
-    float sig = swiglu_sigmoid(gate);
-    *dgate = g * up * sig * (1.0f + gate * (1.0f - sig));
-    *dup = g * gate * sig;
-}
 
 // One thread per output element (n, j): out[n, j] = silu(fc[n, j]) * fc[n, F + j].
 __global__ void swiglu_forward_scalar_kernel(floatX *out, const floatX *fc, int N, int F) {

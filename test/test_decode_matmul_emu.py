@@ -5,7 +5,10 @@ test/gpu_emu_mma.h) against a NumPy float64 oracle written from the definition, 
 tanh form. Cases cover row counts that fill and do not fill the 8-row n-tiles (every
 instantiation), one K split and several (the last block of each feature tile adding the splits'
 partials), with and without bias and GELU, and check that the tile counters are back at 0 after
-the launch, as a CUDA graph replay needs. A mutation check confirms that an oracle without the
+the launch, as a CUDA graph replay needs. decode_matmul_swiglu, which forms its input from the
+MLP's gate and up as it loads it, must give the same bits as decode_matmul on SwiGLU's output
+(the activations as swiglu.cuh rounds them, which the emulator also returns), and match the
+oracle on those activations. A mutation check confirms that an oracle without the
 bias fails the comparison, and the launcher refuses shapes it cannot take."""
 import subprocess
 
@@ -32,14 +35,14 @@ def oracle(inp, weight, bias, gelu, drop_bias=False):
     return y
 
 
-def run(emulator, tmp_path, M, IC, OC, has_bias, gelu, sms, seed, order="forward"):
+def run(emulator, tmp_path, M, IC, OC, has_bias, gelu, sms, seed, order="forward", swiglu=0):
     rng = np.random.default_rng(seed)
-    inp = to_bf16(rng.standard_normal((M, IC)))
+    inp = to_bf16(rng.standard_normal((M, IC * (2 if swiglu else 1))))
     weight = to_bf16(rng.standard_normal((OC, IC)) / np.sqrt(IC))
     bias = to_bf16(0.5 * rng.standard_normal(OC)) if has_bias else None
     inp_path, out_path = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp_path, "wb") as f:
-        np.array([M, IC, OC, has_bias, gelu, sms], np.int32).tofile(f)
+        np.array([M, IC, OC, has_bias, gelu, sms, swiglu], np.int32).tofile(f)
         for a in (inp, weight, bias):
             if a is not None:
                 a.astype(np.float32).tofile(f)
@@ -95,3 +98,30 @@ def test_oracle_without_bias_fails(emulator, tmp_path):
 def test_refuses_shapes_it_cannot_take(emulator, tmp_path, M, IC, OC):
     proc, _, _ = run(emulator, tmp_path, M, IC, OC, 0, 0, 4, seed=1)
     assert proc.returncode != 0 and "decode_matmul: needs" in proc.stderr
+
+
+SWIGLU_CASES = [  # M, IC, OC, has_bias, sms
+    (3, 32, 16, 0, 1),        # one chunk, one split
+    (64, 1536, 576, 0, 132),  # SmolLM2-135M's fcproj at 64 rows
+    (13, 256, 48, 1, 8),      # two n-tiles, bias, several splits
+]
+
+
+@pytest.mark.parametrize("case", SWIGLU_CASES, ids=lambda c: "M%d_IC%d_OC%d_b%d_sms%d" % c)
+def test_swiglu_input_equals_the_two_step_path(emulator, tmp_path, case):
+    M, IC, OC, has_bias, sms = case
+    proc, out_path, (fc, weight, bias) = run(emulator, tmp_path, M, IC, OC, has_bias, 0, sms, seed=M + IC + OC, swiglu=1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    raw = np.fromfile(out_path, np.float32)
+    n_out, tiles = M * OC, OC // 16
+    assert raw.size == 2 * n_out + tiles + M * IC
+    fused, counters = raw[:n_out].reshape(M, OC), raw[n_out:n_out + tiles]
+    plain = raw[n_out + tiles:2 * n_out + tiles].reshape(M, OC)
+    act = raw[2 * n_out + tiles:].reshape(M, IC)
+    assert np.array_equal(fused.view(np.uint32), plain.view(np.uint32)), "the fused input differs from the two-step path"
+    assert np.all(counters == 0)
+    # the activations the emulator returns are SwiGLU's (to bf16 rounding), and the product is right
+    gate, up = fc[:, :IC].astype(np.float64), fc[:, IC:].astype(np.float64)
+    swiglu = gate / (1.0 + np.exp(-gate)) * up
+    assert np.all(np.abs(act - swiglu) <= np.ldexp(1.0, np.frexp(swiglu)[1] - 8) + 1e-30)
+    check(fused, (act, weight, bias), 0)

@@ -9,13 +9,15 @@
  * rows). Then timing of the model's products at GPT-2 124M's shapes, fused GELU (forward and
  * backward) against product + separate kernel, and of the decode step's products (64 and 256
  * rows) under every algorithm cuBLASLt's heuristic offers and, up to 64 rows, as decode_matmul.
- * decode_matmul (decode_matmul.cuh) is also checked against the CPU, with and without bias and GELU.
+ * decode_matmul (decode_matmul.cuh) is also checked against the CPU, with and without bias and GELU,
+ * and decode_matmul_swiglu bit for bit against swiglu_forward then decode_matmul (both timed).
  *   build/cuda/dev/matmul
  */
 #include "harness.h"
 #include "matmul.cuh"
 #include "decode_matmul.cuh"
 #include "gelu.cuh"
+#include "swiglu.cuh"
 
 static void check(int M, int IC, int OC, int with_bias) {
     char name[160];
@@ -142,6 +144,33 @@ static void check_decode(int M, int IC, int OC) {
     for (void *p : {(void *)d_inp, (void *)d_w, (void *)d_bias, (void *)d_out, (void *)partial, (void *)counters}) cudaCheck(cudaFree(p));
 }
 
+// decode_matmul_swiglu (the MLP's SwiGLU formed in the projection's input loads) against
+// swiglu_forward then decode_matmul: the same bits, and both timed.
+static void check_decode_swiglu(int M, int F, int OC) {
+    char name[160];
+    int sms = multiprocessors();
+    floatX *fc = upload_bf16(random_bf16_values((size_t)M * 2 * F, 2.0f)), *w = upload_bf16(random_bf16_values((size_t)OC * F, 0.05f));
+    floatX *act = device_alloc_n<floatX>((size_t)M * F), *two = device_alloc_n<floatX>((size_t)M * OC), *one = device_alloc_n<floatX>((size_t)M * OC);
+    float *partial = device_alloc_n<float>(decode_matmul_partial_floats(M, F, OC, sms));
+    unsigned int *counters = device_alloc_n<unsigned int>(decode_matmul_counters(OC));
+    cudaCheck(cudaMemset(counters, 0, decode_matmul_counters(OC) * sizeof(unsigned int)));
+    poison(two, (size_t)M * OC * sizeof(floatX));
+    poison(one, (size_t)M * OC * sizeof(floatX));
+    auto two_step = [&] {
+        swiglu_forward(act, fc, M, F, 0);
+        decode_matmul(two, partial, counters, act, w, NULL, M, F, OC, 0, sms, 0);
+    };
+    auto fused = [&] { decode_matmul_swiglu(one, partial, counters, fc, w, NULL, M, F, OC, sms, 0); };
+    two_step();
+    fused();
+    snprintf(name, sizeof(name), "decode_matmul_swiglu M=%d F=%d OC=%d", M, F, OC);
+    compare_bits(name, download_bf16(one, (size_t)M * OC), download_bf16(two, (size_t)M * OC));
+    float ms_two = time_ms(two_step), ms_one = time_ms(fused);
+    printf("time decode SwiGLU + projection M=%d F=%d OC=%d: swiglu_forward then decode_matmul %.4f ms, "
+           "decode_matmul_swiglu %.4f ms\n", M, F, OC, ms_two, ms_one);
+    for (void *p : {(void *)fc, (void *)w, (void *)act, (void *)two, (void *)one, (void *)partial, (void *)counters}) cudaCheck(cudaFree(p));
+}
+
 // The decode step's products (M = one row per sequence): every candidate algorithm cuBLASLt's
 // heuristic offers, timed, with its split-K factor and tile; the engine runs candidate 0.
 static void decode_candidates(const char *label, int M, int IC, int OC, int with_bias, int gelu) {
@@ -194,6 +223,8 @@ int main(void) {
     check_decode(1, 768, 2304);
     check_decode(37, 576, 960);
     check_decode(64, 3072, 768);
+    check_decode_swiglu(64, 1536, 576);   // SmolLM2-135M's MLP projection at 64 rows
+    check_decode_swiglu(5, 64, 32);
     int M = 16 * 1024;
     timing("qkv", M, 768, 2304, 0, 0);
     timing("attproj", M, 768, 768, 0, 0);
