@@ -11,19 +11,24 @@
  *
  * Algorithm (one block = 4 warps; a warp owns 16 rows of the block's 64, so the softmax row
  * statistics never leave the warp):
- *   forward  grid (T/64, NH, B). The block's 64 query rows (or 128, two 16-row tiles a warp:
+ * The grids put the sequence's tiles in z, the slowest dimension of the order in which blocks are
+ * dispatched, and number them longest first: every block that walks many tiles (the forward's and
+ * dQ's last query tiles, dK/dV's first key tiles), for every head and batch element, starts
+ * before any short one, so the last blocks to finish are short ones (the LPT rule) instead of a
+ * long block that happened to come last in its (head, batch) group.
+ *   forward  grid (NH, B, T/64). The block's 64 query rows (or 128, two 16-row tiles a warp:
  *            flash_forward_row_tiles) against key tiles of 64 rows, from
  *            key 0 up to the diagonal: S = Q K^T on the tensor cores, online softmax in base 2
  *            (running row max m and sum l; the output accumulator is rescaled by 2^(m_old-m_new)
  *            once per tile), O += P V with P rounded to bf16. out = O / l, lse = (m + log2 l) ln 2.
  *   backward D = rowsum(dout * out) (preprocess), then two passes with no atomics, so the result
  *            is bitwise the same on every run:
- *            dK/dV  grid (T/64, NKV, B): the block's 64 key rows stay in shared memory while it
+ *            dK/dV  grid (NKV, B, T/64): the block's 64 key rows stay in shared memory while it
  *                   walks every query head of its group and every query tile at or after the key
  *                   tile. Per tile, with the key side as the M dimension of the products:
  *                   S^T = K Q^T, P^T = 2^(S^T log2e - lse log2e), dP^T = V dO^T,
  *                   dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q (scaled by 1/sqrt(HS) at the end).
- *            dQ     grid (T/64, NH, B): the block's 64 query rows (or 128, two 16-row tiles a warp
+ *            dQ     grid (NH, B, T/64): the block's 64 query rows (or 128, two 16-row tiles a warp
  *                   taking each key tile in two 32-key steps, bitwise the same dQ:
  *                   flash_dq_row_tiles) against key tiles up to the diagonal: S = Q K^T, P,
  *                   dP = dO V^T, dS = P (dP - D), dQ += dS K.
@@ -229,7 +234,7 @@ __device__ __forceinline__ void flash_stage_acc(floatX *tile, const float (&acc)
 template <int HS, int RW>
 constexpr size_t flash_forward_smem() { return (size_t)(RW * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
 
-// grid (ceil(T / (64 RW)), NH, B), block 128. Shared: Q (64 RW, LDS), K and V (64, LDS) x 2 stages.
+// grid (NH, B, ceil(T / (64 RW))), block 128. Shared: Q (64 RW, LDS), K and V (64, LDS) x 2 stages.
 // Row tile r of warp w holds the block's query rows r * 64 + w * 16 ... + 15, so every warp has
 // rows near the diagonal. Query tiles are taken last-first: the tiles near the end of the sequence
 // see the most keys, so the long blocks start first and the short ones fill the tail. MINB > 1
@@ -244,8 +249,8 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
     floatX *sK = sQ + BM * LDS;       // stage s at sK + s * BN * LDS
     floatX *sV = sK + 2 * BN * LDS;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int q0 = (gridDim.z - 1 - blockIdx.z) * BM;
     const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
     const float scale_log2 = rsqrtf((float)HS) * FLASH_LOG2E;
     const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;   // key tiles up to the block's last query
@@ -449,7 +454,7 @@ constexpr size_t flash_dkv_smem() {
            4 * flash_dkv_queries<HS>() * sizeof(float);
 }
 
-// dK, dV: grid (ceil(T / 64), NKV, B), block 128; the block owns key rows [k0, k0 + 64) of kv head
+// dK, dV: grid (NKV, B, ceil(T / 64)), block 128; the block owns key rows [k0, k0 + 64) of kv head
 // kvh (16 per warp) and walks (query head of the group) x (query tile from k0 to T), two stages
 // deep. Shared: K, V (64, LDS); Q, dO (BM, LDS) x 2 stages; lse, D (BM) x 2 stages. MINB as in
 // the forward (flash_dkv_min_blocks).
@@ -464,7 +469,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
     float *sL = (float *)(sG + 2 * BM * LDS);   // lse, stage s at sL + s * BM
     float *sD = sL + 2 * BM;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
-    const int kvh = blockIdx.y, b = blockIdx.z, k0 = blockIdx.x * BN, group = NH / NKV;
+    const int kvh = blockIdx.x, b = blockIdx.y, k0 = blockIdx.z * BN, group = NH / NKV;
     const int QKV = (NH + 2 * NKV) * HS;
     const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
     const int n_q = (T + BM - 1) / BM - k0 / BM;   // query tiles at or after the key tile
@@ -580,7 +585,7 @@ template <int RW> __host__ __device__ constexpr int flash_dq_step_keys() { retur
 template <int HS, int RW>
 constexpr size_t flash_dq_smem() { return (size_t)(2 * RW * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
 
-// dQ: grid (ceil(T / (64 RW)), NH, B), block 128; the block owns query rows [q0, q0 + 64 RW) of
+// dQ: grid (NH, B, ceil(T / (64 RW))), block 128; the block owns query rows [q0, q0 + 64 RW) of
 // head h (row tile r of warp w: rows q0 + r * 64 + w * 16 ... + 15, as in the forward) and walks
 // the key tiles up to its last query, two stages deep, last tiles first as in the forward.
 // Shared: Q, dO (64 RW, LDS); K, V (64, LDS) x 2 stages.
@@ -596,8 +601,8 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
     floatX *sK = sG + BM * LDS;        // stage s at sK + s * BN * LDS
     floatX *sV = sK + 2 * BN * LDS;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int q0 = (gridDim.z - 1 - blockIdx.z) * BM;
     const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
     const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
     const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;
@@ -743,10 +748,10 @@ static inline void flash_allow_smem(Kernel kernel, size_t bytes, bool *done) {
 
 static inline void attention_flash_check(int B, int T, int NH, int NKV, int HS, const void *p0, const void *p1,
                                          const void *p2, const void *p3) {
-    cudaRequire(B >= 1 && B <= 65535, "attention_flash: batch size must be in 1..65535 (grid z)");
-    cudaRequire(NH >= 1 && NH <= 65535 && NKV >= 1 && NH % NKV == 0, "attention_flash: n_head must be a multiple of n_kv_head");
+    cudaRequire(B >= 1 && B <= 65535, "attention_flash: batch size must be in 1..65535 (grid y)");
+    cudaRequire(NH >= 1 && NKV >= 1 && NH % NKV == 0, "attention_flash: n_head must be a multiple of n_kv_head");
+    cudaRequire(T >= 1 && (T + FLASH_ROWS - 1) / FLASH_ROWS <= 65535, "attention_flash: T must be in 1..65535 * 64 (grid z)");
     cudaRequire(attention_flash_supports(HS), "attention_flash: head_dim must be 64 or 128");
-    cudaRequire(T >= 1, "attention_flash: T must be positive");
     // 16-byte loads and stores of rows: the tensors must start on 16 bytes (rows then do too)
     uintptr_t any_low_bits = (uintptr_t)p0 | (uintptr_t)p1 | (uintptr_t)p2 | (uintptr_t)p3;
     cudaRequire((any_low_bits & 15) == 0, "attention_flash: tensors must be 16-byte aligned");
@@ -769,7 +774,7 @@ static inline void attention_flash_forward_launch(floatX *out, float *lse, const
                                                   int NKV, cudaStream_t stream) {
     static bool smem_set = false;
     flash_allow_smem(flash_attention_forward_kernel<HS, RW, MINB>, flash_forward_smem<HS, RW>(), &smem_set);
-    dim3 grid(ceil_div(T, RW * FLASH_ROWS), NH, B);
+    dim3 grid(NH, B, ceil_div(T, RW * FLASH_ROWS));
     flash_attention_forward_kernel<HS, RW, MINB><<<grid, FLASH_THREADS, flash_forward_smem<HS, RW>(), stream>>>(out, lse, qkv, T, NH, NKV);
     cudaCheckLaunch();
 }
@@ -814,7 +819,7 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
     cudaCheckLaunch();
-    dim3 grid_kv(ceil_div(T, FLASH_ROWS), NKV, B), grid_q(ceil_div(T, DQ_RW * FLASH_ROWS), NH, B);
+    dim3 grid_kv(NKV, B, ceil_div(T, FLASH_ROWS)), grid_q(NH, B, ceil_div(T, DQ_RW * FLASH_ROWS));
     cudaStream_t kv_stream = stream;
     cudaEvent_t fork, join;
     if (flash_backward_side_by_side) {

@@ -113,9 +113,10 @@ static inline float flash_exp2(float x) { return exp2f(x); }
 template <int HS, int RW, int DQ_RW>
 static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv, const floatX *dout, int B, int T,
                 int NH, int NKV) {
-    Dim3 grid_kv{(unsigned)((T + FLASH_ROWS - 1) / FLASH_ROWS), (unsigned)NKV, (unsigned)B};
-    Dim3 grid_q{(unsigned)((T + DQ_RW * FLASH_ROWS - 1) / (DQ_RW * FLASH_ROWS)), (unsigned)NH, (unsigned)B};
-    Dim3 grid_fwd{(unsigned)((T + RW * FLASH_ROWS - 1) / (RW * FLASH_ROWS)), (unsigned)NH, (unsigned)B};
+    // the launchers' grids (attention_flash.cuh): (heads, batch, sequence tiles)
+    Dim3 grid_kv{(unsigned)NKV, (unsigned)B, (unsigned)((T + FLASH_ROWS - 1) / FLASH_ROWS)};
+    Dim3 grid_q{(unsigned)NH, (unsigned)B, (unsigned)((T + DQ_RW * FLASH_ROWS - 1) / (DQ_RW * FLASH_ROWS))};
+    Dim3 grid_fwd{(unsigned)NH, (unsigned)B, (unsigned)((T + RW * FLASH_ROWS - 1) / (RW * FLASH_ROWS))};
     launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, RW>(),
            [=] { flash_attention_forward_kernel<HS, RW>(out, lse, qkv, T, NH, NKV); });
     size_t threads_pre = (size_t)B * T * NH * (HS / 8);
