@@ -95,6 +95,22 @@ __device__ __forceinline__ void classifier_load8(const floatX *p, float (&x)[CLA
 }
 
 // dlogits into row (Vp) from the logits in src: the row itself, or its copy in shared memory
+// Adds 8 logits x (columns v0 .. v0+7, those < V) into a thread's running max m and sum s of
+// exp(x - m): one rescale per 8 logits. Shared by the 8-wide and the staged kernel, so the two
+// give the same bits.
+__device__ __forceinline__ void classifier_online8(const float (&x)[CLASSIFIER_VEC], int v0, int V, float &m, float &s) {
+    float chunk_max = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < CLASSIFIER_VEC; i++)
+        if (v0 + i < V) chunk_max = fmaxf(chunk_max, x[i]);
+    float m_new = fmaxf(m, chunk_max), add = 0.0f;
+#pragma unroll
+    for (int i = 0; i < CLASSIFIER_VEC; i++)
+        if (v0 + i < V) add += expf(x[i] - m_new);
+    s = (m == -INFINITY ? 0.0f : s * expf(m - m_new)) + add;
+    m = m_new;
+}
+
 __device__ __forceinline__ void classifier_row_gradient8(floatX *row, const floatX *src, float row_lse, int target, float w,
                                                          int V, int Vp) {
     for (int v0 = threadIdx.x * CLASSIFIER_VEC; v0 < Vp; v0 += blockDim.x * CLASSIFIER_VEC) {
@@ -123,17 +139,9 @@ __global__ void fused_classifier8_kernel(floatX *logits, float *lse, float *loss
 
     float m = -INFINITY, s = 0.0f;
     for (int v0 = threadIdx.x * CLASSIFIER_VEC; v0 < V; v0 += blockDim.x * CLASSIFIER_VEC) {
-        float x[CLASSIFIER_VEC], chunk_max = -INFINITY;
+        float x[CLASSIFIER_VEC];
         classifier_load8(row + v0, x);
-#pragma unroll
-        for (int i = 0; i < CLASSIFIER_VEC; i++)
-            if (v0 + i < V) chunk_max = fmaxf(chunk_max, x[i]);
-        float m_new = fmaxf(m, chunk_max), add = 0.0f;
-#pragma unroll
-        for (int i = 0; i < CLASSIFIER_VEC; i++)
-            if (v0 + i < V) add += expf(x[i] - m_new);
-        s = (m == -INFINITY ? 0.0f : s * expf(m - m_new)) + add;
-        m = m_new;
+        classifier_online8(x, v0, V, m, s);
     }
     float row_lse = classifier_row_lse(m, s, shared, n, lse, losses, targets, active, target_logit);
     if (weights) classifier_row_gradient8(row, row, row_lse, active ? targets[n] : -1, weights[n], V, Vp);
@@ -179,19 +187,11 @@ __global__ void fused_classifier_staged_kernel(floatX *logits, float *lse, float
             int v0 = base + u * stride;
             if (v0 >= Vp) break;
             *reinterpret_cast<uint4 *>(staged + v0) = packed[u];
-            float x[CLASSIFIER_VEC], chunk_max = -INFINITY;
+            float x[CLASSIFIER_VEC];
             const floatX *h = reinterpret_cast<const floatX *>(&packed[u]);
 #pragma unroll
             for (int i = 0; i < CLASSIFIER_VEC; i++) x[i] = to_float(h[i]);
-#pragma unroll
-            for (int i = 0; i < CLASSIFIER_VEC; i++)
-                if (v0 + i < V) chunk_max = fmaxf(chunk_max, x[i]);
-            float m_new = fmaxf(m, chunk_max), add = 0.0f;
-#pragma unroll
-            for (int i = 0; i < CLASSIFIER_VEC; i++)
-                if (v0 + i < V) add += expf(x[i] - m_new);
-            s = (m == -INFINITY ? 0.0f : s * expf(m - m_new)) + add;
-            m = m_new;
+            classifier_online8(x, v0, V, m, s);
         }
     }
     // the reductions' barriers also make the whole staged row visible to every thread

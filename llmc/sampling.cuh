@@ -143,6 +143,12 @@ __device__ __forceinline__ float sample_gumbel_score(float x, float max_logit, f
 
 // Running (max, sum of exp(x - max), argmax with the smallest index on ties).
 struct SampleMaxSum { float m, s; int idx; };
+// Adds logit xv of token v to a running (max, sum of exp(x - max), argmax): the first of equal
+// maxima keeps the argmax (tokens arrive in increasing order per thread).
+__device__ __forceinline__ void sample_max_sum_add(SampleMaxSum &ms, float xv, int v) {
+    if (xv > ms.m) { ms.s = ms.s * expf(ms.m - xv) + 1.0f; ms.m = xv; ms.idx = v; }
+    else ms.s += expf(xv - ms.m);
+}
 __device__ __forceinline__ SampleMaxSum sample_max_sum_combine(SampleMaxSum a, SampleMaxSum b) {
     if (b.m == -INFINITY) return a;   // b saw no element
     if (a.m == -INFINITY) return b;
@@ -383,8 +389,7 @@ sample_rows_kernel(int *out_token, float *out_logprob, const float *logits, int 
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
         float xv = x[v];
         if (!isfinite(xv)) { bad = true; continue; }
-        if (xv > ms.m) { ms.s = ms.s * expf(ms.m - xv) + 1.0f; ms.m = xv; ms.idx = v; }
-        else ms.s += expf(xv - ms.m);
+        sample_max_sum_add(ms, xv, v);
     }
     if (bad) s_bad = 1;
     ms = sample_block_max_sum<SAMPLE_WARPS>(ms, red_ms);   // its barriers publish s_bad
@@ -540,8 +545,7 @@ sample_rows_split_stats_kernel(SampleSplitStats *stats, const float *logits, int
             if (v >= V) break;
             float xv = xg[e];
             if (!isfinite(xv)) { bad = true; continue; }
-            if (xv > ms.m) { ms.s = ms.s * expf(ms.m - xv) + 1.0f; ms.m = xv; ms.idx = v; }
-            else ms.s += expf(xv - ms.m);
+            sample_max_sum_add(ms, xv, v);
         }
     }
     if (bad) s_bad = 1;
