@@ -11,24 +11,28 @@
  *
  * Algorithm (one block = 4 warps; a warp owns 16 rows of the block's 64, so the softmax row
  * statistics never leave the warp):
- * The grids put the sequence's tiles in z, the slowest dimension of the order in which blocks are
- * dispatched, and number them longest first: every block that walks many tiles (the forward's and
- * dQ's last query tiles, dK/dV's first key tiles), for every head and batch element, starts
- * before any short one, so the last blocks to finish are short ones (the LPT rule) instead of a
- * long block that happened to come last in its (head, batch) group.
- *   forward  grid (NH, B, T/64). The block's 64 query rows (or 128, two 16-row tiles a warp:
+ * Grid order (flash_forward_lpt, flash_backward_lpt; flash_block). Blocks are dispatched x
+ * fastest, and every kernel takes its tiles longest first within the order (the forward's and
+ * dQ's last query tiles, dK/dV's first key tiles walk the most tiles):
+ *   grouped  grid (T/64, heads, B): a (head, batch) group's tiles one after another, so the
+ *            blocks running together share their head's keys and values (or queries) in L2;
+ *   lpt      grid (heads, B, T/64): every long block, of every head and batch element, before any
+ *            short one, so the last blocks to finish are short (the LPT rule) instead of a long
+ *            block that came last in its group; the blocks running together read other heads.
+ * The same blocks compute the same values either way; which is faster is the tuner's to find.
+ *   forward  grid as above, T/64 query tiles. The block's 64 query rows (or 128, two 16-row tiles a warp:
  *            flash_forward_row_tiles) against key tiles of 64 rows, from
  *            key 0 up to the diagonal: S = Q K^T on the tensor cores, online softmax in base 2
  *            (running row max m and sum l; the output accumulator is rescaled by 2^(m_old-m_new)
  *            once per tile), O += P V with P rounded to bf16. out = O / l, lse = (m + log2 l) ln 2.
  *   backward D = rowsum(dout * out) (preprocess), then two passes with no atomics, so the result
  *            is bitwise the same on every run:
- *            dK/dV  grid (NKV, B, T/64): the block's 64 key rows stay in shared memory while it
+ *            dK/dV  grid over (NKV, B, T/64 key tiles): the block's 64 key rows stay in shared memory while it
  *                   walks every query head of its group and every query tile at or after the key
  *                   tile. Per tile, with the key side as the M dimension of the products:
  *                   S^T = K Q^T, P^T = 2^(S^T log2e - lse log2e), dP^T = V dO^T,
  *                   dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q (scaled by 1/sqrt(HS) at the end).
- *            dQ     grid (NH, B, T/64): the block's 64 query rows (or 128, two 16-row tiles a warp
+ *            dQ     grid over (NH, B, T/64 query tiles): the block's 64 query rows (or 128, two 16-row tiles a warp
  *                   taking each key tile in two 32-key steps, bitwise the same dQ:
  *                   flash_dq_row_tiles) against key tiles up to the diagonal: S = Q K^T, P,
  *                   dP = dO V^T, dS = P (dP - D), dQ += dS K.
@@ -224,6 +228,14 @@ __device__ __forceinline__ void flash_stage_acc(floatX *tile, const float (&acc)
     }
 }
 
+// The block's head (or key/value head), batch element and sequence tile, and the tile count,
+// under the launch's grid order (header comment): lpt (head, batch, tile) = (x, y, z), else
+// (tile, head, batch) = (x, y, z).
+__device__ __forceinline__ void flash_block(int lpt, int &head, int &batch, int &tile, int &tiles) {
+    if (lpt) { head = blockIdx.x; batch = blockIdx.y; tile = blockIdx.z; tiles = gridDim.z; }
+    else { tile = blockIdx.x; head = blockIdx.y; batch = blockIdx.z; tiles = gridDim.x; }
+}
+
 // ---------------------------------------------------------------------------------------------
 // forward
 
@@ -234,7 +246,7 @@ __device__ __forceinline__ void flash_stage_acc(floatX *tile, const float (&acc)
 template <int HS, int RW>
 constexpr size_t flash_forward_smem() { return (size_t)(RW * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
 
-// grid (NH, B, ceil(T / (64 RW))), block 128. Shared: Q (64 RW, LDS), K and V (64, LDS) x 2 stages.
+// grid over (NH, B, ceil(T / (64 RW)) tiles) in the order lpt picks (flash_block), block 128. Shared: Q (64 RW, LDS), K and V (64, LDS) x 2 stages.
 // Row tile r of warp w holds the block's query rows r * 64 + w * 16 ... + 15, so every warp has
 // rows near the diagonal. Query tiles are taken last-first: the tiles near the end of the sequence
 // see the most keys, so the long blocks start first and the short ones fill the tail. MINB > 1
@@ -243,14 +255,15 @@ constexpr size_t flash_forward_smem() { return (size_t)(RW * FLASH_ROWS + 4 * FL
 template <int HS, int RW, int MINB = 1>
 __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_kernel(floatX *out, float *lse,
                                                                                const floatX *qkv, int T, int NH,
-                                                                               int NKV) {
+                                                                               int NKV, int lpt) {
     constexpr int BM = RW * FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD;
     floatX *sQ = (floatX *)flash_dynamic_smem();
     floatX *sK = sQ + BM * LDS;       // stage s at sK + s * BN * LDS
     floatX *sV = sK + 2 * BN * LDS;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
-    const int h = blockIdx.x, b = blockIdx.y;
-    const int q0 = (gridDim.z - 1 - blockIdx.z) * BM;
+    int h, b, tile, tiles;
+    flash_block(lpt, h, b, tile, tiles);
+    const int q0 = (tiles - 1 - tile) * BM;
     const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
     const float scale_log2 = rsqrtf((float)HS) * FLASH_LOG2E;
     const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;   // key tiles up to the block's last query
@@ -454,13 +467,14 @@ constexpr size_t flash_dkv_smem() {
            4 * flash_dkv_queries<HS>() * sizeof(float);
 }
 
-// dK, dV: grid (NKV, B, ceil(T / 64)), block 128; the block owns key rows [k0, k0 + 64) of kv head
+// dK, dV: grid over (NKV, B, ceil(T / 64) tiles) in the order lpt picks (flash_block), block 128; the block owns key rows [k0, k0 + 64) of kv head
 // kvh (16 per warp) and walks (query head of the group) x (query tile from k0 to T), two stages
 // deep. Shared: K, V (64, LDS); Q, dO (BM, LDS) x 2 stages; lse, D (BM) x 2 stages. MINB as in
 // the forward (flash_dkv_min_blocks).
 template <int HS, int MINB = 1>
 __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_dkv_kernel(
-    floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV) {
+    floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
+    int lpt) {
     constexpr int BN = FLASH_ROWS, BM = flash_dkv_queries<HS>(), LDS = HS + FLASH_PAD;
     floatX *sK = (floatX *)flash_dynamic_smem();
     floatX *sV = sK + BN * LDS;
@@ -469,7 +483,9 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
     float *sL = (float *)(sG + 2 * BM * LDS);   // lse, stage s at sL + s * BM
     float *sD = sL + 2 * BM;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
-    const int kvh = blockIdx.x, b = blockIdx.y, k0 = blockIdx.z * BN, group = NH / NKV;
+    int kvh, b, tile, tiles;
+    flash_block(lpt, kvh, b, tile, tiles);
+    const int k0 = tile * BN, group = NH / NKV;
     const int QKV = (NH + 2 * NKV) * HS;
     const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
     const int n_q = (T + BM - 1) / BM - k0 / BM;   // query tiles at or after the key tile
@@ -585,7 +601,7 @@ template <int RW> __host__ __device__ constexpr int flash_dq_step_keys() { retur
 template <int HS, int RW>
 constexpr size_t flash_dq_smem() { return (size_t)(2 * RW * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
 
-// dQ: grid (NH, B, ceil(T / (64 RW))), block 128; the block owns query rows [q0, q0 + 64 RW) of
+// dQ: grid over (NH, B, ceil(T / (64 RW)) tiles) in the order lpt picks (flash_block), block 128; the block owns query rows [q0, q0 + 64 RW) of
 // head h (row tile r of warp w: rows q0 + r * 64 + w * 16 ... + 15, as in the forward) and walks
 // the key tiles up to its last query, two stages deep, last tiles first as in the forward.
 // Shared: Q, dO (64 RW, LDS); K, V (64, LDS) x 2 stages.
@@ -594,15 +610,17 @@ constexpr size_t flash_dq_smem() { return (size_t)(2 * RW * FLASH_ROWS + 4 * FLA
 // give bitwise the same dQ.
 template <int HS, int RW>
 __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_kernel(
-    floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV) {
+    floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
+    int lpt) {
     constexpr int BM = RW * FLASH_ROWS, BN = FLASH_KEYS, KS = flash_dq_step_keys<RW>(), LDS = HS + FLASH_PAD;
     floatX *sQ = (floatX *)flash_dynamic_smem();
     floatX *sG = sQ + BM * LDS;
     floatX *sK = sG + BM * LDS;        // stage s at sK + s * BN * LDS
     floatX *sV = sK + 2 * BN * LDS;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
-    const int h = blockIdx.x, b = blockIdx.y;
-    const int q0 = (gridDim.z - 1 - blockIdx.z) * BM;
+    int h, b, tile, tiles;
+    flash_block(lpt, h, b, tile, tiles);
+    const int q0 = (tiles - 1 - tile) * BM;
     const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
     const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
     const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;
@@ -748,7 +766,8 @@ static inline void flash_allow_smem(Kernel kernel, size_t bytes, bool *done) {
 
 static inline void attention_flash_check(int B, int T, int NH, int NKV, int HS, const void *p0, const void *p1,
                                          const void *p2, const void *p3) {
-    cudaRequire(B >= 1 && B <= 65535, "attention_flash: batch size must be in 1..65535 (grid y)");
+    cudaRequire(B >= 1 && B <= 65535, "attention_flash: batch size must be in 1..65535 (grid y or z)");
+    cudaRequire(NH <= 65535, "attention_flash: n_head must be at most 65535 (grid y)");
     cudaRequire(NH >= 1 && NKV >= 1 && NH % NKV == 0, "attention_flash: n_head must be a multiple of n_kv_head");
     cudaRequire(T >= 1 && (T + FLASH_ROWS - 1) / FLASH_ROWS <= 65535, "attention_flash: T must be in 1..65535 * 64 (grid z)");
     cudaRequire(attention_flash_supports(HS), "attention_flash: head_dim must be 64 or 128");
@@ -768,14 +787,19 @@ static int flash_dq_row_tiles = 1;
 // registers, 2 blocks) or 3 (168, 3 blocks).
 static int flash_forward_min_blocks = 1;
 static int flash_dkv_min_blocks = 1;
+// Grid order of the forward's and the backward's launches: 0 grouped, 1 lpt (header comment).
+static int flash_forward_lpt = 0;
+static int flash_backward_lpt = 0;
+static inline dim3 flash_grid(int lpt, int heads, int B, int tiles) { return lpt ? dim3(heads, B, tiles) : dim3(tiles, heads, B); }
 
 template <int HS, int RW, int MINB>
 static inline void attention_flash_forward_launch(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
                                                   int NKV, cudaStream_t stream) {
     static bool smem_set = false;
     flash_allow_smem(flash_attention_forward_kernel<HS, RW, MINB>, flash_forward_smem<HS, RW>(), &smem_set);
-    dim3 grid(NH, B, ceil_div(T, RW * FLASH_ROWS));
-    flash_attention_forward_kernel<HS, RW, MINB><<<grid, FLASH_THREADS, flash_forward_smem<HS, RW>(), stream>>>(out, lse, qkv, T, NH, NKV);
+    dim3 grid = flash_grid(flash_forward_lpt, NH, B, ceil_div(T, RW * FLASH_ROWS));
+    flash_attention_forward_kernel<HS, RW, MINB><<<grid, FLASH_THREADS, flash_forward_smem<HS, RW>(), stream>>>(out, lse, qkv, T, NH, NKV,
+                                                                                                         flash_forward_lpt);
     cudaCheckLaunch();
 }
 
@@ -819,7 +843,8 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
     cudaCheckLaunch();
-    dim3 grid_kv(NKV, B, ceil_div(T, FLASH_ROWS)), grid_q(NH, B, ceil_div(T, DQ_RW * FLASH_ROWS));
+    const int lpt = flash_backward_lpt;
+    dim3 grid_kv = flash_grid(lpt, NKV, B, ceil_div(T, FLASH_ROWS)), grid_q = flash_grid(lpt, NH, B, ceil_div(T, DQ_RW * FLASH_ROWS));
     cudaStream_t kv_stream = stream;
     cudaEvent_t fork, join;
     if (flash_backward_side_by_side) {
@@ -827,9 +852,9 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
         cudaCheck(cudaEventRecord(fork, stream));
         cudaCheck(cudaStreamWaitEvent(kv_stream, fork, 0));
     }
-    flash_attention_backward_dkv_kernel<HS, DKV_MINB><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), kv_stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
+    flash_attention_backward_dkv_kernel<HS, DKV_MINB><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), kv_stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
     cudaCheckLaunch();
-    flash_attention_backward_dq_kernel<HS, DQ_RW><<<grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV);
+    flash_attention_backward_dq_kernel<HS, DQ_RW><<<grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
     cudaCheckLaunch();
     if (flash_backward_side_by_side) {
         cudaCheck(cudaEventRecord(join, kv_stream));
@@ -854,11 +879,18 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
 // ---------------------------------------------------------------------------------------------
 // tuning: the launch configuration (the switches above) for one shape, by timing
 
-// A configuration, what it measured, and what the defaults measured in the same run.
+// A launch configuration: the switches above.
 typedef struct {
-    int forward_row_tiles, forward_min_blocks, dq_row_tiles, dkv_min_blocks, side_by_side;
-    float forward_ms, backward_ms;                   // the chosen configuration
-    float default_forward_ms, default_backward_ms;   // 1 row tile, the compiler's registers, side by side
+    int forward_row_tiles, forward_min_blocks, forward_lpt;
+    int dq_row_tiles, dkv_min_blocks, side_by_side, backward_lpt;
+} FlashConfig;
+static const FlashConfig flash_default_config = {1, 1, 0, 1, 1, 1, 0};
+
+// What a tuning chose, what it measured, and what the defaults measured in the same run.
+typedef struct {
+    FlashConfig config;
+    float forward_ms, backward_ms;
+    float default_forward_ms, default_backward_ms;
     int tried, differed;   // candidates run; of those, how many gave other bits than the defaults
 } FlashTuning;
 
@@ -910,30 +942,43 @@ static inline float flash_time_ms(F fn, cudaStream_t stream, int reps) {
     return ms / reps;
 }
 
-static inline void flash_set_config(int forward_row_tiles, int forward_min_blocks, int dq_row_tiles, int dkv_min_blocks,
-                                    int side_by_side) {
-    flash_forward_row_tiles = forward_row_tiles;
-    flash_forward_min_blocks = forward_min_blocks;
-    flash_dq_row_tiles = dq_row_tiles;
-    flash_dkv_min_blocks = dkv_min_blocks;
-    flash_backward_side_by_side = side_by_side;
+static inline void flash_set_config(const FlashConfig *c) {
+    flash_forward_row_tiles = c->forward_row_tiles;
+    flash_forward_min_blocks = c->forward_min_blocks;
+    flash_forward_lpt = c->forward_lpt;
+    flash_dq_row_tiles = c->dq_row_tiles;
+    flash_dkv_min_blocks = c->dkv_min_blocks;
+    flash_backward_side_by_side = c->side_by_side;
+    flash_backward_lpt = c->backward_lpt;
+}
+
+// "forward 2 row tiles, lpt grid; backward 1 dQ row tile, dK/dV at 3 blocks an SM, passes side
+// by side, grouped grid" into buf
+static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) {
+    snprintf(buf, size, "forward %d row tile%s%s, %s grid; backward %d dQ row tile%s%s, passes %s, %s grid",
+             c->forward_row_tiles, c->forward_row_tiles > 1 ? "s" : "", c->forward_min_blocks > 1 ? " at 4 blocks an SM" : "",
+             c->forward_lpt ? "lpt" : "grouped", c->dq_row_tiles, c->dq_row_tiles > 1 ? "s" : "",
+             c->dkv_min_blocks > 1 ? ", dK/dV at 3 blocks an SM" : "", c->side_by_side ? "side by side" : "in turn",
+             c->backward_lpt ? "lpt" : "grouped");
 }
 
 // Picks the fastest launch configuration for the shape (B, T, NH, NKV, HS) among those whose
 // results equal the defaults' bit for bit on random inputs, so that the choice changes the speed
 // and never the numbers (and two runs give the same results whatever each picked): the forward
-// (1 row tile a warp, 1 with 4 blocks an SM, 2 row tiles), then the backward (dQ row tiles 1 or
-// 2, dK/dV with 1 or 3 blocks an SM, the two passes side by side or in turn); head size 128 has
-// only the last choice. Every candidate runs once and its output is fingerprinted against the
-// defaults'; a candidate that differs is not timed. Overwrites the buffers it is given (sized
-// for the shape: qkv, out, lse, dout, dqkv, D as attention_flash_forward/backward take them),
-// sets the switches to the choice and returns it. verbose prints every candidate.
+// (1 row tile a warp, 1 with 4 blocks an SM, 2 row tiles; grouped or lpt grid), then the
+// backward (dQ row tiles 1 or 2, dK/dV with 1 or 3 blocks an SM, the two passes side by side or
+// in turn; grouped or lpt grid); head size 128 has one row tile and the compiler's registers.
+// Every candidate runs once and its output is fingerprinted against the defaults'; a candidate
+// that differs is not timed. Overwrites the buffers it is given (sized for the shape: qkv, out,
+// lse, dout, dqkv, D as attention_flash_forward/backward take them), sets the switches to the
+// choice and returns it. verbose prints every candidate.
 static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *lse, floatX *dout, floatX *dqkv,
                                                float *D, int B, int T, int NH, int NKV, int HS, cudaStream_t stream,
                                                int verbose) {
     const int reps = 10;
     FlashTuning t;
     memset(&t, 0, sizeof(t));
+    t.config = flash_default_config;
     size_t n_qkv = (size_t)B * T * (NH + 2 * NKV) * HS, n_out = (size_t)B * T * NH * HS, n_stat = (size_t)B * NH * T;
     flash_fill_random_kernel<<<1024, 256, 0, stream>>>(qkv, n_qkv, 1u);
     cudaCheckLaunch();
@@ -942,65 +987,74 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
     unsigned long long *d_sum = (unsigned long long *)cudaMallocCheck(sizeof(unsigned long long));
     auto forward = [&] { attention_flash_forward(out, lse, qkv, B, T, NH, NKV, HS, stream); };
     auto backward = [&] { attention_flash_backward(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, HS, stream); };
-    auto forward_bits = [&] {
-        forward();
-        return flash_fingerprint(d_sum, out, n_out * sizeof(floatX), stream) ^
-               (flash_fingerprint(d_sum, lse, n_stat * sizeof(float), stream) * 0x9E3779B97F4A7C15ull);
-    };
-    auto backward_bits = [&] {
-        backward();
-        return flash_fingerprint(d_sum, dqkv, n_qkv * sizeof(floatX), stream);
-    };
     if (verbose) printf("flash attention tuning B=%d T=%d NH=%d NKV=%d HS=%d (ms, mean of %d)\n", B, T, NH, NKV, HS, reps);
 
-    // forward candidates: (row tiles, min blocks); the first is the default
-    const int fwd[3][2] = {{1, 1}, {1, 4}, {2, 1}};
-    int n_fwd = HS == 64 ? 3 : 1, best_fwd = 0;
-    unsigned long long ref = 0;
-    for (int i = 0; i < n_fwd; i++) {
-        flash_set_config(fwd[i][0], fwd[i][1], 1, 1, 1);
-        unsigned long long bits = forward_bits();
-        if (i == 0) ref = bits;
-        t.tried++;
-        if (bits != ref) {
-            t.differed++;
-            if (verbose) printf("  forward  row tiles %d, min blocks %d: results differ from the defaults, not used\n", fwd[i][0], fwd[i][1]);
-            continue;
+    // Runs the candidates of one pass (forward, or backward on the defaults' out and lse), the
+    // defaults' first; keeps the fastest of those with the defaults' bits in t.config.
+    auto tune_pass = [&](bool is_forward, const FlashConfig *cands, int n, float *ms_best, float *ms_default) {
+        unsigned long long ref = 0;
+        FlashConfig best = cands[0];
+        for (int i = 0; i < n; i++) {
+            flash_set_config(&cands[i]);
+            unsigned long long bits;
+            if (is_forward) {
+                forward();
+                bits = flash_fingerprint(d_sum, out, n_out * sizeof(floatX), stream) ^
+                       (flash_fingerprint(d_sum, lse, n_stat * sizeof(float), stream) * 0x9E3779B97F4A7C15ull);
+            } else {
+                backward();
+                bits = flash_fingerprint(d_sum, dqkv, n_qkv * sizeof(floatX), stream);
+            }
+            if (i == 0) ref = bits;
+            t.tried++;
+            char what[200];
+            flash_describe(&cands[i], what, sizeof(what));
+            if (bits != ref) {
+                t.differed++;
+                if (verbose) printf("  %s: results differ from the defaults, not used\n", what);
+                continue;
+            }
+            float ms = is_forward ? flash_time_ms(forward, stream, reps) : flash_time_ms(backward, stream, reps);
+            if (verbose) printf("  %-8s %8.4f  %s\n", is_forward ? "forward" : "backward", ms, what);
+            if (i == 0) *ms_default = *ms_best = ms;
+            else if (ms < *ms_best) { *ms_best = ms; best = cands[i]; }
         }
-        float ms = flash_time_ms(forward, stream, reps);
-        if (verbose) printf("  forward  row tiles %d, min blocks %d: %8.4f\n", fwd[i][0], fwd[i][1], ms);
-        if (i == 0) t.default_forward_ms = t.forward_ms = ms;
-        else if (ms < t.forward_ms) { t.forward_ms = ms; best_fwd = i; }
-    }
-    t.forward_row_tiles = fwd[best_fwd][0];
-    t.forward_min_blocks = fwd[best_fwd][1];
+        return best;
+    };
 
-    // backward candidates: (dQ row tiles, dK/dV min blocks, side by side); the first is the default
-    const int bwd[8][3] = {{1, 1, 1}, {1, 1, 0}, {2, 1, 1}, {2, 1, 0}, {1, 3, 1}, {1, 3, 0}, {2, 3, 1}, {2, 3, 0}};
-    int n_bwd = HS == 64 ? 8 : 2, best_bwd = 0;
-    flash_set_config(1, 1, 1, 1, 1);
-    forward();   // the defaults' out and lse, which every candidate's backward reads
-    for (int i = 0; i < n_bwd; i++) {
-        flash_set_config(1, 1, bwd[i][0], bwd[i][1], bwd[i][2]);
-        unsigned long long bits = backward_bits();
-        if (i == 0) ref = bits;
-        t.tried++;
-        if (bits != ref) {
-            t.differed++;
-            if (verbose) printf("  backward dQ row tiles %d, dK/dV min blocks %d, %s: results differ from the defaults, not used\n",
-                                bwd[i][0], bwd[i][1], bwd[i][2] ? "side by side" : "in turn");
-            continue;
+    FlashConfig cands[16];
+    int n = 0;
+    for (int lpt = 0; lpt < 2; lpt++)
+        for (int v = 0; v < (HS == 64 ? 3 : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1)
+            FlashConfig c = flash_default_config;
+            c.forward_row_tiles = v == 2 ? 2 : 1;
+            c.forward_min_blocks = v == 1 ? 4 : 1;
+            c.forward_lpt = lpt;
+            cands[n++] = c;
         }
-        float ms = flash_time_ms(backward, stream, reps);
-        if (verbose) printf("  backward dQ row tiles %d, dK/dV min blocks %d, %-12s: %8.4f\n", bwd[i][0], bwd[i][1],
-                            bwd[i][2] ? "side by side" : "in turn", ms);
-        if (i == 0) t.default_backward_ms = t.backward_ms = ms;
-        else if (ms < t.backward_ms) { t.backward_ms = ms; best_bwd = i; }
-    }
-    t.dq_row_tiles = bwd[best_bwd][0];
-    t.dkv_min_blocks = bwd[best_bwd][1];
-    t.side_by_side = bwd[best_bwd][2];
-    flash_set_config(t.forward_row_tiles, t.forward_min_blocks, t.dq_row_tiles, t.dkv_min_blocks, t.side_by_side);
+    FlashConfig f = tune_pass(true, cands, n, &t.forward_ms, &t.default_forward_ms);
+
+    n = 0;
+    for (int lpt = 0; lpt < 2; lpt++)
+        for (int dq = 1; dq <= (HS == 64 ? 2 : 1); dq++)
+            for (int dkv = 1; dkv <= (HS == 64 ? 3 : 1); dkv += 2)
+                for (int side = 1; side >= 0; side--) {
+                    FlashConfig c = flash_default_config;
+                    c.dq_row_tiles = dq;
+                    c.dkv_min_blocks = dkv;
+                    c.side_by_side = side;
+                    c.backward_lpt = lpt;
+                    cands[n++] = c;
+                }
+    flash_set_config(&flash_default_config);
+    forward();   // the defaults' out and lse, which every backward candidate reads
+    FlashConfig b = tune_pass(false, cands, n, &t.backward_ms, &t.default_backward_ms);
+
+    t.config = b;
+    t.config.forward_row_tiles = f.forward_row_tiles;
+    t.config.forward_min_blocks = f.forward_min_blocks;
+    t.config.forward_lpt = f.forward_lpt;
+    flash_set_config(&t.config);
     cudaCheck(cudaFree(d_sum));
     return t;
 }

@@ -153,11 +153,12 @@ typedef struct {
     int prof_used;
     double prof_ms[PROF_COUNT];
     int prof_open;
-    // the flash attention's launch configuration (flash_set_config's arguments): the tuned one,
-    // or the defaults (cuda_model_attention_config); applied before every forward and backward,
-    // since the switches are shared by every model in the process
+    // the flash attention's launch configuration: the tuned one, or the defaults
+    // (cuda_model_attention_config); applied before every forward and backward, since the
+    // switches are shared by every model in the process
     FlashTuning tuning;
-    int flash_config[5];
+    int tuned;                 // tuning holds a tuning's result
+    FlashConfig flash_config;
 } Impl;
 
 static Impl *impl_of(CudaModel *model) { return (Impl *)model->impl; }
@@ -439,21 +440,14 @@ static void check_batch(const ModelConfig *c, const int *inputs, const int *targ
     }
 }
 
-// The forward of model.h; when weights_host is given (B*T, already zero where the mask is 0)
-// the classifier also writes the logits' gradient for those weights (fused).
 // CudaModel.attention_tuned: the flash attention's configuration for the first forward's shape,
 // tuned on the model's own attention buffers before anything is in them.
-static const int flash_default_config[5] = {1, 1, 1, 1, 1};
-static void attention_config_apply(const Impl *d) {
-    flash_set_config(d->flash_config[0], d->flash_config[1], d->flash_config[2], d->flash_config[3], d->flash_config[4]);
-}
-
 static void attention_tune(CudaModel *model, int B, int T) {
     const ModelConfig *c = &model->config;
     Impl *d = impl_of(model);
     model->attention_tuned = 1;
-    memcpy(d->flash_config, flash_default_config, sizeof(d->flash_config));
-    attention_config_apply(d);
+    d->flash_config = flash_default_config;
+    flash_set_config(&d->flash_config);
     if (!attention_use_flash(c->head_dim)) {
         snprintf(model->attention_tuning, sizeof(model->attention_tuning), "simple attention kernels, no tuning");
         return;
@@ -467,17 +461,18 @@ static void attention_tune(CudaModel *model, int B, int T) {
     FlashTuning t = attention_flash_tune(d->qkv, d->atty, d->att_lse, d->datty, d->dqkv, d->att_D, B, T, c->n_head,
                                          c->n_kv_head, c->head_dim, d->stream, 0);
     d->tuning = t;
-    int chosen[5] = {t.forward_row_tiles, t.forward_min_blocks, t.dq_row_tiles, t.dkv_min_blocks, t.side_by_side};
-    memcpy(d->flash_config, chosen, sizeof(d->flash_config));
+    d->tuned = 1;
+    d->flash_config = t.config;
+    char what[200];
+    flash_describe(&t.config, what, sizeof(what));
     snprintf(model->attention_tuning, sizeof(model->attention_tuning),
-             "flash tuned at B=%d T=%d: forward %d row tile%s a warp%s %.3f ms (defaults %.3f); backward %d dQ row "
-             "tile%s%s, passes %s %.3f ms (defaults %.3f); %d of %d candidates differed in their bits",
-             B, T, t.forward_row_tiles, t.forward_row_tiles > 1 ? "s" : "",
-             t.forward_min_blocks > 1 ? " at 4 blocks an SM" : "", t.forward_ms, t.default_forward_ms, t.dq_row_tiles,
-             t.dq_row_tiles > 1 ? "s" : "", t.dkv_min_blocks > 1 ? ", dK/dV at 3 blocks an SM" : "",
-             t.side_by_side ? "side by side" : "in turn", t.backward_ms, t.default_backward_ms, t.differed, t.tried);
+             "flash tuned at B=%d T=%d: %s; forward %.3f ms (defaults %.3f), backward %.3f ms (defaults %.3f); %d of %d "
+             "candidates differed in their bits", B, T, what, t.forward_ms, t.default_forward_ms, t.backward_ms,
+             t.default_backward_ms, t.differed, t.tried);
 }
 
+// The forward of model.h; when weights_host is given (B*T, already zero where the mask is 0)
+// the classifier also writes the logits' gradient for those weights (fused).
 static void forward_impl(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask, int B, int T,
                          const float *weights_host) {
     const ModelConfig *c = &model->config;
@@ -492,7 +487,7 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
     float eps = c->norm_eps;
     size_t NC = (size_t)N * C;
     if (!model->attention_tuned) attention_tune(model, B, T);
-    attention_config_apply(d);
+    flash_set_config(&d->flash_config);
 
     for (int i = 0; i < N; i++) d->host_mask[i] = loss_mask ? loss_mask[i] : 1.0f;
     cudaCheck(cudaMemcpyAsync(d->inputs, inputs, (size_t)N * sizeof(int), cudaMemcpyHostToDevice, st));
@@ -592,10 +587,7 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
 extern "C" void cuda_model_attention_config(CudaModel *model, int tuned) {
     Impl *d = impl_of(model);
     if (!model->attention_tuned) fatal("cuda_model_attention_config: the attention is tuned on the first forward");
-    int chosen[5] = {d->tuning.forward_row_tiles, d->tuning.forward_min_blocks, d->tuning.dq_row_tiles,
-                     d->tuning.dkv_min_blocks, d->tuning.side_by_side};
-    int use_tuned = tuned && d->tuning.forward_row_tiles > 0;   // 0 when tuning was off or not flash
-    memcpy(d->flash_config, use_tuned ? chosen : flash_default_config, sizeof(d->flash_config));
+    d->flash_config = tuned && d->tuned ? d->tuning.config : flash_default_config;   // no tuning: the defaults
 }
 
 extern "C" void cuda_model_forward(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask, int B, int T) {
@@ -668,7 +660,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     float *scratch = d->column_scratch;
     int head = head_tensor(c);
     int ov = model->overlap_weight_grads && !model->profile;
-    attention_config_apply(d);
+    flash_set_config(&d->flash_config);
 
     // classifier: dnorm = dlogits @ head (written), dhead += dlogits^T @ lnf
     prof_begin(model, PROF_MATMUL_BWD);

@@ -21,7 +21,8 @@
  *
  *   attention_flash_emu IN OUT early|late
  *     IN : int32 B, T, NH, NKV, HS, RW, DQ_RW (the row tiles per warp of the forward and of the
- *          backward's dQ pass, each 1 or 2 with HS 64); then float32 qkv (B, T, QKV),
+ *          backward's dQ pass, each 1 or 2 with HS 64), lpt (the grid order, 0 grouped or 1
+ *          lpt, for all three kernels); then float32 qkv (B, T, QKV),
  *          dout (B, T, NH*HS), all values representable in bf16
  *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV)
  */
@@ -110,22 +111,27 @@ static inline float flash_exp2(float x) { return exp2f(x); }
 
 // ---------------------------------------------------------------------------------------------
 
+// the launchers' grids (flash_grid in attention_flash.cuh): lpt (heads, batch, tiles), else
+// (tiles, heads, batch)
+static Dim3 grid_of(int lpt, int heads, int B, int tiles) {
+    return lpt ? Dim3{(unsigned)heads, (unsigned)B, (unsigned)tiles} : Dim3{(unsigned)tiles, (unsigned)heads, (unsigned)B};
+}
+
 template <int HS, int RW, int DQ_RW>
 static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv, const floatX *dout, int B, int T,
-                int NH, int NKV) {
-    // the launchers' grids (attention_flash.cuh): (heads, batch, sequence tiles)
-    Dim3 grid_kv{(unsigned)NKV, (unsigned)B, (unsigned)((T + FLASH_ROWS - 1) / FLASH_ROWS)};
-    Dim3 grid_q{(unsigned)NH, (unsigned)B, (unsigned)((T + DQ_RW * FLASH_ROWS - 1) / (DQ_RW * FLASH_ROWS))};
-    Dim3 grid_fwd{(unsigned)NH, (unsigned)B, (unsigned)((T + RW * FLASH_ROWS - 1) / (RW * FLASH_ROWS))};
+                int NH, int NKV, int lpt) {
+    Dim3 grid_kv = grid_of(lpt, NKV, B, (T + FLASH_ROWS - 1) / FLASH_ROWS);
+    Dim3 grid_q = grid_of(lpt, NH, B, (T + DQ_RW * FLASH_ROWS - 1) / (DQ_RW * FLASH_ROWS));
+    Dim3 grid_fwd = grid_of(lpt, NH, B, (T + RW * FLASH_ROWS - 1) / (RW * FLASH_ROWS));
     launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, RW>(),
-           [=] { flash_attention_forward_kernel<HS, RW>(out, lse, qkv, T, NH, NKV); });
+           [=] { flash_attention_forward_kernel<HS, RW>(out, lse, qkv, T, NH, NKV, lpt); });
     size_t threads_pre = (size_t)B * T * NH * (HS / 8);
     launch(Dim3{(unsigned)((threads_pre + 255) / 256), 1, 1}, 256, 0,
            [=] { flash_attention_backward_preprocess_kernel<HS>(D, dout, out, B, T, NH); });
     launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
-           [=] { flash_attention_backward_dkv_kernel<HS>(dqkv, dout, qkv, lse, D, T, NH, NKV); });
+           [=] { flash_attention_backward_dkv_kernel<HS>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
     launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(),
-           [=] { flash_attention_backward_dq_kernel<HS, DQ_RW>(dqkv, dout, qkv, lse, D, T, NH, NKV); });
+           [=] { flash_attention_backward_dq_kernel<HS, DQ_RW>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
 }
 
 int main(int argc, char **argv) {
@@ -136,9 +142,9 @@ int main(int argc, char **argv) {
     copies_land_early = strcmp(argv[3], "early") == 0;
     FILE *f = fopen(argv[1], "rb");
     if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
-    int32_t dims[7];
-    if (fread(dims, sizeof(int32_t), 7, f) != 7) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
-    int B = dims[0], T = dims[1], NH = dims[2], NKV = dims[3], HS = dims[4], RW = dims[5], DQ_RW = dims[6];
+    int32_t dims[8];
+    if (fread(dims, sizeof(int32_t), 8, f) != 8) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int B = dims[0], T = dims[1], NH = dims[2], NKV = dims[3], HS = dims[4], RW = dims[5], DQ_RW = dims[6], lpt = dims[7];
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
         (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64)) {
         fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d\n", argv[1], B, T, NH,
@@ -161,11 +167,11 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n_out; i++) dout[i] = to_bf16(dout_f[i]);
     floatX *out = (floatX *)alloc(n_out * 2, 0xff), *dqkv = (floatX *)alloc(n_qkv * 2, 0xff);
     float *lse = (float *)alloc(n_stat * 4, 0xff), *D = (float *)alloc(n_stat * 4, 0xff);
-    if (HS == 64 && RW == 2 && DQ_RW == 2) run<64, 2, 2>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
-    else if (HS == 64 && RW == 2) run<64, 2, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
-    else if (HS == 64 && DQ_RW == 2) run<64, 1, 2>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
-    else if (HS == 64) run<64, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
-    else run<128, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV);
+    if (HS == 64 && RW == 2 && DQ_RW == 2) run<64, 2, 2>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else if (HS == 64 && RW == 2) run<64, 2, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else if (HS == 64 && DQ_RW == 2) run<64, 1, 2>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else if (HS == 64) run<64, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else run<128, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
 
     FILE *o = fopen(argv[2], "wb");
     if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }
@@ -177,7 +183,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "error: cannot write %s\n", argv[2]);
         return 1;
     }
-    printf("attention_flash_emu B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d, copies %s: done\n", B, T, NH, NKV, HS,
-           RW, DQ_RW, argv[3]);
+    printf("attention_flash_emu B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d, %s grid, copies %s: done\n", B, T, NH,
+           NKV, HS, RW, DQ_RW, lpt ? "lpt" : "grouped", argv[3]);
     return 0;
 }

@@ -84,9 +84,10 @@ SHAPES = [  # B, T, NH, NKV, HS, input scale, row tiles per warp of the forward 
 ]
 
 
-def run_emulator(emulator, tmp_path, shape, copies):
+def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None):
     """inputs qkv, dout and the emulated out, lse, dqkv for one shape; the inputs do not depend on
-    the dQ pass's row tiles"""
+    the dQ pass's row tiles, the grid order (lpt 1: heads, batch, tiles; 0: tiles, heads, batch) or
+    forward_rw, which runs the forward with other row tiles than the shape's"""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     QKV = (NH + 2 * NKV) * HS
     rng = np.random.default_rng(hash(shape[:7]) % 2**32)
@@ -94,7 +95,7 @@ def run_emulator(emulator, tmp_path, shape, copies):
     dout = to_bf16(rng.standard_normal((B, T, NH * HS)))
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([B, T, NH, NKV, HS, RW, DQ_RW], np.int32).tofile(f)
+        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt], np.int32).tofile(f)
         qkv.tofile(f)
         dout.tofile(f)
     proc = subprocess.run([str(emulator), str(inp), str(outp), copies], capture_output=True, text=True, timeout=600)
@@ -140,3 +141,25 @@ def test_flash_dq_row_tiles_identical(emulator, tmp_path, shape):
     dq = [run_emulator(emulator, tmp_path, shape + (1, dq_rw), "late")[4][..., : NH * HS] for dq_rw in (1, 2)]
     differ = int(np.count_nonzero(dq[0].view(np.uint32) != dq[1].view(np.uint32)))
     assert differ == 0, f"{differ} of {dq[0].size} dq elements differ between one and two row tiles"
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 2, 2, 64, 1.0, 1, 1), (1, 200, 3, 1, 64, 4.0, 2, 2), (2, 45, 2, 1, 128, 1.0, 1, 1)],
+                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s)
+def test_flash_grid_orders_identical(emulator, tmp_path, shape):
+    """The grouped and the lpt grid give every block the same (head, batch, tile) work, so out,
+    lse and dqkv must agree bit for bit (the tuner only picks among such configurations)."""
+    runs = [run_emulator(emulator, tmp_path, shape, "late", lpt)[2:] for lpt in (0, 1)]
+    for name, a, b in zip(("out", "lse", "dqkv"), runs[0], runs[1]):
+        differ = int(np.count_nonzero(a.view(np.uint32) != b.view(np.uint32)))
+        assert differ == 0, f"{name}: {differ} of {a.size} elements differ between the grid orders"
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 2, 2, 64, 1.0), (1, 200, 3, 1, 64, 4.0)],
+                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g" % s)
+def test_flash_forward_row_tiles_identical(emulator, tmp_path, shape):
+    """A query row's tiles are added in the same order with one row tile a warp or two, so the
+    forward's out and lse agree bit for bit (the GPU tuner checks the same before using two)."""
+    runs = [run_emulator(emulator, tmp_path, shape + (1, 1), "late", forward_rw=rw)[2:4] for rw in (1, 2)]
+    for name, a, b in zip(("out", "lse"), runs[0], runs[1]):
+        differ = int(np.count_nonzero(a.view(np.uint32) != b.view(np.uint32)))
+        assert differ == 0, f"{name}: {differ} of {a.size} elements differ between one and two row tiles"

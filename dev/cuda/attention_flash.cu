@@ -233,7 +233,10 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
            t.forward_ms, t.default_forward_ms, t.backward_ms, t.default_backward_ms);
     printf("time attention flash  %-13s %d of %d configurations gave other bits than the defaults (not used)\n", model,
            t.differed, t.tried);
-    flash_set_config(1, 1, 1, 1, 1);
+    char what[200];
+    flash_describe(&t.config, what, sizeof(what));
+    printf("time attention flash  %-13s chosen: %s\n", model, what);
+    flash_set_config(&flash_default_config);
     for (int i = 0; i < SETS; i++)
         for (void *p : {(void *)qkv[i], (void *)dout[i], (void *)out[i], (void *)lse[i]}) cudaCheck(cudaFree(p));
     cudaCheck(cudaFree(dqkv));
