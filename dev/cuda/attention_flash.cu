@@ -113,10 +113,11 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
         attention_flash_forward(d_out, d_lse, d_qkv, B, T, NH, NKV, HS, 0);
         flash_forward_row_tiles = 1;
+        // each query row adds its key tiles in the same order either way: the same bits
         snprintf(name, sizeof(name), "flash forward 2 row tiles %s out", label);
-        compare(name, download_bf16(d_out, n_out), out[0], TOL_BF16);
+        compare_bits(name, download_bf16(d_out, n_out), out[0]);
         snprintf(name, sizeof(name), "flash forward 2 row tiles %s lse", label);
-        compare(name, download_f32(d_lse, n_stat), lse[0], TOL_F32);
+        compare_bits(name, download_f32(d_lse, n_stat), lse[0]);
     }
 
     // the simple kernels on the same inputs, every element
