@@ -249,10 +249,11 @@ constexpr size_t flash_forward_smem() { return (size_t)(RW * FLASH_ROWS + 4 * FL
 // grid over (NH, B, ceil(T / (64 RW)) tiles) in the order lpt picks (flash_block), block 128. Shared: Q (64 RW, LDS), K and V (64, LDS) x 2 stages.
 // Row tile r of warp w holds the block's query rows r * 64 + w * 16 ... + 15, so every warp has
 // rows near the diagonal. Query tiles are taken last-first: the tiles near the end of the sequence
-// see the most keys, so the long blocks start first and the short ones fill the tail. MINB > 1
-// asks the compiler for registers that let MINB blocks share an SM (launch bounds): the same
-// arithmetic, another register allocation (flash_forward_min_blocks).
-template <int HS, int RW, int MINB = 1>
+// see the most keys, so the long blocks start first and the short ones fill the tail. MINB > 0
+// asks the compiler for registers that let MINB blocks share an SM (launch bounds; 0 leaves the
+// number to the compiler): the same arithmetic, another register allocation
+// (flash_forward_min_blocks).
+template <int HS, int RW, int MINB = 0>
 __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_kernel(floatX *out, float *lse,
                                                                                const floatX *qkv, int T, int NH,
                                                                                int NKV, int lpt) {
@@ -470,8 +471,10 @@ constexpr size_t flash_dkv_smem() {
 // dK, dV: grid over (NKV, B, ceil(T / 64) tiles) in the order lpt picks (flash_block), block 128; the block owns key rows [k0, k0 + 64) of kv head
 // kvh (16 per warp) and walks (query head of the group) x (query tile from k0 to T), two stages
 // deep. Shared: K, V (64, LDS); Q, dO (BM, LDS) x 2 stages; lse, D (BM) x 2 stages. MINB as in
-// the forward (flash_dkv_min_blocks).
-template <int HS, int MINB = 1>
+// the forward (flash_dkv_min_blocks). KVREG: the warp's K and V fragments (the A operands of
+// S^T and dP^T, the same for every iteration) are read from shared memory once and kept in 32
+// registers, instead of once per iteration: fewer ldmatrix, more registers (flash_dkv_kv_regs).
+template <int HS, int MINB = 0, int KVREG = 0>
 __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_dkv_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
     int lpt) {
@@ -508,6 +511,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
     for (int nd = 0; nd < HS / 8; nd++)
         #pragma unroll
         for (int e = 0; e < 4; e++) dk[nd][e] = dv[nd][e] = 0.0f;
+    uint32_t k_frag[KVREG ? HS / 16 : 1][4], v_frag[KVREG ? HS / 16 : 1][4];   // KVREG
 
     for (int it = 0; it < iterations; it++) {
         const int stage = it & 1;
@@ -524,6 +528,15 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         __syncthreads();
         const floatX *q_tile = sQ + stage * BM * LDS, *g_tile = sG + stage * BM * LDS;
         const float *l_tile = sL + stage * BM, *d_tile = sD + stage * BM;
+        if constexpr (KVREG) {
+            if (it == 0) {   // K and V came with the first group of copies
+                #pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++) {
+                    flash_ldmatrix_x4(k_frag[kk], flash_addr_a<LDS>(sK, warp * 16, kk * 16, lane));
+                    flash_ldmatrix_x4(v_frag[kk], flash_addr_a<LDS>(sV, warp * 16, kk * 16, lane));
+                }
+            }
+        }
 
         // S^T = K Q^T and dP^T = V dO^T (16 keys x BM queries per warp)
         float s[BM / 8][4], dp[BM / 8][4];
@@ -534,8 +547,13 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         #pragma unroll
         for (int kk = 0; kk < HS / 16; kk++) {
             uint32_t ka[4], va[4];
-            flash_ldmatrix_x4(ka, flash_addr_a<LDS>(sK, warp * 16, kk * 16, lane));
-            flash_ldmatrix_x4(va, flash_addr_a<LDS>(sV, warp * 16, kk * 16, lane));
+            if constexpr (KVREG) {
+                #pragma unroll
+                for (int i = 0; i < 4; i++) { ka[i] = k_frag[kk][i]; va[i] = v_frag[kk][i]; }
+            } else {
+                flash_ldmatrix_x4(ka, flash_addr_a<LDS>(sK, warp * 16, kk * 16, lane));
+                flash_ldmatrix_x4(va, flash_addr_a<LDS>(sV, warp * 16, kk * 16, lane));
+            }
             #pragma unroll
             for (int np = 0; np < BM / 16; np++) {
                 uint32_t qb[4], gb[4];
@@ -601,14 +619,15 @@ template <int RW> __host__ __device__ constexpr int flash_dq_step_keys() { retur
 template <int HS, int RW>
 constexpr size_t flash_dq_smem() { return (size_t)(2 * RW * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
 
-// dQ: grid over (NH, B, ceil(T / (64 RW)) tiles) in the order lpt picks (flash_block), block 128; the block owns query rows [q0, q0 + 64 RW) of
-// head h (row tile r of warp w: rows q0 + r * 64 + w * 16 ... + 15, as in the forward) and walks
-// the key tiles up to its last query, two stages deep, last tiles first as in the forward.
-// Shared: Q, dO (64 RW, LDS); K, V (64, LDS) x 2 stages.
+// dQ: grid over (NH, B, ceil(T / (64 RW)) tiles) in the order lpt picks (flash_block), block 128;
+// the block owns query rows [q0, q0 + 64 RW) of head h (row tile r of warp w: rows q0 + r * 64 +
+// w * 16 ... + 15, as in the forward) and walks the key tiles up to its last query, two stages
+// deep, last tiles first as in the forward. Shared: Q, dO (64 RW, LDS); K, V (64, LDS) x 2 stages.
 // Per row, dQ sums the same products in the same order for either RW (the key tiles and, inside
 // a tile, its 16-key blocks in turn; a skipped row tile has no keys to add), so both launches
-// give bitwise the same dQ.
-template <int HS, int RW>
+// give bitwise the same dQ. QREG (RW = 1): the warp's Q and dO fragments, the same for every key
+// tile, are read from shared memory once and kept in 32 registers (flash_dq_q_regs).
+template <int HS, int RW, int QREG = 0>
 __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
     int lpt) {
@@ -650,6 +669,8 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
     for (int r = 0; r < RW; r++)
         #pragma unroll
         for (int nd = 0; nd < HS / 8; nd++) dq[r][nd][0] = dq[r][nd][1] = dq[r][nd][2] = dq[r][nd][3] = 0.0f;
+    static_assert(!QREG || RW == 1, "register-held Q and dO fragments take one row tile a warp");
+    uint32_t q_frag[QREG ? HS / 16 : 1][4], g_frag[QREG ? HS / 16 : 1][4];   // QREG
 
     for (int j = 0; j < n_tiles; j++) {
         const int stage = j & 1, k0 = j * BN;
@@ -661,6 +682,15 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
         flash_cp_async_wait<1>();
         __syncthreads();
         const floatX *k_tile = sK + stage * BN * LDS, *v_tile = sV + stage * BN * LDS;
+        if constexpr (QREG) {
+            if (j == 0) {   // Q and dO came with the first group of copies
+                #pragma unroll
+                for (int kk = 0; kk < HS / 16; kk++) {
+                    flash_ldmatrix_x4(q_frag[kk], flash_addr_a<LDS>(sQ, warp * 16, kk * 16, lane));
+                    flash_ldmatrix_x4(g_frag[kk], flash_addr_a<LDS>(sG, warp * 16, kk * 16, lane));
+                }
+            }
+        }
         // a row tile whose rows all come before the tile's first key sees none of it (RW = 2
         // only: the block's first row tile on its last key tile)
         bool live[RW];
@@ -683,6 +713,11 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
                 #pragma unroll
                 for (int r = 0; r < RW; r++) {
                     if (!live[r]) continue;
+                    if constexpr (QREG) {
+                        #pragma unroll
+                        for (int i = 0; i < 4; i++) { qa[r][i] = q_frag[kk][i]; ga[r][i] = g_frag[kk][i]; }
+                        continue;
+                    }
                     flash_ldmatrix_x4(qa[r], flash_addr_a<LDS>(sQ, r * FLASH_ROWS + warp * 16, kk * 16, lane));
                     flash_ldmatrix_x4(ga[r], flash_addr_a<LDS>(sG, r * FLASH_ROWS + warp * 16, kk * 16, lane));
                 }
@@ -782,11 +817,15 @@ static int flash_forward_row_tiles = 1;
 // Row tiles per warp of the backward's dQ launch, likewise 1 or 2 (head size 64 only).
 static int flash_dq_row_tiles = 1;
 // Blocks an SM the compiler is asked to fit (launch bounds; fewer registers a thread, the same
-// arithmetic): the one-tile forward at head size 64 with 1 (its own choice: 148 registers at
-// sm_90, 3 blocks) or 4 (128 registers, 4 blocks); the dK/dV pass at head size 64 with 1 (181
+// arithmetic): the one-tile forward at head size 64 with 0 (the compiler's choice: 148 registers
+// at sm_90, 3 blocks) or 4 (128 registers, 4 blocks); the dK/dV pass at head size 64 with 0 (185
 // registers, 2 blocks) or 3 (168, 3 blocks).
-static int flash_forward_min_blocks = 1;
-static int flash_dkv_min_blocks = 1;
+static int flash_forward_min_blocks = 0;
+static int flash_dkv_min_blocks = 0;
+// Fragments kept in registers across the loop (head size 64): the dK/dV pass's K and V (with the
+// compiler's registers, flash_dkv_min_blocks 0), the one-tile dQ pass's Q and dO. 0 or 1.
+static int flash_dkv_kv_regs = 0;
+static int flash_dq_q_regs = 0;
 // Grid order of the forward's and the backward's launches: 0 grouped, 1 lpt (header comment).
 static int flash_forward_lpt = 0;
 static int flash_backward_lpt = 0;
@@ -807,10 +846,10 @@ static inline void attention_flash_forward_launch(floatX *out, float *lse, const
 static inline void attention_flash_forward(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH, int NKV,
                                            int HS, cudaStream_t stream) {
     attention_flash_check(B, T, NH, NKV, HS, out, qkv, qkv, qkv);
-    if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2, 1>(out, lse, qkv, B, T, NH, NKV, stream);
+    if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2, 0>(out, lse, qkv, B, T, NH, NKV, stream);
     else if (HS == 64 && flash_forward_min_blocks == 4) attention_flash_forward_launch<64, 1, 4>(out, lse, qkv, B, T, NH, NKV, stream);
-    else if (HS == 64) attention_flash_forward_launch<64, 1, 1>(out, lse, qkv, B, T, NH, NKV, stream);
-    else attention_flash_forward_launch<128, 1, 1>(out, lse, qkv, B, T, NH, NKV, stream);
+    else if (HS == 64) attention_flash_forward_launch<64, 1, 0>(out, lse, qkv, B, T, NH, NKV, stream);
+    else attention_flash_forward_launch<128, 1, 0>(out, lse, qkv, B, T, NH, NKV, stream);
 }
 
 // The backward's two passes are independent (each reads qkv, dout, lse and D and writes its own
@@ -833,13 +872,13 @@ static inline cudaStream_t flash_side_stream(cudaEvent_t *fork, cudaEvent_t *joi
     return side;
 }
 
-template <int HS, int DQ_RW, int DKV_MINB>
+template <int HS, int DQ_RW, int DQ_QREG, int DKV_MINB, int DKV_KVREG>
 static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                                    const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                                    cudaStream_t stream) {
     static bool dkv_set = false, dq_set = false;
-    flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB>, flash_dkv_smem<HS>(), &dkv_set);
-    flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW>, flash_dq_smem<HS, DQ_RW>(), &dq_set);
+    flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG>, flash_dkv_smem<HS>(), &dkv_set);
+    flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG>, flash_dq_smem<HS, DQ_RW>(), &dq_set);
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
     cudaCheckLaunch();
@@ -852,9 +891,9 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
         cudaCheck(cudaEventRecord(fork, stream));
         cudaCheck(cudaStreamWaitEvent(kv_stream, fork, 0));
     }
-    flash_attention_backward_dkv_kernel<HS, DKV_MINB><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), kv_stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
+    flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), kv_stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
     cudaCheckLaunch();
-    flash_attention_backward_dq_kernel<HS, DQ_RW><<<grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
+    flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG><<<grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
     cudaCheckLaunch();
     if (flash_backward_side_by_side) {
         cudaCheck(cudaEventRecord(join, kv_stream));
@@ -868,12 +907,25 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
                                             const floatX *out, const float *lse, int B, int T, int NH, int NKV, int HS,
                                             cudaStream_t stream) {
     attention_flash_check(B, T, NH, NKV, HS, dqkv, dout, qkv, out);
-    int dq2 = HS == 64 && flash_dq_row_tiles == 2, dkv3 = HS == 64 && flash_dkv_min_blocks == 3;
-    if (HS == 64 && dq2 && dkv3) attention_flash_backward_launch<64, 2, 3>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
-    else if (HS == 64 && dq2) attention_flash_backward_launch<64, 2, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
-    else if (HS == 64 && dkv3) attention_flash_backward_launch<64, 1, 3>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
-    else if (HS == 64) attention_flash_backward_launch<64, 1, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
-    else attention_flash_backward_launch<128, 1, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+    if (HS == 128) {
+        attention_flash_backward_launch<128, 1, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+        return;
+    }
+    // head size 64: the dQ pass (2 row tiles; 1 with Q and dO in registers; 1) and the dK/dV pass
+    // (3 blocks an SM; K and V in registers; the compiler's choice)
+    int dq = flash_dq_row_tiles == 2 ? 2 : flash_dq_q_regs ? 1 : 0;
+    int dkv = flash_dkv_min_blocks == 3 ? 2 : flash_dkv_kv_regs ? 1 : 0;
+    switch (dq * 3 + dkv) {
+    case 8: attention_flash_backward_launch<64, 2, 0, 3, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 7: attention_flash_backward_launch<64, 2, 0, 0, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 6: attention_flash_backward_launch<64, 2, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 5: attention_flash_backward_launch<64, 1, 1, 3, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 4: attention_flash_backward_launch<64, 1, 1, 0, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 3: attention_flash_backward_launch<64, 1, 1, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 2: attention_flash_backward_launch<64, 1, 0, 3, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 1: attention_flash_backward_launch<64, 1, 0, 0, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    default: attention_flash_backward_launch<64, 1, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -882,9 +934,9 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
 // A launch configuration: the switches above.
 typedef struct {
     int forward_row_tiles, forward_min_blocks, forward_lpt;
-    int dq_row_tiles, dkv_min_blocks, side_by_side, backward_lpt;
+    int dq_row_tiles, dq_q_regs, dkv_min_blocks, dkv_kv_regs, side_by_side, backward_lpt;
 } FlashConfig;
-static const FlashConfig flash_default_config = {1, 1, 0, 1, 1, 1, 0};
+static const FlashConfig flash_default_config = {1, 0, 0, 1, 0, 0, 0, 1, 0};
 
 // What a tuning chose, what it measured, and what the defaults measured in the same run.
 typedef struct {
@@ -947,7 +999,9 @@ static inline void flash_set_config(const FlashConfig *c) {
     flash_forward_min_blocks = c->forward_min_blocks;
     flash_forward_lpt = c->forward_lpt;
     flash_dq_row_tiles = c->dq_row_tiles;
+    flash_dq_q_regs = c->dq_q_regs;
     flash_dkv_min_blocks = c->dkv_min_blocks;
+    flash_dkv_kv_regs = c->dkv_kv_regs;
     flash_backward_side_by_side = c->side_by_side;
     flash_backward_lpt = c->backward_lpt;
 }
@@ -955,10 +1009,11 @@ static inline void flash_set_config(const FlashConfig *c) {
 // "forward 2 row tiles, lpt grid; backward 1 dQ row tile, dK/dV at 3 blocks an SM, passes side
 // by side, grouped grid" into buf
 static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) {
-    snprintf(buf, size, "forward %d row tile%s%s, %s grid; backward %d dQ row tile%s%s, passes %s, %s grid",
+    snprintf(buf, size, "forward %d row tile%s%s, %s grid; backward %d dQ row tile%s%s%s%s, passes %s, %s grid",
              c->forward_row_tiles, c->forward_row_tiles > 1 ? "s" : "", c->forward_min_blocks > 1 ? " at 4 blocks an SM" : "",
              c->forward_lpt ? "lpt" : "grouped", c->dq_row_tiles, c->dq_row_tiles > 1 ? "s" : "",
-             c->dkv_min_blocks > 1 ? ", dK/dV at 3 blocks an SM" : "", c->side_by_side ? "side by side" : "in turn",
+             c->dq_q_regs ? " with Q and dO in registers" : "", c->dkv_min_blocks > 1 ? ", dK/dV at 3 blocks an SM" : "",
+             c->dkv_kv_regs ? ", dK/dV with K and V in registers" : "", c->side_by_side ? "side by side" : "in turn",
              c->backward_lpt ? "lpt" : "grouped");
 }
 
@@ -966,8 +1021,9 @@ static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) 
 // results equal the defaults' bit for bit on random inputs, so that the choice changes the speed
 // and never the numbers (and two runs give the same results whatever each picked): the forward
 // (1 row tile a warp, 1 with 4 blocks an SM, 2 row tiles; grouped or lpt grid), then the
-// backward (dQ row tiles 1 or 2, dK/dV with 1 or 3 blocks an SM, the two passes side by side or
-// in turn; grouped or lpt grid); head size 128 has one row tile and the compiler's registers.
+// backward (dQ with 1 row tile, 1 with Q and dO in registers, or 2; dK/dV as compiled, with K
+// and V in registers, or at 3 blocks an SM; the two passes side by side or in turn; grouped or
+// lpt grid); head size 128 has one row tile and the compiler's registers.
 // Every candidate runs once and its output is fingerprinted against the defaults'; a candidate
 // that differs is not timed. Overwrites the buffers it is given (sized for the shape: qkv, out,
 // lse, dout, dqkv, D as attention_flash_forward/backward take them), sets the switches to the
@@ -1022,13 +1078,13 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
         return best;
     };
 
-    FlashConfig cands[16];
+    FlashConfig cands[36];
     int n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
         for (int v = 0; v < (HS == 64 ? 3 : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1)
             FlashConfig c = flash_default_config;
             c.forward_row_tiles = v == 2 ? 2 : 1;
-            c.forward_min_blocks = v == 1 ? 4 : 1;
+            c.forward_min_blocks = v == 1 ? 4 : 0;
             c.forward_lpt = lpt;
             cands[n++] = c;
         }
@@ -1036,12 +1092,14 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
 
     n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
-        for (int dq = 1; dq <= (HS == 64 ? 2 : 1); dq++)
-            for (int dkv = 1; dkv <= (HS == 64 ? 3 : 1); dkv += 2)
+        for (int dq = 0; dq < (HS == 64 ? 3 : 1); dq++)           // 1 row tile, 1 with Q and dO in registers, 2
+            for (int dkv = 0; dkv < (HS == 64 ? 3 : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM
                 for (int side = 1; side >= 0; side--) {
                     FlashConfig c = flash_default_config;
-                    c.dq_row_tiles = dq;
-                    c.dkv_min_blocks = dkv;
+                    c.dq_row_tiles = dq == 2 ? 2 : 1;
+                    c.dq_q_regs = dq == 1;
+                    c.dkv_kv_regs = dkv == 1;
+                    c.dkv_min_blocks = dkv == 2 ? 3 : 0;
                     c.side_by_side = side;
                     c.backward_lpt = lpt;
                     cands[n++] = c;

@@ -22,7 +22,8 @@
  *   attention_flash_emu IN OUT early|late
  *     IN : int32 B, T, NH, NKV, HS, RW, DQ_RW (the row tiles per warp of the forward and of the
  *          backward's dQ pass, each 1 or 2 with HS 64), lpt (the grid order, 0 grouped or 1
- *          lpt, for all three kernels); then float32 qkv (B, T, QKV),
+ *          lpt, for all three kernels), qreg and kvreg (1: the dQ pass's Q and dO fragments,
+ *          the dK/dV pass's K and V fragments held in registers; HS 64); then float32 qkv (B, T, QKV),
  *          dout (B, T, NH*HS), all values representable in bf16
  *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV)
  */
@@ -117,7 +118,7 @@ static Dim3 grid_of(int lpt, int heads, int B, int tiles) {
     return lpt ? Dim3{(unsigned)heads, (unsigned)B, (unsigned)tiles} : Dim3{(unsigned)tiles, (unsigned)heads, (unsigned)B};
 }
 
-template <int HS, int RW, int DQ_RW>
+template <int HS, int RW, int DQ_RW, int QREG, int KVREG>
 static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv, const floatX *dout, int B, int T,
                 int NH, int NKV, int lpt) {
     Dim3 grid_kv = grid_of(lpt, NKV, B, (T + FLASH_ROWS - 1) / FLASH_ROWS);
@@ -129,9 +130,22 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *q
     launch(Dim3{(unsigned)((threads_pre + 255) / 256), 1, 1}, 256, 0,
            [=] { flash_attention_backward_preprocess_kernel<HS>(D, dout, out, B, T, NH); });
     launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
-           [=] { flash_attention_backward_dkv_kernel<HS>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+           [=] { flash_attention_backward_dkv_kernel<HS, 0, KVREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
     launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(),
-           [=] { flash_attention_backward_dq_kernel<HS, DQ_RW>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+           [=] { flash_attention_backward_dq_kernel<HS, DQ_RW, QREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+}
+
+// run<64, RW, ...> for the backward's variants: dQ row tiles, Q and dO in registers (one row
+// tile), K and V in registers
+template <int RW>
+static void run64(int DQ_RW, int qreg, int kvreg, floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv,
+                  const floatX *dout, int B, int T, int NH, int NKV, int lpt) {
+    if (DQ_RW == 2 && kvreg) run<64, RW, 2, 0, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else if (DQ_RW == 2) run<64, RW, 2, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else if (qreg && kvreg) run<64, RW, 1, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else if (qreg) run<64, RW, 1, 1, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else if (kvreg) run<64, RW, 1, 0, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else run<64, RW, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
 }
 
 int main(int argc, char **argv) {
@@ -142,11 +156,13 @@ int main(int argc, char **argv) {
     copies_land_early = strcmp(argv[3], "early") == 0;
     FILE *f = fopen(argv[1], "rb");
     if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
-    int32_t dims[8];
-    if (fread(dims, sizeof(int32_t), 8, f) != 8) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int32_t dims[10];
+    if (fread(dims, sizeof(int32_t), 10, f) != 10) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int B = dims[0], T = dims[1], NH = dims[2], NKV = dims[3], HS = dims[4], RW = dims[5], DQ_RW = dims[6], lpt = dims[7];
+    int qreg = dims[8], kvreg = dims[9];
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
-        (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64)) {
+        (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64) ||
+        ((qreg || kvreg) && HS != 64) || (qreg && DQ_RW != 1)) {
         fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d\n", argv[1], B, T, NH,
                 NKV, HS, RW, DQ_RW);
         return 1;
@@ -167,11 +183,9 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n_out; i++) dout[i] = to_bf16(dout_f[i]);
     floatX *out = (floatX *)alloc(n_out * 2, 0xff), *dqkv = (floatX *)alloc(n_qkv * 2, 0xff);
     float *lse = (float *)alloc(n_stat * 4, 0xff), *D = (float *)alloc(n_stat * 4, 0xff);
-    if (HS == 64 && RW == 2 && DQ_RW == 2) run<64, 2, 2>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else if (HS == 64 && RW == 2) run<64, 2, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else if (HS == 64 && DQ_RW == 2) run<64, 1, 2>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else if (HS == 64) run<64, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else run<128, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    if (HS == 64 && RW == 2) run64<2>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else if (HS == 64) run64<1>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    else run<128, 1, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
 
     FILE *o = fopen(argv[2], "wb");
     if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }

@@ -84,10 +84,11 @@ SHAPES = [  # B, T, NH, NKV, HS, input scale, row tiles per warp of the forward 
 ]
 
 
-def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None):
+def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0):
     """inputs qkv, dout and the emulated out, lse, dqkv for one shape; the inputs do not depend on
     the dQ pass's row tiles, the grid order (lpt 1: heads, batch, tiles; 0: tiles, heads, batch) or
-    forward_rw, which runs the forward with other row tiles than the shape's"""
+    forward_rw, which runs the forward with other row tiles than the shape's, or qreg / kvreg (the
+    dQ pass's Q and dO, the dK/dV pass's K and V fragments held in registers)"""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     QKV = (NH + 2 * NKV) * HS
     rng = np.random.default_rng(hash(shape[:7]) % 2**32)
@@ -95,7 +96,8 @@ def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None):
     dout = to_bf16(rng.standard_normal((B, T, NH * HS)))
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt], np.int32).tofile(f)
+        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt, qreg, kvreg],
+                 np.int32).tofile(f)
         qkv.tofile(f)
         dout.tofile(f)
     proc = subprocess.run([str(emulator), str(inp), str(outp), copies], capture_output=True, text=True, timeout=600)
@@ -163,3 +165,21 @@ def test_flash_forward_row_tiles_identical(emulator, tmp_path, shape):
     for name, a, b in zip(("out", "lse"), runs[0], runs[1]):
         differ = int(np.count_nonzero(a.view(np.uint32) != b.view(np.uint32)))
         assert differ == 0, f"{name}: {differ} of {a.size} elements differ between one and two row tiles"
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 2, 2, 64, 1.0, 1, 1), (1, 200, 3, 1, 64, 4.0, 1, 1), (1, 130, 4, 2, 64, 1.0, 1, 2)],
+                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s)
+def test_flash_register_fragments(emulator, tmp_path, shape):
+    """The backward with the dQ pass's Q and dO fragments and the dK/dV pass's K and V fragments
+    held in registers matches the oracle, and gives the same bits as with them read from shared
+    memory on every key or query tile (the tuner only picks among such configurations)."""
+    B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
+    plain = run_emulator(emulator, tmp_path, shape, "late")
+    variants = [(0, 1)] + ([(1, 0), (1, 1)] if DQ_RW == 1 else [])
+    for qreg, kvreg in variants:
+        got = run_emulator(emulator, tmp_path, shape, "late", qreg=qreg, kvreg=kvreg)
+        differ = int(np.count_nonzero(got[4].view(np.uint32) != plain[4].view(np.uint32)))
+        assert differ == 0, f"qreg={qreg} kvreg={kvreg}: {differ} of {got[4].size} dqkv elements differ"
+    qkv, dout, _, _, dqkv = run_emulator(emulator, tmp_path, shape, "early", qreg=int(DQ_RW == 1), kvreg=1)
+    ref_dqkv = oracle(qkv, dout, NH, NKV, HS)[2]
+    assert rel_err(dqkv, ref_dqkv) < 1.5e-2
