@@ -72,6 +72,7 @@ namespace {
 
 typedef struct {
     int rows, n_splits;
+    int sets;                 // the sampling of the calls it serves uses top-k or top-p
     int seen;                 // eager runs of this shape so far (capture on the second)
     cudaGraphExec_t exec;     // NULL until captured
 } GraphEntry;
@@ -134,6 +135,7 @@ struct RolloutEngine {
 
     GraphEntry graphs[ROLLOUT_MAX_GRAPHS];
     int n_graphs;
+    int sampling_sets;             // this generate call samples with top-k or top-p (sample())
     // options.pdl: whether this GPU runs the kernels' griddep_wait (pdl_supported), and while a
     // decode step is captured, the nodes of the engine's kernels that start with it (pdl_mark)
     int pdl_supported, pdl_capturing, n_pdl_nodes, cap_pdl_nodes;
@@ -609,7 +611,8 @@ static void sample(RolloutEngine *e, int n, int advance) {
     const ModelConfig *c = &e->config;
     sample_rows(e->out_token, e->out_logprob, e->logits, n, c->vocab_size, c->padded_vocab_size, e->sample_cfg, e->row_key,
                 e->row_step, advance ? e->row_token : NULL, advance ? e->row_pos : NULL, advance ? e->row_slot : NULL,
-                e->dummy_slot, e->err, e->options.reference, e->ref_flags, &e->sample_split, e->stream);
+                e->dummy_slot, e->err, e->options.reference, e->ref_flags,
+                e->sampling_sets ? NULL : &e->sample_split, e->stream);
     pdl_mark(e);   // the merging one-block kernel (the split kernels before it keep full edges)
 }
 
@@ -626,12 +629,14 @@ static void decode_step(RolloutEngine *e, int rows, int n_splits) {
     if (!e->options.use_graphs) { decode_step_enqueue(e, rows, n_splits); return; }
     GraphEntry *g = NULL;
     for (int i = 0; i < e->n_graphs; i++)
-        if (e->graphs[i].rows == rows && e->graphs[i].n_splits == n_splits) g = &e->graphs[i];
+        if (e->graphs[i].rows == rows && e->graphs[i].n_splits == n_splits && e->graphs[i].sets == e->sampling_sets)
+            g = &e->graphs[i];
     if (g == NULL) {
         if (e->n_graphs == ROLLOUT_MAX_GRAPHS) graphs_clear(e);
         g = &e->graphs[e->n_graphs++];
         g->rows = rows;
         g->n_splits = n_splits;
+        g->sets = e->sampling_sets;
         g->seen = 0;
         g->exec = NULL;
     }
@@ -846,6 +851,9 @@ extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, co
     }
     int reference = e->options.reference;
     int sampling_sets = p->temperature > 0.0f && ((p->top_k > 0 && p->top_k < c->vocab_size) || p->top_p < 1.0f);
+    // with top-k or top-p the one-block sampler does everything; without, the split kernels run
+    // (sampling.cuh), and a captured step holds one or the other
+    e->sampling_sets = sampling_sets;
     if (reference && sampling_sets && c->vocab_size > SAMPLE_REFERENCE_MAX_V)
         fatal("rollout_generate: the reference sampler handles top-k/top-p for vocabularies up to %d tokens, not %d",
               SAMPLE_REFERENCE_MAX_V, c->vocab_size);
