@@ -135,6 +135,9 @@ struct RolloutEngine {
 
     GraphEntry graphs[ROLLOUT_MAX_GRAPHS];
     int n_graphs;
+    // options.pipeline: two decode steps' results on their way to the host (pinned), each with
+    // the event of its copies
+    struct { int *token; float *logprob; int *err; cudaEvent_t done; } step_out[2];
     int sampling_sets;             // this generate call samples with top-k or top-p (sample())
     // options.pdl: whether this GPU runs the kernels' griddep_wait (pdl_supported), and while a
     // decode step is captured, the nodes of the engine's kernels that start with it (pdl_mark)
@@ -234,6 +237,7 @@ extern "C" RolloutOptions rollout_default_options(void) {
     o.poison = 0;
     o.decode_matmul = 0;
     o.pdl = 0;
+    o.pipeline = 0;
     return o;
 }
 
@@ -373,6 +377,12 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     e->h_out_token = (int *)engine_host_alloc(e, S * sizeof(int));
     e->h_out_logprob = (float *)engine_host_alloc(e, S * sizeof(float));
     e->h_err = (int *)engine_host_alloc(e, sizeof(int));
+    for (int k = 0; k < 2; k++) {
+        e->step_out[k].token = (int *)engine_host_alloc(e, S * sizeof(int));
+        e->step_out[k].logprob = (float *)engine_host_alloc(e, S * sizeof(float));
+        e->step_out[k].err = (int *)engine_host_alloc(e, sizeof(int));
+        cudaCheck(cudaEventCreateWithFlags(&e->step_out[k].done, cudaEventDisableTiming));
+    }
     e->h_pf_token = (int *)engine_host_alloc(e, R * sizeof(int));
     e->h_pf_slot = (int *)engine_host_alloc(e, R * sizeof(int));
     e->h_pf_pos = (int *)engine_host_alloc(e, R * sizeof(int));
@@ -393,6 +403,7 @@ extern "C" void rollout_free(RolloutEngine *e) {
     for (int i = 0; i < e->n_blocks; i++) cudaCheck(cudaFree(e->blocks[i]));
     if (e->ref_flags) cudaCheck(cudaFree(e->ref_flags));
     for (int i = 0; i < e->n_host_blocks; i++) cudaCheck(cudaFreeHost(e->host_blocks[i]));
+    for (int k = 0; k < 2; k++) cudaCheck(cudaEventDestroy(e->step_out[k].done));
     cudaCheck(cudaStreamDestroy(e->stream));
     free(e->first_token);
     free(e->first_logprob);
@@ -665,15 +676,17 @@ static void decode_step(RolloutEngine *e, int rows, int n_splits) {
 }
 
 // Reads the device error word; exits naming what went wrong.
-static void check_device_errors(RolloutEngine *e, const char *phase) {
-    cudaCheck(cudaMemcpyAsync(e->h_err, e->err, sizeof(int), cudaMemcpyDeviceToHost, e->stream));
-    cudaCheck(cudaStreamSynchronize(e->stream));
-    int err = *e->h_err;
+static void report_device_errors(int err, const char *phase) {
     if (err == 0) return;
     fatal("rollout_generate: %s: %s%s%s", phase,
           (err & SAMPLE_ERR_NONFINITE_LOGITS) ? "non-finite logits (NaN or inf in the model's output) " : "",
           (err & DECODE_ERR_POSITION) ? "a row's position or slot lies outside the KV cache " : "",
           (err & SAMPLE_ERR_REFERENCE_VOCAB) ? "the reference sampler's top-p needs a vocabulary of at most 16384 tokens" : "");
+}
+static void check_device_errors(RolloutEngine *e, const char *phase) {
+    cudaCheck(cudaMemcpyAsync(e->h_err, e->err, sizeof(int), cudaMemcpyDeviceToHost, e->stream));
+    cudaCheck(cudaStreamSynchronize(e->stream));
+    report_device_errors(*e->h_err, phase);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -821,6 +834,136 @@ static void poison_buffers(RolloutEngine *e) {
         if (e->block_poison[i]) cudaCheck(cudaMemsetAsync(e->blocks[i], 0xff, e->block_bytes[i], e->stream));
 }
 
+// The decode rows for the running sequences active[0..n_active): them first, in order, then
+// padding rows on the spare slot up to the row bucket; uploads their state. Returns the rows.
+static int upload_rows(RolloutEngine *e, const GenerateResult *res, const int *active, int n_active,
+                       const int *prompt_lens) {
+    cudaStream_t st = e->stream;
+    int rows = row_bucket(n_active, e->max_seqs);
+    for (int r = 0; r < rows; r++) {
+        if (r < n_active) {
+            int i = active[r], n = res->n_tokens[i];
+            e->h_token[r] = res->tokens[i][n - 1];
+            e->h_slot[r] = i;
+            e->h_pos[r] = prompt_lens[i] + n - 1;
+            e->h_step[r] = n;
+            e->h_row_key[r] = e->h_key[i];
+        } else {
+            e->h_token[r] = 0;
+            e->h_slot[r] = e->dummy_slot;
+            e->h_pos[r] = 0;
+            e->h_step[r] = 0;
+            e->h_row_key[r] = 0;
+        }
+    }
+    cudaCheck(cudaMemcpyAsync(e->row_token, e->h_token, rows * sizeof(int), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(e->row_slot, e->h_slot, rows * sizeof(int), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(e->row_pos, e->h_pos, rows * sizeof(int), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(e->row_step, e->h_step, rows * sizeof(int), cudaMemcpyHostToDevice, st));
+    cudaCheck(cudaMemcpyAsync(e->row_key, e->h_row_key, rows * sizeof(uint64_t), cudaMemcpyHostToDevice, st));
+    return rows;
+}
+
+// Accepts the tokens of one decode step for the running sequences active[0..n) (row r is
+// active[r]), compacting active to those still running; returns their count.
+static int accept_step(const GenerateParams *p, GenerateResult *res, StopText *text, int *active, int n,
+                       const int *token, const float *logprob) {
+    int still = 0;
+    for (int r = 0; r < n; r++) {
+        int i = active[r];
+        if (!accept_token(p, res, text, i, token[r], logprob[r])) active[still++] = i;
+    }
+    return still;
+}
+
+// Decode steps one after another: launch a step, wait for its tokens, accept them, and so on.
+static void decode_in_turn(RolloutEngine *e, const GenerateParams *p, GenerateResult *res, StopText *text, int *active,
+                           int n_active, const int *prompt_lens, int n_splits) {
+    cudaStream_t st = e->stream;
+    int rows = 0, rebuild = 1;
+    while (n_active > 0) {
+        if (rebuild) {
+            rows = upload_rows(e, res, active, n_active, prompt_lens);
+            rebuild = 0;
+        }
+        decode_step(e, rows, n_splits);
+        cudaCheck(cudaMemcpyAsync(e->h_out_token, e->out_token, n_active * sizeof(int), cudaMemcpyDeviceToHost, st));
+        cudaCheck(cudaMemcpyAsync(e->h_out_logprob, e->out_logprob, n_active * sizeof(float), cudaMemcpyDeviceToHost, st));
+        check_device_errors(e, "decode");   // synchronises
+        e->stats.decode_steps++;
+        int still = accept_step(p, res, text, active, n_active, e->h_out_token, e->h_out_logprob);
+        if (still != n_active) rebuild = 1;
+        n_active = still;
+    }
+}
+
+// Queues one decode step of `rows` rows and the copies of its first n results (and the error
+// word) into step_out[k], then the event that marks them done.
+static void launch_step(RolloutEngine *e, int rows, int n_splits, int n, int k) {
+    cudaStream_t st = e->stream;
+    decode_step(e, rows, n_splits);
+    cudaCheck(cudaMemcpyAsync(e->step_out[k].token, e->out_token, n * sizeof(int), cudaMemcpyDeviceToHost, st));
+    cudaCheck(cudaMemcpyAsync(e->step_out[k].logprob, e->out_logprob, n * sizeof(float), cudaMemcpyDeviceToHost, st));
+    cudaCheck(cudaMemcpyAsync(e->step_out[k].err, e->err, sizeof(int), cudaMemcpyDeviceToHost, st));
+    cudaCheck(cudaEventRecord(e->step_out[k].done, st));
+}
+
+// Decode steps with the host's work hidden (options.pipeline): while the host waits for step
+// t's tokens and applies the stop rules, step t + 1 is already queued on the same rows (the
+// device advanced them itself), so the GPU does not idle between steps. Step t + 1 is queued
+// only while some row can still go on after step t (max_new_tokens is known ahead). When a
+// sequence stops at step t, step t + 1 is waited for as well: its tokens count for the
+// sequences still running, the stopped sequence's row computed a token nobody takes (its slot
+// is its own), and the rows are rebuilt before the next step. The tokens are those of
+// decode_in_turn up to the products' rounding, which may depend on the row count (cuBLASLt's
+// choice per shape), so a near-tie may go the other way.
+static void decode_pipelined(RolloutEngine *e, const GenerateParams *p, GenerateResult *res, StopText *text, int *active,
+                             int n_active, const int *prompt_lens, int n_splits) {
+    if (n_active == 0) return;
+    unsigned char *running = (unsigned char *)callocCheck((size_t)res->n_seq, 1);   // by sequence
+    int rows = upload_rows(e, res, active, n_active, prompt_lens), cur = 0;
+    launch_step(e, rows, n_splits, n_active, cur);
+    for (;;) {
+        // queue the next step unless every running sequence reaches max_new_tokens with this one
+        int next = 0;
+        for (int r = 0; r < n_active && !next; r++) next = res->n_tokens[active[r]] + 1 < p->max_new_tokens;
+        if (next) launch_step(e, rows, n_splits, n_active, cur ^ 1);
+        cudaCheck(cudaEventSynchronize(e->step_out[cur].done));
+        report_device_errors(*e->step_out[cur].err, "decode");
+        e->stats.decode_steps++;
+        int still = accept_step(p, res, text, active, n_active, e->step_out[cur].token, e->step_out[cur].logprob);
+        if (still == n_active) {   // nobody stopped: the queued step is the next one to take
+            if (!next) break;       // (cannot happen: a step is queued while some sequence goes on)
+            cur ^= 1;
+            continue;
+        }
+        if (next) {
+            // the queued step ran the old rows: row r is sequence h_slot[r] (as uploaded); take
+            // its tokens for the sequences still running, in the old order
+            cudaCheck(cudaEventSynchronize(e->step_out[cur ^ 1].done));
+            report_device_errors(*e->step_out[cur ^ 1].err, "decode");
+            e->stats.decode_steps++;
+            for (int r = 0; r < still; r++) running[active[r]] = 1;
+            const int *tok = e->step_out[cur ^ 1].token;
+            const float *lp = e->step_out[cur ^ 1].logprob;
+            int kept = 0;
+            for (int r = 0; r < n_active; r++) {
+                int i = e->h_slot[r];
+                if (!running[i]) continue;   // stopped at the step before: this token is dropped
+                running[i] = 0;
+                if (!accept_token(p, res, text, i, tok[r], lp[r])) active[kept++] = i;
+            }
+            still = kept;
+        }
+        n_active = still;
+        if (n_active == 0) break;
+        rows = upload_rows(e, res, active, n_active, prompt_lens);
+        cur = 0;
+        launch_step(e, rows, n_splits, n_active, cur);
+    }
+    free(running);
+}
+
 extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, const int *prompt_lens, int n_seq,
                                  const GenerateParams *p, GenerateResult *res) {
     const ModelConfig *c = &e->config;
@@ -895,47 +1038,8 @@ extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, co
     e->stats.prefill_seconds = t1 - t0;
 
     // decode
-    int rows = 0, rebuild = 1;
-    while (n_active > 0) {
-        if (rebuild) {
-            // running sequences first, in index order, then padding rows on the spare slot
-            rows = row_bucket(n_active, e->max_seqs);
-            for (int r = 0; r < rows; r++) {
-                if (r < n_active) {
-                    int i = active[r], n = res->n_tokens[i];
-                    e->h_token[r] = res->tokens[i][n - 1];
-                    e->h_slot[r] = i;
-                    e->h_pos[r] = prompt_lens[i] + n - 1;
-                    e->h_step[r] = n;
-                    e->h_row_key[r] = e->h_key[i];
-                } else {
-                    e->h_token[r] = 0;
-                    e->h_slot[r] = e->dummy_slot;
-                    e->h_pos[r] = 0;
-                    e->h_step[r] = 0;
-                    e->h_row_key[r] = 0;
-                }
-            }
-            cudaCheck(cudaMemcpyAsync(e->row_token, e->h_token, rows * sizeof(int), cudaMemcpyHostToDevice, st));
-            cudaCheck(cudaMemcpyAsync(e->row_slot, e->h_slot, rows * sizeof(int), cudaMemcpyHostToDevice, st));
-            cudaCheck(cudaMemcpyAsync(e->row_pos, e->h_pos, rows * sizeof(int), cudaMemcpyHostToDevice, st));
-            cudaCheck(cudaMemcpyAsync(e->row_step, e->h_step, rows * sizeof(int), cudaMemcpyHostToDevice, st));
-            cudaCheck(cudaMemcpyAsync(e->row_key, e->h_row_key, rows * sizeof(uint64_t), cudaMemcpyHostToDevice, st));
-            rebuild = 0;
-        }
-        decode_step(e, rows, n_splits);
-        cudaCheck(cudaMemcpyAsync(e->h_out_token, e->out_token, n_active * sizeof(int), cudaMemcpyDeviceToHost, st));
-        cudaCheck(cudaMemcpyAsync(e->h_out_logprob, e->out_logprob, n_active * sizeof(float), cudaMemcpyDeviceToHost, st));
-        check_device_errors(e, "decode");   // synchronises
-        e->stats.decode_steps++;
-        int still = 0;
-        for (int r = 0; r < n_active; r++) {
-            int i = active[r];
-            if (!accept_token(p, res, text, i, e->h_out_token[r], e->h_out_logprob[r])) active[still++] = i;
-        }
-        if (still != n_active) rebuild = 1;
-        n_active = still;
-    }
+    if (e->options.pipeline && !reference) decode_pipelined(e, p, res, text, active, n_active, prompt_lens, n_splits);
+    else decode_in_turn(e, p, res, text, active, n_active, prompt_lens, n_splits);
     e->stats.decode_seconds = wall_seconds() - t1;
     for (int i = 0; i < n_seq; i++) e->stats.generated_tokens += res->n_tokens[i];
     for (int i = 0; i < n_seq; i++) stop_text_free(&text[i]);

@@ -58,6 +58,11 @@ typedef struct {
     // at griddep_wait (cuda_common.h) for its inputs, and decode_matmul loads its first weights
     // before that wait. 0 (default): every kernel starts after the one before it has finished.
     int pdl;
+    // 1: the next decode step is queued before the host takes the tokens of the last one, so the
+    // GPU does not wait for the host between steps (a sequence that stops makes the host wait
+    // for both and rebuild the rows); the tokens are the same up to rounding that may depend on
+    // the row count. 0 (default): one step, then its tokens, then the next.
+    int pipeline;
 } RolloutOptions;
 
 // Timings and counts of the last rollout_generate (host wall clock around GPU-synchronised work).

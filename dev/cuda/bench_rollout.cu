@@ -4,8 +4,8 @@
  * SmolLM2-135M shape with random weights, at B = 64 and B = 256. Prints generated tokens per
  * second over the whole call (prefill + decode), and prefill and decode separately; the median
  * of the timed calls after a warm-up call (module load, cuBLASLt heuristics, graph captures).
- * B = 64 also runs with the engine's variants (decode_matmul, programmatic launches, both), and
- * B = 256 with programmatic launches. Figures only: not a test.
+ * B = 64 also runs with the engine's variants (decode_matmul, programmatic launches, both,
+ * pipelined steps, all three), and B = 256 with programmatic launches. Figures only: not a test.
  *   build/cuda/dev/bench_rollout [calls]
  *   build/cuda/dev/bench_rollout CALLS PRESET B      one setting only (B prompts, temperature 1)
  * Targets from the issue (H100 80GB, B = 64): GPT-2 124M >= 100K tok/s, SmolLM2-135M >= 60K
@@ -24,13 +24,15 @@ extern "C" {
 
 // Engine variants beside the defaults (RolloutOptions): the decode step's products through
 // decode_matmul.cuh instead of cuBLASLt, and programmatic edges between its kernels.
-enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2 };
+enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2, VARIANT_PIPELINE = 4 };
 static const char *variant_name(int sets, int variant) {
     if (sets) return "T=1 top-k 50 top-p 0.9";
     switch (variant) {
     case VARIANT_DECODE_MATMUL: return "T=1 decode_matmul    ";
     case VARIANT_PDL: return "T=1 pdl              ";
     case VARIANT_DECODE_MATMUL | VARIANT_PDL: return "T=1 decode_matmul+pdl";
+    case VARIANT_PIPELINE: return "T=1 pipeline         ";
+    case VARIANT_DECODE_MATMUL | VARIANT_PDL | VARIANT_PIPELINE: return "T=1 all three        ";
     default: return "T=1                  ";
     }
 }
@@ -47,6 +49,7 @@ static void bench(const char *preset, int B, int prompt_len, int new_tokens, int
     RolloutOptions options = rollout_default_options();
     options.decode_matmul = (variant & VARIANT_DECODE_MATMUL) != 0;
     options.pdl = (variant & VARIANT_PDL) != 0;
+    options.pipeline = (variant & VARIANT_PIPELINE) != 0;
     rollout_set_options(engine, &options);
     std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
     std::vector<const int *> ptrs(B);
@@ -123,6 +126,8 @@ int main(int argc, char **argv) {
         bench(presets[m], 64, 64, 128, calls, targets[m], 0);
         for (int variant = 1; variant <= (VARIANT_DECODE_MATMUL | VARIANT_PDL); variant++)
             bench(presets[m], 64, 64, 128, calls, 0, 0, variant);
+        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PIPELINE);
+        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_DECODE_MATMUL | VARIANT_PDL | VARIANT_PIPELINE);
         bench(presets[m], 64, 64, 128, calls, 0, 1);
         bench(presets[m], 256, 64, 128, calls, 0, 0);
         bench(presets[m], 256, 64, 128, calls, 0, 0, VARIANT_PDL);

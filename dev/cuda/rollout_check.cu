@@ -10,7 +10,7 @@
  *     - the reference path, graphs off, and NaN-poisoned buffers give the same tokens (the last
  *       two bit for bit); decode_matmul's products give the CPU's tokens; programmatic edges
  *       (RolloutOptions.pdl) give the same results bit for bit, with either products, greedy
- *       and sampled
+ *       and sampled; pipelined steps (RolloutOptions.pipeline) give the CPU's tokens
  *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
  *     - sampled first-token frequencies (4096 sequences of one prompt) match the softmax at the
  *       temperature, with and without top-k, of the logits the sampler read (which must match
@@ -305,6 +305,23 @@ static void check_tiny(const char *preset) {
         compare_gpu_runs(label, plain_t1, pdl_t1, 1);
         generate_result_free(&with_pdl); generate_result_free(&dm_pdl);
         generate_result_free(&plain_t1); generate_result_free(&pdl_t1);
+    }
+    // the next step queued before the host takes the last one's tokens (RolloutOptions.pipeline):
+    // the CPU's tokens with the near-tie rule, stops included (the stop id comes from the CPU's
+    // output, so sequences stop at different steps and the rows are rebuilt mid-run)
+    {
+        GenerateResult piped;
+        opt = rollout_default_options();
+        opt.pipeline = 1;
+        opt.poison = 1;
+        rollout_set_options(e, &opt);
+        rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &piped);
+        snprintf(label, sizeof(label), "%s pipelined steps", preset);
+        compare_greedy(label, &m, pr, cpu, piped);
+        compare_logprobs(label, &m, pr, piped);
+        rollout_last_stats(e, &st);
+        printf("  pipelined: %d decode steps\n", st.decode_steps);
+        generate_result_free(&piped);
     }
     generate_result_free(&dm);
 
