@@ -241,6 +241,25 @@ extern "C" RolloutOptions rollout_default_options(void) {
     return o;
 }
 
+// TRAIN_MORA_ROLLOUT: the variants an engine starts with, a comma-separated list of
+// decode_matmul, pdl and pipeline (RolloutOptions), for trying them in a whole run (generate,
+// eval, mora); rollout_set_options replaces them. Any other word exits with a message.
+static void options_from_env(RolloutOptions *o) {
+    const char *v = getenv("TRAIN_MORA_ROLLOUT");
+    if (v == NULL || v[0] == '\0') return;
+    char list[256];
+    if (strlen(v) >= sizeof(list)) fatal("TRAIN_MORA_ROLLOUT is longer than %zu characters", sizeof(list) - 1);
+    strcpy(list, v);
+    for (char *save = NULL, *w = strtok_r(list, ",", &save); w != NULL; w = strtok_r(NULL, ",", &save)) {
+        if (strcmp(w, "decode_matmul") == 0) o->decode_matmul = 1;
+        else if (strcmp(w, "pdl") == 0) o->pdl = 1;
+        else if (strcmp(w, "pipeline") == 0) o->pipeline = 1;
+        else fatal("TRAIN_MORA_ROLLOUT=%s: unknown variant '%s' (expected a comma-separated list of decode_matmul, pdl, pipeline)", v, w);
+    }
+    fprintf(stderr, "rollout: TRAIN_MORA_ROLLOUT=%s: decode_matmul %d, pdl %d, pipeline %d\n", v, o->decode_matmul, o->pdl,
+            o->pipeline);
+}
+
 extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max_len) {
     const ModelConfig *c = &cpu->config;
     if (cpu->params == NULL) fatal("rollout_create: the CPU model is not initialised");
@@ -270,6 +289,7 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     if (e->max_rows < max_seqs) e->max_rows = max_seqs;
     if (e->max_rows < max_len) e->max_rows = max_len;
     e->options = rollout_default_options();
+    options_from_env(&e->options);
     cudaCheck(cudaSetDevice(0));
     cudaCheck(cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking));
     matmul_setup();
