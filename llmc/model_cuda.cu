@@ -276,7 +276,10 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     model->opt_step = cpu->opt_step;
     model->mean_loss = -1.0f;
     model->use_gelu_fusion = 1;
-    model->overlap_weight_grads = 0;
+    // TRAIN_MORA_OVERLAP_GRADS=1 turns the side stream on for a whole run (bench_train times both)
+    const char *ov = getenv("TRAIN_MORA_OVERLAP_GRADS");
+    if (ov != NULL && strcmp(ov, "0") != 0 && strcmp(ov, "1") != 0) fatal("TRAIN_MORA_OVERLAP_GRADS=%s: expected 0 or 1", ov);
+    model->overlap_weight_grads = ov != NULL && strcmp(ov, "1") == 0;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
     // the current device: 0, or the GPU comm_nccl_init selected for this rank
