@@ -463,6 +463,15 @@ static void attention_tune(CudaModel *model, int B, int T) {
     }
     FlashTuning t = attention_flash_tune(d->qkv, d->atty, d->att_lse, d->datty, d->dqkv, d->att_D, B, T, c->n_head,
                                          c->n_kv_head, c->head_dim, d->stream, 0);
+    // what the tuning wrote is no input of anything: NaN over it, as cuda_model_poison would
+    // leave it, so an element the forward or backward failed to write still shows
+    size_t N = (size_t)B * T, QKV = (size_t)qkv_width(c), AY = (size_t)c->n_head * c->head_dim;
+    cudaCheck(cudaMemsetAsync(d->qkv, 0xff, N * QKV * sizeof(floatX), d->stream));
+    cudaCheck(cudaMemsetAsync(d->atty, 0xff, N * AY * sizeof(floatX), d->stream));
+    cudaCheck(cudaMemsetAsync(d->att_lse, 0xff, N * c->n_head * sizeof(float), d->stream));
+    cudaCheck(cudaMemsetAsync(d->datty, 0xff, N * AY * sizeof(floatX), d->stream));
+    cudaCheck(cudaMemsetAsync(d->dqkv, 0xff, N * QKV * sizeof(floatX), d->stream));
+    cudaCheck(cudaMemsetAsync(d->att_D, 0xff, N * c->n_head * sizeof(float), d->stream));
     d->tuning = t;
     d->tuned = 1;
     d->flash_config = t.config;
