@@ -92,6 +92,18 @@ static std::vector<float> cpu_next_logits(Model *m, const std::vector<int> &prom
 
 // Greedy GPU tokens against the CPU's: per sequence, equal, or diverging at a near-tie of the CPU
 // logits (then the rest is not compared). Returns the number of sequences that failed.
+// The engine's variants on top of the defaults (poisoned buffers), then one generate call.
+static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipeline, const Prompts &pr,
+                          const GenerateParams &p, GenerateResult *out) {
+    RolloutOptions opt = rollout_default_options();
+    opt.poison = 1;
+    opt.decode_matmul = decode_matmul;
+    opt.pdl = pdl;
+    opt.pipeline = pipeline;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, out);
+}
+
 static void compare_greedy(const char *label, Model *m, const Prompts &pr, const GenerateResult &cpu, const GenerateResult &gpu) {
     int equal = 0, near_ties = 0, bad = 0;
     double worst_gap = 0.0;
@@ -266,11 +278,7 @@ static void check_tiny(const char *preset) {
     compare_logprobs(label, &m, pr, ref);
     // the decode step's products through decode_matmul.cuh instead of cuBLASLt
     GenerateResult dm;
-    opt = rollout_default_options();
-    opt.decode_matmul = 1;
-    opt.poison = 1;
-    rollout_set_options(e, &opt);
-    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &dm);
+    generate_with(e, 1, 0, 0, pr, p, &dm);
     snprintf(label, sizeof(label), "%s decode_matmul", preset);
     compare_greedy(label, &m, pr, cpu, dm);
     compare_logprobs(label, &m, pr, dm);
@@ -279,28 +287,18 @@ static void check_tiny(const char *preset) {
     // greedy and sampled at temperature 1 (the split sampler)
     {
         GenerateResult with_pdl, dm_pdl, plain_t1, pdl_t1;
-        opt = rollout_default_options();
-        opt.pdl = 1;
-        opt.poison = 1;
-        rollout_set_options(e, &opt);
-        rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &with_pdl);
+        generate_with(e, 0, 1, 0, pr, p, &with_pdl);
         rollout_last_stats(e, &st);
         snprintf(label, sizeof(label), "%s pdl vs fast", preset);
         compare_gpu_runs(label, fast, with_pdl, 1);
         printf("  %d programmatic edges in the captured decode steps\n", st.programmatic_edges);
-        opt.decode_matmul = 1;
-        rollout_set_options(e, &opt);
-        rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &dm_pdl);
+        generate_with(e, 1, 1, 0, pr, p, &dm_pdl);
         snprintf(label, sizeof(label), "%s pdl decode_matmul vs decode_matmul", preset);
         compare_gpu_runs(label, dm, dm_pdl, 1);
         GenerateParams t1 = default_params(max_new);
         t1.temperature = 1.0f;
-        opt = rollout_default_options();
-        rollout_set_options(e, &opt);
-        rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &t1, &plain_t1);
-        opt.pdl = 1;
-        rollout_set_options(e, &opt);
-        rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &t1, &pdl_t1);
+        generate_with(e, 0, 0, 0, pr, t1, &plain_t1);
+        generate_with(e, 0, 1, 0, pr, t1, &pdl_t1);
         snprintf(label, sizeof(label), "%s pdl vs plain, sampled T=1", preset);
         compare_gpu_runs(label, plain_t1, pdl_t1, 1);
         generate_result_free(&with_pdl); generate_result_free(&dm_pdl);
@@ -311,11 +309,7 @@ static void check_tiny(const char *preset) {
     // output, so sequences stop at different steps and the rows are rebuilt mid-run)
     {
         GenerateResult piped;
-        opt = rollout_default_options();
-        opt.pipeline = 1;
-        opt.poison = 1;
-        rollout_set_options(e, &opt);
-        rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &piped);
+        generate_with(e, 0, 0, 1, pr, p, &piped);
         snprintf(label, sizeof(label), "%s pipelined steps", preset);
         compare_greedy(label, &m, pr, cpu, piped);
         compare_logprobs(label, &m, pr, piped);
