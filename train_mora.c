@@ -235,7 +235,7 @@ static int cmd_pretrain(int argc, char **argv) {
             norm = cuda_model_grad_norm(gpu);
             scale = (a.grad_clip > 0.0f && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
             cuda_model_adamw_update(gpu, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, scale);
-            if (rank == 0 && !attention_reported) printf("attention: %s\n", gpu->attention_tuning);
+            if (rank == 0 && !attention_reported) printf("attention: %s\nproducts: %s\n", gpu->attention_tuning, gpu->matmul_tuning);
             attention_reported = 1;
             goto step_done;
         }

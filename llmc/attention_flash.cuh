@@ -790,6 +790,7 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
 // ---------------------------------------------------------------------------------------------
 // launchers
 #ifndef ATTENTION_FLASH_EMULATION
+#include "tuning.cuh"
 
 // Raises a kernel's dynamic shared-memory limit once (more than 48 KiB needs the opt-in).
 template <typename Kernel>
@@ -955,45 +956,6 @@ __global__ void flash_fill_random_kernel(floatX *x, size_t n, uint32_t seed) {
     }
 }
 
-// *sum += sum over i of words[i] * (2i + 1) mod 2^64: an order-independent fingerprint in which
-// any one changed word changes the sum (odd numbers are invertible mod 2^64).
-__global__ void flash_fingerprint_kernel(unsigned long long *sum, const uint32_t *words, size_t n) {
-    unsigned long long acc = 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        acc += (unsigned long long)words[i] * (2ull * i + 1ull);
-    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (threadIdx.x % 32 == 0) atomicAdd(sum, acc);
-}
-
-static inline unsigned long long flash_fingerprint(unsigned long long *d_sum, const void *p, size_t bytes,
-                                                   cudaStream_t stream) {
-    unsigned long long h = 0;
-    cudaCheck(cudaMemsetAsync(d_sum, 0, sizeof(h), stream));
-    flash_fingerprint_kernel<<<264, 256, 0, stream>>>(d_sum, (const uint32_t *)p, bytes / 4);
-    cudaCheckLaunch();
-    cudaCheck(cudaMemcpyAsync(&h, d_sum, sizeof(h), cudaMemcpyDeviceToHost, stream));
-    cudaCheck(cudaStreamSynchronize(stream));
-    return h;
-}
-
-// Mean milliseconds of fn() over reps runs after one warm-up run, on stream.
-template <typename F>
-static inline float flash_time_ms(F fn, cudaStream_t stream, int reps) {
-    cudaEvent_t start, stop;
-    cudaCheck(cudaEventCreate(&start));
-    cudaCheck(cudaEventCreate(&stop));
-    fn();
-    cudaCheck(cudaEventRecord(start, stream));
-    for (int i = 0; i < reps; i++) fn();
-    cudaCheck(cudaEventRecord(stop, stream));
-    cudaCheck(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    cudaCheck(cudaEventElapsedTime(&ms, start, stop));
-    cudaCheck(cudaEventDestroy(start));
-    cudaCheck(cudaEventDestroy(stop));
-    return ms / reps;
-}
-
 static inline void flash_set_config(const FlashConfig *c) {
     flash_forward_row_tiles = c->forward_row_tiles;
     flash_forward_min_blocks = c->forward_min_blocks;
@@ -1055,11 +1017,11 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
             unsigned long long bits;
             if (is_forward) {
                 forward();
-                bits = flash_fingerprint(d_sum, out, n_out * sizeof(floatX), stream) ^
-                       (flash_fingerprint(d_sum, lse, n_stat * sizeof(float), stream) * 0x9E3779B97F4A7C15ull);
+                bits = tune_fingerprint(d_sum, out, n_out * sizeof(floatX), stream) ^
+                       (tune_fingerprint(d_sum, lse, n_stat * sizeof(float), stream) * 0x9E3779B97F4A7C15ull);
             } else {
                 backward();
-                bits = flash_fingerprint(d_sum, dqkv, n_qkv * sizeof(floatX), stream);
+                bits = tune_fingerprint(d_sum, dqkv, n_qkv * sizeof(floatX), stream);
             }
             if (i == 0) ref = bits;
             t.tried++;
@@ -1070,7 +1032,7 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
                 if (verbose) printf("  %s: results differ from the defaults, not used\n", what);
                 continue;
             }
-            float ms = is_forward ? flash_time_ms(forward, stream, reps) : flash_time_ms(backward, stream, reps);
+            float ms = is_forward ? tune_time_ms(forward, stream, reps) : tune_time_ms(backward, stream, reps);
             if (verbose) printf("  %-8s %8.4f  %s\n", is_forward ? "forward" : "backward", ms, what);
             if (i == 0) *ms_default = *ms_best = ms;
             else if (ms < *ms_best) { *ms_best = ms; best = cands[i]; }

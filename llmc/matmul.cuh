@@ -14,8 +14,10 @@
 #ifndef LLMC_MATMUL_CUH
 #define LLMC_MATMUL_CUH
 #include <cublasLt.h>
+#include <string.h>
 #include "cuda_common.h"
 #include "column_reduce.cuh"
+#include "tuning.cuh"
 
 static inline void cublas_check_(cublasStatus_t status, const char *file, int line) {
     if (status != CUBLAS_STATUS_SUCCESS) {
@@ -85,6 +87,138 @@ static inline uint32_t pointer_alignment(const void *p) {
     return align;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tuning: cuBLASLt's heuristic ranks its algorithms by a model of the card, and its first choice
+// is not always the fastest for a shape (wave quantisation of the tiles over the SMs, for one).
+// While matmul_tune is set, the first product of each shape runs every candidate the heuristic
+// offers (up to MATMUL_LT_MAX_CANDIDATES) on the product's own operands, keeps those whose output
+// equals the first choice's bit for bit (fingerprinted; so the choice changes the speed and never
+// the numbers, and two runs give the same results whatever each picked), times them, and
+// remembers the fastest for the shape. Later products of the shape run it. Not while the stream
+// is being captured into a graph. With beta != 0 the output is an input too: it is saved first
+// and put back before each checked run and before the product itself.
+#define MATMUL_TUNE_MAX 64
+typedef struct {
+    // the shape, as matmul_cublaslt_try takes it, and the operands' alignments
+    int m, n, k, trans_a, trans_b, d_is_f32, epilogue, has_bias, accumulate;
+    uint32_t align_a, align_b, align_d;
+    cublasLtMatmulAlgo_t algo;   // the choice
+    int chosen;                  // its rank among the heuristic's candidates (0: the first choice)
+    int candidates, differed;    // offered; of those, how many gave other bits (or failed to run)
+    float ms, default_ms;        // the choice's time and the first choice's, per product
+} MatmulTuneEntry;
+static int matmul_tune = 0;       // set: products of an untuned shape are tuned first
+static int matmul_tune_use = 1;   // 0: run the first choice even for tuned shapes (to compare)
+static MatmulTuneEntry matmul_tune_entries[MATMUL_TUNE_MAX];
+static int matmul_tune_count = 0;
+
+static inline int matmul_tune_same(const MatmulTuneEntry *e, const MatmulTuneEntry *key) {
+    return e->m == key->m && e->n == key->n && e->k == key->k && e->trans_a == key->trans_a &&
+           e->trans_b == key->trans_b && e->d_is_f32 == key->d_is_f32 && e->epilogue == key->epilogue &&
+           e->has_bias == key->has_bias && e->accumulate == key->accumulate && e->align_a == key->align_a &&
+           e->align_b == key->align_b && e->align_d == key->align_d;
+}
+static inline MatmulTuneEntry *matmul_tune_find(const MatmulTuneEntry *key) {
+    for (int i = 0; i < matmul_tune_count; i++)
+        if (matmul_tune_same(&matmul_tune_entries[i], key)) return &matmul_tune_entries[i];
+    return NULL;
+}
+
+// Runs the heuristic's candidates (returned of them) for the product described by op and the
+// layouts, on its own operands, and records the choice in a new entry (key's shape). d (d_bytes)
+// is the output and aux (aux_bytes; NULL when the epilogue writes none) the GELU pre-activation
+// output. Returns the entry, or NULL when nothing could be tuned (no memory to save d, or the
+// table is full): the caller then runs the first choice.
+static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, cublasLtMatmulDesc_t op,
+                                                   cublasLtMatrixLayout_t layout_a, cublasLtMatrixLayout_t layout_b,
+                                                   cublasLtMatrixLayout_t layout_d, const void *a, const void *b,
+                                                   void *d, size_t d_bytes, const void *aux, size_t aux_bytes, float beta,
+                                                   const cublasLtMatmulHeuristicResult_t *heuristics, int returned,
+                                                   cudaStream_t stream) {
+    if (matmul_tune_count >= MATMUL_TUNE_MAX) return NULL;
+    const int reps = 5;
+    void *saved = NULL;
+    if (beta != 0.0f) {
+        if (cudaMalloc(&saved, d_bytes) != cudaSuccess) {
+            (void)cudaGetLastError();   // out of memory is no error of the run: the first choice runs
+            return NULL;
+        }
+        cudaCheck(cudaMemcpyAsync(saved, d, d_bytes, cudaMemcpyDeviceToDevice, stream));
+    }
+    unsigned long long *d_sum = (unsigned long long *)cudaMallocCheck(sizeof(unsigned long long));
+    float alpha = 1.0f;
+    void *workspace = matmul_workspace_for(stream);
+    auto run = [&](int i) {
+        return cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
+                              &heuristics[i].algo, workspace, matmul_lt_workspace_size, stream);
+    };
+    MatmulTuneEntry e = *key;
+    e.algo = heuristics[0].algo;
+    e.chosen = 0;
+    e.candidates = returned;
+    e.differed = 0;
+    e.ms = e.default_ms = 0.0f;
+    unsigned long long reference = 0;
+    for (int i = 0; i < returned; i++) {
+        if (saved) cudaCheck(cudaMemcpyAsync(d, saved, d_bytes, cudaMemcpyDeviceToDevice, stream));
+        cublasStatus_t status = heuristics[i].state == CUBLAS_STATUS_SUCCESS &&
+                                heuristics[i].workspaceSize <= matmul_lt_workspace_size ? run(i) : CUBLAS_STATUS_NOT_SUPPORTED;
+        if (status != CUBLAS_STATUS_SUCCESS) {   // the first choice must run (as without tuning); others may fail
+            cublasCheck(status == CUBLAS_STATUS_NOT_SUPPORTED || i > 0 ? CUBLAS_STATUS_SUCCESS : status);
+            (void)cudaGetLastError();
+            e.differed++;
+            continue;
+        }
+        unsigned long long bits = tune_fingerprint(d_sum, d, d_bytes, stream);
+        if (aux) bits ^= tune_fingerprint(d_sum, aux, aux_bytes, stream) * 0x9E3779B97F4A7C15ull;
+        if (i == 0) reference = bits;
+        else if (bits != reference) {
+            e.differed++;
+            continue;
+        }
+        float ms = tune_time_ms([&] { run(i); }, stream, reps);
+        if (i == 0) e.ms = e.default_ms = ms;
+        else if (ms < e.ms) {
+            e.ms = ms;
+            e.chosen = i;
+            e.algo = heuristics[i].algo;
+        }
+    }
+    if (saved) {
+        cudaCheck(cudaMemcpyAsync(d, saved, d_bytes, cudaMemcpyDeviceToDevice, stream));
+        cudaCheck(cudaStreamSynchronize(stream));
+        cudaCheck(cudaFree(saved));
+    }
+    cudaCheck(cudaFree(d_sum));
+    matmul_tune_entries[matmul_tune_count] = e;
+    return &matmul_tune_entries[matmul_tune_count++];
+}
+
+// One line per tuned shape from entry `from` on (what chose what, and the times), to out.
+static inline void matmul_tune_print(FILE *out, int from) {
+    for (int i = from; i < matmul_tune_count; i++) {
+        const MatmulTuneEntry *e = &matmul_tune_entries[i];
+        fprintf(out, "  cuBLASLt m=%-6d n=%-6d k=%-6d %c%c %s%s%s: candidate %2d of %2d (%2d differed) %8.4f ms, first choice %8.4f ms\n",
+                e->m, e->n, e->k, e->trans_a ? 'T' : 'N', e->trans_b ? 'T' : 'N', e->d_is_f32 ? "f32" : "bf16",
+                e->epilogue == CUBLASLT_EPILOGUE_DEFAULT ? "" : e->epilogue == CUBLASLT_EPILOGUE_BIAS ? " bias"
+                : e->epilogue == CUBLASLT_EPILOGUE_DGELU ? " dgelu" : " gelu", e->accumulate ? " +=" : "",
+                e->chosen, e->candidates, e->differed, e->ms, e->default_ms);
+    }
+}
+
+// "cuBLASLt tuned 12 product shapes, 4 changed: ..." for the entries from `from` on, into buf.
+static inline void matmul_tune_describe(char *buf, size_t size, int from) {
+    int changed = 0;
+    double ms = 0.0, default_ms = 0.0;
+    for (int i = from; i < matmul_tune_count; i++) {
+        changed += matmul_tune_entries[i].chosen != 0;
+        ms += matmul_tune_entries[i].ms;
+        default_ms += matmul_tune_entries[i].default_ms;
+    }
+    snprintf(buf, size, "cuBLASLt tuned %d product shape%s, %d changed: %.3f ms with the first choices, %.3f ms tuned (one product of each)",
+             matmul_tune_count - from, matmul_tune_count - from == 1 ? "" : "s", changed, default_ms, ms);
+}
+
 // Column-major D (m, n) = alpha * op(A) op(B) + beta * D, with optional epilogue:
 //   A (m, k), or stored (k, m) when trans_a;  B (k, n), or stored (n, k) when trans_b.
 //   d_is_f32: D is fp32 (else bf16). beta 0 overwrites D, 1 accumulates into it.
@@ -143,20 +277,52 @@ static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, co
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
 
+    MatmulTuneEntry key;
+    memset(&key, 0, sizeof(key));
+    key.m = m; key.n = n; key.k = k; key.trans_a = trans_a; key.trans_b = trans_b; key.d_is_f32 = d_is_f32;
+    key.epilogue = (int)epilogue; key.has_bias = bias != NULL; key.accumulate = beta != 0.0f;
+    key.align_a = align_a; key.align_b = align_b; key.align_d = align_d;
+    const MatmulTuneEntry *tuned = matmul_lt_candidate == 0 ? matmul_tune_find(&key) : NULL;
+    int tune_now = 0;
+    if (!tuned && matmul_tune && matmul_lt_candidate == 0 && matmul_tune_count < MATMUL_TUNE_MAX) {
+        cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+        cudaCheck(cudaStreamIsCapturing(stream, &capture));
+        tune_now = capture == cudaStreamCaptureStatusNone;
+    }
+
+    int ok = 1;
+    const cublasLtMatmulAlgo_t *algo = NULL;
     cublasLtMatmulHeuristicResult_t heuristics[MATMUL_LT_MAX_CANDIDATES];
-    int returned = 0, wanted = matmul_lt_candidate < MATMUL_LT_MAX_CANDIDATES ? matmul_lt_candidate + 1 : MATMUL_LT_MAX_CANDIDATES;
-    // no algorithm shows as a count of 0 or, for some epilogues, as NOT_SUPPORTED
-    cublasStatus_t found = cublasLtMatmulAlgoGetHeuristic(matmul_lt_handle, op, layout_a, layout_b, layout_d, layout_d,
-                                                          pref, wanted, heuristics, &returned);
-    matmul_lt_candidates = found == CUBLAS_STATUS_SUCCESS ? returned : 0;
-    if (found != CUBLAS_STATUS_NOT_SUPPORTED) cublasCheck(found);
-    int ok = found == CUBLAS_STATUS_SUCCESS && returned > 0;
+    if (tuned) {   // the heuristic already had its say for this shape
+        matmul_lt_candidates = tuned->candidates;
+        algo = matmul_tune_use ? &tuned->algo : NULL;
+    }
+    if (!algo) {
+        int returned = 0, wanted = tune_now ? MATMUL_LT_MAX_CANDIDATES
+                                 : matmul_lt_candidate < MATMUL_LT_MAX_CANDIDATES ? matmul_lt_candidate + 1 : MATMUL_LT_MAX_CANDIDATES;
+        // no algorithm shows as a count of 0 or, for some epilogues, as NOT_SUPPORTED
+        cublasStatus_t found = cublasLtMatmulAlgoGetHeuristic(matmul_lt_handle, op, layout_a, layout_b, layout_d, layout_d,
+                                                              pref, wanted, heuristics, &returned);
+        matmul_lt_candidates = found == CUBLAS_STATUS_SUCCESS ? returned : 0;
+        if (found != CUBLAS_STATUS_NOT_SUPPORTED) cublasCheck(found);
+        ok = found == CUBLAS_STATUS_SUCCESS && returned > 0;
+        if (ok) {
+            algo = &heuristics[matmul_lt_candidate < returned ? matmul_lt_candidate : returned - 1].algo;
+            if (tune_now) {
+                size_t d_bytes = (size_t)m * n * (d_is_f32 ? sizeof(float) : sizeof(floatX));
+                int aux_out = gelu_pre && !gelu_backward;
+                const MatmulTuneEntry *e = matmul_tune_product(&key, op, layout_a, layout_b, layout_d, a, b, d, d_bytes,
+                                                               aux_out ? gelu_pre : NULL, aux_out ? d_bytes : 0, beta,
+                                                               heuristics, returned, stream);
+                if (e && matmul_tune_use) algo = &e->algo;
+            }
+        }
+    }
     if (ok) {
-        const cublasLtMatmulHeuristicResult_t &heuristic = heuristics[matmul_lt_candidate < returned ? matmul_lt_candidate : returned - 1];
-        matmul_lt_last_algo = heuristic.algo;
+        matmul_lt_last_algo = *algo;
         float alpha = 1.0f;
         cublasCheck(cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
-                                   &heuristic.algo, matmul_workspace_for(stream), matmul_lt_workspace_size, stream));
+                                   algo, matmul_workspace_for(stream), matmul_lt_workspace_size, stream));
     }
     cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));

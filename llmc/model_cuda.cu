@@ -159,6 +159,7 @@ typedef struct {
     FlashTuning tuning;
     int tuned;                 // tuning holds a tuning's result
     FlashConfig flash_config;
+    int matmul_tune_from;      // the first of matmul.cuh's tuned shapes since this model's creation
 } Impl;
 
 static Impl *impl_of(CudaModel *model) { return (Impl *)model->impl; }
@@ -282,6 +283,13 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     model->overlap_weight_grads = ov != NULL && strcmp(ov, "1") == 0;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
+    const char *mt = getenv("TRAIN_MORA_MATMUL_TUNE");
+    if (mt != NULL && strcmp(mt, "0") != 0 && strcmp(mt, "1") != 0) fatal("TRAIN_MORA_MATMUL_TUNE=%s: expected 0 or 1", mt);
+    model->matmul_tune = mt == NULL || strcmp(mt, "1") == 0;
+    d->matmul_tune_from = matmul_tune_count;
+    snprintf(model->matmul_tuning, sizeof(model->matmul_tuning), "%s",
+             model->matmul_tune ? "cuBLASLt: no product shape tuned by this model yet (the first step at the full shape tunes new ones)"
+                                : "cuBLASLt's first choices (TRAIN_MORA_MATMUL_TUNE=0)");
     // the current device: 0, or the GPU comm_nccl_init selected for this rank
     cudaCheck(cudaStreamCreate(&d->stream));
     cudaCheck(cudaStreamCreateWithFlags(&d->side, cudaStreamNonBlocking));
@@ -499,6 +507,8 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
     float eps = c->norm_eps;
     size_t NC = (size_t)N * C;
     if (!model->attention_tuned) attention_tune(model, B, T);
+    matmul_tune = model->matmul_tune && B * T == model->max_B * model->max_T;
+    int tuned_before = matmul_tune_count;
     flash_set_config(&d->flash_config);
 
     for (int i = 0; i < N; i++) d->host_mask[i] = loss_mask ? loss_mask[i] : 1.0f;
@@ -579,6 +589,8 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
                      N, V, Vp, st);
     prof_end(model);
     d->logits_hold_gradient = weights_host != NULL;
+    matmul_tune = 0;
+    if (matmul_tune_count != tuned_before) matmul_tune_describe(model->matmul_tuning, sizeof(model->matmul_tuning), d->matmul_tune_from);
 
     model->has_targets = targets != NULL;
     if (targets) {
@@ -595,6 +607,9 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
         model->mean_loss = -1.0f;
     }
 }
+
+extern "C" void cuda_model_matmul_config(int tuned) { matmul_tune_use = tuned != 0; }
+extern "C" void cuda_model_matmul_tuning_print(CudaModel *model, FILE *out) { matmul_tune_print(out, impl_of(model)->matmul_tune_from); }
 
 extern "C" void cuda_model_attention_config(CudaModel *model, int tuned) {
     Impl *d = impl_of(model);
@@ -673,6 +688,8 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     int head = head_tensor(c);
     int ov = model->overlap_weight_grads && !model->profile;
     flash_set_config(&d->flash_config);
+    matmul_tune = model->matmul_tune && N == model->max_B * model->max_T;
+    int tuned_before = matmul_tune_count;
 
     // classifier: dnorm = dlogits @ head (written), dhead += dlogits^T @ lnf
     prof_begin(model, PROF_MATMUL_BWD);
@@ -767,6 +784,8 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     prof_begin(model, PROF_ENCODER_BWD);
     encoder_backward(weight_grad(model, P_WTE, 0), gpt2 ? weight_grad(model, P_WPE, 0) : NULL, d->dresidual, d->inputs, B, T, C, st);
     prof_end(model);
+    matmul_tune = 0;
+    if (matmul_tune_count != tuned_before) matmul_tune_describe(model->matmul_tuning, sizeof(model->matmul_tuning), d->matmul_tune_from);
 }
 
 // Backward of sum_bt token_weights[bt] * token_losses[bt] (+ <dhidden, hidden>), into the grads.

@@ -51,6 +51,12 @@ typedef struct CudaModel {
     // keeps the defaults. attention_tuning describes the choice and its times once it is made.
     int attention_tuned;
     char attention_tuning[256];
+    // 1 (default; TRAIN_MORA_MATMUL_TUNE=0 at creation sets 0): the first forward and backward at
+    // the full shape (max_B x max_T) tune the cuBLASLt algorithm of every product shape they run,
+    // again only among the candidates whose results equal cuBLASLt's first choice bit for bit
+    // (matmul.cuh). matmul_tuning describes the outcome after the first such backward.
+    int matmul_tune;
+    char matmul_tuning[256];
     void *impl;             // device buffers (model_cuda.cu)
 } CudaModel;
 
@@ -72,6 +78,11 @@ void cuda_model_free(CudaModel *model);
 // After the first forward: 1 runs the flash attention in its tuned configuration (the default),
 // 0 in the defaults' (benchmarks compare the two; the results are the same bit for bit).
 void cuda_model_attention_config(CudaModel *model, int tuned);
+// 1 runs the products in their tuned algorithms (the default), 0 in cuBLASLt's first choices, for
+// every CUDA model of the process (the tuned choices are kept per shape, not per model).
+void cuda_model_matmul_config(int tuned);
+// The product shapes tuned since the model was created, a line each, to out.
+void cuda_model_matmul_tuning_print(CudaModel *model, FILE *out);
 
 // As model_forward: inputs (B, T), targets (B, T) or NULL, loss_mask (B, T) or NULL.
 // Fills token_losses and mean_loss. B <= max_B, T <= max_T.

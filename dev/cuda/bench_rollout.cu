@@ -104,6 +104,7 @@ static void bench(const char *preset, int B, int prompt_len, int new_tokens, int
 }
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);   // a line at a time: a run stopped by a time limit shows how far it got
     int calls = argc > 1 ? atoi(argv[1]) : 5;
     if (calls < 1) calls = 1;
     int count = 0;

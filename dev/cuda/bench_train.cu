@@ -6,7 +6,8 @@
  * per-kernel-group time table from a profiled run (CUDA events around each launch group). The
  * same run times the step with the weight gradients on a second stream and with the flash
  * attention in its default configuration instead of the one tuned on the first forward, and
- * prints the tuning's choice. Figures only: not a test.
+ * with every product in cuBLASLt's first-choice algorithm instead of the tuned one, and prints
+ * both tunings' choices. Figures only: not a test.
  *   build/cuda/dev/bench_train [steps]        (BF16_PEAK_TFLOPS overrides the card's peak)
  *   build/cuda/dev/bench_train STEPS PRESET   one model only
  * Targets from the issue (H100 80GB): GPT-2 124M >= 500K tok/s, SmolLM2-135M >= 350K tok/s.
@@ -64,6 +65,11 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     step();
     double untuned = median_step();
     cuda_model_attention_config(gpu, 1);
+    // the products in cuBLASLt's first choices instead of the tuned algorithms, timed beside
+    cuda_model_matmul_config(0);
+    step();
+    double first_choice = median_step();
+    cuda_model_matmul_config(1);
     double flops = model_flops_per_step(&c, B, T);
     double tok_s = N / median;
     printf("%-20s %6.1fM params  B=%d T=%d  %8.2f ms/step  %9.0f tok/s  %7.1f TFLOP/s", preset, cpu.num_parameters / 1e6, B, T,
@@ -75,6 +81,9 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     printf("  with the weight gradients on a second stream: %.2f ms/step, %.0f tok/s\n", overlapped * 1e3, N / overlapped);
     printf("  attention: %s\n", gpu->attention_tuning);
     printf("  with the attention's default configuration: %.2f ms/step, %.0f tok/s\n", untuned * 1e3, N / untuned);
+    printf("  products: %s\n", gpu->matmul_tuning);
+    cuda_model_matmul_tuning_print(gpu, stdout);
+    printf("  with cuBLASLt's first choices: %.2f ms/step, %.0f tok/s\n", first_choice * 1e3, N / first_choice);
     gpu->profile = 1;
     for (int i = 0; i < 2; i++) step();
     printf("  per-kernel time (profiled run, CUDA events around each launch group):\n");
@@ -84,6 +93,7 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
 }
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);   // a line at a time: a run stopped by a time limit shows how far it got
     int steps = argc > 1 ? atoi(argv[1]) : 10;
     if (steps < 1) steps = 1;
     if (cuda_device_count() <= 0) {

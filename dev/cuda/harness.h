@@ -152,6 +152,8 @@ static inline float time_ms(F fn, int warmup = 3, int reps = 20) {
 
 // Exits 0 when a device is there, else prints why and exits 1 (the harness cannot check anything).
 static inline void harness_require_device(const char *name) {
+    // a line at a time, so a harness stopped by gpu_check's time limit shows how far it got
+    setvbuf(stdout, NULL, _IOLBF, 0);
     int count = 0;
     if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
         printf("FAIL %s: no CUDA device\n", name);

@@ -11,6 +11,8 @@
  * rows) under every algorithm cuBLASLt's heuristic offers and, up to 64 rows, as decode_matmul.
  * decode_matmul (decode_matmul.cuh) is also checked against the CPU, with and without bias and GELU,
  * and decode_matmul_swiglu bit for bit against swiglu_forward then decode_matmul (both timed).
+ * The algorithm tuning (matmul_tune) is checked bit for bit against cuBLASLt's first choices at
+ * the training shapes of both models, and its choices and times printed.
  *   build/cuda/dev/matmul
  */
 #include "harness.h"
@@ -109,6 +111,58 @@ static void timing(const char *label, int M, int IC, int OC, int gelu, int dgelu
         cudaCheck(cudaFree(dact));
     }
     for (void *p : {(void *)inp, (void *)w, (void *)bias, (void *)out, (void *)pre, (void *)dout, (void *)dinp, (void *)dw}) cudaCheck(cudaFree(p));
+}
+
+// The algorithm tuning (matmul_tune): every product of one shape, tuned on its first run, must
+// give the bits of cuBLASLt's first choice, on that run and on the next one (the remembered
+// choice); the dweight accumulation checks that the tuning puts the accumulated output back
+// before the product itself runs. Then the tuned shapes, with their times.
+static void check_tuning(const char *label, int M, int IC, int OC, int gelu, int dgelu) {
+    char name[200];
+    std::vector<float> dw0 = random_f32_values((size_t)OC * IC, 0.1f);
+    floatX *inp = upload_bf16(random_bf16_values((size_t)M * IC, 1.0f)), *w = upload_bf16(random_bf16_values((size_t)OC * IC, 0.05f));
+    floatX *bias = upload_bf16(random_bf16_values(OC, 0.5f)), *dout = upload_bf16(random_bf16_values((size_t)M * OC, 1.0f));
+    floatX *pre_in = upload_bf16(random_bf16_values((size_t)M * IC, 1.0f));
+    floatX *out = device_alloc_n<floatX>((size_t)M * OC), *pre = device_alloc_n<floatX>((size_t)M * OC), *dinp = device_alloc_n<floatX>((size_t)M * IC);
+    float *dw = device_alloc_n<float>((size_t)OC * IC);
+    // the outputs of one round of the shape's products: forward (with the GELU epilogue's two
+    // outputs), dinp (or its DGELU form), dweight accumulated onto dw0
+    auto round = [&](std::vector<float> *res) {
+        poison(out, (size_t)M * OC * sizeof(floatX));
+        poison(pre, (size_t)M * OC * sizeof(floatX));
+        poison(dinp, (size_t)M * IC * sizeof(floatX));
+        cudaCheck(cudaMemcpy(dw, dw0.data(), dw0.size() * sizeof(float), cudaMemcpyHostToDevice));
+        matmul_forward(out, inp, w, bias, gelu ? pre : NULL, M, IC, OC, 0);
+        if (!dgelu || !matmul_backward_dgelu(dinp, dout, w, pre_in, M, IC, OC, 0))
+            matmul_backward(dinp, 0, NULL, NULL, dout, NULL, inp, w, NULL, M, IC, OC, 0);
+        matmul_backward(NULL, 0, dw, NULL, dout, NULL, inp, w, NULL, M, IC, OC, 0);
+        res[0] = download_bf16(out, (size_t)M * OC);
+        res[1] = gelu ? download_bf16(pre, (size_t)M * OC) : std::vector<float>();
+        res[2] = download_bf16(dinp, (size_t)M * IC);
+        res[3] = download_f32(dw, (size_t)OC * IC);
+    };
+    const char *what[4] = {"forward", "GELU pre-activation", dgelu ? "dinp (DGELU)" : "dinp", "dweight (+=)"};
+    std::vector<float> first[4], tuned[4], again[4];
+    int from = matmul_tune_count;
+    matmul_tune = 0;
+    matmul_tune_use = 0;
+    round(first);
+    matmul_tune = 1;
+    matmul_tune_use = 1;
+    round(tuned);
+    matmul_tune = 0;
+    round(again);
+    for (int i = 0; i < 4; i++) {
+        if (i == 1 && !gelu) continue;
+        snprintf(name, sizeof(name), "tuned %s %s M=%d IC=%d OC=%d, tuning run", label, what[i], M, IC, OC);
+        compare_bits(name, tuned[i], first[i]);
+        snprintf(name, sizeof(name), "tuned %s %s M=%d IC=%d OC=%d, tuned run", label, what[i], M, IC, OC);
+        compare_bits(name, again[i], first[i]);
+    }
+    printf("cuBLASLt tuning, %s (times per product):\n", label);
+    matmul_tune_print(stdout, from);
+    for (void *p : {(void *)inp, (void *)w, (void *)bias, (void *)dout, (void *)pre_in, (void *)out, (void *)pre, (void *)dinp, (void *)dw})
+        cudaCheck(cudaFree(p));
 }
 
 static int multiprocessors(void) {
@@ -231,6 +285,15 @@ int main(void) {
     timing("fc", M, 768, 3072, 1, 0);
     timing("fcproj", M, 3072, 768, 0, 1);
     timing("lm_head", M, 768, 50304, 0, 0);
+    check_tuning("qkv", M, 768, 2304, 0, 0);
+    check_tuning("attproj", M, 768, 768, 0, 0);
+    check_tuning("fc", M, 768, 3072, 1, 0);
+    check_tuning("fcproj", M, 3072, 768, 0, 1);
+    check_tuning("lm_head", 2048, 768, 50304, 0, 0);   // fewer rows: the check downloads every output
+    check_tuning("s-qkv", M, 576, 960, 0, 0);
+    check_tuning("s-fc", M, 576, 3072, 0, 0);
+    check_tuning("s-down", M, 1536, 576, 0, 0);
+    check_tuning("odd", 300, 40, 72, 0, 0);   // rows of 80 bytes: other alignments, other candidates
     for (int rows : {64, 256}) {   // GPT-2 124M and SmolLM2-135M decode products
         decode_candidates("qkv", rows, 768, 2304, 1, 0);
         decode_candidates("attproj", rows, 768, 768, 1, 0);

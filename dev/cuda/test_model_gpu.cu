@@ -236,6 +236,7 @@ static void check_loss_curve(const char *label, ModelConfig c, int B, int T) {
 }
 
 int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);   // a line at a time: a run stopped by a time limit shows how far it got
     if (cuda_device_count() <= 0) {
         printf("FAIL test_model_gpu: no CUDA device\n");
         return 1;
