@@ -864,7 +864,11 @@ static inline cudaStream_t flash_side_stream(cudaEvent_t *fork, cudaEvent_t *joi
     static cudaStream_t side = NULL;
     static cudaEvent_t fork_event, join_event;
     if (side == NULL) {
-        cudaCheck(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+        // the highest priority, as a CUDA model's main stream: the dK/dV pass is on the critical
+        // path of the backward, beside the dQ pass, not filler
+        int least_priority = 0, greatest_priority = 0;
+        cudaCheck(cudaDeviceGetStreamPriorityRange(&least_priority, &greatest_priority));
+        cudaCheck(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, greatest_priority));
         cudaCheck(cudaEventCreateWithFlags(&fork_event, cudaEventDisableTiming));
         cudaCheck(cudaEventCreateWithFlags(&join_event, cudaEventDisableTiming));
     }

@@ -291,8 +291,14 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
              model->matmul_tune ? "cuBLASLt: no product shape tuned by this model yet (the first step at the full shape tunes new ones)"
                                 : "cuBLASLt's first choices (TRAIN_MORA_MATMUL_TUNE=0)");
     // the current device: 0, or the GPU comm_nccl_init selected for this rank
-    cudaCheck(cudaStreamCreate(&d->stream));
-    cudaCheck(cudaStreamCreateWithFlags(&d->side, cudaStreamNonBlocking));
+    // The main stream carries the step's critical path; with overlap_weight_grads the side stream's
+    // weight-gradient products only fill the SMs its kernels leave free: the main stream gets the
+    // device's highest priority, the side stream its lowest, so the block scheduler serves the
+    // main stream's next kernel first instead of letting a large product take the SMs.
+    int least_priority = 0, greatest_priority = 0;
+    cudaCheck(cudaDeviceGetStreamPriorityRange(&least_priority, &greatest_priority));
+    cudaCheck(cudaStreamCreateWithPriority(&d->stream, cudaStreamDefault, greatest_priority));
+    cudaCheck(cudaStreamCreateWithPriority(&d->side, cudaStreamNonBlocking, least_priority));
     cudaEvent_t *events[] = {&d->side_fork, &d->side_read_dres, &d->side_read_dfch, &d->side_read_dqkv, &d->side_done};
     for (cudaEvent_t *ev : events) cudaCheck(cudaEventCreateWithFlags(ev, cudaEventDisableTiming));
     matmul_setup();
