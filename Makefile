@@ -44,7 +44,7 @@ BENCH_BINS := $(patsubst dev/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRCS))
 
 NVCC := $(shell command -v nvcc 2> /dev/null)
 CU_SRCS := $(wildcard *.cu llmc/*.cu)
-NVCCFLAGS ?= -O3 -std=c++17 --generate-code arch=compute_90,code=sm_90 --generate-code arch=compute_80,code=compute_80
+NVCCFLAGS ?= -O3 -std=c++17 --generate-code arch=compute_90a,code=sm_90a --generate-code arch=compute_80,code=compute_80
 CU_OBJS := $(if $(NVCC),$(patsubst %.cu,$(BUILD)/cuda/%.o,$(CU_SRCS)),)
 # NCCL: found when nvcc can include nccl.h (the toolkit's, /usr/include, or a CPATH entry). Then
 # llmc/comm_nccl.cu carries the GPU collectives and what links it takes -lnccl; without it the
@@ -144,7 +144,7 @@ $(BUILD)/cuda/dev/comm_nccl_check: dev/cuda/comm_nccl_check.cu $(BUILD)/cuda/llm
 
 cuda: $(CU_OBJS) $(CUDA_DEV_BINS) $(if $(NVCC),$(BUILD)/cuda/dev/reward_heads $(BUILD)/cuda/dev/comm_nccl_check,)
 
-# build every GPU harness and test for sm_90, run them and print the benchmark table (needs a GPU)
+# build every GPU harness and test for sm_90a, run them and print the benchmark table (needs a GPU)
 gpu_check:
 	bash dev/gpu_check.sh
 

@@ -25,7 +25,7 @@ done
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 if [ -z "$ncu" ]; then echo "gpu_profile: Nsight Compute (ncu) not found"; exit 1; fi
 make -j"$(nproc)" USE_MPI=0 build/cuda/dev/bench_train build/cuda/dev/bench_rollout \
-    NVCCFLAGS="-O3 -std=c++17 --generate-code arch=compute_90,code=sm_90 -lineinfo" > build/gpu_profile_build.log 2>&1 ||
+    NVCCFLAGS="-O3 -std=c++17 --generate-code arch=compute_90a,code=sm_90a -lineinfo" > build/gpu_profile_build.log 2>&1 ||
     { tail -20 build/gpu_profile_build.log; echo "gpu_profile: build failed"; exit 1; }
 dir=${OUT:-/tmp/gpu_profile}
 mkdir -p "$dir"

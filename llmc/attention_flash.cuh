@@ -61,6 +61,15 @@
  *                                                   registers: b0, b1 of n-block 0, b0, b1 of n-block 1
  *   B = X with X a (k rows, n dims) tile, .trans  lane row = lane % 8 + ((lane / 8) % 2) * 8,
  *     (O = P V: X = V)                              col = (lane / 16) * 8, same register order
+ * Warpgroup variants (flash_forward_wgmma, flash_dq_wgmma, flash_dkv_wgmma; head size 64, sm_90a):
+ * the block's 4 warps are one warpgroup and each product is wgmma.m64n64k16 (flash_wgmma), with
+ * A from registers (Q, dO, K, V fragments loaded once, P and dS from the accumulators) and B read
+ * by the tensor cores from shared-memory tiles in the no-swizzle core-matrix layout through a
+ * matrix descriptor (flash_load_tile_wg): K and V in the forward and the dQ pass, Q and dO in the
+ * dK/dV pass. B is no longer read by every warp through ldmatrix, which is what bounds the
+ * mma.sync backward by shared-memory bandwidth. Each output element sums the same products in
+ * the same order of k; whether the tensor cores round them as mma.sync does decides whether the
+ * tuner, which takes only configurations with the defaults' bits, may pick them.
  * Shared-memory tiles are row-major with rows of HS + 8 bf16 (16 bytes of padding): the eight
  * 16-byte rows an ldmatrix phase reads then start 4 banks apart and cover all 32 banks, so
  * ldmatrix, the 16-byte cp.async writes and the epilogue's staging are free of bank conflicts.
@@ -76,6 +85,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include "cuda_common.h"
 
@@ -149,6 +159,83 @@ __device__ __forceinline__ float flash_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
+
+// Warpgroup products (wgmma, sm_90a: compiled only into the sm_90a image; elsewhere the kernels
+// that use them are never launched, flash_wgmma_supported). The block's 4 warps are one
+// warpgroup; d (64 x 64 fp32, warp w holding rows 16w .. 16w + 15 in the m16n8 C layout of
+// n-blocks 0..7) += a (64 x 16 bf16, warp w rows 16w.., the m16n8k16 A layout) b, with b
+// (16 x 64) read from shared memory through the descriptor desc (flash_wg_desc): TRANS_B 0
+// takes b as K-major (the tile's rows are b's columns), 1 as MN-major (the tile's rows are b's
+// rows). Issued between flash_wgmma_fence and flash_wgmma_commit; the accumulators may be read
+// only after flash_wgmma_wait (and flash_acc_fence, which keeps the compiler from moving their
+// reads before it).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FLASH_WGMMA_ASM 1
+#endif
+__device__ __forceinline__ void flash_wgmma_fence() {
+#ifdef FLASH_WGMMA_ASM
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void flash_wgmma_commit() {
+#ifdef FLASH_WGMMA_ASM
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void flash_wgmma_wait() {
+#ifdef FLASH_WGMMA_ASM
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// shared memory written by this thread's copies, made visible to the tensor cores' reads (the
+// async proxy); before the barrier that precedes the products
+__device__ __forceinline__ void flash_fence_proxy_async() {
+#ifdef FLASH_WGMMA_ASM
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+template <int NB>
+__device__ __forceinline__ void flash_acc_fence(float (&d)[NB][4]) {
+    #pragma unroll
+    for (int i = 0; i < NB; i++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+// ACC 0: d = a b, the accumulators' earlier values not read (the first k-step of a product)
+template <int TRANS_B, int ACC = 1>
+__device__ __forceinline__ void flash_wgmma(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+#ifdef FLASH_WGMMA_ASM
+    if constexpr (!ACC) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+            "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+            : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]),
+              "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]),
+              "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]),
+              "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]),
+              "=f"(d[7][0]), "=f"(d[7][1]), "=f"(d[7][2]), "=f"(d[7][3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TRANS_B));
+        return;
+    }
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+          "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+          "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+          "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TRANS_B));
+#else
+    __trap();
+#endif
+}
 #endif
 
 // The A fragment of k-block kb (16 columns) of a 16 x 16j accumulator tile acc[2j][4], in bf16.
@@ -191,6 +278,46 @@ __device__ __forceinline__ void flash_load_tile(floatX *tile, const floatX *src,
         flash_cp_async16(flash_smem_addr(tile + r * (HS + FLASH_PAD) + c * 8), g, valid);
     }
 }
+// Tiles the warpgroup products read (flash_wgmma): ROWS x HS bf16 without padding, in the
+// no-swizzle core-matrix layout of the PTX ISA (wgmma "canonical layouts"): 8 rows x 16 bytes
+// (8 columns) are one core matrix of 128 contiguous bytes; element (r, col) is at byte
+//   (r / 8) * HS * 16 + (col / 8) * 128 + (r % 8) * 16 + (col % 8) * 2.
+// The same tile is a K-major operand (its rows are the product's N dimension, its columns K:
+// core matrices adjacent in K are 128 bytes apart, the leading byte offset, and in N HS * 16,
+// the stride byte offset) or an MN-major one (rows K, columns N: the two offsets swap).
+// One k-step of 16 takes columns 16s .. 16s + 15 (K-major: 256 bytes on) or rows 16s ..
+// 16s + 15 (MN-major: 2 * HS * 16 bytes on).
+template <int ROWS, int HS>
+__device__ __forceinline__ void flash_load_tile_wg(floatX *tile, const floatX *src, int b, int row0, int T, int ld,
+                                                   int col) {
+    constexpr int CHUNKS = HS / 8;
+    static_assert((ROWS * CHUNKS) % FLASH_THREADS == 0 && ROWS % 8 == 0, "tile pieces must split evenly over the block");
+    #pragma unroll
+    for (int i = 0; i < ROWS * CHUNKS / FLASH_THREADS; i++) {
+        // 8 consecutive threads take the 8 rows of one core matrix: 128 contiguous bytes
+        int idx = threadIdx.x + i * FLASH_THREADS;
+        int r = (idx & 7) + (idx / (8 * CHUNKS)) * 8, c = (idx >> 3) % CHUNKS, t = row0 + r;
+        bool valid = t < T;
+        const floatX *g = src + ((size_t)b * T + (valid ? t : 0)) * ld + col + c * 8;
+        flash_cp_async16(flash_smem_addr((unsigned char *)tile + (r >> 3) * HS * 16 + c * 128 + (r & 7) * 16), g, valid);
+    }
+}
+// The 64-bit shared-memory matrix descriptor: start address, leading and stride byte offsets
+// (each encoded as (x & 0x3FFFF) >> 4), no swizzle, base offset 0.
+__device__ __forceinline__ uint64_t flash_wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
+           ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32);
+}
+// k-step s of a tile as a K-major operand (its rows are N) or an MN-major one (its rows are K)
+template <int HS>
+__device__ __forceinline__ uint64_t flash_wg_desc_k(const floatX *tile, int s) {
+    return flash_wg_desc(flash_smem_addr(tile) + s * 256, 128, HS * 16);
+}
+template <int HS>
+__device__ __forceinline__ uint64_t flash_wg_desc_mn(const floatX *tile, int s) {
+    return flash_wg_desc(flash_smem_addr(tile) + s * 2 * HS * 16, HS * 16, 128);
+}
+
 // cp.async of ROWS floats row_stats[row0 ...] (one head's lse or D row) into shared; zero past T
 template <int ROWS>
 __device__ __forceinline__ void flash_load_stats(float *tile, const float *row_stats, int row0, int T) {
@@ -243,8 +370,14 @@ __device__ __forceinline__ void flash_block(int lpt, int &head, int &batch, int 
 // K and V fragment read from shared memory feeds two products instead of one, and a warp has two
 // independent chains of products to interleave; the price is twice the accumulator registers
 // (HS = 64 only). flash_forward_row_tiles picks the launch (the harness times both).
-template <int HS, int RW>
-constexpr size_t flash_forward_smem() { return (size_t)(RW * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
+// WG = 1 (HS = 64, RW = 1): the products are warpgroup products (flash_wgmma) reading K and V
+// from tiles in the core-matrix layout (flash_load_tile_wg), Q from registers as before; every
+// output element sums the same products in the same order of k (16 at a time).
+template <int HS, int RW, int WG = 0>
+constexpr size_t flash_forward_smem() {
+    return (size_t)RW * FLASH_ROWS * (HS + FLASH_PAD) * sizeof(floatX) +
+           (size_t)4 * FLASH_KEYS * (WG ? HS : HS + FLASH_PAD) * sizeof(floatX);
+}
 
 // grid over (NH, B, ceil(T / (64 RW)) tiles) in the order lpt picks (flash_block), block 128. Shared: Q (64 RW, LDS), K and V (64, LDS) x 2 stages.
 // Row tile r of warp w holds the block's query rows r * 64 + w * 16 ... + 15, so every warp has
@@ -253,14 +386,16 @@ constexpr size_t flash_forward_smem() { return (size_t)(RW * FLASH_ROWS + 4 * FL
 // asks the compiler for registers that let MINB blocks share an SM (launch bounds; 0 leaves the
 // number to the compiler): the same arithmetic, another register allocation
 // (flash_forward_min_blocks).
-template <int HS, int RW, int MINB = 0>
+template <int HS, int RW, int MINB = 0, int WG = 0>
 __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_kernel(floatX *out, float *lse,
                                                                                const floatX *qkv, int T, int NH,
                                                                                int NKV, int lpt) {
+    static_assert(!WG || (HS == 64 && RW == 1), "the warpgroup forward takes head size 64, one row tile a warp");
     constexpr int BM = RW * FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD;
+    constexpr int KVS = WG ? BN * HS : BN * LDS;   // elements of one K or V stage
     floatX *sQ = (floatX *)flash_dynamic_smem();
-    floatX *sK = sQ + BM * LDS;       // stage s at sK + s * BN * LDS
-    floatX *sV = sK + 2 * BN * LDS;
+    floatX *sK = sQ + BM * LDS;       // stage s at sK + s * KVS
+    floatX *sV = sK + 2 * KVS;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
     int h, b, tile, tiles;
     flash_block(lpt, h, b, tile, tiles);
@@ -275,9 +410,18 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
         row1[r] = row0[r] + 8;
     }
 
+    // K or V rows [k0, k0 + 64) into stage `stage`, in the layout the products read
+    auto load_kv = [&](int stage, int k0) {
+        if constexpr (WG) {
+            flash_load_tile_wg<BN, HS>(sK + stage * KVS, qkv, b, k0, T, QKV, (NH + kvh) * HS);
+            flash_load_tile_wg<BN, HS>(sV + stage * KVS, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+        } else {
+            flash_load_tile<BN, HS>(sK + stage * KVS, qkv, b, k0, T, QKV, (NH + kvh) * HS);
+            flash_load_tile<BN, HS>(sV + stage * KVS, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+        }
+    };
     flash_load_tile<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
-    flash_load_tile<BN, HS>(sK, qkv, b, 0, T, QKV, (NH + kvh) * HS);
-    flash_load_tile<BN, HS>(sV, qkv, b, 0, T, QKV, (NH + NKV + kvh) * HS);
+    load_kv(0, 0);
     flash_cp_async_commit();
 
     uint32_t q_frag[RW][HS / 16][4];
@@ -293,12 +437,10 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
 
     for (int j = 0; j < n_tiles; j++) {
         const int stage = j & 1, k0 = j * BN;
-        if (j + 1 < n_tiles) {
-            flash_load_tile<BN, HS>(sK + (stage ^ 1) * BN * LDS, qkv, b, k0 + BN, T, QKV, (NH + kvh) * HS);
-            flash_load_tile<BN, HS>(sV + (stage ^ 1) * BN * LDS, qkv, b, k0 + BN, T, QKV, (NH + NKV + kvh) * HS);
-        }
+        if (j + 1 < n_tiles) load_kv(stage ^ 1, k0 + BN);
         flash_cp_async_commit();          // possibly empty, so the wait below always means "tile j"
         flash_cp_async_wait<1>();
+        if constexpr (WG) flash_fence_proxy_async();
         __syncthreads();
         if (j == 0) {
             #pragma unroll
@@ -308,7 +450,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
                     flash_ldmatrix_x4(q_frag[r][kk], flash_addr_a<LDS>(sQ, r * FLASH_ROWS + warp * 16, kk * 16, lane));
             }
         }
-        const floatX *k_tile = sK + stage * BN * LDS, *v_tile = sV + stage * BN * LDS;
+        const floatX *k_tile = sK + stage * KVS, *v_tile = sV + stage * KVS;
         // a row tile whose rows all come before the tile's first key sees none of it (RW = 2
         // only: the block's first row tile on its last key tile)
         bool live[RW];
@@ -322,17 +464,27 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
             #pragma unroll
             for (int nb = 0; nb < BN / 8; nb++) s[r][nb][0] = s[r][nb][1] = s[r][nb][2] = s[r][nb][3] = 0.0f;
         }
-        #pragma unroll
-        for (int kk = 0; kk < HS / 16; kk++) {
+        if constexpr (WG) {
+            flash_wgmma_fence();
+            flash_wgmma<0, 0>(s[0], q_frag[0][0], flash_wg_desc_k<HS>(k_tile, 0));
             #pragma unroll
-            for (int np = 0; np < BN / 16; np++) {
-                uint32_t kb[4];
-                flash_ldmatrix_x4(kb, flash_addr_bt<LDS>(k_tile, np * 16, kk * 16, lane));
+            for (int kk = 1; kk < HS / 16; kk++) flash_wgmma<0>(s[0], q_frag[0][kk], flash_wg_desc_k<HS>(k_tile, kk));
+            flash_wgmma_commit();
+            flash_wgmma_wait();
+            flash_acc_fence(s[0]);
+        } else {
+            #pragma unroll
+            for (int kk = 0; kk < HS / 16; kk++) {
                 #pragma unroll
-                for (int r = 0; r < RW; r++) {
-                    if (!live[r]) continue;
-                    flash_mma(s[r][2 * np], q_frag[r][kk], kb[0], kb[1]);
-                    flash_mma(s[r][2 * np + 1], q_frag[r][kk], kb[2], kb[3]);
+                for (int np = 0; np < BN / 16; np++) {
+                    uint32_t kb[4];
+                    flash_ldmatrix_x4(kb, flash_addr_bt<LDS>(k_tile, np * 16, kk * 16, lane));
+                    #pragma unroll
+                    for (int r = 0; r < RW; r++) {
+                        if (!live[r]) continue;
+                        flash_mma(s[r][2 * np], q_frag[r][kk], kb[0], kb[1]);
+                        flash_mma(s[r][2 * np + 1], q_frag[r][kk], kb[2], kb[3]);
+                    }
                 }
             }
         }
@@ -386,20 +538,32 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
         }
 
         // O += P V, P straight from the S registers
-        #pragma unroll
-        for (int kb = 0; kb < BN / 16; kb++) {
-            uint32_t pa[RW][4];
+        if constexpr (WG) {
+            uint32_t pa[BN / 16][4];
             #pragma unroll
-            for (int r = 0; r < RW; r++) flash_acc_to_a<BN / 8>(pa[r], s[r], kb);
+            for (int kb = 0; kb < BN / 16; kb++) flash_acc_to_a<BN / 8>(pa[kb], s[0], kb);
+            flash_wgmma_fence();
             #pragma unroll
-            for (int dp = 0; dp < HS / 16; dp++) {
-                uint32_t vb[4];
-                flash_ldmatrix_x4_trans(vb, flash_addr_b<LDS>(v_tile, kb * 16, dp * 16, lane));
+            for (int kb = 0; kb < BN / 16; kb++) flash_wgmma<1>(o[0], pa[kb], flash_wg_desc_mn<HS>(v_tile, kb));
+            flash_wgmma_commit();
+            flash_wgmma_wait();
+            flash_acc_fence(o[0]);
+        } else {
+            #pragma unroll
+            for (int kb = 0; kb < BN / 16; kb++) {
+                uint32_t pa[RW][4];
                 #pragma unroll
-                for (int r = 0; r < RW; r++) {
-                    if (!live[r]) continue;
-                    flash_mma(o[r][2 * dp], pa[r], vb[0], vb[1]);
-                    flash_mma(o[r][2 * dp + 1], pa[r], vb[2], vb[3]);
+                for (int r = 0; r < RW; r++) flash_acc_to_a<BN / 8>(pa[r], s[r], kb);
+                #pragma unroll
+                for (int dp = 0; dp < HS / 16; dp++) {
+                    uint32_t vb[4];
+                    flash_ldmatrix_x4_trans(vb, flash_addr_b<LDS>(v_tile, kb * 16, dp * 16, lane));
+                    #pragma unroll
+                    for (int r = 0; r < RW; r++) {
+                        if (!live[r]) continue;
+                        flash_mma(o[r][2 * dp], pa[r], vb[0], vb[1]);
+                        flash_mma(o[r][2 * dp + 1], pa[r], vb[2], vb[3]);
+                    }
                 }
             }
         }
@@ -462,9 +626,10 @@ __global__ void flash_attention_backward_preprocess_kernel(float *D, const float
 // query rows per iteration of the dK/dV pass: 64, or 32 for HS = 128 so that the dK and dV
 // accumulators (2 x 64 registers) and the S^T, dP^T tiles fit in a thread's registers
 template <int HS> __host__ __device__ constexpr int flash_dkv_queries() { return HS >= 128 ? 32 : 64; }
-template <int HS>
+template <int HS, int WG = 0>
 constexpr size_t flash_dkv_smem() {
-    return (size_t)(2 * FLASH_ROWS + 4 * flash_dkv_queries<HS>()) * (HS + FLASH_PAD) * sizeof(floatX) +
+    return (size_t)2 * FLASH_ROWS * (HS + FLASH_PAD) * sizeof(floatX) +
+           (size_t)4 * flash_dkv_queries<HS>() * (WG ? HS : HS + FLASH_PAD) * sizeof(floatX) +
            4 * flash_dkv_queries<HS>() * sizeof(float);
 }
 
@@ -474,16 +639,20 @@ constexpr size_t flash_dkv_smem() {
 // the forward (flash_dkv_min_blocks). KVREG: the warp's K and V fragments (the A operands of
 // S^T and dP^T, the same for every iteration) are read from shared memory once and kept in 32
 // registers, instead of once per iteration: fewer ldmatrix, more registers (flash_dkv_kv_regs).
-template <int HS, int MINB = 0, int KVREG = 0>
+// WG (HS = 64, KVREG = 1): the products are warpgroup products (flash_wgmma) reading Q and dO
+// from tiles in the core-matrix layout, the same sums in the same order.
+template <int HS, int MINB = 0, int KVREG = 0, int WG = 0>
 __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_dkv_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
     int lpt) {
+    static_assert(!WG || (HS == 64 && KVREG), "the warpgroup dK/dV pass takes head size 64, K and V in registers");
     constexpr int BN = FLASH_ROWS, BM = flash_dkv_queries<HS>(), LDS = HS + FLASH_PAD;
+    constexpr int QS = WG ? BM * HS : BM * LDS;   // elements of one Q or dO stage
     floatX *sK = (floatX *)flash_dynamic_smem();
     floatX *sV = sK + BN * LDS;
-    floatX *sQ = sV + BN * LDS;        // stage s at sQ + s * BM * LDS
-    floatX *sG = sQ + 2 * BM * LDS;    // dout
-    float *sL = (float *)(sG + 2 * BM * LDS);   // lse, stage s at sL + s * BM
+    floatX *sQ = sV + BN * LDS;        // stage s at sQ + s * QS
+    floatX *sG = sQ + 2 * QS;          // dout
+    float *sL = (float *)(sG + 2 * QS);   // lse, stage s at sL + s * BM
     float *sD = sL + 2 * BM;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
     int kvh, b, tile, tiles;
@@ -495,15 +664,22 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
     const int iterations = group * n_q;
     const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;   // this thread's two key rows
 
+    // query head h's Q, dO rows [q0, q0 + BM) and their statistics into stage `stage`, Q and dO
+    // in the layout the products read
+    auto load_q = [&](int stage, int h, int q0) {
+        if constexpr (WG) {
+            flash_load_tile_wg<BM, HS>(sQ + stage * QS, qkv, b, q0, T, QKV, h * HS);
+            flash_load_tile_wg<BM, HS>(sG + stage * QS, dout, b, q0, T, NH * HS, h * HS);
+        } else {
+            flash_load_tile<BM, HS>(sQ + stage * QS, qkv, b, q0, T, QKV, h * HS);
+            flash_load_tile<BM, HS>(sG + stage * QS, dout, b, q0, T, NH * HS, h * HS);
+        }
+        flash_load_stats<BM>(sL + stage * BM, lse + ((size_t)b * NH + h) * T, q0, T);
+        flash_load_stats<BM>(sD + stage * BM, D + ((size_t)b * NH + h) * T, q0, T);
+    };
     flash_load_tile<BN, HS>(sK, qkv, b, k0, T, QKV, (NH + kvh) * HS);
     flash_load_tile<BN, HS>(sV, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
-    {
-        int h = kvh * group;
-        flash_load_tile<BM, HS>(sQ, qkv, b, k0, T, QKV, h * HS);
-        flash_load_tile<BM, HS>(sG, dout, b, k0, T, NH * HS, h * HS);
-        flash_load_stats<BM>(sL, lse + ((size_t)b * NH + h) * T, k0, T);
-        flash_load_stats<BM>(sD, D + ((size_t)b * NH + h) * T, k0, T);
-    }
+    load_q(0, kvh * group, k0);
     flash_cp_async_commit();
 
     float dk[HS / 8][4], dv[HS / 8][4];
@@ -516,17 +692,12 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
     for (int it = 0; it < iterations; it++) {
         const int stage = it & 1;
         const int q0 = k0 + (it % n_q) * BM;
-        if (it + 1 < iterations) {
-            int h = kvh * group + (it + 1) / n_q, next_q0 = k0 + ((it + 1) % n_q) * BM;
-            flash_load_tile<BM, HS>(sQ + (stage ^ 1) * BM * LDS, qkv, b, next_q0, T, QKV, h * HS);
-            flash_load_tile<BM, HS>(sG + (stage ^ 1) * BM * LDS, dout, b, next_q0, T, NH * HS, h * HS);
-            flash_load_stats<BM>(sL + (stage ^ 1) * BM, lse + ((size_t)b * NH + h) * T, next_q0, T);
-            flash_load_stats<BM>(sD + (stage ^ 1) * BM, D + ((size_t)b * NH + h) * T, next_q0, T);
-        }
+        if (it + 1 < iterations) load_q(stage ^ 1, kvh * group + (it + 1) / n_q, k0 + ((it + 1) % n_q) * BM);
         flash_cp_async_commit();
         flash_cp_async_wait<1>();
+        if constexpr (WG) flash_fence_proxy_async();
         __syncthreads();
-        const floatX *q_tile = sQ + stage * BM * LDS, *g_tile = sG + stage * BM * LDS;
+        const floatX *q_tile = sQ + stage * QS, *g_tile = sG + stage * QS;
         const float *l_tile = sL + stage * BM, *d_tile = sD + stage * BM;
         if constexpr (KVREG) {
             if (it == 0) {   // K and V came with the first group of copies
@@ -544,25 +715,40 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         for (int nb = 0; nb < BM / 8; nb++)
             #pragma unroll
             for (int e = 0; e < 4; e++) s[nb][e] = dp[nb][e] = 0.0f;
-        #pragma unroll
-        for (int kk = 0; kk < HS / 16; kk++) {
-            uint32_t ka[4], va[4];
-            if constexpr (KVREG) {
-                #pragma unroll
-                for (int i = 0; i < 4; i++) { ka[i] = k_frag[kk][i]; va[i] = v_frag[kk][i]; }
-            } else {
-                flash_ldmatrix_x4(ka, flash_addr_a<LDS>(sK, warp * 16, kk * 16, lane));
-                flash_ldmatrix_x4(va, flash_addr_a<LDS>(sV, warp * 16, kk * 16, lane));
-            }
+        if constexpr (WG) {
+            flash_wgmma_fence();
+            flash_wgmma<0, 0>(s, k_frag[0], flash_wg_desc_k<HS>(q_tile, 0));
+            flash_wgmma<0, 0>(dp, v_frag[0], flash_wg_desc_k<HS>(g_tile, 0));
             #pragma unroll
-            for (int np = 0; np < BM / 16; np++) {
-                uint32_t qb[4], gb[4];
-                flash_ldmatrix_x4(qb, flash_addr_bt<LDS>(q_tile, np * 16, kk * 16, lane));
-                flash_mma(s[2 * np], ka, qb[0], qb[1]);
-                flash_mma(s[2 * np + 1], ka, qb[2], qb[3]);
-                flash_ldmatrix_x4(gb, flash_addr_bt<LDS>(g_tile, np * 16, kk * 16, lane));
-                flash_mma(dp[2 * np], va, gb[0], gb[1]);
-                flash_mma(dp[2 * np + 1], va, gb[2], gb[3]);
+            for (int kk = 1; kk < HS / 16; kk++) {
+                flash_wgmma<0>(s, k_frag[kk], flash_wg_desc_k<HS>(q_tile, kk));
+                flash_wgmma<0>(dp, v_frag[kk], flash_wg_desc_k<HS>(g_tile, kk));
+            }
+            flash_wgmma_commit();
+            flash_wgmma_wait();
+            flash_acc_fence(s);
+            flash_acc_fence(dp);
+        } else {
+            #pragma unroll
+            for (int kk = 0; kk < HS / 16; kk++) {
+                uint32_t ka[4], va[4];
+                if constexpr (KVREG) {
+                    #pragma unroll
+                    for (int i = 0; i < 4; i++) { ka[i] = k_frag[kk][i]; va[i] = v_frag[kk][i]; }
+                } else {
+                    flash_ldmatrix_x4(ka, flash_addr_a<LDS>(sK, warp * 16, kk * 16, lane));
+                    flash_ldmatrix_x4(va, flash_addr_a<LDS>(sV, warp * 16, kk * 16, lane));
+                }
+                #pragma unroll
+                for (int np = 0; np < BM / 16; np++) {
+                    uint32_t qb[4], gb[4];
+                    flash_ldmatrix_x4(qb, flash_addr_bt<LDS>(q_tile, np * 16, kk * 16, lane));
+                    flash_mma(s[2 * np], ka, qb[0], qb[1]);
+                    flash_mma(s[2 * np + 1], ka, qb[2], qb[3]);
+                    flash_ldmatrix_x4(gb, flash_addr_bt<LDS>(g_tile, np * 16, kk * 16, lane));
+                    flash_mma(dp[2 * np], va, gb[0], gb[1]);
+                    flash_mma(dp[2 * np + 1], va, gb[2], gb[3]);
+                }
             }
         }
 
@@ -581,20 +767,39 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         }
 
         // dV += P^T dO, dK += dS^T Q (the queries are the k dimension)
-        #pragma unroll
-        for (int kb = 0; kb < BM / 16; kb++) {
-            uint32_t pa[4], dsa[4];
-            flash_acc_to_a<BM / 8>(pa, s, kb);
-            flash_acc_to_a<BM / 8>(dsa, dp, kb);
+        if constexpr (WG) {
+            uint32_t pa[BM / 16][4], dsa[BM / 16][4];
             #pragma unroll
-            for (int dd = 0; dd < HS / 16; dd++) {
-                uint32_t gb[4], qb[4];
-                flash_ldmatrix_x4_trans(gb, flash_addr_b<LDS>(g_tile, kb * 16, dd * 16, lane));
-                flash_mma(dv[2 * dd], pa, gb[0], gb[1]);
-                flash_mma(dv[2 * dd + 1], pa, gb[2], gb[3]);
-                flash_ldmatrix_x4_trans(qb, flash_addr_b<LDS>(q_tile, kb * 16, dd * 16, lane));
-                flash_mma(dk[2 * dd], dsa, qb[0], qb[1]);
-                flash_mma(dk[2 * dd + 1], dsa, qb[2], qb[3]);
+            for (int kb = 0; kb < BM / 16; kb++) {
+                flash_acc_to_a<BM / 8>(pa[kb], s, kb);
+                flash_acc_to_a<BM / 8>(dsa[kb], dp, kb);
+            }
+            flash_wgmma_fence();
+            #pragma unroll
+            for (int kb = 0; kb < BM / 16; kb++) {
+                flash_wgmma<1>(dv, pa[kb], flash_wg_desc_mn<HS>(g_tile, kb));
+                flash_wgmma<1>(dk, dsa[kb], flash_wg_desc_mn<HS>(q_tile, kb));
+            }
+            flash_wgmma_commit();
+            flash_wgmma_wait();
+            flash_acc_fence(dv);
+            flash_acc_fence(dk);
+        } else {
+            #pragma unroll
+            for (int kb = 0; kb < BM / 16; kb++) {
+                uint32_t pa[4], dsa[4];
+                flash_acc_to_a<BM / 8>(pa, s, kb);
+                flash_acc_to_a<BM / 8>(dsa, dp, kb);
+                #pragma unroll
+                for (int dd = 0; dd < HS / 16; dd++) {
+                    uint32_t gb[4], qb[4];
+                    flash_ldmatrix_x4_trans(gb, flash_addr_b<LDS>(g_tile, kb * 16, dd * 16, lane));
+                    flash_mma(dv[2 * dd], pa, gb[0], gb[1]);
+                    flash_mma(dv[2 * dd + 1], pa, gb[2], gb[3]);
+                    flash_ldmatrix_x4_trans(qb, flash_addr_b<LDS>(q_tile, kb * 16, dd * 16, lane));
+                    flash_mma(dk[2 * dd], dsa, qb[0], qb[1]);
+                    flash_mma(dk[2 * dd + 1], dsa, qb[2], qb[3]);
+                }
             }
         }
         __syncthreads();   // this stage is refilled by the next iteration's prefetch
@@ -616,8 +821,11 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
 // are then read once per step, the K and V fragments still once per tile. flash_dq_row_tiles
 // picks the launch (the harness times both).
 template <int RW> __host__ __device__ constexpr int flash_dq_step_keys() { return RW == 2 ? FLASH_KEYS / 2 : FLASH_KEYS; }
-template <int HS, int RW>
-constexpr size_t flash_dq_smem() { return (size_t)(2 * RW * FLASH_ROWS + 4 * FLASH_KEYS) * (HS + FLASH_PAD) * sizeof(floatX); }
+template <int HS, int RW, int WG = 0>
+constexpr size_t flash_dq_smem() {
+    return (size_t)2 * RW * FLASH_ROWS * (HS + FLASH_PAD) * sizeof(floatX) +
+           (size_t)4 * FLASH_KEYS * (WG ? HS : HS + FLASH_PAD) * sizeof(floatX);
+}
 
 // dQ: grid over (NH, B, ceil(T / (64 RW)) tiles) in the order lpt picks (flash_block), block 128;
 // the block owns query rows [q0, q0 + 64 RW) of head h (row tile r of warp w: rows q0 + r * 64 +
@@ -626,16 +834,20 @@ constexpr size_t flash_dq_smem() { return (size_t)(2 * RW * FLASH_ROWS + 4 * FLA
 // Per row, dQ sums the same products in the same order for either RW (the key tiles and, inside
 // a tile, its 16-key blocks in turn; a skipped row tile has no keys to add), so both launches
 // give bitwise the same dQ. QREG (RW = 1): the warp's Q and dO fragments, the same for every key
-// tile, are read from shared memory once and kept in 32 registers (flash_dq_q_regs).
-template <int HS, int RW, int QREG = 0>
+// tile, are read from shared memory once and kept in 32 registers (flash_dq_q_regs). WG (HS = 64,
+// RW = 1, QREG = 1): the products are warpgroup products (flash_wgmma) reading K and V from
+// tiles in the core-matrix layout, the same sums in the same order.
+template <int HS, int RW, int QREG = 0, int WG = 0>
 __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
     int lpt) {
+    static_assert(!WG || (HS == 64 && RW == 1 && QREG), "the warpgroup dQ pass takes head size 64, one row tile, Q and dO in registers");
     constexpr int BM = RW * FLASH_ROWS, BN = FLASH_KEYS, KS = flash_dq_step_keys<RW>(), LDS = HS + FLASH_PAD;
+    constexpr int KVS = WG ? BN * HS : BN * LDS;   // elements of one K or V stage
     floatX *sQ = (floatX *)flash_dynamic_smem();
     floatX *sG = sQ + BM * LDS;
-    floatX *sK = sG + BM * LDS;        // stage s at sK + s * BN * LDS
-    floatX *sV = sK + 2 * BN * LDS;
+    floatX *sK = sG + BM * LDS;        // stage s at sK + s * KVS
+    floatX *sV = sK + 2 * KVS;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;
     int h, b, tile, tiles;
     flash_block(lpt, h, b, tile, tiles);
@@ -644,10 +856,19 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
     const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
     const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;
 
+    // K or V rows [k0, k0 + 64) into stage `stage`, in the layout the products read
+    auto load_kv = [&](int stage, int k0) {
+        if constexpr (WG) {
+            flash_load_tile_wg<BN, HS>(sK + stage * KVS, qkv, b, k0, T, QKV, (NH + kvh) * HS);
+            flash_load_tile_wg<BN, HS>(sV + stage * KVS, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+        } else {
+            flash_load_tile<BN, HS>(sK + stage * KVS, qkv, b, k0, T, QKV, (NH + kvh) * HS);
+            flash_load_tile<BN, HS>(sV + stage * KVS, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+        }
+    };
     flash_load_tile<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
     flash_load_tile<BM, HS>(sG, dout, b, q0, T, NH * HS, h * HS);
-    flash_load_tile<BN, HS>(sK, qkv, b, 0, T, QKV, (NH + kvh) * HS);
-    flash_load_tile<BN, HS>(sV, qkv, b, 0, T, QKV, (NH + NKV + kvh) * HS);
+    load_kv(0, 0);
     flash_cp_async_commit();
     // this thread's two query rows of each row tile and their statistics; rows past T read those
     // of row 0: their Q and dO rows are zero, so their dS is 0 and they are not stored
@@ -674,14 +895,12 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
 
     for (int j = 0; j < n_tiles; j++) {
         const int stage = j & 1, k0 = j * BN;
-        if (j + 1 < n_tiles) {
-            flash_load_tile<BN, HS>(sK + (stage ^ 1) * BN * LDS, qkv, b, k0 + BN, T, QKV, (NH + kvh) * HS);
-            flash_load_tile<BN, HS>(sV + (stage ^ 1) * BN * LDS, qkv, b, k0 + BN, T, QKV, (NH + NKV + kvh) * HS);
-        }
+        if (j + 1 < n_tiles) load_kv(stage ^ 1, k0 + BN);
         flash_cp_async_commit();
         flash_cp_async_wait<1>();
+        if constexpr (WG) flash_fence_proxy_async();
         __syncthreads();
-        const floatX *k_tile = sK + stage * BN * LDS, *v_tile = sV + stage * BN * LDS;
+        const floatX *k_tile = sK + stage * KVS, *v_tile = sV + stage * KVS;
         if constexpr (QREG) {
             if (j == 0) {   // Q and dO came with the first group of copies
                 #pragma unroll
@@ -707,36 +926,51 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
                 for (int nb = 0; nb < KS / 8; nb++)
                     #pragma unroll
                     for (int e = 0; e < 4; e++) s[r][nb][e] = dp[r][nb][e] = 0.0f;
-            #pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++) {
-                uint32_t qa[RW][4], ga[RW][4];
+            if constexpr (WG) {
+                flash_wgmma_fence();
+                flash_wgmma<0, 0>(s[0], q_frag[0], flash_wg_desc_k<HS>(k_tile, 0));
+                flash_wgmma<0, 0>(dp[0], g_frag[0], flash_wg_desc_k<HS>(v_tile, 0));
                 #pragma unroll
-                for (int r = 0; r < RW; r++) {
-                    if (!live[r]) continue;
-                    if constexpr (QREG) {
-                        #pragma unroll
-                        for (int i = 0; i < 4; i++) { qa[r][i] = q_frag[kk][i]; ga[r][i] = g_frag[kk][i]; }
-                        continue;
-                    }
-                    flash_ldmatrix_x4(qa[r], flash_addr_a<LDS>(sQ, r * FLASH_ROWS + warp * 16, kk * 16, lane));
-                    flash_ldmatrix_x4(ga[r], flash_addr_a<LDS>(sG, r * FLASH_ROWS + warp * 16, kk * 16, lane));
+                for (int kk = 1; kk < HS / 16; kk++) {
+                    flash_wgmma<0>(s[0], q_frag[kk], flash_wg_desc_k<HS>(k_tile, kk));
+                    flash_wgmma<0>(dp[0], g_frag[kk], flash_wg_desc_k<HS>(v_tile, kk));
                 }
+                flash_wgmma_commit();
+                flash_wgmma_wait();
+                flash_acc_fence(s[0]);
+                flash_acc_fence(dp[0]);
+            } else {
                 #pragma unroll
-                for (int np = 0; np < KS / 16; np++) {
-                    uint32_t kb[4], vb[4];
-                    flash_ldmatrix_x4(kb, flash_addr_bt<LDS>(k_tile, ks + np * 16, kk * 16, lane));
+                for (int kk = 0; kk < HS / 16; kk++) {
+                    uint32_t qa[RW][4], ga[RW][4];
                     #pragma unroll
                     for (int r = 0; r < RW; r++) {
                         if (!live[r]) continue;
-                        flash_mma(s[r][2 * np], qa[r], kb[0], kb[1]);
-                        flash_mma(s[r][2 * np + 1], qa[r], kb[2], kb[3]);
+                        if constexpr (QREG) {
+                            #pragma unroll
+                            for (int i = 0; i < 4; i++) { qa[r][i] = q_frag[kk][i]; ga[r][i] = g_frag[kk][i]; }
+                            continue;
+                        }
+                        flash_ldmatrix_x4(qa[r], flash_addr_a<LDS>(sQ, r * FLASH_ROWS + warp * 16, kk * 16, lane));
+                        flash_ldmatrix_x4(ga[r], flash_addr_a<LDS>(sG, r * FLASH_ROWS + warp * 16, kk * 16, lane));
                     }
-                    flash_ldmatrix_x4(vb, flash_addr_bt<LDS>(v_tile, ks + np * 16, kk * 16, lane));
                     #pragma unroll
-                    for (int r = 0; r < RW; r++) {
-                        if (!live[r]) continue;
-                        flash_mma(dp[r][2 * np], ga[r], vb[0], vb[1]);
-                        flash_mma(dp[r][2 * np + 1], ga[r], vb[2], vb[3]);
+                    for (int np = 0; np < KS / 16; np++) {
+                        uint32_t kb[4], vb[4];
+                        flash_ldmatrix_x4(kb, flash_addr_bt<LDS>(k_tile, ks + np * 16, kk * 16, lane));
+                        #pragma unroll
+                        for (int r = 0; r < RW; r++) {
+                            if (!live[r]) continue;
+                            flash_mma(s[r][2 * np], qa[r], kb[0], kb[1]);
+                            flash_mma(s[r][2 * np + 1], qa[r], kb[2], kb[3]);
+                        }
+                        flash_ldmatrix_x4(vb, flash_addr_bt<LDS>(v_tile, ks + np * 16, kk * 16, lane));
+                        #pragma unroll
+                        for (int r = 0; r < RW; r++) {
+                            if (!live[r]) continue;
+                            flash_mma(dp[r][2 * np], ga[r], vb[0], vb[1]);
+                            flash_mma(dp[r][2 * np + 1], ga[r], vb[2], vb[3]);
+                        }
                     }
                 }
             }
@@ -759,20 +993,32 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
             }
 
             // dQ += dS K (the keys are the k dimension)
-            #pragma unroll
-            for (int kb = 0; kb < KS / 16; kb++) {
-                uint32_t dsa[RW][4];
+            if constexpr (WG) {
+                uint32_t dsa[KS / 16][4];
                 #pragma unroll
-                for (int r = 0; r < RW; r++) flash_acc_to_a<KS / 8>(dsa[r], s[r], kb);
+                for (int kb = 0; kb < KS / 16; kb++) flash_acc_to_a<KS / 8>(dsa[kb], s[0], kb);
+                flash_wgmma_fence();
                 #pragma unroll
-                for (int dd = 0; dd < HS / 16; dd++) {
-                    uint32_t kt[4];
-                    flash_ldmatrix_x4_trans(kt, flash_addr_b<LDS>(k_tile, ks + kb * 16, dd * 16, lane));
+                for (int kb = 0; kb < KS / 16; kb++) flash_wgmma<1>(dq[0], dsa[kb], flash_wg_desc_mn<HS>(k_tile, kb));
+                flash_wgmma_commit();
+                flash_wgmma_wait();
+                flash_acc_fence(dq[0]);
+            } else {
+                #pragma unroll
+                for (int kb = 0; kb < KS / 16; kb++) {
+                    uint32_t dsa[RW][4];
                     #pragma unroll
-                    for (int r = 0; r < RW; r++) {
-                        if (!live[r]) continue;
-                        flash_mma(dq[r][2 * dd], dsa[r], kt[0], kt[1]);
-                        flash_mma(dq[r][2 * dd + 1], dsa[r], kt[2], kt[3]);
+                    for (int r = 0; r < RW; r++) flash_acc_to_a<KS / 8>(dsa[r], s[r], kb);
+                    #pragma unroll
+                    for (int dd = 0; dd < HS / 16; dd++) {
+                        uint32_t kt[4];
+                        flash_ldmatrix_x4_trans(kt, flash_addr_b<LDS>(k_tile, ks + kb * 16, dd * 16, lane));
+                        #pragma unroll
+                        for (int r = 0; r < RW; r++) {
+                            if (!live[r]) continue;
+                            flash_mma(dq[r][2 * dd], dsa[r], kt[0], kt[1]);
+                            flash_mma(dq[r][2 * dd + 1], dsa[r], kt[2], kt[3]);
+                        }
                     }
                 }
             }
@@ -830,16 +1076,60 @@ static int flash_dq_q_regs = 0;
 // Grid order of the forward's and the backward's launches: 0 grouped, 1 lpt (header comment).
 static int flash_forward_lpt = 0;
 static int flash_backward_lpt = 0;
+// Warpgroup products (wgmma; head size 64, only where flash_wgmma_supported): the forward, the
+// dQ pass (with Q and dO in registers) and the dK/dV pass (with K and V in registers). 0 or 1.
+static int flash_forward_wgmma = 0;
+static int flash_dq_wgmma = 0;
+static int flash_dkv_wgmma = 0;
+
+// sets *ok to 1 in the sm_90a image, where the warpgroup kernels have their products
+__global__ void flash_wgmma_probe_kernel(int *ok) {
+#ifdef FLASH_WGMMA_ASM
+    *ok = 1;
+#else
+    *ok = 0;
+#endif
+}
+// Whether the tuner tries the warpgroup kernels: 1, 0, or -1 to read TRAIN_MORA_FLASH_WGMMA
+// (1 on; unset or 0 off) at the first tuning. Off by default until they have passed their GPU
+// harness: a kernel that faulted would end the process, not just lose the tuning.
+static int flash_tune_wgmma = -1;
+static inline int flash_tune_wgmma_enabled(void) {
+    if (flash_tune_wgmma < 0) {
+        const char *v = getenv("TRAIN_MORA_FLASH_WGMMA");
+        if (v != NULL && strcmp(v, "0") != 0 && strcmp(v, "1") != 0) {
+            fprintf(stderr, "error: TRAIN_MORA_FLASH_WGMMA=%s: expected 0 or 1\n", v);
+            exit(1);
+        }
+        flash_tune_wgmma = v != NULL && strcmp(v, "1") == 0;
+    }
+    return flash_tune_wgmma;
+}
+// 1 when the current device runs the sm_90a image of these kernels (an H100 or H200 with the
+// build's sm_90a code), so the warpgroup kernels may be launched; asked once.
+static inline int flash_wgmma_supported(void) {
+    static int known = -1;
+    if (known < 0) {
+        int *d_ok = (int *)cudaMallocCheck(sizeof(int)), ok = 0;
+        flash_wgmma_probe_kernel<<<1, 1>>>(d_ok);
+        cudaCheckLaunch();
+        cudaCheck(cudaMemcpy(&ok, d_ok, sizeof(int), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaFree(d_ok));
+        known = ok;
+    }
+    return known;
+}
 static inline dim3 flash_grid(int lpt, int heads, int B, int tiles) { return lpt ? dim3(heads, B, tiles) : dim3(tiles, heads, B); }
 
-template <int HS, int RW, int MINB>
+template <int HS, int RW, int MINB, int WG = 0>
 static inline void attention_flash_forward_launch(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
                                                   int NKV, cudaStream_t stream) {
     static bool smem_set = false;
-    flash_allow_smem(flash_attention_forward_kernel<HS, RW, MINB>, flash_forward_smem<HS, RW>(), &smem_set);
+    constexpr size_t smem = flash_forward_smem<HS, RW, WG>();
+    flash_allow_smem(flash_attention_forward_kernel<HS, RW, MINB, WG>, smem, &smem_set);
     dim3 grid = flash_grid(flash_forward_lpt, NH, B, ceil_div(T, RW * FLASH_ROWS));
-    flash_attention_forward_kernel<HS, RW, MINB><<<grid, FLASH_THREADS, flash_forward_smem<HS, RW>(), stream>>>(out, lse, qkv, T, NH, NKV,
-                                                                                                         flash_forward_lpt);
+    flash_attention_forward_kernel<HS, RW, MINB, WG><<<grid, FLASH_THREADS, smem, stream>>>(out, lse, qkv, T, NH, NKV,
+                                                                                          flash_forward_lpt);
     cudaCheckLaunch();
 }
 
@@ -847,7 +1137,8 @@ static inline void attention_flash_forward_launch(floatX *out, float *lse, const
 static inline void attention_flash_forward(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH, int NKV,
                                            int HS, cudaStream_t stream) {
     attention_flash_check(B, T, NH, NKV, HS, out, qkv, qkv, qkv);
-    if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2, 0>(out, lse, qkv, B, T, NH, NKV, stream);
+    if (HS == 64 && flash_forward_wgmma) attention_flash_forward_launch<64, 1, 0, 1>(out, lse, qkv, B, T, NH, NKV, stream);
+    else if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2, 0>(out, lse, qkv, B, T, NH, NKV, stream);
     else if (HS == 64 && flash_forward_min_blocks == 4) attention_flash_forward_launch<64, 1, 4>(out, lse, qkv, B, T, NH, NKV, stream);
     else if (HS == 64) attention_flash_forward_launch<64, 1, 0>(out, lse, qkv, B, T, NH, NKV, stream);
     else attention_flash_forward_launch<128, 1, 0>(out, lse, qkv, B, T, NH, NKV, stream);
@@ -877,13 +1168,14 @@ static inline cudaStream_t flash_side_stream(cudaEvent_t *fork, cudaEvent_t *joi
     return side;
 }
 
-template <int HS, int DQ_RW, int DQ_QREG, int DKV_MINB, int DKV_KVREG>
+template <int HS, int DQ_RW, int DQ_QREG, int DKV_MINB, int DKV_KVREG, int DQ_WG = 0, int DKV_WG = 0>
 static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                                    const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                                    cudaStream_t stream) {
     static bool dkv_set = false, dq_set = false;
-    flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG>, flash_dkv_smem<HS>(), &dkv_set);
-    flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG>, flash_dq_smem<HS, DQ_RW>(), &dq_set);
+    constexpr size_t dkv_smem = flash_dkv_smem<HS, DKV_WG>(), dq_smem = flash_dq_smem<HS, DQ_RW, DQ_WG>();
+    flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG>, dkv_smem, &dkv_set);
+    flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG>, dq_smem, &dq_set);
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
     cudaCheckLaunch();
@@ -896,13 +1188,29 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
         cudaCheck(cudaEventRecord(fork, stream));
         cudaCheck(cudaStreamWaitEvent(kv_stream, fork, 0));
     }
-    flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG><<<grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(), kv_stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
+    flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG><<<grid_kv, FLASH_THREADS, dkv_smem, kv_stream>>>(
+        dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
     cudaCheckLaunch();
-    flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG><<<grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(), stream>>>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
+    flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG><<<grid_q, FLASH_THREADS, dq_smem, stream>>>(
+        dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
     cudaCheckLaunch();
     if (flash_backward_side_by_side) {
         cudaCheck(cudaEventRecord(join, kv_stream));
         cudaCheck(cudaStreamWaitEvent(stream, join, 0));
+    }
+}
+
+// The head-size-64 backward with the dQ pass's variant fixed, the dK/dV pass's picked: 3 warpgroup
+// products (K and V in registers), 2 three blocks an SM, 1 K and V in registers, 0 the compiler's choice.
+template <int DQ_RW, int DQ_QREG, int DQ_WG>
+static inline void flash_backward_dkv_pick(int dkv, floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
+                                           const floatX *out, const float *lse, int B, int T, int NH, int NKV,
+                                           cudaStream_t stream) {
+    switch (dkv) {
+    case 3: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 2: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 3, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 1: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    default: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     }
 }
 
@@ -916,20 +1224,15 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
         attention_flash_backward_launch<128, 1, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
         return;
     }
-    // head size 64: the dQ pass (2 row tiles; 1 with Q and dO in registers; 1) and the dK/dV pass
-    // (3 blocks an SM; K and V in registers; the compiler's choice)
-    int dq = flash_dq_row_tiles == 2 ? 2 : flash_dq_q_regs ? 1 : 0;
-    int dkv = flash_dkv_min_blocks == 3 ? 2 : flash_dkv_kv_regs ? 1 : 0;
-    switch (dq * 3 + dkv) {
-    case 8: attention_flash_backward_launch<64, 2, 0, 3, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 7: attention_flash_backward_launch<64, 2, 0, 0, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 6: attention_flash_backward_launch<64, 2, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 5: attention_flash_backward_launch<64, 1, 1, 3, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 4: attention_flash_backward_launch<64, 1, 1, 0, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 3: attention_flash_backward_launch<64, 1, 1, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 2: attention_flash_backward_launch<64, 1, 0, 3, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 1: attention_flash_backward_launch<64, 1, 0, 0, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    default: attention_flash_backward_launch<64, 1, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    // head size 64: the dQ pass (warpgroup products; 2 row tiles; 1 with Q and dO in registers; 1)
+    // and the dK/dV pass (warpgroup products; 3 blocks an SM; K and V in registers; the compiler's choice)
+    int dq = flash_dq_wgmma ? 3 : flash_dq_row_tiles == 2 ? 2 : flash_dq_q_regs ? 1 : 0;
+    int dkv = flash_dkv_wgmma ? 3 : flash_dkv_min_blocks == 3 ? 2 : flash_dkv_kv_regs ? 1 : 0;
+    switch (dq) {
+    case 3: flash_backward_dkv_pick<1, 1, 1>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 2: flash_backward_dkv_pick<2, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 1: flash_backward_dkv_pick<1, 1, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    default: flash_backward_dkv_pick<1, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     }
 }
 
@@ -940,8 +1243,9 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
 typedef struct {
     int forward_row_tiles, forward_min_blocks, forward_lpt;
     int dq_row_tiles, dq_q_regs, dkv_min_blocks, dkv_kv_regs, side_by_side, backward_lpt;
+    int forward_wgmma, dq_wgmma, dkv_wgmma;
 } FlashConfig;
-static const FlashConfig flash_default_config = {1, 0, 0, 1, 0, 0, 0, 1, 0};
+static const FlashConfig flash_default_config = {1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0};
 
 // What a tuning chose, what it measured, and what the defaults measured in the same run.
 typedef struct {
@@ -970,17 +1274,22 @@ static inline void flash_set_config(const FlashConfig *c) {
     flash_dkv_kv_regs = c->dkv_kv_regs;
     flash_backward_side_by_side = c->side_by_side;
     flash_backward_lpt = c->backward_lpt;
+    flash_forward_wgmma = c->forward_wgmma;
+    flash_dq_wgmma = c->dq_wgmma;
+    flash_dkv_wgmma = c->dkv_wgmma;
 }
 
 // "forward 2 row tiles, lpt grid; backward 1 dQ row tile, dK/dV at 3 blocks an SM, passes side
 // by side, grouped grid" into buf
 static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) {
-    snprintf(buf, size, "forward %d row tile%s%s, %s grid; backward %d dQ row tile%s%s%s%s, passes %s, %s grid",
-             c->forward_row_tiles, c->forward_row_tiles > 1 ? "s" : "", c->forward_min_blocks > 1 ? " at 4 blocks an SM" : "",
-             c->forward_lpt ? "lpt" : "grouped", c->dq_row_tiles, c->dq_row_tiles > 1 ? "s" : "",
-             c->dq_q_regs ? " with Q and dO in registers" : "", c->dkv_min_blocks > 1 ? ", dK/dV at 3 blocks an SM" : "",
-             c->dkv_kv_regs ? ", dK/dV with K and V in registers" : "", c->side_by_side ? "side by side" : "in turn",
-             c->backward_lpt ? "lpt" : "grouped");
+    snprintf(buf, size, "forward %s%d row tile%s%s, %s grid; backward %s%d dQ row tile%s%s%s%s, passes %s, %s grid",
+             c->forward_wgmma ? "wgmma, " : "", c->forward_row_tiles, c->forward_row_tiles > 1 ? "s" : "",
+             c->forward_min_blocks > 1 ? " at 4 blocks an SM" : "", c->forward_lpt ? "lpt" : "grouped",
+             c->dq_wgmma ? "wgmma dQ, " : "", c->dq_row_tiles, c->dq_row_tiles > 1 ? "s" : "",
+             c->dq_q_regs && !c->dq_wgmma ? " with Q and dO in registers" : "",
+             c->dkv_wgmma ? ", wgmma dK/dV" : c->dkv_min_blocks > 1 ? ", dK/dV at 3 blocks an SM" : "",
+             c->dkv_kv_regs && !c->dkv_wgmma ? ", dK/dV with K and V in registers" : "",
+             c->side_by_side ? "side by side" : "in turn", c->backward_lpt ? "lpt" : "grouped");
 }
 
 // Picks the fastest launch configuration for the shape (B, T, NH, NKV, HS) among those whose
@@ -1044,13 +1353,16 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
         return best;
     };
 
-    FlashConfig cands[36];
+    // warpgroup products where enabled and the device runs the sm_90a image (head size 64)
+    const int wg = HS == 64 && flash_tune_wgmma_enabled() && flash_wgmma_supported();
+    FlashConfig cands[64];
     int n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
-        for (int v = 0; v < (HS == 64 ? 3 : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1)
+        for (int v = 0; v < (HS == 64 ? 3 + wg : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1); wgmma
             FlashConfig c = flash_default_config;
             c.forward_row_tiles = v == 2 ? 2 : 1;
             c.forward_min_blocks = v == 1 ? 4 : 0;
+            c.forward_wgmma = v == 3;
             c.forward_lpt = lpt;
             cands[n++] = c;
         }
@@ -1058,14 +1370,16 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
 
     n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
-        for (int dq = 0; dq < (HS == 64 ? 3 : 1); dq++)           // 1 row tile, 1 with Q and dO in registers, 2
-            for (int dkv = 0; dkv < (HS == 64 ? 3 : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM
+        for (int dq = 0; dq < (HS == 64 ? 3 + wg : 1); dq++)           // 1 row tile, 1 with Q and dO in registers, 2; wgmma
+            for (int dkv = 0; dkv < (HS == 64 ? 3 + wg : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM; wgmma
                 for (int side = 1; side >= 0; side--) {
                     FlashConfig c = flash_default_config;
                     c.dq_row_tiles = dq == 2 ? 2 : 1;
-                    c.dq_q_regs = dq == 1;
-                    c.dkv_kv_regs = dkv == 1;
+                    c.dq_q_regs = dq == 1 || dq == 3;
+                    c.dq_wgmma = dq == 3;
+                    c.dkv_kv_regs = dkv == 1 || dkv == 3;
                     c.dkv_min_blocks = dkv == 2 ? 3 : 0;
+                    c.dkv_wgmma = dkv == 3;
                     c.side_by_side = side;
                     c.backward_lpt = lpt;
                     cands[n++] = c;
@@ -1078,6 +1392,7 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
     t.config.forward_row_tiles = f.forward_row_tiles;
     t.config.forward_min_blocks = f.forward_min_blocks;
     t.config.forward_lpt = f.forward_lpt;
+    t.config.forward_wgmma = f.forward_wgmma;
     flash_set_config(&t.config);
     cudaCheck(cudaFree(d_sum));
     return t;

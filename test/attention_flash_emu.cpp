@@ -14,6 +14,9 @@
  *     addresses must be 16-byte aligned and inside the block's shared memory;
  *   - mma.m16n8k16 bf16 -> fp32: the warp's A (16x16), B (16x8) and C (16x8) are assembled from
  *     all lanes' registers by the PTX fragment layout, D = A B + C in fp32;
+ *   - wgmma.m64n64k16 bf16 -> fp32 with A in registers: the block's A (64x16) from its 4 warps'
+ *     registers, B (16x64) from shared memory through the matrix descriptor by the PTX ISA's
+ *     canonical no-swizzle layouts (K-major or MN-major), D = A B + C as mma does;
  *   - cp.async: the copies of a committed group land only when a cp.async.wait_group lets them
  *     (mode "late": a read before the wait sees stale data), or at once when issued (mode
  *     "early": a prefetch that overwrites a stage still being read corrupts it);
@@ -23,7 +26,9 @@
  *     IN : int32 B, T, NH, NKV, HS, RW, DQ_RW (the row tiles per warp of the forward and of the
  *          backward's dQ pass, each 1 or 2 with HS 64), lpt (the grid order, 0 grouped or 1
  *          lpt, for all three kernels), qreg and kvreg (1: the dQ pass's Q and dO fragments,
- *          the dK/dV pass's K and V fragments held in registers; HS 64); then float32 qkv (B, T, QKV),
+ *          the dK/dV pass's K and V fragments held in registers; HS 64), wg (bits 0, 1, 2: the
+ *          forward, the dQ pass, the dK/dV pass with warpgroup products; HS 64, one row tile
+ *          each); then float32 qkv (B, T, QKV),
  *          dout (B, T, NH*HS), all values representable in bf16
  *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV)
  */
@@ -103,6 +108,62 @@ static inline void flash_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix
 static inline void flash_ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, true); }
 
 static void flash_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { emu_mma(d, a, b0, b1); }
+
+// wgmma.mma_async.m64n64k16.f32.bf16.bf16 with A in registers and B in shared memory, from the PTX
+// ISA: the block (one warpgroup of 4 warps) exchanges its A fragments (warp w holds rows 16w..
+// 16w + 15 in the m16n8k16 A layout) and descriptors through a block barrier; B (16 x 64) is read
+// through the descriptor by the ISA's canonical no-swizzle layouts, with T = 8 bf16 (16 bytes),
+// k = k0 + 8 k1 and n = n0 + 8 n1 (start, LBO and SBO in bytes from the descriptor):
+//   K-major  (imm-trans-b 0)  byte start + n0 * 16 + n1 * SBO + k0 * 2 + k1 * LBO
+//   MN-major (imm-trans-b 1)  byte start + n0 * 2 + n1 * SBO + k0 * 16 + k1 * LBO
+// Each thread then adds to its accumulators (n-block j of its 16 rows in the m16n8 C layout; to
+// 0 with ACC 0, the instruction's scale-d false) the 16 products of k in order, in fp32, as
+// emu_mma does. Computed at the issue: the kernels
+// wait for each batch before reading the accumulators or refilling the tiles.
+static uint32_t wg_a[128][4];
+static uint64_t wg_desc[128];
+static inline void flash_wgmma_fence() {}
+static inline void flash_wgmma_commit() {}
+static inline void flash_wgmma_wait() {}
+static inline void flash_fence_proxy_async() {}
+template <int NB> static inline void flash_acc_fence(float (&)[NB][4]) {}
+template <int TRANS_B, int ACC = 1>   // ACC 0: the accumulators' earlier values are not read
+static void flash_wgmma(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+    if (blockDim.x != 128) emu_fail("wgmma: the emulation takes blocks of one warpgroup");
+    int t = current_thread;
+    for (int i = 0; i < 4; i++) wg_a[t][i] = a[i];
+    wg_desc[t] = desc;
+    __syncthreads();
+    for (int u = 0; u < 128; u++)
+        if (wg_desc[u] != desc) emu_fail("wgmma: the warpgroup's threads gave different descriptors");
+    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) emu_fail("wgmma: only the no-swizzle layout is emulated");
+    uint32_t start = (uint32_t)(desc & 0x3FFF) << 4, lbo = (uint32_t)((desc >> 16) & 0x3FFF) << 4,
+             sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
+    float A[64][16], B[16][64];
+    for (int u = 0; u < 128; u++) {
+        int w = u / 32, g = (u % 32) / 4, c = u % 4, r = 16 * w + g;
+        A[r][2 * c] = lo_f32(wg_a[u][0]);         A[r][2 * c + 1] = hi_f32(wg_a[u][0]);
+        A[r + 8][2 * c] = lo_f32(wg_a[u][1]);     A[r + 8][2 * c + 1] = hi_f32(wg_a[u][1]);
+        A[r][2 * c + 8] = lo_f32(wg_a[u][2]);     A[r][2 * c + 9] = hi_f32(wg_a[u][2]);
+        A[r + 8][2 * c + 8] = lo_f32(wg_a[u][3]); A[r + 8][2 * c + 9] = hi_f32(wg_a[u][3]);
+    }
+    for (int k = 0; k < 16; k++)
+        for (int n = 0; n < 64; n++) {
+            uint32_t addr = TRANS_B ? start + (n % 8) * 2 + (n / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
+                                    : start + (n % 8) * 16 + (n / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
+            check_smem(addr, 2, 2);
+            B[k][n] = to_f32(floatX{smem_bf16(addr)});
+        }
+    int w = t / 32, g = (t % 32) / 4, c = t % 4;
+    for (int j = 0; j < 8; j++)
+        for (int e = 0; e < 4; e++) {
+            int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * c + (e & 1);
+            float sum = ACC ? d[j][e] : 0.0f;
+            for (int k = 0; k < 16; k++) sum += A[row][k] * B[k][col];
+            d[j][e] = sum;
+        }
+    __syncthreads();
+}
 static inline uint32_t flash_pack_bf16(float lo, float hi) {
     return (uint32_t)to_bf16(lo).bits | ((uint32_t)to_bf16(hi).bits << 16);
 }
@@ -118,34 +179,53 @@ static Dim3 grid_of(int lpt, int heads, int B, int tiles) {
     return lpt ? Dim3{(unsigned)heads, (unsigned)B, (unsigned)tiles} : Dim3{(unsigned)tiles, (unsigned)heads, (unsigned)B};
 }
 
+// wg: bit 0 the forward, bit 1 the dQ pass, bit 2 the dK/dV pass with warpgroup products (head
+// size 64, one row tile; the dQ pass with Q and dO, the dK/dV pass with K and V in registers)
 template <int HS, int RW, int DQ_RW, int QREG, int KVREG>
 static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv, const floatX *dout, int B, int T,
-                int NH, int NKV, int lpt) {
+                int NH, int NKV, int lpt, int wg) {
     Dim3 grid_kv = grid_of(lpt, NKV, B, (T + FLASH_ROWS - 1) / FLASH_ROWS);
     Dim3 grid_q = grid_of(lpt, NH, B, (T + DQ_RW * FLASH_ROWS - 1) / (DQ_RW * FLASH_ROWS));
     Dim3 grid_fwd = grid_of(lpt, NH, B, (T + RW * FLASH_ROWS - 1) / (RW * FLASH_ROWS));
-    launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, RW>(),
-           [=] { flash_attention_forward_kernel<HS, RW>(out, lse, qkv, T, NH, NKV, lpt); });
+    constexpr bool wg_ok = HS == 64 && RW == 1 && DQ_RW == 1;
+    if constexpr (wg_ok) {
+        if (wg & 1)
+            launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, 1, 1>(),
+                   [=] { flash_attention_forward_kernel<HS, 1, 0, 1>(out, lse, qkv, T, NH, NKV, lpt); });
+    }
+    if (!wg_ok || !(wg & 1))
+        launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, RW>(),
+               [=] { flash_attention_forward_kernel<HS, RW>(out, lse, qkv, T, NH, NKV, lpt); });
     size_t threads_pre = (size_t)B * T * NH * (HS / 8);
     launch(Dim3{(unsigned)((threads_pre + 255) / 256), 1, 1}, 256, 0,
            [=] { flash_attention_backward_preprocess_kernel<HS>(D, dout, out, B, T, NH); });
-    launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
-           [=] { flash_attention_backward_dkv_kernel<HS, 0, KVREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
-    launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(),
-           [=] { flash_attention_backward_dq_kernel<HS, DQ_RW, QREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+    if constexpr (wg_ok) {
+        if (wg & 4)
+            launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS, 1>(),
+                   [=] { flash_attention_backward_dkv_kernel<HS, 0, 1, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+        if (wg & 2)
+            launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, 1, 1>(),
+                   [=] { flash_attention_backward_dq_kernel<HS, 1, 1, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+    }
+    if (!wg_ok || !(wg & 4))
+        launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
+               [=] { flash_attention_backward_dkv_kernel<HS, 0, KVREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+    if (!wg_ok || !(wg & 2))
+        launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(),
+               [=] { flash_attention_backward_dq_kernel<HS, DQ_RW, QREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
 }
 
 // run<64, RW, ...> for the backward's variants: dQ row tiles, Q and dO in registers (one row
 // tile), K and V in registers
 template <int RW>
 static void run64(int DQ_RW, int qreg, int kvreg, floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv,
-                  const floatX *dout, int B, int T, int NH, int NKV, int lpt) {
-    if (DQ_RW == 2 && kvreg) run<64, RW, 2, 0, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else if (DQ_RW == 2) run<64, RW, 2, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else if (qreg && kvreg) run<64, RW, 1, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else if (qreg) run<64, RW, 1, 1, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else if (kvreg) run<64, RW, 1, 0, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else run<64, RW, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+                  const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg) {
+    if (DQ_RW == 2 && kvreg) run<64, RW, 2, 0, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else if (DQ_RW == 2) run<64, RW, 2, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else if (qreg && kvreg) run<64, RW, 1, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else if (qreg) run<64, RW, 1, 1, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else if (kvreg) run<64, RW, 1, 0, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else run<64, RW, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
 }
 
 int main(int argc, char **argv) {
@@ -156,13 +236,14 @@ int main(int argc, char **argv) {
     copies_land_early = strcmp(argv[3], "early") == 0;
     FILE *f = fopen(argv[1], "rb");
     if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
-    int32_t dims[10];
-    if (fread(dims, sizeof(int32_t), 10, f) != 10) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int32_t dims[11];
+    if (fread(dims, sizeof(int32_t), 11, f) != 11) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int B = dims[0], T = dims[1], NH = dims[2], NKV = dims[3], HS = dims[4], RW = dims[5], DQ_RW = dims[6], lpt = dims[7];
-    int qreg = dims[8], kvreg = dims[9];
+    int qreg = dims[8], kvreg = dims[9], wg = dims[10];
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
         (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64) ||
-        ((qreg || kvreg) && HS != 64) || (qreg && DQ_RW != 1)) {
+        ((qreg || kvreg) && HS != 64) || (qreg && DQ_RW != 1) || wg < 0 || wg > 7 ||
+        (wg && (HS != 64 || RW != 1 || DQ_RW != 1))) {
         fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d\n", argv[1], B, T, NH,
                 NKV, HS, RW, DQ_RW);
         return 1;
@@ -183,9 +264,9 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n_out; i++) dout[i] = to_bf16(dout_f[i]);
     floatX *out = (floatX *)alloc(n_out * 2, 0xff), *dqkv = (floatX *)alloc(n_qkv * 2, 0xff);
     float *lse = (float *)alloc(n_stat * 4, 0xff), *D = (float *)alloc(n_stat * 4, 0xff);
-    if (HS == 64 && RW == 2) run64<2>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else if (HS == 64) run64<1>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
-    else run<128, 1, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt);
+    if (HS == 64 && RW == 2) run64<2>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else if (HS == 64) run64<1>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else run<128, 1, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
 
     FILE *o = fopen(argv[2], "wb");
     if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }

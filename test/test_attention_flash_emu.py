@@ -8,7 +8,8 @@ across and not a multiple of the 64-row tiles, and sharp softmaxes (inputs scale
 exercise the online rescaling; each runs with the asynchronous copies landing late (at the wait)
 and early (when issued), which exposes a missing wait or a prefetch overwriting a stage in use.
 The forward and the dQ pass also run with two 16-row tiles per warp (128 query rows a block, head
-size 64), and that dQ must equal the one-tile dQ bit for bit."""
+size 64), and that dQ must equal the one-tile dQ bit for bit. The warpgroup (wgmma) kernels must
+equal the mma.sync kernels bit for bit."""
 import math
 import shutil
 import subprocess
@@ -84,11 +85,12 @@ SHAPES = [  # B, T, NH, NKV, HS, input scale, row tiles per warp of the forward 
 ]
 
 
-def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0):
+def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0, wg=0):
     """inputs qkv, dout and the emulated out, lse, dqkv for one shape; the inputs do not depend on
     the dQ pass's row tiles, the grid order (lpt 1: heads, batch, tiles; 0: tiles, heads, batch) or
     forward_rw, which runs the forward with other row tiles than the shape's, or qreg / kvreg (the
-    dQ pass's Q and dO, the dK/dV pass's K and V fragments held in registers)"""
+    dQ pass's Q and dO, the dK/dV pass's K and V fragments held in registers), or wg (bits 0, 1, 2:
+    the forward, the dQ pass, the dK/dV pass with warpgroup products)"""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     QKV = (NH + 2 * NKV) * HS
     rng = np.random.default_rng(hash(shape[:7]) % 2**32)
@@ -96,7 +98,7 @@ def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg
     dout = to_bf16(rng.standard_normal((B, T, NH * HS)))
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt, qreg, kvreg],
+        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt, qreg, kvreg, wg],
                  np.int32).tofile(f)
         qkv.tofile(f)
         dout.tofile(f)
@@ -183,3 +185,28 @@ def test_flash_register_fragments(emulator, tmp_path, shape):
     qkv, dout, _, _, dqkv = run_emulator(emulator, tmp_path, shape, "early", qreg=int(DQ_RW == 1), kvreg=1)
     ref_dqkv = oracle(qkv, dout, NH, NKV, HS)[2]
     assert rel_err(dqkv, ref_dqkv) < 1.5e-2
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 64, 1.0, 1, 1), (2, 37, 2, 2, 64, 1.0, 1, 1), (1, 200, 3, 1, 64, 4.0, 1, 1),
+                                   (1, 256, 2, 2, 64, 1.0, 1, 1)],
+                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s)
+def test_flash_wgmma(emulator, tmp_path, shape):
+    """The warpgroup kernels (wgmma, their K/V or Q/dO tiles in the core-matrix layout read through
+    matrix descriptors) sum the same products in the same order of k as the mma.sync kernels, so
+    under the emulation, which does both from the PTX ISA's definitions, the forward's out and lse
+    and the backward's dqkv equal those of the kernels with the same fragments in registers (the
+    dQ pass's Q and dO, the dK/dV pass's K and V) bit for bit, each pass alone and all three
+    together; with the copies landing early they also match the oracle."""
+    B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
+    plain = run_emulator(emulator, tmp_path, shape, "late", qreg=1, kvreg=1)
+    for wg in (1, 2, 4, 7):
+        got = run_emulator(emulator, tmp_path, shape, "late", qreg=1, kvreg=1, wg=wg)
+        for name, a, b in zip(("out", "lse", "dqkv"), got[2:], plain[2:]):
+            differ = int(np.count_nonzero(a.view(np.uint32) != b.view(np.uint32)))
+            assert differ == 0, f"wg={wg} {name}: {differ} of {a.size} elements differ from the mma.sync kernels"
+    qkv, dout, out, lse, dqkv = run_emulator(emulator, tmp_path, shape, "early", qreg=1, kvreg=1, wg=7)
+    ref_out, ref_lse, ref_dqkv = oracle(qkv, dout, NH, NKV, HS)
+    assert rel_err(out, ref_out) < 5e-3
+    assert np.abs(lse - ref_lse).max() < 1e-4 * max(1.0, np.abs(ref_lse).max())
+    if np.abs(ref_dqkv).max() > 1e-12 and T > 1:
+        assert rel_err(dqkv, ref_dqkv) < 1.5e-2

@@ -8,6 +8,9 @@
  *   - against the simple CUDA kernels of attention.cuh on the whole batch (every element);
  *   - bitwise repeatability of forward and backward (the backward uses no atomics), and the
  *     backward with two row tiles a warp in the dQ pass bitwise equal to the one-tile backward;
+ *   - where the device runs the sm_90a code, the warpgroup (wgmma) kernels against the mma.sync
+ *     ones (and how many elements differ in their bits, which decides whether the tuner may
+ *     pick them), and their times;
  * for multi-head (GPT-2: 12 heads of 64) and grouped-query (SmolLM2: 9 query heads on 3 kv heads)
  * attention, head sizes 64 and 128, T of 1, T not a multiple of the 64-row tiles, and sharp
  * softmaxes (inputs scaled by 4, scores of standard deviation ~16) that exercise the online
@@ -120,6 +123,36 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         compare_bits(name, download_f32(d_lse, n_stat), lse[0]);
     }
 
+    if (HS == 64 && flash_wgmma_supported()) {   // the warpgroup (wgmma) kernels, all three passes
+        flash_forward_wgmma = flash_dq_wgmma = flash_dkv_wgmma = 1;
+        poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
+        poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
+        attention_flash_forward(d_out, d_lse, d_qkv, B, T, NH, NKV, HS, 0);
+        std::vector<float> out_wg = download_bf16(d_out, n_out), lse_wg = download_f32(d_lse, n_stat);
+        // the backward on the mma.sync forward's out and lse (rerun: it repeats bit for bit), so
+        // that dqkv compares the backward alone
+        flash_forward_wgmma = 0;
+        attention_flash_forward(d_out, d_lse, d_qkv, B, T, NH, NKV, HS, 0);
+        poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
+        attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
+        std::vector<float> dqkv_wg = download_bf16(d_dqkv, n_qkv);
+        flash_dq_wgmma = flash_dkv_wgmma = 0;
+        snprintf(name, sizeof(name), "flash wgmma vs mma.sync %s out", label); compare(name, out_wg, out[0], TOL_BF16);
+        snprintf(name, sizeof(name), "flash wgmma vs mma.sync %s lse", label); compare(name, lse_wg, lse[0], TOL_F32);
+        snprintf(name, sizeof(name), "flash wgmma vs mma.sync %s", label);
+        compare_dqkv(name, dqkv_wg, dqkv[0], 0, B, T, NH, NKV, HS, TOL_BF16);
+        // the same sums in the same order: whether the tensor cores round them alike decides
+        // whether the tuner may pick them (it takes only bit-equal configurations)
+        size_t differ[3] = {0, 0, 0};
+        for (size_t i = 0; i < n_out; i++) differ[0] += memcmp(&out_wg[i], &out[0][i], 4) != 0;
+        for (size_t i = 0; i < n_stat; i++) differ[1] += memcmp(&lse_wg[i], &lse[0][i], 4) != 0;
+        for (size_t i = 0; i < n_qkv; i++) differ[2] += memcmp(&dqkv_wg[i], &dqkv[0][i], 4) != 0;
+        printf("info flash wgmma vs mma.sync %s: elements with other bits: out %zu of %zu, lse %zu of %zu, dqkv %zu of %zu\n",
+               label, differ[0], n_out, differ[1], n_stat, differ[2], n_qkv);
+    } else if (HS == 64) {
+        printf("info flash wgmma %s: not run (the device does not run this build's sm_90a code)\n", label);
+    }
+
     // the simple kernels on the same inputs, every element
     poison(d_out_simple, n_out * sizeof(floatX)); poison(d_lse_simple, n_stat * sizeof(float));
     poison(d_dqkv_simple, n_qkv * sizeof(floatX)); poison(d_D_simple, n_stat * sizeof(float));
@@ -197,6 +230,29 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
             printf("time attention flash  %-13s forward with 1 row tile a warp %7.3f ms (%6.1f TFLOP/s), with 2 %7.3f ms (%6.1f TFLOP/s)\n",
                    model, fwd, fwd_flops / fwd / 1e9, fwd2, fwd_flops / fwd2 / 1e9);
         }
+        if (flash && HS == 64 && flash_wgmma_supported()) {   // the warpgroup (wgmma) kernels
+            flash_forward_wgmma = 1;
+            float fwd_wg = time_ms([&] {
+                i = (i + 1) % SETS;
+                attention_flash_forward(out[i], lse[i], qkv[i], B, T, NH, NKV, HS, 0);
+            }, 3, 20);
+            flash_forward_wgmma = 0;
+            float bwd_wg[3];
+            for (int v = 0; v < 3; v++) {   // dQ, dK/dV, both with warpgroup products
+                flash_dq_wgmma = v != 1;
+                flash_dkv_wgmma = v != 0;
+                bwd_wg[v] = time_ms([&] {
+                    i = (i + 1) % SETS;
+                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+                }, 3, 20);
+            }
+            flash_dq_wgmma = flash_dkv_wgmma = 0;
+            printf("time attention flash  %-13s wgmma forward %7.3f ms (%6.1f TFLOP/s) against mma.sync %7.3f ms\n", model,
+                   fwd_wg, fwd_flops / fwd_wg / 1e9, fwd);
+            printf("time attention flash  %-13s wgmma backward: dQ %7.3f ms, dK/dV %7.3f ms, both %7.3f ms (%6.1f TFLOP/s) "
+                   "against mma.sync %7.3f ms (passes side by side)\n", model, bwd_wg[0], bwd_wg[1], bwd_wg[2],
+                   bwd_flops / bwd_wg[2] / 1e9, bwd);
+        }
         if (flash) {   // the flash backward's two passes one after the other, against side by side (above)
             flash_backward_side_by_side = 0;
             float serial = time_ms([&] {
@@ -229,6 +285,7 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
     }
     // the tuning the CUDA model runs on its first forward: every configuration, checked bit for
     // bit against the defaults (a candidate that differs is reported and not used), and its time
+    flash_tune_wgmma = 1;   // the warpgroup kernels take part here (checked above); the models' runs ask TRAIN_MORA_FLASH_WGMMA
     FlashTuning t = attention_flash_tune(qkv[0], out[0], lse[0], dout[0], dqkv, D, B, T, NH, NKV, HS, 0, 1);
     printf("time attention flash  %-13s tuned: forward %.3f ms (defaults %.3f), backward %.3f ms (defaults %.3f)\n", model,
            t.forward_ms, t.default_forward_ms, t.backward_ms, t.default_backward_ms);
