@@ -614,6 +614,20 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
     }
 }
 
+extern "C" int cuda_model_attention_wgmma(CudaModel *model) {
+    Impl *d = impl_of(model);
+    if (!model->attention_tuned) fatal("cuda_model_attention_wgmma: the attention is tuned on the first forward");
+    const ModelConfig *c = &model->config;
+    if (!attention_use_flash(c->head_dim) || c->head_dim != 64 || !flash_wgmma_supported()) return 0;
+    FlashConfig f = d->tuned ? d->tuning.config : flash_default_config;   // its grid orders and stream use
+    f.forward_wgmma = f.dq_wgmma = f.dkv_wgmma = 1;
+    f.forward_row_tiles = f.dq_row_tiles = 1;
+    f.forward_min_blocks = f.dkv_min_blocks = 0;
+    f.dq_q_regs = f.dkv_kv_regs = 1;
+    d->flash_config = f;
+    return 1;
+}
+
 extern "C" void cuda_model_matmul_config(int tuned) { matmul_tune_use = tuned != 0; }
 extern "C" void cuda_model_matmul_tuning_print(CudaModel *model, FILE *out) { matmul_tune_print(out, impl_of(model)->matmul_tune_from); }
 

@@ -78,6 +78,11 @@ void cuda_model_free(CudaModel *model);
 // After the first forward: 1 runs the flash attention in its tuned configuration (the default),
 // 0 in the defaults' (benchmarks compare the two; the results are the same bit for bit).
 void cuda_model_attention_config(CudaModel *model, int tuned);
+// After the first forward: runs the flash attention's warpgroup (wgmma) kernels from now on, in
+// all three passes, whatever the tuning chose (their results may differ from the defaults' in
+// the last bits); cuda_model_attention_config undoes it. Returns 0, changing nothing, where they
+// do not apply (head size other than 64, or a device without this build's sm_90a code).
+int cuda_model_attention_wgmma(CudaModel *model);
 // 1 runs the products in their tuned algorithms (the default), 0 in cuBLASLt's first choices, for
 // every CUDA model of the process (the tuned choices are kept per shape, not per model).
 void cuda_model_matmul_config(int tuned);

@@ -6,8 +6,8 @@
  * per-kernel-group time table from a profiled run (CUDA events around each launch group). The
  * same run times the step with the weight gradients on a second stream and with the flash
  * attention in its default configuration instead of the one tuned on the first forward, and
- * with every product in cuBLASLt's first-choice algorithm instead of the tuned one, and prints
- * both tunings' choices. Figures only: not a test.
+ * with every product in cuBLASLt's first-choice algorithm instead of the tuned one, and with the
+ * attention's warpgroup (wgmma) kernels where they apply, and prints both tunings' choices. Figures only: not a test.
  *   build/cuda/dev/bench_train [steps]        (BF16_PEAK_TFLOPS overrides the card's peak)
  *   build/cuda/dev/bench_train STEPS PRESET   one model only
  * Targets from the issue (H100 80GB): GPT-2 124M >= 500K tok/s, SmolLM2-135M >= 350K tok/s.
@@ -65,6 +65,13 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     step();
     double untuned = median_step();
     cuda_model_attention_config(gpu, 1);
+    // the attention's warpgroup (wgmma) kernels in all three passes, where they apply
+    double wgmma = 0.0;
+    if (cuda_model_attention_wgmma(gpu)) {
+        step();
+        wgmma = median_step();
+        cuda_model_attention_config(gpu, 1);
+    }
     // the products in cuBLASLt's first choices instead of the tuned algorithms, timed beside
     cuda_model_matmul_config(0);
     step();
@@ -81,6 +88,10 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     printf("  with the weight gradients on a second stream: %.2f ms/step, %.0f tok/s\n", overlapped * 1e3, N / overlapped);
     printf("  attention: %s\n", gpu->attention_tuning);
     printf("  with the attention's default configuration: %.2f ms/step, %.0f tok/s\n", untuned * 1e3, N / untuned);
+    if (wgmma > 0.0)
+        printf("  with the attention's warpgroup (wgmma) kernels: %.2f ms/step, %.0f tok/s\n", wgmma * 1e3, N / wgmma);
+    else
+        printf("  the attention's warpgroup (wgmma) kernels do not apply here (head size, or no sm_90a code for the device)\n");
     printf("  products: %s\n", gpu->matmul_tuning);
     cuda_model_matmul_tuning_print(gpu, stdout);
     printf("  with cuBLASLt's first choices: %.2f ms/step, %.0f tok/s\n", first_choice * 1e3, N / first_choice);
