@@ -236,6 +236,42 @@ __device__ __forceinline__ void flash_wgmma(float (&d)[8][4], const uint32_t (&a
     __trap();
 #endif
 }
+// The same with A (64 x 16) read from shared memory too, through desc_a as a K-major operand
+// (the tile's rows are A's rows).
+template <int TRANS_B, int ACC = 1>
+__device__ __forceinline__ void flash_wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
+#ifdef FLASH_WGMMA_ASM
+    if constexpr (!ACC) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+            "%32, %33, p, 1, 1, 0, %34;\n}\n"
+            : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]),
+              "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]),
+              "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]),
+              "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]),
+              "=f"(d[7][0]), "=f"(d[7][1]), "=f"(d[7][2]), "=f"(d[7][3])
+            : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
+        return;
+    }
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, %34;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+          "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+          "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+          "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(desc_a), "l"(desc_b), "n"(TRANS_B));
+#else
+    __trap();
+#endif
+}
 #endif
 
 // The A fragment of k-block kb (16 columns) of a 16 x 16j accumulator tile acc[2j][4], in bf16.
@@ -639,13 +675,16 @@ constexpr size_t flash_dkv_smem() {
 // the forward (flash_dkv_min_blocks). KVREG: the warp's K and V fragments (the A operands of
 // S^T and dP^T, the same for every iteration) are read from shared memory once and kept in 32
 // registers, instead of once per iteration: fewer ldmatrix, more registers (flash_dkv_kv_regs).
-// WG (HS = 64, KVREG = 1): the products are warpgroup products (flash_wgmma) reading Q and dO
-// from tiles in the core-matrix layout, the same sums in the same order.
+// WG (HS = 64): the products are warpgroup products (flash_wgmma) reading Q and dO from tiles in
+// the core-matrix layout, the same sums in the same order; with WG = 1 (and KVREG = 1) K and V
+// come from registers, with WG = 2 (KVREG = 0) from core-matrix tiles in shared memory as well,
+// which frees the fragments' 32 registers.
 template <int HS, int MINB = 0, int KVREG = 0, int WG = 0>
 __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_dkv_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
     int lpt) {
-    static_assert(!WG || (HS == 64 && KVREG), "the warpgroup dK/dV pass takes head size 64, K and V in registers");
+    static_assert(!WG || (HS == 64 && (WG == 1) == (KVREG == 1)),
+                  "the warpgroup dK/dV pass takes head size 64, K and V in registers (WG 1) or not (WG 2)");
     constexpr int BN = FLASH_ROWS, BM = flash_dkv_queries<HS>(), LDS = HS + FLASH_PAD;
     constexpr int QS = WG ? BM * HS : BM * LDS;   // elements of one Q or dO stage
     floatX *sK = (floatX *)flash_dynamic_smem();
@@ -677,8 +716,13 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         flash_load_stats<BM>(sL + stage * BM, lse + ((size_t)b * NH + h) * T, q0, T);
         flash_load_stats<BM>(sD + stage * BM, D + ((size_t)b * NH + h) * T, q0, T);
     };
-    flash_load_tile<BN, HS>(sK, qkv, b, k0, T, QKV, (NH + kvh) * HS);
-    flash_load_tile<BN, HS>(sV, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+    if constexpr (WG == 2) {   // in the first BN x HS elements of their (BN, LDS) regions
+        flash_load_tile_wg<BN, HS>(sK, qkv, b, k0, T, QKV, (NH + kvh) * HS);
+        flash_load_tile_wg<BN, HS>(sV, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+    } else {
+        flash_load_tile<BN, HS>(sK, qkv, b, k0, T, QKV, (NH + kvh) * HS);
+        flash_load_tile<BN, HS>(sV, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+    }
     load_q(0, kvh * group, k0);
     flash_cp_async_commit();
 
@@ -717,12 +761,22 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
             for (int e = 0; e < 4; e++) s[nb][e] = dp[nb][e] = 0.0f;
         if constexpr (WG) {
             flash_wgmma_fence();
-            flash_wgmma<0, 0>(s, k_frag[0], flash_wg_desc_k<HS>(q_tile, 0));
-            flash_wgmma<0, 0>(dp, v_frag[0], flash_wg_desc_k<HS>(g_tile, 0));
-            #pragma unroll
-            for (int kk = 1; kk < HS / 16; kk++) {
-                flash_wgmma<0>(s, k_frag[kk], flash_wg_desc_k<HS>(q_tile, kk));
-                flash_wgmma<0>(dp, v_frag[kk], flash_wg_desc_k<HS>(g_tile, kk));
+            if constexpr (WG == 2) {
+                flash_wgmma_ss<0, 0>(s, flash_wg_desc_k<HS>(sK, 0), flash_wg_desc_k<HS>(q_tile, 0));
+                flash_wgmma_ss<0, 0>(dp, flash_wg_desc_k<HS>(sV, 0), flash_wg_desc_k<HS>(g_tile, 0));
+                #pragma unroll
+                for (int kk = 1; kk < HS / 16; kk++) {
+                    flash_wgmma_ss<0>(s, flash_wg_desc_k<HS>(sK, kk), flash_wg_desc_k<HS>(q_tile, kk));
+                    flash_wgmma_ss<0>(dp, flash_wg_desc_k<HS>(sV, kk), flash_wg_desc_k<HS>(g_tile, kk));
+                }
+            } else {
+                flash_wgmma<0, 0>(s, k_frag[0], flash_wg_desc_k<HS>(q_tile, 0));
+                flash_wgmma<0, 0>(dp, v_frag[0], flash_wg_desc_k<HS>(g_tile, 0));
+                #pragma unroll
+                for (int kk = 1; kk < HS / 16; kk++) {
+                    flash_wgmma<0>(s, k_frag[kk], flash_wg_desc_k<HS>(q_tile, kk));
+                    flash_wgmma<0>(dp, v_frag[kk], flash_wg_desc_k<HS>(g_tile, kk));
+                }
             }
             flash_wgmma_commit();
             flash_wgmma_wait();
@@ -806,6 +860,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
     }
 
     // K and V are no longer read (the loop ended on a barrier): stage dK, dV there, then store
+    // (WG 2: their (BN, LDS) regions are as large as in the padded layout)
     flash_stage_acc<HS, LDS>(sK, dk, warp * 16, scale, scale, lane);
     flash_stage_acc<HS, LDS>(sV, dv, warp * 16, 1.0f, 1.0f, lane);
     __syncthreads();
@@ -835,13 +890,16 @@ constexpr size_t flash_dq_smem() {
 // a tile, its 16-key blocks in turn; a skipped row tile has no keys to add), so both launches
 // give bitwise the same dQ. QREG (RW = 1): the warp's Q and dO fragments, the same for every key
 // tile, are read from shared memory once and kept in 32 registers (flash_dq_q_regs). WG (HS = 64,
-// RW = 1, QREG = 1): the products are warpgroup products (flash_wgmma) reading K and V from
-// tiles in the core-matrix layout, the same sums in the same order.
+// RW = 1): the products are warpgroup products (flash_wgmma) reading K and V from tiles in the
+// core-matrix layout, the same sums in the same order; with WG = 1 (and QREG = 1) Q and dO come
+// from registers, with WG = 2 (QREG = 0) from core-matrix tiles in shared memory as well, which
+// frees the fragments' 32 registers.
 template <int HS, int RW, int QREG = 0, int WG = 0>
 __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
     int lpt) {
-    static_assert(!WG || (HS == 64 && RW == 1 && QREG), "the warpgroup dQ pass takes head size 64, one row tile, Q and dO in registers");
+    static_assert(!WG || (HS == 64 && RW == 1 && (WG == 1) == (QREG == 1)),
+                  "the warpgroup dQ pass takes head size 64, one row tile, Q and dO in registers (WG 1) or not (WG 2)");
     constexpr int BM = RW * FLASH_ROWS, BN = FLASH_KEYS, KS = flash_dq_step_keys<RW>(), LDS = HS + FLASH_PAD;
     constexpr int KVS = WG ? BN * HS : BN * LDS;   // elements of one K or V stage
     floatX *sQ = (floatX *)flash_dynamic_smem();
@@ -866,8 +924,13 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
             flash_load_tile<BN, HS>(sV + stage * KVS, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
         }
     };
-    flash_load_tile<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
-    flash_load_tile<BM, HS>(sG, dout, b, q0, T, NH * HS, h * HS);
+    if constexpr (WG == 2) {   // in the first BM x HS elements of their (BM, LDS) regions
+        flash_load_tile_wg<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
+        flash_load_tile_wg<BM, HS>(sG, dout, b, q0, T, NH * HS, h * HS);
+    } else {
+        flash_load_tile<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
+        flash_load_tile<BM, HS>(sG, dout, b, q0, T, NH * HS, h * HS);
+    }
     load_kv(0, 0);
     flash_cp_async_commit();
     // this thread's two query rows of each row tile and their statistics; rows past T read those
@@ -928,12 +991,22 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
                     for (int e = 0; e < 4; e++) s[r][nb][e] = dp[r][nb][e] = 0.0f;
             if constexpr (WG) {
                 flash_wgmma_fence();
-                flash_wgmma<0, 0>(s[0], q_frag[0], flash_wg_desc_k<HS>(k_tile, 0));
-                flash_wgmma<0, 0>(dp[0], g_frag[0], flash_wg_desc_k<HS>(v_tile, 0));
-                #pragma unroll
-                for (int kk = 1; kk < HS / 16; kk++) {
-                    flash_wgmma<0>(s[0], q_frag[kk], flash_wg_desc_k<HS>(k_tile, kk));
-                    flash_wgmma<0>(dp[0], g_frag[kk], flash_wg_desc_k<HS>(v_tile, kk));
+                if constexpr (WG == 2) {
+                    flash_wgmma_ss<0, 0>(s[0], flash_wg_desc_k<HS>(sQ, 0), flash_wg_desc_k<HS>(k_tile, 0));
+                    flash_wgmma_ss<0, 0>(dp[0], flash_wg_desc_k<HS>(sG, 0), flash_wg_desc_k<HS>(v_tile, 0));
+                    #pragma unroll
+                    for (int kk = 1; kk < HS / 16; kk++) {
+                        flash_wgmma_ss<0>(s[0], flash_wg_desc_k<HS>(sQ, kk), flash_wg_desc_k<HS>(k_tile, kk));
+                        flash_wgmma_ss<0>(dp[0], flash_wg_desc_k<HS>(sG, kk), flash_wg_desc_k<HS>(v_tile, kk));
+                    }
+                } else {
+                    flash_wgmma<0, 0>(s[0], q_frag[0], flash_wg_desc_k<HS>(k_tile, 0));
+                    flash_wgmma<0, 0>(dp[0], g_frag[0], flash_wg_desc_k<HS>(v_tile, 0));
+                    #pragma unroll
+                    for (int kk = 1; kk < HS / 16; kk++) {
+                        flash_wgmma<0>(s[0], q_frag[kk], flash_wg_desc_k<HS>(k_tile, kk));
+                        flash_wgmma<0>(dp[0], g_frag[kk], flash_wg_desc_k<HS>(v_tile, kk));
+                    }
                 }
                 flash_wgmma_commit();
                 flash_wgmma_wait();
@@ -1026,7 +1099,8 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
         __syncthreads();
     }
 
-    // Q is no longer read (the loop ended on a barrier): stage dQ there, then store
+    // Q is no longer read (the loop ended on a barrier): stage dQ there, then store (WG 2: the
+    // (BM, LDS) regions of Q and dO are as large as in the padded layout, so dQ fits in Q's)
     #pragma unroll
     for (int r = 0; r < RW; r++) flash_stage_acc<HS, LDS>(sQ, dq[r], r * FLASH_ROWS + warp * 16, scale, scale, lane);
     __syncthreads();
@@ -1076,8 +1150,9 @@ static int flash_dq_q_regs = 0;
 // Grid order of the forward's and the backward's launches: 0 grouped, 1 lpt (header comment).
 static int flash_forward_lpt = 0;
 static int flash_backward_lpt = 0;
-// Warpgroup products (wgmma; head size 64, only where flash_wgmma_supported): the forward, the
-// dQ pass (with Q and dO in registers) and the dK/dV pass (with K and V in registers). 0 or 1.
+// Warpgroup products (wgmma; head size 64, only where flash_wgmma_supported): the forward (0 or
+// 1), the dQ pass and the dK/dV pass (0; 1 with Q and dO, K and V in registers; 2 with them read
+// from shared memory too).
 static int flash_forward_wgmma = 0;
 static int flash_dq_wgmma = 0;
 static int flash_dkv_wgmma = 0;
@@ -1200,13 +1275,15 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     }
 }
 
-// The head-size-64 backward with the dQ pass's variant fixed, the dK/dV pass's picked: 3 warpgroup
-// products (K and V in registers), 2 three blocks an SM, 1 K and V in registers, 0 the compiler's choice.
+// The head-size-64 backward with the dQ pass's variant fixed, the dK/dV pass's picked: 4 warpgroup
+// products (K and V from shared memory), 3 warpgroup products (K and V in registers), 2 three
+// blocks an SM, 1 K and V in registers, 0 the compiler's choice.
 template <int DQ_RW, int DQ_QREG, int DQ_WG>
 static inline void flash_backward_dkv_pick(int dkv, floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                            const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                            cudaStream_t stream) {
     switch (dkv) {
+    case 4: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     case 3: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     case 2: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 3, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     case 1: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
@@ -1224,11 +1301,14 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
         attention_flash_backward_launch<128, 1, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
         return;
     }
-    // head size 64: the dQ pass (warpgroup products; 2 row tiles; 1 with Q and dO in registers; 1)
-    // and the dK/dV pass (warpgroup products; 3 blocks an SM; K and V in registers; the compiler's choice)
-    int dq = flash_dq_wgmma ? 3 : flash_dq_row_tiles == 2 ? 2 : flash_dq_q_regs ? 1 : 0;
-    int dkv = flash_dkv_wgmma ? 3 : flash_dkv_min_blocks == 3 ? 2 : flash_dkv_kv_regs ? 1 : 0;
+    // head size 64: the dQ pass (warpgroup products with Q and dO from shared memory or from
+    // registers; 2 row tiles; 1 with Q and dO in registers; 1) and the dK/dV pass (warpgroup
+    // products with K and V from shared memory or registers; 3 blocks an SM; K and V in
+    // registers; the compiler's choice)
+    int dq = flash_dq_wgmma ? 2 + flash_dq_wgmma : flash_dq_row_tiles == 2 ? 2 : flash_dq_q_regs ? 1 : 0;
+    int dkv = flash_dkv_wgmma ? 2 + flash_dkv_wgmma : flash_dkv_min_blocks == 3 ? 2 : flash_dkv_kv_regs ? 1 : 0;
     switch (dq) {
+    case 4: flash_backward_dkv_pick<1, 0, 2>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     case 3: flash_backward_dkv_pick<1, 1, 1>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     case 2: flash_backward_dkv_pick<2, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     case 1: flash_backward_dkv_pick<1, 1, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
@@ -1285,9 +1365,11 @@ static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) 
     snprintf(buf, size, "forward %s%d row tile%s%s, %s grid; backward %s%d dQ row tile%s%s%s%s, passes %s, %s grid",
              c->forward_wgmma ? "wgmma, " : "", c->forward_row_tiles, c->forward_row_tiles > 1 ? "s" : "",
              c->forward_min_blocks > 1 ? " at 4 blocks an SM" : "", c->forward_lpt ? "lpt" : "grouped",
-             c->dq_wgmma ? "wgmma dQ, " : "", c->dq_row_tiles, c->dq_row_tiles > 1 ? "s" : "",
+             c->dq_wgmma == 2 ? "wgmma dQ (Q, dO from shared memory), " : c->dq_wgmma ? "wgmma dQ, " : "",
+             c->dq_row_tiles, c->dq_row_tiles > 1 ? "s" : "",
              c->dq_q_regs && !c->dq_wgmma ? " with Q and dO in registers" : "",
-             c->dkv_wgmma ? ", wgmma dK/dV" : c->dkv_min_blocks > 1 ? ", dK/dV at 3 blocks an SM" : "",
+             c->dkv_wgmma == 2 ? ", wgmma dK/dV (K, V from shared memory)" : c->dkv_wgmma ? ", wgmma dK/dV"
+             : c->dkv_min_blocks > 1 ? ", dK/dV at 3 blocks an SM" : "",
              c->dkv_kv_regs && !c->dkv_wgmma ? ", dK/dV with K and V in registers" : "",
              c->side_by_side ? "side by side" : "in turn", c->backward_lpt ? "lpt" : "grouped");
 }
@@ -1355,7 +1437,7 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
 
     // warpgroup products where enabled and the device runs the sm_90a image (head size 64)
     const int wg = HS == 64 && flash_tune_wgmma_enabled() && flash_wgmma_supported();
-    FlashConfig cands[64];
+    FlashConfig cands[100];
     int n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
         for (int v = 0; v < (HS == 64 ? 3 + wg : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1); wgmma
@@ -1370,16 +1452,16 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
 
     n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
-        for (int dq = 0; dq < (HS == 64 ? 3 + wg : 1); dq++)           // 1 row tile, 1 with Q and dO in registers, 2; wgmma
-            for (int dkv = 0; dkv < (HS == 64 ? 3 + wg : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM; wgmma
+        for (int dq = 0; dq < (HS == 64 ? 3 + 2 * wg : 1); dq++)           // 1 row tile, 1 with Q and dO in registers, 2; wgmma 1, 2
+            for (int dkv = 0; dkv < (HS == 64 ? 3 + 2 * wg : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM; wgmma 1, 2
                 for (int side = 1; side >= 0; side--) {
                     FlashConfig c = flash_default_config;
                     c.dq_row_tiles = dq == 2 ? 2 : 1;
                     c.dq_q_regs = dq == 1 || dq == 3;
-                    c.dq_wgmma = dq == 3;
+                    c.dq_wgmma = dq >= 3 ? dq - 2 : 0;
                     c.dkv_kv_regs = dkv == 1 || dkv == 3;
                     c.dkv_min_blocks = dkv == 2 ? 3 : 0;
-                    c.dkv_wgmma = dkv == 3;
+                    c.dkv_wgmma = dkv >= 3 ? dkv - 2 : 0;
                     c.side_by_side = side;
                     c.backward_lpt = lpt;
                     cands[n++] = c;

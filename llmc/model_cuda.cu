@@ -614,16 +614,18 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
     }
 }
 
-extern "C" int cuda_model_attention_wgmma(CudaModel *model) {
+extern "C" int cuda_model_attention_wgmma(CudaModel *model, int variant) {
     Impl *d = impl_of(model);
     if (!model->attention_tuned) fatal("cuda_model_attention_wgmma: the attention is tuned on the first forward");
+    if (variant != 1 && variant != 2) fatal("cuda_model_attention_wgmma: variant %d is not 1 or 2", variant);
     const ModelConfig *c = &model->config;
     if (!attention_use_flash(c->head_dim) || c->head_dim != 64 || !flash_wgmma_supported()) return 0;
     FlashConfig f = d->tuned ? d->tuning.config : flash_default_config;   // its grid orders and stream use
-    f.forward_wgmma = f.dq_wgmma = f.dkv_wgmma = 1;
+    f.forward_wgmma = 1;
+    f.dq_wgmma = f.dkv_wgmma = variant;
     f.forward_row_tiles = f.dq_row_tiles = 1;
     f.forward_min_blocks = f.dkv_min_blocks = 0;
-    f.dq_q_regs = f.dkv_kv_regs = 1;
+    f.dq_q_regs = f.dkv_kv_regs = variant == 1;
     d->flash_config = f;
     return 1;
 }

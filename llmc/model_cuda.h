@@ -80,9 +80,11 @@ void cuda_model_free(CudaModel *model);
 void cuda_model_attention_config(CudaModel *model, int tuned);
 // After the first forward: runs the flash attention's warpgroup (wgmma) kernels from now on, in
 // all three passes, whatever the tuning chose (their results may differ from the defaults' in
-// the last bits); cuda_model_attention_config undoes it. Returns 0, changing nothing, where they
-// do not apply (head size other than 64, or a device without this build's sm_90a code).
-int cuda_model_attention_wgmma(CudaModel *model);
+// the last bits); cuda_model_attention_config undoes it. variant 1: the backward's passes keep
+// their loop-invariant operands (Q and dO, K and V) in registers; 2: they read them from shared
+// memory. Returns 0, changing nothing, where they do not apply (head size other than 64, or a
+// device without this build's sm_90a code).
+int cuda_model_attention_wgmma(CudaModel *model, int variant);
 // 1 runs the products in their tuned algorithms (the default), 0 in cuBLASLt's first choices, for
 // every CUDA model of the process (the tuned choices are kept per shape, not per model).
 void cuda_model_matmul_config(int tuned);

@@ -14,8 +14,8 @@
  *     addresses must be 16-byte aligned and inside the block's shared memory;
  *   - mma.m16n8k16 bf16 -> fp32: the warp's A (16x16), B (16x8) and C (16x8) are assembled from
  *     all lanes' registers by the PTX fragment layout, D = A B + C in fp32;
- *   - wgmma.m64n64k16 bf16 -> fp32 with A in registers: the block's A (64x16) from its 4 warps'
- *     registers, B (16x64) from shared memory through the matrix descriptor by the PTX ISA's
+ *   - wgmma.m64n64k16 bf16 -> fp32: the block's A (64x16) from its 4 warps' registers or from
+ *     shared memory, B (16x64) from shared memory, through matrix descriptors by the PTX ISA's
  *     canonical no-swizzle layouts (K-major or MN-major), D = A B + C as mma does;
  *   - cp.async: the copies of a committed group land only when a cp.async.wait_group lets them
  *     (mode "late": a read before the wait sees stale data), or at once when issued (mode
@@ -27,8 +27,9 @@
  *          backward's dQ pass, each 1 or 2 with HS 64), lpt (the grid order, 0 grouped or 1
  *          lpt, for all three kernels), qreg and kvreg (1: the dQ pass's Q and dO fragments,
  *          the dK/dV pass's K and V fragments held in registers; HS 64), wg (bits 0, 1, 2: the
- *          forward, the dQ pass, the dK/dV pass with warpgroup products; HS 64, one row tile
- *          each); then float32 qkv (B, T, QKV),
+ *          forward, the dQ pass, the dK/dV pass with warpgroup products; bits 3, 4: the dQ and
+ *          dK/dV passes with warpgroup products reading every operand from shared memory; HS
+ *          64, one row tile each); then float32 qkv (B, T, QKV),
  *          dout (B, T, NH*HS), all values representable in bf16
  *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV)
  */
@@ -127,34 +128,43 @@ static inline void flash_wgmma_commit() {}
 static inline void flash_wgmma_wait() {}
 static inline void flash_fence_proxy_async() {}
 template <int NB> static inline void flash_acc_fence(float (&)[NB][4]) {}
-template <int TRANS_B, int ACC = 1>   // ACC 0: the accumulators' earlier values are not read
-static void flash_wgmma(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
-    if (blockDim.x != 128) emu_fail("wgmma: the emulation takes blocks of one warpgroup");
-    int t = current_thread;
-    for (int i = 0; i < 4; i++) wg_a[t][i] = a[i];
-    wg_desc[t] = desc;
-    __syncthreads();
-    for (int u = 0; u < 128; u++)
-        if (wg_desc[u] != desc) emu_fail("wgmma: the warpgroup's threads gave different descriptors");
+// the byte address of element (k, mn) of a 16 x 64 (B) or 64 x 16 (A, mn its row) operand
+// through a no-swizzle descriptor, by the canonical layouts above; checked inside shared memory
+static uint32_t wg_element(uint64_t desc, int trans, int k, int mn) {
     if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) emu_fail("wgmma: only the no-swizzle layout is emulated");
     uint32_t start = (uint32_t)(desc & 0x3FFF) << 4, lbo = (uint32_t)((desc >> 16) & 0x3FFF) << 4,
              sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
+    uint32_t addr = trans ? start + (mn % 8) * 2 + (mn / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
+                          : start + (mn % 8) * 16 + (mn / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
+    check_smem(addr, 2, 2);
+    return addr;
+}
+// the warpgroup's common descriptor (every thread gave the same), after the exchange barrier
+static void wg_same(const uint64_t *descs, uint64_t desc) {
+    for (int u = 0; u < 128; u++)
+        if (descs[u] != desc) emu_fail("wgmma: the warpgroup's threads gave different descriptors");
+}
+static uint64_t wg_desc_a[128];
+// D += A B for this thread's accumulators (A from the exchanged registers, or with a_from_smem
+// through desc_a as a K-major operand), after the block has exchanged its operands
+template <int TRANS_B, int ACC>
+static void wgmma_emulated(float (&d)[8][4], bool a_from_smem, uint64_t desc_a, uint64_t desc) {
     float A[64][16], B[16][64];
-    for (int u = 0; u < 128; u++) {
-        int w = u / 32, g = (u % 32) / 4, c = u % 4, r = 16 * w + g;
-        A[r][2 * c] = lo_f32(wg_a[u][0]);         A[r][2 * c + 1] = hi_f32(wg_a[u][0]);
-        A[r + 8][2 * c] = lo_f32(wg_a[u][1]);     A[r + 8][2 * c + 1] = hi_f32(wg_a[u][1]);
-        A[r][2 * c + 8] = lo_f32(wg_a[u][2]);     A[r][2 * c + 9] = hi_f32(wg_a[u][2]);
-        A[r + 8][2 * c + 8] = lo_f32(wg_a[u][3]); A[r + 8][2 * c + 9] = hi_f32(wg_a[u][3]);
+    if (a_from_smem) {
+        for (int m = 0; m < 64; m++)
+            for (int k = 0; k < 16; k++) A[m][k] = to_f32(floatX{smem_bf16(wg_element(desc_a, 0, k, m))});
+    } else {
+        for (int u = 0; u < 128; u++) {
+            int w = u / 32, g = (u % 32) / 4, c = u % 4, r = 16 * w + g;
+            A[r][2 * c] = lo_f32(wg_a[u][0]);         A[r][2 * c + 1] = hi_f32(wg_a[u][0]);
+            A[r + 8][2 * c] = lo_f32(wg_a[u][1]);     A[r + 8][2 * c + 1] = hi_f32(wg_a[u][1]);
+            A[r][2 * c + 8] = lo_f32(wg_a[u][2]);     A[r][2 * c + 9] = hi_f32(wg_a[u][2]);
+            A[r + 8][2 * c + 8] = lo_f32(wg_a[u][3]); A[r + 8][2 * c + 9] = hi_f32(wg_a[u][3]);
+        }
     }
     for (int k = 0; k < 16; k++)
-        for (int n = 0; n < 64; n++) {
-            uint32_t addr = TRANS_B ? start + (n % 8) * 2 + (n / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
-                                    : start + (n % 8) * 16 + (n / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
-            check_smem(addr, 2, 2);
-            B[k][n] = to_f32(floatX{smem_bf16(addr)});
-        }
-    int w = t / 32, g = (t % 32) / 4, c = t % 4;
+        for (int n = 0; n < 64; n++) B[k][n] = to_f32(floatX{smem_bf16(wg_element(desc, TRANS_B, k, n))});
+    int t = current_thread, w = t / 32, g = (t % 32) / 4, c = t % 4;
     for (int j = 0; j < 8; j++)
         for (int e = 0; e < 4; e++) {
             int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * c + (e & 1);
@@ -162,6 +172,26 @@ static void flash_wgmma(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc)
             for (int k = 0; k < 16; k++) sum += A[row][k] * B[k][col];
             d[j][e] = sum;
         }
+}
+template <int TRANS_B, int ACC = 1>   // ACC 0: the accumulators' earlier values are not read
+static void flash_wgmma(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+    if (blockDim.x != 128) emu_fail("wgmma: the emulation takes blocks of one warpgroup");
+    for (int i = 0; i < 4; i++) wg_a[current_thread][i] = a[i];
+    wg_desc[current_thread] = desc;
+    __syncthreads();
+    wg_same(wg_desc, desc);
+    wgmma_emulated<TRANS_B, ACC>(d, false, 0, desc);
+    __syncthreads();
+}
+template <int TRANS_B, int ACC = 1>   // A from shared memory, K-major, through desc_a
+static void flash_wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc) {
+    if (blockDim.x != 128) emu_fail("wgmma: the emulation takes blocks of one warpgroup");
+    wg_desc_a[current_thread] = desc_a;
+    wg_desc[current_thread] = desc;
+    __syncthreads();
+    wg_same(wg_desc_a, desc_a);
+    wg_same(wg_desc, desc);
+    wgmma_emulated<TRANS_B, ACC>(d, true, desc_a, desc);
     __syncthreads();
 }
 static inline uint32_t flash_pack_bf16(float lo, float hi) {
@@ -180,7 +210,8 @@ static Dim3 grid_of(int lpt, int heads, int B, int tiles) {
 }
 
 // wg: bit 0 the forward, bit 1 the dQ pass, bit 2 the dK/dV pass with warpgroup products (head
-// size 64, one row tile; the dQ pass with Q and dO, the dK/dV pass with K and V in registers)
+// size 64, one row tile; the dQ pass with Q and dO, the dK/dV pass with K and V in registers);
+// bits 3 and 4 the dQ and dK/dV passes with warpgroup products reading those from shared memory
 template <int HS, int RW, int DQ_RW, int QREG, int KVREG>
 static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv, const floatX *dout, int B, int T,
                 int NH, int NKV, int lpt, int wg) {
@@ -203,14 +234,20 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *q
         if (wg & 4)
             launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS, 1>(),
                    [=] { flash_attention_backward_dkv_kernel<HS, 0, 1, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+        else if (wg & 16)
+            launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS, 2>(),
+                   [=] { flash_attention_backward_dkv_kernel<HS, 0, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
         if (wg & 2)
             launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, 1, 1>(),
                    [=] { flash_attention_backward_dq_kernel<HS, 1, 1, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+        else if (wg & 8)
+            launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, 1, 2>(),
+                   [=] { flash_attention_backward_dq_kernel<HS, 1, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
     }
-    if (!wg_ok || !(wg & 4))
+    if (!wg_ok || !(wg & (4 | 16)))
         launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
                [=] { flash_attention_backward_dkv_kernel<HS, 0, KVREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
-    if (!wg_ok || !(wg & 2))
+    if (!wg_ok || !(wg & (2 | 8)))
         launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(),
                [=] { flash_attention_backward_dq_kernel<HS, DQ_RW, QREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
 }
@@ -242,7 +279,7 @@ int main(int argc, char **argv) {
     int qreg = dims[8], kvreg = dims[9], wg = dims[10];
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
         (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64) ||
-        ((qreg || kvreg) && HS != 64) || (qreg && DQ_RW != 1) || wg < 0 || wg > 7 ||
+        ((qreg || kvreg) && HS != 64) || (qreg && DQ_RW != 1) || wg < 0 || wg > 31 || (wg & 10) == 10 || (wg & 20) == 20 ||
         (wg && (HS != 64 || RW != 1 || DQ_RW != 1))) {
         fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d\n", argv[1], B, T, NH,
                 NKV, HS, RW, DQ_RW);

@@ -90,7 +90,8 @@ def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg
     the dQ pass's row tiles, the grid order (lpt 1: heads, batch, tiles; 0: tiles, heads, batch) or
     forward_rw, which runs the forward with other row tiles than the shape's, or qreg / kvreg (the
     dQ pass's Q and dO, the dK/dV pass's K and V fragments held in registers), or wg (bits 0, 1, 2:
-    the forward, the dQ pass, the dK/dV pass with warpgroup products)"""
+    the forward, the dQ pass, the dK/dV pass with warpgroup products; bits 3, 4: the dQ and dK/dV
+    passes with warpgroup products reading every operand from shared memory)"""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     QKV = (NH + 2 * NKV) * HS
     rng = np.random.default_rng(hash(shape[:7]) % 2**32)
@@ -196,17 +197,19 @@ def test_flash_wgmma(emulator, tmp_path, shape):
     under the emulation, which does both from the PTX ISA's definitions, the forward's out and lse
     and the backward's dqkv equal those of the kernels with the same fragments in registers (the
     dQ pass's Q and dO, the dK/dV pass's K and V) bit for bit, each pass alone and all three
-    together; with the copies landing early they also match the oracle."""
+    together, and so do the backward passes reading those operands from shared memory as well;
+    with the copies landing early they also match the oracle."""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     plain = run_emulator(emulator, tmp_path, shape, "late", qreg=1, kvreg=1)
-    for wg in (1, 2, 4, 7):
+    for wg in (1, 2, 4, 7, 8, 16, 25):
         got = run_emulator(emulator, tmp_path, shape, "late", qreg=1, kvreg=1, wg=wg)
         for name, a, b in zip(("out", "lse", "dqkv"), got[2:], plain[2:]):
             differ = int(np.count_nonzero(a.view(np.uint32) != b.view(np.uint32)))
             assert differ == 0, f"wg={wg} {name}: {differ} of {a.size} elements differ from the mma.sync kernels"
-    qkv, dout, out, lse, dqkv = run_emulator(emulator, tmp_path, shape, "early", qreg=1, kvreg=1, wg=7)
-    ref_out, ref_lse, ref_dqkv = oracle(qkv, dout, NH, NKV, HS)
-    assert rel_err(out, ref_out) < 5e-3
-    assert np.abs(lse - ref_lse).max() < 1e-4 * max(1.0, np.abs(ref_lse).max())
-    if np.abs(ref_dqkv).max() > 1e-12 and T > 1:
-        assert rel_err(dqkv, ref_dqkv) < 1.5e-2
+    for wg in (7, 25):
+        qkv, dout, out, lse, dqkv = run_emulator(emulator, tmp_path, shape, "early", qreg=1, kvreg=1, wg=wg)
+        ref_out, ref_lse, ref_dqkv = oracle(qkv, dout, NH, NKV, HS)
+        assert rel_err(out, ref_out) < 5e-3
+        assert np.abs(lse - ref_lse).max() < 1e-4 * max(1.0, np.abs(ref_lse).max())
+        if np.abs(ref_dqkv).max() > 1e-12 and T > 1:
+            assert rel_err(dqkv, ref_dqkv) < 1.5e-2

@@ -123,8 +123,10 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         compare_bits(name, download_f32(d_lse, n_stat), lse[0]);
     }
 
-    if (HS == 64 && flash_wgmma_supported()) {   // the warpgroup (wgmma) kernels, all three passes
-        flash_forward_wgmma = flash_dq_wgmma = flash_dkv_wgmma = 1;
+    for (int v = 1; v <= 2 && HS == 64 && flash_wgmma_supported(); v++) {   // the warpgroup (wgmma) kernels, all three passes:
+                                                                          // the backward's operands in registers (1) or shared memory (2)
+        flash_forward_wgmma = 1;
+        flash_dq_wgmma = flash_dkv_wgmma = v;
         poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
         poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
         attention_flash_forward(d_out, d_lse, d_qkv, B, T, NH, NKV, HS, 0);
@@ -137,9 +139,9 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
         std::vector<float> dqkv_wg = download_bf16(d_dqkv, n_qkv);
         flash_dq_wgmma = flash_dkv_wgmma = 0;
-        snprintf(name, sizeof(name), "flash wgmma vs mma.sync %s out", label); compare(name, out_wg, out[0], TOL_BF16);
-        snprintf(name, sizeof(name), "flash wgmma vs mma.sync %s lse", label); compare(name, lse_wg, lse[0], TOL_F32);
-        snprintf(name, sizeof(name), "flash wgmma vs mma.sync %s", label);
+        snprintf(name, sizeof(name), "flash wgmma %d vs mma.sync %s out", v, label); compare(name, out_wg, out[0], TOL_BF16);
+        snprintf(name, sizeof(name), "flash wgmma %d vs mma.sync %s lse", v, label); compare(name, lse_wg, lse[0], TOL_F32);
+        snprintf(name, sizeof(name), "flash wgmma %d vs mma.sync %s", v, label);
         compare_dqkv(name, dqkv_wg, dqkv[0], 0, B, T, NH, NKV, HS, TOL_BF16);
         // the same sums in the same order: whether the tensor cores round them alike decides
         // whether the tuner may pick them (it takes only bit-equal configurations)
@@ -147,9 +149,10 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         for (size_t i = 0; i < n_out; i++) differ[0] += memcmp(&out_wg[i], &out[0][i], 4) != 0;
         for (size_t i = 0; i < n_stat; i++) differ[1] += memcmp(&lse_wg[i], &lse[0][i], 4) != 0;
         for (size_t i = 0; i < n_qkv; i++) differ[2] += memcmp(&dqkv_wg[i], &dqkv[0][i], 4) != 0;
-        printf("info flash wgmma vs mma.sync %s: elements with other bits: out %zu of %zu, lse %zu of %zu, dqkv %zu of %zu\n",
-               label, differ[0], n_out, differ[1], n_stat, differ[2], n_qkv);
-    } else if (HS == 64) {
+        printf("info flash wgmma %d vs mma.sync %s: elements with other bits: out %zu of %zu, lse %zu of %zu, dqkv %zu of %zu\n",
+               v, label, differ[0], n_out, differ[1], n_stat, differ[2], n_qkv);
+    }
+    if (HS == 64 && !flash_wgmma_supported()) {
         printf("info flash wgmma %s: not run (the device does not run this build's sm_90a code)\n", label);
     }
 
@@ -237,21 +240,26 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
                 attention_flash_forward(out[i], lse[i], qkv[i], B, T, NH, NKV, HS, 0);
             }, 3, 20);
             flash_forward_wgmma = 0;
-            float bwd_wg[3];
-            for (int v = 0; v < 3; v++) {   // dQ, dK/dV, both with warpgroup products
-                flash_dq_wgmma = v != 1;
-                flash_dkv_wgmma = v != 0;
-                bwd_wg[v] = time_ms([&] {
-                    i = (i + 1) % SETS;
-                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
-                }, 3, 20);
-            }
-            flash_dq_wgmma = flash_dkv_wgmma = 0;
             printf("time attention flash  %-13s wgmma forward %7.3f ms (%6.1f TFLOP/s) against mma.sync %7.3f ms\n", model,
                    fwd_wg, fwd_flops / fwd_wg / 1e9, fwd);
-            printf("time attention flash  %-13s wgmma backward: dQ %7.3f ms, dK/dV %7.3f ms, both %7.3f ms (%6.1f TFLOP/s) "
-                   "against mma.sync %7.3f ms (passes side by side)\n", model, bwd_wg[0], bwd_wg[1], bwd_wg[2],
-                   bwd_flops / bwd_wg[2] / 1e9, bwd);
+            for (int w = 1; w <= 2; w++) {   // operands in registers (1) or from shared memory (2)
+                float bwd_wg[3];
+                for (int v = 0; v < 3; v++) {   // dQ, dK/dV, both with warpgroup products
+                    flash_dq_wgmma = v != 1 ? w : 0;
+                    flash_dkv_wgmma = v != 0 ? w : 0;
+                    flash_dq_q_regs = flash_dq_wgmma == 1;
+                    flash_dkv_kv_regs = flash_dkv_wgmma == 1;
+                    bwd_wg[v] = time_ms([&] {
+                        i = (i + 1) % SETS;
+                        attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+                    }, 3, 20);
+                }
+                flash_dq_wgmma = flash_dkv_wgmma = flash_dq_q_regs = flash_dkv_kv_regs = 0;
+                printf("time attention flash  %-13s wgmma %d backward (%s): dQ %7.3f ms, dK/dV %7.3f ms, both %7.3f ms "
+                       "(%6.1f TFLOP/s) against mma.sync %7.3f ms (passes side by side)\n", model, w,
+                       w == 1 ? "operands in registers" : "operands from shared memory", bwd_wg[0], bwd_wg[1], bwd_wg[2],
+                       bwd_flops / bwd_wg[2] / 1e9, bwd);
+            }
         }
         if (flash) {   // the flash backward's two passes one after the other, against side by side (above)
             flash_backward_side_by_side = 0;

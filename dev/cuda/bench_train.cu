@@ -65,13 +65,15 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     step();
     double untuned = median_step();
     cuda_model_attention_config(gpu, 1);
-    // the attention's warpgroup (wgmma) kernels in all three passes, where they apply
-    double wgmma = 0.0;
-    if (cuda_model_attention_wgmma(gpu)) {
-        step();
-        wgmma = median_step();
-        cuda_model_attention_config(gpu, 1);
-    }
+    // the attention's warpgroup (wgmma) kernels in all three passes, where they apply: the
+    // backward's invariant operands in registers (1) or read from shared memory (2)
+    double wgmma[3] = {0.0, 0.0, 0.0};
+    for (int v = 1; v <= 2; v++)
+        if (cuda_model_attention_wgmma(gpu, v)) {
+            step();
+            wgmma[v] = median_step();
+            cuda_model_attention_config(gpu, 1);
+        }
     // the products in cuBLASLt's first choices instead of the tuned algorithms, timed beside
     cuda_model_matmul_config(0);
     step();
@@ -88,8 +90,9 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     printf("  with the weight gradients on a second stream: %.2f ms/step, %.0f tok/s\n", overlapped * 1e3, N / overlapped);
     printf("  attention: %s\n", gpu->attention_tuning);
     printf("  with the attention's default configuration: %.2f ms/step, %.0f tok/s\n", untuned * 1e3, N / untuned);
-    if (wgmma > 0.0)
-        printf("  with the attention's warpgroup (wgmma) kernels: %.2f ms/step, %.0f tok/s\n", wgmma * 1e3, N / wgmma);
+    if (wgmma[1] > 0.0)
+        printf("  with the attention's warpgroup (wgmma) kernels: %.2f ms/step, %.0f tok/s (backward operands in registers); "
+               "%.2f ms/step, %.0f tok/s (from shared memory)\n", wgmma[1] * 1e3, N / wgmma[1], wgmma[2] * 1e3, N / wgmma[2]);
     else
         printf("  the attention's warpgroup (wgmma) kernels do not apply here (head size, or no sm_90a code for the device)\n");
     printf("  products: %s\n", gpu->matmul_tuning);

@@ -166,15 +166,18 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
     printf("%s %-52s %zu of %zu differ from the one-stream step (must be 0)\n", differ ? "FAIL" : "PASS", what, differ,
            compared);
 
-    // the step with the attention's warpgroup (wgmma) kernels, where they apply, against the CPU
-    if (cuda_model_attention_wgmma(gpu)) {
+    // the step with the attention's warpgroup (wgmma) kernels, where they apply, against the CPU:
+    // the backward's invariant operands in registers (variant 1) or from shared memory (2)
+    for (int v = 1; v <= 2; v++) {
+        if (!cuda_model_attention_wgmma(gpu, v)) break;
         cuda_model_poison(gpu);
         cuda_model_zero_grad(gpu);
         cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
-        snprintf(what, sizeof(what), "%s wgmma attention step mean loss (%.5f vs %.5f)", label, gpu->mean_loss, cpu.mean_loss);
+        snprintf(what, sizeof(what), "%s wgmma %d attention step mean loss (%.5f vs %.5f)", label, v, gpu->mean_loss,
+                 cpu.mean_loss);
         compare(what, &gpu->mean_loss, &cpu.mean_loss, 1, TOL_LOSSES);
         cuda_model_copy_grads(gpu, overlapped.data());
-        snprintf(what, sizeof(what), "%s wgmma attention step all grads", label);
+        snprintf(what, sizeof(what), "%s wgmma %d attention step all grads", label, v);
         compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
         cuda_model_attention_config(gpu, 1);
     }
