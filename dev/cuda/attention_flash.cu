@@ -8,7 +8,8 @@
  *   - against the simple CUDA kernels of attention.cuh on the whole batch (every element);
  *   - bitwise repeatability of forward and backward (the backward uses no atomics), and the
  *     backward with two row tiles a warp in the dQ pass bitwise equal to the one-tile backward;
- *   - where the device runs the sm_90a code, the warpgroup (wgmma) kernels against the mma.sync
+ *   - where the device runs the sm_90a code, first the warpgroup product (wgmma) in each form the
+ *     kernels use against the CPU, then the warpgroup kernels against the mma.sync
  *     ones (and how many elements differ in their bits, which decides whether the tuner may
  *     pick them), and their times;
  * for multi-head (GPT-2: 12 heads of 64) and grouped-query (SmolLM2: 9 query heads on 3 kv heads)
@@ -70,6 +71,72 @@ static void compare_dqkv(const char *label, const std::vector<float> &got, const
         snprintf(name, sizeof(name), "%s %s", label, parts[p]);
         compare(name, slice(got, b0, nb, T, QKV, start[p], end[p]), slice(ref, 0, nb, T, QKV, start[p], end[p]), tol);
     }
+}
+
+// One warpgroup product d (64 x 64) = a (64 x 16) b (16 x 64) through the wrappers the warpgroup
+// kernels use: A from registers (the m16n8k16 A layout, built here straight from global memory)
+// or from a core-matrix tile in shared memory; B from a core-matrix tile as a K-major operand
+// (the tile holds b's transpose, 64 x 16) or an MN-major one (the tile holds b, 16 x 64). d is
+// stored by the accumulator layout. a, b row-major bf16; bt = b transposed.
+template <int TRANS_B, int A_SMEM>
+__global__ void wgmma_probe_kernel(float *d, const floatX *a, const floatX *b, const floatX *bt) {
+    __shared__ __align__(128) floatX sa[64 * 16], sb[64 * 16];
+    const int t = threadIdx.x, warp = t / 32, g = (t % 32) / 4, c = t % 4;
+    if (A_SMEM) flash_load_tile_wg<64, 16>(sa, a, 0, 0, 64, 16, 0);
+    if (TRANS_B) flash_load_tile_wg<16, 64>(sb, b, 0, 0, 16, 64, 0);
+    else flash_load_tile_wg<64, 16>(sb, bt, 0, 0, 64, 16, 0);
+    flash_cp_async_commit();
+    flash_cp_async_wait<0>();
+    flash_fence_proxy_async();
+    __syncthreads();
+    uint32_t af[4];
+    const int r = 16 * warp + g;
+    af[0] = flash_pack_bf16(__bfloat162float(a[r * 16 + 2 * c]), __bfloat162float(a[r * 16 + 2 * c + 1]));
+    af[1] = flash_pack_bf16(__bfloat162float(a[(r + 8) * 16 + 2 * c]), __bfloat162float(a[(r + 8) * 16 + 2 * c + 1]));
+    af[2] = flash_pack_bf16(__bfloat162float(a[r * 16 + 2 * c + 8]), __bfloat162float(a[r * 16 + 2 * c + 9]));
+    af[3] = flash_pack_bf16(__bfloat162float(a[(r + 8) * 16 + 2 * c + 8]), __bfloat162float(a[(r + 8) * 16 + 2 * c + 9]));
+    uint64_t desc_b = TRANS_B ? flash_wg_desc_mn<64>(sb, 0) : flash_wg_desc_k<16>(sb, 0);
+    float acc[8][4];
+    flash_wgmma_fence();
+    if (A_SMEM) flash_wgmma_ss<TRANS_B, 0>(acc, flash_wg_desc_k<16>(sa, 0), desc_b);
+    else flash_wgmma<TRANS_B, 0>(acc, af, desc_b);
+    flash_wgmma_commit();
+    flash_wgmma_wait();
+    flash_acc_fence(acc);
+    for (int j = 0; j < 8; j++)
+        for (int e = 0; e < 4; e++) d[(r + (e >= 2 ? 8 : 0)) * 64 + 8 * j + 2 * c + (e & 1)] = acc[j][e];
+}
+
+// The four forms the warpgroup kernels use (A from registers or shared memory, B K-major or
+// MN-major) against the product on the CPU, before any kernel built on them runs: a wrong
+// layout or descriptor shows here by name.
+static void check_wgmma_primitives(void) {
+    std::vector<float> a = random_bf16_values(64 * 16, 1.0f), b = random_bf16_values(16 * 64, 1.0f), bt(64 * 16), ref(64 * 64);
+    for (int k = 0; k < 16; k++)
+        for (int n = 0; n < 64; n++) bt[n * 16 + k] = b[k * 64 + n];
+    for (int m = 0; m < 64; m++)
+        for (int n = 0; n < 64; n++) {
+            double sum = 0.0;
+            for (int k = 0; k < 16; k++) sum += (double)a[m * 16 + k] * b[k * 64 + n];
+            ref[m * 64 + n] = (float)sum;
+        }
+    floatX *d_a = upload_bf16(a), *d_b = upload_bf16(b), *d_bt = upload_bf16(bt);
+    float *d_d = device_alloc_n<float>(64 * 64);
+    const char *names[4] = {"A registers, B K-major", "A registers, B MN-major", "A shared, B K-major", "A shared, B MN-major"};
+    for (int form = 0; form < 4; form++) {
+        poison(d_d, 64 * 64 * sizeof(float));
+        switch (form) {
+        case 0: wgmma_probe_kernel<0, 0><<<1, 128>>>(d_d, d_a, d_b, d_bt); break;
+        case 1: wgmma_probe_kernel<1, 0><<<1, 128>>>(d_d, d_a, d_b, d_bt); break;
+        case 2: wgmma_probe_kernel<0, 1><<<1, 128>>>(d_d, d_a, d_b, d_bt); break;
+        default: wgmma_probe_kernel<1, 1><<<1, 128>>>(d_d, d_a, d_b, d_bt); break;
+        }
+        cudaCheckLaunch();
+        char name[120];
+        snprintf(name, sizeof(name), "wgmma m64n64k16 (%s)", names[form]);
+        compare(name, download_f32(d_d, 64 * 64), ref, 1e-5);
+    }
+    for (void *p : {(void *)d_a, (void *)d_b, (void *)d_bt, (void *)d_d}) cudaCheck(cudaFree(p));
 }
 
 // One shape: the flash kernels against the CPU op on batch elements cpu_b (all when cpu_all),
@@ -312,6 +379,8 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
 int main(void) {
     harness_require_device("attention_flash");
     harness_seed(61);
+    if (flash_wgmma_supported()) check_wgmma_primitives();
+    else printf("info wgmma: not checked (the device does not run this build's sm_90a code)\n");
     // small and awkward: T = 1, T below, at and across the 64-row tiles, grouped heads, HS 128
     check(1, 1, 1, 1, 64, 1.0f, true);
     check(2, 37, 4, 2, 64, 1.0f, true);
