@@ -619,7 +619,8 @@ extern "C" int cuda_model_attention_wgmma(CudaModel *model, int variant) {
     if (!model->attention_tuned) fatal("cuda_model_attention_wgmma: the attention is tuned on the first forward");
     if (variant != 1 && variant != 2) fatal("cuda_model_attention_wgmma: variant %d is not 1 or 2", variant);
     const ModelConfig *c = &model->config;
-    if (!attention_use_flash(c->head_dim) || c->head_dim != 64 || !flash_wgmma_supported()) return 0;
+    if (!attention_use_flash(c->head_dim) || c->head_dim != 64 || !flash_tune_wgmma_enabled() || !flash_wgmma_supported())
+        return 0;
     FlashConfig f = d->tuned ? d->tuning.config : flash_default_config;   // its grid orders and stream use
     f.forward_wgmma = 1;
     f.dq_wgmma = f.dkv_wgmma = variant;

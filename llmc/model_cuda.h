@@ -82,8 +82,8 @@ void cuda_model_attention_config(CudaModel *model, int tuned);
 // all three passes, whatever the tuning chose (their results may differ from the defaults' in
 // the last bits); cuda_model_attention_config undoes it. variant 1: the backward's passes keep
 // their loop-invariant operands (Q and dO, K and V) in registers; 2: they read them from shared
-// memory. Returns 0, changing nothing, where they do not apply (head size other than 64, or a
-// device without this build's sm_90a code).
+// memory. Returns 0, changing nothing, where they do not apply (head size other than 64, a
+// device without this build's sm_90a code, or TRAIN_MORA_FLASH_WGMMA not 1).
 int cuda_model_attention_wgmma(CudaModel *model, int variant);
 // 1 runs the products in their tuned algorithms (the default), 0 in cuBLASLt's first choices, for
 // every CUDA model of the process (the tuned choices are kept per shape, not per model).

@@ -94,7 +94,8 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
         printf("  with the attention's warpgroup (wgmma) kernels: %.2f ms/step, %.0f tok/s (backward operands in registers); "
                "%.2f ms/step, %.0f tok/s (from shared memory)\n", wgmma[1] * 1e3, N / wgmma[1], wgmma[2] * 1e3, N / wgmma[2]);
     else
-        printf("  the attention's warpgroup (wgmma) kernels do not apply here (head size, or no sm_90a code for the device)\n");
+        printf("  the attention's warpgroup (wgmma) kernels not run (head size, no sm_90a code for the device, or "
+               "TRAIN_MORA_FLASH_WGMMA not 1)\n");
     printf("  products: %s\n", gpu->matmul_tuning);
     cuda_model_matmul_tuning_print(gpu, stdout);
     printf("  with cuBLASLt's first choices: %.2f ms/step, %.0f tok/s\n", first_choice * 1e3, N / first_choice);
