@@ -4,7 +4,10 @@
 # and the first decode steps), for GPT-2 124M and the SmolLM2-135M shape, each printed as a table
 # by dev/ncu_summary.py (total and mean time, DRAM and SM throughput as % of peak). Nsight Compute
 # replays each kernel and locks the clocks at base: the times are for comparing kernels, the
-# benchmarks' own figures are the speeds. At most about 7 minutes (each run stops after 100 s).
+# benchmarks' own figures are the speeds. The model runs skip the flash attention's and the
+# products' tuning (TRAIN_MORA_FLASH_TUNE=0, TRAIN_MORA_MATMUL_TUNE=0), whose candidates would
+# otherwise fill the launches profiled; they run the defaults. At most about 7 minutes (each run
+# stops after 100 s).
 #
 #   bash dev/gpu_profile.sh [LAUNCHES] [NAME...]   (default 400 launches a run; NAMEs pick runs
 #                                                  among train_gpt2 train_smollm2 rollout_gpt2
@@ -35,6 +38,8 @@ profile() {   # NAME PROGRAM ARGS...: one ncu run, then its table
     shift
     [[ "$runs" == *" $name "* ]] || return 0
     echo "== $name: the first $launches kernel launches"
+    # no tuning runs: their hundreds of candidate launches would be the first launches profiled
+    TRAIN_MORA_FLASH_TUNE=0 TRAIN_MORA_MATMUL_TUNE=0 \
     timeout 100 "$ncu" --graph-profiling node --launch-count "$launches" --print-summary per-kernel --metrics "$metrics" \
         "$@" > "$dir/ncu_$name.txt" 2>&1
     python3 dev/ncu_summary.py "$dir/ncu_$name.txt" | head -25
