@@ -465,7 +465,16 @@ static void usage(FILE *out) {
         "  reward     train the helpful/harmless/truthful reward heads on preference JSONL\n"
         "  mora       MORA: presample, isolate, rewrite, update (GRPO or DPO); --mora 0 the baseline\n"
         "  eval       the comparison table of a MORA run against its baseline on held-out prompts\n"
-        "  demo       the built-in demo (also what `train_mora` with no arguments runs)\n");
+        "  demo       the built-in demo (also what `train_mora` with no arguments runs)\n\n"
+        "environment (runs with --device cuda; each takes 0 or 1 unless shown otherwise, and an unknown value stops\n"
+        "the run with a message):\n"
+        "  TRAIN_MORA_NCCL=1              the data-parallel NCCL path with one rank (without MPI)\n"
+        "  TRAIN_MORA_ATTENTION=simple    the simple attention kernels instead of the flash ones (=flash)\n"
+        "  TRAIN_MORA_FLASH_TUNE=0        the flash attention's default launch configuration, untuned\n"
+        "  TRAIN_MORA_FLASH_WGMMA=1       the tuning also tries the Hopper warpgroup (wgmma) attention kernels\n"
+        "  TRAIN_MORA_MATMUL_TUNE=0       cuBLASLt's first-choice algorithms, untuned\n"
+        "  TRAIN_MORA_OVERLAP_GRADS=1     the weight gradients' products on a second stream\n"
+        "  TRAIN_MORA_ROLLOUT=LIST        generation variants, any of decode_matmul,pdl,pipeline\n");
 }
 
 // Ranks: under mpirun/srun every rank runs main. comm_init registers MPI_Finalize for a normal
