@@ -354,6 +354,22 @@ __device__ __forceinline__ uint64_t flash_wg_desc_mn(const floatX *tile, int s) 
     return flash_wg_desc(flash_smem_addr(tile) + s * 2 * HS * 16, HS * 16, 128);
 }
 
+// d (64 x 64) += p tile: p the warpgroup's 64 x 64 accumulators (the forward's P, the dQ pass's
+// dS), rounded to bf16 A fragments, the tile's 64 rows the k dimension (an MN-major operand, head
+// size 64 the n dimension); one batch of 4 warpgroup products, waited for.
+template <int HS>
+__device__ __forceinline__ void flash_wg_acc_times_tile(float (&d)[8][4], const float (&p)[8][4], const floatX *tile) {
+    uint32_t a[4][4];
+    #pragma unroll
+    for (int kb = 0; kb < 4; kb++) flash_acc_to_a<8>(a[kb], p, kb);
+    flash_wgmma_fence();
+    #pragma unroll
+    for (int kb = 0; kb < 4; kb++) flash_wgmma<1>(d, a[kb], flash_wg_desc_mn<HS>(tile, kb));
+    flash_wgmma_commit();
+    flash_wgmma_wait();
+    flash_acc_fence(d);
+}
+
 // cp.async of ROWS floats row_stats[row0 ...] (one head's lse or D row) into shared; zero past T
 template <int ROWS>
 __device__ __forceinline__ void flash_load_stats(float *tile, const float *row_stats, int row0, int T) {
@@ -575,15 +591,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
 
         // O += P V, P straight from the S registers
         if constexpr (WG) {
-            uint32_t pa[BN / 16][4];
-            #pragma unroll
-            for (int kb = 0; kb < BN / 16; kb++) flash_acc_to_a<BN / 8>(pa[kb], s[0], kb);
-            flash_wgmma_fence();
-            #pragma unroll
-            for (int kb = 0; kb < BN / 16; kb++) flash_wgmma<1>(o[0], pa[kb], flash_wg_desc_mn<HS>(v_tile, kb));
-            flash_wgmma_commit();
-            flash_wgmma_wait();
-            flash_acc_fence(o[0]);
+            flash_wg_acc_times_tile<HS>(o[0], s[0], v_tile);
         } else {
             #pragma unroll
             for (int kb = 0; kb < BN / 16; kb++) {
@@ -1067,15 +1075,7 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
 
             // dQ += dS K (the keys are the k dimension)
             if constexpr (WG) {
-                uint32_t dsa[KS / 16][4];
-                #pragma unroll
-                for (int kb = 0; kb < KS / 16; kb++) flash_acc_to_a<KS / 8>(dsa[kb], s[0], kb);
-                flash_wgmma_fence();
-                #pragma unroll
-                for (int kb = 0; kb < KS / 16; kb++) flash_wgmma<1>(dq[0], dsa[kb], flash_wg_desc_mn<HS>(k_tile, kb));
-                flash_wgmma_commit();
-                flash_wgmma_wait();
-                flash_acc_fence(dq[0]);
+                flash_wg_acc_times_tile<HS>(dq[0], s[0], k_tile);
             } else {
                 #pragma unroll
                 for (int kb = 0; kb < KS / 16; kb++) {
