@@ -169,6 +169,11 @@ __device__ __forceinline__ float flash_exp2(float x) {
 // rows). Issued between flash_wgmma_fence and flash_wgmma_commit; the accumulators may be read
 // only after flash_wgmma_wait (and flash_acc_fence, which keeps the compiler from moving their
 // reads before it).
+// The kernels load the A fragments they hold in registers (ldmatrix) in the same loop iteration
+// as the products that read them. Fragments loaded once and held across iterations, as the
+// mma.sync kernels hold them, gave wrong products from the second iteration on, on an H100
+// (sm_90a, nvcc 13.0), while the same values read from shared memory (flash_wgmma_ss) or loaded
+// afresh agree bit for bit with the mma.sync kernels (the attention_flash harness).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FLASH_WGMMA_ASM 1
 #endif
@@ -464,7 +469,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
         flash_cp_async_wait<1>();
         if constexpr (WG) flash_fence_proxy_async();
         __syncthreads();
-        if (j == 0) {
+        if (WG || j == 0) {   // WG: every tile, see flash_wgmma
             #pragma unroll
             for (int r = 0; r < RW; r++) {
                 #pragma unroll
@@ -722,7 +727,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         const floatX *q_tile = sQ + stage * QS, *g_tile = sG + stage * QS;
         const float *l_tile = sL + stage * BM, *d_tile = sD + stage * BM;
         if constexpr (KVREG) {
-            if (it == 0) {   // K and V came with the first group of copies
+            if (WG || it == 0) {   // K and V came with the first group of copies (WG: every iteration, see flash_wgmma)
                 #pragma unroll
                 for (int kk = 0; kk < HS / 16; kk++) {
                     flash_ldmatrix_x4(k_frag[kk], flash_addr_a<LDS>(sK, warp * 16, kk * 16, lane));
@@ -943,7 +948,7 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
         __syncthreads();
         const floatX *k_tile = sK + stage * KVS, *v_tile = sV + stage * KVS;
         if constexpr (QREG) {
-            if (j == 0) {   // Q and dO came with the first group of copies
+            if (WG || j == 0) {   // Q and dO came with the first group of copies (WG: every tile, see flash_wgmma)
                 #pragma unroll
                 for (int kk = 0; kk < HS / 16; kk++) {
                     flash_ldmatrix_x4(q_frag[kk], flash_addr_a<LDS>(sQ, warp * 16, kk * 16, lane));
