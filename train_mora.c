@@ -473,7 +473,7 @@ static void usage(FILE *out) {
         "  TRAIN_MORA_FLASH_TUNE=0        the flash attention's default launch configuration, untuned\n"
         "  TRAIN_MORA_FLASH_WGMMA=1       the tuning also tries the Hopper warpgroup (wgmma) attention kernels\n"
         "  TRAIN_MORA_MATMUL_TUNE=0       cuBLASLt's first-choice algorithms, untuned\n"
-        "  TRAIN_MORA_OVERLAP_GRADS=1     the weight gradients' products on a second stream\n"
+        "  TRAIN_MORA_OVERLAP_GRADS=0     the weight gradients' products on the main stream, not a second one\n"
         "  TRAIN_MORA_ROLLOUT=LIST        generation variants, any of decode_matmul,pdl,pipeline\n");
 }
 

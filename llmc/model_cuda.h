@@ -41,9 +41,9 @@ typedef struct CudaModel {
     float *token_losses;    // host (max_B * max_T): the last forward's per-token losses
     int use_gelu_fusion;    // 1: GPT-2's MLP GELU comes from the cuBLASLt epilogue (default)
     int profile;            // 1: time every kernel with CUDA events (cuda_model_profile_report)
-    // 1: the backward's weight-gradient products run on a second stream beside the chain of
-    // input gradients (not while profiling; TRAIN_MORA_OVERLAP_GRADS=1 sets it at creation);
-    // 0 (default): one stream. Same gradients bit for bit.
+    // 1 (default): the backward's weight-gradient products run on a second stream beside the
+    // chain of input gradients (not while profiling); 0: one stream (TRAIN_MORA_OVERLAP_GRADS=0
+    // at creation). Same gradients bit for bit.
     int overlap_weight_grads;
     // The flash attention's launch configuration is tuned on the first forward, for its shape:
     // the fastest of those whose results equal the defaults' bit for bit (attention_flash_tune in

@@ -92,6 +92,7 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
     model_backward_weighted(&cpu, weights.data(), dhidden.data());
 
     CudaModel *gpu = cuda_model_create(&cpu, B, T);
+    gpu->overlap_weight_grads = 0;   // one stream here; the second stream's schedule is checked against it below
     cuda_model_poison(gpu);
     cuda_model_forward(gpu, inputs.data(), targets.data(), mask.data(), B, T);
     std::vector<float> got((size_t)N * Vp), hidden((size_t)N * C), grads(cpu.num_parameters);
