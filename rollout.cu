@@ -69,12 +69,22 @@ namespace {
 #define ROLLOUT_PREFILL_ROWS 16384   // rows of the activation buffers (prefill chunks use them all)
 #define ROLLOUT_MAX_GRAPHS 32
 #define ROLLOUT_MAX_BLOCKS 64
+#define ROLLOUT_PROFILE_EVENTS 1024  // events a profiled decode step records, at most
+
+// The kernel groups of a decode step that options.profile times (prof_mark after each).
+enum { PG_START, PG_EMBED, PG_QKV, PG_ATTENTION, PG_ATTPROJ, PG_NORM, PG_FC, PG_ACT, PG_FCPROJ, PG_LOGITS, PG_SAMPLE,
+       PG_COUNT };
+static const char *const profile_group_names[PG_COUNT] = {
+    "", "embedding + first norm", "qkv product", "attention (+ cache write)", "attention projection",
+    "residual + norm", "MLP up product", "GELU / SwiGLU", "MLP down product", "logits product", "sampler"};
 
 typedef struct {
     int rows, n_splits;
     int sets;                 // the sampling of the calls it serves uses top-k or top-p
     int seen;                 // eager runs of this shape so far (capture on the second)
     cudaGraphExec_t exec;     // NULL until captured
+    int prof_n;               // options.profile: events the graph records (0: none) and the
+    unsigned char *prof_group;   // group each one ends (PG_*)
 } GraphEntry;
 
 struct RolloutEngine {
@@ -143,6 +153,15 @@ struct RolloutEngine {
     // decode step is captured, the nodes of the engine's kernels that start with it (pdl_mark)
     int pdl_supported, pdl_capturing, n_pdl_nodes, cap_pdl_nodes;
     cudaGraphNode_t *pdl_nodes;
+    // options.profile: the events a captured step records (created on first use), the groups of
+    // the step being captured, the graph the last decode_step replayed (NULL: it ran eagerly), and
+    // the last generate's time per group (ms, summed over its profiled steps)
+    cudaEvent_t *prof_events;
+    int prof_capturing, prof_n;
+    unsigned char prof_group[ROLLOUT_PROFILE_EVENTS];
+    GraphEntry *last_graph;
+    double prof_ms[PG_COUNT];
+    int prof_steps;
 
     void *blocks[ROLLOUT_MAX_BLOCKS];
     size_t block_bytes[ROLLOUT_MAX_BLOCKS];
@@ -225,9 +244,12 @@ static floatX *layer_k(RolloutEngine *e, int l) { return e->k_cache + (size_t)l 
 static floatX *layer_v(RolloutEngine *e, int l) { return e->v_cache + (size_t)l * e->layer_cache_elems; }
 
 static void graphs_clear(RolloutEngine *e) {
-    for (int i = 0; i < e->n_graphs; i++)
+    for (int i = 0; i < e->n_graphs; i++) {
         if (e->graphs[i].exec) cudaCheck(cudaGraphExecDestroy(e->graphs[i].exec));
+        free(e->graphs[i].prof_group);
+    }
     e->n_graphs = 0;
+    e->last_graph = NULL;
 }
 
 extern "C" RolloutOptions rollout_default_options(void) {
@@ -238,6 +260,7 @@ extern "C" RolloutOptions rollout_default_options(void) {
     o.decode_matmul = 0;
     o.pdl = 0;
     o.pipeline = 0;
+    o.profile = 0;
     return o;
 }
 
@@ -424,6 +447,9 @@ extern "C" void rollout_free(RolloutEngine *e) {
     if (e->ref_flags) cudaCheck(cudaFree(e->ref_flags));
     for (int i = 0; i < e->n_host_blocks; i++) cudaCheck(cudaFreeHost(e->host_blocks[i]));
     for (int k = 0; k < 2; k++) cudaCheck(cudaEventDestroy(e->step_out[k].done));
+    if (e->prof_events)
+        for (int i = 0; i < ROLLOUT_PROFILE_EVENTS; i++) cudaCheck(cudaEventDestroy(e->prof_events[i]));
+    free(e->prof_events);
     cudaCheck(cudaStreamDestroy(e->stream));
     free(e->first_token);
     free(e->first_logprob);
@@ -433,7 +459,8 @@ extern "C" void rollout_free(RolloutEngine *e) {
 
 extern "C" void rollout_set_options(RolloutEngine *e, const RolloutOptions *o) {
     // graphs hold the kernels of the path they were captured on
-    if (o->reference != e->options.reference || o->decode_matmul != e->options.decode_matmul || o->pdl != e->options.pdl)
+    if (o->reference != e->options.reference || o->decode_matmul != e->options.decode_matmul || o->pdl != e->options.pdl ||
+        o->profile != e->options.profile)
         graphs_clear(e);
     e->options = *o;
 }
@@ -493,6 +520,14 @@ static void pdl_mark(RolloutEngine *e) {
 // (griddep_launch_dependents) or exited, and waits in griddep_wait until that kernel has
 // finished and its writes are visible. Edges from other nodes, and into cuBLASLt's kernels
 // (never marked), stay full dependencies.
+// options.profile, while a decode step is captured: an event node that ends kernel group `group`
+// (PG_*) of the step, timed against the one before it after each replay (profile_add).
+static void prof_mark(RolloutEngine *e, int group) {
+    if (!e->prof_capturing || e->prof_n == ROLLOUT_PROFILE_EVENTS) return;
+    cudaCheck(cudaEventRecordWithFlags(e->prof_events[e->prof_n], e->stream, cudaEventRecordExternal));
+    e->prof_group[e->prof_n++] = (unsigned char)group;
+}
+
 static void pdl_apply(RolloutEngine *e, cudaGraph_t graph) {
     for (int i = 0; i < e->n_pdl_nodes; i++) {
         cudaGraphNode_t node = e->pdl_nodes[i];
@@ -549,24 +584,31 @@ static void mlp_forward(RolloutEngine *e, int l, int n, int decode) {
     if (c->arch == ARCH_GPT2) {
         if (F % 8 == 0) {
             forward_product(e, decode, e->fch_act, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), e->fch, n, C, F);
+            prof_mark(e, PG_FC);
         } else {
             forward_product(e, decode, e->fch, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), NULL, n, C, F);
+            prof_mark(e, PG_FC);
             gelu_forward(e->fch_act, e->fch, (size_t)n * F, st);
             pdl_mark(e);
+            prof_mark(e, PG_ACT);
         }
     } else {
         forward_product(e, decode, e->fch, e->ln, weight(e, P_FCW, l), NULL, NULL, n, C, 2 * F);
+        prof_mark(e, PG_FC);
         if (use_decode_matmul(e, decode, e->fch, weight(e, P_FCPROJW, l), n, F, C)) {
             // SwiGLU formed inside the projection's input loads: one launch, the same bits
             decode_matmul_swiglu(e->proj, e->dm_partial, e->dm_counters, e->fch, weight(e, P_FCPROJW, l),
                                  weight(e, P_FCPROJB, l), n, F, C, e->sms, st);
             pdl_mark(e);
+            prof_mark(e, PG_FCPROJ);
             return;
         }
         swiglu_forward(e->fch_act, e->fch, n, F, st);
         pdl_mark(e);
+        prof_mark(e, PG_ACT);
     }
     forward_product(e, decode, e->proj, e->fch_act, weight(e, P_FCPROJW, l), weight(e, P_FCPROJB, l), NULL, n, F, C);
+    prof_mark(e, PG_FCPROJ);
 }
 
 // res_out = res_in + proj, ln = the norm that follows layer l's block (`second`: the pre-MLP
@@ -581,6 +623,7 @@ static void residual_and_norm(RolloutEngine *e, float *res_out, const float *res
     residual_norm_forward(res_out, e->ln, e->ln_mean, e->ln_rstd, res_in, e->proj, w, b, n, c->n_embd, c->norm_eps, gpt2,
                           e->stream);
     pdl_mark(e);
+    prof_mark(e, PG_NORM);
 }
 
 // The cached forward of n rows (token, slot, pos device arrays) through every layer: each layer
@@ -608,9 +651,11 @@ static void forward_rows(RolloutEngine *e, int n, const int *token, const int *s
     residual_norm_forward(NULL, e->ln, e->ln_mean, e->ln_rstd, e->res_a, NULL, weight(e, P_LN1W, 0), weight(e, P_LN1B, 0), n, C,
                           c->norm_eps, gpt2, st);
     pdl_mark(e);
+    prof_mark(e, PG_EMBED);
     float *res = e->res_a, *other = e->res_b;
     for (int l = 0; l < c->n_layer; l++) {
         forward_product(e, decode, e->qkv, e->ln, weight(e, P_QKVW, l), weight(e, P_QKVB, l), NULL, n, C, QKV);
+        prof_mark(e, PG_QKV);
         const float *cos_sin = gpt2 ? NULL : e->rope_cos_sin;
         if (write_in_attention) {
             decode_attention(e->atty, e->part_o, e->part_ml, e->qkv, layer_k(e, l), layer_v(e, l), cos_sin, 1, slot, pos, n,
@@ -622,7 +667,9 @@ static void forward_rows(RolloutEngine *e, int n, const int *token, const int *s
             decode_attention(e->atty, e->part_o, e->part_ml, e->qkv, layer_k(e, l), layer_v(e, l), NULL, 0, slot, pos, n,
                              NH, NKV, HS, e->n_slots, e->max_len, n_splits, e->options.reference, e->err, st);
         }
+        prof_mark(e, PG_ATTENTION);
         forward_product(e, decode, e->proj, e->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), NULL, n, NH * HS, C);
+        prof_mark(e, PG_ATTPROJ);
         residual_and_norm(e, other, res, l, 1, n);
         { float *t = res; res = other; other = t; }
         mlp_forward(e, l, n, 1);
@@ -636,6 +683,7 @@ static void logits_forward(RolloutEngine *e, const floatX *hidden, int n) {
     const ModelConfig *c = &e->config;
     const floatX *head = weight(e, c->tied_embeddings ? P_WTE : P_LMHEAD, 0);
     matmul_cublaslt(e->logits, 1, head, hidden, NULL, NULL, c->padded_vocab_size, n, c->n_embd, 1, 0, 0.0f, e->stream);
+    prof_mark(e, PG_LOGITS);
 }
 
 static void sample(RolloutEngine *e, int n, int advance) {
@@ -645,6 +693,7 @@ static void sample(RolloutEngine *e, int n, int advance) {
                 e->dummy_slot, e->err, e->options.reference, e->ref_flags,
                 e->sampling_sets ? NULL : &e->sample_split, e->stream);
     pdl_mark(e);   // the merging one-block kernel (the split kernels before it keep full edges)
+    prof_mark(e, PG_SAMPLE);
 }
 
 // One decode step of `rows` rows, all on the device: forward, logits, sample, advance.
@@ -657,6 +706,7 @@ static void decode_step_enqueue(RolloutEngine *e, int rows, int n_splits) {
 // Runs one decode step: replays the graph of this shape, captures it on its second use, or runs
 // it eagerly (first use, or graphs off).
 static void decode_step(RolloutEngine *e, int rows, int n_splits) {
+    e->last_graph = NULL;
     if (!e->options.use_graphs) { decode_step_enqueue(e, rows, n_splits); return; }
     GraphEntry *g = NULL;
     for (int i = 0; i < e->n_graphs; i++)
@@ -670,6 +720,8 @@ static void decode_step(RolloutEngine *e, int rows, int n_splits) {
         g->sets = e->sampling_sets;
         g->seen = 0;
         g->exec = NULL;
+        g->prof_n = 0;
+        g->prof_group = NULL;
     }
     if (g->exec == NULL && g->seen == 0) {
         // the first run of a shape is eager: it loads the kernels' modules and lets cuBLASLt
@@ -680,12 +732,26 @@ static void decode_step(RolloutEngine *e, int rows, int n_splits) {
     }
     if (g->exec == NULL) {
         cudaGraph_t graph;
+        if (e->options.profile && e->prof_events == NULL) {
+            e->prof_events = (cudaEvent_t *)mallocCheck(ROLLOUT_PROFILE_EVENTS * sizeof(cudaEvent_t));
+            for (int i = 0; i < ROLLOUT_PROFILE_EVENTS; i++) cudaCheck(cudaEventCreate(&e->prof_events[i]));
+        }
         cudaCheck(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
-        e->pdl_capturing = e->options.pdl && e->pdl_supported && !e->options.reference;
+        // the profile's event nodes would stand between the kernels that programmatic edges join
+        e->pdl_capturing = e->options.pdl && e->pdl_supported && !e->options.reference && !e->options.profile;
         e->n_pdl_nodes = 0;
+        e->prof_capturing = e->options.profile;
+        e->prof_n = 0;
+        prof_mark(e, PG_START);
         decode_step_enqueue(e, rows, n_splits);
         e->pdl_capturing = 0;
+        e->prof_capturing = 0;
         cudaCheck(cudaStreamEndCapture(e->stream, &graph));
+        if (e->prof_n > 0) {
+            g->prof_group = (unsigned char *)mallocCheck((size_t)e->prof_n);
+            memcpy(g->prof_group, e->prof_group, (size_t)e->prof_n);
+            g->prof_n = e->prof_n;
+        }
         pdl_apply(e, graph);
         cudaCheck(cudaGraphInstantiate(&g->exec, graph, 0));
         cudaCheck(cudaGraphDestroy(graph));
@@ -693,6 +759,46 @@ static void decode_step(RolloutEngine *e, int rows, int n_splits) {
     }
     cudaCheck(cudaGraphLaunch(g->exec, e->stream));
     e->stats.graph_launches++;
+    e->last_graph = g;
+}
+
+// options.profile, after the step decode_step last ran has finished: its groups' times (the
+// events of a replayed graph; an eager step records none)
+static void profile_add(RolloutEngine *e) {
+    const GraphEntry *g = e->last_graph;
+    if (!e->options.profile || g == NULL || g->prof_n < 2) return;
+    double ms[PG_COUNT] = {0.0};
+    for (int i = 1; i < g->prof_n; i++) {
+        float t = 0.0f;
+        cudaError_t err = cudaEventElapsedTime(&t, e->prof_events[i - 1], e->prof_events[i]);
+        if (err != cudaSuccess) {   // a profile is no reason to stop a generation
+            fprintf(stderr, "rollout: decode profile: the events give no time (%s); profiling is off\n",
+                    cudaGetErrorString(err));
+            e->options.profile = 0;
+            return;
+        }
+        ms[g->prof_group[i]] += t;
+    }
+    for (int k = 0; k < PG_COUNT; k++) e->prof_ms[k] += ms[k];
+    e->prof_steps++;
+}
+
+extern "C" int rollout_profile_print(const RolloutEngine *e, FILE *out) {
+    if (e->prof_steps == 0) {
+        fprintf(out, "  decode profile: no replayed step was profiled (RolloutOptions.profile, CUDA graphs)\n");
+        return 0;
+    }
+    double total = 0.0;
+    for (int k = 1; k < PG_COUNT; k++) total += e->prof_ms[k];
+    fprintf(out, "  decode step by kernel group (CUDA events inside the captured graph, mean of %d steps, summed over the layers):\n",
+            e->prof_steps);
+    fprintf(out, "  %-28s %9s %7s\n", "kernel group", "us/step", "share");
+    for (int k = 1; k < PG_COUNT; k++)
+        if (e->prof_ms[k] > 0.0)
+            fprintf(out, "  %-28s %9.1f %6.1f%%\n", profile_group_names[k], 1e3 * e->prof_ms[k] / e->prof_steps,
+                    100.0 * e->prof_ms[k] / total);
+    fprintf(out, "  %-28s %9.1f\n", "sum of kernel groups", 1e3 * total / e->prof_steps);
+    return e->prof_steps;
 }
 
 // Reads the device error word; exits naming what went wrong.
@@ -910,6 +1016,7 @@ static void decode_in_turn(RolloutEngine *e, const GenerateParams *p, GenerateRe
         cudaCheck(cudaMemcpyAsync(e->h_out_token, e->out_token, n_active * sizeof(int), cudaMemcpyDeviceToHost, st));
         cudaCheck(cudaMemcpyAsync(e->h_out_logprob, e->out_logprob, n_active * sizeof(float), cudaMemcpyDeviceToHost, st));
         check_device_errors(e, "decode");   // synchronises
+        profile_add(e);
         e->stats.decode_steps++;
         int still = accept_step(p, res, text, active, n_active, e->h_out_token, e->h_out_logprob);
         if (still != n_active) rebuild = 1;
@@ -1025,6 +1132,8 @@ extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, co
     int n_splits = decode_attention_splits(max_prompt + p->max_new_tokens);
     cudaStream_t st = e->stream;
     memset(&e->stats, 0, sizeof(e->stats));
+    memset(e->prof_ms, 0, sizeof(e->prof_ms));
+    e->prof_steps = 0;
 
     res->n_seq = n_seq;
     res->n_tokens = (int *)callocCheck((size_t)n_seq, sizeof(int));
@@ -1058,7 +1167,8 @@ extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, co
     e->stats.prefill_seconds = t1 - t0;
 
     // decode
-    if (e->options.pipeline && !reference) decode_pipelined(e, p, res, text, active, n_active, prompt_lens, n_splits);
+    if (e->options.pipeline && !reference && !e->options.profile)
+        decode_pipelined(e, p, res, text, active, n_active, prompt_lens, n_splits);
     else decode_in_turn(e, p, res, text, active, n_active, prompt_lens, n_splits);
     e->stats.decode_seconds = wall_seconds() - t1;
     for (int i = 0; i < n_seq; i++) e->stats.generated_tokens += res->n_tokens[i];

@@ -35,6 +35,7 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+#include <stdio.h>
 #include "llmc/model.h"
 #include "llmc/generate.h"
 
@@ -63,6 +64,11 @@ typedef struct {
     // for both and rebuild the rows); the tokens are the same up to rounding that may depend on
     // the row count. 0 (default): one step, then its tokens, then the next.
     int pipeline;
+    // 1: a captured decode step also records CUDA events between its kernel groups (event nodes
+    // inside the graph, so the times are those of the replayed graph, not of separate launches),
+    // and rollout_profile_print reports each group's time per step over the replayed steps of
+    // the last rollout_generate. The steps then run one after another (no pipeline). 0 (default).
+    int profile;
 } RolloutOptions;
 
 // Timings and counts of the last rollout_generate (host wall clock around GPU-synchronised work).
@@ -95,6 +101,10 @@ void rollout_update_weights_device(RolloutEngine *engine, const float *device_pa
 void rollout_generate(RolloutEngine *engine, const int *const *prompts, const int *prompt_lens, int n_seq,
                       const GenerateParams *params, GenerateResult *result);
 void rollout_last_stats(const RolloutEngine *engine, RolloutStats *stats);
+// With RolloutOptions.profile: the last rollout_generate's replayed decode steps, time per kernel
+// group (summed over the layers) per step, as a table on out. Returns the number of steps
+// profiled (0: a line says so).
+int rollout_profile_print(const RolloutEngine *engine, FILE *out);
 // The fp32 logits (vocab_size floats) that the sampler last read for one row of its batch: the
 // last prefill chunk's, or the last decode step's. For tests of the sampler against the softmax
 // of exactly what it sampled from.

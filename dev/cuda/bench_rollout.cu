@@ -5,14 +5,18 @@
  * second over the whole call (prefill + decode), and prefill and decode separately; the median
  * of the timed calls after a warm-up call (module load, cuBLASLt heuristics, graph captures).
  * B = 64 also runs with the engine's variants (decode_matmul, programmatic launches, both,
- * pipelined steps, all three), and B = 256 with programmatic launches. Figures only: not a test.
+ * pipelined steps, all three), and B = 256 with programmatic launches; and once more with the
+ * decode step profiled (RolloutOptions.profile: CUDA events between the kernel groups inside the
+ * captured graph), which prints the step's time by kernel group. Figures only: not a test.
  *   build/cuda/dev/bench_rollout [calls]
- *   build/cuda/dev/bench_rollout CALLS PRESET B      one setting only (B prompts, temperature 1)
+ *   build/cuda/dev/bench_rollout CALLS PRESET B [profile]   one setting only (B prompts,
+ *                                                           temperature 1), and its profile
  * Targets from the issue (H100 80GB, B = 64): GPT-2 124M >= 100K tok/s, SmolLM2-135M >= 60K
  * tok/s (Hugging Face generate: 8.2K and 2.6K).
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <algorithm>
 #include <vector>
 #include <cuda_runtime.h>
@@ -24,7 +28,7 @@ extern "C" {
 
 // Engine variants beside the defaults (RolloutOptions): the decode step's products through
 // decode_matmul.cuh instead of cuBLASLt, and programmatic edges between its kernels.
-enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2, VARIANT_PIPELINE = 4 };
+enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2, VARIANT_PIPELINE = 4, VARIANT_PROFILE = 8 };
 static const char *variant_name(int sets, int variant) {
     if (sets) return "T=1 top-k 50 top-p 0.9";
     switch (variant) {
@@ -33,6 +37,7 @@ static const char *variant_name(int sets, int variant) {
     case VARIANT_DECODE_MATMUL | VARIANT_PDL: return "T=1 decode_matmul+pdl";
     case VARIANT_PIPELINE: return "T=1 pipeline         ";
     case VARIANT_DECODE_MATMUL | VARIANT_PDL | VARIANT_PIPELINE: return "T=1 all three        ";
+    case VARIANT_PROFILE: return "T=1 profiled         ";
     default: return "T=1                  ";
     }
 }
@@ -50,6 +55,7 @@ static void bench(const char *preset, int B, int prompt_len, int new_tokens, int
     options.decode_matmul = (variant & VARIANT_DECODE_MATMUL) != 0;
     options.pdl = (variant & VARIANT_PDL) != 0;
     options.pipeline = (variant & VARIANT_PIPELINE) != 0;
+    options.profile = (variant & VARIANT_PROFILE) != 0;
     rollout_set_options(engine, &options);
     std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
     std::vector<const int *> ptrs(B);
@@ -99,6 +105,7 @@ static void bench(const char *preset, int B, int prompt_len, int new_tokens, int
            edges);
     if (target > 0) printf("  target %.0fK tok/s: %s", target / 1e3, tok_s >= target ? "met" : "NOT met");
     printf("\n");
+    if (options.profile) rollout_profile_print(engine, stdout);
     rollout_free(engine);
     model_free(&cpu);
 }
@@ -119,6 +126,10 @@ int main(int argc, char **argv) {
         int B = atoi(argv[3]);
         if (B < 1) fatal("bench_rollout: batch size '%s' is not a positive number", argv[3]);
         bench(argv[2], B, 64, 128, calls, 0, 0);
+        if (argc > 4) {
+            if (strcmp(argv[4], "profile") != 0) fatal("bench_rollout: the fourth argument is 'profile' or nothing, not '%s'", argv[4]);
+            bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_PROFILE);
+        }
         return 0;
     }
     const char *presets[2] = {"gpt2:d12", "llama:smollm2-135m"};
@@ -132,6 +143,7 @@ int main(int argc, char **argv) {
         bench(presets[m], 64, 64, 128, calls, 0, 1);
         bench(presets[m], 256, 64, 128, calls, 0, 0);
         bench(presets[m], 256, 64, 128, calls, 0, 0, VARIANT_PDL);
+        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PROFILE);
     }
     return 0;
 }

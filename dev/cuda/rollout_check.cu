@@ -94,12 +94,13 @@ static std::vector<float> cpu_next_logits(Model *m, const std::vector<int> &prom
 // logits (then the rest is not compared). Returns the number of sequences that failed.
 // The engine's variants on top of the defaults (poisoned buffers), then one generate call.
 static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipeline, const Prompts &pr,
-                          const GenerateParams &p, GenerateResult *out) {
+                          const GenerateParams &p, GenerateResult *out, int profile = 0) {
     RolloutOptions opt = rollout_default_options();
     opt.poison = 1;
     opt.decode_matmul = decode_matmul;
     opt.pdl = pdl;
     opt.pipeline = pipeline;
+    opt.profile = profile;
     rollout_set_options(e, &opt);
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, out);
 }
@@ -316,6 +317,19 @@ static void check_tiny(const char *preset) {
         rollout_last_stats(e, &st);
         printf("  pipelined: %d decode steps\n", st.decode_steps);
         generate_result_free(&piped);
+    }
+    // the decode profile's event nodes (RolloutOptions.profile) time the graph, not change it:
+    // the same tokens and log-probs bit for bit, and every replayed step profiled
+    {
+        GenerateResult profiled;
+        generate_with(e, 0, 0, 0, pr, p, &profiled, 1);
+        snprintf(label, sizeof(label), "%s profiled vs fast", preset);
+        compare_gpu_runs(label, fast, profiled, 1);
+        rollout_last_stats(e, &st);
+        int steps = rollout_profile_print(e, stdout);
+        report(steps > 0 && steps == st.graph_launches, "%-40s %d of %d replayed decode steps timed by kernel group", label,
+               steps, st.graph_launches);
+        generate_result_free(&profiled);
     }
     generate_result_free(&dm);
 
