@@ -7,10 +7,11 @@
  * B = 64 also runs with the engine's variants (decode_matmul, programmatic launches, both,
  * pipelined steps, all three), and B = 256 with programmatic launches; and once more with the
  * decode step profiled (RolloutOptions.profile: CUDA events between the kernel groups inside the
- * captured graph), which prints the step's time by kernel group. Figures only: not a test.
+ * captured graph), which prints the step's time by kernel group, with cuBLASLt's products and
+ * with decode_matmul's. Figures only: not a test.
  *   build/cuda/dev/bench_rollout [calls]
  *   build/cuda/dev/bench_rollout CALLS PRESET B [profile]   one setting only (B prompts,
- *                                                           temperature 1), and its profile
+ *                                                           temperature 1), and its profiles
  * Targets from the issue (H100 80GB, B = 64): GPT-2 124M >= 100K tok/s, SmolLM2-135M >= 60K
  * tok/s (Hugging Face generate: 8.2K and 2.6K).
  */
@@ -38,6 +39,7 @@ static const char *variant_name(int sets, int variant) {
     case VARIANT_PIPELINE: return "T=1 pipeline         ";
     case VARIANT_DECODE_MATMUL | VARIANT_PDL | VARIANT_PIPELINE: return "T=1 all three        ";
     case VARIANT_PROFILE: return "T=1 profiled         ";
+    case VARIANT_PROFILE | VARIANT_DECODE_MATMUL: return "T=1 profiled dm      ";
     default: return "T=1                  ";
     }
 }
@@ -129,6 +131,7 @@ int main(int argc, char **argv) {
         if (argc > 4) {
             if (strcmp(argv[4], "profile") != 0) fatal("bench_rollout: the fourth argument is 'profile' or nothing, not '%s'", argv[4]);
             bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_PROFILE);
+            bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL);
         }
         return 0;
     }
@@ -144,6 +147,7 @@ int main(int argc, char **argv) {
         bench(presets[m], 256, 64, 128, calls, 0, 0);
         bench(presets[m], 256, 64, 128, calls, 0, 0, VARIANT_PDL);
         bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PROFILE);
+        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL);
     }
     return 0;
 }
