@@ -16,9 +16,8 @@
  *                    decode_heads_per_block), so each key and value is read once for the whole
  *                    group. Threads split (position, 8 channels): HS / 8 adjacent lanes hold one
  *                    position's 16 bytes, and every thread keeps 4 or 8 16-byte loads in
- *                    flight (128 or 256 threads: decode_threads), so a split's keys stream in a
- *                    few memory latencies rather than one latency per position; the values of the
- *                    first positions are loaded with their keys (GQA blocks). Phase 1: q . k per lane with the query in registers,
+ *                    flight, so a split's keys stream in a few memory latencies rather than one
+ *                    latency per position. Phase 1: q . k per lane with the query in registers,
  *                    added across the position's lanes by shuffles, into shared memory; phase 2:
  *                    one warp per head takes max and sum of exp; phase 3: p v with the same
  *                    layout, reduced across positions by shuffles and shared memory. With one
@@ -40,11 +39,13 @@
 
 #define DECODE_SPLIT_LEN 256         // cache positions per block
 #define DECODE_MAX_HEADS_PER_BLOCK 8 // query heads of one group per block, at most
-#define DECODE_MAX_WARPS 8           // warps of a block, at most (decode_threads)
+#define DECODE_THREADS 128
+#define DECODE_WARPS (DECODE_THREADS / 32)
 #define DECODE_ERR_POSITION 2
 
-// 8 bf16 values (16 bytes) as floats
-__device__ __forceinline__ void decode_unpack8(float (&out)[8], uint4 raw) {
+// 8 bf16 values from a 16-byte aligned address, as floats
+__device__ __forceinline__ void decode_load8(float (&out)[8], const floatX *src) {
+    uint4 raw = *(const uint4 *)src;
     const __nv_bfloat162 *pairs = (const __nv_bfloat162 *)&raw;
     #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -53,8 +54,6 @@ __device__ __forceinline__ void decode_unpack8(float (&out)[8], uint4 raw) {
         out[2 * i + 1] = f.y;
     }
 }
-// 8 bf16 values from a 16-byte aligned address, as floats
-__device__ __forceinline__ void decode_load8(float (&out)[8], const floatX *src) { decode_unpack8(out, *(const uint4 *)src); }
 
 // 8 floats as bf16 to a 16-byte aligned address
 __device__ __forceinline__ void decode_store8(floatX *dst, const float (&x)[8]) {
@@ -146,33 +145,28 @@ static inline int decode_heads_per_block(int group) {
     return hb;
 }
 
-// Threads of a block that takes HB query heads. A block of one head (no GQA) has group-times
-// more blocks beside it: 128 threads, each with 4 16-byte loads of keys in flight, keep the
-// memory busy with many blocks resident. A block of a GQA group has 256 threads with 8 loads each:
-// at head size 64 that covers a whole split of 256 positions in one round of loads.
-template <int HB> __host__ __device__ constexpr int decode_threads() { return HB == 1 ? 128 : 256; }
-
-// grid (n_splits, NKV * head_batches, N), block decode_threads<HB>(); see the file comment. HB
-// query heads per block (decode_heads_per_block), the last batch of a group possibly partly empty.
+// grid (n_splits, NKV * head_batches, N), block DECODE_THREADS; see the file comment. HB query
+// heads per block (decode_heads_per_block), the last batch of a group possibly partly empty.
 // part_o (N, NH, n_splits, HS) fp32 and part_ml (N, NH, n_splits, 2) fp32 are used when
 // n_splits > 1.
 template <int HS, int HB>
-__global__ void __launch_bounds__(decode_threads<HB>())
+__global__ void __launch_bounds__(DECODE_THREADS)
 decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX *qkv, floatX *k_cache,
                         floatX *v_cache, const float *cos_sin, int write_kv, const int *row_slot, const int *row_pos,
                         int NH, int NKV, int n_slots, int Tmax, int n_splits, int *err) {
     griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
     griddep_launch_dependents();
-    constexpr int THREADS = decode_threads<HB>(), WARPS = THREADS / 32;
     constexpr int CHUNKS = HS / 8;                       // lanes per position: 8 channels (16 bytes) each
-    constexpr int PER_STEP = THREADS / CHUNKS;           // positions the block covers per load
-    constexpr int UNROLL = HB == 1 ? 4 : 8;              // 16-byte loads of keys in flight per thread
+    constexpr int PER_STEP = DECODE_THREADS / CHUNKS;    // positions the block covers per load
+    // 16-byte loads in flight per thread: a block of one head (no GQA) has group-times more
+    // blocks beside it, so 4 keep the memory busy with more blocks resident (fewer registers);
+    // a block of a GQA group keeps 8
+    constexpr int UNROLL = HB == 1 ? 4 : 8;
     constexpr int STRIDE = PER_STEP * UNROLL;            // positions per loop iteration
     static_assert(32 % CHUNKS == 0, "a position's lanes must lie in one warp");
-    static_assert(WARPS <= DECODE_MAX_WARPS, "DECODE_MAX_WARPS bounds the shared memory of the emulation");
     __shared__ float p_s[HB][DECODE_SPLIT_LEN];
     __shared__ float m_s[HB], l_s[HB];
-    __shared__ __align__(16) float partial[WARPS][HB][HS];
+    __shared__ __align__(16) float partial[DECODE_WARPS][HB][HS];
 
     int r = blockIdx.z, split = blockIdx.x;
     int group = NH / NKV, head_batches = (group + HB - 1) / HB;
@@ -232,40 +226,26 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     }
 
     // phase 1: scores. UNROLL loads of 16 bytes are issued before the first is used, and the
-    // loop bound is the same for the whole warp (the shuffles need every lane). The values of the
-    // first iteration's positions are loaded with its keys (v_first, for phase 3), so that their
-    // memory latency is not paid a second time (GQA blocks only: the registers would leave room for
-    // fewer of the many one-head blocks).
-    constexpr bool V_FIRST = HB > 1;
-    uint4 v_first[UNROLL];
+    // loop bound is the same for the whole warp (the shuffles need every lane).
     for (int base = 0; base < n_keys; base += STRIDE) {
-        uint4 k_raw[UNROLL];
+        float k8[UNROLL][8];
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = base + u * PER_STEP + jr;
-            k_raw[u] = j < n_keys && j != own ? *(const uint4 *)(k_base + (size_t)j * HS + c * 8) : make_uint4(0u, 0u, 0u, 0u);
-        }
-        if (V_FIRST && base == 0) {
-            #pragma unroll
-            for (int u = 0; u < UNROLL; u++) {
-                int j = u * PER_STEP + jr;
-                v_first[u] = j < n_keys && j != own ? *(const uint4 *)(v_base + (size_t)j * HS + c * 8) : make_uint4(0u, 0u, 0u, 0u);
+            if (j < n_keys && j != own) decode_load8(k8[u], k_base + (size_t)j * HS + c * 8);
+            else {
+                #pragma unroll
+                for (int e = 0; e < 8; e++) k8[u][e] = j == own ? k_own[e] : 0.0f;
             }
         }
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = base + u * PER_STEP + jr;
-            float k8[8];
-            if (j == own) {
-                #pragma unroll
-                for (int e = 0; e < 8; e++) k8[e] = k_own[e];
-            } else
-                decode_unpack8(k8, k_raw[u]);
             #pragma unroll
             for (int h = 0; h < HB; h++) {
                 float d = 0.0f;
                 #pragma unroll
-                for (int e = 0; e < 8; e++) d += q[h][e] * k8[e];
+                for (int e = 0; e < 8; e++) d += q[h][e] * k8[u][e];
                 #pragma unroll
                 for (int off = 1; off < CHUNKS; off <<= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
                 if (c == 0 && j < n_keys) p_s[h][j] = d;
@@ -275,7 +255,7 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     __syncthreads();
 
     // phase 2: one warp per head: max, then p = exp(s - max) in place and its sum
-    for (int h = warp; h < nh; h += WARPS) {
+    for (int h = warp; h < nh; h += DECODE_WARPS) {
         float m = -INFINITY;
         for (int j = lane; j < n_keys; j += 32) m = fmaxf(m, p_s[h][j]);
         m = warp_max(m);
@@ -297,28 +277,25 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
         #pragma unroll
         for (int e = 0; e < 8; e++) acc[h][e] = 0.0f;
     for (int base = 0; base < n_keys; base += STRIDE) {
-        uint4 v_raw[UNROLL];
+        float v8[UNROLL][8];
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = base + u * PER_STEP + jr;
-            if (V_FIRST && base == 0) v_raw[u] = v_first[u];
-            else v_raw[u] = j < n_keys && j != own ? *(const uint4 *)(v_base + (size_t)j * HS + c * 8) : make_uint4(0u, 0u, 0u, 0u);
+            if (j < n_keys && j != own) decode_load8(v8[u], v_base + (size_t)j * HS + c * 8);
+            else if (j == own) {
+                #pragma unroll
+                for (int e = 0; e < 8; e++) v8[u][e] = v_own[e];
+            }
         }
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = base + u * PER_STEP + jr;
             if (j >= n_keys) continue;
-            float v8[8];
-            if (j == own) {
-                #pragma unroll
-                for (int e = 0; e < 8; e++) v8[e] = v_own[e];
-            } else
-                decode_unpack8(v8, v_raw[u]);
             #pragma unroll
             for (int h = 0; h < HB; h++) {
                 float p = h < nh ? p_s[h][j] : 0.0f;
                 #pragma unroll
-                for (int e = 0; e < 8; e++) acc[h][e] += p * v8[e];
+                for (int e = 0; e < 8; e++) acc[h][e] += p * v8[u][e];
             }
         }
     }
@@ -336,11 +313,11 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
             for (int e = 0; e < 8; e++) partial[warp][h][c * 8 + e] = acc[h][e];
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < nh * HS; idx += THREADS) {
+    for (int idx = threadIdx.x; idx < nh * HS; idx += DECODE_THREADS) {
         int h = idx / HS, i = idx % HS;
         float o = 0.0f;
         #pragma unroll
-        for (int w = 0; w < WARPS; w++) o += partial[w][h][i];
+        for (int w = 0; w < DECODE_WARPS; w++) o += partial[w][h][i];
         int head = h0 + h;
         if (n_splits == 1) {
             out[(size_t)r * NH * HS + (size_t)head * HS + i] = __float2bfloat16(o / l_s[h]);
@@ -423,10 +400,10 @@ static inline void decode_attention_launch(floatX *out, float *part_o, float *pa
     int group = NH / NKV, hb = decode_heads_per_block(group);
     dim3 grid(n_splits, NKV * ceil_div(group, hb), N);
     switch (hb) {
-    case 1: decode_attention_kernel<HS, 1><<<grid, decode_threads<1>(), 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
-    case 2: decode_attention_kernel<HS, 2><<<grid, decode_threads<2>(), 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
-    case 4: decode_attention_kernel<HS, 4><<<grid, decode_threads<4>(), 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
-    default: decode_attention_kernel<HS, 8><<<grid, decode_threads<8>(), 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    case 1: decode_attention_kernel<HS, 1><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    case 2: decode_attention_kernel<HS, 2><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    case 4: decode_attention_kernel<HS, 4><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    default: decode_attention_kernel<HS, 8><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
     }
     cudaCheckLaunch();
     if (n_splits > 1) {

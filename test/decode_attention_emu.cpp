@@ -36,7 +36,7 @@ int main(int argc, char **argv) {
     size_t shared_bytes = 0;
     for (int hs : {64, 128})
         for (int hb = 1; hb <= DECODE_MAX_HEADS_PER_BLOCK; hb *= 2)
-            shared_bytes += sizeof(float) * hb * (DECODE_SPLIT_LEN + 2 + DECODE_MAX_WARPS * hs);
+            shared_bytes += sizeof(float) * hb * (DECODE_SPLIT_LEN + 2 + DECODE_WARPS * hs);
     FILE *f = emu_open_input(argc, argv, shared_bytes);
     int32_t dims[10];
     if (fread(dims, sizeof(int32_t), 10, f) != 10) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
