@@ -128,27 +128,21 @@ decode_matmul_kernel(floatX *out, float *partial, unsigned int *counters, const 
                 }
             }
         }
-        // the inputs of the group's chunks are all requested before the first product, as the
-        // weights are (they come from L2, one latency for the group instead of one per chunk)
-        uint4 x[DM_PREFETCH][NT];
 #pragma unroll
         for (int p = 0; p < DM_PREFETCH; p++) {
             int q = q0 + p * DM_WARPS;
+            if (q >= chunk1) break;   // warp-uniform: the mma needs the whole warp
+            uint4 x[NT];
 #pragma unroll
             for (int t = 0; t < NT; t++) {
                 int n = 8 * t + g;
-                x[p][t] = make_uint4(0u, 0u, 0u, 0u);
-                if (q < chunk1 && n < M)
-                    x[p][t] = dm_load_input<SWIGLU_IN>(inp + (size_t)n * (SWIGLU_IN ? 2 * IC : IC), q * DM_CHUNK + 8 * c, IC);
+                x[t] = make_uint4(0u, 0u, 0u, 0u);
+                if (n < M) x[t] = dm_load_input<SWIGLU_IN>(inp + (size_t)n * (SWIGLU_IN ? 2 * IC : IC), q * DM_CHUNK + 8 * c, IC);
             }
-        }
-#pragma unroll
-        for (int p = 0; p < DM_PREFETCH; p++) {
-            if (q0 + p * DM_WARPS >= chunk1) break;   // warp-uniform: the mma needs the whole warp
 #pragma unroll
             for (int t = 0; t < NT; t++) {
-                dm_mma(acc[t], wa[p].x, wb[p].x, wa[p].y, wb[p].y, x[p][t].x, x[p][t].y);   // k = 8c .. 8c+3
-                dm_mma(acc[t], wa[p].z, wb[p].z, wa[p].w, wb[p].w, x[p][t].z, x[p][t].w);   // k = 8c+4 .. 8c+7
+                dm_mma(acc[t], wa[p].x, wb[p].x, wa[p].y, wb[p].y, x[t].x, x[t].y);   // k = 8c .. 8c+3
+                dm_mma(acc[t], wa[p].z, wb[p].z, wa[p].w, wb[p].w, x[t].z, x[t].w);   // k = 8c+4 .. 8c+7
             }
         }
     }
@@ -176,24 +170,11 @@ decode_matmul_kernel(floatX *out, float *partial, unsigned int *counters, const 
     __syncthreads();
     if (!dm_last) return;
     __threadfence();   // and the other blocks' partials before their sum
-    // each thread's outputs i = threadIdx.x + 128 j (at most DM_ROWS * 8 NT / 128 of them), their
-    // partials added in split order; the loads of several splits are in flight at once
-    constexpr int PER_THREAD = DM_ROWS * 8 * NT / (DM_WARPS * 32);
-    float sum[PER_THREAD];
-#pragma unroll
-    for (int j = 0; j < PER_THREAD; j++) sum[j] = 0.0f;
-#pragma unroll 4
-    for (int k = 0; k < splits; k++) {
-#pragma unroll
-        for (int j = 0; j < PER_THREAD; j++) {
-            int i = threadIdx.x + j * DM_WARPS * 32;
-            if (i < DM_ROWS * M) sum[j] += dm_load_partial(partial + ((size_t)k * M + i / DM_ROWS) * OC + oc0 + i % DM_ROWS);
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < PER_THREAD; j++) {
-        int i = threadIdx.x + j * DM_WARPS * 32, n = i / DM_ROWS, r = i % DM_ROWS;
-        if (i < DM_ROWS * M) out[(size_t)n * OC + oc0 + r] = __float2bfloat16(dm_finish(sum[j], bias, oc0 + r, gelu));
+    for (int i = threadIdx.x; i < DM_ROWS * M; i += blockDim.x) {
+        int n = i / DM_ROWS, r = i % DM_ROWS;
+        float sum = 0.0f;
+        for (int k = 0; k < splits; k++) sum += dm_load_partial(partial + ((size_t)k * M + n) * OC + oc0 + r);
+        out[(size_t)n * OC + oc0 + r] = __float2bfloat16(dm_finish(sum, bias, oc0 + r, gelu));
     }
     if (threadIdx.x == 0) counters[tile] = 0;
 }
