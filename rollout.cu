@@ -162,6 +162,7 @@ struct RolloutEngine {
     GraphEntry *last_graph;
     double prof_ms[PG_COUNT];
     int prof_steps;
+    int prof_marks[PG_COUNT];      // event nodes that end each group in the last profiled step
 
     void *blocks[ROLLOUT_MAX_BLOCKS];
     size_t block_bytes[ROLLOUT_MAX_BLOCKS];
@@ -781,22 +782,44 @@ static void profile_add(RolloutEngine *e) {
     }
     for (int k = 0; k < PG_COUNT; k++) e->prof_ms[k] += ms[k];
     e->prof_steps++;
+    memset(e->prof_marks, 0, sizeof(e->prof_marks));
+    for (int i = 1; i < g->prof_n; i++) e->prof_marks[g->prof_group[i]]++;
 }
 
-extern "C" int rollout_profile_print(const RolloutEngine *e, FILE *out) {
+extern "C" int rollout_profile_print(const RolloutEngine *e, double plain_step_ms, FILE *out) {
     if (e->prof_steps == 0) {
         fprintf(out, "  decode profile: no replayed step was profiled (RolloutOptions.profile, CUDA graphs)\n");
         return 0;
     }
     double total = 0.0;
-    for (int k = 1; k < PG_COUNT; k++) total += e->prof_ms[k];
+    int marks = 0;
+    for (int k = 1; k < PG_COUNT; k++) {
+        total += e->prof_ms[k];
+        marks += e->prof_marks[k];
+    }
+    // each event node costs the step some time of its own: the profiled step against a plain one
+    // (plain_step_ms, from a run without the profile) tells how much, which the last column takes
+    // off each group for every event node that ends it
+    double profiled_step_ms = e->stats.decode_steps > 0 ? 1e3 * e->stats.decode_seconds / e->stats.decode_steps : 0.0;
+    double per_event_us = plain_step_ms > 0.0 && marks > 0 ? 1e3 * (profiled_step_ms - plain_step_ms) / marks : 0.0;
     fprintf(out, "  decode step by kernel group (CUDA events inside the captured graph, mean of %d steps, summed over the layers):\n",
             e->prof_steps);
-    fprintf(out, "  %-28s %9s %7s\n", "kernel group", "us/step", "share");
-    for (int k = 1; k < PG_COUNT; k++)
-        if (e->prof_ms[k] > 0.0)
-            fprintf(out, "  %-28s %9.1f %6.1f%%\n", profile_group_names[k], 1e3 * e->prof_ms[k] / e->prof_steps,
-                    100.0 * e->prof_ms[k] / total);
+    if (plain_step_ms > 0.0)
+        fprintf(out, "  %d event nodes a step: %.3f ms/step profiled against %.3f plain, about %.2f us an event node\n", marks,
+                profiled_step_ms, plain_step_ms, per_event_us);
+    fprintf(out, "  %-28s %9s %7s %9s %8s %16s\n", "kernel group", "us/step", "share", "launches", "us each",
+            plain_step_ms > 0.0 ? "less the events" : "");
+    for (int k = 1; k < PG_COUNT; k++) {
+        if (e->prof_ms[k] <= 0.0) continue;
+        double us = 1e3 * e->prof_ms[k] / e->prof_steps;
+        fprintf(out, "  %-28s %9.1f %6.1f%% %9d %8.2f", profile_group_names[k], us, 100.0 * e->prof_ms[k] / total,
+                e->prof_marks[k], us / (e->prof_marks[k] > 0 ? e->prof_marks[k] : 1));
+        if (plain_step_ms > 0.0) {
+            double net = us - e->prof_marks[k] * per_event_us;
+            fprintf(out, " %9.1f us/step", net);
+        }
+        fprintf(out, "\n");
+    }
     fprintf(out, "  %-28s %9.1f\n", "sum of kernel groups", 1e3 * total / e->prof_steps);
     return e->prof_steps;
 }
@@ -1133,6 +1156,7 @@ extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, co
     cudaStream_t st = e->stream;
     memset(&e->stats, 0, sizeof(e->stats));
     memset(e->prof_ms, 0, sizeof(e->prof_ms));
+    memset(e->prof_marks, 0, sizeof(e->prof_marks));
     e->prof_steps = 0;
 
     res->n_seq = n_seq;

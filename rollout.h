@@ -102,9 +102,11 @@ void rollout_generate(RolloutEngine *engine, const int *const *prompts, const in
                       const GenerateParams *params, GenerateResult *result);
 void rollout_last_stats(const RolloutEngine *engine, RolloutStats *stats);
 // With RolloutOptions.profile: the last rollout_generate's replayed decode steps, time per kernel
-// group (summed over the layers) per step, as a table on out. Returns the number of steps
-// profiled (0: a line says so).
-int rollout_profile_print(const RolloutEngine *engine, FILE *out);
+// group (summed over the layers) per step, as a table on out. Each event node adds time of its
+// own (a few microseconds on an H100); given the step time of the same generation without the
+// profile (plain_step_ms, ms per decode step; 0 when unknown) the table also lists each group
+// with that share taken off. Returns the number of steps profiled (0: a line says so).
+int rollout_profile_print(const RolloutEngine *engine, double plain_step_ms, FILE *out);
 // The fp32 logits (vocab_size floats) that the sampler last read for one row of its batch: the
 // last prefill chunk's, or the last decode step's. For tests of the sampler against the softmax
 // of exactly what it sampled from.

@@ -44,9 +44,11 @@ static const char *variant_name(int sets, int variant) {
     }
 }
 
-// sets: 1 samples with top-k 50 and top-p 0.9 (else temperature 1 alone); variant: VARIANT_* bits.
-static void bench(const char *preset, int B, int prompt_len, int new_tokens, int calls, double target, int sets,
-                  int variant = 0) {
+// sets: 1 samples with top-k 50 and top-p 0.9 (else temperature 1 alone); variant: VARIANT_* bits;
+// plain_step_ms: with VARIANT_PROFILE, the decode step time of the same variant unprofiled (the
+// table then takes the event nodes' own time off). Returns the median decode step time in ms.
+static double bench(const char *preset, int B, int prompt_len, int new_tokens, int calls, double target, int sets,
+                    int variant = 0, double plain_step_ms = 0.0) {
     ModelConfig c;
     if (!model_config_preset(preset, &c)) fatal("unknown preset %s", preset);
     Model cpu;
@@ -107,9 +109,10 @@ static void bench(const char *preset, int B, int prompt_len, int new_tokens, int
            edges);
     if (target > 0) printf("  target %.0fK tok/s: %s", target / 1e3, tok_s >= target ? "met" : "NOT met");
     printf("\n");
-    if (options.profile) rollout_profile_print(engine, stdout);
+    if (options.profile) rollout_profile_print(engine, plain_step_ms, stdout);
     rollout_free(engine);
     model_free(&cpu);
+    return td * 1e3 / (st.decode_steps > 0 ? st.decode_steps : 1);
 }
 
 int main(int argc, char **argv) {
@@ -127,27 +130,30 @@ int main(int argc, char **argv) {
     if (argc > 3) {   // one setting, temperature 1 (for a profiler run)
         int B = atoi(argv[3]);
         if (B < 1) fatal("bench_rollout: batch size '%s' is not a positive number", argv[3]);
-        bench(argv[2], B, 64, 128, calls, 0, 0);
+        double plain = bench(argv[2], B, 64, 128, calls, 0, 0);
         if (argc > 4) {
             if (strcmp(argv[4], "profile") != 0) fatal("bench_rollout: the fourth argument is 'profile' or nothing, not '%s'", argv[4]);
-            bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_PROFILE);
-            bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL);
+            bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
+            double plain_dm = bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_DECODE_MATMUL);
+            bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL, plain_dm);
         }
         return 0;
     }
     const char *presets[2] = {"gpt2:d12", "llama:smollm2-135m"};
     const double targets[2] = {100e3, 60e3};
     for (int m = 0; m < 2; m++) {
-        bench(presets[m], 64, 64, 128, calls, targets[m], 0);
-        for (int variant = 1; variant <= (VARIANT_DECODE_MATMUL | VARIANT_PDL); variant++)
-            bench(presets[m], 64, 64, 128, calls, 0, 0, variant);
+        double plain = bench(presets[m], 64, 64, 128, calls, targets[m], 0), plain_dm = 0.0;
+        for (int variant = 1; variant <= (VARIANT_DECODE_MATMUL | VARIANT_PDL); variant++) {
+            double step = bench(presets[m], 64, 64, 128, calls, 0, 0, variant);
+            if (variant == VARIANT_DECODE_MATMUL) plain_dm = step;
+        }
         bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PIPELINE);
         bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_DECODE_MATMUL | VARIANT_PDL | VARIANT_PIPELINE);
         bench(presets[m], 64, 64, 128, calls, 0, 1);
         bench(presets[m], 256, 64, 128, calls, 0, 0);
         bench(presets[m], 256, 64, 128, calls, 0, 0, VARIANT_PDL);
-        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PROFILE);
-        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL);
+        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
+        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL, plain_dm);
     }
     return 0;
 }

@@ -326,7 +326,7 @@ static void check_tiny(const char *preset) {
         snprintf(label, sizeof(label), "%s profiled vs fast", preset);
         compare_gpu_runs(label, fast, profiled, 1);
         rollout_last_stats(e, &st);
-        int steps = rollout_profile_print(e, stdout);
+        int steps = rollout_profile_print(e, 0.0, stdout);
         report(steps > 0 && steps == st.graph_launches, "%-40s %d of %d replayed decode steps timed by kernel group", label,
                steps, st.graph_launches);
         generate_result_free(&profiled);
