@@ -516,11 +516,6 @@ static void pdl_mark(RolloutEngine *e) {
     }
 }
 
-// Makes the edges from kernel nodes into the marked nodes of a captured graph programmatic: the
-// marked kernel may then be scheduled once every block of the kernel before it has signalled
-// (griddep_launch_dependents) or exited, and waits in griddep_wait until that kernel has
-// finished and its writes are visible. Edges from other nodes, and into cuBLASLt's kernels
-// (never marked), stay full dependencies.
 // options.profile, while a decode step is captured: an event node that ends kernel group `group`
 // (PG_*) of the step, timed against the one before it after each replay (profile_add).
 static void prof_mark(RolloutEngine *e, int group) {
@@ -529,6 +524,11 @@ static void prof_mark(RolloutEngine *e, int group) {
     e->prof_group[e->prof_n++] = (unsigned char)group;
 }
 
+// Makes the edges from kernel nodes into the marked nodes of a captured graph programmatic: the
+// marked kernel may then be scheduled once every block of the kernel before it has signalled
+// (griddep_launch_dependents) or exited, and waits in griddep_wait until that kernel has
+// finished and its writes are visible. Edges from other nodes, and into cuBLASLt's kernels
+// (never marked), stay full dependencies.
 static void pdl_apply(RolloutEngine *e, cudaGraph_t graph) {
     for (int i = 0; i < e->n_pdl_nodes; i++) {
         cudaGraphNode_t node = e->pdl_nodes[i];
