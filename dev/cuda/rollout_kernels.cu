@@ -21,7 +21,9 @@
  *      split path's scratch.
  *   4. timings, per call replayed from a CUDA graph as the rollout engine's decode step: the
  *      decode attention for GPT-2 and SmolLM2 at 64 and 256 rows (rows_kv_write + attention
- *      against the attention writing the cache, with the key and value bytes read per second),
+ *      against the attention writing the cache, with the key and value bytes read per second; the
+ *      latter also with every call on its own cache, from memory; SmolLM2 also at positions ~72
+ *      and below 8, where what is left is the kernel's fixed cost),
  *      and the sampler at V = 50257, 64 and 256 rows (the one-block kernel beside the split path).
  *
  *   build/cuda/dev/rollout_kernels
@@ -192,7 +194,9 @@ static float graph_time_ms(F fn) {
 // The decode step's attention for N rows at positions near `len` (a benchmark's context), per
 // layer: rows_kv_write + the attention (the reference path's order) against the attention that
 // writes the cache itself (the decode step's), each replayed from a CUDA graph, with the key and
-// value bytes read per call over the time.
+// value bytes read per call over the time. Those calls all read one cache, which stays in L2;
+// the attention is timed once more with each call on a cache of its own (as a decode step's
+// layers are), enough of them to overflow L2, so the keys and values come from memory.
 static void time_attention(const char *label, int NH, int NKV, int HS, int N, int len, int llama) {
     int QKV = (NH + 2 * NKV) * HS, S = N + 1, Tmax = len + 8;
     std::vector<int> slot(N), pos(N);
@@ -224,8 +228,26 @@ static void time_attention(const char *label, int NH, int NKV, int HS, int N, in
         decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, d_cos_sin, 1, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
                          n_splits, 0, d_err, st);
     });
+    // caches of their own: enough to hold 160 MB (more than the H100's 50 MB of L2), at most 20
+    size_t cache_elems = (size_t)S * NKV * Tmax * HS;
+    int n_caches = (int)std::min<size_t>(20, std::max<size_t>(1, (160u << 20) / (2 * cache_elems * sizeof(floatX)) + 1));
+    std::vector<floatX *> ks(n_caches, d_k), vs(n_caches, d_v);
+    for (int i = 1; i < n_caches; i++) {
+        ks[i] = device_alloc_n<floatX>(cache_elems);
+        vs[i] = device_alloc_n<floatX>(cache_elems);
+        cudaCheck(cudaMemcpy(ks[i], d_k, cache_elems * sizeof(floatX), cudaMemcpyDeviceToDevice));
+        cudaCheck(cudaMemcpy(vs[i], d_v, cache_elems * sizeof(floatX), cudaMemcpyDeviceToDevice));
+    }
+    int call = 0;
+    float ms_cold = graph_time_ms([&](cudaStream_t st) {
+        int i = call++ % n_caches;
+        decode_attention(d_out, part_o, part_ml, d_qkv, ks[i], vs[i], d_cos_sin, 1, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
+                         n_splits, 0, d_err, st);
+    });
+    for (int i = 1; i < n_caches; i++) { cudaCheck(cudaFree(ks[i])); cudaCheck(cudaFree(vs[i])); }
     printf("%-28s N=%d pos ~%d: rows_kv_write + attention %7.2f us | attention writing the cache %7.2f us "
-           "(%.0f GB/s of keys and values)\n", label, N, len, ms_two * 1e3, ms_one * 1e3, kv_bytes / (ms_one * 1e-3) / 1e9);
+           "(%.0f GB/s of keys and values); from memory (%d caches) %7.2f us (%.0f GB/s)\n", label, N, len, ms_two * 1e3,
+           ms_one * 1e3, kv_bytes / (ms_one * 1e-3) / 1e9, n_caches, ms_cold * 1e3, kv_bytes / (ms_cold * 1e-3) / 1e9);
     cudaCheck(cudaFree(d_qkv)); cudaCheck(cudaFree(d_k)); cudaCheck(cudaFree(d_v)); cudaCheck(cudaFree(d_slot));
     cudaCheck(cudaFree(d_pos)); cudaCheck(cudaFree(d_err)); cudaCheck(cudaFree(d_out)); cudaCheck(cudaFree(part_o));
     cudaCheck(cudaFree(part_ml));
@@ -555,6 +577,8 @@ int main(void) {
     printf("-- decode attention timings (per layer and call, from a CUDA graph)\n");
     time_attention("gpt2 NH=12 HS=64", 12, 12, 64, 64, 192, 0);
     time_attention("smollm2 NH=9 NKV=3 HS=64", 9, 3, 64, 64, 192, 1);
+    time_attention("smollm2 NH=9 NKV=3 HS=64", 9, 3, 64, 64, 72, 1);
+    time_attention("smollm2 NH=9 NKV=3 HS=64, first", 9, 3, 64, 64, 8, 1);
     time_attention("gpt2 NH=12 HS=64", 12, 12, 64, 256, 192, 0);
     time_attention("gpt2 NH=12 HS=64, long", 12, 12, 64, 64, 1000, 0);
     printf("-- sampler against the host definition (same Philox draws)\n");
