@@ -44,17 +44,39 @@ static const char *variant_name(int sets, int variant) {
     }
 }
 
+// One model (random weights) and its engines, made once and shared by the runs of the benchmark:
+// a variant only changes the engine's options (rollout_set_options drops the captured graphs
+// that no longer apply).
+struct BenchModel {
+    const char *preset;
+    Model cpu;
+    std::vector<std::pair<int, RolloutEngine *>> engines;   // by batch size, made on first use
+    explicit BenchModel(const char *name) : preset(name) {
+        ModelConfig c;
+        if (!model_config_preset(preset, &c)) fatal("unknown preset %s", preset);
+        model_init(&cpu, &c, preset);
+        model_init_random(&cpu, 42);
+    }
+    ~BenchModel() {
+        for (auto &e : engines) rollout_free(e.second);
+        model_free(&cpu);
+    }
+    RolloutEngine *engine(int B, int max_len) {
+        for (auto &e : engines)
+            if (e.first == B) return e.second;
+        engines.push_back({B, rollout_create(&cpu, B, max_len)});
+        return engines.back().second;
+    }
+};
+
 // sets: 1 samples with top-k 50 and top-p 0.9 (else temperature 1 alone); variant: VARIANT_* bits;
 // plain_step_ms: with VARIANT_PROFILE, the decode step time of the same variant unprofiled (the
 // table then takes the event nodes' own time off). Returns the median decode step time in ms.
-static double bench(const char *preset, int B, int prompt_len, int new_tokens, int calls, double target, int sets,
+static double bench(BenchModel &m, int B, int prompt_len, int new_tokens, int calls, double target, int sets,
                     int variant = 0, double plain_step_ms = 0.0) {
-    ModelConfig c;
-    if (!model_config_preset(preset, &c)) fatal("unknown preset %s", preset);
-    Model cpu;
-    model_init(&cpu, &c, preset);
-    model_init_random(&cpu, 42);
-    RolloutEngine *engine = rollout_create(&cpu, B, prompt_len + new_tokens);
+    const char *preset = m.preset;
+    const ModelConfig &c = m.cpu.config;
+    RolloutEngine *engine = m.engine(B, prompt_len + new_tokens);
     RolloutOptions options = rollout_default_options();
     options.decode_matmul = (variant & VARIANT_DECODE_MATMUL) != 0;
     options.pdl = (variant & VARIANT_PDL) != 0;
@@ -110,8 +132,6 @@ static double bench(const char *preset, int B, int prompt_len, int new_tokens, i
     if (target > 0) printf("  target %.0fK tok/s: %s", target / 1e3, tok_s >= target ? "met" : "NOT met");
     printf("\n");
     if (options.profile) rollout_profile_print(engine, plain_step_ms, stdout);
-    rollout_free(engine);
-    model_free(&cpu);
     return td * 1e3 / (st.decode_steps > 0 ? st.decode_steps : 1);
 }
 
@@ -130,30 +150,33 @@ int main(int argc, char **argv) {
     if (argc > 3) {   // one setting, temperature 1 (for a profiler run)
         int B = atoi(argv[3]);
         if (B < 1) fatal("bench_rollout: batch size '%s' is not a positive number", argv[3]);
-        double plain = bench(argv[2], B, 64, 128, calls, 0, 0);
+        if (argc > 4 && strcmp(argv[4], "profile") != 0)
+            fatal("bench_rollout: the fourth argument is 'profile' or nothing, not '%s'", argv[4]);
+        BenchModel m(argv[2]);
+        double plain = bench(m, B, 64, 128, calls, 0, 0);
         if (argc > 4) {
-            if (strcmp(argv[4], "profile") != 0) fatal("bench_rollout: the fourth argument is 'profile' or nothing, not '%s'", argv[4]);
-            bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
-            double plain_dm = bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_DECODE_MATMUL);
-            bench(argv[2], B, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL, plain_dm);
+            bench(m, B, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
+            double plain_dm = bench(m, B, 64, 128, calls, 0, 0, VARIANT_DECODE_MATMUL);
+            bench(m, B, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL, plain_dm);
         }
         return 0;
     }
     const char *presets[2] = {"gpt2:d12", "llama:smollm2-135m"};
     const double targets[2] = {100e3, 60e3};
-    for (int m = 0; m < 2; m++) {
-        double plain = bench(presets[m], 64, 64, 128, calls, targets[m], 0), plain_dm = 0.0;
+    for (int k = 0; k < 2; k++) {
+        BenchModel m(presets[k]);
+        double plain = bench(m, 64, 64, 128, calls, targets[k], 0), plain_dm = 0.0;
         for (int variant = 1; variant <= (VARIANT_DECODE_MATMUL | VARIANT_PDL); variant++) {
-            double step = bench(presets[m], 64, 64, 128, calls, 0, 0, variant);
+            double step = bench(m, 64, 64, 128, calls, 0, 0, variant);
             if (variant == VARIANT_DECODE_MATMUL) plain_dm = step;
         }
-        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PIPELINE);
-        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_DECODE_MATMUL | VARIANT_PDL | VARIANT_PIPELINE);
-        bench(presets[m], 64, 64, 128, calls, 0, 1);
-        bench(presets[m], 256, 64, 128, calls, 0, 0);
-        bench(presets[m], 256, 64, 128, calls, 0, 0, VARIANT_PDL);
-        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
-        bench(presets[m], 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL, plain_dm);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PIPELINE);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_DECODE_MATMUL | VARIANT_PDL | VARIANT_PIPELINE);
+        bench(m, 64, 64, 128, calls, 0, 1);
+        bench(m, 256, 64, 128, calls, 0, 0);
+        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_PDL);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL, plain_dm);
     }
     return 0;
 }
