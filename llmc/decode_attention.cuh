@@ -26,6 +26,9 @@
  *                    decode_attention_combine merges the splits (the log-sum-exp rescaling of
  *                    FlashDecoding). Splits that start past a row's position exit at once, so
  *                    the grid can be sized for the longest context and stay fixed (CUDA graphs).
+ *                    An early-loads variant (decode_attention_early_loads, off by default)
+ *                    requests every load of the first iteration before using any: the same bits,
+ *                    for the harness to time against the default.
  * reference          one thread per (row, head), a serial loop with an online softmax: the
  *                    plain version the harnesses compare against.
  *
@@ -43,9 +46,8 @@
 #define DECODE_WARPS (DECODE_THREADS / 32)
 #define DECODE_ERR_POSITION 2
 
-// 8 bf16 values from a 16-byte aligned address, as floats
-__device__ __forceinline__ void decode_load8(float (&out)[8], const floatX *src) {
-    uint4 raw = *(const uint4 *)src;
+// 8 bf16 values from a 16-byte aligned address, as floats (decode_unpack8: from the 16 bytes)
+__device__ __forceinline__ void decode_unpack8(float (&out)[8], uint4 raw) {
     const __nv_bfloat162 *pairs = (const __nv_bfloat162 *)&raw;
     #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -54,6 +56,7 @@ __device__ __forceinline__ void decode_load8(float (&out)[8], const floatX *src)
         out[2 * i + 1] = f.y;
     }
 }
+__device__ __forceinline__ void decode_load8(float (&out)[8], const floatX *src) { decode_unpack8(out, *(const uint4 *)src); }
 
 // 8 floats as bf16 to a 16-byte aligned address
 __device__ __forceinline__ void decode_store8(floatX *dst, const float (&x)[8]) {
@@ -67,21 +70,33 @@ __device__ __forceinline__ void decode_store8(floatX *dst, const float (&x)[8]) 
 // RoPE on 8 channels of a head vector held by the CHUNKS = HS / 8 adjacent lanes of one position
 // (lane chunk c has channels 8c .. 8c+7): channel i < HS/2 pairs with i + HS/2, which lane
 // c ^ (CHUNKS / 2) holds. The arithmetic and the bf16 rounding are rows_kv_write_kernel's. Every
-// lane of the warp must call it (shuffles).
+// lane of the warp must call it (shuffles). decode_rope8_table loads the 8 (cos, sin) pairs a lane
+// uses at pos, decode_rope8_apply rotates with them.
 template <int CHUNKS>
-__device__ __forceinline__ void decode_rope8_bf16(float (&x)[8], const float *cos_sin, int pos, int c) {
+__device__ __forceinline__ void decode_rope8_table(float (&cs)[16], const float *cos_sin, int pos, int c) {
     constexpr int half = CHUNKS * 4;   // HS / 2
+    const float *src = cos_sin + ((size_t)pos * half + (c % (CHUNKS / 2)) * 8) * 2;
+    #pragma unroll
+    for (int e = 0; e < 16; e++) cs[e] = src[e];
+}
+template <int CHUNKS>
+__device__ __forceinline__ void decode_rope8_apply(float (&x)[8], const float (&cs)[16], int c) {
     float other[8];
     #pragma unroll
     for (int e = 0; e < 8; e++) other[e] = __shfl_xor_sync(0xffffffffu, x[e], CHUNKS / 2);
     const bool first = c < CHUNKS / 2;
-    const float *cs = cos_sin + ((size_t)pos * half + (c % (CHUNKS / 2)) * 8) * 2;
     #pragma unroll
     for (int e = 0; e < 8; e++) {
         float co = cs[2 * e], si = cs[2 * e + 1];
         float y = first ? x[e] * co - other[e] * si : x[e] * co + other[e] * si;
         x[e] = to_float(__float2bfloat16(y));
     }
+}
+template <int CHUNKS>
+__device__ __forceinline__ void decode_rope8_bf16(float (&x)[8], const float *cos_sin, int pos, int c) {
+    float cs[16];
+    decode_rope8_table<CHUNKS>(cs, cos_sin, pos, c);
+    decode_rope8_apply<CHUNKS>(x, cs, c);
 }
 // 8 floats rounded to bf16
 __device__ __forceinline__ void decode_round8_bf16(float (&x)[8]) {
@@ -149,7 +164,7 @@ static inline int decode_heads_per_block(int group) {
 // heads per block (decode_heads_per_block), the last batch of a group possibly partly empty.
 // part_o (N, NH, n_splits, HS) fp32 and part_ml (N, NH, n_splits, 2) fp32 are used when
 // n_splits > 1.
-template <int HS, int HB>
+template <int HS, int HB, int EARLY>
 __global__ void __launch_bounds__(DECODE_THREADS)
 decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX *qkv, floatX *k_cache,
                         floatX *v_cache, const float *cos_sin, int write_kv, const int *row_slot, const int *row_pos,
@@ -198,11 +213,41 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     // bf16), and the block of the first head batch whose split holds that position writes them
     // to the cache
     const int own = write_kv && pos - t0 < n_keys ? pos - t0 : -1;   // the row's position in this split
+    // EARLY (decode_attention_early_loads): every load of the first iteration is requested here,
+    // before any is used: the row's own key and value, RoPE's table, the query heads, and the keys
+    // and values of the first STRIDE positions, so that their latencies overlap instead of
+    // following one another (the row's key through RoPE, then the queries, then the keys, then
+    // the values). The same values, summed in the same order.
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+    uint4 q_raw[EARLY ? HB : 1], k_first[EARLY ? UNROLL : 1], v_first[EARLY ? UNROLL : 1], own_raw[2];
+    float cs[16];
+    if constexpr (EARLY) {
+        #pragma unroll
+        for (int h = 0; h < HB; h++) q_raw[h] = h < nh ? *(const uint4 *)(row_qkv + (size_t)(h0 + h) * HS + c * 8) : zero4;
+        if (own >= 0) {
+            own_raw[0] = *(const uint4 *)(row_qkv + (size_t)(NH + kvh) * HS + c * 8);
+            own_raw[1] = *(const uint4 *)(row_qkv + (size_t)(NH + NKV + kvh) * HS + c * 8);
+        }
+        if (write_kv && cos_sin) decode_rope8_table<CHUNKS>(cs, cos_sin, pos, c);
+        #pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            int j = u * PER_STEP + jr;
+            bool stored = j < n_keys && j != own;
+            k_first[u] = stored ? *(const uint4 *)(k_base + (size_t)j * HS + c * 8) : zero4;
+            v_first[u] = stored ? *(const uint4 *)(v_base + (size_t)j * HS + c * 8) : zero4;
+        }
+    }
     float k_own[8], v_own[8];
     if (own >= 0) {   // block-uniform
-        decode_load8(k_own, row_qkv + (size_t)(NH + kvh) * HS + c * 8);
-        decode_load8(v_own, row_qkv + (size_t)(NH + NKV + kvh) * HS + c * 8);
-        if (cos_sin) decode_rope8_bf16<CHUNKS>(k_own, cos_sin, pos, c);
+        if constexpr (EARLY) {
+            decode_unpack8(k_own, own_raw[0]);
+            decode_unpack8(v_own, own_raw[1]);
+            if (cos_sin) decode_rope8_apply<CHUNKS>(k_own, cs, c);
+        } else {
+            decode_load8(k_own, row_qkv + (size_t)(NH + kvh) * HS + c * 8);
+            decode_load8(v_own, row_qkv + (size_t)(NH + NKV + kvh) * HS + c * 8);
+            if (cos_sin) decode_rope8_bf16<CHUNKS>(k_own, cos_sin, pos, c);
+        }
         if (hb == 0 && jr == 0) {
             size_t at = (((size_t)slot * NKV + kvh) * Tmax + pos) * HS + c * 8;
             decode_store8(k_cache + at, k_own);
@@ -215,8 +260,13 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     #pragma unroll
     for (int h = 0; h < HB; h++) {
         if (h < nh) {
-            decode_load8(q[h], row_qkv + (size_t)(h0 + h) * HS + c * 8);
-            if (write_kv && cos_sin) decode_rope8_bf16<CHUNKS>(q[h], cos_sin, pos, c);
+            if constexpr (EARLY) {
+                decode_unpack8(q[h], q_raw[h]);
+                if (write_kv && cos_sin) decode_rope8_apply<CHUNKS>(q[h], cs, c);
+            } else {
+                decode_load8(q[h], row_qkv + (size_t)(h0 + h) * HS + c * 8);
+                if (write_kv && cos_sin) decode_rope8_bf16<CHUNKS>(q[h], cos_sin, pos, c);
+            }
             #pragma unroll
             for (int e = 0; e < 8; e++) q[h][e] *= scale;
         } else {
@@ -232,7 +282,8 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = base + u * PER_STEP + jr;
-            if (j < n_keys && j != own) decode_load8(k8[u], k_base + (size_t)j * HS + c * 8);
+            if (EARLY && base == 0 && j != own) decode_unpack8(k8[u], k_first[u]);   // zero past n_keys
+            else if (j < n_keys && j != own) decode_load8(k8[u], k_base + (size_t)j * HS + c * 8);
             else {
                 #pragma unroll
                 for (int e = 0; e < 8; e++) k8[u][e] = j == own ? k_own[e] : 0.0f;
@@ -281,7 +332,8 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = base + u * PER_STEP + jr;
-            if (j < n_keys && j != own) decode_load8(v8[u], v_base + (size_t)j * HS + c * 8);
+            if (EARLY && base == 0 && j != own) decode_unpack8(v8[u], v_first[u]);
+            else if (j < n_keys && j != own) decode_load8(v8[u], v_base + (size_t)j * HS + c * 8);
             else if (j == own) {
                 #pragma unroll
                 for (int e = 0; e < 8; e++) v8[u][e] = v_own[e];
@@ -385,6 +437,22 @@ __global__ void decode_attention_reference_kernel(floatX *out, const floatX *qkv
 // Number of splits for contexts up to max_positions.
 static inline int decode_attention_splits(int max_positions) { return ceil_div(max_positions, DECODE_SPLIT_LEN); }
 
+// 1: the fast kernel requests every load of its first iteration at once (the EARLY variant of
+// decode_attention_kernel: the same results, bit for bit); 0 (default): as it uses them.
+// rollout_kernels times both.
+static int decode_attention_early_loads = 0;
+
+template <int HS, int HB>
+static inline void decode_attention_fast_launch(dim3 grid, floatX *out, float *part_o, float *part_ml, const floatX *qkv,
+                                                floatX *k_cache, floatX *v_cache, const float *cos_sin, int write_kv,
+                                                const int *row_slot, const int *row_pos, int NH, int NKV, int n_slots,
+                                                int Tmax, int n_splits, int *err, cudaStream_t stream) {
+    if (decode_attention_early_loads)
+        decode_attention_kernel<HS, HB, 1><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err);
+    else
+        decode_attention_kernel<HS, HB, 0><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err);
+}
+
 template <int HS>
 static inline void decode_attention_launch(floatX *out, float *part_o, float *part_ml, const floatX *qkv,
                                            floatX *k_cache, floatX *v_cache, const float *cos_sin, int write_kv,
@@ -400,10 +468,10 @@ static inline void decode_attention_launch(floatX *out, float *part_o, float *pa
     int group = NH / NKV, hb = decode_heads_per_block(group);
     dim3 grid(n_splits, NKV * ceil_div(group, hb), N);
     switch (hb) {
-    case 1: decode_attention_kernel<HS, 1><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
-    case 2: decode_attention_kernel<HS, 2><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
-    case 4: decode_attention_kernel<HS, 4><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
-    default: decode_attention_kernel<HS, 8><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err); break;
+    case 1: decode_attention_fast_launch<HS, 1>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, stream); break;
+    case 2: decode_attention_fast_launch<HS, 2>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, stream); break;
+    case 4: decode_attention_fast_launch<HS, 4>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, stream); break;
+    default: decode_attention_fast_launch<HS, 8>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, stream); break;
     }
     cudaCheckLaunch();
     if (n_splits > 1) {

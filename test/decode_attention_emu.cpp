@@ -16,7 +16,8 @@
  * cudaMalloc's, outputs and split partials start as NaN. The threads of a block run in index
  * order (forward) or in reverse, so that a missing __syncthreads shows in one of the two.
  *
- *   decode_attention_emu IN OUT forward|reverse
+ *   decode_attention_emu IN OUT forward|reverse   (DECODE_ATTENTION_EARLY=1 in the environment:
+ *                                                 the fast kernel's early-loads variant)
  *     IN : int32 N, NH, NKV, HS, S, Tmax, n_splits, reference, write_kv, rope; int32 row_slot (N),
  *          row_pos (N); float32 qkv (N, (NH + 2*NKV)*HS), k_cache, v_cache (S, NKV, Tmax, HS), all
  *          values representable in bf16; when rope, float32 cos_sin (Tmax, HS/2, 2)
@@ -38,6 +39,8 @@ int main(int argc, char **argv) {
         for (int hb = 1; hb <= DECODE_MAX_HEADS_PER_BLOCK; hb *= 2)
             shared_bytes += sizeof(float) * hb * (DECODE_SPLIT_LEN + 2 + DECODE_WARPS * hs);
     FILE *f = emu_open_input(argc, argv, shared_bytes);
+    const char *early = getenv("DECODE_ATTENTION_EARLY");
+    decode_attention_early_loads = early != NULL && strcmp(early, "1") == 0;
     int32_t dims[10];
     if (fread(dims, sizeof(int32_t), 10, f) != 10) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int N = dims[0], NH = dims[1], NKV = dims[2], HS = dims[3], S = dims[4], Tmax = dims[5], n_splits = dims[6];

@@ -30,7 +30,6 @@ static inline void dm_mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, 
     emu_mma(d, a, b0, b1);
 }
 static inline float dm_load_partial(const float *p) { return *p; }
-static inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return uint4{x, y, z, w}; }
 // the blocks run one at a time on one OS thread: a plain read-modify-write is atomic, and every
 // write is visible to the next block
 static inline unsigned int atomicAdd(unsigned int *address, unsigned int value) {

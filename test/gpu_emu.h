@@ -70,6 +70,7 @@ struct float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) uint2 { uint32_t x, y; };
 struct alignas(16) uint4 { uint32_t x, y, z, w; };
+static inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return uint4{x, y, z, w}; }
 struct __nv_bfloat162 { floatX x, y; };
 static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{to_f32(v.x), to_f32(v.y)}; }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }

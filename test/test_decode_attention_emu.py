@@ -14,6 +14,7 @@ the reference kernel, with the threads of each block scheduled forward and in re
 missing barrier shows in one order or the other). A mutation check confirms that an oracle with the wrong scale or the wrong
 head mapping fails the comparison."""
 import math
+import os
 import re
 import subprocess
 
@@ -66,9 +67,9 @@ def within_tolerance(got, ref, HS):
 
 
 def run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, n_splits, reference,
-                 order="forward", write_kv=False, cos_sin=None, caches=False):
+                 order="forward", write_kv=False, cos_sin=None, caches=False, early=False):
     """out (N, NH*HS) float32 and the error flags from decode_attention() under emulation (and the
-    k and v caches after the call, when caches)."""
+    k and v caches after the call, when caches); early: the fast kernel's early-loads variant."""
     N = qkv.shape[0]
     S, _, Tmax, _ = k_cache.shape
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
@@ -78,7 +79,9 @@ def run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH
         np.array(list(slots) + list(positions), np.int32).tofile(f)
         for x in (qkv, k_cache, v_cache) + (() if cos_sin is None else (cos_sin,)):
             x.astype(np.float32).tofile(f)
-    proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, DECODE_ATTENTION_EARLY="1" if early else "0")
+    proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600,
+                          env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     raw = np.fromfile(outp, np.uint8)
     n_out, n_cache = N * NH * HS, k_cache.size
@@ -237,6 +240,41 @@ def test_decode_attention_writes_the_cache(emulator, tmp_path, shape, order):
     if rope:   # the rotation matters: the unrotated inputs give other outputs
         assert not within_tolerance(got, oracle(*written_inputs(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS,
                                                                 None), slots, positions, NH, NKV, HS), HS)
+
+
+@pytest.mark.parametrize("case", [("read", s) for s in SHAPES] + [("write", s) for s in WRITE_SHAPES],
+                         ids=lambda c: c[0] + "_NH%d_NKV%d_HS%d_len%s" % (c[1][0], c[1][1], c[1][2],
+                                                                         "-".join(str(n) for _, n in c[1][5])))
+def test_early_loads_same_bits(emulator, tmp_path, case):
+    """The fast kernel's early-loads variant (decode_attention_early_loads: every load of the first
+    iteration requested before any is used) gives the default kernel's outputs and cache writes bit
+    for bit (its threads run in reverse here), and so the oracle's: on the shapes above, reading a
+    written cache and writing it itself, with and without RoPE."""
+    kind, shape = case
+    NH, NKV, HS, S, Tmax, rows, n_splits, extra = shape
+    n_splits = n_splits or -(-Tmax // SPLIT)
+    slots, positions = [s_ for s_, _ in rows], [n - 1 for _, n in rows]
+    if kind == "read":
+        qkv, k_cache, v_cache = make_inputs(shape, SHAPES.index(shape))
+        args, kw = (qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, n_splits, False), {}
+        ref = oracle(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS)
+    else:
+        rng = np.random.default_rng(WRITE_SHAPES.index(shape) + 200)
+        qkv = to_bf16(rng.standard_normal((len(rows), (NH + 2 * NKV) * HS)))
+        k_cache = to_bf16(rng.standard_normal((S, NKV, Tmax, HS)))
+        v_cache = to_bf16(rng.standard_normal((S, NKV, Tmax, HS)))
+        cos_sin = rope_table(Tmax, HS) if extra else None
+        args = (qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, n_splits, False)
+        kw = dict(write_kv=True, cos_sin=cos_sin)
+        ref = oracle(*written_inputs(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, cos_sin), slots, positions,
+                     NH, NKV, HS)
+    plain = run_emulator(emulator, tmp_path, *args, "forward", caches=True, **kw)
+    early = run_emulator(emulator, tmp_path, *args, "reverse", caches=True, early=True, **kw)
+    assert plain[1] == 0 and early[1] == 0
+    for a, b in zip(plain, early):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint32) if hasattr(a, "view") else a,
+                                      np.asarray(b).view(np.uint32) if hasattr(b, "view") else b)
+    assert within_tolerance(early[0], ref, HS)
 
 
 def test_reference_kernel_refuses_write_kv(emulator, tmp_path):

@@ -3,8 +3,9 @@
  * with NaN-poisoned outputs (one PASS/FAIL line per check, exit 1 on any failure):
  *
  *   1. rows_kv_write + decode_attention: RoPE at each row's own position, the KV cache write and
- *      the split attention (fast kernel, 1 and several splits, the reference kernel, and the fast
- *      kernel doing the rotation and the cache write itself, write_kv) against
+ *      the split attention (fast kernel, 1 and several splits, the reference kernel, the fast
+ *      kernel doing the rotation and the cache write itself, write_kv, and the fast kernel's
+ *      early-loads variant, which must give the default's bits) against
  *      a double-precision CPU attention over the bf16 cache, for GPT-2 (NH = NKV), SmolLM2
  *      (group 3), a group of 16 (two head batches per block) and HS 16 / 128, with positions up to
  *      several splits long.
@@ -22,8 +23,8 @@
  *   4. timings, per call replayed from a CUDA graph as the rollout engine's decode step: the
  *      decode attention for GPT-2 and SmolLM2 at 64 and 256 rows (rows_kv_write + attention
  *      against the attention writing the cache, with the key and value bytes read per second; the
- *      latter also with every call on its own cache, from memory; SmolLM2 also at positions ~72
- *      and below 8, where what is left is the kernel's fixed cost),
+ *      latter also with every call on its own cache, from memory, and in the early-loads variant;
+ *      SmolLM2 also at positions ~72 and below 8, where what is left is the kernel's fixed cost),
  *      and the sampler at V = 50257, 64 and 256 rows (the one-block kernel beside the split path).
  *
  *   build/cuda/dev/rollout_kernels
@@ -112,14 +113,20 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
     }
     int *d_slot = upload(slot), *d_pos = upload(pos), *d_err = device_alloc_n<int>(1);
     floatX *d_out = device_alloc_n<floatX>((size_t)N * NH * HS);
-    // (reference, n_splits, write_kv): write_kv = 1 leaves out rows_kv_write, the attention
-    // rotates and writes the keys and values itself (the decode step's path; the rows' slots differ)
-    int variants[5][3] = {{0, splits_needed, 0}, {0, splits_needed + 2, 0}, {1, splits_needed, 0},
-                          {0, splits_needed, 1}, {0, splits_needed + 1, 1}};
-    const char *names[5] = {"fast", "fast, extra empty splits", "reference", "fast, writing the cache",
-                            "fast, writing the cache, extra split"};
-    for (int v = 0; v < 5; v++) {
+    // (reference, n_splits, write_kv, early): write_kv = 1 leaves out rows_kv_write, the attention
+    // rotates and writes the keys and values itself (the decode step's path; the rows' slots
+    // differ); early = 1 is the fast kernel's early-loads variant (decode_attention_early_loads),
+    // which must give variants 0 and 3 bit for bit
+    int variants[7][4] = {{0, splits_needed, 0, 0}, {0, splits_needed + 2, 0, 0}, {1, splits_needed, 0, 0},
+                          {0, splits_needed, 1, 0}, {0, splits_needed + 1, 1, 0}, {0, splits_needed, 0, 1},
+                          {0, splits_needed, 1, 1}};
+    const char *names[7] = {"fast", "fast, extra empty splits", "reference", "fast, writing the cache",
+                            "fast, writing the cache, extra split", "fast, early loads",
+                            "fast, writing the cache, early loads"};
+    std::vector<float> outputs[7];
+    for (int v = 0; v < 7; v++) {
         int reference = variants[v][0], n_splits = variants[v][1], write_kv = variants[v][2];
+        decode_attention_early_loads = variants[v][3];
         floatX *d_qkv = upload_bf16(qkv), *d_k = upload_bf16(cache_k), *d_v = upload_bf16(cache_v);
         float *part_o = device_alloc_n<float>((size_t)N * NH * n_splits * HS), *part_ml = device_alloc_n<float>((size_t)N * NH * n_splits * 2);
         poison(d_out, (size_t)N * NH * HS * sizeof(floatX));
@@ -134,7 +141,9 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
             decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, NULL, 0, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
                              n_splits, reference, d_err, 0);
         }
+        decode_attention_early_loads = 0;
         std::vector<float> got = download_bf16(d_out, (size_t)N * NH * HS);
+        outputs[v] = got;
         int err = 0;
         cudaCheck(cudaMemcpy(&err, d_err, sizeof(int), cudaMemcpyDeviceToHost));
         char what[160];
@@ -150,6 +159,11 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
         cudaCheck(cudaFree(d_qkv)); cudaCheck(cudaFree(d_k)); cudaCheck(cudaFree(d_v));
         cudaCheck(cudaFree(part_o)); cudaCheck(cudaFree(part_ml));
     }
+    char same[160];
+    snprintf(same, sizeof(same), "%s attention early loads vs default", label);
+    compare_bits(same, outputs[5], outputs[0]);
+    snprintf(same, sizeof(same), "%s attention early loads vs default, writing the cache", label);
+    compare_bits(same, outputs[6], outputs[3]);
     // a row past the splits' reach is flagged, not read out of bounds
     {
         floatX *d_qkv = upload_bf16(qkv), *d_k = upload_bf16(cache_k), *d_v = upload_bf16(cache_v);
@@ -239,15 +253,25 @@ static void time_attention(const char *label, int NH, int NKV, int HS, int N, in
         cudaCheck(cudaMemcpy(vs[i], d_v, cache_elems * sizeof(floatX), cudaMemcpyDeviceToDevice));
     }
     int call = 0;
-    float ms_cold = graph_time_ms([&](cudaStream_t st) {
+    auto cold = [&](cudaStream_t st) {
         int i = call++ % n_caches;
         decode_attention(d_out, part_o, part_ml, d_qkv, ks[i], vs[i], d_cos_sin, 1, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
                          n_splits, 0, d_err, st);
+    };
+    float ms_cold = graph_time_ms(cold);
+    // the early-loads variant of the same kernel (captured with the switch on), from L2 and from memory
+    decode_attention_early_loads = 1;
+    float ms_early = graph_time_ms([&](cudaStream_t st) {
+        decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, d_cos_sin, 1, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
+                         n_splits, 0, d_err, st);
     });
+    float ms_early_cold = graph_time_ms(cold);
+    decode_attention_early_loads = 0;
     for (int i = 1; i < n_caches; i++) { cudaCheck(cudaFree(ks[i])); cudaCheck(cudaFree(vs[i])); }
     printf("%-28s N=%d pos ~%d: rows_kv_write + attention %7.2f us | attention writing the cache %7.2f us "
-           "(%.0f GB/s of keys and values); from memory (%d caches) %7.2f us (%.0f GB/s)\n", label, N, len, ms_two * 1e3,
-           ms_one * 1e3, kv_bytes / (ms_one * 1e-3) / 1e9, n_caches, ms_cold * 1e3, kv_bytes / (ms_cold * 1e-3) / 1e9);
+           "(%.0f GB/s of keys and values); from memory (%d caches) %7.2f us (%.0f GB/s) | early loads %7.2f us, "
+           "from memory %7.2f us\n", label, N, len, ms_two * 1e3, ms_one * 1e3, kv_bytes / (ms_one * 1e-3) / 1e9,
+           n_caches, ms_cold * 1e3, kv_bytes / (ms_cold * 1e-3) / 1e9, ms_early * 1e3, ms_early_cold * 1e3);
     cudaCheck(cudaFree(d_qkv)); cudaCheck(cudaFree(d_k)); cudaCheck(cudaFree(d_v)); cudaCheck(cudaFree(d_slot));
     cudaCheck(cudaFree(d_pos)); cudaCheck(cudaFree(d_err)); cudaCheck(cudaFree(d_out)); cudaCheck(cudaFree(part_o));
     cudaCheck(cudaFree(part_ml));
