@@ -249,6 +249,20 @@ __device__ __forceinline__ void flash_wgmma_ss(float (&d)[8][4], uint64_t desc_a
 }
 #endif
 
+// Ends a batch of warpgroup products (issued after flash_wgmma_fence): commits it, waits for it
+// and fences the accumulators it wrote (one or two sets).
+template <int NB>
+__device__ __forceinline__ void flash_wgmma_finish(float (&d)[NB][4]) {
+    flash_wgmma_commit();
+    flash_wgmma_wait();
+    flash_acc_fence(d);
+}
+template <int NB>
+__device__ __forceinline__ void flash_wgmma_finish(float (&d0)[NB][4], float (&d1)[NB][4]) {
+    flash_wgmma_finish(d0);
+    flash_acc_fence(d1);
+}
+
 // The A fragment of k-block kb (16 columns) of a 16 x 16j accumulator tile acc[2j][4], in bf16.
 template <int NB>
 __device__ __forceinline__ void flash_acc_to_a(uint32_t (&a)[4], const float (&acc)[NB][4], int kb) {
@@ -340,9 +354,7 @@ __device__ __forceinline__ void flash_wg_acc_times_tile(float (&d)[8][4], const 
     flash_wgmma_fence();
     #pragma unroll
     for (int kb = 0; kb < 4; kb++) flash_wgmma<1>(d, a[kb], flash_wg_desc_mn<HS>(tile, kb));
-    flash_wgmma_commit();
-    flash_wgmma_wait();
-    flash_acc_fence(d);
+    flash_wgmma_finish(d);
 }
 
 // cp.async of ROWS floats row_stats[row0 ...] (one head's lse or D row) into shared; zero past T
@@ -496,9 +508,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
             flash_wgmma<0, 0>(s[0], q_frag[0][0], flash_wg_desc_k<HS>(k_tile, 0));
             #pragma unroll
             for (int kk = 1; kk < HS / 16; kk++) flash_wgmma<0>(s[0], q_frag[0][kk], flash_wg_desc_k<HS>(k_tile, kk));
-            flash_wgmma_commit();
-            flash_wgmma_wait();
-            flash_acc_fence(s[0]);
+            flash_wgmma_finish(s[0]);
         } else {
             #pragma unroll
             for (int kk = 0; kk < HS / 16; kk++) {
@@ -761,10 +771,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
                     flash_wgmma<0>(dp, v_frag[kk], flash_wg_desc_k<HS>(g_tile, kk));
                 }
             }
-            flash_wgmma_commit();
-            flash_wgmma_wait();
-            flash_acc_fence(s);
-            flash_acc_fence(dp);
+            flash_wgmma_finish(s, dp);
         } else {
             #pragma unroll
             for (int kk = 0; kk < HS / 16; kk++) {
@@ -817,10 +824,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
                 flash_wgmma<1>(dv, pa[kb], flash_wg_desc_mn<HS>(g_tile, kb));
                 flash_wgmma<1>(dk, dsa[kb], flash_wg_desc_mn<HS>(q_tile, kb));
             }
-            flash_wgmma_commit();
-            flash_wgmma_wait();
-            flash_acc_fence(dv);
-            flash_acc_fence(dk);
+            flash_wgmma_finish(dv, dk);
         } else {
             #pragma unroll
             for (int kb = 0; kb < BM / 16; kb++) {
@@ -991,10 +995,7 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
                         flash_wgmma<0>(dp[0], g_frag[kk], flash_wg_desc_k<HS>(v_tile, kk));
                     }
                 }
-                flash_wgmma_commit();
-                flash_wgmma_wait();
-                flash_acc_fence(s[0]);
-                flash_acc_fence(dp[0]);
+                flash_wgmma_finish(s[0], dp[0]);
             } else {
                 #pragma unroll
                 for (int kk = 0; kk < HS / 16; kk++) {
