@@ -70,6 +70,7 @@ namespace {
 #define ROLLOUT_MAX_GRAPHS 32
 #define ROLLOUT_MAX_BLOCKS 64
 #define ROLLOUT_PROFILE_EVENTS 1024  // events a profiled decode step records, at most
+#define ROLLOUT_BRANCH_MIN_ROWS 4    // rows of a decode step's group, at least (options.branches)
 
 // The kernel groups of a decode step that options.profile times (prof_mark after each).
 enum { PG_START, PG_EMBED, PG_QKV, PG_ATTENTION, PG_ATTPROJ, PG_NORM, PG_FC, PG_ACT, PG_FCPROJ, PG_LOGITS, PG_SAMPLE,
@@ -86,6 +87,24 @@ typedef struct {
     int prof_n;               // options.profile: events the graph records (0: none) and the
     unsigned char *prof_group;   // group each one ends (PG_*)
 } GraphEntry;
+
+// The buffers and the stream that one chain of rows works with: all of the engine's buffers on
+// its stream (prefill, and a decode step in one chain), or, with options.branches, one group of a
+// decode step's rows: the same buffers from that group's first row on, and the group's stream.
+typedef struct {
+    cudaStream_t stream;
+    float *res_a, *res_b;
+    floatX *ln;
+    float *ln_mean, *ln_rstd;
+    floatX *qkv, *atty, *proj, *fch, *fch_act;
+    float *part_o, *part_ml;      // as the step's n_splits lays them out
+    float *logits;
+    int *row_token, *row_slot, *row_pos, *row_step;
+    uint64_t *row_key;
+    int *out_token;
+    float *out_logprob;
+    SampleSplitScratch sample_split;
+} RowSet;
 
 struct RolloutEngine {
     ModelConfig config;
@@ -149,6 +168,11 @@ struct RolloutEngine {
     // the event of its copies
     struct { int *token; float *logprob; int *err; cudaEvent_t done; } step_out[2];
     int sampling_sets;             // this generate call samples with top-k or top-p (sample())
+    // options.branches: the streams of the groups after the first (which uses the engine's
+    // stream), made on first use, and the events that fork them from it and join them back
+    cudaStream_t branch_stream[ROLLOUT_MAX_BRANCHES];
+    cudaEvent_t branch_fork, branch_join[ROLLOUT_MAX_BRANCHES];
+    int n_branch_streams;
     // options.pdl: whether this GPU runs the kernels' griddep_wait (pdl_supported), and while a
     // decode step is captured, the nodes of the engine's kernels that start with it (pdl_mark)
     int pdl_supported, pdl_capturing, n_pdl_nodes, cap_pdl_nodes;
@@ -244,6 +268,40 @@ static const floatX *weight(const RolloutEngine *e, int tensor, int l) {
 static floatX *layer_k(RolloutEngine *e, int l) { return e->k_cache + (size_t)l * e->layer_cache_elems; }
 static floatX *layer_v(RolloutEngine *e, int l) { return e->v_cache + (size_t)l * e->layer_cache_elems; }
 
+// The engine's buffers from row row0 on, on `stream`, for a decode step with n_splits attention
+// splits (the split partials are laid out by it); row0 0 and the engine's stream: all of them.
+static RowSet row_set(const RolloutEngine *e, int row0, int n_splits, cudaStream_t stream) {
+    const ModelConfig *c = &e->config;
+    size_t r = (size_t)row0, C = c->n_embd, NH = c->n_head, HS = c->head_dim;
+    RowSet s;
+    s.stream = stream;
+    s.res_a = e->res_a + r * C;
+    s.res_b = e->res_b + r * C;
+    s.ln = e->ln + r * C;
+    s.ln_mean = e->ln_mean + r;
+    s.ln_rstd = e->ln_rstd + r;
+    s.qkv = e->qkv + r * qkv_width(c);
+    s.atty = e->atty + r * NH * HS;
+    s.proj = e->proj + r * C;
+    s.fch = e->fch + r * fc_width(c);
+    s.fch_act = e->fch_act + r * c->ffn_hidden;
+    s.part_o = e->part_o + r * NH * n_splits * HS;
+    s.part_ml = e->part_ml + r * NH * n_splits * 2;
+    s.logits = e->logits + r * c->padded_vocab_size;
+    s.row_token = e->row_token + r;
+    s.row_slot = e->row_slot + r;
+    s.row_pos = e->row_pos + r;
+    s.row_step = e->row_step + r;
+    s.row_key = e->row_key + r;
+    s.out_token = e->out_token + r;
+    s.out_logprob = e->out_logprob + r;
+    s.sample_split = e->sample_split;   // SAMPLE_SPLIT_MAX_BLOCKS entries a row at most
+    s.sample_split.stats += r * SAMPLE_SPLIT_MAX_BLOCKS;
+    s.sample_split.best += r * SAMPLE_SPLIT_MAX_BLOCKS;
+    s.sample_split.max_rows -= row0;
+    return s;
+}
+
 static void graphs_clear(RolloutEngine *e) {
     for (int i = 0; i < e->n_graphs; i++) {
         if (e->graphs[i].exec) cudaCheck(cudaGraphExecDestroy(e->graphs[i].exec));
@@ -262,12 +320,15 @@ extern "C" RolloutOptions rollout_default_options(void) {
     o.pdl = 0;
     o.pipeline = 0;
     o.profile = 0;
+    o.branches = 1;
+    o.tune_products = 1;
     return o;
 }
 
 // TRAIN_MORA_ROLLOUT: the variants an engine starts with, a comma-separated list of
-// decode_matmul, pdl and pipeline (RolloutOptions), for trying them in a whole run (generate,
-// eval, mora); rollout_set_options replaces them. Any other word exits with a message.
+// decode_matmul, pdl, pipeline, untuned (tune_products 0) and branches=N (RolloutOptions), for
+// trying them in a whole run (generate, eval, mora); rollout_set_options replaces them. Any other
+// word exits with a message.
 static void options_from_env(RolloutOptions *o) {
     const char *v = getenv("TRAIN_MORA_ROLLOUT");
     if (v == NULL || v[0] == '\0') return;
@@ -278,10 +339,19 @@ static void options_from_env(RolloutOptions *o) {
         if (strcmp(w, "decode_matmul") == 0) o->decode_matmul = 1;
         else if (strcmp(w, "pdl") == 0) o->pdl = 1;
         else if (strcmp(w, "pipeline") == 0) o->pipeline = 1;
-        else fatal("TRAIN_MORA_ROLLOUT=%s: unknown variant '%s' (expected a comma-separated list of decode_matmul, pdl, pipeline)", v, w);
+        else if (strcmp(w, "untuned") == 0) o->tune_products = 0;
+        else if (strncmp(w, "branches=", 9) == 0) {
+            char *end = NULL;
+            long n = strtol(w + 9, &end, 10);
+            if (end == w + 9 || *end != '\0' || n < 1 || n > ROLLOUT_MAX_BRANCHES)
+                fatal("TRAIN_MORA_ROLLOUT=%s: '%s' needs a number of branches in 1..%d", v, w, ROLLOUT_MAX_BRANCHES);
+            o->branches = (int)n;
+        } else
+            fatal("TRAIN_MORA_ROLLOUT=%s: unknown variant '%s' (expected a comma-separated list of decode_matmul, pdl, pipeline, "
+                  "untuned, branches=N)", v, w);
     }
-    fprintf(stderr, "rollout: TRAIN_MORA_ROLLOUT=%s: decode_matmul %d, pdl %d, pipeline %d\n", v, o->decode_matmul, o->pdl,
-            o->pipeline);
+    fprintf(stderr, "rollout: TRAIN_MORA_ROLLOUT=%s: decode_matmul %d, pdl %d, pipeline %d, branches %d, tuned products %d\n", v,
+            o->decode_matmul, o->pdl, o->pipeline, o->branches, o->tune_products);
 }
 
 extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max_len) {
@@ -451,6 +521,12 @@ extern "C" void rollout_free(RolloutEngine *e) {
     if (e->prof_events)
         for (int i = 0; i < ROLLOUT_PROFILE_EVENTS; i++) cudaCheck(cudaEventDestroy(e->prof_events[i]));
     free(e->prof_events);
+    for (int b = 1; b <= e->n_branch_streams; b++) {
+        matmul_unregister_stream(e->branch_stream[b]);
+        cudaCheck(cudaStreamDestroy(e->branch_stream[b]));
+        cudaCheck(cudaEventDestroy(e->branch_join[b]));
+    }
+    if (e->n_branch_streams > 0) cudaCheck(cudaEventDestroy(e->branch_fork));
     cudaCheck(cudaStreamDestroy(e->stream));
     free(e->first_token);
     free(e->first_logprob);
@@ -460,8 +536,10 @@ extern "C" void rollout_free(RolloutEngine *e) {
 
 extern "C" void rollout_set_options(RolloutEngine *e, const RolloutOptions *o) {
     // graphs hold the kernels of the path they were captured on
+    if (o->branches < 1 || o->branches > ROLLOUT_MAX_BRANCHES)
+        fatal("rollout_set_options: branches must be in 1..%d, got %d", ROLLOUT_MAX_BRANCHES, o->branches);
     if (o->reference != e->options.reference || o->decode_matmul != e->options.decode_matmul || o->pdl != e->options.pdl ||
-        o->profile != e->options.profile)
+        o->profile != e->options.profile || o->branches != e->options.branches || o->tune_products != e->options.tune_products)
         graphs_clear(e);
     e->options = *o;
 }
@@ -486,6 +564,11 @@ extern "C" void rollout_update_weights_device(RolloutEngine *e, const float *dev
 }
 
 extern "C" void rollout_last_stats(const RolloutEngine *e, RolloutStats *stats) { *stats = e->stats; }
+
+extern "C" void rollout_tuning_print(FILE *out) {
+    if (matmul_tune_count == 0) fprintf(out, "  cuBLASLt: no decode product shape tuned\n");
+    matmul_tune_print(out, 0);
+}
 
 extern "C" void rollout_last_logits(const RolloutEngine *e, int row, float *out) {
     if (row < 0 || row >= e->max_seqs) fatal("rollout_last_logits: row %d outside 0..%d", row, e->max_seqs - 1);
@@ -558,157 +641,212 @@ static void pdl_apply(RolloutEngine *e, cudaGraph_t graph) {
 // ---------------------------------------------------------------------------------------------
 // forward pieces
 
-// out (n, OC) = inp (n, IC) @ w^T + b, with GELU when gelu_pre is given (cuBLASLt then also
-// writes the pre-activation there; decode_matmul does not, the decode step never reads it):
-// decode_matmul for a decode step's rows (`decode`, fast path) when the options ask for it and the
-// shape allows.
 // Whether a product of n rows goes through decode_matmul (see forward_product).
 static int use_decode_matmul(const RolloutEngine *e, int decode, const floatX *inp, const floatX *w, int n, int IC, int OC) {
     return decode && e->options.decode_matmul && !e->options.reference && e->dm_counters && n <= e->max_seqs &&
            decode_matmul_supports(n, IC, OC, inp, w);
 }
 
-static void forward_product(RolloutEngine *e, int decode, floatX *out, const floatX *inp, const floatX *w, const floatX *b,
-                            floatX *gelu_pre, int n, int IC, int OC) {
+// out (n, OC) = inp (n, IC) @ w^T + b, with GELU when gelu_pre is given (cuBLASLt then also
+// writes the pre-activation there; decode_matmul does not, the decode step never reads it):
+// decode_matmul for a decode step's rows (`decode`, fast path) when the options ask for it and the
+// shape allows.
+static void forward_product(RolloutEngine *e, const RowSet *s, int decode, floatX *out, const floatX *inp,
+                            const floatX *w, const floatX *b, floatX *gelu_pre, int n, int IC, int OC) {
     if (use_decode_matmul(e, decode, inp, w, n, IC, OC)) {
-        decode_matmul(out, e->dm_partial, e->dm_counters, inp, w, b, n, IC, OC, gelu_pre != NULL, e->sms, e->stream);
+        decode_matmul(out, e->dm_partial, e->dm_counters, inp, w, b, n, IC, OC, gelu_pre != NULL, e->sms, s->stream);
         pdl_mark(e);
     } else
-        matmul_forward(out, inp, w, b, gelu_pre, n, IC, OC, e->stream);
+        matmul_forward(out, inp, w, b, gelu_pre, n, IC, OC, s->stream);
 }
 
 // MLP of n rows: proj (n, C) = fcproj(act(fc(ln))); `decode`: the rows are a decode step's.
-static void mlp_forward(RolloutEngine *e, int l, int n, int decode) {
+static void mlp_forward(RolloutEngine *e, const RowSet *s, int l, int n, int decode) {
     const ModelConfig *c = &e->config;
     int C = c->n_embd, F = c->ffn_hidden;
-    cudaStream_t st = e->stream;
+    cudaStream_t st = s->stream;
     if (c->arch == ARCH_GPT2) {
         if (F % 8 == 0) {
-            forward_product(e, decode, e->fch_act, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), e->fch, n, C, F);
+            forward_product(e, s, decode, s->fch_act, s->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), s->fch, n, C, F);
             prof_mark(e, PG_FC);
         } else {
-            forward_product(e, decode, e->fch, e->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), NULL, n, C, F);
+            forward_product(e, s, decode, s->fch, s->ln, weight(e, P_FCW, l), weight(e, P_FCB, l), NULL, n, C, F);
             prof_mark(e, PG_FC);
-            gelu_forward(e->fch_act, e->fch, (size_t)n * F, st);
+            gelu_forward(s->fch_act, s->fch, (size_t)n * F, st);
             pdl_mark(e);
             prof_mark(e, PG_ACT);
         }
     } else {
-        forward_product(e, decode, e->fch, e->ln, weight(e, P_FCW, l), NULL, NULL, n, C, 2 * F);
+        forward_product(e, s, decode, s->fch, s->ln, weight(e, P_FCW, l), NULL, NULL, n, C, 2 * F);
         prof_mark(e, PG_FC);
-        if (use_decode_matmul(e, decode, e->fch, weight(e, P_FCPROJW, l), n, F, C)) {
+        if (use_decode_matmul(e, decode, s->fch, weight(e, P_FCPROJW, l), n, F, C)) {
             // SwiGLU formed inside the projection's input loads: one launch, the same bits
-            decode_matmul_swiglu(e->proj, e->dm_partial, e->dm_counters, e->fch, weight(e, P_FCPROJW, l),
+            decode_matmul_swiglu(s->proj, e->dm_partial, e->dm_counters, s->fch, weight(e, P_FCPROJW, l),
                                  weight(e, P_FCPROJB, l), n, F, C, e->sms, st);
             pdl_mark(e);
             prof_mark(e, PG_FCPROJ);
             return;
         }
-        swiglu_forward(e->fch_act, e->fch, n, F, st);
+        swiglu_forward(s->fch_act, s->fch, n, F, st);
         pdl_mark(e);
         prof_mark(e, PG_ACT);
     }
-    forward_product(e, decode, e->proj, e->fch_act, weight(e, P_FCPROJW, l), weight(e, P_FCPROJB, l), NULL, n, F, C);
+    forward_product(e, s, decode, s->proj, s->fch_act, weight(e, P_FCPROJW, l), weight(e, P_FCPROJB, l), NULL, n, F, C);
     prof_mark(e, PG_FCPROJ);
 }
 
 // res_out = res_in + proj, ln = the norm that follows layer l's block (`second`: the pre-MLP
 // norm of layer l; else the next layer's pre-attention norm, or the final norm after the last).
-static void residual_and_norm(RolloutEngine *e, float *res_out, const float *res_in, int l, int second, int n) {
+static void residual_and_norm(RolloutEngine *e, const RowSet *s, float *res_out, const float *res_in, int l, int second,
+                              int n) {
     const ModelConfig *c = &e->config;
     int gpt2 = c->arch == ARCH_GPT2;
     const floatX *w, *b;
     if (second) { w = weight(e, P_LN2W, l); b = weight(e, P_LN2B, l); }
     else if (l + 1 < c->n_layer) { w = weight(e, P_LN1W, l + 1); b = weight(e, P_LN1B, l + 1); }
     else { w = weight(e, P_LNFW, 0); b = weight(e, P_LNFB, 0); }
-    residual_norm_forward(res_out, e->ln, e->ln_mean, e->ln_rstd, res_in, e->proj, w, b, n, c->n_embd, c->norm_eps, gpt2,
-                          e->stream);
+    residual_norm_forward(res_out, s->ln, s->ln_mean, s->ln_rstd, res_in, s->proj, w, b, n, c->n_embd, c->norm_eps, gpt2,
+                          s->stream);
     pdl_mark(e);
     prof_mark(e, PG_NORM);
 }
 
 // The cached forward of n rows (token, slot, pos device arrays) through every layer: each layer
 // writes the rows' keys and values into the cache, then each row attends over its slot's
-// positions 0..pos. Leaves the final-normed rows in e->ln. write_in_attention: the attention
+// positions 0..pos. Leaves the final-normed rows in s->ln. write_in_attention: the attention
 // kernel rotates and writes the rows' keys and values itself (one launch less a layer); only
 // when no row reads a position another row writes, as in a decode step (its padding rows share
 // the spare slot, all at position 0, and read nothing but their own row). Prompts run as rows
 // (the reference path) put several positions of one slot in a call: rows_kv_write fills the
 // cache before the attention reads it.
-static void forward_rows(RolloutEngine *e, int n, const int *token, const int *slot, const int *pos, int n_splits,
-                         int write_in_attention) {
+static void forward_rows(RolloutEngine *e, const RowSet *s, int n, const int *token, const int *slot, const int *pos,
+                         int n_splits, int write_in_attention) {
     const ModelConfig *c = &e->config;
     cudaRequire(n <= e->max_rows && (e->options.reference || n <= e->max_seqs),
                 "rollout: more rows than the activation or split-attention buffers hold");
     int C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, QKV = qkv_width(c);
     int gpt2 = c->arch == ARCH_GPT2;
     const int decode = 1;   // rows of a decode step (or the reference path's prefill: forward_product tells)
-    cudaStream_t st = e->stream;
+    cudaStream_t st = s->stream;
     size_t nc = (size_t)n * C;
-    embed_rows_kernel<<<ceil_div((long long)nc, 256), 256, 0, st>>>(e->res_a, token, pos, weight(e, P_WTE, 0),
+    embed_rows_kernel<<<ceil_div((long long)nc, 256), 256, 0, st>>>(s->res_a, token, pos, weight(e, P_WTE, 0),
                                                                     gpt2 ? weight(e, P_WPE, 0) : NULL, n, C);
     cudaCheckLaunch();
     pdl_mark(e);
-    residual_norm_forward(NULL, e->ln, e->ln_mean, e->ln_rstd, e->res_a, NULL, weight(e, P_LN1W, 0), weight(e, P_LN1B, 0), n, C,
+    residual_norm_forward(NULL, s->ln, s->ln_mean, s->ln_rstd, s->res_a, NULL, weight(e, P_LN1W, 0), weight(e, P_LN1B, 0), n, C,
                           c->norm_eps, gpt2, st);
     pdl_mark(e);
     prof_mark(e, PG_EMBED);
-    float *res = e->res_a, *other = e->res_b;
+    float *res = s->res_a, *other = s->res_b;
     for (int l = 0; l < c->n_layer; l++) {
-        forward_product(e, decode, e->qkv, e->ln, weight(e, P_QKVW, l), weight(e, P_QKVB, l), NULL, n, C, QKV);
+        forward_product(e, s, decode, s->qkv, s->ln, weight(e, P_QKVW, l), weight(e, P_QKVB, l), NULL, n, C, QKV);
         prof_mark(e, PG_QKV);
         const float *cos_sin = gpt2 ? NULL : e->rope_cos_sin;
         if (write_in_attention) {
-            decode_attention(e->atty, e->part_o, e->part_ml, e->qkv, layer_k(e, l), layer_v(e, l), cos_sin, 1, slot, pos, n,
+            decode_attention(s->atty, s->part_o, s->part_ml, s->qkv, layer_k(e, l), layer_v(e, l), cos_sin, 1, slot, pos, n,
                              NH, NKV, HS, e->n_slots, e->max_len, n_splits, 0, e->err, st);
             pdl_mark(e);   // the split combine, when there is one; else the attention
         } else {
-            rows_kv_write(e->qkv, layer_k(e, l), layer_v(e, l), cos_sin, slot, pos, n, NH, NKV, HS, e->n_slots, e->max_len,
+            rows_kv_write(s->qkv, layer_k(e, l), layer_v(e, l), cos_sin, slot, pos, n, NH, NKV, HS, e->n_slots, e->max_len,
                           e->err, st);
-            decode_attention(e->atty, e->part_o, e->part_ml, e->qkv, layer_k(e, l), layer_v(e, l), NULL, 0, slot, pos, n,
+            decode_attention(s->atty, s->part_o, s->part_ml, s->qkv, layer_k(e, l), layer_v(e, l), NULL, 0, slot, pos, n,
                              NH, NKV, HS, e->n_slots, e->max_len, n_splits, e->options.reference, e->err, st);
         }
         prof_mark(e, PG_ATTENTION);
-        forward_product(e, decode, e->proj, e->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), NULL, n, NH * HS, C);
+        forward_product(e, s, decode, s->proj, s->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), NULL, n, NH * HS, C);
         prof_mark(e, PG_ATTPROJ);
-        residual_and_norm(e, other, res, l, 1, n);
+        residual_and_norm(e, s, other, res, l, 1, n);
         { float *t = res; res = other; other = t; }
-        mlp_forward(e, l, n, 1);
-        residual_and_norm(e, other, res, l, 0, n);
+        mlp_forward(e, s, l, n, 1);
+        residual_and_norm(e, s, other, res, l, 0, n);
         { float *t = res; res = other; other = t; }
     }
 }
 
 // logits (n, Vp) fp32 = hidden (n, C) @ head^T
-static void logits_forward(RolloutEngine *e, const floatX *hidden, int n) {
+static void logits_forward(RolloutEngine *e, const RowSet *s, const floatX *hidden, int n) {
     const ModelConfig *c = &e->config;
     const floatX *head = weight(e, c->tied_embeddings ? P_WTE : P_LMHEAD, 0);
-    matmul_cublaslt(e->logits, 1, head, hidden, NULL, NULL, c->padded_vocab_size, n, c->n_embd, 1, 0, 0.0f, e->stream);
+    matmul_cublaslt(s->logits, 1, head, hidden, NULL, NULL, c->padded_vocab_size, n, c->n_embd, 1, 0, 0.0f, s->stream);
     prof_mark(e, PG_LOGITS);
 }
 
-static void sample(RolloutEngine *e, int n, int advance) {
+static void sample(RolloutEngine *e, const RowSet *s, int n, int advance) {
     const ModelConfig *c = &e->config;
-    sample_rows(e->out_token, e->out_logprob, e->logits, n, c->vocab_size, c->padded_vocab_size, e->sample_cfg, e->row_key,
-                e->row_step, advance ? e->row_token : NULL, advance ? e->row_pos : NULL, advance ? e->row_slot : NULL,
+    sample_rows(s->out_token, s->out_logprob, s->logits, n, c->vocab_size, c->padded_vocab_size, e->sample_cfg, s->row_key,
+                s->row_step, advance ? s->row_token : NULL, advance ? s->row_pos : NULL, advance ? s->row_slot : NULL,
                 e->dummy_slot, e->err, e->options.reference, e->ref_flags,
-                e->sampling_sets ? NULL : &e->sample_split, e->stream);
+                e->sampling_sets ? NULL : &s->sample_split, s->stream);
     pdl_mark(e);   // the merging one-block kernel (the split kernels before it keep full edges)
     prof_mark(e, PG_SAMPLE);
 }
 
-// One decode step of `rows` rows, all on the device: forward, logits, sample, advance.
+// The rows of each group when a decode step of `rows` rows runs in several chains
+// (options.branches; the last group takes what is left): about rows / branches, a multiple of 8
+// from 8 rows on, at least ROLLOUT_BRANCH_MIN_ROWS. `rows` itself means one chain, as with the
+// options that need one.
+static int branch_rows(const RolloutEngine *e, int rows) {
+    const RolloutOptions *o = &e->options;
+    if (o->branches <= 1 || o->reference || o->decode_matmul || o->pdl || o->profile) return rows;
+    int n = o->branches < ROLLOUT_MAX_BRANCHES ? o->branches : ROLLOUT_MAX_BRANCHES;
+    while (n > 1 && rows / n < ROLLOUT_BRANCH_MIN_ROWS) n--;
+    int per = ceil_div(rows, n);
+    return per >= 8 ? ceil_div(per, 8) * 8 : per;
+}
+
+// The streams (and their fork and join events) for n chains, made on first use; the first chain
+// runs on the engine's stream. Each stream has its own cuBLASLt workspace.
+static void branch_streams(RolloutEngine *e, int n) {
+    if (e->n_branch_streams == 0) cudaCheck(cudaEventCreateWithFlags(&e->branch_fork, cudaEventDisableTiming));
+    while (e->n_branch_streams < n - 1) {
+        int b = ++e->n_branch_streams;
+        cudaCheck(cudaStreamCreateWithFlags(&e->branch_stream[b], cudaStreamNonBlocking));
+        cudaCheck(cudaEventCreateWithFlags(&e->branch_join[b], cudaEventDisableTiming));
+        matmul_register_stream(e->branch_stream[b]);
+    }
+}
+
+// One decode step of `rows` rows, all on the device: forward, logits, sample, advance. With
+// several chains (decode_branches), the groups fork from the engine's stream and join it again,
+// eagerly or inside the graph being captured alike.
 static void decode_step_enqueue(RolloutEngine *e, int rows, int n_splits) {
-    forward_rows(e, rows, e->row_token, e->row_slot, e->row_pos, n_splits, !e->options.reference);
-    logits_forward(e, e->ln, rows);
-    sample(e, rows, 1);
+    int per = branch_rows(e, rows), n = ceil_div(rows, per);
+    if (n == 1) {
+        RowSet s = row_set(e, 0, n_splits, e->stream);
+        forward_rows(e, &s, rows, s.row_token, s.row_slot, s.row_pos, n_splits, !e->options.reference);
+        logits_forward(e, &s, s.ln, rows);
+        sample(e, &s, rows, 1);
+        return;
+    }
+    branch_streams(e, n);
+    cudaCheck(cudaEventRecord(e->branch_fork, e->stream));
+    for (int b = 1; b < n; b++) cudaCheck(cudaStreamWaitEvent(e->branch_stream[b], e->branch_fork, 0));
+    for (int b = 0, row0 = 0; b < n; b++, row0 += per) {
+        int nb = rows - row0 < per ? rows - row0 : per;
+        RowSet s = row_set(e, row0, n_splits, b == 0 ? e->stream : e->branch_stream[b]);
+        forward_rows(e, &s, nb, s.row_token, s.row_slot, s.row_pos, n_splits, 1);
+        logits_forward(e, &s, s.ln, nb);
+        sample(e, &s, nb, 1);
+    }
+    for (int b = 1; b < n; b++) {
+        cudaCheck(cudaEventRecord(e->branch_join[b], e->branch_stream[b]));
+        cudaCheck(cudaStreamWaitEvent(e->stream, e->branch_join[b], 0));
+    }
+}
+
+// A decode step run eagerly; with options.tune_products, the products of a shape met for the
+// first time are tuned on the way (matmul.cuh: never while a stream is captured).
+static void decode_step_eager(RolloutEngine *e, int rows, int n_splits) {
+    matmul_tune = e->options.tune_products && !e->options.reference;
+    decode_step_enqueue(e, rows, n_splits);
+    matmul_tune = 0;
 }
 
 // Runs one decode step: replays the graph of this shape, captures it on its second use, or runs
 // it eagerly (first use, or graphs off).
 static void decode_step(RolloutEngine *e, int rows, int n_splits) {
     e->last_graph = NULL;
-    if (!e->options.use_graphs) { decode_step_enqueue(e, rows, n_splits); return; }
+    if (!e->options.use_graphs) { decode_step_eager(e, rows, n_splits); return; }
     GraphEntry *g = NULL;
     for (int i = 0; i < e->n_graphs; i++)
         if (e->graphs[i].rows == rows && e->graphs[i].n_splits == n_splits && e->graphs[i].sets == e->sampling_sets)
@@ -728,7 +866,7 @@ static void decode_step(RolloutEngine *e, int rows, int n_splits) {
         // the first run of a shape is eager: it loads the kernels' modules and lets cuBLASLt
         // settle outside the capture, and short generations never pay for a capture
         g->seen = 1;
-        decode_step_enqueue(e, rows, n_splits);
+        decode_step_eager(e, rows, n_splits);
         return;
     }
     if (g->exec == NULL) {
@@ -853,8 +991,9 @@ static void prefill_sample(RolloutEngine *e, int seq0, int nb) {
     size_t n = (size_t)nb * c->n_embd;
     gather_rows_kernel<<<ceil_div((long long)n, 256), 256, 0, st>>>(e->last_hidden, e->ln, e->gather_idx, nb, c->n_embd);
     cudaCheckLaunch();
-    logits_forward(e, e->last_hidden, nb);
-    sample(e, nb, 0);
+    RowSet all = row_set(e, 0, 1, st);
+    logits_forward(e, &all, e->last_hidden, nb);
+    sample(e, &all, nb, 0);
     cudaCheck(cudaMemcpyAsync(e->h_out_token, e->out_token, nb * sizeof(int), cudaMemcpyDeviceToHost, st));
     cudaCheck(cudaMemcpyAsync(e->h_out_logprob, e->out_logprob, nb * sizeof(float), cudaMemcpyDeviceToHost, st));
     check_device_errors(e, "prefill");   // synchronises: the host buffers are reused at once
@@ -882,6 +1021,7 @@ static void prefill_padded_chunk(RolloutEngine *e, const int *const *prompts, co
     encoder_forward(e->res_a, e->pf_token, weight(e, P_WTE, 0), gpt2 ? weight(e, P_WPE, 0) : NULL, nb, Tp, C, st);
     residual_norm_forward(NULL, e->ln, e->ln_mean, e->ln_rstd, e->res_a, NULL, weight(e, P_LN1W, 0), weight(e, P_LN1B, 0), N, C,
                           c->norm_eps, gpt2, st);
+    RowSet all = row_set(e, 0, 1, st);
     float *res = e->res_a, *other = e->res_b;
     size_t kv_elems = (size_t)N * 2 * NKV * HS;
     for (int l = 0; l < c->n_layer; l++) {
@@ -895,10 +1035,10 @@ static void prefill_padded_chunk(RolloutEngine *e, const int *const *prompts, co
                                                                                    seq0, nb, Tp, NH, NKV, HS, e->max_len);
         cudaCheckLaunch();
         matmul_forward(e->proj, e->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), NULL, N, NH * HS, C, st);
-        residual_and_norm(e, other, res, l, 1, N);
+        residual_and_norm(e, &all, other, res, l, 1, N);
         { float *t = res; res = other; other = t; }
-        mlp_forward(e, l, N, 0);
-        residual_and_norm(e, other, res, l, 0, N);
+        mlp_forward(e, &all, l, N, 0);
+        residual_and_norm(e, &all, other, res, l, 0, N);
         { float *t = res; res = other; other = t; }
     }
     prefill_sample(e, seq0, nb);
@@ -927,7 +1067,8 @@ static void prefill_rows(RolloutEngine *e, const int *const *prompts, const int 
         cudaCheck(cudaMemcpyAsync(e->pf_token, e->h_pf_token, (size_t)n * sizeof(int), cudaMemcpyHostToDevice, st));
         cudaCheck(cudaMemcpyAsync(e->pf_slot, e->h_pf_slot, (size_t)n * sizeof(int), cudaMemcpyHostToDevice, st));
         cudaCheck(cudaMemcpyAsync(e->pf_pos, e->h_pf_pos, (size_t)n * sizeof(int), cudaMemcpyHostToDevice, st));
-        forward_rows(e, n, e->pf_token, e->pf_slot, e->pf_pos, n_splits, 0);
+        RowSet all = row_set(e, 0, n_splits, st);
+        forward_rows(e, &all, n, e->pf_token, e->pf_slot, e->pf_pos, n_splits, 0);
         if (nb > 0) prefill_sample(e, first_ending, nb);
         else check_device_errors(e, "prefill");   // synchronises: the pinned row buffers are refilled next
     }
@@ -1153,6 +1294,7 @@ extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, co
     if (reference && e->ref_flags == NULL)
         e->ref_flags = (unsigned char *)cudaMallocCheck((size_t)e->max_seqs * c->vocab_size);
     int n_splits = decode_attention_splits(max_prompt + p->max_new_tokens);
+    matmul_tune_use = e->options.tune_products;   // (this file's products only: matmul.cuh is static)
     cudaStream_t st = e->stream;
     memset(&e->stats, 0, sizeof(e->stats));
     memset(e->prof_ms, 0, sizeof(e->prof_ms));

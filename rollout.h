@@ -69,7 +69,23 @@ typedef struct {
     // and rollout_profile_print reports each group's time per step over the replayed steps of
     // the last rollout_generate. The steps then run one after another (no pipeline). 0 (default).
     int profile;
+    // 1 (default): a decode step's rows are one chain of kernels. 2 to ROLLOUT_MAX_BRANCHES: the
+    // rows are cut into that many groups (multiples of 8 rows, at least 4 rows each; fewer groups
+    // when the rows are fewer), each a chain of its own on a stream of its own, forked and joined
+    // inside the captured graph, so that the chains run side by side: a decode step is a long
+    // chain of small kernels that each wait on their launch and their first loads, and one
+    // chain's kernels can use the SMs another's leave idle. The tokens are those of one chain up
+    // to the products' rounding, which may depend on the row count (cuBLASLt's choice per shape).
+    // Ignored (one chain) with reference, decode_matmul, pdl or profile.
+    int branches;
+    // 1 (default): the first decode step of each shape, which runs eagerly (outside any graph),
+    // tries cuBLASLt's candidate algorithms for each of its products on the product's own
+    // operands and keeps the fastest of those that give the first choice's bits (matmul.cuh's
+    // tuning); that step and every later one (graphs included) use it. 0: cuBLASLt's first choice.
+    int tune_products;
 } RolloutOptions;
+
+#define ROLLOUT_MAX_BRANCHES 4
 
 // Timings and counts of the last rollout_generate (host wall clock around GPU-synchronised work).
 typedef struct {
@@ -107,6 +123,9 @@ void rollout_last_stats(const RolloutEngine *engine, RolloutStats *stats);
 // profile (plain_step_ms, ms per decode step; 0 when unknown) the table also lists each group
 // with that share taken off. Returns the number of steps profiled (0: a line says so).
 int rollout_profile_print(const RolloutEngine *engine, double plain_step_ms, FILE *out);
+// The product shapes the rollout engines of this process have tuned (RolloutOptions.tune_products),
+// one line each: the shape, the candidates, the choice, and its time against the first choice's.
+void rollout_tuning_print(FILE *out);
 // The fp32 logits (vocab_size floats) that the sampler last read for one row of its batch: the
 // last prefill chunk's, or the last decode step's. For tests of the sampler against the softmax
 // of exactly what it sampled from.

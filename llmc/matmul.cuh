@@ -35,7 +35,7 @@ static inline void cublas_check_(cublasStatus_t status, const char *file, int li
 static cublasLtHandle_t matmul_lt_handle = NULL;
 static void *matmul_lt_workspace = NULL;
 static const size_t matmul_lt_workspace_size = (size_t)32 << 20;   // 32 MiB, as cuBLAS advises for Hopper
-#define MATMUL_LT_MAX_STREAMS 4
+#define MATMUL_LT_MAX_STREAMS 8
 static cudaStream_t matmul_lt_streams[MATMUL_LT_MAX_STREAMS];
 static void *matmul_lt_stream_workspaces[MATMUL_LT_MAX_STREAMS];
 
@@ -136,7 +136,10 @@ static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, c
                                                    const cublasLtMatmulHeuristicResult_t *heuristics, int returned,
                                                    cudaStream_t stream) {
     if (matmul_tune_count >= MATMUL_TUNE_MAX) return NULL;
-    const int reps = 5;
+    // a small product (a decode step's: a few microseconds) is timed over more runs, queued
+    // behind a hold so that the GPU's time is measured rather than the launches' (tuning.cuh)
+    const int small = (double)key->m * key->n * key->k < 1e9;
+    const int reps = small ? 20 : 5, hold_us = small ? 1000 : 0;
     void *saved = NULL;
     if (beta != 0.0f) {
         if (cudaMalloc(&saved, d_bytes) != cudaSuccess) {
@@ -176,7 +179,7 @@ static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, c
             e.differed++;
             continue;
         }
-        float ms = tune_time_ms([&] { run(i); }, stream, reps);
+        float ms = tune_time_ms([&] { run(i); }, stream, reps, hold_us);
         if (i == 0) e.ms = e.default_ms = ms;
         else if (ms < e.ms) {
             e.ms = ms;

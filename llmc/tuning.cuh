@@ -30,13 +30,31 @@ static inline unsigned long long tune_fingerprint(unsigned long long *d_sum, con
     return h;
 }
 
-// Mean milliseconds of fn() over reps runs after one warm-up run, on stream.
+// Holds its stream for about `ns` nanoseconds (the GPU's global timer): what is queued behind it
+// then runs back to back.
+__global__ void tune_hold_kernel(unsigned long long ns) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        __nanosleep(1000);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+
+// Mean milliseconds of fn() over reps runs after one warm-up run, on stream. hold_us > 0: the
+// runs are queued behind a kernel that holds the stream that long, so that they run back to back
+// as in a CUDA graph even when each takes less time on the GPU than its launch on the host (a
+// decode step's products: a few microseconds each), and the time is the GPU's, not the host's.
 template <typename F>
-static inline float tune_time_ms(F fn, cudaStream_t stream, int reps) {
+static inline float tune_time_ms(F fn, cudaStream_t stream, int reps, int hold_us = 0) {
     cudaEvent_t start, stop;
     cudaCheck(cudaEventCreate(&start));
     cudaCheck(cudaEventCreate(&stop));
     fn();
+    if (hold_us > 0) {
+        tune_hold_kernel<<<1, 1, 0, stream>>>(1000ull * (unsigned long long)hold_us);
+        cudaCheckLaunch();
+    }
     cudaCheck(cudaEventRecord(start, stream));
     for (int i = 0; i < reps; i++) fn();
     cudaCheck(cudaEventRecord(stop, stream));

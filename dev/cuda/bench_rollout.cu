@@ -3,12 +3,14 @@
  * each, sampled (temperature 1; and top-k 50 + top-p 0.9), no stop ids, for GPT-2 124M and the
  * SmolLM2-135M shape with random weights, at B = 64 and B = 256. Prints generated tokens per
  * second over the whole call (prefill + decode), and prefill and decode separately; the median
- * of the timed calls after a warm-up call (module load, cuBLASLt heuristics, graph captures).
+ * of the timed calls after a warm-up call (module load, cuBLASLt heuristics and tuning, graph captures).
  * B = 64 also runs with the engine's variants (decode_matmul, programmatic launches, both,
- * pipelined steps, all three), and B = 256 with programmatic launches; and once more with the
- * decode step profiled (RolloutOptions.profile: CUDA events between the kernel groups inside the
- * captured graph), which prints the step's time by kernel group, with cuBLASLt's products and
- * with decode_matmul's. Figures only: not a test.
+ * pipelined steps, all three, cuBLASLt's first choices instead of the tuned products, the rows
+ * in 2 and in 4 chains side by side, 2 chains pipelined), and B = 256 with programmatic launches,
+ * untuned products and 2 and 4 chains; and once more with the decode step profiled
+ * (RolloutOptions.profile: CUDA events between the kernel groups inside the captured graph),
+ * which prints the step's time by kernel group, with cuBLASLt's products and with
+ * decode_matmul's. At the end, the tuned product shapes with their times. Figures only: not a test.
  *   build/cuda/dev/bench_rollout [calls]
  *   build/cuda/dev/bench_rollout CALLS PRESET B [profile]   one setting only (B prompts,
  *                                                           temperature 1), and its profiles
@@ -29,7 +31,8 @@ extern "C" {
 
 // Engine variants beside the defaults (RolloutOptions): the decode step's products through
 // decode_matmul.cuh instead of cuBLASLt, and programmatic edges between its kernels.
-enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2, VARIANT_PIPELINE = 4, VARIANT_PROFILE = 8 };
+enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2, VARIANT_PIPELINE = 4, VARIANT_PROFILE = 8, VARIANT_UNTUNED = 16,
+       VARIANT_BRANCHES2 = 32, VARIANT_BRANCHES4 = 64 };
 static const char *variant_name(int sets, int variant) {
     if (sets) return "T=1 top-k 50 top-p 0.9";
     switch (variant) {
@@ -40,6 +43,10 @@ static const char *variant_name(int sets, int variant) {
     case VARIANT_DECODE_MATMUL | VARIANT_PDL | VARIANT_PIPELINE: return "T=1 all three        ";
     case VARIANT_PROFILE: return "T=1 profiled         ";
     case VARIANT_PROFILE | VARIANT_DECODE_MATMUL: return "T=1 profiled dm      ";
+    case VARIANT_UNTUNED: return "T=1 untuned products ";
+    case VARIANT_BRANCHES2: return "T=1 2 branches       ";
+    case VARIANT_BRANCHES4: return "T=1 4 branches       ";
+    case VARIANT_BRANCHES2 | VARIANT_PIPELINE: return "T=1 2 branches, pipe ";
     default: return "T=1                  ";
     }
 }
@@ -82,6 +89,8 @@ static double bench(BenchModel &m, int B, int prompt_len, int new_tokens, int ca
     options.pdl = (variant & VARIANT_PDL) != 0;
     options.pipeline = (variant & VARIANT_PIPELINE) != 0;
     options.profile = (variant & VARIANT_PROFILE) != 0;
+    options.tune_products = (variant & VARIANT_UNTUNED) == 0;
+    options.branches = (variant & VARIANT_BRANCHES4) ? 4 : (variant & VARIANT_BRANCHES2) ? 2 : 1;
     rollout_set_options(engine, &options);
     std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
     std::vector<const int *> ptrs(B);
@@ -172,11 +181,20 @@ int main(int argc, char **argv) {
         }
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PIPELINE);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_DECODE_MATMUL | VARIANT_PDL | VARIANT_PIPELINE);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_UNTUNED);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES2);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES4);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES2 | VARIANT_PIPELINE);
         bench(m, 64, 64, 128, calls, 0, 1);
         bench(m, 256, 64, 128, calls, 0, 0);
         bench(m, 256, 64, 128, calls, 0, 0, VARIANT_PDL);
+        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_UNTUNED);
+        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_BRANCHES2);
+        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_BRANCHES4);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL, plain_dm);
     }
+    printf("The decode products' cuBLASLt tuning, both models, every batch size:\n");
+    rollout_tuning_print(stdout);
     return 0;
 }

