@@ -88,6 +88,14 @@ typedef struct {
     unsigned char *prof_group;   // group each one ends (PG_*)
 } GraphEntry;
 
+// A host copy of the engine's `result` block: the block and where its parts lie.
+typedef struct {
+    void *block;
+    int *err;
+    int *token;
+    float *logprob;
+} StepResult;
+
 // The buffers and the stream that one chain of rows works with: all of the engine's buffers on
 // its stream (prefill, and a decode step in one chain), or, with options.branches, one group of a
 // decode step's rows: the same buffers from that group's first row on, and the group's stream.
@@ -148,25 +156,29 @@ struct RolloutEngine {
     int *row_token, *row_slot, *row_pos, *row_step;
     uint64_t *row_key;
     int *pf_token, *pf_slot, *pf_pos, *pf_lens, *gather_idx;
+    // what the host reads after a step, in one block so that one copy brings it: the error word
+    // (DECODE_ERR_*, SAMPLE_ERR_*), then each row's sampled token, then its log-prob
+    void *result;
+    size_t result_bytes;
+    int *err;
     int *out_token;
     float *out_logprob;
-    int *err;
     SampleConfig *sample_cfg;
 
     // pinned host mirrors
-    int *h_token, *h_slot, *h_pos, *h_step, *h_out_token, *h_err, *h_pf_token, *h_pf_slot, *h_pf_pos, *h_gather;
+    int *h_token, *h_slot, *h_pos, *h_step, *h_pf_token, *h_pf_slot, *h_pf_pos, *h_gather;
     uint64_t *h_key;               // (max_seqs) each sequence's Philox key
     uint64_t *h_row_key;           // (max_seqs) the keys of the decode rows
-    float *h_out_logprob;
     int *first_token;              // (max_seqs) host: each sequence's first sampled token
     float *first_logprob;
     SampleConfig *h_cfg;
 
     GraphEntry graphs[ROLLOUT_MAX_GRAPHS];
     int n_graphs;
-    // options.pipeline: two decode steps' results on their way to the host (pinned), each with
-    // the event of its copies
-    struct { int *token; float *logprob; int *err; cudaEvent_t done; } step_out[2];
+    // the host's copies of `result` (pinned, laid out alike): the last step's, and with
+    // options.pipeline two steps' on their way, each with the event of its copy
+    StepResult h_result;
+    struct { StepResult r; cudaEvent_t done; } step_out[2];
     int sampling_sets;             // this generate call samples with top-k or top-p (sample())
     // options.branches: the streams of the groups after the first (which uses the engine's
     // stream), made on first use, and the events that fork them from it and join them back
@@ -254,6 +266,20 @@ static void *engine_host_alloc(RolloutEngine *e, size_t bytes) {
     cudaCheck(cudaMallocHost(&p, bytes ? bytes : 16));
     e->host_blocks[e->n_host_blocks++] = p;
     return p;
+}
+
+// A pinned host block for the engine's `result`, laid out as it is.
+static StepResult host_result(RolloutEngine *e) {
+    StepResult r;
+    r.block = engine_host_alloc(e, e->result_bytes);
+    r.err = (int *)r.block;
+    r.token = (int *)((char *)r.block + 16);
+    r.logprob = (float *)(r.token + e->max_seqs);
+    return r;
+}
+// Queues the copy of the engine's `result` into r (one copy: the error word, tokens, log-probs).
+static void copy_result(RolloutEngine *e, const StepResult *r) {
+    cudaCheck(cudaMemcpyAsync(r->block, e->result, e->result_bytes, cudaMemcpyDeviceToHost, e->stream));
 }
 
 static int fc_width(const ModelConfig *c) { return c->arch == ARCH_GPT2 ? c->ffn_hidden : 2 * c->ffn_hidden; }
@@ -477,9 +503,11 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     e->pf_pos = (int *)engine_alloc(e, R * sizeof(int), 0);
     e->pf_lens = (int *)engine_alloc(e, S * sizeof(int), 0);
     e->gather_idx = (int *)engine_alloc(e, S * sizeof(int), 0);
-    e->out_token = (int *)engine_alloc(e, S * sizeof(int), 1);
-    e->out_logprob = (float *)engine_alloc(e, S * sizeof(float), 1);
-    e->err = (int *)engine_alloc(e, sizeof(int), 0);
+    e->result_bytes = 16 + 2 * S * sizeof(int);
+    e->result = engine_alloc(e, e->result_bytes, 0);   // poison_buffers poisons the tokens and log-probs
+    e->err = (int *)e->result;
+    e->out_token = (int *)((char *)e->result + 16);
+    e->out_logprob = (float *)(e->out_token + S);
     e->sample_cfg = (SampleConfig *)engine_alloc(e, sizeof(SampleConfig), 0);
 
     e->h_token = (int *)engine_host_alloc(e, S * sizeof(int));
@@ -488,13 +516,9 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     e->h_step = (int *)engine_host_alloc(e, S * sizeof(int));
     e->h_key = (uint64_t *)engine_host_alloc(e, S * sizeof(uint64_t));
     e->h_row_key = (uint64_t *)engine_host_alloc(e, S * sizeof(uint64_t));
-    e->h_out_token = (int *)engine_host_alloc(e, S * sizeof(int));
-    e->h_out_logprob = (float *)engine_host_alloc(e, S * sizeof(float));
-    e->h_err = (int *)engine_host_alloc(e, sizeof(int));
+    e->h_result = host_result(e);
     for (int k = 0; k < 2; k++) {
-        e->step_out[k].token = (int *)engine_host_alloc(e, S * sizeof(int));
-        e->step_out[k].logprob = (float *)engine_host_alloc(e, S * sizeof(float));
-        e->step_out[k].err = (int *)engine_host_alloc(e, sizeof(int));
+        e->step_out[k].r = host_result(e);
         cudaCheck(cudaEventCreateWithFlags(&e->step_out[k].done, cudaEventDisableTiming));
     }
     e->h_pf_token = (int *)engine_host_alloc(e, R * sizeof(int));
@@ -970,10 +994,11 @@ static void report_device_errors(int err, const char *phase) {
           (err & DECODE_ERR_POSITION) ? "a row's position or slot lies outside the KV cache " : "",
           (err & SAMPLE_ERR_REFERENCE_VOCAB) ? "the reference sampler's top-p needs a vocabulary of at most 16384 tokens" : "");
 }
-static void check_device_errors(RolloutEngine *e, const char *phase) {
-    cudaCheck(cudaMemcpyAsync(e->h_err, e->err, sizeof(int), cudaMemcpyDeviceToHost, e->stream));
+// Copies the result block to the host and waits for it; exits on a device error.
+static void fetch_result(RolloutEngine *e, const char *phase) {
+    copy_result(e, &e->h_result);
     cudaCheck(cudaStreamSynchronize(e->stream));
-    report_device_errors(*e->h_err, phase);
+    report_device_errors(*e->h_result.err, phase);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -994,12 +1019,10 @@ static void prefill_sample(RolloutEngine *e, int seq0, int nb) {
     RowSet all = row_set(e, 0, 1, st);
     logits_forward(e, &all, e->last_hidden, nb);
     sample(e, &all, nb, 0);
-    cudaCheck(cudaMemcpyAsync(e->h_out_token, e->out_token, nb * sizeof(int), cudaMemcpyDeviceToHost, st));
-    cudaCheck(cudaMemcpyAsync(e->h_out_logprob, e->out_logprob, nb * sizeof(float), cudaMemcpyDeviceToHost, st));
-    check_device_errors(e, "prefill");   // synchronises: the host buffers are reused at once
+    fetch_result(e, "prefill");   // synchronises: the host buffers are reused at once
     for (int b = 0; b < nb; b++) {
-        e->first_token[seq0 + b] = e->h_out_token[b];
-        e->first_logprob[seq0 + b] = e->h_out_logprob[b];
+        e->first_token[seq0 + b] = e->h_result.token[b];
+        e->first_logprob[seq0 + b] = e->h_result.logprob[b];
     }
 }
 
@@ -1070,7 +1093,7 @@ static void prefill_rows(RolloutEngine *e, const int *const *prompts, const int 
         RowSet all = row_set(e, 0, n_splits, st);
         forward_rows(e, &all, n, e->pf_token, e->pf_slot, e->pf_pos, n_splits, 0);
         if (nb > 0) prefill_sample(e, first_ending, nb);
-        else check_device_errors(e, "prefill");   // synchronises: the pinned row buffers are refilled next
+        else fetch_result(e, "prefill");   // synchronises: the pinned row buffers are refilled next
     }
 }
 
@@ -1122,6 +1145,8 @@ static void poison_buffers(RolloutEngine *e) {
     // all bits set is a NaN both as fp32 and as bf16
     for (int i = 0; i < e->n_blocks; i++)
         if (e->block_poison[i]) cudaCheck(cudaMemsetAsync(e->blocks[i], 0xff, e->block_bytes[i], e->stream));
+    // the result block's tokens and log-probs, not its error word
+    cudaCheck(cudaMemsetAsync(e->out_token, 0xff, (size_t)e->max_seqs * (sizeof(int) + sizeof(float)), e->stream));
 }
 
 // The decode rows for the running sequences active[0..n_active): them first, in order, then
@@ -1169,7 +1194,6 @@ static int accept_step(const GenerateParams *p, GenerateResult *res, StopText *t
 // Decode steps one after another: launch a step, wait for its tokens, accept them, and so on.
 static void decode_in_turn(RolloutEngine *e, const GenerateParams *p, GenerateResult *res, StopText *text, int *active,
                            int n_active, const int *prompt_lens, int n_splits) {
-    cudaStream_t st = e->stream;
     int rows = 0, rebuild = 1;
     while (n_active > 0) {
         if (rebuild) {
@@ -1177,26 +1201,21 @@ static void decode_in_turn(RolloutEngine *e, const GenerateParams *p, GenerateRe
             rebuild = 0;
         }
         decode_step(e, rows, n_splits);
-        cudaCheck(cudaMemcpyAsync(e->h_out_token, e->out_token, n_active * sizeof(int), cudaMemcpyDeviceToHost, st));
-        cudaCheck(cudaMemcpyAsync(e->h_out_logprob, e->out_logprob, n_active * sizeof(float), cudaMemcpyDeviceToHost, st));
-        check_device_errors(e, "decode");   // synchronises
+        fetch_result(e, "decode");   // synchronises
         profile_add(e);
         e->stats.decode_steps++;
-        int still = accept_step(p, res, text, active, n_active, e->h_out_token, e->h_out_logprob);
+        int still = accept_step(p, res, text, active, n_active, e->h_result.token, e->h_result.logprob);
         if (still != n_active) rebuild = 1;
         n_active = still;
     }
 }
 
-// Queues one decode step of `rows` rows and the copies of its first n results (and the error
-// word) into step_out[k], then the event that marks them done.
-static void launch_step(RolloutEngine *e, int rows, int n_splits, int n, int k) {
-    cudaStream_t st = e->stream;
+// Queues one decode step of `rows` rows and the copy of its results (and the error word) into
+// step_out[k], then the event that marks it done.
+static void launch_step(RolloutEngine *e, int rows, int n_splits, int k) {
     decode_step(e, rows, n_splits);
-    cudaCheck(cudaMemcpyAsync(e->step_out[k].token, e->out_token, n * sizeof(int), cudaMemcpyDeviceToHost, st));
-    cudaCheck(cudaMemcpyAsync(e->step_out[k].logprob, e->out_logprob, n * sizeof(float), cudaMemcpyDeviceToHost, st));
-    cudaCheck(cudaMemcpyAsync(e->step_out[k].err, e->err, sizeof(int), cudaMemcpyDeviceToHost, st));
-    cudaCheck(cudaEventRecord(e->step_out[k].done, st));
+    copy_result(e, &e->step_out[k].r);
+    cudaCheck(cudaEventRecord(e->step_out[k].done, e->stream));
 }
 
 // Decode steps with the host's work hidden (options.pipeline): while the host waits for step
@@ -1213,16 +1232,16 @@ static void decode_pipelined(RolloutEngine *e, const GenerateParams *p, Generate
     if (n_active == 0) return;
     unsigned char *running = (unsigned char *)callocCheck((size_t)res->n_seq, 1);   // by sequence
     int rows = upload_rows(e, res, active, n_active, prompt_lens), cur = 0;
-    launch_step(e, rows, n_splits, n_active, cur);
+    launch_step(e, rows, n_splits, cur);
     for (;;) {
         // queue the next step unless every running sequence reaches max_new_tokens with this one
         int next = 0;
         for (int r = 0; r < n_active && !next; r++) next = res->n_tokens[active[r]] + 1 < p->max_new_tokens;
-        if (next) launch_step(e, rows, n_splits, n_active, cur ^ 1);
+        if (next) launch_step(e, rows, n_splits, cur ^ 1);
         cudaCheck(cudaEventSynchronize(e->step_out[cur].done));
-        report_device_errors(*e->step_out[cur].err, "decode");
+        report_device_errors(*e->step_out[cur].r.err, "decode");
         e->stats.decode_steps++;
-        int still = accept_step(p, res, text, active, n_active, e->step_out[cur].token, e->step_out[cur].logprob);
+        int still = accept_step(p, res, text, active, n_active, e->step_out[cur].r.token, e->step_out[cur].r.logprob);
         if (still == n_active) {   // nobody stopped: the queued step is the next one to take
             if (!next) break;       // (cannot happen: a step is queued while some sequence goes on)
             cur ^= 1;
@@ -1232,11 +1251,11 @@ static void decode_pipelined(RolloutEngine *e, const GenerateParams *p, Generate
             // the queued step ran the old rows: row r is sequence h_slot[r] (as uploaded); take
             // its tokens for the sequences still running, in the old order
             cudaCheck(cudaEventSynchronize(e->step_out[cur ^ 1].done));
-            report_device_errors(*e->step_out[cur ^ 1].err, "decode");
+            report_device_errors(*e->step_out[cur ^ 1].r.err, "decode");
             e->stats.decode_steps++;
             for (int r = 0; r < still; r++) running[active[r]] = 1;
-            const int *tok = e->step_out[cur ^ 1].token;
-            const float *lp = e->step_out[cur ^ 1].logprob;
+            const int *tok = e->step_out[cur ^ 1].r.token;
+            const float *lp = e->step_out[cur ^ 1].r.logprob;
             int kept = 0;
             for (int r = 0; r < n_active; r++) {
                 int i = e->h_slot[r];
@@ -1250,7 +1269,7 @@ static void decode_pipelined(RolloutEngine *e, const GenerateParams *p, Generate
         if (n_active == 0) break;
         rows = upload_rows(e, res, active, n_active, prompt_lens);
         cur = 0;
-        launch_step(e, rows, n_splits, n_active, cur);
+        launch_step(e, rows, n_splits, cur);
     }
     free(running);
 }
