@@ -81,6 +81,7 @@ static const char *const profile_group_names[PG_COUNT] = {
 
 typedef struct {
     int rows, n_splits;
+    int steps;                // decode steps a launch runs
     int sets;                 // the sampling of the calls it serves uses top-k or top-p
     int seen;                 // eager runs of this shape so far (capture on the second)
     cudaGraphExec_t exec;     // NULL until captured
@@ -88,7 +89,8 @@ typedef struct {
     unsigned char *prof_group;   // group each one ends (PG_*)
 } GraphEntry;
 
-// A host copy of the engine's `result` block: the block and where its parts lie.
+// A host copy of slots of the engine's result ring: the block, and where the error word and one
+// slot's tokens and log-probs lie (result_slot gives the others).
 typedef struct {
     void *block;
     int *err;
@@ -156,13 +158,13 @@ struct RolloutEngine {
     int *row_token, *row_slot, *row_pos, *row_step;
     uint64_t *row_key;
     int *pf_token, *pf_slot, *pf_pos, *pf_lens, *gather_idx;
-    // what the host reads after a step, in one block so that one copy brings it: the error word
-    // (DECODE_ERR_*, SAMPLE_ERR_*), then each row's sampled token, then its log-prob
+    // what the host reads after a graph's steps, in one block so that one copy brings it: a ring
+    // of ROLLOUT_MAX_STEPS_PER_GRAPH slots of result_bytes, one per step of a launch, each 16
+    // bytes and then each row's sampled token and its log-prob (result_tokens); the first 16
+    // bytes of slot 0 hold the error word (DECODE_ERR_*, SAMPLE_ERR_*)
     void *result;
     size_t result_bytes;
     int *err;
-    int *out_token;
-    float *out_logprob;
     SampleConfig *sample_cfg;
 
     // pinned host mirrors
@@ -175,8 +177,8 @@ struct RolloutEngine {
 
     GraphEntry graphs[ROLLOUT_MAX_GRAPHS];
     int n_graphs;
-    // the host's copies of `result` (pinned, laid out alike): the last step's, and with
-    // options.pipeline two steps' on their way, each with the event of its copy
+    // the host's copies of `result` (pinned, laid out alike): the last launch's steps, and with
+    // options.pipeline two steps' on their way (one slot each), each with the event of its copy
     StepResult h_result;
     struct { StepResult r; cudaEvent_t done; } step_out[2];
     int sampling_sets;             // this generate call samples with top-k or top-p (sample())
@@ -268,18 +270,29 @@ static void *engine_host_alloc(RolloutEngine *e, size_t bytes) {
     return p;
 }
 
-// A pinned host block for the engine's `result`, laid out as it is.
-static StepResult host_result(RolloutEngine *e) {
-    StepResult r;
-    r.block = engine_host_alloc(e, e->result_bytes);
-    r.err = (int *)r.block;
-    r.token = (int *)((char *)r.block + 16);
-    r.logprob = (float *)(r.token + e->max_seqs);
-    return r;
+// Slot i of the result ring (device): the tokens (max_seqs), then the log-probs.
+static int *result_tokens(const RolloutEngine *e, int i) {
+    return (int *)((char *)e->result + (size_t)i * e->result_bytes + 16);
 }
-// Queues the copy of the engine's `result` into r (one copy: the error word, tokens, log-probs).
-static void copy_result(RolloutEngine *e, const StepResult *r) {
-    cudaCheck(cudaMemcpyAsync(r->block, e->result, e->result_bytes, cudaMemcpyDeviceToHost, e->stream));
+static float *result_logprobs(const RolloutEngine *e, int i) { return (float *)(result_tokens(e, i) + e->max_seqs); }
+// Slot i of a host copy r.
+static StepResult result_slot(const RolloutEngine *e, const StepResult *r, int i) {
+    StepResult v = *r;
+    v.token = (int *)((char *)r->block + (size_t)i * e->result_bytes + 16);
+    v.logprob = (float *)(v.token + e->max_seqs);
+    return v;
+}
+// A pinned host block for `slots` slots of the result ring, laid out as it is.
+static StepResult host_result(RolloutEngine *e, int slots) {
+    StepResult r;
+    r.block = engine_host_alloc(e, (size_t)slots * e->result_bytes);
+    r.err = (int *)r.block;
+    return result_slot(e, &r, 0);
+}
+// Queues the copy of the ring's first `slots` slots into r (one copy: the error word, and each
+// slot's tokens and log-probs).
+static void copy_result(RolloutEngine *e, const StepResult *r, int slots) {
+    cudaCheck(cudaMemcpyAsync(r->block, e->result, (size_t)slots * e->result_bytes, cudaMemcpyDeviceToHost, e->stream));
 }
 
 static int fc_width(const ModelConfig *c) { return c->arch == ARCH_GPT2 ? c->ffn_hidden : 2 * c->ffn_hidden; }
@@ -319,8 +332,8 @@ static RowSet row_set(const RolloutEngine *e, int row0, int n_splits, cudaStream
     s.row_pos = e->row_pos + r;
     s.row_step = e->row_step + r;
     s.row_key = e->row_key + r;
-    s.out_token = e->out_token + r;
-    s.out_logprob = e->out_logprob + r;
+    s.out_token = result_tokens(e, 0) + r;
+    s.out_logprob = result_logprobs(e, 0) + r;
     s.sample_split = e->sample_split;   // SAMPLE_SPLIT_MAX_BLOCKS entries a row at most
     s.sample_split.stats += r * SAMPLE_SPLIT_MAX_BLOCKS;
     s.sample_split.best += r * SAMPLE_SPLIT_MAX_BLOCKS;
@@ -348,13 +361,23 @@ extern "C" RolloutOptions rollout_default_options(void) {
     o.profile = 0;
     o.branches = 1;
     o.tune_products = 1;
+    o.steps_per_graph = 1;
     return o;
 }
 
+// The number after the first `skip` characters of word w of TRAIN_MORA_ROLLOUT=v, in 1..max.
+static int env_count(const char *v, const char *w, int skip, int max) {
+    char *end = NULL;
+    long n = strtol(w + skip, &end, 10);
+    if (end == w + skip || *end != '\0' || n < 1 || n > max)
+        fatal("TRAIN_MORA_ROLLOUT=%s: '%s' needs a whole number in 1..%d after '%.*s'", v, w, max, skip, w);
+    return (int)n;
+}
+
 // TRAIN_MORA_ROLLOUT: the variants an engine starts with, a comma-separated list of
-// decode_matmul, pdl, pipeline, untuned (tune_products 0) and branches=N (RolloutOptions), for
-// trying them in a whole run (generate, eval, mora); rollout_set_options replaces them. Any other
-// word exits with a message.
+// decode_matmul, pdl, pipeline, untuned (tune_products 0), branches=N and steps=N
+// (steps_per_graph) (RolloutOptions), for trying them in a whole run (generate, eval, mora);
+// rollout_set_options replaces them. Any other word exits with a message.
 static void options_from_env(RolloutOptions *o) {
     const char *v = getenv("TRAIN_MORA_ROLLOUT");
     if (v == NULL || v[0] == '\0') return;
@@ -366,18 +389,14 @@ static void options_from_env(RolloutOptions *o) {
         else if (strcmp(w, "pdl") == 0) o->pdl = 1;
         else if (strcmp(w, "pipeline") == 0) o->pipeline = 1;
         else if (strcmp(w, "untuned") == 0) o->tune_products = 0;
-        else if (strncmp(w, "branches=", 9) == 0) {
-            char *end = NULL;
-            long n = strtol(w + 9, &end, 10);
-            if (end == w + 9 || *end != '\0' || n < 1 || n > ROLLOUT_MAX_BRANCHES)
-                fatal("TRAIN_MORA_ROLLOUT=%s: '%s' needs a number of branches in 1..%d", v, w, ROLLOUT_MAX_BRANCHES);
-            o->branches = (int)n;
-        } else
+        else if (strncmp(w, "branches=", 9) == 0) o->branches = env_count(v, w, 9, ROLLOUT_MAX_BRANCHES);
+        else if (strncmp(w, "steps=", 6) == 0) o->steps_per_graph = env_count(v, w, 6, ROLLOUT_MAX_STEPS_PER_GRAPH);
+        else
             fatal("TRAIN_MORA_ROLLOUT=%s: unknown variant '%s' (expected a comma-separated list of decode_matmul, pdl, pipeline, "
-                  "untuned, branches=N)", v, w);
+                  "untuned, branches=N, steps=N)", v, w);
     }
-    fprintf(stderr, "rollout: TRAIN_MORA_ROLLOUT=%s: decode_matmul %d, pdl %d, pipeline %d, branches %d, tuned products %d\n", v,
-            o->decode_matmul, o->pdl, o->pipeline, o->branches, o->tune_products);
+    fprintf(stderr, "rollout: TRAIN_MORA_ROLLOUT=%s: decode_matmul %d, pdl %d, pipeline %d, branches %d, tuned products %d, "
+            "steps a graph %d\n", v, o->decode_matmul, o->pdl, o->pipeline, o->branches, o->tune_products, o->steps_per_graph);
 }
 
 extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max_len) {
@@ -504,10 +523,9 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     e->pf_lens = (int *)engine_alloc(e, S * sizeof(int), 0);
     e->gather_idx = (int *)engine_alloc(e, S * sizeof(int), 0);
     e->result_bytes = 16 + 2 * S * sizeof(int);
-    e->result = engine_alloc(e, e->result_bytes, 0);   // poison_buffers poisons the tokens and log-probs
+    // not poisoned as a whole: poison_buffers poisons the tokens and log-probs, not the error word
+    e->result = engine_alloc(e, ROLLOUT_MAX_STEPS_PER_GRAPH * e->result_bytes, 0);
     e->err = (int *)e->result;
-    e->out_token = (int *)((char *)e->result + 16);
-    e->out_logprob = (float *)(e->out_token + S);
     e->sample_cfg = (SampleConfig *)engine_alloc(e, sizeof(SampleConfig), 0);
 
     e->h_token = (int *)engine_host_alloc(e, S * sizeof(int));
@@ -516,9 +534,9 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     e->h_step = (int *)engine_host_alloc(e, S * sizeof(int));
     e->h_key = (uint64_t *)engine_host_alloc(e, S * sizeof(uint64_t));
     e->h_row_key = (uint64_t *)engine_host_alloc(e, S * sizeof(uint64_t));
-    e->h_result = host_result(e);
+    e->h_result = host_result(e, ROLLOUT_MAX_STEPS_PER_GRAPH);
     for (int k = 0; k < 2; k++) {
-        e->step_out[k].r = host_result(e);
+        e->step_out[k].r = host_result(e, 1);
         cudaCheck(cudaEventCreateWithFlags(&e->step_out[k].done, cudaEventDisableTiming));
     }
     e->h_pf_token = (int *)engine_host_alloc(e, R * sizeof(int));
@@ -562,6 +580,8 @@ extern "C" void rollout_set_options(RolloutEngine *e, const RolloutOptions *o) {
     // graphs hold the kernels of the path they were captured on
     if (o->branches < 1 || o->branches > ROLLOUT_MAX_BRANCHES)
         fatal("rollout_set_options: branches must be in 1..%d, got %d", ROLLOUT_MAX_BRANCHES, o->branches);
+    if (o->steps_per_graph < 1 || o->steps_per_graph > ROLLOUT_MAX_STEPS_PER_GRAPH)
+        fatal("rollout_set_options: steps_per_graph must be in 1..%d, got %d", ROLLOUT_MAX_STEPS_PER_GRAPH, o->steps_per_graph);
     if (o->reference != e->options.reference || o->decode_matmul != e->options.decode_matmul || o->pdl != e->options.pdl ||
         o->profile != e->options.profile || o->branches != e->options.branches || o->tune_products != e->options.tune_products)
         graphs_clear(e);
@@ -830,56 +850,63 @@ static void branch_streams(RolloutEngine *e, int n) {
     }
 }
 
-// One decode step of `rows` rows, all on the device: forward, logits, sample, advance. With
-// several chains (decode_branches), the groups fork from the engine's stream and join it again,
-// eagerly or inside the graph being captured alike.
-static void decode_step_enqueue(RolloutEngine *e, int rows, int n_splits) {
+// `steps` decode steps of the n rows from row0 on, on `stream`: per step forward, logits, sample
+// (into the result ring's slot of the step) and advance.
+static void decode_chain(RolloutEngine *e, int row0, int n, int n_splits, int steps, cudaStream_t stream) {
+    RowSet s = row_set(e, row0, n_splits, stream);
+    for (int i = 0; i < steps; i++) {
+        s.out_token = result_tokens(e, i) + row0;
+        s.out_logprob = result_logprobs(e, i) + row0;
+        forward_rows(e, &s, n, s.row_token, s.row_slot, s.row_pos, n_splits, !e->options.reference);
+        logits_forward(e, &s, s.ln, n);
+        sample(e, &s, n, 1);
+    }
+}
+
+// `steps` decode steps of `rows` rows, all on the device. With several chains (options.branches),
+// the groups fork from the engine's stream and join it again after their last step, eagerly or
+// inside the graph being captured alike (a group's rows depend on nothing of another group's).
+static void decode_step_enqueue(RolloutEngine *e, int rows, int n_splits, int steps) {
     int per = branch_rows(e, rows), n = ceil_div(rows, per);
     if (n == 1) {
-        RowSet s = row_set(e, 0, n_splits, e->stream);
-        forward_rows(e, &s, rows, s.row_token, s.row_slot, s.row_pos, n_splits, !e->options.reference);
-        logits_forward(e, &s, s.ln, rows);
-        sample(e, &s, rows, 1);
+        decode_chain(e, 0, rows, n_splits, steps, e->stream);
         return;
     }
     branch_streams(e, n);
     cudaCheck(cudaEventRecord(e->branch_fork, e->stream));
     for (int b = 1; b < n; b++) cudaCheck(cudaStreamWaitEvent(e->branch_stream[b], e->branch_fork, 0));
-    for (int b = 0, row0 = 0; b < n; b++, row0 += per) {
-        int nb = rows - row0 < per ? rows - row0 : per;
-        RowSet s = row_set(e, row0, n_splits, b == 0 ? e->stream : e->branch_stream[b]);
-        forward_rows(e, &s, nb, s.row_token, s.row_slot, s.row_pos, n_splits, 1);
-        logits_forward(e, &s, s.ln, nb);
-        sample(e, &s, nb, 1);
-    }
+    for (int b = 0, row0 = 0; b < n; b++, row0 += per)
+        decode_chain(e, row0, rows - row0 < per ? rows - row0 : per, n_splits, steps, b == 0 ? e->stream : e->branch_stream[b]);
     for (int b = 1; b < n; b++) {
         cudaCheck(cudaEventRecord(e->branch_join[b], e->branch_stream[b]));
         cudaCheck(cudaStreamWaitEvent(e->stream, e->branch_join[b], 0));
     }
 }
 
-// A decode step run eagerly; with options.tune_products, the products of a shape met for the
+// Decode steps run eagerly; with options.tune_products, the products of a shape met for the
 // first time are tuned on the way (matmul.cuh: never while a stream is captured).
-static void decode_step_eager(RolloutEngine *e, int rows, int n_splits) {
+static void decode_step_eager(RolloutEngine *e, int rows, int n_splits, int steps) {
     matmul_tune = e->options.tune_products && !e->options.reference;
-    decode_step_enqueue(e, rows, n_splits);
+    decode_step_enqueue(e, rows, n_splits, steps);
     matmul_tune = 0;
 }
 
-// Runs one decode step: replays the graph of this shape, captures it on its second use, or runs
-// it eagerly (first use, or graphs off).
-static void decode_step(RolloutEngine *e, int rows, int n_splits) {
+// Runs `steps` decode steps: replays the graph of this shape, captures it on its second use, or
+// runs them eagerly (first use, or graphs off). Step i's results go to slot i of the ring.
+static void decode_step(RolloutEngine *e, int rows, int n_splits, int steps) {
     e->last_graph = NULL;
-    if (!e->options.use_graphs) { decode_step_eager(e, rows, n_splits); return; }
+    if (!e->options.use_graphs) { decode_step_eager(e, rows, n_splits, steps); return; }
     GraphEntry *g = NULL;
     for (int i = 0; i < e->n_graphs; i++)
-        if (e->graphs[i].rows == rows && e->graphs[i].n_splits == n_splits && e->graphs[i].sets == e->sampling_sets)
+        if (e->graphs[i].rows == rows && e->graphs[i].n_splits == n_splits && e->graphs[i].sets == e->sampling_sets &&
+            e->graphs[i].steps == steps)
             g = &e->graphs[i];
     if (g == NULL) {
         if (e->n_graphs == ROLLOUT_MAX_GRAPHS) graphs_clear(e);
         g = &e->graphs[e->n_graphs++];
         g->rows = rows;
         g->n_splits = n_splits;
+        g->steps = steps;
         g->sets = e->sampling_sets;
         g->seen = 0;
         g->exec = NULL;
@@ -890,7 +917,7 @@ static void decode_step(RolloutEngine *e, int rows, int n_splits) {
         // the first run of a shape is eager: it loads the kernels' modules and lets cuBLASLt
         // settle outside the capture, and short generations never pay for a capture
         g->seen = 1;
-        decode_step_eager(e, rows, n_splits);
+        decode_step_eager(e, rows, n_splits, steps);
         return;
     }
     if (g->exec == NULL) {
@@ -906,7 +933,7 @@ static void decode_step(RolloutEngine *e, int rows, int n_splits) {
         e->prof_capturing = e->options.profile;
         e->prof_n = 0;
         prof_mark(e, PG_START);
-        decode_step_enqueue(e, rows, n_splits);
+        decode_step_enqueue(e, rows, n_splits, steps);
         e->pdl_capturing = 0;
         e->prof_capturing = 0;
         cudaCheck(cudaStreamEndCapture(e->stream, &graph));
@@ -994,9 +1021,10 @@ static void report_device_errors(int err, const char *phase) {
           (err & DECODE_ERR_POSITION) ? "a row's position or slot lies outside the KV cache " : "",
           (err & SAMPLE_ERR_REFERENCE_VOCAB) ? "the reference sampler's top-p needs a vocabulary of at most 16384 tokens" : "");
 }
-// Copies the result block to the host and waits for it; exits on a device error.
-static void fetch_result(RolloutEngine *e, const char *phase) {
-    copy_result(e, &e->h_result);
+// Copies the first `slots` slots of the result ring to the host and waits for them; exits on a
+// device error.
+static void fetch_result(RolloutEngine *e, int slots, const char *phase) {
+    copy_result(e, &e->h_result, slots);
     cudaCheck(cudaStreamSynchronize(e->stream));
     report_device_errors(*e->h_result.err, phase);
 }
@@ -1019,7 +1047,7 @@ static void prefill_sample(RolloutEngine *e, int seq0, int nb) {
     RowSet all = row_set(e, 0, 1, st);
     logits_forward(e, &all, e->last_hidden, nb);
     sample(e, &all, nb, 0);
-    fetch_result(e, "prefill");   // synchronises: the host buffers are reused at once
+    fetch_result(e, 1, "prefill");   // synchronises: the host buffers are reused at once
     for (int b = 0; b < nb; b++) {
         e->first_token[seq0 + b] = e->h_result.token[b];
         e->first_logprob[seq0 + b] = e->h_result.logprob[b];
@@ -1093,7 +1121,7 @@ static void prefill_rows(RolloutEngine *e, const int *const *prompts, const int 
         RowSet all = row_set(e, 0, n_splits, st);
         forward_rows(e, &all, n, e->pf_token, e->pf_slot, e->pf_pos, n_splits, 0);
         if (nb > 0) prefill_sample(e, first_ending, nb);
-        else fetch_result(e, "prefill");   // synchronises: the pinned row buffers are refilled next
+        else fetch_result(e, 1, "prefill");   // synchronises: the pinned row buffers are refilled next
     }
 }
 
@@ -1145,8 +1173,9 @@ static void poison_buffers(RolloutEngine *e) {
     // all bits set is a NaN both as fp32 and as bf16
     for (int i = 0; i < e->n_blocks; i++)
         if (e->block_poison[i]) cudaCheck(cudaMemsetAsync(e->blocks[i], 0xff, e->block_bytes[i], e->stream));
-    // the result block's tokens and log-probs, not its error word
-    cudaCheck(cudaMemsetAsync(e->out_token, 0xff, (size_t)e->max_seqs * (sizeof(int) + sizeof(float)), e->stream));
+    // the result ring's tokens and log-probs, not its error word
+    for (int i = 0; i < ROLLOUT_MAX_STEPS_PER_GRAPH; i++)
+        cudaCheck(cudaMemsetAsync(result_tokens(e, i), 0xff, (size_t)e->max_seqs * (sizeof(int) + sizeof(float)), e->stream));
 }
 
 // The decode rows for the running sequences active[0..n_active): them first, in order, then
@@ -1191,30 +1220,70 @@ static int accept_step(const GenerateParams *p, GenerateResult *res, StopText *t
     return still;
 }
 
-// Decode steps one after another: launch a step, wait for its tokens, accept them, and so on.
+// Decode steps for one launch (options.steps_per_graph): at most as many as the running
+// sequences active[0..n) all have tokens left to generate, so that no row's position passes
+// its sequence's last one.
+static int launch_steps(const RolloutEngine *e, const GenerateParams *p, const GenerateResult *res, const int *active,
+                        int n) {
+    int steps = e->options.profile ? 1 : e->options.steps_per_graph;
+    for (int r = 0; r < n; r++) {
+        int left = p->max_new_tokens - res->n_tokens[active[r]];
+        if (left < steps) steps = left;
+    }
+    return steps < 1 ? 1 : steps;
+}
+
+// Decode steps one launch after another: launch the steps, wait for their tokens, accept them
+// step by step, and so on. Row r of a launch is sequence active[r] as it was at the launch
+// (row_seq); a sequence that stops at one of its steps takes no token of the later ones.
 static void decode_in_turn(RolloutEngine *e, const GenerateParams *p, GenerateResult *res, StopText *text, int *active,
                            int n_active, const int *prompt_lens, int n_splits) {
     int rows = 0, rebuild = 1;
+    int *row_seq = (int *)mallocCheck(sizeof(int) * (n_active > 0 ? n_active : 1));
     while (n_active > 0) {
         if (rebuild) {
             rows = upload_rows(e, res, active, n_active, prompt_lens);
             rebuild = 0;
         }
-        decode_step(e, rows, n_splits);
-        fetch_result(e, "decode");   // synchronises
+        int steps = launch_steps(e, p, res, active, n_active);
+        decode_step(e, rows, n_splits, steps);
+        fetch_result(e, steps, "decode");   // synchronises
         profile_add(e);
-        e->stats.decode_steps++;
-        int still = accept_step(p, res, text, active, n_active, e->h_result.token, e->h_result.logprob);
-        if (still != n_active) rebuild = 1;
-        n_active = still;
+        e->stats.decode_steps += steps;
+        if (steps == 1) {
+            int still = accept_step(p, res, text, active, n_active, e->h_result.token, e->h_result.logprob);
+            if (still != n_active) rebuild = 1;
+            n_active = still;
+            continue;
+        }
+        memcpy(row_seq, active, sizeof(int) * n_active);
+        int still = n_active;
+        for (int i = 0; i < steps && still > 0; i++) {
+            StepResult slot = result_slot(e, &e->h_result, i);
+            for (int r = 0; r < n_active; r++) {
+                if (row_seq[r] < 0) continue;
+                if (accept_token(p, res, text, row_seq[r], slot.token[r], slot.logprob[r])) {
+                    row_seq[r] = -1;
+                    still--;
+                }
+            }
+        }
+        if (still != n_active) {
+            rebuild = 1;
+            int kept = 0;
+            for (int r = 0; r < n_active; r++)
+                if (row_seq[r] >= 0) active[kept++] = row_seq[r];
+            n_active = kept;
+        }
     }
+    free(row_seq);
 }
 
 // Queues one decode step of `rows` rows and the copy of its results (and the error word) into
 // step_out[k], then the event that marks it done.
 static void launch_step(RolloutEngine *e, int rows, int n_splits, int k) {
-    decode_step(e, rows, n_splits);
-    copy_result(e, &e->step_out[k].r);
+    decode_step(e, rows, n_splits, 1);
+    copy_result(e, &e->step_out[k].r, 1);
     cudaCheck(cudaEventRecord(e->step_out[k].done, e->stream));
 }
 

@@ -83,9 +83,20 @@ typedef struct {
     // operands and keeps the fastest of those that give the first choice's bits (matmul.cuh's
     // tuning); that step and every later one (graphs included) use it. 0: cuBLASLt's first choice.
     int tune_products;
+    // 1 (default): a graph launch runs one decode step, after which the host takes its tokens.
+    // 2 to ROLLOUT_MAX_STEPS_PER_GRAPH: a graph holds that many steps (fewer when a running
+    // sequence has fewer tokens left to generate), each writing its tokens to a slot of its own,
+    // and after the launch the host takes them step by step: fewer launches and fewer waits for
+    // the host. A sequence that stops inside a launch has its row compute the launch's later
+    // steps, whose tokens are dropped; the rows are rebuilt after the launch. While no sequence
+    // stops, the same tokens and log-probs as one step a launch, bit for bit; after a stop the
+    // rows shrink a few steps later, and a step at another row count may round its products
+    // otherwise (cuBLASLt's choice per shape). Ignored (1) with pipeline or profile.
+    int steps_per_graph;
 } RolloutOptions;
 
 #define ROLLOUT_MAX_BRANCHES 4
+#define ROLLOUT_MAX_STEPS_PER_GRAPH 8
 
 // Timings and counts of the last rollout_generate (host wall clock around GPU-synchronised work).
 typedef struct {

