@@ -12,6 +12,8 @@
  * The backward is one kernel for rows up to NORM_VEC_MAX_WIDTH wide: a warp per row computes
  * the input gradient and accumulates the weight and bias gradients of its rows in shared memory,
  * so dout and the input are read once (the wider rows' fallback reads them twice, in two kernels).
+ * dout, the gradient at the norm's output, may be fp32 or bf16 (the model passes bf16 for the
+ * layers' norms: 16 bytes an element through a kernel bound by the memory's bandwidth, not 18).
  *
  * Fusion: the model computes x = residual + branch and then norm(x) at every block boundary;
  * doing both in one kernel saves writing x and reading it back (the write of x is kept: the
@@ -268,19 +270,21 @@ static inline void residual_norm_forward(float *res_out, floatX *out, float *mea
 //   RMSNorm:   dx = rstd * (dnorm - norm * mean_c(dnorm * norm))
 // (the RMSNorm form equals ops_cpu.c's rstd * (dnorm - x * rstd^2 * mean_c(dnorm * x))).
 // dres (N, C) fp32 += dx; dres_bf16 (N, C) gets a bf16 copy of the new dres for the next
-// matrix product (may be NULL).
-__global__ void norm_backward_dinp_kernel(float *dres, floatX *dres_bf16, const float *dout, const float *inp,
+// matrix product (may be NULL). dout is fp32 or bf16 (TD), as the kernels below.
+template <typename TD>
+__global__ void norm_backward_dinp_kernel(float *dres, floatX *dres_bf16, const TD *dout, const float *inp,
                                           const floatX *weight, const float *mean, const float *rstd,
                                           int N, int C, int is_layernorm) {
     int warps_per_block = blockDim.x / 32;
     int n = blockIdx.x * warps_per_block + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (n >= N) return;
-    const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
+    const float *x = inp + (size_t)n * C;
+    const TD *g = dout + (size_t)n * C;
     float m = is_layernorm ? mean[n] : 0.0f, s = rstd[n];
     float dnorm_sum = 0.0f, dnorm_norm_sum = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float norm = (x[c] - m) * s, dnorm = to_float(weight[c]) * g[c];
+        float norm = (x[c] - m) * s, dnorm = to_float(weight[c]) * to_float(g[c]);
         dnorm_sum += dnorm;
         dnorm_norm_sum += dnorm * norm;
     }
@@ -289,7 +293,7 @@ __global__ void norm_backward_dinp_kernel(float *dres, floatX *dres_bf16, const 
     float *dx = dres + (size_t)n * C;
     floatX *dx_bf16 = dres_bf16 ? dres_bf16 + (size_t)n * C : NULL;
     for (int c = lane; c < C; c += 32) {
-        float norm = (x[c] - m) * s, dnorm = to_float(weight[c]) * g[c];
+        float norm = (x[c] - m) * s, dnorm = to_float(weight[c]) * to_float(g[c]);
         float updated = dx[c] + s * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
         dx[c] = updated;
         if (dx_bf16) dx_bf16[c] = __float2bfloat16(updated);
@@ -300,8 +304,9 @@ __global__ void norm_backward_dinp_kernel(float *dres, floatX *dres_bf16, const 
 // threads takes a slab of 32 channels (thread t: channel t % 32, rows t / 32, t / 32 + 8, ...).
 //   partial_w[chunk, c] = sum over the chunk's rows of dout * norm,  partial_b[chunk, c] = sum of dout
 // partial_b may be NULL (RMSNorm has no bias).
+template <typename TD>
 __global__ void __launch_bounds__(256)
-norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const float *dout, const float *inp,
+norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const TD *dout, const float *inp,
                                      const float *mean, const float *rstd, int N, int C, int is_layernorm) {
     __shared__ float norm_sw[8][33], norm_sb[8][33];
     int lane = threadIdx.x % 32, group = threadIdx.x / 32;
@@ -313,7 +318,7 @@ norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const f
     if (c < C) {
         for (int n = row0 + group; n < row1; n += 8) {
             float m = is_layernorm ? mean[n] : 0.0f;
-            float g = dout[(size_t)n * C + c];
+            float g = to_float(dout[(size_t)n * C + c]);
             acc_w += g * (inp[(size_t)n * C + c] - m) * rstd[n];
             acc_b += g;
         }
@@ -344,9 +349,9 @@ norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const f
 #define NORM_BWD_ROWS 32
 static inline int norm_backward_blocks(int N) { return ceil_div(N, NORM_BWD_ROWS); }
 static inline size_t norm_backward_smem(int C) { return (size_t)NORM_BWD_WARPS * 3 * C * sizeof(float); }
-template <int VEC, int ITERS>
+template <int VEC, int ITERS, typename TD>
 __global__ void __launch_bounds__(NORM_BWD_WARPS * 32)
-norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial, const float *dout, const float *inp,
+norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial, const TD *dout, const float *inp,
                            const floatX *weight, const float *mean, const float *rstd, int N, int C, int is_layernorm) {
     static_assert(VEC * ITERS <= NORM_VEC_MAX_PER_LANE, "a lane holds at most NORM_VEC_MAX_PER_LANE elements");
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -429,17 +434,18 @@ static inline size_t norm_backward_scratch_floats(int N, int C) {
 
 // The fallback for rows wider than NORM_VEC_MAX_WIDTH: norm_backward_dinp_kernel, then the
 // weight (and bias) partial sums re-reading dout and the input, then the column sums of dres.
+template <typename TD>
 static inline void norm_backward_split(float *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
-                                       const float *dout, const float *inp, const floatX *weight,
+                                       const TD *dout, const float *inp, const floatX *weight,
                                        const float *mean, const float *rstd, float *scratch,
                                        int N, int C, int is_layernorm, cudaStream_t stream) {
     const int block = 256, rows_per_block = block / 32;
-    norm_backward_dinp_kernel<<<ceil_div(N, rows_per_block), block, 0, stream>>>(
+    norm_backward_dinp_kernel<TD><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
         dres, dres_bf16, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     cudaCheckLaunch();
     int chunks = column_chunks(N);
     float *partial_w = scratch, *partial_b = dbias ? scratch + (size_t)chunks * C : NULL;
-    norm_backward_dweight_partial_kernel<<<ceil_div(C, 32) * chunks, 256, 0, stream>>>(partial_w, partial_b, dout, inp,
+    norm_backward_dweight_partial_kernel<TD><<<ceil_div(C, 32) * chunks, 256, 0, stream>>>(partial_w, partial_b, dout, inp,
                                                                                       mean, rstd, N, C, is_layernorm);
     cudaCheckLaunch();
     column_partials_reduce(dweight, partial_w, chunks, C, stream);
@@ -447,32 +453,34 @@ static inline void norm_backward_split(float *dres, floatX *dres_bf16, float *dw
     if (dres_colsum) column_sums_add<float>(dres_colsum, dres, scratch, N, C, stream);
 }
 
+template <typename TD>
 static inline void norm_backward_fused(float *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
-                                       const float *dout, const float *inp, const floatX *weight,
+                                       const TD *dout, const float *inp, const floatX *weight,
                                        const float *mean, const float *rstd, float *scratch,
                                        int N, int C, int is_layernorm, cudaStream_t stream) {
     cudaRequire(C <= NORM_VEC_MAX_WIDTH, "norm_backward_fused: C too large for a warp's registers");
     int blocks = norm_backward_blocks(N);
     size_t smem = norm_backward_smem(C);
-    int vec = norm_vector_width(C, dout, inp, dres, dres_bf16, weight, NULL);
+    int vec = norm_vector_width(C, inp, dres, NULL, dres_bf16, weight, NULL);
+    while (vec > 1 && !vector_aligned(dout, sizeof(TD) * vec)) vec /= 2;
     int pieces = ceil_div(C, 32 * vec);   // per lane
     if (vec == 4 && pieces <= 2)
-        norm_backward_fused_kernel<4, 2><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<4, 2, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else if (vec == 4 && pieces <= 4)
-        norm_backward_fused_kernel<4, 4><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<4, 4, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else if (vec == 4 && pieces <= 6)
-        norm_backward_fused_kernel<4, 6><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<4, 6, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else if (vec == 4)
-        norm_backward_fused_kernel<4, 8><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<4, 8, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else if (vec == 2)
-        norm_backward_fused_kernel<2, 16><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<2, 16, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else
-        norm_backward_fused_kernel<1, 32><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<1, 32, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     cudaCheckLaunch();
     column_partials_reduce3(dweight, dbias, dres_colsum, scratch, blocks, C, 3, stream);
@@ -481,10 +489,12 @@ static inline void norm_backward_fused(float *dres, floatX *dres_bf16, float *dw
 // Full norm backward: dres (N, C) += dinp (and dres_bf16 = bf16(dres), may be NULL),
 // dweight (C) += ..., dbias (C) += ... (LayerNorm only; NULL for RMSNorm), and dres_colsum (C)
 // += the column sums of the updated dres (may be NULL): the bias gradient of the projection
-// that produced the residual branch this gradient flows into. dout (N, C) fp32 is the gradient
-// at the norm's output, inp (N, C) fp32 its input. scratch holds norm_backward_scratch_floats(N, C).
+// that produced the residual branch this gradient flows into. dout (N, C) fp32 or bf16 (TD) is
+// the gradient at the norm's output, inp (N, C) fp32 its input. scratch holds
+// norm_backward_scratch_floats(N, C).
+template <typename TD>
 static inline void norm_backward(float *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
-                                 const float *dout, const float *inp, const floatX *weight,
+                                 const TD *dout, const float *inp, const floatX *weight,
                                  const float *mean, const float *rstd, float *scratch,
                                  int N, int C, int is_layernorm, cudaStream_t stream) {
     cudaRequire(!is_layernorm || mean != NULL, "norm_backward: LayerNorm needs mean");

@@ -127,6 +127,7 @@ typedef struct {
     float *dresidual;                      // (N, C) fp32 gradient of the residual stream
     floatX *dresidual_bf16;                // (N, C) its bf16 copy, the products' operand
     float *dnorm;                          // (N, C) fp32 gradient at a norm's output
+    floatX *dnorm_bf16;                    // (N, C) the same in bf16, for the layers' norms (dnorm_bf16)
     floatX *dqkv;                          // (N, QKV)
     floatX *datty;                         // (N, NH*HS)
     floatX *dfch;                          // (N, FC)
@@ -282,6 +283,9 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     const char *ov = getenv("TRAIN_MORA_OVERLAP_GRADS");
     if (ov != NULL && strcmp(ov, "0") != 0 && strcmp(ov, "1") != 0) fatal("TRAIN_MORA_OVERLAP_GRADS=%s: expected 0 or 1", ov);
     model->overlap_weight_grads = ov == NULL || strcmp(ov, "1") == 0;
+    const char *dn = getenv("TRAIN_MORA_DNORM_BF16");
+    if (dn != NULL && strcmp(dn, "0") != 0 && strcmp(dn, "1") != 0) fatal("TRAIN_MORA_DNORM_BF16=%s: expected 0 or 1", dn);
+    model->dnorm_bf16 = dn == NULL || strcmp(dn, "1") == 0;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
     const char *mt = getenv("TRAIN_MORA_MATMUL_TUNE");
@@ -360,6 +364,7 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     d->dresidual = (float *)activation_alloc(d, N * C * sizeof(float));
     d->dresidual_bf16 = (floatX *)activation_alloc(d, N * C * sizeof(floatX));
     d->dnorm = (float *)activation_alloc(d, N * C * sizeof(float));
+    d->dnorm_bf16 = (floatX *)activation_alloc(d, N * C * sizeof(floatX));
     d->dqkv = (floatX *)activation_alloc(d, N * QKV * sizeof(floatX));
     d->datty = (floatX *)activation_alloc(d, N * AY * sizeof(floatX));
     d->dfch = (floatX *)activation_alloc(d, N * FC * sizeof(floatX));
@@ -689,6 +694,24 @@ static void product_backward(CudaModel *model, int overlap, cudaEvent_t read, vo
     matmul_backward(dinp, dinp_is_f32, NULL, dbias, dout, dbias_source, inp, weight, d->column_scratch, M, IC, OC, d->stream);
 }
 
+// A layer's norm backward from the gradient at its output, which the product that read the norm's
+// output left in dnorm_bf16 or dnorm (layer_dnorm): dresidual += the input gradient, and the
+// weight, bias and preceding projection's bias gradients.
+static void *layer_dnorm(CudaModel *model) {
+    Impl *d = impl_of(model);
+    return model->dnorm_bf16 ? (void *)d->dnorm_bf16 : (void *)d->dnorm;
+}
+static void layer_norm_backward(CudaModel *model, float *dweight, float *dbias, float *dres_colsum, const float *inp,
+                                const floatX *weight, const float *mean, const float *rstd, int N, int C, int gpt2) {
+    Impl *d = impl_of(model);
+    if (model->dnorm_bf16)
+        norm_backward(d->dresidual, d->dresidual_bf16, dweight, dbias, dres_colsum, (const floatX *)d->dnorm_bf16, inp, weight,
+                      mean, rstd, d->column_scratch, N, C, gpt2, d->stream);
+    else
+        norm_backward(d->dresidual, d->dresidual_bf16, dweight, dbias, dres_colsum, (const float *)d->dnorm, inp, weight, mean,
+                      rstd, d->column_scratch, N, C, gpt2, d->stream);
+}
+
 // Everything after the classifier's gradient: the logits' gradient (when have_dlogits) and
 // dhidden_host (when given) flow down to the parameter gradients.
 //
@@ -761,15 +784,14 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
             prof_end(model);
         }
         prof_begin(model, PROF_MATMUL_BWD);
-        product_backward(model, ov, d->side_read_dfch, d->dnorm, 1, weight_grad(model, P_FCW, l), weight_grad(model, P_FCB, l),
-                         d->dfch, NULL, ln2, weight_bf16(model, P_FCW, l), N, C, FC);
+        product_backward(model, ov, d->side_read_dfch, layer_dnorm(model), !model->dnorm_bf16, weight_grad(model, P_FCW, l),
+                         weight_grad(model, P_FCB, l), d->dfch, NULL, ln2, weight_bf16(model, P_FCW, l), N, C, FC);
         prof_end(model);
         prof_begin(model, PROF_NORM_BWD);
         if (ov) main_wait(d, d->side_read_dres);   // fcproj's dweight has read dresidual_bf16
-        norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LN2W, l), weight_grad(model, P_LN2B, l),
-                      weight_grad(model, P_ATTPROJB, l), d->dnorm,
-                      residual2, weight_bf16(model, P_LN2W, l), gpt2 ? d->ln2_mean + (size_t)l * N : NULL,
-                      d->ln2_rstd + (size_t)l * N, scratch, N, C, gpt2, st);
+        layer_norm_backward(model, weight_grad(model, P_LN2W, l), weight_grad(model, P_LN2B, l), weight_grad(model, P_ATTPROJB, l),
+                            residual2, weight_bf16(model, P_LN2W, l), gpt2 ? d->ln2_mean + (size_t)l * N : NULL,
+                            d->ln2_rstd + (size_t)l * N, N, C, gpt2);
         prof_end(model);
 
         // attention block: residual2 = residual + attproj(attention(qkv(norm1(residual))))
@@ -789,15 +811,14 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
             prof_end(model);
         }
         prof_begin(model, PROF_MATMUL_BWD);
-        product_backward(model, ov, d->side_read_dqkv, d->dnorm, 1, weight_grad(model, P_QKVW, l), weight_grad(model, P_QKVB, l),
-                         d->dqkv, NULL, ln1, weight_bf16(model, P_QKVW, l), N, C, QKV);
+        product_backward(model, ov, d->side_read_dqkv, layer_dnorm(model), !model->dnorm_bf16, weight_grad(model, P_QKVW, l),
+                         weight_grad(model, P_QKVB, l), d->dqkv, NULL, ln1, weight_bf16(model, P_QKVW, l), N, C, QKV);
         prof_end(model);
         prof_begin(model, PROF_NORM_BWD);
         if (ov) main_wait(d, d->side_read_dres);   // attproj's dweight has read dresidual_bf16
-        norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LN1W, l), weight_grad(model, P_LN1B, l),
-                      l > 0 ? weight_grad(model, P_FCPROJB, l - 1) : NULL, d->dnorm,
-                      residual, weight_bf16(model, P_LN1W, l), gpt2 ? d->ln1_mean + (size_t)l * N : NULL,
-                      d->ln1_rstd + (size_t)l * N, scratch, N, C, gpt2, st);
+        layer_norm_backward(model, weight_grad(model, P_LN1W, l), weight_grad(model, P_LN1B, l),
+                            l > 0 ? weight_grad(model, P_FCPROJB, l - 1) : NULL, residual, weight_bf16(model, P_LN1W, l),
+                            gpt2 ? d->ln1_mean + (size_t)l * N : NULL, d->ln1_rstd + (size_t)l * N, N, C, gpt2);
         prof_end(model);
     }
     if (ov) {   // every weight gradient is complete before anything reads or adds to them

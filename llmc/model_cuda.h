@@ -45,6 +45,12 @@ typedef struct CudaModel {
     // chain of input gradients (not while profiling); 0: one stream (TRAIN_MORA_OVERLAP_GRADS=0
     // at creation). Same gradients bit for bit.
     int overlap_weight_grads;
+    // 1 (default): the gradient at each layer's norm outputs (the input gradient of the qkv and
+    // MLP up products, which the norm backward reads) is bf16, as the other activation gradients
+    // are: 2 bytes an element less written by the product and 2 less read by the memory-bound
+    // norm backward (16 instead of 18). 0: fp32 (TRAIN_MORA_DNORM_BF16=0 at creation). The final
+    // norm's (the classifier's) stays fp32.
+    int dnorm_bf16;
     // The flash attention's launch configuration is tuned on the first forward, for its shape:
     // the fastest of those whose results equal the defaults' bit for bit (attention_flash_tune in
     // attention_flash.cuh), so the choice never changes the numbers. TRAIN_MORA_FLASH_TUNE=0

@@ -7,7 +7,8 @@
  *     residual_norm_forward_vec (a warp per row from registers), residual_norm_forward_rows (a
  *     block per row) and residual_norm_forward (which picks one);
  *   - the norm backward: norm_backward_fused (one kernel), norm_backward_split (the fallback for
- *     wide rows) and norm_backward (which picks one), each with the column reductions;
+ *     wide rows) and norm_backward (which picks one), each with the column reductions, with the
+ *     output's gradient in fp32 and in bf16;
  *   - column_sums_add over bf16 rows (the bias gradients of the products).
  *
  * The kernels' source is compiled as C++ under the GPU emulation of test/gpu_emu.h, with the
@@ -23,8 +24,9 @@
  *                   bias (C) when has_bias; branch, weight and bias representable in bf16
  *             OUT: float32 out (N, C) (the bf16 output); res_out (N, C) when fused; mean (N) when
  *                  is_layernorm; rstd (N)
- *       1 backward: int32 N, C, is_layernorm, path (0 fused, 1 split, 2 picked), colsum, bf16_copy;
- *                   float32 dout (N, C), inp (N, C), dres (N, C), weight (C) (bf16 values),
+ *       1 backward: int32 N, C, is_layernorm, path (0 fused, 1 split, 2 picked; 3 to 5 the same with
+ *                   dout in bf16), colsum, bf16_copy;
+ *                   float32 dout (N, C) (bf16 values for paths 3 to 5), inp (N, C), dres (N, C), weight (C) (bf16 values),
  *                   mean (N) when is_layernorm, rstd (N), then the starting values of dweight,
  *                   dbias and colsum (C each)
  *             OUT: float32 dres (N, C); its bf16 copy (N, C) when bf16_copy; dweight (C);
@@ -99,12 +101,15 @@ static void backward(FILE *f, const char *path, const char *order) {
     int32_t dims[6];
     read_header(f, path, dims, 6);
     int N = dims[0], C = dims[1], is_layernorm = dims[2], path_kind = dims[3], colsum = dims[4], bf16_copy = dims[5];
-    if (N < 1 || C < 1 || path_kind < 0 || path_kind > 2) {
+    if (N < 1 || C < 1 || path_kind < 0 || path_kind > 5) {
         fprintf(stderr, "error: %s: bad header N=%d C=%d path=%d\n", path, N, C, path_kind);
         exit(1);
     }
     size_t NC = (size_t)N * C;
-    float *dout = device_floats(read_floats(f, NC, path));
+    const int bf16_dout = path_kind >= 3;
+    std::vector<float> dout_values = read_floats(f, NC, path);
+    float *dout = bf16_dout ? NULL : device_floats(dout_values);
+    floatX *dout_bf16 = bf16_dout ? device_bf16(dout_values) : NULL;
     float *inp = device_floats(read_floats(f, NC, path));
     float *dres = device_floats(read_floats(f, NC, path));
     floatX *weight = device_bf16(read_floats(f, C, path));
@@ -118,9 +123,16 @@ static void backward(FILE *f, const char *path, const char *order) {
 
     void (*const paths[3])(float *, floatX *, float *, float *, float *, const float *, const float *, const floatX *,
                            const float *, const float *, float *, int, int, int, cudaStream_t) = {
-        norm_backward_fused, norm_backward_split, norm_backward};
-    paths[path_kind](dres, dres_bf16, dweight, is_layernorm ? dbias : NULL, colsum ? dcol : NULL, dout, inp, weight, mean,
-                     rstd, scratch, N, C, is_layernorm, 0);
+        norm_backward_fused<float>, norm_backward_split<float>, norm_backward<float>};
+    void (*const paths_bf16[3])(float *, floatX *, float *, float *, float *, const floatX *, const float *, const floatX *,
+                                const float *, const float *, float *, int, int, int, cudaStream_t) = {
+        norm_backward_fused<floatX>, norm_backward_split<floatX>, norm_backward<floatX>};
+    if (bf16_dout)
+        paths_bf16[path_kind - 3](dres, dres_bf16, dweight, is_layernorm ? dbias : NULL, colsum ? dcol : NULL, dout_bf16, inp,
+                                  weight, mean, rstd, scratch, N, C, is_layernorm, 0);
+    else
+        paths[path_kind](dres, dres_bf16, dweight, is_layernorm ? dbias : NULL, colsum ? dcol : NULL, dout, inp, weight, mean,
+                         rstd, scratch, N, C, is_layernorm, 0);
 
     write_floats(dres, NC);
     if (bf16_copy) write_bf16s(dres_bf16, NC);

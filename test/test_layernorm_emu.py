@@ -186,10 +186,12 @@ def backward_oracle(dout, inp, dres, weight, mean, rstd, starts, is_layernorm, d
     return new, dweight, dbias, colsum, (np.abs(g * norm).sum(axis=0), np.abs(g).sum(axis=0), np.abs(new).sum(axis=0))
 
 
-def run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy, seed, order="forward"):
+def run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy, seed, order="forward", bf16_dout=False):
     rng = np.random.default_rng(seed)
     inp = (rng.standard_normal((N, C)) * 1.5 + 0.3).astype(np.float32)
     dout = rng.standard_normal((N, C)).astype(np.float32)
+    if bf16_dout:   # the kernels read it as bf16: values it holds exactly, so the oracle is the same
+        dout = to_bf16(dout)
     dres = (0.1 * rng.standard_normal((N, C))).astype(np.float32)
     weight = to_bf16(1.0 + 0.3 * rng.standard_normal(C))
     x64 = inp.astype(np.float64)
@@ -199,7 +201,7 @@ def run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy
     starts = [rng.standard_normal(C).astype(np.float32) for _ in range(3)]
     inp_path, out_path = tmp_path / "bwd_in.bin", tmp_path / "bwd_out.bin"
     with open(inp_path, "wb") as f:
-        np.array([1, N, C, is_layernorm, path, colsum, bf16_copy], np.int32).tofile(f)
+        np.array([1, N, C, is_layernorm, path + (3 if bf16_dout else 0), colsum, bf16_copy], np.int32).tofile(f)
         for a in [dout, inp, dres, weight] + ([mean] if is_layernorm else []) + [rstd] + starts:
             a.astype(np.float32).tofile(f)
     proc = subprocess.run([str(emulator), str(inp_path), str(out_path), order], capture_output=True, text=True, timeout=600)
@@ -252,6 +254,17 @@ BACKWARD_CASES = [  # N, C, is_layernorm, colsum, bf16_copy
 def test_norm_backward_matches_oracle(emulator, tmp_path, case, path, order):
     N, C, is_layernorm, colsum, bf16_copy = case
     got, inputs = run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy, seed=N * 7 + C, order=order)
+    check_backward(got, inputs, N, C, is_layernorm, colsum, bf16_copy)
+
+
+@pytest.mark.parametrize("path", [FUSED, SPLIT])
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_norm_backward_with_bf16_dout_matches_oracle(emulator, tmp_path, case, path):
+    """The same backward reading the output's gradient as bf16 (what the model passes for the
+    layers' norms), on bf16 values: the fp32 oracle's results."""
+    N, C, is_layernorm, colsum, bf16_copy = case
+    got, inputs = run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy, seed=N * 5 + C,
+                               order="reverse", bf16_dout=True)
     check_backward(got, inputs, N, C, is_layernorm, colsum, bf16_copy)
 
 

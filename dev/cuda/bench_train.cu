@@ -5,7 +5,8 @@
  * matmul weight per token plus attention over the full T x T, as llm.c and PaLM count), and a
  * per-kernel-group time table from a profiled run (CUDA events around each launch group). The
  * same run times the step with the weight gradients on the other schedule (one stream, or a
- * second stream under TRAIN_MORA_OVERLAP_GRADS=0) and with the flash
+ * second stream under TRAIN_MORA_OVERLAP_GRADS=0), with the layers' norm-output gradients in the
+ * other precision (fp32, or bf16 under TRAIN_MORA_DNORM_BF16=0), and with the flash
  * attention in its default configuration instead of the one tuned on the first forward, and
  * with every product in cuBLASLt's first-choice algorithm instead of the tuned one, and with the
  * attention's warpgroup (wgmma) kernels where they apply, and prints both tunings' choices. Figures only: not a test.
@@ -62,6 +63,12 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     step();
     double other_schedule = median_step();
     gpu->overlap_weight_grads = overlap;
+    // the layers' norm-output gradients in the other precision (dnorm_bf16), timed beside
+    const int dnorm_bf16 = gpu->dnorm_bf16;
+    gpu->dnorm_bf16 = !dnorm_bf16;
+    step();
+    double other_dnorm = median_step();
+    gpu->dnorm_bf16 = dnorm_bf16;
     // the flash attention in the defaults' configuration instead of the tuned one, timed beside
     cuda_model_attention_config(gpu, 0);
     step();
@@ -91,6 +98,8 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     printf("\n");
     printf("  with the weight gradients %s: %.2f ms/step, %.0f tok/s\n",
            overlap ? "on the main stream (one stream)" : "on a second stream", other_schedule * 1e3, N / other_schedule);
+    printf("  with the layers' norm-output gradients in %s: %.2f ms/step, %.0f tok/s\n", dnorm_bf16 ? "fp32" : "bf16",
+           other_dnorm * 1e3, N / other_dnorm);
     printf("  attention: %s\n", gpu->attention_tuning);
     printf("  with the attention's default configuration: %.2f ms/step, %.0f tok/s\n", untuned * 1e3, N / untuned);
     if (wgmma[1] > 0.0)

@@ -2,8 +2,9 @@
  * Harness for layernorm.cuh: the fused residual + LayerNorm/RMSNorm forward (all three kernels:
  * warp per row, warp per row from registers, block per row) and the norm backward (the fused
  * kernel and the split fallback, with the column sums of the residual gradient) against
- * residual_forward, layernorm_* and rmsnorm_* of ops_cpu.c, on fresh random inputs, then timing
- * at GPT-2 124M's shape (N = 16 x 1024 rows, C = 768) and SmolLM2's width (C = 576).
+ * residual_forward, layernorm_* and rmsnorm_* of ops_cpu.c, on fresh random inputs, with the
+ * output's gradient read as fp32 and as bf16 (its values bf16's, so one reference serves both),
+ * then timing at GPT-2 124M's shape (N = 16 x 1024 rows, C = 768) and SmolLM2's width (C = 576).
  *   build/cuda/dev/layernorm
  */
 #include "harness.h"
@@ -16,7 +17,7 @@ static void check(int N, int C, int is_layernorm, int fused) {
     std::vector<float> res = random_f32_values(NC, 1.0f), branch = random_bf16_values(NC, 0.5f);
     for (size_t i = 0; i < NC; i++) res[i] += 0.3f;   // a non-zero mean for LayerNorm to remove
     std::vector<float> weight = random_bf16_values(C, 1.0f), bias = random_bf16_values(C, 0.2f);
-    std::vector<float> dout = random_f32_values(NC, 1.0f), dres0 = random_f32_values(NC, 0.1f);
+    std::vector<float> dout = random_bf16_values(NC, 1.0f), dres0 = random_f32_values(NC, 0.1f);
 
     // CPU reference: x = res (+ branch), norm(x); backward adds into dres0
     std::vector<float> x(NC), out(NC), mean(N), rstd(N);
@@ -62,18 +63,26 @@ static void check(int N, int C, int is_layernorm, int fused) {
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) colsum[c] += dinp[(size_t)n * C + c];
     float *d_xin = upload(x), *d_dout = upload(dout), *d_dres = device_alloc_n<float>(NC);
+    floatX *d_dout_bf16 = upload_bf16(dout);
     float *d_mean_ref = upload(mean), *d_rstd_ref = upload(rstd);
     float *d_dw = device_alloc_n<float>(C), *d_db = device_alloc_n<float>(C), *d_col = device_alloc_n<float>(C);
     floatX *d_dres_bf16 = device_alloc_n<floatX>(NC);
     float *scratch = device_alloc_n<float>(norm_backward_scratch_floats(N, C));
-    for (int split = 0; split < 2; split++) {
-        const char *how = split ? " (split kernels)" : " (fused kernel)";
+    for (int variant = 0; variant < 4; variant++) {
+        const int split = variant & 1, bf16_dout = variant >> 1;
+        const char *const hows[4] = {" (fused kernel)", " (split kernels)", " (fused kernel, bf16 dout)", " (split kernels, bf16 dout)"};
+        const char *how = hows[variant];
         cudaCheck(cudaMemcpy(d_dres, dres0.data(), NC * sizeof(float), cudaMemcpyHostToDevice));
         for (float *p : {d_dw, d_db, d_col}) cudaCheck(cudaMemset(p, 0, C * sizeof(float)));
         poison(d_dres_bf16, NC * sizeof(floatX));
-        (split ? norm_backward_split : norm_backward_fused)(d_dres, d_dres_bf16, d_dw, is_layernorm ? d_db : NULL, d_col, d_dout,
-                                                             d_xin, d_w, is_layernorm ? d_mean_ref : NULL, d_rstd_ref, scratch,
-                                                             N, C, is_layernorm, 0);
+        float *db = is_layernorm ? d_db : NULL, *dmean = is_layernorm ? d_mean_ref : NULL;
+        if (bf16_dout)
+            (split ? norm_backward_split<floatX> : norm_backward_fused<floatX>)(d_dres, d_dres_bf16, d_dw, db, d_col, d_dout_bf16,
+                                                                               d_xin, d_w, dmean, d_rstd_ref, scratch, N, C,
+                                                                               is_layernorm, 0);
+        else
+            (split ? norm_backward_split<float> : norm_backward_fused<float>)(d_dres, d_dres_bf16, d_dw, db, d_col, d_dout, d_xin,
+                                                                             d_w, dmean, d_rstd_ref, scratch, N, C, is_layernorm, 0);
         snprintf(name, sizeof(name), "%s_backward N=%d C=%d dinp (+=)%s", kind, N, C, how);
         compare(name, download_f32(d_dres, NC), dinp, TOL_F32);
         snprintf(name, sizeof(name), "%s_backward N=%d C=%d dinp bf16 copy%s", kind, N, C, how);
@@ -87,7 +96,7 @@ static void check(int N, int C, int is_layernorm, int fused) {
         snprintf(name, sizeof(name), "%s_backward N=%d C=%d column sums of dres%s", kind, N, C, how);
         compare(name, download_f32(d_col, C), colsum, TOL_F32);
     }
-    void *ptrs[] = {d_res, d_x, d_mean, d_rstd, d_branch, d_w, d_b, d_out, d_xin, d_dout, d_dres, d_mean_ref, d_rstd_ref, d_dw, d_db, d_col, d_dres_bf16, scratch};
+    void *ptrs[] = {d_res, d_x, d_mean, d_rstd, d_branch, d_w, d_b, d_out, d_xin, d_dout, d_dout_bf16, d_dres, d_mean_ref, d_rstd_ref, d_dw, d_db, d_col, d_dres_bf16, scratch};
     for (void *p : ptrs) cudaCheck(cudaFree(p));
 }
 
@@ -110,6 +119,7 @@ int main(void) {
         floatX *b = is_layernorm ? upload_bf16(random_bf16_values(C, 1.0f)) : NULL;
         floatX *out = device_alloc_n<floatX>(NC), *dres_bf16 = device_alloc_n<floatX>(NC);
         float *dout = upload(random_f32_values(NC, 1.0f)), *dres = upload(random_f32_values(NC, 1.0f));
+        floatX *dout_bf16 = upload_bf16(random_bf16_values(NC, 1.0f));
         float *dw = device_alloc_n<float>(C), *db = device_alloc_n<float>(C), *col = device_alloc_n<float>(C);
         float *scratch = device_alloc_n<float>(norm_backward_scratch_floats(N, C));
         residual_norm_forward(x, out, mean, rstd, res, branch, w, b, N, C, 1e-5f, is_layernorm, 0);
@@ -118,13 +128,16 @@ int main(void) {
         float *db_or_null = is_layernorm ? db : NULL, *mean_or_null = is_layernorm ? mean : NULL;
         float bwd_split = time_ms([&] { norm_backward_split(dres, dres_bf16, dw, db_or_null, col, dout, x, w, mean_or_null, rstd, scratch, N, C, is_layernorm, 0); });
         float bwd_fused = time_ms([&] { norm_backward_fused(dres, dres_bf16, dw, db_or_null, col, dout, x, w, mean_or_null, rstd, scratch, N, C, is_layernorm, 0); });
+        float bwd_fused16 = time_ms([&] { norm_backward_fused(dres, dres_bf16, dw, db_or_null, col, dout_bf16, x, w, mean_or_null, rstd, scratch, N, C, is_layernorm, 0); });
         // bytes each must move: forward reads res (fp32) and branch, writes the sum and the output;
         // backward reads dout, the input and dres, writes dres and its bf16 copy
         double fwd_bytes = NC * (4 + 2 + 4 + 2), bwd_bytes = NC * (4 + 4 + 4 + 4 + 2);
         printf("time %s N=%d C=%d: residual+norm forward: warp per row %.3f ms (%.0f GB/s), registers %.3f ms (%.0f GB/s)\n",
                kind, N, C, fwd_warps, fwd_bytes / fwd_warps / 1e6, fwd_vec, fwd_bytes / fwd_vec / 1e6);
-        printf("time %s N=%d C=%d: backward with the dres column sums: split kernels %.3f ms (%.0f GB/s), fused kernel %.3f ms (%.0f GB/s)\n",
-               kind, N, C, bwd_split, bwd_bytes / bwd_split / 1e6, bwd_fused, bwd_bytes / bwd_fused / 1e6);
+        printf("time %s N=%d C=%d: backward with the dres column sums: split kernels %.3f ms (%.0f GB/s), fused kernel %.3f ms (%.0f GB/s), "
+               "fused with bf16 dout %.3f ms (%.0f GB/s)\n",
+               kind, N, C, bwd_split, bwd_bytes / bwd_split / 1e6, bwd_fused, bwd_bytes / bwd_fused / 1e6, bwd_fused16,
+               (bwd_bytes - 2.0 * NC) / bwd_fused16 / 1e6);
         // a decode step's norm: one row per sequence
         for (int rows : {64, 256}) {
             float warps = time_ms([&] { residual_norm_forward_warps(x, out, mean, rstd, res, branch, w, b, rows, C, 1e-5f, is_layernorm, 0); });
@@ -133,7 +146,7 @@ int main(void) {
             printf("time %s N=%d C=%d (decode): residual+norm forward, warp per row %.4f ms, registers %.4f ms, block per row %.4f ms\n",
                    kind, rows, C, warps, vec, blocks);
         }
-        void *ptrs[] = {res, x, mean, rstd, branch, w, b, out, dres_bf16, dout, dres, dw, db, col, scratch};
+        void *ptrs[] = {res, x, mean, rstd, branch, w, b, out, dres_bf16, dout, dout_bf16, dres, dw, db, col, scratch};
         for (void *p : ptrs) if (p) cudaCheck(cudaFree(p));
     }
     return harness_finish("layernorm");

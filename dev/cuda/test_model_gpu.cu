@@ -8,7 +8,9 @@
  *      and a Qwen2-style Llama (q/k/v biases, untied head). Every activation buffer is poisoned
  *      with NaN before each run, so an element a kernel leaves unwritten shows up as a failure.
  *   2. the fused training step (forward_backward, the classifier's gradient in the forward)
- *      against the CPU's forward + model_backward.
+ *      against the CPU's forward + model_backward; the same step on the second stream (bit for
+ *      bit), with the layers' norm-output gradients in fp32 instead of bf16, and with the
+ *      attention's warpgroup kernels where they apply.
  *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families: the GPU's
  *      losses must follow the CPU's step by step, the loss must fall, and the downloaded
  *      parameters moved as far as on the CPU (the updates compared, relative to their size).
@@ -166,6 +168,17 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
     snprintf(what, sizeof(what), "%s overlapped step other grads", label);
     printf("%s %-52s %zu of %zu differ from the one-stream step (must be 0)\n", differ ? "FAIL" : "PASS", what, differ,
            compared);
+
+    // the step with the layers' norm-output gradients in the other precision (dnorm_bf16: bf16 by
+    // default, fp32 here, or the reverse) against the CPU
+    gpu->dnorm_bf16 = !gpu->dnorm_bf16;
+    cuda_model_poison(gpu);
+    cuda_model_zero_grad(gpu);
+    cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+    cuda_model_copy_grads(gpu, overlapped.data());
+    snprintf(what, sizeof(what), "%s %s norm-output gradients step all grads", label, gpu->dnorm_bf16 ? "bf16" : "fp32");
+    compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
+    gpu->dnorm_bf16 = !gpu->dnorm_bf16;
 
     // the step with the attention's warpgroup (wgmma) kernels, where they apply, against the CPU:
     // the backward's invariant operands in registers (variant 1) or from shared memory (2)
