@@ -130,8 +130,9 @@ def test_pick_takes_the_8_wide_kernels_only_for_aligned_rows(emulator, tmp_path)
         assert np.array_equal(result(300, 303, PICKED, mode=mode), result(300, 303, SCALAR, mode=mode))
         assert np.array_equal(result(300, 304, PICKED, 1, mode), result(300, 304, SCALAR, 1, mode))
     # the comparisons above can tell the kernels apart: their sums round differently, which shows
-    # in the lse where it is small (a float's resolution at 10, a usual lse, hides it)
-    logits, targets, mask, weights = make_inputs(3, 50257, 50304, False, seed=11)
+    # in the lse where it is small (a float's resolution at 10, a usual lse, hides it), in some
+    # rows and not in others: 8 rows, so that some row shows it
+    logits, targets, mask, weights = make_inputs(8, 50257, 50304, False, seed=11)
     logits = to_bf16(logits - (oracle(logits, targets, mask, weights, 50257)[0][:, None] - 0.3))
     lse = [run_emulator(emulator, tmp_path, logits, targets, mask, weights, 50257, k, FORWARD)[1][0] for k in (SCALAR, VEC8)]
     assert not np.array_equal(lse[0], lse[1])
