@@ -355,15 +355,16 @@ static inline void matmul_forward(floatX *out, const floatX *inp, const floatX *
 
 // Backward of matmul_forward given dout (M, OC) bf16:
 //   dinp (M, IC)    = dout @ weight        written (not accumulated); fp32 when dinp_is_f32, else bf16
-//   dweight (OC, IC) += dout^T @ inp       fp32, accumulated
+//   dweight (OC, IC) += dout^T @ inp       fp32, accumulated (written, = instead of +=, when
+//                                          dweight_accumulate is 0)
 //   dbias (OC)      += column sums of dbias_source (M, OC) fp32 when given, else of dout
 // Any of dinp, dweight, dbias may be NULL. dbias_source lets the caller sum an fp32 copy of
 // dout (the residual-stream gradient) instead of its bf16 rounding.
 static inline void matmul_backward(void *dinp, int dinp_is_f32, float *dweight, float *dbias, const floatX *dout,
                                    const float *dbias_source, const floatX *inp, const floatX *weight, float *scratch,
-                                   int M, int IC, int OC, cudaStream_t stream) {
+                                   int M, int IC, int OC, cudaStream_t stream, int dweight_accumulate = 1) {
     if (dinp) matmul_cublaslt(dinp, dinp_is_f32, weight, dout, NULL, NULL, IC, M, OC, 0, 0, 0.0f, stream);
-    if (dweight) matmul_cublaslt(dweight, 1, inp, dout, NULL, NULL, IC, OC, M, 0, 1, 1.0f, stream);
+    if (dweight) matmul_cublaslt(dweight, 1, inp, dout, NULL, NULL, IC, OC, M, 0, 1, dweight_accumulate ? 1.0f : 0.0f, stream);
     if (dbias) {
         if (dbias_source) column_sums_add<float>(dbias, dbias_source, scratch, M, OC, stream);
         else column_sums_add<floatX>(dbias, dout, scratch, M, OC, stream);

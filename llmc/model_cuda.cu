@@ -100,6 +100,11 @@ typedef struct {
     floatX *params_bf16;    // bf16 copy read by the forward
     float *grads;           // fp32 gradients (num_parameters + 1: the last float carries the loss
                             // through the data-parallel all-reduce, one collective for both)
+    // zero_grad leaves the gradients of the layers' four weight matrices (grads_written_by_products)
+    // unwritten, for the next backward's products to write (= instead of +=: no memset of them,
+    // and no read of them in the products); whatever reads the gradients before such a backward
+    // zeroes them first (grads_settle)
+    int grads_unwritten;
     float *m, *v;           // AdamW moments: num_parameters, or shard_hi - shard_lo when sharded
     int sharded;            // ZeRO-1 (cuda_model_create_sharded): m, v cover [shard_lo, shard_hi)
     size_t shard_lo, shard_hi;
@@ -654,9 +659,38 @@ extern "C" void cuda_model_forward(CudaModel *model, const int *inputs, const in
 // ---------------------------------------------------------------------------------------------
 // backward
 
+// The tensors whose gradients only the products of a backward write: the layers' weight
+// matrices (the head's gets the encoder's adds too when tied, and no product when a backward
+// has no logits' gradient, so it is zeroed as the rest).
+static int grads_written_by_products(int tensor) {
+    return tensor == P_QKVW || tensor == P_ATTPROJW || tensor == P_FCW || tensor == P_FCPROJW;
+}
+// Zeroes the gradients of the tensors that the products write (products 1) or of the others
+// (0), one memset per run of adjacent ones.
+static void grads_zero(CudaModel *model, int products) {
+    Impl *d = impl_of(model);
+    size_t begin = 0, end = 0;   // the run being gathered
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        if (grads_written_by_products(t) != products || d->param_sizes[t] == 0) continue;
+        if (d->param_offsets[t] != end) {   // not adjacent: zero the run so far, start another
+            if (end > begin) cudaCheck(cudaMemsetAsync(d->grads + begin, 0, (end - begin) * sizeof(float), d->stream));
+            begin = d->param_offsets[t];
+        }
+        end = d->param_offsets[t] + d->param_sizes[t];
+    }
+    if (end > begin) cudaCheck(cudaMemsetAsync(d->grads + begin, 0, (end - begin) * sizeof(float), d->stream));
+}
 extern "C" void cuda_model_zero_grad(CudaModel *model) {
     Impl *d = impl_of(model);
-    cudaCheck(cudaMemsetAsync(d->grads, 0, model->num_parameters * sizeof(float), d->stream));
+    grads_zero(model, 0);
+    d->grads_unwritten = 1;
+}
+// Before the gradients are read: zero what zero_grad left for a backward that has not come.
+static void grads_settle(CudaModel *model) {
+    Impl *d = impl_of(model);
+    if (!d->grads_unwritten) return;
+    grads_zero(model, 1);
+    d->grads_unwritten = 0;
 }
 
 // dst (n) += src (n), fp32
@@ -670,26 +704,28 @@ __global__ void add_inplace_kernel(float *dst, const float *src, size_t n) {
 // on (main_wait) before it overwrites them. The products are the same calls as on the main
 // stream (same algorithms; the side stream has its own cuBLASLt workspace), so the gradients are
 // the same bit for bit.
-static void side_product(Impl *d, float *dweight, const floatX *dout, const floatX *inp, int M, int IC, int OC) {
+static void side_product(Impl *d, float *dweight, const floatX *dout, const floatX *inp, int M, int IC, int OC,
+                         int accumulate) {
     cudaCheck(cudaEventRecord(d->side_fork, d->stream));
     cudaCheck(cudaStreamWaitEvent(d->side, d->side_fork, 0));
-    matmul_backward(NULL, 0, dweight, NULL, dout, NULL, inp, NULL, NULL, M, IC, OC, d->side);
+    matmul_backward(NULL, 0, dweight, NULL, dout, NULL, inp, NULL, NULL, M, IC, OC, d->side, accumulate);
 }
 static void side_mark(Impl *d, cudaEvent_t read) { cudaCheck(cudaEventRecord(read, d->side)); }
 static void main_wait(Impl *d, cudaEvent_t read) { cudaCheck(cudaStreamWaitEvent(d->stream, read, 0)); }
 
 // One product's backward: dinp (and dbias) on the main stream, dweight there too or, with
 // overlap, on the side stream (then `read` marks when it has read dout). dinp_is_f32 etc. as
-// matmul_backward.
+// matmul_backward; accumulate 0 writes dweight instead of adding to it.
 static void product_backward(CudaModel *model, int overlap, cudaEvent_t read, void *dinp, int dinp_is_f32, float *dweight,
                              float *dbias, const floatX *dout, const float *dbias_source, const floatX *inp,
-                             const floatX *weight, int M, int IC, int OC) {
+                             const floatX *weight, int M, int IC, int OC, int accumulate = 1) {
     Impl *d = impl_of(model);
     if (!overlap) {
-        matmul_backward(dinp, dinp_is_f32, dweight, dbias, dout, dbias_source, inp, weight, d->column_scratch, M, IC, OC, d->stream);
+        matmul_backward(dinp, dinp_is_f32, dweight, dbias, dout, dbias_source, inp, weight, d->column_scratch, M, IC, OC, d->stream,
+                        accumulate);
         return;
     }
-    side_product(d, dweight, dout, inp, M, IC, OC);
+    side_product(d, dweight, dout, inp, M, IC, OC, accumulate);
     side_mark(d, read);
     matmul_backward(dinp, dinp_is_f32, NULL, dbias, dout, dbias_source, inp, weight, d->column_scratch, M, IC, OC, d->stream);
 }
@@ -734,6 +770,9 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     float *scratch = d->column_scratch;
     int head = head_tensor(c);
     int ov = model->overlap_weight_grads && !model->profile;
+    // the layers' weight matrices' gradients: written by their products when zero_grad left them
+    // unwritten (grads_unwritten), else added to
+    const int acc = !d->grads_unwritten;
     flash_set_config(&d->flash_config);
     matmul_tune = model->matmul_tune && N == model->max_B * model->max_T;
     int tuned_before = matmul_tune_count;
@@ -775,7 +814,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         int fused_dgelu = gpt2 && model->use_gelu_fusion &&
                           matmul_backward_dgelu(d->dfch, d->dresidual_bf16, weight_bf16(model, P_FCPROJW, l), fch, N, F, C, st);
         product_backward(model, ov, d->side_read_dres, fused_dgelu ? NULL : d->dfch_act, 0, weight_grad(model, P_FCPROJW, l),
-                         NULL, d->dresidual_bf16, NULL, fch_act, weight_bf16(model, P_FCPROJW, l), N, F, C);
+                         NULL, d->dresidual_bf16, NULL, fch_act, weight_bf16(model, P_FCPROJW, l), N, F, C, acc);
         prof_end(model);
         if (!fused_dgelu) {
             prof_begin(model, PROF_ACT_BWD);
@@ -785,7 +824,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         }
         prof_begin(model, PROF_MATMUL_BWD);
         product_backward(model, ov, d->side_read_dfch, layer_dnorm(model), !model->dnorm_bf16, weight_grad(model, P_FCW, l),
-                         weight_grad(model, P_FCB, l), d->dfch, NULL, ln2, weight_bf16(model, P_FCW, l), N, C, FC);
+                         weight_grad(model, P_FCB, l), d->dfch, NULL, ln2, weight_bf16(model, P_FCW, l), N, C, FC, acc);
         prof_end(model);
         prof_begin(model, PROF_NORM_BWD);
         if (ov) main_wait(d, d->side_read_dres);   // fcproj's dweight has read dresidual_bf16
@@ -798,7 +837,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         prof_begin(model, PROF_MATMUL_BWD);
         // (attproj's bias gradient came with the norm backward above)
         product_backward(model, ov, d->side_read_dres, d->datty, 0, weight_grad(model, P_ATTPROJW, l), NULL, d->dresidual_bf16,
-                         NULL, atty, weight_bf16(model, P_ATTPROJW, l), N, NH * HS, C);
+                         NULL, atty, weight_bf16(model, P_ATTPROJW, l), N, NH * HS, C, acc);
         prof_end(model);
         prof_begin(model, PROF_ATTENTION_BWD);
         if (ov) main_wait(d, d->side_read_dqkv);   // the side stream has read the last layer's dqkv
@@ -812,7 +851,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         }
         prof_begin(model, PROF_MATMUL_BWD);
         product_backward(model, ov, d->side_read_dqkv, layer_dnorm(model), !model->dnorm_bf16, weight_grad(model, P_QKVW, l),
-                         weight_grad(model, P_QKVB, l), d->dqkv, NULL, ln1, weight_bf16(model, P_QKVW, l), N, C, QKV);
+                         weight_grad(model, P_QKVB, l), d->dqkv, NULL, ln1, weight_bf16(model, P_QKVW, l), N, C, QKV, acc);
         prof_end(model);
         prof_begin(model, PROF_NORM_BWD);
         if (ov) main_wait(d, d->side_read_dres);   // attproj's dweight has read dresidual_bf16
@@ -829,6 +868,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     prof_begin(model, PROF_ENCODER_BWD);
     encoder_backward(weight_grad(model, P_WTE, 0), gpt2 ? weight_grad(model, P_WPE, 0) : NULL, d->dresidual, d->inputs, B, T, C, st);
     prof_end(model);
+    d->grads_unwritten = 0;
     matmul_tune = 0;
     if (matmul_tune_count != tuned_before) matmul_tune_describe(model->matmul_tuning, sizeof(model->matmul_tuning), d->matmul_tune_from);
 }
@@ -896,6 +936,7 @@ extern "C" void cuda_model_forward_backward(CudaModel *model, const int *inputs,
 
 extern "C" float cuda_model_grad_norm(CudaModel *model) {
     Impl *d = impl_of(model);
+    grads_settle(model);
     if (d->sharded) {
         // each rank holds the mean gradient on its shard only: the norm is the root of the sum
         // over ranks of the shards' squared norms
@@ -930,6 +971,7 @@ extern "C" void cuda_model_adamw_update(CudaModel *model, float lr, float beta1,
     int t = model->opt_step;
     float bias_correction1 = (float)(1.0 - pow((double)beta1, t));
     float bias_correction2 = (float)(1.0 - pow((double)beta2, t));
+    grads_settle(model);
     prof_begin(model, PROF_ADAMW);
     // each tensor's part inside [shard_lo, shard_hi) (all of it when unsharded), with the weight
     // decay of its tensor: a shard boundary inside a tensor changes nothing in the arithmetic
@@ -972,6 +1014,7 @@ extern "C" void cuda_model_download(CudaModel *model, Model *cpu) {
 
 extern "C" void cuda_model_copy_grads(CudaModel *model, float *dst) {
     Impl *d = impl_of(model);
+    grads_settle(model);
     cudaCheck(cudaStreamSynchronize(d->stream));
     cudaCheck(cudaMemcpy(dst, d->grads, model->num_parameters * sizeof(float), cudaMemcpyDeviceToHost));
 }
@@ -1035,12 +1078,14 @@ extern "C" void cuda_model_broadcast_params(CudaModel *model, int root) {
 extern "C" void cuda_model_sum_grads(CudaModel *model) {
     Impl *d = impl_of(model);
     if (d->sharded) fatal("cuda_model_sum_grads: the model's optimizer is sharded (use cuda_model_all_reduce_grads)");
+    grads_settle(model);
     comm_nccl_all_reduce_sum(d->grads, model->num_parameters, d->stream);
 }
 
 extern "C" void cuda_model_all_reduce_grads(CudaModel *model, float *loss) {
     Impl *d = impl_of(model);
     size_t P = model->num_parameters;
+    grads_settle(model);
     // the loss rides in the float after the gradient (grads holds num_parameters + 1)
     cudaCheck(cudaMemcpyAsync(d->grads + P, loss, sizeof(float), cudaMemcpyHostToDevice, d->stream));
     if (d->sharded) {

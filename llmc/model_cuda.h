@@ -100,6 +100,10 @@ void cuda_model_matmul_tuning_print(CudaModel *model, FILE *out);
 // As model_forward: inputs (B, T), targets (B, T) or NULL, loss_mask (B, T) or NULL.
 // Fills token_losses and mean_loss. B <= max_B, T <= max_T.
 void cuda_model_forward(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask, int B, int T);
+// Zeroes the gradients. The layers' weight matrices' are left for the next backward's products
+// to write rather than add to (neither a memset nor a read of them); anything that reads the
+// gradients before that backward (grad_norm, adamw_update, copy_grads, the collectives) zeroes
+// them first, so the gradients read as 0 either way.
 void cuda_model_zero_grad(CudaModel *model);
 // As model_backward_weighted: token_weights (B, T) or NULL, dhidden (B, T, C) or NULL; += grads.
 // Needs the last forward's activations (at most one backward per forward: the classifier writes

@@ -8,7 +8,8 @@
  *      and a Qwen2-style Llama (q/k/v biases, untied head). Every activation buffer is poisoned
  *      with NaN before each run, so an element a kernel leaves unwritten shows up as a failure.
  *   2. the fused training step (forward_backward, the classifier's gradient in the forward)
- *      against the CPU's forward + model_backward; the same step on the second stream (bit for
+ *      against the CPU's forward + model_backward; two steps after one zero_grad against twice
+ *      its gradients, and zero_grad alone against 0; the same step on the second stream (bit for
  *      bit), with the layers' norm-output gradients in fp32 instead of bf16, and with the
  *      attention's warpgroup kernels where they apply.
  *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families: the GPU's
@@ -138,6 +139,27 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
     cuda_model_copy_grads(gpu, grads.data());
     snprintf(what, sizeof(what), "%s fused step all grads", label);
     compare(what, grads.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
+
+    // zero_grad leaves the layers' weight matrices' gradients for the next backward's products to
+    // write: read at once, every gradient is 0; two steps after one zero_grad add up (the first
+    // writes them, the second adds) to twice the one step's gradients
+    {
+        std::vector<float> twice(cpu.num_parameters);
+        cuda_model_zero_grad(gpu);
+        cuda_model_copy_grads(gpu, twice.data());
+        size_t nonzero = 0;
+        for (float g : twice) nonzero += g != 0.0f;
+        if (nonzero) failures++;
+        snprintf(what, sizeof(what), "%s zero_grad, then the gradients read", label);
+        printf("%s %-52s %zu of %zu gradients not 0 (must be 0)\n", nonzero ? "FAIL" : "PASS", what, nonzero, twice.size());
+        cuda_model_zero_grad(gpu);
+        for (int k = 0; k < 2; k++) cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+        cuda_model_copy_grads(gpu, twice.data());
+        std::vector<float> doubled(grads);
+        for (float &g : doubled) g *= 2.0f;
+        snprintf(what, sizeof(what), "%s two steps after one zero_grad", label);
+        compare(what, twice.data(), doubled.data(), cpu.num_parameters, 1e-5);
+    }
 
     // the same step with the weight gradients' products on the second stream: the same products
     // in a different schedule, so every gradient is the same bit for bit, except the embeddings',
