@@ -291,6 +291,7 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     const char *dn = getenv("TRAIN_MORA_DNORM_BF16");
     if (dn != NULL && strcmp(dn, "0") != 0 && strcmp(dn, "1") != 0) fatal("TRAIN_MORA_DNORM_BF16=%s: expected 0 or 1", dn);
     model->dnorm_bf16 = dn == NULL || strcmp(dn, "1") == 0;
+    model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
     const char *mt = getenv("TRAIN_MORA_MATMUL_TUNE");
@@ -680,17 +681,18 @@ static void grads_zero(CudaModel *model, int products) {
     }
     if (end > begin) cudaCheck(cudaMemsetAsync(d->grads + begin, 0, (end - begin) * sizeof(float), d->stream));
 }
-extern "C" void cuda_model_zero_grad(CudaModel *model) {
-    Impl *d = impl_of(model);
-    grads_zero(model, 0);
-    d->grads_unwritten = 1;
-}
 // Before the gradients are read: zero what zero_grad left for a backward that has not come.
 static void grads_settle(CudaModel *model) {
     Impl *d = impl_of(model);
     if (!d->grads_unwritten) return;
     grads_zero(model, 1);
     d->grads_unwritten = 0;
+}
+extern "C" void cuda_model_zero_grad(CudaModel *model) {
+    Impl *d = impl_of(model);
+    grads_zero(model, 0);
+    d->grads_unwritten = 1;
+    if (!model->grads_first_write) grads_settle(model);
 }
 
 // dst (n) += src (n), fp32

@@ -51,6 +51,10 @@ typedef struct CudaModel {
     // norm backward (16 instead of 18). 0: fp32 (TRAIN_MORA_DNORM_BF16=0 at creation). The final
     // norm's (the classifier's) stays fp32.
     int dnorm_bf16;
+    // 1 (default): zero_grad leaves the layers' weight matrices' gradients for the next
+    // backward's products to write (cuda_model_zero_grad); 0: it zeroes every gradient and every
+    // backward adds to them (bench_train times both)
+    int grads_first_write;
     // The flash attention's launch configuration is tuned on the first forward, for its shape:
     // the fastest of those whose results equal the defaults' bit for bit (attention_flash_tune in
     // attention_flash.cuh), so the choice never changes the numbers. TRAIN_MORA_FLASH_TUNE=0

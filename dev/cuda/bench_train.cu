@@ -6,7 +6,9 @@
  * per-kernel-group time table from a profiled run (CUDA events around each launch group). The
  * same run times the step with the weight gradients on the other schedule (one stream, or a
  * second stream under TRAIN_MORA_OVERLAP_GRADS=0), with the layers' norm-output gradients in the
- * other precision (fp32, or bf16 under TRAIN_MORA_DNORM_BF16=0), and with the flash
+ * other precision (fp32, or bf16 under TRAIN_MORA_DNORM_BF16=0), with zero_grad zeroing every
+ * gradient for the products to add to (instead of the first backward's products writing the
+ * weight matrices' gradients), and with the flash
  * attention in its default configuration instead of the one tuned on the first forward, and
  * with every product in cuBLASLt's first-choice algorithm instead of the tuned one, and with the
  * attention's warpgroup (wgmma) kernels where they apply, and prints both tunings' choices. Figures only: not a test.
@@ -69,6 +71,11 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     step();
     double other_dnorm = median_step();
     gpu->dnorm_bf16 = dnorm_bf16;
+    // every gradient zeroed by zero_grad and added to by the products (grads_first_write 0)
+    gpu->grads_first_write = 0;
+    step();
+    double all_zeroed = median_step();
+    gpu->grads_first_write = 1;
     // the flash attention in the defaults' configuration instead of the tuned one, timed beside
     cuda_model_attention_config(gpu, 0);
     step();
@@ -100,6 +107,8 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
            overlap ? "on the main stream (one stream)" : "on a second stream", other_schedule * 1e3, N / other_schedule);
     printf("  with the layers' norm-output gradients in %s: %.2f ms/step, %.0f tok/s\n", dnorm_bf16 ? "fp32" : "bf16",
            other_dnorm * 1e3, N / other_dnorm);
+    printf("  with every gradient zeroed and the weight matrices' products adding to them: %.2f ms/step, %.0f tok/s\n",
+           all_zeroed * 1e3, N / all_zeroed);
     printf("  attention: %s\n", gpu->attention_tuning);
     printf("  with the attention's default configuration: %.2f ms/step, %.0f tok/s\n", untuned * 1e3, N / untuned);
     if (wgmma[1] > 0.0)
