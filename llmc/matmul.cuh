@@ -97,7 +97,7 @@ static inline uint32_t pointer_alignment(const void *p) {
 // remembers the fastest for the shape. Later products of the shape run it. Not while the stream
 // is being captured into a graph. With beta != 0 the output is an input too: it is saved first
 // and put back before each checked run and before the product itself.
-#define MATMUL_TUNE_MAX 64
+#define MATMUL_TUNE_MAX 128   // shapes tuned per file that includes this header (a rollout engine tunes 5 a row count)
 typedef struct {
     // the shape, as matmul_cublaslt_try takes it, and the operands' alignments
     int m, n, k, trans_a, trans_b, d_is_f32, epilogue, has_bias, accumulate;
