@@ -67,7 +67,7 @@ namespace {
 }
 
 #define ROLLOUT_PREFILL_ROWS 16384   // rows of the activation buffers (prefill chunks use them all)
-#define ROLLOUT_MAX_GRAPHS 32
+#define ROLLOUT_MAX_GRAPHS 64   // captured shapes: rows x steps a launch x sampling kind
 #define ROLLOUT_MAX_BLOCKS 64
 #define ROLLOUT_PROFILE_EVENTS 1024  // events a profiled decode step records, at most
 #define ROLLOUT_BRANCH_MIN_ROWS 4    // rows of a decode step's group, at least (options.branches)
