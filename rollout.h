@@ -93,6 +93,9 @@ typedef struct {
     // rows shrink a few steps later, and a step at another row count may round its products
     // otherwise (cuBLASLt's choice per shape). Ignored (1) with pipeline or profile.
     int steps_per_graph;
+    // 1: the decode attention requests every load of its first iteration before using any
+    // (decode_attention.cuh's early-loads variant: the same bits, more registers). 0 (default).
+    int attention_early_loads;
 } RolloutOptions;
 
 #define ROLLOUT_MAX_BRANCHES 4

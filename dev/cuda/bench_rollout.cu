@@ -7,8 +7,9 @@
  * B = 64 also runs with the engine's variants (decode_matmul, programmatic launches, both,
  * pipelined steps, all three, cuBLASLt's first choices instead of the tuned products, the rows
  * in 2 and in 4 chains side by side, 2 chains pipelined, 4 and 8 steps a graph launch, 2 and 4
- * chains with 4 steps a launch), and B = 256 with programmatic launches, untuned products, 2 and
- * 4 chains, 4 steps a launch, and 2 chains with 4 steps; and once more with the decode step profiled
+ * chains with 4 steps a launch, the attention's early loads, and those with 2 chains and 4 steps),
+ * and B = 256 with programmatic launches, untuned products, 2 and 4 chains, 4 steps a launch, 2
+ * chains with 4 steps, and early loads; and once more with the decode step profiled
  * (RolloutOptions.profile: CUDA events between the kernel groups inside the captured graph),
  * which prints the step's time by kernel group, with cuBLASLt's products and with
  * decode_matmul's. At the end, the tuned product shapes with their times. Figures only: not a test.
@@ -33,7 +34,7 @@ extern "C" {
 // Engine variants beside the defaults (RolloutOptions): the decode step's products through
 // decode_matmul.cuh instead of cuBLASLt, and programmatic edges between its kernels.
 enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2, VARIANT_PIPELINE = 4, VARIANT_PROFILE = 8, VARIANT_UNTUNED = 16,
-       VARIANT_BRANCHES2 = 32, VARIANT_BRANCHES4 = 64, VARIANT_STEPS4 = 128, VARIANT_STEPS8 = 256 };
+       VARIANT_BRANCHES2 = 32, VARIANT_BRANCHES4 = 64, VARIANT_STEPS4 = 128, VARIANT_STEPS8 = 256, VARIANT_EARLY = 512 };
 static const char *variant_name(int sets, int variant) {
     if (sets) return "T=1 top-k 50 top-p 0.9";
     switch (variant) {
@@ -52,6 +53,8 @@ static const char *variant_name(int sets, int variant) {
     case VARIANT_STEPS8: return "T=1 8 steps a graph  ";
     case VARIANT_BRANCHES2 | VARIANT_STEPS4: return "T=1 2 branches, 4 st ";
     case VARIANT_BRANCHES4 | VARIANT_STEPS4: return "T=1 4 branches, 4 st ";
+    case VARIANT_EARLY: return "T=1 early loads      ";
+    case VARIANT_EARLY | VARIANT_BRANCHES2 | VARIANT_STEPS4: return "T=1 early, 2 br, 4 st";
     default: return "T=1                  ";
     }
 }
@@ -97,6 +100,7 @@ static double bench(BenchModel &m, int B, int prompt_len, int new_tokens, int ca
     options.tune_products = (variant & VARIANT_UNTUNED) == 0;
     options.branches = (variant & VARIANT_BRANCHES4) ? 4 : (variant & VARIANT_BRANCHES2) ? 2 : 1;
     options.steps_per_graph = (variant & VARIANT_STEPS8) ? 8 : (variant & VARIANT_STEPS4) ? 4 : 1;
+    options.attention_early_loads = (variant & VARIANT_EARLY) != 0;
     rollout_set_options(engine, &options);
     std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
     std::vector<const int *> ptrs(B);
@@ -195,6 +199,8 @@ int main(int argc, char **argv) {
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_STEPS8);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES2 | VARIANT_STEPS4);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES4 | VARIANT_STEPS4);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_EARLY);
+        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_EARLY | VARIANT_BRANCHES2 | VARIANT_STEPS4);
         bench(m, 64, 64, 128, calls, 0, 1);
         bench(m, 256, 64, 128, calls, 0, 0);
         bench(m, 256, 64, 128, calls, 0, 0, VARIANT_PDL);
@@ -203,6 +209,7 @@ int main(int argc, char **argv) {
         bench(m, 256, 64, 128, calls, 0, 0, VARIANT_BRANCHES4);
         bench(m, 256, 64, 128, calls, 0, 0, VARIANT_STEPS4);
         bench(m, 256, 64, 128, calls, 0, 0, VARIANT_BRANCHES2 | VARIANT_STEPS4);
+        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_EARLY);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL, plain_dm);
     }

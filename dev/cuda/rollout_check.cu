@@ -14,7 +14,8 @@
  *       first choices give the tuned products' results bit for bit (tune_products); the rows in
  *       two chains (branches) give the CPU's tokens, in turn and pipelined; 4 steps a graph launch
  *       (steps_per_graph) give one step's results bit for bit without stops, and 4 and 8 the
- *       CPU's tokens with stops inside a launch
+ *       CPU's tokens with stops inside a launch; the attention's early loads give the default's
+ *       results bit for bit
  *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
  *     - sampled first-token frequencies (4096 sequences of one prompt) match the softmax at the
  *       temperature, with and without top-k, of the logits the sampler read (which must match
@@ -99,7 +100,7 @@ static std::vector<float> cpu_next_logits(Model *m, const std::vector<int> &prom
 // The engine's variants on top of the defaults (poisoned buffers), then one generate call.
 static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipeline, const Prompts &pr,
                           const GenerateParams &p, GenerateResult *out, int profile = 0, int branches = 1, int tune = 1,
-                          int steps = 1) {
+                          int steps = 1, int early = 0) {
     RolloutOptions opt = rollout_default_options();
     opt.poison = 1;
     opt.decode_matmul = decode_matmul;
@@ -109,6 +110,7 @@ static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipe
     opt.branches = branches;
     opt.tune_products = tune;
     opt.steps_per_graph = steps;
+    opt.attention_early_loads = early;
     rollout_set_options(e, &opt);
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, out);
 }
@@ -409,6 +411,15 @@ static void check_tiny(const char *preset) {
         generate_result_free(&plain); generate_result_free(&st4); generate_result_free(&plain_t1);
         generate_result_free(&st4_t1); generate_result_free(&st4_stops); generate_result_free(&st8_stops);
         generate_result_free(&br_st4);
+    }
+    // the decode attention's early-loads variant (RolloutOptions.attention_early_loads): the same
+    // loads requested earlier, the same sums, so the same tokens and log-probs bit for bit
+    {
+        GenerateResult early;
+        generate_with(e, 0, 0, 0, pr, p, &early, 0, 1, 1, 1, 1);
+        snprintf(label, sizeof(label), "%s early-loads attention vs default", preset);
+        compare_gpu_runs(label, fast, early, 1);
+        generate_result_free(&early);
     }
     generate_result_free(&dm);
 
