@@ -644,6 +644,7 @@ extern "C" int cuda_model_attention_wgmma(CudaModel *model, int variant) {
 }
 
 extern "C" void cuda_model_matmul_config(int tuned) { matmul_tune_use = tuned != 0; }
+extern "C" void cuda_model_attention_eager_rescale(int eager) { flash_forward_max_slack = eager ? 0.0f : FLASH_MAX_SLACK; }
 extern "C" void cuda_model_matmul_tuning_print(CudaModel *model, FILE *out) { matmul_tune_print(out, impl_of(model)->matmul_tune_from); }
 
 extern "C" void cuda_model_attention_config(CudaModel *model, int tuned) {

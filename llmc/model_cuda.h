@@ -98,6 +98,10 @@ int cuda_model_attention_wgmma(CudaModel *model, int variant);
 // 1 runs the products in their tuned algorithms (the default), 0 in cuBLASLt's first choices, for
 // every CUDA model of the process (the tuned choices are kept per shape, not per model).
 void cuda_model_matmul_config(int tuned);
+// 1: the flash forward's softmax reference is a row's running max itself, rescaled at every move
+// (flash_forward_max_slack 0, as before the reference could trail the max); 0 (default): it
+// trails by up to FLASH_MAX_SLACK. For bench_train's comparison; every CUDA model of the process.
+void cuda_model_attention_eager_rescale(int eager);
 // The product shapes tuned since the model was created, a line each, to out.
 void cuda_model_matmul_tuning_print(CudaModel *model, FILE *out);
 

@@ -29,7 +29,8 @@
  *          the dK/dV pass's K and V fragments held in registers; HS 64), wg (bits 0, 1, 2: the
  *          forward, the dQ pass, the dK/dV pass with warpgroup products; bits 3, 4: the dQ and
  *          dK/dV passes with warpgroup products reading every operand from shared memory; HS
- *          64, one row tile each); then float32 qkv (B, T, QKV),
+ *          64, one row tile each), eager (1: the forward's softmax reference is the running max,
+ *          flash_forward_max_slack 0); then float32 qkv (B, T, QKV),
  *          dout (B, T, NH*HS), all values representable in bf16
  *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV)
  */
@@ -222,11 +223,11 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *q
     if constexpr (wg_ok) {
         if (wg & 1)
             launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, 1, 1>(),
-                   [=] { flash_attention_forward_kernel<HS, 1, 0, 1>(out, lse, qkv, T, NH, NKV, lpt); });
+                   [=] { flash_attention_forward_kernel<HS, 1, 0, 1>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack); });
     }
     if (!wg_ok || !(wg & 1))
         launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, RW>(),
-               [=] { flash_attention_forward_kernel<HS, RW>(out, lse, qkv, T, NH, NKV, lpt); });
+               [=] { flash_attention_forward_kernel<HS, RW>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack); });
     size_t threads_pre = (size_t)B * T * NH * (HS / 8);
     launch(Dim3{(unsigned)((threads_pre + 255) / 256), 1, 1}, 256, 0,
            [=] { flash_attention_backward_preprocess_kernel<HS>(D, dout, out, B, T, NH); });
@@ -273,10 +274,11 @@ int main(int argc, char **argv) {
     copies_land_early = strcmp(argv[3], "early") == 0;
     FILE *f = fopen(argv[1], "rb");
     if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
-    int32_t dims[11];
-    if (fread(dims, sizeof(int32_t), 11, f) != 11) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int32_t dims[12];
+    if (fread(dims, sizeof(int32_t), 12, f) != 12) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int B = dims[0], T = dims[1], NH = dims[2], NKV = dims[3], HS = dims[4], RW = dims[5], DQ_RW = dims[6], lpt = dims[7];
     int qreg = dims[8], kvreg = dims[9], wg = dims[10];
+    if (dims[11]) flash_forward_max_slack = 0.0f;
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
         (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64) ||
         ((qreg || kvreg) && HS != 64) || (qreg && DQ_RW != 1) || wg < 0 || wg > 31 || (wg & 10) == 10 || (wg & 20) == 20 ||

@@ -7,7 +7,8 @@
  *     barriers of the block or the warp (a barrier that can never be passed is reported);
  *     threads run in index order up to their next barrier, or in reverse order with
  *     threads_in_reverse set, so that a missing barrier shows in one order or the other;
- *   - __shfl_xor_sync exchanges values through a warp-wide barrier, and __syncwarp is one;
+ *   - __shfl_xor_sync exchanges values through a warp-wide barrier, as __any_sync does its votes,
+ *     and __syncwarp is one;
  *   - dynamic shared memory (smem) starts as NaN for every block; with EMU_STATIC_SHARED defined,
  *     so does the range emu_shared_begin..emu_shared_end, where the includer's linker script
  *     gathers the kernels' static __shared__ arrays, so a read of an element nothing wrote shows
@@ -189,6 +190,18 @@ static inline WarpExchange &my_warp() { return exchange[current_thread / 32]; }
 static inline void __syncwarp(unsigned mask = 0xffffffffu) {
     if (mask != 0xffffffffu) emu_fail("only full-warp __syncwarp is emulated");
     warp_barrier();
+}
+
+// 1 on every lane when the predicate holds on some lane
+static inline int __any_sync(unsigned mask, int predicate) {
+    if (mask != 0xffffffffu) emu_fail("only full-warp votes are emulated");
+    WarpExchange &x = my_warp();
+    x.u[lane_id()][7] = predicate != 0;
+    warp_barrier();
+    int any = 0;
+    for (int l = 0; l < 32; l++) any |= x.u[l][7] != 0;
+    warp_barrier();
+    return any;
 }
 
 static inline float __shfl_xor_sync(unsigned mask, float v, int offset) {

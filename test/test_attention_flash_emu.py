@@ -85,13 +85,14 @@ SHAPES = [  # B, T, NH, NKV, HS, input scale, row tiles per warp of the forward 
 ]
 
 
-def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0, wg=0):
+def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0, wg=0, eager=0):
     """inputs qkv, dout and the emulated out, lse, dqkv for one shape; the inputs do not depend on
     the dQ pass's row tiles, the grid order (lpt 1: heads, batch, tiles; 0: tiles, heads, batch) or
     forward_rw, which runs the forward with other row tiles than the shape's, or qreg / kvreg (the
     dQ pass's Q and dO, the dK/dV pass's K and V fragments held in registers), or wg (bits 0, 1, 2:
     the forward, the dQ pass, the dK/dV pass with warpgroup products; bits 3, 4: the dQ and dK/dV
-    passes with warpgroup products reading every operand from shared memory)"""
+    passes with warpgroup products reading every operand from shared memory), or eager (1: the
+    forward's softmax reference is the running max itself, rescaled at every move)"""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     QKV = (NH + 2 * NKV) * HS
     rng = np.random.default_rng(hash(shape[:7]) % 2**32)
@@ -99,7 +100,7 @@ def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg
     dout = to_bf16(rng.standard_normal((B, T, NH * HS)))
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt, qreg, kvreg, wg],
+        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt, qreg, kvreg, wg, eager],
                  np.int32).tofile(f)
         qkv.tofile(f)
         dout.tofile(f)
@@ -168,6 +169,19 @@ def test_flash_forward_row_tiles_identical(emulator, tmp_path, shape):
     for name, a, b in zip(("out", "lse"), runs[0], runs[1]):
         differ = int(np.count_nonzero(a.view(np.uint32) != b.view(np.uint32)))
         assert differ == 0, f"{name}: {differ} of {a.size} elements differ between one and two row tiles"
+
+
+@pytest.mark.parametrize("shape", [(1, 200, 3, 1, 64, 4.0, 1, 1), (1, 150, 2, 2, 128, 4.0, 1, 1), (2, 256, 2, 2, 64, 4.0, 2, 1)],
+                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s)
+def test_flash_forward_eager_rescale(emulator, tmp_path, shape):
+    """The forward with its softmax reference the running max itself (flash_forward_max_slack 0,
+    rescaled at every move, what bench_train times the default against): the oracle's output and
+    lse too, on sharp softmaxes where the max moves often."""
+    B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
+    qkv, dout, out, lse, _ = run_emulator(emulator, tmp_path, shape, "late", eager=1)
+    ref_out, ref_lse, _ = oracle(qkv, dout, NH, NKV, HS)
+    assert rel_err(out, ref_out) < 5e-3
+    assert np.abs(lse - ref_lse).max() < 1e-4 * max(1.0, np.abs(ref_lse).max())
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 2, 2, 64, 1.0, 1, 1), (1, 200, 3, 1, 64, 4.0, 1, 1), (1, 130, 4, 2, 64, 1.0, 1, 2)],

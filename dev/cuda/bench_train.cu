@@ -8,7 +8,8 @@
  * second stream under TRAIN_MORA_OVERLAP_GRADS=0), with the layers' norm-output gradients in the
  * other precision (fp32, or bf16 under TRAIN_MORA_DNORM_BF16=0), with zero_grad zeroing every
  * gradient for the products to add to (instead of the first backward's products writing the
- * weight matrices' gradients), and with the flash
+ * weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
+ * max (instead of a reference that trails it), and with the flash
  * attention in its default configuration instead of the one tuned on the first forward, and
  * with every product in cuBLASLt's first-choice algorithm instead of the tuned one, and with the
  * attention's warpgroup (wgmma) kernels where they apply, and prints both tunings' choices. Figures only: not a test.
@@ -76,6 +77,11 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     step();
     double all_zeroed = median_step();
     gpu->grads_first_write = 1;
+    // the flash forward's softmax reference following each row's max (rescaled at every move)
+    cuda_model_attention_eager_rescale(1);
+    step();
+    double eager_rescale = median_step();
+    cuda_model_attention_eager_rescale(0);
     // the flash attention in the defaults' configuration instead of the tuned one, timed beside
     cuda_model_attention_config(gpu, 0);
     step();
@@ -109,6 +115,8 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
            other_dnorm * 1e3, N / other_dnorm);
     printf("  with every gradient zeroed and the weight matrices' products adding to them: %.2f ms/step, %.0f tok/s\n",
            all_zeroed * 1e3, N / all_zeroed);
+    printf("  with the attention forward's softmax rescaled at every move of a row's max: %.2f ms/step, %.0f tok/s\n",
+           eager_rescale * 1e3, N / eager_rescale);
     printf("  attention: %s\n", gpu->attention_tuning);
     printf("  with the attention's default configuration: %.2f ms/step, %.0f tok/s\n", untuned * 1e3, N / untuned);
     if (wgmma[1] > 0.0)
