@@ -153,7 +153,7 @@ run rollout_kernels 90
 run rollout_check 150
 echo "== benchmark"
 run bench_train 150
-run bench_rollout 150
+run bench_rollout 240
 
 # the data-parallel path and the MORA loop on the GPU
 pretrain_nccl_check

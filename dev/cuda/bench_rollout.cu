@@ -4,15 +4,15 @@
  * SmolLM2-135M shape with random weights, at B = 64 and B = 256. Prints generated tokens per
  * second over the whole call (prefill + decode), and prefill and decode separately; the median
  * of the timed calls after a warm-up call (module load, cuBLASLt heuristics and tuning, graph captures).
- * B = 64 also runs with the engine's variants (decode_matmul, programmatic launches, both,
- * pipelined steps, all three, cuBLASLt's first choices instead of the tuned products, the rows
- * in 2 and in 4 chains side by side, 2 chains pipelined, 4 and 8 steps a graph launch, 2 and 4
- * chains with 4 steps a launch, the attention's early loads, and those with 2 chains and 4 steps),
- * and B = 256 with programmatic launches, untuned products, 2 and 4 chains, 4 steps a launch, 2
- * chains with 4 steps, and early loads; and once more with the decode step profiled
- * (RolloutOptions.profile: CUDA events between the kernel groups inside the captured graph),
- * which prints the step's time by kernel group, with cuBLASLt's products and with
- * decode_matmul's. At the end, the tuned product shapes with their times. Figures only: not a test.
+ * B = 64 also runs with the engine's variants: first those not yet measured on a GPU (cuBLASLt's
+ * first choices instead of the tuned products, the rows in 2 and in 4 chains side by side, 4 and
+ * 8 steps a graph launch, 2 and 4 chains with 4 steps, the attention's early loads, those with 2
+ * chains and 4 steps, 2 chains pipelined), then top-k/top-p; B = 256 with the defaults and untuned
+ * products, 2 and 4 chains, 4 steps, 2 chains with 4 steps and early loads; then the variants
+ * measured before (decode_matmul, programmatic launches, pipelined steps); and once more with the
+ * decode step profiled (RolloutOptions.profile: CUDA events between the kernel groups inside the
+ * captured graph), which prints the step's time by kernel group. At the end, the tuned product
+ * shapes with their times. Figures only: not a test.
  *   build/cuda/dev/bench_rollout [calls]
  *   build/cuda/dev/bench_rollout CALLS PRESET B [profile]   one setting only (B prompts,
  *                                                           temperature 1), and its profiles
@@ -182,36 +182,23 @@ int main(int argc, char **argv) {
     }
     const char *presets[2] = {"gpt2:d12", "llama:smollm2-135m"};
     const double targets[2] = {100e3, 60e3};
+    // per model: the defaults, then the variants that have not run on a GPU yet (so that a run
+    // stopped by a time limit has them first), then those measured before, then the profile
+    const int fresh64[] = {VARIANT_UNTUNED, VARIANT_BRANCHES2, VARIANT_BRANCHES4, VARIANT_STEPS4, VARIANT_STEPS8,
+                           VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_BRANCHES4 | VARIANT_STEPS4, VARIANT_EARLY,
+                           VARIANT_EARLY | VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_BRANCHES2 | VARIANT_PIPELINE};
+    const int fresh256[] = {VARIANT_UNTUNED, VARIANT_BRANCHES2, VARIANT_BRANCHES4, VARIANT_STEPS4,
+                            VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_EARLY};
+    const int measured64[] = {VARIANT_DECODE_MATMUL, VARIANT_PDL, VARIANT_PIPELINE};
     for (int k = 0; k < 2; k++) {
         BenchModel m(presets[k]);
-        double plain = bench(m, 64, 64, 128, calls, targets[k], 0), plain_dm = 0.0;
-        for (int variant = 1; variant <= (VARIANT_DECODE_MATMUL | VARIANT_PDL); variant++) {
-            double step = bench(m, 64, 64, 128, calls, 0, 0, variant);
-            if (variant == VARIANT_DECODE_MATMUL) plain_dm = step;
-        }
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PIPELINE);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_DECODE_MATMUL | VARIANT_PDL | VARIANT_PIPELINE);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_UNTUNED);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES2);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES4);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES2 | VARIANT_PIPELINE);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_STEPS4);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_STEPS8);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES2 | VARIANT_STEPS4);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_BRANCHES4 | VARIANT_STEPS4);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_EARLY);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_EARLY | VARIANT_BRANCHES2 | VARIANT_STEPS4);
+        double plain = bench(m, 64, 64, 128, calls, targets[k], 0);
+        for (int v : fresh64) bench(m, 64, 64, 128, calls, 0, 0, v);
         bench(m, 64, 64, 128, calls, 0, 1);
         bench(m, 256, 64, 128, calls, 0, 0);
-        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_PDL);
-        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_UNTUNED);
-        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_BRANCHES2);
-        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_BRANCHES4);
-        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_STEPS4);
-        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_BRANCHES2 | VARIANT_STEPS4);
-        bench(m, 256, 64, 128, calls, 0, 0, VARIANT_EARLY);
+        for (int v : fresh256) bench(m, 256, 64, 128, calls, 0, 0, v);
+        for (int v : measured64) bench(m, 64, 64, 128, calls, 0, 0, v);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
-        bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_DECODE_MATMUL, plain_dm);
     }
     printf("The decode products' cuBLASLt tuning, both models, every batch size:\n");
     rollout_tuning_print(stdout);
