@@ -1255,12 +1255,6 @@ static void decode_in_turn(RolloutEngine *e, const GenerateParams *p, GenerateRe
         fetch_result(e, steps, "decode");   // synchronises
         profile_add(e);
         e->stats.decode_steps += steps;
-        if (steps == 1) {
-            int still = accept_step(p, res, text, active, n_active, e->h_result.token, e->h_result.logprob);
-            if (still != n_active) rebuild = 1;
-            n_active = still;
-            continue;
-        }
         memcpy(row_seq, active, sizeof(int) * n_active);
         int still = n_active;
         for (int i = 0; i < steps && still > 0; i++) {
