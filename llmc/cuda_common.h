@@ -2,9 +2,9 @@
  * Common pieces of the CUDA backend: error checking for every CUDA and cuBLAS call, the bf16
  * storage type, warp and block reductions, and small launch helpers.
  *
- * Precision (see model_cuda.cu): weights and activations are stored in bf16 (floatX), every
- * sum is accumulated in fp32, master weights, AdamW moments, parameter gradients and the
- * residual stream are fp32.
+ * Precision (see model_cuda.cu): weights and activations (the residual stream by default) are
+ * stored in bf16 (floatX), every sum is accumulated in fp32, master weights, AdamW moments and
+ * parameter gradients are fp32.
  */
 #ifndef LLMC_CUDA_COMMON_H
 #define LLMC_CUDA_COMMON_H
@@ -65,6 +65,8 @@ __device__ __forceinline__ float to_float(floatX x) { return __bfloat162float(x)
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ floatX from_float<floatX>(float x) { return __float2bfloat16(x); }
+// x as it reads back after a store in T (bf16: rounded to nearest even; fp32: unchanged)
+template <typename T> __device__ __forceinline__ float stored_as(float x) { return to_float(from_float<T>(x)); }
 
 // ---------------------------------------------------------------------------------------------
 // reductions

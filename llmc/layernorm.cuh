@@ -3,8 +3,12 @@
  * precedes every norm in the model, and backward. CPU reference: layernorm_* / rmsnorm_* and
  * residual_forward in ops_cpu.c.
  *
- * Layout: the residual stream is fp32 (N, C); the norm output is bf16 (N, C) because it only
- * feeds a matrix product; mean and rstd are fp32 (N). One warp normalises one row, holding the
+ * Layout: the residual stream (N, C) is fp32 or bf16 (TR, a template parameter: the model picks,
+ * model_cuda.cu); the norm output is bf16 (N, C) because it only feeds a matrix product; mean and
+ * rstd are fp32 (N). With a bf16 stream the sum x = residual + branch is rounded to bf16 before
+ * the norm's statistics, so the output is the norm of exactly the x that is stored (and that the
+ * backward reads); the backward's residual gradient is then bf16 as well, rounded once per row
+ * element after the add, and the column sums add the rounded values. One warp normalises one row, holding the
  * row in registers (read with vector loads) for rows up to NORM_VEC_MAX_WIDTH wide; wider rows
  * take a warp kernel that re-reads the row through L1; for few rows (the decode step) one block
  * normalises one row from registers.
@@ -30,8 +34,9 @@
 //   LayerNorm (bias != NULL or is_layernorm): out = (x - mean) * rstd * weight + bias
 //   RMSNorm  (is_layernorm == 0):            out = x * rstd * weight
 // mean (N) is written for LayerNorm only (may be NULL for RMSNorm); rstd (N) always.
-__global__ void residual_norm_forward_kernel(float *res_out, floatX *out, float *mean, float *rstd,
-                                             const float *res_in, const floatX *branch,
+template <typename TR>
+__global__ void residual_norm_forward_kernel(TR *res_out, floatX *out, float *mean, float *rstd,
+                                             const TR *res_in, const floatX *branch,
                                              const floatX *weight, const floatX *bias,
                                              int N, int C, float eps, int is_layernorm) {
     griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
@@ -40,27 +45,27 @@ __global__ void residual_norm_forward_kernel(float *res_out, floatX *out, float 
     int n = blockIdx.x * warps_per_block + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (n >= N) return;
-    const float *x_in = res_in + (size_t)n * C;
-    const float *x = x_in;
+    const TR *x_in = res_in + (size_t)n * C;
+    const TR *x = x_in;
     if (branch) {
         const floatX *br = branch + (size_t)n * C;
-        float *x_out = res_out + (size_t)n * C;
-        for (int c = lane; c < C; c += 32) x_out[c] = x_in[c] + to_float(br[c]);
+        TR *x_out = res_out + (size_t)n * C;
+        for (int c = lane; c < C; c += 32) x_out[c] = from_float<TR>(to_float(x_in[c]) + to_float(br[c]));
         __syncwarp();   // the lanes read each other's writes of x below
         x = x_out;
     }
     float m = 0.0f;
     if (is_layernorm) {
         float sum = 0.0f;
-        for (int c = lane; c < C; c += 32) sum += x[c];
+        for (int c = lane; c < C; c += 32) sum += to_float(x[c]);
         m = warp_sum(sum) / C;
     }
     float sq = 0.0f;
-    for (int c = lane; c < C; c += 32) { float d = x[c] - m; sq += d * d; }
+    for (int c = lane; c < C; c += 32) { float d = to_float(x[c]) - m; sq += d * d; }
     float s = rsqrtf(warp_sum(sq) / C + eps);
     floatX *y = out + (size_t)n * C;
     for (int c = lane; c < C; c += 32) {
-        float v = (x[c] - m) * s * to_float(weight[c]);
+        float v = (to_float(x[c]) - m) * s * to_float(weight[c]);
         if (bias) v += to_float(bias[c]);
         y[c] = __float2bfloat16(v);
     }
@@ -76,9 +81,9 @@ __global__ void residual_norm_forward_kernel(float *res_out, floatX *out, float 
 // from registers. Needs C % VEC == 0, C <= NORM_VEC_MAX_WIDTH and rows aligned to the vectors.
 #define NORM_VEC_MAX_PER_LANE 32
 #define NORM_VEC_MAX_WIDTH (32 * NORM_VEC_MAX_PER_LANE)
-template <int VEC>
+template <int VEC, typename TR>
 __global__ void __launch_bounds__(256)
-residual_norm_forward_vec_kernel(float *res_out, floatX *out, float *mean, float *rstd, const float *res_in,
+residual_norm_forward_vec_kernel(TR *res_out, floatX *out, float *mean, float *rstd, const TR *res_in,
                                  const floatX *branch, const floatX *weight, const floatX *bias,
                                  int N, int C, float eps, int is_layernorm) {
     griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
@@ -99,7 +104,7 @@ residual_norm_forward_vec_kernel(float *res_out, floatX *out, float *mean, float
                 float b[VEC];
                 load_vec<VEC>(b, branch + row + c);
 #pragma unroll
-                for (int i = 0; i < VEC; i++) v[k][i] += b[i];
+                for (int i = 0; i < VEC; i++) v[k][i] = stored_as<TR>(v[k][i] + b[i]);
                 store_vec<VEC>(res_out + row + c, v[k]);
             }
 #pragma unroll
@@ -141,8 +146,9 @@ residual_norm_forward_vec_kernel(float *res_out, floatX *out, float *mean, float
 // after another through its three passes.
 #define NORM_ROW_THREADS 256
 #define NORM_ROW_MAX_PER_THREAD 8
+template <typename TR>
 __global__ void __launch_bounds__(NORM_ROW_THREADS)
-residual_norm_forward_row_kernel(float *res_out, floatX *out, float *mean, float *rstd, const float *res_in,
+residual_norm_forward_row_kernel(TR *res_out, floatX *out, float *mean, float *rstd, const TR *res_in,
                                  const floatX *branch, const floatX *weight, const floatX *bias,
                                  int N, int C, float eps, int is_layernorm) {
     griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
@@ -156,10 +162,10 @@ residual_norm_forward_row_kernel(float *res_out, floatX *out, float *mean, float
         int c = threadIdx.x + k * NORM_ROW_THREADS;
         v[k] = 0.0f;
         if (c < C) {
-            float x = res_in[row + c];
+            float x = to_float(res_in[row + c]);
             if (branch) {
-                x += to_float(branch[row + c]);
-                res_out[row + c] = x;
+                x = stored_as<TR>(x + to_float(branch[row + c]));
+                res_out[row + c] = from_float<TR>(x);
             }
             v[k] = x;
             sum += x;
@@ -195,65 +201,70 @@ residual_norm_forward_row_kernel(float *res_out, floatX *out, float *mean, float
 // NORM_VEC_MAX_WIDTH wide, with the widest vector access C and the pointers allow), else the
 // plain warp kernel.
 #define NORM_ROW_KERNEL_MAX_ROWS 4096
-static inline void residual_norm_forward_check(const float *res_out, const float *mean, const float *res_in,
+// res_out's type follows res_in's (res_out may be NULL)
+template <typename T> struct norm_same_type { typedef T type; };
+template <typename TR>
+static inline void residual_norm_forward_check(const TR *res_out, const float *mean, const TR *res_in,
                                                const floatX *branch, int is_layernorm) {
     cudaRequire(!branch || res_out != res_in, "residual_norm_forward: res_out aliases res_in");
     cudaRequire(!is_layernorm || mean != NULL, "residual_norm_forward: LayerNorm needs mean");
 }
-static inline void residual_norm_forward_warps(float *res_out, floatX *out, float *mean, float *rstd,
-                                               const float *res_in, const floatX *branch,
+template <typename TR>
+static inline void residual_norm_forward_warps(typename norm_same_type<TR>::type *res_out, floatX *out, float *mean, float *rstd,
+                                               const TR *res_in, const floatX *branch,
                                                const floatX *weight, const floatX *bias,
                                                int N, int C, float eps, int is_layernorm, cudaStream_t stream) {
     residual_norm_forward_check(res_out, mean, res_in, branch, is_layernorm);
     const int block = 256, rows_per_block = block / 32;
-    residual_norm_forward_kernel<<<ceil_div(N, rows_per_block), block, 0, stream>>>(
+    residual_norm_forward_kernel<TR><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
         res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
     cudaCheckLaunch();
 }
+// p (may be NULL) holds rows of C elements of T that vectors of vec elements can read
+template <typename T> static inline bool norm_vec_fits(const T *p, int C, int vec) {
+    return C % vec == 0 && vector_aligned(p, sizeof(T) * vec);
+}
 // The vector width (4, 2 or 1 elements) the register kernels can use for rows of C elements at
-// these pointers (NULL for none): every row start must be aligned to the fp32 and bf16 vectors.
-static inline int norm_vector_width(int C, const float *f32_a, const float *f32_b, const float *f32_c,
-                                    const floatX *bf16_a, const floatX *bf16_b, const floatX *bf16_c) {
-    for (int vec = 4; vec > 1; vec /= 2) {
-        if (C % vec == 0 && vector_aligned(f32_a, 4 * vec) && vector_aligned(f32_b, 4 * vec) &&
-            vector_aligned(f32_c, 4 * vec) && vector_aligned(bf16_a, 2 * vec) && vector_aligned(bf16_b, 2 * vec) &&
-            vector_aligned(bf16_c, 2 * vec))
-            return vec;
-    }
+// the pointers given (NULL for none): every row start must be aligned to its vector.
+template <typename... Ptrs> static inline int norm_vector_width(int C, const Ptrs *...ptrs) {
+    for (int vec = 4; vec > 1; vec /= 2)
+        if ((norm_vec_fits(ptrs, C, vec) && ...)) return vec;
     return 1;
 }
-static inline void residual_norm_forward_vec(float *res_out, floatX *out, float *mean, float *rstd,
-                                             const float *res_in, const floatX *branch,
+template <typename TR>
+static inline void residual_norm_forward_vec(typename norm_same_type<TR>::type *res_out, floatX *out, float *mean, float *rstd,
+                                             const TR *res_in, const floatX *branch,
                                              const floatX *weight, const floatX *bias,
                                              int N, int C, float eps, int is_layernorm, cudaStream_t stream) {
     residual_norm_forward_check(res_out, mean, res_in, branch, is_layernorm);
     cudaRequire(C <= NORM_VEC_MAX_WIDTH, "residual_norm_forward_vec: C too large for a warp's registers");
     const int block = 256, rows_per_block = block / 32;
-    int vec = norm_vector_width(C, res_out, res_in, NULL, out, branch, weight);
-    if (bias && !vector_aligned(bias, 2 * vec)) vec = 1;
+    int vec = norm_vector_width(C, res_out, res_in, out, branch, weight, bias);
     if (vec == 4)
-        residual_norm_forward_vec_kernel<4><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
+        residual_norm_forward_vec_kernel<4, TR><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
             res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
     else if (vec == 2)
-        residual_norm_forward_vec_kernel<2><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
+        residual_norm_forward_vec_kernel<2, TR><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
             res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
     else
-        residual_norm_forward_vec_kernel<1><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
+        residual_norm_forward_vec_kernel<1, TR><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
             res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
     cudaCheckLaunch();
 }
-static inline void residual_norm_forward_rows(float *res_out, floatX *out, float *mean, float *rstd,
-                                              const float *res_in, const floatX *branch,
+template <typename TR>
+static inline void residual_norm_forward_rows(typename norm_same_type<TR>::type *res_out, floatX *out, float *mean, float *rstd,
+                                              const TR *res_in, const floatX *branch,
                                               const floatX *weight, const floatX *bias,
                                               int N, int C, float eps, int is_layernorm, cudaStream_t stream) {
     residual_norm_forward_check(res_out, mean, res_in, branch, is_layernorm);
     cudaRequire(C <= NORM_ROW_THREADS * NORM_ROW_MAX_PER_THREAD, "residual_norm_forward_rows: C too large for a block");
-    residual_norm_forward_row_kernel<<<N, NORM_ROW_THREADS, 0, stream>>>(
+    residual_norm_forward_row_kernel<TR><<<N, NORM_ROW_THREADS, 0, stream>>>(
         res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, eps, is_layernorm);
     cudaCheckLaunch();
 }
-static inline void residual_norm_forward(float *res_out, floatX *out, float *mean, float *rstd,
-                                         const float *res_in, const floatX *branch,
+template <typename TR>
+static inline void residual_norm_forward(typename norm_same_type<TR>::type *res_out, floatX *out, float *mean, float *rstd,
+                                         const TR *res_in, const floatX *branch,
                                          const floatX *weight, const floatX *bias,
                                          int N, int C, float eps, int is_layernorm, cudaStream_t stream) {
     if (N < NORM_ROW_KERNEL_MAX_ROWS && C <= NORM_ROW_THREADS * NORM_ROW_MAX_PER_THREAD)
@@ -269,33 +280,34 @@ static inline void residual_norm_forward(float *res_out, floatX *out, float *mea
 //   LayerNorm: dx = rstd * (dnorm - mean_c(dnorm) - norm * mean_c(dnorm * norm))
 //   RMSNorm:   dx = rstd * (dnorm - norm * mean_c(dnorm * norm))
 // (the RMSNorm form equals ops_cpu.c's rstd * (dnorm - x * rstd^2 * mean_c(dnorm * x))).
-// dres (N, C) fp32 += dx; dres_bf16 (N, C) gets a bf16 copy of the new dres for the next
-// matrix product (may be NULL). dout is fp32 or bf16 (TD), as the kernels below.
-template <typename TD>
-__global__ void norm_backward_dinp_kernel(float *dres, floatX *dres_bf16, const TD *dout, const float *inp,
+// dres (N, C) += dx; dres_bf16 (N, C) gets a bf16 copy of the new dres for the next matrix
+// product (may be NULL). dout is fp32 or bf16 (TD), the input and dres fp32 or bf16 (TR), as the
+// kernels below.
+template <typename TD, typename TR>
+__global__ void norm_backward_dinp_kernel(TR *dres, floatX *dres_bf16, const TD *dout, const TR *inp,
                                           const floatX *weight, const float *mean, const float *rstd,
                                           int N, int C, int is_layernorm) {
     int warps_per_block = blockDim.x / 32;
     int n = blockIdx.x * warps_per_block + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (n >= N) return;
-    const float *x = inp + (size_t)n * C;
+    const TR *x = inp + (size_t)n * C;
     const TD *g = dout + (size_t)n * C;
     float m = is_layernorm ? mean[n] : 0.0f, s = rstd[n];
     float dnorm_sum = 0.0f, dnorm_norm_sum = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float norm = (x[c] - m) * s, dnorm = to_float(weight[c]) * to_float(g[c]);
+        float norm = (to_float(x[c]) - m) * s, dnorm = to_float(weight[c]) * to_float(g[c]);
         dnorm_sum += dnorm;
         dnorm_norm_sum += dnorm * norm;
     }
     float dnorm_mean = is_layernorm ? warp_sum(dnorm_sum) / C : 0.0f;
     float dnorm_norm_mean = warp_sum(dnorm_norm_sum) / C;
-    float *dx = dres + (size_t)n * C;
+    TR *dx = dres + (size_t)n * C;
     floatX *dx_bf16 = dres_bf16 ? dres_bf16 + (size_t)n * C : NULL;
     for (int c = lane; c < C; c += 32) {
-        float norm = (x[c] - m) * s, dnorm = to_float(weight[c]) * to_float(g[c]);
-        float updated = dx[c] + s * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
-        dx[c] = updated;
+        float norm = (to_float(x[c]) - m) * s, dnorm = to_float(weight[c]) * to_float(g[c]);
+        float updated = to_float(dx[c]) + s * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
+        dx[c] = from_float<TR>(updated);
         if (dx_bf16) dx_bf16[c] = __float2bfloat16(updated);
     }
 }
@@ -304,9 +316,9 @@ __global__ void norm_backward_dinp_kernel(float *dres, floatX *dres_bf16, const 
 // threads takes a slab of 32 channels (thread t: channel t % 32, rows t / 32, t / 32 + 8, ...).
 //   partial_w[chunk, c] = sum over the chunk's rows of dout * norm,  partial_b[chunk, c] = sum of dout
 // partial_b may be NULL (RMSNorm has no bias).
-template <typename TD>
+template <typename TD, typename TR>
 __global__ void __launch_bounds__(256)
-norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const TD *dout, const float *inp,
+norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const TD *dout, const TR *inp,
                                      const float *mean, const float *rstd, int N, int C, int is_layernorm) {
     __shared__ float norm_sw[8][33], norm_sb[8][33];
     int lane = threadIdx.x % 32, group = threadIdx.x / 32;
@@ -319,7 +331,7 @@ norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const T
         for (int n = row0 + group; n < row1; n += 8) {
             float m = is_layernorm ? mean[n] : 0.0f;
             float g = to_float(dout[(size_t)n * C + c]);
-            acc_w += g * (inp[(size_t)n * C + c] - m) * rstd[n];
+            acc_w += g * (to_float(inp[(size_t)n * C + c]) - m) * rstd[n];
             acc_b += g;
         }
     }
@@ -349,9 +361,9 @@ norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const T
 #define NORM_BWD_ROWS 32
 static inline int norm_backward_blocks(int N) { return ceil_div(N, NORM_BWD_ROWS); }
 static inline size_t norm_backward_smem(int C) { return (size_t)NORM_BWD_WARPS * 3 * C * sizeof(float); }
-template <int VEC, int ITERS, typename TD>
+template <int VEC, int ITERS, typename TD, typename TR>
 __global__ void __launch_bounds__(NORM_BWD_WARPS * 32)
-norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial, const TD *dout, const float *inp,
+norm_backward_fused_kernel(TR *dres, floatX *dres_bf16, float *partial, const TD *dout, const TR *inp,
                            const floatX *weight, const float *mean, const float *rstd, int N, int C, int is_layernorm) {
     static_assert(VEC * ITERS <= NORM_VEC_MAX_PER_LANE, "a lane holds at most NORM_VEC_MAX_PER_LANE elements");
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -404,7 +416,7 @@ norm_backward_fused_kernel(float *dres, floatX *dres_bf16, float *partial, const
 #pragma unroll
                 for (int i = 0; i < VEC; i++) {
                     float dnorm = w[i] * g[k][i];
-                    d[k][i] += s * (dnorm - dnorm_mean - x[k][i] * dnorm_norm_mean);
+                    d[k][i] = stored_as<TR>(d[k][i] + s * (dnorm - dnorm_mean - x[k][i] * dnorm_norm_mean));
                     aw[i] += g[k][i] * x[k][i];
                     ab[i] += g[k][i];
                     acol[i] += d[k][i];
@@ -434,53 +446,52 @@ static inline size_t norm_backward_scratch_floats(int N, int C) {
 
 // The fallback for rows wider than NORM_VEC_MAX_WIDTH: norm_backward_dinp_kernel, then the
 // weight (and bias) partial sums re-reading dout and the input, then the column sums of dres.
-template <typename TD>
-static inline void norm_backward_split(float *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
-                                       const TD *dout, const float *inp, const floatX *weight,
+template <typename TD, typename TR>
+static inline void norm_backward_split(TR *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
+                                       const TD *dout, const TR *inp, const floatX *weight,
                                        const float *mean, const float *rstd, float *scratch,
                                        int N, int C, int is_layernorm, cudaStream_t stream) {
     const int block = 256, rows_per_block = block / 32;
-    norm_backward_dinp_kernel<TD><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
+    norm_backward_dinp_kernel<TD, TR><<<ceil_div(N, rows_per_block), block, 0, stream>>>(
         dres, dres_bf16, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     cudaCheckLaunch();
     int chunks = column_chunks(N);
     float *partial_w = scratch, *partial_b = dbias ? scratch + (size_t)chunks * C : NULL;
-    norm_backward_dweight_partial_kernel<TD><<<ceil_div(C, 32) * chunks, 256, 0, stream>>>(partial_w, partial_b, dout, inp,
-                                                                                      mean, rstd, N, C, is_layernorm);
+    norm_backward_dweight_partial_kernel<TD, TR><<<ceil_div(C, 32) * chunks, 256, 0, stream>>>(partial_w, partial_b, dout,
+                                                                                          inp, mean, rstd, N, C, is_layernorm);
     cudaCheckLaunch();
     column_partials_reduce(dweight, partial_w, chunks, C, stream);
     if (dbias) column_partials_reduce(dbias, partial_b, chunks, C, stream);
-    if (dres_colsum) column_sums_add<float>(dres_colsum, dres, scratch, N, C, stream);
+    if (dres_colsum) column_sums_add<TR>(dres_colsum, dres, scratch, N, C, stream);
 }
 
-template <typename TD>
-static inline void norm_backward_fused(float *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
-                                       const TD *dout, const float *inp, const floatX *weight,
+template <typename TD, typename TR>
+static inline void norm_backward_fused(TR *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
+                                       const TD *dout, const TR *inp, const floatX *weight,
                                        const float *mean, const float *rstd, float *scratch,
                                        int N, int C, int is_layernorm, cudaStream_t stream) {
     cudaRequire(C <= NORM_VEC_MAX_WIDTH, "norm_backward_fused: C too large for a warp's registers");
     int blocks = norm_backward_blocks(N);
     size_t smem = norm_backward_smem(C);
-    int vec = norm_vector_width(C, inp, dres, NULL, dres_bf16, weight, NULL);
-    while (vec > 1 && !vector_aligned(dout, sizeof(TD) * vec)) vec /= 2;
+    int vec = norm_vector_width(C, inp, dres, dres_bf16, weight, dout);
     int pieces = ceil_div(C, 32 * vec);   // per lane
     if (vec == 4 && pieces <= 2)
-        norm_backward_fused_kernel<4, 2, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<4, 2, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else if (vec == 4 && pieces <= 4)
-        norm_backward_fused_kernel<4, 4, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<4, 4, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else if (vec == 4 && pieces <= 6)
-        norm_backward_fused_kernel<4, 6, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<4, 6, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else if (vec == 4)
-        norm_backward_fused_kernel<4, 8, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<4, 8, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else if (vec == 2)
-        norm_backward_fused_kernel<2, 16, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<2, 16, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     else
-        norm_backward_fused_kernel<1, 32, TD><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
+        norm_backward_fused_kernel<1, 32, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
             dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
     cudaCheckLaunch();
     column_partials_reduce3(dweight, dbias, dres_colsum, scratch, blocks, C, 3, stream);
@@ -490,14 +501,16 @@ static inline void norm_backward_fused(float *dres, floatX *dres_bf16, float *dw
 // dweight (C) += ..., dbias (C) += ... (LayerNorm only; NULL for RMSNorm), and dres_colsum (C)
 // += the column sums of the updated dres (may be NULL): the bias gradient of the projection
 // that produced the residual branch this gradient flows into. dout (N, C) fp32 or bf16 (TD) is
-// the gradient at the norm's output, inp (N, C) fp32 its input. scratch holds
+// the gradient at the norm's output, inp (N, C) its input, fp32 or bf16 as dres (TR; a bf16 dres
+// is itself the products' operand, so dres_bf16 is then NULL). scratch holds
 // norm_backward_scratch_floats(N, C).
-template <typename TD>
-static inline void norm_backward(float *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
-                                 const TD *dout, const float *inp, const floatX *weight,
+template <typename TD, typename TR>
+static inline void norm_backward(TR *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
+                                 const TD *dout, const TR *inp, const floatX *weight,
                                  const float *mean, const float *rstd, float *scratch,
                                  int N, int C, int is_layernorm, cudaStream_t stream) {
     cudaRequire(!is_layernorm || mean != NULL, "norm_backward: LayerNorm needs mean");
+    cudaRequire(sizeof(TR) == sizeof(float) || dres_bf16 == NULL, "norm_backward: a bf16 dres needs no bf16 copy");
     if (C <= NORM_VEC_MAX_WIDTH)
         norm_backward_fused(dres, dres_bf16, dweight, dbias, dres_colsum, dout, inp, weight, mean, rstd, scratch, N, C,
                             is_layernorm, stream);

@@ -11,10 +11,12 @@
  *                      x += down(silu(gate) * up), (gate | up) = fc(rmsnorm2(x))
  *           logits = rmsnorm_f(x) @ head^T
  *
- * Precision. The residual stream x and its gradient are fp32 (N, C) tensors: every block adds
- * into them and a bf16 stream would round at each of the 2L adds. Everything else the forward
- * keeps is bf16 (norm outputs, qkv, attention output, MLP activations, logits), fp32 for the
- * per-row statistics (mean, rstd, log-sum-exp). Products take bf16 operands and accumulate in
+ * Precision. The residual stream x and its gradient are bf16 (N, C) tensors by default, as
+ * everything else the forward keeps (norm outputs, qkv, attention output, MLP activations,
+ * logits), fp32 for the per-row statistics (mean, rstd, log-sum-exp): each of the 2L adds into
+ * the stream rounds it to bf16, and the norms, which are bound by the memory's bandwidth, move
+ * 8 bytes an element instead of 12 (forward) and 16 (backward). CudaModel.residual_bf16 = 0 keeps
+ * both in fp32 (the buffers are allocated for fp32, so a model can switch between forwards). Products take bf16 operands and accumulate in
  * fp32; parameter gradients are fp32 and accumulated in place by the products (beta = 1).
  *
  * Fusions. Each residual add is fused with the norm that follows it (layernorm.cuh); the norm
@@ -111,16 +113,19 @@ typedef struct {
     double *dp_scalar;      // 1 double: a shard's squared gradient norm, summed over the ranks
 
     // activations (capacity for max_N = max_B * max_T rows; per-layer tensors stacked (L, ...))
-    float *encoded;                        // (N, C) fp32
+    // the residual stream's buffers: fp32 or bf16 elements, as the last forward chose
+    // (stream_bf16, from CudaModel.residual_bf16; stream_at), allocated for fp32
+    int stream_bf16;
+    void *encoded;                         // (N, C)
     floatX *ln1; float *ln1_mean, *ln1_rstd;     // (L, N, C), (L, N)
     floatX *qkv;                           // (L, N, QKV), q and k rotated for Llama
     floatX *atty;                          // (L, N, NH*HS)
     float *att_lse;                        // (L, B, NH, T)
-    float *residual2;                      // (L, N, C) fp32
+    void *residual2;                       // (L, N, C)
     floatX *ln2; float *ln2_mean, *ln2_rstd;
     floatX *fch;                           // (L, N, FC) pre-activation
     floatX *fch_act;                       // (L, N, F)
-    float *residual3;                      // (L, N, C) fp32
+    void *residual3;                       // (L, N, C)
     floatX *lnf; float *lnf_mean, *lnf_rstd;     // (N, C), (N)
     floatX *logits;                        // (N, Vp); the gradient after the classifier backward
     float *lse, *losses;                   // (N)
@@ -129,8 +134,9 @@ typedef struct {
     float *mask, *weights;                 // (N)
 
     // activation gradients (one layer's worth, reused)
-    float *dresidual;                      // (N, C) fp32 gradient of the residual stream
-    floatX *dresidual_bf16;                // (N, C) its bf16 copy, the products' operand
+    float *dresidual;                      // (N, C) fp32 gradient of the residual stream (fp32 stream)
+    floatX *dresidual_bf16;                // (N, C) its bf16 copy, the products' operand; the gradient
+                                           // itself with a bf16 stream
     float *dnorm;                          // (N, C) fp32 gradient at a norm's output
     floatX *dnorm_bf16;                    // (N, C) the same in bf16, for the layers' norms (dnorm_bf16)
     floatX *dqkv;                          // (N, QKV)
@@ -291,6 +297,9 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     const char *dn = getenv("TRAIN_MORA_DNORM_BF16");
     if (dn != NULL && strcmp(dn, "0") != 0 && strcmp(dn, "1") != 0) fatal("TRAIN_MORA_DNORM_BF16=%s: expected 0 or 1", dn);
     model->dnorm_bf16 = dn == NULL || strcmp(dn, "1") == 0;
+    const char *rb = getenv("TRAIN_MORA_RESIDUAL_BF16");
+    if (rb != NULL && strcmp(rb, "0") != 0 && strcmp(rb, "1") != 0) fatal("TRAIN_MORA_RESIDUAL_BF16=%s: expected 0 or 1", rb);
+    model->residual_bf16 = rb == NULL || strcmp(rb, "1") == 0;
     model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
@@ -342,20 +351,20 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
 
     size_t N = (size_t)max_B * max_T, L = c->n_layer, C = c->n_embd, NH = c->n_head;
     size_t QKV = qkv_width(c), FC = fc_width(c), F = c->ffn_hidden, Vp = c->padded_vocab_size, AY = NH * HS;
-    d->encoded = (float *)activation_alloc(d, N * C * sizeof(float));
+    d->encoded = activation_alloc(d, N * C * sizeof(float));
     d->ln1 = (floatX *)activation_alloc(d, L * N * C * sizeof(floatX));
     d->ln1_mean = (float *)activation_alloc(d, L * N * sizeof(float));
     d->ln1_rstd = (float *)activation_alloc(d, L * N * sizeof(float));
     d->qkv = (floatX *)activation_alloc(d, L * N * QKV * sizeof(floatX));
     d->atty = (floatX *)activation_alloc(d, L * N * AY * sizeof(floatX));
     d->att_lse = (float *)activation_alloc(d, L * N * NH * sizeof(float));
-    d->residual2 = (float *)activation_alloc(d, L * N * C * sizeof(float));
+    d->residual2 = activation_alloc(d, L * N * C * sizeof(float));
     d->ln2 = (floatX *)activation_alloc(d, L * N * C * sizeof(floatX));
     d->ln2_mean = (float *)activation_alloc(d, L * N * sizeof(float));
     d->ln2_rstd = (float *)activation_alloc(d, L * N * sizeof(float));
     d->fch = (floatX *)activation_alloc(d, L * N * FC * sizeof(floatX));
     d->fch_act = (floatX *)activation_alloc(d, L * N * F * sizeof(floatX));
-    d->residual3 = (float *)activation_alloc(d, L * N * C * sizeof(float));
+    d->residual3 = activation_alloc(d, L * N * C * sizeof(float));
     d->lnf = (floatX *)activation_alloc(d, N * C * sizeof(floatX));
     d->lnf_mean = (float *)activation_alloc(d, N * sizeof(float));
     d->lnf_rstd = (float *)activation_alloc(d, N * sizeof(float));
@@ -509,6 +518,35 @@ static void attention_tune(CudaModel *model, int B, int T) {
              t.default_backward_ms, t.differed, t.tried);
 }
 
+// The residual stream: element `offset` of one of its buffers, in the last forward's precision.
+static void *stream_at(const Impl *d, void *base, size_t offset) {
+    return (char *)base + offset * (d->stream_bf16 ? sizeof(floatX) : sizeof(float));
+}
+// residual_norm_forward on the stream's buffers (res_out may be NULL, as there).
+static void stream_norm_forward(const Impl *d, void *res_out, floatX *out, float *mean, float *rstd, const void *res_in,
+                                const floatX *branch, const floatX *weight, const floatX *bias, int N, int C, float eps,
+                                int is_layernorm, cudaStream_t st) {
+    if (d->stream_bf16)
+        residual_norm_forward((floatX *)res_out, out, mean, rstd, (const floatX *)res_in, branch, weight, bias, N, C, eps,
+                              is_layernorm, st);
+    else
+        residual_norm_forward((float *)res_out, out, mean, rstd, (const float *)res_in, branch, weight, bias, N, C, eps,
+                              is_layernorm, st);
+}
+// norm_backward into the stream's gradient from dout (TD: fp32 or bf16) at the norm's output,
+// inp the norm's input (a stream buffer): dresidual (fp32) and its bf16 copy dresidual_bf16, or
+// with a bf16 stream dresidual_bf16 alone.
+template <typename TD>
+static void stream_norm_backward(Impl *d, float *dweight, float *dbias, float *dres_colsum, const TD *dout, const void *inp,
+                                 const floatX *weight, const float *mean, const float *rstd, int N, int C, int is_layernorm) {
+    if (d->stream_bf16)
+        norm_backward(d->dresidual_bf16, (floatX *)NULL, dweight, dbias, dres_colsum, dout, (const floatX *)inp, weight, mean,
+                      rstd, d->column_scratch, N, C, is_layernorm, d->stream);
+    else
+        norm_backward(d->dresidual, d->dresidual_bf16, dweight, dbias, dres_colsum, dout, (const float *)inp, weight, mean,
+                      rstd, d->column_scratch, N, C, is_layernorm, d->stream);
+}
+
 // The forward of model.h; when weights_host is given (B*T, already zero where the mask is 0)
 // the classifier also writes the logits' gradient for those weights (fused).
 static void forward_impl(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask, int B, int T,
@@ -535,19 +573,22 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
     cudaCheck(cudaMemcpyAsync(d->mask, d->host_mask, (size_t)N * sizeof(float), cudaMemcpyHostToDevice, st));
     if (weights_host) cudaCheck(cudaMemcpyAsync(d->weights, weights_host, (size_t)N * sizeof(float), cudaMemcpyHostToDevice, st));
 
+    d->stream_bf16 = model->residual_bf16;
     prof_begin(model, PROF_ENCODER);
-    encoder_forward(d->encoded, d->inputs, weight_bf16(model, P_WTE, 0), gpt2 ? weight_bf16(model, P_WPE, 0) : NULL, B, T, C, st);
+    const floatX *wpe = gpt2 ? weight_bf16(model, P_WPE, 0) : NULL;
+    if (d->stream_bf16) encoder_forward((floatX *)d->encoded, d->inputs, weight_bf16(model, P_WTE, 0), wpe, B, T, C, st);
+    else encoder_forward((float *)d->encoded, d->inputs, weight_bf16(model, P_WTE, 0), wpe, B, T, C, st);
     prof_end(model);
     prof_begin(model, PROF_NORM_FWD);
-    residual_norm_forward(NULL, d->ln1, d->ln1_mean, d->ln1_rstd, d->encoded, NULL, weight_bf16(model, P_LN1W, 0),
-                          weight_bf16(model, P_LN1B, 0), N, C, eps, gpt2, st);
+    stream_norm_forward(d, NULL, d->ln1, d->ln1_mean, d->ln1_rstd, d->encoded, NULL, weight_bf16(model, P_LN1W, 0),
+                        weight_bf16(model, P_LN1B, 0), N, C, eps, gpt2, st);
     prof_end(model);
     for (int l = 0; l < L; l++) {
-        const float *residual = l == 0 ? d->encoded : d->residual3 + (size_t)(l - 1) * NC;
+        const void *residual = l == 0 ? d->encoded : stream_at(d, d->residual3, (size_t)(l - 1) * NC);
         floatX *ln1 = d->ln1 + l * NC, *ln2 = d->ln2 + l * NC;
         floatX *qkv = d->qkv + (size_t)l * N * QKV, *atty = d->atty + (size_t)l * N * NH * HS;
         float *att_lse = d->att_lse + (size_t)l * N * NH;
-        float *residual2 = d->residual2 + l * NC, *residual3 = d->residual3 + l * NC;
+        void *residual2 = stream_at(d, d->residual2, l * NC), *residual3 = stream_at(d, d->residual3, l * NC);
         floatX *fch = d->fch + (size_t)l * N * FC, *fch_act = d->fch_act + (size_t)l * N * F;
 
         // attention block (ln1 of this layer was written by the previous layer's fused norm)
@@ -567,8 +608,8 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
         matmul_forward(d->proj, atty, weight_bf16(model, P_ATTPROJW, l), weight_bf16(model, P_ATTPROJB, l), NULL, N, NH * HS, C, st);
         prof_end(model);
         prof_begin(model, PROF_NORM_FWD);
-        residual_norm_forward(residual2, ln2, d->ln2_mean + (size_t)l * N, d->ln2_rstd + (size_t)l * N, residual, d->proj,
-                              weight_bf16(model, P_LN2W, l), weight_bf16(model, P_LN2B, l), N, C, eps, gpt2, st);
+        stream_norm_forward(d, residual2, ln2, d->ln2_mean + (size_t)l * N, d->ln2_rstd + (size_t)l * N, residual, d->proj,
+                            weight_bf16(model, P_LN2W, l), weight_bf16(model, P_LN2B, l), N, C, eps, gpt2, st);
         prof_end(model);
 
         // MLP block
@@ -591,12 +632,12 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
         // residual3 = residual2 + proj, normed by the next layer's ln1 or by the final norm
         prof_begin(model, PROF_NORM_FWD);
         if (l + 1 < L)
-            residual_norm_forward(residual3, d->ln1 + (l + 1) * NC, d->ln1_mean + (size_t)(l + 1) * N, d->ln1_rstd + (size_t)(l + 1) * N,
-                                  residual2, d->proj, weight_bf16(model, P_LN1W, l + 1), weight_bf16(model, P_LN1B, l + 1),
-                                  N, C, eps, gpt2, st);
+            stream_norm_forward(d, residual3, d->ln1 + (l + 1) * NC, d->ln1_mean + (size_t)(l + 1) * N, d->ln1_rstd + (size_t)(l + 1) * N,
+                                residual2, d->proj, weight_bf16(model, P_LN1W, l + 1), weight_bf16(model, P_LN1B, l + 1),
+                                N, C, eps, gpt2, st);
         else
-            residual_norm_forward(residual3, d->lnf, d->lnf_mean, d->lnf_rstd, residual2, d->proj,
-                                  weight_bf16(model, P_LNFW, 0), weight_bf16(model, P_LNFB, 0), N, C, eps, gpt2, st);
+            stream_norm_forward(d, residual3, d->lnf, d->lnf_mean, d->lnf_rstd, residual2, d->proj,
+                                weight_bf16(model, P_LNFW, 0), weight_bf16(model, P_LNFB, 0), N, C, eps, gpt2, st);
         prof_end(model);
     }
     prof_begin(model, PROF_MATMUL_FWD);
@@ -740,15 +781,13 @@ static void *layer_dnorm(CudaModel *model) {
     Impl *d = impl_of(model);
     return model->dnorm_bf16 ? (void *)d->dnorm_bf16 : (void *)d->dnorm;
 }
-static void layer_norm_backward(CudaModel *model, float *dweight, float *dbias, float *dres_colsum, const float *inp,
+static void layer_norm_backward(CudaModel *model, float *dweight, float *dbias, float *dres_colsum, const void *inp,
                                 const floatX *weight, const float *mean, const float *rstd, int N, int C, int gpt2) {
     Impl *d = impl_of(model);
     if (model->dnorm_bf16)
-        norm_backward(d->dresidual, d->dresidual_bf16, dweight, dbias, dres_colsum, (const floatX *)d->dnorm_bf16, inp, weight,
-                      mean, rstd, d->column_scratch, N, C, gpt2, d->stream);
+        stream_norm_backward(d, dweight, dbias, dres_colsum, (const floatX *)d->dnorm_bf16, inp, weight, mean, rstd, N, C, gpt2);
     else
-        norm_backward(d->dresidual, d->dresidual_bf16, dweight, dbias, dres_colsum, (const float *)d->dnorm, inp, weight, mean,
-                      rstd, d->column_scratch, N, C, gpt2, d->stream);
+        stream_norm_backward(d, dweight, dbias, dres_colsum, (const float *)d->dnorm, inp, weight, mean, rstd, N, C, gpt2);
 }
 
 // Everything after the classifier's gradient: the logits' gradient (when have_dlogits) and
@@ -770,7 +809,6 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     int QKV = qkv_width(c), F = c->ffn_hidden, FC = fc_width(c), Vp = c->padded_vocab_size;
     int gpt2 = c->arch == ARCH_GPT2;
     size_t NC = (size_t)N * C;
-    float *scratch = d->column_scratch;
     int head = head_tensor(c);
     int ov = model->overlap_weight_grads && !model->profile;
     // the layers' weight matrices' gradients: written by their products when zero_grad left them
@@ -793,21 +831,21 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         add_inplace_kernel<<<elementwise_blocks(NC), 256, 0, st>>>(d->dnorm, d->dhidden, NC);
         cudaCheckLaunch();
     }
-    cudaCheck(cudaMemsetAsync(d->dresidual, 0, NC * sizeof(float), st));
+    if (d->stream_bf16) cudaCheck(cudaMemsetAsync(d->dresidual_bf16, 0, NC * sizeof(floatX), st));
+    else cudaCheck(cudaMemsetAsync(d->dresidual, 0, NC * sizeof(float), st));
     prof_begin(model, PROF_NORM_BWD);
     // the residual gradient's column sums are the last fcproj's bias gradient
-    norm_backward(d->dresidual, d->dresidual_bf16, weight_grad(model, P_LNFW, 0), weight_grad(model, P_LNFB, 0),
-                  weight_grad(model, P_FCPROJB, L - 1), d->dnorm,
-                  d->residual3 + (size_t)(L - 1) * NC, weight_bf16(model, P_LNFW, 0), gpt2 ? d->lnf_mean : NULL, d->lnf_rstd,
-                  scratch, N, C, gpt2, st);
+    stream_norm_backward(d, weight_grad(model, P_LNFW, 0), weight_grad(model, P_LNFB, 0), weight_grad(model, P_FCPROJB, L - 1),
+                         (const float *)d->dnorm, stream_at(d, d->residual3, (size_t)(L - 1) * NC), weight_bf16(model, P_LNFW, 0),
+                         gpt2 ? d->lnf_mean : NULL, d->lnf_rstd, N, C, gpt2);
     prof_end(model);
 
     for (int l = L - 1; l >= 0; l--) {
-        const float *residual = l == 0 ? d->encoded : d->residual3 + (size_t)(l - 1) * NC;
+        const void *residual = l == 0 ? d->encoded : stream_at(d, d->residual3, (size_t)(l - 1) * NC);
         floatX *ln1 = d->ln1 + l * NC, *ln2 = d->ln2 + l * NC;
         floatX *qkv = d->qkv + (size_t)l * N * QKV, *atty = d->atty + (size_t)l * N * NH * HS;
         float *att_lse = d->att_lse + (size_t)l * N * NH;
-        float *residual2 = d->residual2 + l * NC;
+        const void *residual2 = stream_at(d, d->residual2, l * NC);
         floatX *fch = d->fch + (size_t)l * N * FC, *fch_act = d->fch_act + (size_t)l * N * F;
 
         // MLP block: residual3 = residual2 + fcproj(act(fc(norm2(residual2)))). fcproj's bias
@@ -869,7 +907,9 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     }
     // the gradient at the embedding output; for tied models it adds to the classifier's dwte
     prof_begin(model, PROF_ENCODER_BWD);
-    encoder_backward(weight_grad(model, P_WTE, 0), gpt2 ? weight_grad(model, P_WPE, 0) : NULL, d->dresidual, d->inputs, B, T, C, st);
+    float *dwpe = gpt2 ? weight_grad(model, P_WPE, 0) : NULL;
+    if (d->stream_bf16) encoder_backward(weight_grad(model, P_WTE, 0), dwpe, (const floatX *)d->dresidual_bf16, d->inputs, B, T, C, st);
+    else encoder_backward(weight_grad(model, P_WTE, 0), dwpe, (const float *)d->dresidual, d->inputs, B, T, C, st);
     prof_end(model);
     d->grads_unwritten = 0;
     matmul_tune = 0;

@@ -4,8 +4,8 @@
  * GPU, and writes its parameters back into the CPU Model on request.
  *
  * Precision: fp32 master weights, AdamW moments and parameter gradients; bf16 copies of the
- * weights that the forward reads; bf16 activations except the residual stream (fp32); every
- * sum accumulated in fp32. Results match the fp32 CPU reference within bf16 tolerance.
+ * weights that the forward reads; bf16 activations, the residual stream included (fp32 with
+ * residual_bf16 = 0); every sum accumulated in fp32. Results match the fp32 CPU reference within bf16 tolerance.
  *
  * Every function takes and returns host memory (token ids, masks, weights, losses); device
  * memory stays inside. All functions exit with a message on a CUDA error (no return codes).
@@ -51,6 +51,12 @@ typedef struct CudaModel {
     // norm backward (16 instead of 18). 0: fp32 (TRAIN_MORA_DNORM_BF16=0 at creation). The final
     // norm's (the classifier's) stays fp32.
     int dnorm_bf16;
+    // 1 (default): the residual stream and its gradient are bf16, as every other activation:
+    // each add into the stream rounds to bf16 (2L times a forward, 2L a backward), and in
+    // exchange the memory-bound norm kernels move 8 bytes an element instead of 12 (forward) and
+    // 16 (backward), and the stored streams take half the memory. 0: fp32 stream and gradient
+    // (TRAIN_MORA_RESIDUAL_BF16=0 at creation). A forward's choice holds for its backward.
+    int residual_bf16;
     // 1 (default): zero_grad leaves the layers' weight matrices' gradients for the next
     // backward's products to write (cuda_model_zero_grad); 0: it zeroes every gradient and every
     // backward adds to them (bench_train times both)

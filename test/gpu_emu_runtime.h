@@ -20,6 +20,10 @@ struct dim3 {
 };
 static inline float to_float(float x) { return x; }
 static inline float to_float(floatX x) { return to_f32(x); }
+template <typename T> static inline T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline floatX from_float<floatX>(float x) { return to_bf16(x); }
+template <typename T> static inline float stored_as(float x) { return to_float(from_float<T>(x)); }
 static inline floatX __float2bfloat16(float x) { return to_bf16(x); }
 static inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return __nv_bfloat162{to_bf16(lo), to_bf16(hi)}; }
 static inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }

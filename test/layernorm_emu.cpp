@@ -20,16 +20,19 @@
  *   layernorm_emu IN OUT forward|reverse
  *     IN : int32 op, then by op:
  *       0 forward:  int32 N, C, is_layernorm, fused, has_bias, kernel (0 warps, 1 rows, 2 picked,
- *                   3 registers); float32 res_in (N, C); branch (N, C) when fused; weight (C);
- *                   bias (C) when has_bias; branch, weight and bias representable in bf16
- *             OUT: float32 out (N, C) (the bf16 output); res_out (N, C) when fused; mean (N) when
- *                  is_layernorm; rstd (N)
+ *                   3 registers), bf16_stream; float32 res_in (N, C) (bf16 values when
+ *                   bf16_stream); branch (N, C) when fused; weight (C); bias (C) when has_bias;
+ *                   branch, weight and bias representable in bf16
+ *             OUT: float32 out (N, C) (the bf16 output); res_out (N, C) when fused (bf16 values
+ *                  when bf16_stream); mean (N) when is_layernorm; rstd (N)
  *       1 backward: int32 N, C, is_layernorm, path (0 fused, 1 split, 2 picked; 3 to 5 the same with
- *                   dout in bf16), colsum, bf16_copy;
- *                   float32 dout (N, C) (bf16 values for paths 3 to 5), inp (N, C), dres (N, C), weight (C) (bf16 values),
+ *                   dout in bf16), colsum, bf16_copy, bf16_stream (inp and dres in bf16);
+ *                   float32 dout (N, C) (bf16 values for paths 3 to 5), inp (N, C), dres (N, C)
+ *                   (both bf16 values when bf16_stream), weight (C) (bf16 values),
  *                   mean (N) when is_layernorm, rstd (N), then the starting values of dweight,
  *                   dbias and colsum (C each)
- *             OUT: float32 dres (N, C); its bf16 copy (N, C) when bf16_copy; dweight (C);
+ *             OUT: float32 dres (N, C) (bf16 values when bf16_stream); its bf16 copy (N, C) when
+ *                  bf16_copy; dweight (C);
  *                  dbias (C) when is_layernorm; colsum (C) when colsum
  *       2 column sums of bf16 rows: int32 N, cols; float32 x (N, cols) (bf16 values), out (cols)
  *             OUT: float32 out (cols) after column_sums_add
@@ -59,6 +62,12 @@ static float *device_floats(const std::vector<float> &x) {
     memcpy(p, x.data(), x.size() * sizeof(float));
     return p;
 }
+// the values as a device array of T (fp32, or bf16 for values bf16 holds)
+template <typename T> static T *device_values(const std::vector<float> &x);
+template <> float *device_values<float>(const std::vector<float> &x) { return device_floats(x); }
+template <> floatX *device_values<floatX>(const std::vector<float> &x) { return device_bf16(x); }
+static void write_values(const float *x, size_t n) { write_floats(x, n); }
+static void write_values(const floatX *x, size_t n) { write_bf16s(x, n); }
 static void read_header(FILE *f, const char *path, int32_t *dims, int n) {
     if (fread(dims, sizeof(int32_t), n, f) != (size_t)n) {
         fprintf(stderr, "error: %s: no header\n", path);
@@ -66,52 +75,54 @@ static void read_header(FILE *f, const char *path, int32_t *dims, int n) {
     }
 }
 
-static void forward(FILE *f, const char *path, const char *order) {
-    int32_t dims[6];
-    read_header(f, path, dims, 6);
-    int N = dims[0], C = dims[1], is_layernorm = dims[2], fused = dims[3], has_bias = dims[4], kernel = dims[5];
-    if (N < 1 || C < 1 || kernel < 0 || kernel > 3) {
-        fprintf(stderr, "error: %s: bad header N=%d C=%d kernel=%d\n", path, N, C, kernel);
-        exit(1);
-    }
+// The forward with the residual stream in TR (fp32 or bf16).
+template <typename TR>
+static void forward_typed(FILE *f, const char *path, int N, int C, int is_layernorm, int fused, int has_bias, int kernel) {
     size_t NC = (size_t)N * C;
-    float *res_in = device_floats(read_floats(f, NC, path));
+    TR *res_in = device_values<TR>(read_floats(f, NC, path));
     floatX *branch = fused ? device_bf16(read_floats(f, NC, path)) : NULL;
     floatX *weight = device_bf16(read_floats(f, C, path));
     floatX *bias = has_bias ? device_bf16(read_floats(f, C, path)) : NULL;
-    float *res_out = fused ? (float *)device_alloc(NC * sizeof(float), 0xff) : NULL;
+    TR *res_out = fused ? (TR *)device_alloc(NC * sizeof(TR), 0xff) : NULL;
     floatX *out = (floatX *)device_alloc(NC * 2, 0xff);
     float *mean = is_layernorm ? (float *)device_alloc(N * sizeof(float), 0xff) : NULL;
     float *rstd = (float *)device_alloc(N * sizeof(float), 0xff);
 
-    void (*const kernels[4])(float *, floatX *, float *, float *, const float *, const floatX *, const floatX *,
+    void (*const kernels[4])(TR *, floatX *, float *, float *, const TR *, const floatX *, const floatX *,
                              const floatX *, int, int, float, int, cudaStream_t) = {
-        residual_norm_forward_warps, residual_norm_forward_rows, residual_norm_forward, residual_norm_forward_vec};
+        residual_norm_forward_warps<TR>, residual_norm_forward_rows<TR>, residual_norm_forward<TR>,
+        residual_norm_forward_vec<TR>};
     kernels[kernel](res_out, out, mean, rstd, res_in, branch, weight, bias, N, C, 1e-5f, is_layernorm, 0);
 
-    write_bf16s(out, NC);
-    if (fused) write_floats(res_out, NC);
-    if (is_layernorm) write_floats(mean, N);
-    write_floats(rstd, N);
-    printf("layernorm_emu forward N=%d C=%d %s%s kernel %d, threads %s: done\n", N, C, is_layernorm ? "layernorm" : "rmsnorm",
-           fused ? " +residual" : "", kernel, order);
+    write_values(out, NC);
+    if (fused) write_values(res_out, NC);
+    if (is_layernorm) write_values(mean, N);
+    write_values(rstd, N);
 }
 
-static void backward(FILE *f, const char *path, const char *order) {
-    int32_t dims[6];
-    read_header(f, path, dims, 6);
-    int N = dims[0], C = dims[1], is_layernorm = dims[2], path_kind = dims[3], colsum = dims[4], bf16_copy = dims[5];
-    if (N < 1 || C < 1 || path_kind < 0 || path_kind > 5) {
-        fprintf(stderr, "error: %s: bad header N=%d C=%d path=%d\n", path, N, C, path_kind);
+static void forward(FILE *f, const char *path, const char *order) {
+    int32_t dims[7];
+    read_header(f, path, dims, 7);
+    int N = dims[0], C = dims[1], is_layernorm = dims[2], fused = dims[3], has_bias = dims[4], kernel = dims[5];
+    int bf16_stream = dims[6];
+    if (N < 1 || C < 1 || kernel < 0 || kernel > 3) {
+        fprintf(stderr, "error: %s: bad header N=%d C=%d kernel=%d\n", path, N, C, kernel);
         exit(1);
     }
+    if (bf16_stream) forward_typed<floatX>(f, path, N, C, is_layernorm, fused, has_bias, kernel);
+    else forward_typed<float>(f, path, N, C, is_layernorm, fused, has_bias, kernel);
+    printf("layernorm_emu forward N=%d C=%d %s%s kernel %d, %s stream, threads %s: done\n", N, C,
+           is_layernorm ? "layernorm" : "rmsnorm", fused ? " +residual" : "", kernel, bf16_stream ? "bf16" : "fp32", order);
+}
+
+// The backward with dout in TD and the stream (the input, dres) in TR.
+template <typename TD, typename TR>
+static void backward_typed(FILE *f, const char *path, int N, int C, int is_layernorm, int path_kind, int colsum,
+                           int bf16_copy) {
     size_t NC = (size_t)N * C;
-    const int bf16_dout = path_kind >= 3;
-    std::vector<float> dout_values = read_floats(f, NC, path);
-    float *dout = bf16_dout ? NULL : device_floats(dout_values);
-    floatX *dout_bf16 = bf16_dout ? device_bf16(dout_values) : NULL;
-    float *inp = device_floats(read_floats(f, NC, path));
-    float *dres = device_floats(read_floats(f, NC, path));
+    TD *dout = device_values<TD>(read_floats(f, NC, path));
+    TR *inp = device_values<TR>(read_floats(f, NC, path));
+    TR *dres = device_values<TR>(read_floats(f, NC, path));
     floatX *weight = device_bf16(read_floats(f, C, path));
     float *mean = is_layernorm ? device_floats(read_floats(f, N, path)) : NULL;
     float *rstd = device_floats(read_floats(f, N, path));
@@ -121,26 +132,35 @@ static void backward(FILE *f, const char *path, const char *order) {
     floatX *dres_bf16 = bf16_copy ? (floatX *)device_alloc(NC * 2, 0xff) : NULL;
     float *scratch = (float *)device_alloc(norm_backward_scratch_floats(N, C) * sizeof(float), 0xff);
 
-    void (*const paths[3])(float *, floatX *, float *, float *, float *, const float *, const float *, const floatX *,
+    void (*const paths[3])(TR *, floatX *, float *, float *, float *, const TD *, const TR *, const floatX *,
                            const float *, const float *, float *, int, int, int, cudaStream_t) = {
-        norm_backward_fused<float>, norm_backward_split<float>, norm_backward<float>};
-    void (*const paths_bf16[3])(float *, floatX *, float *, float *, float *, const floatX *, const float *, const floatX *,
-                                const float *, const float *, float *, int, int, int, cudaStream_t) = {
-        norm_backward_fused<floatX>, norm_backward_split<floatX>, norm_backward<floatX>};
-    if (bf16_dout)
-        paths_bf16[path_kind - 3](dres, dres_bf16, dweight, is_layernorm ? dbias : NULL, colsum ? dcol : NULL, dout_bf16, inp,
-                                  weight, mean, rstd, scratch, N, C, is_layernorm, 0);
-    else
-        paths[path_kind](dres, dres_bf16, dweight, is_layernorm ? dbias : NULL, colsum ? dcol : NULL, dout, inp, weight, mean,
+        norm_backward_fused<TD, TR>, norm_backward_split<TD, TR>, norm_backward<TD, TR>};
+    paths[path_kind % 3](dres, dres_bf16, dweight, is_layernorm ? dbias : NULL, colsum ? dcol : NULL, dout, inp, weight, mean,
                          rstd, scratch, N, C, is_layernorm, 0);
 
-    write_floats(dres, NC);
-    if (bf16_copy) write_bf16s(dres_bf16, NC);
-    write_floats(dweight, C);
-    if (is_layernorm) write_floats(dbias, C);
-    if (colsum) write_floats(dcol, C);
-    printf("layernorm_emu backward N=%d C=%d %s path %d, threads %s: done\n", N, C, is_layernorm ? "layernorm" : "rmsnorm",
-           path_kind, order);
+    write_values(dres, NC);
+    if (bf16_copy) write_values(dres_bf16, NC);
+    write_values(dweight, C);
+    if (is_layernorm) write_values(dbias, C);
+    if (colsum) write_values(dcol, C);
+}
+
+static void backward(FILE *f, const char *path, const char *order) {
+    int32_t dims[7];
+    read_header(f, path, dims, 7);
+    int N = dims[0], C = dims[1], is_layernorm = dims[2], path_kind = dims[3], colsum = dims[4], bf16_copy = dims[5];
+    int bf16_stream = dims[6];
+    if (N < 1 || C < 1 || path_kind < 0 || path_kind > 5) {
+        fprintf(stderr, "error: %s: bad header N=%d C=%d path=%d\n", path, N, C, path_kind);
+        exit(1);
+    }
+    const int bf16_dout = path_kind >= 3;
+    if (bf16_dout && bf16_stream) backward_typed<floatX, floatX>(f, path, N, C, is_layernorm, path_kind, colsum, bf16_copy);
+    else if (bf16_dout) backward_typed<floatX, float>(f, path, N, C, is_layernorm, path_kind, colsum, bf16_copy);
+    else if (bf16_stream) backward_typed<float, floatX>(f, path, N, C, is_layernorm, path_kind, colsum, bf16_copy);
+    else backward_typed<float, float>(f, path, N, C, is_layernorm, path_kind, colsum, bf16_copy);
+    printf("layernorm_emu backward N=%d C=%d %s path %d, %s stream, threads %s: done\n", N, C,
+           is_layernorm ? "layernorm" : "rmsnorm", path_kind, bf16_stream ? "bf16" : "fp32", order);
 }
 
 static void column_sums(FILE *f, const char *path, const char *order) {

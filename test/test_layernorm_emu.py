@@ -16,6 +16,10 @@ dweight += sum_n dout * norm, dbias += sum_n dout, colsum += sum_n dres (the upd
 through the fused kernel, the split fallback and the dispatcher, over row counts that fill and
 do not fill the fused kernel's blocks and the column chunks.
 
+With the residual stream in bf16 (the model's default) the forward's sum is rounded to bf16 and
+the norm is that of the rounded x; the backward reads the input and the stream's gradient in
+bf16 and stores the updated gradient rounded to bf16, whose column sums it adds.
+
 Mutation checks confirm that an oracle with the unbiased variance, or one without the
 mean_c(dnorm) term, fails the comparison."""
 import re
@@ -46,9 +50,12 @@ def emulator(tmp_path_factory):
     return build_emulator(build, rewrite_launches(SOURCE, 13), "layernorm_emu")
 
 
-def oracle(res_in, branch, weight, bias, is_layernorm, unbiased=False):
-    """out, x (the residual sum, in float32 as the kernels add), mean, rstd in float64."""
+def oracle(res_in, branch, weight, bias, is_layernorm, unbiased=False, bf16_stream=False):
+    """out, x (the residual sum, in float32 as the kernels add; rounded to bf16 for a bf16
+    stream), mean, rstd in float64."""
     x = res_in if branch is None else (res_in + branch).astype(np.float32)
+    if bf16_stream:
+        x = to_bf16(x)
     xd = x.astype(np.float64)
     C = x.shape[1]
     mean = xd.mean(axis=1, keepdims=True) if is_layernorm else np.zeros((x.shape[0], 1))
@@ -60,11 +67,11 @@ def oracle(res_in, branch, weight, bias, is_layernorm, unbiased=False):
     return out, x, mean[:, 0], rstd[:, 0]
 
 
-def run_emulator(emulator, tmp_path, res_in, branch, weight, bias, is_layernorm, kernel, order="forward"):
+def run_emulator(emulator, tmp_path, res_in, branch, weight, bias, is_layernorm, kernel, order="forward", bf16_stream=False):
     N, C = res_in.shape
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([0, N, C, is_layernorm, branch is not None, bias is not None, kernel], np.int32).tofile(f)
+        np.array([0, N, C, is_layernorm, branch is not None, bias is not None, kernel, bf16_stream], np.int32).tofile(f)
         for a in (res_in, branch, weight, bias):
             if a is not None:
                 a.astype(np.float32).tofile(f)
@@ -86,9 +93,11 @@ def read_outputs(outp, N, C, fused, is_layernorm):
     return got
 
 
-def make_inputs(N, C, fused, has_bias, seed):
+def make_inputs(N, C, fused, has_bias, seed, bf16_stream=False):
     rng = np.random.default_rng(seed)
     res_in = (rng.standard_normal((N, C)) * 2.0 + 0.5).astype(np.float32)   # a mean to subtract
+    if bf16_stream:
+        res_in = to_bf16(res_in)
     branch = to_bf16(rng.standard_normal((N, C))) if fused else None
     weight = to_bf16(1.0 + 0.3 * rng.standard_normal(C))
     bias = to_bf16(0.2 * rng.standard_normal(C)) if has_bias else None
@@ -129,6 +138,22 @@ def test_norm_forward_matches_oracle(emulator, tmp_path, case, kernel, order):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = read_outputs(outp, N, C, fused, is_layernorm)
     check(got, oracle(res_in, branch, weight, bias, is_layernorm), fused, is_layernorm)
+
+
+@pytest.mark.parametrize("kernel", [WARPS, ROWS, PICKED, REGISTERS])
+@pytest.mark.parametrize("case", CASES)
+def test_norm_forward_with_bf16_stream_matches_oracle(emulator, tmp_path, case, kernel):
+    """The stream in bf16: the stored sum is the float32 sum rounded to bf16, exactly, and the
+    output and statistics are those of the rounded sum."""
+    N, C, is_layernorm, fused, has_bias = case
+    res_in, branch, weight, bias = make_inputs(N, C, fused, has_bias, seed=N * 1000 + C + 1, bf16_stream=True)
+    proc, outp = run_emulator(emulator, tmp_path, res_in, branch, weight, bias, is_layernorm, kernel, "reverse",
+                              bf16_stream=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = read_outputs(outp, N, C, fused, is_layernorm)
+    check(got, oracle(res_in, branch, weight, bias, is_layernorm, bf16_stream=True), fused, is_layernorm)
+    if fused:   # the rounding is there: the unrounded sum is not what was stored
+        assert not np.array_equal(got["x"], oracle(res_in, branch, weight, bias, is_layernorm)[1])
 
 
 def test_dispatch_picks_the_block_kernel_for_few_rows_and_the_warp_kernel_otherwise(emulator, tmp_path):
@@ -186,13 +211,16 @@ def backward_oracle(dout, inp, dres, weight, mean, rstd, starts, is_layernorm, d
     return new, dweight, dbias, colsum, (np.abs(g * norm).sum(axis=0), np.abs(g).sum(axis=0), np.abs(new).sum(axis=0))
 
 
-def run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy, seed, order="forward", bf16_dout=False):
+def run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy, seed, order="forward", bf16_dout=False,
+                 bf16_stream=False, expect_refusal=False):
     rng = np.random.default_rng(seed)
     inp = (rng.standard_normal((N, C)) * 1.5 + 0.3).astype(np.float32)
     dout = rng.standard_normal((N, C)).astype(np.float32)
     if bf16_dout:   # the kernels read it as bf16: values it holds exactly, so the oracle is the same
         dout = to_bf16(dout)
     dres = (0.1 * rng.standard_normal((N, C))).astype(np.float32)
+    if bf16_stream:   # the input and dres read as bf16, likewise
+        inp, dres = to_bf16(inp), to_bf16(dres)
     weight = to_bf16(1.0 + 0.3 * rng.standard_normal(C))
     x64 = inp.astype(np.float64)
     mean = x64.mean(axis=1) if is_layernorm else np.zeros(N)
@@ -201,10 +229,12 @@ def run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy
     starts = [rng.standard_normal(C).astype(np.float32) for _ in range(3)]
     inp_path, out_path = tmp_path / "bwd_in.bin", tmp_path / "bwd_out.bin"
     with open(inp_path, "wb") as f:
-        np.array([1, N, C, is_layernorm, path + (3 if bf16_dout else 0), colsum, bf16_copy], np.int32).tofile(f)
+        np.array([1, N, C, is_layernorm, path + (3 if bf16_dout else 0), colsum, bf16_copy, bf16_stream], np.int32).tofile(f)
         for a in [dout, inp, dres, weight] + ([mean] if is_layernorm else []) + [rstd] + starts:
             a.astype(np.float32).tofile(f)
     proc = subprocess.run([str(emulator), str(inp_path), str(out_path), order], capture_output=True, text=True, timeout=600)
+    if expect_refusal:
+        return proc
     assert proc.returncode == 0, proc.stdout + proc.stderr
     raw = np.fromfile(out_path, np.float32)
     sizes = [("dres", N * C)] + ([("bf16", N * C)] if bf16_copy else []) + [("dweight", C)] + \
@@ -217,14 +247,24 @@ def run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy
     return got, (dout, inp, dres, weight, mean, rstd, starts)
 
 
-def check_backward(got, inputs, N, C, is_layernorm, colsum, bf16_copy, drop_mean_term=False):
+def check_backward(got, inputs, N, C, is_layernorm, colsum, bf16_copy, drop_mean_term=False, bf16_stream=False):
     dout, inp, dres, weight, mean, rstd, starts = inputs
     new, dweight, dbias, col, scales = backward_oracle(dout, inp, dres, weight, mean, rstd, starts, is_layernorm,
                                                        drop_mean_term)
     new = new.reshape(-1)
     # fp32 arithmetic: a few roundings of each term; the sums over N rows within N roundings of
     # the sum of the terms' magnitudes
-    np.testing.assert_allclose(got["dres"], new, rtol=1e-5, atol=1e-5 * np.abs(new).max())
+    if bf16_stream:
+        # the updated gradient stored in bf16: within half a bf16 ulp (plus the fp32 arithmetic) of
+        # the oracle, and the column sums are those of the stored, rounded values
+        assert np.array_equal(to_bf16(got["dres"]), got["dres"]), "dres is not bf16"
+        _, e = np.frexp(new)
+        assert np.all(np.abs(got["dres"] - new) <= np.ldexp(1.0, e - 9) + 1e-5 * np.abs(new).max()), "dres"
+        rounded = got["dres"].astype(np.float64).reshape(N, C)
+        col = starts[2] + rounded.sum(axis=0)
+        assert not np.array_equal(got["dres"], new.astype(np.float32)), "dres was not rounded"
+    else:
+        np.testing.assert_allclose(got["dres"], new, rtol=1e-5, atol=1e-5 * np.abs(new).max())
     if bf16_copy:
         _, e = np.frexp(got["dres"])
         assert np.all(np.abs(got["bf16"] - got["dres"]) <= np.ldexp(1.0, e - 9)), "bf16 copy is not dres rounded"
@@ -266,6 +306,23 @@ def test_norm_backward_with_bf16_dout_matches_oracle(emulator, tmp_path, case, p
     got, inputs = run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy, seed=N * 5 + C,
                                order="reverse", bf16_dout=True)
     check_backward(got, inputs, N, C, is_layernorm, colsum, bf16_copy)
+
+
+@pytest.mark.parametrize("path", [FUSED, SPLIT])
+@pytest.mark.parametrize("bf16_dout", [False, True])
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_norm_backward_with_bf16_stream_matches_oracle(emulator, tmp_path, case, path, bf16_dout):
+    """The stream in bf16 (the model's default): the input and dres read as bf16, the updated dres
+    stored rounded to bf16 with no separate copy, its column sums those of the stored values."""
+    N, C, is_layernorm, colsum, _ = case
+    got, inputs = run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, 0, seed=N * 3 + C, order="reverse",
+                               bf16_dout=bf16_dout, bf16_stream=True)
+    check_backward(got, inputs, N, C, is_layernorm, colsum, 0, bf16_stream=True)
+
+
+def test_norm_backward_with_bf16_stream_refuses_a_bf16_copy(emulator, tmp_path):
+    proc = run_backward(emulator, tmp_path, 4, 64, 1, PICKED, 1, 1, seed=2, bf16_stream=True, expect_refusal=True)
+    assert proc.returncode != 0 and "needs no bf16 copy" in proc.stderr
 
 
 def test_norm_backward_picks_the_split_path_for_wide_rows(emulator, tmp_path):

@@ -6,7 +6,8 @@
  * per-kernel-group time table from a profiled run (CUDA events around each launch group). The
  * same run times the step with the weight gradients on the other schedule (one stream, or a
  * second stream under TRAIN_MORA_OVERLAP_GRADS=0), with the layers' norm-output gradients in the
- * other precision (fp32, or bf16 under TRAIN_MORA_DNORM_BF16=0), with zero_grad zeroing every
+ * other precision (fp32, or bf16 under TRAIN_MORA_DNORM_BF16=0), with the residual stream and
+ * its gradient in the other precision (fp32, or bf16 under TRAIN_MORA_RESIDUAL_BF16=0), with zero_grad zeroing every
  * gradient for the products to add to (instead of the first backward's products writing the
  * weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
  * max (instead of a reference that trails it), and with the flash
@@ -72,6 +73,12 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     step();
     double other_dnorm = median_step();
     gpu->dnorm_bf16 = dnorm_bf16;
+    // the residual stream and its gradient in the other precision (residual_bf16), timed beside
+    const int residual_bf16 = gpu->residual_bf16;
+    gpu->residual_bf16 = !residual_bf16;
+    step();
+    double other_residual = median_step();
+    gpu->residual_bf16 = residual_bf16;
     // every gradient zeroed by zero_grad and added to by the products (grads_first_write 0)
     gpu->grads_first_write = 0;
     step();
@@ -113,6 +120,8 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
            overlap ? "on the main stream (one stream)" : "on a second stream", other_schedule * 1e3, N / other_schedule);
     printf("  with the layers' norm-output gradients in %s: %.2f ms/step, %.0f tok/s\n", dnorm_bf16 ? "fp32" : "bf16",
            other_dnorm * 1e3, N / other_dnorm);
+    printf("  with the residual stream and its gradient in %s: %.2f ms/step, %.0f tok/s\n", residual_bf16 ? "fp32" : "bf16",
+           other_residual * 1e3, N / other_residual);
     printf("  with every gradient zeroed and the weight matrices' products adding to them: %.2f ms/step, %.0f tok/s\n",
            all_zeroed * 1e3, N / all_zeroed);
     printf("  with the attention forward's softmax rescaled at every move of a row's max: %.2f ms/step, %.0f tok/s\n",

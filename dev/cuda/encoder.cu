@@ -1,6 +1,7 @@
 /*
  * Harness for encoder.cuh: embedding forward and backward against encoder_forward /
- * encoder_backward of ops_cpu.c on fresh random inputs, then timing at GPT-2 124M's shape.
+ * encoder_backward of ops_cpu.c on fresh random inputs, with the residual stream in fp32 and in
+ * bf16 (the output rounded, the gradient read as bf16), then timing at GPT-2 124M's shape.
  *   build/cuda/dev/encoder
  */
 #include "harness.h"
@@ -32,6 +33,28 @@ static void check(int B, int T, int C, int Vp, int with_wpe) {
         snprintf(name, sizeof(name), "encoder_backward dwpe B=%d T=%d C=%d", B, T, C);
         compare(name, download_f32(d_dwpe, (size_t)T * C), dwpe_ref, TOL_F32);
     }
+    // the bf16 stream: the output is the reference rounded to bf16 (one fp32 add on both sides),
+    // the backward reads a bf16 gradient (its values bf16's, against the reference on them)
+    floatX *d_out16 = device_alloc_n<floatX>(N * C);
+    poison(d_out16, N * C * sizeof(floatX));
+    encoder_forward(d_out16, d_inp, d_wte, with_wpe ? d_wpe : NULL, B, T, C, 0);
+    std::vector<float> ref16(N * C);
+    for (size_t i = 0; i < N * C; i++) ref16[i] = __bfloat162float(__float2bfloat16(ref[i]));
+    snprintf(name, sizeof(name), "encoder_forward bf16 stream B=%d T=%d C=%d wpe=%d", B, T, C, with_wpe);
+    compare_bits(name, download_bf16(d_out16, N * C), ref16);
+    std::vector<float> dout16 = random_bf16_values(N * C, 1.0f), dwte16_ref((size_t)Vp * C, 0.0f), dwpe16_ref((size_t)T * C, 0.0f);
+    encoder_backward(dwte16_ref.data(), with_wpe ? dwpe16_ref.data() : NULL, dout16.data(), inp.data(), B, T, C);
+    floatX *d_dout16 = upload_bf16(dout16);
+    cudaCheck(cudaMemset(d_dwte, 0, (size_t)Vp * C * sizeof(float)));
+    cudaCheck(cudaMemset(d_dwpe, 0, (size_t)T * C * sizeof(float)));
+    encoder_backward(d_dwte, with_wpe ? d_dwpe : NULL, d_dout16, d_inp, B, T, C, 0);
+    snprintf(name, sizeof(name), "encoder_backward bf16 stream dwte B=%d T=%d C=%d", B, T, C);
+    compare(name, download_f32(d_dwte, (size_t)Vp * C), dwte16_ref, TOL_F32);
+    if (with_wpe) {
+        snprintf(name, sizeof(name), "encoder_backward bf16 stream dwpe B=%d T=%d C=%d", B, T, C);
+        compare(name, download_f32(d_dwpe, (size_t)T * C), dwpe16_ref, TOL_F32);
+    }
+    cudaCheck(cudaFree(d_out16)); cudaCheck(cudaFree(d_dout16));
     cudaCheck(cudaFree(d_wte)); cudaCheck(cudaFree(d_wpe)); cudaCheck(cudaFree(d_inp)); cudaCheck(cudaFree(d_out));
     cudaCheck(cudaFree(d_dout)); cudaCheck(cudaFree(d_dwte)); cudaCheck(cudaFree(d_dwpe));
 }
@@ -50,6 +73,10 @@ int main(void) {
     float *d_out = device_alloc_n<float>(N * C), *d_dwte = device_alloc_n<float>((size_t)Vp * C), *d_dwpe = device_alloc_n<float>((size_t)T * C);
     float fwd = time_ms([&] { encoder_forward(d_out, d_inp, d_wte, d_wpe, B, T, C, 0); });
     float bwd = time_ms([&] { encoder_backward(d_dwte, d_dwpe, d_out, d_inp, B, T, C, 0); });
-    printf("time encoder B=%d T=%d C=%d: forward %.3f ms, backward %.3f ms\n", B, T, C, fwd, bwd);
+    floatX *d_out16 = device_alloc_n<floatX>(N * C);
+    float fwd16 = time_ms([&] { encoder_forward(d_out16, d_inp, d_wte, d_wpe, B, T, C, 0); });
+    float bwd16 = time_ms([&] { encoder_backward(d_dwte, d_dwpe, d_out16, d_inp, B, T, C, 0); });
+    printf("time encoder B=%d T=%d C=%d: forward %.3f ms, backward %.3f ms; bf16 stream: forward %.3f ms, backward %.3f ms\n",
+           B, T, C, fwd, bwd, fwd16, bwd16);
     return harness_finish("encoder");
 }

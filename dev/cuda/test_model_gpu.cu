@@ -10,8 +10,9 @@
  *   2. the fused training step (forward_backward, the classifier's gradient in the forward)
  *      against the CPU's forward + model_backward; two steps after one zero_grad against twice
  *      its gradients, and zero_grad alone against 0; the same step on the second stream (bit for
- *      bit), with the layers' norm-output gradients in fp32 instead of bf16, and with the
- *      attention's warpgroup kernels where they apply.
+ *      bit), with the layers' norm-output gradients in fp32 instead of bf16, with the residual
+ *      stream and its gradient in fp32 instead of bf16, and with the attention's warpgroup
+ *      kernels where they apply.
  *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families: the GPU's
  *      losses must follow the CPU's step by step, the loss must fall, and the downloaded
  *      parameters moved as far as on the CPU (the updates compared, relative to their size).
@@ -201,6 +202,20 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
     snprintf(what, sizeof(what), "%s %s norm-output gradients step all grads", label, gpu->dnorm_bf16 ? "bf16" : "fp32");
     compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
     gpu->dnorm_bf16 = !gpu->dnorm_bf16;
+
+    // the step with the residual stream and its gradient in the other precision (residual_bf16:
+    // bf16 by default, fp32 here, or the reverse) against the CPU
+    gpu->residual_bf16 = !gpu->residual_bf16;
+    cuda_model_poison(gpu);
+    cuda_model_zero_grad(gpu);
+    cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+    snprintf(what, sizeof(what), "%s %s residual stream step mean loss (%.5f vs %.5f)", label,
+             gpu->residual_bf16 ? "bf16" : "fp32", gpu->mean_loss, cpu.mean_loss);
+    compare(what, &gpu->mean_loss, &cpu.mean_loss, 1, TOL_LOSSES);
+    cuda_model_copy_grads(gpu, overlapped.data());
+    snprintf(what, sizeof(what), "%s %s residual stream step all grads", label, gpu->residual_bf16 ? "bf16" : "fp32");
+    compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
+    gpu->residual_bf16 = !gpu->residual_bf16;
 
     // the step with the attention's warpgroup (wgmma) kernels, where they apply, against the CPU:
     // the backward's invariant operands in registers (variant 1) or from shared memory (2)
