@@ -676,14 +676,15 @@ __global__ void flash_attention_backward_preprocess_kernel(float *D, const float
     }
 }
 
-// query rows per iteration of the dK/dV pass: 64, or 32 for HS = 128 so that the dK and dV
-// accumulators (2 x 64 registers) and the S^T, dP^T tiles fit in a thread's registers
-template <int HS> __host__ __device__ constexpr int flash_dkv_queries() { return HS >= 128 ? 32 : 64; }
-template <int HS, int WG = 0>
+// query rows per iteration of the dK/dV pass: 64, or 32 for HS = 128 or two key row tiles a
+// warp (RW = 2) so that the dK and dV accumulators (2 x 64 registers a row tile of HS = 128, or
+// 2 x 2 x 32 of two at HS = 64) and the S^T, dP^T tiles fit in a thread's registers
+template <int HS, int RW = 1> __host__ __device__ constexpr int flash_dkv_queries() { return HS >= 128 || RW == 2 ? 32 : 64; }
+template <int HS, int WG = 0, int RW = 1>
 constexpr size_t flash_dkv_smem() {
-    return (size_t)2 * FLASH_ROWS * (HS + FLASH_PAD) * sizeof(floatX) +
-           (size_t)4 * flash_dkv_queries<HS>() * (WG ? HS : HS + FLASH_PAD) * sizeof(floatX) +
-           4 * flash_dkv_queries<HS>() * sizeof(float);
+    return (size_t)2 * RW * FLASH_ROWS * (HS + FLASH_PAD) * sizeof(floatX) +
+           (size_t)4 * flash_dkv_queries<HS, RW>() * (WG ? HS : HS + FLASH_PAD) * sizeof(floatX) +
+           4 * flash_dkv_queries<HS, RW>() * sizeof(float);
 }
 
 // dK, dV: grid over (NKV, B, ceil(T / 64) tiles) in the order lpt picks (flash_block), block 128; the block owns key rows [k0, k0 + 64) of kv head
@@ -696,13 +697,22 @@ constexpr size_t flash_dkv_smem() {
 // the core-matrix layout, the same sums in the same order; with WG = 1 (and KVREG = 1) K and V
 // come from registers, with WG = 2 (KVREG = 0) from core-matrix tiles in shared memory as well,
 // which frees the fragments' 32 registers.
-template <int HS, int MINB = 0, int KVREG = 0, int WG = 0>
+// RW = 2 (HS = 64, mma.sync, K and V from shared memory): two row tiles of 16 keys a warp, as the
+// forward's, so the block owns 128 key rows (row tile r of warp w: k0 + r * 64 + w * 16 ...) and
+// every Q and dO fragment read from shared memory feeds two products instead of one, the price
+// being 32 queries an iteration. Each key row sums the same products in the same order as with
+// RW = 1 (the query tiles' 16-query blocks in turn; the second row tile's first 64 queries, which
+// RW = 1 never visits, are masked to P = 0 and add exact zeros), so both give bitwise the same
+// dK and dV (flash_dkv_row_tiles; the tuner keeps a candidate only if its bits agree).
+template <int HS, int MINB = 0, int KVREG = 0, int WG = 0, int RW = 1>
 __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_dkv_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
     int lpt) {
     static_assert(!WG || (HS == 64 && (WG == 1) == (KVREG == 1)),
                   "the warpgroup dK/dV pass takes head size 64, K and V in registers (WG 1) or not (WG 2)");
-    constexpr int BN = FLASH_ROWS, BM = flash_dkv_queries<HS>(), LDS = HS + FLASH_PAD;
+    static_assert(RW == 1 || (RW == 2 && HS == 64 && !WG && !KVREG),
+                  "two key row tiles a warp: head size 64, mma.sync products, K and V from shared memory");
+    constexpr int BN = RW * FLASH_ROWS, BM = flash_dkv_queries<HS, RW>(), LDS = HS + FLASH_PAD;
     constexpr int QS = WG ? BM * HS : BM * LDS;   // elements of one Q or dO stage
     floatX *sK = (floatX *)flash_dynamic_smem();
     floatX *sV = sK + BN * LDS;
@@ -718,7 +728,12 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
     const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
     const int n_q = (T + BM - 1) / BM - k0 / BM;   // query tiles at or after the key tile
     const int iterations = group * n_q;
-    const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;   // this thread's two key rows
+    int key0[RW], key1[RW];   // this thread's two key rows of each row tile
+    #pragma unroll
+    for (int r = 0; r < RW; r++) {
+        key0[r] = k0 + r * FLASH_ROWS + warp * 16 + g;
+        key1[r] = key0[r] + 8;
+    }
 
     // query head h's Q, dO rows [q0, q0 + BM) and their statistics into stage `stage`, Q and dO
     // in the layout the products read
@@ -743,11 +758,14 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
     load_q(0, kvh * group, k0);
     flash_cp_async_commit();
 
-    float dk[HS / 8][4], dv[HS / 8][4];
+    float dk_all[RW][HS / 8][4], dv_all[RW][HS / 8][4];
     #pragma unroll
-    for (int nd = 0; nd < HS / 8; nd++)
+    for (int r = 0; r < RW; r++)
         #pragma unroll
-        for (int e = 0; e < 4; e++) dk[nd][e] = dv[nd][e] = 0.0f;
+        for (int nd = 0; nd < HS / 8; nd++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) dk_all[r][nd][e] = dv_all[r][nd][e] = 0.0f;
+    float (&dk)[HS / 8][4] = dk_all[0], (&dv)[HS / 8][4] = dv_all[0];   // the warpgroup paths' (RW = 1)
     uint32_t k_frag[KVREG ? HS / 16 : 1][4], v_frag[KVREG ? HS / 16 : 1][4];   // KVREG
 
     for (int it = 0; it < iterations; it++) {
@@ -770,12 +788,15 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
             }
         }
 
-        // S^T = K Q^T and dP^T = V dO^T (16 keys x BM queries per warp)
-        float s[BM / 8][4], dp[BM / 8][4];
+        // S^T = K Q^T and dP^T = V dO^T (16 keys x BM queries per warp and row tile)
+        float s_all[RW][BM / 8][4], dp_all[RW][BM / 8][4];
         #pragma unroll
-        for (int nb = 0; nb < BM / 8; nb++)
+        for (int r = 0; r < RW; r++)
             #pragma unroll
-            for (int e = 0; e < 4; e++) s[nb][e] = dp[nb][e] = 0.0f;
+            for (int nb = 0; nb < BM / 8; nb++)
+                #pragma unroll
+                for (int e = 0; e < 4; e++) s_all[r][nb][e] = dp_all[r][nb][e] = 0.0f;
+        float (&s)[BM / 8][4] = s_all[0], (&dp)[BM / 8][4] = dp_all[0];   // the warpgroup paths' (RW = 1)
         if constexpr (WG) {
             flash_wgmma_fence();
             if constexpr (WG == 2) {
@@ -799,38 +820,50 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         } else {
             #pragma unroll
             for (int kk = 0; kk < HS / 16; kk++) {
-                uint32_t ka[4], va[4];
+                uint32_t ka[RW][4], va[RW][4];
                 if constexpr (KVREG) {
                     #pragma unroll
-                    for (int i = 0; i < 4; i++) { ka[i] = k_frag[kk][i]; va[i] = v_frag[kk][i]; }
+                    for (int i = 0; i < 4; i++) { ka[0][i] = k_frag[kk][i]; va[0][i] = v_frag[kk][i]; }
                 } else {
-                    flash_ldmatrix_x4(ka, flash_addr_a<LDS>(sK, warp * 16, kk * 16, lane));
-                    flash_ldmatrix_x4(va, flash_addr_a<LDS>(sV, warp * 16, kk * 16, lane));
+                    #pragma unroll
+                    for (int r = 0; r < RW; r++) {
+                        flash_ldmatrix_x4(ka[r], flash_addr_a<LDS>(sK, r * FLASH_ROWS + warp * 16, kk * 16, lane));
+                        flash_ldmatrix_x4(va[r], flash_addr_a<LDS>(sV, r * FLASH_ROWS + warp * 16, kk * 16, lane));
+                    }
                 }
                 #pragma unroll
                 for (int np = 0; np < BM / 16; np++) {
                     uint32_t qb[4], gb[4];
                     flash_ldmatrix_x4(qb, flash_addr_bt<LDS>(q_tile, np * 16, kk * 16, lane));
-                    flash_mma(s[2 * np], ka, qb[0], qb[1]);
-                    flash_mma(s[2 * np + 1], ka, qb[2], qb[3]);
+                    #pragma unroll
+                    for (int r = 0; r < RW; r++) {
+                        flash_mma(s_all[r][2 * np], ka[r], qb[0], qb[1]);
+                        flash_mma(s_all[r][2 * np + 1], ka[r], qb[2], qb[3]);
+                    }
                     flash_ldmatrix_x4(gb, flash_addr_bt<LDS>(g_tile, np * 16, kk * 16, lane));
-                    flash_mma(dp[2 * np], va, gb[0], gb[1]);
-                    flash_mma(dp[2 * np + 1], va, gb[2], gb[3]);
+                    #pragma unroll
+                    for (int r = 0; r < RW; r++) {
+                        flash_mma(dp_all[r][2 * np], va[r], gb[0], gb[1]);
+                        flash_mma(dp_all[r][2 * np + 1], va[r], gb[2], gb[3]);
+                    }
                 }
             }
         }
 
         // P^T = exp(s - lse) (masked: query before the key, or past T), dS^T = P^T (dP^T - D)
-        const bool need_mask = q0 < k0 + BN || q0 + BM > T;
         #pragma unroll
-        for (int nb = 0; nb < BM / 8; nb++) {
+        for (int r = 0; r < RW; r++) {
+            const bool need_mask = q0 < k0 + (r + 1) * FLASH_ROWS || q0 + BM > T;
             #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int qi = nb * 8 + 2 * c + (e & 1), query = q0 + qi;
-                float p = flash_exp2(s[nb][e] * scale_log2 - l_tile[qi] * FLASH_LOG2E);
-                if (need_mask && (query < (e < 2 ? key0 : key1) || query >= T)) p = 0.0f;
-                s[nb][e] = p;
-                dp[nb][e] = p * (dp[nb][e] - d_tile[qi]);
+            for (int nb = 0; nb < BM / 8; nb++) {
+                #pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int qi = nb * 8 + 2 * c + (e & 1), query = q0 + qi;
+                    float p = flash_exp2(s_all[r][nb][e] * scale_log2 - l_tile[qi] * FLASH_LOG2E);
+                    if (need_mask && (query < (e < 2 ? key0[r] : key1[r]) || query >= T)) p = 0.0f;
+                    s_all[r][nb][e] = p;
+                    dp_all[r][nb][e] = p * (dp_all[r][nb][e] - d_tile[qi]);
+                }
             }
         }
 
@@ -852,18 +885,27 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         } else {
             #pragma unroll
             for (int kb = 0; kb < BM / 16; kb++) {
-                uint32_t pa[4], dsa[4];
-                flash_acc_to_a<BM / 8>(pa, s, kb);
-                flash_acc_to_a<BM / 8>(dsa, dp, kb);
+                uint32_t pa[RW][4], dsa[RW][4];
+                #pragma unroll
+                for (int r = 0; r < RW; r++) {
+                    flash_acc_to_a<BM / 8>(pa[r], s_all[r], kb);
+                    flash_acc_to_a<BM / 8>(dsa[r], dp_all[r], kb);
+                }
                 #pragma unroll
                 for (int dd = 0; dd < HS / 16; dd++) {
                     uint32_t gb[4], qb[4];
                     flash_ldmatrix_x4_trans(gb, flash_addr_b<LDS>(g_tile, kb * 16, dd * 16, lane));
-                    flash_mma(dv[2 * dd], pa, gb[0], gb[1]);
-                    flash_mma(dv[2 * dd + 1], pa, gb[2], gb[3]);
+                    #pragma unroll
+                    for (int r = 0; r < RW; r++) {
+                        flash_mma(dv_all[r][2 * dd], pa[r], gb[0], gb[1]);
+                        flash_mma(dv_all[r][2 * dd + 1], pa[r], gb[2], gb[3]);
+                    }
                     flash_ldmatrix_x4_trans(qb, flash_addr_b<LDS>(q_tile, kb * 16, dd * 16, lane));
-                    flash_mma(dk[2 * dd], dsa, qb[0], qb[1]);
-                    flash_mma(dk[2 * dd + 1], dsa, qb[2], qb[3]);
+                    #pragma unroll
+                    for (int r = 0; r < RW; r++) {
+                        flash_mma(dk_all[r][2 * dd], dsa[r], qb[0], qb[1]);
+                        flash_mma(dk_all[r][2 * dd + 1], dsa[r], qb[2], qb[3]);
+                    }
                 }
             }
         }
@@ -872,8 +914,11 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
 
     // K and V are no longer read (the loop ended on a barrier): stage dK, dV there, then store
     // (WG 2: their (BN, LDS) regions are as large as in the padded layout)
-    flash_stage_acc<HS, LDS>(sK, dk, warp * 16, scale, scale, lane);
-    flash_stage_acc<HS, LDS>(sV, dv, warp * 16, 1.0f, 1.0f, lane);
+    #pragma unroll
+    for (int r = 0; r < RW; r++) {
+        flash_stage_acc<HS, LDS>(sK, dk_all[r], r * FLASH_ROWS + warp * 16, scale, scale, lane);
+        flash_stage_acc<HS, LDS>(sV, dv_all[r], r * FLASH_ROWS + warp * 16, 1.0f, 1.0f, lane);
+    }
     __syncthreads();
     flash_store_tile<BN, HS>(dqkv, sK, b, k0, T, QKV, (NH + kvh) * HS);
     flash_store_tile<BN, HS>(dqkv, sV, b, k0, T, QKV, (NH + NKV + kvh) * HS);
@@ -1147,6 +1192,8 @@ static int flash_dkv_min_blocks = 0;
 // compiler's registers, flash_dkv_min_blocks 0), the one-tile dQ pass's Q and dO. 0 or 1.
 static int flash_dkv_kv_regs = 0;
 static int flash_dq_q_regs = 0;
+// Key row tiles a warp in the dK/dV pass (head size 64): 1, or 2 (flash_attention_backward_dkv_kernel).
+static int flash_dkv_row_tiles = 1;
 // Grid order of the forward's and the backward's launches: 0 grouped, 1 lpt (header comment).
 static int flash_forward_lpt = 0;
 static int flash_backward_lpt = 0;
@@ -1244,19 +1291,19 @@ static inline cudaStream_t flash_side_stream(cudaEvent_t *fork, cudaEvent_t *joi
     return side;
 }
 
-template <int HS, int DQ_RW, int DQ_QREG, int DKV_MINB, int DKV_KVREG, int DQ_WG = 0, int DKV_WG = 0>
+template <int HS, int DQ_RW, int DQ_QREG, int DKV_MINB, int DKV_KVREG, int DQ_WG = 0, int DKV_WG = 0, int DKV_RW = 1>
 static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                                    const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                                    cudaStream_t stream) {
     static bool dkv_set = false, dq_set = false;
-    constexpr size_t dkv_smem = flash_dkv_smem<HS, DKV_WG>(), dq_smem = flash_dq_smem<HS, DQ_RW, DQ_WG>();
-    flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG>, dkv_smem, &dkv_set);
+    constexpr size_t dkv_smem = flash_dkv_smem<HS, DKV_WG, DKV_RW>(), dq_smem = flash_dq_smem<HS, DQ_RW, DQ_WG>();
+    flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW>, dkv_smem, &dkv_set);
     flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG>, dq_smem, &dq_set);
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
     cudaCheckLaunch();
     const int lpt = flash_backward_lpt;
-    dim3 grid_kv = flash_grid(lpt, NKV, B, ceil_div(T, FLASH_ROWS)), grid_q = flash_grid(lpt, NH, B, ceil_div(T, DQ_RW * FLASH_ROWS));
+    dim3 grid_kv = flash_grid(lpt, NKV, B, ceil_div(T, DKV_RW * FLASH_ROWS)), grid_q = flash_grid(lpt, NH, B, ceil_div(T, DQ_RW * FLASH_ROWS));
     cudaStream_t kv_stream = stream;
     cudaEvent_t fork, join;
     if (flash_backward_side_by_side) {
@@ -1264,7 +1311,7 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
         cudaCheck(cudaEventRecord(fork, stream));
         cudaCheck(cudaStreamWaitEvent(kv_stream, fork, 0));
     }
-    flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG><<<grid_kv, FLASH_THREADS, dkv_smem, kv_stream>>>(
+    flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW><<<grid_kv, FLASH_THREADS, dkv_smem, kv_stream>>>(
         dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
     cudaCheckLaunch();
     flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG><<<grid_q, FLASH_THREADS, dq_smem, stream>>>(
@@ -1276,14 +1323,15 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     }
 }
 
-// The head-size-64 backward with the dQ pass's variant fixed, the dK/dV pass's picked: 4 warpgroup
-// products (K and V from shared memory), 3 warpgroup products (K and V in registers), 2 three
-// blocks an SM, 1 K and V in registers, 0 the compiler's choice.
+// The head-size-64 backward with the dQ pass's variant fixed, the dK/dV pass's picked: 5 two key
+// row tiles a warp, 4 warpgroup products (K and V from shared memory), 3 warpgroup products (K
+// and V in registers), 2 three blocks an SM, 1 K and V in registers, 0 the compiler's choice.
 template <int DQ_RW, int DQ_QREG, int DQ_WG>
 static inline void flash_backward_dkv_pick(int dkv, floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                            const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                            cudaStream_t stream) {
     switch (dkv) {
+    case 5: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     case 4: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     case 3: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     case 2: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 3, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
@@ -1303,11 +1351,12 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
         return;
     }
     // head size 64: the dQ pass (warpgroup products with Q and dO from shared memory or from
-    // registers; 2 row tiles; 1 with Q and dO in registers; 1) and the dK/dV pass (warpgroup
-    // products with K and V from shared memory or registers; 3 blocks an SM; K and V in
-    // registers; the compiler's choice)
+    // registers; 2 row tiles; 1 with Q and dO in registers; 1) and the dK/dV pass (two key row
+    // tiles a warp; warpgroup products with K and V from shared memory or registers; 3 blocks an
+    // SM; K and V in registers; the compiler's choice)
     int dq = flash_dq_wgmma ? 2 + flash_dq_wgmma : flash_dq_row_tiles == 2 ? 2 : flash_dq_q_regs ? 1 : 0;
-    int dkv = flash_dkv_wgmma ? 2 + flash_dkv_wgmma : flash_dkv_min_blocks == 3 ? 2 : flash_dkv_kv_regs ? 1 : 0;
+    int dkv = flash_dkv_row_tiles == 2 ? 5 : flash_dkv_wgmma ? 2 + flash_dkv_wgmma : flash_dkv_min_blocks == 3 ? 2
+              : flash_dkv_kv_regs ? 1 : 0;
     switch (dq) {
     case 4: flash_backward_dkv_pick<1, 0, 2>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
     case 3: flash_backward_dkv_pick<1, 1, 1>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
@@ -1325,8 +1374,9 @@ typedef struct {
     int forward_row_tiles, forward_min_blocks, forward_lpt;
     int dq_row_tiles, dq_q_regs, dkv_min_blocks, dkv_kv_regs, side_by_side, backward_lpt;
     int forward_wgmma, dq_wgmma, dkv_wgmma;
+    int dkv_row_tiles;
 } FlashConfig;
-static const FlashConfig flash_default_config = {1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0};
+static const FlashConfig flash_default_config = {1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1};
 
 // What a tuning chose, what it measured, and what the defaults measured in the same run.
 typedef struct {
@@ -1358,12 +1408,13 @@ static inline void flash_set_config(const FlashConfig *c) {
     flash_forward_wgmma = c->forward_wgmma;
     flash_dq_wgmma = c->dq_wgmma;
     flash_dkv_wgmma = c->dkv_wgmma;
+    flash_dkv_row_tiles = c->dkv_row_tiles;
 }
 
 // "forward 2 row tiles, lpt grid; backward 1 dQ row tile, dK/dV at 3 blocks an SM, passes side
 // by side, grouped grid" into buf
 static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) {
-    snprintf(buf, size, "forward %s%d row tile%s%s, %s grid; backward %s%d dQ row tile%s%s%s%s, passes %s, %s grid",
+    snprintf(buf, size, "forward %s%d row tile%s%s, %s grid; backward %s%d dQ row tile%s%s%s%s%s, passes %s, %s grid",
              c->forward_wgmma ? "wgmma, " : "", c->forward_row_tiles, c->forward_row_tiles > 1 ? "s" : "",
              c->forward_min_blocks > 1 ? " at 4 blocks an SM" : "", c->forward_lpt ? "lpt" : "grouped",
              c->dq_wgmma == 2 ? "wgmma dQ (Q, dO from shared memory), " : c->dq_wgmma ? "wgmma dQ, " : "",
@@ -1372,6 +1423,7 @@ static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) 
              c->dkv_wgmma == 2 ? ", wgmma dK/dV (K, V from shared memory)" : c->dkv_wgmma ? ", wgmma dK/dV"
              : c->dkv_min_blocks > 1 ? ", dK/dV at 3 blocks an SM" : "",
              c->dkv_kv_regs && !c->dkv_wgmma ? ", dK/dV with K and V in registers" : "",
+             c->dkv_row_tiles > 1 ? ", dK/dV with 2 key row tiles" : "",
              c->side_by_side ? "side by side" : "in turn", c->backward_lpt ? "lpt" : "grouped");
 }
 
@@ -1380,7 +1432,7 @@ static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) 
 // and never the numbers (and two runs give the same results whatever each picked): the forward
 // (1 row tile a warp, 1 with 4 blocks an SM, 2 row tiles; grouped or lpt grid), then the
 // backward (dQ with 1 row tile, 1 with Q and dO in registers, or 2; dK/dV as compiled, with K
-// and V in registers, or at 3 blocks an SM; the two passes side by side or in turn; grouped or
+// and V in registers, at 3 blocks an SM, or with 2 key row tiles a warp; the two passes side by side or in turn; grouped or
 // lpt grid); head size 128 has one row tile and the compiler's registers.
 // Every candidate runs once and its output is fingerprinted against the defaults'; a candidate
 // that differs is not timed. Overwrites the buffers it is given (sized for the shape: qkv, out,
@@ -1438,7 +1490,7 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
 
     // warpgroup products where enabled and the device runs the sm_90a image (head size 64)
     const int wg = HS == 64 && flash_tune_wgmma_enabled() && flash_wgmma_supported();
-    FlashConfig cands[100];
+    FlashConfig cands[128];
     int n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
         for (int v = 0; v < (HS == 64 ? 3 + wg : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1); wgmma
@@ -1454,15 +1506,16 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
     n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
         for (int dq = 0; dq < (HS == 64 ? 3 + 2 * wg : 1); dq++)           // 1 row tile, 1 with Q and dO in registers, 2; wgmma 1, 2
-            for (int dkv = 0; dkv < (HS == 64 ? 3 + 2 * wg : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM; wgmma 1, 2
+            for (int dkv = 0; dkv < (HS == 64 ? 4 + 2 * wg : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM, 2 row tiles; wgmma 1, 2
                 for (int side = 1; side >= 0; side--) {
                     FlashConfig c = flash_default_config;
                     c.dq_row_tiles = dq == 2 ? 2 : 1;
                     c.dq_q_regs = dq == 1 || dq == 3;
                     c.dq_wgmma = dq >= 3 ? dq - 2 : 0;
-                    c.dkv_kv_regs = dkv == 1 || dkv == 3;
+                    c.dkv_kv_regs = dkv == 1 || dkv == 4;
                     c.dkv_min_blocks = dkv == 2 ? 3 : 0;
-                    c.dkv_wgmma = dkv >= 3 ? dkv - 2 : 0;
+                    c.dkv_row_tiles = dkv == 3 ? 2 : 1;
+                    c.dkv_wgmma = dkv >= 4 ? dkv - 3 : 0;
                     c.side_by_side = side;
                     c.backward_lpt = lpt;
                     cands[n++] = c;

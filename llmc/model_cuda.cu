@@ -680,6 +680,7 @@ extern "C" int cuda_model_attention_wgmma(CudaModel *model, int variant) {
     f.forward_row_tiles = f.dq_row_tiles = 1;
     f.forward_min_blocks = f.dkv_min_blocks = 0;
     f.dq_q_regs = f.dkv_kv_regs = variant == 1;
+    f.dkv_row_tiles = 1;
     d->flash_config = f;
     return 1;
 }

@@ -26,7 +26,8 @@
  *     IN : int32 B, T, NH, NKV, HS, RW, DQ_RW (the row tiles per warp of the forward and of the
  *          backward's dQ pass, each 1 or 2 with HS 64), lpt (the grid order, 0 grouped or 1
  *          lpt, for all three kernels), qreg and kvreg (1: the dQ pass's Q and dO fragments,
- *          the dK/dV pass's K and V fragments held in registers; HS 64), wg (bits 0, 1, 2: the
+ *          the dK/dV pass's K and V fragments held in registers; kvreg 2: the dK/dV pass with
+ *          two key row tiles a warp; HS 64), wg (bits 0, 1, 2: the
  *          forward, the dQ pass, the dK/dV pass with warpgroup products; bits 3, 4: the dQ and
  *          dK/dV passes with warpgroup products reading every operand from shared memory; HS
  *          64, one row tile each), eager (1: the forward's softmax reference is the running max,
@@ -245,25 +246,34 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *q
             launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, 1, 2>(),
                    [=] { flash_attention_backward_dq_kernel<HS, 1, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
     }
-    if (!wg_ok || !(wg & (4 | 16)))
+    if constexpr (KVREG == 2) {   // two key row tiles a warp: blocks of 128 key rows
+        Dim3 grid_kv2 = grid_of(lpt, NKV, B, (T + 2 * FLASH_ROWS - 1) / (2 * FLASH_ROWS));
+        launch(grid_kv2, FLASH_THREADS, flash_dkv_smem<HS, 0, 2>(),
+               [=] { flash_attention_backward_dkv_kernel<HS, 0, 0, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+    } else if (!wg_ok || !(wg & (4 | 16))) {
         launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
                [=] { flash_attention_backward_dkv_kernel<HS, 0, KVREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+    }
     if (!wg_ok || !(wg & (2 | 8)))
         launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(),
                [=] { flash_attention_backward_dq_kernel<HS, DQ_RW, QREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
 }
 
 // run<64, RW, ...> for the backward's variants: dQ row tiles, Q and dO in registers (one row
-// tile), K and V in registers
+// tile), the dK/dV pass's K and V in registers (kvreg 1) or two key row tiles a warp (kvreg 2)
+template <int RW, int KVREG>
+static void run64_kv(int DQ_RW, int qreg, floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv,
+                     const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg) {
+    if (DQ_RW == 2) run<64, RW, 2, 0, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else if (qreg) run<64, RW, 1, 1, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else run<64, RW, 1, 0, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+}
 template <int RW>
 static void run64(int DQ_RW, int qreg, int kvreg, floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv,
                   const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg) {
-    if (DQ_RW == 2 && kvreg) run<64, RW, 2, 0, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else if (DQ_RW == 2) run<64, RW, 2, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else if (qreg && kvreg) run<64, RW, 1, 1, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else if (qreg) run<64, RW, 1, 1, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else if (kvreg) run<64, RW, 1, 0, 1>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else run<64, RW, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    if (kvreg == 2) run64_kv<RW, 2>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else if (kvreg) run64_kv<RW, 1>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    else run64_kv<RW, 0>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
 }
 
 int main(int argc, char **argv) {
@@ -281,7 +291,7 @@ int main(int argc, char **argv) {
     if (dims[11]) flash_forward_max_slack = 0.0f;
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
         (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64) ||
-        ((qreg || kvreg) && HS != 64) || (qreg && DQ_RW != 1) || wg < 0 || wg > 31 || (wg & 10) == 10 || (wg & 20) == 20 ||
+        ((qreg || kvreg) && HS != 64) || kvreg < 0 || kvreg > 2 || (kvreg == 2 && (wg & (4 | 16))) || (qreg && DQ_RW != 1) || wg < 0 || wg > 31 || (wg & 10) == 10 || (wg & 20) == 20 ||
         (wg && (HS != 64 || RW != 1 || DQ_RW != 1))) {
         fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d\n", argv[1], B, T, NH,
                 NKV, HS, RW, DQ_RW);

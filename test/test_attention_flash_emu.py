@@ -203,6 +203,27 @@ def test_flash_register_fragments(emulator, tmp_path, shape):
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 64, 1.0, 1, 1), (2, 37, 2, 2, 64, 1.0, 1, 1), (1, 200, 3, 1, 64, 4.0, 1, 1),
+                                   (1, 300, 6, 2, 64, 1.0, 1, 2), (1, 256, 2, 2, 64, 1.0, 1, 1)],
+                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s)
+def test_flash_dkv_two_key_row_tiles(emulator, tmp_path, shape):
+    """The dK/dV pass with two key row tiles a warp (blocks of 128 keys, 32 queries an iteration)
+    gives the one-tile pass's bits: T of 1 (the second row tile wholly past T), 37 (one block, partly
+    past T), 200 and 300 (a last block whose second row tile is partly or wholly past T; grouped
+    heads), 256 (whole blocks), in both grid orders; with the copies landing early it matches the
+    oracle. A mutation that unmasks the second row tile's first queries (which the one-tile pass
+    never visits) would add their products and fail the bit comparison."""
+    B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
+    for lpt in (0, 1):
+        plain = run_emulator(emulator, tmp_path, shape, "late", lpt=lpt)
+        got = run_emulator(emulator, tmp_path, shape, "late", lpt=lpt, kvreg=2)
+        differ = int(np.count_nonzero(got[4].view(np.uint32) != plain[4].view(np.uint32)))
+        assert differ == 0, f"lpt={lpt}: {differ} of {got[4].size} dqkv elements differ from the one-tile pass"
+    qkv, dout, _, _, dqkv = run_emulator(emulator, tmp_path, shape, "early", kvreg=2)
+    if T > 1:
+        assert rel_err(dqkv, oracle(qkv, dout, NH, NKV, HS)[2]) < 1.5e-2
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 64, 1.0, 1, 1), (2, 37, 2, 2, 64, 1.0, 1, 1), (1, 200, 3, 1, 64, 4.0, 1, 1),
                                    (1, 256, 2, 2, 64, 1.0, 1, 1)],
                          ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s)
 def test_flash_wgmma(emulator, tmp_path, shape):

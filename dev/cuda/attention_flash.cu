@@ -7,7 +7,8 @@
  *     only (the whole batch would take minutes of CPU time), the GPU on the whole batch;
  *   - against the simple CUDA kernels of attention.cuh on the whole batch (every element);
  *   - bitwise repeatability of forward and backward (the backward uses no atomics), and the
- *     backward with two row tiles a warp in the dQ pass bitwise equal to the one-tile backward;
+ *     backward with two row tiles a warp in the dQ pass, or two key row tiles a warp in the dK/dV
+ *     pass, bitwise equal to the one-tile backward;
  *   - where the device runs the sm_90a code, first the warpgroup product (wgmma) in each form the
  *     kernels use against the CPU, then the warpgroup kernels against the mma.sync
  *     ones (and how many elements differ in their bits, which decides whether the tuner may
@@ -176,6 +177,14 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
         flash_dq_row_tiles = 1;
         snprintf(name, sizeof(name), "flash dQ 2 row tiles %s dqkv", label);
+        compare_bits(name, download_bf16(d_dqkv, n_qkv), dqkv[0]);
+        // the dK/dV pass with two key row tiles per warp: each key row sums the same products in
+        // the same order (the extra masked queries add exact zeros), so again the same bits
+        flash_dkv_row_tiles = 2;
+        poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
+        attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
+        flash_dkv_row_tiles = 1;
+        snprintf(name, sizeof(name), "flash dK/dV 2 key row tiles %s dqkv", label);
         compare_bits(name, download_bf16(d_dqkv, n_qkv), dqkv[0]);
     }
     if (HS == 64) {   // the forward with two row tiles per warp against the one-tile forward
@@ -366,6 +375,22 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
                        model, bwd, bwd_flops / bwd / 1e9, bwd2, bwd_flops / bwd2 / 1e9);
                 printf("time attention flash  %-13s backward passes one after the other with 1 dQ row tile a warp %7.3f ms, with 2 %7.3f ms\n",
                        model, serial, serial2);
+                // the dK/dV pass with two key row tiles per warp, both ways as above
+                flash_dkv_row_tiles = 2;
+                float bwd_kv2 = time_ms([&] {
+                    i = (i + 1) % SETS;
+                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+                }, 3, 20);
+                flash_backward_side_by_side = 0;
+                float serial_kv2 = time_ms([&] {
+                    i = (i + 1) % SETS;
+                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+                }, 3, 20);
+                flash_backward_side_by_side = 1;
+                flash_dkv_row_tiles = 1;
+                printf("time attention flash  %-13s backward with 1 dK/dV key row tile a warp %7.3f ms, with 2 %7.3f ms (%6.1f TFLOP/s); "
+                       "passes one after the other %7.3f ms, with 2 %7.3f ms\n",
+                       model, bwd, bwd_kv2, bwd_flops / bwd_kv2 / 1e9, serial, serial_kv2);
             }
         }
     }
