@@ -95,13 +95,13 @@ static inline uint32_t pointer_alignment(const void *p) {
 // equals the first choice's bit for bit (fingerprinted; so the choice changes the speed and never
 // the numbers, and two runs give the same results whatever each picked), times them, and
 // remembers the fastest for the shape. Later products of the shape run it. Not while the stream
-// is being captured into a graph. With beta != 0 the output is an input too: it is saved first
-// and put back before each checked run and before the product itself.
+// is being captured into a graph. With beta != 0 and the output its own addend (C = D) it is an
+// input too: it is saved first and put back before each checked run and before the product itself.
 #define MATMUL_TUNE_MAX 128   // shapes tuned per file that includes this header (a rollout engine tunes 5 a row count)
 typedef struct {
     // the shape, as matmul_cublaslt_try takes it, and the operands' alignments
     int m, n, k, trans_a, trans_b, d_is_f32, epilogue, has_bias, accumulate;
-    uint32_t align_a, align_b, align_d;
+    uint32_t align_a, align_b, align_c, align_d;   // align_c: the addend's when it is not D (else 0)
     cublasLtMatmulAlgo_t algo;   // the choice
     int chosen;                  // its rank among the heuristic's candidates (0: the first choice)
     int candidates, differed;    // offered; of those, how many gave other bits (or failed to run)
@@ -116,7 +116,7 @@ static inline int matmul_tune_same(const MatmulTuneEntry *e, const MatmulTuneEnt
     return e->m == key->m && e->n == key->n && e->k == key->k && e->trans_a == key->trans_a &&
            e->trans_b == key->trans_b && e->d_is_f32 == key->d_is_f32 && e->epilogue == key->epilogue &&
            e->has_bias == key->has_bias && e->accumulate == key->accumulate && e->align_a == key->align_a &&
-           e->align_b == key->align_b && e->align_d == key->align_d;
+           e->align_b == key->align_b && e->align_c == key->align_c && e->align_d == key->align_d;
 }
 static inline MatmulTuneEntry *matmul_tune_find(const MatmulTuneEntry *key) {
     for (int i = 0; i < matmul_tune_count; i++)
@@ -126,13 +126,14 @@ static inline MatmulTuneEntry *matmul_tune_find(const MatmulTuneEntry *key) {
 
 // Runs the heuristic's candidates (returned of them) for the product described by op and the
 // layouts, on its own operands, and records the choice in a new entry (key's shape). d (d_bytes)
-// is the output and aux (aux_bytes; NULL when the epilogue writes none) the GELU pre-activation
-// output. Returns the entry, or NULL when nothing could be tuned (no memory to save d, or the
+// is the output, c the addend (d itself for an accumulation in place), and aux (aux_bytes; NULL
+// when the epilogue writes none) the GELU pre-activation output. Returns the entry, or NULL when nothing could be tuned (no memory to save d, or the
 // table is full): the caller then runs the first choice.
 static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, cublasLtMatmulDesc_t op,
                                                    cublasLtMatrixLayout_t layout_a, cublasLtMatrixLayout_t layout_b,
                                                    cublasLtMatrixLayout_t layout_d, const void *a, const void *b,
-                                                   void *d, size_t d_bytes, const void *aux, size_t aux_bytes, float beta,
+                                                   const void *c, void *d, size_t d_bytes, const void *aux,
+                                                   size_t aux_bytes, float beta,
                                                    const cublasLtMatmulHeuristicResult_t *heuristics, int returned,
                                                    cudaStream_t stream) {
     if (matmul_tune_count >= MATMUL_TUNE_MAX) return NULL;
@@ -141,7 +142,7 @@ static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, c
     const int small = (double)key->m * key->n * key->k < 1e9;
     const int reps = small ? 20 : 5, hold_us = small ? 1000 : 0;
     void *saved = NULL;
-    if (beta != 0.0f) {
+    if (beta != 0.0f && c == d) {
         if (cudaMalloc(&saved, d_bytes) != cudaSuccess) {
             (void)cudaGetLastError();   // out of memory is no error of the run: the first choice runs
             return NULL;
@@ -152,7 +153,7 @@ static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, c
     float alpha = 1.0f;
     void *workspace = matmul_workspace_for(stream);
     auto run = [&](int i) {
-        return cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
+        return cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, c, layout_d, d, layout_d,
                               &heuristics[i].algo, workspace, matmul_lt_workspace_size, stream);
     };
     MatmulTuneEntry e = *key;
@@ -204,7 +205,8 @@ static inline void matmul_tune_print(FILE *out, int from) {
         fprintf(out, "  cuBLASLt m=%-6d n=%-6d k=%-6d %c%c %s%s%s: candidate %2d of %2d (%2d differed) %8.4f ms, first choice %8.4f ms\n",
                 e->m, e->n, e->k, e->trans_a ? 'T' : 'N', e->trans_b ? 'T' : 'N', e->d_is_f32 ? "f32" : "bf16",
                 e->epilogue == CUBLASLT_EPILOGUE_DEFAULT ? "" : e->epilogue == CUBLASLT_EPILOGUE_BIAS ? " bias"
-                : e->epilogue == CUBLASLT_EPILOGUE_DGELU ? " dgelu" : " gelu", e->accumulate ? " +=" : "",
+                : e->epilogue == CUBLASLT_EPILOGUE_DGELU ? " dgelu" : " gelu",
+                !e->accumulate ? "" : e->align_c ? " + residual" : " +=",
                 e->chosen, e->candidates, e->differed, e->ms, e->default_ms);
     }
 }
@@ -222,9 +224,10 @@ static inline void matmul_tune_describe(char *buf, size_t size, int from) {
              matmul_tune_count - from, matmul_tune_count - from == 1 ? "" : "s", changed, default_ms, ms);
 }
 
-// Column-major D (m, n) = alpha * op(A) op(B) + beta * D, with optional epilogue:
+// Column-major D (m, n) = alpha * op(A) op(B) + beta * C, with optional epilogue:
 //   A (m, k), or stored (k, m) when trans_a;  B (k, n), or stored (n, k) when trans_b.
-//   d_is_f32: D is fp32 (else bf16). beta 0 overwrites D, 1 accumulates into it.
+//   d_is_f32: D is fp32 (else bf16). beta 0 overwrites D, 1 adds C: D itself (accumulates into
+//   it) unless c is given, a matrix like D (the residual stream a projection adds to).
 //   bias (m) bf16 or NULL: added to every column (bf16 D only).
 //   gelu_pre (m, n) bf16 or NULL: D = gelu(op(A) op(B) + bias) and gelu_pre gets the
 //   pre-activation (the GELU_AUX epilogue; needs m % 8 == 0 and bf16 D); with gelu_backward set,
@@ -232,8 +235,9 @@ static inline void matmul_tune_describe(char *buf, size_t size, int from) {
 // Returns 0 when cuBLASLt has no algorithm for the product (nothing is launched), else 1.
 static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, const floatX *b, const floatX *bias,
                                       floatX *gelu_pre, int gelu_backward, int m, int n, int k, int trans_a, int trans_b,
-                                      float beta, cudaStream_t stream) {
+                                      float beta, cudaStream_t stream, const void *c = NULL) {
     matmul_setup();
+    if (c == NULL) c = d;
     cudaRequire(m > 0 && n > 0 && k > 0, "matmul_cublaslt: every dimension must be positive");
     cudaRequire(!(bias || gelu_pre) || !d_is_f32, "matmul_cublaslt: bias/GELU epilogues need a bf16 output");
     cudaRequire(!gelu_pre || m % 8 == 0, "matmul_cublaslt: the GELU epilogue needs m % 8 == 0");
@@ -275,16 +279,17 @@ static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, co
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                      &matmul_lt_workspace_size, sizeof(matmul_lt_workspace_size)));
     uint32_t align_a = pointer_alignment(a), align_b = pointer_alignment(b), align_d = pointer_alignment(d);
+    uint32_t align_c = pointer_alignment(c);
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
 
     MatmulTuneEntry key;
     memset(&key, 0, sizeof(key));
     key.m = m; key.n = n; key.k = k; key.trans_a = trans_a; key.trans_b = trans_b; key.d_is_f32 = d_is_f32;
     key.epilogue = (int)epilogue; key.has_bias = bias != NULL; key.accumulate = beta != 0.0f;
-    key.align_a = align_a; key.align_b = align_b; key.align_d = align_d;
+    key.align_a = align_a; key.align_b = align_b; key.align_c = c == d ? 0 : align_c; key.align_d = align_d;
     const MatmulTuneEntry *tuned = matmul_lt_candidate == 0 ? matmul_tune_find(&key) : NULL;
     int tune_now = 0;
     if (!tuned && matmul_tune && matmul_lt_candidate == 0 && matmul_tune_count < MATMUL_TUNE_MAX) {
@@ -314,7 +319,7 @@ static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, co
             if (tune_now) {
                 size_t d_bytes = (size_t)m * n * (d_is_f32 ? sizeof(float) : sizeof(floatX));
                 int aux_out = gelu_pre && !gelu_backward;
-                const MatmulTuneEntry *e = matmul_tune_product(&key, op, layout_a, layout_b, layout_d, a, b, d, d_bytes,
+                const MatmulTuneEntry *e = matmul_tune_product(&key, op, layout_a, layout_b, layout_d, a, b, c, d, d_bytes,
                                                                aux_out ? gelu_pre : NULL, aux_out ? d_bytes : 0, beta,
                                                                heuristics, returned, stream);
                 if (e && matmul_tune_use) algo = &e->algo;
@@ -324,7 +329,7 @@ static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, co
     if (ok) {
         matmul_lt_last_algo = *algo;
         float alpha = 1.0f;
-        cublasCheck(cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d, d, layout_d,
+        cublasCheck(cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, c, layout_d, d, layout_d,
                                    algo, matmul_workspace_for(stream), matmul_lt_workspace_size, stream));
     }
     cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
@@ -351,6 +356,16 @@ static inline void matmul_cublaslt(void *d, int d_is_f32, const floatX *a, const
 static inline void matmul_forward(floatX *out, const floatX *inp, const floatX *weight, const floatX *bias,
                                   floatX *gelu_pre, int M, int IC, int OC, cudaStream_t stream) {
     matmul_cublaslt(out, 0, weight, inp, bias, gelu_pre, OC, M, IC, 1, 0, 0.0f, stream);
+}
+
+// out (M, OC) bf16 = res (M, OC) bf16 + inp (M, IC) @ weight (OC, IC)^T + bias (OC; may be NULL),
+// rounded once: a projection whose output is added to a bf16 residual stream, the add in the
+// product's epilogue (out must not alias res). Returns 0, launching nothing, when cuBLASLt offers
+// no algorithm for it: the caller then runs matmul_forward and adds separately.
+static inline int matmul_forward_add(floatX *out, const floatX *res, const floatX *inp, const floatX *weight,
+                                     const floatX *bias, int M, int IC, int OC, cudaStream_t stream) {
+    cudaRequire(out != res, "matmul_forward_add: out aliases res");
+    return matmul_cublaslt_try(out, 0, weight, inp, bias, NULL, 0, OC, M, IC, 1, 0, 1.0f, stream, res);
 }
 
 // Backward of matmul_forward given dout (M, OC) bf16:

@@ -19,7 +19,9 @@
  * both in fp32 (the buffers are allocated for fp32, so a model can switch between forwards). Products take bf16 operands and accumulate in
  * fp32; parameter gradients are fp32 and accumulated in place by the products (beta = 1).
  *
- * Fusions. Each residual add is fused with the norm that follows it (layernorm.cuh); the norm
+ * Fusions. Each residual add is fused with the norm that follows it (layernorm.cuh), or with a
+ * bf16 stream made the epilogue of the projection whose output it adds (matmul_forward_add;
+ * residual_in_product), the norm then reading the stream alone; the norm
  * backward also sums the residual gradient's columns, the bias gradient of the projection whose
  * output was added there (attproj, fcproj); GPT-2's MLP bias and GELU run in the cuBLASLt
  * epilogue, and the GELU backward in the epilogue of fcproj's input gradient (matmul.cuh;
@@ -300,6 +302,9 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     const char *rb = getenv("TRAIN_MORA_RESIDUAL_BF16");
     if (rb != NULL && strcmp(rb, "0") != 0 && strcmp(rb, "1") != 0) fatal("TRAIN_MORA_RESIDUAL_BF16=%s: expected 0 or 1", rb);
     model->residual_bf16 = rb == NULL || strcmp(rb, "1") == 0;
+    const char *rp = getenv("TRAIN_MORA_RESIDUAL_IN_PRODUCT");
+    if (rp != NULL && strcmp(rp, "0") != 0 && strcmp(rp, "1") != 0) fatal("TRAIN_MORA_RESIDUAL_IN_PRODUCT=%s: expected 0 or 1", rp);
+    model->residual_in_product = rp == NULL || strcmp(rp, "1") == 0;
     model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
@@ -547,6 +552,27 @@ static void stream_norm_backward(Impl *d, float *dweight, float *dbias, float *d
                       rstd, d->column_scratch, N, C, is_layernorm, d->stream);
 }
 
+// A projection whose output the residual stream adds, and the norm after it: res_out = res_in +
+// inp (N, IC) @ w^T + b, out = norm(res_out). With a bf16 stream and residual_in_product the add
+// is the product's epilogue (matmul_forward_add, one rounding) and the norm reads res_out alone;
+// otherwise the product writes proj and the norm kernel adds it (also when cuBLASLt offers no
+// algorithm for the epilogue's add).
+static void projection_add_norm(CudaModel *model, void *res_out, const void *res_in, const floatX *inp, const floatX *w,
+                                const floatX *b, int IC, floatX *out, float *mean, float *rstd, const floatX *norm_w,
+                                const floatX *norm_b, int N, int C, float eps, int is_layernorm) {
+    Impl *d = impl_of(model);
+    cudaStream_t st = d->stream;
+    prof_begin(model, PROF_MATMUL_FWD);
+    int added = d->stream_bf16 && model->residual_in_product &&
+                matmul_forward_add((floatX *)res_out, (const floatX *)res_in, inp, w, b, N, IC, C, st);
+    if (!added) matmul_forward(d->proj, inp, w, b, NULL, N, IC, C, st);
+    prof_end(model);
+    prof_begin(model, PROF_NORM_FWD);
+    if (added) stream_norm_forward(d, NULL, out, mean, rstd, res_out, NULL, norm_w, norm_b, N, C, eps, is_layernorm, st);
+    else stream_norm_forward(d, res_out, out, mean, rstd, res_in, d->proj, norm_w, norm_b, N, C, eps, is_layernorm, st);
+    prof_end(model);
+}
+
 // The forward of model.h; when weights_host is given (B*T, already zero where the mask is 0)
 // the classifier also writes the logits' gradient for those weights (fused).
 static void forward_impl(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask, int B, int T,
@@ -604,13 +630,9 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
         if (attention_use_flash(HS)) attention_flash_forward(atty, att_lse, qkv, B, T, NH, NKV, HS, st);
         else attention_forward(atty, att_lse, qkv, B, T, NH, NKV, HS, st);
         prof_end(model);
-        prof_begin(model, PROF_MATMUL_FWD);
-        matmul_forward(d->proj, atty, weight_bf16(model, P_ATTPROJW, l), weight_bf16(model, P_ATTPROJB, l), NULL, N, NH * HS, C, st);
-        prof_end(model);
-        prof_begin(model, PROF_NORM_FWD);
-        stream_norm_forward(d, residual2, ln2, d->ln2_mean + (size_t)l * N, d->ln2_rstd + (size_t)l * N, residual, d->proj,
-                            weight_bf16(model, P_LN2W, l), weight_bf16(model, P_LN2B, l), N, C, eps, gpt2, st);
-        prof_end(model);
+        projection_add_norm(model, residual2, residual, atty, weight_bf16(model, P_ATTPROJW, l), weight_bf16(model, P_ATTPROJB, l),
+                            NH * HS, ln2, d->ln2_mean + (size_t)l * N, d->ln2_rstd + (size_t)l * N, weight_bf16(model, P_LN2W, l),
+                            weight_bf16(model, P_LN2B, l), N, C, eps, gpt2);
 
         // MLP block
         if (gpt2 && model->use_gelu_fusion && F % 8 == 0) {
@@ -626,19 +648,15 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
             else swiglu_forward(fch_act, fch, N, F, st);
             prof_end(model);
         }
-        prof_begin(model, PROF_MATMUL_FWD);
-        matmul_forward(d->proj, fch_act, weight_bf16(model, P_FCPROJW, l), weight_bf16(model, P_FCPROJB, l), NULL, N, F, C, st);
-        prof_end(model);
-        // residual3 = residual2 + proj, normed by the next layer's ln1 or by the final norm
-        prof_begin(model, PROF_NORM_FWD);
+        // residual3 = residual2 + fcproj(...), normed by the next layer's ln1 or by the final norm
+        const floatX *fcprojw = weight_bf16(model, P_FCPROJW, l), *fcprojb = weight_bf16(model, P_FCPROJB, l);
         if (l + 1 < L)
-            stream_norm_forward(d, residual3, d->ln1 + (l + 1) * NC, d->ln1_mean + (size_t)(l + 1) * N, d->ln1_rstd + (size_t)(l + 1) * N,
-                                residual2, d->proj, weight_bf16(model, P_LN1W, l + 1), weight_bf16(model, P_LN1B, l + 1),
-                                N, C, eps, gpt2, st);
+            projection_add_norm(model, residual3, residual2, fch_act, fcprojw, fcprojb, F, d->ln1 + (l + 1) * NC,
+                                d->ln1_mean + (size_t)(l + 1) * N, d->ln1_rstd + (size_t)(l + 1) * N,
+                                weight_bf16(model, P_LN1W, l + 1), weight_bf16(model, P_LN1B, l + 1), N, C, eps, gpt2);
         else
-            stream_norm_forward(d, residual3, d->lnf, d->lnf_mean, d->lnf_rstd, residual2, d->proj,
-                                weight_bf16(model, P_LNFW, 0), weight_bf16(model, P_LNFB, 0), N, C, eps, gpt2, st);
-        prof_end(model);
+            projection_add_norm(model, residual3, residual2, fch_act, fcprojw, fcprojb, F, d->lnf, d->lnf_mean, d->lnf_rstd,
+                                weight_bf16(model, P_LNFW, 0), weight_bf16(model, P_LNFB, 0), N, C, eps, gpt2);
     }
     prof_begin(model, PROF_MATMUL_FWD);
     matmul_forward(d->logits, d->lnf, weight_bf16(model, head_tensor(c), 0), NULL, NULL, N, C, Vp, st);

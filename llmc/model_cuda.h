@@ -57,6 +57,12 @@ typedef struct CudaModel {
     // 16 (backward), and the stored streams take half the memory. 0: fp32 stream and gradient
     // (TRAIN_MORA_RESIDUAL_BF16=0 at creation). A forward's choice holds for its backward.
     int residual_bf16;
+    // 1 (default): with a bf16 stream, the attention and MLP projections add their output to the
+    // stream in the product's epilogue (D = stream + x W^T + b, rounded once) and the norm after
+    // them reads the stream alone: 4 bytes an element through the norm instead of 8, 2 more
+    // through the product. 0: the product writes its output and the norm kernel adds it
+    // (TRAIN_MORA_RESIDUAL_IN_PRODUCT=0 at creation).
+    int residual_in_product;
     // 1 (default): zero_grad leaves the layers' weight matrices' gradients for the next
     // backward's products to write (cuda_model_zero_grad); 0: it zeroes every gradient and every
     // backward adds to them (bench_train times both)

@@ -7,7 +7,9 @@
  * same run times the step with the weight gradients on the other schedule (one stream, or a
  * second stream under TRAIN_MORA_OVERLAP_GRADS=0), with the layers' norm-output gradients in the
  * other precision (fp32, or bf16 under TRAIN_MORA_DNORM_BF16=0), with the residual stream and
- * its gradient in the other precision (fp32, or bf16 under TRAIN_MORA_RESIDUAL_BF16=0), with zero_grad zeroing every
+ * its gradient in the other precision (fp32, or bf16 under TRAIN_MORA_RESIDUAL_BF16=0), with the
+ * projections' residual add in the norm kernel instead of their epilogue (or the reverse under
+ * TRAIN_MORA_RESIDUAL_IN_PRODUCT=0), with zero_grad zeroing every
  * gradient for the products to add to (instead of the first backward's products writing the
  * weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
  * max (instead of a reference that trails it), and with the flash
@@ -79,6 +81,15 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     step();
     double other_residual = median_step();
     gpu->residual_bf16 = residual_bf16;
+    // with a bf16 stream, the projections' residual add in the other place (residual_in_product)
+    const int in_product = gpu->residual_in_product;
+    double other_add = 0.0;
+    if (residual_bf16) {
+        gpu->residual_in_product = !in_product;
+        step();
+        other_add = median_step();
+        gpu->residual_in_product = in_product;
+    }
     // every gradient zeroed by zero_grad and added to by the products (grads_first_write 0)
     gpu->grads_first_write = 0;
     step();
@@ -122,6 +133,9 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
            other_dnorm * 1e3, N / other_dnorm);
     printf("  with the residual stream and its gradient in %s: %.2f ms/step, %.0f tok/s\n", residual_bf16 ? "fp32" : "bf16",
            other_residual * 1e3, N / other_residual);
+    if (other_add > 0.0)
+        printf("  with the projections' residual add in the %s: %.2f ms/step, %.0f tok/s\n",
+               in_product ? "norm kernel" : "products' epilogue", other_add * 1e3, N / other_add);
     printf("  with every gradient zeroed and the weight matrices' products adding to them: %.2f ms/step, %.0f tok/s\n",
            all_zeroed * 1e3, N / all_zeroed);
     printf("  with the attention forward's softmax rescaled at every move of a row's max: %.2f ms/step, %.0f tok/s\n",

@@ -12,7 +12,9 @@
  * decode_matmul (decode_matmul.cuh) is also checked against the CPU, with and without bias and GELU,
  * and decode_matmul_swiglu bit for bit against swiglu_forward then decode_matmul (both timed).
  * The algorithm tuning (matmul_tune) is checked bit for bit against cuBLASLt's first choices at
- * the training shapes of both models, and its choices and times printed.
+ * the training shapes of both models, and its choices and times printed. The projection with the
+ * residual add in its epilogue (matmul_forward_add: out = res + inp W^T + bias, one rounding) is
+ * checked against the CPU, tuned bit for bit, and timed against the product and a separate add.
  *   build/cuda/dev/matmul
  */
 #include "harness.h"
@@ -74,8 +76,56 @@ static void check(int M, int IC, int OC, int with_bias) {
         cudaCheck(cudaFree(d_pre_in));
         cudaCheck(cudaFree(d_dpre));
     }
+    {   // the residual add in the epilogue: out = res + inp W^T (+ bias), res a bf16 stream
+        std::vector<float> res = random_bf16_values((size_t)M * OC, 2.0f), sum((size_t)M * OC);
+        for (size_t i = 0; i < sum.size(); i++) sum[i] = res[i] + out[i];
+        floatX *d_res = upload_bf16(res);
+        poison(d_out, (size_t)M * OC * sizeof(floatX));
+        snprintf(name, sizeof(name), "matmul_forward_add M=%d IC=%d OC=%d bias=%d", M, IC, OC, with_bias);
+        if (matmul_forward_add(d_out, d_res, d_inp, d_w, with_bias ? d_bias : NULL, M, IC, OC, 0)) {
+            compare(name, download_bf16(d_out, (size_t)M * OC), sum, TOL_BF16);
+            std::vector<float> res_after = download_bf16(d_res, (size_t)M * OC);   // the addend is read, not written
+            snprintf(name, sizeof(name), "matmul_forward_add M=%d IC=%d OC=%d addend unchanged", M, IC, OC);
+            compare_bits(name, res_after, res);
+        } else {
+            printf("SKIP %s: cuBLASLt offers no algorithm (the model adds in the norm kernel)\n", name);
+        }
+        cudaCheck(cudaFree(d_res));
+    }
     void *ptrs[] = {d_inp, d_w, d_bias, d_dout, d_out, d_pre, d_dinp, d_dw, d_db, d_dout_f32, d_db2, d_dinp_bf16, scratch};
     for (void *p : ptrs) cudaCheck(cudaFree(p));
+}
+
+// The residual add in a projection's epilogue against the product alone (what the model runs
+// otherwise, the norm kernel then reading the product's output as well as the stream), and the
+// tuning's bits for it: tuned against first choice, bit for bit.
+static void timing_add(const char *label, int M, int IC, int OC, int with_bias) {
+    char name[200];
+    floatX *inp = upload_bf16(random_bf16_values((size_t)M * IC, 1.0f)), *w = upload_bf16(random_bf16_values((size_t)OC * IC, 0.05f));
+    floatX *bias = with_bias ? upload_bf16(random_bf16_values(OC, 0.5f)) : NULL, *res = upload_bf16(random_bf16_values((size_t)M * OC, 2.0f));
+    floatX *out = device_alloc_n<floatX>((size_t)M * OC);
+    matmul_tune = 0;
+    matmul_tune_use = 0;
+    if (!matmul_forward_add(out, res, inp, w, bias, M, IC, OC, 0)) {
+        printf("SKIP time matmul %s + residual: cuBLASLt offers no algorithm\n", label);
+    } else {
+        std::vector<float> first = download_bf16(out, (size_t)M * OC);
+        int from = matmul_tune_count;
+        matmul_tune = 1;
+        matmul_tune_use = 1;
+        poison(out, (size_t)M * OC * sizeof(floatX));
+        matmul_forward_add(out, res, inp, w, bias, M, IC, OC, 0);
+        matmul_tune = 0;
+        snprintf(name, sizeof(name), "tuned %s + residual M=%d IC=%d OC=%d", label, M, IC, OC);
+        compare_bits(name, download_bf16(out, (size_t)M * OC), first);
+        matmul_tune_print(stdout, from);
+        float plain = time_ms([&] { matmul_forward(out, inp, w, bias, NULL, M, IC, OC, 0); });
+        float added = time_ms([&] { matmul_forward_add(out, res, inp, w, bias, M, IC, OC, 0); });
+        printf("time matmul %-10s M=%d IC=%d OC=%d: product %.4f ms, with the residual add in the epilogue %.4f ms "
+               "(the norm after it then moves %.0f MB less)\n", label, M, IC, OC, plain, added, 4.0 * M * OC / 1e6);
+    }
+    matmul_tune_use = 1;
+    for (void *p : {(void *)inp, (void *)w, (void *)bias, (void *)res, (void *)out}) if (p) cudaCheck(cudaFree(p));
 }
 
 // Times forward, dinp and dweight of one product at TFLOP/s; with gelu also the fused epilogue
@@ -296,6 +346,10 @@ int main(void) {
     check_tuning("s-fc", M / 4, 576, 3072, 0, 0);
     check_tuning("s-down", M / 4, 1536, 576, 0, 0);
     check_tuning("odd", 300, 40, 72, 0, 0);   // rows of 80 bytes: other alignments, other candidates
+    timing_add("attproj", M, 768, 768, 1);
+    timing_add("fcproj", M, 3072, 768, 1);
+    timing_add("s-o", M, 576, 576, 0);
+    timing_add("s-down", M, 1536, 576, 0);
     for (int rows : {64, 256}) {   // GPT-2 124M and SmolLM2-135M decode products
         decode_candidates("qkv", rows, 768, 2304, 1, 0);
         decode_candidates("attproj", rows, 768, 768, 1, 0);

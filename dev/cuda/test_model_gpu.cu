@@ -11,7 +11,8 @@
  *      against the CPU's forward + model_backward; two steps after one zero_grad against twice
  *      its gradients, and zero_grad alone against 0; the same step on the second stream (bit for
  *      bit), with the layers' norm-output gradients in fp32 instead of bf16, with the residual
- *      stream and its gradient in fp32 instead of bf16, and with the attention's warpgroup
+ *      stream and its gradient in fp32 instead of bf16, with the projections' residual add in
+ *      the norm kernel instead of the products' epilogue, and with the attention's warpgroup
  *      kernels where they apply.
  *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families: the GPU's
  *      losses must follow the CPU's step by step, the loss must fall, and the downloaded
@@ -216,6 +217,23 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
     snprintf(what, sizeof(what), "%s %s residual stream step all grads", label, gpu->residual_bf16 ? "bf16" : "fp32");
     compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
     gpu->residual_bf16 = !gpu->residual_bf16;
+
+    // with a bf16 stream, the step with the projections' residual add in the other place
+    // (residual_in_product: the products' epilogue by default, the norm kernel here, or the reverse)
+    if (gpu->residual_bf16) {
+        gpu->residual_in_product = !gpu->residual_in_product;
+        cuda_model_poison(gpu);
+        cuda_model_zero_grad(gpu);
+        cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+        snprintf(what, sizeof(what), "%s residual add in the %s step mean loss (%.5f vs %.5f)", label,
+                 gpu->residual_in_product ? "products" : "norm kernel", gpu->mean_loss, cpu.mean_loss);
+        compare(what, &gpu->mean_loss, &cpu.mean_loss, 1, TOL_LOSSES);
+        cuda_model_copy_grads(gpu, overlapped.data());
+        snprintf(what, sizeof(what), "%s residual add in the %s step all grads", label,
+                 gpu->residual_in_product ? "products" : "norm kernel");
+        compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
+        gpu->residual_in_product = !gpu->residual_in_product;
+    }
 
     // the step with the attention's warpgroup (wgmma) kernels, where they apply, against the CPU:
     // the backward's invariant operands in registers (variant 1) or from shared memory (2)
