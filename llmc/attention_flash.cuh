@@ -92,6 +92,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "cuda_common.h"
+#include "rope_math.cuh"
 
 #define FLASH_THREADS 128   // 4 warps
 #define FLASH_ROWS 64       // query rows (forward, dQ) or key rows (dK/dV) per block, 16 per warp
@@ -162,6 +163,10 @@ __device__ __forceinline__ uint32_t flash_pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&v);
 }
+
+// bf16 <-> fp32, round to nearest even
+__device__ __forceinline__ float flash_bf16_to_f32(floatX x) { return __bfloat162float(x); }
+__device__ __forceinline__ floatX flash_f32_to_bf16(float x) { return __float2bfloat16(x); }
 
 // 2^x with the special-function unit (relative error about 2^-22; 2^-inf = 0)
 __device__ __forceinline__ float flash_exp2(float x) {
@@ -401,6 +406,30 @@ __device__ __forceinline__ void flash_stage_acc(floatX *tile, const float (&acc)
     for (int nd = 0; nd < HS / 8; nd++) {
         *(uint32_t *)(tile + (r0 + g) * LDS + nd * 8 + 2 * c) = flash_pack_bf16(acc[nd][0] * mult0, acc[nd][1] * mult0);
         *(uint32_t *)(tile + (r0 + g + 8) * LDS + nd * 8 + 2 * c) = flash_pack_bf16(acc[nd][2] * mult1, acc[nd][3] * mult1);
+    }
+}
+
+// RoPE's backward on a staged gradient tile (ROWS, HS + FLASH_PAD) bf16 in place: row r, the
+// gradient of a head vector at position row0 + r, is rotated by minus its angle, with
+// rope_vec8_kernel's expressions (rope_rotate on the bf16 values, the sine negated, the results
+// rounded to bf16), so the tile holds what rope_backward would make of it once stored, bit for
+// bit. cos_sin is rope_table_host's table (at least T positions); rows at or past T, which are
+// never stored, are left alone.
+template <int ROWS, int HS>
+__device__ __forceinline__ void flash_rope_backward_tile(floatX *tile, const float *cos_sin, int row0, int T) {
+    constexpr int LDS = HS + FLASH_PAD, HALF = HS / 2, GROUPS = HALF / 8;
+    for (int idx = threadIdx.x; idx < ROWS * GROUPS; idx += FLASH_THREADS) {
+        int r = idx / GROUPS, i = (idx % GROUPS) * 8, t = row0 + r;
+        if (t >= T) continue;
+        const float *cs = cos_sin + ((size_t)t * HALF + i) * 2;   // (cos, sin) of pairs i .. i + 7
+        floatX *x = tile + r * LDS + i;
+        #pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float y1, y2;
+            rope_rotate(flash_bf16_to_f32(x[k]), flash_bf16_to_f32(x[k + HALF]), cs[2 * k], -1.0f * cs[2 * k + 1], &y1, &y2);
+            x[k] = flash_f32_to_bf16(y1);
+            x[k + HALF] = flash_f32_to_bf16(y2);
+        }
     }
 }
 
@@ -707,7 +736,7 @@ constexpr size_t flash_dkv_smem() {
 template <int HS, int MINB = 0, int KVREG = 0, int WG = 0, int RW = 1>
 __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_dkv_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
-    int lpt) {
+    int lpt, const float *rope_cos_sin) {
     static_assert(!WG || (HS == 64 && (WG == 1) == (KVREG == 1)),
                   "the warpgroup dK/dV pass takes head size 64, K and V in registers (WG 1) or not (WG 2)");
     static_assert(RW == 1 || (RW == 2 && HS == 64 && !WG && !KVREG),
@@ -920,6 +949,10 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         flash_stage_acc<HS, LDS>(sV, dv_all[r], r * FLASH_ROWS + warp * 16, 1.0f, 1.0f, lane);
     }
     __syncthreads();
+    if (rope_cos_sin) {   // dK back through RoPE (flash_rope_backward_tile)
+        flash_rope_backward_tile<BN, HS>(sK, rope_cos_sin, k0, T);
+        __syncthreads();
+    }
     flash_store_tile<BN, HS>(dqkv, sK, b, k0, T, QKV, (NH + kvh) * HS);
     flash_store_tile<BN, HS>(dqkv, sV, b, k0, T, QKV, (NH + NKV + kvh) * HS);
 }
@@ -953,7 +986,7 @@ constexpr size_t flash_dq_smem() {
 template <int HS, int RW, int QREG = 0, int WG = 0>
 __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
-    int lpt) {
+    int lpt, const float *rope_cos_sin) {
     static_assert(!WG || (HS == 64 && RW == 1 && (WG == 1) == (QREG == 1)),
                   "the warpgroup dQ pass takes head size 64, one row tile, Q and dO in registers (WG 1) or not (WG 2)");
     constexpr int BM = RW * FLASH_ROWS, BN = FLASH_KEYS, KS = flash_dq_step_keys<RW>(), LDS = HS + FLASH_PAD;
@@ -1149,6 +1182,10 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
     #pragma unroll
     for (int r = 0; r < RW; r++) flash_stage_acc<HS, LDS>(sQ, dq[r], r * FLASH_ROWS + warp * 16, scale, scale, lane);
     __syncthreads();
+    if (rope_cos_sin) {   // dQ back through RoPE (flash_rope_backward_tile)
+        flash_rope_backward_tile<BM, HS>(sQ, rope_cos_sin, q0, T);
+        __syncthreads();
+    }
     flash_store_tile<BM, HS>(dqkv, sQ, b, q0, T, QKV, h * HS);
 }
 
@@ -1294,7 +1331,7 @@ static inline cudaStream_t flash_side_stream(cudaEvent_t *fork, cudaEvent_t *joi
 template <int HS, int DQ_RW, int DQ_QREG, int DKV_MINB, int DKV_KVREG, int DQ_WG = 0, int DKV_WG = 0, int DKV_RW = 1>
 static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                                    const floatX *out, const float *lse, int B, int T, int NH, int NKV,
-                                                   cudaStream_t stream) {
+                                                   const float *rope_cos_sin, cudaStream_t stream) {
     static bool dkv_set = false, dq_set = false;
     constexpr size_t dkv_smem = flash_dkv_smem<HS, DKV_WG, DKV_RW>(), dq_smem = flash_dq_smem<HS, DQ_RW, DQ_WG>();
     flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW>, dkv_smem, &dkv_set);
@@ -1312,10 +1349,10 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
         cudaCheck(cudaStreamWaitEvent(kv_stream, fork, 0));
     }
     flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW><<<grid_kv, FLASH_THREADS, dkv_smem, kv_stream>>>(
-        dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
+        dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
     cudaCheckLaunch();
     flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG><<<grid_q, FLASH_THREADS, dq_smem, stream>>>(
-        dqkv, dout, qkv, lse, D, T, NH, NKV, lpt);
+        dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
     cudaCheckLaunch();
     if (flash_backward_side_by_side) {
         cudaCheck(cudaEventRecord(join, kv_stream));
@@ -1329,25 +1366,27 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
 template <int DQ_RW, int DQ_QREG, int DQ_WG>
 static inline void flash_backward_dkv_pick(int dkv, floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                            const floatX *out, const float *lse, int B, int T, int NH, int NKV,
-                                           cudaStream_t stream) {
+                                           const float *rope_cos_sin, cudaStream_t stream) {
     switch (dkv) {
-    case 5: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 4: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 3: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 2: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 3, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 1: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    default: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 5: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case 4: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case 3: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case 2: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 3, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case 1: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    default: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     }
 }
 
 // dqkv (B, T, QKV) bf16 written (every element) given dout (B, T, NH*HS), the forward's qkv, out
-// and lse; D (B, NH, T) fp32 is scratch. As attention_backward.
+// and lse; D (B, NH, T) fp32 is scratch. As attention_backward. With rope_cos_sin (the device
+// copy of rope_table_host's table, at least T positions; NULL for none) the q and k parts of
+// dqkv are also taken back through RoPE, as rope_backward would take them afterwards, bit for bit.
 static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                             const floatX *out, const float *lse, int B, int T, int NH, int NKV, int HS,
-                                            cudaStream_t stream) {
+                                            cudaStream_t stream, const float *rope_cos_sin = NULL) {
     attention_flash_check(B, T, NH, NKV, HS, dqkv, dout, qkv, out);
     if (HS == 128) {
-        attention_flash_backward_launch<128, 1, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream);
+        attention_flash_backward_launch<128, 1, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream);
         return;
     }
     // head size 64: the dQ pass (warpgroup products with Q and dO from shared memory or from
@@ -1358,11 +1397,11 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
     int dkv = flash_dkv_row_tiles == 2 ? 5 : flash_dkv_wgmma ? 2 + flash_dkv_wgmma : flash_dkv_min_blocks == 3 ? 2
               : flash_dkv_kv_regs ? 1 : 0;
     switch (dq) {
-    case 4: flash_backward_dkv_pick<1, 0, 2>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 3: flash_backward_dkv_pick<1, 1, 1>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 2: flash_backward_dkv_pick<2, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    case 1: flash_backward_dkv_pick<1, 1, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
-    default: flash_backward_dkv_pick<1, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, stream); break;
+    case 4: flash_backward_dkv_pick<1, 0, 2>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case 3: flash_backward_dkv_pick<1, 1, 1>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case 2: flash_backward_dkv_pick<2, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case 1: flash_backward_dkv_pick<1, 1, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    default: flash_backward_dkv_pick<1, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     }
 }
 

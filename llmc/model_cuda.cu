@@ -27,7 +27,8 @@
  * epilogue, and the GELU backward in the epilogue of fcproj's input gradient (matmul.cuh;
  * use_gelu_fusion = 0 switches to the separate kernels); the classifier computes loss and logit
  * gradient in one kernel when the token weights are known at forward time
- * (cuda_model_forward_backward); attention is the
+ * (cuda_model_forward_backward); the flash attention backward takes dQ and dK back through RoPE
+ * in its epilogue (rope_in_attention, the same bits as rope_backward after it); attention is the
  * tensor-core flash kernel of attention_flash.cuh (head sizes 64 and 128) or the tiled kernel of
  * attention.cuh (other head sizes, or TRAIN_MORA_ATTENTION=simple); both keep only a log-sum-exp
  * per query row instead of the (T, T) probabilities.
@@ -305,6 +306,9 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     const char *rp = getenv("TRAIN_MORA_RESIDUAL_IN_PRODUCT");
     if (rp != NULL && strcmp(rp, "0") != 0 && strcmp(rp, "1") != 0) fatal("TRAIN_MORA_RESIDUAL_IN_PRODUCT=%s: expected 0 or 1", rp);
     model->residual_in_product = rp == NULL || strcmp(rp, "1") == 0;
+    const char *ra = getenv("TRAIN_MORA_ROPE_IN_ATTENTION");
+    if (ra != NULL && strcmp(ra, "0") != 0 && strcmp(ra, "1") != 0) fatal("TRAIN_MORA_ROPE_IN_ATTENTION=%s: expected 0 or 1", ra);
+    model->rope_in_attention = ra == NULL || strcmp(ra, "1") == 0;
     model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
@@ -901,10 +905,14 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         prof_end(model);
         prof_begin(model, PROF_ATTENTION_BWD);
         if (ov) main_wait(d, d->side_read_dqkv);   // the side stream has read the last layer's dqkv
-        if (attention_use_flash(HS)) attention_flash_backward(d->dqkv, d->att_D, d->datty, qkv, atty, att_lse, B, T, NH, NKV, HS, st);
+        // Llama: the flash backward takes dQ and dK back through RoPE in its epilogue (the same bits)
+        const int rope_in_attention = !gpt2 && attention_use_flash(HS) && model->rope_in_attention;
+        if (attention_use_flash(HS))
+            attention_flash_backward(d->dqkv, d->att_D, d->datty, qkv, atty, att_lse, B, T, NH, NKV, HS, st,
+                                     rope_in_attention ? d->rope_cos_sin : NULL);
         else attention_backward(d->dqkv, d->att_D, d->datty, qkv, atty, att_lse, B, T, NH, NKV, HS, st);
         prof_end(model);
-        if (!gpt2) {
+        if (!gpt2 && !rope_in_attention) {
             prof_begin(model, PROF_ROPE);
             rope_backward(d->dqkv, d->rope_cos_sin, B, T, NH, NKV, HS, st);
             prof_end(model);

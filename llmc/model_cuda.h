@@ -63,6 +63,11 @@ typedef struct CudaModel {
     // through the product. 0: the product writes its output and the norm kernel adds it
     // (TRAIN_MORA_RESIDUAL_IN_PRODUCT=0 at creation).
     int residual_in_product;
+    // 1 (default): Llama's flash attention backward takes dQ and dK back through RoPE in its
+    // epilogue, before it stores them, instead of rope_backward reading and rewriting them after
+    // it; the same arithmetic, the same bits. 0: rope_backward (TRAIN_MORA_ROPE_IN_ATTENTION=0 at
+    // creation).
+    int rope_in_attention;
     // 1 (default): zero_grad leaves the layers' weight matrices' gradients for the next
     // backward's products to write (cuda_model_zero_grad); 0: it zeroes every gradient and every
     // backward adds to them (bench_train times both)

@@ -11,14 +11,16 @@
  * Two kernels: the 8-wide one rotates 8 consecutive pairs of a head per thread with 16-byte
  * loads and stores, for head_dim a multiple of 16 (64 and 128) and buffers on 16 bytes; the
  * scalar one, one pair per thread, is the fallback. Both rotate each pair with the same fp32
- * expressions (rope_rotate), so their outputs are the same bit for bit. rope_forward /
- * rope_backward pick between them.
+ * expressions (rope_rotate, rope_math.cuh), so their outputs are the same bit for bit.
+ * rope_forward / rope_backward pick between them. The model's flash attention backward does
+ * rope_backward's rotation of dQ and dK in its own epilogue instead (attention_flash.cuh).
  */
 #ifndef LLMC_ROPE_CUH
 #define LLMC_ROPE_CUH
 #include <math.h>
 #include "cuda_common.h"
 #include "vector_io.cuh"
+#include "rope_math.cuh"
 
 // cos_sin (maxT, HS/2, 2) on the host, malloc'd; the caller uploads and frees it.
 static inline float *rope_table_host(int maxT, int HS, float theta) {
@@ -37,13 +39,8 @@ static inline float *rope_table_host(int maxT, int HS, float theta) {
 
 #define ROPE_VEC 8
 
-// the rotation of one pair (x1, x2) = (x[i], x[i + HS/2]) by the angle with cosine c and sine s,
-// shared by the scalar and the 8-wide kernels: y1 = x1 c - x2 s, y2 = x2 c + x1 s, with the fused
-// multiply-adds spelled out so that the compiler cannot contract the two kernels differently
-__device__ __forceinline__ void rope_rotate(float x1, float x2, float c, float s, float *y1, float *y2) {
-    *y1 = fmaf(x1, c, -__fmul_rn(x2, s));
-    *y2 = fmaf(x2, c, __fmul_rn(x1, s));
-}
+// each pair is rotated by rope_rotate (rope_math.cuh), in the scalar and the 8-wide kernels and in
+// the flash attention backward's epilogue (attention_flash.cuh)
 
 // One thread per (row bt, head h < NH + NKV, pair i < HS/2): rotates the pair (x[i], x[i + HS/2])
 // of the head in place; sign = +1 forward, -1 backward.

@@ -31,7 +31,9 @@
  *          forward, the dQ pass, the dK/dV pass with warpgroup products; bits 3, 4: the dQ and
  *          dK/dV passes with warpgroup products reading every operand from shared memory; HS
  *          64, one row tile each), eager (1: the forward's softmax reference is the running max,
- *          flash_forward_max_slack 0); then float32 qkv (B, T, QKV),
+ *          flash_forward_max_slack 0), rope (1: the backward takes dQ and dK back through RoPE in
+ *          its epilogue; 2: rope_backward's rotation on the host after the backward; 0: none;
+ *          the table as rope_table_host's, theta 10000); then float32 qkv (B, T, QKV),
  *          dout (B, T, NH*HS), all values representable in bf16
  *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV)
  */
@@ -200,6 +202,9 @@ static inline uint32_t flash_pack_bf16(float lo, float hi) {
     return (uint32_t)to_bf16(lo).bits | ((uint32_t)to_bf16(hi).bits << 16);
 }
 static inline float flash_exp2(float x) { return exp2f(x); }
+static inline float flash_bf16_to_f32(floatX x) { return to_f32(x); }
+static inline floatX flash_f32_to_bf16(float x) { return to_bf16(x); }
+static inline float __fmul_rn(float a, float b) { return a * b; }   // the product rounded once, as C++'s float *
 
 #include "attention_flash.cuh"
 
@@ -216,7 +221,7 @@ static Dim3 grid_of(int lpt, int heads, int B, int tiles) {
 // bits 3 and 4 the dQ and dK/dV passes with warpgroup products reading those from shared memory
 template <int HS, int RW, int DQ_RW, int QREG, int KVREG>
 static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv, const floatX *dout, int B, int T,
-                int NH, int NKV, int lpt, int wg) {
+                int NH, int NKV, int lpt, int wg, const float *rope) {
     Dim3 grid_kv = grid_of(lpt, NKV, B, (T + FLASH_ROWS - 1) / FLASH_ROWS);
     Dim3 grid_q = grid_of(lpt, NH, B, (T + DQ_RW * FLASH_ROWS - 1) / (DQ_RW * FLASH_ROWS));
     Dim3 grid_fwd = grid_of(lpt, NH, B, (T + RW * FLASH_ROWS - 1) / (RW * FLASH_ROWS));
@@ -235,45 +240,73 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *q
     if constexpr (wg_ok) {
         if (wg & 4)
             launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS, 1>(),
-                   [=] { flash_attention_backward_dkv_kernel<HS, 0, 1, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+                   [=] { flash_attention_backward_dkv_kernel<HS, 0, 1, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
         else if (wg & 16)
             launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS, 2>(),
-                   [=] { flash_attention_backward_dkv_kernel<HS, 0, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+                   [=] { flash_attention_backward_dkv_kernel<HS, 0, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
         if (wg & 2)
             launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, 1, 1>(),
-                   [=] { flash_attention_backward_dq_kernel<HS, 1, 1, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+                   [=] { flash_attention_backward_dq_kernel<HS, 1, 1, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
         else if (wg & 8)
             launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, 1, 2>(),
-                   [=] { flash_attention_backward_dq_kernel<HS, 1, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+                   [=] { flash_attention_backward_dq_kernel<HS, 1, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
     }
     if constexpr (KVREG == 2) {   // two key row tiles a warp: blocks of 128 key rows
         Dim3 grid_kv2 = grid_of(lpt, NKV, B, (T + 2 * FLASH_ROWS - 1) / (2 * FLASH_ROWS));
         launch(grid_kv2, FLASH_THREADS, flash_dkv_smem<HS, 0, 2>(),
-               [=] { flash_attention_backward_dkv_kernel<HS, 0, 0, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+               [=] { flash_attention_backward_dkv_kernel<HS, 0, 0, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
     } else if (!wg_ok || !(wg & (4 | 16))) {
         launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
-               [=] { flash_attention_backward_dkv_kernel<HS, 0, KVREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+               [=] { flash_attention_backward_dkv_kernel<HS, 0, KVREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
     }
     if (!wg_ok || !(wg & (2 | 8)))
         launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(),
-               [=] { flash_attention_backward_dq_kernel<HS, DQ_RW, QREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt); });
+               [=] { flash_attention_backward_dq_kernel<HS, DQ_RW, QREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
 }
 
 // run<64, RW, ...> for the backward's variants: dQ row tiles, Q and dO in registers (one row
 // tile), the dK/dV pass's K and V in registers (kvreg 1) or two key row tiles a warp (kvreg 2)
 template <int RW, int KVREG>
 static void run64_kv(int DQ_RW, int qreg, floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv,
-                     const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg) {
-    if (DQ_RW == 2) run<64, RW, 2, 0, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else if (qreg) run<64, RW, 1, 1, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else run<64, RW, 1, 0, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+                     const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg, const float *rope) {
+    if (DQ_RW == 2) run<64, RW, 2, 0, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
+    else if (qreg) run<64, RW, 1, 1, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
+    else run<64, RW, 1, 0, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
 }
 template <int RW>
 static void run64(int DQ_RW, int qreg, int kvreg, floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv,
-                  const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg) {
-    if (kvreg == 2) run64_kv<RW, 2>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else if (kvreg) run64_kv<RW, 1>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else run64_kv<RW, 0>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+                  const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg, const float *rope) {
+    if (kvreg == 2) run64_kv<RW, 2>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
+    else if (kvreg) run64_kv<RW, 1>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
+    else run64_kv<RW, 0>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
+}
+
+// RoPE's table as rope_table_host builds it (theta 10000): (T, HS/2) pairs of (cos, sin)
+static std::vector<float> rope_table(int T, int HS) {
+    std::vector<float> cs((size_t)T * HS);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < HS / 2; i++) {
+            double angle = (double)t * pow(10000.0, -2.0 * i / HS);
+            cs[((size_t)t * (HS / 2) + i) * 2] = (float)cos(angle);
+            cs[((size_t)t * (HS / 2) + i) * 2 + 1] = (float)sin(angle);
+        }
+    return cs;
+}
+
+// rope_backward's rotation of the q and k heads of dqkv, on the host, with the kernels'
+// expressions (rope_rotate, the sine negated, bf16 in and out)
+static void rope_backward_host(floatX *dqkv, const float *cs, int B, int T, int NH, int NKV, int HS) {
+    int half = HS / 2, QKV = (NH + 2 * NKV) * HS;
+    for (int bt = 0; bt < B * T; bt++)
+        for (int h = 0; h < NH + NKV; h++)
+            for (int i = 0; i < half; i++) {
+                const float *pair = cs + ((size_t)(bt % T) * half + i) * 2;
+                floatX *x = dqkv + (size_t)bt * QKV + (size_t)h * HS;
+                float y1, y2;
+                rope_rotate(to_f32(x[i]), to_f32(x[i + half]), pair[0], -1.0f * pair[1], &y1, &y2);
+                x[i] = to_bf16(y1);
+                x[i + half] = to_bf16(y2);
+            }
 }
 
 int main(int argc, char **argv) {
@@ -284,15 +317,16 @@ int main(int argc, char **argv) {
     copies_land_early = strcmp(argv[3], "early") == 0;
     FILE *f = fopen(argv[1], "rb");
     if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
-    int32_t dims[12];
-    if (fread(dims, sizeof(int32_t), 12, f) != 12) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int32_t dims[13];
+    if (fread(dims, sizeof(int32_t), 13, f) != 13) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int rope_mode = dims[12];
     int B = dims[0], T = dims[1], NH = dims[2], NKV = dims[3], HS = dims[4], RW = dims[5], DQ_RW = dims[6], lpt = dims[7];
     int qreg = dims[8], kvreg = dims[9], wg = dims[10];
     if (dims[11]) flash_forward_max_slack = 0.0f;
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
         (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64) ||
         ((qreg || kvreg) && HS != 64) || kvreg < 0 || kvreg > 2 || (kvreg == 2 && (wg & (4 | 16))) || (qreg && DQ_RW != 1) || wg < 0 || wg > 31 || (wg & 10) == 10 || (wg & 20) == 20 ||
-        (wg && (HS != 64 || RW != 1 || DQ_RW != 1))) {
+        (wg && (HS != 64 || RW != 1 || DQ_RW != 1)) || rope_mode < 0 || rope_mode > 2) {
         fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d\n", argv[1], B, T, NH,
                 NKV, HS, RW, DQ_RW);
         return 1;
@@ -313,9 +347,12 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n_out; i++) dout[i] = to_bf16(dout_f[i]);
     floatX *out = (floatX *)alloc(n_out * 2, 0xff), *dqkv = (floatX *)alloc(n_qkv * 2, 0xff);
     float *lse = (float *)alloc(n_stat * 4, 0xff), *D = (float *)alloc(n_stat * 4, 0xff);
-    if (HS == 64 && RW == 2) run64<2>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else if (HS == 64) run64<1>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
-    else run<128, 1, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg);
+    std::vector<float> table = rope_table(T, HS);
+    const float *rope = rope_mode == 1 ? table.data() : NULL;
+    if (HS == 64 && RW == 2) run64<2>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
+    else if (HS == 64) run64<1>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
+    else run<128, 1, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
+    if (rope_mode == 2) rope_backward_host(dqkv, table.data(), B, T, NH, NKV, HS);
 
     FILE *o = fopen(argv[2], "wb");
     if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }

@@ -85,14 +85,16 @@ SHAPES = [  # B, T, NH, NKV, HS, input scale, row tiles per warp of the forward 
 ]
 
 
-def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0, wg=0, eager=0):
+def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0, wg=0, eager=0, rope=0):
     """inputs qkv, dout and the emulated out, lse, dqkv for one shape; the inputs do not depend on
     the dQ pass's row tiles, the grid order (lpt 1: heads, batch, tiles; 0: tiles, heads, batch) or
     forward_rw, which runs the forward with other row tiles than the shape's, or qreg / kvreg (the
     dQ pass's Q and dO, the dK/dV pass's K and V fragments held in registers), or wg (bits 0, 1, 2:
     the forward, the dQ pass, the dK/dV pass with warpgroup products; bits 3, 4: the dQ and dK/dV
     passes with warpgroup products reading every operand from shared memory), or eager (1: the
-    forward's softmax reference is the running max itself, rescaled at every move)"""
+    forward's softmax reference is the running max itself, rescaled at every move), or rope (1: dQ
+    and dK taken back through RoPE in the backward's epilogue, 2: by rope_backward's arithmetic on
+    the host after the backward)"""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     QKV = (NH + 2 * NKV) * HS
     rng = np.random.default_rng(hash(shape[:7]) % 2**32)
@@ -100,7 +102,7 @@ def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg
     dout = to_bf16(rng.standard_normal((B, T, NH * HS)))
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt, qreg, kvreg, wg, eager],
+        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt, qreg, kvreg, wg, eager, rope],
                  np.int32).tofile(f)
         qkv.tofile(f)
         dout.tofile(f)
@@ -221,6 +223,42 @@ def test_flash_dkv_two_key_row_tiles(emulator, tmp_path, shape):
     qkv, dout, _, _, dqkv = run_emulator(emulator, tmp_path, shape, "early", kvreg=2)
     if T > 1:
         assert rel_err(dqkv, oracle(qkv, dout, NH, NKV, HS)[2]) < 1.5e-2
+
+
+def rope_backward_oracle(dqkv, NH, NKV, HS, theta=10000.0):
+    """dqkv with its q and k heads rotated by minus their positions' angles (float64)."""
+    B, T, QKV = dqkv.shape
+    half = HS // 2
+    angle = np.arange(T)[:, None] * theta ** (-2.0 * np.arange(half) / HS)
+    c, s = np.cos(angle)[None, :, None, :], np.sin(angle)[None, :, None, :]
+    heads = dqkv[:, :, :(NH + NKV) * HS].astype(np.float64).reshape(B, T, NH + NKV, HS)
+    x1, x2 = heads[..., :half], heads[..., half:]
+    out = dqkv.astype(np.float64).copy()
+    out[:, :, :(NH + NKV) * HS] = np.concatenate([x1 * c + x2 * s, x2 * c - x1 * s], -1).reshape(B, T, -1)
+    return out
+
+
+@pytest.mark.parametrize("shape,kvreg", [((2, 37, 2, 2, 64, 1.0, 1, 1), 0), ((1, 200, 9, 3, 64, 1.0, 1, 2), 0),
+                                         ((1, 300, 6, 2, 64, 1.0, 1, 1), 2), ((1, 150, 2, 2, 128, 1.0, 1, 1), 0),
+                                         ((1, 130, 4, 2, 64, 1.0, 1, 1), 1)],
+                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s if isinstance(s, tuple) else "kv%d" % s)
+def test_flash_backward_rope_epilogue(emulator, tmp_path, shape, kvreg):
+    """The backward taking dQ and dK back through RoPE in its epilogues gives, bit for bit, what
+    rope_backward's arithmetic makes of the plain backward's dqkv (head sizes 64 and 128, grouped
+    heads, T not a multiple of the tiles, the dQ pass with two row tiles, the dK/dV pass with K and
+    V in registers or two key row tiles), and matches the float64 oracle rotated back; the values
+    are rotated (the rotation at position 0 is the identity, so a tile left alone would show from
+    position 1 on)."""
+    B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
+    fused = run_emulator(emulator, tmp_path, shape, "late", kvreg=kvreg, rope=1)
+    after = run_emulator(emulator, tmp_path, shape, "late", kvreg=kvreg, rope=2)
+    plain = run_emulator(emulator, tmp_path, shape, "late", kvreg=kvreg)
+    differ = int(np.count_nonzero(fused[4].view(np.uint32) != after[4].view(np.uint32)))
+    assert differ == 0, f"{differ} of {fused[4].size} dqkv elements differ from the backward followed by rope_backward"
+    assert not np.array_equal(fused[4], plain[4])
+    qkv, dout = fused[0], fused[1]
+    ref = rope_backward_oracle(oracle(qkv, dout, NH, NKV, HS)[2], NH, NKV, HS)
+    assert rel_err(fused[4], ref) < 1.5e-2
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 64, 1.0, 1, 1), (2, 37, 2, 2, 64, 1.0, 1, 1), (1, 200, 3, 1, 64, 4.0, 1, 1),

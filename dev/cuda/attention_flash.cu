@@ -8,7 +8,8 @@
  *   - against the simple CUDA kernels of attention.cuh on the whole batch (every element);
  *   - bitwise repeatability of forward and backward (the backward uses no atomics), and the
  *     backward with two row tiles a warp in the dQ pass, or two key row tiles a warp in the dK/dV
- *     pass, bitwise equal to the one-tile backward;
+ *     pass, bitwise equal to the one-tile backward, and the backward with RoPE's backward in its
+ *     epilogue bitwise equal to the backward followed by rope_backward (rope.cuh);
  *   - where the device runs the sm_90a code, first the warpgroup product (wgmma) in each form the
  *     kernels use against the CPU, then the warpgroup kernels against the mma.sync
  *     ones (and how many elements differ in their bits, which decides whether the tuner may
@@ -23,6 +24,7 @@
 #include "harness.h"
 #include "attention.cuh"
 #include "attention_flash.cuh"
+#include "rope.cuh"
 
 // float64 log-sum-exp of every query row's scaled scores, (B, NH, T), for batch elements
 // [b0, b0 + nb) of qkv (B, T, QKV)
@@ -187,6 +189,19 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         snprintf(name, sizeof(name), "flash dK/dV 2 key row tiles %s dqkv", label);
         compare_bits(name, download_bf16(d_dqkv, n_qkv), dqkv[0]);
     }
+    {   // RoPE's backward in the epilogue: the plain backward followed by rope_backward, bit for bit
+        float *table = rope_table_host(T, HS, 10000.0f);
+        float *d_table = upload(std::vector<float>(table, table + (size_t)T * HS));
+        free(table);
+        attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
+        rope_backward(d_dqkv, d_table, B, T, NH, NKV, HS, 0);
+        std::vector<float> after = download_bf16(d_dqkv, n_qkv);
+        poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
+        attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0, d_table);
+        snprintf(name, sizeof(name), "flash RoPE backward in the epilogue %s dqkv", label);
+        compare_bits(name, download_bf16(d_dqkv, n_qkv), after);
+        cudaCheck(cudaFree(d_table));
+    }
     if (HS == 64) {   // the forward with two row tiles per warp against the one-tile forward
         flash_forward_row_tiles = 2;
         poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
@@ -299,6 +314,23 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
         printf("time attention %-6s %-13s B=%d T=%d NH=%d NKV=%d HS=%d: forward %7.3f ms (%6.1f TFLOP/s), "
                "backward %7.3f ms (%6.1f TFLOP/s)\n", flash ? "flash" : "simple", model, B, T, NH, NKV, HS, fwd,
                fwd_flops / fwd / 1e9, bwd, bwd_flops / bwd / 1e9);
+        if (flash) {   // RoPE's backward in the epilogue against the backward followed by rope_backward
+            float *table = rope_table_host(T, HS, 10000.0f);
+            float *d_table = upload(std::vector<float>(table, table + (size_t)T * HS));
+            free(table);
+            float fused = time_ms([&] {
+                i = (i + 1) % SETS;
+                attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0, d_table);
+            }, 3, 20);
+            float separate = time_ms([&] {
+                i = (i + 1) % SETS;
+                attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+                rope_backward(dqkv, d_table, B, T, NH, NKV, HS, 0);
+            }, 3, 20);
+            printf("time attention flash  %-13s backward with RoPE's backward in its epilogue %7.3f ms, followed by rope_backward %7.3f ms\n",
+                   model, fused, separate);
+            cudaCheck(cudaFree(d_table));
+        }
         if (flash) {   // the forward with its softmax reference the running max itself (rescaled at every move)
             flash_forward_max_slack = 0.0f;
             float fwd_eager = time_ms([&] {

@@ -9,7 +9,8 @@
  * other precision (fp32, or bf16 under TRAIN_MORA_DNORM_BF16=0), with the residual stream and
  * its gradient in the other precision (fp32, or bf16 under TRAIN_MORA_RESIDUAL_BF16=0), with the
  * projections' residual add in the norm kernel instead of their epilogue (or the reverse under
- * TRAIN_MORA_RESIDUAL_IN_PRODUCT=0), with zero_grad zeroing every
+ * TRAIN_MORA_RESIDUAL_IN_PRODUCT=0), for Llama with RoPE's backward as its own kernel instead of
+ * in the attention's epilogue (or the reverse under TRAIN_MORA_ROPE_IN_ATTENTION=0), with zero_grad zeroing every
  * gradient for the products to add to (instead of the first backward's products writing the
  * weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
  * max (instead of a reference that trails it), and with the flash
@@ -90,6 +91,15 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
         other_add = median_step();
         gpu->residual_in_product = in_product;
     }
+    // Llama: RoPE's backward in the other place (rope_in_attention), timed beside
+    const int rope_in_attention = gpu->rope_in_attention;
+    double other_rope = 0.0;
+    if (c.arch == ARCH_LLAMA) {
+        gpu->rope_in_attention = !rope_in_attention;
+        step();
+        other_rope = median_step();
+        gpu->rope_in_attention = rope_in_attention;
+    }
     // every gradient zeroed by zero_grad and added to by the products (grads_first_write 0)
     gpu->grads_first_write = 0;
     step();
@@ -136,6 +146,10 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     if (other_add > 0.0)
         printf("  with the projections' residual add in the %s: %.2f ms/step, %.0f tok/s\n",
                in_product ? "norm kernel" : "products' epilogue", other_add * 1e3, N / other_add);
+    if (other_rope > 0.0)
+        printf("  with RoPE's backward %s: %.2f ms/step, %.0f tok/s\n",
+               rope_in_attention ? "as its own kernel after the attention" : "in the attention's epilogue", other_rope * 1e3,
+               N / other_rope);
     printf("  with every gradient zeroed and the weight matrices' products adding to them: %.2f ms/step, %.0f tok/s\n",
            all_zeroed * 1e3, N / all_zeroed);
     printf("  with the attention forward's softmax rescaled at every move of a row's max: %.2f ms/step, %.0f tok/s\n",

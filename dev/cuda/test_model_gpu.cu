@@ -12,7 +12,8 @@
  *      its gradients, and zero_grad alone against 0; the same step on the second stream (bit for
  *      bit), with the layers' norm-output gradients in fp32 instead of bf16, with the residual
  *      stream and its gradient in fp32 instead of bf16, with the projections' residual add in
- *      the norm kernel instead of the products' epilogue, and with the attention's warpgroup
+ *      the norm kernel instead of the products' epilogue, for Llama with RoPE's backward after
+ *      the attention instead of in its epilogue (bit for bit), and with the attention's warpgroup
  *      kernels where they apply.
  *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families: the GPU's
  *      losses must follow the CPU's step by step, the loss must fall, and the downloaded
@@ -233,6 +234,33 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
                  gpu->residual_in_product ? "products" : "norm kernel");
         compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
         gpu->residual_in_product = !gpu->residual_in_product;
+    }
+
+    // Llama: the step with RoPE's backward in the other place (rope_in_attention: the flash
+    // backward's epilogue by default, rope_backward here, or the reverse): the same arithmetic,
+    // so the same gradients bit for bit, except the embeddings' (atomic adds, as above)
+    if (c.arch == ARCH_LLAMA) {
+        std::vector<float> first(cpu.num_parameters), other(cpu.num_parameters);
+        for (int k = 0; k < 2; k++) {
+            cuda_model_poison(gpu);
+            cuda_model_zero_grad(gpu);
+            cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+            cuda_model_copy_grads(gpu, k == 0 ? first.data() : other.data());
+            gpu->rope_in_attention = !gpu->rope_in_attention;
+        }
+        size_t rope_differ = 0, rope_compared = 0, at = 0;
+        for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+            size_t n = cpu.param_sizes[t];
+            if (t != P_WTE && t != P_WPE) {
+                for (size_t i = 0; i < n; i++) rope_differ += memcmp(&first[at + i], &other[at + i], sizeof(float)) != 0;
+                rope_compared += n;
+            }
+            at += n;
+        }
+        if (rope_differ) failures++;
+        snprintf(what, sizeof(what), "%s RoPE backward in the attention vs after it", label);
+        printf("%s %-52s %zu of %zu grads differ (must be 0)\n", rope_differ ? "FAIL" : "PASS", what, rope_differ,
+               rope_compared);
     }
 
     // the step with the attention's warpgroup (wgmma) kernels, where they apply, against the CPU:
