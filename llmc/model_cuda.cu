@@ -16,8 +16,9 @@
  * logits), fp32 for the per-row statistics (mean, rstd, log-sum-exp): each of the 2L adds into
  * the stream rounds it to bf16, and the norms, which are bound by the memory's bandwidth, move
  * 8 bytes an element instead of 12 (forward) and 16 (backward). CudaModel.residual_bf16 = 0 keeps
- * both in fp32 (the buffers are allocated for fp32, so a model can switch between forwards). Products take bf16 operands and accumulate in
- * fp32; parameter gradients are fp32 and accumulated in place by the products (beta = 1).
+ * both in fp32 (the buffers are allocated for fp32, so a model can switch between forwards).
+ * Products take bf16 operands and accumulate in fp32; parameter gradients are fp32 and
+ * accumulated in place by the products (beta = 1).
  *
  * Fusions. Each residual add is fused with the norm that follows it (layernorm.cuh), or with a
  * bf16 stream made the epilogue of the projection whose output it adds (matmul_forward_add;
