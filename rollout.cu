@@ -825,7 +825,7 @@ static void sample(RolloutEngine *e, const RowSet *s, int n, int advance) {
                 s->row_step, advance ? s->row_token : NULL, advance ? s->row_pos : NULL, advance ? s->row_slot : NULL,
                 e->dummy_slot, e->err, e->options.reference, e->ref_flags,
                 e->sampling_sets ? NULL : &s->sample_split, s->stream);
-    pdl_mark(e);   // the merging one-block kernel (the split kernels before it keep full edges)
+    pdl_mark(e);   // the merging one-block kernel (the split kernel before it keeps its full edge)
     prof_mark(e, PG_SAMPLE);
 }
 
@@ -1372,7 +1372,7 @@ extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, co
     }
     int reference = e->options.reference;
     int sampling_sets = p->temperature > 0.0f && ((p->top_k > 0 && p->top_k < c->vocab_size) || p->top_p < 1.0f);
-    // with top-k or top-p the one-block sampler does everything; without, the split kernels run
+    // with top-k or top-p the one-block sampler does everything; without, the split kernel runs
     // (sampling.cuh), and a captured step holds one or the other
     e->sampling_sets = sampling_sets;
     if (reference && sampling_sets && c->vocab_size > SAMPLE_REFERENCE_MAX_V)

@@ -26,9 +26,11 @@
  * <= 1), so every sum is exact and the set does not depend on the order of the atomic adds: the
  * same logits give the same set on every run. Tokens with p < 2^-40 weigh 0 in top-p's mass.
  *
- * The draw. Inside the set the token is argmax_v ((x_v - max) / T + G_v), G_v = -log(-log(u_v))
- * a Gumbel variate: this is an exact draw from the softmax at temperature T restricted to the set
- * (the Gumbel-max trick), and it is one parallel argmax instead of a prefix sum. u_v is
+ * The draw. Inside the set the token is argmax_v (x_v / T + G_v), G_v = -log(-log(u_v)) a Gumbel
+ * variate: this is an exact draw from the softmax at temperature T restricted to the set (the
+ * Gumbel-max trick; softmax(x / T) does not change when the row's max is taken off x, nor does
+ * the argmax, so the scores need no max and a block can score its tokens without the row's), and
+ * it is one parallel argmax instead of a prefix sum. u_v is
  * philox(key, counter (v / 4, step, domain, 0)) lane v % 4 (philox.h): a function of the
  * sequence, the step and the token only.
  *
@@ -37,14 +39,11 @@
  * case) needs no set, only the max, the log-sum-exp and one argmax, which divide over blocks. With
  * a SampleSplitScratch the host entry point cuts each row into S contiguous ranges of token
  * groups (sample_split_blocks: S blocks of SAMPLE_SPLIT_THREADS per row, as many as fill
- * SAMPLE_SPLIT_BLOCKS_PER_SM blocks per SM) and launches three kernels in stream order:
- *   1. sample_rows_split_stats_kernel: block (r, s) writes its range's (max, sum of exp(x - its
- *      max), argmax, non-finite flag);
- *   2. sample_rows_split_draw_kernel (temperature > 0): block (r, s) takes the row's max from the S
- *      partials (a max is exact, so it is the one-block kernel's max bit for bit), computes the
- *      same Gumbel score as the one-block kernel for every token of its range and writes its best
- *      (score, token);
- *   3. sample_rows_kernel: merges the S partials of its row (the statistics and the bests, over the
+ * SAMPLE_SPLIT_BLOCKS_PER_SM blocks per SM) and launches two kernels in stream order:
+ *   1. sample_rows_split_kernel: block (r, s) reads its range once and writes its (max, sum of
+ *      exp(x - its max), argmax, non-finite flag) and, for temperature > 0, its best (Gumbel score,
+ *      token), each score computed as the one-block kernel computes it;
+ *   2. sample_rows_kernel: merges the S partials of its row (the statistics and the bests, over the
  *      S lanes of one warp, in a fixed order), writes the token and log-probability and advances
  *      the row, as for its own result.
  * Every score is the one-block kernel's, and the best of a set by (larger score, then smaller id)
@@ -55,12 +54,12 @@
  *
  * The choice of path. The config lives in device memory and a captured graph replays with the
  * values of each call, so the path is chosen on the device, by sample_split_config, from the
- * same values in all three kernels: the split kernels return at once when top-k or top-p is on,
+ * same values in both kernels: the split kernel returns at once when top-k or top-p is on,
  * and sample_rows_kernel then does everything itself as without scratch. The final merge belongs
  * in sample_rows_kernel because that launch is needed anyway for the top-k/top-p case: the split
- * path costs three launches, as a split path that finishes in its last block (with a counter)
- * followed by an idle one-block launch would, and the top-k/top-p path pays two launches that
- * return at once.
+ * path costs two launches, as a split path that finishes in its last block (with a counter)
+ * followed by an idle one-block launch would, and the top-k/top-p path pays one launch that
+ * returns at once.
  *
  * sample_rows_reference_kernel is the plain version of the same definition for the harnesses:
  * serial loops, the set by counting for every token how many keys are larger (O(V^2) per row
@@ -130,12 +129,12 @@ __host__ __device__ __forceinline__ unsigned long long sample_mass(float x, floa
     return (unsigned long long)(p * SAMPLE_MASS_ONE);
 }
 
-// The perturbed score of the Gumbel-max draw. Rounded operations (no fused multiply-add) so
-// the fast and the reference kernel compute the same bits.
-__device__ __forceinline__ float sample_gumbel_score(float x, float max_logit, float inv_t, uint32_t bits) {
+// The perturbed score x / T + G of the Gumbel-max draw. Rounded operations (no fused
+// multiply-add) so the fast and the reference kernel compute the same bits.
+__device__ __forceinline__ float sample_gumbel_score(float x, float inv_t, uint32_t bits) {
     float u = philox_uniform_open(bits);
     float gumbel = -logf(-logf(u));
-    return __fadd_rn(__fmul_rn(x - max_logit, inv_t), gumbel);
+    return __fadd_rn(__fmul_rn(x, inv_t), gumbel);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,7 +326,7 @@ __device__ __forceinline__ void sample_flag_row(int r, int *out_token, float *ou
 // When row_token is not NULL the decode state of every row whose slot is not dummy_slot
 // advances: row_token = the sampled token, row_pos += 1, row_step += 1.
 // With split_blocks > 0 and a config of the split path (sample_split_config), the row's result is
-// the merge of the split kernels' partials: split_stats and split_best, split_blocks per row.
+// the merge of the split kernel's partials: split_stats and split_best, split_blocks per row.
 __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 sample_rows_kernel(int *out_token, float *out_logprob, const float *logits, int V, int Vp, const SampleConfig *cfg,
                    const uint64_t *row_key, int *row_step, int *row_token, int *row_pos, const int *row_slot,
@@ -478,7 +477,7 @@ sample_rows_kernel(int *out_token, float *out_logprob, const float *logits, int 
                 if (v >= V) break;
                 float xv = x[v];
                 if (!sample_key_kept(sample_key(xv, v), limit_prefix, limit_depth)) continue;
-                SampleBest cand = {sample_gumbel_score(xv, max_logit, inv_t, bits.v[e]), v};
+                SampleBest cand = {sample_gumbel_score(xv, inv_t, bits.v[e]), v};
                 best = sample_best_combine(best, cand);
             }
         }
@@ -517,88 +516,60 @@ __device__ __forceinline__ void sample_load_group(float (&xg)[4], const float *x
 }
 
 // grid (n_rows * split_blocks): block r * split_blocks + s writes stats[blockIdx.x], the
-// statistics of row r's range s (pass 1 of the one-block kernel over the range). Returns at once
-// when the config is not the split path's.
+// statistics of row r's range s (pass 1 of the one-block kernel over the range), and for
+// temperature > 0 best[blockIdx.x], the range's best (Gumbel score, token), each score computed as
+// the one-block kernel does; one read of the range for both. Returns at once when the config is
+// not the split path's.
 __global__ void __launch_bounds__(SAMPLE_SPLIT_THREADS, SAMPLE_SPLIT_BLOCKS_PER_SM)
-sample_rows_split_stats_kernel(SampleSplitStats *stats, const float *logits, int V, int Vp, const SampleConfig *cfg,
-                               int split_blocks) {
+sample_rows_split_kernel(SampleSplitStats *stats, SampleBest *best_out, const float *logits, int V, int Vp,
+                         const SampleConfig *cfg, const uint64_t *row_key, const int *row_step, int split_blocks) {
     griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
     griddep_launch_dependents();
     __shared__ SampleMaxSum red_ms[SAMPLE_SPLIT_WARPS];
+    __shared__ SampleBest red_best[SAMPLE_SPLIT_WARPS];
     __shared__ int s_bad;
-    if (!sample_split_config(cfg->temperature, cfg->top_k, cfg->top_p, V)) return;   // block-uniform
+    const float temperature = cfg->temperature;
+    if (!sample_split_config(temperature, cfg->top_k, cfg->top_p, V)) return;   // block-uniform
+    const bool draw = temperature > 0.0f;
     int r = blockIdx.x / split_blocks, g0, g1;
     sample_split_range(blockIdx.x % split_blocks, split_blocks, V, &g0, &g1);
     const float *x = logits + (size_t)r * Vp;
     const bool vec = ((uintptr_t)x & 15) == 0;
+    const float inv_t = draw ? 1.0f / temperature : 0.0f;
+    const uint64_t key = row_key[r];
+    const int step = row_step[r];
     if (threadIdx.x == 0) s_bad = 0;
     __syncthreads();
     // each thread's tokens in increasing order, so that its argmax is the smallest id of its max
     SampleMaxSum ms = {-INFINITY, 0.0f, INT_MAX};
+    SampleBest best = {-INFINITY, INT_MAX};
     bool bad = false;
     for (int g = g0 + threadIdx.x; g < g1; g += blockDim.x) {
         float xg[4];
         sample_load_group(xg, x, g, V, vec);
+        Philox4x32 bits;
+        if (draw) bits = philox_sampling_block(key, (uint32_t)g, (uint32_t)step);
         #pragma unroll
         for (int e = 0; e < 4; e++) {
             int v = 4 * g + e;
             if (v >= V) break;
             float xv = xg[e];
-            if (!isfinite(xv)) { bad = true; continue; }
+            if (!isfinite(xv)) { bad = true; continue; }   // the row is flagged: its draw is not used
             sample_max_sum_add(ms, xv, v);
+            if (draw) {
+                SampleBest cand = {sample_gumbel_score(xv, inv_t, bits.v[e]), v};
+                best = sample_best_combine(best, cand);
+            }
         }
     }
     if (bad) s_bad = 1;
     ms = sample_block_max_sum<SAMPLE_SPLIT_WARPS>(ms, red_ms);   // its barriers publish s_bad
+    if (draw) best = sample_block_best<SAMPLE_SPLIT_WARPS>(best, red_best);
     if (threadIdx.x == 0) {
         SampleSplitStats out = {ms.m, ms.s, ms.idx, s_bad};
         stats[blockIdx.x] = out;
+        if (draw) best_out[blockIdx.x] = best;
     }
-}
-
-// grid (n_rows * split_blocks): block r * split_blocks + s writes best[blockIdx.x], the best
-// (Gumbel score, token) of row r's range s, each score computed as the one-block kernel does with
-// the row's max. Returns at once for greedy, for a config that is not the split path's and for a
-// row with a non-finite logit (sample_rows_kernel flags it).
-__global__ void __launch_bounds__(SAMPLE_SPLIT_THREADS, SAMPLE_SPLIT_BLOCKS_PER_SM)
-sample_rows_split_draw_kernel(SampleBest *best_out, const SampleSplitStats *stats, const float *logits, int V, int Vp,
-                              const SampleConfig *cfg, const uint64_t *row_key, const int *row_step, int split_blocks) {
-    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
-    griddep_launch_dependents();
-    __shared__ SampleBest red_best[SAMPLE_SPLIT_WARPS];
-    const float temperature = cfg->temperature;
-    if (!(temperature > 0.0f) || !sample_split_config(temperature, cfg->top_k, cfg->top_p, V)) return;
-    int r = blockIdx.x / split_blocks, g0, g1;
-    sample_split_range(blockIdx.x % split_blocks, split_blocks, V, &g0, &g1);
-    // the row's max (exact: a max does not round), each warp from the S partials itself: the
-    // same values for every warp, so the return below is block-uniform
-    int lane = threadIdx.x % 32;
-    SampleSplitStats p = {-INFINITY, 0.0f, INT_MAX, 0};
-    if (lane < split_blocks) p = stats[(size_t)r * split_blocks + lane];
-    if (__ballot_sync(0xffffffffu, p.bad) != 0u) return;
-    float max_logit = p.m;
-    for (int off = 16; off > 0; off >>= 1) max_logit = fmaxf(max_logit, __shfl_xor_sync(0xffffffffu, max_logit, off));
-
-    const float *x = logits + (size_t)r * Vp;
-    const bool vec = ((uintptr_t)x & 15) == 0;
-    const float inv_t = 1.0f / temperature;
-    const uint64_t key = row_key[r];
-    const int step = row_step[r];
-    SampleBest best = {-INFINITY, INT_MAX};
-    for (int g = g0 + threadIdx.x; g < g1; g += blockDim.x) {
-        Philox4x32 bits = philox_sampling_block(key, (uint32_t)g, (uint32_t)step);
-        float xg[4];
-        sample_load_group(xg, x, g, V, vec);
-        #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int v = 4 * g + e;
-            if (v >= V) break;
-            SampleBest cand = {sample_gumbel_score(xg[e], max_logit, inv_t, bits.v[e]), v};
-            best = sample_best_combine(best, cand);
-        }
-    }
-    best = sample_block_best<SAMPLE_SPLIT_WARPS>(best, red_best);
-    if (threadIdx.x == 0) best_out[blockIdx.x] = best;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -690,7 +661,7 @@ __global__ void sample_rows_reference_kernel(int *out_token, float *out_logprob,
             for (int v = 0; v < V; v++) {
                 if (!in_set[v]) continue;
                 Philox4x32 bits = philox_sampling_block(row_key[r], (uint32_t)(v / 4), (uint32_t)step);
-                float score = sample_gumbel_score(x[v], max_logit, inv_t, bits.v[v % 4]);
+                float score = sample_gumbel_score(x[v], inv_t, bits.v[v % 4]);
                 if (best_v < 0 || score > best) { best = score; best_v = v; }
             }
             chosen = best_v;
@@ -771,11 +742,8 @@ static inline void sample_rows(int *out_token, float *out_logprob, const float *
         stats = split->stats;
         best = split->best;
         blocks = sample_split_blocks(n_rows, V, split->sms);
-        sample_rows_split_stats_kernel<<<n_rows * blocks, SAMPLE_SPLIT_THREADS, 0, stream>>>(stats, logits, V, Vp, cfg,
-                                                                                             blocks);
-        cudaCheckLaunch();
-        sample_rows_split_draw_kernel<<<n_rows * blocks, SAMPLE_SPLIT_THREADS, 0, stream>>>(best, stats, logits, V, Vp, cfg,
-                                                                                            row_key, row_step, blocks);
+        sample_rows_split_kernel<<<n_rows * blocks, SAMPLE_SPLIT_THREADS, 0, stream>>>(stats, best, logits, V, Vp, cfg,
+                                                                                       row_key, row_step, blocks);
         cudaCheckLaunch();
     }
     sample_rows_kernel<<<n_rows, SAMPLE_THREADS, SAMPLE_DYNAMIC_SMEM, stream>>>(out_token, out_logprob, logits, V, Vp, cfg,

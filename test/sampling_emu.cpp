@@ -18,9 +18,9 @@
  * Blocks run one after another in index order, launches in program order.
  *
  * The candidate set is observed through __fmul_rn, which the kernels call exactly once per token
- * of the set (in sample_gumbel_score, with x - max as its first operand): the emulator records
+ * of the set (in sample_gumbel_score, with the logit as its first operand): the emulator records
  * those operands per row (block b of a grid of k blocks per row serves row b / k), so the test
- * compares the set's logits, and the max they are taken from, with the reference's.
+ * compares the set's logits with the reference's.
  *
  * Several calls in a row run on the same buffers, as the replays of a captured decode step do:
  * the split path's scratch (NaN-poisoned once, before the first call) and the rows' state, which
@@ -35,7 +35,7 @@
  *          float32 logits (calls, n_rows, Vp)
  *     OUT: int32 blocks per row of the split path (0 in modes 0 and 1); then for every call:
  *          int32 token (n_rows); float32 logprob (n_rows); int32 err (the call's; reset before
- *          each); for every row int32 n_set and float32 x - max of the n_set tokens of its set
+ *          each); for every row int32 n_set and float32 logits of the n_set tokens of its set
  *          (in the order of the calls); then int32 row_token, row_pos, row_step (n_rows each)
  *          after the calls
  */
@@ -115,7 +115,7 @@ static inline unsigned __ballot_sync(unsigned mask, int predicate) {
 }
 static inline int __ffs(unsigned x) { return x ? __builtin_ctz(x) + 1 : 0; }   // 1-based lowest set bit
 
-// the set's x - max per row, recorded by __fmul_rn (see the top of the file)
+// the set's logits per row, recorded by __fmul_rn (see the top of the file)
 static std::vector<std::vector<float>> set_values;
 static int emu_rows;   // the rows of the current call: a grid has a whole number of blocks per row
 static inline float __fmul_rn(float a, float b) {

@@ -14,7 +14,8 @@ vocabulary sizes up to SmolLM2's 49152, and for tied logits at the boundary. The
 many draws (different steps) on a small vocabulary passes a chi-square test against the filtered
 softmax, and fails it against the softmax at a wrong temperature. Each draw is also replayed
 exactly: the argmax over the reference set of (x - max) / T plus Gumbel noise from a NumPy
-Philox4x32-10 (checked on Random123's known-answer vectors) of the row's key and step.
+Philox4x32-10 (checked on Random123's known-answer vectors) of the row's key and step (the
+kernels score x / T + G, the same argmax: a constant shift of the row moves every score alike).
 
 The split path (greedy and plain temperature sampling with each row cut over several blocks, the
 one-block kernel merging their partials) must draw the reference kernel's and the one-block
@@ -57,7 +58,7 @@ def run_calls(emulator, tmp_path, logits, configs, keys, steps, V=None, mode="fa
     mode "fast" (the one-block kernel alone), "reference" or "split" (with the split path's
     scratch, sized for `sms` multiprocessors); advance None or (row_token, row_pos, row_slot).
     Returns (blocks per row of the split path, [(tokens, logprobs, err, sets) per call], final
-    (row_token, row_pos, row_step)), sets[r] the float32 x - max of row r's set."""
+    (row_token, row_pos, row_step)), sets[r] the float32 logits of row r's set."""
     calls, n, Vp = logits.shape
     assert len(configs) == calls
     V = Vp if V is None else V
@@ -99,7 +100,7 @@ def run_calls(emulator, tmp_path, logits, configs, keys, steps, V=None, mode="fa
 def run_sampler(emulator, tmp_path, logits, temperature, top_k, top_p, keys, steps, V=None, reference=False,
                 order="forward", mode=None, sms=132):
     """(tokens, logprobs, err, sets) from one sample_rows() call under emulation; logits (n_rows,
-    Vp) of which the first V (default all) are used; sets[r] the float32 x - max of row r's set.
+    Vp) of which the first V (default all) are used; sets[r] the float32 logits of row r's set.
     mode as run_calls' (default: "reference" when reference, else "fast")."""
     mode = mode or ("reference" if reference else "fast")
     _, results, _ = run_calls(emulator, tmp_path, logits[None], [(temperature, top_k, top_p)], keys, steps, V=V,
@@ -252,7 +253,7 @@ def test_sets_match_reference(emulator, tmp_path, case):
         for r in range(2):
             keep = reference_set(x[r], T, k, p)
             assert len(keep) < V, "the case must filter"
-            want = np.sort(x[r, keep] - x[r].max())   # float32 x - max, as the kernel computes it
+            want = np.sort(x[r, keep])   # the float32 logits the kernel scores
             assert len(sets[r]) == len(keep), (r, len(sets[r]), len(keep))
             assert np.array_equal(np.sort(sets[r]), want)
             assert tokens[r] in keep
@@ -423,8 +424,8 @@ def split_logits(rng, rows, V, Vp, blocks):
 def test_split_path_matches_reference(emulator, tmp_path, case):
     """The split path draws the reference and the one-block kernel's tokens on vocabularies that do
     not divide evenly into its blocks; its log-probabilities match a float64 log-softmax; its
-    Gumbel scores are taken from every token at the row's max (the x - max they are computed
-    from equal the whole row's), greedy draws nothing."""
+    Gumbel scores are taken from every token of the row (the logits they are computed from equal
+    the whole row's), greedy draws nothing."""
     V, Vp, rows, sms, want_blocks, T, order = case
     rng = np.random.default_rng(V + rows)
     x = split_logits(rng, rows, V, Vp, want_blocks)
@@ -445,7 +446,7 @@ def test_split_path_matches_reference(emulator, tmp_path, case):
             assert len(sets[r]) == 0
             assert tokens[r] == int(np.argmax(row))   # the smallest id of the tied maxima
             continue
-        assert np.array_equal(np.sort(sets[r]), np.sort(row - row.max()))
+        assert np.array_equal(np.sort(sets[r]), np.sort(row))
         scores = gumbel_draw_scores(row, T, keys[r], steps[r])
         best2 = np.sort(scores)[-2:]
         if best2[1] - best2[0] >= 1e-4:
@@ -491,7 +492,7 @@ def test_split_path_flags_nonfinite_rows_and_advances_rows(emulator, tmp_path):
 def test_split_scratch_follows_each_calls_config(emulator, tmp_path):
     """Replays of one launch sequence with the config changed between them (as a CUDA graph's):
     with the split path's scratch, the calls with top-k or top-p go to the one-block kernel (its
-    candidate set is recorded; the split kernels return at once) and the others to the split
+    candidate set is recorded; the split kernel returns at once) and the others to the split
     path; every call's tokens and the rows' final state equal the reference kernel's and the
     one-block kernel's alone."""
     rng = np.random.default_rng(33)

@@ -306,9 +306,10 @@ static void host_candidate_set(const float *x, int V, const SampleCase &sc, floa
     for (int i = 0; i < n; i++) in_set[order[i]] = 1;
 }
 
-// Host draw: Gumbel-max over the set with the same Philox bits; *margin gets the gap between the
-// best and the second-best perturbed score (a mismatch with the GPU within rounding shows there).
-static int host_draw(const float *x, int V, const SampleCase &sc, float max_logit, const std::vector<char> &in_set,
+// Host draw: Gumbel-max over the set with the same Philox bits, scores x / T + G; *margin gets the
+// gap between the best and the second-best perturbed score (a mismatch with the GPU within
+// rounding shows there).
+static int host_draw(const float *x, int V, const SampleCase &sc, const std::vector<char> &in_set,
                      uint64_t key, int step, float *margin) {
     float inv_t = 1.0f / sc.temperature;
     float best = -INFINITY, second = -INFINITY;
@@ -317,7 +318,7 @@ static int host_draw(const float *x, int V, const SampleCase &sc, float max_logi
         if (!in_set[v]) continue;
         Philox4x32 bits = philox_sampling_block(key, (uint32_t)(v / 4), (uint32_t)step);
         float u = philox_uniform_open(bits.v[v % 4]);
-        float score = (x[v] - max_logit) * inv_t + -logf(-logf(u));
+        float score = x[v] * inv_t + -logf(-logf(u));
         if (score > best) { second = best; best = score; best_v = v; }
         else if (score > second) second = score;
     }
@@ -414,7 +415,7 @@ static void check_sampler(int V, int rows) {
             else {
                 std::vector<char> in_set;
                 host_candidate_set(x, V, sc, m, in_set);
-                want = host_draw(x, V, sc, m, in_set, keys[r], steps[r], &margin);
+                want = host_draw(x, V, sc, in_set, keys[r], steps[r], &margin);
             }
             int got = tok[0][r], got_split = tok[2][r];
             if (got_split >= 0 && got_split < V) {   // else it differs from the one-block kernel's (checked below)
