@@ -187,6 +187,11 @@ struct RolloutEngine {
     cudaStream_t branch_stream[ROLLOUT_MAX_BRANCHES];
     cudaEvent_t branch_fork, branch_join[ROLLOUT_MAX_BRANCHES];
     int n_branch_streams;
+    // options.fold_norms: per layer the qkv product's weights (QKV, C) and the MLP up product's
+    // (2F, C) with the norm before each folded in (fold_weights); allocated on first use, valid
+    // until the next weight update
+    floatX *folded;
+    int folded_valid;
     // options.pdl: whether this GPU runs the kernels' griddep_wait (pdl_supported), and while a
     // decode step is captured, the nodes of the engine's kernels that start with it (pdl_mark)
     int pdl_supported, pdl_capturing, n_pdl_nodes, cap_pdl_nodes;
@@ -213,8 +218,9 @@ struct RolloutEngine {
 // ---------------------------------------------------------------------------------------------
 // small kernels of the engine
 
-// x (N, C) fp32 = wte[token] (+ wpe[pos] for GPT-2): one thread per (row, channel).
-__global__ void embed_rows_kernel(float *x, const int *token, const int *pos, const floatX *wte, const floatX *wpe,
+// x (N, C) fp32 or bf16 (TX) = wte[token] (+ wpe[pos] for GPT-2): one thread per (row, channel).
+template <typename TX>
+__global__ void embed_rows_kernel(TX *x, const int *token, const int *pos, const floatX *wte, const floatX *wpe,
                                   int N, int C) {
     griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
     griddep_launch_dependents();
@@ -223,7 +229,23 @@ __global__ void embed_rows_kernel(float *x, const int *token, const int *pos, co
     int r = (int)(idx / C), c = (int)(idx % C);
     float v = to_float(wte[(size_t)token[r] * C + c]);
     if (wpe) v += to_float(wpe[(size_t)pos[r] * C + c]);
-    x[idx] = v;
+    x[idx] = from_float<TX>(v);
+}
+
+// dst (rows, C) bf16 = w (rows, C) with column i scaled by norm_w[i]: a product's weights with the
+// norm before it folded in (RolloutOptions.fold_norms), each element rounded once.
+__global__ void fold_norm_weights_kernel(floatX *dst, const floatX *w, const floatX *norm_w, size_t rows, int C) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < rows * C; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __float2bfloat16(to_float(w[i]) * to_float(norm_w[i % C]));
+}
+
+// out (n) bf16 = a + b, elementwise (the residual add of fold_norms where cuBLASLt offers no
+// epilogue for it).
+__global__ void add_bf16_kernel(floatX *out, const floatX *a, const floatX *b, size_t n) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __float2bfloat16(to_float(a[i]) + to_float(b[i]));
 }
 
 // out (n, C) = in rows idx[0..n) (bf16 copies): one thread per (row, channel).
@@ -363,6 +385,7 @@ extern "C" RolloutOptions rollout_default_options(void) {
     o.tune_products = 1;
     o.steps_per_graph = 1;
     o.attention_early_loads = 0;
+    o.fold_norms = 0;
     return o;
 }
 
@@ -376,7 +399,7 @@ static int env_count(const char *v, const char *w, int skip, int max) {
 }
 
 // TRAIN_MORA_ROLLOUT: the variants an engine starts with, a comma-separated list of
-// decode_matmul, pdl, pipeline, untuned (tune_products 0), early_loads (attention_early_loads),
+// decode_matmul, pdl, pipeline, untuned (tune_products 0), early_loads (attention_early_loads), fold_norms,
 // branches=N and steps=N (steps_per_graph) (RolloutOptions), for trying them in a whole run
 // (generate, eval, mora); rollout_set_options replaces them. Any other word exits with a message.
 static void options_from_env(RolloutOptions *o) {
@@ -391,15 +414,16 @@ static void options_from_env(RolloutOptions *o) {
         else if (strcmp(w, "pipeline") == 0) o->pipeline = 1;
         else if (strcmp(w, "untuned") == 0) o->tune_products = 0;
         else if (strcmp(w, "early_loads") == 0) o->attention_early_loads = 1;
+        else if (strcmp(w, "fold_norms") == 0) o->fold_norms = 1;
         else if (strncmp(w, "branches=", 9) == 0) o->branches = env_count(v, w, 9, ROLLOUT_MAX_BRANCHES);
         else if (strncmp(w, "steps=", 6) == 0) o->steps_per_graph = env_count(v, w, 6, ROLLOUT_MAX_STEPS_PER_GRAPH);
         else
             fatal("TRAIN_MORA_ROLLOUT=%s: unknown variant '%s' (expected a comma-separated list of decode_matmul, pdl, pipeline, "
-                  "untuned, early_loads, branches=N, steps=N)", v, w);
+                  "untuned, early_loads, fold_norms, branches=N, steps=N)", v, w);
     }
     fprintf(stderr, "rollout: TRAIN_MORA_ROLLOUT=%s: decode_matmul %d, pdl %d, pipeline %d, branches %d, tuned products %d, "
-            "steps a graph %d, early loads %d\n", v, o->decode_matmul, o->pdl, o->pipeline, o->branches, o->tune_products,
-            o->steps_per_graph, o->attention_early_loads);
+            "steps a graph %d, early loads %d, folded norms %d\n", v, o->decode_matmul, o->pdl, o->pipeline, o->branches,
+            o->tune_products, o->steps_per_graph, o->attention_early_loads, o->fold_norms);
 }
 
 extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max_len) {
@@ -483,7 +507,7 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
         // programmatic edges need sm_90 and kernels built for it: from the compute_80 PTX of the
         // portable build, griddep_wait compiles to nothing (cuda_common.h)
         cudaFuncAttributes attr;
-        cudaCheck(cudaFuncGetAttributes(&attr, embed_rows_kernel));
+        cudaCheck(cudaFuncGetAttributes(&attr, embed_rows_kernel<float>));
         e->pdl_supported = attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
         e->pdl_capturing = 0;
         e->n_pdl_nodes = e->cap_pdl_nodes = 0;
@@ -587,7 +611,7 @@ extern "C" void rollout_set_options(RolloutEngine *e, const RolloutOptions *o) {
         fatal("rollout_set_options: steps_per_graph must be in 1..%d, got %d", ROLLOUT_MAX_STEPS_PER_GRAPH, o->steps_per_graph);
     if (o->reference != e->options.reference || o->decode_matmul != e->options.decode_matmul || o->pdl != e->options.pdl ||
         o->profile != e->options.profile || o->branches != e->options.branches || o->tune_products != e->options.tune_products ||
-        o->attention_early_loads != e->options.attention_early_loads)
+        o->attention_early_loads != e->options.attention_early_loads || o->fold_norms != e->options.fold_norms)
         graphs_clear(e);
     e->options = *o;
 }
@@ -601,6 +625,7 @@ extern "C" void rollout_update_weights(RolloutEngine *e, const Model *cpu) {
         cudaCheck(cudaMemcpyAsync(e->staging, cpu->params + off, n * sizeof(float), cudaMemcpyHostToDevice, e->stream));
         convert_f32_to_bf16(e->params + off, e->staging, n, e->stream);
     }
+    e->folded_valid = 0;   // the folded products' weights follow at the next decode step
     cudaCheck(cudaStreamSynchronize(e->stream));
 }
 
@@ -608,6 +633,7 @@ extern "C" void rollout_update_weights_device(RolloutEngine *e, const float *dev
     if (num_parameters != e->num_parameters)
         fatal("rollout_update_weights_device: %zu parameters given, the engine's model has %zu", num_parameters, e->num_parameters);
     convert_f32_to_bf16(e->params, device_params, num_parameters, e->stream);
+    e->folded_valid = 0;
     cudaCheck(cudaStreamSynchronize(e->stream));
 }
 
@@ -777,7 +803,7 @@ static void forward_rows(RolloutEngine *e, const RowSet *s, int n, const int *to
     const int decode = 1;   // rows of a decode step (or the reference path's prefill: forward_product tells)
     cudaStream_t st = s->stream;
     size_t nc = (size_t)n * C;
-    embed_rows_kernel<<<ceil_div((long long)nc, 256), 256, 0, st>>>(s->res_a, token, pos, weight(e, P_WTE, 0),
+    embed_rows_kernel<float><<<ceil_div((long long)nc, 256), 256, 0, st>>>(s->res_a, token, pos, weight(e, P_WTE, 0),
                                                                     gpt2 ? weight(e, P_WPE, 0) : NULL, n, C);
     cudaCheckLaunch();
     pdl_mark(e);
@@ -809,6 +835,86 @@ static void forward_rows(RolloutEngine *e, const RowSet *s, int n, const int *to
         residual_and_norm(e, s, other, res, l, 0, n);
         { float *t = res; res = other; other = t; }
     }
+}
+
+// Whether decode steps take the folded path (RolloutOptions.fold_norms): RMSNorm models without
+// q/k/v biases (a bias would have to be added after the norm's scale), not with the reference
+// kernels or decode_matmul.
+static int fold_active(const RolloutEngine *e) {
+    return e->options.fold_norms && e->config.arch == ARCH_LLAMA && weight(e, P_QKVB, 0) == NULL && !e->options.reference &&
+           !e->options.decode_matmul;
+}
+static size_t fold_layer_elems(const ModelConfig *c) { return ((size_t)qkv_width(c) + 2 * (size_t)c->ffn_hidden) * c->n_embd; }
+static const floatX *folded_qkv(const RolloutEngine *e, int l) { return e->folded + l * fold_layer_elems(&e->config); }
+static const floatX *folded_fc(const RolloutEngine *e, int l) {
+    return folded_qkv(e, l) + (size_t)qkv_width(&e->config) * e->config.n_embd;
+}
+// The folded products' weights from the current ones, on the engine's stream (stream order puts
+// it after the weights' upload and before the steps that read it; not while a graph is captured).
+static void fold_weights(RolloutEngine *e) {
+    const ModelConfig *c = &e->config;
+    size_t C = c->n_embd, QKV = qkv_width(c), FC = 2 * (size_t)c->ffn_hidden;
+    if (e->folded == NULL) e->folded = (floatX *)engine_alloc(e, c->n_layer * fold_layer_elems(c) * sizeof(floatX), 0);
+    for (int l = 0; l < c->n_layer; l++) {
+        fold_norm_weights_kernel<<<1024, 256, 0, e->stream>>>((floatX *)folded_qkv(e, l), weight(e, P_QKVW, l),
+                                                              weight(e, P_LN1W, l), QKV, (int)C);
+        cudaCheckLaunch();
+        fold_norm_weights_kernel<<<1024, 256, 0, e->stream>>>((floatX *)folded_fc(e, l), weight(e, P_FCW, l),
+                                                              weight(e, P_LN2W, l), FC, (int)C);
+        cudaCheckLaunch();
+    }
+    e->folded_valid = 1;
+}
+
+// out (n, C) bf16 = res + inp (n, IC) @ w^T + b: a projection added to the bf16 stream, in the
+// product's epilogue, or (no algorithm for it) the product and then an add.
+static void stream_product_add(RolloutEngine *e, const RowSet *s, floatX *out, const floatX *res, const floatX *inp,
+                               const floatX *w, const floatX *b, int n, int IC, int C) {
+    if (matmul_forward_add(out, res, inp, w, b, n, IC, C, s->stream)) return;
+    matmul_forward(s->proj, inp, w, b, NULL, n, IC, C, s->stream);
+    add_bf16_kernel<<<ceil_div((long long)n * C, 256), 256, 0, s->stream>>>(out, res, s->proj, (size_t)n * C);
+    cudaCheckLaunch();
+    pdl_mark(e);
+}
+
+// forward_rows for a decode step with options.fold_norms (fold_active): the stream in bf16 in
+// the RowSet's residual buffers, per layer the qkv product on the stream with ln1's weights
+// folded in, the attention scaling q, k and v by the row's factor, the attention projection
+// added to the stream in its epilogue, the MLP up product on the new stream with ln2's weights
+// folded in, SwiGLU scaling gate and up by the row's factor, the down projection added in its
+// epilogue; after the last layer the final norm, into s->ln.
+static void forward_rows_folded(RolloutEngine *e, const RowSet *s, int n, const int *token, const int *slot, const int *pos,
+                                int n_splits) {
+    const ModelConfig *c = &e->config;
+    int C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, QKV = qkv_width(c), F = c->ffn_hidden;
+    cudaStream_t st = s->stream;
+    floatX *x = (floatX *)s->res_a, *x2 = (floatX *)s->res_b;   // bf16 rows in buffers sized for fp32
+    embed_rows_kernel<floatX><<<ceil_div((long long)n * C, 256), 256, 0, st>>>(x, token, pos, weight(e, P_WTE, 0), NULL, n, C);
+    cudaCheckLaunch();
+    pdl_mark(e);
+    prof_mark(e, PG_EMBED);
+    for (int l = 0; l < c->n_layer; l++) {
+        matmul_forward(s->qkv, x, folded_qkv(e, l), NULL, NULL, n, C, QKV, st);
+        prof_mark(e, PG_QKV);
+        DecodeRowNorm norm = {x, C, c->norm_eps};
+        decode_attention(s->atty, s->part_o, s->part_ml, s->qkv, layer_k(e, l), layer_v(e, l), e->rope_cos_sin, 1, slot, pos,
+                         n, NH, NKV, HS, e->n_slots, e->max_len, n_splits, 0, e->err, st, &norm);
+        pdl_mark(e);
+        prof_mark(e, PG_ATTENTION);
+        stream_product_add(e, s, x2, x, s->atty, weight(e, P_ATTPROJW, l), weight(e, P_ATTPROJB, l), n, NH * HS, C);
+        prof_mark(e, PG_ATTPROJ);
+        matmul_forward(s->fch, x2, folded_fc(e, l), NULL, NULL, n, C, 2 * F, st);
+        prof_mark(e, PG_FC);
+        swiglu_forward_rownorm(s->fch_act, s->fch, x2, n, F, C, c->norm_eps, st);
+        pdl_mark(e);
+        prof_mark(e, PG_ACT);
+        stream_product_add(e, s, x, x2, s->fch_act, weight(e, P_FCPROJW, l), weight(e, P_FCPROJB, l), n, F, C);
+        prof_mark(e, PG_FCPROJ);
+    }
+    residual_norm_forward((floatX *)NULL, s->ln, s->ln_mean, s->ln_rstd, (const floatX *)x, NULL, weight(e, P_LNFW, 0), NULL,
+                          n, C, c->norm_eps, 0, st);
+    pdl_mark(e);
+    prof_mark(e, PG_NORM);
 }
 
 // logits (n, Vp) fp32 = hidden (n, C) @ head^T
@@ -861,7 +967,8 @@ static void decode_chain(RolloutEngine *e, int row0, int n, int n_splits, int st
     for (int i = 0; i < steps; i++) {
         s.out_token = result_tokens(e, i) + row0;
         s.out_logprob = result_logprobs(e, i) + row0;
-        forward_rows(e, &s, n, s.row_token, s.row_slot, s.row_pos, n_splits, !e->options.reference);
+        if (fold_active(e)) forward_rows_folded(e, &s, n, s.row_token, s.row_slot, s.row_pos, n_splits);
+        else forward_rows(e, &s, n, s.row_token, s.row_slot, s.row_pos, n_splits, !e->options.reference);
         logits_forward(e, &s, s.ln, n);
         sample(e, &s, n, 1);
     }
@@ -900,6 +1007,7 @@ static void decode_step_eager(RolloutEngine *e, int rows, int n_splits, int step
 // runs them eagerly (first use, or graphs off). Step i's results go to slot i of the ring.
 static void decode_step(RolloutEngine *e, int rows, int n_splits, int steps) {
     e->last_graph = NULL;
+    if (fold_active(e) && !e->folded_valid) fold_weights(e);   // before any capture
     if (!e->options.use_graphs) { decode_step_eager(e, rows, n_splits, steps); return; }
     GraphEntry *g = NULL;
     for (int i = 0; i < e->n_graphs; i++)

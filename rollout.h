@@ -96,6 +96,16 @@ typedef struct {
     // 1: the decode attention requests every load of its first iteration before using any
     // (decode_attention.cuh's early-loads variant: the same bits, more registers). 0 (default).
     int attention_early_loads;
+    // 1: a decode step of a Llama model without q/k/v biases keeps its residual stream in bf16 and
+    // runs no norm kernel inside its layers: the qkv and MLP up products run on the stream itself
+    // with the norms' weights folded into their own (the engine keeps those products, W diag w,
+    // refreshed after each weight update), the attention and the SwiGLU kernel scale their inputs
+    // by the row's RMSNorm factor (norm(x) W^T = rstd x (W diag w)^T), and the attention and MLP
+    // projections add their output to the stream in their cuBLASLt epilogue. Two launches a layer
+    // fewer (a step is a chain of small launches); the tokens are those of the plain step up to
+    // rounding (the stream in bf16, the folded weights rounded). Ignored with reference or
+    // decode_matmul. 0 (default).
+    int fold_norms;
 } RolloutOptions;
 
 #define ROLLOUT_MAX_BRANCHES 4

@@ -29,6 +29,10 @@
  *                    An early-loads variant (decode_attention_early_loads, off by default)
  *                    requests every load of the first iteration before using any: the same bits,
  *                    for the harness to time against the default.
+ *                    With a DecodeRowNorm (the engine's folded decode step, RolloutOptions.fold_norms)
+ *                    the row's q, k and v are first scaled by the row's RMSNorm factor, computed
+ *                    by the block from the row of the residual stream the qkv product read: the
+ *                    product ran on the stream itself, the norm's weights folded into its own.
  * reference          one thread per (row, head), a serial loop with an online softmax: the
  *                    plain version the harnesses compare against.
  *
@@ -152,6 +156,18 @@ static inline void rows_kv_write(floatX *qkv, floatX *k_cache, floatX *v_cache, 
     cudaCheckLaunch();
 }
 
+// The rows' RMSNorm, applied inside the attention (decode_attention_kernel): with x (the rows'
+// residual stream, (N, C) bf16; NULL: none), row r's q, k and v are multiplied by
+// rstd = 1 / sqrt(mean_c x[r, c]^2 + eps), and the key and value it writes to the cache are
+// those products rounded to bf16. norm(x) W^T = rstd (x (W diag w)^T) for RMSNorm's
+// norm(x) = x rstd w, so a qkv product on x with the norm's weight w folded into its own W gives,
+// scaled here, the product on the normed rows.
+typedef struct {
+    const floatX *x;
+    int C;
+    float eps;
+} DecodeRowNorm;
+
 // Query heads of one GQA group that a block of decode_attention_kernel takes together: the
 // smallest of 1, 2, 4, 8 covering the group (a group larger than 8 takes several blocks).
 static inline int decode_heads_per_block(int group) {
@@ -168,7 +184,7 @@ template <int HS, int HB, int EARLY>
 __global__ void __launch_bounds__(DECODE_THREADS)
 decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX *qkv, floatX *k_cache,
                         floatX *v_cache, const float *cos_sin, int write_kv, const int *row_slot, const int *row_pos,
-                        int NH, int NKV, int n_slots, int Tmax, int n_splits, int *err) {
+                        int NH, int NKV, int n_slots, int Tmax, int n_splits, int *err, DecodeRowNorm row_norm) {
     griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
     griddep_launch_dependents();
     constexpr int CHUNKS = HS / 8;                       // lanes per position: 8 channels (16 bytes) each
@@ -237,15 +253,42 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
             v_first[u] = stored ? *(const uint4 *)(v_base + (size_t)j * HS + c * 8) : zero4;
         }
     }
+    // the row's RMSNorm factor (DecodeRowNorm), the same in every block of the row
+    float rstd = 1.0f;
+    if (row_norm.x) {   // block-uniform
+        __shared__ float norm_red[DECODE_WARPS];
+        const floatX *xr = row_norm.x + (size_t)r * row_norm.C;
+        float sq = 0.0f;
+        for (int i = threadIdx.x; i < row_norm.C; i += DECODE_THREADS) {
+            float v = to_float(xr[i]);
+            sq += v * v;
+        }
+        sq = warp_sum(sq);
+        if (lane == 0) norm_red[warp] = sq;
+        __syncthreads();
+        float total = 0.0f;
+        #pragma unroll
+        for (int w = 0; w < DECODE_WARPS; w++) total += norm_red[w];
+        rstd = rsqrtf(total / row_norm.C + row_norm.eps);
+    }
     float k_own[8], v_own[8];
     if (own >= 0) {   // block-uniform
         if constexpr (EARLY) {
             decode_unpack8(k_own, own_raw[0]);
             decode_unpack8(v_own, own_raw[1]);
-            if (cos_sin) decode_rope8_apply<CHUNKS>(k_own, cs, c);
         } else {
             decode_load8(k_own, row_qkv + (size_t)(NH + kvh) * HS + c * 8);
             decode_load8(v_own, row_qkv + (size_t)(NH + NKV + kvh) * HS + c * 8);
+        }
+        if (row_norm.x) {   // scaled, and rounded as the cache will hold them
+            #pragma unroll
+            for (int e = 0; e < 8; e++) { k_own[e] *= rstd; v_own[e] *= rstd; }
+            decode_round8_bf16(v_own);
+            if (!cos_sin) decode_round8_bf16(k_own);
+        }
+        if constexpr (EARLY) {
+            if (cos_sin) decode_rope8_apply<CHUNKS>(k_own, cs, c);
+        } else {
             if (cos_sin) decode_rope8_bf16<CHUNKS>(k_own, cos_sin, pos, c);
         }
         if (hb == 0 && jr == 0) {
@@ -260,11 +303,16 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     #pragma unroll
     for (int h = 0; h < HB; h++) {
         if (h < nh) {
+            if constexpr (EARLY) decode_unpack8(q[h], q_raw[h]);
+            else decode_load8(q[h], row_qkv + (size_t)(h0 + h) * HS + c * 8);
+            if (row_norm.x) {
+                #pragma unroll
+                for (int e = 0; e < 8; e++) q[h][e] *= rstd;
+                if (!(write_kv && cos_sin)) decode_round8_bf16(q[h]);
+            }
             if constexpr (EARLY) {
-                decode_unpack8(q[h], q_raw[h]);
                 if (write_kv && cos_sin) decode_rope8_apply<CHUNKS>(q[h], cs, c);
             } else {
-                decode_load8(q[h], row_qkv + (size_t)(h0 + h) * HS + c * 8);
                 if (write_kv && cos_sin) decode_rope8_bf16<CHUNKS>(q[h], cos_sin, pos, c);
             }
             #pragma unroll
@@ -446,11 +494,11 @@ template <int HS, int HB>
 static inline void decode_attention_fast_launch(dim3 grid, floatX *out, float *part_o, float *part_ml, const floatX *qkv,
                                                 floatX *k_cache, floatX *v_cache, const float *cos_sin, int write_kv,
                                                 const int *row_slot, const int *row_pos, int NH, int NKV, int n_slots,
-                                                int Tmax, int n_splits, int *err, cudaStream_t stream) {
+                                                int Tmax, int n_splits, int *err, DecodeRowNorm row_norm, cudaStream_t stream) {
     if (decode_attention_early_loads)
-        decode_attention_kernel<HS, HB, 1><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err);
+        decode_attention_kernel<HS, HB, 1><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm);
     else
-        decode_attention_kernel<HS, HB, 0><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err);
+        decode_attention_kernel<HS, HB, 0><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm);
 }
 
 template <int HS>
@@ -458,7 +506,7 @@ static inline void decode_attention_launch(floatX *out, float *part_o, float *pa
                                            floatX *k_cache, floatX *v_cache, const float *cos_sin, int write_kv,
                                            const int *row_slot, const int *row_pos, int N, int NH, int NKV,
                                            int n_slots, int Tmax, int n_splits, int reference, int *err,
-                                           cudaStream_t stream) {
+                                           DecodeRowNorm row_norm, cudaStream_t stream) {
     if (reference) {
         decode_attention_reference_kernel<HS><<<ceil_div((long long)N * NH, 64), 64, 0, stream>>>(
             out, qkv, k_cache, v_cache, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, err);
@@ -468,10 +516,10 @@ static inline void decode_attention_launch(floatX *out, float *part_o, float *pa
     int group = NH / NKV, hb = decode_heads_per_block(group);
     dim3 grid(n_splits, NKV * ceil_div(group, hb), N);
     switch (hb) {
-    case 1: decode_attention_fast_launch<HS, 1>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, stream); break;
-    case 2: decode_attention_fast_launch<HS, 2>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, stream); break;
-    case 4: decode_attention_fast_launch<HS, 4>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, stream); break;
-    default: decode_attention_fast_launch<HS, 8>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, stream); break;
+    case 1: decode_attention_fast_launch<HS, 1>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm, stream); break;
+    case 2: decode_attention_fast_launch<HS, 2>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm, stream); break;
+    case 4: decode_attention_fast_launch<HS, 4>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm, stream); break;
+    default: decode_attention_fast_launch<HS, 8>(grid, out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm, stream); break;
     }
     cudaCheckLaunch();
     if (n_splits > 1) {
@@ -489,11 +537,17 @@ static inline void decode_attention_launch(floatX *out, float *part_o, float *pa
 // rotated. write_kv = 1: rows_kv_write's work is done here: q and the row's own key are rotated
 // with cos_sin (NULL: no RoPE), and the key and value at (slot, pos) are written to the cache;
 // the rows' slots must then differ (a row must not read a position another row of the same call
-// writes), as in a decode step. The reference kernel needs write_kv = 0.
+// writes), as in a decode step. The reference kernel needs write_kv = 0. row_norm (the fast kernel
+// with write_kv only; NULL: none): the rows' RMSNorm, applied to q, k and v (DecodeRowNorm).
 static inline void decode_attention(floatX *out, float *part_o, float *part_ml, const floatX *qkv, floatX *k_cache,
                                     floatX *v_cache, const float *cos_sin, int write_kv, const int *row_slot,
                                     const int *row_pos, int N, int NH, int NKV, int HS, int n_slots, int Tmax,
-                                    int n_splits, int reference, int *err, cudaStream_t stream) {
+                                    int n_splits, int reference, int *err, cudaStream_t stream,
+                                    const DecodeRowNorm *row_norm = NULL) {
+    DecodeRowNorm norm = {NULL, 0, 0.0f};
+    if (row_norm) norm = *row_norm;
+    cudaRequire(norm.x == NULL || (write_kv && !reference && norm.C >= 1),
+                "decode_attention: the rows' norm needs the fast kernel writing the cache");
     cudaRequire(N >= 1 && N <= 65535, "decode_attention: rows must be in 1..65535 (grid z)");
     cudaRequire(NKV >= 1 && NH % NKV == 0, "decode_attention: n_head must be a multiple of n_kv_head");
     cudaRequire(n_splits >= 1 && n_splits <= 65535, "decode_attention: n_splits must be in 1..65535");
@@ -502,10 +556,10 @@ static inline void decode_attention(floatX *out, float *part_o, float *part_ml, 
     cudaRequire((((uintptr_t)qkv | (uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0,
                 "decode_attention: qkv and the KV cache must be 16-byte aligned (16-byte loads)");
     switch (HS) {
-    case 16: decode_attention_launch<16>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
-    case 32: decode_attention_launch<32>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
-    case 64: decode_attention_launch<64>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
-    case 128: decode_attention_launch<128>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, stream); break;
+    case 16: decode_attention_launch<16>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, norm, stream); break;
+    case 32: decode_attention_launch<32>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, norm, stream); break;
+    case 64: decode_attention_launch<64>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, norm, stream); break;
+    case 128: decode_attention_launch<128>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, n_slots, Tmax, n_splits, reference, err, norm, stream); break;
     default: cudaRequire(0, "decode_attention: head_dim must be 16, 32, 64 or 128");
     }
 }

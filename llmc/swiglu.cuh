@@ -121,4 +121,33 @@ static inline void swiglu_backward(floatX *dfc, const floatX *dout, const floatX
     if (swiglu_vectorized(dfc, dout, fc, N, F)) swiglu_backward_vec8(dfc, dout, fc, N, F, stream);
     else swiglu_backward_scalar(dfc, dout, fc, N, F, stream);
 }
+// The decode step's SwiGLU with the rows' RMSNorm folded in (the rollout engine's fold_norms:
+// the MLP's fc product ran on the residual stream x (N, C) with the norm's weight w folded into
+// its own, so its gate and up are the normed rows' divided by the row's factor rstd): one block
+// per row n, rstd = 1 / sqrt(mean_c x[n, c]^2 + eps), out[n, j] = silu(rstd gate) * (rstd up),
+// the same per-element math (swiglu_out) as the kernels above.
+#define SWIGLU_NORM_THREADS 256
+__global__ void __launch_bounds__(SWIGLU_NORM_THREADS)
+swiglu_forward_rownorm_kernel(floatX *out, const floatX *fc, const floatX *x, int F, int C, float eps) {
+    griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
+    griddep_launch_dependents();
+    __shared__ float swiglu_norm_partials[32];
+    int n = blockIdx.x;
+    const floatX *xr = x + (size_t)n * C;
+    float sq = 0.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float v = to_float(xr[c]);
+        sq += v * v;
+    }
+    float rstd = rsqrtf(block_sum(sq, swiglu_norm_partials) / C + eps);
+    const floatX *row = fc + (size_t)n * 2 * F;
+    for (int j = threadIdx.x; j < F; j += blockDim.x)
+        out[(size_t)n * F + j] = __float2bfloat16(swiglu_out(rstd * to_float(row[j]), rstd * to_float(row[F + j])));
+}
+static inline void swiglu_forward_rownorm(floatX *out, const floatX *fc, const floatX *x, int N, int F, int C, float eps,
+                                          cudaStream_t stream) {
+    cudaRequire(N >= 1 && F >= 1 && C >= 1, "swiglu_forward_rownorm: N, F and C must be positive");
+    swiglu_forward_rownorm_kernel<<<N, SWIGLU_NORM_THREADS, 0, stream>>>(out, fc, x, F, C, eps);
+    cudaCheckLaunch();
+}
 #endif

@@ -18,9 +18,11 @@
  *
  *   decode_attention_emu IN OUT forward|reverse   (DECODE_ATTENTION_EARLY=1 in the environment:
  *                                                 the fast kernel's early-loads variant)
- *     IN : int32 N, NH, NKV, HS, S, Tmax, n_splits, reference, write_kv, rope; int32 row_slot (N),
- *          row_pos (N); float32 qkv (N, (NH + 2*NKV)*HS), k_cache, v_cache (S, NKV, Tmax, HS), all
- *          values representable in bf16; when rope, float32 cos_sin (Tmax, HS/2, 2)
+ *     IN : int32 N, NH, NKV, HS, S, Tmax, n_splits, reference, write_kv, rope, norm_C; int32
+ *          row_slot (N), row_pos (N); float32 qkv (N, (NH + 2*NKV)*HS), k_cache, v_cache (S, NKV,
+ *          Tmax, HS), all values representable in bf16; when rope, float32 cos_sin (Tmax, HS/2, 2);
+ *          when norm_C > 0, float32 x (N, norm_C) in bf16 values: the rows' residual stream, whose
+ *          RMSNorm factor (eps 1e-5) the attention applies to q, k and v (DecodeRowNorm)
  *     OUT: float32 out (N, NH*HS); int32 err; float32 k_cache, v_cache after the call
  */
 #define EMU_PROGRAM "decode_attention_emu"
@@ -41,8 +43,9 @@ int main(int argc, char **argv) {
     FILE *f = emu_open_input(argc, argv, shared_bytes);
     const char *early = getenv("DECODE_ATTENTION_EARLY");
     decode_attention_early_loads = early != NULL && strcmp(early, "1") == 0;
-    int32_t dims[10];
-    if (fread(dims, sizeof(int32_t), 10, f) != 10) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int32_t dims[11];
+    if (fread(dims, sizeof(int32_t), 11, f) != 11) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int norm_C = dims[10];
     int N = dims[0], NH = dims[1], NKV = dims[2], HS = dims[3], S = dims[4], Tmax = dims[5], n_splits = dims[6];
     int reference = dims[7], write_kv = dims[8], rope = dims[9];
     if (N < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || (HS != 64 && HS != 128) || S < 1 || Tmax < 1 || n_splits < 1) {
@@ -65,6 +68,8 @@ int main(int argc, char **argv) {
         cos_sin = (float *)device_alloc(table.size() * sizeof(float), 0);
         memcpy(cos_sin, table.data(), table.size() * sizeof(float));
     }
+    DecodeRowNorm row_norm = {NULL, norm_C, 1e-5f};
+    if (norm_C > 0) row_norm.x = device_bf16(read_floats(f, (size_t)N * norm_C, argv[1]));
     fclose(f);
     int *row_slot = (int *)device_alloc(N * sizeof(int), 0), *row_pos = (int *)device_alloc(N * sizeof(int), 0);
     memcpy(row_slot, slot_pos.data(), N * sizeof(int));
@@ -75,7 +80,7 @@ int main(int argc, char **argv) {
     int *err = (int *)device_alloc(sizeof(int), 0);
 
     decode_attention(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, N, NH, NKV, HS, S,
-                     Tmax, n_splits, reference, err, 0);
+                     Tmax, n_splits, reference, err, 0, norm_C > 0 ? &row_norm : NULL);
 
     FILE *o = fopen(argv[2], "wb");
     if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }

@@ -18,8 +18,10 @@
  *          3 rope backward    as 2
  *          4 gelu forward     d0 = n               float32 inp (n)
  *          5 gelu backward    d0 = n, d1 = in place (dinp aliases dout)   float32 inp (n), dout (n)
+ *          6 swiglu forward with the rows' RMSNorm (swiglu_forward_rownorm; kernel ignored)
+ *                             d0 = N, d1 = F, d2 = C   float32 fc (N, 2F), x (N, C); eps 1e-5
  *          (inputs representable in bf16)
- *     OUT: float32 out (N, F) | dfc (N, 2F) | qkv afterwards | out (n) | dinp (n)
+ *     OUT: float32 out (N, F) | dfc (N, 2F) | qkv afterwards | out (n) | dinp (n) | out (N, F)
  *   It prints the number of threads its launches started ("threads N"), which tells the kernels
  *   apart where their results are the same bit for bit.
  */
@@ -40,7 +42,7 @@ static inline void counted_launch(dim3 grid, int block, size_t smem_bytes, cudaS
 #include "elementwise_launched.cuh"   // llmc/swiglu.cuh, rope.cuh, gelu.cuh with their launches rewritten
 #undef emu_launch
 
-enum { SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD };
+enum { SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD, SWIGLU_ROWNORM };
 
 // A bf16 device buffer of n elements starting `offset` elements into a 256-byte aligned block,
 // holding x (when given) or NaN
@@ -52,17 +54,25 @@ static floatX *bf16_buffer(size_t n, int offset, const std::vector<float> *x) {
 }
 
 int main(int argc, char **argv) {
-    FILE *f = emu_open_input(argc, argv, 0);   // the kernels use no shared memory
+    FILE *f = emu_open_input(argc, argv, 32 * sizeof(float));   // swiglu_forward_rownorm's block_sum partials
     int32_t h[8];
     if (fread(h, sizeof(int32_t), 8, f) != 8) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int op = h[0], kernel = h[1], offset = h[2] ? 1 : 0;
     const int *d = h + 3;
-    if (op < 0 || op > GELU_BACKWARD || kernel < 0 || kernel > 2 || d[0] < 1) {
+    if (op < 0 || op > SWIGLU_ROWNORM || kernel < 0 || kernel > 2 || d[0] < 1) {
         fprintf(stderr, "error: %s: bad header op=%d kernel=%d\n", argv[1], op, kernel);
         return 1;
     }
     std::vector<float> y;
-    if (op == SWIGLU_FORWARD || op == SWIGLU_BACKWARD) {
+    if (op == SWIGLU_ROWNORM) {
+        int N = d[0], F = d[1], C = d[2];
+        std::vector<float> fc_host = read_floats(f, 2 * (size_t)N * F, argv[1]), x_host = read_floats(f, (size_t)N * C, argv[1]);
+        floatX *fc = bf16_buffer(fc_host.size(), offset, &fc_host), *x = bf16_buffer(x_host.size(), offset, &x_host);
+        floatX *out = bf16_buffer((size_t)N * F, offset, NULL);
+        swiglu_forward_rownorm(out, fc, x, N, F, C, 1e-5f, 0);
+        y.resize((size_t)N * F);
+        for (size_t i = 0; i < y.size(); i++) y[i] = to_f32(out[i]);
+    } else if (op == SWIGLU_FORWARD || op == SWIGLU_BACKWARD) {
         int N = d[0], F = d[1];
         size_t n = (size_t)N * F;
         std::vector<float> fc_host = read_floats(f, 2 * n, argv[1]);

@@ -67,17 +67,17 @@ def within_tolerance(got, ref, HS):
 
 
 def run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, n_splits, reference,
-                 order="forward", write_kv=False, cos_sin=None, caches=False, early=False):
+                 order="forward", write_kv=False, cos_sin=None, caches=False, early=False, norm_x=None):
     """out (N, NH*HS) float32 and the error flags from decode_attention() under emulation (and the
     k and v caches after the call, when caches); early: the fast kernel's early-loads variant."""
     N = qkv.shape[0]
     S, _, Tmax, _ = k_cache.shape
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([N, NH, NKV, HS, S, Tmax, n_splits, reference, int(write_kv), int(cos_sin is not None)],
-                 np.int32).tofile(f)
+        np.array([N, NH, NKV, HS, S, Tmax, n_splits, reference, int(write_kv), int(cos_sin is not None),
+                  0 if norm_x is None else norm_x.shape[1]], np.int32).tofile(f)
         np.array(list(slots) + list(positions), np.int32).tofile(f)
-        for x in (qkv, k_cache, v_cache) + (() if cos_sin is None else (cos_sin,)):
+        for x in (qkv, k_cache, v_cache) + (() if cos_sin is None else (cos_sin,)) + (() if norm_x is None else (norm_x,)):
             x.astype(np.float32).tofile(f)
     env = dict(os.environ, DECODE_ATTENTION_EARLY="1" if early else "0")
     proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600,
@@ -283,9 +283,47 @@ def test_reference_kernel_refuses_write_kv(emulator, tmp_path):
     qkv, k_cache, v_cache = make_inputs(shape[:6] + (None, 1.0), 0)
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([len(rows), NH, NKV, HS, S, Tmax, 2, 1, 1, 0], np.int32).tofile(f)
+        np.array([len(rows), NH, NKV, HS, S, Tmax, 2, 1, 1, 0, 0], np.int32).tofile(f)
         np.array([s_ for s_, _ in rows] + [n - 1 for _, n in rows], np.int32).tofile(f)
         for x in (qkv, k_cache, v_cache):
             x.astype(np.float32).tofile(f)
     proc = subprocess.run([str(emulator), str(inp), str(outp), "forward"], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "write_kv" in proc.stderr
+
+
+@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("shape", WRITE_SHAPES[1:4], ids=lambda s: "NH%d_NKV%d_HS%d_len%s%s" % (
+    s[0], s[1], s[2], "-".join(str(n) for _, n in s[5]), "_rope" if s[7] else ""))
+def test_decode_attention_applies_the_rows_norm(emulator, tmp_path, shape, early):
+    """With the rows' residual stream x (DecodeRowNorm: the engine's folded decode step), row r's
+    q, k and v are scaled by its RMSNorm factor 1 / sqrt(mean(x_r^2) + eps) before the rotation:
+    the output and the written key and value match the float64 oracle on the scaled inputs (the
+    cache within one bf16 rounding), and differ from the unscaled ones."""
+    NH, NKV, HS, S, Tmax, rows, n_splits, rope = shape
+    n_splits = n_splits or -(-Tmax // SPLIT)
+    rng = np.random.default_rng(WRITE_SHAPES.index(shape) + 300)
+    C = 3 * HS + 8   # not a multiple of the block's threads
+    qkv = to_bf16(rng.standard_normal((len(rows), (NH + 2 * NKV) * HS)))
+    k_cache = to_bf16(rng.standard_normal((S, NKV, Tmax, HS)))
+    v_cache = to_bf16(rng.standard_normal((S, NKV, Tmax, HS)))
+    x = to_bf16(rng.standard_normal((len(rows), C)) * np.array([0.5, 2.0, 8.0])[:len(rows), None])
+    cos_sin = rope_table(Tmax, HS) if rope else None
+    slots, positions = [s_ for s_, _ in rows], [n - 1 for _, n in rows]
+    got, err, k_after, v_after = run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS,
+                                              n_splits, False, "reverse", write_kv=True, cos_sin=cos_sin, caches=True,
+                                              early=early, norm_x=x)
+    assert err == 0
+    rstd = 1.0 / np.sqrt((x.astype(np.float64) ** 2).mean(axis=1) + 1e-5)
+    scaled = qkv.astype(np.float64) * rstd[:, None]
+    # the oracle's caches and rotated q from the scaled rows (rotate_bf16 rotates in float32)
+    q_rot, k_ref, v_ref = written_inputs(scaled.astype(np.float32), k_cache, v_cache, slots, positions, NH, NKV, HS,
+                                         cos_sin)
+    for after, ref in ((k_after, k_ref), (v_after, v_ref)):
+        _, e = np.frexp(ref)
+        assert np.all(np.abs(after - ref) <= np.ldexp(1.0, e - 8)), np.abs(after - ref).max()   # one bf16 ulp
+    ref_out = oracle(q_rot, k_ref, v_ref, slots, positions, NH, NKV, HS)
+    rel = np.linalg.norm(got - ref_out) / np.linalg.norm(ref_out)
+    assert np.isfinite(got).all() and rel < 1e-2, rel
+    plain = oracle(*written_inputs(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, cos_sin), slots, positions,
+                   NH, NKV, HS)
+    assert np.linalg.norm(got - plain) / np.linalg.norm(plain) > 5e-2, "the scale must show"

@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT
 from gpu_emu import build_emulator, rewrite_launches, to_bf16
 
-SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD = range(6)
+SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD, SWIGLU_ROWNORM = range(7)
 SCALAR, VEC8, PICKED = 0, 1, 2
 HEADERS = ("swiglu.cuh", "rope.cuh", "gelu.cuh")
 SLACK = 2.0 ** -22   # fp32 arithmetic (a few roundings), relative to the size of the terms an output is made of
@@ -108,6 +108,26 @@ def test_swiglu_matches_oracle(emulator, tmp_path, shape, kernel, order):
     dfc, _ = run_swiglu(emulator, tmp_path, fc, dout, kernel, True, order=order)
     assert dfc is not None
     assert_close(dfc.reshape(N, 2 * F), dfc_ref, dfc_scale)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("N,F,C", [(1, 1536, 576), (5, 24, 300), (3, 7, 33)])
+def test_swiglu_with_the_rows_norm_matches_oracle(emulator, tmp_path, N, F, C, order):
+    """swiglu_forward_rownorm (the rollout engine's folded decode step): gate and up of row n
+    scaled by its RMSNorm factor 1 / sqrt(mean(x_n^2) + 1e-5) before SwiGLU, rows of x of very
+    different sizes; the unscaled SwiGLU fails the comparison."""
+    rng = np.random.default_rng(N * 7 + F)
+    fc = bf16_normal(rng, (N, 2 * F), 2.0)
+    x = to_bf16(rng.standard_normal((N, C)) * (4.0 ** np.arange(N))[:, None] * 0.3)
+    got, _ = run_emulator(emulator, tmp_path, SWIGLU_ROWNORM, 0, (N, F, C), (fc, x), order=order)
+    assert got is not None, _
+    rstd = 1.0 / np.sqrt((x.astype(np.float64) ** 2).mean(axis=1) + 1e-5)
+    scaled = fc.astype(np.float64) * rstd[:, None]
+    gate, up = scaled[:, :F], scaled[:, F:]
+    ref = gate / (1.0 + np.exp(-gate)) * up
+    assert_close(got.reshape(N, F), ref, 4 * np.abs(ref) + 1e-30)
+    plain = swiglu_oracle(fc, np.zeros((N, F), np.float32))[0]
+    assert not np.allclose(got.reshape(N, F), plain, rtol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,14 +4,16 @@
  * SmolLM2-135M shape with random weights, at B = 64 and B = 256. Prints generated tokens per
  * second over the whole call (prefill + decode), and prefill and decode separately; the median
  * of the timed calls after a warm-up call (module load, cuBLASLt heuristics and tuning, graph captures).
- * B = 64 also runs with the engine's variants: first those not yet measured on a GPU (cuBLASLt's
+ * B = 64 also runs with the engine's variants: first those not yet measured on a GPU (for SmolLM2
+ * the folded norms, alone, with 4 steps a launch and with 2 chains and 4 steps; cuBLASLt's
  * first choices instead of the tuned products, the rows in 2 and in 4 chains side by side, 4 and
  * 8 steps a graph launch, 2 and 4 chains with 4 steps, the attention's early loads, those with 2
  * chains and 4 steps, 2 chains pipelined), then top-k/top-p; B = 256 with the defaults and untuned
  * products, 2 and 4 chains, 4 steps, 2 chains with 4 steps and early loads; then the variants
  * measured before (decode_matmul, programmatic launches, pipelined steps); and once more with the
  * decode step profiled (RolloutOptions.profile: CUDA events between the kernel groups inside the
- * captured graph), which prints the step's time by kernel group. At the end, the tuned product
+ * captured graph), which prints the step's time by kernel group (for SmolLM2 also folded).
+ * B = 256 also runs SmolLM2 with the folded norms. At the end, the tuned product
  * shapes with their times. Figures only: not a test.
  *   build/cuda/dev/bench_rollout [calls]
  *   build/cuda/dev/bench_rollout CALLS PRESET B [profile]   one setting only (B prompts,
@@ -34,7 +36,8 @@ extern "C" {
 // Engine variants beside the defaults (RolloutOptions): the decode step's products through
 // decode_matmul.cuh instead of cuBLASLt, and programmatic edges between its kernels.
 enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2, VARIANT_PIPELINE = 4, VARIANT_PROFILE = 8, VARIANT_UNTUNED = 16,
-       VARIANT_BRANCHES2 = 32, VARIANT_BRANCHES4 = 64, VARIANT_STEPS4 = 128, VARIANT_STEPS8 = 256, VARIANT_EARLY = 512 };
+       VARIANT_BRANCHES2 = 32, VARIANT_BRANCHES4 = 64, VARIANT_STEPS4 = 128, VARIANT_STEPS8 = 256, VARIANT_EARLY = 512,
+       VARIANT_FOLD = 1024 };
 static const char *variant_name(int sets, int variant) {
     if (sets) return "T=1 top-k 50 top-p 0.9";
     switch (variant) {
@@ -55,6 +58,10 @@ static const char *variant_name(int sets, int variant) {
     case VARIANT_BRANCHES4 | VARIANT_STEPS4: return "T=1 4 branches, 4 st ";
     case VARIANT_EARLY: return "T=1 early loads      ";
     case VARIANT_EARLY | VARIANT_BRANCHES2 | VARIANT_STEPS4: return "T=1 early, 2 br, 4 st";
+    case VARIANT_FOLD: return "T=1 folded norms     ";
+    case VARIANT_FOLD | VARIANT_STEPS4: return "T=1 folded, 4 steps  ";
+    case VARIANT_FOLD | VARIANT_BRANCHES2 | VARIANT_STEPS4: return "T=1 folded, 2 br, 4 st";
+    case VARIANT_FOLD | VARIANT_PROFILE: return "T=1 folded, profiled ";
     default: return "T=1                  ";
     }
 }
@@ -101,6 +108,7 @@ static double bench(BenchModel &m, int B, int prompt_len, int new_tokens, int ca
     options.branches = (variant & VARIANT_BRANCHES4) ? 4 : (variant & VARIANT_BRANCHES2) ? 2 : 1;
     options.steps_per_graph = (variant & VARIANT_STEPS8) ? 8 : (variant & VARIANT_STEPS4) ? 4 : 1;
     options.attention_early_loads = (variant & VARIANT_EARLY) != 0;
+    options.fold_norms = (variant & VARIANT_FOLD) != 0;
     rollout_set_options(engine, &options);
     std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
     std::vector<const int *> ptrs(B);
@@ -190,15 +198,25 @@ int main(int argc, char **argv) {
     const int fresh256[] = {VARIANT_UNTUNED, VARIANT_BRANCHES2, VARIANT_BRANCHES4, VARIANT_STEPS4,
                             VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_EARLY};
     const int measured64[] = {VARIANT_DECODE_MATMUL, VARIANT_PDL, VARIANT_PIPELINE};
+    // the folded norms apply to Llama (RolloutOptions.fold_norms)
+    const int fold64[] = {VARIANT_FOLD, VARIANT_FOLD | VARIANT_STEPS4, VARIANT_FOLD | VARIANT_BRANCHES2 | VARIANT_STEPS4};
     for (int k = 0; k < 2; k++) {
         BenchModel m(presets[k]);
-        double plain = bench(m, 64, 64, 128, calls, targets[k], 0);
+        const int llama = m.cpu.config.arch == ARCH_LLAMA;
+        double plain = bench(m, 64, 64, 128, calls, targets[k], 0), plain_fold = 0.0;
+        if (llama)
+            for (int v : fold64) {
+                double ms = bench(m, 64, 64, 128, calls, 0, 0, v);
+                if (v == VARIANT_FOLD) plain_fold = ms;
+            }
         for (int v : fresh64) bench(m, 64, 64, 128, calls, 0, 0, v);
         bench(m, 64, 64, 128, calls, 0, 1);
         bench(m, 256, 64, 128, calls, 0, 0);
+        if (llama) bench(m, 256, 64, 128, calls, 0, 0, VARIANT_FOLD);
         for (int v : fresh256) bench(m, 256, 64, 128, calls, 0, 0, v);
         for (int v : measured64) bench(m, 64, 64, 128, calls, 0, 0, v);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
+        if (llama) bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_FOLD, plain_fold);
     }
     printf("The decode products' cuBLASLt tuning, both models, every batch size:\n");
     rollout_tuning_print(stdout);

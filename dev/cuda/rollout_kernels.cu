@@ -4,8 +4,9 @@
  *
  *   1. rows_kv_write + decode_attention: RoPE at each row's own position, the KV cache write and
  *      the split attention (fast kernel, 1 and several splits, the reference kernel, the fast
- *      kernel doing the rotation and the cache write itself, write_kv, and the fast kernel's
- *      early-loads variant, which must give the default's bits) against
+ *      kernel doing the rotation and the cache write itself, write_kv, the fast kernel's
+ *      early-loads variant, which must give the default's bits, and the fast kernel applying the
+ *      rows' RMSNorm to q, k and v (the folded decode step)) against
  *      a double-precision CPU attention over the bf16 cache, for GPT-2 (NH = NKV), SmolLM2
  *      (group 3), a group of 16 (two head batches per block) and HS 16 / 128, with positions up to
  *      several splits long.
@@ -158,6 +159,37 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
         compare(what, gv, vc, 1e-4);
         cudaCheck(cudaFree(d_qkv)); cudaCheck(cudaFree(d_k)); cudaCheck(cudaFree(d_v));
         cudaCheck(cudaFree(part_o)); cudaCheck(cudaFree(part_ml));
+    }
+    {   // the rows' RMSNorm inside the attention (DecodeRowNorm, the folded decode step): qkv given
+        // divided by each row's factor (from random rows x of C = 576), the kernel multiplies it
+        // back, so the CPU's reference and cache hold within bf16 rounding
+        const int C = 576;
+        std::vector<float> x = random_bf16_values((size_t)N * C, 2.0f), unscaled(qkv.size());
+        for (int r = 0; r < N; r++) {
+            double sq = 0.0;
+            for (int c = 0; c < C; c++) sq += (double)x[(size_t)r * C + c] * x[(size_t)r * C + c];
+            double rstd = 1.0 / sqrt(sq / C + 1e-5);
+            for (size_t i = 0; i < (size_t)QKV; i++)
+                unscaled[(size_t)r * QKV + i] = __bfloat162float(__float2bfloat16((float)(qkv[(size_t)r * QKV + i] / rstd)));
+        }
+        floatX *d_qkv = upload_bf16(unscaled), *d_k = upload_bf16(cache_k), *d_v = upload_bf16(cache_v), *d_x = upload_bf16(x);
+        float *part_o = device_alloc_n<float>((size_t)N * NH * splits_needed * HS), *part_ml = device_alloc_n<float>((size_t)N * NH * splits_needed * 2);
+        poison(d_out, (size_t)N * NH * HS * sizeof(floatX));
+        cudaCheck(cudaMemset(d_err, 0, sizeof(int)));
+        DecodeRowNorm norm = {d_x, C, 1e-5f};
+        decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, d_cos_sin, 1, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
+                         splits_needed, 0, d_err, 0, &norm);
+        int err = 0;
+        cudaCheck(cudaMemcpy(&err, d_err, sizeof(int), cudaMemcpyDeviceToHost));
+        char what[160];
+        snprintf(what, sizeof(what), "%s attention with the rows' norm", label);
+        if (err) { printf("FAIL %-44s error flags %d\n", what, err); harness_failures++; }
+        compare(what, download_bf16(d_out, (size_t)N * NH * HS), ref, TOL_BF16);
+        snprintf(what, sizeof(what), "%s cache k after write (rows' norm)", label);
+        compare(what, download_bf16(d_k, kc.size()), kc, TOL_BF16);
+        snprintf(what, sizeof(what), "%s cache v after write (rows' norm)", label);
+        compare(what, download_bf16(d_v, vc.size()), vc, TOL_BF16);
+        for (void *p : {(void *)d_qkv, (void *)d_k, (void *)d_v, (void *)d_x, (void *)part_o, (void *)part_ml}) cudaCheck(cudaFree(p));
     }
     char same[160];
     snprintf(same, sizeof(same), "%s attention early loads vs default", label);
