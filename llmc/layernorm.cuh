@@ -7,11 +7,12 @@
  * model_cuda.cu); the norm output is bf16 (N, C) because it only feeds a matrix product; mean and
  * rstd are fp32 (N). With a bf16 stream the sum x = residual + branch is rounded to bf16 before
  * the norm's statistics, so the output is the norm of exactly the x that is stored (and that the
- * backward reads); the backward's residual gradient is then bf16 as well, rounded once per row
- * element after the add, and the column sums add the rounded values. One warp normalises one row, holding the
- * row in registers (read with vector loads) for rows up to NORM_VEC_MAX_WIDTH wide; wider rows
- * take a warp kernel that re-reads the row through L1; for few rows (the decode step) one block
- * normalises one row from registers.
+ * backward reads); the backward's residual gradient is then bf16 as well, rounded once per
+ * element after the add, and the column sums add the rounded values.
+ *
+ * One warp normalises one row, holding the row in registers (read with vector loads) for rows
+ * up to NORM_VEC_MAX_WIDTH wide; wider rows take a warp kernel that re-reads the row through L1;
+ * for few rows (the decode step) one block normalises one row from registers.
  *
  * The backward is one kernel for rows up to NORM_VEC_MAX_WIDTH wide: a warp per row computes
  * the input gradient and accumulates the weight and bias gradients of its rows in shared memory,
