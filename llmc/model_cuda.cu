@@ -269,6 +269,14 @@ static void *activation_alloc(Impl *d, size_t bytes) {
 static int fc_width(const ModelConfig *c) { return c->arch == ARCH_GPT2 ? c->ffn_hidden : 2 * c->ffn_hidden; }
 static int qkv_width(const ModelConfig *c) { return (c->n_head + 2 * c->n_kv_head) * c->head_dim; }
 
+// A switch that is on unless the environment variable `name` is 0; any value but 0 and 1 stops
+// with a message naming the variable.
+static int env_switch(const char *name) {
+    const char *v = getenv(name);
+    if (v != NULL && strcmp(v, "0") != 0 && strcmp(v, "1") != 0) fatal("%s=%s: expected 0 or 1", name, v);
+    return v == NULL || strcmp(v, "1") == 0;
+}
+
 // cuda_model_create, and with zero1 cuda_model_create_sharded: the moments of this rank's shard
 // only are allocated, so the full ones never take GPU memory.
 static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1) {
@@ -295,27 +303,15 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     model->use_gelu_fusion = 1;
     // the side stream for the weight gradients, on unless TRAIN_MORA_OVERLAP_GRADS=0 (bench_train
     // times both: on an H100 it saved 1.5% of a GPT-2 step and cost nothing at the SmolLM2 shape)
-    const char *ov = getenv("TRAIN_MORA_OVERLAP_GRADS");
-    if (ov != NULL && strcmp(ov, "0") != 0 && strcmp(ov, "1") != 0) fatal("TRAIN_MORA_OVERLAP_GRADS=%s: expected 0 or 1", ov);
-    model->overlap_weight_grads = ov == NULL || strcmp(ov, "1") == 0;
-    const char *dn = getenv("TRAIN_MORA_DNORM_BF16");
-    if (dn != NULL && strcmp(dn, "0") != 0 && strcmp(dn, "1") != 0) fatal("TRAIN_MORA_DNORM_BF16=%s: expected 0 or 1", dn);
-    model->dnorm_bf16 = dn == NULL || strcmp(dn, "1") == 0;
-    const char *rb = getenv("TRAIN_MORA_RESIDUAL_BF16");
-    if (rb != NULL && strcmp(rb, "0") != 0 && strcmp(rb, "1") != 0) fatal("TRAIN_MORA_RESIDUAL_BF16=%s: expected 0 or 1", rb);
-    model->residual_bf16 = rb == NULL || strcmp(rb, "1") == 0;
-    const char *rp = getenv("TRAIN_MORA_RESIDUAL_IN_PRODUCT");
-    if (rp != NULL && strcmp(rp, "0") != 0 && strcmp(rp, "1") != 0) fatal("TRAIN_MORA_RESIDUAL_IN_PRODUCT=%s: expected 0 or 1", rp);
-    model->residual_in_product = rp == NULL || strcmp(rp, "1") == 0;
-    const char *ra = getenv("TRAIN_MORA_ROPE_IN_ATTENTION");
-    if (ra != NULL && strcmp(ra, "0") != 0 && strcmp(ra, "1") != 0) fatal("TRAIN_MORA_ROPE_IN_ATTENTION=%s: expected 0 or 1", ra);
-    model->rope_in_attention = ra == NULL || strcmp(ra, "1") == 0;
+    model->overlap_weight_grads = env_switch("TRAIN_MORA_OVERLAP_GRADS");
+    model->dnorm_bf16 = env_switch("TRAIN_MORA_DNORM_BF16");
+    model->residual_bf16 = env_switch("TRAIN_MORA_RESIDUAL_BF16");
+    model->residual_in_product = env_switch("TRAIN_MORA_RESIDUAL_IN_PRODUCT");
+    model->rope_in_attention = env_switch("TRAIN_MORA_ROPE_IN_ATTENTION");
     model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
-    const char *mt = getenv("TRAIN_MORA_MATMUL_TUNE");
-    if (mt != NULL && strcmp(mt, "0") != 0 && strcmp(mt, "1") != 0) fatal("TRAIN_MORA_MATMUL_TUNE=%s: expected 0 or 1", mt);
-    model->matmul_tune = mt == NULL || strcmp(mt, "1") == 0;
+    model->matmul_tune = env_switch("TRAIN_MORA_MATMUL_TUNE");
     d->matmul_tune_from = matmul_tune_count;
     snprintf(model->matmul_tuning, sizeof(model->matmul_tuning), "%s",
              model->matmul_tune ? "cuBLASLt: no product shape tuned by this model yet (the first step at the full shape tunes new ones)"

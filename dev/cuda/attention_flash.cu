@@ -172,22 +172,19 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
     snprintf(name, sizeof(name), "flash repeat %s out", label); compare_bits(name, out[0], out[1]);
     snprintf(name, sizeof(name), "flash repeat %s lse", label); compare_bits(name, lse[0], lse[1]);
     snprintf(name, sizeof(name), "flash repeat %s dqkv", label); compare_bits(name, dqkv[0], dqkv[1]);
-    if (HS == 64) {   // the dQ pass with two row tiles per warp: each dQ row sums the same products in
-                      // the same order, so dqkv must equal the one-tile result bit for bit
-        flash_dq_row_tiles = 2;
-        poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
-        attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
-        flash_dq_row_tiles = 1;
-        snprintf(name, sizeof(name), "flash dQ 2 row tiles %s dqkv", label);
-        compare_bits(name, download_bf16(d_dqkv, n_qkv), dqkv[0]);
-        // the dK/dV pass with two key row tiles per warp: each key row sums the same products in
-        // the same order (the extra masked queries add exact zeros), so again the same bits
-        flash_dkv_row_tiles = 2;
-        poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
-        attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
-        flash_dkv_row_tiles = 1;
-        snprintf(name, sizeof(name), "flash dK/dV 2 key row tiles %s dqkv", label);
-        compare_bits(name, download_bf16(d_dqkv, n_qkv), dqkv[0]);
+    if (HS == 64) {   // two row tiles per warp in the dQ pass (each dQ row sums the same products in the
+                      // same order) and in the dK/dV pass (each key row likewise, the extra masked
+                      // queries adding exact zeros): dqkv must equal the one-tile result bit for bit
+        int *switches[2] = {&flash_dq_row_tiles, &flash_dkv_row_tiles};
+        const char *names[2] = {"dQ 2 row tiles", "dK/dV 2 key row tiles"};
+        for (int k = 0; k < 2; k++) {
+            *switches[k] = 2;
+            poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
+            attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
+            *switches[k] = 1;
+            snprintf(name, sizeof(name), "flash %s %s dqkv", names[k], label);
+            compare_bits(name, download_bf16(d_dqkv, n_qkv), dqkv[0]);
+        }
     }
     {   // RoPE's backward in the epilogue: the plain backward followed by rope_backward, bit for bit
         float *table = rope_table_host(T, HS, 10000.0f);
@@ -389,40 +386,28 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
             flash_backward_side_by_side = 1;
             printf("time attention flash  %-13s backward passes one after the other %7.3f ms (%6.1f TFLOP/s), side by side %7.3f ms\n",
                    model, serial, bwd_flops / serial / 1e9, bwd);
-            if (HS == 64) {   // the dQ pass with two row tiles per warp, both ways (one after the other
-                              // shows the dQ pass's own gain, side by side what the model sees)
-                flash_dq_row_tiles = 2;
-                float bwd2 = time_ms([&] {
-                    i = (i + 1) % SETS;
-                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
-                }, 3, 20);
-                flash_backward_side_by_side = 0;
-                float serial2 = time_ms([&] {
-                    i = (i + 1) % SETS;
-                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
-                }, 3, 20);
-                flash_backward_side_by_side = 1;
-                flash_dq_row_tiles = 1;
-                printf("time attention flash  %-13s backward with 1 dQ row tile a warp %7.3f ms (%6.1f TFLOP/s), with 2 %7.3f ms (%6.1f TFLOP/s)\n",
-                       model, bwd, bwd_flops / bwd / 1e9, bwd2, bwd_flops / bwd2 / 1e9);
-                printf("time attention flash  %-13s backward passes one after the other with 1 dQ row tile a warp %7.3f ms, with 2 %7.3f ms\n",
-                       model, serial, serial2);
-                // the dK/dV pass with two key row tiles per warp, both ways as above
-                flash_dkv_row_tiles = 2;
-                float bwd_kv2 = time_ms([&] {
-                    i = (i + 1) % SETS;
-                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
-                }, 3, 20);
-                flash_backward_side_by_side = 0;
-                float serial_kv2 = time_ms([&] {
-                    i = (i + 1) % SETS;
-                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
-                }, 3, 20);
-                flash_backward_side_by_side = 1;
-                flash_dkv_row_tiles = 1;
-                printf("time attention flash  %-13s backward with 1 dK/dV key row tile a warp %7.3f ms, with 2 %7.3f ms (%6.1f TFLOP/s); "
-                       "passes one after the other %7.3f ms, with 2 %7.3f ms\n",
-                       model, bwd, bwd_kv2, bwd_flops / bwd_kv2 / 1e9, serial, serial_kv2);
+            if (HS == 64) {   // two row tiles per warp in the dQ pass, then in the dK/dV pass, each both ways (one
+                              // after the other shows the pass's own gain, side by side what the model sees)
+                auto backward_ms = [&] {
+                    return time_ms([&] {
+                        i = (i + 1) % SETS;
+                        attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+                    }, 3, 20);
+                };
+                int *switches[2] = {&flash_dq_row_tiles, &flash_dkv_row_tiles};
+                const char *passes[2] = {"dQ row tile", "dK/dV key row tile"};
+                for (int k = 0; k < 2; k++) {
+                    *switches[k] = 2;
+                    float bwd2 = backward_ms();
+                    flash_backward_side_by_side = 0;
+                    float serial2 = backward_ms();
+                    flash_backward_side_by_side = 1;
+                    *switches[k] = 1;
+                    printf("time attention flash  %-13s backward with 1 %s a warp %7.3f ms (%6.1f TFLOP/s), with 2 %7.3f ms (%6.1f TFLOP/s)\n",
+                           model, passes[k], bwd, bwd_flops / bwd / 1e9, bwd2, bwd_flops / bwd2 / 1e9);
+                    printf("time attention flash  %-13s backward passes one after the other with 1 %s a warp %7.3f ms, with 2 %7.3f ms\n",
+                           model, passes[k], serial, serial2);
+                }
             }
         }
     }

@@ -64,47 +64,32 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
         return times[times.size() / 2];
     };
     double median = median_step();
-    // the weight gradients' products on the other schedule (overlap_weight_grads), timed beside
+    // the step with one of the model's switches the other way, timed beside (then put back)
+    auto median_flipped = [&](int &flag) {
+        const int kept = flag;
+        flag = !kept;
+        step();
+        double t = median_step();
+        flag = kept;
+        return t;
+    };
+    // the weight gradients' products on the other schedule (overlap_weight_grads)
     const int overlap = gpu->overlap_weight_grads;
-    gpu->overlap_weight_grads = !overlap;
-    step();
-    double other_schedule = median_step();
-    gpu->overlap_weight_grads = overlap;
-    // the layers' norm-output gradients in the other precision (dnorm_bf16), timed beside
+    double other_schedule = median_flipped(gpu->overlap_weight_grads);
+    // the layers' norm-output gradients in the other precision (dnorm_bf16)
     const int dnorm_bf16 = gpu->dnorm_bf16;
-    gpu->dnorm_bf16 = !dnorm_bf16;
-    step();
-    double other_dnorm = median_step();
-    gpu->dnorm_bf16 = dnorm_bf16;
-    // the residual stream and its gradient in the other precision (residual_bf16), timed beside
+    double other_dnorm = median_flipped(gpu->dnorm_bf16);
+    // the residual stream and its gradient in the other precision (residual_bf16)
     const int residual_bf16 = gpu->residual_bf16;
-    gpu->residual_bf16 = !residual_bf16;
-    step();
-    double other_residual = median_step();
-    gpu->residual_bf16 = residual_bf16;
+    double other_residual = median_flipped(gpu->residual_bf16);
     // with a bf16 stream, the projections' residual add in the other place (residual_in_product)
     const int in_product = gpu->residual_in_product;
-    double other_add = 0.0;
-    if (residual_bf16) {
-        gpu->residual_in_product = !in_product;
-        step();
-        other_add = median_step();
-        gpu->residual_in_product = in_product;
-    }
-    // Llama: RoPE's backward in the other place (rope_in_attention), timed beside
+    double other_add = residual_bf16 ? median_flipped(gpu->residual_in_product) : 0.0;
+    // Llama: RoPE's backward in the other place (rope_in_attention)
     const int rope_in_attention = gpu->rope_in_attention;
-    double other_rope = 0.0;
-    if (c.arch == ARCH_LLAMA) {
-        gpu->rope_in_attention = !rope_in_attention;
-        step();
-        other_rope = median_step();
-        gpu->rope_in_attention = rope_in_attention;
-    }
+    double other_rope = c.arch == ARCH_LLAMA ? median_flipped(gpu->rope_in_attention) : 0.0;
     // every gradient zeroed by zero_grad and added to by the products (grads_first_write 0)
-    gpu->grads_first_write = 0;
-    step();
-    double all_zeroed = median_step();
-    gpu->grads_first_write = 1;
+    double all_zeroed = median_flipped(gpu->grads_first_write);
     // the flash forward's softmax reference following each row's max (rescaled at every move)
     cuda_model_attention_eager_rescale(1);
     step();

@@ -76,6 +76,31 @@ static void make_model(Model *m, const ModelConfig *c, uint64_t seed) {
         for (size_t i = 0; i < (size_t)c->vocab_size * c->n_embd; i++) m->param_ptrs[P_LMHEAD][i] = 0.02f * random_normal(&rng);
 }
 
+// Two runs' gradients that must agree bit for bit (the same products in another schedule or
+// place), except the embeddings', whose encoder backward adds atomically (their last bits may
+// differ between any two runs): those within 1e-5. what names the pair, than the other run.
+static void check_same_grads(const char *label, const char *what, const char *than, const Model &cpu,
+                             const std::vector<float> &a, const std::vector<float> &b) {
+    char name[200];
+    size_t offset = 0, differ = 0, compared = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t n = cpu.param_sizes[t];
+        if (t == P_WTE || t == P_WPE) {
+            if (n) {
+                snprintf(name, sizeof(name), "%s %s grad %s", label, what, param_tensor_names[t]);
+                compare(name, a.data() + offset, b.data() + offset, n, 1e-5);
+            }
+        } else {
+            for (size_t i = 0; i < n; i++) differ += memcmp(&a[offset + i], &b[offset + i], sizeof(float)) != 0;
+            compared += n;
+        }
+        offset += n;
+    }
+    if (differ) failures++;
+    snprintf(name, sizeof(name), "%s %s other grads", label, what);
+    printf("%s %-52s %zu of %zu differ from %s (must be 0)\n", differ ? "FAIL" : "PASS", name, differ, compared, than);
+}
+
 static void check_forward_backward(const char *label, ModelConfig c, int B, int T) {
     printf("-- %s: B=%d T=%d\n", label, B, T);
     Model cpu;
@@ -174,67 +199,33 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
     cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
     cuda_model_copy_grads(gpu, overlapped.data());
     gpu->overlap_weight_grads = 0;
-    offset = 0;
-    size_t differ = 0, compared = 0;
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        size_t n = cpu.param_sizes[t];
-        if (t == P_WTE || t == P_WPE) {
-            if (n) {
-                snprintf(what, sizeof(what), "%s overlapped step grad %s", label, param_tensor_names[t]);
-                compare(what, overlapped.data() + offset, grads.data() + offset, n, 1e-5);
-            }
-        } else {
-            for (size_t i = 0; i < n; i++) differ += memcmp(&overlapped[offset + i], &grads[offset + i], sizeof(float)) != 0;
-            compared += n;
-        }
-        offset += n;
-    }
-    if (differ) failures++;
-    snprintf(what, sizeof(what), "%s overlapped step other grads", label);
-    printf("%s %-52s %zu of %zu differ from the one-stream step (must be 0)\n", differ ? "FAIL" : "PASS", what, differ,
-           compared);
+    check_same_grads(label, "overlapped step", "the one-stream step", cpu, overlapped, grads);
 
-    // the step with the layers' norm-output gradients in the other precision (dnorm_bf16: bf16 by
-    // default, fp32 here, or the reverse) against the CPU
-    gpu->dnorm_bf16 = !gpu->dnorm_bf16;
-    cuda_model_poison(gpu);
-    cuda_model_zero_grad(gpu);
-    cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
-    cuda_model_copy_grads(gpu, overlapped.data());
-    snprintf(what, sizeof(what), "%s %s norm-output gradients step all grads", label, gpu->dnorm_bf16 ? "bf16" : "fp32");
-    compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
-    gpu->dnorm_bf16 = !gpu->dnorm_bf16;
-
-    // the step with the residual stream and its gradient in the other precision (residual_bf16:
-    // bf16 by default, fp32 here, or the reverse) against the CPU
-    gpu->residual_bf16 = !gpu->residual_bf16;
-    cuda_model_poison(gpu);
-    cuda_model_zero_grad(gpu);
-    cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
-    snprintf(what, sizeof(what), "%s %s residual stream step mean loss (%.5f vs %.5f)", label,
-             gpu->residual_bf16 ? "bf16" : "fp32", gpu->mean_loss, cpu.mean_loss);
-    compare(what, &gpu->mean_loss, &cpu.mean_loss, 1, TOL_LOSSES);
-    cuda_model_copy_grads(gpu, overlapped.data());
-    snprintf(what, sizeof(what), "%s %s residual stream step all grads", label, gpu->residual_bf16 ? "bf16" : "fp32");
-    compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
-    gpu->residual_bf16 = !gpu->residual_bf16;
-
-    // with a bf16 stream, the step with the projections' residual add in the other place
-    // (residual_in_product: the products' epilogue by default, the norm kernel here, or the reverse)
-    if (gpu->residual_bf16) {
-        gpu->residual_in_product = !gpu->residual_in_product;
+    // the step with one of the model's switches the other way against the CPU (then put back):
+    // the mean loss and every gradient; `name` says what the switch is now
+    auto flipped_step = [&](int &flag, const char *(*name)(int)) {
+        flag = !flag;
         cuda_model_poison(gpu);
         cuda_model_zero_grad(gpu);
         cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
-        snprintf(what, sizeof(what), "%s residual add in the %s step mean loss (%.5f vs %.5f)", label,
-                 gpu->residual_in_product ? "products" : "norm kernel", gpu->mean_loss, cpu.mean_loss);
+        snprintf(what, sizeof(what), "%s %s step mean loss (%.5f vs %.5f)", label, name(flag), gpu->mean_loss, cpu.mean_loss);
         compare(what, &gpu->mean_loss, &cpu.mean_loss, 1, TOL_LOSSES);
         cuda_model_copy_grads(gpu, overlapped.data());
-        snprintf(what, sizeof(what), "%s residual add in the %s step all grads", label,
-                 gpu->residual_in_product ? "products" : "norm kernel");
+        snprintf(what, sizeof(what), "%s %s step all grads", label, name(flag));
         compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
-        gpu->residual_in_product = !gpu->residual_in_product;
-    }
+        flag = !flag;
+    };
+    // the layers' norm-output gradients in the other precision (dnorm_bf16: bf16 by default, fp32
+    // here, or the reverse)
+    flipped_step(gpu->dnorm_bf16, [](int on) { return on ? "bf16 norm-output gradients" : "fp32 norm-output gradients"; });
+    // the residual stream and its gradient in the other precision (residual_bf16: bf16 by
+    // default, fp32 here, or the reverse)
+    flipped_step(gpu->residual_bf16, [](int on) { return on ? "bf16 residual stream" : "fp32 residual stream"; });
+    // with a bf16 stream, the projections' residual add in the other place (residual_in_product:
+    // the products' epilogue by default, the norm kernel here, or the reverse)
+    if (gpu->residual_bf16)
+        flipped_step(gpu->residual_in_product,
+                     [](int on) { return on ? "residual add in the products" : "residual add in the norm kernel"; });
 
     // Llama: the step with RoPE's backward in the other place (rope_in_attention: the flash
     // backward's epilogue by default, rope_backward here, or the reverse): the same arithmetic,
@@ -248,19 +239,7 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
             cuda_model_copy_grads(gpu, k == 0 ? first.data() : other.data());
             gpu->rope_in_attention = !gpu->rope_in_attention;
         }
-        size_t rope_differ = 0, rope_compared = 0, at = 0;
-        for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-            size_t n = cpu.param_sizes[t];
-            if (t != P_WTE && t != P_WPE) {
-                for (size_t i = 0; i < n; i++) rope_differ += memcmp(&first[at + i], &other[at + i], sizeof(float)) != 0;
-                rope_compared += n;
-            }
-            at += n;
-        }
-        if (rope_differ) failures++;
-        snprintf(what, sizeof(what), "%s RoPE backward in the attention vs after it", label);
-        printf("%s %-52s %zu of %zu grads differ (must be 0)\n", rope_differ ? "FAIL" : "PASS", what, rope_differ,
-               rope_compared);
+        check_same_grads(label, "RoPE backward in the attention", "the step with it after the attention", cpu, first, other);
     }
 
     // the step with the attention's warpgroup (wgmma) kernels, where they apply, against the CPU:
