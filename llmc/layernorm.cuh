@@ -355,7 +355,9 @@ norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const T
 // into its own slice of shared memory (warp, 3, C). At the end the block adds its warps' slices
 // in warp order and writes them as row `block` of partial (blocks, 3 * C) (the three sums side
 // by side) for column_partials_reduce3. colsum is the bias gradient of the projection whose
-// output this residual gradient is. ITERS (at most NORM_VEC_MAX_PER_LANE / VEC) bounds the pieces
+// output this residual gradient is. Only the sums that are wanted (want_b: a bias gradient,
+// want_col: the column sums) are accumulated and written (the reduction skips the others): an
+// RMSNorm without a projection bias before it (Llama) moves a third of the shared memory. ITERS (at most NORM_VEC_MAX_PER_LANE / VEC) bounds the pieces
 // a lane holds: the launcher takes the smallest instantiated bound that covers C, so that
 // narrower rows hold fewer registers (more warps fit on an SM).
 #define NORM_BWD_WARPS 4
@@ -365,7 +367,8 @@ static inline size_t norm_backward_smem(int C) { return (size_t)NORM_BWD_WARPS *
 template <int VEC, int ITERS, typename TD, typename TR>
 __global__ void __launch_bounds__(NORM_BWD_WARPS * 32)
 norm_backward_fused_kernel(TR *dres, floatX *dres_bf16, float *partial, const TD *dout, const TR *inp,
-                           const floatX *weight, const float *mean, const float *rstd, int N, int C, int is_layernorm) {
+                           const floatX *weight, const float *mean, const float *rstd, int N, int C, int is_layernorm,
+                           int want_b, int want_col) {
     static_assert(VEC * ITERS <= NORM_VEC_MAX_PER_LANE, "a lane holds at most NORM_VEC_MAX_PER_LANE elements");
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float *acc = (float *)dynamic_smem();
@@ -409,11 +412,11 @@ norm_backward_fused_kernel(TR *dres, floatX *dres_bf16, float *partial, const TD
         for (int k = 0; k < ITERS; k++) {
             int c = (k * 32 + lane) * VEC;
             if (c < C) {
-                float w[VEC], aw[VEC], ab[VEC], acol[VEC];
+                float w[VEC], aw[VEC], ab[VEC] = {}, acol[VEC] = {};   // the unwanted sums are never stored
                 load_vec<VEC>(w, weight + c);
                 load_vec<VEC>(aw, acc_w + c);
-                load_vec<VEC>(ab, acc_b + c);
-                load_vec<VEC>(acol, acc_col + c);
+                if (want_b) load_vec<VEC>(ab, acc_b + c);
+                if (want_col) load_vec<VEC>(acol, acc_col + c);
 #pragma unroll
                 for (int i = 0; i < VEC; i++) {
                     float dnorm = w[i] * g[k][i];
@@ -423,8 +426,8 @@ norm_backward_fused_kernel(TR *dres, floatX *dres_bf16, float *partial, const TD
                     acol[i] += d[k][i];
                 }
                 store_vec<VEC>(acc_w + c, aw);
-                store_vec<VEC>(acc_b + c, ab);
-                store_vec<VEC>(acc_col + c, acol);
+                if (want_b) store_vec<VEC>(acc_b + c, ab);
+                if (want_col) store_vec<VEC>(acc_col + c, acol);
                 store_vec<VEC>(dres + row + c, d[k]);
                 if (dres_bf16) store_vec<VEC>(dres_bf16 + row + c, d[k]);
             }
@@ -433,6 +436,7 @@ norm_backward_fused_kernel(TR *dres, floatX *dres_bf16, float *partial, const TD
     __syncthreads();
     float *partial_row = partial + (size_t)blockIdx.x * 3 * C;
     for (int j = threadIdx.x; j < 3 * C; j += blockDim.x) {
+        if ((j >= C && j < 2 * C && !want_b) || (j >= 2 * C && !want_col)) continue;   // not reduced
         float sum = 0.0f;
         for (int k = 0; k < NORM_BWD_WARPS; k++) sum += acc[(size_t)k * 3 * C + j];
         partial_row[j] = sum;
@@ -478,22 +482,22 @@ static inline void norm_backward_fused(TR *dres, floatX *dres_bf16, float *dweig
     int pieces = ceil_div(C, 32 * vec);   // per lane
     if (vec == 4 && pieces <= 2)
         norm_backward_fused_kernel<4, 2, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
     else if (vec == 4 && pieces <= 4)
         norm_backward_fused_kernel<4, 4, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
     else if (vec == 4 && pieces <= 6)
         norm_backward_fused_kernel<4, 6, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
     else if (vec == 4)
         norm_backward_fused_kernel<4, 8, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
     else if (vec == 2)
         norm_backward_fused_kernel<2, 16, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
     else
         norm_backward_fused_kernel<1, 32, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
     cudaCheckLaunch();
     column_partials_reduce3(dweight, dbias, dres_colsum, scratch, blocks, C, 3, stream);
 }
