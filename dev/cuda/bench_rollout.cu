@@ -4,11 +4,11 @@
  * SmolLM2-135M shape with random weights, at B = 64 and B = 256. Prints generated tokens per
  * second over the whole call (prefill + decode), and prefill and decode separately; the median
  * of the timed calls after a warm-up call (module load, cuBLASLt heuristics and tuning, graph captures).
- * B = 64 also runs with the engine's variants: first those not yet measured on a GPU (for SmolLM2
- * the folded norms, alone, with 4 steps a launch and with 2 chains and 4 steps; cuBLASLt's
+ * B = 64 also runs with the engine's variants: first those not yet measured on a GPU (cuBLASLt's
  * first choices instead of the tuned products, the rows in 2 and in 4 chains side by side, 4 and
  * 8 steps a graph launch, 2 and 4 chains with 4 steps, the attention's early loads, those with 2
- * chains and 4 steps, 2 chains pipelined), then top-k/top-p; B = 256 with the defaults and untuned
+ * chains and 4 steps, 2 chains pipelined; for SmolLM2 then the folded norms, alone, with 4 steps
+ * a launch and with 2 chains and 4 steps), then top-k/top-p; B = 256 with the defaults and untuned
  * products, 2 and 4 chains, 4 steps, 2 chains with 4 steps and early loads; then the variants
  * measured before (decode_matmul, programmatic launches, pipelined steps); and once more with the
  * decode step profiled (RolloutOptions.profile: CUDA events between the kernel groups inside the
@@ -204,12 +204,12 @@ int main(int argc, char **argv) {
         BenchModel m(presets[k]);
         const int llama = m.cpu.config.arch == ARCH_LLAMA;
         double plain = bench(m, 64, 64, 128, calls, targets[k], 0), plain_fold = 0.0;
-        if (llama)
+        for (int v : fresh64) bench(m, 64, 64, 128, calls, 0, 0, v);
+        if (llama)   // after the others: it has run on no GPU yet, and a hard failure ends the run
             for (int v : fold64) {
                 double ms = bench(m, 64, 64, 128, calls, 0, 0, v);
                 if (v == VARIANT_FOLD) plain_fold = ms;
             }
-        for (int v : fresh64) bench(m, 64, 64, 128, calls, 0, 0, v);
         bench(m, 64, 64, 128, calls, 0, 1);
         bench(m, 256, 64, 128, calls, 0, 0);
         if (llama) bench(m, 256, 64, 128, calls, 0, 0, VARIANT_FOLD);
