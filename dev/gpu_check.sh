@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, one command: build the CUDA harnesses, the full-model test, the benchmark and
 # ./train_mora for sm_90a, run every harness, the full-model test and GPU pretraining through the
-# data-parallel NCCL path (PASS/FAIL lines), then print the benchmark table. Exits 1 when the
+# data-parallel NCCL path (PASS/FAIL lines), then print the benchmark table, and at the end (with
+# $OUT) the benchmark lines and the failures once more, together. Exits 1 when the
 # build or any check fails. On an H100 the whole of it took 410 s (build about 1 min on 16 cores,
 # the harnesses and checks about 4, the benchmarks about 2); pass names to run a part.
 #
@@ -169,6 +170,12 @@ if wanted mora_device; then
 fi
 
 echo "== gpu_check finished in $(( $(date +%s) - start )) s"
+# the figures and the failures of the run once more, at the end, where a reader of the log's last
+# lines (the device tool returns those) finds them together
+if [ -f "$log" ]; then
+    echo "== summary: the benchmark lines and every FAIL of this run (whole log: $log)"
+    grep -E "tok/s|^  with |^  attention: |^FAIL" "$log" | grep -v "^== summary" | cut -c1-200
+fi
 if [ ${#failed[@]} -ne 0 ]; then
     echo "== gpu_check: FAIL: ${failed[*]}"
     exit 1
