@@ -12,6 +12,22 @@
 #include "harness.h"
 #include "layernorm.cuh"
 
+// The backward's column sums against the reference: dweight, dbias (LayerNorm) and the column
+// sums of the updated dres (to col_tol: a bf16 stream's are sums of rounded values).
+static void compare_norm_sums(const char *prefix, const char *how, const float *d_dw, const float *d_db, const float *d_col,
+                              const std::vector<float> &dweight, const std::vector<float> &dbias,
+                              const std::vector<float> &colsum, int C, int is_layernorm, double col_tol) {
+    char name[200];
+    snprintf(name, sizeof(name), "%s dweight%s", prefix, how);
+    compare(name, download_f32(d_dw, C), dweight, TOL_F32);
+    if (is_layernorm) {
+        snprintf(name, sizeof(name), "%s dbias%s", prefix, how);
+        compare(name, download_f32(d_db, C), dbias, TOL_F32);
+    }
+    snprintf(name, sizeof(name), "%s column sums of dres%s", prefix, how);
+    compare(name, download_f32(d_col, C), colsum, col_tol);
+}
+
 static void check(int N, int C, int is_layernorm, int fused) {
     char name[160];
     const char *kind = is_layernorm ? "layernorm" : "rmsnorm";
@@ -89,14 +105,8 @@ static void check(int N, int C, int is_layernorm, int fused) {
         compare(name, download_f32(d_dres, NC), dinp, TOL_F32);
         snprintf(name, sizeof(name), "%s_backward N=%d C=%d dinp bf16 copy%s", kind, N, C, how);
         compare(name, download_bf16(d_dres_bf16, NC), dinp, TOL_BF16);
-        snprintf(name, sizeof(name), "%s_backward N=%d C=%d dweight%s", kind, N, C, how);
-        compare(name, download_f32(d_dw, C), dweight, TOL_F32);
-        if (is_layernorm) {
-            snprintf(name, sizeof(name), "%s_backward N=%d C=%d dbias%s", kind, N, C, how);
-            compare(name, download_f32(d_db, C), dbias, TOL_F32);
-        }
-        snprintf(name, sizeof(name), "%s_backward N=%d C=%d column sums of dres%s", kind, N, C, how);
-        compare(name, download_f32(d_col, C), colsum, TOL_F32);
+        snprintf(name, sizeof(name), "%s_backward N=%d C=%d", kind, N, C);
+        compare_norm_sums(name, how, d_dw, d_db, d_col, dweight, dbias, colsum, C, is_layernorm, TOL_F32);
     }
     void *ptrs[] = {d_res, d_x, d_mean, d_rstd, d_branch, d_w, d_b, d_out, d_xin, d_dout, d_dout_bf16, d_dres, d_mean_ref, d_rstd_ref, d_dw, d_db, d_col, d_dres_bf16, scratch};
     for (void *p : ptrs) cudaCheck(cudaFree(p));
@@ -158,14 +168,8 @@ static void check_bf16_stream(int N, int C, int is_layernorm, int fused) {
             d_dres, NULL, d_dw, db, d_col, d_dout, d_xin, d_w, dmean, d_rstd_ref, scratch, N, C, is_layernorm, 0);
         snprintf(name, sizeof(name), "%s_backward bf16 stream N=%d C=%d dinp (+=)%s", kind, N, C, how);
         compare(name, download_bf16(d_dres, NC), dinp, TOL_BF16);
-        snprintf(name, sizeof(name), "%s_backward bf16 stream N=%d C=%d dweight%s", kind, N, C, how);
-        compare(name, download_f32(d_dw, C), dweight, TOL_F32);
-        if (is_layernorm) {
-            snprintf(name, sizeof(name), "%s_backward bf16 stream N=%d C=%d dbias%s", kind, N, C, how);
-            compare(name, download_f32(d_db, C), dbias, TOL_F32);
-        }
-        snprintf(name, sizeof(name), "%s_backward bf16 stream N=%d C=%d column sums of dres%s", kind, N, C, how);
-        compare(name, download_f32(d_col, C), colsum, TOL_BF16);
+        snprintf(name, sizeof(name), "%s_backward bf16 stream N=%d C=%d", kind, N, C);
+        compare_norm_sums(name, how, d_dw, d_db, d_col, dweight, dbias, colsum, C, is_layernorm, TOL_BF16);
     }
     void *ptrs[] = {d_res, d_x, d_branch, d_w, d_b, d_out, d_mean, d_rstd, d_xin, d_dout, d_dres, d_mean_ref, d_rstd_ref, d_dw, d_db, d_col, scratch};
     for (void *p : ptrs) cudaCheck(cudaFree(p));
