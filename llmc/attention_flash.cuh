@@ -1190,8 +1190,9 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
 }
 
 // ---------------------------------------------------------------------------------------------
-// launchers
-#ifndef ATTENTION_FLASH_EMULATION
+// launchers (test/attention_flash_emu.cpp launches the kernels itself; the whole-model emulator,
+// test/model_cuda_emu.cpp, runs these with ATTENTION_FLASH_EMULATED_LAUNCHERS)
+#if !defined(ATTENTION_FLASH_EMULATION) || defined(ATTENTION_FLASH_EMULATED_LAUNCHERS)
 #include "tuning.cuh"
 
 // Raises a kernel's dynamic shared-memory limit once (more than 48 KiB needs the opt-in).
@@ -1572,5 +1573,5 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
     cudaCheck(cudaFree(d_sum));
     return t;
 }
-#endif   // ATTENTION_FLASH_EMULATION
+#endif   // launchers
 #endif

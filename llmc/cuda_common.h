@@ -121,11 +121,14 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 #endif
 }
 
-// The block's dynamic shared memory (the launch's third argument), 16-byte aligned.
+// The block's dynamic shared memory (the launch's third argument), 16-byte aligned. (On the
+// CPU emulation of test/emu_cuda/, which runs these sources as C++, the emulator provides it.)
+#ifndef EMU_CUDA_TOOLKIT
 __device__ __forceinline__ unsigned char *dynamic_smem() {
     extern __shared__ __align__(16) unsigned char block_dynamic_smem[];
     return block_dynamic_smem;
 }
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // fill kernels (poisoning outputs in the tests, zeroing typed buffers)

@@ -334,7 +334,7 @@ sample_rows_kernel(int *out_token, float *out_logprob, const float *logits, int 
                    int split_blocks) {
     griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
     griddep_launch_dependents();
-    extern __shared__ __align__(16) unsigned char sample_smem[];
+    unsigned char *sample_smem = dynamic_smem();
     unsigned long long *warp_mass = (unsigned long long *)sample_smem;
     unsigned *warp_cnt = (unsigned *)(warp_mass + SAMPLE_WARPS * SAMPLE_BUCKETS);
     __shared__ unsigned cnt[SAMPLE_BUCKETS];

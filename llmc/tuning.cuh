@@ -32,13 +32,16 @@ static inline unsigned long long tune_fingerprint(unsigned long long *d_sum, con
 
 // Holds its stream for about `ns` nanoseconds (the GPU's global timer): what is queued behind it
 // then runs back to back.
+// (Compiled for the GPU only: on the CPU emulation of test/emu_cuda/ it returns at once.)
 __global__ void tune_hold_kernel(unsigned long long ns) {
+#ifdef __CUDA_ARCH__
     unsigned long long start, now;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
     do {
         __nanosleep(1000);
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
     } while (now - start < ns);
+#endif
 }
 
 // Mean milliseconds of fn() over reps runs after one warm-up run, on stream. hold_us > 0: the

@@ -9,7 +9,7 @@
  * ucontexts, barriers, __shfl_xor_sync at a warp-wide barrier, so warp_sum and warp_max reduce
  * across the warp as on the GPU). The test's build copies llmc/decode_attention.cuh with one
  * change: each launch  k<<<grid, block, smem, stream>>>(args);  becomes
- * emu_launch(grid, block, smem, stream, [=] { k(args); });  as nvcc lowers it to a launch call;
+ * emu_launch(grid, block, smem, stream, emu_bind(k, args));  as nvcc lowers it to a launch call;
  * the text of the kernels and of the host code around the launches is unchanged. __shared__ arrays are static locals, which
  * test/decode_attention_emu.ld gathers into one range that is NaN before every block, so a read
  * of an element nothing wrote shows up in the output. Device buffers are 256-byte aligned like

@@ -2,7 +2,9 @@
  * The emulation of a GPU under which the test/..._emu.cpp programs run CUDA kernels' source
  * unchanged as C++ on the CPU, from the PTX ISA's definitions, independently of the kernels' own
  * address arithmetic:
- *   - every thread of a block is a user-level context (ucontext) on one OS thread; a block runs
+ *   - every thread of a block is a user-level context (ucontext) on one OS thread, entered with
+ *     swapcontext and switched at its barriers with _setjmp/_longjmp (which, unlike
+ *     swapcontext, make no system call to save the signal mask); a block runs
  *     until all its threads have finished; __syncthreads and the warp-wide operations are
  *     barriers of the block or the warp (a barrier that can never be passed is reported);
  *     threads run in index order up to their next barrier, or in reverse order with
@@ -23,15 +25,23 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <setjmp.h>
+#if defined(_FORTIFY_SOURCE) && _FORTIFY_SOURCE > 0
+#error "build the GPU emulation with -U_FORTIFY_SOURCE: its longjmp check refuses the jumps between the threads' stacks"
+#endif
 #include <ucontext.h>
 #include <deque>
 #include <functional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------
 // what cuda_common.h and the CUDA headers would provide
 
-#define LLMC_CUDA_COMMON_H   // the real cuda_common.h needs the CUDA runtime
+#ifndef EMU_CUDA_TOOLKIT
+#define LLMC_CUDA_COMMON_H   // the real cuda_common.h needs the CUDA runtime (test/emu_cuda/ emulates it)
+#endif
 #define __global__
 #define __device__
 #define __host__
@@ -75,9 +85,12 @@ static inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) {
 struct __nv_bfloat162 { floatX x, y; };
 static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{to_f32(v.x), to_f32(v.y)}; }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-// programmatic dependent launch (cuda_common.h): blocks run one after another here, in launch order
+// programmatic dependent launch (cuda_common.h; which compiles them to nothing off the GPU when
+// the emulated toolkit of test/emu_cuda/ lets it in): blocks run one after another here
+#ifndef EMU_CUDA_TOOLKIT
 static inline void griddep_wait() {}
 static inline void griddep_launch_dependents() {}
+#endif
 static inline int min(int a, int b) { return a < b ? a : b; }
 struct Dim3 { unsigned x, y, z; };
 static Dim3 threadIdx, blockIdx, gridDim, blockDim;
@@ -88,7 +101,9 @@ static Dim3 threadIdx, blockIdx, gridDim, blockDim;
 enum { RUNNABLE, AT_WARP_BARRIER, AT_BLOCK_BARRIER, DONE };
 struct AsyncCopy { uint32_t dst; int size; unsigned char data[16]; };
 struct EmuThread {
-    ucontext_t context;
+    ucontext_t context;   // where the thread starts
+    jmp_buf resume;       // where it waits at a barrier
+    bool started;
     int state;
     std::deque<std::vector<AsyncCopy>> groups;   // committed cp.async groups
     std::vector<AsyncCopy> pending;              // issued, not yet committed
@@ -97,6 +112,7 @@ static const size_t STACK_BYTES = 256 * 1024;
 static std::vector<EmuThread> threads;
 static std::vector<std::vector<char>> stacks;
 static ucontext_t scheduler_context;
+static jmp_buf scheduler_jump;   // the scheduler, while a thread runs
 static int current_thread;
 // Runs the runnable threads from the last to the first: a read that is missing a barrier then
 // sees what another schedule would not have written yet
@@ -110,11 +126,21 @@ extern char emu_shared_begin[], emu_shared_end[];   // set by the includer's lin
 
 static void thread_entry() {
     kernel_body();
-    threads[current_thread].state = DONE;   // uc_link returns to the scheduler
+    threads[current_thread].state = DONE;
+    _longjmp(scheduler_jump, 1);   // back to run_thread (the context's uc_link is never taken)
 }
 static void wait_at(int state) {
     threads[current_thread].state = state;
-    if (swapcontext(&threads[current_thread].context, &scheduler_context) != 0) emu_fail("swapcontext");
+    if (_setjmp(threads[current_thread].resume) == 0) _longjmp(scheduler_jump, 1);
+}
+// Runs thread t until it waits at a barrier or finishes.
+static __attribute__((noinline)) void run_thread(int t) {
+    current_thread = t;
+    if (_setjmp(scheduler_jump) != 0) return;
+    EmuThread &th = threads[t];
+    if (th.started) _longjmp(th.resume, 1);
+    th.started = true;
+    if (swapcontext(&scheduler_context, &th.context) != 0) emu_fail("swapcontext");
 }
 static void __syncthreads() { wait_at(AT_BLOCK_BARRIER); }
 static void warp_barrier() { wait_at(AT_WARP_BARRIER); }
@@ -124,6 +150,7 @@ static void warp_barrier() { wait_at(AT_WARP_BARRIER); }
 static __attribute__((noinline)) void init_thread(int t) {
     EmuThread &th = threads[t];
     th.state = RUNNABLE;
+    th.started = false;
     th.groups.clear();
     th.pending.clear();
     if (getcontext(&th.context) != 0) emu_fail("getcontext");
@@ -133,14 +160,16 @@ static __attribute__((noinline)) void init_thread(int t) {
     makecontext(&th.context, thread_entry, 0);
 }
 
-// Runs kernel_body as every block of grid with block threads and smem_bytes of shared memory.
-static void launch(Dim3 grid, int block, size_t smem_bytes, std::function<void()> body) {
-    if (block % 32 != 0) emu_fail("block size must be a multiple of 32");
+// Runs kernel_body as every block of grid with block threads (x fastest, as CUDA numbers them;
+// warps are 32 consecutive threads, the last one possibly partial) and smem_bytes of shared memory.
+static void launch_blocks(Dim3 grid, Dim3 block, size_t smem_bytes, std::function<void()> body) {
+    const int n = (int)(block.x * block.y * block.z);
+    if (n < 1 || n > 1024) emu_fail("a block must have 1 to 1024 threads");
     kernel_body = body;
     gridDim = grid;
-    blockDim = Dim3{(unsigned)block, 1, 1};
-    threads = std::vector<EmuThread>(block);
-    if (stacks.size() < (size_t)block) stacks.resize(block, std::vector<char>(STACK_BYTES));
+    blockDim = block;
+    threads = std::vector<EmuThread>(n);
+    if (stacks.size() < (size_t)n) stacks.resize(n, std::vector<char>(STACK_BYTES));
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
@@ -149,34 +178,49 @@ static void launch(Dim3 grid, int block, size_t smem_bytes, std::function<void()
 #ifdef EMU_STATIC_SHARED
                 memset(emu_shared_begin, 0xff, emu_shared_end - emu_shared_begin);
 #endif
-                for (int t = 0; t < block; t++) init_thread(t);
+                for (int t = 0; t < n; t++) init_thread(t);
                 for (;;) {
-                    for (int i = 0; i < block; i++) {
-                        int t = threads_in_reverse ? block - 1 - i : i;
+                    for (int i = 0; i < n; i++) {
+                        int t = threads_in_reverse ? n - 1 - i : i;
                         if (threads[t].state != RUNNABLE) continue;
-                        current_thread = t;
-                        threadIdx = Dim3{(unsigned)t, 0, 0};
-                        if (swapcontext(&scheduler_context, &threads[t].context) != 0) emu_fail("swapcontext");
+                        threadIdx = Dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+                        run_thread(t);
                     }
                     int done = 0, at_block = 0;
                     bool released = false;
-                    for (int t = 0; t < block; t++) done += threads[t].state == DONE, at_block += threads[t].state == AT_BLOCK_BARRIER;
-                    if (done == block) break;
-                    for (int w = 0; w < block / 32; w++) {
-                        int at_warp = 0;
-                        for (int l = 0; l < 32; l++) at_warp += threads[w * 32 + l].state == AT_WARP_BARRIER;
-                        if (at_warp == 32) {
-                            for (int l = 0; l < 32; l++) threads[w * 32 + l].state = RUNNABLE;
+                    for (int t = 0; t < n; t++) done += threads[t].state == DONE, at_block += threads[t].state == AT_BLOCK_BARRIER;
+                    if (done == n) break;
+                    for (int w = 0; w * 32 < n; w++) {
+                        int lanes = n - w * 32 < 32 ? n - w * 32 : 32, at_warp = 0;
+                        for (int l = 0; l < lanes; l++) at_warp += threads[w * 32 + l].state == AT_WARP_BARRIER;
+                        if (at_warp == lanes) {
+                            for (int l = 0; l < lanes; l++) threads[w * 32 + l].state = RUNNABLE;
                             released = true;
                         }
                     }
-                    if (at_block == block) {
-                        for (int t = 0; t < block; t++) threads[t].state = RUNNABLE;
+                    if (at_block == n) {
+                        for (int t = 0; t < n; t++) threads[t].state = RUNNABLE;
                         released = true;
                     }
                     if (!released) emu_fail("deadlock: threads wait at barriers that cannot be passed");
                 }
             }
+}
+// The kernels under the per-kernel emulators take whole warps in one dimension.
+static void launch(Dim3 grid, int block, size_t smem_bytes, std::function<void()> body) {
+    if (block % 32 != 0) emu_fail("block size must be a multiple of 32");
+    launch_blocks(grid, Dim3{(unsigned)block, 1, 1}, smem_bytes, body);
+}
+
+// A launch's kernel and arguments as the closure the block scheduler runs: the arguments
+// converted to the kernel's parameter types and copied now, as a launch evaluates them when it
+// is issued (a launch captured into a CUDA graph keeps the values it had then).
+// test/gpu_emu.py rewrites  k<<<grid, block, smem, stream>>>(args);  into
+// emu_launch(grid, block, smem, stream, emu_bind(k, args));
+template <typename... P, typename... A>
+static std::function<void()> emu_bind(void (*kernel)(P...), A &&...args) {
+    static_assert(sizeof...(P) == sizeof...(A), "a launch passes as many arguments as the kernel has parameters");
+    return [kernel, values = std::tuple<typename std::decay<P>::type...>((P)(args)...)]() { std::apply(kernel, values); };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 The header's host code launches kernels with k<<<grid, block, smem, stream>>>(args), which C++
 cannot compile; each launch is rewritten into emu_launch(grid, block, smem, stream,
-[=] { k(args); }), roughly what nvcc turns a launch into. The kernels themselves are compiled
-unchanged.
+emu_bind(k, args)), roughly what nvcc turns a launch into: test/gpu_emu.h's emu_bind copies the
+arguments, converted to the kernel's parameter types, into the closure the launch runs. The
+kernels themselves are compiled unchanged.
 """
 import re
 import shutil
@@ -17,8 +18,11 @@ from conftest import ROOT
 
 def rewrite_launches(source, min_launches):
     """source with every <<<...>>> launch rewritten into an emu_launch call."""
-    launched, n = re.subn(r"(\w+(?:<[\w, ]+>)?)<<<(.*?)>>>\((.*?)\);", r"emu_launch(\2, [=] { \1(\3); });", source,
-                          flags=re.S)
+    def launch(m):
+        kernel, config, args = m.group(1), m.group(2), m.group(3)
+        return f"emu_launch({config}, emu_bind({kernel}{', ' if args.strip() else ''}{args}));"
+
+    launched, n = re.subn(r"(\w+(?:<[\w, ]+>)?)<<<(.*?)>>>\((.*?)\);", launch, source, flags=re.S)
     assert n == source.count("<<<") and n >= min_launches and "<<<" not in launched, "a launch was not rewritten"
     return launched
 
@@ -32,7 +36,7 @@ def build_emulator(build, launched, name):
         pytest.skip("g++ not found: the emulator is C++")
     (build / f"{name.removesuffix('_emu')}_launched.cuh").write_text(launched)
     exe = build / name
-    subprocess.run([cxx, "-std=c++17", "-O2", "-fno-strict-aliasing", "-fdata-sections", "-Wall", "-Wno-unknown-pragmas",
+    subprocess.run([cxx, "-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fdata-sections", "-Wall", "-Wno-unknown-pragmas",
                     "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / f"{name}.cpp"),
                     "-Wl,-T," + str(ROOT / "test" / f"{name}.ld")], check=True)
     return exe

@@ -8,10 +8,10 @@
  * reference written from the math).
  *
  * The kernels' source is compiled as C++ under the GPU emulation of test/gpu_emu.h. The test's
- * build copies llmc/sampling.cuh with two changes: each launch  k<<<grid, block, smem, stream>>>(args);
- * becomes  emu_launch(grid, block, smem, stream, [=] { k(args); });  as nvcc lowers it to a launch
- * call, and the declaration of the dynamic shared array  extern __shared__ ... sample_smem[];
- * becomes a pointer to the block's dynamic shared memory (NaN-poisoned by gpu_emu.h). Static
+ * build copies llmc/sampling.cuh with one change: each launch  k<<<grid, block, smem, stream>>>(args);
+ * becomes  emu_launch(grid, block, smem, stream, emu_bind(k, args));  as nvcc lowers it to a launch
+ * call. The dynamic shared memory (dynamic_smem()) is the emulated block's, NaN-poisoned by
+ * gpu_emu.h. Static
  * __shared__ arrays are static locals that test/sampling_emu.ld gathers into the poisoned range.
  * The warp operations the sampler uses (shuffles of ints and 64-bit integers, __shfl_up_sync,
  * __shfl_sync, __ballot_sync) exchange values at a warp-wide barrier as __shfl_xor_sync does.
@@ -50,6 +50,7 @@
 #define __shared__ static   // one copy for the block's threads; blocks run one after another
 #define __align__(n) __attribute__((aligned(n)))
 typedef int cudaStream_t;
+static inline unsigned char *dynamic_smem() { return smem.data(); }   // the block's dynamic shared memory
 static inline int atomicOr(int *address, int value) {   // blocks run one at a time: plain RMW is atomic
     int old = *address;
     *address = old | value;

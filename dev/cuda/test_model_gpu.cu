@@ -20,7 +20,8 @@
  *      parameters moved as far as on the CPU (the updates compared, relative to their size).
  *
  * Tolerances are relative L2 errors: bf16 activations through L layers against fp32.
- *   build/cuda/dev/test_model_gpu        (exit 1 on any failure)
+ *   build/cuda/dev/test_model_gpu [--tiny]   (exit 1 on any failure; --tiny: the tiny models only)
+ * The same program runs on the CPU emulation of the GPU (test/test_model_cuda_emu.py, --tiny).
  */
 #include <math.h>
 #include <stdio.h>
@@ -41,8 +42,14 @@ extern "C" {
 // AdamW divides each gradient by its own running scale, so an element whose gradient is near
 // zero moves by about lr a step in the direction of its sign, which bf16 rounding can flip;
 // the runs' difference is compared with how far AdamW moved the parameters (20 steps at lr 3e-3
-// move an element by up to 0.06, about three times the initial weights' scale).
-#define TOL_UPDATE 1e-1
+// move an element by up to 0.06, about three times the initial weights' scale). Measured for
+// gpt2:tiny, the noisier of the two: 7.1e-2 on an H100 with the fp32 residual stream; on the CPU
+// emulation (test/test_model_cuda_emu.py) 6.2e-2 with the fp32 stream and 9.0e-2 with the bf16
+// stream, whose rounding flips more of those signs. What this check catches is the update's
+// plumbing and scale (on the emulation, the GPU at 1.5 times the CPU's lr: 0.63 and 0.50); a
+// subtler error passes it (beta2 0.99 for 0.95: 0.12 and 0.05), which the adamw harness's exact
+// comparison of the update with the CPU's formula is there for.
+#define TOL_UPDATE 1.5e-1
 
 static int failures = 0;
 
@@ -327,8 +334,18 @@ static void check_loss_curve(const char *label, ModelConfig c, int B, int T) {
     model_free(&cpu);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);   // a line at a time: a run stopped by a time limit shows how far it got
+    // --tiny: the tiny models only, without gpt2:d12 and SmolLM2-135M (what the CPU emulation of
+    // test/test_model_cuda_emu.py runs in reasonable time)
+    int tiny_only = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--tiny")) tiny_only = 1;
+        else {
+            fprintf(stderr, "usage: %s [--tiny]\n  --tiny  only the tiny models (not gpt2:d12 and SmolLM2-135M)\n", argv[0]);
+            return 2;
+        }
+    }
     if (cuda_device_count() <= 0) {
         printf("FAIL test_model_gpu: no CUDA device\n");
         return 1;
@@ -346,10 +363,12 @@ int main(void) {
     c.tied_embeddings = 0;
     c.padded_vocab_size = 320;
     check_forward_backward("qwen2-style tiny (qkv bias, untied, padded)", c, 3, 50);
-    model_config_preset("gpt2:d12", &c);
-    check_forward_backward("gpt2:d12", c, 2, 128);
-    model_config_preset("llama:smollm2-135m", &c);
-    check_forward_backward("llama:smollm2-135m", c, 2, 128);
+    if (!tiny_only) {
+        model_config_preset("gpt2:d12", &c);
+        check_forward_backward("gpt2:d12", c, 2, 128);
+        model_config_preset("llama:smollm2-135m", &c);
+        check_forward_backward("llama:smollm2-135m", c, 2, 128);
+    }
     model_config_preset("gpt2:tiny", &c);
     check_loss_curve("gpt2:tiny", c, 4, 64);
     model_config_preset("llama:tiny", &c);

@@ -1,0 +1,405 @@
+/*
+ * The CUDA runtime as the engine's host code and kernels see it, emulated on the CPU: with
+ * test/emu_cuda/ first on the include path, llmc/cuda_common.h, the kernel headers and
+ * llmc/model_cuda.cu compile unchanged as C++ (their <<<...>>> launches rewritten into
+ * emu_launch calls by test/gpu_emu.py) and run on the GPU emulation of test/gpu_emu.h:
+ *   - device memory is host memory, 256-byte aligned like cudaMalloc's and filled with 0xff
+ *     (NaN in bf16 and fp32), so an element nothing wrote shows up;
+ *   - every launch and copy runs at once, in program order: each stream is the one CPU thread,
+ *     events record the wall clock, stream and event waits have nothing to wait for;
+ *   - stream capture: while a stream is captured (and any stream that waited on an event
+ *     recorded in it), its launches, copies, sets and external event records become the nodes
+ *     of a graph, one chain in the order they were issued, which cudaGraphLaunch replays. A
+ *     launch's arguments are evaluated at the replay (the rewritten launch is a closure), not
+ *     at the capture as on a GPU; edges can be made programmatic, which changes nothing here;
+ *   - kernels: dim3 grids and blocks of up to 1024 threads, static __shared__ arrays (one copy:
+ *     blocks run one after another), dynamic shared memory, the warp shuffles and votes through
+ *     the warp's barrier, atomics as plain read-modify-writes (one OS thread runs everything);
+ *   - one device, named "CPU emulation", with an H100's SM count and shared-memory limit.
+ * NCCL is not emulated.
+ * The includer defines EMU_PROGRAM (its name in error messages) first.
+ */
+#ifndef TEST_EMU_CUDA_RUNTIME_H
+#define TEST_EMU_CUDA_RUNTIME_H
+#define EMU_CUDA_TOOLKIT
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <chrono>
+#include <functional>
+#include <type_traits>
+#include "gpu_emu.h"
+
+#define __shared__ static   // one copy for the block's threads; blocks run one after another
+#define __align__(n) __attribute__((aligned(n)))
+#define __restrict__ __restrict
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// ---------------------------------------------------------------------------------------------
+// errors
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorNoDevice = 100 };
+static inline const char *cudaGetErrorString(cudaError_t err) {
+    switch (err) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    }
+    return "unknown error";
+}
+static inline cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+static inline cudaError_t cudaPeekAtLastError(void) { return cudaSuccess; }
+
+// ---------------------------------------------------------------------------------------------
+// device, streams and events
+
+struct cudaDeviceProp {
+    char name[256];
+    int multiProcessorCount, major, minor;
+    size_t totalGlobalMem, sharedMemPerBlockOptin;
+};
+static inline cudaError_t cudaGetDeviceCount(int *count) { *count = 1; return cudaSuccess; }
+static inline cudaError_t cudaGetDevice(int *device) { *device = 0; return cudaSuccess; }
+static inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int) {
+    memset(prop, 0, sizeof(*prop));
+    snprintf(prop->name, sizeof(prop->name), "CPU emulation");
+    prop->multiProcessorCount = 132;
+    prop->major = 9;
+    prop->minor = 0;
+    prop->totalGlobalMem = (size_t)8 << 30;
+    prop->sharedMemPerBlockOptin = 227 * 1024;
+    return cudaSuccess;
+}
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
+static inline cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int) {
+    *value = attr == cudaDevAttrMultiProcessorCount ? 132 : 227 * 1024;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+
+// graphs: a captured chain of nodes (each a closure), and its instantiation
+enum cudaGraphNodeType { cudaGraphNodeTypeKernel = 0, cudaGraphNodeTypeMemcpy = 1, cudaGraphNodeTypeMemset = 2,
+                         cudaGraphNodeTypeEventRecord = 7 };
+struct EmuGraph;
+struct EmuGraphNode {
+    cudaGraphNodeType type;
+    std::function<void()> run;
+    EmuGraph *graph;
+    int index;              // in the chain; it depends on the node before it
+    int programmatic;       // that edge made programmatic
+};
+typedef EmuGraphNode *cudaGraphNode_t;
+struct EmuGraph { std::vector<EmuGraphNode *> nodes; };
+typedef EmuGraph *cudaGraph_t;
+struct EmuGraphExec { std::vector<std::function<void()>> steps; };
+typedef EmuGraphExec *cudaGraphExec_t;
+
+struct EmuStream { int priority; EmuGraph *capture; };
+typedef EmuStream *cudaStream_t;
+static std::vector<EmuStream *> emu_streams;   // the live streams (a capture ends on each that joined it)
+#define cudaStreamDefault 0
+#define cudaStreamNonBlocking 1
+static inline cudaError_t cudaStreamCreateWithPriority(cudaStream_t *s, unsigned, int priority) {
+    *s = new EmuStream{priority, NULL};
+    emu_streams.push_back(*s);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithPriority(s, 0, 0); }
+static inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned) { return cudaStreamCreate(s); }
+static inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    if (s->capture) emu_fail("cudaStreamDestroy on a stream being captured");
+    for (size_t i = 0; i < emu_streams.size(); i++)
+        if (emu_streams[i] == s) emu_streams.erase(emu_streams.begin() + i);
+    delete s;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+    if (s && s->capture) emu_fail("cudaStreamSynchronize on a stream being captured");
+    return cudaSuccess;
+}
+static inline cudaError_t cudaDeviceGetStreamPriorityRange(int *least, int *greatest) {
+    *least = 0;
+    *greatest = -5;
+    return cudaSuccess;
+}
+// The graph a stream's work goes into, or NULL when it runs at once.
+static inline EmuGraph *emu_capturing(cudaStream_t s) { return s ? s->capture : NULL; }
+// Runs work now, or appends it to the stream's capture.
+static inline void emu_issue(cudaStream_t s, cudaGraphNodeType type, std::function<void()> work) {
+    EmuGraph *g = emu_capturing(s);
+    if (g == NULL) {
+        work();
+        return;
+    }
+    g->nodes.push_back(new EmuGraphNode{type, work, g, (int)g->nodes.size(), 0});
+}
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1, cudaStreamCaptureModeRelaxed = 2 };
+static inline cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus *status) {
+    *status = emu_capturing(s) ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
+    if (s == NULL || s->capture) emu_fail("cudaStreamBeginCapture: the legacy stream, or a stream already captured");
+    s->capture = new EmuGraph();
+    return cudaSuccess;
+}
+static inline cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph) {
+    if (s == NULL || s->capture == NULL) emu_fail("cudaStreamEndCapture on a stream not captured");
+    *graph = s->capture;
+    for (EmuStream *other : emu_streams)
+        if (other->capture == *graph) other->capture = NULL;
+    return cudaSuccess;
+}
+struct cudaGraphEdgeData { unsigned char from_port, to_port, type, reserved[5]; };
+#define cudaGraphDependencyTypeDefault 0
+#define cudaGraphDependencyTypeProgrammatic 1
+#define cudaGraphKernelNodePortDefault 0
+#define cudaGraphKernelNodePortProgrammatic 1
+// The capture's current dependency: its last node (none before the first).
+static inline cudaError_t cudaStreamGetCaptureInfo(cudaStream_t s, cudaStreamCaptureStatus *status, unsigned long long *id = NULL,
+                                                   cudaGraph_t *graph = NULL, const cudaGraphNode_t **deps = NULL,
+                                                   const cudaGraphEdgeData **edges = NULL, size_t *n = NULL) {
+    EmuGraph *g = emu_capturing(s);
+    *status = g ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+    if (id) *id = (unsigned long long)(uintptr_t)g;
+    if (graph) *graph = g;
+    if (edges) *edges = NULL;
+    if (deps) *deps = g && !g->nodes.empty() ? &g->nodes.back() : NULL;
+    if (n) *n = g && !g->nodes.empty() ? 1 : 0;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGraphNodeGetType(cudaGraphNode_t node, cudaGraphNodeType *type) { *type = node->type; return cudaSuccess; }
+static inline cudaError_t cudaGraphNodeGetDependencies(cudaGraphNode_t node, cudaGraphNode_t *deps, cudaGraphEdgeData *edges, size_t *n) {
+    size_t count = node->index > 0 ? 1 : 0;
+    if (deps && *n >= count && count) {
+        deps[0] = node->graph->nodes[node->index - 1];
+        if (edges) {
+            memset(&edges[0], 0, sizeof(edges[0]));
+            if (node->programmatic) {
+                edges[0].from_port = cudaGraphKernelNodePortProgrammatic;
+                edges[0].type = cudaGraphDependencyTypeProgrammatic;
+            }
+        }
+    }
+    *n = count;
+    return cudaSuccess;
+}
+// Only the chain's own edges can be taken out and put back (as another type).
+static inline EmuGraphNode *emu_chain_edge(cudaGraph_t g, const cudaGraphNode_t *from, const cudaGraphNode_t *to, size_t n) {
+    if (n != 1 || (*to)->graph != g || (*to)->index == 0 || g->nodes[(*to)->index - 1] != *from)
+        emu_fail("graph edges: only an edge of the captured chain can be changed");
+    return *to;
+}
+static inline cudaError_t cudaGraphRemoveDependencies(cudaGraph_t g, const cudaGraphNode_t *from, const cudaGraphNode_t *to,
+                                                      const cudaGraphEdgeData *, size_t n) {
+    EmuGraphNode *node = emu_chain_edge(g, from, to, n);
+    node->programmatic = -1;   // removed: must be added back
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGraphAddDependencies(cudaGraph_t g, const cudaGraphNode_t *from, const cudaGraphNode_t *to,
+                                                   const cudaGraphEdgeData *edges, size_t n) {
+    EmuGraphNode *node = emu_chain_edge(g, from, to, n);
+    if (node->programmatic != -1) emu_fail("graph edges: an edge added twice");
+    node->programmatic = edges && edges[0].type == cudaGraphDependencyTypeProgrammatic;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t g, unsigned long long = 0) {
+    *exec = new EmuGraphExec();
+    for (EmuGraphNode *node : g->nodes) {
+        if (node->programmatic == -1) emu_fail("cudaGraphInstantiate: an edge was removed and not put back");
+        (*exec)->steps.push_back(node->run);
+    }
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+    for (EmuGraphNode *node : g->nodes) delete node;
+    delete g;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) { delete exec; return cudaSuccess; }
+static inline cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
+    if (emu_capturing(s)) emu_fail("cudaGraphLaunch into a capture is not emulated");
+    for (auto &step : exec->steps) step();
+    return cudaSuccess;
+}
+
+struct EmuEvent { std::chrono::steady_clock::time_point at; bool recorded; EmuGraph *capture; };
+typedef EmuEvent *cudaEvent_t;
+#define cudaEventDefault 0
+#define cudaEventDisableTiming 2
+#define cudaEventRecordDefault 0
+#define cudaEventRecordExternal 1
+static inline cudaError_t cudaEventCreate(cudaEvent_t *e) { *e = new EmuEvent{{}, false, NULL}; return cudaSuccess; }
+static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) { return cudaEventCreate(e); }
+static inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
+// Recorded in a captured stream, an event only carries the capture to the streams that wait on
+// it; with cudaEventRecordExternal it is a node that records at each replay.
+static inline cudaError_t cudaEventRecordWithFlags(cudaEvent_t e, cudaStream_t s = 0, unsigned flags = 0) {
+    e->capture = emu_capturing(s);
+    if (e->capture && flags != cudaEventRecordExternal) return cudaSuccess;
+    emu_issue(s, cudaGraphNodeTypeEventRecord, [e] {
+        e->at = std::chrono::steady_clock::now();
+        e->recorded = true;
+    });
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0) { return cudaEventRecordWithFlags(e, s, 0); }
+static inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+// (an event never recorded is complete, as CUDA has it); a stream that waits on an event recorded
+// in a capture joins it
+static inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
+    if (e->capture && s) {
+        if (s->capture && s->capture != e->capture) emu_fail("cudaStreamWaitEvent: a stream joins two captures");
+        s->capture = e->capture;
+    }
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t stop) {
+    if (!start->recorded || !stop->recorded) return cudaErrorInvalidValue;
+    *ms = std::chrono::duration<float, std::milli>(stop->at - start->at).count();
+    return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------------
+// memory
+
+enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
+static inline cudaError_t cudaMalloc(void **p, size_t bytes) {
+    size_t rounded = (bytes + 255) / 256 * 256;
+    *p = aligned_alloc(256, rounded ? rounded : 256);
+    if (*p == NULL) return cudaErrorMemoryAllocation;
+    memset(*p, 0xff, rounded);
+    return cudaSuccess;
+}
+template <typename T> static inline cudaError_t cudaMalloc(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
+static inline cudaError_t cudaFree(void *p) { free(p); return cudaSuccess; }
+static inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind) {
+    memmove(dst, src, bytes);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind, cudaStream_t s = 0) {
+    emu_issue(s, cudaGraphNodeTypeMemcpy, [=] { memmove(dst, src, bytes); });
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemset(void *p, int value, size_t bytes) { memset(p, value, bytes); return cudaSuccess; }
+static inline cudaError_t cudaMemsetAsync(void *p, int value, size_t bytes, cudaStream_t s = 0) {
+    emu_issue(s, cudaGraphNodeTypeMemset, [=] { memset(p, value, bytes); });
+    return cudaSuccess;
+}
+// pinned host memory is host memory
+static inline cudaError_t cudaMallocHost(void **p, size_t bytes) { return cudaMalloc(p, bytes); }
+template <typename T> static inline cudaError_t cudaMallocHost(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
+static inline cudaError_t cudaFreeHost(void *p) { return cudaFree(p); }
+
+// ---------------------------------------------------------------------------------------------
+// launches (k<<<grid, block, smem, stream>>>(args) as test/gpu_emu.py rewrites it)
+
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+template <typename Kernel> static inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int bytes) {
+    return bytes <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;
+}
+// what a kernel's attributes say: built for sm_90 (so the engine takes its sm_90 paths)
+struct cudaFuncAttributes { int maxThreadsPerBlock, numRegs, ptxVersion, binaryVersion; size_t sharedSizeBytes; };
+template <typename Kernel> static inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *attr, Kernel) {
+    *attr = cudaFuncAttributes{1024, 32, 90, 90, 0};
+    return cudaSuccess;
+}
+static inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t s, std::function<void()> body) {
+    if (smem_bytes > 227 * 1024) emu_fail("a launch asks for more dynamic shared memory than a block may have");
+    if ((size_t)block.x * block.y * block.z > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+        emu_fail("a launch's grid or block is outside CUDA's limits");
+    emu_issue(s, cudaGraphNodeTypeKernel, [=] {
+        launch_blocks(Dim3{grid.x, grid.y, grid.z}, Dim3{block.x, block.y, block.z}, smem_bytes, body);
+    });
+}
+static inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, std::function<void()> body) {
+    emu_launch(grid, block, smem_bytes, (cudaStream_t)0, body);
+}
+static inline void emu_launch(dim3 grid, dim3 block, std::function<void()> body) { emu_launch(grid, block, 0, (cudaStream_t)0, body); }
+// the block's dynamic shared memory (cuda_common.h's dynamic_smem on a GPU)
+static inline unsigned char *dynamic_smem() { return smem.data(); }
+
+// ---------------------------------------------------------------------------------------------
+// device functions beyond test/gpu_emu.h's
+
+static inline void __trap() { emu_fail("a kernel trapped (__trap)"); }
+static inline void __threadfence() {}
+static inline void __nanosleep(unsigned) {}
+static inline float __fmul_rn(float a, float b) { return a * b; }   // rounded once, as C++'s float *
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline unsigned __float_as_uint(float x) { unsigned u; memcpy(&u, &x, 4); return u; }
+static inline float __uint_as_float(unsigned u) { float x; memcpy(&x, &u, 4); return x; }
+static inline int __ffs(unsigned x) { return x ? __builtin_ctz(x) + 1 : 0; }
+template <typename T> static inline T __ldcg(const T *p) { return *p; }
+template <typename T> static inline T __ldg(const T *p) { return *p; }
+
+// the blocks run one at a time on one OS thread, so a plain read-modify-write is atomic
+template <typename T> static inline T atomicAdd(T *address, T value) {
+    T old = *address;
+    *address = old + value;
+    return old;
+}
+template <typename T> static inline T atomicOr(T *address, T value) {
+    T old = *address;
+    *address = old | value;
+    return old;
+}
+template <typename T> static inline T atomicMax(T *address, T value) {
+    T old = *address;
+    if (value > old) *address = value;
+    return old;
+}
+
+// Shuffles of any value of up to 8 bytes through the warp's barrier.
+static uint64_t emu_shuffle_slots[32][32];
+template <typename T> static inline T emu_shuffle(T v, int source_lane, bool keep_own) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffles move values of up to 8 bytes");
+    uint64_t *slots = emu_shuffle_slots[current_thread / 32];
+    int lane = lane_id();
+    memcpy(&slots[lane], &v, sizeof(T));
+    warp_barrier();
+    T r = v;
+    if (!keep_own) memcpy(&r, &slots[source_lane & 31], sizeof(T));
+    warp_barrier();
+    return r;
+}
+template <typename T> static inline T __shfl_xor_sync(unsigned mask, T v, int offset) {
+    if (mask != 0xffffffffu) emu_fail("only full-warp shuffles are emulated");
+    return emu_shuffle(v, lane_id() ^ offset, false);
+}
+template <typename T> static inline T __shfl_sync(unsigned mask, T v, int src) {
+    if (mask != 0xffffffffu) emu_fail("only full-warp shuffles are emulated");
+    return emu_shuffle(v, src, false);
+}
+template <typename T> static inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+    if (mask != 0xffffffffu) emu_fail("only full-warp shuffles are emulated");
+    int lane = lane_id();
+    return emu_shuffle(v, lane - (int)delta, lane < (int)delta);
+}
+template <typename T> static inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
+    if (mask != 0xffffffffu) emu_fail("only full-warp shuffles are emulated");
+    int lane = lane_id();
+    return emu_shuffle(v, lane + (int)delta, lane + (int)delta > 31);
+}
+static inline unsigned __ballot_sync(unsigned mask, int predicate) {
+    if (mask != 0xffffffffu) emu_fail("only full-warp votes are emulated");
+    uint64_t *slots = emu_shuffle_slots[current_thread / 32];
+    slots[lane_id()] = predicate != 0;
+    warp_barrier();
+    unsigned bits = 0;
+    for (int l = 0; l < 32; l++) bits |= (unsigned)(slots[l] != 0) << l;
+    warp_barrier();
+    return bits;
+}
+
+#include "cuda_bf16.h"
+#endif

@@ -1,0 +1,32 @@
+/*
+ * llmc/model_cuda.cu, the whole CUDA model, built for the CPU: its host code, its kernels and
+ * the kernel headers compile unchanged as C++ against the emulated CUDA toolkit of
+ * test/emu_cuda/ (runtime, bf16, cuBLASLt) and the GPU emulation of test/gpu_emu.h (threads,
+ * barriers, shuffles) and test/gpu_emu_flash.h (the flash attention's ldmatrix, mma.sync and
+ * cp.async), with their <<<...>>> launches rewritten into emu_launch calls (test/gpu_emu.py).
+ * Linked with dev/cuda/test_model_gpu.cu and the CPU reference, it runs the GPU test's tiny
+ * models on a machine without a GPU (test/test_model_cuda_emu.py): the forward and backward
+ * against the fp32 CPU model, every switch of the model both ways, the 20-step loss curves.
+ *
+ * The NCCL collectives are not emulated: the data-parallel functions stop with a message.
+ */
+#define EMU_PROGRAM "model_cuda_emu"
+#define ATTENTION_FLASH_EMULATION
+#define ATTENTION_FLASH_EMULATED_LAUNCHERS
+#include <cuda_runtime.h>
+#include "gpu_emu_flash.h"
+#include "model_cuda_launched.cu"
+
+static void nccl_not_emulated(void) { emu_fail("the NCCL collectives are not emulated (one rank only)"); }
+extern "C" {
+int comm_nccl_available(void) { return 0; }
+int comm_nccl_device(void) { return 0; }
+void comm_nccl_init(void) { nccl_not_emulated(); }
+void comm_nccl_finalize(void) {}
+void comm_nccl_all_reduce_sum(float *, size_t, void *) { nccl_not_emulated(); }
+void comm_nccl_all_reduce_mean(float *, size_t, void *) { nccl_not_emulated(); }
+void comm_nccl_all_reduce_sum_double(double *, size_t, void *) { nccl_not_emulated(); }
+void comm_nccl_broadcast(void *, size_t, int, void *) { nccl_not_emulated(); }
+void comm_nccl_all_gather_shards(float *, size_t, void *) { nccl_not_emulated(); }
+void comm_nccl_reduce_scatter_mean_shards(float *, size_t, void *) { nccl_not_emulated(); }
+}

@@ -1,0 +1,127 @@
+"""The CUDA model (llmc/model_cuda.cu) and the GPU rollout engine (rollout.cu), with every kernel
+they launch, on the CPU: built against the emulated CUDA toolkit of test/emu_cuda/ (runtime with
+stream capture and graphs, bf16, cuBLASLt) by test/model_cuda_emu.cpp and test/rollout_emu.cpp,
+and linked with the GPU checks themselves, run on their tiny models:
+
+- dev/cuda/test_model_gpu.cu --tiny: the model against the fp32 CPU reference (llmc/model.c) on
+  the tiny GPT-2, Llama and Qwen2-style models: logits, hidden state, losses and every parameter
+  gradient within bf16 tolerances; the fused step; zero_grad; the second stream's schedule bit
+  for bit; each of the model's switches (bf16 or fp32 norm-output gradients, bf16 or fp32
+  residual stream, the residual add in the products' epilogue or in the norm kernel, RoPE's
+  backward in the attention or after it); the 20-step AdamW loss curves;
+- dev/cuda/rollout_check.cu (without the SmolLM2 part): the engine against the CPU generator on
+  the tiny GPT-2 and Llama: greedy tokens (near-tie rule), log-probs, the reference path, graphs
+  off, poisoned buffers, decode_matmul, programmatic edges, pipelined steps, tuned products bit
+  for bit against cuBLASLt's first choices, branches, several steps a graph launch, the
+  attention's early loads, the folded norms, and the sampler's frequencies (chi-square).
+
+So the host code (buffers, the order of kernels, graphs, the switches) is checked on every
+machine, not only where a GPU is. What the emulation does not reproduce: cuBLASLt's own
+summation orders (its products follow the library's documented semantics, with one candidate
+algorithm that sums in another order, which the tuners must tell apart), the streams'
+concurrency (work runs in the order it is issued), timings (the flash tuner keeps its defaults),
+and speed."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+from gpu_emu import rewrite_launches
+
+C_SOURCES = ["llmc/model", "llmc/ops_cpu", "llmc/matmul", "llmc/utils", "llmc/comm", "llmc/generate", "llmc/checkpoint",
+             "llmc/gguf", "llmc/safetensors", "llmc/chat_template", "llmc/unicode_tables", "tokenizer"]
+MODEL_OBJECTS = ["model", "ops_cpu", "matmul", "utils", "comm"]
+CXX_FLAGS = ["-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-Wno-comment",
+             "-Wno-sign-compare", "-Wno-unused-function", "-Wno-maybe-uninitialized", "-Wno-format-truncation"]
+
+
+@pytest.fixture(scope="module")
+def emulators(tmp_path_factory):
+    """(model, rollout): the two programs, built in parallel."""
+    cc, cxx = shutil.which("gcc"), shutil.which("g++")
+    if cc is None or cxx is None:
+        pytest.skip("gcc and g++ are needed to build the emulated model")
+    build = tmp_path_factory.mktemp("cuda_emu")
+    llmc = ROOT / "llmc"
+    # every header the engine includes, the model and the rollout engine, with their launches
+    # rewritten, in one directory searched first: they include one another from there
+    for src in sorted(llmc.glob("*.cuh")) + [llmc / "cuda_common.h"]:
+        (build / src.name).write_text(rewrite_launches(src.read_text(), 0))
+    (build / "model_cuda_launched.cu").write_text(rewrite_launches((llmc / "model_cuda.cu").read_text(), 1))
+    (build / "rollout_launched.cu").write_text(rewrite_launches((ROOT / "rollout.cu").read_text(), 1))
+    emu = ["-I", str(ROOT / "test" / "emu_cuda"), "-I", str(ROOT / "test")]
+    plain = ["-I", str(llmc), "-I", str(ROOT)]
+    jobs, objects = [], {}
+    for name in C_SOURCES:
+        obj = build / f"{name.split('/')[-1]}.o"
+        jobs.append([cc, "-std=gnu11", "-O2", "-fopenmp", *plain, "-c", str(ROOT / f"{name}.c"), "-o", str(obj)])
+        objects[name.split("/")[-1]] = obj
+    for name, src, flags in (("model_cuda_emu", ROOT / "test" / "model_cuda_emu.cpp", ["-I", str(build), *emu]),
+                             ("rollout_emu", ROOT / "test" / "rollout_emu.cpp", ["-I", str(build), *emu]),
+                             ("test_model_gpu", ROOT / "dev" / "cuda" / "test_model_gpu.cu", []),
+                             ("rollout_check", ROOT / "dev" / "cuda" / "rollout_check.cu",
+                              ['-DEMU_PROGRAM="rollout_check"', *emu])):
+        obj = build / f"{name}.o"
+        jobs.append([cxx, *CXX_FLAGS, *flags, *plain, "-c", "-x", "c++", str(src), "-o", str(obj)])
+        objects[name] = obj
+    running = []
+    for job in jobs:   # two at a time
+        running.append(subprocess.Popen(job))
+        if len(running) == 2:
+            assert running.pop(0).wait() == 0, "building the emulated CUDA programs failed"
+    assert all(p.wait() == 0 for p in running), "building the emulated CUDA programs failed"
+    model_exe, rollout_exe = build / "model_cuda_emu", build / "rollout_emu"
+    subprocess.run([cxx, "-fopenmp", "-o", str(model_exe), str(objects["model_cuda_emu"]), str(objects["test_model_gpu"]),
+                    *(str(objects[n]) for n in MODEL_OBJECTS), "-lm"], check=True)
+    subprocess.run([cxx, "-fopenmp", "-o", str(rollout_exe), str(objects["rollout_emu"]), str(objects["rollout_check"]),
+                    *(str(objects[n.split("/")[-1]]) for n in C_SOURCES if n != "llmc/comm"), "-lcjson", "-lm"],
+                   check=True)
+    return model_exe, rollout_exe
+
+
+def emulated_env():
+    env = dict(os.environ, TRAIN_MORA_FLASH_TUNE="0", OMP_NUM_THREADS="2")
+    for name in list(env):   # every switch at its default, as a GPU run has them
+        if name.startswith("TRAIN_MORA_") and name != "TRAIN_MORA_FLASH_TUNE" or name == "SMOLLM2_GGUF":
+            del env[name]
+    return env
+
+
+def run_check(exe, *args):
+    run = subprocess.run([str(exe), *args], capture_output=True, text=True, env=emulated_env(), timeout=2400)
+    print(run.stdout)
+    failed = [line for line in run.stdout.splitlines() if line.startswith("FAIL")]
+    assert run.returncode == 0 and not failed, f"exit {run.returncode}: {failed}\n{run.stderr[-2000:]}"
+    return run.stdout
+
+
+def test_model_gpu_on_the_emulated_gpu(emulators):
+    out = run_check(emulators[0], "--tiny")
+    assert re.search(r"== test_model_gpu: PASS \(0 failed checks\)", out)
+    # every part ran: the three models, each switch flipped, the loss curves
+    for label in ("gpt2:tiny", "llama:tiny", "qwen2-style tiny"):
+        assert re.search(rf"PASS {re.escape(label)}.* grad norm", out), label
+        assert re.search(rf"PASS {re.escape(label)}.* fp32 residual stream step all grads", out), label
+        assert re.search(rf"PASS {re.escape(label)}.* residual add in the norm kernel step all grads", out), label
+        assert re.search(rf"PASS {re.escape(label)}.* fp32 norm-output gradients step all grads", out), label
+        assert re.search(rf"PASS {re.escape(label)}.* overlapped step other grads +0 of", out), label
+    for label in ("llama:tiny", "qwen2-style tiny"):
+        assert re.search(rf"PASS {re.escape(label)}.* RoPE backward in the attention other grads +0 of", out), label
+    for label in ("gpt2:tiny", "llama:tiny"):
+        assert re.search(rf"PASS {re.escape(label)} GPU loss curve follows the CPU's", out), label
+        assert re.search(rf"PASS {re.escape(label)} parameter updates over 20 steps", out), label
+
+
+def test_rollout_check_on_the_emulated_gpu(emulators):
+    out = run_check(emulators[1])
+    assert re.search(r"== rollout_check: PASS \(0 failed checks\)", out)
+    for preset in ("gpt2:tiny", "llama:tiny"):
+        for check in ("fast +greedy tokens", "graphs off vs on", "reference path", "pdl vs fast",
+                      "untuned vs tuned products", "2 branches", "4 steps a launch vs 1", "8 steps a launch, stops",
+                      "early-loads attention vs default", "first-token frequencies T=0.8 top-k 0 "):
+            assert re.search(rf"PASS {re.escape(preset)} {check}", out), f"{preset} {check}"
+    for check in ("folded norms +greedy tokens", "folded norms, 2 branches", "folded norms, 4 steps a launch"):
+        assert re.search(rf"PASS llama:tiny {check}", out), check
