@@ -124,15 +124,50 @@ static inline MatmulTuneEntry *matmul_tune_find(const MatmulTuneEntry *key) {
     return NULL;
 }
 
+// Probe operands for the tuner's check (matmul_tune_product). Its bits compare on the product's
+// own operands can miss an algorithm that sums the k terms in another grouping (split-K): in a
+// bf16 output the orders' last-bit differences mostly round away, and a small product (a decode
+// step's) has too few outputs for one to show by chance, while later operands then give other
+// bits. On the probe they cannot hide: op(A)'s column 0 is +2^10 and column k-1 is -2^10, op(B)'s
+// rows 0 and k-1 are 2^10, so every output's sum goes through 2^20 and cancels at the end; the
+// k-2 small terms in between (pseudo-random bf16 in (-1, 1)) are added near 2^20, where each
+// addition rounds to 2^-4, so the result depends on the grouping far above a bf16 ulp.
+// Element idx of a stored operand lies in column kk = (idx / kk_div) % kk_mod of the k range;
+// k < 3 (or 0, for C and the GELU input) gives small terms everywhere.
+__global__ void matmul_probe_fill_kernel(floatX *x, size_t count, size_t kk_div, int kk_mod, int k, float first, float last,
+                                         uint32_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
+        int kk = (int)((i / kk_div) % (size_t)kk_mod);
+        uint32_t h = (uint32_t)i * 0x9E3779B1u ^ seed;
+        h ^= h >> 16; h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16;
+        float v = (float)(h >> 8) * (2.0f / 16777216.0f) - 1.0f;
+        if (k >= 3 && kk == 0) v = first;
+        else if (k >= 3 && kk == k - 1) v = last;
+        x[i] = __float2bfloat16(v);
+    }
+}
+static inline void matmul_probe_fill(floatX *x, size_t count, size_t kk_div, int kk_mod, int k, float first, float last,
+                                     uint32_t seed, cudaStream_t stream) {
+    int blocks = (int)((count + 255) / 256 < 1024 ? (count + 255) / 256 : 1024);
+    matmul_probe_fill_kernel<<<blocks, 256, 0, stream>>>(x, count, kk_div, kk_mod, k, first, last, seed);
+    cudaCheckLaunch();
+}
+// Products of at most this many outputs are checked on the probe too; larger ones have enough
+// outputs for other orders to show on their own operands (and the probe would take much memory).
+#define MATMUL_PROBE_MAX_OUTPUTS ((double)(1 << 22))
+
 // Runs the heuristic's candidates (returned of them) for the product described by op and the
 // layouts, on its own operands, and records the choice in a new entry (key's shape). d (d_bytes)
-// is the output, c the addend (d itself for an accumulation in place), and aux (aux_bytes; NULL
-// when the epilogue writes none) the GELU pre-activation output. Returns the entry, or NULL when nothing could be tuned (no memory to save d, or the
-// table is full): the caller then runs the first choice.
+// is the output, c the addend (d itself for an accumulation in place), aux the epilogue's GELU
+// matrix (NULL without one; aux_out: the epilogue writes it, else reads it; aux_bytes). A
+// candidate is kept only where its bits equal the first choice's on the product's operands and,
+// for a small product, on probe operands (matmul_probe_fill_kernel). Returns the entry, or NULL
+// when nothing could be tuned (no memory for the saved output or the probe, or the table is
+// full): the caller then runs the first choice.
 static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, cublasLtMatmulDesc_t op,
                                                    cublasLtMatrixLayout_t layout_a, cublasLtMatrixLayout_t layout_b,
                                                    cublasLtMatrixLayout_t layout_d, const void *a, const void *b,
-                                                   const void *c, void *d, size_t d_bytes, const void *aux,
+                                                   const void *c, void *d, size_t d_bytes, void *aux, int aux_out,
                                                    size_t aux_bytes, float beta,
                                                    const cublasLtMatmulHeuristicResult_t *heuristics, int returned,
                                                    cudaStream_t stream) {
@@ -141,20 +176,69 @@ static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, c
     // behind a hold so that the GPU's time is measured rather than the launches' (tuning.cuh)
     const int small = (double)key->m * key->n * key->k < 1e9;
     const int reps = small ? 20 : 5, hold_us = small ? 1000 : 0;
-    void *saved = NULL;
-    if (beta != 0.0f && c == d) {
-        if (cudaMalloc(&saved, d_bytes) != cudaSuccess) {
-            (void)cudaGetLastError();   // out of memory is no error of the run: the first choice runs
-            return NULL;
+    const int m = key->m, n = key->n, k = key->k;
+    const int in_place = beta != 0.0f && c == d;
+    // buffers: the output saved (an accumulation in place), and the probe's operands, output, its
+    // addend's initial values and GELU matrix; one allocation
+    const int probe = (double)m * n <= MATMUL_PROBE_MAX_OUTPUTS;
+    size_t off_saved = 0, off_pa = 0, off_pb = 0, off_pd = 0, off_pc = 0, off_paux = 0, total = 0;
+    auto take = [&](size_t bytes) { size_t at = total; total += (bytes + 255) / 256 * 256; return at; };
+    if (in_place) off_saved = take(d_bytes);
+    if (probe) {
+        off_pa = take((size_t)m * k * sizeof(floatX));
+        off_pb = take((size_t)k * n * sizeof(floatX));
+        off_pd = take(d_bytes);
+        if (beta != 0.0f) off_pc = take(d_bytes);
+        if (aux) off_paux = take(aux_bytes);
+    }
+    char *scratch = NULL;
+    if (total > 0 && cudaMalloc((void **)&scratch, total) != cudaSuccess) {
+        (void)cudaGetLastError();   // out of memory is no error of the run: the first choice runs
+        return NULL;
+    }
+    void *saved = in_place ? scratch + off_saved : NULL;
+    floatX *pa = probe ? (floatX *)(scratch + off_pa) : NULL, *pb = probe ? (floatX *)(scratch + off_pb) : NULL;
+    void *pd = probe ? scratch + off_pd : NULL, *pc = probe && beta != 0.0f ? scratch + off_pc : NULL;
+    floatX *paux = probe && aux ? (floatX *)(scratch + off_paux) : NULL;
+    if (saved) cudaCheck(cudaMemcpyAsync(saved, d, d_bytes, cudaMemcpyDeviceToDevice, stream));
+    if (probe) {
+        // op(A) (m, k) is stored (k, m) when transposed, op(B) (k, n) stored (n, k) when transposed
+        if (key->trans_a) matmul_probe_fill(pa, (size_t)m * k, 1, k, k, 1024.0f, -1024.0f, 1u, stream);
+        else matmul_probe_fill(pa, (size_t)m * k, (size_t)m, k, k, 1024.0f, -1024.0f, 1u, stream);
+        if (key->trans_b) matmul_probe_fill(pb, (size_t)k * n, (size_t)n, k, k, 1024.0f, 1024.0f, 2u, stream);
+        else matmul_probe_fill(pb, (size_t)k * n, 1, k, k, 1024.0f, 1024.0f, 2u, stream);
+        if (pc) {   // the addend: small values, in D's type
+            if (key->d_is_f32) {
+                matmul_probe_fill((floatX *)pd, (size_t)m * n, 1, 1, 0, 0.0f, 0.0f, 3u, stream);
+                convert_bf16_to_f32((float *)pc, (const floatX *)pd, (size_t)m * n, stream);
+            } else {
+                matmul_probe_fill((floatX *)pc, (size_t)m * n, 1, 1, 0, 0.0f, 0.0f, 3u, stream);
+            }
         }
-        cudaCheck(cudaMemcpyAsync(saved, d, d_bytes, cudaMemcpyDeviceToDevice, stream));
+        if (paux) matmul_probe_fill(paux, aux_bytes / sizeof(floatX), 1, 1, 0, 0.0f, 0.0f, 4u, stream);
     }
     unsigned long long *d_sum = (unsigned long long *)cudaMallocCheck(sizeof(unsigned long long));
     float alpha = 1.0f;
     void *workspace = matmul_workspace_for(stream);
-    auto run = [&](int i) {
-        return cublasLtMatmul(matmul_lt_handle, op, &alpha, a, layout_a, b, layout_b, &beta, c, layout_d, d, layout_d,
+    auto run_on = [&](int i, const void *a_, const void *b_, const void *c_, void *d_) {
+        return cublasLtMatmul(matmul_lt_handle, op, &alpha, a_, layout_a, b_, layout_b, &beta, c_, layout_d, d_, layout_d,
                               &heuristics[i].algo, workspace, matmul_lt_workspace_size, stream);
+    };
+    auto run = [&](int i) { return run_on(i, a, b, c, d); };
+    // the candidate's bits on the probe (its output, and the GELU matrix it writes); a candidate
+    // that does not run there gets bits no other run has (~0 against a fingerprint of 0 words)
+    auto probe_bits = [&](int i) {
+        if (aux) cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &paux, sizeof(paux)));
+        if (in_place) cudaCheck(cudaMemcpyAsync(pd, pc, d_bytes, cudaMemcpyDeviceToDevice, stream));
+        cublasStatus_t status = run_on(i, pa, pb, pc && !in_place ? pc : pd, pd);
+        if (aux) cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
+        if (status != CUBLAS_STATUS_SUCCESS) {
+            (void)cudaGetLastError();
+            return ~0ull;
+        }
+        unsigned long long bits = tune_fingerprint(d_sum, pd, d_bytes, stream);
+        if (paux && aux_out) bits ^= tune_fingerprint(d_sum, paux, aux_bytes, stream) * 0x9E3779B97F4A7C15ull;
+        return bits;
     };
     MatmulTuneEntry e = *key;
     e.algo = heuristics[0].algo;
@@ -162,7 +246,7 @@ static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, c
     e.candidates = returned;
     e.differed = 0;
     e.ms = e.default_ms = 0.0f;
-    unsigned long long reference = 0;
+    unsigned long long reference = 0, probe_reference = 0;
     for (int i = 0; i < returned; i++) {
         if (saved) cudaCheck(cudaMemcpyAsync(d, saved, d_bytes, cudaMemcpyDeviceToDevice, stream));
         cublasStatus_t status = heuristics[i].state == CUBLAS_STATUS_SUCCESS &&
@@ -174,12 +258,16 @@ static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, c
             continue;
         }
         unsigned long long bits = tune_fingerprint(d_sum, d, d_bytes, stream);
-        if (aux) bits ^= tune_fingerprint(d_sum, aux, aux_bytes, stream) * 0x9E3779B97F4A7C15ull;
-        if (i == 0) reference = bits;
-        else if (bits != reference) {
+        if (aux && aux_out) bits ^= tune_fingerprint(d_sum, aux, aux_bytes, stream) * 0x9E3779B97F4A7C15ull;
+        unsigned long long pbits = probe ? probe_bits(i) : 0;
+        if (i == 0) {
+            reference = bits;
+            probe_reference = pbits;
+        } else if (bits != reference || pbits != probe_reference || pbits == ~0ull) {
             e.differed++;
             continue;
         }
+        if (saved) cudaCheck(cudaMemcpyAsync(d, saved, d_bytes, cudaMemcpyDeviceToDevice, stream));
         float ms = tune_time_ms([&] { run(i); }, stream, reps, hold_us);
         if (i == 0) e.ms = e.default_ms = ms;
         else if (ms < e.ms) {
@@ -188,11 +276,9 @@ static inline MatmulTuneEntry *matmul_tune_product(const MatmulTuneEntry *key, c
             e.algo = heuristics[i].algo;
         }
     }
-    if (saved) {
-        cudaCheck(cudaMemcpyAsync(d, saved, d_bytes, cudaMemcpyDeviceToDevice, stream));
-        cudaCheck(cudaStreamSynchronize(stream));
-        cudaCheck(cudaFree(saved));
-    }
+    if (saved) cudaCheck(cudaMemcpyAsync(d, saved, d_bytes, cudaMemcpyDeviceToDevice, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+    if (scratch) cudaCheck(cudaFree(scratch));
     cudaCheck(cudaFree(d_sum));
     matmul_tune_entries[matmul_tune_count] = e;
     return &matmul_tune_entries[matmul_tune_count++];
@@ -318,10 +404,10 @@ static inline int matmul_cublaslt_try(void *d, int d_is_f32, const floatX *a, co
             algo = &heuristics[matmul_lt_candidate < returned ? matmul_lt_candidate : returned - 1].algo;
             if (tune_now) {
                 size_t d_bytes = (size_t)m * n * (d_is_f32 ? sizeof(float) : sizeof(floatX));
-                int aux_out = gelu_pre && !gelu_backward;
+                size_t aux_bytes = gelu_pre ? (size_t)m * n * sizeof(floatX) : 0;
                 const MatmulTuneEntry *e = matmul_tune_product(&key, op, layout_a, layout_b, layout_d, a, b, c, d, d_bytes,
-                                                               aux_out ? gelu_pre : NULL, aux_out ? d_bytes : 0, beta,
-                                                               heuristics, returned, stream);
+                                                               gelu_pre, !gelu_backward, aux_bytes, beta, heuristics, returned,
+                                                               stream);
                 if (e && matmul_tune_use) algo = &e->algo;
             }
         }
