@@ -1550,6 +1550,13 @@ int cmd_mora(int argc, char **argv) {
 #ifdef USE_CUDA
         int P = a->prompts_per_step, B_max = P * a->group_size > 2 * P ? P * a->group_size : 2 * P;
         m.gpu = cuda_model_create(&m.policy, B_max, m.e.context);
+        // The policy update keeps the residual stream in fp32 unless TRAIN_MORA_RESIDUAL_BF16=1
+        // asks for bf16 (pretraining's default, for speed): the update's KL and ratios take
+        // exponentials of log-prob differences, which amplify per-token errors, and the bf16
+        // stream doubled them (dev/cuda/mora_device_check.py's DPO KL against the CPU: 8% apart
+        // with the fp32 stream, 16% with bf16, on the CPU emulation of the GPU). An update's batch
+        // is small, and so is what the fp32 stream costs it.
+        if (getenv("TRAIN_MORA_RESIDUAL_BF16") == NULL) m.gpu->residual_bf16 = 0;
 #endif
     }
     int total_steps = a->steps * m.n_stages;

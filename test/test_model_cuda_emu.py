@@ -31,16 +31,17 @@ import pytest
 from conftest import ROOT
 from gpu_emu import rewrite_launches
 
-C_SOURCES = ["llmc/model", "llmc/ops_cpu", "llmc/matmul", "llmc/utils", "llmc/comm", "llmc/generate", "llmc/checkpoint",
-             "llmc/gguf", "llmc/safetensors", "llmc/chat_template", "llmc/unicode_tables", "tokenizer"]
 MODEL_OBJECTS = ["model", "ops_cpu", "matmul", "utils", "comm"]
+ROLLOUT_OBJECTS = ["model", "ops_cpu", "matmul", "utils", "generate", "checkpoint", "gguf", "safetensors", "chat_template",
+                   "unicode_tables", "tokenizer"]
 CXX_FLAGS = ["-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-Wno-comment",
              "-Wno-sign-compare", "-Wno-unused-function", "-Wno-maybe-uninitialized", "-Wno-format-truncation"]
 
 
 @pytest.fixture(scope="module")
 def emulators(tmp_path_factory):
-    """(model, rollout): the two programs, built in parallel."""
+    """The emulated programs by name: model_cuda_emu (test_model_gpu) and rollout_emu
+    (rollout_check), built two compilations at a time."""
     cc, cxx = shutil.which("gcc"), shutil.which("g++")
     if cc is None or cxx is None:
         pytest.skip("gcc and g++ are needed to build the emulated model")
@@ -55,10 +56,11 @@ def emulators(tmp_path_factory):
     emu = ["-I", str(ROOT / "test" / "emu_cuda"), "-I", str(ROOT / "test")]
     plain = ["-I", str(llmc), "-I", str(ROOT)]
     jobs, objects = [], {}
-    for name in C_SOURCES:
-        obj = build / f"{name.split('/')[-1]}.o"
-        jobs.append([cc, "-std=gnu11", "-O2", "-fopenmp", *plain, "-c", str(ROOT / f"{name}.c"), "-o", str(obj)])
-        objects[name.split("/")[-1]] = obj
+    # the CPU reference, generator and loaders the checks link
+    for src in [llmc / f"{n}.c" for n in sorted(set(MODEL_OBJECTS + ROLLOUT_OBJECTS) - {"tokenizer"})] + [ROOT / "tokenizer.c"]:
+        obj = build / f"{src.stem}.o"
+        jobs.append([cc, "-std=gnu11", "-O2", "-fopenmp", *plain, "-c", str(src), "-o", str(obj)])
+        objects[src.stem] = obj
     for name, src, flags in (("model_cuda_emu", ROOT / "test" / "model_cuda_emu.cpp", ["-I", str(build), *emu]),
                              ("rollout_emu", ROOT / "test" / "rollout_emu.cpp", ["-I", str(build), *emu]),
                              ("test_model_gpu", ROOT / "dev" / "cuda" / "test_model_gpu.cu", []),
@@ -73,13 +75,12 @@ def emulators(tmp_path_factory):
         if len(running) == 2:
             assert running.pop(0).wait() == 0, "building the emulated CUDA programs failed"
     assert all(p.wait() == 0 for p in running), "building the emulated CUDA programs failed"
-    model_exe, rollout_exe = build / "model_cuda_emu", build / "rollout_emu"
-    subprocess.run([cxx, "-fopenmp", "-o", str(model_exe), str(objects["model_cuda_emu"]), str(objects["test_model_gpu"]),
-                    *(str(objects[n]) for n in MODEL_OBJECTS), "-lm"], check=True)
-    subprocess.run([cxx, "-fopenmp", "-o", str(rollout_exe), str(objects["rollout_emu"]), str(objects["rollout_check"]),
-                    *(str(objects[n.split("/")[-1]]) for n in C_SOURCES if n != "llmc/comm"), "-lcjson", "-lm"],
-                   check=True)
-    return model_exe, rollout_exe
+    exes = {name: build / name for name in ("model_cuda_emu", "rollout_emu")}
+    subprocess.run([cxx, "-fopenmp", "-o", str(exes["model_cuda_emu"]), str(objects["model_cuda_emu"]),
+                    str(objects["test_model_gpu"]), *(str(objects[n]) for n in MODEL_OBJECTS), "-lm"], check=True)
+    subprocess.run([cxx, "-fopenmp", "-o", str(exes["rollout_emu"]), str(objects["rollout_emu"]), str(objects["rollout_check"]),
+                    *(str(objects[n]) for n in ROLLOUT_OBJECTS), "-lcjson", "-lm"], check=True)
+    return exes
 
 
 def emulated_env():
@@ -99,7 +100,7 @@ def run_check(exe, *args):
 
 
 def test_model_gpu_on_the_emulated_gpu(emulators):
-    out = run_check(emulators[0], "--tiny")
+    out = run_check(emulators["model_cuda_emu"], "--tiny")
     assert re.search(r"== test_model_gpu: PASS \(0 failed checks\)", out)
     # every part ran: the three models, each switch flipped, the loss curves
     for label in ("gpt2:tiny", "llama:tiny", "qwen2-style tiny"):
@@ -116,7 +117,7 @@ def test_model_gpu_on_the_emulated_gpu(emulators):
 
 
 def test_rollout_check_on_the_emulated_gpu(emulators):
-    out = run_check(emulators[1])
+    out = run_check(emulators["rollout_emu"])
     assert re.search(r"== rollout_check: PASS \(0 failed checks\)", out)
     for preset in ("gpt2:tiny", "llama:tiny"):
         for check in ("fast +greedy tokens", "graphs off vs on", "reference path", "pdl vs fast",
@@ -125,3 +126,4 @@ def test_rollout_check_on_the_emulated_gpu(emulators):
             assert re.search(rf"PASS {re.escape(preset)} {check}", out), f"{preset} {check}"
     for check in ("folded norms +greedy tokens", "folded norms, 2 branches", "folded norms, 4 steps a launch"):
         assert re.search(rf"PASS llama:tiny {check}", out), check
+
