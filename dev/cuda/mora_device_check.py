@@ -20,8 +20,9 @@ bf16), so two comparisons:
 
 usage: python3 dev/cuda/mora_device_check.py ./train_mora WORKDIR     exit 0 on PASS
        (MORA_DEVICE_WORLD=DIR: use that `train_mora demo --pretrain_steps 300 --steps 1` output;
-       MORA_DEVICE_NO_NCCL=1: a build without NCCL, such as the CPU emulation of
-       test/test_model_cuda_emu.py: the NCCL comparison is skipped with a SKIP line)
+       MORA_DEVICE_NO_NCCL=1: a build without NCCL, such as ./train_mora linked against the CPU
+       emulation's model and rollout engine (test/model_cuda_emu.cpp, test/rollout_emu.cpp): the
+       NCCL comparison is skipped with a SKIP line)
 """
 import json
 import math
