@@ -122,7 +122,8 @@ def test_rollout_check_on_the_emulated_gpu(emulators):
     for preset in ("gpt2:tiny", "llama:tiny"):
         for check in ("fast +greedy tokens", "graphs off vs on", "reference path", "pdl vs fast",
                       "untuned vs tuned products", "2 branches", "4 steps a launch vs 1", "8 steps a launch, stops",
-                      "early-loads attention vs default", "first-token frequencies T=0.8 top-k 0 "):
+                      "early-loads attention vs default", "first-token frequencies T=0.8 top-k 0 ",
+                      "rounded CPU forward: unrounded"):
             assert re.search(rf"PASS {re.escape(preset)} {check}", out), f"{preset} {check}"
     for check in ("folded norms +greedy tokens", "folded norms, 2 branches", "folded norms, 4 steps a launch"):
         assert re.search(rf"PASS llama:tiny {check}", out), check
