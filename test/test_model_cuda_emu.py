@@ -15,12 +15,17 @@ and linked with the GPU checks themselves, run on their tiny models:
   for bit against cuBLASLt's first choices, branches, several steps a graph launch, the
   attention's early loads, the folded norms, and the sampler's frequencies (chi-square).
 
-So the host code (buffers, the order of kernels, graphs, the switches) is checked on every
-machine, not only where a GPU is. What the emulation does not reproduce: cuBLASLt's own
-summation orders (its products follow the library's documented semantics, with one candidate
-algorithm that sums in another order, which the tuners must tell apart), the streams'
-concurrency (work runs in the order it is issued), timings (the flash tuner keeps its defaults),
-and speed."""
+Both run with the streams lazy (EMU_STREAMS=lazy, test/emu_cuda/cuda_runtime.h): each stream's
+work runs only when a host synchronisation or another stream's event wait needs it, so a
+missing wait between streams, or a host read of a copy not waited for, reads NaN or stale data
+and fails a check.
+
+So the host code (buffers, the order of kernels, graphs, the switches, the waits between
+streams) is checked on every machine, not only where a GPU is. What the emulation does not
+reproduce: cuBLASLt's own summation orders (its products follow the library's documented
+semantics, with one candidate algorithm that sums in another order, which the tuners must tell
+apart), streams running truly side by side, timings (the flash tuner keeps its defaults), and
+speed."""
 import os
 import re
 import shutil
@@ -83,8 +88,28 @@ def emulators(tmp_path_factory):
     return exes
 
 
+def test_lazy_streams_catch_missing_waits(tmp_path):
+    """EMU_STREAMS=lazy, which the checks below run with, must make a missing wait read wrong data
+    (test/emu_streams_check.cpp), and programs with their waits read the right data either way."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ is needed to build the emulated runtime's check")
+    exe = tmp_path / "emu_streams_check"
+    subprocess.run([cxx, *CXX_FLAGS, "-I", str(ROOT / "test" / "emu_cuda"), "-I", str(ROOT / "test"), "-o", str(exe),
+                    str(ROOT / "test" / "emu_streams_check.cpp")], check=True)
+    missing = {"cross-stream no wait", "event sync missing", "legacy copy nonblocking"}
+    for mode in ("issue", "lazy"):
+        run = subprocess.run([str(exe)], capture_output=True, text=True, env=dict(os.environ, EMU_STREAMS=mode), timeout=60)
+        assert run.returncode == 0, run.stderr
+        got = dict(line.split(": ") for line in run.stdout.splitlines())
+        assert len(got) == 8, run.stdout
+        for case, read in got.items():
+            expect = "wrong" if mode == "lazy" and case in missing else "ok"
+            assert read == expect, f"EMU_STREAMS={mode} {case}: read {read}, expected {expect}"
+
+
 def emulated_env():
-    env = dict(os.environ, TRAIN_MORA_FLASH_TUNE="0", OMP_NUM_THREADS="2")
+    env = dict(os.environ, TRAIN_MORA_FLASH_TUNE="0", OMP_NUM_THREADS="2", EMU_STREAMS="lazy")
     for name in list(env):   # every switch at its default, as a GPU run has them
         if name.startswith("TRAIN_MORA_") and name != "TRAIN_MORA_FLASH_TUNE" or name == "SMOLLM2_GGUF":
             del env[name]

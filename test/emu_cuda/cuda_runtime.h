@@ -5,13 +5,25 @@
  * emu_launch calls by test/gpu_emu.py) and run on the GPU emulation of test/gpu_emu.h:
  *   - device memory is host memory, 256-byte aligned like cudaMalloc's and filled with 0xff
  *     (NaN in bf16 and fp32), so an element nothing wrote shows up;
- *   - every launch and copy runs at once, in program order: each stream is the one CPU thread,
- *     events record the wall clock, stream and event waits have nothing to wait for;
+ *   - streams, two ways (EMU_STREAMS in the environment):
+ *       unset or "issue": every launch and copy runs at once, in program order: each stream is
+ *       the one CPU thread, events record the wall clock, waits have nothing to wait for;
+ *       "lazy": work queues on its stream and runs only when something needs it: a host
+ *       synchronisation (a stream, an event, the device, a synchronous copy or set on the
+ *       legacy stream, cudaFree), or a stream's wait on an event, which runs the recording
+ *       stream up to that record. Each stream so runs as late as the waits the program asked
+ *       for allow, and work another stream or the host reads without such a wait is still
+ *       queued (device memory NaN, or stale) when it is read: a missing wait shows as a
+ *       wrong result. The legacy stream (0) waits for the blocking streams, not for those
+ *       created with cudaStreamNonBlocking, as on a GPU; copies between device memory and
+ *       pageable host memory behave as CUDA documents (the source read when issued, a copy
+ *       to the host complete when the call returns), pinned memory (cudaMallocHost) when the
+ *       copy runs;
  *   - stream capture: while a stream is captured (and any stream that waited on an event
  *     recorded in it), its launches, copies, sets and external event records become the nodes
- *     of a graph, one chain in the order they were issued, which cudaGraphLaunch replays. A
- *     launch's arguments are evaluated at the replay (the rewritten launch is a closure), not
- *     at the capture as on a GPU; edges can be made programmatic, which changes nothing here;
+ *     of a graph, one chain in the order they were issued, which cudaGraphLaunch replays (a
+ *     launch's arguments are copied when it is issued, test/gpu_emu.h's emu_bind); edges can
+ *     be made programmatic, which changes nothing here;
  *   - kernels: dim3 grids and blocks of up to 1024 threads, static __shared__ arrays (one copy:
  *     blocks run one after another), dynamic shared memory, the warp shuffles and votes through
  *     the warp's barrier, atomics as plain read-modify-writes (one OS thread runs everything);
@@ -28,7 +40,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <chrono>
+#include <deque>
 #include <functional>
+#include <map>
 #include <type_traits>
 #include "gpu_emu.h"
 
@@ -44,11 +58,13 @@ struct dim3 {
 // ---------------------------------------------------------------------------------------------
 // errors
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorNoDevice = 100 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorNoDevice = 100,
+                   cudaErrorNotReady = 600 };
 static inline const char *cudaGetErrorString(cudaError_t err) {
     switch (err) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorNotReady: return "device not ready";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     }
@@ -83,7 +99,6 @@ static inline cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr
     *value = attr == cudaDevAttrMultiProcessorCount ? 132 : 227 * 1024;
     return cudaSuccess;
 }
-static inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
 
 // graphs: a captured chain of nodes (each a closure), and its instantiation
 enum cudaGraphNodeType { cudaGraphNodeTypeKernel = 0, cudaGraphNodeTypeMemcpy = 1, cudaGraphNodeTypeMemset = 2,
@@ -102,20 +117,87 @@ typedef EmuGraph *cudaGraph_t;
 struct EmuGraphExec { std::vector<std::function<void()>> steps; };
 typedef EmuGraphExec *cudaGraphExec_t;
 
-struct EmuStream { int priority; EmuGraph *capture; };
+// Streams and events. With EMU_STREAMS=lazy (see the file comment) a stream holds a queue of
+// work and of waits on event records; an event counts the records issued and those run.
+struct EmuStream;
+struct EmuEvent {
+    std::chrono::steady_clock::time_point at;
+    bool recorded;
+    EmuGraph *capture;
+    unsigned long issued, done;   // records issued outside a capture, and the last one run
+    EmuStream *stream;            // where the last record was issued
+};
+typedef EmuEvent *cudaEvent_t;
+struct EmuItem {
+    std::function<void()> work;   // or, when wait is set: wait until wait->done >= target
+    EmuEvent *wait;
+    unsigned long target;
+    EmuStream *recorder;          // the stream that record was issued on
+};
+struct EmuStream {
+    int priority;
+    EmuGraph *capture;
+    int nonblocking;              // created with cudaStreamNonBlocking: the legacy stream does not wait for it
+    std::deque<EmuItem> queue;    // EMU_STREAMS=lazy: issued, not yet run
+    int running;                  // a wait of this stream is being resolved
+};
 typedef EmuStream *cudaStream_t;
 static std::vector<EmuStream *> emu_streams;   // the live streams (a capture ends on each that joined it)
 #define cudaStreamDefault 0
 #define cudaStreamNonBlocking 1
-static inline cudaError_t cudaStreamCreateWithPriority(cudaStream_t *s, unsigned, int priority) {
-    *s = new EmuStream{priority, NULL};
+
+static inline int emu_streams_lazy(void) {
+    static int lazy = -1;
+    if (lazy < 0) {
+        const char *v = getenv("EMU_STREAMS");
+        if (v && *v && strcmp(v, "lazy") != 0 && strcmp(v, "issue") != 0) emu_fail("EMU_STREAMS must be lazy or issue");
+        lazy = v && strcmp(v, "lazy") == 0;
+    }
+    return lazy;
+}
+static inline void emu_run_front(EmuStream *s);
+// Runs the stream that issued e's record number `target` until that record has run.
+static inline void emu_run_until(EmuEvent *e, unsigned long target, EmuStream *recorder) {
+    while (e->done < target) {
+        if (recorder == NULL || recorder->queue.empty()) emu_fail("an event's record was lost (EMU_STREAMS=lazy)");
+        emu_run_front(recorder);
+    }
+}
+static inline void emu_run_front(EmuStream *s) {
+    if (s->running) emu_fail("streams wait on each other in a cycle (EMU_STREAMS=lazy)");
+    EmuItem item = std::move(s->queue.front());
+    s->queue.pop_front();
+    if (item.wait) {
+        s->running = 1;
+        emu_run_until(item.wait, item.target, item.recorder);
+        s->running = 0;
+    } else {
+        item.work();
+    }
+}
+static inline void emu_drain(EmuStream *s) {
+    while (!s->queue.empty()) emu_run_front(s);
+}
+// every stream's queue (the newest streams first), or only the blocking ones (what the legacy
+// stream waits for)
+static inline void emu_drain_all(int blocking_only) {
+    for (size_t i = emu_streams.size(); i-- > 0;)
+        if (!blocking_only || !emu_streams[i]->nonblocking) emu_drain(emu_streams[i]);
+}
+static inline cudaError_t cudaDeviceSynchronize(void) {
+    emu_drain_all(0);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaStreamCreateWithPriority(cudaStream_t *s, unsigned flags, int priority) {
+    *s = new EmuStream{priority, NULL, (flags & cudaStreamNonBlocking) != 0, {}, 0};
     emu_streams.push_back(*s);
     return cudaSuccess;
 }
+static inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) { return cudaStreamCreateWithPriority(s, flags, 0); }
 static inline cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithPriority(s, 0, 0); }
-static inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned) { return cudaStreamCreate(s); }
 static inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
     if (s->capture) emu_fail("cudaStreamDestroy on a stream being captured");
+    emu_drain(s);   // a GPU finishes the stream's work first
     for (size_t i = 0; i < emu_streams.size(); i++)
         if (emu_streams[i] == s) emu_streams.erase(emu_streams.begin() + i);
     delete s;
@@ -123,6 +205,8 @@ static inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
 }
 static inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
     if (s && s->capture) emu_fail("cudaStreamSynchronize on a stream being captured");
+    if (s) emu_drain(s);
+    else emu_drain_all(1);
     return cudaSuccess;
 }
 static inline cudaError_t cudaDeviceGetStreamPriorityRange(int *least, int *greatest) {
@@ -132,14 +216,18 @@ static inline cudaError_t cudaDeviceGetStreamPriorityRange(int *least, int *grea
 }
 // The graph a stream's work goes into, or NULL when it runs at once.
 static inline EmuGraph *emu_capturing(cudaStream_t s) { return s ? s->capture : NULL; }
-// Runs work now, or appends it to the stream's capture.
+// Appends work to the stream's capture, or to its queue (EMU_STREAMS=lazy), or runs it now (on
+// the legacy stream, after the blocking streams' work).
 static inline void emu_issue(cudaStream_t s, cudaGraphNodeType type, std::function<void()> work) {
     EmuGraph *g = emu_capturing(s);
-    if (g == NULL) {
+    if (g != NULL) {
+        g->nodes.push_back(new EmuGraphNode{type, work, g, (int)g->nodes.size(), 0});
+    } else if (emu_streams_lazy() && s != NULL) {
+        s->queue.push_back(EmuItem{std::move(work), NULL, 0, NULL});
+    } else {
+        if (emu_streams_lazy()) emu_drain_all(1);
         work();
-        return;
     }
-    g->nodes.push_back(new EmuGraphNode{type, work, g, (int)g->nodes.size(), 0});
 }
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
 enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1, cudaStreamCaptureModeRelaxed = 2 };
@@ -228,17 +316,18 @@ static inline cudaError_t cudaGraphDestroy(cudaGraph_t g) {
 static inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) { delete exec; return cudaSuccess; }
 static inline cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
     if (emu_capturing(s)) emu_fail("cudaGraphLaunch into a capture is not emulated");
-    for (auto &step : exec->steps) step();
+    std::vector<std::function<void()>> steps = exec->steps;   // the graph as launched
+    emu_issue(s, cudaGraphNodeTypeKernel, [steps] {
+        for (auto &step : steps) step();
+    });
     return cudaSuccess;
 }
 
-struct EmuEvent { std::chrono::steady_clock::time_point at; bool recorded; EmuGraph *capture; };
-typedef EmuEvent *cudaEvent_t;
 #define cudaEventDefault 0
 #define cudaEventDisableTiming 2
 #define cudaEventRecordDefault 0
 #define cudaEventRecordExternal 1
-static inline cudaError_t cudaEventCreate(cudaEvent_t *e) { *e = new EmuEvent{{}, false, NULL}; return cudaSuccess; }
+static inline cudaError_t cudaEventCreate(cudaEvent_t *e) { *e = new EmuEvent{{}, false, NULL, 0, 0, NULL}; return cudaSuccess; }
 static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) { return cudaEventCreate(e); }
 static inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
 // Recorded in a captured stream, an event only carries the capture to the streams that wait on
@@ -246,24 +335,37 @@ static inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cud
 static inline cudaError_t cudaEventRecordWithFlags(cudaEvent_t e, cudaStream_t s = 0, unsigned flags = 0) {
     e->capture = emu_capturing(s);
     if (e->capture && flags != cudaEventRecordExternal) return cudaSuccess;
-    emu_issue(s, cudaGraphNodeTypeEventRecord, [e] {
+    unsigned long n = e->capture ? 0 : ++e->issued;   // a record in a graph counts nothing for the waits
+    if (!e->capture) e->stream = s;
+    emu_issue(s, cudaGraphNodeTypeEventRecord, [e, n] {
         e->at = std::chrono::steady_clock::now();
         e->recorded = true;
+        if (n > e->done) e->done = n;
     });
     return cudaSuccess;
 }
 static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0) { return cudaEventRecordWithFlags(e, s, 0); }
-static inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+static inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    emu_run_until(e, e->issued, e->stream);
+    return cudaSuccess;
+}
 // (an event never recorded is complete, as CUDA has it); a stream that waits on an event recorded
-// in a capture joins it
+// in a capture joins it; otherwise (EMU_STREAMS=lazy) the wait for the event's last record so far
+// is queued
 static inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
     if (e->capture && s) {
         if (s->capture && s->capture != e->capture) emu_fail("cudaStreamWaitEvent: a stream joins two captures");
         s->capture = e->capture;
+        return cudaSuccess;
+    }
+    if (emu_streams_lazy() && e->done < e->issued) {
+        if (s == NULL) emu_run_until(e, e->issued, e->stream);
+        else if (!emu_capturing(s)) s->queue.push_back(EmuItem{nullptr, e, e->issued, e->stream});
     }
     return cudaSuccess;
 }
 static inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t stop) {
+    if (start->done < start->issued || stop->done < stop->issued) return cudaErrorNotReady;
     if (!start->recorded || !stop->recorded) return cudaErrorInvalidValue;
     *ms = std::chrono::duration<float, std::milli>(stop->at - start->at).count();
     return cudaSuccess;
@@ -273,32 +375,71 @@ static inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cud
 // memory
 
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
-static inline cudaError_t cudaMalloc(void **p, size_t bytes) {
+// The allocations, start -> bytes: device memory, and pinned host memory (cudaMallocHost)
+static std::map<uintptr_t, size_t> emu_device_mem, emu_pinned_mem;
+static inline bool emu_in(const std::map<uintptr_t, size_t> &m, const void *p) {
+    auto it = m.upper_bound((uintptr_t)p);
+    if (it == m.begin()) return false;
+    --it;
+    return (uintptr_t)p < it->first + it->second;
+}
+static inline cudaError_t emu_alloc(void **p, size_t bytes, std::map<uintptr_t, size_t> &m) {
     size_t rounded = (bytes + 255) / 256 * 256;
-    *p = aligned_alloc(256, rounded ? rounded : 256);
+    if (rounded == 0) rounded = 256;
+    *p = aligned_alloc(256, rounded);
     if (*p == NULL) return cudaErrorMemoryAllocation;
     memset(*p, 0xff, rounded);
+    m[(uintptr_t)*p] = rounded;
     return cudaSuccess;
 }
+static inline cudaError_t emu_release(void *p, std::map<uintptr_t, size_t> &m) {
+    if (p == NULL) return cudaSuccess;
+    emu_drain_all(0);   // as cudaFree, which waits for the device
+    if (m.erase((uintptr_t)p) != 1) return cudaErrorInvalidValue;
+    free(p);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMalloc(void **p, size_t bytes) { return emu_alloc(p, bytes, emu_device_mem); }
 template <typename T> static inline cudaError_t cudaMalloc(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
-static inline cudaError_t cudaFree(void *p) { free(p); return cudaSuccess; }
+static inline cudaError_t cudaFree(void *p) { return emu_release(p, emu_device_mem); }
+// pinned host memory: host memory the copies read and write when they run
+static inline cudaError_t cudaMallocHost(void **p, size_t bytes) { return emu_alloc(p, bytes, emu_pinned_mem); }
+template <typename T> static inline cudaError_t cudaMallocHost(T **p, size_t bytes) { return cudaMallocHost((void **)p, bytes); }
+static inline cudaError_t cudaFreeHost(void *p) { return emu_release(p, emu_pinned_mem); }
+// pageable host memory: neither device memory nor pinned
+static inline bool emu_pageable(const void *p) { return !emu_in(emu_device_mem, p) && !emu_in(emu_pinned_mem, p); }
+
+// synchronous copies and sets run on the legacy stream: after the blocking streams' work
 static inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind) {
+    if (emu_streams_lazy()) emu_drain_all(1);
     memmove(dst, src, bytes);
     return cudaSuccess;
 }
-static inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind, cudaStream_t s = 0) {
-    emu_issue(s, cudaGraphNodeTypeMemcpy, [=] { memmove(dst, src, bytes); });
+static inline cudaError_t cudaMemset(void *p, int value, size_t bytes) {
+    if (emu_streams_lazy()) emu_drain_all(1);
+    memset(p, value, bytes);
     return cudaSuccess;
 }
-static inline cudaError_t cudaMemset(void *p, int value, size_t bytes) { memset(p, value, bytes); return cudaSuccess; }
+// An asynchronous copy from pageable memory reads it when issued; one to pageable memory has
+// finished when the call returns (so the stream's earlier work has run too).
+static inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind, cudaStream_t s = 0) {
+    if (!emu_streams_lazy() || emu_capturing(s) || s == NULL) {
+        emu_issue(s, cudaGraphNodeTypeMemcpy, [=] { memmove(dst, src, bytes); });
+        return cudaSuccess;
+    }
+    if (emu_pageable(src)) {
+        std::vector<unsigned char> staged((const unsigned char *)src, (const unsigned char *)src + bytes);
+        emu_issue(s, cudaGraphNodeTypeMemcpy, [=] { memcpy(dst, staged.data(), bytes); });
+    } else {
+        emu_issue(s, cudaGraphNodeTypeMemcpy, [=] { memmove(dst, src, bytes); });
+    }
+    if (emu_pageable(dst)) emu_drain(s);
+    return cudaSuccess;
+}
 static inline cudaError_t cudaMemsetAsync(void *p, int value, size_t bytes, cudaStream_t s = 0) {
     emu_issue(s, cudaGraphNodeTypeMemset, [=] { memset(p, value, bytes); });
     return cudaSuccess;
 }
-// pinned host memory is host memory
-static inline cudaError_t cudaMallocHost(void **p, size_t bytes) { return cudaMalloc(p, bytes); }
-template <typename T> static inline cudaError_t cudaMallocHost(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
-static inline cudaError_t cudaFreeHost(void *p) { return cudaFree(p); }
 
 // ---------------------------------------------------------------------------------------------
 // launches (k<<<grid, block, smem, stream>>>(args) as test/gpu_emu.py rewrites it)
