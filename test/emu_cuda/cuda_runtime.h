@@ -142,7 +142,9 @@ struct EmuStream {
     int running;                  // a wait of this stream is being resolved
 };
 typedef EmuStream *cudaStream_t;
-static std::vector<EmuStream *> emu_streams;   // the live streams (a capture ends on each that joined it)
+// the live streams (a capture ends on each that joined it); inline: one list for every
+// translation unit of a program (the model and the rollout engine are two)
+inline std::vector<EmuStream *> emu_streams;
 #define cudaStreamDefault 0
 #define cudaStreamNonBlocking 1
 
@@ -375,8 +377,9 @@ static inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cud
 // memory
 
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
-// The allocations, start -> bytes: device memory, and pinned host memory (cudaMallocHost)
-static std::map<uintptr_t, size_t> emu_device_mem, emu_pinned_mem;
+// The allocations, start -> bytes: device memory, and pinned host memory (cudaMallocHost), one
+// map each for the whole program
+inline std::map<uintptr_t, size_t> emu_device_mem, emu_pinned_mem;
 static inline bool emu_in(const std::map<uintptr_t, size_t> &m, const void *p) {
     auto it = m.upper_bound((uintptr_t)p);
     if (it == m.begin()) return false;
