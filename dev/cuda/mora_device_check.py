@@ -21,8 +21,8 @@ bf16), so two comparisons:
 usage: python3 dev/cuda/mora_device_check.py ./train_mora WORKDIR     exit 0 on PASS
        (MORA_DEVICE_WORLD=DIR: use that `train_mora demo --pretrain_steps 300 --steps 1` output;
        MORA_DEVICE_NO_NCCL=1: a build without NCCL, such as ./train_mora linked against the CPU
-       emulation's model and rollout engine (test/model_cuda_emu.cpp, test/rollout_emu.cpp): the
-       NCCL comparison is skipped with a SKIP line)
+       emulation's model and rollout engine (test/model_cuda_emu.cpp, test/rollout_emu.cpp; built
+       by dev/emu_build.sh): the NCCL comparison is skipped with a SKIP line)
 """
 import json
 import math
