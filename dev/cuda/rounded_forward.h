@@ -52,6 +52,7 @@ struct RoundedForward {
     std::vector<float> w;        // the parameters, rounded when mode != ROUNDED_NONE
     std::vector<float> folded;   // per layer: qkv (QKV, C) then fc (2F, C) with the norms' weights in
     size_t off[NUM_PARAM_TENSORS];
+    size_t per_layer[NUM_PARAM_TENSORS];   // a stacked tensor's elements per layer (0: not stacked)
     bool has[NUM_PARAM_TENSORS];
 
     RoundedForward(const Model *m, RoundedMode md) : c(&m->config), mode(md), w(m->params, m->params + m->num_parameters) {
@@ -60,6 +61,8 @@ struct RoundedForward {
         for (int p = 0; p < NUM_PARAM_TENSORS; p++) {
             has[p] = m->param_ptrs[p] != NULL;
             off[p] = has[p] ? (size_t)(m->param_ptrs[p] - m->params) : 0;
+            bool stacked = p != P_WTE && p != P_WPE && p != P_LNFW && p != P_LNFB && p != P_LMHEAD;
+            per_layer[p] = stacked ? m->param_sizes[p] / m->config.n_layer : 0;
         }
         if (mode == ROUNDED_FOLDED) {
             if (c->arch != ARCH_LLAMA || has[P_QKVB]) fatal("rounded_forward: the folded rows need a Llama model without q/k/v biases");
@@ -75,22 +78,7 @@ struct RoundedForward {
     size_t qkv() const { return (size_t)(c->n_head + 2 * c->n_kv_head) * c->head_dim; }
     const float *param(int p, int l) const {
         if (!has[p]) return NULL;
-        size_t per = (p == P_WTE || p == P_WPE || p == P_LNFW || p == P_LNFB || p == P_LMHEAD) ? 0 : layer_elems(p);
-        return w.data() + off[p] + per * l;
-    }
-    size_t layer_elems(int p) const {
-        size_t C = c->n_embd, QKV = qkv(), AH = (size_t)c->n_head * c->head_dim;
-        size_t F = c->ffn_hidden, FC = c->arch == ARCH_LLAMA ? 2 * F : F;
-        switch (p) {
-        case P_LN1W: case P_LN1B: case P_LN2W: case P_LN2B: case P_ATTPROJB: case P_FCPROJB: return C;
-        case P_QKVW: return QKV * C;
-        case P_QKVB: return QKV;
-        case P_ATTPROJW: return C * AH;
-        case P_FCW: return FC * C;
-        case P_FCB: return FC;
-        case P_FCPROJW: return C * F;
-        default: return 0;
-        }
+        return w.data() + off[p] + per_layer[p] * l;
     }
     // dst (rows, C) = W (rows, C) scaled by the norm weight per column, rounded to bf16 (the
     // engine folds the bf16 weights and rounds each product once)
