@@ -15,10 +15,13 @@ and linked with the GPU checks themselves, run on their tiny models:
   for bit against cuBLASLt's first choices, branches, several steps a graph launch, the
   attention's early loads, the folded norms, and the sampler's frequencies (chi-square).
 
-Both run with the streams lazy (EMU_STREAMS=lazy, test/emu_cuda/cuda_runtime.h): each stream's
-work runs only when a host synchronisation or another stream's event wait needs it, so a
-missing wait between streams, or a host read of a copy not waited for, reads NaN or stale data
-and fails a check.
+Both run twice, side by side, with the emulated streams (test/emu_cuda/cuda_runtime.h) lazy
+(EMU_STREAMS=lazy: each stream's work runs only when a host synchronisation or another stream's
+event wait needs it) and shuffled (EMU_STREAMS=shuffle: as lazy, but the streams whose work can
+run interleave at random, and each graph launch runs its nodes in a random order its captured
+dependencies allow), so a missing wait between streams, a missing edge between the chains of a
+captured graph (the rollout's branches), two chains sharing a buffer, or a host read of a copy
+not waited for, reads NaN or stale data and fails a check.
 
 So the host code (buffers, the order of kernels, graphs, the switches, the waits between
 streams) is checked on every machine, not only where a GPU is. What the emulation does not
@@ -89,39 +92,53 @@ def emulators(tmp_path_factory):
 
 
 def test_lazy_streams_catch_missing_waits(tmp_path):
-    """EMU_STREAMS=lazy, which the checks below run with, must make a missing wait read wrong data
-    (test/emu_streams_check.cpp), and programs with their waits read the right data either way."""
+    """EMU_STREAMS=lazy and shuffle (the checks below run with shuffle) must make a missing wait
+    read wrong data (test/emu_streams_check.cpp), shuffle also a missing wait on a stream created
+    later and a missing edge inside a captured graph; programs with their waits read the right
+    data in every mode; a capture that leaves a stream's work unjoined is refused in every mode."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ is needed to build the emulated runtime's check")
     exe = tmp_path / "emu_streams_check"
     subprocess.run([cxx, *CXX_FLAGS, "-I", str(ROOT / "test" / "emu_cuda"), "-I", str(ROOT / "test"), "-o", str(exe),
                     str(ROOT / "test" / "emu_streams_check.cpp")], check=True)
-    missing = {"cross-stream no wait", "event sync missing", "legacy copy nonblocking"}
-    for mode in ("issue", "lazy"):
-        run = subprocess.run([str(exe)], capture_output=True, text=True, env=dict(os.environ, EMU_STREAMS=mode), timeout=60)
+    missing = {"issue": set(), "lazy": {"cross-stream no wait", "event sync missing", "legacy copy nonblocking"}}
+    missing["shuffle"] = missing["lazy"] | {"older stream no wait", "branch forked early", "graph branch no edge"}
+    for mode in ("issue", "lazy", "shuffle"):
+        env = dict(os.environ, EMU_STREAMS=mode)
+        env.pop("EMU_SEED", None)
+        run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60)
         assert run.returncode == 0, run.stderr
         got = dict(line.split(": ") for line in run.stdout.splitlines())
-        assert len(got) == 8, run.stdout
+        assert len(got) == 13, run.stdout
         for case, read in got.items():
-            expect = "wrong" if mode == "lazy" and case in missing else "ok"
+            expect = "wrong" if case in missing[mode] else "ok"
             assert read == expect, f"EMU_STREAMS={mode} {case}: read {read}, expected {expect}"
+        run = subprocess.run([str(exe), "unjoined"], capture_output=True, text=True, env=env, timeout=60)
+        assert run.returncode != 0 and "was not joined back" in run.stderr, (mode, run.stdout, run.stderr)
 
 
-def emulated_env():
-    env = dict(os.environ, TRAIN_MORA_FLASH_TUNE="0", OMP_NUM_THREADS="2", EMU_STREAMS="lazy")
+def emulated_env(streams):
+    env = dict(os.environ, TRAIN_MORA_FLASH_TUNE="0", OMP_NUM_THREADS="1", EMU_STREAMS=streams)
     for name in list(env):   # every switch at its default, as a GPU run has them
-        if name.startswith("TRAIN_MORA_") and name != "TRAIN_MORA_FLASH_TUNE" or name == "SMOLLM2_GGUF":
+        if name.startswith("TRAIN_MORA_") and name != "TRAIN_MORA_FLASH_TUNE" or name in ("SMOLLM2_GGUF", "EMU_SEED"):
             del env[name]
     return env
 
 
 def run_check(exe, *args):
-    run = subprocess.run([str(exe), *args], capture_output=True, text=True, env=emulated_env(), timeout=2400)
-    print(run.stdout)
-    failed = [line for line in run.stdout.splitlines() if line.startswith("FAIL")]
-    assert run.returncode == 0 and not failed, f"exit {run.returncode}: {failed}\n{run.stderr[-2000:]}"
-    return run.stdout
+    """Runs the check twice side by side (one core each), with the streams lazy and shuffled:
+    lazy shows every wait missing before a read, shuffle the orders lazy never takes. Returns the
+    lazy run's output."""
+    runs = {mode: subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=emulated_env(mode)) for mode in ("lazy", "shuffle")}
+    outs = {mode: run.communicate(timeout=2400) for mode, run in runs.items()}
+    for mode, (stdout, stderr) in outs.items():
+        print(f"== EMU_STREAMS={mode}\n{stdout}")
+        failed = [line for line in stdout.splitlines() if line.startswith("FAIL")]
+        assert runs[mode].returncode == 0 and not failed, \
+            f"EMU_STREAMS={mode}: exit {runs[mode].returncode}: {failed}\n{stderr[-2000:]}"
+    return outs["lazy"][0]
 
 
 def test_model_gpu_on_the_emulated_gpu(emulators):

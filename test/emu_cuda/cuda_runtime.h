@@ -5,7 +5,7 @@
  * emu_launch calls by test/gpu_emu.py) and run on the GPU emulation of test/gpu_emu.h:
  *   - device memory is host memory, 256-byte aligned like cudaMalloc's and filled with 0xff
  *     (NaN in bf16 and fp32), so an element nothing wrote shows up;
- *   - streams, two ways (EMU_STREAMS in the environment):
+ *   - streams, three ways (EMU_STREAMS in the environment):
  *       unset or "issue": every launch and copy runs at once, in program order: each stream is
  *       the one CPU thread, events record the wall clock, waits have nothing to wait for;
  *       "lazy": work queues on its stream and runs only when something needs it: a host
@@ -19,11 +19,23 @@
  *       pageable host memory behave as CUDA documents (the source read when issued, a copy
  *       to the host complete when the call returns), pinned memory (cudaMallocHost) when the
  *       copy runs;
+ *       "shuffle": as lazy, but whenever a stream's work is due, each item run is picked at
+ *       random among that stream's next one and the next ones of the other streams that can
+ *       run (a GPU runs every stream's issued work while the host waits for one), so the
+ *       streams interleave; and each graph launch runs its nodes in a random order that keeps
+ *       the graph's dependencies (another order each launch). EMU_SEED=N picks the pseudo-
+ *       random sequence (default 1). Work that runs before what it reads without a wait or
+ *       edge saying so, or two chains that share a buffer without one, show there, though
+ *       not at every occurrence (a missing wait may be met by chance), where lazy is certain
+ *       to show a wait missing before a read;
  *   - stream capture: while a stream is captured (and any stream that waited on an event
  *     recorded in it), its launches, copies, sets and external event records become the nodes
- *     of a graph, one chain in the order they were issued, which cudaGraphLaunch replays (a
- *     launch's arguments are copied when it is issued, test/gpu_emu.h's emu_bind); edges can
- *     be made programmatic, which changes nothing here;
+ *     of a graph, each depending on the stream's node before it and on the nodes of the events
+ *     the stream waited for since, as in CUDA; cudaStreamEndCapture fails unless every other
+ *     stream's work was joined back to the capturing stream. cudaGraphLaunch replays the nodes
+ *     in the order they were captured, or (shuffle) in a random order (a launch's arguments are
+ *     copied when it is issued, test/gpu_emu.h's emu_bind); edges can be made programmatic,
+ *     which changes nothing here;
  *   - kernels: dim3 grids and blocks of up to 1024 threads, static __shared__ arrays (one copy:
  *     blocks run one after another), dynamic shared memory, the warp shuffles and votes through
  *     the warp's barrier, atomics as plain read-modify-writes (one OS thread runs everything);
@@ -40,6 +52,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <chrono>
+#include <algorithm>
 #include <deque>
 #include <functional>
 #include <map>
@@ -100,7 +113,8 @@ static inline cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr
     return cudaSuccess;
 }
 
-// graphs: a captured chain of nodes (each a closure), and its instantiation
+// graphs: the captured nodes (each a closure) with the dependencies the capture gave them, and
+// their instantiation
 enum cudaGraphNodeType { cudaGraphNodeTypeKernel = 0, cudaGraphNodeTypeMemcpy = 1, cudaGraphNodeTypeMemset = 2,
                          cudaGraphNodeTypeEventRecord = 7 };
 struct EmuGraph;
@@ -108,13 +122,17 @@ struct EmuGraphNode {
     cudaGraphNodeType type;
     std::function<void()> run;
     EmuGraph *graph;
-    int index;              // in the chain; it depends on the node before it
-    int programmatic;       // that edge made programmatic
+    int index;                          // in the order of capture (its dependencies come before it)
+    std::vector<EmuGraphNode *> deps;   // the nodes it waits for
+    std::vector<int> edge;              // each dependency's edge: 0 full, 1 programmatic, -1 removed
 };
 typedef EmuGraphNode *cudaGraphNode_t;
 struct EmuGraph { std::vector<EmuGraphNode *> nodes; };
 typedef EmuGraph *cudaGraph_t;
-struct EmuGraphExec { std::vector<std::function<void()>> steps; };
+struct EmuGraphExec {
+    std::vector<std::function<void()>> steps;
+    std::vector<std::vector<int>> deps;   // step i runs after these steps
+};
 typedef EmuGraphExec *cudaGraphExec_t;
 
 // Streams and events. With EMU_STREAMS=lazy (see the file comment) a stream holds a queue of
@@ -126,6 +144,7 @@ struct EmuEvent {
     EmuGraph *capture;
     unsigned long issued, done;   // records issued outside a capture, and the last one run
     EmuStream *stream;            // where the last record was issued
+    std::vector<EmuGraphNode *> frontier;   // recorded in a capture: the nodes a wait on it waits for
 };
 typedef EmuEvent *cudaEvent_t;
 struct EmuItem {
@@ -140,6 +159,7 @@ struct EmuStream {
     int nonblocking;              // created with cudaStreamNonBlocking: the legacy stream does not wait for it
     std::deque<EmuItem> queue;    // EMU_STREAMS=lazy: issued, not yet run
     int running;                  // a wait of this stream is being resolved
+    std::vector<EmuGraphNode *> frontier;   // in a capture: the nodes its next node depends on
 };
 typedef EmuStream *cudaStream_t;
 // the live streams (a capture ends on each that joined it); inline: one list for every
@@ -148,21 +168,56 @@ inline std::vector<EmuStream *> emu_streams;
 #define cudaStreamDefault 0
 #define cudaStreamNonBlocking 1
 
-static inline int emu_streams_lazy(void) {
-    static int lazy = -1;
-    if (lazy < 0) {
+// EMU_STREAMS: 0 issue (or unset), 1 lazy, 2 shuffle
+static inline int emu_streams_mode(void) {
+    static int mode = -1;
+    if (mode < 0) {
         const char *v = getenv("EMU_STREAMS");
-        if (v && *v && strcmp(v, "lazy") != 0 && strcmp(v, "issue") != 0) emu_fail("EMU_STREAMS must be lazy or issue");
-        lazy = v && strcmp(v, "lazy") == 0;
+        if (v == NULL || *v == 0 || strcmp(v, "issue") == 0) mode = 0;
+        else if (strcmp(v, "lazy") == 0) mode = 1;
+        else if (strcmp(v, "shuffle") == 0) mode = 2;
+        else emu_fail("EMU_STREAMS must be issue, lazy or shuffle");
     }
-    return lazy;
+    return mode;
+}
+static inline int emu_streams_lazy(void) { return emu_streams_mode() >= 1; }
+static inline int emu_streams_shuffle(void) { return emu_streams_mode() == 2; }
+// EMU_STREAMS=shuffle's choices: a pseudo-random number below n from a stream seeded by
+// EMU_SEED (default 1), so that a failing order can be run again
+static inline unsigned emu_pick(unsigned n) {
+    static uint64_t state = 0;
+    if (state == 0) {
+        const char *v = getenv("EMU_SEED");
+        state = 0x9e3779b97f4a7c15ull ^ (v ? strtoull(v, NULL, 10) : 1ull);
+        if (state == 0) state = 1;
+    }
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return (unsigned)((state >> 11) % n);
 }
 static inline void emu_run_front(EmuStream *s);
+// One item of stream `must`, or (EMU_STREAMS=shuffle) of a stream picked at random among `must`
+// and the others whose next item can run now (work, or a wait already met): as on a GPU, where
+// every stream's issued work may run while the host waits for one of them.
+static inline void emu_step(EmuStream *must) {
+    EmuStream *s = must;
+    if (emu_streams_shuffle()) {
+        std::vector<EmuStream *> can{must};
+        for (EmuStream *o : emu_streams) {
+            if (o == must || o->running || o->queue.empty()) continue;
+            const EmuItem &front = o->queue.front();
+            if (front.wait == NULL || front.wait->done >= front.target) can.push_back(o);
+        }
+        s = can[emu_pick((unsigned)can.size())];
+    }
+    emu_run_front(s);
+}
 // Runs the stream that issued e's record number `target` until that record has run.
 static inline void emu_run_until(EmuEvent *e, unsigned long target, EmuStream *recorder) {
     while (e->done < target) {
         if (recorder == NULL || recorder->queue.empty()) emu_fail("an event's record was lost (EMU_STREAMS=lazy)");
-        emu_run_front(recorder);
+        emu_step(recorder);
     }
 }
 static inline void emu_run_front(EmuStream *s) {
@@ -178,13 +233,23 @@ static inline void emu_run_front(EmuStream *s) {
     }
 }
 static inline void emu_drain(EmuStream *s) {
-    while (!s->queue.empty()) emu_run_front(s);
+    while (!s->queue.empty()) emu_step(s);
 }
-// every stream's queue (the newest streams first), or only the blocking ones (what the legacy
-// stream waits for)
+// every stream's queue, or only the blocking ones (what the legacy stream waits for): the newest
+// streams first, or (EMU_STREAMS=shuffle) one item at a time from a stream picked at random
 static inline void emu_drain_all(int blocking_only) {
-    for (size_t i = emu_streams.size(); i-- > 0;)
-        if (!blocking_only || !emu_streams[i]->nonblocking) emu_drain(emu_streams[i]);
+    if (!emu_streams_shuffle()) {
+        for (size_t i = emu_streams.size(); i-- > 0;)
+            if (!blocking_only || !emu_streams[i]->nonblocking) emu_drain(emu_streams[i]);
+        return;
+    }
+    for (;;) {
+        std::vector<EmuStream *> pending;
+        for (EmuStream *s : emu_streams)
+            if ((!blocking_only || !s->nonblocking) && !s->queue.empty()) pending.push_back(s);
+        if (pending.empty()) return;
+        emu_step(pending[emu_pick((unsigned)pending.size())]);
+    }
 }
 static inline cudaError_t cudaDeviceSynchronize(void) {
     emu_drain_all(0);
@@ -223,7 +288,10 @@ static inline EmuGraph *emu_capturing(cudaStream_t s) { return s ? s->capture : 
 static inline void emu_issue(cudaStream_t s, cudaGraphNodeType type, std::function<void()> work) {
     EmuGraph *g = emu_capturing(s);
     if (g != NULL) {
-        g->nodes.push_back(new EmuGraphNode{type, work, g, (int)g->nodes.size(), 0});
+        EmuGraphNode *node = new EmuGraphNode{type, work, g, (int)g->nodes.size(), s->frontier,
+                                              std::vector<int>(s->frontier.size(), 0)};
+        g->nodes.push_back(node);
+        s->frontier.assign(1, node);
     } else if (emu_streams_lazy() && s != NULL) {
         s->queue.push_back(EmuItem{std::move(work), NULL, 0, NULL});
     } else {
@@ -240,13 +308,31 @@ static inline cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptur
 static inline cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
     if (s == NULL || s->capture) emu_fail("cudaStreamBeginCapture: the legacy stream, or a stream already captured");
     s->capture = new EmuGraph();
+    s->frontier.clear();
     return cudaSuccess;
 }
+// As CUDA has it, the work of every stream that joined the capture must have been joined back to
+// the stream that began it (cudaErrorStreamCaptureUnjoined): every node comes before that stream's
+// last nodes.
 static inline cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph) {
     if (s == NULL || s->capture == NULL) emu_fail("cudaStreamEndCapture on a stream not captured");
     *graph = s->capture;
+    std::vector<char> joined((*graph)->nodes.size(), 0);
+    std::vector<EmuGraphNode *> todo = s->frontier;
+    while (!todo.empty()) {
+        EmuGraphNode *node = todo.back();
+        todo.pop_back();
+        if (joined[node->index]) continue;
+        joined[node->index] = 1;
+        for (EmuGraphNode *dep : node->deps) todo.push_back(dep);
+    }
+    for (char j : joined)
+        if (!j) emu_fail("cudaStreamEndCapture: work captured on another stream was not joined back to the capturing stream");
     for (EmuStream *other : emu_streams)
-        if (other->capture == *graph) other->capture = NULL;
+        if (other->capture == *graph) {
+            other->capture = NULL;
+            other->frontier.clear();
+        }
     return cudaSuccess;
 }
 struct cudaGraphEdgeData { unsigned char from_port, to_port, type, reserved[5]; };
@@ -254,7 +340,7 @@ struct cudaGraphEdgeData { unsigned char from_port, to_port, type, reserved[5]; 
 #define cudaGraphDependencyTypeProgrammatic 1
 #define cudaGraphKernelNodePortDefault 0
 #define cudaGraphKernelNodePortProgrammatic 1
-// The capture's current dependency: its last node (none before the first).
+// The capture's current dependencies: the nodes the stream's next node will wait for.
 static inline cudaError_t cudaStreamGetCaptureInfo(cudaStream_t s, cudaStreamCaptureStatus *status, unsigned long long *id = NULL,
                                                    cudaGraph_t *graph = NULL, const cudaGraphNode_t **deps = NULL,
                                                    const cudaGraphEdgeData **edges = NULL, size_t *n = NULL) {
@@ -263,50 +349,59 @@ static inline cudaError_t cudaStreamGetCaptureInfo(cudaStream_t s, cudaStreamCap
     if (id) *id = (unsigned long long)(uintptr_t)g;
     if (graph) *graph = g;
     if (edges) *edges = NULL;
-    if (deps) *deps = g && !g->nodes.empty() ? &g->nodes.back() : NULL;
-    if (n) *n = g && !g->nodes.empty() ? 1 : 0;
+    if (deps) *deps = g && !s->frontier.empty() ? s->frontier.data() : NULL;
+    if (n) *n = g ? s->frontier.size() : 0;
     return cudaSuccess;
 }
 static inline cudaError_t cudaGraphNodeGetType(cudaGraphNode_t node, cudaGraphNodeType *type) { *type = node->type; return cudaSuccess; }
 static inline cudaError_t cudaGraphNodeGetDependencies(cudaGraphNode_t node, cudaGraphNode_t *deps, cudaGraphEdgeData *edges, size_t *n) {
-    size_t count = node->index > 0 ? 1 : 0;
-    if (deps && *n >= count && count) {
-        deps[0] = node->graph->nodes[node->index - 1];
-        if (edges) {
-            memset(&edges[0], 0, sizeof(edges[0]));
-            if (node->programmatic) {
-                edges[0].from_port = cudaGraphKernelNodePortProgrammatic;
-                edges[0].type = cudaGraphDependencyTypeProgrammatic;
+    size_t count = node->deps.size();
+    if (deps && *n >= count) {
+        for (size_t i = 0; i < count; i++) {
+            deps[i] = node->deps[i];
+            if (edges) {
+                memset(&edges[i], 0, sizeof(edges[i]));
+                if (node->edge[i] == 1) {
+                    edges[i].from_port = cudaGraphKernelNodePortProgrammatic;
+                    edges[i].type = cudaGraphDependencyTypeProgrammatic;
+                }
             }
         }
     }
     *n = count;
     return cudaSuccess;
 }
-// Only the chain's own edges can be taken out and put back (as another type).
-static inline EmuGraphNode *emu_chain_edge(cudaGraph_t g, const cudaGraphNode_t *from, const cudaGraphNode_t *to, size_t n) {
-    if (n != 1 || (*to)->graph != g || (*to)->index == 0 || g->nodes[(*to)->index - 1] != *from)
-        emu_fail("graph edges: only an edge of the captured chain can be changed");
-    return *to;
+// Only the captured edges can be taken out and put back (as another type): the edge's slot among
+// the dependencies of its node.
+static inline int *emu_edge(cudaGraph_t g, const cudaGraphNode_t *from, const cudaGraphNode_t *to, size_t n) {
+    if (n != 1 || (*to)->graph != g) emu_fail("graph edges: one edge at a time, within the graph");
+    for (size_t i = 0; i < (*to)->deps.size(); i++)
+        if ((*to)->deps[i] == *from) return &(*to)->edge[i];
+    emu_fail("graph edges: only an edge the capture made can be changed");
+    return NULL;
 }
 static inline cudaError_t cudaGraphRemoveDependencies(cudaGraph_t g, const cudaGraphNode_t *from, const cudaGraphNode_t *to,
                                                       const cudaGraphEdgeData *, size_t n) {
-    EmuGraphNode *node = emu_chain_edge(g, from, to, n);
-    node->programmatic = -1;   // removed: must be added back
+    *emu_edge(g, from, to, n) = -1;   // removed: must be added back
     return cudaSuccess;
 }
 static inline cudaError_t cudaGraphAddDependencies(cudaGraph_t g, const cudaGraphNode_t *from, const cudaGraphNode_t *to,
                                                    const cudaGraphEdgeData *edges, size_t n) {
-    EmuGraphNode *node = emu_chain_edge(g, from, to, n);
-    if (node->programmatic != -1) emu_fail("graph edges: an edge added twice");
-    node->programmatic = edges && edges[0].type == cudaGraphDependencyTypeProgrammatic;
+    int *edge = emu_edge(g, from, to, n);
+    if (*edge != -1) emu_fail("graph edges: an edge added twice");
+    *edge = edges && edges[0].type == cudaGraphDependencyTypeProgrammatic;
     return cudaSuccess;
 }
 static inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t g, unsigned long long = 0) {
     *exec = new EmuGraphExec();
     for (EmuGraphNode *node : g->nodes) {
-        if (node->programmatic == -1) emu_fail("cudaGraphInstantiate: an edge was removed and not put back");
+        std::vector<int> deps;
+        for (size_t i = 0; i < node->deps.size(); i++) {
+            if (node->edge[i] == -1) emu_fail("cudaGraphInstantiate: an edge was removed and not put back");
+            deps.push_back(node->deps[i]->index);
+        }
         (*exec)->steps.push_back(node->run);
+        (*exec)->deps.push_back(deps);
     }
     return cudaSuccess;
 }
@@ -319,8 +414,34 @@ static inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) { delete ex
 static inline cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
     if (emu_capturing(s)) emu_fail("cudaGraphLaunch into a capture is not emulated");
     std::vector<std::function<void()>> steps = exec->steps;   // the graph as launched
-    emu_issue(s, cudaGraphNodeTypeKernel, [steps] {
-        for (auto &step : steps) step();
+    if (!emu_streams_shuffle()) {   // in the order of capture
+        emu_issue(s, cudaGraphNodeTypeKernel, [steps] {
+            for (auto &step : steps) step();
+        });
+        return cudaSuccess;
+    }
+    // EMU_STREAMS=shuffle: at each launch another order that keeps the graph's dependencies, each
+    // node picked at random among those whose dependencies have run
+    std::vector<std::vector<int>> deps = exec->deps;
+    emu_issue(s, cudaGraphNodeTypeKernel, [steps, deps] {
+        size_t n = steps.size();
+        std::vector<int> waiting(n, 0);
+        std::vector<std::vector<int>> after(n);
+        std::vector<int> ready;
+        for (size_t i = 0; i < n; i++) {
+            waiting[i] = (int)deps[i].size();
+            for (int d : deps[i]) after[d].push_back((int)i);
+            if (waiting[i] == 0) ready.push_back((int)i);
+        }
+        while (!ready.empty()) {
+            unsigned k = emu_pick((unsigned)ready.size());
+            int i = ready[k];
+            ready[k] = ready.back();
+            ready.pop_back();
+            steps[i]();
+            for (int j : after[i])
+                if (--waiting[j] == 0) ready.push_back(j);
+        }
     });
     return cudaSuccess;
 }
@@ -336,7 +457,10 @@ static inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cud
 // it; with cudaEventRecordExternal it is a node that records at each replay.
 static inline cudaError_t cudaEventRecordWithFlags(cudaEvent_t e, cudaStream_t s = 0, unsigned flags = 0) {
     e->capture = emu_capturing(s);
-    if (e->capture && flags != cudaEventRecordExternal) return cudaSuccess;
+    if (e->capture && flags != cudaEventRecordExternal) {
+        e->frontier = s->frontier;
+        return cudaSuccess;
+    }
     unsigned long n = e->capture ? 0 : ++e->issued;   // a record in a graph counts nothing for the waits
     if (!e->capture) e->stream = s;
     emu_issue(s, cudaGraphNodeTypeEventRecord, [e, n] {
@@ -344,6 +468,7 @@ static inline cudaError_t cudaEventRecordWithFlags(cudaEvent_t e, cudaStream_t s
         e->recorded = true;
         if (n > e->done) e->done = n;
     });
+    if (e->capture) e->frontier = s->frontier;
     return cudaSuccess;
 }
 static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0) { return cudaEventRecordWithFlags(e, s, 0); }
@@ -357,7 +482,10 @@ static inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
 static inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
     if (e->capture && s) {
         if (s->capture && s->capture != e->capture) emu_fail("cudaStreamWaitEvent: a stream joins two captures");
+        if (s->capture == NULL) s->frontier.clear();
         s->capture = e->capture;
+        for (EmuGraphNode *node : e->frontier)   // its next node also waits for the event's
+            if (std::find(s->frontier.begin(), s->frontier.end(), node) == s->frontier.end()) s->frontier.push_back(node);
         return cudaSuccess;
     }
     if (emu_streams_lazy() && e->done < e->issued) {
