@@ -1496,15 +1496,7 @@ extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, co
     memset(e->prof_marks, 0, sizeof(e->prof_marks));
     e->prof_steps = 0;
 
-    res->n_seq = n_seq;
-    res->n_tokens = (int *)callocCheck((size_t)n_seq, sizeof(int));
-    res->tokens = (int **)mallocCheck(sizeof(int *) * n_seq);
-    res->logprobs = (float **)mallocCheck(sizeof(float *) * n_seq);
-    res->finish = (int *)callocCheck((size_t)n_seq, sizeof(int));
-    for (int i = 0; i < n_seq; i++) {
-        res->tokens[i] = (int *)mallocCheck(sizeof(int) * p->max_new_tokens);
-        res->logprobs[i] = (float *)mallocCheck(sizeof(float) * p->max_new_tokens);
-    }
+    generate_result_alloc(res, n_seq, p->max_new_tokens);
     StopText *text = (StopText *)callocCheck((size_t)n_seq, sizeof(StopText));
     int *active = (int *)mallocCheck(sizeof(int) * n_seq);
 

@@ -265,15 +265,7 @@ void generate(Model *model, const int *const *prompts, const int *prompt_lens, i
     KVCache cache;
     kv_cache_init(&cache, c, n_seq, max_len);
 
-    res->n_seq = n_seq;
-    res->n_tokens = (int *)callocCheck((size_t)n_seq, sizeof(int));
-    res->tokens = (int **)mallocCheck(sizeof(int *) * n_seq);
-    res->logprobs = (float **)mallocCheck(sizeof(float *) * n_seq);
-    res->finish = (int *)callocCheck((size_t)n_seq, sizeof(int));
-    for (int i = 0; i < n_seq; i++) {
-        res->tokens[i] = (int *)mallocCheck(sizeof(int) * p->max_new_tokens);
-        res->logprobs[i] = (float *)mallocCheck(sizeof(float) * p->max_new_tokens);
-    }
+    generate_result_alloc(res, n_seq, p->max_new_tokens);
     uint64_t *rngs = (uint64_t *)mallocCheck(sizeof(uint64_t) * n_seq);
     for (int i = 0; i < n_seq; i++) rngs[i] = rng_seed(p->seed + (uint64_t)i);
     // decoded text of each sequence, for stop strings
@@ -363,6 +355,18 @@ int generate_stop_check(const GenerateParams *p, StopText *text, int tok, int n_
     }
     if (n_generated >= p->max_new_tokens) return FINISH_LENGTH;
     return -1;
+}
+
+void generate_result_alloc(GenerateResult *r, int n_seq, int max_new_tokens) {
+    r->n_seq = n_seq;
+    r->n_tokens = (int *)callocCheck((size_t)n_seq, sizeof(int));
+    r->tokens = (int **)mallocCheck(sizeof(int *) * n_seq);
+    r->logprobs = (float **)mallocCheck(sizeof(float *) * n_seq);
+    r->finish = (int *)callocCheck((size_t)n_seq, sizeof(int));
+    for (int i = 0; i < n_seq; i++) {
+        r->tokens[i] = (int *)mallocCheck(sizeof(int) * max_new_tokens);
+        r->logprobs[i] = (float *)mallocCheck(sizeof(float) * max_new_tokens);
+    }
 }
 
 void generate_result_free(GenerateResult *r) {

@@ -79,6 +79,9 @@ int generate_stop_check(const GenerateParams *p, StopText *text, int tok, int n_
 void generate(Model *model, const int *const *prompts, const int *prompt_lens, int n_seq,
               const GenerateParams *params, GenerateResult *result);
 void generate_result_free(GenerateResult *result);
+// A result for n_seq sequences of up to max_new_tokens tokens, no token yet (what generate and
+// the GPU rollout engine fill).
+void generate_result_alloc(GenerateResult *result, int n_seq, int max_new_tokens);
 
 // Picks a token from logits (V of them used) as generate does: greedy when temperature is 0,
 // else temperature, top-k, top-p and a draw from rng. Returns the token; *logprob gets
