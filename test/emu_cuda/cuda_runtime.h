@@ -188,7 +188,10 @@ static inline unsigned emu_pick(unsigned n) {
     static uint64_t state = 0;
     if (state == 0) {
         const char *v = getenv("EMU_SEED");
-        state = 0x9e3779b97f4a7c15ull ^ (v ? strtoull(v, NULL, 10) : 1ull);
+        char *end = NULL;
+        unsigned long long seed = v ? strtoull(v, &end, 10) : 1ull;
+        if (v && (*v == 0 || *end != 0)) emu_fail("EMU_SEED must be a non-negative integer");
+        state = 0x9e3779b97f4a7c15ull ^ seed;
         if (state == 0) state = 1;
     }
     state ^= state << 13;
