@@ -92,10 +92,11 @@ def emulators(tmp_path_factory):
 
 
 def test_lazy_streams_catch_missing_waits(tmp_path):
-    """EMU_STREAMS=lazy and shuffle (the checks below run with shuffle) must make a missing wait
+    """EMU_STREAMS=lazy and shuffle (the checks below run with both) must make a missing wait
     read wrong data (test/emu_streams_check.cpp), shuffle also a missing wait on a stream created
-    later and a missing edge inside a captured graph; programs with their waits read the right
-    data in every mode; a capture that leaves a stream's work unjoined is refused in every mode."""
+    later and a missing edge between two streams' branches, eager or captured; programs with their
+    waits read the right data in every mode; a capture that leaves a stream's work unjoined is
+    refused in every mode."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ is needed to build the emulated runtime's check")
