@@ -384,9 +384,14 @@ extern "C" RolloutOptions rollout_default_options(void) {
     o.branches = 1;
     o.tune_products = 1;
     o.steps_per_graph = 1;
-    o.attention_early_loads = 0;
+    o.attention_loads = 0;
     o.fold_norms = 0;
     return o;
+}
+
+// RolloutOptions.attention_loads in words
+static const char *attention_loads_name(int loads) {
+    return loads == DECODE_LOADS_EARLY ? "early" : loads == DECODE_LOADS_STAGED ? "staged" : "direct";
 }
 
 // The number after the first `skip` characters of word w of TRAIN_MORA_ROLLOUT=v, in 1..max.
@@ -399,8 +404,8 @@ static int env_count(const char *v, const char *w, int skip, int max) {
 }
 
 // TRAIN_MORA_ROLLOUT: the variants an engine starts with, a comma-separated list of
-// decode_matmul, pdl, pipeline, untuned (tune_products 0), early_loads (attention_early_loads), fold_norms,
-// branches=N and steps=N (steps_per_graph) (RolloutOptions), for trying them in a whole run
+// decode_matmul, pdl, pipeline, untuned (tune_products 0), early_loads and staged_loads (attention_loads 1
+// and 2), fold_norms, branches=N and steps=N (steps_per_graph) (RolloutOptions), for trying them in a whole run
 // (generate, eval, mora); rollout_set_options replaces them. Any other word exits with a message.
 static void options_from_env(RolloutOptions *o) {
     const char *v = getenv("TRAIN_MORA_ROLLOUT");
@@ -413,17 +418,18 @@ static void options_from_env(RolloutOptions *o) {
         else if (strcmp(w, "pdl") == 0) o->pdl = 1;
         else if (strcmp(w, "pipeline") == 0) o->pipeline = 1;
         else if (strcmp(w, "untuned") == 0) o->tune_products = 0;
-        else if (strcmp(w, "early_loads") == 0) o->attention_early_loads = 1;
+        else if (strcmp(w, "early_loads") == 0) o->attention_loads = DECODE_LOADS_EARLY;
+        else if (strcmp(w, "staged_loads") == 0) o->attention_loads = DECODE_LOADS_STAGED;
         else if (strcmp(w, "fold_norms") == 0) o->fold_norms = 1;
         else if (strncmp(w, "branches=", 9) == 0) o->branches = env_count(v, w, 9, ROLLOUT_MAX_BRANCHES);
         else if (strncmp(w, "steps=", 6) == 0) o->steps_per_graph = env_count(v, w, 6, ROLLOUT_MAX_STEPS_PER_GRAPH);
         else
             fatal("TRAIN_MORA_ROLLOUT=%s: unknown variant '%s' (expected a comma-separated list of decode_matmul, pdl, pipeline, "
-                  "untuned, early_loads, fold_norms, branches=N, steps=N)", v, w);
+                  "untuned, early_loads, staged_loads, fold_norms, branches=N, steps=N)", v, w);
     }
     fprintf(stderr, "rollout: TRAIN_MORA_ROLLOUT=%s: decode_matmul %d, pdl %d, pipeline %d, branches %d, tuned products %d, "
-            "steps a graph %d, early loads %d, folded norms %d\n", v, o->decode_matmul, o->pdl, o->pipeline, o->branches,
-            o->tune_products, o->steps_per_graph, o->attention_early_loads, o->fold_norms);
+            "steps a graph %d, attention loads %s, folded norms %d\n", v, o->decode_matmul, o->pdl, o->pipeline, o->branches,
+            o->tune_products, o->steps_per_graph, attention_loads_name(o->attention_loads), o->fold_norms);
 }
 
 extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max_len) {
@@ -609,9 +615,12 @@ extern "C" void rollout_set_options(RolloutEngine *e, const RolloutOptions *o) {
         fatal("rollout_set_options: branches must be in 1..%d, got %d", ROLLOUT_MAX_BRANCHES, o->branches);
     if (o->steps_per_graph < 1 || o->steps_per_graph > ROLLOUT_MAX_STEPS_PER_GRAPH)
         fatal("rollout_set_options: steps_per_graph must be in 1..%d, got %d", ROLLOUT_MAX_STEPS_PER_GRAPH, o->steps_per_graph);
+    if (o->attention_loads != DECODE_LOADS_DIRECT && o->attention_loads != DECODE_LOADS_EARLY &&
+        o->attention_loads != DECODE_LOADS_STAGED)
+        fatal("rollout_set_options: attention_loads must be 0 (direct), 1 (early) or 2 (staged), got %d", o->attention_loads);
     if (o->reference != e->options.reference || o->decode_matmul != e->options.decode_matmul || o->pdl != e->options.pdl ||
         o->profile != e->options.profile || o->branches != e->options.branches || o->tune_products != e->options.tune_products ||
-        o->attention_early_loads != e->options.attention_early_loads || o->fold_norms != e->options.fold_norms)
+        o->attention_loads != e->options.attention_loads || o->fold_norms != e->options.fold_norms)
         graphs_clear(e);
     e->options = *o;
 }
@@ -978,7 +987,7 @@ static void decode_chain(RolloutEngine *e, int row0, int n, int n_splits, int st
 // the groups fork from the engine's stream and join it again after their last step, eagerly or
 // inside the graph being captured alike (a group's rows depend on nothing of another group's).
 static void decode_step_enqueue(RolloutEngine *e, int rows, int n_splits, int steps) {
-    decode_attention_early_loads = e->options.attention_early_loads;   // read by each launch
+    decode_attention_loads = e->options.attention_loads;   // read by each launch
     int per = branch_rows(e, rows), n = ceil_div(rows, per);
     if (n == 1) {
         decode_chain(e, 0, rows, n_splits, steps, e->stream);

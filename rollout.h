@@ -93,9 +93,11 @@ typedef struct {
     // rows shrink a few steps later, and a step at another row count may round its products
     // otherwise (cuBLASLt's choice per shape). Ignored (1) with pipeline or profile.
     int steps_per_graph;
-    // 1: the decode attention requests every load of its first iteration before using any
-    // (decode_attention.cuh's early-loads variant: the same bits, more registers). 0 (default).
-    int attention_early_loads;
+    // How the decode attention requests the keys and values of the cache (decode_attention.cuh's
+    // DECODE_LOADS_*, the same bits in all three): 0 (default) as it uses them; 1 every load of
+    // its first iteration before using any (more registers); 2 a block's whole split copied into
+    // shared memory at once (cp.async; falls back to 0 where the device's shared memory is short).
+    int attention_loads;
     // 1: a decode step of a Llama model without q/k/v biases keeps its residual stream in bf16 and
     // runs no norm kernel inside its layers: the qkv and MLP up products run on the stream itself
     // with the norms' weights folded into their own (the engine keeps those products, W diag w,

@@ -110,33 +110,16 @@ static float flash_forward_max_slack = FLASH_MAX_SLACK;
 static inline int attention_flash_supports(int HS) { return HS == 64 || HS == 128; }
 
 // ---------------------------------------------------------------------------------------------
-// PTX wrappers (sm_80+). test/attention_flash_emu.cpp defines ATTENTION_FLASH_EMULATION and
-// provides these (and the dynamic shared memory) from the PTX ISA's definitions, so that the
-// kernels below run on the CPU, lane by lane, on a machine without a GPU.
+// PTX wrappers (sm_80+; the cp.async copies are cuda_common.h's). test/attention_flash_emu.cpp
+// defines ATTENTION_FLASH_EMULATION and provides these (and the dynamic shared memory and
+// cp.async) from the PTX ISA's definitions, so that the kernels below run on the CPU, lane by
+// lane, on a machine without a GPU.
 
 #ifndef ATTENTION_FLASH_EMULATION
 // the block's dynamic shared memory
 __device__ __forceinline__ unsigned char *flash_dynamic_smem() {
     extern __shared__ __align__(16) unsigned char flash_smem[];
     return flash_smem;
-}
-
-__device__ __forceinline__ uint32_t flash_smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-// 16 bytes global -> shared, asynchronous; when !valid nothing is read and the 16 bytes are zeroed
-__device__ __forceinline__ void flash_cp_async16(uint32_t dst, const void *src, bool valid) {
-    int bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-// 4 bytes global -> shared, zero-filled when !valid
-__device__ __forceinline__ void flash_cp_async4(uint32_t dst, const void *src, bool valid) {
-    int bytes = valid ? 4 : 0;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void flash_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// waits until at most N of this thread's committed groups are still in flight
-template <int N> __device__ __forceinline__ void flash_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ void flash_ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -291,15 +274,15 @@ __device__ __forceinline__ void flash_acc_to_a(uint32_t (&a)[4], const float (&a
 // tiles with rows of LDS bf16. Row r0 / column k0 select the 16 x 16 block.
 template <int LDS>
 __device__ __forceinline__ uint32_t flash_addr_a(const floatX *tile, int r0, int k0, int lane) {
-    return flash_smem_addr(tile + (r0 + (lane & 15)) * LDS + k0 + (lane >> 4) * 8);
+    return smem_addr(tile + (r0 + (lane & 15)) * LDS + k0 + (lane >> 4) * 8);
 }
 template <int LDS>
 __device__ __forceinline__ uint32_t flash_addr_bt(const floatX *tile, int n0, int k0, int lane) {
-    return flash_smem_addr(tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * LDS + k0 + ((lane >> 3) & 1) * 8);
+    return smem_addr(tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * LDS + k0 + ((lane >> 3) & 1) * 8);
 }
 template <int LDS>
 __device__ __forceinline__ uint32_t flash_addr_b(const floatX *tile, int k0, int n0, int lane) {
-    return flash_smem_addr(tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + n0 + (lane >> 4) * 8);
+    return smem_addr(tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + n0 + (lane >> 4) * 8);
 }
 
 // cp.async of rows [row0, row0 + ROWS) of batch element b of a (B*T, ld) bf16 matrix, columns
@@ -315,7 +298,7 @@ __device__ __forceinline__ void flash_load_tile(floatX *tile, const floatX *src,
         int r = idx / CHUNKS, c = idx % CHUNKS, t = row0 + r;
         bool valid = t < T;
         const floatX *g = src + ((size_t)b * T + (valid ? t : 0)) * ld + col + c * 8;
-        flash_cp_async16(flash_smem_addr(tile + r * (HS + FLASH_PAD) + c * 8), g, valid);
+        cp_async16(smem_addr(tile + r * (HS + FLASH_PAD) + c * 8), g, valid);
     }
 }
 // Tiles the warpgroup products read (flash_wgmma): ROWS x HS bf16 without padding, in the
@@ -339,7 +322,7 @@ __device__ __forceinline__ void flash_load_tile_wg(floatX *tile, const floatX *s
         int r = (idx & 7) + (idx / (8 * CHUNKS)) * 8, c = (idx >> 3) % CHUNKS, t = row0 + r;
         bool valid = t < T;
         const floatX *g = src + ((size_t)b * T + (valid ? t : 0)) * ld + col + c * 8;
-        flash_cp_async16(flash_smem_addr((unsigned char *)tile + (r >> 3) * HS * 16 + c * 128 + (r & 7) * 16), g, valid);
+        cp_async16(smem_addr((unsigned char *)tile + (r >> 3) * HS * 16 + c * 128 + (r & 7) * 16), g, valid);
     }
 }
 // The 64-bit shared-memory matrix descriptor: start address, leading and stride byte offsets
@@ -351,11 +334,11 @@ __device__ __forceinline__ uint64_t flash_wg_desc(uint32_t addr, uint32_t lbo, u
 // k-step s of a tile as a K-major operand (its rows are N) or an MN-major one (its rows are K)
 template <int HS>
 __device__ __forceinline__ uint64_t flash_wg_desc_k(const floatX *tile, int s) {
-    return flash_wg_desc(flash_smem_addr(tile) + s * 256, 128, HS * 16);
+    return flash_wg_desc(smem_addr(tile) + s * 256, 128, HS * 16);
 }
 template <int HS>
 __device__ __forceinline__ uint64_t flash_wg_desc_mn(const floatX *tile, int s) {
-    return flash_wg_desc(flash_smem_addr(tile) + s * 2 * HS * 16, HS * 16, 128);
+    return flash_wg_desc(smem_addr(tile) + s * 2 * HS * 16, HS * 16, 128);
 }
 
 // d (64 x 64) += p tile: p the warpgroup's 64 x 64 accumulators (the forward's P, the dQ pass's
@@ -377,7 +360,7 @@ template <int ROWS>
 __device__ __forceinline__ void flash_load_stats(float *tile, const float *row_stats, int row0, int T) {
     for (int i = threadIdx.x; i < ROWS; i += FLASH_THREADS) {
         int t = row0 + i;
-        flash_cp_async4(flash_smem_addr(tile + i), row_stats + (t < T ? t : 0), t < T);
+        cp_async4(smem_addr(tile + i), row_stats + (t < T ? t : 0), t < T);
     }
 }
 
@@ -500,7 +483,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
     };
     flash_load_tile<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
     load_kv(0, 0);
-    flash_cp_async_commit();
+    cp_async_commit();
 
     uint32_t q_frag[RW][HS / 16][4];
     float o[RW][HS / 8][4];
@@ -516,8 +499,8 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
     for (int j = 0; j < n_tiles; j++) {
         const int stage = j & 1, k0 = j * BN;
         if (j + 1 < n_tiles) load_kv(stage ^ 1, k0 + BN);
-        flash_cp_async_commit();          // possibly empty, so the wait below always means "tile j"
-        flash_cp_async_wait<1>();
+        cp_async_commit();          // possibly empty, so the wait below always means "tile j"
+        cp_async_wait<1>();
         if constexpr (WG) flash_fence_proxy_async();
         __syncthreads();
         if (WG || j == 0) {   // WG: every tile, see flash_wgmma
@@ -785,7 +768,7 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         flash_load_tile<BN, HS>(sV, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
     }
     load_q(0, kvh * group, k0);
-    flash_cp_async_commit();
+    cp_async_commit();
 
     float dk_all[RW][HS / 8][4], dv_all[RW][HS / 8][4];
     #pragma unroll
@@ -801,8 +784,8 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         const int stage = it & 1;
         const int q0 = k0 + (it % n_q) * BM;
         if (it + 1 < iterations) load_q(stage ^ 1, kvh * group + (it + 1) / n_q, k0 + ((it + 1) % n_q) * BM);
-        flash_cp_async_commit();
-        flash_cp_async_wait<1>();
+        cp_async_commit();
+        cp_async_wait<1>();
         if constexpr (WG) flash_fence_proxy_async();
         __syncthreads();
         const floatX *q_tile = sQ + stage * QS, *g_tile = sG + stage * QS;
@@ -1021,7 +1004,7 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
         flash_load_tile<BM, HS>(sG, dout, b, q0, T, NH * HS, h * HS);
     }
     load_kv(0, 0);
-    flash_cp_async_commit();
+    cp_async_commit();
     // this thread's two query rows of each row tile and their statistics; rows past T read those
     // of row 0: their Q and dO rows are zero, so their dS is 0 and they are not stored
     int row0[RW], row1[RW];
@@ -1048,8 +1031,8 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
     for (int j = 0; j < n_tiles; j++) {
         const int stage = j & 1, k0 = j * BN;
         if (j + 1 < n_tiles) load_kv(stage ^ 1, k0 + BN);
-        flash_cp_async_commit();
-        flash_cp_async_wait<1>();
+        cp_async_commit();
+        cp_async_wait<1>();
         if constexpr (WG) flash_fence_proxy_async();
         __syncthreads();
         const floatX *k_tile = sK + stage * KVS, *v_tile = sV + stage * KVS;

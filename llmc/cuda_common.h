@@ -128,6 +128,25 @@ __device__ __forceinline__ unsigned char *dynamic_smem() {
     extern __shared__ __align__(16) unsigned char block_dynamic_smem[];
     return block_dynamic_smem;
 }
+
+// Asynchronous copies global -> shared (cp.async, sm_80 and later): a thread's copies land once
+// it waits for their group (cp_async_commit closes a group), and only that thread may rely on
+// them then (others after a barrier). The emulations provide these from the PTX ISA's
+// definitions (test/gpu_emu_flash.h).
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+// 16 bytes global -> shared; when !valid nothing is read and the 16 bytes are zeroed
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid) {
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+// 4 bytes global -> shared, zero-filled when !valid
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, bool valid) {
+    int bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// waits until at most N of this thread's committed groups are still in flight
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 #endif
 
 // ---------------------------------------------------------------------------------------------

@@ -26,9 +26,13 @@
  *                    decode_attention_combine merges the splits (the log-sum-exp rescaling of
  *                    FlashDecoding). Splits that start past a row's position exit at once, so
  *                    the grid can be sized for the longest context and stay fixed (CUDA graphs).
- *                    An early-loads variant (decode_attention_early_loads, off by default)
- *                    requests every load of the first iteration before using any: the same bits,
- *                    for the harness to time against the default.
+ *                    Two other ways to request the keys and values (decode_attention_loads; the
+ *                    default loads them as it uses them, UNROLL per thread an iteration): early
+ *                    loads request every load of the first iteration before using any; staged
+ *                    copies the whole split into shared memory with cp.async at once, so a block
+ *                    waits about one memory latency for all its keys and values whatever the
+ *                    split's length (its shared memory: keys and values of a split). The same
+ *                    bits, for the harnesses to time against the default.
  *                    With a DecodeRowNorm (the engine's folded decode step, RolloutOptions.fold_norms)
  *                    the row's q, k and v are first scaled by the row's RMSNorm factor, computed
  *                    by the block from the row of the residual stream the qkv product read: the
@@ -49,6 +53,11 @@
 #define DECODE_THREADS 128
 #define DECODE_WARPS (DECODE_THREADS / 32)
 #define DECODE_ERR_POSITION 2
+// How the fast kernel requests the keys and values of its split (decode_attention_loads): the
+// same values summed in the same order in all three, so the same bits.
+#define DECODE_LOADS_DIRECT 0   // UNROLL 16-byte loads per thread a loop iteration, as it uses them
+#define DECODE_LOADS_EARLY 1    // the first iteration's loads, and the row's, all requested at once
+#define DECODE_LOADS_STAGED 2   // the whole split copied to shared memory at once (cp.async)
 
 // 8 bf16 values from a 16-byte aligned address, as floats (decode_unpack8: from the 16 bytes)
 __device__ __forceinline__ void decode_unpack8(float (&out)[8], uint4 raw) {
@@ -168,6 +177,11 @@ typedef struct {
     float eps;
 } DecodeRowNorm;
 
+// Cache positions a block of the staged variant holds in shared memory: a split's, or the whole
+// cache's when shorter. Its dynamic shared memory: keys and values of that many positions.
+__host__ __device__ inline int decode_stage_positions(int Tmax) { return Tmax < DECODE_SPLIT_LEN ? Tmax : DECODE_SPLIT_LEN; }
+static inline size_t decode_stage_bytes(int Tmax, int HS) { return 2 * (size_t)decode_stage_positions(Tmax) * HS * sizeof(floatX); }
+
 // Query heads of one GQA group that a block of decode_attention_kernel takes together: the
 // smallest of 1, 2, 4, 8 covering the group (a group larger than 8 takes several blocks).
 static inline int decode_heads_per_block(int group) {
@@ -180,7 +194,7 @@ static inline int decode_heads_per_block(int group) {
 // heads per block (decode_heads_per_block), the last batch of a group possibly partly empty.
 // part_o (N, NH, n_splits, HS) fp32 and part_ml (N, NH, n_splits, 2) fp32 are used when
 // n_splits > 1.
-template <int HS, int HB, int EARLY>
+template <int HS, int HB, int LOADS>
 __global__ void __launch_bounds__(DECODE_THREADS)
 decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX *qkv, floatX *k_cache,
                         floatX *v_cache, const float *cos_sin, int write_kv, const int *row_slot, const int *row_pos,
@@ -195,6 +209,9 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     constexpr int UNROLL = HB == 1 ? 4 : 8;
     constexpr int STRIDE = PER_STEP * UNROLL;            // positions per loop iteration
     static_assert(32 % CHUNKS == 0, "a position's lanes must lie in one warp");
+    constexpr bool EARLY = LOADS == DECODE_LOADS_EARLY;   // the first iteration's keys and values in registers
+    constexpr bool STAGED = LOADS == DECODE_LOADS_STAGED; // the split's keys and values in shared memory
+    constexpr bool EARLY_ROW = LOADS != DECODE_LOADS_DIRECT;   // the row's own loads requested at once
     __shared__ float p_s[HB][DECODE_SPLIT_LEN];
     __shared__ float m_s[HB], l_s[HB];
     __shared__ __align__(16) float partial[DECODE_WARPS][HB][HS];
@@ -229,15 +246,31 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     // bf16), and the block of the first head batch whose split holds that position writes them
     // to the cache
     const int own = write_kv && pos - t0 < n_keys ? pos - t0 : -1;   // the row's position in this split
-    // EARLY (decode_attention_early_loads): every load of the first iteration is requested here,
-    // before any is used: the row's own key and value, RoPE's table, the query heads, and the keys
-    // and values of the first STRIDE positions, so that their latencies overlap instead of
-    // following one another (the row's key through RoPE, then the queries, then the keys, then
-    // the values). The same values, summed in the same order.
+    // STAGED (DECODE_LOADS_STAGED): every key and value of the split this thread will use is
+    // copied into shared memory with cp.async, keys and values as two groups, before anything
+    // else is requested. A thread reads back only what it copied itself (position lane jr, chunk
+    // c), so waiting for its own groups is enough: no barrier. The staging is what registers
+    // hold in the other variants, with no limit on how many loads are in flight.
+    floatX *k_stage = STAGED ? (floatX *)dynamic_smem() : NULL;          // (positions, HS), two of them
+    floatX *v_stage = STAGED ? k_stage + (size_t)decode_stage_positions(Tmax) * HS : NULL;
+    if constexpr (STAGED) {
+        for (int j = jr; j < n_keys; j += PER_STEP)
+            if (j != own) cp_async16(smem_addr(k_stage + (size_t)j * HS + c * 8), k_base + (size_t)j * HS + c * 8, true);
+        cp_async_commit();
+        for (int j = jr; j < n_keys; j += PER_STEP)
+            if (j != own) cp_async16(smem_addr(v_stage + (size_t)j * HS + c * 8), v_base + (size_t)j * HS + c * 8, true);
+        cp_async_commit();
+    }
+    // EARLY (DECODE_LOADS_EARLY): every load of the first iteration is requested here, before
+    // any is used: the row's own key and value, RoPE's table, the query heads, and the keys and
+    // values of the first STRIDE positions, so that their latencies overlap instead of following
+    // one another (the row's key through RoPE, then the queries, then the keys, then the values).
+    // STAGED requests the row's loads here too, its keys and values being on their way already.
+    // The same values, summed in the same order.
     const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
-    uint4 q_raw[EARLY ? HB : 1], k_first[EARLY ? UNROLL : 1], v_first[EARLY ? UNROLL : 1], own_raw[2];
+    uint4 q_raw[EARLY_ROW ? HB : 1], k_first[EARLY ? UNROLL : 1], v_first[EARLY ? UNROLL : 1], own_raw[2];
     float cs[16];
-    if constexpr (EARLY) {
+    if constexpr (EARLY_ROW) {
         #pragma unroll
         for (int h = 0; h < HB; h++) q_raw[h] = h < nh ? *(const uint4 *)(row_qkv + (size_t)(h0 + h) * HS + c * 8) : zero4;
         if (own >= 0) {
@@ -245,6 +278,8 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
             own_raw[1] = *(const uint4 *)(row_qkv + (size_t)(NH + NKV + kvh) * HS + c * 8);
         }
         if (write_kv && cos_sin) decode_rope8_table<CHUNKS>(cs, cos_sin, pos, c);
+    }
+    if constexpr (EARLY) {
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = u * PER_STEP + jr;
@@ -273,7 +308,7 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     }
     float k_own[8], v_own[8];
     if (own >= 0) {   // block-uniform
-        if constexpr (EARLY) {
+        if constexpr (EARLY_ROW) {
             decode_unpack8(k_own, own_raw[0]);
             decode_unpack8(v_own, own_raw[1]);
         } else {
@@ -286,7 +321,7 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
             decode_round8_bf16(v_own);
             if (!cos_sin) decode_round8_bf16(k_own);
         }
-        if constexpr (EARLY) {
+        if constexpr (EARLY_ROW) {
             if (cos_sin) decode_rope8_apply<CHUNKS>(k_own, cs, c);
         } else {
             if (cos_sin) decode_rope8_bf16<CHUNKS>(k_own, cos_sin, pos, c);
@@ -303,14 +338,14 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     #pragma unroll
     for (int h = 0; h < HB; h++) {
         if (h < nh) {
-            if constexpr (EARLY) decode_unpack8(q[h], q_raw[h]);
+            if constexpr (EARLY_ROW) decode_unpack8(q[h], q_raw[h]);
             else decode_load8(q[h], row_qkv + (size_t)(h0 + h) * HS + c * 8);
             if (row_norm.x) {
                 #pragma unroll
                 for (int e = 0; e < 8; e++) q[h][e] *= rstd;
                 if (!(write_kv && cos_sin)) decode_round8_bf16(q[h]);
             }
-            if constexpr (EARLY) {
+            if constexpr (EARLY_ROW) {
                 if (write_kv && cos_sin) decode_rope8_apply<CHUNKS>(q[h], cs, c);
             } else {
                 if (write_kv && cos_sin) decode_rope8_bf16<CHUNKS>(q[h], cos_sin, pos, c);
@@ -325,12 +360,14 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
 
     // phase 1: scores. UNROLL loads of 16 bytes are issued before the first is used, and the
     // loop bound is the same for the whole warp (the shuffles need every lane).
+    if constexpr (STAGED) cp_async_wait<1>();   // this thread's keys
     for (int base = 0; base < n_keys; base += STRIDE) {
         float k8[UNROLL][8];
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = base + u * PER_STEP + jr;
             if (EARLY && base == 0 && j != own) decode_unpack8(k8[u], k_first[u]);   // zero past n_keys
+            else if (STAGED && j < n_keys && j != own) decode_load8(k8[u], k_stage + (size_t)j * HS + c * 8);
             else if (j < n_keys && j != own) decode_load8(k8[u], k_base + (size_t)j * HS + c * 8);
             else {
                 #pragma unroll
@@ -375,12 +412,14 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     for (int h = 0; h < HB; h++)
         #pragma unroll
         for (int e = 0; e < 8; e++) acc[h][e] = 0.0f;
+    if constexpr (STAGED) cp_async_wait<0>();   // and its values
     for (int base = 0; base < n_keys; base += STRIDE) {
         float v8[UNROLL][8];
         #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             int j = base + u * PER_STEP + jr;
             if (EARLY && base == 0 && j != own) decode_unpack8(v8[u], v_first[u]);
+            else if (STAGED && j < n_keys && j != own) decode_load8(v8[u], v_stage + (size_t)j * HS + c * 8);
             else if (j < n_keys && j != own) decode_load8(v8[u], v_base + (size_t)j * HS + c * 8);
             else if (j == own) {
                 #pragma unroll
@@ -485,20 +524,47 @@ __global__ void decode_attention_reference_kernel(floatX *out, const floatX *qkv
 // Number of splits for contexts up to max_positions.
 static inline int decode_attention_splits(int max_positions) { return ceil_div(max_positions, DECODE_SPLIT_LEN); }
 
-// 1: the fast kernel requests every load of its first iteration at once (the EARLY variant of
-// decode_attention_kernel: the same results, bit for bit); 0 (default): as it uses them.
-// rollout_kernels times both.
-static int decode_attention_early_loads = 0;
+// How the fast kernel requests its keys and values (DECODE_LOADS_*; the same results, bit for
+// bit, in all three): DIRECT by default. rollout_kernels and bench_rollout time them.
+static int decode_attention_loads = DECODE_LOADS_DIRECT;
 
+// Whether a block of the staged variant (head size HS, HB heads) fits in the device's shared
+// memory for a cache of Tmax positions: its keys and values and the kernel's own arrays.
+static inline int decode_staged_fits(int Tmax, int HS, int HB) {
+    static int optin = -1;
+    if (optin < 0) {
+        int device = 0;
+        cudaCheck(cudaGetDevice(&device));
+        cudaCheck(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    }
+    size_t own = sizeof(float) * ((size_t)HB * DECODE_SPLIT_LEN + 2 * HB + (size_t)DECODE_WARPS * HB * HS + DECODE_WARPS);
+    return decode_stage_bytes(Tmax, HS) + own <= (size_t)optin;
+}
+
+// The fast kernel with decode_attention_loads' variant; the staged one where it fits (else the
+// direct one: the same bits), its shared-memory limit raised on first use (before a graph's
+// capture, in the engine: its first steps run eagerly).
 template <int HS, int HB>
 static inline void decode_attention_fast_launch(dim3 grid, floatX *out, float *part_o, float *part_ml, const floatX *qkv,
                                                 floatX *k_cache, floatX *v_cache, const float *cos_sin, int write_kv,
                                                 const int *row_slot, const int *row_pos, int NH, int NKV, int n_slots,
                                                 int Tmax, int n_splits, int *err, DecodeRowNorm row_norm, cudaStream_t stream) {
-    if (decode_attention_early_loads)
-        decode_attention_kernel<HS, HB, 1><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm);
-    else
-        decode_attention_kernel<HS, HB, 0><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm);
+    int loads = decode_attention_loads;
+    if (loads == DECODE_LOADS_STAGED && !decode_staged_fits(Tmax, HS, HB)) loads = DECODE_LOADS_DIRECT;
+    if (loads == DECODE_LOADS_EARLY) {
+        decode_attention_kernel<HS, HB, DECODE_LOADS_EARLY><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm);
+    } else if (loads == DECODE_LOADS_STAGED) {
+        size_t bytes = decode_stage_bytes(Tmax, HS);
+        static size_t allowed = 48 * 1024;   // without the opt-in
+        if (bytes > allowed) {
+            cudaCheck(cudaFuncSetAttribute(decode_attention_kernel<HS, HB, DECODE_LOADS_STAGED>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+            allowed = bytes;
+        }
+        decode_attention_kernel<HS, HB, DECODE_LOADS_STAGED><<<grid, DECODE_THREADS, bytes, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm);
+    } else {
+        decode_attention_kernel<HS, HB, DECODE_LOADS_DIRECT><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm);
+    }
 }
 
 template <int HS>

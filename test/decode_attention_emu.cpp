@@ -16,8 +16,11 @@
  * cudaMalloc's, outputs and split partials start as NaN. The threads of a block run in index
  * order (forward) or in reverse, so that a missing __syncthreads shows in one of the two.
  *
- *   decode_attention_emu IN OUT forward|reverse   (DECODE_ATTENTION_EARLY=1 in the environment:
- *                                                 the fast kernel's early-loads variant)
+ *   decode_attention_emu IN OUT forward|reverse   (DECODE_ATTENTION_LOADS=1 or 2 in the
+ *                                                 environment: the fast kernel's early-loads or
+ *                                                 staged variant, decode_attention_loads; its
+ *                                                 cp.async copies as test/gpu_emu_flash.h has
+ *                                                 them: landing only when the thread waits)
  *     IN : int32 N, NH, NKV, HS, S, Tmax, n_splits, reference, write_kv, rope, norm_C; int32
  *          row_slot (N), row_pos (N); float32 qkv (N, (NH + 2*NKV)*HS), k_cache, v_cache (S, NKV,
  *          Tmax, HS), all values representable in bf16; when rope, float32 cos_sin (Tmax, HS/2, 2);
@@ -29,6 +32,7 @@
 #define EMU_STATIC_SHARED
 
 #include "gpu_emu_runtime.h"
+#include "gpu_emu_flash.h"   // cp.async
 #include "decode_attention_launched.cuh"   // llmc/decode_attention.cuh with its launches rewritten
 
 // ---------------------------------------------------------------------------------------------
@@ -41,8 +45,12 @@ int main(int argc, char **argv) {
         for (int hb = 1; hb <= DECODE_MAX_HEADS_PER_BLOCK; hb *= 2)
             shared_bytes += sizeof(float) * hb * (DECODE_SPLIT_LEN + 2 + DECODE_WARPS * hs);
     FILE *f = emu_open_input(argc, argv, shared_bytes);
-    const char *early = getenv("DECODE_ATTENTION_EARLY");
-    decode_attention_early_loads = early != NULL && strcmp(early, "1") == 0;
+    const char *loads = getenv("DECODE_ATTENTION_LOADS");
+    decode_attention_loads = loads == NULL || loads[0] == '\0' ? DECODE_LOADS_DIRECT : atoi(loads);
+    if (decode_attention_loads < DECODE_LOADS_DIRECT || decode_attention_loads > DECODE_LOADS_STAGED) {
+        fprintf(stderr, "error: DECODE_ATTENTION_LOADS=%s: expected 0, 1 or 2\n", loads);
+        return 1;
+    }
     int32_t dims[11];
     if (fread(dims, sizeof(int32_t), 11, f) != 11) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int norm_C = dims[10];

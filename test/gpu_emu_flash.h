@@ -2,8 +2,10 @@
  * The PTX operations of llmc/attention_flash.cuh's kernels under the GPU emulation of
  * test/gpu_emu.h, from the PTX ISA's definitions (ldmatrix, mma.sync, wgmma, cp.async; the
  * details in test/attention_flash_emu.cpp's header comment): what attention_flash.cuh takes from
- * its includer when ATTENTION_FLASH_EMULATION is defined. Shared by the flash emulator and the
- * whole-model emulator (test/model_cuda_emu.cpp).
+ * its includer when ATTENTION_FLASH_EMULATION is defined, and cuda_common.h's cp.async copies
+ * (smem_addr, cp_async16, cp_async4, cp_async_commit, cp_async_wait) for any emulated kernel.
+ * Shared by the flash emulator, the whole-model and rollout emulators (test/model_cuda_emu.cpp,
+ * test/rollout_emu.cpp) and the decode-attention emulator (staged loads).
  */
 #ifndef TEST_GPU_EMU_FLASH_H
 #define TEST_GPU_EMU_FLASH_H
@@ -13,7 +15,7 @@
 static bool copies_land_early;   // cp.async copies land when issued, not at the wait
 
 static inline unsigned char *flash_dynamic_smem() { return smem.data(); }
-static inline uint32_t flash_smem_addr(const void *p) {
+static inline uint32_t smem_addr(const void *p) {
     const unsigned char *c = (const unsigned char *)p;
     if (c < smem.data() || c > smem.data() + smem.size()) emu_fail("shared address outside the block's shared memory");
     return (uint32_t)(c - smem.data());
@@ -33,14 +35,14 @@ static void cp_async(uint32_t dst, const void *src, int size, bool valid) {
     if (copies_land_early) memcpy(smem.data() + dst, copy.data, size);
     else threads[current_thread].pending.push_back(copy);
 }
-static inline void flash_cp_async16(uint32_t dst, const void *src, bool valid) { cp_async(dst, src, 16, valid); }
-static inline void flash_cp_async4(uint32_t dst, const void *src, bool valid) { cp_async(dst, src, 4, valid); }
-static inline void flash_cp_async_commit() {
+static inline void cp_async16(uint32_t dst, const void *src, bool valid) { cp_async(dst, src, 16, valid); }
+static inline void cp_async4(uint32_t dst, const void *src, bool valid) { cp_async(dst, src, 4, valid); }
+static inline void cp_async_commit() {
     EmuThread &th = threads[current_thread];
     th.groups.push_back(std::move(th.pending));
     th.pending.clear();
 }
-template <int N> static inline void flash_cp_async_wait() {
+template <int N> static inline void cp_async_wait() {
     EmuThread &th = threads[current_thread];
     while (th.groups.size() > (size_t)N) {
         for (const AsyncCopy &copy : th.groups.front()) memcpy(smem.data() + copy.dst, copy.data, copy.size);

@@ -67,9 +67,10 @@ def within_tolerance(got, ref, HS):
 
 
 def run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, n_splits, reference,
-                 order="forward", write_kv=False, cos_sin=None, caches=False, early=False, norm_x=None):
+                 order="forward", write_kv=False, cos_sin=None, caches=False, loads=0, norm_x=None):
     """out (N, NH*HS) float32 and the error flags from decode_attention() under emulation (and the
-    k and v caches after the call, when caches); early: the fast kernel's early-loads variant."""
+    k and v caches after the call, when caches); loads: the fast kernel's way to request keys and
+    values (decode_attention_loads: 0 direct, 1 early, 2 staged)."""
     N = qkv.shape[0]
     S, _, Tmax, _ = k_cache.shape
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
@@ -79,7 +80,7 @@ def run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH
         np.array(list(slots) + list(positions), np.int32).tofile(f)
         for x in (qkv, k_cache, v_cache) + (() if cos_sin is None else (cos_sin,)) + (() if norm_x is None else (norm_x,)):
             x.astype(np.float32).tofile(f)
-    env = dict(os.environ, DECODE_ATTENTION_EARLY="1" if early else "0")
+    env = dict(os.environ, DECODE_ATTENTION_LOADS=str(loads))
     proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600,
                           env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -242,14 +243,16 @@ def test_decode_attention_writes_the_cache(emulator, tmp_path, shape, order):
                                                                 None), slots, positions, NH, NKV, HS), HS)
 
 
+@pytest.mark.parametrize("loads", [1, 2], ids=["early", "staged"])
 @pytest.mark.parametrize("case", [("read", s) for s in SHAPES] + [("write", s) for s in WRITE_SHAPES],
                          ids=lambda c: c[0] + "_NH%d_NKV%d_HS%d_len%s" % (c[1][0], c[1][1], c[1][2],
                                                                          "-".join(str(n) for _, n in c[1][5])))
-def test_early_loads_same_bits(emulator, tmp_path, case):
-    """The fast kernel's early-loads variant (decode_attention_early_loads: every load of the first
-    iteration requested before any is used) gives the default kernel's outputs and cache writes bit
-    for bit (its threads run in reverse here), and so the oracle's: on the shapes above, reading a
-    written cache and writing it itself, with and without RoPE."""
+def test_loads_variants_same_bits(emulator, tmp_path, case, loads):
+    """The fast kernel's early-loads variant (every load of the first iteration requested before
+    any is used) and its staged variant (the split's keys and values copied into shared memory by
+    cp.async, which lands only when the thread waits) give the default kernel's outputs and cache
+    writes bit for bit (their threads run in reverse here), and so the oracle's: on the shapes
+    above, reading a written cache and writing it itself, with and without RoPE."""
     kind, shape = case
     NH, NKV, HS, S, Tmax, rows, n_splits, extra = shape
     n_splits = n_splits or -(-Tmax // SPLIT)
@@ -269,12 +272,12 @@ def test_early_loads_same_bits(emulator, tmp_path, case):
         ref = oracle(*written_inputs(qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, cos_sin), slots, positions,
                      NH, NKV, HS)
     plain = run_emulator(emulator, tmp_path, *args, "forward", caches=True, **kw)
-    early = run_emulator(emulator, tmp_path, *args, "reverse", caches=True, early=True, **kw)
-    assert plain[1] == 0 and early[1] == 0
-    for a, b in zip(plain, early):
+    other = run_emulator(emulator, tmp_path, *args, "reverse", caches=True, loads=loads, **kw)
+    assert plain[1] == 0 and other[1] == 0
+    for a, b in zip(plain, other):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint32) if hasattr(a, "view") else a,
                                       np.asarray(b).view(np.uint32) if hasattr(b, "view") else b)
-    assert within_tolerance(early[0], ref, HS)
+    assert within_tolerance(other[0], ref, HS)
 
 
 def test_reference_kernel_refuses_write_kv(emulator, tmp_path):
@@ -291,10 +294,10 @@ def test_reference_kernel_refuses_write_kv(emulator, tmp_path):
     assert proc.returncode != 0 and "write_kv" in proc.stderr
 
 
-@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("loads", [0, 1, 2], ids=["direct", "early", "staged"])
 @pytest.mark.parametrize("shape", WRITE_SHAPES[1:4], ids=lambda s: "NH%d_NKV%d_HS%d_len%s%s" % (
     s[0], s[1], s[2], "-".join(str(n) for _, n in s[5]), "_rope" if s[7] else ""))
-def test_decode_attention_applies_the_rows_norm(emulator, tmp_path, shape, early):
+def test_decode_attention_applies_the_rows_norm(emulator, tmp_path, shape, loads):
     """With the rows' residual stream x (DecodeRowNorm: the engine's folded decode step), row r's
     q, k and v are scaled by its RMSNorm factor 1 / sqrt(mean(x_r^2) + eps) before the rotation:
     the output and the written key and value match the float64 oracle on the scaled inputs (the
@@ -311,7 +314,7 @@ def test_decode_attention_applies_the_rows_norm(emulator, tmp_path, shape, early
     slots, positions = [s_ for s_, _ in rows], [n - 1 for _, n in rows]
     got, err, k_after, v_after = run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS,
                                               n_splits, False, "reverse", write_kv=True, cos_sin=cos_sin, caches=True,
-                                              early=early, norm_x=x)
+                                              loads=loads, norm_x=x)
     assert err == 0
     rstd = 1.0 / np.sqrt((x.astype(np.float64) ** 2).mean(axis=1) + 1e-5)
     scaled = qkv.astype(np.float64) * rstd[:, None]

@@ -13,7 +13,7 @@ and linked with the GPU checks themselves, run on their tiny models:
   the tiny GPT-2 and Llama: greedy tokens (near-tie rule), log-probs, the reference path, graphs
   off, poisoned buffers, decode_matmul, programmatic edges, pipelined steps, tuned products bit
   for bit against cuBLASLt's first choices, branches, several steps a graph launch, the
-  attention's early loads, the folded norms, and the sampler's frequencies (chi-square).
+  attention's early and staged loads, the folded norms, and the sampler's frequencies (chi-square).
 
 Both run twice, side by side, with the emulated streams (test/emu_cuda/cuda_runtime.h) lazy
 (EMU_STREAMS=lazy: each stream's work runs only when a host synchronisation or another stream's
@@ -165,7 +165,8 @@ def test_rollout_check_on_the_emulated_gpu(emulators):
     for preset in ("gpt2:tiny", "llama:tiny"):
         for check in ("fast +greedy tokens", "graphs off vs on", "reference path", "pdl vs fast",
                       "untuned vs tuned products", "2 branches", "4 steps a launch vs 1", "8 steps a launch, stops",
-                      "early-loads attention vs default", "first-token frequencies T=0.8 top-k 0 ",
+                      "early-loads attention vs default", "staged attention vs default",
+                      "first-token frequencies T=0.8 top-k 0 ",
                       "rounded CPU forward: unrounded"):
             assert re.search(rf"PASS {re.escape(preset)} {check}", out), f"{preset} {check}"
     for check in ("folded norms +greedy tokens", "folded norms, 2 branches", "folded norms, 4 steps a launch"):

@@ -88,8 +88,8 @@ __global__ void wgmma_probe_kernel(float *d, const floatX *a, const floatX *b, c
     if (A_SMEM) flash_load_tile_wg<64, 16>(sa, a, 0, 0, 64, 16, 0);
     if (TRANS_B) flash_load_tile_wg<16, 64>(sb, b, 0, 0, 16, 64, 0);
     else flash_load_tile_wg<64, 16>(sb, bt, 0, 0, 64, 16, 0);
-    flash_cp_async_commit();
-    flash_cp_async_wait<0>();
+    cp_async_commit();
+    cp_async_wait<0>();
     flash_fence_proxy_async();
     __syncthreads();
     uint32_t af[4];

@@ -16,8 +16,8 @@
  *       first choices give the tuned products' results bit for bit (tune_products); the rows in
  *       two chains (branches) give the CPU's tokens, in turn and pipelined; 4 steps a graph launch
  *       (steps_per_graph) give one step's results bit for bit without stops, and 4 and 8 the
- *       CPU's tokens with stops inside a launch; the attention's early loads give the default's
- *       results bit for bit; the folded norms (fold_norms, Llama: the stream in bf16, no norm
+ *       CPU's tokens with stops inside a launch; the attention's early and staged loads give the
+ *       default's results bit for bit; the folded norms (fold_norms, Llama: the stream in bf16, no norm
  *       kernel inside the layers) give the CPU's tokens and log-probs within the tolerances, in
  *       turn, with 2 chains and with 4 steps a launch
  *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
@@ -106,7 +106,7 @@ static std::vector<float> cpu_next_logits(Model *m, const std::vector<int> &prom
 // The engine's variants on top of the defaults (poisoned buffers), then one generate call.
 static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipeline, const Prompts &pr,
                           const GenerateParams &p, GenerateResult *out, int profile = 0, int branches = 1, int tune = 1,
-                          int steps = 1, int early = 0, int fold = 0) {
+                          int steps = 1, int loads = 0, int fold = 0) {
     RolloutOptions opt = rollout_default_options();
     opt.poison = 1;
     opt.decode_matmul = decode_matmul;
@@ -116,7 +116,7 @@ static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipe
     opt.branches = branches;
     opt.tune_products = tune;
     opt.steps_per_graph = steps;
-    opt.attention_early_loads = early;
+    opt.attention_loads = loads;
     opt.fold_norms = fold;
     rollout_set_options(e, &opt);
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, out);
@@ -467,14 +467,19 @@ static void check_tiny(const char *preset) {
         generate_result_free(&st4_t1); generate_result_free(&st4_stops); generate_result_free(&st8_stops);
         generate_result_free(&br_st4);
     }
-    // the decode attention's early-loads variant (RolloutOptions.attention_early_loads): the same
-    // loads requested earlier, the same sums, so the same tokens and log-probs bit for bit
+    // the decode attention's early-loads and staged variants (RolloutOptions.attention_loads): the
+    // same loads requested earlier, or through shared memory, the same sums, so the same tokens
+    // and log-probs bit for bit
     {
-        GenerateResult early;
+        GenerateResult early, staged;
         generate_with(e, 0, 0, 0, pr, p, &early, 0, 1, 1, 1, 1);
         snprintf(label, sizeof(label), "%s early-loads attention vs default", preset);
         compare_gpu_runs(label, fast, early, 1);
+        generate_with(e, 0, 0, 0, pr, p, &staged, 0, 1, 1, 1, 2);
+        snprintf(label, sizeof(label), "%s staged attention vs default", preset);
+        compare_gpu_runs(label, fast, staged, 1);
         generate_result_free(&early);
+        generate_result_free(&staged);
     }
     generate_result_free(&dm);
 

@@ -5,7 +5,7 @@
  *   1. rows_kv_write + decode_attention: RoPE at each row's own position, the KV cache write and
  *      the split attention (fast kernel, 1 and several splits, the reference kernel, the fast
  *      kernel doing the rotation and the cache write itself, write_kv, the fast kernel's
- *      early-loads variant, which must give the default's bits, and the fast kernel applying the
+ *      early-loads and staged variants, which must give the default's bits, and the fast kernel applying the
  *      rows' RMSNorm to q, k and v (the folded decode step)) against
  *      a double-precision CPU attention over the bf16 cache, for GPT-2 (NH = NKV), SmolLM2
  *      (group 3), a group of 16 (two head batches per block) and HS 16 / 128, with positions up to
@@ -24,7 +24,8 @@
  *   4. timings, per call replayed from a CUDA graph as the rollout engine's decode step: the
  *      decode attention for GPT-2 and SmolLM2 at 64 and 256 rows (rows_kv_write + attention
  *      against the attention writing the cache, with the key and value bytes read per second; the
- *      latter also with every call on its own cache, from memory, and in the early-loads variant;
+ *      latter also with every call on its own cache, from memory, and in the early-loads and
+ *      staged variants;
  *      SmolLM2 also at positions ~72 and below 8, where what is left is the kernel's fixed cost),
  *      and the sampler at V = 50257, 64 and 256 rows (the one-block kernel beside the split path).
  *
@@ -114,20 +115,24 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
     }
     int *d_slot = upload(slot), *d_pos = upload(pos), *d_err = device_alloc_n<int>(1);
     floatX *d_out = device_alloc_n<floatX>((size_t)N * NH * HS);
-    // (reference, n_splits, write_kv, early): write_kv = 1 leaves out rows_kv_write, the attention
+    // (reference, n_splits, write_kv, loads): write_kv = 1 leaves out rows_kv_write, the attention
     // rotates and writes the keys and values itself (the decode step's path; the rows' slots
-    // differ); early = 1 is the fast kernel's early-loads variant (decode_attention_early_loads),
-    // which must give variants 0 and 3 bit for bit
-    int variants[7][4] = {{0, splits_needed, 0, 0}, {0, splits_needed + 2, 0, 0}, {1, splits_needed, 0, 0},
-                          {0, splits_needed, 1, 0}, {0, splits_needed + 1, 1, 0}, {0, splits_needed, 0, 1},
-                          {0, splits_needed, 1, 1}};
-    const char *names[7] = {"fast", "fast, extra empty splits", "reference", "fast, writing the cache",
-                            "fast, writing the cache, extra split", "fast, early loads",
-                            "fast, writing the cache, early loads"};
-    std::vector<float> outputs[7];
-    for (int v = 0; v < 7; v++) {
+    // differ); loads is the fast kernel's way to request keys and values (decode_attention_loads):
+    // the early-loads and staged variants must give variants 0 and 3 bit for bit
+    const int n_variants = 10;
+    int variants[n_variants][4] = {{0, splits_needed, 0, 0}, {0, splits_needed + 2, 0, 0}, {1, splits_needed, 0, 0},
+                                   {0, splits_needed, 1, 0}, {0, splits_needed + 1, 1, 0},
+                                   {0, splits_needed, 0, DECODE_LOADS_EARLY}, {0, splits_needed, 1, DECODE_LOADS_EARLY},
+                                   {0, splits_needed, 0, DECODE_LOADS_STAGED}, {0, splits_needed, 1, DECODE_LOADS_STAGED},
+                                   {0, splits_needed + 1, 1, DECODE_LOADS_STAGED}};
+    const char *names[n_variants] = {"fast", "fast, extra empty splits", "reference", "fast, writing the cache",
+                                     "fast, writing the cache, extra split", "fast, early loads",
+                                     "fast, writing the cache, early loads", "fast, staged",
+                                     "fast, writing the cache, staged", "fast, writing the cache, staged, extra split"};
+    std::vector<float> outputs[n_variants];
+    for (int v = 0; v < n_variants; v++) {
         int reference = variants[v][0], n_splits = variants[v][1], write_kv = variants[v][2];
-        decode_attention_early_loads = variants[v][3];
+        decode_attention_loads = variants[v][3];
         floatX *d_qkv = upload_bf16(qkv), *d_k = upload_bf16(cache_k), *d_v = upload_bf16(cache_v);
         float *part_o = device_alloc_n<float>((size_t)N * NH * n_splits * HS), *part_ml = device_alloc_n<float>((size_t)N * NH * n_splits * 2);
         poison(d_out, (size_t)N * NH * HS * sizeof(floatX));
@@ -142,7 +147,7 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
             decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, NULL, 0, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
                              n_splits, reference, d_err, 0);
         }
-        decode_attention_early_loads = 0;
+        decode_attention_loads = DECODE_LOADS_DIRECT;
         std::vector<float> got = download_bf16(d_out, (size_t)N * NH * HS);
         outputs[v] = got;
         int err = 0;
@@ -196,6 +201,10 @@ static void check_attention(const char *label, int NH, int NKV, int HS, int N, i
     compare_bits(same, outputs[5], outputs[0]);
     snprintf(same, sizeof(same), "%s attention early loads vs default, writing the cache", label);
     compare_bits(same, outputs[6], outputs[3]);
+    snprintf(same, sizeof(same), "%s attention staged vs default", label);
+    compare_bits(same, outputs[7], outputs[0]);
+    snprintf(same, sizeof(same), "%s attention staged vs default, writing the cache", label);
+    compare_bits(same, outputs[8], outputs[3]);
     // a row past the splits' reach is flagged, not read out of bounds
     {
         floatX *d_qkv = upload_bf16(qkv), *d_k = upload_bf16(cache_k), *d_v = upload_bf16(cache_v);
@@ -291,19 +300,25 @@ static void time_attention(const char *label, int NH, int NKV, int HS, int N, in
                          n_splits, 0, d_err, st);
     };
     float ms_cold = graph_time_ms(cold);
-    // the early-loads variant of the same kernel (captured with the switch on), from L2 and from memory
-    decode_attention_early_loads = 1;
-    float ms_early = graph_time_ms([&](cudaStream_t st) {
-        decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, d_cos_sin, 1, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
-                         n_splits, 0, d_err, st);
-    });
-    float ms_early_cold = graph_time_ms(cold);
-    decode_attention_early_loads = 0;
+    // the early-loads and staged variants of the same kernel (captured with the switch on), from L2
+    // and from memory
+    float ms_var[2], ms_var_cold[2];
+    for (int k = 0; k < 2; k++) {
+        decode_attention_loads = k == 0 ? DECODE_LOADS_EARLY : DECODE_LOADS_STAGED;
+        ms_var[k] = graph_time_ms([&](cudaStream_t st) {
+            decode_attention(d_out, part_o, part_ml, d_qkv, d_k, d_v, d_cos_sin, 1, d_slot, d_pos, N, NH, NKV, HS, S, Tmax,
+                             n_splits, 0, d_err, st);
+        });
+        ms_var_cold[k] = graph_time_ms(cold);
+    }
+    decode_attention_loads = DECODE_LOADS_DIRECT;
     for (int i = 1; i < n_caches; i++) { cudaCheck(cudaFree(ks[i])); cudaCheck(cudaFree(vs[i])); }
     printf("%-28s N=%d pos ~%d: rows_kv_write + attention %7.2f us | attention writing the cache %7.2f us "
            "(%.0f GB/s of keys and values); from memory (%d caches) %7.2f us (%.0f GB/s) | early loads %7.2f us, "
-           "from memory %7.2f us\n", label, N, len, ms_two * 1e3, ms_one * 1e3, kv_bytes / (ms_one * 1e-3) / 1e9,
-           n_caches, ms_cold * 1e3, kv_bytes / (ms_cold * 1e-3) / 1e9, ms_early * 1e3, ms_early_cold * 1e3);
+           "from memory %7.2f us | staged %7.2f us, from memory %7.2f us (%.0f GB/s)\n", label, N, len, ms_two * 1e3,
+           ms_one * 1e3, kv_bytes / (ms_one * 1e-3) / 1e9, n_caches, ms_cold * 1e3, kv_bytes / (ms_cold * 1e-3) / 1e9,
+           ms_var[0] * 1e3, ms_var_cold[0] * 1e3, ms_var[1] * 1e3, ms_var_cold[1] * 1e3,
+           kv_bytes / (ms_var_cold[1] * 1e-3) / 1e9);
     cudaCheck(cudaFree(d_qkv)); cudaCheck(cudaFree(d_k)); cudaCheck(cudaFree(d_v)); cudaCheck(cudaFree(d_slot));
     cudaCheck(cudaFree(d_pos)); cudaCheck(cudaFree(d_err)); cudaCheck(cudaFree(d_out)); cudaCheck(cudaFree(part_o));
     cudaCheck(cudaFree(part_ml));
