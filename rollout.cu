@@ -37,6 +37,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <algorithm>
+#include <vector>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cublasLt.h>
@@ -71,6 +73,9 @@ namespace {
 #define ROLLOUT_MAX_BLOCKS 64
 #define ROLLOUT_PROFILE_EVENTS 1024  // events a profiled decode step records, at most
 #define ROLLOUT_BRANCH_MIN_ROWS 4    // rows of a decode step's group, at least (options.branches)
+#define ROLLOUT_MAX_ATTENTION_TUNED 128   // decode attention shapes tuned per process (options.attention_loads)
+static_assert(ROLLOUT_ATTENTION_LOADS_DIRECT == DECODE_LOADS_DIRECT && ROLLOUT_ATTENTION_LOADS_EARLY == DECODE_LOADS_EARLY &&
+              ROLLOUT_ATTENTION_LOADS_STAGED == DECODE_LOADS_STAGED, "rollout.h's attention loads are decode_attention.cuh's");
 
 // The kernel groups of a decode step that options.profile times (prof_mark after each).
 enum { PG_START, PG_EMBED, PG_QKV, PG_ATTENTION, PG_ATTPROJ, PG_NORM, PG_FC, PG_ACT, PG_FCPROJ, PG_LOGITS, PG_SAMPLE,
@@ -88,6 +93,17 @@ typedef struct {
     int prof_n;               // options.profile: events the graph records (0: none) and the
     unsigned char *prof_group;   // group each one ends (PG_*)
 } GraphEntry;
+
+// A decode attention shape tuned (options.attention_loads tuned: attention_loads_for), for the
+// engines of this process: the shape, the choice (DECODE_LOADS_*) and each variant's time.
+typedef struct {
+    int NH, NKV, HS, max_len, rows, n_splits, norm;
+    int loads;
+    float us[3];      // microseconds a call, by DECODE_LOADS_* (0: not timed, its bits differed)
+    int differed;     // variants whose output differed from the direct one's
+} AttentionTuneEntry;
+static AttentionTuneEntry attention_tuned[ROLLOUT_MAX_ATTENTION_TUNED];
+static int attention_tuned_count = 0;
 
 // A host copy of slots of the engine's result ring: the block, and where the error word and one
 // slot's tokens and log-probs lie (result_slot gives the others).
@@ -195,6 +211,11 @@ struct RolloutEngine {
     // options.pdl: whether this GPU runs the kernels' griddep_wait (pdl_supported), and while a
     // decode step is captured, the nodes of the engine's kernels that start with it (pdl_mark)
     int pdl_supported, pdl_capturing, n_pdl_nodes, cap_pdl_nodes;
+    // options.attention_loads tuned: set while a decode step runs eagerly (shapes met then are
+    // tuned); the probe's positions (max_seqs) and the fingerprint's scratch word
+    int tuning_attention;
+    int *probe_pos;
+    unsigned long long *tune_sum;
     cudaGraphNode_t *pdl_nodes;
     // options.profile: the events a captured step records (created on first use), the groups of
     // the step being captured, the graph the last decode_step replayed (NULL: it ran eagerly), and
@@ -384,14 +405,15 @@ extern "C" RolloutOptions rollout_default_options(void) {
     o.branches = 1;
     o.tune_products = 1;
     o.steps_per_graph = 1;
-    o.attention_loads = 0;
+    o.attention_loads = ROLLOUT_ATTENTION_LOADS_TUNED;
     o.fold_norms = 0;
     return o;
 }
 
-// RolloutOptions.attention_loads in words
+// RolloutOptions.attention_loads (or a DECODE_LOADS_* choice) in words
 static const char *attention_loads_name(int loads) {
-    return loads == DECODE_LOADS_EARLY ? "early" : loads == DECODE_LOADS_STAGED ? "staged" : "direct";
+    return loads == DECODE_LOADS_EARLY ? "early" : loads == DECODE_LOADS_STAGED ? "staged"
+         : loads == DECODE_LOADS_DIRECT ? "direct" : "tuned";
 }
 
 // The number after the first `skip` characters of word w of TRAIN_MORA_ROLLOUT=v, in 1..max.
@@ -404,8 +426,8 @@ static int env_count(const char *v, const char *w, int skip, int max) {
 }
 
 // TRAIN_MORA_ROLLOUT: the variants an engine starts with, a comma-separated list of
-// decode_matmul, pdl, pipeline, untuned (tune_products 0), early_loads and staged_loads (attention_loads 1
-// and 2), fold_norms, branches=N and steps=N (steps_per_graph) (RolloutOptions), for trying them in a whole run
+// decode_matmul, pdl, pipeline, untuned (tune_products 0), direct_loads, early_loads and staged_loads
+// (attention_loads 0, 1 and 2), fold_norms, branches=N and steps=N (steps_per_graph) (RolloutOptions), for trying them in a whole run
 // (generate, eval, mora); rollout_set_options replaces them. Any other word exits with a message.
 static void options_from_env(RolloutOptions *o) {
     const char *v = getenv("TRAIN_MORA_ROLLOUT");
@@ -418,6 +440,7 @@ static void options_from_env(RolloutOptions *o) {
         else if (strcmp(w, "pdl") == 0) o->pdl = 1;
         else if (strcmp(w, "pipeline") == 0) o->pipeline = 1;
         else if (strcmp(w, "untuned") == 0) o->tune_products = 0;
+        else if (strcmp(w, "direct_loads") == 0) o->attention_loads = DECODE_LOADS_DIRECT;
         else if (strcmp(w, "early_loads") == 0) o->attention_loads = DECODE_LOADS_EARLY;
         else if (strcmp(w, "staged_loads") == 0) o->attention_loads = DECODE_LOADS_STAGED;
         else if (strcmp(w, "fold_norms") == 0) o->fold_norms = 1;
@@ -425,7 +448,7 @@ static void options_from_env(RolloutOptions *o) {
         else if (strncmp(w, "steps=", 6) == 0) o->steps_per_graph = env_count(v, w, 6, ROLLOUT_MAX_STEPS_PER_GRAPH);
         else
             fatal("TRAIN_MORA_ROLLOUT=%s: unknown variant '%s' (expected a comma-separated list of decode_matmul, pdl, pipeline, "
-                  "untuned, early_loads, staged_loads, fold_norms, branches=N, steps=N)", v, w);
+                  "untuned, direct_loads, early_loads, staged_loads, fold_norms, branches=N, steps=N)", v, w);
     }
     fprintf(stderr, "rollout: TRAIN_MORA_ROLLOUT=%s: decode_matmul %d, pdl %d, pipeline %d, branches %d, tuned products %d, "
             "steps a graph %d, attention loads %s, folded norms %d\n", v, o->decode_matmul, o->pdl, o->pipeline, o->branches,
@@ -549,6 +572,8 @@ extern "C" RolloutEngine *rollout_create(const Model *cpu, int max_seqs, int max
     e->row_slot = (int *)engine_alloc(e, S * sizeof(int), 0);
     e->row_pos = (int *)engine_alloc(e, S * sizeof(int), 0);
     e->row_step = (int *)engine_alloc(e, S * sizeof(int), 0);
+    e->probe_pos = (int *)engine_alloc(e, S * sizeof(int), 0);
+    e->tune_sum = (unsigned long long *)engine_alloc(e, sizeof(unsigned long long), 0);
     e->row_key = (uint64_t *)engine_alloc(e, S * sizeof(uint64_t), 0);
     e->pf_token = (int *)engine_alloc(e, R * sizeof(int), 0);
     e->pf_slot = (int *)engine_alloc(e, R * sizeof(int), 0);
@@ -615,9 +640,10 @@ extern "C" void rollout_set_options(RolloutEngine *e, const RolloutOptions *o) {
         fatal("rollout_set_options: branches must be in 1..%d, got %d", ROLLOUT_MAX_BRANCHES, o->branches);
     if (o->steps_per_graph < 1 || o->steps_per_graph > ROLLOUT_MAX_STEPS_PER_GRAPH)
         fatal("rollout_set_options: steps_per_graph must be in 1..%d, got %d", ROLLOUT_MAX_STEPS_PER_GRAPH, o->steps_per_graph);
-    if (o->attention_loads != DECODE_LOADS_DIRECT && o->attention_loads != DECODE_LOADS_EARLY &&
-        o->attention_loads != DECODE_LOADS_STAGED)
-        fatal("rollout_set_options: attention_loads must be 0 (direct), 1 (early) or 2 (staged), got %d", o->attention_loads);
+    if (o->attention_loads != ROLLOUT_ATTENTION_LOADS_TUNED && o->attention_loads != DECODE_LOADS_DIRECT &&
+        o->attention_loads != DECODE_LOADS_EARLY && o->attention_loads != DECODE_LOADS_STAGED)
+        fatal("rollout_set_options: attention_loads must be -1 (tuned), 0 (direct), 1 (early) or 2 (staged), got %d",
+              o->attention_loads);
     if (o->reference != e->options.reference || o->decode_matmul != e->options.decode_matmul || o->pdl != e->options.pdl ||
         o->profile != e->options.profile || o->branches != e->options.branches || o->tune_products != e->options.tune_products ||
         o->attention_loads != e->options.attention_loads || o->fold_norms != e->options.fold_norms)
@@ -651,6 +677,14 @@ extern "C" void rollout_last_stats(const RolloutEngine *e, RolloutStats *stats) 
 extern "C" void rollout_tuning_print(FILE *out) {
     if (matmul_tune_count == 0) fprintf(out, "  cuBLASLt: no decode product shape tuned\n");
     matmul_tune_print(out, 0);
+    if (attention_tuned_count == 0) fprintf(out, "  decode attention: no shape tuned\n");
+    for (int i = 0; i < attention_tuned_count; i++) {
+        const AttentionTuneEntry *a = &attention_tuned[i];
+        fprintf(out, "  decode attention NH=%d NKV=%d HS=%d max_len=%d rows=%d splits=%d%s: direct %.2f us, early %.2f, "
+                "staged %.2f%s -> %s\n", a->NH, a->NKV, a->HS, a->max_len, a->rows, a->n_splits, a->norm ? " (rows' norm)" : "",
+                a->us[0], a->us[1], a->us[2], a->differed ? " (a variant's bits differed: not timed)" : "",
+                attention_loads_name(a->loads));
+    }
 }
 
 extern "C" void rollout_last_logits(const RolloutEngine *e, int row, float *out) {
@@ -794,6 +828,59 @@ static void residual_and_norm(RolloutEngine *e, const RowSet *s, float *res_out,
     prof_mark(e, PG_NORM);
 }
 
+// The decode attention's loads (DECODE_LOADS_*) for a decode step's call on the n rows of s
+// (norm: with the rows' norm, the folded step): options.attention_loads, or where it asks for
+// tuning, the choice for this shape, made here the first time the shape is met while a step runs
+// eagerly (tuning_attention) and not captured. Each variant runs on the step's own rows and
+// buffers with every row at the last position the splits cover, reading the cache only (the
+// queries as qkv holds them, no RoPE, no norm: the work the variants do differently is the
+// reading), on each layer's cache in turn, so that the keys and values come from memory as in a
+// step; a variant whose output (on layer 0) has other bits than the direct one's is not taken.
+// The probe leaves its output in the attention's buffers, which the call after it overwrites.
+static int attention_loads_for(RolloutEngine *e, const RowSet *s, int n, int n_splits, int norm) {
+    if (e->options.attention_loads != ROLLOUT_ATTENTION_LOADS_TUNED) return e->options.attention_loads;
+    const ModelConfig *c = &e->config;
+    AttentionTuneEntry key = {c->n_head, c->n_kv_head, c->head_dim, e->max_len, n, n_splits, norm, DECODE_LOADS_DIRECT,
+                              {0.0f, 0.0f, 0.0f}, 0};
+    for (int i = 0; i < attention_tuned_count; i++) {
+        const AttentionTuneEntry *a = &attention_tuned[i];
+        if (a->NH == key.NH && a->NKV == key.NKV && a->HS == key.HS && a->max_len == key.max_len && a->rows == n &&
+            a->n_splits == n_splits && a->norm == norm)
+            return a->loads;
+    }
+    if (!e->tuning_attention || attention_tuned_count == ROLLOUT_MAX_ATTENTION_TUNED) return DECODE_LOADS_DIRECT;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    cudaCheck(cudaStreamIsCapturing(s->stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return DECODE_LOADS_DIRECT;
+    const int NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
+    int last = std::min(e->max_len, n_splits * DECODE_SPLIT_LEN) - 1;
+    std::vector<int> probe(n, last);
+    cudaCheck(cudaMemcpyAsync(e->probe_pos, probe.data(), n * sizeof(int), cudaMemcpyHostToDevice, s->stream));
+    cudaCheck(cudaStreamSynchronize(s->stream));   // probe is on this stack
+    int call = 0;
+    auto run = [&] {
+        int l = call++ % c->n_layer;
+        decode_attention(s->atty, s->part_o, s->part_ml, s->qkv, layer_k(e, l), layer_v(e, l), NULL, 0, s->row_slot,
+                         e->probe_pos, n, NH, NKV, HS, e->n_slots, e->max_len, n_splits, 0, e->err, s->stream);
+    };
+    const size_t out_bytes = (size_t)n * NH * HS * sizeof(floatX);
+    unsigned long long direct_bits = 0;
+    float best = 0.0f;
+    for (int v = DECODE_LOADS_DIRECT; v <= DECODE_LOADS_STAGED; v++) {
+        decode_attention_loads = v;
+        call = 0;
+        run();
+        unsigned long long bits = tune_fingerprint(e->tune_sum, s->atty, out_bytes, s->stream);
+        if (v == DECODE_LOADS_DIRECT) direct_bits = bits;
+        else if (bits != direct_bits) { key.differed++; continue; }
+        float ms = tune_time_ms(run, s->stream, 4 * c->n_layer > 20 ? 4 * c->n_layer : 20, 1000);
+        key.us[v] = ms * 1e3f;
+        if (v == DECODE_LOADS_DIRECT || ms < 0.99f * best) { best = ms; key.loads = v; }
+    }
+    attention_tuned[attention_tuned_count++] = key;
+    return key.loads;
+}
+
 // The cached forward of n rows (token, slot, pos device arrays) through every layer: each layer
 // writes the rows' keys and values into the cache, then each row attends over its slot's
 // positions 0..pos. Leaves the final-normed rows in s->ln. write_in_attention: the attention
@@ -826,6 +913,7 @@ static void forward_rows(RolloutEngine *e, const RowSet *s, int n, const int *to
         prof_mark(e, PG_QKV);
         const float *cos_sin = gpt2 ? NULL : e->rope_cos_sin;
         if (write_in_attention) {
+            decode_attention_loads = attention_loads_for(e, s, n, n_splits, 0);
             decode_attention(s->atty, s->part_o, s->part_ml, s->qkv, layer_k(e, l), layer_v(e, l), cos_sin, 1, slot, pos, n,
                              NH, NKV, HS, e->n_slots, e->max_len, n_splits, 0, e->err, st);
             pdl_mark(e);   // the split combine, when there is one; else the attention
@@ -906,6 +994,7 @@ static void forward_rows_folded(RolloutEngine *e, const RowSet *s, int n, const 
         matmul_forward(s->qkv, x, folded_qkv(e, l), NULL, NULL, n, C, QKV, st);
         prof_mark(e, PG_QKV);
         DecodeRowNorm norm = {x, C, c->norm_eps};
+        decode_attention_loads = attention_loads_for(e, s, n, n_splits, 1);
         decode_attention(s->atty, s->part_o, s->part_ml, s->qkv, layer_k(e, l), layer_v(e, l), e->rope_cos_sin, 1, slot, pos,
                          n, NH, NKV, HS, e->n_slots, e->max_len, n_splits, 0, e->err, st, &norm);
         pdl_mark(e);
@@ -987,7 +1076,6 @@ static void decode_chain(RolloutEngine *e, int row0, int n, int n_splits, int st
 // the groups fork from the engine's stream and join it again after their last step, eagerly or
 // inside the graph being captured alike (a group's rows depend on nothing of another group's).
 static void decode_step_enqueue(RolloutEngine *e, int rows, int n_splits, int steps) {
-    decode_attention_loads = e->options.attention_loads;   // read by each launch
     int per = branch_rows(e, rows), n = ceil_div(rows, per);
     if (n == 1) {
         decode_chain(e, 0, rows, n_splits, steps, e->stream);
@@ -1005,11 +1093,14 @@ static void decode_step_enqueue(RolloutEngine *e, int rows, int n_splits, int st
 }
 
 // Decode steps run eagerly; with options.tune_products, the products of a shape met for the
-// first time are tuned on the way (matmul.cuh: never while a stream is captured).
+// first time are tuned on the way (matmul.cuh: never while a stream is captured), and with
+// options.attention_loads tuned, the decode attention's (attention_loads_for).
 static void decode_step_eager(RolloutEngine *e, int rows, int n_splits, int steps) {
     matmul_tune = e->options.tune_products && !e->options.reference;
+    e->tuning_attention = !e->options.reference;
     decode_step_enqueue(e, rows, n_splits, steps);
     matmul_tune = 0;
+    e->tuning_attention = 0;
 }
 
 // Runs `steps` decode steps: replays the graph of this shape, captures it on its second use, or

@@ -94,9 +94,14 @@ typedef struct {
     // otherwise (cuBLASLt's choice per shape). Ignored (1) with pipeline or profile.
     int steps_per_graph;
     // How the decode attention requests the keys and values of the cache (decode_attention.cuh's
-    // DECODE_LOADS_*, the same bits in all three): 0 (default) as it uses them; 1 every load of
-    // its first iteration before using any (more registers); 2 a block's whole split copied into
-    // shared memory at once (cp.async; falls back to 0 where the device's shared memory is short).
+    // DECODE_LOADS_*, the same bits in all three): 0 as it uses them; 1 every load of its first
+    // iteration before using any (more registers); 2 a block's whole split copied into shared
+    // memory at once (cp.async; 0 runs where the device's shared memory is short).
+    // ROLLOUT_ATTENTION_LOADS_TUNED (-1, default): the first decode step of each shape, which runs
+    // eagerly, times the three on the layers' caches in turn (from memory, as a step reads them),
+    // every row at the last position the step's splits cover, reading only, and keeps the fastest
+    // of those whose output has 0's bits there (as tune_products does for the products); that
+    // step and every later one (graphs included) use it. rollout_tuning_print lists the choices.
     int attention_loads;
     // 1: a decode step of a Llama model without q/k/v biases keeps its residual stream in bf16 and
     // runs no norm kernel inside its layers: the qkv and MLP up products run on the stream itself
@@ -111,6 +116,11 @@ typedef struct {
 } RolloutOptions;
 
 #define ROLLOUT_MAX_BRANCHES 4
+// RolloutOptions.attention_loads
+#define ROLLOUT_ATTENTION_LOADS_TUNED (-1)
+#define ROLLOUT_ATTENTION_LOADS_DIRECT 0
+#define ROLLOUT_ATTENTION_LOADS_EARLY 1
+#define ROLLOUT_ATTENTION_LOADS_STAGED 2
 #define ROLLOUT_MAX_STEPS_PER_GRAPH 8
 
 // Timings and counts of the last rollout_generate (host wall clock around GPU-synchronised work).
@@ -150,7 +160,9 @@ void rollout_last_stats(const RolloutEngine *engine, RolloutStats *stats);
 // with that share taken off. Returns the number of steps profiled (0: a line says so).
 int rollout_profile_print(const RolloutEngine *engine, double plain_step_ms, FILE *out);
 // The product shapes the rollout engines of this process have tuned (RolloutOptions.tune_products),
-// one line each: the shape, the candidates, the choice, and its time against the first choice's.
+// one line each: the shape, the candidates, the choice, and its time against the first choice's;
+// then the decode attention's shapes (RolloutOptions.attention_loads tuned): each variant's time
+// and the choice.
 void rollout_tuning_print(FILE *out);
 // The fp32 logits (vocab_size floats) that the sampler last read for one row of its batch: the
 // last prefill chunk's, or the last decode step's. For tests of the sampler against the softmax

@@ -555,7 +555,8 @@ static inline void decode_attention_fast_launch(dim3 grid, floatX *out, float *p
         decode_attention_kernel<HS, HB, DECODE_LOADS_EARLY><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm);
     } else if (loads == DECODE_LOADS_STAGED) {
         size_t bytes = decode_stage_bytes(Tmax, HS);
-        static size_t allowed = 48 * 1024;   // without the opt-in
+        // without the attribute a block may take 48 KiB less its static arrays: raise it always
+        static size_t allowed = 0;
         if (bytes > allowed) {
             cudaCheck(cudaFuncSetAttribute(decode_attention_kernel<HS, HB, DECODE_LOADS_STAGED>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));

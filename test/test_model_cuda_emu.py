@@ -165,10 +165,16 @@ def test_rollout_check_on_the_emulated_gpu(emulators):
     for preset in ("gpt2:tiny", "llama:tiny"):
         for check in ("fast +greedy tokens", "graphs off vs on", "reference path", "pdl vs fast",
                       "untuned vs tuned products", "2 branches", "4 steps a launch vs 1", "8 steps a launch, stops",
-                      "early-loads attention vs default", "staged attention vs default",
+                      "direct-loads attention vs default", "early-loads attention vs default",
+                      "staged attention vs default",
                       "first-token frequencies T=0.8 top-k 0 ",
                       "rounded CPU forward: unrounded"):
             assert re.search(rf"PASS {re.escape(preset)} {check}", out), f"{preset} {check}"
-    for check in ("folded norms +greedy tokens", "folded norms, 2 branches", "folded norms, 4 steps a launch"):
+    for check in ("folded norms +greedy tokens", "folded norms, 2 branches", "folded norms, 4 steps a launch",
+                  "folded norms, staged attention vs default"):
         assert re.search(rf"PASS llama:tiny {check}", out), check
+    # the decode attention's loads were tuned (the default), plain and folded, and a variant chosen
+    assert re.search(r"decode attention NH=\d+ NKV=\d+ HS=\d+ max_len=\d+ rows=\d+ splits=1: direct [\d.]+ us, "
+                     r"early [\d.]+, staged [\d.]+ -> (direct|early|staged)", out)
+    assert re.search(r"decode attention .* \(rows' norm\): .* -> (direct|early|staged)", out)
 

