@@ -178,3 +178,35 @@ def test_rollout_check_on_the_emulated_gpu(emulators):
                      r"early [\d.]+, staged [\d.]+ -> (direct|early|staged)", out)
     assert re.search(r"decode attention .* \(rows' norm\): .* -> (direct|early|staged)", out)
 
+
+
+@pytest.mark.parametrize("value, message", [
+    ("staged_loads,bogus", "unknown variant 'bogus'"),
+    ("branches=9", "'branches=9' needs a whole number in 1..4 after 'branches='"),
+    ("steps=", "'steps=' needs a whole number in 1..8 after 'steps='"),
+])
+def test_rollout_variants_from_the_environment_refused(emulators, value, message):
+    """TRAIN_MORA_ROLLOUT with a word the engine does not know, or a count outside its range, stops
+    at the first engine with a message naming the variable and the word, and a non-zero exit."""
+    env = dict(emulated_env("issue"), TRAIN_MORA_ROLLOUT=value)
+    proc = subprocess.run([str(emulators["rollout_emu"])], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    assert f"TRAIN_MORA_ROLLOUT={value}" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_rollout_variants_from_the_environment_taken(emulators):
+    """A valid TRAIN_MORA_ROLLOUT is read when the first engine is made, and says what it set:
+    here the staged attention loads with 2 branches and 4 steps a launch (the run is stopped once
+    the line is out)."""
+    env = dict(emulated_env("issue"), TRAIN_MORA_ROLLOUT="staged_loads,branches=2,steps=4")
+    proc = subprocess.Popen([str(emulators["rollout_emu"])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        line = ""
+        for line in proc.stderr:
+            if line.startswith("rollout: TRAIN_MORA_ROLLOUT="):
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "branches 2" in line and "steps a graph 4" in line and "attention loads staged" in line, line
