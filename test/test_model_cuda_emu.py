@@ -13,7 +13,9 @@ and linked with the GPU checks themselves, run on their tiny models:
   the tiny GPT-2 and Llama: greedy tokens (near-tie rule), log-probs, the reference path, graphs
   off, poisoned buffers, decode_matmul, programmatic edges, pipelined steps, tuned products bit
   for bit against cuBLASLt's first choices, branches, several steps a graph launch, the
-  attention's early and staged loads, the folded norms, and the sampler's frequencies (chi-square).
+  attention's direct, early and staged loads against the default that tunes among them, the
+  folded norms, and the sampler's frequencies (chi-square); and TRAIN_MORA_ROLLOUT, the variable
+  that sets the engine's variants for a whole run, refusing what it does not know.
 
 Both run twice, side by side, with the emulated streams (test/emu_cuda/cuda_runtime.h) lazy
 (EMU_STREAMS=lazy: each stream's work runs only when a host synchronisation or another stream's
