@@ -214,6 +214,7 @@ struct RolloutEngine {
     // options.attention_loads tuned: set while a decode step runs eagerly (shapes met then are
     // tuned); the probe's positions (max_seqs) and the fingerprint's scratch word
     int tuning_attention;
+    int call_positions;            // the positions the current generate call reaches, at most
     int *probe_pos;
     unsigned long long *tune_sum;
     cudaGraphNode_t *pdl_nodes;
@@ -832,7 +833,8 @@ static void residual_and_norm(RolloutEngine *e, const RowSet *s, float *res_out,
 // (norm: with the rows' norm, the folded step): options.attention_loads, or where it asks for
 // tuning, the choice for this shape, made here the first time the shape is met while a step runs
 // eagerly (tuning_attention) and not captured. Each variant runs on the step's own rows and
-// buffers with every row at the last position the splits cover, reading the cache only (the
+// buffers with every row at the last position the generate call reaches (prompt and new
+// tokens; where its contexts differ most), reading the cache only (the
 // queries as qkv holds them, no RoPE, no norm: the work the variants do differently is the
 // reading), on each layer's cache in turn, so that the keys and values come from memory as in a
 // step; a variant whose output (on layer 0) has other bits than the direct one's is not taken.
@@ -853,7 +855,7 @@ static int attention_loads_for(RolloutEngine *e, const RowSet *s, int n, int n_s
     cudaCheck(cudaStreamIsCapturing(s->stream, &capture));
     if (capture != cudaStreamCaptureStatusNone) return DECODE_LOADS_DIRECT;
     const int NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
-    int last = std::min(e->max_len, n_splits * DECODE_SPLIT_LEN) - 1;
+    int last = std::min(std::min(e->max_len, e->call_positions), n_splits * DECODE_SPLIT_LEN) - 1;
     std::vector<int> probe(n, last);
     cudaCheck(cudaMemcpyAsync(e->probe_pos, probe.data(), n * sizeof(int), cudaMemcpyHostToDevice, s->stream));
     cudaCheck(cudaStreamSynchronize(s->stream));   // probe is on this stack
@@ -1589,6 +1591,7 @@ extern "C" void rollout_generate(RolloutEngine *e, const int *const *prompts, co
     if (reference && e->ref_flags == NULL)
         e->ref_flags = (unsigned char *)cudaMallocCheck((size_t)e->max_seqs * c->vocab_size);
     int n_splits = decode_attention_splits(max_prompt + p->max_new_tokens);
+    e->call_positions = max_prompt + p->max_new_tokens;
     matmul_tune_use = e->options.tune_products;   // (this file's products only: matmul.cuh is static)
     cudaStream_t st = e->stream;
     memset(&e->stats, 0, sizeof(e->stats));

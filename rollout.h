@@ -99,7 +99,7 @@ typedef struct {
     // memory at once (cp.async; 0 runs where the device's shared memory is short).
     // ROLLOUT_ATTENTION_LOADS_TUNED (-1, default): the first decode step of each shape, which runs
     // eagerly, times the three on the layers' caches in turn (from memory, as a step reads them),
-    // every row at the last position the step's splits cover, reading only, and keeps the fastest
+    // every row at the last position the generate call reaches, reading only, and keeps the fastest
     // of those whose output has 0's bits there (as tune_products does for the products); that
     // step and every later one (graphs included) use it. rollout_tuning_print lists the choices.
     int attention_loads;
