@@ -426,10 +426,11 @@ static int env_count(const char *v, const char *w, int skip, int max) {
     return (int)n;
 }
 
-// TRAIN_MORA_ROLLOUT: the variants an engine starts with, a comma-separated list of
-// decode_matmul, pdl, pipeline, untuned (tune_products 0), direct_loads, early_loads and staged_loads
-// (attention_loads 0, 1 and 2), fold_norms, branches=N and steps=N (steps_per_graph) (RolloutOptions), for trying them in a whole run
-// (generate, eval, mora); rollout_set_options replaces them. Any other word exits with a message.
+// TRAIN_MORA_ROLLOUT: the variants an engine starts with (RolloutOptions), a comma-separated list
+// of decode_matmul, pdl, pipeline, untuned (tune_products 0), direct_loads, early_loads and
+// staged_loads (attention_loads 0, 1 and 2), fold_norms, branches=N and steps=N (steps_per_graph),
+// for trying them in a whole run (generate, eval, mora); rollout_set_options replaces them. Any
+// other word exits with a message.
 static void options_from_env(RolloutOptions *o) {
     const char *v = getenv("TRAIN_MORA_ROLLOUT");
     if (v == NULL || v[0] == '\0') return;
