@@ -530,14 +530,18 @@ static int decode_attention_loads = DECODE_LOADS_DIRECT;
 
 // Whether a block of the staged variant (head size HS, HB heads) fits in the device's shared
 // memory for a cache of Tmax positions: its keys and values and the kernel's own arrays.
-static inline int decode_staged_fits(int Tmax, int HS, int HB) {
+template <int HS, int HB>
+static inline int decode_staged_fits(int Tmax) {
     static int optin = -1;
+    static size_t own = 0;   // the kernel's static __shared__ arrays
     if (optin < 0) {
         int device = 0;
         cudaCheck(cudaGetDevice(&device));
         cudaCheck(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        cudaFuncAttributes attr;
+        cudaCheck(cudaFuncGetAttributes(&attr, decode_attention_kernel<HS, HB, DECODE_LOADS_STAGED>));
+        own = attr.sharedSizeBytes;
     }
-    size_t own = sizeof(float) * ((size_t)HB * DECODE_SPLIT_LEN + 2 * HB + (size_t)DECODE_WARPS * HB * HS + DECODE_WARPS);
     return decode_stage_bytes(Tmax, HS) + own <= (size_t)optin;
 }
 
@@ -550,7 +554,7 @@ static inline void decode_attention_fast_launch(dim3 grid, floatX *out, float *p
                                                 const int *row_slot, const int *row_pos, int NH, int NKV, int n_slots,
                                                 int Tmax, int n_splits, int *err, DecodeRowNorm row_norm, cudaStream_t stream) {
     int loads = decode_attention_loads;
-    if (loads == DECODE_LOADS_STAGED && !decode_staged_fits(Tmax, HS, HB)) loads = DECODE_LOADS_DIRECT;
+    if (loads == DECODE_LOADS_STAGED && !decode_staged_fits<HS, HB>(Tmax)) loads = DECODE_LOADS_DIRECT;
     if (loads == DECODE_LOADS_EARLY) {
         decode_attention_kernel<HS, HB, DECODE_LOADS_EARLY><<<grid, DECODE_THREADS, 0, stream>>>(out, part_o, part_ml, qkv, k_cache, v_cache, cos_sin, write_kv, row_slot, row_pos, NH, NKV, n_slots, Tmax, n_splits, err, row_norm);
     } else if (loads == DECODE_LOADS_STAGED) {

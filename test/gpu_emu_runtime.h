@@ -74,6 +74,12 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 static inline int cudaGetDevice(int *device) { *device = 0; return 0; }
 static inline int cudaDeviceGetAttribute(int *value, cudaDeviceAttr, int) { *value = 227 * 1024; return 0; }
 template <typename Kernel> static inline int cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) { return 0; }
+// a kernel's attributes: its static __shared__ arrays are the emulation's statics, counted as none
+struct cudaFuncAttributes { size_t sharedSizeBytes; };
+template <typename Kernel> static inline int cudaFuncGetAttributes(cudaFuncAttributes *attr, Kernel) {
+    attr->sharedSizeBytes = 0;
+    return 0;
+}
 #define cudaRequire(cond, what) ((cond) ? (void)0 : emu_fail(what))
 
 // Runs body as every block of grid with block threads: what a <<<grid, block, smem, stream>>>
