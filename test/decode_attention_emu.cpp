@@ -46,10 +46,13 @@ int main(int argc, char **argv) {
             shared_bytes += sizeof(float) * hb * (DECODE_SPLIT_LEN + 2 + DECODE_WARPS * hs);
     FILE *f = emu_open_input(argc, argv, shared_bytes);
     const char *loads = getenv("DECODE_ATTENTION_LOADS");
-    decode_attention_loads = loads == NULL || loads[0] == '\0' ? DECODE_LOADS_DIRECT : atoi(loads);
-    if (decode_attention_loads < DECODE_LOADS_DIRECT || decode_attention_loads > DECODE_LOADS_STAGED) {
-        fprintf(stderr, "error: DECODE_ATTENTION_LOADS=%s: expected 0, 1 or 2\n", loads);
-        return 1;
+    decode_attention_loads = DECODE_LOADS_DIRECT;
+    if (loads != NULL && loads[0] != '\0') {
+        if ((loads[0] < '0' || loads[0] > '2') || loads[1] != '\0') {
+            fprintf(stderr, "error: DECODE_ATTENTION_LOADS=%s: expected 0, 1 or 2\n", loads);
+            return 1;
+        }
+        decode_attention_loads = loads[0] - '0';
     }
     int32_t dims[11];
     if (fread(dims, sizeof(int32_t), 11, f) != 11) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
