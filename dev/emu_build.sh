@@ -8,8 +8,9 @@
 #                            engine (no NCCL), e.g. for the MORA device check (about 17 minutes):
 #                              MORA_DEVICE_NO_NCCL=1 python3 dev/cuda/mora_device_check.py DIR/train_mora DIR/work
 #
-# Run them with EMU_STREAMS=shuffle to catch missing waits and edges between streams, TRAIN_MORA_FLASH_TUNE=0
-# (timings mean nothing here) and OMP_NUM_THREADS set to the cores to use.
+# Run them with EMU_STREAMS=shuffle to catch missing waits and edges between streams, EMU_BLOCKS=shuffle
+# to run each launch's blocks in random orders, TRAIN_MORA_FLASH_TUNE=0 (timings mean nothing here) and
+# OMP_NUM_THREADS set to the cores to use.
 #
 #   bash dev/emu_build.sh DIR
 set -euo pipefail

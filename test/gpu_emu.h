@@ -14,7 +14,15 @@
  *   - dynamic shared memory (smem) starts as NaN for every block; with EMU_STATIC_SHARED defined,
  *     so does the range emu_shared_begin..emu_shared_end, where the includer's linker script
  *     gathers the kernels' static __shared__ arrays, so a read of an element nothing wrote shows
- *     up in the output.
+ *     up in the output;
+ *   - a launch's shared memory is held to CUDA's limits a block: 48 KiB of static and dynamic
+ *     together, unless the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize was raised (then
+ *     the dynamic part up to it, both parts together up to the opt-in limit, 227 KiB on an H100).
+ *     test/gpu_emu.py makes each static __shared__ array report its size when a thread reaches
+ *     its declaration (emu_static_shared) and names each launch's kernel (emu_bind);
+ *   - blocks run one after another, in the order EMU_BLOCKS says: forward (x fastest, as CUDA
+ *     numbers them; the default), reverse, or shuffle (another pseudo-random order each launch,
+ *     seeded by EMU_SEED), so that blocks of one kernel that depend on each other's order show.
  * The includer defines EMU_PROGRAM, its name in error messages.
  */
 #ifndef TEST_GPU_EMU_H
@@ -120,6 +128,109 @@ static bool threads_in_reverse;
 static std::function<void()> kernel_body;
 static std::vector<unsigned char> smem;
 
+// ---------------------------------------------------------------------------------------------
+// shared memory limits a block (see the file comment)
+
+#define EMU_SHARED_DEFAULT (48 * 1024)   // without the kernel's attribute raised
+#define EMU_SHARED_OPTIN (227 * 1024)    // cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100
+// a launch's kernel: its function (NULL for a launch of a lambda) and its name in the source
+struct EmuKernel { const void *fn; const char *name; };
+// the kernel of the last emu_bind, taken by the launch it is an argument of (emu_take_bound)
+static EmuKernel emu_bound = {NULL, NULL};
+static inline EmuKernel emu_take_bound() {
+    EmuKernel k = emu_bound;
+    emu_bound = EmuKernel{NULL, NULL};
+    return k;
+}
+// cudaFuncAttributeMaxDynamicSharedMemorySize as the program set it, by kernel
+static std::vector<std::pair<const void *, size_t>> emu_dynamic_smem_limits;
+static inline void emu_set_dynamic_smem_limit(const void *fn, size_t bytes) {
+    for (auto &l : emu_dynamic_smem_limits)
+        if (l.first == fn) {
+            l.second = bytes;
+            return;
+        }
+    emu_dynamic_smem_limits.push_back({fn, bytes});
+}
+// the static __shared__ arrays the running launch's threads declared (address, bytes)
+static std::vector<std::pair<const void *, size_t>> emu_static_arrays;
+static inline void emu_static_shared(const void *array, size_t bytes) {
+    for (auto &a : emu_static_arrays)
+        if (a.first == array) return;
+    emu_static_arrays.push_back({array, bytes});
+}
+// Stops the program where a launch of kernel k with `dynamic` bytes of dynamic shared memory,
+// after its blocks declared emu_static_arrays, would not have started on a GPU.
+static void emu_check_shared(EmuKernel k, size_t dynamic) {
+    size_t statics = 0;
+    for (auto &a : emu_static_arrays) statics += a.second;
+    const char *name = k.name ? k.name : "a kernel";
+    char what[512];
+    if (statics + dynamic > EMU_SHARED_OPTIN) {
+        snprintf(what, sizeof(what), "%s: %zu bytes of static and %zu of dynamic shared memory pass the %d a block may take",
+                 name, statics, dynamic, EMU_SHARED_OPTIN);
+        emu_fail(what);
+    }
+    if (k.fn == NULL) return;   // a lambda's launch: no attribute to read
+    const size_t *limit = NULL;
+    for (auto &l : emu_dynamic_smem_limits)
+        if (l.first == k.fn) limit = &l.second;
+    if (limit == NULL && statics + dynamic > EMU_SHARED_DEFAULT) {
+        snprintf(what, sizeof(what), "%s: %zu bytes of static and %zu of dynamic shared memory pass the %d a block may take "
+                 "unless cudaFuncAttributeMaxDynamicSharedMemorySize is raised", name, statics, dynamic, EMU_SHARED_DEFAULT);
+        emu_fail(what);
+    }
+    if (limit && dynamic > *limit) {
+        snprintf(what, sizeof(what), "%s: %zu bytes of dynamic shared memory, its cudaFuncAttributeMaxDynamicSharedMemorySize %zu",
+                 name, dynamic, *limit);
+        emu_fail(what);
+    }
+    if (limit && *limit + statics > EMU_SHARED_OPTIN) {
+        snprintf(what, sizeof(what), "%s: cudaFuncAttributeMaxDynamicSharedMemorySize %zu with %zu bytes of static arrays "
+                 "passes the %d a block may take (setting it fails on a GPU)", name, *limit, statics, EMU_SHARED_OPTIN);
+        emu_fail(what);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the order of a launch's blocks (EMU_BLOCKS: forward, reverse or shuffle; see the file comment)
+
+static inline int emu_blocks_mode() {
+    static int mode = -1;
+    if (mode < 0) {
+        const char *v = getenv("EMU_BLOCKS");
+        if (v == NULL || *v == 0 || strcmp(v, "forward") == 0) mode = 0;
+        else if (strcmp(v, "reverse") == 0) mode = 1;
+        else if (strcmp(v, "shuffle") == 0) mode = 2;
+        else emu_fail("EMU_BLOCKS must be forward, reverse or shuffle");
+    }
+    return mode;
+}
+// EMU_BLOCKS=shuffle's orders: a pseudo-random number below n, seeded by EMU_SEED (default 1)
+static inline uint64_t emu_block_pick(uint64_t n) {
+    static uint64_t state = 0;
+    if (state == 0) {
+        const char *v = getenv("EMU_SEED");
+        char *end = NULL;
+        unsigned long long seed = v ? strtoull(v, &end, 10) : 1ull;
+        if (v && (*v == 0 || *end != 0)) emu_fail("EMU_SEED must be a non-negative integer");
+        state = 0x2545f4914f6cdd1dull ^ seed;
+        if (state == 0) state = 1;
+    }
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return (state >> 11) % n;
+}
+// The blocks' linear indices (x fastest) in the order they run
+static std::vector<uint64_t> emu_block_order(uint64_t blocks) {
+    std::vector<uint64_t> order(blocks);
+    for (uint64_t b = 0; b < blocks; b++) order[b] = emu_blocks_mode() == 1 ? blocks - 1 - b : b;
+    if (emu_blocks_mode() == 2)
+        for (uint64_t b = blocks; b > 1; b--) std::swap(order[b - 1], order[emu_block_pick(b)]);
+    return order;
+}
+
 #ifdef EMU_STATIC_SHARED
 extern char emu_shared_begin[], emu_shared_end[];   // set by the includer's linker script
 #endif
@@ -160,9 +271,11 @@ static __attribute__((noinline)) void init_thread(int t) {
     makecontext(&th.context, thread_entry, 0);
 }
 
-// Runs kernel_body as every block of grid with block threads (x fastest, as CUDA numbers them;
-// warps are 32 consecutive threads, the last one possibly partial) and smem_bytes of shared memory.
-static void launch_blocks(Dim3 grid, Dim3 block, size_t smem_bytes, std::function<void()> body) {
+// Runs kernel_body as every block of grid (in the order of EMU_BLOCKS) with block threads (warps
+// are 32 consecutive threads, the last one possibly partial) and smem_bytes of dynamic shared
+// memory; then checks the launch's shared memory against the limits of kernel k.
+static void launch_blocks(Dim3 grid, Dim3 block, size_t smem_bytes, std::function<void()> body,
+                          EmuKernel k = EmuKernel{NULL, NULL}) {
     const int n = (int)(block.x * block.y * block.z);
     if (n < 1 || n > 1024) emu_fail("a block must have 1 to 1024 threads");
     kernel_body = body;
@@ -170,56 +283,58 @@ static void launch_blocks(Dim3 grid, Dim3 block, size_t smem_bytes, std::functio
     blockDim = block;
     threads = std::vector<EmuThread>(n);
     if (stacks.size() < (size_t)n) stacks.resize(n, std::vector<char>(STACK_BYTES));
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
-                blockIdx = Dim3{x, y, z};
-                smem.assign(smem_bytes, 0xff);   // NaN in bf16 and fp32
+    emu_static_arrays.clear();
+    for (uint64_t b : emu_block_order((uint64_t)grid.x * grid.y * grid.z)) {
+        blockIdx = Dim3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
+        smem.assign(smem_bytes, 0xff);   // NaN in bf16 and fp32
 #ifdef EMU_STATIC_SHARED
-                memset(emu_shared_begin, 0xff, emu_shared_end - emu_shared_begin);
+        memset(emu_shared_begin, 0xff, emu_shared_end - emu_shared_begin);
 #endif
-                for (int t = 0; t < n; t++) init_thread(t);
-                for (;;) {
-                    for (int i = 0; i < n; i++) {
-                        int t = threads_in_reverse ? n - 1 - i : i;
-                        if (threads[t].state != RUNNABLE) continue;
-                        threadIdx = Dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-                        run_thread(t);
-                    }
-                    int done = 0, at_block = 0;
-                    bool released = false;
-                    for (int t = 0; t < n; t++) done += threads[t].state == DONE, at_block += threads[t].state == AT_BLOCK_BARRIER;
-                    if (done == n) break;
-                    for (int w = 0; w * 32 < n; w++) {
-                        int lanes = n - w * 32 < 32 ? n - w * 32 : 32, at_warp = 0;
-                        for (int l = 0; l < lanes; l++) at_warp += threads[w * 32 + l].state == AT_WARP_BARRIER;
-                        if (at_warp == lanes) {
-                            for (int l = 0; l < lanes; l++) threads[w * 32 + l].state = RUNNABLE;
-                            released = true;
-                        }
-                    }
-                    if (at_block == n) {
-                        for (int t = 0; t < n; t++) threads[t].state = RUNNABLE;
-                        released = true;
-                    }
-                    if (!released) emu_fail("deadlock: threads wait at barriers that cannot be passed");
+        for (int t = 0; t < n; t++) init_thread(t);
+        for (;;) {
+            for (int i = 0; i < n; i++) {
+                int t = threads_in_reverse ? n - 1 - i : i;
+                if (threads[t].state != RUNNABLE) continue;
+                threadIdx = Dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+                run_thread(t);
+            }
+            int done = 0, at_block = 0;
+            bool released = false;
+            for (int t = 0; t < n; t++) done += threads[t].state == DONE, at_block += threads[t].state == AT_BLOCK_BARRIER;
+            if (done == n) break;
+            for (int w = 0; w * 32 < n; w++) {
+                int lanes = n - w * 32 < 32 ? n - w * 32 : 32, at_warp = 0;
+                for (int l = 0; l < lanes; l++) at_warp += threads[w * 32 + l].state == AT_WARP_BARRIER;
+                if (at_warp == lanes) {
+                    for (int l = 0; l < lanes; l++) threads[w * 32 + l].state = RUNNABLE;
+                    released = true;
                 }
             }
+            if (at_block == n) {
+                for (int t = 0; t < n; t++) threads[t].state = RUNNABLE;
+                released = true;
+            }
+            if (!released) emu_fail("deadlock: threads wait at barriers that cannot be passed");
+        }
+    }
+    emu_check_shared(k, smem_bytes);
 }
 // The kernels under the per-kernel emulators take whole warps in one dimension.
-static void launch(Dim3 grid, int block, size_t smem_bytes, std::function<void()> body) {
+static void launch(Dim3 grid, int block, size_t smem_bytes, std::function<void()> body, EmuKernel k = EmuKernel{NULL, NULL}) {
     if (block % 32 != 0) emu_fail("block size must be a multiple of 32");
-    launch_blocks(grid, Dim3{(unsigned)block, 1, 1}, smem_bytes, body);
+    launch_blocks(grid, Dim3{(unsigned)block, 1, 1}, smem_bytes, body, k);
 }
 
 // A launch's kernel and arguments as the closure the block scheduler runs: the arguments
 // converted to the kernel's parameter types and copied now, as a launch evaluates them when it
-// is issued (a launch captured into a CUDA graph keeps the values it had then).
+// is issued (a launch captured into a CUDA graph keeps the values it had then). The kernel and
+// its name are left in emu_bound for the launch to take.
 // test/gpu_emu.py rewrites  k<<<grid, block, smem, stream>>>(args);  into
-// emu_launch(grid, block, smem, stream, emu_bind(k, args));
+// emu_launch(grid, block, smem, stream, emu_bind("k", k, args));
 template <typename... P, typename... A>
-static std::function<void()> emu_bind(void (*kernel)(P...), A &&...args) {
+static std::function<void()> emu_bind(const char *name, void (*kernel)(P...), A &&...args) {
     static_assert(sizeof...(P) == sizeof...(A), "a launch passes as many arguments as the kernel has parameters");
+    emu_bound = EmuKernel{reinterpret_cast<const void *>(kernel), name};
     return [kernel, values = std::tuple<typename std::decay<P>::type...>((P)(args)...)]() { std::apply(kernel, values); };
 }
 

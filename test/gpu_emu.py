@@ -2,9 +2,12 @@
 
 The header's host code launches kernels with k<<<grid, block, smem, stream>>>(args), which C++
 cannot compile; each launch is rewritten into emu_launch(grid, block, smem, stream,
-emu_bind(k, args)), roughly what nvcc turns a launch into: test/gpu_emu.h's emu_bind copies the
-arguments, converted to the kernel's parameter types, into the closure the launch runs. The
-kernels themselves are compiled unchanged.
+emu_bind("k", k, args)), roughly what nvcc turns a launch into: test/gpu_emu.h's emu_bind copies
+the arguments, converted to the kernel's parameter types, into the closure the launch runs, and
+names the kernel to the launch. Each static __shared__ declaration is followed by
+emu_static_shared(&name, sizeof(name)) for every array it declares, so that a launch knows its
+static shared memory (CUDA's limits a block, test/gpu_emu.h). The kernels' code is otherwise
+compiled unchanged.
 """
 import re
 import shutil
@@ -16,15 +19,31 @@ import pytest
 from conftest import ROOT
 
 
+def shared_names(declaration):
+    """The names a static __shared__ declaration (what follows __shared__, up to its ';') declares."""
+    declaration = re.sub(r"__align__\(\d+\)", "", declaration)
+    names = []
+    for i, part in enumerate(declaration.split(",")):   # a declarator's brackets hold no commas here
+        m = re.search(r"([A-Za-z_]\w*)\s*(?:\[|$)", part.strip())
+        assert m and (i > 0 or m.start() > 0), f"not a __shared__ declaration: {declaration!r}"
+        names.append(m.group(1))
+    return names
+
+
 def rewrite_launches(source, min_launches):
-    """source with every <<<...>>> launch rewritten into an emu_launch call."""
+    """source with every <<<...>>> launch rewritten into an emu_launch call, and every static
+    __shared__ declaration (one that starts its line) followed by its arrays' emu_static_shared."""
     def launch(m):
         kernel, config, args = m.group(1), m.group(2), m.group(3)
-        return f"emu_launch({config}, emu_bind({kernel}{', ' if args.strip() else ''}{args}));"
+        return f"emu_launch({config}, emu_bind(\"{kernel}\", {kernel}{', ' if args.strip() else ''}{args}));"
+
+    def shared(m):
+        registered = " ".join(f"emu_static_shared(&{name}, sizeof({name}));" for name in shared_names(m.group(2)))
+        return f"{m.group(1)}__shared__{m.group(2)}; {registered}"
 
     launched, n = re.subn(r"(\w+(?:<[\w, ]+>)?)<<<(.*?)>>>\((.*?)\);", launch, source, flags=re.S)
     assert n == source.count("<<<") and n >= min_launches and "<<<" not in launched, "a launch was not rewritten"
-    return launched
+    return re.sub(r"^(\s*)__shared__([^;]*);", shared, launched, flags=re.M)
 
 
 def build_emulator(build, launched, name):

@@ -67,13 +67,17 @@ static inline float block_max(float v, float *shared) {
 static inline unsigned char *dynamic_smem() { return smem.data(); }
 #define cudaCheckLaunch() ((void)0)
 #define cudaCheck(call) ((void)(call))
-// device queries and kernel attributes: one device, whose blocks may take 227 KiB of dynamic
-// shared memory (an H100's opt-in limit); setting an attribute does nothing
+// device queries and kernel attributes: one device, whose blocks may take 227 KiB of shared
+// memory (an H100's opt-in limit); a kernel's dynamic shared memory limit is kept for its launches
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 static inline int cudaGetDevice(int *device) { *device = 0; return 0; }
 static inline int cudaDeviceGetAttribute(int *value, cudaDeviceAttr, int) { *value = 227 * 1024; return 0; }
-template <typename Kernel> static inline int cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) { return 0; }
+template <typename Kernel> static inline int cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
+    if (bytes < 0 || bytes > EMU_SHARED_OPTIN) return 1;
+    emu_set_dynamic_smem_limit(reinterpret_cast<const void *>(kernel), (size_t)bytes);
+    return 0;
+}
 // a kernel's attributes: its static __shared__ arrays are the emulation's statics, counted as none
 struct cudaFuncAttributes { size_t sharedSizeBytes; };
 template <typename Kernel> static inline int cudaFuncGetAttributes(cudaFuncAttributes *attr, Kernel) {
@@ -85,7 +89,7 @@ template <typename Kernel> static inline int cudaFuncGetAttributes(cudaFuncAttri
 // Runs body as every block of grid with block threads: what a <<<grid, block, smem, stream>>>
 // launch does (the stream is irrelevant: launches run in program order).
 static inline void emu_launch(dim3 grid, int block, size_t smem_bytes, cudaStream_t, std::function<void()> body) {
-    launch(Dim3{grid.x, grid.y, grid.z}, block, smem_bytes, body);
+    launch(Dim3{grid.x, grid.y, grid.z}, block, smem_bytes, body, emu_take_bound());
 }
 // blocks of more than one dimension are not emulated (the kernels under test use none)
 static inline void emu_launch(dim3, dim3, size_t, cudaStream_t, std::function<void()>) {

@@ -130,16 +130,20 @@ static inline float __fadd_rn(float a, float b) { return a + b; }
 #define cudaCheckLaunch() ((void)0)
 #define cudaCheck(call) ((void)(call))
 #define cudaRequire(cond, what) ((cond) ? (void)0 : emu_fail(what))
-// sampling_setup() is compiled, not called: the emulated block has all the shared memory it asks for
+// sampling_setup() raises the one-block kernel's dynamic shared memory limit, as the engine has it
+// do; a block may take what an H100's may (test/gpu_emu.h holds each launch to it)
 enum { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaFuncAttributeMaxDynamicSharedMemorySize };
 static inline int cudaGetDevice(int *d) { *d = 0; return 0; }
-static inline int cudaDeviceGetAttribute(int *v, int, int) { *v = 1 << 30; return 0; }
-template <typename F> static inline int cudaFuncSetAttribute(F, int, int) { return 0; }
+static inline int cudaDeviceGetAttribute(int *v, int, int) { *v = EMU_SHARED_OPTIN; return 0; }
+template <typename F> static inline int cudaFuncSetAttribute(F kernel, int, int bytes) {
+    emu_set_dynamic_smem_limit(reinterpret_cast<const void *>(kernel), (size_t)bytes);
+    return 0;
+}
 
 // Runs body as every block of grid (n_rows blocks) with block threads: what a
 // <<<grid, block, smem, stream>>> launch does (launches run in program order).
 static void emu_launch(int grid, int block, size_t smem_bytes, cudaStream_t, std::function<void()> body) {
-    launch(Dim3{(unsigned)grid, 1, 1}, block, smem_bytes, body);
+    launch(Dim3{(unsigned)grid, 1, 1}, block, smem_bytes, body, emu_take_bound());
 }
 
 #include "sampling_launched.cuh"   // llmc/sampling.cuh with its launches rewritten
@@ -174,6 +178,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     threads_in_reverse = strcmp(argv[3], "reverse") == 0;
+    sampling_setup();
     // the one-block kernel's static shared arrays: cnt, mass, red_ms, red_best (the split
     // kernels' are smaller)
     size_t shared_bytes = SAMPLE_BUCKETS * (sizeof(unsigned) + sizeof(unsigned long long)) +

@@ -23,7 +23,10 @@ event wait needs it) and shuffled (EMU_STREAMS=shuffle: as lazy, but the streams
 run interleave at random, and each graph launch runs its nodes in a random order its captured
 dependencies allow), so a missing wait between streams, a missing edge between the chains of a
 captured graph (the rollout's branches), two chains sharing a buffer, or a host read of a copy
-not waited for, reads NaN or stale data and fails a check.
+not waited for, reads NaN or stale data and fails a check. The lazy run takes each launch's
+blocks in reverse order, the shuffled run in random orders (EMU_BLOCKS), so blocks of one kernel
+that depend on each other's order show too; and every launch is held to CUDA's shared memory
+limits a block (48 KiB unless the kernel's limit was raised), which a GPU enforces by refusing it.
 
 So the host code (buffers, the order of kernels, graphs, the switches, the waits between
 streams) is checked on every machine, not only where a GPU is. What the emulation does not
@@ -121,8 +124,56 @@ def test_lazy_streams_catch_missing_waits(tmp_path):
         assert run.returncode != 0 and "was not joined back" in run.stderr, (mode, run.stdout, run.stderr)
 
 
+def test_launches_block_order_and_shared_memory_limits(tmp_path):
+    """EMU_BLOCKS runs a launch's blocks forward, in reverse or shuffled (another order for
+    another EMU_SEED), and a launch is refused where a GPU refuses it: static and dynamic shared
+    memory past 48 KiB without the kernel's limit raised, dynamic past the raised limit, or both
+    past what a block may ever take (test/emu_launch_check.cpp, its kernels rewritten as the
+    engine's are)."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ is needed to build the emulated runtime's check")
+    (tmp_path / "emu_launch_kernels_launched.cuh").write_text(
+        rewrite_launches((ROOT / "test" / "emu_launch_kernels.cuh").read_text(), 2))
+    exe = tmp_path / "emu_launch_check"
+    subprocess.run([cxx, *CXX_FLAGS, "-I", str(ROOT / "test" / "emu_cuda"), "-I", str(ROOT / "test"), "-I", str(tmp_path),
+                    "-o", str(exe), str(ROOT / "test" / "emu_launch_check.cpp")], check=True)
+
+    def run(case, **env):
+        base = {k: v for k, v in os.environ.items() if k not in ("EMU_BLOCKS", "EMU_SEED", "EMU_STREAMS")}
+        return subprocess.run([str(exe), case], capture_output=True, text=True, env=dict(base, **env), timeout=60)
+
+    def order(**env):
+        proc = run("order", **env)
+        assert proc.returncode == 0, proc.stderr
+        return [int(b) for b in proc.stdout.split(":")[1].split()]
+
+    assert order() == list(range(24)) and order(EMU_BLOCKS="forward") == list(range(24))
+    assert order(EMU_BLOCKS="reverse") == list(range(23, -1, -1))
+    shuffled = [order(EMU_BLOCKS="shuffle", EMU_SEED=str(seed)) for seed in (1, 2)]
+    assert all(sorted(o) == list(range(24)) for o in shuffled)
+    assert shuffled[0] != shuffled[1] and list(range(24)) not in shuffled
+    assert shuffled[0] == order(EMU_BLOCKS="shuffle", EMU_SEED="1")
+    bad = run("order", EMU_BLOCKS="sideways")
+    assert bad.returncode != 0 and "EMU_BLOCKS must be" in bad.stderr
+    for case in ("static40+dyn8", "raised"):
+        proc = run(case)
+        assert proc.returncode == 0 and proc.stdout == "ok\n", (case, proc.stderr)
+    for case, message in (("static40+dyn16", "static_40k: 40960 bytes of static and 16384 of dynamic shared memory pass "
+                                             "the 49152 a block may take unless cudaFuncAttributeMaxDynamicSharedMemorySize"),
+                          ("raised-short", "static_40k: 16384 bytes of dynamic shared memory, its "
+                                           "cudaFuncAttributeMaxDynamicSharedMemorySize 8192"),
+                          ("past-optin", "static_40k: 40960 bytes of static and 194560 of dynamic shared memory pass "
+                                         "the 232448")):
+        proc = run(case)
+        assert proc.returncode != 0 and message in proc.stderr, (case, proc.stdout, proc.stderr)
+
+
 def emulated_env(streams):
-    env = dict(os.environ, TRAIN_MORA_FLASH_TUNE="0", OMP_NUM_THREADS="1", EMU_STREAMS=streams)
+    """The environment of an emulated run with the streams `streams`, the blocks reversed when
+    they are lazy and shuffled when they are, and every engine switch at its default."""
+    blocks = {"lazy": "reverse", "shuffle": "shuffle"}.get(streams, "forward")
+    env = dict(os.environ, TRAIN_MORA_FLASH_TUNE="0", OMP_NUM_THREADS="1", EMU_STREAMS=streams, EMU_BLOCKS=blocks)
     for name in list(env):   # every switch at its default, as a GPU run has them
         if name.startswith("TRAIN_MORA_") and name != "TRAIN_MORA_FLASH_TUNE" or name in ("SMOLLM2_GGUF", "EMU_SEED"):
             del env[name]
@@ -137,7 +188,7 @@ def run_check(exe, *args):
                                    env=emulated_env(mode)) for mode in ("lazy", "shuffle")}
     outs = {mode: run.communicate(timeout=2400) for mode, run in runs.items()}
     for mode, (stdout, stderr) in outs.items():
-        print(f"== EMU_STREAMS={mode}\n{stdout}")
+        print(f"== EMU_STREAMS={mode} EMU_BLOCKS={emulated_env(mode)['EMU_BLOCKS']}\n{stdout}")
         failed = [line for line in stdout.splitlines() if line.startswith("FAIL")]
         assert runs[mode].returncode == 0 and not failed, \
             f"EMU_STREAMS={mode}: exit {runs[mode].returncode}: {failed}\n{stderr[-2000:]}"

@@ -579,8 +579,10 @@ static inline cudaError_t cudaMemsetAsync(void *p, int value, size_t bytes, cuda
 // launches (k<<<grid, block, smem, stream>>>(args) as test/gpu_emu.py rewrites it)
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
-template <typename Kernel> static inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int bytes) {
-    return bytes <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;
+template <typename Kernel> static inline cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
+    if (bytes < 0 || bytes > EMU_SHARED_OPTIN) return cudaErrorInvalidValue;
+    emu_set_dynamic_smem_limit(reinterpret_cast<const void *>(kernel), (size_t)bytes);   // held to at each launch
+    return cudaSuccess;
 }
 // what a kernel's attributes say: built for sm_90 (so the engine takes its sm_90 paths)
 struct cudaFuncAttributes { int maxThreadsPerBlock, numRegs, ptxVersion, binaryVersion; size_t sharedSizeBytes; };
@@ -589,11 +591,12 @@ template <typename Kernel> static inline cudaError_t cudaFuncGetAttributes(cudaF
     return cudaSuccess;
 }
 static inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t s, std::function<void()> body) {
-    if (smem_bytes > 227 * 1024) emu_fail("a launch asks for more dynamic shared memory than a block may have");
+    const EmuKernel kernel = emu_take_bound();   // the kernel of this launch's emu_bind (none for a lambda)
+    if (smem_bytes > EMU_SHARED_OPTIN) emu_fail("a launch asks for more dynamic shared memory than a block may have");
     if ((size_t)block.x * block.y * block.z > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
         emu_fail("a launch's grid or block is outside CUDA's limits");
     emu_issue(s, cudaGraphNodeTypeKernel, [=] {
-        launch_blocks(Dim3{grid.x, grid.y, grid.z}, Dim3{block.x, block.y, block.z}, smem_bytes, body);
+        launch_blocks(Dim3{grid.x, grid.y, grid.z}, Dim3{block.x, block.y, block.z}, smem_bytes, body, kernel);
     });
 }
 static inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, std::function<void()> body) {

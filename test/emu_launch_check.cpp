@@ -1,0 +1,62 @@
+/*
+ * The emulated launches' block order and shared memory limits (test/gpu_emu.h), on the kernels of
+ * test/emu_launch_kernels.cuh, so that test/test_model_cuda_emu.py knows what EMU_BLOCKS and the
+ * limits do before it trusts them with the engine. One case a run (the first argument):
+ *   order           launches a 4 x 3 x 2 grid whose blocks record the order they ran in and prints
+ *                   it ("order: i0 i1 ..."): EMU_BLOCKS decides it;
+ *   static40+dyn8   40 KiB of static and 8 KiB of dynamic shared memory: 48 KiB, which a block
+ *                   may take without raising the kernel's limit; prints "ok";
+ *   static40+dyn16  40 + 16 KiB without the limit raised: refused (a message, a non-zero exit);
+ *   raised          the same with cudaFuncAttributeMaxDynamicSharedMemorySize set to 16 KiB: "ok";
+ *   raised-short    the limit set to 8 KiB and 16 KiB asked for: refused;
+ *   past-optin      the limit set to 190 KiB and 190 KiB asked for: with the 40 KiB of static
+ *                   arrays, more than a block may ever take: refused.
+ * The program's own includer of the kernels, emu_launch_kernels_launched.cuh, is the rewritten
+ * header the test writes.
+ */
+#define EMU_PROGRAM "emu_launch_check"
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <string.h>
+#include "emu_launch_kernels_launched.cuh"
+
+static int run_static_40k(size_t dynamic_bytes, int limit) {
+    if (limit >= 0 && cudaFuncSetAttribute(static_40k, cudaFuncAttributeMaxDynamicSharedMemorySize, limit) != cudaSuccess) {
+        fprintf(stderr, "emu_launch_check: the attribute was refused\n");
+        return 1;
+    }
+    float *out, host = 0.0f;
+    cudaMalloc((void **)&out, sizeof(float));
+    launch_static_40k(out, dynamic_bytes);
+    cudaMemcpy(&host, out, sizeof(float), cudaMemcpyDeviceToHost);
+    if (host != (dynamic_bytes > 0 ? 3.0f : 1.0f)) {
+        fprintf(stderr, "emu_launch_check: static_40k wrote %g\n", host);
+        return 1;
+    }
+    printf("ok\n");
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    const char *c = argc == 2 ? argv[1] : "";
+    if (strcmp(c, "order") == 0) {
+        const int blocks = 24;
+        int *order, *count, host[blocks];
+        cudaMalloc((void **)&order, blocks * sizeof(int));
+        cudaMalloc((void **)&count, sizeof(int));
+        cudaMemset(count, 0, sizeof(int));
+        launch_record_block(dim3(4, 3, 2), order, count);
+        cudaMemcpy(host, order, sizeof(host), cudaMemcpyDeviceToHost);
+        printf("order:");
+        for (int b = 0; b < blocks; b++) printf(" %d", host[b]);
+        printf("\n");
+        return 0;
+    }
+    if (strcmp(c, "static40+dyn8") == 0) return run_static_40k(8 * 1024, -1);
+    if (strcmp(c, "static40+dyn16") == 0) return run_static_40k(16 * 1024, -1);
+    if (strcmp(c, "raised") == 0) return run_static_40k(16 * 1024, 16 * 1024);
+    if (strcmp(c, "raised-short") == 0) return run_static_40k(16 * 1024, 8 * 1024);
+    if (strcmp(c, "past-optin") == 0) return run_static_40k(190 * 1024, 190 * 1024);
+    fprintf(stderr, "usage: emu_launch_check order|static40+dyn8|static40+dyn16|raised|raised-short|past-optin\n");
+    return 2;
+}

@@ -1,0 +1,30 @@
+/*
+ * The kernels of test/emu_launch_check.cpp, written as the engine's are (CUDA's launch syntax,
+ * static __shared__ arrays): test/test_model_cuda_emu.py rewrites them with test/gpu_emu.py as it
+ * rewrites the engine's headers, so the check covers the rewriting too.
+ */
+#ifndef TEST_EMU_LAUNCH_KERNELS_CUH
+#define TEST_EMU_LAUNCH_KERNELS_CUH
+
+// Each block's first thread appends the block's linear index (x fastest) to order.
+__global__ void record_block(int *order, int *count) {
+    if (threadIdx.x == 0) order[(*count)++] = (int)(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
+}
+
+// 40 KiB of static shared memory and the launch's dynamic shared memory (dynamic_floats floats),
+// all written, then one element of each read into out[0].
+#define STATIC_40K_FLOATS 10240
+__global__ void static_40k(float *out, int dynamic_floats) {
+    __shared__ float big[STATIC_40K_FLOATS];
+    float *dynamic = (float *)dynamic_smem();
+    for (int i = threadIdx.x; i < STATIC_40K_FLOATS; i += blockDim.x) big[i] = 1.0f;
+    for (int i = threadIdx.x; i < dynamic_floats; i += blockDim.x) dynamic[i] = 2.0f;
+    __syncthreads();
+    if (threadIdx.x == 0) out[0] = big[STATIC_40K_FLOATS - 1] + (dynamic_floats > 0 ? dynamic[dynamic_floats - 1] : 0.0f);
+}
+
+static void launch_record_block(dim3 grid, int *order, int *count) { record_block<<<grid, 32>>>(order, count); }
+static void launch_static_40k(float *out, size_t dynamic_bytes) {
+    static_40k<<<1, 64, dynamic_bytes>>>(out, (int)(dynamic_bytes / sizeof(float)));
+}
+#endif
