@@ -195,32 +195,43 @@ static void emu_check_shared(EmuKernel k, size_t dynamic) {
 // ---------------------------------------------------------------------------------------------
 // the order of a launch's blocks (EMU_BLOCKS: forward, reverse or shuffle; see the file comment)
 
+// The index of the environment variable `name`'s value among the three words (0 when it is unset
+// or empty); any other value stops the program with a message.
+static inline int emu_env_word(const char *name, const char *w0, const char *w1, const char *w2) {
+    const char *v = getenv(name);
+    if (v == NULL || *v == 0 || strcmp(v, w0) == 0) return 0;
+    if (strcmp(v, w1) == 0) return 1;
+    if (strcmp(v, w2) == 0) return 2;
+    char what[160];
+    snprintf(what, sizeof(what), "%s must be %s, %s or %s", name, w0, w1, w2);
+    emu_fail(what);
+    return 0;
+}
 static inline int emu_blocks_mode() {
-    static int mode = -1;
-    if (mode < 0) {
-        const char *v = getenv("EMU_BLOCKS");
-        if (v == NULL || *v == 0 || strcmp(v, "forward") == 0) mode = 0;
-        else if (strcmp(v, "reverse") == 0) mode = 1;
-        else if (strcmp(v, "shuffle") == 0) mode = 2;
-        else emu_fail("EMU_BLOCKS must be forward, reverse or shuffle");
-    }
+    static int mode = emu_env_word("EMU_BLOCKS", "forward", "reverse", "shuffle");
     return mode;
 }
-// EMU_BLOCKS=shuffle's orders: a pseudo-random number below n, seeded by EMU_SEED (default 1)
-static inline uint64_t emu_block_pick(uint64_t n) {
-    static uint64_t state = 0;
+// A pseudo-random number below n from the sequence `state` (xorshift64), which starts from
+// EMU_SEED (default 1) mixed with salt, so that a failing order can be run again: the random
+// orders of the blocks here and of the streams in test/emu_cuda/cuda_runtime.h.
+static inline uint64_t emu_random_below(uint64_t &state, uint64_t salt, uint64_t n) {
     if (state == 0) {
         const char *v = getenv("EMU_SEED");
         char *end = NULL;
         unsigned long long seed = v ? strtoull(v, &end, 10) : 1ull;
         if (v && (*v == 0 || *end != 0)) emu_fail("EMU_SEED must be a non-negative integer");
-        state = 0x2545f4914f6cdd1dull ^ seed;
+        state = salt ^ seed;
         if (state == 0) state = 1;
     }
     state ^= state << 13;
     state ^= state >> 7;
     state ^= state << 17;
     return (state >> 11) % n;
+}
+// EMU_BLOCKS=shuffle's orders
+static inline uint64_t emu_block_pick(uint64_t n) {
+    static uint64_t state = 0;
+    return emu_random_below(state, 0x2545f4914f6cdd1dull, n);
 }
 // The blocks' linear indices (x fastest) in the order they run
 static std::vector<uint64_t> emu_block_order(uint64_t blocks) {

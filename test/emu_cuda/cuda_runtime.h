@@ -170,14 +170,7 @@ inline std::vector<EmuStream *> emu_streams;
 
 // EMU_STREAMS: 0 issue (or unset), 1 lazy, 2 shuffle
 static inline int emu_streams_mode(void) {
-    static int mode = -1;
-    if (mode < 0) {
-        const char *v = getenv("EMU_STREAMS");
-        if (v == NULL || *v == 0 || strcmp(v, "issue") == 0) mode = 0;
-        else if (strcmp(v, "lazy") == 0) mode = 1;
-        else if (strcmp(v, "shuffle") == 0) mode = 2;
-        else emu_fail("EMU_STREAMS must be issue, lazy or shuffle");
-    }
+    static int mode = emu_env_word("EMU_STREAMS", "issue", "lazy", "shuffle");
     return mode;
 }
 static inline int emu_streams_lazy(void) { return emu_streams_mode() >= 1; }
@@ -186,18 +179,7 @@ static inline int emu_streams_shuffle(void) { return emu_streams_mode() == 2; }
 // EMU_SEED (default 1), so that a failing order can be run again
 static inline unsigned emu_pick(unsigned n) {
     static uint64_t state = 0;
-    if (state == 0) {
-        const char *v = getenv("EMU_SEED");
-        char *end = NULL;
-        unsigned long long seed = v ? strtoull(v, &end, 10) : 1ull;
-        if (v && (*v == 0 || *end != 0)) emu_fail("EMU_SEED must be a non-negative integer");
-        state = 0x9e3779b97f4a7c15ull ^ seed;
-        if (state == 0) state = 1;
-    }
-    state ^= state << 13;
-    state ^= state >> 7;
-    state ^= state << 17;
-    return (unsigned)((state >> 11) % n);
+    return (unsigned)emu_random_below(state, 0x9e3779b97f4a7c15ull, n);
 }
 static inline void emu_run_front(EmuStream *s);
 // One item of stream `must`, or (EMU_STREAMS=shuffle) of a stream picked at random among `must`
