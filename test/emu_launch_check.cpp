@@ -10,7 +10,10 @@
  *   raised          the same with cudaFuncAttributeMaxDynamicSharedMemorySize set to 16 KiB: "ok";
  *   raised-short    the limit set to 8 KiB and 16 KiB asked for: refused;
  *   past-optin      the limit set to 190 KiB and 190 KiB asked for: with the 40 KiB of static
- *                   arrays, more than a block may ever take: refused.
+ *                   arrays, more than a block may ever take: refused;
+ *   raised-late     40 + 16 KiB launched, then the limit raised to 16 KiB before the launch has
+ *                   run (with EMU_STREAMS=lazy it runs at the copy after): refused, as a GPU
+ *                   refuses the launch when it is issued.
  * The program's own includer of the kernels, emu_launch_kernels_launched.cuh, is the rewritten
  * header the test writes.
  */
@@ -20,14 +23,18 @@
 #include <string.h>
 #include "emu_launch_kernels_launched.cuh"
 
-static int run_static_40k(size_t dynamic_bytes, int limit) {
-    if (limit >= 0 && cudaFuncSetAttribute(static_40k, cudaFuncAttributeMaxDynamicSharedMemorySize, limit) != cudaSuccess) {
-        fprintf(stderr, "emu_launch_check: the attribute was refused\n");
-        return 1;
-    }
+static int raise_limit(int limit) {
+    if (cudaFuncSetAttribute(static_40k, cudaFuncAttributeMaxDynamicSharedMemorySize, limit) == cudaSuccess) return 0;
+    fprintf(stderr, "emu_launch_check: the attribute was refused\n");
+    return 1;
+}
+// static_40k with dynamic_bytes; its limit raised to `limit` before the launch (>= 0) or after it
+static int run_static_40k(size_t dynamic_bytes, int limit, bool raise_after = false) {
+    if (limit >= 0 && !raise_after && raise_limit(limit)) return 1;
     float *out, host = 0.0f;
     cudaMalloc((void **)&out, sizeof(float));
     launch_static_40k(out, dynamic_bytes);
+    if (limit >= 0 && raise_after && raise_limit(limit)) return 1;
     cudaMemcpy(&host, out, sizeof(float), cudaMemcpyDeviceToHost);
     if (host != (dynamic_bytes > 0 ? 3.0f : 1.0f)) {
         fprintf(stderr, "emu_launch_check: static_40k wrote %g\n", host);
@@ -57,6 +64,7 @@ int main(int argc, char **argv) {
     if (strcmp(c, "raised") == 0) return run_static_40k(16 * 1024, 16 * 1024);
     if (strcmp(c, "raised-short") == 0) return run_static_40k(16 * 1024, 8 * 1024);
     if (strcmp(c, "past-optin") == 0) return run_static_40k(190 * 1024, 190 * 1024);
-    fprintf(stderr, "usage: emu_launch_check order|static40+dyn8|static40+dyn16|raised|raised-short|past-optin\n");
+    if (strcmp(c, "raised-late") == 0) return run_static_40k(16 * 1024, 16 * 1024, true);
+    fprintf(stderr, "usage: emu_launch_check order|static40+dyn8|static40+dyn16|raised|raised-short|past-optin|raised-late\n");
     return 2;
 }

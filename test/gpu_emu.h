@@ -133,17 +133,21 @@ static std::vector<unsigned char> smem;
 
 #define EMU_SHARED_DEFAULT (48 * 1024)   // without the kernel's attribute raised
 #define EMU_SHARED_OPTIN (227 * 1024)    // cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100
-// a launch's kernel: its function (NULL for a launch of a lambda) and its name in the source
-struct EmuKernel { const void *fn; const char *name; };
-// the kernel of the last emu_bind, taken by the launch it is an argument of (emu_take_bound)
-static EmuKernel emu_bound = {NULL, NULL};
-static inline EmuKernel emu_take_bound() {
-    EmuKernel k = emu_bound;
-    emu_bound = EmuKernel{NULL, NULL};
-    return k;
-}
+// a launch's kernel: its function (NULL for a launch of a lambda), its name in the source, and
+// its cudaFuncAttributeMaxDynamicSharedMemorySize when the launch was issued (-1: never set)
+struct EmuKernel { const void *fn; const char *name; long long dynamic_limit; };
 // cudaFuncAttributeMaxDynamicSharedMemorySize as the program set it, by kernel
 static std::vector<std::pair<const void *, size_t>> emu_dynamic_smem_limits;
+// the kernel of the last emu_bind, taken by the launch it is an argument of when the launch is
+// issued (so that its limit is the one in force then, as on a GPU)
+static EmuKernel emu_bound = {NULL, NULL, -1};
+static inline EmuKernel emu_take_bound() {
+    EmuKernel k = emu_bound;
+    emu_bound = EmuKernel{NULL, NULL, -1};
+    for (auto &l : emu_dynamic_smem_limits)
+        if (k.fn != NULL && l.first == k.fn) k.dynamic_limit = (long long)l.second;
+    return k;
+}
 static inline void emu_set_dynamic_smem_limit(const void *fn, size_t bytes) {
     for (auto &l : emu_dynamic_smem_limits)
         if (l.first == fn) {
@@ -172,9 +176,8 @@ static void emu_check_shared(EmuKernel k, size_t dynamic) {
         emu_fail(what);
     }
     if (k.fn == NULL) return;   // a lambda's launch: no attribute to read
-    const size_t *limit = NULL;
-    for (auto &l : emu_dynamic_smem_limits)
-        if (l.first == k.fn) limit = &l.second;
+    const size_t raised = k.dynamic_limit < 0 ? 0 : (size_t)k.dynamic_limit;
+    const size_t *limit = k.dynamic_limit < 0 ? NULL : &raised;
     if (limit == NULL && statics + dynamic > EMU_SHARED_DEFAULT) {
         snprintf(what, sizeof(what), "%s: %zu bytes of static and %zu of dynamic shared memory pass the %d a block may take "
                  "unless cudaFuncAttributeMaxDynamicSharedMemorySize is raised", name, statics, dynamic, EMU_SHARED_DEFAULT);
@@ -286,7 +289,7 @@ static __attribute__((noinline)) void init_thread(int t) {
 // are 32 consecutive threads, the last one possibly partial) and smem_bytes of dynamic shared
 // memory; then checks the launch's shared memory against the limits of kernel k.
 static void launch_blocks(Dim3 grid, Dim3 block, size_t smem_bytes, std::function<void()> body,
-                          EmuKernel k = EmuKernel{NULL, NULL}) {
+                          EmuKernel k = EmuKernel{NULL, NULL, -1}) {
     const int n = (int)(block.x * block.y * block.z);
     if (n < 1 || n > 1024) emu_fail("a block must have 1 to 1024 threads");
     kernel_body = body;
@@ -331,7 +334,7 @@ static void launch_blocks(Dim3 grid, Dim3 block, size_t smem_bytes, std::functio
     emu_check_shared(k, smem_bytes);
 }
 // The kernels under the per-kernel emulators take whole warps in one dimension.
-static void launch(Dim3 grid, int block, size_t smem_bytes, std::function<void()> body, EmuKernel k = EmuKernel{NULL, NULL}) {
+static void launch(Dim3 grid, int block, size_t smem_bytes, std::function<void()> body, EmuKernel k = EmuKernel{NULL, NULL, -1}) {
     if (block % 32 != 0) emu_fail("block size must be a multiple of 32");
     launch_blocks(grid, Dim3{(unsigned)block, 1, 1}, smem_bytes, body, k);
 }
@@ -345,7 +348,7 @@ static void launch(Dim3 grid, int block, size_t smem_bytes, std::function<void()
 template <typename... P, typename... A>
 static std::function<void()> emu_bind(const char *name, void (*kernel)(P...), A &&...args) {
     static_assert(sizeof...(P) == sizeof...(A), "a launch passes as many arguments as the kernel has parameters");
-    emu_bound = EmuKernel{reinterpret_cast<const void *>(kernel), name};
+    emu_bound = EmuKernel{reinterpret_cast<const void *>(kernel), name, -1};
     return [kernel, values = std::tuple<typename std::decay<P>::type...>((P)(args)...)]() { std::apply(kernel, values); };
 }
 

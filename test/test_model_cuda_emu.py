@@ -127,9 +127,9 @@ def test_lazy_streams_catch_missing_waits(tmp_path):
 def test_launches_block_order_and_shared_memory_limits(tmp_path):
     """EMU_BLOCKS runs a launch's blocks forward, in reverse or shuffled (another order for
     another EMU_SEED), and a launch is refused where a GPU refuses it: static and dynamic shared
-    memory past 48 KiB without the kernel's limit raised, dynamic past the raised limit, or both
-    past what a block may ever take (test/emu_launch_check.cpp, its kernels rewritten as the
-    engine's are)."""
+    memory past 48 KiB without the kernel's limit raised when the launch is issued, dynamic past
+    the raised limit, or both past what a block may ever take (test/emu_launch_check.cpp, its
+    kernels rewritten as the engine's are)."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ is needed to build the emulated runtime's check")
@@ -167,6 +167,11 @@ def test_launches_block_order_and_shared_memory_limits(tmp_path):
                                          "the 232448")):
         proc = run(case)
         assert proc.returncode != 0 and message in proc.stderr, (case, proc.stdout, proc.stderr)
+    # the limit in force when the launch is issued counts, not when a lazy stream runs it
+    for streams in ("issue", "lazy"):
+        proc = run("raised-late", EMU_STREAMS=streams)
+        assert proc.returncode != 0 and "unless cudaFuncAttributeMaxDynamicSharedMemorySize is raised" in proc.stderr, \
+            (streams, proc.stdout, proc.stderr)
 
 
 def emulated_env(streams):
