@@ -12,8 +12,9 @@
  *   past-optin      the limit set to 190 KiB and 190 KiB asked for: with the 40 KiB of static
  *                   arrays, more than a block may ever take: refused;
  *   raised-late     40 + 16 KiB launched, then the limit raised to 16 KiB before the launch has
- *                   run (with EMU_STREAMS=lazy it runs at the copy after): refused, as a GPU
- *                   refuses the launch when it is issued.
+ *                   run (with EMU_STREAMS=lazy it runs at the stream's synchronisation after):
+ *                   refused, as a GPU refuses the launch when it is issued.
+ * static_40k runs on a non-blocking stream of its own.
  * The program's own includer of the kernels, emu_launch_kernels_launched.cuh, is the rewritten
  * header the test writes.
  */
@@ -33,8 +34,11 @@ static int run_static_40k(size_t dynamic_bytes, int limit, bool raise_after = fa
     if (limit >= 0 && !raise_after && raise_limit(limit)) return 1;
     float *out, host = 0.0f;
     cudaMalloc((void **)&out, sizeof(float));
-    launch_static_40k(out, dynamic_bytes);
+    cudaStream_t stream;
+    cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    launch_static_40k(out, dynamic_bytes, stream);
     if (limit >= 0 && raise_after && raise_limit(limit)) return 1;
+    cudaStreamSynchronize(stream);
     cudaMemcpy(&host, out, sizeof(float), cudaMemcpyDeviceToHost);
     if (host != (dynamic_bytes > 0 ? 3.0f : 1.0f)) {
         fprintf(stderr, "emu_launch_check: static_40k wrote %g\n", host);

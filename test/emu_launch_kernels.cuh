@@ -24,7 +24,7 @@ __global__ void static_40k(float *out, int dynamic_floats) {
 }
 
 static void launch_record_block(dim3 grid, int *order, int *count) { record_block<<<grid, 32>>>(order, count); }
-static void launch_static_40k(float *out, size_t dynamic_bytes) {
-    static_40k<<<1, 64, dynamic_bytes>>>(out, (int)(dynamic_bytes / sizeof(float)));
+static void launch_static_40k(float *out, size_t dynamic_bytes, cudaStream_t stream) {
+    static_40k<<<1, 64, dynamic_bytes, stream>>>(out, (int)(dynamic_bytes / sizeof(float)));
 }
 #endif
