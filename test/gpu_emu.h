@@ -176,21 +176,23 @@ static void emu_check_shared(EmuKernel k, size_t dynamic) {
         emu_fail(what);
     }
     if (k.fn == NULL) return;   // a lambda's launch: no attribute to read
-    const size_t raised = k.dynamic_limit < 0 ? 0 : (size_t)k.dynamic_limit;
-    const size_t *limit = k.dynamic_limit < 0 ? NULL : &raised;
-    if (limit == NULL && statics + dynamic > EMU_SHARED_DEFAULT) {
-        snprintf(what, sizeof(what), "%s: %zu bytes of static and %zu of dynamic shared memory pass the %d a block may take "
-                 "unless cudaFuncAttributeMaxDynamicSharedMemorySize is raised", name, statics, dynamic, EMU_SHARED_DEFAULT);
-        emu_fail(what);
+    if (k.dynamic_limit < 0) {   // the kernel's limit never raised
+        if (statics + dynamic > EMU_SHARED_DEFAULT) {
+            snprintf(what, sizeof(what), "%s: %zu bytes of static and %zu of dynamic shared memory pass the %d a block may "
+                     "take unless cudaFuncAttributeMaxDynamicSharedMemorySize is raised", name, statics, dynamic, EMU_SHARED_DEFAULT);
+            emu_fail(what);
+        }
+        return;
     }
-    if (limit && dynamic > *limit) {
+    const size_t limit = (size_t)k.dynamic_limit;
+    if (dynamic > limit) {
         snprintf(what, sizeof(what), "%s: %zu bytes of dynamic shared memory, its cudaFuncAttributeMaxDynamicSharedMemorySize %zu",
-                 name, dynamic, *limit);
+                 name, dynamic, limit);
         emu_fail(what);
     }
-    if (limit && *limit + statics > EMU_SHARED_OPTIN) {
+    if (limit + statics > EMU_SHARED_OPTIN) {
         snprintf(what, sizeof(what), "%s: cudaFuncAttributeMaxDynamicSharedMemorySize %zu with %zu bytes of static arrays "
-                 "passes the %d a block may take (setting it fails on a GPU)", name, *limit, statics, EMU_SHARED_OPTIN);
+                 "passes the %d a block may take (setting it fails on a GPU)", name, limit, statics, EMU_SHARED_OPTIN);
         emu_fail(what);
     }
 }
