@@ -17,7 +17,8 @@
  *     up in the output;
  *   - a launch's shared memory is held to CUDA's limits a block: 48 KiB of static and dynamic
  *     together, unless the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize was raised (then
- *     the dynamic part up to it, both parts together up to the opt-in limit, 227 KiB on an H100).
+ *     the dynamic part up to it, both parts together up to the opt-in limit, 227 KiB on an H100,
+ *     or EMU_SMEM_OPTIN bytes to run a program as on a card with less).
  *     test/gpu_emu.py makes each static __shared__ array report its size when a thread reaches
  *     its declaration (emu_static_shared) and names each launch's kernel (emu_bind);
  *   - blocks run one after another, in the order EMU_BLOCKS says: forward (x fastest, as CUDA
@@ -132,7 +133,21 @@ static std::vector<unsigned char> smem;
 // shared memory limits a block (see the file comment)
 
 #define EMU_SHARED_DEFAULT (48 * 1024)   // without the kernel's attribute raised
-#define EMU_SHARED_OPTIN (227 * 1024)    // cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100
+// What a block may take with its kernel's limit raised (cudaDevAttrMaxSharedMemoryPerBlockOptin):
+// an H100's 227 KiB, or EMU_SMEM_OPTIN bytes (48 KiB to 227 KiB), to run a program as on a card
+// with less
+static inline size_t emu_shared_optin() {
+    static size_t bytes = 0;
+    if (bytes == 0) {
+        const char *v = getenv("EMU_SMEM_OPTIN");
+        char *end = NULL;
+        unsigned long long n = v && *v ? strtoull(v, &end, 10) : 227ull * 1024;
+        if (v && *v && (*end != 0 || n < EMU_SHARED_DEFAULT || n > 227 * 1024))
+            emu_fail("EMU_SMEM_OPTIN must be a number of bytes from 49152 to 232448");
+        bytes = (size_t)n;
+    }
+    return bytes;
+}
 // a launch's kernel: its function (NULL for a launch of a lambda), its name in the source, and
 // its cudaFuncAttributeMaxDynamicSharedMemorySize when the launch was issued (-1: never set)
 struct EmuKernel { const void *fn; const char *name; long long dynamic_limit; };
@@ -170,9 +185,9 @@ static void emu_check_shared(EmuKernel k, size_t dynamic) {
     for (auto &a : emu_static_arrays) statics += a.second;
     const char *name = k.name ? k.name : "a kernel";
     char what[512];
-    if (statics + dynamic > EMU_SHARED_OPTIN) {
-        snprintf(what, sizeof(what), "%s: %zu bytes of static and %zu of dynamic shared memory pass the %d a block may take",
-                 name, statics, dynamic, EMU_SHARED_OPTIN);
+    if (statics + dynamic > emu_shared_optin()) {
+        snprintf(what, sizeof(what), "%s: %zu bytes of static and %zu of dynamic shared memory pass the %zu a block may take",
+                 name, statics, dynamic, emu_shared_optin());
         emu_fail(what);
     }
     if (k.fn == NULL) return;   // a lambda's launch: no attribute to read
@@ -190,9 +205,9 @@ static void emu_check_shared(EmuKernel k, size_t dynamic) {
                  name, dynamic, limit);
         emu_fail(what);
     }
-    if (limit + statics > EMU_SHARED_OPTIN) {
+    if (limit + statics > emu_shared_optin()) {
         snprintf(what, sizeof(what), "%s: cudaFuncAttributeMaxDynamicSharedMemorySize %zu with %zu bytes of static arrays "
-                 "passes the %d a block may take (setting it fails on a GPU)", name, limit, statics, EMU_SHARED_OPTIN);
+                 "passes the %zu a block may take (setting it fails on a GPU)", name, limit, statics, emu_shared_optin());
         emu_fail(what);
     }
 }

@@ -68,13 +68,14 @@ static inline unsigned char *dynamic_smem() { return smem.data(); }
 #define cudaCheckLaunch() ((void)0)
 #define cudaCheck(call) ((void)(call))
 // device queries and kernel attributes: one device, whose blocks may take 227 KiB of shared
-// memory (an H100's opt-in limit); a kernel's dynamic shared memory limit is kept for its launches
+// memory (an H100's opt-in limit; EMU_SMEM_OPTIN, test/gpu_emu.h); a kernel's dynamic shared
+// memory limit is kept for its launches
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 static inline int cudaGetDevice(int *device) { *device = 0; return 0; }
-static inline int cudaDeviceGetAttribute(int *value, cudaDeviceAttr, int) { *value = 227 * 1024; return 0; }
+static inline int cudaDeviceGetAttribute(int *value, cudaDeviceAttr, int) { *value = (int)emu_shared_optin(); return 0; }
 template <typename Kernel> static inline int cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
-    if (bytes < 0 || bytes > EMU_SHARED_OPTIN) return 1;
+    if (bytes < 0 || (size_t)bytes > emu_shared_optin()) return 1;
     emu_set_dynamic_smem_limit(reinterpret_cast<const void *>(kernel), (size_t)bytes);
     return 0;
 }

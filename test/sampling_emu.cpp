@@ -134,7 +134,7 @@ static inline float __fadd_rn(float a, float b) { return a + b; }
 // do; a block may take what an H100's may (test/gpu_emu.h holds each launch to it)
 enum { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaFuncAttributeMaxDynamicSharedMemorySize };
 static inline int cudaGetDevice(int *d) { *d = 0; return 0; }
-static inline int cudaDeviceGetAttribute(int *v, int, int) { *v = EMU_SHARED_OPTIN; return 0; }
+static inline int cudaDeviceGetAttribute(int *v, int, int) { *v = (int)emu_shared_optin(); return 0; }
 template <typename F> static inline int cudaFuncSetAttribute(F kernel, int, int bytes) {
     emu_set_dynamic_smem_limit(reinterpret_cast<const void *>(kernel), (size_t)bytes);
     return 0;

@@ -67,10 +67,11 @@ def within_tolerance(got, ref, HS):
 
 
 def run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, n_splits, reference,
-                 order="forward", write_kv=False, cos_sin=None, caches=False, loads=0, norm_x=None):
+                 order="forward", write_kv=False, cos_sin=None, caches=False, loads=0, norm_x=None, smem_optin=None):
     """out (N, NH*HS) float32 and the error flags from decode_attention() under emulation (and the
     k and v caches after the call, when caches); loads: the fast kernel's way to request keys and
-    values (decode_attention_loads: 0 direct, 1 early, 2 staged)."""
+    values (decode_attention_loads: 0 direct, 1 early, 2 staged); smem_optin: the shared memory a
+    block may take on the emulated card (EMU_SMEM_OPTIN; an H100's 227 KiB when None)."""
     N = qkv.shape[0]
     S, _, Tmax, _ = k_cache.shape
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
@@ -81,6 +82,9 @@ def run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH
         for x in (qkv, k_cache, v_cache) + (() if cos_sin is None else (cos_sin,)) + (() if norm_x is None else (norm_x,)):
             x.astype(np.float32).tofile(f)
     env = dict(os.environ, DECODE_ATTENTION_LOADS=str(loads))
+    env.pop("EMU_SMEM_OPTIN", None)
+    if smem_optin is not None:
+        env["EMU_SMEM_OPTIN"] = str(smem_optin)
     proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600,
                           env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -281,6 +285,23 @@ def test_loads_variants_same_bits(emulator, tmp_path, case, loads):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint32) if hasattr(a, "view") else a,
                                       np.asarray(b).view(np.uint32) if hasattr(b, "view") else b)
     assert within_tolerance(other[0], ref, HS)
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[2] == 128 and s[4] >= 256], ids=shape_id)
+def test_staged_falls_back_on_a_card_with_less_shared_memory(emulator, tmp_path, shape):
+    """Where a block may take only 96 KiB of shared memory (EMU_SMEM_OPTIN, a card like sm_86's
+    99 KiB), the staged variant's keys and values of a 256-position split at head size 128
+    (128 KiB) do not fit: the launcher runs the direct kernel instead (decode_staged_fits), whose
+    outputs are the default's bit for bit; a staged launch would be refused."""
+    NH, NKV, HS, S, Tmax, rows, n_splits, _ = shape
+    n_splits = n_splits or -(-Tmax // SPLIT)
+    slots, positions = [s_ for s_, _ in rows], [n - 1 for _, n in rows]
+    qkv, k_cache, v_cache = make_inputs(shape, SHAPES.index(shape))
+    args = (qkv, k_cache, v_cache, slots, positions, NH, NKV, HS, n_splits, False)
+    plain = run_emulator(emulator, tmp_path, *args, "forward")
+    small = run_emulator(emulator, tmp_path, *args, "reverse", loads=2, smem_optin=96 * 1024)
+    assert plain[1] == 0 and small[1] == 0
+    np.testing.assert_array_equal(plain[0].view(np.uint32), small[0].view(np.uint32))
 
 
 def test_reference_kernel_refuses_write_kv(emulator, tmp_path):

@@ -128,8 +128,8 @@ def test_launches_block_order_and_shared_memory_limits(tmp_path):
     """EMU_BLOCKS runs a launch's blocks forward, in reverse or shuffled (another order for
     another EMU_SEED), and a launch is refused where a GPU refuses it: static and dynamic shared
     memory past 48 KiB without the kernel's limit raised when the launch is issued, dynamic past
-    the raised limit, or both past what a block may ever take (test/emu_launch_check.cpp, its
-    kernels rewritten as the engine's are)."""
+    the raised limit, or both past what a block may ever take (227 KiB, or EMU_SMEM_OPTIN bytes)
+    (test/emu_launch_check.cpp, its kernels rewritten as the engine's are)."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ is needed to build the emulated runtime's check")
@@ -140,7 +140,7 @@ def test_launches_block_order_and_shared_memory_limits(tmp_path):
                     "-o", str(exe), str(ROOT / "test" / "emu_launch_check.cpp")], check=True)
 
     def run(case, **env):
-        base = {k: v for k, v in os.environ.items() if k not in ("EMU_BLOCKS", "EMU_SEED", "EMU_STREAMS")}
+        base = {k: v for k, v in os.environ.items() if k not in ("EMU_BLOCKS", "EMU_SEED", "EMU_STREAMS", "EMU_SMEM_OPTIN")}
         return subprocess.run([str(exe), case], capture_output=True, text=True, env=dict(base, **env), timeout=60)
 
     def order(**env):
@@ -167,6 +167,11 @@ def test_launches_block_order_and_shared_memory_limits(tmp_path):
                                          "the 232448")):
         proc = run(case)
         assert proc.returncode != 0 and message in proc.stderr, (case, proc.stdout, proc.stderr)
+    # a card whose blocks may take less (EMU_SMEM_OPTIN): 40 + 16 KiB does not fit in 48 KiB even raised
+    proc = run("raised", EMU_SMEM_OPTIN="49152")
+    assert proc.returncode != 0 and "16384 of dynamic shared memory pass the 49152 a block may take" in proc.stderr, proc.stderr
+    proc = run("static40+dyn8", EMU_SMEM_OPTIN="100")
+    assert proc.returncode != 0 and "EMU_SMEM_OPTIN must be" in proc.stderr, proc.stderr
     # the limit in force when the launch is issued counts, not when a lazy stream runs it
     for streams in ("issue", "lazy"):
         proc = run("raised-late", EMU_STREAMS=streams)
@@ -180,7 +185,7 @@ def emulated_env(streams):
     blocks = {"lazy": "reverse", "shuffle": "shuffle"}.get(streams, "forward")
     env = dict(os.environ, TRAIN_MORA_FLASH_TUNE="0", OMP_NUM_THREADS="1", EMU_STREAMS=streams, EMU_BLOCKS=blocks)
     for name in list(env):   # every switch at its default, as a GPU run has them
-        if name.startswith("TRAIN_MORA_") and name != "TRAIN_MORA_FLASH_TUNE" or name in ("SMOLLM2_GGUF", "EMU_SEED"):
+        if name.startswith("TRAIN_MORA_") and name != "TRAIN_MORA_FLASH_TUNE" or name in ("SMOLLM2_GGUF", "EMU_SEED", "EMU_SMEM_OPTIN"):
             del env[name]
     return env
 

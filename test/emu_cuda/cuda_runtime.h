@@ -104,12 +104,12 @@ static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int) {
     prop->major = 9;
     prop->minor = 0;
     prop->totalGlobalMem = (size_t)8 << 30;
-    prop->sharedMemPerBlockOptin = 227 * 1024;
+    prop->sharedMemPerBlockOptin = emu_shared_optin();
     return cudaSuccess;
 }
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
 static inline cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int) {
-    *value = attr == cudaDevAttrMultiProcessorCount ? 132 : 227 * 1024;
+    *value = attr == cudaDevAttrMultiProcessorCount ? 132 : (int)emu_shared_optin();
     return cudaSuccess;
 }
 
@@ -562,7 +562,7 @@ static inline cudaError_t cudaMemsetAsync(void *p, int value, size_t bytes, cuda
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 template <typename Kernel> static inline cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
-    if (bytes < 0 || bytes > EMU_SHARED_OPTIN) return cudaErrorInvalidValue;
+    if (bytes < 0 || (size_t)bytes > emu_shared_optin()) return cudaErrorInvalidValue;
     emu_set_dynamic_smem_limit(reinterpret_cast<const void *>(kernel), (size_t)bytes);   // held to at each launch
     return cudaSuccess;
 }
@@ -574,7 +574,7 @@ template <typename Kernel> static inline cudaError_t cudaFuncGetAttributes(cudaF
 }
 static inline void emu_launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t s, std::function<void()> body) {
     const EmuKernel kernel = emu_take_bound();   // the kernel of this launch's emu_bind (none for a lambda)
-    if (smem_bytes > EMU_SHARED_OPTIN) emu_fail("a launch asks for more dynamic shared memory than a block may have");
+    if (smem_bytes > emu_shared_optin()) emu_fail("a launch asks for more dynamic shared memory than a block may have");
     if ((size_t)block.x * block.y * block.z > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
         emu_fail("a launch's grid or block is outside CUDA's limits");
     emu_issue(s, cudaGraphNodeTypeKernel, [=] {
