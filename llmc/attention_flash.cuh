@@ -392,14 +392,15 @@ __device__ __forceinline__ void flash_stage_acc(floatX *tile, const float (&acc)
     }
 }
 
-// RoPE's backward on a staged gradient tile (ROWS, HS + FLASH_PAD) bf16 in place: row r, the
-// gradient of a head vector at position row0 + r, is rotated by minus its angle, with
-// rope_vec8_kernel's expressions (rope_rotate on the bf16 values, the sine negated, the results
-// rounded to bf16), so the tile holds what rope_backward would make of it once stored, bit for
-// bit. cos_sin is rope_table_host's table (at least T positions); rows at or past T, which are
-// never stored, are left alone.
+// RoPE on a shared tile (ROWS, HS + FLASH_PAD) bf16 in place, row r the head vector at position
+// row0 + r rotated by its angle (sign +1: the forward's queries as the flash forward loads them)
+// or by minus it (sign -1: the backward's dQ and dK tiles as they are staged for their store),
+// with rope_vec8_kernel's expressions (rope_rotate on the bf16 values, the sine times sign, the
+// results rounded to bf16), so the tile holds what rope_forward or rope_backward would have made
+// of it in memory, bit for bit. cos_sin is rope_table_host's table (at least T positions); rows
+// at or past T, which are never stored, are left alone.
 template <int ROWS, int HS>
-__device__ __forceinline__ void flash_rope_backward_tile(floatX *tile, const float *cos_sin, int row0, int T) {
+__device__ __forceinline__ void flash_rope_tile(floatX *tile, const float *cos_sin, int row0, int T, float sign) {
     constexpr int LDS = HS + FLASH_PAD, HALF = HS / 2, GROUPS = HALF / 8;
     for (int idx = threadIdx.x; idx < ROWS * GROUPS; idx += FLASH_THREADS) {
         int r = idx / GROUPS, i = (idx % GROUPS) * 8, t = row0 + r;
@@ -409,7 +410,7 @@ __device__ __forceinline__ void flash_rope_backward_tile(floatX *tile, const flo
         #pragma unroll
         for (int k = 0; k < 8; k++) {
             float y1, y2;
-            rope_rotate(flash_bf16_to_f32(x[k]), flash_bf16_to_f32(x[k + HALF]), cs[2 * k], -1.0f * cs[2 * k + 1], &y1, &y2);
+            rope_rotate(flash_bf16_to_f32(x[k]), flash_bf16_to_f32(x[k + HALF]), cs[2 * k], sign * cs[2 * k + 1], &y1, &y2);
             x[k] = flash_f32_to_bf16(y1);
             x[k + HALF] = flash_f32_to_bf16(y2);
         }
@@ -447,10 +448,19 @@ constexpr size_t flash_forward_smem() {
 // asks the compiler for registers that let MINB blocks share an SM (launch bounds; 0 leaves the
 // number to the compiler): the same arithmetic, another register allocation
 // (flash_forward_min_blocks).
-template <int HS, int RW, int MINB = 0, int WG = 0>
+// ROPE = 1: the block rotates its query rows by RoPE as they arrive (flash_rope_tile with
+// rope_cos_sin, rope_table_host's table: the same bits as rope_forward) and stores them rotated
+// into q_rotated (the q columns of qkv itself: the block is the only one that reads them), so
+// that the backward finds in qkv what rope_forward would have left there; the key heads are
+// rotated before the launch (rope_forward_keys), since every block of the group reads them. The
+// queries come in a copy group of their own, rotated before the loop over key tiles, so the loop
+// is the same code either way.
+template <int HS, int RW, int MINB = 0, int WG = 0, int ROPE = 0>
 __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_kernel(floatX *out, float *lse,
                                                                                const floatX *qkv, int T, int NH,
-                                                                               int NKV, int lpt, float max_slack) {
+                                                                               int NKV, int lpt, float max_slack,
+                                                                               const float *rope_cos_sin = NULL,
+                                                                               floatX *q_rotated = NULL) {
     static_assert(!WG || (HS == 64 && RW == 1), "the warpgroup forward takes head size 64, one row tile a warp");
     constexpr int BM = RW * FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD;
     constexpr int KVS = WG ? BN * HS : BN * LDS;   // elements of one K or V stage
@@ -482,8 +492,19 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
         }
     };
     flash_load_tile<BM, HS>(sQ, qkv, b, q0, T, QKV, h * HS);
-    load_kv(0, 0);
-    cp_async_commit();
+    if constexpr (ROPE) {   // the queries through RoPE, and back to qkv rotated
+        cp_async_commit();
+        load_kv(0, 0);
+        cp_async_commit();
+        cp_async_wait<1>();   // the queries' group (the first key tile's may still be in flight)
+        __syncthreads();
+        flash_rope_tile<BM, HS>(sQ, rope_cos_sin, q0, T, 1.0f);
+        __syncthreads();
+        flash_store_tile<BM, HS>(q_rotated, sQ, b, q0, T, QKV, h * HS);
+    } else {
+        load_kv(0, 0);
+        cp_async_commit();
+    }
 
     uint32_t q_frag[RW][HS / 16][4];
     float o[RW][HS / 8][4];
@@ -932,8 +953,8 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         flash_stage_acc<HS, LDS>(sV, dv_all[r], r * FLASH_ROWS + warp * 16, 1.0f, 1.0f, lane);
     }
     __syncthreads();
-    if (rope_cos_sin) {   // dK back through RoPE (flash_rope_backward_tile)
-        flash_rope_backward_tile<BN, HS>(sK, rope_cos_sin, k0, T);
+    if (rope_cos_sin) {   // dK back through RoPE (flash_rope_tile)
+        flash_rope_tile<BN, HS>(sK, rope_cos_sin, k0, T, -1.0f);
         __syncthreads();
     }
     flash_store_tile<BN, HS>(dqkv, sK, b, k0, T, QKV, (NH + kvh) * HS);
@@ -1165,8 +1186,8 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
     #pragma unroll
     for (int r = 0; r < RW; r++) flash_stage_acc<HS, LDS>(sQ, dq[r], r * FLASH_ROWS + warp * 16, scale, scale, lane);
     __syncthreads();
-    if (rope_cos_sin) {   // dQ back through RoPE (flash_rope_backward_tile)
-        flash_rope_backward_tile<BM, HS>(sQ, rope_cos_sin, q0, T);
+    if (rope_cos_sin) {   // dQ back through RoPE (flash_rope_tile)
+        flash_rope_tile<BM, HS>(sQ, rope_cos_sin, q0, T, -1.0f);
         __syncthreads();
     }
     flash_store_tile<BM, HS>(dqkv, sQ, b, q0, T, QKV, h * HS);
@@ -1264,28 +1285,51 @@ static inline int flash_wgmma_supported(void) {
 }
 static inline dim3 flash_grid(int lpt, int heads, int B, int tiles) { return lpt ? dim3(heads, B, tiles) : dim3(tiles, heads, B); }
 
-template <int HS, int RW, int MINB, int WG = 0>
-static inline void attention_flash_forward_launch(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
-                                                  int NKV, cudaStream_t stream) {
+template <int HS, int RW, int MINB, int WG, int ROPE>
+static inline void attention_flash_forward_launch_kernel(floatX *out, float *lse, const floatX *qkv, int B, int T,
+                                                         int NH, int NKV, const float *rope_cos_sin,
+                                                         floatX *q_rotated, cudaStream_t stream) {
     static bool smem_set = false;
     constexpr size_t smem = flash_forward_smem<HS, RW, WG>();
-    flash_allow_smem(flash_attention_forward_kernel<HS, RW, MINB, WG>, smem, &smem_set);
+    flash_allow_smem(flash_attention_forward_kernel<HS, RW, MINB, WG, ROPE>, smem, &smem_set);
     dim3 grid = flash_grid(flash_forward_lpt, NH, B, ceil_div(T, RW * FLASH_ROWS));
-    flash_attention_forward_kernel<HS, RW, MINB, WG><<<grid, FLASH_THREADS, smem, stream>>>(out, lse, qkv, T, NH, NKV,
-                                                                                          flash_forward_lpt,
-                                                                                          flash_forward_max_slack);
+    flash_attention_forward_kernel<HS, RW, MINB, WG, ROPE><<<grid, FLASH_THREADS, smem, stream>>>(
+        out, lse, qkv, T, NH, NKV, flash_forward_lpt, flash_forward_max_slack, rope_cos_sin, q_rotated);
     cudaCheckLaunch();
+}
+template <int HS, int RW, int MINB, int WG = 0>
+static inline void attention_flash_forward_launch(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
+                                                  int NKV, const float *rope_cos_sin, floatX *q_rotated,
+                                                  cudaStream_t stream) {
+    if (rope_cos_sin)
+        attention_flash_forward_launch_kernel<HS, RW, MINB, WG, 1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    else
+        attention_flash_forward_launch_kernel<HS, RW, MINB, WG, 0>(out, lse, qkv, B, T, NH, NKV, NULL, NULL, stream);
+}
+
+// out (B, T, NH*HS) bf16 and lse (B, NH, T) fp32 from qkv (B, T, QKV) bf16, RoPE and the
+// attention in one: with rope_cos_sin (the device copy of rope_table_host's table, at least T
+// positions) qkv's k heads come rotated already (rope_forward_keys, rope.cuh) and its q heads
+// not: each block rotates its query tile as it loads it and stores it back rotated into
+// q_rotated (qkv itself), so that out, lse and qkv afterwards are, bit for bit, what
+// rope_forward followed by attention_flash_forward gives, with the q heads read and written once
+// instead of twice each. rope_cos_sin NULL: attention_flash_forward.
+static inline void attention_flash_forward_rope(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
+                                                int NKV, int HS, const float *rope_cos_sin, floatX *q_rotated,
+                                                cudaStream_t stream) {
+    attention_flash_check(B, T, NH, NKV, HS, out, qkv, qkv, qkv);
+    cudaRequire(!rope_cos_sin || q_rotated == qkv, "attention_flash_forward_rope: the rotated queries go back into qkv");
+    if (HS == 64 && flash_forward_wgmma) attention_flash_forward_launch<64, 1, 0, 1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    else if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2, 0>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    else if (HS == 64 && flash_forward_min_blocks == 4) attention_flash_forward_launch<64, 1, 4>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    else if (HS == 64) attention_flash_forward_launch<64, 1, 0>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    else attention_flash_forward_launch<128, 1, 0>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
 }
 
 // out (B, T, NH*HS) bf16 and lse (B, NH, T) fp32 from qkv (B, T, QKV) bf16; as attention_forward.
 static inline void attention_flash_forward(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH, int NKV,
                                            int HS, cudaStream_t stream) {
-    attention_flash_check(B, T, NH, NKV, HS, out, qkv, qkv, qkv);
-    if (HS == 64 && flash_forward_wgmma) attention_flash_forward_launch<64, 1, 0, 1>(out, lse, qkv, B, T, NH, NKV, stream);
-    else if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2, 0>(out, lse, qkv, B, T, NH, NKV, stream);
-    else if (HS == 64 && flash_forward_min_blocks == 4) attention_flash_forward_launch<64, 1, 4>(out, lse, qkv, B, T, NH, NKV, stream);
-    else if (HS == 64) attention_flash_forward_launch<64, 1, 0>(out, lse, qkv, B, T, NH, NKV, stream);
-    else attention_flash_forward_launch<128, 1, 0>(out, lse, qkv, B, T, NH, NKV, stream);
+    attention_flash_forward_rope(out, lse, qkv, B, T, NH, NKV, HS, NULL, NULL, stream);
 }
 
 // The backward's two passes are independent (each reads qkv, dout, lse and D and writes its own

@@ -28,8 +28,10 @@
  * epilogue, and the GELU backward in the epilogue of fcproj's input gradient (matmul.cuh;
  * use_gelu_fusion = 0 switches to the separate kernels); the classifier computes loss and logit
  * gradient in one kernel when the token weights are known at forward time
- * (cuda_model_forward_backward); the flash attention backward takes dQ and dK back through RoPE
- * in its epilogue (rope_in_attention, the same bits as rope_backward after it); attention is the
+ * (cuda_model_forward_backward); the flash attention forward rotates the queries by RoPE as it
+ * loads them and stores them back rotated, after rope_forward_keys has rotated the keys
+ * (rope_forward_in_attention), and its backward takes dQ and dK back through RoPE in its epilogue
+ * (rope_in_attention), the same bits as rope_forward and rope_backward around it; attention is the
  * tensor-core flash kernel of attention_flash.cuh (head sizes 64 and 128) or the tiled kernel of
  * attention.cuh (other head sizes, or TRAIN_MORA_ATTENTION=simple); both keep only a log-sum-exp
  * per query row instead of the (T, T) probabilities.
@@ -308,6 +310,7 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     model->residual_bf16 = env_switch("TRAIN_MORA_RESIDUAL_BF16");
     model->residual_in_product = env_switch("TRAIN_MORA_RESIDUAL_IN_PRODUCT");
     model->rope_in_attention = env_switch("TRAIN_MORA_ROPE_IN_ATTENTION");
+    model->rope_forward_in_attention = env_switch("TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION");
     model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
@@ -622,13 +625,17 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
         prof_begin(model, PROF_MATMUL_FWD);
         matmul_forward(qkv, ln1, weight_bf16(model, P_QKVW, l), weight_bf16(model, P_QKVB, l), NULL, N, C, QKV, st);
         prof_end(model);
+        // Llama: RoPE in the flash forward (the keys by rope_forward_keys before it, timed as RoPE)
+        const int rope_in_forward = !gpt2 && attention_use_flash(HS) && model->rope_forward_in_attention;
         if (!gpt2) {
             prof_begin(model, PROF_ROPE);
-            rope_forward(qkv, d->rope_cos_sin, B, T, NH, NKV, HS, st);
+            if (rope_in_forward) rope_forward_keys(qkv, d->rope_cos_sin, B, T, NH, NKV, HS, st);
+            else rope_forward(qkv, d->rope_cos_sin, B, T, NH, NKV, HS, st);
             prof_end(model);
         }
         prof_begin(model, PROF_ATTENTION_FWD);
-        if (attention_use_flash(HS)) attention_flash_forward(atty, att_lse, qkv, B, T, NH, NKV, HS, st);
+        if (rope_in_forward) attention_flash_forward_rope(atty, att_lse, qkv, B, T, NH, NKV, HS, d->rope_cos_sin, qkv, st);
+        else if (attention_use_flash(HS)) attention_flash_forward(atty, att_lse, qkv, B, T, NH, NKV, HS, st);
         else attention_forward(atty, att_lse, qkv, B, T, NH, NKV, HS, st);
         prof_end(model);
         projection_add_norm(model, residual2, residual, atty, weight_bf16(model, P_ATTPROJW, l), weight_bf16(model, P_ATTPROJB, l),

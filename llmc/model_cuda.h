@@ -68,6 +68,11 @@ typedef struct CudaModel {
     // it; the same arithmetic, the same bits. 0: rope_backward (TRAIN_MORA_ROPE_IN_ATTENTION=0 at
     // creation).
     int rope_in_attention;
+    // 1 (default): Llama's flash attention forward rotates the query heads by RoPE as it loads
+    // them and stores them back rotated, rope_forward_keys rotating the key heads before it,
+    // instead of rope_forward reading and rewriting both; the same arithmetic, the same bits in
+    // qkv, out and lse. 0: rope_forward (TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION=0 at creation).
+    int rope_forward_in_attention;
     // 1 (default): zero_grad leaves the layers' weight matrices' gradients for the next
     // backward's products to write (cuda_model_zero_grad); 0: it zeroes every gradient and every
     // backward adds to them (bench_train times both)

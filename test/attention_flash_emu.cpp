@@ -33,9 +33,13 @@
  *          64, one row tile each), eager (1: the forward's softmax reference is the running max,
  *          flash_forward_max_slack 0), rope (1: the backward takes dQ and dK back through RoPE in
  *          its epilogue; 2: rope_backward's rotation on the host after the backward; 0: none;
- *          the table as rope_table_host's, theta 10000); then float32 qkv (B, T, QKV),
- *          dout (B, T, NH*HS), all values representable in bf16
- *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV)
+ *          the table as rope_table_host's, theta 10000), rope_fwd (1: the k heads rotated by
+ *          rope_forward's arithmetic on the host, then the forward rotating the q heads as it
+ *          loads them and storing them back into qkv; 2: the q and k heads rotated on the host
+ *          before the forward; 0: none); then float32 qkv (B, T, QKV), dout (B, T, NH*HS), all
+ *          values representable in bf16
+ *     OUT: float32 out (B, T, NH*HS), lse (B, NH, T), dqkv (B, T, QKV), qkv (B, T, QKV) as the
+ *          forward left it (the backward reads that)
  */
 #define ATTENTION_FLASH_EMULATION
 #define EMU_PROGRAM "attention_flash_emu"
@@ -56,8 +60,9 @@ static Dim3 grid_of(int lpt, int heads, int B, int tiles) {
 // size 64, one row tile; the dQ pass with Q and dO, the dK/dV pass with K and V in registers);
 // bits 3 and 4 the dQ and dK/dV passes with warpgroup products reading those from shared memory
 template <int HS, int RW, int DQ_RW, int QREG, int KVREG>
-static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv, const floatX *dout, int B, int T,
-                int NH, int NKV, int lpt, int wg, const float *rope) {
+static void run(floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv, const floatX *dout, int B, int T,
+                int NH, int NKV, int lpt, int wg, const float *rope, const float *rope_fwd) {
+    floatX *q_rotated = qkv;   // where the forward stores its rotated queries (rope_fwd only)
     Dim3 grid_kv = grid_of(lpt, NKV, B, (T + FLASH_ROWS - 1) / FLASH_ROWS);
     Dim3 grid_q = grid_of(lpt, NH, B, (T + DQ_RW * FLASH_ROWS - 1) / (DQ_RW * FLASH_ROWS));
     Dim3 grid_fwd = grid_of(lpt, NH, B, (T + RW * FLASH_ROWS - 1) / (RW * FLASH_ROWS));
@@ -65,11 +70,19 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *q
     if constexpr (wg_ok) {
         if (wg & 1)
             launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, 1, 1>(),
-                   [=] { flash_attention_forward_kernel<HS, 1, 0, 1>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack); });
+                   [=] {
+                       if (rope_fwd) flash_attention_forward_kernel<HS, 1, 0, 1, 1>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack,
+                                                                                    rope_fwd, q_rotated);
+                       else flash_attention_forward_kernel<HS, 1, 0, 1>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack);
+                   });
     }
     if (!wg_ok || !(wg & 1))
         launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, RW>(),
-               [=] { flash_attention_forward_kernel<HS, RW>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack); });
+               [=] {
+                   if (rope_fwd) flash_attention_forward_kernel<HS, RW, 0, 0, 1>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack,
+                                                                                rope_fwd, q_rotated);
+                   else flash_attention_forward_kernel<HS, RW>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack);
+               });
     size_t threads_pre = (size_t)B * T * NH * (HS / 8);
     launch(Dim3{(unsigned)((threads_pre + 255) / 256), 1, 1}, 256, 0,
            [=] { flash_attention_backward_preprocess_kernel<HS>(D, dout, out, B, T, NH); });
@@ -103,18 +116,20 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, const floatX *q
 // run<64, RW, ...> for the backward's variants: dQ row tiles, Q and dO in registers (one row
 // tile), the dK/dV pass's K and V in registers (kvreg 1) or two key row tiles a warp (kvreg 2)
 template <int RW, int KVREG>
-static void run64_kv(int DQ_RW, int qreg, floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv,
-                     const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg, const float *rope) {
-    if (DQ_RW == 2) run<64, RW, 2, 0, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
-    else if (qreg) run<64, RW, 1, 1, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
-    else run<64, RW, 1, 0, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
+static void run64_kv(int DQ_RW, int qreg, floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv,
+                     const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg, const float *rope,
+                     const float *rope_fwd) {
+    if (DQ_RW == 2) run<64, RW, 2, 0, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope, rope_fwd);
+    else if (qreg) run<64, RW, 1, 1, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope, rope_fwd);
+    else run<64, RW, 1, 0, KVREG>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope, rope_fwd);
 }
 template <int RW>
-static void run64(int DQ_RW, int qreg, int kvreg, floatX *out, float *lse, floatX *dqkv, float *D, const floatX *qkv,
-                  const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg, const float *rope) {
-    if (kvreg == 2) run64_kv<RW, 2>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
-    else if (kvreg) run64_kv<RW, 1>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
-    else run64_kv<RW, 0>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
+static void run64(int DQ_RW, int qreg, int kvreg, floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv,
+                  const floatX *dout, int B, int T, int NH, int NKV, int lpt, int wg, const float *rope,
+                  const float *rope_fwd) {
+    if (kvreg == 2) run64_kv<RW, 2>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope, rope_fwd);
+    else if (kvreg) run64_kv<RW, 1>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope, rope_fwd);
+    else run64_kv<RW, 0>(DQ_RW, qreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope, rope_fwd);
 }
 
 // RoPE's table as rope_table_host builds it (theta 10000): (T, HS/2) pairs of (cos, sin)
@@ -129,17 +144,18 @@ static std::vector<float> rope_table(int T, int HS) {
     return cs;
 }
 
-// rope_backward's rotation of the q and k heads of dqkv, on the host, with the kernels'
-// expressions (rope_rotate, the sine negated, bf16 in and out)
-static void rope_backward_host(floatX *dqkv, const float *cs, int B, int T, int NH, int NKV, int HS) {
+// RoPE's rotation of the heads from first_head on of x (B, T, QKV) on the host, with the kernels'
+// expressions (rope_rotate, the sine times sign, bf16 in and out): rope_forward's (first_head 0,
+// sign +1), rope_forward_keys' (first_head NH) and rope_backward's (first_head 0, sign -1)
+static void rope_host(floatX *x_all, const float *cs, int B, int T, int NH, int NKV, int HS, int first_head, float sign) {
     int half = HS / 2, QKV = (NH + 2 * NKV) * HS;
     for (int bt = 0; bt < B * T; bt++)
-        for (int h = 0; h < NH + NKV; h++)
+        for (int h = first_head; h < NH + NKV; h++)
             for (int i = 0; i < half; i++) {
                 const float *pair = cs + ((size_t)(bt % T) * half + i) * 2;
-                floatX *x = dqkv + (size_t)bt * QKV + (size_t)h * HS;
+                floatX *x = x_all + (size_t)bt * QKV + (size_t)h * HS;
                 float y1, y2;
-                rope_rotate(to_f32(x[i]), to_f32(x[i + half]), pair[0], -1.0f * pair[1], &y1, &y2);
+                rope_rotate(to_f32(x[i]), to_f32(x[i + half]), pair[0], sign * pair[1], &y1, &y2);
                 x[i] = to_bf16(y1);
                 x[i + half] = to_bf16(y2);
             }
@@ -153,16 +169,17 @@ int main(int argc, char **argv) {
     copies_land_early = strcmp(argv[3], "early") == 0;
     FILE *f = fopen(argv[1], "rb");
     if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[1]); return 1; }
-    int32_t dims[13];
-    if (fread(dims, sizeof(int32_t), 13, f) != 13) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
-    int rope_mode = dims[12];
+    int32_t dims[14];
+    if (fread(dims, sizeof(int32_t), 14, f) != 14) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
+    int rope_mode = dims[12], rope_fwd_mode = dims[13];
     int B = dims[0], T = dims[1], NH = dims[2], NKV = dims[3], HS = dims[4], RW = dims[5], DQ_RW = dims[6], lpt = dims[7];
     int qreg = dims[8], kvreg = dims[9], wg = dims[10];
     if (dims[11]) flash_forward_max_slack = 0.0f;
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
         (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64) ||
         ((qreg || kvreg) && HS != 64) || kvreg < 0 || kvreg > 2 || (kvreg == 2 && (wg & (4 | 16))) || (qreg && DQ_RW != 1) || wg < 0 || wg > 31 || (wg & 10) == 10 || (wg & 20) == 20 ||
-        (wg && (HS != 64 || RW != 1 || DQ_RW != 1)) || rope_mode < 0 || rope_mode > 2) {
+        (wg && (HS != 64 || RW != 1 || DQ_RW != 1)) || rope_mode < 0 || rope_mode > 2 ||
+        rope_fwd_mode < 0 || rope_fwd_mode > 2) {
         fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d\n", argv[1], B, T, NH,
                 NKV, HS, RW, DQ_RW);
         return 1;
@@ -184,11 +201,12 @@ int main(int argc, char **argv) {
     floatX *out = (floatX *)alloc(n_out * 2, 0xff), *dqkv = (floatX *)alloc(n_qkv * 2, 0xff);
     float *lse = (float *)alloc(n_stat * 4, 0xff), *D = (float *)alloc(n_stat * 4, 0xff);
     std::vector<float> table = rope_table(T, HS);
-    const float *rope = rope_mode == 1 ? table.data() : NULL;
-    if (HS == 64 && RW == 2) run64<2>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
-    else if (HS == 64) run64<1>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
-    else run<128, 1, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope);
-    if (rope_mode == 2) rope_backward_host(dqkv, table.data(), B, T, NH, NKV, HS);
+    const float *rope = rope_mode == 1 ? table.data() : NULL, *rope_fwd = rope_fwd_mode == 1 ? table.data() : NULL;
+    if (rope_fwd_mode) rope_host(qkv, table.data(), B, T, NH, NKV, HS, rope_fwd_mode == 1 ? NH : 0, 1.0f);
+    if (HS == 64 && RW == 2) run64<2>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope, rope_fwd);
+    else if (HS == 64) run64<1>(DQ_RW, qreg, kvreg, out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope, rope_fwd);
+    else run<128, 1, 1, 0, 0>(out, lse, dqkv, D, qkv, dout, B, T, NH, NKV, lpt, wg, rope, rope_fwd);
+    if (rope_mode == 2) rope_host(dqkv, table.data(), B, T, NH, NKV, HS, 0, -1.0f);
 
     FILE *o = fopen(argv[2], "wb");
     if (!o) { fprintf(stderr, "error: cannot create %s\n", argv[2]); return 1; }
@@ -196,6 +214,7 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n_out; i++) x.push_back(to_f32(out[i]));
     x.insert(x.end(), lse, lse + n_stat);
     for (size_t i = 0; i < n_qkv; i++) x.push_back(to_f32(dqkv[i]));
+    for (size_t i = 0; i < n_qkv; i++) x.push_back(to_f32(qkv[i]));
     if (fwrite(x.data(), sizeof(float), x.size(), o) != x.size() || fclose(o) != 0) {
         fprintf(stderr, "error: cannot write %s\n", argv[2]);
         return 1;

@@ -86,6 +86,12 @@ SHAPES = [  # B, T, NH, NKV, HS, input scale, row tiles per warp of the forward 
 
 
 def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0, wg=0, eager=0, rope=0):
+    """qkv, dout, out, lse, dqkv: run_emulator_full's first five"""
+    return run_emulator_full(emulator, tmp_path, shape, copies, lpt, forward_rw, qreg, kvreg, wg, eager, rope)[:5]
+
+
+def run_emulator_full(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0, wg=0, eager=0, rope=0,
+                      rope_fwd=0):
     """inputs qkv, dout and the emulated out, lse, dqkv for one shape; the inputs do not depend on
     the dQ pass's row tiles, the grid order (lpt 1: heads, batch, tiles; 0: tiles, heads, batch) or
     forward_rw, which runs the forward with other row tiles than the shape's, or qreg / kvreg (the
@@ -94,7 +100,10 @@ def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg
     passes with warpgroup products reading every operand from shared memory), or eager (1: the
     forward's softmax reference is the running max itself, rescaled at every move), or rope (1: dQ
     and dK taken back through RoPE in the backward's epilogue, 2: by rope_backward's arithmetic on
-    the host after the backward)"""
+    the host after the backward), or rope_fwd (1: the k heads rotated by rope_forward's arithmetic
+    on the host, the q heads by the forward as it loads them, stored back into qkv; 2: both by
+    rope_forward's arithmetic on the host before the forward); the sixth value is qkv as the
+    forward left it"""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     QKV = (NH + 2 * NKV) * HS
     rng = np.random.default_rng(hash(shape[:7]) % 2**32)
@@ -102,20 +111,21 @@ def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg
     dout = to_bf16(rng.standard_normal((B, T, NH * HS)))
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt, qreg, kvreg, wg, eager, rope],
-                 np.int32).tofile(f)
+        np.array([B, T, NH, NKV, HS, RW if forward_rw is None else forward_rw, DQ_RW, lpt, qreg, kvreg, wg, eager, rope,
+                  rope_fwd], np.int32).tofile(f)
         qkv.tofile(f)
         dout.tofile(f)
     proc = subprocess.run([str(emulator), str(inp), str(outp), copies], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = np.fromfile(outp, np.float32)
     n_out, n_stat = B * T * NH * HS, B * NH * T
-    assert got.size == n_out + n_stat + B * T * QKV
+    assert got.size == n_out + n_stat + 2 * B * T * QKV
     assert np.isfinite(got).all(), "unwritten (NaN-poisoned) or non-finite outputs"
     out = got[:n_out].reshape(B, T, NH * HS)
     lse = got[n_out:n_out + n_stat].reshape(B, NH, T)
-    dqkv = got[n_out + n_stat:].reshape(B, T, QKV)
-    return qkv, dout, out, lse, dqkv
+    dqkv = got[n_out + n_stat:n_out + n_stat + B * T * QKV].reshape(B, T, QKV)
+    qkv_after = got[n_out + n_stat + B * T * QKV:].reshape(B, T, QKV)
+    return qkv, dout, out, lse, dqkv, qkv_after
 
 
 @pytest.mark.parametrize("copies", ["late", "early"])
@@ -225,16 +235,17 @@ def test_flash_dkv_two_key_row_tiles(emulator, tmp_path, shape):
         assert rel_err(dqkv, oracle(qkv, dout, NH, NKV, HS)[2]) < 1.5e-2
 
 
-def rope_backward_oracle(dqkv, NH, NKV, HS, theta=10000.0):
-    """dqkv with its q and k heads rotated by minus their positions' angles (float64)."""
-    B, T, QKV = dqkv.shape
+def rope_oracle(x, NH, NKV, HS, sign, theta=10000.0):
+    """x (B, T, QKV) with its q and k heads rotated by their positions' angles times sign (+1:
+    RoPE's forward, -1: its backward, on a gradient), in float64."""
+    B, T, QKV = x.shape
     half = HS // 2
-    angle = np.arange(T)[:, None] * theta ** (-2.0 * np.arange(half) / HS)
+    angle = sign * np.arange(T)[:, None] * theta ** (-2.0 * np.arange(half) / HS)
     c, s = np.cos(angle)[None, :, None, :], np.sin(angle)[None, :, None, :]
-    heads = dqkv[:, :, :(NH + NKV) * HS].astype(np.float64).reshape(B, T, NH + NKV, HS)
+    heads = x[:, :, :(NH + NKV) * HS].astype(np.float64).reshape(B, T, NH + NKV, HS)
     x1, x2 = heads[..., :half], heads[..., half:]
-    out = dqkv.astype(np.float64).copy()
-    out[:, :, :(NH + NKV) * HS] = np.concatenate([x1 * c + x2 * s, x2 * c - x1 * s], -1).reshape(B, T, -1)
+    out = x.astype(np.float64).copy()
+    out[:, :, :(NH + NKV) * HS] = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1).reshape(B, T, -1)
     return out
 
 
@@ -257,8 +268,37 @@ def test_flash_backward_rope_epilogue(emulator, tmp_path, shape, kvreg):
     assert differ == 0, f"{differ} of {fused[4].size} dqkv elements differ from the backward followed by rope_backward"
     assert not np.array_equal(fused[4], plain[4])
     qkv, dout = fused[0], fused[1]
-    ref = rope_backward_oracle(oracle(qkv, dout, NH, NKV, HS)[2], NH, NKV, HS)
+    ref = rope_oracle(oracle(qkv, dout, NH, NKV, HS)[2], NH, NKV, HS, -1)
     assert rel_err(fused[4], ref) < 1.5e-2
+
+
+@pytest.mark.parametrize("shape,wg", [((2, 37, 2, 2, 64, 1.0, 1, 1), 0), ((1, 200, 9, 3, 64, 1.0, 1, 1), 0),
+                                      ((1, 300, 4, 2, 64, 1.0, 2, 1), 0), ((1, 150, 2, 2, 128, 1.0, 1, 1), 0),
+                                      ((1, 130, 4, 2, 64, 1.0, 1, 1), 1), ((1, 1, 1, 1, 64, 1.0, 1, 1), 0)],
+                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s if isinstance(s, tuple) else "wg%d" % s)
+def test_flash_forward_rope_on_load(emulator, tmp_path, shape, wg):
+    """The forward rotating its query rows by RoPE as it loads them and storing them back
+    (attention_flash_forward_rope, the k heads rotated before it) gives, bit for bit, the out,
+    lse and qkv that RoPE's arithmetic on the q and k heads before the plain forward gives, and
+    so the same dqkv from the backward reading that qkv (head sizes 64 and 128, grouped heads, T
+    not a multiple of the tiles, two row tiles a warp, the warpgroup forward); qkv afterwards is
+    rotated (position 0 is the identity, so a tile left alone would show from position 1 on) and
+    matches the float64 rotation, and out the oracle's attention on it."""
+    B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
+    fused = run_emulator_full(emulator, tmp_path, shape, "late", wg=wg, rope_fwd=1)
+    host = run_emulator_full(emulator, tmp_path, shape, "late", wg=wg, rope_fwd=2)
+    for name, a, b in zip(("out", "lse", "dqkv", "qkv afterwards"), fused[2:], host[2:]):
+        differ = int(np.count_nonzero(a.view(np.uint32) != b.view(np.uint32)))
+        assert differ == 0, f"{name}: {differ} of {a.size} elements differ from RoPE before the plain forward"
+    qkv, dout, out, lse, _, rotated = fused
+    ref = rope_oracle(qkv, NH, NKV, HS, +1)
+    assert np.abs(rotated - ref).max() <= 2.0 ** -7 * np.abs(ref).max()   # bf16 rounding of each element
+    if T > 1:
+        assert not np.array_equal(rotated[:, 1:, :(NH + NKV) * HS], qkv[:, 1:, :(NH + NKV) * HS])
+    assert np.array_equal(rotated[:, :, (NH + NKV) * HS:], qkv[:, :, (NH + NKV) * HS:])   # v untouched
+    ref_out, ref_lse, _ = oracle(rotated, dout, NH, NKV, HS)
+    assert rel_err(out, ref_out) < 5e-3
+    assert np.abs(lse - ref_lse).max() < 1e-4 * max(1.0, np.abs(ref_lse).max())
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 64, 1.0, 1, 1), (2, 37, 2, 2, 64, 1.0, 1, 1), (1, 200, 3, 1, 64, 4.0, 1, 1),

@@ -4,11 +4,13 @@ stream capture and graphs, bf16, cuBLASLt) by test/model_cuda_emu.cpp and test/r
 and linked with the GPU checks themselves, run on their tiny models:
 
 - dev/cuda/test_model_gpu.cu --tiny: the model against the fp32 CPU reference (llmc/model.c) on
-  the tiny GPT-2, Llama and Qwen2-style models: logits, hidden state, losses and every parameter
-  gradient within bf16 tolerances; the fused step; zero_grad; the second stream's schedule bit
-  for bit; each of the model's switches (bf16 or fp32 norm-output gradients, bf16 or fp32
-  residual stream, the residual add in the products' epilogue or in the norm kernel, RoPE's
-  backward in the attention or after it); the 20-step AdamW loss curves;
+  the tiny GPT-2, Llama and Qwen2-style models (head size 16: the simple attention kernels) and a
+  GPT-2 and a grouped-query Llama of head size 64 (the flash attention): logits, hidden state,
+  losses and every parameter gradient within bf16 tolerances; the fused step; zero_grad; the
+  second stream's schedule bit for bit; each of the model's switches (bf16 or fp32 norm-output
+  gradients, bf16 or fp32 residual stream, the residual add in the products' epilogue or in the
+  norm kernel, RoPE's backward in the attention or after it, RoPE's forward in the attention's
+  loads or before it); the 20-step AdamW loss curves;
 - dev/cuda/rollout_check.cu (without the SmolLM2 part): the engine against the CPU generator on
   the tiny GPT-2 and Llama: greedy tokens (near-tie rule), log-probs, the reference path, graphs
   off, poisoned buffers, decode_matmul, programmatic edges, pipelined steps, tuned products bit
@@ -209,14 +211,17 @@ def test_model_gpu_on_the_emulated_gpu(emulators):
     out = run_check(emulators["model_cuda_emu"], "--tiny")
     assert re.search(r"== test_model_gpu: PASS \(0 failed checks\)", out)
     # every part ran: the three models, each switch flipped, the loss curves
-    for label in ("gpt2:tiny", "llama:tiny", "qwen2-style tiny"):
+    flash = ("gpt2 tiny head size 64 (flash)", "llama tiny head size 64 (flash, grouped)")
+    for label in ("gpt2:tiny", "llama:tiny", "qwen2-style tiny") + flash:
         assert re.search(rf"PASS {re.escape(label)}.* grad norm", out), label
         assert re.search(rf"PASS {re.escape(label)}.* fp32 residual stream step all grads", out), label
         assert re.search(rf"PASS {re.escape(label)}.* residual add in the norm kernel step all grads", out), label
         assert re.search(rf"PASS {re.escape(label)}.* fp32 norm-output gradients step all grads", out), label
         assert re.search(rf"PASS {re.escape(label)}.* overlapped step other grads +0 of", out), label
-    for label in ("llama:tiny", "qwen2-style tiny"):
+    for label in ("llama:tiny", "qwen2-style tiny", flash[1]):
         assert re.search(rf"PASS {re.escape(label)}.* RoPE backward in the attention other grads +0 of", out), label
+        assert re.search(rf"PASS {re.escape(label)}.* RoPE forward in the attention step mean loss", out), label
+        assert re.search(rf"PASS {re.escape(label)}.* RoPE forward in the attention other grads +0 of", out), label
     for label in ("gpt2:tiny", "llama:tiny"):
         assert re.search(rf"PASS {re.escape(label)} GPU loss curve follows the CPU's", out), label
         assert re.search(rf"PASS {re.escape(label)} parameter updates over 20 steps", out), label

@@ -9,7 +9,9 @@
  *   - bitwise repeatability of forward and backward (the backward uses no atomics), and the
  *     backward with two row tiles a warp in the dQ pass, or two key row tiles a warp in the dK/dV
  *     pass, bitwise equal to the one-tile backward, and the backward with RoPE's backward in its
- *     epilogue bitwise equal to the backward followed by rope_backward (rope.cuh);
+ *     epilogue bitwise equal to the backward followed by rope_backward (rope.cuh), and the forward
+ *     rotating its queries by RoPE as it loads them (after rope_forward_keys) bitwise equal to
+ *     rope_forward followed by the plain forward (out, lse and qkv afterwards);
  *   - where the device runs the sm_90a code, first the warpgroup product (wgmma) in each form the
  *     kernels use against the CPU, then the warpgroup kernels against the mma.sync
  *     ones (and how many elements differ in their bits, which decides whether the tuner may
@@ -199,6 +201,34 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         compare_bits(name, download_bf16(d_dqkv, n_qkv), after);
         cudaCheck(cudaFree(d_table));
     }
+    {   // RoPE's forward in the attention's loads: rope_forward followed by the plain forward, bit
+        // for bit (out, lse, and the rotated qkv the backward reads), one and two row tiles a warp
+        float *table = rope_table_host(T, HS, 10000.0f);
+        float *d_table = upload(std::vector<float>(table, table + (size_t)T * HS));
+        free(table);
+        floatX *d_rotated = upload_bf16(qkv);
+        rope_forward(d_rotated, d_table, B, T, NH, NKV, HS, 0);
+        poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
+        attention_flash_forward(d_out, d_lse, d_rotated, B, T, NH, NKV, HS, 0);
+        std::vector<float> want_out = download_bf16(d_out, n_out), want_lse = download_f32(d_lse, n_stat);
+        std::vector<float> want_qkv = download_bf16(d_rotated, n_qkv);
+        for (int rw = 1; rw <= (HS == 64 ? 2 : 1); rw++) {
+            flash_forward_row_tiles = rw;
+            floatX *d_fused = upload_bf16(qkv);
+            poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
+            rope_forward_keys(d_fused, d_table, B, T, NH, NKV, HS, 0);
+            attention_flash_forward_rope(d_out, d_lse, d_fused, B, T, NH, NKV, HS, d_table, d_fused, 0);
+            flash_forward_row_tiles = 1;
+            snprintf(name, sizeof(name), "flash RoPE forward in the loads rw%d %s out", rw, label);
+            compare_bits(name, download_bf16(d_out, n_out), want_out);
+            snprintf(name, sizeof(name), "flash RoPE forward in the loads rw%d %s lse", rw, label);
+            compare_bits(name, download_f32(d_lse, n_stat), want_lse);
+            snprintf(name, sizeof(name), "flash RoPE forward in the loads rw%d %s qkv", rw, label);
+            compare_bits(name, download_bf16(d_fused, n_qkv), want_qkv);
+            cudaCheck(cudaFree(d_fused));
+        }
+        for (void *p : {(void *)d_table, (void *)d_rotated}) cudaCheck(cudaFree(p));
+    }
     if (HS == 64) {   // the forward with two row tiles per warp against the one-tile forward
         flash_forward_row_tiles = 2;
         poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
@@ -326,6 +356,21 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
             }, 3, 20);
             printf("time attention flash  %-13s backward with RoPE's backward in its epilogue %7.3f ms, followed by rope_backward %7.3f ms\n",
                    model, fused, separate);
+            // RoPE's forward: the keys by rope_forward_keys and the queries in the forward's loads,
+            // against rope_forward on both before the plain forward (each run rotates its set
+            // again: the same work every time)
+            float fused_fwd = time_ms([&] {
+                i = (i + 1) % SETS;
+                rope_forward_keys(qkv[i], d_table, B, T, NH, NKV, HS, 0);
+                attention_flash_forward_rope(out[i], lse[i], qkv[i], B, T, NH, NKV, HS, d_table, qkv[i], 0);
+            }, 3, 20);
+            float separate_fwd = time_ms([&] {
+                i = (i + 1) % SETS;
+                rope_forward(qkv[i], d_table, B, T, NH, NKV, HS, 0);
+                attention_flash_forward(out[i], lse[i], qkv[i], B, T, NH, NKV, HS, 0);
+            }, 3, 20);
+            printf("time attention flash  %-13s forward with RoPE on the queries in its loads (keys by rope_forward_keys) %7.3f ms, "
+                   "after rope_forward %7.3f ms\n", model, fused_fwd, separate_fwd);
             cudaCheck(cudaFree(d_table));
         }
         if (flash) {   // the forward with its softmax reference the running max itself (rescaled at every move)

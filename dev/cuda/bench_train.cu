@@ -10,7 +10,9 @@
  * its gradient in the other precision (fp32, or bf16 under TRAIN_MORA_RESIDUAL_BF16=0), with the
  * projections' residual add in the norm kernel instead of their epilogue (or the reverse under
  * TRAIN_MORA_RESIDUAL_IN_PRODUCT=0), for Llama with RoPE's backward as its own kernel instead of
- * in the attention's epilogue (or the reverse under TRAIN_MORA_ROPE_IN_ATTENTION=0), with zero_grad zeroing every
+ * in the attention's epilogue (or the reverse under TRAIN_MORA_ROPE_IN_ATTENTION=0) and with
+ * RoPE's forward as its own kernel on the queries and keys instead of the flash forward rotating
+ * the queries as it loads them (or the reverse under TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION=0), with zero_grad zeroing every
  * gradient for the products to add to (instead of the first backward's products writing the
  * weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
  * max (instead of a reference that trails it), and with the flash
@@ -89,6 +91,9 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     // Llama: RoPE's backward in the other place (rope_in_attention)
     const int rope_in_attention = gpu->rope_in_attention;
     double other_rope = c.arch == ARCH_LLAMA ? median_flipped(gpu->rope_in_attention) : 0.0;
+    // Llama: RoPE's forward in the other place (rope_forward_in_attention)
+    const int rope_forward_in_attention = gpu->rope_forward_in_attention;
+    double other_rope_forward = c.arch == ARCH_LLAMA ? median_flipped(gpu->rope_forward_in_attention) : 0.0;
     // every gradient zeroed by zero_grad and added to by the products (grads_first_write 0)
     double all_zeroed = median_flipped(gpu->grads_first_write);
     // the flash forward's softmax reference following each row's max (rescaled at every move)
@@ -136,6 +141,10 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
         printf("  with RoPE's backward %s: %.2f ms/step, %.0f tok/s\n",
                rope_in_attention ? "as its own kernel after the attention" : "in the attention's epilogue", other_rope * 1e3,
                N / other_rope);
+    if (other_rope_forward > 0.0)
+        printf("  with RoPE's forward %s: %.2f ms/step, %.0f tok/s\n",
+               rope_forward_in_attention ? "as its own kernel on the queries and keys" : "on the queries in the attention's loads",
+               other_rope_forward * 1e3, N / other_rope_forward);
     printf("  with every gradient zeroed and the weight matrices' products adding to them: %.2f ms/step, %.0f tok/s\n",
            all_zeroed * 1e3, N / all_zeroed);
     printf("  with the attention forward's softmax rescaled at every move of a row's max: %.2f ms/step, %.0f tok/s\n",

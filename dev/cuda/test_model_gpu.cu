@@ -247,6 +247,24 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
             gpu->rope_in_attention = !gpu->rope_in_attention;
         }
         check_same_grads(label, "RoPE backward in the attention", "the step with it after the attention", cpu, first, other);
+
+        // RoPE's forward in the other place (rope_forward_in_attention: the queries rotated by the
+        // flash forward as it loads them by default, rope_forward before it here, or the
+        // reverse): the same qkv, out and lse bit for bit, so the same loss and gradients
+        float loss[2];
+        for (int k = 0; k < 2; k++) {
+            cuda_model_poison(gpu);
+            cuda_model_zero_grad(gpu);
+            cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+            loss[k] = gpu->mean_loss;
+            cuda_model_copy_grads(gpu, k == 0 ? first.data() : other.data());
+            gpu->rope_forward_in_attention = !gpu->rope_forward_in_attention;
+        }
+        const int same_loss = memcmp(&loss[0], &loss[1], sizeof(float)) == 0;
+        if (!same_loss) failures++;
+        printf("%s %s RoPE forward in the attention step mean loss %.6f, the step with rope_forward %.6f (must be the same float)\n",
+               same_loss ? "PASS" : "FAIL", label, loss[0], loss[1]);
+        check_same_grads(label, "RoPE forward in the attention", "the step with rope_forward before it", cpu, first, other);
     }
 
     // the step with the attention's warpgroup (wgmma) kernels, where they apply, against the CPU:
@@ -336,8 +354,8 @@ static void check_loss_curve(const char *label, ModelConfig c, int B, int T) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);   // a line at a time: a run stopped by a time limit shows how far it got
-    // --tiny: the tiny models only, without gpt2:d12 and SmolLM2-135M (what the CPU emulation of
-    // test/test_model_cuda_emu.py runs in reasonable time)
+    // --tiny: the tiny models only (with head sizes 16 and 64), without gpt2:d12 and SmolLM2-135M
+    // (what the CPU emulation of test/test_model_cuda_emu.py runs in reasonable time)
     int tiny_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--tiny")) tiny_only = 1;
@@ -363,6 +381,21 @@ int main(int argc, char **argv) {
     c.tied_embeddings = 0;
     c.padded_vocab_size = 320;
     check_forward_backward("qwen2-style tiny (qkv bias, untied, padded)", c, 3, 50);
+    // head size 64: the flash attention kernels and the model's RoPE in them (the tiny models'
+    // head size 16 takes the simple kernels), T not a multiple of the 64-row tiles
+    model_config_preset("gpt2:tiny", &c);
+    c.n_embd = 128;
+    c.n_head = c.n_kv_head = 2;
+    c.head_dim = 64;
+    c.ffn_hidden = 4 * c.n_embd;
+    check_forward_backward("gpt2 tiny head size 64 (flash)", c, 2, 50);
+    model_config_preset("llama:tiny", &c);
+    c.n_embd = 128;
+    c.n_head = 2;
+    c.n_kv_head = 1;
+    c.head_dim = 64;
+    c.ffn_hidden = 256;
+    check_forward_backward("llama tiny head size 64 (flash, grouped)", c, 2, 50);
     if (!tiny_only) {
         model_config_preset("gpt2:d12", &c);
         check_forward_backward("gpt2:d12", c, 2, 128);
