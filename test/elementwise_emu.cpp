@@ -1,5 +1,5 @@
 /*
- * Runs the elementwise kernels of llmc/swiglu.cuh, llmc/rope.cuh and llmc/gelu.cuh on the CPU
+ * Runs the elementwise kernels of llmc/swiglu.cuh, llmc/rope.cuh, llmc/gelu.cuh and llmc/adamw.cuh on the CPU
  * through their host entry points: the scalar kernels, the 8-wide ones and the pick between them,
  * so that their indexing, 16-byte packing and math are checked on a machine without a GPU
  * (test/test_elementwise_emu.py compares the results with a NumPy float64 oracle).
@@ -20,8 +20,15 @@
  *          5 gelu backward    d0 = n, d1 = in place (dinp aliases dout)   float32 inp (n), dout (n)
  *          6 swiglu forward with the rows' RMSNorm (swiglu_forward_rownorm; kernel ignored)
  *                             d0 = N, d1 = F, d2 = C   float32 fc (N, 2F), x (N, C); eps 1e-5
+ *          7 rope forward on the k heads alone (rope_forward_keys; scalar and 8-wide from
+ *            head NH on)  as 2
+ *          8 adamw            d0 = n (kernel 1: the 4-wide kernel, with the scalar one on the last
+ *                             n % 4; misalign: the fp32 arrays start 4 bytes past the boundary)
+ *                             float32 lr, beta1, beta2, bc1, bc2, eps, decay, grad_scale, then
+ *                             params, grads, m, v (n each)
  *          (inputs representable in bf16)
- *     OUT: float32 out (N, F) | dfc (N, 2F) | qkv afterwards | out (n) | dinp (n) | out (N, F)
+ *     OUT: float32 out (N, F) | dfc (N, 2F) | qkv afterwards | out (n) | dinp (n) | out (N, F) | qkv |
+ *          params, m, v, bf16 copy (n each)
  *   It prints the number of threads its launches started ("threads N"), which tells the kernels
  *   apart where their results are the same bit for bit.
  */
@@ -39,10 +46,11 @@ static inline void counted_launch(dim3 grid, int block, size_t smem_bytes, cudaS
     emu_launch(grid, block, smem_bytes, stream, body);
 }
 #define emu_launch counted_launch
-#include "elementwise_launched.cuh"   // llmc/swiglu.cuh, rope.cuh, gelu.cuh with their launches rewritten
+#include "elementwise_launched.cuh"   // llmc/swiglu.cuh, rope.cuh, gelu.cuh, adamw.cuh with their launches rewritten
 #undef emu_launch
 
-enum { SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD, SWIGLU_ROWNORM };
+enum { SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD, SWIGLU_ROWNORM,
+       ROPE_FORWARD_KEYS, ADAMW };
 
 // A bf16 device buffer of n elements starting `offset` elements into a 256-byte aligned block,
 // holding x (when given) or NaN
@@ -59,12 +67,26 @@ int main(int argc, char **argv) {
     if (fread(h, sizeof(int32_t), 8, f) != 8) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int op = h[0], kernel = h[1], offset = h[2] ? 1 : 0;
     const int *d = h + 3;
-    if (op < 0 || op > SWIGLU_ROWNORM || kernel < 0 || kernel > 2 || d[0] < 1) {
+    if (op < 0 || op > ADAMW || kernel < 0 || kernel > 2 || d[0] < 1) {
         fprintf(stderr, "error: %s: bad header op=%d kernel=%d\n", argv[1], op, kernel);
         return 1;
     }
     std::vector<float> y;
-    if (op == SWIGLU_ROWNORM) {
+    if (op == ADAMW) {
+        size_t n = (size_t)d[0];
+        std::vector<float> hp = read_floats(f, 8, argv[1]);
+        float *arrays[4];
+        for (int k = 0; k < 4; k++) {   // params, grads, m, v
+            std::vector<float> x = read_floats(f, n, argv[1]);
+            arrays[k] = (float *)device_alloc((n + offset) * sizeof(float), 0xff) + offset;
+            memcpy(arrays[k], x.data(), n * sizeof(float));
+        }
+        floatX *copy = bf16_buffer(n, 0, NULL);
+        auto run = kernel == 0 ? adamw_update_scalar : kernel == 1 ? adamw_update_vec4 : adamw_update;
+        run(arrays[0], copy, arrays[1], arrays[2], arrays[3], n, hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7], 0);
+        for (int k : {0, 2, 3}) y.insert(y.end(), arrays[k], arrays[k] + n);
+        for (size_t i = 0; i < n; i++) y.push_back(to_f32(copy[i]));
+    } else if (op == SWIGLU_ROWNORM) {
         int N = d[0], F = d[1], C = d[2];
         std::vector<float> fc_host = read_floats(f, 2 * (size_t)N * F, argv[1]), x_host = read_floats(f, (size_t)N * C, argv[1]);
         floatX *fc = bf16_buffer(fc_host.size(), offset, &fc_host), *x = bf16_buffer(x_host.size(), offset, &x_host);
@@ -91,7 +113,7 @@ int main(int argc, char **argv) {
             y.resize(2 * n);
         }
         for (size_t i = 0; i < y.size(); i++) y[i] = to_f32(out[i]);
-    } else if (op == ROPE_FORWARD || op == ROPE_BACKWARD) {
+    } else if (op == ROPE_FORWARD || op == ROPE_BACKWARD || op == ROPE_FORWARD_KEYS) {
         int B = d[0], T = d[1], NH = d[2], NKV = d[3], HS = d[4];
         float theta = read_floats(f, 1, argv[1])[0];
         size_t n = (size_t)B * T * (NH + 2 * NKV) * HS;
@@ -101,8 +123,12 @@ int main(int argc, char **argv) {
         float *cos_sin = (float *)device_alloc((size_t)T * HS * sizeof(float), 0);
         memcpy(cos_sin, table_host, (size_t)T * HS * sizeof(float));
         free(table_host);
-        float sign = op == ROPE_FORWARD ? 1.0f : -1.0f;
-        if (kernel == 0) rope_scalar(qkv, cos_sin, B, T, NH, NKV, HS, sign, 0);
+        float sign = op == ROPE_BACKWARD ? -1.0f : 1.0f;
+        if (op == ROPE_FORWARD_KEYS) {
+            if (kernel == 0) rope_scalar_heads(qkv, cos_sin, B, T, NH, NKV, HS, NH, sign, 0);
+            else if (kernel == 1) rope_vec8_heads(qkv, cos_sin, B, T, NH, NKV, HS, NH, sign, 0);
+            else rope_forward_keys(qkv, cos_sin, B, T, NH, NKV, HS, 0);
+        } else if (kernel == 0) rope_scalar(qkv, cos_sin, B, T, NH, NKV, HS, sign, 0);
         else if (kernel == 1) rope_vec8(qkv, cos_sin, B, T, NH, NKV, HS, sign, 0);
         else if (op == ROPE_FORWARD) rope_forward(qkv, cos_sin, B, T, NH, NKV, HS, 0);
         else rope_backward(qkv, cos_sin, B, T, NH, NKV, HS, 0);

@@ -25,9 +25,10 @@ import pytest
 from conftest import ROOT
 from gpu_emu import build_emulator, rewrite_launches, to_bf16
 
-SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD, SWIGLU_ROWNORM = range(7)
+(SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD, SWIGLU_ROWNORM,
+ ROPE_FORWARD_KEYS, ADAMW) = range(9)
 SCALAR, VEC8, PICKED = 0, 1, 2
-HEADERS = ("swiglu.cuh", "rope.cuh", "gelu.cuh")
+HEADERS = ("swiglu.cuh", "rope.cuh", "gelu.cuh", "adamw.cuh")
 SLACK = 2.0 ** -22   # fp32 arithmetic (a few roundings), relative to the size of the terms an output is made of
 
 
@@ -159,8 +160,8 @@ def rope_oracle(qkv, NH, NKV, HS, theta, backward, wrong_direction=False):
     return out, scale
 
 
-def run_rope(emulator, tmp_path, qkv, dims, theta, kernel, backward, misalign=0, order="forward"):
-    op = ROPE_BACKWARD if backward else ROPE_FORWARD
+def run_rope(emulator, tmp_path, qkv, dims, theta, kernel, backward, misalign=0, order="forward", keys_only=False):
+    op = ROPE_FORWARD_KEYS if keys_only else ROPE_BACKWARD if backward else ROPE_FORWARD
     return run_emulator(emulator, tmp_path, op, kernel, dims, (qkv,), misalign, order, theta=theta)
 
 
@@ -187,6 +188,27 @@ def test_rope_matches_oracle(emulator, tmp_path, shape, kernel, backward, order)
     ref, scale = rope_oracle(qkv, NH, NKV, HS, theta, backward)
     assert_close(got, ref, scale)
     assert np.array_equal(got[:, :, (NH + NKV) * HS:], qkv[:, :, (NH + NKV) * HS:])   # v untouched
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("shape,kernel", [(s, k) for s in ROPE_SHAPES for k in (SCALAR, VEC8, PICKED)
+                                          if k != VEC8 or s[4] % 16 == 0])
+def test_rope_forward_on_the_keys_alone(emulator, tmp_path, shape, kernel, order):
+    """rope_forward_keys (the model's forward when its flash attention rotates the queries):
+    the k heads rotated as the oracle's forward rotates them and bit for bit as rope_forward
+    leaves them, the q and v heads untouched."""
+    B, T, NH, NKV, HS, theta = shape
+    qkv = rope_inputs(B, T, NH, NKV, HS, seed=T * 1000 + HS + 1)
+    got, _ = run_rope(emulator, tmp_path, qkv, (B, T, NH, NKV, HS), theta, kernel, False, order=order, keys_only=True)
+    assert got is not None, _
+    got = got.reshape(qkv.shape)
+    ref, scale = rope_oracle(qkv, NH, NKV, HS, theta, False)
+    k = slice(NH * HS, (NH + NKV) * HS)
+    assert_close(got[:, :, k], ref[:, :, k], scale[:, :, k])
+    assert np.array_equal(got[:, :, :NH * HS], qkv[:, :, :NH * HS])                 # q untouched
+    assert np.array_equal(got[:, :, (NH + NKV) * HS:], qkv[:, :, (NH + NKV) * HS:])   # v untouched
+    both, _ = run_rope(emulator, tmp_path, qkv, (B, T, NH, NKV, HS), theta, kernel, False, order=order)
+    assert np.array_equal(got[:, :, k].view(np.uint32), both.reshape(qkv.shape)[:, :, k].view(np.uint32))
 
 
 def test_rope_oracle_rotating_the_wrong_way_fails(emulator, tmp_path):
@@ -309,3 +331,71 @@ def test_8_wide_kernel_refuses_what_it_cannot_take(emulator, tmp_path, op):
     for shape, misalign in ((other, 0), (aligned, 1)):
         out, err = run(emulator, tmp_path, VEC8, shape, misalign)
         assert out is None and "16 bytes" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW
+
+ADAMW_HYPER = (1e-3, 0.9, 0.95, 0.1, 0.0975, 1e-8, 1.0 - 1e-3 * 0.1, 0.5)   # lr, b1, b2, bc1, bc2, eps, decay, scale
+
+
+def adamw_inputs(n, seed):
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    m = (rng.standard_normal(n) * 0.01).astype(np.float32)
+    v = (m.astype(np.float64) ** 2 + rng.random(n) * 1e-4).astype(np.float32)
+    return p, g, m, v
+
+
+def run_adamw(emulator, tmp_path, n, kernel, misalign=0, order="forward", seed=5):
+    p, g, m, v = adamw_inputs(n, seed)
+    out, threads = run_emulator(emulator, tmp_path, ADAMW, kernel, (n,), (np.array(ADAMW_HYPER, np.float32), p, g, m, v),
+                                misalign, order)
+    return (out if out is None else out.reshape(4, n)), threads
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("n,kernel", [(n, k) for n in (1, 3, 8, 1001, 4096) for k in (SCALAR, VEC8, PICKED)])
+def test_adamw_matches_oracle(emulator, tmp_path, n, kernel, order):
+    """One AdamW step (the model's update, PyTorch semantics) against float64: parameters and
+    moments within a few fp32 roundings, the bf16 copy the parameter rounded once; the 4-wide
+    kernel (VEC8's slot) with the scalar one on the last n % 4 elements."""
+    got, _ = run_adamw(emulator, tmp_path, n, kernel, order=order)
+    assert got is not None, _
+    lr, b1, b2, bc1, bc2, eps, decay, scale = (np.float64(np.float32(x)) for x in ADAMW_HYPER)
+    p, g, m, v = (x.astype(np.float64) for x in adamw_inputs(n, 5))
+    g = g * scale
+    m_terms = np.abs(b1 * m) + np.abs((1 - b1) * g)   # the sizes of the sums' terms, for the roundings
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    step = lr * (m / bc1) / (np.sqrt(v / bc2) + eps)
+    p_terms = np.abs(p * decay) + np.abs(step)
+    p = p * decay - step
+    assert np.all(np.abs(got[1] - m) <= 2.0 ** -22 * m_terms)
+    assert np.all(np.abs(got[2] - v) <= 2.0 ** -21 * v)
+    assert np.all(np.abs(got[0] - p) <= 2.0 ** -23 * p_terms + 2.0 ** -20 * np.abs(step))
+    assert np.array_equal(got[3], to_bf16(got[0]))
+
+
+@pytest.mark.parametrize("n", [3, 1001, 4096 + 2])
+def test_adamw_4_wide_equals_scalar_bit_for_bit(emulator, tmp_path, n):
+    scalar, scalar_threads = run_adamw(emulator, tmp_path, n, SCALAR)
+    vec4, vec4_threads = run_adamw(emulator, tmp_path, n, VEC8)
+    picked, picked_threads = run_adamw(emulator, tmp_path, n, PICKED)
+    assert np.array_equal(scalar.view(np.uint32), vec4.view(np.uint32))
+    assert np.array_equal(scalar.view(np.uint32), picked.view(np.uint32))
+    assert picked_threads == vec4_threads
+    if n > 4:
+        assert scalar_threads >= 2 * vec4_threads
+
+
+def test_adamw_pick_and_4_wide_on_unaligned_arrays(emulator, tmp_path):
+    """fp32 arrays 4 bytes past a 16-byte boundary: the 4-wide kernel refuses them by name, the
+    pick takes the scalar kernel with its result."""
+    out, err = run_adamw(emulator, tmp_path, 1001, VEC8, misalign=1)
+    assert out is None and "16 bytes" in err, err
+    picked, picked_threads = run_adamw(emulator, tmp_path, 1001, PICKED, misalign=1)
+    scalar, scalar_threads = run_adamw(emulator, tmp_path, 1001, SCALAR, misalign=1)
+    assert picked_threads == scalar_threads
+    assert np.array_equal(picked.view(np.uint32), scalar.view(np.uint32))
