@@ -91,7 +91,8 @@ typedef struct {
 // file or preset the config came from).
 void model_config_validate(const ModelConfig *c, const char *source);
 // Named presets: "gpt2:d12" (124M), "gpt2:d24", "gpt2:d36", "gpt2:d48", "gpt2:tiny",
-// "llama:smollm2-135m", "llama:tiny". Returns 0 when the name is unknown.
+// "llama:smollm2-135m", "llama:tiny"; for tests, "gpt2:tiny64" and "llama:tiny64" (head size
+// 64, grouped for Llama: 2 query heads on 1 key/value head). Returns 0 when the name is unknown.
 int model_config_preset(const char *name, ModelConfig *out);
 
 // Computes the layout and allocates params and grads (zeroed). Validates the config first.

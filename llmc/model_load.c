@@ -7,7 +7,7 @@
 #include "utils.h"
 
 // The names model_config_preset (model.c) accepts.
-const char *const model_preset_names = "gpt2:d12 gpt2:d24 gpt2:d36 gpt2:d48 gpt2:tiny llama:smollm2-135m llama:tiny";
+const char *const model_preset_names = "gpt2:d12 gpt2:d24 gpt2:d36 gpt2:d48 gpt2:tiny gpt2:tiny64 llama:smollm2-135m llama:tiny llama:tiny64";
 
 // 1 for a known preset, 0 for an existing path; an error naming the flag for anything else. A
 // name with a colon that is no file reads as a mistyped preset.

@@ -212,7 +212,7 @@ def test_model_gpu_on_the_emulated_gpu(emulators):
     out = run_check(emulators["model_cuda_emu"], "--tiny")
     assert re.search(r"== test_model_gpu: PASS \(0 failed checks\)", out)
     # every part ran: the three models, each switch flipped, the loss curves
-    flash = ("gpt2 tiny head size 64 (flash)", "llama tiny head size 64 (flash, grouped)")
+    flash = ("gpt2:tiny64 (flash)", "llama:tiny64 (flash, grouped)")
     for label in ("gpt2:tiny", "llama:tiny", "qwen2-style tiny") + flash:
         assert re.search(rf"PASS {re.escape(label)}.* grad norm", out), label
         assert re.search(rf"PASS {re.escape(label)}.* fp32 residual stream step all grads", out), label
@@ -246,7 +246,7 @@ def test_rollout_check_on_the_emulated_gpu(emulators):
     for check in ("fast +greedy tokens", "fast +log-probs", "graphs off vs on", "direct-loads attention vs default",
                   "early-loads attention vs default", "staged attention vs default", "folded norms +greedy tokens",
                   "folded norms, 2 branches", "folded norms, 4 steps a launch", "folded norms, staged attention vs default"):
-        assert re.search(rf"PASS llama tiny head size 64 {check}", out), check
+        assert re.search(rf"PASS llama:tiny64 {check}", out), check
     assert re.search(r"decode attention NH=2 NKV=1 HS=64 max_len=154 rows=\d+ splits=1: .* -> (direct|early|staged)", out)
     # the decode attention's loads were tuned (the default), plain and folded, and a variant chosen
     assert re.search(r"decode attention NH=\d+ NKV=\d+ HS=\d+ max_len=\d+ rows=\d+ splits=1: direct [\d.]+ us, "

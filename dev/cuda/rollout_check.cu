@@ -298,6 +298,21 @@ static void tiny_setup(Model *m, const std::vector<int> &lens, int max_new, Prom
     generate(m, pr->ptrs.data(), pr->lens.data(), pr->n(), p, cpu);
 }
 
+// graphs off (every decode step launched eagerly): the same results bit for bit
+static void check_graphs_off(RolloutEngine *e, const char *preset, const Prompts &pr, const GenerateParams &p,
+                             const GenerateResult &fast) {
+    RolloutOptions opt = rollout_default_options();
+    opt.poison = 1;
+    opt.use_graphs = 0;
+    rollout_set_options(e, &opt);
+    GenerateResult nograph;
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &nograph);
+    char label[128];
+    snprintf(label, sizeof(label), "%s graphs off vs on", preset);
+    compare_gpu_runs(label, fast, nograph, 1);
+    generate_result_free(&nograph);
+}
+
 // the decode attention's variants (RolloutOptions.attention_loads) against the default, which
 // tunes among them: the same loads requested as used, earlier, or through shared memory, the
 // same sums, so the same tokens and log-probs bit for bit
@@ -359,7 +374,7 @@ static void check_tiny(const char *preset) {
     RolloutOptions opt = rollout_default_options();
     opt.poison = 1;
     rollout_set_options(e, &opt);
-    GenerateResult fast, nograph, unpoisoned, ref;
+    GenerateResult fast, unpoisoned, ref;
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &fast);
     char label[128];
     snprintf(label, sizeof(label), "%s fast", preset);
@@ -380,12 +395,7 @@ static void check_tiny(const char *preset) {
     printf("  %d decode steps, %d graph captures, %d graph launches\n", st.decode_steps, st.graph_captures, st.graph_launches);
     report(st.graph_launches > 0, "%-40s decode steps replayed from CUDA graphs: %d", label, st.graph_launches);
 
-    opt.use_graphs = 0;
-    rollout_set_options(e, &opt);
-    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &nograph);
-    snprintf(label, sizeof(label), "%s graphs off vs on", preset);
-    compare_gpu_runs(label, fast, nograph, 1);
-    opt.use_graphs = 1;
+    check_graphs_off(e, preset, pr, p, fast);
     opt.poison = 0;
     rollout_set_options(e, &opt);
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &unpoisoned);
@@ -634,34 +644,28 @@ static void check_tiny(const char *preset) {
     rollout_free(big);
     // last (a variant that has not run on a GPU yet: if it failed hard, the checks above are in)
     if (m.config.arch == ARCH_LLAMA) check_folded(e, &m, preset, pr, p, cpu);
-    generate_result_free(&cpu); generate_result_free(&fast); generate_result_free(&nograph);
+    generate_result_free(&cpu); generate_result_free(&fast);
     generate_result_free(&unpoisoned); generate_result_free(&ref); generate_result_free(&batch);
     rollout_free(e);
     model_free(&m);
 }
 
-// A tiny grouped-query Llama of head size 64 (2 query heads on 1 key/value head), the size the
+// llama:tiny64, a tiny grouped-query Llama of head size 64 (2 query heads on 1 key/value head), the size the
 // flash prefill and SmolLM2's decode attention take (the tiny models' 16 takes the simple
 // prefill kernels), with prompts of up to 130 tokens (prefill tiles past the first, and up to
 // 154 positions a decode step reads): the CPU's tokens and log-probs, graphs off bit for bit,
 // the attention's loads against the default bit for bit, the folded norms.
 static void check_tiny_head64(void) {
-    const char *name = "llama tiny head size 64";
+    const char *name = "llama:tiny64";
     printf("-- %s\n", name);
     ModelConfig c;
-    model_config_preset("llama:tiny", &c);
-    c.n_embd = 128;
-    c.n_head = 2;
-    c.n_kv_head = 1;
-    c.head_dim = 64;
-    c.ffn_hidden = 256;
-    c.max_seq_len = 256;
+    model_config_preset(name, &c);
     Model m;
     make_tiny(&m, c, name, 6);
     Prompts pr;
     int max_new = 24, stop_id;
     GenerateParams p;
-    GenerateResult cpu, fast, nograph;
+    GenerateResult cpu, fast;
     tiny_setup(&m, {70, 1, 130, 5, 66, 11}, max_new, &pr, &p, &stop_id, &cpu);
     RolloutEngine *e = rollout_create(&m, 8, 130 + max_new);
     char label[128];
@@ -669,16 +673,10 @@ static void check_tiny_head64(void) {
     snprintf(label, sizeof(label), "%s fast", name);
     compare_greedy(label, &m, pr, cpu, fast);
     compare_logprobs(label, &m, pr, fast);
-    RolloutOptions opt = rollout_default_options();
-    opt.poison = 1;
-    opt.use_graphs = 0;
-    rollout_set_options(e, &opt);
-    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &nograph);
-    snprintf(label, sizeof(label), "%s graphs off vs on", name);
-    compare_gpu_runs(label, fast, nograph, 1);
+    check_graphs_off(e, name, pr, p, fast);
     check_attention_loads(e, name, pr, p, fast);
     check_folded(e, &m, name, pr, p, cpu);
-    generate_result_free(&cpu); generate_result_free(&fast); generate_result_free(&nograph);
+    generate_result_free(&cpu); generate_result_free(&fast);
     rollout_free(e);
     model_free(&m);
 }

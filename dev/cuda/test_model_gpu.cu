@@ -383,19 +383,10 @@ int main(int argc, char **argv) {
     check_forward_backward("qwen2-style tiny (qkv bias, untied, padded)", c, 3, 50);
     // head size 64: the flash attention kernels and the model's RoPE in them (the tiny models'
     // head size 16 takes the simple kernels), T not a multiple of the 64-row tiles
-    model_config_preset("gpt2:tiny", &c);
-    c.n_embd = 128;
-    c.n_head = c.n_kv_head = 2;
-    c.head_dim = 64;
-    c.ffn_hidden = 4 * c.n_embd;
-    check_forward_backward("gpt2 tiny head size 64 (flash)", c, 2, 50);
-    model_config_preset("llama:tiny", &c);
-    c.n_embd = 128;
-    c.n_head = 2;
-    c.n_kv_head = 1;
-    c.head_dim = 64;
-    c.ffn_hidden = 256;
-    check_forward_backward("llama tiny head size 64 (flash, grouped)", c, 2, 50);
+    model_config_preset("gpt2:tiny64", &c);
+    check_forward_backward("gpt2:tiny64 (flash)", c, 2, 50);
+    model_config_preset("llama:tiny64", &c);
+    check_forward_backward("llama:tiny64 (flash, grouped)", c, 2, 50);
     if (!tiny_only) {
         model_config_preset("gpt2:d12", &c);
         check_forward_backward("gpt2:d12", c, 2, 128);
