@@ -16,8 +16,9 @@ and linked with the GPU checks themselves, run on their tiny models:
   off, poisoned buffers, decode_matmul, programmatic edges, pipelined steps, tuned products bit
   for bit against cuBLASLt's first choices, branches, several steps a graph launch, the
   attention's direct, early and staged loads against the default that tunes among them, the
-  folded norms, and the sampler's frequencies (chi-square); a grouped Llama of head size 64 (the
-  flash prefill, SmolLM2's decode attention) with prompts of up to 130 tokens; and TRAIN_MORA_ROLLOUT, the variable
+  folded norms, and the sampler's frequencies (chi-square); gpt2:tiny64 and llama:tiny64 (head
+  size 64: the flash prefill, the decode attention at the real models' head size) with prompts of
+  up to 130 tokens; and TRAIN_MORA_ROLLOUT, the variable
   that sets the engine's variants for a whole run, refusing what it does not know.
 
 Both run twice, side by side, with the emulated streams (test/emu_cuda/cuda_runtime.h) lazy
@@ -243,11 +244,15 @@ def test_rollout_check_on_the_emulated_gpu(emulators):
                   "folded norms, staged attention vs default"):
         assert re.search(rf"PASS llama:tiny {check}", out), check
     # head size 64: the flash prefill over several tiles and SmolLM2's decode attention shape
-    for check in ("fast +greedy tokens", "fast +log-probs", "graphs off vs on", "direct-loads attention vs default",
-                  "early-loads attention vs default", "staged attention vs default", "folded norms +greedy tokens",
-                  "folded norms, 2 branches", "folded norms, 4 steps a launch", "folded norms, staged attention vs default"):
+    for preset in ("gpt2:tiny64", "llama:tiny64"):
+        for check in ("fast +greedy tokens", "fast +log-probs", "graphs off vs on", "direct-loads attention vs default",
+                      "early-loads attention vs default", "staged attention vs default"):
+            assert re.search(rf"PASS {preset} {check}", out), f"{preset} {check}"
+    for check in ("folded norms +greedy tokens", "folded norms, 2 branches", "folded norms, 4 steps a launch",
+                  "folded norms, staged attention vs default"):
         assert re.search(rf"PASS llama:tiny64 {check}", out), check
-    assert re.search(r"decode attention NH=2 NKV=1 HS=64 max_len=154 rows=\d+ splits=1: .* -> (direct|early|staged)", out)
+    for heads in ("NH=2 NKV=2", "NH=2 NKV=1"):
+        assert re.search(rf"decode attention {heads} HS=64 max_len=154 rows=\d+ splits=1: .* -> (direct|early|staged)", out)
     # the decode attention's loads were tuned (the default), plain and folded, and a variant chosen
     assert re.search(r"decode attention NH=\d+ NKV=\d+ HS=\d+ max_len=\d+ rows=\d+ splits=1: direct [\d.]+ us, "
                      r"early [\d.]+, staged [\d.]+ -> (direct|early|staged)", out)
