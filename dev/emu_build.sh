@@ -31,9 +31,11 @@ for f in sorted(llmc.glob("*.cuh")) + [llmc / "cuda_common.h"]:
 PY
 )
 cd "$out"
-cxx=(g++ -std=c++17 -O2 -U_FORTIFY_SOURCE -fno-strict-aliasing -w)
+# EMU_SANITIZE=address,undefined builds everything with those sanitizers (test/gpu_emu.py)
+mapfile -t san < <(cd "$root/test" && python3 -c "from gpu_emu import sanitizer_flags; [print(f) for f in sanitizer_flags()]")
+cxx=(g++ -std=c++17 -O2 -U_FORTIFY_SOURCE -fno-strict-aliasing -w "${san[@]}")
 emu=(-I "$out" -I "$root/test/emu_cuda" -I "$root/test" -I "$root/llmc" -I "$root")
-cc=(gcc -O2 -std=gnu11 -fopenmp -I "$root/llmc" -I "$root")
+cc=(gcc -O2 -std=gnu11 -fopenmp "${san[@]}" -I "$root/llmc" -I "$root")
 echo "emu_build: compiling into $out"
 "${cxx[@]}" "${emu[@]}" -c -x c++ "$root/test/model_cuda_emu.cpp" -o model_cuda_emu.o &
 "${cxx[@]}" "${emu[@]}" -c -x c++ "$root/test/rollout_emu.cpp" -o rollout_emu.o
@@ -56,6 +58,6 @@ for src in "$root"/llmc/*.c "$root"/*.c; do
     "${cc[@]}" -DUSE_CUDA -c "$src" -o "cuda_$b.o"
     cuda+=("cuda_$b.o")
 done
-g++ -fopenmp -o rollout_emu rollout_emu.o rollout_check.o "${plain[@]}" -lcjson -lm
+g++ -fopenmp "${san[@]}" -o rollout_emu rollout_emu.o rollout_check.o "${plain[@]}" -lcjson -lm
 "${cc[@]}" -DUSE_CUDA -o train_mora "$root/train_mora.c" "${cuda[@]}" model_cuda_emu.o rollout_emu.o -lstdc++ -lcjson -lm -lpthread
 echo "emu_build: $out/rollout_emu and $out/train_mora"

@@ -15,6 +15,12 @@
  *                   run (with EMU_STREAMS=lazy it runs at the stream's synchronisation after):
  *                   refused, as a GPU refuses the launch when it is issued.
  * static_40k runs on a non-blocking stream of its own.
+ * Accesses a GPU would fault on or read garbage from, reported when the program is built with
+ * -fsanitize=address,undefined (EMU_SANITIZE; without it they run unnoticed); each case has a
+ * twin that stays in bounds and prints "ok":
+ *   past-end / in-bounds              a kernel reads one float past a 63-float device buffer;
+ *   misaligned / aligned              a kernel loads a float4 from 4 bytes (16) past a buffer's start;
+ *   shared-past-end / shared-in-bounds  a kernel writes one float past its dynamic shared memory.
  * The program's own includer of the kernels, emu_launch_kernels_launched.cuh, is the rewritten
  * header the test writes.
  */
@@ -63,12 +69,51 @@ int main(int argc, char **argv) {
         printf("\n");
         return 0;
     }
+    if (strcmp(c, "past-end") == 0 || strcmp(c, "in-bounds") == 0) {
+        const int n = 63;
+        float host[n], *in, *out;
+        for (int i = 0; i < n; i++) host[i] = (float)i;
+        cudaMalloc((void **)&in, n * sizeof(float));
+        cudaMalloc((void **)&out, n * sizeof(float));
+        cudaMemcpy(in, host, sizeof(host), cudaMemcpyHostToDevice);
+        int offset = strcmp(c, "past-end") == 0;
+        launch_copy_shifted(out, in, n - 1 + offset, offset);
+        cudaMemcpy(host, out, (n - 1) * sizeof(float), cudaMemcpyDeviceToHost);
+        for (int i = 0; i < n - 1; i++)
+            if (host[i] != (float)(i + offset)) return fprintf(stderr, "emu_launch_check: copy_shifted wrote %g\n", host[i]), 1;
+        printf("ok\n");
+        return 0;
+    }
+    if (strcmp(c, "misaligned") == 0 || strcmp(c, "aligned") == 0) {
+        float host[8] = {0, 1, 2, 3, 4, 5, 6, 7}, *in, *out;
+        cudaMalloc((void **)&in, sizeof(host));
+        cudaMalloc((void **)&out, 4 * sizeof(float));
+        cudaMemcpy(in, host, sizeof(host), cudaMemcpyHostToDevice);
+        int offset = strcmp(c, "misaligned") == 0 ? 1 : 4;
+        launch_load_float4(out, in, offset);
+        cudaMemcpy(host, out, 4 * sizeof(float), cudaMemcpyDeviceToHost);
+        for (int i = 0; i < 4; i++)
+            if (host[i] != (float)(i + offset)) return fprintf(stderr, "emu_launch_check: load_float4 wrote %g\n", host[i]), 1;
+        printf("ok\n");
+        return 0;
+    }
+    if (strcmp(c, "shared-past-end") == 0 || strcmp(c, "shared-in-bounds") == 0) {
+        float *out, host = 0.0f;
+        cudaMalloc((void **)&out, sizeof(float));
+        int offset = strcmp(c, "shared-past-end") == 0;
+        launch_shared_shifted(out, 64, offset);
+        cudaMemcpy(&host, out, sizeof(float), cudaMemcpyDeviceToHost);
+        if (offset == 0 && host != 1.0f) return fprintf(stderr, "emu_launch_check: shared_shifted wrote %g\n", host), 1;
+        printf("ok\n");
+        return 0;
+    }
     if (strcmp(c, "static40+dyn8") == 0) return run_static_40k(8 * 1024, -1);
     if (strcmp(c, "static40+dyn16") == 0) return run_static_40k(16 * 1024, -1);
     if (strcmp(c, "raised") == 0) return run_static_40k(16 * 1024, 16 * 1024);
     if (strcmp(c, "raised-short") == 0) return run_static_40k(16 * 1024, 8 * 1024);
     if (strcmp(c, "past-optin") == 0) return run_static_40k(190 * 1024, 190 * 1024);
     if (strcmp(c, "raised-late") == 0) return run_static_40k(16 * 1024, 16 * 1024, true);
-    fprintf(stderr, "usage: emu_launch_check order|static40+dyn8|static40+dyn16|raised|raised-short|past-optin|raised-late\n");
+    fprintf(stderr, "usage: emu_launch_check order|static40+dyn8|static40+dyn16|raised|raised-short|past-optin|raised-late|"
+                    "past-end|in-bounds|misaligned|aligned|shared-past-end|shared-in-bounds\n");
     return 2;
 }

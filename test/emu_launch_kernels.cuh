@@ -23,6 +23,36 @@ __global__ void static_40k(float *out, int dynamic_floats) {
     if (threadIdx.x == 0) out[0] = big[STATIC_40K_FLOATS - 1] + (dynamic_floats > 0 ? dynamic[dynamic_floats - 1] : 0.0f);
 }
 
+// out[i] = in[i + offset] for i < n, by one thread: with offset 1 the last read is one element
+// past in's n (the sanitized emulation's check that such a read is reported).
+__global__ void copy_shifted(float *out, const float *in, int n, int offset) {
+    if (threadIdx.x == 0)
+        for (int i = 0; i < n; i++) out[i] = in[i + offset];
+}
+
+// out[0..3] = the float4 at in + offset floats: 16-byte aligned only when offset % 4 == 0.
+__global__ void load_float4(float *out, const float *in, int offset) {
+    if (threadIdx.x != 0) return;
+    float4 v = *reinterpret_cast<const float4 *>(in + offset);
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+}
+
+// Every thread writes dynamic shared memory element threadIdx.x + offset of the launch's n floats
+// (past the end with offset > 0), then out[0] = element 0.
+__global__ void shared_shifted(float *out, int n, int offset) {
+    float *dynamic = (float *)dynamic_smem();
+    if ((int)threadIdx.x < n) dynamic[threadIdx.x + offset] = 1.0f;
+    __syncthreads();
+    if (threadIdx.x == 0) out[0] = dynamic[0];
+}
+
+static void launch_copy_shifted(float *out, const float *in, int n, int offset) {
+    copy_shifted<<<1, 32>>>(out, in, n, offset);
+}
+static void launch_load_float4(float *out, const float *in, int offset) { load_float4<<<1, 32>>>(out, in, offset); }
+static void launch_shared_shifted(float *out, int n, int offset) {
+    shared_shifted<<<2, 64, n * sizeof(float)>>>(out, n, offset);
+}
 static void launch_record_block(dim3 grid, int *order, int *count) { record_block<<<grid, 32>>>(order, count); }
 static void launch_static_40k(float *out, size_t dynamic_bytes, cudaStream_t stream) {
     static_40k<<<1, 64, dynamic_bytes, stream>>>(out, (int)(dynamic_bytes / sizeof(float)));

@@ -39,6 +39,9 @@
 #error "build the GPU emulation with -U_FORTIFY_SOURCE: its longjmp check refuses the jumps between the threads' stacks"
 #endif
 #include <ucontext.h>
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/asan_interface.h>   // EMU_SANITIZE=address (test/gpu_emu.py)
+#endif
 #include <deque>
 #include <functional>
 #include <tuple>
@@ -317,7 +320,14 @@ static void launch_blocks(Dim3 grid, Dim3 block, size_t smem_bytes, std::functio
     emu_static_arrays.clear();
     for (uint64_t b : emu_block_order((uint64_t)grid.x * grid.y * grid.z)) {
         blockIdx = Dim3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
+#ifdef __SANITIZE_ADDRESS__
+        if (smem.capacity() > 0) __asan_unpoison_memory_region(smem.data(), smem.capacity());
+#endif
         smem.assign(smem_bytes, 0xff);   // NaN in bf16 and fp32
+#ifdef __SANITIZE_ADDRESS__
+        // the capacity past the block's bytes (left by a larger launch before) is out of bounds
+        if (smem.capacity() > smem_bytes) __asan_poison_memory_region(smem.data() + smem_bytes, smem.capacity() - smem_bytes);
+#endif
 #ifdef EMU_STATIC_SHARED
         memset(emu_shared_begin, 0xff, emu_shared_end - emu_shared_begin);
 #endif

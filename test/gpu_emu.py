@@ -9,6 +9,7 @@ emu_static_shared(&name, sizeof(name)) for every array it declares, so that a la
 static shared memory (CUDA's limits a block, test/gpu_emu.h). The kernels' code is otherwise
 compiled unchanged.
 """
+import os
 import re
 import shutil
 import subprocess
@@ -28,6 +29,23 @@ def shared_names(declaration):
         assert m and (i > 0 or m.start() > 0), f"not a __shared__ declaration: {declaration!r}"
         names.append(m.group(1))
     return names
+
+
+def sanitizer_flags(kinds=None):
+    """The compiler's flags for the sanitizers `kinds` names, by default EMU_SANITIZE's (e.g.
+    "address,undefined"; none when unset): the emulated programs then stop at the first misaligned
+    vector access, read or write past a device buffer (test/emu_cuda/ and test/gpu_emu_runtime.h
+    allocate them exactly under AddressSanitizer) or a block's shared memory, or other undefined
+    behaviour of the kernels' and host code's C++."""
+    kinds = (os.environ.get("EMU_SANITIZE", "") if kinds is None else kinds).strip()
+    if not kinds:
+        return []
+    if not re.fullmatch(r"[a-z-]+(,[a-z-]+)*", kinds):
+        raise ValueError(f"EMU_SANITIZE must be sanitizer names separated by commas, not {kinds!r}")
+    flags = [f"-fsanitize={kinds}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+    # no red zones between globals: test/gpu_emu.h fills the static __shared__ arrays' range, which
+    # the linker script gathers, as one piece before every block
+    return flags + (["--param=asan-globals=0"] if "address" in kinds.split(",") else [])
 
 
 def rewrite_launches(source, min_launches):
@@ -56,7 +74,7 @@ def build_emulator(build, launched, name):
     (build / f"{name.removesuffix('_emu')}_launched.cuh").write_text(launched)
     exe = build / name
     subprocess.run([cxx, "-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fdata-sections", "-Wall", "-Wno-unknown-pragmas",
-                    "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / f"{name}.cpp"),
+                    *sanitizer_flags(), "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / f"{name}.cpp"),
                     "-Wl,-T," + str(ROOT / "test" / f"{name}.ld")], check=True)
     return exe
 

@@ -99,9 +99,15 @@ static inline void emu_launch(dim3, dim3, size_t, cudaStream_t, std::function<vo
 
 // ---------------------------------------------------------------------------------------------
 
-// A device buffer of bytes: 256-byte aligned like cudaMalloc's, every byte set to fill
+// A device buffer of bytes: 256-byte aligned like cudaMalloc's, every byte set to fill (under
+// AddressSanitizer exactly `bytes` long, so that an access past its end is reported)
 static inline void *device_alloc(size_t bytes, int fill) {
+#ifdef __SANITIZE_ADDRESS__
+    void *p = NULL;
+    if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) p = NULL;
+#else
     void *p = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+#endif
     if (!p) emu_fail("out of memory");
     memset(p, fill, bytes);
     return p;

@@ -166,7 +166,7 @@ static void read_exact(void *dst, size_t bytes, FILE *f, const char *path, const
 }
 
 static void write_exact(const void *src, size_t bytes, FILE *f, const char *path) {
-    if (fwrite(src, 1, bytes, f) != bytes) {
+    if (bytes > 0 && fwrite(src, 1, bytes, f) != bytes) {
         fprintf(stderr, "error: cannot write %s\n", path);
         exit(1);
     }

@@ -46,7 +46,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT
-from gpu_emu import rewrite_launches
+from gpu_emu import rewrite_launches, sanitizer_flags
 
 MODEL_OBJECTS = ["model", "ops_cpu", "matmul", "utils", "comm"]
 ROLLOUT_OBJECTS = ["model", "ops_cpu", "matmul", "utils", "generate", "checkpoint", "gguf", "safetensors", "chat_template",
@@ -72,11 +72,12 @@ def emulators(tmp_path_factory):
     (build / "rollout_launched.cu").write_text(rewrite_launches((ROOT / "rollout.cu").read_text(), 1))
     emu = ["-I", str(ROOT / "test" / "emu_cuda"), "-I", str(ROOT / "test")]
     plain = ["-I", str(llmc), "-I", str(ROOT)]
+    sanitize = sanitizer_flags()   # EMU_SANITIZE
     jobs, objects = [], {}
     # the CPU reference, generator and loaders the checks link
     for src in [llmc / f"{n}.c" for n in sorted(set(MODEL_OBJECTS + ROLLOUT_OBJECTS) - {"tokenizer"})] + [ROOT / "tokenizer.c"]:
         obj = build / f"{src.stem}.o"
-        jobs.append([cc, "-std=gnu11", "-O2", "-fopenmp", *plain, "-c", str(src), "-o", str(obj)])
+        jobs.append([cc, "-std=gnu11", "-O2", "-fopenmp", *sanitize, *plain, "-c", str(src), "-o", str(obj)])
         objects[src.stem] = obj
     for name, src, flags in (("model_cuda_emu", ROOT / "test" / "model_cuda_emu.cpp", ["-I", str(build), *emu]),
                              ("rollout_emu", ROOT / "test" / "rollout_emu.cpp", ["-I", str(build), *emu]),
@@ -84,7 +85,7 @@ def emulators(tmp_path_factory):
                              ("rollout_check", ROOT / "dev" / "cuda" / "rollout_check.cu",
                               ['-DEMU_PROGRAM="rollout_check"', *emu])):
         obj = build / f"{name}.o"
-        jobs.append([cxx, *CXX_FLAGS, *flags, *plain, "-c", "-x", "c++", str(src), "-o", str(obj)])
+        jobs.append([cxx, *CXX_FLAGS, *sanitize, *flags, *plain, "-c", "-x", "c++", str(src), "-o", str(obj)])
         objects[name] = obj
     running = []
     for job in jobs:   # two at a time
@@ -93,9 +94,9 @@ def emulators(tmp_path_factory):
             assert running.pop(0).wait() == 0, "building the emulated CUDA programs failed"
     assert all(p.wait() == 0 for p in running), "building the emulated CUDA programs failed"
     exes = {name: build / name for name in ("model_cuda_emu", "rollout_emu")}
-    subprocess.run([cxx, "-fopenmp", "-o", str(exes["model_cuda_emu"]), str(objects["model_cuda_emu"]),
+    subprocess.run([cxx, "-fopenmp", *sanitize, "-o", str(exes["model_cuda_emu"]), str(objects["model_cuda_emu"]),
                     str(objects["test_model_gpu"]), *(str(objects[n]) for n in MODEL_OBJECTS), "-lm"], check=True)
-    subprocess.run([cxx, "-fopenmp", "-o", str(exes["rollout_emu"]), str(objects["rollout_emu"]), str(objects["rollout_check"]),
+    subprocess.run([cxx, "-fopenmp", *sanitize, "-o", str(exes["rollout_emu"]), str(objects["rollout_emu"]), str(objects["rollout_check"]),
                     *(str(objects[n]) for n in ROLLOUT_OBJECTS), "-lcjson", "-lm"], check=True)
     return exes
 
@@ -110,7 +111,7 @@ def test_lazy_streams_catch_missing_waits(tmp_path):
     if cxx is None:
         pytest.skip("g++ is needed to build the emulated runtime's check")
     exe = tmp_path / "emu_streams_check"
-    subprocess.run([cxx, *CXX_FLAGS, "-I", str(ROOT / "test" / "emu_cuda"), "-I", str(ROOT / "test"), "-o", str(exe),
+    subprocess.run([cxx, *CXX_FLAGS, *sanitizer_flags(), "-I", str(ROOT / "test" / "emu_cuda"), "-I", str(ROOT / "test"), "-o", str(exe),
                     str(ROOT / "test" / "emu_streams_check.cpp")], check=True)
     missing = {"issue": set(), "lazy": {"cross-stream no wait", "event sync missing", "legacy copy nonblocking"}}
     missing["shuffle"] = missing["lazy"] | {"older stream no wait", "branch forked early", "graph branch no edge"}
@@ -128,20 +129,27 @@ def test_lazy_streams_catch_missing_waits(tmp_path):
         assert run.returncode != 0 and "was not joined back" in run.stderr, (mode, run.stdout, run.stderr)
 
 
+def build_launch_check(tmp_path, flags):
+    """test/emu_launch_check.cpp with its kernels rewritten as the engine's are, built with the
+    compiler flags `flags` besides CXX_FLAGS into tmp_path; skips when g++ is missing."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ is needed to build the emulated runtime's check")
+    (tmp_path / "emu_launch_kernels_launched.cuh").write_text(
+        rewrite_launches((ROOT / "test" / "emu_launch_kernels.cuh").read_text(), 5))
+    exe = tmp_path / "emu_launch_check"
+    subprocess.run([cxx, *CXX_FLAGS, *flags, "-I", str(ROOT / "test" / "emu_cuda"), "-I", str(ROOT / "test"), "-I", str(tmp_path),
+                    "-o", str(exe), str(ROOT / "test" / "emu_launch_check.cpp")], check=True)
+    return exe
+
+
 def test_launches_block_order_and_shared_memory_limits(tmp_path):
     """EMU_BLOCKS runs a launch's blocks forward, in reverse or shuffled (another order for
     another EMU_SEED), and a launch is refused where a GPU refuses it: static and dynamic shared
     memory past 48 KiB without the kernel's limit raised when the launch is issued, dynamic past
     the raised limit, or both past what a block may ever take (227 KiB, or EMU_SMEM_OPTIN bytes)
     (test/emu_launch_check.cpp, its kernels rewritten as the engine's are)."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ is needed to build the emulated runtime's check")
-    (tmp_path / "emu_launch_kernels_launched.cuh").write_text(
-        rewrite_launches((ROOT / "test" / "emu_launch_kernels.cuh").read_text(), 2))
-    exe = tmp_path / "emu_launch_check"
-    subprocess.run([cxx, *CXX_FLAGS, "-I", str(ROOT / "test" / "emu_cuda"), "-I", str(ROOT / "test"), "-I", str(tmp_path),
-                    "-o", str(exe), str(ROOT / "test" / "emu_launch_check.cpp")], check=True)
+    exe = build_launch_check(tmp_path, sanitizer_flags())
 
     def run(case, **env):
         base = {k: v for k, v in os.environ.items() if k not in ("EMU_BLOCKS", "EMU_SEED", "EMU_STREAMS", "EMU_SMEM_OPTIN")}
@@ -181,6 +189,37 @@ def test_launches_block_order_and_shared_memory_limits(tmp_path):
         proc = run("raised-late", EMU_STREAMS=streams)
         assert proc.returncode != 0 and "unless cudaFuncAttributeMaxDynamicSharedMemorySize is raised" in proc.stderr, \
             (streams, proc.stdout, proc.stderr)
+
+
+def test_sanitized_emulation_reports_bad_accesses(tmp_path):
+    """Built with EMU_SANITIZE's sanitizers (address, undefined), the emulation stops at what a GPU
+    would fault on or read garbage from and the plain emulation lets pass: a read one element past
+    a device buffer (the emulated cudaMalloc then allocates the exact size), a float4 load from an
+    address that is not 16-byte aligned, a write past a block's dynamic shared memory; the same
+    kernels within bounds run clean, as do the launches of the other cases (threads' stacks reused
+    block after block, static shared memory filled before every block)."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ is needed to build the emulated runtime's check")
+    flags = sanitizer_flags("address,undefined")
+    probe = subprocess.run([cxx, *flags, "-x", "c++", "-", "-o", str(tmp_path / "probe")], input="int main() { return 0; }",
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("this compiler cannot build with the address and undefined-behaviour sanitizers: " + probe.stderr[-300:])
+    exe = build_launch_check(tmp_path, flags)
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0")
+    for name in ("EMU_BLOCKS", "EMU_SEED", "EMU_STREAMS", "EMU_SMEM_OPTIN"):
+        env.pop(name, None)
+    for case in ("in-bounds", "aligned", "shared-in-bounds", "static40+dyn8", "raised"):
+        for blocks in ("forward", "shuffle"):
+            proc = subprocess.run([str(exe), case], capture_output=True, text=True, env=dict(env, EMU_BLOCKS=blocks), timeout=120)
+            assert proc.returncode == 0 and proc.stdout == "ok\n", (case, blocks, proc.stderr[-3000:])
+    proc = subprocess.run([str(exe), "order"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("order: 0 1 2"), proc.stderr[-3000:]
+    for case, message in (("past-end", "heap-buffer-overflow"), ("misaligned", "misaligned address"),
+                          ("shared-past-end", "heap-buffer-overflow")):
+        proc = subprocess.run([str(exe), case], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, (case, proc.stdout, proc.stderr[-3000:])
 
 
 def emulated_env(streams):

@@ -502,7 +502,13 @@ static inline bool emu_in(const std::map<uintptr_t, size_t> &m, const void *p) {
 static inline cudaError_t emu_alloc(void **p, size_t bytes, std::map<uintptr_t, size_t> &m) {
     size_t rounded = (bytes + 255) / 256 * 256;
     if (rounded == 0) rounded = 256;
+#ifdef __SANITIZE_ADDRESS__
+    // exactly the bytes asked for, so that AddressSanitizer reports an access past the end
+    rounded = bytes ? bytes : 1;
+    if (posix_memalign(p, 256, rounded) != 0) *p = NULL;
+#else
     *p = aligned_alloc(256, rounded);
+#endif
     if (*p == NULL) return cudaErrorMemoryAllocation;
     memset(*p, 0xff, rounded);
     m[(uintptr_t)*p] = rounded;
