@@ -40,6 +40,7 @@
 #endif
 #include <ucontext.h>
 #ifdef __SANITIZE_ADDRESS__
+#include <dlfcn.h>
 #include <sanitizer/asan_interface.h>   // EMU_SANITIZE=address (test/gpu_emu.py)
 #endif
 #include <deque>
@@ -269,21 +270,43 @@ static std::vector<uint64_t> emu_block_order(uint64_t blocks) {
 extern char emu_shared_begin[], emu_shared_end[];   // set by the includer's linker script
 #endif
 
+// The jump between the scheduler's and the threads' stacks. Under AddressSanitizer, libc's own
+// _longjmp rather than the sanitizer's, which before every jump asks the kernel for the signal
+// stack (a system call at every barrier, a third of a sanitized run) in order to clear the
+// stack below the target of the frames the jump abandons; these jumps abandon none that would
+// matter: a thread's frames stay live at its barriers and are returned through when it resumes,
+// and its last jump leaves only thread_entry's frame.
+#ifdef __SANITIZE_ADDRESS__
+[[noreturn]] static void emu_longjmp(jmp_buf env, int value) {
+    typedef void (*Jump)(struct __jmp_buf_tag *, int);
+    static Jump libc_jump = NULL;
+    if (libc_jump == NULL) {
+        void *libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
+        libc_jump = libc ? (Jump)dlsym(libc, "_longjmp") : NULL;
+        if (libc_jump == NULL) emu_fail("libc's _longjmp not found");
+    }
+    libc_jump(env, value);
+    __builtin_unreachable();
+}
+#else
+#define emu_longjmp _longjmp
+#endif
+
 static void thread_entry() {
     kernel_body();
     threads[current_thread].state = DONE;
-    _longjmp(scheduler_jump, 1);   // back to run_thread (the context's uc_link is never taken)
+    emu_longjmp(scheduler_jump, 1);   // back to run_thread (the context's uc_link is never taken)
 }
 static void wait_at(int state) {
     threads[current_thread].state = state;
-    if (_setjmp(threads[current_thread].resume) == 0) _longjmp(scheduler_jump, 1);
+    if (_setjmp(threads[current_thread].resume) == 0) emu_longjmp(scheduler_jump, 1);
 }
 // Runs thread t until it waits at a barrier or finishes.
 static __attribute__((noinline)) void run_thread(int t) {
     current_thread = t;
     if (_setjmp(scheduler_jump) != 0) return;
     EmuThread &th = threads[t];
-    if (th.started) _longjmp(th.resume, 1);
+    if (th.started) emu_longjmp(th.resume, 1);
     th.started = true;
     if (swapcontext(&scheduler_context, &th.context) != 0) emu_fail("swapcontext");
 }
