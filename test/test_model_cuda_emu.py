@@ -32,6 +32,11 @@ blocks in reverse order, the shuffled run in random orders (EMU_BLOCKS), so bloc
 that depend on each other's order show too; and every launch is held to CUDA's shared memory
 limits a block (48 KiB unless the kernel's limit was raised), which a GPU enforces by refusing it.
 
+Built with EMU_SANITIZE=address,undefined (test/gpu_emu.py), every program here runs under
+AddressSanitizer and UBSan with device buffers of their exact size, so a read past a buffer or a
+misaligned vector access stops it; test_sanitized_emulation_reports_bad_accesses shows that it
+does, on kernels of its own.
+
 So the host code (buffers, the order of kernels, graphs, the switches, the waits between
 streams) is checked on every machine, not only where a GPU is. What the emulation does not
 reproduce: cuBLASLt's own summation orders (its products follow the library's documented
