@@ -1293,11 +1293,18 @@ static void prefill_padded_chunk(RolloutEngine *e, const int *const *prompts, co
     size_t kv_elems = (size_t)N * 2 * NKV * HS;
     for (int l = 0; l < c->n_layer; l++) {
         matmul_forward(e->qkv, e->ln, weight(e, P_QKVW, l), weight(e, P_QKVB, l), NULL, N, C, QKV, st);
-        if (!gpt2) rope_forward(e->qkv, e->rope_cos_sin, nb, Tp, NH, NKV, HS, st);
         // the training kernels' attention: flash for the head sizes it has (a profile of the
-        // simple kernel's prefill at B=64, 64 tokens put it at 263 us a layer on an H100)
-        if (attention_flash_supports(HS)) attention_flash_forward(e->atty, e->att_lse, e->qkv, nb, Tp, NH, NKV, HS, st);
-        else attention_forward(e->atty, e->att_lse, e->qkv, nb, Tp, NH, NKV, HS, st);
+        // simple kernel's prefill at B=64, 64 tokens put it at 263 us a layer on an H100); with
+        // it a Llama's queries are rotated as the flash forward loads them (the same bits as
+        // rope_forward before it), the keys before it, as the training forward does
+        if (attention_flash_supports(HS)) {
+            if (!gpt2) rope_forward_keys(e->qkv, e->rope_cos_sin, nb, Tp, NH, NKV, HS, st);
+            attention_flash_forward_rope(e->atty, e->att_lse, e->qkv, nb, Tp, NH, NKV, HS, gpt2 ? NULL : e->rope_cos_sin,
+                                         e->qkv, st);
+        } else {
+            if (!gpt2) rope_forward(e->qkv, e->rope_cos_sin, nb, Tp, NH, NKV, HS, st);
+            attention_forward(e->atty, e->att_lse, e->qkv, nb, Tp, NH, NKV, HS, st);
+        }
         prefill_kv_write_kernel<<<ceil_div((long long)kv_elems, 256), 256, 0, st>>>(layer_k(e, l), layer_v(e, l), e->qkv, e->pf_lens,
                                                                                    seq0, nb, Tp, NH, NKV, HS, e->max_len);
         cudaCheckLaunch();
