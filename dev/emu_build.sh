@@ -32,7 +32,9 @@ PY
 )
 cd "$out"
 # EMU_SANITIZE=address,undefined builds everything with those sanitizers (test/gpu_emu.py)
-mapfile -t san < <(cd "$root/test" && python3 -c "from gpu_emu import sanitizer_flags; [print(f) for f in sanitizer_flags()]")
+# (a value it refuses stops the build: the substitution's failure ends the script under set -e)
+flags=$(cd "$root/test" && python3 -c "from gpu_emu import sanitizer_flags; print(*sanitizer_flags())")
+read -r -a san <<< "$flags"
 cxx=(g++ -std=c++17 -O2 -U_FORTIFY_SOURCE -fno-strict-aliasing -w "${san[@]}")
 emu=(-I "$out" -I "$root/test/emu_cuda" -I "$root/test" -I "$root/llmc" -I "$root")
 cc=(gcc -O2 -std=gnu11 -fopenmp "${san[@]}" -I "$root/llmc" -I "$root")
