@@ -407,7 +407,7 @@ extern "C" RolloutOptions rollout_default_options(void) {
     o.tune_products = 1;
     o.steps_per_graph = 1;
     o.attention_loads = ROLLOUT_ATTENTION_LOADS_TUNED;
-    o.fold_norms = 0;
+    o.fold_norms = 1;
     return o;
 }
 
@@ -428,7 +428,8 @@ static int env_count(const char *v, const char *w, int skip, int max) {
 
 // TRAIN_MORA_ROLLOUT: the variants an engine starts with (RolloutOptions), a comma-separated list
 // of decode_matmul, pdl, pipeline, untuned (tune_products 0), direct_loads, early_loads and
-// staged_loads (attention_loads 0, 1 and 2), fold_norms, branches=N and steps=N (steps_per_graph),
+// staged_loads (attention_loads 0, 1 and 2), fold_norms and norm_kernels (fold_norms 1 and 0),
+// branches=N and steps=N (steps_per_graph),
 // for trying them in a whole run (generate, eval, mora); rollout_set_options replaces them. Any
 // other word exits with a message.
 static void options_from_env(RolloutOptions *o) {
@@ -446,11 +447,12 @@ static void options_from_env(RolloutOptions *o) {
         else if (strcmp(w, "early_loads") == 0) o->attention_loads = DECODE_LOADS_EARLY;
         else if (strcmp(w, "staged_loads") == 0) o->attention_loads = DECODE_LOADS_STAGED;
         else if (strcmp(w, "fold_norms") == 0) o->fold_norms = 1;
+        else if (strcmp(w, "norm_kernels") == 0) o->fold_norms = 0;
         else if (strncmp(w, "branches=", 9) == 0) o->branches = env_count(v, w, 9, ROLLOUT_MAX_BRANCHES);
         else if (strncmp(w, "steps=", 6) == 0) o->steps_per_graph = env_count(v, w, 6, ROLLOUT_MAX_STEPS_PER_GRAPH);
         else
             fatal("TRAIN_MORA_ROLLOUT=%s: unknown variant '%s' (expected a comma-separated list of decode_matmul, pdl, pipeline, "
-                  "untuned, direct_loads, early_loads, staged_loads, fold_norms, branches=N, steps=N)", v, w);
+                  "untuned, direct_loads, early_loads, staged_loads, fold_norms, norm_kernels, branches=N, steps=N)", v, w);
     }
     fprintf(stderr, "rollout: TRAIN_MORA_ROLLOUT=%s: decode_matmul %d, pdl %d, pipeline %d, branches %d, tuned products %d, "
             "steps a graph %d, attention loads %s, folded norms %d\n", v, o->decode_matmul, o->pdl, o->pipeline, o->branches,

@@ -111,7 +111,8 @@ typedef struct {
     // projections add their output to the stream in their cuBLASLt epilogue. Two launches a layer
     // fewer (a step is a chain of small launches); the tokens are those of the plain step up to
     // rounding (the stream in bf16, the folded weights rounded). Ignored with reference or
-    // decode_matmul. 0 (default).
+    // decode_matmul. 1 (default: SmolLM2-135M's step at B=64 took 0.993 ms against the norm
+    // kernels' 1.101 on an H200); 0 runs the norm kernels.
     int fold_norms;
 } RolloutOptions;
 

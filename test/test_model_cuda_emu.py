@@ -285,7 +285,7 @@ def test_rollout_check_on_the_emulated_gpu(emulators):
                       "rounded CPU forward: unrounded"):
             assert re.search(rf"PASS {re.escape(preset)} {check}", out), f"{preset} {check}"
     for check in ("folded norms +greedy tokens", "folded norms, 2 branches", "folded norms, 4 steps a launch",
-                  "folded norms, staged attention vs default"):
+                  "folded norms, staged attention vs default", "engine defaults vs folded norms"):
         assert re.search(rf"PASS llama:tiny {check}", out), check
     # head size 64: the flash prefill over several tiles and SmolLM2's decode attention shape
     for preset in ("gpt2:tiny64", "llama:tiny64"):
@@ -293,7 +293,7 @@ def test_rollout_check_on_the_emulated_gpu(emulators):
                       "early-loads attention vs default", "staged attention vs default"):
             assert re.search(rf"PASS {preset} {check}", out), f"{preset} {check}"
     for check in ("folded norms +greedy tokens", "folded norms, 2 branches", "folded norms, 4 steps a launch",
-                  "folded norms, staged attention vs default"):
+                  "folded norms, staged attention vs default", "engine defaults vs folded norms"):
         assert re.search(rf"PASS llama:tiny64 {check}", out), check
     for heads in ("NH=2 NKV=2", "NH=2 NKV=1"):
         assert re.search(rf"decode attention {heads} HS=64 max_len=154 rows=\d+ splits=1: .* -> (direct|early|staged)", out)
@@ -320,9 +320,9 @@ def test_rollout_variants_from_the_environment_refused(emulators, value, message
 
 def test_rollout_variants_from_the_environment_taken(emulators):
     """A valid TRAIN_MORA_ROLLOUT is read when the first engine is made, and says what it set:
-    here the staged attention loads with 2 branches and 4 steps a launch (the run is stopped once
-    the line is out)."""
-    env = dict(emulated_env("issue"), TRAIN_MORA_ROLLOUT="staged_loads,branches=2,steps=4")
+    here the staged attention loads with 2 branches, 4 steps a launch and the norm kernels instead
+    of the folded norms (the run is stopped once the line is out)."""
+    env = dict(emulated_env("issue"), TRAIN_MORA_ROLLOUT="staged_loads,branches=2,steps=4,norm_kernels")
     proc = subprocess.Popen([str(emulators["rollout_emu"])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=env)
     try:
@@ -334,3 +334,4 @@ def test_rollout_variants_from_the_environment_taken(emulators):
         proc.kill()
         proc.wait()
     assert "branches 2" in line and "steps a graph 4" in line and "attention loads staged" in line, line
+    assert "folded norms 0" in line, line

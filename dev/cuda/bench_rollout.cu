@@ -4,20 +4,18 @@
  * SmolLM2-135M shape with random weights, at B = 64 and B = 256. Prints generated tokens per
  * second over the whole call (prefill + decode), and prefill and decode separately; the median
  * of the timed calls after a warm-up call (module load, cuBLASLt heuristics and tuning, graph captures).
- * The defaults include the decode attention's loads tuned per shape (RolloutOptions.attention_loads).
- * B = 64 also runs with the engine's variants: first those not yet measured on a GPU (the
- * attention's direct loads (no tuning: the defaults before it) and its staged loads, alone and
- * with 2 chains and 4 steps; cuBLASLt's first choices instead
- * of the tuned products, the rows in 2 and in 4 chains side by side, 4 and 8 steps a graph launch,
- * 2 and 4 chains with 4 steps, the attention's early loads, those with 2 chains and 4 steps, 2
- * chains pipelined; for SmolLM2 then the folded norms, alone, with 4 steps a launch, with 2 chains
- * and 4 steps, with staged loads, and with staged loads and 4 steps), then top-k/top-p; B = 256
- * with the defaults and untuned products, 2 and 4 chains, 4 steps, 2 chains with 4 steps, direct,
- * early and staged loads; then the variants measured before (decode_matmul, programmatic launches,
- * pipelined steps); and once more with the decode step profiled (RolloutOptions.profile: CUDA
- * events between the kernel groups inside the captured graph), which prints the step's time by
- * kernel group (also with staged loads; for SmolLM2 also folded).
- * B = 256 also runs SmolLM2 with the folded norms. At the end, the tuned product
+ * The defaults include the decode attention's loads tuned per shape (RolloutOptions.attention_loads)
+ * and, for SmolLM2, the norms folded into the decode step (RolloutOptions.fold_norms).
+ * B = 64 also runs with the engine's variants: the attention's direct, early and staged loads
+ * forced, cuBLASLt's first choices instead of the tuned products, the rows in 2 and in 4 chains
+ * side by side, 4 and 8 steps a graph launch, 2 chains with 4 steps (also with staged loads), 2
+ * chains pipelined, decode_matmul, programmatic launches, pipelined steps; for SmolLM2 the step
+ * with the norm kernels (fold_norms 0), alone, with 4 steps a launch and with staged loads; then
+ * top-k/top-p. B = 256 with the defaults (SmolLM2 also with the norm kernels), untuned products,
+ * 2 chains, 4 steps, direct, early and staged loads. Then the decode step profiled
+ * (RolloutOptions.profile: CUDA events between the kernel groups inside the captured graph),
+ * which prints the step's time by kernel group (also with staged loads; for SmolLM2 also with the
+ * norm kernels). At the end, the tuned product
  * shapes with their times. Figures only: not a test.
  *   build/cuda/dev/bench_rollout [calls]
  *   build/cuda/dev/bench_rollout CALLS PRESET B [profile]   one setting only (B prompts,
@@ -41,7 +39,7 @@ extern "C" {
 // decode_matmul.cuh instead of cuBLASLt, and programmatic edges between its kernels.
 enum { VARIANT_DECODE_MATMUL = 1, VARIANT_PDL = 2, VARIANT_PIPELINE = 4, VARIANT_PROFILE = 8, VARIANT_UNTUNED = 16,
        VARIANT_BRANCHES2 = 32, VARIANT_BRANCHES4 = 64, VARIANT_STEPS4 = 128, VARIANT_STEPS8 = 256, VARIANT_EARLY = 512,
-       VARIANT_FOLD = 1024, VARIANT_STAGED = 2048, VARIANT_DIRECT = 4096 };
+       VARIANT_NORM_KERNELS = 1024, VARIANT_STAGED = 2048, VARIANT_DIRECT = 4096 };
 static const char *variant_name(int sets, int variant) {
     if (sets) return "T=1 top-k 50 top-p 0.9";
     switch (variant) {
@@ -66,12 +64,10 @@ static const char *variant_name(int sets, int variant) {
     case VARIANT_STAGED: return "T=1 staged loads     ";
     case VARIANT_STAGED | VARIANT_BRANCHES2 | VARIANT_STEPS4: return "T=1 staged, 2 br, 4 st";
     case VARIANT_STAGED | VARIANT_PROFILE: return "T=1 staged, profiled ";
-    case VARIANT_FOLD | VARIANT_STAGED: return "T=1 folded, staged   ";
-    case VARIANT_FOLD | VARIANT_STAGED | VARIANT_STEPS4: return "T=1 fold, staged, 4 st";
-    case VARIANT_FOLD: return "T=1 folded norms     ";
-    case VARIANT_FOLD | VARIANT_STEPS4: return "T=1 folded, 4 steps  ";
-    case VARIANT_FOLD | VARIANT_BRANCHES2 | VARIANT_STEPS4: return "T=1 folded, 2 br, 4 st";
-    case VARIANT_FOLD | VARIANT_PROFILE: return "T=1 folded, profiled ";
+    case VARIANT_NORM_KERNELS: return "T=1 norm kernels     ";
+    case VARIANT_NORM_KERNELS | VARIANT_STEPS4: return "T=1 norm kernels, 4 st";
+    case VARIANT_NORM_KERNELS | VARIANT_STAGED: return "T=1 norm k., staged  ";
+    case VARIANT_NORM_KERNELS | VARIANT_PROFILE: return "T=1 norm k., profiled";
     default: return "T=1                  ";
     }
 }
@@ -121,7 +117,7 @@ static double bench(BenchModel &m, int B, int prompt_len, int new_tokens, int ca
                             : (variant & VARIANT_EARLY)  ? ROLLOUT_ATTENTION_LOADS_EARLY
                             : (variant & VARIANT_DIRECT) ? ROLLOUT_ATTENTION_LOADS_DIRECT
                                                          : ROLLOUT_ATTENTION_LOADS_TUNED;
-    options.fold_norms = (variant & VARIANT_FOLD) != 0;
+    options.fold_norms = (variant & VARIANT_NORM_KERNELS) == 0;
     rollout_set_options(engine, &options);
     std::vector<std::vector<int>> prompts(B, std::vector<int>(prompt_len));
     std::vector<const int *> ptrs(B);
@@ -203,38 +199,37 @@ int main(int argc, char **argv) {
     }
     const char *presets[2] = {"gpt2:d12", "llama:smollm2-135m"};
     const double targets[2] = {100e3, 60e3};
-    // per model: the defaults, then the variants that have not run on a GPU yet (so that a run
-    // stopped by a time limit has them first), then those measured before, then the profile
-    const int fresh64[] = {VARIANT_DIRECT, VARIANT_STAGED, VARIANT_STAGED | VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_UNTUNED, VARIANT_BRANCHES2, VARIANT_BRANCHES4, VARIANT_STEPS4, VARIANT_STEPS8,
-                           VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_BRANCHES4 | VARIANT_STEPS4, VARIANT_EARLY,
-                           VARIANT_EARLY | VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_BRANCHES2 | VARIANT_PIPELINE};
-    const int fresh256[] = {VARIANT_UNTUNED, VARIANT_BRANCHES2, VARIANT_BRANCHES4, VARIANT_STEPS4,
-                            VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_DIRECT, VARIANT_EARLY, VARIANT_STAGED};
-    const int measured64[] = {VARIANT_DECODE_MATMUL, VARIANT_PDL, VARIANT_PIPELINE};
-    // the folded norms apply to Llama (RolloutOptions.fold_norms)
-    const int fold64[] = {VARIANT_FOLD, VARIANT_FOLD | VARIANT_STEPS4, VARIANT_FOLD | VARIANT_BRANCHES2 | VARIANT_STEPS4,
-                          VARIANT_FOLD | VARIANT_STAGED, VARIANT_FOLD | VARIANT_STAGED | VARIANT_STEPS4};
+    // per model: the defaults, the variants at B = 64, for Llama the decode step with the norm
+    // kernels (fold_norms 0), B = 256, then the profiles
+    const int variants64[] = {VARIANT_DIRECT, VARIANT_EARLY, VARIANT_STAGED, VARIANT_UNTUNED, VARIANT_BRANCHES2,
+                              VARIANT_BRANCHES4, VARIANT_STEPS4, VARIANT_STEPS8, VARIANT_BRANCHES2 | VARIANT_STEPS4,
+                              VARIANT_STAGED | VARIANT_BRANCHES2 | VARIANT_STEPS4, VARIANT_BRANCHES2 | VARIANT_PIPELINE,
+                              VARIANT_DECODE_MATMUL, VARIANT_PDL, VARIANT_PIPELINE};
+    const int variants256[] = {VARIANT_UNTUNED, VARIANT_BRANCHES2, VARIANT_STEPS4, VARIANT_DIRECT, VARIANT_EARLY,
+                               VARIANT_STAGED};
+    // the folded norms apply to Llama (RolloutOptions.fold_norms, on by default)
+    const int norm_kernels64[] = {VARIANT_NORM_KERNELS, VARIANT_NORM_KERNELS | VARIANT_STEPS4,
+                                  VARIANT_NORM_KERNELS | VARIANT_STAGED};
     for (int k = 0; k < 2; k++) {
         BenchModel m(presets[k]);
         const int llama = m.cpu.config.arch == ARCH_LLAMA;
-        double plain = bench(m, 64, 64, 128, calls, targets[k], 0), plain_fold = 0.0, plain_staged = 0.0;
-        for (int v : fresh64) {
+        double plain = bench(m, 64, 64, 128, calls, targets[k], 0), plain_norm_kernels = 0.0, plain_staged = 0.0;
+        for (int v : variants64) {
             double ms = bench(m, 64, 64, 128, calls, 0, 0, v);
             if (v == VARIANT_STAGED) plain_staged = ms;
         }
-        if (llama)   // after the others: it has run on no GPU yet, and a hard failure ends the run
-            for (int v : fold64) {
+        if (llama)
+            for (int v : norm_kernels64) {
                 double ms = bench(m, 64, 64, 128, calls, 0, 0, v);
-                if (v == VARIANT_FOLD) plain_fold = ms;
+                if (v == VARIANT_NORM_KERNELS) plain_norm_kernels = ms;
             }
         bench(m, 64, 64, 128, calls, 0, 1);
         bench(m, 256, 64, 128, calls, 0, 0);
-        if (llama) bench(m, 256, 64, 128, calls, 0, 0, VARIANT_FOLD);
-        for (int v : fresh256) bench(m, 256, 64, 128, calls, 0, 0, v);
-        for (int v : measured64) bench(m, 64, 64, 128, calls, 0, 0, v);
+        if (llama) bench(m, 256, 64, 128, calls, 0, 0, VARIANT_NORM_KERNELS);
+        for (int v : variants256) bench(m, 256, 64, 128, calls, 0, 0, v);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE, plain);
         bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_STAGED, plain_staged);
-        if (llama) bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_FOLD, plain_fold);
+        if (llama) bench(m, 64, 64, 128, calls, 0, 0, VARIANT_PROFILE | VARIANT_NORM_KERNELS, plain_norm_kernels);
     }
     printf("The decode products' cuBLASLt tuning, both models, every batch size:\n");
     rollout_tuning_print(stdout);

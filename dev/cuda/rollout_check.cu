@@ -18,8 +18,9 @@
  *       (steps_per_graph) give one step's results bit for bit without stops, and 4 and 8 the
  *       CPU's tokens with stops inside a launch; the attention's direct, early and staged loads
  *       give the default's (tuned) results bit for bit; the folded norms (fold_norms, Llama: the stream in bf16, no norm
- *       kernel inside the layers) give the CPU's tokens and log-probs within the tolerances, in
- *       turn, with 2 chains and with 4 steps a launch
+ *       kernel inside the layers; the engine's default) give the CPU's tokens and log-probs within the
+ *       tolerances, in turn, with 2 chains and with 4 steps a launch, and the defaults give them
+ *       bit for bit; every other check runs the plain step (plain_options: the norm kernels)
  *     - sampling: a sequence's tokens do not depend on the batch (alone with seed + i)
  *     - gpt2:tiny64 and llama:tiny64 (head size 64: the flash prefill, the decode attention at
  *       GPT-2 124M's and SmolLM2's head size; grouped for Llama), prompts of up to 130 tokens:
@@ -107,11 +108,20 @@ static std::vector<float> cpu_next_logits(Model *m, const std::vector<int> &prom
 
 // Greedy GPU tokens against the CPU's: per sequence, equal, or diverging at a near-tie of the CPU
 // logits (then the rest is not compared). Returns the number of sequences that failed.
-// The engine's variants on top of the defaults (poisoned buffers), then one generate call.
+// The defaults with the norm kernels (fold_norms 0): the plain decode step, whose roundings are
+// the CPU forward's up to bf16 (ROUNDED_ENGINE); check_folded checks the folded step, which Llama
+// models take by default.
+static RolloutOptions plain_options(void) {
+    RolloutOptions o = rollout_default_options();
+    o.fold_norms = 0;
+    return o;
+}
+
+// The engine's variants on top of plain_options (poisoned buffers), then one generate call.
 static void generate_with(RolloutEngine *e, int decode_matmul, int pdl, int pipeline, const Prompts &pr,
                           const GenerateParams &p, GenerateResult *out, int profile = 0, int branches = 1, int tune = 1,
                           int steps = 1, int loads = ROLLOUT_ATTENTION_LOADS_TUNED, int fold = 0) {
-    RolloutOptions opt = rollout_default_options();
+    RolloutOptions opt = plain_options();
     opt.poison = 1;
     opt.decode_matmul = decode_matmul;
     opt.pdl = pdl;
@@ -302,7 +312,7 @@ static void tiny_setup(Model *m, const std::vector<int> &lens, int max_new, Prom
 // graphs off (every decode step launched eagerly): the same results bit for bit
 static void check_graphs_off(RolloutEngine *e, const char *preset, const Prompts &pr, const GenerateParams &p,
                              const GenerateResult &fast) {
-    RolloutOptions opt = rollout_default_options();
+    RolloutOptions opt = plain_options();
     opt.poison = 1;
     opt.use_graphs = 0;
     rollout_set_options(e, &opt);
@@ -335,7 +345,7 @@ static void check_attention_loads(RolloutEngine *e, const char *preset, const Pr
 // norms folded into the products and the attention and SwiGLU kernels: other roundings, so the
 // CPU's tokens with the near-tie rule and its log-probs within the tolerance, in one chain, in 2
 // chains and with 4 steps a launch (stops inside launches); the attention's staged loads
-// (applying the rows' norm) give the folded step's results bit for bit
+// (applying the rows' norm) and the engine's defaults give the folded step's results bit for bit
 static void check_folded(RolloutEngine *e, Model *m, const char *preset, const Prompts &pr, const GenerateParams &p,
                          const GenerateResult &cpu) {
     const int variants[3][2] = {{1, 1}, {2, 1}, {1, 4}};   // (branches, steps a launch)
@@ -355,6 +365,15 @@ static void check_folded(RolloutEngine *e, Model *m, const char *preset, const P
     snprintf(label, sizeof(label), "%s folded norms, staged attention vs default", preset);
     compare_gpu_runs(label, folded_one, staged, 1);
     generate_result_free(&staged);
+    // the engine's defaults take the folded step on a Llama model
+    RolloutOptions opt = rollout_default_options();
+    opt.poison = 1;
+    rollout_set_options(e, &opt);
+    GenerateResult by_default;
+    rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &by_default);
+    snprintf(label, sizeof(label), "%s engine defaults vs folded norms", preset);
+    compare_gpu_runs(label, folded_one, by_default, 1);
+    generate_result_free(&by_default);
     generate_result_free(&folded_one);
 }
 
@@ -372,7 +391,7 @@ static void check_tiny(const char *preset) {
     tiny_setup(&m, {1, 5, 11, 3, 20, 7}, max_new, &pr, &p, &stop_id, &cpu);
 
     RolloutEngine *e = rollout_create(&m, 8, 20 + max_new);
-    RolloutOptions opt = rollout_default_options();
+    RolloutOptions opt = plain_options();
     opt.poison = 1;
     rollout_set_options(e, &opt);
     GenerateResult fast, unpoisoned, ref;
@@ -538,7 +557,7 @@ static void check_tiny(const char *preset) {
     generate_result_free(&dm);
 
     // sampling: batch vs each sequence alone with its own seed
-    opt = rollout_default_options();
+    opt = plain_options();
     rollout_set_options(e, &opt);
     GenerateParams ps = default_params(max_new);
     ps.temperature = 0.9f;
@@ -728,7 +747,7 @@ static void check_smollm2(const char *path) {
     generate(&m, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &cpu);
     printf("  CPU generate: %.1f s\n", wall_seconds() - t0);
     RolloutEngine *e = rollout_create(&m, 8, 256);
-    RolloutOptions opt = rollout_default_options();
+    RolloutOptions opt = plain_options();
     opt.poison = 1;
     rollout_set_options(e, &opt);
     GenerateResult fast, ref, sampled;
@@ -746,7 +765,7 @@ static void check_smollm2(const char *path) {
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &ref);
     compare_greedy("smollm2 greedy reference path", &m, pr, cpu, ref);
     GenerateResult dm;
-    opt = rollout_default_options();
+    opt = plain_options();
     opt.decode_matmul = 1;
     rollout_set_options(e, &opt);
     rollout_generate(e, pr.ptrs.data(), pr.lens.data(), pr.n(), &p, &dm);
@@ -759,7 +778,7 @@ static void check_smollm2(const char *path) {
     compare_gpu_runs("smollm2 greedy decode_matmul, pdl vs not", dm, dm_pdl, 1);
     generate_result_free(&dm_pdl);
     generate_result_free(&dm);
-    opt = rollout_default_options();
+    opt = plain_options();
     rollout_set_options(e, &opt);
     GenerateParams ps = p;
     ps.temperature = 1.0f;
@@ -770,7 +789,7 @@ static void check_smollm2(const char *path) {
     // folded norms: the CPU's tokens with the near-tie rule
     for (int variant = 0; variant < 3; variant++) {
         GenerateResult got;
-        opt = rollout_default_options();
+        opt = plain_options();
         if (variant == 0) opt.branches = 2;
         else if (variant == 1) opt.steps_per_graph = 4;
         else opt.fold_norms = 1;
