@@ -349,21 +349,23 @@ norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const T
 
 // The whole backward in one kernel, for rows up to NORM_VEC_MAX_WIDTH wide. A block of
 // NORM_BWD_WARPS warps takes NORM_BWD_ROWS rows, one warp per row at a time; the warp holds the
-// row's input, dout and dres in registers (VEC-wide pieces, as the register forward), computes dx as
-// norm_backward_dinp_kernel does (dres += dx, dres_bf16 = bf16(dres)), and adds the row's
+// row's input, dout and dres in registers (VEC-wide pieces, as the register forward), computes dx
+// as norm_backward_dinp_kernel does (dres += dx, dres_bf16 = bf16(dres)), and adds the row's
 //   dout * norm  (dweight),  dout  (dbias, LayerNorm),  the updated dres  (colsum)
-// into its own slice of shared memory (warp, 3, C). At the end the block adds its warps' slices
-// in warp order and writes them as row `block` of partial (blocks, 3 * C) (the three sums side
-// by side) for column_partials_reduce3. colsum is the bias gradient of the projection whose
-// output this residual gradient is. Only the sums that are wanted (want_b: a bias gradient,
-// want_col: the column sums) are accumulated and written (the reduction skips the others): an
-// RMSNorm without a projection bias before it (Llama) moves a third of the shared memory. ITERS (at most NORM_VEC_MAX_PER_LANE / VEC) bounds the pieces
-// a lane holds: the launcher takes the smallest instantiated bound that covers C, so that
-// narrower rows hold fewer registers (more warps fit on an SM).
+// into its own slice of shared memory, one C-wide section for each wanted sum (want_b: a bias
+// gradient, want_col: the column sums; the weight's always). At the end the block adds its warps'
+// slices in warp order and writes them as row `block` of partial (blocks, 3 * C) (the three sums
+// side by side, the unwanted ones unwritten) for column_partials_reduce3. colsum is the bias
+// gradient of the projection whose output this residual gradient is. An RMSNorm without a
+// projection bias before it (Llama) moves and holds a third of the shared memory. Fewer rows a
+// block were slower on an H100 (SmolLM2's norm, N = 16384: 0.041 ms at 32 rows, 0.044 at 16,
+// 0.049 at 8), though 32 make 512 blocks, under 4 an SM.
+// ITERS (at most NORM_VEC_MAX_PER_LANE / VEC) bounds the pieces a lane holds: the launcher takes
+// the smallest instantiated bound that covers C, so that narrower rows hold fewer registers.
 #define NORM_BWD_WARPS 4
 #define NORM_BWD_ROWS 32
 static inline int norm_backward_blocks(int N) { return ceil_div(N, NORM_BWD_ROWS); }
-static inline size_t norm_backward_smem(int C) { return (size_t)NORM_BWD_WARPS * 3 * C * sizeof(float); }
+static inline size_t norm_backward_smem(int C, int sections) { return (size_t)NORM_BWD_WARPS * sections * C * sizeof(float); }
 template <int VEC, int ITERS, typename TD, typename TR>
 __global__ void __launch_bounds__(NORM_BWD_WARPS * 32)
 norm_backward_fused_kernel(TR *dres, floatX *dres_bf16, float *partial, const TD *dout, const TR *inp,
@@ -371,9 +373,10 @@ norm_backward_fused_kernel(TR *dres, floatX *dres_bf16, float *partial, const TD
                            int want_b, int want_col) {
     static_assert(VEC * ITERS <= NORM_VEC_MAX_PER_LANE, "a lane holds at most NORM_VEC_MAX_PER_LANE elements");
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int sections = 1 + want_b + want_col;   // the warp's slice: dweight, then dbias and colsum where wanted
     float *acc = (float *)dynamic_smem();
-    float *acc_w = acc + (size_t)warp * 3 * C, *acc_b = acc_w + C, *acc_col = acc_b + C;
-    for (int c = lane; c < 3 * C; c += 32) acc_w[c] = 0.0f;   // the warp's own slice
+    float *acc_w = acc + (size_t)warp * sections * C, *acc_b = acc_w + C, *acc_col = acc_w + (1 + want_b) * C;
+    for (int c = lane; c < sections * C; c += 32) acc_w[c] = 0.0f;
     __syncwarp();
     int row1 = min((int)(blockIdx.x + 1) * NORM_BWD_ROWS, N);
     for (int n = blockIdx.x * NORM_BWD_ROWS + warp; n < row1; n += NORM_BWD_WARPS) {
@@ -435,11 +438,12 @@ norm_backward_fused_kernel(TR *dres, floatX *dres_bf16, float *partial, const TD
     }
     __syncthreads();
     float *partial_row = partial + (size_t)blockIdx.x * 3 * C;
-    for (int j = threadIdx.x; j < 3 * C; j += blockDim.x) {
-        if ((j >= C && j < 2 * C && !want_b) || (j >= 2 * C && !want_col)) continue;   // not reduced
+    for (int j = threadIdx.x; j < sections * C; j += blockDim.x) {
         float sum = 0.0f;
-        for (int k = 0; k < NORM_BWD_WARPS; k++) sum += acc[(size_t)k * 3 * C + j];
-        partial_row[j] = sum;
+        for (int k = 0; k < NORM_BWD_WARPS; k++) sum += acc[(size_t)k * sections * C + j];
+        // section 1 is dbias when wanted, else colsum (section 2 of the partial row)
+        int to = j < C || want_b ? j : j + C;
+        partial_row[to] = sum;
     }
 }
 
@@ -477,27 +481,28 @@ static inline void norm_backward_fused(TR *dres, floatX *dres_bf16, float *dweig
                                        int N, int C, int is_layernorm, cudaStream_t stream) {
     cudaRequire(C <= NORM_VEC_MAX_WIDTH, "norm_backward_fused: C too large for a warp's registers");
     int blocks = norm_backward_blocks(N);
-    size_t smem = norm_backward_smem(C);
+    int want_b = dbias != NULL, want_col = dres_colsum != NULL;
+    size_t smem = norm_backward_smem(C, 1 + want_b + want_col);
     int vec = norm_vector_width(C, inp, dres, dres_bf16, weight, dout);
     int pieces = ceil_div(C, 32 * vec);   // per lane
     if (vec == 4 && pieces <= 2)
         norm_backward_fused_kernel<4, 2, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     else if (vec == 4 && pieces <= 4)
         norm_backward_fused_kernel<4, 4, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     else if (vec == 4 && pieces <= 6)
         norm_backward_fused_kernel<4, 6, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     else if (vec == 4)
         norm_backward_fused_kernel<4, 8, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     else if (vec == 2)
         norm_backward_fused_kernel<2, 16, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     else
         norm_backward_fused_kernel<1, 32, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, dbias != NULL, dres_colsum != NULL);
+            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     cudaCheckLaunch();
     column_partials_reduce3(dweight, dbias, dres_colsum, scratch, blocks, C, 3, stream);
 }
