@@ -271,13 +271,15 @@ static void *activation_alloc(Impl *d, size_t bytes) {
 static int fc_width(const ModelConfig *c) { return c->arch == ARCH_GPT2 ? c->ffn_hidden : 2 * c->ffn_hidden; }
 static int qkv_width(const ModelConfig *c) { return (c->n_head + 2 * c->n_kv_head) * c->head_dim; }
 
-// A switch that is on unless the environment variable `name` is 0; any value but 0 and 1 stops
-// with a message naming the variable.
-static int env_switch(const char *name) {
+// A switch that is `otherwise` unless the environment variable `name` is 0 or 1; any other value
+// stops with a message naming the variable.
+static int env_flag(const char *name, int otherwise) {
     const char *v = getenv(name);
     if (v != NULL && strcmp(v, "0") != 0 && strcmp(v, "1") != 0) fatal("%s=%s: expected 0 or 1", name, v);
-    return v == NULL || strcmp(v, "1") == 0;
+    return v == NULL ? otherwise : strcmp(v, "1") == 0;
 }
+// A switch that is on unless the environment variable `name` is 0.
+static int env_switch(const char *name) { return env_flag(name, 1); }
 
 // cuda_model_create, and with zero1 cuda_model_create_sharded: the moments of this rank's shard
 // only are allocated, so the full ones never take GPU memory.
@@ -309,8 +311,10 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     model->dnorm_bf16 = env_switch("TRAIN_MORA_DNORM_BF16");
     model->residual_bf16 = env_switch("TRAIN_MORA_RESIDUAL_BF16");
     model->residual_in_product = env_switch("TRAIN_MORA_RESIDUAL_IN_PRODUCT");
-    model->rope_in_attention = env_switch("TRAIN_MORA_ROPE_IN_ATTENTION");
-    model->rope_forward_in_attention = env_switch("TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION");
+    // RoPE inside the flash kernels: off unless set to 1 (the same bits; the kernels beside them
+    // were faster on the H100 and H200, see model_cuda.h)
+    model->rope_in_attention = env_flag("TRAIN_MORA_ROPE_IN_ATTENTION", 0);
+    model->rope_forward_in_attention = env_flag("TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION", 0);
     model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';

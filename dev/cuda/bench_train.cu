@@ -9,10 +9,10 @@
  * other precision (fp32, or bf16 under TRAIN_MORA_DNORM_BF16=0), with the residual stream and
  * its gradient in the other precision (fp32, or bf16 under TRAIN_MORA_RESIDUAL_BF16=0), with the
  * projections' residual add in the norm kernel instead of their epilogue (or the reverse under
- * TRAIN_MORA_RESIDUAL_IN_PRODUCT=0), for Llama with RoPE's backward as its own kernel instead of
- * in the attention's epilogue (or the reverse under TRAIN_MORA_ROPE_IN_ATTENTION=0) and with
- * RoPE's forward as its own kernel on the queries and keys instead of the flash forward rotating
- * the queries as it loads them (or the reverse under TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION=0), with zero_grad zeroing every
+ * TRAIN_MORA_RESIDUAL_IN_PRODUCT=0), for Llama with RoPE's backward in the attention's epilogue
+ * instead of as its own kernel (or the reverse under TRAIN_MORA_ROPE_IN_ATTENTION=1) and with the
+ * flash forward rotating the queries as it loads them instead of RoPE's forward as its own kernel
+ * (or the reverse under TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION=1), with zero_grad zeroing every
  * gradient for the products to add to (instead of the first backward's products writing the
  * weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
  * max (instead of a reference that trails it), and with the flash

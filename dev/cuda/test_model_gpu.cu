@@ -12,9 +12,9 @@
  *      its gradients, and zero_grad alone against 0; the same step on the second stream (bit for
  *      bit), with the layers' norm-output gradients in fp32 instead of bf16, with the residual
  *      stream and its gradient in fp32 instead of bf16, with the projections' residual add in
- *      the norm kernel instead of the products' epilogue, for Llama with RoPE's backward after
- *      the attention instead of in its epilogue (bit for bit), and with the attention's warpgroup
- *      kernels where they apply.
+ *      the norm kernel instead of the products' epilogue, for Llama with RoPE's backward in the
+ *      attention's epilogue instead of after it and its forward in the attention's loads instead
+ *      of before it (bit for bit), and with the attention's warpgroup kernels where they apply.
  *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families: the GPU's
  *      losses must follow the CPU's step by step, the loss must fall, and the downloaded
  *      parameters moved as far as on the CPU (the updates compared, relative to their size).
@@ -234,8 +234,8 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
         flipped_step(gpu->residual_in_product,
                      [](int on) { return on ? "residual add in the products" : "residual add in the norm kernel"; });
 
-    // Llama: the step with RoPE's backward in the other place (rope_in_attention: the flash
-    // backward's epilogue by default, rope_backward here, or the reverse): the same arithmetic,
+    // Llama: the step with RoPE's backward in the other place (rope_in_attention: rope_backward
+    // by default, the flash backward's epilogue here, or the reverse): the same arithmetic,
     // so the same gradients bit for bit, except the embeddings' (atomic adds, as above)
     if (c.arch == ARCH_LLAMA) {
         std::vector<float> first(cpu.num_parameters), other(cpu.num_parameters);
@@ -248,9 +248,10 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
         }
         check_same_grads(label, "RoPE backward in the attention", "the step with it after the attention", cpu, first, other);
 
-        // RoPE's forward in the other place (rope_forward_in_attention: the queries rotated by the
-        // flash forward as it loads them by default, rope_forward before it here, or the
-        // reverse): the same qkv, out and lse bit for bit, so the same loss and gradients
+        // RoPE's forward in the other place (rope_forward_in_attention: rope_forward before the
+        // flash forward by default, the queries rotated by the flash forward as it loads them
+        // here, or the reverse): the same qkv, out and lse bit for bit, so the same loss and
+        // gradients
         float loss[2];
         for (int k = 0; k < 2; k++) {
             cuda_model_poison(gpu);
