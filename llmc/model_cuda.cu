@@ -102,6 +102,14 @@ typedef struct {
     // side stream has read a buffer the first will overwrite)
     cudaStream_t side;
     cudaEvent_t side_fork, side_read_dres, side_read_dfch, side_read_dqkv, side_done;
+    // overlap_update: AdamW queued on the side stream in update groups (update_group: 0 the
+    // embeddings, 1 + l layer l, L + 1 the final norm and an untied head), update_done[g] recorded
+    // after group g; update_pending while the main stream has not yet waited for all of them
+    // (update_waited: the groups it has), and zero_pending while a zero_grad's memsets queued
+    // behind them on the side stream (zero_done) wait for the main stream's next gradient write
+    cudaStream_t update_stream;   // at the main stream's priority: the forward waits on it
+    cudaEvent_t update_fork, zero_done, *update_done;
+    int update_groups, update_pending, update_waited, zero_pending;
     size_t param_offsets[NUM_PARAM_TENSORS];
     size_t param_sizes[NUM_PARAM_TENSORS];
     float *params;          // fp32 master weights (num_parameters), model.h's layout
@@ -315,6 +323,7 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     // were faster on the H100 and H200, see model_cuda.h)
     model->rope_in_attention = env_flag("TRAIN_MORA_ROPE_IN_ATTENTION", 0);
     model->rope_forward_in_attention = env_flag("TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION", 0);
+    model->overlap_update = env_switch("TRAIN_MORA_OVERLAP_UPDATE");
     model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
@@ -334,6 +343,12 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     cudaCheck(cudaStreamCreateWithPriority(&d->side, cudaStreamNonBlocking, least_priority));
     cudaEvent_t *events[] = {&d->side_fork, &d->side_read_dres, &d->side_read_dfch, &d->side_read_dqkv, &d->side_done};
     for (cudaEvent_t *ev : events) cudaCheck(cudaEventCreateWithFlags(ev, cudaEventDisableTiming));
+    d->update_groups = c->n_layer + 2;
+    d->update_done = (cudaEvent_t *)mallocCheck(d->update_groups * sizeof(cudaEvent_t));
+    for (int g = 0; g < d->update_groups; g++) cudaCheck(cudaEventCreateWithFlags(&d->update_done[g], cudaEventDisableTiming));
+    cudaCheck(cudaStreamCreateWithPriority(&d->update_stream, cudaStreamNonBlocking, greatest_priority));
+    cudaCheck(cudaEventCreateWithFlags(&d->update_fork, cudaEventDisableTiming));
+    cudaCheck(cudaEventCreateWithFlags(&d->zero_done, cudaEventDisableTiming));
     matmul_setup();
     matmul_register_stream(d->side);
 
@@ -437,9 +452,14 @@ extern "C" void cuda_model_free(CudaModel *model) {
     for (int i = 0; i < d->memory_count; i++) cudaCheck(cudaFree(d->memory_blocks[i]));
     for (int i = 0; i < PROF_MAX_EVENTS; i++) cudaCheck(cudaEventDestroy(d->prof_events[i]));
     cudaCheck(cudaStreamSynchronize(d->side));
+    cudaCheck(cudaStreamSynchronize(d->update_stream));
+    cudaCheck(cudaStreamDestroy(d->update_stream));
     matmul_unregister_stream(d->side);
-    cudaEvent_t events[] = {d->side_fork, d->side_read_dres, d->side_read_dfch, d->side_read_dqkv, d->side_done};
+    cudaEvent_t events[] = {d->side_fork, d->side_read_dres, d->side_read_dfch, d->side_read_dqkv, d->side_done,
+                            d->update_fork, d->zero_done};
     for (cudaEvent_t ev : events) cudaCheck(cudaEventDestroy(ev));
+    for (int g = 0; g < d->update_groups; g++) cudaCheck(cudaEventDestroy(d->update_done[g]));
+    free(d->update_done);
     cudaCheck(cudaStreamDestroy(d->side));
     cudaCheck(cudaStreamDestroy(d->stream));
     free(d->host_mask);
@@ -467,6 +487,36 @@ static float *weight_grad(CudaModel *model, int tensor, int l) {
     return d->grads + d->param_offsets[tensor] + per_layer * l;
 }
 static int head_tensor(const ModelConfig *c) { return c->tied_embeddings ? P_WTE : P_LMHEAD; }
+
+// ---------------------------------------------------------------------------------------------
+// the update beside the next forward (overlap_update)
+
+// The update group of parameter tensor `tensor`'s layer-l part: 0 the embeddings, 1 + l a layer,
+// n_layer + 1 the final norm and an untied head (the order the forward reads them).
+static int update_group(const ModelConfig *c, int tensor, int l) {
+    if (tensor == P_WTE || tensor == P_WPE) return 0;
+    if (tensor >= P_LN1W && tensor <= P_FCPROJB) return 1 + l;
+    return c->n_layer + 1;
+}
+// The main stream waits until the queued update has written group g (and every group before
+// it: the groups are queued in order on one stream).
+static void update_wait(CudaModel *model, int g) {
+    Impl *d = impl_of(model);
+    if (!d->update_pending || g < d->update_waited) return;
+    cudaCheck(cudaStreamWaitEvent(d->stream, d->update_done[g], 0));
+    d->update_waited = g + 1;
+    if (d->update_waited >= d->update_groups) d->update_pending = 0;
+}
+// Before a call other than the forward reads or writes the parameters, gradients or moments: the
+// main stream waits for the whole queued update and for zero_grad's memsets queued behind it.
+static void update_settle(CudaModel *model) {
+    Impl *d = impl_of(model);
+    update_wait(model, d->update_groups - 1);
+    if (d->zero_pending) {
+        cudaCheck(cudaStreamWaitEvent(d->stream, d->zero_done, 0));
+        d->zero_pending = 0;
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // forward
@@ -608,6 +658,9 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
     if (weights_host) cudaCheck(cudaMemcpyAsync(d->weights, weights_host, (size_t)N * sizeof(float), cudaMemcpyHostToDevice, st));
 
     d->stream_bf16 = model->residual_bf16;
+    // the queued update: the embeddings and the first layer (its norm follows the encoder) now,
+    // each later layer's as the layer before it starts (that layer's last norm is the next one's)
+    update_wait(model, 1);
     prof_begin(model, PROF_ENCODER);
     const floatX *wpe = gpt2 ? weight_bf16(model, P_WPE, 0) : NULL;
     if (d->stream_bf16) encoder_forward((floatX *)d->encoded, d->inputs, weight_bf16(model, P_WTE, 0), wpe, B, T, C, st);
@@ -618,6 +671,7 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
                         weight_bf16(model, P_LN1B, 0), N, C, eps, gpt2, st);
     prof_end(model);
     for (int l = 0; l < L; l++) {
+        update_wait(model, l + 2);   // layer l + 1's tensors, or the final norm's and the head's
         const void *residual = l == 0 ? d->encoded : stream_at(d, d->residual3, (size_t)(l - 1) * NC);
         floatX *ln1 = d->ln1 + l * NC, *ln2 = d->ln2 + l * NC;
         floatX *qkv = d->qkv + (size_t)l * N * QKV, *atty = d->atty + (size_t)l * N * NH * HS;
@@ -670,6 +724,7 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
             projection_add_norm(model, residual3, residual2, fch_act, fcprojw, fcprojb, F, d->lnf, d->lnf_mean, d->lnf_rstd,
                                 weight_bf16(model, P_LNFW, 0), weight_bf16(model, P_LNFB, 0), N, C, eps, gpt2);
     }
+    update_wait(model, L + 1);   // (L = 0: no layer waited for it)
     prof_begin(model, PROF_MATMUL_FWD);
     matmul_forward(d->logits, d->lnf, weight_bf16(model, head_tensor(c), 0), NULL, NULL, N, C, Vp, st);
     prof_end(model);
@@ -741,31 +796,41 @@ static int grads_written_by_products(int tensor) {
 }
 // Zeroes the gradients of the tensors that the products write (products 1) or of the others
 // (0), one memset per run of adjacent ones.
-static void grads_zero(CudaModel *model, int products) {
+static void grads_zero(CudaModel *model, int products, cudaStream_t stream) {
     Impl *d = impl_of(model);
     size_t begin = 0, end = 0;   // the run being gathered
     for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
         if (grads_written_by_products(t) != products || d->param_sizes[t] == 0) continue;
         if (d->param_offsets[t] != end) {   // not adjacent: zero the run so far, start another
-            if (end > begin) cudaCheck(cudaMemsetAsync(d->grads + begin, 0, (end - begin) * sizeof(float), d->stream));
+            if (end > begin) cudaCheck(cudaMemsetAsync(d->grads + begin, 0, (end - begin) * sizeof(float), stream));
             begin = d->param_offsets[t];
         }
         end = d->param_offsets[t] + d->param_sizes[t];
     }
-    if (end > begin) cudaCheck(cudaMemsetAsync(d->grads + begin, 0, (end - begin) * sizeof(float), d->stream));
+    if (end > begin) cudaCheck(cudaMemsetAsync(d->grads + begin, 0, (end - begin) * sizeof(float), stream));
 }
-// Before the gradients are read: zero what zero_grad left for a backward that has not come.
+// Before the gradients are read: the queued update done, and what zero_grad left for a backward
+// that has not come zeroed.
 static void grads_settle(CudaModel *model) {
     Impl *d = impl_of(model);
+    update_settle(model);
     if (!d->grads_unwritten) return;
-    grads_zero(model, 1);
+    grads_zero(model, 1, d->stream);
     d->grads_unwritten = 0;
 }
+// With an update queued (overlap_update) the memsets queue behind it on its stream, which the
+// update still reads the gradients on, and the next backward waits for them (zero_pending).
 extern "C" void cuda_model_zero_grad(CudaModel *model) {
     Impl *d = impl_of(model);
-    grads_zero(model, 0);
-    d->grads_unwritten = 1;
-    if (!model->grads_first_write) grads_settle(model);
+    int behind = d->update_pending || d->zero_pending;
+    cudaStream_t st = behind ? d->update_stream : d->stream;
+    grads_zero(model, 0, st);
+    if (!model->grads_first_write) grads_zero(model, 1, st);
+    d->grads_unwritten = model->grads_first_write;
+    if (behind) {
+        cudaCheck(cudaEventRecord(d->zero_done, d->update_stream));
+        d->zero_pending = 1;
+    }
 }
 
 // dst (n) += src (n), fp32
@@ -841,6 +906,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     int gpt2 = c->arch == ARCH_GPT2;
     size_t NC = (size_t)N * C;
     int head = head_tensor(c);
+    update_settle(model);   // zero_grad's memsets behind a queued update are done
     int ov = model->overlap_weight_grads && !model->profile;
     // the layers' weight matrices' gradients: written by their products when zero_grad left them
     // unwritten (grads_unwritten), else added to
@@ -1050,6 +1116,30 @@ extern "C" void cuda_model_adamw_update(CudaModel *model, float lr, float beta1,
     float bias_correction1 = (float)(1.0 - pow((double)beta1, t));
     float bias_correction2 = (float)(1.0 - pow((double)beta2, t));
     grads_settle(model);
+    const ModelConfig *c = &model->config;
+    if (model->overlap_update && !model->profile && !d->sharded) {
+        // queued on the update stream after everything queued so far, group by group in the
+        // forward's order, each group's end marked for the forward to wait on (update_wait)
+        cudaCheck(cudaEventRecord(d->update_fork, d->stream));
+        cudaCheck(cudaStreamWaitEvent(d->update_stream, d->update_fork, 0));
+        for (int g = 0; g < d->update_groups; g++) {
+            for (int tensor = 0; tensor < NUM_PARAM_TENSORS; tensor++) {
+                if (d->param_sizes[tensor] == 0) continue;
+                int stacked = tensor >= P_LN1W && tensor <= P_FCPROJB;
+                int l = stacked ? g - 1 : 0;
+                if (l < 0 || l >= c->n_layer || update_group(c, tensor, l) != g) continue;
+                size_t n = stacked ? d->param_sizes[tensor] / c->n_layer : d->param_sizes[tensor];
+                size_t lo = d->param_offsets[tensor] + (size_t)l * n;
+                float decay = param_is_decayed(tensor) ? 1.0f - lr * weight_decay : 1.0f;
+                adamw_update(d->params + lo, d->params_bf16 + lo, d->grads + lo, d->m + lo, d->v + lo, n, lr, beta1, beta2,
+                             bias_correction1, bias_correction2, eps, decay, grad_scale, d->update_stream);
+            }
+            cudaCheck(cudaEventRecord(d->update_done[g], d->update_stream));
+        }
+        d->update_pending = 1;
+        d->update_waited = 0;
+        return;
+    }
     prof_begin(model, PROF_ADAMW);
     // each tensor's part inside [shard_lo, shard_hi) (all of it when unsharded), with the weight
     // decay of its tensor: a shard boundary inside a tensor changes nothing in the arithmetic
@@ -1081,6 +1171,7 @@ extern "C" void cuda_model_download(CudaModel *model, Model *cpu) {
         fatal("cuda_model_download: the CPU model's layout differs from the GPU model's");
     size_t bytes = model->num_parameters * sizeof(float);
     size_t moment_bytes = (d->shard_hi - d->shard_lo) * sizeof(float);
+    update_settle(model);
     cudaCheck(cudaStreamSynchronize(d->stream));
     cudaCheck(cudaMemcpy(cpu->params, d->params, bytes, cudaMemcpyDeviceToHost));
     if (cpu->m == NULL) cpu->m = (float *)callocCheck(model->num_parameters, sizeof(float));
@@ -1148,6 +1239,7 @@ extern "C" void cuda_model_profile_report(CudaModel *model, FILE *out, int steps
 
 extern "C" void cuda_model_broadcast_params(CudaModel *model, int root) {
     Impl *d = impl_of(model);
+    update_settle(model);
     comm_nccl_broadcast(d->params, model->num_parameters * sizeof(float), root, d->stream);
     convert_f32_to_bf16(d->params_bf16, d->params, model->num_parameters, d->stream);
     cudaCheck(cudaStreamSynchronize(d->stream));

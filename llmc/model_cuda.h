@@ -45,6 +45,14 @@ typedef struct CudaModel {
     // chain of input gradients (not while profiling); 0: one stream (TRAIN_MORA_OVERLAP_GRADS=0
     // at creation). Same gradients bit for bit.
     int overlap_weight_grads;
+    // 1 (default): cuda_model_adamw_update queues AdamW on the second stream, a layer's tensors at
+    // a time in the order the forward reads them, and the next forward waits for each layer's
+    // update just before it reads that layer's weights, so the update (memory-bound) runs beside
+    // the forward's products instead of before them. Every other call that reads the parameters,
+    // gradients or moments waits for the whole update first. Not while profiling, nor with the
+    // optimizer sharded (ZeRO-1). 0: AdamW on the main stream (TRAIN_MORA_OVERLAP_UPDATE=0 at
+    // creation). Same arithmetic, same bits.
+    int overlap_update;
     // 1 (default): the gradient at each layer's norm outputs (the input gradient of the qkv and
     // MLP up products, which the norm backward reads) is bf16, as the other activation gradients
     // are: 2 bytes an element less written by the product and 2 less read by the memory-bound

@@ -271,6 +271,8 @@ def test_model_gpu_on_the_emulated_gpu(emulators):
     for label in ("gpt2:tiny", "llama:tiny"):
         assert re.search(rf"PASS {re.escape(label)} GPU loss curve follows the CPU's", out), label
         assert re.search(rf"PASS {re.escape(label)} parameter updates over 20 steps", out), label
+        for check in ("losses over 20 steps", "parameters after 20 steps", "first moments", "second moments"):
+            assert re.search(rf"PASS {re.escape(label)} update beside the next forward: {check}", out), (label, check)
 
 
 def test_rollout_check_on_the_emulated_gpu(emulators):

@@ -1,8 +1,9 @@
 /*
  * GPU training benchmark: full training steps (forward + backward with the fused classifier,
  * gradient norm, AdamW) of GPT-2 124M and the SmolLM2-135M shape at B = 16, T = 1024 on random
- * tokens. Prints tokens/s, MFU at the card's dense bf16 peak (model_flops_per_step: 6 FLOPs per
- * matmul weight per token plus attention over the full T x T, as llm.c and PaLM count), and a
+ * tokens, run back to back (the median of three runs' mean step). Prints tokens/s, MFU at the
+ * card's dense bf16 peak (model_flops_per_step: 6 FLOPs per matmul weight per token plus
+ * attention over the full T x T, as llm.c and PaLM count), and a
  * per-kernel-group time table from a profiled run (CUDA events around each launch group). The
  * same run times the step with the weight gradients on the other schedule (one stream, or a
  * second stream under TRAIN_MORA_OVERLAP_GRADS=0), with the layers' norm-output gradients in the
@@ -12,8 +13,9 @@
  * TRAIN_MORA_RESIDUAL_IN_PRODUCT=0), for Llama with RoPE's backward in the attention's epilogue
  * instead of as its own kernel (or the reverse under TRAIN_MORA_ROPE_IN_ATTENTION=1) and with the
  * flash forward rotating the queries as it loads them instead of RoPE's forward as its own kernel
- * (or the reverse under TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION=1), with zero_grad zeroing every
- * gradient for the products to add to (instead of the first backward's products writing the
+ * (or the reverse under TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION=1), with AdamW before the next
+ * forward instead of beside it (or the reverse under TRAIN_MORA_OVERLAP_UPDATE=0), with
+ * zero_grad zeroing every gradient for the products to add to (instead of the first backward's products writing the
  * weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
  * max (instead of a reference that trails it), and with the flash
  * attention in its default configuration instead of the one tuned on the first forward, and
@@ -54,17 +56,22 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
         cuda_model_adamw_update(gpu, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, norm > 1.0f ? 1.0f / norm : 1.0f);
     };
     for (int i = 0; i < 2; i++) step();   // warm-up: cuBLASLt heuristics, module load
+    // a step's time in a run of steps back to back, as training runs them (a step's AdamW may
+    // run beside the next step's forward: overlap_update): three runs of steps / 3 steps (at
+    // least 3), each timed from a synchronised start to the end of its last AdamW, the median of
+    // their means
     auto median_step = [&]() {
+        int per_run = steps / 3 < 3 ? 3 : steps / 3;
         std::vector<double> times;
-        for (int i = 0; i < steps; i++) {
-            double t0 = wall_seconds();
-            step();
-            // AdamW done, so the step's time is all in (a bare wait: no kernel of its own)
+        for (int r = 0; r < 3; r++) {
             if (cudaDeviceSynchronize() != cudaSuccess) fatal("bench_train: the step failed on the device");
-            times.push_back(wall_seconds() - t0);
+            double t0 = wall_seconds();
+            for (int i = 0; i < per_run; i++) step();
+            if (cudaDeviceSynchronize() != cudaSuccess) fatal("bench_train: the step failed on the device");
+            times.push_back((wall_seconds() - t0) / per_run);
         }
         std::sort(times.begin(), times.end());
-        return times[times.size() / 2];
+        return times[1];
     };
     double median = median_step();
     // the step with one of the model's switches the other way, timed beside (then put back)
@@ -96,6 +103,9 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     double other_rope_forward = c.arch == ARCH_LLAMA ? median_flipped(gpu->rope_forward_in_attention) : 0.0;
     // every gradient zeroed by zero_grad and added to by the products (grads_first_write 0)
     double all_zeroed = median_flipped(gpu->grads_first_write);
+    // AdamW on the main stream before the next forward instead of beside it (overlap_update)
+    const int overlap_update = gpu->overlap_update;
+    double other_update = median_flipped(gpu->overlap_update);
     // the flash forward's softmax reference following each row's max (rescaled at every move)
     cuda_model_attention_eager_rescale(1);
     step();
@@ -147,6 +157,9 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
                other_rope_forward * 1e3, N / other_rope_forward);
     printf("  with every gradient zeroed and the weight matrices' products adding to them: %.2f ms/step, %.0f tok/s\n",
            all_zeroed * 1e3, N / all_zeroed);
+    printf("  with AdamW %s: %.2f ms/step, %.0f tok/s\n",
+           overlap_update ? "before the next forward (not beside it)" : "beside the next forward", other_update * 1e3,
+           N / other_update);
     printf("  with the attention forward's softmax rescaled at every move of a row's max: %.2f ms/step, %.0f tok/s\n",
            eager_rescale * 1e3, N / eager_rescale);
     printf("  attention: %s\n", gpu->attention_tuning);
@@ -181,7 +194,8 @@ int main(int argc, char **argv) {
     double peak = cuda_device_bf16_peak_flops();
     const char *env = getenv("BF16_PEAK_TFLOPS");
     if (env) peak = atof(env) * 1e12;
-    printf("GPU training step (forward + backward + grad norm + AdamW), median of %d steps, on %s", steps, device);
+    printf("GPU training step (forward + backward + grad norm + AdamW), steps back to back, the median of 3 runs of %d, on %s",
+           steps / 3 < 3 ? 3 : steps / 3, device);
     if (peak > 0) printf(", bf16 peak %.0f TFLOP/s\n", peak / 1e12);
     else printf(", bf16 peak unknown (set BF16_PEAK_TFLOPS for MFU)\n");
     if (argc > 2) {   // one model (for a profiler run)
