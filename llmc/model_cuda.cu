@@ -102,14 +102,15 @@ typedef struct {
     // side stream has read a buffer the first will overwrite)
     cudaStream_t side;
     cudaEvent_t side_fork, side_read_dres, side_read_dfch, side_read_dqkv, side_done;
-    // overlap_update: AdamW queued on the side stream in update groups (update_group: 0 the
-    // embeddings, 1 + l layer l, L + 1 the final norm and an untied head), update_done[g] recorded
-    // after group g; update_pending while the main stream has not yet waited for all of them
-    // (update_waited: the groups it has), and zero_pending while a zero_grad's memsets queued
-    // behind them on the side stream (zero_done) wait for the main stream's next gradient write
+    // overlap_update: AdamW queued on update_stream in update groups (update_group_of_layer: 0 the
+    // embeddings, then update_layers layers a group, last the final norm and an untied head),
+    // update_done[g] recorded after group g; update_pending while the main stream has not yet
+    // waited for all of them (update_waited: the groups it has), and zero_pending while a
+    // zero_grad's memsets queued behind them (zero_done) wait for the main stream's next gradient
+    // write
     cudaStream_t update_stream;   // at the main stream's priority: the forward waits on it
     cudaEvent_t update_fork, zero_done, *update_done;
-    int update_groups, update_pending, update_waited, zero_pending;
+    int update_groups, update_layers, update_pending, update_waited, zero_pending;
     size_t param_offsets[NUM_PARAM_TENSORS];
     size_t param_sizes[NUM_PARAM_TENSORS];
     float *params;          // fp32 master weights (num_parameters), model.h's layout
@@ -343,7 +344,20 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     cudaCheck(cudaStreamCreateWithPriority(&d->side, cudaStreamNonBlocking, least_priority));
     cudaEvent_t *events[] = {&d->side_fork, &d->side_read_dres, &d->side_read_dfch, &d->side_read_dqkv, &d->side_done};
     for (cudaEvent_t *ev : events) cudaCheck(cudaEventCreateWithFlags(ev, cudaEventDisableTiming));
-    d->update_groups = c->n_layer + 2;
+    // groups of update_layers layers: at most 16 layer groups, so that the host queues few enough
+    // launches (one a tensor a group) before the next forward's first kernel
+    // (TRAIN_MORA_UPDATE_LAYERS=N sets N; N >= n_layer makes one group of every layer)
+    d->update_layers = (c->n_layer + 15) / 16;
+    if (d->update_layers < 1) d->update_layers = 1;
+    const char *layers = getenv("TRAIN_MORA_UPDATE_LAYERS");
+    if (layers != NULL) {
+        char *end = NULL;
+        long k = strtol(layers, &end, 10);
+        if (end == layers || *end != '\0' || k < 1)
+            fatal("TRAIN_MORA_UPDATE_LAYERS=%s: expected a whole number of layers, at least 1", layers);
+        d->update_layers = k < c->n_layer ? (int)k : c->n_layer;
+    }
+    d->update_groups = 2 + (c->n_layer + d->update_layers - 1) / d->update_layers;
     d->update_done = (cudaEvent_t *)mallocCheck(d->update_groups * sizeof(cudaEvent_t));
     for (int g = 0; g < d->update_groups; g++) cudaCheck(cudaEventCreateWithFlags(&d->update_done[g], cudaEventDisableTiming));
     cudaCheck(cudaStreamCreateWithPriority(&d->update_stream, cudaStreamNonBlocking, greatest_priority));
@@ -491,12 +505,10 @@ static int head_tensor(const ModelConfig *c) { return c->tied_embeddings ? P_WTE
 // ---------------------------------------------------------------------------------------------
 // the update beside the next forward (overlap_update)
 
-// The update group of parameter tensor `tensor`'s layer-l part: 0 the embeddings, 1 + l a layer,
-// n_layer + 1 the final norm and an untied head (the order the forward reads them).
-static int update_group(const ModelConfig *c, int tensor, int l) {
-    if (tensor == P_WTE || tensor == P_WPE) return 0;
-    if (tensor >= P_LN1W && tensor <= P_FCPROJB) return 1 + l;
-    return c->n_layer + 1;
+// The update group that holds layer l's tensors (l = n_layer: the final norm's and an untied
+// head's, the last group); group 0 holds the embeddings. The forward's order.
+static int update_group_of_layer(const Impl *d, const ModelConfig *c, int l) {
+    return l >= c->n_layer ? d->update_groups - 1 : 1 + l / d->update_layers;
 }
 // The main stream waits until the queued update has written group g (and every group before
 // it: the groups are queued in order on one stream).
@@ -660,7 +672,7 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
     d->stream_bf16 = model->residual_bf16;
     // the queued update: the embeddings and the first layer (its norm follows the encoder) now,
     // each later layer's as the layer before it starts (that layer's last norm is the next one's)
-    update_wait(model, 1);
+    update_wait(model, update_group_of_layer(d, c, 0));
     prof_begin(model, PROF_ENCODER);
     const floatX *wpe = gpt2 ? weight_bf16(model, P_WPE, 0) : NULL;
     if (d->stream_bf16) encoder_forward((floatX *)d->encoded, d->inputs, weight_bf16(model, P_WTE, 0), wpe, B, T, C, st);
@@ -671,7 +683,7 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
                         weight_bf16(model, P_LN1B, 0), N, C, eps, gpt2, st);
     prof_end(model);
     for (int l = 0; l < L; l++) {
-        update_wait(model, l + 2);   // layer l + 1's tensors, or the final norm's and the head's
+        update_wait(model, update_group_of_layer(d, c, l + 1));   // the next layer's, or the final norm's and the head's
         const void *residual = l == 0 ? d->encoded : stream_at(d, d->residual3, (size_t)(l - 1) * NC);
         floatX *ln1 = d->ln1 + l * NC, *ln2 = d->ln2 + l * NC;
         floatX *qkv = d->qkv + (size_t)l * N * QKV, *atty = d->atty + (size_t)l * N * NH * HS;
@@ -724,7 +736,7 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
             projection_add_norm(model, residual3, residual2, fch_act, fcprojw, fcprojb, F, d->lnf, d->lnf_mean, d->lnf_rstd,
                                 weight_bf16(model, P_LNFW, 0), weight_bf16(model, P_LNFB, 0), N, C, eps, gpt2);
     }
-    update_wait(model, L + 1);   // (L = 0: no layer waited for it)
+    update_wait(model, d->update_groups - 1);
     prof_begin(model, PROF_MATMUL_FWD);
     matmul_forward(d->logits, d->lnf, weight_bf16(model, head_tensor(c), 0), NULL, NULL, N, C, Vp, st);
     prof_end(model);
@@ -1122,14 +1134,20 @@ extern "C" void cuda_model_adamw_update(CudaModel *model, float lr, float beta1,
         // forward's order, each group's end marked for the forward to wait on (update_wait)
         cudaCheck(cudaEventRecord(d->update_fork, d->stream));
         cudaCheck(cudaStreamWaitEvent(d->update_stream, d->update_fork, 0));
-        for (int g = 0; g < d->update_groups; g++) {
+        const int L = c->n_layer, last = d->update_groups - 1;
+        for (int g = 0; g <= last; g++) {
             for (int tensor = 0; tensor < NUM_PARAM_TENSORS; tensor++) {
                 if (d->param_sizes[tensor] == 0) continue;
-                int stacked = tensor >= P_LN1W && tensor <= P_FCPROJB;
-                int l = stacked ? g - 1 : 0;
-                if (l < 0 || l >= c->n_layer || update_group(c, tensor, l) != g) continue;
-                size_t n = stacked ? d->param_sizes[tensor] / c->n_layer : d->param_sizes[tensor];
-                size_t lo = d->param_offsets[tensor] + (size_t)l * n;
+                size_t lo = d->param_offsets[tensor], n = d->param_sizes[tensor];
+                if (tensor >= P_LN1W && tensor <= P_FCPROJB) {   // stacked: the group's layers, adjacent
+                    if (g == 0 || g == last) continue;
+                    int l0 = (g - 1) * d->update_layers, l1 = l0 + d->update_layers < L ? l0 + d->update_layers : L;
+                    size_t per_layer = n / L;
+                    lo += (size_t)l0 * per_layer;
+                    n = (size_t)(l1 - l0) * per_layer;
+                } else if ((tensor == P_WTE || tensor == P_WPE ? 0 : last) != g) {
+                    continue;
+                }
                 float decay = param_is_decayed(tensor) ? 1.0f - lr * weight_decay : 1.0f;
                 adamw_update(d->params + lo, d->params_bf16 + lo, d->grads + lo, d->m + lo, d->v + lo, n, lr, beta1, beta2,
                              bias_correction1, bias_correction2, eps, decay, grad_scale, d->update_stream);

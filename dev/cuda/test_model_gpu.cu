@@ -15,11 +15,12 @@
  *      the norm kernel instead of the products' epilogue, for Llama with RoPE's backward in the
  *      attention's epilogue instead of after it and its forward in the attention's loads instead
  *      of before it (bit for bit), and with the attention's warpgroup kernels where they apply.
- *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families: the GPU's
- *      losses must follow the CPU's step by step, the loss must fall, and the downloaded
- *      parameters moved as far as on the CPU (the updates compared, relative to their size); the
- *      same steps with AdamW before the next forward instead of beside it (overlap_update) give
- *      the same losses, parameters and moments (to 1e-5: the embedding gradient's atomic adds).
+ *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families (Llama with 3
+ *      layers): the GPU's losses must follow the CPU's step by step, the loss must fall, and the
+ *      downloaded parameters moved as far as on the CPU (the updates compared, relative to their
+ *      size); the same steps with AdamW before the next forward instead of beside it
+ *      (overlap_update, in groups of 1 and of 2 layers) give the same losses, parameters and
+ *      moments (to 1e-5: the embedding gradient's atomic adds).
  *
  * Tolerances are relative L2 errors: bf16 activations through L layers against fp32.
  *   build/cuda/dev/test_model_gpu [--tiny]   (exit 1 on any failure; --tiny: the tiny models only)
@@ -307,7 +308,11 @@ static void check_loss_curve(const char *label, ModelConfig c, int B, int T) {
             inputs[(size_t)b * T + t] = seq[(size_t)b * (T + 1) + t];
             targets[(size_t)b * T + t] = seq[(size_t)b * (T + 1) + t + 1];
         }
+    // the update a layer a group (GPT-2) or in groups of 2 layers (Llama, 3 layers: the last group
+    // of 1), as models of up to 16 and of more layers take it (TRAIN_MORA_UPDATE_LAYERS)
+    setenv("TRAIN_MORA_UPDATE_LAYERS", c.arch == ARCH_GPT2 ? "1" : "2", 1);
     CudaModel *gpu = cuda_model_create(&cpu, B, T);
+    unsetenv("TRAIN_MORA_UPDATE_LAYERS");
     // beside it the same steps with AdamW on the main stream before the next forward, where the
     // model above queues it beside the next forward (overlap_update, the default): the same
     // losses and parameters up to the embedding gradient's atomic adds
@@ -424,7 +429,8 @@ int main(int argc, char **argv) {
     model_config_preset("gpt2:tiny", &c);
     check_loss_curve("gpt2:tiny", c, 4, 64);
     model_config_preset("llama:tiny", &c);
-    check_loss_curve("llama:tiny", c, 4, 64);
+    c.n_layer = 3;   // the update's groups of 2 layers then end with a group of 1
+    check_loss_curve("llama:tiny (3 layers)", c, 4, 64);
     printf("== test_model_gpu: %s (%d failed checks)\n", failures ? "FAIL" : "PASS", failures);
     return failures ? 1 : 0;
 }
