@@ -275,6 +275,21 @@ def test_model_gpu_on_the_emulated_gpu(emulators):
             assert re.search(rf"PASS {re.escape(label)} update beside the next forward: {check}", out), (label, check)
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("TRAIN_MORA_UPDATE_LAYERS", "0", "expected a whole number of layers, at least 1"),
+    ("TRAIN_MORA_UPDATE_LAYERS", "2x", "expected a whole number of layers, at least 1"),
+    ("TRAIN_MORA_OVERLAP_UPDATE", "yes", "expected 0 or 1"),
+    ("TRAIN_MORA_ROPE_IN_ATTENTION", "2", "expected 0 or 1"),
+])
+def test_model_switches_from_the_environment_refused(emulators, name, value, message):
+    """A model switch or count in the environment that is not one its variable takes stops the first
+    CUDA model's creation with a message naming the variable and the value, and a non-zero exit."""
+    env = dict(emulated_env("issue"), **{name: value})
+    proc = subprocess.run([str(emulators["model_cuda_emu"]), "--tiny"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    assert f"{name}={value}" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_rollout_check_on_the_emulated_gpu(emulators):
     out = run_check(emulators["rollout_emu"])
     assert re.search(r"== rollout_check: PASS \(0 failed checks\)", out)
