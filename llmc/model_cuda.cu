@@ -486,18 +486,20 @@ extern "C" void cuda_model_free(CudaModel *model) {
 // ---------------------------------------------------------------------------------------------
 // views
 
+// Whether parameter tensor `tensor` is stacked over the layers (model.h's (L, ...) tensors).
+static int param_is_stacked(int tensor) { return tensor >= P_LN1W && tensor <= P_FCPROJB; }
 // Parameter tensor `tensor` (layer l of a stacked tensor; l = 0 for the others) as bf16 / fp32 /
 // its gradient. NULL when the tensor is unused by the config.
 static floatX *weight_bf16(CudaModel *model, int tensor, int l) {
     Impl *d = impl_of(model);
     if (d->param_sizes[tensor] == 0) return NULL;
-    size_t per_layer = tensor <= P_FCPROJB && tensor >= P_LN1W ? d->param_sizes[tensor] / model->config.n_layer : 0;
+    size_t per_layer = param_is_stacked(tensor) ? d->param_sizes[tensor] / model->config.n_layer : 0;
     return d->params_bf16 + d->param_offsets[tensor] + per_layer * l;
 }
 static float *weight_grad(CudaModel *model, int tensor, int l) {
     Impl *d = impl_of(model);
     if (d->param_sizes[tensor] == 0) return NULL;
-    size_t per_layer = tensor <= P_FCPROJB && tensor >= P_LN1W ? d->param_sizes[tensor] / model->config.n_layer : 0;
+    size_t per_layer = param_is_stacked(tensor) ? d->param_sizes[tensor] / model->config.n_layer : 0;
     return d->grads + d->param_offsets[tensor] + per_layer * l;
 }
 static int head_tensor(const ModelConfig *c) { return c->tied_embeddings ? P_WTE : P_LMHEAD; }
@@ -1139,7 +1141,7 @@ extern "C" void cuda_model_adamw_update(CudaModel *model, float lr, float beta1,
             for (int tensor = 0; tensor < NUM_PARAM_TENSORS; tensor++) {
                 if (d->param_sizes[tensor] == 0) continue;
                 size_t lo = d->param_offsets[tensor], n = d->param_sizes[tensor];
-                if (tensor >= P_LN1W && tensor <= P_FCPROJB) {   // stacked: the group's layers, adjacent
+                if (param_is_stacked(tensor)) {   // the group's layers, adjacent
                     if (g == 0 || g == last) continue;
                     int l0 = (g - 1) * d->update_layers, l1 = l0 + d->update_layers < L ? l0 + d->update_layers : L;
                     size_t per_layer = n / L;
