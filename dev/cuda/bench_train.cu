@@ -15,8 +15,8 @@
  * flash forward rotating the queries as it loads them instead of RoPE's forward as its own kernel
  * (or the reverse under TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION=1), with AdamW before the next
  * forward instead of beside it (or the reverse under TRAIN_MORA_OVERLAP_UPDATE=0), with
- * zero_grad zeroing every gradient for the products to add to (instead of the first backward's products writing the
- * weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
+ * zero_grad zeroing every gradient for the products to add to (instead of the first backward's
+ * products writing the weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
  * max (instead of a reference that trails it), and with the flash
  * attention in its default configuration instead of the one tuned on the first forward, and
  * with every product in cuBLASLt's first-choice algorithm instead of the tuned one, and with the
@@ -34,6 +34,9 @@ extern "C" {
 #include "rand.h"
 }
 #include "model_cuda.h"
+
+// The steps in each of median_step's three timed runs, for `steps` steps in all (at least 3 a run).
+static int steps_per_run(int steps) { return steps / 3 < 3 ? 3 : steps / 3; }
 
 static void bench(const char *preset, int B, int T, int steps, double peak, double target) {
     ModelConfig c;
@@ -61,7 +64,7 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     // least 3), each timed from a synchronised start to the end of its last AdamW, the median of
     // their means
     auto median_step = [&]() {
-        int per_run = steps / 3 < 3 ? 3 : steps / 3;
+        int per_run = steps_per_run(steps);
         std::vector<double> times;
         for (int r = 0; r < 3; r++) {
             if (cudaDeviceSynchronize() != cudaSuccess) fatal("bench_train: the step failed on the device");
@@ -195,7 +198,7 @@ int main(int argc, char **argv) {
     const char *env = getenv("BF16_PEAK_TFLOPS");
     if (env) peak = atof(env) * 1e12;
     printf("GPU training step (forward + backward + grad norm + AdamW), steps back to back, the median of 3 runs of %d, on %s",
-           steps / 3 < 3 ? 3 : steps / 3, device);
+           steps_per_run(steps), device);
     if (peak > 0) printf(", bf16 peak %.0f TFLOP/s\n", peak / 1e12);
     else printf(", bf16 peak unknown (set BF16_PEAK_TFLOPS for MFU)\n");
     if (argc > 2) {   // one model (for a profiler run)
