@@ -212,6 +212,7 @@ static int cmd_pretrain(int argc, char **argv) {
                           : cuda_model_create(&model, a.batch_size, a.seq_len);
         if (gpu_nccl) cuda_model_broadcast_params(gpu, 0);
     }
+    const int norm_in_backward = gpu ? gpu->norm_in_backward : 0;   // as the environment set it
 #endif
     for (int step = state.step + 1; step <= a.steps; step++) {
         double t0 = wall_seconds();
@@ -222,6 +223,9 @@ static int cmd_pretrain(int argc, char **argv) {
             cuda_model_zero_grad(gpu);
             for (int micro = 0; micro < a.grad_accum; micro++) {
                 dataloader_next(&train);
+                // the squared gradient sums that grad_norm adds: only the last micro-step's are
+                // of the whole gradient, and none are after the ranks' all-reduce
+                gpu->norm_in_backward = norm_in_backward && !gpu_nccl && micro == a.grad_accum - 1;
                 cuda_model_forward_backward(gpu, train.inputs, train.targets, NULL, a.batch_size, a.seq_len, 1.0f / a.grad_accum);
                 loss += gpu->mean_loss / a.grad_accum;
             }

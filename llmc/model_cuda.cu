@@ -162,6 +162,11 @@ typedef struct {
     float *dhidden;                        // (N, C)
     float *column_scratch;                 // the column sums' and the norm backward's partials
     float *norm_partial;                   // GLOBAL_NORM_BLOCKS
+    // norm_in_backward: the squared gradient norm's partials, GLOBAL_NORM_PIECE_BLOCKS for each
+    // layer and then the rest (the tensors not stacked over the layers), (L + 1) of them;
+    // grad_sums_ready while they hold for the gradient as it is
+    float *grad_sums;
+    int grad_sums_ready;
     float *norm_result;                    // 1
     float *rope_cos_sin;                   // (maxT, HS/2, 2), Llama only
 
@@ -325,6 +330,7 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     model->rope_in_attention = env_flag("TRAIN_MORA_ROPE_IN_ATTENTION", 0);
     model->rope_forward_in_attention = env_flag("TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION", 0);
     model->overlap_update = env_switch("TRAIN_MORA_OVERLAP_UPDATE");
+    model->norm_in_backward = env_switch("TRAIN_MORA_NORM_IN_BACKWARD");
     model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
@@ -433,6 +439,7 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     size_t scratch_floats = (size_t)column_chunks((int)N) * widest, norm_floats = norm_backward_scratch_floats((int)N, C);
     d->column_scratch = (float *)activation_alloc(d, (scratch_floats > norm_floats ? scratch_floats : norm_floats) * sizeof(float));
     d->norm_partial = (float *)device_alloc(d, GLOBAL_NORM_BLOCKS * sizeof(float));
+    d->grad_sums = (float *)device_alloc(d, (L + 1) * GLOBAL_NORM_PIECE_BLOCKS * sizeof(float));
     d->norm_result = (float *)device_alloc(d, sizeof(float));
     d->dp_scalar = (double *)device_alloc(d, sizeof(double));
     d->rope_cos_sin = NULL;
@@ -841,6 +848,7 @@ extern "C" void cuda_model_zero_grad(CudaModel *model) {
     grads_zero(model, 0, st);
     if (!model->grads_first_write) grads_zero(model, 1, st);
     d->grads_unwritten = model->grads_first_write;
+    d->grad_sums_ready = 0;
     if (behind) {
         cudaCheck(cudaEventRecord(d->zero_done, d->update_stream));
         d->zero_pending = 1;
@@ -903,13 +911,33 @@ static void layer_norm_backward(CudaModel *model, float *dweight, float *dbias, 
 // Everything after the classifier's gradient: the logits' gradient (when have_dlogits) and
 // dhidden_host (when given) flow down to the parameter gradients.
 //
+// norm_in_backward: grad_sums' partials for layer l (its slices of the stacked tensors; l = L:
+// the tensors not stacked) queued on `stream`, once their gradients are complete there.
+static void queue_grad_sums(CudaModel *model, int l, cudaStream_t stream) {
+    Impl *d = impl_of(model);
+    const int L = model->config.n_layer;
+    NormPieces pieces;
+    memset(&pieces, 0, sizeof(pieces));
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        if (d->param_sizes[t] == 0 || param_is_stacked(t) != (l < L)) continue;
+        if (pieces.count == GLOBAL_NORM_PIECES) fatal("queue_grad_sums: more than %d tensors in a piece list", GLOBAL_NORM_PIECES);
+        pieces.ptr[pieces.count] = weight_grad(model, t, l < L ? l : 0);
+        pieces.n[pieces.count] = param_is_stacked(t) ? d->param_sizes[t] / L : d->param_sizes[t];
+        pieces.count++;
+    }
+    global_norm_pieces(d->grad_sums + (size_t)l * GLOBAL_NORM_PIECE_BLOCKS, &pieces, stream);
+}
+
 // With overlap_weight_grads the weight-gradient products run on the side stream, each after the
 // main stream has produced its dout, and the main stream waits for the side stream to have read
 // a buffer before it overwrites it: dresidual_bf16 (fcproj, attproj: rewritten by the next norm
 // backward), dfch (fc: by the next layer's MLP backward), dqkv (qkv: by the next layer's attention
 // backward). The classifier's dweight reads the logits' gradient and lnf, which nothing
 // overwrites; for tied embeddings it adds into dwte, as the encoder backward does, so the main
-// stream waits for the whole side stream before that.
+// stream waits for the whole side stream before that. With norm_in_backward the side stream also
+// sums the squares of each layer's gradients once the main stream has written that layer's last
+// (its norms' and biases', at the end of the layer's backward), and the main stream those of
+// the rest after the encoder backward (queue_grad_sums).
 static void backward_from_logits(CudaModel *model, int have_dlogits, const float *dhidden_host) {
     const ModelConfig *c = &model->config;
     Impl *d = impl_of(model);
@@ -922,6 +950,8 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     int head = head_tensor(c);
     update_settle(model);   // zero_grad's memsets behind a queued update are done
     int ov = model->overlap_weight_grads && !model->profile;
+    const int sums = ov && model->norm_in_backward && !d->sharded;
+    d->grad_sums_ready = 0;
     // the layers' weight matrices' gradients: written by their products when zero_grad left them
     // unwritten (grads_unwritten), else added to
     const int acc = !d->grads_unwritten;
@@ -1015,6 +1045,11 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
                             l > 0 ? weight_grad(model, P_FCPROJB, l - 1) : NULL, residual, weight_bf16(model, P_LN1W, l),
                             gpt2 ? d->ln1_mean + (size_t)l * N : NULL, d->ln1_rstd + (size_t)l * N, N, C, gpt2);
         prof_end(model);
+        if (sums) {   // layer l's gradients are complete: its products' on the side stream, the rest here
+            cudaCheck(cudaEventRecord(d->side_fork, st));
+            cudaCheck(cudaStreamWaitEvent(d->side, d->side_fork, 0));
+            queue_grad_sums(model, l, d->side);
+        }
     }
     if (ov) {   // every weight gradient is complete before anything reads or adds to them
         side_mark(d, d->side_done);
@@ -1026,6 +1061,10 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     if (d->stream_bf16) encoder_backward(weight_grad(model, P_WTE, 0), dwpe, (const floatX *)d->dresidual_bf16, d->inputs, B, T, C, st);
     else encoder_backward(weight_grad(model, P_WTE, 0), dwpe, (const float *)d->dresidual, d->inputs, B, T, C, st);
     prof_end(model);
+    if (sums) {
+        queue_grad_sums(model, L, st);
+        d->grad_sums_ready = 1;
+    }
     d->grads_unwritten = 0;
     matmul_tune = 0;
     if (matmul_tune_count != tuned_before) matmul_tune_describe(model->matmul_tuning, sizeof(model->matmul_tuning), d->matmul_tune_from);
@@ -1113,7 +1152,10 @@ extern "C" float cuda_model_grad_norm(CudaModel *model) {
         return (float)sqrt(squared);
     }
     prof_begin(model, PROF_GRAD_NORM);
-    global_norm(d->norm_result, d->norm_partial, d->grads, model->num_parameters, d->stream);
+    if (d->grad_sums_ready)   // the backward's sums (norm_in_backward): add them
+        global_norm_finish(d->norm_result, d->grad_sums, (model->config.n_layer + 1) * GLOBAL_NORM_PIECE_BLOCKS, d->stream);
+    else
+        global_norm(d->norm_result, d->norm_partial, d->grads, model->num_parameters, d->stream);
     prof_end(model);
     float norm = 0.0f;
     cudaCheck(cudaMemcpyAsync(&norm, d->norm_result, sizeof(float), cudaMemcpyDeviceToHost, d->stream));
@@ -1269,6 +1311,7 @@ extern "C" void cuda_model_sum_grads(CudaModel *model) {
     Impl *d = impl_of(model);
     if (d->sharded) fatal("cuda_model_sum_grads: the model's optimizer is sharded (use cuda_model_all_reduce_grads)");
     grads_settle(model);
+    d->grad_sums_ready = 0;
     comm_nccl_all_reduce_sum(d->grads, model->num_parameters, d->stream);
 }
 
@@ -1276,6 +1319,7 @@ extern "C" void cuda_model_all_reduce_grads(CudaModel *model, float *loss) {
     Impl *d = impl_of(model);
     size_t P = model->num_parameters;
     grads_settle(model);
+    d->grad_sums_ready = 0;
     // the loss rides in the float after the gradient (grads holds num_parameters + 1)
     cudaCheck(cudaMemcpyAsync(d->grads + P, loss, sizeof(float), cudaMemcpyHostToDevice, d->stream));
     if (d->sharded) {

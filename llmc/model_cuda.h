@@ -53,6 +53,16 @@ typedef struct CudaModel {
     // optimizer sharded (ZeRO-1). 0: AdamW on the main stream (TRAIN_MORA_OVERLAP_UPDATE=0 at
     // creation). Same arithmetic, same bits.
     int overlap_update;
+    // 1 (default): with the weight gradients on the second stream (overlap_weight_grads), the
+    // backward sums the squares of each layer's gradients there as soon as that layer's are
+    // complete, and of the embeddings', the final norm's and an untied head's at its end, so that
+    // cuda_model_grad_norm only adds those sums instead of reading the whole gradient after the
+    // backward. The sums hold for the gradient as the backward left it: zero_grad and the
+    // collectives (all_reduce_grads, sum_grads) drop them, and grad_norm then reads the gradient
+    // (as always with ZeRO-1). A caller that accumulates several backwards may set it to 0 for
+    // all but the last (their sums would go unread). 0: grad_norm reads the whole gradient
+    // (TRAIN_MORA_NORM_IN_BACKWARD=0 at creation). The same norm up to the order of the float sums.
+    int norm_in_backward;
     // 1 (default): the gradient at each layer's norm outputs (the input gradient of the qkv and
     // MLP up products, which the norm backward reads) is bf16, as the other activation gradients
     // are: 2 bytes an element less written by the product and 2 less read by the memory-bound

@@ -1,5 +1,6 @@
 /*
- * Runs the elementwise kernels of llmc/swiglu.cuh, llmc/rope.cuh, llmc/gelu.cuh and llmc/adamw.cuh on the CPU
+ * Runs the elementwise kernels of llmc/swiglu.cuh, llmc/rope.cuh, llmc/gelu.cuh, llmc/adamw.cuh and the
+ * gradient-norm kernels of llmc/global_norm.cuh on the CPU
  * through their host entry points: the scalar kernels, the 8-wide ones and the pick between them,
  * so that their indexing, 16-byte packing and math are checked on a machine without a GPU
  * (test/test_elementwise_emu.py compares the results with a NumPy float64 oracle).
@@ -26,9 +27,15 @@
  *                             n % 4; misalign: the fp32 arrays start 4 bytes past the boundary)
  *                             float32 lr, beta1, beta2, bc1, bc2, eps, decay, grad_scale, then
  *                             params, grads, m, v (n each)
+ *          9 global norm      d0 = n, d1 = pieces P (1..16), d2 = the first P2 of them summed into the
+ *                             first partials' slot, the rest into the second (global_norm_pieces, as
+ *                             the model's layers; kernel ignored); float32 each piece's offset and
+ *                             length (2P), then the gradient (n); misalign: the buffer starts 4 bytes
+ *                             past the boundary
  *          (inputs representable in bf16)
  *     OUT: float32 out (N, F) | dfc (N, 2F) | qkv afterwards | out (n) | dinp (n) | out (N, F) | qkv |
- *          params, m, v, bf16 copy (n each)
+ *          params, m, v, bf16 copy (n each) | the pieces' norm (the two slots' partials added by
+ *          global_norm_finish_kernel), the same again (a second run), the whole buffer's global_norm
  *   It prints the number of threads its launches started ("threads N"), which tells the kernels
  *   apart where their results are the same bit for bit.
  */
@@ -46,11 +53,11 @@ static inline void counted_launch(dim3 grid, int block, size_t smem_bytes, cudaS
     emu_launch(grid, block, smem_bytes, stream, body);
 }
 #define emu_launch counted_launch
-#include "elementwise_launched.cuh"   // llmc/swiglu.cuh, rope.cuh, gelu.cuh, adamw.cuh with their launches rewritten
+#include "elementwise_launched.cuh"   // llmc/swiglu.cuh, rope.cuh, gelu.cuh, adamw.cuh, global_norm.cuh, launches rewritten
 #undef emu_launch
 
 enum { SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD, SWIGLU_ROWNORM,
-       ROPE_FORWARD_KEYS, ADAMW };
+       ROPE_FORWARD_KEYS, ADAMW, GLOBAL_NORM };
 
 // A bf16 device buffer of n elements starting `offset` elements into a 256-byte aligned block,
 // holding x (when given) or NaN
@@ -62,17 +69,47 @@ static floatX *bf16_buffer(size_t n, int offset, const std::vector<float> *x) {
 }
 
 int main(int argc, char **argv) {
-    FILE *f = emu_open_input(argc, argv, 32 * sizeof(float));   // swiglu_forward_rownorm's block_sum partials
+    // swiglu_forward_rownorm's and global_norm's block_sum partials, global_norm_finish_kernel's sums
+    FILE *f = emu_open_input(argc, argv, 2 * 32 * sizeof(float) + 1024 * sizeof(double));
     int32_t h[8];
     if (fread(h, sizeof(int32_t), 8, f) != 8) { fprintf(stderr, "error: %s: no header\n", argv[1]); return 1; }
     int op = h[0], kernel = h[1], offset = h[2] ? 1 : 0;
     const int *d = h + 3;
-    if (op < 0 || op > ADAMW || kernel < 0 || kernel > 2 || d[0] < 1) {
+    if (op < 0 || op > GLOBAL_NORM || kernel < 0 || kernel > 2 || d[0] < 1) {
         fprintf(stderr, "error: %s: bad header op=%d kernel=%d\n", argv[1], op, kernel);
         return 1;
     }
     std::vector<float> y;
-    if (op == ADAMW) {
+    if (op == GLOBAL_NORM) {
+        size_t n = (size_t)d[0];
+        int P = d[1], first = d[2];
+        if (P < 1 || P > GLOBAL_NORM_PIECES || first < 0 || first > P) {
+            fprintf(stderr, "error: %s: bad pieces P=%d first=%d\n", argv[1], P, first);
+            return 1;
+        }
+        std::vector<float> ranges = read_floats(f, 2 * (size_t)P, argv[1]), x = read_floats(f, n, argv[1]);
+        float *g = (float *)device_alloc((n + offset) * sizeof(float), 0xff) + offset;
+        memcpy(g, x.data(), n * sizeof(float));
+        NormPieces slot[2];
+        memset(slot, 0, sizeof(slot));
+        for (int p = 0; p < P; p++) {
+            NormPieces &s = slot[p < first ? 0 : 1];
+            size_t lo = (size_t)ranges[2 * p], len = (size_t)ranges[2 * p + 1];
+            if (lo + len > n) { fprintf(stderr, "error: %s: piece %d past the buffer\n", argv[1], p); return 1; }
+            s.ptr[s.count] = g + lo;
+            s.n[s.count++] = len;
+        }
+        float *partial = (float *)device_alloc(2 * GLOBAL_NORM_PIECE_BLOCKS * sizeof(float), 0xff);
+        float *whole_partial = (float *)device_alloc(GLOBAL_NORM_BLOCKS * sizeof(float), 0xff);
+        float *out = (float *)device_alloc(sizeof(float), 0xff);
+        for (int run = 0; run < 2; run++) {
+            for (int k = 0; k < 2; k++) global_norm_pieces(partial + k * GLOBAL_NORM_PIECE_BLOCKS, &slot[k], 0);
+            global_norm_finish(out, partial, 2 * GLOBAL_NORM_PIECE_BLOCKS, 0);
+            y.push_back(out[0]);
+        }
+        global_norm(out, whole_partial, g, n, 0);
+        y.push_back(out[0]);
+    } else if (op == ADAMW) {
         size_t n = (size_t)d[0];
         std::vector<float> hp = read_floats(f, 8, argv[1]);
         float *arrays[4];

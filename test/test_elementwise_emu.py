@@ -1,4 +1,5 @@
-"""The elementwise kernels of the GPU backend (llmc/swiglu.cuh, llmc/rope.cuh, llmc/gelu.cuh) run
+"""The elementwise kernels of the GPU backend (llmc/swiglu.cuh, llmc/rope.cuh, llmc/gelu.cuh,
+llmc/adamw.cuh) and the gradient norm's (llmc/global_norm.cuh) run
 on the CPU through test/elementwise_emu.cpp (the GPU emulation of test/gpu_emu.h) against a NumPy
 float64 oracle written from the definitions:
   SwiGLU  out = silu(gate) up,  dgate = dout up sig (1 + gate (1 - sig)),  dup = dout silu(gate)
@@ -26,9 +27,9 @@ from conftest import ROOT
 from gpu_emu import build_emulator, rewrite_launches, to_bf16
 
 (SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD, SWIGLU_ROWNORM,
- ROPE_FORWARD_KEYS, ADAMW) = range(9)
+ ROPE_FORWARD_KEYS, ADAMW, GLOBAL_NORM) = range(10)
 SCALAR, VEC8, PICKED = 0, 1, 2
-HEADERS = ("swiglu.cuh", "rope.cuh", "gelu.cuh", "adamw.cuh")
+HEADERS = ("swiglu.cuh", "rope.cuh", "gelu.cuh", "adamw.cuh", "global_norm.cuh")
 SLACK = 2.0 ** -22   # fp32 arithmetic (a few roundings), relative to the size of the terms an output is made of
 
 
@@ -399,3 +400,58 @@ def test_adamw_pick_and_4_wide_on_unaligned_arrays(emulator, tmp_path):
     scalar, scalar_threads = run_adamw(emulator, tmp_path, 1001, SCALAR, misalign=1)
     assert picked_threads == scalar_threads
     assert np.array_equal(picked.view(np.uint32), scalar.view(np.uint32))
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient norm
+
+def run_global_norm(emulator, tmp_path, x, pieces, first, misalign=0, order="forward"):
+    ranges = np.array(pieces, np.float32).reshape(-1)
+    out, threads = run_emulator(emulator, tmp_path, GLOBAL_NORM, SCALAR, (x.size, len(pieces), first), (ranges, x),
+                                misalign, order)
+    return out, threads
+
+
+# (offset, length) pieces of a buffer of 5000: 16-byte aligned multiples of 4 (the 4-wide loads),
+# odd lengths and offsets (the scalar loop), one element, an empty piece, pieces that overlap or
+# leave gaps; `first` of them into the first slot of partials
+NORM_CASES = [
+    ([(0, 4096)], 1),
+    ([(0, 1000), (1000, 1000), (2000, 3000)], 1),
+    ([(3, 997), (1001, 1), (1100, 0), (1200, 2001), (4800, 200)], 2),
+    ([(4 * i, 4 * i + 1) for i in range(16)], 16),
+    ([(17, 4983)], 0),
+]
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("misalign", [0, 1])
+@pytest.mark.parametrize("case", range(len(NORM_CASES)))
+def test_global_norm_pieces_match_oracle(emulator, tmp_path, case, misalign, order):
+    """The norm of pieces of a gradient buffer (global_norm_pieces into two slots of partials, as
+    the model sums its layers', added by global_norm_finish) against float64 over the same
+    elements; a second run gives the same bits; the whole buffer's global_norm against float64."""
+    pieces, first = NORM_CASES[case]
+    rng = np.random.default_rng(11 + case)
+    x = (rng.standard_normal(5000) * np.exp(rng.uniform(-4, 2, 5000))).astype(np.float32)
+    out, threads = run_global_norm(emulator, tmp_path, x, pieces, first, misalign, order)
+    assert out is not None, threads
+    x64 = x.astype(np.float64)
+    ref = np.sqrt(sum(np.sum(x64[lo:lo + n] ** 2) for lo, n in pieces))
+    assert abs(out[0] - ref) <= 1e-6 * ref, (out[0], ref)
+    assert out[0].view(np.uint32) == out[1].view(np.uint32)
+    whole = np.sqrt(np.sum(x64 ** 2))
+    assert abs(out[2] - whole) <= 1e-6 * whole, (out[2], whole)
+
+
+def test_global_norm_pieces_oracle_notices_a_missing_element(emulator, tmp_path):
+    """The comparison above fails when the oracle sums one element more than the pieces hold (one
+    element of the 5000, of ordinary size), so an element the kernel skipped would fail it."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(5000).astype(np.float32)
+    pieces = [(3, 997), (1200, 2001)]
+    out, threads = run_global_norm(emulator, tmp_path, x, pieces, 1)
+    assert out is not None, threads
+    x64 = x.astype(np.float64)
+    one_more = np.sqrt(np.sum(x64[3:1001] ** 2) + np.sum(x64[1200:3201] ** 2))
+    assert abs(out[0] - one_more) > 1e-6 * one_more

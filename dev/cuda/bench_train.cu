@@ -14,7 +14,9 @@
  * instead of as its own kernel (or the reverse under TRAIN_MORA_ROPE_IN_ATTENTION=1) and with the
  * flash forward rotating the queries as it loads them instead of RoPE's forward as its own kernel
  * (or the reverse under TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION=1), with AdamW before the next
- * forward instead of beside it (or the reverse under TRAIN_MORA_OVERLAP_UPDATE=0), with
+ * forward instead of beside it (or the reverse under TRAIN_MORA_OVERLAP_UPDATE=0), with the
+ * gradient norm read from the whole gradient after the backward instead of summed layer by layer
+ * in it (or the reverse under TRAIN_MORA_NORM_IN_BACKWARD=0), with
  * zero_grad zeroing every gradient for the products to add to (instead of the first backward's
  * products writing the weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
  * max (instead of a reference that trails it), and with the flash
@@ -109,6 +111,10 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     // AdamW on the main stream before the next forward instead of beside it (overlap_update)
     const int overlap_update = gpu->overlap_update;
     double other_update = median_flipped(gpu->overlap_update);
+    // the gradient norm from the whole gradient after the backward instead of the backward's
+    // per-layer sums (norm_in_backward)
+    const int norm_in_backward = gpu->norm_in_backward;
+    double other_norm = median_flipped(gpu->norm_in_backward);
     // the flash forward's softmax reference following each row's max (rescaled at every move)
     cuda_model_attention_eager_rescale(1);
     step();
@@ -163,6 +169,9 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     printf("  with AdamW %s: %.2f ms/step, %.0f tok/s\n",
            overlap_update ? "before the next forward (not beside it)" : "beside the next forward", other_update * 1e3,
            N / other_update);
+    printf("  with the gradient norm %s: %.2f ms/step, %.0f tok/s\n",
+           norm_in_backward ? "read from the whole gradient after the backward" : "summed layer by layer in the backward",
+           other_norm * 1e3, N / other_norm);
     printf("  with the attention forward's softmax rescaled at every move of a row's max: %.2f ms/step, %.0f tok/s\n",
            eager_rescale * 1e3, N / eager_rescale);
     printf("  attention: %s\n", gpu->attention_tuning);

@@ -14,7 +14,9 @@
  *      stream and its gradient in fp32 instead of bf16, with the projections' residual add in
  *      the norm kernel instead of the products' epilogue, for Llama with RoPE's backward in the
  *      attention's epilogue instead of after it and its forward in the attention's loads instead
- *      of before it (bit for bit), and with the attention's warpgroup kernels where they apply.
+ *      of before it (bit for bit), and with the attention's warpgroup kernels where they apply;
+ *      the gradient norm from the sums the backward makes layer by layer (norm_in_backward)
+ *      against the gradient's norm in double, after one step, two accumulated and zero_grad.
  *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families (Llama with 3
  *      layers): the GPU's losses must follow the CPU's step by step, the loss must fall, and the
  *      downloaded parameters moved as far as on the CPU (the updates compared, relative to their
@@ -126,7 +128,7 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
         weights[i] = (0.5f + random_f32(&rng)) / N;
     }
     for (auto &x : dhidden) x = 1e-3f * random_normal(&rng);
-    char what[160];
+    char what[256];
 
     model_forward(&cpu, inputs.data(), targets.data(), mask.data(), B, T);
     model_zero_grad(&cpu);
@@ -210,6 +212,31 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
     cuda_model_copy_grads(gpu, overlapped.data());
     gpu->overlap_weight_grads = 0;
     check_same_grads(label, "overlapped step", "the one-stream step", cpu, overlapped, grads);
+
+    // the gradient norm from the sums the backward makes as it completes each layer
+    // (norm_in_backward, with the products on the second stream) against the gradient it leaves,
+    // added up in double here: after one step; after two steps on one zero_grad, the first
+    // without the sums (the second's sums are of the sum of both); and 0 after zero_grad alone,
+    // where sums kept from the step before would give the old norm
+    gpu->overlap_weight_grads = 1;
+    for (int k = 0; k < 3; k++) {
+        const char *when[] = {"one step", "two steps, the second with the sums", "zero_grad after them"};
+        cuda_model_zero_grad(gpu);
+        if (k == 1) {
+            gpu->norm_in_backward = 0;
+            cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+            gpu->norm_in_backward = 1;
+        }
+        if (k < 2) cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+        float norm = cuda_model_grad_norm(gpu);
+        cuda_model_copy_grads(gpu, overlapped.data());
+        double sum = 0.0;
+        for (float g : overlapped) sum += (double)g * g;
+        float ref = (float)sqrt(sum);
+        snprintf(what, sizeof(what), "%s grad norm from the backward's sums, %s (%.6g vs %.6g)", label, when[k], norm, ref);
+        compare(what, &norm, &ref, 1, 1e-5);
+    }
+    gpu->overlap_weight_grads = 0;
 
     // the step with one of the model's switches the other way against the CPU (then put back):
     // the mean loss and every gradient; `name` says what the switch is now
