@@ -1,11 +1,14 @@
 /*
  * GPU training benchmark: full training steps (forward + backward with the fused classifier,
  * gradient norm, AdamW) of GPT-2 124M and the SmolLM2-135M shape at B = 16, T = 1024 on random
- * tokens, run back to back (the median of three runs' mean step). Prints tokens/s, MFU at the
+ * tokens, run back to back (the median of every run's mean step with the defaults: three runs
+ * first, and three beside each variant below). Prints tokens/s, MFU at the
  * card's dense bf16 peak (model_flops_per_step: 6 FLOPs per matmul weight per token plus
  * attention over the full T x T, as llm.c and PaLM count), and a
  * per-kernel-group time table from a profiled run (CUDA events around each launch group). The
- * same run times the step with the weight gradients on the other schedule (one stream, or a
+ * same run times each variant below in turn with the defaults (three rounds of a run each way,
+ * the median of each way's runs, printed side by side, so that a drift of the card's clocks falls
+ * on both): the step with the weight gradients on the other schedule (one stream, or a
  * second stream under TRAIN_MORA_OVERLAP_GRADS=0), with the layers' norm-output gradients in the
  * other precision (fp32, or bf16 under TRAIN_MORA_DNORM_BF16=0), with the residual stream and
  * its gradient in the other precision (fp32, or bf16 under TRAIN_MORA_RESIDUAL_BF16=0), with the
@@ -30,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <algorithm>
+#include <functional>
 #include <vector>
 extern "C" {
 #include "utils.h"
@@ -37,7 +41,7 @@ extern "C" {
 }
 #include "model_cuda.h"
 
-// The steps in each of median_step's three timed runs, for `steps` steps in all (at least 3 a run).
+// The steps in each timed run (run_mean), for `steps` steps in three runs (at least 3 a run).
 static int steps_per_run(int steps) { return steps / 3 < 3 ? 3 : steps / 3; }
 
 static void bench(const char *preset, int B, int T, int steps, double peak, double target) {
@@ -62,83 +66,92 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     };
     for (int i = 0; i < 2; i++) step();   // warm-up: cuBLASLt heuristics, module load
     // a step's time in a run of steps back to back, as training runs them (a step's AdamW may
-    // run beside the next step's forward: overlap_update): three runs of steps / 3 steps (at
-    // least 3), each timed from a synchronised start to the end of its last AdamW, the median of
-    // their means
-    auto median_step = [&]() {
+    // run beside the next step's forward: overlap_update): steps / 3 steps (at least 3) timed
+    // from a synchronised start to the end of the last AdamW, their mean
+    auto run_mean = [&]() {
         int per_run = steps_per_run(steps);
-        std::vector<double> times;
+        if (cudaDeviceSynchronize() != cudaSuccess) fatal("bench_train: the step failed on the device");
+        double t0 = wall_seconds();
+        for (int i = 0; i < per_run; i++) step();
+        if (cudaDeviceSynchronize() != cudaSuccess) fatal("bench_train: the step failed on the device");
+        return (wall_seconds() - t0) / per_run;
+    };
+    auto median3 = [](std::vector<double> t) {
+        std::sort(t.begin(), t.end());
+        return t[1];
+    };
+    // every run of the defaults, here and beside each variant below: the step's time is their median
+    std::vector<double> all_defaults;
+    for (int r = 0; r < 3; r++) all_defaults.push_back(run_mean());
+    // The step with a variant (set(1) makes it, set(0) puts the defaults back), timed in turn with
+    // the defaults: three rounds of a run each way, the median of each way's runs, so that a drift
+    // of the card's clocks over the benchmark falls on both. Each way starts with an untimed step.
+    struct Pair { double variant, defaults; };
+    auto timed_beside = [&](const std::function<void(int)> &set) {
+        std::vector<double> variant, defaults;
         for (int r = 0; r < 3; r++) {
-            if (cudaDeviceSynchronize() != cudaSuccess) fatal("bench_train: the step failed on the device");
-            double t0 = wall_seconds();
-            for (int i = 0; i < per_run; i++) step();
-            if (cudaDeviceSynchronize() != cudaSuccess) fatal("bench_train: the step failed on the device");
-            times.push_back((wall_seconds() - t0) / per_run);
+            set(1);
+            step();
+            variant.push_back(run_mean());
+            set(0);
+            step();
+            defaults.push_back(run_mean());
+            all_defaults.push_back(defaults.back());
         }
-        std::sort(times.begin(), times.end());
-        return times[1];
+        return Pair{median3(variant), median3(defaults)};
     };
-    double median = median_step();
-    // the step with one of the model's switches the other way, timed beside (then put back)
-    auto median_flipped = [&](int &flag) {
+    // one of the model's switches the other way
+    auto flipped = [&](int &flag) {
         const int kept = flag;
-        flag = !kept;
-        step();
-        double t = median_step();
-        flag = kept;
-        return t;
+        return timed_beside([&](int on) { flag = on ? !kept : kept; });
     };
+    const Pair none = {0.0, 0.0};
     // the weight gradients' products on the other schedule (overlap_weight_grads)
     const int overlap = gpu->overlap_weight_grads;
-    double other_schedule = median_flipped(gpu->overlap_weight_grads);
+    Pair other_schedule = flipped(gpu->overlap_weight_grads);
     // the layers' norm-output gradients in the other precision (dnorm_bf16)
     const int dnorm_bf16 = gpu->dnorm_bf16;
-    double other_dnorm = median_flipped(gpu->dnorm_bf16);
+    Pair other_dnorm = flipped(gpu->dnorm_bf16);
     // the residual stream and its gradient in the other precision (residual_bf16)
     const int residual_bf16 = gpu->residual_bf16;
-    double other_residual = median_flipped(gpu->residual_bf16);
+    Pair other_residual = flipped(gpu->residual_bf16);
     // with a bf16 stream, the projections' residual add in the other place (residual_in_product)
     const int in_product = gpu->residual_in_product;
-    double other_add = residual_bf16 ? median_flipped(gpu->residual_in_product) : 0.0;
+    Pair other_add = residual_bf16 ? flipped(gpu->residual_in_product) : none;
     // Llama: RoPE's backward in the other place (rope_in_attention)
     const int rope_in_attention = gpu->rope_in_attention;
-    double other_rope = c.arch == ARCH_LLAMA ? median_flipped(gpu->rope_in_attention) : 0.0;
+    Pair other_rope = c.arch == ARCH_LLAMA ? flipped(gpu->rope_in_attention) : none;
     // Llama: RoPE's forward in the other place (rope_forward_in_attention)
     const int rope_forward_in_attention = gpu->rope_forward_in_attention;
-    double other_rope_forward = c.arch == ARCH_LLAMA ? median_flipped(gpu->rope_forward_in_attention) : 0.0;
+    Pair other_rope_forward = c.arch == ARCH_LLAMA ? flipped(gpu->rope_forward_in_attention) : none;
     // every gradient zeroed by zero_grad and added to by the products (grads_first_write 0)
-    double all_zeroed = median_flipped(gpu->grads_first_write);
+    Pair all_zeroed = flipped(gpu->grads_first_write);
     // AdamW on the main stream before the next forward instead of beside it (overlap_update)
     const int overlap_update = gpu->overlap_update;
-    double other_update = median_flipped(gpu->overlap_update);
+    Pair other_update = flipped(gpu->overlap_update);
     // the gradient norm from the whole gradient after the backward instead of the backward's
     // per-layer sums (norm_in_backward)
     const int norm_in_backward = gpu->norm_in_backward;
-    double other_norm = median_flipped(gpu->norm_in_backward);
+    Pair other_norm = flipped(gpu->norm_in_backward);
     // the flash forward's softmax reference following each row's max (rescaled at every move)
-    cuda_model_attention_eager_rescale(1);
-    step();
-    double eager_rescale = median_step();
-    cuda_model_attention_eager_rescale(0);
-    // the flash attention in the defaults' configuration instead of the tuned one, timed beside
-    cuda_model_attention_config(gpu, 0);
-    step();
-    double untuned = median_step();
-    cuda_model_attention_config(gpu, 1);
+    Pair eager_rescale = timed_beside([](int on) { cuda_model_attention_eager_rescale(on); });
+    // the flash attention in the defaults' configuration instead of the tuned one
+    Pair untuned = timed_beside([&](int on) { cuda_model_attention_config(gpu, !on); });
     // the attention's warpgroup (wgmma) kernels in all three passes, where they apply: the
     // backward's invariant operands in registers (1) or read from shared memory (2)
-    double wgmma[3] = {0.0, 0.0, 0.0};
+    Pair wgmma[3] = {none, none, none};
     for (int v = 1; v <= 2; v++)
         if (cuda_model_attention_wgmma(gpu, v)) {
-            step();
-            wgmma[v] = median_step();
             cuda_model_attention_config(gpu, 1);
+            wgmma[v] = timed_beside([&](int on) {
+                if (on) cuda_model_attention_wgmma(gpu, v);
+                else cuda_model_attention_config(gpu, 1);
+            });
         }
-    // the products in cuBLASLt's first choices instead of the tuned algorithms, timed beside
-    cuda_model_matmul_config(0);
-    step();
-    double first_choice = median_step();
-    cuda_model_matmul_config(1);
+    // the products in cuBLASLt's first choices instead of the tuned algorithms
+    Pair first_choice = timed_beside([](int on) { cuda_model_matmul_config(!on); });
+    std::sort(all_defaults.begin(), all_defaults.end());
+    const double median = all_defaults[all_defaults.size() / 2];
     double flops = model_flops_per_step(&c, B, T);
     double tok_s = N / median;
     printf("%-20s %6.1fM params  B=%d T=%d  %8.2f ms/step  %9.0f tok/s  %7.1f TFLOP/s", preset, cpu.num_parameters / 1e6, B, T,
@@ -147,44 +160,58 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     printf("  loss %.4f", gpu->mean_loss);
     if (target > 0) printf("  (target %.0fK tok/s: %s)", target / 1e3, tok_s >= target ? "met" : "NOT met");
     printf("\n");
-    printf("  with the weight gradients %s: %.2f ms/step, %.0f tok/s\n",
-           overlap ? "on the main stream (one stream)" : "on a second stream", other_schedule * 1e3, N / other_schedule);
-    printf("  with the layers' norm-output gradients in %s: %.2f ms/step, %.0f tok/s\n", dnorm_bf16 ? "fp32" : "bf16",
-           other_dnorm * 1e3, N / other_dnorm);
-    printf("  with the residual stream and its gradient in %s: %.2f ms/step, %.0f tok/s\n", residual_bf16 ? "fp32" : "bf16",
-           other_residual * 1e3, N / other_residual);
-    if (other_add > 0.0)
-        printf("  with the projections' residual add in the %s: %.2f ms/step, %.0f tok/s\n",
-               in_product ? "norm kernel" : "products' epilogue", other_add * 1e3, N / other_add);
-    if (other_rope > 0.0)
-        printf("  with RoPE's backward %s: %.2f ms/step, %.0f tok/s\n",
-               rope_in_attention ? "as its own kernel after the attention" : "in the attention's epilogue", other_rope * 1e3,
-               N / other_rope);
-    if (other_rope_forward > 0.0)
-        printf("  with RoPE's forward %s: %.2f ms/step, %.0f tok/s\n",
-               rope_forward_in_attention ? "as its own kernel on the queries and keys" : "on the queries in the attention's loads",
-               other_rope_forward * 1e3, N / other_rope_forward);
-    printf("  with every gradient zeroed and the weight matrices' products adding to them: %.2f ms/step, %.0f tok/s\n",
-           all_zeroed * 1e3, N / all_zeroed);
-    printf("  with AdamW %s: %.2f ms/step, %.0f tok/s\n",
-           overlap_update ? "before the next forward (not beside it)" : "beside the next forward", other_update * 1e3,
-           N / other_update);
-    printf("  with the gradient norm %s: %.2f ms/step, %.0f tok/s\n",
-           norm_in_backward ? "read from the whole gradient after the backward" : "summed layer by layer in the backward",
-           other_norm * 1e3, N / other_norm);
-    printf("  with the attention forward's softmax rescaled at every move of a row's max: %.2f ms/step, %.0f tok/s\n",
-           eager_rescale * 1e3, N / eager_rescale);
-    printf("  attention: %s\n", gpu->attention_tuning);
-    printf("  with the attention's default configuration: %.2f ms/step, %.0f tok/s\n", untuned * 1e3, N / untuned);
-    if (wgmma[1] > 0.0)
-        printf("  with the attention's warpgroup (wgmma) kernels: %.2f ms/step, %.0f tok/s (backward operands in registers); "
-               "%.2f ms/step, %.0f tok/s (from shared memory)\n", wgmma[1] * 1e3, N / wgmma[1], wgmma[2] * 1e3, N / wgmma[2]);
-    else
+    // "X ms/step, Y tok/s (the defaults beside it: Z ms)"
+    auto beside = [&](const Pair &t) {
+        printf("%.2f ms/step, %.0f tok/s (the defaults beside it: %.2f ms)", t.variant * 1e3, N / t.variant, t.defaults * 1e3);
+    };
+    printf("  with the weight gradients %s: ", overlap ? "on the main stream (one stream)" : "on a second stream");
+    beside(other_schedule);
+    printf("\n  with the layers' norm-output gradients in %s: ", dnorm_bf16 ? "fp32" : "bf16");
+    beside(other_dnorm);
+    printf("\n  with the residual stream and its gradient in %s: ", residual_bf16 ? "fp32" : "bf16");
+    beside(other_residual);
+    if (other_add.variant > 0.0) {
+        printf("\n  with the projections' residual add in the %s: ", in_product ? "norm kernel" : "products' epilogue");
+        beside(other_add);
+    }
+    if (other_rope.variant > 0.0) {
+        printf("\n  with RoPE's backward %s: ",
+               rope_in_attention ? "as its own kernel after the attention" : "in the attention's epilogue");
+        beside(other_rope);
+    }
+    if (other_rope_forward.variant > 0.0) {
+        printf("\n  with RoPE's forward %s: ",
+               rope_forward_in_attention ? "as its own kernel on the queries and keys" : "on the queries in the attention's loads");
+        beside(other_rope_forward);
+    }
+    printf("\n  with every gradient zeroed and the weight matrices' products adding to them: ");
+    beside(all_zeroed);
+    printf("\n  with AdamW %s: ", overlap_update ? "before the next forward (not beside it)" : "beside the next forward");
+    beside(other_update);
+    printf("\n  with the gradient norm %s: ",
+           norm_in_backward ? "read from the whole gradient after the backward" : "summed layer by layer in the backward");
+    beside(other_norm);
+    printf("\n  with the attention forward's softmax rescaled at every move of a row's max: ");
+    beside(eager_rescale);
+    printf("\n  attention: %s\n", gpu->attention_tuning);
+    printf("  with the attention's default configuration: ");
+    beside(untuned);
+    printf("\n");
+    if (wgmma[1].variant > 0.0) {
+        printf("  with the attention's warpgroup (wgmma) kernels, the backward's operands in registers: ");
+        beside(wgmma[1]);
+        printf("\n  with them reading the backward's operands from shared memory: ");
+        beside(wgmma[2]);
+        printf("\n");
+    } else {
         printf("  the attention's warpgroup (wgmma) kernels not run (head size, no sm_90a code for the device, or "
                "TRAIN_MORA_FLASH_WGMMA not 1)\n");
+    }
     printf("  products: %s\n", gpu->matmul_tuning);
     cuda_model_matmul_tuning_print(gpu, stdout);
-    printf("  with cuBLASLt's first choices: %.2f ms/step, %.0f tok/s\n", first_choice * 1e3, N / first_choice);
+    printf("  with cuBLASLt's first choices: ");
+    beside(first_choice);
+    printf("\n");
     gpu->profile = 1;
     for (int i = 0; i < 2; i++) step();
     printf("  per-kernel time (profiled run, CUDA events around each launch group):\n");
@@ -206,8 +233,8 @@ int main(int argc, char **argv) {
     double peak = cuda_device_bf16_peak_flops();
     const char *env = getenv("BF16_PEAK_TFLOPS");
     if (env) peak = atof(env) * 1e12;
-    printf("GPU training step (forward + backward + grad norm + AdamW), steps back to back, the median of 3 runs of %d, on %s",
-           steps_per_run(steps), device);
+    printf("GPU training step (forward + backward + grad norm + AdamW), steps back to back, the median of the defaults' runs "
+           "of %d, on %s", steps_per_run(steps), device);
     if (peak > 0) printf(", bf16 peak %.0f TFLOP/s\n", peak / 1e12);
     else printf(", bf16 peak unknown (set BF16_PEAK_TFLOPS for MFU)\n");
     if (argc > 2) {   // one model (for a profiler run)
