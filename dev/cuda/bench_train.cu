@@ -32,6 +32,7 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <algorithm>
 #include <functional>
 #include <vector>
@@ -40,6 +41,9 @@ extern "C" {
 #include "rand.h"
 }
 #include "model_cuda.h"
+
+// The issue's targets are set on an H100: on another card the verdict says it is this card's.
+static bool device_is_h100 = false;
 
 // The steps in each timed run (run_mean), for `steps` steps in three runs (at least 3 a run).
 static int steps_per_run(int steps) { return steps / 3 < 3 ? 3 : steps / 3; }
@@ -158,7 +162,9 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
            median * 1e3, tok_s, flops / median / 1e12);
     if (peak > 0) printf("  MFU %5.1f%%", 100.0 * flops / median / peak);
     printf("  loss %.4f", gpu->mean_loss);
-    if (target > 0) printf("  (target %.0fK tok/s: %s)", target / 1e3, tok_s >= target ? "met" : "NOT met");
+    if (target > 0)
+        printf("  (target %.0fK tok/s, set on an H100: %s%s)", target / 1e3, tok_s >= target ? "met" : "NOT met",
+               device_is_h100 ? "" : " on this card");
     printf("\n");
     // "X ms/step, Y tok/s (the defaults beside it: Z ms)"
     auto beside = [&](const Pair &t) {
@@ -230,6 +236,7 @@ int main(int argc, char **argv) {
     }
     char device[256];
     cuda_device_describe(device, sizeof(device));
+    device_is_h100 = strstr(device, "H100") != NULL;
     double peak = cuda_device_bf16_peak_flops();
     const char *env = getenv("BF16_PEAK_TFLOPS");
     if (env) peak = atof(env) * 1e12;
