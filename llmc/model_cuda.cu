@@ -908,9 +908,6 @@ static void layer_norm_backward(CudaModel *model, float *dweight, float *dbias, 
         stream_norm_backward(d, dweight, dbias, dres_colsum, (const float *)d->dnorm, inp, weight, mean, rstd, N, C, gpt2);
 }
 
-// Everything after the classifier's gradient: the logits' gradient (when have_dlogits) and
-// dhidden_host (when given) flow down to the parameter gradients.
-//
 // norm_in_backward: grad_sums' partials for layer l (its slices of the stacked tensors; l = L:
 // the tensors not stacked) queued on `stream`, once their gradients are complete there.
 static void queue_grad_sums(CudaModel *model, int l, cudaStream_t stream) {
@@ -928,6 +925,9 @@ static void queue_grad_sums(CudaModel *model, int l, cudaStream_t stream) {
     global_norm_pieces(d->grad_sums + (size_t)l * GLOBAL_NORM_PIECE_BLOCKS, &pieces, stream);
 }
 
+// Everything after the classifier's gradient: the logits' gradient (when have_dlogits) and
+// dhidden_host (when given) flow down to the parameter gradients.
+//
 // With overlap_weight_grads the weight-gradient products run on the side stream, each after the
 // main stream has produced its dout, and the main stream waits for the side stream to have read
 // a buffer before it overwrites it: dresidual_bf16 (fcproj, attproj: rewritten by the next norm
