@@ -354,8 +354,8 @@ norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const T
 //   dout * norm  (dweight),  dout  (dbias, LayerNorm),  the updated dres  (colsum)
 // into its own slice of shared memory, one C-wide section for each wanted sum (want_b: a bias
 // gradient, want_col: the column sums; the weight's always). At the end the block adds its warps'
-// slices in warp order and writes them as row `block` of partial (blocks, 3 * C) (the three sums
-// side by side, the unwanted ones unwritten) for column_partials_reduce3. colsum is the bias
+// slices in warp order and writes them as row `block` of partial (blocks, sections * C) (the
+// wanted sums side by side, in that order) for norm_backward_reduce. colsum is the bias
 // gradient of the projection whose output this residual gradient is. An RMSNorm without a
 // projection bias before it (Llama) moves and holds a third of the shared memory. Fewer rows a
 // block were slower on an H100 (SmolLM2's norm, N = 16384: 0.041 ms at 32 rows, 0.044 at 16,
@@ -437,13 +437,11 @@ norm_backward_fused_kernel(TR *dres, floatX *dres_bf16, float *partial, const TD
         }
     }
     __syncthreads();
-    float *partial_row = partial + (size_t)blockIdx.x * 3 * C;
+    float *partial_row = partial + (size_t)blockIdx.x * sections * C;
     for (int j = threadIdx.x; j < sections * C; j += blockDim.x) {
         float sum = 0.0f;
         for (int k = 0; k < NORM_BWD_WARPS; k++) sum += acc[(size_t)k * sections * C + j];
-        // section 1 is dbias when wanted, else colsum (section 2 of the partial row)
-        int to = j < C || want_b ? j : j + C;
-        partial_row[to] = sum;
+        partial_row[j] = sum;
     }
 }
 
@@ -474,37 +472,65 @@ static inline void norm_backward_split(TR *dres, floatX *dres_bf16, float *dweig
     if (dres_colsum) column_sums_add<TR>(dres_colsum, dres, scratch, N, C, stream);
 }
 
+// The fused backward in two halves, which may run on two streams (the model queues the second
+// on its side stream, off the path to the next product): norm_backward_partials launches the
+// kernel, which updates dres (and dres_bf16) and writes the partial sums of the wanted gradients
+// (want_b: dbias, want_col: dres_colsum; dweight always) to partial, norm_backward_partial_floats
+// of them; norm_backward_reduce then adds them into the gradients, the same sums in the same
+// order as norm_backward_fused.
+static inline size_t norm_backward_partial_floats(int N, int C, int want_b, int want_col) {
+    return (size_t)norm_backward_blocks(N) * (1 + want_b + want_col) * C;
+}
 template <typename TD, typename TR>
-static inline void norm_backward_fused(TR *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
-                                       const TD *dout, const TR *inp, const floatX *weight,
-                                       const float *mean, const float *rstd, float *scratch,
-                                       int N, int C, int is_layernorm, cudaStream_t stream) {
-    cudaRequire(C <= NORM_VEC_MAX_WIDTH, "norm_backward_fused: C too large for a warp's registers");
+static inline void norm_backward_partials(TR *dres, floatX *dres_bf16, float *partial, int want_b, int want_col,
+                                          const TD *dout, const TR *inp, const floatX *weight,
+                                          const float *mean, const float *rstd, int N, int C, int is_layernorm,
+                                          cudaStream_t stream) {
+    cudaRequire(C <= NORM_VEC_MAX_WIDTH, "norm_backward_partials: C too large for a warp's registers");
+    cudaRequire(!is_layernorm || mean != NULL, "norm_backward_partials: LayerNorm needs mean");
+    want_b = want_b != 0;
+    want_col = want_col != 0;
     int blocks = norm_backward_blocks(N);
-    int want_b = dbias != NULL, want_col = dres_colsum != NULL;
     size_t smem = norm_backward_smem(C, 1 + want_b + want_col);
     int vec = norm_vector_width(C, inp, dres, dres_bf16, weight, dout);
     int pieces = ceil_div(C, 32 * vec);   // per lane
     if (vec == 4 && pieces <= 2)
         norm_backward_fused_kernel<4, 2, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
+            dres, dres_bf16, partial, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     else if (vec == 4 && pieces <= 4)
         norm_backward_fused_kernel<4, 4, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
+            dres, dres_bf16, partial, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     else if (vec == 4 && pieces <= 6)
         norm_backward_fused_kernel<4, 6, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
+            dres, dres_bf16, partial, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     else if (vec == 4)
         norm_backward_fused_kernel<4, 8, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
+            dres, dres_bf16, partial, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     else if (vec == 2)
         norm_backward_fused_kernel<2, 16, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
+            dres, dres_bf16, partial, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     else
         norm_backward_fused_kernel<1, 32, TD, TR><<<blocks, NORM_BWD_WARPS * 32, smem, stream>>>(
-            dres, dres_bf16, scratch, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
+            dres, dres_bf16, partial, dout, inp, weight, mean, rstd, N, C, is_layernorm, want_b, want_col);
     cudaCheckLaunch();
-    column_partials_reduce3(dweight, dbias, dres_colsum, scratch, blocks, C, 3, stream);
+}
+// dweight (C) += the partials' first section, dbias and dres_colsum (each may be NULL) the next,
+// for the partials norm_backward_partials wrote for N rows of C with want_b = dbias != NULL and
+// want_col = dres_colsum != NULL.
+static inline void norm_backward_reduce(float *dweight, float *dbias, float *dres_colsum, const float *partial, int N, int C,
+                                        cudaStream_t stream) {
+    int sections = 1 + (dbias != NULL) + (dres_colsum != NULL);
+    column_partials_reduce3(dweight, dbias ? dbias : dres_colsum, dbias ? dres_colsum : NULL, partial, norm_backward_blocks(N),
+                            C, sections, stream);
+}
+template <typename TD, typename TR>
+static inline void norm_backward_fused(TR *dres, floatX *dres_bf16, float *dweight, float *dbias, float *dres_colsum,
+                                       const TD *dout, const TR *inp, const floatX *weight,
+                                       const float *mean, const float *rstd, float *scratch,
+                                       int N, int C, int is_layernorm, cudaStream_t stream) {
+    norm_backward_partials(dres, dres_bf16, scratch, dbias != NULL, dres_colsum != NULL, dout, inp, weight, mean, rstd, N, C,
+                           is_layernorm, stream);
+    norm_backward_reduce(dweight, dbias, dres_colsum, scratch, N, C, stream);
 }
 
 // Full norm backward: dres (N, C) += dinp (and dres_bf16 = bf16(dres), may be NULL),

@@ -91,6 +91,10 @@ static const char *const prof_names[PROF_COUNT] = {
     "norm bwd", "encoder bwd", "grad norm", "adamw",
 };
 #define PROF_MAX_EVENTS 8192
+// sums_aside: the norm backwards' partial-sum buffers, written in turn (one may be read by the
+// side stream while the main stream writes the other; the main stream's wait for the side stream
+// to have read dresidual before each layer norm's backward already keeps it no further behind)
+#define NORM_ASIDE_SLOTS 2
 
 // ---------------------------------------------------------------------------------------------
 // device state
@@ -161,6 +165,14 @@ typedef struct {
     float *att_D;                          // (B, NH, T) attention backward scratch
     float *dhidden;                        // (N, C)
     float *column_scratch;                 // the column sums' and the norm backward's partials
+    float *side_scratch;                   // the column sums' partials on the side stream (sums_aside)
+    // sums_aside: the norm backwards' partial sums, a ring of NORM_ASIDE_SLOTS buffers of
+    // norm_aside_floats each that the side stream reduces; norm_aside_free[s] is recorded there
+    // once slot s has been read, for the main stream to wait on before it writes the slot again
+    float *norm_aside;
+    size_t norm_aside_floats;
+    cudaEvent_t norm_aside_free[NORM_ASIDE_SLOTS];
+    int norm_aside_next;
     float *norm_partial;                   // GLOBAL_NORM_BLOCKS
     // norm_in_backward: the squared gradient norm's partials, GLOBAL_NORM_PIECE_BLOCKS for each
     // layer and then the rest (the tensors not stacked over the layers), (L + 1) of them;
@@ -331,6 +343,7 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     model->rope_forward_in_attention = env_flag("TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION", 0);
     model->overlap_update = env_switch("TRAIN_MORA_OVERLAP_UPDATE");
     model->norm_in_backward = env_switch("TRAIN_MORA_NORM_IN_BACKWARD");
+    model->sums_aside = env_switch("TRAIN_MORA_SUMS_ASIDE");
     model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
@@ -438,6 +451,11 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     if (FC > widest) widest = FC;
     size_t scratch_floats = (size_t)column_chunks((int)N) * widest, norm_floats = norm_backward_scratch_floats((int)N, C);
     d->column_scratch = (float *)activation_alloc(d, (scratch_floats > norm_floats ? scratch_floats : norm_floats) * sizeof(float));
+    d->side_scratch = (float *)activation_alloc(d, scratch_floats * sizeof(float));
+    d->norm_aside_floats = norm_backward_partial_floats((int)N, C, 1, 1);
+    d->norm_aside = (float *)activation_alloc(d, NORM_ASIDE_SLOTS * d->norm_aside_floats * sizeof(float));
+    for (int s = 0; s < NORM_ASIDE_SLOTS; s++) cudaCheck(cudaEventCreateWithFlags(&d->norm_aside_free[s], cudaEventDisableTiming));
+    d->norm_aside_next = 0;
     d->norm_partial = (float *)device_alloc(d, GLOBAL_NORM_BLOCKS * sizeof(float));
     d->grad_sums = (float *)device_alloc(d, (L + 1) * GLOBAL_NORM_PIECE_BLOCKS * sizeof(float));
     d->norm_result = (float *)device_alloc(d, sizeof(float));
@@ -480,6 +498,7 @@ extern "C" void cuda_model_free(CudaModel *model) {
                             d->update_fork, d->zero_done};
     for (cudaEvent_t ev : events) cudaCheck(cudaEventDestroy(ev));
     for (int g = 0; g < d->update_groups; g++) cudaCheck(cudaEventDestroy(d->update_done[g]));
+    for (int s = 0; s < NORM_ASIDE_SLOTS; s++) cudaCheck(cudaEventDestroy(d->norm_aside_free[s]));
     free(d->update_done);
     cudaCheck(cudaStreamDestroy(d->side));
     cudaCheck(cudaStreamDestroy(d->stream));
@@ -619,10 +638,29 @@ static void stream_norm_forward(const Impl *d, void *res_out, floatX *out, float
 }
 // norm_backward into the stream's gradient from dout (TD: fp32 or bf16) at the norm's output,
 // inp the norm's input (a stream buffer): dresidual (fp32) and its bf16 copy dresidual_bf16, or
-// with a bf16 stream dresidual_bf16 alone.
+// with a bf16 stream dresidual_bf16 alone. With `aside` (sums_aside, with the side stream
+// in use) the column sums are finished on the side stream from a slot of the norm_aside ring.
 template <typename TD>
-static void stream_norm_backward(Impl *d, float *dweight, float *dbias, float *dres_colsum, const TD *dout, const void *inp,
-                                 const floatX *weight, const float *mean, const float *rstd, int N, int C, int is_layernorm) {
+static void stream_norm_backward(Impl *d, int aside, float *dweight, float *dbias, float *dres_colsum, const TD *dout,
+                                 const void *inp, const floatX *weight, const float *mean, const float *rstd, int N, int C,
+                                 int is_layernorm) {
+    if (aside && C <= NORM_VEC_MAX_WIDTH) {
+        int slot = d->norm_aside_next;
+        d->norm_aside_next = (slot + 1) % NORM_ASIDE_SLOTS;
+        float *partial = d->norm_aside + (size_t)slot * d->norm_aside_floats;
+        cudaCheck(cudaStreamWaitEvent(d->stream, d->norm_aside_free[slot], 0));   // the side stream has read the slot
+        if (d->stream_bf16)
+            norm_backward_partials(d->dresidual_bf16, (floatX *)NULL, partial, dbias != NULL, dres_colsum != NULL, dout,
+                                   (const floatX *)inp, weight, mean, rstd, N, C, is_layernorm, d->stream);
+        else
+            norm_backward_partials(d->dresidual, d->dresidual_bf16, partial, dbias != NULL, dres_colsum != NULL, dout,
+                                   (const float *)inp, weight, mean, rstd, N, C, is_layernorm, d->stream);
+        cudaCheck(cudaEventRecord(d->side_fork, d->stream));
+        cudaCheck(cudaStreamWaitEvent(d->side, d->side_fork, 0));
+        norm_backward_reduce(dweight, dbias, dres_colsum, partial, N, C, d->side);
+        cudaCheck(cudaEventRecord(d->norm_aside_free[slot], d->side));
+        return;
+    }
     if (d->stream_bf16)
         norm_backward(d->dresidual_bf16, (floatX *)NULL, dweight, dbias, dres_colsum, dout, (const floatX *)inp, weight, mean,
                       rstd, d->column_scratch, N, C, is_layernorm, d->stream);
@@ -876,8 +914,9 @@ static void side_mark(Impl *d, cudaEvent_t read) { cudaCheck(cudaEventRecord(rea
 static void main_wait(Impl *d, cudaEvent_t read) { cudaCheck(cudaStreamWaitEvent(d->stream, read, 0)); }
 
 // One product's backward: dinp (and dbias) on the main stream, dweight there too or, with
-// overlap, on the side stream (then `read` marks when it has read dout). dinp_is_f32 etc. as
-// matmul_backward; accumulate 0 writes dweight instead of adding to it.
+// overlap, on the side stream (then `read` marks when it has read dout), and with sums_aside
+// dbias there as well, after dweight. dinp_is_f32 etc. as matmul_backward; accumulate 0 writes
+// dweight instead of adding to it.
 static void product_backward(CudaModel *model, int overlap, cudaEvent_t read, void *dinp, int dinp_is_f32, float *dweight,
                              float *dbias, const floatX *dout, const float *dbias_source, const floatX *inp,
                              const floatX *weight, int M, int IC, int OC, int accumulate = 1) {
@@ -888,8 +927,12 @@ static void product_backward(CudaModel *model, int overlap, cudaEvent_t read, vo
         return;
     }
     side_product(d, dweight, dout, inp, M, IC, OC, accumulate);
+    const int bias_aside = dbias != NULL && model->sums_aside;
+    if (bias_aside)   // the side stream's own scratch: its column sums run one after another
+        matmul_backward(NULL, 0, NULL, dbias, dout, dbias_source, inp, NULL, d->side_scratch, M, IC, OC, d->side);
     side_mark(d, read);
-    matmul_backward(dinp, dinp_is_f32, NULL, dbias, dout, dbias_source, inp, weight, d->column_scratch, M, IC, OC, d->stream);
+    matmul_backward(dinp, dinp_is_f32, NULL, bias_aside ? NULL : dbias, dout, dbias_source, inp, weight, d->column_scratch, M, IC,
+                    OC, d->stream);
 }
 
 // A layer's norm backward from the gradient at its output, which the product that read the norm's
@@ -899,13 +942,15 @@ static void *layer_dnorm(CudaModel *model) {
     Impl *d = impl_of(model);
     return model->dnorm_bf16 ? (void *)d->dnorm_bf16 : (void *)d->dnorm;
 }
-static void layer_norm_backward(CudaModel *model, float *dweight, float *dbias, float *dres_colsum, const void *inp,
+static void layer_norm_backward(CudaModel *model, int aside, float *dweight, float *dbias, float *dres_colsum, const void *inp,
                                 const floatX *weight, const float *mean, const float *rstd, int N, int C, int gpt2) {
     Impl *d = impl_of(model);
     if (model->dnorm_bf16)
-        stream_norm_backward(d, dweight, dbias, dres_colsum, (const floatX *)d->dnorm_bf16, inp, weight, mean, rstd, N, C, gpt2);
+        stream_norm_backward(d, aside, dweight, dbias, dres_colsum, (const floatX *)d->dnorm_bf16, inp, weight, mean, rstd, N,
+                             C, gpt2);
     else
-        stream_norm_backward(d, dweight, dbias, dres_colsum, (const float *)d->dnorm, inp, weight, mean, rstd, N, C, gpt2);
+        stream_norm_backward(d, aside, dweight, dbias, dres_colsum, (const float *)d->dnorm, inp, weight, mean, rstd, N, C,
+                             gpt2);
 }
 
 // norm_in_backward: grad_sums' partials for layer l (its slices of the stacked tensors; l = L:
@@ -937,7 +982,9 @@ static void queue_grad_sums(CudaModel *model, int l, cudaStream_t stream) {
 // stream waits for the whole side stream before that. With norm_in_backward the side stream also
 // sums the squares of each layer's gradients once the main stream has written that layer's last
 // (its norms' and biases', at the end of the layer's backward), and the main stream those of
-// the rest after the encoder backward (queue_grad_sums).
+// the rest after the encoder backward (queue_grad_sums). With sums_aside it finishes the column
+// sums as well: each norm backward's partials (stream_norm_backward) and the products' bias
+// gradients (product_backward), so that the main stream goes from kernel to kernel of the chain.
 static void backward_from_logits(CudaModel *model, int have_dlogits, const float *dhidden_host) {
     const ModelConfig *c = &model->config;
     Impl *d = impl_of(model);
@@ -951,6 +998,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     update_settle(model);   // zero_grad's memsets behind a queued update are done
     int ov = model->overlap_weight_grads && !model->profile;
     const int sums = ov && model->norm_in_backward && !d->sharded;
+    const int aside = ov && model->sums_aside;
     d->grad_sums_ready = 0;
     // the layers' weight matrices' gradients: written by their products when zero_grad left them
     // unwritten (grads_unwritten), else added to
@@ -976,7 +1024,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
     else cudaCheck(cudaMemsetAsync(d->dresidual, 0, NC * sizeof(float), st));
     prof_begin(model, PROF_NORM_BWD);
     // the residual gradient's column sums are the last fcproj's bias gradient
-    stream_norm_backward(d, weight_grad(model, P_LNFW, 0), weight_grad(model, P_LNFB, 0), weight_grad(model, P_FCPROJB, L - 1),
+    stream_norm_backward(d, aside, weight_grad(model, P_LNFW, 0), weight_grad(model, P_LNFB, 0), weight_grad(model, P_FCPROJB, L - 1),
                          (const float *)d->dnorm, stream_at(d, d->residual3, (size_t)(L - 1) * NC), weight_bf16(model, P_LNFW, 0),
                          gpt2 ? d->lnf_mean : NULL, d->lnf_rstd, N, C, gpt2);
     prof_end(model);
@@ -1010,7 +1058,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         prof_end(model);
         prof_begin(model, PROF_NORM_BWD);
         if (ov) main_wait(d, d->side_read_dres);   // fcproj's dweight has read dresidual_bf16
-        layer_norm_backward(model, weight_grad(model, P_LN2W, l), weight_grad(model, P_LN2B, l), weight_grad(model, P_ATTPROJB, l),
+        layer_norm_backward(model, aside, weight_grad(model, P_LN2W, l), weight_grad(model, P_LN2B, l), weight_grad(model, P_ATTPROJB, l),
                             residual2, weight_bf16(model, P_LN2W, l), gpt2 ? d->ln2_mean + (size_t)l * N : NULL,
                             d->ln2_rstd + (size_t)l * N, N, C, gpt2);
         prof_end(model);
@@ -1041,7 +1089,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
         prof_end(model);
         prof_begin(model, PROF_NORM_BWD);
         if (ov) main_wait(d, d->side_read_dres);   // attproj's dweight has read dresidual_bf16
-        layer_norm_backward(model, weight_grad(model, P_LN1W, l), weight_grad(model, P_LN1B, l),
+        layer_norm_backward(model, aside, weight_grad(model, P_LN1W, l), weight_grad(model, P_LN1B, l),
                             l > 0 ? weight_grad(model, P_FCPROJB, l - 1) : NULL, residual, weight_bf16(model, P_LN1W, l),
                             gpt2 ? d->ln1_mean + (size_t)l * N : NULL, d->ln1_rstd + (size_t)l * N, N, C, gpt2);
         prof_end(model);

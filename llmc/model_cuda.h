@@ -63,6 +63,14 @@ typedef struct CudaModel {
     // all but the last (their sums would go unread). 0: grad_norm reads the whole gradient
     // (TRAIN_MORA_NORM_IN_BACKWARD=0 at creation). The same norm up to the order of the float sums.
     int norm_in_backward;
+    // 1 (default): with the weight gradients on the second stream (overlap_weight_grads), the
+    // backward's column sums are finished there, off the main stream's path: each norm
+    // backward's (its weight's and a bias's gradient: the norm kernel on the main stream leaves
+    // its blocks' partial sums in one of a ring of buffers and the side stream adds them up) and
+    // the products' bias gradients (the column sums of the product's output gradient, after its
+    // weight gradient there). 0: on the main stream (TRAIN_MORA_SUMS_ASIDE=0 at creation).
+    // Same sums, same bits.
+    int sums_aside;
     // 1 (default): the gradient at each layer's norm outputs (the input gradient of the qkv and
     // MLP up products, which the norm backward reads) is bf16, as the other activation gradients
     // are: 2 bytes an element less written by the product and 2 less read by the memory-bound

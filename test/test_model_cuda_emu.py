@@ -263,7 +263,8 @@ def test_model_gpu_on_the_emulated_gpu(emulators):
         assert re.search(rf"PASS {re.escape(label)}.* fp32 residual stream step all grads", out), label
         assert re.search(rf"PASS {re.escape(label)}.* residual add in the norm kernel step all grads", out), label
         assert re.search(rf"PASS {re.escape(label)}.* fp32 norm-output gradients step all grads", out), label
-        assert re.search(rf"PASS {re.escape(label)}.* overlapped step other grads +0 of", out), label
+        for where in ("aside", "on main"):
+            assert re.search(rf"PASS {re.escape(label)}.* overlapped step, column sums {where} other grads +0 of", out), label
         for when in ("one step", "two steps, the second with the sums", "zero_grad after them"):
             assert re.search(rf"PASS {re.escape(label)}.* grad norm from the backward's sums, {when} ", out), (label, when)
     for label in ("llama:tiny", "qwen2-style tiny", flash[1]):
@@ -283,6 +284,7 @@ def test_model_gpu_on_the_emulated_gpu(emulators):
     ("TRAIN_MORA_OVERLAP_UPDATE", "yes", "expected 0 or 1"),
     ("TRAIN_MORA_ROPE_IN_ATTENTION", "2", "expected 0 or 1"),
     ("TRAIN_MORA_NORM_IN_BACKWARD", "on", "expected 0 or 1"),
+    ("TRAIN_MORA_SUMS_ASIDE", "2", "expected 0 or 1"),
 ])
 def test_model_switches_from_the_environment_refused(emulators, name, value, message):
     """A model switch or count in the environment that is not one its variable takes stops the first

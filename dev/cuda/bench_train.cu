@@ -19,7 +19,9 @@
  * (or the reverse under TRAIN_MORA_ROPE_FORWARD_IN_ATTENTION=1), with AdamW before the next
  * forward instead of beside it (or the reverse under TRAIN_MORA_OVERLAP_UPDATE=0), with the
  * gradient norm read from the whole gradient after the backward instead of summed layer by layer
- * in it (or the reverse under TRAIN_MORA_NORM_IN_BACKWARD=0), with
+ * in it (or the reverse under TRAIN_MORA_NORM_IN_BACKWARD=0), with the backward's column sums
+ * (the norms' and the products' biases' gradients) finished on the main stream instead of the
+ * second (or the reverse under TRAIN_MORA_SUMS_ASIDE=0), with
  * zero_grad zeroing every gradient for the products to add to (instead of the first backward's
  * products writing the weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
  * max (instead of a reference that trails it), and with the flash
@@ -137,6 +139,10 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     // per-layer sums (norm_in_backward)
     const int norm_in_backward = gpu->norm_in_backward;
     Pair other_norm = flipped(gpu->norm_in_backward);
+    // the backward's column sums (the norms' and the products' biases' gradients) finished on
+    // the main stream instead of the second (sums_aside)
+    const int sums_aside = gpu->sums_aside;
+    Pair other_norm_reduce = flipped(gpu->sums_aside);
     // the flash forward's softmax reference following each row's max (rescaled at every move)
     Pair eager_rescale = timed_beside([](int on) { cuda_model_attention_eager_rescale(on); });
     // the flash attention in the defaults' configuration instead of the tuned one
@@ -197,6 +203,8 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     printf("\n  with the gradient norm %s: ",
            norm_in_backward ? "read from the whole gradient after the backward" : "summed layer by layer in the backward");
     beside(other_norm);
+    printf("\n  with the backward's column sums (norms, biases) finished on the %s stream: ", sums_aside ? "main" : "second");
+    beside(other_norm_reduce);
     printf("\n  with the attention forward's softmax rescaled at every move of a row's max: ");
     beside(eager_rescale);
     printf("\n  attention: %s\n", gpu->attention_tuning);

@@ -213,6 +213,9 @@ int main(void) {
         // the sums the model asks for: GPT-2's norms the column sums (a projection bias before them), SmolLM2's none
         float *col_or_null = is_layernorm ? col : NULL;
         float bwd_fused_stream16 = time_ms([&] { norm_backward_fused(dres16, (floatX *)NULL, dw, db_or_null, col_or_null, dout_bf16, x16, w, mean_or_null, rstd, scratch, N, C, is_layernorm, 0); });
+        // the same without its reduction of the partial sums, which the model queues on its
+        // second stream (sums_aside): what that takes off the main stream's path
+        float bwd_partials_stream16 = time_ms([&] { norm_backward_partials(dres16, (floatX *)NULL, scratch, is_layernorm, is_layernorm, dout_bf16, x16, w, mean_or_null, rstd, N, C, is_layernorm, 0); });
         // bytes each must move: forward reads res (fp32) and branch, writes the sum and the output;
         // backward reads dout, the input and dres, writes dres and its bf16 copy
         double fwd_bytes = NC * (4 + 2 + 4 + 2), bwd_bytes = NC * (4 + 4 + 4 + 4 + 2);
@@ -228,6 +231,9 @@ int main(void) {
                "fused backward with bf16 dout and the model's sums %.3f ms (%.0f GB/s; fp32 stream, all sums %.3f ms)\n",
                kind, N, C, fwd_vec16, 8.0 * NC / fwd_vec16 / 1e6, fwd_vec, bwd_fused_stream16, 8.0 * NC / bwd_fused_stream16 / 1e6,
                bwd_fused16);
+        printf("time %s N=%d C=%d: bf16 stream: the fused backward's kernel alone (its partial sums reduced elsewhere) %.3f ms "
+               "(%.0f GB/s): %.4f ms less on the main stream\n",
+               kind, N, C, bwd_partials_stream16, 8.0 * NC / bwd_partials_stream16 / 1e6, bwd_fused_stream16 - bwd_partials_stream16);
         for (void *p : {(void *)res16, (void *)x16, (void *)dres16}) cudaCheck(cudaFree(p));
         // a decode step's norm: one row per sequence
         for (int rows : {64, 256}) {

@@ -10,8 +10,9 @@
  *   2. the fused training step (forward_backward, the classifier's gradient in the forward)
  *      against the CPU's forward + model_backward; two steps after one zero_grad against twice
  *      its gradients, and zero_grad alone against 0; the same step on the second stream (bit for
- *      bit), with the layers' norm-output gradients in fp32 instead of bf16, with the residual
- *      stream and its gradient in fp32 instead of bf16, with the projections' residual add in
+ *      bit), with the column sums (the norms' and the products' biases' gradients) finished on
+ *      either stream; with the layers' norm-output gradients in fp32 instead of bf16, with the
+ *      residual stream and its gradient in fp32 instead of bf16, with the projections' residual add in
  *      the norm kernel instead of the products' epilogue, for Llama with RoPE's backward in the
  *      attention's epilogue instead of after it and its forward in the attention's loads instead
  *      of before it (bit for bit), and with the attention's warpgroup kernels where they apply;
@@ -203,15 +204,21 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
 
     // the same step with the weight gradients' products on the second stream: the same products
     // in a different schedule, so every gradient is the same bit for bit, except the embeddings',
-    // whose encoder backward adds atomically (their last bits may differ between any two runs)
+    // whose encoder backward adds atomically (their last bits may differ between any two runs);
+    // the column sums (the norms' weights and biases, the products' biases) finished on the
+    // second stream (sums_aside) and on the first
     std::vector<float> overlapped(cpu.num_parameters);
     gpu->overlap_weight_grads = 1;
-    cuda_model_poison(gpu);
-    cuda_model_zero_grad(gpu);
-    cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
-    cuda_model_copy_grads(gpu, overlapped.data());
+    for (int k = 0; k < 2; k++) {
+        gpu->sums_aside = !gpu->sums_aside;
+        cuda_model_poison(gpu);
+        cuda_model_zero_grad(gpu);
+        cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+        cuda_model_copy_grads(gpu, overlapped.data());
+        check_same_grads(label, gpu->sums_aside ? "overlapped step, column sums aside" : "overlapped step, column sums on main",
+                         "the one-stream step", cpu, overlapped, grads);
+    }
     gpu->overlap_weight_grads = 0;
-    check_same_grads(label, "overlapped step", "the one-stream step", cpu, overlapped, grads);
 
     // the gradient norm from the sums the backward makes as it completes each layer
     // (norm_in_backward, with the products on the second stream) against the gradient it leaves,
