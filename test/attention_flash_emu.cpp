@@ -16,7 +16,10 @@
  *     all lanes' registers by the PTX fragment layout, D = A B + C in fp32;
  *   - wgmma.m64n64k16 bf16 -> fp32: the block's A (64x16) from its 4 warps' registers or from
  *     shared memory, B (16x64) from shared memory, through matrix descriptors by the PTX ISA's
- *     canonical no-swizzle layouts (K-major or MN-major), D = A B + C as mma does;
+ *     canonical no-swizzle layouts (K-major or MN-major), D = A B + C as mma does; executed at
+ *     the wgmma.wait_group that waits for its group, the latest moment the ISA allows, so that
+ *     an accumulator read before that wait, or A registers or B tiles changed before it, give
+ *     other values;
  *   - cp.async: the copies of a committed group land only when a cp.async.wait_group lets them
  *     (mode "late": a read before the wait sees stale data), or at once when issued (mode
  *     "early": a prefetch that overwrites a stage still being read corrupts it);

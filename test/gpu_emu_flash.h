@@ -89,13 +89,24 @@ static void flash_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 //   MN-major (imm-trans-b 1)  byte start + n0 * 2 + n1 * SBO + k0 * 16 + k1 * LBO
 // Each thread then adds to its accumulators (n-block j of its 16 rows in the m16n8 C layout; to
 // 0 with ACC 0, the instruction's scale-d false) the 16 products of k in order, in fp32, as
-// emu_mma does. Computed at the issue: the kernels
-// wait for each batch before reading the accumulators or refilling the tiles.
+// emu_mma does.
+// The products are asynchronous, as on the GPU: an issued product is only queued (with the
+// addresses of its A registers and accumulators), commit closes a group, and the wait executes
+// the groups then, the latest moment the ISA allows, reading the A registers, the shared-memory
+// tiles and the accumulators as they are at the wait. A kernel that reads an accumulator before
+// the wait for its product, or changes its A registers or tiles before it, gets other values.
+struct WgOp {
+    float (*d)[4];       // the thread's 8 x 4 accumulators
+    const uint32_t *a;   // its 4 A registers (A in registers), or NULL (A through desc_a)
+    uint64_t desc_a, desc;
+    int trans_b, acc;
+};
+static std::vector<WgOp> wg_issued[128];       // each thread's products not yet executed, in issue order
+static std::vector<size_t> wg_committed[128];  // the sizes of its committed groups not yet executed, oldest first
 static uint32_t wg_a[128][4];
-static uint64_t wg_desc[128];
+static uint64_t wg_desc[128], wg_desc_a[128];
+static size_t wg_count[128];
 static inline void flash_wgmma_fence() {}
-static inline void flash_wgmma_commit() {}
-static inline void flash_wgmma_wait() {}
 static inline void flash_fence_proxy_async() {}
 template <int NB> static inline void flash_acc_fence(float (&)[NB][4]) {}
 // the byte address of element (k, mn) of a 16 x 64 (B) or 64 x 16 (A, mn its row) operand
@@ -109,20 +120,18 @@ static uint32_t wg_element(uint64_t desc, int trans, int k, int mn) {
     check_smem(addr, 2, 2);
     return addr;
 }
-// the warpgroup's common descriptor (every thread gave the same), after the exchange barrier
-static void wg_same(const uint64_t *descs, uint64_t desc) {
+// the warpgroup's common value (every thread gave the same), after the exchange barrier
+static void wg_same(const uint64_t *values, uint64_t value, const char *what) {
     for (int u = 0; u < 128; u++)
-        if (descs[u] != desc) emu_fail("wgmma: the warpgroup's threads gave different descriptors");
+        if (values[u] != value) emu_fail(what);
 }
-static uint64_t wg_desc_a[128];
-// D += A B for this thread's accumulators (A from the exchanged registers, or with a_from_smem
-// through desc_a as a K-major operand), after the block has exchanged its operands
-template <int TRANS_B, int ACC>
-static void wgmma_emulated(float (&d)[8][4], bool a_from_smem, uint64_t desc_a, uint64_t desc) {
+// D += A B (or D = A B) for this thread's accumulators, A from the exchanged registers or through
+// op.desc_a as a K-major operand, after the block has exchanged its operands
+static void wgmma_emulated(const WgOp &op) {
     float A[64][16], B[16][64];
-    if (a_from_smem) {
+    if (op.a == NULL) {
         for (int m = 0; m < 64; m++)
-            for (int k = 0; k < 16; k++) A[m][k] = to_f32(floatX{smem_bf16(wg_element(desc_a, 0, k, m))});
+            for (int k = 0; k < 16; k++) A[m][k] = to_f32(floatX{smem_bf16(wg_element(op.desc_a, 0, k, m))});
     } else {
         for (int u = 0; u < 128; u++) {
             int w = u / 32, g = (u % 32) / 4, c = u % 4, r = 16 * w + g;
@@ -133,37 +142,65 @@ static void wgmma_emulated(float (&d)[8][4], bool a_from_smem, uint64_t desc_a, 
         }
     }
     for (int k = 0; k < 16; k++)
-        for (int n = 0; n < 64; n++) B[k][n] = to_f32(floatX{smem_bf16(wg_element(desc, TRANS_B, k, n))});
+        for (int n = 0; n < 64; n++) B[k][n] = to_f32(floatX{smem_bf16(wg_element(op.desc, op.trans_b, k, n))});
     int t = current_thread, w = t / 32, g = (t % 32) / 4, c = t % 4;
     for (int j = 0; j < 8; j++)
         for (int e = 0; e < 4; e++) {
             int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * c + (e & 1);
-            float sum = ACC ? d[j][e] : 0.0f;
+            float sum = op.acc ? op.d[j][e] : 0.0f;
             for (int k = 0; k < 16; k++) sum += A[row][k] * B[k][col];
-            d[j][e] = sum;
+            op.d[j][e] = sum;
         }
+}
+static void wg_issue(const WgOp &op) {
+    if (blockDim.x != 128) emu_fail("wgmma: the emulation takes blocks of one warpgroup");
+    wg_issued[current_thread].push_back(op);
 }
 template <int TRANS_B, int ACC = 1>   // ACC 0: the accumulators' earlier values are not read
 static void flash_wgmma(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
-    if (blockDim.x != 128) emu_fail("wgmma: the emulation takes blocks of one warpgroup");
-    for (int i = 0; i < 4; i++) wg_a[current_thread][i] = a[i];
-    wg_desc[current_thread] = desc;
-    __syncthreads();
-    wg_same(wg_desc, desc);
-    wgmma_emulated<TRANS_B, ACC>(d, false, 0, desc);
-    __syncthreads();
+    wg_issue(WgOp{d, a, 0, desc, TRANS_B, ACC});
 }
 template <int TRANS_B, int ACC = 1>   // A from shared memory, K-major, through desc_a
 static void flash_wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc) {
-    if (blockDim.x != 128) emu_fail("wgmma: the emulation takes blocks of one warpgroup");
-    wg_desc_a[current_thread] = desc_a;
-    wg_desc[current_thread] = desc;
-    __syncthreads();
-    wg_same(wg_desc_a, desc_a);
-    wg_same(wg_desc, desc);
-    wgmma_emulated<TRANS_B, ACC>(d, true, desc_a, desc);
-    __syncthreads();
+    wg_issue(WgOp{d, NULL, desc_a, desc, TRANS_B, ACC});
 }
+// wgmma.commit_group: the products issued since the last commit become a group
+static inline void flash_wgmma_commit() {
+    int t = current_thread;
+    size_t in_groups = 0;
+    for (size_t n : wg_committed[t]) in_groups += n;
+    wg_committed[t].push_back(wg_issued[t].size() - in_groups);
+}
+// wgmma.wait_group N: executes the oldest committed groups until at most N remain, every thread of
+// the warpgroup the same products (each exchanging its A registers and descriptors at the time)
+template <int N> static void flash_wgmma_wait_group() {
+    int t = current_thread;
+    size_t in_groups = 0;
+    for (size_t n : wg_committed[t]) in_groups += n;
+    if (in_groups != wg_issued[t].size()) emu_fail("wgmma: products issued and not committed at a wait");
+    size_t ops = 0;
+    while (wg_committed[t].size() > (size_t)N) {
+        ops += wg_committed[t].front();
+        wg_committed[t].erase(wg_committed[t].begin());
+    }
+    wg_count[t] = ops;
+    __syncthreads();
+    for (int u = 0; u < 128; u++)
+        if (wg_count[u] != ops) emu_fail("wgmma: the warpgroup's threads wait for different products");
+    for (size_t i = 0; i < ops; i++) {
+        const WgOp &op = wg_issued[t][i];
+        if (op.a) memcpy(wg_a[t], op.a, sizeof(wg_a[t]));
+        wg_desc[t] = op.desc;
+        wg_desc_a[t] = op.a ? ~(uint64_t)0 : op.desc_a;
+        __syncthreads();
+        wg_same(wg_desc, op.desc, "wgmma: the warpgroup's threads gave different descriptors");
+        wg_same(wg_desc_a, wg_desc_a[t], "wgmma: the warpgroup's threads gave different A operands");
+        wgmma_emulated(op);
+        __syncthreads();
+    }
+    wg_issued[t].erase(wg_issued[t].begin(), wg_issued[t].begin() + ops);
+}
+static inline void flash_wgmma_wait() { flash_wgmma_wait_group<0>(); }
 static inline uint32_t flash_pack_bf16(float lo, float hi) {
     return (uint32_t)to_bf16(lo).bits | ((uint32_t)to_bf16(hi).bits << 16);
 }

@@ -9,7 +9,9 @@ exercise the online rescaling; each runs with the asynchronous copies landing la
 and early (when issued), which exposes a missing wait or a prefetch overwriting a stage in use.
 The forward and the dQ pass also run with two 16-row tiles per warp (128 query rows a block, head
 size 64), and that dQ must equal the one-tile dQ bit for bit. The warpgroup (wgmma) kernels must
-equal the mma.sync kernels bit for bit."""
+equal the mma.sync kernels bit for bit; their products are executed at the wait for them (as late
+as the hardware may run them), so an accumulator read early, or an operand changed before the
+wait, shows."""
 import math
 import shutil
 import subprocess
@@ -29,16 +31,23 @@ import jax.numpy as jnp  # noqa: E402
 from model_jax import causal_attention  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def build_emulator(directory, include_first=None):
+    """test/attention_flash_emu.cpp built into directory; include_first: a directory searched for
+    the kernels' headers before llmc/ (a changed copy of attention_flash.cuh)"""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not found: the emulator is C++")
-    exe = tmp_path_factory.mktemp("flash") / "attention_flash_emu"
+    exe = directory / "attention_flash_emu"
+    first = ["-I", str(include_first)] if include_first else []
     subprocess.run([cxx, "-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
-                    "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / "attention_flash_emu.cpp")],
+                    *first, "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / "attention_flash_emu.cpp")],
                    check=True)
     return exe
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    return build_emulator(tmp_path_factory.mktemp("flash"))
 
 
 def oracle(qkv, dout, NH, NKV, HS):
@@ -299,6 +308,40 @@ def test_flash_forward_rope_on_load(emulator, tmp_path, shape, wg):
     ref_out, ref_lse, _ = oracle(rotated, dout, NH, NKV, HS)
     assert rel_err(out, ref_out) < 5e-3
     assert np.abs(lse - ref_lse).max() < 1e-4 * max(1.0, np.abs(ref_lse).max())
+
+
+# The forward's warpgroup product S = Q K^T as the kernel issues and waits for it, and two ways to
+# get it wrong that a GPU may or may not show: reading an accumulator before the wait (the value
+# is the product's result only once waited for), and changing an A register before the wait (the
+# tensor cores may read it at any time until then); each puts things back after the wait, so that
+# only a product run later than its issue sees the difference.
+WGMMA_S_WAIT = "flash_wgmma_finish(s[0]);"
+WGMMA_MISUSES = {
+    "accumulator read before the wait":
+        "flash_wgmma_commit(); float early = s[0][0][0]; flash_wgmma_wait(); s[0][0][0] = early;",
+    "A register changed before the wait":
+        "uint32_t kept = q_frag[0][0][0]; q_frag[0][0][0] = 0; flash_wgmma_finish(s[0]); q_frag[0][0][0] = kept;",
+}
+
+
+@pytest.mark.parametrize("misuse", sorted(WGMMA_MISUSES))
+def test_wgmma_products_run_at_their_wait(emulator, tmp_path, misuse):
+    """The emulated warpgroup products are asynchronous: each runs at the wait for its group, not
+    at its issue, so a kernel that reads an accumulator before that wait or changes an A operand
+    before it gives other results under the emulation (the changed kernel is built from a copy of
+    attention_flash.cuh), while the kernel as it is gives the mma.sync kernels' bits."""
+    source = (ROOT / "llmc" / "attention_flash.cuh").read_text()
+    assert source.count(WGMMA_S_WAIT) == 1, "the forward's wait for S = Q K^T is not where this test expects it"
+    headers = tmp_path / "changed"
+    headers.mkdir()
+    (headers / "attention_flash.cuh").write_text(source.replace(WGMMA_S_WAIT, WGMMA_MISUSES[misuse]))
+    changed = build_emulator(tmp_path, headers)
+    shape = (2, 37, 2, 2, 64, 1.0, 1, 1)
+    plain = run_emulator(emulator, tmp_path, shape, "late", qreg=1, kvreg=1)
+    for exe, should_differ in ((emulator, False), (changed, True)):
+        out = run_emulator(exe, tmp_path, shape, "late", qreg=1, kvreg=1, wg=1)[2]   # the warpgroup forward
+        differ = int(np.count_nonzero(out.view(np.uint32) != plain[2].view(np.uint32)))
+        assert (differ > 0) == should_differ, f"{misuse}: {differ} of {out.size} outputs differ from the mma.sync forward"
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 64, 1.0, 1, 1), (2, 37, 2, 2, 64, 1.0, 1, 1), (1, 200, 3, 1, 64, 4.0, 1, 1),
