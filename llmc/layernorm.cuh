@@ -445,9 +445,13 @@ norm_backward_fused_kernel(TR *dres, floatX *dres_bf16, float *partial, const TD
     }
 }
 
+// Floats of the fused kernel's partial sums for N rows of C with the wanted sums (dweight always).
+static inline size_t norm_backward_partial_floats(int N, int C, int want_b, int want_col) {
+    return (size_t)norm_backward_blocks(N) * (1 + want_b + want_col) * C;
+}
 // Floats of scratch norm_backward needs for N rows of C.
 static inline size_t norm_backward_scratch_floats(int N, int C) {
-    size_t fused = 3 * (size_t)norm_backward_blocks(N) * C, split = 2 * (size_t)column_chunks(N) * C;
+    size_t fused = norm_backward_partial_floats(N, C, 1, 1), split = 2 * (size_t)column_chunks(N) * C;
     return fused > split ? fused : split;
 }
 
@@ -478,9 +482,6 @@ static inline void norm_backward_split(TR *dres, floatX *dres_bf16, float *dweig
 // (want_b: dbias, want_col: dres_colsum; dweight always) to partial, norm_backward_partial_floats
 // of them; norm_backward_reduce then adds them into the gradients, the same sums in the same
 // order as norm_backward_fused.
-static inline size_t norm_backward_partial_floats(int N, int C, int want_b, int want_col) {
-    return (size_t)norm_backward_blocks(N) * (1 + want_b + want_col) * C;
-}
 template <typename TD, typename TR>
 static inline void norm_backward_partials(TR *dres, floatX *dres_bf16, float *partial, int want_b, int want_col,
                                           const TD *dout, const TR *inp, const floatX *weight,
