@@ -73,7 +73,10 @@
  * dK/dV pass. B is no longer read by every warp through ldmatrix, which is what bounds the
  * mma.sync backward by shared-memory bandwidth. Each output element sums the same products in
  * the same order of k; whether the tensor cores round them as mma.sync does decides whether the
- * tuner, which takes only configurations with the defaults' bits, may pick them.
+ * tuner, which takes only configurations with the defaults' bits, may pick them. These wait for
+ * each batch of products before the arithmetic that reads it; the pipelined forward
+ * (flash_attention_forward_pipelined_kernel) issues tile j's S = Q K^T and tile j - 1's O += P V
+ * together and waits only for S before its softmax, so the exponentials overlap the tensor cores.
  * Shared-memory tiles are row-major with rows of HS + 8 bf16 (16 bytes of padding): the eight
  * 16-byte rows an ldmatrix phase reads then start 4 banks apart and cover all 32 banks, so
  * ldmatrix, the 16-byte cp.async writes and the epilogue's staging are free of bank conflicts.
@@ -185,11 +188,14 @@ __device__ __forceinline__ void flash_wgmma_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void flash_wgmma_wait() {
+// wgmma.wait_group N: the thread's committed groups but the latest N have completed
+template <int N>
+__device__ __forceinline__ void flash_wgmma_wait_group() {
 #ifdef FLASH_WGMMA_ASM
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
+__device__ __forceinline__ void flash_wgmma_wait() { flash_wgmma_wait_group<0>(); }
 // shared memory written by this thread's copies, made visible to the tensor cores' reads (the
 // async proxy); before the barrier that precedes the products
 __device__ __forceinline__ void flash_fence_proxy_async() {
@@ -203,6 +209,15 @@ __device__ __forceinline__ void flash_acc_fence(float (&d)[NB][4]) {
     for (int i = 0; i < NB; i++)
         #pragma unroll
         for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+// the same for A fragments: their values are in place before the products that read them are
+// issued (the compiler would otherwise be free to compute them after)
+template <int NB>
+__device__ __forceinline__ void flash_frag_fence(uint32_t (&a)[NB][4]) {
+    #pragma unroll
+    for (int i = 0; i < NB; i++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(a[i][e])::"memory");
 }
 // The instruction's text up to its A operand, with scale-d (1: d += a b, 0: d = a b), and the
 // 32 accumulator operands with constraint c ("+f", or "=f" where they are not read).
@@ -287,14 +302,15 @@ __device__ __forceinline__ uint32_t flash_addr_b(const floatX *tile, int k0, int
 
 // cp.async of rows [row0, row0 + ROWS) of batch element b of a (B*T, ld) bf16 matrix, columns
 // [col, col + HS), into the shared tile (ROWS, HS + FLASH_PAD). Rows at or past T are zeroed.
-template <int ROWS, int HS>
+// NT: the block's threads (these helpers split the work over all of them).
+template <int ROWS, int HS, int NT = FLASH_THREADS>
 __device__ __forceinline__ void flash_load_tile(floatX *tile, const floatX *src, int b, int row0, int T, int ld,
                                                 int col) {
     constexpr int CHUNKS = HS / 8;   // 16-byte pieces per row
-    static_assert((ROWS * CHUNKS) % FLASH_THREADS == 0, "tile pieces must split evenly over the block");
+    static_assert((ROWS * CHUNKS) % NT == 0, "tile pieces must split evenly over the block");
     #pragma unroll
-    for (int i = 0; i < ROWS * CHUNKS / FLASH_THREADS; i++) {
-        int idx = threadIdx.x + i * FLASH_THREADS;
+    for (int i = 0; i < ROWS * CHUNKS / NT; i++) {
+        int idx = threadIdx.x + i * NT;
         int r = idx / CHUNKS, c = idx % CHUNKS, t = row0 + r;
         bool valid = t < T;
         const floatX *g = src + ((size_t)b * T + (valid ? t : 0)) * ld + col + c * 8;
@@ -310,15 +326,15 @@ __device__ __forceinline__ void flash_load_tile(floatX *tile, const floatX *src,
 // the stride byte offset) or an MN-major one (rows K, columns N: the two offsets swap).
 // One k-step of 16 takes columns 16s .. 16s + 15 (K-major: 256 bytes on) or rows 16s ..
 // 16s + 15 (MN-major: 2 * HS * 16 bytes on).
-template <int ROWS, int HS>
+template <int ROWS, int HS, int NT = FLASH_THREADS>
 __device__ __forceinline__ void flash_load_tile_wg(floatX *tile, const floatX *src, int b, int row0, int T, int ld,
                                                    int col) {
     constexpr int CHUNKS = HS / 8;
-    static_assert((ROWS * CHUNKS) % FLASH_THREADS == 0 && ROWS % 8 == 0, "tile pieces must split evenly over the block");
+    static_assert((ROWS * CHUNKS) % NT == 0 && ROWS % 8 == 0, "tile pieces must split evenly over the block");
     #pragma unroll
-    for (int i = 0; i < ROWS * CHUNKS / FLASH_THREADS; i++) {
+    for (int i = 0; i < ROWS * CHUNKS / NT; i++) {
         // 8 consecutive threads take the 8 rows of one core matrix: 128 contiguous bytes
-        int idx = threadIdx.x + i * FLASH_THREADS;
+        int idx = threadIdx.x + i * NT;
         int r = (idx & 7) + (idx / (8 * CHUNKS)) * 8, c = (idx >> 3) % CHUNKS, t = row0 + r;
         bool valid = t < T;
         const floatX *g = src + ((size_t)b * T + (valid ? t : 0)) * ld + col + c * 8;
@@ -366,13 +382,13 @@ __device__ __forceinline__ void flash_load_stats(float *tile, const float *row_s
 
 // Writes a shared tile (ROWS, HS + FLASH_PAD) to rows [row0, row0 + ROWS) < T of batch element b
 // of a (B*T, ld) bf16 matrix, columns [col, col + HS), in coalesced 16-byte stores.
-template <int ROWS, int HS>
+template <int ROWS, int HS, int NT = FLASH_THREADS>
 __device__ __forceinline__ void flash_store_tile(floatX *dst, const floatX *tile, int b, int row0, int T, int ld,
                                                  int col) {
     constexpr int CHUNKS = HS / 8;
     #pragma unroll
-    for (int i = 0; i < ROWS * CHUNKS / FLASH_THREADS; i++) {
-        int idx = threadIdx.x + i * FLASH_THREADS;
+    for (int i = 0; i < ROWS * CHUNKS / NT; i++) {
+        int idx = threadIdx.x + i * NT;
         int r = idx / CHUNKS, c = idx % CHUNKS, t = row0 + r;
         if (t < T)
             *(uint4 *)(dst + ((size_t)b * T + t) * ld + col + c * 8) = *(const uint4 *)(tile + r * (HS + FLASH_PAD) + c * 8);
@@ -399,10 +415,10 @@ __device__ __forceinline__ void flash_stage_acc(floatX *tile, const float (&acc)
 // results rounded to bf16), so the tile holds what rope_forward or rope_backward would have made
 // of it in memory, bit for bit. cos_sin is rope_table_host's table (at least T positions); rows
 // at or past T, which are never stored, are left alone.
-template <int ROWS, int HS>
+template <int ROWS, int HS, int NT = FLASH_THREADS>
 __device__ __forceinline__ void flash_rope_tile(floatX *tile, const float *cos_sin, int row0, int T, float sign) {
     constexpr int LDS = HS + FLASH_PAD, HALF = HS / 2, GROUPS = HALF / 8;
-    for (int idx = threadIdx.x; idx < ROWS * GROUPS; idx += FLASH_THREADS) {
+    for (int idx = threadIdx.x; idx < ROWS * GROUPS; idx += NT) {
         int r = idx / GROUPS, i = (idx % GROUPS) * 8, t = row0 + r;
         if (t >= T) continue;
         const float *cs = cos_sin + ((size_t)t * HALF + i) * 2;   // (cos, sin) of pairs i .. i + 7
@@ -423,6 +439,76 @@ __device__ __forceinline__ void flash_rope_tile(floatX *tile, const float *cos_s
 __device__ __forceinline__ void flash_block(int lpt, int &head, int &batch, int &tile, int &tiles) {
     if (lpt) { head = blockIdx.x; batch = blockIdx.y; tile = blockIdx.z; tiles = gridDim.z; }
     else { tile = blockIdx.x; head = blockIdx.y; batch = blockIdx.z; tiles = gridDim.x; }
+}
+
+// The online softmax of one 16-row tile's scores s against the key tile from k0 (this thread's
+// rows row0 and row1, scores unscaled; diagonal: the tile reaches past the row tile's first row,
+// so keys after a query are masked): replaces s by P = 2^(s scale_log2 - m) and gives sum0, sum1,
+// this thread's partial sums of its rows' P. m is the reference of a row's exponentials, moved
+// only when a tile's max passes it by more than max_slack (flash_forward_max_slack: an exponential
+// is at most 2^max_slack); returns whether some row of the warp moved, and then corr0, corr1 (1
+// for a row that did not) are the factors the rows' l and O are to be rescaled by
+// (flash_rescale), which most tiles after the first skip. Not moving changes nothing but the
+// reference (lse = m + log2 l, out = O / l).
+__device__ __forceinline__ bool flash_softmax_tile(float (&s)[FLASH_KEYS / 8][4], int k0, bool diagonal, int row0,
+                                                   int row1, float scale_log2, float max_slack, float &m0, float &m1,
+                                                   float &corr0, float &corr1, float &sum0, float &sum1) {
+    const int c = (threadIdx.x % 32) & 3;
+    // the scores stay unscaled, the scale to base 2 goes into the exponential's argument below
+    float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+    #pragma unroll
+    for (int nb = 0; nb < FLASH_KEYS / 8; nb++) {
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int key = k0 + nb * 8 + 2 * c + (e & 1);
+            float x = s[nb][e];
+            if (diagonal && key > (e < 2 ? row0 : row1)) x = -INFINITY;
+            s[nb][e] = x;
+            if (e < 2) tile_max0 = fmaxf(tile_max0, x); else tile_max1 = fmaxf(tile_max1, x);
+        }
+    }
+    // a row's 64 scores are spread over the 4 threads of its group; the max of the scaled
+    // scores is the scaled max (the scale is positive and rounding keeps the order)
+    tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, 1));
+    tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, 2));
+    tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, 1));
+    tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, 2));
+    tile_max0 *= scale_log2;
+    tile_max1 *= scale_log2;
+    const bool move0 = tile_max0 > m0 + max_slack, move1 = tile_max1 > m1 + max_slack;
+    const bool moved = __any_sync(0xffffffffu, move0 || move1);
+    corr0 = corr1 = 1.0f;
+    if (moved) {
+        corr0 = move0 ? flash_exp2(m0 - tile_max0) : 1.0f;   // 0 when m was -inf
+        corr1 = move1 ? flash_exp2(m1 - tile_max1) : 1.0f;
+        if (move0) m0 = tile_max0;
+        if (move1) m1 = tile_max1;
+    }
+    const float ref0 = m0 == -INFINITY ? 0.0f : m0, ref1 = m1 == -INFINITY ? 0.0f : m1;
+    sum0 = sum1 = 0.0f;
+    #pragma unroll
+    for (int nb = 0; nb < FLASH_KEYS / 8; nb++) {
+        s[nb][0] = flash_exp2(fmaf(s[nb][0], scale_log2, -ref0));
+        s[nb][1] = flash_exp2(fmaf(s[nb][1], scale_log2, -ref0));
+        s[nb][2] = flash_exp2(fmaf(s[nb][2], scale_log2, -ref1));
+        s[nb][3] = flash_exp2(fmaf(s[nb][3], scale_log2, -ref1));
+        sum0 += s[nb][0] + s[nb][1];
+        sum1 += s[nb][2] + s[nb][3];
+    }
+    return moved;
+}
+// l and O of a thread's two rows times corr0, corr1 (flash_softmax_tile). l stays a per-thread
+// partial sum (its group's 4 partials share the same rescaling); the partials are added once at
+// the end.
+template <int HS>
+__device__ __forceinline__ void flash_rescale(float (&o)[HS / 8][4], float &l0, float &l1, float corr0, float corr1) {
+    l0 *= corr0;
+    l1 *= corr1;
+    #pragma unroll
+    for (int nd = 0; nd < HS / 8; nd++) {
+        o[nd][0] *= corr0; o[nd][1] *= corr0;
+        o[nd][2] *= corr1; o[nd][3] *= corr1;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -572,61 +658,11 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
         #pragma unroll
         for (int r = 0; r < RW; r++) {
             if (!live[r]) continue;
-            // mask keys after the query (only tiles reaching past the row tile's first row); the
-            // scores stay unscaled, the scale to base 2 goes into the exponential's argument below
             const bool diagonal = k0 + BN - 1 > q0 + r * FLASH_ROWS + warp * 16;
-            float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
-            #pragma unroll
-            for (int nb = 0; nb < BN / 8; nb++) {
-                #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int key = k0 + nb * 8 + 2 * c + (e & 1);
-                    float x = s[r][nb][e];
-                    if (diagonal && key > (e < 2 ? row0[r] : row1[r])) x = -INFINITY;
-                    s[r][nb][e] = x;
-                    if (e < 2) tile_max0 = fmaxf(tile_max0, x); else tile_max1 = fmaxf(tile_max1, x);
-                }
-            }
-            // a row's 64 scores are spread over the 4 threads of its group; the max of the scaled
-            // scores is the scaled max (the scale is positive and rounding keeps the order)
-            tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, 1));
-            tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, 2));
-            tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, 1));
-            tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, 2));
-            tile_max0 *= scale_log2;
-            tile_max1 *= scale_log2;
-            // m is the reference of the row's exponentials, moved only when a tile's max passes it
-            // by more than max_slack (flash_forward_max_slack: an exponential is at most
-            // 2^max_slack), and the rescale of l and O that a move costs runs only when some row of
-            // the warp moves: most tiles after the first move none. Not moving changes nothing but
-            // the reference (lse = m + log2 l, out = O / l)
-            const bool move0 = tile_max0 > m0[r] + max_slack, move1 = tile_max1 > m1[r] + max_slack;
-            if (__any_sync(0xffffffffu, move0 || move1)) {
-                float corr0 = move0 ? flash_exp2(m0[r] - tile_max0) : 1.0f;   // 0 when m was -inf
-                float corr1 = move1 ? flash_exp2(m1[r] - tile_max1) : 1.0f;
-                if (move0) m0[r] = tile_max0;
-                if (move1) m1[r] = tile_max1;
-                // l stays a per-thread partial sum (its group's 4 partials share the same
-                // rescaling); the partials are added once at the end
-                l0[r] *= corr0;
-                l1[r] *= corr1;
-                #pragma unroll
-                for (int nd = 0; nd < HS / 8; nd++) {
-                    o[r][nd][0] *= corr0; o[r][nd][1] *= corr0;
-                    o[r][nd][2] *= corr1; o[r][nd][3] *= corr1;
-                }
-            }
-            const float ref0 = m0[r] == -INFINITY ? 0.0f : m0[r], ref1 = m1[r] == -INFINITY ? 0.0f : m1[r];
-            float sum0 = 0.0f, sum1 = 0.0f;
-            #pragma unroll
-            for (int nb = 0; nb < BN / 8; nb++) {
-                s[r][nb][0] = flash_exp2(fmaf(s[r][nb][0], scale_log2, -ref0));
-                s[r][nb][1] = flash_exp2(fmaf(s[r][nb][1], scale_log2, -ref0));
-                s[r][nb][2] = flash_exp2(fmaf(s[r][nb][2], scale_log2, -ref1));
-                s[r][nb][3] = flash_exp2(fmaf(s[r][nb][3], scale_log2, -ref1));
-                sum0 += s[r][nb][0] + s[r][nb][1];
-                sum1 += s[r][nb][2] + s[r][nb][3];
-            }
+            float corr0, corr1, sum0, sum1;
+            if (flash_softmax_tile(s[r], k0, diagonal, row0[r], row1[r], scale_log2, max_slack, m0[r], m1[r], corr0,
+                                   corr1, sum0, sum1))
+                flash_rescale<HS>(o[r], l0[r], l1[r], corr0, corr1);
             l0[r] += sum0;
             l1[r] += sum1;
         }
@@ -674,6 +710,177 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
     }
     __syncthreads();
     flash_store_tile<BM, HS>(out, sQ, b, q0, T, NH * HS, h * HS);
+}
+
+// The forward on warpgroup products with the softmax overlapping them (flash_forward_wgmma 2 and
+// 3; head size 64, sm_90a): key tile j's S = Q K^T is issued, then the previous tile's O += P V,
+// and the warpgroup waits only for S (wgmma.wait_group 1) before its softmax, so that the
+// exponentials of tile j run while the tensor cores add tile j - 1's P V; the wait for P V then
+// comes before O is rescaled (a moved reference). O still takes the same operations in the same
+// order (O of tiles up to j - 1, times tile j's correction, plus P_j V_j), and every product sums
+// the same terms in the same order of k, so the bits are the other kernels'.
+// WGS warpgroups a block (1 or 2), each with 64 query rows of the block's 64 WGS: with 2, every
+// K and V tile brought from L2 into shared memory feeds two warpgroups (half the traffic per
+// product). A warpgroup takes the key tiles up to its own last row; with 2, the first stops one
+// tile before the second, whose diagonal tile it would only mask, and takes only the block's
+// barriers from then on.
+// Q is read by the tensor cores from shared memory too (A through a descriptor: no fragments held
+// in registers), P's bf16 A fragments are written only after the wait for the product that read
+// the previous ones. Shared: Q (64 WGS x 64, core-matrix layout); K (64 x 64) x 2 stages; V x 3
+// stages (V of tile j - 1 is read while tile j + 1 streams in). Tile j + 1 is fetched once every
+// thread has passed the barrier of iteration j, by which S of tile j - 1 and P V of tile j - 2
+// are waited for: their stages are free. ROPE as in flash_attention_forward_kernel: the query
+// rows, in the padded layout in the K and V stages before the first key tile comes, are rotated,
+// stored back and copied into the core-matrix layout.
+template <int WGS>
+constexpr size_t flash_forward_pipelined_smem() {
+    return (size_t)(WGS * FLASH_ROWS + 5 * FLASH_KEYS) * 64 * sizeof(floatX);
+}
+template <int WGS, int ROPE = 0>
+__global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_attention_forward_pipelined_kernel(
+    floatX *out, float *lse, const floatX *qkv, int T, int NH, int NKV, int lpt, float max_slack,
+    const float *rope_cos_sin = NULL, floatX *q_rotated = NULL) {
+    constexpr int HS = 64, NT = WGS * FLASH_THREADS, BM = WGS * FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD,
+                  TILE = BN * HS;
+    static_assert(WGS == 1 || WGS == 2, "one or two warpgroups a block");
+    static_assert(BM * LDS <= 5 * TILE, "the padded query rows and the output's staging fit in the K and V stages");
+    floatX *sQ = (floatX *)flash_dynamic_smem();   // warpgroup w's 64 rows at sQ + w * 64 * HS
+    floatX *sK = sQ + BM * HS;   // stage s at sK + s * TILE, s = j % 2
+    floatX *sV = sK + 2 * TILE;  // stage s at sV + s * TILE, s = j % 3
+    const int lane = threadIdx.x % 32, wg = threadIdx.x / FLASH_THREADS, warp = threadIdx.x / 32 % 4, g = lane >> 2,
+              c = lane & 3;
+    int h, b, tile, tiles;
+    flash_block(lpt, h, b, tile, tiles);
+    const int q0 = (tiles - 1 - tile) * BM, wq0 = q0 + wg * FLASH_ROWS;   // the block's and the warpgroup's first row
+    const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
+    const float scale_log2 = rsqrtf((float)HS) * FLASH_LOG2E;
+    const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;           // key tiles up to the block's last query
+    const int my_tiles = min(T - 1, wq0 + FLASH_ROWS - 1) / BN + 1;  // and up to the warpgroup's (at least 1)
+    const int row0 = wq0 + warp * 16 + g, row1 = row0 + 8;
+    const floatX *sQw = sQ + wg * FLASH_ROWS * HS;
+
+    auto load_kv = [&](int j) {
+        flash_load_tile_wg<BN, HS, NT>(sK + (j % 2) * TILE, qkv, b, j * BN, T, QKV, (NH + kvh) * HS);
+        flash_load_tile_wg<BN, HS, NT>(sV + (j % 3) * TILE, qkv, b, j * BN, T, QKV, (NH + NKV + kvh) * HS);
+    };
+    if constexpr (ROPE) {
+        floatX *sQpad = sK;
+        flash_load_tile<BM, HS, NT>(sQpad, qkv, b, q0, T, QKV, h * HS);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        flash_rope_tile<BM, HS, NT>(sQpad, rope_cos_sin, q0, T, 1.0f);
+        __syncthreads();
+        flash_store_tile<BM, HS, NT>(q_rotated, sQpad, b, q0, T, QKV, h * HS);
+        constexpr int CHUNKS = HS / 8;
+        for (int idx = threadIdx.x; idx < BM * CHUNKS; idx += NT) {   // into the core-matrix layout
+            int r = (idx & 7) + (idx / (8 * CHUNKS)) * 8, cc = (idx >> 3) % CHUNKS;
+            *(uint4 *)((unsigned char *)sQ + (r >> 3) * HS * 16 + cc * 128 + (r & 7) * 16) =
+                *(const uint4 *)(sQpad + r * LDS + cc * 8);
+        }
+        __syncthreads();   // sQpad read before the first key tile lands on it
+    } else {
+        flash_load_tile_wg<BM, HS, NT>(sQ, qkv, b, q0, T, QKV, h * HS);
+    }
+    load_kv(0);
+    cp_async_commit();
+
+    float o[HS / 8][4], s[BN / 8][4];
+    uint32_t pa[BN / 16][4] = {};   // P of the previous tile, the A operand of its P V
+    #pragma unroll
+    for (int nd = 0; nd < HS / 8; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+    // tile j's copies landed for every thread, after which tile j + 1's are issued
+    auto next_tile = [&](int j) {
+        cp_async_wait<0>();
+        flash_fence_proxy_async();
+        __syncthreads();
+        if (j + 1 < n_tiles) {
+            load_kv(j + 1);
+            cp_async_commit();
+        }
+    };
+    // S = Q K^T of tile j issued and committed
+    auto issue_s = [&](int j) {
+        const floatX *k_tile = sK + (j % 2) * TILE;
+        flash_acc_fence(o);
+        flash_frag_fence(pa);
+        flash_wgmma_fence();
+        flash_wgmma_ss<0, 0>(s, flash_wg_desc_k<HS>(sQw, 0), flash_wg_desc_k<HS>(k_tile, 0));
+        #pragma unroll
+        for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(s, flash_wg_desc_k<HS>(sQw, kk), flash_wg_desc_k<HS>(k_tile, kk));
+        flash_wgmma_commit();
+    };
+    // O += P V of tile j (P in pa) issued and committed
+    auto issue_pv = [&](int j) {
+        const floatX *v_tile = sV + (j % 3) * TILE;
+        #pragma unroll
+        for (int kb = 0; kb < BN / 16; kb++) flash_wgmma<1>(o, pa[kb], flash_wg_desc_mn<HS>(v_tile, kb));
+        flash_wgmma_commit();
+    };
+    // the softmax of tile j's S (waited for), whose corrections of l and O wait for the P V in
+    // flight (wait_pv), then P into the A fragments
+    auto finish_tile = [&](int j, bool wait_pv) {
+        flash_acc_fence(s);
+        float corr0, corr1, sum0, sum1;
+        const bool moved = flash_softmax_tile(s, j * BN, j * BN + BN - 1 > wq0 + warp * 16, row0, row1, scale_log2,
+                                              max_slack, m0, m1, corr0, corr1, sum0, sum1);
+        if (wait_pv) {
+            flash_acc_fence(s);   // P computed before the wait (the compiler would otherwise sink the exponentials past it)
+            flash_wgmma_wait_group<0>();   // P V of tile j - 1: O, and pa free again
+            flash_acc_fence(o);
+        }
+        if (moved) flash_rescale<HS>(o, l0, l1, corr0, corr1);
+        l0 += sum0;
+        l1 += sum1;
+        #pragma unroll
+        for (int kb = 0; kb < BN / 16; kb++) flash_acc_to_a<BN / 8>(pa[kb], s, kb);
+    };
+    next_tile(0);
+    issue_s(0);
+    flash_wgmma_wait_group<0>();
+    finish_tile(0, false);
+    for (int j = 1; j < n_tiles; j++) {
+        next_tile(j);
+        if (j < my_tiles) {
+            issue_s(j);
+            issue_pv(j - 1);   // in flight during the softmax
+            flash_wgmma_wait_group<1>();   // S
+            finish_tile(j, true);
+        } else if (j == my_tiles) {   // the first of two warpgroups: its last P V
+            flash_acc_fence(o);
+            flash_frag_fence(pa);
+            flash_wgmma_fence();
+            issue_pv(j - 1);
+            flash_wgmma_wait_group<0>();
+            flash_acc_fence(o);
+        }
+    }
+    if (my_tiles == n_tiles) {   // O += P V of the last tile
+        flash_acc_fence(o);
+        flash_frag_fence(pa);
+        flash_wgmma_fence();
+        issue_pv(n_tiles - 1);
+        flash_wgmma_wait_group<0>();
+        flash_acc_fence(o);
+    }
+
+    float sum0 = l0, sum1 = l1;
+    sum0 += __shfl_xor_sync(0xffffffffu, sum0, 1);
+    sum0 += __shfl_xor_sync(0xffffffffu, sum0, 2);
+    sum1 += __shfl_xor_sync(0xffffffffu, sum1, 1);
+    sum1 += __shfl_xor_sync(0xffffffffu, sum1, 2);
+    // O / l staged through the K and V stages, which no product reads any more once every thread is here
+    __syncthreads();
+    flash_stage_acc<HS, LDS>(sK, o, wg * FLASH_ROWS + warp * 16, 1.0f / sum0, 1.0f / sum1, lane);
+    if (c == 0) {
+        float *lse_row = lse + ((size_t)b * NH + h) * T;
+        if (row0 < T) lse_row[row0] = (m0 + log2f(sum0)) * FLASH_LN2;
+        if (row1 < T) lse_row[row1] = (m1 + log2f(sum1)) * FLASH_LN2;
+    }
+    __syncthreads();
+    flash_store_tile<BM, HS, NT>(out, sK, b, q0, T, NH * HS, h * HS);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1193,6 +1400,127 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
     flash_store_tile<BM, HS>(dqkv, sQ, b, q0, T, QKV, h * HS);
 }
 
+// The dQ pass on warpgroup products with the arithmetic overlapping them (flash_dq_wgmma 3 and 4:
+// one or two warpgroups a block; head size 64, sm_90a): key tile j's S = Q K^T and dP = dO V^T
+// are issued as two groups and P = 2^(S log2e / sqrt(HS) - lse) is formed once S has come, while
+// dP is still on the tensor cores. (Leaving dQ += dS K in flight into the next tile, beside its
+// barrier and copies, makes ptxas serialize every product of the loop: C7515, an accumulator
+// defined inside the pipeline stage; so it is waited for at the end of its tile.) Every product
+// sums the same terms in the same order, and P and dS take the same expressions, so dQ has the
+// bits of the other dQ kernels. WGS as in the pipelined forward: each warpgroup 64 query rows of
+// the block's 64 WGS, the K and V tiles shared; the first of two warpgroups stops one tile
+// earlier. Q and dO are read from shared memory by the tensor cores. Shared: Q, dO (64 WGS x 64,
+// core-matrix layout); K and V x 2 stages. dQ is staged for its store (and RoPE's backward) in
+// the K and V stages.
+template <int WGS>
+constexpr size_t flash_dq_pipelined_smem() {
+    return (size_t)(2 * WGS * FLASH_ROWS + 4 * FLASH_KEYS) * 64 * sizeof(floatX);
+}
+template <int WGS>
+__global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_attention_backward_dq_pipelined_kernel(
+    floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
+    int lpt, const float *rope_cos_sin) {
+    constexpr int HS = 64, NT = WGS * FLASH_THREADS, BM = WGS * FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD,
+                  TILE = BN * HS;
+    static_assert(WGS == 1 || WGS == 2, "one or two warpgroups a block");
+    static_assert(BM * LDS <= 4 * TILE, "dQ's staging fits in the K and V stages");
+    floatX *sQ = (floatX *)flash_dynamic_smem();   // warpgroup w's 64 rows at sQ + w * 64 * HS, likewise dO
+    floatX *sG = sQ + BM * HS;
+    floatX *sK = sG + BM * HS;   // stage s at sK + s * TILE, s = j % 2
+    floatX *sV = sK + 2 * TILE;  // likewise
+    const int lane = threadIdx.x % 32, wg = threadIdx.x / FLASH_THREADS, warp = threadIdx.x / 32 % 4, g = lane >> 2,
+              c = lane & 3;
+    int h, b, tile, tiles;
+    flash_block(lpt, h, b, tile, tiles);
+    const int q0 = (tiles - 1 - tile) * BM, wq0 = q0 + wg * FLASH_ROWS;
+    const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
+    const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
+    const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;
+    const int my_tiles = min(T - 1, wq0 + FLASH_ROWS - 1) / BN + 1;
+    const floatX *sQw = sQ + wg * FLASH_ROWS * HS, *sGw = sG + wg * FLASH_ROWS * HS;
+
+    auto load_kv = [&](int j) {
+        flash_load_tile_wg<BN, HS, NT>(sK + (j % 2) * TILE, qkv, b, j * BN, T, QKV, (NH + kvh) * HS);
+        flash_load_tile_wg<BN, HS, NT>(sV + (j % 2) * TILE, qkv, b, j * BN, T, QKV, (NH + NKV + kvh) * HS);
+    };
+    flash_load_tile_wg<BM, HS, NT>(sQ, qkv, b, q0, T, QKV, h * HS);
+    flash_load_tile_wg<BM, HS, NT>(sG, dout, b, q0, T, NH * HS, h * HS);
+    load_kv(0);
+    cp_async_commit();
+    // this thread's two query rows and their statistics; rows past T read those of row 0 (they
+    // are not stored)
+    const int row0 = wq0 + warp * 16 + g, row1 = row0 + 8;
+    const size_t stat = ((size_t)b * NH + h) * T;
+    const float lse0 = lse[stat + (row0 < T ? row0 : 0)] * FLASH_LOG2E, lse1 = lse[stat + (row1 < T ? row1 : 0)] * FLASH_LOG2E;
+    const float D0 = D[stat + (row0 < T ? row0 : 0)], D1 = D[stat + (row1 < T ? row1 : 0)];
+
+    float dq[HS / 8][4], s[BN / 8][4], dp[BN / 8][4];
+    uint32_t dsa[BN / 16][4] = {};   // dS of the tile, the A operand of its dQ product
+    #pragma unroll
+    for (int nd = 0; nd < HS / 8; nd++) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.0f;
+
+    for (int j = 0; j < n_tiles; j++) {
+        const int k0 = j * BN;
+        cp_async_wait<0>();   // tile j (and at j = 0 Q and dO)
+        flash_fence_proxy_async();
+        __syncthreads();      // every thread's copies landed; the products of tile j - 1 waited for
+        if (j + 1 < n_tiles) {
+            load_kv(j + 1);
+            cp_async_commit();
+        }
+        if (j >= my_tiles) continue;   // the first of two warpgroups, past its rows' last key tile
+        const floatX *k_tile = sK + (j % 2) * TILE, *v_tile = sV + (j % 2) * TILE;
+        flash_wgmma_fence();
+        flash_wgmma_ss<0, 0>(s, flash_wg_desc_k<HS>(sQw, 0), flash_wg_desc_k<HS>(k_tile, 0));
+        #pragma unroll
+        for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(s, flash_wg_desc_k<HS>(sQw, kk), flash_wg_desc_k<HS>(k_tile, kk));
+        flash_wgmma_commit();
+        flash_wgmma_ss<0, 0>(dp, flash_wg_desc_k<HS>(sGw, 0), flash_wg_desc_k<HS>(v_tile, 0));
+        #pragma unroll
+        for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(dp, flash_wg_desc_k<HS>(sGw, kk), flash_wg_desc_k<HS>(v_tile, kk));
+        flash_wgmma_commit();
+        flash_wgmma_wait_group<1>();   // S
+        flash_acc_fence(s);
+        // P = exp(s - lse), 0 for keys after the query, while dP is on the tensor cores
+        const bool diagonal = k0 + BN - 1 > wq0 + warp * 16;
+        #pragma unroll
+        for (int nb = 0; nb < BN / 8; nb++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = k0 + nb * 8 + 2 * c + (e & 1);
+                float p = flash_exp2(s[nb][e] * scale_log2 - (e < 2 ? lse0 : lse1));
+                if (diagonal && key > (e < 2 ? row0 : row1)) p = 0.0f;
+                s[nb][e] = p;
+            }
+        }
+        flash_acc_fence(s);
+        flash_wgmma_wait_group<0>();   // dP
+        flash_acc_fence(dp);
+        #pragma unroll
+        for (int nb = 0; nb < BN / 8; nb++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) s[nb][e] = s[nb][e] * (dp[nb][e] - (e < 2 ? D0 : D1));   // dS = P (dP - D)
+        #pragma unroll
+        for (int kb = 0; kb < BN / 16; kb++) flash_acc_to_a<BN / 8>(dsa[kb], s, kb);
+        flash_frag_fence(dsa);
+        flash_wgmma_fence();
+        #pragma unroll   // dQ += dS K (the keys are the k dimension)
+        for (int kb = 0; kb < BN / 16; kb++) flash_wgmma<1>(dq, dsa[kb], flash_wg_desc_mn<HS>(k_tile, kb));
+        flash_wgmma_commit();
+        flash_wgmma_wait_group<0>();
+        flash_acc_fence(dq);
+    }
+
+    __syncthreads();   // no product reads the K and V stages any more: dQ staged there
+    flash_stage_acc<HS, LDS>(sK, dq, wg * FLASH_ROWS + warp * 16, scale, scale, lane);
+    __syncthreads();
+    if (rope_cos_sin) {   // dQ back through RoPE (flash_rope_tile)
+        flash_rope_tile<BM, HS, NT>(sK, rope_cos_sin, q0, T, -1.0f);
+        __syncthreads();
+    }
+    flash_store_tile<BM, HS, NT>(dqkv, sK, b, q0, T, QKV, h * HS);
+}
+
 // ---------------------------------------------------------------------------------------------
 // launchers (test/attention_flash_emu.cpp launches the kernels itself; the whole-model emulator,
 // test/model_cuda_emu.cpp, runs these with ATTENTION_FLASH_EMULATED_LAUNCHERS)
@@ -1239,8 +1567,10 @@ static int flash_dkv_row_tiles = 1;
 // Grid order of the forward's and the backward's launches: 0 grouped, 1 lpt (header comment).
 static int flash_forward_lpt = 0;
 static int flash_backward_lpt = 0;
-// Warpgroup products (wgmma; head size 64, only where flash_wgmma_supported): the forward (0 or
-// 1), the dQ pass and the dK/dV pass (0; 1 with Q and dO, K and V in registers; 2 with them read
+// Warpgroup products (wgmma; head size 64, only where flash_wgmma_supported): the forward (0;
+// 1; 2 and 3 pipelined, flash_attention_forward_pipelined_kernel, with one or two warpgroups a
+// block), the dQ pass (3 and 4: pipelined, flash_attention_backward_dq_pipelined_kernel, with one
+// or two warpgroups a block) and the dK/dV pass (0; 1 with Q and dO, K and V in registers; 2 with them read
 // from shared memory too).
 static int flash_forward_wgmma = 0;
 static int flash_dq_wgmma = 0;
@@ -1297,6 +1627,27 @@ static inline void attention_flash_forward_launch_kernel(floatX *out, float *lse
         out, lse, qkv, T, NH, NKV, flash_forward_lpt, flash_forward_max_slack, rope_cos_sin, q_rotated);
     cudaCheckLaunch();
 }
+template <int WGS, int ROPE>
+static inline void attention_flash_forward_pipelined_launch(floatX *out, float *lse, const floatX *qkv, int B, int T,
+                                                            int NH, int NKV, const float *rope_cos_sin,
+                                                            floatX *q_rotated, cudaStream_t stream) {
+    static bool smem_set = false;
+    constexpr size_t smem = flash_forward_pipelined_smem<WGS>();
+    flash_allow_smem(flash_attention_forward_pipelined_kernel<WGS, ROPE>, smem, &smem_set);
+    dim3 grid = flash_grid(flash_forward_lpt, NH, B, ceil_div(T, WGS * FLASH_ROWS));
+    flash_attention_forward_pipelined_kernel<WGS, ROPE><<<grid, WGS * FLASH_THREADS, smem, stream>>>(
+        out, lse, qkv, T, NH, NKV, flash_forward_lpt, flash_forward_max_slack, rope_cos_sin, q_rotated);
+    cudaCheckLaunch();
+}
+template <int WGS>
+static inline void attention_flash_forward_pipelined(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
+                                                     int NKV, const float *rope_cos_sin, floatX *q_rotated,
+                                                     cudaStream_t stream) {
+    if (rope_cos_sin)
+        attention_flash_forward_pipelined_launch<WGS, 1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    else
+        attention_flash_forward_pipelined_launch<WGS, 0>(out, lse, qkv, B, T, NH, NKV, NULL, NULL, stream);
+}
 template <int HS, int RW, int MINB, int WG = 0>
 static inline void attention_flash_forward_launch(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
                                                   int NKV, const float *rope_cos_sin, floatX *q_rotated,
@@ -1319,7 +1670,9 @@ static inline void attention_flash_forward_rope(floatX *out, float *lse, const f
                                                 cudaStream_t stream) {
     attention_flash_check(B, T, NH, NKV, HS, out, qkv, qkv, qkv);
     cudaRequire(!rope_cos_sin || q_rotated == qkv, "attention_flash_forward_rope: the rotated queries go back into qkv");
-    if (HS == 64 && flash_forward_wgmma) attention_flash_forward_launch<64, 1, 0, 1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    if (HS == 64 && flash_forward_wgmma == 3) attention_flash_forward_pipelined<2>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    else if (HS == 64 && flash_forward_wgmma == 2) attention_flash_forward_pipelined<1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    else if (HS == 64 && flash_forward_wgmma) attention_flash_forward_launch<64, 1, 0, 1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
     else if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2, 0>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
     else if (HS == 64 && flash_forward_min_blocks == 4) attention_flash_forward_launch<64, 1, 4>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
     else if (HS == 64) attention_flash_forward_launch<64, 1, 0>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
@@ -1360,15 +1713,20 @@ template <int HS, int DQ_RW, int DQ_QREG, int DKV_MINB, int DKV_KVREG, int DQ_WG
 static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                                    const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                                    const float *rope_cos_sin, cudaStream_t stream) {
+    // DQ_WG 3 and 4: the pipelined dQ pass with one or two warpgroups a block
+    constexpr int DQ_PIPE = DQ_WG >= 3 ? DQ_WG - 2 : 0, DQ_ROWS = DQ_PIPE ? DQ_PIPE * FLASH_ROWS : DQ_RW * FLASH_ROWS;
+    static_assert(!DQ_PIPE || (HS == 64 && DQ_RW == 1 && !DQ_QREG), "the pipelined dQ pass: head size 64, one row tile");
     static bool dkv_set = false, dq_set = false;
-    constexpr size_t dkv_smem = flash_dkv_smem<HS, DKV_WG, DKV_RW>(), dq_smem = flash_dq_smem<HS, DQ_RW, DQ_WG>();
+    constexpr size_t dkv_smem = flash_dkv_smem<HS, DKV_WG, DKV_RW>();
+    constexpr size_t dq_smem = DQ_PIPE ? flash_dq_pipelined_smem<DQ_PIPE ? DQ_PIPE : 1>() : flash_dq_smem<HS, DQ_RW, DQ_WG>();
     flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW>, dkv_smem, &dkv_set);
-    flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG>, dq_smem, &dq_set);
+    if constexpr (DQ_PIPE) flash_allow_smem(flash_attention_backward_dq_pipelined_kernel<DQ_PIPE>, dq_smem, &dq_set);
+    else flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG>, dq_smem, &dq_set);
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
     cudaCheckLaunch();
     const int lpt = flash_backward_lpt;
-    dim3 grid_kv = flash_grid(lpt, NKV, B, ceil_div(T, DKV_RW * FLASH_ROWS)), grid_q = flash_grid(lpt, NH, B, ceil_div(T, DQ_RW * FLASH_ROWS));
+    dim3 grid_kv = flash_grid(lpt, NKV, B, ceil_div(T, DKV_RW * FLASH_ROWS)), grid_q = flash_grid(lpt, NH, B, ceil_div(T, DQ_ROWS));
     cudaStream_t kv_stream = stream;
     cudaEvent_t fork, join;
     if (flash_backward_side_by_side) {
@@ -1379,8 +1737,12 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW><<<grid_kv, FLASH_THREADS, dkv_smem, kv_stream>>>(
         dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
     cudaCheckLaunch();
-    flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG><<<grid_q, FLASH_THREADS, dq_smem, stream>>>(
-        dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
+    if constexpr (DQ_PIPE)
+        flash_attention_backward_dq_pipelined_kernel<DQ_PIPE><<<grid_q, DQ_PIPE * FLASH_THREADS, dq_smem, stream>>>(
+            dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
+    else
+        flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG><<<grid_q, FLASH_THREADS, dq_smem, stream>>>(
+            dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
     cudaCheckLaunch();
     if (flash_backward_side_by_side) {
         cudaCheck(cudaEventRecord(join, kv_stream));
@@ -1417,14 +1779,17 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
         attention_flash_backward_launch<128, 1, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream);
         return;
     }
-    // head size 64: the dQ pass (warpgroup products with Q and dO from shared memory or from
-    // registers; 2 row tiles; 1 with Q and dO in registers; 1) and the dK/dV pass (two key row
+    // head size 64: the dQ pass (pipelined warpgroup products with two warpgroups a block or one;
+    // warpgroup products with Q and dO from shared memory or from registers; 2 row tiles; 1 with
+    // Q and dO in registers; 1) and the dK/dV pass (two key row
     // tiles a warp; warpgroup products with K and V from shared memory or registers; 3 blocks an
     // SM; K and V in registers; the compiler's choice)
     int dq = flash_dq_wgmma ? 2 + flash_dq_wgmma : flash_dq_row_tiles == 2 ? 2 : flash_dq_q_regs ? 1 : 0;
     int dkv = flash_dkv_row_tiles == 2 ? 5 : flash_dkv_wgmma ? 2 + flash_dkv_wgmma : flash_dkv_min_blocks == 3 ? 2
               : flash_dkv_kv_regs ? 1 : 0;
     switch (dq) {
+    case 6: flash_backward_dkv_pick<1, 0, 4>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case 5: flash_backward_dkv_pick<1, 0, 3>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     case 4: flash_backward_dkv_pick<1, 0, 2>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     case 3: flash_backward_dkv_pick<1, 1, 1>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     case 2: flash_backward_dkv_pick<2, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
@@ -1482,9 +1847,11 @@ static inline void flash_set_config(const FlashConfig *c) {
 // by side, grouped grid" into buf
 static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) {
     snprintf(buf, size, "forward %s%d row tile%s%s, %s grid; backward %s%d dQ row tile%s%s%s%s%s, passes %s, %s grid",
-             c->forward_wgmma ? "wgmma, " : "", c->forward_row_tiles, c->forward_row_tiles > 1 ? "s" : "",
+             c->forward_wgmma == 3 ? "pipelined wgmma, 2 warpgroups, " : c->forward_wgmma == 2 ? "pipelined wgmma, "
+             : c->forward_wgmma ? "wgmma, " : "", c->forward_row_tiles, c->forward_row_tiles > 1 ? "s" : "",
              c->forward_min_blocks > 1 ? " at 4 blocks an SM" : "", c->forward_lpt ? "lpt" : "grouped",
-             c->dq_wgmma == 2 ? "wgmma dQ (Q, dO from shared memory), " : c->dq_wgmma ? "wgmma dQ, " : "",
+             c->dq_wgmma == 4 ? "pipelined wgmma dQ, 2 warpgroups, " : c->dq_wgmma == 3 ? "pipelined wgmma dQ, "
+             : c->dq_wgmma == 2 ? "wgmma dQ (Q, dO from shared memory), " : c->dq_wgmma ? "wgmma dQ, " : "",
              c->dq_row_tiles, c->dq_row_tiles > 1 ? "s" : "",
              c->dq_q_regs && !c->dq_wgmma ? " with Q and dO in registers" : "",
              c->dkv_wgmma == 2 ? ", wgmma dK/dV (K, V from shared memory)" : c->dkv_wgmma ? ", wgmma dK/dV"
@@ -1499,8 +1866,11 @@ static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) 
 // and never the numbers (and two runs give the same results whatever each picked): the forward
 // (1 row tile a warp, 1 with 4 blocks an SM, 2 row tiles; grouped or lpt grid), then the
 // backward (dQ with 1 row tile, 1 with Q and dO in registers, or 2; dK/dV as compiled, with K
-// and V in registers, at 3 blocks an SM, or with 2 key row tiles a warp; the two passes side by side or in turn; grouped or
-// lpt grid); head size 128 has one row tile and the compiler's registers.
+// and V in registers, at 3 blocks an SM, or with 2 key row tiles a warp; the two passes side by
+// side or in turn; grouped or lpt grid); where the warpgroup kernels take part (head size 64,
+// flash_tune_wgmma_enabled), also the warpgroup forward, dQ and dK/dV passes and the pipelined
+// forward and dQ pass with one or two warpgroups a block. Head size 128 has one row tile and
+// the compiler's registers.
 // Every candidate runs once and its output is fingerprinted against the defaults'; a candidate
 // that differs is not timed. Overwrites the buffers it is given (sized for the shape: qkv, out,
 // lse, dout, dqkv, D as attention_flash_forward/backward take them), sets the switches to the
@@ -1557,14 +1927,14 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
 
     // warpgroup products where enabled and the device runs the sm_90a image (head size 64)
     const int wg = HS == 64 && flash_tune_wgmma_enabled() && flash_wgmma_supported();
-    FlashConfig cands[128];
+    FlashConfig cands[192];
     int n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
-        for (int v = 0; v < (HS == 64 ? 3 + wg : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1); wgmma
+        for (int v = 0; v < (HS == 64 ? 3 + 3 * wg : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1); wgmma; pipelined wgmma, 1 or 2 warpgroups
             FlashConfig c = flash_default_config;
             c.forward_row_tiles = v == 2 ? 2 : 1;
             c.forward_min_blocks = v == 1 ? 4 : 0;
-            c.forward_wgmma = v == 3;
+            c.forward_wgmma = v >= 3 ? v - 2 : 0;
             c.forward_lpt = lpt;
             cands[n++] = c;
         }
@@ -1572,7 +1942,7 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
 
     n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
-        for (int dq = 0; dq < (HS == 64 ? 3 + 2 * wg : 1); dq++)           // 1 row tile, 1 with Q and dO in registers, 2; wgmma 1, 2
+        for (int dq = 0; dq < (HS == 64 ? 3 + 4 * wg : 1); dq++)           // 1 row tile, 1 with Q and dO in registers, 2; wgmma 1, 2, pipelined 1, 2 warpgroups
             for (int dkv = 0; dkv < (HS == 64 ? 4 + 2 * wg : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM, 2 row tiles; wgmma 1, 2
                 for (int side = 1; side >= 0; side--) {
                     FlashConfig c = flash_default_config;

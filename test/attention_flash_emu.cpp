@@ -32,9 +32,11 @@
  *          the dK/dV pass's K and V fragments held in registers; kvreg 2: the dK/dV pass with
  *          two key row tiles a warp; HS 64), wg (bits 0, 1, 2: the
  *          forward, the dQ pass, the dK/dV pass with warpgroup products; bits 3, 4: the dQ and
- *          dK/dV passes with warpgroup products reading every operand from shared memory; HS
- *          64, one row tile each), eager (1: the forward's softmax reference is the running max,
- *          flash_forward_max_slack 0), rope (1: the backward takes dQ and dK back through RoPE in
+ *          dK/dV passes with warpgroup products reading every operand from shared memory; bits
+ *          5, 6: the pipelined warpgroup forward with one or two warpgroups a block, at most one
+ *          of bits 0, 5, 6; bits 7, 8: the pipelined warpgroup dQ pass likewise, at most one of
+ *          bits 1, 3, 7, 8; HS 64, one row tile each), eager (1: the forward's softmax
+ *          reference is the running max, flash_forward_max_slack 0), rope (1: the backward takes dQ and dK back through RoPE in
  *          its epilogue; 2: rope_backward's rotation on the host after the backward; 0: none;
  *          the table as rope_table_host's, theta 10000), rope_fwd (1: the k heads rotated by
  *          rope_forward's arithmetic on the host, then the forward rotating the q heads as it
@@ -79,7 +81,21 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv, co
                        else flash_attention_forward_kernel<HS, 1, 0, 1>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack);
                    });
     }
-    if (!wg_ok || !(wg & 1))
+    if constexpr (wg_ok) {
+        for (int wgs = 1; wgs <= 2; wgs++) {   // the pipelined forward with one (bit 5) or two (bit 6) warpgroups a block
+            if (!(wg & (16 << wgs))) continue;
+            Dim3 grid_p = grid_of(lpt, NH, B, (T + wgs * FLASH_ROWS - 1) / (wgs * FLASH_ROWS));
+            size_t smem = wgs == 1 ? flash_forward_pipelined_smem<1>() : flash_forward_pipelined_smem<2>();
+            launch(grid_p, wgs * FLASH_THREADS, smem, [=] {
+                float slack = flash_forward_max_slack;
+                if (wgs == 1 && rope_fwd) flash_attention_forward_pipelined_kernel<1, 1>(out, lse, qkv, T, NH, NKV, lpt, slack, rope_fwd, q_rotated);
+                else if (wgs == 1) flash_attention_forward_pipelined_kernel<1>(out, lse, qkv, T, NH, NKV, lpt, slack);
+                else if (rope_fwd) flash_attention_forward_pipelined_kernel<2, 1>(out, lse, qkv, T, NH, NKV, lpt, slack, rope_fwd, q_rotated);
+                else flash_attention_forward_pipelined_kernel<2>(out, lse, qkv, T, NH, NKV, lpt, slack);
+            });
+        }
+    }
+    if (!wg_ok || !(wg & (1 | 32 | 64)))
         launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, RW>(),
                [=] {
                    if (rope_fwd) flash_attention_forward_kernel<HS, RW, 0, 0, 1>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack,
@@ -96,6 +112,15 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv, co
         else if (wg & 16)
             launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS, 2>(),
                    [=] { flash_attention_backward_dkv_kernel<HS, 0, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
+        for (int wgs = 1; wgs <= 2; wgs++) {   // the pipelined dQ pass with one (bit 7) or two (bit 8) warpgroups a block
+            if (!(wg & (64 << wgs))) continue;
+            Dim3 grid_p = grid_of(lpt, NH, B, (T + wgs * FLASH_ROWS - 1) / (wgs * FLASH_ROWS));
+            size_t smem = wgs == 1 ? flash_dq_pipelined_smem<1>() : flash_dq_pipelined_smem<2>();
+            launch(grid_p, wgs * FLASH_THREADS, smem, [=] {
+                if (wgs == 1) flash_attention_backward_dq_pipelined_kernel<1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope);
+                else flash_attention_backward_dq_pipelined_kernel<2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope);
+            });
+        }
         if (wg & 2)
             launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, 1, 1>(),
                    [=] { flash_attention_backward_dq_kernel<HS, 1, 1, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
@@ -111,7 +136,7 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv, co
         launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
                [=] { flash_attention_backward_dkv_kernel<HS, 0, KVREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
     }
-    if (!wg_ok || !(wg & (2 | 8)))
+    if (!wg_ok || !(wg & (2 | 8 | 128 | 256)))
         launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(),
                [=] { flash_attention_backward_dq_kernel<HS, DQ_RW, QREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
 }
@@ -180,7 +205,8 @@ int main(int argc, char **argv) {
     if (dims[11]) flash_forward_max_slack = 0.0f;
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
         (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64) ||
-        ((qreg || kvreg) && HS != 64) || kvreg < 0 || kvreg > 2 || (kvreg == 2 && (wg & (4 | 16))) || (qreg && DQ_RW != 1) || wg < 0 || wg > 31 || (wg & 10) == 10 || (wg & 20) == 20 ||
+        ((qreg || kvreg) && HS != 64) || kvreg < 0 || kvreg > 2 || (kvreg == 2 && (wg & (4 | 16))) || (qreg && DQ_RW != 1) || wg < 0 || wg > 511 || (wg & 20) == 20 ||
+        __builtin_popcount(wg & (1 | 32 | 64)) > 1 || __builtin_popcount(wg & (2 | 8 | 128 | 256)) > 1 ||
         (wg && (HS != 64 || RW != 1 || DQ_RW != 1)) || rope_mode < 0 || rope_mode > 2 ||
         rope_fwd_mode < 0 || rope_fwd_mode > 2) {
         fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d\n", argv[1], B, T, NH,

@@ -111,7 +111,7 @@ static Dim3 threadIdx, blockIdx, gridDim, blockDim;
 // ---------------------------------------------------------------------------------------------
 // the block scheduler: one ucontext per thread
 
-enum { RUNNABLE, AT_WARP_BARRIER, AT_BLOCK_BARRIER, DONE };
+enum { RUNNABLE, AT_WARP_BARRIER, AT_WARPGROUP_BARRIER, AT_BLOCK_BARRIER, DONE };
 struct AsyncCopy { uint32_t dst; int size; unsigned char data[16]; };
 struct EmuThread {
     ucontext_t context;   // where the thread starts
@@ -312,6 +312,9 @@ static __attribute__((noinline)) void run_thread(int t) {
 }
 static void __syncthreads() { wait_at(AT_BLOCK_BARRIER); }
 static void warp_barrier() { wait_at(AT_WARP_BARRIER); }
+// the 128 threads of the caller's warpgroup (4 consecutive warps; the emulated wgmma's operand
+// exchange), passed when all of them are at it
+static void warpgroup_barrier() { wait_at(AT_WARPGROUP_BARRIER); }
 
 // A fresh context for thread t that starts in thread_entry (apart from launch's loops: getcontext
 // returns twice in the compiler's eyes, which would pin their variables to memory)
@@ -371,6 +374,14 @@ static void launch_blocks(Dim3 grid, Dim3 block, size_t smem_bytes, std::functio
                 for (int l = 0; l < lanes; l++) at_warp += threads[w * 32 + l].state == AT_WARP_BARRIER;
                 if (at_warp == lanes) {
                     for (int l = 0; l < lanes; l++) threads[w * 32 + l].state = RUNNABLE;
+                    released = true;
+                }
+            }
+            for (int g = 0; g * 128 < n; g++) {
+                int members = n - g * 128 < 128 ? n - g * 128 : 128, at_group = 0;
+                for (int i = 0; i < members; i++) at_group += threads[g * 128 + i].state == AT_WARPGROUP_BARRIER;
+                if (at_group == members) {
+                    for (int i = 0; i < members; i++) threads[g * 128 + i].state = RUNNABLE;
                     released = true;
                 }
             }

@@ -81,8 +81,8 @@ static inline void flash_ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ld
 static void flash_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { emu_mma(d, a, b0, b1); }
 
 // wgmma.mma_async.m64n64k16.f32.bf16.bf16 with A in registers and B in shared memory, from the PTX
-// ISA: the block (one warpgroup of 4 warps) exchanges its A fragments (warp w holds rows 16w..
-// 16w + 15 in the m16n8k16 A layout) and descriptors through a block barrier; B (16 x 64) is read
+// ISA: a warpgroup (4 consecutive warps of the block) exchanges its A fragments (warp w holds rows 16w..
+// 16w + 15 in the m16n8k16 A layout) and descriptors through a warpgroup barrier; B (16 x 64) is read
 // through the descriptor by the ISA's canonical no-swizzle layouts, with T = 8 bf16 (16 bytes),
 // k = k0 + 8 k1 and n = n0 + 8 n1 (start, LBO and SBO in bytes from the descriptor):
 //   K-major  (imm-trans-b 0)  byte start + n0 * 16 + n1 * SBO + k0 * 2 + k1 * LBO
@@ -101,14 +101,15 @@ struct WgOp {
     uint64_t desc_a, desc;
     int trans_b, acc;
 };
-static std::vector<WgOp> wg_issued[128];       // each thread's products not yet executed, in issue order
-static std::vector<size_t> wg_committed[128];  // the sizes of its committed groups not yet executed, oldest first
-static uint32_t wg_a[128][4];
-static uint64_t wg_desc[128], wg_desc_a[128];
-static size_t wg_count[128];
+static std::vector<WgOp> wg_issued[1024];       // each thread's products not yet executed, in issue order
+static std::vector<size_t> wg_committed[1024];  // the sizes of its committed groups not yet executed, oldest first
+static uint32_t wg_a[1024][4];
+static uint64_t wg_desc[1024], wg_desc_a[1024];
+static size_t wg_count[1024];
 static inline void flash_wgmma_fence() {}
 static inline void flash_fence_proxy_async() {}
 template <int NB> static inline void flash_acc_fence(float (&)[NB][4]) {}
+template <int NB> static inline void flash_frag_fence(uint32_t (&)[NB][4]) {}
 // the byte address of element (k, mn) of a 16 x 64 (B) or 64 x 16 (A, mn its row) operand
 // through a no-swizzle descriptor, by the canonical layouts above; checked inside shared memory
 static uint32_t wg_element(uint64_t desc, int trans, int k, int mn) {
@@ -120,9 +121,11 @@ static uint32_t wg_element(uint64_t desc, int trans, int k, int mn) {
     check_smem(addr, 2, 2);
     return addr;
 }
+// the first thread of the caller's warpgroup (128 consecutive threads)
+static inline int wg_base() { return current_thread / 128 * 128; }
 // the warpgroup's common value (every thread gave the same), after the exchange barrier
 static void wg_same(const uint64_t *values, uint64_t value, const char *what) {
-    for (int u = 0; u < 128; u++)
+    for (int u = wg_base(); u < wg_base() + 128; u++)
         if (values[u] != value) emu_fail(what);
 }
 // D += A B (or D = A B) for this thread's accumulators, A from the exchanged registers or through
@@ -135,15 +138,16 @@ static void wgmma_emulated(const WgOp &op) {
     } else {
         for (int u = 0; u < 128; u++) {
             int w = u / 32, g = (u % 32) / 4, c = u % 4, r = 16 * w + g;
-            A[r][2 * c] = lo_f32(wg_a[u][0]);         A[r][2 * c + 1] = hi_f32(wg_a[u][0]);
-            A[r + 8][2 * c] = lo_f32(wg_a[u][1]);     A[r + 8][2 * c + 1] = hi_f32(wg_a[u][1]);
-            A[r][2 * c + 8] = lo_f32(wg_a[u][2]);     A[r][2 * c + 9] = hi_f32(wg_a[u][2]);
-            A[r + 8][2 * c + 8] = lo_f32(wg_a[u][3]); A[r + 8][2 * c + 9] = hi_f32(wg_a[u][3]);
+            const uint32_t *a = wg_a[wg_base() + u];
+            A[r][2 * c] = lo_f32(a[0]);         A[r][2 * c + 1] = hi_f32(a[0]);
+            A[r + 8][2 * c] = lo_f32(a[1]);     A[r + 8][2 * c + 1] = hi_f32(a[1]);
+            A[r][2 * c + 8] = lo_f32(a[2]);     A[r][2 * c + 9] = hi_f32(a[2]);
+            A[r + 8][2 * c + 8] = lo_f32(a[3]); A[r + 8][2 * c + 9] = hi_f32(a[3]);
         }
     }
     for (int k = 0; k < 16; k++)
         for (int n = 0; n < 64; n++) B[k][n] = to_f32(floatX{smem_bf16(wg_element(op.desc, op.trans_b, k, n))});
-    int t = current_thread, w = t / 32, g = (t % 32) / 4, c = t % 4;
+    int t = current_thread, w = t % 128 / 32, g = (t % 32) / 4, c = t % 4;
     for (int j = 0; j < 8; j++)
         for (int e = 0; e < 4; e++) {
             int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * c + (e & 1);
@@ -153,7 +157,8 @@ static void wgmma_emulated(const WgOp &op) {
         }
 }
 static void wg_issue(const WgOp &op) {
-    if (blockDim.x != 128) emu_fail("wgmma: the emulation takes blocks of one warpgroup");
+    if (blockDim.x % 128 != 0 || blockDim.y != 1 || blockDim.z != 1)
+        emu_fail("wgmma: the emulation takes blocks of whole warpgroups in x");
     wg_issued[current_thread].push_back(op);
 }
 template <int TRANS_B, int ACC = 1>   // ACC 0: the accumulators' earlier values are not read
@@ -184,19 +189,19 @@ template <int N> static void flash_wgmma_wait_group() {
         wg_committed[t].erase(wg_committed[t].begin());
     }
     wg_count[t] = ops;
-    __syncthreads();
-    for (int u = 0; u < 128; u++)
+    warpgroup_barrier();
+    for (int u = wg_base(); u < wg_base() + 128; u++)
         if (wg_count[u] != ops) emu_fail("wgmma: the warpgroup's threads wait for different products");
     for (size_t i = 0; i < ops; i++) {
         const WgOp &op = wg_issued[t][i];
         if (op.a) memcpy(wg_a[t], op.a, sizeof(wg_a[t]));
         wg_desc[t] = op.desc;
         wg_desc_a[t] = op.a ? ~(uint64_t)0 : op.desc_a;
-        __syncthreads();
+        warpgroup_barrier();
         wg_same(wg_desc, op.desc, "wgmma: the warpgroup's threads gave different descriptors");
         wg_same(wg_desc_a, wg_desc_a[t], "wgmma: the warpgroup's threads gave different A operands");
         wgmma_emulated(op);
-        __syncthreads();
+        warpgroup_barrier();
     }
     wg_issued[t].erase(wg_issued[t].begin(), wg_issued[t].begin() + ops);
 }

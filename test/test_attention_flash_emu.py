@@ -9,9 +9,10 @@ exercise the online rescaling; each runs with the asynchronous copies landing la
 and early (when issued), which exposes a missing wait or a prefetch overwriting a stage in use.
 The forward and the dQ pass also run with two 16-row tiles per warp (128 query rows a block, head
 size 64), and that dQ must equal the one-tile dQ bit for bit. The warpgroup (wgmma) kernels must
-equal the mma.sync kernels bit for bit; their products are executed at the wait for them (as late
-as the hardware may run them), so an accumulator read early, or an operand changed before the
-wait, shows."""
+equal the mma.sync kernels bit for bit, the pipelined forward (a key tile's softmax beside the
+previous tile's P V, one or two warpgroups a block) too; their products are executed at the wait
+for them (as late as the hardware may run them), so an accumulator read early, or an operand
+changed before the wait, shows."""
 import math
 import shutil
 import subprocess
@@ -106,7 +107,9 @@ def run_emulator_full(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None,
     forward_rw, which runs the forward with other row tiles than the shape's, or qreg / kvreg (the
     dQ pass's Q and dO, the dK/dV pass's K and V fragments held in registers), or wg (bits 0, 1, 2:
     the forward, the dQ pass, the dK/dV pass with warpgroup products; bits 3, 4: the dQ and dK/dV
-    passes with warpgroup products reading every operand from shared memory), or eager (1: the
+    passes with warpgroup products reading every operand from shared memory; bits 5, 6: the
+    pipelined warpgroup forward, bits 7, 8: the pipelined warpgroup dQ pass, each with one or two
+    warpgroups a block), or eager (1: the
     forward's softmax reference is the running max itself, rescaled at every move), or rope (1: dQ
     and dK taken back through RoPE in the backward's epilogue, 2: by rope_backward's arithmetic on
     the host after the backward), or rope_fwd (1: the k heads rotated by rope_forward's arithmetic
@@ -258,21 +261,22 @@ def rope_oracle(x, NH, NKV, HS, sign, theta=10000.0):
     return out
 
 
-@pytest.mark.parametrize("shape,kvreg", [((2, 37, 2, 2, 64, 1.0, 1, 1), 0), ((1, 200, 9, 3, 64, 1.0, 1, 2), 0),
-                                         ((1, 300, 6, 2, 64, 1.0, 1, 1), 2), ((1, 150, 2, 2, 128, 1.0, 1, 1), 0),
-                                         ((1, 130, 4, 2, 64, 1.0, 1, 1), 1)],
-                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s if isinstance(s, tuple) else "kv%d" % s)
-def test_flash_backward_rope_epilogue(emulator, tmp_path, shape, kvreg):
+@pytest.mark.parametrize("shape,kvreg,wg", [((2, 37, 2, 2, 64, 1.0, 1, 1), 0, 0), ((1, 200, 9, 3, 64, 1.0, 1, 2), 0, 0),
+                                            ((1, 300, 6, 2, 64, 1.0, 1, 1), 2, 0), ((1, 150, 2, 2, 128, 1.0, 1, 1), 0, 0),
+                                            ((1, 130, 4, 2, 64, 1.0, 1, 1), 1, 0), ((1, 130, 4, 2, 64, 1.0, 1, 1), 0, 128),
+                                            ((1, 200, 9, 3, 64, 1.0, 1, 1), 0, 256)],
+                         ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s if isinstance(s, tuple) else str(s))
+def test_flash_backward_rope_epilogue(emulator, tmp_path, shape, kvreg, wg):
     """The backward taking dQ and dK back through RoPE in its epilogues gives, bit for bit, what
     rope_backward's arithmetic makes of the plain backward's dqkv (head sizes 64 and 128, grouped
-    heads, T not a multiple of the tiles, the dQ pass with two row tiles, the dK/dV pass with K and
-    V in registers or two key row tiles), and matches the float64 oracle rotated back; the values
-    are rotated (the rotation at position 0 is the identity, so a tile left alone would show from
-    position 1 on)."""
+    heads, T not a multiple of the tiles, the dQ pass with two row tiles or pipelined with one or
+    two warpgroups a block, the dK/dV pass with K and V in registers or two key row tiles), and
+    matches the float64 oracle rotated back; the values are rotated (the rotation at position 0 is
+    the identity, so a tile left alone would show from position 1 on)."""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
-    fused = run_emulator(emulator, tmp_path, shape, "late", kvreg=kvreg, rope=1)
-    after = run_emulator(emulator, tmp_path, shape, "late", kvreg=kvreg, rope=2)
-    plain = run_emulator(emulator, tmp_path, shape, "late", kvreg=kvreg)
+    fused = run_emulator(emulator, tmp_path, shape, "late", kvreg=kvreg, wg=wg, rope=1)
+    after = run_emulator(emulator, tmp_path, shape, "late", kvreg=kvreg, wg=wg, rope=2)
+    plain = run_emulator(emulator, tmp_path, shape, "late", kvreg=kvreg, wg=wg)
     differ = int(np.count_nonzero(fused[4].view(np.uint32) != after[4].view(np.uint32)))
     assert differ == 0, f"{differ} of {fused[4].size} dqkv elements differ from the backward followed by rope_backward"
     assert not np.array_equal(fused[4], plain[4])
@@ -283,14 +287,16 @@ def test_flash_backward_rope_epilogue(emulator, tmp_path, shape, kvreg):
 
 @pytest.mark.parametrize("shape,wg", [((2, 37, 2, 2, 64, 1.0, 1, 1), 0), ((1, 200, 9, 3, 64, 1.0, 1, 1), 0),
                                       ((1, 300, 4, 2, 64, 1.0, 2, 1), 0), ((1, 150, 2, 2, 128, 1.0, 1, 1), 0),
-                                      ((1, 130, 4, 2, 64, 1.0, 1, 1), 1), ((1, 1, 1, 1, 64, 1.0, 1, 1), 0)],
+                                      ((1, 130, 4, 2, 64, 1.0, 1, 1), 1), ((1, 1, 1, 1, 64, 1.0, 1, 1), 0),
+                                      ((1, 130, 4, 2, 64, 1.0, 1, 1), 32), ((1, 200, 4, 2, 64, 1.0, 1, 1), 64)],
                          ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s if isinstance(s, tuple) else "wg%d" % s)
 def test_flash_forward_rope_on_load(emulator, tmp_path, shape, wg):
     """The forward rotating its query rows by RoPE as it loads them and storing them back
     (attention_flash_forward_rope, the k heads rotated before it) gives, bit for bit, the out,
     lse and qkv that RoPE's arithmetic on the q and k heads before the plain forward gives, and
     so the same dqkv from the backward reading that qkv (head sizes 64 and 128, grouped heads, T
-    not a multiple of the tiles, two row tiles a warp, the warpgroup forward); qkv afterwards is
+    not a multiple of the tiles, two row tiles a warp, the warpgroup forward, the pipelined one
+    with one and two warpgroups a block); qkv afterwards is
     rotated (position 0 is the identity, so a tile left alone would show from position 1 on) and
     matches the float64 rotation, and out the oracle's attention on it."""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
@@ -315,12 +321,18 @@ def test_flash_forward_rope_on_load(emulator, tmp_path, shape, wg):
 # is the product's result only once waited for), and changing an A register before the wait (the
 # tensor cores may read it at any time until then); each puts things back after the wait, so that
 # only a product run later than its issue sees the difference.
+# The third misuse is the pipelined forward's: leaving out the wait for the previous tile's P V
+# before O is rescaled and P's fragments are rewritten (the next wait then runs that product on
+# the changed registers). Each: (the text replaced, its replacement, the emulator's wg bits).
 WGMMA_S_WAIT = "flash_wgmma_finish(s[0]);"
+WGMMA_PV_WAIT = "flash_wgmma_wait_group<0>();   // P V of tile j - 1: O, and pa free again"
 WGMMA_MISUSES = {
     "accumulator read before the wait":
-        "flash_wgmma_commit(); float early = s[0][0][0]; flash_wgmma_wait(); s[0][0][0] = early;",
+        (WGMMA_S_WAIT, "flash_wgmma_commit(); float early = s[0][0][0]; flash_wgmma_wait(); s[0][0][0] = early;", 1),
     "A register changed before the wait":
-        "uint32_t kept = q_frag[0][0][0]; q_frag[0][0][0] = 0; flash_wgmma_finish(s[0]); q_frag[0][0][0] = kept;",
+        (WGMMA_S_WAIT,
+         "uint32_t kept = q_frag[0][0][0]; q_frag[0][0][0] = 0; flash_wgmma_finish(s[0]); q_frag[0][0][0] = kept;", 1),
+    "pipelined: no wait for P V before its operands change": (WGMMA_PV_WAIT, "", 64),
 }
 
 
@@ -330,16 +342,17 @@ def test_wgmma_products_run_at_their_wait(emulator, tmp_path, misuse):
     at its issue, so a kernel that reads an accumulator before that wait or changes an A operand
     before it gives other results under the emulation (the changed kernel is built from a copy of
     attention_flash.cuh), while the kernel as it is gives the mma.sync kernels' bits."""
+    target, replacement, wg = WGMMA_MISUSES[misuse]
     source = (ROOT / "llmc" / "attention_flash.cuh").read_text()
-    assert source.count(WGMMA_S_WAIT) == 1, "the forward's wait for S = Q K^T is not where this test expects it"
+    assert source.count(target) == 1, "the wait this test changes is not where it expects it"
     headers = tmp_path / "changed"
     headers.mkdir()
-    (headers / "attention_flash.cuh").write_text(source.replace(WGMMA_S_WAIT, WGMMA_MISUSES[misuse]))
+    (headers / "attention_flash.cuh").write_text(source.replace(target, replacement))
     changed = build_emulator(tmp_path, headers)
-    shape = (2, 37, 2, 2, 64, 1.0, 1, 1)
+    shape = (2, 150, 2, 2, 64, 1.0, 1, 1)
     plain = run_emulator(emulator, tmp_path, shape, "late", qreg=1, kvreg=1)
     for exe, should_differ in ((emulator, False), (changed, True)):
-        out = run_emulator(exe, tmp_path, shape, "late", qreg=1, kvreg=1, wg=1)[2]   # the warpgroup forward
+        out = run_emulator(exe, tmp_path, shape, "late", qreg=1, kvreg=1, wg=wg)[2]   # a warpgroup forward
         differ = int(np.count_nonzero(out.view(np.uint32) != plain[2].view(np.uint32)))
         assert (differ > 0) == should_differ, f"{misuse}: {differ} of {out.size} outputs differ from the mma.sync forward"
 
@@ -353,16 +366,17 @@ def test_flash_wgmma(emulator, tmp_path, shape):
     under the emulation, which does both from the PTX ISA's definitions, the forward's out and lse
     and the backward's dqkv equal those of the kernels with the same fragments in registers (the
     dQ pass's Q and dO, the dK/dV pass's K and V) bit for bit, each pass alone and all three
-    together, and so do the backward passes reading those operands from shared memory as well;
-    with the copies landing early they also match the oracle."""
+    together, and so do the backward passes reading those operands from shared memory as well
+    and the pipelined forward and dQ pass with one or two warpgroups a block; with the copies
+    landing early they also match the oracle."""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     plain = run_emulator(emulator, tmp_path, shape, "late", qreg=1, kvreg=1)
-    for wg in (1, 2, 4, 7, 8, 16, 25):
+    for wg in (1, 2, 4, 7, 8, 16, 25, 32, 64, 38, 88, 128, 256, 164, 336):
         got = run_emulator(emulator, tmp_path, shape, "late", qreg=1, kvreg=1, wg=wg)
         for name, a, b in zip(("out", "lse", "dqkv"), got[2:], plain[2:]):
             differ = int(np.count_nonzero(a.view(np.uint32) != b.view(np.uint32)))
             assert differ == 0, f"wg={wg} {name}: {differ} of {a.size} elements differ from the mma.sync kernels"
-    for wg in (7, 25):
+    for wg in (7, 25, 38, 88, 164, 336):
         qkv, dout, out, lse, dqkv = run_emulator(emulator, tmp_path, shape, "early", qreg=1, kvreg=1, wg=wg)
         ref_out, ref_lse, ref_dqkv = oracle(qkv, dout, NH, NKV, HS)
         assert rel_err(out, ref_out) < 5e-3
