@@ -1521,6 +1521,142 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_a
     flash_store_tile<BM, HS, NT>(dqkv, sK, b, q0, T, QKV, h * HS);
 }
 
+// The dK/dV pass on warpgroup products with the arithmetic overlapping them (flash_dkv_wgmma 3
+// and 4: one or two warpgroups a block; head size 64, sm_90a). Per query tile, S^T = K Q^T and
+// dP^T = V dO^T are issued as two groups; once S^T has come, P^T is formed while dP^T is on the
+// tensor cores and dV += P^T dO is issued at once; once dP^T has come, dS^T = P^T (dP^T - D) is
+// formed while dV's product runs, then dK += dS^T Q; both are waited for within the tile. Every
+// product sums the same terms in the same order and P^T, dS^T take the same expressions, so dK
+// and dV have the bits of the other dK/dV kernels. WGS warpgroups a block, each with 64 key rows
+// of the block's 64 WGS, the Q and dO tiles shared (half the L2 traffic a product with two); the
+// second of two warpgroups skips each head's first query tile, which lies wholly before its keys
+// (the one-warpgroup kernel's block for those keys starts a tile later). K and V are read by the
+// tensor cores from shared memory. Shared: K, V (64 WGS x 64, core-matrix layout); Q, dO (64 x
+// 64) x 2 stages; lse, D (64) x 2 stages. dK and dV are staged for their stores in the K and V
+// region and in the Q and dO stages.
+template <int WGS>
+constexpr size_t flash_dkv_pipelined_smem() {
+    return (size_t)(2 * WGS * FLASH_ROWS + 4 * 64) * 64 * sizeof(floatX) + 4 * 64 * sizeof(float);
+}
+template <int WGS>
+__global__ void __launch_bounds__(WGS * FLASH_THREADS) flash_attention_backward_dkv_pipelined_kernel(
+    floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
+    int lpt, const float *rope_cos_sin) {
+    constexpr int HS = 64, NT = WGS * FLASH_THREADS, BN = WGS * FLASH_ROWS, BM = 64, LDS = HS + FLASH_PAD, QS = BM * HS;
+    static_assert(WGS == 1 || WGS == 2, "one or two warpgroups a block");
+    static_assert(BN * LDS <= 2 * BN * HS && BN * LDS <= 4 * QS, "dK and dV's staging fits in K, V and the Q, dO stages");
+    floatX *sK = (floatX *)flash_dynamic_smem();   // warpgroup w's 64 key rows at sK + w * 64 * HS, likewise V
+    floatX *sV = sK + BN * HS;
+    floatX *sQ = sV + BN * HS;   // stage s at sQ + s * QS
+    floatX *sG = sQ + 2 * QS;    // dout, likewise
+    float *sL = (float *)(sG + 2 * QS);   // lse, stage s at sL + s * BM
+    float *sD = sL + 2 * BM;
+    const int lane = threadIdx.x % 32, wg = threadIdx.x / FLASH_THREADS, warp = threadIdx.x / 32 % 4, g = lane >> 2,
+              c = lane & 3;
+    int kvh, b, tile, tiles;
+    flash_block(lpt, kvh, b, tile, tiles);
+    const int k0 = tile * BN, wk0 = k0 + wg * FLASH_ROWS, group = NH / NKV;
+    const int QKV = (NH + 2 * NKV) * HS;
+    const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
+    const int n_q = (T + BM - 1) / BM - k0 / BM;   // query tiles at or after the block's first key
+    const int iterations = group * n_q;
+    const int key0 = wk0 + warp * 16 + g, key1 = key0 + 8;
+    const floatX *sKw = sK + wg * FLASH_ROWS * HS, *sVw = sV + wg * FLASH_ROWS * HS;
+
+    auto load_q = [&](int stage, int h, int q0) {
+        flash_load_tile_wg<BM, HS, NT>(sQ + stage * QS, qkv, b, q0, T, QKV, h * HS);
+        flash_load_tile_wg<BM, HS, NT>(sG + stage * QS, dout, b, q0, T, NH * HS, h * HS);
+        flash_load_stats<BM>(sL + stage * BM, lse + ((size_t)b * NH + h) * T, q0, T);   // threads 0 .. 63
+        flash_load_stats<BM>(sD + stage * BM, D + ((size_t)b * NH + h) * T, q0, T);
+    };
+    flash_load_tile_wg<BN, HS, NT>(sK, qkv, b, k0, T, QKV, (NH + kvh) * HS);
+    flash_load_tile_wg<BN, HS, NT>(sV, qkv, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+    load_q(0, kvh * group, k0);
+    cp_async_commit();
+
+    float dk[HS / 8][4], dv[HS / 8][4], s[BM / 8][4], dp[BM / 8][4];
+    uint32_t pa[BM / 16][4], dsa[BM / 16][4];
+    #pragma unroll
+    for (int nd = 0; nd < HS / 8; nd++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) dk[nd][e] = dv[nd][e] = 0.0f;
+
+    for (int it = 0; it < iterations; it++) {
+        const int stage = it & 1, q0 = k0 + (it % n_q) * BM;
+        cp_async_wait<0>();   // this tile (and at it = 0 K and V)
+        flash_fence_proxy_async();
+        __syncthreads();      // every thread's copies landed, the previous tile's products waited for
+        if (it + 1 < iterations) {
+            load_q(stage ^ 1, kvh * group + (it + 1) / n_q, k0 + ((it + 1) % n_q) * BM);
+            cp_async_commit();
+        }
+        if (wg == 1 && it % n_q == 0) continue;   // the second warpgroup: queries wholly before its keys
+        const floatX *q_tile = sQ + stage * QS, *g_tile = sG + stage * QS;
+        const float *l_tile = sL + stage * BM, *d_tile = sD + stage * BM;
+        flash_wgmma_fence();
+        flash_wgmma_ss<0, 0>(s, flash_wg_desc_k<HS>(sKw, 0), flash_wg_desc_k<HS>(q_tile, 0));
+        #pragma unroll
+        for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(s, flash_wg_desc_k<HS>(sKw, kk), flash_wg_desc_k<HS>(q_tile, kk));
+        flash_wgmma_commit();
+        flash_wgmma_ss<0, 0>(dp, flash_wg_desc_k<HS>(sVw, 0), flash_wg_desc_k<HS>(g_tile, 0));
+        #pragma unroll
+        for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(dp, flash_wg_desc_k<HS>(sVw, kk), flash_wg_desc_k<HS>(g_tile, kk));
+        flash_wgmma_commit();
+        flash_wgmma_wait_group<1>();   // S^T
+        flash_acc_fence(s);
+        // P^T = exp(s - lse) (masked: query before the key, or past T), while dP^T is on the tensor cores
+        const bool need_mask = q0 < wk0 + FLASH_ROWS || q0 + BM > T;
+        #pragma unroll
+        for (int nb = 0; nb < BM / 8; nb++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int qi = nb * 8 + 2 * c + (e & 1), query = q0 + qi;
+                float p = flash_exp2(s[nb][e] * scale_log2 - l_tile[qi] * FLASH_LOG2E);
+                if (need_mask && (query < (e < 2 ? key0 : key1) || query >= T)) p = 0.0f;
+                s[nb][e] = p;
+            }
+        }
+        #pragma unroll
+        for (int kb = 0; kb < BM / 16; kb++) flash_acc_to_a<BM / 8>(pa[kb], s, kb);
+        flash_acc_fence(s);
+        flash_frag_fence(pa);
+        flash_wgmma_fence();
+        #pragma unroll   // dV += P^T dO (the queries are the k dimension)
+        for (int kb = 0; kb < BM / 16; kb++) flash_wgmma<1>(dv, pa[kb], flash_wg_desc_mn<HS>(g_tile, kb));
+        flash_wgmma_commit();
+        flash_wgmma_wait_group<1>();   // dP^T
+        flash_acc_fence(dp);
+        // dS^T = P^T (dP^T - D), while dV's product runs
+        #pragma unroll
+        for (int nb = 0; nb < BM / 8; nb++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) dp[nb][e] = s[nb][e] * (dp[nb][e] - d_tile[nb * 8 + 2 * c + (e & 1)]);
+        #pragma unroll
+        for (int kb = 0; kb < BM / 16; kb++) flash_acc_to_a<BM / 8>(dsa[kb], dp, kb);
+        flash_frag_fence(dsa);
+        flash_wgmma_fence();
+        #pragma unroll   // dK += dS^T Q
+        for (int kb = 0; kb < BM / 16; kb++) flash_wgmma<1>(dk, dsa[kb], flash_wg_desc_mn<HS>(q_tile, kb));
+        flash_wgmma_commit();
+        flash_wgmma_wait_group<0>();
+        flash_acc_fence(dv);
+        flash_acc_fence(dk);
+    }
+
+    // no product reads the tiles any more once every thread is here: dK staged in the K and V
+    // region, dV in the Q and dO stages
+    __syncthreads();
+    flash_stage_acc<HS, LDS>(sK, dk, wg * FLASH_ROWS + warp * 16, scale, scale, lane);
+    flash_stage_acc<HS, LDS>(sQ, dv, wg * FLASH_ROWS + warp * 16, 1.0f, 1.0f, lane);
+    __syncthreads();
+    if (rope_cos_sin) {   // dK back through RoPE (flash_rope_tile)
+        flash_rope_tile<BN, HS, NT>(sK, rope_cos_sin, k0, T, -1.0f);
+        __syncthreads();
+    }
+    flash_store_tile<BN, HS, NT>(dqkv, sK, b, k0, T, QKV, (NH + kvh) * HS);
+    flash_store_tile<BN, HS, NT>(dqkv, sQ, b, k0, T, QKV, (NH + NKV + kvh) * HS);
+}
+
 // ---------------------------------------------------------------------------------------------
 // launchers (test/attention_flash_emu.cpp launches the kernels itself; the whole-model emulator,
 // test/model_cuda_emu.cpp, runs these with ATTENTION_FLASH_EMULATED_LAUNCHERS)
@@ -1569,9 +1705,9 @@ static int flash_forward_lpt = 0;
 static int flash_backward_lpt = 0;
 // Warpgroup products (wgmma; head size 64, only where flash_wgmma_supported): the forward (0;
 // 1; 2 and 3 pipelined, flash_attention_forward_pipelined_kernel, with one or two warpgroups a
-// block), the dQ pass (3 and 4: pipelined, flash_attention_backward_dq_pipelined_kernel, with one
-// or two warpgroups a block) and the dK/dV pass (0; 1 with Q and dO, K and V in registers; 2 with them read
-// from shared memory too).
+// block), the dQ pass and the dK/dV pass (0; 1 with Q and dO, K and V in registers; 2 with them
+// read from shared memory too; 3 and 4 pipelined, flash_attention_backward_dq_pipelined_kernel
+// and flash_attention_backward_dkv_pipelined_kernel, with one or two warpgroups a block).
 static int flash_forward_wgmma = 0;
 static int flash_dq_wgmma = 0;
 static int flash_dkv_wgmma = 0;
@@ -1716,17 +1852,21 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     // DQ_WG 3 and 4: the pipelined dQ pass with one or two warpgroups a block
     constexpr int DQ_PIPE = DQ_WG >= 3 ? DQ_WG - 2 : 0, DQ_ROWS = DQ_PIPE ? DQ_PIPE * FLASH_ROWS : DQ_RW * FLASH_ROWS;
     static_assert(!DQ_PIPE || (HS == 64 && DQ_RW == 1 && !DQ_QREG), "the pipelined dQ pass: head size 64, one row tile");
+    // DKV_WG 3 and 4: the pipelined dK/dV pass with one or two warpgroups a block
+    constexpr int DKV_PIPE = DKV_WG >= 3 ? DKV_WG - 2 : 0, DKV_ROWS = DKV_PIPE ? DKV_PIPE * FLASH_ROWS : DKV_RW * FLASH_ROWS;
+    static_assert(!DKV_PIPE || (HS == 64 && DKV_RW == 1 && !DKV_KVREG && !DKV_MINB), "the pipelined dK/dV pass: head size 64");
     static bool dkv_set = false, dq_set = false;
-    constexpr size_t dkv_smem = flash_dkv_smem<HS, DKV_WG, DKV_RW>();
+    constexpr size_t dkv_smem = DKV_PIPE ? flash_dkv_pipelined_smem<DKV_PIPE ? DKV_PIPE : 1>() : flash_dkv_smem<HS, DKV_WG, DKV_RW>();
     constexpr size_t dq_smem = DQ_PIPE ? flash_dq_pipelined_smem<DQ_PIPE ? DQ_PIPE : 1>() : flash_dq_smem<HS, DQ_RW, DQ_WG>();
-    flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW>, dkv_smem, &dkv_set);
+    if constexpr (DKV_PIPE) flash_allow_smem(flash_attention_backward_dkv_pipelined_kernel<DKV_PIPE>, dkv_smem, &dkv_set);
+    else flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW>, dkv_smem, &dkv_set);
     if constexpr (DQ_PIPE) flash_allow_smem(flash_attention_backward_dq_pipelined_kernel<DQ_PIPE>, dq_smem, &dq_set);
     else flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG>, dq_smem, &dq_set);
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
     cudaCheckLaunch();
     const int lpt = flash_backward_lpt;
-    dim3 grid_kv = flash_grid(lpt, NKV, B, ceil_div(T, DKV_RW * FLASH_ROWS)), grid_q = flash_grid(lpt, NH, B, ceil_div(T, DQ_ROWS));
+    dim3 grid_kv = flash_grid(lpt, NKV, B, ceil_div(T, DKV_ROWS)), grid_q = flash_grid(lpt, NH, B, ceil_div(T, DQ_ROWS));
     cudaStream_t kv_stream = stream;
     cudaEvent_t fork, join;
     if (flash_backward_side_by_side) {
@@ -1734,8 +1874,12 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
         cudaCheck(cudaEventRecord(fork, stream));
         cudaCheck(cudaStreamWaitEvent(kv_stream, fork, 0));
     }
-    flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW><<<grid_kv, FLASH_THREADS, dkv_smem, kv_stream>>>(
-        dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
+    if constexpr (DKV_PIPE)
+        flash_attention_backward_dkv_pipelined_kernel<DKV_PIPE><<<grid_kv, DKV_PIPE * FLASH_THREADS, dkv_smem, kv_stream>>>(
+            dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
+    else
+        flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW><<<grid_kv, FLASH_THREADS, dkv_smem, kv_stream>>>(
+            dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
     cudaCheckLaunch();
     if constexpr (DQ_PIPE)
         flash_attention_backward_dq_pipelined_kernel<DQ_PIPE><<<grid_q, DQ_PIPE * FLASH_THREADS, dq_smem, stream>>>(
@@ -1750,14 +1894,16 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     }
 }
 
-// The head-size-64 backward with the dQ pass's variant fixed, the dK/dV pass's picked: 5 two key
-// row tiles a warp, 4 warpgroup products (K and V from shared memory), 3 warpgroup products (K
+// The head-size-64 backward with the dQ pass's variant fixed, the dK/dV pass's picked: 7 and 6
+// pipelined warpgroup products with two warpgroups a block or one, 5 two key row tiles a warp, 4 warpgroup products (K and V from shared memory), 3 warpgroup products (K
 // and V in registers), 2 three blocks an SM, 1 K and V in registers, 0 the compiler's choice.
 template <int DQ_RW, int DQ_QREG, int DQ_WG>
 static inline void flash_backward_dkv_pick(int dkv, floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                            const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                            const float *rope_cos_sin, cudaStream_t stream) {
     switch (dkv) {
+    case 7: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 4>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case 6: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 3>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     case 5: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     case 4: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     case 3: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
@@ -1785,7 +1931,8 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
     // tiles a warp; warpgroup products with K and V from shared memory or registers; 3 blocks an
     // SM; K and V in registers; the compiler's choice)
     int dq = flash_dq_wgmma ? 2 + flash_dq_wgmma : flash_dq_row_tiles == 2 ? 2 : flash_dq_q_regs ? 1 : 0;
-    int dkv = flash_dkv_row_tiles == 2 ? 5 : flash_dkv_wgmma ? 2 + flash_dkv_wgmma : flash_dkv_min_blocks == 3 ? 2
+    int dkv = flash_dkv_row_tiles == 2 ? 5 : flash_dkv_wgmma >= 3 ? 3 + flash_dkv_wgmma : flash_dkv_wgmma ? 2 + flash_dkv_wgmma
+              : flash_dkv_min_blocks == 3 ? 2
               : flash_dkv_kv_regs ? 1 : 0;
     switch (dq) {
     case 6: flash_backward_dkv_pick<1, 0, 4>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
@@ -1854,7 +2001,8 @@ static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) 
              : c->dq_wgmma == 2 ? "wgmma dQ (Q, dO from shared memory), " : c->dq_wgmma ? "wgmma dQ, " : "",
              c->dq_row_tiles, c->dq_row_tiles > 1 ? "s" : "",
              c->dq_q_regs && !c->dq_wgmma ? " with Q and dO in registers" : "",
-             c->dkv_wgmma == 2 ? ", wgmma dK/dV (K, V from shared memory)" : c->dkv_wgmma ? ", wgmma dK/dV"
+             c->dkv_wgmma == 4 ? ", pipelined wgmma dK/dV, 2 warpgroups" : c->dkv_wgmma == 3 ? ", pipelined wgmma dK/dV"
+             : c->dkv_wgmma == 2 ? ", wgmma dK/dV (K, V from shared memory)" : c->dkv_wgmma ? ", wgmma dK/dV"
              : c->dkv_min_blocks > 1 ? ", dK/dV at 3 blocks an SM" : "",
              c->dkv_kv_regs && !c->dkv_wgmma ? ", dK/dV with K and V in registers" : "",
              c->dkv_row_tiles > 1 ? ", dK/dV with 2 key row tiles" : "",
@@ -1868,9 +2016,9 @@ static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) 
 // backward (dQ with 1 row tile, 1 with Q and dO in registers, or 2; dK/dV as compiled, with K
 // and V in registers, at 3 blocks an SM, or with 2 key row tiles a warp; the two passes side by
 // side or in turn; grouped or lpt grid); where the warpgroup kernels take part (head size 64,
-// flash_tune_wgmma_enabled), also the warpgroup forward, dQ and dK/dV passes and the pipelined
-// forward and dQ pass with one or two warpgroups a block. Head size 128 has one row tile and
-// the compiler's registers.
+// flash_tune_wgmma_enabled), also the warpgroup forward, dQ and dK/dV passes and their
+// pipelined kernels with one or two warpgroups a block. Head size 128 has one row tile and the
+// compiler's registers.
 // Every candidate runs once and its output is fingerprinted against the defaults'; a candidate
 // that differs is not timed. Overwrites the buffers it is given (sized for the shape: qkv, out,
 // lse, dout, dqkv, D as attention_flash_forward/backward take them), sets the switches to the
@@ -1927,7 +2075,7 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
 
     // warpgroup products where enabled and the device runs the sm_90a image (head size 64)
     const int wg = HS == 64 && flash_tune_wgmma_enabled() && flash_wgmma_supported();
-    FlashConfig cands[192];
+    FlashConfig cands[256];
     int n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
         for (int v = 0; v < (HS == 64 ? 3 + 3 * wg : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1); wgmma; pipelined wgmma, 1 or 2 warpgroups
@@ -1943,7 +2091,7 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
     n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
         for (int dq = 0; dq < (HS == 64 ? 3 + 4 * wg : 1); dq++)           // 1 row tile, 1 with Q and dO in registers, 2; wgmma 1, 2, pipelined 1, 2 warpgroups
-            for (int dkv = 0; dkv < (HS == 64 ? 4 + 2 * wg : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM, 2 row tiles; wgmma 1, 2
+            for (int dkv = 0; dkv < (HS == 64 ? 4 + 4 * wg : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM, 2 row tiles; wgmma 1, 2, pipelined 1, 2 warpgroups
                 for (int side = 1; side >= 0; side--) {
                     FlashConfig c = flash_default_config;
                     c.dq_row_tiles = dq == 2 ? 2 : 1;

@@ -35,7 +35,8 @@
  *          dK/dV passes with warpgroup products reading every operand from shared memory; bits
  *          5, 6: the pipelined warpgroup forward with one or two warpgroups a block, at most one
  *          of bits 0, 5, 6; bits 7, 8: the pipelined warpgroup dQ pass likewise, at most one of
- *          bits 1, 3, 7, 8; HS 64, one row tile each), eager (1: the forward's softmax
+ *          bits 1, 3, 7, 8; bits 9, 10: the pipelined warpgroup dK/dV pass likewise, at most one
+ *          of bits 2, 4, 9, 10; HS 64, one row tile each), eager (1: the forward's softmax
  *          reference is the running max, flash_forward_max_slack 0), rope (1: the backward takes dQ and dK back through RoPE in
  *          its epilogue; 2: rope_backward's rotation on the host after the backward; 0: none;
  *          the table as rope_table_host's, theta 10000), rope_fwd (1: the k heads rotated by
@@ -106,6 +107,15 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv, co
     launch(Dim3{(unsigned)((threads_pre + 255) / 256), 1, 1}, 256, 0,
            [=] { flash_attention_backward_preprocess_kernel<HS>(D, dout, out, B, T, NH); });
     if constexpr (wg_ok) {
+        for (int wgs = 1; wgs <= 2; wgs++) {   // the pipelined dK/dV pass with one (bit 9) or two (bit 10) warpgroups a block
+            if (!(wg & (256 << wgs))) continue;
+            Dim3 grid_p = grid_of(lpt, NKV, B, (T + wgs * FLASH_ROWS - 1) / (wgs * FLASH_ROWS));
+            size_t smem = wgs == 1 ? flash_dkv_pipelined_smem<1>() : flash_dkv_pipelined_smem<2>();
+            launch(grid_p, wgs * FLASH_THREADS, smem, [=] {
+                if (wgs == 1) flash_attention_backward_dkv_pipelined_kernel<1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope);
+                else flash_attention_backward_dkv_pipelined_kernel<2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope);
+            });
+        }
         if (wg & 4)
             launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS, 1>(),
                    [=] { flash_attention_backward_dkv_kernel<HS, 0, 1, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
@@ -132,7 +142,7 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv, co
         Dim3 grid_kv2 = grid_of(lpt, NKV, B, (T + 2 * FLASH_ROWS - 1) / (2 * FLASH_ROWS));
         launch(grid_kv2, FLASH_THREADS, flash_dkv_smem<HS, 0, 2>(),
                [=] { flash_attention_backward_dkv_kernel<HS, 0, 0, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
-    } else if (!wg_ok || !(wg & (4 | 16))) {
+    } else if (!wg_ok || !(wg & (4 | 16 | 512 | 1024))) {
         launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
                [=] { flash_attention_backward_dkv_kernel<HS, 0, KVREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
     }
@@ -205,8 +215,9 @@ int main(int argc, char **argv) {
     if (dims[11]) flash_forward_max_slack = 0.0f;
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
         (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64) ||
-        ((qreg || kvreg) && HS != 64) || kvreg < 0 || kvreg > 2 || (kvreg == 2 && (wg & (4 | 16))) || (qreg && DQ_RW != 1) || wg < 0 || wg > 511 || (wg & 20) == 20 ||
+        ((qreg || kvreg) && HS != 64) || kvreg < 0 || kvreg > 2 || (kvreg == 2 && (wg & (4 | 16 | 512 | 1024))) || (qreg && DQ_RW != 1) || wg < 0 || wg > 2047 ||
         __builtin_popcount(wg & (1 | 32 | 64)) > 1 || __builtin_popcount(wg & (2 | 8 | 128 | 256)) > 1 ||
+        __builtin_popcount(wg & (4 | 16 | 512 | 1024)) > 1 ||
         (wg && (HS != 64 || RW != 1 || DQ_RW != 1)) || rope_mode < 0 || rope_mode > 2 ||
         rope_fwd_mode < 0 || rope_fwd_mode > 2) {
         fprintf(stderr, "error: %s: bad shape B=%d T=%d NH=%d NKV=%d HS=%d row tiles %d, dQ %d\n", argv[1], B, T, NH,

@@ -13,8 +13,8 @@
  *     rotating its queries by RoPE as it loads them (after rope_forward_keys) bitwise equal to
  *     rope_forward followed by the plain forward (out, lse and qkv afterwards);
  *   - where the device runs the sm_90a code, first the warpgroup product (wgmma) in each form the
- *     kernels use against the CPU, then the warpgroup kernels (the pipelined forward and dQ pass
- *     with one and two warpgroups a block among them) against the mma.sync ones (and how many elements differ
+ *     kernels use against the CPU, then the warpgroup kernels (the pipelined forward, dQ and dK/dV
+ *     passes with one and two warpgroups a block among them) against the mma.sync ones (and how many elements differ
  *     in their bits, which decides whether the tuner may pick them), and their times;
  * for multi-head (GPT-2: 12 heads of 64) and grouped-query (SmolLM2: 9 query heads on 3 kv heads)
  * attention, head sizes 64 and 128, T of 1, T not a multiple of the 64-row tiles, and sharp
@@ -288,20 +288,20 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         printf("info flash pipelined wgmma (%d warpgroup%s a block) vs mma.sync %s: elements with other bits: out %zu of %zu, "
                "lse %zu of %zu\n", wgs, wgs > 1 ? "s" : "", label, differ[0], n_out, differ[1], n_stat);
     }
-    for (int wgs = 1; wgs <= 2 && HS == 64 && flash_wgmma_supported(); wgs++) {   // the pipelined warpgroup dQ pass
+    for (int wgs = 1; wgs <= 2 && HS == 64 && flash_wgmma_supported(); wgs++) {   // the pipelined warpgroup dQ and dK/dV passes
         attention_flash_forward(d_out, d_lse, d_qkv, B, T, NH, NKV, HS, 0);   // the mma.sync forward's out and lse
-        flash_dq_wgmma = 2 + wgs;
+        flash_dq_wgmma = flash_dkv_wgmma = 2 + wgs;
         poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
         attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
-        flash_dq_wgmma = 0;
+        flash_dq_wgmma = flash_dkv_wgmma = 0;
         std::vector<float> dqkv_p = download_bf16(d_dqkv, n_qkv);
-        snprintf(name, sizeof(name), "flash pipelined wgmma dQ (%d warpgroup%s a block) vs mma.sync %s", wgs,
+        snprintf(name, sizeof(name), "flash pipelined wgmma backward (%d warpgroup%s a block) vs mma.sync %s", wgs,
                  wgs > 1 ? "s" : "", label);
         compare_dqkv(name, dqkv_p, dqkv[0], 0, B, T, NH, NKV, HS, TOL_BF16);
         size_t differ = 0;
         for (size_t i = 0; i < n_qkv; i++) differ += memcmp(&dqkv_p[i], &dqkv[0][i], 4) != 0;
-        printf("info flash pipelined wgmma dQ (%d warpgroup%s a block) vs mma.sync %s: elements with other bits: dqkv %zu of %zu\n",
-               wgs, wgs > 1 ? "s" : "", label, differ, n_qkv);
+        printf("info flash pipelined wgmma backward (%d warpgroup%s a block) vs mma.sync %s: elements with other bits: "
+               "dqkv %zu of %zu\n", wgs, wgs > 1 ? "s" : "", label, differ, n_qkv);
     }
     if (HS == 64 && !flash_wgmma_supported()) {
         printf("info flash wgmma %s: not run (the device does not run this build's sm_90a code)\n", label);
@@ -445,15 +445,19 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
                 flash_forward_wgmma = 0;
                 printf("time attention flash  %-13s pipelined wgmma forward, %d warpgroup%s a block, %7.3f ms (%6.1f TFLOP/s) "
                        "against mma.sync %7.3f ms\n", model, wgs, wgs > 1 ? "s" : "", fwd_p, fwd_flops / fwd_p / 1e9, fwd);
-                flash_dq_wgmma = 2 + wgs;
-                float bwd_p = time_ms([&] {
-                    i = (i + 1) % SETS;
-                    attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
-                }, 3, 20);
-                flash_dq_wgmma = 0;
-                printf("time attention flash  %-13s pipelined wgmma dQ, %d warpgroup%s a block: backward %7.3f ms (%6.1f TFLOP/s) "
-                       "against mma.sync %7.3f ms (passes side by side)\n", model, wgs, wgs > 1 ? "s" : "", bwd_p,
-                       bwd_flops / bwd_p / 1e9, bwd);
+                float bwd_p[3];
+                for (int v = 0; v < 3; v++) {   // dQ, dK/dV, both pipelined
+                    flash_dq_wgmma = v != 1 ? 2 + wgs : 0;
+                    flash_dkv_wgmma = v != 0 ? 2 + wgs : 0;
+                    bwd_p[v] = time_ms([&] {
+                        i = (i + 1) % SETS;
+                        attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
+                    }, 3, 20);
+                }
+                flash_dq_wgmma = flash_dkv_wgmma = 0;
+                printf("time attention flash  %-13s pipelined wgmma backward, %d warpgroup%s a block: dQ %7.3f ms, dK/dV %7.3f ms, "
+                       "both %7.3f ms (%6.1f TFLOP/s) against mma.sync %7.3f ms (passes side by side)\n", model, wgs,
+                       wgs > 1 ? "s" : "", bwd_p[0], bwd_p[1], bwd_p[2], bwd_flops / bwd_p[2] / 1e9, bwd);
             }
             for (int w = 1; w <= 2; w++) {   // operands in registers (1) or from shared memory (2)
                 float bwd_wg[3];
