@@ -357,6 +357,24 @@ __device__ __forceinline__ uint64_t flash_wg_desc_mn(const floatX *tile, int s) 
     return flash_wg_desc(smem_addr(tile) + s * 2 * HS * 16, HS * 16, 128);
 }
 
+// d (64 x 64) = A B^T for two tiles in the core-matrix layout whose rows are A's and B's rows and
+// whose HS columns are the k dimension (K-major operands, both read through descriptors): HS / 16
+// warpgroup products, issued after flash_wgmma_fence and not committed.
+template <int HS>
+__device__ __forceinline__ void flash_wg_tiles_product(float (&d)[8][4], const floatX *a_tile, const floatX *b_tile) {
+    flash_wgmma_ss<0, 0>(d, flash_wg_desc_k<HS>(a_tile, 0), flash_wg_desc_k<HS>(b_tile, 0));
+    #pragma unroll
+    for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(d, flash_wg_desc_k<HS>(a_tile, kk), flash_wg_desc_k<HS>(b_tile, kk));
+}
+// d (64 x HS) += A tile: A's 64 x 64 bf16 fragments a (flash_acc_to_a of an accumulator tile),
+// the tile's 64 rows the k dimension (an MN-major operand); 4 warpgroup products, issued after
+// flash_wgmma_fence and not committed.
+template <int HS>
+__device__ __forceinline__ void flash_wg_frags_times_tile(float (&d)[8][4], const uint32_t (&a)[4][4], const floatX *tile) {
+    #pragma unroll
+    for (int kb = 0; kb < 4; kb++) flash_wgmma<1>(d, a[kb], flash_wg_desc_mn<HS>(tile, kb));
+}
+
 // d (64 x 64) += p tile: p the warpgroup's 64 x 64 accumulators (the forward's P, the dQ pass's
 // dS), rounded to bf16 A fragments, the tile's 64 rows the k dimension (an MN-major operand, head
 // size 64 the n dimension); one batch of 4 warpgroup products, waited for.
@@ -366,8 +384,7 @@ __device__ __forceinline__ void flash_wg_acc_times_tile(float (&d)[8][4], const 
     #pragma unroll
     for (int kb = 0; kb < 4; kb++) flash_acc_to_a<8>(a[kb], p, kb);
     flash_wgmma_fence();
-    #pragma unroll
-    for (int kb = 0; kb < 4; kb++) flash_wgmma<1>(d, a[kb], flash_wg_desc_mn<HS>(tile, kb));
+    flash_wg_frags_times_tile<HS>(d, a, tile);
     flash_wgmma_finish(d);
 }
 
@@ -807,16 +824,12 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_a
         flash_acc_fence(o);
         flash_frag_fence(pa);
         flash_wgmma_fence();
-        flash_wgmma_ss<0, 0>(s, flash_wg_desc_k<HS>(sQw, 0), flash_wg_desc_k<HS>(k_tile, 0));
-        #pragma unroll
-        for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(s, flash_wg_desc_k<HS>(sQw, kk), flash_wg_desc_k<HS>(k_tile, kk));
+        flash_wg_tiles_product<HS>(s, sQw, k_tile);
         flash_wgmma_commit();
     };
     // O += P V of tile j (P in pa) issued and committed
     auto issue_pv = [&](int j) {
-        const floatX *v_tile = sV + (j % 3) * TILE;
-        #pragma unroll
-        for (int kb = 0; kb < BN / 16; kb++) flash_wgmma<1>(o, pa[kb], flash_wg_desc_mn<HS>(v_tile, kb));
+        flash_wg_frags_times_tile<HS>(o, pa, sV + (j % 3) * TILE);
         flash_wgmma_commit();
     };
     // the softmax of tile j's S (waited for), whose corrections of l and O wait for the P V in
@@ -1040,13 +1053,8 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_backward_
         if constexpr (WG) {
             flash_wgmma_fence();
             if constexpr (WG == 2) {
-                flash_wgmma_ss<0, 0>(s, flash_wg_desc_k<HS>(sK, 0), flash_wg_desc_k<HS>(q_tile, 0));
-                flash_wgmma_ss<0, 0>(dp, flash_wg_desc_k<HS>(sV, 0), flash_wg_desc_k<HS>(g_tile, 0));
-                #pragma unroll
-                for (int kk = 1; kk < HS / 16; kk++) {
-                    flash_wgmma_ss<0>(s, flash_wg_desc_k<HS>(sK, kk), flash_wg_desc_k<HS>(q_tile, kk));
-                    flash_wgmma_ss<0>(dp, flash_wg_desc_k<HS>(sV, kk), flash_wg_desc_k<HS>(g_tile, kk));
-                }
+                flash_wg_tiles_product<HS>(s, sK, q_tile);
+                flash_wg_tiles_product<HS>(dp, sV, g_tile);
             } else {
                 flash_wgmma<0, 0>(s, k_frag[0], flash_wg_desc_k<HS>(q_tile, 0));
                 flash_wgmma<0, 0>(dp, v_frag[0], flash_wg_desc_k<HS>(g_tile, 0));
@@ -1292,13 +1300,8 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
             if constexpr (WG) {
                 flash_wgmma_fence();
                 if constexpr (WG == 2) {
-                    flash_wgmma_ss<0, 0>(s[0], flash_wg_desc_k<HS>(sQ, 0), flash_wg_desc_k<HS>(k_tile, 0));
-                    flash_wgmma_ss<0, 0>(dp[0], flash_wg_desc_k<HS>(sG, 0), flash_wg_desc_k<HS>(v_tile, 0));
-                    #pragma unroll
-                    for (int kk = 1; kk < HS / 16; kk++) {
-                        flash_wgmma_ss<0>(s[0], flash_wg_desc_k<HS>(sQ, kk), flash_wg_desc_k<HS>(k_tile, kk));
-                        flash_wgmma_ss<0>(dp[0], flash_wg_desc_k<HS>(sG, kk), flash_wg_desc_k<HS>(v_tile, kk));
-                    }
+                    flash_wg_tiles_product<HS>(s[0], sQ, k_tile);
+                    flash_wg_tiles_product<HS>(dp[0], sG, v_tile);
                 } else {
                     flash_wgmma<0, 0>(s[0], q_frag[0], flash_wg_desc_k<HS>(k_tile, 0));
                     flash_wgmma<0, 0>(dp[0], g_frag[0], flash_wg_desc_k<HS>(v_tile, 0));
@@ -1471,13 +1474,9 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_a
         if (j >= my_tiles) continue;   // the first of two warpgroups, past its rows' last key tile
         const floatX *k_tile = sK + (j % 2) * TILE, *v_tile = sV + (j % 2) * TILE;
         flash_wgmma_fence();
-        flash_wgmma_ss<0, 0>(s, flash_wg_desc_k<HS>(sQw, 0), flash_wg_desc_k<HS>(k_tile, 0));
-        #pragma unroll
-        for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(s, flash_wg_desc_k<HS>(sQw, kk), flash_wg_desc_k<HS>(k_tile, kk));
+        flash_wg_tiles_product<HS>(s, sQw, k_tile);
         flash_wgmma_commit();
-        flash_wgmma_ss<0, 0>(dp, flash_wg_desc_k<HS>(sGw, 0), flash_wg_desc_k<HS>(v_tile, 0));
-        #pragma unroll
-        for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(dp, flash_wg_desc_k<HS>(sGw, kk), flash_wg_desc_k<HS>(v_tile, kk));
+        flash_wg_tiles_product<HS>(dp, sGw, v_tile);
         flash_wgmma_commit();
         flash_wgmma_wait_group<1>();   // S
         flash_acc_fence(s);
@@ -1504,8 +1503,7 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_a
         for (int kb = 0; kb < BN / 16; kb++) flash_acc_to_a<BN / 8>(dsa[kb], s, kb);
         flash_frag_fence(dsa);
         flash_wgmma_fence();
-        #pragma unroll   // dQ += dS K (the keys are the k dimension)
-        for (int kb = 0; kb < BN / 16; kb++) flash_wgmma<1>(dq, dsa[kb], flash_wg_desc_mn<HS>(k_tile, kb));
+        flash_wg_frags_times_tile<HS>(dq, dsa, k_tile);   // dQ += dS K (the keys are the k dimension)
         flash_wgmma_commit();
         flash_wgmma_wait_group<0>();
         flash_acc_fence(dq);
@@ -1594,13 +1592,9 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS) flash_attention_backward_
         const floatX *q_tile = sQ + stage * QS, *g_tile = sG + stage * QS;
         const float *l_tile = sL + stage * BM, *d_tile = sD + stage * BM;
         flash_wgmma_fence();
-        flash_wgmma_ss<0, 0>(s, flash_wg_desc_k<HS>(sKw, 0), flash_wg_desc_k<HS>(q_tile, 0));
-        #pragma unroll
-        for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(s, flash_wg_desc_k<HS>(sKw, kk), flash_wg_desc_k<HS>(q_tile, kk));
+        flash_wg_tiles_product<HS>(s, sKw, q_tile);
         flash_wgmma_commit();
-        flash_wgmma_ss<0, 0>(dp, flash_wg_desc_k<HS>(sVw, 0), flash_wg_desc_k<HS>(g_tile, 0));
-        #pragma unroll
-        for (int kk = 1; kk < HS / 16; kk++) flash_wgmma_ss<0>(dp, flash_wg_desc_k<HS>(sVw, kk), flash_wg_desc_k<HS>(g_tile, kk));
+        flash_wg_tiles_product<HS>(dp, sVw, g_tile);
         flash_wgmma_commit();
         flash_wgmma_wait_group<1>();   // S^T
         flash_acc_fence(s);
@@ -1621,8 +1615,7 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS) flash_attention_backward_
         flash_acc_fence(s);
         flash_frag_fence(pa);
         flash_wgmma_fence();
-        #pragma unroll   // dV += P^T dO (the queries are the k dimension)
-        for (int kb = 0; kb < BM / 16; kb++) flash_wgmma<1>(dv, pa[kb], flash_wg_desc_mn<HS>(g_tile, kb));
+        flash_wg_frags_times_tile<HS>(dv, pa, g_tile);   // dV += P^T dO (the queries are the k dimension)
         flash_wgmma_commit();
         flash_wgmma_wait_group<1>();   // dP^T
         flash_acc_fence(dp);
@@ -1635,8 +1628,7 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS) flash_attention_backward_
         for (int kb = 0; kb < BM / 16; kb++) flash_acc_to_a<BM / 8>(dsa[kb], dp, kb);
         flash_frag_fence(dsa);
         flash_wgmma_fence();
-        #pragma unroll   // dK += dS^T Q
-        for (int kb = 0; kb < BM / 16; kb++) flash_wgmma<1>(dk, dsa[kb], flash_wg_desc_mn<HS>(q_tile, kb));
+        flash_wg_frags_times_tile<HS>(dk, dsa, q_tile);   // dK += dS^T Q
         flash_wgmma_commit();
         flash_wgmma_wait_group<0>();
         flash_acc_fence(dv);

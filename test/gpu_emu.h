@@ -369,20 +369,16 @@ static void launch_blocks(Dim3 grid, Dim3 block, size_t smem_bytes, std::functio
             bool released = false;
             for (int t = 0; t < n; t++) done += threads[t].state == DONE, at_block += threads[t].state == AT_BLOCK_BARRIER;
             if (done == n) break;
-            for (int w = 0; w * 32 < n; w++) {
-                int lanes = n - w * 32 < 32 ? n - w * 32 : 32, at_warp = 0;
-                for (int l = 0; l < lanes; l++) at_warp += threads[w * 32 + l].state == AT_WARP_BARRIER;
-                if (at_warp == lanes) {
-                    for (int l = 0; l < lanes; l++) threads[w * 32 + l].state = RUNNABLE;
-                    released = true;
-                }
-            }
-            for (int g = 0; g * 128 < n; g++) {
-                int members = n - g * 128 < 128 ? n - g * 128 : 128, at_group = 0;
-                for (int i = 0; i < members; i++) at_group += threads[g * 128 + i].state == AT_WARPGROUP_BARRIER;
-                if (at_group == members) {
-                    for (int i = 0; i < members; i++) threads[g * 128 + i].state = RUNNABLE;
-                    released = true;
+            // each warp (32 consecutive threads) and warpgroup (128) whose threads all wait at its barrier
+            for (int size : {32, 128}) {
+                const int state = size == 32 ? AT_WARP_BARRIER : AT_WARPGROUP_BARRIER;
+                for (int first = 0; first < n; first += size) {
+                    int members = n - first < size ? n - first : size, at = 0;
+                    for (int i = 0; i < members; i++) at += threads[first + i].state == state;
+                    if (at == members) {
+                        for (int i = 0; i < members; i++) threads[first + i].state = RUNNABLE;
+                        released = true;
+                    }
                 }
             }
             if (at_block == n) {
