@@ -329,12 +329,13 @@ __device__ __forceinline__ void flash_load_tile(floatX *tile, const floatX *src,
 template <int ROWS, int HS, int NT = FLASH_THREADS>
 __device__ __forceinline__ void flash_load_tile_wg(floatX *tile, const floatX *src, int b, int row0, int T, int ld,
                                                    int col) {
-    constexpr int CHUNKS = HS / 8;
-    static_assert((ROWS * CHUNKS) % NT == 0 && ROWS % 8 == 0, "tile pieces must split evenly over the block");
+    constexpr int CHUNKS = HS / 8, PIECES = ROWS * CHUNKS;
+    static_assert(ROWS % 8 == 0, "whole core matrices");
     #pragma unroll
-    for (int i = 0; i < ROWS * CHUNKS / NT; i++) {
+    for (int i = 0; i < (PIECES + NT - 1) / NT; i++) {
         // 8 consecutive threads take the 8 rows of one core matrix: 128 contiguous bytes
         int idx = threadIdx.x + i * NT;
+        if (PIECES % NT != 0 && idx >= PIECES) break;   // a block of threads that does not divide the pieces
         int r = (idx & 7) + (idx / (8 * CHUNKS)) * 8, c = (idx >> 3) % CHUNKS, t = row0 + r;
         bool valid = t < T;
         const floatX *g = src + ((size_t)b * T + (valid ? t : 0)) * ld + col + c * 8;
@@ -402,10 +403,11 @@ __device__ __forceinline__ void flash_load_stats(float *tile, const float *row_s
 template <int ROWS, int HS, int NT = FLASH_THREADS>
 __device__ __forceinline__ void flash_store_tile(floatX *dst, const floatX *tile, int b, int row0, int T, int ld,
                                                  int col) {
-    constexpr int CHUNKS = HS / 8;
+    constexpr int CHUNKS = HS / 8, PIECES = ROWS * CHUNKS;
     #pragma unroll
-    for (int i = 0; i < ROWS * CHUNKS / NT; i++) {
+    for (int i = 0; i < (PIECES + NT - 1) / NT; i++) {
         int idx = threadIdx.x + i * NT;
+        if (PIECES % NT != 0 && idx >= PIECES) break;
         int r = idx / CHUNKS, c = idx % CHUNKS, t = row0 + r;
         if (t < T)
             *(uint4 *)(dst + ((size_t)b * T + t) * ld + col + c * 8) = *(const uint4 *)(tile + r * (HS + FLASH_PAD) + c * 8);
@@ -729,8 +731,8 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
     flash_store_tile<BM, HS>(out, sQ, b, q0, T, NH * HS, h * HS);
 }
 
-// The forward on warpgroup products with the softmax overlapping them (flash_forward_wgmma 2 and
-// 3; head size 64, sm_90a): key tile j's S = Q K^T is issued, then the previous tile's O += P V,
+// The forward on warpgroup products with the softmax overlapping them (flash_forward_wgmma 2, 3
+// and 4; head size 64, sm_90a): key tile j's S = Q K^T is issued, then the previous tile's O += P V,
 // and the warpgroup waits only for S (wgmma.wait_group 1) before its softmax, so that the
 // exponentials of tile j run while the tensor cores add tile j - 1's P V; the wait for P V then
 // comes before O is rescaled (a moved reference). O still takes the same operations in the same
@@ -740,7 +742,10 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
 // K and V tile brought from L2 into shared memory feeds two warpgroups (half the traffic per
 // product). A warpgroup takes the key tiles up to its own last row; with 2, the first stops one
 // tile before the second, whose diagonal tile it would only mask, and takes only the block's
-// barriers from then on.
+// barriers from then on. HEADS: the WGS warpgroups (2 or 3) take WGS query heads of one kv head's
+// group instead, on the same 64 rows (the grid's head index counts groups of WGS heads), so that
+// each K and V tile feeds WGS heads (a third of the traffic with SmolLM2's groups of 3); not with
+// RoPE in the loads.
 // Q is read by the tensor cores from shared memory too (A through a descriptor: no fragments held
 // in registers), P's bf16 A fragments are written only after the wait for the product that read
 // the previous ones. Shared: Q (64 WGS x 64, core-matrix layout); K (64 x 64) x 2 stages; V x 3
@@ -749,29 +754,37 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
 // are waited for: their stages are free. ROPE as in flash_attention_forward_kernel: the query
 // rows, in the padded layout in the K and V stages before the first key tile comes, are rotated,
 // stored back and copied into the core-matrix layout.
+// The warpgroups a block of the pipelined kernels' HEADS launch, one a query head of a kv head's
+// group: 3 where the group divides by 3, else 2 where by 2, else 0 (no HEADS launch).
+static inline int flash_heads_per_block(int NH, int NKV) {
+    int group = NH / NKV;
+    return group % 3 == 0 ? 3 : group % 2 == 0 ? 2 : 0;
+}
 template <int WGS>
 constexpr size_t flash_forward_pipelined_smem() {
     return (size_t)(WGS * FLASH_ROWS + 5 * FLASH_KEYS) * 64 * sizeof(floatX);
 }
-template <int WGS, int ROPE = 0>
+template <int WGS, int ROPE = 0, int HEADS = 0>
 __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_attention_forward_pipelined_kernel(
     floatX *out, float *lse, const floatX *qkv, int T, int NH, int NKV, int lpt, float max_slack,
     const float *rope_cos_sin = NULL, floatX *q_rotated = NULL) {
     constexpr int HS = 64, NT = WGS * FLASH_THREADS, BM = WGS * FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD,
-                  TILE = BN * HS;
-    static_assert(WGS == 1 || WGS == 2, "one or two warpgroups a block");
+                  TILE = BN * HS, ROWS = HEADS ? FLASH_ROWS : BM;   // ROWS: the block's query rows
+    static_assert(HEADS ? (WGS == 2 || WGS == 3) && !ROPE : WGS == 1 || WGS == 2,
+                  "one or two warpgroups a block on the rows, two or three on the heads (without RoPE)");
     static_assert(BM * LDS <= 5 * TILE, "the padded query rows and the output's staging fit in the K and V stages");
     floatX *sQ = (floatX *)flash_dynamic_smem();   // warpgroup w's 64 rows at sQ + w * 64 * HS
     floatX *sK = sQ + BM * HS;   // stage s at sK + s * TILE, s = j % 2
     floatX *sV = sK + 2 * TILE;  // stage s at sV + s * TILE, s = j % 3
     const int lane = threadIdx.x % 32, wg = threadIdx.x / FLASH_THREADS, warp = threadIdx.x / 32 % 4, g = lane >> 2,
               c = lane & 3;
-    int h, b, tile, tiles;
-    flash_block(lpt, h, b, tile, tiles);
-    const int q0 = (tiles - 1 - tile) * BM, wq0 = q0 + wg * FLASH_ROWS;   // the block's and the warpgroup's first row
-    const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
+    int hb, b, tile, tiles;   // HEADS: hb numbers groups of WGS query heads
+    flash_block(lpt, hb, b, tile, tiles);
+    const int h = HEADS ? hb * WGS + wg : hb;   // the warpgroup's query head
+    const int q0 = (tiles - 1 - tile) * ROWS, wq0 = HEADS ? q0 : q0 + wg * FLASH_ROWS;   // the block's and the warpgroup's first row
+    const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;   // HEADS: the same for every warpgroup
     const float scale_log2 = rsqrtf((float)HS) * FLASH_LOG2E;
-    const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;           // key tiles up to the block's last query
+    const int n_tiles = min(T - 1, q0 + ROWS - 1) / BN + 1;         // key tiles up to the block's last query
     const int my_tiles = min(T - 1, wq0 + FLASH_ROWS - 1) / BN + 1;  // and up to the warpgroup's (at least 1)
     const int row0 = wq0 + warp * 16 + g, row1 = row0 + 8;
     const floatX *sQw = sQ + wg * FLASH_ROWS * HS;
@@ -796,6 +809,8 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_a
                 *(const uint4 *)(sQpad + r * LDS + cc * 8);
         }
         __syncthreads();   // sQpad read before the first key tile lands on it
+    } else if constexpr (HEADS) {
+        for (int w = 0; w < WGS; w++) flash_load_tile_wg<FLASH_ROWS, HS, NT>(sQ + w * FLASH_ROWS * HS, qkv, b, q0, T, QKV, (hb * WGS + w) * HS);
     } else {
         flash_load_tile_wg<BM, HS, NT>(sQ, qkv, b, q0, T, QKV, h * HS);
     }
@@ -893,7 +908,12 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_a
         if (row1 < T) lse_row[row1] = (m1 + log2f(sum1)) * FLASH_LN2;
     }
     __syncthreads();
-    flash_store_tile<BM, HS, NT>(out, sK, b, q0, T, NH * HS, h * HS);
+    if constexpr (HEADS) {   // warpgroup w's rows of the staging tile: head hb * WGS + w
+        for (int w = 0; w < WGS; w++)
+            flash_store_tile<FLASH_ROWS, HS, NT>(out, sK + w * FLASH_ROWS * LDS, b, q0, T, NH * HS, (hb * WGS + w) * HS);
+    } else {
+        flash_store_tile<BM, HS, NT>(out, sK, b, q0, T, NH * HS, h * HS);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1403,29 +1423,29 @@ __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_ker
     flash_store_tile<BM, HS>(dqkv, sQ, b, q0, T, QKV, h * HS);
 }
 
-// The dQ pass on warpgroup products with the arithmetic overlapping them (flash_dq_wgmma 3 and 4:
-// one or two warpgroups a block; head size 64, sm_90a): key tile j's S = Q K^T and dP = dO V^T
-// are issued as two groups and P = 2^(S log2e / sqrt(HS) - lse) is formed once S has come, while
-// dP is still on the tensor cores. (Leaving dQ += dS K in flight into the next tile, beside its
-// barrier and copies, makes ptxas serialize every product of the loop: C7515, an accumulator
-// defined inside the pipeline stage; so it is waited for at the end of its tile.) Every product
-// sums the same terms in the same order, and P and dS take the same expressions, so dQ has the
-// bits of the other dQ kernels. WGS as in the pipelined forward: each warpgroup 64 query rows of
-// the block's 64 WGS, the K and V tiles shared; the first of two warpgroups stops one tile
-// earlier. Q and dO are read from shared memory by the tensor cores. Shared: Q, dO (64 WGS x 64,
-// core-matrix layout); K and V x 2 stages. dQ is staged for its store (and RoPE's backward) in
-// the K and V stages.
+// The dQ pass on warpgroup products with the arithmetic overlapping them (flash_dq_wgmma 3, 4
+// and 5; head size 64, sm_90a): key tile j's S = Q K^T and dP = dO V^T are issued as two groups
+// and P = 2^(S log2e / sqrt(HS) - lse) is formed once S has come, while dP is still on the
+// tensor cores. (Leaving dQ += dS K in flight into the next tile, beside its barrier and copies,
+// makes ptxas serialize every product of the loop: C7515, an accumulator defined inside the
+// pipeline stage; so it is waited for at the end of its tile.) Every product sums the same terms
+// in the same order, and P and dS take the same expressions, so dQ has the bits of the other dQ
+// kernels. WGS and HEADS as in the pipelined forward: each warpgroup 64 query rows of the block's
+// 64 WGS, the K and V tiles shared, the first of two warpgroups stopping one tile earlier; or
+// (HEADS) each one query head of a kv head's group on the same rows. Q and dO are read from
+// shared memory by the tensor cores. Shared: Q, dO (64 WGS x 64, core-matrix layout); K and V x 2
+// stages. dQ is staged for its store (and RoPE's backward) in the K and V stages.
 template <int WGS>
 constexpr size_t flash_dq_pipelined_smem() {
     return (size_t)(2 * WGS * FLASH_ROWS + 4 * FLASH_KEYS) * 64 * sizeof(floatX);
 }
-template <int WGS>
+template <int WGS, int HEADS = 0>
 __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_attention_backward_dq_pipelined_kernel(
     floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *D, int T, int NH, int NKV,
     int lpt, const float *rope_cos_sin) {
     constexpr int HS = 64, NT = WGS * FLASH_THREADS, BM = WGS * FLASH_ROWS, BN = FLASH_KEYS, LDS = HS + FLASH_PAD,
-                  TILE = BN * HS;
-    static_assert(WGS == 1 || WGS == 2, "one or two warpgroups a block");
+                  TILE = BN * HS, ROWS = HEADS ? FLASH_ROWS : BM;
+    static_assert(HEADS ? WGS == 2 || WGS == 3 : WGS == 1 || WGS == 2, "one or two warpgroups a block on the rows, two or three on the heads");
     static_assert(BM * LDS <= 4 * TILE, "dQ's staging fits in the K and V stages");
     floatX *sQ = (floatX *)flash_dynamic_smem();   // warpgroup w's 64 rows at sQ + w * 64 * HS, likewise dO
     floatX *sG = sQ + BM * HS;
@@ -1433,12 +1453,13 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_a
     floatX *sV = sK + 2 * TILE;  // likewise
     const int lane = threadIdx.x % 32, wg = threadIdx.x / FLASH_THREADS, warp = threadIdx.x / 32 % 4, g = lane >> 2,
               c = lane & 3;
-    int h, b, tile, tiles;
-    flash_block(lpt, h, b, tile, tiles);
-    const int q0 = (tiles - 1 - tile) * BM, wq0 = q0 + wg * FLASH_ROWS;
+    int hb, b, tile, tiles;   // HEADS: hb numbers groups of WGS query heads
+    flash_block(lpt, hb, b, tile, tiles);
+    const int h = HEADS ? hb * WGS + wg : hb;   // the warpgroup's query head
+    const int q0 = (tiles - 1 - tile) * ROWS, wq0 = HEADS ? q0 : q0 + wg * FLASH_ROWS;
     const int kvh = h / (NH / NKV), QKV = (NH + 2 * NKV) * HS;
     const float scale = rsqrtf((float)HS), scale_log2 = scale * FLASH_LOG2E;
-    const int n_tiles = min(T - 1, q0 + BM - 1) / BN + 1;
+    const int n_tiles = min(T - 1, q0 + ROWS - 1) / BN + 1;
     const int my_tiles = min(T - 1, wq0 + FLASH_ROWS - 1) / BN + 1;
     const floatX *sQw = sQ + wg * FLASH_ROWS * HS, *sGw = sG + wg * FLASH_ROWS * HS;
 
@@ -1446,8 +1467,15 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_a
         flash_load_tile_wg<BN, HS, NT>(sK + (j % 2) * TILE, qkv, b, j * BN, T, QKV, (NH + kvh) * HS);
         flash_load_tile_wg<BN, HS, NT>(sV + (j % 2) * TILE, qkv, b, j * BN, T, QKV, (NH + NKV + kvh) * HS);
     };
-    flash_load_tile_wg<BM, HS, NT>(sQ, qkv, b, q0, T, QKV, h * HS);
-    flash_load_tile_wg<BM, HS, NT>(sG, dout, b, q0, T, NH * HS, h * HS);
+    if constexpr (HEADS) {
+        for (int w = 0; w < WGS; w++) {
+            flash_load_tile_wg<FLASH_ROWS, HS, NT>(sQ + w * FLASH_ROWS * HS, qkv, b, q0, T, QKV, (hb * WGS + w) * HS);
+            flash_load_tile_wg<FLASH_ROWS, HS, NT>(sG + w * FLASH_ROWS * HS, dout, b, q0, T, NH * HS, (hb * WGS + w) * HS);
+        }
+    } else {
+        flash_load_tile_wg<BM, HS, NT>(sQ, qkv, b, q0, T, QKV, h * HS);
+        flash_load_tile_wg<BM, HS, NT>(sG, dout, b, q0, T, NH * HS, h * HS);
+    }
     load_kv(0);
     cp_async_commit();
     // this thread's two query rows and their statistics; rows past T read those of row 0 (they
@@ -1512,11 +1540,20 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_a
     __syncthreads();   // no product reads the K and V stages any more: dQ staged there
     flash_stage_acc<HS, LDS>(sK, dq, wg * FLASH_ROWS + warp * 16, scale, scale, lane);
     __syncthreads();
-    if (rope_cos_sin) {   // dQ back through RoPE (flash_rope_tile)
-        flash_rope_tile<BM, HS, NT>(sK, rope_cos_sin, q0, T, -1.0f);
-        __syncthreads();
+    if constexpr (HEADS) {   // warpgroup w's rows of the staging tile: head hb * WGS + w, rows q0 ...
+        if (rope_cos_sin) {   // dQ back through RoPE (flash_rope_tile)
+            for (int w = 0; w < WGS; w++) flash_rope_tile<FLASH_ROWS, HS, NT>(sK + w * FLASH_ROWS * LDS, rope_cos_sin, q0, T, -1.0f);
+            __syncthreads();
+        }
+        for (int w = 0; w < WGS; w++)
+            flash_store_tile<FLASH_ROWS, HS, NT>(dqkv, sK + w * FLASH_ROWS * LDS, b, q0, T, QKV, (hb * WGS + w) * HS);
+    } else {
+        if (rope_cos_sin) {   // dQ back through RoPE (flash_rope_tile)
+            flash_rope_tile<BM, HS, NT>(sK, rope_cos_sin, q0, T, -1.0f);
+            __syncthreads();
+        }
+        flash_store_tile<BM, HS, NT>(dqkv, sK, b, q0, T, QKV, h * HS);
     }
-    flash_store_tile<BM, HS, NT>(dqkv, sK, b, q0, T, QKV, h * HS);
 }
 
 // The dK/dV pass on warpgroup products with the arithmetic overlapping them (flash_dkv_wgmma 3
@@ -1697,9 +1734,11 @@ static int flash_forward_lpt = 0;
 static int flash_backward_lpt = 0;
 // Warpgroup products (wgmma; head size 64, only where flash_wgmma_supported): the forward (0;
 // 1; 2 and 3 pipelined, flash_attention_forward_pipelined_kernel, with one or two warpgroups a
-// block), the dQ pass and the dK/dV pass (0; 1 with Q and dO, K and V in registers; 2 with them
-// read from shared memory too; 3 and 4 pipelined, flash_attention_backward_dq_pipelined_kernel
-// and flash_attention_backward_dkv_pipelined_kernel, with one or two warpgroups a block).
+// block; 4 pipelined with flash_heads_per_block's warpgroups on the query heads of a kv head),
+// the dQ pass and the dK/dV pass (0; 1 with Q and dO, K and V in registers; 2 with them read from
+// shared memory too; 3 and 4 pipelined, flash_attention_backward_dq_pipelined_kernel and
+// flash_attention_backward_dkv_pipelined_kernel, with one or two warpgroups a block; the dQ pass
+// 5 pipelined on the heads, as the forward's 4).
 static int flash_forward_wgmma = 0;
 static int flash_dq_wgmma = 0;
 static int flash_dkv_wgmma = 0;
@@ -1755,23 +1794,31 @@ static inline void attention_flash_forward_launch_kernel(floatX *out, float *lse
         out, lse, qkv, T, NH, NKV, flash_forward_lpt, flash_forward_max_slack, rope_cos_sin, q_rotated);
     cudaCheckLaunch();
 }
-template <int WGS, int ROPE>
+template <int WGS, int ROPE, int HEADS = 0>
 static inline void attention_flash_forward_pipelined_launch(floatX *out, float *lse, const floatX *qkv, int B, int T,
                                                             int NH, int NKV, const float *rope_cos_sin,
                                                             floatX *q_rotated, cudaStream_t stream) {
     static bool smem_set = false;
     constexpr size_t smem = flash_forward_pipelined_smem<WGS>();
-    flash_allow_smem(flash_attention_forward_pipelined_kernel<WGS, ROPE>, smem, &smem_set);
-    dim3 grid = flash_grid(flash_forward_lpt, NH, B, ceil_div(T, WGS * FLASH_ROWS));
-    flash_attention_forward_pipelined_kernel<WGS, ROPE><<<grid, WGS * FLASH_THREADS, smem, stream>>>(
+    flash_allow_smem(flash_attention_forward_pipelined_kernel<WGS, ROPE, HEADS>, smem, &smem_set);
+    dim3 grid = HEADS ? flash_grid(flash_forward_lpt, NH / WGS, B, ceil_div(T, FLASH_ROWS))
+                      : flash_grid(flash_forward_lpt, NH, B, ceil_div(T, WGS * FLASH_ROWS));
+    flash_attention_forward_pipelined_kernel<WGS, ROPE, HEADS><<<grid, WGS * FLASH_THREADS, smem, stream>>>(
         out, lse, qkv, T, NH, NKV, flash_forward_lpt, flash_forward_max_slack, rope_cos_sin, q_rotated);
     cudaCheckLaunch();
 }
+// WGS warpgroups a block on the rows, or (heads 1) flash_heads_per_block's on the heads of a kv
+// group: with RoPE in the loads, or no such group, that launch takes one warpgroup a block (the
+// same bits either way)
 template <int WGS>
 static inline void attention_flash_forward_pipelined(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH,
                                                      int NKV, const float *rope_cos_sin, floatX *q_rotated,
-                                                     cudaStream_t stream) {
-    if (rope_cos_sin)
+                                                     cudaStream_t stream, int heads = 0) {
+    const int per_block = heads && !rope_cos_sin ? flash_heads_per_block(NH, NKV) : 0;
+    if (per_block == 3) attention_flash_forward_pipelined_launch<3, 0, 1>(out, lse, qkv, B, T, NH, NKV, NULL, NULL, stream);
+    else if (per_block == 2) attention_flash_forward_pipelined_launch<2, 0, 1>(out, lse, qkv, B, T, NH, NKV, NULL, NULL, stream);
+    else if (heads) attention_flash_forward_pipelined<1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    else if (rope_cos_sin)
         attention_flash_forward_pipelined_launch<WGS, 1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
     else
         attention_flash_forward_pipelined_launch<WGS, 0>(out, lse, qkv, B, T, NH, NKV, NULL, NULL, stream);
@@ -1798,7 +1845,8 @@ static inline void attention_flash_forward_rope(floatX *out, float *lse, const f
                                                 cudaStream_t stream) {
     attention_flash_check(B, T, NH, NKV, HS, out, qkv, qkv, qkv);
     cudaRequire(!rope_cos_sin || q_rotated == qkv, "attention_flash_forward_rope: the rotated queries go back into qkv");
-    if (HS == 64 && flash_forward_wgmma == 3) attention_flash_forward_pipelined<2>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
+    if (HS == 64 && flash_forward_wgmma == 4) attention_flash_forward_pipelined<1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream, 1);
+    else if (HS == 64 && flash_forward_wgmma == 3) attention_flash_forward_pipelined<2>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
     else if (HS == 64 && flash_forward_wgmma == 2) attention_flash_forward_pipelined<1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
     else if (HS == 64 && flash_forward_wgmma) attention_flash_forward_launch<64, 1, 0, 1>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
     else if (HS == 64 && flash_forward_row_tiles == 2) attention_flash_forward_launch<64, 2, 0>(out, lse, qkv, B, T, NH, NKV, rope_cos_sin, q_rotated, stream);
@@ -1841,8 +1889,11 @@ template <int HS, int DQ_RW, int DQ_QREG, int DKV_MINB, int DKV_KVREG, int DQ_WG
 static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                                    const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                                    const float *rope_cos_sin, cudaStream_t stream) {
-    // DQ_WG 3 and 4: the pipelined dQ pass with one or two warpgroups a block
-    constexpr int DQ_PIPE = DQ_WG >= 3 ? DQ_WG - 2 : 0, DQ_ROWS = DQ_PIPE ? DQ_PIPE * FLASH_ROWS : DQ_RW * FLASH_ROWS;
+    // DQ_WG 3 and 4: the pipelined dQ pass with one or two warpgroups a block on the rows; 5 and 6
+    // with three or two on the heads of a kv group
+    constexpr int DQ_HEADS = DQ_WG == 5 ? 3 : DQ_WG == 6 ? 2 : 0;
+    constexpr int DQ_PIPE = DQ_HEADS ? DQ_HEADS : DQ_WG >= 3 ? DQ_WG - 2 : 0;
+    constexpr int DQ_ROWS = DQ_HEADS ? FLASH_ROWS : DQ_PIPE ? DQ_PIPE * FLASH_ROWS : DQ_RW * FLASH_ROWS;
     static_assert(!DQ_PIPE || (HS == 64 && DQ_RW == 1 && !DQ_QREG), "the pipelined dQ pass: head size 64, one row tile");
     // DKV_WG 3 and 4: the pipelined dK/dV pass with one or two warpgroups a block
     constexpr int DKV_PIPE = DKV_WG >= 3 ? DKV_WG - 2 : 0, DKV_ROWS = DKV_PIPE ? DKV_PIPE * FLASH_ROWS : DKV_RW * FLASH_ROWS;
@@ -1852,13 +1903,13 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     constexpr size_t dq_smem = DQ_PIPE ? flash_dq_pipelined_smem<DQ_PIPE ? DQ_PIPE : 1>() : flash_dq_smem<HS, DQ_RW, DQ_WG>();
     if constexpr (DKV_PIPE) flash_allow_smem(flash_attention_backward_dkv_pipelined_kernel<DKV_PIPE>, dkv_smem, &dkv_set);
     else flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW>, dkv_smem, &dkv_set);
-    if constexpr (DQ_PIPE) flash_allow_smem(flash_attention_backward_dq_pipelined_kernel<DQ_PIPE>, dq_smem, &dq_set);
+    if constexpr (DQ_PIPE) flash_allow_smem(flash_attention_backward_dq_pipelined_kernel<DQ_PIPE, DQ_HEADS != 0>, dq_smem, &dq_set);
     else flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG>, dq_smem, &dq_set);
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
     cudaCheckLaunch();
     const int lpt = flash_backward_lpt;
-    dim3 grid_kv = flash_grid(lpt, NKV, B, ceil_div(T, DKV_ROWS)), grid_q = flash_grid(lpt, NH, B, ceil_div(T, DQ_ROWS));
+    dim3 grid_kv = flash_grid(lpt, NKV, B, ceil_div(T, DKV_ROWS)), grid_q = flash_grid(lpt, DQ_HEADS ? NH / DQ_HEADS : NH, B, ceil_div(T, DQ_ROWS));
     cudaStream_t kv_stream = stream;
     cudaEvent_t fork, join;
     if (flash_backward_side_by_side) {
@@ -1874,7 +1925,7 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
             dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
     cudaCheckLaunch();
     if constexpr (DQ_PIPE)
-        flash_attention_backward_dq_pipelined_kernel<DQ_PIPE><<<grid_q, DQ_PIPE * FLASH_THREADS, dq_smem, stream>>>(
+        flash_attention_backward_dq_pipelined_kernel<DQ_PIPE, DQ_HEADS != 0><<<grid_q, DQ_PIPE * FLASH_THREADS, dq_smem, stream>>>(
             dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
     else
         flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG><<<grid_q, FLASH_THREADS, dq_smem, stream>>>(
@@ -1917,7 +1968,8 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
         attention_flash_backward_launch<128, 1, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream);
         return;
     }
-    // head size 64: the dQ pass (pipelined warpgroup products with two warpgroups a block or one;
+    // head size 64: the dQ pass (pipelined warpgroup products with warpgroups on the heads of a kv
+    // group, two warpgroups a block or one;
     // warpgroup products with Q and dO from shared memory or from registers; 2 row tiles; 1 with
     // Q and dO in registers; 1) and the dK/dV pass (two key row
     // tiles a warp; warpgroup products with K and V from shared memory or registers; 3 blocks an
@@ -1926,7 +1978,13 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
     int dkv = flash_dkv_row_tiles == 2 ? 5 : flash_dkv_wgmma >= 3 ? 3 + flash_dkv_wgmma : flash_dkv_wgmma ? 2 + flash_dkv_wgmma
               : flash_dkv_min_blocks == 3 ? 2
               : flash_dkv_kv_regs ? 1 : 0;
+    if (dq == 7) {   // the pipelined dQ pass on the heads of a kv group, where the group allows it
+        int per_block = flash_heads_per_block(NH, NKV);
+        dq = per_block == 3 ? 8 : per_block == 2 ? 9 : 5;
+    }
     switch (dq) {
+    case 9: flash_backward_dkv_pick<1, 0, 6>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case 8: flash_backward_dkv_pick<1, 0, 5>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     case 6: flash_backward_dkv_pick<1, 0, 4>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     case 5: flash_backward_dkv_pick<1, 0, 3>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     case 4: flash_backward_dkv_pick<1, 0, 2>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
@@ -1986,10 +2044,12 @@ static inline void flash_set_config(const FlashConfig *c) {
 // by side, grouped grid" into buf
 static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) {
     snprintf(buf, size, "forward %s%d row tile%s%s, %s grid; backward %s%d dQ row tile%s%s%s%s%s, passes %s, %s grid",
-             c->forward_wgmma == 3 ? "pipelined wgmma, 2 warpgroups, " : c->forward_wgmma == 2 ? "pipelined wgmma, "
+             c->forward_wgmma == 4 ? "pipelined wgmma, warpgroups on the heads, " : c->forward_wgmma == 3 ? "pipelined wgmma, 2 warpgroups, "
+             : c->forward_wgmma == 2 ? "pipelined wgmma, "
              : c->forward_wgmma ? "wgmma, " : "", c->forward_row_tiles, c->forward_row_tiles > 1 ? "s" : "",
              c->forward_min_blocks > 1 ? " at 4 blocks an SM" : "", c->forward_lpt ? "lpt" : "grouped",
-             c->dq_wgmma == 4 ? "pipelined wgmma dQ, 2 warpgroups, " : c->dq_wgmma == 3 ? "pipelined wgmma dQ, "
+             c->dq_wgmma == 5 ? "pipelined wgmma dQ, warpgroups on the heads, " : c->dq_wgmma == 4 ? "pipelined wgmma dQ, 2 warpgroups, "
+             : c->dq_wgmma == 3 ? "pipelined wgmma dQ, "
              : c->dq_wgmma == 2 ? "wgmma dQ (Q, dO from shared memory), " : c->dq_wgmma ? "wgmma dQ, " : "",
              c->dq_row_tiles, c->dq_row_tiles > 1 ? "s" : "",
              c->dq_q_regs && !c->dq_wgmma ? " with Q and dO in registers" : "",
@@ -2067,10 +2127,11 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
 
     // warpgroup products where enabled and the device runs the sm_90a image (head size 64)
     const int wg = HS == 64 && flash_tune_wgmma_enabled() && flash_wgmma_supported();
-    FlashConfig cands[256];
+    FlashConfig cands[288];
     int n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
-        for (int v = 0; v < (HS == 64 ? 3 + 3 * wg : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1); wgmma; pipelined wgmma, 1 or 2 warpgroups
+        for (int v = 0; v < (HS == 64 ? 3 + 4 * wg : 1); v++) {   // (row tiles, min blocks): (1, 1), (1, 4), (2, 1); wgmma; pipelined wgmma, 1 or 2 warpgroups, on the heads
+            if (v == 6 && !flash_heads_per_block(NH, NKV)) continue;
             FlashConfig c = flash_default_config;
             c.forward_row_tiles = v == 2 ? 2 : 1;
             c.forward_min_blocks = v == 1 ? 4 : 0;
@@ -2082,7 +2143,8 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
 
     n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
-        for (int dq = 0; dq < (HS == 64 ? 3 + 4 * wg : 1); dq++)           // 1 row tile, 1 with Q and dO in registers, 2; wgmma 1, 2, pipelined 1, 2 warpgroups
+        for (int dq = 0; dq < (HS == 64 ? 3 + 5 * wg : 1); dq++) {         // 1 row tile, 1 with Q and dO in registers, 2; wgmma 1, 2, pipelined 1, 2 warpgroups, on the heads
+            if (dq == 7 && !flash_heads_per_block(NH, NKV)) continue;
             for (int dkv = 0; dkv < (HS == 64 ? 4 + 4 * wg : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM, 2 row tiles; wgmma 1, 2, pipelined 1, 2 warpgroups
                 for (int side = 1; side >= 0; side--) {
                     FlashConfig c = flash_default_config;
@@ -2097,6 +2159,7 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
                     c.backward_lpt = lpt;
                     cands[n++] = c;
                 }
+        }
     flash_set_config(&flash_default_config);
     forward();   // the defaults' out and lse, which every backward candidate reads
     FlashConfig b = tune_pass(false, cands, n, &t.backward_ms, &t.default_backward_ms);

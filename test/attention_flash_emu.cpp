@@ -36,7 +36,10 @@
  *          5, 6: the pipelined warpgroup forward with one or two warpgroups a block, at most one
  *          of bits 0, 5, 6; bits 7, 8: the pipelined warpgroup dQ pass likewise, at most one of
  *          bits 1, 3, 7, 8; bits 9, 10: the pipelined warpgroup dK/dV pass likewise, at most one
- *          of bits 2, 4, 9, 10; HS 64, one row tile each), eager (1: the forward's softmax
+ *          of bits 2, 4, 9, 10; bits 11, 12: the pipelined forward and dQ pass with their
+ *          warpgroups on the query heads of a kv head (flash_heads_per_block's, the group of
+ *          heads divisible by 2 or 3), at most one of bits 0, 5, 6, 11 and of 1, 3, 7, 8, 12;
+ *          HS 64, one row tile each), eager (1: the forward's softmax
  *          reference is the running max, flash_forward_max_slack 0), rope (1: the backward takes dQ and dK back through RoPE in
  *          its epilogue; 2: rope_backward's rotation on the host after the backward; 0: none;
  *          the table as rope_table_host's, theta 10000), rope_fwd (1: the k heads rotated by
@@ -82,7 +85,17 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv, co
                        else flash_attention_forward_kernel<HS, 1, 0, 1>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack);
                    });
     }
+    const int heads = HS == 64 ? flash_heads_per_block(NH, NKV) : 0;   // bits 11, 12: warpgroups on the heads
     if constexpr (wg_ok) {
+        if (wg & 2048) {   // the pipelined forward with its warpgroups on the query heads of a kv head
+            Dim3 grid_h = grid_of(lpt, NH / heads, B, (T + FLASH_ROWS - 1) / FLASH_ROWS);
+            size_t smem = heads == 3 ? flash_forward_pipelined_smem<3>() : flash_forward_pipelined_smem<2>();
+            launch(grid_h, heads * FLASH_THREADS, smem, [=] {
+                float slack = flash_forward_max_slack;
+                if (heads == 3) flash_attention_forward_pipelined_kernel<3, 0, 1>(out, lse, qkv, T, NH, NKV, lpt, slack);
+                else flash_attention_forward_pipelined_kernel<2, 0, 1>(out, lse, qkv, T, NH, NKV, lpt, slack);
+            });
+        }
         for (int wgs = 1; wgs <= 2; wgs++) {   // the pipelined forward with one (bit 5) or two (bit 6) warpgroups a block
             if (!(wg & (16 << wgs))) continue;
             Dim3 grid_p = grid_of(lpt, NH, B, (T + wgs * FLASH_ROWS - 1) / (wgs * FLASH_ROWS));
@@ -96,7 +109,7 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv, co
             });
         }
     }
-    if (!wg_ok || !(wg & (1 | 32 | 64)))
+    if (!wg_ok || !(wg & (1 | 32 | 64 | 2048)))
         launch(grid_fwd, FLASH_THREADS, flash_forward_smem<HS, RW>(),
                [=] {
                    if (rope_fwd) flash_attention_forward_kernel<HS, RW, 0, 0, 1>(out, lse, qkv, T, NH, NKV, lpt, flash_forward_max_slack,
@@ -122,6 +135,14 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv, co
         else if (wg & 16)
             launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS, 2>(),
                    [=] { flash_attention_backward_dkv_kernel<HS, 0, 0, 2>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
+        if (wg & 4096) {   // the pipelined dQ pass with its warpgroups on the query heads of a kv head
+            Dim3 grid_h = grid_of(lpt, NH / heads, B, (T + FLASH_ROWS - 1) / FLASH_ROWS);
+            size_t smem = heads == 3 ? flash_dq_pipelined_smem<3>() : flash_dq_pipelined_smem<2>();
+            launch(grid_h, heads * FLASH_THREADS, smem, [=] {
+                if (heads == 3) flash_attention_backward_dq_pipelined_kernel<3, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope);
+                else flash_attention_backward_dq_pipelined_kernel<2, 1>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope);
+            });
+        }
         for (int wgs = 1; wgs <= 2; wgs++) {   // the pipelined dQ pass with one (bit 7) or two (bit 8) warpgroups a block
             if (!(wg & (64 << wgs))) continue;
             Dim3 grid_p = grid_of(lpt, NH, B, (T + wgs * FLASH_ROWS - 1) / (wgs * FLASH_ROWS));
@@ -146,7 +167,7 @@ static void run(floatX *out, float *lse, floatX *dqkv, float *D, floatX *qkv, co
         launch(grid_kv, FLASH_THREADS, flash_dkv_smem<HS>(),
                [=] { flash_attention_backward_dkv_kernel<HS, 0, KVREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
     }
-    if (!wg_ok || !(wg & (2 | 8 | 128 | 256)))
+    if (!wg_ok || !(wg & (2 | 8 | 128 | 256 | 4096)))
         launch(grid_q, FLASH_THREADS, flash_dq_smem<HS, DQ_RW>(),
                [=] { flash_attention_backward_dq_kernel<HS, DQ_RW, QREG>(dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope); });
 }
@@ -215,8 +236,9 @@ int main(int argc, char **argv) {
     if (dims[11]) flash_forward_max_slack = 0.0f;
     if (B < 1 || T < 1 || NH < 1 || NKV < 1 || NH % NKV != 0 || !attention_flash_supports(HS) || RW < 1 || RW > 2 ||
         (RW == 2 && HS != 64) || DQ_RW < 1 || DQ_RW > 2 || (DQ_RW == 2 && HS != 64) ||
-        ((qreg || kvreg) && HS != 64) || kvreg < 0 || kvreg > 2 || (kvreg == 2 && (wg & (4 | 16 | 512 | 1024))) || (qreg && DQ_RW != 1) || wg < 0 || wg > 2047 ||
-        __builtin_popcount(wg & (1 | 32 | 64)) > 1 || __builtin_popcount(wg & (2 | 8 | 128 | 256)) > 1 ||
+        ((qreg || kvreg) && HS != 64) || kvreg < 0 || kvreg > 2 || (kvreg == 2 && (wg & (4 | 16 | 512 | 1024))) || (qreg && DQ_RW != 1) || wg < 0 || wg > 8191 ||
+        __builtin_popcount(wg & (1 | 32 | 64 | 2048)) > 1 || __builtin_popcount(wg & (2 | 8 | 128 | 256 | 4096)) > 1 ||
+        ((wg & (2048 | 4096)) && (HS != 64 || flash_heads_per_block(NH, NKV) == 0)) ||
         __builtin_popcount(wg & (4 | 16 | 512 | 1024)) > 1 ||
         (wg && (HS != 64 || RW != 1 || DQ_RW != 1)) || rope_mode < 0 || rope_mode > 2 ||
         rope_fwd_mode < 0 || rope_fwd_mode > 2) {

@@ -109,7 +109,8 @@ def run_emulator_full(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None,
     the forward, the dQ pass, the dK/dV pass with warpgroup products; bits 3, 4: the dQ and dK/dV
     passes with warpgroup products reading every operand from shared memory; bits 5, 6: the
     pipelined warpgroup forward, bits 7, 8: the pipelined warpgroup dQ pass, bits 9, 10: the
-    pipelined warpgroup dK/dV pass, each with one or two warpgroups a block), or eager (1: the
+    pipelined warpgroup dK/dV pass, each with one or two warpgroups a block; bits 11, 12: the
+    pipelined forward and dQ pass with warpgroups on the query heads of a kv head), or eager (1: the
     forward's softmax reference is the running max itself, rescaled at every move), or rope (1: dQ
     and dK taken back through RoPE in the backward's epilogue, 2: by rope_backward's arithmetic on
     the host after the backward), or rope_fwd (1: the k heads rotated by rope_forward's arithmetic
@@ -265,7 +266,8 @@ def rope_oracle(x, NH, NKV, HS, sign, theta=10000.0):
                                             ((1, 300, 6, 2, 64, 1.0, 1, 1), 2, 0), ((1, 150, 2, 2, 128, 1.0, 1, 1), 0, 0),
                                             ((1, 130, 4, 2, 64, 1.0, 1, 1), 1, 0), ((1, 130, 4, 2, 64, 1.0, 1, 1), 0, 128),
                                             ((1, 200, 9, 3, 64, 1.0, 1, 1), 0, 256), ((1, 130, 4, 2, 64, 1.0, 1, 1), 0, 512),
-                                            ((1, 200, 9, 3, 64, 1.0, 1, 1), 0, 1024 | 256)],
+                                            ((1, 200, 9, 3, 64, 1.0, 1, 1), 0, 1024 | 256),
+                                            ((1, 200, 9, 3, 64, 1.0, 1, 1), 0, 4096), ((1, 130, 4, 2, 64, 1.0, 1, 1), 0, 4096)],
                          ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s if isinstance(s, tuple) else str(s))
 def test_flash_backward_rope_epilogue(emulator, tmp_path, shape, kvreg, wg):
     """The backward taking dQ and dK back through RoPE in its epilogues gives, bit for bit, what
@@ -359,7 +361,7 @@ def test_wgmma_products_run_at_their_wait(emulator, tmp_path, misuse):
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 64, 1.0, 1, 1), (2, 37, 2, 2, 64, 1.0, 1, 1), (1, 200, 3, 1, 64, 4.0, 1, 1),
-                                   (1, 256, 2, 2, 64, 1.0, 1, 1)],
+                                   (1, 256, 2, 2, 64, 1.0, 1, 1), (2, 150, 4, 2, 64, 1.0, 1, 1)],
                          ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s)
 def test_flash_wgmma(emulator, tmp_path, shape):
     """The warpgroup kernels (wgmma, their K/V or Q/dO tiles in the core-matrix layout read through
@@ -368,16 +370,18 @@ def test_flash_wgmma(emulator, tmp_path, shape):
     and the backward's dqkv equal those of the kernels with the same fragments in registers (the
     dQ pass's Q and dO, the dK/dV pass's K and V) bit for bit, each pass alone and all three
     together, and so do the backward passes reading those operands from shared memory as well
-    and the pipelined forward, dQ and dK/dV passes with one or two warpgroups a block; with the
-    copies landing early they also match the oracle."""
+    and the pipelined forward, dQ and dK/dV passes with one or two warpgroups a block, the
+    forward and dQ pass also with their warpgroups on the query heads of a kv head (grouped
+    heads); with the copies landing early they also match the oracle."""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     plain = run_emulator(emulator, tmp_path, shape, "late", qreg=1, kvreg=1)
-    for wg in (1, 2, 4, 7, 8, 16, 25, 32, 64, 38, 88, 128, 256, 164, 336, 512, 1024, 672, 1344):
+    heads = [2048, 4096, 2048 | 4096 | 1024] if (NH // NKV) % 2 == 0 or (NH // NKV) % 3 == 0 else []
+    for wg in (1, 2, 4, 7, 8, 16, 25, 32, 64, 38, 88, 128, 256, 164, 336, 512, 1024, 672, 1344, *heads):
         got = run_emulator(emulator, tmp_path, shape, "late", qreg=1, kvreg=1, wg=wg)
         for name, a, b in zip(("out", "lse", "dqkv"), got[2:], plain[2:]):
             differ = int(np.count_nonzero(a.view(np.uint32) != b.view(np.uint32)))
             assert differ == 0, f"wg={wg} {name}: {differ} of {a.size} elements differ from the mma.sync kernels"
-    for wg in (7, 25, 38, 88, 164, 336, 672, 1344):
+    for wg in (7, 25, 38, 88, 164, 336, 672, 1344, *heads[2:]):
         qkv, dout, out, lse, dqkv = run_emulator(emulator, tmp_path, shape, "early", qreg=1, kvreg=1, wg=wg)
         ref_out, ref_lse, ref_dqkv = oracle(qkv, dout, NH, NKV, HS)
         assert rel_err(out, ref_out) < 5e-3

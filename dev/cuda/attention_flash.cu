@@ -270,38 +270,44 @@ static void check(int B, int T, int NH, int NKV, int HS, float input_scale, bool
         printf("info flash wgmma %d vs mma.sync %s: elements with other bits: out %zu of %zu, lse %zu of %zu, dqkv %zu of %zu\n",
                v, label, differ[0], n_out, differ[1], n_stat, differ[2], n_qkv);
     }
-    for (int wgs = 1; wgs <= 2 && HS == 64 && flash_wgmma_supported(); wgs++) {   // the pipelined warpgroup forward
+    // the pipelined warpgroup forward with one or two warpgroups a block on the rows, then (3) with
+    // its warpgroups on the query heads of a kv head where the grouping allows
+    for (int wgs = 1; wgs <= 3 && HS == 64 && flash_wgmma_supported(); wgs++) {
+        if (wgs == 3 && !flash_heads_per_block(NH, NKV)) break;
         flash_forward_wgmma = 1 + wgs;
         poison(d_out, n_out * sizeof(floatX)); poison(d_lse, n_stat * sizeof(float));
         attention_flash_forward(d_out, d_lse, d_qkv, B, T, NH, NKV, HS, 0);
         flash_forward_wgmma = 0;
         std::vector<float> out_p = download_bf16(d_out, n_out), lse_p = download_f32(d_lse, n_stat);
-        snprintf(name, sizeof(name), "flash pipelined wgmma (%d warpgroup%s a block) vs mma.sync %s out", wgs,
-                 wgs > 1 ? "s" : "", label);
+        const char *how = wgs == 1 ? "1 warpgroup a block" : wgs == 2 ? "2 warpgroups a block" : "warpgroups on the heads";
+        snprintf(name, sizeof(name), "flash pipelined wgmma (%s) vs mma.sync %s out", how, label);
         compare(name, out_p, out[0], TOL_BF16);
-        snprintf(name, sizeof(name), "flash pipelined wgmma (%d warpgroup%s a block) vs mma.sync %s lse", wgs,
-                 wgs > 1 ? "s" : "", label);
+        snprintf(name, sizeof(name), "flash pipelined wgmma (%s) vs mma.sync %s lse", how, label);
         compare(name, lse_p, lse[0], TOL_F32);
         size_t differ[2] = {0, 0};
         for (size_t i = 0; i < n_out; i++) differ[0] += memcmp(&out_p[i], &out[0][i], 4) != 0;
         for (size_t i = 0; i < n_stat; i++) differ[1] += memcmp(&lse_p[i], &lse[0][i], 4) != 0;
-        printf("info flash pipelined wgmma (%d warpgroup%s a block) vs mma.sync %s: elements with other bits: out %zu of %zu, "
-               "lse %zu of %zu\n", wgs, wgs > 1 ? "s" : "", label, differ[0], n_out, differ[1], n_stat);
+        printf("info flash pipelined wgmma (%s) vs mma.sync %s: elements with other bits: out %zu of %zu, lse %zu of %zu\n",
+               how, label, differ[0], n_out, differ[1], n_stat);
     }
-    for (int wgs = 1; wgs <= 2 && HS == 64 && flash_wgmma_supported(); wgs++) {   // the pipelined warpgroup dQ and dK/dV passes
+    // the pipelined warpgroup dQ and dK/dV passes with one or two warpgroups a block, then (3) the
+    // dQ pass with its warpgroups on the query heads of a kv head, the dK/dV pass with two
+    for (int wgs = 1; wgs <= 3 && HS == 64 && flash_wgmma_supported(); wgs++) {
+        if (wgs == 3 && !flash_heads_per_block(NH, NKV)) break;
         attention_flash_forward(d_out, d_lse, d_qkv, B, T, NH, NKV, HS, 0);   // the mma.sync forward's out and lse
-        flash_dq_wgmma = flash_dkv_wgmma = 2 + wgs;
+        flash_dq_wgmma = 2 + wgs;
+        flash_dkv_wgmma = wgs == 3 ? 4 : 2 + wgs;
         poison(d_dqkv, n_qkv * sizeof(floatX)); poison(d_D, n_stat * sizeof(float));
         attention_flash_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, NH, NKV, HS, 0);
         flash_dq_wgmma = flash_dkv_wgmma = 0;
         std::vector<float> dqkv_p = download_bf16(d_dqkv, n_qkv);
-        snprintf(name, sizeof(name), "flash pipelined wgmma backward (%d warpgroup%s a block) vs mma.sync %s", wgs,
-                 wgs > 1 ? "s" : "", label);
+        const char *how = wgs == 1 ? "1 warpgroup a block" : wgs == 2 ? "2 warpgroups a block" : "dQ's warpgroups on the heads";
+        snprintf(name, sizeof(name), "flash pipelined wgmma backward (%s) vs mma.sync %s", how, label);
         compare_dqkv(name, dqkv_p, dqkv[0], 0, B, T, NH, NKV, HS, TOL_BF16);
         size_t differ = 0;
         for (size_t i = 0; i < n_qkv; i++) differ += memcmp(&dqkv_p[i], &dqkv[0][i], 4) != 0;
-        printf("info flash pipelined wgmma backward (%d warpgroup%s a block) vs mma.sync %s: elements with other bits: "
-               "dqkv %zu of %zu\n", wgs, wgs > 1 ? "s" : "", label, differ, n_qkv);
+        printf("info flash pipelined wgmma backward (%s) vs mma.sync %s: elements with other bits: dqkv %zu of %zu\n",
+               how, label, differ, n_qkv);
     }
     if (HS == 64 && !flash_wgmma_supported()) {
         printf("info flash wgmma %s: not run (the device does not run this build's sm_90a code)\n", label);
@@ -436,28 +442,30 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
             flash_forward_wgmma = 0;
             printf("time attention flash  %-13s wgmma forward %7.3f ms (%6.1f TFLOP/s) against mma.sync %7.3f ms\n", model,
                    fwd_wg, fwd_flops / fwd_wg / 1e9, fwd);
-            for (int wgs = 1; wgs <= 2; wgs++) {   // pipelined, one or two warpgroups a block
+            for (int wgs = 1; wgs <= 3; wgs++) {   // pipelined, one or two warpgroups a block, or on the heads (3)
+                if (wgs == 3 && !flash_heads_per_block(NH, NKV)) break;
+                const char *how = wgs == 1 ? "1 warpgroup a block" : wgs == 2 ? "2 warpgroups a block" : "warpgroups on the heads";
                 flash_forward_wgmma = 1 + wgs;
                 float fwd_p = time_ms([&] {
                     i = (i + 1) % SETS;
                     attention_flash_forward(out[i], lse[i], qkv[i], B, T, NH, NKV, HS, 0);
                 }, 3, 20);
                 flash_forward_wgmma = 0;
-                printf("time attention flash  %-13s pipelined wgmma forward, %d warpgroup%s a block, %7.3f ms (%6.1f TFLOP/s) "
-                       "against mma.sync %7.3f ms\n", model, wgs, wgs > 1 ? "s" : "", fwd_p, fwd_flops / fwd_p / 1e9, fwd);
+                printf("time attention flash  %-13s pipelined wgmma forward, %s, %7.3f ms (%6.1f TFLOP/s) against mma.sync "
+                       "%7.3f ms\n", model, how, fwd_p, fwd_flops / fwd_p / 1e9, fwd);
                 float bwd_p[3];
-                for (int v = 0; v < 3; v++) {   // dQ, dK/dV, both pipelined
+                for (int v = 0; v < 3; v++) {   // dQ, dK/dV, both pipelined (on the heads: the dQ pass; dK/dV with 2)
                     flash_dq_wgmma = v != 1 ? 2 + wgs : 0;
-                    flash_dkv_wgmma = v != 0 ? 2 + wgs : 0;
+                    flash_dkv_wgmma = v != 0 ? (wgs == 3 ? 4 : 2 + wgs) : 0;
                     bwd_p[v] = time_ms([&] {
                         i = (i + 1) % SETS;
                         attention_flash_backward(dqkv, D, dout[i], qkv[i], out[i], lse[i], B, T, NH, NKV, HS, 0);
                     }, 3, 20);
                 }
                 flash_dq_wgmma = flash_dkv_wgmma = 0;
-                printf("time attention flash  %-13s pipelined wgmma backward, %d warpgroup%s a block: dQ %7.3f ms, dK/dV %7.3f ms, "
-                       "both %7.3f ms (%6.1f TFLOP/s) against mma.sync %7.3f ms (passes side by side)\n", model, wgs,
-                       wgs > 1 ? "s" : "", bwd_p[0], bwd_p[1], bwd_p[2], bwd_flops / bwd_p[2] / 1e9, bwd);
+                printf("time attention flash  %-13s pipelined wgmma backward, %s: dQ %7.3f ms, dK/dV %7.3f ms, both %7.3f ms "
+                       "(%6.1f TFLOP/s) against mma.sync %7.3f ms (passes side by side)\n", model, how, bwd_p[0], bwd_p[1],
+                       bwd_p[2], bwd_flops / bwd_p[2] / 1e9, bwd);
             }
             for (int w = 1; w <= 2; w++) {   // operands in registers (1) or from shared memory (2)
                 float bwd_wg[3];
