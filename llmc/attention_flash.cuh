@@ -2110,7 +2110,7 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
             }
             if (i == 0) ref = bits;
             t.tried++;
-            char what[200];
+            char what[320];
             flash_describe(&cands[i], what, sizeof(what));
             if (bits != ref) {
                 t.differed++;

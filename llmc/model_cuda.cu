@@ -613,7 +613,7 @@ static void attention_tune(CudaModel *model, int B, int T) {
     d->tuning = t;
     d->tuned = 1;
     d->flash_config = t.config;
-    char what[200];
+    char what[320];
     flash_describe(&t.config, what, sizeof(what));
     snprintf(model->attention_tuning, sizeof(model->attention_tuning),
              "flash tuned at B=%d T=%d: %s; forward %.3f ms (defaults %.3f), backward %.3f ms (defaults %.3f); %d of %d "

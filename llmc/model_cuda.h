@@ -112,7 +112,7 @@ typedef struct CudaModel {
     // attention_flash.cuh), so the choice never changes the numbers. TRAIN_MORA_FLASH_TUNE=0
     // keeps the defaults. attention_tuning describes the choice and its times once it is made.
     int attention_tuned;
-    char attention_tuning[256];
+    char attention_tuning[512];
     // 1 (default; TRAIN_MORA_MATMUL_TUNE=0 at creation sets 0): the first forward and backward at
     // the full shape (max_B x max_T) tune the cuBLASLt algorithm of every product shape they run,
     // again only among the candidates whose results equal cuBLASLt's first choice bit for bit

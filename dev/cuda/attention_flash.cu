@@ -528,7 +528,7 @@ static void timing(const char *model, int B, int T, int NH, int NKV, int HS) {
            t.forward_ms, t.default_forward_ms, t.backward_ms, t.default_backward_ms);
     printf("time attention flash  %-13s %d of %d configurations gave other bits than the defaults (not used)\n", model,
            t.differed, t.tried);
-    char what[200];
+    char what[320];
     flash_describe(&t.config, what, sizeof(what));
     printf("time attention flash  %-13s chosen: %s\n", model, what);
     flash_set_config(&flash_default_config);
