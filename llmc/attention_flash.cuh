@@ -1891,7 +1891,7 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
                                                    const float *rope_cos_sin, cudaStream_t stream) {
     // DQ_WG 3 and 4: the pipelined dQ pass with one or two warpgroups a block on the rows; 5 and 6
     // with three or two on the heads of a kv group
-    constexpr int DQ_HEADS = DQ_WG == 5 ? 3 : DQ_WG == 6 ? 2 : 0;
+    constexpr int DQ_HEADS = DQ_WG == 5 ? 3 : DQ_WG == 6 ? 2 : 0, DQ_ON_HEADS = DQ_HEADS != 0;
     constexpr int DQ_PIPE = DQ_HEADS ? DQ_HEADS : DQ_WG >= 3 ? DQ_WG - 2 : 0;
     constexpr int DQ_ROWS = DQ_HEADS ? FLASH_ROWS : DQ_PIPE ? DQ_PIPE * FLASH_ROWS : DQ_RW * FLASH_ROWS;
     static_assert(!DQ_PIPE || (HS == 64 && DQ_RW == 1 && !DQ_QREG), "the pipelined dQ pass: head size 64, one row tile");
@@ -1903,7 +1903,7 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     constexpr size_t dq_smem = DQ_PIPE ? flash_dq_pipelined_smem<DQ_PIPE ? DQ_PIPE : 1>() : flash_dq_smem<HS, DQ_RW, DQ_WG>();
     if constexpr (DKV_PIPE) flash_allow_smem(flash_attention_backward_dkv_pipelined_kernel<DKV_PIPE>, dkv_smem, &dkv_set);
     else flash_allow_smem(flash_attention_backward_dkv_kernel<HS, DKV_MINB, DKV_KVREG, DKV_WG, DKV_RW>, dkv_smem, &dkv_set);
-    if constexpr (DQ_PIPE) flash_allow_smem(flash_attention_backward_dq_pipelined_kernel<DQ_PIPE, DQ_HEADS != 0>, dq_smem, &dq_set);
+    if constexpr (DQ_PIPE) flash_allow_smem(flash_attention_backward_dq_pipelined_kernel<DQ_PIPE, DQ_ON_HEADS>, dq_smem, &dq_set);
     else flash_allow_smem(flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG>, dq_smem, &dq_set);
     long long threads = (long long)B * T * NH * (HS / 8);
     flash_attention_backward_preprocess_kernel<HS><<<ceil_div(threads, 256), 256, 0, stream>>>(D, dout, out, B, T, NH);
@@ -1925,7 +1925,7 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
             dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
     cudaCheckLaunch();
     if constexpr (DQ_PIPE)
-        flash_attention_backward_dq_pipelined_kernel<DQ_PIPE, DQ_HEADS != 0><<<grid_q, DQ_PIPE * FLASH_THREADS, dq_smem, stream>>>(
+        flash_attention_backward_dq_pipelined_kernel<DQ_PIPE, DQ_ON_HEADS><<<grid_q, DQ_PIPE * FLASH_THREADS, dq_smem, stream>>>(
             dqkv, dout, qkv, lse, D, T, NH, NKV, lpt, rope_cos_sin);
     else
         flash_attention_backward_dq_kernel<HS, DQ_RW, DQ_QREG, DQ_WG><<<grid_q, FLASH_THREADS, dq_smem, stream>>>(
