@@ -731,10 +731,18 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
     flash_store_tile<BM, HS>(out, sQ, b, q0, T, NH * HS, h * HS);
 }
 
+// The warpgroups a block of the pipelined kernels' HEADS launch, one a query head of a kv head's
+// group: 3 where the group divides by 3, else 2 where by 2, else 0 (no HEADS launch).
+static inline int flash_heads_per_block(int NH, int NKV) {
+    int group = NH / NKV;
+    return group % 3 == 0 ? 3 : group % 2 == 0 ? 2 : 0;
+}
+
 // The forward on warpgroup products with the softmax overlapping them (flash_forward_wgmma 2, 3
 // and 4; head size 64, sm_90a): key tile j's S = Q K^T is issued, then the previous tile's O += P V,
-// and the warpgroup waits only for S (wgmma.wait_group 1) before its softmax, so that the
-// exponentials of tile j run while the tensor cores add tile j - 1's P V; the wait for P V then
+// and the warpgroup waits only for S (wgmma.wait_group 1) before its softmax, so that tile j's
+// softmax runs while the tensor cores add tile j - 1's P V (its masking and row maxima: ptxas
+// schedules the exponentials after the next wait, in the SASS of nvcc 13.0); the wait for P V
 // comes before O is rescaled (a moved reference). O still takes the same operations in the same
 // order (O of tiles up to j - 1, times tile j's correction, plus P_j V_j), and every product sums
 // the same terms in the same order of k, so the bits are the other kernels'.
@@ -754,12 +762,6 @@ __global__ void __launch_bounds__(FLASH_THREADS, MINB) flash_attention_forward_k
 // are waited for: their stages are free. ROPE as in flash_attention_forward_kernel: the query
 // rows, in the padded layout in the K and V stages before the first key tile comes, are rotated,
 // stored back and copied into the core-matrix layout.
-// The warpgroups a block of the pipelined kernels' HEADS launch, one a query head of a kv head's
-// group: 3 where the group divides by 3, else 2 where by 2, else 0 (no HEADS launch).
-static inline int flash_heads_per_block(int NH, int NKV) {
-    int group = NH / NKV;
-    return group % 3 == 0 ? 3 : group % 2 == 0 ? 2 : 0;
-}
 template <int WGS>
 constexpr size_t flash_forward_pipelined_smem() {
     return (size_t)(WGS * FLASH_ROWS + 5 * FLASH_KEYS) * 64 * sizeof(floatX);
@@ -855,7 +857,7 @@ __global__ void __launch_bounds__(WGS * FLASH_THREADS, WGS == 2 ? 2 : 1) flash_a
         const bool moved = flash_softmax_tile(s, j * BN, j * BN + BN - 1 > wq0 + warp * 16, row0, row1, scale_log2,
                                               max_slack, m0, m1, corr0, corr1, sum0, sum1);
         if (wait_pv) {
-            flash_acc_fence(s);   // P computed before the wait (the compiler would otherwise sink the exponentials past it)
+            flash_acc_fence(s);   // P before the wait in the PTX (ptxas still schedules the exponentials after it)
             flash_wgmma_wait_group<0>();   // P V of tile j - 1: O, and pa free again
             flash_acc_fence(o);
         }
