@@ -175,7 +175,7 @@ echo "== gpu_check finished in $(( $(date +%s) - start )) s"
 if [ -f "$log" ]; then
     echo "== summary: the benchmark lines and every FAIL of this run (whole log: $log)"
     grep -E "tok/s|^  with |^  attention: |^  decode attention |pos ~[0-9]+: |^time adamw |RoPE on the queries|^time attention flash .*pipelined|^FAIL" "$log" |
-        grep -v "^== summary" | cut -c1-400
+        grep -v "^== summary" | cut -c1-700
 fi
 if [ ${#failed[@]} -ne 0 ]; then
     echo "== gpu_check: FAIL: ${failed[*]}"

@@ -2009,12 +2009,17 @@ typedef struct {
 } FlashConfig;
 static const FlashConfig flash_default_config = {1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1};
 
-// What a tuning chose, what it measured, and what the defaults measured in the same run.
+// What a tuning chose, what it measured, and what the defaults measured in the same run; and the
+// fastest choice among the mma.sync kernels alone (no warpgroup kernel in any pass), which is
+// `config` itself where the warpgroup kernels took no part (wgmma 0).
 typedef struct {
     FlashConfig config;
     float forward_ms, backward_ms;
     float default_forward_ms, default_backward_ms;
     int tried, differed;   // candidates run; of those, how many gave other bits than the defaults
+    int wgmma;             // whether the warpgroup kernels were candidates
+    FlashConfig mma_config;
+    float mma_forward_ms, mma_backward_ms;
 } FlashTuning;
 
 // x (n) bf16 = pseudo-random values in [-1, 1), a hash of (seed, i): the same on every run.
@@ -2095,10 +2100,13 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
     if (verbose) printf("flash attention tuning B=%d T=%d NH=%d NKV=%d HS=%d (ms, mean of %d)\n", B, T, NH, NKV, HS, reps);
 
     // Runs the candidates of one pass (forward, or backward on the defaults' out and lse), the
-    // defaults' first; keeps the fastest of those with the defaults' bits in t.config.
-    auto tune_pass = [&](bool is_forward, const FlashConfig *cands, int n, float *ms_best, float *ms_default) {
+    // defaults' first; returns the fastest of those with the defaults' bits, and in *mma_best the
+    // fastest of those without a warpgroup kernel (the defaults are one).
+    auto tune_pass = [&](bool is_forward, const FlashConfig *cands, int n, float *ms_best, float *ms_default,
+                         FlashConfig *mma_best, float *ms_mma) {
         unsigned long long ref = 0;
         FlashConfig best = cands[0];
+        *mma_best = cands[0];
         for (int i = 0; i < n; i++) {
             flash_set_config(&cands[i]);
             unsigned long long bits;
@@ -2121,8 +2129,12 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
             }
             float ms = is_forward ? tune_time_ms(forward, stream, reps) : tune_time_ms(backward, stream, reps);
             if (verbose) printf("  %-8s %8.4f  %s\n", is_forward ? "forward" : "backward", ms, what);
-            if (i == 0) *ms_default = *ms_best = ms;
-            else if (ms < *ms_best) { *ms_best = ms; best = cands[i]; }
+            const bool mma = cands[i].forward_wgmma == 0 && cands[i].dq_wgmma == 0 && cands[i].dkv_wgmma == 0;
+            if (i == 0) *ms_default = *ms_best = *ms_mma = ms;
+            else {
+                if (ms < *ms_best) { *ms_best = ms; best = cands[i]; }
+                if (mma && ms < *ms_mma) { *ms_mma = ms; *mma_best = cands[i]; }
+            }
         }
         return best;
     };
@@ -2141,7 +2153,9 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
             c.forward_lpt = lpt;
             cands[n++] = c;
         }
-    FlashConfig f = tune_pass(true, cands, n, &t.forward_ms, &t.default_forward_ms);
+    t.wgmma = wg;
+    FlashConfig f_mma, b_mma;
+    FlashConfig f = tune_pass(true, cands, n, &t.forward_ms, &t.default_forward_ms, &f_mma, &t.mma_forward_ms);
 
     n = 0;
     for (int lpt = 0; lpt < 2; lpt++)
@@ -2164,13 +2178,18 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
         }
     flash_set_config(&flash_default_config);
     forward();   // the defaults' out and lse, which every backward candidate reads
-    FlashConfig b = tune_pass(false, cands, n, &t.backward_ms, &t.default_backward_ms);
+    FlashConfig b = tune_pass(false, cands, n, &t.backward_ms, &t.default_backward_ms, &b_mma, &t.mma_backward_ms);
 
-    t.config = b;
-    t.config.forward_row_tiles = f.forward_row_tiles;
-    t.config.forward_min_blocks = f.forward_min_blocks;
-    t.config.forward_lpt = f.forward_lpt;
-    t.config.forward_wgmma = f.forward_wgmma;
+    // a choice: the backward's switches from the backward's pass, the forward's from the forward's
+    auto joined = [](FlashConfig backward_choice, const FlashConfig &forward_choice) {
+        backward_choice.forward_row_tiles = forward_choice.forward_row_tiles;
+        backward_choice.forward_min_blocks = forward_choice.forward_min_blocks;
+        backward_choice.forward_lpt = forward_choice.forward_lpt;
+        backward_choice.forward_wgmma = forward_choice.forward_wgmma;
+        return backward_choice;
+    };
+    t.config = joined(b, f);
+    t.mma_config = joined(b_mma, f_mma);
     flash_set_config(&t.config);
     cudaCheck(cudaFree(d_sum));
     return t;

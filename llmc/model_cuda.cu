@@ -347,6 +347,7 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     model->grads_first_write = 1;
     model->attention_tuned = 0;
     model->attention_tuning[0] = '\0';
+    model->attention_wgmma_tried = 0;
     model->matmul_tune = env_switch("TRAIN_MORA_MATMUL_TUNE");
     d->matmul_tune_from = matmul_tune_count;
     snprintf(model->matmul_tuning, sizeof(model->matmul_tuning), "%s",
@@ -612,13 +613,20 @@ static void attention_tune(CudaModel *model, int B, int T) {
     cudaCheck(cudaMemsetAsync(d->att_D, 0xff, N * c->n_head * sizeof(float), d->stream));
     d->tuning = t;
     d->tuned = 1;
+    model->attention_wgmma_tried = t.wgmma;
     d->flash_config = t.config;
     char what[320];
     flash_describe(&t.config, what, sizeof(what));
-    snprintf(model->attention_tuning, sizeof(model->attention_tuning),
-             "flash tuned at B=%d T=%d: %s; forward %.3f ms (defaults %.3f), backward %.3f ms (defaults %.3f); %d of %d "
-             "candidates differed in their bits", B, T, what, t.forward_ms, t.default_forward_ms, t.backward_ms,
-             t.default_backward_ms, t.differed, t.tried);
+    int len = snprintf(model->attention_tuning, sizeof(model->attention_tuning),
+                       "flash tuned at B=%d T=%d: %s; forward %.3f ms (defaults %.3f), backward %.3f ms (defaults %.3f); %d "
+                       "of %d candidates differed in their bits", B, T, what, t.forward_ms, t.default_forward_ms,
+                       t.backward_ms, t.default_backward_ms, t.differed, t.tried);
+    if (t.wgmma && len > 0 && (size_t)len < sizeof(model->attention_tuning)) {
+        flash_describe(&t.mma_config, what, sizeof(what));
+        snprintf(model->attention_tuning + len, sizeof(model->attention_tuning) - len,
+                 "; without the warpgroup kernels: %s; forward %.3f ms, backward %.3f ms", what, t.mma_forward_ms,
+                 t.mma_backward_ms);
+    }
 }
 
 // The residual stream: element `offset` of one of its buffers, in the last forward's precision.
@@ -836,7 +844,9 @@ extern "C" void cuda_model_matmul_tuning_print(CudaModel *model, FILE *out) { ma
 extern "C" void cuda_model_attention_config(CudaModel *model, int tuned) {
     Impl *d = impl_of(model);
     if (!model->attention_tuned) fatal("cuda_model_attention_config: the attention is tuned on the first forward");
-    d->flash_config = tuned && d->tuned ? d->tuning.config : flash_default_config;   // no tuning: the defaults
+    if (tuned < 0 || tuned > 2) fatal("cuda_model_attention_config: %d is not 0, 1 or 2", tuned);
+    if (!d->tuned || tuned == 0) d->flash_config = flash_default_config;   // no tuning: the defaults
+    else d->flash_config = tuned == 1 ? d->tuning.config : d->tuning.mma_config;
 }
 
 extern "C" void cuda_model_forward(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask, int B, int T) {

@@ -112,7 +112,10 @@ typedef struct CudaModel {
     // attention_flash.cuh), so the choice never changes the numbers. TRAIN_MORA_FLASH_TUNE=0
     // keeps the defaults. attention_tuning describes the choice and its times once it is made.
     int attention_tuned;
-    char attention_tuning[512];
+    char attention_tuning[1024];
+    // 1 when the tuning had the warpgroup (wgmma) kernels among its candidates
+    // (TRAIN_MORA_FLASH_WGMMA=1 on a device with this build's sm_90a code, head size 64)
+    int attention_wgmma_tried;
     // 1 (default; TRAIN_MORA_MATMUL_TUNE=0 at creation sets 0): the first forward and backward at
     // the full shape (max_B x max_T) tune the cuBLASLt algorithm of every product shape they run,
     // again only among the candidates whose results equal cuBLASLt's first choice bit for bit
@@ -138,7 +141,9 @@ CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T);
 void cuda_model_free(CudaModel *model);
 
 // After the first forward: 1 runs the flash attention in its tuned configuration (the default),
-// 0 in the defaults' (benchmarks compare the two; the results are the same bit for bit).
+// 0 in the defaults', 2 in the tuning's fastest choice among the mma.sync kernels alone (its
+// choice where the warpgroup kernels were no candidates). Benchmarks compare them; the results
+// are the same bit for bit.
 void cuda_model_attention_config(CudaModel *model, int tuned);
 // After the first forward: runs the flash attention's warpgroup (wgmma) kernels from now on, in
 // all three passes, whatever the tuning chose (their results may differ from the defaults' in

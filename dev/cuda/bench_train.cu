@@ -25,7 +25,9 @@
  * zero_grad zeroing every gradient for the products to add to (instead of the first backward's
  * products writing the weight matrices' gradients), with the flash forward's softmax rescaled at every move of a row's
  * max (instead of a reference that trails it), and with the flash
- * attention in its default configuration instead of the one tuned on the first forward, and
+ * attention in its default configuration instead of the one tuned on the first forward, with
+ * the tuning's fastest choice without the warpgroup kernels where they were among its
+ * candidates (TRAIN_MORA_FLASH_WGMMA=1: what a run without it takes), and
  * with every product in cuBLASLt's first-choice algorithm instead of the tuned one, and with the
  * attention's warpgroup (wgmma) kernels where they apply, and prints both tunings' choices. Figures only: not a test.
  *   build/cuda/dev/bench_train [steps]        (BF16_PEAK_TFLOPS overrides the card's peak)
@@ -147,6 +149,10 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     Pair eager_rescale = timed_beside([](int on) { cuda_model_attention_eager_rescale(on); });
     // the flash attention in the defaults' configuration instead of the tuned one
     Pair untuned = timed_beside([&](int on) { cuda_model_attention_config(gpu, !on); });
+    // where the tuning tried the warpgroup kernels: its fastest choice without them (what a run
+    // without TRAIN_MORA_FLASH_WGMMA=1 takes)
+    Pair mma_only = gpu->attention_wgmma_tried ? timed_beside([&](int on) { cuda_model_attention_config(gpu, on ? 2 : 1); })
+                                               : none;
     // the attention's warpgroup (wgmma) kernels in all three passes, where they apply: the
     // backward's invariant operands in registers (1) or read from shared memory (2)
     Pair wgmma[3] = {none, none, none};
@@ -211,6 +217,11 @@ static void bench(const char *preset, int B, int T, int steps, double peak, doub
     printf("  with the attention's default configuration: ");
     beside(untuned);
     printf("\n");
+    if (mma_only.variant > 0.0) {
+        printf("  with the tuning's choice without the warpgroup kernels (as without TRAIN_MORA_FLASH_WGMMA=1): ");
+        beside(mma_only);
+        printf("\n");
+    }
     if (wgmma[1].variant > 0.0) {
         printf("  with the attention's warpgroup (wgmma) kernels, the backward's operands in registers: ");
         beside(wgmma[1]);

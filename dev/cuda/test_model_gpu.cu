@@ -220,6 +220,21 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
     }
     gpu->overlap_weight_grads = 0;
 
+    // the tuning picks its attention configuration among those with the defaults' bits: the step
+    // in the defaults' configuration, and (where the warpgroup kernels were candidates) in its
+    // fastest choice without them, gives the tuned step's gradients
+    for (int config = 0; config <= 2; config += 2) {
+        if (config == 2 && !gpu->attention_wgmma_tried) break;
+        cuda_model_attention_config(gpu, config);
+        cuda_model_poison(gpu);
+        cuda_model_zero_grad(gpu);
+        cuda_model_forward_backward(gpu, inputs.data(), targets.data(), mask.data(), B, T, scale);
+        cuda_model_copy_grads(gpu, overlapped.data());
+        check_same_grads(label, config == 0 ? "attention in its defaults" : "attention tuned without wgmma",
+                         "the tuned step", cpu, overlapped, grads);
+        cuda_model_attention_config(gpu, 1);
+    }
+
     // the gradient norm from the sums the backward makes as it completes each layer
     // (norm_in_backward, with the products on the second stream) against the gradient it leaves,
     // added up in double here: after one step; after two steps on one zero_grad, the first
