@@ -130,6 +130,9 @@ static int cmd_pretrain(int argc, char **argv) {
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
     if (a.zero != 0 && a.zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a.zero);
+    if (a.val_every > 0 && !a.val_data[0]) fatal("flag --val_every %d needs --val_data (the validation shards)", a.val_every);
+    if (a.val_data[0] && a.val_every == 0)
+        fatal("flag --val_data is given but --val_every is 0 (off): set --val_every N to validate every N steps");
     const int use_gpu = device_resolve(a.device);
     device_print(use_gpu);
     const int rank = comm_rank(), world = comm_world();

@@ -94,6 +94,8 @@ BAD_CASES = [
     (["--device", "tpu"], "--device"),
     (["--device", "cuda"], "--device cuda"),  # this machine has no GPU (CI neither)
     (["--lr", "nan"], "--lr"),
+    (["--val_every", "2"], "--val_every 2 needs --val_data"),
+    (["--val_data", "/nonexistent/v_*.bin"], "--val_every is 0"),
 ]
 
 
