@@ -48,8 +48,9 @@
  * update runs on a CUDA copy of the policy (llmc/model_cuda.h: forward, the weighted backward of
  * policy_loss's token weights, gradient norm, AdamW; fp32 master weights, bf16 compute), whose
  * parameters and moments are copied back into the CPU policy after every update, so checkpoints
- * and the rollout engine read the CPU policy. The reference's scoring (the reward heads on its
- * trunk and the KL's log-probs) stays on the CPU in fp32. The GPU draws its own random streams,
+ * and the rollout engine read the CPU policy. The reference's forwards (the hidden states the
+ * reward heads read, the KL's log-probs) run on a CUDA copy of the reference (engine_ref_forward;
+ * the residual stream in fp32, as the policy's copy), the heads on the CPU. The GPU draws its own random streams,
  * so a cuda run is not the same samples as a cpu run of the same seed, only the same
  * distribution. Several ranks on GPUs split the work as CPU ranks do; their gradients are summed
  * over NCCL (optimizer_step), the figures over MPI. --zero 1 is CPU only for mora.
@@ -119,6 +120,9 @@ typedef struct {
     // update of that model)
     RolloutEngine *rollout;
     const Model *rollout_model;
+    // --device cuda: the reference's CUDA copy, for every scoring forward (engine_ref_forward),
+    // fwd_batch sequences of at most the context
+    CudaModel *ref_gpu;
 #endif
 } Engine;
 
@@ -190,12 +194,32 @@ static void engine_init(Engine *e, const char *model_path, const char *model_fla
 }
 
 // --device cuda: the GPU rollout engine for every later sampling pass, sized for the generate
-// calls (gen_batch sequences of at most the context).
+// calls (gen_batch sequences of at most the context), and the reference's CUDA copy for the
+// scoring forwards (fwd_batch sequences).
 static void engine_use_gpu(Engine *e) {
 #ifdef USE_CUDA
     e->rollout = rollout_create(&e->ref, e->gen_batch, e->context);
     e->rollout_model = &e->ref;
+    e->ref_gpu = cuda_model_create_fp32_residual(&e->ref, e->fwd_batch, e->context);
 #endif
+}
+
+// The reference's forward on a packed batch (B, T): returns its per-token losses (-log p of each
+// target; B x T) and writes last (B, C), the final hidden state at each row's position
+// lengths[b] - 1, which the reward heads read. On the reference's CUDA copy under --device cuda
+// (bf16 weights and activations: the figures move by bf16's rounding), else on the CPU model.
+static const float *engine_ref_forward(Engine *e, const int *inputs, const int *targets, const float *mask, int B, int T,
+                                       const int *lengths, float *last) {
+#ifdef USE_CUDA
+    if (e->ref_gpu) {
+        cuda_model_forward(e->ref_gpu, inputs, targets, mask, B, T);
+        cuda_model_copy_hidden_last(e->ref_gpu, lengths, last);
+        return e->ref_gpu->token_losses;
+    }
+#endif
+    model_forward(&e->ref, inputs, targets, mask, B, T);
+    reward_gather_last(last, e->ref.hidden, lengths, B, T, e->ref.config.n_embd);
+    return e->ref.token_losses;
 }
 
 // The weights of `model` changed (an update): the rollout engine reloads them before it samples
@@ -227,6 +251,7 @@ static void engine_generate(Engine *e, Model *model, const int *const *prompts, 
 static void engine_free(Engine *e) {
 #ifdef USE_CUDA
     if (e->rollout) rollout_free(e->rollout);
+    cuda_model_free(e->ref_gpu);
 #endif
     model_free(&e->ref);
     reward_heads_free(&e->heads);
@@ -412,13 +437,12 @@ static void samples_score(Engine *e, Samples *s) {
         int B = s->n - first < FB ? s->n - first : FB;
         for (int b = 0; b < B; b++) idx[b] = first + b;
         int T = pack_batch(s, idx, B, &inputs, &targets, &mask);
-        model_forward(&e->ref, inputs, targets, mask, B, T);
+        for (int b = 0; b < B; b++) lengths[b] = s->plen[first + b] + s->slen[first + b];
+        const float *losses = engine_ref_forward(e, inputs, targets, mask, B, T, lengths, last);
         for (int b = 0; b < B; b++) {
             int j = first + b, P = s->plen[j];
-            for (int k = 0; k < s->rlen[j]; k++) s->logp_ref[j][k] = -e->ref.token_losses[b * T + P - 1 + k];
-            lengths[b] = P + s->slen[j];
+            for (int k = 0; k < s->rlen[j]; k++) s->logp_ref[j][k] = -losses[b * T + P - 1 + k];
         }
-        reward_gather_last(last, e->ref.hidden, lengths, B, T, C);
         reward_heads_forward(&e->heads, last, B, s->rewards + (size_t)first * D);
     }
     free(idx); free(lengths); free(inputs); free(targets); free(mask); free(last);
@@ -589,7 +613,7 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("log_every", ARG_INT, &a->log_every, "print a progress line every N steps");
     SPEC("stop_after", ARG_INT, &a->stop_after, "stop (with a checkpoint) after N steps of this invocation; continue with --resume");
     SPEC("resume", ARG_STRING, &a->resume, "continue the run in this directory from its latest checkpoint (flags from its config.json, but --device and --stop_after from this command line)");
-    SPEC("device", ARG_STRING, &a->device, "cpu, cuda or auto (cuda: sampling on the GPU rollout engine, the policy update on the CUDA model; one GPU per rank)");
+    SPEC("device", ARG_STRING, &a->device, "cpu, cuda or auto (cuda: sampling on the GPU rollout engine, the policy update and the reference's forwards on CUDA models; one GPU per rank)");
     SPEC("zero", ARG_INT, &a->zero, "ZeRO stage under mpirun: 0 every rank holds all AdamW state; 1 each rank holds and updates 1/ranks of it, then the parameters are all-gathered");
 #undef SPEC
     if (n > MORA_N_SPECS) fatal("internal: too many flags");
@@ -1541,22 +1565,19 @@ int cmd_mora(int argc, char **argv) {
     // checkpoint's whole moments are cut down to that shard
     if (a->zero == 1) adamw_shard_init(&m.shard, &m.policy, rank, world);
     if (use_gpu) {
-        // one rollout engine for every sampling pass, and the policy's CUDA copy sized for the
-        // largest update batch (a GRPO step's P x G rollouts or a DPO step's 2P sequences)
+        // one rollout engine for every sampling pass, the reference's CUDA copy for the scoring
+        // forwards, and the policy's for the updates
         char desc[320];
         device_describe(use_gpu, desc, sizeof desc);
-        printf("device: %s: sampling on the rollout engine, the policy update on the CUDA model; scoring (reward heads, reference log-probs) on the CPU\n", desc);
+        printf("device: %s: sampling on the rollout engine, the policy update and the reference's forwards (log-probs, "
+               "the heads' hidden states) on CUDA models; the reward heads on the CPU\n", desc);
         engine_use_gpu(&m.e);
 #ifdef USE_CUDA
+        // sized for the largest update batch (a GRPO step's P x G rollouts or a DPO step's 2P
+        // sequences), its residual stream in fp32 as the reference's (unless
+        // TRAIN_MORA_RESIDUAL_BF16 is set): the update's KL and ratios amplify per-token errors
         int P = a->prompts_per_step, B_max = P * a->group_size > 2 * P ? P * a->group_size : 2 * P;
-        m.gpu = cuda_model_create(&m.policy, B_max, m.e.context);
-        // The policy update keeps the residual stream in fp32 unless TRAIN_MORA_RESIDUAL_BF16=1
-        // asks for bf16 (pretraining's default, for speed): the update's KL and ratios take
-        // exponentials of log-prob differences, which amplify per-token errors, and the bf16
-        // stream doubled them (dev/cuda/mora_device_check.py's DPO KL against the CPU: 8% apart
-        // with the fp32 stream, 16% with bf16, on the CPU emulation of the GPU). An update's batch
-        // is small, and so is what the fp32 stream costs it.
-        if (getenv("TRAIN_MORA_RESIDUAL_BF16") == NULL) m.gpu->residual_bf16 = 0;
+        m.gpu = cuda_model_create_fp32_residual(&m.policy, B_max, m.e.context);
 #endif
     }
     int total_steps = a->steps * m.n_stages;
@@ -1885,7 +1906,7 @@ int cmd_eval(int argc, char **argv) {
         {"seed", ARG_INT, &seed, "sampling seed (the same for both policies)"},
         {"gen_batch", ARG_INT, &gen_batch, "sequences per generation call"},
         {"fwd_batch", ARG_INT, &fwd_batch, "sequences per reference forward when scoring"},
-        {"device", ARG_STRING, &device, "cpu, cuda or auto (cuda: sampling on the GPU rollout engine, scoring on the CPU; one rank)"},
+        {"device", ARG_STRING, &device, "cpu, cuda or auto (cuda: sampling on the GPU rollout engine, the reference's forwards for scoring on a CUDA model; one rank)"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "eval",
                "The comparison table on held-out prompts: mean raw reward per dimension and overall for a\n"
@@ -1926,7 +1947,8 @@ int cmd_eval(int argc, char **argv) {
     if (use_gpu) {
         char desc[320];
         device_describe(use_gpu, desc, sizeof desc);
-        printf("device: %s: sampling on the rollout engine, scoring (reward heads on the reference) on the CPU\n", desc);
+        printf("device: %s: sampling on the rollout engine, the reference's forwards (the heads' hidden states) on a CUDA "
+               "model; the reward heads on the CPU\n", desc);
         engine_use_gpu(&e);
     }
     printf("eval: %d prompts x %d samples, temperature %g, max %d new tokens; heads %s on %s\n", prompts.n, samples, temp, mnt,

@@ -8,6 +8,9 @@
  * state at the last token of every prompt + response is computed once, in right-padded batches
  * of similar length, and cached (2 rows per pair: chosen, rejected). Training then touches only
  * the heads: each pair trains the head of its own dimension, minibatches of pairs, AdamW.
+ * --device cuda runs those forwards on a CUDA copy of the trunk (bf16 weights and activations,
+ * the residual stream in fp32), which is where a large preference set's time goes; the heads
+ * train on the CPU either way.
  * A held-out split (--val_frac of every dimension's pairs, chosen by --seed) measures accuracy
  * (the share of pairs with r_chosen > r_rejected) per dimension after every epoch.
  *
@@ -36,7 +39,6 @@
  *                         subcommands can load the very trunk the heads were trained on
  */
 #include <math.h>
-#include <omp.h>
 #include <cjson/cJSON.h>
 
 #include "llmc/utils.h"
@@ -48,6 +50,10 @@
 #include "llmc/run_dir.h"
 #include "llmc/reward_heads.h"
 #include "llmc/prefdata.h"
+#include "llmc/device.h"
+#ifdef USE_CUDA
+#include "llmc/model_cuda.h"
+#endif
 
 typedef struct {
     const char *model, *data, *out, *head, *head_act, *chat_template, *device;
@@ -57,8 +63,9 @@ typedef struct {
 
 // hidden_cache (n_seqs, C): the trunk's final hidden state at the last token of every sequence.
 // Sequences are taken in order of length so that a batch pads little; each batch is
-// right-padded with token 0 and read at every row's own last position.
-static float *compute_hidden_cache(Model *model, const TokenSeqs *seqs, int fwd_batch) {
+// right-padded with token 0 and read at every row's own last position. The forwards run on gpu,
+// the trunk's CUDA copy, when it is not NULL (a CUDA build under --device cuda), else on model.
+static float *compute_hidden_cache(Model *model, void *gpu, const TokenSeqs *seqs, int fwd_batch) {
     int n = seqs->n, C = model->config.n_embd;
     float *cache = (float *)mallocCheck((size_t)n * C * sizeof(float));
     int *order = (int *)mallocCheck((size_t)n * sizeof(int));
@@ -85,8 +92,17 @@ static float *compute_hidden_cache(Model *model, const TokenSeqs *seqs, int fwd_
             memcpy(inputs + (size_t)b * T, token_seqs_get(seqs, s), (size_t)lengths[b] * sizeof(int));
             for (int t = lengths[b]; t < T; t++) inputs[(size_t)b * T + t] = 0;
         }
-        model_forward(model, inputs, NULL, NULL, B, T);
-        reward_gather_last(last, model->hidden, lengths, B, T, C);
+#ifdef USE_CUDA
+        if (gpu) {
+            cuda_model_forward((CudaModel *)gpu, inputs, NULL, NULL, B, T);
+            cuda_model_copy_hidden_last((CudaModel *)gpu, lengths, last);
+        } else
+#endif
+        {
+            (void)gpu;
+            model_forward(model, inputs, NULL, NULL, B, T);
+            reward_gather_last(last, model->hidden, lengths, B, T, C);
+        }
         for (int b = 0; b < B; b++) memcpy(cache + (size_t)order[first + b] * C, last + (size_t)b * C, (size_t)C * sizeof(float));
         double now = wall_seconds();
         if (now - last_report > 10.0) {
@@ -275,7 +291,7 @@ int cmd_reward(int argc, char **argv) {
         {"calibrate", ARG_BOOL, &a.calibrate, "after training, map each head's rewards so that its dimension's held-out rejected mean is 0 and chosen mean 1"},
         {"skip_bad", ARG_BOOL, &a.skip_bad, "skip bad data lines (and count them) instead of stopping"},
         {"seed", ARG_INT, &a.seed, "seed of the split, the shuffles, the head init and a preset trunk's init"},
-        {"device", ARG_STRING, &a.device, "cpu (this build has no CUDA backend)"},
+        {"device", ARG_STRING, &a.device, "cpu, cuda or auto (cuda: the trunk's forwards for the hidden states on a CUDA model; the heads train on the CPU)"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "reward",
                "Trains the helpful / harmless / truthful reward heads on the frozen trunk with the\n"
@@ -298,10 +314,7 @@ int cmd_reward(int argc, char **argv) {
     args_require_range_float("weight_decay", a.weight_decay, 0.0f, 10.0f);
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
-    if (strcmp(a.device, "cpu") && strcmp(a.device, "auto")) {
-        if (!strcmp(a.device, "cuda")) fatal("--device cuda: this build of train_mora has no CUDA backend; use --device cpu");
-        fatal("--device %s: expected cpu, cuda or auto", a.device);
-    }
+    const int use_gpu = device_resolve(a.device);
     double run_start = wall_seconds();
 
     // the data first: a bad line should stop the run before a large model is loaded
@@ -318,9 +331,11 @@ int cmd_reward(int argc, char **argv) {
     const ModelConfig *mc = &model.config;
     int max_len = a.seq_len > 0 ? a.seq_len : mc->max_seq_len;
     if (max_len > mc->max_seq_len) fatal("flag --seq_len %d exceeds the model's context of %d", max_len, mc->max_seq_len);
-    printf("trunk: %s (%s) L=%d C=%d V=%d maxT=%d, frozen; context %d tokens; device cpu (%d OpenMP threads)\n",
-           a.model, mc->arch == ARCH_GPT2 ? "gpt2" : "llama", mc->n_layer, mc->n_embd, mc->vocab_size,
-           mc->max_seq_len, max_len, omp_get_max_threads());
+    char where[320];
+    device_describe(use_gpu, where, sizeof where);
+    printf("trunk: %s (%s) L=%d C=%d V=%d maxT=%d, frozen; context %d tokens; device %s\n", a.model,
+           mc->arch == ARCH_GPT2 ? "gpt2" : "llama", mc->n_layer, mc->n_embd, mc->vocab_size, mc->max_seq_len, max_len,
+           where);
 
     TextEncoder enc;
     text_encoder_init(&enc, info.tokenizer_path, a.chat_template, info.chat_template, mc->vocab_size);
@@ -354,11 +369,26 @@ int cmd_reward(int argc, char **argv) {
     free(by_dim);
     if (n_train == 0) fatal("--val_frac %g leaves no training pairs out of %d", a.val_frac, n_pairs);
 
-    // The trunk is frozen, so its hidden states do not change during training: compute them once.
+    // The trunk is frozen, so its hidden states do not change during training: compute them once
+    // (under --device cuda on the trunk's CUDA copy, sized for the longest sequence, its residual
+    // stream in fp32; the hidden states themselves come out of it in bf16).
     double t0 = wall_seconds();
-    float *hidden = compute_hidden_cache(&model, &enc_pairs.seqs, a.fwd_batch);
+    void *gpu = NULL;
+#ifdef USE_CUDA
+    if (use_gpu) {
+        int longest = 1;
+        for (int i = 0; i < enc_pairs.seqs.n; i++)
+            if (enc_pairs.seqs.lengths[i] > longest) longest = enc_pairs.seqs.lengths[i];
+        gpu = cuda_model_create_fp32_residual(&model, a.fwd_batch, longest);
+    }
+#endif
+    float *hidden = compute_hidden_cache(&model, gpu, &enc_pairs.seqs, a.fwd_batch);
+#ifdef USE_CUDA
+    cuda_model_free((CudaModel *)gpu);
+#endif
     int C = mc->n_embd;
-    printf("hidden states: %d sequences through the frozen trunk in %.1f s (cached)\n", enc_pairs.seqs.n, wall_seconds() - t0);
+    printf("hidden states: %d sequences through the frozen trunk in %.1f s (cached, %s)\n", enc_pairs.seqs.n,
+           wall_seconds() - t0, use_gpu ? "on the GPU" : "on the CPU");
 
     RewardHeads heads;
     reward_heads_init(&heads, (RewardHeadKind)kind, (RewardHeadActivation)act, C, a.head_hidden);

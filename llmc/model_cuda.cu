@@ -485,6 +485,12 @@ extern "C" CudaModel *cuda_model_create_sharded(const Model *cpu, int max_B, int
     return create_model(cpu, max_B, max_T, 1);
 }
 
+extern "C" CudaModel *cuda_model_create_fp32_residual(const Model *cpu, int max_B, int max_T) {
+    CudaModel *model = create_model(cpu, max_B, max_T, 0);
+    if (getenv("TRAIN_MORA_RESIDUAL_BF16") == NULL) model->residual_bf16 = 0;
+    return model;
+}
+
 extern "C" void cuda_model_free(CudaModel *model) {
     if (model == NULL) return;
     Impl *d = impl_of(model);
@@ -1325,6 +1331,26 @@ extern "C" void cuda_model_copy_logits(CudaModel *model, float *dst) {
 
 extern "C" void cuda_model_copy_hidden(CudaModel *model, float *dst) {
     copy_bf16_to_host(impl_of(model), dst, impl_of(model)->lnf, (size_t)model->B * model->T * model->config.n_embd);
+}
+
+extern "C" void cuda_model_copy_hidden_last(CudaModel *model, const int *lengths, float *dst) {
+    Impl *d = impl_of(model);
+    const int B = model->B, T = model->T, C = model->config.n_embd;
+    for (int b = 0; b < B; b++)
+        if (lengths[b] < 1 || lengths[b] > T)
+            fatal("cuda_model_copy_hidden_last: length %d of row %d not in 1..%d", lengths[b], b, T);
+    // the rows' bf16 vectors side by side in a host buffer, then widened: a bf16 is the top half
+    // of the float with the same value
+    uint16_t *rows = (uint16_t *)mallocCheck((size_t)B * C * sizeof(uint16_t));
+    for (int b = 0; b < B; b++)
+        cudaCheck(cudaMemcpyAsync(rows + (size_t)b * C, d->lnf + ((size_t)b * T + lengths[b] - 1) * C,
+                                  (size_t)C * sizeof(floatX), cudaMemcpyDeviceToHost, d->stream));
+    cudaCheck(cudaStreamSynchronize(d->stream));
+    for (size_t i = 0; i < (size_t)B * C; i++) {
+        uint32_t bits = (uint32_t)rows[i] << 16;
+        memcpy(dst + i, &bits, sizeof(float));
+    }
+    free(rows);
 }
 
 extern "C" void cuda_model_poison(CudaModel *model) {

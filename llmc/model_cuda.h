@@ -138,6 +138,14 @@ double cuda_device_bf16_peak_flops(void);
 // comm_nccl_init selected this rank's GPU) and uploads the parameters
 // (fp32 master + bf16 copy) and, when the CPU model has them, its AdamW moments and step.
 CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T);
+// As cuda_model_create, with the residual stream in fp32 (residual_bf16 0) unless
+// TRAIN_MORA_RESIDUAL_BF16 is set: for the forwards whose log-probs and hidden states are read
+// as figures rather than trained on, the MORA loop's policy and reference and the reward heads'
+// hidden states. The loop's KL and ratios take exponentials of log-prob differences, which
+// amplify per-token errors, and the bf16 stream doubled them (dev/cuda/mora_device_check.py's
+// DPO KL against the CPU: 8% apart with the fp32 stream, 16% with bf16, on the CPU emulation of
+// the GPU); those batches are small, and so is what the fp32 stream costs them.
+CudaModel *cuda_model_create_fp32_residual(const Model *cpu, int max_B, int max_T);
 void cuda_model_free(CudaModel *model);
 
 // After the first forward: 1 runs the flash attention in its tuned configuration (the default),
@@ -199,6 +207,9 @@ void cuda_model_download(CudaModel *model, Model *cpu);
 void cuda_model_copy_grads(CudaModel *model, float *dst);
 void cuda_model_copy_logits(CudaModel *model, float *dst);
 void cuda_model_copy_hidden(CudaModel *model, float *dst);
+// dst (B, C) fp32: row b of the last forward's hidden state at position lengths[b] - 1 (each in
+// 1..T), what the reward heads read (reward_gather_last on the CPU model's hidden state).
+void cuda_model_copy_hidden_last(CudaModel *model, const int *lengths, float *dst);
 // Fills every activation and activation-gradient buffer with NaN (tests: a kernel that leaves an
 // element unwritten then shows up as NaN in the outputs).
 void cuda_model_poison(CudaModel *model);

@@ -14,10 +14,10 @@ bf16), so two comparisons:
   (TRAIN_MORA_NCCL=1: one rank, the gradient summed over NCCL) must agree with the plain GPU run
   to float rounding (1e-3 relative);
 - the sampling, in distribution: the same GRPO run (2 steps, temperature 1) on both devices; the
-  presample's mean raw reward per dimension (every prompt x K responses, scored by the same heads
-  on the CPU) must agree within 4 standard errors of the difference; the GPU run's first step
-  (policy == reference up to bf16) has a KL below 1e-2, its second (after a GPU update) a KL
-  above the first's, every figure finite.
+  presample's mean raw reward per dimension (every prompt x K responses, scored by the same heads,
+  on the CPU's reference in one run and the GPU's in the other) must agree within 4 standard
+  errors of the difference; the GPU run's first step (policy == reference up to bf16) has a KL
+  below 1e-2, its second (after a GPU update) a KL above the first's, every figure finite.
 
 usage: python3 dev/cuda/mora_device_check.py ./train_mora WORKDIR     exit 0 on PASS
        (MORA_DEVICE_WORLD=DIR: use that `train_mora demo --pretrain_steps 300 --steps 1` output;

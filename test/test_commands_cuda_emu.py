@@ -1,0 +1,145 @@
+"""./train_mora's commands with --device cuda, on the CPU emulation of the GPU: the program that
+dev/emu_build.sh links against test/emu_cuda (the CUDA model and the rollout engine with every
+kernel they launch, run on the CPU), with the streams lazy and shuffled as in
+test_model_cuda_emu.py.
+
+- `reward --device cuda`: the frozen trunk's forwards run on its CUDA copy and the heads read the
+  hidden state at each sequence's last token from it. The heads it trained and calibrated are
+  scored here on the CPU's fp32 hidden states of the same sequences (reward_check score on the
+  trunk the run saved; the NumPy heads of test_reward_heads.py): the held-out means the run
+  reported before its calibration must be those of the CPU's hidden states within bf16's
+  rounding, so the calibrated held-out means come out near 0 and 1. A hidden state read at
+  another position than each sequence's last token moves them by far more.
+- `mora --device cuda`: the reference's forwards run on its CUDA copy. The DPO pairs a baseline
+  run keeps in pool_state.json (token ids and the reference's log-probs of each response token)
+  are checked against the float64 JAX model (test/oracle/model_jax.py) on the same weights,
+  a Hugging Face directory written here.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import ROOT
+from test_model_cuda_emu import emulated_env
+from test_formats import bf16_bits, bf16_to_f32
+from test_mora_loss import random_weights
+from test_reward_cmd import DIMS, heldout_split, per_dim_means, planted, score_pairs, write_jsonl
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "oracle"))
+import model_jax  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def emulated_train_mora(tmp_path_factory):
+    """./train_mora whose --device cuda runs on the emulated GPU (dev/emu_build.sh)."""
+    out = tmp_path_factory.mktemp("emu_train_mora")
+    p = subprocess.run(["bash", str(ROOT / "dev" / "emu_build.sh"), str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return str(out / "train_mora")
+
+
+def run_both(exe, args, out_of, timeout=1200):
+    """The command with the streams lazy and shuffled, side by side (one core each); each run's
+    --out is out_of(mode). Returns {mode: stdout}."""
+    runs = {mode: subprocess.Popen([exe, *args, "--out", str(out_of(mode))], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=emulated_env(mode))
+            for mode in ("lazy", "shuffle")}
+    outs = {mode: run.communicate(timeout=timeout) for mode, run in runs.items()}
+    for mode, (stdout, stderr) in outs.items():
+        assert runs[mode].returncode == 0, f"EMU_STREAMS={mode}: exit {runs[mode].returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}"
+    return {mode: stdout for mode, (stdout, _) in outs.items()}
+
+
+def test_reward_heads_trained_on_the_gpu_hidden_states(emulated_train_mora, tmp_path):
+    rows = planted(40, seed=5)
+    data = write_jsonl(tmp_path / "pref.jsonl", rows)
+    seed, val_frac = 4, 0.25
+    args = ["reward", "--model", "llama:tiny", "--data", data, "--epochs", "15", "--lr", "1e-2", "--val_frac",
+            str(val_frac), "--seed", str(seed), "--device", "cuda"]
+    outs = run_both(emulated_train_mora, args, lambda mode: tmp_path / mode)
+    val, _ = heldout_split(rows, val_frac, seed)
+    for mode, stdout in outs.items():
+        assert "device cuda (CPU emulation" in stdout, stdout[:2000]
+        assert f"hidden states: {2 * len(rows)} sequences through the frozen trunk in" in stdout
+        assert "(cached, on the GPU)" in stdout
+        out = tmp_path / mode
+        summary = json.loads((out / "reward_metrics.json").read_text())
+        # the run's calibrated heads on the CPU's fp32 hidden states of the held-out pairs
+        means = per_dim_means(rows, val, score_pairs(tmp_path, out, rows, val))
+        for d in DIMS:
+            cal = summary["calibration"][d]
+            if not cal["applied"]:   # the linear head may not learn the truthful rule (test_reward_cmd.py)
+                assert d == "truthful", (mode, d, cal)
+                continue
+            assert cal["split"] == "val"
+            chosen, rejected, accuracy = means[d]
+            # back to the trained heads' scale: the means the run computed from the GPU's hidden
+            # states before its map, against the same means from the CPU's
+            raw_chosen, raw_rejected = (chosen - cal["shift"]) / cal["scale"], (rejected - cal["shift"]) / cal["scale"]
+            size = abs(raw_chosen) + abs(raw_rejected) + abs(raw_chosen - raw_rejected)
+            assert abs(raw_chosen - cal["chosen_mean_before"]) < 1e-2 * size, (mode, d, raw_chosen, cal)
+            assert abs(raw_rejected - cal["rejected_mean_before"]) < 1e-2 * size, (mode, d, raw_rejected, cal)
+            # so the calibrated means are near 0 and 1 on the CPU's hidden states
+            assert abs(rejected) < 0.1 and abs(chosen - 1.0) < 0.1, (mode, d, chosen, rejected)
+            # the planted lexical rules (test_reward_cmd.py) are learnt from the GPU's hidden states too
+            if d != "truthful":
+                assert accuracy >= 0.9 and summary["val_accuracy"][d] >= 0.9, (mode, d, accuracy, summary["val_accuracy"])
+
+
+HF_CFG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64,
+              intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=48, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+              attention_bias=False, hidden_act="silu")
+
+
+def response_log_probs(params, seq, P):
+    """log p(seq[t] | seq[:t]) for t >= P under the float64 JAX model of HF_CFG."""
+    logits = model_jax.logits(params, HF_CFG, seq[None, :-1])[0]
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    return logp[np.arange(P - 1, len(seq) - 1), seq[P:]]
+
+
+def test_mora_reference_log_probs_from_the_gpu(emulated_train_mora, train_mora_bin, tmp_path):
+    # the policy and reference: random weights in a Hugging Face directory (no tokenizer: raw bytes)
+    model = tmp_path / "model"
+    model.mkdir()
+    params = random_weights(HF_CFG, 11)
+    params_bf16 = {name: bf16_to_f32(bf16_bits(w)).reshape(w.shape) for name, w in params.items()}
+    save_file(params, str(model / "model.safetensors"))
+    (model / "config.json").write_text(json.dumps(HF_CFG))
+    # heads for its width, trained briefly on the CPU (what they score does not matter here)
+    heads = tmp_path / "heads"
+    p = subprocess.run([train_mora_bin, "reward", "--model", str(model), "--data",
+                        write_jsonl(tmp_path / "pref.jsonl", planted(10, seed=1)), "--out", str(heads), "--epochs", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t, "id": f"p{i}"} for i, t in
+                                                       enumerate(["tell me about cats", "why is the sky blue?",
+                                                                  "a short poem:", "list three fruits"])])
+    args = ["mora", "--model", str(model), "--heads", str(heads / "reward_heads.bin"), "--prompts", prompts,
+            "--chat_template", "none", "--algo", "dpo", "--mora", "0", "--steps", "1", "--K", "4",
+            "--prompts_per_step", "2", "--max_new_tokens", "10", "--fwd_batch", "5", "--seed", "2", "--device", "cuda"]
+    outs = run_both(emulated_train_mora, args, lambda mode: tmp_path / mode)
+    for mode, stdout in outs.items():
+        assert "the reference's forwards (log-probs, the heads' hidden states) on CUDA models" in stdout, stdout[:3000]
+        pairs = json.loads((tmp_path / mode / "pool_state.json").read_text())["pairs"]
+        assert len(pairs) >= 2, (mode, len(pairs))
+        gpu_error, rounding = [], []
+        for pair in pairs:
+            P = pair["plen"]
+            for side in ("chosen", "rejected"):
+                seq, ref = np.array(pair[side]), np.array(pair["ref_" + side])
+                assert len(ref) == len(seq) - P > 0
+                exact, weights_rounded = (response_log_probs(p, seq, P) for p in (params, params_bf16))
+                gpu_error += list(np.abs(ref - exact))
+                rounding += list(np.abs(weights_rounded - exact))
+        # bf16 weights and activations: within 3 times what rounding only the weights to bf16
+        # moves the oracle's log-probs (this random model's softmaxes are sharp: that is up to
+        # 0.15 nats); a log-prob of another position or token is off by nats
+        assert max(gpu_error) <= 3 * max(rounding) + 0.02, (mode, max(gpu_error), max(rounding))
+        assert np.median(gpu_error) <= 3 * np.median(rounding) + 0.01, (mode, np.median(gpu_error), np.median(rounding))
