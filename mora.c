@@ -120,8 +120,9 @@ typedef struct {
     // update of that model)
     RolloutEngine *rollout;
     const Model *rollout_model;
-    // --device cuda: the reference's CUDA copy, for every scoring forward (engine_ref_forward),
-    // fwd_batch sequences of at most the context
+    // --device cuda (ref_on_gpu): the reference's CUDA copy, for every scoring forward
+    // (engine_ref_forward), fwd_batch sequences, sized for the sequences met (cuda_copy_fit)
+    int ref_on_gpu;
     CudaModel *ref_gpu;
 #endif
 } Engine;
@@ -193,6 +194,20 @@ static void engine_init(Engine *e, const char *model_path, const char *model_fla
     if (e->extra_stop[0]) e->stops[e->n_stops++] = e->extra_stop;
 }
 
+#ifdef USE_CUDA
+// *gpu: the CUDA copy of cpu (residual stream in fp32, cuda_model_create_fp32_residual) for
+// batches of up to max_B sequences, made (again) when a batch of T tokens is longer than it
+// takes, for T rounded up to a multiple of 128 (at most context): a model's activations are sized
+// by its longest sequence, and a SmolLM2-sized one at its full 8192 tokens would take tens of GB.
+// Made again, it starts from cpu: the caller keeps cpu's parameters (and moments) current.
+static void cuda_copy_fit(CudaModel **gpu, const Model *cpu, int max_B, int T, int context) {
+    if (*gpu != NULL && T <= (*gpu)->max_T) return;
+    int max_T = (T + 127) / 128 * 128;
+    cuda_model_free(*gpu);
+    *gpu = cuda_model_create_fp32_residual(cpu, max_B, max_T < context ? max_T : context);
+}
+#endif
+
 // --device cuda: the GPU rollout engine for every later sampling pass, sized for the generate
 // calls (gen_batch sequences of at most the context), and the reference's CUDA copy for the
 // scoring forwards (fwd_batch sequences).
@@ -200,7 +215,7 @@ static void engine_use_gpu(Engine *e) {
 #ifdef USE_CUDA
     e->rollout = rollout_create(&e->ref, e->gen_batch, e->context);
     e->rollout_model = &e->ref;
-    e->ref_gpu = cuda_model_create_fp32_residual(&e->ref, e->fwd_batch, e->context);
+    e->ref_on_gpu = 1;
 #endif
 }
 
@@ -211,7 +226,8 @@ static void engine_use_gpu(Engine *e) {
 static const float *engine_ref_forward(Engine *e, const int *inputs, const int *targets, const float *mask, int B, int T,
                                        const int *lengths, float *last) {
 #ifdef USE_CUDA
-    if (e->ref_gpu) {
+    if (e->ref_on_gpu) {
+        cuda_copy_fit(&e->ref_gpu, &e->ref, e->fwd_batch, T, e->context);
         cuda_model_forward(e->ref_gpu, inputs, targets, mask, B, T);
         cuda_model_copy_hidden_last(e->ref_gpu, lengths, last);
         return e->ref_gpu->token_losses;
@@ -820,9 +836,12 @@ typedef struct {
     Model policy;
     AdamWShard shard;   // --zero 1: this rank's AdamW moments
 #ifdef USE_CUDA
-    // --device cuda: the policy's training copy (fp32 master weights and AdamW state, bf16
-    // compute); the CPU policy receives its parameters and moments after every update
+    // --device cuda (gpu_B > 0): the policy's training copy (fp32 master weights and AdamW state,
+    // bf16 compute) for batches of up to gpu_B sequences, sized for the sequences met
+    // (cuda_copy_fit, at a step's first forward); the CPU policy receives its parameters and
+    // moments after every update, so a copy made again starts where the last one stopped
     CudaModel *gpu;
+    int gpu_B;
 #endif
     int gpu_nccl;       // --device cuda with several ranks (or TRAIN_MORA_NCCL=1): gradients summed over NCCL
     PromptData prompts;
@@ -1178,7 +1197,8 @@ static float learning_rate(const MoraArgs *a, int step) {
 // read only where the mask is 1), computed by the GPU copy under --device cuda, else by the CPU model.
 static const float *policy_forward(Mora *m, const int *inputs, const int *targets, const float *mask, int B, int T) {
 #ifdef USE_CUDA
-    if (m->gpu) {
+    if (m->gpu_B) {
+        cuda_copy_fit(&m->gpu, &m->policy, m->gpu_B, T, m->e.context);
         cuda_model_forward(m->gpu, inputs, targets, mask, B, T);
         return m->gpu->token_losses;
     }
@@ -1573,11 +1593,11 @@ int cmd_mora(int argc, char **argv) {
                "the heads' hidden states) on CUDA models; the reward heads on the CPU\n", desc);
         engine_use_gpu(&m.e);
 #ifdef USE_CUDA
-        // sized for the largest update batch (a GRPO step's P x G rollouts or a DPO step's 2P
+        // for the largest update batch (a GRPO step's P x G rollouts or a DPO step's 2P
         // sequences), its residual stream in fp32 as the reference's (unless
         // TRAIN_MORA_RESIDUAL_BF16 is set): the update's KL and ratios amplify per-token errors
-        int P = a->prompts_per_step, B_max = P * a->group_size > 2 * P ? P * a->group_size : 2 * P;
-        m.gpu = cuda_model_create_fp32_residual(&m.policy, B_max, m.e.context);
+        int P = a->prompts_per_step;
+        m.gpu_B = P * a->group_size > 2 * P ? P * a->group_size : 2 * P;
 #endif
     }
     int total_steps = a->steps * m.n_stages;
