@@ -35,7 +35,9 @@ import sys
 
 def run(cmd, log, env=None):
     with open(log, "w") as f:
-        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600,
+        # seconds on a GPU; the emulation (dev/emu_build.sh) scores and samples at a few dozen
+        # tokens a second, and its GRPO run takes about 15 minutes
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=2400,
                            env=None if env is None else {**os.environ, **env})
     if p.returncode != 0:
         print(open(log).read()[-3000:])
