@@ -69,9 +69,10 @@ endif
 # `make cuda`: the per-kernel harnesses dev/cuda/*.cu (each includes its .cuh and links the CPU
 # reference objects), the full-model GPU test and the GPU benchmark (these two link model_cuda.o).
 CUDA_HARNESSES := encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash test_model_gpu bench_train
+CUDA_HARNESSES += bench_scoring
 CUDA_HARNESSES += rollout_kernels rollout_check bench_rollout
 CUDA_DEV_BINS := $(if $(NVCC),$(patsubst %,$(BUILD)/cuda/dev/%,$(CUDA_HARNESSES)),)
-CUDA_MODEL_PROGS := $(filter $(BUILD)/cuda/dev/test_model_gpu $(BUILD)/cuda/dev/bench_train,$(CUDA_DEV_BINS))
+CUDA_MODEL_PROGS := $(filter $(BUILD)/cuda/dev/test_model_gpu $(BUILD)/cuda/dev/bench_train $(BUILD)/cuda/dev/bench_scoring,$(CUDA_DEV_BINS))
 CPU_REF_OBJS := $(BUILD)/llmc/model.o $(BUILD)/llmc/ops_cpu.o $(BUILD)/llmc/matmul.o $(BUILD)/llmc/utils.o
 NVCC_LDLIBS := -Xcompiler -fopenmp -lcublasLt -lcublas -lm -lpthread
 

@@ -10,7 +10,7 @@
 #   bash dev/gpu_check.sh NAME...  only these checks (and only what they need is built): harness
 #                                  names (layernorm, matmul, ...), test_model_gpu, reward_heads,
 #                                  comm_nccl_check, rollout_kernels, rollout_check, bench_train,
-#                                  bench_rollout, pretrain_nccl, mora_device
+#                                  bench_rollout, bench_scoring, pretrain_nccl, mora_device
 #
 # When $OUT is set (the device tool's output folder) the full log is also written there.
 #
@@ -28,7 +28,7 @@ start=$(date +%s)
 failed=()
 only=" $* "
 wanted() { [ "$only" = "  " ] || [[ "$only" == *" $1 "* ]]; }   # NAME: run it?
-known=" encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash test_model_gpu reward_heads comm_nccl_check rollout_kernels rollout_check bench_train bench_rollout pretrain_nccl mora_device "
+known=" encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash test_model_gpu reward_heads comm_nccl_check rollout_kernels rollout_check bench_train bench_rollout bench_scoring pretrain_nccl mora_device "
 for name in "$@"; do
     [[ "$known" == *" $name "* ]] || { echo "gpu_check: unknown check '$name' (one of:$known)"; exit 2; }
 done
@@ -43,7 +43,7 @@ echo "== build (sm_90a)"
 # only the harnesses (and what they link), not every CUDA object of the tree
 harnesses="encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash"
 targets=""
-for n in $harnesses test_model_gpu bench_train rollout_kernels rollout_check bench_rollout reward_heads comm_nccl_check; do
+for n in $harnesses test_model_gpu bench_train rollout_kernels rollout_check bench_rollout bench_scoring reward_heads comm_nccl_check; do
     wanted "$n" && targets="$targets build/cuda/dev/$n"
 done
 if wanted pretrain_nccl || wanted mora_device; then targets="$targets train_mora"; fi
@@ -156,6 +156,7 @@ run rollout_check 150
 echo "== benchmark"
 run bench_train 150
 run bench_rollout 240
+run bench_scoring 120
 
 # the data-parallel path and the MORA loop on the GPU
 pretrain_nccl_check
