@@ -248,7 +248,7 @@ def gpu_visible():
 
 
 @pytest.mark.skipif(gpu_visible(), reason="a GPU is visible here: --device cuda would run")
-@pytest.mark.parametrize("command", ["mora", "eval"])
+@pytest.mark.parametrize("command", ["mora", "eval", "reward"])
 def test_device_cuda_without_gpu_fails_before_work(tmp_path, command):
     """The device is settled before anything is read: the model, the prompts and the baseline
     named here do not exist, and the error is still the device's, pretrain's very line."""
@@ -256,9 +256,11 @@ def test_device_cuda_without_gpu_fails_before_work(tmp_path, command):
     missing = [str(tmp_path / name) for name in ("model.ckpt", "prompts.jsonl", "baseline")]
     if command == "mora":
         args = ["mora", "--model", missing[0], "--prompts", missing[1], "--out", str(out), "--device", "cuda"]
-    else:
+    elif command == "eval":
         args = ["eval", "--model", missing[0], "--baseline", missing[2], "--prompts", missing[1], "--out", str(out),
                 "--device", "cuda"]
+    else:
+        args = ["reward", "--model", missing[0], "--data", missing[1], "--out", str(out), "--device", "cuda"]
     p = run(args, ok=False)
     assert p.returncode != 0
     pre = run(["pretrain", "--train_data", missing[1], "--out", str(tmp_path / "pre"), "--device", "cuda"], ok=False)
