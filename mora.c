@@ -50,9 +50,9 @@
  * parameters and moments are copied back into the CPU policy after every update, so checkpoints
  * and the rollout engine read the CPU policy. The reference's forwards (the hidden states the
  * reward heads read, the KL's log-probs) run on a CUDA copy of the reference (engine_ref_forward;
- * the residual stream in fp32, as the policy's copy), the heads on the CPU. The GPU draws its own random streams,
- * so a cuda run is not the same samples as a cpu run of the same seed, only the same
- * distribution. Several ranks on GPUs split the work as CPU ranks do; their gradients are summed
+ * the residual stream in fp32, as the policy's copy), the heads on the CPU. The GPU draws its
+ * own random streams, so a cuda run is not the same samples as a cpu run of the same seed, only
+ * the same distribution. Several ranks on GPUs split the work as CPU ranks do; their gradients are summed
  * over NCCL (optimizer_step), the figures over MPI. --zero 1 is CPU only for mora.
  */
 #include <ctype.h>
