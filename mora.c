@@ -49,11 +49,12 @@
  * policy_loss's token weights, gradient norm, AdamW; fp32 master weights, bf16 compute), whose
  * parameters and moments are copied back into the CPU policy after every update, so checkpoints
  * and the rollout engine read the CPU policy. The reference's forwards (the hidden states the
- * reward heads read, the KL's log-probs) run on a CUDA copy of the reference (engine_ref_forward;
- * the residual stream in fp32, as the policy's copy), the heads on the CPU. The GPU draws its
- * own random streams, so a cuda run is not the same samples as a cpu run of the same seed, only
- * the same distribution. Several ranks on GPUs split the work as CPU ranks do; their gradients are summed
- * over NCCL (optimizer_step), the figures over MPI. --zero 1 is CPU only for mora.
+ * reward heads read, the KL's log-probs) run on a CUDA copy of the reference for forwards alone
+ * (engine_ref_forward, cuda_model_create_inference: no gradients or moments; the residual stream
+ * in fp32, as the policy's copy), the heads on the CPU. The GPU draws its own random streams, so
+ * a cuda run is not the same samples as a cpu run of the same seed, only the same distribution.
+ * Several ranks on GPUs split the work as CPU ranks do; their gradients are summed over NCCL
+ * (optimizer_step), the figures over MPI. --zero 1 is CPU only for mora.
  */
 #include <ctype.h>
 #include <math.h>
@@ -120,8 +121,8 @@ typedef struct {
     // update of that model)
     RolloutEngine *rollout;
     const Model *rollout_model;
-    // --device cuda (ref_on_gpu): the reference's CUDA copy, for every scoring forward
-    // (engine_ref_forward), fwd_batch sequences, sized for the sequences met (cuda_copy_fit)
+    // --device cuda (ref_on_gpu): the reference's CUDA copy for forwards alone, for every scoring
+    // forward (engine_ref_forward), fwd_batch sequences, sized for the sequences met (cuda_copy_fit)
     int ref_on_gpu;
     CudaModel *ref_gpu;
 #endif
@@ -195,16 +196,19 @@ static void engine_init(Engine *e, const char *model_path, const char *model_fla
 }
 
 #ifdef USE_CUDA
-// *gpu: the CUDA copy of cpu (residual stream in fp32, cuda_model_create_fp32_residual) for
-// batches of up to max_B sequences, made (again) when a batch of T tokens is longer than it
-// takes, for T rounded up to a multiple of 128 (at most context): a model's activations are sized
-// by its longest sequence, and a SmolLM2-sized one at its full 8192 tokens would take tens of GB.
-// Made again, it starts from cpu: the caller keeps cpu's parameters (and moments) current.
-static void cuda_copy_fit(CudaModel **gpu, const Model *cpu, int max_B, int T, int context) {
+// *gpu: the CUDA copy of cpu (residual stream in fp32) for batches of up to max_B sequences,
+// made (again) when a batch of T tokens is longer than it takes, for T rounded up to a multiple
+// of 128 (at most context): a model's activations are sized by its longest sequence, and a
+// SmolLM2-sized one at its full 8192 tokens would take tens of GB. training 1: a model that
+// trains (cuda_model_create_fp32_residual); 0: one for forwards alone, without gradients,
+// moments or the other layers' activations (cuda_model_create_inference). Made again, it starts
+// from cpu: the caller keeps cpu's parameters (and moments) current.
+static void cuda_copy_fit(CudaModel **gpu, const Model *cpu, int max_B, int T, int context, int training) {
     if (*gpu != NULL && T <= (*gpu)->max_T) return;
     int max_T = (T + 127) / 128 * 128;
+    if (max_T > context) max_T = context;
     cuda_model_free(*gpu);
-    *gpu = cuda_model_create_fp32_residual(cpu, max_B, max_T < context ? max_T : context);
+    *gpu = training ? cuda_model_create_fp32_residual(cpu, max_B, max_T) : cuda_model_create_inference(cpu, max_B, max_T, 1);
 }
 #endif
 
@@ -227,7 +231,7 @@ static const float *engine_ref_forward(Engine *e, const int *inputs, const int *
                                        const int *lengths, float *last) {
 #ifdef USE_CUDA
     if (e->ref_on_gpu) {
-        cuda_copy_fit(&e->ref_gpu, &e->ref, e->fwd_batch, T, e->context);
+        cuda_copy_fit(&e->ref_gpu, &e->ref, e->fwd_batch, T, e->context, 0);
         cuda_model_forward(e->ref_gpu, inputs, targets, mask, B, T);
         cuda_model_copy_hidden_last(e->ref_gpu, lengths, last);
         return e->ref_gpu->token_losses;
@@ -1198,7 +1202,7 @@ static float learning_rate(const MoraArgs *a, int step) {
 static const float *policy_forward(Mora *m, const int *inputs, const int *targets, const float *mask, int B, int T) {
 #ifdef USE_CUDA
     if (m->gpu_B) {
-        cuda_copy_fit(&m->gpu, &m->policy, m->gpu_B, T, m->e.context);
+        cuda_copy_fit(&m->gpu, &m->policy, m->gpu_B, T, m->e.context, 1);
         cuda_model_forward(m->gpu, inputs, targets, mask, B, T);
         return m->gpu->token_losses;
     }

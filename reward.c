@@ -370,8 +370,9 @@ int cmd_reward(int argc, char **argv) {
     if (n_train == 0) fatal("--val_frac %g leaves no training pairs out of %d", a.val_frac, n_pairs);
 
     // The trunk is frozen, so its hidden states do not change during training: compute them once
-    // (under --device cuda on the trunk's CUDA copy, sized for the longest sequence, its residual
-    // stream in fp32; the hidden states themselves come out of it in bf16).
+    // (under --device cuda on the trunk's CUDA copy for forwards alone, without the head, sized
+    // for the longest sequence, its residual stream in fp32; the hidden states themselves come
+    // out of it in bf16).
     double t0 = wall_seconds();
     void *gpu = NULL;
 #ifdef USE_CUDA
@@ -379,7 +380,7 @@ int cmd_reward(int argc, char **argv) {
         int longest = 1;
         for (int i = 0; i < enc_pairs.seqs.n; i++)
             if (enc_pairs.seqs.lengths[i] > longest) longest = enc_pairs.seqs.lengths[i];
-        gpu = cuda_model_create_fp32_residual(&model, a.fwd_batch, longest);
+        gpu = cuda_model_create_inference(&model, a.fwd_batch, longest, 0);
     }
 #endif
     float *hidden = compute_hidden_cache(&model, gpu, &enc_pairs.seqs, a.fwd_batch);

@@ -2081,7 +2081,8 @@ static inline void flash_describe(const FlashConfig *c, char *buf, size_t size) 
 // Every candidate runs once and its output is fingerprinted against the defaults'; a candidate
 // that differs is not timed. Overwrites the buffers it is given (sized for the shape: qkv, out,
 // lse, dout, dqkv, D as attention_flash_forward/backward take them), sets the switches to the
-// choice and returns it. verbose prints every candidate.
+// choice and returns it. With dout NULL (a model that runs forwards alone) only the forward is
+// tuned: the backward's switches stay the defaults', its times 0. verbose prints every candidate.
 static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *lse, floatX *dout, floatX *dqkv,
                                                float *D, int B, int T, int NH, int NKV, int HS, cudaStream_t stream,
                                                int verbose) {
@@ -2092,8 +2093,10 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
     size_t n_qkv = (size_t)B * T * (NH + 2 * NKV) * HS, n_out = (size_t)B * T * NH * HS, n_stat = (size_t)B * NH * T;
     flash_fill_random_kernel<<<1024, 256, 0, stream>>>(qkv, n_qkv, 1u);
     cudaCheckLaunch();
-    flash_fill_random_kernel<<<1024, 256, 0, stream>>>(dout, n_out, 2u);
-    cudaCheckLaunch();
+    if (dout != NULL) {
+        flash_fill_random_kernel<<<1024, 256, 0, stream>>>(dout, n_out, 2u);
+        cudaCheckLaunch();
+    }
     unsigned long long *d_sum = (unsigned long long *)cudaMallocCheck(sizeof(unsigned long long));
     auto forward = [&] { attention_flash_forward(out, lse, qkv, B, T, NH, NKV, HS, stream); };
     auto backward = [&] { attention_flash_backward(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, HS, stream); };
@@ -2158,7 +2161,7 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
     FlashConfig f = tune_pass(true, cands, n, &t.forward_ms, &t.default_forward_ms, &f_mma, &t.mma_forward_ms);
 
     n = 0;
-    for (int lpt = 0; lpt < 2; lpt++)
+    for (int lpt = 0; lpt < 2 && dout != NULL; lpt++)
         for (int dq = 0; dq < (HS == 64 ? 3 + 5 * wg : 1); dq++) {         // 1 row tile, 1 with Q and dO in registers, 2; wgmma 1, 2, pipelined 1, 2 warpgroups, on the heads
             if (dq == 7 && !flash_heads_per_block(NH, NKV)) continue;
             for (int dkv = 0; dkv < (HS == 64 ? 4 + 4 * wg : 1); dkv++)    // as compiled, K and V in registers, 3 blocks an SM, 2 row tiles; wgmma 1, 2, pipelined 1, 2 warpgroups
@@ -2176,9 +2179,13 @@ static inline FlashTuning attention_flash_tune(floatX *qkv, floatX *out, float *
                     cands[n++] = c;
                 }
         }
-    flash_set_config(&flash_default_config);
-    forward();   // the defaults' out and lse, which every backward candidate reads
-    FlashConfig b = tune_pass(false, cands, n, &t.backward_ms, &t.default_backward_ms, &b_mma, &t.mma_backward_ms);
+    FlashConfig b = flash_default_config;
+    b_mma = b;
+    if (n > 0) {
+        flash_set_config(&flash_default_config);
+        forward();   // the defaults' out and lse, which every backward candidate reads
+        b = tune_pass(false, cands, n, &t.backward_ms, &t.default_backward_ms, &b_mma, &t.mma_backward_ms);
+    }
 
     // a choice: the backward's switches from the backward's pass, the forward's from the forward's
     auto joined = [](FlashConfig backward_choice, const FlashConfig &forward_choice) {

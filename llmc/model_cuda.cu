@@ -189,6 +189,11 @@ typedef struct {
     void *memory_blocks[64];               // every cudaMalloc, for cuda_model_free
     int memory_count;
 
+    // cuda_model_create_inference: no fp32 master weights, gradients, moments or backward buffers;
+    // the per-layer activations hold one layer (layer_slot), which the forward overwrites in turn;
+    // with_head 0: neither the head's product nor the classifier, and no logits buffer
+    int inference, with_head;
+
     int logits_hold_gradient;              // the classifier backward ran since the forward
     float *host_mask, *host_weights;       // (max_N)
 
@@ -207,6 +212,11 @@ typedef struct {
 } Impl;
 
 static Impl *impl_of(CudaModel *model) { return (Impl *)model->impl; }
+// What a model made by cuda_model_create_inference cannot do: it has no gradients, moments or
+// fp32 weights.
+static void require_training(const Impl *d, const char *function) {
+    if (d->inference) fatal("%s: the model was created for forwards alone (cuda_model_create_inference)", function);
+}
 
 static void prof_begin(CudaModel *model, int group) {
     Impl *d = impl_of(model);
@@ -277,16 +287,17 @@ extern "C" double cuda_device_bf16_peak_flops(void) {
 // ---------------------------------------------------------------------------------------------
 // create / free
 
-static void *device_alloc(Impl *d, size_t bytes) {
+static void *device_alloc(CudaModel *model, Impl *d, size_t bytes) {
     // 256-byte granularity from cudaMalloc keeps every tensor start aligned for cuBLASLt
     cudaRequire(d->memory_count < 64, "model_cuda: too many device allocations");
     void *p = cudaMallocCheck(bytes);
     d->memory_blocks[d->memory_count++] = p;
+    model->device_bytes += bytes;
     return p;
 }
 // An activation buffer: allocated, and listed for poisoning.
-static void *activation_alloc(Impl *d, size_t bytes) {
-    void *p = device_alloc(d, bytes);
+static void *activation_alloc(CudaModel *model, Impl *d, size_t bytes) {
+    void *p = device_alloc(model, d, bytes);
     cudaRequire(d->act_count < 64, "model_cuda: too many activation buffers");
     d->act_ptrs[d->act_count] = p;
     d->act_bytes[d->act_count] = bytes;
@@ -308,8 +319,9 @@ static int env_flag(const char *name, int otherwise) {
 static int env_switch(const char *name) { return env_flag(name, 1); }
 
 // cuda_model_create, and with zero1 cuda_model_create_sharded: the moments of this rank's shard
-// only are allocated, so the full ones never take GPU memory.
-static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1) {
+// only are allocated, so the full ones never take GPU memory. With inference,
+// cuda_model_create_inference (with_head as there).
+static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1, int inference, int with_head) {
     const ModelConfig *c = &cpu->config;
     if (cpu->params == NULL) fatal("cuda_model_create: the CPU model is not initialised");
     if (max_B <= 0 || max_T <= 0) fatal("cuda_model_create: batch shape B=%d T=%d must be positive", max_B, max_T);
@@ -393,79 +405,72 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
         offset += cpu->param_sizes[i];
     }
     size_t P = cpu->num_parameters;
-    d->params = (float *)device_alloc(d, P * sizeof(float));
-    d->params_bf16 = (floatX *)device_alloc(d, P * sizeof(floatX));
-    d->grads = (float *)device_alloc(d, (P + 1) * sizeof(float));
-    d->shard_lo = 0;
-    d->shard_hi = P;
-    if (zero1) comm_shard_range(P, comm_rank(), comm_world(), &d->shard_lo, &d->shard_hi);
-    d->sharded = zero1;
-    size_t moments = d->shard_hi - d->shard_lo;
-    d->m = (float *)device_alloc(d, moments * sizeof(float));
-    d->v = (float *)device_alloc(d, moments * sizeof(float));
-    cudaCheck(cudaMemcpy(d->params, cpu->params, P * sizeof(float), cudaMemcpyHostToDevice));
-    convert_f32_to_bf16(d->params_bf16, d->params, P, d->stream);
-    cudaCheck(cudaMemset(d->grads, 0, (P + 1) * sizeof(float)));
-    if (cpu->m) cudaCheck(cudaMemcpy(d->m, cpu->m + d->shard_lo, moments * sizeof(float), cudaMemcpyHostToDevice));
-    else cudaCheck(cudaMemset(d->m, 0, moments * sizeof(float)));
-    if (cpu->v) cudaCheck(cudaMemcpy(d->v, cpu->v + d->shard_lo, moments * sizeof(float), cudaMemcpyHostToDevice));
-    else cudaCheck(cudaMemset(d->v, 0, moments * sizeof(float)));
+    d->inference = inference;
+    d->with_head = !inference || with_head;
+    d->params_bf16 = (floatX *)device_alloc(model, d, P * sizeof(floatX));
+    if (inference) {
+        // the bf16 weights alone: the fp32 master passes through a buffer freed at once
+        float *staging = (float *)cudaMallocCheck(P * sizeof(float));
+        cudaCheck(cudaMemcpy(staging, cpu->params, P * sizeof(float), cudaMemcpyHostToDevice));
+        convert_f32_to_bf16(d->params_bf16, staging, P, d->stream);
+        cudaCheck(cudaStreamSynchronize(d->stream));
+        cudaCheck(cudaFree(staging));
+    } else {
+        d->params = (float *)device_alloc(model, d, P * sizeof(float));
+        d->grads = (float *)device_alloc(model, d, (P + 1) * sizeof(float));
+        d->shard_lo = 0;
+        d->shard_hi = P;
+        if (zero1) comm_shard_range(P, comm_rank(), comm_world(), &d->shard_lo, &d->shard_hi);
+        d->sharded = zero1;
+        size_t moments = d->shard_hi - d->shard_lo;
+        d->m = (float *)device_alloc(model, d, moments * sizeof(float));
+        d->v = (float *)device_alloc(model, d, moments * sizeof(float));
+        cudaCheck(cudaMemcpy(d->params, cpu->params, P * sizeof(float), cudaMemcpyHostToDevice));
+        convert_f32_to_bf16(d->params_bf16, d->params, P, d->stream);
+        cudaCheck(cudaMemset(d->grads, 0, (P + 1) * sizeof(float)));
+        if (cpu->m) cudaCheck(cudaMemcpy(d->m, cpu->m + d->shard_lo, moments * sizeof(float), cudaMemcpyHostToDevice));
+        else cudaCheck(cudaMemset(d->m, 0, moments * sizeof(float)));
+        if (cpu->v) cudaCheck(cudaMemcpy(d->v, cpu->v + d->shard_lo, moments * sizeof(float), cudaMemcpyHostToDevice));
+        else cudaCheck(cudaMemset(d->v, 0, moments * sizeof(float)));
+    }
 
-    size_t N = (size_t)max_B * max_T, L = c->n_layer, C = c->n_embd, NH = c->n_head;
+    // L: the layers the stacked activations hold (one for inference: layer_slot)
+    size_t N = (size_t)max_B * max_T, L = inference ? 1 : c->n_layer, C = c->n_embd, NH = c->n_head;
     size_t QKV = qkv_width(c), FC = fc_width(c), F = c->ffn_hidden, Vp = c->padded_vocab_size, AY = NH * HS;
-    d->encoded = activation_alloc(d, N * C * sizeof(float));
-    d->ln1 = (floatX *)activation_alloc(d, L * N * C * sizeof(floatX));
-    d->ln1_mean = (float *)activation_alloc(d, L * N * sizeof(float));
-    d->ln1_rstd = (float *)activation_alloc(d, L * N * sizeof(float));
-    d->qkv = (floatX *)activation_alloc(d, L * N * QKV * sizeof(floatX));
-    d->atty = (floatX *)activation_alloc(d, L * N * AY * sizeof(floatX));
-    d->att_lse = (float *)activation_alloc(d, L * N * NH * sizeof(float));
-    d->residual2 = activation_alloc(d, L * N * C * sizeof(float));
-    d->ln2 = (floatX *)activation_alloc(d, L * N * C * sizeof(floatX));
-    d->ln2_mean = (float *)activation_alloc(d, L * N * sizeof(float));
-    d->ln2_rstd = (float *)activation_alloc(d, L * N * sizeof(float));
-    d->fch = (floatX *)activation_alloc(d, L * N * FC * sizeof(floatX));
-    d->fch_act = (floatX *)activation_alloc(d, L * N * F * sizeof(floatX));
-    d->residual3 = activation_alloc(d, L * N * C * sizeof(float));
-    d->lnf = (floatX *)activation_alloc(d, N * C * sizeof(floatX));
-    d->lnf_mean = (float *)activation_alloc(d, N * sizeof(float));
-    d->lnf_rstd = (float *)activation_alloc(d, N * sizeof(float));
-    d->logits = (floatX *)activation_alloc(d, N * Vp * sizeof(floatX));
-    d->lse = (float *)activation_alloc(d, N * sizeof(float));
-    d->losses = (float *)activation_alloc(d, N * sizeof(float));
-    d->proj = (floatX *)activation_alloc(d, N * C * sizeof(floatX));
-    d->inputs = (int *)device_alloc(d, N * sizeof(int));
-    d->targets = (int *)device_alloc(d, N * sizeof(int));
-    d->mask = (float *)device_alloc(d, N * sizeof(float));
-    d->weights = (float *)device_alloc(d, N * sizeof(float));
-    d->dresidual = (float *)activation_alloc(d, N * C * sizeof(float));
-    d->dresidual_bf16 = (floatX *)activation_alloc(d, N * C * sizeof(floatX));
-    d->dnorm = (float *)activation_alloc(d, N * C * sizeof(float));
-    d->dnorm_bf16 = (floatX *)activation_alloc(d, N * C * sizeof(floatX));
-    d->dqkv = (floatX *)activation_alloc(d, N * QKV * sizeof(floatX));
-    d->datty = (floatX *)activation_alloc(d, N * AY * sizeof(floatX));
-    d->dfch = (floatX *)activation_alloc(d, N * FC * sizeof(floatX));
-    d->dfch_act = (floatX *)activation_alloc(d, N * F * sizeof(floatX));
-    d->att_D = (float *)activation_alloc(d, N * NH * sizeof(float));
-    d->dhidden = (float *)activation_alloc(d, N * C * sizeof(float));
-    size_t widest = C > QKV ? C : QKV;
-    if (FC > widest) widest = FC;
-    size_t scratch_floats = (size_t)column_chunks((int)N) * widest, norm_floats = norm_backward_scratch_floats((int)N, C);
-    d->column_scratch = (float *)activation_alloc(d, (scratch_floats > norm_floats ? scratch_floats : norm_floats) * sizeof(float));
-    d->side_scratch = (float *)activation_alloc(d, scratch_floats * sizeof(float));
-    d->norm_aside_floats = norm_backward_partial_floats((int)N, C, 1, 1);
-    d->norm_aside = (float *)activation_alloc(d, NORM_ASIDE_SLOTS * d->norm_aside_floats * sizeof(float));
+    d->encoded = activation_alloc(model, d, N * C * sizeof(float));
+    d->ln1 = (floatX *)activation_alloc(model, d, L * N * C * sizeof(floatX));
+    d->ln1_mean = (float *)activation_alloc(model, d, L * N * sizeof(float));
+    d->ln1_rstd = (float *)activation_alloc(model, d, L * N * sizeof(float));
+    d->qkv = (floatX *)activation_alloc(model, d, L * N * QKV * sizeof(floatX));
+    d->atty = (floatX *)activation_alloc(model, d, L * N * AY * sizeof(floatX));
+    d->att_lse = (float *)activation_alloc(model, d, L * N * NH * sizeof(float));
+    d->residual2 = activation_alloc(model, d, L * N * C * sizeof(float));
+    d->ln2 = (floatX *)activation_alloc(model, d, L * N * C * sizeof(floatX));
+    d->ln2_mean = (float *)activation_alloc(model, d, L * N * sizeof(float));
+    d->ln2_rstd = (float *)activation_alloc(model, d, L * N * sizeof(float));
+    d->fch = (floatX *)activation_alloc(model, d, L * N * FC * sizeof(floatX));
+    d->fch_act = (floatX *)activation_alloc(model, d, L * N * F * sizeof(floatX));
+    d->residual3 = activation_alloc(model, d, L * N * C * sizeof(float));
+    d->lnf = (floatX *)activation_alloc(model, d, N * C * sizeof(floatX));
+    d->lnf_mean = (float *)activation_alloc(model, d, N * sizeof(float));
+    d->lnf_rstd = (float *)activation_alloc(model, d, N * sizeof(float));
+    if (d->with_head) {
+        d->logits = (floatX *)activation_alloc(model, d, N * Vp * sizeof(floatX));
+        d->lse = (float *)activation_alloc(model, d, N * sizeof(float));
+        d->losses = (float *)activation_alloc(model, d, N * sizeof(float));
+    }
+    d->proj = (floatX *)activation_alloc(model, d, N * C * sizeof(floatX));
+    d->inputs = (int *)device_alloc(model, d, N * sizeof(int));
+    d->targets = (int *)device_alloc(model, d, N * sizeof(int));
+    d->mask = (float *)device_alloc(model, d, N * sizeof(float));
+    d->weights = (float *)device_alloc(model, d, N * sizeof(float));
     for (int s = 0; s < NORM_ASIDE_SLOTS; s++) cudaCheck(cudaEventCreateWithFlags(&d->norm_aside_free[s], cudaEventDisableTiming));
     d->norm_aside_next = 0;
-    d->norm_partial = (float *)device_alloc(d, GLOBAL_NORM_BLOCKS * sizeof(float));
-    d->grad_sums = (float *)device_alloc(d, (L + 1) * GLOBAL_NORM_PIECE_BLOCKS * sizeof(float));
-    d->norm_result = (float *)device_alloc(d, sizeof(float));
-    d->dp_scalar = (double *)device_alloc(d, sizeof(double));
     d->rope_cos_sin = NULL;
     if (c->arch == ARCH_LLAMA) {
         float *table = rope_table_host(max_T, HS, c->rope_theta);
         size_t bytes = (size_t)max_T * (HS / 2) * 2 * sizeof(float);
-        d->rope_cos_sin = (float *)device_alloc(d, bytes);
+        d->rope_cos_sin = (float *)device_alloc(model, d, bytes);
         cudaCheck(cudaMemcpy(d->rope_cos_sin, table, bytes, cudaMemcpyHostToDevice));
         free(table);
     }
@@ -473,22 +478,55 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     d->host_weights = (float *)mallocCheck(N * sizeof(float));
     model->token_losses = (float *)callocCheck(N, sizeof(float));
     for (int i = 0; i < PROF_MAX_EVENTS; i++) cudaCheck(cudaEventCreate(&d->prof_events[i]));
+    if (inference) {
+        cudaCheck(cudaStreamSynchronize(d->stream));
+        return model;
+    }
+    d->dresidual = (float *)activation_alloc(model, d, N * C * sizeof(float));
+    d->dresidual_bf16 = (floatX *)activation_alloc(model, d, N * C * sizeof(floatX));
+    d->dnorm = (float *)activation_alloc(model, d, N * C * sizeof(float));
+    d->dnorm_bf16 = (floatX *)activation_alloc(model, d, N * C * sizeof(floatX));
+    d->dqkv = (floatX *)activation_alloc(model, d, N * QKV * sizeof(floatX));
+    d->datty = (floatX *)activation_alloc(model, d, N * AY * sizeof(floatX));
+    d->dfch = (floatX *)activation_alloc(model, d, N * FC * sizeof(floatX));
+    d->dfch_act = (floatX *)activation_alloc(model, d, N * F * sizeof(floatX));
+    d->att_D = (float *)activation_alloc(model, d, N * NH * sizeof(float));
+    d->dhidden = (float *)activation_alloc(model, d, N * C * sizeof(float));
+    size_t widest = C > QKV ? C : QKV;
+    if (FC > widest) widest = FC;
+    size_t scratch_floats = (size_t)column_chunks((int)N) * widest, norm_floats = norm_backward_scratch_floats((int)N, C);
+    d->column_scratch = (float *)activation_alloc(model, d, (scratch_floats > norm_floats ? scratch_floats : norm_floats) * sizeof(float));
+    d->side_scratch = (float *)activation_alloc(model, d, scratch_floats * sizeof(float));
+    d->norm_aside_floats = norm_backward_partial_floats((int)N, C, 1, 1);
+    d->norm_aside = (float *)activation_alloc(model, d, NORM_ASIDE_SLOTS * d->norm_aside_floats * sizeof(float));
+    d->norm_partial = (float *)device_alloc(model, d, GLOBAL_NORM_BLOCKS * sizeof(float));
+    d->grad_sums = (float *)device_alloc(model, d, (L + 1) * GLOBAL_NORM_PIECE_BLOCKS * sizeof(float));
+    d->norm_result = (float *)device_alloc(model, d, sizeof(float));
+    d->dp_scalar = (double *)device_alloc(model, d, sizeof(double));
     cudaCheck(cudaStreamSynchronize(d->stream));
     return model;
 }
 
 extern "C" CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T) {
-    return create_model(cpu, max_B, max_T, 0);
+    return create_model(cpu, max_B, max_T, 0, 0, 0);
 }
 
 extern "C" CudaModel *cuda_model_create_sharded(const Model *cpu, int max_B, int max_T) {
-    return create_model(cpu, max_B, max_T, 1);
+    return create_model(cpu, max_B, max_T, 1, 0, 0);
+}
+
+// The residual stream in fp32 unless TRAIN_MORA_RESIDUAL_BF16 says otherwise.
+static CudaModel *fp32_residual(CudaModel *model) {
+    if (getenv("TRAIN_MORA_RESIDUAL_BF16") == NULL) model->residual_bf16 = 0;
+    return model;
 }
 
 extern "C" CudaModel *cuda_model_create_fp32_residual(const Model *cpu, int max_B, int max_T) {
-    CudaModel *model = create_model(cpu, max_B, max_T, 0);
-    if (getenv("TRAIN_MORA_RESIDUAL_BF16") == NULL) model->residual_bf16 = 0;
-    return model;
+    return fp32_residual(create_model(cpu, max_B, max_T, 0, 0, 0));
+}
+
+extern "C" CudaModel *cuda_model_create_inference(const Model *cpu, int max_B, int max_T, int with_head) {
+    return fp32_residual(create_model(cpu, max_B, max_T, 0, 1, with_head));
 }
 
 extern "C" void cuda_model_free(CudaModel *model) {
@@ -614,19 +652,25 @@ static void attention_tune(CudaModel *model, int B, int T) {
     cudaCheck(cudaMemsetAsync(d->qkv, 0xff, N * QKV * sizeof(floatX), d->stream));
     cudaCheck(cudaMemsetAsync(d->atty, 0xff, N * AY * sizeof(floatX), d->stream));
     cudaCheck(cudaMemsetAsync(d->att_lse, 0xff, N * c->n_head * sizeof(float), d->stream));
-    cudaCheck(cudaMemsetAsync(d->datty, 0xff, N * AY * sizeof(floatX), d->stream));
-    cudaCheck(cudaMemsetAsync(d->dqkv, 0xff, N * QKV * sizeof(floatX), d->stream));
-    cudaCheck(cudaMemsetAsync(d->att_D, 0xff, N * c->n_head * sizeof(float), d->stream));
+    if (!d->inference) {   // an inference model has no backward buffers, and its tuning no backward
+        cudaCheck(cudaMemsetAsync(d->datty, 0xff, N * AY * sizeof(floatX), d->stream));
+        cudaCheck(cudaMemsetAsync(d->dqkv, 0xff, N * QKV * sizeof(floatX), d->stream));
+        cudaCheck(cudaMemsetAsync(d->att_D, 0xff, N * c->n_head * sizeof(float), d->stream));
+    }
     d->tuning = t;
     d->tuned = 1;
     model->attention_wgmma_tried = t.wgmma;
     d->flash_config = t.config;
     char what[320];
     flash_describe(&t.config, what, sizeof(what));
-    int len = snprintf(model->attention_tuning, sizeof(model->attention_tuning),
-                       "flash tuned at B=%d T=%d: %s; forward %.3f ms (defaults %.3f), backward %.3f ms (defaults %.3f); %d "
-                       "of %d candidates differed in their bits", B, T, what, t.forward_ms, t.default_forward_ms,
-                       t.backward_ms, t.default_backward_ms, t.differed, t.tried);
+    int len = d->inference
+        ? snprintf(model->attention_tuning, sizeof(model->attention_tuning),
+                   "flash tuned at B=%d T=%d for forwards alone: %s; forward %.3f ms (defaults %.3f); %d of %d candidates "
+                   "differed in their bits", B, T, what, t.forward_ms, t.default_forward_ms, t.differed, t.tried)
+        : snprintf(model->attention_tuning, sizeof(model->attention_tuning),
+                   "flash tuned at B=%d T=%d: %s; forward %.3f ms (defaults %.3f), backward %.3f ms (defaults %.3f); %d "
+                   "of %d candidates differed in their bits", B, T, what, t.forward_ms, t.default_forward_ms,
+                   t.backward_ms, t.default_backward_ms, t.differed, t.tried);
     if (t.wgmma && len > 0 && (size_t)len < sizeof(model->attention_tuning)) {
         flash_describe(&t.mma_config, what, sizeof(what));
         snprintf(model->attention_tuning + len, sizeof(model->attention_tuning) - len,
@@ -704,6 +748,12 @@ static void projection_add_norm(CudaModel *model, void *res_out, const void *res
     prof_end(model);
 }
 
+// Where layer l's activations sit in the stacked buffers: layer l, or for an inference model
+// the one layer they hold, which each layer overwrites (nothing reads a layer's activations
+// after the next layer's have been written: the norm of layer l + 1's input is written at the
+// end of layer l, after layer l's products have read its own).
+static size_t layer_slot(const Impl *d, int l) { return d->inference ? 0 : (size_t)l; }
+
 // The forward of model.h; when weights_host is given (B*T, already zero where the mask is 0)
 // the classifier also writes the logits' gradient for those weights (fused).
 static void forward_impl(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask, int B, int T,
@@ -711,6 +761,8 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
     const ModelConfig *c = &model->config;
     Impl *d = impl_of(model);
     check_batch(c, inputs, targets, loss_mask, B, T, model->max_B, model->max_T);
+    if (!d->with_head && (targets != NULL || weights_host != NULL))
+        fatal("cuda_model_forward: the model was created without its head (cuda_model_create_inference): no targets");
     cudaStream_t st = d->stream;
     model->B = B;
     model->T = T;
@@ -745,12 +797,13 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
     prof_end(model);
     for (int l = 0; l < L; l++) {
         update_wait(model, update_group_of_layer(d, c, l + 1));   // the next layer's, or the final norm's and the head's
-        const void *residual = l == 0 ? d->encoded : stream_at(d, d->residual3, (size_t)(l - 1) * NC);
-        floatX *ln1 = d->ln1 + l * NC, *ln2 = d->ln2 + l * NC;
-        floatX *qkv = d->qkv + (size_t)l * N * QKV, *atty = d->atty + (size_t)l * N * NH * HS;
-        float *att_lse = d->att_lse + (size_t)l * N * NH;
-        void *residual2 = stream_at(d, d->residual2, l * NC), *residual3 = stream_at(d, d->residual3, l * NC);
-        floatX *fch = d->fch + (size_t)l * N * FC, *fch_act = d->fch_act + (size_t)l * N * F;
+        const size_t k = layer_slot(d, l), next = layer_slot(d, l + 1);
+        const void *residual = l == 0 ? d->encoded : stream_at(d, d->residual3, layer_slot(d, l - 1) * NC);
+        floatX *ln1 = d->ln1 + k * NC, *ln2 = d->ln2 + k * NC;
+        floatX *qkv = d->qkv + k * N * QKV, *atty = d->atty + k * N * NH * HS;
+        float *att_lse = d->att_lse + k * N * NH;
+        void *residual2 = stream_at(d, d->residual2, k * NC), *residual3 = stream_at(d, d->residual3, k * NC);
+        floatX *fch = d->fch + k * N * FC, *fch_act = d->fch_act + k * N * F;
 
         // attention block (ln1 of this layer was written by the previous layer's fused norm)
         prof_begin(model, PROF_MATMUL_FWD);
@@ -770,7 +823,7 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
         else attention_forward(atty, att_lse, qkv, B, T, NH, NKV, HS, st);
         prof_end(model);
         projection_add_norm(model, residual2, residual, atty, weight_bf16(model, P_ATTPROJW, l), weight_bf16(model, P_ATTPROJB, l),
-                            NH * HS, ln2, d->ln2_mean + (size_t)l * N, d->ln2_rstd + (size_t)l * N, weight_bf16(model, P_LN2W, l),
+                            NH * HS, ln2, d->ln2_mean + k * N, d->ln2_rstd + k * N, weight_bf16(model, P_LN2W, l),
                             weight_bf16(model, P_LN2B, l), N, C, eps, gpt2);
 
         // MLP block
@@ -790,21 +843,23 @@ static void forward_impl(CudaModel *model, const int *inputs, const int *targets
         // residual3 = residual2 + fcproj(...), normed by the next layer's ln1 or by the final norm
         const floatX *fcprojw = weight_bf16(model, P_FCPROJW, l), *fcprojb = weight_bf16(model, P_FCPROJB, l);
         if (l + 1 < L)
-            projection_add_norm(model, residual3, residual2, fch_act, fcprojw, fcprojb, F, d->ln1 + (l + 1) * NC,
-                                d->ln1_mean + (size_t)(l + 1) * N, d->ln1_rstd + (size_t)(l + 1) * N,
+            projection_add_norm(model, residual3, residual2, fch_act, fcprojw, fcprojb, F, d->ln1 + next * NC,
+                                d->ln1_mean + next * N, d->ln1_rstd + next * N,
                                 weight_bf16(model, P_LN1W, l + 1), weight_bf16(model, P_LN1B, l + 1), N, C, eps, gpt2);
         else
             projection_add_norm(model, residual3, residual2, fch_act, fcprojw, fcprojb, F, d->lnf, d->lnf_mean, d->lnf_rstd,
                                 weight_bf16(model, P_LNFW, 0), weight_bf16(model, P_LNFB, 0), N, C, eps, gpt2);
     }
     update_wait(model, d->update_groups - 1);
-    prof_begin(model, PROF_MATMUL_FWD);
-    matmul_forward(d->logits, d->lnf, weight_bf16(model, head_tensor(c), 0), NULL, NULL, N, C, Vp, st);
-    prof_end(model);
-    prof_begin(model, PROF_CLASSIFIER);
-    fused_classifier(d->logits, d->lse, d->losses, targets ? d->targets : NULL, d->mask, weights_host ? d->weights : NULL,
-                     N, V, Vp, st);
-    prof_end(model);
+    if (d->with_head) {
+        prof_begin(model, PROF_MATMUL_FWD);
+        matmul_forward(d->logits, d->lnf, weight_bf16(model, head_tensor(c), 0), NULL, NULL, N, C, Vp, st);
+        prof_end(model);
+        prof_begin(model, PROF_CLASSIFIER);
+        fused_classifier(d->logits, d->lse, d->losses, targets ? d->targets : NULL, d->mask,
+                         weights_host ? d->weights : NULL, N, V, Vp, st);
+        prof_end(model);
+    }
     d->logits_hold_gradient = weights_host != NULL;
     matmul_tune = 0;
     if (matmul_tune_count != tuned_before) matmul_tune_describe(model->matmul_tuning, sizeof(model->matmul_tuning), d->matmul_tune_from);
@@ -897,6 +952,7 @@ static void grads_settle(CudaModel *model) {
 // update still reads the gradients on, and the next backward waits for them (zero_pending).
 extern "C" void cuda_model_zero_grad(CudaModel *model) {
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_zero_grad");
     int behind = d->update_pending || d->zero_pending;
     cudaStream_t st = behind ? d->update_stream : d->stream;
     grads_zero(model, 0, st);
@@ -1138,6 +1194,7 @@ static void backward_from_logits(CudaModel *model, int have_dlogits, const float
 extern "C" void cuda_model_backward_weighted(CudaModel *model, const float *token_weights, const float *dhidden) {
     const ModelConfig *c = &model->config;
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_backward_weighted");
     if (model->B <= 0) fatal("cuda_model_backward: no forward pass to differentiate (call cuda_model_forward first)");
     if (token_weights && !model->has_targets)
         fatal("cuda_model_backward: the last forward had no targets, so there is no loss to differentiate");
@@ -1168,6 +1225,7 @@ static void mean_loss_weights(CudaModel *model, float *weights, const float *mas
 
 extern "C" void cuda_model_backward(CudaModel *model, float scale) {
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_backward");
     if (model->B <= 0) fatal("cuda_model_backward: no forward pass to differentiate (call cuda_model_forward first)");
     if (!model->has_targets) fatal("cuda_model_backward: the last forward had no targets, so there is no loss to differentiate");
     int N = model->B * model->T;
@@ -1180,6 +1238,7 @@ extern "C" void cuda_model_backward(CudaModel *model, float scale) {
 extern "C" void cuda_model_forward_backward(CudaModel *model, const int *inputs, const int *targets, const float *loss_mask,
                                             int B, int T, float scale) {
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_forward_backward");
     if (targets == NULL) fatal("cuda_model_forward_backward: training needs targets");
     int N = B * T;
     if (B <= 0 || T <= 0 || (size_t)N > (size_t)model->max_B * model->max_T)
@@ -1197,6 +1256,7 @@ extern "C" void cuda_model_forward_backward(CudaModel *model, const int *inputs,
 
 extern "C" float cuda_model_grad_norm(CudaModel *model) {
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_grad_norm");
     grads_settle(model);
     if (d->sharded) {
         // each rank holds the mean gradient on its shard only: the norm is the root of the sum
@@ -1231,6 +1291,7 @@ extern "C" float cuda_model_grad_norm(CudaModel *model) {
 extern "C" void cuda_model_adamw_update(CudaModel *model, float lr, float beta1, float beta2, float eps,
                                         float weight_decay, float grad_scale) {
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_adamw_update");
     model->opt_step++;
     int t = model->opt_step;
     float bias_correction1 = (float)(1.0 - pow((double)beta1, t));
@@ -1293,6 +1354,7 @@ extern "C" void cuda_model_adamw_update(CudaModel *model, float lr, float beta1,
 
 extern "C" void cuda_model_download(CudaModel *model, Model *cpu) {
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_download");
     if (cpu->num_parameters != model->num_parameters || memcmp(cpu->param_sizes, d->param_sizes, sizeof(d->param_sizes)) != 0)
         fatal("cuda_model_download: the CPU model's layout differs from the GPU model's");
     size_t bytes = model->num_parameters * sizeof(float);
@@ -1309,6 +1371,7 @@ extern "C" void cuda_model_download(CudaModel *model, Model *cpu) {
 
 extern "C" void cuda_model_copy_grads(CudaModel *model, float *dst) {
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_copy_grads");
     grads_settle(model);
     cudaCheck(cudaStreamSynchronize(d->stream));
     cudaCheck(cudaMemcpy(dst, d->grads, model->num_parameters * sizeof(float), cudaMemcpyDeviceToHost));
@@ -1325,6 +1388,7 @@ static void copy_bf16_to_host(Impl *d, float *dst, const floatX *src, size_t n) 
 
 extern "C" void cuda_model_copy_logits(CudaModel *model, float *dst) {
     Impl *d = impl_of(model);
+    if (!d->with_head) fatal("cuda_model_copy_logits: the model was created without its head (cuda_model_create_inference)");
     if (d->logits_hold_gradient) fatal("cuda_model_copy_logits: a backward has overwritten the logits with their gradient");
     copy_bf16_to_host(d, dst, d->logits, (size_t)model->B * model->T * model->config.padded_vocab_size);
 }
@@ -1385,6 +1449,7 @@ extern "C" void cuda_model_profile_report(CudaModel *model, FILE *out, int steps
 
 extern "C" void cuda_model_broadcast_params(CudaModel *model, int root) {
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_broadcast_params");
     update_settle(model);
     comm_nccl_broadcast(d->params, model->num_parameters * sizeof(float), root, d->stream);
     convert_f32_to_bf16(d->params_bf16, d->params, model->num_parameters, d->stream);
@@ -1393,6 +1458,7 @@ extern "C" void cuda_model_broadcast_params(CudaModel *model, int root) {
 
 extern "C" void cuda_model_sum_grads(CudaModel *model) {
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_sum_grads");
     if (d->sharded) fatal("cuda_model_sum_grads: the model's optimizer is sharded (use cuda_model_all_reduce_grads)");
     grads_settle(model);
     d->grad_sums_ready = 0;
@@ -1401,6 +1467,7 @@ extern "C" void cuda_model_sum_grads(CudaModel *model) {
 
 extern "C" void cuda_model_all_reduce_grads(CudaModel *model, float *loss) {
     Impl *d = impl_of(model);
+    require_training(d, "cuda_model_all_reduce_grads");
     size_t P = model->num_parameters;
     grads_settle(model);
     d->grad_sums_ready = 0;

@@ -267,6 +267,12 @@ def test_model_gpu_on_the_emulated_gpu(emulators):
             assert re.search(rf"PASS {re.escape(label)}.* overlapped step, column sums {where} other grads +0 of", out), label
         for when in ("one step", "two steps, the second with the sums", "zero_grad after them"):
             assert re.search(rf"PASS {re.escape(label)}.* grad norm from the backward's sums, {when} ", out), (label, when)
+        # the models for forwards alone: against the CPU, and bit for bit against the training model
+        for name in ("inference model", "inference model without head"):
+            assert re.search(rf"PASS {re.escape(label)}.* {name} hidden", out), (label, name)
+            assert re.search(rf"PASS {re.escape(label)}.* {name}: 0 values differ from the training model's", out), (label, name)
+        assert re.search(rf"PASS {re.escape(label)}.* inference model token losses", out), label
+        assert re.search(rf"PASS {re.escape(label)}.* inference model, \d+ of \d+ rows, token losses", out), label
     for label in ("llama:tiny", "qwen2-style tiny", flash[1]):
         assert re.search(rf"PASS {re.escape(label)}.* RoPE backward in the attention other grads +0 of", out), label
         assert re.search(rf"PASS {re.escape(label)}.* RoPE forward in the attention step mean loss", out), label

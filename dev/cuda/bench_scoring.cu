@@ -2,13 +2,15 @@
  * The MORA loop's scoring forward: the reference's forward over a batch of prompt + response
  * sequences, which gives every token's log-prob (the KL's reference) and the final hidden state
  * at each sequence's last token (what the reward heads read). `mora`, `eval` and `reward` run it
- * on the CPU model (llmc/model.c, fp32, OpenMP) without --device cuda and on a CUDA copy
- * (cuda_model_create_fp32_residual, cuda_model_copy_hidden_last) with it. This times both on
- * the same batch, for GPT-2 124M and the SmolLM2-135M shape with random weights: fwd_batch 16
- * sequences of T = 192 tokens (a prompt and a response of the loop's usual lengths), and prints
- * tokens/s each and their ratio: the CPU's a mean over `cpu_forwards` forwards after one
- * untimed, the GPU's the median of 5 runs of 10 forwards after two untimed ones (the attention's
- * tuning, cuBLASLt's heuristics). Figures only: not a test.
+ * on the CPU model (llmc/model.c, fp32, OpenMP) without --device cuda and on a CUDA copy for
+ * forwards alone (cuda_model_create_inference, cuda_model_copy_hidden_last) with it. This times
+ * both on the same batch, for GPT-2 124M and the SmolLM2-135M shape with random weights:
+ * fwd_batch 16 sequences of T = 192 tokens (a prompt and a response of the loop's usual
+ * lengths), and prints tokens/s each and their ratio: the CPU's a mean over `cpu_forwards`
+ * forwards after one untimed, the GPU's the median of 5 runs of 10 forwards after two untimed
+ * ones (the attention's tuning, cuBLASLt's heuristics). Beside them, the same forward on a
+ * training copy (cuda_model_create_fp32_residual, what the copy was before), and the device
+ * memory each copy holds. Figures only: not a test.
  *   build/cuda/dev/bench_scoring [cpu_forwards]
  */
 #include <stdio.h>
@@ -48,24 +50,33 @@ static void bench(const char *preset, int B, int T, int cpu_forwards) {
     }
     const double cpu_s = (wall_seconds() - t0) / cpu_forwards;
 
-    // its CUDA copy, as engine_ref_forward with one
-    CudaModel *gpu = cuda_model_create_fp32_residual(&cpu, B, T);
-    auto forward = [&] {
-        cuda_model_forward(gpu, inputs.data(), targets.data(), NULL, B, T);   // synchronises (the losses)
-        cuda_model_copy_hidden_last(gpu, lengths.data(), last.data());
+    // its CUDA copy, as engine_ref_forward with one; the seconds a forward takes, median of 5 runs
+    auto time_copy = [&](CudaModel *gpu) {
+        auto forward = [&] {
+            cuda_model_forward(gpu, inputs.data(), targets.data(), NULL, B, T);   // synchronises (the losses)
+            cuda_model_copy_hidden_last(gpu, lengths.data(), last.data());
+        };
+        for (int i = 0; i < 2; i++) forward();
+        std::vector<double> runs;
+        for (int r = 0; r < 5; r++) {
+            double t = wall_seconds();
+            for (int i = 0; i < 10; i++) forward();
+            runs.push_back((wall_seconds() - t) / 10);
+        }
+        std::sort(runs.begin(), runs.end());
+        return runs[2];
     };
-    for (int i = 0; i < 2; i++) forward();
-    std::vector<double> runs;
-    for (int r = 0; r < 5; r++) {
-        double t = wall_seconds();
-        for (int i = 0; i < 10; i++) forward();
-        runs.push_back((wall_seconds() - t) / 10);
-    }
-    std::sort(runs.begin(), runs.end());
-    const double gpu_s = runs[2];
-    printf("%-20s B=%d T=%d  cpu %8.2f ms, %9.0f tok/s (%d threads)  cuda %7.2f ms, %9.0f tok/s  cuda / cpu %.0fx\n", preset,
-           B, T, cpu_s * 1e3, N / cpu_s, omp_get_max_threads(), gpu_s * 1e3, N / gpu_s, cpu_s / gpu_s);
+    CudaModel *gpu = cuda_model_create_inference(&cpu, B, T, 1);
+    const double gpu_s = time_copy(gpu);
+    const double gpu_gb = gpu->device_bytes / 1e9;
     cuda_model_free(gpu);
+    CudaModel *training = cuda_model_create_fp32_residual(&cpu, B, T);
+    const double training_s = time_copy(training);
+    const double training_gb = training->device_bytes / 1e9;
+    cuda_model_free(training);
+    printf("%-20s B=%d T=%d  cpu %8.2f ms, %9.0f tok/s (%d threads)  cuda %7.2f ms, %9.0f tok/s, %.2f GB  cuda / cpu %.0fx"
+           "  (training copy %.2f ms, %.2f GB)\n", preset, B, T, cpu_s * 1e3, N / cpu_s, omp_get_max_threads(), gpu_s * 1e3,
+           N / gpu_s, gpu_gb, cpu_s / gpu_s, training_s * 1e3, training_gb);
     model_free(&cpu);
 }
 

@@ -17,7 +17,9 @@
  *      attention's epilogue instead of after it and its forward in the attention's loads instead
  *      of before it (bit for bit), and with the attention's warpgroup kernels where they apply;
  *      the gradient norm from the sums the backward makes layer by layer (norm_in_backward)
- *      against the gradient's norm in double, after one step, two accumulated and zero_grad.
+ *      against the gradient's norm in double, after one step, two accumulated and zero_grad;
+ *      the models for forwards alone (cuda_model_create_inference), with and without the head,
+ *      against the CPU and bit for bit against the training model's forward.
  *   3. a 20-step AdamW loss curve on a learnable sequence for both tiny families (Llama with 3
  *      layers): the GPU's losses must follow the CPU's step by step, the loss must fall, and the
  *      downloaded parameters moved as far as on the CPU (the updates compared, relative to their
@@ -334,6 +336,61 @@ static void check_forward_backward(const char *label, ModelConfig c, int B, int 
         snprintf(what, sizeof(what), "%s wgmma %d attention step all grads", label, v);
         compare(what, overlapped.data(), cpu.grads, cpu.num_parameters, TOL_GRADS);
         cuda_model_attention_config(gpu, 1);
+    }
+
+    // the models for forwards alone (cuda_model_create_inference, one layer's activations): with
+    // the head, the logits, hidden states and token losses against the CPU and, since they run the
+    // same kernels, bit for bit against this training model's with the same residual stream; a
+    // batch of fewer rows than they were made for against the CPU; without the head, the hidden
+    // states, and no logits or targets
+    {
+        std::vector<float> train_logits((size_t)N * Vp), train_hidden((size_t)N * C), train_losses(N);
+        std::vector<float> logits((size_t)N * Vp);
+        model_forward(&cpu, inputs.data(), targets.data(), mask.data(), B, T);
+        for (int head = 1; head >= 0; head--) {
+            CudaModel *inf = cuda_model_create_inference(&cpu, B, T, head);
+            const int stream_bf16 = gpu->residual_bf16;
+            gpu->residual_bf16 = inf->residual_bf16;
+            cuda_model_poison(gpu);
+            cuda_model_forward(gpu, inputs.data(), targets.data(), mask.data(), B, T);
+            cuda_model_copy_logits(gpu, train_logits.data());
+            cuda_model_copy_hidden(gpu, train_hidden.data());
+            train_losses.assign(gpu->token_losses, gpu->token_losses + N);
+            gpu->residual_bf16 = stream_bf16;
+
+            cuda_model_poison(inf);
+            cuda_model_forward(inf, inputs.data(), head ? targets.data() : NULL, head ? mask.data() : NULL, B, T);
+            const char *name = head ? "inference model" : "inference model without head";
+            cuda_model_copy_hidden(inf, hidden.data());
+            snprintf(what, sizeof(what), "%s %s hidden", label, name);
+            compare(what, hidden.data(), cpu.hidden, (size_t)N * C, TOL_HIDDEN);
+            size_t differ = 0;
+            for (size_t i = 0; i < (size_t)N * C; i++) differ += memcmp(&hidden[i], &train_hidden[i], sizeof(float)) != 0;
+            if (head) {
+                cuda_model_copy_logits(inf, logits.data());
+                snprintf(what, sizeof(what), "%s %s logits", label, name);
+                compare(what, logits.data(), cpu.logits, (size_t)N * Vp, TOL_LOGITS);
+                snprintf(what, sizeof(what), "%s %s token losses", label, name);
+                compare(what, inf->token_losses, cpu.token_losses, N, TOL_LOSSES);
+                for (size_t i = 0; i < (size_t)N * Vp; i++) differ += memcmp(&logits[i], &train_logits[i], sizeof(float)) != 0;
+                differ += memcmp(inf->token_losses, train_losses.data(), N * sizeof(float)) != 0;
+            } else if (inf->mean_loss != -1.0f) {
+                failures++;
+                printf("FAIL %s %s: mean loss %g after a forward without targets (must be -1)\n", label, name, inf->mean_loss);
+            }
+            if (differ) failures++;
+            printf("%s %s %s: %zu values differ from the training model's (must be 0); %.2f MB against its %.2f MB\n",
+                   differ ? "FAIL" : "PASS", label, name, differ, inf->device_bytes / 1e6, gpu->device_bytes / 1e6);
+            if (head && B > 1) {   // fewer rows than the model holds, as the MORA loop's last batch
+                model_forward(&cpu, inputs.data(), targets.data(), mask.data(), B - 1, T);
+                cuda_model_poison(inf);
+                cuda_model_forward(inf, inputs.data(), targets.data(), mask.data(), B - 1, T);
+                snprintf(what, sizeof(what), "%s %s, %d of %d rows, token losses", label, name, B - 1, B);
+                compare(what, inf->token_losses, cpu.token_losses, (size_t)(B - 1) * T, TOL_LOSSES);
+                model_forward(&cpu, inputs.data(), targets.data(), mask.data(), B, T);
+            }
+            cuda_model_free(inf);
+        }
     }
     cuda_model_free(gpu);
     model_free(&cpu);
