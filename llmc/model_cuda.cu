@@ -287,10 +287,35 @@ extern "C" double cuda_device_bf16_peak_flops(void) {
 // ---------------------------------------------------------------------------------------------
 // create / free
 
+// cuda_model_memory_hint's words, for model_malloc's message
+static char memory_hint[256];
+
+extern "C" void cuda_model_memory_hint(const char *hint) {
+    snprintf(memory_hint, sizeof(memory_hint), "%s", hint ? hint : "");
+}
+
+// cudaMalloc for a model being created; when the device has no room, stops with a message that
+// says what the model needed for which batch shape, what the device has free, and (from
+// cuda_model_memory_hint) what sizes it.
+static void *model_malloc(const CudaModel *model, const Impl *d, size_t bytes) {
+    void *p = NULL;
+    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 16);
+    if (err == cudaSuccess) return p;
+    cudaGetLastError();   // clear it, so that cudaMemGetInfo answers
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = total_bytes = 0;
+    fatal("cuda_model_create: the GPU has no room for a %s model for batches of up to %d x %d tokens: %.3g GB "
+          "allocated, %.3g GB more refused (%s), %.3g of %.3g GB free on the device; smaller batches or shorter "
+          "sequences take less%s%s",
+          d->inference ? "forward-only" : "training", model->max_B, model->max_T, model->device_bytes / 1e9, bytes / 1e9,
+          cudaGetErrorString(err), free_bytes / 1e9, total_bytes / 1e9, memory_hint[0] ? ": " : "", memory_hint);
+    return NULL;
+}
+
 static void *device_alloc(CudaModel *model, Impl *d, size_t bytes) {
     // 256-byte granularity from cudaMalloc keeps every tensor start aligned for cuBLASLt
     cudaRequire(d->memory_count < 64, "model_cuda: too many device allocations");
-    void *p = cudaMallocCheck(bytes);
+    void *p = model_malloc(model, d, bytes);
     d->memory_blocks[d->memory_count++] = p;
     model->device_bytes += bytes;
     return p;
@@ -410,7 +435,7 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     d->params_bf16 = (floatX *)device_alloc(model, d, P * sizeof(floatX));
     if (inference) {
         // the bf16 weights alone: the fp32 master passes through a buffer freed at once
-        float *staging = (float *)cudaMallocCheck(P * sizeof(float));
+        float *staging = (float *)model_malloc(model, d, P * sizeof(float));
         cudaCheck(cudaMemcpy(staging, cpu->params, P * sizeof(float), cudaMemcpyHostToDevice));
         convert_f32_to_bf16(d->params_bf16, staging, P, d->stream);
         cudaCheck(cudaStreamSynchronize(d->stream));

@@ -160,6 +160,10 @@ CudaModel *cuda_model_create_fp32_residual(const Model *cpu, int max_B, int max_
 // copy_grads and the collectives) stops with a message naming this function.
 CudaModel *cuda_model_create_inference(const Model *cpu, int max_B, int max_T, int with_head);
 void cuda_model_free(CudaModel *model);
+// What sizes the program's CUDA models, in the words of its flags ("--batch_size and
+// --seq_len"): named by the message with which a model's creation stops when the device has no
+// room for it (the shape, what was allocated, what the device has free). Empty or NULL: none.
+void cuda_model_memory_hint(const char *hint);
 
 // After the first forward: 1 runs the flash attention in its tuned configuration (the default),
 // 0 in the defaults', 2 in the tuning's fastest choice among the mma.sync kernels alone (its

@@ -17,6 +17,7 @@ test_model_cuda_emu.py.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ from conftest import ROOT
 from test_model_cuda_emu import emulated_env
 from test_formats import bf16_bits, bf16_to_f32
 from test_mora_loss import random_weights
+from test_multirank import write_shard
 from test_reward_cmd import DIMS, heldout_split, per_dim_means, planted, score_pairs, write_jsonl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "oracle"))
@@ -147,3 +149,37 @@ def test_mora_reference_log_probs_from_the_gpu(emulated_train_mora, train_mora_b
         # 0.15 nats); a log-prob of another position or token is off by nats
         assert max(gpu_error) <= 3 * max(rounding) + 0.02, (mode, max(gpu_error), max(rounding))
         assert np.median(gpu_error) <= 3 * np.median(rounding) + 0.01, (mode, np.median(gpu_error), np.median(rounding))
+
+
+@pytest.mark.parametrize("command", ["pretrain", "reward"])
+def test_no_room_on_the_device_names_the_shape_and_the_flags(emulated_train_mora, tmp_path, command):
+    """A CUDA model the device has no room for (the emulated device made just larger, with
+    EMU_DEVICE_BYTES, than the products' two 32 MiB cuBLASLt workspaces, for the main stream and
+    the side stream, that come first) stops the command before its first step, with a message that names the kind
+    of model, its batch shape, what it had and what the device has free, and the command's flags
+    that size it; and a non-zero exit."""
+    if command == "pretrain":
+        write_shard(tmp_path / "train_000.bin", [(7 * i) % 256 for i in range(4000)])
+        args = ["pretrain", "--init", "llama:tiny", "--train_data", str(tmp_path / "train_*.bin"), "--batch_size", "4",
+                "--seq_len", "64", "--steps", "2"]
+        expect = ["a training model for batches of up to 4 x 64 tokens", "--batch_size (B) and --seq_len (T)"]
+    else:
+        args = ["reward", "--model", "llama:tiny", "--data", write_jsonl(tmp_path / "pref.jsonl", planted(12, seed=2)),
+                "--fwd_batch", "5"]
+        expect = ["a forward-only model for batches of up to 5 x ", "--fwd_batch (B); T is the longest preference sequence"]
+    device_bytes = 2 * (32 << 20) + 300000
+    env = dict(emulated_env("issue"), EMU_DEVICE_BYTES=str(device_bytes))
+    p = subprocess.run([emulated_train_mora, *args, "--device", "cuda", "--out", str(tmp_path / "run")], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert p.returncode != 0, p.stdout[-2000:]
+    message = p.stderr.strip().splitlines()[-1]
+    assert "cuda_model_create: the GPU has no room for " in message, p.stderr[-2000:]
+    for words in expect + ["GB more refused (out of memory)", "GB free on the device; smaller batches or shorter sequences"]:
+        assert words in message, (words, message)
+    # the figures: the device's size, of which the workspaces and the model's allocations so far
+    # took what is not free, and the refused one more than what is
+    had, refused, free, total = (float(x) for x in re.search(
+        r"([0-9.e+-]+) GB allocated, ([0-9.e+-]+) GB more refused \(out of memory\), ([0-9.e+-]+) of ([0-9.e+-]+) GB free",
+        message).groups())
+    assert total == float(f"{device_bytes / 1e9:.3g}") and 0 < had <= total - free + 1e-4 and refused > free, message
+    assert "step 1" not in p.stdout

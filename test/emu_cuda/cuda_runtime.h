@@ -4,7 +4,9 @@
  * llmc/model_cuda.cu compile unchanged as C++ (their <<<...>>> launches rewritten into
  * emu_launch calls by test/gpu_emu.py) and run on the GPU emulation of test/gpu_emu.h:
  *   - device memory is host memory, 256-byte aligned like cudaMalloc's and filled with 0xff
- *     (NaN in bf16 and fp32), so an element nothing wrote shows up;
+ *     (NaN in bf16 and fp32), so an element nothing wrote shows up; EMU_DEVICE_BYTES=N makes it
+ *     an N-byte device (default 80 GiB): a cudaMalloc beyond it fails with
+ *     cudaErrorMemoryAllocation, and cudaMemGetInfo reports it;
  *   - streams, three ways (EMU_STREAMS in the environment):
  *       unset or "issue": every launch and copy runs at once, in program order: each stream is
  *       the one CPU thread, events record the wall clock, waits have nothing to wait for;
@@ -499,9 +501,30 @@ static inline bool emu_in(const std::map<uintptr_t, size_t> &m, const void *p) {
     --it;
     return (uintptr_t)p < it->first + it->second;
 }
+// the emulated device's size (EMU_DEVICE_BYTES) and what its allocations take
+static inline size_t emu_device_capacity() {
+    const char *v = getenv("EMU_DEVICE_BYTES");
+    if (v == NULL || *v == '\0') return (size_t)80 << 30;
+    char *end = NULL;
+    unsigned long long n = strtoull(v, &end, 10);
+    if (*end != '\0' || n == 0) {
+        fprintf(stderr, "EMU_DEVICE_BYTES=%s: expected a positive number of bytes\n", v);
+        exit(2);
+    }
+    return (size_t)n;
+}
+static inline size_t emu_device_used() {
+    size_t used = 0;
+    for (const auto &kv : emu_device_mem) used += kv.second;
+    return used;
+}
 static inline cudaError_t emu_alloc(void **p, size_t bytes, std::map<uintptr_t, size_t> &m) {
     size_t rounded = (bytes + 255) / 256 * 256;
     if (rounded == 0) rounded = 256;
+    if (&m == &emu_device_mem && emu_device_used() + rounded > emu_device_capacity()) {
+        *p = NULL;
+        return cudaErrorMemoryAllocation;
+    }
 #ifdef __SANITIZE_ADDRESS__
     // exactly the bytes asked for, so that AddressSanitizer reports an access past the end
     rounded = bytes ? bytes : 1;
@@ -524,6 +547,12 @@ static inline cudaError_t emu_release(void *p, std::map<uintptr_t, size_t> &m) {
 static inline cudaError_t cudaMalloc(void **p, size_t bytes) { return emu_alloc(p, bytes, emu_device_mem); }
 template <typename T> static inline cudaError_t cudaMalloc(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
 static inline cudaError_t cudaFree(void *p) { return emu_release(p, emu_device_mem); }
+static inline cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
+    *total_bytes = emu_device_capacity();
+    size_t used = emu_device_used();
+    *free_bytes = used < *total_bytes ? *total_bytes - used : 0;
+    return cudaSuccess;
+}
 // pinned host memory: host memory the copies read and write when they run
 static inline cudaError_t cudaMallocHost(void **p, size_t bytes) { return emu_alloc(p, bytes, emu_pinned_mem); }
 template <typename T> static inline cudaError_t cudaMallocHost(T **p, size_t bytes) { return cudaMallocHost((void **)p, bytes); }
