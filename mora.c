@@ -1595,11 +1595,12 @@ int cmd_mora(int argc, char **argv) {
         device_describe(use_gpu, desc, sizeof desc);
         printf("device: %s: sampling on the rollout engine, the policy update and the reference's forwards (log-probs, "
                "the heads' hidden states) on CUDA models; the reward heads on the CPU\n", desc);
+        device_memory_hint_set("the rollout engine takes --gen_batch sequences of up to --seq_len tokens (0: the "
+                               "model's context), the policy's copy --prompts_per_step x --group_size sequences "
+                               "(GRPO) or 2 x --prompts_per_step (DPO) and the reference's --fwd_batch, each as long "
+                               "as the prompts and --max_new_tokens make them");
         engine_use_gpu(&m.e);
 #ifdef USE_CUDA
-        cuda_model_memory_hint("the policy's copy takes --prompts_per_step x --group_size sequences (GRPO) or 2 x "
-                               "--prompts_per_step (DPO), the reference's --fwd_batch, each as long as the prompts "
-                               "and --max_new_tokens make them, at most --seq_len");
         // for the largest update batch (a GRPO step's P x G rollouts or a DPO step's 2P
         // sequences), its residual stream in fp32 as the reference's (unless
         // TRAIN_MORA_RESIDUAL_BF16 is set): the update's KL and ratios amplify per-token errors
@@ -1976,11 +1977,10 @@ int cmd_eval(int argc, char **argv) {
         device_describe(use_gpu, desc, sizeof desc);
         printf("device: %s: sampling on the rollout engine, the reference's forwards (the heads' hidden states) on a CUDA "
                "model; the reward heads on the CPU\n", desc);
+        device_memory_hint_set("the rollout engine takes --gen_batch sequences of up to --seq_len tokens (0: the "
+                               "model's context), the reference's copy --fwd_batch sequences as long as the prompts "
+                               "and --max_new_tokens make them");
         engine_use_gpu(&e);
-#ifdef USE_CUDA
-        cuda_model_memory_hint("--fwd_batch (B); T is as long as the prompts and --max_new_tokens make the sequences, at "
-                               "most --seq_len");
-#endif
     }
     printf("eval: %d prompts x %d samples, temperature %g, max %d new tokens; heads %s on %s\n", prompts.n, samples, temp, mnt,
            heads_path, ref_path);

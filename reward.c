@@ -380,7 +380,7 @@ int cmd_reward(int argc, char **argv) {
         int longest = 1;
         for (int i = 0; i < enc_pairs.seqs.n; i++)
             if (enc_pairs.seqs.lengths[i] > longest) longest = enc_pairs.seqs.lengths[i];
-        cuda_model_memory_hint("--fwd_batch (B); T is the longest preference sequence, at most --seq_len");
+        device_memory_hint_set("--fwd_batch (B); T is the longest preference sequence, at most --seq_len");
         gpu = cuda_model_create_inference(&model, a.fwd_batch, longest, 0);
     }
 #endif

@@ -299,7 +299,13 @@ __global__ void prefill_kv_write_kernel(floatX *k_cache, floatX *v_cache, const 
 
 static void *engine_alloc(RolloutEngine *e, size_t bytes, int poison) {
     if (e->n_blocks >= ROLLOUT_MAX_BLOCKS) fatal("rollout: too many device allocations");
-    void *p = cudaMallocCheck(bytes);   // 256-byte aligned: cuBLASLt and 16-byte loads need it
+    // 256-byte aligned: cuBLASLt and 16-byte loads need it; a device without room stops the
+    // program with a message naming the engine's shape (and device_memory_hint's flags)
+    size_t had = 0;
+    for (int i = 0; i < e->n_blocks; i++) had += e->block_bytes[i];
+    char what[128];
+    snprintf(what, sizeof what, "the rollout engine for %d sequences of up to %d tokens", e->max_seqs, e->max_len);
+    void *p = cuda_malloc_sized(bytes, "rollout_create", what, had);
     e->blocks[e->n_blocks] = p;
     e->block_bytes[e->n_blocks] = bytes;
     e->block_poison[e->n_blocks] = poison;

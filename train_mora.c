@@ -211,7 +211,7 @@ static int cmd_pretrain(int argc, char **argv) {
     CudaModel *gpu = NULL;
     int attention_reported = 0;   // the flash attention's tuning, printed after the first step
     if (use_gpu) {
-        cuda_model_memory_hint("--batch_size (B) and --seq_len (T)");
+        device_memory_hint_set("--batch_size (B) and --seq_len (T)");
         gpu = a.zero == 1 ? cuda_model_create_sharded(&model, a.batch_size, a.seq_len)
                           : cuda_model_create(&model, a.batch_size, a.seq_len);
         if (gpu_nccl) cuda_model_broadcast_params(gpu, 0);

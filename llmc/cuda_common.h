@@ -55,6 +55,31 @@ static inline void *cuda_malloc_check_(size_t bytes, const char *file, int line)
 }
 #define cudaMallocCheck(bytes) cuda_malloc_check_((bytes), __FILE__, __LINE__)
 
+#ifdef __cplusplus
+extern "C" const char *device_memory_hint(void);   // utils.h
+#else
+const char *device_memory_hint(void);
+#endif
+// cudaMalloc for the buffers of something a program sizes from its flags (a CUDA model, the
+// rollout engine): when the device has no room, stops with a message that says who ran out (who:
+// the function, what: "a training model for batches of up to 16 x 1024 tokens"), what it held
+// already (had bytes), the refused size, the device's free and total memory, and what sizes it
+// (device_memory_hint).
+static inline void *cuda_malloc_sized(size_t bytes, const char *who, const char *what, size_t had) {
+    void *p = NULL;
+    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 16);
+    if (err == cudaSuccess) return p;
+    cudaGetLastError();   // clear it, so that cudaMemGetInfo answers
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = total_bytes = 0;
+    const char *hint = device_memory_hint();
+    fprintf(stderr, "error: %s: the GPU has no room for %s: %.3g GB allocated, %.3g GB more refused (%s), %.3g of "
+            "%.3g GB free on the device; smaller batches or shorter sequences take less%s%s\n", who, what, had / 1e9,
+            bytes / 1e9, cudaGetErrorString(err), free_bytes / 1e9, total_bytes / 1e9, hint[0] ? ": " : "", hint);
+    fflush(stderr);
+    exit(1);
+}
+
 static inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
 
 // ---------------------------------------------------------------------------------------------

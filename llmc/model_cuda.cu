@@ -287,29 +287,13 @@ extern "C" double cuda_device_bf16_peak_flops(void) {
 // ---------------------------------------------------------------------------------------------
 // create / free
 
-// cuda_model_memory_hint's words, for model_malloc's message
-static char memory_hint[256];
-
-extern "C" void cuda_model_memory_hint(const char *hint) {
-    snprintf(memory_hint, sizeof(memory_hint), "%s", hint ? hint : "");
-}
-
 // cudaMalloc for a model being created; when the device has no room, stops with a message that
-// says what the model needed for which batch shape, what the device has free, and (from
-// cuda_model_memory_hint) what sizes it.
+// names the model's kind and batch shape (cuda_malloc_sized).
 static void *model_malloc(const CudaModel *model, const Impl *d, size_t bytes) {
-    void *p = NULL;
-    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 16);
-    if (err == cudaSuccess) return p;
-    cudaGetLastError();   // clear it, so that cudaMemGetInfo answers
-    size_t free_bytes = 0, total_bytes = 0;
-    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = total_bytes = 0;
-    fatal("cuda_model_create: the GPU has no room for a %s model for batches of up to %d x %d tokens: %.3g GB "
-          "allocated, %.3g GB more refused (%s), %.3g of %.3g GB free on the device; smaller batches or shorter "
-          "sequences take less%s%s",
-          d->inference ? "forward-only" : "training", model->max_B, model->max_T, model->device_bytes / 1e9, bytes / 1e9,
-          cudaGetErrorString(err), free_bytes / 1e9, total_bytes / 1e9, memory_hint[0] ? ": " : "", memory_hint);
-    return NULL;
+    char what[128];
+    snprintf(what, sizeof(what), "a %s model for batches of up to %d x %d tokens", d->inference ? "forward-only" : "training",
+             model->max_B, model->max_T);
+    return cuda_malloc_sized(bytes, "cuda_model_create", what, model->device_bytes);
 }
 
 static void *device_alloc(CudaModel *model, Impl *d, size_t bytes) {

@@ -136,7 +136,8 @@ void cuda_device_describe(char *buf, size_t size);
 double cuda_device_bf16_peak_flops(void);
 
 // Allocates everything for batches up to max_B x max_T on the current device (device 0 unless
-// comm_nccl_init selected this rank's GPU) and uploads the parameters
+// comm_nccl_init selected this rank's GPU; a device without room for it stops the program with
+// a message naming the shape and device_memory_hint's flags, utils.h) and uploads the parameters
 // (fp32 master + bf16 copy) and, when the CPU model has them, its AdamW moments and step.
 CudaModel *cuda_model_create(const Model *cpu, int max_B, int max_T);
 // As cuda_model_create, with the residual stream in fp32 (residual_bf16 0) unless
@@ -160,10 +161,6 @@ CudaModel *cuda_model_create_fp32_residual(const Model *cpu, int max_B, int max_
 // copy_grads and the collectives) stops with a message naming this function.
 CudaModel *cuda_model_create_inference(const Model *cpu, int max_B, int max_T, int with_head);
 void cuda_model_free(CudaModel *model);
-// What sizes the program's CUDA models, in the words of its flags ("--batch_size and
-// --seq_len"): named by the message with which a model's creation stops when the device has no
-// room for it (the shape, what was allocated, what the device has free). Empty or NULL: none.
-void cuda_model_memory_hint(const char *hint);
 
 // After the first forward: 1 runs the flash attention in its tuned configuration (the default),
 // 0 in the defaults', 2 in the tuning's fastest choice among the mma.sync kernels alone (its

@@ -40,6 +40,14 @@ double wall_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+static char device_memory_hint_text[512];
+
+void device_memory_hint_set(const char *hint) {
+    snprintf(device_memory_hint_text, sizeof device_memory_hint_text, "%s", hint ? hint : "");
+}
+
+const char *device_memory_hint(void) { return device_memory_hint_text; }
+
 unsigned char *map_file_readonly(const char *path, uint64_t *size_out, uint64_t min_size, const char *what) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) fatal("cannot open %s: %s", path, strerror(errno));

@@ -77,4 +77,11 @@ unsigned char *map_file_readonly(const char *path, uint64_t *size, uint64_t min_
 // Wall-clock seconds (monotonic).
 double wall_seconds(void);
 
+// What sizes the program's GPU buffers, in the words of its flags ("--batch_size (B) and
+// --seq_len (T)"), for the message with which a CUDA model's or the rollout engine's creation
+// stops when the device has no room for it (cuda_malloc_sized in cuda_common.h). NULL or "":
+// none named.
+void device_memory_hint_set(const char *hint);
+const char *device_memory_hint(void);
+
 #endif

@@ -151,29 +151,45 @@ def test_mora_reference_log_probs_from_the_gpu(emulated_train_mora, train_mora_b
         assert np.median(gpu_error) <= 3 * np.median(rounding) + 0.01, (mode, np.median(gpu_error), np.median(rounding))
 
 
-@pytest.mark.parametrize("command", ["pretrain", "reward"])
-def test_no_room_on_the_device_names_the_shape_and_the_flags(emulated_train_mora, tmp_path, command):
-    """A CUDA model the device has no room for (the emulated device made just larger, with
-    EMU_DEVICE_BYTES, than the products' two 32 MiB cuBLASLt workspaces, for the main stream and
-    the side stream, that come first) stops the command before its first step, with a message that names the kind
-    of model, its batch shape, what it had and what the device has free, and the command's flags
-    that size it; and a non-zero exit."""
+@pytest.mark.parametrize("command", ["pretrain", "reward", "mora"])
+def test_no_room_on_the_device_names_the_shape_and_the_flags(emulated_train_mora, train_mora_bin, tmp_path, command):
+    """A CUDA model or rollout engine the device has no room for (the emulated device made just
+    larger, with EMU_DEVICE_BYTES, than the products' two 32 MiB cuBLASLt workspaces, for the
+    main stream and the side stream, that come first) stops the command before its first step,
+    with a message that names what ran out and its shape, what it had and what the device has
+    free, and the command's flags that size it; and a non-zero exit. mora's first is the rollout
+    engine."""
     if command == "pretrain":
         write_shard(tmp_path / "train_000.bin", [(7 * i) % 256 for i in range(4000)])
         args = ["pretrain", "--init", "llama:tiny", "--train_data", str(tmp_path / "train_*.bin"), "--batch_size", "4",
                 "--seq_len", "64", "--steps", "2"]
         expect = ["a training model for batches of up to 4 x 64 tokens", "--batch_size (B) and --seq_len (T)"]
-    else:
+    elif command == "reward":
         args = ["reward", "--model", "llama:tiny", "--data", write_jsonl(tmp_path / "pref.jsonl", planted(12, seed=2)),
                 "--fwd_batch", "5"]
         expect = ["a forward-only model for batches of up to 5 x ", "--fwd_batch (B); T is the longest preference sequence"]
+    else:
+        model = tmp_path / "model"   # as in the test above: random weights in a Hugging Face directory
+        model.mkdir()
+        save_file(random_weights(HF_CFG, 11), str(model / "model.safetensors"))
+        (model / "config.json").write_text(json.dumps(HF_CFG))
+        heads = tmp_path / "heads"
+        p = subprocess.run([train_mora_bin, "reward", "--model", str(model), "--data",
+                            write_jsonl(tmp_path / "pref.jsonl", planted(10, seed=1)), "--out", str(heads), "--epochs", "1"],
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr
+        prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "tell me about cats", "id": "p0"}])
+        args = ["mora", "--model", str(model), "--chat_template", "none", "--heads", str(heads / "reward_heads.bin"), "--prompts", prompts,
+                "--steps", "1", "--gen_batch", "24", "--seq_len", "64"]
+        expect = ["rollout_create: the GPU has no room for the rollout engine for 24 sequences of up to 64 tokens",
+                  "the rollout engine takes --gen_batch sequences of up to --seq_len tokens"]
     device_bytes = 2 * (32 << 20) + 300000
     env = dict(emulated_env("issue"), EMU_DEVICE_BYTES=str(device_bytes))
     p = subprocess.run([emulated_train_mora, *args, "--device", "cuda", "--out", str(tmp_path / "run")], capture_output=True,
                        text=True, env=env, timeout=600)
     assert p.returncode != 0, p.stdout[-2000:]
     message = p.stderr.strip().splitlines()[-1]
-    assert "cuda_model_create: the GPU has no room for " in message, p.stderr[-2000:]
+    assert ": the GPU has no room for " in message, p.stderr[-2000:]
     for words in expect + ["GB more refused (out of memory)", "GB free on the device; smaller batches or shorter sequences"]:
         assert words in message, (words, message)
     # the figures: the device's size, of which the workspaces and the model's allocations so far
