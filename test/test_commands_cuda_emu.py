@@ -106,20 +106,26 @@ def response_log_probs(params, seq, P):
     return logp[np.arange(P - 1, len(seq) - 1), seq[P:]]
 
 
-def test_mora_reference_log_probs_from_the_gpu(emulated_train_mora, train_mora_bin, tmp_path):
-    # the policy and reference: random weights in a Hugging Face directory (no tokenizer: raw bytes)
+def mora_model_and_heads(train_mora_bin, tmp_path):
+    """A policy and reference for mora: random weights in a Hugging Face directory of HF_CFG (no
+    tokenizer: raw bytes), and reward heads for its width, trained briefly on the CPU (what they
+    score does not matter here). Returns (the directory, its parameters, the heads file)."""
     model = tmp_path / "model"
     model.mkdir()
     params = random_weights(HF_CFG, 11)
-    params_bf16 = {name: bf16_to_f32(bf16_bits(w)).reshape(w.shape) for name, w in params.items()}
     save_file(params, str(model / "model.safetensors"))
     (model / "config.json").write_text(json.dumps(HF_CFG))
-    # heads for its width, trained briefly on the CPU (what they score does not matter here)
     heads = tmp_path / "heads"
     p = subprocess.run([train_mora_bin, "reward", "--model", str(model), "--data",
                         write_jsonl(tmp_path / "pref.jsonl", planted(10, seed=1)), "--out", str(heads), "--epochs", "2"],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
+    return model, params, heads / "reward_heads.bin"
+
+
+def test_mora_reference_log_probs_from_the_gpu(emulated_train_mora, train_mora_bin, tmp_path):
+    model, params, heads = mora_model_and_heads(train_mora_bin, tmp_path)
+    params_bf16 = {name: bf16_to_f32(bf16_bits(w)).reshape(w.shape) for name, w in params.items()}
     # the last prompt's sequences are longer than 128 tokens: the reference's CUDA copy, sized for
     # the first batches' (cuda_copy_fit in mora.c), is made again for them
     long_prompt = "please describe, step by step and with care, " * 3 + "how rain forms"
@@ -127,7 +133,7 @@ def test_mora_reference_log_probs_from_the_gpu(emulated_train_mora, train_mora_b
                                                        enumerate(["tell me about cats", "why is the sky blue?",
                                                                   "a short poem:", long_prompt])])
     assert len(long_prompt) > 128
-    args = ["mora", "--model", str(model), "--heads", str(heads / "reward_heads.bin"), "--prompts", prompts,
+    args = ["mora", "--model", str(model), "--heads", str(heads), "--prompts", prompts,
             "--chat_template", "none", "--algo", "dpo", "--mora", "0", "--steps", "1", "--K", "4",
             "--prompts_per_step", "2", "--max_new_tokens", "10", "--fwd_batch", "3", "--seed", "2", "--device", "cuda"]
     outs = run_both(emulated_train_mora, args, lambda mode: tmp_path / mode)
@@ -169,17 +175,9 @@ def test_no_room_on_the_device_names_the_shape_and_the_flags(emulated_train_mora
                 "--fwd_batch", "5"]
         expect = ["a forward-only model for batches of up to 5 x ", "--fwd_batch (B); T is the longest preference sequence"]
     else:
-        model = tmp_path / "model"   # as in the test above: random weights in a Hugging Face directory
-        model.mkdir()
-        save_file(random_weights(HF_CFG, 11), str(model / "model.safetensors"))
-        (model / "config.json").write_text(json.dumps(HF_CFG))
-        heads = tmp_path / "heads"
-        p = subprocess.run([train_mora_bin, "reward", "--model", str(model), "--data",
-                            write_jsonl(tmp_path / "pref.jsonl", planted(10, seed=1)), "--out", str(heads), "--epochs", "1"],
-                           capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr
+        model, _, heads = mora_model_and_heads(train_mora_bin, tmp_path)
         prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "tell me about cats", "id": "p0"}])
-        args = ["mora", "--model", str(model), "--chat_template", "none", "--heads", str(heads / "reward_heads.bin"), "--prompts", prompts,
+        args = ["mora", "--model", str(model), "--chat_template", "none", "--heads", str(heads), "--prompts", prompts,
                 "--steps", "1", "--gen_batch", "24", "--seq_len", "64"]
         expect = ["rollout_create: the GPU has no room for the rollout engine for 24 sequences of up to 64 tokens",
                   "the rollout engine takes --gen_batch sequences of up to --seq_len tokens"]
