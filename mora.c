@@ -1934,7 +1934,7 @@ int cmd_eval(int argc, char **argv) {
         {"seed", ARG_INT, &seed, "sampling seed (the same for both policies)"},
         {"gen_batch", ARG_INT, &gen_batch, "sequences per generation call"},
         {"fwd_batch", ARG_INT, &fwd_batch, "sequences per reference forward when scoring"},
-        {"device", ARG_STRING, &device, "cpu, cuda or auto (cuda: sampling on the GPU rollout engine, the reference's forwards for scoring on a CUDA model; one rank)"},
+        {"device", ARG_STRING, &device, "cpu, cuda or auto (cuda: sampling on the GPU rollout engine, the reference's forwards for scoring on a CUDA model; one GPU per rank)"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "eval",
                "The comparison table on held-out prompts: mean raw reward per dimension and overall for a\n"
@@ -1950,8 +1950,8 @@ int cmd_eval(int argc, char **argv) {
     args_require_positive_int("fwd_batch", fwd_batch);
     args_require_range_float("temperature", temperature, 0.0f, 100.0f);
     const int use_gpu = device_resolve(device);
-    if (use_gpu && comm_world() > 1)
-        fatal("--device cuda with several ranks: eval on GPUs runs one rank on one GPU; launch one process, or use --device cpu");
+    // one GPU per rank: each samples and scores its shard of the prompts on its own
+    device_select_rank_gpu(use_gpu);
     PromptData prompts = {0};
     promptdata_load(&prompts, prompts_path, 0);
     EvalSubject ms, bs;
@@ -1975,8 +1975,8 @@ int cmd_eval(int argc, char **argv) {
     if (use_gpu) {
         char desc[320];
         device_describe(use_gpu, desc, sizeof desc);
-        printf("device: %s: sampling on the rollout engine, the reference's forwards (the heads' hidden states) on a CUDA "
-               "model; the reward heads on the CPU\n", desc);
+        printf("device: %s%s: sampling on the rollout engine, the reference's forwards (the heads' hidden states) on a CUDA "
+               "model; the reward heads on the CPU\n", desc, comm_world() > 1 ? " on rank 0, one GPU per rank" : "");
         device_memory_hint_set("the rollout engine takes --gen_batch sequences of up to --seq_len tokens (0: the "
                                "model's context), the reference's copy --fwd_batch sequences as long as the prompts "
                                "and --max_new_tokens make them");

@@ -38,6 +38,10 @@ read -r -a san <<< "$flags"
 cxx=(g++ -std=c++17 -O2 -U_FORTIFY_SOURCE -fno-strict-aliasing -w "${san[@]}")
 emu=(-I "$out" -I "$root/test/emu_cuda" -I "$root/test" -I "$root/llmc" -I "$root")
 cc=(gcc -O2 -std=gnu11 -fopenmp "${san[@]}" -I "$root/llmc" -I "$root")
+# with mpicc, as the Makefile does: train_mora then runs as ranks under mpirun, each on a device
+# of its own (EMU_DEVICES=N makes N of them)
+mpi=()
+if command -v mpicc > /dev/null; then mpi=(-DUSE_MPI); cc[0]=mpicc; fi
 echo "emu_build: compiling into $out"
 "${cxx[@]}" "${emu[@]}" -c -x c++ "$root/test/model_cuda_emu.cpp" -o model_cuda_emu.o &
 "${cxx[@]}" "${emu[@]}" -c -x c++ "$root/test/rollout_emu.cpp" -o rollout_emu.o
@@ -57,9 +61,9 @@ cuda=()
 for src in "$root"/llmc/*.c "$root"/*.c; do
     b=$(basename "$src" .c)
     [ "$b" = train_mora ] && continue
-    "${cc[@]}" -DUSE_CUDA -c "$src" -o "cuda_$b.o"
+    "${cc[@]}" "${mpi[@]}" -DUSE_CUDA -c "$src" -o "cuda_$b.o"
     cuda+=("cuda_$b.o")
 done
 g++ -fopenmp "${san[@]}" -o rollout_emu rollout_emu.o rollout_check.o "${plain[@]}" -lcjson -lm
-"${cc[@]}" -DUSE_CUDA -o train_mora "$root/train_mora.c" "${cuda[@]}" model_cuda_emu.o rollout_emu.o -lstdc++ -lcjson -lm -lpthread
+"${cc[@]}" "${mpi[@]}" -DUSE_CUDA -o train_mora "$root/train_mora.c" "${cuda[@]}" model_cuda_emu.o rollout_emu.o -lstdc++ -lcjson -lm -lpthread
 echo "emu_build: $out/rollout_emu and $out/train_mora"

@@ -11,7 +11,9 @@
 #include "comm.h"
 #include "comm_nccl.h"
 
-#if defined(__has_include)
+// COMM_NO_NCCL builds the functions without NCCL even where nccl.h is found (the CPU emulation of
+// the GPU, test/model_cuda_emu.cpp, which has no collectives to run them on).
+#if defined(__has_include) && !defined(COMM_NO_NCCL)
 #if __has_include(<nccl.h>)
 #include <nccl.h>
 #define COMM_HAVE_NCCL 1
@@ -54,39 +56,10 @@ int comm_nccl_device(void) {
     return comm_nccl_local_rank() % devices;
 }
 
-#ifdef COMM_HAVE_NCCL
-
-#define ncclCheck(call) do { ncclResult_t r_ = (call); \
-    if (r_ != ncclSuccess) comm_nccl_fail_result(#call, r_, __FILE__, __LINE__); } while (0)
-
-// NCCL's code in words, with its own account of the last error when this NCCL keeps one (2.13+:
-// which peer, which transport), so the line says more than "unhandled system error".
-static void comm_nccl_fail_result(const char *call, ncclResult_t result, const char *file, int line) {
-    char message[640];
-#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 13, 0)
-    const char *detail = ncclGetLastError(NULL);
-    if (detail != NULL && detail[0] != '\0')
-        snprintf(message, sizeof message, "%s: %s", ncclGetErrorString(result), detail);
-    else
-#endif
-        snprintf(message, sizeof message, "%s (NCCL_DEBUG=WARN prints NCCL's diagnosis)", ncclGetErrorString(result));
-    comm_nccl_fail(call, message, file, line);
-}
-
-static ncclComm_t comm_nccl_ = NULL;
-
-static ncclComm_t nccl_comm(void) {
-    if (comm_nccl_ == NULL) {
-        fprintf(stderr, "error: NCCL collective before comm_nccl_init (rank %d)\n", comm_rank());
-        exit(1);
-    }
-    return comm_nccl_;
-}
-
-int comm_nccl_available(void) { return 1; }
-
 // Every rank's (machine, GPU) pair, gathered: two ranks on one GPU would make NCCL fail with a
-// generic "invalid usage", so they are named here instead, by every rank (all exit non-zero).
+// generic "invalid usage" (and without NCCL would share its memory and time, which is never what
+// a launch of one rank per GPU meant), so they are named here instead, by every rank (all exit
+// non-zero).
 // The machine is its hostname with its boot id (the same for containers sharing a host,
 // different for two hosts even when their containers carry the same hostname); the GPU is its
 // PCI address.
@@ -119,10 +92,51 @@ static void comm_nccl_check_distinct_gpus(int device) {
                          "that node (rank %d sees %d GPU(s)); start one rank per GPU", r, s, all[r].pci_bus,
                          all[r].host, comm_rank(), devices);
                 free(all);
-                comm_nccl_fail("comm_nccl_init", msg, __FILE__, __LINE__);
+                comm_nccl_fail("comm_nccl_select_gpu", msg, __FILE__, __LINE__);
             }
     free(all);
 }
+
+void comm_nccl_select_gpu(void) {
+    static int selected = 0;
+    if (selected) return;
+    int device = comm_nccl_device();
+    comm_nccl_check_distinct_gpus(device);
+    // before anything is created on a GPU: otherwise every rank would open a context on GPU 0
+    commCudaCheck(cudaSetDevice(device));
+    selected = 1;
+}
+
+#ifdef COMM_HAVE_NCCL
+
+#define ncclCheck(call) do { ncclResult_t r_ = (call); \
+    if (r_ != ncclSuccess) comm_nccl_fail_result(#call, r_, __FILE__, __LINE__); } while (0)
+
+// NCCL's code in words, with its own account of the last error when this NCCL keeps one (2.13+:
+// which peer, which transport), so the line says more than "unhandled system error".
+static void comm_nccl_fail_result(const char *call, ncclResult_t result, const char *file, int line) {
+    char message[640];
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 13, 0)
+    const char *detail = ncclGetLastError(NULL);
+    if (detail != NULL && detail[0] != '\0')
+        snprintf(message, sizeof message, "%s: %s", ncclGetErrorString(result), detail);
+    else
+#endif
+        snprintf(message, sizeof message, "%s (NCCL_DEBUG=WARN prints NCCL's diagnosis)", ncclGetErrorString(result));
+    comm_nccl_fail(call, message, file, line);
+}
+
+static ncclComm_t comm_nccl_ = NULL;
+
+static ncclComm_t nccl_comm(void) {
+    if (comm_nccl_ == NULL) {
+        fprintf(stderr, "error: NCCL collective before comm_nccl_init (rank %d)\n", comm_rank());
+        exit(1);
+    }
+    return comm_nccl_;
+}
+
+int comm_nccl_available(void) { return 1; }
 
 // x (n) *= scale
 __global__ void scale_kernel(float *x, size_t n, float scale) {
@@ -132,10 +146,7 @@ __global__ void scale_kernel(float *x, size_t n, float scale) {
 
 void comm_nccl_init(void) {
     if (comm_nccl_ != NULL) return;
-    int device = comm_nccl_device();
-    comm_nccl_check_distinct_gpus(device);
-    // before anything is created on a GPU: otherwise every rank would open a context on GPU 0
-    commCudaCheck(cudaSetDevice(device));
+    comm_nccl_select_gpu();
     ncclUniqueId id;
     if (comm_rank() == 0) ncclCheck(ncclGetUniqueId(&id));
     comm_broadcast(&id, sizeof id, 0);

@@ -13,7 +13,8 @@
  * a message naming them, on every rank.
  *
  * Compiled by nvcc from comm_nccl.cu. When nccl.h is not available there, the same functions
- * exist and comm_nccl_init stops with a message saying NCCL is missing.
+ * exist and comm_nccl_init stops with a message saying NCCL is missing; comm_nccl_select_gpu
+ * works either way.
  *
  * Every NCCL or CUDA error prints "error: <call> failed on rank r of W: <message> (file:line)"
  * and exits non-zero; under MPI that exit aborts the job (comm.h), so every rank exits non-zero.
@@ -33,9 +34,13 @@ int comm_nccl_available(void);
 // The GPU this rank drives (local rank mod visible GPUs, see above); exits with a message when no
 // GPU is visible. Does not touch the device.
 int comm_nccl_device(void);
-// After comm_init, before anything else touches the GPU: selects this rank's GPU
-// (cudaSetDevice(comm_nccl_device())), checks that no two ranks share one, and creates the NCCL
-// communicator. Called by every rank; a second call does nothing.
+// After comm_init, before anything else touches the GPU: checks that no two ranks share a GPU and
+// selects this rank's (cudaSetDevice(comm_nccl_device())). Needs no NCCL: ranks that each use
+// their GPU alone (eval's sharded sampling) call it in place of comm_nccl_init. Called by every
+// rank; a second call does nothing.
+void comm_nccl_select_gpu(void);
+// comm_nccl_select_gpu, then the NCCL communicator. Called by every rank; a second call does
+// nothing.
 void comm_nccl_init(void);
 void comm_nccl_finalize(void);
 

@@ -64,3 +64,11 @@ int device_data_parallel_init(int use_gpu, int world, int zero) {
 #endif
     return nccl;
 }
+
+void device_select_rank_gpu(int use_gpu) {
+#ifdef USE_CUDA
+    if (use_gpu) comm_nccl_select_gpu();
+#else
+    (void)use_gpu;
+#endif
+}

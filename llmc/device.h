@@ -22,4 +22,9 @@ void device_print(int use_gpu);
 // selects this rank's GPU. TRAIN_MORA_NCCL is read on every run, so a wrong value is always an
 // error; CPU runs ignore it (their collectives are MPI's).
 int device_data_parallel_init(int use_gpu, int world, int zero);
+// One GPU per rank without collectives between them (eval: each rank samples and scores its shard
+// of the prompts and MPI gathers the results): when use_gpu, before anything is created on a GPU,
+// selects this rank's GPU (local rank mod the GPUs it sees) and stops with a message naming the
+// ranks when two of them would share one. Needs no NCCL.
+void device_select_rank_gpu(int use_gpu);
 #endif

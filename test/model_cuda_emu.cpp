@@ -8,7 +8,9 @@
  * models on a machine without a GPU (test/test_model_cuda_emu.py): the forward and backward
  * against the fp32 CPU model, every switch of the model both ways, the 20-step loss curves.
  *
- * The NCCL collectives are not emulated: the data-parallel functions stop with a message.
+ * The NCCL collectives are not emulated: llmc/comm_nccl.cu is built here without NCCL
+ * (COMM_NO_NCCL), so its collectives stop with a message while comm_nccl_select_gpu picks each
+ * rank's device of the emulated ones (EMU_DEVICES) as on GPUs.
  */
 #define EMU_PROGRAM "model_cuda_emu"
 #define ATTENTION_FLASH_EMULATION
@@ -16,17 +18,5 @@
 #include <cuda_runtime.h>
 #include "gpu_emu_flash.h"
 #include "model_cuda_launched.cu"
-
-static void nccl_not_emulated(void) { emu_fail("the NCCL collectives are not emulated (one rank only)"); }
-extern "C" {
-int comm_nccl_available(void) { return 0; }
-int comm_nccl_device(void) { return 0; }
-void comm_nccl_init(void) { nccl_not_emulated(); }
-void comm_nccl_finalize(void) {}
-void comm_nccl_all_reduce_sum(float *, size_t, void *) { nccl_not_emulated(); }
-void comm_nccl_all_reduce_mean(float *, size_t, void *) { nccl_not_emulated(); }
-void comm_nccl_all_reduce_sum_double(double *, size_t, void *) { nccl_not_emulated(); }
-void comm_nccl_broadcast(void *, size_t, int, void *) { nccl_not_emulated(); }
-void comm_nccl_all_gather_shards(float *, size_t, void *) { nccl_not_emulated(); }
-void comm_nccl_reduce_scatter_mean_shards(float *, size_t, void *) { nccl_not_emulated(); }
-}
+#define COMM_NO_NCCL
+#include "comm_nccl.cu"

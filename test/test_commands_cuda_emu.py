@@ -14,6 +14,8 @@ test_model_cuda_emu.py.
   run keeps in pool_state.json (token ids and the reference's log-probs of each response token)
   are checked against the float64 JAX model (test/oracle/model_jax.py) on the same weights,
   a Hugging Face directory written here.
+- `mpirun -np 2 train_mora eval --device cuda`: one emulated device per rank; the report is one
+  process's bit for bit, and two ranks on one device stop with a message naming them.
 """
 import json
 import os
@@ -29,7 +31,7 @@ from conftest import ROOT
 from test_model_cuda_emu import emulated_env
 from test_formats import bf16_bits, bf16_to_f32
 from test_mora_loss import random_weights
-from test_multirank import write_shard
+from test_multirank import MPI_ENV, MPIRUN, needs_mpi, write_shard
 from test_reward_cmd import DIMS, heldout_split, per_dim_means, planted, score_pairs, write_jsonl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "oracle"))
@@ -197,3 +199,38 @@ def test_no_room_on_the_device_names_the_shape_and_the_flags(emulated_train_mora
         message).groups())
     assert total == float(f"{device_bytes / 1e9:.3g}") and 0 < had <= total - free + 1e-4 and refused > free, message
     assert "step 1" not in p.stdout
+
+
+@needs_mpi
+def test_eval_takes_one_gpu_per_rank(emulated_train_mora, train_mora_bin, tmp_path):
+    """`mpirun -np 2 train_mora eval --device cuda` on two emulated devices (EMU_DEVICES=2): each
+    rank selects a device of its own and samples and scores its shard of the prompts there, and
+    the report is that of one process on one device, bit for bit: the shards start on multiples of
+    --gen_batch and --fwd_batch, so every generate call and every reference forward holds the same
+    sequences as on one rank, and each sequence draws from the same seed. Two ranks on one device
+    stop, every rank, with a message naming both ranks and the device."""
+    model, _, heads = mora_model_and_heads(train_mora_bin, tmp_path)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t, "id": f"p{i}"} for i, t in enumerate(
+        ["tell me about cats", "why is the sky blue?", "a short poem:", "how does rain form?"])])
+    args = [emulated_train_mora, "eval", "--model", str(model), "--baseline", str(model), "--heads", str(heads),
+            "--reference", str(model), "--prompts", prompts, "--chat_template", "none", "--samples", "2",
+            "--max_new_tokens", "8", "--gen_batch", "4", "--fwd_batch", "4", "--seed", "5", "--device", "cuda"]
+    env = dict(emulated_env("shuffle"), **MPI_ENV)
+    one = subprocess.run([*args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         env=dict(env, EMU_DEVICES="2"), timeout=900)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    two = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=dict(env, EMU_DEVICES="2"), timeout=900)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "device: cuda (CPU emulation" in two.stdout and "on rank 0, one GPU per rank" in two.stdout, two.stdout[:2000]
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
+    for key in ("model_reward", "baseline_reward", "model_examples", "baseline_examples"):
+        assert reports[1][key] == reports[0][key], (key, reports[1][key], reports[0][key])
+    assert len(reports[0]["model_examples"]) == 4 and all(len(ex["responses"]) == 2 for ex in reports[0]["model_examples"])
+    shared = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", *args, "--out", str(tmp_path / "shared")],
+                            capture_output=True, text=True, env=dict(env, EMU_DEVICES="1"), timeout=900)
+    assert shared.returncode != 0, shared.stdout[-2000:]
+    assert re.search(r"error: comm_nccl_select_gpu failed on rank [01] of 2: ranks 0 and 1 both drive GPU 0000:18:00\.0 "
+                     r"on host \S+: more ranks than GPUs on that node \(rank [01] sees 1 GPU\(s\)\); start one rank per GPU",
+                     shared.stderr), shared.stderr[-3000:]
+    assert not (tmp_path / "shared" / "report.json").exists()

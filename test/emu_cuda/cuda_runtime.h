@@ -74,7 +74,7 @@ struct dim3 {
 // errors
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorNoDevice = 100,
-                   cudaErrorNotReady = 600 };
+                   cudaErrorInvalidDevice = 101, cudaErrorNotReady = 600 };
 static inline const char *cudaGetErrorString(cudaError_t err) {
     switch (err) {
     case cudaSuccess: return "no error";
@@ -82,6 +82,7 @@ static inline const char *cudaGetErrorString(cudaError_t err) {
     case cudaErrorNotReady: return "device not ready";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
     }
     return "unknown error";
 }
@@ -96,9 +97,33 @@ struct cudaDeviceProp {
     int multiProcessorCount, major, minor;
     size_t totalGlobalMem, sharedMemPerBlockOptin;
 };
-static inline cudaError_t cudaGetDeviceCount(int *count) { *count = 1; return cudaSuccess; }
-static inline cudaError_t cudaGetDevice(int *device) { *device = 0; return cudaSuccess; }
-static inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+// EMU_DEVICES=N: the process sees N devices (default 1), each with its own PCI address; the one
+// it selects changes nothing else (a process's memory and streams are the one emulated GPU), so
+// several processes, each of which picks one, run as ranks on GPUs of their own
+static inline int emu_device_count() {
+    const char *v = getenv("EMU_DEVICES");
+    if (v == NULL || *v == '\0') return 1;
+    char *end = NULL;
+    long n = strtol(v, &end, 10);
+    if (*end != '\0' || n < 1 || n > 64) {
+        fprintf(stderr, "EMU_DEVICES=%s: expected a number of devices from 1 to 64\n", v);
+        exit(2);
+    }
+    return (int)n;
+}
+inline int emu_current_device = 0;
+static inline cudaError_t cudaGetDeviceCount(int *count) { *count = emu_device_count(); return cudaSuccess; }
+static inline cudaError_t cudaGetDevice(int *device) { *device = emu_current_device; return cudaSuccess; }
+static inline cudaError_t cudaSetDevice(int device) {
+    if (device < 0 || device >= emu_device_count()) return cudaErrorInvalidDevice;
+    emu_current_device = device;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaDeviceGetPCIBusId(char *pci_bus, int len, int device) {
+    if (device < 0 || device >= emu_device_count()) return cudaErrorInvalidDevice;
+    snprintf(pci_bus, (size_t)len, "0000:%02X:00.0", 0x18 + device);
+    return cudaSuccess;
+}
 static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int) {
     memset(prop, 0, sizeof(*prop));
     snprintf(prop->name, sizeof(prop->name), "CPU emulation");
