@@ -42,12 +42,17 @@ static inline void cuda_require_(int ok, const char *what, const char *file, int
 }
 #define cudaRequire(cond, what) cuda_require_((cond) ? 1 : 0, (what), __FILE__, __LINE__)
 
+// cudaMalloc, or a message with the refused size and the device's free and total memory (what
+// other processes on the GPU hold shows there), and exit(1).
 static inline void *cuda_malloc_check_(size_t bytes, const char *file, int line) {
     void *p = NULL;
     cudaError_t err = cudaMalloc(&p, bytes ? bytes : 16);
     if (err != cudaSuccess) {
-        fprintf(stderr, "error: CUDA: cannot allocate %zu bytes of device memory: %s (%s:%d)\n",
-                bytes, cudaGetErrorString(err), file, line);
+        cudaGetLastError();   // clear it, so that cudaMemGetInfo answers
+        size_t free_bytes = 0, total_bytes = 0;
+        if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) free_bytes = total_bytes = 0;
+        fprintf(stderr, "error: CUDA: cannot allocate %zu bytes of device memory: %s; %.3g of %.3g GB free on the "
+                "device (%s:%d)\n", bytes, cudaGetErrorString(err), free_bytes / 1e9, total_bytes / 1e9, file, line);
         fflush(stderr);
         exit(1);
     }

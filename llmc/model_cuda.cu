@@ -405,7 +405,9 @@ static CudaModel *create_model(const Model *cpu, int max_B, int max_T, int zero1
     cudaCheck(cudaEventCreateWithFlags(&d->update_fork, cudaEventDisableTiming));
     cudaCheck(cudaEventCreateWithFlags(&d->zero_done, cudaEventDisableTiming));
     matmul_setup();
-    matmul_register_stream(d->side);
+    // the side stream's products (the weight gradients) need a workspace of their own; a model for
+    // forwards alone runs none
+    if (!inference) matmul_register_stream(d->side);
 
     size_t offset = 0;
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) {

@@ -162,8 +162,9 @@ def test_mora_reference_log_probs_from_the_gpu(emulated_train_mora, train_mora_b
 @pytest.mark.parametrize("command", ["pretrain", "reward", "mora"])
 def test_no_room_on_the_device_names_the_shape_and_the_flags(emulated_train_mora, train_mora_bin, tmp_path, command):
     """A CUDA model or rollout engine the device has no room for (the emulated device made just
-    larger, with EMU_DEVICE_BYTES, than the products' two 32 MiB cuBLASLt workspaces, for the
-    main stream and the side stream, that come first) stops the command before its first step,
+    larger, with EMU_DEVICE_BYTES, than the products' 32 MiB cuBLASLt workspaces that come first:
+    the main stream's, and the side stream's for a training model or the rollout engine; reward's
+    model for forwards alone has none) stops the command before its first step,
     with a message that names what ran out and its shape, what it had and what the device has
     free, and the command's flags that size it; and a non-zero exit. mora's first is the rollout
     engine."""
@@ -183,7 +184,7 @@ def test_no_room_on_the_device_names_the_shape_and_the_flags(emulated_train_mora
                 "--steps", "1", "--gen_batch", "24", "--seq_len", "64"]
         expect = ["rollout_create: the GPU has no room for the rollout engine for 24 sequences of up to 64 tokens",
                   "the rollout engine takes --gen_batch sequences of up to --seq_len tokens"]
-    device_bytes = 2 * (32 << 20) + 300000
+    device_bytes = (1 if command == "reward" else 2) * (32 << 20) + 300000
     env = dict(emulated_env("issue"), EMU_DEVICE_BYTES=str(device_bytes))
     p = subprocess.run([emulated_train_mora, *args, "--device", "cuda", "--out", str(tmp_path / "run")], capture_output=True,
                        text=True, env=env, timeout=600)
@@ -234,3 +235,18 @@ def test_eval_takes_one_gpu_per_rank(emulated_train_mora, train_mora_bin, tmp_pa
                      r"on host \S+: more ranks than GPUs on that node \(rank [01] sees 1 GPU\(s\)\); start one rank per GPU",
                      shared.stderr), shared.stderr[-3000:]
     assert not (tmp_path / "shared" / "report.json").exists()
+
+
+def test_no_room_for_the_product_workspace(emulated_train_mora, tmp_path):
+    """A device too small for even the products' 32 MiB cuBLASLt workspace, the first thing a CUDA
+    model allocates: the message names the refused size and the device's free and total memory."""
+    write_shard(tmp_path / "train_000.bin", [(7 * i) % 256 for i in range(4000)])
+    env = dict(emulated_env("issue"), EMU_DEVICE_BYTES=str(20 << 20))
+    p = subprocess.run([emulated_train_mora, "pretrain", "--init", "llama:tiny", "--train_data", str(tmp_path / "train_*.bin"),
+                        "--batch_size", "4", "--seq_len", "64", "--steps", "2", "--device", "cuda", "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode != 0, p.stdout[-2000:]
+    message = p.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: CUDA: cannot allocate 33554432 bytes of device memory: out of memory; "
+                        r"0\.021 of 0\.021 GB free on the device \(.*matmul\.cuh:\d+\)", message), message
+    assert "step 1" not in p.stdout
