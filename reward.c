@@ -10,7 +10,9 @@
  * the heads: each pair trains the head of its own dimension, minibatches of pairs, AdamW.
  * --device cuda runs those forwards on a CUDA copy of the trunk (bf16 weights and activations,
  * the residual stream in fp32), which is where a large preference set's time goes; the heads
- * train on the CPU either way.
+ * train on the CPU either way. Under mpirun or srun the ranks share the forwards (a GPU each
+ * under --device cuda) and gather the hidden states; rank 0 trains the heads and writes the
+ * files, which are those of one rank.
  * A held-out split (--val_frac of every dimension's pairs, chosen by --seed) measures accuracy
  * (the share of pairs with r_chosen > r_rejected) per dimension after every epoch.
  *
@@ -51,6 +53,7 @@
 #include "llmc/reward_heads.h"
 #include "llmc/prefdata.h"
 #include "llmc/device.h"
+#include "llmc/comm.h"
 #ifdef USE_CUDA
 #include "llmc/model_cuda.h"
 #endif
@@ -65,8 +68,12 @@ typedef struct {
 // Sequences are taken in order of length so that a batch pads little; each batch is
 // right-padded with token 0 and read at every row's own last position. The forwards run on gpu,
 // the trunk's CUDA copy, when it is not NULL (a CUDA build under --device cuda), else on model.
+// Under several ranks, batch k (of fwd_batch sequences in that order) runs on rank k mod W, which
+// spreads the long batches over the ranks, and the states are then gathered on every rank: each
+// batch holds the sequences it holds on one rank, so the cache is one rank's, bit for bit.
 static float *compute_hidden_cache(Model *model, void *gpu, const TokenSeqs *seqs, int fwd_batch) {
     int n = seqs->n, C = model->config.n_embd;
+    const int rank = comm_rank(), world = comm_world();
     float *cache = (float *)mallocCheck((size_t)n * C * sizeof(float));
     int *order = (int *)mallocCheck((size_t)n * sizeof(int));
     for (int i = 0; i < n; i++) order[i] = i;
@@ -79,11 +86,16 @@ static float *compute_hidden_cache(Model *model, void *gpu, const TokenSeqs *seq
     for (int i = 0; i < n; i++) order[count[seqs->lengths[i]]++] = i;
     free(count);
 
+    const int n_batches = (n + fwd_batch - 1) / fwd_batch;
+    int mine = 0;   // this rank's sequences
+    for (int k = rank; k < n_batches; k += world) mine += n - k * fwd_batch < fwd_batch ? n - k * fwd_batch : fwd_batch;
     int *inputs = (int *)mallocCheck((size_t)fwd_batch * (max_len ? max_len : 1) * sizeof(int));
     int *lengths = (int *)mallocCheck((size_t)fwd_batch * sizeof(int));
     float *last = (float *)mallocCheck((size_t)fwd_batch * C * sizeof(float));
     double start = wall_seconds(), last_report = start;
-    for (int first = 0; first < n; first += fwd_batch) {
+    int done = 0;
+    for (int k = rank; k < n_batches; k += world) {
+        int first = k * fwd_batch;
         int B = n - first < fwd_batch ? n - first : fwd_batch;
         int T = seqs->lengths[order[first + B - 1]];  // the longest of the batch (sorted)
         for (int b = 0; b < B; b++) {
@@ -104,11 +116,34 @@ static float *compute_hidden_cache(Model *model, void *gpu, const TokenSeqs *seq
             reward_gather_last(last, model->hidden, lengths, B, T, C);
         }
         for (int b = 0; b < B; b++) memcpy(cache + (size_t)order[first + b] * C, last + (size_t)b * C, (size_t)C * sizeof(float));
+        done += B;
         double now = wall_seconds();
         if (now - last_report > 10.0) {
-            printf("hidden states: %d / %d sequences (%.0f seq/s)\n", first + B, n, (first + B) / (now - start));
+            if (world > 1) printf("hidden states: %d / %d sequences of rank 0's share of %d (%.0f seq/s a rank)\n", done, mine, n,
+                                  done / (now - start));
+            else printf("hidden states: %d / %d sequences (%.0f seq/s)\n", done, n, done / (now - start));
             last_report = now;
         }
+    }
+    if (world > 1) {
+        // every rank's states in the order of its batches, then each rank's put in place
+        float *send = (float *)mallocCheck((size_t)(mine ? mine : 1) * C * sizeof(float));
+        float *p = send;
+        for (int k = rank; k < n_batches; k += world)
+            for (int i = k * fwd_batch; i < n && i < (k + 1) * fwd_batch; i++, p += C)
+                memcpy(p, cache + (size_t)order[i] * C, (size_t)C * sizeof(float));
+        size_t total = 0;
+        float *all = (float *)comm_all_gather_bytes(send, (size_t)mine * C * sizeof(float), NULL, &total);
+        if (total != (size_t)n * C * sizeof(float))
+            fatal("reward: the ranks' hidden states came to %zu bytes, not the %zu of %d sequences", total,
+                  (size_t)n * C * sizeof(float), n);
+        p = all;
+        for (int r = 0; r < world; r++)
+            for (int k = r; k < n_batches; k += world)
+                for (int i = k * fwd_batch; i < n && i < (k + 1) * fwd_batch; i++, p += C)
+                    memcpy(cache + (size_t)order[i] * C, p, (size_t)C * sizeof(float));
+        free(all);
+        free(send);
     }
     free(inputs);
     free(lengths);
@@ -315,6 +350,9 @@ int cmd_reward(int argc, char **argv) {
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
     const int use_gpu = device_resolve(a.device);
+    // under mpirun/srun the ranks share the trunk's forwards (one GPU per rank under --device
+    // cuda); rank 0 then trains the heads and writes the files
+    device_select_rank_gpu(use_gpu);
     double run_start = wall_seconds();
 
     // the data first: a bad line should stop the run before a large model is loaded
@@ -389,8 +427,22 @@ int cmd_reward(int argc, char **argv) {
     cuda_model_free((CudaModel *)gpu);
 #endif
     int C = mc->n_embd;
-    printf("hidden states: %d sequences through the frozen trunk in %.1f s (cached, %s)\n", enc_pairs.seqs.n,
-           wall_seconds() - t0, use_gpu ? "on the GPU" : "on the CPU");
+    if (comm_world() > 1)
+        printf("hidden states: %d sequences through the frozen trunk in %.1f s (cached, on %d ranks, %s)\n", enc_pairs.seqs.n,
+               wall_seconds() - t0, comm_world(), use_gpu ? "a GPU each" : "on their CPUs");
+    else
+        printf("hidden states: %d sequences through the frozen trunk in %.1f s (cached, %s)\n", enc_pairs.seqs.n,
+               wall_seconds() - t0, use_gpu ? "on the GPU" : "on the CPU");
+    if (comm_rank() != 0) {
+        // the heads' training is small next to the forwards: rank 0 alone trains them and writes
+        free(hidden);
+        free(train_idx); free(val_idx);
+        encoded_prefs_free(&enc_pairs);
+        text_encoder_free(&enc);
+        model_free(&model);
+        prefdata_free(&data);
+        return 0;
+    }
 
     RewardHeads heads;
     reward_heads_init(&heads, (RewardHeadKind)kind, (RewardHeadActivation)act, C, a.head_hidden);

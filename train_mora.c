@@ -506,8 +506,8 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     // the commands that split their work over ranks; the others would only repeat it on every
     // rank and write the same files
-    if (comm_world() > 1 && strcmp(cmd, "pretrain") && strcmp(cmd, "mora") && strcmp(cmd, "eval"))
-        fatal("train_mora %s runs on one rank; under mpirun/srun only pretrain, mora and eval are data parallel (launch %s with a single process)", cmd, cmd);
+    if (comm_world() > 1 && strcmp(cmd, "pretrain") && strcmp(cmd, "mora") && strcmp(cmd, "eval") && strcmp(cmd, "reward"))
+        fatal("train_mora %s runs on one rank; under mpirun/srun only pretrain, reward, mora and eval are data parallel (launch %s with a single process)", cmd, cmd);
     if (!strcmp(cmd, "pretrain")) return cmd_pretrain(argc, argv);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "reward")) return cmd_reward(argc, argv);

@@ -14,8 +14,9 @@ test_model_cuda_emu.py.
   run keeps in pool_state.json (token ids and the reference's log-probs of each response token)
   are checked against the float64 JAX model (test/oracle/model_jax.py) on the same weights,
   a Hugging Face directory written here.
-- `mpirun -np 2 train_mora eval --device cuda`: one emulated device per rank; the report is one
-  process's bit for bit, and two ranks on one device stop with a message naming them.
+- `mpirun -np 2 train_mora eval --device cuda` and `reward --device cuda`: one emulated device
+  per rank; the report and the heads are one process's bit for bit, and two ranks on one device
+  stop with a message naming them.
 """
 import json
 import os
@@ -250,3 +251,22 @@ def test_no_room_for_the_product_workspace(emulated_train_mora, tmp_path):
     assert re.fullmatch(r"error: CUDA: cannot allocate 33554432 bytes of device memory: out of memory; "
                         r"0\.021 of 0\.021 GB free on the device \(.*matmul\.cuh:\d+\)", message), message
     assert "step 1" not in p.stdout
+
+
+@needs_mpi
+def test_reward_takes_one_gpu_per_rank(emulated_train_mora, tmp_path):
+    """`mpirun -np 2 train_mora reward --device cuda` on two emulated devices: the ranks share the
+    trunk's forwards, a device each, and the heads rank 0 trains and writes are those of one
+    process on one device, byte for byte (every batch holds the sequences it holds there)."""
+    data = write_jsonl(tmp_path / "pref.jsonl", planted(6, seed=3))
+    args = [emulated_train_mora, "reward", "--model", "llama:tiny", "--data", data, "--fwd_batch", "5", "--epochs", "2",
+            "--seed", "4", "--device", "cuda"]
+    env = dict(emulated_env("shuffle"), EMU_DEVICES="2", **MPI_ENV)
+    runs = {"one": [], "two": [MPIRUN, "-np", "2", "--oversubscribe"]}
+    for name, launcher in runs.items():
+        p = subprocess.run([*launcher, *args, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env,
+                           timeout=900)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "36 sequences through the frozen trunk" in p.stdout and "(cached, on 2 ranks, a GPU each)" in p.stdout, p.stdout
+    for f in ("reward_heads.bin", "metrics.jsonl", "model.ckpt"):
+        assert (tmp_path / "two" / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f

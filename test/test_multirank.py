@@ -203,6 +203,35 @@ def test_resume_needs_the_same_ranks(tmp_path, data):
 
 
 @needs_mpi
+def test_reward_two_ranks_equal_one_rank(tmp_path):
+    """reward under mpirun: the ranks share the frozen trunk's forwards (batch k on rank k mod 2)
+    and gather the hidden states, and rank 0 trains the heads: the files are one rank's, byte for
+    byte. A row of the CPU forward is the same bits whatever the other rows of its call (more
+    than 4 rows here), and every batch holds the sequences it holds on one rank. 60 sequences
+    in batches of 7 make 9 batches, the last one short, 5 on rank 0 and 4 on rank 1."""
+    from test_reward_cmd import planted, write_jsonl
+    data = write_jsonl(tmp_path / "pref.jsonl", planted(10, seed=4))
+    outs = {}
+    for name, ranks in (("one", None), ("two", 2)):
+        outs[name] = tmp_path / name
+        p = run([str(ROOT / "train_mora"), "reward", "--model", "llama:tiny", "--data", data, "--fwd_batch", "7",
+                 "--epochs", "3", "--head", "mlp", "--head_hidden", "16", "--seed", "2", "--out", str(outs[name])],
+                ranks=ranks)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        if ranks:
+            assert "60 sequences through the frozen trunk" in p.stdout and "(cached, on 2 ranks, on their CPUs)" in p.stdout, p.stdout
+    for f in ("reward_heads.bin", "metrics.jsonl", "model.ckpt"):
+        assert (outs["two"] / f).read_bytes() == (outs["one"] / f).read_bytes(), f
+    summaries = [json.loads((outs[name] / "reward_metrics.json").read_text()) for name in ("one", "two")]
+    for s in summaries:
+        del s["seconds"]
+        s["model"] = os.path.basename(s["model"])
+        s["heads"] = os.path.basename(s["heads"])
+    assert summaries[1] == summaries[0]
+    assert summaries[0]["train_pairs"] + summaries[0]["val_pairs"] == 30
+
+
+@needs_mpi
 def test_single_rank_commands_refuse_several_ranks(tmp_path):
     p = run([str(ROOT / "train_mora"), "generate", "--model", "x", "--prompt", "hi"], ranks=2)
     assert p.returncode != 0
