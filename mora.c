@@ -1823,7 +1823,98 @@ typedef struct {
     double mean[D], overall;
     int n;
     double seconds;
+    int n_prompts;
+    double *prompt_mean;   // (n_prompts, D + 1): each prompt's mean over its samples, per dimension and overall
 } EvalScores;
+
+// ----------------------------------------------------------------------------
+// the uncertainty of eval's means: the prompts are the sample (a prompt's responses share it, so
+// they are not independent draws); each prompt contributes the mean over its samples
+
+// The regularised incomplete beta function I_x(a, b), by its continued fraction (modified
+// Lentz), on the side where it converges fast (x < (a + 1) / (a + b + 2), else 1 - I_{1-x}(b, a)).
+static double incomplete_beta_cf(double x, double a, double b) {
+    const double tiny = 1e-300;
+    double c = 1.0, d = 1.0 - (a + b) * x / (a + 1.0);
+    if (fabs(d) < tiny) d = tiny;
+    d = 1.0 / d;
+    double h = d;
+    for (int m = 1; m <= 300; m++) {
+        double m2 = 2.0 * m;
+        double num = m * (b - m) * x / ((a + m2 - 1.0) * (a + m2));
+        d = 1.0 + num * d; if (fabs(d) < tiny) d = tiny;
+        c = 1.0 + num / c; if (fabs(c) < tiny) c = tiny;
+        d = 1.0 / d;
+        h *= d * c;
+        num = -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1.0));
+        d = 1.0 + num * d; if (fabs(d) < tiny) d = tiny;
+        c = 1.0 + num / c; if (fabs(c) < tiny) c = tiny;
+        d = 1.0 / d;
+        double step = d * c;
+        h *= step;
+        if (fabs(step - 1.0) < 1e-15) break;
+    }
+    return h;
+}
+
+static double incomplete_beta(double x, double a, double b) {
+    if (x <= 0.0) return 0.0;
+    if (x >= 1.0) return 1.0;
+    double front = exp(lgamma(a + b) - lgamma(a) - lgamma(b) + a * log(x) + b * log1p(-x));
+    if (x < (a + 1.0) / (a + b + 2.0)) return front * incomplete_beta_cf(x, a, b) / a;
+    return 1.0 - front * incomplete_beta_cf(1.0 - x, b, a) / b;
+}
+
+// The quantile t of Student's t distribution with df degrees of freedom where its distribution
+// function is p (0.5 < p < 1), by bisection on F(t) = 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2.
+static double student_t_quantile(double p, double df) {
+    double lo = 0.0, hi = 1.0;
+    while (1.0 - 0.5 * incomplete_beta(df / (df + hi * hi), 0.5 * df, 0.5) < p && hi < 1e12) hi *= 2.0;
+    for (int i = 0; i < 200 && hi - lo > 1e-12 * hi; i++) {
+        double mid = 0.5 * (lo + hi);
+        if (1.0 - 0.5 * incomplete_beta(df / (df + mid * mid), 0.5 * df, 0.5) < p) lo = mid;
+        else hi = mid;
+    }
+    return 0.5 * (lo + hi);
+}
+
+// The mean of x[i * stride] over n values and its standard error, sd (n - 1 in the divisor) /
+// sqrt(n); NAN for the standard error when n < 2.
+static void mean_and_stderr(const double *x, int n, int stride, double *mean, double *stderr_) {
+    double m = 0.0;
+    for (int i = 0; i < n; i++) m += x[(size_t)i * stride];
+    m = n > 0 ? m / n : NAN;
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (x[(size_t)i * stride] - m) * (x[(size_t)i * stride] - m);
+    *mean = m;
+    *stderr_ = n > 1 ? sqrt(ss / (n - 1) / n) : NAN;
+}
+
+// MORA against the baseline on one dimension (column col of prompt_mean; D: overall): the
+// difference of the means, paired by prompt (both policies answer the same prompts), its
+// standard error and its 95% interval, Student's t with n_prompts - 1 degrees of freedom.
+typedef struct {
+    double mean, stderr_, lo, hi;
+} EvalDifference;
+
+static EvalDifference eval_difference(const EvalScores *m, const EvalScores *b, int col) {
+    int n = m->n_prompts;
+    double *d = (double *)mallocCheck(sizeof(double) * (n ? n : 1));
+    for (int i = 0; i < n; i++) d[i] = m->prompt_mean[(size_t)i * (D + 1) + col] - b->prompt_mean[(size_t)i * (D + 1) + col];
+    EvalDifference r;
+    mean_and_stderr(d, n, 1, &r.mean, &r.stderr_);
+    double half = n > 1 ? student_t_quantile(0.975, n - 1) * r.stderr_ : NAN;
+    r.lo = r.mean - half;
+    r.hi = r.mean + half;
+    free(d);
+    return r;
+}
+
+static double eval_stderr(const EvalScores *s, int col) {
+    double mean, se;
+    mean_and_stderr(s->prompt_mean + col, s->n_prompts, D + 1, &mean, &se);
+    return se;
+}
 
 // Mean raw reward per dimension of `samples` responses per prompt from the policy `ckpt`, scored
 // by the heads on the reference trunk; every response with its rewards goes into `examples`.
@@ -1845,8 +1936,23 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
     memset(out, 0, sizeof(*out));
     out->n = s.n;
     for (int j = 0; j < s.n; j++)
-        for (int d = 0; d < D; d++) out->mean[d] += s.rewards[j * D + d] / s.n;
+        for (int d = 0; d < D; d++) out->mean[d] += (double)s.rewards[j * D + d] / s.n;
     for (int d = 0; d < D; d++) out->overall += out->mean[d] / D;
+    // each prompt's mean over its samples
+    out->n_prompts = n;
+    out->prompt_mean = (double *)callocCheck((size_t)(n ? n : 1) * (D + 1), sizeof(double));
+    int *per_prompt = (int *)callocCheck(n ? n : 1, sizeof(int));
+    for (int j = 0; j < s.n; j++) {
+        double *pm = out->prompt_mean + (size_t)s.prompt_of[j] * (D + 1);
+        for (int d = 0; d < D; d++) {
+            pm[d] += s.rewards[j * D + d];
+            pm[D] += (double)s.rewards[j * D + d] / D;
+        }
+        per_prompt[s.prompt_of[j]]++;
+    }
+    for (int i = 0; i < n; i++)
+        for (int d = 0; d <= D; d++) out->prompt_mean[(size_t)i * (D + 1) + d] /= per_prompt[i] ? per_prompt[i] : 1;
+    free(per_prompt);
     out->seconds = wall_seconds() - t0;
     for (int i = 0; i < n && examples; i++) {
         cJSON *ex = cJSON_CreateObject();
@@ -1872,6 +1978,30 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
 
 static double improvement_pct(double model, double base) {
     return fabs(base) > 1e-12 ? 100.0 * (model - base) / fabs(base) : 0.0;
+}
+
+static void add_number_or_null(cJSON *o, const char *name, double x) {
+    if (isfinite(x)) cJSON_AddNumberToObject(o, name, x);
+    else cJSON_AddNullToObject(o, name);
+}
+
+static cJSON *stderr_json(const EvalScores *s) {
+    cJSON *o = cJSON_CreateObject();
+    for (int d = 0; d <= D; d++) add_number_or_null(o, d < D ? mora_dim_names[d] : "overall", eval_stderr(s, d));
+    return o;
+}
+
+static cJSON *difference_json(const EvalScores *m, const EvalScores *b) {
+    cJSON *o = cJSON_CreateObject();
+    for (int d = 0; d <= D; d++) {
+        EvalDifference r = eval_difference(m, b, d);
+        cJSON *x = cJSON_AddObjectToObject(o, d < D ? mora_dim_names[d] : "overall");
+        add_number_or_null(x, "mean", r.mean);
+        add_number_or_null(x, "stderr", r.stderr_);
+        add_number_or_null(x, "ci95_low", r.lo);
+        add_number_or_null(x, "ci95_high", r.hi);
+    }
+    return o;
 }
 
 static cJSON *scores_json(const EvalScores *s) {
@@ -2003,6 +2133,10 @@ int cmd_eval(int argc, char **argv) {
     cJSON_AddNumberToObject(rep, "seed", seed);
     cJSON_AddItemToObject(rep, "model_reward", scores_json(&sm));
     cJSON_AddItemToObject(rep, "baseline_reward", scores_json(&sb));
+    // over the prompts: each prompt's mean over its samples is one observation
+    cJSON_AddItemToObject(rep, "model_reward_stderr", stderr_json(&sm));
+    cJSON_AddItemToObject(rep, "baseline_reward_stderr", stderr_json(&sb));
+    cJSON_AddItemToObject(rep, "difference", difference_json(&sm, &sb));
     cJSON *imp = cJSON_CreateObject();
     for (int d = 0; d < D; d++) cJSON_AddNumberToObject(imp, mora_dim_names[d], improvement_pct(sm.mean[d], sb.mean[d]));
     cJSON_AddNumberToObject(imp, "overall", improvement_pct(sm.overall, sb.overall));
@@ -2020,13 +2154,32 @@ int cmd_eval(int argc, char **argv) {
     size_t len = 0;
     append_fmt(&md, &len, "# MORA evaluation\n\nmodel: `%s`  \nbaseline: `%s`  \nprompts: `%s` (%d prompts x %d samples, temperature %g)\n\n",
                ms.checkpoint, bs.checkpoint, prompts_path, prompts.n, samples, temp);
-    append_fmt(&md, &len, "Mean raw reward (reward heads on the reference trunk); improvement = (model - baseline) / |baseline|.\n\n");
+    append_fmt(&md, &len, "Mean raw reward (reward heads on the reference trunk) ± its standard error over the %d prompts "
+                          "(each prompt's mean over its samples is one observation); improvement = (model - baseline) / "
+                          "|baseline|; difference = MORA - baseline, paired by prompt, with its 95%% interval "
+                          "(Student's t, %d degrees of freedom).\n\n", prompts.n, prompts.n - 1);
     append_fmt(&md, &len, "| | helpful | harmless | truthful | overall |\n|---|---|---|---|---|\n");
-    append_fmt(&md, &len, "| baseline | %.4f | %.4f | %.4f | %.4f |\n", sb.mean[0], sb.mean[1], sb.mean[2], sb.overall);
-    append_fmt(&md, &len, "| MORA | %.4f | %.4f | %.4f | %.4f |\n", sm.mean[0], sm.mean[1], sm.mean[2], sm.overall);
-    append_fmt(&md, &len, "| improvement | %+.1f%% | %+.1f%% | %+.1f%% | %+.1f%% |\n\n",
+    const EvalScores *rows[2] = {&sb, &sm};
+    const char *row_names[2] = {"baseline", "MORA"};
+    for (int r = 0; r < 2; r++) {
+        append_fmt(&md, &len, "| %s |", row_names[r]);
+        for (int d = 0; d <= D; d++) {
+            double mean = d < D ? rows[r]->mean[d] : rows[r]->overall, se = eval_stderr(rows[r], d);
+            if (isfinite(se)) append_fmt(&md, &len, " %.4f ± %.4f |", mean, se);
+            else append_fmt(&md, &len, " %.4f |", mean);   // one prompt: no spread to measure
+        }
+        append_fmt(&md, &len, "\n");
+    }
+    append_fmt(&md, &len, "| improvement | %+.1f%% | %+.1f%% | %+.1f%% | %+.1f%% |\n",
                improvement_pct(sm.mean[0], sb.mean[0]), improvement_pct(sm.mean[1], sb.mean[1]),
                improvement_pct(sm.mean[2], sb.mean[2]), improvement_pct(sm.overall, sb.overall));
+    append_fmt(&md, &len, "| difference (95%% CI) |");
+    for (int d = 0; d <= D; d++) {
+        EvalDifference r = eval_difference(&sm, &sb, d);
+        if (isfinite(r.lo)) append_fmt(&md, &len, " %+.4f [%+.4f, %+.4f] |", r.mean, r.lo, r.hi);
+        else append_fmt(&md, &len, " %+.4f |", r.mean);
+    }
+    append_fmt(&md, &len, "\n\n");
     if (npm > 0) {
         append_fmt(&md, &len, "Presampled pool of the MORA run, per stage: single-reward prompts (J <= 1) before and after rewriting, "
                               "and the mean per-prompt hypervolume of the standardised reward vectors.\n\n"
@@ -2045,6 +2198,8 @@ int cmd_eval(int argc, char **argv) {
     printf("report: %s/report.md, %s/report.json\n", out, out);
     free(md);
     engine_free(&e);
+    free(sm.prompt_mean);
+    free(sb.prompt_mean);
     free(heads_path);
     subject_free(&ms);
     subject_free(&bs);

@@ -167,6 +167,42 @@ def test_eval_report(world):
     assert "| improvement |" in (world / "report.md").read_text()
 
 
+def test_eval_uncertainty(world):
+    """The standard errors and the paired difference's 95% interval in report.json, recomputed
+    from its examples (every response's raw rewards) with NumPy and SciPy's Student t: each
+    prompt's mean over its samples is one observation; the difference pairs MORA's and the
+    baseline's means on the same prompt."""
+    from scipy import stats
+    rep = json.loads((world / "report.json").read_text())
+    per_prompt = {}
+    for who in ("model", "baseline"):
+        ex = rep[f"{who}_examples"]
+        raw = np.array([[r["raw"] for r in e["responses"]] for e in ex], dtype=np.float64)   # (prompts, samples, D)
+        means = raw.mean(axis=1)
+        per_prompt[who] = np.concatenate([means, means.mean(axis=1, keepdims=True)], axis=1)   # (prompts, D + 1)
+    assert [e["id"] for e in rep["model_examples"]] == [e["id"] for e in rep["baseline_examples"]]
+    n = len(rep["model_examples"])
+    assert n == rep["n_prompts"] >= 2
+    t = stats.t.ppf(0.975, n - 1)
+    for j, key in enumerate(DIMS + ["overall"]):
+        for who in ("model", "baseline"):
+            x = per_prompt[who][:, j]
+            assert rep[f"{who}_reward"][key] == pytest.approx(x.mean(), abs=1e-9)
+            assert rep[f"{who}_reward_stderr"][key] == pytest.approx(x.std(ddof=1) / math.sqrt(n), rel=1e-9, abs=1e-12)
+        d = per_prompt["model"][:, j] - per_prompt["baseline"][:, j]
+        se = d.std(ddof=1) / math.sqrt(n)
+        got = rep["difference"][key]
+        assert got["mean"] == pytest.approx(d.mean(), abs=1e-9)
+        assert got["stderr"] == pytest.approx(se, rel=1e-9, abs=1e-12)
+        assert got["ci95_low"] == pytest.approx(d.mean() - t * se, rel=1e-8, abs=1e-10)
+        assert got["ci95_high"] == pytest.approx(d.mean() + t * se, rel=1e-8, abs=1e-10)
+    md = (world / "report.md").read_text()
+    assert f"95% interval (Student's t, {n - 1} degrees of freedom)" in md
+    row = [line for line in md.splitlines() if line.startswith("| difference (95% CI) |")][0]
+    o = rep["difference"]["overall"]
+    assert row.strip().endswith(f"{o['mean']:+.4f} [{o['ci95_low']:+.4f}, {o['ci95_high']:+.4f}] |"), row
+
+
 def test_first_step_kl_is_zero_and_metrics_fields(world):
     m = read_jsonl(world / "mora" / "metrics.jsonl")
     assert [x["step"] for x in m] == [1, 2, 3]
