@@ -323,7 +323,7 @@ int cmd_demo(int argc, char **argv) {
     judge_report(out);
     char eta[32];
     run_format_duration(wall_seconds() - t0, eta, sizeof eta);
-    printf("demo done in %s: %s/report.md; pool decisions in %s/pool.jsonl; plot with python3 dev/plot_run.py %s\n",
-           eta, out, mora_dir, mora_dir);
+    printf("demo done in %s: %s/report.md; pool decisions in %s/pool.jsonl; plot with python3 dev/plot_run.py %s "
+           "--baseline %s/baseline --report %s/report.json\n", eta, out, mora_dir, mora_dir, out, out);
     return 0;
 }

@@ -7,8 +7,13 @@
                   prompt's original presample) and after (the accepted rewrite's presample in place
                   of its original's), as three pairwise projections; single-reward prompts'
                   points are highlighted
+    eval.png      from eval's report.json (the run directory's, or --report; the demo writes its
+                  report beside the runs): the baseline's and MORA's mean
+                  raw reward per dimension and overall with their standard errors over the
+                  prompts, and beside them the paired difference MORA - baseline with its 95%
+                  interval
 
-usage: python3 dev/plot_run.py RUN_DIR [--baseline BASELINE_RUN_DIR] [--out DIR] [--stage N]
+usage: python3 dev/plot_run.py RUN_DIR [--baseline BASELINE_RUN_DIR] [--out DIR] [--stage N] [--report FILE]
 
 Needs matplotlib (pip install matplotlib).
 """
@@ -104,16 +109,57 @@ def plot_scatter(plt, run, out, stage):
     print(f"wrote {path}")
 
 
+def plot_eval(plt, path, out):
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        try:
+            rep = json.load(f)
+        except json.JSONDecodeError as e:
+            sys.exit(f"error: {path}: not valid JSON ({e.msg})")
+    if "difference" not in rep:
+        print(f"{path} has no standard errors (an older eval): eval.png skipped")
+        return
+    keys = DIMS + ["overall"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.38
+    for k, (who, label) in enumerate((("baseline", "baseline"), ("model", "MORA"))):
+        means = [rep[f"{who}_reward"][d] for d in keys]
+        errs = [rep[f"{who}_reward_stderr"][d] or 0.0 for d in keys]
+        left.bar([i + (k - 0.5) * width for i in range(len(keys))], means, width, yerr=errs, capsize=4, label=label)
+    left.set_xticks(range(len(keys)), keys)
+    left.axhline(0, color="grey", lw=0.5)
+    left.set_title(f"mean raw reward ± standard error ({rep['n_prompts']} prompts x {rep['samples']} samples)", fontsize=10)
+    left.legend(fontsize=8)
+    diff = [rep["difference"][d] for d in keys]
+    for i, x in enumerate(diff):
+        lo, hi = x["ci95_low"], x["ci95_high"]
+        if lo is not None and hi is not None:
+            right.plot([lo, hi], [i, i], color="tab:blue", lw=2)
+        right.plot([x["mean"]], [i], "o", color="tab:blue")
+    right.axvline(0, color="grey", lw=0.8)
+    right.set_yticks(range(len(keys)), keys)
+    right.invert_yaxis()
+    right.set_title("MORA - baseline: 95% interval, paired by prompt", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out, "eval.png")
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
     ap.add_argument("--baseline", default="")
     ap.add_argument("--out", default="")
     ap.add_argument("--stage", type=int, default=0)
+    ap.add_argument("--report", default="", help="eval's report.json (default: RUN_DIR/report.json, if there)")
     args = ap.parse_args()
     for f in ("metrics.jsonl", "pool.jsonl"):
         if not os.path.exists(os.path.join(args.run, f)):
             sys.exit(f"error: {args.run} has no {f} (not a train_mora mora run directory)")
+    if args.report and not os.path.exists(args.report):
+        sys.exit(f"error: --report {args.report}: no such file")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -124,6 +170,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     plot_rewards(plt, args.run, args.baseline, out)
     plot_scatter(plt, args.run, out, args.stage)
+    plot_eval(plt, args.report or os.path.join(args.run, "report.json"), out)
 
 
 if __name__ == "__main__":
