@@ -326,7 +326,7 @@ int cmd_reward(int argc, char **argv) {
         {"calibrate", ARG_BOOL, &a.calibrate, "after training, map each head's rewards so that its dimension's held-out rejected mean is 0 and chosen mean 1"},
         {"skip_bad", ARG_BOOL, &a.skip_bad, "skip bad data lines (and count them) instead of stopping"},
         {"seed", ARG_INT, &a.seed, "seed of the split, the shuffles, the head init and a preset trunk's init"},
-        {"device", ARG_STRING, &a.device, "cpu, cuda or auto (cuda: the trunk's forwards for the hidden states on a CUDA model; the heads train on the CPU)"},
+        {"device", ARG_STRING, &a.device, "cpu, cuda or auto (cuda: the trunk's forwards for the hidden states on a CUDA model, one GPU per rank under mpirun; the heads train on the CPU)"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "reward",
                "Trains the helpful / harmless / truthful reward heads on the frozen trunk with the\n"
