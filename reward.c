@@ -69,8 +69,9 @@ typedef struct {
 // right-padded with token 0 and read at every row's own last position. The forwards run on gpu,
 // the trunk's CUDA copy, when it is not NULL (a CUDA build under --device cuda), else on model.
 // Under several ranks, batch k (of fwd_batch sequences in that order) runs on rank k mod W, which
-// spreads the long batches over the ranks, and the states are then gathered on every rank: each
-// batch holds the sequences it holds on one rank, so the cache is one rank's, bit for bit.
+// spreads the long batches over the ranks, and the states are then gathered on rank 0 (which
+// alone trains the heads; the other ranks' caches hold their own batches only): each batch holds
+// the sequences it holds on one rank, so rank 0's cache is one rank's, bit for bit.
 static float *compute_hidden_cache(Model *model, void *gpu, const TokenSeqs *seqs, int fwd_batch) {
     int n = seqs->n, C = model->config.n_embd;
     const int rank = comm_rank(), world = comm_world();
@@ -133,15 +134,17 @@ static float *compute_hidden_cache(Model *model, void *gpu, const TokenSeqs *seq
             for (int i = k * fwd_batch; i < n && i < (k + 1) * fwd_batch; i++, p += C)
                 memcpy(p, cache + (size_t)order[i] * C, (size_t)C * sizeof(float));
         size_t total = 0;
-        float *all = (float *)comm_all_gather_bytes(send, (size_t)mine * C * sizeof(float), NULL, &total);
-        if (total != (size_t)n * C * sizeof(float))
-            fatal("reward: the ranks' hidden states came to %zu bytes, not the %zu of %d sequences", total,
-                  (size_t)n * C * sizeof(float), n);
-        p = all;
-        for (int r = 0; r < world; r++)
-            for (int k = r; k < n_batches; k += world)
-                for (int i = k * fwd_batch; i < n && i < (k + 1) * fwd_batch; i++, p += C)
-                    memcpy(cache + (size_t)order[i] * C, p, (size_t)C * sizeof(float));
+        float *all = (float *)comm_gather_bytes(send, (size_t)mine * C * sizeof(float), 0, NULL, &total);
+        if (rank == 0) {
+            if (total != (size_t)n * C * sizeof(float))
+                fatal("reward: the ranks' hidden states came to %zu bytes, not the %zu of %d sequences", total,
+                      (size_t)n * C * sizeof(float), n);
+            p = all;
+            for (int r = 0; r < world; r++)
+                for (int k = r; k < n_batches; k += world)
+                    for (int i = k * fwd_batch; i < n && i < (k + 1) * fwd_batch; i++, p += C)
+                        memcpy(cache + (size_t)order[i] * C, p, (size_t)C * sizeof(float));
+        }
         free(all);
         free(send);
     }

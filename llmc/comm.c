@@ -188,6 +188,44 @@ void *comm_all_gather_bytes(const void *send, size_t send_bytes, size_t *recv_by
     return out;
 }
 
+void *comm_gather_bytes(const void *send, size_t send_bytes, int root, size_t *recv_bytes, size_t *total_bytes) {
+    int W = comm_world_;
+    if (root < 0 || root >= W) fatal("comm_gather_bytes: root %d is not a rank (world %d)", root, W);
+    if (W == 1) return comm_all_gather_bytes(send, send_bytes, recv_bytes, total_bytes);
+    unsigned long long mine = send_bytes;
+    unsigned long long *sizes = (unsigned long long *)mallocCheck(W * sizeof(unsigned long long));
+    mpiCheck(MPI_Gather(&mine, 1, MPI_UNSIGNED_LONG_LONG, sizes, 1, MPI_UNSIGNED_LONG_LONG, root, MPI_COMM_WORLD));
+    char *out = NULL;
+    if (comm_rank_ == root) {
+        size_t total = 0;
+        for (int r = 0; r < W; r++) total += sizes[r];
+        out = (char *)mallocCheck(total);
+        // each rank's part in turn, in pieces of at most COMM_CHUNK bytes (MPI counts are int);
+        // messages between two ranks arrive in the order they were sent
+        size_t offset = 0;
+        for (int r = 0; r < W; r++) {
+            if (r == root) {
+                if (sizes[r]) memcpy(out + offset, send, sizes[r]);
+            } else {
+                for (size_t done = 0; done < sizes[r]; done += COMM_CHUNK) {
+                    size_t count = sizes[r] - done < COMM_CHUNK ? sizes[r] - done : COMM_CHUNK;
+                    mpiCheck(MPI_Recv(out + offset + done, (int)count, MPI_BYTE, r, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+                }
+            }
+            offset += sizes[r];
+        }
+        if (recv_bytes) for (int r = 0; r < W; r++) recv_bytes[r] = (size_t)sizes[r];
+        if (total_bytes) *total_bytes = total;
+    } else {
+        for (size_t done = 0; done < send_bytes; done += COMM_CHUNK) {
+            size_t count = send_bytes - done < COMM_CHUNK ? send_bytes - done : COMM_CHUNK;
+            mpiCheck(MPI_Send((const char *)send + done, (int)count, MPI_BYTE, root, 0, MPI_COMM_WORLD));
+        }
+    }
+    free(sizes);
+    return out;
+}
+
 void comm_all_gather_shards(float *buf, size_t n) {
     int W = comm_world_;
     if (W == 1) return;
@@ -261,6 +299,11 @@ void *comm_all_gather_bytes(const void *send, size_t send_bytes, size_t *recv_by
     if (recv_bytes) recv_bytes[0] = send_bytes;
     if (total_bytes) *total_bytes = send_bytes;
     return out;
+}
+
+void *comm_gather_bytes(const void *send, size_t send_bytes, int root, size_t *recv_bytes, size_t *total_bytes) {
+    if (root != 0) fatal("comm_gather_bytes: root %d is not a rank (world 1)", root);
+    return comm_all_gather_bytes(send, send_bytes, recv_bytes, total_bytes);
 }
 
 void comm_all_gather_shards(float *buf, size_t n) { (void)buf; (void)n; }

@@ -58,6 +58,10 @@ void comm_broadcast(void *buf, size_t bytes, int root);
 // 0); returns a malloc'd buffer holding all contributions concatenated in rank order, and fills
 // recv_bytes (W entries, may be NULL) with each rank's size and *total_bytes (may be NULL).
 void *comm_all_gather_bytes(const void *send, size_t send_bytes, size_t *recv_bytes, size_t *total_bytes);
+// The same gathered on rank root alone: root gets the buffer (and recv_bytes, *total_bytes),
+// every other rank NULL (recv_bytes and *total_bytes untouched). What only one rank reads need not
+// be copied to every rank's memory.
+void *comm_gather_bytes(const void *send, size_t send_bytes, int root, size_t *recv_bytes, size_t *total_bytes);
 
 // The contiguous shard of n elements that rank r of W owns: [*lo, *hi).
 void comm_shard_range(size_t n, int rank, int world, size_t *lo, size_t *hi);

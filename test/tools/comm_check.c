@@ -90,6 +90,21 @@ int main(int argc, char **argv) {
         for (int k = 0; k < r && ok; k++) ok = all[pos++] == 'a' + r;
     }
     check(ok, "all_gather_bytes of sizes 0..W-1 in rank order");
+    free(all);
+    // the same gathered on the last rank alone
+    total = 0;
+    all = (char *)comm_gather_bytes(mine, rank, W - 1, counts, &total);
+    if (rank == W - 1) {
+        ok = all != NULL && total == (size_t)W * (W - 1) / 2;
+        pos = 0;
+        for (int r = 0; r < W && ok; r++) {
+            ok = counts[r] == (size_t)r;
+            for (int k = 0; k < r && ok; k++) ok = all[pos++] == 'a' + r;
+        }
+    } else {
+        ok = all == NULL && total == 0;
+    }
+    check(ok, "gather_bytes of sizes 0..W-1 on the last rank, nothing on the others");
     free(all); free(mine);
 
     // shards: cover [0, n) in order, sizes differ by at most one
