@@ -364,6 +364,8 @@ int cmd_reward(int argc, char **argv) {
     printf("data: %d preference pairs from %d file(s)", data.n, data.n_paths);
     if (a.skip_bad) printf(", %d bad line(s) skipped", data.skipped);
     printf("\n");
+    // rank 0 writes the files: an --out it cannot use stops the run before the trunk's forwards
+    if (comm_rank() == 0) run_ensure_dir(a.out, "--out");
 
     Model model;
     CheckpointInfo info;
@@ -454,7 +456,6 @@ int cmd_reward(int argc, char **argv) {
     if (heads.kind == REWARD_HEAD_MLP) printf(" (C=%d -> H=%d -> 1, %s)", C, heads.H, reward_head_activation_name(heads.activation));
     printf(", %zu parameters per head; %d train / %d val pairs\n", heads.head_size, n_train, n_val);
 
-    run_ensure_dir(a.out, "--out");
     char metrics_path[4200], heads_path[4200], summary_path[4200], trunk_path[4200];
     snprintf(metrics_path, sizeof metrics_path, "%s/metrics.jsonl", a.out);
     snprintf(heads_path, sizeof heads_path, "%s/reward_heads.bin", a.out);

@@ -2,6 +2,8 @@
  * Run-directory helpers (run_dir.h).
  */
 #include <sys/stat.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include "run_dir.h"
 #include "utils.h"
 #include "comm.h"
@@ -10,9 +12,18 @@ void run_ensure_dir(const char *path, const char *flag) {
     struct stat st;
     if (stat(path, &st) == 0) {
         if (!S_ISDIR(st.st_mode)) fatal("%s %s exists and is not a directory", flag, path);
-        return;
+    } else if (mkdir(path, 0755) != 0) {
+        fatal("%s: cannot create directory %s: %s", flag, path, strerror(errno));
     }
-    if (mkdir(path, 0755) != 0) fatal("%s: cannot create directory %s: %s", flag, path, strerror(errno));
+    // a directory the run cannot write in (its permissions, a read-only file system) stops the
+    // run now rather than at its first checkpoint or report, hours later
+    char probe[4400];
+    if (strlen(path) + 40 > sizeof probe) fatal("%s: path too long: %s", flag, path);
+    snprintf(probe, sizeof probe, "%s/.train_mora_write_check.%ld", path, (long)getpid());
+    int fd = open(probe, O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (fd < 0) fatal("%s: cannot write in directory %s: %s", flag, path, strerror(errno));
+    close(fd);
+    unlink(probe);
 }
 
 int run_file_exists(const char *path) {

@@ -11,7 +11,8 @@
 #include "model.h"
 #include "checkpoint.h"
 
-// Creates DIR if needed; a path that exists and is not a directory is an error naming `flag`.
+// Creates DIR if needed; a path that exists and is not a directory, or a directory the process
+// cannot create a file in, is an error naming `flag`.
 void run_ensure_dir(const char *path, const char *flag);
 int run_file_exists(const char *path);
 int run_is_dir(const char *path);

@@ -28,8 +28,10 @@ Checks:
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
+import tempfile
 
 import numpy as np
 import pytest
@@ -410,6 +412,38 @@ def test_flag_errors(train_mora_bin, tmp_path):
     assert p.returncode != 0 and "no/such/model.bin" in p.stderr
     p = reward(train_mora_bin, "--help")
     assert p.returncode == 0 and "--head_hidden" in p.stdout and "--skip_bad" in p.stdout
+
+
+def test_unusable_out_stops_before_the_forwards(train_mora_bin, tmp_path):
+    """An --out that is a file, or a directory the user cannot write in, stops the run before the
+    trunk is loaded, not after the forwards."""
+    path = write_jsonl(tmp_path / "pref.jsonl", [GOOD] * 4)
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        p = reward(train_mora_bin, "--model", "llama:tiny", "--data", path, "--out", out)
+        assert p.returncode != 0 and f"--out" in p.stderr and str(tmp_path / "afile") in p.stderr, p.stderr
+        assert "trunk:" not in p.stdout and "hidden states" not in p.stdout, p.stdout
+    # a read-only directory, for a user other than root (root writes anywhere): everything the
+    # run reads lies in a directory that user can read
+    shared = tempfile.mkdtemp(prefix="train_mora_ro_")
+    try:
+        os.chmod(shared, 0o755)
+        exe = shutil.copy(train_mora_bin, os.path.join(shared, "train_mora"))
+        data = shutil.copy(path, os.path.join(shared, "pref.jsonl"))
+        os.chmod(data, 0o644)
+        ro = os.path.join(shared, "ro")
+        os.mkdir(ro, 0o555)
+        os.chmod(ro, 0o555)
+        prefix = []
+        if os.geteuid() == 0:
+            assert shutil.which("setpriv"), "setpriv (util-linux) runs the check as an unprivileged user"
+            prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        p = run([*prefix, exe, "reward", "--model", "llama:tiny", "--data", data, "--out", ro], timeout=120)
+        assert p.returncode != 0 and f"--out: cannot write in directory {ro}" in p.stderr, p.stderr
+        assert "trunk:" not in p.stdout, p.stdout
+        assert os.listdir(ro) == []
+    finally:
+        shutil.rmtree(shared)
 
 
 # ----------------------------------------------------------------------------------------------
