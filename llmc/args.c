@@ -55,32 +55,62 @@ static void set_value(const ArgSpec *s, const char *value, const char *command) 
     }
 }
 
+// the names of the flags the last args_parse call set, for args_given
+#define ARGS_MAX_GIVEN 128
+static const char *given_names[ARGS_MAX_GIVEN];
+static int n_given;
+
+static const ArgSpec *find_spec(const ArgSpec *specs, int n_specs, const char *name, size_t name_len) {
+    for (int k = 0; k < n_specs; k++)
+        if (strlen(specs[k].name) == name_len && !strncmp(specs[k].name, name, name_len)) return &specs[k];
+    return NULL;
+}
+
 void args_parse(int argc, char **argv, int first, const ArgSpec *specs, int n_specs,
                 const char *command, const char *summary) {
-    for (int i = first; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+    // --help first, so that it shows the defaults, not the values of the flags before it
+    for (int i = first; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             print_help(specs, n_specs, command, summary);
             exit(0);
         }
+    n_given = 0;
+    for (int i = first; i < argc; i++) {
+        const char *a = argv[i];
         if (strncmp(a, "--", 2) != 0)
             fatal("unexpected argument '%s': flags are --name value (see train_mora %s --help)", a, command);
         const char *name = a + 2;
         const char *eq = strchr(name, '=');
         size_t name_len = eq ? (size_t)(eq - name) : strlen(name);
-        const ArgSpec *spec = NULL;
-        for (int k = 0; k < n_specs; k++)
-            if (strlen(specs[k].name) == name_len && !strncmp(specs[k].name, name, name_len)) spec = &specs[k];
+        const ArgSpec *spec = find_spec(specs, n_specs, name, name_len);
         if (spec == NULL) fatal("unknown flag '%.*s' for train_mora %s (see --help)", (int)(name_len + 2), a, command);
         const char *value;
         if (eq) value = eq + 1;
         else if (spec->type == ARG_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0)) value = "1";
         else {
             if (i + 1 >= argc) fatal("flag --%s needs a value (see train_mora %s --help)", spec->name, command);
+            // "--out --resume" forgot the value: the next word is one of this command's flags
+            const char *next = argv[i + 1];
+            if (!strncmp(next, "--", 2)) {
+                const char *next_eq = strchr(next + 2, '=');
+                size_t next_len = next_eq ? (size_t)(next_eq - next - 2) : strlen(next + 2);
+                if (find_spec(specs, n_specs, next + 2, next_len) || !strcmp(next, "--help"))
+                    fatal("flag --%s needs a value, but the next word is the flag %s (for a value that starts with "
+                          "--, write --%s=VALUE)", spec->name, next, spec->name);
+            }
             value = argv[++i];
         }
         set_value(spec, value, command);
+        int seen = 0;
+        for (int k = 0; k < n_given; k++) seen |= given_names[k] == spec->name;
+        if (!seen && n_given < ARGS_MAX_GIVEN) given_names[n_given++] = spec->name;
     }
+}
+
+int args_given(const char *name) {
+    for (int k = 0; k < n_given; k++)
+        if (!strcmp(given_names[k], name)) return 1;
+    return 0;
 }
 
 void args_require_positive_int(const char *name, int value) {

@@ -21,6 +21,9 @@ typedef struct {
 void args_parse(int argc, char **argv, int first, const ArgSpec *specs, int n_specs,
                 const char *command, const char *summary);
 
+// Whether the last args_parse call was given --NAME (a flag left at its default is not given).
+int args_given(const char *name);
+
 // Validation helpers for after parsing: exit with "flag --NAME: ..." when violated.
 void args_require_positive_int(const char *name, int value);
 void args_require_nonneg_int(const char *name, int value);

@@ -96,6 +96,8 @@ BAD_CASES = [
     (["--lr", "nan"], "--lr"),
     (["--val_every", "2"], "--val_every 2 needs --val_data"),
     (["--val_data", "/nonexistent/v_*.bin"], "--val_every is 0"),
+    # a string flag with its value forgotten does not take the next flag as its value
+    (["--init", "--steps", "2"], "flag --init needs a value, but the next word is the flag --steps"),
 ]
 
 
@@ -126,9 +128,15 @@ def test_bad_shards(train_mora_bin, tmp_path):
         assert message in p.stderr, p.stderr
 
 
-def test_help(train_mora_bin):
+def test_help(train_mora_bin, tmp_path):
     p = run([train_mora_bin, "pretrain", "--help"])
     assert p.returncode == 0 and "--train_data" in p.stdout and "default" in p.stdout
+    # the defaults, whatever flags come before --help
+    after = run([train_mora_bin, "pretrain", "--steps", "7", "--lr", "0.5", "--help"])
+    assert after.returncode == 0 and after.stdout == p.stdout
+    # a value may start with -- when written --flag=VALUE
+    p = run([train_mora_bin, "pretrain", "--train_data=--no-such-shards", "--out", str(tmp_path / "r")])
+    assert p.returncode != 0 and "no token shards match '--no-such-shards'" in p.stderr, p.stderr
     p = run([train_mora_bin, "--help"])
     assert p.returncode == 0 and "pretrain" in p.stdout and "generate" in p.stdout
     p = run([train_mora_bin, "frobnicate"])
