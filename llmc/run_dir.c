@@ -141,3 +141,11 @@ void run_format_duration(double seconds, char *buf, size_t n) {
     else if (s >= 60) snprintf(buf, n, "%dm%02ds", s / 60, s % 60);
     else snprintf(buf, n, "%ds", s);
 }
+
+void run_require_new(const char *out, const char *command) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/config.json", out);
+    if (run_file_exists(path))
+        fatal("--out %s already holds a %s run (%s): pass --resume to continue it, or choose another --out "
+              "(a new run here would mix with the old one's files)", out, command, path);
+}

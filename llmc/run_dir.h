@@ -36,6 +36,9 @@ int run_world_size(const char *out);
 // order (each rank's shard) and any sharded optimizer state depend on the number of ranks, so a
 // run continues exactly only with the same number. `flag` names the option in the message.
 void run_require_world_size(const char *out, const char *flag);
+// A new (not resumed) run must not write into a directory that holds a run already: stops with a
+// message naming OUT when OUT/config.json exists.
+void run_require_new(const char *out, const char *command);
 // "1h02m", "3m05s", "12s" ("?" for a negative or absurd value).
 void run_format_duration(double seconds, char *buf, size_t n);
 #endif
