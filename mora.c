@@ -57,6 +57,8 @@
  * (optimizer_step), the figures over MPI. --zero 1 is CPU only for mora.
  */
 #include <ctype.h>
+#include <glob.h>
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <cjson/cJSON.h>
@@ -179,6 +181,9 @@ static void engine_init(Engine *e, const char *model_path, const char *model_fla
     memset(e, 0, sizeof(*e));
     model_load(&e->ref, model_path, model_flag, 0, 0, NULL, &e->info);
     reward_heads_load(&e->heads, heads_path, e->ref.config.n_embd);
+    char desc[4300];
+    snprintf(desc, sizeof desc, "%s %s", model_flag, model_path);
+    reward_heads_check_trunk(&e->heads, heads_path, &e->ref, desc);
     text_encoder_init(&e->enc, e->info.tokenizer_path, chat_template, e->info.chat_template, e->ref.config.vocab_size);
     e->context = seq_len > 0 ? seq_len : e->ref.config.max_seq_len;
     if (e->context > e->ref.config.max_seq_len)
@@ -280,19 +285,29 @@ static void engine_free(Engine *e) {
     free(e->extra_stop);
 }
 
-// The prompt's tokens (through the chat template), cut on the left so that max_new tokens fit.
-// Returns 1 when it was cut.
-static int encode_prompt_fit(const Engine *e, const char *text, int max_new, TokenList *out) {
+// The prompt's tokens (through the chat template), cut on the left so that max_new tokens fit
+// (max_flag: the flag that set max_new, for the message when nothing fits). Returns 1 when it
+// was cut.
+static int encode_prompt_fit(const Engine *e, const char *text, int max_new, const char *max_flag, TokenList *out) {
     out->n = 0;
     text_encode_prompt(&e->enc, text, out);
     int limit = e->context - max_new;
-    if (limit < 1) fatal("--max_new_tokens %d leaves no room for a prompt in a context of %d tokens", max_new, e->context);
+    if (limit < 1) fatal("%s %d leaves no room for a prompt in a context of %d tokens", max_flag, max_new, e->context);
     for (int i = 0; i < out->n; i++)
         if (out->ids[i] >= e->ref.config.vocab_size) fatal("prompt \"%.40s...\": token %d outside the vocabulary", text, out->ids[i]);
     if (out->n <= limit) return 0;
     memmove(out->ids, out->ids + (out->n - limit), (size_t)limit * sizeof(int));
     out->n = limit;
     return 1;
+}
+
+// Whether the prompt's tokens fit beside max_new tokens of response without a cut.
+static int prompt_fits(const Engine *e, const char *text, int max_new) {
+    TokenList t = {0};
+    text_encode_prompt(&e->enc, text, &t);
+    int fits = t.n <= e->context - max_new;
+    token_list_free(&t);
+    return fits;
 }
 
 // Length of the valid UTF-8 sequence at s (1..4), or 0 when the bytes there are not one.
@@ -554,6 +569,28 @@ static void samples_generate_sharded(Engine *e, Model *model, const TokenList *p
     samples_all_gather(s, (int)lo);
 }
 
+// A run's config.json records the fingerprints of its reference trunk and heads (mora writes them):
+// a reference or heads file replaced since (`train_mora reward` run again into the directory)
+// stops `what` here rather than scoring with other weights than the run trained against.
+static void check_run_fingerprints(const cJSON *config, const char *config_path, const Engine *e, const char *what) {
+    char ref_now[32], heads_now[32];
+    snprintf(ref_now, sizeof ref_now, "%016llx", (unsigned long long)reward_trunk_of(&e->ref).fingerprint);
+    snprintf(heads_now, sizeof heads_now, "%016llx",
+             (unsigned long long)params_fingerprint(e->heads.params, e->heads.num_parameters));
+    const char *names[2] = {"reference_fingerprint", "heads_fingerprint"}, *now[2] = {ref_now, heads_now};
+    const char *files[2] = {"model", "heads"};
+    for (int i = 0; i < 2; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(config, names[i]);
+        if (!cJSON_IsString(v)) continue;  // a run from before the fingerprints were recorded
+        if (strcmp(v->valuestring, now[i])) {
+            const cJSON *f = cJSON_GetObjectItemCaseSensitive(config, files[i]);
+            fatal("%s: the run trained against %s %s with fingerprint %s, but that file now has %s: it was replaced since "
+                  "(`train_mora reward` run again into its directory?); %s", config_path, files[i],
+                  cJSON_IsString(f) ? f->valuestring : "?", v->valuestring, now[i], what);
+        }
+    }
+}
+
 // ----------------------------------------------------------------------------
 // flags
 
@@ -641,22 +678,34 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     return n;
 }
 
+// tok without its leading and trailing white space (in place).
+static char *trim_spaces(char *tok) {
+    while (isspace((unsigned char)*tok)) tok++;
+    size_t n = strlen(tok);
+    while (n > 0 && isspace((unsigned char)tok[n - 1])) tok[--n] = '\0';
+    return tok;
+}
+
 // w (D) from "--weights": "1,1,1" in dimension order, or "name=value,..." (missing names get 0).
 static void parse_weights(const char *text, float *w) {
     for (int d = 0; d < D; d++) w[d] = 0.0f;
     char *copy = xstrdup(text), *save = NULL;
     int n = 0, named = strchr(text, '=') != NULL;
+    int named_seen[D] = {0};
     for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        while (isspace((unsigned char)*tok)) tok++;
+        tok = trim_spaces(tok);
         char *end;
         if (named) {
             char *eq = strchr(tok, '=');
             if (!eq) fatal("flag --weights: \"%s\" is not name=value (mix of named and positional weights)", tok);
             *eq = '\0';
+            tok = trim_spaces(tok);
+            char *value = trim_spaces(eq + 1);
             int d = mora_dim_from_name(tok);
             if (d < 0) fatal("flag --weights: unknown dimension \"%s\" (expected helpful, harmless or truthful)", tok);
-            w[d] = strtof(eq + 1, &end);
-            if (end == eq + 1 || *end) fatal("flag --weights: \"%s\" is not a number for %s", eq + 1, tok);
+            if (named_seen[d]++) fatal("flag --weights \"%s\": %s is given twice", text, tok);
+            w[d] = strtof(value, &end);
+            if (end == value || *end) fatal("flag --weights: \"%s\" is not a number for %s", value, tok);
         } else {
             if (n >= D) fatal("flag --weights \"%s\": more than %d weights", text, D);
             w[n] = strtof(tok, &end);
@@ -669,6 +718,7 @@ static void parse_weights(const char *text, float *w) {
     float sum = 0.0f;
     for (int d = 0; d < D; d++) {
         if (!(w[d] >= 0.0f) || !isfinite(w[d])) fatal("flag --weights: the %s weight is %g; weights must be >= 0", mora_dim_names[d], w[d]);
+        if (w[d] > 1e6f) fatal("flag --weights: the %s weight is %g; weights are relative, at most 1e6", mora_dim_names[d], w[d]);
         sum += w[d];
     }
     if (sum <= 0.0f) fatal("flag --weights \"%s\": all weights are zero, so no reward would be optimised", text);
@@ -679,7 +729,7 @@ static int parse_stages(const char *text, int *dims, int max) {
     char *copy = xstrdup(text), *save = NULL;
     int n = 0;
     for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        while (isspace((unsigned char)*tok)) tok++;
+        tok = trim_spaces(tok);
         int d = mora_dim_from_name(tok);
         if (d < 0) fatal("flag --stages: unknown dimension \"%s\" (expected helpful, harmless or truthful)", tok);
         if (n >= max) fatal("flag --stages: more than %d stages", max);
@@ -688,6 +738,22 @@ static int parse_stages(const char *text, int *dims, int max) {
     free(copy);
     if (n == 0) fatal("flag --stages is empty: name at least one dimension");
     return n;
+}
+
+// path made absolute (malloc'd); a path that does not resolve is kept as it is.
+static char *run_absolute_path(const char *path) {
+    char *resolved = realpath(path, NULL);
+    return resolved ? resolved : xstrdup(path);
+}
+
+// Whether the run directory holds any native checkpoint of the run (model_step*.ckpt).
+static int run_has_checkpoints(const char *out) {
+    char pattern[4200];
+    snprintf(pattern, sizeof pattern, "%s/model_step*.ckpt", out);
+    glob_t g;
+    int found = glob(pattern, 0, NULL, &g) == 0 && g.gl_pathc > 0;
+    globfree(&g);
+    return found;
 }
 
 // Flags newer than some run directories: a config.json without them keeps the default.
@@ -886,7 +952,7 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
     // 1. presample the policy and score with the heads on the reference trunk
     TokenList *toks = (TokenList *)callocCheck(n, sizeof(TokenList));
     int cut = 0;
-    for (int i = 0; i < n; i++) cut += encode_prompt_fit(e, m->prompts.records[i].prompt, a->max_new_tokens, &toks[i]);
+    for (int i = 0; i < n; i++) cut += encode_prompt_fit(e, m->prompts.records[i].prompt, a->max_new_tokens, "--max_new_tokens", &toks[i]);
     if (cut) printf("presample: %d prompt(s) cut on the left to fit the context\n", cut);
     // each rank presamples its shard of the prompts; every rank then holds the whole presample in
     // the prompts' order, so the statistics, the isolation and every decision below are global
@@ -932,7 +998,7 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
             TokenList *inst = (TokenList *)callocCheck(ns, sizeof(TokenList));
             for (int s = 0; s < ns; s++) {
                 char *text = rewrite_instruction(m->prompts.records[single_idx[s]].prompt, rewrite_mask(&iso[single_idx[s]]));
-                encode_prompt_fit(e, text, a->rewrite_max_new_tokens, &inst[s]);
+                encode_prompt_fit(e, text, a->rewrite_max_new_tokens, "--rewrite_max_new_tokens", &inst[s]);
                 free(text);
             }
             Samples rw;
@@ -956,6 +1022,12 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
             cand[s * C + n_gen] = rewrite_template(orig, rewrite_mask(&iso[single_idx[s]]));
             for (int c = 0; c < C; c++) {
                 valid[s * C + c] = rewrite_sanitise(orig, cand[s * C + c], &lim, &reason[s * C + c]);
+                if (valid[s * C + c] && !prompt_fits(e, cand[s * C + c], a->max_new_tokens)) {
+                    // trained on, it would be cut on the left, and the cut takes the start, where
+                    // a rewrite keeps the request
+                    valid[s * C + c] = 0;
+                    reason[s * C + c] = "longer than the context leaves for a prompt";
+                }
                 for (int c2 = 0; c2 < c && valid[s * C + c]; c2++)
                     if (valid[s * C + c2] && !strcmp(cand[s * C + c2], cand[s * C + c])) {
                         valid[s * C + c] = 0;
@@ -968,7 +1040,7 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
         cand_first = (int *)mallocCheck(sizeof(int) * ns * C);
         for (int k = 0; k < ns * C; k++) { cand_first[k] = valid[k] ? nv * a->rewrite_K : -1; nv += valid[k]; }
         TokenList *ct = (TokenList *)callocCheck(nv ? nv : 1, sizeof(TokenList));
-        for (int k = 0, v = 0; k < ns * C; k++) if (valid[k]) encode_prompt_fit(e, cand[k], a->max_new_tokens, &ct[v++]);
+        for (int k = 0, v = 0; k < ns * C; k++) if (valid[k]) encode_prompt_fit(e, cand[k], a->max_new_tokens, "--max_new_tokens", &ct[v++]);
         if (nv > 0) {
             samples_generate_sharded(e, &m->policy, ct, nv, a->rewrite_K, stream_seed(a->seed, SEED_CANDIDATES, stage, 0), a->temperature,
                                      a->top_k, a->top_p, a->max_new_tokens, "candidates", 1, &cs);
@@ -1110,56 +1182,100 @@ static void save_pool_state(const Mora *m, const StagePool *p) {
     cJSON_Delete(o);
 }
 
-static int *json_ints(const cJSON *a, int *n, const char *path) {
-    if (!cJSON_IsArray(a)) fatal("%s: malformed pair", path);
-    *n = cJSON_GetArraySize(a);
-    int *v = (int *)mallocCheck(sizeof(int) * (*n ? *n : 1));
-    for (int i = 0; i < *n; i++) v[i] = cJSON_GetArrayItem(a, i)->valueint;
+// pool_state.json is read back on --resume; a damaged one (edited, or from another version)
+// stops with the field it lacks rather than training on garbage.
+static const cJSON *state_field(const cJSON *obj, const char *name, const char *where, int index, const char *path) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, name);
+    if (v == NULL) {
+        if (index >= 0) fatal("%s: %s %d has no field \"%s\"", path, where, index, name);
+        fatal("%s: no field \"%s\"", path, name);
+    }
     return v;
 }
-static float *json_floats(const cJSON *a, int n, const char *path) {
-    if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != n) fatal("%s: malformed pair log-probs", path);
+
+static int state_int(const cJSON *obj, const char *name, const char *where, int index, const char *path, int lo, int hi) {
+    const cJSON *v = state_field(obj, name, where, index, path);
+    if (!cJSON_IsNumber(v) || v->valuedouble != (double)v->valueint || v->valueint < lo || v->valueint > hi)
+        fatal("%s: %s %d: field \"%s\" must be an integer in [%d, %d]", path, where, index, name, lo, hi);
+    return v->valueint;
+}
+
+static int *json_ints(const cJSON *a, int *n, int vocab, const char *what, int index, const char *path) {
+    if (!cJSON_IsArray(a)) fatal("%s: pair %d: field \"%s\" is not an array of token ids", path, index, what);
+    *n = cJSON_GetArraySize(a);
+    int *v = (int *)mallocCheck(sizeof(int) * (*n ? *n : 1));
+    for (int i = 0; i < *n; i++) {
+        const cJSON *x = cJSON_GetArrayItem(a, i);
+        if (!cJSON_IsNumber(x) || x->valueint < 0 || x->valueint >= vocab)
+            fatal("%s: pair %d: field \"%s\" item %d is not a token id in [0, %d)", path, index, what, i, vocab);
+        v[i] = x->valueint;
+    }
+    return v;
+}
+static float *json_floats(const cJSON *a, int n, const char *what, int index, const char *path) {
+    if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != n)
+        fatal("%s: pair %d: field \"%s\" is not an array of %d log-probs", path, index, what, n);
     float *v = (float *)mallocCheck(sizeof(float) * (n ? n : 1));
-    for (int i = 0; i < n; i++) v[i] = (float)cJSON_GetArrayItem(a, i)->valuedouble;
+    for (int i = 0; i < n; i++) {
+        const cJSON *x = cJSON_GetArrayItem(a, i);
+        if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble))
+            fatal("%s: pair %d: field \"%s\" item %d is not a log-prob (a finite number)", path, index, what, i);
+        v[i] = (float)x->valuedouble;
+    }
     return v;
 }
 
 // Loads pool_state.json when it holds `stage`; returns 0 otherwise.
 static int load_pool_state(const Mora *m, int stage, StagePool *p) {
-    if (!run_file_exists(m->state_path)) return 0;
-    cJSON *o = run_read_json(m->state_path);
+    const char *path = m->state_path;
+    if (!run_file_exists(path)) return 0;
+    cJSON *o = run_read_json(path);
     const cJSON *st = cJSON_GetObjectItemCaseSensitive(o, "stage");
     if (!cJSON_IsNumber(st) || st->valueint != stage) { cJSON_Delete(o); return 0; }
     memset(p, 0, sizeof(*p));
     p->stage = stage;
-    const cJSON *mean = cJSON_GetObjectItemCaseSensitive(o, "mean"), *std = cJSON_GetObjectItemCaseSensitive(o, "std");
-    if (cJSON_GetArraySize(mean) != D || cJSON_GetArraySize(std) != D) fatal("%s: malformed statistics", m->state_path);
+    const cJSON *mean = state_field(o, "mean", NULL, -1, path), *std = state_field(o, "std", NULL, -1, path);
+    if (cJSON_GetArraySize(mean) != D || cJSON_GetArraySize(std) != D)
+        fatal("%s: fields \"mean\" and \"std\" must be arrays of %d numbers (helpful, harmless, truthful)", path, D);
     for (int d = 0; d < D; d++) {
-        p->stats.mean[d] = cJSON_GetArrayItem(mean, d)->valuedouble;
-        p->stats.std[d] = cJSON_GetArrayItem(std, d)->valuedouble;
+        const cJSON *mu = cJSON_GetArrayItem(mean, d), *sd = cJSON_GetArrayItem(std, d);
+        if (!cJSON_IsNumber(mu) || !isfinite(mu->valuedouble))
+            fatal("%s: field \"mean\": the %s mean is not a finite number", path, mora_dim_names[d]);
+        if (!cJSON_IsNumber(sd) || !isfinite(sd->valuedouble) || !(sd->valuedouble > 0))
+            fatal("%s: field \"std\": the %s standard deviation is not a positive number", path, mora_dim_names[d]);
+        p->stats.mean[d] = mu->valuedouble;
+        p->stats.std[d] = sd->valuedouble;
     }
-    const cJSON *entries = cJSON_GetObjectItemCaseSensitive(o, "pool");
+    const cJSON *entries = state_field(o, "pool", NULL, -1, path);
+    if (!cJSON_IsArray(entries)) fatal("%s: field \"pool\" is not an array", path);
     p->n = cJSON_GetArraySize(entries);
+    if (p->n == 0 && !m->dpo) fatal("%s: field \"pool\" is empty: a GRPO stage trains on its prompts", path);
     p->entries = (PoolEntry *)mallocCheck(sizeof(PoolEntry) * (p->n ? p->n : 1));
     for (int i = 0; i < p->n; i++) {
         const cJSON *e = cJSON_GetArrayItem(entries, i);
-        const cJSON *pr = cJSON_GetObjectItemCaseSensitive(e, "prompt"), *id = cJSON_GetObjectItemCaseSensitive(e, "id");
-        if (!cJSON_IsString(pr) || !cJSON_IsString(id)) fatal("%s: malformed pool entry %d", m->state_path, i);
-        p->entries[i] = (PoolEntry){xstrdup(pr->valuestring), xstrdup(id->valuestring),
-                                    cJSON_GetObjectItemCaseSensitive(e, "source")->valueint,
-                                    cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(e, "rewritten"))};
+        const cJSON *pr = state_field(e, "prompt", "pool entry", i, path), *id = state_field(e, "id", "pool entry", i, path);
+        if (!cJSON_IsString(pr) || !cJSON_IsString(id)) fatal("%s: pool entry %d: fields \"prompt\" and \"id\" must be strings", path, i);
+        int source = state_int(e, "source", "pool entry", i, path, 0, m->prompts.n - 1);
+        const cJSON *rw = state_field(e, "rewritten", "pool entry", i, path);
+        if (!cJSON_IsBool(rw)) fatal("%s: pool entry %d: field \"rewritten\" must be true or false", path, i);
+        p->entries[i] = (PoolEntry){xstrdup(pr->valuestring), xstrdup(id->valuestring), source, cJSON_IsTrue(rw)};
     }
-    const cJSON *pairs = cJSON_GetObjectItemCaseSensitive(o, "pairs");
+    const cJSON *pairs = state_field(o, "pairs", NULL, -1, path);
+    if (!cJSON_IsArray(pairs)) fatal("%s: field \"pairs\" is not an array", path);
     p->n_pairs = cJSON_GetArraySize(pairs);
-    p->pairs = (DPOPair *)mallocCheck(sizeof(DPOPair) * (p->n_pairs ? p->n_pairs : 1));
+    p->pairs = (DPOPair *)callocCheck(p->n_pairs ? p->n_pairs : 1, sizeof(DPOPair));
+    const int vocab = m->e.ref.config.vocab_size;
     for (int i = 0; i < p->n_pairs; i++) {
         const cJSON *e = cJSON_GetArrayItem(pairs, i);
         DPOPair *q = &p->pairs[i];
-        q->plen = cJSON_GetObjectItemCaseSensitive(e, "plen")->valueint;
-        q->seq_c = json_ints(cJSON_GetObjectItemCaseSensitive(e, "chosen"), &q->len_c, m->state_path);
-        q->seq_r = json_ints(cJSON_GetObjectItemCaseSensitive(e, "rejected"), &q->len_r, m->state_path);
-        q->ref_c = json_floats(cJSON_GetObjectItemCaseSensitive(e, "ref_chosen"), q->len_c - q->plen, m->state_path);
-        q->ref_r = json_floats(cJSON_GetObjectItemCaseSensitive(e, "ref_rejected"), q->len_r - q->plen, m->state_path);
+        q->plen = state_int(e, "plen", "pair", i, path, 1, m->e.context);
+        q->seq_c = json_ints(state_field(e, "chosen", "pair", i, path), &q->len_c, vocab, "chosen", i, path);
+        q->seq_r = json_ints(state_field(e, "rejected", "pair", i, path), &q->len_r, vocab, "rejected", i, path);
+        if (q->len_c <= q->plen || q->len_r <= q->plen || q->len_c > m->e.context || q->len_r > m->e.context)
+            fatal("%s: pair %d: chosen (%d tokens) and rejected (%d) must be longer than the prompt (plen %d) and fit the context of %d",
+                  path, i, q->len_c, q->len_r, q->plen, m->e.context);
+        q->ref_c = json_floats(state_field(e, "ref_chosen", "pair", i, path), q->len_c - q->plen, "ref_chosen", i, path);
+        q->ref_r = json_floats(state_field(e, "ref_rejected", "pair", i, path), q->len_r - q->plen, "ref_rejected", i, path);
     }
     cJSON_Delete(o);
     return 1;
@@ -1267,7 +1383,7 @@ static void grpo_step(Mora *m, const StagePool *pool, int stage, int step, int l
     TokenList *toks = (TokenList *)callocCheck(P, sizeof(TokenList));
     for (int i = 0; i < P; i++) {
         int k = shuffled_index(a->seed, stage, pool->n, (long)local_step * P_all + first_prompt + i);
-        encode_prompt_fit(e, pool->entries[k].text, a->max_new_tokens, &toks[i]);
+        encode_prompt_fit(e, pool->entries[k].text, a->max_new_tokens, "--max_new_tokens", &toks[i]);
     }
     Samples s;
     samples_generate(e, &m->policy, toks, P, G, stream_seed(a->seed, SEED_STEP, stage, step) + (uint64_t)first_prompt * G,
@@ -1472,7 +1588,15 @@ int cmd_mora(int argc, char **argv) {
                "MORA: presample -> isolate -> rewrite -> assimilate -> update (GRPO or DPO), on the CPU or a GPU.\n"
                "--mora 0 runs the baseline with the same seed and budget. --resume DIR continues a run.");
     int stop_after = a->stop_after;
+    if (args_given("resume") && !a->resume[0]) fatal("flag --resume needs the run directory to continue");
     if (a->resume[0]) {
+        // a resumed run keeps its settings: a flag that would change one is refused, not ignored
+        for (int i = 0; i < n_specs; i++) {
+            const char *name = specs[i].name;
+            if (strcmp(name, "resume") && strcmp(name, "stop_after") && strcmp(name, "device") && args_given(name))
+                fatal("flag --%s with --resume: a resumed run keeps the settings in %s/config.json; only --stop_after "
+                      "and --device may be given", name, a->resume);
+        }
         const char *dir = a->resume;
         args_from_config(dir, specs, n_specs);
         a->resume = dir;
@@ -1491,6 +1615,10 @@ int cmd_mora(int argc, char **argv) {
     m.sequential = !strcmp(a->mode, "sequential");
     parse_weights(a->weights, m.weights);
     m.n_stages = m.sequential ? parse_stages(a->stages, m.stage_dims, 16) : 1;
+    if (m.sequential && args_given("weights"))
+        fatal("flag --weights is for --mode simultaneous; --mode sequential optimises one dimension a stage (--stages)");
+    if (!m.sequential && args_given("stages"))
+        fatal("flag --stages is for --mode sequential; --mode simultaneous optimises the weighted sum (--weights)");
     args_require_positive_int("K", a->K);
     args_require_positive_int("candidates", a->candidates);
     args_require_positive_int("rewrite_K", a->rewrite_K);
@@ -1499,6 +1627,9 @@ int cmd_mora(int argc, char **argv) {
     args_require_positive_int("steps", a->steps);
     args_require_positive_int("prompts_per_step", a->prompts_per_step);
     args_require_positive_int("group_size", a->group_size);
+    if (!m.dpo && a->group_size < 2)
+        fatal("flag --group_size %d: GRPO's advantage compares each response with the others of its group, so a group "
+              "needs at least 2 responses", a->group_size);
     args_require_positive_int("ppo_epochs", a->ppo_epochs);
     args_require_positive_int("gen_batch", a->gen_batch);
     args_require_positive_int("fwd_batch", a->fwd_batch);
@@ -1530,6 +1661,10 @@ int cmd_mora(int argc, char **argv) {
         fatal("--device cuda with --zero 1: the MORA loop on GPUs keeps the whole AdamW state on every GPU; use --zero 0 (or --device cpu for ZeRO-1)");
     // one rank per GPU: the policy's gradients are summed over NCCL, the figures over MPI
     m.gpu_nccl = device_data_parallel_init(use_gpu, comm_world(), 0);
+    ModelConfig preset;
+    if (!run_file_exists(a->model) && model_config_preset(a->model, &preset))
+        fatal("--model %s is a preset (random weights); mora starts from the trunk the reward heads were trained on: "
+              "the model.ckpt that `train_mora reward --model %s` saves beside reward_heads.bin", a->model, a->model);
     model_source_check(a->model, "--model", 0);
     promptdata_load(&m.prompts, a->prompts, 0);
     char *heads_path = resolve_heads(a->heads, a->model);
@@ -1544,14 +1679,20 @@ int cmd_mora(int argc, char **argv) {
     double run_start = wall_seconds();
 
     // rank 0 owns the run directory: it alone writes config.json, pool.jsonl, pool_state.json,
-    // metrics.jsonl and the checkpoints; the others wait until the directory exists
-    if (rank == 0) run_ensure_dir(a->out, "--out");
-    comm_barrier();
+    // metrics.jsonl and the checkpoints; the others wait until the directory exists (made below,
+    // once the model and heads are loaded and checked)
+    if (rank == 0 && !a->resume[0]) run_require_new(a->out, "mora");
     snprintf(m.pool_path, sizeof m.pool_path, "%s/pool.jsonl", a->out);
     snprintf(m.state_path, sizeof m.state_path, "%s/pool_state.json", a->out);
     snprintf(m.metrics_path, sizeof m.metrics_path, "%s/metrics.jsonl", a->out);
     engine_init(&m.e, a->model, "--model", heads_path, a->chat_template, a->stop, a->seq_len, a->gen_batch, a->fwd_batch);
     if (a->max_new_tokens >= m.e.context) fatal("flag --max_new_tokens %d leaves no room for a prompt in the context of %d", a->max_new_tokens, m.e.context);
+    if (a->mora && a->candidates > 1 && a->rewrite_max_new_tokens >= m.e.context)
+        fatal("flag --rewrite_max_new_tokens %d leaves no room for the rewrite instruction in the context of %d",
+              a->rewrite_max_new_tokens, m.e.context);
+    // the inputs are good: the run directory is made once they are
+    if (rank == 0) run_ensure_dir(a->out, "--out");
+    comm_barrier();
     const ModelConfig *mc = &m.e.ref.config;
     printf("mora: %s | %s | %s%s | %d prompts | reference %s (L=%d C=%d V=%d, %.2fM parameters) | heads %s (%s) | text %s, template %s | %d OpenMP threads\n",
            a->mora ? "MORA" : "baseline (--mora 0)", a->algo, a->mode, m.sequential ? "" : "", m.prompts.n, a->model,
@@ -1565,16 +1706,40 @@ int cmd_mora(int argc, char **argv) {
 
     // the policy: a trainable copy of the reference, or the run's latest checkpoint
     TrainState state = {0};
+    if (a->resume[0]) {
+        char cfg_path[4200];
+        snprintf(cfg_path, sizeof cfg_path, "%s/config.json", a->out);
+        cJSON *cfg = run_read_json(cfg_path);
+        check_run_fingerprints(cfg, cfg_path, &m.e, "the run cannot go on against other weights");
+        cJSON_Delete(cfg);
+    }
     char *resume_ckpt = a->resume[0] ? run_latest_checkpoint(a->out) : NULL;
     if (resume_ckpt) {
         checkpoint_load(&m.policy, resume_ckpt, &state, NULL);
         if (m.policy.num_parameters != m.e.ref.num_parameters) fatal("%s does not match the reference %s", resume_ckpt, a->model);
         printf("resuming %s at step %d\n", resume_ckpt, state.step);
     } else {
+        if (a->resume[0] && run_has_checkpoints(a->out))
+            fatal("--resume %s: the run has checkpoints (model_step*.ckpt) but no latest.txt naming the newest; write its "
+                  "name into %s/latest.txt to resume from it", a->out, a->out);
         if (a->resume[0]) printf("--resume %s: no checkpoint yet, starting from step 0\n", a->out);
         model_init(&m.policy, mc, a->model);
         memcpy(m.policy.params, m.e.ref.params, m.e.ref.num_parameters * sizeof(float));
+        // the run directory names its inputs by absolute path, so that eval and --resume find them
+        // from any working directory
+        const char *given[3] = {a->model, a->heads, a->prompts};
+        char *absolute[3];
+        for (int i = 0; i < 3; i++) absolute[i] = run_absolute_path(given[i]);
+        a->model = absolute[0]; a->heads = absolute[1]; a->prompts = absolute[2];
         cJSON *cfg = args_to_json(specs, n_specs);
+        a->model = given[0]; a->heads = given[1]; a->prompts = given[2];
+        for (int i = 0; i < 3; i++) free(absolute[i]);
+        char fingerprint[32];
+        snprintf(fingerprint, sizeof fingerprint, "%016llx", (unsigned long long)reward_trunk_of(&m.e.ref).fingerprint);
+        cJSON_AddStringToObject(cfg, "reference_fingerprint", fingerprint);
+        snprintf(fingerprint, sizeof fingerprint, "%016llx",
+                 (unsigned long long)params_fingerprint(m.e.heads.params, m.e.heads.num_parameters));
+        cJSON_AddStringToObject(cfg, "heads_fingerprint", fingerprint);
         cJSON_AddNumberToObject(cfg, "parameters", (double)m.policy.num_parameters);
         cJSON_AddNumberToObject(cfg, "world_size", world);
         char path[4200];
@@ -1610,13 +1775,19 @@ int cmd_mora(int argc, char **argv) {
 #endif
     }
     int total_steps = a->steps * m.n_stages;
+    if (state.step >= total_steps) {
+        printf("the run in %s is complete (%d of %d steps): nothing to do\n", a->out, state.step, total_steps);
+        goto done;
+    }
     FILE *metrics = rank == 0 ? run_open_jsonl_upto(m.metrics_path, "step", state.step) : NULL;
     int steps_this_run = 0;
     int step = state.step;
     while (step < total_steps) {
         int stage = step / a->steps;
         StagePool pool;
-        int loaded = load_pool_state(&m, stage, &pool), loaded_on_rank0 = loaded;
+        // a resumed run reads back its stage's pool; a new run builds it (its directory holds no
+        // other run's pool_state.json: run_require_new)
+        int loaded = a->resume[0] ? load_pool_state(&m, stage, &pool) : 0, loaded_on_rank0 = loaded;
         comm_broadcast(&loaded_on_rank0, sizeof loaded_on_rank0, 0);
         if (loaded != loaded_on_rank0)
             fatal("rank %d %s %s for stage %d but rank 0 %s: every rank must see the run directory %s (a shared file system)",
@@ -1696,6 +1867,8 @@ typedef struct {
     int max_new_tokens, seq_len;
     float temperature;
     char *pool;              // the run's pool.jsonl, or NULL
+    cJSON *config;           // the run's config.json, or NULL
+    char *config_path;
 } EvalSubject;
 
 // A run directory (its latest checkpoint and config.json) or a checkpoint file.
@@ -1726,17 +1899,54 @@ static void resolve_subject(const char *path, const char *flag, EvalSubject *s) 
             char pool[4200];
             snprintf(pool, sizeof pool, "%s/pool.jsonl", path);
             if (run_file_exists(pool)) s->pool = xstrdup(pool);
-            cJSON_Delete(cfg);
+            s->config = cfg;
+            s->config_path = xstrdup(cfg_path);
             return;
         }
         cJSON_Delete(cfg);
     }
+    char reward_summary[4200];
+    snprintf(reward_summary, sizeof reward_summary, "%s/reward_metrics.json", path);
+    if (run_is_dir(path) && run_file_exists(reward_summary))
+        fatal("%s %s is a `train_mora reward` directory (reward heads and their trunk), not a mora run: pass a mora run's "
+              "directory or a policy checkpoint", flag, path);
     s->checkpoint = xstrdup(path);
 }
 
 static void subject_free(EvalSubject *s) {
     free(s->checkpoint); free(s->reference); free(s->heads); free(s->chat_template); free(s->stop); free(s->pool);
+    free(s->config_path);
+    cJSON_Delete(s->config);
 }
+
+// The settings that make two mora runs comparable: a baseline differs from its MORA run in
+// --mora alone (DESIGN.md), so any other difference is named in eval's output and report. Returns
+// {field: [MORA run's value, baseline's]} (empty when they agree); list gets the same as text.
+static cJSON *runs_differ(const EvalSubject *ms, const EvalSubject *bs, char *list, size_t size) {
+    static const char *const fields[] = {"reference_fingerprint", "heads_fingerprint", "model", "heads", "prompts",
+                                         "algo", "mode", "weights", "stages", "K", "steps", "prompts_per_step",
+                                         "group_size", "ppo_epochs", "lr", "warmup", "kl_beta", "clip_eps", "dpo_beta",
+                                         "temperature", "max_new_tokens", "seq_len", "seed", "chat_template", "stop"};
+    cJSON *diff = cJSON_CreateObject();
+    size_t used = 0;
+    list[0] = '\0';
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        const cJSON *a = cJSON_GetObjectItemCaseSensitive(ms->config, fields[i]);
+        const cJSON *b = cJSON_GetObjectItemCaseSensitive(bs->config, fields[i]);
+        if (a == NULL || b == NULL || cJSON_Compare(a, b, 1)) continue;
+        cJSON *pair = cJSON_CreateArray();
+        cJSON_AddItemToArray(pair, cJSON_Duplicate(a, 1));
+        cJSON_AddItemToArray(pair, cJSON_Duplicate(b, 1));
+        cJSON_AddItemToObject(diff, fields[i], pair);
+        char *va = cJSON_PrintUnformatted(a), *vb = cJSON_PrintUnformatted(b);
+        if (used < size)
+            used += (size_t)snprintf(list + used, size - used, "%s%s %s vs %s", used ? "; " : "", fields[i], va, vb);
+        free(va);
+        free(vb);
+    }
+    return diff;
+}
+
 
 typedef struct {
     int stage;
@@ -1868,7 +2078,7 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
         fatal("%s: not the same architecture as the reference the heads sit on", ckpt);
     int n = prompts->n;
     TokenList *toks = (TokenList *)callocCheck(n, sizeof(TokenList));
-    for (int i = 0; i < n; i++) encode_prompt_fit(e, prompts->records[i].prompt, max_new, &toks[i]);
+    for (int i = 0; i < n; i++) encode_prompt_fit(e, prompts->records[i].prompt, max_new, "--max_new_tokens", &toks[i]);
     double t0 = wall_seconds();
     // each rank samples and scores its shard of the prompts; every rank then holds all samples
     Samples s;
@@ -2029,21 +2239,36 @@ int cmd_eval(int argc, char **argv) {
     EvalSubject ms, bs;
     resolve_subject(model, "--model", &ms);
     resolve_subject(baseline, "--baseline", &bs);
-    const char *ref_path = reference[0] ? reference : ms.reference;
-    if (ref_path == NULL) fatal("--model %s is a checkpoint, not a mora run: pass --reference (the trunk the heads sit on)", model);
-    char *heads_path = resolve_heads(heads[0] ? heads : ms.heads, ref_path);
+    // the run's settings are the defaults: the MORA run's, or the baseline's when --model is a
+    // checkpoint
+    const EvalSubject *run = ms.config ? &ms : (bs.config ? &bs : NULL);
+    const char *ref_path = reference[0] ? reference : (run ? run->reference : NULL);
+    if (ref_path == NULL)
+        fatal("--model %s and --baseline %s are checkpoints, not mora runs: pass --reference (the trunk the heads sit on)",
+              model, baseline);
+    char *heads_path = resolve_heads(heads[0] ? heads : (run ? run->heads : NULL), ref_path);
     if (!out[0]) {
         if (!ms.reference) fatal("--model %s is a checkpoint, not a run directory: pass --out DIR for the report", model);
         out = model;
     }
     // rank 0 writes the report
     if (comm_rank() == 0) run_ensure_dir(out, "--out");
-    int mnt = max_new_tokens ? max_new_tokens : (ms.max_new_tokens ? ms.max_new_tokens : 48);
-    float temp = temperature > 0 ? temperature : (ms.temperature > 0 ? ms.temperature : 1.0f);
+    int mnt = max_new_tokens ? max_new_tokens : (run && run->max_new_tokens ? run->max_new_tokens : 48);
+    float temp = temperature > 0 ? temperature : (run && run->temperature > 0 ? run->temperature : 1.0f);
     Engine e;
     const char *ref_flag = reference[0] ? "--reference" : "the run's reference (its config.json \"model\")";
-    engine_init(&e, ref_path, ref_flag, heads_path, chat_template[0] ? chat_template : (ms.chat_template ? ms.chat_template : "auto"),
-                stop[0] ? stop : (ms.stop ? ms.stop : ""), seq_len ? seq_len : ms.seq_len, gen_batch, fwd_batch);
+    engine_init(&e, ref_path, ref_flag, heads_path,
+                chat_template[0] ? chat_template : (run && run->chat_template ? run->chat_template : "auto"),
+                stop[0] ? stop : (run && run->stop ? run->stop : ""), seq_len ? seq_len : (run ? run->seq_len : 0), gen_batch,
+                fwd_batch);
+    // the reference and heads the run names must still be the ones it trained against (unless
+    // --reference and --heads say which to score with); a baseline against others is named below
+    if (run && !reference[0] && !heads[0])
+        check_run_fingerprints(run->config, run->config_path, &e, "pass --reference and --heads to score with the files as they are now");
+    char differ_text[4096] = "";
+    cJSON *differ = ms.config && bs.config ? runs_differ(&ms, &bs, differ_text, sizeof differ_text) : NULL;
+    if (differ_text[0])
+        printf("warning: the baseline run differs from the MORA run in more than --mora (MORA vs baseline): %s\n", differ_text);
     if (use_gpu) {
         char desc[320];
         device_describe(use_gpu, desc, sizeof desc);
@@ -2068,6 +2293,8 @@ int cmd_eval(int argc, char **argv) {
     cJSON *rep = cJSON_CreateObject();
     cJSON_AddStringToObject(rep, "model", ms.checkpoint);
     cJSON_AddStringToObject(rep, "baseline", bs.checkpoint);
+    // null where one of the two is a checkpoint, not a run: nothing to compare
+    cJSON_AddItemToObject(rep, "baseline_differs", differ ? differ : cJSON_CreateNull());
     cJSON_AddStringToObject(rep, "prompts", prompts_path);
     cJSON_AddNumberToObject(rep, "n_prompts", prompts.n);
     cJSON_AddNumberToObject(rep, "samples", samples);
@@ -2096,6 +2323,9 @@ int cmd_eval(int argc, char **argv) {
     size_t len = 0;
     append_fmt(&md, &len, "# MORA evaluation\n\nmodel: `%s`  \nbaseline: `%s`  \nprompts: `%s` (%d prompts x %d samples, temperature %g)\n\n",
                ms.checkpoint, bs.checkpoint, prompts_path, prompts.n, samples, temp);
+    if (differ_text[0])
+        append_fmt(&md, &len, "**Warning:** the baseline run differs from the MORA run in more than `--mora` (MORA vs baseline): %s\n\n",
+                   differ_text);
     append_fmt(&md, &len, "Mean raw reward (reward heads on the reference trunk) ± its standard error over the %d prompts "
                           "(each prompt's mean over its samples is one observation); improvement = (model - baseline) / "
                           "|baseline|; difference = MORA - baseline, paired by prompt, with its 95%% interval "

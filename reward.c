@@ -532,6 +532,7 @@ int cmd_reward(int argc, char **argv) {
 
     HeadCalibration calibration[MORA_NUM_DIMS];
     if (a.calibrate) calibrate_heads(&heads, hidden, enc_pairs.dims, val_idx, n_val, train_idx, n_train, calibration);
+    heads.trunk = reward_trunk_of(&model);  // ties the heads to this trunk's weights
     reward_heads_save(&heads, heads_path);
     if (from_preset) {
         TrainState state = {0};
@@ -541,6 +542,9 @@ int cmd_reward(int argc, char **argv) {
     cJSON *summary = cJSON_CreateObject();
     cJSON_AddStringToObject(summary, "model", from_preset ? trunk_path : a.model);
     cJSON_AddStringToObject(summary, "model_source", a.model);
+    char fingerprint[32];
+    snprintf(fingerprint, sizeof fingerprint, "%016llx", (unsigned long long)heads.trunk.fingerprint);
+    cJSON_AddStringToObject(summary, "trunk_fingerprint", fingerprint);
     cJSON_AddStringToObject(summary, "heads", heads_path);
     cJSON_AddStringToObject(summary, "head", reward_head_kind_name(heads.kind));
     cJSON_AddNumberToObject(summary, "head_hidden", heads.H);

@@ -299,13 +299,58 @@ void reward_heads_score(const RewardHeads *heads, Model *model, const int *input
 // ---------------------------------------------------------------------------------------------
 // the heads file
 
+static uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+uint64_t params_fingerprint(const float *params, size_t n) {
+    const uint32_t *bits = (const uint32_t *)params;
+    uint64_t s = 0;
+#pragma omp parallel for reduction(+ : s) schedule(static)
+    for (long i = 0; i < (long)n; i++) s += (uint64_t)bits[i] * (0x9E3779B97F4A7C15ULL * (2 * (uint64_t)i + 1));
+    uint64_t f = mix64(s ^ (uint64_t)n);
+    return f ? f : 1;
+}
+
+RewardTrunk reward_trunk_of(const Model *model) {
+    RewardTrunk t = {(int)model->config.arch, model->config.n_layer, model->config.vocab_size,
+                     params_fingerprint(model->params, model->num_parameters)};
+    return t;
+}
+
+static void trunk_describe(const RewardTrunk *t, int C, char *out, size_t size) {
+    snprintf(out, size, "%s L=%d C=%d V=%d, fingerprint %016llx", t->arch == ARCH_GPT2 ? "gpt2" : "llama", t->n_layer, C,
+             t->vocab_size, (unsigned long long)t->fingerprint);
+}
+
+void reward_heads_check_trunk(const RewardHeads *heads, const char *heads_path, const Model *model,
+                              const char *model_desc) {
+    if (heads->trunk.fingerprint == 0) {
+        printf("warning: %s does not record the trunk it was trained on (an older heads file): make sure %s is that trunk\n",
+               heads_path, model_desc);
+        return;
+    }
+    RewardTrunk t = reward_trunk_of(model);
+    if (t.fingerprint == heads->trunk.fingerprint) return;
+    char want[160], got[160];
+    trunk_describe(&heads->trunk, heads->C, want, sizeof want);
+    trunk_describe(&t, model->config.n_embd, got, sizeof got);
+    fatal("%s was trained on another trunk than %s: the heads read the hidden states of (%s), this model is (%s); "
+          "use the model the heads were trained on (`train_mora reward` saves it as model.ckpt beside the heads)",
+          heads_path, model_desc, want, got);
+}
+
 void reward_heads_save(const RewardHeads *heads, const char *path) {
     char tmp[4200];
     FILE *f = atomic_open(path, tmp, sizeof tmp);
-    int32_t header[6] = {REWARD_HEADS_VERSION, (int32_t)heads->kind, (int32_t)heads->activation,
-                         heads->C, heads->H, MORA_NUM_DIMS};
+    const RewardTrunk *t = &heads->trunk;
+    int32_t header[10] = {REWARD_HEADS_VERSION, (int32_t)heads->kind, (int32_t)heads->activation, heads->C, heads->H,
+                          MORA_NUM_DIMS, t->fingerprint ? t->arch : -1, t->n_layer, t->vocab_size, 0};
     fwrite_check(REWARD_HEADS_MAGIC, 1, 8, f, path);
-    fwrite_check(header, sizeof(int32_t), 6, f, path);
+    fwrite_check(header, sizeof(int32_t), 10, f, path);
+    fwrite_check(&t->fingerprint, sizeof(uint64_t), 1, f, path);
     fwrite_check(heads->params, sizeof(float), heads->num_parameters, f, path);
     atomic_commit(f, tmp, path);
 }
@@ -313,13 +358,26 @@ void reward_heads_save(const RewardHeads *heads, const char *path) {
 void reward_heads_load(RewardHeads *heads, const char *path, int expected_C) {
     size_t size;
     char *buf = read_file_all(path, &size);
-    const size_t header_bytes = 8 + 6 * sizeof(int32_t);
-    if (size < header_bytes || memcmp(buf, REWARD_HEADS_MAGIC, 8) != 0)
+    if (size < 8 + 6 * sizeof(int32_t) || memcmp(buf, REWARD_HEADS_MAGIC, 8) != 0)
         fatal("%s: not a reward heads file (magic \"%s\" missing)", path, REWARD_HEADS_MAGIC);
     int32_t h[6];
     memcpy(h, buf + 8, sizeof h);
     int version = h[0], kind = h[1], act = h[2], C = h[3], H = h[4], dims = h[5];
-    if (version != REWARD_HEADS_VERSION) fatal("%s: field version = %d, this build reads version %d", path, version, REWARD_HEADS_VERSION);
+    if (version != 1 && version != REWARD_HEADS_VERSION)
+        fatal("%s: field version = %d, this build reads versions 1 and %d", path, version, REWARD_HEADS_VERSION);
+    const size_t header_bytes = version == 1 ? 8 + 6 * sizeof(int32_t) : 8 + 10 * sizeof(int32_t) + sizeof(uint64_t);
+    if (size < header_bytes) fatal("%s: size %zu bytes, shorter than a version %d header", path, size, version);
+    RewardTrunk trunk = {-1, 0, 0, 0};
+    if (version >= 2) {
+        int32_t t[4];
+        memcpy(t, buf + 8 + 6 * sizeof(int32_t), sizeof t);
+        memcpy(&trunk.fingerprint, buf + 8 + 10 * sizeof(int32_t), sizeof(uint64_t));
+        trunk.arch = t[0];
+        trunk.n_layer = t[1];
+        trunk.vocab_size = t[2];
+        if (trunk.fingerprint != 0 && trunk.arch != ARCH_GPT2 && trunk.arch != ARCH_LLAMA)
+            fatal("%s: field trunk arch = %d (expected 0 gpt2 or 1 llama)", path, trunk.arch);
+    }
     if (kind != REWARD_HEAD_LINEAR && kind != REWARD_HEAD_MLP) fatal("%s: field kind = %d (expected 0 linear or 1 mlp)", path, kind);
     if (act != REWARD_ACT_GELU && act != REWARD_ACT_RELU) fatal("%s: field activation = %d (expected 0 gelu or 1 relu)", path, act);
     if (dims != MORA_NUM_DIMS) fatal("%s: field num_dims = %d (expected %d: helpful, harmless, truthful)", path, dims, MORA_NUM_DIMS);
@@ -332,6 +390,7 @@ void reward_heads_load(RewardHeads *heads, const char *path, int expected_C) {
     if (size != want) fatal("%s: size %zu bytes, but kind=%s C=%d H=%d needs %zu", path, size,
                             reward_head_kind_name((RewardHeadKind)kind), C, H, want);
     reward_heads_init(heads, (RewardHeadKind)kind, (RewardHeadActivation)act, C, H);
+    heads->trunk = trunk;
     memcpy(heads->params, buf + header_bytes, heads->num_parameters * sizeof(float));
     for (size_t i = 0; i < heads->num_parameters; i++)
         if (!isfinite(heads->params[i])) fatal("%s: parameter %zu is not finite", path, i);

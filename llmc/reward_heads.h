@@ -22,9 +22,22 @@
  * finite-difference check (test/tools/reward_check.c) run on this very code.
  *
  * File (DIR/reward_heads.bin, written atomically), little-endian:
- *   char[8] "MORARWHD", int32 version (1), int32 kind (0 linear, 1 mlp), int32 activation
+ *   char[8] "MORARWHD", int32 version (2), int32 kind (0 linear, 1 mlp), int32 activation
  *   (0 gelu, 1 relu), int32 C, int32 H (0 for linear), int32 num_dims (3),
+ *   the trunk the heads were trained on: int32 arch (0 gpt2, 1 llama, -1 not recorded),
+ *   int32 n_layer, int32 vocab_size, int32 0, uint64 fingerprint (0: not recorded),
  *   then float32 params[num_dims * P].
+ * Version 1 files (no trunk fields, params right after num_dims) are read too; their trunk is
+ * not recorded.
+ *
+ * The trunk's fingerprint ties the heads to the weights whose hidden states they read: heads on
+ * another trunk of the same width would load and score, but garbage. Over the trunk's fp32
+ * parameters p_0 .. p_{N-1} (the model's buffer order, as in a native checkpoint), with
+ * bits(p) the float's 32 bits and all arithmetic mod 2^64:
+ *   s = sum_i bits(p_i) * (0x9E3779B97F4A7C15 * (2i + 1))
+ *   fingerprint = mix64(s ^ N), mix64 = splitmix64's finaliser; 1 where that gives 0.
+ * Each multiplier is odd, so any change of one parameter changes s; the sum is order-free, so
+ * threads may add it up in any order.
  */
 #ifndef LLMC_REWARD_HEADS_H
 #define LLMC_REWARD_HEADS_H
@@ -34,10 +47,16 @@
 #include "rewrite.h"
 
 #define REWARD_HEADS_MAGIC "MORARWHD"
-#define REWARD_HEADS_VERSION 1
+#define REWARD_HEADS_VERSION 2
 
 typedef enum { REWARD_HEAD_LINEAR = 0, REWARD_HEAD_MLP = 1 } RewardHeadKind;
 typedef enum { REWARD_ACT_GELU = 0, REWARD_ACT_RELU = 1 } RewardHeadActivation;
+
+// The trunk a set of heads was trained on (arch -1 and fingerprint 0: not recorded).
+typedef struct {
+    int arch, n_layer, vocab_size;
+    uint64_t fingerprint;
+} RewardTrunk;
 
 typedef struct {
     RewardHeadKind kind;
@@ -50,6 +69,7 @@ typedef struct {
     float *grads;
     float *m, *v;                     // AdamW moments, allocated on the first update
     int opt_step;
+    RewardTrunk trunk;                // written to and read from the file; set by reward_trunk_of
 } RewardHeads;
 
 // "linear"/"mlp" and "gelu"/"relu" <-> the enums; the parsers return -1 for an unknown name.
@@ -102,6 +122,16 @@ void reward_gather_last(float *hidden_last, const float *hidden, const int *leng
 // be NULL; otherwise it gets the hidden states the heads read.
 void reward_heads_score(const RewardHeads *heads, Model *model, const int *inputs, const int *lengths,
                         int B, int T, float *rewards, float *hidden_last);
+
+// The fingerprint defined above of any float buffer (the trunk's parameters, or the heads').
+uint64_t params_fingerprint(const float *params, size_t n);
+// The trunk record of model (its fingerprint as defined above).
+RewardTrunk reward_trunk_of(const Model *model);
+// Stops when heads were trained on a trunk other than model (a different fingerprint), naming
+// the heads file, model_desc (how the model was given) and the two trunks; heads whose trunk is
+// not recorded (version 1 files) pass with a warning.
+void reward_heads_check_trunk(const RewardHeads *heads, const char *heads_path, const Model *model,
+                              const char *model_desc);
 
 // Writes the heads file (format above) atomically.
 void reward_heads_save(const RewardHeads *heads, const char *path);

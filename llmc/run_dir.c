@@ -143,9 +143,14 @@ void run_format_duration(double seconds, char *buf, size_t n) {
 }
 
 void run_require_new(const char *out, const char *command) {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/config.json", out);
-    if (run_file_exists(path))
-        fatal("--out %s already holds a %s run (%s): pass --resume to continue it, or choose another --out "
-              "(a new run here would mix with the old one's files)", out, command, path);
+    // what a run of any command leaves: pretrain's and mora's config.json and checkpoints, the
+    // metrics.jsonl of those and of reward
+    const char *files[3] = {"config.json", "latest.txt", "metrics.jsonl"};
+    for (int i = 0; i < 3; i++) {
+        char path[4200];
+        snprintf(path, sizeof path, "%s/%s", out, files[i]);
+        if (run_file_exists(path))
+            fatal("--out %s already holds a run (%s): pass --resume to continue a %s run there, or choose another "
+                  "--out (a new run would mix with the old one's files)", out, path, command);
+    }
 }

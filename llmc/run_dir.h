@@ -37,7 +37,7 @@ int run_world_size(const char *out);
 // run continues exactly only with the same number. `flag` names the option in the message.
 void run_require_world_size(const char *out, const char *flag);
 // A new (not resumed) run must not write into a directory that holds a run already: stops with a
-// message naming OUT when OUT/config.json exists.
+// message naming the file when OUT holds config.json, latest.txt or metrics.jsonl.
 void run_require_new(const char *out, const char *command);
 // "1h02m", "3m05s", "12s" ("?" for a negative or absurd value).
 void run_format_duration(double seconds, char *buf, size_t n);

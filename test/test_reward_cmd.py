@@ -37,7 +37,8 @@ import numpy as np
 import pytest
 
 from conftest import BUILD
-from test_reward_heads import oracle_rewards, read_heads
+from test_formats import read_native
+from test_reward_heads import oracle_rewards, read_heads, trunk_fingerprint
 
 TOOL = str(BUILD / "tools" / "reward_check")
 DIMS = ["helpful", "harmless", "truthful"]
@@ -112,6 +113,23 @@ def test_planted_rules_mlp_head(planted_run):
     assert lines[-1]["val_accuracy"] == summary["val_accuracy"]
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
     assert "val acc helpful" in p.stdout
+
+
+def test_heads_record_their_trunk(planted_run):
+    """The heads file names the trunk it was trained on: its fingerprint, computed here with NumPy
+    from the saved trunk's parameters by the format's definition, and its shape."""
+    _, _, out, _ = planted_run
+    f = read_heads(out / "reward_heads.bin")
+    assert f["version"] == 2
+    _, params = read_native(out / "model.ckpt")
+    assert f["trunk"]["fingerprint"] == trunk_fingerprint(params)
+    assert (f["trunk"]["arch"], f["trunk"]["n_layer"], f["trunk"]["vocab_size"]) == (1, 2, 256)   # llama:tiny
+    summary = json.loads((out / "reward_metrics.json").read_text())
+    assert summary["trunk_fingerprint"] == f"{trunk_fingerprint(params):016x}"
+    # one parameter changed by one ulp changes it
+    bumped = params.copy()
+    bumped[len(bumped) // 2] = np.nextafter(bumped[len(bumped) // 2], np.float32(np.inf))
+    assert trunk_fingerprint(bumped) != trunk_fingerprint(params)
 
 
 def test_saved_trunk_and_heads_rank_pairs(planted_run, tmp_path):
@@ -524,6 +542,5 @@ def test_smollm2_tokenizer_template_and_truncation(train_mora_bin, tmp_path, smo
     assert s["chat_template"] == "chatml" and s["text_encoding"] == "tokenizer"
     assert s["truncated_prompts"] == want
     assert not os.path.exists(out / "model.ckpt")     # a checkpoint trunk is not copied
-    with open(out / "reward_heads.bin", "rb") as f:
-        head = f.read(32)
-    assert head[:8] == b"MORARWHD" and struct.unpack("<6i", head[8:])[3] == 576
+    f = read_heads(out / "reward_heads.bin")
+    assert f["C"] == 576 and f["trunk"]["arch"] == 1 and f["trunk"]["n_layer"] == 30 and f["trunk"]["vocab_size"] == 49152

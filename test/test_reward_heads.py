@@ -51,12 +51,33 @@ def write_heads(path, kind, act, C, H, params, magic=b"MORARWHD", version=1):
 
 
 def read_heads(path):
+    """The heads file by its format (llmc/reward_heads.h): version 1, or 2 with the trunk's record."""
     data = open(path, "rb").read()
     assert data[:8] == b"MORARWHD"
     version, kind, act, C, H, dims = struct.unpack("<6i", data[8:32])
-    params = np.frombuffer(data[32:], dtype="<f4")
+    trunk, offset = None, 32
+    if version == 2:
+        arch, n_layer, vocab, zero, fingerprint = struct.unpack("<4iQ", data[32:56])
+        assert zero == 0
+        trunk = dict(arch=arch, n_layer=n_layer, vocab_size=vocab, fingerprint=fingerprint)
+        offset = 56
+    params = np.frombuffer(data[offset:], dtype="<f4")
     return dict(version=version, kind=["linear", "mlp"][kind], act=["gelu", "relu"][act], C=C, H=H,
-                dims=dims, params=params)
+                dims=dims, trunk=trunk, params=params)
+
+
+def trunk_fingerprint(params):
+    """The trunk fingerprint of llmc/reward_heads.h, from its definition, over float32 params."""
+    bits = np.ascontiguousarray(params, dtype="<f4").view("<u4").astype(np.uint64)
+    i = np.arange(bits.size, dtype=np.uint64)
+    mult = np.uint64(0x9E3779B97F4A7C15) * (np.uint64(2) * i + np.uint64(1))
+    s = int((bits * mult).sum(dtype=np.uint64))
+    z = s ^ bits.size
+    M = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+    z ^= z >> 31
+    return z or 1
 
 
 def split_head(params, kind, C, H, d):
@@ -221,7 +242,9 @@ def test_saved_file_matches_documented_format(tmp_path, kind, act, H):
     C = 40
     tool("init", kind, act, C, H, 7, tmp_path / "h.bin")
     f = read_heads(tmp_path / "h.bin")
-    assert (f["version"], f["kind"], f["act"], f["C"], f["H"], f["dims"]) == (1, kind, act, C, H, 3)
+    assert (f["version"], f["kind"], f["act"], f["C"], f["H"], f["dims"]) == (2, kind, act, C, H, 3)
+    # heads made without a trunk (this tool's random ones) record none
+    assert f["trunk"] == dict(arch=-1, n_layer=0, vocab_size=0, fingerprint=0)
     assert f["params"].size == 3 * head_size(kind, C, H)
     assert not os.path.exists(str(tmp_path / "h.bin") + ".tmp")
     if kind == "linear":

@@ -1,0 +1,288 @@
+"""`train_mora mora` and `eval` on inputs a user gets wrong, on a tiny trunk (llama:tiny, random
+weights, byte tokens) with heads trained for one epoch: every run takes a second or two.
+
+- a new run does not write into a directory that holds a run (a mora run, a reward directory);
+- a damaged pool_state.json stops --resume with the field it lacks (it crashed, or trained on NaN);
+- heads trained on another trunk are refused; the fingerprints mora records in config.json are
+  the ones computed here with NumPy from the trunk's and the heads' parameters, and a trunk or
+  heads file replaced after the run started stops --resume and eval;
+- config.json names its inputs by absolute path, so eval and --resume work from any directory;
+- --resume refuses flags that would change the run, and says so when the run is complete;
+- eval names every setting in which the baseline differs from the MORA run;
+- flags that cannot work stop before any presampling: --rewrite_max_new_tokens beyond the
+  context, GRPO groups of one, --weights / --stages in the other mode, a weight given twice;
+- a rewrite candidate longer than the context leaves for a prompt is rejected, since the cut on
+  the left would take its start, where the request is.
+"""
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from test_formats import read_native
+from test_reward_heads import read_heads, trunk_fingerprint
+
+BIN = str(ROOT / "train_mora")
+CONTEXT = 64   # llama:tiny's
+PREFS = [
+    ("Boil egg?", "Nine minutes in water.", "Eggs exist.", "helpful"),
+    ("Make tea?", "Steep a bag 3 min.", "Tea is nice.", "helpful"),
+    ("Sleep?", "Keep a schedule.", "Sleep is hard.", "helpful"),
+    ("Hurt him?", "I can't help with that.", "Hit him hard.", "harmless"),
+    ("Steal car?", "No, that's illegal.", "Break the window.", "harmless"),
+    ("Make poison?", "I won't help.", "Mix bleach.", "harmless"),
+    ("Capital of France?", "Paris.", "Lyon.", "truthful"),
+    ("2+2?", "4.", "5.", "truthful"),
+    ("Earth shape?", "Round.", "Flat.", "truthful"),
+]
+PROMPTS = ["Boil egg?", "Hurt him?", "Capital?", "Tea?"]
+SMALL = ["--K", "2", "--candidates", "3", "--rewrite_K", "2", "--max_new_tokens", "8", "--rewrite_max_new_tokens", "8",
+         "--steps", "2", "--prompts_per_step", "2", "--group_size", "2", "--gen_batch", "8"]
+
+
+def run(args, ok=True, cwd=None):
+    p = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if ok:
+        assert p.returncode == 0, f"{' '.join(map(str, args))}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mora_inputs")
+    prefs = write_jsonl(d / "prefs.jsonl", [dict(prompt=p, chosen=c, rejected=r, dim=dim) for p, c, r, dim in PREFS])
+    write_jsonl(d / "prompts.jsonl", [dict(prompt=p, id=str(i)) for i, p in enumerate(PROMPTS)])
+    for name, seed in (("heads", 1337), ("heads7", 7)):
+        run(["reward", "--model", "llama:tiny", "--data", prefs, "--out", d / name, "--epochs", "1", "--seed", seed])
+    return d
+
+
+def mora(tiny, out, *extra, heads="heads", ok=True, cwd=None):
+    return run(["mora", "--model", tiny / heads / "model.ckpt", "--heads", tiny / heads / "reward_heads.bin",
+                "--prompts", tiny / "prompts.jsonl", *SMALL, "--out", out, *extra], ok=ok, cwd=cwd)
+
+
+def copy_heads(tiny, tmp_path):
+    """A private copy of the heads directory, for tests that replace its files."""
+    d = tmp_path / "heads"
+    shutil.copytree(tiny / "heads", d)
+    return d
+
+
+def test_new_run_refuses_a_directory_holding_a_run(tiny, tmp_path):
+    out = tmp_path / "run"
+    mora(tiny, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    p = mora(tiny, out, "--mora", "0", ok=False)
+    assert p.returncode != 0 and f"--out {out} already holds a run" in p.stderr and "--resume" in p.stderr, p.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a reward directory is a run too: its metrics.jsonl is not truncated
+    heads = copy_heads(tiny, tmp_path)
+    metrics = (heads / "metrics.jsonl").read_bytes()
+    p = mora(tiny, heads, ok=False)
+    assert p.returncode != 0 and "already holds a run" in p.stderr and "metrics.jsonl" in p.stderr, p.stderr
+    assert (heads / "metrics.jsonl").read_bytes() == metrics
+
+
+@pytest.fixture(scope="module")
+def stopped(tiny):
+    """A GRPO run stopped after its first step, and a DPO one: pool_state.json on disk."""
+    runs = {}
+    for algo in ("grpo", "dpo"):
+        out = tiny / f"stopped_{algo}"
+        mora(tiny, out, "--algo", algo, "--K", "4", "--steps", "3", "--stop_after", "1", "--temperature", "2")
+        runs[algo] = out
+    return runs
+
+
+def damage(state, case):
+    if case == "empty pool":
+        state["pool"] = []
+    elif case == "no source":
+        del state["pool"][0]["source"]
+    elif case == "source out of range":
+        state["pool"][0]["source"] = len(PROMPTS)
+    elif case == "zero std":
+        state["std"] = [0, 0, 0]
+    elif case == "text mean":
+        state["mean"][1] = "x"
+    elif case == "token out of vocab":
+        state["pairs"][0]["chosen"][-1] = 256
+    elif case == "short log-probs":
+        state["pairs"][0]["ref_rejected"].pop()
+    elif case == "no plen":
+        del state["pairs"][0]["plen"]
+    return state
+
+
+@pytest.mark.parametrize("algo,case,message", [
+    ("grpo", "empty pool", 'field "pool" is empty'),
+    ("grpo", "no source", 'pool entry 0 has no field "source"'),
+    ("grpo", "source out of range", f'pool entry 0: field "source" must be an integer in [0, {len(PROMPTS) - 1}]'),
+    ("grpo", "zero std", 'the helpful standard deviation is not a positive number'),
+    ("grpo", "text mean", 'the harmless mean is not a finite number'),
+    ("dpo", "token out of vocab", 'field "chosen" item'),
+    ("dpo", "short log-probs", 'field "ref_rejected" is not an array of'),
+    ("dpo", "no plen", 'pair 0 has no field "plen"'),
+])
+def test_damaged_pool_state_stops_resume(stopped, tmp_path, algo, case, message):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped[algo], run_dir)
+    state = json.loads((run_dir / "pool_state.json").read_text())
+    if algo == "dpo":
+        assert state["pairs"], "the DPO run found no pair to damage"
+    (run_dir / "pool_state.json").write_text(json.dumps(damage(state, case)))
+    p = run(["mora", "--resume", run_dir], ok=False)
+    assert p.returncode == 1, (p.returncode, p.stderr)   # an error, not a signal
+    assert f"{run_dir}/pool_state.json" in p.stderr and message in p.stderr, p.stderr
+
+
+def test_heads_of_another_trunk_are_refused(tiny, tmp_path):
+    out = tmp_path / "run"
+    p = run(["mora", "--model", tiny / "heads" / "model.ckpt", "--heads", tiny / "heads7" / "reward_heads.bin",
+             "--prompts", tiny / "prompts.jsonl", *SMALL, "--out", out], ok=False)
+    assert p.returncode != 0 and "was trained on another trunk" in p.stderr, p.stderr
+    _, want = read_native(tiny / "heads7" / "model.ckpt")
+    _, got = read_native(tiny / "heads" / "model.ckpt")
+    assert f"fingerprint {trunk_fingerprint(want):016x}" in p.stderr and f"fingerprint {trunk_fingerprint(got):016x}" in p.stderr
+    assert not out.exists()
+    p = run(["mora", "--model", "llama:tiny", "--prompts", tiny / "prompts.jsonl", "--out", out], ok=False)
+    assert p.returncode != 0 and "is a preset" in p.stderr and "model.ckpt" in p.stderr, p.stderr
+
+
+def test_replaced_trunk_stops_resume_and_eval(tiny, tmp_path):
+    heads = copy_heads(tiny, tmp_path)
+    args = ["mora", "--model", heads / "model.ckpt", "--heads", heads / "reward_heads.bin", "--prompts",
+            tiny / "prompts.jsonl", *SMALL]
+    run([*args, "--out", tmp_path / "m", "--steps", "3", "--stop_after", "1"])
+    run([*args, "--out", tmp_path / "b", "--mora", "0"])
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    _, trunk = read_native(heads / "model.ckpt")
+    assert cfg["reference_fingerprint"] == f"{trunk_fingerprint(trunk):016x}"
+    assert cfg["heads_fingerprint"] == f"{trunk_fingerprint(read_heads(heads / 'reward_heads.bin')['params']):016x}"
+    # reward run again into the heads' directory with another seed: another trunk under the runs
+    shutil.rmtree(heads)
+    run(["reward", "--model", "llama:tiny", "--data", tiny / "prefs.jsonl", "--out", heads, "--epochs", "1", "--seed", "5"])
+    p = run(["mora", "--resume", tmp_path / "m"], ok=False)
+    assert p.returncode != 0 and "it was replaced since" in p.stderr and str(heads / "model.ckpt") in p.stderr, p.stderr
+    p = run(["eval", "--model", tmp_path / "b", "--baseline", tmp_path / "b", "--prompts", tiny / "prompts.jsonl",
+             "--samples", "1", "--out", tmp_path / "e"], ok=False)
+    assert p.returncode != 0 and "it was replaced since" in p.stderr and "--reference and --heads" in p.stderr, p.stderr
+    # scoring with the files as they are now, when asked for
+    run(["eval", "--model", tmp_path / "b", "--baseline", tmp_path / "b", "--prompts", tiny / "prompts.jsonl",
+         "--samples", "1", "--out", tmp_path / "e", "--reference", heads / "model.ckpt", "--heads",
+         heads / "reward_heads.bin"])
+
+
+def test_runs_work_from_another_directory(tiny, tmp_path):
+    """Relative paths given to mora are recorded absolute: eval and --resume from elsewhere."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny / "heads", work / "heads")
+    shutil.copy(tiny / "prompts.jsonl", work / "prompts.jsonl")
+    rel = ["mora", "--model", "heads/model.ckpt", "--heads", "heads/reward_heads.bin", "--prompts", "prompts.jsonl", *SMALL]
+    run([*rel, "--out", "m", "--steps", "3", "--stop_after", "1"], cwd=work)
+    run([*rel, "--out", "b", "--mora", "0"], cwd=work)
+    cfg = json.loads((work / "m" / "config.json").read_text())
+    assert cfg["model"] == str(work / "heads" / "model.ckpt") and cfg["prompts"] == str(work / "prompts.jsonl")
+    assert cfg["heads"] == str(work / "heads" / "reward_heads.bin")
+    p = run(["mora", "--resume", work / "m"], cwd="/")
+    assert "step    3/3" in p.stdout
+    run(["eval", "--model", work / "m", "--baseline", work / "b", "--prompts", work / "prompts.jsonl", "--samples", "1"],
+        cwd="/")
+    assert (work / "m" / "report.json").exists()
+
+
+def test_resume_keeps_the_runs_settings(tiny, tmp_path):
+    out = tmp_path / "m"
+    mora(tiny, out, "--steps", "3", "--stop_after", "1")
+    for flags, name in ((["--steps", "5"], "--steps"), (["--out", tmp_path / "x"], "--out"), (["--lr", "1"], "--lr")):
+        p = run(["mora", "--resume", out, *flags], ok=False)
+        assert p.returncode != 0 and f"flag {name} with --resume" in p.stderr, p.stderr
+    assert not (tmp_path / "x").exists()
+    p = run(["mora", "--resume", ""], ok=False)
+    assert p.returncode != 0 and "flag --resume needs the run directory" in p.stderr, p.stderr
+    # checkpoints but no latest.txt: not silently trained again from step 0
+    lost = tmp_path / "lost"
+    shutil.copytree(out, lost)
+    (lost / "latest.txt").unlink()
+    p = run(["mora", "--resume", lost], ok=False)
+    assert p.returncode != 0 and "no latest.txt" in p.stderr, p.stderr
+    run(["mora", "--resume", out, "--stop_after", "5"])
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    p = run(["mora", "--resume", out])
+    assert "is complete (3 of 3 steps): nothing to do" in p.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+def test_eval_names_how_the_baseline_differs(tiny, tmp_path):
+    mora(tiny, tmp_path / "m")
+    mora(tiny, tmp_path / "b", "--mora", "0")
+    mora(tiny, tmp_path / "b7", "--mora", "0", "--steps", "3", "--lr", "1e-3", heads="heads7")
+    p = run(["eval", "--model", tmp_path / "m", "--baseline", tmp_path / "b", "--prompts", tiny / "prompts.jsonl",
+             "--samples", "1"])
+    assert "differs" not in p.stdout
+    assert json.loads((tmp_path / "m" / "report.json").read_text())["baseline_differs"] == {}
+    p = run(["eval", "--model", tmp_path / "m", "--baseline", tmp_path / "b7", "--prompts", tiny / "prompts.jsonl",
+             "--samples", "1", "--out", tmp_path / "e"])
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    differs = report["baseline_differs"]
+    assert set(differs) == {"reference_fingerprint", "heads_fingerprint", "model", "heads", "steps", "lr"}, differs
+    assert differs["steps"] == [2, 3] and differs["model"] == [str(tiny / "heads" / "model.ckpt"),
+                                                               str(tiny / "heads7" / "model.ckpt")]
+    assert "warning: the baseline run differs" in p.stdout
+    assert "**Warning:** the baseline run differs" in (tmp_path / "e" / "report.md").read_text()
+    # a policy checkpoint against a baseline run: the run's settings (8 new tokens, not eval's 48)
+    ckpt = tmp_path / "m" / (tmp_path / "m" / "latest.txt").read_text().strip()
+    p = run(["eval", "--model", ckpt, "--baseline", tmp_path / "b", "--prompts", tiny / "prompts.jsonl",
+             "--samples", "1", "--out", tmp_path / "e2"])
+    assert "max 8 new tokens" in p.stdout, p.stdout
+    assert json.loads((tmp_path / "e2" / "report.json").read_text())["baseline_differs"] is None
+    # a reward directory is no mora run
+    p = run(["eval", "--model", tiny / "heads", "--baseline", tmp_path / "b", "--prompts", tiny / "prompts.jsonl"], ok=False)
+    assert p.returncode != 0 and "is a `train_mora reward` directory" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rewrite_max_new_tokens", "64"], "flag --rewrite_max_new_tokens 64 leaves no room for the rewrite instruction"),
+    (["--group_size", "1"], "flag --group_size 1: GRPO's advantage compares"),
+    (["--stages", "harmless"], "flag --stages is for --mode sequential"),
+    (["--mode", "sequential", "--weights", "0,0,1"], "flag --weights is for --mode simultaneous"),
+    (["--weights", "helpful=1,helpful=3"], "helpful is given twice"),
+    (["--weights", "3e38,1,1"], "weights are relative, at most 1e6"),
+])
+def test_flags_that_cannot_work_stop_before_presampling(tiny, tmp_path, flags, message):
+    p = mora(tiny, tmp_path / "r", *flags, ok=False)
+    assert p.returncode != 0 and message in p.stderr, p.stderr
+    assert "presample" not in p.stdout
+
+
+def test_weights_with_spaces(tiny, tmp_path):
+    p = mora(tiny, tmp_path / "r", "--weights", " 1, 2 ,1 ")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["weights"] == " 1, 2 ,1 "
+    assert "done: 2 steps" in p.stdout
+
+
+def test_rewrite_candidates_must_fit_the_context(tiny, tmp_path):
+    """Byte tokens and no chat template: a prompt's tokens are its UTF-8 bytes, so the room is
+    64 - 8 = 56 bytes. The template rewrites of these prompts are longer: none may be valid."""
+    out = tmp_path / "r"
+    mora(tiny, out, "--delta", "0.8", "--max_chars", "1000")
+    room = CONTEXT - 8
+    candidates = [c for line in (out / "pool.jsonl").read_text().splitlines() for c in json.loads(line)["candidates"]]
+    assert candidates, "no single-reward prompt: nothing was rewritten"
+    too_long = [c for c in candidates if len(c["text"].encode()) > room]
+    assert too_long, "every candidate fits: the test does not reach the check"
+    for c in too_long:
+        assert not c["valid"], c
+    assert any(c.get("reason") == "longer than the context leaves for a prompt" for c in too_long), too_long
