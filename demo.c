@@ -4,6 +4,7 @@
  * reward heads trained on its rule-labelled preferences (`reward`), MORA against the baseline with
  * the same seed and budget (`mora`, `mora --mora 0`), and the table on held-out prompts (`eval`).
  */
+#include <glob.h>
 #include <math.h>
 #include <stdarg.h>
 #include <omp.h>
@@ -160,6 +161,27 @@ static double kind_share(const RuleScores *s, int kind, int r) {
 
 // Judges the responses of out/report.json by the world's rules (the ground truth the reward heads
 // approximate), prints the table and appends it to out/report.md.
+// An earlier demo's MORA or baseline run in dir: its files are removed, so that the demo can be
+// run again into the same --out (mora itself refuses a directory that holds a run). Only the
+// files a mora run writes are touched.
+static void demo_clear_run(const char *dir) {
+    static const char *const patterns[] = {"config.json", "metrics.jsonl", "pool.jsonl", "pool_state.json", "latest.txt",
+                                           "model_step*.ckpt"};
+    int removed = 0;
+    for (size_t i = 0; i < sizeof patterns / sizeof patterns[0]; i++) {
+        char pattern[4300];
+        snprintf(pattern, sizeof pattern, "%s/%s", dir, patterns[i]);
+        glob_t g;
+        if (glob(pattern, 0, NULL, &g) == 0)
+            for (size_t k = 0; k < g.gl_pathc; k++) {
+                if (remove(g.gl_pathv[k]) != 0) fatal("cannot remove the earlier demo's %s: %s", g.gl_pathv[k], strerror(errno));
+                removed++;
+            }
+        globfree(&g);
+    }
+    if (removed) printf("replacing the earlier demo's run in %s (%d files)\n", dir, removed);
+}
+
 static void judge_report(const char *out) {
     char path[4300], md_path[4300];
     snprintf(path, sizeof path, "%s/report.json", out);
@@ -298,6 +320,8 @@ int cmd_demo(int argc, char **argv) {
     run_command(cmd_reward, "reward", reward_flags, (int)(sizeof reward_flags / sizeof reward_flags[0]));
 
     // 4. MORA and the baseline: the same seed and budget
+    demo_clear_run(mora_dir);
+    demo_clear_run(base_run);
     const char *common[] = {"--model", base_ckpt, "--heads", heads_path, "--prompts", train_prompts, "--chat_template", "plain",
                             "--stop", "\n", "--K", "8", "--candidates", "2", "--rewrite_K", "4", "--max_new_tokens", "96",
                             "--rewrite_max_new_tokens", "64", "--steps", steps_text, "--prompts_per_step", "8",

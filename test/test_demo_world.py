@@ -179,3 +179,21 @@ def test_demo_bad_base_fails_before_work(tmp_path):
     assert p.returncode != 0
     assert "--base" in p.stderr and "missing.ckpt" in p.stderr, p.stderr
     assert not out.exists()
+
+
+def test_demo_runs_again_into_its_directory(mora_world, tmp_path):
+    """A second demo into the same --out replaces the first one's runs (mora refuses a directory
+    holding a run; the demo owns these): on the first demo's pretrained model, one step each."""
+    from conftest import ROOT
+    import shutil
+    import subprocess
+    out = tmp_path / "demo"
+    shutil.copytree(mora_world, out)
+    old_steps = len((out / "mora" / "metrics.jsonl").read_text().splitlines())
+    p = subprocess.run([str(ROOT / "train_mora"), "demo", "--base", str(out / "base" / "model.ckpt"), "--out", str(out),
+                        "--steps", "1"], capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"replacing the earlier demo's run in {out}/mora" in p.stdout
+    assert old_steps == 3 and len((out / "mora" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert json.loads((out / "mora" / "config.json").read_text())["steps"] == 1
+    assert sorted(q.name for q in (out / "baseline").glob("model_step*.ckpt")) == ["model_step000001.ckpt"]
