@@ -178,8 +178,14 @@ static int cmd_pretrain(int argc, char **argv) {
                a.zero == 1 ? ", ZeRO-1: AdamW state sharded over the ranks" : "");
 
     DataLoader train, val;
-    dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, rank, world);
-    if (a.val_data[0]) dataloader_init(&val, a.val_data, a.batch_size, a.seq_len, rank, world);
+    dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, rank, world, model.config.vocab_size, "train data");
+    if (a.val_data[0]) {
+        dataloader_init(&val, a.val_data, a.batch_size, a.seq_len, rank, world, model.config.vocab_size, "val data");
+        if (a.val_batches > val.total_batches && rank == 0)
+            fprintf(stderr, "warning: --val_batches %d is more than the %lld batches of %dx%d in --val_data: "
+                    "every validation reads some batches more than once\n",
+                    a.val_batches, (long long)val.total_batches, a.batch_size, a.seq_len);
+    }
     printf("train data: %d shard(s), %lld batches of %dx%d per epoch\n", train.n_shards,
            (long long)train.total_batches, a.batch_size, a.seq_len);
 

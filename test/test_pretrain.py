@@ -6,6 +6,7 @@ run's metrics exactly, and wrong input gives a clear error and a non-zero exit."
 import json
 import math
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -82,6 +83,40 @@ def test_resume_equals_uninterrupted(train_mora_bin, tmp_path, shards):
     assert [r["step"] for r in b] == list(range(1, 9))
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
+
+
+def test_token_outside_the_vocabulary(train_mora_bin, tmp_path, shards):
+    tokens = periodic_tokens(2000, 256)
+    tokens[37] = 300
+    bad = tmp_path / "bad_000.bin"
+    write_shard(bad, tokens)
+    args = [train_mora_bin, "pretrain", "--init", "gpt2:tiny", "--batch_size", "1", "--seq_len", "8",
+            "--steps", "10", "--warmup", "1"]
+    p = run(args + ["--train_data", str(bad), "--out", str(tmp_path / "a")])
+    assert p.returncode != 0
+    assert f"train data shard {bad}: token id 300 at token offset 37 is not below the model's vocabulary size 256" in p.stderr, p.stderr
+    # the same shard as validation data
+    p = run(args + ["--train_data", shards, "--val_data", str(bad), "--val_every", "1", "--val_batches", "10",
+                    "--out", str(tmp_path / "b")])
+    assert p.returncode != 0
+    assert f"val data shard {bad}: token id 300 at token offset 37" in p.stderr, p.stderr
+
+
+def test_shard_that_is_a_directory(train_mora_bin, tmp_path):
+    d = tmp_path / "train_000.bin"
+    d.mkdir()
+    p = run([train_mora_bin, "pretrain", "--train_data", str(d), "--out", str(tmp_path / "r"), "--steps", "1"])
+    assert p.returncode != 0 and f"{d} is a directory" in p.stderr, p.stderr
+
+
+def test_val_batches_beyond_the_validation_set(train_mora_bin, tmp_path, shards):
+    val = tmp_path / "val.bin"
+    write_shard(val, periodic_tokens(50, 256))   # 49 usable tokens: 3 batches of 2x8
+    p = run([train_mora_bin, "pretrain", "--train_data", shards, "--val_data", str(val), "--val_every", "1",
+             "--val_batches", "5", "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--warmup", "1",
+             "--out", str(tmp_path / "r")])
+    assert p.returncode == 0, p.stderr
+    assert "--val_batches 5 is more than the 3 batches" in p.stderr, p.stderr
 
 
 BAD_CASES = [
