@@ -119,6 +119,25 @@ def test_val_batches_beyond_the_validation_set(train_mora_bin, tmp_path, shards)
     assert "--val_batches 5 is more than the 3 batches" in p.stderr, p.stderr
 
 
+def test_non_finite_weights_are_refused(train_mora_bin, tmp_path, shards):
+    first = tmp_path / "first"
+    p = run([train_mora_bin, "pretrain", "--init", "gpt2:tiny", "--train_data", shards, "--out", str(first),
+             "--batch_size", "1", "--seq_len", "8", "--steps", "1", "--warmup", "1"])
+    assert p.returncode == 0, p.stderr
+    data = bytearray((first / "model_step000001.ckpt").read_bytes())
+    # GPT-2's first tensors: wte (256 x 64 floats), then wpe (64 x 64)
+    for name, index, value, tensor, element in [("nan.ckpt", 100, np.nan, "wte", 100),
+                                                 ("inf.ckpt", 256 * 64 + 5, np.inf, "wpe", 5)]:
+        bad = bytearray(data)
+        bad[1024 + 4 * index: 1024 + 4 * index + 4] = np.float32(value).tobytes()
+        (tmp_path / name).write_bytes(bytes(bad))
+        p = run([train_mora_bin, "pretrain", "--init", str(tmp_path / name), "--train_data", shards,
+                 "--out", str(tmp_path / ("run_" + name)), "--steps", "1"])
+        assert p.returncode != 0
+        assert f"{tmp_path / name}: tensor {tensor} has a non-finite weight" in p.stderr, p.stderr
+        assert f"at element {element} of" in p.stderr, p.stderr
+
+
 BAD_CASES = [
     (["--train_data", "/nonexistent/x_*.bin"], "no token shards match"),
     (["--init", "gpt2:nope"], "unknown preset"),
