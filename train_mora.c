@@ -156,7 +156,14 @@ static int cmd_pretrain(int argc, char **argv) {
         print_model_summary(&model, resume_path);
     } else {
         model_load(&model, a.init, "--init", 1, (uint64_t)a.seed, &state, NULL);
-        state.step = 0;  // a loaded checkpoint starts a new run
+        // a loaded checkpoint starts a new run, with an AdamW of its own: moments from zero and
+        // the bias correction from its first step (--resume continues a run's optimizer)
+        if (state.has_optimizer) printf("note: %s's AdamW state is not used: a new run starts its optimizer afresh\n", a.init);
+        free(model.m);
+        free(model.v);
+        model.m = model.v = NULL;
+        model.opt_step = 0;
+        state.step = 0;
         state.rng_state = rng_seed((uint64_t)a.seed);
         print_model_summary(&model, a.init);
     }

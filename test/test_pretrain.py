@@ -85,6 +85,10 @@ def test_resume_equals_uninterrupted(train_mora_bin, tmp_path, shards):
         assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
 
 
+def native_header(path):
+    return np.fromfile(path, dtype=np.int32, count=256)
+
+
 def test_token_outside_the_vocabulary(train_mora_bin, tmp_path, shards):
     tokens = periodic_tokens(2000, 256)
     tokens[37] = 300
@@ -117,6 +121,36 @@ def test_val_batches_beyond_the_validation_set(train_mora_bin, tmp_path, shards)
              "--out", str(tmp_path / "r")])
     assert p.returncode == 0, p.stderr
     assert "--val_batches 5 is more than the 3 batches" in p.stderr, p.stderr
+
+
+def test_init_from_a_checkpoint_starts_a_fresh_optimizer(train_mora_bin, tmp_path, shards):
+    """A new run from a native checkpoint (which holds AdamW moments and their step) trains
+    exactly as a new run from the same weights in llm.c's format, which has no optimizer state."""
+    common = ["--train_data", shards, "--batch_size", "2", "--seq_len", "16", "--lr", "1e-3", "--warmup", "1"]
+    first = tmp_path / "first"
+    assert run([train_mora_bin, "pretrain", "--init", "gpt2:tiny", *common, "--out", str(first), "--steps", "4"]).returncode == 0
+    ckpt = first / "model_step000004.ckpt"
+    h = native_header(ckpt)
+    assert h[16] & 1 and h[17] == 4   # optimizer state present, 4 AdamW steps
+    n = int(h[21])
+    # the same weights as an llm.c fp32 checkpoint: gpt2:tiny's config (maxT 64, V 256, L 2,
+    # heads 4, C 64, Vp 256); the native parameters are in llm.c's tensor order
+    params = np.fromfile(ckpt, dtype=np.float32, offset=1024, count=n)
+    header = np.zeros(256, dtype=np.int32)
+    header[:8] = [20240326, 3, 64, 256, 2, 4, 64, 256]
+    bin_path = tmp_path / "weights.bin"
+    with open(bin_path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(params.tobytes())
+    a, b = tmp_path / "from_ckpt", tmp_path / "from_bin"
+    p = run([train_mora_bin, "pretrain", "--init", str(ckpt), *common, "--out", str(a), "--steps", "3"])
+    assert p.returncode == 0, p.stderr
+    assert run([train_mora_bin, "pretrain", "--init", str(bin_path), *common, "--out", str(b), "--steps", "3"]).returncode == 0
+    for ra, rb in zip(read_metrics(str(a)), read_metrics(str(b))):
+        assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
+    assert native_header(a / "model_step000003.ckpt")[17] == 3
+    with open(a / "model_step000003.ckpt", "rb") as fa, open(b / "model_step000003.ckpt", "rb") as fb:
+        assert fa.read()[1024:] == fb.read()[1024:]
 
 
 def test_non_finite_weights_are_refused(train_mora_bin, tmp_path, shards):
