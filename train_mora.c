@@ -133,6 +133,12 @@ static int cmd_pretrain(int argc, char **argv) {
     if (a.val_every > 0 && !a.val_data[0]) fatal("flag --val_every %d needs --val_data (the validation shards)", a.val_every);
     if (a.val_data[0] && a.val_every == 0)
         fatal("flag --val_data is given but --val_every is 0 (off): set --val_every N to validate every N steps");
+    if (a.min_lr > a.lr)
+        fatal("flag --min_lr %g is above --lr %g: the cosine decay goes from --lr down to --min_lr", a.min_lr, a.lr);
+    if (a.warmup >= a.steps && comm_rank() == 0)
+        fprintf(stderr, "warning: --warmup %d is not below --steps %d: every step is in the warmup, so the learning rate "
+                "only climbs (to %g at the last step, --lr %g) and never decays\n",
+                a.warmup, a.steps, lr_schedule(a.steps - 1, a.warmup, a.steps, a.lr, a.min_lr), a.lr);
     const int use_gpu = device_resolve(a.device);
     device_print(use_gpu);
     const int rank = comm_rank(), world = comm_world();

@@ -113,6 +113,21 @@ def test_shard_that_is_a_directory(train_mora_bin, tmp_path):
     assert p.returncode != 0 and f"{d} is a directory" in p.stderr, p.stderr
 
 
+def test_learning_rate_flags(train_mora_bin, tmp_path, shards):
+    args = [train_mora_bin, "pretrain", "--train_data", shards, "--batch_size", "1", "--seq_len", "8"]
+    p = run(args + ["--out", str(tmp_path / "a"), "--steps", "4", "--warmup", "1", "--lr", "1e-3", "--min_lr", "5"])
+    assert p.returncode != 0 and "flag --min_lr 5 is above --lr 0.001" in p.stderr, p.stderr
+    assert not (tmp_path / "a").exists()
+    # a warmup as long as the run: a warning, and the lr never reaches --lr
+    p = run(args + ["--out", str(tmp_path / "b"), "--steps", "3", "--warmup", "6", "--lr", "1e-3"])
+    assert p.returncode == 0, p.stderr
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--warmup 6" in warnings[0] and "--steps 3" in warnings[0], p.stderr
+    assert max(r["lr"] for r in read_metrics(str(tmp_path / "b"))) == pytest.approx(1e-3 * 3 / 6)
+    p = run(args + ["--out", str(tmp_path / "c"), "--steps", "3", "--warmup", "2"])
+    assert p.returncode == 0 and "warning" not in p.stderr, p.stderr
+
+
 def test_val_batches_beyond_the_validation_set(train_mora_bin, tmp_path, shards):
     val = tmp_path / "val.bin"
     write_shard(val, periodic_tokens(50, 256))   # 49 usable tokens: 3 batches of 2x8
