@@ -9,6 +9,8 @@
  * Every subcommand takes long flags and --help.
  */
 #include <math.h>
+#include <dirent.h>
+#include <unistd.h>
 #include <cjson/cJSON.h>
 
 #include "llmc/utils.h"
@@ -76,6 +78,119 @@ static float evaluate_loss(Model *model, DataLoader *dl, int batches) {
     return (float)(sum / batches);
 }
 
+// The flags a resumed run may be given anew: how long it goes on (--steps), what it logs, saves
+// and validates, and where it computes. --train_data may name the same shards at another path
+// (the data moved, or a relative pattern from another directory); --zero lays the AdamW state out
+// over the ranks without changing any element's arithmetic. Every other flag is a setting of the
+// run: another value would train another run than the one the checkpoint continues.
+static const char *const resume_may_change[] = {
+    "steps", "save_every", "log_every", "val_every", "val_batches", "val_data", "train_data", "zero", NULL,
+};
+
+static int resume_may_change_flag(const char *name) {
+    for (int k = 0; resume_may_change[k]; k++)
+        if (!strcmp(resume_may_change[k], name)) return 1;
+    return 0;
+}
+
+// A float flag's value for a message: %g, with more digits when %g would show two different
+// values alike.
+static void format_float_pair(float given, float run, char *a, char *b, size_t n) {
+    snprintf(a, n, "%g", given);
+    snprintf(b, n, "%g", run);
+    if (!strcmp(a, b)) {
+        snprintf(a, n, "%.9g", given);
+        snprintf(b, n, "%.9g", run);
+    }
+}
+
+// --resume: every flag takes the value the run recorded in OUT/config.json, except --out,
+// --resume and --device (this launch's), and the flags of resume_may_change when the user gives
+// them. A flag the user gives with another value than the run's is an error; one the config does
+// not hold (a run written before the flag existed) keeps its value.
+static void pretrain_resume_settings(const ArgSpec *specs, int n_specs, const char *out) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/config.json", out);
+    if (!run_file_exists(path)) fatal("--resume: %s has no config.json (no pretrain run to resume)", out);
+    cJSON *cfg = run_read_json(path);
+    const cJSON *command = cJSON_GetObjectItemCaseSensitive(cfg, "command");
+    if (!cJSON_IsString(command) || strcmp(command->valuestring, "pretrain"))
+        fatal("--resume: %s is not the config of a pretrain run (its \"command\" is not \"pretrain\")", path);
+    for (int i = 0; i < n_specs; i++) {
+        const ArgSpec *s = &specs[i];
+        if (!strcmp(s->name, "out") || !strcmp(s->name, "resume") || !strcmp(s->name, "device")) continue;
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, s->name);
+        if (v == NULL) continue;
+        const int given = args_given(s->name);
+        if (given && resume_may_change_flag(s->name)) {
+            // said once, so that a log shows where the resumed part departs from the run (these
+            // flags are strings and integers)
+            if (s->type == ARG_STRING && cJSON_IsString(v) && strcmp(*(const char **)s->dest, v->valuestring))
+                printf("resume: --%s %s (the run had %s)\n", s->name, *(const char **)s->dest, v->valuestring);
+            else if (s->type == ARG_INT && cJSON_IsNumber(v) && *(int *)s->dest != v->valueint)
+                printf("resume: --%s %d (the run had %d)\n", s->name, *(int *)s->dest, v->valueint);
+            continue;
+        }
+        if (s->type == ARG_STRING) {
+            if (!cJSON_IsString(v)) fatal("%s: field \"%s\" must be a string", path, s->name);
+            const char **dest = (const char **)s->dest;
+            if (given && strcmp(*dest, v->valuestring))
+                fatal("flag --%s %s differs from the run's %s (%s): a resumed run keeps its settings",
+                      s->name, *dest, v->valuestring, path);
+            *dest = strdup(v->valuestring);
+        } else if (s->type == ARG_FLOAT) {
+            if (!cJSON_IsNumber(v)) fatal("%s: field \"%s\" must be a number", path, s->name);
+            float *dest = (float *)s->dest, run = (float)v->valuedouble;
+            if (given && *dest != run) {
+                char a[32], b[32];
+                format_float_pair(*dest, run, a, b, sizeof a);
+                fatal("flag --%s %s differs from the run's %s (%s): a resumed run keeps its settings", s->name, a, b, path);
+            }
+            *dest = run;
+        } else {
+            if (!cJSON_IsNumber(v) || v->valuedouble != (double)v->valueint)
+                fatal("%s: field \"%s\" must be an integer", path, s->name);
+            int *dest = (int *)s->dest;
+            if (given && *dest != v->valueint)
+                fatal("flag --%s %d differs from the run's %d (%s): a resumed run keeps its settings",
+                      s->name, *dest, v->valueint, path);
+            *dest = v->valueint;
+        }
+    }
+    cJSON_Delete(cfg);
+}
+
+// A checkpoint save killed between writing its temporary file and the rename leaves
+// OUT/model_stepNNNNNN.ckpt.tmp.PID behind, as large as a checkpoint; a resumed run removes them.
+static int is_checkpoint_temp_name(const char *name) {
+    const char *p = name;
+    if (strncmp(p, "model_step", 10)) return 0;
+    p += 10;
+    if (*p < '0' || *p > '9') return 0;
+    while (*p >= '0' && *p <= '9') p++;
+    if (strncmp(p, ".ckpt.tmp.", 10)) return 0;
+    p += 10;
+    if (*p < '0' || *p > '9') return 0;
+    while (*p >= '0' && *p <= '9') p++;
+    return *p == '\0';
+}
+
+static void remove_checkpoint_temps(const char *out) {
+    DIR *dir = opendir(out);
+    if (dir == NULL) fatal("--out %s: cannot list the directory: %s", out, strerror(errno));
+    int removed = 0;
+    for (struct dirent *e = readdir(dir); e != NULL; e = readdir(dir)) {
+        if (!is_checkpoint_temp_name(e->d_name)) continue;
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s", out, e->d_name);
+        if (unlink(path) != 0) fatal("cannot remove %s (left by an interrupted checkpoint save): %s", path, strerror(errno));
+        removed++;
+    }
+    closedir(dir);
+    if (removed > 0)
+        printf("removed %d temporary checkpoint file(s) (model_step*.ckpt.tmp.*) left in %s by an interrupted save\n", removed, out);
+}
+
 static int cmd_pretrain(int argc, char **argv) {
     PretrainArgs a = {
         .init = "gpt2:tiny", .train_data = "", .val_data = "", .out = "", .device = "cpu",
@@ -105,13 +220,26 @@ static int cmd_pretrain(int argc, char **argv) {
         {"val_every", ARG_INT, &a.val_every, "validation loss every N steps (0: off)"},
         {"val_batches", ARG_INT, &a.val_batches, "batches per validation"},
         {"log_every", ARG_INT, &a.log_every, "print a progress line every N steps"},
-        {"resume", ARG_BOOL, &a.resume, "continue the run in --out from its latest checkpoint (same number of ranks)"},
+        {"resume", ARG_BOOL, &a.resume, "continue the run in --out from its latest checkpoint (same number of ranks) with the "
+                                         "run's settings from its config.json; --steps (to extend the run), --save_every, --log_every, "
+                                         "--val_every, --val_batches, --val_data, --train_data (the same shards elsewhere), --device and "
+                                         "--zero may be given anew, any other flag only with the run's value, --init not at all"},
         {"zero", ARG_INT, &a.zero, "ZeRO stage under mpirun: 0 every rank holds all AdamW state; 1 each rank holds and updates 1/ranks of it, then the parameters are all-gathered"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "pretrain",
                "Language-model training on token shards in llm.c's format, from a preset or a checkpoint.\n"
                "Data parallel under mpirun/srun: each rank reads its own micro-batches (the global batch is\n"
                "ranks x batch_size x grad_accum sequences), gradients are averaged over ranks.");
+    const int n_specs = (int)(sizeof specs / sizeof specs[0]);
+    if (a.resume) {
+        if (args_given("init"))
+            fatal("flag --init with --resume: a resumed run continues from its latest checkpoint in --out; "
+                  "drop --init, or start a new run from it in another --out");
+        // nothing is created for a run that is not there
+        if (!a.out[0]) fatal("flag --resume needs --out, the run directory to continue");
+        if (!run_is_dir(a.out)) fatal("--resume: --out %s is not a directory (no run to resume)", a.out);
+        pretrain_resume_settings(specs, n_specs, a.out);
+    }
     args_require_string("train_data", a.train_data, "pretrain");
     args_require_string("out", a.out, "pretrain");
     args_require_positive_int("batch_size", a.batch_size);
@@ -146,7 +274,11 @@ static int cmd_pretrain(int argc, char **argv) {
     const int gpu_nccl = device_data_parallel_init(use_gpu, world, a.zero);
 
     // rank 0 owns the run directory; the others wait until it exists
-    if (rank == 0) run_ensure_dir(a.out, "--out");
+    if (rank == 0) {
+        run_ensure_dir(a.out, "--out");
+        if (a.resume) remove_checkpoint_temps(a.out);
+        else run_require_new(a.out, "pretrain");
+    }
     comm_barrier();
     // the data order and the optimizer shards depend on the number of ranks: a resumed run reads
     // on from where the run stopped only with the same number
@@ -158,7 +290,9 @@ static int cmd_pretrain(int argc, char **argv) {
     if (a.resume && resume_path == NULL) fatal("--resume: %s has no latest.txt (no checkpoint to resume from)", a.out);
     if (resume_path) {
         checkpoint_load(&model, resume_path, &state, NULL);
-        printf("resuming %s at step %d\n", resume_path, state.step);
+        if (state.step >= a.steps)
+            fatal("the run in %s is at step %d; --steps %d would not train (give a larger --steps)", a.out, state.step, a.steps);
+        printf("resuming %s at step %d (settings from %s/config.json)\n", resume_path, state.step, a.out);
         print_model_summary(&model, resume_path);
     } else {
         model_load(&model, a.init, "--init", 1, (uint64_t)a.seed, &state, NULL);
@@ -202,12 +336,13 @@ static int cmd_pretrain(int argc, char **argv) {
     printf("train data: %d shard(s), %lld batches of %dx%d per epoch\n", train.n_shards,
            (long long)train.total_batches, a.batch_size, a.seq_len);
 
-    // the run's configuration, for the record (a resumed run rewrites it with its own flags)
+    // the run's configuration, for the record (a resumed run records its settings with what it
+    // was given anew: the new --steps, --save_every, ...)
     char path[4200];
     snprintf(path, sizeof path, "%s/config.json", a.out);
     cJSON *cfg = cJSON_CreateObject();
     cJSON_AddStringToObject(cfg, "command", "pretrain");
-    for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+    for (int i = 0; i < n_specs; i++) {
         const ArgSpec *s = &specs[i];
         if (s->type == ARG_STRING) cJSON_AddStringToObject(cfg, s->name, *(const char **)s->dest);
         else if (s->type == ARG_FLOAT) cJSON_AddNumberToObject(cfg, s->name, *(float *)s->dest);

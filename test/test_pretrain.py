@@ -76,17 +76,117 @@ def test_resume_equals_uninterrupted(train_mora_bin, tmp_path, shards):
     os.remove(os.path.join(part, "model_step000008.ckpt"))
     with open(os.path.join(part, "latest.txt"), "w") as f:
         f.write("model_step000004.ckpt\n")
-    p = run([train_mora_bin, "pretrain", *common, "--out", part, "--steps", "8", "--resume"])
+    # the resume is given only the run directory and the step to train to: every setting (the
+    # data, B, T, lr, warmup, grad_accum, ...) is the run's
+    p = run([train_mora_bin, "pretrain", "--out", part, "--resume", "--steps", "8"])
     assert p.returncode == 0, p.stderr
     assert "resuming" in p.stdout
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b] == list(range(1, 9))
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
+    with open(os.path.join(part, "model_step000008.ckpt"), "rb") as f1, \
+         open(os.path.join(full, "model_step000008.ckpt"), "rb") as f2:
+        assert f1.read() == f2.read()
 
 
 def native_header(path):
     return np.fromfile(path, dtype=np.int32, count=256)
+
+
+def test_resume_keeps_the_runs_settings(train_mora_bin, tmp_path, shards):
+    out = str(tmp_path / "run")
+    p = run([train_mora_bin, "pretrain", "--init", "llama:tiny", "--train_data", shards, "--out", out,
+             "--batch_size", "2", "--seq_len", "16", "--lr", "2e-3", "--min_lr", "1e-4", "--warmup", "1",
+             "--steps", "3", "--seed", "7"])
+    assert p.returncode == 0, p.stderr
+    # extended to 6 steps without repeating the flags: the lr of steps 4..6 is the run's schedule
+    # (lr 2e-3, min_lr 1e-4, warmup 1) over the new 6 steps
+    p = run([train_mora_bin, "pretrain", "--out", out, "--resume", "--steps", "6"])
+    assert p.returncode == 0, p.stderr
+    m = read_metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
+    for r in m[3:]:
+        s = r["step"] - 1
+        want = 1e-4 + 0.5 * (1 + math.cos(math.pi * (s - 1) / (6 - 1))) * (2e-3 - 1e-4)
+        assert abs(r["lr"] - want) <= 1e-6 * want, (r, want)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["batch_size"], cfg["seq_len"], cfg["warmup"], cfg["seed"], cfg["init"]) == (2, 16, 1, 7, "llama:tiny")
+    assert abs(cfg["lr"] - 2e-3) < 1e-9 and abs(cfg["min_lr"] - 1e-4) < 1e-9
+    assert cfg["steps"] == 6 and cfg["train_data"] == shards
+    # a setting given with another value is refused, naming the flag and both values
+    for extra, message in [
+        (["--batch_size", "8"], "flag --batch_size 8 differs from the run's 2"),
+        (["--lr", "1e-3"], "flag --lr 0.001 differs from the run's 0.002"),
+        (["--warmup", "5"], "flag --warmup 5 differs from the run's 1"),
+        (["--init", "llama:tiny"], "--init with --resume"),
+    ]:
+        p = run([train_mora_bin, "pretrain", "--out", out, "--resume", "--steps", "8", *extra])
+        assert p.returncode != 0 and message in p.stderr, (extra, p.stderr)
+        assert "--init" in extra or "a resumed run keeps its settings" in p.stderr
+    assert read_metrics(out)[-1]["step"] == 6
+    # the run's own value, and the flags that may change on resume, are accepted
+    p = run([train_mora_bin, "pretrain", "--out", out, "--resume", "--steps", "7", "--batch_size", "2",
+             "--log_every", "3", "--save_every", "7"])
+    assert p.returncode == 0, p.stderr
+    assert json.load(open(os.path.join(out, "config.json")))["log_every"] == 3
+
+
+def test_resume_needs_a_larger_steps(train_mora_bin, tmp_path, shards):
+    out = str(tmp_path / "run")
+    p = run([train_mora_bin, "pretrain", "--train_data", shards, "--out", out, "--batch_size", "1",
+             "--seq_len", "8", "--steps", "5", "--warmup", "1"])
+    assert p.returncode == 0, p.stderr
+    p = run([train_mora_bin, "pretrain", "--out", out, "--resume", "--steps", "2"])
+    assert p.returncode != 0
+    assert f"the run in {out} is at step 5; --steps 2 would not train (give a larger --steps)" in p.stderr, p.stderr
+    # without --steps the run's own 5 steps are done already
+    p = run([train_mora_bin, "pretrain", "--out", out, "--resume"])
+    assert p.returncode != 0 and "--steps 5 would not train" in p.stderr, p.stderr
+    assert len(read_metrics(out)) == 5
+
+
+def test_new_run_into_a_run_directory_is_refused(train_mora_bin, tmp_path, shards):
+    out = str(tmp_path / "run")
+    args = [train_mora_bin, "pretrain", "--train_data", shards, "--out", out, "--batch_size", "1",
+            "--seq_len", "8", "--warmup", "1"]
+    assert run(args + ["--steps", "3"]).returncode == 0
+    p = run(args + ["--steps", "1"])
+    assert p.returncode != 0
+    assert "already holds a pretrain run" in p.stderr and "--resume" in p.stderr, p.stderr
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert open(os.path.join(out, "latest.txt")).read().strip() == "model_step000003.ckpt"
+
+
+def test_resume_of_a_missing_run_creates_nothing(train_mora_bin, tmp_path, shards):
+    out = tmp_path / "runs" / "nothere"
+    p = run([train_mora_bin, "pretrain", "--train_data", shards, "--out", str(out), "--resume"])
+    assert p.returncode != 0 and "no run to resume" in p.stderr, p.stderr
+    assert not out.exists() and not out.parent.exists()
+    out.mkdir(parents=True)
+    p = run([train_mora_bin, "pretrain", "--train_data", shards, "--out", str(out), "--resume"])
+    assert p.returncode != 0 and "no config.json" in p.stderr, p.stderr
+    assert os.listdir(out) == []
+
+
+def test_resume_removes_temporary_files_of_a_killed_save(train_mora_bin, tmp_path, shards):
+    out = tmp_path / "run"
+    p = run([train_mora_bin, "pretrain", "--train_data", shards, "--out", str(out), "--batch_size", "1",
+             "--seq_len", "8", "--steps", "2", "--warmup", "1"])
+    assert p.returncode == 0, p.stderr
+    # what a save killed before its rename leaves, and files that are not a checkpoint's
+    for name in ["model_step000003.ckpt.tmp.4242", "model_step000004.ckpt.tmp.17"]:
+        (out / name).write_bytes(b"\0" * 1000)
+    keep = ["notes.tmp.1", "model_step000003.ckpt.tmp.x", "metrics.jsonl.tmp.5"]
+    for name in keep:
+        (out / name).write_text("mine")
+    p = run([train_mora_bin, "pretrain", "--out", str(out), "--resume", "--steps", "3"])
+    assert p.returncode == 0, p.stderr
+    assert "removed 2 temporary checkpoint file(s)" in p.stdout, p.stdout
+    names = sorted(os.listdir(out))
+    assert not any(n.startswith("model_step") and ".tmp." in n and n not in keep for n in names), names
+    assert all(n in names for n in keep)
+    assert "model_step000003.ckpt" in names
 
 
 def test_token_outside_the_vocabulary(train_mora_bin, tmp_path, shards):
