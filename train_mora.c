@@ -496,23 +496,112 @@ static int cmd_pretrain(int argc, char **argv) {
 // ----------------------------------------------------------------------------
 // generate
 
+// The tokenizer's bytes of a generated token. The model may have more ids than the tokenizer has
+// tokens (an embedding padded past the vocabulary, as Qwen2's 151936 rows for 151665 tokens):
+// that is fine until the model samples one of those ids, which no text stands for.
 typedef struct {
     const Tokenizer *tok;
+    const char *tok_name;       // "--tokenizer PATH" or "the tokenizer of --model PATH", for messages
+    int model_vocab;
+} TokenText;
+
+static const unsigned char *token_text_bytes(const TokenText *t, int token, size_t *len) {
+    int n = tokenizer_vocab_size(t->tok);
+    if (token < 0 || token >= n)
+        fatal("the model generated token id %d, which %s does not have (%d tokens; the model's vocabulary is %d): "
+              "the tokenizer does not belong to this model", token, t->tok_name, n, t->model_vocab);
+    return tokenizer_token_bytes(t->tok, token, len);
+}
+
+// The streamed answer. A stop token (end of sequence, <|im_end|>) is never printed, and text that
+// could be the start of a stop string is held back until a later token shows it is not one; a
+// stop string cuts the answer where it begins. What is printed is the answer without its stop.
+typedef struct {
+    TokenText tt;
     int stream;
+    const int *stop_ids;
+    int n_stop_ids;
+    const char *const *stop_strings;
+    int n_stop_strings;
+    char *text;             // the generated text so far (stop tokens left out)
+    size_t len, cap;
+    size_t printed;         // bytes of text on stdout
+    int stopped;            // a stop string was met: nothing more is printed
 } StreamCtx;
 
 static const unsigned char *stream_decode_token(void *ctx, int token, size_t *len) {
     const StreamCtx *s = (const StreamCtx *)ctx;
-    return tokenizer_token_bytes(s->tok, token, len);
+    return token_text_bytes(&s->tt, token, len);
+}
+
+static void stream_print(StreamCtx *s, size_t upto) {
+    if (upto > s->printed) {
+        fwrite(s->text + s->printed, 1, upto - s->printed, stdout);
+        fflush(stdout);
+        s->printed = upto;
+    }
 }
 
 static void stream_on_token(void *ctx, int seq, int token) {
-    const StreamCtx *s = (const StreamCtx *)ctx;
-    if (!s->stream) return;
+    StreamCtx *s = (StreamCtx *)ctx;
     size_t len;
-    const unsigned char *bytes = tokenizer_token_bytes(s->tok, token, &len);
-    fwrite(bytes, 1, len, stdout);
-    fflush(stdout);
+    const unsigned char *bytes = token_text_bytes(&s->tt, token, &len);
+    if (!s->stream || s->stopped) return;
+    for (int k = 0; k < s->n_stop_ids; k++)
+        if (token == s->stop_ids[k]) return;
+    if (s->len + len + 1 > s->cap) {
+        s->cap = (s->len + len + 1) * 2;
+        s->text = (char *)reallocCheck(s->text, s->cap);
+    }
+    memcpy(s->text + s->len, bytes, len);
+    s->len += len;
+    // a stop string starts at or after `printed`: the bytes before were never the start of one
+    size_t stop_at = s->len, hold = 0;
+    for (int k = 0; k < s->n_stop_strings; k++) {
+        const char *stop = s->stop_strings[k];
+        size_t sl = strlen(stop);
+        if (sl == 0) continue;
+        for (size_t i = s->printed; i + sl <= s->len && i < stop_at; i++)
+            if (!memcmp(s->text + i, stop, sl)) { stop_at = i; break; }
+        // the longest end of the text that this stop string begins with
+        for (size_t n = sl - 1 < s->len - s->printed ? sl - 1 : s->len - s->printed; n > hold; n--)
+            if (!memcmp(s->text + s->len - n, stop, n)) { hold = n; break; }
+    }
+    if (stop_at < s->len) {
+        stream_print(s, stop_at);
+        s->stopped = 1;
+    } else {
+        stream_print(s, s->len - hold);
+    }
+}
+
+// The end of generation without a stop string: the text held back was none.
+static void stream_finish(StreamCtx *s) {
+    if (s->stream && !s->stopped) stream_print(s, s->len);
+    free(s->text);
+}
+
+// A token's bytes on one line of --logprobs: backslash, tab, newline, carriage return and the
+// other control bytes escaped, and bytes that are not valid UTF-8 (a character that byte-level
+// BPE split between tokens) as \xNN.
+static void print_escaped_token(const unsigned char *b, size_t len) {
+    for (size_t i = 0; i < len;) {
+        unsigned char c = b[i];
+        if (c == '\\') { fputs("\\\\", stdout); i++; continue; }
+        if (c == '\n') { fputs("\\n", stdout); i++; continue; }
+        if (c == '\t') { fputs("\\t", stdout); i++; continue; }
+        if (c == '\r') { fputs("\\r", stdout); i++; continue; }
+        if (c < 0x20 || c == 0x7f) { printf("\\x%02x", c); i++; continue; }
+        if (c < 0x80) { putchar(c); i++; continue; }
+        size_t n = 0;   // the length of the UTF-8 sequence that c starts
+        if (c >= 0xc2 && c <= 0xdf) n = 2;
+        else if (c >= 0xe0 && c <= 0xef) n = 3;
+        else if (c >= 0xf0 && c <= 0xf4) n = 4;
+        int valid = n > 0 && i + n <= len;
+        for (size_t k = 1; valid && k < n; k++) valid = (b[i + k] & 0xc0) == 0x80;
+        if (valid) { fwrite(b + i, 1, n, stdout); i += n; }
+        else { printf("\\x%02x", c); i++; }
+    }
 }
 
 static int cmd_generate(int argc, char **argv) {
@@ -542,9 +631,15 @@ static int cmd_generate(int argc, char **argv) {
     args_require_nonneg_int("top_k", top_k);
     args_require_range_float("temperature", temperature, 0.0f, 100.0f);
     args_require_range_float("top_p", top_p, 1e-6f, 1.0f);
+    if (!chat && args_given("system"))
+        fatal("flag --system applies only with --chat (it is the system turn of the chat template): add --chat or drop --system");
+    if (!chat && args_given("template"))
+        fatal("flag --template applies only with --chat (the prompt is otherwise continued as it is): add --chat or drop --template");
     const int use_gpu = device_resolve(device);
-    device_print(use_gpu);
-    (void)use_gpu;  // read only by the CUDA build
+    // stdout carries the generated text alone (generate > out.txt)
+    char device_desc[320];
+    device_describe(use_gpu, device_desc, sizeof device_desc);
+    fprintf(stderr, "device: %s\n", device_desc);
 
     Model model;
     CheckpointInfo info;
@@ -553,6 +648,15 @@ static int cmd_generate(int argc, char **argv) {
     if (tok_path[0] == '\0') fatal("%s has no tokenizer: pass --tokenizer PATH (tokenizer.json or .gguf)", model_path);
     Tokenizer *tok = tokenizer_load(tok_path);
     if (!tokenizer_can_encode(tok)) fatal("%s: this tokenizer can only decode (llm.c .bin); pass --tokenizer tokenizer.json", tok_path);
+    char tok_name[8400];
+    if (tokenizer_path[0]) snprintf(tok_name, sizeof tok_name, "--tokenizer %s", tokenizer_path);
+    else snprintf(tok_name, sizeof tok_name, "the tokenizer %s of --model %s", tok_path, model_path);
+    // a tokenizer with more tokens than the model has ids encodes text into ids the model has
+    // no embedding for; one with fewer is checked on every generated token (token_text_bytes)
+    if (tokenizer_vocab_size(tok) > model.config.vocab_size)
+        fatal("%s has %d tokens, more than the vocabulary of %d of the model %s: it is not this model's tokenizer%s",
+              tok_name, tokenizer_vocab_size(tok), model.config.vocab_size, model_path,
+              tokenizer_path[0] ? "" : " (pass --tokenizer)");
 
     const ChatTemplate *tmpl = NULL;
     char *text;
@@ -562,14 +666,22 @@ static int cmd_generate(int argc, char **argv) {
         tmpl = chat_template_lookup(name);
         text = chat_template_render(tmpl, system[0] ? system : NULL, prompt, 1);
     } else {
-        if (template_name[0]) chat_template_lookup(template_name);  // a wrong name is still an error
         text = strdup(prompt);
     }
     int n_prompt;
     int *ids = tokenizer_encode(tok, text, strlen(text), &n_prompt);
-    if (n_prompt + max_new_tokens > model.config.max_seq_len)
-        fatal("--prompt is %d tokens; with --max_new_tokens %d it exceeds the model's context of %d tokens",
-              n_prompt, max_new_tokens, model.config.max_seq_len);
+    const int context = model.config.max_seq_len;
+    if (n_prompt >= context)
+        fatal("--prompt is %d tokens, which leaves no room for a new token in the model's context of %d tokens", n_prompt, context);
+    // compared without the sum, which --max_new_tokens near INT_MAX would overflow
+    if (max_new_tokens > context - n_prompt) {
+        if (args_given("max_new_tokens"))
+            fatal("--prompt is %d tokens; with --max_new_tokens %d it exceeds the model's context of %d tokens "
+                  "(at most %d new tokens fit)", n_prompt, max_new_tokens, context, context - n_prompt);
+        fprintf(stderr, "note: the default --max_new_tokens %d does not fit the model's context of %d tokens after the "
+                "%d-token prompt: generating at most %d\n", max_new_tokens, context, n_prompt, context - n_prompt);
+        max_new_tokens = context - n_prompt;
+    }
 
     // stop at the end-of-sequence token and at the template's end-of-turn markers
     int stop_ids[8], n_stop_ids = 0;
@@ -580,7 +692,10 @@ static int cmd_generate(int argc, char **argv) {
         int id = tokenizer_special_id(tok, stops[n_stops]);
         if (id >= 0 && n_stop_ids < 8) stop_ids[n_stop_ids++] = id;
     }
-    StreamCtx sctx = {tok, !show_logprobs};
+    StreamCtx sctx = {
+        .tt = {tok, tok_name, model.config.vocab_size}, .stream = !show_logprobs,
+        .stop_ids = stop_ids, .n_stop_ids = n_stop_ids, .stop_strings = stops, .n_stop_strings = n_stops,
+    };
     GenerateParams gp = {
         .temperature = temperature, .top_k = top_k, .top_p = top_p, .max_new_tokens = max_new_tokens,
         .seed = (uint64_t)seed, .stop_ids = stop_ids, .n_stop_ids = n_stop_ids,
@@ -596,11 +711,15 @@ static int cmd_generate(int argc, char **argv) {
 #endif
     generate(&model, prompts, &n_prompt, 1, &gp, &res);
     double dt = wall_seconds() - t0;
+    stream_finish(&sctx);
     if (show_logprobs) {
+        // one row a token: id, log-probability, the token's bytes escaped onto one line
         for (int i = 0; i < res.n_tokens[0]; i++) {
             size_t len;
-            const unsigned char *b = tokenizer_token_bytes(tok, res.tokens[0][i], &len);
-            printf("%d\t%.6f\t%.*s\n", res.tokens[0][i], res.logprobs[0][i], (int)len, (const char *)b);
+            const unsigned char *b = token_text_bytes(&sctx.tt, res.tokens[0][i], &len);
+            printf("%d\t%.6f\t", res.tokens[0][i], res.logprobs[0][i]);
+            print_escaped_token(b, len);
+            printf("\n");
         }
     } else {
         printf("\n");
