@@ -755,7 +755,9 @@ static void usage(FILE *out) {
         "  TRAIN_MORA_FLASH_WGMMA=1       the tuning also tries the Hopper warpgroup (wgmma) attention kernels\n"
         "  TRAIN_MORA_MATMUL_TUNE=0       cuBLASLt's first-choice algorithms, untuned\n"
         "  TRAIN_MORA_OVERLAP_GRADS=0     the weight gradients' products on the main stream, not a second one\n"
-        "  TRAIN_MORA_ROLLOUT=LIST        generation variants, any of decode_matmul,pdl,pipeline\n");
+        "  TRAIN_MORA_ROLLOUT=LIST        generation variants, a comma-separated list of any of decode_matmul, pdl,\n"
+        "                                 pipeline, untuned, direct_loads, early_loads, staged_loads, fold_norms,\n"
+        "                                 norm_kernels, branches=N, steps=N\n");
 }
 
 // Ranks: under mpirun/srun every rank runs main. comm_init registers MPI_Finalize for a normal

@@ -342,6 +342,15 @@ def test_help(train_mora_bin, tmp_path):
     assert p.returncode != 0 and "no token shards match '--no-such-shards'" in p.stderr, p.stderr
     p = run([train_mora_bin, "--help"])
     assert p.returncode == 0 and "pretrain" in p.stdout and "generate" in p.stdout
+    # TRAIN_MORA_ROLLOUT's line lists every word rollout.cu's parser takes
+    src = open(os.path.join(os.path.dirname(__file__), "..", "rollout.cu")).read()
+    parser = src[src.index("static void options_from_env"):]
+    parser = parser[: parser.index("\n}\n")]
+    words = re.findall(r'strcmp\(w, "(\w+)"\)', parser) + [w + "N" for w in re.findall(r'strncmp\(w, "(\w+=)"', parser)]
+    assert len(words) >= 11, words
+    rollout_help = p.stdout[p.stdout.index("TRAIN_MORA_ROLLOUT"):]
+    for w in words:
+        assert w in rollout_help, w
     p = run([train_mora_bin, "frobnicate"])
     assert p.returncode != 0 and "unknown command" in p.stderr
 
