@@ -10,12 +10,17 @@
  * counter, so a resumed run seeks to it and reads exactly what an uninterrupted run would.
  *
  * Data parallel ranks read interleaved batches: rank r of R takes batches r, r+R, r+2R, ...
+ *
+ * Every token read is checked against the model's vocabulary: a shard written with another
+ * tokenizer stops the run with the shard, the token's position and its id, not an error deep in
+ * the model.
  */
 #ifndef DATALOADER_H
 #define DATALOADER_H
 
 #include <glob.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include "llmc/utils.h"
 
 #define SHARD_MAGIC_U16 20240520
@@ -25,6 +30,8 @@
 typedef struct {
     int B, T;
     int rank, world;
+    int vocab_size;            // every token must be below it
+    const char *what;          // "train data" or "val data", for messages
     int n_shards;
     char **paths;
     int64_t *shard_tokens;     // tokens in each shard
@@ -40,6 +47,9 @@ typedef struct {
 // Reads one shard header; exits with "PATH: ..." on a missing file, bad magic/version, or a
 // header that disagrees with the file size.
 static inline void shard_read_header(const char *path, int64_t *n_tokens, int *bytes_per_tok) {
+    struct stat st;
+    // a directory opens for reading on Linux and only fails at the first read
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) fatal("%s is a directory, not a token shard file", path);
     FILE *f = fopen_check(path, "rb");
     int32_t header[SHARD_HEADER_INTS];
     if (fread(header, sizeof(int32_t), SHARD_HEADER_INTS, f) != SHARD_HEADER_INTS)
@@ -62,9 +72,14 @@ static inline void shard_read_header(const char *path, int64_t *n_tokens, int *b
     if (size < expected) fatal("%s: truncated token shard: header says %lld tokens (%ld bytes), file has %ld bytes", path, (long long)*n_tokens, expected, size);
 }
 
-static inline void dataloader_init(DataLoader *dl, const char *pattern, int B, int T, int rank, int world) {
+// `what` ("train data", "val data") names the shards in messages; every token must be below
+// vocab_size.
+static inline void dataloader_init(DataLoader *dl, const char *pattern, int B, int T, int rank, int world,
+                                   int vocab_size, const char *what) {
     memset(dl, 0, sizeof(*dl));
     dl->B = B; dl->T = T; dl->rank = rank; dl->world = world;
+    dl->vocab_size = vocab_size;
+    dl->what = what;
     glob_t g;
     int rc = glob(pattern, 0, NULL, &g);
     if (rc != 0 || g.gl_pathc == 0) fatal("no token shards match '%s'", pattern);
@@ -105,14 +120,19 @@ static inline int64_t dataloader_next(DataLoader *dl) {
     int bpt = dl->shard_bytes_per_tok[s];
     int64_t n = (int64_t)dl->B * dl->T + 1;
     FILE *f = fopen_check(dl->paths[s], "rb");
-    long offset = (long)SHARD_HEADER_INTS * 4 + (long)(b * dl->B * dl->T) * bpt;
-    if (fseek(f, offset, SEEK_SET) != 0) fatal("%s: cannot seek to token %lld", dl->paths[s], (long long)(b * dl->B * dl->T));
+    int64_t first = b * dl->B * dl->T;   // the batch's first token in the shard
+    long offset = (long)SHARD_HEADER_INTS * 4 + (long)first * bpt;
+    if (fseek(f, offset, SEEK_SET) != 0) fatal("%s: cannot seek to token %lld", dl->paths[s], (long long)first);
     fread_check(dl->buf, (size_t)bpt, (size_t)n, f, dl->paths[s], "tokens");
     fclose(f);
     for (int64_t i = 0; i < n; i++) {
-        int tok = bpt == 2 ? (int)((uint16_t *)dl->buf)[i] : (int)((uint32_t *)dl->buf)[i];
-        if (i < n - 1) dl->inputs[i] = tok;
-        if (i > 0) dl->targets[i - 1] = tok;
+        int64_t tok = bpt == 2 ? (int64_t)((uint16_t *)dl->buf)[i] : (int64_t)((uint32_t *)dl->buf)[i];
+        if (tok >= dl->vocab_size)
+            fatal("%s shard %s: token id %lld at token offset %lld is not below the model's vocabulary size %d "
+                  "(was the shard made with another tokenizer?)", dl->what, dl->paths[s], (long long)tok,
+                  (long long)(first + i), dl->vocab_size);
+        if (i < n - 1) dl->inputs[i] = (int)tok;
+        if (i > 0) dl->targets[i - 1] = (int)tok;
     }
     return global;
 }

@@ -9,6 +9,8 @@
  * Every subcommand takes long flags and --help.
  */
 #include <math.h>
+#include <dirent.h>
+#include <unistd.h>
 #include <cjson/cJSON.h>
 
 #include "llmc/utils.h"
@@ -76,6 +78,119 @@ static float evaluate_loss(Model *model, DataLoader *dl, int batches) {
     return (float)(sum / batches);
 }
 
+// The flags a resumed run may be given anew: how long it goes on (--steps), what it logs, saves
+// and validates, and where it computes. --train_data may name the same shards at another path
+// (the data moved, or a relative pattern from another directory); --zero lays the AdamW state out
+// over the ranks without changing any element's arithmetic. Every other flag is a setting of the
+// run: another value would train another run than the one the checkpoint continues.
+static const char *const resume_may_change[] = {
+    "steps", "save_every", "log_every", "val_every", "val_batches", "val_data", "train_data", "zero", NULL,
+};
+
+static int resume_may_change_flag(const char *name) {
+    for (int k = 0; resume_may_change[k]; k++)
+        if (!strcmp(resume_may_change[k], name)) return 1;
+    return 0;
+}
+
+// A float flag's value for a message: %g, with more digits when %g would show two different
+// values alike.
+static void format_float_pair(float given, float run, char *a, char *b, size_t n) {
+    snprintf(a, n, "%g", given);
+    snprintf(b, n, "%g", run);
+    if (!strcmp(a, b)) {
+        snprintf(a, n, "%.9g", given);
+        snprintf(b, n, "%.9g", run);
+    }
+}
+
+// --resume: every flag takes the value the run recorded in OUT/config.json, except --out,
+// --resume and --device (this launch's), and the flags of resume_may_change when the user gives
+// them. A flag the user gives with another value than the run's is an error; one the config does
+// not hold (a run written before the flag existed) keeps its value.
+static void pretrain_resume_settings(const ArgSpec *specs, int n_specs, const char *out) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/config.json", out);
+    if (!run_file_exists(path)) fatal("--resume: %s has no config.json (no pretrain run to resume)", out);
+    cJSON *cfg = run_read_json(path);
+    const cJSON *command = cJSON_GetObjectItemCaseSensitive(cfg, "command");
+    if (!cJSON_IsString(command) || strcmp(command->valuestring, "pretrain"))
+        fatal("--resume: %s is not the config of a pretrain run (its \"command\" is not \"pretrain\")", path);
+    for (int i = 0; i < n_specs; i++) {
+        const ArgSpec *s = &specs[i];
+        if (!strcmp(s->name, "out") || !strcmp(s->name, "resume") || !strcmp(s->name, "device")) continue;
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, s->name);
+        if (v == NULL) continue;
+        const int given = args_given(s->name);
+        if (given && resume_may_change_flag(s->name)) {
+            // said once, so that a log shows where the resumed part departs from the run (these
+            // flags are strings and integers)
+            if (s->type == ARG_STRING && cJSON_IsString(v) && strcmp(*(const char **)s->dest, v->valuestring))
+                printf("resume: --%s %s (the run had %s)\n", s->name, *(const char **)s->dest, v->valuestring);
+            else if (s->type == ARG_INT && cJSON_IsNumber(v) && *(int *)s->dest != v->valueint)
+                printf("resume: --%s %d (the run had %d)\n", s->name, *(int *)s->dest, v->valueint);
+            continue;
+        }
+        if (s->type == ARG_STRING) {
+            if (!cJSON_IsString(v)) fatal("%s: field \"%s\" must be a string", path, s->name);
+            const char **dest = (const char **)s->dest;
+            if (given && strcmp(*dest, v->valuestring))
+                fatal("flag --%s %s differs from the run's %s (%s): a resumed run keeps its settings",
+                      s->name, *dest, v->valuestring, path);
+            *dest = strdup(v->valuestring);
+        } else if (s->type == ARG_FLOAT) {
+            if (!cJSON_IsNumber(v)) fatal("%s: field \"%s\" must be a number", path, s->name);
+            float *dest = (float *)s->dest, run = (float)v->valuedouble;
+            if (given && *dest != run) {
+                char a[32], b[32];
+                format_float_pair(*dest, run, a, b, sizeof a);
+                fatal("flag --%s %s differs from the run's %s (%s): a resumed run keeps its settings", s->name, a, b, path);
+            }
+            *dest = run;
+        } else {
+            if (!cJSON_IsNumber(v) || v->valuedouble != (double)v->valueint)
+                fatal("%s: field \"%s\" must be an integer", path, s->name);
+            int *dest = (int *)s->dest;
+            if (given && *dest != v->valueint)
+                fatal("flag --%s %d differs from the run's %d (%s): a resumed run keeps its settings",
+                      s->name, *dest, v->valueint, path);
+            *dest = v->valueint;
+        }
+    }
+    cJSON_Delete(cfg);
+}
+
+// A checkpoint save killed between writing its temporary file and the rename leaves
+// OUT/model_stepNNNNNN.ckpt.tmp.PID behind, as large as a checkpoint; a resumed run removes them.
+static int is_checkpoint_temp_name(const char *name) {
+    const char *p = name;
+    if (strncmp(p, "model_step", 10)) return 0;
+    p += 10;
+    if (*p < '0' || *p > '9') return 0;
+    while (*p >= '0' && *p <= '9') p++;
+    if (strncmp(p, ".ckpt.tmp.", 10)) return 0;
+    p += 10;
+    if (*p < '0' || *p > '9') return 0;
+    while (*p >= '0' && *p <= '9') p++;
+    return *p == '\0';
+}
+
+static void remove_checkpoint_temps(const char *out) {
+    DIR *dir = opendir(out);
+    if (dir == NULL) fatal("--out %s: cannot list the directory: %s", out, strerror(errno));
+    int removed = 0;
+    for (struct dirent *e = readdir(dir); e != NULL; e = readdir(dir)) {
+        if (!is_checkpoint_temp_name(e->d_name)) continue;
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s", out, e->d_name);
+        if (unlink(path) != 0) fatal("cannot remove %s (left by an interrupted checkpoint save): %s", path, strerror(errno));
+        removed++;
+    }
+    closedir(dir);
+    if (removed > 0)
+        printf("removed %d temporary checkpoint file(s) (model_step*.ckpt.tmp.*) left in %s by an interrupted save\n", removed, out);
+}
+
 static int cmd_pretrain(int argc, char **argv) {
     PretrainArgs a = {
         .init = "gpt2:tiny", .train_data = "", .val_data = "", .out = "", .device = "cpu",
@@ -105,13 +220,26 @@ static int cmd_pretrain(int argc, char **argv) {
         {"val_every", ARG_INT, &a.val_every, "validation loss every N steps (0: off)"},
         {"val_batches", ARG_INT, &a.val_batches, "batches per validation"},
         {"log_every", ARG_INT, &a.log_every, "print a progress line every N steps"},
-        {"resume", ARG_BOOL, &a.resume, "continue the run in --out from its latest checkpoint (same number of ranks)"},
+        {"resume", ARG_BOOL, &a.resume, "continue the run in --out from its latest checkpoint (same number of ranks) with the "
+                                         "run's settings from its config.json; --steps (to extend the run), --save_every, --log_every, "
+                                         "--val_every, --val_batches, --val_data, --train_data (the same shards elsewhere), --device and "
+                                         "--zero may be given anew, any other flag only with the run's value, --init not at all"},
         {"zero", ARG_INT, &a.zero, "ZeRO stage under mpirun: 0 every rank holds all AdamW state; 1 each rank holds and updates 1/ranks of it, then the parameters are all-gathered"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "pretrain",
                "Language-model training on token shards in llm.c's format, from a preset or a checkpoint.\n"
                "Data parallel under mpirun/srun: each rank reads its own micro-batches (the global batch is\n"
                "ranks x batch_size x grad_accum sequences), gradients are averaged over ranks.");
+    const int n_specs = (int)(sizeof specs / sizeof specs[0]);
+    if (a.resume) {
+        if (args_given("init"))
+            fatal("flag --init with --resume: a resumed run continues from its latest checkpoint in --out; "
+                  "drop --init, or start a new run from it in another --out");
+        // nothing is created for a run that is not there
+        if (!a.out[0]) fatal("flag --resume needs --out, the run directory to continue");
+        if (!run_is_dir(a.out)) fatal("--resume: --out %s is not a directory (no run to resume)", a.out);
+        pretrain_resume_settings(specs, n_specs, a.out);
+    }
     args_require_string("train_data", a.train_data, "pretrain");
     args_require_string("out", a.out, "pretrain");
     args_require_positive_int("batch_size", a.batch_size);
@@ -133,6 +261,12 @@ static int cmd_pretrain(int argc, char **argv) {
     if (a.val_every > 0 && !a.val_data[0]) fatal("flag --val_every %d needs --val_data (the validation shards)", a.val_every);
     if (a.val_data[0] && a.val_every == 0)
         fatal("flag --val_data is given but --val_every is 0 (off): set --val_every N to validate every N steps");
+    if (a.min_lr > a.lr)
+        fatal("flag --min_lr %g is above --lr %g: the cosine decay goes from --lr down to --min_lr", a.min_lr, a.lr);
+    if (a.warmup >= a.steps && comm_rank() == 0)
+        fprintf(stderr, "warning: --warmup %d is not below --steps %d: every step is in the warmup, so the learning rate "
+                "only climbs (to %g at the last step, --lr %g) and never decays\n",
+                a.warmup, a.steps, lr_schedule(a.steps - 1, a.warmup, a.steps, a.lr, a.min_lr), a.lr);
     const int use_gpu = device_resolve(a.device);
     device_print(use_gpu);
     const int rank = comm_rank(), world = comm_world();
@@ -140,7 +274,11 @@ static int cmd_pretrain(int argc, char **argv) {
     const int gpu_nccl = device_data_parallel_init(use_gpu, world, a.zero);
 
     // rank 0 owns the run directory; the others wait until it exists
-    if (rank == 0) run_ensure_dir(a.out, "--out");
+    if (rank == 0) {
+        run_ensure_dir(a.out, "--out");
+        if (a.resume) remove_checkpoint_temps(a.out);
+        else run_require_new(a.out, "pretrain");
+    }
     comm_barrier();
     // the data order and the optimizer shards depend on the number of ranks: a resumed run reads
     // on from where the run stopped only with the same number
@@ -152,11 +290,20 @@ static int cmd_pretrain(int argc, char **argv) {
     if (a.resume && resume_path == NULL) fatal("--resume: %s has no latest.txt (no checkpoint to resume from)", a.out);
     if (resume_path) {
         checkpoint_load(&model, resume_path, &state, NULL);
-        printf("resuming %s at step %d\n", resume_path, state.step);
+        if (state.step >= a.steps)
+            fatal("the run in %s is at step %d; --steps %d would not train (give a larger --steps)", a.out, state.step, a.steps);
+        printf("resuming %s at step %d (settings from %s/config.json)\n", resume_path, state.step, a.out);
         print_model_summary(&model, resume_path);
     } else {
         model_load(&model, a.init, "--init", 1, (uint64_t)a.seed, &state, NULL);
-        state.step = 0;  // a loaded checkpoint starts a new run
+        // a loaded checkpoint starts a new run, with an AdamW of its own: moments from zero and
+        // the bias correction from its first step (--resume continues a run's optimizer)
+        if (state.has_optimizer) printf("note: %s's AdamW state is not used: a new run starts its optimizer afresh\n", a.init);
+        free(model.m);
+        free(model.v);
+        model.m = model.v = NULL;
+        model.opt_step = 0;
+        state.step = 0;
         state.rng_state = rng_seed((uint64_t)a.seed);
         print_model_summary(&model, a.init);
     }
@@ -178,17 +325,24 @@ static int cmd_pretrain(int argc, char **argv) {
                a.zero == 1 ? ", ZeRO-1: AdamW state sharded over the ranks" : "");
 
     DataLoader train, val;
-    dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, rank, world);
-    if (a.val_data[0]) dataloader_init(&val, a.val_data, a.batch_size, a.seq_len, rank, world);
+    dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, rank, world, model.config.vocab_size, "train data");
+    if (a.val_data[0]) {
+        dataloader_init(&val, a.val_data, a.batch_size, a.seq_len, rank, world, model.config.vocab_size, "val data");
+        if (a.val_batches > val.total_batches && rank == 0)
+            fprintf(stderr, "warning: --val_batches %d is more than the %lld batches of %dx%d in --val_data: "
+                    "every validation reads some batches more than once\n",
+                    a.val_batches, (long long)val.total_batches, a.batch_size, a.seq_len);
+    }
     printf("train data: %d shard(s), %lld batches of %dx%d per epoch\n", train.n_shards,
            (long long)train.total_batches, a.batch_size, a.seq_len);
 
-    // the run's configuration, for the record (a resumed run rewrites it with its own flags)
+    // the run's configuration, for the record (a resumed run records its settings with what it
+    // was given anew: the new --steps, --save_every, ...)
     char path[4200];
     snprintf(path, sizeof path, "%s/config.json", a.out);
     cJSON *cfg = cJSON_CreateObject();
     cJSON_AddStringToObject(cfg, "command", "pretrain");
-    for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+    for (int i = 0; i < n_specs; i++) {
         const ArgSpec *s = &specs[i];
         if (s->type == ARG_STRING) cJSON_AddStringToObject(cfg, s->name, *(const char **)s->dest);
         else if (s->type == ARG_FLOAT) cJSON_AddNumberToObject(cfg, s->name, *(float *)s->dest);
@@ -342,23 +496,112 @@ static int cmd_pretrain(int argc, char **argv) {
 // ----------------------------------------------------------------------------
 // generate
 
+// The tokenizer's bytes of a generated token. The model may have more ids than the tokenizer has
+// tokens (an embedding padded past the vocabulary, as Qwen2's 151936 rows for 151665 tokens):
+// that is fine until the model samples one of those ids, which no text stands for.
 typedef struct {
     const Tokenizer *tok;
+    const char *tok_name;       // "--tokenizer PATH" or "the tokenizer of --model PATH", for messages
+    int model_vocab;
+} TokenText;
+
+static const unsigned char *token_text_bytes(const TokenText *t, int token, size_t *len) {
+    int n = tokenizer_vocab_size(t->tok);
+    if (token < 0 || token >= n)
+        fatal("the model generated token id %d, which %s does not have (%d tokens; the model's vocabulary is %d): "
+              "the tokenizer does not belong to this model", token, t->tok_name, n, t->model_vocab);
+    return tokenizer_token_bytes(t->tok, token, len);
+}
+
+// The streamed answer. A stop token (end of sequence, <|im_end|>) is never printed, and text that
+// could be the start of a stop string is held back until a later token shows it is not one; a
+// stop string cuts the answer where it begins. What is printed is the answer without its stop.
+typedef struct {
+    TokenText tt;
     int stream;
+    const int *stop_ids;
+    int n_stop_ids;
+    const char *const *stop_strings;
+    int n_stop_strings;
+    char *text;             // the generated text so far (stop tokens left out)
+    size_t len, cap;
+    size_t printed;         // bytes of text on stdout
+    int stopped;            // a stop string was met: nothing more is printed
 } StreamCtx;
 
 static const unsigned char *stream_decode_token(void *ctx, int token, size_t *len) {
     const StreamCtx *s = (const StreamCtx *)ctx;
-    return tokenizer_token_bytes(s->tok, token, len);
+    return token_text_bytes(&s->tt, token, len);
+}
+
+static void stream_print(StreamCtx *s, size_t upto) {
+    if (upto > s->printed) {
+        fwrite(s->text + s->printed, 1, upto - s->printed, stdout);
+        fflush(stdout);
+        s->printed = upto;
+    }
 }
 
 static void stream_on_token(void *ctx, int seq, int token) {
-    const StreamCtx *s = (const StreamCtx *)ctx;
-    if (!s->stream) return;
+    StreamCtx *s = (StreamCtx *)ctx;
     size_t len;
-    const unsigned char *bytes = tokenizer_token_bytes(s->tok, token, &len);
-    fwrite(bytes, 1, len, stdout);
-    fflush(stdout);
+    const unsigned char *bytes = token_text_bytes(&s->tt, token, &len);
+    if (!s->stream || s->stopped) return;
+    for (int k = 0; k < s->n_stop_ids; k++)
+        if (token == s->stop_ids[k]) return;
+    if (s->len + len + 1 > s->cap) {
+        s->cap = (s->len + len + 1) * 2;
+        s->text = (char *)reallocCheck(s->text, s->cap);
+    }
+    memcpy(s->text + s->len, bytes, len);
+    s->len += len;
+    // a stop string starts at or after `printed`: the bytes before were never the start of one
+    size_t stop_at = s->len, hold = 0;
+    for (int k = 0; k < s->n_stop_strings; k++) {
+        const char *stop = s->stop_strings[k];
+        size_t sl = strlen(stop);
+        if (sl == 0) continue;
+        for (size_t i = s->printed; i + sl <= s->len && i < stop_at; i++)
+            if (!memcmp(s->text + i, stop, sl)) { stop_at = i; break; }
+        // the longest end of the text that this stop string begins with
+        for (size_t n = sl - 1 < s->len - s->printed ? sl - 1 : s->len - s->printed; n > hold; n--)
+            if (!memcmp(s->text + s->len - n, stop, n)) { hold = n; break; }
+    }
+    if (stop_at < s->len) {
+        stream_print(s, stop_at);
+        s->stopped = 1;
+    } else {
+        stream_print(s, s->len - hold);
+    }
+}
+
+// The end of generation without a stop string: the text held back was none.
+static void stream_finish(StreamCtx *s) {
+    if (s->stream && !s->stopped) stream_print(s, s->len);
+    free(s->text);
+}
+
+// A token's bytes on one line of --logprobs: backslash, tab, newline, carriage return and the
+// other control bytes escaped, and bytes that are not valid UTF-8 (a character that byte-level
+// BPE split between tokens) as \xNN.
+static void print_escaped_token(const unsigned char *b, size_t len) {
+    for (size_t i = 0; i < len;) {
+        unsigned char c = b[i];
+        if (c == '\\') { fputs("\\\\", stdout); i++; continue; }
+        if (c == '\n') { fputs("\\n", stdout); i++; continue; }
+        if (c == '\t') { fputs("\\t", stdout); i++; continue; }
+        if (c == '\r') { fputs("\\r", stdout); i++; continue; }
+        if (c < 0x20 || c == 0x7f) { printf("\\x%02x", c); i++; continue; }
+        if (c < 0x80) { putchar(c); i++; continue; }
+        size_t n = 0;   // the length of the UTF-8 sequence that c starts
+        if (c >= 0xc2 && c <= 0xdf) n = 2;
+        else if (c >= 0xe0 && c <= 0xef) n = 3;
+        else if (c >= 0xf0 && c <= 0xf4) n = 4;
+        int valid = n > 0 && i + n <= len;
+        for (size_t k = 1; valid && k < n; k++) valid = (b[i + k] & 0xc0) == 0x80;
+        if (valid) { fwrite(b + i, 1, n, stdout); i += n; }
+        else { printf("\\x%02x", c); i++; }
+    }
 }
 
 static int cmd_generate(int argc, char **argv) {
@@ -388,9 +631,15 @@ static int cmd_generate(int argc, char **argv) {
     args_require_nonneg_int("top_k", top_k);
     args_require_range_float("temperature", temperature, 0.0f, 100.0f);
     args_require_range_float("top_p", top_p, 1e-6f, 1.0f);
+    if (!chat && args_given("system"))
+        fatal("flag --system applies only with --chat (it is the system turn of the chat template): add --chat or drop --system");
+    if (!chat && args_given("template"))
+        fatal("flag --template applies only with --chat (the prompt is otherwise continued as it is): add --chat or drop --template");
     const int use_gpu = device_resolve(device);
-    device_print(use_gpu);
-    (void)use_gpu;  // read only by the CUDA build
+    // stdout carries the generated text alone (generate > out.txt)
+    char device_desc[320];
+    device_describe(use_gpu, device_desc, sizeof device_desc);
+    fprintf(stderr, "device: %s\n", device_desc);
 
     Model model;
     CheckpointInfo info;
@@ -399,6 +648,15 @@ static int cmd_generate(int argc, char **argv) {
     if (tok_path[0] == '\0') fatal("%s has no tokenizer: pass --tokenizer PATH (tokenizer.json or .gguf)", model_path);
     Tokenizer *tok = tokenizer_load(tok_path);
     if (!tokenizer_can_encode(tok)) fatal("%s: this tokenizer can only decode (llm.c .bin); pass --tokenizer tokenizer.json", tok_path);
+    char tok_name[8400];
+    if (tokenizer_path[0]) snprintf(tok_name, sizeof tok_name, "--tokenizer %s", tokenizer_path);
+    else snprintf(tok_name, sizeof tok_name, "the tokenizer %s of --model %s", tok_path, model_path);
+    // a tokenizer with more tokens than the model has ids encodes text into ids the model has
+    // no embedding for; one with fewer is checked on every generated token (token_text_bytes)
+    if (tokenizer_vocab_size(tok) > model.config.vocab_size)
+        fatal("%s has %d tokens, more than the vocabulary of %d of the model %s: it is not this model's tokenizer%s",
+              tok_name, tokenizer_vocab_size(tok), model.config.vocab_size, model_path,
+              tokenizer_path[0] ? "" : " (pass --tokenizer)");
 
     const ChatTemplate *tmpl = NULL;
     char *text;
@@ -408,14 +666,22 @@ static int cmd_generate(int argc, char **argv) {
         tmpl = chat_template_lookup(name);
         text = chat_template_render(tmpl, system[0] ? system : NULL, prompt, 1);
     } else {
-        if (template_name[0]) chat_template_lookup(template_name);  // a wrong name is still an error
         text = strdup(prompt);
     }
     int n_prompt;
     int *ids = tokenizer_encode(tok, text, strlen(text), &n_prompt);
-    if (n_prompt + max_new_tokens > model.config.max_seq_len)
-        fatal("--prompt is %d tokens; with --max_new_tokens %d it exceeds the model's context of %d tokens",
-              n_prompt, max_new_tokens, model.config.max_seq_len);
+    const int context = model.config.max_seq_len;
+    if (n_prompt >= context)
+        fatal("--prompt is %d tokens, which leaves no room for a new token in the model's context of %d tokens", n_prompt, context);
+    // compared without the sum, which --max_new_tokens near INT_MAX would overflow
+    if (max_new_tokens > context - n_prompt) {
+        if (args_given("max_new_tokens"))
+            fatal("--prompt is %d tokens; with --max_new_tokens %d it exceeds the model's context of %d tokens "
+                  "(at most %d new tokens fit)", n_prompt, max_new_tokens, context, context - n_prompt);
+        fprintf(stderr, "note: the default --max_new_tokens %d does not fit the model's context of %d tokens after the "
+                "%d-token prompt: generating at most %d\n", max_new_tokens, context, n_prompt, context - n_prompt);
+        max_new_tokens = context - n_prompt;
+    }
 
     // stop at the end-of-sequence token and at the template's end-of-turn markers
     int stop_ids[8], n_stop_ids = 0;
@@ -426,7 +692,10 @@ static int cmd_generate(int argc, char **argv) {
         int id = tokenizer_special_id(tok, stops[n_stops]);
         if (id >= 0 && n_stop_ids < 8) stop_ids[n_stop_ids++] = id;
     }
-    StreamCtx sctx = {tok, !show_logprobs};
+    StreamCtx sctx = {
+        .tt = {tok, tok_name, model.config.vocab_size}, .stream = !show_logprobs,
+        .stop_ids = stop_ids, .n_stop_ids = n_stop_ids, .stop_strings = stops, .n_stop_strings = n_stops,
+    };
     GenerateParams gp = {
         .temperature = temperature, .top_k = top_k, .top_p = top_p, .max_new_tokens = max_new_tokens,
         .seed = (uint64_t)seed, .stop_ids = stop_ids, .n_stop_ids = n_stop_ids,
@@ -442,11 +711,15 @@ static int cmd_generate(int argc, char **argv) {
 #endif
     generate(&model, prompts, &n_prompt, 1, &gp, &res);
     double dt = wall_seconds() - t0;
+    stream_finish(&sctx);
     if (show_logprobs) {
+        // one row a token: id, log-probability, the token's bytes escaped onto one line
         for (int i = 0; i < res.n_tokens[0]; i++) {
             size_t len;
-            const unsigned char *b = tokenizer_token_bytes(tok, res.tokens[0][i], &len);
-            printf("%d\t%.6f\t%.*s\n", res.tokens[0][i], res.logprobs[0][i], (int)len, (const char *)b);
+            const unsigned char *b = token_text_bytes(&sctx.tt, res.tokens[0][i], &len);
+            printf("%d\t%.6f\t", res.tokens[0][i], res.logprobs[0][i]);
+            print_escaped_token(b, len);
+            printf("\n");
         }
     } else {
         printf("\n");
@@ -482,7 +755,9 @@ static void usage(FILE *out) {
         "  TRAIN_MORA_FLASH_WGMMA=1       the tuning also tries the Hopper warpgroup (wgmma) attention kernels\n"
         "  TRAIN_MORA_MATMUL_TUNE=0       cuBLASLt's first-choice algorithms, untuned\n"
         "  TRAIN_MORA_OVERLAP_GRADS=0     the weight gradients' products on the main stream, not a second one\n"
-        "  TRAIN_MORA_ROLLOUT=LIST        generation variants, any of decode_matmul,pdl,pipeline\n");
+        "  TRAIN_MORA_ROLLOUT=LIST        generation variants, a comma-separated list of any of decode_matmul, pdl,\n"
+        "                                 pipeline, untuned, direct_loads, early_loads, staged_loads, fold_norms,\n"
+        "                                 norm_kernels, branches=N, steps=N\n");
 }
 
 // Ranks: under mpirun/srun every rank runs main. comm_init registers MPI_Finalize for a normal

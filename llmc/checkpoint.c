@@ -10,6 +10,7 @@
  * gguf_tensor_table): a name, the shape the file stores, and where the tensor lives in the
  * params layout. Loading and saving walk the same table, so they cannot disagree on a name.
  */
+#include <math.h>
 #include "checkpoint.h"
 #include "gguf.h"
 #include "safetensors.h"
@@ -763,7 +764,22 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
 // ----------------------------------------------------------------------------
 // format detection
 
-void checkpoint_load(Model *model, const char *path, TrainState *state, CheckpointInfo *info) {
+// A NaN or infinite value in a checkpoint (a run that diverged, a damaged file) would only show
+// later as NaN losses or garbage text; the tensor is named when the file is loaded.
+static void require_finite(const Model *model, const float *buffer, const char *what, const char *path) {
+    size_t offset = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        const float *x = buffer + offset;
+        size_t n = model->param_sizes[t];
+        for (size_t i = 0; i < n; i++)
+            if (!isfinite(x[i]))
+                fatal("%s: tensor %s has a non-finite %s (%g at element %zu of %zu): the checkpoint is damaged "
+                      "or the run that wrote it diverged", path, param_tensor_names[t], what, x[i], i, n);
+        offset += n;
+    }
+}
+
+static void load_any(Model *model, const char *path, TrainState *state, CheckpointInfo *info) {
     CheckpointInfo local_info;
     if (info == NULL) info = &local_info;
     memset(info, 0, sizeof(*info));
@@ -799,4 +815,11 @@ void checkpoint_load(Model *model, const char *path, TrainState *state, Checkpoi
         fatal("%s: unknown checkpoint format (magic bytes %02x %02x %02x %02x: not GGUF, llm.c, "
               "train_mora native or safetensors)", path, head[0], head[1], head[2], head[3]);
     }
+}
+
+void checkpoint_load(Model *model, const char *path, TrainState *state, CheckpointInfo *info) {
+    load_any(model, path, state, info);
+    require_finite(model, model->params, "weight", path);
+    if (model->m) require_finite(model, model->m, "AdamW first moment", path);
+    if (model->v) require_finite(model, model->v, "AdamW second moment", path);
 }

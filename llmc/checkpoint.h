@@ -32,7 +32,8 @@ typedef struct {
 } CheckpointInfo;
 
 // Detects the format (magic bytes, or a directory) and loads. Calls model_init with the config
-// read from the checkpoint. state may be NULL; info may be NULL.
+// read from the checkpoint. state may be NULL; info may be NULL. A NaN or infinite weight (or
+// AdamW moment) is an error naming the file and the tensor.
 void checkpoint_load(Model *model, const char *path, TrainState *state, CheckpointInfo *info);
 
 // Native format. with_optimizer: also write model->m, model->v, opt_step.

@@ -255,7 +255,8 @@ void generate(Model *model, const int *const *prompts, const int *prompt_lens, i
     long total_rows = 0;
     for (int i = 0; i < n_seq; i++) {
         if (prompt_lens[i] < 1) fatal("generate: prompt %d is empty (no tokens)", i);
-        if (prompt_lens[i] + p->max_new_tokens > c->max_seq_len)
+        // compared without the sum, which a max_new_tokens near INT_MAX would overflow
+        if (p->max_new_tokens > c->max_seq_len - prompt_lens[i])
             fatal("generate: prompt %d has %d tokens; with max_new_tokens %d that exceeds the model's context of %d tokens",
                   i, prompt_lens[i], p->max_new_tokens, c->max_seq_len);
         if (prompt_lens[i] > max_prompt) max_prompt = prompt_lens[i];

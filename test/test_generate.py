@@ -7,6 +7,7 @@ equal (a divergence is tolerated only at a near-tie, reported with its logit gap
 log-probs of the generated tokens must match."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -146,3 +147,177 @@ def test_generate_bad_vocabulary(train_mora_bin, smollm2_gguf, tmp_path):
     p = subprocess.run([train_mora_bin, "generate", "--model", smollm2_gguf, "--tokenizer", str(bad), "--prompt", "Hi"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and str(bad) in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# ./train_mora generate's output: stops, streams, --logprobs rows, and the checks of its input
+
+TEXT_TO_SHARDS = str(ROOT / "dev" / "data" / "text_to_shards.py")
+# the plain template's rendering of --prompt hi, and the answer a tiny byte-level model learns to
+# give: it holds the beginnings of the stop string "\n\nHuman:" ("\n\n", "\nHuman") that must be
+# printed once the next bytes show they are not the stop, a tab, a backslash and a two-byte
+# character
+CHAT_PROMPT = "\n\nHuman: hi\n\nAssistant:"
+ANSWER = " hello\tw\\x \u00e9\n\nthere\nHuman ok"
+
+
+def run_generate(args, **kw):
+    return subprocess.run(args, capture_output=True, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def byte_model(train_mora_bin, tmp_path_factory):
+    """llama:tiny trained on the dialogue CHAT_PROMPT + ANSWER repeated, as byte tokens (the
+    README's dev/data/text_to_shards.py), with the byte tokenizer the script writes."""
+    d = tmp_path_factory.mktemp("byte_model")
+    (d / "dialogue.txt").write_bytes(((CHAT_PROMPT + ANSWER) * 400).encode())
+    p = subprocess.run([sys.executable, TEXT_TO_SHARDS, str(d / "dialogue.txt"), "--out", str(d / "data")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([train_mora_bin, "pretrain", "--init", "llama:tiny", "--train_data", str(d / "data" / "train_*.bin"),
+                        "--out", str(d / "run"), "--batch_size", "8", "--seq_len", "64", "--steps", "150",
+                        "--lr", "1e-2", "--warmup", "10"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return {"model": str(d / "run" / "model_step000150.ckpt"), "tokenizer": str(d / "data" / "tokenizer.json"), "dir": d}
+
+
+def test_text_to_shards_writes_byte_tokens(byte_model):
+    from tokenizers import Tokenizer
+    text = ((CHAT_PROMPT + ANSWER) * 400).encode()
+    shard = np.fromfile(byte_model["dir"] / "data" / "train_000000.bin", dtype=np.uint8)
+    header = shard[:1024].view(np.int32)
+    assert header[0] == 20240520 and header[1] == 1 and header[2] == len(text)
+    assert bytes(shard[1024:].view(np.uint16).astype(np.uint8)) == text
+    tok = Tokenizer.from_file(byte_model["tokenizer"])
+    assert tok.get_vocab_size() == 256 and tok.encode(text.decode()).ids == list(text)
+
+
+def test_stop_string_is_not_printed(train_mora_bin, byte_model):
+    p = run_generate([train_mora_bin, "generate", "--model", byte_model["model"], "--tokenizer", byte_model["tokenizer"],
+                      "--chat", "--template", "plain", "--prompt", "hi", "--temperature", "0", "--max_new_tokens", "40"])
+    assert p.returncode == 0, p.stderr
+    # the whole answer, the held-back beginnings included, and nothing of the stop string; the
+    # device line is on stderr, so stdout is the text alone
+    assert p.stdout == (ANSWER + "\n").encode(), p.stdout
+    assert b"(stop)" in p.stderr and b"device: cpu" in p.stderr, p.stderr
+
+
+def test_chat_answer_has_no_end_of_turn_marker(train_mora_bin, smollm2_gguf):
+    p = subprocess.run([train_mora_bin, "generate", "--model", smollm2_gguf, "--chat", "--temperature", "0",
+                        "--prompt", "What is the capital of France?", "--max_new_tokens", "40"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "(eos)" in p.stderr, p.stderr
+    assert "Paris" in p.stdout and "<|im_end|>" not in p.stdout and "<|" not in p.stdout, p.stdout
+    assert "device" not in p.stdout
+
+
+def unescape(field):
+    out, i = bytearray(), 0
+    while i < len(field):
+        if field[i] == "\\":
+            c = field[i + 1]
+            if c == "x":
+                out.append(int(field[i + 2:i + 4], 16))
+                i += 4
+                continue
+            out += {"n": b"\n", "t": b"\t", "r": b"\r", "\\": b"\\"}[c]
+            i += 2
+        else:
+            out += field[i].encode()
+            i += 1
+    return bytes(out)
+
+
+def test_logprobs_rows_are_one_line_each(train_mora_bin, byte_model):
+    p = run_generate([train_mora_bin, "generate", "--model", byte_model["model"], "--tokenizer", byte_model["tokenizer"],
+                      "--chat", "--template", "plain", "--prompt", "hi", "--temperature", "0", "--max_new_tokens", "40",
+                      "--logprobs"])
+    assert p.returncode == 0, p.stderr
+    rows = p.stdout.decode().split("\n")
+    assert rows[-1] == ""
+    rows = rows[:-1]
+    # one row a generated token: the answer's bytes, then the stop string's (byte tokens: id = byte)
+    want = (ANSWER + "\n\nHuman:").encode()
+    assert len(rows) == len(want), rows
+    for row, byte in zip(rows, want):
+        fields = row.split("\t")
+        assert len(fields) == 3, row
+        assert int(fields[0]) == byte and float(fields[1]) <= 0.0
+        assert unescape(fields[2]) == bytes([byte]), row
+        assert all(0x20 <= ord(c) < 0x7f for c in fields[2]), row
+    assert rows[want.index(b"\t")].endswith("\t\\t") and rows[want.index(b"\\")].endswith("\t\\\\")
+    assert rows[want.index(0xc3)].endswith("\t\\xc3")
+
+
+def test_max_new_tokens_beyond_the_context(train_mora_bin, byte_model, smollm2_gguf):
+    args = [train_mora_bin, "generate", "--model", byte_model["model"], "--tokenizer", byte_model["tokenizer"], "--prompt", "hi"]
+    p = run_generate(args + ["--max_new_tokens", "2147483647"], text=True)
+    assert p.returncode != 0
+    assert "--max_new_tokens 2147483647 it exceeds the model's context of 64 tokens" in p.stderr, p.stderr
+    # generate() itself (llmc/generate.c), as the other commands call it
+    p = subprocess.run([GEN, byte_model["model"], "0", "0", "1", "2147483647", "1"], input="104 105\n",
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "prompt 0 has 2 tokens; with max_new_tokens 2147483647 that exceeds the model's context of 64" in p.stderr, p.stderr
+    p = subprocess.run([train_mora_bin, "generate", "--model", smollm2_gguf, "--prompt", "Hi", "--max_new_tokens", "2147483647"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "context of 8192 tokens" in p.stderr, p.stderr
+    # the default 128 does not fit the tiny model's 64 positions: it generates what fits
+    p = run_generate(args + ["--temperature", "1", "--seed", "3"], text=True)
+    assert p.returncode == 0, p.stderr
+    assert "note: the default --max_new_tokens 128" in p.stderr, p.stderr
+    assert f"[2 prompt tokens, {64 - 2} generated (length)" in p.stderr, p.stderr
+
+
+def test_tokenizer_vocabulary_must_fit_the_model(train_mora_bin, byte_model, smollm2_gguf, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    args = [train_mora_bin, "generate", "--model", byte_model["model"], "--prompt", "hello", "--max_new_tokens", "5",
+            "--temperature", "0"]
+    # more tokens than the model has ids: refused before generating
+    p = run_generate(args + ["--tokenizer", smollm2_gguf], text=True)
+    assert p.returncode != 0
+    assert f"--tokenizer {smollm2_gguf} has 49152 tokens, more than the vocabulary of 256" in p.stderr, p.stderr
+    # fewer: a padded vocabulary is fine while the model's tokens have text (ASCII bytes here:
+    # the first 128 byte tokens)
+    full = json.load(open(byte_model["tokenizer"]))
+    full["model"]["vocab"] = {k: v for k, v in full["model"]["vocab"].items() if v < 128}
+    ascii_tok = tmp_path / "ascii.json"
+    ascii_tok.write_text(json.dumps(full))
+    p = run_generate([train_mora_bin, "generate", "--model", byte_model["model"], "--tokenizer", str(ascii_tok),
+                      "--chat", "--template", "plain", "--prompt", "hi", "--temperature", "0", "--max_new_tokens", "8"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == ANSWER.encode()[:8] + b"\n"
+    # a tokenizer of another vocabulary: the first generated id it has no token for stops the run
+    small = Tokenizer(models.BPE())
+    small.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    small.decoder = decoders.ByteLevel()
+    small.train_from_iterator(["hello world hello"], trainers.BpeTrainer(vocab_size=30, show_progress=False))
+    small.save(str(tmp_path / "small.json"))
+    n = small.get_vocab_size()
+    p = run_generate(args + ["--tokenizer", str(tmp_path / "small.json")], text=True)
+    assert p.returncode != 0
+    m = re.search(r"the model generated token id (\d+), which --tokenizer (\S+) does not have \((\d+) tokens; "
+                  r"the model's vocabulary is 256\)", p.stderr)
+    assert m and int(m.group(1)) >= n and m.group(2) == str(tmp_path / "small.json") and int(m.group(3)) == n, p.stderr
+
+
+def test_system_and_template_need_chat(train_mora_bin, byte_model):
+    args = [train_mora_bin, "generate", "--model", byte_model["model"], "--tokenizer", byte_model["tokenizer"], "--prompt", "hi"]
+    for flag, value in [("--system", "be terse"), ("--template", "plain")]:
+        p = run_generate(args + [flag, value], text=True)
+        assert p.returncode != 0 and f"flag {flag} applies only with --chat" in p.stderr, p.stderr
+        p = run_generate(args + [flag, value, "--chat", "--max_new_tokens", "2"] + ([] if flag == "--template" else ["--template", "plain"]), text=True)
+        assert p.returncode == 0, p.stderr
+
+
+def test_non_finite_weights(train_mora_bin, byte_model, tmp_path):
+    data = bytearray(open(byte_model["model"], "rb").read())
+    data[1024 + 4 * 7: 1024 + 4 * 8] = np.float32(np.nan).tobytes()   # element 7 of wte, the first tensor
+    bad = tmp_path / "nan.ckpt"
+    bad.write_bytes(bytes(data))
+    p = run_generate([train_mora_bin, "generate", "--model", str(bad), "--tokenizer", byte_model["tokenizer"], "--prompt", "hi",
+                      "--max_new_tokens", "3"],
+                     text=True)
+    assert p.returncode != 0
+    assert f"{bad}: tensor wte has a non-finite weight (nan at element 7 of" in p.stderr, p.stderr

@@ -6,6 +6,7 @@ run's metrics exactly, and wrong input gives a clear error and a non-zero exit."
 import json
 import math
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -75,13 +76,215 @@ def test_resume_equals_uninterrupted(train_mora_bin, tmp_path, shards):
     os.remove(os.path.join(part, "model_step000008.ckpt"))
     with open(os.path.join(part, "latest.txt"), "w") as f:
         f.write("model_step000004.ckpt\n")
-    p = run([train_mora_bin, "pretrain", *common, "--out", part, "--steps", "8", "--resume"])
+    # the resume is given only the run directory and the step to train to: every setting (the
+    # data, B, T, lr, warmup, grad_accum, ...) is the run's
+    p = run([train_mora_bin, "pretrain", "--out", part, "--resume", "--steps", "8"])
     assert p.returncode == 0, p.stderr
     assert "resuming" in p.stdout
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b] == list(range(1, 9))
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
+    with open(os.path.join(part, "model_step000008.ckpt"), "rb") as f1, \
+         open(os.path.join(full, "model_step000008.ckpt"), "rb") as f2:
+        assert f1.read() == f2.read()
+
+
+def native_header(path):
+    return np.fromfile(path, dtype=np.int32, count=256)
+
+
+def test_resume_keeps_the_runs_settings(train_mora_bin, tmp_path, shards):
+    out = str(tmp_path / "run")
+    p = run([train_mora_bin, "pretrain", "--init", "llama:tiny", "--train_data", shards, "--out", out,
+             "--batch_size", "2", "--seq_len", "16", "--lr", "2e-3", "--min_lr", "1e-4", "--warmup", "1",
+             "--steps", "3", "--seed", "7"])
+    assert p.returncode == 0, p.stderr
+    # extended to 6 steps without repeating the flags: the lr of steps 4..6 is the run's schedule
+    # (lr 2e-3, min_lr 1e-4, warmup 1) over the new 6 steps
+    p = run([train_mora_bin, "pretrain", "--out", out, "--resume", "--steps", "6"])
+    assert p.returncode == 0, p.stderr
+    m = read_metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
+    for r in m[3:]:
+        s = r["step"] - 1
+        want = 1e-4 + 0.5 * (1 + math.cos(math.pi * (s - 1) / (6 - 1))) * (2e-3 - 1e-4)
+        assert abs(r["lr"] - want) <= 1e-6 * want, (r, want)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["batch_size"], cfg["seq_len"], cfg["warmup"], cfg["seed"], cfg["init"]) == (2, 16, 1, 7, "llama:tiny")
+    assert abs(cfg["lr"] - 2e-3) < 1e-9 and abs(cfg["min_lr"] - 1e-4) < 1e-9
+    assert cfg["steps"] == 6 and cfg["train_data"] == shards
+    # a setting given with another value is refused, naming the flag and both values
+    for extra, message in [
+        (["--batch_size", "8"], "flag --batch_size 8 differs from the run's 2"),
+        (["--lr", "1e-3"], "flag --lr 0.001 differs from the run's 0.002"),
+        (["--warmup", "5"], "flag --warmup 5 differs from the run's 1"),
+        (["--init", "llama:tiny"], "--init with --resume"),
+    ]:
+        p = run([train_mora_bin, "pretrain", "--out", out, "--resume", "--steps", "8", *extra])
+        assert p.returncode != 0 and message in p.stderr, (extra, p.stderr)
+        assert "--init" in extra or "a resumed run keeps its settings" in p.stderr
+    assert read_metrics(out)[-1]["step"] == 6
+    # the run's own value, and the flags that may change on resume, are accepted
+    p = run([train_mora_bin, "pretrain", "--out", out, "--resume", "--steps", "7", "--batch_size", "2",
+             "--log_every", "3", "--save_every", "7"])
+    assert p.returncode == 0, p.stderr
+    assert json.load(open(os.path.join(out, "config.json")))["log_every"] == 3
+
+
+def test_resume_needs_a_larger_steps(train_mora_bin, tmp_path, shards):
+    out = str(tmp_path / "run")
+    p = run([train_mora_bin, "pretrain", "--train_data", shards, "--out", out, "--batch_size", "1",
+             "--seq_len", "8", "--steps", "5", "--warmup", "1"])
+    assert p.returncode == 0, p.stderr
+    p = run([train_mora_bin, "pretrain", "--out", out, "--resume", "--steps", "2"])
+    assert p.returncode != 0
+    assert f"the run in {out} is at step 5; --steps 2 would not train (give a larger --steps)" in p.stderr, p.stderr
+    # without --steps the run's own 5 steps are done already
+    p = run([train_mora_bin, "pretrain", "--out", out, "--resume"])
+    assert p.returncode != 0 and "--steps 5 would not train" in p.stderr, p.stderr
+    assert len(read_metrics(out)) == 5
+
+
+def test_new_run_into_a_run_directory_is_refused(train_mora_bin, tmp_path, shards):
+    out = str(tmp_path / "run")
+    args = [train_mora_bin, "pretrain", "--train_data", shards, "--out", out, "--batch_size", "1",
+            "--seq_len", "8", "--warmup", "1"]
+    assert run(args + ["--steps", "3"]).returncode == 0
+    p = run(args + ["--steps", "1"])
+    assert p.returncode != 0
+    assert "already holds a pretrain run" in p.stderr and "--resume" in p.stderr, p.stderr
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert open(os.path.join(out, "latest.txt")).read().strip() == "model_step000003.ckpt"
+
+
+def test_resume_of_a_missing_run_creates_nothing(train_mora_bin, tmp_path, shards):
+    out = tmp_path / "runs" / "nothere"
+    p = run([train_mora_bin, "pretrain", "--train_data", shards, "--out", str(out), "--resume"])
+    assert p.returncode != 0 and "no run to resume" in p.stderr, p.stderr
+    assert not out.exists() and not out.parent.exists()
+    out.mkdir(parents=True)
+    p = run([train_mora_bin, "pretrain", "--train_data", shards, "--out", str(out), "--resume"])
+    assert p.returncode != 0 and "no config.json" in p.stderr, p.stderr
+    assert os.listdir(out) == []
+
+
+def test_resume_removes_temporary_files_of_a_killed_save(train_mora_bin, tmp_path, shards):
+    out = tmp_path / "run"
+    p = run([train_mora_bin, "pretrain", "--train_data", shards, "--out", str(out), "--batch_size", "1",
+             "--seq_len", "8", "--steps", "2", "--warmup", "1"])
+    assert p.returncode == 0, p.stderr
+    # what a save killed before its rename leaves, and files that are not a checkpoint's
+    for name in ["model_step000003.ckpt.tmp.4242", "model_step000004.ckpt.tmp.17"]:
+        (out / name).write_bytes(b"\0" * 1000)
+    keep = ["notes.tmp.1", "model_step000003.ckpt.tmp.x", "metrics.jsonl.tmp.5"]
+    for name in keep:
+        (out / name).write_text("mine")
+    p = run([train_mora_bin, "pretrain", "--out", str(out), "--resume", "--steps", "3"])
+    assert p.returncode == 0, p.stderr
+    assert "removed 2 temporary checkpoint file(s)" in p.stdout, p.stdout
+    names = sorted(os.listdir(out))
+    assert not any(n.startswith("model_step") and ".tmp." in n and n not in keep for n in names), names
+    assert all(n in names for n in keep)
+    assert "model_step000003.ckpt" in names
+
+
+def test_token_outside_the_vocabulary(train_mora_bin, tmp_path, shards):
+    tokens = periodic_tokens(2000, 256)
+    tokens[37] = 300
+    bad = tmp_path / "bad_000.bin"
+    write_shard(bad, tokens)
+    args = [train_mora_bin, "pretrain", "--init", "gpt2:tiny", "--batch_size", "1", "--seq_len", "8",
+            "--steps", "10", "--warmup", "1"]
+    p = run(args + ["--train_data", str(bad), "--out", str(tmp_path / "a")])
+    assert p.returncode != 0
+    assert f"train data shard {bad}: token id 300 at token offset 37 is not below the model's vocabulary size 256" in p.stderr, p.stderr
+    # the same shard as validation data
+    p = run(args + ["--train_data", shards, "--val_data", str(bad), "--val_every", "1", "--val_batches", "10",
+                    "--out", str(tmp_path / "b")])
+    assert p.returncode != 0
+    assert f"val data shard {bad}: token id 300 at token offset 37" in p.stderr, p.stderr
+
+
+def test_shard_that_is_a_directory(train_mora_bin, tmp_path):
+    d = tmp_path / "train_000.bin"
+    d.mkdir()
+    p = run([train_mora_bin, "pretrain", "--train_data", str(d), "--out", str(tmp_path / "r"), "--steps", "1"])
+    assert p.returncode != 0 and f"{d} is a directory" in p.stderr, p.stderr
+
+
+def test_learning_rate_flags(train_mora_bin, tmp_path, shards):
+    args = [train_mora_bin, "pretrain", "--train_data", shards, "--batch_size", "1", "--seq_len", "8"]
+    p = run(args + ["--out", str(tmp_path / "a"), "--steps", "4", "--warmup", "1", "--lr", "1e-3", "--min_lr", "5"])
+    assert p.returncode != 0 and "flag --min_lr 5 is above --lr 0.001" in p.stderr, p.stderr
+    assert not (tmp_path / "a").exists()
+    # a warmup as long as the run: a warning, and the lr never reaches --lr
+    p = run(args + ["--out", str(tmp_path / "b"), "--steps", "3", "--warmup", "6", "--lr", "1e-3"])
+    assert p.returncode == 0, p.stderr
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--warmup 6" in warnings[0] and "--steps 3" in warnings[0], p.stderr
+    assert max(r["lr"] for r in read_metrics(str(tmp_path / "b"))) == pytest.approx(1e-3 * 3 / 6)
+    p = run(args + ["--out", str(tmp_path / "c"), "--steps", "3", "--warmup", "2"])
+    assert p.returncode == 0 and "warning" not in p.stderr, p.stderr
+
+
+def test_val_batches_beyond_the_validation_set(train_mora_bin, tmp_path, shards):
+    val = tmp_path / "val.bin"
+    write_shard(val, periodic_tokens(50, 256))   # 49 usable tokens: 3 batches of 2x8
+    p = run([train_mora_bin, "pretrain", "--train_data", shards, "--val_data", str(val), "--val_every", "1",
+             "--val_batches", "5", "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--warmup", "1",
+             "--out", str(tmp_path / "r")])
+    assert p.returncode == 0, p.stderr
+    assert "--val_batches 5 is more than the 3 batches" in p.stderr, p.stderr
+
+
+def test_init_from_a_checkpoint_starts_a_fresh_optimizer(train_mora_bin, tmp_path, shards):
+    """A new run from a native checkpoint (which holds AdamW moments and their step) trains
+    exactly as a new run from the same weights in llm.c's format, which has no optimizer state."""
+    common = ["--train_data", shards, "--batch_size", "2", "--seq_len", "16", "--lr", "1e-3", "--warmup", "1"]
+    first = tmp_path / "first"
+    assert run([train_mora_bin, "pretrain", "--init", "gpt2:tiny", *common, "--out", str(first), "--steps", "4"]).returncode == 0
+    ckpt = first / "model_step000004.ckpt"
+    h = native_header(ckpt)
+    assert h[16] & 1 and h[17] == 4   # optimizer state present, 4 AdamW steps
+    n = int(h[21])
+    # the same weights as an llm.c fp32 checkpoint: gpt2:tiny's config (maxT 64, V 256, L 2,
+    # heads 4, C 64, Vp 256); the native parameters are in llm.c's tensor order
+    params = np.fromfile(ckpt, dtype=np.float32, offset=1024, count=n)
+    header = np.zeros(256, dtype=np.int32)
+    header[:8] = [20240326, 3, 64, 256, 2, 4, 64, 256]
+    bin_path = tmp_path / "weights.bin"
+    with open(bin_path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(params.tobytes())
+    a, b = tmp_path / "from_ckpt", tmp_path / "from_bin"
+    p = run([train_mora_bin, "pretrain", "--init", str(ckpt), *common, "--out", str(a), "--steps", "3"])
+    assert p.returncode == 0, p.stderr
+    assert run([train_mora_bin, "pretrain", "--init", str(bin_path), *common, "--out", str(b), "--steps", "3"]).returncode == 0
+    for ra, rb in zip(read_metrics(str(a)), read_metrics(str(b))):
+        assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
+    assert native_header(a / "model_step000003.ckpt")[17] == 3
+    with open(a / "model_step000003.ckpt", "rb") as fa, open(b / "model_step000003.ckpt", "rb") as fb:
+        assert fa.read()[1024:] == fb.read()[1024:]
+
+
+def test_non_finite_weights_are_refused(train_mora_bin, tmp_path, shards):
+    first = tmp_path / "first"
+    p = run([train_mora_bin, "pretrain", "--init", "gpt2:tiny", "--train_data", shards, "--out", str(first),
+             "--batch_size", "1", "--seq_len", "8", "--steps", "1", "--warmup", "1"])
+    assert p.returncode == 0, p.stderr
+    data = bytearray((first / "model_step000001.ckpt").read_bytes())
+    # GPT-2's first tensors: wte (256 x 64 floats), then wpe (64 x 64)
+    for name, index, value, tensor, element in [("nan.ckpt", 100, np.nan, "wte", 100),
+                                                 ("inf.ckpt", 256 * 64 + 5, np.inf, "wpe", 5)]:
+        bad = bytearray(data)
+        bad[1024 + 4 * index: 1024 + 4 * index + 4] = np.float32(value).tobytes()
+        (tmp_path / name).write_bytes(bytes(bad))
+        p = run([train_mora_bin, "pretrain", "--init", str(tmp_path / name), "--train_data", shards,
+                 "--out", str(tmp_path / ("run_" + name)), "--steps", "1"])
+        assert p.returncode != 0
+        assert f"{tmp_path / name}: tensor {tensor} has a non-finite weight" in p.stderr, p.stderr
+        assert f"at element {element} of" in p.stderr, p.stderr
 
 
 BAD_CASES = [
@@ -139,6 +342,15 @@ def test_help(train_mora_bin, tmp_path):
     assert p.returncode != 0 and "no token shards match '--no-such-shards'" in p.stderr, p.stderr
     p = run([train_mora_bin, "--help"])
     assert p.returncode == 0 and "pretrain" in p.stdout and "generate" in p.stdout
+    # TRAIN_MORA_ROLLOUT's line lists every word rollout.cu's parser takes
+    src = open(os.path.join(os.path.dirname(__file__), "..", "rollout.cu")).read()
+    parser = src[src.index("static void options_from_env"):]
+    parser = parser[: parser.index("\n}\n")]
+    words = re.findall(r'strcmp\(w, "(\w+)"\)', parser) + [w + "N" for w in re.findall(r'strncmp\(w, "(\w+=)"', parser)]
+    assert len(words) >= 11, words
+    rollout_help = p.stdout[p.stdout.index("TRAIN_MORA_ROLLOUT"):]
+    for w in words:
+        assert w in rollout_help, w
     p = run([train_mora_bin, "frobnicate"])
     assert p.returncode != 0 and "unknown command" in p.stderr
 
