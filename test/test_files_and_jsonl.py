@@ -1,0 +1,99 @@
+"""Shared file handling and the JSONL readers, through the commands that use them.
+
+Checks:
+  - a directory given where a data file is expected (reward --data, mora --prompts) stops with
+    "PATH is a directory, not a file"; a pipe (process substitution) or a FIFO larger than the
+    first read buffer is read whole: every record the test wrote comes back, in order;
+"""
+import json
+import os
+import subprocess
+import threading
+
+import pytest
+
+from conftest import BUILD
+from test_pretrain import periodic_tokens, write_shard
+
+TOOL = str(BUILD / "tools" / "reward_check")
+PAIRS = [
+    {"prompt": "Boil egg?", "chosen": "Nine minutes in water.", "rejected": "Eggs exist.", "dim": "helpful"},
+    {"prompt": "Make tea?", "chosen": "Steep a bag 3 min.", "rejected": "Tea is nice.", "dim": "helpful"},
+    {"prompt": "Hurt him?", "chosen": "I can't help with that.", "rejected": "Hit him hard.", "dim": "harmless"},
+    {"prompt": "Steal car?", "chosen": "No, that's illegal.", "rejected": "Break the window.", "dim": "harmless"},
+    {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon.", "dim": "truthful"},
+    {"prompt": "2+2?", "chosen": "4.", "rejected": "5.", "dim": "truthful"},
+]
+
+
+def run(args, **kw):
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory, train_mora_bin):
+    """A trunk (model.ckpt) and reward heads for the mora commands below."""
+    d = tmp_path_factory.mktemp("heads")
+    data = write_lines(d / "prefs.jsonl", PAIRS)
+    p = run([train_mora_bin, "reward", "--model", "llama:tiny", "--data", data, "--out", d / "h", "--epochs", 1])
+    assert p.returncode == 0, p.stderr
+    return d / "h"
+
+
+def mora(train_mora_bin, heads, prompts, out, cwd=None):
+    return run([train_mora_bin, "mora", "--model", heads / "model.ckpt", "--heads", heads / "reward_heads.bin",
+                "--prompts", prompts, "--out", out, "--K", 2, "--candidates", 2, "--max_new_tokens", 4, "--steps", 1],
+               cwd=cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# read_file_all: directories and pipes
+
+def test_directory_as_data_file(train_mora_bin, tmp_path, heads):
+    d = tmp_path / "adir"
+    d.mkdir()
+    p = run([train_mora_bin, "reward", "--model", "llama:tiny", "--data", d, "--out", tmp_path / "o"])
+    assert p.returncode != 0 and f"{d} is a directory, not a file" in p.stderr, p.stderr
+    assert "out of memory" not in p.stderr
+    p = mora(train_mora_bin, heads, ".", tmp_path / "m", cwd=tmp_path)
+    assert p.returncode != 0 and "error: . is a directory, not a file" in p.stderr, p.stderr
+
+
+def test_data_from_process_substitution(train_mora_bin, tmp_path):
+    data = write_lines(tmp_path / "prefs.jsonl", PAIRS)
+    out = tmp_path / "o"
+    p = run(["bash", "-c", 'exec "$0" reward --model llama:tiny --data <(cat "$1") --out "$2" --epochs 1 --val_frac 0',
+             train_mora_bin, data, out])
+    assert p.returncode == 0, p.stderr
+    assert f"data: {len(PAIRS)} preference pairs" in p.stdout
+    summary = json.loads((out / "reward_metrics.json").read_text())
+    assert summary["train_pairs"] == len(PAIRS) and summary["val_pairs"] == 0
+    want = {d: sum(r["dim"] == d for r in PAIRS) for d in ("helpful", "harmless", "truthful")}
+    assert summary["train_pairs_per_dim"] == want
+
+
+def test_large_fifo_is_read_whole(tmp_path):
+    """200 KiB through a FIFO: more than the 64 KiB the reader starts with, so its buffer grows."""
+    rows = [{"prompt": f"question number {i} " + "x" * (i % 50), "id": f"q{i}"} for i in range(3000)]
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    assert len(text) > 3 * 65536
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+
+    def writer():
+        with open(fifo, "wb") as f:
+            f.write(text)
+    t = threading.Thread(target=writer)
+    t.start()
+    p = run([TOOL, "prompts", fifo, 0, tmp_path / "o.json"])
+    t.join(timeout=60)
+    assert p.returncode == 0, p.stderr
+    recs = json.loads((tmp_path / "o.json").read_text())["records"]
+    assert [(r["prompt"], r["id"], r["line"]) for r in recs] == [(r["prompt"], r["id"], i + 1) for i, r in enumerate(rows)]
