@@ -9,12 +9,30 @@
 #include "comm.h"
 
 void run_ensure_dir(const char *path, const char *flag) {
-    struct stat st;
-    if (stat(path, &st) == 0) {
-        if (!S_ISDIR(st.st_mode)) fatal("%s %s exists and is not a directory", flag, path);
-    } else if (mkdir(path, 0755) != 0) {
-        fatal("%s: cannot create directory %s: %s", flag, path, strerror(errno));
+    if (path[0] == '\0') fatal("%s is empty (expected a directory)", flag);
+    // mkdir -p: every missing directory of the path, from the top down, so that --out runs/a/b
+    // works in a fresh checkout; the message names the part that failed
+    size_t len = strlen(path);
+    char *part = (char *)mallocCheck(len + 1);
+    for (size_t end = 1; end <= len; end++) {
+        if (end < len && path[end] != '/') continue;
+        if (path[end - 1] == '/') continue;     // "//" or a trailing "/": the part is done already
+        memcpy(part, path, end);
+        part[end] = '\0';
+        struct stat st;
+        if (stat(part, &st) == 0) {
+            if (!S_ISDIR(st.st_mode)) {
+                if (end == len) fatal("%s %s exists and is not a directory", flag, path);
+                fatal("%s %s: %s exists and is not a directory", flag, path, part);
+            }
+        } else if (errno != ENOENT) {
+            fatal("%s %s: cannot use %s: %s", flag, path, part, strerror(errno));
+        } else if (mkdir(part, 0755) != 0 && errno != EEXIST) {
+            // EEXIST: another rank or process made it in the meantime
+            fatal("%s %s: cannot create directory %s: %s", flag, path, part, strerror(errno));
+        }
     }
+    free(part);
     // a directory the run cannot write in (its permissions, a read-only file system) stops the
     // run now rather than at its first checkpoint or report, hours later
     char probe[4400];

@@ -11,8 +11,9 @@
 #include "model.h"
 #include "checkpoint.h"
 
-// Creates DIR if needed; a path that exists and is not a directory, or a directory the process
-// cannot create a file in, is an error naming `flag`.
+// Creates DIR and its missing parents (mkdir -p); a part of the path that exists and is not a
+// directory, one that cannot be created, or a directory the process cannot create a file in, is
+// an error naming `flag` and that part.
 void run_ensure_dir(const char *path, const char *flag);
 int run_file_exists(const char *path);
 int run_is_dir(const char *path);

@@ -4,6 +4,7 @@ Checks:
   - a directory given where a data file is expected (reward --data, mora --prompts) stops with
     "PATH is a directory, not a file"; a pipe (process substitution) or a FIFO larger than the
     first read buffer is read whole: every record the test wrote comes back, in order;
+  - --out with missing parents is created (mkdir -p); a parent that is a file is named;
 """
 import json
 import os
@@ -97,3 +98,27 @@ def test_large_fifo_is_read_whole(tmp_path):
     assert p.returncode == 0, p.stderr
     recs = json.loads((tmp_path / "o.json").read_text())["records"]
     assert [(r["prompt"], r["id"], r["line"]) for r in recs] == [(r["prompt"], r["id"], i + 1) for i, r in enumerate(rows)]
+
+
+# ----------------------------------------------------------------------------------------------
+# run directories
+
+@pytest.fixture
+def shards(tmp_path):
+    write_shard(tmp_path / "train_000.bin", periodic_tokens(20000, 256))
+    return str(tmp_path / "train_*.bin")
+
+
+PRETRAIN = ["--init", "llama:tiny", "--batch_size", 2, "--seq_len", 16, "--lr", "1e-3", "--warmup", 1]
+
+
+def test_out_parents_are_created(train_mora_bin, tmp_path, shards):
+    out = tmp_path / "a" / "b" / "c"
+    p = run([train_mora_bin, "pretrain", *PRETRAIN, "--train_data", shards, "--out", out, "--steps", 1])
+    assert p.returncode == 0, p.stderr
+    assert (out / "metrics.jsonl").is_file() and (out / "latest.txt").is_file()
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "b" / "c"
+    p = run([train_mora_bin, "pretrain", *PRETRAIN, "--train_data", shards, "--out", out, "--steps", 1])
+    assert p.returncode != 0
+    assert f"--out {out}: {tmp_path / 'afile'} exists and is not a directory" in p.stderr, p.stderr
