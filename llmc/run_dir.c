@@ -111,15 +111,26 @@ FILE *run_open_jsonl_upto(const char *path, const char *key, int last) {
         char tmp[4400];
         char *text = read_file_all(path, NULL);
         FILE *f = atomic_open(path, tmp, sizeof tmp);
+        int dropped = 0;
         char *save = NULL;
         for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-            cJSON *obj = cJSON_Parse(line);
-            cJSON *v = obj ? cJSON_GetObjectItemCaseSensitive(obj, key) : NULL;
+            // every line is written whole as one JSON object: anything else is the torn end of
+            // a run killed while it wrote, which a later reader of the file would stop at
+            cJSON *obj = cJSON_ParseWithOpts(line, NULL, 1);
+            if (!cJSON_IsObject(obj)) {
+                dropped++;
+                cJSON_Delete(obj);
+                continue;
+            }
+            cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
             if (!cJSON_IsNumber(v) || v->valueint <= last) fprintf(f, "%s\n", line);
             cJSON_Delete(obj);
         }
         atomic_commit(f, tmp, path);
         free(text);
+        if (dropped > 0)
+            printf("%s: dropped %d line(s) that are not whole JSON objects (an incomplete write when the run stopped)\n",
+                   path, dropped);
     }
     FILE *f = fopen(path, "ab");
     if (f == NULL) fatal("cannot open %s for appending: %s", path, strerror(errno));

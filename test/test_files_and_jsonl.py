@@ -5,6 +5,8 @@ Checks:
     "PATH is a directory, not a file"; a pipe (process substitution) or a FIFO larger than the
     first read buffer is read whole: every record the test wrote comes back, in order;
   - --out with missing parents is created (mkdir -p); a parent that is a file is named;
+  - a run killed mid-write leaves a torn last line in metrics.jsonl: after --resume the file
+    holds whole JSON lines only, one a step, and the dropped line is counted on stdout;
 """
 import json
 import os
@@ -122,3 +124,20 @@ def test_out_parents_are_created(train_mora_bin, tmp_path, shards):
     p = run([train_mora_bin, "pretrain", *PRETRAIN, "--train_data", shards, "--out", out, "--steps", 1])
     assert p.returncode != 0
     assert f"--out {out}: {tmp_path / 'afile'} exists and is not a directory" in p.stderr, p.stderr
+
+
+def test_torn_metrics_line_dropped_on_resume(train_mora_bin, tmp_path, shards):
+    out = tmp_path / "run"
+    p = run([train_mora_bin, "pretrain", *PRETRAIN, "--train_data", shards, "--out", out, "--steps", 2])
+    assert p.returncode == 0, p.stderr
+    metrics = out / "metrics.jsonl"
+    # the run killed while it wrote step 3's line: half a JSON object, no newline
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "loss": 5.4')
+    p = run([train_mora_bin, "pretrain", *PRETRAIN, "--train_data", shards, "--out", out, "--steps", 4, "--resume"])
+    assert p.returncode == 0, p.stderr
+    assert f"{metrics}: dropped 1 line(s)" in p.stdout, p.stdout
+    lines = metrics.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert all(isinstance(r, dict) for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
