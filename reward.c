@@ -359,8 +359,9 @@ int cmd_reward(int argc, char **argv) {
     double run_start = wall_seconds();
 
     // the data first: a bad line should stop the run before a large model is loaded
+    const int bad_lines = a.skip_bad ? PREFDATA_SKIP : PREFDATA_STOP_HINT;
     PrefData data = {0};
-    prefdata_load_list(&data, a.data, a.skip_bad);
+    prefdata_load_list(&data, a.data, bad_lines);
     printf("data: %d preference pairs from %d file(s)", data.n, data.n_paths);
     if (a.skip_bad) printf(", %d bad line(s) skipped", data.skipped);
     printf("\n");
@@ -386,7 +387,7 @@ int cmd_reward(int argc, char **argv) {
            enc.chat ? chat_template_name(enc.chat) : "none");
 
     EncodedPrefs enc_pairs;
-    prefdata_encode(&data, &enc, max_len, a.skip_bad, &enc_pairs);
+    prefdata_encode(&data, &enc, max_len, bad_lines, &enc_pairs);
     int n_pairs = enc_pairs.n_pairs;
     if (n_pairs == 0) fatal("--data %s: no pair fits the context of %d tokens", a.data, max_len);
     printf("tokens: %d pairs, %zu tokens; %d prompt(s) truncated on the left to fit %d tokens; %d pair(s) skipped (response too long)\n",

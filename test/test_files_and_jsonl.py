@@ -7,6 +7,12 @@ Checks:
   - --out with missing parents is created (mkdir -p); a parent that is a file is named;
   - a run killed mid-write leaves a torn last line in metrics.jsonl: after --resume the file
     holds whole JSON lines only, one a step, and the dropped line is counted on stdout;
+  - a JSONL line holds exactly one JSON value: a second object or trailing text on it is an
+    error naming FILE:LINE; a \\u0000 escape in a field that is read is an error naming
+    FILE:LINE and the field (an escaped backslash followed by "u0000" is plain text, and an
+    ignored field may hold one);
+  - a bad line's message suggests --skip_bad in reward, which has the flag, and not in mora,
+    which does not.
 """
 import json
 import os
@@ -141,3 +147,71 @@ def test_torn_metrics_line_dropped_on_resume(train_mora_bin, tmp_path, shards):
     rows = [json.loads(line) for line in lines]
     assert all(isinstance(r, dict) for r in rows)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------
+# one JSON value a line, no NUL in a field
+
+GOOD = PAIRS[0]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "One?"}{"prompt": "Two?"}', "more text after the JSON value: '{\"prompt\": \"Two?\"}'"),
+    ('{"prompt": "Three?"} junk', "more text after the JSON value: 'junk'"),
+    ('{"prompt": "Four?"} ]', "more text after the JSON value: ']'"),
+])
+def test_one_json_value_a_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "ok"}, line])
+    p = run([TOOL, "prompts", path, 0, tmp_path / "o.json"])
+    assert p.returncode != 0 and f"{path}:2: {message}" in p.stderr, p.stderr
+    # trailing whitespace is not text
+    path = write_lines(tmp_path / "ws.jsonl", [{"prompt": "ok"}, '{"prompt": "Five?"}  \t '])
+    p = run([TOOL, "prompts", path, 0, tmp_path / "o.json"])
+    assert p.returncode == 0, p.stderr
+    assert [r["prompt"] for r in json.loads((tmp_path / "o.json").read_text())["records"]] == ["ok", "Five?"]
+
+
+def test_two_objects_on_a_preference_line(train_mora_bin, tmp_path):
+    path = write_lines(tmp_path / "prefs.jsonl", [GOOD, json.dumps(GOOD) + json.dumps(PAIRS[1])])
+    p = run([train_mora_bin, "reward", "--model", "llama:tiny", "--data", path, "--out", tmp_path / "o"])
+    assert p.returncode != 0 and f"{path}:2: more text after the JSON value" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected", "dim"])
+def test_nul_in_a_preference_field(train_mora_bin, tmp_path, field):
+    # json.dumps writes the NUL character as the escape \u0000
+    row = {**GOOD, field: GOOD[field] + "\0tail"}
+    path = write_lines(tmp_path / "prefs.jsonl", [GOOD, PAIRS[1], row])
+    assert "\\u0000" in open(path).read()
+    p = run([train_mora_bin, "reward", "--model", "llama:tiny", "--data", path, "--out", tmp_path / "o"])
+    assert p.returncode != 0, p.stdout
+    assert f"{path}:3: field \"{field}\" contains \\u0000" in p.stderr, p.stderr
+
+
+def test_nul_in_a_prompt_record(tmp_path):
+    rows = [{"prompt": "ok", "id": "a"},
+            {"prompt": "a literal \\u0000 is text", "id": "b"},            # an escaped backslash: no NUL
+            {"prompt": "ignored field", "id": "c", "note": "x\0y"},         # a field nobody reads
+            {"prompt": "nested", "id": "d", "meta": [{"k": "\0"}]}]
+    path = write_lines(tmp_path / "prompts.jsonl", rows)
+    p = run([TOOL, "prompts", path, 0, tmp_path / "o.json"])
+    assert p.returncode == 0, p.stderr
+    recs = json.loads((tmp_path / "o.json").read_text())["records"]
+    assert [(r["prompt"], r["id"]) for r in recs] == [(r["prompt"], r["id"]) for r in rows]
+    for name, row in (("prompt", {"prompt": "cut\0here", "id": "e"}), ("id", {"prompt": "fine", "id": "e\0f"})):
+        path = write_lines(tmp_path / f"{name}.jsonl", [rows[0], row])
+        p = run([TOOL, "prompts", path, 0, tmp_path / "o.json"])
+        assert p.returncode != 0 and f"{path}:2: field \"{name}\" contains \\u0000" in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# the --skip_bad hint only where the flag exists
+
+def test_skip_bad_suggested_only_where_it_exists(train_mora_bin, tmp_path, heads):
+    prefs = write_lines(tmp_path / "prefs.jsonl", [GOOD, {**GOOD, "dim": "funny"}])
+    p = run([train_mora_bin, "reward", "--model", "llama:tiny", "--data", prefs, "--out", tmp_path / "o"])
+    assert p.returncode != 0 and f"{prefs}:2:" in p.stderr and "--skip_bad" in p.stderr, p.stderr
+    prompts = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "ok"}, {"prompt": ""}])
+    p = mora(train_mora_bin, heads, prompts, tmp_path / "m")
+    assert p.returncode != 0 and f"{prompts}:2: field \"prompt\" is empty" in p.stderr, p.stderr
+    assert "--skip_bad" not in p.stderr
