@@ -14,7 +14,8 @@
  * under --device cuda) and gather the hidden states; rank 0 trains the heads and writes the
  * files, which are those of one rank.
  * A held-out split (--val_frac of every dimension's pairs, chosen by --seed) measures accuracy
- * (the share of pairs with r_chosen > r_rejected) per dimension after every epoch.
+ * (the share of pairs with r_chosen > r_rejected) per dimension after every epoch. A loss that
+ * stops being finite (the heads diverged) stops the run.
  *
  * Calibration (--calibrate 1, the default). Bradley-Terry sees only differences of rewards, so it
  * fixes a head up to a shift, and its scale is arbitrary: a raw reward of -0.7 says nothing on
@@ -322,7 +323,7 @@ int cmd_reward(int argc, char **argv) {
         {"weight_decay", ARG_FLOAT, &a.weight_decay, "AdamW decoupled weight decay on head weights (not biases)"},
         {"beta1", ARG_FLOAT, &a.beta1, "AdamW beta1"},
         {"beta2", ARG_FLOAT, &a.beta2, "AdamW beta2"},
-        {"eps", ARG_FLOAT, &a.eps, "AdamW epsilon"},
+        {"eps", ARG_FLOAT, &a.eps, "AdamW epsilon, in (0, 1]: keeps the update finite where a gradient's second moment is 0"},
         {"seq_len", ARG_INT, &a.seq_len, "context in tokens (0: the model's max_seq_len); longer prompts are cut on the left"},
         {"fwd_batch", ARG_INT, &a.fwd_batch, "sequences per trunk forward pass when caching hidden states"},
         {"chat_template", ARG_STRING, &a.chat_template, "auto (the checkpoint's, if any), none, or a template name"},
@@ -352,6 +353,8 @@ int cmd_reward(int argc, char **argv) {
     args_require_range_float("weight_decay", a.weight_decay, 0.0f, 10.0f);
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
+    // the update is m / (sqrt(v) + eps): with eps 0 a parameter whose gradient is 0 gets 0 / 0
+    if (!(a.eps > 0.0f && a.eps <= 1.0f)) fatal("flag --eps must be in (0, 1], got %g (AdamW's epsilon)", a.eps);
     const int use_gpu = device_resolve(a.device);
     // under mpirun/srun the ranks share the trunk's forwards (one GPU per rank under --device
     // cuda); rank 0 then trains the heads and writes the files
@@ -509,6 +512,10 @@ int cmd_reward(int argc, char **argv) {
         print_accuracy("train", &train_eval);
         print_accuracy("val", &val_eval);
         printf(" | %.2f s\n", wall_seconds() - epoch_start);
+        if (!isfinite(train_eval.loss) || (n_val && !isfinite(val_eval.loss)))
+            fatal("reward: epoch %d: the %s loss is %g: the heads diverged; try a lower --lr (now %g)%s", epoch,
+                  isfinite(train_eval.loss) ? "val" : "train", isfinite(train_eval.loss) ? val_eval.loss : train_eval.loss,
+                  a.lr, a.weight_decay > 0.0f ? " or --weight_decay" : "");
 
         cJSON *line = cJSON_CreateObject();
         cJSON_AddNumberToObject(line, "epoch", epoch);

@@ -23,9 +23,12 @@ Checks:
   - the split is deterministic by seed and per dimension; truncation counts equal the byte
     counts computed here; on SmolLM2 the chat template and tokenizer are used and the truncation
     count equals the one computed with jinja2 + Hugging Face tokenizers;
-  - every bad input exits non-zero with "FILE:LINE", and --skip_bad counts the bad lines.
+  - every bad input exits non-zero with "FILE:LINE", and --skip_bad counts the bad lines;
+  - nothing broken is left behind with exit 0: --eps outside (0, 1] is refused, heads that diverge
+    stop the run naming the epoch (no heads file, metrics.jsonl finite).
 """
 import json
+import math
 import os
 import random
 import shutil
@@ -444,6 +447,39 @@ def test_unusable_out_stops_before_the_forwards(train_mora_bin, tmp_path):
         assert os.listdir(ro) == []
     finally:
         shutil.rmtree(shared)
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run may not leave behind with exit 0
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity, which Python accepts but JSON does not have."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("eps", ["0", "-1e-8", "2"])
+def test_eps_must_be_in_0_1(train_mora_bin, tmp_path, eps):
+    path = write_jsonl(tmp_path / "pref.jsonl", planted(3, seed=1))
+    p = reward(train_mora_bin, "--model", "llama:tiny", "--data", path, "--out", tmp_path / "o", "--eps", eps)
+    assert p.returncode != 0 and "--eps must be in (0, 1]" in p.stderr, p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_diverging_heads_stop_the_run(train_mora_bin, tmp_path):
+    """--lr 10 --weight_decay 10: AdamW's decay multiplies every head weight by 1 - 100 a step, so
+    the rewards overflow float within a few epochs of 9 steps. The run stops, naming the epoch
+    and --lr; no heads file is written, and metrics.jsonl holds the finite epochs before it."""
+    path = write_jsonl(tmp_path / "pref.jsonl", planted(3, seed=1))
+    out = tmp_path / "o"
+    p = reward(train_mora_bin, "--model", "llama:tiny", "--data", path, "--out", out, "--epochs", 50,
+               "--batch_size", 1, "--lr", 10, "--weight_decay", 10, "--val_frac", 0)
+    assert p.returncode != 0, p.stdout[-2000:]
+    epochs = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(e["train_loss"]) for e in epochs)
+    assert f"epoch {len(epochs) + 1}: the train loss is" in p.stderr and "lower --lr" in p.stderr, p.stderr
+    assert not (out / "reward_heads.bin").exists()
 
 
 # ----------------------------------------------------------------------------------------------
