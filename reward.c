@@ -42,6 +42,7 @@
  *                         loss depends on the scale), the accuracies hold for both
  *   model.ckpt            the trunk, when it came from a preset (random init), so that later
  *                         subcommands can load the very trunk the heads were trained on
+ * and the last line printed names each of them.
  */
 #include <math.h>
 #include <cjson/cJSON.h>
@@ -522,10 +523,11 @@ int cmd_reward(int argc, char **argv) {
         train_eval = evaluate_split(rewards, enc_pairs.dims, train_idx, n_train);
         val_eval = evaluate_split(rewards, enc_pairs.dims, val_idx, n_val);
 
-        printf("epoch %3d/%d | step %6d | train loss %.4f | val loss %.4f", epoch, a.epochs, steps, train_eval.loss,
-               n_val ? val_eval.loss : NAN);
+        printf("epoch %3d/%d | step %6d | train loss %.4f", epoch, a.epochs, steps, train_eval.loss);
+        if (n_val) printf(" | val loss %.4f", val_eval.loss);
+        else printf(" | no held-out pairs");
         print_accuracy("train", &train_eval);
-        print_accuracy("val", &val_eval);
+        if (n_val) print_accuracy("val", &val_eval);
         printf(" | %.2f s\n", wall_seconds() - epoch_start);
         if (!isfinite(train_eval.loss) || (n_val && !isfinite(val_eval.loss)))
             fatal("reward: epoch %d: the %s loss is %g: the heads diverged; try a lower --lr (now %g)%s", epoch,
@@ -600,7 +602,10 @@ int cmd_reward(int argc, char **argv) {
     cJSON_Delete(summary);
 
     if (a.skip_bad) printf("skipped %d bad line(s) and %d pair(s) too long for the context\n", data.skipped, enc_pairs.skipped);
-    printf("done: %d epochs, %d steps in %.1f s; heads in %s\n", a.epochs, steps, wall_seconds() - run_start, heads_path);
+    printf("done: %d epochs, %d steps in %.1f s; wrote %s, %s, %s", a.epochs, steps, wall_seconds() - run_start, heads_path,
+           metrics_path, summary_path);
+    if (from_preset) printf(", %s (the trunk the heads were trained on)\n", trunk_path);
+    else printf(" (the trunk is %s)\n", a.model);
 
     free(metrics_text);
     free(batch_hidden); free(batch_dims); free(batch_drewards);

@@ -28,7 +28,8 @@ Checks:
     stop the run naming the epoch (no heads file, metrics.jsonl finite); a dimension with one
     pair trains on it whatever --val_frac (the split rebuilt here); a dimension without pairs
     keeps a zero head (its rewards computed here are 0), is warned about and listed as
-    "untrained".
+    "untrained"; without held-out pairs no "nan" is printed and every JSON file is strict JSON;
+    the "done" line names every file in --out.
 """
 import json
 import math
@@ -530,6 +531,30 @@ def test_dimension_without_pairs_stays_zero(train_mora_bin, tmp_path):
     assert np.all(per_head[1] == 0) and np.any(per_head[0] != 0) and np.any(per_head[2] != 0)
     r = score_pairs(tmp_path, out, rows, list(range(len(rows))))
     assert np.all(r[:, :, 1] == 0) and np.any(r[:, :, 0] != 0)
+
+
+def test_no_heldout_pairs_and_the_done_line(train_mora_bin, tmp_path):
+    path = write_jsonl(tmp_path / "pref.jsonl", planted(4, seed=10))
+    out = tmp_path / "o"
+    p = reward(train_mora_bin, "--model", "llama:tiny", "--data", path, "--out", out, "--epochs", 2, "--val_frac", 0)
+    assert p.returncode == 0, p.stderr
+    epoch_lines = [line for line in p.stdout.splitlines() if line.startswith("epoch")]
+    assert len(epoch_lines) == 2 and all("no held-out pairs" in line for line in epoch_lines)
+    assert "nan" not in p.stdout.lower()
+    assert all(strict_json(line)["val_loss"] is None for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert strict_json((out / "reward_metrics.json").read_text())["val_loss"] is None
+    done = p.stdout.splitlines()[-1]
+    written = sorted(os.listdir(out))
+    assert written == ["metrics.jsonl", "model.ckpt", "reward_heads.bin", "reward_metrics.json"]
+    assert done.startswith("done:") and all(str(out / name) in done for name in written), done
+    # a trunk from a checkpoint is not copied: the line names the three files and that trunk
+    out2 = tmp_path / "o2"
+    p = reward(train_mora_bin, "--model", out / "model.ckpt", "--data", path, "--out", out2, "--epochs", 1)
+    assert p.returncode == 0, p.stderr
+    done = p.stdout.splitlines()[-1]
+    written = sorted(os.listdir(out2))
+    assert written == ["metrics.jsonl", "reward_heads.bin", "reward_metrics.json"]
+    assert all(str(out2 / name) in done for name in written) and str(out / "model.ckpt") in done, done
 
 
 # ----------------------------------------------------------------------------------------------
