@@ -13,8 +13,11 @@
  * train on the CPU either way. Under mpirun or srun the ranks share the forwards (a GPU each
  * under --device cuda) and gather the hidden states; rank 0 trains the heads and writes the
  * files, which are those of one rank.
- * A held-out split (--val_frac of every dimension's pairs, chosen by --seed) measures accuracy
- * (the share of pairs with r_chosen > r_rejected) per dimension after every epoch.
+ * A held-out split (--val_frac of every dimension's pairs, chosen by --seed, but never all of
+ * them: a dimension keeps at least one training pair) measures accuracy (the share of pairs
+ * with r_chosen > r_rejected) per dimension after every epoch. A dimension without any pair
+ * keeps a zero head, which scores every response 0, with a warning; reward_metrics.json lists it
+ * under "untrained". A loss that stops being finite (the heads diverged) stops the run.
  *
  * Calibration (--calibrate 1, the default). Bradley-Terry sees only differences of rewards, so it
  * fixes a head up to a shift, and its scale is arbitrary: a raw reward of -0.7 says nothing on
@@ -39,6 +42,7 @@
  *                         loss depends on the scale), the accuracies hold for both
  *   model.ckpt            the trunk, when it came from a preset (random init), so that later
  *                         subcommands can load the very trunk the heads were trained on
+ * and the last line printed names each of them.
  */
 #include <math.h>
 #include <cjson/cJSON.h>
@@ -218,7 +222,8 @@ typedef struct {
 // held-out pairs (its training pairs when it has no held-out pair), folds r -> (r - m_r) / (m_c - m_r)
 // into head d, which sends m_r to 0 and m_c to 1. The means are computed in double from the cached
 // hidden states (n_pairs pairs: rows 2i chosen, 2i+1 rejected). Fills cal[d]; prints the map, or a
-// warning naming the dimension when the head is left as trained.
+// warning naming the dimension when the head is left as trained (a dimension without pairs gets
+// none here: its untrained head was named when training began).
 static void calibrate_heads(RewardHeads *heads, const float *hidden, const int *dims, const int *val_idx, int n_val,
                             const int *train_idx, int n_train, HeadCalibration *cal) {
     int C = heads->C;
@@ -238,10 +243,7 @@ static void calibrate_heads(RewardHeads *heads, const float *hidden, const int *
             sum_rejected += reward_head_value(heads, d, hidden + (size_t)(2 * i + 1) * C);
             c->pairs++;
         }
-        if (c->pairs == 0) {
-            fprintf(stderr, "warning: --calibrate: dimension %s has no pairs; its head is left uncalibrated\n", mora_dim_names[d]);
-            continue;
-        }
+        if (c->pairs == 0) continue;   // no pairs at all: its zero head was named in a warning already
         c->split = n_d_val > 0 ? "val" : "train";
         c->chosen_mean = sum_chosen / c->pairs;
         c->rejected_mean = sum_rejected / c->pairs;
@@ -315,14 +317,14 @@ int cmd_reward(int argc, char **argv) {
         {"head", ARG_STRING, &a.head, "head kind: linear (vector + bias) or mlp (C -> H -> 1)"},
         {"head_hidden", ARG_INT, &a.head_hidden, "H: hidden width of the mlp head"},
         {"head_act", ARG_STRING, &a.head_act, "activation of the mlp head: gelu or relu"},
-        {"val_frac", ARG_FLOAT, &a.val_frac, "share of every dimension's pairs held out for validation"},
+        {"val_frac", ARG_FLOAT, &a.val_frac, "share of every dimension's pairs held out for validation (all but one at most)"},
         {"epochs", ARG_INT, &a.epochs, "passes over the training pairs"},
         {"batch_size", ARG_INT, &a.batch_size, "pairs per AdamW step"},
         {"lr", ARG_FLOAT, &a.lr, "AdamW learning rate (constant)"},
         {"weight_decay", ARG_FLOAT, &a.weight_decay, "AdamW decoupled weight decay on head weights (not biases)"},
         {"beta1", ARG_FLOAT, &a.beta1, "AdamW beta1"},
         {"beta2", ARG_FLOAT, &a.beta2, "AdamW beta2"},
-        {"eps", ARG_FLOAT, &a.eps, "AdamW epsilon"},
+        {"eps", ARG_FLOAT, &a.eps, "AdamW epsilon, in (0, 1]: keeps the update finite where a gradient's second moment is 0"},
         {"seq_len", ARG_INT, &a.seq_len, "context in tokens (0: the model's max_seq_len); longer prompts are cut on the left"},
         {"fwd_batch", ARG_INT, &a.fwd_batch, "sequences per trunk forward pass when caching hidden states"},
         {"chat_template", ARG_STRING, &a.chat_template, "auto (the checkpoint's, if any), none, or a template name"},
@@ -352,6 +354,8 @@ int cmd_reward(int argc, char **argv) {
     args_require_range_float("weight_decay", a.weight_decay, 0.0f, 10.0f);
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
+    // the update is m / (sqrt(v) + eps): with eps 0 a parameter whose gradient is 0 gets 0 / 0
+    if (!(a.eps > 0.0f && a.eps <= 1.0f)) fatal("flag --eps must be in (0, 1], got %g (AdamW's epsilon)", a.eps);
     const int use_gpu = device_resolve(a.device);
     // under mpirun/srun the ranks share the trunk's forwards (one GPU per rank under --device
     // cuda); rank 0 then trains the heads and writes the files
@@ -359,8 +363,9 @@ int cmd_reward(int argc, char **argv) {
     double run_start = wall_seconds();
 
     // the data first: a bad line should stop the run before a large model is loaded
+    const int bad_lines = a.skip_bad ? PREFDATA_SKIP : PREFDATA_STOP_HINT;
     PrefData data = {0};
-    prefdata_load_list(&data, a.data, a.skip_bad);
+    prefdata_load_list(&data, a.data, bad_lines);
     printf("data: %d preference pairs from %d file(s)", data.n, data.n_paths);
     if (a.skip_bad) printf(", %d bad line(s) skipped", data.skipped);
     printf("\n");
@@ -386,31 +391,35 @@ int cmd_reward(int argc, char **argv) {
            enc.chat ? chat_template_name(enc.chat) : "none");
 
     EncodedPrefs enc_pairs;
-    prefdata_encode(&data, &enc, max_len, a.skip_bad, &enc_pairs);
+    prefdata_encode(&data, &enc, max_len, bad_lines, &enc_pairs);
     int n_pairs = enc_pairs.n_pairs;
     if (n_pairs == 0) fatal("--data %s: no pair fits the context of %d tokens", a.data, max_len);
     printf("tokens: %d pairs, %zu tokens; %d prompt(s) truncated on the left to fit %d tokens; %d pair(s) skipped (response too long)\n",
            n_pairs, enc_pairs.seqs.n_tokens, enc_pairs.truncated, max_len, enc_pairs.skipped);
 
     // held-out split, per dimension so every dimension is measured: the pairs of dimension d are
-    // shuffled with the seed and the first round(val_frac * n_d) held out
+    // shuffled with the seed and the first round(val_frac * n_d) held out, at most n_d - 1 so that
+    // every head with pairs trains on one at least (one held out entirely would stay untrained)
     uint64_t rng = rng_seed((uint64_t)a.seed ^ 0x5245574152440000ULL);
     int *train_idx = (int *)mallocCheck((size_t)n_pairs * sizeof(int));
     int *val_idx = (int *)mallocCheck((size_t)n_pairs * sizeof(int));
     int n_train = 0, n_val = 0;
+    int pairs_per_dim[MORA_NUM_DIMS], capped[MORA_NUM_DIMS];
     int *by_dim = (int *)mallocCheck((size_t)n_pairs * sizeof(int));
     for (int d = 0; d < MORA_NUM_DIMS; d++) {
         int n_d = 0;
         for (int i = 0; i < n_pairs; i++) if (enc_pairs.dims[i] == d) by_dim[n_d++] = i;
         shuffle_ints(by_dim, n_d, &rng);
         int v = (int)floor(a.val_frac * n_d + 0.5);
+        capped[d] = n_d > 0 && v > n_d - 1;
+        if (capped[d]) v = n_d - 1;
+        pairs_per_dim[d] = n_d;
         for (int k = 0; k < n_d; k++) {
             if (k < v) val_idx[n_val++] = by_dim[k];
             else train_idx[n_train++] = by_dim[k];
         }
     }
     free(by_dim);
-    if (n_train == 0) fatal("--val_frac %g leaves no training pairs out of %d", a.val_frac, n_pairs);
 
     // The trunk is frozen, so its hidden states do not change during training: compute them once
     // (under --device cuda on the trunk's CUDA copy for forwards alone, without the head, sized
@@ -452,6 +461,17 @@ int cmd_reward(int argc, char **argv) {
     RewardHeads heads;
     reward_heads_init(&heads, (RewardHeadKind)kind, (RewardHeadActivation)act, C, a.head_hidden);
     reward_heads_init_random(&heads, (uint64_t)a.seed);
+    for (int d = 0; d < MORA_NUM_DIMS; d++) {
+        if (capped[d])
+            printf("%s: --val_frac %g would hold out all %d of its pair(s); %d held out, the rest train\n",
+                   mora_dim_names[d], a.val_frac, pairs_per_dim[d], pairs_per_dim[d] - 1);
+        if (pairs_per_dim[d] > 0) continue;
+        // no pair ever moves this head: zero (a linear head starts so, an mlp one at random), so
+        // that it says nothing rather than something random
+        memset(reward_head_params(&heads, d), 0, heads.head_size * sizeof(float));
+        fprintf(stderr, "warning: no %s pairs: the %s head stays untrained (zero) and scores every response 0\n",
+                mora_dim_names[d], mora_dim_names[d]);
+    }
     printf("heads: %s", reward_head_kind_name(heads.kind));
     if (heads.kind == REWARD_HEAD_MLP) printf(" (C=%d -> H=%d -> 1, %s)", C, heads.H, reward_head_activation_name(heads.activation));
     printf(", %zu parameters per head; %d train / %d val pairs\n", heads.head_size, n_train, n_val);
@@ -503,11 +523,16 @@ int cmd_reward(int argc, char **argv) {
         train_eval = evaluate_split(rewards, enc_pairs.dims, train_idx, n_train);
         val_eval = evaluate_split(rewards, enc_pairs.dims, val_idx, n_val);
 
-        printf("epoch %3d/%d | step %6d | train loss %.4f | val loss %.4f", epoch, a.epochs, steps, train_eval.loss,
-               n_val ? val_eval.loss : NAN);
+        printf("epoch %3d/%d | step %6d | train loss %.4f", epoch, a.epochs, steps, train_eval.loss);
+        if (n_val) printf(" | val loss %.4f", val_eval.loss);
+        else printf(" | no held-out pairs");
         print_accuracy("train", &train_eval);
-        print_accuracy("val", &val_eval);
+        if (n_val) print_accuracy("val", &val_eval);
         printf(" | %.2f s\n", wall_seconds() - epoch_start);
+        if (!isfinite(train_eval.loss) || (n_val && !isfinite(val_eval.loss)))
+            fatal("reward: epoch %d: the %s loss is %g: the heads diverged; try a lower --lr (now %g)%s", epoch,
+                  isfinite(train_eval.loss) ? "val" : "train", isfinite(train_eval.loss) ? val_eval.loss : train_eval.loss,
+                  a.lr, a.weight_decay > 0.0f ? " or --weight_decay" : "");
 
         cJSON *line = cJSON_CreateObject();
         cJSON_AddNumberToObject(line, "epoch", epoch);
@@ -561,6 +586,10 @@ int cmd_reward(int argc, char **argv) {
     cJSON_AddNumberToObject(summary, "val_pairs", n_val);
     cJSON_AddItemToObject(summary, "train_pairs_per_dim", counts_json(train_eval.n));
     cJSON_AddItemToObject(summary, "val_pairs_per_dim", counts_json(val_eval.n));
+    cJSON *untrained = cJSON_CreateArray();
+    for (int d = 0; d < MORA_NUM_DIMS; d++)
+        if (pairs_per_dim[d] == 0) cJSON_AddItemToArray(untrained, cJSON_CreateString(mora_dim_names[d]));
+    cJSON_AddItemToObject(summary, "untrained", untrained);
     cJSON_AddNumberToObject(summary, "train_loss", train_eval.loss);
     if (n_val) cJSON_AddNumberToObject(summary, "val_loss", val_eval.loss);
     else cJSON_AddNullToObject(summary, "val_loss");
@@ -577,7 +606,10 @@ int cmd_reward(int argc, char **argv) {
     cJSON_Delete(summary);
 
     if (a.skip_bad) printf("skipped %d bad line(s) and %d pair(s) too long for the context\n", data.skipped, enc_pairs.skipped);
-    printf("done: %d epochs, %d steps in %.1f s; heads in %s\n", a.epochs, steps, wall_seconds() - run_start, heads_path);
+    printf("done: %d epochs, %d steps in %.1f s; wrote %s, %s, %s", a.epochs, steps, wall_seconds() - run_start, heads_path,
+           metrics_path, summary_path);
+    if (from_preset) printf(", %s (the trunk the heads were trained on)\n", trunk_path);
+    else printf(" (the trunk is %s)\n", a.model);
 
     free(metrics_text);
     free(batch_hidden); free(batch_dims); free(batch_drewards);

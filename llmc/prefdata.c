@@ -12,17 +12,19 @@
 // ---------------------------------------------------------------------------------------------
 // reading JSONL line by line
 
-// One bad line: fatal "PATH:LINE: message", or under skip_bad a warning (the first few) and a
-// count. Returns only under skip_bad.
-static void bad_line(int skip_bad, int *skipped, const char *path, int line, const char *fmt, ...)
+// One bad line: fatal "PATH:LINE: message" (ending with the --skip_bad hint under
+// PREFDATA_STOP_HINT), or under PREFDATA_SKIP a warning (the first few) and a count. Returns
+// only under PREFDATA_SKIP.
+static void bad_line(int bad_lines, int *skipped, const char *path, int line, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
-static void bad_line(int skip_bad, int *skipped, const char *path, int line, const char *fmt, ...) {
+static void bad_line(int bad_lines, int *skipped, const char *path, int line, const char *fmt, ...) {
     char msg[512];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    if (!skip_bad) fatal("%s:%d: %s (use --skip_bad to skip bad lines)", path, line, msg);
+    if (bad_lines == PREFDATA_STOP_HINT) fatal("%s:%d: %s (use --skip_bad to skip bad lines)", path, line, msg);
+    if (bad_lines != PREFDATA_SKIP) fatal("%s:%d: %s", path, line, msg);
     if (*skipped < PREFDATA_MAX_WARNINGS) fprintf(stderr, "warning: %s:%d: %s (skipped)\n", path, line, msg);
     (*skipped)++;
 }
@@ -33,13 +35,41 @@ static int is_blank(const char *s) {
     return 1;
 }
 
-// The string field `name` of obj, or NULL after reporting a missing/non-string/empty field.
-static const char *text_field(const cJSON *obj, const char *name, int skip_bad, int *skipped,
-                              const char *path, int line) {
-    const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, name);
-    if (item == NULL) { bad_line(skip_bad, skipped, path, line, "missing field \"%s\"", name); return NULL; }
-    if (!cJSON_IsString(item)) { bad_line(skip_bad, skipped, path, line, "field \"%s\" is not a string", name); return NULL; }
-    if (is_blank(item->valuestring)) { bad_line(skip_bad, skipped, path, line, "field \"%s\" is empty", name); return NULL; }
+// One parsed line, as the handlers see it.
+typedef struct {
+    const cJSON *obj;
+    const char *path;
+    int line;
+    // the top-level members whose text holds a \u0000 escape: cJSON decodes it to a NUL byte,
+    // which ends the C string there and would cut the text short without a word
+    const cJSON **nul_members;
+    int n_nul_members;
+} JsonLine;
+
+// The member `name` of the line's object, or NULL; one holding a \u0000 escape is reported
+// through bad_line (returns NULL and sets *bad).
+static const cJSON *line_member(const JsonLine *jl, const char *name, int bad_lines, int *skipped, int *bad) {
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(jl->obj, name);
+    *bad = 0;
+    for (int k = 0; item && k < jl->n_nul_members; k++) {
+        if (jl->nul_members[k] == item) {
+            bad_line(bad_lines, skipped, jl->path, jl->line,
+                     "field \"%s\" contains \\u0000, a NUL character, which would cut the text short", name);
+            *bad = 1;
+            return NULL;
+        }
+    }
+    return item;
+}
+
+// The string field `name`, or NULL after reporting a missing/non-string/empty field.
+static const char *text_field(const JsonLine *jl, const char *name, int bad_lines, int *skipped) {
+    int bad;
+    const cJSON *item = line_member(jl, name, bad_lines, skipped, &bad);
+    if (bad) return NULL;
+    if (item == NULL) { bad_line(bad_lines, skipped, jl->path, jl->line, "missing field \"%s\"", name); return NULL; }
+    if (!cJSON_IsString(item)) { bad_line(bad_lines, skipped, jl->path, jl->line, "field \"%s\" is not a string", name); return NULL; }
+    if (is_blank(item->valuestring)) { bad_line(bad_lines, skipped, jl->path, jl->line, "field \"%s\" is empty", name); return NULL; }
     return item->valuestring;
 }
 
@@ -50,10 +80,35 @@ static char *xstrdup(const char *s) {
     return d;
 }
 
-// Calls handle(obj, line) for every non-blank line of PATH that parses as a JSON object;
-// the other lines are reported through bad_line. Lines may end in \n or \r\n.
-typedef void (*LineHandler)(void *ctx, const cJSON *obj, const char *path, int line);
-static void for_each_json_line(const char *path, int skip_bad, int *skipped, LineHandler handle, void *ctx) {
+// Marks (marks[k] = 1) the top-level members k of the valid JSON object text[0..len) whose key
+// or value holds a \u0000 escape. Members are counted by the commas at depth 1; strings are
+// skipped whole, so a comma or a brace inside one counts for nothing, and "\\u0000" (an escaped
+// backslash, then the letters u0000) is no NUL.
+static void mark_nul_members(const char *text, size_t len, unsigned char *marks) {
+    int depth = 0, member = 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = text[i];
+        if (c == '"') {
+            for (i++; i < len && text[i] != '"'; i++) {
+                if (text[i] != '\\') continue;
+                if (i + 5 < len && text[i + 1] == 'u' && memcmp(text + i + 2, "0000", 4) == 0) marks[member] = 1;
+                i++;   // the escaped character
+            }
+        } else if (c == '{' || c == '[') {
+            depth++;
+        } else if (c == '}' || c == ']') {
+            depth--;
+        } else if (c == ',' && depth == 1) {
+            member++;
+        }
+    }
+}
+
+// Calls handle(ctx, line) for every non-blank line of PATH that holds one JSON object and
+// nothing after it but whitespace; the other lines are reported through bad_line. Lines may
+// end in \n or \r\n.
+typedef void (*LineHandler)(void *ctx, const JsonLine *jl);
+static void for_each_json_line(const char *path, int bad_lines, int *skipped, LineHandler handle, void *ctx) {
     size_t size;
     char *text = read_file_all(path, &size);
     char *p = text, *end = text + size;
@@ -66,12 +121,32 @@ static void for_each_json_line(const char *path, int skip_bad, int *skipped, Lin
         if (len > 0 && p[len - 1] == '\r') len--;
         p[len] = '\0';
         if (strlen(p) != len) {
-            bad_line(skip_bad, skipped, path, line, "line contains a NUL byte");
+            bad_line(bad_lines, skipped, path, line, "line contains a NUL byte");
         } else if (!is_blank(p)) {
-            cJSON *obj = cJSON_ParseWithLength(p, len);
-            if (obj == NULL) bad_line(skip_bad, skipped, path, line, "not valid JSON");
-            else if (!cJSON_IsObject(obj)) bad_line(skip_bad, skipped, path, line, "expected a JSON object");
-            else handle(ctx, obj, path, line);
+            const char *value_end = NULL;
+            cJSON *obj = cJSON_ParseWithLengthOpts(p, len, &value_end, 0);
+            if (obj == NULL) {
+                bad_line(bad_lines, skipped, path, line, "not valid JSON");
+            } else if (!is_blank(value_end)) {
+                // {"prompt": "a"}{"prompt": "b"} would otherwise be read as its first object alone
+                while (isspace((unsigned char)*value_end)) value_end++;
+                bad_line(bad_lines, skipped, path, line, "more text after the JSON value: '%.32s' (one JSON object a line)", value_end);
+            } else if (!cJSON_IsObject(obj)) {
+                bad_line(bad_lines, skipped, path, line, "expected a JSON object");
+            } else {
+                JsonLine jl = {obj, path, line, NULL, 0};
+                if (strstr(p, "\\u0000") != NULL) {
+                    unsigned char *marks = (unsigned char *)callocCheck(len, 1);
+                    mark_nul_members(p, len, marks);
+                    jl.nul_members = (const cJSON **)mallocCheck(len * sizeof(const cJSON *));
+                    int k = 0;
+                    for (const cJSON *m = obj->child; m; m = m->next, k++)
+                        if (marks[k]) jl.nul_members[jl.n_nul_members++] = m;
+                    free(marks);
+                }
+                handle(ctx, &jl);
+                free(jl.nul_members);
+            }
             cJSON_Delete(obj);
         }
         p = nl ? nl + 1 : end;
@@ -91,24 +166,28 @@ static const char *remember_path(char ***paths, int *n_paths, const char *path) 
 
 typedef struct {
     PrefData *data;
-    int skip_bad;
+    int bad_lines;
 } PrefCtx;
 
-static void handle_pref(void *vctx, const cJSON *obj, const char *path, int line) {
+static void handle_pref(void *vctx, const JsonLine *jl) {
     PrefCtx *ctx = (PrefCtx *)vctx;
     PrefData *d = ctx->data;
+    const char *path = jl->path;
+    int line = jl->line;
     const char *fields[3] = {"prompt", "chosen", "rejected"};
     const char *texts[3];
     for (int k = 0; k < 3; k++) {
-        texts[k] = text_field(obj, fields[k], ctx->skip_bad, &d->skipped, path, line);
+        texts[k] = text_field(jl, fields[k], ctx->bad_lines, &d->skipped);
         if (texts[k] == NULL) return;
     }
-    const cJSON *dim = cJSON_GetObjectItemCaseSensitive(obj, "dim");
-    if (dim == NULL) { bad_line(ctx->skip_bad, &d->skipped, path, line, "missing field \"dim\""); return; }
-    if (!cJSON_IsString(dim)) { bad_line(ctx->skip_bad, &d->skipped, path, line, "field \"dim\" is not a string"); return; }
+    int bad;
+    const cJSON *dim = line_member(jl, "dim", ctx->bad_lines, &d->skipped, &bad);
+    if (bad) return;
+    if (dim == NULL) { bad_line(ctx->bad_lines, &d->skipped, path, line, "missing field \"dim\""); return; }
+    if (!cJSON_IsString(dim)) { bad_line(ctx->bad_lines, &d->skipped, path, line, "field \"dim\" is not a string"); return; }
     int dim_index = mora_dim_from_name(dim->valuestring);
     if (dim_index < 0) {
-        bad_line(ctx->skip_bad, &d->skipped, path, line, "unknown dim \"%.64s\" (expected helpful, harmless or truthful)", dim->valuestring);
+        bad_line(ctx->bad_lines, &d->skipped, path, line, "unknown dim \"%.64s\" (expected helpful, harmless or truthful)", dim->valuestring);
         return;
     }
     if (d->n == d->cap) {
@@ -124,21 +203,21 @@ static void handle_pref(void *vctx, const cJSON *obj, const char *path, int line
     pair->line = line;
 }
 
-void prefdata_load(PrefData *data, const char *path, int skip_bad) {
+void prefdata_load(PrefData *data, const char *path, int bad_lines) {
     remember_path(&data->paths, &data->n_paths, path);
     int before = data->n;
-    PrefCtx ctx = {data, skip_bad};
-    for_each_json_line(path, skip_bad, &data->skipped, handle_pref, &ctx);
+    PrefCtx ctx = {data, bad_lines};
+    for_each_json_line(path, bad_lines, &data->skipped, handle_pref, &ctx);
     if (data->n == before) fatal("%s: no valid preference pairs in the file", path);
 }
 
-void prefdata_load_list(PrefData *data, const char *comma_list, int skip_bad) {
+void prefdata_load_list(PrefData *data, const char *comma_list, int bad_lines) {
     char *list = xstrdup(comma_list);
     int files = 0;
     char *save = NULL;
     for (char *path = strtok_r(list, ",", &save); path; path = strtok_r(NULL, ",", &save)) {
         if (path[0] == '\0') continue;
-        prefdata_load(data, path, skip_bad);
+        prefdata_load(data, path, bad_lines);
         files++;
     }
     free(list);
@@ -162,29 +241,33 @@ void prefdata_free(PrefData *data) {
 
 typedef struct {
     PromptData *data;
-    int skip_bad;
+    int bad_lines;
 } PromptCtx;
 
-static void handle_prompt(void *vctx, const cJSON *obj, const char *path, int line) {
+static void handle_prompt(void *vctx, const JsonLine *jl) {
     PromptCtx *ctx = (PromptCtx *)vctx;
     PromptData *d = ctx->data;
-    const char *prompt = text_field(obj, "prompt", ctx->skip_bad, &d->skipped, path, line);
+    const char *path = jl->path;
+    int line = jl->line;
+    const char *prompt = text_field(jl, "prompt", ctx->bad_lines, &d->skipped);
     if (prompt == NULL) return;
     char id[64];
     const char *id_text = NULL;
-    const cJSON *item = cJSON_GetObjectItemCaseSensitive(obj, "id");
+    int bad;
+    const cJSON *item = line_member(jl, "id", ctx->bad_lines, &d->skipped, &bad);
+    if (bad) return;
     if (item == NULL) {
         snprintf(id, sizeof id, "%d", line);
         id_text = NULL;
     } else if (cJSON_IsString(item)) {
-        if (item->valuestring[0] == '\0') { bad_line(ctx->skip_bad, &d->skipped, path, line, "field \"id\" is empty"); return; }
+        if (item->valuestring[0] == '\0') { bad_line(ctx->bad_lines, &d->skipped, path, line, "field \"id\" is empty"); return; }
         id_text = item->valuestring;
     } else if (cJSON_IsNumber(item)) {
         if (item->valuedouble == (double)(long long)item->valuedouble) snprintf(id, sizeof id, "%lld", (long long)item->valuedouble);
         else snprintf(id, sizeof id, "%.17g", item->valuedouble);
         id_text = id;
     } else {
-        bad_line(ctx->skip_bad, &d->skipped, path, line, "field \"id\" is not a string or a number");
+        bad_line(ctx->bad_lines, &d->skipped, path, line, "field \"id\" is not a string or a number");
         return;
     }
     if (d->n == d->cap) {
@@ -205,11 +288,11 @@ static void handle_prompt(void *vctx, const cJSON *obj, const char *path, int li
     }
 }
 
-void promptdata_load(PromptData *data, const char *path, int skip_bad) {
+void promptdata_load(PromptData *data, const char *path, int bad_lines) {
     remember_path(&data->paths, &data->n_paths, path);
     int before = data->n;
-    PromptCtx ctx = {data, skip_bad};
-    for_each_json_line(path, skip_bad, &data->skipped, handle_prompt, &ctx);
+    PromptCtx ctx = {data, bad_lines};
+    for_each_json_line(path, bad_lines, &data->skipped, handle_prompt, &ctx);
     if (data->n == before) fatal("%s: no valid prompts in the file", path);
 }
 
@@ -331,7 +414,7 @@ void token_seqs_free(TokenSeqs *s) {
     memset(s, 0, sizeof(*s));
 }
 
-void prefdata_encode(const PrefData *data, const TextEncoder *enc, int max_len, int skip_bad, EncodedPrefs *out) {
+void prefdata_encode(const PrefData *data, const TextEncoder *enc, int max_len, int bad_lines, EncodedPrefs *out) {
     memset(out, 0, sizeof(*out));
     out->dims = (int *)mallocCheck((size_t)(data->n ? data->n : 1) * sizeof(int));
     out->source = (int *)mallocCheck((size_t)(data->n ? data->n : 1) * sizeof(int));
@@ -344,7 +427,7 @@ void prefdata_encode(const PrefData *data, const TextEncoder *enc, int max_len, 
             const char *field = sc < 0 ? "chosen" : "rejected";
             TokenList r = {0};
             text_encode_response(enc, sc < 0 ? pair->chosen : pair->rejected, &r);
-            bad_line(skip_bad, &out->skipped, pair->path, pair->line,
+            bad_line(bad_lines, &out->skipped, pair->path, pair->line,
                      "field \"%s\" is %d tokens, longer than the context of %d tokens", field, r.n, max_len);
             token_list_free(&r);
             continue;

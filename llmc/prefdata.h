@@ -6,10 +6,11 @@
  *   prompts      one object a line: {"prompt": "...", "id": "..."}; "id" may be a string or a
  *                number and may be left out (the record is then called "FILE:LINE")
  *
- * Other fields are ignored, and so are blank lines. Every bad line (not JSON, not an object, a
- * missing or non-string field, an unknown dim, an empty or all-whitespace text) is an error
- * "FILE:LINE: what is wrong" with a non-zero exit; with skip_bad the line is skipped instead
- * (the first few are named in warnings) and counted in `skipped`.
+ * Other fields are ignored, and so are blank lines. Every bad line (not JSON, not an object, text
+ * after the object, a missing or non-string field, an unknown dim, an empty or all-whitespace
+ * text, a \u0000 in a field read) is an error "FILE:LINE: what is wrong" with a non-zero exit;
+ * under PREFDATA_SKIP the line is skipped instead (the first few are named in warnings) and
+ * counted in `skipped`.
  *
  * Text to tokens (TextEncoder): with the checkpoint's tokenizer, the prompt is rendered through
  * the chat template when there is one (as a user turn followed by the assistant header, special
@@ -26,8 +27,14 @@
 #include "chat_template.h"
 #include "tokenizer.h"
 
-// how many bad lines are named in warnings under skip_bad before they are only counted
+// how many bad lines are named in warnings under PREFDATA_SKIP before they are only counted
 #define PREFDATA_MAX_WARNINGS 10
+
+// What a bad line does: the bad_lines argument of the loaders and of prefdata_encode.
+#define PREFDATA_STOP      0   // stop at it: "FILE:LINE: what is wrong"
+#define PREFDATA_SKIP      1   // skip it, warn (the first few) and count it
+#define PREFDATA_STOP_HINT 2   // stop, and say that --skip_bad skips bad lines: only for a
+                               // command that has that flag
 
 typedef struct {
     char *prompt, *chosen, *rejected;
@@ -39,7 +46,7 @@ typedef struct {
 typedef struct {
     PrefPair *pairs;
     int n, cap;
-    int skipped;          // bad lines skipped (skip_bad)
+    int skipped;          // bad lines skipped (PREFDATA_SKIP)
     char **paths;         // every file read, in order
     int n_paths;
 } PrefData;
@@ -59,14 +66,15 @@ typedef struct {
     int n_paths;
 } PromptData;
 
-// Appends the records of one file. Without skip_bad the first bad line is a fatal error.
-void prefdata_load(PrefData *data, const char *path, int skip_bad);
+// Appends the records of one file; bad_lines is PREFDATA_STOP, PREFDATA_SKIP or
+// PREFDATA_STOP_HINT. The file may be a pipe (--data <(cat f)).
+void prefdata_load(PrefData *data, const char *path, int bad_lines);
 // Loads a comma-separated list of files ("a.jsonl,b.jsonl"); a file with no valid record, or an
 // empty list, is an error.
-void prefdata_load_list(PrefData *data, const char *comma_list, int skip_bad);
+void prefdata_load_list(PrefData *data, const char *comma_list, int bad_lines);
 void prefdata_free(PrefData *data);
 
-void promptdata_load(PromptData *data, const char *path, int skip_bad);
+void promptdata_load(PromptData *data, const char *path, int bad_lines);
 void promptdata_free(PromptData *data);
 
 // ---------------------------------------------------------------------------------------------
@@ -108,12 +116,12 @@ typedef struct {
     int *source;          // (n_pairs) index of the pair in the PrefData it came from
     TokenSeqs seqs;
     int truncated;        // sequences whose prompt lost tokens on the left to fit max_len
-    int skipped;          // pairs dropped because a response alone exceeds max_len (skip_bad)
+    int skipped;          // pairs dropped because a response alone exceeds max_len (PREFDATA_SKIP)
 } EncodedPrefs;
 
 // Encodes every pair to fit max_len tokens (rule above). A response longer than max_len is an
-// error "FILE:LINE: ..." or, with skip_bad, a skipped pair.
-void prefdata_encode(const PrefData *data, const TextEncoder *enc, int max_len, int skip_bad, EncodedPrefs *out);
+// error "FILE:LINE: ..." or, under PREFDATA_SKIP, a skipped pair.
+void prefdata_encode(const PrefData *data, const TextEncoder *enc, int max_len, int bad_lines, EncodedPrefs *out);
 void encoded_prefs_free(EncodedPrefs *e);
 
 // prompt + response as one sequence of at most max_len tokens into out (cleared first);

@@ -9,12 +9,30 @@
 #include "comm.h"
 
 void run_ensure_dir(const char *path, const char *flag) {
-    struct stat st;
-    if (stat(path, &st) == 0) {
-        if (!S_ISDIR(st.st_mode)) fatal("%s %s exists and is not a directory", flag, path);
-    } else if (mkdir(path, 0755) != 0) {
-        fatal("%s: cannot create directory %s: %s", flag, path, strerror(errno));
+    if (path[0] == '\0') fatal("%s is empty (expected a directory)", flag);
+    // mkdir -p: every missing directory of the path, from the top down, so that --out runs/a/b
+    // works in a fresh checkout; the message names the part that failed
+    size_t len = strlen(path);
+    char *part = (char *)mallocCheck(len + 1);
+    for (size_t end = 1; end <= len; end++) {
+        if (end < len && path[end] != '/') continue;
+        if (path[end - 1] == '/') continue;     // "//" or a trailing "/": the part is done already
+        memcpy(part, path, end);
+        part[end] = '\0';
+        struct stat st;
+        if (stat(part, &st) == 0) {
+            if (!S_ISDIR(st.st_mode)) {
+                if (end == len) fatal("%s %s exists and is not a directory", flag, path);
+                fatal("%s %s: %s exists and is not a directory", flag, path, part);
+            }
+        } else if (errno != ENOENT) {
+            fatal("%s %s: cannot use %s: %s", flag, path, part, strerror(errno));
+        } else if (mkdir(part, 0755) != 0 && errno != EEXIST) {
+            // EEXIST: another rank or process made it in the meantime
+            fatal("%s %s: cannot create directory %s: %s", flag, path, part, strerror(errno));
+        }
     }
+    free(part);
     // a directory the run cannot write in (its permissions, a read-only file system) stops the
     // run now rather than at its first checkpoint or report, hours later
     char probe[4400];
@@ -93,15 +111,26 @@ FILE *run_open_jsonl_upto(const char *path, const char *key, int last) {
         char tmp[4400];
         char *text = read_file_all(path, NULL);
         FILE *f = atomic_open(path, tmp, sizeof tmp);
+        int dropped = 0;
         char *save = NULL;
         for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-            cJSON *obj = cJSON_Parse(line);
-            cJSON *v = obj ? cJSON_GetObjectItemCaseSensitive(obj, key) : NULL;
+            // every line is written whole as one JSON object: anything else is the torn end of
+            // a run killed while it wrote, which a later reader of the file would stop at
+            cJSON *obj = cJSON_ParseWithOpts(line, NULL, 1);
+            if (!cJSON_IsObject(obj)) {
+                dropped++;
+                cJSON_Delete(obj);
+                continue;
+            }
+            cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
             if (!cJSON_IsNumber(v) || v->valueint <= last) fprintf(f, "%s\n", line);
             cJSON_Delete(obj);
         }
         atomic_commit(f, tmp, path);
         free(text);
+        if (dropped > 0)
+            printf("%s: dropped %d line(s) that are not whole JSON objects (an incomplete write when the run stopped)\n",
+                   path, dropped);
     }
     FILE *f = fopen(path, "ab");
     if (f == NULL) fatal("cannot open %s for appending: %s", path, strerror(errno));

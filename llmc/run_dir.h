@@ -11,8 +11,9 @@
 #include "model.h"
 #include "checkpoint.h"
 
-// Creates DIR if needed; a path that exists and is not a directory, or a directory the process
-// cannot create a file in, is an error naming `flag`.
+// Creates DIR and its missing parents (mkdir -p); a part of the path that exists and is not a
+// directory, one that cannot be created, or a directory the process cannot create a file in, is
+// an error naming `flag` and that part.
 void run_ensure_dir(const char *path, const char *flag);
 int run_file_exists(const char *path);
 int run_is_dir(const char *path);
@@ -26,7 +27,8 @@ char *run_latest_checkpoint(const char *out);
 // Saves OUT/model_stepNNNNNN.ckpt (with optimizer state) and points latest.txt at it.
 void run_save_checkpoint(const Model *model, const TrainState *state, const char *out);
 // Keeps the lines of the JSONL file PATH whose integer field `key` is <= last (all lines when the
-// field is missing), then returns it opened for appending.
+// field is missing), then returns it opened for appending. A line that is not one whole JSON
+// object (the torn last line of a run killed mid-write) is dropped, and the count is printed.
 FILE *run_open_jsonl_upto(const char *path, const char *key, int last);
 // The number of ranks that wrote the run in OUT: its config.json's "world_size" (1 for a run
 // without the field or without config.json; a field that is not a positive integer is an error).

@@ -22,15 +22,31 @@ void atomic_commit(FILE *f, const char *tmp_path, const char *path) {
 
 char *read_file_all(const char *path, size_t *size_out) {
     FILE *f = fopen_check(path, "rb");
-    if (fseek(f, 0, SEEK_END) != 0) fatal("%s: cannot seek", path);
-    long size = ftell(f);
-    if (size < 0) fatal("%s: cannot tell size", path);
-    rewind(f);
-    char *buf = (char *)mallocCheck((size_t)size + 1);
-    fread_check(buf, 1, (size_t)size, f, path, "contents");
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0) fatal("cannot stat %s: %s", path, strerror(errno));
+    // fopen succeeds on a directory on Linux, and its size means nothing
+    if (S_ISDIR(st.st_mode)) fatal("%s is a directory, not a file", path);
+    // A regular file's size is known: one allocation, with a spare byte so that the read that
+    // meets the end of the file needs no growth. A pipe or FIFO (--data <(cat f)) has no size and
+    // cannot seek: it is read until its end into a buffer that doubles.
+    size_t cap = S_ISREG(st.st_mode) ? (size_t)st.st_size + 2 : 65536;
+    char *buf = (char *)mallocCheck(cap);
+    size_t size = 0;
+    for (;;) {
+        if (size + 1 == cap) {
+            cap *= 2;
+            buf = (char *)reallocCheck(buf, cap);
+        }
+        size_t got = fread(buf + size, 1, cap - 1 - size, f);
+        size += got;
+        if (got == 0) {
+            if (ferror(f)) fatal("cannot read %s: %s", path, strerror(errno));
+            break;
+        }
+    }
     buf[size] = '\0';
     fclose(f);
-    if (size_out) *size_out = (size_t)size;
+    if (size_out) *size_out = size;
     return buf;
 }
 

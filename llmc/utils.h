@@ -67,6 +67,7 @@ FILE *atomic_open(const char *path, char *tmp_path, size_t tmp_path_size);
 void atomic_commit(FILE *f, const char *tmp_path, const char *path);
 
 // Reads a whole file into a NUL-terminated malloc'd buffer; *size_out (may be NULL) gets the size.
+// A pipe or FIFO is read to its end; a directory is an error "PATH is a directory, not a file".
 char *read_file_all(const char *path, size_t *size_out);
 
 // Maps a whole regular file read-only (*size gets its size); exits with "cannot open PATH: ..."

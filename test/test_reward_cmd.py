@@ -23,9 +23,16 @@ Checks:
   - the split is deterministic by seed and per dimension; truncation counts equal the byte
     counts computed here; on SmolLM2 the chat template and tokenizer are used and the truncation
     count equals the one computed with jinja2 + Hugging Face tokenizers;
-  - every bad input exits non-zero with "FILE:LINE", and --skip_bad counts the bad lines.
+  - every bad input exits non-zero with "FILE:LINE", and --skip_bad counts the bad lines;
+  - nothing broken is left behind with exit 0: --eps outside (0, 1] is refused, heads that diverge
+    stop the run naming the epoch (no heads file, metrics.jsonl finite); a dimension with one
+    pair trains on it whatever --val_frac (the split rebuilt here); a dimension without pairs
+    keeps a zero head (its rewards computed here are 0), is warned about and listed as
+    "untrained"; without held-out pairs no "nan" is printed and every JSON file is strict JSON;
+    the "done" line names every file in --out.
 """
 import json
+import math
 import os
 import random
 import shutil
@@ -193,7 +200,8 @@ def splitmix64(seed):
 def heldout_split(rows, val_frac, seed):
     """The held-out pairs of `reward` as reward.c documents them: per dimension in order, the
     indices of that dimension's pairs shuffled (Fisher-Yates, xorshift64*) by one generator seeded
-    from the seed, the first round(val_frac * n_d) held out. Returns (val, train) index lists."""
+    from the seed, the first round(val_frac * n_d) held out, but at most n_d - 1. Returns (val,
+    train) index lists."""
     M = (1 << 64) - 1
     state = [splitmix64((seed ^ 0x5245574152440000) & M)]
 
@@ -213,6 +221,7 @@ def heldout_split(rows, val_frac, seed):
             idx[i], idx[j] = idx[j], idx[i]
         # reward.c: float val_frac times the int count, in float, + 0.5, floor
         v = int(np.floor(float(np.float32(val_frac) * np.float32(len(idx))) + 0.5))
+        v = min(v, max(len(idx) - 1, 0))
         val += idx[:v]
         train += idx[v:]
     return val, train
@@ -321,7 +330,7 @@ def test_calibration_without_heldout_uses_training_pairs(train_mora_bin, tmp_pat
 def test_calibration_skips_heads_it_cannot_map(train_mora_bin, tmp_path):
     """With --lr 0 the zero-initialised linear heads give every response reward 0 (chosen mean
     = rejected mean): no increasing map sends them to 1 and 0, so the heads stay as trained and
-    each dimension is named in a warning; a dimension without pairs is named too."""
+    each dimension is named in a warning; a dimension without pairs is named once, as untrained."""
     rows = [r for r in planted(10, seed=7) if r["dim"] != "truthful"]
     data = write_jsonl(tmp_path / "pref.jsonl", rows)
     out = tmp_path / "o"
@@ -329,7 +338,8 @@ def test_calibration_skips_heads_it_cannot_map(train_mora_bin, tmp_path):
     assert p.returncode == 0, p.stderr
     for d in ("helpful", "harmless"):
         assert f"warning: --calibrate: dimension {d}: mean reward of the chosen responses 0 <= that of the rejected ones 0" in p.stderr
-    assert "warning: --calibrate: dimension truthful has no pairs" in p.stderr
+    assert "warning: no truthful pairs: the truthful head stays untrained (zero)" in p.stderr
+    assert "dimension truthful" not in p.stderr
     assert "calibration " not in p.stdout
     assert np.all(read_heads(out / "reward_heads.bin")["params"] == 0)
     cal = json.loads((out / "reward_metrics.json").read_text())["calibration"]
@@ -462,6 +472,107 @@ def test_unusable_out_stops_before_the_forwards(train_mora_bin, tmp_path):
         assert os.listdir(ro) == []
     finally:
         shutil.rmtree(shared)
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run may not leave behind with exit 0
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity, which Python accepts but JSON does not have."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("eps", ["0", "-1e-8", "2"])
+def test_eps_must_be_in_0_1(train_mora_bin, tmp_path, eps):
+    path = write_jsonl(tmp_path / "pref.jsonl", planted(3, seed=1))
+    p = reward(train_mora_bin, "--model", "llama:tiny", "--data", path, "--out", tmp_path / "o", "--eps", eps)
+    assert p.returncode != 0 and "--eps must be in (0, 1]" in p.stderr, p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_diverging_heads_stop_the_run(train_mora_bin, tmp_path):
+    """--lr 10 --weight_decay 10: AdamW's decay multiplies every head weight by 1 - 100 a step, so
+    the rewards overflow float within a few epochs of 9 steps. The run stops, naming the epoch
+    and --lr; no heads file is written, and metrics.jsonl holds the finite epochs before it."""
+    path = write_jsonl(tmp_path / "pref.jsonl", planted(3, seed=1))
+    out = tmp_path / "o"
+    p = reward(train_mora_bin, "--model", "llama:tiny", "--data", path, "--out", out, "--epochs", 50,
+               "--batch_size", 1, "--lr", 10, "--weight_decay", 10, "--val_frac", 0)
+    assert p.returncode != 0, p.stdout[-2000:]
+    epochs = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(e["train_loss"]) for e in epochs)
+    assert f"epoch {len(epochs) + 1}: the train loss is" in p.stderr and "lower --lr" in p.stderr, p.stderr
+    assert not (out / "reward_heads.bin").exists()
+
+
+def test_dimension_with_one_pair_trains_on_it(train_mora_bin, tmp_path):
+    """--val_frac 0.5 rounds one pair up to one held out: the dimension would train on nothing.
+    At most n_d - 1 pairs are held out, so its head trains (moves from its zero start) and is
+    measured and calibrated on its training pair."""
+    rows = planted(4, seed=8)
+    rows = [r for r in rows if r["dim"] == "helpful"] + [next(r for r in rows if r["dim"] == d) for d in ("harmless", "truthful")]
+    path = write_jsonl(tmp_path / "pref.jsonl", rows)
+    out = tmp_path / "o"
+    p = reward(train_mora_bin, "--model", "llama:tiny", "--data", path, "--out", out, "--epochs", 3, "--lr", 1e-2,
+               "--val_frac", 0.5)
+    assert p.returncode == 0, p.stderr
+    val, train = heldout_split(rows, 0.5, 1337)
+    s = strict_json((out / "reward_metrics.json").read_text())
+    assert s["val_pairs_per_dim"] == {d: sum(rows[i]["dim"] == d for i in val) for d in DIMS} == \
+        {"helpful": 2, "harmless": 0, "truthful": 0}
+    assert s["train_pairs_per_dim"] == {d: sum(rows[i]["dim"] == d for i in train) for d in DIMS}
+    assert s["untrained"] == []
+    for d in ("harmless", "truthful"):
+        assert f"{d}: --val_frac 0.5 would hold out all 1 of its pair(s)" in p.stdout
+        assert s["train_accuracy"][d] is not None and s["val_accuracy"][d] is None
+        assert s["calibration"][d]["split"] == "train" and s["calibration"][d]["pairs"] == 1
+    f = read_heads(out / "reward_heads.bin")
+    per_head = f["params"].reshape(3, -1)
+    assert all(np.any(per_head[k] != 0) for k in range(3))
+
+
+def test_dimension_without_pairs_stays_zero(train_mora_bin, tmp_path):
+    """An mlp head starts at random: a dimension without pairs would score responses at random.
+    Its head is zeroed, so every reward computed here from the saved trunk and heads is 0."""
+    rows = [r for r in planted(6, seed=9) if r["dim"] != "harmless"]
+    path = write_jsonl(tmp_path / "pref.jsonl", rows)
+    out = tmp_path / "o"
+    p = reward(train_mora_bin, "--model", "llama:tiny", "--data", path, "--out", out, "--epochs", 2,
+               "--head", "mlp", "--head_hidden", 16)
+    assert p.returncode == 0, p.stderr
+    assert "warning: no harmless pairs: the harmless head stays untrained (zero) and scores every response 0" in p.stderr
+    s = strict_json((out / "reward_metrics.json").read_text())
+    assert s["untrained"] == ["harmless"]
+    per_head = read_heads(out / "reward_heads.bin")["params"].reshape(3, -1)
+    assert np.all(per_head[1] == 0) and np.any(per_head[0] != 0) and np.any(per_head[2] != 0)
+    r = score_pairs(tmp_path, out, rows, list(range(len(rows))))
+    assert np.all(r[:, :, 1] == 0) and np.any(r[:, :, 0] != 0)
+
+
+def test_no_heldout_pairs_and_the_done_line(train_mora_bin, tmp_path):
+    path = write_jsonl(tmp_path / "pref.jsonl", planted(4, seed=10))
+    out = tmp_path / "o"
+    p = reward(train_mora_bin, "--model", "llama:tiny", "--data", path, "--out", out, "--epochs", 2, "--val_frac", 0)
+    assert p.returncode == 0, p.stderr
+    epoch_lines = [line for line in p.stdout.splitlines() if line.startswith("epoch")]
+    assert len(epoch_lines) == 2 and all("no held-out pairs" in line for line in epoch_lines)
+    assert "nan" not in p.stdout.lower()
+    assert all(strict_json(line)["val_loss"] is None for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert strict_json((out / "reward_metrics.json").read_text())["val_loss"] is None
+    done = p.stdout.splitlines()[-1]
+    written = sorted(os.listdir(out))
+    assert written == ["metrics.jsonl", "model.ckpt", "reward_heads.bin", "reward_metrics.json"]
+    assert done.startswith("done:") and all(str(out / name) in done for name in written), done
+    # a trunk from a checkpoint is not copied: the line names the three files and that trunk
+    out2 = tmp_path / "o2"
+    p = reward(train_mora_bin, "--model", out / "model.ckpt", "--data", path, "--out", out2, "--epochs", 1)
+    assert p.returncode == 0, p.stderr
+    done = p.stdout.splitlines()[-1]
+    written = sorted(os.listdir(out2))
+    assert written == ["metrics.jsonl", "reward_heads.bin", "reward_metrics.json"]
+    assert all(str(out2 / name) in done for name in written) and str(out / "model.ckpt") in done, done
 
 
 # ----------------------------------------------------------------------------------------------
