@@ -1666,7 +1666,7 @@ int cmd_mora(int argc, char **argv) {
         fatal("--model %s is a preset (random weights); mora starts from the trunk the reward heads were trained on: "
               "the model.ckpt that `train_mora reward --model %s` saves beside reward_heads.bin", a->model, a->model);
     model_source_check(a->model, "--model", 0);
-    promptdata_load(&m.prompts, a->prompts, 0);
+    promptdata_load(&m.prompts, a->prompts, PREFDATA_STOP);
     char *heads_path = resolve_heads(a->heads, a->model);
     a->heads = heads_path;
     // each rank's shard of the prompts and of every batch depends on the number of ranks
@@ -2235,7 +2235,7 @@ int cmd_eval(int argc, char **argv) {
     // one GPU per rank: each samples and scores its shard of the prompts on its own
     device_select_rank_gpu(use_gpu);
     PromptData prompts = {0};
-    promptdata_load(&prompts, prompts_path, 0);
+    promptdata_load(&prompts, prompts_path, PREFDATA_STOP);
     EvalSubject ms, bs;
     resolve_subject(model, "--model", &ms);
     resolve_subject(baseline, "--baseline", &bs);

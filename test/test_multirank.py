@@ -184,17 +184,20 @@ def test_resume_needs_the_same_ranks(tmp_path, data):
     os.remove(os.path.join(part, "model_step000008.ckpt"))
     with open(os.path.join(part, "latest.txt"), "w") as f:
         f.write("model_step000004.ckpt\n")
+    # a resumed run takes its settings from the run; --init is refused with --resume
+    resume = [a for a in args if a not in ("--init", "llama:tiny")]
+    assert len(resume) == len(args) - 2
     # one rank cannot take over a two-rank run
-    p = run([str(ROOT / "train_mora"), *args, "--out", part, "--resume"])
+    p = run([str(ROOT / "train_mora"), *resume, "--out", part, "--resume"])
     assert p.returncode != 0
     assert "trained with 2 rank(s), this launch has 1" in p.stderr, p.stderr
     # three ranks neither; every rank refuses
-    p = run([str(ROOT / "train_mora"), *args, "--out", part, "--resume"], ranks=3)
+    p = run([str(ROOT / "train_mora"), *resume, "--out", part, "--resume"], ranks=3)
     assert p.returncode != 0
     assert "trained with 2 rank(s), this launch has 3" in p.stderr, p.stderr
     # two ranks resume (ZeRO-1 shards rebuilt from the checkpoint's moments) and reproduce the
     # uninterrupted run exactly
-    _, p = pretrain(tmp_path, "part", [*args, "--resume"], ranks=2)
+    _, p = pretrain(tmp_path, "part", [*resume, "--resume"], ranks=2)
     assert "resuming" in p.stdout
     a, b = metrics(full), metrics(part)
     assert [r["step"] for r in b] == list(range(1, 9))
