@@ -182,7 +182,7 @@ def test_no_room_on_the_device_names_the_shape_and_the_flags(emulated_train_mora
         model, _, heads = mora_model_and_heads(train_mora_bin, tmp_path)
         prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "tell me about cats", "id": "p0"}])
         args = ["mora", "--model", str(model), "--chat_template", "none", "--heads", str(heads), "--prompts", prompts,
-                "--steps", "1", "--gen_batch", "24", "--seq_len", "64"]
+                "--steps", "1", "--gen_batch", "24", "--seq_len", "64", "--rewrite_max_new_tokens", "32"]
         expect = ["rollout_create: the GPU has no room for the rollout engine for 24 sequences of up to 64 tokens",
                   "the rollout engine takes --gen_batch sequences of up to --seq_len tokens"]
     device_bytes = (1 if command == "reward" else 2) * (32 << 20) + 300000

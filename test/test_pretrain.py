@@ -153,7 +153,7 @@ def test_new_run_into_a_run_directory_is_refused(train_mora_bin, tmp_path, shard
     assert run(args + ["--steps", "3"]).returncode == 0
     p = run(args + ["--steps", "1"])
     assert p.returncode != 0
-    assert "already holds a pretrain run" in p.stderr and "--resume" in p.stderr, p.stderr
+    assert f"--out {out} already holds a run" in p.stderr and "--resume to continue a pretrain run" in p.stderr, p.stderr
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert open(os.path.join(out, "latest.txt")).read().strip() == "model_step000003.ckpt"
 
