@@ -1,5 +1,6 @@
 #include "args.h"
 #include "utils.h"
+#include <float.h>
 #include <math.h>
 
 static void print_help(const ArgSpec *specs, int n, const char *command, const char *summary) {
@@ -31,16 +32,24 @@ static void set_value(const ArgSpec *s, const char *value, const char *command) 
         case ARG_INT: {
             errno = 0;
             long v = strtol(value, &end, 10);
-            if (errno || end == value || *end != '\0' || v < -2147483647L || v > 2147483647L)
+            if (end == value || *end != '\0')
                 fatal("flag --%s: expected an integer, got '%s' (see train_mora %s --help)", s->name, value, command);
+            if (errno == ERANGE || v < -2147483647L || v > 2147483647L)
+                fatal("flag --%s: %s is out of range (an integer from -2147483647 to 2147483647)", s->name, value);
             *(int *)s->dest = (int)v;
             break;
         }
         case ARG_FLOAT: {
             errno = 0;
             double v = strtod(value, &end);
-            if (errno || end == value || *end != '\0' || !isfinite(v))
+            if (end == value || *end != '\0')
                 fatal("flag --%s: expected a number, got '%s' (see train_mora %s --help)", s->name, value, command);
+            if (isnan(v) || (isinf(v) && errno != ERANGE))
+                fatal("flag --%s: expected a finite number, got '%s'", s->name, value);
+            // the flags are floats: a value that is not zero must stay a normal nonzero float
+            if (errno == ERANGE || fabs(v) > FLT_MAX || (v != 0.0 && fabs(v) < FLT_MIN))
+                fatal("flag --%s: %s is out of range (a float's magnitude is 0 or from %g to %g)", s->name, value,
+                      (double)FLT_MIN, (double)FLT_MAX);
             *(float *)s->dest = (float)v;
             break;
         }

@@ -336,6 +336,18 @@ static size_t layout_activation_grads(ActivationGrads *g, float *memory, const M
     return carve(memory, ptrs, sizes, (int)(sizeof(sizes) / sizeof(sizes[0])));
 }
 
+// Allocates one of the CPU model's B x T buffers. When memory runs out, the message says how
+// much the shape asked for and which flags shrink it, not only the allocator's byte count.
+static float *alloc_for_shape(size_t count, const char *what, int B, int T) {
+    float *p = (float *)malloc(count ? count * sizeof(float) : 1);
+    if (p == NULL)
+        fatal("out of memory: the CPU model's %s for B=%d x T=%d tokens need %.2f GiB; "
+              "a smaller batch or sequence length needs less (pretrain, reward: --batch_size, --seq_len; "
+              "mora: --fwd_batch, --seq_len)",
+              what, B, T, (double)count * sizeof(float) / (1024.0 * 1024.0 * 1024.0));
+    return p;
+}
+
 // Makes the activation buffer fit (B, T): grows it when this shape needs more than is
 // allocated (a larger B*T, or a larger B*T*T for the attention probabilities), then points the
 // tensors into it. The gradient buffer is re-laid out lazily by the backward.
@@ -348,7 +360,7 @@ static ActivationStore *prepare_activations(Model *model, int B, int T) {
     size_t need = layout_activations(&s->acts, NULL, &model->config, B, T);
     if (need > s->acts_capacity) {
         free(s->acts_memory);
-        s->acts_memory = (float *)mallocCheck(need * sizeof(float));
+        s->acts_memory = alloc_for_shape(need, "activations", B, T);
         s->acts_capacity = need;
     }
     layout_activations(&s->acts, s->acts_memory, &model->config, B, T);
@@ -559,7 +571,7 @@ void model_backward_weighted(Model *model, const float *token_weights, const flo
     size_t need = layout_activation_grads(&s->grads, NULL, c, B, T);
     if (need > s->grads_capacity) {
         free(s->grads_memory);
-        s->grads_memory = (float *)mallocCheck(need * sizeof(float));
+        s->grads_memory = alloc_for_shape(need, "activation gradients", B, T);
         s->grads_capacity = need;
     }
     ActivationGrads *g = &s->grads;

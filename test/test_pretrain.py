@@ -296,7 +296,14 @@ BAD_CASES = [
     (["--bogus", "1"], "--bogus"),
     (["--device", "tpu"], "--device"),
     (["--device", "cuda"], "--device cuda"),  # this machine has no GPU (CI neither)
-    (["--lr", "nan"], "--lr"),
+    (["--lr", "nan"], "flag --lr: expected a finite number, got 'nan'"),
+    (["--lr", "3e-4x"], "flag --lr: expected a number, got '3e-4x'"),
+    # parsed as numbers, but no float holds them: strtod under- or overflows, or float rounding would
+    (["--lr", "1e-400"], "flag --lr: 1e-400 is out of range"),
+    (["--lr", "1e-39"], "flag --lr: 1e-39 is out of range"),
+    (["--weight_decay", "1e39"], "flag --weight_decay: 1e39 is out of range"),
+    (["--steps", "4294967297"], "flag --steps: 4294967297 is out of range"),
+    (["--steps", "12x"], "flag --steps: expected an integer, got '12x'"),
     (["--val_every", "2"], "--val_every 2 needs --val_data"),
     (["--val_data", "/nonexistent/v_*.bin"], "--val_every is 0"),
     # a string flag with its value forgotten does not take the next flag as its value
@@ -401,3 +408,38 @@ def test_init_from_checkpoints(train_mora_bin, tmp_path, shards, smollm2_gguf):
     p = run([train_mora_bin, "pretrain", "--init", smollm2_gguf, *common, "--out", smol, "--steps", "2"])
     assert p.returncode == 0, p.stderr
     assert "134.52M parameters" in p.stdout and "llama" in p.stdout
+
+
+def test_out_of_memory_names_the_shape_and_its_flags(train_mora_bin, tmp_path):
+    """A shape whose CPU activations cannot be allocated stops with the size it asked for and the
+    flags that shrink it. The model is a small Llama of 64 heads with a context of 2^20 tokens, so
+    B=1 x T=2^20 needs B*heads*T*T*4 = 2^48 bytes for the attention probabilities alone: more than a
+    process's address space, whatever the machine's overcommit setting."""
+    from safetensors.numpy import save_file
+    T, C, NH, F, V = 1 << 20, 128, 64, 8, 256
+    rng = np.random.default_rng(0)
+    w = lambda *shape: (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    tensors = {"model.embed_tokens.weight": w(V, C), "model.norm.weight": np.ones(C, np.float32),
+               "model.layers.0.input_layernorm.weight": np.ones(C, np.float32),
+               "model.layers.0.post_attention_layernorm.weight": np.ones(C, np.float32),
+               "model.layers.0.mlp.gate_proj.weight": w(F, C), "model.layers.0.mlp.up_proj.weight": w(F, C),
+               "model.layers.0.mlp.down_proj.weight": w(C, F)}
+    for name in "qkvo":
+        tensors[f"model.layers.0.self_attn.{name}_proj.weight"] = w(C, C)
+    model = tmp_path / "long"
+    model.mkdir()
+    save_file(tensors, str(model / "model.safetensors"))
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": C, "num_hidden_layers": 1,
+        "num_attention_heads": NH, "num_key_value_heads": NH, "intermediate_size": F, "vocab_size": V,
+        "max_position_embeddings": T, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}))
+    write_shard(tmp_path / "train_000.bin", np.arange(T + 1) % V)
+    p = run([train_mora_bin, "pretrain", "--init", str(model), "--train_data", str(tmp_path / "train_*.bin"),
+             "--out", str(tmp_path / "r"), "--batch_size", "1", "--seq_len", str(T), "--steps", "1"])
+    assert p.returncode != 0
+    m = re.search(r"error: out of memory: the CPU model's activations for B=1 x T=1048576 tokens need "
+                  r"([0-9.]+) GiB; a smaller batch or sequence length needs less \(pretrain, reward: "
+                  r"--batch_size, --seq_len; mora: --fwd_batch, --seq_len\)", p.stderr)
+    assert m, p.stderr
+    # at least the attention probabilities: B * heads * T * T floats
+    assert float(m.group(1)) >= 1 * NH * T * T * 4 / 2**30
