@@ -662,7 +662,7 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("beta1", ARG_FLOAT, &a->beta1, "AdamW beta1");
     SPEC("beta2", ARG_FLOAT, &a->beta2, "AdamW beta2");
     SPEC("seed", ARG_INT, &a->seed, "seed of every sample and of the batch order");
-    SPEC("chat_template", ARG_STRING, &a->chat_template, "auto (the checkpoint's), none, or chatml / llama3 / plain");
+    SPEC("chat_template", ARG_STRING, &a->chat_template, "auto (the checkpoint's), none, or chatml / smollm2 / llama3 / plain");
     SPEC("stop", ARG_STRING, &a->stop, "extra stop string, \\n for a newline (byte-level models end a response at one)");
     SPEC("seq_len", ARG_INT, &a->seq_len, "context in tokens (0: the model's); long prompts lose tokens on the left");
     SPEC("gen_batch", ARG_INT, &a->gen_batch, "sequences per generation call");

@@ -612,7 +612,7 @@ static int cmd_generate(int argc, char **argv) {
         {"model", ARG_STRING, &model_path, "checkpoint: native, llm.c .bin, .safetensors / HF dir, .gguf"},
         {"prompt", ARG_STRING, &prompt, "the prompt text"},
         {"chat", ARG_BOOL, &chat, "format the prompt as a user turn with the chat template"},
-        {"template", ARG_STRING, &template_name, "chat template (chatml, llama3, plain); default: the checkpoint's"},
+        {"template", ARG_STRING, &template_name, "chat template (chatml, smollm2, llama3, plain); default: the checkpoint's"},
         {"system", ARG_STRING, &system, "system prompt for --chat (default: the template's)"},
         {"tokenizer", ARG_STRING, &tokenizer_path, "tokenizer (tokenizer.json, .gguf); default: the checkpoint's"},
         {"temperature", ARG_FLOAT, &temperature, "sampling temperature (0: greedy)"},

@@ -39,13 +39,14 @@ static void sb_add_n(StrBuf *b, const char *text, size_t n) {
 static const char *const SMOLLM2_DEFAULT_SYSTEM =
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
-// SmolLM2's chatml: when the first message is not a system message the default system prompt
-// is inserted; every message is "<|im_start|>ROLE\nCONTENT<|im_end|>\n".
-static void render_chatml(StrBuf *b, const ChatMessage *m, int n, int add_generation_prompt) {
+// ChatML: every message is "<|im_start|>ROLE\nCONTENT<|im_end|>\n". SmolLM2's template inserts
+// its default system prompt when the first message is not a system message; plain ChatML does not.
+static void render_chatml_with(StrBuf *b, const ChatMessage *m, int n, int add_generation_prompt,
+                               const char *default_system) {
     for (int k = 0; k < n; k++) {
-        if (k == 0 && strcmp(m[0].role, "system") != 0) {
+        if (k == 0 && default_system != NULL && strcmp(m[0].role, "system") != 0) {
             sb_add(b, "<|im_start|>system\n");
-            sb_add(b, SMOLLM2_DEFAULT_SYSTEM);
+            sb_add(b, default_system);
             sb_add(b, "<|im_end|>\n");
         }
         sb_add(b, "<|im_start|>");
@@ -55,6 +56,14 @@ static void render_chatml(StrBuf *b, const ChatMessage *m, int n, int add_genera
         sb_add(b, "<|im_end|>\n");
     }
     if (add_generation_prompt) sb_add(b, "<|im_start|>assistant\n");
+}
+
+static void render_chatml(StrBuf *b, const ChatMessage *m, int n, int add_generation_prompt) {
+    render_chatml_with(b, m, n, add_generation_prompt, NULL);
+}
+
+static void render_smollm2(StrBuf *b, const ChatMessage *m, int n, int add_generation_prompt) {
+    render_chatml_with(b, m, n, add_generation_prompt, SMOLLM2_DEFAULT_SYSTEM);
 }
 
 // Llama 3's template strips each message (jinja's `| trim`: Python's str.strip(), here the
@@ -90,13 +99,16 @@ struct ChatTemplate {
     const char *name;
     void (*render)(StrBuf *b, const ChatMessage *m, int n, int add_generation_prompt);
     const char *stops[3];
-    const char *marker;     // text whose presence in a jinja template identifies this template
+    // texts whose presence in a jinja template identifies this template (all of them; NULL: unused)
+    const char *marker, *marker2;
 };
 
 static const ChatTemplate TEMPLATES[] = {
-    { "chatml", render_chatml, { "<|im_end|>", NULL }, "<|im_start|>" },
-    { "llama3", render_llama3, { "<|eot_id|>", NULL }, "<|start_header_id|>" },
-    { "plain", render_plain, { "\n\nHuman:", NULL }, "Human:" },
+    // smollm2 before chatml: its jinja template has ChatML's marker too
+    { "smollm2", render_smollm2, { "<|im_end|>", NULL }, "<|im_start|>", "named SmolLM" },
+    { "chatml", render_chatml, { "<|im_end|>", NULL }, "<|im_start|>", NULL },
+    { "llama3", render_llama3, { "<|eot_id|>", NULL }, "<|start_header_id|>", NULL },
+    { "plain", render_plain, { "\n\nHuman:", NULL }, "Human:", NULL },
 };
 #define N_TEMPLATES ((int)(sizeof(TEMPLATES) / sizeof(TEMPLATES[0])))
 
@@ -106,7 +118,7 @@ const ChatTemplate *chat_template_find(const char *name) {
     return NULL;
 }
 
-const char *chat_template_names(void) { return "chatml, llama3, plain"; }
+const char *chat_template_names(void) { return "chatml, smollm2, llama3, plain"; }
 
 const ChatTemplate *chat_template_lookup(const char *name) {
     const ChatTemplate *t = chat_template_find(name);
@@ -119,7 +131,9 @@ const char *chat_template_name(const ChatTemplate *t) { return t->name; }
 const ChatTemplate *chat_template_guess(const char *jinja_source) {
     if (jinja_source == NULL) return NULL;
     for (int k = 0; k < N_TEMPLATES; k++)
-        if (strstr(jinja_source, TEMPLATES[k].marker) != NULL) return &TEMPLATES[k];
+        if (strstr(jinja_source, TEMPLATES[k].marker) != NULL &&
+            (TEMPLATES[k].marker2 == NULL || strstr(jinja_source, TEMPLATES[k].marker2) != NULL))
+            return &TEMPLATES[k];
     return NULL;
 }
 

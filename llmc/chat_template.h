@@ -1,8 +1,9 @@
 /*
- * Chat templates: how a conversation becomes the text a chat model was trained on. Three named
+ * Chat templates: how a conversation becomes the text a chat model was trained on. Four named
  * templates, each reproducing its reference rendering exactly:
- *   chatml  SmolLM2's (the jinja chat_template stored in its GGUF): <|im_start|>role\n...<|im_end|>\n,
- *           with SmolLM2's default system prompt when the conversation has none
+ *   chatml  ChatML: <|im_start|>role\n...<|im_end|>\n for each message, no system prompt added
+ *   smollm2 SmolLM2's (the jinja chat_template stored in its GGUF): ChatML, with SmolLM2's default
+ *           system prompt when the conversation has none
  *   llama3  Llama 3's: <|begin_of_text|><|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>
  *   plain   Anthropic HH style: "\n\nHuman: ...\n\nAssistant: ..."
  * and the stop strings that end an assistant turn in each.

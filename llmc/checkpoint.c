@@ -12,6 +12,7 @@
  */
 #include <math.h>
 #include "checkpoint.h"
+#include "chat_template.h"
 #include "gguf.h"
 #include "safetensors.h"
 #include "utils.h"
@@ -483,12 +484,10 @@ static void hf_read_config(const char *config_path, ModelConfig *c, const Safete
     free(text);
 }
 
-// Chat template named by a template text: "chatml" or "llama3" by their marker tokens, else "".
+// The chat template a checkpoint's jinja template text implies (chat_template_guess), else "".
 static void chat_template_from_text(const char *text, char *out, size_t size) {
-    out[0] = '\0';
-    if (text == NULL) return;
-    if (strstr(text, "<|im_start|>")) snprintf(out, size, "chatml");
-    else if (strstr(text, "<|start_header_id|>")) snprintf(out, size, "llama3");
+    const ChatTemplate *t = chat_template_guess(text);
+    snprintf(out, size, "%s", t ? chat_template_name(t) : "");
 }
 
 static void load_hf(Model *model, const char *path, CheckpointInfo *info) {

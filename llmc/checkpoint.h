@@ -27,7 +27,7 @@ typedef enum { CKPT_NATIVE, CKPT_LLMC_BIN, CKPT_SAFETENSORS, CKPT_GGUF } Checkpo
 
 typedef struct {
     CheckpointFormat format;
-    char chat_template[64];   // "chatml", "llama3", "plain" when the checkpoint names or implies one, else ""
+    char chat_template[64];   // "chatml", "smollm2", "llama3", "plain" when the checkpoint names or implies one, else ""
     char tokenizer_path[4096];// file that holds the tokenizer: tokenizer.json beside a HF model, the .gguf itself, "" if none
 } CheckpointInfo;
 

@@ -257,7 +257,7 @@ def test_smollm2_gguf_loads_in_hf_layout(smollm2_gguf, smollm2_hf):
                        ("post_attention_layernorm", "ffn_norm")]:
             np.testing.assert_array_equal(ours[p + hf + ".weight"], ref[b + gg + ".weight"], err_msg=p + hf)
     got = info(smollm2_gguf)
-    assert got["chat_template"] == "chatml" and got["tokenizer_path"] == smollm2_gguf
+    assert got["chat_template"] == "smollm2" and got["tokenizer_path"] == smollm2_gguf
     assert int(got["num_parameters"]) == sum(v.size for v in ours.values())
 
 

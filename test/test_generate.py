@@ -37,7 +37,7 @@ def run(args, stdin=None, timeout=900):
 
 
 def chat_ids(gguf, user):
-    text = run([TOK, "chat", "chatml", user])
+    text = run([TOK, "chat", "smollm2", user])
     return [int(x) for x in run([TOK, "encode", gguf], stdin=text).split()]
 
 

@@ -650,7 +650,7 @@ def test_smollm2_tokenizer_template_and_truncation(train_mora_bin, tmp_path, smo
                "--seq_len", seq_len, "--val_frac", 0)
     assert p.returncode == 0, p.stderr
     s = json.loads((out / "reward_metrics.json").read_text())
-    assert s["chat_template"] == "chatml" and s["text_encoding"] == "tokenizer"
+    assert s["chat_template"] == "smollm2" and s["text_encoding"] == "tokenizer"
     assert s["truncated_prompts"] == want
     assert not os.path.exists(out / "model.ckpt")     # a checkpoint trunk is not copied
     f = read_heads(out / "reward_heads.bin")

@@ -253,7 +253,7 @@ def test_smollm2_tokenizer_json_both_merge_forms(smollm2, corpus, tmp_path):
 def test_smollm2_chat_encoding(smollm2):
     """A rendered chat (from our template) tokenizes exactly as tokenizers tokenizes it."""
     path, _, tk = smollm2
-    text = tool("chat", "chatml", "What is 2+2? Answer in one word.").stdout.decode()
+    text = tool("chat", "smollm2", "What is 2+2? Answer in one word.").stdout.decode()
     assert c_encode(path, [text]) == hf_encode(tk, [text])
 
 
@@ -401,9 +401,32 @@ def chat_args(system, user, gen):
     return args
 
 
-def test_chatml_matches_gguf_jinja(smollm2):
+def test_smollm2_matches_gguf_jinja(smollm2):
     jinja2 = pytest.importorskip("jinja2", reason="pip install jinja2 (listed in test/requirements.txt)")
     template = jinja2.Environment().from_string(smollm2[1]["chat_template"])
+    for system, user in CHAT_CASES:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
+        for gen in (True, False):
+            args = chat_args(system, user, gen)
+            args[1] = "smollm2"
+            expected = template.render(messages=messages, add_generation_prompt=gen)
+            assert tool(*args).stdout.decode() == expected
+    assert "You are a helpful AI assistant named SmolLM, trained by Hugging Face" in tool("chat", "smollm2", "hi").stdout.decode()
+    # the model's own jinja template is recognised as SmolLM2's
+    assert tool("guess-template", smollm2[0]).stdout.decode() == "smollm2\n"
+
+
+# The ChatML template as models without a default system prompt ship it (OpenHermes, Dolphin, ...)
+CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_chatml_matches_jinja(tmp_path):
+    """chatml is ChatML alone: no system prompt is added to a conversation without one (it was
+    SmolLM2's for every ChatML model), and a GGUF carrying this template is recognised as chatml."""
+    jinja2 = pytest.importorskip("jinja2", reason="pip install jinja2 (listed in test/requirements.txt)")
+    gguf = pytest.importorskip("gguf")
+    template = jinja2.Environment().from_string(CHATML_JINJA)
     for system, user in CHAT_CASES:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
         for gen in (True, False):
@@ -411,9 +434,15 @@ def test_chatml_matches_gguf_jinja(smollm2):
             args[1] = "chatml"
             expected = template.render(messages=messages, add_generation_prompt=gen)
             assert tool(*args).stdout.decode() == expected
-    assert "You are a helpful AI assistant named SmolLM, trained by Hugging Face" in tool("chat", "chatml", "hi").stdout.decode()
-    # the model's own jinja template is recognised as chatml
-    assert tool("guess-template", smollm2[0]).stdout.decode() == "chatml\n"
+    assert "SmolLM" not in tool("chat", "chatml", "hi").stdout.decode()
+    path = tmp_path / "chatml.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("tokenizer.chat_template", CHATML_JINJA)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert tool("guess-template", str(path)).stdout.decode() == "chatml\n"
 
 
 def test_llama3_matches_jinja():
@@ -433,6 +462,7 @@ def test_plain_template_and_stops():
     assert tool("chat", "plain", "Hi", "--system", "Be kind.").stdout.decode() == "Be kind.\n\nHuman: Hi\n\nAssistant:"
     assert tool("stops", "plain").stdout.decode() == "\\n\\nHuman:\n"
     assert tool("stops", "chatml").stdout.decode() == "<|im_end|>\n"
+    assert tool("stops", "smollm2").stdout.decode() == "<|im_end|>\n"
     assert tool("stops", "llama3").stdout.decode() == "<|eot_id|>\n"
 
 
@@ -442,7 +472,7 @@ def test_plain_template_and_stops():
 def test_unknown_template_lists_valid_names():
     proc = tool("chat", "vicuna", "hi", check=False)
     assert proc.returncode != 0
-    assert b'"vicuna"' in proc.stderr and b"chatml, llama3, plain" in proc.stderr
+    assert b'"vicuna"' in proc.stderr and b"chatml, smollm2, llama3, plain" in proc.stderr
 
 
 @pytest.mark.parametrize("name,content,needle", [

@@ -712,7 +712,7 @@ static void check_smollm2(const char *path) {
     CheckpointInfo info;
     checkpoint_load(&m, path, NULL, &info);
     Tokenizer *tok = tokenizer_load(path);
-    const ChatTemplate *chat = chat_template_lookup("chatml");
+    const ChatTemplate *chat = chat_template_lookup("smollm2");
     const char *questions[] = {
         "What is the capital of France?",
         "Write a haiku about the sea.",
