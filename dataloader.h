@@ -89,7 +89,7 @@ static inline void dataloader_init(DataLoader *dl, const char *pattern, int B, i
     dl->shard_bytes_per_tok = (int *)mallocCheck(sizeof(int) * dl->n_shards);
     dl->shard_batches = (int64_t *)mallocCheck(sizeof(int64_t) * dl->n_shards);
     for (int i = 0; i < dl->n_shards; i++) {
-        dl->paths[i] = strdup(g.gl_pathv[i]);
+        dl->paths[i] = xstrdup(g.gl_pathv[i]);
         shard_read_header(dl->paths[i], &dl->shard_tokens[i], &dl->shard_bytes_per_tok[i]);
         int64_t usable = dl->shard_tokens[i] - 1;
         dl->shard_batches[i] = usable > 0 ? usable / ((int64_t)B * T) : 0;

@@ -89,13 +89,6 @@
 
 #define D MORA_NUM_DIMS
 
-static char *xstrdup(const char *s) {
-    size_t n = strlen(s);
-    char *d = (char *)mallocCheck(n + 1);
-    memcpy(d, s, n + 1);
-    return d;
-}
-
 // Seeds of the run's generate calls: distinct streams per purpose, stage and step.
 enum { SEED_PRESAMPLE = 1, SEED_REWRITE = 2, SEED_CANDIDATES = 3, SEED_STEP = 4, SEED_ORDER = 5, SEED_EVAL = 6 };
 static uint64_t stream_seed(int seed, int what, int stage, int step) {
@@ -738,12 +731,6 @@ static int parse_stages(const char *text, int *dims, int max) {
     free(copy);
     if (n == 0) fatal("flag --stages is empty: name at least one dimension");
     return n;
-}
-
-// path made absolute (malloc'd); a path that does not resolve is kept as it is.
-static char *run_absolute_path(const char *path) {
-    char *resolved = realpath(path, NULL);
-    return resolved ? resolved : xstrdup(path);
 }
 
 // Whether the run directory holds any native checkpoint of the run (model_step*.ckpt).
@@ -1740,6 +1727,10 @@ int cmd_mora(int argc, char **argv) {
         snprintf(fingerprint, sizeof fingerprint, "%016llx",
                  (unsigned long long)params_fingerprint(m.e.heads.params, m.e.heads.num_parameters));
         cJSON_AddStringToObject(cfg, "heads_fingerprint", fingerprint);
+        // the policy's checkpoints carry the reference's tokenizer and the template the run used
+        CheckpointInfo text = m.e.info;
+        snprintf(text.chat_template, sizeof text.chat_template, "%s", m.e.enc.chat ? chat_template_name(m.e.enc.chat) : "");
+        run_record_model_text(cfg, &text);
         cJSON_AddNumberToObject(cfg, "parameters", (double)m.policy.num_parameters);
         cJSON_AddNumberToObject(cfg, "world_size", world);
         char path[4200];

@@ -338,7 +338,7 @@ static unsigned char *text_to_bytes(const char *text, size_t text_len, uint32_t 
 static Tokenizer *tokenizer_alloc(const char *path, int n_vocab) {
     build_byte_map();
     Tokenizer *t = (Tokenizer *)callocCheck(1, sizeof(Tokenizer));
-    t->path = strdup(path);
+    t->path = xstrdup(path);
     t->n_vocab = n_vocab;
     t->text = (char **)callocCheck(n_vocab, sizeof(char *));
     t->bytes = (unsigned char **)callocCheck(n_vocab, sizeof(unsigned char *));
@@ -362,7 +362,7 @@ static void set_token(Tokenizer *t, int id, const char *text, size_t len, const 
 static void finish_vocab(Tokenizer *t) {
     for (int id = 0; id < t->n_vocab; id++) {
         if (t->text[id] == NULL) {
-            t->text[id] = strdup("");
+            t->text[id] = xstrdup("");
             t->bytes[id] = (unsigned char *)mallocCheck(1);
             t->bytes_len[id] = 0;
         }

@@ -137,7 +137,7 @@ static void pretrain_resume_settings(const ArgSpec *specs, int n_specs, const ch
             if (given && strcmp(*dest, v->valuestring))
                 fatal("flag --%s %s differs from the run's %s (%s): a resumed run keeps its settings",
                       s->name, *dest, v->valuestring, path);
-            *dest = strdup(v->valuestring);
+            *dest = xstrdup(v->valuestring);
         } else if (s->type == ARG_FLOAT) {
             if (!cJSON_IsNumber(v)) fatal("%s: field \"%s\" must be a number", path, s->name);
             float *dest = (float *)s->dest, run = (float)v->valuedouble;
@@ -285,17 +285,18 @@ static int cmd_pretrain(int argc, char **argv) {
     if (a.resume) run_require_world_size(a.out, "--resume");
     Model model;
     TrainState state;
+    CheckpointInfo info;   // the tokenizer and chat template of the model the run starts from
     memset(&state, 0, sizeof state);
     char *resume_path = a.resume ? run_latest_checkpoint(a.out) : NULL;
     if (a.resume && resume_path == NULL) fatal("--resume: %s has no latest.txt (no checkpoint to resume from)", a.out);
     if (resume_path) {
-        checkpoint_load(&model, resume_path, &state, NULL);
+        checkpoint_load(&model, resume_path, &state, &info);
         if (state.step >= a.steps)
             fatal("the run in %s is at step %d; --steps %d would not train (give a larger --steps)", a.out, state.step, a.steps);
         printf("resuming %s at step %d (settings from %s/config.json)\n", resume_path, state.step, a.out);
         print_model_summary(&model, resume_path);
     } else {
-        model_load(&model, a.init, "--init", 1, (uint64_t)a.seed, &state, NULL);
+        model_load(&model, a.init, "--init", 1, (uint64_t)a.seed, &state, &info);
         // a loaded checkpoint starts a new run, with an AdamW of its own: moments from zero and
         // the bias correction from its first step (--resume continues a run's optimizer)
         if (state.has_optimizer) printf("note: %s's AdamW state is not used: a new run starts its optimizer afresh\n", a.init);
@@ -348,6 +349,7 @@ static int cmd_pretrain(int argc, char **argv) {
         else if (s->type == ARG_FLOAT) cJSON_AddNumberToObject(cfg, s->name, *(float *)s->dest);
         else cJSON_AddNumberToObject(cfg, s->name, *(int *)s->dest);
     }
+    run_record_model_text(cfg, &info);
     cJSON_AddNumberToObject(cfg, "parameters", (double)model.num_parameters);
     cJSON_AddNumberToObject(cfg, "world_size", world);
     if (rank == 0) run_write_json(path, cfg);
@@ -666,7 +668,7 @@ static int cmd_generate(int argc, char **argv) {
         tmpl = chat_template_lookup(name);
         text = chat_template_render(tmpl, system[0] ? system : NULL, prompt, 1);
     } else {
-        text = strdup(prompt);
+        text = xstrdup(prompt);
     }
     int n_prompt;
     int *ids = tokenizer_encode(tok, text, strlen(text), &n_prompt);

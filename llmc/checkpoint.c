@@ -778,6 +778,30 @@ static void require_finite(const Model *model, const float *buffer, const char *
     }
 }
 
+// The tokenizer and chat template a native checkpoint's run recorded (see checkpoint.h). A
+// config.json that is missing, unreadable or without the fields leaves info empty; a recorded
+// tokenizer that is gone is a warning, since --tokenizer can still name one.
+static void native_info_from_run(const char *path, CheckpointInfo *info) {
+    char cfg_path[4200];
+    const char *slash = strrchr(path, '/');
+    if (slash) snprintf(cfg_path, sizeof cfg_path, "%.*s/config.json", (int)(slash - path), path);
+    else snprintf(cfg_path, sizeof cfg_path, "config.json");
+    if (!is_file(cfg_path)) return;
+    size_t len;
+    char *text = read_file_all(cfg_path, &len);
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    const cJSON *tok = root ? json_get(root, CKPT_RUN_TOKENIZER_KEY) : NULL;
+    const cJSON *tpl = root ? json_get(root, CKPT_RUN_CHAT_TEMPLATE_KEY) : NULL;
+    if (cJSON_IsString(tok) && tok->valuestring[0]) {
+        if (is_file(tok->valuestring)) snprintf(info->tokenizer_path, sizeof info->tokenizer_path, "%s", tok->valuestring);
+        else fprintf(stderr, "warning: %s: the tokenizer its run recorded in %s, %s, is gone\n", path, cfg_path, tok->valuestring);
+    }
+    if (cJSON_IsString(tpl) && chat_template_find(tpl->valuestring))
+        snprintf(info->chat_template, sizeof info->chat_template, "%s", tpl->valuestring);
+    cJSON_Delete(root);
+}
+
 static void load_any(Model *model, const char *path, TrainState *state, CheckpointInfo *info) {
     CheckpointInfo local_info;
     if (info == NULL) info = &local_info;
@@ -807,6 +831,7 @@ static void load_any(Model *model, const char *path, TrainState *state, Checkpoi
     } else if (magic == NATIVE_MAGIC) {
         info->format = CKPT_NATIVE;
         load_native(model, path, state);
+        native_info_from_run(path, info);
     } else if ((got == 9 && head[8] == '{') || (len >= 12 && strcmp(path + len - 12, ".safetensors") == 0)) {
         info->format = CKPT_SAFETENSORS;
         load_hf(model, path, info);

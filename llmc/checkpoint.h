@@ -31,6 +31,12 @@ typedef struct {
     char tokenizer_path[4096];// file that holds the tokenizer: tokenizer.json beside a HF model, the .gguf itself, "" if none
 } CheckpointInfo;
 
+// A native checkpoint holds weights only; its tokenizer and chat template are those its run
+// recorded: the fields CKPT_RUN_TOKENIZER_KEY (a path) and CKPT_RUN_CHAT_TEMPLATE_KEY (a template
+// name) of the config.json beside it (run_record_model_text writes them), when there is one.
+#define CKPT_RUN_TOKENIZER_KEY "model_tokenizer"
+#define CKPT_RUN_CHAT_TEMPLATE_KEY "model_chat_template"
+
 // Detects the format (magic bytes, or a directory) and loads. Calls model_init with the config
 // read from the checkpoint. state may be NULL; info may be NULL. A NaN or infinite weight (or
 // AdamW moment) is an error naming the file and the tensor.

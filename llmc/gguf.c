@@ -172,7 +172,7 @@ GGUFFile *gguf_open(const char *path) {
     unsigned char *map = map_file_readonly(path, &size, 4, "GGUF");
 
     GGUFFile *g = (GGUFFile *)callocCheck(1, sizeof(GGUFFile));
-    g->path = strdup(path);
+    g->path = xstrdup(path);
     g->map = map;
     g->file_size = size;
     Cursor c = {map, 0, size, path};

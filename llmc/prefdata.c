@@ -73,13 +73,6 @@ static const char *text_field(const JsonLine *jl, const char *name, int bad_line
     return item->valuestring;
 }
 
-static char *xstrdup(const char *s) {
-    size_t n = strlen(s);
-    char *d = (char *)mallocCheck(n + 1);
-    memcpy(d, s, n + 1);
-    return d;
-}
-
 // Marks (marks[k] = 1) the top-level members k of the valid JSON object text[0..len) whose key
 // or value holds a \u0000 escape. Members are counted by the commas at depth 1; strings are
 // skipped whole, so a comma or a brace inside one counts for nothing, and "\\u0000" (an escaped

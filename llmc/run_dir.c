@@ -183,3 +183,15 @@ void run_require_new(const char *out, const char *command) {
                   "--out (a new run would mix with the old one's files)", out, path, command);
     }
 }
+
+char *run_absolute_path(const char *path) {
+    char *resolved = realpath(path, NULL);
+    return resolved ? resolved : xstrdup(path);
+}
+
+void run_record_model_text(cJSON *cfg, const CheckpointInfo *info) {
+    char *tokenizer = info->tokenizer_path[0] ? run_absolute_path(info->tokenizer_path) : xstrdup("");
+    cJSON_AddStringToObject(cfg, CKPT_RUN_TOKENIZER_KEY, tokenizer);
+    cJSON_AddStringToObject(cfg, CKPT_RUN_CHAT_TEMPLATE_KEY, info->chat_template);
+    free(tokenizer);
+}

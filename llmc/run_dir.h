@@ -41,6 +41,11 @@ void run_require_world_size(const char *out, const char *flag);
 // A new (not resumed) run must not write into a directory that holds a run already: stops with a
 // message naming the file when OUT holds config.json, latest.txt or metrics.jsonl.
 void run_require_new(const char *out, const char *command);
+// PATH made absolute (malloc'd); a path that does not resolve is kept as it is.
+char *run_absolute_path(const char *path);
+// Records in a run's config the tokenizer (by absolute path) and chat template of the model the run
+// starts from, so that the run's native checkpoints carry them (see checkpoint.h).
+void run_record_model_text(cJSON *cfg, const CheckpointInfo *info);
 // "1h02m", "3m05s", "12s" ("?" for a negative or absurd value).
 void run_format_duration(double seconds, char *buf, size_t n);
 #endif

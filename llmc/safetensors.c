@@ -36,7 +36,7 @@ SafetensorsFile *safetensors_open(const char *path) {
     if (root == NULL || !cJSON_IsObject(root)) fatal("%s: safetensors header is not valid JSON", path);
 
     SafetensorsFile *f = (SafetensorsFile *)callocCheck(1, sizeof(SafetensorsFile));
-    f->path = strdup(path);
+    f->path = xstrdup(path);
     f->map = map;
     f->file_size = size;
     f->data_offset = 8 + header_len;
@@ -54,7 +54,7 @@ SafetensorsFile *safetensors_open(const char *path) {
             fatal("%s: tensor %s: header entry needs dtype, shape and data_offsets [begin, end]", path, item->string);
         size_t es = dtype_size(dtype->valuestring);
         if (es == 0) fatal("%s: tensor %s: unknown dtype %s", path, item->string, dtype->valuestring);
-        t->name = strdup(item->string);
+        t->name = xstrdup(item->string);
         snprintf(t->dtype, sizeof(t->dtype), "%s", dtype->valuestring);
         t->n_dims = cJSON_GetArraySize(shape);
         if (t->n_dims > SAFETENSORS_MAX_DIMS) fatal("%s: tensor %s has %d dimensions (at most %d)", path, t->name, t->n_dims, SAFETENSORS_MAX_DIMS);

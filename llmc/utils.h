@@ -41,6 +41,13 @@ static inline void *realloc_check_(void *old, size_t size, const char *file, int
     if (p == NULL) fatal("out of memory reallocating %zu bytes (%s:%d)", size, file, line);
     return p;
 }
+// strdup that stops the program when memory runs out
+static inline char *xstrdup(const char *s) {
+    size_t n = strlen(s);
+    char *d = (char *)malloc_check_(n + 1, __FILE__, __LINE__);
+    memcpy(d, s, n + 1);
+    return d;
+}
 #define mallocCheck(size) malloc_check_((size), __FILE__, __LINE__)
 #define callocCheck(n, size) calloc_check_((n), (size), __FILE__, __LINE__)
 #define reallocCheck(p, size) realloc_check_((p), (size), __FILE__, __LINE__)

@@ -196,6 +196,8 @@ def test_runs_work_from_another_directory(tiny, tmp_path):
     cfg = json.loads((work / "m" / "config.json").read_text())
     assert cfg["model"] == str(work / "heads" / "model.ckpt") and cfg["prompts"] == str(work / "prompts.jsonl")
     assert cfg["heads"] == str(work / "heads" / "reward_heads.bin")
+    # the byte-token trunk has no tokenizer and no chat template for the policy's checkpoints to carry
+    assert cfg["model_tokenizer"] == "" and cfg["model_chat_template"] == ""
     p = run(["mora", "--resume", work / "m"], cwd="/")
     assert "step    3/3" in p.stdout
     run(["eval", "--model", work / "m", "--baseline", work / "b", "--prompts", work / "prompts.jsonl", "--samples", "1"],

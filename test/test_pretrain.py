@@ -408,6 +408,23 @@ def test_init_from_checkpoints(train_mora_bin, tmp_path, shards, smollm2_gguf):
     p = run([train_mora_bin, "pretrain", "--init", smollm2_gguf, *common, "--out", smol, "--steps", "2"])
     assert p.returncode == 0, p.stderr
     assert "134.52M parameters" in p.stdout and "llama" in p.stdout
+    # the run records the tokenizer and chat template of the model it started from, and its native
+    # checkpoints (weights only) carry them: generate needs no --tokenizer or --template, and
+    # renders and encodes exactly as with them given
+    cfg = json.load(open(os.path.join(smol, "config.json")))
+    assert cfg["model_tokenizer"] == os.path.realpath(smollm2_gguf) and cfg["model_chat_template"] == "smollm2"
+    ckpt = os.path.join(smol, "model_step000002.ckpt")
+    ask = ["--chat", "--prompt", "What is the capital of France?", "--max_new_tokens", "4", "--temperature", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = run([train_mora_bin, "generate", "--model", ckpt, *ask], env=env)
+    given = run([train_mora_bin, "generate", "--model", ckpt, "--tokenizer", smollm2_gguf, "--template", "smollm2", *ask], env=env)
+    assert alone.returncode == 0 and given.returncode == 0, alone.stderr + given.stderr
+    assert alone.stdout == given.stdout and "prompt tokens" in alone.stderr
+    # the first run, from a preset, has neither
+    cfg = json.load(open(os.path.join(first, "config.json")))
+    assert cfg["model_tokenizer"] == "" and cfg["model_chat_template"] == ""
+    p = run([train_mora_bin, "generate", "--model", ckpt.replace(smol, first).replace("000002", "000003"), "--prompt", "a"])
+    assert p.returncode != 0 and "has no tokenizer: pass --tokenizer" in p.stderr, p.stderr
 
 
 def test_out_of_memory_names_the_shape_and_its_flags(train_mora_bin, tmp_path):
