@@ -677,6 +677,12 @@ int tokenizer_vocab_size(const Tokenizer *t) { return t->n_vocab; }
 int tokenizer_bos_id(const Tokenizer *t) { return t->bos_id; }
 int tokenizer_eos_id(const Tokenizer *t) { return t->eos_id; }
 int tokenizer_can_encode(const Tokenizer *t) { return t->can_encode; }
+
+void tokenizer_warn_if_small(const Tokenizer *t, int model_vocab_size, const char *what) {
+    if ((double)t->n_vocab < 0.9 * model_vocab_size)
+        fprintf(stderr, "warning: %s has %d tokens, far fewer than the model's vocabulary of %d: it is probably not "
+                "this model's tokenizer\n", what, t->n_vocab, model_vocab_size);
+}
 const char *tokenizer_describe(const Tokenizer *t) { return t->describe; }
 
 const char *tokenizer_token_text(const Tokenizer *t, int id) {

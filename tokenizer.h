@@ -56,6 +56,10 @@ int tokenizer_vocab_size(const Tokenizer *t);       // largest id + 1
 int tokenizer_bos_id(const Tokenizer *t);           // -1 when the vocabulary has none
 int tokenizer_eos_id(const Tokenizer *t);           // -1 when the vocabulary has none
 int tokenizer_can_encode(const Tokenizer *t);       // 0 for llm.c .bin (no merges)
+// Prints a warning naming `what` (the tokenizer's path or flag) when the tokenizer has fewer than
+// 90% of the model's vocab_size ids: a model pads its vocabulary by a few hundred ids at most, so
+// a much smaller tokenizer is another model's (a byte tokenizer reads SmolLM2's ids 0..255 as bytes).
+void tokenizer_warn_if_small(const Tokenizer *t, int model_vocab_size, const char *what);
 // The token as the vocabulary spells it (byte-level form, e.g. "Ġthe"); "" for an id with no
 // token (a hole in the vocabulary). id must be in [0, vocab size).
 const char *tokenizer_token_text(const Tokenizer *t, int id);

@@ -659,6 +659,7 @@ static int cmd_generate(int argc, char **argv) {
         fatal("%s has %d tokens, more than the vocabulary of %d of the model %s: it is not this model's tokenizer%s",
               tok_name, tokenizer_vocab_size(tok), model.config.vocab_size, model_path,
               tokenizer_path[0] ? "" : " (pass --tokenizer)");
+    tokenizer_warn_if_small(tok, model.config.vocab_size, tok_name);
 
     const ChatTemplate *tmpl = NULL;
     char *text;

@@ -314,6 +314,7 @@ void text_encoder_init(TextEncoder *enc, const char *tokenizer_path, const char 
         if (tokenizer_vocab_size(enc->tokenizer) > model_vocab_size)
             fatal("%s: tokenizer has %d tokens but the model's vocabulary has %d", tokenizer_path,
                   tokenizer_vocab_size(enc->tokenizer), model_vocab_size);
+        tokenizer_warn_if_small(enc->tokenizer, model_vocab_size, tokenizer_path);
     } else if (model_vocab_size < 256) {
         fatal("the model has no tokenizer and a vocabulary of %d < 256, so bytes cannot be its tokens", model_vocab_size);
     }

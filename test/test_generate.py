@@ -282,6 +282,10 @@ def test_tokenizer_vocabulary_must_fit_the_model(train_mora_bin, byte_model, smo
                       "--chat", "--template", "plain", "--prompt", "hi", "--temperature", "0", "--max_new_tokens", "8"])
     assert p.returncode == 0, p.stderr
     assert p.stdout == ANSWER.encode()[:8] + b"\n"
+    # ... with a warning: 128 ids of the model's 256 is too few for padding
+    assert f"warning: --tokenizer {ascii_tok} has 128 tokens, far fewer than the model's vocabulary of 256" in p.stderr.decode()
+    p = run_generate(args + ["--tokenizer", byte_model["tokenizer"]], text=True)
+    assert p.returncode == 0 and "far fewer" not in p.stderr, p.stderr
     # a tokenizer of another vocabulary: the first generated id it has no token for stops the run
     small = Tokenizer(models.BPE())
     small.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
