@@ -774,18 +774,6 @@ static void args_from_config(const char *dir, ArgSpec *specs, int n) {
     cJSON_Delete(cfg);
 }
 
-static cJSON *args_to_json(const ArgSpec *specs, int n) {
-    cJSON *cfg = cJSON_CreateObject();
-    cJSON_AddStringToObject(cfg, "command", "mora");
-    for (int i = 0; i < n; i++) {
-        const ArgSpec *s = &specs[i];
-        if (s->type == ARG_STRING) cJSON_AddStringToObject(cfg, s->name, *(const char **)s->dest);
-        else if (s->type == ARG_FLOAT) cJSON_AddNumberToObject(cfg, s->name, *(float *)s->dest);
-        else cJSON_AddNumberToObject(cfg, s->name, *(int *)s->dest);
-    }
-    return cfg;
-}
-
 // ----------------------------------------------------------------------------
 // the stage pool: presample, isolate, rewrite, assimilate
 
@@ -1718,7 +1706,7 @@ int cmd_mora(int argc, char **argv) {
         char *absolute[3];
         for (int i = 0; i < 3; i++) absolute[i] = run_absolute_path(given[i]);
         a->model = absolute[0]; a->heads = absolute[1]; a->prompts = absolute[2];
-        cJSON *cfg = args_to_json(specs, n_specs);
+        cJSON *cfg = args_to_json("mora", specs, n_specs);
         a->model = given[0]; a->heads = given[1]; a->prompts = given[2];
         for (int i = 0; i < 3; i++) free(absolute[i]);
         char fingerprint[32];

@@ -580,7 +580,7 @@ int cmd_reward(int argc, char **argv) {
     cJSON_AddNumberToObject(summary, "seed", a.seed);
     cJSON_AddNumberToObject(summary, "epochs", a.epochs);
     cJSON_AddNumberToObject(summary, "steps", steps);
-    cJSON_AddNumberToObject(summary, "val_frac", a.val_frac);
+    cJSON_AddNumberToObject(summary, "val_frac", float_shortest(a.val_frac));
     cJSON_AddNumberToObject(summary, "context", max_len);
     cJSON_AddNumberToObject(summary, "train_pairs", n_train);
     cJSON_AddNumberToObject(summary, "val_pairs", n_val);

@@ -341,14 +341,7 @@ static int cmd_pretrain(int argc, char **argv) {
     // was given anew: the new --steps, --save_every, ...)
     char path[4200];
     snprintf(path, sizeof path, "%s/config.json", a.out);
-    cJSON *cfg = cJSON_CreateObject();
-    cJSON_AddStringToObject(cfg, "command", "pretrain");
-    for (int i = 0; i < n_specs; i++) {
-        const ArgSpec *s = &specs[i];
-        if (s->type == ARG_STRING) cJSON_AddStringToObject(cfg, s->name, *(const char **)s->dest);
-        else if (s->type == ARG_FLOAT) cJSON_AddNumberToObject(cfg, s->name, *(float *)s->dest);
-        else cJSON_AddNumberToObject(cfg, s->name, *(int *)s->dest);
-    }
+    cJSON *cfg = args_to_json("pretrain", specs, n_specs);
     run_record_model_text(cfg, &info);
     cJSON_AddNumberToObject(cfg, "parameters", (double)model.num_parameters);
     cJSON_AddNumberToObject(cfg, "world_size", world);

@@ -2,6 +2,7 @@
 #include "utils.h"
 #include <float.h>
 #include <math.h>
+#include <cjson/cJSON.h>
 
 static void print_help(const ArgSpec *specs, int n, const char *command, const char *summary) {
     printf("usage: train_mora %s [flags]\n\n%s\n\nflags:\n", command, summary);
@@ -133,4 +134,16 @@ void args_require_range_float(const char *name, float value, float lo, float hi)
 }
 void args_require_string(const char *name, const char *value, const char *command) {
     if (value == NULL || value[0] == '\0') fatal("flag --%s is required (see train_mora %s --help)", name, command);
+}
+
+cJSON *args_to_json(const char *command, const ArgSpec *specs, int n_specs) {
+    cJSON *obj = cJSON_CreateObject();
+    cJSON_AddStringToObject(obj, "command", command);
+    for (int i = 0; i < n_specs; i++) {
+        const ArgSpec *s = &specs[i];
+        if (s->type == ARG_STRING) cJSON_AddStringToObject(obj, s->name, *(const char **)s->dest);
+        else if (s->type == ARG_FLOAT) cJSON_AddNumberToObject(obj, s->name, float_shortest(*(float *)s->dest));
+        else cJSON_AddNumberToObject(obj, s->name, *(int *)s->dest);
+    }
+    return obj;
 }

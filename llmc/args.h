@@ -25,6 +25,9 @@ void args_parse(int argc, char **argv, int first, const ArgSpec *specs, int n_sp
 int args_given(const char *name);
 
 // Validation helpers for after parsing: exit with "flag --NAME: ..." when violated.
+// A JSON object {"command": COMMAND, NAME: value, ...} of every flag's value (a run's config.json);
+// float flags are written with the fewest digits that give their value back (float_shortest).
+struct cJSON *args_to_json(const char *command, const ArgSpec *specs, int n_specs);
 void args_require_positive_int(const char *name, int value);
 void args_require_nonneg_int(const char *name, int value);
 void args_require_range_float(const char *name, float value, float lo, float hi);

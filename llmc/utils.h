@@ -41,6 +41,18 @@ static inline void *realloc_check_(void *old, size_t size, const char *file, int
     if (p == NULL) fatal("out of memory reallocating %zu bytes (%s:%d)", size, file, line);
     return p;
 }
+// The double with the fewest decimal digits that rounds to f: JSON written from a float flag then
+// reads 0.0003, not 0.00030000001424923539 (a non-finite f is returned as it is).
+static inline double float_shortest(float f) {
+    char buf[32];
+    for (int digits = 1; digits <= 9; digits++) {
+        snprintf(buf, sizeof buf, "%.*g", digits, (double)f);
+        double d = strtod(buf, NULL);
+        if ((float)d == f) return d;
+    }
+    return (double)f;
+}
+
 // strdup that stops the program when memory runs out
 static inline char *xstrdup(const char *s) {
     size_t n = strlen(s);

@@ -460,3 +460,18 @@ def test_out_of_memory_names_the_shape_and_its_flags(train_mora_bin, tmp_path):
     assert m, p.stderr
     # at least the attention probabilities: B * heads * T * T floats
     assert float(m.group(1)) >= 1 * NH * T * T * 4 / 2**30
+
+
+def test_config_records_float_flags_as_typed(train_mora_bin, tmp_path, shards):
+    """config.json holds the float flags with the digits they were typed with (the shortest
+    decimal that gives the float back), not the float's binary expansion 0.00030000001424923539."""
+    out = str(tmp_path / "r")
+    p = run([train_mora_bin, "pretrain", "--init", "llama:tiny", "--train_data", shards, "--out", out, "--steps", "1",
+             "--batch_size", "1", "--seq_len", "8", "--lr", "3e-4", "--beta2", "0.95", "--weight_decay", "0.1"])
+    assert p.returncode == 0, p.stderr
+    text = open(os.path.join(out, "config.json")).read()
+    cfg = json.loads(text)
+    assert (cfg["lr"], cfg["beta2"], cfg["weight_decay"], cfg["beta1"]) == (3e-4, 0.95, 0.1, 0.9)
+    assert "0.00030000001" not in text and "0.9499999" not in text
+    # and the float32 each stands for is the flag's
+    assert all(np.float32(cfg[k]) == np.float32(v) for k, v in (("lr", "3e-4"), ("beta2", "0.95")))
