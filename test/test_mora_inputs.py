@@ -12,6 +12,7 @@ weights, byte tokens) with heads trained for one epoch: every run takes a second
 - eval's report names its inputs (policies, heads and reference with their fingerprints, computed
   here with NumPy, prompts, sampling settings) and labels its rows by what each policy is; heads
   left untrained (all zeros in the heads file) are marked so and kept out of "overall";
+- dev/plot_run.py on a baseline or a report that is not one stops with a message, not a traceback;
 - flags that cannot work stop before any presampling: --rewrite_max_new_tokens beyond the
   context, GRPO groups of one, --weights / --stages in the other mode, a weight given twice;
 - a rewrite candidate longer than the context leaves for a prompt is rejected, since the cut on
@@ -22,6 +23,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -420,3 +422,96 @@ def test_eval_marks_untrained_heads(tiny, pair, tmp_path):
     _, rows = table_rows((tmp_path / "z" / "report.md").read_text())
     assert all(cells == ["untrained"] * 4 for cells in rows.values()), rows
 
+
+def plot(*args):
+    return subprocess.run([sys.executable, str(ROOT / "dev" / "plot_run.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["missing baseline", "baseline is a reward directory", "baseline is a file",
+                                  "baseline metrics not JSON", "report not a report", "report not JSON", "out is a file",
+                                  "run missing", "stage out of range"])
+def test_plot_run_misuse_is_a_message(tiny, pair, tmp_path, case):
+    """dev/plot_run.py on input that is not what it takes: one line naming the input, exit 1, no
+    traceback, and before matplotlib is needed (it may not be installed)."""
+    m, b = pair
+    args, message = [m], None
+    if case == "missing baseline":
+        args += ["--baseline", tmp_path / "nothing"]
+        message = f"error: --baseline {tmp_path / 'nothing'}: no such directory"
+    elif case == "baseline is a reward directory":
+        args += ["--baseline", tiny / "heads"]
+        message = f"error: --baseline {tiny / 'heads'} has no pool.jsonl (not a train_mora mora run directory)"
+    elif case == "baseline is a file":
+        args += ["--baseline", tiny / "prompts.jsonl"]
+        message = f"error: --baseline {tiny / 'prompts.jsonl'}: not a directory"
+    elif case == "baseline metrics not JSON":
+        bad = tmp_path / "bad"
+        shutil.copytree(b, bad)
+        (bad / "metrics.jsonl").write_text("{\n")
+        args += ["--baseline", bad]
+        message = f"error: {bad / 'metrics.jsonl'}:1: not valid JSON"
+    elif case == "report not a report":
+        args += ["--report", tiny / "heads" / "reward_metrics.json"]
+        message = f"error: --report {tiny / 'heads' / 'reward_metrics.json'} is not an eval report.json (no \"model_reward\")"
+    elif case == "report not JSON":
+        args += ["--report", tiny / "prompts.jsonl"]
+        message = f"error: --report {tiny / 'prompts.jsonl'}: not valid JSON"
+    elif case == "out is a file":
+        args += ["--out", tiny / "prompts.jsonl"]
+        message = f"error: --out {tiny / 'prompts.jsonl'}: not a directory"
+    elif case == "run missing":
+        args = [tmp_path / "nothing"]
+        message = f"error: {tmp_path / 'nothing'}: no such directory"
+    elif case == "stage out of range":
+        args += ["--stage", "3"]
+        message = f"error: --stage 3: {m}/pool.jsonl has stage 0 only"
+    p = plot(*args)
+    assert p.returncode == 1 and message in p.stderr, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and "matplotlib" not in p.stderr, p.stderr
+
+
+# Runs dev/plot_run.py with Figure.savefig recording each figure's legend, tick labels and title
+# in FILE.json beside FILE.png.
+PLOT_SPY = r"""
+import json, runpy, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.figure
+save = matplotlib.figure.Figure.savefig
+def spy(self, path, *args, **kwargs):
+    with open(str(path) + ".json", "w") as f:
+        json.dump(dict(title=self._suptitle.get_text() if self._suptitle else "",
+                       legends=[[t.get_text() for t in ax.get_legend().get_texts()] for ax in self.axes if ax.get_legend()],
+                       xticks=[[t.get_text() for t in ax.get_xticklabels()] for ax in self.axes],
+                       yticks=[[t.get_text() for t in ax.get_yticklabels()] for ax in self.axes]), f)
+    return save(self, path, *args, **kwargs)
+matplotlib.figure.Figure.savefig = spy
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_plot_run_eval_png_labels_the_policies(tiny, pair, tmp_path):
+    """eval.png's bars carry the report's row labels (the run directories as given to eval here, not
+    "MORA" whatever --model was), its title the heads file; an untrained dimension has no bars."""
+    pytest.importorskip("matplotlib")
+    m, b = pair
+    prefs = write_jsonl(tmp_path / "helpful.jsonl", [dict(prompt=p, chosen=c, rejected=r, dim=dim)
+                                                     for p, c, r, dim in PREFS if dim == "helpful"])
+    hd = tmp_path / "heads_h"
+    run(["reward", "--model", "llama:tiny", "--data", prefs, "--out", hd, "--epochs", "1", "--seed", "1337"])
+    run(["eval", "--model", m, "--baseline", b, "--prompts", tiny / "prompts.jsonl", "--samples", "1", "--out",
+         tmp_path / "e", "--heads", hd / "reward_heads.bin", "--reference", hd / "model.ckpt"])
+    spy = tmp_path / "spy.py"
+    spy.write_text(PLOT_SPY)
+    p = subprocess.run([sys.executable, spy, ROOT / "dev" / "plot_run.py", m, "--baseline", b, "--report",
+                        tmp_path / "e" / "report.json", "--out", tmp_path / "plots"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    fig = json.loads((tmp_path / "plots" / "eval.png.json").read_text())
+    assert fig["legends"] == [[f"baseline ({b})", f"MORA ({m})"]], fig
+    assert str(hd / "reward_heads.bin") in fig["title"], fig
+    assert fig["xticks"][0] == ["helpful", "harmless\n(untrained)", "truthful\n(untrained)", "overall\n(helpful)"], fig
+    rewards = json.loads((tmp_path / "plots" / "rewards.png.json").read_text())
+    assert rewards["legends"][0] == [m.name, b.name], rewards
