@@ -18,7 +18,9 @@
  *          no rewrite, the same seed and budget.
  *   eval   held-out prompts: mean raw reward per dimension for a run and its baseline, the
  *          improvement in %, the share of single-reward prompts and the hypervolume of the
- *          presampled reward vectors before and after rewriting (report.md, report.json)
+ *          presampled reward vectors before and after rewriting (report.md, report.json, which
+ *          name the policies, heads, reference, prompts and sampling settings; an untrained
+ *          head, all zeros, is marked so and left out of "overall")
  *
  * Weights in memory: the policy (trainable, with AdamW state) and one frozen copy of the initial
  * weights, the reference, which is the KL reference, the reward heads' trunk and the rewriter.
@@ -1848,7 +1850,52 @@ typedef struct {
     char *pool;              // the run's pool.jsonl, or NULL
     cJSON *config;           // the run's config.json, or NULL
     char *config_path;
+    // what the report calls it: kind is "MORA" or "baseline" (the mora run's --mora, for a run
+    // directory or a checkpoint inside one) or "checkpoint" (a run not known); label is the kind
+    // with the path as given, or the path alone for a checkpoint of no known run
+    const char *kind;
+    char *label;
+    char *run_dir;           // the run's directory, absolute, or NULL
 } EvalSubject;
+
+// "MORA" or "baseline" for a mora run's config.json (its --mora flag), NULL for anything else
+static const char *mora_run_kind(const cJSON *cfg) {
+    const cJSON *cmd = cJSON_GetObjectItemCaseSensitive(cfg, "command");
+    if (!cJSON_IsString(cmd) || strcmp(cmd->valuestring, "mora")) return NULL;
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(cfg, "mora");
+    return cJSON_IsNumber(m) && m->valuedouble == 0 ? "baseline" : "MORA";
+}
+
+// The label and the run of a subject: for a checkpoint file, the mora run whose directory holds
+// it, when its config.json says so (read leniently: any other directory is no run).
+static void subject_name(EvalSubject *s, const char *path) {
+    char shown[4200];
+    snprintf(shown, sizeof shown, "%s", path);
+    for (size_t n = strlen(shown); n > 1 && shown[n - 1] == '/'; n--) shown[n - 1] = '\0';
+    const char *kind = s->config ? mora_run_kind(s->config) : NULL;
+    if (kind) {
+        s->run_dir = run_absolute_path(path);
+    } else {
+        char dir[4200], cfg_path[4300];
+        const char *slash = strrchr(shown, '/');
+        snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - shown) : 1, slash ? shown : ".");
+        if (dir[0] == '\0') snprintf(dir, sizeof dir, "/");
+        snprintf(cfg_path, sizeof cfg_path, "%s/config.json", dir);
+        if (!run_is_dir(path) && run_file_exists(cfg_path) && !run_is_dir(cfg_path)) {
+            char *text = read_file_all(cfg_path, NULL);
+            cJSON *cfg = cJSON_Parse(text);
+            free(text);
+            kind = cfg ? mora_run_kind(cfg) : NULL;
+            cJSON_Delete(cfg);
+            if (kind) s->run_dir = run_absolute_path(dir);
+        }
+    }
+    s->kind = kind ? kind : "checkpoint";
+    size_t size = strlen(shown) + 32;
+    s->label = (char *)mallocCheck(size);
+    if (kind) snprintf(s->label, size, "%s (%s)", kind, shown);
+    else snprintf(s->label, size, "%s", shown);
+}
 
 // A run directory (its latest checkpoint and config.json) or a checkpoint file.
 static void resolve_subject(const char *path, const char *flag, EvalSubject *s) {
@@ -1880,6 +1927,7 @@ static void resolve_subject(const char *path, const char *flag, EvalSubject *s) 
             if (run_file_exists(pool)) s->pool = xstrdup(pool);
             s->config = cfg;
             s->config_path = xstrdup(cfg_path);
+            subject_name(s, path);
             return;
         }
         cJSON_Delete(cfg);
@@ -1890,11 +1938,12 @@ static void resolve_subject(const char *path, const char *flag, EvalSubject *s) 
         fatal("%s %s is a `train_mora reward` directory (reward heads and their trunk), not a mora run: pass a mora run's "
               "directory or a policy checkpoint", flag, path);
     s->checkpoint = xstrdup(path);
+    subject_name(s, path);
 }
 
 static void subject_free(EvalSubject *s) {
     free(s->checkpoint); free(s->reference); free(s->heads); free(s->chat_template); free(s->stop); free(s->pool);
-    free(s->config_path);
+    free(s->config_path); free(s->label); free(s->run_dir);
     cJSON_Delete(s->config);
 }
 
@@ -2047,10 +2096,25 @@ static double eval_stderr(const EvalScores *s, int col) {
     return se;
 }
 
+// The heads no preference pair trained: `train_mora reward` leaves such a head all zeros (and lists
+// it under "untrained" in reward_metrics.json), so it scores every response 0. Their means say
+// nothing about a policy: eval marks them and leaves them out of "overall". Returns how many.
+static int eval_untrained_heads(const RewardHeads *h, int untrained[D]) {
+    int n = 0;
+    for (int d = 0; d < D; d++) {
+        const float *p = reward_head_params(h, d);
+        untrained[d] = 1;
+        for (size_t i = 0; i < h->head_size && untrained[d]; i++) untrained[d] = p[i] == 0.0f;
+        n += untrained[d];
+    }
+    return n;
+}
+
 // Mean raw reward per dimension of `samples` responses per prompt from the policy `ckpt`, scored
 // by the heads on the reference trunk; every response with its rewards goes into `examples`.
+// "overall" is the mean over the dimensions not `untrained` (NaN when every head is).
 static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const PromptData *prompts, int samples, float temperature,
-                            int max_new, int seed, const char *label, EvalScores *out, cJSON *examples) {
+                            int max_new, int seed, const int untrained[D], const char *label, EvalScores *out, cJSON *examples) {
     Model policy;
     model_load(&policy, ckpt, flag, 0, 0, NULL, NULL);
     if (policy.num_parameters != e->ref.num_parameters || policy.config.vocab_size != e->ref.config.vocab_size)
@@ -2068,7 +2132,11 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
     out->n = s.n;
     for (int j = 0; j < s.n; j++)
         for (int d = 0; d < D; d++) out->mean[d] += (double)s.rewards[j * D + d] / s.n;
-    for (int d = 0; d < D; d++) out->overall += out->mean[d] / D;
+    int n_trained = 0;
+    for (int d = 0; d < D; d++) n_trained += !untrained[d];
+    for (int d = 0; d < D; d++)
+        if (!untrained[d]) out->overall += out->mean[d] / n_trained;
+    if (n_trained == 0) out->overall = NAN;
     // each prompt's mean over its samples
     out->n_prompts = n;
     out->prompt_mean = (double *)callocCheck((size_t)(n ? n : 1) * (D + 1), sizeof(double));
@@ -2077,8 +2145,9 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
         double *pm = out->prompt_mean + (size_t)s.prompt_of[j] * (D + 1);
         for (int d = 0; d < D; d++) {
             pm[d] += s.rewards[j * D + d];
-            pm[D] += (double)s.rewards[j * D + d] / D;
+            if (!untrained[d]) pm[D] += (double)s.rewards[j * D + d] / n_trained;
         }
+        if (n_trained == 0) pm[D] = NAN;
         per_prompt[s.prompt_of[j]]++;
     }
     for (int i = 0; i < n; i++)
@@ -2107,8 +2176,9 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
     model_free(&policy);
 }
 
+// (model - base) / |base| in %; NaN (null, "n/a") where the baseline's mean is 0 or not a number
 static double improvement_pct(double model, double base) {
-    return fabs(base) > 1e-12 ? 100.0 * (model - base) / fabs(base) : 0.0;
+    return fabs(base) > 1e-12 ? 100.0 * (model - base) / fabs(base) : NAN;
 }
 
 static void add_number_or_null(cJSON *o, const char *name, double x) {
@@ -2122,10 +2192,15 @@ static cJSON *stderr_json(const EvalScores *s) {
     return o;
 }
 
-static cJSON *difference_json(const EvalScores *m, const EvalScores *b) {
+// null for an untrained dimension: both policies score 0 there, a difference of nothing
+static cJSON *difference_json(const EvalScores *m, const EvalScores *b, const int untrained[D]) {
     cJSON *o = cJSON_CreateObject();
     for (int d = 0; d <= D; d++) {
         EvalDifference r = eval_difference(m, b, d);
+        if ((d < D && untrained[d]) || (d == D && !isfinite(m->overall))) {
+            cJSON_AddNullToObject(o, d < D ? mora_dim_names[d] : "overall");
+            continue;
+        }
         cJSON *x = cJSON_AddObjectToObject(o, d < D ? mora_dim_names[d] : "overall");
         add_number_or_null(x, "mean", r.mean);
         add_number_or_null(x, "stderr", r.stderr_);
@@ -2138,7 +2213,7 @@ static cJSON *difference_json(const EvalScores *m, const EvalScores *b) {
 static cJSON *scores_json(const EvalScores *s) {
     cJSON *o = cJSON_CreateObject();
     for (int d = 0; d < D; d++) cJSON_AddNumberToObject(o, mora_dim_names[d], s->mean[d]);
-    cJSON_AddNumberToObject(o, "overall", s->overall);
+    add_number_or_null(o, "overall", s->overall);
     return o;
 }
 
@@ -2162,16 +2237,43 @@ static cJSON *pool_json(const PoolSummary *p, int n) {
 
 static void append_fmt(char **buf, size_t *len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void append_fmt(char **buf, size_t *len, const char *fmt, ...) {
-    va_list ap;
+    va_list ap, again;
     va_start(ap, fmt);
-    char tmp[2048];
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_copy(again, ap);
+    int n = vsnprintf(NULL, 0, fmt, ap);   // paths may be long: the whole text, however long
     va_end(ap);
-    if (n < 0) return;
-    if (n >= (int)sizeof tmp) n = sizeof tmp - 1;
-    *buf = (char *)reallocCheck(*buf, *len + n + 1);
-    memcpy(*buf + *len, tmp, (size_t)n + 1);
-    *len += n;
+    if (n >= 0) {
+        *buf = (char *)reallocCheck(*buf, *len + (size_t)n + 1);
+        vsnprintf(*buf + *len, (size_t)n + 1, fmt, again);
+        *len += (size_t)n;
+    }
+    va_end(again);
+}
+
+// text for a markdown table cell or inline code: '|' escaped, newlines and backticks as spaces
+static char *md_text(const char *s) {
+    char *out = (char *)mallocCheck(2 * strlen(s) + 1), *o = out;
+    for (; *s; s++) {
+        if (*s == '|') *o++ = '\\';
+        *o++ = (*s == '\n' || *s == '\r' || *s == '`') ? ' ' : *s;
+    }
+    *o = '\0';
+    return out;
+}
+
+// what a --model or --baseline is, for report.json
+static void subject_json(cJSON *rep, const char *who, const EvalSubject *s) {
+    char key[64];
+    char *ckpt = run_absolute_path(s->checkpoint);
+    cJSON_AddStringToObject(rep, who, ckpt);
+    free(ckpt);
+    snprintf(key, sizeof key, "%s_label", who);
+    cJSON_AddStringToObject(rep, key, s->label);
+    snprintf(key, sizeof key, "%s_kind", who);
+    cJSON_AddStringToObject(rep, key, s->kind);
+    snprintf(key, sizeof key, "%s_run", who);
+    if (s->run_dir) cJSON_AddStringToObject(rep, key, s->run_dir);
+    else cJSON_AddNullToObject(rep, key);
 }
 
 int cmd_eval(int argc, char **argv) {
@@ -2236,10 +2338,10 @@ int cmd_eval(int argc, char **argv) {
     float temp = temperature > 0 ? temperature : (run && run->temperature > 0 ? run->temperature : 1.0f);
     Engine e;
     const char *ref_flag = reference[0] ? "--reference" : "the run's reference (its config.json \"model\")";
+    const char *stop_used = stop[0] ? stop : (run && run->stop ? run->stop : "");
     engine_init(&e, ref_path, ref_flag, heads_path,
                 chat_template[0] ? chat_template : (run && run->chat_template ? run->chat_template : "auto"),
-                stop[0] ? stop : (run && run->stop ? run->stop : ""), seq_len ? seq_len : (run ? run->seq_len : 0), gen_batch,
-                fwd_batch);
+                stop_used, seq_len ? seq_len : (run ? run->seq_len : 0), gen_batch, fwd_batch);
     // the reference and heads the run names must still be the ones it trained against (unless
     // --reference and --heads say which to score with); a baseline against others is named below
     if (run && !reference[0] && !heads[0])
@@ -2260,34 +2362,69 @@ int cmd_eval(int argc, char **argv) {
     }
     printf("eval: %d prompts x %d samples, temperature %g, max %d new tokens; heads %s on %s\n", prompts.n, samples, temp, mnt,
            heads_path, ref_path);
+    int untrained[D];
+    const int n_untrained = eval_untrained_heads(&e.heads, untrained);
+    char untrained_text[64] = "";
+    for (int d = 0, k = 0; d < D; d++)
+        if (untrained[d])
+            snprintf(untrained_text + strlen(untrained_text), sizeof untrained_text - strlen(untrained_text), "%s%s",
+                     k++ ? (k == n_untrained ? " and " : ", ") : "", mora_dim_names[d]);
+    if (n_untrained)
+        printf("note: the %s head%s untrained (all zeros in %s): marked untrained, left out of overall\n", untrained_text,
+               n_untrained > 1 ? "s are" : " is", heads_path);
     EvalScores sm, sb;
     cJSON *examples_m = cJSON_CreateArray(), *examples_b = cJSON_CreateArray();
-    evaluate_policy(&e, ms.checkpoint, "--model", &prompts, samples, temp, mnt, seed, "eval model", &sm, examples_m);
-    evaluate_policy(&e, bs.checkpoint, "--baseline", &prompts, samples, temp, mnt, seed, "eval baseline", &sb, examples_b);
+    evaluate_policy(&e, ms.checkpoint, "--model", &prompts, samples, temp, mnt, seed, untrained, "eval model", &sm, examples_m);
+    evaluate_policy(&e, bs.checkpoint, "--baseline", &prompts, samples, temp, mnt, seed, untrained, "eval baseline", &sb, examples_b);
 
     PoolSummary pm[16], pb[16];
     int npm = ms.pool ? summarise_pool(ms.pool, pm, 16) : 0;
     int npb = bs.pool ? summarise_pool(bs.pool, pb, 16) : 0;
 
+    // the inputs that made the numbers, by absolute path, with the fingerprints of the weights
+    char *heads_abs = run_absolute_path(heads_path), *ref_abs = run_absolute_path(ref_path),
+         *prompts_abs = run_absolute_path(prompts_path);
+    char heads_fp[32], ref_fp[32];
+    snprintf(heads_fp, sizeof heads_fp, "%016llx", (unsigned long long)params_fingerprint(e.heads.params, e.heads.num_parameters));
+    snprintf(ref_fp, sizeof ref_fp, "%016llx", (unsigned long long)reward_trunk_of(&e.ref).fingerprint);
+    const char *template_used = e.enc.chat ? chat_template_name(e.enc.chat) : "none";
+    char *tokenizer_abs = e.info.tokenizer_path[0] ? run_absolute_path(e.info.tokenizer_path) : NULL;
+
     cJSON *rep = cJSON_CreateObject();
-    cJSON_AddStringToObject(rep, "model", ms.checkpoint);
-    cJSON_AddStringToObject(rep, "baseline", bs.checkpoint);
+    subject_json(rep, "model", &ms);
+    subject_json(rep, "baseline", &bs);
     // null where one of the two is a checkpoint, not a run: nothing to compare
     cJSON_AddItemToObject(rep, "baseline_differs", differ ? differ : cJSON_CreateNull());
-    cJSON_AddStringToObject(rep, "prompts", prompts_path);
+    cJSON_AddStringToObject(rep, "heads", heads_abs);
+    cJSON_AddStringToObject(rep, "heads_fingerprint", heads_fp);
+    cJSON_AddStringToObject(rep, "reference", ref_abs);
+    cJSON_AddStringToObject(rep, "reference_fingerprint", ref_fp);
+    cJSON_AddStringToObject(rep, "prompts", prompts_abs);
     cJSON_AddNumberToObject(rep, "n_prompts", prompts.n);
     cJSON_AddNumberToObject(rep, "samples", samples);
     cJSON_AddNumberToObject(rep, "temperature", temp);
+    cJSON_AddNumberToObject(rep, "max_new_tokens", mnt);
     cJSON_AddNumberToObject(rep, "seed", seed);
+    cJSON_AddStringToObject(rep, "chat_template", template_used);
+    cJSON_AddStringToObject(rep, "stop", stop_used);
+    cJSON_AddNumberToObject(rep, "seq_len", e.context);
+    if (tokenizer_abs) cJSON_AddStringToObject(rep, "tokenizer", tokenizer_abs);
+    else cJSON_AddNullToObject(rep, "tokenizer");   // byte tokens
+    cJSON_AddStringToObject(rep, "device", use_gpu ? "cuda" : "cpu");
+    cJSON *untrained_json = cJSON_AddArrayToObject(rep, "untrained");
+    cJSON *overall_dims = cJSON_AddArrayToObject(rep, "overall_dims");
+    for (int d = 0; d < D; d++)
+        cJSON_AddItemToArray(untrained[d] ? untrained_json : overall_dims, cJSON_CreateString(mora_dim_names[d]));
     cJSON_AddItemToObject(rep, "model_reward", scores_json(&sm));
     cJSON_AddItemToObject(rep, "baseline_reward", scores_json(&sb));
     // over the prompts: each prompt's mean over its samples is one observation
     cJSON_AddItemToObject(rep, "model_reward_stderr", stderr_json(&sm));
     cJSON_AddItemToObject(rep, "baseline_reward_stderr", stderr_json(&sb));
-    cJSON_AddItemToObject(rep, "difference", difference_json(&sm, &sb));
+    cJSON_AddItemToObject(rep, "difference", difference_json(&sm, &sb, untrained));
     cJSON *imp = cJSON_CreateObject();
-    for (int d = 0; d < D; d++) cJSON_AddNumberToObject(imp, mora_dim_names[d], improvement_pct(sm.mean[d], sb.mean[d]));
-    cJSON_AddNumberToObject(imp, "overall", improvement_pct(sm.overall, sb.overall));
+    for (int d = 0; d < D; d++)
+        add_number_or_null(imp, mora_dim_names[d], untrained[d] ? NAN : improvement_pct(sm.mean[d], sb.mean[d]));
+    add_number_or_null(imp, "overall", improvement_pct(sm.overall, sb.overall));
     cJSON_AddItemToObject(rep, "improvement_pct", imp);
     cJSON_AddItemToObject(rep, "model_pool", pool_json(pm, npm));
     cJSON_AddItemToObject(rep, "baseline_pool", pool_json(pb, npb));
@@ -2300,42 +2437,93 @@ int cmd_eval(int argc, char **argv) {
 
     char *md = NULL;
     size_t len = 0;
-    append_fmt(&md, &len, "# MORA evaluation\n\nmodel: `%s`  \nbaseline: `%s`  \nprompts: `%s` (%d prompts x %d samples, temperature %g)\n\n",
-               ms.checkpoint, bs.checkpoint, prompts_path, prompts.n, samples, temp);
+    const EvalSubject *subjects[2] = {&ms, &bs};
+    const char *subject_flags[2] = {"--model", "--baseline"};
+    append_fmt(&md, &len, "# MORA evaluation\n\n");
+    for (int k = 0; k < 2; k++) {
+        const EvalSubject *s = subjects[k];
+        char *label = md_text(s->label), *ckpt = run_absolute_path(s->checkpoint);
+        char *ckpt_md = md_text(ckpt), *run_md = md_text(s->run_dir ? s->run_dir : "");
+        if (s->run_dir)   // row "MORA (runs/mora)": a mora run, and the checkpoint of it evaluated
+            append_fmt(&md, &len, "%s (row \"%s\"): the %s run `%s`, checkpoint `%s`  \n", subject_flags[k], label,
+                       s->kind, run_md, ckpt_md);
+        else
+            append_fmt(&md, &len, "%s: the checkpoint `%s` (of no mora run known)  \n", subject_flags[k], ckpt_md);
+        free(label); free(ckpt); free(ckpt_md); free(run_md);
+    }
+    char *heads_md = md_text(heads_abs), *ref_md = md_text(ref_abs), *prompts_md = md_text(prompts_abs),
+         *stop_md = md_text(stop_used), *tokenizer_md = md_text(tokenizer_abs ? tokenizer_abs : "");
+    append_fmt(&md, &len, "reward heads: `%s` (fingerprint %s%s%s)  \n", heads_md, heads_fp, n_untrained ? "; untrained: " : "",
+               untrained_text);
+    append_fmt(&md, &len, "reference (the trunk the heads score on): `%s` (fingerprint %s)  \n", ref_md, ref_fp);
+    append_fmt(&md, &len, "prompts: `%s` (%d prompts)  \n", prompts_md, prompts.n);
+    append_fmt(&md, &len, "sampling: %d samples per prompt, temperature %g, max %d new tokens, seed %d, chat template %s, "
+                          "stop %s%s%s, context %d tokens, device %s; text %s%s%s\n\n",
+               samples, temp, mnt, seed, template_used, stop_md[0] ? "`" : "", stop_md[0] ? stop_md : "none",
+               stop_md[0] ? "`" : "", e.context, use_gpu ? "cuda" : "cpu", tokenizer_md[0] ? "by the tokenizer `" : "as byte tokens",
+               tokenizer_md, tokenizer_md[0] ? "`" : "");
+    free(heads_md); free(ref_md); free(prompts_md); free(stop_md); free(tokenizer_md);
     if (differ_text[0])
         append_fmt(&md, &len, "**Warning:** the baseline run differs from the MORA run in more than `--mora` (MORA vs baseline): %s\n\n",
                    differ_text);
     append_fmt(&md, &len, "Mean raw reward (reward heads on the reference trunk) ± its standard error over the %d prompts "
                           "(each prompt's mean over its samples is one observation); improvement = (model - baseline) / "
-                          "|baseline|; difference = MORA - baseline, paired by prompt, with its 95%% interval "
+                          "|baseline|, model the --model row, baseline the --baseline one; difference = model - baseline, "
+                          "paired by prompt, with its 95%% interval "
                           "(Student's t, %d degrees of freedom).\n\n", prompts.n, prompts.n - 1);
-    append_fmt(&md, &len, "| | helpful | harmless | truthful | overall |\n|---|---|---|---|---|\n");
+    if (n_untrained)
+        append_fmt(&md, &len, "**Note:** the %s head%s untrained (all zeros in the heads file: `train_mora reward` had no "
+                              "pairs of %s) and score%s every response 0: marked untrained, and left out of overall, %s.\n\n",
+                   untrained_text, n_untrained > 1 ? "s are" : " is", n_untrained > 1 ? "those dimensions" : "that dimension",
+                   n_untrained > 1 ? "" : "s",
+                   n_untrained == D ? "which has nothing to average" : "which is the mean over the other dimensions");
+    char overall_head[64] = "overall";
+    if (n_untrained && n_untrained < D) {   // which dimensions the overall averages
+        snprintf(overall_head, sizeof overall_head, "overall (");
+        for (int d = 0, k = 0; d < D; d++)
+            if (!untrained[d])
+                snprintf(overall_head + strlen(overall_head), sizeof overall_head - strlen(overall_head), "%s%s", k++ ? ", " : "",
+                         mora_dim_names[d]);
+        snprintf(overall_head + strlen(overall_head), sizeof overall_head - strlen(overall_head), ")");
+    }
+    append_fmt(&md, &len, "| | helpful | harmless | truthful | %s |\n|---|---|---|---|---|\n", overall_head);
     const EvalScores *rows[2] = {&sb, &sm};
-    const char *row_names[2] = {"baseline", "MORA"};
+    const char *row_names[2] = {bs.label, ms.label};
     for (int r = 0; r < 2; r++) {
-        append_fmt(&md, &len, "| %s |", row_names[r]);
+        char *name = md_text(row_names[r]);
+        append_fmt(&md, &len, "| %s |", name);
+        free(name);
         for (int d = 0; d <= D; d++) {
             double mean = d < D ? rows[r]->mean[d] : rows[r]->overall, se = eval_stderr(rows[r], d);
-            if (isfinite(se)) append_fmt(&md, &len, " %.4f ± %.4f |", mean, se);
+            if ((d < D && untrained[d]) || !isfinite(mean)) append_fmt(&md, &len, " untrained |");
+            else if (isfinite(se)) append_fmt(&md, &len, " %.4f ± %.4f |", mean, se);
             else append_fmt(&md, &len, " %.4f |", mean);   // one prompt: no spread to measure
         }
         append_fmt(&md, &len, "\n");
     }
-    append_fmt(&md, &len, "| improvement | %+.1f%% | %+.1f%% | %+.1f%% | %+.1f%% |\n",
-               improvement_pct(sm.mean[0], sb.mean[0]), improvement_pct(sm.mean[1], sb.mean[1]),
-               improvement_pct(sm.mean[2], sb.mean[2]), improvement_pct(sm.overall, sb.overall));
-    append_fmt(&md, &len, "| difference (95%% CI) |");
+    append_fmt(&md, &len, "| improvement |");
+    for (int d = 0; d <= D; d++) {
+        double pct = d < D ? improvement_pct(sm.mean[d], sb.mean[d]) : improvement_pct(sm.overall, sb.overall);
+        if ((d < D && untrained[d]) || (d == D && !isfinite(sm.overall))) append_fmt(&md, &len, " untrained |");
+        else if (isfinite(pct)) append_fmt(&md, &len, " %+.1f%% |", pct);
+        else append_fmt(&md, &len, " n/a |");   // the baseline's mean is 0
+    }
+    append_fmt(&md, &len, "\n| difference (95%% CI) |");
     for (int d = 0; d <= D; d++) {
         EvalDifference r = eval_difference(&sm, &sb, d);
-        if (isfinite(r.lo)) append_fmt(&md, &len, " %+.4f [%+.4f, %+.4f] |", r.mean, r.lo, r.hi);
+        if ((d < D && untrained[d]) || (d == D && !isfinite(sm.overall))) append_fmt(&md, &len, " untrained |");
+        else if (isfinite(r.lo)) append_fmt(&md, &len, " %+.4f [%+.4f, %+.4f] |", r.mean, r.lo, r.hi);
         else append_fmt(&md, &len, " %+.4f |", r.mean);
     }
     append_fmt(&md, &len, "\n\n");
     if (npm > 0) {
-        append_fmt(&md, &len, "Presampled pool of the MORA run, per stage: single-reward prompts (J <= 1) before and after rewriting, "
-                              "and the mean per-prompt hypervolume of the standardised reward vectors.\n\n"
+        char *name = md_text(ms.label);
+        append_fmt(&md, &len, "Presampled pool of %s, per stage: single-reward prompts (J <= 1) before and after rewriting, "
+                              "and the mean per-prompt hypervolume of the standardised reward vectors (reference point: "
+                              "the per-dimension minimum over the stage's vectors).\n\n"
                               "| stage | prompts | single before | single after | rewrites accepted | hypervolume before | hypervolume after |\n"
-                              "|---|---|---|---|---|---|---|\n");
+                              "|---|---|---|---|---|---|---|\n", name);
+        free(name);
         for (int s = 0; s < npm; s++)
             append_fmt(&md, &len, "| %d | %d | %d (%.1f%%) | %d (%.1f%%) | %d | %.4f | %.4f |\n", s + 1, pm[s].n_prompts,
                        pm[s].n_single_before, 100.0 * pm[s].n_single_before / (pm[s].n_prompts ? pm[s].n_prompts : 1),
@@ -2352,6 +2540,7 @@ int cmd_eval(int argc, char **argv) {
     free(sm.prompt_mean);
     free(sb.prompt_mean);
     free(heads_path);
+    free(heads_abs); free(ref_abs); free(prompts_abs); free(tokenizer_abs);
     subject_free(&ms);
     subject_free(&bs);
     promptdata_free(&prompts);

@@ -8,14 +8,18 @@
                   of its original's), as three pairwise projections; single-reward prompts'
                   points are highlighted
     eval.png      from eval's report.json (the run directory's, or --report; the demo writes its
-                  report beside the runs): the baseline's and MORA's mean
-                  raw reward per dimension and overall with their standard errors over the
-                  prompts, and beside them the paired difference MORA - baseline with its 95%
-                  interval
+                  report beside the runs): the --baseline's and the --model's mean raw reward
+                  per dimension and overall with their standard errors over the prompts, and
+                  beside them the paired difference model - baseline with its 95% interval; the
+                  bars are labelled as the report's rows (e.g. "MORA (runs/mora)", "baseline
+                  (runs/baseline)", a checkpoint's path), the title names the heads, and a
+                  dimension whose head is untrained (the report's "untrained") has no bars
 
 usage: python3 dev/plot_run.py RUN_DIR [--baseline BASELINE_RUN_DIR] [--out DIR] [--stage N] [--report FILE]
 
-Needs matplotlib (pip install matplotlib).
+RUN_DIR and --baseline are `train_mora mora` run directories. Input that is not what it should be
+(a missing or other directory, a file that is not JSON or not eval's report) is named in one
+line and the exit status is 1, before any plotting. Needs matplotlib (pip install matplotlib).
 """
 import argparse
 import json
@@ -25,24 +29,67 @@ import sys
 DIMS = ["helpful", "harmless", "truthful"]
 
 
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
 def read_jsonl(path):
     rows = []
-    with open(path, "rb") as f:
-        for n, line in enumerate(f.read().decode("utf-8", "replace").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    sys.exit(f"error: {path}:{n}: not valid JSON ({e.msg})")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        fail(f"{path}: {e.strerror}")
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{n}: not valid JSON ({e.msg})")
+            if not isinstance(rows[-1], dict):
+                fail(f"{path}:{n}: not a JSON object")
     return rows
+
+
+def check_run(path, flag):
+    """A `train_mora mora` run directory (its metrics.jsonl and pool.jsonl), or exit naming what it is not."""
+    name = f"{flag} {path}" if flag else path
+    if not os.path.exists(path):
+        fail(f"{name}: no such directory")
+    if not os.path.isdir(path):
+        fail(f"{name}: not a directory (a train_mora mora run directory is expected)")
+    for f in ("metrics.jsonl", "pool.jsonl"):
+        if not os.path.isfile(os.path.join(path, f)):
+            fail(f"{name} has no {f} (not a train_mora mora run directory)")
+
+
+def read_report(path):
+    """eval's report.json, or exit naming what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rep = json.load(f)
+    except OSError as e:
+        fail(f"--report {path}: {e.strerror}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(f"--report {path}: not valid JSON ({getattr(e, 'msg', e)})")
+    if not isinstance(rep, dict) or not isinstance(rep.get("model_reward"), dict):
+        fail(f'--report {path} is not an eval report.json (no "model_reward")')
+    return rep
+
+
+def has_rewards(metrics):
+    return bool(metrics) and all(isinstance(m.get("reward_raw"), dict) for m in metrics)
 
 
 def plot_rewards(plt, run, baseline, out):
     metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
-    if not metrics or "reward_raw" not in metrics[0]:
+    if not has_rewards(metrics):
         print(f"{run}/metrics.jsonl has no per-dimension rewards (a DPO run?): rewards.png skipped")
         return
     base = read_jsonl(os.path.join(baseline, "metrics.jsonl")) if baseline else []
+    if baseline and not has_rewards(base):
+        print(f"--baseline {baseline}/metrics.jsonl has no per-dimension rewards (a DPO run?): rewards.png without it")
+        base = []
     fig, axes = plt.subplots(2, 3, figsize=(13, 6), sharex=True)
     for k, d in enumerate(DIMS):
         ax = axes[0][k]
@@ -72,10 +119,12 @@ def plot_rewards(plt, run, baseline, out):
     print(f"wrote {path}")
 
 
+def pool_stages(run):
+    return list({json.dumps(o.get("stage", 0)): o.get("stage", 0) for o in read_jsonl(os.path.join(run, "pool.jsonl"))}.values())
+
+
 def plot_scatter(plt, run, out, stage):
     pool = [o for o in read_jsonl(os.path.join(run, "pool.jsonl")) if o.get("stage", 0) == stage]
-    if not pool:
-        sys.exit(f"error: {run}/pool.jsonl has no prompts of stage {stage}")
     before, after, single_before, single_after = [], [], [], []
     for o in pool:
         pts = [r["z"] for r in o["presample"]]
@@ -109,38 +158,53 @@ def plot_scatter(plt, run, out, stage):
     print(f"wrote {path}")
 
 
-def plot_eval(plt, path, out):
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        try:
-            rep = json.load(f)
-        except json.JSONDecodeError as e:
-            sys.exit(f"error: {path}: not valid JSON ({e.msg})")
+def row_label(rep, who):
+    """The report's row label; an older report has none: the path with the flag it came from."""
+    label = rep.get(f"{who}_label")
+    return label if isinstance(label, str) and label else f"--{who} {rep.get(who, '?')}"
+
+
+def plot_eval(plt, rep, path, out):
     if "difference" not in rep:
         print(f"{path} has no standard errors (an older eval): eval.png skipped")
         return
+    untrained = set(rep.get("untrained") or [])
     keys = DIMS + ["overall"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    # an untrained head scores every response 0: no bars; "overall" is over the other dimensions
+    shown = [d not in untrained and rep["model_reward"].get(d) is not None for d in keys]
+    names = [d if ok else f"{d}\n(untrained)" for d, ok in zip(keys, shown)]
+    if untrained and shown[-1]:
+        names[-1] = "overall\n(" + ", ".join(d for d in DIMS if d not in untrained) + ")"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.38
-    for k, (who, label) in enumerate((("baseline", "baseline"), ("model", "MORA"))):
-        means = [rep[f"{who}_reward"][d] for d in keys]
-        errs = [rep[f"{who}_reward_stderr"][d] or 0.0 for d in keys]
-        left.bar([i + (k - 0.5) * width for i in range(len(keys))], means, width, yerr=errs, capsize=4, label=label)
-    left.set_xticks(range(len(keys)), keys)
+    labels = {who: row_label(rep, who) for who in ("baseline", "model")}
+    for k, who in enumerate(("baseline", "model")):
+        xs = [i + (k - 0.5) * width for i in range(len(keys)) if shown[i]]
+        means = [rep[f"{who}_reward"][d] for d, ok in zip(keys, shown) if ok]
+        errs = [rep[f"{who}_reward_stderr"].get(d) or 0.0 for d, ok in zip(keys, shown) if ok]
+        left.bar(xs, means, width, yerr=errs, capsize=4, label=labels[who])
+    left.set_xticks(range(len(keys)), names)
     left.axhline(0, color="grey", lw=0.5)
     left.set_title(f"mean raw reward ± standard error ({rep['n_prompts']} prompts x {rep['samples']} samples)", fontsize=10)
     left.legend(fontsize=8)
-    diff = [rep["difference"][d] for d in keys]
-    for i, x in enumerate(diff):
+    for i, d in enumerate(keys):
+        x = rep["difference"].get(d)
+        if not shown[i] or not isinstance(x, dict):
+            continue
         lo, hi = x["ci95_low"], x["ci95_high"]
         if lo is not None and hi is not None:
             right.plot([lo, hi], [i, i], color="tab:blue", lw=2)
         right.plot([x["mean"]], [i], "o", color="tab:blue")
     right.axvline(0, color="grey", lw=0.8)
-    right.set_yticks(range(len(keys)), keys)
+    right.set_yticks(range(len(keys)), names)
     right.invert_yaxis()
-    right.set_title("MORA - baseline: 95% interval, paired by prompt", fontsize=10)
+    right.set_title("model - baseline: 95% interval, paired by prompt", fontsize=10)
+    title = f"{labels['model']} vs {labels['baseline']}"
+    if rep.get("heads"):
+        title += f"\nheads {rep['heads']}"
+        if rep.get("heads_fingerprint"):
+            title += f" ({rep['heads_fingerprint']})"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = os.path.join(out, "eval.png")
     fig.savefig(path, dpi=100)
@@ -155,11 +219,27 @@ def main():
     ap.add_argument("--stage", type=int, default=0)
     ap.add_argument("--report", default="", help="eval's report.json (default: RUN_DIR/report.json, if there)")
     args = ap.parse_args()
-    for f in ("metrics.jsonl", "pool.jsonl"):
-        if not os.path.exists(os.path.join(args.run, f)):
-            sys.exit(f"error: {args.run} has no {f} (not a train_mora mora run directory)")
-    if args.report and not os.path.exists(args.report):
-        sys.exit(f"error: --report {args.report}: no such file")
+    # every input is checked before matplotlib is needed: a mistake is one line naming it
+    check_run(args.run, "")
+    if args.baseline:
+        check_run(args.baseline, "--baseline")
+    read_jsonl(os.path.join(args.run, "metrics.jsonl"))
+    if args.baseline:
+        read_jsonl(os.path.join(args.baseline, "metrics.jsonl"))
+    stages = pool_stages(args.run)
+    if not all(type(s) is int for s in stages):
+        fail(f'{args.run}/pool.jsonl has a "stage" that is not an integer')
+    stages.sort()
+    if args.stage not in stages:
+        have = "no prompts" if not stages else f"stage {stages[0]} only" if len(stages) == 1 else \
+            f"stages {', '.join(map(str, stages))}"
+        fail(f"--stage {args.stage}: {args.run}/pool.jsonl has {have}")
+    if args.report and not os.path.isfile(args.report):
+        fail(f"--report {args.report}: no such file")
+    report = args.report or os.path.join(args.run, "report.json")
+    rep = read_report(report) if os.path.isfile(report) else None
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out}: not a directory")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -167,10 +247,19 @@ def main():
     except ImportError:
         sys.exit("error: dev/plot_run.py needs matplotlib: pip install matplotlib")
     out = args.out or args.run
-    os.makedirs(out, exist_ok=True)
-    plot_rewards(plt, args.run, args.baseline, out)
-    plot_scatter(plt, args.run, out, args.stage)
-    plot_eval(plt, args.report or os.path.join(args.run, "report.json"), out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: {e.strerror}")
+    try:
+        plot_rewards(plt, args.run, args.baseline, out)
+        plot_scatter(plt, args.run, out, args.stage)
+        if rep is not None:
+            plot_eval(plt, rep, report, out)
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        # a file of the right kind with content it should not have (edited, or of another version)
+        fail(f"unexpected content in {args.run}, {args.baseline or 'no baseline'} or {report}: "
+             f"{type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

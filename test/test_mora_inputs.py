@@ -9,15 +9,21 @@ weights, byte tokens) with heads trained for one epoch: every run takes a second
 - config.json names its inputs by absolute path, so eval and --resume work from any directory;
 - --resume refuses flags that would change the run, and says so when the run is complete;
 - eval names every setting in which the baseline differs from the MORA run;
+- eval's report names its inputs (policies, heads and reference with their fingerprints, computed
+  here with NumPy, prompts, sampling settings) and labels its rows by what each policy is; heads
+  left untrained (all zeros in the heads file) are marked so and kept out of "overall";
+- dev/plot_run.py on a baseline or a report that is not one stops with a message, not a traceback;
 - flags that cannot work stop before any presampling: --rewrite_max_new_tokens beyond the
   context, GRPO groups of one, --weights / --stages in the other mode, a weight given twice;
 - a rewrite candidate longer than the context leaves for a prompt is rejected, since the cut on
   the left would take its start, where the request is.
 """
 import json
+import math
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -28,6 +34,7 @@ from test_reward_heads import read_heads, trunk_fingerprint
 
 BIN = str(ROOT / "train_mora")
 CONTEXT = 64   # llama:tiny's
+DIMS = ["helpful", "harmless", "truthful"]
 PREFS = [
     ("Boil egg?", "Nine minutes in water.", "Eggs exist.", "helpful"),
     ("Make tea?", "Steep a bag 3 min.", "Tea is nice.", "helpful"),
@@ -288,3 +295,223 @@ def test_rewrite_candidates_must_fit_the_context(tiny, tmp_path):
     for c in too_long:
         assert not c["valid"], c
     assert any(c.get("reason") == "longer than the context leaves for a prompt" for c in too_long), too_long
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):
+    """A MORA run and its baseline (--mora 0) on the tiny trunk."""
+    mora(tiny, tiny / "pair_m")
+    mora(tiny, tiny / "pair_b", "--mora", "0")
+    return tiny / "pair_m", tiny / "pair_b"
+
+
+def table_rows(md):
+    """The rows of report.md's reward table (the one headed "| | helpful | ..."), name -> cells."""
+    lines = md.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("| | helpful | harmless | truthful | overall"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return lines[start], rows
+
+
+def test_eval_report_names_its_inputs(tiny, pair, tmp_path):
+    """report.json and report.md name the policies (row labels by what they are), the heads and the
+    reference with the fingerprints of their weights (NumPy, from the files), the prompts and the
+    sampling settings: the flags given here, and the context of llama:tiny."""
+    m, b = pair
+    out = tmp_path / "e"
+    run(["eval", "--model", m, "--baseline", b, "--prompts", tiny / "prompts.jsonl", "--samples", "2",
+         "--temperature", "0.5", "--max_new_tokens", "6", "--seed", "5", "--out", out])
+    rep = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    heads, ref = tiny / "heads" / "reward_heads.bin", tiny / "heads" / "model.ckpt"
+    heads_fp = f"{trunk_fingerprint(read_heads(heads)['params']):016x}"
+    ref_fp = f"{trunk_fingerprint(read_native(ref)[1]):016x}"
+    want = dict(model=str(m / (m / "latest.txt").read_text().strip()), model_run=str(m), model_kind="MORA",
+                model_label=f"MORA ({m})",
+                baseline=str(b / (b / "latest.txt").read_text().strip()), baseline_run=str(b), baseline_kind="baseline",
+                baseline_label=f"baseline ({b})",
+                heads=str(heads), heads_fingerprint=heads_fp, reference=str(ref), reference_fingerprint=ref_fp,
+                prompts=str(tiny / "prompts.jsonl"), n_prompts=len(PROMPTS), samples=2, max_new_tokens=6, seed=5,
+                chat_template="none", stop="", seq_len=CONTEXT, tokenizer=None, device="cpu", untrained=[],
+                overall_dims=["helpful", "harmless", "truthful"])
+    assert {k: rep.get(k) for k in want} == want
+    assert rep["temperature"] == pytest.approx(0.5)
+    for who in ("model", "baseline"):
+        r = rep[f"{who}_reward"]
+        assert r["overall"] == pytest.approx((r["helpful"] + r["harmless"] + r["truthful"]) / 3, abs=1e-12)
+    for text in (f"`{m}`", f"`{b}`", f"`{want['model']}`", f"`{want['baseline']}`", f"`{heads}` (fingerprint {heads_fp})",
+                 f"`{ref}` (fingerprint {ref_fp})", f"`{tiny / 'prompts.jsonl'}` ({len(PROMPTS)} prompts)",
+                 "2 samples per prompt, temperature 0.5, max 6 new tokens, seed 5, chat template none",
+                 f"context {CONTEXT} tokens", "byte tokens"):
+        assert text in md, (text, md)
+    head, rows = table_rows(md)
+    assert head == "| | helpful | harmless | truthful | overall |", head
+    assert list(rows)[:2] == [f"baseline ({b})", f"MORA ({m})"], rows
+    assert "untrained" not in md
+    # policy checkpoints: one inside the MORA run is that run's; a copy elsewhere is of no known run
+    copy = tmp_path / "policy.ckpt"
+    shutil.copy(want["model"], copy)
+    run(["eval", "--model", want["model"], "--baseline", copy, "--prompts", tiny / "prompts.jsonl", "--samples", "1",
+         "--reference", ref, "--out", tmp_path / "e2"])
+    rep = json.loads((tmp_path / "e2" / "report.json").read_text())
+    assert (rep["model_label"], rep["model_kind"], rep["model_run"]) == (f"MORA ({want['model']})", "MORA", str(m))
+    assert (rep["baseline_label"], rep["baseline_kind"], rep["baseline_run"]) == (str(copy), "checkpoint", None)
+    _, rows = table_rows((tmp_path / "e2" / "report.md").read_text())
+    assert list(rows)[:2] == [str(copy), f"MORA ({want['model']})"], rows
+
+
+def test_eval_marks_untrained_heads(tiny, pair, tmp_path):
+    """Heads trained on helpful pairs alone: the harmless and truthful heads are all zeros in the
+    file. eval marks them untrained in the table and leaves them out of overall: overall, its
+    standard error and improvement are recomputed here from the per-response rewards in
+    report.json over helpful alone. Heads with every head zero have no overall at all."""
+    m, b = pair
+    prefs = write_jsonl(tmp_path / "helpful.jsonl", [dict(prompt=p, chosen=c, rejected=r, dim=dim)
+                                                     for p, c, r, dim in PREFS if dim == "helpful"])
+    hd = tmp_path / "heads_h"
+    run(["reward", "--model", "llama:tiny", "--data", prefs, "--out", hd, "--epochs", "1", "--seed", "1337"])
+    h = read_heads(hd / "reward_heads.bin")
+    per_head = h["params"].reshape(3, -1)
+    zero = [d for d, p in zip(DIMS, per_head) if not p.any()]
+    assert zero == ["harmless", "truthful"] == json.loads((hd / "reward_metrics.json").read_text())["untrained"]
+    out = tmp_path / "e"
+    run(["eval", "--model", m, "--baseline", b, "--prompts", tiny / "prompts.jsonl", "--samples", "2", "--out", out,
+         "--heads", hd / "reward_heads.bin", "--reference", hd / "model.ckpt"])
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["untrained"] == zero and rep["overall_dims"] == ["helpful"]
+    assert rep["heads"] == str(hd / "reward_heads.bin")
+    assert rep["heads_fingerprint"] == f"{trunk_fingerprint(h['params']):016x}"
+    n = rep["n_prompts"]
+    for who in ("model", "baseline"):
+        raw = np.array([[r["raw"] for r in e["responses"]] for e in rep[f"{who}_examples"]], dtype=np.float64)
+        assert not raw[:, :, 1:].any()   # the zero heads score every response 0
+        helpful = raw[:, :, 0].mean(axis=1)   # each prompt's mean over its samples
+        assert rep[f"{who}_reward"]["overall"] == pytest.approx(helpful.mean(), abs=1e-9)
+        assert rep[f"{who}_reward"]["overall"] == pytest.approx(rep[f"{who}_reward"]["helpful"], abs=1e-12)
+        assert rep[f"{who}_reward_stderr"]["overall"] == pytest.approx(helpful.std(ddof=1) / math.sqrt(n), rel=1e-9)
+    mo, bo = rep["model_reward"]["overall"], rep["baseline_reward"]["overall"]
+    assert rep["improvement_pct"]["overall"] == pytest.approx(100 * (mo - bo) / abs(bo), rel=1e-9)
+    assert rep["improvement_pct"]["harmless"] is None and rep["improvement_pct"]["truthful"] is None
+    assert rep["difference"]["harmless"] is None and rep["difference"]["truthful"] is None
+    assert rep["difference"]["overall"]["mean"] == pytest.approx(mo - bo, abs=1e-9)
+    md = (out / "report.md").read_text()
+    head, rows = table_rows(md)
+    assert head == "| | helpful | harmless | truthful | overall (helpful) |", head
+    assert set(rows) == {f"baseline ({b})", f"MORA ({m})", "improvement", "difference (95% CI)"}, rows
+    for name, cells in rows.items():
+        assert cells[1:3] == ["untrained", "untrained"], (name, cells)
+        assert "untrained" not in (cells[0], cells[3]), (name, cells)
+    assert rows["improvement"][3] == f"{rep['improvement_pct']['overall']:+.1f}%"
+    assert "the harmless and truthful heads are untrained" in md and "left out of overall" in md
+    assert f"untrained: harmless and truthful" in md
+    # every head zero: nothing to average, no overall
+    zeros = tmp_path / "zeros.bin"
+    data = (hd / "reward_heads.bin").read_bytes()
+    zeros.write_bytes(data[:56] + bytes(len(data) - 56))
+    run(["eval", "--model", m, "--baseline", b, "--prompts", tiny / "prompts.jsonl", "--samples", "1", "--out",
+         tmp_path / "z", "--heads", zeros, "--reference", hd / "model.ckpt"])
+    rep = json.loads((tmp_path / "z" / "report.json").read_text())
+    assert rep["untrained"] == DIMS and rep["overall_dims"] == []
+    assert rep["model_reward"]["overall"] is None and rep["improvement_pct"]["overall"] is None
+    assert rep["difference"]["overall"] is None
+    _, rows = table_rows((tmp_path / "z" / "report.md").read_text())
+    assert all(cells == ["untrained"] * 4 for cells in rows.values()), rows
+
+
+def plot(*args):
+    return subprocess.run([sys.executable, str(ROOT / "dev" / "plot_run.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["missing baseline", "baseline is a reward directory", "baseline is a file",
+                                  "baseline metrics not JSON", "report not a report", "report not JSON", "out is a file",
+                                  "run missing", "stage out of range"])
+def test_plot_run_misuse_is_a_message(tiny, pair, tmp_path, case):
+    """dev/plot_run.py on input that is not what it takes: one line naming the input, exit 1, no
+    traceback, and before matplotlib is needed (it may not be installed)."""
+    m, b = pair
+    args, message = [m], None
+    if case == "missing baseline":
+        args += ["--baseline", tmp_path / "nothing"]
+        message = f"error: --baseline {tmp_path / 'nothing'}: no such directory"
+    elif case == "baseline is a reward directory":
+        args += ["--baseline", tiny / "heads"]
+        message = f"error: --baseline {tiny / 'heads'} has no pool.jsonl (not a train_mora mora run directory)"
+    elif case == "baseline is a file":
+        args += ["--baseline", tiny / "prompts.jsonl"]
+        message = f"error: --baseline {tiny / 'prompts.jsonl'}: not a directory"
+    elif case == "baseline metrics not JSON":
+        bad = tmp_path / "bad"
+        shutil.copytree(b, bad)
+        (bad / "metrics.jsonl").write_text("{\n")
+        args += ["--baseline", bad]
+        message = f"error: {bad / 'metrics.jsonl'}:1: not valid JSON"
+    elif case == "report not a report":
+        args += ["--report", tiny / "heads" / "reward_metrics.json"]
+        message = f"error: --report {tiny / 'heads' / 'reward_metrics.json'} is not an eval report.json (no \"model_reward\")"
+    elif case == "report not JSON":
+        args += ["--report", tiny / "prompts.jsonl"]
+        message = f"error: --report {tiny / 'prompts.jsonl'}: not valid JSON"
+    elif case == "out is a file":
+        args += ["--out", tiny / "prompts.jsonl"]
+        message = f"error: --out {tiny / 'prompts.jsonl'}: not a directory"
+    elif case == "run missing":
+        args = [tmp_path / "nothing"]
+        message = f"error: {tmp_path / 'nothing'}: no such directory"
+    elif case == "stage out of range":
+        args += ["--stage", "3"]
+        message = f"error: --stage 3: {m}/pool.jsonl has stage 0 only"
+    p = plot(*args)
+    assert p.returncode == 1 and message in p.stderr, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and "matplotlib" not in p.stderr, p.stderr
+
+
+# Runs dev/plot_run.py with Figure.savefig recording each figure's legend, tick labels and title
+# in FILE.json beside FILE.png.
+PLOT_SPY = r"""
+import json, runpy, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.figure
+save = matplotlib.figure.Figure.savefig
+def spy(self, path, *args, **kwargs):
+    with open(str(path) + ".json", "w") as f:
+        json.dump(dict(title=self._suptitle.get_text() if self._suptitle else "",
+                       legends=[[t.get_text() for t in ax.get_legend().get_texts()] for ax in self.axes if ax.get_legend()],
+                       xticks=[[t.get_text() for t in ax.get_xticklabels()] for ax in self.axes],
+                       yticks=[[t.get_text() for t in ax.get_yticklabels()] for ax in self.axes]), f)
+    return save(self, path, *args, **kwargs)
+matplotlib.figure.Figure.savefig = spy
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_plot_run_eval_png_labels_the_policies(tiny, pair, tmp_path):
+    """eval.png's bars carry the report's row labels (the run directories as given to eval here, not
+    "MORA" whatever --model was), its title the heads file; an untrained dimension has no bars."""
+    pytest.importorskip("matplotlib")
+    m, b = pair
+    prefs = write_jsonl(tmp_path / "helpful.jsonl", [dict(prompt=p, chosen=c, rejected=r, dim=dim)
+                                                     for p, c, r, dim in PREFS if dim == "helpful"])
+    hd = tmp_path / "heads_h"
+    run(["reward", "--model", "llama:tiny", "--data", prefs, "--out", hd, "--epochs", "1", "--seed", "1337"])
+    run(["eval", "--model", m, "--baseline", b, "--prompts", tiny / "prompts.jsonl", "--samples", "1", "--out",
+         tmp_path / "e", "--heads", hd / "reward_heads.bin", "--reference", hd / "model.ckpt"])
+    spy = tmp_path / "spy.py"
+    spy.write_text(PLOT_SPY)
+    p = subprocess.run([sys.executable, spy, ROOT / "dev" / "plot_run.py", m, "--baseline", b, "--report",
+                        tmp_path / "e" / "report.json", "--out", tmp_path / "plots"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    fig = json.loads((tmp_path / "plots" / "eval.png.json").read_text())
+    assert fig["legends"] == [[f"baseline ({b})", f"MORA ({m})"]], fig
+    assert str(hd / "reward_heads.bin") in fig["title"], fig
+    assert fig["xticks"][0] == ["helpful", "harmless\n(untrained)", "truthful\n(untrained)", "overall\n(helpful)"], fig
+    rewards = json.loads((tmp_path / "plots" / "rewards.png.json").read_text())
+    assert rewards["legends"][0] == [m.name, b.name], rewards
