@@ -1,10 +1,12 @@
 /*
  * Checkpoint formats (see checkpoint.h): native, llm.c .bin, Hugging Face safetensors and GGUF.
  *
- * Every loader reads a config first, calls model_init (which validates it), then fills the
- * parameter buffer tensor by tensor. A tensor is always checked for presence and shape before
- * it is read, so a wrong file ends in "PATH: missing tensor NAME" or "PATH: tensor NAME has shape
- * [..], expected [..]" rather than in garbage weights.
+ * Every loader reads a config first, lays the model out (model_layout, which validates it),
+ * checks the file against that layout (every tensor's presence and shape, no tensor left
+ * unused; the file size for llm.c and native files), and only then calls model_init and fills
+ * the parameter buffer tensor by tensor. So a wrong file ends in "PATH: missing tensor NAME" or
+ * "PATH: tensor NAME has shape [..], expected [..]" rather than in garbage weights or in a
+ * failed allocation of what a wrong config asks for.
  *
  * The Hugging Face and GGUF names are produced from one table per family (hf_tensor_table,
  * gguf_tensor_table): a name, the shape the file stores, and where the tensor lives in the
@@ -306,17 +308,21 @@ static void load_native(Model *model, const char *path, TrainState *state) {
     memcpy(&c.rope_theta, &h[H_ROPE_THETA], 4);
     c.tied_embeddings = h[H_TIED];
     c.qkv_bias = h[H_QKV_BIAS];
-    model_init(model, &c, path);
+    // the header's count and the file size are checked against the config before anything is
+    // allocated, so a damaged header is named as such rather than as a failed allocation
+    Model layout;
+    model_layout(&layout, &c, path);
     uint64_t n_params = (uint64_t)(uint32_t)h[H_NPARAMS_LO] | ((uint64_t)(uint32_t)h[H_NPARAMS_HI] << 32);
-    if (n_params != model->num_parameters)
-        fatal("%s: header says %llu parameters, its config gives %zu", path, (unsigned long long)n_params, model->num_parameters);
+    if (n_params != layout.num_parameters)
+        fatal("%s: header says %llu parameters, its config gives %zu", path, (unsigned long long)n_params, layout.num_parameters);
     int with_opt = (h[H_FLAGS] & NATIVE_FLAG_OPTIMIZER) != 0;
     // the file size must match exactly: a short file is truncated, a long one is not ours
     if (fseek(f, 0, SEEK_END) != 0) fatal("%s: cannot seek", path);
     long size = ftell(f);
-    uint64_t expected = NATIVE_HEADER_INTS * 4 + (uint64_t)model->num_parameters * 4 * (with_opt ? 3 : 1);
+    uint64_t expected = NATIVE_HEADER_INTS * 4 + (uint64_t)layout.num_parameters * 4 * (with_opt ? 3 : 1);
     if ((uint64_t)size < expected) fatal("%s: truncated file (%ld bytes, expected %llu)", path, size, (unsigned long long)expected);
     if ((uint64_t)size > expected) fatal("%s: %llu trailing bytes after the checkpoint data", path, (unsigned long long)((uint64_t)size - expected));
+    model_init(model, &c, path);
     fseek(f, NATIVE_HEADER_INTS * 4, SEEK_SET);
     fread_check(model->params, sizeof(float), model->num_parameters, f, path, "parameters");
     if (with_opt) {
@@ -363,12 +369,21 @@ static void load_llmc_bin(Model *model, const char *path) {
     c.rope_theta = 10000.0f;
     c.tied_embeddings = 1;
     c.qkv_bias = 1;
-    model_init(model, &c, path);
+    // the size must match the header's config exactly, checked before anything is allocated: a
+    // short file is truncated; a long one is not what the header says (a version 5 header on
+    // fp32 data would otherwise be read as bf16 garbage)
+    Model layout;
+    model_layout(&layout, &c, path);
     size_t elem = version == 3 ? 4 : 2;
     if (fseek(f, 0, SEEK_END) != 0) fatal("%s: cannot seek", path);
     long size = ftell(f);
-    uint64_t expected = 256 * 4 + (uint64_t)model->num_parameters * elem;
+    uint64_t expected = 256 * 4 + (uint64_t)layout.num_parameters * elem;
     if ((uint64_t)size < expected) fatal("%s: truncated file (%ld bytes, the header's config needs %llu)", path, size, (unsigned long long)expected);
+    if ((uint64_t)size > expected)
+        fatal("%s: %llu trailing bytes after the checkpoint data (the file has %ld bytes, the header's config "
+              "(version %d, %s) needs %llu)", path, (unsigned long long)((uint64_t)size - expected), size, version,
+              version == 3 ? "fp32" : "bf16", (unsigned long long)expected);
+    model_init(model, &c, path);
     fseek(f, 256 * 4, SEEK_SET);
     if (version == 3) {
         fread_check(model->params, sizeof(float), model->num_parameters, f, path, "fp32 parameters");
