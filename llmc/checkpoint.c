@@ -431,9 +431,111 @@ static int json_bool(const cJSON *root, const char *key, int def, const char *pa
     return cJSON_IsTrue(item);
 }
 
+// A head count read from config.json, checked before anything divides by it.
+static int hf_heads(const cJSON *root, const char *key, int def, int required, const char *path) {
+    int n = json_int(root, key, def, required, path);
+    if (n <= 0) fatal("%s: field \"%s\" is %d; a head count must be positive", path, key, n);
+    return n;
+}
+
+// The RoPE base. transformers 4 writes "rope_theta" at the top level and "rope_scaling" for a
+// scaled RoPE; transformers 5 writes both into "rope_parameters" ({"rope_theta", "rope_type",
+// ...}) and no top-level rope_theta. A rope_type other than "default" (llama3, yarn, linear,
+// dynamic, ...) in either object scales the frequencies, and a partial_rotary_factor below 1
+// rotates part of each head: neither is implemented here, so both are refused, naming the field.
+static float hf_read_rope(const cJSON *root, const char *path) {
+    static const char *const objects[2] = {"rope_scaling", "rope_parameters"};
+    for (int i = 0; i < 2; i++) {
+        const cJSON *o = json_get(root, objects[i]);
+        if (o == NULL) continue;
+        if (!cJSON_IsObject(o)) fatal("%s: field \"%s\" must be an object", path, objects[i]);
+        const char *type_key = json_get(o, "rope_type") ? "rope_type" : "type";
+        const cJSON *type = json_get(o, type_key);
+        if (type == NULL) {
+            const cJSON *child;
+            cJSON_ArrayForEach(child, o)
+                if (cJSON_IsObject(child))
+                    fatal("%s: field \"%s\" holds RoPE parameters per layer type (\"%s\"); this model has one "
+                          "plain RoPE for every layer", path, objects[i], child->string);
+            if (i == 0 && cJSON_GetArraySize(o) > 0)
+                fatal("%s: field \"rope_scaling\" is set without a rope_type; this model implements plain RoPE only", path);
+        } else if (!cJSON_IsString(type)) {
+            fatal("%s: field \"%s.%s\" must be a string", path, objects[i], type_key);
+        } else if (strcmp(type->valuestring, "default") != 0) {
+            fatal("%s: field \"%s.%s\" is \"%s\": scaled RoPE is not implemented; this model computes plain RoPE "
+                  "(rope_type \"default\") only", path, objects[i], type_key, type->valuestring);
+        }
+        if (json_num(o, "partial_rotary_factor", 1.0, path) != 1.0)
+            fatal("%s: field \"%s.partial_rotary_factor\" is %g: this model rotates whole heads", path, objects[i],
+                  json_num(o, "partial_rotary_factor", 1.0, path));
+    }
+    if (json_num(root, "partial_rotary_factor", 1.0, path) != 1.0)
+        fatal("%s: field \"partial_rotary_factor\" is %g: this model rotates whole heads", path,
+              json_num(root, "partial_rotary_factor", 1.0, path));
+    double theta = json_num(root, "rope_theta", 10000.0, path);
+    const cJSON *params = json_get(root, "rope_parameters");
+    if (params && json_get(params, "rope_theta")) {
+        double inner = json_num(params, "rope_theta", 0.0, path);
+        if (json_get(root, "rope_theta") && (float)inner != (float)theta)
+            fatal("%s: field \"rope_theta\" (%g) and \"rope_parameters.rope_theta\" (%g) disagree", path, theta, inner);
+        theta = inner;
+    }
+    return (float)theta;
+}
+
+// Sliding-window attention: Mistral's "sliding_window" (every layer), Qwen2's "sliding_window"
+// when "use_sliding_window" is true (the layers from "max_window_layers" on; transformers 5 lists
+// them in "layer_types"). There position t attends to the last W positions only; this model
+// attends to the whole prefix, which is the same computation for sequences of up to W tokens.
+// So when the window is active and shorter than max_position_embeddings the model's context
+// (max_seq_len) becomes W, with a note naming the file and the field. Returns the context.
+static int hf_window_context(const cJSON *root, const char *model_type, int n_layer, int max_seq_len, const char *path) {
+    int mistral = strcmp(model_type, "mistral") == 0, qwen2 = strcmp(model_type, "qwen2") == 0;
+    if (!mistral && !qwen2) return max_seq_len;
+    // absent: transformers' default for both, 4096; null: no window
+    int absent = cJSON_GetObjectItemCaseSensitive(root, "sliding_window") == NULL;
+    int window = json_int(root, "sliding_window", absent ? 4096 : 0, 0, path);
+    if (window < 0) fatal("%s: field \"sliding_window\" is %d; it must be positive (or null)", path, window);
+    if (window == 0) return max_seq_len;
+    const char *field = "sliding_window";
+    if (qwen2) {
+        if (!json_bool(root, "use_sliding_window", 0, path)) return max_seq_len;
+        field = "sliding_window (with use_sliding_window true)";
+        const cJSON *types = json_get(root, "layer_types");
+        int sliding = 0;
+        if (cJSON_IsArray(types)) {
+            const cJSON *t;
+            cJSON_ArrayForEach(t, types) sliding |= cJSON_IsString(t) && strcmp(t->valuestring, "sliding_attention") == 0;
+        } else {
+            sliding = json_int(root, "max_window_layers", 28, 0, path) < n_layer;  // transformers' default 28
+        }
+        if (!sliding) return max_seq_len;
+    }
+    if (window >= max_seq_len) return max_seq_len;
+    fprintf(stderr, "note: %s: %s sets a sliding attention window of %d tokens, shorter than max_position_embeddings "
+            "%d; this model attends to the whole prefix, which is exact for up to %d tokens, so its context is %d tokens\n",
+            path, field, window, max_seq_len, window, window);
+    return window;
+}
+
+// The classifier: tie_word_embeddings true, or a lm_head.weight in the checkpoint (untied).
+// tie_word_embeddings false without lm_head.weight is an error: transformers would start that
+// head from random values. With the field absent and no lm_head.weight the embedding is the
+// classifier (older Llama-family exports leave the field out). default_tie is transformers'
+// default for the family (GPT-2 true, the Llama family false).
+static int hf_tied(const cJSON *root, const SafetensorsSet *set, int default_tie, const char *path) {
+    int has_head = safetensors_set_find(set, "lm_head.weight", NULL) != NULL;
+    int given = json_get(root, "tie_word_embeddings") != NULL;
+    int tie = json_bool(root, "tie_word_embeddings", default_tie, path);
+    if (tie) return 1;
+    if (has_head) return 0;
+    if (given) fatal("%s: tie_word_embeddings is false but the checkpoint has no lm_head.weight (its classifier)", path);
+    return 1;
+}
+
 // Reads config.json into a ModelConfig (GPT-2 or the Llama family by model_type). set is the
-// checkpoint's tensors: an absent lm_head means tied embeddings. Fields that change the
-// computation in ways this model does not implement are refused.
+// checkpoint's tensors (for lm_head.weight and biases). Fields that change the computation in
+// ways this model does not implement are refused.
 static void hf_read_config(const char *config_path, ModelConfig *c, const SafetensorsSet *set) {
     char *text = read_file_all(config_path, NULL);
     cJSON *root = cJSON_Parse(text);
@@ -446,7 +548,7 @@ static void hf_read_config(const char *config_path, ModelConfig *c, const Safete
         c->arch = ARCH_GPT2;
         c->n_embd = json_int(root, "n_embd", 0, 1, config_path);
         c->n_layer = json_int(root, "n_layer", 0, 1, config_path);
-        c->n_head = json_int(root, "n_head", 0, 1, config_path);
+        c->n_head = hf_heads(root, "n_head", 0, 1, config_path);
         c->vocab_size = json_int(root, "vocab_size", 0, 1, config_path);
         c->max_seq_len = json_int(root, "n_positions", json_int(root, "n_ctx", 0, 0, config_path), 0, config_path);
         if (c->max_seq_len == 0) fatal("%s: missing field \"n_positions\"", config_path);
@@ -456,7 +558,7 @@ static void hf_read_config(const char *config_path, ModelConfig *c, const Safete
         require_heads_divide(config_path, "n_embd", c->n_embd, "n_head", c->n_head);
         c->head_dim = c->n_embd / c->n_head;
         c->rope_theta = 10000.0f;
-        c->tied_embeddings = 1;
+        c->tied_embeddings = hf_tied(root, set, 1, config_path);
         c->qkv_bias = 1;
         const cJSON *act = json_get(root, "activation_function");
         if (act && (!cJSON_IsString(act) || (strcmp(act->valuestring, "gelu_new") != 0 &&
@@ -468,27 +570,24 @@ static void hf_read_config(const char *config_path, ModelConfig *c, const Safete
         c->arch = ARCH_LLAMA;
         c->n_embd = json_int(root, "hidden_size", 0, 1, config_path);
         c->n_layer = json_int(root, "num_hidden_layers", 0, 1, config_path);
-        c->n_head = json_int(root, "num_attention_heads", 0, 1, config_path);
-        c->n_kv_head = json_int(root, "num_key_value_heads", c->n_head, 0, config_path);
+        c->n_head = hf_heads(root, "num_attention_heads", 0, 1, config_path);
+        c->n_kv_head = hf_heads(root, "num_key_value_heads", c->n_head, 0, config_path);
         c->ffn_hidden = json_int(root, "intermediate_size", 0, 1, config_path);
         c->vocab_size = json_int(root, "vocab_size", 0, 1, config_path);
         c->max_seq_len = json_int(root, "max_position_embeddings", 2048, 0, config_path);
+        c->max_seq_len = hf_window_context(root, model_type, c->n_layer, c->max_seq_len, config_path);
         c->norm_eps = (float)json_num(root, "rms_norm_eps", 1e-6, config_path);
-        c->rope_theta = (float)json_num(root, "rope_theta", 10000.0, config_path);
+        c->rope_theta = hf_read_rope(root, config_path);
         if (json_get(root, "head_dim") == NULL)
             require_heads_divide(config_path, "hidden_size", c->n_embd, "num_attention_heads", c->n_head);
         c->head_dim = json_int(root, "head_dim", c->n_embd / c->n_head, 0, config_path);
         c->qkv_bias = strcmp(model_type, "qwen2") == 0 || json_bool(root, "attention_bias", 0, config_path);
-        if (json_get(root, "rope_scaling") != NULL)
-            fatal("%s: rope_scaling is set; this model implements plain RoPE only", config_path);
         if (json_bool(root, "mlp_bias", 0, config_path))
             fatal("%s: mlp_bias is true; this model's SwiGLU MLP has no biases", config_path);
         const cJSON *act = json_get(root, "hidden_act");
         if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu") != 0))
             fatal("%s: hidden_act %s is not supported (silu is)", config_path, cJSON_IsString(act) ? act->valuestring : "?");
-        // lm_head absent, or tie_word_embeddings: the classifier is the embedding
-        int tie = json_bool(root, "tie_word_embeddings", 0, config_path);
-        c->tied_embeddings = tie || safetensors_set_find(set, "lm_head.weight", NULL) == NULL;
+        c->tied_embeddings = hf_tied(root, set, 0, config_path);
         if (safetensors_set_find(set, "model.layers.0.self_attn.o_proj.bias", NULL) != NULL)
             fatal("%s: the checkpoint has an o_proj bias, which this model does not have", config_path);
     } else {
@@ -690,8 +789,11 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
     c.n_layer = gguf_hparam(g, arch, "block_count", 0, 1);
     c.n_embd = gguf_hparam(g, arch, "embedding_length", 0, 1);
     c.ffn_hidden = gguf_hparam(g, arch, "feed_forward_length", 0, 1);
+    // head counts are checked before anything divides by them
     c.n_head = gguf_hparam(g, arch, "attention.head_count", 0, 1);
+    if (c.n_head <= 0) fatal("%s: metadata %s.attention.head_count is %d; a head count must be positive", path, arch, c.n_head);
     c.n_kv_head = gguf_hparam(g, arch, "attention.head_count_kv", c.n_head, 0);
+    if (c.n_kv_head <= 0) fatal("%s: metadata %s.attention.head_count_kv is %d; a head count must be positive", path, arch, c.n_kv_head);
     c.max_seq_len = gguf_hparam(g, arch, "context_length", 0, 1);
     snprintf(key, sizeof(key), "%s.attention.key_length", arch);
     if (c.arch == ARCH_GPT2 || gguf_find(g, key) == NULL)
