@@ -604,6 +604,63 @@ static void chat_template_from_text(const char *text, char *out, size_t size) {
     snprintf(out, size, "%s", t ? chat_template_name(t) : "");
 }
 
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+// Whether the table has a tensor of this name (GPT-2 HF names compared without "transformer."
+// when the file leaves the prefix out).
+static int table_has(const TensorTable *t, const char *name, int strip_prefix) {
+    for (int i = 0; i < t->n; i++) {
+        const char *e = t->entries[i].name;
+        if (strip_prefix && strncmp(e, "transformer.", 12) == 0) e += 12;
+        if (strcmp(e, name) == 0) return 1;
+    }
+    return 0;
+}
+
+// Tensors of a file that the config's model does not use, collected and reported together: a
+// config with fewer layers than the file, or a checkpoint of another kind (the score.weight of a
+// sequence-classification model), would otherwise lose them without a word.
+typedef struct {
+    int n;
+    char first[320];
+} UnusedTensors;
+
+static void unused_add(UnusedTensors *u, const char *name) {
+    size_t at = strlen(u->first);
+    if (u->n < 3 && at + strlen(name) + 3 < sizeof(u->first))
+        snprintf(u->first + at, sizeof(u->first) - at, "%s%s", u->n ? ", " : "", name);
+    u->n++;
+}
+
+static void unused_report(const UnusedTensors *u, const char *path, const char *config_source) {
+    if (u->n == 0) return;
+    char more[64] = "";
+    if (u->n > 3) snprintf(more, sizeof more, " and %d more", u->n - 3);
+    fatal("%s: %d tensor%s not part of the model %s describes: %s%s. Either the config is wrong (layer "
+          "count, tied embeddings) or the checkpoint is of another kind (a classification head such as "
+          "score.weight); refusing to drop them", path, u->n, u->n == 1 ? " is" : "s are", config_source,
+          u->first, more);
+}
+
+// Whether a sharded set's index file lists name (a file name without directory) as a shard.
+static int index_lists_shard(const char *index, const char *name) {
+    char *text = read_file_all(index, NULL);
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    const cJSON *map = root ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
+    int found = 0;
+    const cJSON *item;
+    if (cJSON_IsObject(map))
+        cJSON_ArrayForEach(item, map) found |= cJSON_IsString(item) && strcmp(item->valuestring, name) == 0;
+    cJSON_Delete(root);
+    return found;
+}
+
+// path: a directory, a .safetensors file with config.json beside it, or a sharded set's
+// *.safetensors.index.json. One shard of a sharded set is refused (it holds part of the tensors).
 static void load_hf(Model *model, const char *path, CheckpointInfo *info) {
     char dir[4096];
     if (is_directory(path)) {
@@ -612,6 +669,12 @@ static void load_hf(Model *model, const char *path, CheckpointInfo *info) {
         snprintf(dir, sizeof(dir), "%s", path);
         char *slash = strrchr(dir, '/');
         if (slash) *slash = '\0'; else snprintf(dir, sizeof(dir), ".");
+        char index[4200];
+        snprintf(index, sizeof(index), "%s/model.safetensors.index.json", dir);
+        const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+        if (!ends_with(path, ".index.json") && is_file(index) && index_lists_shard(index, base))
+            fatal("%s is one shard of a sharded checkpoint (%s lists its files): pass the directory %s, or the index file",
+                  path, index, dir);
     }
     char config_path[4200], extra[4200];
     snprintf(config_path, sizeof(config_path), "%s/config.json", dir);
@@ -619,13 +682,15 @@ static void load_hf(Model *model, const char *path, CheckpointInfo *info) {
     SafetensorsSet *set = safetensors_open_set(path);
     ModelConfig c;
     hf_read_config(config_path, &c, set);
-    model_init(model, &c, config_path);
 
+    // Every tensor is checked for presence and shape against the config, and every tensor of the
+    // files for a use, before the parameters are allocated: a config that does not describe
+    // the file is named as such, not as a failed allocation of what it asks for.
+    Model layout;
+    model_layout(&layout, &c, config_path);
     // GPT-2 files name tensors with or without the "transformer." prefix
     int strip_prefix = c.arch == ARCH_GPT2 && safetensors_set_find(set, "transformer.wte.weight", NULL) == NULL;
-    TensorTable table = hf_tensor_table(model);
-    float *scratch = NULL;
-    size_t scratch_size = 0;
+    TensorTable table = hf_tensor_table(&layout);
     for (int i = 0; i < table.n; i++) {
         const TensorEntry *e = &table.entries[i];
         const char *name = e->name;
@@ -637,6 +702,32 @@ static void load_hf(Model *model, const char *path, CheckpointInfo *info) {
         if (t->n_dims != e->n_dims || t->shape[0] != e->shape[0] || (e->n_dims == 2 && t->shape[1] != e->shape[1]))
             fatal("%s: tensor %s has shape %s, expected %s", file->path, name,
                   shape_str(got, sizeof(got), t->n_dims, t->shape), shape_str(want, sizeof(want), e->n_dims, e->shape));
+    }
+    UnusedTensors unused = {0};
+    for (int f = 0; f < set->n_files; f++)
+        for (int i = 0; i < set->files[f]->n_tensors; i++) {
+            const char *name = set->files[f]->tensors[i].name;
+            // known buffers that are not parameters: GPT-2's causal masks, Llama's RoPE frequencies;
+            // and the copy of the embedding some files keep as lm_head.weight of a tied model
+            if (table_has(&table, name, strip_prefix) ||
+                (c.arch == ARCH_GPT2 && (ends_with(name, ".attn.bias") || ends_with(name, ".attn.masked_bias"))) ||
+                ends_with(name, "rotary_emb.inv_freq") || (c.tied_embeddings && strcmp(name, "lm_head.weight") == 0))
+                continue;
+            unused_add(&unused, name);
+        }
+    unused_report(&unused, path, config_path);
+    free(table.entries);
+
+    model_init(model, &c, config_path);
+    table = hf_tensor_table(model);
+    float *scratch = NULL;
+    size_t scratch_size = 0;
+    for (int i = 0; i < table.n; i++) {
+        const TensorEntry *e = &table.entries[i];
+        const char *name = e->name;
+        if (strip_prefix && strncmp(name, "transformer.", 12) == 0) name += 12;
+        const SafetensorsFile *file;
+        const SafetensorsTensor *t = safetensors_set_find(set, name, &file);  // present and shaped: checked above
         float *dst = model->params + e->offset;
         if (!e->transpose) { safetensors_read_f32(file, t, dst); continue; }
         if (scratch_size < t->n_elements) {
@@ -837,11 +928,11 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
             memcmp(g->map + g->data_offset + emb->offset, g->map + g->data_offset + out->offset, nbytes) == 0)
             c.tied_embeddings = 1;
     }
-    model_init(model, &c, path);
-
-    TensorTable table = gguf_tensor_table(model, arch);
-    float *scratch = NULL;
-    size_t scratch_size = 0;
+    // every tensor checked (presence, type, shape) and every tensor of the file given a use
+    // before the parameters are allocated, as for Hugging Face files
+    Model layout;
+    model_layout(&layout, &c, path);
+    TensorTable table = gguf_tensor_table(&layout, arch);
     for (int i = 0; i < table.n; i++) {
         const TensorEntry *e = &table.entries[i];
         const GGUFTensorInfo *t = gguf_find_tensor(g, e->name);
@@ -856,6 +947,24 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
         if (t->n_dims != e->n_dims || shape[0] != e->shape[0] || (e->n_dims == 2 && shape[1] != e->shape[1]))
             fatal("%s: tensor %s has shape %s, expected %s", path, e->name, shape_str(got, sizeof(got), t->n_dims, shape),
                   shape_str(want, sizeof(want), e->n_dims, e->shape));
+    }
+    UnusedTensors unused = {0};
+    for (int64_t i = 0; i < g->n_tensors; i++) {
+        const char *name = g->tensors[i].name;
+        // a tied GPT-2's output.weight repeats token_embd (see above)
+        if (!table_has(&table, name, 0) && !(c.tied_embeddings && strcmp(name, "output.weight") == 0))
+            unused_add(&unused, name);
+    }
+    unused_report(&unused, path, "its metadata");
+    free(table.entries);
+
+    model_init(model, &c, path);
+    table = gguf_tensor_table(model, arch);
+    float *scratch = NULL;
+    size_t scratch_size = 0;
+    for (int i = 0; i < table.n; i++) {
+        const TensorEntry *e = &table.entries[i];
+        const GGUFTensorInfo *t = gguf_find_tensor(g, e->name);  // present, typed and shaped: checked above
         float *dst = model->params + e->offset;
         if (!e->permute_heads) { gguf_dequantize(g, t, dst); continue; }
         if ((e->shape[0] / e->permute_heads) % 2 != 0)
