@@ -1028,6 +1028,39 @@ static void native_info_from_run(const char *path, CheckpointInfo *info) {
     cJSON_Delete(root);
 }
 
+// A train_mora run directory (pretrain, reward's trunk, mora: checkpoints named by latest.txt,
+// the convention of run_dir.h, read here without it so that this file needs no MPI): returns
+// DIR/NAME of the newest checkpoint, or NULL when dir is not one. A directory that holds Hugging
+// Face weights is a Hugging Face checkpoint whatever else it holds. A run's config.json (it has
+// a "command" field) without latest.txt is a run with no checkpoint yet.
+static char *run_dir_latest_checkpoint(const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (is_file(path)) return NULL;
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    if (is_file(path)) return NULL;
+    snprintf(path, sizeof path, "%s/latest.txt", dir);
+    if (!is_file(path)) {
+        snprintf(path, sizeof path, "%s/config.json", dir);
+        if (!is_file(path)) return NULL;
+        char *text = read_file_all(path, NULL);
+        cJSON *root = cJSON_Parse(text);
+        free(text);
+        int is_run = root && cJSON_IsString(json_get(root, "command"));
+        cJSON_Delete(root);
+        if (is_run) fatal("%s is a train_mora run directory with no checkpoint yet (no latest.txt)", dir);
+        return NULL;
+    }
+    char *name = read_file_all(path, NULL);
+    name[strcspn(name, "\r\n")] = '\0';
+    if (name[0] == '\0') fatal("%s: empty (expected a checkpoint file name)", path);
+    char *full = (char *)mallocCheck(strlen(dir) + strlen(name) + 2);
+    sprintf(full, "%s/%s", dir, name);
+    if (!is_file(full)) fatal("%s names %s, which is not a file", path, full);
+    free(name);
+    return full;
+}
+
 static void load_any(Model *model, const char *path, TrainState *state, CheckpointInfo *info) {
     CheckpointInfo local_info;
     if (info == NULL) info = &local_info;
@@ -1036,6 +1069,14 @@ static void load_any(Model *model, const char *path, TrainState *state, Checkpoi
     struct stat st;
     if (stat(path, &st) != 0) fatal("cannot open %s: %s", path, strerror(errno));
     if (S_ISDIR(st.st_mode)) {
+        char *latest = run_dir_latest_checkpoint(path);
+        if (latest) {
+            fprintf(stderr, "note: %s is a train_mora run directory: loading its latest checkpoint %s (named by latest.txt)\n",
+                    path, latest);
+            load_any(model, latest, state, info);  // a file: no further recursion
+            free(latest);
+            return;
+        }
         info->format = CKPT_SAFETENSORS;
         load_hf(model, path, info);
         return;
@@ -1058,7 +1099,8 @@ static void load_any(Model *model, const char *path, TrainState *state, Checkpoi
         info->format = CKPT_NATIVE;
         load_native(model, path, state);
         native_info_from_run(path, info);
-    } else if ((got == 9 && head[8] == '{') || (len >= 12 && strcmp(path + len - 12, ".safetensors") == 0)) {
+    } else if ((got == 9 && head[8] == '{') || (len >= 12 && strcmp(path + len - 12, ".safetensors") == 0) ||
+               ends_with(path, ".safetensors.index.json")) {
         info->format = CKPT_SAFETENSORS;
         load_hf(model, path, info);
     } else {
