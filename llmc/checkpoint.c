@@ -1,10 +1,12 @@
 /*
  * Checkpoint formats (see checkpoint.h): native, llm.c .bin, Hugging Face safetensors and GGUF.
  *
- * Every loader reads a config first, calls model_init (which validates it), then fills the
- * parameter buffer tensor by tensor. A tensor is always checked for presence and shape before
- * it is read, so a wrong file ends in "PATH: missing tensor NAME" or "PATH: tensor NAME has shape
- * [..], expected [..]" rather than in garbage weights.
+ * Every loader reads a config first, lays the model out (model_layout, which validates it),
+ * checks the file against that layout (every tensor's presence and shape, no tensor left
+ * unused; the file size for llm.c and native files), and only then calls model_init and fills
+ * the parameter buffer tensor by tensor. So a wrong file ends in "PATH: missing tensor NAME" or
+ * "PATH: tensor NAME has shape [..], expected [..]" rather than in garbage weights or in a
+ * failed allocation of what a wrong config asks for.
  *
  * The Hugging Face and GGUF names are produced from one table per family (hf_tensor_table,
  * gguf_tensor_table): a name, the shape the file stores, and where the tensor lives in the
@@ -306,17 +308,21 @@ static void load_native(Model *model, const char *path, TrainState *state) {
     memcpy(&c.rope_theta, &h[H_ROPE_THETA], 4);
     c.tied_embeddings = h[H_TIED];
     c.qkv_bias = h[H_QKV_BIAS];
-    model_init(model, &c, path);
+    // the header's count and the file size are checked against the config before anything is
+    // allocated, so a damaged header is named as such rather than as a failed allocation
+    Model layout;
+    model_layout(&layout, &c, path);
     uint64_t n_params = (uint64_t)(uint32_t)h[H_NPARAMS_LO] | ((uint64_t)(uint32_t)h[H_NPARAMS_HI] << 32);
-    if (n_params != model->num_parameters)
-        fatal("%s: header says %llu parameters, its config gives %zu", path, (unsigned long long)n_params, model->num_parameters);
+    if (n_params != layout.num_parameters)
+        fatal("%s: header says %llu parameters, its config gives %zu", path, (unsigned long long)n_params, layout.num_parameters);
     int with_opt = (h[H_FLAGS] & NATIVE_FLAG_OPTIMIZER) != 0;
     // the file size must match exactly: a short file is truncated, a long one is not ours
     if (fseek(f, 0, SEEK_END) != 0) fatal("%s: cannot seek", path);
     long size = ftell(f);
-    uint64_t expected = NATIVE_HEADER_INTS * 4 + (uint64_t)model->num_parameters * 4 * (with_opt ? 3 : 1);
+    uint64_t expected = NATIVE_HEADER_INTS * 4 + (uint64_t)layout.num_parameters * 4 * (with_opt ? 3 : 1);
     if ((uint64_t)size < expected) fatal("%s: truncated file (%ld bytes, expected %llu)", path, size, (unsigned long long)expected);
     if ((uint64_t)size > expected) fatal("%s: %llu trailing bytes after the checkpoint data", path, (unsigned long long)((uint64_t)size - expected));
+    model_init(model, &c, path);
     fseek(f, NATIVE_HEADER_INTS * 4, SEEK_SET);
     fread_check(model->params, sizeof(float), model->num_parameters, f, path, "parameters");
     if (with_opt) {
@@ -363,12 +369,21 @@ static void load_llmc_bin(Model *model, const char *path) {
     c.rope_theta = 10000.0f;
     c.tied_embeddings = 1;
     c.qkv_bias = 1;
-    model_init(model, &c, path);
+    // the size must match the header's config exactly, checked before anything is allocated: a
+    // short file is truncated; a long one is not what the header says (a version 5 header on
+    // fp32 data would otherwise be read as bf16 garbage)
+    Model layout;
+    model_layout(&layout, &c, path);
     size_t elem = version == 3 ? 4 : 2;
     if (fseek(f, 0, SEEK_END) != 0) fatal("%s: cannot seek", path);
     long size = ftell(f);
-    uint64_t expected = 256 * 4 + (uint64_t)model->num_parameters * elem;
+    uint64_t expected = 256 * 4 + (uint64_t)layout.num_parameters * elem;
     if ((uint64_t)size < expected) fatal("%s: truncated file (%ld bytes, the header's config needs %llu)", path, size, (unsigned long long)expected);
+    if ((uint64_t)size > expected)
+        fatal("%s: %llu trailing bytes after the checkpoint data (the file has %ld bytes, the header's config "
+              "(version %d, %s) needs %llu)", path, (unsigned long long)((uint64_t)size - expected), size, version,
+              version == 3 ? "fp32" : "bf16", (unsigned long long)expected);
+    model_init(model, &c, path);
     fseek(f, 256 * 4, SEEK_SET);
     if (version == 3) {
         fread_check(model->params, sizeof(float), model->num_parameters, f, path, "fp32 parameters");
@@ -416,9 +431,111 @@ static int json_bool(const cJSON *root, const char *key, int def, const char *pa
     return cJSON_IsTrue(item);
 }
 
+// A head count read from config.json, checked before anything divides by it.
+static int hf_heads(const cJSON *root, const char *key, int def, int required, const char *path) {
+    int n = json_int(root, key, def, required, path);
+    if (n <= 0) fatal("%s: field \"%s\" is %d; a head count must be positive", path, key, n);
+    return n;
+}
+
+// The RoPE base. transformers 4 writes "rope_theta" at the top level and "rope_scaling" for a
+// scaled RoPE; transformers 5 writes both into "rope_parameters" ({"rope_theta", "rope_type",
+// ...}) and no top-level rope_theta. A rope_type other than "default" (llama3, yarn, linear,
+// dynamic, ...) in either object scales the frequencies, and a partial_rotary_factor below 1
+// rotates part of each head: neither is implemented here, so both are refused, naming the field.
+static float hf_read_rope(const cJSON *root, const char *path) {
+    static const char *const objects[2] = {"rope_scaling", "rope_parameters"};
+    for (int i = 0; i < 2; i++) {
+        const cJSON *o = json_get(root, objects[i]);
+        if (o == NULL) continue;
+        if (!cJSON_IsObject(o)) fatal("%s: field \"%s\" must be an object", path, objects[i]);
+        const char *type_key = json_get(o, "rope_type") ? "rope_type" : "type";
+        const cJSON *type = json_get(o, type_key);
+        if (type == NULL) {
+            const cJSON *child;
+            cJSON_ArrayForEach(child, o)
+                if (cJSON_IsObject(child))
+                    fatal("%s: field \"%s\" holds RoPE parameters per layer type (\"%s\"); this model has one "
+                          "plain RoPE for every layer", path, objects[i], child->string);
+            if (i == 0 && cJSON_GetArraySize(o) > 0)
+                fatal("%s: field \"rope_scaling\" is set without a rope_type; this model implements plain RoPE only", path);
+        } else if (!cJSON_IsString(type)) {
+            fatal("%s: field \"%s.%s\" must be a string", path, objects[i], type_key);
+        } else if (strcmp(type->valuestring, "default") != 0) {
+            fatal("%s: field \"%s.%s\" is \"%s\": scaled RoPE is not implemented; this model computes plain RoPE "
+                  "(rope_type \"default\") only", path, objects[i], type_key, type->valuestring);
+        }
+        if (json_num(o, "partial_rotary_factor", 1.0, path) != 1.0)
+            fatal("%s: field \"%s.partial_rotary_factor\" is %g: this model rotates whole heads", path, objects[i],
+                  json_num(o, "partial_rotary_factor", 1.0, path));
+    }
+    if (json_num(root, "partial_rotary_factor", 1.0, path) != 1.0)
+        fatal("%s: field \"partial_rotary_factor\" is %g: this model rotates whole heads", path,
+              json_num(root, "partial_rotary_factor", 1.0, path));
+    double theta = json_num(root, "rope_theta", 10000.0, path);
+    const cJSON *params = json_get(root, "rope_parameters");
+    if (params && json_get(params, "rope_theta")) {
+        double inner = json_num(params, "rope_theta", 0.0, path);
+        if (json_get(root, "rope_theta") && (float)inner != (float)theta)
+            fatal("%s: field \"rope_theta\" (%g) and \"rope_parameters.rope_theta\" (%g) disagree", path, theta, inner);
+        theta = inner;
+    }
+    return (float)theta;
+}
+
+// Sliding-window attention: Mistral's "sliding_window" (every layer), Qwen2's "sliding_window"
+// when "use_sliding_window" is true (the layers from "max_window_layers" on; transformers 5 lists
+// them in "layer_types"). There position t attends to the last W positions only; this model
+// attends to the whole prefix, which is the same computation for sequences of up to W tokens.
+// So when the window is active and shorter than max_position_embeddings the model's context
+// (max_seq_len) becomes W, with a note naming the file and the field. Returns the context.
+static int hf_window_context(const cJSON *root, const char *model_type, int n_layer, int max_seq_len, const char *path) {
+    int mistral = strcmp(model_type, "mistral") == 0, qwen2 = strcmp(model_type, "qwen2") == 0;
+    if (!mistral && !qwen2) return max_seq_len;
+    // absent: transformers' default for both, 4096; null: no window
+    int absent = cJSON_GetObjectItemCaseSensitive(root, "sliding_window") == NULL;
+    int window = json_int(root, "sliding_window", absent ? 4096 : 0, 0, path);
+    if (window < 0) fatal("%s: field \"sliding_window\" is %d; it must be positive (or null)", path, window);
+    if (window == 0) return max_seq_len;
+    const char *field = "sliding_window";
+    if (qwen2) {
+        if (!json_bool(root, "use_sliding_window", 0, path)) return max_seq_len;
+        field = "sliding_window (with use_sliding_window true)";
+        const cJSON *types = json_get(root, "layer_types");
+        int sliding = 0;
+        if (cJSON_IsArray(types)) {
+            const cJSON *t;
+            cJSON_ArrayForEach(t, types) sliding |= cJSON_IsString(t) && strcmp(t->valuestring, "sliding_attention") == 0;
+        } else {
+            sliding = json_int(root, "max_window_layers", 28, 0, path) < n_layer;  // transformers' default 28
+        }
+        if (!sliding) return max_seq_len;
+    }
+    if (window >= max_seq_len) return max_seq_len;
+    fprintf(stderr, "note: %s: %s sets a sliding attention window of %d tokens, shorter than max_position_embeddings "
+            "%d; this model attends to the whole prefix, which is exact for up to %d tokens, so its context is %d tokens\n",
+            path, field, window, max_seq_len, window, window);
+    return window;
+}
+
+// The classifier: tie_word_embeddings true, or a lm_head.weight in the checkpoint (untied).
+// tie_word_embeddings false without lm_head.weight is an error: transformers would start that
+// head from random values. With the field absent and no lm_head.weight the embedding is the
+// classifier (older Llama-family exports leave the field out). default_tie is transformers'
+// default for the family (GPT-2 true, the Llama family false).
+static int hf_tied(const cJSON *root, const SafetensorsSet *set, int default_tie, const char *path) {
+    int has_head = safetensors_set_find(set, "lm_head.weight", NULL) != NULL;
+    int given = json_get(root, "tie_word_embeddings") != NULL;
+    int tie = json_bool(root, "tie_word_embeddings", default_tie, path);
+    if (tie) return 1;
+    if (has_head) return 0;
+    if (given) fatal("%s: tie_word_embeddings is false but the checkpoint has no lm_head.weight (its classifier)", path);
+    return 1;
+}
+
 // Reads config.json into a ModelConfig (GPT-2 or the Llama family by model_type). set is the
-// checkpoint's tensors: an absent lm_head means tied embeddings. Fields that change the
-// computation in ways this model does not implement are refused.
+// checkpoint's tensors (for lm_head.weight and biases). Fields that change the computation in
+// ways this model does not implement are refused.
 static void hf_read_config(const char *config_path, ModelConfig *c, const SafetensorsSet *set) {
     char *text = read_file_all(config_path, NULL);
     cJSON *root = cJSON_Parse(text);
@@ -431,7 +548,7 @@ static void hf_read_config(const char *config_path, ModelConfig *c, const Safete
         c->arch = ARCH_GPT2;
         c->n_embd = json_int(root, "n_embd", 0, 1, config_path);
         c->n_layer = json_int(root, "n_layer", 0, 1, config_path);
-        c->n_head = json_int(root, "n_head", 0, 1, config_path);
+        c->n_head = hf_heads(root, "n_head", 0, 1, config_path);
         c->vocab_size = json_int(root, "vocab_size", 0, 1, config_path);
         c->max_seq_len = json_int(root, "n_positions", json_int(root, "n_ctx", 0, 0, config_path), 0, config_path);
         if (c->max_seq_len == 0) fatal("%s: missing field \"n_positions\"", config_path);
@@ -441,7 +558,7 @@ static void hf_read_config(const char *config_path, ModelConfig *c, const Safete
         require_heads_divide(config_path, "n_embd", c->n_embd, "n_head", c->n_head);
         c->head_dim = c->n_embd / c->n_head;
         c->rope_theta = 10000.0f;
-        c->tied_embeddings = 1;
+        c->tied_embeddings = hf_tied(root, set, 1, config_path);
         c->qkv_bias = 1;
         const cJSON *act = json_get(root, "activation_function");
         if (act && (!cJSON_IsString(act) || (strcmp(act->valuestring, "gelu_new") != 0 &&
@@ -453,27 +570,24 @@ static void hf_read_config(const char *config_path, ModelConfig *c, const Safete
         c->arch = ARCH_LLAMA;
         c->n_embd = json_int(root, "hidden_size", 0, 1, config_path);
         c->n_layer = json_int(root, "num_hidden_layers", 0, 1, config_path);
-        c->n_head = json_int(root, "num_attention_heads", 0, 1, config_path);
-        c->n_kv_head = json_int(root, "num_key_value_heads", c->n_head, 0, config_path);
+        c->n_head = hf_heads(root, "num_attention_heads", 0, 1, config_path);
+        c->n_kv_head = hf_heads(root, "num_key_value_heads", c->n_head, 0, config_path);
         c->ffn_hidden = json_int(root, "intermediate_size", 0, 1, config_path);
         c->vocab_size = json_int(root, "vocab_size", 0, 1, config_path);
         c->max_seq_len = json_int(root, "max_position_embeddings", 2048, 0, config_path);
+        c->max_seq_len = hf_window_context(root, model_type, c->n_layer, c->max_seq_len, config_path);
         c->norm_eps = (float)json_num(root, "rms_norm_eps", 1e-6, config_path);
-        c->rope_theta = (float)json_num(root, "rope_theta", 10000.0, config_path);
+        c->rope_theta = hf_read_rope(root, config_path);
         if (json_get(root, "head_dim") == NULL)
             require_heads_divide(config_path, "hidden_size", c->n_embd, "num_attention_heads", c->n_head);
         c->head_dim = json_int(root, "head_dim", c->n_embd / c->n_head, 0, config_path);
         c->qkv_bias = strcmp(model_type, "qwen2") == 0 || json_bool(root, "attention_bias", 0, config_path);
-        if (json_get(root, "rope_scaling") != NULL)
-            fatal("%s: rope_scaling is set; this model implements plain RoPE only", config_path);
         if (json_bool(root, "mlp_bias", 0, config_path))
             fatal("%s: mlp_bias is true; this model's SwiGLU MLP has no biases", config_path);
         const cJSON *act = json_get(root, "hidden_act");
         if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu") != 0))
             fatal("%s: hidden_act %s is not supported (silu is)", config_path, cJSON_IsString(act) ? act->valuestring : "?");
-        // lm_head absent, or tie_word_embeddings: the classifier is the embedding
-        int tie = json_bool(root, "tie_word_embeddings", 0, config_path);
-        c->tied_embeddings = tie || safetensors_set_find(set, "lm_head.weight", NULL) == NULL;
+        c->tied_embeddings = hf_tied(root, set, 0, config_path);
         if (safetensors_set_find(set, "model.layers.0.self_attn.o_proj.bias", NULL) != NULL)
             fatal("%s: the checkpoint has an o_proj bias, which this model does not have", config_path);
     } else {
@@ -490,6 +604,63 @@ static void chat_template_from_text(const char *text, char *out, size_t size) {
     snprintf(out, size, "%s", t ? chat_template_name(t) : "");
 }
 
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+// Whether the table has a tensor of this name (GPT-2 HF names compared without "transformer."
+// when the file leaves the prefix out).
+static int table_has(const TensorTable *t, const char *name, int strip_prefix) {
+    for (int i = 0; i < t->n; i++) {
+        const char *e = t->entries[i].name;
+        if (strip_prefix && strncmp(e, "transformer.", 12) == 0) e += 12;
+        if (strcmp(e, name) == 0) return 1;
+    }
+    return 0;
+}
+
+// Tensors of a file that the config's model does not use, collected and reported together: a
+// config with fewer layers than the file, or a checkpoint of another kind (the score.weight of a
+// sequence-classification model), would otherwise lose them without a word.
+typedef struct {
+    int n;
+    char first[320];
+} UnusedTensors;
+
+static void unused_add(UnusedTensors *u, const char *name) {
+    size_t at = strlen(u->first);
+    if (u->n < 3 && at + strlen(name) + 3 < sizeof(u->first))
+        snprintf(u->first + at, sizeof(u->first) - at, "%s%s", u->n ? ", " : "", name);
+    u->n++;
+}
+
+static void unused_report(const UnusedTensors *u, const char *path, const char *config_source) {
+    if (u->n == 0) return;
+    char more[64] = "";
+    if (u->n > 3) snprintf(more, sizeof more, " and %d more", u->n - 3);
+    fatal("%s: %d tensor%s not part of the model %s describes: %s%s. Either the config is wrong (layer "
+          "count, tied embeddings) or the checkpoint is of another kind (a classification head such as "
+          "score.weight); refusing to drop them", path, u->n, u->n == 1 ? " is" : "s are", config_source,
+          u->first, more);
+}
+
+// Whether a sharded set's index file lists name (a file name without directory) as a shard.
+static int index_lists_shard(const char *index, const char *name) {
+    char *text = read_file_all(index, NULL);
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    const cJSON *map = root ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
+    int found = 0;
+    const cJSON *item;
+    if (cJSON_IsObject(map))
+        cJSON_ArrayForEach(item, map) found |= cJSON_IsString(item) && strcmp(item->valuestring, name) == 0;
+    cJSON_Delete(root);
+    return found;
+}
+
+// path: a directory, a .safetensors file with config.json beside it, or a sharded set's
+// *.safetensors.index.json. One shard of a sharded set is refused (it holds part of the tensors).
 static void load_hf(Model *model, const char *path, CheckpointInfo *info) {
     char dir[4096];
     if (is_directory(path)) {
@@ -498,6 +669,12 @@ static void load_hf(Model *model, const char *path, CheckpointInfo *info) {
         snprintf(dir, sizeof(dir), "%s", path);
         char *slash = strrchr(dir, '/');
         if (slash) *slash = '\0'; else snprintf(dir, sizeof(dir), ".");
+        char index[4200];
+        snprintf(index, sizeof(index), "%s/model.safetensors.index.json", dir);
+        const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+        if (!ends_with(path, ".index.json") && is_file(index) && index_lists_shard(index, base))
+            fatal("%s is one shard of a sharded checkpoint (%s lists its files): pass the directory %s, or the index file",
+                  path, index, dir);
     }
     char config_path[4200], extra[4200];
     snprintf(config_path, sizeof(config_path), "%s/config.json", dir);
@@ -505,13 +682,15 @@ static void load_hf(Model *model, const char *path, CheckpointInfo *info) {
     SafetensorsSet *set = safetensors_open_set(path);
     ModelConfig c;
     hf_read_config(config_path, &c, set);
-    model_init(model, &c, config_path);
 
+    // Every tensor is checked for presence and shape against the config, and every tensor of the
+    // files for a use, before the parameters are allocated: a config that does not describe
+    // the file is named as such, not as a failed allocation of what it asks for.
+    Model layout;
+    model_layout(&layout, &c, config_path);
     // GPT-2 files name tensors with or without the "transformer." prefix
     int strip_prefix = c.arch == ARCH_GPT2 && safetensors_set_find(set, "transformer.wte.weight", NULL) == NULL;
-    TensorTable table = hf_tensor_table(model);
-    float *scratch = NULL;
-    size_t scratch_size = 0;
+    TensorTable table = hf_tensor_table(&layout);
     for (int i = 0; i < table.n; i++) {
         const TensorEntry *e = &table.entries[i];
         const char *name = e->name;
@@ -523,6 +702,32 @@ static void load_hf(Model *model, const char *path, CheckpointInfo *info) {
         if (t->n_dims != e->n_dims || t->shape[0] != e->shape[0] || (e->n_dims == 2 && t->shape[1] != e->shape[1]))
             fatal("%s: tensor %s has shape %s, expected %s", file->path, name,
                   shape_str(got, sizeof(got), t->n_dims, t->shape), shape_str(want, sizeof(want), e->n_dims, e->shape));
+    }
+    UnusedTensors unused = {0};
+    for (int f = 0; f < set->n_files; f++)
+        for (int i = 0; i < set->files[f]->n_tensors; i++) {
+            const char *name = set->files[f]->tensors[i].name;
+            // known buffers that are not parameters: GPT-2's causal masks, Llama's RoPE frequencies;
+            // and the copy of the embedding some files keep as lm_head.weight of a tied model
+            if (table_has(&table, name, strip_prefix) ||
+                (c.arch == ARCH_GPT2 && (ends_with(name, ".attn.bias") || ends_with(name, ".attn.masked_bias"))) ||
+                ends_with(name, "rotary_emb.inv_freq") || (c.tied_embeddings && strcmp(name, "lm_head.weight") == 0))
+                continue;
+            unused_add(&unused, name);
+        }
+    unused_report(&unused, path, config_path);
+    free(table.entries);
+
+    model_init(model, &c, config_path);
+    table = hf_tensor_table(model);
+    float *scratch = NULL;
+    size_t scratch_size = 0;
+    for (int i = 0; i < table.n; i++) {
+        const TensorEntry *e = &table.entries[i];
+        const char *name = e->name;
+        if (strip_prefix && strncmp(name, "transformer.", 12) == 0) name += 12;
+        const SafetensorsFile *file;
+        const SafetensorsTensor *t = safetensors_set_find(set, name, &file);  // present and shaped: checked above
         float *dst = model->params + e->offset;
         if (!e->transpose) { safetensors_read_f32(file, t, dst); continue; }
         if (scratch_size < t->n_elements) {
@@ -675,8 +880,11 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
     c.n_layer = gguf_hparam(g, arch, "block_count", 0, 1);
     c.n_embd = gguf_hparam(g, arch, "embedding_length", 0, 1);
     c.ffn_hidden = gguf_hparam(g, arch, "feed_forward_length", 0, 1);
+    // head counts are checked before anything divides by them
     c.n_head = gguf_hparam(g, arch, "attention.head_count", 0, 1);
+    if (c.n_head <= 0) fatal("%s: metadata %s.attention.head_count is %d; a head count must be positive", path, arch, c.n_head);
     c.n_kv_head = gguf_hparam(g, arch, "attention.head_count_kv", c.n_head, 0);
+    if (c.n_kv_head <= 0) fatal("%s: metadata %s.attention.head_count_kv is %d; a head count must be positive", path, arch, c.n_kv_head);
     c.max_seq_len = gguf_hparam(g, arch, "context_length", 0, 1);
     snprintf(key, sizeof(key), "%s.attention.key_length", arch);
     if (c.arch == ARCH_GPT2 || gguf_find(g, key) == NULL)
@@ -720,11 +928,11 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
             memcmp(g->map + g->data_offset + emb->offset, g->map + g->data_offset + out->offset, nbytes) == 0)
             c.tied_embeddings = 1;
     }
-    model_init(model, &c, path);
-
-    TensorTable table = gguf_tensor_table(model, arch);
-    float *scratch = NULL;
-    size_t scratch_size = 0;
+    // every tensor checked (presence, type, shape) and every tensor of the file given a use
+    // before the parameters are allocated, as for Hugging Face files
+    Model layout;
+    model_layout(&layout, &c, path);
+    TensorTable table = gguf_tensor_table(&layout, arch);
     for (int i = 0; i < table.n; i++) {
         const TensorEntry *e = &table.entries[i];
         const GGUFTensorInfo *t = gguf_find_tensor(g, e->name);
@@ -739,6 +947,24 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
         if (t->n_dims != e->n_dims || shape[0] != e->shape[0] || (e->n_dims == 2 && shape[1] != e->shape[1]))
             fatal("%s: tensor %s has shape %s, expected %s", path, e->name, shape_str(got, sizeof(got), t->n_dims, shape),
                   shape_str(want, sizeof(want), e->n_dims, e->shape));
+    }
+    UnusedTensors unused = {0};
+    for (int64_t i = 0; i < g->n_tensors; i++) {
+        const char *name = g->tensors[i].name;
+        // a tied GPT-2's output.weight repeats token_embd (see above)
+        if (!table_has(&table, name, 0) && !(c.tied_embeddings && strcmp(name, "output.weight") == 0))
+            unused_add(&unused, name);
+    }
+    unused_report(&unused, path, "its metadata");
+    free(table.entries);
+
+    model_init(model, &c, path);
+    table = gguf_tensor_table(model, arch);
+    float *scratch = NULL;
+    size_t scratch_size = 0;
+    for (int i = 0; i < table.n; i++) {
+        const TensorEntry *e = &table.entries[i];
+        const GGUFTensorInfo *t = gguf_find_tensor(g, e->name);  // present, typed and shaped: checked above
         float *dst = model->params + e->offset;
         if (!e->permute_heads) { gguf_dequantize(g, t, dst); continue; }
         if ((e->shape[0] / e->permute_heads) % 2 != 0)
@@ -802,6 +1028,39 @@ static void native_info_from_run(const char *path, CheckpointInfo *info) {
     cJSON_Delete(root);
 }
 
+// A train_mora run directory (pretrain, reward's trunk, mora: checkpoints named by latest.txt,
+// the convention of run_dir.h, read here without it so that this file needs no MPI): returns
+// DIR/NAME of the newest checkpoint, or NULL when dir is not one. A directory that holds Hugging
+// Face weights is a Hugging Face checkpoint whatever else it holds. A run's config.json (it has
+// a "command" field) without latest.txt is a run with no checkpoint yet.
+static char *run_dir_latest_checkpoint(const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (is_file(path)) return NULL;
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    if (is_file(path)) return NULL;
+    snprintf(path, sizeof path, "%s/latest.txt", dir);
+    if (!is_file(path)) {
+        snprintf(path, sizeof path, "%s/config.json", dir);
+        if (!is_file(path)) return NULL;
+        char *text = read_file_all(path, NULL);
+        cJSON *root = cJSON_Parse(text);
+        free(text);
+        int is_run = root && cJSON_IsString(json_get(root, "command"));
+        cJSON_Delete(root);
+        if (is_run) fatal("%s is a train_mora run directory with no checkpoint yet (no latest.txt)", dir);
+        return NULL;
+    }
+    char *name = read_file_all(path, NULL);
+    name[strcspn(name, "\r\n")] = '\0';
+    if (name[0] == '\0') fatal("%s: empty (expected a checkpoint file name)", path);
+    char *full = (char *)mallocCheck(strlen(dir) + strlen(name) + 2);
+    sprintf(full, "%s/%s", dir, name);
+    if (!is_file(full)) fatal("%s names %s, which is not a file", path, full);
+    free(name);
+    return full;
+}
+
 static void load_any(Model *model, const char *path, TrainState *state, CheckpointInfo *info) {
     CheckpointInfo local_info;
     if (info == NULL) info = &local_info;
@@ -810,6 +1069,14 @@ static void load_any(Model *model, const char *path, TrainState *state, Checkpoi
     struct stat st;
     if (stat(path, &st) != 0) fatal("cannot open %s: %s", path, strerror(errno));
     if (S_ISDIR(st.st_mode)) {
+        char *latest = run_dir_latest_checkpoint(path);
+        if (latest) {
+            fprintf(stderr, "note: %s is a train_mora run directory: loading its latest checkpoint %s (named by latest.txt)\n",
+                    path, latest);
+            load_any(model, latest, state, info);  // a file: no further recursion
+            free(latest);
+            return;
+        }
         info->format = CKPT_SAFETENSORS;
         load_hf(model, path, info);
         return;
@@ -832,7 +1099,8 @@ static void load_any(Model *model, const char *path, TrainState *state, Checkpoi
         info->format = CKPT_NATIVE;
         load_native(model, path, state);
         native_info_from_run(path, info);
-    } else if ((got == 9 && head[8] == '{') || (len >= 12 && strcmp(path + len - 12, ".safetensors") == 0)) {
+    } else if ((got == 9 && head[8] == '{') || (len >= 12 && strcmp(path + len - 12, ".safetensors") == 0) ||
+               ends_with(path, ".safetensors.index.json")) {
         info->format = CKPT_SAFETENSORS;
         load_hf(model, path, info);
     } else {

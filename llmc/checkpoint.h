@@ -5,12 +5,17 @@
  *                Written to a temporary file and renamed; loads back bit-exact.
  *   llm.c .bin   GPT-2 checkpoints, fp32 (version 3) and bf16 (version 5).
  *   safetensors  Hugging Face: a .safetensors file (config.json beside it), or a directory with
- *                config.json and model.safetensors or model.safetensors.index.json (sharded).
- *                GPT-2 and Llama/Qwen2 tensor names; F32, F16, BF16.
+ *                config.json and model.safetensors or model.safetensors.index.json (sharded),
+ *                or that index file. GPT-2 and Llama/Qwen2 tensor names; F32, F16, BF16.
+ *                config.json's RoPE (rope_theta, rope_scaling, transformers 5's rope_parameters),
+ *                tied head and sliding window are read as hf_read_config in checkpoint.c says.
  *   GGUF         llama and gpt2 architectures; F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantised on load;
  *                hyperparameters from the metadata.
  *
- * Every error names the file and what is wrong, and exits non-zero.
+ * A run directory (latest.txt naming its newest checkpoint) loads that checkpoint, with a note.
+ * Every tensor of a file must have a place in the model its config describes (known buffers
+ * such as GPT-2's attn.bias masks aside). Every error names the file and what is wrong, and
+ * exits non-zero.
  */
 #ifndef LLMC_CHECKPOINT_H
 #define LLMC_CHECKPOINT_H

@@ -191,8 +191,7 @@ static void point_tensors(float *buffer, const size_t sizes[NUM_PARAM_TENSORS], 
     }
 }
 
-// Validates the config, computes the layout, allocates params and grads (zeroed).
-void model_init(Model *model, const ModelConfig *config, const char *source) {
+void model_layout(Model *model, const ModelConfig *config, const char *source) {
     model_config_validate(config, source);
     memset(model, 0, sizeof(*model));
     model->config = *config;
@@ -200,14 +199,22 @@ void model_init(Model *model, const ModelConfig *config, const char *source) {
     size_t total = 0;
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) total += model->param_sizes[i];
     model->num_parameters = total;
-    model->params = (float *)callocCheck(total, sizeof(float));
-    model->grads = (float *)callocCheck(total, sizeof(float));
+    model->mean_loss = -1.0f;
+}
+
+// Validates the config, computes the layout, allocates params and grads (zeroed). A config too
+// large for the memory is named with its source and what it asks for, not with a source line.
+void model_init(Model *model, const ModelConfig *config, const char *source) {
+    model_layout(model, config, source);
+    size_t total = model->num_parameters;
+    model->params = (float *)calloc(total, sizeof(float));
+    model->grads = model->params ? (float *)calloc(total, sizeof(float)) : NULL;
+    if (model->params == NULL || model->grads == NULL)
+        fatal("%s: out of memory: its config (%d layers, %d channels, vocabulary %d) asks for %zu parameters, "
+              "%.1f GiB for the weights and their gradients", source ? source : "model config", config->n_layer,
+              config->n_embd, config->padded_vocab_size, total, 2.0 * (double)total * sizeof(float) / (1 << 30));
     point_tensors(model->params, model->param_sizes, model->param_ptrs);
     point_tensors(model->grads, model->param_sizes, model->grad_ptrs);
-    model->m = model->v = NULL;
-    model->opt_step = 0;
-    model->acts_private = NULL;
-    model->mean_loss = -1.0f;
 }
 
 // GPT-2 / llm.c init: matmul weights and embeddings N(0, 0.02); the two projections that write

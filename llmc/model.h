@@ -2,7 +2,7 @@
  * The model: one config-driven decoder-only transformer covering two families.
  *
  *   GPT-2   LayerNorm (weight + bias), learned positions, GELU MLP, multi-head attention,
- *           biases on every linear layer, tied embeddings.
+ *           biases on every linear layer, tied embeddings (or a separate lm_head).
  *   Llama   RMSNorm (weight only), RoPE (rotate-half convention, as Hugging Face), SwiGLU MLP,
  *           grouped-query attention, no biases except optional q/k/v biases (Qwen2),
  *           tied or untied embeddings. Covers SmolLM2, Llama 3, Qwen2.
@@ -95,8 +95,12 @@ void model_config_validate(const ModelConfig *c, const char *source);
 // 64, grouped for Llama: 2 query heads on 1 key/value head). Returns 0 when the name is unknown.
 int model_config_preset(const char *name, ModelConfig *out);
 
-// Computes the layout and allocates params and grads (zeroed). Validates the config first.
+// Computes the layout and allocates params and grads (zeroed). Validates the config first; a
+// failed allocation exits naming source and the parameter count the config asks for.
 void model_init(Model *model, const ModelConfig *config, const char *source);
+// Validates the config and fills model's config, param_sizes and num_parameters only, allocating
+// nothing: for a loader to check a file against the config before model_init allocates.
+void model_layout(Model *model, const ModelConfig *config, const char *source);
 // GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2L), norms 1, biases 0.
 void model_init_random(Model *model, uint64_t seed);
 void model_free(Model *model);

@@ -145,10 +145,50 @@ static int file_exists(const char *path) {
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+// Opens the shards an index file's "weight_map" names (files in dir), each once, in order of
+// first mention.
+static void open_index(SafetensorsSet *s, const char *dir, const char *index) {
+    char *text = read_file_all(index, NULL);
+    cJSON *root = cJSON_Parse(text);
+    if (root == NULL) fatal("%s: not valid JSON", index);
+    const cJSON *map = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
+    if (!cJSON_IsObject(map)) fatal("%s: no \"weight_map\" object", index);
+    int cap = cJSON_GetArraySize(map);
+    char **names = (char **)callocCheck(cap ? cap : 1, sizeof(char *));
+    const cJSON *item;
+    cJSON_ArrayForEach(item, map) {
+        if (!cJSON_IsString(item)) fatal("%s: weight_map[%s] is not a file name", index, item->string);
+        if (strchr(item->valuestring, '/') != NULL || strcmp(item->valuestring, "..") == 0)
+            fatal("%s: weight_map[%s] = %s is not a file in the directory", index, item->string, item->valuestring);
+        int seen = 0;
+        for (int i = 0; i < s->n_files; i++) if (strcmp(names[i], item->valuestring) == 0) seen = 1;
+        if (!seen) names[s->n_files++] = item->valuestring;
+    }
+    s->files = (SafetensorsFile **)callocCheck(s->n_files ? s->n_files : 1, sizeof(SafetensorsFile *));
+    for (int i = 0; i < s->n_files; i++) {
+        char *shard = path_join(dir, names[i]);
+        s->files[i] = safetensors_open(shard);
+        free(shard);
+    }
+    free(names);
+    cJSON_Delete(root);
+    free(text);
+}
+
 SafetensorsSet *safetensors_open_set(const char *path) {
     SafetensorsSet *s = (SafetensorsSet *)callocCheck(1, sizeof(SafetensorsSet));
     struct stat st;
     if (stat(path, &st) != 0) fatal("cannot open %s: %s", path, strerror(errno));
+    size_t len = strlen(path);
+    if (!S_ISDIR(st.st_mode) && len >= 11 && strcmp(path + len - 11, ".index.json") == 0) {
+        // the index file itself: its shards lie beside it
+        char *dir = xstrdup(path);
+        char *slash = strrchr(dir, '/');
+        if (slash) *slash = '\0'; else { free(dir); dir = xstrdup("."); }
+        open_index(s, dir, path);
+        free(dir);
+        return s;
+    }
     if (!S_ISDIR(st.st_mode)) {
         s->n_files = 1;
         s->files = (SafetensorsFile **)mallocCheck(sizeof(SafetensorsFile *));
@@ -162,32 +202,7 @@ SafetensorsSet *safetensors_open_set(const char *path) {
         s->files = (SafetensorsFile **)mallocCheck(sizeof(SafetensorsFile *));
         s->files[0] = safetensors_open(single);
     } else if (file_exists(index)) {
-        char *text = read_file_all(index, NULL);
-        cJSON *root = cJSON_Parse(text);
-        if (root == NULL) fatal("%s: not valid JSON", index);
-        const cJSON *map = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
-        if (!cJSON_IsObject(map)) fatal("%s: no \"weight_map\" object", index);
-        // open each distinct shard once, in order of first mention
-        int cap = cJSON_GetArraySize(map);
-        char **names = (char **)callocCheck(cap, sizeof(char *));
-        const cJSON *item;
-        cJSON_ArrayForEach(item, map) {
-            if (!cJSON_IsString(item)) fatal("%s: weight_map[%s] is not a file name", index, item->string);
-            if (strchr(item->valuestring, '/') != NULL || strcmp(item->valuestring, "..") == 0)
-                fatal("%s: weight_map[%s] = %s is not a file in the directory", index, item->string, item->valuestring);
-            int seen = 0;
-            for (int i = 0; i < s->n_files; i++) if (strcmp(names[i], item->valuestring) == 0) seen = 1;
-            if (!seen) names[s->n_files++] = item->valuestring;
-        }
-        s->files = (SafetensorsFile **)callocCheck(s->n_files ? s->n_files : 1, sizeof(SafetensorsFile *));
-        for (int i = 0; i < s->n_files; i++) {
-            char *shard = path_join(path, names[i]);
-            s->files[i] = safetensors_open(shard);
-            free(shard);
-        }
-        free(names);
-        cJSON_Delete(root);
-        free(text);
+        open_index(s, path, index);
     } else {
         fatal("%s: directory has neither model.safetensors nor model.safetensors.index.json", path);
     }

@@ -45,8 +45,8 @@ typedef struct {
     SafetensorsFile **files;
 } SafetensorsSet;
 
-// path: a .safetensors file, or a directory with model.safetensors or model.safetensors.index.json
-// (whose "weight_map" names the shards).
+// path: a .safetensors file, a directory with model.safetensors or model.safetensors.index.json
+// (whose "weight_map" names the shards), or such an index file (NAME.index.json) itself.
 SafetensorsSet *safetensors_open_set(const char *path);
 void safetensors_close_set(SafetensorsSet *s);
 // Finds a tensor in any file of the set; *file gets the file that holds it. NULL when absent.

@@ -745,3 +745,332 @@ def test_config_the_model_cannot_run(tmp_path):
     p.write_bytes(bytes(raw))
     err = run_tool_fails("info", p)
     assert "bad.bin" in err and "channels" in err and "not divisible" in err
+
+
+# ------------------------------------------------------------------------------------------
+# what config.json says, and what a file holds beyond it: the loaded model against the float64
+# JAX oracle (test/oracle/model_jax.py) on the file's weights; refusals by exit code and message
+
+GEN_TOOL = os.environ.get("GEN_TOOL", str(BUILD / "tools" / "gen_tool"))
+
+
+def engine_greedy(model, prompt, n_new):
+    """Greedy tokens and their log-probs from build/tools/gen_tool (generate.c on the loaded model)."""
+    p = subprocess.run([GEN_TOOL, str(model), "0", "0", "1", str(n_new), "1"], input=" ".join(map(str, prompt)) + "\n",
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.splitlines()[0])
+    return out["tokens"], out["logprobs"], p.stderr
+
+
+def oracle_log_softmax(params, cfg, seq):
+    """(T, V) float64 log-softmax of the oracle's logits for one sequence."""
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "test" / "oracle"))
+    import model_jax
+    lg = np.asarray(model_jax.logits(params, cfg, np.array([seq], np.int32)), np.float64)[0]
+    m = lg.max(-1, keepdims=True)
+    return lg - m - np.log(np.exp(lg - m).sum(-1, keepdims=True))
+
+
+def assert_engine_matches_oracle(model, params, cfg, prompt, n_new=6, tol=2e-3):
+    """The engine's greedy continuation of prompt is the oracle's (each token the oracle's argmax
+    up to tol) with the oracle's log-probs; returns the engine's stderr."""
+    tokens, logprobs, err = engine_greedy(model, prompt, n_new)
+    assert len(tokens) == n_new
+    lsm = oracle_log_softmax(params, cfg, list(prompt) + tokens)
+    for i, (t, lp) in enumerate(zip(tokens, logprobs)):
+        row = lsm[len(prompt) - 1 + i]
+        assert row[t] >= row.max() - tol, (i, t, int(row.argmax()), row[t], row.max())
+        assert abs(lp - row[t]) < tol, (i, t, lp, row[t])
+    return err
+
+
+def max_logprob_gap(model, params, cfg, prompt, n_new=6):
+    """max |engine log-prob - oracle log-prob| over the engine's greedy tokens."""
+    tokens, logprobs, _ = engine_greedy(model, prompt, n_new)
+    lsm = oracle_log_softmax(params, cfg, list(prompt) + tokens)
+    return max(abs(lp - lsm[len(prompt) - 1 + i][t]) for i, (t, lp) in enumerate(zip(tokens, logprobs)))
+
+
+PROMPT = [1, 7, 22, 3, 30]
+
+
+def test_transformers5_rope_parameters_theta(tmp_path):
+    """transformers 5 writes RoPE as "rope_parameters": {"rope_theta", "rope_type"} with no top-level
+    rope_theta: the model must run at that theta, as the oracle does given it."""
+    t = llama_hf_tensors(np.random.default_rng(21))
+    cfg5 = llama_config()
+    del cfg5["rope_theta"]
+    cfg5["rope_parameters"] = {"rope_theta": 50000.0, "rope_type": "default"}
+    save_hf(tmp_path / "hf", t, cfg5)
+    assert float(info(tmp_path / "hf")["rope_theta"]) == 50000.0
+    assert_engine_matches_oracle(tmp_path / "hf", t, llama_config(rope_theta=50000.0), PROMPT)
+    # the test tells the two thetas apart: at transformers' old default the log-probs differ
+    assert max_logprob_gap(tmp_path / "hf", t, llama_config(rope_theta=10000.0), PROMPT) > 0.01
+    # "default" in transformers 4's rope_scaling is plain RoPE too
+    cfg4 = llama_config(rope_theta=50000.0, rope_scaling={"rope_type": "default"})
+    save_hf(tmp_path / "hf4", t, cfg4)
+    assert_engine_matches_oracle(tmp_path / "hf4", t, llama_config(rope_theta=50000.0), PROMPT)
+
+
+@pytest.mark.parametrize("field", ["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("rope_type", ["llama3", "yarn", "linear", "dynamic"])
+def test_scaled_rope_is_refused(tmp_path, field, rope_type):
+    cfg = llama_config()
+    cfg[field] = {"rope_type": rope_type, "factor": 4.0, "rope_theta": 100000.0, "original_max_position_embeddings": 32}
+    if field == "rope_parameters":
+        del cfg["rope_theta"]
+    save_hf(tmp_path / "hf", llama_hf_tensors(np.random.default_rng(22)), cfg)
+    err = run_tool_fails("info", tmp_path / "hf")
+    assert str(tmp_path / "hf" / "config.json") in err and f"{field}.rope_type" in err and rope_type in err
+
+
+def write_gpt2_gguf(path, t, head=None):
+    """A GPT-2 GGUF as llama.cpp's converter writes it (Conv1D weights as (out, in)), all F32;
+    output.weight is head when given (an untied classifier), else absent (tied)."""
+    C, L = GPT2["C"], GPT2["L"]
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(L)
+    w.add_context_length(GPT2["maxT"])
+    w.add_embedding_length(C)
+    w.add_feed_forward_length(4 * C)
+    w.add_head_count(GPT2["NH"])
+    w.add_layer_norm_eps(1e-5)
+    w.add_vocab_size(GPT2["V"])
+    w.add_tensor("token_embd.weight", t["wte.weight"])
+    w.add_tensor("position_embd.weight", t["wpe.weight"])
+    for l in range(L):
+        for g, h, tr in [("attn_norm.weight", "ln_1.weight", 0), ("attn_norm.bias", "ln_1.bias", 0),
+                         ("attn_qkv.weight", "attn.c_attn.weight", 1), ("attn_qkv.bias", "attn.c_attn.bias", 0),
+                         ("attn_output.weight", "attn.c_proj.weight", 1), ("attn_output.bias", "attn.c_proj.bias", 0),
+                         ("ffn_norm.weight", "ln_2.weight", 0), ("ffn_norm.bias", "ln_2.bias", 0),
+                         ("ffn_up.weight", "mlp.c_fc.weight", 1), ("ffn_up.bias", "mlp.c_fc.bias", 0),
+                         ("ffn_down.weight", "mlp.c_proj.weight", 1), ("ffn_down.bias", "mlp.c_proj.bias", 0)]:
+            x = t[f"h.{l}.{h}"]
+            w.add_tensor(f"blk.{l}.{g}", x.T.copy() if tr else x)
+    w.add_tensor("output_norm.weight", t["ln_f.weight"])
+    w.add_tensor("output_norm.bias", t["ln_f.bias"])
+    if head is not None:
+        w.add_tensor("output.weight", head)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_untied_gpt2_survives_gguf_hf_roundtrip(tmp_path):
+    """An untied GPT-2 (GGUF output.weight unlike token_embd) exported to Hugging Face and loaded
+    back keeps its classifier: lm_head.weight + tie_word_embeddings false, and the oracle's
+    log-probs on the untied weights (transformers' GPT2LMHeadModel uses lm_head.weight then)."""
+    t = gpt2_hf_tensors(np.random.default_rng(23))
+    head = np.random.default_rng(24).standard_normal((GPT2["V"], GPT2["C"])).astype(np.float32)
+    write_gpt2_gguf(tmp_path / "g.gguf", t, head)
+    untied = {**t, "lm_head.weight": head}
+    cfg = gpt2_config()
+    assert_engine_matches_oracle(tmp_path / "g.gguf", untied, cfg, PROMPT)
+    run_tool("convert", tmp_path / "g.gguf", "hf", tmp_path / "hf")
+    out_cfg = json.load(open(tmp_path / "hf" / "config.json"))
+    assert out_cfg["tie_word_embeddings"] is False
+    np.testing.assert_array_equal(load_file(str(tmp_path / "hf" / "model.safetensors"))["lm_head.weight"], head)
+    assert info(tmp_path / "hf")["tied_embeddings"] == "0"
+    assert_engine_matches_oracle(tmp_path / "hf", untied, cfg, PROMPT)
+    # the tied reading of the same file is a different model: the test tells them apart
+    assert max_logprob_gap(tmp_path / "hf", t, cfg, PROMPT) > 0.01
+    # GPT-2's default is tied: a tie_word_embeddings true file with a lm_head copy is tied
+    save_hf(tmp_path / "tied", {**t, "lm_head.weight": t["wte.weight"]}, gpt2_config(tie_word_embeddings=True))
+    assert info(tmp_path / "tied")["tied_embeddings"] == "1"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_untied_config_without_lm_head_is_refused(tmp_path, family):
+    if family == "gpt2":
+        save_hf(tmp_path / "hf", gpt2_hf_tensors(np.random.default_rng(25)), gpt2_config(tie_word_embeddings=False))
+    else:
+        save_hf(tmp_path / "hf", llama_hf_tensors(np.random.default_rng(25), lm_head=False), llama_config())
+    err = run_tool_fails("info", tmp_path / "hf")
+    assert str(tmp_path / "hf" / "config.json") in err and "tie_word_embeddings" in err and "lm_head.weight" in err
+
+
+def test_tensors_the_config_does_not_account_for(tmp_path):
+    # the file has two layers, the config says one
+    save_hf(tmp_path / "layers", llama_hf_tensors(np.random.default_rng(26)), llama_config(num_hidden_layers=1))
+    err = run_tool_fails("info", tmp_path / "layers")
+    assert str(tmp_path / "layers") in err and "model.layers.1." in err and "config.json" in err
+    # a sequence-classification checkpoint: score.weight, no lm_head, tie_word_embeddings unset
+    t = llama_hf_tensors(np.random.default_rng(26), lm_head=False)
+    t["score.weight"] = np.ones((1, LLAMA["C"]), np.float32)
+    cfg = llama_config(architectures=["LlamaForSequenceClassification"])
+    del cfg["tie_word_embeddings"]
+    save_hf(tmp_path / "seqcls", t, cfg)
+    err = run_tool_fails("info", tmp_path / "seqcls")
+    assert str(tmp_path / "seqcls") in err and "score.weight" in err
+    # a GGUF with a block the metadata does not count
+    p = tmp_path / "extra.gguf"
+    write_llama_gguf(p, np.random.default_rng(26), extra_tensor=("blk.2.attn_norm.weight", np.ones(16, np.float32)))
+    err = run_tool_fails("info", p)
+    assert "extra.gguf" in err and "blk.2.attn_norm.weight" in err
+
+
+def test_known_buffers_are_not_parameters(tmp_path):
+    """GPT-2's attention-mask buffers and Llama's RoPE inverse frequencies, which older exports
+    keep, load as before: the parameters are exactly the model's (model.h's layout in NumPy)."""
+    t = gpt2_hf_tensors(np.random.default_rng(27))
+    extra = {**t, "h.0.attn.bias": np.tril(np.ones((1, 1, 16, 16), np.float32)), "h.1.attn.masked_bias": np.float32([-1e4])}
+    save_hf(tmp_path / "g", extra, gpt2_config())
+    run_tool("convert", tmp_path / "g", "native", tmp_path / "g.bin")
+    np.testing.assert_array_equal(read_native(tmp_path / "g.bin")[1], gpt2_native_order(t))
+    t = llama_hf_tensors(np.random.default_rng(27))
+    extra = {**t, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(2, np.float32)}
+    save_hf(tmp_path / "l", extra, llama_config())
+    run_tool("convert", tmp_path / "l", "native", tmp_path / "l.bin")
+    np.testing.assert_array_equal(read_native(tmp_path / "l.bin")[1], llama_native_order(t, False))
+
+
+@pytest.mark.parametrize("model_type,over", [
+    ("mistral", dict(sliding_window=8)),
+    ("mistral", dict(sliding_window=None)),
+    ("mistral", dict(sliding_window=512)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),
+    ("qwen2", dict(use_sliding_window=False, sliding_window=8)),
+])
+def test_sliding_window_becomes_the_context(tmp_path, model_type, over):
+    """Where transformers' config says a layer attends through a window W shorter than
+    max_position_embeddings, the context is W (full attention equals it up to W tokens) with a
+    note; elsewhere it stays max_position_embeddings. Up to W tokens the log-probs are the
+    oracle's (full attention)."""
+    transformers = pytest.importorskip("transformers")
+    t = llama_hf_tensors(np.random.default_rng(28), bias=model_type == "qwen2")
+    cfg = llama_config(model_type, **over)
+    save_hf(tmp_path / "hf", t, cfg)
+    ref = transformers.AutoConfig.from_pretrained(str(tmp_path / "hf"))
+    if model_type == "mistral":
+        active = ref.sliding_window is not None
+    else:
+        active = "sliding_attention" in ref.layer_types
+    want = min(ref.sliding_window, cfg["max_position_embeddings"]) if active else cfg["max_position_embeddings"]
+    p = subprocess.run([TOOL, "info", str(tmp_path / "hf")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert int(dict(l.split("=", 1) for l in p.stdout.splitlines())["max_seq_len"]) == want
+    if want < cfg["max_position_embeddings"]:
+        assert "config.json" in p.stderr and "sliding_window" in p.stderr and str(want) in p.stderr
+    else:
+        assert "sliding" not in p.stderr
+    err = assert_engine_matches_oracle(tmp_path / "hf", t, cfg, PROMPT[:3], n_new=min(5, want - 3))
+    assert ("note:" in err) == (want < cfg["max_position_embeddings"])
+
+
+def test_absurd_config_on_a_small_file_names_the_file(tmp_path):
+    """A config far larger than its file is refused by the first tensor that does not fit, before
+    anything is allocated, not as an allocation failure."""
+    t = llama_hf_tensors(np.random.default_rng(29))
+    save_hf(tmp_path / "hf", t, llama_config(hidden_size=65536, num_hidden_layers=1024, intermediate_size=1048576,
+                                             num_attention_heads=1024, num_key_value_heads=1024))
+    err = run_tool_fails("info", tmp_path / "hf")
+    assert "model.safetensors" in err and "model.embed_tokens.weight has shape [40, 16], expected [40, 65536]" in err
+    assert "out of memory" not in err
+    # an llm.c header asking for 2^24 tokens x 2^16 channels x 1024 layers on a small file
+    p = tmp_path / "max.bin"
+    write_llmc_bin(p, gpt2_hf_tensors(np.random.default_rng(29)), 3)
+    raw = bytearray(p.read_bytes())
+    struct.pack_into("<8i", raw, 0, 20240326, 3, 1 << 20, 1 << 24, 1024, 1024, 1 << 16, 1 << 24)
+    p.write_bytes(bytes(raw))
+    err = run_tool_fails("info", p)
+    assert "max.bin" in err and "truncated file" in err and "out of memory" not in err
+
+
+def test_allocation_failure_names_the_source(tmp_path, smollm2_gguf):
+    """A model too large for the memory (an address-space limit below SmolLM2's weights plus
+    gradients) is named with its file and parameter count (the GGUF's tensor sizes: tied)."""
+    n_params = sum(int(np.prod(t.shape)) for t in gguf.GGUFReader(smollm2_gguf).tensors)
+    limit_kib = 1500 * 1024
+    p = subprocess.run(["sh", "-c", 'ulimit -v "$1" && exec "$2" info "$3"', "sh", str(limit_kib), TOOL, smollm2_gguf],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith("error: " + smollm2_gguf) and "out of memory" in p.stderr, p.stderr
+    assert f"{n_params} parameters" in p.stderr and "GiB" in p.stderr
+
+
+def test_run_directory_index_and_shard(tmp_path):
+    """A run directory loads the checkpoint its latest.txt names; a sharded set loads from its
+    index file as from its directory; one shard alone is refused."""
+    t = llama_hf_tensors(np.random.default_rng(30))
+    save_hf(tmp_path / "hf", t, llama_config())
+    run = tmp_path / "run"
+    run.mkdir()
+    run_tool("convert", tmp_path / "hf", "native", run / "model_step000001.ckpt")
+    run_tool("convert", tmp_path / "hf", "native", run / "model_step000002.ckpt")
+    (run / "latest.txt").write_text("model_step000002.ckpt\n")
+    (run / "config.json").write_text(json.dumps({"command": "pretrain"}))
+    want = llama_native_order(t, False)
+    p = subprocess.run([TOOL, "convert", str(run), "native", str(tmp_path / "back.bin")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "run directory" in p.stderr and str(run / "model_step000002.ckpt") in p.stderr
+    np.testing.assert_array_equal(read_native(tmp_path / "back.bin")[1], want)
+    assert_engine_matches_oracle(run, t, llama_config(), PROMPT)
+    # a run without a checkpoint yet
+    (run / "latest.txt").unlink()
+    err = run_tool_fails("info", run)
+    assert str(run) in err and "no checkpoint yet" in err and "latest.txt" in err
+    # sharded: the index file, and one shard
+    d = tmp_path / "sharded"
+    save_hf(d, t, llama_config())
+    os.remove(d / "model.safetensors")
+    names = sorted(t)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for fname, keys in shards.items():
+        save_file({k: t[k] for k in keys}, str(d / fname))
+    json.dump({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}},
+              open(d / "model.safetensors.index.json", "w"))
+    run_tool("convert", d / "model.safetensors.index.json", "native", tmp_path / "idx.bin")
+    np.testing.assert_array_equal(read_native(tmp_path / "idx.bin")[1], want)
+    err = run_tool_fails("info", d / "model-00001-of-00002.safetensors")
+    assert "model-00001-of-00002.safetensors" in err and "one shard" in err and f"pass the directory {d}" in err
+
+
+def test_llmc_bin_trailing_bytes(tmp_path):
+    """Like native files: the size must be the header's config exactly (256 int32 + the
+    parameters, fp32 or bf16), counted here from the format's definition."""
+    p = tmp_path / "trail.bin"
+    params = write_llmc_bin(p, gpt2_hf_tensors(np.random.default_rng(31)), 3)
+    expected = 1024 + 4 * params.size
+    assert os.path.getsize(p) == expected
+    with open(p, "ab") as f:
+        f.write(b"\0" * 4096)
+    err = run_tool_fails("info", p)
+    assert "trail.bin" in err and "4096 trailing bytes" in err and str(expected) in err and str(expected + 4096) in err
+    # a version 5 (bf16) header on fp32 data: twice the size it says
+    p = tmp_path / "v5.bin"
+    write_llmc_bin(p, gpt2_hf_tensors(np.random.default_rng(31)), 3)
+    raw = bytearray(p.read_bytes())
+    struct.pack_into("<i", raw, 4, 5)
+    p.write_bytes(bytes(raw))
+    err = run_tool_fails("info", p)
+    assert "v5.bin" in err and f"{2 * params.size} trailing bytes" in err and str(1024 + 2 * params.size) in err
+
+
+def test_zero_heads_is_an_error_not_a_crash(tmp_path):
+    p = tmp_path / "div0.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(16)
+    w.add_feed_forward_length(24)
+    w.add_head_count(0)
+    w.add_key_length(4)
+    w.add_value_length(4)
+    w.add_tensor("token_embd.weight", np.zeros((8, 16), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    err = run_tool_fails("info", p)  # exit 1 with a message, not SIGFPE
+    assert "div0.gguf" in err and "llama.attention.head_count" in err
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        save_hf(tmp_path / key, llama_hf_tensors(np.random.default_rng(32)), llama_config(head_dim=4, **{key: 0}))
+        err = run_tool_fails("info", tmp_path / key)
+        assert str(tmp_path / key / "config.json") in err and key in err

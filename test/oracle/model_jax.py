@@ -138,7 +138,8 @@ def rope(x, theta):
 # the two families
 
 def gpt2_logits(p, s, tokens):
-    """GPT2LMHeadModel: tokens (B, T) -> logits (B, T, V). Tied classifier (wte)."""
+    """GPT2LMHeadModel: tokens (B, T) -> logits (B, T, V). Classifier: lm_head.weight when the
+    checkpoint has one (tie_word_embeddings false), else the tied wte."""
     B, T = tokens.shape
     C, NH, HS = s.n_embd, s.n_head, s.head_dim
     x = p["wte.weight"][tokens] + p["wpe.weight"][:T][None]
@@ -154,7 +155,8 @@ def gpt2_logits(p, s, tokens):
         h = gelu_tanh(h @ p[pre + "mlp.c_fc.weight"] + p[pre + "mlp.c_fc.bias"])
         x = x + h @ p[pre + "mlp.c_proj.weight"] + p[pre + "mlp.c_proj.bias"]
     x = layer_norm(x, p["ln_f.weight"], p["ln_f.bias"], s.norm_eps)
-    return x @ p["wte.weight"].T
+    head = p["lm_head.weight"] if "lm_head.weight" in p else p["wte.weight"]
+    return x @ head.T
 
 
 def llama_logits(p, s, tokens):
