@@ -467,6 +467,24 @@ def llama3_pre(d):
     d["model"]["ignore_merges"] = True
 
 
+# words the trained vocabulary has never seen
+UNSEEN_WORDS = ["xylophone", "quixotic", "Zanzibar", "Übermensch", "fjörður", "bureaucracy"]
+
+
+def llama3_pre_whole_words(d):
+    """Llama 3's chain, plus whole words in the vocabulary that no merge builds: with
+    ignore_merges a piece that is a token is emitted whole, so the flag changes ids."""
+    llama3_pre(d)
+    vocab = d["model"]["vocab"]
+    n = max(vocab.values()) + 1
+    for w in UNSEEN_WORDS:
+        for form in (w, " " + w, " " + w.capitalize()):
+            spelled = "".join(byte_level_char(b) for b in form.encode())
+            if spelled not in vocab:
+                vocab[spelled] = n
+                n += 1
+
+
 def qwen2_pre(d):
     d["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": False},
@@ -489,7 +507,7 @@ def split_gpt2_pre(d):
 # then the final ByteLevel's add_prefix_space and use_regex)
 SAVE_HF_VARIANTS = [
     ("gpt2", lambda d: None, [], False, True),
-    ("llama3", llama3_pre, [("Split", LLAMA3_REGEX)], False, False),
+    ("llama3", llama3_pre_whole_words, [("Split", LLAMA3_REGEX)], False, False),
     ("qwen2", qwen2_pre, [("Split", QWEN2_REGEX)], False, False),
     ("digits_prefix", digits_prefix_pre, [("Digits", False)], True, True),
     # GPT-2's regex as an explicit Split is what ByteLevel with use_regex does: written as that
@@ -504,7 +522,8 @@ def test_save_hf_pre_tokenizer_kinds(trained, corpus, tmp_path, name, edit, step
     Llama 3, Qwen2 and SmolLM2 do."""
     src, ref = variant(tmp_path, trained[0].read_text(encoding="utf-8"), name, edit)
     out = save_hf(src, tmp_path / "out" / "tokenizer.json")
-    d = check_saved_hf(src, ref, out, corpus + SAVE_HF_TEXTS, name, roundtrip=not prefix_space)
+    texts = corpus + SAVE_HF_TEXTS + [" ".join(UNSEEN_WORDS), "".join(UNSEEN_WORDS)]
+    d = check_saved_hf(src, ref, out, texts, name, roundtrip=not prefix_space)
     pre = d["pre_tokenizer"]
     chain = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
     assert pre["type"] == ("Sequence" if steps else "ByteLevel")
@@ -516,6 +535,9 @@ def test_save_hf_pre_tokenizer_kinds(trained, corpus, tmp_path, name, edit, step
     assert chain[-1]["type"] == "ByteLevel"
     assert (chain[-1]["add_prefix_space"], chain[-1]["use_regex"]) == (prefix_space, use_regex)
     assert d["model"]["ignore_merges"] is (name == "llama3")
+    if name == "llama3":   # the whole-word tokens, reachable only through ignore_merges, are used
+        n_trained = trained[1].get_vocab_size()
+        assert sum(i >= n_trained for i in c_encode(out, [" ".join(UNSEEN_WORDS)])[0]) == len(UNSEEN_WORDS)
     assert d["model"]["merges"] == json.loads(src.read_text(encoding="utf-8"))["model"]["merges"]
 
 
