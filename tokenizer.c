@@ -218,6 +218,8 @@ struct Tokenizer {
     int n_added;
     int *added_ids;
     int added_start[257];        // added_ids[added_start[b] .. added_start[b+1]) start with byte b
+    unsigned char *special;      // [n_vocab] 1 for added tokens marked special (tokenizer.json
+                                 // "special": true, GGUF control tokens); kept for tokenizer_save_hf
 };
 
 static uint64_t hash_bytes(const unsigned char *s, size_t n) {
@@ -343,6 +345,7 @@ static Tokenizer *tokenizer_alloc(const char *path, int n_vocab) {
     t->text = (char **)callocCheck(n_vocab, sizeof(char *));
     t->bytes = (unsigned char **)callocCheck(n_vocab, sizeof(unsigned char *));
     t->bytes_len = (uint32_t *)callocCheck(n_vocab, sizeof(uint32_t));
+    t->special = (unsigned char *)callocCheck(n_vocab, 1);
     t->unk_id = -1; t->bos_id = -1; t->eos_id = -1;
     for (int b = 0; b < 256; b++) t->byte_to_id[b] = -1;
     return t;
@@ -725,6 +728,7 @@ void tokenizer_free(Tokenizer *t) {
     free(t->text_index.slots); free(t->bytes_index.slots);
     free(t->merges.keys); free(t->merges.rank); free(t->merges.merged);
     free(t->added_ids);
+    free(t->special);
     free(t->path);
     free(t);
 }
@@ -918,6 +922,7 @@ static Tokenizer *tokenizer_from_json(const char *path) {
         int id = cJSON_GetObjectItemCaseSensitive(item, "id")->valueint;
         const char *content = cJSON_GetObjectItemCaseSensitive(item, "content")->valuestring;
         set_token(t, id, content, strlen(content), "added_tokens");
+        if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(item, "special"))) t->special[id] = 1;
         added_ids[k++] = id;
     }
     cJSON_ArrayForEach(item, vocab) set_token(t, item->valueint, item->string, strlen(item->string), "model.vocab");
@@ -1012,7 +1017,10 @@ Tokenizer *tokenizer_from_gguf(const GGUFFile *g) {
     int *added_ids = (int *)mallocCheck((size_t)n_tokens * sizeof(int));
     int n_added = 0;
     for (int id = 0; id < (int)n_tokens && types; id++)
-        if (types[id] == 3 || types[id] == 4) added_ids[n_added++] = id;
+        if (types[id] == 3 || types[id] == 4) {
+            added_ids[n_added++] = id;
+            t->special[id] = types[id] == 3;   // user-defined tokens are added but not special
+        }
     set_added_tokens(t, added_ids, n_added);
     free(added_ids);
     free(types);
@@ -1088,4 +1096,192 @@ Tokenizer *tokenizer_load(const char *path) {
     uint32_t m = (uint32_t)magic[0] | (uint32_t)magic[1] << 8 | (uint32_t)magic[2] << 16 | (uint32_t)magic[3] << 24;
     if (got == 4 && m == 20240328u) return tokenizer_from_llmc_bin(path);
     return tokenizer_from_json(path);
+}
+
+// ----------------------------------------------------------------------------
+// Writing a Hugging Face tokenizer.json (tokenizer_save_hf)
+
+// The pre_tokenizer chain is written as the steps in order (Digits, Split) followed by one
+// ByteLevel, which absorbs the last steps when they are what ByteLevel itself does: a trailing
+// GPT-2 split (use_regex true) and, just before it, the prefix space (add_prefix_space true).
+// ByteLevel must come last because it maps bytes to characters that later steps would split
+// differently, so a prefix-space step anywhere else has no tokenizer.json form.
+typedef struct {
+    int n_plain;        // steps[0 .. n_plain) are written as Digits / Split
+    int prefix_space;   // ByteLevel add_prefix_space
+    int use_regex;      // ByteLevel use_regex
+} HfPreLayout;
+
+static void hf_pre_layout(const Tokenizer *t, HfPreLayout *lay) {
+    int n = t->n_steps;
+    lay->use_regex = n > 0 && t->steps[n - 1].kind == STEP_SPLIT_GPT2;
+    if (lay->use_regex) n--;
+    lay->prefix_space = n > 0 && t->steps[n - 1].kind == STEP_PREFIX_SPACE;
+    if (lay->prefix_space) n--;
+    lay->n_plain = n;
+}
+
+int tokenizer_hf_check(const Tokenizer *t, char *why, size_t why_size) {
+    char scratch[8];
+    if (why == NULL || why_size == 0) { why = scratch; why_size = sizeof(scratch); }
+    why[0] = '\0';
+    if (!t->can_encode) {
+        snprintf(why, why_size, "%s: an llm.c .bin tokenizer has no merges and no pre-tokenizer (it only "
+                 "decodes), so it has no tokenizer.json form; use the model's tokenizer.json or GGUF instead", t->path);
+        return 0;
+    }
+    HfPreLayout lay;
+    hf_pre_layout(t, &lay);
+    for (int k = 0; k < lay.n_plain; k++) {
+        if (t->steps[k].kind == STEP_PREFIX_SPACE) {
+            snprintf(why, why_size, "%s: pre-tokenizer \"%s\" adds the prefix space before another split; "
+                     "tokenizer.json can only add it in the final ByteLevel step", t->path, t->describe);
+            return 0;
+        }
+        if (t->steps[k].kind == STEP_SPLIT_LLAMA3 && t->steps[k].arg != 3 && t->steps[k].arg != 1) {
+            snprintf(why, why_size, "%s: a Llama 3 style split with up to %d digits has no known regex",
+                     t->path, t->steps[k].arg);
+            return 0;
+        }
+    }
+    for (int id = 0; id < t->n_vocab; id++) {
+        const unsigned char *s = (const unsigned char *)t->text[id];
+        size_t n = strlen(t->text[id]);
+        if (n == 0) continue;   // a hole: no token to write
+        for (size_t i = 0; i < n;) {
+            int len;
+            if (utf8_next(s, n, i, &len) == CP_INVALID) {
+                snprintf(why, why_size, "%s: token %d is not valid UTF-8 (byte %zu), which JSON cannot hold",
+                         t->path, id, i);
+                return 0;
+            }
+            i += len;
+        }
+        // tokenizer.json maps each spelling to one id: a second token with the same spelling
+        // would become a hole that decodes to nothing
+        int first = tokenizer_token_id(t, t->text[id]);
+        if (first != id) {
+            snprintf(why, why_size, "%s: tokens %d and %d are both spelled \"%.60s\"; tokenizer.json's vocab "
+                     "maps a spelling to one id", t->path, first, id, t->text[id]);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+// s as a JSON string: quotes, backslashes and control characters escaped, UTF-8 written as is.
+static void json_write_string(FILE *f, const char *s) {
+    fputc('"', f);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        unsigned char c = *p;
+        if (c == '"' || c == '\\') { fputc('\\', f); fputc(c, f); }
+        else if (c == '\n') fputs("\\n", f);
+        else if (c == '\r') fputs("\\r", f);
+        else if (c == '\t') fputs("\\t", f);
+        else if (c < 0x20) fprintf(f, "\\u%04x", c);
+        else fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+typedef struct { int rank, left, right; } MergeRec;
+
+static int merge_rec_cmp(const void *a, const void *b) {
+    int ra = ((const MergeRec *)a)->rank, rb = ((const MergeRec *)b)->rank;
+    return (ra > rb) - (ra < rb);
+}
+
+static const char *json_bool(int v) { return v ? "true" : "false"; }
+
+int tokenizer_save_hf(const Tokenizer *t, const char *path) {
+    if (!tokenizer_hf_check(t, NULL, 0)) return -1;
+    HfPreLayout lay;
+    hf_pre_layout(t, &lay);
+
+    // merges in rank order (ranks may have gaps where a pair was listed twice; only order matters)
+    MergeRec *merges = (MergeRec *)mallocCheck(((size_t)t->merges.mask + 1) * sizeof(MergeRec));
+    size_t n_merges = 0;
+    for (uint32_t h = 0; h <= t->merges.mask; h++) {
+        uint64_t key = t->merges.keys[h];
+        if (key == 0) continue;
+        key -= 1;
+        merges[n_merges].rank = t->merges.rank[h];
+        merges[n_merges].left = (int)(uint32_t)(key >> 32);
+        merges[n_merges].right = (int)(uint32_t)key;
+        n_merges++;
+    }
+    qsort(merges, n_merges, sizeof(MergeRec), merge_rec_cmp);
+    unsigned char *is_added = (unsigned char *)callocCheck((size_t)t->n_vocab, 1);
+    for (int k = 0; k < t->n_added; k++) is_added[t->added_ids[k]] = 1;
+
+    size_t tmp_size = strlen(path) + 32;
+    char *tmp = (char *)mallocCheck(tmp_size);
+    FILE *f = atomic_open(path, tmp, tmp_size);
+    fprintf(f, "{\n  \"version\": \"1.0\",\n  \"truncation\": null,\n  \"padding\": null,\n  \"added_tokens\": [");
+    int first = 1;
+    for (int id = 0; id < t->n_vocab; id++) {
+        if (!is_added[id]) continue;
+        fprintf(f, "%s\n    {\"id\": %d, \"content\": ", first ? "" : ",", id);
+        json_write_string(f, t->text[id]);
+        // matched whole wherever it occurs, never normalized (there is no normalizer)
+        fprintf(f, ", \"single_word\": false, \"lstrip\": false, \"rstrip\": false, \"normalized\": false, "
+                "\"special\": %s}", json_bool(t->special[id]));
+        first = 0;
+    }
+    fprintf(f, "%s],\n  \"normalizer\": null,\n  \"pre_tokenizer\": ", first ? "" : "\n  ");
+    char byte_level[160];
+    snprintf(byte_level, sizeof(byte_level),
+             "{\"type\": \"ByteLevel\", \"add_prefix_space\": %s, \"trim_offsets\": true, \"use_regex\": %s}",
+             json_bool(lay.prefix_space), json_bool(lay.use_regex));
+    if (lay.n_plain == 0) {
+        fputs(byte_level, f);
+    } else {
+        fprintf(f, "{\n    \"type\": \"Sequence\",\n    \"pretokenizers\": [");
+        for (int k = 0; k < lay.n_plain; k++) {
+            const PreStep *st = &t->steps[k];
+            fprintf(f, "\n      ");
+            if (st->kind == STEP_DIGITS) {
+                fprintf(f, "{\"type\": \"Digits\", \"individual_digits\": %s},", json_bool(st->arg));
+                continue;
+            }
+            const char *re = st->kind == STEP_SPLIT_GPT2 ? REGEX_GPT2 : st->arg == 3 ? REGEX_LLAMA3 : REGEX_QWEN2;
+            fprintf(f, "{\"type\": \"Split\", \"pattern\": {\"Regex\": ");
+            json_write_string(f, re);
+            fprintf(f, "}, \"behavior\": \"Isolated\", \"invert\": false},");
+        }
+        fprintf(f, "\n      %s\n    ]\n  }", byte_level);
+    }
+    // the ByteLevel post-processor only trims offsets; no token is added (callers add BOS)
+    fprintf(f, ",\n  \"post_processor\": %s,\n", byte_level);
+    fprintf(f, "  \"decoder\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, \"trim_offsets\": true, "
+            "\"use_regex\": true},\n");
+    fprintf(f, "  \"model\": {\n    \"type\": \"BPE\",\n    \"dropout\": null,\n    \"unk_token\": ");
+    if (t->unk_id >= 0) json_write_string(f, t->text[t->unk_id]);
+    else fputs("null", f);
+    fprintf(f, ",\n    \"continuing_subword_prefix\": null,\n    \"end_of_word_suffix\": null,\n"
+            "    \"fuse_unk\": false,\n    \"byte_fallback\": false,\n    \"ignore_merges\": %s,\n    \"vocab\": {",
+            json_bool(t->ignore_merges));
+    first = 1;
+    for (int id = 0; id < t->n_vocab; id++) {
+        if (t->text[id][0] == '\0') continue;   // hole
+        fprintf(f, "%s\n      ", first ? "" : ",");
+        json_write_string(f, t->text[id]);
+        fprintf(f, ": %d", id);
+        first = 0;
+    }
+    fprintf(f, "\n    },\n    \"merges\": [");
+    // pairs as arrays: a spelling may contain a space, which the "a b" string form cannot carry
+    for (size_t k = 0; k < n_merges; k++) {
+        fprintf(f, "%s\n      [", k ? "," : "");
+        json_write_string(f, t->text[merges[k].left]);
+        fputs(", ", f);
+        json_write_string(f, t->text[merges[k].right]);
+        fputc(']', f);
+    }
+    fprintf(f, "\n    ]\n  }\n}\n");
+    atomic_commit(f, tmp, path);
+    free(tmp);
+    free(is_added);
+    free(merges);
+    return 0;
 }

@@ -15,7 +15,8 @@
  *
  * Loaders: Hugging Face tokenizer.json, the tokenizer stored in a GGUF file
  * (tokenizer.ggml.*), and llm.c's tokenizer .bin (decode only: it has no merges). Unsupported
- * or malformed vocabularies stop with an error naming the file and the field.
+ * or malformed vocabularies stop with an error naming the file and the field. tokenizer_save_hf
+ * writes any of them but the .bin back out as a Hugging Face tokenizer.json.
  */
 #ifndef TOKENIZER_H
 #define TOKENIZER_H
@@ -69,6 +70,23 @@ const unsigned char *tokenizer_token_bytes(const Tokenizer *t, int id, size_t *l
 int tokenizer_special_id(const Tokenizer *t, const char *text);
 // Id of the vocabulary entry spelled `text` in byte-level form, or -1.
 int tokenizer_token_id(const Tokenizer *t, const char *text);
+// Writes the tokenizer to `path` as a Hugging Face tokenizer.json that `tokenizers`
+// (Tokenizer.from_file) and tokenizer_load both read back to this tokenizer: the same ids for
+// every text, the same added tokens (special flag kept), the same decoding. Written: a BPE model
+// (vocab without holes, merges in rank order as ["a", "b"] pairs, ignore_merges, unk_token), the
+// added tokens (normalized/lstrip/rstrip/single_word false), no normalizer, the pre-tokenizer
+// chain as GPT-2 / SmolLM2 / Llama 3 / Qwen2 declare it (Digits and Split steps, then ByteLevel),
+// ByteLevel post-processor (adds no tokens) and decoder. bos/eos are not part of tokenizer.json:
+// they belong in tokenizer_config.json, which this does not write.
+// The file is written to a temporary name and renamed over `path`, so `path` is either the old
+// file or the whole new one. Returns 0 when written. Returns -1, writing nothing, when the
+// tokenizer has no faithful tokenizer.json form (tokenizer_hf_check says why: an llm.c .bin
+// tokenizer, which only decodes; a token that is not valid UTF-8; two ids with one spelling).
+// I/O errors are fatal, as everywhere in train_mora.
+int tokenizer_save_hf(const Tokenizer *t, const char *path);
+// 1 when tokenizer_save_hf can write this tokenizer; else 0 with one line in why[0..why_size)
+// (why may be NULL) naming the tokenizer and the reason, for the caller's message.
+int tokenizer_hf_check(const Tokenizer *t, char *why, size_t why_size);
 // One line describing the pre-tokenizer chain (for logs and tools), e.g. "digits(individual) > gpt2".
 const char *tokenizer_describe(const Tokenizer *t);
 

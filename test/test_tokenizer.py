@@ -22,6 +22,7 @@ SMOLLM2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,10 +352,8 @@ def test_invalid_utf8_never_crashes(smollm2, trained):
     assert c_decode(trained[0], c_encode(trained[0], blobs)) == blobs
 
 
-def test_llmc_bin_decodes_like_tokenizers(trained, tmp_path):
-    """llm.c's tokenizer .bin (version 2) written from the trained vocabulary decodes as the
-    vocabulary does in tokenizers."""
-    path, tk = trained
+def write_llmc_bin(tk, bin_path):
+    """llm.c's tokenizer .bin (version 2) of a tokenizers vocabulary, written here in Python."""
     import numpy as np
     vocab = tk.get_vocab()
     n = tk.get_vocab_size()
@@ -367,8 +366,17 @@ def test_llmc_bin_decodes_like_tokenizers(trained, tmp_path):
         tok = id_to_tok[i]
         raw = bytes(byte_of[c] for c in tok) if all(c in byte_of for c in tok) else tok.encode()
         blob += bytes([len(raw)]) + raw
-    bin_path = tmp_path / "tok.bin"
     bin_path.write_bytes(bytes(blob))
+
+
+def test_llmc_bin_decodes_like_tokenizers(trained, tmp_path):
+    """llm.c's tokenizer .bin (version 2) written from the trained vocabulary decodes as the
+    vocabulary does in tokenizers."""
+    path, tk = trained
+    vocab = tk.get_vocab()
+    n = tk.get_vocab_size()
+    bin_path = tmp_path / "tok.bin"
+    write_llmc_bin(tk, bin_path)
     info = tool("info", bin_path).stdout.decode()
     assert f"vocab_size {n}\n" in info and f"eos {vocab['<|endoftext|>']}\n" in info and "can_encode 0" in info
     rng = random.Random(3)
@@ -377,6 +385,212 @@ def test_llmc_bin_decodes_like_tokenizers(trained, tmp_path):
         assert got.decode("utf-8", errors="replace") == tk.decode(seq, skip_special_tokens=False)
     proc = tool("encode", bin_path, stdin=b"hello", check=False)
     assert proc.returncode != 0 and b"only decode" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# writing tokenizer.json (tok_tool save-hf, tokenizer_save_hf)
+
+# texts aimed at what a wrong writer would change: every special token, digit runs (Digits,
+# \p{N}{1,3}), whitespace runs and newlines (the regexes' lookahead), contractions, non-ASCII
+SAVE_HF_TEXTS = [
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is 1234567+89?<|im_end|>\n",
+    "<|endoftext|><|endoftext|>x<|im_end|>", "12 123 1234 12345 3.14159 2024-11-26 ١٢٣ ²³ ½",
+    "a  b   c    d\t\te\n\n\nf \n \r\n g   ", "   leading and trailing   ", "\n\n", " ",
+    "don't DON'T they're I've we'll", "Zürich naïve café — “quoted” «x» 你好，世界 😀👍🏽 🇫🇷",
+    "def f(x):\n\treturn x ** 2  # comment\n", "<|im_sta <|im_start| <<|im_end|>>",
+]
+
+
+def save_hf(vocab, out):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tool("save-hf", vocab, out)
+    return out
+
+
+def check_saved_hf(src, ref, out, texts, what, roundtrip=True):
+    """The tokenizer.json that save-hf wrote from src, read by tokenizers and by us, against the
+    reference tokenizers object ref (the tokenizer src stands for): same vocabulary and added
+    tokens, same ids for every text, and decoding that gives the text back (roundtrip; with
+    add_prefix_space decoding gives the pieces' added spaces too, as the original does)."""
+    hf = Tokenizer.from_file(str(out))
+    assert hf.get_vocab() == ref.get_vocab(), f"{what}: vocabulary differs"
+    added = {i: (a.content, a.special) for i, a in hf.get_added_tokens_decoder().items()}
+    assert added == {i: (a.content, a.special) for i, a in ref.get_added_tokens_decoder().items()}, what
+    expected = hf_encode(ref, texts)
+    assert_same_ids(hf_encode(hf, texts), expected, texts, f"{what}: written file read by tokenizers")
+    ours = c_encode(out, texts)
+    assert_same_ids(ours, expected, texts, f"{what}: written file read by tok_tool")
+    decoded = c_decode(out, ours)
+    assert decoded == c_decode(src, ours), f"{what}: our decode of the written file"
+    for text, ids, got in zip(texts, ours, decoded):
+        if roundtrip:
+            assert got == text.encode(), f"{what}: our decode(encode(s)) != s for {text[:100]!r}"
+        theirs = hf.decode(ids, skip_special_tokens=False)
+        assert theirs == ref.decode(ids, skip_special_tokens=False) == got.decode(), f"{what}: decode of {text[:100]!r}"
+    # any ids, also those splitting a character: both decoders give the bytes of the original
+    rng = random.Random(11)
+    n_vocab = ref.get_vocab_size()
+    seqs = [[rng.randrange(n_vocab) for _ in range(rng.randrange(1, 30))] for _ in range(200)]
+    assert c_decode(out, seqs) == c_decode(src, seqs), f"{what}: our decode of the written file"
+    for seq in seqs:
+        assert hf.decode(seq, skip_special_tokens=False) == ref.decode(seq, skip_special_tokens=False), seq
+    info = lambda p: {k: v for k, v in (line.split(" ", 1) for line in tool("info", p).stdout.decode().splitlines())
+                      if k in ("vocab_size", "pre", "can_encode")}
+    assert info(out) == info(src), what
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_save_hf_smollm2_gguf(smollm2, corpus, tmp_path):
+    """SmolLM2's GGUF tokenizer written as tokenizer.json is SmolLM2's tokenizer.json: the same
+    ids as tokenizers built from the GGUF's tokens and merges, the pre-tokenizer as SmolLM2 declares
+    it, the 17 control tokens as special added tokens."""
+    path, v, tk = smollm2
+    out = save_hf(path, tmp_path / "smollm2" / "tokenizer.json")
+    d = check_saved_hf(path, tk, out, corpus + SAVE_HF_TEXTS, "SmolLM2 GGUF")
+    pre = d["pre_tokenizer"]
+    assert pre["type"] == "Sequence" and [p["type"] for p in pre["pretokenizers"]] == ["Digits", "ByteLevel"]
+    assert pre["pretokenizers"][0]["individual_digits"] is True
+    assert pre["pretokenizers"][1]["use_regex"] is True and pre["pretokenizers"][1]["add_prefix_space"] is False
+    assert d["model"]["merges"] == [m.split(" ") for m in v["merges"]]
+    assert [a["content"] for a in d["added_tokens"]] == v["tokens"][:17]
+    assert all(a["special"] and not a["normalized"] for a in d["added_tokens"])
+    assert d["normalizer"] is None and d["decoder"]["type"] == "ByteLevel"
+    # our encoding of the written file and of the GGUF agree on the whole corpus (also without
+    # special-token parsing)
+    assert c_encode(out, corpus, special=False) == c_encode(path, corpus, special=False)
+
+
+def llama3_pre(d):
+    d["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    d["model"]["ignore_merges"] = True
+
+
+# words the trained vocabulary has never seen
+UNSEEN_WORDS = ["xylophone", "quixotic", "Zanzibar", "Übermensch", "fjörður", "bureaucracy"]
+
+
+def llama3_pre_whole_words(d):
+    """Llama 3's chain, plus whole words in the vocabulary that no merge builds: with
+    ignore_merges a piece that is a token is emitted whole, so the flag changes ids."""
+    llama3_pre(d)
+    vocab = d["model"]["vocab"]
+    n = max(vocab.values()) + 1
+    for w in UNSEEN_WORDS:
+        for form in (w, " " + w, " " + w.capitalize()):
+            spelled = "".join(byte_level_char(b) for b in form.encode())
+            if spelled not in vocab:
+                vocab[spelled] = n
+                n += 1
+
+
+def qwen2_pre(d):
+    d["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+
+
+def digits_prefix_pre(d):
+    d["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": False},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+
+
+def split_gpt2_pre(d):
+    d["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": GPT2_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+# (name, edit of the trained tokenizer.json, the pre_tokenizer save-hf must write: types in order,
+# then the final ByteLevel's add_prefix_space and use_regex)
+SAVE_HF_VARIANTS = [
+    ("gpt2", lambda d: None, [], False, True),
+    ("llama3", llama3_pre_whole_words, [("Split", LLAMA3_REGEX)], False, False),
+    ("qwen2", qwen2_pre, [("Split", QWEN2_REGEX)], False, False),
+    ("digits_prefix", digits_prefix_pre, [("Digits", False)], True, True),
+    # GPT-2's regex as an explicit Split is what ByteLevel with use_regex does: written as that
+    ("split_gpt2", split_gpt2_pre, [], False, True),
+]
+
+
+@pytest.mark.parametrize("name,edit,steps,prefix_space,use_regex", SAVE_HF_VARIANTS, ids=[v[0] for v in SAVE_HF_VARIANTS])
+def test_save_hf_pre_tokenizer_kinds(trained, corpus, tmp_path, name, edit, steps, prefix_space, use_regex):
+    """A tokenizer.json of each pre-tokenizer kind, loaded by us and written back by save-hf,
+    tokenizes as the original does in tokenizers, and declares its pre-tokenizer the way GPT-2,
+    Llama 3, Qwen2 and SmolLM2 do."""
+    src, ref = variant(tmp_path, trained[0].read_text(encoding="utf-8"), name, edit)
+    out = save_hf(src, tmp_path / "out" / "tokenizer.json")
+    texts = corpus + SAVE_HF_TEXTS + [" ".join(UNSEEN_WORDS), "".join(UNSEEN_WORDS)]
+    d = check_saved_hf(src, ref, out, texts, name, roundtrip=not prefix_space)
+    pre = d["pre_tokenizer"]
+    chain = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
+    assert pre["type"] == ("Sequence" if steps else "ByteLevel")
+    got = [(p["type"], p["pattern"]["Regex"] if p["type"] == "Split" else p["individual_digits"]) for p in chain[:-1]]
+    assert got == steps
+    for p in chain[:-1]:
+        if p["type"] == "Split":
+            assert p["behavior"] == "Isolated" and p["invert"] is False
+    assert chain[-1]["type"] == "ByteLevel"
+    assert (chain[-1]["add_prefix_space"], chain[-1]["use_regex"]) == (prefix_space, use_regex)
+    assert d["model"]["ignore_merges"] is (name == "llama3")
+    if name == "llama3":   # the whole-word tokens, reachable only through ignore_merges, are used
+        n_trained = trained[1].get_vocab_size()
+        assert sum(i >= n_trained for i in c_encode(out, [" ".join(UNSEEN_WORDS)])[0]) == len(UNSEEN_WORDS)
+    assert d["model"]["merges"] == json.loads(src.read_text(encoding="utf-8"))["model"]["merges"]
+
+
+def test_save_hf_holes_unk_and_plain_added_tokens(trained, tmp_path):
+    """Ids without a token stay holes, the unknown token is kept, and added tokens keep their
+    special flag, also non-special ones and ones with spaces, quotes or non-ASCII in them."""
+    path, _ = trained
+
+    def edit(d):
+        vocab = d["model"]["vocab"]
+        del vocab["ÿ"]   # byte 0xFF (never in UTF-8, so in no merge): its id becomes a hole
+        d["model"]["unk_token"] = "<|endoftext|>"   # and the byte is now the unknown token
+        n = max(vocab.values()) + 1
+        for k, content in enumerate(['<tool>', '<|naïve tok|>', '<x"\\y>']):
+            vocab[content] = n + k   # in the vocab too, as tokenizers writes them: that pins their ids
+            d["added_tokens"].append({"id": n + k, "content": content, "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": k == 2})
+    src, ref = variant(tmp_path, path.read_text(encoding="utf-8"), "edge", edit)
+    out = save_hf(src, tmp_path / "out" / "tokenizer.json")
+    texts = SAVE_HF_TEXTS + ["call <tool> now", "a<|naïve tok|>b", 'q <x"\\y> q', "<tool><tool>"]
+    d = check_saved_hf(src, ref, out, texts, "holes/unk/added")
+    assert d["model"]["unk_token"] == "<|endoftext|>"
+    hole = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]["ÿ"]
+    assert hole not in d["model"]["vocab"].values()
+    specials = {a["content"]: a["special"] for a in d["added_tokens"]}
+    assert specials["<tool>"] is False and specials['<x"\\y>'] is True and specials["<|endoftext|>"] is True
+    # the byte 0xFF has no base token: our encoding gives the unknown token for it, before and after
+    blobs = [b"a\xffb", b"\xff\xff", b"caf\xc3\xa9 \xff"]
+    assert c_encode(out, blobs) == c_encode(src, blobs)
+    assert ref.token_to_id("<|endoftext|>") in c_encode(out, blobs)[0]
+
+
+def test_save_hf_refuses_llmc_bin(trained, tmp_path):
+    """An llm.c .bin tokenizer only decodes (no merges, no pre-tokenizer): save-hf refuses it
+    with a message saying so, and writes nothing."""
+    bin_path = tmp_path / "tok.bin"
+    write_llmc_bin(trained[1], bin_path)
+    out = tmp_path / "out" / "tokenizer.json"
+    out.parent.mkdir()
+    proc = tool("save-hf", bin_path, out, check=False)
+    assert proc.returncode != 0
+    assert str(bin_path).encode() in proc.stderr and b"llm.c .bin" in proc.stderr and b"only" in proc.stderr, proc.stderr
+    assert list(out.parent.iterdir()) == []
+
+
+def test_save_hf_replaces_whole_file(trained, tmp_path):
+    """The file is written beside and renamed over: an existing tokenizer.json is replaced whole
+    and no temporary file is left."""
+    out = tmp_path / "tokenizer.json"
+    out.write_text("old")
+    save_hf(trained[0], out)
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
+    assert Tokenizer.from_file(str(out)).get_vocab() == trained[1].get_vocab()
 
 
 # ----------------------------------------------------------------------------------------------

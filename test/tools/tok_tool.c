@@ -10,6 +10,7 @@
  *   tok_tool decode-batch VOCAB < lines  each line is ids; prints the decoded bytes in hex
  *   tok_tool special VOCAB TEXT          id of the added/special token TEXT (-1 when none)
  *   tok_tool token VOCAB ID              the vocabulary spelling of token ID
+ *   tok_tool save-hf VOCAB OUT.json      VOCAB written as a Hugging Face tokenizer.json
  *   tok_tool chat TEMPLATE USER [--system TEXT] [--no-generation-prompt]
  *                                        the rendered conversation
  *   tok_tool stops TEMPLATE              the template's stop strings, one per line
@@ -27,7 +28,7 @@
 static void usage(void) {
     fprintf(stderr,
             "usage: tok_tool info|encode|encode-batch|decode|decode-batch VOCAB\n"
-            "       tok_tool special VOCAB TEXT | token VOCAB ID\n"
+            "       tok_tool special VOCAB TEXT | token VOCAB ID | save-hf VOCAB OUT.json\n"
             "       tok_tool chat TEMPLATE USER [--system TEXT] [--no-generation-prompt]\n"
             "       tok_tool stops TEMPLATE | guess-template GGUF\n"
             "templates: %s\n", chat_template_names());
@@ -200,6 +201,11 @@ int main(int argc, char **argv) {
         if (*end != '\0' || id < 0 || id >= tokenizer_vocab_size(t))
             fatal("token: \"%s\" is not a token id in [0, %d)", argv[3], tokenizer_vocab_size(t));
         printf("%s\n", tokenizer_token_text(t, (int)id));
+    } else if (strcmp(cmd, "save-hf") == 0) {
+        if (argc < 4) usage();
+        char why[512];
+        if (!tokenizer_hf_check(t, why, sizeof(why))) fatal("save-hf: %s", why);
+        if (tokenizer_save_hf(t, argv[3]) != 0) fatal("save-hf: %s not written", argv[3]);
     } else {
         usage();
     }
