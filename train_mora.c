@@ -731,6 +731,136 @@ static int cmd_generate(int argc, char **argv) {
 }
 
 // ----------------------------------------------------------------------------
+// export: any checkpoint as a Hugging Face model directory
+
+// OUT = DIR/NAME
+static void join_path(char *out, size_t n, const char *dir, const char *name) {
+    snprintf(out, n, "%s/%s", dir, name);
+}
+
+static int file_starts_with_gguf(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) return 0;
+    char head[4] = {0};
+    size_t got = fread(head, 1, 4, f);
+    fclose(f);
+    return got == 4 && memcmp(head, "GGUF", 4) == 0;
+}
+
+static int cmd_export(int argc, char **argv) {
+    const char *model_path = "", *out = "", *tokenizer_path = "";
+    ArgSpec specs[] = {
+        {"model", ARG_STRING, &model_path, "checkpoint: native (or its run directory), llm.c .bin, .safetensors / HF dir, .gguf"},
+        {"out", ARG_STRING, &out, "the directory to write: model.safetensors, config.json, tokenizer.json, tokenizer_config.json"},
+        {"tokenizer", ARG_STRING, &tokenizer_path, "tokenizer to write with it (tokenizer.json, .gguf); default: the checkpoint's"},
+    };
+    args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "export",
+               "Writes a checkpoint as a Hugging Face model directory (float32 safetensors, config.json) with its\n"
+               "tokenizer (tokenizer.json, converted from a GGUF's) and chat template (tokenizer_config.json),\n"
+               "for transformers and for train_mora itself.");
+    args_require_string("model", model_path, "export");
+    args_require_string("out", out, "export");
+    const char *written[] = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"};
+    char path[4400];
+    for (int i = 0; i < 4; i++) {
+        join_path(path, sizeof path, out, written[i]);
+        if (run_file_exists(path))
+            fatal("--out %s holds %s already: export writes a new directory (remove it, or choose another --out)", out, written[i]);
+    }
+
+    Model model;
+    CheckpointInfo info;
+    checkpoint_load(&model, model_path, NULL, &info);
+    const char *tok_path = tokenizer_path[0] ? tokenizer_path : info.tokenizer_path;
+    Tokenizer *tok = NULL;
+    if (tok_path[0]) {
+        tok = tokenizer_load(tok_path);
+        if (!tokenizer_can_encode(tok))
+            fatal("%s is llm.c's tokenizer .bin, which can only decode: it cannot be written as tokenizer.json "
+                  "(pass --tokenizer tokenizer.json or .gguf)", tok_path);
+        if (tokenizer_vocab_size(tok) > model.config.vocab_size)
+            fatal("%s has %d tokens, more than the vocabulary of %d of the model %s: it is not this model's tokenizer",
+                  tok_path, tokenizer_vocab_size(tok), model.config.vocab_size, model_path);
+        tokenizer_warn_if_small(tok, model.config.vocab_size, tok_path);
+        char why[600];
+        if (file_starts_with_gguf(tok_path) && !tokenizer_hf_check(tok, why, sizeof why)) fatal("%s", why);
+    }
+    run_ensure_dir(out, "--out");
+    checkpoint_save_hf(&model, out);
+
+    // the tokenizer: a tokenizer.json is copied with the tokenizer_config.json beside it; a GGUF's
+    // tokenizer is converted, and its jinja chat template goes into tokenizer_config.json
+    char tok_note[4400] = "none (generate on it needs --tokenizer)", tpl_note[256] = "none";
+    cJSON *tok_config = NULL;
+    if (tok) {
+        join_path(path, sizeof path, out, "tokenizer.json");
+        if (file_starts_with_gguf(tok_path)) {
+            if (tokenizer_save_hf(tok, path) != 0) fatal("%s: its tokenizer cannot be written as tokenizer.json", tok_path);   // checked above
+            snprintf(tok_note, sizeof tok_note, "converted from %s", tok_path);
+            GGUFFile *g = gguf_open(tok_path);
+            tok_config = cJSON_CreateObject();
+            const char *jinja = gguf_get_str(g, "tokenizer.chat_template");
+            if (jinja) cJSON_AddStringToObject(tok_config, "chat_template", jinja);
+            gguf_close(g);
+        } else {
+            size_t len;
+            char *text = read_file_all(tok_path, &len);
+            run_write_text(path, text);
+            free(text);
+            snprintf(tok_note, sizeof tok_note, "copied from %s", tok_path);
+            char beside[4400];
+            snprintf(beside, sizeof beside, "%s", tok_path);
+            char *slash = strrchr(beside, '/');
+            if (slash) snprintf(slash + 1, sizeof beside - (size_t)(slash + 1 - beside), "tokenizer_config.json");
+            else snprintf(beside, sizeof beside, "tokenizer_config.json");
+            tok_config = run_file_exists(beside) ? run_read_json(beside) : cJSON_CreateObject();
+        }
+        // what transformers needs to build the tokenizer, where the source did not say it
+        if (!cJSON_GetObjectItemCaseSensitive(tok_config, "tokenizer_class"))
+            cJSON_AddStringToObject(tok_config, "tokenizer_class", "PreTrainedTokenizerFast");
+        const char *special[2] = {"bos_token", "eos_token"};
+        int ids[2] = {tokenizer_bos_id(tok), tokenizer_eos_id(tok)};
+        for (int i = 0; i < 2; i++) {
+            if (ids[i] < 0 || cJSON_GetObjectItemCaseSensitive(tok_config, special[i])) continue;
+            size_t n;
+            const unsigned char *b = tokenizer_token_bytes(tok, ids[i], &n);
+            char *text = (char *)mallocCheck(n + 1);
+            memcpy(text, b, n);
+            text[n] = '\0';
+            cJSON_AddStringToObject(tok_config, special[i], text);
+            free(text);
+        }
+        if (!cJSON_GetObjectItemCaseSensitive(tok_config, "model_max_length"))
+            cJSON_AddNumberToObject(tok_config, "model_max_length", model.config.max_seq_len);
+        const cJSON *jinja = cJSON_GetObjectItemCaseSensitive(tok_config, "chat_template");
+        const ChatTemplate *guess = cJSON_IsString(jinja) ? chat_template_guess(jinja->valuestring) : NULL;
+        if (cJSON_IsString(jinja))
+            snprintf(tpl_note, sizeof tpl_note, "%s", guess ? chat_template_name(guess) : "the source's (not one train_mora renders)");
+        if (info.chat_template[0] && (!guess || strcmp(chat_template_name(guess), info.chat_template) != 0))
+            fprintf(stderr, "warning: %s was trained with the chat template %s; the tokenizer's chat template written "
+                    "with it is %s\n", model_path, info.chat_template, tpl_note);
+        join_path(path, sizeof path, out, "tokenizer_config.json");
+        run_write_json(path, tok_config);
+        cJSON_Delete(tok_config);
+
+        // config.json: the special ids transformers' generate stops at
+        join_path(path, sizeof path, out, "config.json");
+        cJSON *cfg = run_read_json(path);
+        if (ids[0] >= 0) cJSON_AddNumberToObject(cfg, "bos_token_id", ids[0]);
+        if (ids[1] >= 0) cJSON_AddNumberToObject(cfg, "eos_token_id", ids[1]);
+        run_write_json(path, cfg);
+        cJSON_Delete(cfg);
+        tokenizer_free(tok);
+    }
+    printf("exported %s (%s, %.2fM parameters) to %s\n", model_path,
+           model.config.arch == ARCH_GPT2 ? "gpt2" : model.config.qkv_bias ? "qwen2" : "llama",
+           model.num_parameters / 1e6, out);
+    printf("  model.safetensors (float32) and config.json\n  tokenizer: %s\n  chat template: %s\n", tok_note, tpl_note);
+    model_free(&model);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -742,6 +872,7 @@ static void usage(FILE *out) {
         "  reward     train the helpful/harmless/truthful reward heads on preference JSONL\n"
         "  mora       MORA: presample, isolate, rewrite, update (GRPO or DPO); --mora 0 the baseline\n"
         "  eval       the comparison table of a MORA run against its baseline on held-out prompts\n"
+        "  export     write a checkpoint as a Hugging Face model directory, with its tokenizer\n"
         "  demo       the built-in demo (also what `train_mora` with no arguments runs)\n\n"
         "environment (runs with --device cuda; each takes 0 or 1 unless shown otherwise, and an unknown value stops\n"
         "the run with a message):\n"
@@ -785,6 +916,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "mora")) return cmd_mora(argc, argv);
     if (!strcmp(cmd, "eval")) return cmd_eval(argc, argv);
     if (!strcmp(cmd, "demo")) return cmd_demo(argc, argv);
+    if (!strcmp(cmd, "export")) return cmd_export(argc, argv);
     fprintf(stderr, "error: unknown command '%s'\n\n", cmd);
     usage(stderr);
     return 1;

@@ -164,11 +164,10 @@ def gguf_vocab(path):
                 chat_template=bytes(scalar("tokenizer.chat_template")).decode())
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    """(GGUF path, metadata, HF tokenizer built from the GGUF's vocabulary as SmolLM2's
-    tokenizer.json defines it: Digits(individual_digits) then ByteLevel, control tokens added)."""
-    v = gguf_vocab(smollm2_gguf)
+def smollm2_reference_tokenizer(path):
+    """The HF tokenizer built from a SmolLM2 GGUF's vocabulary as SmolLM2's tokenizer.json defines
+    it: Digits(individual_digits) then ByteLevel, control tokens added. Returns (tokenizer, vocab)."""
+    v = gguf_vocab(path)
     # llama.cpp's "smollm" pre-tokenizer is the regex pair {\p{N}, GPT-2's}: each digit alone,
     # then GPT-2's split, which is SmolLM2's tokenizer.json Sequence[Digits, ByteLevel]
     assert v["pre"] == "smollm"
@@ -180,6 +179,13 @@ def smollm2(smollm2_gguf):
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(v["tokens"][i], special=True, normalized=False)
                            for i, t in enumerate(v["types"]) if t == 3])
+    return tk, v
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    """(GGUF path, metadata, HF tokenizer built from the GGUF: smollm2_reference_tokenizer)."""
+    tk, v = smollm2_reference_tokenizer(smollm2_gguf)
     return smollm2_gguf, v, tk
 
 
