@@ -798,7 +798,7 @@ static void write_hf_config(const Model *model, const char *path) {
         cJSON_AddNumberToObject(root, "n_head", c->n_head);
         cJSON_AddNumberToObject(root, "n_inner", c->ffn_hidden);
         cJSON_AddStringToObject(root, "activation_function", "gelu_new");
-        cJSON_AddNumberToObject(root, "layer_norm_epsilon", c->norm_eps);
+        cJSON_AddNumberToObject(root, "layer_norm_epsilon", float_shortest(c->norm_eps));
         cJSON_AddBoolToObject(root, "tie_word_embeddings", c->tied_embeddings);
     } else {
         int qwen2 = c->qkv_bias;  // Llama's attention_bias would also add an o_proj bias; Qwen2's does not
@@ -812,8 +812,8 @@ static void write_hf_config(const Model *model, const char *path) {
         cJSON_AddNumberToObject(root, "num_key_value_heads", c->n_kv_head);
         cJSON_AddNumberToObject(root, "head_dim", c->head_dim);
         cJSON_AddNumberToObject(root, "max_position_embeddings", c->max_seq_len);
-        cJSON_AddNumberToObject(root, "rms_norm_eps", c->norm_eps);
-        cJSON_AddNumberToObject(root, "rope_theta", c->rope_theta);
+        cJSON_AddNumberToObject(root, "rms_norm_eps", float_shortest(c->norm_eps));
+        cJSON_AddNumberToObject(root, "rope_theta", float_shortest(c->rope_theta));
         cJSON_AddStringToObject(root, "hidden_act", "silu");
         if (!qwen2) {
             cJSON_AddBoolToObject(root, "attention_bias", 0);

@@ -58,6 +58,10 @@ def test_smollm2_weights_and_config(smollm2_gguf, smollm2_export):
     np.testing.assert_array_equal(ours["model.layers.29.self_attn.k_proj.weight"], hf_unpermute(deq("blk.29.attn_k.weight"), NKV))
     np.testing.assert_array_equal(ours["model.layers.29.mlp.down_proj.weight"], deq("blk.29.ffn_down.weight"))
     assert cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == field("llama.block_count")
+    # float32 settings with the shortest digits that give them back (NumPy's str of a float32): 1e-05
+    assert cfg["rms_norm_eps"] == float(str(np.float32(field("llama.attention.layer_norm_rms_epsilon"))))
+    assert cfg["rope_theta"] == float(str(np.float32(field("llama.rope.freq_base"))))
+    assert "9.99999" not in (out / "config.json").read_text()
     assert cfg["bos_token_id"] == field("tokenizer.ggml.bos_token_id")
     assert cfg["eos_token_id"] == field("tokenizer.ggml.eos_token_id")
     assert f"tokenizer: converted from {smollm2_gguf}" in p.stdout and "chat template: smollm2" in p.stdout
