@@ -428,6 +428,18 @@ def test_hf_gpt2_loads_and_saves(tmp_path, dtype, prefix):
 LLAMA = dict(V=40, C=16, L=2, NH=4, NKV=2, HS=4, F=24)
 
 
+def shard_hf(d, t):
+    """Replaces d/model.safetensors by two shards of the tensors t and their index file."""
+    os.remove(d / "model.safetensors")
+    names = sorted(t)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for fname, keys in shards.items():
+        save_file({k: t[k] for k in keys}, str(d / fname))
+    json.dump({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}},
+              open(d / "model.safetensors.index.json", "w"))
+
+
 def llama_hf_tensors(rng, bias=False, lm_head=True):
     V, C, L, NH, NKV, HS, F = (LLAMA[k] for k in ("V", "C", "L", "NH", "NKV", "HS", "F"))
     t = {"model.embed_tokens.weight": rng.standard_normal((V, C)), "model.norm.weight": rng.standard_normal(C)}
@@ -483,14 +495,7 @@ def test_hf_llama_family_loads_and_saves(tmp_path, kind):
     src = tmp_path / "in"
     held = save_hf(src, t, cfg, dtype)
     if "sharded" in kind:
-        os.remove(src / "model.safetensors")
-        names = sorted(t)
-        shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-                  "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-        for fname, keys in shards.items():
-            save_file({k: t[k] for k in keys}, str(src / fname))
-        json.dump({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}},
-                  open(src / "model.safetensors.index.json", "w"))
+        shard_hf(src, t)
     (src / "tokenizer.json").write_text("{}")
     got = info(src)
     assert got["tokenizer_path"] == str(src / "tokenizer.json")
@@ -1023,14 +1028,7 @@ def test_run_directory_index_and_shard(tmp_path):
     # sharded: the index file, and one shard
     d = tmp_path / "sharded"
     save_hf(d, t, llama_config())
-    os.remove(d / "model.safetensors")
-    names = sorted(t)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for fname, keys in shards.items():
-        save_file({k: t[k] for k in keys}, str(d / fname))
-    json.dump({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}},
-              open(d / "model.safetensors.index.json", "w"))
+    shard_hf(d, t)
     run_tool("convert", d / "model.safetensors.index.json", "native", tmp_path / "idx.bin")
     np.testing.assert_array_equal(read_native(tmp_path / "idx.bin")[1], want)
     err = run_tool_fails("info", d / "model-00001-of-00002.safetensors")
