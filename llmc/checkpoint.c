@@ -945,8 +945,9 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
         for (int d = 0; d < t->n_dims; d++) shape[d] = (int64_t)t->dims[t->n_dims - 1 - d];
         char got[128], want[128];
         if (t->n_dims != e->n_dims || shape[0] != e->shape[0] || (e->n_dims == 2 && shape[1] != e->shape[1]))
-            fatal("%s: tensor %s has shape %s, expected %s", path, e->name, shape_str(got, sizeof(got), t->n_dims, shape),
-                  shape_str(want, sizeof(want), e->n_dims, e->shape));
+            fatal("%s: tensor %s has shape %s, expected %s from the file's metadata (%s.* hyperparameters%s)", path,
+                  e->name, shape_str(got, sizeof(got), t->n_dims, shape), shape_str(want, sizeof(want), e->n_dims, e->shape),
+                  arch, gguf_find(g, "tokenizer.ggml.tokens") ? "; the vocabulary is the count of tokenizer.ggml.tokens" : "");
     }
     UnusedTensors unused = {0};
     for (int64_t i = 0; i < g->n_tensors; i++) {

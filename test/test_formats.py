@@ -716,6 +716,13 @@ def test_misshaped_tensor(tmp_path):
     write_llama_gguf(p, np.random.default_rng(10), reshape="blk.0.attn_k.weight")
     err = run_tool_fails("info", p)
     assert "s.gguf" in err and "blk.0.attn_k.weight has shape [7, 16], expected [8, 16]" in err
+    # the message says where the expected shape comes from: a vocabulary that does not match the
+    # tokenizer's count is the usual cause with an embedding
+    assert "expected [8, 16] from the file's metadata (llama.* hyperparameters" in err
+    p = tmp_path / "v.gguf"
+    write_llama_gguf(p, np.random.default_rng(10), reshape="token_embd.weight")
+    err = run_tool_fails("info", p)
+    assert "token_embd.weight has shape" in err and "the vocabulary is the count of tokenizer.ggml.tokens" in err, err
     t = gpt2_hf_tensors(np.random.default_rng(10))
     t["h.1.attn.c_attn.weight"] = t["h.1.attn.c_attn.weight"].T.copy()
     save_hf(tmp_path / "hf", t, gpt2_config())
