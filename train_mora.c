@@ -748,18 +748,22 @@ static int file_starts_with_gguf(const char *path) {
 }
 
 static int cmd_export(int argc, char **argv) {
-    const char *model_path = "", *out = "", *tokenizer_path = "";
+    const char *model_path = "", *out = "", *tokenizer_path = "", *dtype = "float32";
     ArgSpec specs[] = {
         {"model", ARG_STRING, &model_path, "checkpoint: native (or its run directory), llm.c .bin, .safetensors / HF dir, .gguf"},
+        {"dtype", ARG_STRING, &dtype, "the weights' type: float32, or bfloat16 (half the size; rounded to nearest even)"},
         {"out", ARG_STRING, &out, "the directory to write: model.safetensors, config.json, tokenizer.json, tokenizer_config.json"},
         {"tokenizer", ARG_STRING, &tokenizer_path, "tokenizer to write with it (tokenizer.json, .gguf); default: the checkpoint's"},
     };
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "export",
-               "Writes a checkpoint as a Hugging Face model directory (float32 safetensors, config.json) with its\n"
+               "Writes a checkpoint as a Hugging Face model directory (safetensors, config.json) with its\n"
                "tokenizer (tokenizer.json, converted from a GGUF's) and chat template (tokenizer_config.json),\n"
                "for transformers and for train_mora itself.");
     args_require_string("model", model_path, "export");
     args_require_string("out", out, "export");
+    int bf16 = !strcmp(dtype, "bfloat16") || !strcmp(dtype, "bf16");
+    if (!bf16 && strcmp(dtype, "float32") && strcmp(dtype, "f32"))
+        fatal("flag --dtype: expected float32 or bfloat16, got '%s'", dtype);
     const char *written[] = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"};
     char path[4400];
     for (int i = 0; i < 4; i++) {
@@ -786,7 +790,7 @@ static int cmd_export(int argc, char **argv) {
         if (file_starts_with_gguf(tok_path) && !tokenizer_hf_check(tok, why, sizeof why)) fatal("%s", why);
     }
     run_ensure_dir(out, "--out");
-    checkpoint_save_hf(&model, out);
+    checkpoint_save_hf(&model, out, bf16);
 
     // the tokenizer: a tokenizer.json is copied with the tokenizer_config.json beside it; a GGUF's
     // tokenizer is converted, and its jinja chat template goes into tokenizer_config.json
@@ -855,7 +859,8 @@ static int cmd_export(int argc, char **argv) {
     printf("exported %s (%s, %.2fM parameters) to %s\n", model_path,
            model.config.arch == ARCH_GPT2 ? "gpt2" : model.config.qkv_bias ? "qwen2" : "llama",
            model.num_parameters / 1e6, out);
-    printf("  model.safetensors (float32) and config.json\n  tokenizer: %s\n  chat template: %s\n", tok_note, tpl_note);
+    printf("  model.safetensors (%s) and config.json\n  tokenizer: %s\n  chat template: %s\n", bf16 ? "bfloat16" : "float32",
+           tok_note, tpl_note);
     model_free(&model);
     return 0;
 }

@@ -776,14 +776,14 @@ static SafetensorsWriteTensor *hf_write_list(const Model *model, const float *bu
 void checkpoint_save_hf_tensors(const Model *model, const float *buffer, const char *path) {
     TensorTable table;
     SafetensorsWriteTensor *w = hf_write_list(model, buffer, &table);
-    safetensors_write_f32(path, w, table.n);
+    safetensors_write(path, w, table.n, 0);
     free(w);
     free(table.entries);
 }
 
 // Writes DIR/config.json with the fields transformers reads for GPT2LMHeadModel,
 // LlamaForCausalLM or (qkv bias) Qwen2ForCausalLM.
-static void write_hf_config(const Model *model, const char *path) {
+static void write_hf_config(const Model *model, const char *path, int bf16) {
     const ModelConfig *c = &model->config;
     cJSON *root = cJSON_CreateObject();
     cJSON *archs = cJSON_AddArrayToObject(root, "architectures");
@@ -822,7 +822,7 @@ static void write_hf_config(const Model *model, const char *path) {
         cJSON_AddNullToObject(root, "rope_scaling");
         cJSON_AddBoolToObject(root, "tie_word_embeddings", c->tied_embeddings);
     }
-    cJSON_AddStringToObject(root, "torch_dtype", "float32");
+    cJSON_AddStringToObject(root, "torch_dtype", bf16 ? "bfloat16" : "float32");
     char *text = cJSON_Print(root);
     char tmp_path[4200];
     FILE *f = atomic_open(path, tmp_path, sizeof(tmp_path));
@@ -833,14 +833,18 @@ static void write_hf_config(const Model *model, const char *path) {
     cJSON_Delete(root);
 }
 
-void checkpoint_save_hf(const Model *model, const char *dir) {
+void checkpoint_save_hf(const Model *model, const char *dir, int bf16) {
     if (!is_directory(dir) && mkdir(dir, 0755) != 0 && errno != EEXIST)
         fatal("cannot create directory %s: %s", dir, strerror(errno));
     char path[4200];
     snprintf(path, sizeof(path), "%s/model.safetensors", dir);
-    checkpoint_save_hf_tensors(model, model->params, path);
+    TensorTable table;
+    SafetensorsWriteTensor *w = hf_write_list(model, model->params, &table);
+    safetensors_write(path, w, table.n, bf16);
+    free(w);
+    free(table.entries);
     snprintf(path, sizeof(path), "%s/config.json", dir);
-    write_hf_config(model, path);
+    write_hf_config(model, path, bf16);
 }
 
 // ----------------------------------------------------------------------------

@@ -51,8 +51,9 @@ void checkpoint_load(Model *model, const char *path, TrainState *state, Checkpoi
 void checkpoint_save_native(const Model *model, const TrainState *state, const char *path, int with_optimizer);
 
 // Hugging Face directory: DIR/model.safetensors + DIR/config.json (GPT2LMHeadModel or
-// LlamaForCausalLM / Qwen2ForCausalLM), written atomically. Opens in transformers.
-void checkpoint_save_hf(const Model *model, const char *dir);
+// LlamaForCausalLM / Qwen2ForCausalLM), written atomically. Opens in transformers. The tensors are
+// F32, or with bf16 = 1 BF16 (rounded to nearest even; torch_dtype bfloat16).
+void checkpoint_save_hf(const Model *model, const char *dir, int bf16);
 
 // Writes a buffer laid out like model->params (for example model->grads) to a safetensors file
 // under the Hugging Face tensor names of model's family, in Hugging Face's shapes.

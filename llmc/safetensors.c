@@ -228,7 +228,28 @@ const SafetensorsTensor *safetensors_set_find(const SafetensorsSet *s, const cha
 
 // Writes the header (padded with spaces to a multiple of 8, as the reference writer does) and
 // then each tensor's floats, transposing those marked transpose_2d.
-void safetensors_write_f32(const char *path, const SafetensorsWriteTensor *tensors, int n) {
+// The bfloat16 nearest to x (ties to even), as its bits; a NaN stays a (quiet) NaN.
+static uint16_t bf16_bits_of(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// Appends n floats to fp, as they are or as bfloat16.
+static void write_values(FILE *fp, const float *x, size_t n, int bf16, const char *tmp_path) {
+    if (!bf16) { fwrite_check(x, sizeof(float), n, fp, tmp_path); return; }
+    uint16_t chunk[4096];
+    for (size_t i = 0; i < n; i += 4096) {
+        size_t m = n - i < 4096 ? n - i : 4096;
+        for (size_t k = 0; k < m; k++) chunk[k] = bf16_bits_of(x[i + k]);
+        fwrite_check(chunk, sizeof(uint16_t), m, fp, tmp_path);
+    }
+}
+
+void safetensors_write(const char *path, const SafetensorsWriteTensor *tensors, int n, int bf16) {
+    const uint64_t elem = bf16 ? 2 : 4;
     cJSON *root = cJSON_CreateObject();
     cJSON *meta = cJSON_AddObjectToObject(root, "__metadata__");
     cJSON_AddStringToObject(meta, "format", "pt");
@@ -237,7 +258,7 @@ void safetensors_write_f32(const char *path, const SafetensorsWriteTensor *tenso
         const SafetensorsWriteTensor *t = &tensors[i];
         uint64_t numel = 1;
         cJSON *entry = cJSON_AddObjectToObject(root, t->name);
-        cJSON_AddStringToObject(entry, "dtype", "F32");
+        cJSON_AddStringToObject(entry, "dtype", bf16 ? "BF16" : "F32");
         cJSON *shape = cJSON_AddArrayToObject(entry, "shape");
         for (int d = 0; d < t->n_dims; d++) {
             cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)t->shape[d]));
@@ -245,9 +266,9 @@ void safetensors_write_f32(const char *path, const SafetensorsWriteTensor *tenso
         }
         cJSON *offs = cJSON_AddArrayToObject(entry, "data_offsets");
         cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)offset));
-        cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)(offset + numel * 4)));
-        offset += numel * 4;
-        if (t->transpose_2d && t->n_dims != 2) fatal("safetensors_write_f32: %s: transpose needs 2 dims", t->name);
+        cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)(offset + numel * elem)));
+        offset += numel * elem;
+        if (t->transpose_2d && t->n_dims != 2) fatal("safetensors_write: %s: transpose needs 2 dims", t->name);
     }
     char *header = cJSON_PrintUnformatted(root);
     if (header == NULL) fatal("%s: cannot build the safetensors header", path);
@@ -264,13 +285,13 @@ void safetensors_write_f32(const char *path, const SafetensorsWriteTensor *tenso
         const SafetensorsWriteTensor *t = &tensors[i];
         uint64_t numel = 1;
         for (int d = 0; d < t->n_dims; d++) numel *= (uint64_t)t->shape[d];
-        if (!t->transpose_2d) { fwrite_check(t->data, sizeof(float), numel, fp, tmp_path); continue; }
+        if (!t->transpose_2d) { write_values(fp, t->data, numel, bf16, tmp_path); continue; }
         // data is (cols, rows): output row r is column r of the source
         int64_t rows = t->shape[0], cols = t->shape[1];
         float *row = (float *)mallocCheck((size_t)cols * sizeof(float));
         for (int64_t r = 0; r < rows; r++) {
             for (int64_t c = 0; c < cols; c++) row[c] = t->data[c * rows + r];
-            fwrite_check(row, sizeof(float), (size_t)cols, fp, tmp_path);
+            write_values(fp, row, (size_t)cols, bf16, tmp_path);
         }
         free(row);
     }

@@ -6,7 +6,7 @@
  * The reader memory-maps a file, checks every tensor's byte range against the file size, and
  * converts F32, F16 and BF16 tensors to float. A "model set" is what a Hugging Face checkpoint
  * is: one file, or a directory holding model.safetensors or model.safetensors.index.json with
- * its shards. The writer writes F32 tensors, header padded to 8 bytes, atomically.
+ * its shards. The writer writes F32 or BF16 tensors, header padded to 8 bytes, atomically.
  */
 #ifndef LLMC_SAFETENSORS_H
 #define LLMC_SAFETENSORS_H
@@ -63,6 +63,7 @@ typedef struct {
     int transpose_2d;
 } SafetensorsWriteTensor;
 
-// Writes the tensors as F32 to path (temporary file + rename), with {"format": "pt"} metadata.
-void safetensors_write_f32(const char *path, const SafetensorsWriteTensor *tensors, int n);
+// Writes the tensors to path (temporary file + rename), with {"format": "pt"} metadata: as F32,
+// or with bf16 = 1 as BF16 (each float rounded to the nearest bfloat16, ties to even).
+void safetensors_write(const char *path, const SafetensorsWriteTensor *tensors, int n, int bf16);
 #endif

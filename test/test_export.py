@@ -152,3 +152,53 @@ def test_export_bad_tokenizers(tiny_run, smollm2_gguf, tmp_path):
     assert not (tmp_path / "a").exists()
     p = run(["export", "--model", ckpt], ok=False)
     assert p.returncode != 0 and "flag --out is required" in p.stderr, p.stderr
+
+
+def read_safetensors_raw(path):
+    """name -> (dtype, shape, raw bytes), read from the format's definition."""
+    import struct
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    return {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def nearest_bf16(x):
+    """The bfloat16 nearest to each float32 (ties to the even one), chosen by comparing the
+    distances to the two bfloat16 neighbours in float64."""
+    x = np.asarray(x, np.float32)
+    lo_bits = (x.view(np.uint32) & 0xFFFF0000)
+    lo = lo_bits.view(np.float32).astype(np.float64)
+    hi = (lo_bits + 0x10000).view(np.float32).astype(np.float64)
+    d_lo, d_hi = np.abs(x - lo), np.abs(hi - x)
+    even_lo = ((lo_bits >> 16) & 1) == 0
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & ~even_lo)
+    return np.where(pick_hi, hi, lo).astype(np.float32)
+
+
+def test_bfloat16_export(tiny_run, tmp_path):
+    """--dtype bfloat16: every weight is the bfloat16 nearest to the float32 export's, config.json
+    says so, and the engine reads the file back to exactly those values."""
+    ckpt = tiny_run / "run" / "model_step000003.ckpt"
+    run(["export", "--model", ckpt, "--out", tmp_path / "f32"])
+    p = run(["export", "--model", ckpt, "--out", tmp_path / "bf16", "--dtype", "bfloat16"])
+    assert "model.safetensors (bfloat16)" in p.stdout
+    f32 = load_file(str(tmp_path / "f32" / "model.safetensors"))
+    raw = read_safetensors_raw(tmp_path / "bf16" / "model.safetensors")
+    assert set(raw) == set(f32)
+    got = {}
+    for name, (dtype, shape, data) in raw.items():
+        assert dtype == "BF16" and shape == list(f32[name].shape), name
+        got[name] = (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        np.testing.assert_array_equal(got[name], nearest_bf16(f32[name]), err_msg=name)
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["torch_dtype"] == "bfloat16"
+    assert os.path.getsize(tmp_path / "bf16" / "model.safetensors") < 0.6 * os.path.getsize(tmp_path / "f32" / "model.safetensors")
+    # read back by the engine: exported again as float32, the weights are the bfloat16 values
+    run(["export", "--model", tmp_path / "bf16", "--out", tmp_path / "back"])
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    for name in got:
+        np.testing.assert_array_equal(back[name], got[name], err_msg=name)
+    p = run(["export", "--model", ckpt, "--out", tmp_path / "x", "--dtype", "fp8"], ok=False)
+    assert p.returncode != 0 and "flag --dtype: expected float32 or bfloat16, got 'fp8'" in p.stderr

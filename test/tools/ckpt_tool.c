@@ -43,7 +43,7 @@ static void cmd_dequant(const char *in, const char *out) {
         for (int d = 0; d < t->n_dims; d++) w[i].shape[d] = (int64_t)t->dims[t->n_dims - 1 - d];
         w[i].data = data;
     }
-    safetensors_write_f32(out, w, (int)g->n_tensors);
+    safetensors_write(out, w, (int)g->n_tensors, 0);
     for (int64_t i = 0; i < g->n_tensors; i++) free((void *)w[i].data);
     free(w);
     printf("dequantised %lld tensors from %s into %s\n", (long long)g->n_tensors, in, out);
@@ -158,7 +158,7 @@ static void cmd_convert(const char *in, const char *fmt, const char *out) {
     TrainState state;
     checkpoint_load(&model, in, &state, NULL);
     if (strcmp(fmt, "native") == 0) checkpoint_save_native(&model, &state, out, 0);
-    else if (strcmp(fmt, "hf") == 0) checkpoint_save_hf(&model, out);
+    else if (strcmp(fmt, "hf") == 0) checkpoint_save_hf(&model, out, 0);
     else fatal("ckpt_tool convert: unknown output format \"%s\" (native or hf)", fmt);
     printf("converted %s (%zu parameters) to %s %s\n", in, model.num_parameters, fmt, out);
     model_free(&model);

@@ -361,7 +361,7 @@ int main(int argc, char **argv) {
         Model model;
         model_init(&model, &config, argv[2]);
         model_init_random(&model, (uint64_t)strtoull(argv[3], NULL, 10));
-        checkpoint_save_hf(&model, argv[4]);
+        checkpoint_save_hf(&model, argv[4], 0);
         model_free(&model);
         return 0;
     }
