@@ -100,7 +100,6 @@ __device__ __forceinline__ void classifier_load8(const floatX *p, float (&x)[CLA
     for (int i = 0; i < CLASSIFIER_VEC; i++) x[i] = to_float(h[i]);
 }
 
-// dlogits into row (Vp) from the logits in src: the row itself, or its copy in shared memory
 // Adds 8 logits x (columns v0 .. v0+7, those < V) into a thread's running max m and sum s of
 // exp(x - m): one rescale per 8 logits. Shared by the 8-wide and the staged kernel, so the two
 // give the same bits.
@@ -117,6 +116,8 @@ __device__ __forceinline__ void classifier_online8(const float (&x)[CLASSIFIER_V
     m = m_new;
 }
 
+// dlogits into row (Vp) from the logits in src: the row itself, or its copy in shared memory
+// (the staged kernel); w = the row's weight.
 __device__ __forceinline__ void classifier_row_gradient8(floatX *row, const floatX *src, float row_lse, int target, float w,
                                                          int V, int Vp) {
     for (int v0 = threadIdx.x * CLASSIFIER_VEC; v0 < Vp; v0 += blockDim.x * CLASSIFIER_VEC) {

@@ -32,8 +32,9 @@
 
 // One warp per row n < N:
 //   x = res_in[n] (+ branch[n] when branch is not NULL, then also stored to res_out[n])
-//   LayerNorm (bias != NULL or is_layernorm): out = (x - mean) * rstd * weight + bias
-//   RMSNorm  (is_layernorm == 0):            out = x * rstd * weight
+//   LayerNorm (is_layernorm):      out = (x - mean) * rstd * weight (+ bias when bias != NULL)
+//   RMSNorm  (is_layernorm == 0):  out = x * rstd * weight (+ bias when bias != NULL)
+// (is_layernorm alone decides whether the mean is subtracted; the bias is added whenever given)
 // mean (N) is written for LayerNorm only (may be NULL for RMSNorm); rstd (N) always.
 template <typename TR>
 __global__ void residual_norm_forward_kernel(TR *res_out, floatX *out, float *mean, float *rstd,
