@@ -238,9 +238,13 @@ struct RolloutEngine {
 };
 
 // ---------------------------------------------------------------------------------------------
-// small kernels of the engine
+// small kernels of the engine. None has a harness of its own: dev/cuda/rollout_check.cu checks
+// them end to end, through the engine's tokens and log-probs against the CPU generator
+// (model_forward_cached in generate.c), on a GPU and on the emulation (test_model_cuda_emu.py).
 
 // x (N, C) fp32 or bf16 (TX) = wte[token] (+ wpe[pos] for GPT-2): one thread per (row, channel).
+// CPU reference: the embeddings loop of model_forward_cached (generate.c); encoder_forward in
+// ops_cpu.c for the training model.
 template <typename TX>
 __global__ void embed_rows_kernel(TX *x, const int *token, const int *pos, const floatX *wte, const floatX *wpe,
                                   int N, int C) {
@@ -256,13 +260,16 @@ __global__ void embed_rows_kernel(TX *x, const int *token, const int *pos, const
 
 // dst (rows, C) bf16 = w (rows, C) with column i scaled by norm_w[i]: a product's weights with the
 // norm before it folded in (RolloutOptions.fold_norms), each element rounded once.
+// CPU reference: none as such; the CPU generator runs the norm and then the product (norm_rows,
+// matmul_forward in model_forward_cached), which for RMSNorm is the same map:
+// (x rstd * norm_w) W^T = (x rstd) (W diag(norm_w))^T.
 __global__ void fold_norm_weights_kernel(floatX *dst, const floatX *w, const floatX *norm_w, size_t rows, int C) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < rows * C; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = __float2bfloat16(to_float(w[i]) * to_float(norm_w[i % C]));
 }
 
 // out (n) bf16 = a + b, elementwise (the residual add of fold_norms where cuBLASLt offers no
-// epilogue for it).
+// epilogue for it). CPU reference: residual_forward in ops_cpu.c.
 __global__ void add_bf16_kernel(floatX *out, const floatX *a, const floatX *b, size_t n) {
     griddep_wait();   // programmatic launches (cuda_common.h): the inputs are ready past here
     griddep_launch_dependents();
@@ -270,7 +277,8 @@ __global__ void add_bf16_kernel(floatX *out, const floatX *a, const floatX *b, s
     if (i < n) out[i] = __float2bfloat16(to_float(a[i]) + to_float(b[i]));
 }
 
-// out (n, C) = in rows idx[0..n) (bf16 copies): one thread per (row, channel).
+// out (n, C) = in rows idx[0..n) (bf16 copies): one thread per (row, channel). CPU reference: the
+// copy of the logit_rows before the final norm in model_forward_cached (generate.c).
 __global__ void gather_rows_kernel(floatX *out, const floatX *in, const int *idx, int n, int C) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)n * C) return;
@@ -280,6 +288,8 @@ __global__ void gather_rows_kernel(floatX *out, const floatX *in, const int *idx
 
 // The keys and values of a padded prefill chunk, qkv (nb, Tp, QKV) (k rotated already), into the
 // cache for slots slot0 + b, positions t < lens[b]: one thread per (b, t, element of k | v).
+// CPU reference: the memcpy of each row's k and v into the cache in model_forward_cached
+// (generate.c).
 __global__ void prefill_kv_write_kernel(floatX *k_cache, floatX *v_cache, const floatX *qkv, const int *lens, int slot0,
                                         int nb, int Tp, int NH, int NKV, int HS, int Tmax) {
     int KV = NKV * HS, QKV = (NH + 2 * NKV) * HS;

@@ -69,7 +69,11 @@ __global__ void adamw_vec4_kernel(float *params, floatX *params_bf16, const floa
     }
 }
 
-// grid-strided launches of at most 8192 blocks of 256 threads
+// grid-strided launches of at most 8192 blocks of 256 threads. The kernels stride over the whole
+// array, so the cap changes which thread takes an element, not the result; 8192 blocks are about
+// eight times what a GPU runs at once (an H100: 132 SMs x 8 blocks of 256 threads = 1056), so
+// the cap does not idle SMs either. Beyond it (GPT-2 124M's parameters in groups of four: 121K
+// blocks uncapped) each thread takes several groups.
 static inline int adamw_blocks(size_t threads) {
     size_t blocks = (threads + 255) / 256;
     return (int)(blocks > 8192 ? 8192 : blocks);

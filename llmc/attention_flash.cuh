@@ -8,6 +8,21 @@
  *        scores (the only softmax statistic kept: no (T, T) matrix exists in memory).
  *   dqkv (B, T, QKV) bf16, every element written; D (B, NH, T) fp32 scratch.
  * HS must be 64 or 128 (attention_flash_supports); attention.cuh covers the other head sizes.
+ * CPU reference: attention_forward / attention_backward in ops_cpu.c (which keep the (T, T)
+ * probabilities instead of lse; the harness dev/cuda/attention_flash.cu computes lse from them in
+ * double).
+ *
+ * A first reading: attention.cuh computes the same on the CUDA cores, one thread a query row, in
+ * a few hundred lines; this file is its tensor-core form, with several variants of each pass.
+ * What runs with flash_default_config (the configuration before any tuning) is the mma.sync
+ * forward, flash_attention_forward_kernel<HS, 1, 0, 0, ROPE> (one 16-row tile a warp), and the
+ * two mma.sync backward passes flash_attention_backward_dq_kernel<HS, 1, 0, 0> and
+ * flash_attention_backward_dkv_kernel<HS, 0, 0, 0, 1>, side by side on two streams, grid order
+ * grouped. The CUDA model times other configurations on its first forward (attention_flash_tune:
+ * at head size 128 only the grid orders and whether the passes run side by side;
+ * TRAIN_MORA_FLASH_TUNE=0 keeps the defaults) and keeps the fastest that gives the defaults'
+ * bits. The backward's variants are listed at FlashDqVariant and FlashDkvVariant, the
+ * forward's at attention_flash_forward_rope.
  *
  * Algorithm (one block = 4 warps; a warp owns 16 rows of the block's 64, so the softmax row
  * statistics never leave the warp):
@@ -1939,22 +1954,72 @@ static inline void attention_flash_backward_launch(floatX *dqkv, float *D, const
     }
 }
 
-// The head-size-64 backward with the dQ pass's variant fixed, the dK/dV pass's picked: 7 and 6
-// pipelined warpgroup products with two warpgroups a block or one, 5 two key row tiles a warp, 4 warpgroup products (K and V from shared memory), 3 warpgroup products (K
-// and V in registers), 2 three blocks an SM, 1 K and V in registers, 0 the compiler's choice.
+// The head-size-64 backward's variants, a code for each pass, which attention_flash_backward
+// computes from the switches above (flash_dq_*, flash_dkv_*, set by flash_set_config) and turns
+// into the template arguments of attention_flash_backward_launch, and so into the kernel that
+// runs. Head size 128 has one variant: the mma.sync kernels with the defaults' arguments.
+//
+// The dQ pass (the switch that selects it in parentheses):
+enum FlashDqVariant {
+    FLASH_DQ_MMA = 0,           // flash_attention_backward_dq_kernel<64, 1, 0, 0>: mma.sync, one 16-row
+                                // tile a warp, the compiler's registers (the default)
+    FLASH_DQ_MMA_QREGS = 1,     // <64, 1, 1, 0>: Q and dO fragments kept in registers across the key
+                                // loop (flash_dq_q_regs 1)
+    FLASH_DQ_MMA_TWO_TILES = 2, // <64, 2, 0, 0>: two row tiles a warp, 128 rows a block
+                                // (flash_dq_row_tiles 2)
+    FLASH_DQ_WGMMA_REGS = 3,    // <64, 1, 1, 1>: warpgroup products, Q and dO in registers
+                                // (flash_dq_wgmma 1)
+    FLASH_DQ_WGMMA_SMEM = 4,    // <64, 1, 0, 2>: warpgroup products, Q and dO read from shared
+                                // memory too (flash_dq_wgmma 2)
+    FLASH_DQ_PIPE_ROWS1 = 5,    // flash_attention_backward_dq_pipelined_kernel<1, 0>: pipelined
+                                // warpgroup products, one warpgroup a block (flash_dq_wgmma 3)
+    FLASH_DQ_PIPE_ROWS2 = 6,    // flash_attention_backward_dq_pipelined_kernel<2, 0>: two warpgroups
+                                // a block on 128 rows (flash_dq_wgmma 4)
+    FLASH_DQ_PIPE_HEADS = 7,    // flash_dq_wgmma 5: pipelined on the query heads of a kv head's group;
+                                // never launched under this code, it becomes one of the next two
+                                // by flash_heads_per_block, or FLASH_DQ_PIPE_ROWS1 where the group
+                                // divides by neither 3 nor 2 (the HEADS kernel needs 2 or 3 heads)
+    FLASH_DQ_PIPE_HEADS3 = 8,   // flash_attention_backward_dq_pipelined_kernel<3, 1>: three
+                                // warpgroups a block, one a query head (groups divisible by 3)
+    FLASH_DQ_PIPE_HEADS2 = 9,   // flash_attention_backward_dq_pipelined_kernel<2, 1>: two, likewise
+                                // (groups divisible by 2 and not 3)
+};
+// The dK/dV pass:
+enum FlashDkvVariant {
+    FLASH_DKV_MMA = 0,            // flash_attention_backward_dkv_kernel<64, 0, 0, 0, 1>: mma.sync,
+                                  // the compiler's registers (the default)
+    FLASH_DKV_MMA_KVREGS = 1,     // <64, 0, 1, 0, 1>: K and V fragments kept in registers
+                                  // (flash_dkv_kv_regs 1)
+    FLASH_DKV_MMA_MINB3 = 2,      // <64, 3, 0, 0, 1>: launch bounds asking for three blocks an SM
+                                  // (flash_dkv_min_blocks 3)
+    FLASH_DKV_WGMMA_REGS = 3,     // <64, 0, 1, 1, 1>: warpgroup products, K and V in registers
+                                  // (flash_dkv_wgmma 1)
+    FLASH_DKV_WGMMA_SMEM = 4,     // <64, 0, 0, 2, 1>: warpgroup products, K and V read from shared
+                                  // memory too (flash_dkv_wgmma 2)
+    FLASH_DKV_MMA_TWO_TILES = 5,  // <64, 0, 0, 0, 2>: two key row tiles a warp (flash_dkv_row_tiles 2,
+                                  // which takes precedence over every other dK/dV switch)
+    FLASH_DKV_PIPE1 = 6,          // flash_attention_backward_dkv_pipelined_kernel<1>: pipelined
+                                  // warpgroup products, one warpgroup a block (flash_dkv_wgmma 3)
+    FLASH_DKV_PIPE2 = 7,          // flash_attention_backward_dkv_pipelined_kernel<2>: two warpgroups
+                                  // a block (flash_dkv_wgmma 4)
+};
+
+// The head-size-64 backward with the dQ pass's variant fixed (its template arguments), the dK/dV
+// pass's picked by its FlashDkvVariant code.
 template <int DQ_RW, int DQ_QREG, int DQ_WG>
 static inline void flash_backward_dkv_pick(int dkv, floatX *dqkv, float *D, const floatX *dout, const floatX *qkv,
                                            const floatX *out, const float *lse, int B, int T, int NH, int NKV,
                                            const float *rope_cos_sin, cudaStream_t stream) {
     switch (dkv) {
-    case 7: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 4>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 6: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 3>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 5: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 4: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 3: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 2: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 3, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 1: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    default: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DKV_PIPE2: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 4>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DKV_PIPE1: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 3>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DKV_MMA_TWO_TILES: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DKV_WGMMA_SMEM: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 2>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DKV_WGMMA_REGS: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 1>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DKV_MMA_MINB3: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 3, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DKV_MMA_KVREGS: attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 1, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    default:   // FLASH_DKV_MMA
+        attention_flash_backward_launch<64, DQ_RW, DQ_QREG, 0, 0, DQ_WG, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     }
 }
 
@@ -1970,30 +2035,34 @@ static inline void attention_flash_backward(floatX *dqkv, float *D, const floatX
         attention_flash_backward_launch<128, 1, 0, 0, 0>(dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream);
         return;
     }
-    // head size 64: the dQ pass (pipelined warpgroup products with warpgroups on the heads of a kv
-    // group, two warpgroups a block or one;
-    // warpgroup products with Q and dO from shared memory or from registers; 2 row tiles; 1 with
-    // Q and dO in registers; 1) and the dK/dV pass (two key row
-    // tiles a warp; warpgroup products with K and V from shared memory or registers; 3 blocks an
-    // SM; K and V in registers; the compiler's choice)
-    int dq = flash_dq_wgmma ? 2 + flash_dq_wgmma : flash_dq_row_tiles == 2 ? 2 : flash_dq_q_regs ? 1 : 0;
-    int dkv = flash_dkv_row_tiles == 2 ? 5 : flash_dkv_wgmma >= 3 ? 3 + flash_dkv_wgmma : flash_dkv_wgmma ? 2 + flash_dkv_wgmma
-              : flash_dkv_min_blocks == 3 ? 2
-              : flash_dkv_kv_regs ? 1 : 0;
-    if (dq == 7) {   // the pipelined dQ pass on the heads of a kv group, where the group allows it
+    // head size 64: each pass's variant (FlashDqVariant, FlashDkvVariant) from the switches, the
+    // first that is set in the order written: flash_dq_wgmma 1..5 give codes 3..7, flash_dkv_wgmma
+    // 1 and 2 give 3 and 4, 3 and 4 give 6 and 7
+    int dq = flash_dq_wgmma ? FLASH_DQ_WGMMA_REGS - 1 + flash_dq_wgmma
+             : flash_dq_row_tiles == 2 ? FLASH_DQ_MMA_TWO_TILES
+             : flash_dq_q_regs ? FLASH_DQ_MMA_QREGS : FLASH_DQ_MMA;
+    int dkv = flash_dkv_row_tiles == 2 ? FLASH_DKV_MMA_TWO_TILES
+              : flash_dkv_wgmma >= 3 ? FLASH_DKV_PIPE1 - 3 + flash_dkv_wgmma
+              : flash_dkv_wgmma ? FLASH_DKV_WGMMA_REGS - 1 + flash_dkv_wgmma
+              : flash_dkv_min_blocks == 3 ? FLASH_DKV_MMA_MINB3
+              : flash_dkv_kv_regs ? FLASH_DKV_MMA_KVREGS : FLASH_DKV_MMA;
+    if (dq == FLASH_DQ_PIPE_HEADS) {   // the pipelined dQ pass on the heads of a kv group, where the group allows it
         int per_block = flash_heads_per_block(NH, NKV);
-        dq = per_block == 3 ? 8 : per_block == 2 ? 9 : 5;
+        dq = per_block == 3 ? FLASH_DQ_PIPE_HEADS3 : per_block == 2 ? FLASH_DQ_PIPE_HEADS2 : FLASH_DQ_PIPE_ROWS1;
     }
+    // the DQ_WG template argument: 1 and 2 the warpgroup products (registers, shared memory), 3 and
+    // 4 pipelined with one or two warpgroups on the rows, 5 and 6 with three or two on the heads
     switch (dq) {
-    case 9: flash_backward_dkv_pick<1, 0, 6>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 8: flash_backward_dkv_pick<1, 0, 5>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 6: flash_backward_dkv_pick<1, 0, 4>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 5: flash_backward_dkv_pick<1, 0, 3>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 4: flash_backward_dkv_pick<1, 0, 2>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 3: flash_backward_dkv_pick<1, 1, 1>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 2: flash_backward_dkv_pick<2, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    case 1: flash_backward_dkv_pick<1, 1, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
-    default: flash_backward_dkv_pick<1, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DQ_PIPE_HEADS2: flash_backward_dkv_pick<1, 0, 6>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DQ_PIPE_HEADS3: flash_backward_dkv_pick<1, 0, 5>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DQ_PIPE_ROWS2: flash_backward_dkv_pick<1, 0, 4>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DQ_PIPE_ROWS1: flash_backward_dkv_pick<1, 0, 3>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DQ_WGMMA_SMEM: flash_backward_dkv_pick<1, 0, 2>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DQ_WGMMA_REGS: flash_backward_dkv_pick<1, 1, 1>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DQ_MMA_TWO_TILES: flash_backward_dkv_pick<2, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    case FLASH_DQ_MMA_QREGS: flash_backward_dkv_pick<1, 1, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
+    default:   // FLASH_DQ_MMA
+        flash_backward_dkv_pick<1, 0, 0>(dkv, dqkv, D, dout, qkv, out, lse, B, T, NH, NKV, rope_cos_sin, stream); break;
     }
 }
 
@@ -2007,7 +2076,14 @@ typedef struct {
     int forward_wgmma, dq_wgmma, dkv_wgmma;
     int dkv_row_tiles;
 } FlashConfig;
-static const FlashConfig flash_default_config = {1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1};
+// The defaults: the mma.sync kernels with one row tile a warp and the compiler's registers, grid
+// order grouped, the backward's two passes side by side.
+static const FlashConfig flash_default_config = {
+    .forward_row_tiles = 1, .forward_min_blocks = 0, .forward_lpt = 0,
+    .dq_row_tiles = 1, .dq_q_regs = 0, .dkv_min_blocks = 0, .dkv_kv_regs = 0, .side_by_side = 1, .backward_lpt = 0,
+    .forward_wgmma = 0, .dq_wgmma = 0, .dkv_wgmma = 0,
+    .dkv_row_tiles = 1,
+};
 
 // What a tuning chose, what it measured, and what the defaults measured in the same run; and the
 // fastest choice among the mma.sync kernels alone (no warpgroup kernel in any pass), which is

@@ -7,11 +7,21 @@
  * partial (chunks, cols), then column_partials_reduce adds the chunk sums, in a fixed order, into
  * the gradient. Kernels that already read every row (the norm backward) write such partials
  * themselves and only call column_partials_reduce.
+ *
+ * CPU reference: the column sums inside the CPU ops, which sum over rows in one pass: dbias of
+ * matmul_backward (matmul.c), dweight and dbias of layernorm_backward and dweight of
+ * rmsnorm_backward (ops_cpu.c). No harness of its own: dev/cuda/layernorm.cu and dev/cuda/matmul.cu
+ * check these kernels through the gradients they finish, and test/layernorm_emu.cpp runs
+ * column_sums on its own against a float64 sum (test_layernorm_emu.py).
  */
 #ifndef LLMC_COLUMN_REDUCE_CUH
 #define LLMC_COLUMN_REDUCE_CUH
 #include "vector_io.cuh"
 
+// Rows a chunk: a block of the first launch (here, or the norm backward's split path) sums 256
+// rows of its columns, 32 rows for each of its 8 warps, and the scratch and the second launch
+// hold ceil(N / 256) partial rows, 1/256 of the input (64 rows for a training step of 16 x 1024
+// tokens, which column_partials_reduce's 16 warps take 4 each).
 #define COLUMN_CHUNK_ROWS 256
 static inline int column_chunks(int N) { return ceil_div(N, COLUMN_CHUNK_ROWS); }
 
@@ -60,6 +70,9 @@ static inline void column_partials_reduce(float *out, const float *partial, int 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(COLUMN_SUM_THREADS)
 column_sums_partial_kernel(float *partial, const T *x, int N, int cols) {
+    // a row group's sums of the slab: 32 lanes x VEC columns, sized for the widest VEC, 8 (one
+    // 16-byte load of bf16; fp32 takes 4)
+    static_assert(VEC >= 1 && VEC <= 8 && VEC * sizeof(T) <= 16, "column_slab_sums holds 8 columns a lane: one 16-byte load at most");
     __shared__ float column_slab_sums[COLUMN_SUM_GROUPS][32 * 8];
     int lane = threadIdx.x % 32, group = threadIdx.x / 32;
     int slabs = (cols + 32 * VEC - 1) / (32 * VEC);

@@ -48,6 +48,10 @@
 #include <math.h>
 #include "cuda_common.h"
 
+// Cache positions a block: a row's context of T positions takes ceil(T / 256) blocks for each
+// key/value head (merged by decode_attention_combine when more than one), and the block holds its
+// split's scores p_s (HB x 256 floats, 8 KiB at 8 heads) and, staged, its keys and values (2 x 256
+// x HS bf16: 64 KiB at HS 64, 128 KiB at HS 128) in shared memory.
 #define DECODE_SPLIT_LEN 256         // cache positions per block
 #define DECODE_MAX_HEADS_PER_BLOCK 8 // query heads of one group per block, at most
 #define DECODE_THREADS 128
@@ -215,6 +219,8 @@ decode_attention_kernel(floatX *out, float *part_o, float *part_ml, const floatX
     __shared__ float p_s[HB][DECODE_SPLIT_LEN];
     __shared__ float m_s[HB], l_s[HB];
     __shared__ __align__(16) float partial[DECODE_WARPS][HB][HS];
+    static_assert(sizeof(float) * (HB * DECODE_SPLIT_LEN + 2 * HB + DECODE_WARPS * HB * HS) <= 48 * 1024,
+                  "a block's static shared memory is at most 48 KiB: DECODE_SPLIT_LEN and the heads a block bound p_s");
 
     int r = blockIdx.z, split = blockIdx.x;
     int group = NH / NKV, head_batches = (group + HB - 1) / HB;

@@ -42,6 +42,9 @@
 #define DM_CHUNK 32      // K per warp step: two mma k-steps
 #define DM_MAX_M 64
 #define DM_PREFETCH 4    // chunks whose weights a warp loads before multiplying
+static_assert(DM_ROWS == 16, "a block's features are the mma's 16 rows: g and g + 8 for g < 8");
+static_assert(DM_CHUNK == 32, "a warp step: lane c's 16-byte load of k = 8c .. 8c+7, c < 4, two k-steps of 16");
+static_assert(DM_MAX_M <= 8 * 8, "the widest instantiation, NT = 8 n-tiles of 8 rows, covers M");
 
 #ifndef DECODE_MATMUL_EMULATION
 // d (16 x 8 fp32) += a (16 x 16 bf16) b (16 x 8 bf16): mma.sync m16n8k16, row.col
@@ -89,6 +92,10 @@ template <int NT, int SWIGLU_IN>
 __global__ void __launch_bounds__(DM_WARPS * 32)
 decode_matmul_kernel(floatX *out, float *partial, unsigned int *counters, const floatX *inp, const floatX *weight,
                      const floatX *bias, int M, int IC, int OC, int splits, int gelu) {
+    // each warp's sums (DM_ROWS features x 8 NT input rows). The + 1 makes the row stride odd: the
+    // sum below reads dm_sums[w][r][n] with consecutive threads on consecutive r, which an odd
+    // stride puts in 16 different banks; a stride of 8 NT floats would put them in 32 / gcd(8 NT,
+    // 32) banks (a single one at NT = 4 and 8).
     __shared__ float dm_sums[DM_WARPS][DM_ROWS][8 * NT + 1];
     __shared__ int dm_last;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, c = lane & 3;

@@ -100,7 +100,6 @@ __device__ __forceinline__ void classifier_load8(const floatX *p, float (&x)[CLA
     for (int i = 0; i < CLASSIFIER_VEC; i++) x[i] = to_float(h[i]);
 }
 
-// dlogits into row (Vp) from the logits in src: the row itself, or its copy in shared memory
 // Adds 8 logits x (columns v0 .. v0+7, those < V) into a thread's running max m and sum s of
 // exp(x - m): one rescale per 8 logits. Shared by the 8-wide and the staged kernel, so the two
 // give the same bits.
@@ -117,6 +116,8 @@ __device__ __forceinline__ void classifier_online8(const float (&x)[CLASSIFIER_V
     m = m_new;
 }
 
+// dlogits into row (Vp) from the logits in src: the row itself, or its copy in shared memory
+// (the staged kernel); w = the row's weight.
 __device__ __forceinline__ void classifier_row_gradient8(floatX *row, const floatX *src, float row_lse, int target, float w,
                                                          int V, int Vp) {
     for (int v0 = threadIdx.x * CLASSIFIER_VEC; v0 < Vp; v0 += blockDim.x * CLASSIFIER_VEC) {
@@ -205,7 +206,12 @@ __global__ void fused_classifier_staged_kernel(floatX *logits, float *lse, float
     if (weights) classifier_row_gradient8(row, staged, row_lse, active ? targets[n] : -1, weights[n], V, Vp);
 }
 
+// Threads a block (one block a row): four blocks fill an H100 SM's 2048 threads, the four rows in
+// flight that the header's L2 argument counts, and a 50304-wide GPT-2 row takes 12 or 13 8-wide
+// loads a thread. block_sum and block_max keep one partial a warp in shared[32].
 #define CLASSIFIER_BLOCK 512
+static_assert(CLASSIFIER_BLOCK % 32 == 0 && CLASSIFIER_BLOCK / 32 <= 32,
+              "whole warps, at most 32 of them: block_sum/block_max hold one partial a warp in shared[32]");
 
 static inline int classifier_vectorized(const floatX *logits, int Vp) {
     return Vp % CLASSIFIER_VEC == 0 && ((uintptr_t)logits & 15) == 0;

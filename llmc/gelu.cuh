@@ -75,6 +75,10 @@ __global__ void gelu_backward_vec8_kernel(floatX *dinp, const floatX *inp, const
     }
 }
 
+// Blocks of 256 threads for n grid-stride items: one item a thread up to 65536 blocks (16M items),
+// past which the kernels' grid-stride loops give each thread several. The cap does not change the
+// result, and is far above the blocks a GPU runs at once (an H100 1056 of 256 threads), so it
+// does not idle SMs; at least one block, so that n = 0 is still a valid launch.
 static inline int elementwise_blocks(size_t n) {
     size_t blocks = (n + 255) / 256;
     return (int)(blocks < 65536 ? (blocks ? blocks : 1) : 65536);

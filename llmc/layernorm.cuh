@@ -32,8 +32,9 @@
 
 // One warp per row n < N:
 //   x = res_in[n] (+ branch[n] when branch is not NULL, then also stored to res_out[n])
-//   LayerNorm (bias != NULL or is_layernorm): out = (x - mean) * rstd * weight + bias
-//   RMSNorm  (is_layernorm == 0):            out = x * rstd * weight
+//   LayerNorm (is_layernorm):      out = (x - mean) * rstd * weight (+ bias when bias != NULL)
+//   RMSNorm  (is_layernorm == 0):  out = x * rstd * weight (+ bias when bias != NULL)
+// (is_layernorm alone decides whether the mean is subtracted; the bias is added whenever given)
 // mean (N) is written for LayerNorm only (may be NULL for RMSNorm); rstd (N) always.
 template <typename TR>
 __global__ void residual_norm_forward_kernel(TR *res_out, floatX *out, float *mean, float *rstd,
@@ -200,7 +201,10 @@ residual_norm_forward_row_kernel(TR *res_out, floatX *out, float *mean, float *r
 // residual_norm_forward picks the kernel: a block per row below NORM_ROW_KERNEL_MAX_ROWS rows
 // (when C fits the block's registers); above, the register warp kernel (rows up to
 // NORM_VEC_MAX_WIDTH wide, with the widest vector access C and the pointers allow), else the
-// plain warp kernel.
+// plain warp kernel. NORM_ROW_KERNEL_MAX_ROWS separates the two uses rather than marking a
+// measured crossover: the decode step has one row a sequence (64 to 256 in bench_rollout), where
+// one warp a row made the norm about 40% of a GPT-2 decode step on an H100, and a training step
+// has B x T rows (16 x 1024 in bench_train), where the warp kernels were timed and stay.
 #define NORM_ROW_KERNEL_MAX_ROWS 4096
 // res_out's type follows res_in's (res_out may be NULL)
 template <typename T> struct norm_same_type { typedef T type; };
@@ -321,6 +325,9 @@ template <typename TD, typename TR>
 __global__ void __launch_bounds__(256)
 norm_backward_dweight_partial_kernel(float *partial_w, float *partial_b, const TD *dout, const TR *inp,
                                      const float *mean, const float *rstd, int N, int C, int is_layernorm) {
+    // [row group][lane]: 8 row groups (the 256 threads' warps, launch_bounds and the launch), 32
+    // channels each, and one float of padding. A warp writes, and warp 0 reads, 32 consecutive
+    // floats of one row group, which no two lanes share a bank for with or without the padding.
     __shared__ float norm_sw[8][33], norm_sb[8][33];
     int lane = threadIdx.x % 32, group = threadIdx.x / 32;
     int slabs = (C + 31) / 32;

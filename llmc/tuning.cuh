@@ -23,6 +23,9 @@ static inline unsigned long long tune_fingerprint(unsigned long long *d_sum, con
                                                   cudaStream_t stream) {
     unsigned long long h = 0;
     cudaCheck(cudaMemsetAsync(d_sum, 0, sizeof(h), stream));
+    // 264 blocks, two for each of an H100's 132 SMs, striding over the buffer. The sum is the same
+    // for any grid (each word's term depends only on its index, and the adds commute mod 2^64), so
+    // the grid sets the speed only.
     tune_fingerprint_kernel<<<264, 256, 0, stream>>>(d_sum, (const uint32_t *)p, bytes / 4);
     cudaCheckLaunch();
     cudaCheck(cudaMemcpyAsync(&h, d_sum, sizeof(h), cudaMemcpyDeviceToHost, stream));

@@ -4,7 +4,7 @@
  * parameter gradients and hidden-state gradients, then the Bradley-Terry loss and its gradient.
  * Prints one PASS/FAIL line per check and the time of each kernel; exits non-zero on a failure.
  *
- *   build/cuda_dev/reward_heads
+ *   build/cuda/dev/reward_heads
  */
 #include <cuda_runtime.h>
 #include <math.h>

@@ -3,7 +3,10 @@
  * against rope_forward / rope_backward of ops_cpu.c on fresh random inputs, including positions
  * far from 0 where float angles would lose digits, for the scalar kernel, the 8-wide one (head_dim
  * a multiple of 16) and the pick between them, with the 8-wide results also checked bit for bit
- * against the scalar ones; then timing of both at SmolLM2-135M's shape (head_dim 64) and with
+ * against the scalar ones; rope_forward_keys (the k heads alone, first_head = NH, which the model
+ * runs before the flash forward rotates the q heads itself) against the CPU's rope_forward on the
+ * k heads with the q and v heads left as they were, and bit for bit against the k heads of the
+ * picked rope_forward; then timing of both at SmolLM2-135M's shape (head_dim 64) and with
  * head_dim 128.
  *   build/cuda/dev/rope
  */
@@ -35,7 +38,7 @@ static void check(int B, int T, int NH, int NKV, int HS, float theta) {
     rope_forward(ref_fwd.data(), B, T, NH, NKV, HS, theta);
     rope_backward(ref_bwd.data(), B, T, NH, NKV, HS, theta);
     float *d_table = upload_table(T, HS, theta);
-    std::vector<float> scalar_fwd, scalar_bwd;
+    std::vector<float> scalar_fwd, scalar_bwd, picked_fwd;
     for (const auto &k : KERNELS) {
         floatX *d_qkv = upload_bf16(qkv);
         if (k.run == rope_vec8 && !rope_vectorized(d_qkv, d_table, B, T, NH, NKV, HS)) {
@@ -53,6 +56,7 @@ static void check(int B, int T, int NH, int NKV, int HS, float theta) {
         compare(name, got_fwd, ref_fwd, TOL_BF16);
         snprintf(name, sizeof(name), "rope_backward %s B=%d T=%d NH=%d NKV=%d HS=%d", k.name, B, T, NH, NKV, HS);
         compare(name, got_bwd, ref_bwd, TOL_BF16);
+        if (k.run == rope_picked) picked_fwd = got_fwd;
         if (k.run == rope_scalar) {
             scalar_fwd = got_fwd;
             scalar_bwd = got_bwd;
@@ -63,6 +67,24 @@ static void check(int B, int T, int NH, int NKV, int HS, float theta) {
             compare_bits(name, got_bwd, scalar_bwd);
         }
     }
+    // rope_forward_keys: the k heads rotated, the q and v heads untouched. Expected: qkv with the
+    // k heads of each row taken from the CPU's forward (ref_keys), and from the GPU's picked
+    // forward (bits_keys)
+    size_t row = (size_t)(NH + 2 * NKV) * HS, k0 = (size_t)NH * HS, k1 = (size_t)(NH + NKV) * HS;
+    std::vector<float> ref_keys = qkv, bits_keys = qkv;
+    for (size_t bt = 0; bt < (size_t)B * T; bt++)
+        for (size_t j = bt * row + k0; j < bt * row + k1; j++) {
+            ref_keys[j] = ref_fwd[j];
+            bits_keys[j] = picked_fwd[j];
+        }
+    floatX *d_qkv = upload_bf16(qkv);
+    rope_forward_keys(d_qkv, d_table, B, T, NH, NKV, HS, 0);
+    std::vector<float> got_keys = download_bf16(d_qkv, n);
+    cudaCheck(cudaFree(d_qkv));
+    snprintf(name, sizeof(name), "rope_forward_keys B=%d T=%d NH=%d NKV=%d HS=%d", B, T, NH, NKV, HS);
+    compare(name, got_keys, ref_keys, TOL_BF16);
+    snprintf(name, sizeof(name), "rope_forward_keys = rope_forward's k heads, q and v untouched HS=%d", HS);
+    compare_bits(name, got_keys, bits_keys);
     cudaCheck(cudaFree(d_table));
 }
 
