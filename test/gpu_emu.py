@@ -79,6 +79,26 @@ def build_emulator(build, launched, name):
     return exe
 
 
+# The orders a per-kernel test runs its emulator program in (run_program): the threads of a block
+# (the program's last argument, forward|reverse: a missing barrier shows in one order or the
+# other) and the blocks of each launch (EMU_BLOCKS, test/gpu_emu.h: blocks that depend on which
+# of them runs first, a race on a GPU, show in one order or another):
+#   forward  threads and blocks in index order
+#   reverse  both in reverse order
+#   shuffle  threads in index order, each launch's blocks in a pseudo-random order (EMU_SEED)
+ORDERS = ("forward", "reverse", "shuffle")
+
+
+def run_program(args, order="forward", env=None, seed=1, timeout=600):
+    """subprocess.run of an emulator program: args (the program, its input and output files) and
+    the threads' order word, in the block order of `order` (one of ORDERS; shuffle from seed),
+    whatever EMU_BLOCKS and EMU_SEED the caller's environment holds; env defaults to os.environ."""
+    threads, blocks = {"forward": ("forward", "forward"), "reverse": ("reverse", "reverse"),
+                       "shuffle": ("forward", "shuffle")}[order]
+    env = dict(os.environ if env is None else env, EMU_BLOCKS=blocks, EMU_SEED=str(seed))
+    return subprocess.run([str(a) for a in args] + [threads], capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def to_bf16(x):
     """Rounds float32 values to the nearest bfloat16 (ties to even), returned as float32."""
     u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
