@@ -64,18 +64,18 @@ def rewrite_launches(source, min_launches):
     return re.sub(r"^(\s*)__shared__([^;]*);", shared, launched, flags=re.M)
 
 
-def build_emulator(build, launched, name):
-    """Writes `launched` (a rewritten kernel header) as BUILD/X_launched.cuh, where NAME is
-    X_emu, and compiles test/NAME.cpp with it and test/NAME.ld into BUILD/NAME; skips when g++
-    is missing."""
+def build_emulator(build, launched, name, suffix=".cuh", flags=(), objects=()):
+    """Writes `launched` (a rewritten kernel header) as BUILD/X_launched.cuh (or X_launched with
+    another suffix), where NAME is X_emu, and compiles test/NAME.cpp with it, extra compiler
+    flags, objects and test/NAME.ld into BUILD/NAME; skips when g++ is missing."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not found: the emulator is C++")
-    (build / f"{name.removesuffix('_emu')}_launched.cuh").write_text(launched)
+    (build / f"{name.removesuffix('_emu')}_launched{suffix}").write_text(launched)
     exe = build / name
     subprocess.run([cxx, "-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fdata-sections", "-Wall", "-Wno-unknown-pragmas",
-                    *sanitizer_flags(), "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / f"{name}.cpp"),
-                    "-Wl,-T," + str(ROOT / "test" / f"{name}.ld")], check=True)
+                    *sanitizer_flags(), *flags, "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / f"{name}.cpp"),
+                    *(str(o) for o in objects), "-Wl,-T," + str(ROOT / "test" / f"{name}.ld")], check=True)
     return exe
 
 
