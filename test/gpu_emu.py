@@ -93,10 +93,17 @@ def run_program(args, order="forward", env=None, seed=1, timeout=600):
     """subprocess.run of an emulator program: args (the program, its input and output files) and
     the threads' order word, in the block order of `order` (one of ORDERS; shuffle from seed),
     whatever EMU_BLOCKS and EMU_SEED the caller's environment holds; env defaults to os.environ."""
-    threads, blocks = {"forward": ("forward", "forward"), "reverse": ("reverse", "reverse"),
-                       "shuffle": ("forward", "shuffle")}[order]
-    env = dict(os.environ if env is None else env, EMU_BLOCKS=blocks, EMU_SEED=str(seed))
-    return subprocess.run([str(a) for a in args] + [threads], capture_output=True, text=True, timeout=timeout, env=env)
+    threads = "reverse" if order == "reverse" else "forward"
+    return subprocess.run([str(a) for a in args] + [threads], capture_output=True, text=True, timeout=timeout,
+                          env=block_order_env(order, env, seed))
+
+
+def block_order_env(blocks, env=None, seed=1):
+    """env (default os.environ) with EMU_BLOCKS set to blocks (forward, reverse or shuffle) and
+    EMU_SEED to seed, for a program whose last argument is not the threads' order."""
+    if blocks not in ORDERS:
+        raise ValueError(f"a block order is one of {ORDERS}, not {blocks!r}")
+    return dict(os.environ if env is None else env, EMU_BLOCKS=blocks, EMU_SEED=str(seed))
 
 
 def to_bf16(x):
