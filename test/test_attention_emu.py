@@ -22,14 +22,14 @@ Outputs start as NaN, so an element the kernels do not write fails. Each case ru
 threads of each block forward and in reverse and the blocks of each launch forward, in reverse
 and shuffled (gpu_emu.ORDERS). Mutation checks confirm that a CPU reference that reads one
 element of q, k, v or dout from the wrong place fails the attention's comparisons."""
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
 from conftest import ROOT
 from gpu_emu import ORDERS, build_emulator, rewrite_launches, run_program, sanitizer_flags, to_bf16
-
-import shutil
-import subprocess
 
 U = 2.0 ** -24   # fp32 unit roundoff
 ATTENTION, EMBEDDING = 0, 1
