@@ -2,6 +2,11 @@
  * The reward heads on the GPU (reward_heads.cu): the same forward and backward as the CPU heads
  * in llmc/reward_heads.c, with the parameters in fp32 on the device. Pointers named d_* are
  * device pointers. Layout of params/grads: as llmc/reward_heads.h (head d at offset d * P).
+ *
+ * Nothing in train_mora calls these yet: ./train_mora does not link reward_heads.o (Makefile),
+ * and `train_mora reward --device cuda` runs the trunk's forwards on the GPU but trains the heads
+ * on the CPU (reward.c). They are checked against the CPU heads by dev/cuda/reward_heads.cu on a
+ * GPU and, without one, by test/test_reward_heads_emu.py (emulated).
  */
 #ifndef REWARD_HEADS_CUDA_H
 #define REWARD_HEADS_CUDA_H

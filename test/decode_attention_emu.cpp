@@ -14,7 +14,8 @@
  * test/decode_attention_emu.ld gathers into one range that is NaN before every block, so a read
  * of an element nothing wrote shows up in the output. Device buffers are 256-byte aligned like
  * cudaMalloc's, outputs and split partials start as NaN. The threads of a block run in index
- * order (forward) or in reverse, so that a missing __syncthreads shows in one of the two.
+ * order (forward) or in reverse, so that a missing __syncthreads shows in one of the two; the
+ * blocks in EMU_BLOCKS's order (test/gpu_emu.h).
  *
  *   decode_attention_emu IN OUT forward|reverse   (DECODE_ATTENTION_LOADS=1 or 2 in the
  *                                                 environment: the fast kernel's early-loads or

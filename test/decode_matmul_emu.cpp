@@ -7,10 +7,11 @@
  * The kernel's source is compiled as C++ under the GPU emulation of test/gpu_emu.h (mma.sync from
  * test/gpu_emu_mma.h); the test's build copies llmc/decode_matmul.cuh with each launch rewritten
  * into an emu_launch call (test/gpu_emu.py). The output and the partials start as NaN, so an
- * element no thread writes shows up; the blocks run one after another in index order, so the
- * last split's block of every tile is the one that sums.
+ * element no thread writes shows up; the blocks run one after another, in the order EMU_BLOCKS
+ * says (test/gpu_emu.h; the test runs forward, reverse and shuffle), so the block of a tile that
+ * sums the splits is whichever of them comes last in that order, as the tile counter decides.
  *
- *   decode_matmul_emu IN OUT forward|reverse
+ *   decode_matmul_emu IN OUT forward|reverse   (the threads' order in a block)
  *     IN : int32 M, IC, OC, has_bias, gelu, sms (the multiprocessor count the K splits are sized
  *          for), swiglu; float32 inp (M, IC), or with swiglu the fc output (M, 2 IC) (gate | up),
  *          weight (OC, IC), bias (OC) when has_bias, all representable in bf16

@@ -64,19 +64,46 @@ def rewrite_launches(source, min_launches):
     return re.sub(r"^(\s*)__shared__([^;]*);", shared, launched, flags=re.M)
 
 
-def build_emulator(build, launched, name):
-    """Writes `launched` (a rewritten kernel header) as BUILD/X_launched.cuh, where NAME is
-    X_emu, and compiles test/NAME.cpp with it and test/NAME.ld into BUILD/NAME; skips when g++
-    is missing."""
+def build_emulator(build, launched, name, suffix=".cuh", flags=(), objects=()):
+    """Writes `launched` (a rewritten kernel header) as BUILD/X_launched.cuh (or X_launched with
+    another suffix), where NAME is X_emu, and compiles test/NAME.cpp with it, extra compiler
+    flags, objects and test/NAME.ld into BUILD/NAME; skips when g++ is missing."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not found: the emulator is C++")
-    (build / f"{name.removesuffix('_emu')}_launched.cuh").write_text(launched)
+    (build / f"{name.removesuffix('_emu')}_launched{suffix}").write_text(launched)
     exe = build / name
     subprocess.run([cxx, "-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-fdata-sections", "-Wall", "-Wno-unknown-pragmas",
-                    *sanitizer_flags(), "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / f"{name}.cpp"),
-                    "-Wl,-T," + str(ROOT / "test" / f"{name}.ld")], check=True)
+                    *sanitizer_flags(), *flags, "-I", str(build), "-I", str(ROOT / "llmc"), "-o", str(exe), str(ROOT / "test" / f"{name}.cpp"),
+                    *(str(o) for o in objects), "-Wl,-T," + str(ROOT / "test" / f"{name}.ld")], check=True)
     return exe
+
+
+# The orders a per-kernel test runs its emulator program in (run_program): the threads of a block
+# (the program's last argument, forward|reverse: a missing barrier shows in one order or the
+# other) and the blocks of each launch (EMU_BLOCKS, test/gpu_emu.h: blocks that depend on which
+# of them runs first, a race on a GPU, show in one order or another):
+#   forward  threads and blocks in index order
+#   reverse  both in reverse order
+#   shuffle  threads in index order, each launch's blocks in a pseudo-random order (EMU_SEED)
+ORDERS = ("forward", "reverse", "shuffle")
+
+
+def run_program(args, order="forward", env=None, seed=1, timeout=600):
+    """subprocess.run of an emulator program: args (the program, its input and output files) and
+    the threads' order word, in the block order of `order` (one of ORDERS; shuffle from seed),
+    whatever EMU_BLOCKS and EMU_SEED the caller's environment holds; env defaults to os.environ."""
+    threads = "reverse" if order == "reverse" else "forward"
+    return subprocess.run([str(a) for a in args] + [threads], capture_output=True, text=True, timeout=timeout,
+                          env=block_order_env(order, env, seed))
+
+
+def block_order_env(blocks, env=None, seed=1):
+    """env (default os.environ) with EMU_BLOCKS set to blocks (forward, reverse or shuffle) and
+    EMU_SEED to seed, for a program whose last argument is not the threads' order."""
+    if blocks not in ORDERS:
+        raise ValueError(f"a block order is one of {ORDERS}, not {blocks!r}")
+    return dict(os.environ if env is None else env, EMU_BLOCKS=blocks, EMU_SEED=str(seed))
 
 
 def to_bf16(x):

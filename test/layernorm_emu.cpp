@@ -15,7 +15,8 @@
  * runtime of test/gpu_emu_runtime.h; the test's build copies llmc/layernorm.cuh and
  * llmc/column_reduce.cuh with each launch rewritten into an emu_launch call (test/gpu_emu.py).
  * Outputs and scratch start as NaN, so an element no thread writes shows up; the threads of a
- * block run in index order or in reverse.
+ * block run in index order or in reverse (the last argument), the blocks in EMU_BLOCKS's order
+ * (test/gpu_emu.h).
  *
  *   layernorm_emu IN OUT forward|reverse
  *     IN : int32 op, then by op:

@@ -6,7 +6,9 @@ gradients of sum(out * dout) with respect to q, k and v by automatic differentia
 Shapes cover grouped-query and multi-head attention, head sizes 64 and 128, T of 1, T below,
 across and not a multiple of the 64-row tiles, and sharp softmaxes (inputs scaled by 4) that
 exercise the online rescaling; each runs with the asynchronous copies landing late (at the wait)
-and early (when issued), which exposes a missing wait or a prefetch overwriting a stage in use.
+and early (when issued), which exposes a missing wait or a prefetch overwriting a stage in use,
+and with each launch's blocks in index order, in reverse and shuffled (EMU_BLOCKS), which exposes
+a block that counts on another having run.
 The forward and the dQ pass also run with two 16-row tiles per warp (128 query rows a block, head
 size 64), and that dQ must equal the one-tile dQ bit for bit. The warpgroup (wgmma) kernels must
 equal the mma.sync kernels bit for bit, the pipelined forward (a key tile's softmax beside the
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from gpu_emu import to_bf16
+from gpu_emu import ORDERS, block_order_env, to_bf16
 
 sys.path.insert(0, str(ROOT / "test" / "oracle"))
 import jax  # noqa: E402
@@ -95,13 +97,15 @@ SHAPES = [  # B, T, NH, NKV, HS, input scale, row tiles per warp of the forward 
 ]
 
 
-def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0, wg=0, eager=0, rope=0):
+def run_emulator(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0, wg=0, eager=0, rope=0,
+                 blocks="forward"):
     """qkv, dout, out, lse, dqkv: run_emulator_full's first five"""
-    return run_emulator_full(emulator, tmp_path, shape, copies, lpt, forward_rw, qreg, kvreg, wg, eager, rope)[:5]
+    return run_emulator_full(emulator, tmp_path, shape, copies, lpt, forward_rw, qreg, kvreg, wg, eager, rope,
+                             blocks=blocks)[:5]
 
 
 def run_emulator_full(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None, qreg=0, kvreg=0, wg=0, eager=0, rope=0,
-                      rope_fwd=0):
+                      rope_fwd=0, blocks="forward"):
     """inputs qkv, dout and the emulated out, lse, dqkv for one shape; the inputs do not depend on
     the dQ pass's row tiles, the grid order (lpt 1: heads, batch, tiles; 0: tiles, heads, batch) or
     forward_rw, which runs the forward with other row tiles than the shape's, or qreg / kvreg (the
@@ -115,8 +119,8 @@ def run_emulator_full(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None,
     and dK taken back through RoPE in the backward's epilogue, 2: by rope_backward's arithmetic on
     the host after the backward), or rope_fwd (1: the k heads rotated by rope_forward's arithmetic
     on the host, the q heads by the forward as it loads them, stored back into qkv; 2: both by
-    rope_forward's arithmetic on the host before the forward); the sixth value is qkv as the
-    forward left it"""
+    rope_forward's arithmetic on the host before the forward); blocks: the order of each launch's
+    blocks (forward, reverse or shuffle: EMU_BLOCKS); the sixth value is qkv as the forward left it"""
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     QKV = (NH + 2 * NKV) * HS
     rng = np.random.default_rng(hash(shape[:7]) % 2**32)
@@ -128,7 +132,8 @@ def run_emulator_full(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None,
                   rope_fwd], np.int32).tofile(f)
         qkv.tofile(f)
         dout.tofile(f)
-    proc = subprocess.run([str(emulator), str(inp), str(outp), copies], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(emulator), str(inp), str(outp), copies], capture_output=True, text=True, timeout=600,
+                          env=block_order_env(blocks))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = np.fromfile(outp, np.float32)
     n_out, n_stat = B * T * NH * HS, B * NH * T
@@ -141,12 +146,13 @@ def run_emulator_full(emulator, tmp_path, shape, copies, lpt=0, forward_rw=None,
     return qkv, dout, out, lse, dqkv, qkv_after
 
 
+@pytest.mark.parametrize("blocks", ORDERS)
 @pytest.mark.parametrize("copies", ["late", "early"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d_T%d_NH%d_NKV%d_HS%d_x%g_rw%d_dq%d" % s)
-def test_flash_attention_emulated(emulator, tmp_path, shape, copies):
+def test_flash_attention_emulated(emulator, tmp_path, shape, copies, blocks):
     B, T, NH, NKV, HS, scale, RW, DQ_RW = shape
     QKV = (NH + 2 * NKV) * HS
-    qkv, dout, out, lse, dqkv = run_emulator(emulator, tmp_path, shape, copies)
+    qkv, dout, out, lse, dqkv = run_emulator(emulator, tmp_path, shape, copies, blocks=blocks)
 
     ref_out, ref_lse, ref_dqkv = oracle(qkv, dout, NH, NKV, HS)
     # bf16 outputs: relative L2 error of a few 2^-9 roundings; lse is fp32 from fp32 sums

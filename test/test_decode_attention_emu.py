@@ -11,18 +11,18 @@ length, lengths on either side of a block's positions per loop iteration (64 at 
 at 128), rows that share a slot, more splits than any
 row needs, and sharp softmaxes; each runs through the split kernel with its combine and through
 the reference kernel, with the threads of each block scheduled forward and in reverse (a
-missing barrier shows in one order or the other). A mutation check confirms that an oracle with the wrong scale or the wrong
+missing barrier shows in one order or the other) and the blocks of each launch forward, in
+reverse and shuffled (gpu_emu.ORDERS: a block that counts on another having run shows). A mutation check confirms that an oracle with the wrong scale or the wrong
 head mapping fails the comparison."""
 import math
 import os
 import re
-import subprocess
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from gpu_emu import build_emulator, rewrite_launches, to_bf16
+from gpu_emu import ORDERS, build_emulator, rewrite_launches, run_program, to_bf16
 
 SPLIT = 256   # DECODE_SPLIT_LEN
 
@@ -85,8 +85,7 @@ def run_emulator(emulator, tmp_path, qkv, k_cache, v_cache, slots, positions, NH
     env.pop("EMU_SMEM_OPTIN", None)
     if smem_optin is not None:
         env["EMU_SMEM_OPTIN"] = str(smem_optin)
-    proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600,
-                          env=env)
+    proc = run_program([emulator, inp, outp], order, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     raw = np.fromfile(outp, np.uint8)
     n_out, n_cache = N * NH * HS, k_cache.size
@@ -130,7 +129,7 @@ def shape_id(s):
                                                        splits or "auto", scale)
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("kernel", ["split", "reference"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_decode_attention_emulated(emulator, tmp_path, shape, kernel, order):
@@ -220,7 +219,7 @@ WRITE_SHAPES = [  # NH, NKV, HS, slots S, Tmax, rows (slot, length) with distinc
 ]
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("shape", WRITE_SHAPES, ids=lambda s: "NH%d_NKV%d_HS%d_len%s%s" % (
     s[0], s[1], s[2], "-".join(str(n) for _, n in s[5]), "_rope" if s[7] else ""))
 def test_decode_attention_writes_the_cache(emulator, tmp_path, shape, order):
@@ -258,7 +257,7 @@ def test_loads_variants_same_bits(emulator, tmp_path, case, loads):
     """The fast kernel's early-loads variant (every load of the first iteration requested before
     any is used) and its staged variant (the split's keys and values copied into shared memory by
     cp.async, which lands only when the thread waits) give the default kernel's outputs and cache
-    writes bit for bit (their threads run in reverse here), and so the oracle's: on the shapes
+    writes bit for bit (their threads and blocks run in reverse here), and so the oracle's: on the shapes
     above, reading a written cache and writing it itself, with and without RoPE."""
     kind, shape = case
     NH, NKV, HS, S, Tmax, rows, n_splits, extra = shape
@@ -314,7 +313,7 @@ def test_reference_kernel_refuses_write_kv(emulator, tmp_path):
         np.array([s_ for s_, _ in rows] + [n - 1 for _, n in rows], np.int32).tofile(f)
         for x in (qkv, k_cache, v_cache):
             x.astype(np.float32).tofile(f)
-    proc = subprocess.run([str(emulator), str(inp), str(outp), "forward"], capture_output=True, text=True, timeout=600)
+    proc = run_program([emulator, inp, outp], "forward")
     assert proc.returncode != 0 and "write_kv" in proc.stderr
 
 

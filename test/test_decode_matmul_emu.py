@@ -9,14 +9,14 @@ the launch, as a CUDA graph replay needs. decode_matmul_swiglu, which forms its 
 MLP's gate and up as it loads it, must give the same bits as decode_matmul on SwiGLU's output
 (the activations as swiglu.cuh rounds them, which the emulator also returns), and match the
 oracle on those activations. A mutation check confirms that an oracle without the
-bias fails the comparison, and the launcher refuses shapes it cannot take."""
-import subprocess
-
+bias fails the comparison, and the launcher refuses shapes it cannot take. The products run with
+their blocks in index order, in reverse and shuffled (gpu_emu.ORDERS), so that the sum of the
+splits must be taken by whichever block of a tile finishes last, as on a GPU, not by a fixed one."""
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from gpu_emu import build_emulator, rewrite_launches, to_bf16
+from gpu_emu import ORDERS, build_emulator, rewrite_launches, run_program, to_bf16
 
 SOURCE = (ROOT / "llmc" / "decode_matmul.cuh").read_text()
 
@@ -46,8 +46,7 @@ def run(emulator, tmp_path, M, IC, OC, has_bias, gelu, sms, seed, order="forward
         for a in (inp, weight, bias):
             if a is not None:
                 a.astype(np.float32).tofile(f)
-    proc = subprocess.run([str(emulator), str(inp_path), str(out_path), order], capture_output=True, text=True,
-                          timeout=600)
+    proc = run_program([emulator, inp_path, out_path], order)
     return proc, out_path, (inp, weight, bias)
 
 
@@ -67,13 +66,15 @@ CASES = [  # M, IC, OC, has_bias, gelu, sms
     (13, 96, 32, 1, 1, 8),        # two n-tiles, GELU, as many splits as chunks (3)
     (37, 256, 64, 1, 0, 16),      # four n-tiles (5 rows past M), 8 splits of one chunk
     (64, 768, 48, 1, 1, 132),     # GPT-2's width, 64 rows: six splits of four chunks
-    (64, 576, 32, 0, 0, 2),       # SmolLM2's width: one split, 18 chunks over four warps
-    (8, 1056, 16, 1, 0, 1),       # one split, 33 chunks: a warp takes 8 or 9, two or three prefetch groups
+    (64, 576, 32, 0, 0, 2),       # SmolLM2's width: two splits of 9 chunks over four warps
+    (8, 1056, 16, 1, 0, 1),       # two splits of 16 and 17 chunks: a warp takes 4 or 5, one or two prefetch groups
+    (64, 576, 64, 0, 0, 2),       # SmolLM2's width: one split (2 sms for 4 tiles), 18 chunks over four warps
+    (8, 1056, 32, 1, 0, 1),       # one split, 33 chunks: a warp takes 8 or 9, two or three prefetch groups
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M%d_IC%d_OC%d_b%d_g%d_sms%d" % c)
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 def test_decode_matmul_matches_oracle(emulator, tmp_path, case, order):
     M, IC, OC, has_bias, gelu, sms = case
     proc, out_path, inputs = run(emulator, tmp_path, M, IC, OC, has_bias, gelu, sms, seed=M * 31 + IC + OC, order=order)
@@ -108,9 +109,11 @@ SWIGLU_CASES = [  # M, IC, OC, has_bias, sms
 
 
 @pytest.mark.parametrize("case", SWIGLU_CASES, ids=lambda c: "M%d_IC%d_OC%d_b%d_sms%d" % c)
-def test_swiglu_input_equals_the_two_step_path(emulator, tmp_path, case):
+@pytest.mark.parametrize("order", ORDERS)
+def test_swiglu_input_equals_the_two_step_path(emulator, tmp_path, case, order):
     M, IC, OC, has_bias, sms = case
-    proc, out_path, (fc, weight, bias) = run(emulator, tmp_path, M, IC, OC, has_bias, 0, sms, seed=M + IC + OC, swiglu=1)
+    proc, out_path, (fc, weight, bias) = run(emulator, tmp_path, M, IC, OC, has_bias, 0, sms, seed=M + IC + OC, order=order,
+                                             swiglu=1)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     raw = np.fromfile(out_path, np.float32)
     n_out, tiles = M * OC, OC // 16

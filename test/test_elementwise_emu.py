@@ -13,18 +13,18 @@ it is made of; output buffers start as NaN so an element no thread wrote fails.
 The scalar kernels, the 8-wide ones (16-byte loads and stores) and the pick between them run, on
 shapes that take the 8-wide path and shapes that need the fallback (F not a multiple of 8, head_dim
 not a multiple of 16, n not a multiple of 8, buffers 2 bytes off 16), with the threads of each
-block scheduled forward and in reverse. The 8-wide kernels compute each element as the scalar ones
+block scheduled forward and in reverse and the blocks of each launch forward, in reverse and
+shuffled (gpu_emu.ORDERS). The 8-wide kernels compute each element as the scalar ones
 do, so their outputs are checked to be the same bit for bit; the pick is checked by the number of
 threads its launch started. A mutation check confirms that a RoPE backward oracle rotating the
 wrong way fails the comparison."""
 import re
-import subprocess
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from gpu_emu import build_emulator, rewrite_launches, to_bf16
+from gpu_emu import ORDERS, build_emulator, rewrite_launches, run_program, to_bf16
 
 (SWIGLU_FORWARD, SWIGLU_BACKWARD, ROPE_FORWARD, ROPE_BACKWARD, GELU_FORWARD, GELU_BACKWARD, SWIGLU_ROWNORM,
  ROPE_FORWARD_KEYS, ADAMW, GLOBAL_NORM) = range(10)
@@ -48,7 +48,7 @@ def run_emulator(emulator, tmp_path, op, kernel, dims, arrays, misalign=0, order
             np.array([theta], np.float32).tofile(f)
         for a in arrays:
             np.asarray(a, np.float32).tofile(f)
-    proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600)
+    proc = run_program([emulator, inp, outp], order)
     if proc.returncode != 0:
         return None, proc.stdout + proc.stderr
     threads = int(re.search(r"^threads (\d+)$", proc.stdout, re.M).group(1))
@@ -97,7 +97,7 @@ def run_swiglu(emulator, tmp_path, fc, dout, kernel, backward, misalign=0, order
 SWIGLU_SHAPES = [(3, 24), (37, 64), (2, 1536), (5, 20), (4, 7)]   # the last two only for the scalar kernel
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("shape,kernel", [(s, k) for s in SWIGLU_SHAPES for k in (SCALAR, VEC8, PICKED)
                                           if k != VEC8 or s[1] % 8 == 0])
 def test_swiglu_matches_oracle(emulator, tmp_path, shape, kernel, order):
@@ -112,7 +112,7 @@ def test_swiglu_matches_oracle(emulator, tmp_path, shape, kernel, order):
     assert_close(dfc.reshape(N, 2 * F), dfc_ref, dfc_scale)
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("N,F,C", [(1, 1536, 576), (5, 24, 300), (3, 7, 33)])
 def test_swiglu_with_the_rows_norm_matches_oracle(emulator, tmp_path, N, F, C, order):
     """swiglu_forward_rownorm (the rollout engine's folded decode step): gate and up of row n
@@ -176,7 +176,7 @@ ROPE_SHAPES = [  # B, T, NH, NKV, HS, theta
 ]
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("backward", [False, True])
 @pytest.mark.parametrize("shape,kernel", [(s, k) for s in ROPE_SHAPES for k in (SCALAR, VEC8, PICKED)
                                           if k != VEC8 or s[4] % 16 == 0])
@@ -191,7 +191,7 @@ def test_rope_matches_oracle(emulator, tmp_path, shape, kernel, backward, order)
     assert np.array_equal(got[:, :, (NH + NKV) * HS:], qkv[:, :, (NH + NKV) * HS:])   # v untouched
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("shape,kernel", [(s, k) for s in ROPE_SHAPES for k in (SCALAR, VEC8, PICKED)
                                           if k != VEC8 or s[4] % 16 == 0])
 def test_rope_forward_on_the_keys_alone(emulator, tmp_path, shape, kernel, order):
@@ -257,7 +257,7 @@ def run_gelu(emulator, tmp_path, x, dout, kernel, backward, in_place=0, misalign
 GELU_SIZES = [8, 1000, 3 * 256 * 8 + 16, 1003, 1]   # the last two only for the scalar kernel
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("n,kernel", [(n, k) for n in GELU_SIZES for k in (SCALAR, VEC8, PICKED) if k != VEC8 or n % 8 == 0])
 def test_gelu_matches_oracle(emulator, tmp_path, n, kernel, order):
     x, dout = gelu_inputs(n, seed=n)
@@ -356,7 +356,7 @@ def run_adamw(emulator, tmp_path, n, kernel, misalign=0, order="forward", seed=5
     return (out if out is None else out.reshape(4, n)), threads
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("n,kernel", [(n, k) for n in (1, 3, 8, 1001, 4096) for k in (SCALAR, VEC8, PICKED)])
 def test_adamw_matches_oracle(emulator, tmp_path, n, kernel, order):
     """One AdamW step (the model's update, PyTorch semantics) against float64: parameters and
@@ -424,7 +424,7 @@ NORM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("misalign", [0, 1])
 @pytest.mark.parametrize("case", range(len(NORM_CASES)))
 def test_global_norm_pieces_match_oracle(emulator, tmp_path, case, misalign, order):

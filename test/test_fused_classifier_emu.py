@@ -10,15 +10,15 @@ shared memory in the first pass, the gradient computed from the copy) and the pi
 the three ways the model calls them: the forward alone (the logits must stay as they were), the
 forward with the gradient, and the forward followed by the separate backward; with and without a
 mask, with vocabularies padded or not and rows that are and are not a multiple of 8 wide, and with
-the threads of each block scheduled forward and in reverse. A mutation check confirms that an
+the threads of each block and the blocks of each launch scheduled forward, in reverse and (the
+blocks) shuffled (gpu_emu.ORDERS). A mutation check confirms that an
 oracle that lets the padded columns into the softmax fails the comparison."""
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from gpu_emu import build_emulator, rewrite_launches, to_bf16
+from gpu_emu import ORDERS, build_emulator, rewrite_launches, run_program, to_bf16
 
-import subprocess
 
 SCALAR, VEC8, PICKED, STAGED = 0, 1, 2, 3
 FORWARD, FUSED, SEPARATE = 0, 1, 2
@@ -52,7 +52,7 @@ def run_emulator(emulator, tmp_path, logits, targets, mask, weights, V, kernel, 
         if mask is not None:
             mask.astype(np.float32).tofile(f)
         weights.astype(np.float32).tofile(f)
-    proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600)
+    proc = run_program([emulator, inp, outp], order)
     if proc.returncode != 0:
         return proc, None
     raw = np.fromfile(outp, np.float32)
@@ -98,10 +98,11 @@ SHAPES = [  # N, V, Vp, has_mask
 @pytest.mark.parametrize("mode", [FORWARD, FUSED, SEPARATE])
 @pytest.mark.parametrize("kernel", [SCALAR, VEC8, STAGED])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_classifier_matches_oracle(emulator, tmp_path, shape, kernel, mode):
+@pytest.mark.parametrize("order", ORDERS)
+def test_classifier_matches_oracle(emulator, tmp_path, shape, kernel, mode, order):
     N, V, Vp, has_mask = shape
     logits, targets, mask, weights = make_inputs(N, V, Vp, has_mask, seed=V)
-    proc, out = run_emulator(emulator, tmp_path, logits, targets, mask, weights, V, kernel, mode)
+    proc, out = run_emulator(emulator, tmp_path, logits, targets, mask, weights, V, kernel, mode, order=order)
     assert out is not None, proc.stdout + proc.stderr
     assert_matches(out, oracle(logits, targets, mask, weights, V), logits, mode)
 

@@ -8,7 +8,8 @@ RMSNorm    out = x / sqrt(mean(x^2) + eps) * weight.
 All three kernels run (a warp per row, a warp per row from registers, a block per row) and the
 dispatcher itself: for LayerNorm and RMSNorm, with and without the residual add and the bias,
 widths that are and are not multiples of a warp, a vector or a block, up to the kernels' largest
-widths, with the threads of each block scheduled forward and in reverse.
+widths, with the threads of each block scheduled forward and in reverse and the blocks of each
+launch forward, in reverse and shuffled (gpu_emu.ORDERS).
 
 Backward, with norm = (x - mean) * rstd and dnorm = dout * weight:
 dres += rstd * (dnorm - mean_c(dnorm) [LayerNorm] - norm * mean_c(dnorm * norm)),
@@ -23,13 +24,12 @@ bf16 and stores the updated gradient rounded to bf16, whose column sums it adds.
 Mutation checks confirm that an oracle with the unbiased variance, or one without the
 mean_c(dnorm) term, fails the comparison."""
 import re
-import subprocess
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from gpu_emu import build_emulator, rewrite_launches, to_bf16
+from gpu_emu import ORDERS, build_emulator, rewrite_launches, run_program, to_bf16
 
 EPS = 1e-5
 SOURCE = (ROOT / "llmc" / "layernorm.cuh").read_text()
@@ -75,7 +75,7 @@ def run_emulator(emulator, tmp_path, res_in, branch, weight, bias, is_layernorm,
         for a in (res_in, branch, weight, bias):
             if a is not None:
                 a.astype(np.float32).tofile(f)
-    proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=600)
+    proc = run_program([emulator, inp, outp], order)
     return proc, outp
 
 
@@ -130,7 +130,7 @@ CASES = [  # N, C, is_layernorm, fused, has_bias
 
 @pytest.mark.parametrize("kernel", [WARPS, ROWS, PICKED, REGISTERS])
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 def test_norm_forward_matches_oracle(emulator, tmp_path, case, kernel, order):
     N, C, is_layernorm, fused, has_bias = case
     res_in, branch, weight, bias = make_inputs(N, C, fused, has_bias, seed=N * 1000 + C)
@@ -232,7 +232,7 @@ def run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy
         np.array([1, N, C, is_layernorm, path + (3 if bf16_dout else 0), colsum, bf16_copy, bf16_stream], np.int32).tofile(f)
         for a in [dout, inp, dres, weight] + ([mean] if is_layernorm else []) + [rstd] + starts:
             a.astype(np.float32).tofile(f)
-    proc = subprocess.run([str(emulator), str(inp_path), str(out_path), order], capture_output=True, text=True, timeout=600)
+    proc = run_program([emulator, inp_path, out_path], order)
     if expect_refusal:
         return proc
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -290,7 +290,7 @@ BACKWARD_CASES = [  # N, C, is_layernorm, colsum, bf16_copy
 
 @pytest.mark.parametrize("path", [FUSED, SPLIT, PICKED])
 @pytest.mark.parametrize("case", BACKWARD_CASES)
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 def test_norm_backward_matches_oracle(emulator, tmp_path, case, path, order):
     N, C, is_layernorm, colsum, bf16_copy = case
     got, inputs = run_backward(emulator, tmp_path, N, C, is_layernorm, path, colsum, bf16_copy, seed=N * 7 + C, order=order)
@@ -338,7 +338,7 @@ def test_norm_backward_picks_the_split_path_for_wide_rows(emulator, tmp_path):
     raw = np.fromfile(inp_path, np.int32)
     raw[4] = FUSED
     raw.tofile(inp_path)
-    proc = subprocess.run([str(emulator), str(inp_path), str(tmp_path / "o.bin"), "forward"], capture_output=True, text=True)
+    proc = run_program([emulator, inp_path, tmp_path / "o.bin"], "forward")
     assert proc.returncode != 0 and "C too large" in proc.stderr
 
 
@@ -361,8 +361,8 @@ def test_bf16_column_sums_match_oracle(emulator, tmp_path, N, cols):
         np.array([2, N, cols], np.int32).tofile(f)
         x.astype(np.float32).tofile(f)
         start.tofile(f)
-    for order in ("forward", "reverse"):
-        proc = subprocess.run([str(emulator), str(inp_path), str(out_path), order], capture_output=True, text=True, timeout=600)
+    for order in ORDERS:
+        proc = run_program([emulator, inp_path, out_path], order)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         got = np.fromfile(out_path, np.float32)
         want = start.astype(np.float64) + x.astype(np.float64).sum(axis=0)

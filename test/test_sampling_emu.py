@@ -24,13 +24,12 @@ rows, up to its 32 blocks per row; flag rows with non-finite logits; advance the
 except the padding rows'; and follow the config of each call when the same launches are replayed
 with the config changed (top-k and top-p go to the one-block kernel)."""
 import math
-import subprocess
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from gpu_emu import build_emulator, rewrite_launches
+from gpu_emu import ORDERS, build_emulator, rewrite_launches, run_program
 
 SMOLLM2_VOCAB = 49152
 
@@ -69,7 +68,7 @@ def run_calls(emulator, tmp_path, logits, configs, keys, steps, V=None, mode="fa
         for a in (steps, tokens0, pos0, slots):
             np.asarray(a, np.int32).tofile(f)
         logits.astype(np.float32).tofile(f)
-    proc = subprocess.run([str(emulator), str(inp), str(outp), order], capture_output=True, text=True, timeout=900)
+    proc = run_program([emulator, inp, outp], order, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     raw = np.fromfile(outp, np.uint8)
 
@@ -194,7 +193,7 @@ def check_logprobs(x_rows, tokens, logprobs, V):
         assert abs(float(logprobs[r]) - want) <= 1e-5 * max(1.0, abs(want)), (r, logprobs[r], want)
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("order", ORDERS)
 def test_greedy_takes_argmax_smallest_id_on_ties(emulator, tmp_path, order):
     rng = np.random.default_rng(1)
     V, Vp = 1000, 1024
@@ -241,7 +240,7 @@ def test_sets_match_reference(emulator, tmp_path, case):
     rng = np.random.default_rng(V + k)
     x = (rng.standard_normal((2, V)) * np.array([[scale], [scale * 0.3]])).astype(np.float32)
     keys, steps = [11, 12], [0, 9]
-    orders = ["forward", "reverse"] if V <= 4096 else ["forward"]
+    orders = ORDERS if V <= 4096 else ["forward"]
     for order in orders:
         tokens, logprobs, err, sets = run_sampler(emulator, tmp_path, x, T, k, p, keys, steps, order=order)
         assert err == 0
@@ -388,14 +387,14 @@ def test_reference_kernel_refuses_large_top_p_vocabulary(emulator, tmp_path):
 
 SPLIT_THREADS = 256   # SAMPLE_SPLIT_THREADS: a thread's next group is this many groups on
 
-SPLIT_CASES = [  # V, Vp, rows, sms, blocks per row (expected), temperature, order
-    (3001, 3001, 4, 2, 2, 1.0, "forward"),        # Vp % 4 != 0: rows alternately 16-byte aligned or not
-    (3001, 3001, 4, 2, 2, 0.0, "reverse"),
-    (9001, 9001, 5, 9, 7, 0.7, "forward"),        # 2251 groups over 7 blocks
-    (9001, 9088, 5, 9, 7, 0.0, "forward"),
-    (12289, 12289, 3, 4, 5, 1.3, "reverse"),
-    (49157, 49280, 2, 16, 32, 1.0, "forward"),    # the most blocks per row: the merge's whole warp
-    (49157, 49157, 2, 16, 32, 0.0, "forward"),
+SPLIT_CASES = [  # V, Vp, rows, sms, blocks per row (expected), temperature
+    (3001, 3001, 4, 2, 2, 1.0),        # Vp % 4 != 0: rows alternately 16-byte aligned or not
+    (3001, 3001, 4, 2, 2, 0.0),
+    (9001, 9001, 5, 9, 7, 0.7),        # 2251 groups over 7 blocks
+    (9001, 9088, 5, 9, 7, 0.0),
+    (12289, 12289, 3, 4, 5, 1.3),
+    (49157, 49280, 2, 16, 32, 1.0),    # the most blocks per row: the merge's whole warp
+    (49157, 49157, 2, 16, 32, 0.0),
 ]
 
 
@@ -415,13 +414,14 @@ def split_logits(rng, rows, V, Vp, blocks):
     return x
 
 
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "V%d_Vp%d_rows%d_S%d_T%g_%s" % (c[0], c[1], c[2], c[4], c[5], c[6]))
-def test_split_path_matches_reference(emulator, tmp_path, case):
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "V%d_Vp%d_rows%d_S%d_T%g" % (c[0], c[1], c[2], c[4], c[5]))
+def test_split_path_matches_reference(emulator, tmp_path, case, order):
     """The split path draws the reference and the one-block kernel's tokens on vocabularies that do
     not divide evenly into its blocks; its log-probabilities match a float64 log-softmax; its
     Gumbel scores are taken from every token of the row (the logits they are computed from equal
     the whole row's), greedy draws nothing."""
-    V, Vp, rows, sms, want_blocks, T, order = case
+    V, Vp, rows, sms, want_blocks, T = case
     rng = np.random.default_rng(V + rows)
     x = split_logits(rng, rows, V, Vp, want_blocks)
     keys = [int(v) for v in rng.integers(0, 2 ** 64, rows, dtype=np.uint64)]
