@@ -37,18 +37,11 @@ static inline float atomicAdd(float *address, float value) {
     return old;
 }
 #include "attention_launched.cuh"   // llmc/attention.cuh and encoder.cuh, launches rewritten
+#include "emu_io.h"
 extern "C" {
 #include "ops_cpu.h"
 }
 
-template <typename T> static std::vector<T> read_n(FILE *f, size_t n, const char *path) {
-    std::vector<T> x(n);
-    if (fread(x.data(), sizeof(T), n, f) != n) {
-        fprintf(stderr, "error: %s: file ends before its arrays do\n", path);
-        exit(1);
-    }
-    return x;
-}
 static float *device_f32(const std::vector<float> &x) {
     float *p = (float *)device_alloc(x.size() * sizeof(float), 0xff);
     memcpy(p, x.data(), x.size() * sizeof(float));

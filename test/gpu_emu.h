@@ -48,6 +48,7 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+#include "emu_io.h"
 
 // ---------------------------------------------------------------------------------------------
 // what cuda_common.h and the CUDA headers would provide
@@ -67,14 +68,7 @@ static void emu_fail(const char *what) {
 }
 
 // n float32 values read from f (the emulator's input file `path`); exits when the file is short.
-static inline std::vector<float> read_floats(FILE *f, size_t n, const char *path) {
-    std::vector<float> x(n);
-    if (fread(x.data(), sizeof(float), n, f) != n) {
-        fprintf(stderr, "error: %s: file ends before %zu floats were read\n", path, n);
-        exit(1);
-    }
-    return x;
-}
+static inline std::vector<float> read_floats(FILE *f, size_t n, const char *path) { return read_n<float>(f, n, path); }
 
 struct floatX { uint16_t bits; };   // bf16
 static inline float to_f32(floatX x) {

@@ -26,20 +26,13 @@
 #include <cuda_runtime.h>
 #include <vector>
 #include "reward_heads_launched.cu"   // reward_heads.cu, launches rewritten
+#include "emu_io.h"
 
 static void *dev(const void *host, size_t bytes) {
     void *p = NULL;
     if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) emu_fail("cudaMalloc");
     if (host) cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice);
     return p;
-}
-template <typename T> static std::vector<T> read_n(FILE *f, size_t n, const char *path) {
-    std::vector<T> x(n);
-    if (fread(x.data(), sizeof(T), n, f) != n) {
-        fprintf(stderr, "error: %s: file ends before its arrays do\n", path);
-        exit(1);
-    }
-    return x;
 }
 template <typename T> static void append(std::vector<float> &out, const T *x, size_t n) {
     for (size_t i = 0; i < n; i++) out.push_back((float)x[i]);
