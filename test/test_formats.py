@@ -516,19 +516,25 @@ def test_hf_llama_family_loads_and_saves(tmp_path, kind):
     assert out_cfg["head_dim"] == LLAMA["HS"]
 
 
+def gpt2_gguf_writer(path):
+    """A GGUFWriter for the test GPT-2 (GPT2's sizes) with its hyperparameters written."""
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(GPT2["L"])
+    w.add_context_length(GPT2["maxT"])
+    w.add_embedding_length(GPT2["C"])
+    w.add_feed_forward_length(4 * GPT2["C"])
+    w.add_head_count(GPT2["NH"])
+    w.add_layer_norm_eps(1e-5)
+    w.add_vocab_size(GPT2["V"])
+    return w
+
+
 def test_gpt2_gguf_loads(tmp_path):
     """A GPT-2 GGUF as llama.cpp's converter writes it: Conv1D weights transposed to (out, in),
     output.weight a copy of token_embd (tied), some tensors F16."""
     t = gpt2_hf_tensors(np.random.default_rng(12))
     C, L = GPT2["C"], GPT2["L"]
-    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gpt2")
-    w.add_block_count(L)
-    w.add_context_length(GPT2["maxT"])
-    w.add_embedding_length(C)
-    w.add_feed_forward_length(4 * C)
-    w.add_head_count(GPT2["NH"])
-    w.add_layer_norm_eps(1e-5)
-    w.add_vocab_size(GPT2["V"])
+    w = gpt2_gguf_writer(tmp_path / "g.gguf")
     held = {}
 
     def add(gname, hname, transpose=False, f16=False):
@@ -843,14 +849,7 @@ def write_gpt2_gguf(path, t, head=None):
     """A GPT-2 GGUF as llama.cpp's converter writes it (Conv1D weights as (out, in)), all F32;
     output.weight is head when given (an untied classifier), else absent (tied)."""
     C, L = GPT2["C"], GPT2["L"]
-    w = gguf.GGUFWriter(str(path), "gpt2")
-    w.add_block_count(L)
-    w.add_context_length(GPT2["maxT"])
-    w.add_embedding_length(C)
-    w.add_feed_forward_length(4 * C)
-    w.add_head_count(GPT2["NH"])
-    w.add_layer_norm_eps(1e-5)
-    w.add_vocab_size(GPT2["V"])
+    w = gpt2_gguf_writer(path)
     w.add_tensor("token_embd.weight", t["wte.weight"])
     w.add_tensor("position_embd.weight", t["wpe.weight"])
     for l in range(L):
