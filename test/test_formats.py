@@ -516,6 +516,15 @@ def test_hf_llama_family_loads_and_saves(tmp_path, kind):
     assert out_cfg["head_dim"] == LLAMA["HS"]
 
 
+# A GPT-2 block's tensors: GGUF name, Hugging Face name, whether llama.cpp's converter transposes it
+GPT2_GGUF_BLOCK = [("attn_norm.weight", "ln_1.weight", 0), ("attn_norm.bias", "ln_1.bias", 0),
+                   ("attn_qkv.weight", "attn.c_attn.weight", 1), ("attn_qkv.bias", "attn.c_attn.bias", 0),
+                   ("attn_output.weight", "attn.c_proj.weight", 1), ("attn_output.bias", "attn.c_proj.bias", 0),
+                   ("ffn_norm.weight", "ln_2.weight", 0), ("ffn_norm.bias", "ln_2.bias", 0),
+                   ("ffn_up.weight", "mlp.c_fc.weight", 1), ("ffn_up.bias", "mlp.c_fc.bias", 0),
+                   ("ffn_down.weight", "mlp.c_proj.weight", 1), ("ffn_down.bias", "mlp.c_proj.bias", 0)]
+
+
 def gpt2_gguf_writer(path):
     """A GGUFWriter for the test GPT-2 (GPT2's sizes) with its hyperparameters written."""
     w = gguf.GGUFWriter(str(path), "gpt2")
@@ -545,12 +554,7 @@ def test_gpt2_gguf_loads(tmp_path):
     add("token_embd.weight", "wte.weight", f16=True)
     add("position_embd.weight", "wpe.weight")
     for l in range(L):
-        for g, h, tr in [("attn_norm.weight", "ln_1.weight", 0), ("attn_norm.bias", "ln_1.bias", 0),
-                         ("attn_qkv.weight", "attn.c_attn.weight", 1), ("attn_qkv.bias", "attn.c_attn.bias", 0),
-                         ("attn_output.weight", "attn.c_proj.weight", 1), ("attn_output.bias", "attn.c_proj.bias", 0),
-                         ("ffn_norm.weight", "ln_2.weight", 0), ("ffn_norm.bias", "ln_2.bias", 0),
-                         ("ffn_up.weight", "mlp.c_fc.weight", 1), ("ffn_up.bias", "mlp.c_fc.bias", 0),
-                         ("ffn_down.weight", "mlp.c_proj.weight", 1), ("ffn_down.bias", "mlp.c_proj.bias", 0)]:
+        for g, h, tr in GPT2_GGUF_BLOCK:
             add(f"blk.{l}.{g}", f"h.{l}.{h}", transpose=bool(tr), f16=(g == "ffn_up.weight"))
     add("output_norm.weight", "ln_f.weight")
     add("output_norm.bias", "ln_f.bias")
@@ -853,12 +857,7 @@ def write_gpt2_gguf(path, t, head=None):
     w.add_tensor("token_embd.weight", t["wte.weight"])
     w.add_tensor("position_embd.weight", t["wpe.weight"])
     for l in range(L):
-        for g, h, tr in [("attn_norm.weight", "ln_1.weight", 0), ("attn_norm.bias", "ln_1.bias", 0),
-                         ("attn_qkv.weight", "attn.c_attn.weight", 1), ("attn_qkv.bias", "attn.c_attn.bias", 0),
-                         ("attn_output.weight", "attn.c_proj.weight", 1), ("attn_output.bias", "attn.c_proj.bias", 0),
-                         ("ffn_norm.weight", "ln_2.weight", 0), ("ffn_norm.bias", "ln_2.bias", 0),
-                         ("ffn_up.weight", "mlp.c_fc.weight", 1), ("ffn_up.bias", "mlp.c_fc.bias", 0),
-                         ("ffn_down.weight", "mlp.c_proj.weight", 1), ("ffn_down.bias", "mlp.c_proj.bias", 0)]:
+        for g, h, tr in GPT2_GGUF_BLOCK:
             x = t[f"h.{l}.{h}"]
             w.add_tensor(f"blk.{l}.{g}", x.T.copy() if tr else x)
     w.add_tensor("output_norm.weight", t["ln_f.weight"])
