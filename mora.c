@@ -81,6 +81,7 @@
 #include "llmc/zero.h"
 #include "llmc/device.h"
 #include "llmc/stats.h"
+#include "llmc/stop.h"
 #ifdef USE_CUDA
 #include "llmc/model_cuda.h"
 #include "rollout.h"
@@ -1563,7 +1564,12 @@ int cmd_mora(int argc, char **argv) {
     int n_specs = mora_specs(a, specs);
     args_parse(argc, argv, 2, specs, n_specs, "mora",
                "MORA: presample -> isolate -> rewrite -> assimilate -> update (GRPO or DPO), on the CPU or a GPU.\n"
-               "--mora 0 runs the baseline with the same seed and budget. --resume DIR continues a run.");
+               "--mora 0 runs the baseline with the same seed and budget. --resume DIR continues a run.\n"
+               "SIGTERM, SIGINT or SIGUSR1 stops the run after its current step (or presample) with what\n"
+               "--resume needs (exit status 128 + the signal).");
+    // SIGTERM, SIGINT, SIGUSR1 from here on: the run stops at its next step boundary, after the
+    // presample or a step, with a checkpoint (stop.h)
+    stop_signals_install("mora");
     int stop_after = a->stop_after;
     if (args_given("resume") && !a->resume[0]) fatal("flag --resume needs the run directory to continue");
     if (a->resume[0]) {
@@ -1756,6 +1762,7 @@ int cmd_mora(int argc, char **argv) {
 #endif
     }
     int total_steps = a->steps * m.n_stages;
+    int stop_sig = 0;   // the signal that stopped the run (stop.h), or 0
     if (state.step >= total_steps) {
         printf("the run in %s is complete (%d of %d steps): nothing to do\n", a->out, state.step, total_steps);
         goto done;
@@ -1780,6 +1787,14 @@ int cmd_mora(int argc, char **argv) {
             if (rank == 0) save_pool_state(&m, &pool);
         }
         if (m.dpo && pool.n_pairs == 0) fatal("stage %d: the presample gave no best/worst pair with different rewards; raise --K", stage + 1);
+        // a signal during the presample: the pool is saved and the checkpoint of the stage's
+        // start is there already (or none at step 0, where --resume starts from the reference)
+        stop_sig = stop_signal_agreed();
+        if (stop_sig) {
+            printf("stage %d/%d: the presample is done and saved in %s; no step taken\n", stage + 1, m.n_stages, m.state_path);
+            stage_pool_free(&pool);
+            break;
+        }
         double stage_start = wall_seconds();
         int first_step_of_stage = step;
         int stage_end = (stage + 1) * a->steps;
@@ -1808,24 +1823,32 @@ int cmd_mora(int argc, char **argv) {
                 fflush(stdout);
             }
             int stopping = a->stop_after > 0 && steps_this_run >= a->stop_after;
-            if ((a->save_every > 0 && step % a->save_every == 0) || step == stage_end || stopping) {
+            // a signal (stop.h) on any rank: every rank saves this step and stops
+            stop_sig = step < total_steps ? stop_signal_agreed() : 0;
+            if ((a->save_every > 0 && step % a->save_every == 0) || step == stage_end || stopping || stop_sig) {
                 state.rng_state = (uint64_t)a->seed;
                 // the checkpoint holds the whole AdamW state; under ZeRO-1 it is gathered on rank 0
                 if (a->zero == 1) adamw_shard_gather(&m.shard, &m.policy, 0);
                 if (rank == 0) run_save_checkpoint(&m.policy, &state, a->out);
                 if (a->zero == 1) adamw_shard_release(&m.policy);
             }
-            if (stopping) {
+            if (stopping && !stop_sig) {
                 printf("stopped after %d step(s) (--stop_after); continue with: train_mora mora --resume %s\n", steps_this_run, a->out);
                 if (metrics) fclose(metrics);
                 stage_pool_free(&pool);
                 goto done;
             }
+            if (stop_sig) break;
         }
         stage_pool_free(&pool);
+        if (stop_sig) break;
     }
     if (metrics) fclose(metrics);
-    printf("done: %d steps in %.1f s; run in %s\n", total_steps, wall_seconds() - run_start, a->out);
+    if (stop_sig)
+        printf("stopped by %s after step %d of %d, %.1f s; continue with: train_mora mora --resume %s\n",
+               stop_signal_name(stop_sig), step, total_steps, wall_seconds() - run_start, a->out);
+    else
+        printf("done: %d steps in %.1f s; run in %s\n", total_steps, wall_seconds() - run_start, a->out);
 done:
 #ifdef USE_CUDA
     if (m.gpu) cuda_model_free(m.gpu);
@@ -1835,7 +1858,7 @@ done:
     engine_free(&m.e);
     promptdata_free(&m.prompts);
     free(heads_path);
-    return 0;
+    return stop_sig ? stop_signal_exit_status(stop_sig) : 0;
 }
 
 // ----------------------------------------------------------------------------

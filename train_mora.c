@@ -26,6 +26,7 @@
 #include "llmc/comm.h"
 #include "llmc/device.h"
 #include "llmc/zero.h"
+#include "llmc/stop.h"
 #include "tokenizer.h"
 #include "dataloader.h"
 #ifdef USE_CUDA
@@ -229,8 +230,13 @@ static int cmd_pretrain(int argc, char **argv) {
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "pretrain",
                "Language-model training on token shards in llm.c's format, from a preset or a checkpoint.\n"
                "Data parallel under mpirun/srun: each rank reads its own micro-batches (the global batch is\n"
-               "ranks x batch_size x grad_accum sequences), gradients are averaged over ranks.");
+               "ranks x batch_size x grad_accum sequences), gradients are averaged over ranks.\n"
+               "SIGTERM, SIGINT or SIGUSR1 stops the run after its current step with a checkpoint (exit\n"
+               "status 128 + the signal); --resume continues it.");
     const int n_specs = (int)(sizeof specs / sizeof specs[0]);
+    // SIGTERM, SIGINT, SIGUSR1 from here on: the run stops after its current step (the first, when
+    // the signal comes while it starts) with a checkpoint (stop.h)
+    stop_signals_install("pretrain");
     if (a.resume) {
         if (args_given("init"))
             fatal("flag --init with --resume: a resumed run continues from its latest checkpoint in --out; "
@@ -367,6 +373,9 @@ static int cmd_pretrain(int argc, char **argv) {
     }
     const int norm_in_backward = gpu ? gpu->norm_in_backward : 0;   // as the environment set it
 #endif
+    // SIGTERM, SIGINT, SIGUSR1: a checkpoint after the current step, then exit (stop.h)
+    stop_signals_install("pretrain");
+    int stop_sig = 0;
     for (int step = state.step + 1; step <= a.steps; step++) {
         double t0 = wall_seconds();
         double loss = 0.0;
@@ -450,7 +459,9 @@ static int cmd_pretrain(int argc, char **argv) {
             printf("\n");
             fflush(stdout);
         }
-        if ((a.save_every > 0 && step % a.save_every == 0) || step == a.steps) {
+        // a signal (stop.h) on any rank: every rank saves this step and stops
+        stop_sig = step < a.steps ? stop_signal_agreed() : 0;
+        if ((a.save_every > 0 && step % a.save_every == 0) || step == a.steps || stop_sig) {
 #ifdef USE_CUDA
             if (gpu) {
                 // the GPU's parameters and AdamW state back into the CPU model; under ZeRO-1 every
@@ -474,17 +485,22 @@ static int cmd_pretrain(int argc, char **argv) {
                 run_save_checkpoint(&model, &state, a.out);
             }
         }
+        if (stop_sig) break;
     }
 #ifdef USE_CUDA
     if (gpu) cuda_model_free(gpu);
 #endif
     if (metrics) fclose(metrics);
     adamw_shard_free(&shard);
-    printf("done: %d steps in %.1f s; checkpoint in %s\n", a.steps - first_step, wall_seconds() - run_start, a.out);
+    if (stop_sig)
+        printf("stopped by %s after step %d of %d, %.1f s; its checkpoint is in %s; continue with: train_mora pretrain --out %s --resume\n",
+               stop_signal_name(stop_sig), state.step, a.steps, wall_seconds() - run_start, a.out, a.out);
+    else
+        printf("done: %d steps in %.1f s; checkpoint in %s\n", a.steps - first_step, wall_seconds() - run_start, a.out);
     dataloader_free(&train);
     if (a.val_data[0]) dataloader_free(&val);
     model_free(&model);
-    return 0;
+    return stop_sig ? stop_signal_exit_status(stop_sig) : 0;
 }
 
 

@@ -143,6 +143,12 @@ void comm_all_reduce_sum_double(double *buf, size_t n) {
 }
 
 // A root that is not a rank is left to MPI to refuse (MPI_ERR_ROOT), through mpiCheck.
+int comm_all_reduce_max_int(int v) {
+    if (comm_world_ == 1) return v;
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+    return v;
+}
+
 void comm_broadcast(void *buf, size_t bytes, int root) {
     if (comm_world_ == 1 && root == 0) return;
     if (!comm_mpi_) fatal("comm_broadcast: root %d is not a rank (world 1)", root);
@@ -287,6 +293,7 @@ const char *comm_backend_name(void) { return "single"; }
 void comm_barrier(void) {}
 void comm_all_reduce_sum(float *buf, size_t n) { (void)buf; (void)n; }
 void comm_all_reduce_sum_double(double *buf, size_t n) { (void)buf; (void)n; }
+int comm_all_reduce_max_int(int v) { return v; }
 
 void comm_broadcast(void *buf, size_t bytes, int root) {
     (void)buf; (void)bytes;

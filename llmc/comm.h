@@ -51,6 +51,9 @@ void comm_all_reduce_mean(float *buf, size_t n);
 // Sums in double, for statistics gathered over ranks (sums of rewards, counts).
 void comm_all_reduce_sum_double(double *buf, size_t n);
 
+// The largest of the ranks' v, on every rank.
+int comm_all_reduce_max_int(int v);
+
 // buf (bytes) on every rank <- buf on rank root.
 void comm_broadcast(void *buf, size_t bytes, int root);
 

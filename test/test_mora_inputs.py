@@ -15,15 +15,20 @@ weights, byte tokens) with heads trained for one epoch: every run takes a second
 - dev/plot_run.py on a baseline or a report that is not one stops with a message, not a traceback;
 - flags that cannot work stop before any presampling: --rewrite_max_new_tokens beyond the
   context, GRPO groups of one, --weights / --stages in the other mode, a weight given twice;
+- SIGTERM during the presample or a step stops the run with what --resume needs, and the resumed
+  run is the run that never stopped;
 - a rewrite candidate longer than the context leaves for a prompt is rejected, since the cut on
   the left would take its start, where the request is.
 """
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +62,10 @@ def run(args, ok=True, cwd=None):
     if ok:
         assert p.returncode == 0, f"{' '.join(map(str, args))}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def write_jsonl(path, rows):
@@ -210,6 +219,57 @@ def test_runs_work_from_another_directory(tiny, tmp_path):
     run(["eval", "--model", work / "m", "--baseline", work / "b", "--prompts", work / "prompts.jsonl", "--samples", "1"],
         cwd="/")
     assert (work / "m" / "report.json").exists()
+
+
+@pytest.mark.parametrize("when", ["presample", "step"])
+def test_signal_stops_with_a_checkpoint_that_resumes_exactly(tiny, tmp_path, when):
+    """SIGTERM while the pool is presampled (the header is printed just before) or after the first
+    step: the run finishes that part, saves, exits with 143, and --resume from there gives the run
+    that never stopped, step for step and byte for byte."""
+    flags = [f for f in SMALL]
+    flags[flags.index("--steps") + 1] = "200"
+    if when == "presample":
+        flags[flags.index("--K") + 1] = "16"
+    args = ["mora", "--model", tiny / "heads" / "model.ckpt", "--heads", tiny / "heads" / "reward_heads.bin",
+            "--prompts", tiny / "prompts.jsonl", *flags]
+    part = tmp_path / "part"
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen([BIN, *map(str, args), "--out", str(part)], stdout=so, stderr=se,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.time() + 120
+            ready = (lambda: "mora: " in (tmp_path / "stdout").read_text()) if when == "presample" else \
+                    (lambda: (part / "metrics.jsonl").exists() and (part / "metrics.jsonl").read_text().count("\n") >= 1)
+            while not ready():
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr").read_text()
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    out, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert rc == 128 + signal.SIGTERM, (rc, out, err)
+    assert "mora: SIGTERM received: finishing this step" in err, err
+    m = re.search(r"stopped by SIGTERM after step (\d+) of 200", out)
+    assert m and f"continue with: train_mora mora --resume {part}" in out, out
+    n = int(m.group(1))
+    if n == 0:
+        assert "stage 1/1: the presample is done and saved in" in out, out
+    if when == "step":
+        assert n >= 1
+        assert (part / "latest.txt").read_text().strip() == f"model_step{n:06d}.ckpt"
+    assert (part / "pool_state.json").exists()
+    assert len(read_jsonl(part / "metrics.jsonl")) == n
+    p = run(["mora", "--resume", part, "--stop_after", "2"])
+    assert ("resuming" if n else "no checkpoint yet, starting from step 0") in p.stdout, p.stdout
+    full = tmp_path / "full"
+    run([*args, "--out", full, "--stop_after", n + 2])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms", "tokens_per_s")} for r in rows]
+    assert strip(read_jsonl(part / "metrics.jsonl")) == strip(read_jsonl(full / "metrics.jsonl"))
+    assert len(read_jsonl(full / "metrics.jsonl")) == n + 2
+    assert (part / "pool.jsonl").read_bytes() == (full / "pool.jsonl").read_bytes()
+    last = f"model_step{n + 2:06d}.ckpt"
+    assert (part / last).read_bytes() == (full / last).read_bytes()
 
 
 def test_resume_keeps_the_runs_settings(tiny, tmp_path):

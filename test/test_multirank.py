@@ -23,8 +23,11 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -203,6 +206,68 @@ def test_resume_needs_the_same_ranks(tmp_path, data):
     assert [r["step"] for r in b] == list(range(1, 9))
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
+
+
+def rank_pids(out):
+    """{rank: pid} of the train_mora processes that write the run in out."""
+    pids = {}
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().split(b"\0")
+            environ = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not cmdline[0].endswith(b"train_mora") or out.encode() not in cmdline:
+            continue
+        for e in environ:
+            if e.startswith(b"OMPI_COMM_WORLD_RANK="):
+                pids[int(e.split(b"=")[1])] = int(d.name)
+    return pids
+
+
+@needs_mpi
+@pytest.mark.parametrize("target", ["rank 1", "mpirun"])
+def test_signal_stops_every_rank_after_the_same_step(tmp_path, data, target):
+    """SIGUSR1 to one rank only, or to mpirun (which forwards it to every rank): the ranks agree
+    on the step to stop after, rank 0 saves it (ZeRO-1: the moments gathered), and two ranks
+    resumed from it train as two ranks that never stopped. --min_lr = --lr keeps the schedule
+    independent of --steps, so the run of the steps the stopped run reached is the reference."""
+    args = [*common("llama:tiny", data, steps=1000000), "--batch_size", "1", "--zero", "1", "--min_lr", "3e-3",
+            "--log_every", "1000"]
+    part = str(tmp_path / "part")
+    cmd = [MPIRUN, "-np", "2", "--oversubscribe", str(ROOT / "train_mora"), *args, "--out", part]
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=env(), cwd=ROOT)
+        try:
+            deadline = time.time() + 120
+            pids = {}
+            while len(pids) < 2 or not os.path.exists(os.path.join(part, "metrics.jsonl")) or len(metrics(part)) < 3:
+                assert proc.poll() is None and time.time() < deadline, "the run did not reach step 3"
+                time.sleep(0.05)
+                pids = rank_pids(part)
+            os.kill(pids[1] if target == "rank 1" else proc.pid, signal.SIGUSR1)
+            rc = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    out, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert rc == 128 + signal.SIGUSR1, (rc, out, err)
+    m = re.search(r"stopped by SIGUSR1 after step (\d+) of 1000000", out)
+    assert m and out.count("stopped by SIGUSR1") == 1, out
+    n = int(m.group(1))
+    assert open(os.path.join(part, "latest.txt")).read().strip() == f"model_step{n:06d}.ckpt"
+    assert [r["step"] for r in metrics(part)] == list(range(1, n + 1))
+    resume = [a for a in args if a not in ("--init", "llama:tiny")]
+    _, p = pretrain(tmp_path, "part", [*resume, "--resume", "--steps", str(n + 2)], ranks=2)
+    assert "resuming" in p.stdout
+    full, _ = pretrain(tmp_path, "full", [*args, "--steps", str(n + 2)], ranks=2)
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == list(range(1, n + 3))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
+    last = f"model_step{n + 2:06d}.ckpt"
+    assert pathlib.Path(part, last).read_bytes() == pathlib.Path(full, last).read_bytes()
 
 
 @needs_mpi

@@ -2,12 +2,15 @@
 
 Checks: the loss at initialisation is ln(V) for a near-uniform model (the independent value),
 training lowers the loss on a learnable sequence, a resumed run reproduces the uninterrupted
-run's metrics exactly, and wrong input gives a clear error and a non-zero exit."""
+run's metrics exactly (also after SIGTERM, SIGINT or SIGUSR1 stopped it with a checkpoint), and
+wrong input gives a clear error and a non-zero exit."""
 import json
 import math
 import os
 import re
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -87,6 +90,61 @@ def test_resume_equals_uninterrupted(train_mora_bin, tmp_path, shards):
         assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
     with open(os.path.join(part, "model_step000008.ckpt"), "rb") as f1, \
          open(os.path.join(full, "model_step000008.ckpt"), "rb") as f2:
+        assert f1.read() == f2.read()
+
+
+def wait_for(predicate, what, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def metrics_lines(out):
+    path = os.path.join(out, "metrics.jsonl")
+    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_signal_stops_with_a_checkpoint_that_resumes_exactly(train_mora_bin, tmp_path, shards, sig):
+    # a constant learning rate after the warmup (--min_lr = --lr), so that the schedule does not
+    # depend on --steps and the stopped run can be compared with a run of the steps it reached
+    common = ["--init", "llama:tiny", "--train_data", shards, "--batch_size", "2", "--seq_len", "16",
+              "--lr", "1e-3", "--min_lr", "1e-3", "--warmup", "2", "--log_every", "1000"]
+    part = str(tmp_path / "part")
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen([train_mora_bin, "pretrain", *common, "--out", part, "--steps", "1000000"],
+                                stdout=so, stderr=se)
+        try:
+            wait_for(lambda: metrics_lines(part) >= 3 or proc.poll() is not None, "three steps")
+            proc.send_signal(sig)
+            rc = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    out, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    name = signal.Signals(sig).name
+    assert rc == 128 + sig, (rc, out, err)
+    assert f"{name} received: finishing this step" in err, err
+    m = re.search(rf"stopped by {name} after step (\d+) of 1000000", out)
+    assert m, out
+    n = int(m.group(1))
+    # the step it stopped after is checkpointed and is the one latest.txt names
+    assert open(os.path.join(part, "latest.txt")).read().strip() == f"model_step{n:06d}.ckpt"
+    assert [r["step"] for r in read_metrics(part)] == list(range(1, n + 1))
+    assert f"continue with: train_mora pretrain --out {part} --resume" in out
+    # resumed for three more steps, it is the run that trained n + 3 steps without a stop
+    p = run([train_mora_bin, "pretrain", "--out", part, "--resume", "--steps", str(n + 3)])
+    assert p.returncode == 0, p.stderr
+    full = str(tmp_path / "full")
+    p = run([train_mora_bin, "pretrain", *common, "--out", full, "--steps", str(n + 3)])
+    assert p.returncode == 0, p.stderr
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == list(range(1, n + 4))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
+    last = f"model_step{n + 3:06d}.ckpt"
+    with open(os.path.join(part, last), "rb") as f1, open(os.path.join(full, last), "rb") as f2:
         assert f1.read() == f2.read()
 
 
