@@ -59,7 +59,6 @@
  * (optimizer_step), the figures over MPI. --zero 1 is CPU only for mora.
  */
 #include <ctype.h>
-#include <glob.h>
 #include <limits.h>
 #include <math.h>
 #include <omp.h>
@@ -195,6 +194,10 @@ static void engine_init(Engine *e, const char *model_path, const char *model_fla
     }
     e->extra_stop = unescape(stop ? stop : "");
     if (e->extra_stop[0]) e->stops[e->n_stops++] = e->extra_stop;
+    // every rank loaded its own copies: ranks scoring with other weights would mix their figures
+    run_require_same_on_ranks(reward_trunk_of(&e->ref).fingerprint, desc);
+    snprintf(desc, sizeof desc, "the heads %s", heads_path);
+    run_require_same_on_ranks(params_fingerprint(e->heads.params, e->heads.num_parameters), desc);
 }
 
 #ifdef USE_CUDA
@@ -370,7 +373,9 @@ static void progress_line(const char *label, int done, int total, long tokens, d
     double dt = wall_seconds() - start;
     char eta[32];
     run_format_duration(done > 0 ? dt / done * (total - done) : -1.0, eta, sizeof eta);
-    printf("%s: %d/%d prompts | %.0f tok/s | %s left\n", label, done, total, dt > 0 ? tokens / dt : 0.0, eta);
+    // under several ranks each samples its share of the prompts; rank 0 reports its own
+    printf("%s: %d/%d prompts%s | %.0f tok/s | %s left\n", label, done, total,
+           comm_world() > 1 ? " (rank 0's share)" : "", dt > 0 ? tokens / dt : 0.0, eta);
     fflush(stdout);
 }
 
@@ -734,16 +739,6 @@ static int parse_stages(const char *text, int *dims, int max) {
     free(copy);
     if (n == 0) fatal("flag --stages is empty: name at least one dimension");
     return n;
-}
-
-// Whether the run directory holds any native checkpoint of the run (model_step*.ckpt).
-static int run_has_checkpoints(const char *out) {
-    char pattern[4200];
-    snprintf(pattern, sizeof pattern, "%s/model_step*.ckpt", out);
-    glob_t g;
-    int found = glob(pattern, 0, NULL, &g) == 0 && g.gl_pathc > 0;
-    globfree(&g);
-    return found;
 }
 
 // Flags newer than some run directories: a config.json without them keeps the default.
@@ -1650,6 +1645,9 @@ int cmd_mora(int argc, char **argv) {
               "the model.ckpt that `train_mora reward --model %s` saves beside reward_heads.bin", a->model, a->model);
     model_source_check(a->model, "--model", 0);
     promptdata_load(&m.prompts, a->prompts, PREFDATA_STOP);
+    char what[4200];
+    snprintf(what, sizeof what, "--prompts %s", a->prompts);
+    run_require_same_on_ranks(promptdata_fingerprint(&m.prompts), what);
     char *heads_path = resolve_heads(a->heads, a->model);
     a->heads = heads_path;
     // each rank's shard of the prompts and of every batch depends on the number of ranks
@@ -1699,6 +1697,7 @@ int cmd_mora(int argc, char **argv) {
     char *resume_ckpt = a->resume[0] ? run_latest_checkpoint(a->out) : NULL;
     if (resume_ckpt) {
         checkpoint_load(&m.policy, resume_ckpt, &state, NULL);
+        run_require_same_on_ranks(run_state_fingerprint(&m.policy, &state), resume_ckpt);
         if (m.policy.num_parameters != m.e.ref.num_parameters) fatal("%s does not match the reference %s", resume_ckpt, a->model);
         printf("resuming %s at step %d\n", resume_ckpt, state.step);
     } else {
@@ -1833,7 +1832,8 @@ int cmd_mora(int argc, char **argv) {
                 if (a->zero == 1) adamw_shard_release(&m.policy);
             }
             if (stopping && !stop_sig) {
-                printf("stopped after %d step(s) (--stop_after); continue with: train_mora mora --resume %s\n", steps_this_run, a->out);
+                printf("stopped after %d step(s) (--stop_after); continue with: %strain_mora mora --resume %s\n", steps_this_run,
+                       run_launch_prefix(), a->out);
                 if (metrics) fclose(metrics);
                 stage_pool_free(&pool);
                 goto done;
@@ -1845,8 +1845,8 @@ int cmd_mora(int argc, char **argv) {
     }
     if (metrics) fclose(metrics);
     if (stop_sig)
-        printf("stopped by %s after step %d of %d, %.1f s; continue with: train_mora mora --resume %s\n",
-               stop_signal_name(stop_sig), step, total_steps, wall_seconds() - run_start, a->out);
+        printf("stopped by %s after step %d of %d, %.1f s; continue with: %strain_mora mora --resume %s\n",
+               stop_signal_name(stop_sig), step, total_steps, wall_seconds() - run_start, run_launch_prefix(), a->out);
     else
         printf("done: %d steps in %.1f s; run in %s\n", total_steps, wall_seconds() - run_start, a->out);
 done:
@@ -2142,6 +2142,9 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
     model_load(&policy, ckpt, flag, 0, 0, NULL, NULL);
     if (policy.num_parameters != e->ref.num_parameters || policy.config.vocab_size != e->ref.config.vocab_size)
         fatal("%s: not the same architecture as the reference the heads sit on", ckpt);
+    char what[4200];
+    snprintf(what, sizeof what, "%s %s", flag, ckpt);
+    run_require_same_on_ranks(params_fingerprint(policy.params, policy.num_parameters), what);
     int n = prompts->n;
     TokenList *toks = (TokenList *)callocCheck(n, sizeof(TokenList));
     for (int i = 0; i < n; i++) encode_prompt_fit(e, prompts->records[i].prompt, max_new, "--max_new_tokens", &toks[i]);
@@ -2340,6 +2343,9 @@ int cmd_eval(int argc, char **argv) {
     device_select_rank_gpu(use_gpu);
     PromptData prompts = {0};
     promptdata_load(&prompts, prompts_path, PREFDATA_STOP);
+    char what[4200];
+    snprintf(what, sizeof what, "--prompts %s", prompts_path);
+    run_require_same_on_ranks(promptdata_fingerprint(&prompts), what);
     EvalSubject ms, bs;
     resolve_subject(model, "--model", &ms);
     resolve_subject(baseline, "--baseline", &bs);
@@ -2385,6 +2391,9 @@ int cmd_eval(int argc, char **argv) {
     }
     printf("eval: %d prompts x %d samples, temperature %g, max %d new tokens; heads %s on %s\n", prompts.n, samples, temp, mnt,
            heads_path, ref_path);
+    if (comm_world() > 1)
+        printf("ranks: %d (%s): each samples and scores a contiguous 1/%d of the prompts, gathered in their order\n",
+               comm_world(), comm_backend_name(), comm_world());
     int untrained[D];
     const int n_untrained = eval_untrained_heads(&e.heads, untrained);
     char untrained_text[64] = "";

@@ -366,6 +366,10 @@ int cmd_reward(int argc, char **argv) {
     const int bad_lines = a.skip_bad ? PREFDATA_SKIP : PREFDATA_STOP_HINT;
     PrefData data = {0};
     prefdata_load_list(&data, a.data, bad_lines);
+    // every rank read the files through its own paths: the same pairs?
+    char what[4200];
+    snprintf(what, sizeof what, "--data %s", a.data);
+    run_require_same_on_ranks(prefdata_fingerprint(&data), what);
     printf("data: %d preference pairs from %d file(s)", data.n, data.n_paths);
     if (a.skip_bad) printf(", %d bad line(s) skipped", data.skipped);
     printf("\n");
@@ -376,6 +380,8 @@ int cmd_reward(int argc, char **argv) {
     CheckpointInfo info;
     // the trunk: a preset (random init from --seed) or a checkpoint
     int from_preset = model_load(&model, a.model, "--model", 1, (uint64_t)a.seed, NULL, &info);
+    snprintf(what, sizeof what, "--model %s", a.model);
+    run_require_same_on_ranks(params_fingerprint(model.params, model.num_parameters), what);
     const ModelConfig *mc = &model.config;
     int max_len = a.seq_len > 0 ? a.seq_len : mc->max_seq_len;
     if (max_len > mc->max_seq_len) fatal("flag --seq_len %d exceeds the model's context of %d", max_len, mc->max_seq_len);

@@ -192,6 +192,25 @@ static void remove_checkpoint_temps(const char *out) {
         printf("removed %d temporary checkpoint file(s) (model_step*.ckpt.tmp.*) left in %s by an interrupted save\n", removed, out);
 }
 
+// What every rank must find behind a shard pattern: the same shards, of the same sizes and with
+// the same first tokens (their whole contents would be a pass over the data set).
+static uint64_t dataloader_fingerprint(const DataLoader *dl) {
+    uint64_t h = run_hash(RUN_HASH_START, &dl->n_shards, sizeof dl->n_shards);
+    unsigned char head[4096];
+    for (int i = 0; i < dl->n_shards; i++) {
+        h = run_hash(h, &dl->shard_tokens[i], sizeof dl->shard_tokens[i]);
+        h = run_hash(h, &dl->shard_bytes_per_tok[i], sizeof dl->shard_bytes_per_tok[i]);
+        int64_t bytes = dl->shard_tokens[i] * dl->shard_bytes_per_tok[i];
+        size_t n = bytes < (int64_t)sizeof head ? (size_t)bytes : sizeof head;
+        FILE *f = fopen_check(dl->paths[i], "rb");
+        if (fseek(f, (long)SHARD_HEADER_INTS * 4, SEEK_SET) != 0) fatal("%s: cannot seek past the header", dl->paths[i]);
+        fread_check(head, 1, n, f, dl->paths[i], "tokens");
+        fclose(f);
+        h = run_hash(h, head, n);
+    }
+    return h;
+}
+
 static int cmd_pretrain(int argc, char **argv) {
     PretrainArgs a = {
         .init = "gpt2:tiny", .train_data = "", .val_data = "", .out = "", .device = "cpu",
@@ -294,9 +313,18 @@ static int cmd_pretrain(int argc, char **argv) {
     CheckpointInfo info;   // the tokenizer and chat template of the model the run starts from
     memset(&state, 0, sizeof state);
     char *resume_path = a.resume ? run_latest_checkpoint(a.out) : NULL;
-    if (a.resume && resume_path == NULL) fatal("--resume: %s has no latest.txt (no checkpoint to resume from)", a.out);
+    if (a.resume && resume_path == NULL) {
+        if (run_has_checkpoints(a.out))
+            fatal("--resume: %s has checkpoints (model_step*.ckpt) but no latest.txt naming the newest; write its name "
+                  "into %s/latest.txt to resume from it", a.out, a.out);
+        // stopped before its first checkpoint (killed, or a rank's input was bad): it starts again
+        printf("--resume %s: no checkpoint yet, starting from step 0 with --init %s\n", a.out, a.init);
+    }
     if (resume_path) {
         checkpoint_load(&model, resume_path, &state, &info);
+        // every rank read the checkpoint through its own path: the same state? (the parameters
+        // are broadcast below, the AdamW moments and the step are not)
+        run_require_same_on_ranks(run_state_fingerprint(&model, &state), resume_path);
         if (state.step >= a.steps)
             fatal("the run in %s is at step %d; --steps %d would not train (give a larger --steps)", a.out, state.step, a.steps);
         printf("resuming %s at step %d (settings from %s/config.json)\n", resume_path, state.step, a.out);
@@ -342,6 +370,15 @@ static int cmd_pretrain(int argc, char **argv) {
     }
     printf("train data: %d shard(s), %lld batches of %dx%d per epoch\n", train.n_shards,
            (long long)train.total_batches, a.batch_size, a.seq_len);
+    // every rank found its shards through its own glob: the same files? (their number and sizes;
+    // a check that every rank could read its inputs, too, before rank 0 writes run files)
+    char what[4200];
+    snprintf(what, sizeof what, "--train_data %s (%d shards)", a.train_data, train.n_shards);
+    run_require_same_on_ranks(dataloader_fingerprint(&train), what);
+    if (a.val_data[0]) {
+        snprintf(what, sizeof what, "--val_data %s (%d shards)", a.val_data, val.n_shards);
+        run_require_same_on_ranks(dataloader_fingerprint(&val), what);
+    }
 
     // the run's configuration, for the record (a resumed run records its settings with what it
     // was given anew: the new --steps, --save_every, ...)
@@ -493,8 +530,8 @@ static int cmd_pretrain(int argc, char **argv) {
     if (metrics) fclose(metrics);
     adamw_shard_free(&shard);
     if (stop_sig)
-        printf("stopped by %s after step %d of %d, %.1f s; its checkpoint is in %s; continue with: train_mora pretrain --out %s --resume\n",
-               stop_signal_name(stop_sig), state.step, a.steps, wall_seconds() - run_start, a.out, a.out);
+        printf("stopped by %s after step %d of %d, %.1f s; its checkpoint is in %s; continue with: %strain_mora pretrain --out %s --resume\n",
+               stop_signal_name(stop_sig), state.step, a.steps, wall_seconds() - run_start, a.out, run_launch_prefix(), a.out);
     else
         printf("done: %d steps in %.1f s; checkpoint in %s\n", a.steps - first_step, wall_seconds() - run_start, a.out);
     dataloader_free(&train);

@@ -8,6 +8,7 @@
 #include "prefdata.h"
 #include "rewrite.h"
 #include "utils.h"
+#include "run_dir.h"
 
 // ---------------------------------------------------------------------------------------------
 // reading JSONL line by line
@@ -287,6 +288,26 @@ void promptdata_load(PromptData *data, const char *path, int bad_lines) {
     PromptCtx ctx = {data, bad_lines};
     for_each_json_line(path, bad_lines, &data->skipped, handle_prompt, &ctx);
     if (data->n == before) fatal("%s: no valid prompts in the file", path);
+}
+
+static uint64_t hash_string(uint64_t h, const char *s) {
+    return run_hash(h, s ? s : "", s ? strlen(s) + 1 : 1);
+}
+
+uint64_t prefdata_fingerprint(const PrefData *data) {
+    uint64_t h = run_hash(RUN_HASH_START, &data->n, sizeof data->n);
+    for (int i = 0; i < data->n; i++) {
+        const PrefPair *p = &data->pairs[i];
+        h = hash_string(hash_string(hash_string(h, p->prompt), p->chosen), p->rejected);
+        h = run_hash(h, &p->dim, sizeof p->dim);
+    }
+    return h;
+}
+
+uint64_t promptdata_fingerprint(const PromptData *data) {
+    uint64_t h = run_hash(RUN_HASH_START, &data->n, sizeof data->n);
+    for (int i = 0; i < data->n; i++) h = hash_string(hash_string(h, data->records[i].prompt), data->records[i].id);
+    return h;
 }
 
 void promptdata_free(PromptData *data) {

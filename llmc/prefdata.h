@@ -24,6 +24,7 @@
 #ifndef LLMC_PREFDATA_H
 #define LLMC_PREFDATA_H
 #include <stddef.h>
+#include <stdint.h>
 #include "chat_template.h"
 #include "tokenizer.h"
 
@@ -76,6 +77,10 @@ void prefdata_free(PrefData *data);
 
 void promptdata_load(PromptData *data, const char *path, int bad_lines);
 void promptdata_free(PromptData *data);
+// Fingerprints of what was loaded (every field that the training reads, in order), so that ranks
+// can check they read the same data (run_require_same_on_ranks).
+uint64_t prefdata_fingerprint(const PrefData *data);
+uint64_t promptdata_fingerprint(const PromptData *data);
 
 // ---------------------------------------------------------------------------------------------
 // text -> tokens

@@ -4,9 +4,11 @@
 #include <sys/stat.h>
 #include <fcntl.h>
 #include <unistd.h>
+#include <glob.h>
 #include "run_dir.h"
 #include "utils.h"
 #include "comm.h"
+#include "reward_heads.h"
 
 void run_ensure_dir(const char *path, const char *flag) {
     if (path[0] == '\0') fatal("%s is empty (expected a directory)", flag);
@@ -194,4 +196,55 @@ void run_record_model_text(cJSON *cfg, const CheckpointInfo *info) {
     cJSON_AddStringToObject(cfg, CKPT_RUN_TOKENIZER_KEY, tokenizer);
     cJSON_AddStringToObject(cfg, CKPT_RUN_CHAT_TEMPLATE_KEY, info->chat_template);
     free(tokenizer);
+}
+
+uint64_t run_hash(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = (const unsigned char *)p;
+    for (size_t i = 0; i < n; i++) {
+        h ^= b[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+void run_require_same_on_ranks(uint64_t fingerprint, const char *what) {
+    if (comm_world() == 1) return;
+    uint64_t root = fingerprint;
+    comm_broadcast(&root, sizeof root, 0);
+    int rank = comm_rank(), differs = root != fingerprint;
+    // an all-reduce, which no rank leaves before all have entered (a broadcast's root may)
+    int last = comm_all_reduce_max_int(differs ? rank : 0);
+    if (differs)
+        fatal("rank %d reads %s with other contents than rank 0 (fingerprint %016llx, rank 0's %016llx): every rank must "
+              "read the same files; on several nodes, put them on a file system all nodes see", rank, what,
+              (unsigned long long)fingerprint, (unsigned long long)root);
+    if (last > 0) {
+        if (rank == 0) fatal("%s differs between the ranks (rank %d reads other contents); every rank must read the same files", what, last);
+        comm_barrier();   // ended by the ranks above, which abort the job
+    }
+}
+
+uint64_t run_state_fingerprint(const Model *model, const TrainState *state) {
+    size_t n = model->num_parameters;
+    uint64_t f[4] = {params_fingerprint(model->params, n), model->m ? params_fingerprint(model->m, n) : 0,
+                     model->v ? params_fingerprint(model->v, n) : 0, (uint64_t)state->step};
+    return run_hash(RUN_HASH_START, f, sizeof f);
+}
+
+int run_has_checkpoints(const char *out) {
+    char pattern[4200];
+    snprintf(pattern, sizeof pattern, "%s/model_step*.ckpt", out);
+    glob_t g;
+    int found = glob(pattern, 0, NULL, &g) == 0 && g.gl_pathc > 0;
+    globfree(&g);
+    return found;
+}
+
+const char *run_launch_prefix(void) {
+    static char prefix[64];
+    int world = comm_world();
+    if (world == 1) return "";
+    int slurm = getenv("SLURM_STEP_NUM_TASKS") != NULL && getenv("OMPI_COMM_WORLD_SIZE") == NULL;
+    snprintf(prefix, sizeof prefix, slurm ? "srun -n %d " : "mpirun -np %d ", world);
+    return prefix;
 }

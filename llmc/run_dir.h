@@ -11,6 +11,22 @@
 #include "model.h"
 #include "checkpoint.h"
 
+// FNV-1a over n bytes, continuing from h (RUN_HASH_START for a new one).
+#define RUN_HASH_START 1469598103934665603ull
+uint64_t run_hash(uint64_t h, const void *p, size_t n);
+// Every rank reads its inputs through its own paths, and on several nodes a path may name a file
+// of each node's own disk: a rank whose fingerprint of `what` (an input, as the user named it)
+// differs from rank 0's stops the job with a message naming it, before any work on mixed data.
+// Collective; it returns on no rank before every rank has called it, so that rank 0 writes no
+// run files for inputs another rank could not read.
+void run_require_same_on_ranks(uint64_t fingerprint, const char *what);
+// The fingerprint of a training state as a checkpoint gave it: parameters, AdamW moments, step.
+uint64_t run_state_fingerprint(const Model *model, const TrainState *state);
+
+// How to start this command again with as many ranks ("" for one rank, "mpirun -np 4 " or
+// "srun -n 4 " by the launcher that started this one), for the hints that say how to continue.
+const char *run_launch_prefix(void);
+
 // Creates DIR and its missing parents (mkdir -p); a part of the path that exists and is not a
 // directory, one that cannot be created, or a directory the process cannot create a file in, is
 // an error naming `flag` and that part.
@@ -24,6 +40,8 @@ void run_write_text(const char *path, const char *text);
 cJSON *run_read_json(const char *path);
 // OUT/<latest.txt's name>, malloc'd, or NULL when OUT has no latest.txt.
 char *run_latest_checkpoint(const char *out);
+// Whether OUT holds any native checkpoint (model_step*.ckpt), named in latest.txt or not.
+int run_has_checkpoints(const char *out);
 // Saves OUT/model_stepNNNNNN.ckpt (with optimizer state) and points latest.txt at it.
 void run_save_checkpoint(const Model *model, const TrainState *state, const char *out);
 // Keeps the lines of the JSONL file PATH whose integer field `key` is <= last (all lines when the

@@ -553,3 +553,113 @@ def test_eval_two_ranks_equal_one_rank(mora_world, tmp_path):
         for k in DIMS + ["overall"]:
             assert close(two[who][k], one[who][k]), (who, k, two[who], one[who])
     assert two["model_examples"] == one["model_examples"] and two["model_pool"] == one["model_pool"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs that differ between the ranks. Every rank reads its inputs through its own paths, and
+# on several nodes a relative path or a node-local disk gives each rank its own file. A wrapper
+# starts rank r in its own directory node<r>, so the same relative path names another file on
+# each rank: the run stops with a message naming the input and the rank, before rank 0 writes
+# any file of the run, instead of training on mixed data or crashing.
+
+def per_rank(tmp_path, files):
+    """node0/, node1/ with files[r] = {name: bytes}; returns the wrapper that starts rank r in node<r>."""
+    for r, content in enumerate(files):
+        d = tmp_path / f"node{r}"
+        d.mkdir()
+        for name, data in content.items():
+            (d / name).write_bytes(data)
+    wrap = tmp_path / "wrap.sh"
+    wrap.write_text(f'#!/bin/sh\ncd "{tmp_path}/node$OMPI_COMM_WORLD_RANK" && exec "{ROOT / "train_mora"}" "$@"\n')
+    wrap.chmod(0o755)
+    return str(wrap)
+
+
+def shard_bytes(tokens):
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = 20240520, 1, len(tokens)
+    return header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes()
+
+
+def run_files(out):
+    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+@needs_mpi
+@pytest.mark.parametrize("case", ["other tokens", "other size", "missing"])
+def test_pretrain_shards_that_differ_between_ranks(tmp_path, case):
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 256, size=4000)
+    other = {"other tokens": tokens[::-1], "other size": tokens[:3000]}.get(case)
+    files = [{"train_000.bin": shard_bytes(tokens)},
+             {} if case == "missing" else {"train_000.bin": shard_bytes(other)}]
+    wrap = per_rank(tmp_path, files)
+    out = tmp_path / "run"
+    args = [wrap, "pretrain", "--init", "llama:tiny", "--train_data", "train_*.bin", "--seq_len", "16",
+            "--batch_size", "2", "--steps", "3", "--out", str(out)]
+    p = run(args, ranks=2, timeout=120)
+    assert p.returncode != 0
+    if case == "missing":
+        assert "no token shards match 'train_*.bin'" in p.stderr, p.stderr
+    else:
+        assert "rank 1 reads --train_data train_*.bin (1 shards) with other contents than rank 0" in p.stderr, p.stderr
+    # rank 0 wrote nothing of the run: once the data is right, the same command starts it
+    assert not any(n in run_files(out) for n in ("config.json", "metrics.jsonl", "latest.txt")), run_files(out)
+    (tmp_path / "node1" / "train_000.bin").write_bytes(shard_bytes(tokens))
+    p = run(args, ranks=2, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "step     3/3" in p.stdout
+
+
+@needs_mpi
+def test_pretrain_resume_from_another_checkpoint_on_a_rank(tmp_path, data):
+    """Rank 1 resumes from a copy of the run whose checkpoint is another step's (a stale copy on
+    its node): the AdamW moments and the step are not broadcast, so the checkpoint is checked."""
+    train, _ = data
+    args = ["pretrain", "--init", "llama:tiny", "--train_data", train, "--seq_len", "16", "--batch_size", "1",
+            "--save_every", "2"]
+    wrap = per_rank(tmp_path, [{}, {}])
+    run0, run1 = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
+    p = run([str(ROOT / "train_mora"), *args, "--steps", "4", "--out", str(run0)], ranks=2)
+    assert p.returncode == 0, p.stdout + p.stderr
+    shutil.copytree(run0, run1)
+    (run1 / "latest.txt").write_text("model_step000002.ckpt\n")
+    p = run([wrap, "pretrain", "--out", "run", "--resume", "--steps", "6"], ranks=2, timeout=120)
+    assert p.returncode != 0
+    assert "rank 1 reads run/model_step000002.ckpt with other contents than rank 0" in p.stderr, p.stderr
+
+
+@needs_mpi
+def test_mora_and_eval_prompts_that_differ_between_ranks(mora_world, tmp_path):
+    prompts = (mora_world / "world" / "train_prompts.jsonl").read_bytes()
+    lines = prompts.splitlines(keepends=True)
+    wrap = per_rank(tmp_path, [{"prompts.jsonl": prompts}, {"prompts.jsonl": b"".join(lines[:-2])}])
+    cmd = mora_cmd(mora_world, tmp_path / "m")
+    cmd[0] = wrap
+    cmd[cmd.index("--prompts") + 1] = "prompts.jsonl"
+    p = run(cmd, ranks=2, timeout=300)
+    assert p.returncode != 0
+    assert "rank 1 reads --prompts prompts.jsonl with other contents than rank 0" in p.stderr, p.stderr
+    assert run_files(tmp_path / "m") == []
+    p = run([wrap, "eval", "--model", str(mora_world / "mora"), "--baseline", str(mora_world / "baseline"),
+             "--prompts", "prompts.jsonl", "--samples", "1", "--out", str(tmp_path / "e")], ranks=2, timeout=300)
+    assert p.returncode != 0
+    assert "rank 1 reads --prompts prompts.jsonl with other contents than rank 0" in p.stderr, p.stderr
+    assert not (tmp_path / "e" / "report.json").exists()
+
+
+@needs_mpi
+def test_reward_data_that_differs_between_ranks(tmp_path):
+    """The same number of pairs, chosen and rejected swapped on rank 1: heads trained on that mix
+    would be written without a word."""
+    from test_reward_cmd import planted
+    rows = planted(6, seed=4)
+    swapped = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) for r in rows]
+    enc = lambda rs: "".join(json.dumps(r) + "\n" for r in rs).encode()
+    wrap = per_rank(tmp_path, [{"pref.jsonl": enc(rows)}, {"pref.jsonl": enc(swapped)}])
+    out = tmp_path / "heads"
+    p = run([wrap, "reward", "--model", "llama:tiny", "--data", "pref.jsonl", "--epochs", "1", "--out", str(out)],
+            ranks=2, timeout=120)
+    assert p.returncode != 0
+    assert "rank 1 reads --data pref.jsonl with other contents than rank 0" in p.stderr, p.stderr
+    assert not (out / "reward_heads.bin").exists()

@@ -227,6 +227,30 @@ def test_resume_of_a_missing_run_creates_nothing(train_mora_bin, tmp_path, shard
     assert os.listdir(out) == []
 
 
+def test_resume_before_the_first_checkpoint_starts_again(train_mora_bin, tmp_path, shards):
+    """A run killed before its first checkpoint (SIGKILL, or a rank whose input was bad) left
+    config.json and metrics.jsonl: --resume starts it from step 0 with its settings, and ends as
+    the run that was never stopped; checkpoints without latest.txt are not silently ignored."""
+    common = ["--init", "llama:tiny", "--train_data", shards, "--batch_size", "2", "--seq_len", "16", "--steps", "4"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    p = run([train_mora_bin, "pretrain", *common, "--out", full])
+    assert p.returncode == 0, p.stderr
+    p = run([train_mora_bin, "pretrain", *common, "--out", part, "--save_every", "2"])
+    assert p.returncode == 0, p.stderr
+    for name in os.listdir(part):
+        if name.startswith("model_step") or name == "latest.txt":
+            os.remove(os.path.join(part, name))
+    p = run([train_mora_bin, "pretrain", "--out", part, "--resume"])
+    assert p.returncode == 0, p.stderr
+    assert f"--resume {part}: no checkpoint yet, starting from step 0 with --init llama:tiny" in p.stdout, p.stdout
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+    os.remove(os.path.join(part, "latest.txt"))
+    p = run([train_mora_bin, "pretrain", "--out", part, "--resume"])
+    assert p.returncode != 0 and "no latest.txt naming the newest" in p.stderr, p.stderr
+
+
 def test_resume_removes_temporary_files_of_a_killed_save(train_mora_bin, tmp_path, shards):
     out = tmp_path / "run"
     p = run([train_mora_bin, "pretrain", "--train_data", shards, "--out", str(out), "--batch_size", "1",
