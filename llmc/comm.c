@@ -26,13 +26,15 @@ void comm_shard_range(size_t n, int rank, int world, size_t *lo, size_t *hi) {
     *hi = (size_t)((unsigned long long)n * (unsigned long long)(rank + 1) / (unsigned long long)world);
 }
 
-// The world size a launcher announces in the environment (Open MPI's mpirun, MPICH's Hydra,
-// srun for the tasks of its job step), or 1.
+// The world size a launcher announces in the environment (Open MPI's mpirun, MPICH's Hydra or
+// srun's pmi2 plugin, srun for the tasks of its job step), or 1. The first one set is the
+// launcher's: the ranks of an mpirun inside a Slurm allocation also inherit the
+// SLURM_STEP_NUM_TASKS of the step that started mpirun's daemons (one task per node).
 static int launcher_world_size(void) {
     const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"};
     for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
         const char *v = getenv(vars[i]);
-        if (v && atoi(v) > 1) return atoi(v);
+        if (v && *v) return atoi(v) > 1 ? atoi(v) : 1;
     }
     return 1;
 }
@@ -41,15 +43,26 @@ static int launcher_world_size(void) {
 
 static int comm_mpi_ = 0;   // MPI was initialised (this process was started by an MPI launcher)
 
-// Whether an MPI launcher (mpirun/mpiexec of Open MPI or MPICH, srun) started this process.
+// Whether an MPI launcher started this process with what MPI_Init needs to find its peers:
+// Open MPI's mpirun (OMPI_COMM_WORLD_SIZE), MPICH's Hydra (PMI_RANK, PMI_FD, PMI_SIZE), srun
+// with a PMI plugin (--mpi=pmix sets PMIX_RANK, --mpi=pmi2 PMI_FD, PMI_RANK and PMI_SIZE).
 // A process started directly runs as one rank without initialising MPI at all: no start-up
-// cost, and no dependence on MPI's singleton mode working on the machine. (Inside an sbatch
-// script but outside srun, SLURM_STEP_NUM_TASKS is unset: that is one process too.)
+// cost, and no dependence on MPI's singleton mode working on the machine. srun without a PMI
+// plugin (no --mpi=, and none by default on the cluster) leaves only its own variables
+// (SLURM_STEP_NUM_TASKS), with which Open MPI's MPI_Init aborts even for one task: comm_init
+// decides that case without MPI. (Inside an sbatch script but outside srun,
+// SLURM_STEP_NUM_TASKS is unset: that is one process too.)
 static int launched_by_mpi(void) {
-    const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMIX_RANK", "SLURM_STEP_NUM_TASKS"};
+    const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_FD", "PMI_SIZE", "PMIX_RANK"};
     for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++)
         if (getenv(vars[i]) != NULL) return 1;
     return 0;
+}
+
+// The tasks of the srun job step that started this process, or 0 outside srun.
+static int srun_tasks(void) {
+    const char *v = getenv("SLURM_STEP_NUM_TASKS");
+    return v && *v ? atoi(v) : 0;
 }
 
 // Checks the return code of an MPI call; on failure names the call, the rank and MPI's own
@@ -87,7 +100,14 @@ static void comm_exit_handler(int status, void *arg) {
 void comm_init(int *argc, char ***argv) {
     if (comm_initialized_) fatal("comm_init called twice");
     comm_initialized_ = 1;
-    if (!launched_by_mpi()) return;   // one rank, MPI untouched
+    if (!launched_by_mpi()) {
+        // srun without PMI: its tasks could not find each other, and each would train alone
+        int tasks = srun_tasks();
+        if (tasks > 1)
+            fatal("srun started %d tasks but gave them no PMI: add --mpi=pmix (srun --mpi=list shows what this "
+                  "cluster has)", tasks);
+        return;   // one rank, MPI untouched (started directly, or by srun as its only task)
+    }
     int already = 0;
     MPI_Initialized(&already);
     if (!already) {
@@ -104,9 +124,18 @@ void comm_init(int *argc, char ***argv) {
     mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &comm_rank_));
     mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &comm_world_));
     int launched = launcher_world_size();
-    if (comm_world_ == 1 && launched > 1)
-        fatal("the launcher started %d ranks but MPI sees a world of 1: mpirun/srun and the MPI library "
-              "train_mora was built with (mpicc) are from different MPI installations", launched);
+    if (comm_world_ == 1 && launched > 1) {
+        // under srun the likely cause is a PMI plugin this MPI library does not speak (MPICH's
+        // PMI-1 client given PMIx); under mpirun, an mpirun of another MPI installation
+        const char *mpi_type = getenv("SLURM_MPI_TYPE");
+        if (srun_tasks() > 0 && getenv("OMPI_COMM_WORLD_SIZE") == NULL)
+            fatal("the launcher started %d ranks but MPI sees a world of 1: srun's PMI plugin%s%s%s is not one the MPI "
+                  "library train_mora was built with (mpicc) can use (srun --mpi=list shows the others; Open MPI "
+                  "takes pmix), or the ranks were started by an mpirun of another MPI installation", launched,
+                  mpi_type ? " (--mpi=" : "", mpi_type ? mpi_type : "", mpi_type ? ")" : "");
+        fatal("the launcher started %d ranks but MPI sees a world of 1: mpirun and the MPI library train_mora was "
+              "built with (mpicc) are from different MPI installations", launched);
+    }
     MPI_Comm node;
     mpiCheck(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, comm_rank_, MPI_INFO_NULL, &node));
     mpiCheck(MPI_Comm_rank(node, &comm_local_rank_));

@@ -2,7 +2,9 @@
  * Collectives for data parallelism: one interface over the ranks of a run, whatever carries it.
  *
  *   MPI      when built with -DUSE_MPI (the Makefile does so when it finds mpicc): the ranks are
- *            the processes that mpirun or srun started, MPI_COMM_WORLD is the group.
+ *            the processes that mpirun or srun started, MPI_COMM_WORLD is the group. srun must
+ *            give them a PMI (--mpi=pmix): without one a single task is one rank without MPI,
+ *            and several are refused before MPI_Init, which would abort.
  *   no MPI   one rank; every collective is the identity. A binary built this way refuses to
  *            run when a launcher says it started several ranks, rather than have every process
  *            train alone and write the same files.

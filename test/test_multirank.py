@@ -26,6 +26,7 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -553,3 +554,42 @@ def test_eval_two_ranks_equal_one_rank(mora_world, tmp_path):
         for k in DIMS + ["overall"]:
             assert close(two[who][k], one[who][k]), (who, k, two[who], one[who])
     assert two["model_examples"] == one["model_examples"] and two["model_pool"] == one["model_pool"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The launch itself: srun without a PMI plugin, errors that name their rank, where the ranks run.
+
+def launch_env(**extra):
+    """The tests' environment without any launcher's variables (pytest may itself run under srun
+    or mpirun), plus extra."""
+    launcher = ("SLURM_", "PMI_", "PMIX_", "OMPI_COMM_WORLD", "MPI_LOCALRANKID")
+    e = {k: v for k, v in env().items() if not k.startswith(launcher)}
+    e.update(extra)
+    return e
+
+
+def srun_env(tasks):
+    """What srun without --mpi (and no MpiDefault) gives a task: Slurm's variables, no PMI's."""
+    return launch_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS=str(tasks), SLURM_NTASKS=str(tasks),
+                      SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST=socket.gethostname())
+
+
+def test_srun_without_pmi(tmp_path, data):
+    """srun without --mpi=pmix gives its tasks no PMI, and Open MPI's MPI_Init then aborts with a
+    message about its own build, even for one task. One task is one rank, MPI untouched; several
+    are refused before MPI is touched, with the cure, and nothing is written."""
+    args = [str(ROOT / "train_mora"), *common("llama:tiny", data, steps=2), "--batch_size", "1"]
+    one = tmp_path / "one"
+    p = subprocess.run([*args, "--out", str(one)], capture_output=True, text=True, timeout=120, env=srun_env(1), cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [r["step"] for r in metrics(one)] == [1, 2]
+    assert "ranks:" not in p.stdout and "placement:" not in p.stdout, p.stdout
+    two = tmp_path / "two"
+    p = subprocess.run([*args, "--out", str(two)], capture_output=True, text=True, timeout=120, env=srun_env(2), cwd=ROOT)
+    assert p.returncode != 0
+    if BUILT_WITH_MPI:
+        assert p.stderr == ("error: srun started 2 tasks but gave them no PMI: add --mpi=pmix "
+                            "(srun --mpi=list shows what this cluster has)\n"), p.stderr
+    else:
+        assert "built without MPI, but the launcher started 2 ranks" in p.stderr, p.stderr
+    assert p.stdout == "" and not two.exists()
