@@ -1778,8 +1778,8 @@ int cmd_mora(int argc, char **argv) {
         int loaded = a->resume[0] ? load_pool_state(&m, stage, &pool) : 0, loaded_on_rank0 = loaded;
         comm_broadcast(&loaded_on_rank0, sizeof loaded_on_rank0, 0);
         if (loaded != loaded_on_rank0)
-            fatal("rank %d %s %s for stage %d but rank 0 %s: every rank must see the run directory %s (a shared file system)",
-                  rank, loaded ? "found" : "did not find", m.state_path, stage + 1, loaded ? "did not" : "did", a->out);
+            fatal("%s %s for stage %d but rank 0 %s: every rank must see the run directory %s (a shared file system)",
+                  loaded ? "found" : "did not find", m.state_path, stage + 1, loaded ? "did not" : "did", a->out);
         if (loaded) {
             printf("stage %d/%d: training pool of %d prompts from %s\n", stage + 1, m.n_stages, pool.n, m.state_path);
         } else {

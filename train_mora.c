@@ -916,7 +916,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     comm_init(&argc, &argv);
     if (comm_rank() != 0 && freopen("/dev/null", "w", stdout) == NULL)
-        fatal("rank %d: cannot silence stdout: %s", comm_rank(), strerror(errno));
+        fatal("cannot silence stdout: %s", strerror(errno));
     if (argc < 2) {
         // the demo trains several models and writes their files one after the other: one process
         if (comm_world() > 1) fatal("train_mora with no arguments runs the demo, on one rank; launch it with a single process");

@@ -6,6 +6,7 @@
  */
 #include "comm.h"
 #include "utils.h"
+#include <unistd.h>
 
 #ifdef USE_MPI
 #include <mpi.h>
@@ -42,6 +43,13 @@ static int launcher_world_size(void) {
 #ifdef USE_MPI
 
 static int comm_mpi_ = 0;   // MPI was initialised (this process was started by an MPI launcher)
+static char comm_host_[64] = "";   // this machine's name, for messages
+
+static void comm_read_host(void) {
+    if (gethostname(comm_host_, sizeof comm_host_ - 1) != 0 || comm_host_[0] == '\0')
+        snprintf(comm_host_, sizeof comm_host_, "unknown host");
+    comm_host_[sizeof comm_host_ - 1] = '\0';
+}
 
 // Whether an MPI launcher started this process with what MPI_Init needs to find its peers:
 // Open MPI's mpirun (OMPI_COMM_WORLD_SIZE), MPICH's Hydra (PMI_RANK, PMI_FD, PMI_SIZE), srun
@@ -74,8 +82,8 @@ static void mpi_check_(int rc, const char *call, const char *file, int line) {
     int len = 0;
     if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS) snprintf(msg, sizeof msg, "error code %d", rc);
     int name_len = (int)strcspn(call, "(");
-    fprintf(stderr, "error: %.*s failed on rank %d of %d: %s (%s:%d)\n", name_len, call, comm_rank_,
-            comm_world_, msg, file, line);
+    fprintf(stderr, "error: %.*s failed on rank %d of %d (%s): %s (%s:%d)\n", name_len, call, comm_rank_,
+            comm_world_, comm_host_, msg, file, line);
     fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, 1);
     exit(1);
@@ -100,6 +108,7 @@ static void comm_exit_handler(int status, void *arg) {
 void comm_init(int *argc, char ***argv) {
     if (comm_initialized_) fatal("comm_init called twice");
     comm_initialized_ = 1;
+    comm_read_host();
     if (!launched_by_mpi()) {
         // srun without PMI: its tasks could not find each other, and each would train alone
         int tasks = srun_tasks();
@@ -136,6 +145,8 @@ void comm_init(int *argc, char ***argv) {
         fatal("the launcher started %d ranks but MPI sees a world of 1: mpirun and the MPI library train_mora was "
               "built with (mpicc) are from different MPI installations", launched);
     }
+    // from here on an error says which rank and machine it comes from
+    if (comm_world_ > 1) fatal_where_set("rank %d/%d (%s)", comm_rank_, comm_world_, comm_host_);
     MPI_Comm node;
     mpiCheck(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, comm_rank_, MPI_INFO_NULL, &node));
     mpiCheck(MPI_Comm_rank(node, &comm_local_rank_));

@@ -13,11 +13,12 @@
  * is set up with the unique id broadcast by comm_broadcast, so the launch is the same.
  *
  * Every collective must be called by all ranks in the same order with matching sizes. A failed
- * MPI call prints "error: MPI_Xxx failed on rank r of W: <MPI's message> (file:line)" and aborts
- * the whole job (MPI_Abort), so every rank exits non-zero. A rank that exits through fatal()
- * (bad input, a missing file) takes the job down the same way: comm_init registers an exit
- * handler that calls MPI_Abort when a rank exits with a non-zero status before comm_finalize,
- * so no rank is left waiting forever in a collective for a peer that is gone.
+ * MPI call prints "error: MPI_Xxx failed on rank r of W (host): <MPI's message> (file:line)"
+ * and aborts the whole job (MPI_Abort), so every rank exits non-zero. A rank that exits through
+ * fatal() (bad input, a missing file; its message begins "error: rank r/W (host): " once
+ * comm_init has found several ranks) takes the job down the same way: comm_init registers an
+ * exit handler that calls MPI_Abort when a rank exits with a non-zero status before
+ * comm_finalize, so no rank is left waiting forever in a collective for a peer that is gone.
  *
  * Data-parallel sizes: n elements, world W ranks. Shards (ZeRO-1) are contiguous: rank r owns
  * [offsets[r], offsets[r+1]) with offsets[r] = floor(n * r / W).

@@ -135,7 +135,7 @@ def test_mpi_error_names_the_call_and_fails_every_rank():
     # one rank exiting through fatal() ends the job instead of leaving the other in its barrier
     p = run([exe, "fatal_last"], ranks=2, timeout=120)
     assert p.returncode != 0
-    assert "error: rank 1 stops on purpose" in p.stderr, p.stderr
+    assert f"error: rank 1/2 ({socket.gethostname()}): stops on purpose" in p.stderr, p.stderr
     assert "barrier returned" not in p.stderr, p.stderr
 
 
@@ -593,3 +593,20 @@ def test_srun_without_pmi(tmp_path, data):
     else:
         assert "built without MPI, but the launcher started 2 ranks" in p.stderr, p.stderr
     assert p.stdout == "" and not two.exists()
+
+
+@needs_mpi
+def test_errors_name_the_rank_and_host(tmp_path):
+    """Under mpirun an error says which rank of how many, on which machine; one rank's does not."""
+    missing = str(tmp_path / "missing_*.bin")
+    args = [str(ROOT / "train_mora"), "pretrain", "--init", "llama:tiny", "--train_data", missing, "--seq_len", "16",
+            "--batch_size", "1", "--steps", "1"]
+    p = run([*args, "--out", str(tmp_path / "two")], ranks=2, timeout=120)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    host = re.escape(socket.gethostname())
+    assert errors and all(re.match(rf"error: rank [01]/2 \({host}\): .*missing_\*\.bin", e) for e in errors), p.stderr
+    p = run([*args, "--out", str(tmp_path / "one")], timeout=120)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: no token shards match") and "missing_*.bin" in errors[0], p.stderr

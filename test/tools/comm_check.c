@@ -35,7 +35,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc > 1 && !strcmp(argv[1], "fatal_last")) {
-        if (rank == W - 1) fatal("rank %d stops on purpose", rank);
+        if (rank == W - 1) fatal("stops on purpose");
         comm_barrier();
         fprintf(stderr, "rank %d: barrier returned without the last rank\n", rank);
         return 0;
