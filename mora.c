@@ -1686,6 +1686,7 @@ int cmd_mora(int argc, char **argv) {
         printf("ranks: %d (%s%s): each presamples 1/%d of the prompts and takes %d of the %d prompts of every step%s\n", world,
                comm_backend_name(), m.gpu_nccl ? ", GPU gradients over NCCL" : "", world, a->prompts_per_step / world,
                a->prompts_per_step, a->zero == 1 ? "; ZeRO-1: AdamW state sharded over the ranks" : "");
+    comm_report_placement();
 
     // the policy: a trainable copy of the reference, or the run's latest checkpoint
     TrainState state = {0};
@@ -2338,6 +2339,7 @@ int cmd_eval(int argc, char **argv) {
     const int use_gpu = device_resolve(device);
     // one GPU per rank: each samples and scores its shard of the prompts on its own
     device_select_rank_gpu(use_gpu);
+    comm_report_placement();
     PromptData prompts = {0};
     promptdata_load(&prompts, prompts_path, PREFDATA_STOP);
     EvalSubject ms, bs;

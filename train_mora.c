@@ -330,6 +330,7 @@ static int cmd_pretrain(int argc, char **argv) {
         printf("ranks: %d (%s%s), global batch %d x %d sequences%s\n", world, comm_backend_name(),
                gpu_nccl ? ", GPU collectives over NCCL" : "", world, a.batch_size * a.grad_accum,
                a.zero == 1 ? ", ZeRO-1: AdamW state sharded over the ranks" : "");
+    comm_report_placement();
 
     DataLoader train, val;
     dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, rank, world, model.config.vocab_size, "train data");

@@ -27,6 +27,7 @@
 #define LLMC_COMM_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {   // comm_nccl.cu calls these from C++
@@ -43,6 +44,30 @@ int comm_world(void);       // number of ranks
 int comm_local_rank(void);  // rank among the processes on this node (picks the GPU)
 // "mpi" or "single": what carries the collectives in this build.
 const char *comm_backend_name(void);
+
+// Where the ranks run, said once: every rank calls it (a collective); rank 0 prints one line to
+// stdout, "placement: 2 ranks on 1 node(s) (vm: ranks 0-1); per rank 1 OpenMP thread(s) on 1
+// core(s) of 2" (ranges where ranks differ), and warnings to stderr when a rank runs more
+// OpenMP threads than the cores of its affinity mask, when the ranks of a node run more threads
+// in all than it has cores, or when they are bound together to fewer than half of its online
+// cores (mpirun binds each rank to one core by default for up to 2 ranks, srun gives a task one
+// CPU without --cpus-per-task), with the launch that cures it. Prints nothing on one rank.
+// "Cores" are the logical CPUs the kernel counts (sched_getaffinity, _SC_NPROCESSORS_ONLN).
+void comm_report_placement(void);
+
+// One rank's placement, as comm_report_placement gathers it from every rank.
+typedef struct {
+    char host[64];              // gethostname
+    char boot_id[40];           // the kernel's boot id: two machines that share a hostname differ in it
+    int threads;                // omp_get_max_threads()
+    int cores;                  // CPUs in the rank's affinity mask
+    int online;                 // the node's online CPUs
+    unsigned char mask[128];    // the affinity mask's CPUs 0..1023, one bit each (the node's union)
+} CommPlacement;
+// The report of comm_report_placement for the placements of world ranks: the line to out, the
+// warnings to err. Apart so that placements one machine cannot show (several nodes, a node of
+// many cores) are checked too (test/tools/comm_check placement).
+void comm_placement_print(const CommPlacement *ranks, int world, FILE *out, FILE *err);
 
 // Waits until every rank has called it.
 void comm_barrier(void);

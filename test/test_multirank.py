@@ -289,6 +289,7 @@ def test_reward_two_ranks_equal_one_rank(tmp_path):
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         if ranks:
             assert "60 sequences through the frozen trunk" in p.stdout and "(cached, on 2 ranks, on their CPUs)" in p.stdout, p.stdout
+            assert p.stdout.count("placement: 2 ranks on 1 node(s)") == 1, p.stdout
     for f in ("reward_heads.bin", "metrics.jsonl", "model.ckpt"):
         assert (outs["two"] / f).read_bytes() == (outs["one"] / f).read_bytes(), f
     summaries = [json.loads((outs[name] / "reward_metrics.json").read_text()) for name in ("one", "two")]
@@ -548,6 +549,7 @@ def test_eval_two_ranks_equal_one_rank(mora_world, tmp_path):
                  str(mora_world / "baseline"), "--prompts", str(mora_world / "world" / "eval_prompts.jsonl"),
                  "--samples", "2", "--gen_batch", "4", "--out", str(out)], ranks=ranks, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert p.stdout.count("placement: 2 ranks on 1 node(s)") == (1 if ranks else 0), p.stdout[:3000]
         reports.append(json.loads((out / "report.json").read_text()))
     one, two = reports
     for who in ("model_reward", "baseline_reward"):
@@ -610,3 +612,84 @@ def test_errors_name_the_rank_and_host(tmp_path):
     assert p.returncode != 0
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: no token shards match") and "missing_*.bin" in errors[0], p.stderr
+
+
+def placement_run(tmp_path, data, name, bind, threads):
+    """A two-rank pretrain of two steps under mpirun --bind-to bind with OMP_NUM_THREADS=threads;
+    returns its placement line (exactly one) and its stderr."""
+    cmd = [MPIRUN, "-np", "2", "--oversubscribe", "--bind-to", bind, str(ROOT / "train_mora"),
+           *common("llama:tiny", data, steps=2), "--batch_size", "1", "--out", str(tmp_path / name)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launch_env(OMP_NUM_THREADS=str(threads)),
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [line for line in p.stdout.splitlines() if line.startswith("placement:")]
+    assert len(lines) == 1, p.stdout
+    return lines[0], p.stderr
+
+
+@needs_mpi
+def test_placement_is_reported_once(tmp_path, data):
+    """Two unbound ranks inherit this process's affinity mask: rank 0 reports the mask's cores,
+    the node's online cores and the threads OMP_NUM_THREADS gives each rank."""
+    cores, online, host = len(os.sched_getaffinity(0)), os.cpu_count(), socket.gethostname()
+    line, err = placement_run(tmp_path, data, "one_thread", "none", 1)
+    assert line == f"placement: 2 ranks on 1 node(s) ({host}: ranks 0-1); per rank 1 OpenMP thread(s) on {cores} core(s) of {online}"
+    assert "more OpenMP threads than the cores" not in err, err
+    if 2 * cores >= online and online >= 2:   # neither half the node idle nor more threads than it has
+        assert "stay idle" not in err and "in all on its" not in err, err
+
+
+@needs_mpi
+def test_placement_warns_of_more_threads_than_cores(tmp_path, data):
+    """More OpenMP threads than the cores of a rank's mask: a warning, with the launch that cures it."""
+    cores, host = len(os.sched_getaffinity(0)), socket.gethostname()
+    line, err = placement_run(tmp_path, data, "unbound", "none", cores + 1)
+    assert line.endswith(f"per rank {cores + 1} OpenMP thread(s) on {cores} core(s) of {os.cpu_count()}"), line
+    assert (f"warning: ranks 0-1 run more OpenMP threads than the cores they are bound to (rank 0: {cores + 1} threads "
+            f"on {cores} core(s) of {host})") in err, err
+    assert "mpirun --bind-to none -x OMP_NUM_THREADS=" in err and "srun --cpus-per-task=" in err, err
+    # Open MPI's own binding: each rank on a core of its own, of fewer CPUs than the threads
+    if cores >= 2:
+        line, err = placement_run(tmp_path, data, "bound", "core", cores + 1)
+        m = re.fullmatch(rf"placement: 2 ranks on 1 node\(s\) \({re.escape(host)}: ranks 0-1\); per rank {cores + 1} "
+                         rf"OpenMP thread\(s\) on (\d+) core\(s\) of {os.cpu_count()}", line)
+        assert m and int(m.group(1)) <= cores, line
+        assert "warning: ranks 0-1 run more OpenMP threads than the cores they are bound to" in err, err
+
+
+@needs_mpi
+def test_placement_reported_by_mora(grpo_runs):
+    _, _, p = grpo_runs
+    assert p.stdout.count("placement: 2 ranks on 1 node(s)") == 1, p.stdout[:3000]
+
+
+def test_placement_report_of_made_up_placements():
+    """comm_placement_print on placements one machine cannot show: nodes named with their ranks,
+    ranges where ranks differ, a warning for a rank with more threads than cores, for a node whose
+    ranks are bound to fewer than half its cores (exactly half is not) and for a node whose
+    unbound ranks run more threads in all than it has cores; nothing for one rank."""
+    p = subprocess.run([str(BUILD / "tools" / "comm_check"), "placement"], capture_output=True, text=True, timeout=60,
+                       env=launch_env(), cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    cure = ("  to give each rank {n} core(s) and as many threads: mpirun --bind-to none -x OMP_NUM_THREADS={n}, "
+            "or srun --cpus-per-task={n} with OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK")
+    assert p.stdout.splitlines() == [
+        "case: two nodes, a core per rank",
+        "placement: 16 ranks on 2 node(s) (gpu1: ranks 0-7; gpu2: ranks 8-15); per rank 1 OpenMP thread(s) on 1 core(s) of 96",
+        "warning: the 8 rank(s) on gpu1 are bound to 8 of its 96 cores: the others stay idle",
+        "warning: the 8 rank(s) on gpu2 are bound to 8 of its 96 cores: the others stay idle",
+        cure.format(n=12),
+        "case: round robin, one hostname",
+        "placement: 4 ranks on 2 node(s) (node: ranks 0,2; node: ranks 1,3); per rank 4-12 OpenMP thread(s) on 8 core(s) of 16",
+        "warning: rank 3 runs more OpenMP threads than the cores it is bound to (12 threads on 8 core(s) of node): "
+        "the threads take turns on those cores",
+        cure.format(n=8),
+        "case: six nodes",
+        "placement: 6 ranks on 6 node(s) (n0: rank 0; n1: rank 1; n2: rank 2; 3 more); per rank 32 OpenMP thread(s) on 32 core(s) of 32",
+        "case: unbound, a thread per core each",
+        "placement: 2 ranks on 1 node(s) (vm: ranks 0-1); per rank 4 OpenMP thread(s) on 4 core(s) of 4",
+        "warning: the 2 rank(s) on vm run 8 OpenMP threads in all on its 4 cores: the threads take turns on them",
+        cure.format(n=2),
+        "case: one rank",
+        "case: this run",
+    ], p.stdout
