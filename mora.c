@@ -1684,6 +1684,7 @@ int cmd_mora(int argc, char **argv) {
         printf("ranks: %d (%s%s): each presamples 1/%d of the prompts and takes %d of the %d prompts of every step%s\n", world,
                comm_backend_name(), m.gpu_nccl ? ", GPU gradients over NCCL" : "", world, a->prompts_per_step / world,
                a->prompts_per_step, a->zero == 1 ? "; ZeRO-1: AdamW state sharded over the ranks" : "");
+    comm_report_placement();
 
     // the policy: a trainable copy of the reference, or the run's latest checkpoint
     TrainState state = {0};
@@ -1777,8 +1778,8 @@ int cmd_mora(int argc, char **argv) {
         int loaded = a->resume[0] ? load_pool_state(&m, stage, &pool) : 0, loaded_on_rank0 = loaded;
         comm_broadcast(&loaded_on_rank0, sizeof loaded_on_rank0, 0);
         if (loaded != loaded_on_rank0)
-            fatal("rank %d %s %s for stage %d but rank 0 %s: every rank must see the run directory %s (a shared file system)",
-                  rank, loaded ? "found" : "did not find", m.state_path, stage + 1, loaded ? "did not" : "did", a->out);
+            fatal("%s %s for stage %d but rank 0 %s: every rank must see the run directory %s (a shared file system)",
+                  loaded ? "found" : "did not find", m.state_path, stage + 1, loaded ? "did not" : "did", a->out);
         if (loaded) {
             printf("stage %d/%d: training pool of %d prompts from %s\n", stage + 1, m.n_stages, pool.n, m.state_path);
         } else {
@@ -2341,6 +2342,7 @@ int cmd_eval(int argc, char **argv) {
     const int use_gpu = device_resolve(device);
     // one GPU per rank: each samples and scores its shard of the prompts on its own
     device_select_rank_gpu(use_gpu);
+    comm_report_placement();
     PromptData prompts = {0};
     promptdata_load(&prompts, prompts_path, PREFDATA_STOP);
     char what[4200];

@@ -360,6 +360,7 @@ int cmd_reward(int argc, char **argv) {
     // under mpirun/srun the ranks share the trunk's forwards (one GPU per rank under --device
     // cuda); rank 0 then trains the heads and writes the files
     device_select_rank_gpu(use_gpu);
+    comm_report_placement();
     double run_start = wall_seconds();
 
     // the data first: a bad line should stop the run before a large model is loaded

@@ -358,6 +358,7 @@ static int cmd_pretrain(int argc, char **argv) {
         printf("ranks: %d (%s%s), global batch %d x %d sequences%s\n", world, comm_backend_name(),
                gpu_nccl ? ", GPU collectives over NCCL" : "", world, a.batch_size * a.grad_accum,
                a.zero == 1 ? ", ZeRO-1: AdamW state sharded over the ranks" : "");
+    comm_report_placement();
 
     DataLoader train, val;
     dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, rank, world, model.config.vocab_size, "train data");
@@ -953,7 +954,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     comm_init(&argc, &argv);
     if (comm_rank() != 0 && freopen("/dev/null", "w", stdout) == NULL)
-        fatal("rank %d: cannot silence stdout: %s", comm_rank(), strerror(errno));
+        fatal("cannot silence stdout: %s", strerror(errno));
     if (argc < 2) {
         // the demo trains several models and writes their files one after the other: one process
         if (comm_world() > 1) fatal("train_mora with no arguments runs the demo, on one rank; launch it with a single process");

@@ -2,7 +2,9 @@
  * Collectives for data parallelism: one interface over the ranks of a run, whatever carries it.
  *
  *   MPI      when built with -DUSE_MPI (the Makefile does so when it finds mpicc): the ranks are
- *            the processes that mpirun or srun started, MPI_COMM_WORLD is the group.
+ *            the processes that mpirun or srun started, MPI_COMM_WORLD is the group. srun must
+ *            give them a PMI (--mpi=pmix): without one a single task is one rank without MPI,
+ *            and several are refused before MPI_Init, which would abort.
  *   no MPI   one rank; every collective is the identity. A binary built this way refuses to
  *            run when a launcher says it started several ranks, rather than have every process
  *            train alone and write the same files.
@@ -11,11 +13,12 @@
  * is set up with the unique id broadcast by comm_broadcast, so the launch is the same.
  *
  * Every collective must be called by all ranks in the same order with matching sizes. A failed
- * MPI call prints "error: MPI_Xxx failed on rank r of W: <MPI's message> (file:line)" and aborts
- * the whole job (MPI_Abort), so every rank exits non-zero. A rank that exits through fatal()
- * (bad input, a missing file) takes the job down the same way: comm_init registers an exit
- * handler that calls MPI_Abort when a rank exits with a non-zero status before comm_finalize,
- * so no rank is left waiting forever in a collective for a peer that is gone.
+ * MPI call prints "error: MPI_Xxx failed on rank r of W (host): <MPI's message> (file:line)"
+ * and aborts the whole job (MPI_Abort), so every rank exits non-zero. A rank that exits through
+ * fatal() (bad input, a missing file; its message begins "error: rank r/W (host): " once
+ * comm_init has found several ranks) takes the job down the same way: comm_init registers an
+ * exit handler that calls MPI_Abort when a rank exits with a non-zero status before
+ * comm_finalize, so no rank is left waiting forever in a collective for a peer that is gone.
  *
  * Data-parallel sizes: n elements, world W ranks. Shards (ZeRO-1) are contiguous: rank r owns
  * [offsets[r], offsets[r+1]) with offsets[r] = floor(n * r / W).
@@ -24,6 +27,7 @@
 #define LLMC_COMM_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {   // comm_nccl.cu calls these from C++
@@ -40,6 +44,30 @@ int comm_world(void);       // number of ranks
 int comm_local_rank(void);  // rank among the processes on this node (picks the GPU)
 // "mpi" or "single": what carries the collectives in this build.
 const char *comm_backend_name(void);
+
+// Where the ranks run, said once: every rank calls it (a collective); rank 0 prints one line to
+// stdout, "placement: 2 ranks on 1 node(s) (vm: ranks 0-1); per rank 1 OpenMP thread(s) on 1
+// core(s) of 2" (ranges where ranks differ), and warnings to stderr when a rank runs more
+// OpenMP threads than the cores of its affinity mask, when the ranks of a node run more threads
+// in all than it has cores, or when they are bound together to fewer than half of its online
+// cores (mpirun binds each rank to one core by default for up to 2 ranks, srun gives a task one
+// CPU without --cpus-per-task), with the launch that cures it. Prints nothing on one rank.
+// "Cores" are the logical CPUs the kernel counts (sched_getaffinity, _SC_NPROCESSORS_ONLN).
+void comm_report_placement(void);
+
+// One rank's placement, as comm_report_placement gathers it from every rank.
+typedef struct {
+    char host[64];              // gethostname
+    char boot_id[40];           // the kernel's boot id: two machines that share a hostname differ in it
+    int threads;                // omp_get_max_threads()
+    int cores;                  // CPUs in the rank's affinity mask
+    int online;                 // the node's online CPUs
+    unsigned char mask[128];    // the affinity mask's CPUs 0..1023, one bit each (the node's union)
+} CommPlacement;
+// The report of comm_report_placement for the placements of world ranks: the line to out, the
+// warnings to err. Apart so that placements one machine cannot show (several nodes, a node of
+// many cores) are checked too (test/tools/comm_check placement).
+void comm_placement_print(const CommPlacement *ranks, int world, FILE *out, FILE *err);
 
 // Waits until every rank has called it.
 void comm_barrier(void);

@@ -215,11 +215,11 @@ void run_require_same_on_ranks(uint64_t fingerprint, const char *what) {
     // an all-reduce, which no rank leaves before all have entered (a broadcast's root may)
     int last = comm_all_reduce_max_int(differs ? rank : 0);
     if (differs)
-        fatal("rank %d reads %s with other contents than rank 0 (fingerprint %016llx, rank 0's %016llx): every rank must "
-              "read the same files; on several nodes, put them on a file system all nodes see", rank, what,
+        fatal("%s is not what rank 0 read (fingerprint %016llx, rank 0's %016llx): every rank must read the same "
+              "files; on several nodes, put them on a file system all nodes see", what,
               (unsigned long long)fingerprint, (unsigned long long)root);
     if (last > 0) {
-        if (rank == 0) fatal("%s differs between the ranks (rank %d reads other contents); every rank must read the same files", what, last);
+        if (rank == 0) fatal("%s differs between the ranks (rank %d read other contents); every rank must read the same files", what, last);
         comm_barrier();   // ended by the ranks above, which abort the job
     }
 }

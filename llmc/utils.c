@@ -56,6 +56,15 @@ double wall_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+char fatal_where[128];
+
+void fatal_where_set(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(fatal_where, sizeof fatal_where, fmt, ap);
+    va_end(ap);
+}
+
 static char device_memory_hint_text[512];
 
 void device_memory_hint_set(const char *hint) {

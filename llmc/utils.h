@@ -13,12 +13,23 @@
 #include <string.h>
 #include <errno.h>
 
-// printf-style message to stderr prefixed with "error: ", then exit(1).
+// Where this process stands in a run of several ranks, "rank 1/2 (node07)", for fatal() to say
+// which rank and machine an error comes from; empty (the default) on one rank. comm_init sets
+// it (llmc/comm.c), so this file knows nothing of MPI. Defined in utils.c; declared weak so that
+// a program that includes this header without linking utils.o still links (the address is then
+// NULL and fatal() names no rank).
+extern char fatal_where[] __attribute__((weak));
+// Sets fatal_where from a printf-style format ("" clears it).
+void fatal_where_set(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// printf-style message to stderr prefixed with "error: " (and, on a rank of several, with
+// "rank r/W (host): "), then exit(1).
 static inline void fatal(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 static inline void fatal(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "error: ");
+    if (fatal_where != NULL && fatal_where[0] != '\0') fprintf(stderr, "error: %s: ", fatal_where);
+    else fprintf(stderr, "error: ");
     vfprintf(stderr, fmt, ap);
     fprintf(stderr, "\n");
     va_end(ap);

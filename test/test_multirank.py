@@ -26,6 +26,7 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -134,7 +135,7 @@ def test_mpi_error_names_the_call_and_fails_every_rank():
     # one rank exiting through fatal() ends the job instead of leaving the other in its barrier
     p = run([exe, "fatal_last"], ranks=2, timeout=120)
     assert p.returncode != 0
-    assert "error: rank 1 stops on purpose" in p.stderr, p.stderr
+    assert f"error: rank 1/2 ({socket.gethostname()}): stops on purpose" in p.stderr, p.stderr
     assert "barrier returned" not in p.stderr, p.stderr
 
 
@@ -288,6 +289,7 @@ def test_reward_two_ranks_equal_one_rank(tmp_path):
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         if ranks:
             assert "60 sequences through the frozen trunk" in p.stdout and "(cached, on 2 ranks, on their CPUs)" in p.stdout, p.stdout
+            assert p.stdout.count("placement: 2 ranks on 1 node(s)") == 1, p.stdout
     for f in ("reward_heads.bin", "metrics.jsonl", "model.ckpt"):
         assert (outs["two"] / f).read_bytes() == (outs["one"] / f).read_bytes(), f
     summaries = [json.loads((outs[name] / "reward_metrics.json").read_text()) for name in ("one", "two")]
@@ -547,6 +549,7 @@ def test_eval_two_ranks_equal_one_rank(mora_world, tmp_path):
                  str(mora_world / "baseline"), "--prompts", str(mora_world / "world" / "eval_prompts.jsonl"),
                  "--samples", "2", "--gen_batch", "4", "--out", str(out)], ranks=ranks, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert p.stdout.count("placement: 2 ranks on 1 node(s)") == (1 if ranks else 0), p.stdout[:3000]
         reports.append(json.loads((out / "report.json").read_text()))
     one, two = reports
     for who in ("model_reward", "baseline_reward"):
@@ -602,7 +605,7 @@ def test_pretrain_shards_that_differ_between_ranks(tmp_path, case):
     if case == "missing":
         assert "no token shards match 'train_*.bin'" in p.stderr, p.stderr
     else:
-        assert "rank 1 reads --train_data train_*.bin (1 shards) with other contents than rank 0" in p.stderr, p.stderr
+        assert re.search(r"error: rank 1/2 \([^)]*\): " + re.escape("--train_data train_*.bin (1 shards)") + " is not what rank 0 read", p.stderr), p.stderr
     # rank 0 wrote nothing of the run: once the data is right, the same command starts it
     assert not any(n in run_files(out) for n in ("config.json", "metrics.jsonl", "latest.txt")), run_files(out)
     (tmp_path / "node1" / "train_000.bin").write_bytes(shard_bytes(tokens))
@@ -626,7 +629,7 @@ def test_pretrain_resume_from_another_checkpoint_on_a_rank(tmp_path, data):
     (run1 / "latest.txt").write_text("model_step000002.ckpt\n")
     p = run([wrap, "pretrain", "--out", "run", "--resume", "--steps", "6"], ranks=2, timeout=120)
     assert p.returncode != 0
-    assert "rank 1 reads run/model_step000002.ckpt with other contents than rank 0" in p.stderr, p.stderr
+    assert re.search(r"error: rank 1/2 \([^)]*\): " + re.escape("run/model_step000002.ckpt") + " is not what rank 0 read", p.stderr), p.stderr
 
 
 @needs_mpi
@@ -639,12 +642,12 @@ def test_mora_and_eval_prompts_that_differ_between_ranks(mora_world, tmp_path):
     cmd[cmd.index("--prompts") + 1] = "prompts.jsonl"
     p = run(cmd, ranks=2, timeout=300)
     assert p.returncode != 0
-    assert "rank 1 reads --prompts prompts.jsonl with other contents than rank 0" in p.stderr, p.stderr
+    assert re.search(r"error: rank 1/2 \([^)]*\): " + re.escape("--prompts prompts.jsonl") + " is not what rank 0 read", p.stderr), p.stderr
     assert run_files(tmp_path / "m") == []
     p = run([wrap, "eval", "--model", str(mora_world / "mora"), "--baseline", str(mora_world / "baseline"),
              "--prompts", "prompts.jsonl", "--samples", "1", "--out", str(tmp_path / "e")], ranks=2, timeout=300)
     assert p.returncode != 0
-    assert "rank 1 reads --prompts prompts.jsonl with other contents than rank 0" in p.stderr, p.stderr
+    assert re.search(r"error: rank 1/2 \([^)]*\): " + re.escape("--prompts prompts.jsonl") + " is not what rank 0 read", p.stderr), p.stderr
     assert not (tmp_path / "e" / "report.json").exists()
 
 
@@ -661,5 +664,141 @@ def test_reward_data_that_differs_between_ranks(tmp_path):
     p = run([wrap, "reward", "--model", "llama:tiny", "--data", "pref.jsonl", "--epochs", "1", "--out", str(out)],
             ranks=2, timeout=120)
     assert p.returncode != 0
-    assert "rank 1 reads --data pref.jsonl with other contents than rank 0" in p.stderr, p.stderr
+    assert re.search(r"error: rank 1/2 \([^)]*\): " + re.escape("--data pref.jsonl") + " is not what rank 0 read", p.stderr), p.stderr
     assert not (out / "reward_heads.bin").exists()
+
+
+# The launch itself: srun without a PMI plugin, errors that name their rank, where the ranks run.
+
+def launch_env(**extra):
+    """The tests' environment without any launcher's variables (pytest may itself run under srun
+    or mpirun), plus extra."""
+    launcher = ("SLURM_", "PMI_", "PMIX_", "OMPI_COMM_WORLD", "MPI_LOCALRANKID")
+    e = {k: v for k, v in env().items() if not k.startswith(launcher)}
+    e.update(extra)
+    return e
+
+
+def srun_env(tasks):
+    """What srun without --mpi (and no MpiDefault) gives a task: Slurm's variables, no PMI's."""
+    return launch_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS=str(tasks), SLURM_NTASKS=str(tasks),
+                      SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST=socket.gethostname())
+
+
+def test_srun_without_pmi(tmp_path, data):
+    """srun without --mpi=pmix gives its tasks no PMI, and Open MPI's MPI_Init then aborts with a
+    message about its own build, even for one task. One task is one rank, MPI untouched; several
+    are refused before MPI is touched, with the cure, and nothing is written."""
+    args = [str(ROOT / "train_mora"), *common("llama:tiny", data, steps=2), "--batch_size", "1"]
+    one = tmp_path / "one"
+    p = subprocess.run([*args, "--out", str(one)], capture_output=True, text=True, timeout=120, env=srun_env(1), cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [r["step"] for r in metrics(one)] == [1, 2]
+    assert "ranks:" not in p.stdout and "placement:" not in p.stdout, p.stdout
+    two = tmp_path / "two"
+    p = subprocess.run([*args, "--out", str(two)], capture_output=True, text=True, timeout=120, env=srun_env(2), cwd=ROOT)
+    assert p.returncode != 0
+    if BUILT_WITH_MPI:
+        assert p.stderr == ("error: srun started 2 tasks but gave them no PMI: add --mpi=pmix "
+                            "(srun --mpi=list shows what this cluster has)\n"), p.stderr
+    else:
+        assert "built without MPI, but the launcher started 2 ranks" in p.stderr, p.stderr
+    assert p.stdout == "" and not two.exists()
+
+
+@needs_mpi
+def test_errors_name_the_rank_and_host(tmp_path):
+    """Under mpirun an error says which rank of how many, on which machine; one rank's does not."""
+    missing = str(tmp_path / "missing_*.bin")
+    args = [str(ROOT / "train_mora"), "pretrain", "--init", "llama:tiny", "--train_data", missing, "--seq_len", "16",
+            "--batch_size", "1", "--steps", "1"]
+    p = run([*args, "--out", str(tmp_path / "two")], ranks=2, timeout=120)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    host = re.escape(socket.gethostname())
+    assert errors and all(re.match(rf"error: rank [01]/2 \({host}\): .*missing_\*\.bin", e) for e in errors), p.stderr
+    p = run([*args, "--out", str(tmp_path / "one")], timeout=120)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: no token shards match") and "missing_*.bin" in errors[0], p.stderr
+
+
+def placement_run(tmp_path, data, name, bind, threads):
+    """A two-rank pretrain of two steps under mpirun --bind-to bind with OMP_NUM_THREADS=threads;
+    returns its placement line (exactly one) and its stderr."""
+    cmd = [MPIRUN, "-np", "2", "--oversubscribe", "--bind-to", bind, str(ROOT / "train_mora"),
+           *common("llama:tiny", data, steps=2), "--batch_size", "1", "--out", str(tmp_path / name)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launch_env(OMP_NUM_THREADS=str(threads)),
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [line for line in p.stdout.splitlines() if line.startswith("placement:")]
+    assert len(lines) == 1, p.stdout
+    return lines[0], p.stderr
+
+
+@needs_mpi
+def test_placement_is_reported_once(tmp_path, data):
+    """Two unbound ranks inherit this process's affinity mask: rank 0 reports the mask's cores,
+    the node's online cores and the threads OMP_NUM_THREADS gives each rank."""
+    cores, online, host = len(os.sched_getaffinity(0)), os.cpu_count(), socket.gethostname()
+    line, err = placement_run(tmp_path, data, "one_thread", "none", 1)
+    assert line == f"placement: 2 ranks on 1 node(s) ({host}: ranks 0-1); per rank 1 OpenMP thread(s) on {cores} core(s) of {online}"
+    assert "more OpenMP threads than the cores" not in err, err
+    if 2 * cores >= online and online >= 2:   # neither half the node idle nor more threads than it has
+        assert "stay idle" not in err and "in all on its" not in err, err
+
+
+@needs_mpi
+def test_placement_warns_of_more_threads_than_cores(tmp_path, data):
+    """More OpenMP threads than the cores of a rank's mask: a warning, with the launch that cures it."""
+    cores, host = len(os.sched_getaffinity(0)), socket.gethostname()
+    line, err = placement_run(tmp_path, data, "unbound", "none", cores + 1)
+    assert line.endswith(f"per rank {cores + 1} OpenMP thread(s) on {cores} core(s) of {os.cpu_count()}"), line
+    assert (f"warning: ranks 0-1 run more OpenMP threads than the cores they are bound to (rank 0: {cores + 1} threads "
+            f"on {cores} core(s) of {host})") in err, err
+    assert "mpirun --bind-to none -x OMP_NUM_THREADS=" in err and "srun --cpus-per-task=" in err, err
+    # Open MPI's own binding: each rank on a core of its own, of fewer CPUs than the threads
+    if cores >= 2:
+        line, err = placement_run(tmp_path, data, "bound", "core", cores + 1)
+        m = re.fullmatch(rf"placement: 2 ranks on 1 node\(s\) \({re.escape(host)}: ranks 0-1\); per rank {cores + 1} "
+                         rf"OpenMP thread\(s\) on (\d+) core\(s\) of {os.cpu_count()}", line)
+        assert m and int(m.group(1)) <= cores, line
+        assert "warning: ranks 0-1 run more OpenMP threads than the cores they are bound to" in err, err
+
+
+@needs_mpi
+def test_placement_reported_by_mora(grpo_runs):
+    _, _, p = grpo_runs
+    assert p.stdout.count("placement: 2 ranks on 1 node(s)") == 1, p.stdout[:3000]
+
+
+def test_placement_report_of_made_up_placements():
+    """comm_placement_print on placements one machine cannot show: nodes named with their ranks,
+    ranges where ranks differ, a warning for a rank with more threads than cores, for a node whose
+    ranks are bound to fewer than half its cores (exactly half is not) and for a node whose
+    unbound ranks run more threads in all than it has cores; nothing for one rank."""
+    p = subprocess.run([str(BUILD / "tools" / "comm_check"), "placement"], capture_output=True, text=True, timeout=60,
+                       env=launch_env(), cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    cure = ("  to give each rank {n} core(s) and as many threads: mpirun --bind-to none -x OMP_NUM_THREADS={n}, "
+            "or srun --cpus-per-task={n} with OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK")
+    assert p.stdout.splitlines() == [
+        "case: two nodes, a core per rank",
+        "placement: 16 ranks on 2 node(s) (gpu1: ranks 0-7; gpu2: ranks 8-15); per rank 1 OpenMP thread(s) on 1 core(s) of 96",
+        "warning: the 8 rank(s) on gpu1 are bound to 8 of its 96 cores: the others stay idle",
+        "warning: the 8 rank(s) on gpu2 are bound to 8 of its 96 cores: the others stay idle",
+        cure.format(n=12),
+        "case: round robin, one hostname",
+        "placement: 4 ranks on 2 node(s) (node: ranks 0,2; node: ranks 1,3); per rank 4-12 OpenMP thread(s) on 8 core(s) of 16",
+        "warning: rank 3 runs more OpenMP threads than the cores it is bound to (12 threads on 8 core(s) of node): "
+        "the threads take turns on those cores",
+        cure.format(n=8),
+        "case: six nodes",
+        "placement: 6 ranks on 6 node(s) (n0: rank 0; n1: rank 1; n2: rank 2; 3 more); per rank 32 OpenMP thread(s) on 32 core(s) of 32",
+        "case: unbound, a thread per core each",
+        "placement: 2 ranks on 1 node(s) (vm: ranks 0-1); per rank 4 OpenMP thread(s) on 4 core(s) of 4",
+        "warning: the 2 rank(s) on vm run 8 OpenMP threads in all on its 4 cores: the threads take turns on them",
+        cure.format(n=2),
+        "case: one rank",
+        "case: this run",
+    ], p.stdout

@@ -9,12 +9,59 @@
  *                           the job must end with an error naming MPI_Bcast on every rank
  *   comm_check fatal_last   the last rank exits through fatal() while the others wait in a
  *                           barrier: the job must end (non-zero), not hang
+ *   comm_check placement    comm_placement_print's report (line and warnings, all to stdout) of
+ *                           made-up placements no single machine shows: several nodes, two
+ *                           machines of one hostname, many cores; then the report of where this
+ *                           run's ranks are (comm_report_placement)
  */
 #include "llmc/comm.h"
 #include "llmc/utils.h"
 #include <math.h>
 
 static int failures = 0;
+
+// A made-up rank: on host (boot id boot), threads OpenMP threads, bound to CPUs [lo, lo + n) of
+// online.
+static CommPlacement place(const char *host, const char *boot, int threads, int lo, int n, int online) {
+    CommPlacement p;
+    memset(&p, 0, sizeof p);
+    snprintf(p.host, sizeof p.host, "%s", host);
+    snprintf(p.boot_id, sizeof p.boot_id, "%s", boot);
+    p.threads = threads;
+    p.cores = n;
+    p.online = online;
+    for (int c = lo; c < lo + n; c++) p.mask[c / 8] |= (unsigned char)(1u << (c % 8));
+    return p;
+}
+
+static void placement_cases(void) {
+    CommPlacement r[16];
+    // 16 ranks, 8 on each of two 96-core nodes, each bound to a core of its own (srun without
+    // --cpus-per-task): 8 of 96 cores in use on each
+    printf("case: two nodes, a core per rank\n");
+    for (int i = 0; i < 16; i++) r[i] = place(i < 8 ? "gpu1" : "gpu2", i < 8 ? "b1" : "b2", 1, i % 8, 1, 96);
+    comm_placement_print(r, 16, stdout, stdout);
+    // round robin over two machines that share a hostname (containers), half of each one's 16
+    // cores bound (not fewer than half: no warning), rank 3 with more threads than its 8 cores
+    printf("case: round robin, one hostname\n");
+    for (int i = 0; i < 4; i++) r[i] = place("node", i % 2 ? "b2" : "b1", i == 3 ? 12 : 4 + 4 * (i % 2), 0, 8, 16);
+    comm_placement_print(r, 4, stdout, stdout);
+    // six nodes, a rank each on all of a node's cores: named are the first three
+    printf("case: six nodes\n");
+    char host[8];
+    for (int i = 0; i < 6; i++) {
+        snprintf(host, sizeof host, "n%d", i);
+        r[i] = place(host, host, 32, 0, 32, 32);
+    }
+    comm_placement_print(r, 6, stdout, stdout);
+    // two unbound ranks with a thread per core of the node each (OpenMP's default)
+    printf("case: unbound, a thread per core each\n");
+    for (int i = 0; i < 2; i++) r[i] = place("vm", "b", 4, 0, 4, 4);
+    comm_placement_print(r, 2, stdout, stdout);
+    // one rank: no report
+    printf("case: one rank\n");
+    comm_placement_print(r, 1, stdout, stdout);
+}
 
 static void check(int ok, const char *what) {
     // every rank checks; the verdicts are summed so rank 0 reports a failure seen anywhere
@@ -35,12 +82,19 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc > 1 && !strcmp(argv[1], "fatal_last")) {
-        if (rank == W - 1) fatal("rank %d stops on purpose", rank);
+        if (rank == W - 1) fatal("stops on purpose");
         comm_barrier();
         fprintf(stderr, "rank %d: barrier returned without the last rank\n", rank);
         return 0;
     }
-    if (argc > 1) fatal("comm_check: unknown mode '%s' (expected bad_root or fatal_last)", argv[1]);
+    if (argc > 1 && !strcmp(argv[1], "placement")) {
+        if (rank == 0) placement_cases();
+        if (rank == 0) printf("case: this run\n");
+        comm_report_placement();
+        comm_finalize();
+        return 0;
+    }
+    if (argc > 1) fatal("comm_check: unknown mode '%s' (expected bad_root, fatal_last or placement)", argv[1]);
     if (rank == 0) printf("comm_check: %d rank(s), backend %s\n", W, comm_backend_name());
 
     // ranks: gathering each rank's id gives 0 .. W-1 in order
