@@ -211,17 +211,15 @@ void run_require_same_on_ranks(uint64_t fingerprint, const char *what) {
     if (comm_world() == 1) return;
     uint64_t root = fingerprint;
     comm_broadcast(&root, sizeof root, 0);
-    int rank = comm_rank(), differs = root != fingerprint;
+    int differs = root != fingerprint;
     // an all-reduce, which no rank leaves before all have entered (a broadcast's root may)
-    int last = comm_all_reduce_max_int(differs ? rank : 0);
+    int any = comm_all_reduce_max_int(differs);
     if (differs)
         fatal("%s is not what rank 0 read (fingerprint %016llx, rank 0's %016llx): every rank must read the same "
               "files; on several nodes, put them on a file system all nodes see", what,
               (unsigned long long)fingerprint, (unsigned long long)root);
-    if (last > 0) {
-        if (rank == 0) fatal("%s differs between the ranks (rank %d read other contents); every rank must read the same files", what, last);
-        comm_barrier();   // ended by the ranks above, which abort the job
-    }
+    // the others wait for the job to end: the ranks above abort it once they have said why
+    if (any) comm_barrier();
 }
 
 uint64_t run_state_fingerprint(const Model *model, const TrainState *state) {

@@ -26,13 +26,17 @@ void fatal_where_set(const char *fmt, ...) __attribute__((format(printf, 1, 2)))
 // "rank r/W (host): "), then exit(1).
 static inline void fatal(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 static inline void fatal(const char *fmt, ...) {
+    // the line is written at once, so that the lines of ranks failing together do not interleave
+    char line[8192];
+    int n = 0;
+    if (fatal_where != NULL && fatal_where[0] != '\0') n = snprintf(line, sizeof line, "error: %s: ", fatal_where);
+    else n = snprintf(line, sizeof line, "error: ");
     va_list ap;
     va_start(ap, fmt);
-    if (fatal_where != NULL && fatal_where[0] != '\0') fprintf(stderr, "error: %s: ", fatal_where);
-    else fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
+    vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
     va_end(ap);
+    strcat(line, "\n");
+    fputs(line, stderr);
     fflush(stderr);
     exit(1);
 }
