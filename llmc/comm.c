@@ -189,13 +189,13 @@ void comm_all_reduce_sum_double(double *buf, size_t n) {
     }
 }
 
-// A root that is not a rank is left to MPI to refuse (MPI_ERR_ROOT), through mpiCheck.
 int comm_all_reduce_max_int(int v) {
     if (comm_world_ == 1) return v;
     mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
     return v;
 }
 
+// A root that is not a rank is left to MPI to refuse (MPI_ERR_ROOT), through mpiCheck.
 void comm_broadcast(void *buf, size_t bytes, int root) {
     if (comm_world_ == 1 && root == 0) return;
     if (!comm_mpi_) fatal("comm_broadcast: root %d is not a rank (world 1)", root);
