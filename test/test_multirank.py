@@ -802,3 +802,16 @@ def test_placement_report_of_made_up_placements():
         "case: one rank",
         "case: this run",
     ], p.stdout
+
+
+@needs_mpi
+def test_a_flag_error_is_said_once(tmp_path, data):
+    """Every rank parses the same command line: rank 0 alone reports the error, not once per rank."""
+    p = run([str(ROOT / "train_mora"), *common("llama:tiny", data), "--out", str(tmp_path / "r"), "--bogus", "1"],
+            ranks=2, timeout=120)
+    assert p.returncode != 0
+    assert p.stderr.count("unknown flag '--bogus' for train_mora pretrain") == 1, p.stderr
+    assert re.search(r"error: rank 0/2 \([^)]*\): unknown flag '--bogus'", p.stderr), p.stderr
+    p = run([str(ROOT / "train_mora"), *common("llama:tiny", data), "--out", str(tmp_path / "r"), "--steps", "x"],
+            ranks=2, timeout=120)
+    assert p.returncode != 0 and p.stderr.count("flag --steps: expected an integer, got 'x'") == 1, p.stderr
