@@ -195,9 +195,11 @@ static void engine_init(Engine *e, const char *model_path, const char *model_fla
     e->extra_stop = unescape(stop ? stop : "");
     if (e->extra_stop[0]) e->stops[e->n_stops++] = e->extra_stop;
     // every rank loaded its own copies: ranks scoring with other weights would mix their figures
-    run_require_same_on_ranks(reward_trunk_of(&e->ref).fingerprint, desc);
-    snprintf(desc, sizeof desc, "the heads %s", heads_path);
-    run_require_same_on_ranks(params_fingerprint(e->heads.params, e->heads.num_parameters), desc);
+    if (comm_world() > 1) {
+        run_require_same_on_ranks(reward_trunk_of(&e->ref).fingerprint, desc);
+        snprintf(desc, sizeof desc, "the heads %s", heads_path);
+        run_require_same_on_ranks(params_fingerprint(e->heads.params, e->heads.num_parameters), desc);
+    }
 }
 
 #ifdef USE_CUDA
@@ -1698,7 +1700,7 @@ int cmd_mora(int argc, char **argv) {
     char *resume_ckpt = a->resume[0] ? run_latest_checkpoint(a->out) : NULL;
     if (resume_ckpt) {
         checkpoint_load(&m.policy, resume_ckpt, &state, NULL);
-        run_require_same_on_ranks(run_state_fingerprint(&m.policy, &state), resume_ckpt);
+        if (world > 1) run_require_same_on_ranks(run_state_fingerprint(&m.policy, &state), resume_ckpt);
         if (m.policy.num_parameters != m.e.ref.num_parameters) fatal("%s does not match the reference %s", resume_ckpt, a->model);
         printf("resuming %s at step %d\n", resume_ckpt, state.step);
     } else {
@@ -2145,7 +2147,7 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
         fatal("%s: not the same architecture as the reference the heads sit on", ckpt);
     char what[4200];
     snprintf(what, sizeof what, "%s %s", flag, ckpt);
-    run_require_same_on_ranks(params_fingerprint(policy.params, policy.num_parameters), what);
+    if (comm_world() > 1) run_require_same_on_ranks(params_fingerprint(policy.params, policy.num_parameters), what);
     int n = prompts->n;
     TokenList *toks = (TokenList *)callocCheck(n, sizeof(TokenList));
     for (int i = 0; i < n; i++) encode_prompt_fit(e, prompts->records[i].prompt, max_new, "--max_new_tokens", &toks[i]);

@@ -382,7 +382,7 @@ int cmd_reward(int argc, char **argv) {
     // the trunk: a preset (random init from --seed) or a checkpoint
     int from_preset = model_load(&model, a.model, "--model", 1, (uint64_t)a.seed, NULL, &info);
     snprintf(what, sizeof what, "--model %s", a.model);
-    run_require_same_on_ranks(params_fingerprint(model.params, model.num_parameters), what);
+    if (comm_world() > 1) run_require_same_on_ranks(params_fingerprint(model.params, model.num_parameters), what);
     const ModelConfig *mc = &model.config;
     int max_len = a.seq_len > 0 ? a.seq_len : mc->max_seq_len;
     if (max_len > mc->max_seq_len) fatal("flag --seq_len %d exceeds the model's context of %d", max_len, mc->max_seq_len);

@@ -324,7 +324,7 @@ static int cmd_pretrain(int argc, char **argv) {
         checkpoint_load(&model, resume_path, &state, &info);
         // every rank read the checkpoint through its own path: the same state? (the parameters
         // are broadcast below, the AdamW moments and the step are not)
-        run_require_same_on_ranks(run_state_fingerprint(&model, &state), resume_path);
+        if (comm_world() > 1) run_require_same_on_ranks(run_state_fingerprint(&model, &state), resume_path);
         if (state.step >= a.steps)
             fatal("the run in %s is at step %d; --steps %d would not train (give a larger --steps)", a.out, state.step, a.steps);
         printf("resuming %s at step %d (settings from %s/config.json)\n", resume_path, state.step, a.out);
@@ -373,12 +373,14 @@ static int cmd_pretrain(int argc, char **argv) {
            (long long)train.total_batches, a.batch_size, a.seq_len);
     // every rank found its shards through its own glob: the same files? (their number and sizes;
     // a check that every rank could read its inputs, too, before rank 0 writes run files)
-    char what[4200];
-    snprintf(what, sizeof what, "--train_data %s (%d shards)", a.train_data, train.n_shards);
-    run_require_same_on_ranks(dataloader_fingerprint(&train), what);
-    if (a.val_data[0]) {
-        snprintf(what, sizeof what, "--val_data %s (%d shards)", a.val_data, val.n_shards);
-        run_require_same_on_ranks(dataloader_fingerprint(&val), what);
+    if (world > 1) {
+        char what[4200];
+        snprintf(what, sizeof what, "--train_data %s (%d shards)", a.train_data, train.n_shards);
+        run_require_same_on_ranks(dataloader_fingerprint(&train), what);
+        if (a.val_data[0]) {
+            snprintf(what, sizeof what, "--val_data %s (%d shards)", a.val_data, val.n_shards);
+            run_require_same_on_ranks(dataloader_fingerprint(&val), what);
+        }
     }
 
     // the run's configuration, for the record (a resumed run records its settings with what it
