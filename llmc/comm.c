@@ -80,6 +80,8 @@ static int srun_tasks(void) {
     return v && *v ? atoi(v) : 0;
 }
 
+int comm_started_by_srun(void) { return srun_tasks() > 0 && getenv("OMPI_COMM_WORLD_SIZE") == NULL; }
+
 // Checks the return code of an MPI call; on failure names the call, the rank and MPI's own
 // message, then aborts the whole job so that every rank exits non-zero.
 #define mpiCheck(call) mpi_check_((call), #call, __FILE__, __LINE__)
@@ -144,7 +146,7 @@ void comm_init(int *argc, char ***argv) {
         // under srun the likely cause is a PMI plugin this MPI library does not speak (MPICH's
         // PMI-1 client given PMIx); under mpirun, an mpirun of another MPI installation
         const char *mpi_type = getenv("SLURM_MPI_TYPE");
-        if (srun_tasks() > 0 && getenv("OMPI_COMM_WORLD_SIZE") == NULL)
+        if (comm_started_by_srun())
             fatal("the launcher started %d ranks but MPI sees a world of 1: srun's PMI plugin%s%s%s is not one the MPI "
                   "library train_mora was built with (mpicc) can use (srun --mpi=list shows the others; Open MPI "
                   "takes pmix), or the ranks were started by an mpirun of another MPI installation", launched,
@@ -337,6 +339,7 @@ void comm_init(int *argc, char ***argv) {
 
 void comm_finalize(void) { comm_finalized_ = 1; }
 const char *comm_backend_name(void) { return "single"; }
+int comm_started_by_srun(void) { return 0; }
 void comm_barrier(void) {}
 void comm_all_reduce_sum(float *buf, size_t n) { (void)buf; (void)n; }
 void comm_all_reduce_sum_double(double *buf, size_t n) { (void)buf; (void)n; }

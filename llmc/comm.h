@@ -44,6 +44,8 @@ int comm_world(void);       // number of ranks
 int comm_local_rank(void);  // rank among the processes on this node (picks the GPU)
 // "mpi" or "single": what carries the collectives in this build.
 const char *comm_backend_name(void);
+// Whether srun started the ranks (rather than an mpirun, which may itself run inside a Slurm step).
+int comm_started_by_srun(void);
 
 // Where the ranks run, said once: every rank calls it (a collective); rank 0 prints one line to
 // stdout, "placement: 2 ranks on 1 node(s) (vm: ranks 0-1); per rank 1 OpenMP thread(s) on 1

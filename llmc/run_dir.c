@@ -242,7 +242,6 @@ const char *run_launch_prefix(void) {
     static char prefix[64];
     int world = comm_world();
     if (world == 1) return "";
-    int slurm = getenv("SLURM_STEP_NUM_TASKS") != NULL && getenv("OMPI_COMM_WORLD_SIZE") == NULL;
-    snprintf(prefix, sizeof prefix, slurm ? "srun -n %d " : "mpirun -np %d ", world);
+    snprintf(prefix, sizeof prefix, comm_started_by_srun() ? "srun -n %d " : "mpirun -np %d ", world);
     return prefix;
 }
