@@ -14,6 +14,13 @@
  * Every token read is checked against the model's vocabulary: a shard written with another
  * tokenizer stops the run with the shard, the token's position and its id, not an error deep in
  * the model.
+ *
+ * Fine-tuning examples (SftLoader, for `train_mora sft`): encoded prompt/response sequences
+ * (llmc/prefdata.h), one a row of the (B, T) batch, padded on the right. The loss mask counts
+ * the positions whose target is a response or end-of-turn token. The examples form a stream
+ * over epochs (each epoch a permutation drawn from the seed and the epoch's number, or the file
+ * order); batch g holds the stream's items g*B .. g*B+B-1, and the ranks interleave the batches
+ * as above, so a batch counter is again the whole position.
  */
 #ifndef DATALOADER_H
 #define DATALOADER_H
@@ -22,6 +29,8 @@
 #include <stdint.h>
 #include <sys/stat.h>
 #include "llmc/utils.h"
+#include "llmc/rand.h"
+#include "llmc/prefdata.h"
 
 #define SHARD_MAGIC_U16 20240520
 #define SHARD_MAGIC_U32 20240801
@@ -142,5 +151,88 @@ static inline void dataloader_free(DataLoader *dl) {
     free(dl->paths); free(dl->shard_tokens); free(dl->shard_bytes_per_tok); free(dl->shard_batches);
     free(dl->inputs); free(dl->targets); free(dl->buf);
     memset(dl, 0, sizeof(*dl));
+}
+
+typedef struct {
+    const EncodedSft *data;
+    int B, T;
+    int rank, world;
+    int shuffle;               // 0: every epoch in the order of the files
+    uint64_t seed;
+    int64_t batch_index;       // next global batch (before rank interleaving)
+    int *inputs;               // (B, T)
+    int *targets;              // (B, T)
+    float *mask;               // (B, T) 1 where the target is a response or end-of-turn token
+    int counted;               // positions the last batch counts
+    int64_t perm_epoch;        // the epoch `perm` belongs to (-1: none yet)
+    int *perm;                 // (n) the examples in that epoch's order
+} SftLoader;
+
+static inline void sft_loader_init(SftLoader *l, const EncodedSft *data, int B, int T, int rank, int world,
+                                   int shuffle, uint64_t seed) {
+    memset(l, 0, sizeof(*l));
+    l->data = data;
+    l->B = B; l->T = T; l->rank = rank; l->world = world;
+    l->shuffle = shuffle;
+    l->seed = seed;
+    l->inputs = (int *)mallocCheck(sizeof(int) * B * T);
+    l->targets = (int *)mallocCheck(sizeof(int) * B * T);
+    l->mask = (float *)mallocCheck(sizeof(float) * B * T);
+    l->perm = (int *)mallocCheck(sizeof(int) * data->n);
+    l->perm_epoch = -1;
+}
+
+// The example at position pos of the stream (pos / n is its epoch).
+static inline int sft_loader_example(SftLoader *l, int64_t pos) {
+    const int n = l->data->n;
+    const int64_t epoch = pos / n;
+    if (!l->shuffle) return (int)(pos % n);
+    if (epoch != l->perm_epoch) {
+        // Fisher-Yates from a generator of the seed and the epoch alone, so that any batch can be
+        // read first (a resumed run seeks to its step)
+        uint64_t rng = rng_seed(l->seed ^ rng_seed((uint64_t)epoch + 1));
+        for (int i = 0; i < n; i++) l->perm[i] = i;
+        for (int i = n - 1; i > 0; i--) {
+            int j = (int)(((uint64_t)random_u32(&rng) * (uint64_t)(i + 1)) >> 32);
+            int t = l->perm[i]; l->perm[i] = l->perm[j]; l->perm[j] = t;
+        }
+        l->perm_epoch = epoch;
+    }
+    return l->perm[pos % n];
+}
+
+static inline void sft_loader_seek_step(SftLoader *l, int64_t step, int grad_accum) {
+    l->batch_index = step * (int64_t)grad_accum * l->world;
+}
+
+// Fills the batch with the examples first .. first + B - 1 of the stream.
+static inline void sft_loader_fill(SftLoader *l, int64_t first) {
+    const int B = l->B, T = l->T;
+    l->counted = 0;
+    for (int b = 0; b < B; b++) {
+        int e = sft_loader_example(l, first + b);
+        const int *seq = token_seqs_get(&l->data->seqs, e);
+        int n = l->data->seqs.lengths[e], prompt = l->data->prompt_len[e];
+        for (int t = 0; t < T; t++) {
+            int i = b * T + t;
+            int real = t + 1 < n;   // position t reads seq[t] and predicts seq[t + 1]
+            l->inputs[i] = t < n ? seq[t] : 0;
+            l->targets[i] = real ? seq[t + 1] : 0;
+            l->mask[i] = real && t + 1 >= prompt ? 1.0f : 0.0f;
+            l->counted += real && t + 1 >= prompt;
+        }
+    }
+}
+
+// Reads this rank's next batch (as dataloader_next).
+static inline void sft_loader_next(SftLoader *l) {
+    int64_t global = l->batch_index + l->rank;
+    l->batch_index += l->world;
+    sft_loader_fill(l, global * l->B);
+}
+
+static inline void sft_loader_free(SftLoader *l) {
+    free(l->inputs); free(l->targets); free(l->mask); free(l->perm);
+    memset(l, 0, sizeof(*l));
 }
 #endif

@@ -4,6 +4,7 @@
  * checkpoint formats in llmc/checkpoint.c, the token shards in dataloader.h.
  *
  *   ./train_mora pretrain ...    language-model training on token shards (llm.c format)
+ *   ./train_mora sft ...         supervised fine-tuning on prompt/response JSONL (the same loop)
  *   ./train_mora generate ...    sample or chat from a checkpoint
  *
  * Every subcommand takes long flags and --help.
@@ -48,20 +49,45 @@ static void print_model_summary(const Model *model, const char *source) {
 }
 
 // ----------------------------------------------------------------------------
-// pretrain
+// pretrain and sft: one training loop, on token shards or on prompt/response examples
 
 typedef struct {
     const char *init, *train_data, *val_data, *out, *device;
     int batch_size, seq_len, grad_accum, steps, warmup, save_every, val_every, val_batches, seed, resume, log_every;
     int zero;
     float lr, min_lr, weight_decay, grad_clip, beta1, beta2;
-} PretrainArgs;
+    // sft only
+    const char *tokenizer, *chat_template;
+    int epochs, shuffle, skip_bad;
+} TrainArgs;
 
 // OUT/metrics.jsonl with the lines after last_step dropped (a resumed run rewrites them), open for appending.
 static FILE *open_metrics_jsonl(const char *out, int last_step) {
     char path[4200];
     snprintf(path, sizeof path, "%s/metrics.jsonl", out);
     return run_open_jsonl_upto(path, "step", last_step);
+}
+
+// sft's validation loss: the mean over every counted token of every validation example (not a
+// mean of batch means, so batches of few tokens weigh as little as they hold). The batches are
+// split over the ranks as in evaluate_loss.
+static float evaluate_sft_loss(Model *model, SftLoader *val) {
+    const int64_t batches = (val->data->n + val->B - 1) / val->B;
+    double sums[2] = {0.0, 0.0};   // the token losses, the tokens
+    for (int64_t i = val->rank; i < batches; i += val->world) {
+        sft_loader_fill(val, i * val->B);
+        // the last batch wraps to the first examples: only the ones past the end are left out
+        for (int b = 0; b < val->B; b++)
+            if (i * val->B + b >= val->data->n)
+                for (int t = 0; t < val->T; t++) val->mask[b * val->T + t] = 0.0f;
+        double counted = 0.0;
+        for (int k = 0; k < val->B * val->T; k++) counted += val->mask[k];
+        model_forward(model, val->inputs, val->targets, val->mask, val->B, val->T);
+        sums[0] += (double)model->mean_loss * counted;
+        sums[1] += counted;
+    }
+    comm_all_reduce_sum_double(sums, 2);
+    return (float)(sums[0] / sums[1]);
 }
 
 // Mean loss over the first `batches` validation batches. The batches are split over the ranks
@@ -109,14 +135,16 @@ static void format_float_pair(float given, float run, char *a, char *b, size_t n
 // --resume and --device (this launch's), and the flags of resume_may_change when the user gives
 // them. A flag the user gives with another value than the run's is an error; one the config does
 // not hold (a run written before the flag existed) keeps its value.
-static void pretrain_resume_settings(const ArgSpec *specs, int n_specs, const char *out) {
+static void train_resume_settings(const ArgSpec *specs, int n_specs, const char *out, const char *cmd) {
     char path[4200];
     snprintf(path, sizeof path, "%s/config.json", out);
-    if (!run_file_exists(path)) fatal("--resume: %s has no config.json (no pretrain run to resume)", out);
+    if (!run_file_exists(path)) fatal("--resume: %s has no config.json (no %s run to resume)", out, cmd);
     cJSON *cfg = run_read_json(path);
     const cJSON *command = cJSON_GetObjectItemCaseSensitive(cfg, "command");
-    if (!cJSON_IsString(command) || strcmp(command->valuestring, "pretrain"))
-        fatal("--resume: %s is not the config of a pretrain run (its \"command\" is not \"pretrain\")", path);
+    if (!cJSON_IsString(command) || strcmp(command->valuestring, cmd))
+        fatal("--resume: %s is not the config of a%s %s run (its \"command\" is %s%s%s)", path, cmd[0] == 's' ? "n" : "", cmd,
+              cJSON_IsString(command) ? "\"" : "", cJSON_IsString(command) ? command->valuestring : "missing",
+              cJSON_IsString(command) ? "\"" : "");
     for (int i = 0; i < n_specs; i++) {
         const ArgSpec *s = &specs[i];
         if (!strcmp(s->name, "out") || !strcmp(s->name, "resume") || !strcmp(s->name, "device")) continue;
@@ -211,23 +239,46 @@ static uint64_t dataloader_fingerprint(const DataLoader *dl) {
     return h;
 }
 
-static int cmd_pretrain(int argc, char **argv) {
-    PretrainArgs a = {
+// pretrain (sft = 0) and sft (sft = 1): the same loop, flags and run directory; sft reads
+// prompt/response examples instead of token shards and counts the loss on the responses alone.
+static int cmd_train(int argc, char **argv, int sft) {
+    const char *cmd = sft ? "sft" : "pretrain";
+    TrainArgs a = {
         .init = "gpt2:tiny", .train_data = "", .val_data = "", .out = "", .device = "cpu",
         .batch_size = 4, .seq_len = 64, .grad_accum = 1, .steps = 100, .warmup = 10, .save_every = 0,
         .val_every = 0, .val_batches = 4, .seed = 1337, .resume = 0, .log_every = 1, .zero = 0,
         .lr = 3e-4f, .min_lr = 0.0f, .weight_decay = 0.1f, .grad_clip = 1.0f, .beta1 = 0.9f, .beta2 = 0.95f,
+        .tokenizer = "", .chat_template = "auto", .epochs = 1, .shuffle = 1, .skip_bad = 0,
     };
-    ArgSpec specs[] = {
+    if (sft) {
+        // fine-tuning defaults: a small learning rate, no warmup or decay of the weights, and a
+        // whole epoch over the examples (--steps 0)
+        a.init = "";
+        a.seq_len = 512;
+        a.steps = 0;
+        a.warmup = 0;
+        a.lr = 2e-5f;
+        a.weight_decay = 0.0f;
+    }
+    ArgSpec all_specs[] = {
         {"init", ARG_STRING, &a.init, "preset (gpt2:d12, gpt2:tiny, llama:smollm2-135m, llama:tiny, ...) or checkpoint (native, llm.c .bin, .safetensors / HF dir, .gguf)"},
-        {"train_data", ARG_STRING, &a.train_data, "token shards, llm.c format (glob pattern, quoted)"},
-        {"val_data", ARG_STRING, &a.val_data, "validation token shards (glob pattern)"},
+        {"train_data", ARG_STRING, &a.train_data, sft ? "examples, JSONL {\"prompt\": ..., \"response\": ...} a line (comma-separated files)"
+                                                       : "token shards, llm.c format (glob pattern, quoted)"},
+        {"val_data", ARG_STRING, &a.val_data, sft ? "validation examples, JSONL as --train_data: the loss over all their response tokens, "
+                                                   "after the last step and every --val_every steps"
+                                                 : "validation token shards (glob pattern)"},
         {"out", ARG_STRING, &a.out, "run directory: config.json, metrics.jsonl, checkpoints"},
         {"device", ARG_STRING, &a.device, "cpu, cuda or auto"},
-        {"batch_size", ARG_INT, &a.batch_size, "sequences per micro-batch (B)"},
-        {"seq_len", ARG_INT, &a.seq_len, "tokens per sequence (T)"},
+        {"tokenizer", ARG_STRING, &a.tokenizer, "tokenizer.json, GGUF or llm.c tokenizer .bin (default: the model's own; none: bytes are the tokens)"},
+        {"chat_template", ARG_STRING, &a.chat_template, "how a prompt becomes the model's input: auto (the model's), none, chatml, smollm2, llama3 or plain"},
+        {"batch_size", ARG_INT, &a.batch_size, sft ? "examples per micro-batch (B), one a row" : "sequences per micro-batch (B)"},
+        {"seq_len", ARG_INT, &a.seq_len, sft ? "tokens per row (T; the model's context when it is shorter and the flag is not given): a "
+                                               "longer example loses prompt tokens from the left" : "tokens per sequence (T)"},
         {"grad_accum", ARG_INT, &a.grad_accum, "micro-batches per optimizer step"},
-        {"steps", ARG_INT, &a.steps, "optimizer steps"},
+        {"steps", ARG_INT, &a.steps, sft ? "optimizer steps (0: as many as --epochs takes)" : "optimizer steps"},
+        {"epochs", ARG_INT, &a.epochs, "passes over the examples when --steps is 0"},
+        {"shuffle", ARG_INT, &a.shuffle, "1: each epoch in an order drawn from --seed; 0: the order of the files"},
+        {"skip_bad", ARG_INT, &a.skip_bad, "1: skip bad lines and responses longer than --seq_len with a warning; 0: stop at the first"},
         {"lr", ARG_FLOAT, &a.lr, "peak learning rate"},
         {"min_lr", ARG_FLOAT, &a.min_lr, "learning rate at the end of the cosine decay"},
         {"warmup", ARG_INT, &a.warmup, "linear warmup steps"},
@@ -235,27 +286,48 @@ static int cmd_pretrain(int argc, char **argv) {
         {"grad_clip", ARG_FLOAT, &a.grad_clip, "global gradient-norm clip (0: off)"},
         {"beta1", ARG_FLOAT, &a.beta1, "AdamW beta1"},
         {"beta2", ARG_FLOAT, &a.beta2, "AdamW beta2"},
-        {"seed", ARG_INT, &a.seed, "random seed (initialisation)"},
+        {"seed", ARG_INT, &a.seed, sft ? "random seed (initialisation of a preset, the examples' order)" : "random seed (initialisation)"},
         {"save_every", ARG_INT, &a.save_every, "checkpoint every N steps (0: only at the end)"},
         {"val_every", ARG_INT, &a.val_every, "validation loss every N steps (0: off)"},
         {"val_batches", ARG_INT, &a.val_batches, "batches per validation"},
         {"log_every", ARG_INT, &a.log_every, "print a progress line every N steps"},
         {"resume", ARG_BOOL, &a.resume, "continue the run in --out from its latest checkpoint (same number of ranks) with the "
                                          "run's settings from its config.json; --steps (to extend the run), --save_every, --log_every, "
-                                         "--val_every, --val_batches, --val_data, --train_data (the same shards elsewhere), --device and "
+                                         "--val_every, --val_batches, --val_data, --train_data (the same data elsewhere), --device and "
                                          "--zero may be given anew, any other flag only with the run's value, --init not at all"},
         {"zero", ARG_INT, &a.zero, "ZeRO stage under mpirun: 0 every rank holds all AdamW state; 1 each rank holds and updates 1/ranks of it, then the parameters are all-gathered"},
     };
-    args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "pretrain",
+    // the flags of one command alone
+    static const char *const pretrain_only[] = {"val_batches", NULL};
+    static const char *const sft_only[] = {"tokenizer", "chat_template", "epochs", "shuffle", "skip_bad", NULL};
+    const char *const *other_only = sft ? pretrain_only : sft_only;
+    ArgSpec specs[sizeof all_specs / sizeof all_specs[0]];
+    int n_specs = 0;
+    for (size_t i = 0; i < sizeof all_specs / sizeof all_specs[0]; i++) {
+        int skip = 0;
+        for (int k = 0; other_only[k]; k++) skip |= !strcmp(all_specs[i].name, other_only[k]);
+        if (!skip) specs[n_specs++] = all_specs[i];
+    }
+    args_parse(argc, argv, 2, specs, n_specs, cmd, sft ?
+               "Supervised fine-tuning on prompt/response examples (JSONL), from a checkpoint or a preset. Each\n"
+               "example is one row of the batch: its prompt through the chat template (as generate --chat and\n"
+               "mora render it), then its response and the end of the assistant's turn, which the loss counts\n"
+               "alone (the template's end marker, <|im_end|> for ChatML; without a template the tokenizer's\n"
+               "end-of-sequence token). The checkpoints carry the tokenizer and template, so\n"
+               "`train_mora generate --model OUT --chat` and `train_mora mora --model OUT` take them as they are.\n"
+               "Data parallel under mpirun/srun: each rank reads its own micro-batches (the global batch is\n"
+               "ranks x batch_size x grad_accum examples), gradients are averaged over ranks.\n"
+               "SIGTERM, SIGINT or SIGUSR1 stops the run after its current step with a checkpoint (exit\n"
+               "status 128 + the signal); --resume continues it." :
                "Language-model training on token shards in llm.c's format, from a preset or a checkpoint.\n"
                "Data parallel under mpirun/srun: each rank reads its own micro-batches (the global batch is\n"
                "ranks x batch_size x grad_accum sequences), gradients are averaged over ranks.\n"
                "SIGTERM, SIGINT or SIGUSR1 stops the run after its current step with a checkpoint (exit\n"
                "status 128 + the signal); --resume continues it.");
-    const int n_specs = (int)(sizeof specs / sizeof specs[0]);
+    const int seq_len_given = args_given("seq_len");
     // SIGTERM, SIGINT, SIGUSR1 from here on: the run stops after its current step (the first, when
     // the signal comes while it starts) with a checkpoint (stop.h)
-    stop_signals_install("pretrain");
+    stop_signals_install(cmd);
     if (a.resume) {
         if (args_given("init"))
             fatal("flag --init with --resume: a resumed run continues from its latest checkpoint in --out; "
@@ -263,14 +335,22 @@ static int cmd_pretrain(int argc, char **argv) {
         // nothing is created for a run that is not there
         if (!a.out[0]) fatal("flag --resume needs --out, the run directory to continue");
         if (!run_is_dir(a.out)) fatal("--resume: --out %s is not a directory (no run to resume)", a.out);
-        pretrain_resume_settings(specs, n_specs, a.out);
+        train_resume_settings(specs, n_specs, a.out, cmd);
     }
-    args_require_string("train_data", a.train_data, "pretrain");
-    args_require_string("out", a.out, "pretrain");
+    if (sft && !a.resume) args_require_string("init", a.init, cmd);
+    args_require_string("train_data", a.train_data, cmd);
+    args_require_string("out", a.out, cmd);
     args_require_positive_int("batch_size", a.batch_size);
     args_require_positive_int("seq_len", a.seq_len);
     args_require_positive_int("grad_accum", a.grad_accum);
-    args_require_positive_int("steps", a.steps);
+    if (sft) {
+        args_require_nonneg_int("steps", a.steps);
+        args_require_positive_int("epochs", a.epochs);
+        if (a.shuffle != 0 && a.shuffle != 1) fatal("flag --shuffle: expected 0 or 1, got %d", a.shuffle);
+        if (a.skip_bad != 0 && a.skip_bad != 1) fatal("flag --skip_bad: expected 0 or 1, got %d", a.skip_bad);
+    } else {
+        args_require_positive_int("steps", a.steps);
+    }
     args_require_nonneg_int("warmup", a.warmup);
     args_require_nonneg_int("save_every", a.save_every);
     args_require_nonneg_int("val_every", a.val_every);
@@ -283,15 +363,13 @@ static int cmd_pretrain(int argc, char **argv) {
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
     if (a.zero != 0 && a.zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a.zero);
-    if (a.val_every > 0 && !a.val_data[0]) fatal("flag --val_every %d needs --val_data (the validation shards)", a.val_every);
-    if (a.val_data[0] && a.val_every == 0)
+    if (a.val_every > 0 && !a.val_data[0])
+        fatal("flag --val_every %d needs --val_data (the validation %s)", a.val_every, sft ? "examples" : "shards");
+    // sft validates after its last step whenever it has --val_data
+    if (!sft && a.val_data[0] && a.val_every == 0)
         fatal("flag --val_data is given but --val_every is 0 (off): set --val_every N to validate every N steps");
     if (a.min_lr > a.lr)
         fatal("flag --min_lr %g is above --lr %g: the cosine decay goes from --lr down to --min_lr", a.min_lr, a.lr);
-    if (a.warmup >= a.steps && comm_rank() == 0)
-        fprintf(stderr, "warning: --warmup %d is not below --steps %d: every step is in the warmup, so the learning rate "
-                "only climbs (to %g at the last step, --lr %g) and never decays\n",
-                a.warmup, a.steps, lr_schedule(a.steps - 1, a.warmup, a.steps, a.lr, a.min_lr), a.lr);
     const int use_gpu = device_resolve(a.device);
     device_print(use_gpu);
     const int rank = comm_rank(), world = comm_world();
@@ -302,7 +380,7 @@ static int cmd_pretrain(int argc, char **argv) {
     if (rank == 0) {
         run_ensure_dir(a.out, "--out");
         if (a.resume) remove_checkpoint_temps(a.out);
-        else run_require_new(a.out, "pretrain");
+        else run_require_new(a.out, cmd);
     }
     comm_barrier();
     // the data order and the optimizer shards depend on the number of ranks: a resumed run reads
@@ -325,7 +403,7 @@ static int cmd_pretrain(int argc, char **argv) {
         // every rank read the checkpoint through its own path: the same state? (the parameters
         // are broadcast below, the AdamW moments and the step are not)
         if (comm_world() > 1) run_require_same_on_ranks(run_state_fingerprint(&model, &state), resume_path);
-        if (state.step >= a.steps)
+        if ((!sft || a.steps > 0) && state.step >= a.steps)
             fatal("the run in %s is at step %d; --steps %d would not train (give a larger --steps)", a.out, state.step, a.steps);
         printf("resuming %s at step %d (settings from %s/config.json)\n", resume_path, state.step, a.out);
         print_model_summary(&model, resume_path);
@@ -343,6 +421,7 @@ static int cmd_pretrain(int argc, char **argv) {
         print_model_summary(&model, a.init);
     }
     free(resume_path);
+    if (sft && !seq_len_given && !a.resume && a.seq_len > model.config.max_seq_len) a.seq_len = model.config.max_seq_len;
     if (a.seq_len > model.config.max_seq_len)
         fatal("flag --seq_len %d exceeds the model's context length %d", a.seq_len, model.config.max_seq_len);
     // every rank built the model the same way; rank 0's parameters are made the ones everyone
@@ -361,19 +440,86 @@ static int cmd_pretrain(int argc, char **argv) {
     comm_report_placement();
 
     DataLoader train, val;
-    dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, rank, world, model.config.vocab_size, "train data");
-    if (a.val_data[0]) {
-        dataloader_init(&val, a.val_data, a.batch_size, a.seq_len, rank, world, model.config.vocab_size, "val data");
-        if (a.val_batches > val.total_batches && rank == 0)
-            fprintf(stderr, "warning: --val_batches %d is more than the %lld batches of %dx%d in --val_data: "
-                    "every validation reads some batches more than once\n",
-                    a.val_batches, (long long)val.total_batches, a.batch_size, a.seq_len);
+    SftLoader sft_train, sft_val;
+    TextEncoder enc;
+    EncodedSft sft_train_seqs, sft_val_seqs;
+    memset(&train, 0, sizeof train);
+    memset(&val, 0, sizeof val);
+    if (sft) {
+        // the tokenizer and template the examples are written with, which the run's checkpoints
+        // then carry (info, recorded in config.json)
+        if (a.tokenizer[0]) {
+            if (!strcmp(a.tokenizer, "none")) info.tokenizer_path[0] = '\0';
+            else snprintf(info.tokenizer_path, sizeof info.tokenizer_path, "%s", a.tokenizer);
+        }
+        text_encoder_init(&enc, info.tokenizer_path, a.chat_template, info.chat_template, model.config.vocab_size);
+        snprintf(info.chat_template, sizeof info.chat_template, "%s", enc.chat ? chat_template_name(enc.chat) : "");
+        TokenList end = {0};
+        text_encode_end_of_turn(&enc, &end);
+        printf("examples: prompt through the %s%s template, then response + %d end-of-turn token(s)%s\n",
+               enc.chat ? chat_template_name(enc.chat) : "no", enc.chat ? "" : " chat", end.n,
+               end.n ? "" : " (none: the model does not learn where an answer ends)");
+        token_list_free(&end);
+        const int bad_lines = a.skip_bad ? PREFDATA_SKIP : PREFDATA_STOP_HINT;
+        SftData examples;
+        memset(&examples, 0, sizeof examples);
+        sftdata_load_list(&examples, a.train_data, bad_lines);
+        sftdata_encode(&examples, &enc, a.seq_len + 1, bad_lines, &sft_train_seqs);
+        if (sft_train_seqs.n == 0) fatal("--train_data %s: no example fits --seq_len %d", a.train_data, a.seq_len);
+        printf("train data: %d examples (%lld response tokens)", sft_train_seqs.n, (long long)sft_train_seqs.counted);
+        if (examples.skipped + sft_train_seqs.skipped > 0) printf(", %d skipped", examples.skipped + sft_train_seqs.skipped);
+        if (sft_train_seqs.truncated > 0) printf(", %d with prompts cut to fit --seq_len %d", sft_train_seqs.truncated, a.seq_len);
+        printf("\n");
+        sftdata_free(&examples);
+        if (a.val_data[0]) {
+            memset(&examples, 0, sizeof examples);
+            sftdata_load_list(&examples, a.val_data, bad_lines);
+            sftdata_encode(&examples, &enc, a.seq_len + 1, bad_lines, &sft_val_seqs);
+            if (sft_val_seqs.n == 0) fatal("--val_data %s: no example fits --seq_len %d", a.val_data, a.seq_len);
+            printf("val data: %d examples (%lld response tokens)\n", sft_val_seqs.n, (long long)sft_val_seqs.counted);
+            sftdata_free(&examples);
+            sft_loader_init(&sft_val, &sft_val_seqs, a.batch_size, a.seq_len, rank, world, 0, 0);
+        }
+        sft_loader_init(&sft_train, &sft_train_seqs, a.batch_size, a.seq_len, rank, world, a.shuffle, (uint64_t)a.seed);
+        if (a.steps == 0) {
+            // --epochs passes over the examples, the last step's batch filled from the next epoch
+            const int64_t per_step = (int64_t)a.batch_size * a.grad_accum * world;
+            const int64_t steps = ((int64_t)a.epochs * sft_train_seqs.n + per_step - 1) / per_step;
+            if (steps > INT32_MAX) fatal("--epochs %d of %d examples take more than %d steps", a.epochs, sft_train_seqs.n, INT32_MAX);
+            a.steps = (int)steps;
+            printf("steps: %d (--epochs %d of %d examples, %lld a step)\n", a.steps, a.epochs, sft_train_seqs.n, (long long)per_step);
+        }
+        if (state.step >= a.steps)
+            fatal("the run in %s is at step %d; --steps %d would not train (give a larger --steps)", a.out, state.step, a.steps);
+    } else {
+        dataloader_init(&train, a.train_data, a.batch_size, a.seq_len, rank, world, model.config.vocab_size, "train data");
+        if (a.val_data[0]) {
+            dataloader_init(&val, a.val_data, a.batch_size, a.seq_len, rank, world, model.config.vocab_size, "val data");
+            if (a.val_batches > val.total_batches && rank == 0)
+                fprintf(stderr, "warning: --val_batches %d is more than the %lld batches of %dx%d in --val_data: "
+                        "every validation reads some batches more than once\n",
+                        a.val_batches, (long long)val.total_batches, a.batch_size, a.seq_len);
+        }
+        printf("train data: %d shard(s), %lld batches of %dx%d per epoch\n", train.n_shards,
+               (long long)train.total_batches, a.batch_size, a.seq_len);
     }
-    printf("train data: %d shard(s), %lld batches of %dx%d per epoch\n", train.n_shards,
-           (long long)train.total_batches, a.batch_size, a.seq_len);
+    if (a.warmup >= a.steps && rank == 0)
+        fprintf(stderr, "warning: --warmup %d is not below --steps %d: every step is in the warmup, so the learning rate "
+                "only climbs (to %g at the last step, --lr %g) and never decays\n",
+                a.warmup, a.steps, lr_schedule(a.steps - 1, a.warmup, a.steps, a.lr, a.min_lr), a.lr);
+    if (sft && world > 1) {
+        // every rank encoded the examples of its own files: the same tokens?
+        char what[4200];
+        snprintf(what, sizeof what, "--train_data %s (%d examples)", a.train_data, sft_train_seqs.n);
+        run_require_same_on_ranks(encoded_sft_fingerprint(&sft_train_seqs), what);
+        if (a.val_data[0]) {
+            snprintf(what, sizeof what, "--val_data %s (%d examples)", a.val_data, sft_val_seqs.n);
+            run_require_same_on_ranks(encoded_sft_fingerprint(&sft_val_seqs), what);
+        }
+    }
     // every rank found its shards through its own glob: the same files? (their number and sizes;
     // a check that every rank could read its inputs, too, before rank 0 writes run files)
-    if (world > 1) {
+    if (!sft && world > 1) {
         char what[4200];
         snprintf(what, sizeof what, "--train_data %s (%d shards)", a.train_data, train.n_shards);
         run_require_same_on_ranks(dataloader_fingerprint(&train), what);
@@ -387,7 +533,7 @@ static int cmd_pretrain(int argc, char **argv) {
     // was given anew: the new --steps, --save_every, ...)
     char path[4200];
     snprintf(path, sizeof path, "%s/config.json", a.out);
-    cJSON *cfg = args_to_json("pretrain", specs, n_specs);
+    cJSON *cfg = args_to_json(cmd, specs, n_specs);
     run_record_model_text(cfg, &info);
     cJSON_AddNumberToObject(cfg, "parameters", (double)model.num_parameters);
     cJSON_AddNumberToObject(cfg, "world_size", world);
@@ -395,11 +541,12 @@ static int cmd_pretrain(int argc, char **argv) {
     cJSON_Delete(cfg);
 
     FILE *metrics = rank == 0 ? open_metrics_jsonl(a.out, state.step) : NULL;
-    const double tokens_per_step = (double)a.batch_size * a.seq_len * a.grad_accum * world;
+    double tokens_per_step = (double)a.batch_size * a.seq_len * a.grad_accum * world;   // sft: counted ones
     const double flops_per_step = model_flops_per_step(&model.config, a.batch_size, a.seq_len) * a.grad_accum * world;
     double run_start = wall_seconds(), train_seconds = 0.0;
     int first_step = state.step;
-    dataloader_seek_step(&train, state.step, a.grad_accum);
+    if (sft) sft_loader_seek_step(&sft_train, state.step, a.grad_accum);
+    else dataloader_seek_step(&train, state.step, a.grad_accum);
 #ifdef USE_CUDA
     // the GPU trains its own copy (fp32 master weights, bf16 compute); the CPU model receives the
     // parameters and AdamW state back before every checkpoint
@@ -414,21 +561,29 @@ static int cmd_pretrain(int argc, char **argv) {
     const int norm_in_backward = gpu ? gpu->norm_in_backward : 0;   // as the environment set it
 #endif
     // SIGTERM, SIGINT, SIGUSR1: a checkpoint after the current step, then exit (stop.h)
-    stop_signals_install("pretrain");
+    stop_signals_install(cmd);
     int stop_sig = 0;
+    // this rank's next micro-batch: (B, T) inputs and targets, and sft's loss mask
+    const int *inputs, *targets;
+    const float *loss_mask = NULL;
+#define NEXT_BATCH() do { \
+        if (sft) { sft_loader_next(&sft_train); inputs = sft_train.inputs; targets = sft_train.targets; \
+                   loss_mask = sft_train.mask; counted += sft_train.counted; } \
+        else { dataloader_next(&train); inputs = train.inputs; targets = train.targets; } \
+    } while (0)
     for (int step = state.step + 1; step <= a.steps; step++) {
         double t0 = wall_seconds();
-        double loss = 0.0;
+        double loss = 0.0, counted = 0.0;
         float norm, scale, lr = lr_schedule(step - 1, a.warmup, a.steps, a.lr, a.min_lr);
 #ifdef USE_CUDA
         if (gpu) {
             cuda_model_zero_grad(gpu);
             for (int micro = 0; micro < a.grad_accum; micro++) {
-                dataloader_next(&train);
+                NEXT_BATCH();
                 // the squared gradient sums that grad_norm adds: only the last micro-step's are
                 // of the whole gradient, and none are after the ranks' all-reduce
                 gpu->norm_in_backward = norm_in_backward && !gpu_nccl && micro == a.grad_accum - 1;
-                cuda_model_forward_backward(gpu, train.inputs, train.targets, NULL, a.batch_size, a.seq_len, 1.0f / a.grad_accum);
+                cuda_model_forward_backward(gpu, inputs, targets, loss_mask, a.batch_size, a.seq_len, 1.0f / a.grad_accum);
                 loss += gpu->mean_loss / a.grad_accum;
             }
             if (gpu_nccl) {
@@ -437,6 +592,7 @@ static int cmd_pretrain(int argc, char **argv) {
                 cuda_model_all_reduce_grads(gpu, &mean_loss);
                 loss = mean_loss;
             }
+            if (sft) comm_all_reduce_sum_double(&counted, 1);
             if (!isfinite(loss)) fatal("step %d: loss is %f; lower --lr or check the data", step, loss);
             norm = cuda_model_grad_norm(gpu);
             scale = (a.grad_clip > 0.0f && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
@@ -448,8 +604,8 @@ static int cmd_pretrain(int argc, char **argv) {
 #endif
         model_zero_grad(&model);
         for (int micro = 0; micro < a.grad_accum; micro++) {
-            dataloader_next(&train);
-            model_forward(&model, train.inputs, train.targets, NULL, a.batch_size, a.seq_len);
+            NEXT_BATCH();
+            model_forward(&model, inputs, targets, loss_mask, a.batch_size, a.seq_len);
             model_backward(&model, 1.0f / a.grad_accum);
             loss += model.mean_loss / a.grad_accum;
         }
@@ -457,8 +613,10 @@ static int cmd_pretrain(int argc, char **argv) {
         // exactly what one rank computes with grad_accum x ranks micro-batches (each micro-batch's
         // mean loss weighs 1 / micro-batches), so every rank then clips and updates the same way
         comm_all_reduce_mean(model.grads, model.num_parameters);
-        comm_all_reduce_sum_double(&loss, 1);
-        loss /= world;
+        double sums[2] = {loss, counted};
+        comm_all_reduce_sum_double(sums, 2);
+        loss = sums[0] / world;
+        counted = sums[1];
         if (!isfinite(loss)) fatal("step %d: loss is %f; lower --lr or check the data", step, loss);
         norm = model_grad_norm(&model);
         scale = (a.grad_clip > 0.0f && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
@@ -473,19 +631,21 @@ static int cmd_pretrain(int argc, char **argv) {
         state.step = step;
         double dt = wall_seconds() - t0;
         train_seconds += dt;
+        if (sft) tokens_per_step = counted;
 
         float val_loss = -1.0f;
-        if (a.val_data[0] && a.val_every > 0 && (step % a.val_every == 0 || step == a.steps))
+        if (a.val_data[0] && ((a.val_every > 0 && step % a.val_every == 0) || step == a.steps))
         {
 #ifdef USE_CUDA
             if (gpu) cuda_model_download(gpu, &model);  // validation reads the current weights
 #endif
-            val_loss = evaluate_loss(&model, &val, a.val_batches);
+            val_loss = sft ? evaluate_sft_loss(&model, &sft_val) : evaluate_loss(&model, &val, a.val_batches);
         }
 
         if (metrics) {
             fprintf(metrics, "{\"step\": %d, \"loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, \"ms\": %.2f, \"tokens_per_s\": %.1f",
                     step, loss, lr, norm, dt * 1e3, tokens_per_step / dt);
+            if (sft) fprintf(metrics, ", \"tokens\": %.0f", counted);
             if (val_loss >= 0) fprintf(metrics, ", \"val_loss\": %.6f", val_loss);
             fprintf(metrics, "}\n");
             fflush(metrics);
@@ -533,12 +693,23 @@ static int cmd_pretrain(int argc, char **argv) {
     if (metrics) fclose(metrics);
     adamw_shard_free(&shard);
     if (stop_sig)
-        printf("stopped by %s after step %d of %d, %.1f s; its checkpoint is in %s; continue with: %strain_mora pretrain --out %s --resume\n",
-               stop_signal_name(stop_sig), state.step, a.steps, wall_seconds() - run_start, a.out, run_launch_prefix(), a.out);
+        printf("stopped by %s after step %d of %d, %.1f s; its checkpoint is in %s; continue with: %strain_mora %s --out %s --resume\n",
+               stop_signal_name(stop_sig), state.step, a.steps, wall_seconds() - run_start, a.out, run_launch_prefix(), cmd, a.out);
     else
         printf("done: %d steps in %.1f s; checkpoint in %s\n", a.steps - first_step, wall_seconds() - run_start, a.out);
-    dataloader_free(&train);
-    if (a.val_data[0]) dataloader_free(&val);
+#undef NEXT_BATCH
+    if (sft) {
+        sft_loader_free(&sft_train);
+        encoded_sft_free(&sft_train_seqs);
+        if (a.val_data[0]) {
+            sft_loader_free(&sft_val);
+            encoded_sft_free(&sft_val_seqs);
+        }
+        text_encoder_free(&enc);
+    } else {
+        dataloader_free(&train);
+        if (a.val_data[0]) dataloader_free(&val);
+    }
     model_free(&model);
     return stop_sig ? stop_signal_exit_status(stop_sig) : 0;
 }
@@ -929,6 +1100,7 @@ static void usage(FILE *out) {
         "usage: train_mora <command> [flags]     (train_mora <command> --help for its flags)\n\n"
         "commands:\n"
         "  pretrain   language-model training on token shards (llm.c format)\n"
+        "  sft        supervised fine-tuning on prompt/response JSONL, the loss on the responses\n"
         "  generate   sample or chat from a checkpoint\n"
         "  reward     train the helpful/harmless/truthful reward heads on preference JSONL\n"
         "  mora       MORA: presample, isolate, rewrite, update (GRPO or DPO); --mora 0 the baseline\n"
@@ -969,9 +1141,10 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     // the commands that split their work over ranks; the others would only repeat it on every
     // rank and write the same files
-    if (comm_world() > 1 && strcmp(cmd, "pretrain") && strcmp(cmd, "mora") && strcmp(cmd, "eval") && strcmp(cmd, "reward"))
-        fatal("train_mora %s runs on one rank; under mpirun/srun only pretrain, reward, mora and eval are data parallel (launch %s with a single process)", cmd, cmd);
-    if (!strcmp(cmd, "pretrain")) return cmd_pretrain(argc, argv);
+    if (comm_world() > 1 && strcmp(cmd, "pretrain") && strcmp(cmd, "sft") && strcmp(cmd, "mora") && strcmp(cmd, "eval") && strcmp(cmd, "reward"))
+        fatal("train_mora %s runs on one rank; under mpirun/srun only pretrain, sft, reward, mora and eval are data parallel (launch %s with a single process)", cmd, cmd);
+    if (!strcmp(cmd, "pretrain")) return cmd_train(argc, argv, 0);
+    if (!strcmp(cmd, "sft")) return cmd_train(argc, argv, 1);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "reward")) return cmd_reward(argc, argv);
     if (!strcmp(cmd, "mora")) return cmd_mora(argc, argv);

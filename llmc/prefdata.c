@@ -290,6 +290,60 @@ void promptdata_load(PromptData *data, const char *path, int bad_lines) {
     if (data->n == before) fatal("%s: no valid prompts in the file", path);
 }
 
+// ---------------------------------------------------------------------------------------------
+// fine-tuning examples
+
+typedef struct {
+    SftData *data;
+    int bad_lines;
+} SftCtx;
+
+static void handle_sft(void *vctx, const JsonLine *jl) {
+    SftCtx *ctx = (SftCtx *)vctx;
+    SftData *d = ctx->data;
+    const char *prompt = text_field(jl, "prompt", ctx->bad_lines, &d->skipped);
+    if (prompt == NULL) return;
+    const char *response = text_field(jl, "response", ctx->bad_lines, &d->skipped);
+    if (response == NULL) return;
+    if (d->n == d->cap) {
+        d->cap = d->cap ? 2 * d->cap : 256;
+        d->examples = (SftExample *)reallocCheck(d->examples, (size_t)d->cap * sizeof(SftExample));
+    }
+    SftExample *e = &d->examples[d->n++];
+    e->prompt = xstrdup(prompt);
+    e->response = xstrdup(response);
+    e->path = d->paths[d->n_paths - 1];
+    e->line = jl->line;
+}
+
+void sftdata_load_list(SftData *data, const char *comma_list, int bad_lines) {
+    char *list = xstrdup(comma_list);
+    int files = 0;
+    char *save = NULL;
+    for (char *path = strtok_r(list, ",", &save); path; path = strtok_r(NULL, ",", &save)) {
+        if (path[0] == '\0') continue;
+        remember_path(&data->paths, &data->n_paths, path);
+        int before = data->n;
+        SftCtx ctx = {data, bad_lines};
+        for_each_json_line(path, bad_lines, &data->skipped, handle_sft, &ctx);
+        if (data->n == before) fatal("%s: no valid examples in the file (one JSON object a line: {\"prompt\": ..., \"response\": ...})", path);
+        files++;
+    }
+    free(list);
+    if (files == 0) fatal("no example files given (expected FILE.jsonl[,FILE2.jsonl...])");
+}
+
+void sftdata_free(SftData *data) {
+    for (int i = 0; i < data->n; i++) {
+        free(data->examples[i].prompt);
+        free(data->examples[i].response);
+    }
+    free(data->examples);
+    for (int i = 0; i < data->n_paths; i++) free(data->paths[i]);
+    free(data->paths);
+    memset(data, 0, sizeof(*data));
+}
+
 static uint64_t hash_string(uint64_t h, const char *s) {
     return run_hash(h, s ? s : "", s ? strlen(s) + 1 : 1);
 }
@@ -400,6 +454,17 @@ int text_encode_sequence(const TextEncoder *enc, const char *prompt, const char 
     return status;
 }
 
+void text_encode_end_of_turn(const TextEncoder *enc, TokenList *out) {
+    if (enc->chat) {
+        const char *end = chat_template_stop_strings(enc->chat)[0];
+        int id = enc->tokenizer ? tokenizer_special_id(enc->tokenizer, end) : -1;
+        if (id >= 0) token_list_append(out, id);
+        else encode_text(enc, end, 0, out);
+        return;
+    }
+    if (enc->tokenizer && tokenizer_eos_id(enc->tokenizer) >= 0) token_list_append(out, tokenizer_eos_id(enc->tokenizer));
+}
+
 // ---------------------------------------------------------------------------------------------
 // token sequences
 
@@ -464,6 +529,56 @@ void prefdata_encode(const PrefData *data, const TextEncoder *enc, int max_len, 
 
 void encoded_prefs_free(EncodedPrefs *e) {
     free(e->dims);
+    free(e->source);
+    token_seqs_free(&e->seqs);
+    memset(e, 0, sizeof(*e));
+}
+
+void sftdata_encode(const SftData *data, const TextEncoder *enc, int max_len, int bad_lines, EncodedSft *out) {
+    memset(out, 0, sizeof(*out));
+    out->prompt_len = (int *)mallocCheck((size_t)(data->n ? data->n : 1) * sizeof(int));
+    out->source = (int *)mallocCheck((size_t)(data->n ? data->n : 1) * sizeof(int));
+    TokenList prompt = {0}, answer = {0}, seq = {0};
+    for (int i = 0; i < data->n; i++) {
+        const SftExample *e = &data->examples[i];
+        prompt.n = answer.n = seq.n = 0;
+        text_encode_prompt(enc, e->prompt, &prompt);
+        text_encode_response(enc, e->response, &answer);
+        text_encode_end_of_turn(enc, &answer);
+        // at least one prompt token: the first response token is predicted from it
+        if (answer.n > max_len - 1) {
+            bad_line(bad_lines, &out->skipped, e->path, e->line,
+                     "field \"response\" is %d tokens with its end of turn, more than the %d positions of a "
+                     "sequence (--seq_len)", answer.n, max_len - 1);
+            continue;
+        }
+        int keep = prompt.n + answer.n > max_len ? max_len - answer.n : prompt.n;
+        out->truncated += keep < prompt.n;
+        for (int k = prompt.n - keep; k < prompt.n; k++) token_list_append(&seq, prompt.ids[k]);
+        for (int k = 0; k < answer.n; k++) token_list_append(&seq, answer.ids[k]);
+        for (int k = 0; k < seq.n; k++)
+            if (seq.ids[k] >= enc->vocab_size)
+                fatal("%s:%d: token id %d is outside the model's vocabulary of %d", e->path, e->line, seq.ids[k], enc->vocab_size);
+        token_seqs_push(&out->seqs, seq.ids, seq.n);
+        out->prompt_len[out->n] = keep;
+        out->source[out->n] = i;
+        out->counted += answer.n;
+        out->n++;
+    }
+    token_list_free(&prompt);
+    token_list_free(&answer);
+    token_list_free(&seq);
+}
+
+uint64_t encoded_sft_fingerprint(const EncodedSft *e) {
+    uint64_t h = run_hash(RUN_HASH_START, &e->n, sizeof e->n);
+    h = run_hash(h, e->prompt_len, (size_t)e->n * sizeof(int));
+    h = run_hash(h, e->seqs.lengths, (size_t)e->n * sizeof(int));
+    return run_hash(h, e->seqs.tokens, e->seqs.n_tokens * sizeof(int));
+}
+
+void encoded_sft_free(EncodedSft *e) {
+    free(e->prompt_len);
     free(e->source);
     token_seqs_free(&e->seqs);
     memset(e, 0, sizeof(*e));

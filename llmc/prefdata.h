@@ -5,6 +5,7 @@
  *                "dim": "helpful" | "harmless" | "truthful"}
  *   prompts      one object a line: {"prompt": "...", "id": "..."}; "id" may be a string or a
  *                number and may be left out (the record is then called "FILE:LINE")
+ *   examples     (supervised fine-tuning) one object a line: {"prompt": "...", "response": "..."}
  *
  * Other fields are ignored, and so are blank lines. Every bad line (not JSON, not an object, text
  * after the object, a missing or non-string field, an unknown dim, an empty or all-whitespace
@@ -77,6 +78,25 @@ void prefdata_free(PrefData *data);
 
 void promptdata_load(PromptData *data, const char *path, int bad_lines);
 void promptdata_free(PromptData *data);
+// Supervised fine-tuning examples (`train_mora sft`): a prompt and the response to learn.
+typedef struct {
+    char *prompt, *response;
+    const char *path;
+    int line;
+} SftExample;
+
+typedef struct {
+    SftExample *examples;
+    int n, cap;
+    int skipped;
+    char **paths;
+    int n_paths;
+} SftData;
+
+// Loads a comma-separated list of example files, as prefdata_load_list.
+void sftdata_load_list(SftData *data, const char *comma_list, int bad_lines);
+void sftdata_free(SftData *data);
+
 // Fingerprints of what was loaded (every field that the training reads, in order), so that ranks
 // can check they read the same data (run_require_same_on_ranks).
 uint64_t prefdata_fingerprint(const PrefData *data);
@@ -133,5 +153,32 @@ void encoded_prefs_free(EncodedPrefs *e);
 // returns 1 when the prompt was truncated, 0 when it fitted, -1 when the response alone has
 // more than max_len tokens (out is then left empty).
 int text_encode_sequence(const TextEncoder *enc, const char *prompt, const char *response, int max_len, TokenList *out);
+
+// Appends the tokens that end an assistant's turn, which a fine-tuned model learns to write after
+// its answer: the chat template's first stop string (one special token when the tokenizer has it,
+// as <|im_end|> for chatml and <|eot_id|> for llama3; else its text, as "\n\nHuman:" for plain);
+// without a template, the tokenizer's end-of-sequence token; nothing for the byte encoder.
+void text_encode_end_of_turn(const TextEncoder *enc, TokenList *out);
+
+// Encoded fine-tuning examples: sequence i is example source[i]'s prompt tokens (the first
+// prompt_len[i]) followed by its response and end of turn. A model reads the sequence's first
+// n - 1 tokens and learns to predict the response and end of turn.
+typedef struct {
+    int n;
+    int *prompt_len;      // (n)
+    int *source;          // (n) index of the example in the SftData it came from
+    TokenSeqs seqs;
+    int truncated;        // sequences whose prompt lost tokens on the left to fit max_len
+    int skipped;          // examples dropped because the response alone does not fit (PREFDATA_SKIP)
+    int64_t counted;      // response and end-of-turn tokens over all sequences
+} EncodedSft;
+
+// Encodes every example to at most max_len tokens with at least one prompt token: the prompt
+// loses tokens from the left; a response whose tokens and end of turn exceed max_len - 1 is a bad
+// line ("FILE:LINE: ..."), or under PREFDATA_SKIP a skipped example.
+void sftdata_encode(const SftData *data, const TextEncoder *enc, int max_len, int bad_lines, EncodedSft *out);
+// Every token of every sequence and where its response starts (what the training reads).
+uint64_t encoded_sft_fingerprint(const EncodedSft *e);
+void encoded_sft_free(EncodedSft *e);
 
 #endif
