@@ -511,25 +511,17 @@ static int cmd_train(int argc, char **argv, int sft) {
         fprintf(stderr, "warning: --warmup %d is not below --steps %d: every step is in the warmup, so the learning rate "
                 "only climbs (to %g at the last step, --lr %g) and never decays\n",
                 a.warmup, a.steps, lr_schedule(a.steps - 1, a.warmup, a.steps, a.lr, a.min_lr), a.lr);
-    if (sft && world > 1) {
-        // every rank encoded the examples of its own files: the same tokens?
+    // every rank read its data through its own paths: the same? (sft: the encoded examples; the
+    // shards: their number, sizes and first tokens. A check that every rank could read its inputs,
+    // too, before rank 0 writes run files)
+    if (world > 1) {
+        const char *unit = sft ? "examples" : "shards";
         char what[4200];
-        snprintf(what, sizeof what, "--train_data %s (%d examples)", a.train_data, sft_train_seqs.n);
-        run_require_same_on_ranks(encoded_sft_fingerprint(&sft_train_seqs), what);
+        snprintf(what, sizeof what, "--train_data %s (%d %s)", a.train_data, sft ? sft_train_seqs.n : train.n_shards, unit);
+        run_require_same_on_ranks(sft ? encoded_sft_fingerprint(&sft_train_seqs) : dataloader_fingerprint(&train), what);
         if (a.val_data[0]) {
-            snprintf(what, sizeof what, "--val_data %s (%d examples)", a.val_data, sft_val_seqs.n);
-            run_require_same_on_ranks(encoded_sft_fingerprint(&sft_val_seqs), what);
-        }
-    }
-    // every rank found its shards through its own glob: the same files? (their number and sizes;
-    // a check that every rank could read its inputs, too, before rank 0 writes run files)
-    if (!sft && world > 1) {
-        char what[4200];
-        snprintf(what, sizeof what, "--train_data %s (%d shards)", a.train_data, train.n_shards);
-        run_require_same_on_ranks(dataloader_fingerprint(&train), what);
-        if (a.val_data[0]) {
-            snprintf(what, sizeof what, "--val_data %s (%d shards)", a.val_data, val.n_shards);
-            run_require_same_on_ranks(dataloader_fingerprint(&val), what);
+            snprintf(what, sizeof what, "--val_data %s (%d %s)", a.val_data, sft ? sft_val_seqs.n : val.n_shards, unit);
+            run_require_same_on_ranks(sft ? encoded_sft_fingerprint(&sft_val_seqs) : dataloader_fingerprint(&val), what);
         }
     }
 

@@ -205,17 +205,26 @@ void prefdata_load(PrefData *data, const char *path, int bad_lines) {
     if (data->n == before) fatal("%s: no valid preference pairs in the file", path);
 }
 
-void prefdata_load_list(PrefData *data, const char *comma_list, int bad_lines) {
+// Calls load(data, path, bad_lines) for every file of a comma-separated list; an empty list is an
+// error saying what the files were to hold.
+static void load_comma_list(const char *comma_list, const char *what, void (*load)(void *, const char *, int),
+                            void *data, int bad_lines) {
     char *list = xstrdup(comma_list);
     int files = 0;
     char *save = NULL;
     for (char *path = strtok_r(list, ",", &save); path; path = strtok_r(NULL, ",", &save)) {
         if (path[0] == '\0') continue;
-        prefdata_load(data, path, bad_lines);
+        load(data, path, bad_lines);
         files++;
     }
     free(list);
-    if (files == 0) fatal("no preference files given (expected FILE.jsonl[,FILE2.jsonl...])");
+    if (files == 0) fatal("no %s files given (expected FILE.jsonl[,FILE2.jsonl...])", what);
+}
+
+static void load_prefs(void *data, const char *path, int bad_lines) { prefdata_load((PrefData *)data, path, bad_lines); }
+
+void prefdata_load_list(PrefData *data, const char *comma_list, int bad_lines) {
+    load_comma_list(comma_list, "preference", load_prefs, data, bad_lines);
 }
 
 void prefdata_free(PrefData *data) {
@@ -316,21 +325,17 @@ static void handle_sft(void *vctx, const JsonLine *jl) {
     e->line = jl->line;
 }
 
+static void load_sft(void *vdata, const char *path, int bad_lines) {
+    SftData *data = (SftData *)vdata;
+    remember_path(&data->paths, &data->n_paths, path);
+    int before = data->n;
+    SftCtx ctx = {data, bad_lines};
+    for_each_json_line(path, bad_lines, &data->skipped, handle_sft, &ctx);
+    if (data->n == before) fatal("%s: no valid examples in the file (one JSON object a line: {\"prompt\": ..., \"response\": ...})", path);
+}
+
 void sftdata_load_list(SftData *data, const char *comma_list, int bad_lines) {
-    char *list = xstrdup(comma_list);
-    int files = 0;
-    char *save = NULL;
-    for (char *path = strtok_r(list, ",", &save); path; path = strtok_r(NULL, ",", &save)) {
-        if (path[0] == '\0') continue;
-        remember_path(&data->paths, &data->n_paths, path);
-        int before = data->n;
-        SftCtx ctx = {data, bad_lines};
-        for_each_json_line(path, bad_lines, &data->skipped, handle_sft, &ctx);
-        if (data->n == before) fatal("%s: no valid examples in the file (one JSON object a line: {\"prompt\": ..., \"response\": ...})", path);
-        files++;
-    }
-    free(list);
-    if (files == 0) fatal("no example files given (expected FILE.jsonl[,FILE2.jsonl...])");
+    load_comma_list(comma_list, "example", load_sft, data, bad_lines);
 }
 
 void sftdata_free(SftData *data) {
