@@ -1871,8 +1871,8 @@ typedef struct {
     char *checkpoint;        // the policy to evaluate
     char *reference, *heads; // from the run's config.json (NULL for a bare checkpoint)
     char *chat_template, *stop;
-    int max_new_tokens, seq_len;
-    float temperature;
+    int max_new_tokens, seq_len, top_k;
+    float temperature, top_p;
     char *pool;              // the run's pool.jsonl, or NULL
     cJSON *config;           // the run's config.json, or NULL
     char *config_path;
@@ -1948,6 +1948,10 @@ static void resolve_subject(const char *path, const char *flag, EvalSubject *s) 
             s->seq_len = cJSON_IsNumber(v) ? v->valueint : 0;
             v = cJSON_GetObjectItemCaseSensitive(cfg, "temperature");
             s->temperature = cJSON_IsNumber(v) ? (float)v->valuedouble : 0.0f;
+            v = cJSON_GetObjectItemCaseSensitive(cfg, "top_k");
+            s->top_k = cJSON_IsNumber(v) ? v->valueint : 0;
+            v = cJSON_GetObjectItemCaseSensitive(cfg, "top_p");
+            s->top_p = cJSON_IsNumber(v) ? (float)v->valuedouble : 1.0f;
             char pool[4200];
             snprintf(pool, sizeof pool, "%s/pool.jsonl", path);
             if (run_file_exists(pool)) s->pool = xstrdup(pool);
@@ -1973,31 +1977,78 @@ static void subject_free(EvalSubject *s) {
     cJSON_Delete(s->config);
 }
 
+// Fields of a mora run's config.json that do not change what is trained or how it is sampled, so
+// that two runs which differ in them alone are comparable:
+// - out, resume: where the run is written, and how an invocation continued it;
+// - stop_after, device: how one invocation ran (--resume may change both, so the config does not
+//   even describe a whole run); a CUDA run rounds in bf16 where the CPU keeps fp32, no more;
+// - zero, world_size: ZeRO-1 and the ranks split the same computation, only the order of the
+//   floating-point sums differs (test/test_multirank.py);
+// - gen_batch, fwd_batch: how many sequences go through one call; each sequence draws from its
+//   own seed whatever the batching (samples_generate), so only the last bits may move;
+// - log_every, save_every: what is printed and how often a checkpoint is written;
+// - mora: the difference a baseline is there to make.
+static const char *const runs_differ_skip[] = {"out", "resume", "stop_after", "device", "zero", "world_size",
+                                               "gen_batch", "fwd_batch", "log_every", "save_every", "mora"};
+// Read by the isolate and rewrite steps alone (build_stage_pool), which a --mora 0 run skips (its
+// isolation only labels pool.jsonl): they are compared only when both runs are MORA runs.
+static const char *const runs_differ_rewrite_only[] = {"delta", "candidates", "rewrite_K", "cap", "min_chars", "max_chars",
+                                                       "min_overlap", "keep_both", "rewrite_max_new_tokens",
+                                                       "rewrite_temperature"};
+
+static int name_in(const char *name, const char *const *list, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!strcmp(name, list[i])) return 1;
+    return 0;
+}
+
+// A field of a run's config.json; a flag newer than the run (flag_is_optional_in_config), which
+// its config lacks, had its default. NULL where the config does not record the field.
+static const cJSON *run_setting(const cJSON *config, const cJSON *defaults, const char *name) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(config, name);
+    if (v == NULL && flag_is_optional_in_config(name)) v = cJSON_GetObjectItemCaseSensitive(defaults, name);
+    return v;
+}
+
 // The settings that make two mora runs comparable: a baseline differs from its MORA run in
-// --mora alone (DESIGN.md), so any other difference is named in eval's output and report. Returns
-// {field: [MORA run's value, baseline's]} (empty when they agree); list gets the same as text.
+// --mora alone (DESIGN.md), so any other difference is named in eval's output and report. Every
+// field of the two config.json files is compared (the flags, whatever flags a later version adds,
+// and the fingerprints and text settings mora records) except those listed above. Returns
+// {field: [MORA run's value, baseline's]} (empty when they agree; null for a field one run does
+// not record); list gets the same as text.
 static cJSON *runs_differ(const EvalSubject *ms, const EvalSubject *bs, char *list, size_t size) {
-    static const char *const fields[] = {"reference_fingerprint", "heads_fingerprint", "model", "heads", "prompts",
-                                         "algo", "mode", "weights", "stages", "K", "steps", "prompts_per_step",
-                                         "group_size", "ppo_epochs", "lr", "warmup", "kl_beta", "clip_eps", "dpo_beta",
-                                         "temperature", "max_new_tokens", "seq_len", "seed", "chat_template", "stop"};
+    MoraArgs defaults_args = mora_defaults();
+    ArgSpec specs[MORA_N_SPECS];
+    cJSON *defaults = args_to_json("mora", specs, mora_specs(&defaults_args, specs));
+    const cJSON *mm = cJSON_GetObjectItemCaseSensitive(ms->config, "mora"), *bm = cJSON_GetObjectItemCaseSensitive(bs->config, "mora");
+    int both_mora = !(cJSON_IsNumber(mm) && mm->valuedouble == 0) && !(cJSON_IsNumber(bm) && bm->valuedouble == 0);
     cJSON *diff = cJSON_CreateObject();
     size_t used = 0;
     list[0] = '\0';
-    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
-        const cJSON *a = cJSON_GetObjectItemCaseSensitive(ms->config, fields[i]);
-        const cJSON *b = cJSON_GetObjectItemCaseSensitive(bs->config, fields[i]);
-        if (a == NULL || b == NULL || cJSON_Compare(a, b, 1)) continue;
-        cJSON *pair = cJSON_CreateArray();
-        cJSON_AddItemToArray(pair, cJSON_Duplicate(a, 1));
-        cJSON_AddItemToArray(pair, cJSON_Duplicate(b, 1));
-        cJSON_AddItemToObject(diff, fields[i], pair);
-        char *va = cJSON_PrintUnformatted(a), *vb = cJSON_PrintUnformatted(b);
-        if (used < size)
-            used += (size_t)snprintf(list + used, size - used, "%s%s %s vs %s", used ? "; " : "", fields[i], va, vb);
-        free(va);
-        free(vb);
+    // the MORA run's fields in its order, then those only the baseline records
+    const cJSON *configs[2] = {ms->config, bs->config};
+    for (int c = 0; c < 2; c++) {
+        const cJSON *field;
+        cJSON_ArrayForEach(field, configs[c]) {
+            const char *name = field->string;
+            if (c == 1 && cJSON_GetObjectItemCaseSensitive(ms->config, name)) continue;   // seen in the first pass
+            if (name_in(name, runs_differ_skip, sizeof runs_differ_skip / sizeof runs_differ_skip[0])) continue;
+            if (!both_mora && name_in(name, runs_differ_rewrite_only, sizeof runs_differ_rewrite_only / sizeof runs_differ_rewrite_only[0]))
+                continue;
+            const cJSON *a = run_setting(ms->config, defaults, name), *b = run_setting(bs->config, defaults, name);
+            if (a && b && cJSON_Compare(a, b, 1)) continue;
+            cJSON *pair = cJSON_CreateArray();
+            cJSON_AddItemToArray(pair, a ? cJSON_Duplicate(a, 1) : cJSON_CreateNull());
+            cJSON_AddItemToArray(pair, b ? cJSON_Duplicate(b, 1) : cJSON_CreateNull());
+            cJSON_AddItemToObject(diff, name, pair);
+            char *va = a ? cJSON_PrintUnformatted(a) : xstrdup("(not recorded)"), *vb = b ? cJSON_PrintUnformatted(b) : xstrdup("(not recorded)");
+            if (used < size)
+                used += (size_t)snprintf(list + used, size - used, "%s%s %s vs %s", used ? "; " : "", name, va, vb);
+            free(va);
+            free(vb);
+        }
     }
+    cJSON_Delete(defaults);
     return diff;
 }
 
@@ -2140,7 +2191,7 @@ static int eval_untrained_heads(const RewardHeads *h, int untrained[D]) {
 // by the heads on the reference trunk; every response with its rewards goes into `examples`.
 // "overall" is the mean over the dimensions not `untrained` (NaN when every head is).
 static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const PromptData *prompts, int samples, float temperature,
-                            int max_new, int seed, const int untrained[D], const char *label, EvalScores *out, cJSON *examples) {
+                            int top_k, float top_p, int max_new, int seed, const int untrained[D], const char *label, EvalScores *out, cJSON *examples) {
     Model policy;
     model_load(&policy, ckpt, flag, 0, 0, NULL, NULL);
     if (policy.num_parameters != e->ref.num_parameters || policy.config.vocab_size != e->ref.config.vocab_size)
@@ -2154,7 +2205,7 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
     double t0 = wall_seconds();
     // each rank samples and scores its shard of the prompts; every rank then holds all samples
     Samples s;
-    samples_generate_sharded(e, &policy, toks, n, samples, stream_seed(seed, SEED_EVAL, 0, 0), temperature, 0, 1.0f, max_new,
+    samples_generate_sharded(e, &policy, toks, n, samples, stream_seed(seed, SEED_EVAL, 0, 0), temperature, top_k, top_p, max_new,
                              label, 1, &s);
     engine_weights_changed(e, &policy);   // the next policy may be loaded at the same address
     memset(out, 0, sizeof(*out));
@@ -2308,8 +2359,8 @@ static void subject_json(cJSON *rep, const char *who, const EvalSubject *s) {
 int cmd_eval(int argc, char **argv) {
     const char *model = "", *baseline = "", *prompts_path = "", *out = "", *reference = "", *heads = "",
                *chat_template = "", *stop = "", *device = "cpu";
-    int samples = 4, max_new_tokens = 0, seed = 1337, seq_len = 0, gen_batch = 32, fwd_batch = 16;
-    float temperature = 0.0f;
+    int samples = 4, max_new_tokens = 0, seed = 1337, seq_len = 0, gen_batch = 32, fwd_batch = 16, top_k = -1;
+    float temperature = 0.0f, top_p = 0.0f;
     ArgSpec specs[] = {
         {"model", ARG_STRING, &model, "the MORA run directory (its latest checkpoint) or a checkpoint"},
         {"baseline", ARG_STRING, &baseline, "the baseline run directory (--mora 0) or a checkpoint"},
@@ -2319,6 +2370,8 @@ int cmd_eval(int argc, char **argv) {
         {"heads", ARG_STRING, &heads, "reward heads file (default: the run's)"},
         {"samples", ARG_INT, &samples, "responses per prompt"},
         {"temperature", ARG_FLOAT, &temperature, "sampling temperature (0: the run's)"},
+        {"top_k", ARG_INT, &top_k, "sampling top-k (-1: the run's; 0: off)"},
+        {"top_p", ARG_FLOAT, &top_p, "sampling nucleus mass (0: the run's; 1: off)"},
         {"max_new_tokens", ARG_INT, &max_new_tokens, "tokens per response at most (0: the run's)"},
         {"chat_template", ARG_STRING, &chat_template, "auto, none or a template name (default: the run's)"},
         {"stop", ARG_STRING, &stop, "extra stop string (default: the run's)"},
@@ -2341,6 +2394,8 @@ int cmd_eval(int argc, char **argv) {
     args_require_positive_int("gen_batch", gen_batch);
     args_require_positive_int("fwd_batch", fwd_batch);
     args_require_range_float("temperature", temperature, 0.0f, 100.0f);
+    if (top_k < -1) fatal("flag --top_k must be >= 0 (or -1: the run's), got %d", top_k);
+    args_require_range_float("top_p", top_p, 0.0f, 1.0f);
     const int use_gpu = device_resolve(device);
     // one GPU per rank: each samples and scores its shard of the prompts on its own
     device_select_rank_gpu(use_gpu);
@@ -2369,6 +2424,9 @@ int cmd_eval(int argc, char **argv) {
     if (comm_rank() == 0) run_ensure_dir(out, "--out");
     int mnt = max_new_tokens ? max_new_tokens : (run && run->max_new_tokens ? run->max_new_tokens : 48);
     float temp = temperature > 0 ? temperature : (run && run->temperature > 0 ? run->temperature : 1.0f);
+    // top-k and top-p as the run sampled its presample and rollouts (a checkpoint of no run: off)
+    int tk = top_k >= 0 ? top_k : (run ? run->top_k : 0);
+    float tp = top_p > 0 ? top_p : (run && run->top_p > 0 ? run->top_p : 1.0f);
     Engine e;
     const char *ref_flag = reference[0] ? "--reference" : "the run's reference (its config.json \"model\")";
     const char *stop_used = stop[0] ? stop : (run && run->stop ? run->stop : "");
@@ -2393,8 +2451,8 @@ int cmd_eval(int argc, char **argv) {
                                "and --max_new_tokens make them");
         engine_use_gpu(&e);
     }
-    printf("eval: %d prompts x %d samples, temperature %g, max %d new tokens; heads %s on %s\n", prompts.n, samples, temp, mnt,
-           heads_path, ref_path);
+    printf("eval: %d prompts x %d samples, temperature %g, top-k %d, top-p %g, max %d new tokens; heads %s on %s\n", prompts.n,
+           samples, temp, tk, tp, mnt, heads_path, ref_path);
     if (comm_world() > 1)
         printf("ranks: %d (%s): each samples and scores a contiguous 1/%d of the prompts, gathered in their order\n",
                comm_world(), comm_backend_name(), comm_world());
@@ -2410,8 +2468,8 @@ int cmd_eval(int argc, char **argv) {
                n_untrained > 1 ? "s are" : " is", heads_path);
     EvalScores sm, sb;
     cJSON *examples_m = cJSON_CreateArray(), *examples_b = cJSON_CreateArray();
-    evaluate_policy(&e, ms.checkpoint, "--model", &prompts, samples, temp, mnt, seed, untrained, "eval model", &sm, examples_m);
-    evaluate_policy(&e, bs.checkpoint, "--baseline", &prompts, samples, temp, mnt, seed, untrained, "eval baseline", &sb, examples_b);
+    evaluate_policy(&e, ms.checkpoint, "--model", &prompts, samples, temp, tk, tp, mnt, seed, untrained, "eval model", &sm, examples_m);
+    evaluate_policy(&e, bs.checkpoint, "--baseline", &prompts, samples, temp, tk, tp, mnt, seed, untrained, "eval baseline", &sb, examples_b);
 
     PoolSummary pm[16], pb[16];
     int npm = ms.pool ? summarise_pool(ms.pool, pm, 16) : 0;
@@ -2439,6 +2497,8 @@ int cmd_eval(int argc, char **argv) {
     cJSON_AddNumberToObject(rep, "n_prompts", prompts.n);
     cJSON_AddNumberToObject(rep, "samples", samples);
     cJSON_AddNumberToObject(rep, "temperature", temp);
+    cJSON_AddNumberToObject(rep, "top_k", tk);
+    cJSON_AddNumberToObject(rep, "top_p", float_shortest(tp));
     cJSON_AddNumberToObject(rep, "max_new_tokens", mnt);
     cJSON_AddNumberToObject(rep, "seed", seed);
     cJSON_AddStringToObject(rep, "chat_template", template_used);
@@ -2493,9 +2553,9 @@ int cmd_eval(int argc, char **argv) {
                untrained_text);
     append_fmt(&md, &len, "reference (the trunk the heads score on): `%s` (fingerprint %s)  \n", ref_md, ref_fp);
     append_fmt(&md, &len, "prompts: `%s` (%d prompts)  \n", prompts_md, prompts.n);
-    append_fmt(&md, &len, "sampling: %d samples per prompt, temperature %g, max %d new tokens, seed %d, chat template %s, "
-                          "stop %s%s%s, context %d tokens, device %s; text %s%s%s\n\n",
-               samples, temp, mnt, seed, template_used, stop_md[0] ? "`" : "", stop_md[0] ? stop_md : "none",
+    append_fmt(&md, &len, "sampling: %d samples per prompt, temperature %g, top-k %d%s, top-p %g%s, max %d new tokens, seed %d, "
+                          "chat template %s, stop %s%s%s, context %d tokens, device %s; text %s%s%s\n\n",
+               samples, temp, tk, tk ? "" : " (off)", tp, tp < 1.0f ? "" : " (off)", mnt, seed, template_used, stop_md[0] ? "`" : "", stop_md[0] ? stop_md : "none",
                stop_md[0] ? "`" : "", e.context, use_gpu ? "cuda" : "cpu", tokenizer_md[0] ? "by the tokenizer `" : "as byte tokens",
                tokenizer_md, tokenizer_md[0] ? "`" : "");
     free(heads_md); free(ref_md); free(prompts_md); free(stop_md); free(tokenizer_md);

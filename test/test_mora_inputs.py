@@ -8,9 +8,11 @@ weights, byte tokens) with heads trained for one epoch: every run takes a second
   heads file replaced after the run started stops --resume and eval;
 - config.json names its inputs by absolute path, so eval and --resume work from any directory;
 - --resume refuses flags that would change the run, and says so when the run is complete;
-- eval names every setting in which the baseline differs from the MORA run;
-- eval's report names its inputs (policies, heads and reference with their fingerprints, computed
-  here with NumPy, prompts, sampling settings) and labels its rows by what each policy is; heads
+- eval names every setting in which the baseline differs from the MORA run, whatever the flag,
+  but not those that change nothing trained or sampled;
+- eval samples with the run's top-k and top-p (or its flags'), and its report names its inputs
+  (policies, heads and reference with their fingerprints, computed here with NumPy, prompts,
+  sampling settings) and labels its rows by what each policy is; heads
   left untrained (all zeros in the heads file) are marked so and kept out of "overall";
 - dev/plot_run.py on a baseline or a report that is not one stops with a message, not a traceback;
 - flags that cannot work stop before any presampling: --rewrite_max_new_tokens beyond the
@@ -311,6 +313,20 @@ def test_eval_names_how_the_baseline_differs(tiny, tmp_path):
                                                                str(tiny / "heads7" / "model.ckpt")]
     assert "warning: the baseline run differs" in p.stdout
     assert "**Warning:** the baseline run differs" in (tmp_path / "e" / "report.md").read_text()
+    # settings a fixed list of fields once missed, with a batching flag (which changes nothing
+    # trained) and a rewrite flag (which a --mora 0 run never reads): only the first are named,
+    # with the values given here
+    mora(tiny, tmp_path / "bx", "--mora", "0", "--top_p", "0.5", "--grad_clip", "0.3", "--weight_decay", "0.1",
+         "--adv_eps", "0.5", "--gen_batch", "4", "--candidates", "2")
+    run(["eval", "--model", tmp_path / "m", "--baseline", tmp_path / "bx", "--prompts", tiny / "prompts.jsonl",
+         "--samples", "1", "--out", tmp_path / "ex"])
+    differs = json.loads((tmp_path / "ex" / "report.json").read_text())["baseline_differs"]
+    assert differs == {"top_p": [1, 0.5], "grad_clip": [1, 0.3], "weight_decay": [0, 0.1], "adv_eps": [1e-6, 0.5]}, differs
+    # two MORA runs: a rewrite flag is named
+    mora(tiny, tmp_path / "m2", "--candidates", "2")
+    run(["eval", "--model", tmp_path / "m", "--baseline", tmp_path / "m2", "--prompts", tiny / "prompts.jsonl",
+         "--samples", "1", "--out", tmp_path / "em"])
+    assert json.loads((tmp_path / "em" / "report.json").read_text())["baseline_differs"] == {"candidates": [3, 2]}
     # a policy checkpoint against a baseline run: the run's settings (8 new tokens, not eval's 48)
     ckpt = tmp_path / "m" / (tmp_path / "m" / "latest.txt").read_text().strip()
     p = run(["eval", "--model", ckpt, "--baseline", tmp_path / "b", "--prompts", tiny / "prompts.jsonl",
@@ -320,6 +336,34 @@ def test_eval_names_how_the_baseline_differs(tiny, tmp_path):
     # a reward directory is no mora run
     p = run(["eval", "--model", tiny / "heads", "--baseline", tmp_path / "b", "--prompts", tiny / "prompts.jsonl"], ok=False)
     assert p.returncode != 0 and "is a `train_mora reward` directory" in p.stderr, p.stderr
+
+
+def test_eval_samples_with_the_runs_top_k_and_top_p(tiny, tmp_path):
+    """eval samples as the run did: a run with --top_k 1 (greedy: each step takes the most likely
+    token) gives every sample of a prompt the same response, and report.json and report.md name
+    the setting; eval's --top_k 0 turns it off (samples of a random trunk differ), and --top_p
+    0.9 is recorded as given."""
+    mora(tiny, tmp_path / "k1", "--top_k", "1", "--top_p", "0.8")
+
+    def evaluate(name, *flags):
+        out = tmp_path / name
+        run(["eval", "--model", tmp_path / "k1", "--baseline", tmp_path / "k1", "--prompts", tiny / "prompts.jsonl",
+             "--samples", "4", "--max_new_tokens", "6", "--out", out, *flags])
+        rep = json.loads((out / "report.json").read_text())
+        responses = [[r["text"] for r in e["responses"]] for e in rep["model_examples"]]
+        return rep, (out / "report.md").read_text(), responses
+
+    rep, md, responses = evaluate("run")
+    assert (rep["top_k"], rep["top_p"]) == (1, 0.8)
+    assert "top-k 1, top-p 0.8," in md, md
+    assert all(len(set(r)) == 1 for r in responses), responses
+    rep, md, responses = evaluate("off", "--top_k", "0", "--top_p", "0.9")
+    assert (rep["top_k"], rep["top_p"]) == (0, 0.9)
+    assert "top-k 0 (off), top-p 0.9," in md, md
+    assert any(len(set(r)) > 1 for r in responses), responses
+    p = run(["eval", "--model", tmp_path / "k1", "--baseline", tmp_path / "k1", "--prompts", tiny / "prompts.jsonl",
+             "--top_k", "-2"], ok=False)
+    assert p.returncode != 0 and "flag --top_k must be >= 0 (or -1: the run's), got -2" in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -396,7 +440,7 @@ def test_eval_report_names_its_inputs(tiny, pair, tmp_path):
                 baseline=str(b / (b / "latest.txt").read_text().strip()), baseline_run=str(b), baseline_kind="baseline",
                 baseline_label=f"baseline ({b})",
                 heads=str(heads), heads_fingerprint=heads_fp, reference=str(ref), reference_fingerprint=ref_fp,
-                prompts=str(tiny / "prompts.jsonl"), n_prompts=len(PROMPTS), samples=2, max_new_tokens=6, seed=5,
+                prompts=str(tiny / "prompts.jsonl"), n_prompts=len(PROMPTS), samples=2, max_new_tokens=6, seed=5, top_k=0, top_p=1,
                 chat_template="none", stop="", seq_len=CONTEXT, tokenizer=None, device="cpu", untrained=[],
                 overall_dims=["helpful", "harmless", "truthful"])
     assert {k: rep.get(k) for k in want} == want
@@ -406,7 +450,8 @@ def test_eval_report_names_its_inputs(tiny, pair, tmp_path):
         assert r["overall"] == pytest.approx((r["helpful"] + r["harmless"] + r["truthful"]) / 3, abs=1e-12)
     for text in (f"`{m}`", f"`{b}`", f"`{want['model']}`", f"`{want['baseline']}`", f"`{heads}` (fingerprint {heads_fp})",
                  f"`{ref}` (fingerprint {ref_fp})", f"`{tiny / 'prompts.jsonl'}` ({len(PROMPTS)} prompts)",
-                 "2 samples per prompt, temperature 0.5, max 6 new tokens, seed 5, chat template none",
+                 "2 samples per prompt, temperature 0.5, top-k 0 (off), top-p 1 (off), max 6 new tokens, seed 5, "
+                 "chat template none",
                  f"context {CONTEXT} tokens", "byte tokens"):
         assert text in md, (text, md)
     head, rows = table_rows(md)
