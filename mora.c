@@ -2059,16 +2059,18 @@ typedef struct {
     double hv_before, hv_after;   // mean per-prompt hypervolume of the presampled z vectors
 } PoolSummary;
 
-static int z_points(const cJSON *presample, float *pts, int max) {
-    int n = 0;
+// The standardised reward vectors of a presample (pool.jsonl), in a new array of *n points (D each).
+static float *z_points(const cJSON *presample, int *n) {
+    float *pts = (float *)mallocCheck(sizeof(float) * D * (cJSON_GetArraySize(presample) + 1));
+    *n = 0;
     const cJSON *r;
     cJSON_ArrayForEach(r, presample) {
         const cJSON *z = cJSON_GetObjectItemCaseSensitive(r, "z");
-        if (n >= max || cJSON_GetArraySize(z) != D) continue;
-        for (int d = 0; d < D; d++) pts[n * D + d] = (float)cJSON_GetArrayItem(z, d)->valuedouble;
-        n++;
+        if (cJSON_GetArraySize(z) != D) continue;
+        for (int d = 0; d < D; d++) pts[*n * D + d] = (float)cJSON_GetArrayItem(z, d)->valuedouble;
+        (*n)++;
     }
-    return n;
+    return pts;
 }
 
 // Summaries of pool.jsonl per stage: the share of single-reward prompts before rewriting (the
@@ -2080,7 +2082,6 @@ static int summarise_pool(const char *path, PoolSummary *out, int max_stages) {
     size_t size;
     char *text = read_file_all(path, &size);
     int n_stages = 0;
-    enum { MAXP = 256 };
     // two passes per stage: the reference point needs every vector of the stage first
     for (int pass = 0; pass < 2; pass++) {
         static float ref[16][D];
@@ -2100,20 +2101,26 @@ static int summarise_pool(const char *path, PoolSummary *out, int max_stages) {
                 for (int s = n_stages; s <= stage; s++) if (pass == 0) { memset(&out[s], 0, sizeof(PoolSummary)); out[s].stage = s; }
                 n_stages = stage + 1;
             }
-            float before[MAXP * D], after[MAXP * D];
-            int nb = z_points(cJSON_GetObjectItemCaseSensitive(o, "presample"), before, MAXP), na = 0;
+            // every presampled response, however large --K and --rewrite_K
+            int nb, na = 0;
+            float *before = z_points(cJSON_GetObjectItemCaseSensitive(o, "presample"), &nb), *after = NULL;
             const cJSON *acc = cJSON_GetObjectItemCaseSensitive(o, "accepted");
             if (cJSON_IsString(acc)) {
                 const cJSON *c;
                 cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(o, "candidates")) {
                     const cJSON *t = cJSON_GetObjectItemCaseSensitive(c, "text");
                     if (cJSON_IsString(t) && !strcmp(t->valuestring, acc->valuestring) && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "valid"))) {
-                        na = z_points(cJSON_GetObjectItemCaseSensitive(c, "presample"), after, MAXP);
+                        after = z_points(cJSON_GetObjectItemCaseSensitive(c, "presample"), &na);
                         break;
                     }
                 }
             }
-            if (na == 0) { memcpy(after, before, sizeof(float) * nb * D); na = nb; }
+            if (na == 0) {
+                free(after);
+                after = (float *)mallocCheck(sizeof(float) * D * (nb + 1));
+                memcpy(after, before, sizeof(float) * nb * D);
+                na = nb;
+            }
             PoolSummary *ps = &out[stage];
             if (pass == 0) {
                 for (int i = 0; i < nb; i++) for (int d = 0; d < D; d++) ref[stage][d] = fminf(ref[stage][d], before[i * D + d]);
@@ -2127,6 +2134,8 @@ static int summarise_pool(const char *path, PoolSummary *out, int max_stages) {
                 ps->hv_before += hypervolume3(before, (size_t)nb, ref[stage]) / ps->n_prompts;
                 ps->hv_after += hypervolume3(after, (size_t)na, ref[stage]) / ps->n_prompts;
             }
+            free(before);
+            free(after);
             cJSON_Delete(o);
         }
         free(copy);

@@ -10,6 +10,7 @@ weights, byte tokens) with heads trained for one epoch: every run takes a second
 - --resume refuses flags that would change the run, and says so when the run is complete;
 - eval names every setting in which the baseline differs from the MORA run, whatever the flag,
   but not those that change nothing trained or sampled;
+- eval's hypervolume of a prompt's presample counts every response (--K 300), against NumPy;
 - eval samples with the run's top-k and top-p (or its flags'), and its report names its inputs
   (policies, heads and reference with their fingerprints, computed here with NumPy, prompts,
   sampling settings) and labels its rows by what each policy is; heads
@@ -364,6 +365,45 @@ def test_eval_samples_with_the_runs_top_k_and_top_p(tiny, tmp_path):
     p = run(["eval", "--model", tmp_path / "k1", "--baseline", tmp_path / "k1", "--prompts", tiny / "prompts.jsonl",
              "--top_k", "-2"], ok=False)
     assert p.returncode != 0 and "flag --top_k must be >= 0 (or -1: the run's), got -2" in p.stderr, p.stderr
+
+
+def hypervolume(points, ref):
+    """Volume dominated by points (n, 3) above ref (3): slabs between consecutive third coordinates,
+    each dominated by the 2-D staircase of the points at or above it."""
+    p = np.maximum(points.astype(np.float64), ref)
+    levels = np.unique(np.concatenate([[ref[2]], p[:, 2]]))[::-1]
+    volume = 0.0
+    for top, bottom in zip(levels[:-1], levels[1:]):
+        xy = p[p[:, 2] >= top][:, :2]
+        xy = xy[np.argsort(-xy[:, 0], kind="stable")]
+        ys = np.maximum.accumulate(xy[:, 1])
+        widths = xy[:, 0] - np.append(xy[1:, 0], ref[0])
+        volume += float((widths * (ys - ref[1])).sum()) * (top - bottom)
+    return volume
+
+
+def test_eval_hypervolume_counts_every_presampled_response(tiny, tmp_path):
+    """--K 300, more than the 256 responses a prompt's summary once held: eval's per-prompt
+    hypervolume of the presampled z vectors (reference point: the stage's per-dimension minimum)
+    is NumPy's over all 300 of pool.jsonl's vectors."""
+    out = tmp_path / "k300"
+    mora(tiny, out, "--mora", "0", "--K", "300", "--max_new_tokens", "4", "--gen_batch", "64", "--steps", "1")
+    run(["eval", "--model", out, "--baseline", out, "--prompts", tiny / "prompts.jsonl", "--samples", "1",
+         "--max_new_tokens", "2"])
+    pool = read_jsonl(out / "pool.jsonl")
+    z = np.array([[r["z"] for r in o["presample"]] for o in pool], np.float32)   # (prompts, 300, 3)
+    assert z.shape == (len(PROMPTS), 300, 3)
+
+    def mean_hypervolume(z):
+        ref = z.reshape(-1, 3).min(axis=0).astype(np.float64)
+        return np.mean([hypervolume(zp, ref) for zp in z])
+
+    want = mean_hypervolume(z)
+    # the responses after the 256th change the figure: a summary cut there would be caught
+    assert abs(mean_hypervolume(z[:, :256]) - want) > 1e-3 * want
+    st = json.loads((out / "report.json").read_text())["model_pool"][0]
+    assert st["hypervolume_before"] == pytest.approx(want, rel=1e-5)
+    assert st["hypervolume_after"] == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("flags,message", [
