@@ -603,7 +603,7 @@ typedef struct {
         prompts_per_step, group_size, ppo_epochs, warmup, seed, save_every, seq_len, gen_batch, fwd_batch,
         stop_after, min_chars, max_chars, log_every, zero;
     float delta, cap, min_overlap, temperature, top_p, rewrite_temperature, clip_eps, kl_beta, dpo_beta, lr,
-        weight_decay, grad_clip, beta1, beta2, adv_eps;
+        weight_decay, grad_clip, beta1, beta2, adam_eps, adv_eps;
 } MoraArgs;
 
 static MoraArgs mora_defaults(void) {
@@ -617,7 +617,7 @@ static MoraArgs mora_defaults(void) {
         .stop_after = 0, .min_chars = 8, .max_chars = 400, .log_every = 1, .zero = 0,
         .delta = 0.0f, .cap = 1.0f, .min_overlap = 0.5f, .temperature = 1.0f, .top_p = 1.0f,
         .rewrite_temperature = 0.7f, .clip_eps = 0.2f, .kl_beta = 0.04f, .dpo_beta = 0.1f, .lr = 1e-5f,
-        .weight_decay = 0.0f, .grad_clip = 1.0f, .beta1 = 0.9f, .beta2 = 0.95f, .adv_eps = 1e-6f,
+        .weight_decay = 0.0f, .grad_clip = 1.0f, .beta1 = 0.9f, .beta2 = 0.95f, .adam_eps = 1e-8f, .adv_eps = 1e-6f,
     };
     return a;
 }
@@ -664,6 +664,7 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("grad_clip", ARG_FLOAT, &a->grad_clip, "global gradient-norm clip (0: off)");
     SPEC("beta1", ARG_FLOAT, &a->beta1, "AdamW beta1");
     SPEC("beta2", ARG_FLOAT, &a->beta2, "AdamW beta2");
+    SPEC("adam_eps", ARG_FLOAT, &a->adam_eps, "AdamW epsilon: update = lr * m_hat / (sqrt(v_hat) + adam_eps)");
     SPEC("seed", ARG_INT, &a->seed, "seed of every sample and of the batch order");
     SPEC("chat_template", ARG_STRING, &a->chat_template, "auto (the checkpoint's), none, or chatml / smollm2 / llama3 / plain");
     SPEC("stop", ARG_STRING, &a->stop, "extra stop string, \\n for a newline (byte-level models end a response at one)");
@@ -743,9 +744,10 @@ static int parse_stages(const char *text, int *dims, int max) {
     return n;
 }
 
-// Flags newer than some run directories: a config.json without them keeps the default.
+// Flags newer than some run directories: a config.json without them keeps the default (the
+// value those runs had built in).
 static int flag_is_optional_in_config(const char *name) {
-    return !strcmp(name, "zero");
+    return !strcmp(name, "zero") || !strcmp(name, "adam_eps");
 }
 
 // Sets the flags from a run's config.json (for --resume): every flag but resume, stop_after and
@@ -1329,7 +1331,7 @@ static float optimizer_step(Mora *m, float lr) {
         if (m->gpu_nccl) cuda_model_sum_grads(m->gpu);   // each rank's share was scaled: the sum is the batch's
         float norm = cuda_model_grad_norm(m->gpu);
         float scale = (m->a.grad_clip > 0.0f && norm > m->a.grad_clip) ? m->a.grad_clip / norm : 1.0f;
-        cuda_model_adamw_update(m->gpu, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
+        cuda_model_adamw_update(m->gpu, lr, m->a.beta1, m->a.beta2, m->a.adam_eps, m->a.weight_decay, scale);
         cuda_model_download(m->gpu, &m->policy);
         engine_weights_changed(&m->e, &m->policy);
         return norm;
@@ -1338,8 +1340,8 @@ static float optimizer_step(Mora *m, float lr) {
     comm_all_reduce_sum(m->policy.grads, m->policy.num_parameters);
     float norm = model_grad_norm(&m->policy);
     float scale = (m->a.grad_clip > 0.0f && norm > m->a.grad_clip) ? m->a.grad_clip / norm : 1.0f;
-    if (m->a.zero == 1) adamw_shard_update(&m->policy, &m->shard, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
-    else model_adamw_update(&m->policy, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
+    if (m->a.zero == 1) adamw_shard_update(&m->policy, &m->shard, lr, m->a.beta1, m->a.beta2, m->a.adam_eps, m->a.weight_decay, scale);
+    else model_adamw_update(&m->policy, lr, m->a.beta1, m->a.beta2, m->a.adam_eps, m->a.weight_decay, scale);
     engine_weights_changed(&m->e, &m->policy);
     return norm;
 }
@@ -1634,6 +1636,7 @@ int cmd_mora(int argc, char **argv) {
     args_require_range_float("grad_clip", a->grad_clip, 0.0f, 1e9f);
     args_require_range_float("beta1", a->beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a->beta2, 0.0f, 0.999999f);
+    args_require_range_float("adam_eps", a->adam_eps, 1e-30f, 1e6f);
     if (a->zero != 0 && a->zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a->zero);
     // the device is settled before any work: --device cuda without a GPU stops here
     const int use_gpu = device_resolve(a->device);

@@ -10,6 +10,8 @@ weights, byte tokens) with heads trained for one epoch: every run takes a second
 - --resume refuses flags that would change the run, and says so when the run is complete;
 - eval names every setting in which the baseline differs from the MORA run, whatever the flag,
   but not those that change nothing trained or sampled;
+- --adam_eps is the AdamW update's epsilon (one step against NumPy), and a run directory from
+  before the flag resumes with its default;
 - eval's hypervolume of a prompt's presample counts every response (--K 300), against NumPy;
 - eval samples with the run's top-k and top-p (or its flags'), and its report names its inputs
   (policies, heads and reference with their fingerprints, computed here with NumPy, prompts,
@@ -365,6 +367,46 @@ def test_eval_samples_with_the_runs_top_k_and_top_p(tiny, tmp_path):
     p = run(["eval", "--model", tmp_path / "k1", "--baseline", tmp_path / "k1", "--prompts", tiny / "prompts.jsonl",
              "--top_k", "-2"], ok=False)
     assert p.returncode != 0 and "flag --top_k must be >= 0 (or -1: the run's), got -2" in p.stderr, p.stderr
+
+
+def read_with_moments(path):
+    """A native checkpoint with its AdamW state: params, m, v (float32 each)."""
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    n = int(np.uint32(header[21])) | (int(np.uint32(header[22])) << 32)
+    data = np.fromfile(path, dtype=np.float32, offset=1024)
+    assert data.size == 3 * n, "no AdamW state in the checkpoint"
+    return data[:n], data[n:2 * n], data[2 * n:]
+
+
+def test_adam_eps_is_the_updates_epsilon(tiny, tmp_path):
+    """The first AdamW step from the reference's weights, in NumPy from the moments the checkpoint
+    holds (m = (1 - beta1) g, v = (1 - beta2) g^2 of the clipped gradient g):
+    p1 = p0 - lr * m_hat / (sqrt(v_hat) + eps), with the default eps 1e-8 and with --adam_eps 1,
+    which damps every step of a small gradient. An old run directory whose config.json has no
+    adam_eps resumes with the default."""
+    _, p0 = read_native(tiny / "heads" / "model.ckpt")
+    lr, beta1, beta2 = 1e-2, 0.9, 0.95
+    moved = {}
+    for eps in (None, 1.0):
+        out = tmp_path / f"eps{eps}"
+        mora(tiny, out, "--lr", lr, "--steps", "1", *(["--adam_eps", eps] if eps else []))
+        assert json.loads((out / "config.json").read_text())["adam_eps"] == (eps or 1e-8)
+        p1, m, v = (x.astype(np.float64) for x in read_with_moments(out / "model_step000001.ckpt"))
+        step = lambda e: lr * (m / (1 - beta1)) / (np.sqrt(v / (1 - beta2)) + e)
+        np.testing.assert_allclose(p1, p0 - step(eps or 1e-8), rtol=0, atol=2e-6)
+        moved[eps] = np.abs(p1 - p0).max()
+        if eps:   # the flag is what moved it: the default's step is far from this one
+            assert np.abs(p1 - (p0 - step(1e-8))).max() > 1e-3
+    assert moved[1.0] < 0.1 * moved[None], moved
+    # a run of a version before --adam_eps: its config.json lacks the field
+    full, old = tmp_path / "full", tmp_path / "old"
+    mora(tiny, full)
+    mora(tiny, old, "--stop_after", "1")
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["adam_eps"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    run(["mora", "--resume", old])
+    assert (old / "model_step000002.ckpt").read_bytes() == (full / "model_step000002.ckpt").read_bytes()
 
 
 def hypervolume(points, ref):
