@@ -640,8 +640,8 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("candidates", ARG_INT, &a->candidates, "C: rewrite candidates per single-reward prompt (C-1 generated + the template)");
     SPEC("rewrite_K", ARG_INT, &a->rewrite_K, "K': presampled responses per rewrite candidate");
     SPEC("cap", ARG_FLOAT, &a->cap, "candidate order: J, then sum_d min(A_d, cap)");
-    SPEC("min_chars", ARG_INT, &a->min_chars, "sanitising: shortest acceptable rewrite (characters)");
-    SPEC("max_chars", ARG_INT, &a->max_chars, "sanitising: longest acceptable rewrite (characters)");
+    SPEC("min_chars", ARG_INT, &a->min_chars, "sanitising: shortest acceptable rewrite, in bytes of its UTF-8 text (after trimming white space)");
+    SPEC("max_chars", ARG_INT, &a->max_chars, "sanitising: longest acceptable rewrite, in bytes of its UTF-8 text (after trimming white space)");
     SPEC("min_overlap", ARG_FLOAT, &a->min_overlap, "sanitising: share of the original's words a rewrite must keep");
     SPEC("keep_both", ARG_BOOL, &a->keep_both, "keep the original next to its accepted rewrite in the training pool");
     SPEC("temperature", ARG_FLOAT, &a->temperature, "sampling temperature of presampling and rollouts");
