@@ -2637,6 +2637,22 @@ int cmd_eval(int argc, char **argv) {
                        pm[s].n_single_before, 100.0 * pm[s].n_single_before / (pm[s].n_prompts ? pm[s].n_prompts : 1),
                        pm[s].n_single_after, 100.0 * pm[s].n_single_after / (pm[s].n_prompts ? pm[s].n_prompts : 1),
                        pm[s].n_accepted, pm[s].hv_before, pm[s].hv_after);
+        // what "after" measures (summarise_pool): the accepted rewrite's own presample, not fresh
+        // responses, so the figures lean in known directions
+        const cJSON *K = ms.config ? cJSON_GetObjectItemCaseSensitive(ms.config, "K") : NULL;
+        const cJSON *Kr = ms.config ? cJSON_GetObjectItemCaseSensitive(ms.config, "rewrite_K") : NULL;
+        const cJSON *both = ms.config ? cJSON_GetObjectItemCaseSensitive(ms.config, "keep_both") : NULL;
+        char sizes[96] = "";
+        if (cJSON_IsNumber(K) && cJSON_IsNumber(Kr))
+            snprintf(sizes, sizeof sizes, " (here K' = %d against K = %d)", Kr->valueint, K->valueint);
+        append_fmt(&md, &len, "\nAfter rewriting, a prompt whose rewrite was accepted counts as single no more%s, and its "
+                              "hypervolume is that of the accepted rewrite's K' presampled responses, the very ones that "
+                              "selected it among the candidates: the share after is optimistic, and where K' is below K the "
+                              "hypervolume after has fewer points, which lowers it%s. Every other prompt keeps its "
+                              "original's presample.\n",
+                   cJSON_IsTrue(both) || (cJSON_IsNumber(both) && both->valueint) ? " (with --keep_both too, although its original "
+                                                                                      "stays in the training pool)" : "",
+                   sizes);
         append_fmt(&md, &len, "\n");
     }
     snprintf(path, sizeof path, "%s/report.md", out);

@@ -536,6 +536,10 @@ def test_eval_report_names_its_inputs(tiny, pair, tmp_path):
                  "chat template none",
                  f"context {CONTEXT} tokens", "byte tokens"):
         assert text in md, (text, md)
+    # under the pool's table: what "after rewriting" is measured on, with SMALL's K' and K
+    assert ("After rewriting, a prompt whose rewrite was accepted counts as single no more, and its hypervolume is "
+            "that of the accepted rewrite's K' presampled responses") in md, md
+    assert "(here K' = 2 against K = 2)" in md, md
     head, rows = table_rows(md)
     assert head == "| | helpful | harmless | truthful | overall |", head
     assert list(rows)[:2] == [f"baseline ({b})", f"MORA ({m})"], rows
