@@ -629,7 +629,7 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("model", ARG_STRING, &a->model, "initial policy = frozen reference: checkpoint (native, llm.c .bin, HF dir/safetensors, GGUF)");
     SPEC("heads", ARG_STRING, &a->heads, "reward heads file (default: reward_heads.bin beside --model)");
     SPEC("prompts", ARG_STRING, &a->prompts, "prompt pool, JSONL {\"prompt\", \"id\"}");
-    SPEC("out", ARG_STRING, &a->out, "run directory: config.json, metrics.jsonl, pool.jsonl, pool_state.json, checkpoints");
+    SPEC("out", ARG_STRING, &a->out, "run directory: config.json, metrics.jsonl, pool.jsonl, stats.jsonl, pool_state.json, checkpoints");
     SPEC("algo", ARG_STRING, &a->algo, "grpo (online, PPO clip + k3 KL) or dpo (best/worst pairs of the presampled pool)");
     SPEC("mora", ARG_INT, &a->mora, "1: isolate and rewrite (MORA); 0: the baseline (same seed and budget, original prompts)");
     SPEC("mode", ARG_STRING, &a->mode, "simultaneous (r = sum_d w_d z_d) or sequential (one stage per dimension, r = z_d)");
@@ -897,7 +897,7 @@ typedef struct {
     int stage_dims[16], n_stages;
     int sequential;
     int dpo;
-    char pool_path[4200], state_path[4200], metrics_path[4200];
+    char pool_path[4200], state_path[4200], metrics_path[4200], stats_path[4200];
 } Mora;
 
 // The stage's scalarisation weights: the --weights in simultaneous mode, one-hot in sequential.
@@ -940,6 +940,26 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
     reward_stats_compute(pre.rewards, (size_t)pre.n, &pool->stats);
     float *z = (float *)mallocCheck(sizeof(float) * pre.n * D);
     reward_standardise(pre.rewards, z, (size_t)pre.n, &pool->stats);
+    // stats.jsonl keeps every stage's statistics (pool_state.json holds the current stage's only):
+    // a line a stage, this stage's and any later one's dropped first, so that a resumed run which
+    // presamples a stage again writes its line once
+    if (comm_rank() == 0) {
+        FILE *sf = run_open_jsonl_upto(m->stats_path, "stage", stage - 1);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "stage", stage);
+        cJSON_AddStringToObject(o, "dim", m->sequential ? mora_dim_names[m->stage_dims[stage]] : "all");
+        cJSON_AddNumberToObject(o, "responses", pre.n);
+        cJSON *mean = cJSON_AddObjectToObject(o, "mean"), *std = cJSON_AddObjectToObject(o, "std");
+        for (int d = 0; d < D; d++) {
+            cJSON_AddNumberToObject(mean, mora_dim_names[d], pool->stats.mean[d]);
+            cJSON_AddNumberToObject(std, mora_dim_names[d], pool->stats.std[d]);
+        }
+        char *line = cJSON_PrintUnformatted(o);
+        fprintf(sf, "%s\n", line);
+        free(line);
+        cJSON_Delete(o);
+        fclose(sf);
+    }
 
     // 2. isolate
     PromptIsolation *iso = (PromptIsolation *)mallocCheck(sizeof(PromptIsolation) * n);
@@ -1664,13 +1684,14 @@ int cmd_mora(int argc, char **argv) {
               a->prompts_per_step, world);
     double run_start = wall_seconds();
 
-    // rank 0 owns the run directory: it alone writes config.json, pool.jsonl, pool_state.json,
-    // metrics.jsonl and the checkpoints; the others wait until the directory exists (made below,
-    // once the model and heads are loaded and checked)
+    // rank 0 owns the run directory: it alone writes config.json, pool.jsonl, stats.jsonl,
+    // pool_state.json, metrics.jsonl and the checkpoints; the others wait until the directory
+    // exists (made below, once the model and heads are loaded and checked)
     if (rank == 0 && !a->resume[0]) run_require_new(a->out, "mora");
     snprintf(m.pool_path, sizeof m.pool_path, "%s/pool.jsonl", a->out);
     snprintf(m.state_path, sizeof m.state_path, "%s/pool_state.json", a->out);
     snprintf(m.metrics_path, sizeof m.metrics_path, "%s/metrics.jsonl", a->out);
+    snprintf(m.stats_path, sizeof m.stats_path, "%s/stats.jsonl", a->out);
     engine_init(&m.e, a->model, "--model", heads_path, a->chat_template, a->stop, a->seq_len, a->gen_batch, a->fwd_batch);
     if (a->max_new_tokens >= m.e.context) fatal("flag --max_new_tokens %d leaves no room for a prompt in the context of %d", a->max_new_tokens, m.e.context);
     if (a->mora && a->candidates > 1 && a->rewrite_max_new_tokens >= m.e.context)

@@ -12,6 +12,8 @@ weights, byte tokens) with heads trained for one epoch: every run takes a second
   but not those that change nothing trained or sampled;
 - --adam_eps is the AdamW update's epsilon (one step against NumPy), and a run directory from
   before the flag resumes with its default;
+- stats.jsonl holds each stage's standardisation statistics, NumPy's over pool.jsonl's raw
+  rewards, one line a stage after --resume as in a run that never stopped;
 - eval's hypervolume of a prompt's presample counts every response (--K 300), against NumPy;
 - eval samples with the run's top-k and top-p (or its flags'), and its report names its inputs
   (policies, heads and reference with their fingerprints, computed here with NumPy, prompts,
@@ -407,6 +409,30 @@ def test_adam_eps_is_the_updates_epsilon(tiny, tmp_path):
     (old / "config.json").write_text(json.dumps(cfg))
     run(["mora", "--resume", old])
     assert (old / "model_step000002.ckpt").read_bytes() == (full / "model_step000002.ckpt").read_bytes()
+
+
+def test_stats_jsonl_holds_every_stages_statistics(tiny, tmp_path):
+    """A sequential run of two stages, stopped after the first and resumed: stats.jsonl has one
+    line a stage whose mean and std per dimension are NumPy's (population std) over the raw
+    rewards of that stage's presample in pool.jsonl, the bytes of a run that never stopped."""
+    out = tmp_path / "seq"
+    mora(tiny, out, "--mode", "sequential", "--stages", "harmless,helpful", "--steps", "1", "--stop_after", "1")
+    assert [o["stage"] for o in read_jsonl(out / "stats.jsonl")] == [0]
+    run(["mora", "--resume", out])
+    stats, pool = read_jsonl(out / "stats.jsonl"), read_jsonl(out / "pool.jsonl")
+    assert [(o["stage"], o["dim"]) for o in stats] == [(0, "harmless"), (1, "helpful")]
+    for o in stats:
+        raw = np.array([r["raw"] for p in pool if p["stage"] == o["stage"] for r in p["presample"]], np.float64)
+        assert o["responses"] == len(raw) == len(PROMPTS) * 2
+        np.testing.assert_allclose([o["mean"][d] for d in DIMS], raw.mean(axis=0), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose([o["std"][d] for d in DIMS], raw.std(axis=0), rtol=1e-5, atol=1e-7)
+    # the same bytes as a run that never stopped
+    mora(tiny, tmp_path / "full", "--mode", "sequential", "--stages", "harmless,helpful", "--steps", "1")
+    assert (tmp_path / "full" / "stats.jsonl").read_bytes() == (out / "stats.jsonl").read_bytes()
+    assert stats[0]["mean"] != stats[1]["mean"]
+    # the last stage's statistics are pool_state.json's too
+    state = json.loads((out / "pool_state.json").read_text())
+    assert state["mean"] == [stats[1]["mean"][d] for d in DIMS] and state["std"] == [stats[1]["std"][d] for d in DIMS]
 
 
 def hypervolume(points, ref):
