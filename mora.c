@@ -639,7 +639,7 @@ typedef struct {
         prompts_per_step, group_size, ppo_epochs, warmup, seed, save_every, seq_len, gen_batch, fwd_batch,
         stop_after, min_chars, max_chars, log_every, zero;
     float delta, cap, min_overlap, temperature, top_p, rewrite_temperature, clip_eps, kl_beta, dpo_beta, lr,
-        weight_decay, grad_clip, beta1, beta2, adv_eps;
+        weight_decay, grad_clip, beta1, beta2, adam_eps, adv_eps;
 } MoraArgs;
 
 static MoraArgs mora_defaults(void) {
@@ -653,7 +653,7 @@ static MoraArgs mora_defaults(void) {
         .stop_after = 0, .min_chars = 8, .max_chars = 400, .log_every = 1, .zero = 0,
         .delta = 0.0f, .cap = 1.0f, .min_overlap = 0.5f, .temperature = 1.0f, .top_p = 1.0f,
         .rewrite_temperature = 0.7f, .clip_eps = 0.2f, .kl_beta = 0.04f, .dpo_beta = 0.1f, .lr = 1e-5f,
-        .weight_decay = 0.0f, .grad_clip = 1.0f, .beta1 = 0.9f, .beta2 = 0.95f, .adv_eps = 1e-6f,
+        .weight_decay = 0.0f, .grad_clip = 1.0f, .beta1 = 0.9f, .beta2 = 0.95f, .adam_eps = 1e-8f, .adv_eps = 1e-6f,
     };
     return a;
 }
@@ -665,7 +665,7 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("model", ARG_STRING, &a->model, "initial policy = frozen reference: checkpoint (native, llm.c .bin, HF dir/safetensors, GGUF)");
     SPEC("heads", ARG_STRING, &a->heads, "reward heads file (default: reward_heads.bin beside --model)");
     SPEC("prompts", ARG_STRING, &a->prompts, "prompt pool, JSONL {\"prompt\", \"id\"}");
-    SPEC("out", ARG_STRING, &a->out, "run directory: config.json, metrics.jsonl, pool.jsonl, pool_state.json, checkpoints");
+    SPEC("out", ARG_STRING, &a->out, "run directory: config.json, metrics.jsonl, pool.jsonl, stats.jsonl, pool_state.json, checkpoints");
     SPEC("algo", ARG_STRING, &a->algo, "grpo (online, PPO clip + k3 KL) or dpo (best/worst pairs of the presampled pool)");
     SPEC("mora", ARG_INT, &a->mora, "1: isolate and rewrite (MORA); 0: the baseline (same seed and budget, original prompts)");
     SPEC("mode", ARG_STRING, &a->mode, "simultaneous (r = sum_d w_d z_d) or sequential (one stage per dimension, r = z_d)");
@@ -676,8 +676,8 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("candidates", ARG_INT, &a->candidates, "C: rewrite candidates per single-reward prompt (C-1 generated + the template)");
     SPEC("rewrite_K", ARG_INT, &a->rewrite_K, "K': presampled responses per rewrite candidate");
     SPEC("cap", ARG_FLOAT, &a->cap, "candidate order: J, then sum_d min(A_d, cap)");
-    SPEC("min_chars", ARG_INT, &a->min_chars, "sanitising: shortest acceptable rewrite (characters)");
-    SPEC("max_chars", ARG_INT, &a->max_chars, "sanitising: longest acceptable rewrite (characters)");
+    SPEC("min_chars", ARG_INT, &a->min_chars, "sanitising: shortest acceptable rewrite, in bytes of its UTF-8 text (after trimming white space)");
+    SPEC("max_chars", ARG_INT, &a->max_chars, "sanitising: longest acceptable rewrite, in bytes of its UTF-8 text (after trimming white space)");
     SPEC("min_overlap", ARG_FLOAT, &a->min_overlap, "sanitising: share of the original's words a rewrite must keep");
     SPEC("keep_both", ARG_BOOL, &a->keep_both, "keep the original next to its accepted rewrite in the training pool");
     SPEC("temperature", ARG_FLOAT, &a->temperature, "sampling temperature of presampling and rollouts");
@@ -700,6 +700,7 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("grad_clip", ARG_FLOAT, &a->grad_clip, "global gradient-norm clip (0: off)");
     SPEC("beta1", ARG_FLOAT, &a->beta1, "AdamW beta1");
     SPEC("beta2", ARG_FLOAT, &a->beta2, "AdamW beta2");
+    SPEC("adam_eps", ARG_FLOAT, &a->adam_eps, "AdamW epsilon: update = lr * m_hat / (sqrt(v_hat) + adam_eps)");
     SPEC("seed", ARG_INT, &a->seed, "seed of every sample and of the batch order");
     SPEC("chat_template", ARG_STRING, &a->chat_template, "auto (the checkpoint's), none, or chatml / smollm2 / llama3 / plain");
     SPEC("stop", ARG_STRING, &a->stop, "extra stop string, \\n for a newline (byte-level models end a response at one)");
@@ -779,9 +780,10 @@ static int parse_stages(const char *text, int *dims, int max) {
     return n;
 }
 
-// Flags newer than some run directories: a config.json without them keeps the default.
+// Flags newer than some run directories: a config.json without them keeps the default (the
+// value those runs had built in).
 static int flag_is_optional_in_config(const char *name) {
-    return !strcmp(name, "zero");
+    return !strcmp(name, "zero") || !strcmp(name, "adam_eps");
 }
 
 // Sets the flags from a run's config.json (for --resume): every flag but resume, stop_after and
@@ -931,7 +933,7 @@ typedef struct {
     int stage_dims[16], n_stages;
     int sequential;
     int dpo;
-    char pool_path[4200], state_path[4200], metrics_path[4200];
+    char pool_path[4200], state_path[4200], metrics_path[4200], stats_path[4200];
 } Mora;
 
 // The stage's scalarisation weights: the --weights in simultaneous mode, one-hot in sequential.
@@ -974,6 +976,26 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
     reward_stats_compute(pre.rewards, (size_t)pre.n, &pool->stats);
     float *z = (float *)mallocCheck(sizeof(float) * pre.n * D);
     reward_standardise(pre.rewards, z, (size_t)pre.n, &pool->stats);
+    // stats.jsonl keeps every stage's statistics (pool_state.json holds the current stage's only):
+    // a line a stage, this stage's and any later one's dropped first, so that a resumed run which
+    // presamples a stage again writes its line once
+    if (comm_rank() == 0) {
+        FILE *sf = run_open_jsonl_upto(m->stats_path, "stage", stage - 1);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "stage", stage);
+        cJSON_AddStringToObject(o, "dim", m->sequential ? mora_dim_names[m->stage_dims[stage]] : "all");
+        cJSON_AddNumberToObject(o, "responses", pre.n);
+        cJSON *mean = cJSON_AddObjectToObject(o, "mean"), *std = cJSON_AddObjectToObject(o, "std");
+        for (int d = 0; d < D; d++) {
+            cJSON_AddNumberToObject(mean, mora_dim_names[d], pool->stats.mean[d]);
+            cJSON_AddNumberToObject(std, mora_dim_names[d], pool->stats.std[d]);
+        }
+        char *line = cJSON_PrintUnformatted(o);
+        fprintf(sf, "%s\n", line);
+        free(line);
+        cJSON_Delete(o);
+        fclose(sf);
+    }
 
     // 2. isolate
     PromptIsolation *iso = (PromptIsolation *)mallocCheck(sizeof(PromptIsolation) * n);
@@ -1365,7 +1387,7 @@ static float optimizer_step(Mora *m, float lr) {
         if (m->gpu_nccl) cuda_model_sum_grads(m->gpu);   // each rank's share was scaled: the sum is the batch's
         float norm = cuda_model_grad_norm(m->gpu);
         float scale = (m->a.grad_clip > 0.0f && norm > m->a.grad_clip) ? m->a.grad_clip / norm : 1.0f;
-        cuda_model_adamw_update(m->gpu, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
+        cuda_model_adamw_update(m->gpu, lr, m->a.beta1, m->a.beta2, m->a.adam_eps, m->a.weight_decay, scale);
         cuda_model_download(m->gpu, &m->policy);
         engine_weights_changed(&m->e, &m->policy);
         return norm;
@@ -1374,8 +1396,8 @@ static float optimizer_step(Mora *m, float lr) {
     comm_all_reduce_sum(m->policy.grads, m->policy.num_parameters);
     float norm = model_grad_norm(&m->policy);
     float scale = (m->a.grad_clip > 0.0f && norm > m->a.grad_clip) ? m->a.grad_clip / norm : 1.0f;
-    if (m->a.zero == 1) adamw_shard_update(&m->policy, &m->shard, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
-    else model_adamw_update(&m->policy, lr, m->a.beta1, m->a.beta2, 1e-8f, m->a.weight_decay, scale);
+    if (m->a.zero == 1) adamw_shard_update(&m->policy, &m->shard, lr, m->a.beta1, m->a.beta2, m->a.adam_eps, m->a.weight_decay, scale);
+    else model_adamw_update(&m->policy, lr, m->a.beta1, m->a.beta2, m->a.adam_eps, m->a.weight_decay, scale);
     engine_weights_changed(&m->e, &m->policy);
     return norm;
 }
@@ -1670,6 +1692,7 @@ int cmd_mora(int argc, char **argv) {
     args_require_range_float("grad_clip", a->grad_clip, 0.0f, 1e9f);
     args_require_range_float("beta1", a->beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a->beta2, 0.0f, 0.999999f);
+    args_require_range_float("adam_eps", a->adam_eps, 1e-30f, 1e6f);
     if (a->zero != 0 && a->zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a->zero);
     // the device is settled before any work: --device cuda without a GPU stops here
     const int use_gpu = device_resolve(a->device);
@@ -1697,13 +1720,14 @@ int cmd_mora(int argc, char **argv) {
               a->prompts_per_step, world);
     double run_start = wall_seconds();
 
-    // rank 0 owns the run directory: it alone writes config.json, pool.jsonl, pool_state.json,
-    // metrics.jsonl and the checkpoints; the others wait until the directory exists (made below,
-    // once the model and heads are loaded and checked)
+    // rank 0 owns the run directory: it alone writes config.json, pool.jsonl, stats.jsonl,
+    // pool_state.json, metrics.jsonl and the checkpoints; the others wait until the directory
+    // exists (made below, once the model and heads are loaded and checked)
     if (rank == 0 && !a->resume[0]) run_require_new(a->out, "mora");
     snprintf(m.pool_path, sizeof m.pool_path, "%s/pool.jsonl", a->out);
     snprintf(m.state_path, sizeof m.state_path, "%s/pool_state.json", a->out);
     snprintf(m.metrics_path, sizeof m.metrics_path, "%s/metrics.jsonl", a->out);
+    snprintf(m.stats_path, sizeof m.stats_path, "%s/stats.jsonl", a->out);
     engine_init(&m.e, a->model, "--model", heads_path, a->chat_template, a->stop, a->seq_len, a->gen_batch, a->fwd_batch);
     if (a->max_new_tokens >= m.e.context) fatal("flag --max_new_tokens %d leaves no room for a prompt in the context of %d", a->max_new_tokens, m.e.context);
     if (a->mora && a->candidates > 1 && a->rewrite_max_new_tokens >= m.e.context)
@@ -1907,8 +1931,8 @@ typedef struct {
     char *checkpoint;        // the policy to evaluate
     char *reference, *heads; // from the run's config.json (NULL for a bare checkpoint)
     char *chat_template, *stop;
-    int max_new_tokens, seq_len;
-    float temperature;
+    int max_new_tokens, seq_len, top_k;
+    float temperature, top_p;
     char *pool;              // the run's pool.jsonl, or NULL
     cJSON *config;           // the run's config.json, or NULL
     char *config_path;
@@ -1984,6 +2008,10 @@ static void resolve_subject(const char *path, const char *flag, EvalSubject *s) 
             s->seq_len = cJSON_IsNumber(v) ? v->valueint : 0;
             v = cJSON_GetObjectItemCaseSensitive(cfg, "temperature");
             s->temperature = cJSON_IsNumber(v) ? (float)v->valuedouble : 0.0f;
+            v = cJSON_GetObjectItemCaseSensitive(cfg, "top_k");
+            s->top_k = cJSON_IsNumber(v) ? v->valueint : 0;
+            v = cJSON_GetObjectItemCaseSensitive(cfg, "top_p");
+            s->top_p = cJSON_IsNumber(v) ? (float)v->valuedouble : 1.0f;
             char pool[4200];
             snprintf(pool, sizeof pool, "%s/pool.jsonl", path);
             if (run_file_exists(pool)) s->pool = xstrdup(pool);
@@ -2009,31 +2037,78 @@ static void subject_free(EvalSubject *s) {
     cJSON_Delete(s->config);
 }
 
+// Fields of a mora run's config.json that do not change what is trained or how it is sampled, so
+// that two runs which differ in them alone are comparable:
+// - out, resume: where the run is written, and how an invocation continued it;
+// - stop_after, device: how one invocation ran (--resume may change both, so the config does not
+//   even describe a whole run); a CUDA run rounds in bf16 where the CPU keeps fp32, no more;
+// - zero, world_size: ZeRO-1 and the ranks split the same computation, only the order of the
+//   floating-point sums differs (test/test_multirank.py);
+// - gen_batch, fwd_batch: how many sequences go through one call; each sequence draws from its
+//   own seed whatever the batching (samples_generate), so only the last bits may move;
+// - log_every, save_every: what is printed and how often a checkpoint is written;
+// - mora: the difference a baseline is there to make.
+static const char *const runs_differ_skip[] = {"out", "resume", "stop_after", "device", "zero", "world_size",
+                                               "gen_batch", "fwd_batch", "log_every", "save_every", "mora"};
+// Read by the isolate and rewrite steps alone (build_stage_pool), which a --mora 0 run skips (its
+// isolation only labels pool.jsonl): they are compared only when both runs are MORA runs.
+static const char *const runs_differ_rewrite_only[] = {"delta", "candidates", "rewrite_K", "cap", "min_chars", "max_chars",
+                                                       "min_overlap", "keep_both", "rewrite_max_new_tokens",
+                                                       "rewrite_temperature"};
+
+static int name_in(const char *name, const char *const *list, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!strcmp(name, list[i])) return 1;
+    return 0;
+}
+
+// A field of a run's config.json; a flag newer than the run (flag_is_optional_in_config), which
+// its config lacks, had its default. NULL where the config does not record the field.
+static const cJSON *run_setting(const cJSON *config, const cJSON *defaults, const char *name) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(config, name);
+    if (v == NULL && flag_is_optional_in_config(name)) v = cJSON_GetObjectItemCaseSensitive(defaults, name);
+    return v;
+}
+
 // The settings that make two mora runs comparable: a baseline differs from its MORA run in
-// --mora alone (DESIGN.md), so any other difference is named in eval's output and report. Returns
-// {field: [MORA run's value, baseline's]} (empty when they agree); list gets the same as text.
+// --mora alone (DESIGN.md), so any other difference is named in eval's output and report. Every
+// field of the two config.json files is compared (the flags, whatever flags a later version adds,
+// and the fingerprints and text settings mora records) except those listed above. Returns
+// {field: [MORA run's value, baseline's]} (empty when they agree; null for a field one run does
+// not record); list gets the same as text.
 static cJSON *runs_differ(const EvalSubject *ms, const EvalSubject *bs, char *list, size_t size) {
-    static const char *const fields[] = {"reference_fingerprint", "heads_fingerprint", "model", "heads", "prompts",
-                                         "algo", "mode", "weights", "stages", "K", "steps", "prompts_per_step",
-                                         "group_size", "ppo_epochs", "lr", "warmup", "kl_beta", "clip_eps", "dpo_beta",
-                                         "temperature", "max_new_tokens", "seq_len", "seed", "chat_template", "stop"};
+    MoraArgs defaults_args = mora_defaults();
+    ArgSpec specs[MORA_N_SPECS];
+    cJSON *defaults = args_to_json("mora", specs, mora_specs(&defaults_args, specs));
+    const cJSON *mm = cJSON_GetObjectItemCaseSensitive(ms->config, "mora"), *bm = cJSON_GetObjectItemCaseSensitive(bs->config, "mora");
+    int both_mora = !(cJSON_IsNumber(mm) && mm->valuedouble == 0) && !(cJSON_IsNumber(bm) && bm->valuedouble == 0);
     cJSON *diff = cJSON_CreateObject();
     size_t used = 0;
     list[0] = '\0';
-    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
-        const cJSON *a = cJSON_GetObjectItemCaseSensitive(ms->config, fields[i]);
-        const cJSON *b = cJSON_GetObjectItemCaseSensitive(bs->config, fields[i]);
-        if (a == NULL || b == NULL || cJSON_Compare(a, b, 1)) continue;
-        cJSON *pair = cJSON_CreateArray();
-        cJSON_AddItemToArray(pair, cJSON_Duplicate(a, 1));
-        cJSON_AddItemToArray(pair, cJSON_Duplicate(b, 1));
-        cJSON_AddItemToObject(diff, fields[i], pair);
-        char *va = cJSON_PrintUnformatted(a), *vb = cJSON_PrintUnformatted(b);
-        if (used < size)
-            used += (size_t)snprintf(list + used, size - used, "%s%s %s vs %s", used ? "; " : "", fields[i], va, vb);
-        free(va);
-        free(vb);
+    // the MORA run's fields in its order, then those only the baseline records
+    const cJSON *configs[2] = {ms->config, bs->config};
+    for (int c = 0; c < 2; c++) {
+        const cJSON *field;
+        cJSON_ArrayForEach(field, configs[c]) {
+            const char *name = field->string;
+            if (c == 1 && cJSON_GetObjectItemCaseSensitive(ms->config, name)) continue;   // seen in the first pass
+            if (name_in(name, runs_differ_skip, sizeof runs_differ_skip / sizeof runs_differ_skip[0])) continue;
+            if (!both_mora && name_in(name, runs_differ_rewrite_only, sizeof runs_differ_rewrite_only / sizeof runs_differ_rewrite_only[0]))
+                continue;
+            const cJSON *a = run_setting(ms->config, defaults, name), *b = run_setting(bs->config, defaults, name);
+            if (a && b && cJSON_Compare(a, b, 1)) continue;
+            cJSON *pair = cJSON_CreateArray();
+            cJSON_AddItemToArray(pair, a ? cJSON_Duplicate(a, 1) : cJSON_CreateNull());
+            cJSON_AddItemToArray(pair, b ? cJSON_Duplicate(b, 1) : cJSON_CreateNull());
+            cJSON_AddItemToObject(diff, name, pair);
+            char *va = a ? cJSON_PrintUnformatted(a) : xstrdup("(not recorded)"), *vb = b ? cJSON_PrintUnformatted(b) : xstrdup("(not recorded)");
+            if (used < size)
+                used += (size_t)snprintf(list + used, size - used, "%s%s %s vs %s", used ? "; " : "", name, va, vb);
+            free(va);
+            free(vb);
+        }
     }
+    cJSON_Delete(defaults);
     return diff;
 }
 
@@ -2044,16 +2119,18 @@ typedef struct {
     double hv_before, hv_after;   // mean per-prompt hypervolume of the presampled z vectors
 } PoolSummary;
 
-static int z_points(const cJSON *presample, float *pts, int max) {
-    int n = 0;
+// The standardised reward vectors of a presample (pool.jsonl), in a new array of *n points (D each).
+static float *z_points(const cJSON *presample, int *n) {
+    float *pts = (float *)mallocCheck(sizeof(float) * D * (cJSON_GetArraySize(presample) + 1));
+    *n = 0;
     const cJSON *r;
     cJSON_ArrayForEach(r, presample) {
         const cJSON *z = cJSON_GetObjectItemCaseSensitive(r, "z");
-        if (n >= max || cJSON_GetArraySize(z) != D) continue;
-        for (int d = 0; d < D; d++) pts[n * D + d] = (float)cJSON_GetArrayItem(z, d)->valuedouble;
-        n++;
+        if (cJSON_GetArraySize(z) != D) continue;
+        for (int d = 0; d < D; d++) pts[*n * D + d] = (float)cJSON_GetArrayItem(z, d)->valuedouble;
+        (*n)++;
     }
-    return n;
+    return pts;
 }
 
 // Summaries of pool.jsonl per stage: the share of single-reward prompts before rewriting (the
@@ -2065,7 +2142,6 @@ static int summarise_pool(const char *path, PoolSummary *out, int max_stages) {
     size_t size;
     char *text = read_file_all(path, &size);
     int n_stages = 0;
-    enum { MAXP = 256 };
     // two passes per stage: the reference point needs every vector of the stage first
     for (int pass = 0; pass < 2; pass++) {
         static float ref[16][D];
@@ -2085,20 +2161,26 @@ static int summarise_pool(const char *path, PoolSummary *out, int max_stages) {
                 for (int s = n_stages; s <= stage; s++) if (pass == 0) { memset(&out[s], 0, sizeof(PoolSummary)); out[s].stage = s; }
                 n_stages = stage + 1;
             }
-            float before[MAXP * D], after[MAXP * D];
-            int nb = z_points(cJSON_GetObjectItemCaseSensitive(o, "presample"), before, MAXP), na = 0;
+            // every presampled response, however large --K and --rewrite_K
+            int nb, na = 0;
+            float *before = z_points(cJSON_GetObjectItemCaseSensitive(o, "presample"), &nb), *after = NULL;
             const cJSON *acc = cJSON_GetObjectItemCaseSensitive(o, "accepted");
             if (cJSON_IsString(acc)) {
                 const cJSON *c;
                 cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(o, "candidates")) {
                     const cJSON *t = cJSON_GetObjectItemCaseSensitive(c, "text");
                     if (cJSON_IsString(t) && !strcmp(t->valuestring, acc->valuestring) && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "valid"))) {
-                        na = z_points(cJSON_GetObjectItemCaseSensitive(c, "presample"), after, MAXP);
+                        after = z_points(cJSON_GetObjectItemCaseSensitive(c, "presample"), &na);
                         break;
                     }
                 }
             }
-            if (na == 0) { memcpy(after, before, sizeof(float) * nb * D); na = nb; }
+            if (na == 0) {
+                free(after);
+                after = (float *)mallocCheck(sizeof(float) * D * (nb + 1));
+                memcpy(after, before, sizeof(float) * nb * D);
+                na = nb;
+            }
             PoolSummary *ps = &out[stage];
             if (pass == 0) {
                 for (int i = 0; i < nb; i++) for (int d = 0; d < D; d++) ref[stage][d] = fminf(ref[stage][d], before[i * D + d]);
@@ -2112,6 +2194,8 @@ static int summarise_pool(const char *path, PoolSummary *out, int max_stages) {
                 ps->hv_before += hypervolume3(before, (size_t)nb, ref[stage]) / ps->n_prompts;
                 ps->hv_after += hypervolume3(after, (size_t)na, ref[stage]) / ps->n_prompts;
             }
+            free(before);
+            free(after);
             cJSON_Delete(o);
         }
         free(copy);
@@ -2176,7 +2260,7 @@ static int eval_untrained_heads(const RewardHeads *h, int untrained[D]) {
 // by the heads on the reference trunk; every response with its rewards goes into `examples`.
 // "overall" is the mean over the dimensions not `untrained` (NaN when every head is).
 static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const PromptData *prompts, int samples, float temperature,
-                            int max_new, int seed, const int untrained[D], const char *label, EvalScores *out, cJSON *examples) {
+                            int top_k, float top_p, int max_new, int seed, const int untrained[D], const char *label, EvalScores *out, cJSON *examples) {
     Model policy;
     model_load(&policy, ckpt, flag, 0, 0, NULL, NULL);
     if (policy.num_parameters != e->ref.num_parameters || policy.config.vocab_size != e->ref.config.vocab_size)
@@ -2190,7 +2274,7 @@ static void evaluate_policy(Engine *e, const char *ckpt, const char *flag, const
     double t0 = wall_seconds();
     // each rank samples and scores its shard of the prompts; every rank then holds all samples
     Samples s;
-    samples_generate_sharded(e, &policy, toks, n, samples, stream_seed(seed, SEED_EVAL, 0, 0), temperature, 0, 1.0f, max_new,
+    samples_generate_sharded(e, &policy, toks, n, samples, stream_seed(seed, SEED_EVAL, 0, 0), temperature, top_k, top_p, max_new,
                              label, 1, &s);
     engine_weights_changed(e, &policy);   // the next policy may be loaded at the same address
     memset(out, 0, sizeof(*out));
@@ -2344,8 +2428,8 @@ static void subject_json(cJSON *rep, const char *who, const EvalSubject *s) {
 int cmd_eval(int argc, char **argv) {
     const char *model = "", *baseline = "", *prompts_path = "", *out = "", *reference = "", *heads = "",
                *chat_template = "", *stop = "", *device = "cpu";
-    int samples = 4, max_new_tokens = 0, seed = 1337, seq_len = 0, gen_batch = 32, fwd_batch = 16;
-    float temperature = 0.0f;
+    int samples = 4, max_new_tokens = 0, seed = 1337, seq_len = 0, gen_batch = 32, fwd_batch = 16, top_k = -1;
+    float temperature = 0.0f, top_p = 0.0f;
     ArgSpec specs[] = {
         {"model", ARG_STRING, &model, "the MORA run directory (its latest checkpoint) or a checkpoint"},
         {"baseline", ARG_STRING, &baseline, "the baseline run directory (--mora 0) or a checkpoint"},
@@ -2355,6 +2439,8 @@ int cmd_eval(int argc, char **argv) {
         {"heads", ARG_STRING, &heads, "reward heads file (default: the run's)"},
         {"samples", ARG_INT, &samples, "responses per prompt"},
         {"temperature", ARG_FLOAT, &temperature, "sampling temperature (0: the run's)"},
+        {"top_k", ARG_INT, &top_k, "sampling top-k (-1: the run's; 0: off)"},
+        {"top_p", ARG_FLOAT, &top_p, "sampling nucleus mass (0: the run's; 1: off)"},
         {"max_new_tokens", ARG_INT, &max_new_tokens, "tokens per response at most (0: the run's)"},
         {"chat_template", ARG_STRING, &chat_template, "auto, none or a template name (default: the run's)"},
         {"stop", ARG_STRING, &stop, "extra stop string (default: the run's)"},
@@ -2377,6 +2463,8 @@ int cmd_eval(int argc, char **argv) {
     args_require_positive_int("gen_batch", gen_batch);
     args_require_positive_int("fwd_batch", fwd_batch);
     args_require_range_float("temperature", temperature, 0.0f, 100.0f);
+    if (top_k < -1) fatal("flag --top_k must be >= 0 (or -1: the run's), got %d", top_k);
+    args_require_range_float("top_p", top_p, 0.0f, 1.0f);
     const int use_gpu = device_resolve(device);
     // one GPU per rank: each samples and scores its shard of the prompts on its own
     device_select_rank_gpu(use_gpu);
@@ -2405,6 +2493,9 @@ int cmd_eval(int argc, char **argv) {
     if (comm_rank() == 0) run_ensure_dir(out, "--out");
     int mnt = max_new_tokens ? max_new_tokens : (run && run->max_new_tokens ? run->max_new_tokens : 48);
     float temp = temperature > 0 ? temperature : (run && run->temperature > 0 ? run->temperature : 1.0f);
+    // top-k and top-p as the run sampled its presample and rollouts (a checkpoint of no run: off)
+    int tk = top_k >= 0 ? top_k : (run ? run->top_k : 0);
+    float tp = top_p > 0 ? top_p : (run && run->top_p > 0 ? run->top_p : 1.0f);
     Engine e;
     const char *ref_flag = reference[0] ? "--reference" : "the run's reference (its config.json \"model\")";
     const char *stop_used = stop[0] ? stop : (run && run->stop ? run->stop : "");
@@ -2429,8 +2520,8 @@ int cmd_eval(int argc, char **argv) {
                                "and --max_new_tokens make them");
         engine_use_gpu(&e);
     }
-    printf("eval: %d prompts x %d samples, temperature %g, max %d new tokens; heads %s on %s\n", prompts.n, samples, temp, mnt,
-           heads_path, ref_path);
+    printf("eval: %d prompts x %d samples, temperature %g, top-k %d, top-p %g, max %d new tokens; heads %s on %s\n", prompts.n,
+           samples, temp, tk, tp, mnt, heads_path, ref_path);
     if (comm_world() > 1)
         printf("ranks: %d (%s): each samples and scores a contiguous 1/%d of the prompts, gathered in their order\n",
                comm_world(), comm_backend_name(), comm_world());
@@ -2446,8 +2537,8 @@ int cmd_eval(int argc, char **argv) {
                n_untrained > 1 ? "s are" : " is", heads_path);
     EvalScores sm, sb;
     cJSON *examples_m = cJSON_CreateArray(), *examples_b = cJSON_CreateArray();
-    evaluate_policy(&e, ms.checkpoint, "--model", &prompts, samples, temp, mnt, seed, untrained, "eval model", &sm, examples_m);
-    evaluate_policy(&e, bs.checkpoint, "--baseline", &prompts, samples, temp, mnt, seed, untrained, "eval baseline", &sb, examples_b);
+    evaluate_policy(&e, ms.checkpoint, "--model", &prompts, samples, temp, tk, tp, mnt, seed, untrained, "eval model", &sm, examples_m);
+    evaluate_policy(&e, bs.checkpoint, "--baseline", &prompts, samples, temp, tk, tp, mnt, seed, untrained, "eval baseline", &sb, examples_b);
 
     PoolSummary pm[16], pb[16];
     int npm = ms.pool ? summarise_pool(ms.pool, pm, 16) : 0;
@@ -2475,6 +2566,8 @@ int cmd_eval(int argc, char **argv) {
     cJSON_AddNumberToObject(rep, "n_prompts", prompts.n);
     cJSON_AddNumberToObject(rep, "samples", samples);
     cJSON_AddNumberToObject(rep, "temperature", temp);
+    cJSON_AddNumberToObject(rep, "top_k", tk);
+    cJSON_AddNumberToObject(rep, "top_p", float_shortest(tp));
     cJSON_AddNumberToObject(rep, "max_new_tokens", mnt);
     cJSON_AddNumberToObject(rep, "seed", seed);
     cJSON_AddStringToObject(rep, "chat_template", template_used);
@@ -2529,9 +2622,9 @@ int cmd_eval(int argc, char **argv) {
                untrained_text);
     append_fmt(&md, &len, "reference (the trunk the heads score on): `%s` (fingerprint %s)  \n", ref_md, ref_fp);
     append_fmt(&md, &len, "prompts: `%s` (%d prompts)  \n", prompts_md, prompts.n);
-    append_fmt(&md, &len, "sampling: %d samples per prompt, temperature %g, max %d new tokens, seed %d, chat template %s, "
-                          "stop %s%s%s, context %d tokens, device %s; text %s%s%s\n\n",
-               samples, temp, mnt, seed, template_used, stop_md[0] ? "`" : "", stop_md[0] ? stop_md : "none",
+    append_fmt(&md, &len, "sampling: %d samples per prompt, temperature %g, top-k %d%s, top-p %g%s, max %d new tokens, seed %d, "
+                          "chat template %s, stop %s%s%s, context %d tokens, device %s; text %s%s%s\n\n",
+               samples, temp, tk, tk ? "" : " (off)", tp, tp < 1.0f ? "" : " (off)", mnt, seed, template_used, stop_md[0] ? "`" : "", stop_md[0] ? stop_md : "none",
                stop_md[0] ? "`" : "", e.context, use_gpu ? "cuda" : "cpu", tokenizer_md[0] ? "by the tokenizer `" : "as byte tokens",
                tokenizer_md, tokenizer_md[0] ? "`" : "");
     free(heads_md); free(ref_md); free(prompts_md); free(stop_md); free(tokenizer_md);
@@ -2601,6 +2694,22 @@ int cmd_eval(int argc, char **argv) {
                        pm[s].n_single_before, 100.0 * pm[s].n_single_before / (pm[s].n_prompts ? pm[s].n_prompts : 1),
                        pm[s].n_single_after, 100.0 * pm[s].n_single_after / (pm[s].n_prompts ? pm[s].n_prompts : 1),
                        pm[s].n_accepted, pm[s].hv_before, pm[s].hv_after);
+        // what "after" measures (summarise_pool): the accepted rewrite's own presample, not fresh
+        // responses, so the figures lean in known directions
+        const cJSON *K = ms.config ? cJSON_GetObjectItemCaseSensitive(ms.config, "K") : NULL;
+        const cJSON *Kr = ms.config ? cJSON_GetObjectItemCaseSensitive(ms.config, "rewrite_K") : NULL;
+        const cJSON *both = ms.config ? cJSON_GetObjectItemCaseSensitive(ms.config, "keep_both") : NULL;
+        char sizes[96] = "";
+        if (cJSON_IsNumber(K) && cJSON_IsNumber(Kr))
+            snprintf(sizes, sizeof sizes, " (here K' = %d against K = %d)", Kr->valueint, K->valueint);
+        append_fmt(&md, &len, "\nAfter rewriting, a prompt whose rewrite was accepted counts as single no more%s, and its "
+                              "hypervolume is that of the accepted rewrite's K' presampled responses, the very ones that "
+                              "selected it among the candidates: the share after is optimistic, and where K' is below K the "
+                              "hypervolume after has fewer points, which lowers it%s. Every other prompt keeps its "
+                              "original's presample.\n",
+                   cJSON_IsTrue(both) || (cJSON_IsNumber(both) && both->valueint) ? " (with --keep_both too, although its original "
+                                                                                      "stays in the training pool)" : "",
+                   sizes);
         append_fmt(&md, &len, "\n");
     }
     snprintf(path, sizeof path, "%s/report.md", out);

@@ -50,7 +50,7 @@ char *rewrite_instruction(const char *prompt, int missing_mask);
 char *rewrite_parse(const char *generated);
 
 typedef struct {
-    int min_chars, max_chars;   // length bounds of a candidate
+    int min_chars, max_chars;   // length bounds of a candidate, in bytes (strlen) after trimming
     float min_overlap;          // share of the original's words the candidate must keep
 } RewriteLimits;
 

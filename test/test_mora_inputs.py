@@ -8,9 +8,16 @@ weights, byte tokens) with heads trained for one epoch: every run takes a second
   heads file replaced after the run started stops --resume and eval;
 - config.json names its inputs by absolute path, so eval and --resume work from any directory;
 - --resume refuses flags that would change the run, and says so when the run is complete;
-- eval names every setting in which the baseline differs from the MORA run;
-- eval's report names its inputs (policies, heads and reference with their fingerprints, computed
-  here with NumPy, prompts, sampling settings) and labels its rows by what each policy is; heads
+- eval names every setting in which the baseline differs from the MORA run, whatever the flag,
+  but not those that change nothing trained or sampled;
+- --adam_eps is the AdamW update's epsilon (one step against NumPy), and a run directory from
+  before the flag resumes with its default;
+- stats.jsonl holds each stage's standardisation statistics, NumPy's over pool.jsonl's raw
+  rewards, one line a stage after --resume as in a run that never stopped;
+- eval's hypervolume of a prompt's presample counts every response (--K 300), against NumPy;
+- eval samples with the run's top-k and top-p (or its flags'), and its report names its inputs
+  (policies, heads and reference with their fingerprints, computed here with NumPy, prompts,
+  sampling settings) and labels its rows by what each policy is; heads
   left untrained (all zeros in the heads file) are marked so and kept out of "overall";
 - dev/plot_run.py on a baseline or a report that is not one stops with a message, not a traceback;
 - flags that cannot work stop before any presampling: --rewrite_max_new_tokens beyond the
@@ -311,6 +318,20 @@ def test_eval_names_how_the_baseline_differs(tiny, tmp_path):
                                                                str(tiny / "heads7" / "model.ckpt")]
     assert "warning: the baseline run differs" in p.stdout
     assert "**Warning:** the baseline run differs" in (tmp_path / "e" / "report.md").read_text()
+    # settings a fixed list of fields once missed, with a batching flag (which changes nothing
+    # trained) and a rewrite flag (which a --mora 0 run never reads): only the first are named,
+    # with the values given here
+    mora(tiny, tmp_path / "bx", "--mora", "0", "--top_p", "0.5", "--grad_clip", "0.3", "--weight_decay", "0.1",
+         "--adv_eps", "0.5", "--gen_batch", "4", "--candidates", "2")
+    run(["eval", "--model", tmp_path / "m", "--baseline", tmp_path / "bx", "--prompts", tiny / "prompts.jsonl",
+         "--samples", "1", "--out", tmp_path / "ex"])
+    differs = json.loads((tmp_path / "ex" / "report.json").read_text())["baseline_differs"]
+    assert differs == {"top_p": [1, 0.5], "grad_clip": [1, 0.3], "weight_decay": [0, 0.1], "adv_eps": [1e-6, 0.5]}, differs
+    # two MORA runs: a rewrite flag is named
+    mora(tiny, tmp_path / "m2", "--candidates", "2")
+    run(["eval", "--model", tmp_path / "m", "--baseline", tmp_path / "m2", "--prompts", tiny / "prompts.jsonl",
+         "--samples", "1", "--out", tmp_path / "em"])
+    assert json.loads((tmp_path / "em" / "report.json").read_text())["baseline_differs"] == {"candidates": [3, 2]}
     # a policy checkpoint against a baseline run: the run's settings (8 new tokens, not eval's 48)
     ckpt = tmp_path / "m" / (tmp_path / "m" / "latest.txt").read_text().strip()
     p = run(["eval", "--model", ckpt, "--baseline", tmp_path / "b", "--prompts", tiny / "prompts.jsonl",
@@ -320,6 +341,137 @@ def test_eval_names_how_the_baseline_differs(tiny, tmp_path):
     # a reward directory is no mora run
     p = run(["eval", "--model", tiny / "heads", "--baseline", tmp_path / "b", "--prompts", tiny / "prompts.jsonl"], ok=False)
     assert p.returncode != 0 and "is a `train_mora reward` directory" in p.stderr, p.stderr
+
+
+def test_eval_samples_with_the_runs_top_k_and_top_p(tiny, tmp_path):
+    """eval samples as the run did: a run with --top_k 1 (greedy: each step takes the most likely
+    token) gives every sample of a prompt the same response, and report.json and report.md name
+    the setting; eval's --top_k 0 turns it off (samples of a random trunk differ), and --top_p
+    0.9 is recorded as given."""
+    mora(tiny, tmp_path / "k1", "--top_k", "1", "--top_p", "0.8")
+
+    def evaluate(name, *flags):
+        out = tmp_path / name
+        run(["eval", "--model", tmp_path / "k1", "--baseline", tmp_path / "k1", "--prompts", tiny / "prompts.jsonl",
+             "--samples", "4", "--max_new_tokens", "6", "--out", out, *flags])
+        rep = json.loads((out / "report.json").read_text())
+        responses = [[r["text"] for r in e["responses"]] for e in rep["model_examples"]]
+        return rep, (out / "report.md").read_text(), responses
+
+    rep, md, responses = evaluate("run")
+    assert (rep["top_k"], rep["top_p"]) == (1, 0.8)
+    assert "top-k 1, top-p 0.8," in md, md
+    assert all(len(set(r)) == 1 for r in responses), responses
+    rep, md, responses = evaluate("off", "--top_k", "0", "--top_p", "0.9")
+    assert (rep["top_k"], rep["top_p"]) == (0, 0.9)
+    assert "top-k 0 (off), top-p 0.9," in md, md
+    assert any(len(set(r)) > 1 for r in responses), responses
+    p = run(["eval", "--model", tmp_path / "k1", "--baseline", tmp_path / "k1", "--prompts", tiny / "prompts.jsonl",
+             "--top_k", "-2"], ok=False)
+    assert p.returncode != 0 and "flag --top_k must be >= 0 (or -1: the run's), got -2" in p.stderr, p.stderr
+
+
+def read_with_moments(path):
+    """A native checkpoint with its AdamW state: params, m, v (float32 each)."""
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    n = int(np.uint32(header[21])) | (int(np.uint32(header[22])) << 32)
+    data = np.fromfile(path, dtype=np.float32, offset=1024)
+    assert data.size == 3 * n, "no AdamW state in the checkpoint"
+    return data[:n], data[n:2 * n], data[2 * n:]
+
+
+def test_adam_eps_is_the_updates_epsilon(tiny, tmp_path):
+    """The first AdamW step from the reference's weights, in NumPy from the moments the checkpoint
+    holds (m = (1 - beta1) g, v = (1 - beta2) g^2 of the clipped gradient g):
+    p1 = p0 - lr * m_hat / (sqrt(v_hat) + eps), with the default eps 1e-8 and with --adam_eps 1,
+    which damps every step of a small gradient. An old run directory whose config.json has no
+    adam_eps resumes with the default."""
+    _, p0 = read_native(tiny / "heads" / "model.ckpt")
+    lr, beta1, beta2 = 1e-2, 0.9, 0.95
+    moved = {}
+    for eps in (None, 1.0):
+        out = tmp_path / f"eps{eps}"
+        mora(tiny, out, "--lr", lr, "--steps", "1", *(["--adam_eps", eps] if eps else []))
+        assert json.loads((out / "config.json").read_text())["adam_eps"] == (eps or 1e-8)
+        p1, m, v = (x.astype(np.float64) for x in read_with_moments(out / "model_step000001.ckpt"))
+        step = lambda e: lr * (m / (1 - beta1)) / (np.sqrt(v / (1 - beta2)) + e)
+        np.testing.assert_allclose(p1, p0 - step(eps or 1e-8), rtol=0, atol=2e-6)
+        moved[eps] = np.abs(p1 - p0).max()
+        if eps:   # the flag is what moved it: the default's step is far from this one
+            assert np.abs(p1 - (p0 - step(1e-8))).max() > 1e-3
+    assert moved[1.0] < 0.1 * moved[None], moved
+    # a run of a version before --adam_eps: its config.json lacks the field
+    full, old = tmp_path / "full", tmp_path / "old"
+    mora(tiny, full)
+    mora(tiny, old, "--stop_after", "1")
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["adam_eps"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    run(["mora", "--resume", old])
+    assert (old / "model_step000002.ckpt").read_bytes() == (full / "model_step000002.ckpt").read_bytes()
+
+
+def test_stats_jsonl_holds_every_stages_statistics(tiny, tmp_path):
+    """A sequential run of two stages, stopped after the first and resumed: stats.jsonl has one
+    line a stage whose mean and std per dimension are NumPy's (population std) over the raw
+    rewards of that stage's presample in pool.jsonl, the bytes of a run that never stopped."""
+    out = tmp_path / "seq"
+    mora(tiny, out, "--mode", "sequential", "--stages", "harmless,helpful", "--steps", "1", "--stop_after", "1")
+    assert [o["stage"] for o in read_jsonl(out / "stats.jsonl")] == [0]
+    run(["mora", "--resume", out])
+    stats, pool = read_jsonl(out / "stats.jsonl"), read_jsonl(out / "pool.jsonl")
+    assert [(o["stage"], o["dim"]) for o in stats] == [(0, "harmless"), (1, "helpful")]
+    for o in stats:
+        raw = np.array([r["raw"] for p in pool if p["stage"] == o["stage"] for r in p["presample"]], np.float64)
+        assert o["responses"] == len(raw) == len(PROMPTS) * 2
+        np.testing.assert_allclose([o["mean"][d] for d in DIMS], raw.mean(axis=0), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose([o["std"][d] for d in DIMS], raw.std(axis=0), rtol=1e-5, atol=1e-7)
+    # the same bytes as a run that never stopped
+    mora(tiny, tmp_path / "full", "--mode", "sequential", "--stages", "harmless,helpful", "--steps", "1")
+    assert (tmp_path / "full" / "stats.jsonl").read_bytes() == (out / "stats.jsonl").read_bytes()
+    assert stats[0]["mean"] != stats[1]["mean"]
+    # the last stage's statistics are pool_state.json's too
+    state = json.loads((out / "pool_state.json").read_text())
+    assert state["mean"] == [stats[1]["mean"][d] for d in DIMS] and state["std"] == [stats[1]["std"][d] for d in DIMS]
+
+
+def hypervolume(points, ref):
+    """Volume dominated by points (n, 3) above ref (3): slabs between consecutive third coordinates,
+    each dominated by the 2-D staircase of the points at or above it."""
+    p = np.maximum(points.astype(np.float64), ref)
+    levels = np.unique(np.concatenate([[ref[2]], p[:, 2]]))[::-1]
+    volume = 0.0
+    for top, bottom in zip(levels[:-1], levels[1:]):
+        xy = p[p[:, 2] >= top][:, :2]
+        xy = xy[np.argsort(-xy[:, 0], kind="stable")]
+        ys = np.maximum.accumulate(xy[:, 1])
+        widths = xy[:, 0] - np.append(xy[1:, 0], ref[0])
+        volume += float((widths * (ys - ref[1])).sum()) * (top - bottom)
+    return volume
+
+
+def test_eval_hypervolume_counts_every_presampled_response(tiny, tmp_path):
+    """--K 300, more than the 256 responses a prompt's summary once held: eval's per-prompt
+    hypervolume of the presampled z vectors (reference point: the stage's per-dimension minimum)
+    is NumPy's over all 300 of pool.jsonl's vectors."""
+    out = tmp_path / "k300"
+    mora(tiny, out, "--mora", "0", "--K", "300", "--max_new_tokens", "4", "--gen_batch", "64", "--steps", "1")
+    run(["eval", "--model", out, "--baseline", out, "--prompts", tiny / "prompts.jsonl", "--samples", "1",
+         "--max_new_tokens", "2"])
+    pool = read_jsonl(out / "pool.jsonl")
+    z = np.array([[r["z"] for r in o["presample"]] for o in pool], np.float32)   # (prompts, 300, 3)
+    assert z.shape == (len(PROMPTS), 300, 3)
+
+    def mean_hypervolume(z):
+        ref = z.reshape(-1, 3).min(axis=0).astype(np.float64)
+        return np.mean([hypervolume(zp, ref) for zp in z])
+
+    want = mean_hypervolume(z)
+    # the responses after the 256th change the figure: a summary cut there would be caught
+    assert abs(mean_hypervolume(z[:, :256]) - want) > 1e-3 * want
+    st = json.loads((out / "report.json").read_text())["model_pool"][0]
+    assert st["hypervolume_before"] == pytest.approx(want, rel=1e-5)
+    assert st["hypervolume_after"] == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -396,7 +548,7 @@ def test_eval_report_names_its_inputs(tiny, pair, tmp_path):
                 baseline=str(b / (b / "latest.txt").read_text().strip()), baseline_run=str(b), baseline_kind="baseline",
                 baseline_label=f"baseline ({b})",
                 heads=str(heads), heads_fingerprint=heads_fp, reference=str(ref), reference_fingerprint=ref_fp,
-                prompts=str(tiny / "prompts.jsonl"), n_prompts=len(PROMPTS), samples=2, max_new_tokens=6, seed=5,
+                prompts=str(tiny / "prompts.jsonl"), n_prompts=len(PROMPTS), samples=2, max_new_tokens=6, seed=5, top_k=0, top_p=1,
                 chat_template="none", stop="", seq_len=CONTEXT, tokenizer=None, device="cpu", untrained=[],
                 overall_dims=["helpful", "harmless", "truthful"])
     assert {k: rep.get(k) for k in want} == want
@@ -406,9 +558,14 @@ def test_eval_report_names_its_inputs(tiny, pair, tmp_path):
         assert r["overall"] == pytest.approx((r["helpful"] + r["harmless"] + r["truthful"]) / 3, abs=1e-12)
     for text in (f"`{m}`", f"`{b}`", f"`{want['model']}`", f"`{want['baseline']}`", f"`{heads}` (fingerprint {heads_fp})",
                  f"`{ref}` (fingerprint {ref_fp})", f"`{tiny / 'prompts.jsonl'}` ({len(PROMPTS)} prompts)",
-                 "2 samples per prompt, temperature 0.5, max 6 new tokens, seed 5, chat template none",
+                 "2 samples per prompt, temperature 0.5, top-k 0 (off), top-p 1 (off), max 6 new tokens, seed 5, "
+                 "chat template none",
                  f"context {CONTEXT} tokens", "byte tokens"):
         assert text in md, (text, md)
+    # under the pool's table: what "after rewriting" is measured on, with SMALL's K' and K
+    assert ("After rewriting, a prompt whose rewrite was accepted counts as single no more, and its hypervolume is "
+            "that of the accepted rewrite's K' presampled responses") in md, md
+    assert "(here K' = 2 against K = 2)" in md, md
     head, rows = table_rows(md)
     assert head == "| | helpful | harmless | truthful | overall |", head
     assert list(rows)[:2] == [f"baseline ({b})", f"MORA ({m})"], rows
