@@ -182,7 +182,7 @@ static void engine_init(Engine *e, const char *model_path, const char *model_fla
     text_encoder_init(&e->enc, e->info.tokenizer_path, chat_template, e->info.chat_template, e->ref.config.vocab_size);
     e->context = seq_len > 0 ? seq_len : e->ref.config.max_seq_len;
     if (e->context > e->ref.config.max_seq_len)
-        fatal("flag --seq_len %d exceeds the model's context of %d", seq_len, e->ref.config.max_seq_len);
+        args_fatal("flag --seq_len %d exceeds the model's context of %d", seq_len, e->ref.config.max_seq_len);
     e->gen_batch = gen_batch;
     e->fwd_batch = fwd_batch;
     if (e->enc.tokenizer && tokenizer_eos_id(e->enc.tokenizer) >= 0) e->stop_ids[e->n_stop_ids++] = tokenizer_eos_id(e->enc.tokenizer);
@@ -737,31 +737,31 @@ static void parse_weights(const char *text, float *w) {
         char *end;
         if (named) {
             char *eq = strchr(tok, '=');
-            if (!eq) fatal("flag --weights: \"%s\" is not name=value (mix of named and positional weights)", tok);
+            if (!eq) args_fatal("flag --weights: \"%s\" is not name=value (mix of named and positional weights)", tok);
             *eq = '\0';
             tok = trim_spaces(tok);
             char *value = trim_spaces(eq + 1);
             int d = mora_dim_from_name(tok);
-            if (d < 0) fatal("flag --weights: unknown dimension \"%s\" (expected helpful, harmless or truthful)", tok);
-            if (named_seen[d]++) fatal("flag --weights \"%s\": %s is given twice", text, tok);
+            if (d < 0) args_fatal("flag --weights: unknown dimension \"%s\" (expected helpful, harmless or truthful)", tok);
+            if (named_seen[d]++) args_fatal("flag --weights \"%s\": %s is given twice", text, tok);
             w[d] = strtof(value, &end);
-            if (end == value || *end) fatal("flag --weights: \"%s\" is not a number for %s", value, tok);
+            if (end == value || *end) args_fatal("flag --weights: \"%s\" is not a number for %s", value, tok);
         } else {
-            if (n >= D) fatal("flag --weights \"%s\": more than %d weights", text, D);
+            if (n >= D) args_fatal("flag --weights \"%s\": more than %d weights", text, D);
             w[n] = strtof(tok, &end);
-            if (end == tok || *end) fatal("flag --weights: \"%s\" is not a number", tok);
+            if (end == tok || *end) args_fatal("flag --weights: \"%s\" is not a number", tok);
         }
         n++;
     }
     free(copy);
-    if (!named && n != D) fatal("flag --weights \"%s\": expected %d weights (helpful, harmless, truthful), got %d", text, D, n);
+    if (!named && n != D) args_fatal("flag --weights \"%s\": expected %d weights (helpful, harmless, truthful), got %d", text, D, n);
     float sum = 0.0f;
     for (int d = 0; d < D; d++) {
-        if (!(w[d] >= 0.0f) || !isfinite(w[d])) fatal("flag --weights: the %s weight is %g; weights must be >= 0", mora_dim_names[d], w[d]);
-        if (w[d] > 1e6f) fatal("flag --weights: the %s weight is %g; weights are relative, at most 1e6", mora_dim_names[d], w[d]);
+        if (!(w[d] >= 0.0f) || !isfinite(w[d])) args_fatal("flag --weights: the %s weight is %g; weights must be >= 0", mora_dim_names[d], w[d]);
+        if (w[d] > 1e6f) args_fatal("flag --weights: the %s weight is %g; weights are relative, at most 1e6", mora_dim_names[d], w[d]);
         sum += w[d];
     }
-    if (sum <= 0.0f) fatal("flag --weights \"%s\": all weights are zero, so no reward would be optimised", text);
+    if (sum <= 0.0f) args_fatal("flag --weights \"%s\": all weights are zero, so no reward would be optimised", text);
 }
 
 // stage dims from "--stages"; returns the count
@@ -771,12 +771,12 @@ static int parse_stages(const char *text, int *dims, int max) {
     for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
         tok = trim_spaces(tok);
         int d = mora_dim_from_name(tok);
-        if (d < 0) fatal("flag --stages: unknown dimension \"%s\" (expected helpful, harmless or truthful)", tok);
-        if (n >= max) fatal("flag --stages: more than %d stages", max);
+        if (d < 0) args_fatal("flag --stages: unknown dimension \"%s\" (expected helpful, harmless or truthful)", tok);
+        if (n >= max) args_fatal("flag --stages: more than %d stages", max);
         dims[n++] = d;
     }
     free(copy);
-    if (n == 0) fatal("flag --stages is empty: name at least one dimension");
+    if (n == 0) args_fatal("flag --stages is empty: name at least one dimension");
     return n;
 }
 
@@ -1626,13 +1626,13 @@ int cmd_mora(int argc, char **argv) {
     // presample or a step, with a checkpoint (stop.h)
     stop_signals_install("mora");
     int stop_after = a->stop_after;
-    if (args_given("resume") && !a->resume[0]) fatal("flag --resume needs the run directory to continue");
+    if (args_given("resume") && !a->resume[0]) args_fatal("flag --resume needs the run directory to continue");
     if (a->resume[0]) {
         // a resumed run keeps its settings: a flag that would change one is refused, not ignored
         for (int i = 0; i < n_specs; i++) {
             const char *name = specs[i].name;
             if (strcmp(name, "resume") && strcmp(name, "stop_after") && strcmp(name, "device") && args_given(name))
-                fatal("flag --%s with --resume: a resumed run keeps the settings in %s/config.json; only --stop_after "
+                args_fatal("flag --%s with --resume: a resumed run keeps the settings in %s/config.json; only --stop_after "
                       "and --device may be given", name, a->resume);
         }
         const char *dir = a->resume;
@@ -1645,18 +1645,18 @@ int cmd_mora(int argc, char **argv) {
     args_require_string("model", a->model, "mora");
     args_require_string("prompts", a->prompts, "mora");
     args_require_string("out", a->out, "mora");
-    if (strcmp(a->algo, "grpo") && strcmp(a->algo, "dpo")) fatal("flag --algo: expected grpo or dpo, got '%s'", a->algo);
+    if (strcmp(a->algo, "grpo") && strcmp(a->algo, "dpo")) args_fatal("flag --algo: expected grpo or dpo, got '%s'", a->algo);
     if (strcmp(a->mode, "simultaneous") && strcmp(a->mode, "sequential"))
-        fatal("flag --mode: expected simultaneous or sequential, got '%s'", a->mode);
-    if (a->mora != 0 && a->mora != 1) fatal("flag --mora: expected 0 or 1, got %d", a->mora);
+        args_fatal("flag --mode: expected simultaneous or sequential, got '%s'", a->mode);
+    if (a->mora != 0 && a->mora != 1) args_fatal("flag --mora: expected 0 or 1, got %d", a->mora);
     m.dpo = !strcmp(a->algo, "dpo");
     m.sequential = !strcmp(a->mode, "sequential");
     parse_weights(a->weights, m.weights);
     m.n_stages = m.sequential ? parse_stages(a->stages, m.stage_dims, 16) : 1;
     if (m.sequential && args_given("weights"))
-        fatal("flag --weights is for --mode simultaneous; --mode sequential optimises one dimension a stage (--stages)");
+        args_fatal("flag --weights is for --mode simultaneous; --mode sequential optimises one dimension a stage (--stages)");
     if (!m.sequential && args_given("stages"))
-        fatal("flag --stages is for --mode sequential; --mode simultaneous optimises the weighted sum (--weights)");
+        args_fatal("flag --stages is for --mode sequential; --mode simultaneous optimises the weighted sum (--weights)");
     args_require_positive_int("K", a->K);
     args_require_positive_int("candidates", a->candidates);
     args_require_positive_int("rewrite_K", a->rewrite_K);
@@ -1666,7 +1666,7 @@ int cmd_mora(int argc, char **argv) {
     args_require_positive_int("prompts_per_step", a->prompts_per_step);
     args_require_positive_int("group_size", a->group_size);
     if (!m.dpo && a->group_size < 2)
-        fatal("flag --group_size %d: GRPO's advantage compares each response with the others of its group, so a group "
+        args_fatal("flag --group_size %d: GRPO's advantage compares each response with the others of its group, so a group "
               "needs at least 2 responses", a->group_size);
     args_require_positive_int("ppo_epochs", a->ppo_epochs);
     args_require_positive_int("gen_batch", a->gen_batch);
@@ -1678,7 +1678,7 @@ int cmd_mora(int argc, char **argv) {
     args_require_nonneg_int("top_k", a->top_k);
     args_require_nonneg_int("seq_len", a->seq_len);
     args_require_positive_int("min_chars", a->min_chars);
-    if (a->max_chars < a->min_chars) fatal("flag --max_chars %d is below --min_chars %d", a->max_chars, a->min_chars);
+    if (a->max_chars < a->min_chars) args_fatal("flag --max_chars %d is below --min_chars %d", a->max_chars, a->min_chars);
     args_require_range_float("min_overlap", a->min_overlap, 0.0f, 1.0f);
     args_require_range_float("temperature", a->temperature, 1e-3f, 100.0f);
     args_require_range_float("rewrite_temperature", a->rewrite_temperature, 0.0f, 100.0f);
@@ -1693,7 +1693,7 @@ int cmd_mora(int argc, char **argv) {
     args_require_range_float("beta1", a->beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a->beta2, 0.0f, 0.999999f);
     args_require_range_float("adam_eps", a->adam_eps, 1e-30f, 1e6f);
-    if (a->zero != 0 && a->zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a->zero);
+    if (a->zero != 0 && a->zero != 1) args_fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a->zero);
     // the device is settled before any work: --device cuda without a GPU stops here
     const int use_gpu = device_resolve(a->device);
     if (use_gpu && a->zero == 1)
@@ -1716,7 +1716,7 @@ int cmd_mora(int argc, char **argv) {
     // data parallel: every step's batch is split over the ranks in equal whole prompts (pairs)
     const int rank = comm_rank(), world = comm_world();
     if (a->prompts_per_step % world != 0)
-        fatal("flag --prompts_per_step %d is not divisible by the %d ranks: each rank takes an equal share of every step's batch",
+        args_fatal("flag --prompts_per_step %d is not divisible by the %d ranks: each rank takes an equal share of every step's batch",
               a->prompts_per_step, world);
     double run_start = wall_seconds();
 
@@ -1729,9 +1729,9 @@ int cmd_mora(int argc, char **argv) {
     snprintf(m.metrics_path, sizeof m.metrics_path, "%s/metrics.jsonl", a->out);
     snprintf(m.stats_path, sizeof m.stats_path, "%s/stats.jsonl", a->out);
     engine_init(&m.e, a->model, "--model", heads_path, a->chat_template, a->stop, a->seq_len, a->gen_batch, a->fwd_batch);
-    if (a->max_new_tokens >= m.e.context) fatal("flag --max_new_tokens %d leaves no room for a prompt in the context of %d", a->max_new_tokens, m.e.context);
+    if (a->max_new_tokens >= m.e.context) args_fatal("flag --max_new_tokens %d leaves no room for a prompt in the context of %d", a->max_new_tokens, m.e.context);
     if (a->mora && a->candidates > 1 && a->rewrite_max_new_tokens >= m.e.context)
-        fatal("flag --rewrite_max_new_tokens %d leaves no room for the rewrite instruction in the context of %d",
+        args_fatal("flag --rewrite_max_new_tokens %d leaves no room for the rewrite instruction in the context of %d",
               a->rewrite_max_new_tokens, m.e.context);
     // the inputs are good: the run directory is made once they are
     if (rank == 0) run_ensure_dir(a->out, "--out");
@@ -2463,7 +2463,7 @@ int cmd_eval(int argc, char **argv) {
     args_require_positive_int("gen_batch", gen_batch);
     args_require_positive_int("fwd_batch", fwd_batch);
     args_require_range_float("temperature", temperature, 0.0f, 100.0f);
-    if (top_k < -1) fatal("flag --top_k must be >= 0 (or -1: the run's), got %d", top_k);
+    if (top_k < -1) args_fatal("flag --top_k must be >= 0 (or -1: the run's), got %d", top_k);
     args_require_range_float("top_p", top_p, 0.0f, 1.0f);
     const int use_gpu = device_resolve(device);
     // one GPU per rank: each samples and scores its shard of the prompts on its own
