@@ -169,6 +169,10 @@ void comm_finalize(void) {
 }
 
 const char *comm_backend_name(void) { return comm_mpi_ ? "mpi" : "single"; }
+const char *comm_host(void) {
+    if (comm_host_[0] == '\0') comm_read_host();
+    return comm_host_;
+}
 
 void comm_barrier(void) {
     if (comm_world_ == 1) return;
@@ -339,6 +343,11 @@ void comm_init(int *argc, char ***argv) {
 
 void comm_finalize(void) { comm_finalized_ = 1; }
 const char *comm_backend_name(void) { return "single"; }
+const char *comm_host(void) {
+    static char host[64] = "";
+    if (host[0] == '\0' && (gethostname(host, sizeof host - 1) != 0 || host[0] == '\0')) snprintf(host, sizeof host, "unknown host");
+    return host;
+}
 int comm_started_by_srun(void) { return 0; }
 void comm_barrier(void) {}
 void comm_all_reduce_sum(float *buf, size_t n) { (void)buf; (void)n; }

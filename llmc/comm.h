@@ -44,6 +44,8 @@ int comm_world(void);       // number of ranks
 int comm_local_rank(void);  // rank among the processes on this node (picks the GPU)
 // "mpi" or "single": what carries the collectives in this build.
 const char *comm_backend_name(void);
+// This machine's name (gethostname), for messages that say where a rank runs.
+const char *comm_host(void);
 // Whether srun started the ranks (rather than an mpirun, which may itself run inside a Slurm step).
 int comm_started_by_srun(void);
 

@@ -24,8 +24,8 @@
 // that into MPI_Abort, so the other ranks (possibly blocked in a collective) exit non-zero too.
 static void comm_nccl_fail(const char *call, const char *message, const char *file, int line) {
     int name_len = (int)strcspn(call, "(");
-    fprintf(stderr, "error: %.*s failed on rank %d of %d: %s (%s:%d)\n", name_len, call, comm_rank(),
-            comm_world(), message, file, line);
+    fprintf(stderr, "error: %.*s failed on rank %d of %d (%s): %s (%s:%d)\n", name_len, call, comm_rank(),
+            comm_world(), comm_host(), message, file, line);
     fflush(stderr);
     exit(1);
 }

@@ -16,7 +16,7 @@
  * exist and comm_nccl_init stops with a message saying NCCL is missing; comm_nccl_select_gpu
  * works either way.
  *
- * Every NCCL or CUDA error prints "error: <call> failed on rank r of W: <message> (file:line)"
+ * Every NCCL or CUDA error prints "error: <call> failed on rank r of W (host): <message> (file:line)"
  * and exits non-zero; under MPI that exit aborts the job (comm.h), so every rank exits non-zero.
  * Streams are cudaStream_t passed as void* so that C code can call this header.
  */

@@ -232,7 +232,7 @@ def test_eval_takes_one_gpu_per_rank(emulated_train_mora, train_mora_bin, tmp_pa
     shared = subprocess.run([MPIRUN, "-np", "2", "--oversubscribe", *args, "--out", str(tmp_path / "shared")],
                             capture_output=True, text=True, env=dict(env, EMU_DEVICES="1"), timeout=900)
     assert shared.returncode != 0, shared.stdout[-2000:]
-    assert re.search(r"error: comm_nccl_select_gpu failed on rank [01] of 2: ranks 0 and 1 both drive GPU 0000:18:00\.0 "
+    assert re.search(r"error: comm_nccl_select_gpu failed on rank [01] of 2 \([^)]+\): ranks 0 and 1 both drive GPU 0000:18:00\.0 "
                      r"on host \S+: more ranks than GPUs on that node \(rank [01] sees 1 GPU\(s\)\); start one rank per GPU",
                      shared.stderr), shared.stderr[-3000:]
     assert not (tmp_path / "shared" / "report.json").exists()
