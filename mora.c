@@ -381,6 +381,42 @@ static void progress_line(const char *label, int done, int total, long tokens, d
     fflush(stdout);
 }
 
+// The tokens of a generated response that make its answer, which the heads score and its text
+// shows: all of them when the length ended it, all but the last when a stop token did, and when a
+// stop string did, the tokens that end before the string's first byte. A stop string may take
+// several tokens ("\n\nHuman:" is three of GPT-2's), all of which generation has produced by the
+// time it matches; a token that holds text of the answer before the string is left out with it.
+static int answer_tokens(const Engine *e, const int *tokens, int R, int finish) {
+    if (finish == FINISH_LENGTH) return R;
+    if (finish != FINISH_STOP_STRING || e->n_stops == 0) return R > 0 ? R - 1 : 0;
+    size_t len = 0, cap = 64;
+    char *text = (char *)mallocCheck(cap);
+    size_t *end = (size_t *)mallocCheck(sizeof(size_t) * (R ? R : 1));   // each token's end in text
+    for (int k = 0; k < R; k++) {
+        size_t n;
+        const unsigned char *b = engine_decode_token((void *)e, tokens[k], &n);
+        if (len + n + 1 > cap) {
+            cap = 2 * (len + n + 1);
+            text = (char *)reallocCheck(text, cap);
+        }
+        memcpy(text + len, b, n);
+        len += n;
+        end[k] = len;
+    }
+    text[len] = '\0';
+    size_t start = len;   // the first byte of the earliest match
+    for (int k = 0; k < e->n_stops; k++) {
+        const char *m = e->stops[k][0] ? strstr(text, e->stops[k]) : NULL;
+        if (m && (size_t)(m - text) < start) start = (size_t)(m - text);
+    }
+    int n_answer = 0;
+    while (n_answer < R && end[n_answer] <= start) n_answer++;
+    free(text);
+    free(end);
+    // no match (a NUL byte inside a token's text hides it): the last token, as for a stop token
+    return start == len ? (R > 0 ? R - 1 : 0) : n_answer;
+}
+
 // K responses to each of n_prompts prompts from `model` (sequence j answers prompt j / K).
 // Generation runs in calls of e->gen_batch sequences; sequence j draws from rng_seed(seed + j)
 // whatever the batching.
@@ -422,7 +458,7 @@ static void samples_generate(Engine *e, Model *model, const TokenList *prompts, 
             s->plen[j] = P;
             s->rlen[j] = R;
             // a final stop token or stop string is not part of the answer the heads score
-            s->slen[j] = r.finish[i] == FINISH_LENGTH ? R : R - 1;
+            s->slen[j] = answer_tokens(e, r.tokens[i], R, r.finish[i]);
             s->seq[j] = (int *)mallocCheck(sizeof(int) * (P + R));
             memcpy(s->seq[j], pp[i], sizeof(int) * P);
             memcpy(s->seq[j] + P, r.tokens[i], sizeof(int) * R);

@@ -288,13 +288,17 @@ static int cmd_train(int argc, char **argv, int sft) {
         {"beta2", ARG_FLOAT, &a.beta2, "AdamW beta2"},
         {"seed", ARG_INT, &a.seed, sft ? "random seed (initialisation of a preset, the examples' order)" : "random seed (initialisation)"},
         {"save_every", ARG_INT, &a.save_every, "checkpoint every N steps (0: only at the end)"},
-        {"val_every", ARG_INT, &a.val_every, "validation loss every N steps (0: off)"},
+        {"val_every", ARG_INT, &a.val_every, sft ? "validation loss every N steps (0: after the last step alone)" : "validation loss every N steps (0: off)"},
         {"val_batches", ARG_INT, &a.val_batches, "batches per validation"},
         {"log_every", ARG_INT, &a.log_every, "print a progress line every N steps"},
-        {"resume", ARG_BOOL, &a.resume, "continue the run in --out from its latest checkpoint (same number of ranks) with the "
-                                         "run's settings from its config.json; --steps (to extend the run), --save_every, --log_every, "
-                                         "--val_every, --val_batches, --val_data, --train_data (the same data elsewhere), --device and "
-                                         "--zero may be given anew, any other flag only with the run's value, --init not at all"},
+        {"resume", ARG_BOOL, &a.resume, sft ? "continue the run in --out from its latest checkpoint (same number of ranks) with the "
+                                               "run's settings from its config.json; --steps (to extend the run), --save_every, --log_every, "
+                                               "--val_every, --val_data, --train_data (the same examples elsewhere), --device and "
+                                               "--zero may be given anew, any other flag only with the run's value, --init not at all"
+                                             : "continue the run in --out from its latest checkpoint (same number of ranks) with the "
+                                               "run's settings from its config.json; --steps (to extend the run), --save_every, --log_every, "
+                                               "--val_every, --val_batches, --val_data, --train_data (the same shards elsewhere), --device and "
+                                               "--zero may be given anew, any other flag only with the run's value, --init not at all"},
         {"zero", ARG_INT, &a.zero, "ZeRO stage under mpirun: 0 every rank holds all AdamW state; 1 each rank holds and updates 1/ranks of it, then the parameters are all-gathered"},
     };
     // the flags of one command alone

@@ -153,7 +153,41 @@ def test_output_loads_in_train_mora(tmp_path, train_mora_bin):
     assert "20 preference pairs" in p.stdout
 
 
-@pytest.mark.parametrize("script", ["pku_saferlhf.py", "hh_rlhf.py", "truthfulqa.py", "ultrafeedback.py"])
+def test_prefs_to_sft(tmp_path, train_mora_bin):
+    """Preference pairs -> fine-tuning examples: the chosen response of each pair, a prompt and
+    response that repeat (one pair a dimension, several rejected responses) once, --dims keeping
+    some dimensions; the output is what `train_mora sft` reads."""
+    prefs = [
+        {"prompt": "How do I boil an egg?", "chosen": "Simmer it 9 minutes.", "rejected": "No.", "dim": "helpful"},
+        {"prompt": "How do I boil an egg?", "chosen": "Simmer it 9 minutes.", "rejected": "Use a kettle?", "dim": "helpful"},
+        {"prompt": "How do I boil an egg?", "chosen": "Simmer it 9 minutes.", "rejected": "Burn it.", "dim": "harmless"},
+        {"prompt": "Is the earth flat?", "chosen": "No, it is round.", "rejected": "Yes.", "dim": "truthful"},
+        {"prompt": "Insult me.", "chosen": "I'd rather not.", "rejected": "You fool.", "dim": "harmless"},
+    ]
+    src = write_jsonl(tmp_path / "prefs.jsonl", prefs)
+    rows, p = convert("prefs_to_sft.py", tmp_path, [src])
+    assert rows == [{"prompt": "How do I boil an egg?", "response": "Simmer it 9 minutes."},
+                    {"prompt": "Is the earth flat?", "response": "No, it is round."},
+                    {"prompt": "Insult me.", "response": "I'd rather not."}]
+    rows, p = convert("prefs_to_sft.py", tmp_path, [src], "--dims", "harmless")
+    assert rows == [{"prompt": "How do I boil an egg?", "response": "Simmer it 9 minutes."},
+                    {"prompt": "Insult me.", "response": "I'd rather not."}]
+    assert "3 pairs of other dimensions left out" in p.stdout
+    r = subprocess.run([train_mora_bin, "sft", "--init", "llama:tiny", "--train_data", str(tmp_path / "out.jsonl"),
+                        "--out", str(tmp_path / "run"), "--batch_size", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "train data: 2 examples" in r.stdout
+    # a bad record names its line and leaves no output behind
+    (tmp_path / "out.jsonl").unlink()
+    bad = write_jsonl(tmp_path / "bad.jsonl", [prefs[0], {"prompt": "x", "chosen": "y", "rejected": "z", "dim": "funny"}])
+    _, p = convert("prefs_to_sft.py", tmp_path, [bad], check=False)
+    assert p.returncode == 1 and f"{bad}:2: unknown dim" in p.stderr
+    assert not (tmp_path / "out.jsonl").exists() and not list(tmp_path.glob("out.jsonl.tmp.*"))
+    _, p = convert("prefs_to_sft.py", tmp_path, [src], "--dims", "honest", check=False)
+    assert p.returncode != 0 and "unknown dimension 'honest'" in p.stderr
+
+
+@pytest.mark.parametrize("script", ["pku_saferlhf.py", "hh_rlhf.py", "truthfulqa.py", "ultrafeedback.py", "prefs_to_sft.py"])
 def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, script):
     try:
         import pyarrow  # noqa: F401

@@ -13,7 +13,9 @@ preferences), checked against references computed here from the run's own record
 - bad input (empty or malformed prompt file, unknown dims, negative or all-zero weights, a model
   without reward heads) stops with a clear error before any work starts;
 - `--device cuda` without a GPU (this machine, CI) stops mora and eval with pretrain's message,
-  before any file is read or written.
+  before any file is read or written;
+- a stop string of several tokens is cut from the response whole: the text pool.jsonl records and
+  the position the heads score are those of the answer before it.
 """
 import json
 import math
@@ -307,3 +309,44 @@ def test_device_cuda_without_gpu_fails_before_work(tmp_path, command):
     assert not out.exists()
     p = run([*args[:-1], "tpu"], ok=False)
     assert p.returncode != 0 and "--device tpu: expected cpu, cuda or auto" in p.stderr, p.stderr
+
+
+def test_a_stop_string_of_several_tokens_is_not_scored(tmp_path):
+    """A byte-level model fine-tuned (sft) to answer "Sure, it is. END now" runs mora
+    with --stop END, greedily: generation ends on the token that completes END, three tokens
+    after the answer (the examples and --max_new_tokens leave the rendered prompt whole in the
+    tiny model's context of 64). The response pool.jsonl records is the text before END, and its raw
+    rewards are the heads' scores at the answer's last token: those the test tool gives for the
+    prompt rendered by the plain template (spelled out here) followed by the answer's bytes,
+    scored from the run's trunk, and the NumPy heads agree with the tool."""
+    from test_reward_cmd import TOOL, planted, write_jsonl
+    from test_reward_heads import oracle_rewards, read_heads
+    prompts = ["Bake bread?", "The moon?"]
+    answer = "Sure, it is. "
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": q, "response": answer + "END now"} for q in prompts])
+    run(["sft", "--init", "llama:tiny", "--train_data", str(tmp_path / "sft.jsonl"), "--chat_template", "plain",
+         "--out", str(tmp_path / "sft"), "--steps", "150", "--lr", "1e-2", "--batch_size", "2"])
+    write_jsonl(tmp_path / "pairs.jsonl", planted(6, seed=3))
+    run(["reward", "--model", str(tmp_path / "sft"), "--data", str(tmp_path / "pairs.jsonl"), "--chat_template", "plain",
+         "--out", str(tmp_path / "heads"), "--epochs", "1", "--seed", "4"])
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in prompts])
+    run(["mora", "--model", str(tmp_path / "sft"), "--heads", str(tmp_path / "heads" / "reward_heads.bin"),
+         "--prompts", str(tmp_path / "prompts.jsonl"), "--chat_template", "plain", "--stop", "END", "--K", "2",
+         "--top_k", "1", "--max_new_tokens", "22", "--mora", "0", "--steps", "1", "--prompts_per_step", "2",
+         "--group_size", "2", "--out", str(tmp_path / "run")])
+    pool = read_jsonl(tmp_path / "run" / "pool.jsonl")
+    first = pool[0]["presample"]
+    assert [r["response"] for r in first] == [answer, answer], first
+    seqs = [list(("\n\nHuman: " + prompts[0] + "\n\nAssistant:" + answer).encode())]
+    (tmp_path / "seqs.json").write_text(json.dumps({"seqs": seqs}))
+    trunk = (tmp_path / "sft" / (tmp_path / "sft" / "latest.txt").read_text().strip())
+    p = subprocess.run([TOOL, "score", str(trunk), str(tmp_path / "heads" / "reward_heads.bin"),
+                        str(tmp_path / "seqs.json"), str(tmp_path / "scored.json")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    scored = json.loads((tmp_path / "scored.json").read_text())
+    f = read_heads(tmp_path / "heads" / "reward_heads.bin")
+    hidden = np.array(scored["batch_hidden"], dtype=np.float64).reshape(1, f["C"])
+    want = oracle_rewards(f["params"], f["kind"], f["act"], f["C"], f["H"], hidden)[0]
+    np.testing.assert_allclose(np.array(scored["batch_rewards"]).reshape(3), want, rtol=1e-5, atol=1e-6)
+    for r in first:
+        np.testing.assert_allclose(r["raw"], want, rtol=1e-4, atol=1e-5)
