@@ -341,9 +341,9 @@ int cmd_reward(int argc, char **argv) {
     args_require_string("data", a.data, "reward");
     args_require_string("out", a.out, "reward");
     int kind = reward_head_kind_from_name(a.head);
-    if (kind < 0) fatal("flag --head: expected linear or mlp, got '%s'", a.head);
+    if (kind < 0) args_fatal("flag --head: expected linear or mlp, got '%s'", a.head);
     int act = reward_head_activation_from_name(a.head_act);
-    if (act < 0) fatal("flag --head_act: expected gelu or relu, got '%s'", a.head_act);
+    if (act < 0) args_fatal("flag --head_act: expected gelu or relu, got '%s'", a.head_act);
     if (kind == REWARD_HEAD_MLP) args_require_positive_int("head_hidden", a.head_hidden);
     args_require_range_float("val_frac", a.val_frac, 0.0f, 0.9f);
     args_require_positive_int("epochs", a.epochs);
@@ -355,7 +355,7 @@ int cmd_reward(int argc, char **argv) {
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
     // the update is m / (sqrt(v) + eps): with eps 0 a parameter whose gradient is 0 gets 0 / 0
-    if (!(a.eps > 0.0f && a.eps <= 1.0f)) fatal("flag --eps must be in (0, 1], got %g (AdamW's epsilon)", a.eps);
+    if (!(a.eps > 0.0f && a.eps <= 1.0f)) args_fatal("flag --eps must be in (0, 1], got %g (AdamW's epsilon)", a.eps);
     const int use_gpu = device_resolve(a.device);
     // under mpirun/srun the ranks share the trunk's forwards (one GPU per rank under --device
     // cuda); rank 0 then trains the heads and writes the files
@@ -385,7 +385,7 @@ int cmd_reward(int argc, char **argv) {
     if (comm_world() > 1) run_require_same_on_ranks(params_fingerprint(model.params, model.num_parameters), what);
     const ModelConfig *mc = &model.config;
     int max_len = a.seq_len > 0 ? a.seq_len : mc->max_seq_len;
-    if (max_len > mc->max_seq_len) fatal("flag --seq_len %d exceeds the model's context of %d", max_len, mc->max_seq_len);
+    if (max_len > mc->max_seq_len) args_fatal("flag --seq_len %d exceeds the model's context of %d", max_len, mc->max_seq_len);
     char where[320];
     device_describe(use_gpu, where, sizeof where);
     printf("trunk: %s (%s) L=%d C=%d V=%d maxT=%d, frozen; context %d tokens; device %s\n", a.model,

@@ -164,7 +164,7 @@ static void train_resume_settings(const ArgSpec *specs, int n_specs, const char 
             if (!cJSON_IsString(v)) fatal("%s: field \"%s\" must be a string", path, s->name);
             const char **dest = (const char **)s->dest;
             if (given && strcmp(*dest, v->valuestring))
-                fatal("flag --%s %s differs from the run's %s (%s): a resumed run keeps its settings",
+                args_fatal("flag --%s %s differs from the run's %s (%s): a resumed run keeps its settings",
                       s->name, *dest, v->valuestring, path);
             *dest = xstrdup(v->valuestring);
         } else if (s->type == ARG_FLOAT) {
@@ -173,7 +173,7 @@ static void train_resume_settings(const ArgSpec *specs, int n_specs, const char 
             if (given && *dest != run) {
                 char a[32], b[32];
                 format_float_pair(*dest, run, a, b, sizeof a);
-                fatal("flag --%s %s differs from the run's %s (%s): a resumed run keeps its settings", s->name, a, b, path);
+                args_fatal("flag --%s %s differs from the run's %s (%s): a resumed run keeps its settings", s->name, a, b, path);
             }
             *dest = run;
         } else {
@@ -181,7 +181,7 @@ static void train_resume_settings(const ArgSpec *specs, int n_specs, const char 
                 fatal("%s: field \"%s\" must be an integer", path, s->name);
             int *dest = (int *)s->dest;
             if (given && *dest != v->valueint)
-                fatal("flag --%s %d differs from the run's %d (%s): a resumed run keeps its settings",
+                args_fatal("flag --%s %d differs from the run's %d (%s): a resumed run keeps its settings",
                       s->name, *dest, v->valueint, path);
             *dest = v->valueint;
         }
@@ -334,10 +334,10 @@ static int cmd_train(int argc, char **argv, int sft) {
     stop_signals_install(cmd);
     if (a.resume) {
         if (args_given("init"))
-            fatal("flag --init with --resume: a resumed run continues from its latest checkpoint in --out; "
+            args_fatal("flag --init with --resume: a resumed run continues from its latest checkpoint in --out; "
                   "drop --init, or start a new run from it in another --out");
         // nothing is created for a run that is not there
-        if (!a.out[0]) fatal("flag --resume needs --out, the run directory to continue");
+        if (!a.out[0]) args_fatal("flag --resume needs --out, the run directory to continue");
         if (!run_is_dir(a.out)) fatal("--resume: --out %s is not a directory (no run to resume)", a.out);
         train_resume_settings(specs, n_specs, a.out, cmd);
     }
@@ -350,8 +350,8 @@ static int cmd_train(int argc, char **argv, int sft) {
     if (sft) {
         args_require_nonneg_int("steps", a.steps);
         args_require_positive_int("epochs", a.epochs);
-        if (a.shuffle != 0 && a.shuffle != 1) fatal("flag --shuffle: expected 0 or 1, got %d", a.shuffle);
-        if (a.skip_bad != 0 && a.skip_bad != 1) fatal("flag --skip_bad: expected 0 or 1, got %d", a.skip_bad);
+        if (a.shuffle != 0 && a.shuffle != 1) args_fatal("flag --shuffle: expected 0 or 1, got %d", a.shuffle);
+        if (a.skip_bad != 0 && a.skip_bad != 1) args_fatal("flag --skip_bad: expected 0 or 1, got %d", a.skip_bad);
     } else {
         args_require_positive_int("steps", a.steps);
     }
@@ -366,14 +366,14 @@ static int cmd_train(int argc, char **argv, int sft) {
     args_require_range_float("grad_clip", a.grad_clip, 0.0f, 1e9f);
     args_require_range_float("beta1", a.beta1, 0.0f, 0.999999f);
     args_require_range_float("beta2", a.beta2, 0.0f, 0.999999f);
-    if (a.zero != 0 && a.zero != 1) fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a.zero);
+    if (a.zero != 0 && a.zero != 1) args_fatal("flag --zero: expected 0 or 1 (ZeRO stage), got %d", a.zero);
     if (a.val_every > 0 && !a.val_data[0])
-        fatal("flag --val_every %d needs --val_data (the validation %s)", a.val_every, sft ? "examples" : "shards");
+        args_fatal("flag --val_every %d needs --val_data (the validation %s)", a.val_every, sft ? "examples" : "shards");
     // sft validates after its last step whenever it has --val_data
     if (!sft && a.val_data[0] && a.val_every == 0)
-        fatal("flag --val_data is given but --val_every is 0 (off): set --val_every N to validate every N steps");
+        args_fatal("flag --val_data is given but --val_every is 0 (off): set --val_every N to validate every N steps");
     if (a.min_lr > a.lr)
-        fatal("flag --min_lr %g is above --lr %g: the cosine decay goes from --lr down to --min_lr", a.min_lr, a.lr);
+        args_fatal("flag --min_lr %g is above --lr %g: the cosine decay goes from --lr down to --min_lr", a.min_lr, a.lr);
     const int use_gpu = device_resolve(a.device);
     device_print(use_gpu);
     const int rank = comm_rank(), world = comm_world();
@@ -427,7 +427,7 @@ static int cmd_train(int argc, char **argv, int sft) {
     free(resume_path);
     if (sft && !seq_len_given && !a.resume && a.seq_len > model.config.max_seq_len) a.seq_len = model.config.max_seq_len;
     if (a.seq_len > model.config.max_seq_len)
-        fatal("flag --seq_len %d exceeds the model's context length %d", a.seq_len, model.config.max_seq_len);
+        args_fatal("flag --seq_len %d exceeds the model's context length %d", a.seq_len, model.config.max_seq_len);
     // every rank built the model the same way; rank 0's parameters are made the ones everyone
     // starts from, so the ranks cannot drift apart through a file that differs between nodes
     // (on GPUs by NCCL, once the GPU model exists)
@@ -852,15 +852,15 @@ static int cmd_generate(int argc, char **argv) {
     args_parse(argc, argv, 2, specs, (int)(sizeof specs / sizeof specs[0]), "generate",
                "Samples a continuation of --prompt (or a chat reply with --chat) and streams it to stdout.");
     args_require_string("model", model_path, "generate");
-    if (prompt[0] == '\0') fatal("flag --prompt is empty: give the text to continue");
+    if (prompt[0] == '\0') args_fatal("flag --prompt is empty: give the text to continue");
     args_require_positive_int("max_new_tokens", max_new_tokens);
     args_require_nonneg_int("top_k", top_k);
     args_require_range_float("temperature", temperature, 0.0f, 100.0f);
     args_require_range_float("top_p", top_p, 1e-6f, 1.0f);
     if (!chat && args_given("system"))
-        fatal("flag --system applies only with --chat (it is the system turn of the chat template): add --chat or drop --system");
+        args_fatal("flag --system applies only with --chat (it is the system turn of the chat template): add --chat or drop --system");
     if (!chat && args_given("template"))
-        fatal("flag --template applies only with --chat (the prompt is otherwise continued as it is): add --chat or drop --template");
+        args_fatal("flag --template applies only with --chat (the prompt is otherwise continued as it is): add --chat or drop --template");
     const int use_gpu = device_resolve(device);
     // stdout carries the generated text alone (generate > out.txt)
     char device_desc[320];
@@ -994,7 +994,7 @@ static int cmd_export(int argc, char **argv) {
     args_require_string("out", out, "export");
     int bf16 = !strcmp(dtype, "bfloat16") || !strcmp(dtype, "bf16");
     if (!bf16 && strcmp(dtype, "float32") && strcmp(dtype, "f32"))
-        fatal("flag --dtype: expected float32 or bfloat16, got '%s'", dtype);
+        args_fatal("flag --dtype: expected float32 or bfloat16, got '%s'", dtype);
     const char *written[] = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"};
     char path[4400];
     for (int i = 0; i < 4; i++) {

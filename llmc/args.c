@@ -3,6 +3,7 @@
 #include "comm.h"
 #include <float.h>
 #include <math.h>
+#include <signal.h>
 #include <unistd.h>
 #include <cjson/cJSON.h>
 
@@ -10,9 +11,16 @@
 // 0 says it and its exit aborts the job, while the others wait a while before saying it too, so
 // that 64 ranks print one line, not 64. (They do say it after the wait: under a launch that gives
 // ranks different command lines rank 0 may have no error at all.)
-static void flag_error(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-static void flag_error(const char *fmt, ...) {
-    if (comm_rank() != 0) sleep(10);
+void args_fatal(const char *fmt, ...) {
+    if (comm_rank() != 0) {
+        // the launcher ends this rank with SIGTERM once rank 0 has aborted: a stop handler
+        // (stop.h) installed after the parsing would take it for a request to stop after a step,
+        // cut the wait short and have this rank say the error too
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGINT, SIG_DFL);
+        signal(SIGUSR1, SIG_DFL);
+        sleep(10);
+    }
     char msg[4096];
     va_list ap;
     va_start(ap, fmt);
@@ -51,9 +59,9 @@ static void set_value(const ArgSpec *s, const char *value, const char *command) 
             errno = 0;
             long v = strtol(value, &end, 10);
             if (end == value || *end != '\0')
-                flag_error("flag --%s: expected an integer, got '%s' (see train_mora %s --help)", s->name, value, command);
+                args_fatal("flag --%s: expected an integer, got '%s' (see train_mora %s --help)", s->name, value, command);
             if (errno == ERANGE || v < -2147483647L || v > 2147483647L)
-                flag_error("flag --%s: %s is out of range (an integer from -2147483647 to 2147483647)", s->name, value);
+                args_fatal("flag --%s: %s is out of range (an integer from -2147483647 to 2147483647)", s->name, value);
             *(int *)s->dest = (int)v;
             break;
         }
@@ -61,12 +69,12 @@ static void set_value(const ArgSpec *s, const char *value, const char *command) 
             errno = 0;
             double v = strtod(value, &end);
             if (end == value || *end != '\0')
-                flag_error("flag --%s: expected a number, got '%s' (see train_mora %s --help)", s->name, value, command);
+                args_fatal("flag --%s: expected a number, got '%s' (see train_mora %s --help)", s->name, value, command);
             if (isnan(v) || (isinf(v) && errno != ERANGE))
-                flag_error("flag --%s: expected a finite number, got '%s'", s->name, value);
+                args_fatal("flag --%s: expected a finite number, got '%s'", s->name, value);
             // the flags are floats: a value that is not zero must stay a normal nonzero float
             if (errno == ERANGE || fabs(v) > FLT_MAX || (v != 0.0 && fabs(v) < FLT_MIN))
-                flag_error("flag --%s: %s is out of range (a float's magnitude is 0 or from %g to %g)", s->name, value,
+                args_fatal("flag --%s: %s is out of range (a float's magnitude is 0 or from %g to %g)", s->name, value,
                       (double)FLT_MIN, (double)FLT_MAX);
             *(float *)s->dest = (float)v;
             break;
@@ -74,7 +82,7 @@ static void set_value(const ArgSpec *s, const char *value, const char *command) 
         case ARG_BOOL:
             if (!strcmp(value, "1") || !strcmp(value, "true")) *(int *)s->dest = 1;
             else if (!strcmp(value, "0") || !strcmp(value, "false")) *(int *)s->dest = 0;
-            else flag_error("flag --%s: expected 0 or 1, got '%s' (see train_mora %s --help)", s->name, value, command);
+            else args_fatal("flag --%s: expected 0 or 1, got '%s' (see train_mora %s --help)", s->name, value, command);
             break;
         case ARG_STRING:
             *(const char **)s->dest = value;
@@ -105,24 +113,24 @@ void args_parse(int argc, char **argv, int first, const ArgSpec *specs, int n_sp
     for (int i = first; i < argc; i++) {
         const char *a = argv[i];
         if (strncmp(a, "--", 2) != 0)
-            flag_error("unexpected argument '%s': flags are --name value (see train_mora %s --help)", a, command);
+            args_fatal("unexpected argument '%s': flags are --name value (see train_mora %s --help)", a, command);
         const char *name = a + 2;
         const char *eq = strchr(name, '=');
         size_t name_len = eq ? (size_t)(eq - name) : strlen(name);
         const ArgSpec *spec = find_spec(specs, n_specs, name, name_len);
-        if (spec == NULL) flag_error("unknown flag '%.*s' for train_mora %s (see --help)", (int)(name_len + 2), a, command);
+        if (spec == NULL) args_fatal("unknown flag '%.*s' for train_mora %s (see --help)", (int)(name_len + 2), a, command);
         const char *value;
         if (eq) value = eq + 1;
         else if (spec->type == ARG_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0)) value = "1";
         else {
-            if (i + 1 >= argc) flag_error("flag --%s needs a value (see train_mora %s --help)", spec->name, command);
+            if (i + 1 >= argc) args_fatal("flag --%s needs a value (see train_mora %s --help)", spec->name, command);
             // "--out --resume" forgot the value: the next word is one of this command's flags
             const char *next = argv[i + 1];
             if (!strncmp(next, "--", 2)) {
                 const char *next_eq = strchr(next + 2, '=');
                 size_t next_len = next_eq ? (size_t)(next_eq - next - 2) : strlen(next + 2);
                 if (find_spec(specs, n_specs, next + 2, next_len) || !strcmp(next, "--help"))
-                    flag_error("flag --%s needs a value, but the next word is the flag %s (for a value that starts with "
+                    args_fatal("flag --%s needs a value, but the next word is the flag %s (for a value that starts with "
                           "--, write --%s=VALUE)", spec->name, next, spec->name);
             }
             value = argv[++i];
@@ -141,16 +149,16 @@ int args_given(const char *name) {
 }
 
 void args_require_positive_int(const char *name, int value) {
-    if (value <= 0) flag_error("flag --%s must be positive, got %d", name, value);
+    if (value <= 0) args_fatal("flag --%s must be positive, got %d", name, value);
 }
 void args_require_nonneg_int(const char *name, int value) {
-    if (value < 0) flag_error("flag --%s must be >= 0, got %d", name, value);
+    if (value < 0) args_fatal("flag --%s must be >= 0, got %d", name, value);
 }
 void args_require_range_float(const char *name, float value, float lo, float hi) {
-    if (!(value >= lo && value <= hi)) flag_error("flag --%s must be in [%g, %g], got %g", name, lo, hi, value);
+    if (!(value >= lo && value <= hi)) args_fatal("flag --%s must be in [%g, %g], got %g", name, lo, hi, value);
 }
 void args_require_string(const char *name, const char *value, const char *command) {
-    if (value == NULL || value[0] == '\0') flag_error("flag --%s is required (see train_mora %s --help)", name, command);
+    if (value == NULL || value[0] == '\0') args_fatal("flag --%s is required (see train_mora %s --help)", name, command);
 }
 
 cJSON *args_to_json(const char *command, const ArgSpec *specs, int n_specs) {

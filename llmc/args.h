@@ -24,6 +24,11 @@ void args_parse(int argc, char **argv, int first, const ArgSpec *specs, int n_sp
 // Whether the last args_parse call was given --NAME (a flag left at its default is not given).
 int args_given(const char *name);
 
+// An error in the flags, which every rank meets alike (a value out of range, two flags that
+// contradict each other, a flag the model cannot take): said once, by rank 0, whose exit aborts
+// the job; the other ranks wait ten seconds before saying it themselves.
+void args_fatal(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+
 // Validation helpers for after parsing: exit with "flag --NAME: ..." when violated.
 // A JSON object {"command": COMMAND, NAME: value, ...} of every flag's value (a run's config.json);
 // float flags are written with the fewest digits that give their value back (float_shortest).

@@ -815,3 +815,7 @@ def test_a_flag_error_is_said_once(tmp_path, data):
     p = run([str(ROOT / "train_mora"), *common("llama:tiny", data), "--out", str(tmp_path / "r"), "--steps", "x"],
             ranks=2, timeout=120)
     assert p.returncode != 0 and p.stderr.count("flag --steps: expected an integer, got 'x'") == 1, p.stderr
+    # a command's own check of its flags after parsing, which every rank makes alike
+    p = run([str(ROOT / "train_mora"), *common("llama:tiny", data), "--out", str(tmp_path / "r"), "--lr", "1e-4",
+             "--min_lr", "1e-3"], ranks=2, timeout=120)
+    assert p.returncode != 0 and p.stderr.count("flag --min_lr 0.001 is above --lr 0.0001") == 1, p.stderr
