@@ -89,11 +89,12 @@ def rel(a, b):
     return abs(a - b) / abs(b)
 
 
-def token_losses(params, cfg, seqs, T):
+def token_losses(params, cfg, seqs, T, rows=None):
     """Per-position next-token cross-entropy of each sequence (a list of token-id lists, each of at
-    most T tokens: the width of the oracle's batch) from the float64 oracle: row b, position t predicts seqs[b][t + 1]. Rows are
-    padded on the right; the causal mask keeps padding out of earlier positions."""
-    B = len(seqs)
+    most T tokens: the width of the oracle's batch) from the float64 oracle: row b, position t
+    predicts seqs[b][t + 1]. Rows are padded on the right; the causal mask keeps padding out of
+    earlier positions. `rows` pads the batch with empty rows (one shape, one compilation)."""
+    B = rows or len(seqs)
     tokens = np.zeros((B, T), np.int32)
     for b, s in enumerate(seqs):
         assert len(s) <= T
@@ -413,6 +414,9 @@ SMOL_VAL = [
 ]
 
 
+SMOL_SHAPE = (7, 72)   # every oracle batch on SmolLM2: 7 rows of 72 tokens
+
+
 @pytest.fixture(scope="module")
 def smol_ref(smollm2_gguf):
     return smollm2_oracle(smollm2_gguf)
@@ -431,9 +435,8 @@ def smol_run(smollm2_gguf, smol_ref, tmp_path_factory):
             "--grad_accum", 2, "--seq_len", 72, "--shuffle", 0, "--steps", 1, "--lr", 0, env=SMOL_THREADS)
     ref = smol_ref
     ex = [smollm2_example(ref, r["prompt"], r["response"]) for r in SMOL_TRAIN + SMOL_VAL]
-    T = max(len(s) for s, _ in ex)
-    assert T <= 72
-    losses = token_losses(ref["params"], ref["cfg"], [s for s, _ in ex], T)
+    assert max(len(s) for s, _ in ex) <= SMOL_SHAPE[1]
+    losses = token_losses(ref["params"], ref["cfg"], [s for s, _ in ex], SMOL_SHAPE[1], rows=SMOL_SHAPE[0])
     yield dict(out=out, p=p, ex=ex, losses=losses, ref=ref)
     shutil.rmtree(out, ignore_errors=True)   # 1.6 GB of checkpoint (weights and AdamW moments)
 
@@ -501,25 +504,24 @@ def test_smollm2_checkpoint_carries_tokenizer_and_template(smol_run, smollm2_ggu
     assert from_run.stdout == from_gguf.stdout, (from_run.stdout, from_gguf.stdout)
 
 
-def test_smollm2_without_template_ends_with_eos(smollm2_gguf, smol_ref, tmp_path):
+def test_smollm2_without_template_ends_with_eos(smollm2_gguf, smol_run, tmp_path):
     """--chat_template none on SmolLM2: the prompt's own tokens (no system prompt, no headers),
     the response, then the tokenizer's end-of-sequence token (tokenizer.ggml.eos_token_id of the
     GGUF); the step-1 loss is the oracle's mean over the response and EOS targets."""
     import gguf
     eos = int(gguf.GGUFReader(smollm2_gguf).fields["tokenizer.ggml.eos_token_id"].contents())
-    ref = smol_ref
+    ref = smol_run["ref"]
     rows = SMOL_TRAIN[:2]
     ex = []
     for r in rows:
         p = ref["tk"].encode(r["prompt"]).ids
         ex.append((p + ref["plain_tk"].encode(r["response"], add_special_tokens=False).ids + [eos], len(p)))
-    losses = token_losses(ref["params"], ref["cfg"], [s for s, _ in ex], max(len(s) for s, _ in ex))
+    losses = token_losses(ref["params"], ref["cfg"], [s for s, _ in ex], SMOL_SHAPE[1], rows=SMOL_SHAPE[0])
     pairs = list(zip(losses, [n for _, n in ex]))
     want = masked_mean(pairs)
-    # the chat-rendered examples of smol_run are other numbers
-    chat = [smollm2_example(ref, r["prompt"], r["response"]) for r in rows]
-    chat_losses = token_losses(ref["params"], ref["cfg"], [s for s, _ in chat], max(len(s) for s, _ in chat))
-    assert rel(masked_mean(list(zip(chat_losses, [n for _, n in chat]))), want) > 0.05
+    # the chat-rendered examples (smol_run's first two) are other numbers
+    chat = list(zip(smol_run["losses"][:2], [n for _, n in smol_run["ex"][:2]]))
+    assert rel(masked_mean(chat), want) > 0.05, (masked_mean(chat), want)
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     out = tmp_path / "run"
     sft("--init", smollm2_gguf, "--train_data", data, "--out", out, "--chat_template", "none", "--batch_size", 2,
@@ -567,6 +569,15 @@ def test_tiny_model_learns_the_responses_and_the_end_of_turn(byte_tokenizer, tmp
                  "--max_new_tokens", 34])
         assert p.stdout.rstrip("\n") == r["response"], (r, p.stdout, p.stderr[-2000:])
         assert "generated (stop)" in p.stderr, p.stderr
+    # a new sft run from this run directory takes the tokenizer and template its checkpoint
+    # carries: on the same examples (--lr 0) its first loss is the trained one, which another
+    # rendering of the prompts (here none, the preset's own) would not give
+    again = tmp_path / "again"
+    sft("--init", out, "--train_data", data, "--out", again, "--seq_len", 64, "--batch_size", 2, "--steps", 1,
+        "--lr", 0, "--shuffle", 0)
+    assert read_metrics(again)[0]["loss"] < 0.05, read_metrics(again)
+    cfg = json.load(open(again / "config.json"))
+    assert cfg["model_chat_template"] == "plain" and cfg["model_tokenizer"] == byte_tokenizer, cfg
 
 
 # ----------------------------------------------------------------------------------------------
