@@ -31,7 +31,6 @@ The references are independent of train_mora's code:
     resuming a pretrain run with sft and the reverse, flags changed on resume.
 """
 import json
-import math
 import os
 import re
 import shutil
