@@ -142,7 +142,7 @@ static void train_resume_settings(const ArgSpec *specs, int n_specs, const char 
     cJSON *cfg = run_read_json(path);
     const cJSON *command = cJSON_GetObjectItemCaseSensitive(cfg, "command");
     if (!cJSON_IsString(command) || strcmp(command->valuestring, cmd))
-        fatal("--resume: %s is not the config of a%s %s run (its \"command\" is %s%s%s)", path, cmd[0] == 's' ? "n" : "", cmd,
+        fatal("--resume: %s is not the config of %s %s run (its \"command\" is %s%s%s)", path, strcmp(cmd, "sft") ? "a" : "an", cmd,
               cJSON_IsString(command) ? "\"" : "", cJSON_IsString(command) ? command->valuestring : "missing",
               cJSON_IsString(command) ? "\"" : "");
     for (int i = 0; i < n_specs; i++) {
@@ -460,8 +460,9 @@ static int cmd_train(int argc, char **argv, int sft) {
         snprintf(info.chat_template, sizeof info.chat_template, "%s", enc.chat ? chat_template_name(enc.chat) : "");
         TokenList end = {0};
         text_encode_end_of_turn(&enc, &end);
-        printf("examples: prompt through the %s%s template, then response + %d end-of-turn token(s)%s\n",
-               enc.chat ? chat_template_name(enc.chat) : "no", enc.chat ? "" : " chat", end.n,
+        if (enc.chat) printf("examples: the prompt through the %s template", chat_template_name(enc.chat));
+        else printf("examples: the prompt as it is (no chat template)");
+        printf(", then the response and %d end-of-turn token(s)%s\n", end.n,
                end.n ? "" : " (none: the model does not learn where an answer ends)");
         token_list_free(&end);
         const int bad_lines = a.skip_bad ? PREFDATA_SKIP : PREFDATA_STOP_HINT;

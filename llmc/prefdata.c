@@ -553,7 +553,7 @@ void sftdata_encode(const SftData *data, const TextEncoder *enc, int max_len, in
         // at least one prompt token: the first response token is predicted from it
         if (answer.n > max_len - 1) {
             bad_line(bad_lines, &out->skipped, e->path, e->line,
-                     "field \"response\" is %d tokens with its end of turn, more than the %d positions of a "
+                     "field \"response\" is %d tokens with its end of turn, longer than the %d positions of a "
                      "sequence (--seq_len)", answer.n, max_len - 1);
             continue;
         }

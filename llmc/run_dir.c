@@ -181,8 +181,9 @@ void run_require_new(const char *out, const char *command) {
         char path[4200];
         snprintf(path, sizeof path, "%s/%s", out, files[i]);
         if (run_file_exists(path))
-            fatal("--out %s already holds a run (%s): pass --resume to continue a %s run there, or choose another "
-                  "--out (a new run would mix with the old one's files)", out, path, command);
+            fatal("--out %s already holds a run (%s): pass --resume to continue %s %s run there, or choose another "
+                  "--out (a new run would mix with the old one's files)", out, path,
+                  strchr("aeiosu", command[0]) ? "an" : "a", command);
     }
 }
 
