@@ -1128,7 +1128,7 @@ int main(int argc, char **argv) {
         fatal("cannot silence stdout: %s", strerror(errno));
     if (argc < 2) {
         // the demo trains several models and writes their files one after the other: one process
-        if (comm_world() > 1) fatal("train_mora with no arguments runs the demo, on one rank; launch it with a single process");
+        if (comm_world() > 1) args_fatal("train_mora with no arguments runs the demo, on one rank; launch it with a single process");
         return cmd_demo(argc, argv);
     }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
@@ -1138,8 +1138,11 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     // the commands that split their work over ranks; the others would only repeat it on every
     // rank and write the same files
-    if (comm_world() > 1 && strcmp(cmd, "pretrain") && strcmp(cmd, "sft") && strcmp(cmd, "mora") && strcmp(cmd, "eval") && strcmp(cmd, "reward"))
-        fatal("train_mora %s runs on one rank; under mpirun/srun only pretrain, sft, reward, mora and eval are data parallel (launch %s with a single process)", cmd, cmd);
+    int asks_help = 0;   // --help prints and exits on every rank alike (rank 0's output alone shows)
+    for (int i = 2; i < argc; i++) asks_help |= !strcmp(argv[i], "--help") || !strcmp(argv[i], "-h");
+    if (comm_world() > 1 && !asks_help && strcmp(cmd, "pretrain") && strcmp(cmd, "sft") && strcmp(cmd, "mora") &&
+        strcmp(cmd, "eval") && strcmp(cmd, "reward"))
+        args_fatal("train_mora %s runs on one rank; under mpirun/srun only pretrain, sft, reward, mora and eval are data parallel (launch %s with a single process)", cmd, cmd);
     if (!strcmp(cmd, "pretrain")) return cmd_train(argc, argv, 0);
     if (!strcmp(cmd, "sft")) return cmd_train(argc, argv, 1);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);

@@ -303,9 +303,15 @@ def test_reward_two_ranks_equal_one_rank(tmp_path):
 
 @needs_mpi
 def test_single_rank_commands_refuse_several_ranks(tmp_path):
-    p = run([str(ROOT / "train_mora"), "generate", "--model", "x", "--prompt", "hi"], ranks=2)
-    assert p.returncode != 0
-    assert "runs on one rank" in p.stderr, p.stderr
+    """generate and export run on one rank: started as two, they stop, said once (by rank 0); their
+    --help still prints (once: only rank 0 writes to stdout) and exits 0."""
+    for command in ("generate", "export"):
+        p = run([str(ROOT / "train_mora"), command, "--model", "x", "--prompt", "hi"], ranks=2)
+        assert p.returncode != 0
+        assert p.stderr.count(f"train_mora {command} runs on one rank") == 1, p.stderr
+        p = run([str(ROOT / "train_mora"), command, "--help"], ranks=2)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.count(f"usage: train_mora {command} [flags]") == 1, p.stdout
 
 
 def test_zero_flag_is_checked(tmp_path, data):
