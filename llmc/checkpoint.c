@@ -890,6 +890,17 @@ static void load_gguf(Model *model, const char *path, CheckpointInfo *info) {
     c.n_kv_head = gguf_hparam(g, arch, "attention.head_count_kv", c.n_head, 0);
     if (c.n_kv_head <= 0) fatal("%s: metadata %s.attention.head_count_kv is %d; a head count must be positive", path, arch, c.n_kv_head);
     c.max_seq_len = gguf_hparam(g, arch, "context_length", 0, 1);
+    // a sliding attention window (llama.cpp's ARCH.attention.sliding_window): as for a Hugging Face
+    // config (hf_window_context), full attention is exact up to the window, which becomes the context
+    snprintf(key, sizeof(key), "%s.attention.sliding_window", arch);
+    int64_t window = gguf_get_int(g, key, 0);
+    if (window < 0) fatal("%s: metadata %s is %lld; a window must be positive", path, key, (long long)window);
+    if (window > 0 && window < c.max_seq_len) {
+        fprintf(stderr, "note: %s: %s sets a sliding attention window of %lld tokens, shorter than its context_length %d; "
+                "this model attends to the whole prefix, which is exact for up to %lld tokens, so its context is %lld tokens\n",
+                path, key, (long long)window, c.max_seq_len, (long long)window, (long long)window);
+        c.max_seq_len = (int)window;
+    }
     snprintf(key, sizeof(key), "%s.attention.key_length", arch);
     if (c.arch == ARCH_GPT2 || gguf_find(g, key) == NULL)
         require_heads_divide(path, "embedding_length", c.n_embd, "attention.head_count", c.n_head);

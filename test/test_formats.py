@@ -261,7 +261,8 @@ def test_smollm2_gguf_loads_in_hf_layout(smollm2_gguf, smollm2_hf):
     assert int(got["num_parameters"]) == sum(v.size for v in ours.values())
 
 
-def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=False, arch="llama", extra_tensor=None):
+def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=False, arch="llama", extra_tensor=None,
+                     window=None):
     """A tiny llama GGUF written like llama.cpp's converter (q/k rows permuted for the llama
     architecture; qwen2 keeps Hugging Face's rows); returns the HF tensors."""
     V, C, L, NH, NKV, HS, F = 40, 16, 2, 4, 2, 4, 24
@@ -305,6 +306,8 @@ def write_llama_gguf(path, rng, drop=None, reshape=None, raw_type=None, bias=Fal
     w.add_layer_norm_rms_eps(1e-5)
     w.add_token_list([f"t{i}" for i in range(V)])
     w.add_chat_template("{{ '<|start_header_id|>' }}")
+    if window is not None:
+        w.add_sliding_window(window)
     for hn, x in hf.items():
         gn = names[hn]
         if "q_proj" in hn and arch == "llama":
@@ -971,6 +974,25 @@ def test_sliding_window_becomes_the_context(tmp_path, model_type, over):
         assert "sliding" not in p.stderr
     err = assert_engine_matches_oracle(tmp_path / "hf", t, cfg, PROMPT[:3], n_new=min(5, want - 3))
     assert ("note:" in err) == (want < cfg["max_position_embeddings"])
+
+
+@pytest.mark.parametrize("window", [8, 64, 100, None])
+def test_gguf_sliding_window_becomes_the_context(tmp_path, window):
+    """A GGUF's ARCH.attention.sliding_window (the key the gguf package writes) shorter than its
+    context_length (64 here) is the context, with a note naming the key, as for a Hugging Face
+    config; a window as long or longer, or none, leaves context_length."""
+    path = tmp_path / "w.gguf"
+    write_llama_gguf(path, np.random.default_rng(30), window=window)
+    reader = gguf.GGUFReader(str(path))
+    ctx = int(reader.fields["llama.context_length"].parts[-1][0])
+    field = reader.fields.get("llama.attention.sliding_window")
+    written = int(field.parts[-1][0]) if field is not None else None
+    assert written == window and ctx == 64
+    want = min(written, ctx) if written else ctx
+    p = subprocess.run([TOOL, "info", str(path)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert int(dict(l.split("=", 1) for l in p.stdout.splitlines())["max_seq_len"]) == want
+    assert ("llama.attention.sliding_window" in p.stderr) == (want < ctx), p.stderr
 
 
 def test_absurd_config_on_a_small_file_names_the_file(tmp_path):
