@@ -285,14 +285,12 @@ static inline int merge_map_find(const MergeMap *m, int left, int right, int *ra
     }
 }
 
-// Adds a merge; a pair listed twice keeps its first (best) rank, as `tokenizers` does.
+// Adds a merge; a pair listed twice takes the rank of its last listing, as `tokenizers` does
+// (its merge map is filled in list order, a later insertion replacing an earlier one).
 static void merge_map_add(MergeMap *m, int left, int right, int rank, int merged) {
     uint64_t key = (((uint64_t)(uint32_t)left << 32) | (uint32_t)right) + 1;
     uint32_t h = merge_slot(key, m->mask);
-    while (m->keys[h] != 0) {
-        if (m->keys[h] == key) return;
-        h = (h + 1) & m->mask;
-    }
+    while (m->keys[h] != 0 && m->keys[h] != key) h = (h + 1) & m->mask;
     m->keys[h] = key; m->rank[h] = rank; m->merged[h] = merged;
 }
 

@@ -272,6 +272,20 @@ def test_trained_bytelevel_matches_tokenizers(trained, corpus):
     assert_same_ids(c_encode(path, corpus), hf_encode(tk, corpus), corpus, "trained ByteLevel BPE")
 
 
+def test_duplicated_merges_take_their_last_rank(trained, corpus, tmp_path):
+    """A merge listed twice: `tokenizers` builds its merge map in list order, so the later copy's
+    (worse) rank is the one that counts. The trained vocabulary with its first 40 merges repeated
+    at the end of the list encodes differently from the original, as tokenizers does."""
+    path, _ = trained
+    def repeat_first_merges(d):
+        d["model"]["merges"] = d["model"]["merges"] + d["model"]["merges"][:40]
+    dup, tk = variant(tmp_path, path.read_text(encoding="utf-8"), "dup", repeat_first_merges)
+    texts = corpus[:300]
+    theirs = hf_encode(tk, texts)
+    assert theirs != hf_encode(trained[1], texts)   # the duplicates change what tokenizers does
+    assert_same_ids(c_encode(dup, texts), theirs, texts, "merges listed twice")
+
+
 def test_trained_special_tokens_not_split_and_optional(trained):
     path, tk = trained
     text = "a<|im_start|>b<|endoftext|><|im_end|>"
