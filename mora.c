@@ -92,7 +92,7 @@
 #define D MORA_NUM_DIMS
 
 // Seeds of the run's generate calls: distinct streams per purpose, stage and step.
-enum { SEED_PRESAMPLE = 1, SEED_REWRITE = 2, SEED_CANDIDATES = 3, SEED_STEP = 4, SEED_ORDER = 5, SEED_EVAL = 6 };
+enum { SEED_PRESAMPLE = 1, SEED_REWRITE = 2, SEED_CANDIDATES = 3, SEED_STEP = 4, SEED_ORDER = 5, SEED_EVAL = 6, SEED_AFTER = 7 };
 static uint64_t stream_seed(int seed, int what, int stage, int step) {
     uint64_t s = rng_seed((uint64_t)(uint32_t)seed * 0x9E3779B97F4A7C15ULL ^ ((uint64_t)what << 56) ^
                           ((uint64_t)(uint32_t)stage << 40) ^ (uint64_t)(uint32_t)step);
@@ -635,7 +635,7 @@ static void check_run_fingerprints(const cJSON *config, const char *config_path,
 
 typedef struct {
     const char *model, *heads, *prompts, *out, *algo, *mode, *weights, *stages, *chat_template, *stop, *resume, *device;
-    int mora, K, candidates, rewrite_K, keep_both, top_k, max_new_tokens, rewrite_max_new_tokens, steps,
+    int mora, K, candidates, rewrite_K, after_K, keep_both, top_k, max_new_tokens, rewrite_max_new_tokens, steps,
         prompts_per_step, group_size, ppo_epochs, warmup, seed, save_every, seq_len, gen_batch, fwd_batch,
         stop_after, min_chars, max_chars, log_every, zero;
     float delta, cap, min_overlap, temperature, top_p, rewrite_temperature, clip_eps, kl_beta, dpo_beta, lr,
@@ -647,7 +647,7 @@ static MoraArgs mora_defaults(void) {
         .model = "", .heads = "", .prompts = "", .out = "", .algo = "grpo", .mode = "simultaneous",
         .weights = "1,1,1", .stages = "helpful,harmless,truthful", .chat_template = "auto", .stop = "",
         .resume = "", .device = "cpu",
-        .mora = 1, .K = 8, .candidates = 4, .rewrite_K = 4, .keep_both = 0, .top_k = 0, .max_new_tokens = 48,
+        .mora = 1, .K = 8, .candidates = 4, .rewrite_K = 4, .after_K = -1, .keep_both = 0, .top_k = 0, .max_new_tokens = 48,
         .rewrite_max_new_tokens = 64, .steps = 20, .prompts_per_step = 4, .group_size = 4, .ppo_epochs = 1,
         .warmup = 0, .seed = 1337, .save_every = 0, .seq_len = 0, .gen_batch = 32, .fwd_batch = 16,
         .stop_after = 0, .min_chars = 8, .max_chars = 400, .log_every = 1, .zero = 0,
@@ -675,6 +675,10 @@ static int mora_specs(MoraArgs *a, ArgSpec *s) {
     SPEC("delta", ARG_FLOAT, &a->delta, "a dimension is satisfied when its standardised reward z >= delta");
     SPEC("candidates", ARG_INT, &a->candidates, "C: rewrite candidates per single-reward prompt (C-1 generated + the template)");
     SPEC("rewrite_K", ARG_INT, &a->rewrite_K, "K': presampled responses per rewrite candidate");
+    SPEC("after_K", ARG_INT, &a->after_K, "fresh responses presampled for each accepted rewrite, which measure it after "
+                                          "rewriting in eval's table (share of single-reward prompts, hypervolume); -1: --K, "
+                                          "as many as an original has; 0: none, the K' responses that selected it measure it "
+                                          "(an optimistic figure)");
     SPEC("cap", ARG_FLOAT, &a->cap, "candidate order: J, then sum_d min(A_d, cap)");
     SPEC("min_chars", ARG_INT, &a->min_chars, "sanitising: shortest acceptable rewrite, in bytes of its UTF-8 text (after trimming white space)");
     SPEC("max_chars", ARG_INT, &a->max_chars, "sanitising: longest acceptable rewrite, in bytes of its UTF-8 text (after trimming white space)");
@@ -1021,6 +1025,11 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
     PromptIsolation *ciso = NULL;
     int *accepted = (int *)mallocCheck(sizeof(int) * (n ? n : 1));
     for (int i = 0; i < n; i++) accepted[i] = -1;
+    // the fresh presample of the accepted rewrites (--after_K): prompt i's at after_first[i]
+    Samples as = {0};
+    float *az = NULL;
+    int *after_first = NULL, after_K = a->after_K < 0 ? K : a->after_K;
+    PromptIsolation *aiso = NULL;
     if (a->mora && ns > 0) {
         double t1 = wall_seconds();
         cand = (char **)callocCheck((size_t)ns * C, sizeof(char *));
@@ -1096,6 +1105,26 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
         }
         printf("rewrite: %d candidates, %d valid; %d of %d single-reward prompts expanded, %d kept unexpanded | %.1f s\n",
                ns * C, nv, n_accepted, ns, ns - n_accepted, wall_seconds() - t1);
+        // the accepted rewrites presampled afresh, as many times as an original: what they measure
+        // after rewriting (the K' responses that chose a rewrite among C candidates overrate it).
+        // Their own stream of seeds, so that nothing trained on changes with them
+        if (after_K > 0 && n_accepted > 0) {
+            TokenList *at = (TokenList *)callocCheck(n_accepted, sizeof(TokenList));
+            after_first = (int *)mallocCheck(sizeof(int) * n);
+            for (int i = 0, v = 0; i < n; i++) {
+                after_first[i] = accepted[i] >= 0 ? v * after_K : -1;
+                if (accepted[i] >= 0) encode_prompt_fit(e, cand[accepted[i]], a->max_new_tokens, "--max_new_tokens", &at[v++]);
+            }
+            samples_generate_sharded(e, &m->policy, at, n_accepted, after_K, stream_seed(a->seed, SEED_AFTER, stage, 0),
+                                     a->temperature, a->top_k, a->top_p, a->max_new_tokens, "after", 1, &as);
+            az = (float *)mallocCheck(sizeof(float) * as.n * D);
+            reward_standardise(as.rewards, az, (size_t)as.n, &pool->stats);
+            aiso = (PromptIsolation *)callocCheck(n, sizeof(PromptIsolation));
+            for (int i = 0; i < n; i++)
+                if (after_first[i] >= 0) isolate_prompt(az + (size_t)after_first[i] * D, after_K, a->delta, &aiso[i]);
+            for (int v = 0; v < n_accepted; v++) token_list_free(&at[v]);
+            free(at);
+        }
     }
 
     // 4. assimilate: the training pool, the DPO pairs and the record
@@ -1143,6 +1172,12 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
         cJSON_AddItemToObject(o, "candidates", cands);
         if (acc >= 0) cJSON_AddStringToObject(o, "accepted", cand[acc]);
         else cJSON_AddNullToObject(o, "accepted");
+        if (after_first && after_first[i] >= 0) {
+            cJSON *af = cJSON_CreateObject();
+            isolation_json(af, &aiso[i]);
+            cJSON_AddItemToObject(af, "presample", responses_json(e, &as, az, after_first[i], after_K));
+            cJSON_AddItemToObject(o, "after", af);
+        }
         cJSON_AddBoolToObject(o, "unexpanded", iso[i].single && acc < 0);
         char *line = cJSON_PrintUnformatted(o);
         fprintf(pf, "%s\n", line);
@@ -1160,8 +1195,10 @@ static void build_stage_pool(Mora *m, int stage, StagePool *pool) {
     if (cand) for (int k = 0; k < ns * C; k++) free(cand[k]);
     free(cand); free(reason); free(valid); free(cand_first); free(ciso); free(cz);
     free(single_idx); free(accepted); free(iso); free(z);
+    free(after_first); free(aiso); free(az);
     samples_free(&pre);
     samples_free(&cs);
+    samples_free(&as);
 }
 
 // pool_state.json: the stage's statistics, training pool and DPO pairs, so that --resume can
@@ -1660,6 +1697,7 @@ int cmd_mora(int argc, char **argv) {
     args_require_positive_int("K", a->K);
     args_require_positive_int("candidates", a->candidates);
     args_require_positive_int("rewrite_K", a->rewrite_K);
+    if (a->after_K < -1) args_fatal("flag --after_K must be >= 0 (or -1: --K), got %d", a->after_K);
     args_require_positive_int("max_new_tokens", a->max_new_tokens);
     args_require_positive_int("rewrite_max_new_tokens", a->rewrite_max_new_tokens);
     args_require_positive_int("steps", a->steps);
@@ -2047,9 +2085,11 @@ static void subject_free(EvalSubject *s) {
 // - gen_batch, fwd_batch: how many sequences go through one call; each sequence draws from its
 //   own seed whatever the batching (samples_generate), so only the last bits may move;
 // - log_every, save_every: what is printed and how often a checkpoint is written;
-// - mora: the difference a baseline is there to make.
+// - mora: the difference a baseline is there to make;
+// - after_K: the fresh presample that measures accepted rewrites for eval's table, from a stream
+//   of seeds of its own.
 static const char *const runs_differ_skip[] = {"out", "resume", "stop_after", "device", "zero", "world_size",
-                                               "gen_batch", "fwd_batch", "log_every", "save_every", "mora"};
+                                               "gen_batch", "fwd_batch", "log_every", "save_every", "mora", "after_K"};
 // Read by the isolate and rewrite steps alone (build_stage_pool), which a --mora 0 run skips (its
 // isolation only labels pool.jsonl): they are compared only when both runs are MORA runs.
 static const char *const runs_differ_rewrite_only[] = {"delta", "candidates", "rewrite_K", "cap", "min_chars", "max_chars",
@@ -2116,6 +2156,7 @@ static cJSON *runs_differ(const EvalSubject *ms, const EvalSubject *bs, char *li
 typedef struct {
     int stage;
     int n_prompts, n_single_before, n_single_after, n_accepted;
+    int n_after_fresh;            // accepted rewrites measured on a fresh presample ("after" in pool.jsonl)
     double hv_before, hv_after;   // mean per-prompt hypervolume of the presampled z vectors
 } PoolSummary;
 
@@ -2134,10 +2175,12 @@ static float *z_points(const cJSON *presample, int *n) {
 }
 
 // Summaries of pool.jsonl per stage: the share of single-reward prompts before rewriting (the
-// originals) and after (single prompts whose rewrite was not accepted), and the mean per-prompt
+// originals) and after (the accepted rewrite in place of its original), and the mean per-prompt
 // hypervolume of the presampled standardised reward vectors before (the original's) and after
 // (the accepted rewrite's, else the original's), with the reference point at the per-dimension
-// minimum over all of the stage's vectors.
+// minimum over all of the stage's vectors. An accepted rewrite is measured on its fresh presample
+// ("after": --after_K responses, its J) when the run made one; else on the K' responses that
+// selected it, where it counts as single no more (its J beat the original's).
 static int summarise_pool(const char *path, PoolSummary *out, int max_stages) {
     size_t size;
     char *text = read_file_all(path, &size);
@@ -2165,7 +2208,12 @@ static int summarise_pool(const char *path, PoolSummary *out, int max_stages) {
             int nb, na = 0;
             float *before = z_points(cJSON_GetObjectItemCaseSensitive(o, "presample"), &nb), *after = NULL;
             const cJSON *acc = cJSON_GetObjectItemCaseSensitive(o, "accepted");
-            if (cJSON_IsString(acc)) {
+            const cJSON *fresh = cJSON_GetObjectItemCaseSensitive(o, "after");
+            int fresh_single = -1;   // the fresh presample's verdict, when there is one
+            if (cJSON_IsString(acc) && cJSON_IsObject(fresh)) {
+                after = z_points(cJSON_GetObjectItemCaseSensitive(fresh, "presample"), &na);
+                fresh_single = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(fresh, "single"));
+            } else if (cJSON_IsString(acc)) {
                 const cJSON *c;
                 cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(o, "candidates")) {
                     const cJSON *t = cJSON_GetObjectItemCaseSensitive(c, "text");
@@ -2188,8 +2236,9 @@ static int summarise_pool(const char *path, PoolSummary *out, int max_stages) {
                 int single = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "single"));
                 ps->n_prompts++;
                 ps->n_single_before += single;
-                ps->n_single_after += single && !cJSON_IsString(acc);
+                ps->n_single_after += fresh_single >= 0 ? fresh_single : single && !cJSON_IsString(acc);
                 ps->n_accepted += cJSON_IsString(acc);
+                ps->n_after_fresh += fresh_single >= 0;
             } else {
                 ps->hv_before += hypervolume3(before, (size_t)nb, ref[stage]) / ps->n_prompts;
                 ps->hv_after += hypervolume3(after, (size_t)na, ref[stage]) / ps->n_prompts;
@@ -2375,6 +2424,9 @@ static cJSON *pool_json(const PoolSummary *p, int n) {
         cJSON_AddNumberToObject(o, "single_before", p[s].n_single_before);
         cJSON_AddNumberToObject(o, "single_after", p[s].n_single_after);
         cJSON_AddNumberToObject(o, "accepted_rewrites", p[s].n_accepted);
+        // of them, those measured after rewriting on a fresh presample (--after_K), not on the K'
+        // responses that selected them
+        cJSON_AddNumberToObject(o, "accepted_measured_afresh", p[s].n_after_fresh);
         cJSON_AddNumberToObject(o, "share_single_before", p[s].n_prompts ? (double)p[s].n_single_before / p[s].n_prompts : 0.0);
         cJSON_AddNumberToObject(o, "share_single_after", p[s].n_prompts ? (double)p[s].n_single_after / p[s].n_prompts : 0.0);
         cJSON_AddNumberToObject(o, "hypervolume_before", p[s].hv_before);
@@ -2694,22 +2746,35 @@ int cmd_eval(int argc, char **argv) {
                        pm[s].n_single_before, 100.0 * pm[s].n_single_before / (pm[s].n_prompts ? pm[s].n_prompts : 1),
                        pm[s].n_single_after, 100.0 * pm[s].n_single_after / (pm[s].n_prompts ? pm[s].n_prompts : 1),
                        pm[s].n_accepted, pm[s].hv_before, pm[s].hv_after);
-        // what "after" measures (summarise_pool): the accepted rewrite's own presample, not fresh
-        // responses, so the figures lean in known directions
+        // what "after" measures (summarise_pool): a fresh presample of each accepted rewrite
+        // (--after_K), or, in a run without one, the K' responses that selected it, which lean
+        // in known directions
         const cJSON *K = ms.config ? cJSON_GetObjectItemCaseSensitive(ms.config, "K") : NULL;
         const cJSON *Kr = ms.config ? cJSON_GetObjectItemCaseSensitive(ms.config, "rewrite_K") : NULL;
+        const cJSON *Ka = ms.config ? cJSON_GetObjectItemCaseSensitive(ms.config, "after_K") : NULL;
         const cJSON *both = ms.config ? cJSON_GetObjectItemCaseSensitive(ms.config, "keep_both") : NULL;
-        char sizes[96] = "";
-        if (cJSON_IsNumber(K) && cJSON_IsNumber(Kr))
-            snprintf(sizes, sizeof sizes, " (here K' = %d against K = %d)", Kr->valueint, K->valueint);
-        append_fmt(&md, &len, "\nAfter rewriting, a prompt whose rewrite was accepted counts as single no more%s, and its "
-                              "hypervolume is that of the accepted rewrite's K' presampled responses, the very ones that "
-                              "selected it among the candidates: the share after is optimistic, and where K' is below K the "
-                              "hypervolume after has fewer points, which lowers it%s. Every other prompt keeps its "
-                              "original's presample.\n",
-                   cJSON_IsTrue(both) || (cJSON_IsNumber(both) && both->valueint) ? " (with --keep_both too, although its original "
-                                                                                      "stays in the training pool)" : "",
-                   sizes);
+        const int keep_both = cJSON_IsTrue(both) || (cJSON_IsNumber(both) && both->valueint);
+        int accepted = 0, fresh = 0;
+        for (int s = 0; s < npm; s++) { accepted += pm[s].n_accepted; fresh += pm[s].n_after_fresh; }
+        if (accepted > 0 && fresh == accepted) {
+            int k_after = cJSON_IsNumber(Ka) && Ka->valueint > 0 ? Ka->valueint : cJSON_IsNumber(K) ? K->valueint : 0;
+            append_fmt(&md, &len, "\nAfter rewriting, an accepted rewrite stands in for its original, measured on %d fresh "
+                                  "responses of the policy (--after_K), not on the K' that selected it among the candidates: "
+                                  "it counts as single when their J is at most 1%s. Every other prompt keeps its original's "
+                                  "presample.\n", k_after,
+                       keep_both ? " (with --keep_both its original stays in the training pool, but not in this count)" : "");
+        } else if (accepted > 0) {
+            char sizes[96] = "";
+            if (cJSON_IsNumber(K) && cJSON_IsNumber(Kr))
+                snprintf(sizes, sizeof sizes, " (here K' = %d against K = %d)", Kr->valueint, K->valueint);
+            append_fmt(&md, &len, "\nAfter rewriting, an accepted rewrite without a fresh presample (%d of the %d: --after_K 0, "
+                                  "or a run from before it) counts as single no more%s, and its hypervolume is that of the K' "
+                                  "presampled responses that selected it among the candidates: the share after is optimistic, "
+                                  "and where K' is below K the hypervolume after has fewer points, which lowers it%s.%s Every "
+                                  "other prompt keeps its original's presample.\n", accepted - fresh, accepted,
+                       keep_both ? " (with --keep_both too, although its original stays in the training pool)" : "", sizes,
+                       fresh ? " The others are measured on fresh responses (--after_K)." : "");
+        }
         append_fmt(&md, &len, "\n");
     }
     snprintf(path, sizeof path, "%s/report.md", out);

@@ -474,6 +474,68 @@ def test_eval_hypervolume_counts_every_presampled_response(tiny, tmp_path):
     assert st["hypervolume_after"] == pytest.approx(want, rel=1e-5)
 
 
+def test_after_rewriting_is_a_fresh_presample(tiny, tmp_path):
+    """--delta 1 makes every prompt single-reward and some rewrites get accepted. Each accepted
+    rewrite is presampled afresh, --K responses (--after_K -1), recorded under "after" in
+    pool.jsonl: its z vectors are its raw rewards standardised with the stage's statistics
+    (stats.jsonl), its J and single verdict NumPy's from them. eval's table counts a prompt single
+    after rewriting by that verdict, and its hypervolume after is NumPy's over those vectors. The
+    fresh presample has its own seeds: a run with --after_K 0 (no fresh presample: the K'
+    responses that selected a rewrite measure it, and the note under the table says so) trains
+    the same weights, byte for byte."""
+    flags = ["--delta", "1", "--min_overlap", "0", "--min_chars", "1", "--K", "4", "--candidates", "4"]
+    runs = {}
+    for name, extra in (("fresh", []), ("none", ["--after_K", "0"])):
+        runs[name] = out = tmp_path / name
+        mora(tiny, out, *flags, *extra)
+        run(["eval", "--model", out, "--baseline", out, "--prompts", tiny / "prompts.jsonl", "--samples", "1",
+             "--max_new_tokens", "2", "--out", tmp_path / f"eval_{name}"])
+    pool = read_jsonl(runs["fresh"] / "pool.jsonl")
+    stats = read_jsonl(runs["fresh"] / "stats.jsonl")[0]
+    mean = np.array([stats["mean"][d] for d in DIMS])
+    std = np.array([stats["std"][d] for d in DIMS])
+    accepted = [o for o in pool if o["accepted"] is not None]
+    assert accepted, "no rewrite accepted: the test does not reach the fresh presample"
+    single_after = 0
+    for o in pool:
+        if o["accepted"] is None:
+            assert "after" not in o
+            single_after += o["single"]
+            continue
+        after = o["after"]
+        raw = np.array([r["raw"] for r in after["presample"]], np.float64)
+        z = np.array([r["z"] for r in after["presample"]], np.float64)
+        assert raw.shape == (4, 3)
+        np.testing.assert_allclose(z, (raw - mean) / std, rtol=1e-4, atol=1e-4)
+        J = int((z >= 1.0).sum(axis=1).max())
+        assert after["J"] == J and after["single"] == (J <= 1)
+        single_after += after["single"]
+    rep = json.loads((tmp_path / "eval_fresh" / "report.json").read_text())["model_pool"][0]
+    assert rep["accepted_rewrites"] == rep["accepted_measured_afresh"] == len(accepted)
+    assert rep["single_before"] == sum(o["single"] for o in pool)
+    assert rep["single_after"] == single_after
+    before = [np.array([r["z"] for r in o["presample"]], np.float32) for o in pool]
+    after = [np.array([r["z"] for r in (o["after"]["presample"] if o["accepted"] else o["presample"])], np.float32)
+             for o in pool]
+    ref = np.concatenate(before + after).min(axis=0).astype(np.float64)
+    assert rep["hypervolume_after"] == pytest.approx(np.mean([hypervolume(p, ref) for p in after]), rel=1e-5)
+    assert rep["hypervolume_before"] == pytest.approx(np.mean([hypervolume(p, ref) for p in before]), rel=1e-5)
+    md = (tmp_path / "eval_fresh" / "report.md").read_text()
+    assert "an accepted rewrite stands in for its original, measured on 4 fresh responses of the policy" in md, md
+    # without the fresh presample: the same weights, nothing under "after", and the note on the bias
+    none = read_jsonl(runs["none"] / "pool.jsonl")
+    assert all("after" not in o for o in none)
+    assert [o["accepted"] for o in none] == [o["accepted"] for o in pool]
+    for f in ("model_step000002.ckpt", "pool_state.json"):
+        assert (runs["none"] / f).read_bytes() == (runs["fresh"] / f).read_bytes(), f
+    md = (tmp_path / "eval_none" / "report.md").read_text()
+    assert (f"an accepted rewrite without a fresh presample ({len(accepted)} of the {len(accepted)}: --after_K 0") in md, md
+    assert "(here K' = 2 against K = 4)" in md, md
+    rep = json.loads((tmp_path / "eval_none" / "report.json").read_text())["model_pool"][0]
+    assert rep["accepted_measured_afresh"] == 0
+    assert rep["single_after"] == sum(o["single"] and o["accepted"] is None for o in none)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--rewrite_max_new_tokens", "64"], "flag --rewrite_max_new_tokens 64 leaves no room for the rewrite instruction"),
     (["--group_size", "1"], "flag --group_size 1: GRPO's advantage compares"),
@@ -562,10 +624,10 @@ def test_eval_report_names_its_inputs(tiny, pair, tmp_path):
                  "chat template none",
                  f"context {CONTEXT} tokens", "byte tokens"):
         assert text in md, (text, md)
-    # under the pool's table: what "after rewriting" is measured on, with SMALL's K' and K
-    assert ("After rewriting, a prompt whose rewrite was accepted counts as single no more, and its hypervolume is "
-            "that of the accepted rewrite's K' presampled responses") in md, md
-    assert "(here K' = 2 against K = 2)" in md, md
+    # no rewrite was accepted in this pair (test_after_rewriting_is_a_fresh_presample has some): the
+    # pool's table has no "after" to explain
+    assert all(st["accepted_rewrites"] == 0 for st in rep["model_pool"]), rep["model_pool"]
+    assert "After rewriting" not in md, md
     head, rows = table_rows(md)
     assert head == "| | helpful | harmless | truthful | overall |", head
     assert list(rows)[:2] == [f"baseline ({b})", f"MORA ({m})"], rows
