@@ -37,7 +37,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -49,7 +48,9 @@ sys.path.insert(0, str(ROOT / "test" / "oracle"))
 import model_jax  # noqa: E402
 from test_formats import hf_unpermute  # noqa: E402
 from test_model_oracle import random_weights  # noqa: E402
-from test_multirank import MPI_ENV, MPIRUN, needs_mpi  # noqa: E402
+from test_multirank import MPI_ENV, MPIRUN, needs_mpi, write_shard  # noqa: E402
+from test_pretrain import metrics_lines, wait_for  # noqa: E402
+from test_reward_cmd import write_jsonl  # noqa: E402
 
 BIN = str(ROOT / "train_mora")
 TEXT_TO_SHARDS = str(ROOT / "dev" / "data" / "text_to_shards.py")
@@ -69,14 +70,6 @@ def run(args, ok=True, timeout=600, env=None):
 
 def sft(*args, ok=True, timeout=600, env=None):
     return run(["sft", *args], ok=ok, timeout=timeout, env=env)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(r if isinstance(r, str) else json.dumps(r))
-            f.write("\n")
-    return str(path)
 
 
 def read_metrics(out):
@@ -617,19 +610,6 @@ def test_resume_equals_uninterrupted(tmp_path):
     same_runs(full, part, 8)
 
 
-def wait_for(predicate, what, timeout=300):
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def metrics_lines(out):
-    path = os.path.join(out, "metrics.jsonl")
-    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
 def test_signal_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, sig):
     data = write_jsonl(tmp_path / "train.jsonl", RESUME_ROWS)
@@ -656,14 +636,6 @@ def test_signal_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, sig):
     full = tmp_path / "full"
     sft(*resume_common(data), "--out", full, "--steps", n + 3)
     same_runs(full, part, n + 3)
-
-
-def write_shard(path, tokens):
-    header = np.zeros(256, dtype=np.int32)
-    header[0], header[1], header[2] = 20240520, 1, len(tokens)
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
 
 
 def test_resume_refusals(tmp_path):
