@@ -1,12 +1,15 @@
-"""Plots of a `train_mora mora` run directory, as PNG files written into it (or --out):
+"""Plots of a train_mora run directory, as PNG files written into it (or --out).
+
+Of a `train_mora mora` run:
 
     rewards.png   mean raw reward per dimension over the steps (metrics.jsonl), one panel per
                   dimension, with the KL to the reference below; a second run (--baseline, e.g.
                   the --mora 0 run) is drawn dashed for comparison
     scatter.png   the presampled standardised reward vectors (pool.jsonl), before rewriting (every
-                  prompt's original presample) and after (the accepted rewrite's presample in place
-                  of its original's), as three pairwise projections; single-reward prompts'
-                  points are highlighted
+                  prompt's original presample) and after (the accepted rewrite's fresh presample,
+                  --after_K, or in a run without one the presample that selected it, in place of
+                  its original's), as three pairwise projections; single-reward prompts' points
+                  are highlighted
     eval.png      from eval's report.json (the run directory's, or --report; the demo writes its
                   report beside the runs): the --baseline's and the --model's mean raw reward
                   per dimension and overall with their standard errors over the prompts, and
@@ -15,9 +18,14 @@
                   (runs/baseline)", a checkpoint's path), the title names the heads, and a
                   dimension whose head is untrained (the report's "untrained") has no bars
 
+Of a `train_mora pretrain` or `train_mora sft` run:
+    loss.png      the training loss over the steps (metrics.jsonl) with the validation loss where
+                  the run measured it, the learning rate and the gradient norm; a second run
+                  (--baseline) is drawn dashed
+
 usage: python3 dev/plot_run.py RUN_DIR [--baseline BASELINE_RUN_DIR] [--out DIR] [--stage N] [--report FILE]
 
-RUN_DIR and --baseline are `train_mora mora` run directories. Input that is not what it should be
+RUN_DIR and --baseline are run directories of the same kind (mora, or pretrain and sft). Input that is not what it should be
 (a missing or other directory, a file that is not JSON or not eval's report) is named in one
 line and the exit status is 1, before any plotting. Needs matplotlib (pip install matplotlib).
 """
@@ -51,16 +59,56 @@ def read_jsonl(path):
     return rows
 
 
-def check_run(path, flag):
-    """A `train_mora mora` run directory (its metrics.jsonl and pool.jsonl), or exit naming what it is not."""
+def run_command(path):
+    """The command a run directory's config.json names ("pretrain", "sft", "mora", ...), or None."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return cfg.get("command") if isinstance(cfg, dict) else None
+
+
+def check_run(path, flag, want=None):
+    """The kind of run directory path is: "mora" (metrics.jsonl and pool.jsonl) or "train" (a
+    pretrain or sft run's metrics.jsonl); or exit naming what it is not. want: the kind it must be."""
     name = f"{flag} {path}" if flag else path
     if not os.path.exists(path):
         fail(f"{name}: no such directory")
     if not os.path.isdir(path):
-        fail(f"{name}: not a directory (a train_mora mora run directory is expected)")
-    for f in ("metrics.jsonl", "pool.jsonl"):
+        fail(f"{name}: not a directory (a train_mora mora, pretrain or sft run directory is expected)")
+    kind = "train" if run_command(path) in ("pretrain", "sft") else "mora"
+    if want is not None and kind != want:
+        fail(f"{name} is a {'pretrain or sft' if kind == 'train' else 'mora'} run directory, the run compared with it "
+             f"a {'pretrain or sft' if want == 'train' else 'mora'} one")
+    for f in ("metrics.jsonl", "pool.jsonl") if kind == "mora" else ("metrics.jsonl",):
         if not os.path.isfile(os.path.join(path, f)):
-            fail(f"{name} has no {f} (not a train_mora mora run directory)")
+            fail(f"{name} has no {f} (not a train_mora {'mora' if kind == 'mora' else 'pretrain or sft'} run directory)")
+    return kind
+
+
+def plot_loss(plt, run, baseline, out):
+    runs = [(run, read_jsonl(os.path.join(run, "metrics.jsonl")), "-")]
+    if baseline:
+        runs.append((baseline, read_jsonl(os.path.join(baseline, "metrics.jsonl")), "--"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for path, metrics, style in runs:
+        name = os.path.basename(path.rstrip("/"))
+        steps = [m["step"] for m in metrics]
+        axes[0].plot(steps, [m["loss"] for m in metrics], style, label=f"{name}: train")
+        val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+        if val:
+            axes[0].plot([v[0] for v in val], [v[1] for v in val], style, marker="o", label=f"{name}: validation")
+        axes[1].plot(steps, [m["lr"] for m in metrics], style, label=name)
+        axes[2].plot(steps, [m["grad_norm"] for m in metrics], style, label=name)
+    for ax, title in zip(axes, ("loss", "learning rate", "gradient norm (before clipping)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, "loss.png")
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
 
 
 def read_report(path):
@@ -130,6 +178,11 @@ def plot_scatter(plt, run, out, stage):
         pts = [r["z"] for r in o["presample"]]
         (single_before if o["single"] else before).extend(pts)
         acc = None
+        if o.get("accepted") is not None and isinstance(o.get("after"), dict):
+            # the accepted rewrite's fresh presample and its own verdict
+            acc = o["after"]
+            (single_after if acc.get("single") else after).extend(r["z"] for r in acc["presample"])
+            continue
         if o.get("accepted") is not None:
             acc = next((c for c in o["candidates"] if c["text"] == o["accepted"] and c.get("valid")), None)
         if acc is not None:
@@ -211,6 +264,27 @@ def plot_eval(plt, rep, path, out):
     print(f"wrote {path}")
 
 
+def import_pyplot(out=""):
+    """matplotlib's pyplot (Agg), once --out is known to be usable."""
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out}: not a directory")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("error: dev/plot_run.py needs matplotlib: pip install matplotlib")
+    return plt
+
+
+def make_out(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: {e.strerror}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
@@ -220,12 +294,22 @@ def main():
     ap.add_argument("--report", default="", help="eval's report.json (default: RUN_DIR/report.json, if there)")
     args = ap.parse_args()
     # every input is checked before matplotlib is needed: a mistake is one line naming it
-    check_run(args.run, "")
+    kind = check_run(args.run, "")
     if args.baseline:
-        check_run(args.baseline, "--baseline")
-    read_jsonl(os.path.join(args.run, "metrics.jsonl"))
-    if args.baseline:
-        read_jsonl(os.path.join(args.baseline, "metrics.jsonl"))
+        check_run(args.baseline, "--baseline", kind)
+    for path in (args.run, args.baseline):
+        if path:
+            for m in read_jsonl(os.path.join(path, "metrics.jsonl")):
+                if kind == "train" and not all(isinstance(m.get(k), (int, float)) for k in ("step", "loss", "lr", "grad_norm")):
+                    fail(f"{path}/metrics.jsonl: a line without a number for step, loss, lr or grad_norm")
+    if kind == "train":
+        for flag, value in (("--stage", args.stage != 0), ("--report", args.report)):
+            if value:
+                fail(f"{flag} is for a mora run; {args.run} is {'an sft' if run_command(args.run) == 'sft' else 'a pretrain'} run")
+        plt = import_pyplot(args.out)
+        out = make_out(args.out or args.run)
+        plot_loss(plt, args.run, args.baseline, out)
+        return
     stages = pool_stages(args.run)
     if not all(type(s) is int for s in stages):
         fail(f'{args.run}/pool.jsonl has a "stage" that is not an integer')
@@ -238,19 +322,8 @@ def main():
         fail(f"--report {args.report}: no such file")
     report = args.report or os.path.join(args.run, "report.json")
     rep = read_report(report) if os.path.isfile(report) else None
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        fail(f"--out {args.out}: not a directory")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("error: dev/plot_run.py needs matplotlib: pip install matplotlib")
-    out = args.out or args.run
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        fail(f"--out {out}: {e.strerror}")
+    plt = import_pyplot(args.out)
+    out = make_out(args.out or args.run)
     try:
         plot_rewards(plt, args.run, args.baseline, out)
         plot_scatter(plt, args.run, out, args.stage)

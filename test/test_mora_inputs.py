@@ -750,8 +750,8 @@ def test_plot_run_misuse_is_a_message(tiny, pair, tmp_path, case):
     assert "Traceback" not in p.stderr and "matplotlib" not in p.stderr, p.stderr
 
 
-# Runs dev/plot_run.py with Figure.savefig recording each figure's legend, tick labels and title
-# in FILE.json beside FILE.png.
+# Runs dev/plot_run.py with Figure.savefig recording each figure's legend, tick labels, title and
+# lines (their points and style) in FILE.json beside FILE.png.
 PLOT_SPY = r"""
 import json, runpy, sys
 import matplotlib
@@ -763,7 +763,9 @@ def spy(self, path, *args, **kwargs):
         json.dump(dict(title=self._suptitle.get_text() if self._suptitle else "",
                        legends=[[t.get_text() for t in ax.get_legend().get_texts()] for ax in self.axes if ax.get_legend()],
                        xticks=[[t.get_text() for t in ax.get_xticklabels()] for ax in self.axes],
-                       yticks=[[t.get_text() for t in ax.get_yticklabels()] for ax in self.axes]), f)
+                       yticks=[[t.get_text() for t in ax.get_yticklabels()] for ax in self.axes],
+                       lines=[[dict(x=[float(v) for v in l.get_xdata()], y=[float(v) for v in l.get_ydata()],
+                                    style=l.get_linestyle()) for l in ax.get_lines()] for ax in self.axes]), f)
     return save(self, path, *args, **kwargs)
 matplotlib.figure.Figure.savefig = spy
 sys.argv = sys.argv[1:]

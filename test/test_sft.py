@@ -834,3 +834,36 @@ def test_seq_len_above_the_context(tmp_path):
     assert not os.path.exists(tmp_path / "o" / "metrics.jsonl")
     sft("--init", "llama:tiny", "--train_data", path, "--out", tmp_path / "d", "--steps", 1)
     assert json.load(open(tmp_path / "d" / "config.json"))["seq_len"] == 64
+
+
+def test_plot_run_draws_the_loss_curves(tmp_path):
+    """dev/plot_run.py on an sft run (--baseline another): loss.png plots metrics.jsonl's training
+    loss, validation loss (at the steps that measured it), learning rate and gradient norm, the
+    baseline dashed; a mora-only flag or a mora run as --baseline is one line and exit 1."""
+    pytest.importorskip("matplotlib")
+    from test_mora_inputs import PLOT_SPY
+    rows = [{"prompt": f"q{i}?", "response": f"answer {i}"} for i in range(4)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    for name, lr in (("a", "1e-2"), ("b", "1e-3")):
+        sft("--init", "llama:tiny", "--train_data", data, "--val_data", data, "--val_every", "3", "--out",
+            tmp_path / name, "--steps", "6", "--batch_size", "2", "--lr", lr)
+    spy = tmp_path / "spy.py"
+    spy.write_text(PLOT_SPY)
+    p = subprocess.run([sys.executable, spy, ROOT / "dev" / "plot_run.py", tmp_path / "a", "--baseline", tmp_path / "b",
+                        "--out", tmp_path / "plots"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    fig = json.loads((tmp_path / "plots" / "loss.png.json").read_text())
+    assert fig["legends"][0] == ["a: train", "a: validation", "b: train", "b: validation"], fig["legends"]
+    for k, name in enumerate(("a", "b")):
+        metrics = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        style = "-" if name == "a" else "--"
+        loss, val = fig["lines"][0][2 * k], fig["lines"][0][2 * k + 1]
+        assert loss["x"] == [m["step"] for m in metrics] and loss["style"] == style
+        np.testing.assert_allclose(loss["y"], [m["loss"] for m in metrics], rtol=1e-6)
+        assert val["x"] == [3, 6]
+        np.testing.assert_allclose(val["y"], [m["val_loss"] for m in metrics if "val_loss" in m], rtol=1e-6)
+        np.testing.assert_allclose(fig["lines"][1][k]["y"], [m["lr"] for m in metrics], rtol=1e-6)
+        np.testing.assert_allclose(fig["lines"][2][k]["y"], [m["grad_norm"] for m in metrics], rtol=1e-6)
+    p = subprocess.run([sys.executable, ROOT / "dev" / "plot_run.py", tmp_path / "a", "--stage", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and f"error: --stage is for a mora run; {tmp_path / 'a'} is an sft run" in p.stderr, p.stderr
